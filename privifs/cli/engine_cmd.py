@@ -1,0 +1,52 @@
+"""``privifs engine``: run the local Privicore-compatible engine in the foreground."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import trio
+
+from privifs import paths
+from privifs.errors import ConfigError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("engine", help="run the local Privicore-compatible engine",
+                       description="Run the local Privicore-compatible engine until SIGTERM or SIGINT.")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"where the engine keeps its state (default {paths.embedded_engine_dir()})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--api-port", type=int, default=8009)
+    p.add_argument("--ws-port", type=int, default=8083)
+    p.add_argument("--upstream-port", type=int, default=8010)
+    p.add_argument("--downstream-port", type=int, default=8011)
+    p.add_argument("--urls-file", type=Path, default=None,
+                   help="write the servers' URLs here as JSON once every server listens")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                   help="set an engine option (fault injection, wire shapes, limits); see docs/engine.md")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from privifs.engine.options import EngineOptions, parse_settings
+    from privifs.engine.server import run_engine
+
+    opts = EngineOptions()
+    try:
+        opts.update(parse_settings(args.settings))
+    except ValueError as exc:
+        raise ConfigError(f"bad --set: {exc}") from None
+    ports = {"api": args.api_port, "ws": args.ws_port, "upstream": args.upstream_port,
+             "downstream": args.downstream_port}
+    data_dir = args.data_dir or paths.embedded_engine_dir()
+
+    def announce(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        trio.run(lambda: run_engine(data_dir, args.host, ports, opts, args.urls_file, announce=announce))
+    except OSError as exc:
+        print(f"privifs: error: engine could not start: {exc}", file=sys.stderr)
+        return 1
+    return 0

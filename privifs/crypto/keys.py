@@ -1,0 +1,108 @@
+"""Key material: the user's AES-256 key file and the signed Curve25519 public key format.
+
+The AES key file holds 64 hex characters and is created with mode 0600. The signed public key
+is ``31 42 05 00`` + a 32-byte X25519 public key + the 64-byte BLAKE2b digest of those 36
+bytes, sent as 200 lowercase hex characters (reference section 6.2).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from privifs.errors import KeyFileError
+
+AES_KEY_SIZE = 32
+SIGNED_KEY_TAG = bytes([0x31, 0x42, 0x05, 0x00])
+SIGNED_KEY_HEX_LEN = 200
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 atomically (fails if it already exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
+def generate_aes_key_file(path: Path) -> bytes:
+    key = os.urandom(AES_KEY_SIZE)
+    if path.exists():
+        raise KeyFileError(f"refusing to overwrite the existing key file {path}")
+    write_secret_file(path, key.hex().encode() + b"\n")
+    return key
+
+
+def load_aes_key(path: Path) -> bytes:
+    """Read a 64-hex-character AES-256 key file, refusing world- or group-readable files."""
+    try:
+        st = path.stat()
+        text = path.read_text("ascii").strip()
+    except FileNotFoundError:
+        raise KeyFileError(f"AES key file {path} does not exist; run 'privifs init' or point "
+                           f"key_file in the config at your key") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyFileError(f"cannot read AES key file {path}: {exc}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"AES key file {path} is accessible by other users "
+                           f"(mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'")
+    if len(text) != 2 * AES_KEY_SIZE:
+        raise KeyFileError(f"AES key file {path} must hold exactly 64 hex characters")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise KeyFileError(f"AES key file {path} must hold exactly 64 hex characters") from None
+
+
+def key_id(key: bytes) -> str:
+    """A short public fingerprint of an AES key (safe to store and log)."""
+    return hashlib.blake2b(key, digest_size=8, person=b"privifs-keyid").hexdigest()
+
+
+def signed_public_key(public_raw: bytes) -> str:
+    if len(public_raw) != 32:
+        raise ValueError("an X25519 public key has 32 bytes")
+    head = SIGNED_KEY_TAG + public_raw
+    return (head + hashlib.blake2b(head, digest_size=64).digest()).hex()
+
+
+def verify_signed_public_key(hexkey: str) -> bytes:
+    """Return the raw X25519 key of a signed public key, or raise ValueError saying why not."""
+    if not isinstance(hexkey, str) or len(hexkey) != SIGNED_KEY_HEX_LEN:
+        raise ValueError(f"must be {SIGNED_KEY_HEX_LEN} hex characters")
+    try:
+        raw = bytes.fromhex(hexkey)
+    except ValueError:
+        raise ValueError("must be hexadecimal") from None
+    if raw[:4] != SIGNED_KEY_TAG:
+        raise ValueError("has an unknown version tag (expected 31420500)")
+    if hashlib.blake2b(raw[:36], digest_size=64).digest() != raw[36:]:
+        raise ValueError("BLAKE2b hash does not match the key")
+    return raw[4:36]
+
+
+def generate_identity() -> tuple[bytes, str]:
+    """A new X25519 key pair: (private key raw bytes, signed public key hex)."""
+    sk = X25519PrivateKey.generate()
+    priv = sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    pub = sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return priv, signed_public_key(pub)
+
+
+def identity_public_key(private_raw: bytes) -> str:
+    sk = X25519PrivateKey.from_private_bytes(private_raw)
+    pub = sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return signed_public_key(pub)

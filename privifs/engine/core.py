@@ -1,0 +1,145 @@
+"""The engine's shared state and the helpers every route group uses.
+
+:class:`Engine` owns the database, blob store, options, WebSocket hub and command runner, the
+engine's own identity key and the admin secret, and resolves the ``X-DPT-AUTHORIZATION`` header
+to a :class:`~privifs.engine.http.Principal`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+
+import trio
+from starlette.requests import Request
+
+from privifs.crypto.keys import generate_identity, identity_public_key, write_secret_file
+from privifs.engine.blobs import BlobStore
+from privifs.engine.commands import CommandRunner
+from privifs.engine.db import Database
+from privifs.engine.http import Principal, forbidden, token_hash, unauthorized
+from privifs.engine.hub import Hub
+from privifs.engine.options import EngineOptions
+
+log = logging.getLogger("privifs.engine")
+
+SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, **SCRYPT)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, salt_hex, digest_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=bytes.fromhex(salt_hex), **SCRYPT)
+    return secrets.compare_digest(digest.hex(), digest_hex)
+
+
+class Engine:
+    def __init__(self, data_dir: Path, opts: EngineOptions):
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.opts = opts
+        self.db = Database(data_dir / "engine.sqlite3")
+        self.blobs = BlobStore(data_dir)
+        self.hub = Hub(opts)
+        self.runner = CommandRunner(self.db, self.hub, opts)
+        self.admin_secret = self._secret_file("admin-token", lambda: secrets.token_urlsafe(32).encode())
+        cab_private = self._secret_file("cab-identity.key", lambda: generate_identity()[0].hex().encode())
+        self.cab_public_key = identity_public_key(bytes.fromhex(cab_private))
+        self.urls: dict[str, str] = {}
+        self._sweep_orphan_blobs()
+
+    def _secret_file(self, name: str, make) -> str:
+        path = self.data_dir / name
+        if not path.exists():
+            write_secret_file(path, make())
+        return path.read_text().strip()
+
+    def _sweep_orphan_blobs(self) -> None:
+        """Remove blob files no row references (left by a crash between rename and commit)."""
+        referenced = self.db.read(lambda c: {r[0] for r in c.execute(
+            "SELECT blob_id FROM data_tokens UNION SELECT blob_id FROM reservations WHERE blob_id IS NOT NULL")})
+        for sub in self.blobs.blob_dir.iterdir():
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    if f.name not in referenced:
+                        f.unlink(missing_ok=True)
+
+    # -- authentication --------------------------------------------------------------------
+    def principal_from_token(self, token: str | None) -> tuple[Principal, float]:
+        if not token:
+            raise unauthorized("missing authorization token")
+        th = token_hash(token)
+        row = self.db.read(lambda c: c.execute(
+            "SELECT t.profile_id, t.expires_at, t.revoked, t.kind, p.public_key FROM auth_tokens t"
+            " JOIN profiles p ON p.id = t.profile_id WHERE t.token_hash = ?", (th,)).fetchone())
+        if row is None or row["revoked"]:
+            raise unauthorized("invalid token")
+        if row["expires_at"] <= time.time():
+            raise unauthorized("authorization token expired")
+        return Principal(row["profile_id"], th, row["kind"], row["public_key"] is not None), row["expires_at"]
+
+    def principal(self, request: Request, *, require_key: bool = True) -> Principal:
+        who, _ = self.principal_from_token(request.headers.get("x-dpt-authorization"))
+        if require_key and not who.has_key:
+            raise forbidden("profile.public_key_missing: register a public key first")
+        return who
+
+    def optional_principal(self, request: Request) -> Principal | None:
+        if request.headers.get("x-dpt-authorization") is None:
+            return None
+        return self.principal(request, require_key=False)
+
+    def issue_token(self, conn: sqlite3.Connection, profile_id: str, ttl: float, *,
+                    kind: str = "profile", app_id: str | None = None) -> tuple[str, float]:
+        token = "T-" + secrets.token_urlsafe(32)
+        expires = time.time() + ttl
+        conn.execute("INSERT INTO auth_tokens (token_hash, profile_id, expires_at, kind, app_id, created_at)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (token_hash(token), profile_id, expires, kind, app_id, time.time()))
+        return token, expires
+
+    async def check_password_async(self, password: str, stored: str) -> bool:
+        return await trio.to_thread.run_sync(check_password, password, stored)
+
+    async def hash_password_async(self, password: str) -> str:
+        return await trio.to_thread.run_sync(hash_password, password)
+
+    # -- housekeeping ----------------------------------------------------------------------
+    async def janitor(self, interval: float = 5.0) -> None:
+        """Expire unpromoted reservations (and their blobs), used downstream tokens, dead tokens."""
+        while True:
+            await trio.sleep(interval)
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        now = time.time()
+        doomed: list[str] = []
+
+        def work(conn: sqlite3.Connection) -> None:
+            rows = conn.execute("SELECT command_id, blob_id FROM reservations WHERE expires_at <= ?"
+                                " AND promoted_token IS NULL", (now,)).fetchall()
+            for r in rows:
+                if r["blob_id"]:
+                    doomed.append(r["blob_id"])
+            conn.execute("DELETE FROM reservations WHERE expires_at <= ? AND promoted_token IS NULL", (now,))
+            conn.execute("DELETE FROM reservations WHERE promoted_token IS NOT NULL AND expires_at <= ?",
+                         (now - 86400,))
+            conn.execute("DELETE FROM downstream WHERE expires_at <= ? OR used = 1", (now - 60,))
+            conn.execute("DELETE FROM auth_tokens WHERE expires_at <= ?", (now - 86400,))
+
+        await self.db.write(work)
+        for blob_id in doomed:
+            self.blobs.delete(blob_id)

@@ -1,0 +1,242 @@
+"""The engine's durable state: one SQLite database with group-committed writes.
+
+Writes run on one writer thread. Jobs queued while a commit is in progress are applied
+together, each inside its own SAVEPOINT (so one failing job rolls back only itself), and
+committed with one ``synchronous=FULL`` commit; a job's caller resumes only after that commit,
+so everything the engine acknowledges is on disk. Directories that received new blob files are
+fsynced by the writer before the commit that references them. Reads use a separate connection
+on the trio thread (WAL lets them run beside the writer).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS profiles (
+    id TEXT PRIMARY KEY,
+    username TEXT NOT NULL UNIQUE,
+    pw_hash TEXT NOT NULL,
+    public_key TEXT,
+    active INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_tokens (
+    token_hash TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    kind TEXT NOT NULL DEFAULT 'profile',
+    app_id TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS auth_tokens_profile ON auth_tokens(profile_id);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY,
+    profile_id TEXT,
+    kind TEXT NOT NULL,
+    params TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    body TEXT,
+    created_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS commands_pending ON commands(status) WHERE status = 1;
+CREATE TABLE IF NOT EXISTS reservations (
+    command_id TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    context TEXT NOT NULL,
+    ttl INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    temp_token TEXT UNIQUE,
+    stream_auth TEXT UNIQUE,
+    stream_used INTEGER NOT NULL DEFAULT 0,
+    blob_id TEXT,
+    blob_size INTEGER,
+    promoted_token TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS data_tokens (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    token TEXT NOT NULL UNIQUE,
+    profile_id TEXT NOT NULL,
+    context TEXT NOT NULL,
+    file_name TEXT NOT NULL,
+    extension TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    data_type TEXT NOT NULL DEFAULT 'file',
+    risk TEXT NOT NULL DEFAULT '{}',
+    blob_id TEXT NOT NULL,
+    blob_size INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS data_tokens_profile ON data_tokens(profile_id, seq);
+CREATE TABLE IF NOT EXISTS downstream (
+    auth TEXT PRIMARY KEY,
+    token TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS oauth_apps (
+    id TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    redirect_uri TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    client_id TEXT UNIQUE,
+    secret_hash TEXT,
+    config_retrieved INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS oauth_codes (
+    command_id TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    code_hash TEXT,
+    code_retrieved INTEGER NOT NULL DEFAULT 0,
+    code_used INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    UNIQUE(app_id, nonce)
+);
+CREATE TABLE IF NOT EXISTS oauth_refresh (
+    token_hash TEXT PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    profile_id TEXT NOT NULL,
+    access_hash TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class _Job:
+    __slots__ = ("fn", "done", "result", "error", "dirs", "token")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], dirs: tuple[Path, ...]):
+        self.fn = fn
+        self.dirs = dirs
+        self.done = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class Database:
+    """SQLite state with a group-committing writer thread; see the module docstring."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._writer = _connect(path)
+        self._writer.executescript(SCHEMA)
+        self._reader = _connect(path)
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="engine-db-writer", daemon=True)
+        self._thread.start()
+
+    # -- writer thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            while len(batch) < 256:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+            self._apply(batch)
+
+    def _apply(self, batch: list[_Job]) -> None:
+        conn = self._writer
+        dirs: set[Path] = set()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    job.result = job.fn(conn)
+                except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                    job.error = exc
+                    conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                if job.error is None:
+                    dirs.update(job.dirs)
+            for d in dirs:
+                fd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            conn.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            for job in batch:
+                if job.error is None:
+                    job.error = exc
+        for job in batch:
+            try:
+                job.token.run_sync_soon(job.done.set)
+            except trio.RunFinishedError:
+                pass
+
+    # -- trio side ------------------------------------------------------------------------
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, fsync_dirs: tuple[Path, ...] = ()) -> T:
+        """Run ``fn(conn)`` in a transaction; return once it is durably committed."""
+        job = _Job(fn, fsync_dirs)
+        self._queue.put(job)
+        with trio.CancelScope(shield=True):
+            await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read-only ``fn(conn)`` on the reader connection (a consistent snapshot)."""
+        conn = self._reader
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._writer.close()
+        self._reader.close()

@@ -1,0 +1,254 @@
+"""HTTP plumbing shared by the engine's routes: error answers, form parsing, authentication,
+command-accepted answers in every configured shape, and fault injection around each route.
+
+Error bodies follow the reference's recommended convention (section 7):
+``{"status": 422, "message": "Parameter Error", "errors": {"field": ["why"]}}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from privifs.engine.options import EngineOptions
+
+log = logging.getLogger("privifs.engine")
+
+FORM_LIMIT = 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, errors: dict[str, list[str]] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.errors = errors
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"status": self.status, "message": self.message}
+        if self.errors:
+            body["errors"] = self.errors
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def invalid(field: str, why: str) -> ApiError:
+    return ApiError(422, "Parameter Error", {field: [why]})
+
+
+def not_found() -> ApiError:
+    return ApiError(404, "Record Not Found")
+
+
+def unauthorized(message: str = "invalid token") -> ApiError:
+    return ApiError(401, message)
+
+
+def forbidden(message: str) -> ApiError:
+    return ApiError(403, message)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Form:
+    """A parsed form (or JSON object) body with validating accessors."""
+
+    def __init__(self, fields: dict[str, list[str]], raw_json: Any = None):
+        self.fields = fields
+        self.json = raw_json
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self.fields.get(name)
+        return values[-1] if values else default
+
+    def getlist(self, name: str) -> list[str]:
+        return list(self.fields.get(name, []))
+
+    def required(self, name: str, *, max_len: int = 4096, allow_empty: bool = False) -> str:
+        value = self.get(name)
+        if value is None:
+            raise invalid(name, "this field is required")
+        return self._check(name, value, max_len, allow_empty)
+
+    def optional(self, name: str, *, max_len: int = 4096, allow_empty: bool = True) -> str | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        return self._check(name, value, max_len, allow_empty)
+
+    def integer(self, name: str, *, default: int | None = None, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        raw = self.get(name)
+        if raw is None or raw == "":
+            if default is None:
+                raise invalid(name, "this field is required")
+            return default
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise invalid(name, "must be an integer") from None
+        if minimum is not None and value < minimum:
+            raise invalid(name, f"must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise invalid(name, f"must be at most {maximum}")
+        return value
+
+    @staticmethod
+    def _check(name: str, value: str, max_len: int, allow_empty: bool) -> str:
+        if not allow_empty and not value.strip():
+            raise invalid(name, "must not be empty")
+        if len(value) > max_len:
+            raise invalid(name, f"must be at most {max_len} characters")
+        if "\x00" in value:
+            raise invalid(name, "must not contain NUL characters")
+        return value
+
+
+DRAIN_LIMIT = 16 * 1024 * 1024
+
+
+async def drain(request: Request, *, partly_read: bool = False) -> None:
+    """Read and discard an unread request body (up to a limit) so an early error answer reaches
+    a client that is still sending; beyond the limit the connection is simply closed."""
+    if not partly_read and (getattr(request.state, "body_started", False) or request.method in ("GET", "HEAD")):
+        return
+    request.state.body_started = True
+    total = 0
+    while total <= DRAIN_LIMIT:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            return
+        total += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def read_body(request: Request, limit: int, field: str = "body") -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    request.state.body_started = True
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            await drain(request, partly_read=True)
+            raise ApiError(413 if field == "body" else 422,
+                           "Payload Too Large" if field == "body" else "Parameter Error",
+                           None if field == "body" else
+                           {field: [f"payload exceeds the inline limit of {limit} bytes; "
+                                    f"use the upstream stream server"]})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_fields(body: bytes, content_type: str) -> Form:
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype == "application/json":
+        if not body.strip():
+            return Form({}, {})
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise invalid("body", "is not valid JSON") from None
+        fields: dict[str, list[str]] = {}
+        if isinstance(data, dict):
+            for k, v in data.items():
+                if isinstance(v, list):
+                    fields[str(k)] = [x if isinstance(x, str) else json.dumps(x) for x in v]
+                elif isinstance(v, str):
+                    fields[str(k)] = [v]
+                elif v is not None:
+                    fields[str(k)] = [json.dumps(v)]
+        return Form(fields, data)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid("body", "is not valid UTF-8") from None
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, errors="strict",
+                          max_num_fields=10000)
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("body", "is not a valid form body") from None
+    fields = {}
+    for k, v in pairs:
+        fields.setdefault(k, []).append(v)
+    return Form(fields)
+
+
+async def read_form(request: Request, limit: int = FORM_LIMIT, field: str = "body") -> Form:
+    body = await read_body(request, limit, field)
+    return parse_fields(body, request.headers.get("content-type", ""))
+
+
+def query_form(request: Request) -> Form:
+    fields: dict[str, list[str]] = {}
+    for k, v in request.query_params.multi_items():
+        fields.setdefault(k, []).append(v)
+    return Form(fields)
+
+
+@dataclass
+class Principal:
+    """Who is calling: the profile behind a profile or OAuth access token."""
+
+    profile_id: str
+    token_hash: str
+    kind: str
+    has_key: bool
+
+
+def command_accepted(opts: EngineOptions, kind: str, command_id: str,
+                     extra_headers: dict[str, str] | None = None, *, empty: bool = False) -> Response:
+    headers = {"x-dpt-cab-id": command_id}
+    if extra_headers:
+        headers.update(extra_headers)
+    if empty:
+        return Response(status_code=202, headers=headers)
+    shape = opts.shape_for(kind)
+    body: Any
+    if shape == "string":
+        body = command_id
+    elif shape == "array":
+        body = [command_id]
+    else:
+        body = {"commandId": command_id}
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(opts: EngineOptions, handler: Handler) -> Handler:
+    """Wrap a route with latency and 5xx injection and turn :class:`ApiError` into answers."""
+
+    async def run(request: Request) -> Response:
+        if opts.latency_ms:
+            await trio.sleep(opts.latency_ms / 1000)
+        if opts.chance(opts.fail_rate):
+            return JSONResponse({"status": 503, "message": "injected failure"}, status_code=503)
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            await drain(request)
+            return exc.response()
+        if opts.chance(opts.fail_after_rate):
+            return JSONResponse({"status": 502, "message": "injected failure after processing"},
+                                status_code=502)
+        return response
+
+    return run
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(ts))

@@ -1,0 +1,192 @@
+"""Profile and public-key groups: register, authenticate, tokens (expiry, reauthorize, revoke),
+password change, and the signed Curve25519 public keys (the profile's and the engine's own)."""
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from privifs.crypto.keys import verify_signed_public_key
+from privifs.engine.commands import Outcome, Rejected
+from privifs.engine.core import Engine
+from privifs.engine.http import (ApiError, command_accepted, guarded, invalid, iso, not_found,
+                                 read_form, unauthorized)
+
+MIN_PASSWORD = 8
+DUMMY_HASH = "scrypt$" + "00" * 16 + "$" + "00" * 32
+
+
+def _new_password(form, name: str) -> str:
+    password = form.required(name, max_len=1024)
+    if len(password) < MIN_PASSWORD:
+        raise invalid(name, f"must be at least {MIN_PASSWORD} characters")
+    if len(set(password)) < 4:
+        raise invalid(name, "is too predictable (use more different characters)")
+    return password
+
+
+def _public_key(form) -> str:
+    key = form.required("publicKey", max_len=400)
+    try:
+        verify_signed_public_key(key.strip().lower())
+    except ValueError as exc:
+        raise invalid("publicKey", f"is not a valid signed public key: it {exc}") from None
+    return key.strip().lower()
+
+
+def routes(engine: Engine) -> list[Route]:
+    opts = engine.opts
+    db = engine.db
+
+    async def register_profile(request: Request) -> Response:
+        form = await read_form(request)
+        username = form.required("username", max_len=254).strip()
+        password = _new_password(form, "password")
+        if db.read(lambda c: c.execute("SELECT 1 FROM profiles WHERE username = ?", (username,)).fetchone()):
+            raise ApiError(409, "username already taken")
+        pw_hash = await engine.hash_password_async(password)
+        profile_id = "prf-" + uuid.uuid4().hex[:26].upper()
+
+        def also(conn: sqlite3.Connection, cid: str) -> None:
+            conn.execute("INSERT INTO profiles (id, username, pw_hash, active, created_at) VALUES (?, ?, ?, 0, ?)",
+                         (profile_id, username, pw_hash, time.time()))
+
+        try:
+            cid = await engine.runner.submit("register-profile", None, {"profile_id": profile_id}, also)
+        except sqlite3.IntegrityError:
+            raise ApiError(409, "username already taken") from None
+        return command_accepted(opts, "register-profile", cid)
+
+    def apply_register(conn, params, profile_id, cid) -> Outcome:
+        conn.execute("UPDATE profiles SET active = 1 WHERE id = ?", (params["profile_id"],))
+        return Outcome()
+
+    async def _credentials(form) -> sqlite3.Row:
+        username = form.required("username", max_len=254).strip()
+        password = form.required("password", max_len=1024)
+        row = db.read(lambda c: c.execute("SELECT * FROM profiles WHERE username = ? AND active = 1",
+                                          (username,)).fetchone())
+        ok = await engine.check_password_async(password, row["pw_hash"] if row else DUMMY_HASH)
+        if row is None or not ok:
+            raise unauthorized("invalid credentials")
+        return row
+
+    async def authenticate(request: Request) -> Response:
+        row = await _credentials(await read_form(request))
+        if row["public_key"] is None and opts.unkeyed_auth == "deny":
+            raise unauthorized("profile.public_key_missing: register a public key before authenticating")
+        token, expires = await db.write(lambda c: engine.issue_token(c, row["id"], opts.token_ttl))
+        return JSONResponse({"authorizationToken": token, "expiresAt": iso(expires)})
+
+    async def profile_id(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        return JSONResponse({"profileId": who.profile_id})
+
+    async def change_password(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        form = await read_form(request)
+        current = form.required("currentPassword", max_len=1024)
+        new = _new_password(form, "newPassword")
+        row = db.read(lambda c: c.execute("SELECT pw_hash FROM profiles WHERE id = ?", (who.profile_id,)).fetchone())
+        if not await engine.check_password_async(current, row["pw_hash"]):
+            raise invalid("currentPassword", "does not match the current password")
+        new_hash = await engine.hash_password_async(new)
+        cid = await engine.runner.submit("change-password", who.profile_id, {"pw_hash": new_hash})
+        return command_accepted(opts, "change-password", cid)
+
+    def apply_change_password(conn, params, profile_id, cid) -> Outcome:
+        conn.execute("UPDATE profiles SET pw_hash = ? WHERE id = ?", (params["pw_hash"], profile_id))
+        return Outcome()
+
+    async def reauthorize(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        form = await read_form(request)
+        ttl = form.integer("ttl", minimum=1, maximum=opts.max_reauthorize_ttl)
+        if opts.reauthorize_mode == "async":
+            cid = await engine.runner.submit("reauthorize-authorization-token", who.profile_id,
+                                             {"token_hash": who.token_hash, "ttl": ttl})
+            return command_accepted(opts, "reauthorize-authorization-token", cid)
+        token, expires = await db.write(lambda c: engine.issue_token(c, who.profile_id, ttl, kind=who.kind))
+        return JSONResponse({"authorizationToken": token, "expiresAt": iso(expires)})
+
+    def apply_reauthorize(conn, params, profile_id, cid) -> Outcome:
+        expires = time.time() + int(params["ttl"])
+        cur = conn.execute("UPDATE auth_tokens SET expires_at = ? WHERE token_hash = ? AND revoked = 0",
+                           (expires, params["token_hash"]))
+        if cur.rowcount == 0:
+            raise Rejected("profile.token_revoked")
+        out = Outcome()
+        out.after_commit.append(lambda: engine.hub.token_changed(params["token_hash"], expires))
+        return out
+
+    async def revoke(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        await db.write(lambda c: c.execute("UPDATE auth_tokens SET revoked = 1 WHERE token_hash = ?",
+                                           (who.token_hash,)))
+        engine.hub.token_changed(who.token_hash, None)
+        return JSONResponse({"revoked": True})
+
+    async def expiry(request: Request) -> Response:
+        _, expires = engine.principal_from_token(request.headers.get("x-dpt-authorization"))
+        return JSONResponse({"expiresAt": iso(expires)})
+
+    async def qr_token(request: Request) -> Response:
+        engine.principal(request, require_key=False)
+        return JSONResponse({"qrToken": secrets.token_urlsafe(24), "expiresAt": iso(time.time() + 120)})
+
+    async def register_public_key(request: Request) -> Response:
+        form = await read_form(request)
+        if request.headers.get("x-dpt-authorization") is not None:
+            who = engine.principal(request, require_key=False)
+            profile = who.profile_id
+        else:
+            profile = (await _credentials(form))["id"]
+        key = _public_key(form)
+        cid = await engine.runner.submit("register-public-key", profile, {"publicKey": key})
+        return command_accepted(opts, "register-public-key", cid)
+
+    def apply_public_key(conn, params: dict[str, Any], profile_id, cid) -> Outcome:
+        conn.execute("UPDATE profiles SET public_key = ? WHERE id = ?", (params["publicKey"], profile_id))
+        return Outcome()
+
+    async def retrieve_public_key(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        row = db.read(lambda c: c.execute("SELECT public_key FROM profiles WHERE id = ?",
+                                          (who.profile_id,)).fetchone())
+        if row is None or row["public_key"] is None:
+            raise not_found()
+        return JSONResponse({"publicKey": row["public_key"]})
+
+    async def cab_public_key(request: Request) -> Response:
+        engine.principal(request, require_key=False)
+        return JSONResponse({"publicKey": engine.cab_public_key})
+
+    runner = engine.runner
+    runner.register("register-profile", apply_register)
+    runner.register("change-password", apply_change_password)
+    runner.register("reauthorize-authorization-token", apply_reauthorize)
+    runner.register("register-public-key", apply_public_key)
+
+    g = lambda h: guarded(opts, h)  # noqa: E731
+    return [
+        Route("/profile/register-profile", g(register_profile), methods=["POST"]),
+        Route("/profile/authenticate", g(authenticate), methods=["POST"]),
+        Route("/profile/retrieve-profile-id", g(profile_id), methods=["GET"]),
+        Route("/profile/change-password", g(change_password), methods=["POST"]),
+        Route("/profile/reauthorize-authorization-token", g(reauthorize), methods=["POST"]),
+        Route("/profile/revoke-authorization-token", g(revoke), methods=["POST"]),
+        Route("/profile/authorization-token/expiry", g(expiry), methods=["POST"]),
+        Route("/profile/retrieve-token-expiry", g(expiry), methods=["GET"]),
+        Route("/profile/generate-token-qr", g(qr_token), methods=["POST"]),
+        Route("/profile/generate-qr-token-for-authorization", g(qr_token), methods=["POST"]),
+        Route("/public-key/register-public-key", g(register_public_key), methods=["POST"]),
+        Route("/public-key/retrieve-public-key", g(retrieve_public_key), methods=["GET"]),
+        Route("/dptcab/public-key", g(cab_public_key), methods=["GET"]),
+        Route("/public-key/retrieve-cab-public-key", g(cab_public_key), methods=["GET"]),
+    ]

@@ -1,0 +1,141 @@
+"""The upstream stream server (``POST /?auth=…`` with the raw payload) and the downstream
+download server (``GET /?auth=…``). Both stream: nothing holds a whole payload in memory.
+
+Stream authorizations are single-use: an upstream ``auth`` is consumed when its upload starts
+(a failed upload restarts from reserve), a downstream ``auth`` when its download starts (a failed
+download re-issues request-data). A half-received upload never becomes visible.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from urllib.parse import parse_qs
+
+import trio
+from starlette.requests import ClientDisconnect, Request
+
+from privifs.engine.core import Engine
+
+log = logging.getLogger("privifs.engine.streams")
+
+READ_CHUNK = 1024 * 1024
+
+
+async def _answer(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _auth(scope) -> str | None:
+    try:
+        values = parse_qs(scope.get("query_string", b"").decode("ascii"), errors="strict").get("auth")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return values[-1] if values else None
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def upstream_app(engine: Engine):
+    db = engine.db
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        if scope["method"] not in ("POST", "PUT"):
+            return await _answer(send, 405, {"status": 405, "message": "use POST /?auth=<stream token>"})
+        auth = _auth(scope)
+        if not auth:
+            return await _answer(send, 401, {"status": 401, "message": "missing stream authorization"})
+        row = db.read(lambda c: c.execute("SELECT * FROM reservations WHERE stream_auth = ?", (auth,)).fetchone())
+        if row is None or row["expires_at"] <= time.time() or row["promoted_token"] is not None:
+            return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
+        if row["stream_used"] or row["blob_id"] is not None:
+            return await _answer(send, 403, {"status": 403, "message": "stream authorization already used"})
+
+        def claim(conn) -> int:
+            return conn.execute("UPDATE reservations SET stream_used = 1 WHERE stream_auth = ? AND stream_used = 0",
+                                (auth,)).rowcount
+
+        if await db.write(claim) == 0:
+            return await _answer(send, 403, {"status": 403, "message": "stream authorization already used"})
+        request = Request(scope, receive)
+        try:
+            blob_id, size, blob_dir = await engine.blobs.receive(request.stream())
+        except ClientDisconnect:
+            log.info("upload for %s broke off; nothing stored", row["temp_token"])
+            return
+        expected = request.headers.get("content-length")
+        if expected is not None and expected.isdigit() and int(expected) != size:
+            engine.blobs.delete(blob_id)
+            return await _answer(send, 400, {"status": 400, "message": "body shorter than Content-Length"})
+
+        def attach(conn) -> int:
+            return conn.execute("UPDATE reservations SET blob_id = ?, blob_size = ? WHERE command_id = ?"
+                                " AND blob_id IS NULL AND expires_at > ?",
+                                (blob_id, size, row["command_id"], time.time())).rowcount
+
+        if await db.write(attach, fsync_dirs=(blob_dir,)) == 0:
+            engine.blobs.delete(blob_id)
+            return await _answer(send, 410, {"status": 410, "message": "the reservation expired during the upload"})
+        await _answer(send, 200, {"token": row["temp_token"], "size": size})
+
+    return app
+
+
+def downstream_app(engine: Engine):
+    db = engine.db
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            return await _lifespan(receive, send)
+        if scope["type"] != "http":
+            return
+        if scope["method"] != "GET":
+            return await _answer(send, 405, {"status": 405, "message": "use GET /?auth=<downstream token>"})
+        auth = _auth(scope)
+        if not auth:
+            return await _answer(send, 401, {"status": 401, "message": "missing downstream authorization"})
+
+        def claim(conn):
+            row = conn.execute("SELECT d.token, d.expires_at, d.used, t.blob_id, t.blob_size FROM downstream d"
+                               " LEFT JOIN data_tokens t ON t.token = d.token AND t.profile_id = d.profile_id"
+                               " WHERE d.auth = ?", (auth,)).fetchone()
+            if row is None or row["used"] or row["expires_at"] <= time.time() or row["blob_id"] is None:
+                return None
+            conn.execute("UPDATE downstream SET used = 1 WHERE auth = ?", (auth,))
+            return row
+
+        row = await db.write(claim)
+        if row is None:
+            return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
+        try:
+            f = open(engine.blobs.path(row["blob_id"]), "rb")
+        except FileNotFoundError:
+            return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(size).encode())]})
+            while True:
+                chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
+                if not chunk:
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    return app

@@ -1,0 +1,124 @@
+"""The one exception hierarchy of privifs.
+
+Every error a user can meet is a :class:`PrivifsError` whose message says what happened and,
+where possible, what to do. Vault errors say whether they are *transient* (worth retrying with
+backoff) so retry policy and errno mapping are decided in one place.
+"""
+from __future__ import annotations
+
+import errno as _errno
+
+
+class PrivifsError(Exception):
+    """Base of every privifs error; ``str(exc)`` is a message for the user."""
+
+    errno: int = _errno.EIO
+    transient: bool = False
+
+
+class ConfigError(PrivifsError):
+    """The configuration is missing or invalid."""
+
+
+class KeyFileError(PrivifsError):
+    """A key file is missing, unreadable or malformed."""
+
+
+class WrongKeyError(PrivifsError):
+    """The AES key does not decrypt this vault's data."""
+
+
+class IntegrityError(PrivifsError):
+    """Ciphertext failed authentication: tampered, truncated or encrypted with another key."""
+
+
+class LocalStoreError(PrivifsError):
+    """The local staging area or cache cannot be used (e.g. full disk)."""
+
+
+class DiskFullError(LocalStoreError):
+    errno = _errno.ENOSPC
+
+
+class VaultError(PrivifsError):
+    """Talking to the Privicore service failed."""
+
+    def __init__(self, message: str, *, status: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class ServerUnreachable(VaultError):
+    """The server could not be reached (connection refused, DNS, timeout)."""
+
+    transient = True
+
+
+class ServerError(VaultError):
+    """The server answered with a 5xx or 429 status."""
+
+    transient = True
+
+
+class ProtocolError(VaultError):
+    """The server answered in a shape the client does not understand."""
+
+
+class AuthenticationError(VaultError):
+    """Username or password were refused."""
+
+    errno = _errno.EACCES
+
+
+class AuthorizationError(VaultError):
+    """The authorization token was refused even after renewing it."""
+
+    errno = _errno.EACCES
+
+
+class ForbiddenError(VaultError):
+    errno = _errno.EACCES
+
+
+class NotFoundError(VaultError):
+    errno = _errno.ENOENT
+
+
+class ConflictError(VaultError):
+    """The server refused because the resource already exists (HTTP 409)."""
+
+    errno = _errno.EEXIST
+
+
+class RequestRejected(VaultError):
+    """The server refused the request's parameters (HTTP 422)."""
+
+    def __init__(self, message: str, *, status: int | None = 422, fields: dict | None = None,
+                 reason: str | None = None):
+        super().__init__(message, status=status, reason=reason)
+        self.fields = fields or {}
+
+
+class CommandRejected(VaultError):
+    """An asynchronous command ended with status 3; ``reason`` is the server's reason."""
+
+    def __init__(self, message: str, *, command_id: str, reason: str | None):
+        super().__init__(message, reason=reason)
+        self.command_id = command_id
+        if reason and any(w in reason.lower() for w in ("denied", "forbidden", "not_an_owner",
+                                                         "permission", "unauthori")):
+            self.errno = _errno.EACCES
+
+
+class CommandPending(VaultError):
+    """An asynchronous command was still in flight when the wait timed out.
+
+    It is neither failed nor done: its outcome can still be learned by polling ``command_id``.
+    """
+
+    transient = True
+
+    def __init__(self, message: str, *, command_id: str):
+        super().__init__(message)
+        self.command_id = command_id

@@ -1,0 +1,118 @@
+"""Engine durability: acknowledged commands survive ``kill -9``, accepted commands resume, a
+half-received upload never becomes visible, and secrets never reach the log."""
+from __future__ import annotations
+
+import os
+
+import httpx
+import trio
+
+from tests.enginekit import EngineProcess, Wire, command_id
+
+
+async def test_acknowledged_state_survives_kill_9_and_accepted_commands_resume(tmp_path):
+    eng = EngineProcess(tmp_path / "data").start()
+    try:
+        wire = Wire(eng.urls)
+        creds = await wire.provision()
+        small, big = os.urandom(500), os.urandom(2 * 1024 * 1024)
+        async with wire.channel() as ch:
+            t_small = await wire.store(ch, small, file_name="small.bin")
+            t_big = await wire.store(ch, big, file_name="big.bin", streamed=True)
+            r = await wire.post("/data-token/update-data-token", {"token": t_small, "fileName": "renamed.bin"})
+            await ch.wait_for("X-DPT-CAB-ID", command_id(r))
+            listing = (await wire.get("/data-token/list-data-tokens")).json()
+            eng.set_options(apply_delay_ms=5000)
+            r = await wire.post("/data-token/delete-data", {"token": t_big})
+            assert r.status_code == 202
+            pending = command_id(r)
+        await wire.aclose()
+        eng.kill()
+
+        eng2 = EngineProcess(tmp_path / "data").start()
+        try:
+            wire = Wire(eng2.urls)
+            r = await wire.post("/profile/authenticate", {"username": creds["username"], "password": creds["password"]})
+            wire.token = r.json()["authorizationToken"]
+            assert await wire.poll(pending) == "succeeded"
+            after = (await wire.get("/data-token/list-data-tokens")).json()
+            assert [i["token"] for i in after["items"]] == [i["token"] for i in listing["items"] if i["token"] != t_big]
+            assert after["items"][0]["fileName"] == "renamed.bin"
+            async with wire.channel() as ch:
+                assert await wire.retrieve(ch, t_small) == small
+            assert (await wire.post("/data-token/request-data", {"token": t_big})).status_code == 404
+            await wire.aclose()
+        finally:
+            eng2.stop()
+    finally:
+        eng.kill()
+
+
+async def test_half_received_upload_is_never_visible(tmp_path):
+    eng = EngineProcess(tmp_path / "data").start()
+    try:
+        wire = Wire(eng.urls)
+        creds = await wire.provision()
+        async with wire.channel() as ch:
+            r = await wire.post("/data-token/reserve-token-space", {"context": "c"})
+            cid = command_id(r)
+            await ch.wait_for("X-DPT-CAB-ID", cid)
+            body = (await wire.get(f"/data-token/retrieve-temporary-data-token/{cid}")).json()
+        sent = trio.Event()
+
+        async def slow_body():
+            yield os.urandom(1024 * 1024)
+            sent.set()
+            await trio.sleep(30)
+            yield b"never"
+
+        async def upload():
+            async with httpx.AsyncClient(timeout=60) as c:
+                try:
+                    await c.post(f"{eng.urls['upstream']}/?{body['stream']}", content=slow_body(),
+                                 headers={"Content-Length": str(2 * 1024 * 1024)})
+                except httpx.HTTPError:
+                    pass
+
+        async with trio.open_nursery() as n:
+            n.start_soon(upload)
+            await sent.wait()
+            await trio.sleep(0.5)
+            eng.kill()
+            n.cancel_scope.cancel()
+        await wire.aclose()
+
+        eng2 = EngineProcess(tmp_path / "data").start()
+        try:
+            assert list((tmp_path / "data" / "tmp").iterdir()) == []
+            assert [f for d in (tmp_path / "data" / "blobs").iterdir() for f in d.iterdir()] == []
+            wire = Wire(eng2.urls)
+            r = await wire.post("/profile/authenticate", {"username": creds["username"], "password": creds["password"]})
+            wire.token = r.json()["authorizationToken"]
+            r = await wire.post("/data-token/configure-file-meta",
+                                {"token": body["token"], "fileName": "x", "context": "c", "size": "1"})
+            assert r.status_code == 422  # no data arrived
+            async with httpx.AsyncClient() as c:
+                r = await c.post(f"{eng2.urls['upstream']}/?{body['stream']}", content=b"retry")
+            assert r.status_code == 403  # the stream authorization was consumed
+            await wire.aclose()
+        finally:
+            eng2.stop()
+    finally:
+        eng.kill()
+
+
+async def test_sigterm_stops_cleanly_and_secrets_stay_out_of_the_log(tmp_path):
+    eng = EngineProcess(tmp_path / "data").start()
+    wire = Wire(eng.urls)
+    creds = await wire.provision()
+    async with wire.channel() as ch:
+        token = await wire.store(ch, b"payload", streamed=True)
+        await wire.retrieve(ch, token)
+    await wire.aclose()
+    assert eng.stop() == 0
+    log = eng.log()
+    assert "ready" in log
+    for secret in (creds["password"], creds["token"]):
+        assert secret not in log
+    assert "Traceback" not in log
