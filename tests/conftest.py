@@ -26,3 +26,19 @@ async def wire(eng):
     w = Wire(eng.urls)
     yield w
     await w.aclose()
+
+
+@pytest.fixture
+async def account(eng):
+    """A freshly provisioned profile on the session engine: (endpoints, credentials)."""
+    import uuid
+
+    from privifs.client.provision import new_identity, register_profile
+    from privifs.client.session import PasswordCredentials
+    from privifs.client.transport import Endpoints
+
+    endpoints = Endpoints.from_dict(eng.urls)
+    username = f"client-{uuid.uuid4().hex[:10]}@example.com"
+    _, public = new_identity()
+    await register_profile(endpoints, username, "correct-horse-battery", public)
+    return endpoints, PasswordCredentials(username, "correct-horse-battery")

@@ -13,11 +13,17 @@ from privifs.errors import PrivifsError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from privifs.cli import engine_cmd
+    from pathlib import Path
+
+    from privifs.cli import engine_cmd, init_cmd, token_cmd
 
     parser = argparse.ArgumentParser(prog="privifs", description=__import__("privifs").__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="configuration file (default $PRIVIFS_CONFIG or ~/.config/privifs/config.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    init_cmd.register(sub)
+    token_cmd.register(sub)
     engine_cmd.register(sub)
     return parser
 
@@ -25,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+    quiet = args.command not in ("engine", "mount")
+    logging.basicConfig(level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "httpcore", "hypercorn.error", "trio-websocket"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -36,6 +43,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"privifs: error: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        inner = _single_privifs_error(group)
+        if inner is None or args.debug:
+            raise
+        print(f"privifs: error: {inner}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("privifs: interrupted", file=sys.stderr)
         return 130
+
+
+def _single_privifs_error(group: BaseExceptionGroup) -> PrivifsError | None:
+    """The PrivifsError inside a (nested) exception group from trio nurseries, if it is the cause."""
+    for exc in group.exceptions:
+        if isinstance(exc, PrivifsError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _single_privifs_error(exc)
+            if found is not None:
+                return found
+    return None

@@ -44,9 +44,11 @@ def run(args: argparse.Namespace) -> int:
     def announce(line: str) -> None:
         print(line, flush=True)
 
+    from privifs.engine.core import EngineBusy
+
     try:
         trio.run(lambda: run_engine(data_dir, args.host, ports, opts, args.urls_file, announce=announce))
-    except OSError as exc:
-        print(f"privifs: error: engine could not start: {exc}", file=sys.stderr)
+    except (OSError, EngineBusy) as exc:
+        print(f"privifs: error: the engine could not start: {exc}", file=sys.stderr)
         return 1
     return 0

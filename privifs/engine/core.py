@@ -6,6 +6,7 @@ to a :class:`~privifs.engine.http.Principal`.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -47,10 +48,20 @@ def check_password(password: str, stored: str) -> bool:
     return secrets.compare_digest(digest.hex(), digest_hex)
 
 
+class EngineBusy(Exception):
+    pass
+
+
 class Engine:
     def __init__(self, data_dir: Path, opts: EngineOptions):
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = open(data_dir / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise EngineBusy(f"another engine is already using {data_dir}") from None
         self.opts = opts
         self.db = Database(data_dir / "engine.sqlite3")
         self.blobs = BlobStore(data_dir)

@@ -118,6 +118,7 @@ async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: Eng
                                                           shutdown_trigger=stop.wait, task_status=task_status))
                     url = binds[0]
                     engine.urls[name] = url.replace("http://", "ws://", 1) if name == "ws" else url
+                write_urls_file(data_dir / "urls.json", engine.urls)
                 if urls_file is not None:
                     write_urls_file(urls_file, engine.urls)
                 for name in SERVERS:
@@ -126,6 +127,7 @@ async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: Eng
                 task_status.started(dict(engine.urls))
             nursery.cancel_scope.cancel()
     finally:
+        (data_dir / "urls.json").unlink(missing_ok=True)
         engine.db.close()
 
 

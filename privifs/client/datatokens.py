@@ -1,0 +1,328 @@
+"""Data-token operations on ciphertext: store (reserve → temporary token → inline exchange or
+upstream stream → configure file meta), retrieve (request data → inline or downstream), list,
+update, risk meta, delete.
+
+This layer never sees plaintext or keys (see :mod:`privifs.client.vault`). A store that fails
+part-way restarts from a fresh reservation (stream authorizations are single-use and a lost 202
+is never repeated); an unpromoted reservation simply expires on the server.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+import trio
+from trio_websocket import open_websocket_url
+
+from privifs.client import shapes
+from privifs.client.events import Commands, EventHub
+from privifs.client.transport import ClientOptions, Transport
+from privifs.errors import (CommandPending, CommandRejected, NotFoundError, PrivifsError, ProtocolError,
+                            RequestRejected, ServerError, ServerUnreachable, VaultError)
+
+log = logging.getLogger("privifs.client.datatokens")
+
+DOWNLOAD_CHUNK = 1024 * 1024
+B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n-_")
+
+
+@dataclass
+class FileMeta:
+    """What configure-file-meta records: ``size`` is the plaintext size."""
+
+    file_name: str
+    extension: str
+    context: str
+    size: int
+    path: str
+
+    def form(self, temp_token: str) -> dict[str, str]:
+        return {"token": temp_token, "fileName": self.file_name, "extension": self.extension,
+                "context": self.context, "size": str(self.size), "path": self.path}
+
+
+Body = bytes | Callable[[], AsyncIterator[bytes]]
+
+
+class DataTokens:
+    def __init__(self, transport: Transport, commands: Commands, hub: EventHub, options: ClientOptions):
+        self.transport = transport
+        self.commands = commands
+        self.hub = hub
+        self.options = options
+
+    # -- store ---------------------------------------------------------------------------------
+    async def reserve(self, context: str) -> shapes.TemporaryToken:
+        resp = await self.transport.call("POST", "/data-token/reserve-token-space",
+                                         data={"context": context, "ttl": "5"}, idempotent=True,
+                                         expected=(202, 200), what="reserve token space")
+        cid = shapes.command_id(resp)
+        await self.commands.wait(cid, what="reserve token space")
+        for attempt in range(6):
+            resp = await self.transport.call("GET", f"/data-token/retrieve-temporary-data-token/{cid}",
+                                             idempotent=True, expected=(200, 404), what="retrieve temporary token")
+            if resp.status_code == 200:
+                return shapes.temporary_token(shapes.json_or_text(resp))
+            await trio.sleep(0.25 * (attempt + 1))
+        raise NotFoundError("the reservation was acknowledged but its temporary token never appeared", status=404)
+
+    async def exchange(self, tmp: shapes.TemporaryToken, wire: bytes) -> None:
+        resp = await self.transport.call(
+            "POST", "/data-token/exchange-data-for-token",
+            data={"temporaryTokenSpace": tmp.token, "data": base64.b64encode(wire).decode()},
+            expected=(202, 200), what="exchange data for token")
+        await self.commands.wait(shapes.command_id(resp), what="exchange data for token")
+
+    async def upload(self, tmp: shapes.TemporaryToken, body: Body, wire_size: int) -> None:
+        url = shapes.upstream_url(tmp, self.transport.endpoints.upstream)
+        if url is None:
+            raise ProtocolError("the server gave no upstream stream authorization for a payload too large to "
+                                "send inline")
+        content = body if isinstance(body, bytes) else body()
+        try:
+            resp = await self.transport.http.post(
+                url, content=content, headers={"Content-Type": "application/octet-stream",
+                                               "Content-Length": str(wire_size)},
+                timeout=httpx.Timeout(None, connect=self.options.connect_timeout))
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"upload to the upstream server failed ({type(exc).__name__}: {exc})") from None
+        finally:
+            if not isinstance(content, bytes) and hasattr(content, "aclose"):
+                await content.aclose()
+        if not 200 <= resp.status_code < 300:
+            raise self.transport.error_for(resp, "upstream upload")
+
+    async def configure(self, tmp: shapes.TemporaryToken, meta: FileMeta) -> str:
+        resp = await self.transport.call("POST", "/data-token/configure-file-meta", data=meta.form(tmp.token),
+                                         idempotent=True, what="configure file meta")
+        return shapes.permanent_token(shapes.json_or_text(resp))
+
+    async def store(self, body: Body, wire_size: int, meta: FileMeta) -> str:
+        """Store a ciphertext (bytes, or a factory of a fresh chunk iterator) and return its permanent token."""
+        inline = isinstance(body, bytes) and wire_size <= self.options.inline_limit
+        last: Exception | None = None
+        for attempt in range(self.options.store_attempts):
+            try:
+                tmp = await self.reserve(meta.context)
+                can_stream = shapes.upstream_url(tmp, self.transport.endpoints.upstream) is not None
+                if inline or not can_stream:
+                    if not isinstance(body, bytes):
+                        raise ProtocolError("the server gave no upstream stream authorization for a payload "
+                                            "too large to send inline")
+                    try:
+                        await self.exchange(tmp, body)
+                    except RequestRejected as exc:
+                        if exc.status in (413, 422) and "data" in exc.fields and can_stream:
+                            log.info("the server refused %d bytes inline; streaming instead", wire_size)
+                            inline = False
+                            continue
+                        raise
+                else:
+                    await self.upload(tmp, body, wire_size)
+                return await self.configure(tmp, meta)
+            except (CommandPending, CommandRejected):
+                raise
+            except VaultError as exc:
+                if not exc.transient:
+                    raise
+                last = exc
+                log.info("storing %s failed (%s); restarting from a new reservation", meta.file_name, exc)
+                await trio.sleep(self.transport.backoff(attempt))
+        assert last is not None
+        raise last
+
+    # -- retrieve ----------------------------------------------------------------------------
+    async def request(self, token: str) -> shapes.RequestResult:
+        """request-data and wait for its result. When no result comes (acks can be dropped and
+        request ids cannot be polled) it is issued again; a result for any issued id is taken."""
+        waiter = None
+        rids: list[str] = []
+        try:
+            for attempt in range(self.options.request_attempts):
+                resp = await self.transport.call("POST", "/data-token/request-data", data={"token": token},
+                                                 idempotent=True, expected=(202, 200), what="request data")
+                rid = shapes.request_id(resp)
+                rids.append(rid)
+                waiter = self.hub.register("X-DPT-CAB-REQUEST-ID", rid, waiter)
+                window = self.options.request_timeout * (attempt + 1) if self.hub.connected else 3.0
+                with trio.move_on_after(window):
+                    while True:
+                        data = await waiter.next()
+                        result = shapes.request_result(data)
+                        if result.status.pending:
+                            continue
+                        if result.status.status == 3:
+                            reason = result.status.reason or ""
+                            if "not_found" in reason or "not found" in reason.lower():
+                                raise NotFoundError(f"token {token} does not exist ({reason})", status=404)
+                            raise CommandRejected(f"request data was rejected: {reason or 'no reason'}",
+                                                  command_id=rid, reason=reason)
+                        result.request_id = data.get("id") if data.get("id") in rids else rid
+                        return result
+                log.info("request-data result for %s did not arrive; asking again", token)
+        finally:
+            if waiter is not None:
+                self.hub.unregister(waiter)
+        raise CommandPending(f"no data arrived for token {token} after {len(rids)} requests",
+                             command_id=rids[-1] if rids else "")
+
+    @asynccontextmanager
+    async def open_download(self, result: shapes.RequestResult, wire_size: int | None = None):
+        """Yield an async iterator of the wire bytes of a request result (inline or streamed)."""
+        if result.output_type in (0, None):
+            if not isinstance(result.body, str):
+                raise ProtocolError("the inline request-data result carries no payload")
+            data = shapes.lenient_b64decode(result.body)
+
+            async def one() -> AsyncIterator[bytes]:
+                yield data
+
+            yield one()
+            return
+        if result.output_type != 1 or not isinstance(result.body, str):
+            raise ProtocolError(f"unexpected request-data result (output_type {result.output_type})")
+        rid = result.request_id
+        stream_url = result.stream_url
+        if rid is not None:
+            waiter = self.hub.register("STREAM-READY", rid)
+            try:
+                with trio.move_on_after(self.options.stream_ready_wait if self.hub.connected else 0.2):
+                    ready = await waiter.next()
+                    stream_url = stream_url or ready.get("streamUrl")
+            finally:
+                self.hub.unregister(waiter)
+        if isinstance(stream_url, str) and stream_url.startswith(("ws://", "wss://")):
+            async with open_websocket_url(stream_url) as ws:
+                async def frames() -> AsyncIterator[bytes]:
+                    from trio_websocket import ConnectionClosed
+                    try:
+                        while True:
+                            msg = await ws.get_message()
+                            yield msg if isinstance(msg, bytes) else msg.encode()
+                    except ConnectionClosed:
+                        return
+                yield frames()
+            return
+        base = self.transport.endpoints.downstream
+        if not base:
+            raise ProtocolError("no downstream URL is configured for streamed retrievals")
+        try:
+            async with self.transport.http.stream(
+                    "GET", f"{base.rstrip('/')}/", params={"auth": result.body},
+                    timeout=httpx.Timeout(self.options.http_timeout, connect=self.options.connect_timeout)) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    err = self.transport.error_for(resp, "download")
+                    # a used or expired downstream authorization: ask for the data again
+                    raise ServerError(f"{err}; requesting the data again", status=resp.status_code)
+                yield _decode_download(resp.aiter_raw(DOWNLOAD_CHUNK), resp.headers.get("content-length"), wire_size)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"download from the downstream server failed ({type(exc).__name__}: {exc})") from None
+
+    async def fetch(self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]],
+                    wire_size: int | None = None) -> None:
+        """Retrieve ``token`` and hand its wire bytes to ``consume``; retries from request-data when
+        the download breaks (``consume`` then starts over with a fresh iterator)."""
+        last: Exception | None = None
+        for attempt in range(self.options.request_attempts):
+            try:
+                result = await self.request(token)
+                async with self.open_download(result, wire_size) as chunks:
+                    await consume(chunks)
+                return
+            except VaultError as exc:
+                if not exc.transient or isinstance(exc, CommandPending):
+                    raise
+                last = exc
+                log.info("retrieving %s failed (%s); asking again", token, exc)
+                await trio.sleep(self.transport.backoff(attempt))
+        assert last is not None
+        raise last
+
+    # -- listing and meta -------------------------------------------------------------------------
+    async def list(self, *, context: str | None = None, per_page: int = 500) -> AsyncIterator[shapes.TokenInfo]:
+        """Every token of the profile, page by page (until a short or empty page)."""
+        page = 1
+        seen = 0
+        while True:
+            params = {"page": str(page), "perPage": str(per_page)}
+            if context is not None:
+                params["filters[context]"] = context
+            resp = await self.transport.call("GET", "/data-token/list-data-tokens", params=params,
+                                             idempotent=True, what="list data tokens")
+            items, count = shapes.listing(shapes.json_or_text(resp))
+            for item in items:
+                yield shapes.TokenInfo.from_item(item)
+            seen += len(items)
+            if not items or len(items) < per_page or (count is not None and seen >= count):
+                return
+            page += 1
+
+    async def _command(self, path: str, form: dict[str, str], what: str, *, missing_ok: bool = False) -> None:
+        try:
+            resp = await self.transport.call("POST", path, data=form, idempotent=True, expected=(202, 200), what=what)
+        except NotFoundError:
+            if missing_ok:
+                return
+            raise
+        try:
+            await self.commands.wait(shapes.command_id(resp), what=what)
+        except CommandRejected as exc:
+            if missing_ok and exc.reason and "not_found" in exc.reason:
+                return
+            raise
+
+    async def update(self, token: str, *, file_name: str | None = None, extension: str | None = None,
+                     context: str | None = None) -> None:
+        form = {"token": token}
+        for k, v in (("fileName", file_name), ("extension", extension), ("context", context)):
+            if v is not None:
+                form[k] = v
+        await self._command("/data-token/update-data-token", form, "update data token")
+
+    async def set_risk(self, token: str, fields: dict[str, str]) -> None:
+        await self._command("/data-token/configure-information-security-risk-meta", {"token": token, **fields},
+                            "configure risk meta")
+
+    async def delete(self, token: str) -> None:
+        """Delete a token; deleting one that is already gone succeeds (idempotent unlink)."""
+        await self._command("/data-token/delete-data", {"token": token}, "delete data", missing_ok=True)
+
+
+async def _decode_download(chunks: AsyncIterator[bytes], content_length: str | None,
+                           wire_size: int | None) -> AsyncIterator[bytes]:
+    """Raw bytes as a rule; base64 text when the body is plainly base64 and not the raw size."""
+    first = b""
+    async for chunk in chunks:
+        first = chunk
+        break
+    raw = (wire_size is not None and content_length is not None and content_length.isdigit()
+           and int(content_length) == wire_size)
+    if not raw and first and len(first) >= 64 and all(b in B64_ALPHABET for b in first[:4096]):
+        carry = b""
+        pending = [first]
+        async def rest():
+            for c in pending:
+                yield c
+            async for c in chunks:
+                yield c
+        async for c in rest():
+            data = carry + bytes(b for b in c if b not in b"\r\n")
+            cut = len(data) - len(data) % 4
+            carry = data[cut:]
+            if cut:
+                yield shapes.lenient_b64decode(data[:cut].decode("ascii"))
+        if carry:
+            yield shapes.lenient_b64decode(carry.decode("ascii"))
+        return
+    if first:
+        yield first
+    async for chunk in chunks:
+        yield chunk
+
+
+__all__ = ["DataTokens", "FileMeta", "PrivifsError"]

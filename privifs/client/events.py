@@ -1,0 +1,328 @@
+"""The one WebSocket of a session and the waits built on it.
+
+:class:`EventHub` keeps a single connection joined with the session's current token:
+re-joins on every token change, reconnects with capped backoff, and counts its (re)joins in
+:attr:`EventHub.generation`. Events are dispatched by ``(type, id)`` to registered waiters; an
+event that arrives before its waiter is kept for ``early_event_ttl`` seconds (bounded), so an ack
+racing the HTTP answer is not lost. When the socket cannot be opened at all, waits fall back to
+status polling.
+
+:class:`Commands` turns a 202 into an outcome: wait for ``X-DPT-CAB-ID``, poll the status when
+the ack is slow, dropped, or the socket reconnected, and at the deadline report the command as
+*pending* (:class:`~privifs.errors.CommandPending`), never as failed or done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import trio
+from trio_websocket import open_websocket_url
+
+from privifs.client import shapes
+from privifs.client.session import Session
+from privifs.client.transport import ClientOptions, Transport
+from privifs.errors import CommandPending, CommandRejected, NotFoundError, PrivifsError, VaultError
+
+log = logging.getLogger("privifs.client.events")
+
+EARLY_MAX = 10000
+
+
+class JoinRefused(Exception):
+    pass
+
+
+class Waiter:
+    """Receives every event for one (type, id)."""
+
+    def __init__(self, key: tuple[str, str]):
+        self.key = key
+        self.keys: list[tuple[str, str]] = []
+        self.events: list[dict] = []
+        self.arrived = trio.Event()
+
+    def push(self, data: dict) -> None:
+        self.events.append(data)
+        self.arrived.set()
+
+    async def next(self) -> dict:
+        while not self.events:
+            await self.arrived.wait()
+            if not self.events:
+                self.arrived = trio.Event()
+        data = self.events.pop(0)
+        if not self.events:
+            self.arrived = trio.Event()
+        return data
+
+
+class EventHub:
+    def __init__(self, url: str | None, session: Session, options: ClientOptions):
+        self.url = url
+        self.session = session
+        self.options = options
+        self.connected = False
+        self.generation = 0
+        self.changed = trio.Event()
+        self._waiters: dict[tuple[str, str], list[Waiter]] = {}
+        self._early: OrderedDict[tuple[str, str], list[tuple[float, dict]]] = OrderedDict()
+        self._ws = None
+        self._join_answer: trio.MemorySendChannel | None = None
+        self._rejoin = trio.Event()
+        session.on_token_change(lambda token: self._rejoin.set())
+
+    # -- waiters -------------------------------------------------------------------------------
+    def register(self, type_: str, id_: str, waiter: Waiter | None = None) -> Waiter:
+        """Wait for events of ``(type_, id_)``; pass ``waiter`` to add a key to an existing waiter."""
+        key = (type_, id_)
+        w = waiter if waiter is not None else Waiter(key)
+        w.keys.append(key)
+        self._waiters.setdefault(key, []).append(w)
+        now = time.monotonic()
+        for ts, data in self._early.pop(key, []):
+            if now - ts <= self.options.early_event_ttl:
+                w.push(data)
+        return w
+
+    def unregister(self, w: Waiter) -> None:
+        for key in w.keys:
+            lst = self._waiters.get(key)
+            if lst is not None:
+                try:
+                    lst.remove(w)
+                except ValueError:
+                    pass
+                if not lst:
+                    del self._waiters[key]
+        w.keys.clear()
+
+    def _dispatch(self, data: dict) -> None:
+        type_ = data.get("type")
+        if not isinstance(type_, str):
+            return
+        ids = {i for i in (data.get("id"), data.get("requestId")) if isinstance(i, str)}
+        for id_ in ids:
+            key = (type_, id_)
+            waiters = self._waiters.get(key)
+            if waiters:
+                for w in waiters:
+                    w.push(data)
+            else:
+                self._early.setdefault(key, []).append((time.monotonic(), data))
+                self._early.move_to_end(key)
+        now = time.monotonic()
+        while self._early:
+            key, items = next(iter(self._early.items()))
+            if len(self._early) > EARLY_MAX or now - items[-1][0] > self.options.early_event_ttl:
+                self._early.popitem(last=False)
+            else:
+                break
+
+    def _signal_change(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # -- connection ------------------------------------------------------------------------------
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the channel joined for ever; ``started`` once joined or known to be unavailable."""
+        started = False
+
+        def joined() -> None:
+            nonlocal started, delay
+            delay = 0.2
+            if not started:
+                started = True
+                task_status.started()
+
+        delay = 0.2
+        while True:
+            if self.url:
+                try:
+                    await self._connected_session(joined)
+                except Exception as exc:  # noqa: BLE001 - any failure means: reconnect later
+                    log.debug("event channel unavailable: %r", exc)
+                    if self.connected:
+                        log.info("event channel disconnected; reconnecting")
+                finally:
+                    self.connected = False
+                    self._ws = None
+                    self._signal_change()
+            if not started:
+                log.warning("cannot open the event WebSocket at %s; falling back to status polling", self.url)
+                task_status.started()
+                started = True
+            with trio.move_on_after(delay):
+                await self._rejoin.wait()  # a new token is worth trying at once
+            delay = min(delay * 2, 10.0)
+
+    async def _connected_session(self, joined) -> None:
+        async with open_websocket_url(self.url, connect_timeout=self.options.connect_timeout,
+                                      disconnect_timeout=2, message_queue_size=4096) as ws:
+            self._ws = ws
+            send, recv = trio.open_memory_channel(10)
+            self._join_answer = send
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, ws, nursery)
+                await self._join(ws, recv)
+                self.connected = True
+                self.generation += 1
+                self._signal_change()
+                joined()
+                while True:
+                    await self._rejoin.wait()
+                    self._rejoin = trio.Event()
+                    await self._join(ws, recv)
+                    self.generation += 1
+                    self._signal_change()
+
+    async def _join(self, ws, answers: trio.MemoryReceiveChannel) -> None:
+        token = self.session.current_token()
+        corr = str(uuid.uuid4())
+        await ws.send_message(json.dumps({"action": "joinChannel", "correlationId": corr,
+                                          "data": {"authorizationToken": token, "correlationId": corr}}))
+        with trio.fail_after(self.options.join_timeout):
+            while True:
+                answer = await answers.receive()
+                if answer.get("correlationId") not in (corr, None):
+                    continue
+                data = answer.get("data") if isinstance(answer.get("data"), dict) else {}
+                if answer.get("status") == 200 and data.get("channelId"):
+                    return
+                raise JoinRefused(f"joinChannel refused: {answer.get('status')} {data.get('message')}")
+
+    async def _reader(self, ws, nursery: trio.Nursery) -> None:
+        try:
+            while True:
+                text = await ws.get_message()
+                try:
+                    frame = json.loads(text)
+                except (ValueError, TypeError):
+                    continue
+                if not isinstance(frame, dict):
+                    continue
+                data = frame.get("data")
+                if "status" in frame and ("correlationId" in frame or (isinstance(data, dict) and "channelId" in data)):
+                    if self._join_answer is not None:
+                        try:
+                            self._join_answer.send_nowait(frame)
+                        except trio.WouldBlock:
+                            pass
+                    continue
+                if isinstance(data, dict):
+                    self._dispatch(data)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class Commands:
+    """Waiting for asynchronous commands and reading their status."""
+
+    def __init__(self, transport: Transport, hub: EventHub, options: ClientOptions):
+        self.transport = transport
+        self.hub = hub
+        self.options = options
+        self.polls = 0
+
+    async def poll(self, command_id: str) -> shapes.CommandState:
+        self.polls += 1
+        resp = await self.transport.call("POST", f"/request-status/{command_id}", json={}, idempotent=True,
+                                         expected=(200, 404, 405), what="command status")
+        if resp.status_code == 405:
+            resp = await self.transport.call("GET", f"/request-status/{command_id}", idempotent=True,
+                                             expected=(200, 404), what="command status")
+        if resp.status_code == 404:
+            resp = await self.transport.call("GET", f"/utility/request-command-id-status/{command_id}",
+                                             idempotent=True, expected=(200, 404), what="command status")
+            if resp.status_code == 404:
+                raise NotFoundError(f"the server does not know command {command_id}", status=404)
+        state = shapes.poll_answer(shapes.json_or_text(resp))
+        if state.status == 3 and state.reason in (None, "rejected"):
+            state.reason = await self._reason(command_id) or state.reason
+        return state
+
+    async def _reason(self, command_id: str) -> str | None:
+        try:
+            resp = await self.transport.call("GET", f"/utility/request-command-id-status/{command_id}",
+                                             idempotent=True, what="command status")
+            body = shapes.json_or_text(resp)
+            if isinstance(body, dict) and body.get("body"):
+                return str(body["body"])
+        except PrivifsError:
+            pass
+        return None
+
+    async def wait(self, command_id: str, *, what: str = "command", timeout: float | None = None) -> shapes.CommandState:
+        """Wait for ``command_id``'s outcome; raise CommandRejected (3) or CommandPending (deadline)."""
+        waiter = self.hub.register("X-DPT-CAB-ID", command_id)
+        try:
+            state = await self._wait(command_id, waiter, timeout if timeout is not None else self.options.ack_timeout)
+        finally:
+            self.hub.unregister(waiter)
+        if state.status == 3:
+            raise CommandRejected(f"{what} was rejected by the server: {state.reason or 'no reason given'}",
+                                  command_id=command_id, reason=state.reason)
+        return state
+
+    async def _wait(self, command_id: str, waiter: Waiter, timeout: float) -> shapes.CommandState:
+        deadline = trio.current_time() + timeout
+        ack_window = 1.0   # with a live channel: how long to trust the ack before polling
+        poll_gap = 0.05    # without one: polling interval, growing to 1 s
+        generation = self.hub.generation
+        while True:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                break
+            connected = self.hub.connected
+            window = min(remaining, ack_window if connected else poll_gap)
+            if not connected:
+                poll_gap = min(poll_gap * 2, 1.0)
+            with trio.move_on_after(window):
+                async with trio.open_nursery() as n:
+                    result: list[dict] = []
+
+                    async def take() -> None:
+                        while True:
+                            data = await waiter.next()
+                            if not shapes.ws_status(data).pending:
+                                result.append(data)
+                                n.cancel_scope.cancel()
+                                return
+
+                    async def watch() -> None:
+                        await self.hub.changed.wait()
+                        n.cancel_scope.cancel()
+
+                    n.start_soon(take)
+                    n.start_soon(watch)
+                if result:
+                    return shapes.ws_status(result[0])
+            # no ack in this window, or the channel changed: ask for the status
+            try:
+                state = await self.poll(command_id)
+                if not state.pending:
+                    return state
+            except VaultError as exc:
+                if not exc.transient:
+                    raise
+            if self.hub.generation == generation:
+                ack_window = min(ack_window * 2, 8.0)
+            generation = self.hub.generation
+        try:
+            state = await self.poll(command_id)
+            if not state.pending:
+                return state
+        except VaultError as exc:
+            if not exc.transient:
+                raise
+        raise CommandPending(f"command {command_id} is still in flight after {timeout:.0f}s; it may still "
+                             f"complete — its status can be polled", command_id=command_id)
+
+    async def wait_all(self, ids: Iterable[str]) -> None:
+        async with trio.open_nursery() as n:
+            for cid in ids:
+                n.start_soon(self.wait, cid)

@@ -1,0 +1,65 @@
+"""Provisioning: register a profile and its signed Curve25519 public key.
+
+The live order (register → authenticate → register the key with the token) is tried first; when
+authenticate refuses a fresh profile (the guides' order), the key is registered with username and
+password and no token, then authenticate is tried again (reference section 5.1).
+"""
+from __future__ import annotations
+
+import logging
+
+from privifs.client import shapes
+from privifs.client.events import Commands, EventHub
+from privifs.client.session import PasswordCredentials, Session
+from privifs.client.transport import ClientOptions, Endpoints, Transport
+from privifs.crypto.keys import generate_identity
+from privifs.errors import AuthenticationError, ConflictError
+
+log = logging.getLogger("privifs.client.provision")
+
+
+async def register_profile(endpoints: Endpoints, username: str, password: str, public_key: str,
+                           options: ClientOptions | None = None) -> str:
+    """Create a profile with ``public_key``; returns which order worked (``live`` or ``guide``)."""
+    options = options or ClientOptions()
+    transport = Transport(endpoints, options)
+    session = Session(transport, PasswordCredentials(username, password), options)
+    commands = Commands(transport, EventHub(None, session, options), options)  # polling only
+    try:
+        resp = await transport.call("POST", "/profile/register-profile",
+                                    data={"username": username, "password": password}, auth=False,
+                                    expected=(202, 200, 409), what="register profile")
+        if resp.status_code == 409:
+            raise ConflictError(f"the username {username!r} is already taken on this server", status=409)
+        await commands.wait(shapes.command_id(resp), what="register profile")
+        try:
+            await session.login()
+            order = "live"
+        except AuthenticationError:
+            session.token = None
+            order = "guide"
+        if order == "live":
+            resp = await transport.call("POST", "/public-key/register-public-key", data={"publicKey": public_key},
+                                        expected=(202, 200), what="register public key")
+        else:
+            resp = await transport.call("POST", "/public-key/register-public-key",
+                                        data={"username": username, "password": password, "publicKey": public_key},
+                                        auth=False, expected=(202, 200), what="register public key")
+        if resp.status_code == 202 or resp.content.strip():
+            try:
+                cid = shapes.command_id(resp)
+            except Exception:  # noqa: BLE001 - a 200 without an id is a synchronous success
+                cid = None
+            if cid:
+                await commands.wait(cid, what="register public key")
+        if order == "guide":
+            await session.login()  # proves the profile is usable now
+        await session.revoke()
+        return order
+    finally:
+        await transport.aclose()
+
+
+def new_identity() -> tuple[bytes, str]:
+    """A fresh X25519 identity: (private key, signed public key hex)."""
+    return generate_identity()

@@ -1,0 +1,317 @@
+"""Normalisers for every wire shape the reference records (its sections 2, 3, 5 and 9).
+
+Each function takes what the server sent and returns one canonical Python value, or raises
+:class:`~privifs.errors.ProtocolError` naming what was unexpected. Nothing here does I/O.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from privifs.errors import ProtocolError
+
+PENDING_WORDS = {"started", "pending", "1", "queued", "processing"}
+SUCCESS_WORDS = {"succeeded", "success", "2", "done", "completed"}
+
+
+def json_or_text(resp: httpx.Response) -> Any:
+    raw = resp.content.decode("utf-8", "replace").strip()
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def command_id(resp: httpx.Response) -> str:
+    """The command id of a 202: object, bare string, one-element array, raw text or header."""
+    body = json_or_text(resp)
+    if isinstance(body, str):
+        s = body.strip().strip('"').strip()
+        if s:
+            return s
+    elif isinstance(body, list):
+        if body and isinstance(body[0], str) and body[0]:
+            return body[0]
+    elif isinstance(body, dict):
+        for k in ("commandId", "command_id", "id"):
+            v = body.get(k)
+            if isinstance(v, str) and v:
+                return v
+    header = resp.headers.get("x-dpt-cab-id")
+    if header:
+        return header
+    raise ProtocolError(f"the server accepted the command but sent no command id (HTTP {resp.status_code})")
+
+
+def request_id(resp: httpx.Response) -> str:
+    """The request id of request-data: the ``x-dpt-cab-request-id`` header, else a body field."""
+    header = resp.headers.get("x-dpt-cab-request-id")
+    if header:
+        return header
+    body = json_or_text(resp)
+    if isinstance(body, dict) and isinstance(body.get("requestId"), str) and body["requestId"]:
+        return body["requestId"]
+    raise ProtocolError("request-data was accepted but no request id came back")
+
+
+@dataclass
+class CommandState:
+    """``status`` is 1 (in flight), 2 (succeeded) or 3 (failed); ``reason`` is the body if any."""
+
+    status: int
+    reason: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.status == 1
+
+
+def status_value(value: Any, body: Any = None) -> CommandState:
+    """Interpret a status number or word: pending, success, or any other terminal value = failure."""
+    if isinstance(value, bool):
+        value = int(value)
+    word = str(value).strip().lower()
+    reason = body if isinstance(body, str) else (json.dumps(body) if body is not None else None)
+    if word in PENDING_WORDS:
+        return CommandState(1)
+    if word in SUCCESS_WORDS:
+        return CommandState(2, reason)
+    return CommandState(3, reason or word)
+
+
+def poll_answer(body: Any) -> CommandState:
+    """A status poll answer: ``"succeeded"``, ``["succeeded"]`` or ``{"command_status": 2, "body": …}``."""
+    if isinstance(body, list) and body:
+        body = body[0]
+    if isinstance(body, str):
+        return status_value(body)
+    if isinstance(body, dict):
+        for k in ("command_status", "commandStatus", "status"):
+            if k in body:
+                return status_value(body[k], body.get("body"))
+    raise ProtocolError(f"unexpected command status answer: {str(body)[:100]}")
+
+
+def ws_status(data: dict) -> CommandState:
+    value = data.get("command_status", data.get("commandStatus", 2))
+    return status_value(value, data.get("body"))
+
+
+@dataclass
+class TemporaryToken:
+    token: str
+    stream_auth: str | None  # the single-use upstream authorization
+    stream_url: str | None   # a full URL, when the server gave one
+
+
+def temporary_token(body: Any) -> TemporaryToken:
+    """retrieve-temporary-data-token: API object, guide object, or a bare token string."""
+    if isinstance(body, str) and body.strip():
+        return TemporaryToken(body.strip().strip('"'), None, None)
+    if isinstance(body, dict) and isinstance(body.get("token"), str) and body["token"]:
+        stream = body.get("stream")
+        auth = url = None
+        if isinstance(stream, str) and stream:
+            if "://" in stream:
+                url = stream
+            else:
+                auth = stream[5:] if stream.startswith("auth=") else stream.lstrip("?")
+                if auth.startswith("auth="):
+                    auth = auth[5:]
+        return TemporaryToken(body["token"], auth, url)
+    raise ProtocolError(f"unexpected temporary token answer: {str(body)[:100]}")
+
+
+def upstream_url(tmp: TemporaryToken, upstream_base: str | None) -> str | None:
+    if tmp.stream_url:
+        return tmp.stream_url
+    if tmp.stream_auth and upstream_base:
+        return f"{upstream_base.rstrip('/')}/?auth={tmp.stream_auth}"
+    return None
+
+
+def permanent_token(body: Any) -> str:
+    """configure-file-meta: ``{"token": …}`` or a bare string."""
+    if isinstance(body, str) and body.strip():
+        return body.strip().strip('"')
+    if isinstance(body, dict):
+        for k in ("token", "dataToken", "permanentToken"):
+            if isinstance(body.get(k), str) and body[k]:
+                return body[k]
+    raise ProtocolError(f"unexpected configure-file-meta answer: {str(body)[:100]}")
+
+
+def parse_time(value: Any) -> float | None:
+    """ISO-8601 (``Z`` or offset) to a POSIX timestamp."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+@dataclass
+class Authorization:
+    token: str
+    expires_at: float | None
+    refresh_token: str | None = None
+    refresh_expires_at: float | None = None
+
+
+def authorization(body: Any) -> Authorization:
+    """authenticate / reauthorize answers."""
+    if isinstance(body, dict):
+        token = body.get("authorizationToken") or body.get("token")
+        if isinstance(token, str) and token:
+            return Authorization(token, parse_time(body.get("expiresAt")))
+    raise ProtocolError("the server's authentication answer carries no authorization token")
+
+
+def oauth_tokens(body: Any) -> Authorization:
+    """OAuth token answers in the API shape (token/expiresAt/…) or the guide shape (accessToken/expiresIn)."""
+    if not isinstance(body, dict):
+        raise ProtocolError("unexpected OAuth token answer")
+    access = body.get("token") or body.get("accessToken") or body.get("access_token")
+    refresh = body.get("refreshToken") or body.get("refresh_token")
+    if not isinstance(access, str) or not access:
+        raise ProtocolError("the OAuth token answer carries no access token")
+    expires = parse_time(body.get("expiresAt"))
+    if expires is None and isinstance(body.get("expiresIn", body.get("expires_in")), (int, float)):
+        expires = time.time() + float(body.get("expiresIn", body.get("expires_in")))
+    return Authorization(access, expires, refresh if isinstance(refresh, str) else None,
+                         parse_time(body.get("refreshTokenExpiresAt")))
+
+
+@dataclass
+class TokenInfo:
+    """One data token as listed: file meta (flat or nested under ``meta.file``) and risk meta."""
+
+    token: str
+    context: str
+    file_name: str
+    extension: str
+    size: int | None
+    path: str | None
+    created_at: float | None
+    risk: dict[str, str] = field(default_factory=dict)
+    data_type: str | None = None
+
+    @classmethod
+    def from_item(cls, item: dict) -> "TokenInfo":
+        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+            raise ProtocolError("a listing item carries no token")
+        meta = item.get("meta") if isinstance(item.get("meta"), dict) else {}
+        fmeta = meta.get("file") if isinstance(meta.get("file"), dict) else {}
+
+        def pick(*names: str) -> Any:
+            for src in (item, fmeta):
+                for n in names:
+                    if src.get(n) is not None:
+                        return src[n]
+            return None
+
+        size = pick("size")
+        try:
+            size = int(size) if size is not None else None
+        except (TypeError, ValueError):
+            size = None
+        risk = None
+        for src in (meta.get("information_security_risk"), meta.get("informationSecurityRisk"),
+                    meta.get("risk"), item.get("riskMeta"), item.get("risk")):
+            if isinstance(src, dict):
+                risk = src
+                break
+        data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+        return cls(token=item["token"], context=str(pick("context") or ""),
+                   file_name=str(pick("fileName", "file_name", "name") or ""),
+                   extension=str(pick("extension") or ""), size=size,
+                   path=pick("path") if isinstance(pick("path"), str) else None,
+                   created_at=parse_time(pick("createdAt")),
+                   risk={str(k): str(v) for k, v in (risk or {}).items()},
+                   data_type=data.get("type") if isinstance(data.get("type"), str) else None)
+
+
+def listing(body: Any) -> tuple[list[dict], int | None]:
+    """A listing page: (items, total count if the server said so)."""
+    if isinstance(body, list):
+        return body, None
+    if isinstance(body, dict):
+        items = body.get("items", body.get("data", []))
+        meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
+        count = meta.get("count", meta.get("total"))
+        return (items if isinstance(items, list) else []), (count if isinstance(count, int) else None)
+    raise ProtocolError("unexpected listing answer")
+
+
+@dataclass
+class RequestResult:
+    """An ``X-DPT-CAB-REQUEST-ID`` event: inline bytes (output 0) or a downstream token (output 1)."""
+
+    status: CommandState
+    output_type: int | None
+    body: Any
+    stream_url: str | None = None
+    request_id: str | None = None
+
+
+def request_result(data: dict) -> RequestResult:
+    status = ws_status(data)
+    body = data.get("body")
+    otype = data.get("output_type", data.get("outputType"))
+    if isinstance(body, dict):
+        if otype is None:
+            otype = body.get("output_type", body.get("outputType"))
+        body = body.get("body", body.get("data"))
+    try:
+        otype = int(otype) if otype is not None else None
+    except (TypeError, ValueError):
+        otype = None
+    return RequestResult(status, otype, body, data.get("streamUrl"))
+
+
+def lenient_b64decode(text: str) -> bytes:
+    """Standard or URL-safe base64, with or without padding or line breaks."""
+    s = "".join(text.split())
+    s = s.replace("-", "+").replace("_", "/")
+    s += "=" * (-len(s) % 4)
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("the inline payload is not valid base64") from None
+
+
+def error_message(resp: httpx.Response) -> str:
+    """The most useful text of an error answer: message / error / errors / violations / detail."""
+    body = json_or_text(resp)
+    if isinstance(body, str):
+        return body[:300]
+    parts: list[str] = []
+    if isinstance(body, dict):
+        for k in ("message", "error", "detail"):
+            if isinstance(body.get(k), str):
+                parts.append(body[k])
+        errs = body.get("errors") or body.get("violations")
+        if isinstance(errs, dict):
+            for f, msgs in errs.items():
+                msgs = msgs if isinstance(msgs, list) else [msgs]
+                parts.append(f"{f}: {'; '.join(str(m) for m in msgs)}")
+        elif isinstance(errs, list):
+            parts.extend(str(e) for e in errs)
+    return " — ".join(parts)[:300] or f"HTTP {resp.status_code}"
+
+
+def error_fields(resp: httpx.Response) -> dict:
+    body = json_or_text(resp)
+    if isinstance(body, dict) and isinstance(body.get("errors"), dict):
+        return body["errors"]
+    return {}

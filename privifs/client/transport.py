@@ -1,0 +1,141 @@
+"""HTTP to the four Privicore base URLs, with the retry policy and the error mapping.
+
+* Idempotent calls (reads, status polls, request-data, and commands whose effect is the same
+  when repeated) are retried on connection errors, 5xx and 429 with capped exponential backoff,
+  honouring ``Retry-After``. Other calls are sent once; callers decide (a lost 202 is never
+  blindly repeated: either its status is polled or the whole chain restarts).
+* A 401 on an authenticated call asks the session to renew once and replays the call.
+* Every other failure becomes one exception of :mod:`privifs.errors` with a message a user can
+  act on.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+from privifs.client import shapes
+from privifs.errors import (AuthorizationError, ConflictError, ForbiddenError, NotFoundError,
+                            RequestRejected, ServerError, ServerUnreachable)
+
+log = logging.getLogger("privifs.client")
+
+
+@dataclass
+class Endpoints:
+    api: str
+    ws: str | None = None
+    upstream: str | None = None
+    downstream: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Endpoints":
+        return cls(api=d["api"].rstrip("/"), ws=d.get("ws"), upstream=(d.get("upstream") or None),
+                   downstream=(d.get("downstream") or None))
+
+
+@dataclass
+class ClientOptions:
+    http_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    retry_attempts: int = 6
+    retry_base: float = 0.2
+    retry_max: float = 5.0
+    ack_timeout: float = 90.0          # writes may be held by voting for up to a minute
+    request_timeout: float = 8.0       # waiting for a request-data result before re-issuing it
+    request_attempts: int = 4
+    join_timeout: float = 10.0
+    stream_ready_wait: float = 3.0
+    early_event_ttl: float = 120.0
+    inline_limit: int = 48 * 1024      # ciphertext bytes sent inline; larger goes upstream
+    store_attempts: int = 5
+    renew_margin: float = 60.0
+    reauthorize_ttl: int = 86400
+
+
+class AuthProvider(Protocol):
+    def current_token(self) -> str | None: ...
+
+    async def recover(self, failed_token: str | None) -> None: ...
+
+
+class Transport:
+    def __init__(self, endpoints: Endpoints, options: ClientOptions):
+        self.endpoints = endpoints
+        self.options = options
+        self.auth: AuthProvider | None = None
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(options.http_timeout, connect=options.connect_timeout),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            follow_redirects=False)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.options.retry_max, self.options.retry_base * (2 ** attempt))
+        return delay * (0.5 + random.random() / 2)
+
+    async def call(self, method: str, path: str, *, base: str | None = None, data: Any = None,
+                   json: Any = None, params: Any = None, content: Any = None, auth: bool = True,
+                   headers: dict[str, str] | None = None, idempotent: bool = False,
+                   expected: tuple[int, ...] = (200,), what: str | None = None) -> httpx.Response:
+        """Send one API call; see the module docstring for retries and errors."""
+        base = (base or self.endpoints.api).rstrip("/")
+        what = what or f"{method} {path}"
+        attempt = 0
+        replayed = False
+        while True:
+            token = self.auth.current_token() if (auth and self.auth) else None
+            hdrs = dict(headers or {})
+            if token:
+                hdrs["X-DPT-AUTHORIZATION"] = token
+            try:
+                resp = await self.http.request(method, base + path, data=data, json=json, params=params,
+                                               content=content, headers=hdrs)
+            except httpx.TransportError as exc:
+                err: Exception = ServerUnreachable(
+                    f"cannot reach the Privicore server at {base} ({type(exc).__name__}: {exc or 'no detail'}); "
+                    f"check the server URL and that the server is running")
+            else:
+                if resp.status_code in expected:
+                    return resp
+                if resp.status_code == 401 and auth and self.auth and not replayed:
+                    replayed = True
+                    await self.auth.recover(token)
+                    continue
+                err = self.error_for(resp, what)
+            if idempotent and getattr(err, "transient", False) and attempt + 1 < self.options.retry_attempts:
+                delay = self.backoff(attempt)
+                retry_after = getattr(err, "retry_after", None)
+                if retry_after is not None:
+                    delay = max(delay, min(retry_after, 60.0))
+                log.debug("%s failed (%s); retrying in %.1fs", what, err, delay)
+                attempt += 1
+                await trio.sleep(delay)
+                continue
+            raise err
+
+    @staticmethod
+    def error_for(resp: httpx.Response, what: str) -> Exception:
+        status = resp.status_code
+        detail = shapes.error_message(resp)
+        if status >= 500 or status == 429:
+            err = ServerError(f"{what}: the server failed (HTTP {status}: {detail}); will retry", status=status)
+            ra = resp.headers.get("retry-after")
+            err.retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
+            return err
+        if status == 401:
+            return AuthorizationError(f"{what}: the server refused the authorization ({detail})", status=401)
+        if status == 403:
+            return ForbiddenError(f"{what}: forbidden ({detail})", status=403)
+        if status == 404:
+            return NotFoundError(f"{what}: not found ({detail})", status=404)
+        if status == 409:
+            return ConflictError(f"{what}: {detail}", status=409)
+        return RequestRejected(f"{what}: the server rejected the request (HTTP {status}: {detail})",
+                               status=status, fields=shapes.error_fields(resp), reason=detail)

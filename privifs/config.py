@@ -1,0 +1,108 @@
+"""The user's configuration: which server, which account, which keys, mount defaults.
+
+Stored as TOML at ``$PRIVIFS_CONFIG`` or ``~/.config/privifs/config.toml`` (mode 0600). Secrets
+are never in it: the password lives in its own 0600 file, keys in theirs; the config only points
+at them. ``server.embedded = true`` means privifs runs its own local engine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from privifs import paths
+from privifs.errors import ConfigError
+
+
+def default_config_path() -> Path:
+    env = os.environ.get("PRIVIFS_CONFIG")
+    return Path(env) if env else paths.config_dir() / "config.toml"
+
+
+@dataclass
+class Config:
+    path: Path
+    embedded: bool = True
+    api: str | None = None
+    ws: str | None = None
+    upstream: str | None = None
+    downstream: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    oauth_file: Path | None = None
+    aes_key_file: Path | None = None
+    identity_key_file: Path | None = None
+    key_id: str | None = None
+    mount: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+    def endpoints(self) -> dict[str, str | None]:
+        return {"api": self.api, "ws": self.ws, "upstream": self.upstream, "downstream": self.downstream}
+
+    def password(self) -> str:
+        if self.password_file is None:
+            raise ConfigError(f"no password file is configured in {self.path}; run 'privifs init'")
+        try:
+            return self.password_file.read_text().rstrip("\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the password file {self.password_file}: {exc.strerror}") from None
+
+    def server_label(self) -> str:
+        return "the embedded engine" if self.embedded else (self.api or "?")
+
+
+def load(path: Path | None = None) -> Config:
+    path = path or default_config_path()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no configuration at {path}; run 'privifs init' first (or mount with no "
+                          f"configuration to use the embedded engine)") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read the configuration {path}: {exc}") from None
+    server, account, keys = raw.get("server", {}), raw.get("account", {}), raw.get("keys", {})
+
+    def p(v: object) -> Path | None:
+        return Path(str(v)).expanduser() if v else None
+
+    return Config(path=path, embedded=bool(server.get("embedded", False)), api=server.get("api"),
+                  ws=server.get("ws"), upstream=server.get("upstream"), downstream=server.get("downstream"),
+                  username=account.get("username"), password_file=p(account.get("password_file")),
+                  oauth_file=p(account.get("oauth_file")), aes_key_file=p(keys.get("aes_key_file")),
+                  identity_key_file=p(keys.get("identity_key_file")), key_id=keys.get("key_id"),
+                  mount=dict(raw.get("mount", {})))
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def save(cfg: Config) -> None:
+    sections = {
+        "server": {"embedded": cfg.embedded, "api": cfg.api, "ws": cfg.ws, "upstream": cfg.upstream,
+                   "downstream": cfg.downstream},
+        "account": {"username": cfg.username, "password_file": cfg.password_file, "oauth_file": cfg.oauth_file},
+        "keys": {"aes_key_file": cfg.aes_key_file, "identity_key_file": cfg.identity_key_file, "key_id": cfg.key_id},
+        "mount": cfg.mount,
+    }
+    lines = ["# privifs configuration (secrets live in the files it points at, never here)"]
+    for name, values in sections.items():
+        lines.append(f"\n[{name}]")
+        for k, v in values.items():
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+    paths.private_dir(cfg.path.parent)
+    tmp = cfg.path.with_name(f".{cfg.path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, cfg.path)

@@ -1,0 +1,130 @@
+"""``privifs init`` and ``privifs token …`` as a user runs them: subprocesses with their own XDG
+directories, against a real engine (and the embedded engine)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+TIMEOUT = 120
+
+
+def run(env, *args, input_text=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "privifs", *args], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT, input=input_text)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"privifs {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def isolated_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PRIVICORE_", "XDG_", "PRIVIFS_"))}
+    env.update({"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
+                "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_STATE_HOME": str(tmp_path / "state"),
+                "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def user(eng, tmp_path):
+    env = isolated_env(tmp_path, PRIVICORE_API_URL=eng.urls["api"], PRIVICORE_WS_URL=eng.urls["ws"],
+                       PRIVICORE_UPSTREAM_URL=eng.urls["upstream"], PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
+                       PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
+                       PRIVICORE_PASSWORD="correct-horse-battery")
+    run(env, "init", "--register")
+    return env
+
+
+def test_init_writes_private_config_and_keys_and_no_secret_in_it(user, tmp_path):
+    cfg_dir = tmp_path / "config" / "privifs"
+    for name in ("config.toml", "aes.key", "password", "identity.key"):
+        assert stat.S_IMODE((cfg_dir / name).stat().st_mode) == 0o600, name
+    key = (cfg_dir / "aes.key").read_text().strip()
+    assert len(key) == 64 and int(key, 16) >= 0
+    text = (cfg_dir / "config.toml").read_text()
+    assert "correct-horse-battery" not in text and key not in text
+    again = run(user, "init", check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_put_ls_stat_get_mv_rm(user, tmp_path):
+    src = tmp_path / "report.pdf"
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    src.write_bytes(data)
+    token = run(user, "token", "put", str(src), "--context", "/docs").stdout.strip()
+    assert token.startswith("dtk-")
+    listing = run(user, "token", "ls").stdout
+    assert token in listing and "/docs/report.pdf" in listing
+    rows = [json.loads(line) for line in run(user, "token", "ls", "--json").stdout.splitlines()]
+    assert rows[0]["token"] == token and rows[0]["size"] == len(data) and rows[0]["extension"] == "pdf"
+    out = tmp_path / "out.pdf"
+    run(user, "token", "get", token, str(out))
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+    run(user, "token", "mv", token, "--name", "final.pdf", "--context", "/archive")
+    st = json.loads(run(user, "token", "stat", token).stdout)
+    assert (st["fileName"], st["context"]) == ("final.pdf", "/archive")
+    run(user, "token", "rm", token)
+    gone = run(user, "token", "stat", token, check=False)
+    assert gone.returncode == 1 and gone.stderr.count("\n") == 1 and "does not exist" in gone.stderr
+
+
+def test_failures_exit_non_zero_with_one_clear_line(user, tmp_path, eng):
+    missing = run(user, "token", "put", str(tmp_path / "nope"), check=False)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr and missing.stderr.count("\n") == 1
+    unknown = run(user, "token", "get", "dtk-unknown", str(tmp_path / "x"), check=False)
+    assert unknown.returncode == 1 and "does not exist" in unknown.stderr
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "config" / "privifs" / "password").write_text("wrong-password-here")
+    wrong = run(user, "token", "ls", check=False)
+    assert wrong.returncode == 1 and "refused" in wrong.stderr and wrong.stderr.count("\n") == 1
+    assert "Traceback" not in wrong.stderr
+    down = dict(user, PRIVICORE_API_URL="http://127.0.0.1:9")
+    cfg = tmp_path / "other.toml"
+    run(down, "--config", str(cfg), "init", "--key-file", str(tmp_path / "config" / "privifs" / "aes.key"),
+        check=False)
+    assert not cfg.exists()
+
+
+def test_tampered_token_is_refused_by_get_and_leaves_no_file(user, tmp_path, eng):
+    src = tmp_path / "a.bin"
+    src.write_bytes(os.urandom(200_000))
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    blobs = [f for d in (eng.data_dir / "blobs").iterdir() for f in d.iterdir()]
+    blob = max(blobs, key=lambda f: f.stat().st_mtime_ns)
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "out.bin"
+    r = run(user, "token", "get", token, str(out), check=False)
+    assert r.returncode == 1 and "authentication" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out.bin*"))
+
+
+def test_wrong_key_file_is_detected(user, tmp_path):
+    key = tmp_path / "config" / "privifs" / "aes.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    r = run(user, "token", "ls", check=False)
+    assert r.returncode == 1 and "not the key this configuration was created with" in r.stderr
+    key.chmod(0o644)
+    r = run(user, "token", "ls", check=False)
+    assert r.returncode == 1 and "chmod 600" in r.stderr
+
+
+def test_init_with_no_server_provisions_on_the_embedded_engine(tmp_path):
+    env = isolated_env(tmp_path)
+    out = run(env, "init").stdout
+    assert "embedded engine" in out and "Keep a copy of the AES key" in out
+    src = tmp_path / "hello.txt"
+    src.write_text("hello embedded")
+    token = run(env, "token", "put", str(src)).stdout.strip()
+    run(env, "token", "get", token, str(tmp_path / "back.txt"))
+    assert (tmp_path / "back.txt").read_text() == "hello embedded"
+    # the engine started for each command has stopped again
+    assert not (tmp_path / "data" / "privifs" / "engine" / "urls.json").exists()

@@ -1,0 +1,343 @@
+"""The client library against a real engine: every operation, every wire shape, faults in the
+middle of waits, renewal, OAuth, concurrency, tampering, and interoperability with code that
+knows nothing but the key file and the wire format."""
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import uuid
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from privifs.client.connect import connect
+from privifs.client.datatokens import FileMeta
+from privifs.client.oauth import authorize, register_app
+from privifs.client.provision import new_identity, register_profile
+from privifs.client.session import PasswordCredentials
+from privifs.client.transport import ClientOptions, Endpoints
+from privifs.crypto.keys import generate_aes_key_file, load_aes_key
+from privifs.errors import (AuthenticationError, CommandPending, CommandRejected, ConflictError, IntegrityError,
+                            NotFoundError, ServerUnreachable)
+from tests.enginekit import Wire
+
+
+def meta(name: str = "f.bin", context: str = "/t") -> FileMeta:
+    return FileMeta(name, name.rpartition(".")[2], context, 0, f"{context}/{name}")
+
+
+def newest_blob(eng):
+    files = [f for d in (eng.data_dir / "blobs").iterdir() for f in d.iterdir()]
+    return max(files, key=lambda f: f.stat().st_mtime_ns)
+
+
+KEY = bytes(range(32))
+
+
+async def test_store_retrieve_inline_and_streamed_list_update_risk_delete(account):
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        small, big = os.urandom(1000), os.urandom(3 * 1024 * 1024 + 5)
+        t_small = await vault.put_bytes(small, meta("small.txt"))
+        t_big = await vault.put_bytes(big, meta("big.bin", "/t/sub"))
+        assert await vault.get_bytes(t_small) == small
+        assert await vault.get_bytes(t_big) == big
+        infos = {i.token: i for i in [x async for x in client.tokens.list(per_page=1)]}
+        assert infos[t_small].size == 1000 and infos[t_small].file_name == "small.txt"
+        assert infos[t_big].context == "/t/sub" and infos[t_big].extension == "bin"
+        await client.tokens.update(t_small, file_name="renamed.md", extension="md", context="/elsewhere")
+        await client.tokens.set_risk(t_small, {"classification": "internal", "label": "privifs", "handling": "x"})
+        info = [i async for i in client.tokens.list() if i.token == t_small][0]
+        assert (info.file_name, info.context, info.risk["label"]) == ("renamed.md", "/elsewhere", "privifs")
+        await client.tokens.delete(t_small)
+        await client.tokens.delete(t_small)  # idempotent
+        with pytest.raises(NotFoundError):
+            await vault.get_bytes(t_small)
+        assert t_small not in [i.token async for i in client.tokens.list()]
+
+
+async def test_empty_and_boundary_sizes(account):
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        for size in (0, 1, 48 * 1024 - 29, 48 * 1024 - 28, 48 * 1024 - 27, 64 * 1024, 1024 * 1024 + 1):
+            data = os.urandom(size)
+            token = await vault.put_bytes(data, meta(f"s{size}"))
+            assert await vault.get_bytes(token) == data, size
+
+
+SHAPES = [
+    {"command_id_shape": "string"}, {"command_id_shape": "array"},
+    {"stream_shape": "url"}, {"temporary_token_shape": "guide"}, {"file_meta_shape": "string"},
+    {"status_shape": "array"}, {"request_data_layout": "nested"}, {"reauthorize_mode": "async"},
+    {"emit_started": True}, {"oauth_accept_shape": "empty"},
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+async def test_every_wire_shape(eng, account, shape):
+    eng.set_options(**shape)
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        for data in (b"inline payload", os.urandom(200_000)):
+            token = await vault.put_bytes(data, meta())
+            assert await vault.get_bytes(token) == data
+        await client.tokens.update(token, file_name="n.bin")
+        await client.session.renew()
+        assert await vault.get_bytes(token) == data
+        await client.tokens.delete(token)
+
+
+async def test_bare_temporary_token_shape_stores_inline(eng, account):
+    eng.set_options(temporary_token_shape="string")
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        token = await vault.put_bytes(b"small enough", meta())
+        assert await vault.get_bytes(token) == b"small enough"
+
+
+async def test_unkeyed_auth_allowed_uses_the_live_registration_order(eng):
+    eng.set_options(unkeyed_auth="allow")
+    endpoints = Endpoints.from_dict(eng.urls)
+    _, public = new_identity()
+    name = f"live-{uuid.uuid4().hex[:8]}@example.com"
+    assert await register_profile(endpoints, name, "correct-horse-battery", public) == "live"
+    async with connect(endpoints, PasswordCredentials(name, "correct-horse-battery")) as client:
+        assert await client.vault(KEY).get_bytes(await client.vault(KEY).put_bytes(b"x", meta())) == b"x"
+
+
+async def test_guide_registration_order_and_taken_names(eng):
+    endpoints = Endpoints.from_dict(eng.urls)
+    _, public = new_identity()
+    name = f"guide-{uuid.uuid4().hex[:8]}@example.com"
+    assert await register_profile(endpoints, name, "correct-horse-battery", public) == "guide"
+    with pytest.raises(ConflictError, match="already taken"):
+        await register_profile(endpoints, name, "correct-horse-battery", public)
+
+
+async def test_wrong_password_and_unreachable_server_have_clear_errors(eng, account):
+    endpoints, creds = account
+    with pytest.raises(AuthenticationError, match="refused username"):
+        async with connect(endpoints, PasswordCredentials(creds.username, "not-the-password")):
+            pass
+    dead = Endpoints(api="http://127.0.0.1:9", ws="ws://127.0.0.1:9")
+    with pytest.raises(ServerUnreachable, match="cannot reach"):
+        async with connect(dead, creds, ClientOptions(retry_attempts=2)):
+            pass
+
+
+async def test_5xx_answers_are_retried_and_nothing_half_done_is_reported(eng, account):
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        eng.set_options(fail_rate=0.2, fail_after_rate=0.1, seed=11)
+        stored = {}
+        for i in range(12):
+            data = os.urandom(100 + i * 9000)
+            try:
+                stored[await vault.put_bytes(data, meta(f"f{i}"))] = data
+            except (ServerUnreachable, CommandPending) as exc:  # a clear failure is allowed, never a lie
+                assert str(exc)
+        for token, data in stored.items():
+            assert await vault.get_bytes(token) == data
+        eng.set_options(fail_rate=0, fail_after_rate=0)
+        assert len(stored) >= 8
+        listed = {i.token async for i in client.tokens.list()}
+        assert set(stored) <= listed
+
+
+async def test_dropped_acks_and_websocket_disconnects_during_waits(eng, account):
+    async with connect(*account, ClientOptions(request_timeout=1.5)) as client:
+        vault = client.vault(KEY)
+        eng.set_options(ack_drop_rate=0.5, seed=3)
+        datas = [os.urandom(n) for n in (10, 60_000, 300_000)]
+        tokens = [await vault.put_bytes(d, meta()) for d in datas]
+        eng.set_options(ack_drop_rate=0, ack_delay_ms=800)
+
+        async def disconnect_soon():
+            await trio.sleep(0.3)
+            eng.admin("disconnect-websockets")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(disconnect_soon)
+            tokens.append(await vault.put_bytes(b"during a disconnect", meta()))
+            datas.append(b"during a disconnect")
+        eng.set_options(ack_delay_ms=0, ws_drop_rate=0.3, seed=5)
+        for t, d in zip(tokens, datas):
+            assert await vault.get_bytes(t) == d
+        eng.set_options(ws_drop_rate=0)
+        with trio.fail_after(15):
+            while not client.hub.connected:
+                await trio.sleep(0.05)
+        assert client.hub.generation >= 2
+
+
+async def test_websocket_unavailable_falls_back_to_polling(eng, account):
+    endpoints, creds = account
+    no_ws = Endpoints(api=endpoints.api, ws="ws://127.0.0.1:9", upstream=endpoints.upstream,
+                      downstream=endpoints.downstream)
+    async with connect(no_ws, creds, ClientOptions(connect_timeout=1)) as client:
+        assert not client.hub.connected
+        vault = client.vault(KEY)
+        token = await vault.put_bytes(b"polled", meta())
+        await client.tokens.update(token, file_name="p")
+        assert client.commands.polls > 0
+
+
+async def test_rejected_command_carries_the_reason(eng, account):
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        token = await vault.put_bytes(b"keep me", meta())
+        eng.set_options(reject="delete-data")
+        with pytest.raises(CommandRejected) as info:
+            await client.tokens.delete(token)
+        assert info.value.reason == "policy.rejected"
+        assert "policy.rejected" in str(info.value)
+        assert await vault.get_bytes(token) == b"keep me"
+
+
+async def test_command_in_flight_at_the_deadline_is_pending_not_failed(eng, account):
+    async with connect(*account, ClientOptions(ack_timeout=1.0)) as client:
+        token = await client.vault(KEY).put_bytes(b"x", meta())
+        eng.set_options(apply_delay_ms=2500)
+        with pytest.raises(CommandPending) as info:
+            await client.tokens.update(token, file_name="later")
+        eng.set_options(apply_delay_ms=0)
+        assert (await client.commands.wait(info.value.command_id, timeout=15)).status == 2
+
+
+async def test_short_token_lifetime_is_renewed_during_a_long_run(eng, account):
+    eng.set_options(token_ttl=2)
+    async with connect(*account, ClientOptions(reauthorize_ttl=2)) as client:
+        vault = client.vault(KEY)
+        first = client.session.token
+        with trio.fail_after(20):
+            for i in range(12):
+                token = await vault.put_bytes(os.urandom(100), meta(f"r{i}"))
+                assert len(await vault.get_bytes(token)) == 100
+                await trio.sleep(0.5)
+        assert client.session.renewals >= 2
+        assert client.session.token != first
+
+
+async def test_401_is_recovered_once_by_logging_in_again(eng, account):
+    async with connect(*account) as client:
+        wire = Wire(eng.urls)
+        await wire.post("/profile/revoke-authorization-token", token=client.session.token)
+        await wire.aclose()
+        token = await client.vault(KEY).put_bytes(b"after revoke", meta())
+        assert await client.vault(KEY).get_bytes(token) == b"after revoke"
+
+
+async def test_oauth_login_and_refresh(eng, account):
+    eng.set_options(oauth_token_ttl=3)
+    async with connect(*account) as client:
+        app = await register_app(client, "privifs-test", "https://app.example/cb")
+        assert app.client_secret not in repr(app)
+        oauth = await authorize(client, app)
+    async with connect(account[0], oauth) as client:
+        # fresh tokens after the short access-token lifetime were used for a refresh
+        old = client.session.token
+        vault = client.vault(KEY)
+        token = await vault.put_bytes(b"oauth", meta())
+        with trio.fail_after(20):
+            while client.session.token == old:
+                await trio.sleep(0.2)
+        assert await vault.get_bytes(token) == b"oauth"
+        assert oauth.refresh_token  # rotated in place
+
+
+async def test_twenty_concurrent_stores_and_retrieves_on_one_session(account):
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        datas = [os.urandom(500 + i * 20_000) for i in range(20)]
+        tokens: list[str | None] = [None] * 20
+
+        async def store(i: int) -> None:
+            tokens[i] = await vault.put_bytes(datas[i], meta(f"c{i}"))
+
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(store, i)
+        got: list[bytes | None] = [None] * 20
+
+        async def fetch(i: int) -> None:
+            got[i] = await vault.get_bytes(tokens[i])
+
+        async with trio.open_nursery() as n:
+            for i in range(20):
+                n.start_soon(fetch, i)
+        assert got == datas
+        assert len(set(tokens)) == 20
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "tag"])
+@pytest.mark.parametrize("size", [100, 300_000])
+async def test_tampered_or_truncated_ciphertext_is_rejected(eng, account, damage, size):
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        token = await vault.put_bytes(os.urandom(size), meta())
+        blob = newest_blob(eng)
+        data = bytearray(blob.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 1
+        elif damage == "truncate":
+            del data[-5:]
+        else:
+            data[-1] ^= 0x80
+        blob.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError):
+            await vault.get_bytes(token)
+
+
+async def test_wrong_key_is_an_integrity_error(account):
+    async with connect(*account) as client:
+        token = await client.vault(KEY).put_bytes(b"mine", meta())
+        with pytest.raises(IntegrityError):
+            await client.vault(bytes(32)).get_bytes(token)
+
+
+async def test_independent_code_decrypts_what_the_client_stored(eng, account, tmp_path):
+    key_file = tmp_path / "aes.key"
+    key = generate_aes_key_file(key_file)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    plaintext = os.urandom(123_457)
+    async with connect(*account) as client:
+        await client.vault(load_aes_key(key_file)).put_bytes(plaintext, meta())
+    # nothing but the key file and the documented wire format
+    raw_key = bytes.fromhex(key_file.read_text().strip())
+    blob = newest_blob(eng).read_bytes()
+    assert AESGCM(raw_key).decrypt(blob[:12], blob[12:], None) == plaintext
+    assert raw_key == key
+
+
+async def test_client_reads_what_independent_code_stored(eng, account):
+    endpoints, creds = account
+    wire = Wire(eng.urls)
+    r = await wire.post("/profile/authenticate", {"username": creds.username, "password": creds.password})
+    wire.token = r.json()["authorizationToken"]
+    plaintext = b"written by another Privicore application " * 100
+    iv = os.urandom(12)
+    blob = iv + AESGCM(KEY).encrypt(iv, plaintext, None)
+    async with wire.channel() as ch:
+        token = await wire.store(ch, blob, context="other-app", file_name="note.txt")
+    await wire.aclose()
+    async with connect(endpoints, creds) as client:
+        assert await client.vault(KEY).get_bytes(token) == plaintext
+        info = [i async for i in client.tokens.list() if i.token == token][0]
+        assert (info.context, info.file_name, info.size) == ("other-app", "note.txt", len(blob))
+
+
+async def test_early_events_are_kept_for_late_waiters(account):
+    async with connect(*account) as client:
+        hub = client.hub
+        hub._dispatch({"type": "X-DPT-CAB-ID", "id": "early-1", "command_status": 2, "body": None})
+        w = hub.register("X-DPT-CAB-ID", "early-1")
+        with trio.fail_after(1):
+            assert (await w.next())["id"] == "early-1"
+        hub.unregister(w)
+
+
+def test_secrets_are_not_in_reprs():
+    assert "hunter2" not in repr(PasswordCredentials("u", "hunter2-long"))
+    assert base64  # noqa: used above
