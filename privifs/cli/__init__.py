@@ -15,7 +15,7 @@ from privifs.errors import PrivifsError
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
-    from privifs.cli import engine_cmd, init_cmd, token_cmd
+    from privifs.cli import engine_cmd, init_cmd, mount_cmd, token_cmd
 
     parser = argparse.ArgumentParser(prog="privifs", description=__import__("privifs").__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="configuration file (default $PRIVIFS_CONFIG or ~/.config/privifs/config.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     init_cmd.register(sub)
+    mount_cmd.register(sub)
     token_cmd.register(sub)
     engine_cmd.register(sub)
     return parser

@@ -1,0 +1,206 @@
+"""The local at-rest format for staged and cached content: a sealed file.
+
+Plaintext never touches the local disk. Content is cut into 64 KiB chunks, each encrypted with
+AES-256-GCM under the *local key* (derived from the user's key, see :func:`local_key`) with a
+fresh random nonce on every write, so any chunk can be read or rewritten alone::
+
+    offset 0   header, 64 bytes: b"PVFSSEAL" | version (1) | chunk shift (1) | 6 reserved |
+               file id (16) | size (8, little-endian) | 24 reserved
+    offset 64 + i * (CHUNK + 28):  nonce (12) | ciphertext (CHUNK) | tag (16)   -- chunk i
+
+The associated data of chunk ``i`` is ``file id || i`` (8 bytes little-endian), so chunks cannot
+be moved between positions or files. Every chunk holds exactly CHUNK plaintext bytes (the tail of
+the last chunk is zeros); ``size`` in the header is the logical size. A slot that is all zero
+bytes (never written: a hole) reads as zeros. A chunk that fails authentication raises
+:class:`~privifs.errors.IntegrityError`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import uuid
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from privifs.errors import DiskFullError, IntegrityError, LocalStoreError
+
+MAGIC = b"PVFSSEAL"
+VERSION = 1
+CHUNK_SHIFT = 16
+CHUNK = 1 << CHUNK_SHIFT
+OVERHEAD = 28
+SLOT = CHUNK + OVERHEAD
+HEADER = 64
+_HEADER = struct.Struct("<8sBB6s16sQ24s")
+ZERO_CHUNK = bytes(CHUNK)
+ZERO_SLOT = bytes(SLOT)
+
+
+def local_key(user_key: bytes) -> bytes:
+    """The key for local at-rest data, derived from the user's AES key (HKDF-SHA256)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"privifs-local-at-rest",
+                info=b"privifs local staging and cache key v1").derive(user_key)
+
+
+def _oserror(exc: OSError, what: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left for {what}")
+    return LocalStoreError(f"{what}: {exc.strerror}")
+
+
+class SealedFile:
+    """Random-access encrypted file; not thread-safe (used from the trio thread)."""
+
+    def __init__(self, path: str | os.PathLike, fd: int, key: bytes, file_id: bytes, size: int):
+        self.path = os.fspath(path)
+        self.fd = fd
+        self._aead = AESGCM(key)
+        self.file_id = file_id
+        self.size = size
+        self._header_size = size
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, key: bytes) -> "SealedFile":
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise _oserror(exc, f"creating {path}") from None
+        f = cls(path, fd, key, uuid.uuid4().bytes, 0)
+        try:
+            f.write_header()
+        except BaseException:
+            f.close()
+            os.unlink(path)
+            raise
+        return f
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, key: bytes, *, writable: bool = False) -> "SealedFile":
+        try:
+            fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        except OSError as exc:
+            raise _oserror(exc, f"opening {path}") from None
+        try:
+            head = os.pread(fd, HEADER, 0)
+            if len(head) != HEADER:
+                raise IntegrityError(f"{path} is not a sealed file (short header)")
+            magic, version, shift, _, file_id, size, _ = _HEADER.unpack(head)
+            if magic != MAGIC or version != VERSION or shift != CHUNK_SHIFT:
+                raise IntegrityError(f"{path} is not a sealed file of this version")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, key, file_id, size)
+
+    def write_header(self) -> None:
+        head = _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, bytes(6), self.file_id, self.size, bytes(24))
+        try:
+            os.pwrite(self.fd, head, 0)
+        except OSError as exc:
+            raise _oserror(exc, f"writing {self.path}") from None
+        self._header_size = self.size
+
+    def sync_header(self) -> None:
+        if self._header_size != self.size:
+            self.write_header()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    # -- chunks ----------------------------------------------------------------------------
+    def _aad(self, index: int) -> bytes:
+        return self.file_id + index.to_bytes(8, "little")
+
+    def read_chunk(self, index: int) -> bytes:
+        slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
+        if len(slot) < SLOT:
+            if not slot.strip(b"\0"):
+                return ZERO_CHUNK
+            raise IntegrityError(f"chunk {index} of {self.path} is truncated")
+        if slot == ZERO_SLOT:
+            return ZERO_CHUNK
+        try:
+            return self._aead.decrypt(slot[:12], slot[12:], self._aad(index))
+        except InvalidTag:
+            raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
+
+    def write_chunk(self, index: int, data: bytes) -> None:
+        if len(data) != CHUNK:
+            data = data + bytes(CHUNK - len(data))
+        nonce = os.urandom(12)
+        slot = nonce + self._aead.encrypt(nonce, data, self._aad(index))
+        try:
+            n = os.pwrite(self.fd, slot, HEADER + index * SLOT)
+        except OSError as exc:
+            raise _oserror(exc, f"writing {self.path}") from None
+        if n != SLOT:
+            raise DiskFullError(f"short write to {self.path}")
+
+    # -- byte ranges -----------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        first, last = offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT
+        parts = [self.read_chunk(i) for i in range(first, last + 1)]
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        start = offset - (first << CHUNK_SHIFT)
+        return data[start:start + (end - offset)]
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        pos = offset
+        while view:
+            index = pos >> CHUNK_SHIFT
+            within = pos - (index << CHUNK_SHIFT)
+            n = min(CHUNK - within, len(view))
+            if within == 0 and n == CHUNK:
+                chunk = bytes(view[:n])
+            else:
+                old = self.read_chunk(index) if (index << CHUNK_SHIFT) < self.size else ZERO_CHUNK
+                # bytes past ``size`` in the last chunk are always zero (truncate keeps it so)
+                chunk = old[:within] + bytes(view[:n]) + old[within + n:]
+            self.write_chunk(index, chunk)
+            pos += n
+            view = view[n:]
+        if pos > self.size:
+            self.size = pos
+        return len(data)
+
+    def truncate(self, size: int) -> None:
+        if size < self.size:
+            index = size >> CHUNK_SHIFT
+            within = size - (index << CHUNK_SHIFT)
+            if within:
+                chunk = self.read_chunk(index)
+                self.write_chunk(index, chunk[:within])  # zero the tail of the new last chunk
+                keep = index + 1
+            else:
+                keep = index
+            try:
+                os.ftruncate(self.fd, HEADER + keep * SLOT)
+            except OSError as exc:
+                raise _oserror(exc, f"truncating {self.path}") from None
+        self.size = size
+        self.write_header()
+
+    def chunks(self, piece: int = 16):
+        """Yield the plaintext from the start to ``size`` in pieces of ``piece`` chunks."""
+        pos = 0
+        while pos < self.size:
+            n = min(piece * CHUNK, self.size - pos)
+            yield self.read(pos, n)
+            pos += n
+
+    def disk_usage(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512

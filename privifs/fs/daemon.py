@@ -1,0 +1,338 @@
+"""The mount's life: connect, check the key, recover, mount, serve, flush, unmount.
+
+Start-up, in order: log in (starting the embedded engine if the configuration says so), lock the
+vault's state directory (one mount per vault and machine), reopen staged files, read the whole
+listing, check the AES key against the vault's key-check token, merge the listing (which also
+finds uploads cut off by a crash), mount with pyfuse3, and only then report ready. The
+write-back workers, the refresher and the control socket run beside ``pyfuse3.main``. When the
+filesystem is unmounted (``privifs umount``, ``fusermount3 -u``, SIGTERM) the daemon keeps
+uploading what is pending for a while; anything left stays staged for the next mount.
+
+The control socket (``control.sock`` in the state directory, mode 0600) takes one JSON line
+(``status``, ``flush``, ``refresh``, ``unmount``) and answers JSON lines; ``privifs status`` and
+``privifs umount`` use it. ``<runtime>/mounts/<id>.json`` maps a mountpoint to its daemon.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from privifs import paths
+from privifs.account import open_account
+from privifs.client.connect import connect
+from privifs.client.datatokens import FileMeta
+from privifs.client.shapes import TokenInfo
+from privifs.client.vault import Vault
+from privifs.config import Config
+from privifs.crypto.sealed import local_key
+from privifs.errors import ConfigError, IntegrityError, PrivifsError, WrongKeyError
+from privifs.fs.cache import ContentCache
+from privifs.fs.filesystem import Filesystem, MountOptions
+from privifs.fs.namespace import Index, Namespace
+from privifs.fs.operations import Operations
+from privifs.fs.refresh import Refresher
+from privifs.fs.staging import Staging
+from privifs.fs.sync import Syncer
+from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context
+
+log = logging.getLogger("privifs.fs.daemon")
+
+KEYCHECK_MAGIC = b"privifs key check v1\n"
+DRAIN_AFTER_UNMOUNT = 60.0
+UNREACHABLE_GRACE = 10.0
+
+
+@dataclass
+class MountConfig:
+    mountpoint: Path
+    cache_dir: Path | None = None
+    cache_size: int = 2 * 1024**3
+    refresh_interval: float = 30.0
+    upload_workers: int = 4
+    allow_other: bool = False
+    state_dir: Path | None = None
+    fs: MountOptions = field(default_factory=MountOptions)
+
+
+def vault_id(cfg: Config) -> str:
+    server = "embedded" if cfg.embedded else (cfg.api or "")
+    return hashlib.sha256(f"{server}|{cfg.username}".encode()).hexdigest()[:16]
+
+
+def registry_path(mountpoint: Path) -> Path:
+    """Where the daemon of ``mountpoint`` (an already resolved path: resolving a path inside our own
+    mount from the daemon would deadlock) registers itself."""
+    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
+    return paths.runtime_dir() / "mounts" / f"{key}.json"
+
+
+def registered_mounts() -> list[dict]:
+    out = []
+    for f in sorted((paths.runtime_dir() / "mounts").glob("*.json")):
+        try:
+            entry = json.loads(f.read_text())
+            os.kill(entry["pid"], 0)
+            out.append(entry)
+        except (OSError, ValueError, KeyError):
+            f.unlink(missing_ok=True)
+    return out
+
+
+async def check_key(vault: Vault, infos: list[TokenInfo]) -> None:
+    """Fail with WrongKeyError unless the AES key decrypts this vault; create the key check."""
+    checks = [i for i in infos if same_context(i.context, RESERVED_CONTEXT) and i.file_name == KEYCHECK_NAME]
+    if checks:
+        try:
+            data = await vault.get_bytes(checks[0].token)
+        except IntegrityError:
+            raise WrongKeyError("the configured AES key does not decrypt this vault (its key-check token "
+                                "fails authentication); use the key this vault was created with") from None
+        if not data.startswith(KEYCHECK_MAGIC):
+            raise WrongKeyError("this vault's key-check token holds unexpected content")
+        return
+    ours = sorted((i for i in infos if "privifs.type" in i.risk and (i.size or 0) <= 65536),
+                  key=lambda i: i.size or 0)[:3]
+    if ours:
+        failures = 0
+        for info in ours:
+            try:
+                await vault.get_bytes(info.token)
+            except IntegrityError:
+                failures += 1
+        if failures == len(ours):
+            raise WrongKeyError("the configured AES key decrypts none of this vault's files; use the key "
+                                "this vault was created with")
+    await vault.put_bytes(KEYCHECK_MAGIC + secrets.token_bytes(32),
+                          FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"))
+
+
+class Daemon:
+    def __init__(self, cfg: Config, mcfg: MountConfig):
+        self.cfg = cfg
+        self.mcfg = mcfg
+        self.mountpoint = mcfg.mountpoint.resolve()
+        self.state_dir = mcfg.state_dir or (paths.state_dir() / "vaults" / vault_id(cfg))
+        self.cache_dir = mcfg.cache_dir or (paths.cache_dir() / "vaults" / vault_id(cfg))
+        self.fs: Filesystem | None = None
+        self.syncer: Syncer | None = None
+        self.refresher: Refresher | None = None
+        self.started_at = time.time()
+        self.mounted = False
+        self._unmounting = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _lock(self):
+        paths.private_dir(self.state_dir)
+        lock = open(self.state_dir / "lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            other = (self.state_dir / "mountpoint").read_text().strip() if (self.state_dir / "mountpoint").exists() else "?"
+            raise ConfigError(f"this vault is already mounted (at {other}); unmount it first") from None
+        (self.state_dir / "mountpoint").write_text(str(self.mountpoint) + "\n")
+        return lock
+
+    async def run(self, ready) -> None:
+        if not self.mountpoint.is_dir():
+            raise ConfigError(f"mountpoint {self.mountpoint} does not exist or is not a directory")
+        if os.path.ismount(self.mountpoint):
+            raise ConfigError(f"{self.mountpoint} is already a mountpoint")
+        lock = self._lock()
+        try:
+            with open_account(self.cfg) as account:
+                async with connect(account.endpoints, account.credentials) as client:
+                    await self._serve(client, account.key, ready)
+        finally:
+            lock.close()
+
+    async def _serve(self, client, key: bytes, ready) -> None:
+        vault = client.vault(key)
+        local = local_key(key)
+        opts = self.mcfg.fs
+        index = Index(self.state_dir / "index.sqlite3")
+        try:
+            ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
+            staging = Staging(self.state_dir / "staging", local)
+            cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
+            fs = Filesystem(ns, staging, cache, vault, opts)
+            fs.open_staged_files()
+            syncer = Syncer(fs, client.tokens, vault, workers=self.mcfg.upload_workers)
+            fs.sync = syncer
+            refresher = Refresher(fs, client.tokens, syncer, self.mcfg.refresh_interval, invalidate=False)
+            self.fs, self.syncer, self.refresher = fs, syncer, refresher
+            infos, started = await refresher.fetch()
+            await check_key(vault, infos)
+            await refresher.apply(infos, started)
+            options = set(pyfuse3.default_options) | {"fsname=privifs", "subtype=privifs"}
+            if self.mcfg.allow_other:
+                options.add("allow_other")
+            if opts.read_only:
+                options.add("ro")
+            pyfuse3.init(Operations(fs), str(self.mountpoint), options)
+            self.mounted = True
+            refresher.invalidate = True
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(syncer.run)
+                    await nursery.start(refresher.run)
+                    control = await nursery.start(self._control_server)
+                    self._register(control)
+                    nursery.start_soon(self._signals)
+                    ready(f"mounted {self.cfg.server_label()} at {self.mountpoint}")
+                    log.info("mounted at %s", self.mountpoint)
+                    try:
+                        await pyfuse3.main(min_tasks=4, max_tasks=64)
+                    finally:
+                        self.mounted = False
+                        pyfuse3.close(unmount=True)
+                    log.info("unmounted %s; finishing pending uploads", self.mountpoint)
+                    result = await self.flush(None, DRAIN_AFTER_UNMOUNT)
+                    if result.get("error"):
+                        log.warning("%s", result["error"])
+                    nursery.cancel_scope.cancel()
+            finally:
+                registry_path(self.mountpoint).unlink(missing_ok=True)
+                cache.close()
+        finally:
+            index.close()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for _ in signals:
+                log.info("signal received: unmounting")
+                self.unmount()
+
+    def unmount(self) -> None:
+        if self.mounted and not self._unmounting:
+            self._unmounting = True
+            pyfuse3.terminate()
+
+    def _register(self, control: Path) -> None:
+        reg = registry_path(self.mountpoint)
+        paths.private_dir(reg.parent)
+        tmp = reg.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"mountpoint": str(self.mountpoint), "pid": os.getpid(), "control": str(control),
+                                   "state_dir": str(self.state_dir), "server": self.cfg.server_label()}))
+        os.replace(tmp, reg)
+
+    # -- status and flushing -----------------------------------------------------------------------
+    def status(self) -> dict:
+        fs, syncer, refresher = self.fs, self.syncer, self.refresher
+        pending = syncer.pending()
+        return {
+            "mountpoint": str(self.mountpoint), "server": self.cfg.server_label(), "pid": os.getpid(),
+            "pending": pending, "pending_bytes": sum(p["size"] for p in pending),
+            "pending_deletes": syncer.tombstone_count(), "uploads_done": syncer.uploads,
+            "cache": {"dir": str(self.cache_dir), "size": fs.cache.volume(), "limit": fs.cache.size_limit},
+            "staging": {"dir": str(fs.staging.dir), "size": fs.staging.usage()},
+            "last_refresh": refresher.last_refresh, "refresh_interval": refresher.interval,
+            "refresh_error": refresher.last_error, "last_error": syncer.last_error,
+            "last_error_at": syncer.last_error_at, "files": len(fs.ns.nodes),
+        }
+
+    async def flush(self, progress, timeout: float | None) -> dict:
+        """Wait until nothing is pending (files still open for writing excepted)."""
+        syncer = self.syncer
+        syncer.retry_all_now()
+        deadline = None if timeout is None else trio.current_time() + timeout
+        while True:
+            pending = [p for p in syncer.pending() if p["state"] != "waiting for close"]
+            deletes = syncer.tombstone_count()
+            if not pending and not deletes:
+                return {"done": True}
+            if progress is not None:
+                await progress({"pending": len(pending), "bytes": sum(p["size"] for p in pending),
+                                "deletes": deletes, "uploading": [p["path"] for p in pending
+                                                                  if p["state"] == "uploading"][:5]})
+            since = syncer.unreachable_since
+            if since is not None and time.time() - since > UNREACHABLE_GRACE:
+                return {"error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
+                                 f"({sum(p['size'] for p in pending)} bytes) stay staged in {self.state_dir} "
+                                 f"and are uploaded at the next mount"}
+            if deadline is not None and trio.current_time() > deadline:
+                return {"error": f"{len(pending)} changes still pending after {timeout:.0f}s "
+                                 f"(last error: {syncer.last_error}); they stay staged in {self.state_dir}"}
+            await trio.sleep(0.25)
+
+    # -- control socket ----------------------------------------------------------------------------
+    async def _control_server(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        path = self.state_dir / "control.sock"
+        path.unlink(missing_ok=True)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started(path)
+        try:
+            await trio.serve_listeners(self._control_client, [listener])
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _control_client(self, stream: trio.SocketStream) -> None:
+        async def send(obj: dict) -> None:
+            await stream.send_all(json.dumps(obj).encode() + b"\n")
+
+        try:
+            buf = b""
+            with trio.move_on_after(10):
+                while b"\n" not in buf and len(buf) < 65536:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        break
+                    buf += data
+            try:
+                request = json.loads(buf.split(b"\n")[0] or b"{}")
+            except ValueError:
+                await send({"error": "bad request"})
+                return
+            cmd = request.get("cmd")
+            if cmd == "status":
+                await send({"status": self.status()})
+            elif cmd == "flush":
+                result = await self.flush(lambda p: send({"progress": p}), request.get("timeout"))
+                await send(result)
+            elif cmd == "refresh":
+                await self.refresher.refresh_once()
+                await send({"done": True})
+            elif cmd == "unmount":
+                await send({"done": True})
+                self.unmount()
+            else:
+                await send({"error": f"unknown command {cmd!r}"})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except PrivifsError as exc:
+            try:
+                await send({"error": str(exc)})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        finally:
+            await stream.aclose()
+
+
+def control_request(entry: dict, request: dict, *, timeout: float | None = 30):
+    """Send one request to a daemon's control socket; yields its answers (a generator)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(entry["control"])
+        s.sendall(json.dumps(request).encode() + b"\n")
+        f = s.makefile("rb")
+        for line in f:
+            yield json.loads(line)

@@ -1,0 +1,607 @@
+"""The filesystem logic behind each FUSE operation: POSIX semantics over the namespace, staging,
+cache and write-back. Local first: every change is made in the tree and the index at once and
+reaches the vault in the background (:mod:`privifs.fs.sync`); only reads of uncached content,
+the first write to a clean file (its content is fetched), and ``fsync`` wait for the network.
+
+Errors are raised as ``pyfuse3.FUSEError(errno)``; :mod:`privifs.fs.operations` turns any other
+:class:`~privifs.errors.PrivifsError` into its errno (EIO for vault failures, ENOSPC for a full
+local disk) after logging the path and the cause.
+
+Concurrency: handlers run on the trio thread; between awaits they are atomic. After any await a
+handler re-reads the node (it may have been renamed, unlinked or replaced meanwhile).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pyfuse3
+
+from privifs.crypto.sealed import SealedFile
+from privifs.errors import IntegrityError, PrivifsError
+from privifs.fs.cache import ContentCache
+from privifs.fs.namespace import ROOT, Index, Namespace, Node
+from privifs.fs.staging import Staging, StagedFile
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT
+
+if TYPE_CHECKING:
+    from privifs.client.vault import Vault
+    from privifs.fs.sync import Syncer
+
+log = logging.getLogger("privifs.fs")
+
+BLOCK = 128 * 1024
+RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
+
+
+def fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+@dataclass
+class MountOptions:
+    uid: int = os.getuid()
+    gid: int = os.getgid()
+    umask: int = 0o022
+    read_only: bool = False
+    attr_timeout: float = 5.0
+    fsync_timeout: float = 300.0
+
+    @property
+    def file_mode(self) -> int:
+        return 0o666 & ~self.umask
+
+    @property
+    def dir_mode(self) -> int:
+        return 0o777 & ~self.umask
+
+
+class FileHandle:
+    __slots__ = ("fh", "node", "writable", "append", "reader", "reader_token")
+
+    def __init__(self, fh: int, node: Node, writable: bool, append: bool):
+        self.fh = fh
+        self.node = node
+        self.writable = writable
+        self.append = append
+        self.reader: SealedFile | None = None
+        self.reader_token: str | None = None
+
+    def close_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+            self.reader_token = None
+
+
+class Filesystem:
+    def __init__(self, ns: Namespace, staging: Staging, cache: ContentCache, vault: "Vault",
+                 opts: MountOptions):
+        self.ns = ns
+        self.index: Index = ns.index
+        self.staging = staging
+        self.cache = cache
+        self.vault = vault
+        self.opts = opts
+        self.sync: Syncer | None = None
+        self.handles: dict[int, FileHandle] = {}
+        self.dir_handles: dict[int, list[tuple[int, int]]] = {}
+        self._next_fh = 1
+
+    # -- helpers ---------------------------------------------------------------------------
+    def node(self, ino: int) -> Node:
+        node = self.ns.get(ino)
+        if node is None:
+            raise fail(errno.ENOENT)
+        return node
+
+    def dir_node(self, ino: int) -> Node:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR)
+        return node
+
+    @staticmethod
+    def decode(name: bytes) -> str:
+        if len(name) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(errno.EINVAL) from None
+
+    def writable_fs(self) -> None:
+        if self.opts.read_only:
+            raise fail(errno.EROFS)
+
+    def new_name(self, parent: Node, name: bytes) -> str:
+        """Validate a name for a new entry in ``parent``."""
+        self.writable_fs()
+        text = self.decode(name)
+        if text in (".", "..") or "/" in text or "\0" in text:
+            raise fail(errno.EINVAL)
+        if parent.ino == ROOT and text == RESERVED_ROOT_NAME:
+            raise fail(errno.EPERM)
+        if self.ns.child(parent, text) is not None:
+            raise fail(errno.EEXIST)
+        return text
+
+    def path(self, node: Node) -> str:
+        return self.ns.path(node)
+
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = self.opts.attr_timeout
+        e.attr_timeout = self.opts.attr_timeout
+        e.st_mode = node.st_mode()
+        if node.is_dir:
+            e.st_nlink = 2 + sum(1 for i in node.children.values() if self.ns.nodes[i].is_dir)
+            size = 4096
+        else:
+            e.st_nlink = 0 if node.unlinked else 1
+            size = len(node.target.encode()) if node.is_symlink and node.target else node.size
+        e.st_uid = node.uid if node.uid is not None else self.opts.uid
+        e.st_gid = node.gid if node.gid is not None else self.opts.gid
+        e.st_rdev = 0
+        e.st_size = size
+        e.st_blksize = BLOCK
+        e.st_blocks = (size + 511) // 512
+        e.st_atime_ns = node.mtime_ns
+        e.st_mtime_ns = node.mtime_ns
+        e.st_ctime_ns = node.ctime_ns
+        return e
+
+    def touch_meta(self, node: Node, *, save: bool = True) -> None:
+        """Attributes or place changed: the token's meta must be rewritten."""
+        node.ctime_ns = time.time_ns()
+        node.meta_dirty = 1
+        node.meta_version += 1
+        if save:
+            self.index.save(node)
+        if self.sync is not None:
+            self.sync.schedule(node)
+
+    def touch_parent(self, parent: Node) -> None:
+        parent.mtime_ns = parent.ctime_ns = time.time_ns()
+
+    def keep_empty_dir(self, parent: Node) -> None:
+        """A directory that just became empty persists through a marker token."""
+        if parent.ino != ROOT and not parent.children and parent.token is None and not parent.explicit:
+            parent.explicit = 1
+            self.touch_meta(parent)
+
+    def release_node(self, node: Node) -> None:
+        """Forget an unlinked node once the kernel and every open file let go of it."""
+        if node.unlinked and node.lookups <= 0 and node.opens <= 0 and self.ns.get(node.ino) is node:
+            if node.staged is not None and not node.uploading:
+                self.staging.remove(node.staged)
+                node.staged = None
+            self.ns.drop(node)
+
+    # -- lookups and attributes --------------------------------------------------------------
+    def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+        parent = self.dir_node(parent_ino)
+        text = self.decode(name)
+        if text == ".":
+            node = parent
+        elif text == "..":
+            node = self.ns.nodes[parent.parent]
+        else:
+            node = self.ns.child(parent, text)
+        if node is None:
+            raise fail(errno.ENOENT)
+        node.lookups += 1
+        return self.attrs(node)
+
+    def forget(self, inode_list) -> None:
+        for ino, n in inode_list:
+            node = self.ns.get(ino)
+            if node is not None:
+                node.lookups -= n
+                self.release_node(node)
+
+    def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.node(ino))
+
+    async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None) -> pyfuse3.EntryAttributes:
+        node = self.node(ino)
+        self.writable_fs()
+        now = time.time_ns()
+        if fields.update_size:
+            if node.is_dir:
+                raise fail(errno.EISDIR)
+            if not node.is_file:
+                raise fail(errno.EINVAL)
+            staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
+            staged.sealed.truncate(attr.st_size)
+            node.size = attr.st_size
+            node.mtime_ns = now
+            self.mark_content_dirty(node)
+            if node.writers == 0 and self.sync is not None:
+                self.sync.schedule(node)
+        meta = False
+        if fields.update_mode:
+            node.mode = stat.S_IMODE(attr.st_mode)
+            meta = True
+        if fields.update_uid:
+            node.uid = attr.st_uid
+            meta = True
+        if fields.update_gid:
+            node.gid = attr.st_gid
+            meta = True
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+            meta = True
+        elif fields.update_atime and not fields.update_size:
+            pass  # atime is not kept (noatime semantics)
+        if meta or fields.update_size:
+            if node.is_dir:
+                node.explicit = 1
+            self.touch_meta(node)
+        return self.attrs(node)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if not node.is_symlink:
+            raise fail(errno.EINVAL)
+        return (node.target or "").encode("utf-8", "surrogateescape")
+
+    # -- creating entries ----------------------------------------------------------------------
+    def mkdir(self, parent_ino: int, name: bytes, mode: int) -> pyfuse3.EntryAttributes:
+        parent = self.dir_node(parent_ino)
+        text = self.new_name(parent, name)
+        with self.index:
+            node = self.ns.new_node(parent, text, KIND_DIR, stat.S_IMODE(mode))
+            node.explicit = 1
+            self.touch_parent(parent)
+            self.touch_meta(node)
+        node.lookups += 1
+        return self.attrs(node)
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes) -> pyfuse3.EntryAttributes:
+        parent = self.dir_node(parent_ino)
+        text = self.new_name(parent, name)
+        if len(target) > 4095:
+            raise fail(errno.ENAMETOOLONG)
+        with self.index:
+            node = self.ns.new_node(parent, text, KIND_SYMLINK, 0o777)
+            node.target = target.decode("utf-8", "surrogateescape")
+            self.touch_parent(parent)
+            self.touch_meta(node)
+        node.lookups += 1
+        return self.attrs(node)
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise fail(errno.EPERM)  # no device nodes, FIFOs or sockets
+        node = self._new_file(self.dir_node(parent_ino), name, mode)
+        self.index.save(node)
+        if self.sync is not None:
+            self.sync.schedule(node)
+        node.lookups += 1
+        return self.attrs(node)
+
+    def _new_file(self, parent: Node, name: bytes, mode: int) -> Node:
+        text = self.new_name(parent, name)
+        staged = self.staging.create()
+        node = self.ns.new_node(parent, text, KIND_FILE, stat.S_IMODE(mode))
+        node.staged = staged
+        node.staged_id = staged.id
+        node.content_dirty = 1
+        node.meta_version += 1
+        self.touch_parent(parent)
+        return node
+
+    def create(self, parent_ino: int, name: bytes, mode: int, flags: int) -> tuple[pyfuse3.FileInfo,
+                                                                                 pyfuse3.EntryAttributes]:
+        parent = self.dir_node(parent_ino)
+        node = self._new_file(parent, name, mode)
+        self.index.save(node)
+        node.lookups += 1
+        return self._open_node(node, flags), self.attrs(node)
+
+    def link(self) -> None:
+        raise fail(errno.EPERM)  # no hard links
+
+    # -- removing and renaming -----------------------------------------------------------------
+    def _remove(self, node: Node) -> None:
+        """Take ``node`` out of the tree; its token (if any) is deleted in the background."""
+        parent = self.ns.nodes[node.parent]
+        self.ns.detach(node)
+        if node.token:
+            self.index.add_tombstone(node.token)
+            self.ns.set_token(node, None)
+        node.unlinked = True
+        node.content_dirty = 0
+        self.index.forget(node.ino)
+        self.touch_parent(parent)
+        self.keep_empty_dir(parent)
+        if self.sync is not None:
+            self.sync.wake_tombstones()
+        self.release_node(node)
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent = self.dir_node(parent_ino)
+        self.writable_fs()
+        node = self.ns.child(parent, self.decode(name))
+        if node is None:
+            raise fail(errno.ENOENT)
+        if node.is_dir:
+            raise fail(errno.EISDIR)
+        with self.index:
+            self._remove(node)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent = self.dir_node(parent_ino)
+        self.writable_fs()
+        text = self.decode(name)
+        if text == ".":
+            raise fail(errno.EINVAL)
+        node = self.ns.child(parent, text)
+        if node is None:
+            raise fail(errno.ENOENT)
+        if not node.is_dir:
+            raise fail(errno.ENOTDIR)
+        if node.children:
+            raise fail(errno.ENOTEMPTY)
+        with self.index:
+            self._remove(node)
+
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes,
+               flags: int) -> None:
+        self.writable_fs()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise fail(errno.EINVAL)
+        old_parent = self.dir_node(old_parent_ino)
+        new_parent = self.dir_node(new_parent_ino)
+        node = self.ns.child(old_parent, self.decode(old_name))
+        if node is None:
+            raise fail(errno.ENOENT)
+        text = self.decode(new_name)
+        if text in (".", "..") or "/" in text:
+            raise fail(errno.EINVAL)
+        if new_parent.ino == ROOT and text == RESERVED_ROOT_NAME:
+            raise fail(errno.EPERM)
+        target = self.ns.child(new_parent, text)
+        if target is node:
+            return
+        if node.is_dir and self.ns.is_ancestor(node, new_parent):
+            raise fail(errno.EINVAL)
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise fail(errno.EEXIST)
+            if node.is_dir and not target.is_dir:
+                raise fail(errno.ENOTDIR)
+            if not node.is_dir and target.is_dir:
+                raise fail(errno.EISDIR)
+            if target.is_dir and target.children:
+                raise fail(errno.ENOTEMPTY)
+        with self.index:
+            if target is not None:
+                self._remove(target)
+            self.ns.detach(node)
+            self.ns.attach(new_parent, text, node)
+            self.touch_parent(old_parent)
+            self.touch_parent(new_parent)
+            if node.is_dir:
+                node.explicit = 1
+                for d in self.ns.descendants(node):
+                    if d is not node and (d.token or d.explicit):
+                        self.touch_meta(d)
+            self.touch_meta(node)
+            self.keep_empty_dir(old_parent)
+
+    # -- file content ----------------------------------------------------------------------------
+    def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        accmode = flags & os.O_ACCMODE
+        writable = accmode in (os.O_WRONLY, os.O_RDWR)
+        fh = FileHandle(self._next_fh, node, writable, bool(flags & os.O_APPEND))
+        self._next_fh += 1
+        self.handles[fh.fh] = fh
+        node.opens += 1
+        if writable:
+            node.writers += 1
+        info = pyfuse3.FileInfo(fh=fh.fh)
+        info.keep_cache = True  # remote changes invalidate the kernel's page cache explicitly
+        return info
+
+    async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+        node = self.node(ino)
+        if node.is_dir:
+            raise fail(errno.EISDIR)
+        if not node.is_file:
+            raise fail(errno.EINVAL)
+        accmode = flags & os.O_ACCMODE
+        if accmode in (os.O_WRONLY, os.O_RDWR):
+            self.writable_fs()
+        if flags & os.O_TRUNC and accmode in (os.O_WRONLY, os.O_RDWR):
+            staged = await self.writable_staged(node, truncate_to_zero=True)
+            if staged.size:
+                staged.sealed.truncate(0)
+            node.size = 0
+            node.mtime_ns = node.ctime_ns = time.time_ns()
+            self.mark_content_dirty(node)
+        return self._open_node(node, flags)
+
+    def mark_content_dirty(self, node: Node) -> None:
+        if not node.content_dirty:
+            node.content_dirty = 1
+            node.meta_version += 1
+            self.index.save(node)
+
+    async def writable_staged(self, node: Node, *, truncate_to_zero: bool = False) -> StagedFile:
+        """The node's staged content, ready for writing: cloned if an upload is reading it,
+        created from the current content (fetched if needed) if there was none."""
+        staged = node.staged
+        if staged is not None:
+            if staged.frozen:
+                fresh = self.staging.create() if truncate_to_zero else self.staging.clone(staged)
+                node.staged = fresh
+                node.staged_id = fresh.id
+                self.index.save(node)
+                return fresh
+            return staged
+        if truncate_to_zero or node.token is None:
+            fresh = self.staging.create()
+        else:
+            sealed = await self.content(node)
+            try:
+                if node.staged is not None:  # someone else staged it while we waited
+                    return await self.writable_staged(node)
+                fresh = self.staging.from_sealed(sealed.path)
+            finally:
+                sealed.close()
+        node.staged = fresh
+        node.staged_id = fresh.id
+        self.index.save(node)
+        return fresh
+
+    async def content(self, node: Node) -> SealedFile:
+        """The verified content of the node's token (downloaded into the cache if needed)."""
+        token = node.token
+        try:
+            return await self.cache.fetch(token, self.vault, node.size)
+        except IntegrityError as exc:
+            log.error("%s: integrity failure, the stored ciphertext does not verify (%s)", self.path(node), exc)
+            raise fail(errno.EIO) from None
+        except PrivifsError as exc:
+            log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
+            raise fail(getattr(exc, "errno", errno.EIO)) from None
+
+    async def read(self, fh_id: int, offset: int, length: int) -> bytes:
+        fh = self.handles[fh_id]
+        node = fh.node
+        if node.staged is not None:
+            return node.staged.sealed.read(offset, length)
+        if node.token is None:
+            return b""
+        if fh.reader is None or fh.reader_token != node.token:
+            fh.close_reader()
+            token = node.token
+            sealed = await self.content(node)
+            if fh.reader is not None or node.token != token:
+                sealed.close()
+                return await self.read(fh_id, offset, length)
+            fh.reader, fh.reader_token = sealed, token
+            if node.size != sealed.size:
+                node.size = sealed.size  # the token's meta size was not the real size
+        try:
+            return fh.reader.read(offset, length)
+        except IntegrityError as exc:
+            log.error("%s: cached content failed authentication (%s); dropping it", self.path(node), exc)
+            self.cache.evict(node.token)
+            fh.close_reader()
+            raise fail(errno.EIO) from None
+
+    async def write(self, fh_id: int, offset: int, data: bytes) -> int:
+        fh = self.handles[fh_id]
+        node = fh.node
+        if not fh.writable:
+            raise fail(errno.EBADF)
+        staged = await self.writable_staged(node)
+        if fh.append:
+            offset = staged.size
+        n = staged.sealed.write(offset, data)
+        node.size = staged.size
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+        self.mark_content_dirty(node)
+        return n
+
+    def flush(self, fh_id: int) -> None:
+        fh = self.handles.get(fh_id)
+        if fh is not None and fh.writable and fh.node.staged is not None and not fh.node.unlinked:
+            fh.node.staged.sealed.sync_header()
+            self.index.save(fh.node)
+
+    async def fsync(self, fh_id: int) -> None:
+        fh = self.handles[fh_id]
+        node = fh.node
+        if node.staged is None or not node.content_dirty or node.unlinked:
+            return
+        node.staged.sealed.sync_header()
+        self.index.save(node)
+        await self.sync.commit(node, self.opts.fsync_timeout)
+
+    def release(self, fh_id: int) -> None:
+        fh = self.handles.pop(fh_id, None)
+        if fh is None:
+            return
+        fh.close_reader()
+        node = fh.node
+        node.opens -= 1
+        if fh.writable:
+            node.writers -= 1
+            if node.staged is not None and not node.unlinked:
+                node.staged.sealed.sync_header()
+                self.index.save(node)
+                if node.writers == 0 and node.content_dirty and self.sync is not None:
+                    self.sync.schedule(node)
+        self.release_node(node)
+
+    # -- directories -----------------------------------------------------------------------------
+    def opendir(self, ino: int) -> int:
+        node = self.dir_node(ino)
+        fh = self._next_fh
+        self._next_fh += 1
+        entries = sorted((self.ns.nodes[i].seq, i) for i in node.children.values())
+        self.dir_handles[fh] = entries
+        return fh
+
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        import bisect
+        entries = self.dir_handles[fh]
+        pos = bisect.bisect_right(entries, (start_id, float("inf")))
+        for seq, ino in entries[pos:]:
+            node = self.ns.get(ino)
+            if node is None or node.unlinked:
+                continue
+            if not pyfuse3.readdir_reply(token, node.name.encode("utf-8", "surrogateescape"), self.attrs(node), seq):
+                return
+            node.lookups += 1
+
+    def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    def statfs(self) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.staging.dir)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st.f_bsize
+        s.f_frsize = st.f_frsize
+        used = sum(n.size for n in self.ns.nodes.values() if n.is_file) // max(1, st.f_frsize)
+        s.f_blocks = used + st.f_bavail
+        s.f_bfree = st.f_bavail
+        s.f_bavail = st.f_bavail
+        s.f_files = len(self.ns.nodes) + st.f_favail
+        s.f_ffree = st.f_favail
+        s.f_favail = st.f_favail
+        s.f_namemax = NAME_MAX
+        return s
+
+    # -- startup -----------------------------------------------------------------------------------
+    def open_staged_files(self) -> None:
+        """Reattach staged files to their nodes after a restart; remove orphans."""
+        referenced = set()
+        for node in self.ns.nodes.values():
+            if node.staged_id:
+                try:
+                    node.staged = self.staging.open(node.staged_id)
+                    referenced.add(node.staged_id)
+                    node.size = node.staged.size if node.content_dirty else node.size
+                except PrivifsError as exc:
+                    log.error("%s: the staged content is unreadable (%s)", self.path(node), exc)
+                    node.staged_id = None
+                    node.content_dirty = 0
+                    self.index.save(node)
+        for orphan in self.staging.ids() - referenced:
+            self.staging.remove(orphan)
+
+    def pending(self) -> list[Node]:
+        return [n for n in self.ns.nodes.values() if n.content_dirty or n.meta_dirty]

@@ -1,0 +1,302 @@
+"""The tree: nodes (inodes), directory entries, paths, and the local index that persists them.
+
+The index (``index.sqlite3`` in the mount's state directory) is the mount's source of truth for
+its own changes: every node with its attributes, the token backing it, the meta that token has
+on the server (``remote_*``), and what is still to be done (``content_dirty`` — staged content
+not yet uploaded; ``meta_dirty`` — name, place or attributes not yet written to the token).
+Tokens to delete live in ``tombstones`` until the listing confirms they are gone. WAL with
+``synchronous=NORMAL``: a committed change survives the daemon being killed.
+
+State and concurrency: all of this is touched only from the trio thread; no method here awaits,
+so each call is atomic with respect to FUSE handlers and background tasks.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+import time
+from pathlib import Path
+
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, join_context
+
+ROOT = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    ino INTEGER PRIMARY KEY,
+    parent INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    mode INTEGER NOT NULL,
+    uid INTEGER, gid INTEGER,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    target TEXT,
+    token TEXT,
+    remote_context TEXT, remote_name TEXT, remote_extension TEXT, remote_risk TEXT,
+    shown_as TEXT,
+    staged_id TEXT,
+    content_dirty INTEGER NOT NULL DEFAULT 0,
+    meta_dirty INTEGER NOT NULL DEFAULT 0,
+    explicit INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL DEFAULT 0,
+    upload_started REAL,
+    upload_digest TEXT
+);
+CREATE INDEX IF NOT EXISTS nodes_token ON nodes(token);
+CREATE TABLE IF NOT EXISTS tombstones (token TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+COLUMNS = ("ino", "parent", "name", "kind", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "size", "target",
+           "token", "remote_context", "remote_name", "remote_extension", "remote_risk", "shown_as", "staged_id",
+           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started", "upload_digest")
+
+
+class Node:
+    """One inode. Persistent fields are saved to the index; the rest lives for this mount only."""
+
+    __slots__ = COLUMNS + ("children", "next_seq", "lookups", "opens", "writers", "staged", "synced_at",
+                           "unlinked", "last_error", "retry_at", "attempts", "uploading", "meta_version")
+
+    def __init__(self, ino: int, parent: int, name: str, kind: str, mode: int, mtime_ns: int):
+        self.ino, self.parent, self.name, self.kind = ino, parent, name, kind
+        self.mode = mode
+        self.uid = self.gid = None
+        self.mtime_ns = self.ctime_ns = mtime_ns
+        self.size = 0
+        self.target = None
+        self.token = self.remote_context = self.remote_name = self.remote_extension = None
+        self.remote_risk: str | None = None
+        self.shown_as = self.staged_id = None
+        self.content_dirty = self.meta_dirty = self.explicit = 0
+        self.seq = 0
+        self.upload_started = None
+        self.upload_digest = None
+        self.children: dict[str, int] | None = {} if kind == KIND_DIR else None
+        self.next_seq = 1
+        self.lookups = 0
+        self.opens = 0
+        self.writers = 0
+        self.staged = None
+        self.synced_at = 0.0
+        self.unlinked = False
+        self.last_error: str | None = None
+        self.retry_at = 0.0
+        self.attempts = 0
+        self.uploading = False
+        self.meta_version = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == KIND_DIR
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == KIND_FILE
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.kind == KIND_SYMLINK
+
+    def st_mode(self) -> int:
+        kind = {KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}.get(self.kind, stat.S_IFREG)
+        return kind | (self.mode & 0o7777)
+
+    def risk(self) -> dict[str, str]:
+        return json.loads(self.remote_risk) if self.remote_risk else {}
+
+    def row(self) -> tuple:
+        return tuple(getattr(self, c) for c in COLUMNS)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Node":
+        n = cls(row["ino"], row["parent"], row["name"], row["kind"], row["mode"], row["mtime_ns"])
+        for c in COLUMNS:
+            setattr(n, c, row[c])
+        if n.kind == KIND_DIR:
+            n.children = {}
+        return n
+
+
+class Index:
+    """The persistent half: SQLite with one transaction per call (or per ``batch``)."""
+
+    def __init__(self, path: Path):
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(SCHEMA)
+        self._depth = 0
+        self._upsert = (f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) "
+                        f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Index":
+        if self._depth == 0:
+            self.conn.execute("BEGIN")
+        self._depth += 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def save(self, node: Node) -> None:
+        self.conn.execute(self._upsert, node.row())
+
+    def save_many(self, nodes) -> None:
+        self.conn.executemany(self._upsert, [n.row() for n in nodes])
+
+    def forget(self, ino: int) -> None:
+        self.conn.execute("DELETE FROM nodes WHERE ino = ?", (ino,))
+
+    def load(self) -> list[Node]:
+        return [Node.from_row(r) for r in self.conn.execute("SELECT * FROM nodes ORDER BY ino")]
+
+    def add_tombstone(self, token: str) -> None:
+        self.conn.execute("INSERT OR IGNORE INTO tombstones (token, since) VALUES (?, ?)", (token, time.time()))
+
+    def drop_tombstone(self, token: str) -> None:
+        self.conn.execute("DELETE FROM tombstones WHERE token = ?", (token,))
+
+    def tombstones(self) -> dict[str, float]:
+        return {r[0]: r[1] for r in self.conn.execute("SELECT token, since FROM tombstones")}
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def put(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+
+class Namespace:
+    """The in-memory tree over the index."""
+
+    def __init__(self, index: Index, *, dir_mode: int, file_mode: int):
+        self.index = index
+        self.nodes: dict[int, Node] = {}
+        self.by_token: dict[str, int] = {}
+        self.dir_mode = dir_mode
+        self.file_mode = file_mode
+        loaded = index.load()
+        for n in loaded:
+            self.nodes[n.ino] = n
+        if ROOT not in self.nodes:
+            root = Node(ROOT, ROOT, "", KIND_DIR, dir_mode, time.time_ns())
+            self.nodes[ROOT] = root
+            index.save(root)
+        for n in sorted(loaded, key=lambda n: n.seq):
+            if n.ino == ROOT:
+                continue
+            parent = self.nodes.get(n.parent)
+            if parent is None or not parent.is_dir:
+                parent = self.nodes[ROOT]
+                n.parent = ROOT
+            name = n.name
+            if name in parent.children:  # cannot happen unless the index was damaged
+                name = f"{name}.recovered-{n.ino}"
+                n.name = name
+            parent.children[name] = n.ino
+            parent.next_seq = max(parent.next_seq, n.seq + 1)
+            if n.token:
+                self.by_token[n.token] = n.ino
+        self.next_ino = max(self.nodes) + 1
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[ROOT]
+
+    def get(self, ino: int) -> Node | None:
+        return self.nodes.get(ino)
+
+    def child(self, parent: Node, name: str) -> Node | None:
+        ino = parent.children.get(name) if parent.children is not None else None
+        return self.nodes.get(ino) if ino is not None else None
+
+    def path_parts(self, node: Node) -> list[str]:
+        parts: list[str] = []
+        while node.ino != ROOT:
+            parts.append(node.name)
+            node = self.nodes[node.parent]
+        parts.reverse()
+        return parts
+
+    def path(self, node: Node) -> str:
+        return join_context(self.path_parts(node))
+
+    def context(self, node: Node) -> str:
+        return self.path(self.nodes[node.parent])
+
+    def is_ancestor(self, maybe_ancestor: Node, node: Node) -> bool:
+        while node.ino != ROOT:
+            if node.ino == maybe_ancestor.ino:
+                return True
+            node = self.nodes[node.parent]
+        return maybe_ancestor.ino == ROOT
+
+    def descendants(self, node: Node):
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            yield n
+            if n.children:
+                stack.extend(self.nodes[i] for i in n.children.values())
+
+    def new_node(self, parent: Node, name: str, kind: str, mode: int, mtime_ns: int | None = None) -> Node:
+        node = Node(self.next_ino, parent.ino, name, kind, mode, mtime_ns or time.time_ns())
+        self.next_ino += 1
+        self.nodes[node.ino] = node
+        self.attach(parent, name, node)
+        return node
+
+    def attach(self, parent: Node, name: str, node: Node) -> None:
+        node.parent = parent.ino
+        node.name = name
+        node.seq = parent.next_seq
+        parent.next_seq += 1
+        parent.children[name] = node.ino
+
+    def detach(self, node: Node) -> None:
+        parent = self.nodes.get(node.parent)
+        if parent is not None and parent.children is not None and parent.children.get(node.name) == node.ino:
+            del parent.children[node.name]
+
+    def set_token(self, node: Node, token: str | None) -> None:
+        if node.token and self.by_token.get(node.token) == node.ino:
+            del self.by_token[node.token]
+        node.token = token
+        if token:
+            self.by_token[token] = node.ino
+
+    def drop(self, node: Node) -> None:
+        """Remove a node for good (detached, no kernel references left)."""
+        self.set_token(node, None)
+        self.nodes.pop(node.ino, None)
+        self.index.forget(node.ino)
+
+    def ensure_dirs(self, parts: list[str], mtime_ns: int) -> Node:
+        """The directory at ``parts``, creating implicit directories on the way (and saving them).
+        A non-directory in the way keeps its name; the directory gets a conflict name instead."""
+        node = self.root
+        for part in parts:
+            child = self.child(node, part)
+            if child is None or not child.is_dir:
+                if child is not None:
+                    alt = f"{part}.dir"
+                    existing = self.child(node, alt)
+                    if existing is not None and existing.is_dir:
+                        node = existing
+                        continue
+                    part = alt
+                child = self.new_node(node, part, KIND_DIR, self.dir_mode, mtime_ns)
+                self.index.save(child)
+            node = child
+        return node

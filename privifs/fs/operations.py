@@ -1,0 +1,140 @@
+"""The pyfuse3 handlers: each translates its arguments, calls one method of
+:class:`~privifs.fs.filesystem.Filesystem`, and turns errors into errnos (logging the cause).
+Nothing else happens here."""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+from privifs.errors import PrivifsError
+from privifs.fs.filesystem import Filesystem
+
+log = logging.getLogger("privifs.fs")
+
+
+def handler(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except PrivifsError as exc:
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO) from None
+        except Exception:  # noqa: BLE001 - a bug must answer EIO, not kill the mount
+            log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem):
+        super().__init__()
+        self.fs = fs
+
+    @handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self.fs.lookup(parent_inode, name)
+
+    @handler
+    async def forget(self, inode_list):
+        self.fs.forget(inode_list)
+
+    @handler
+    async def getattr(self, inode, ctx=None):
+        return self.fs.getattr(inode)
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return await self.fs.setattr(inode, attr, fields, fh)
+
+    @handler
+    async def readlink(self, inode, ctx):
+        return self.fs.readlink(inode)
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self.fs.mknod(parent_inode, name, mode)
+
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self.fs.mkdir(parent_inode, name, mode)
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        self.fs.unlink(parent_inode, name)
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        self.fs.rmdir(parent_inode, name)
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self.fs.symlink(parent_inode, name, target)
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self.fs.link()
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        return await self.fs.open(inode, flags)
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        return self.fs.create(parent_inode, name, mode, flags)
+
+    @handler
+    async def read(self, fh, off, size):
+        return await self.fs.read(fh, off, size)
+
+    @handler
+    async def write(self, fh, off, buf):
+        return await self.fs.write(fh, off, buf)
+
+    @handler
+    async def flush(self, fh):
+        self.fs.flush(fh)
+
+    @handler
+    async def fsync(self, fh, datasync):
+        await self.fs.fsync(fh)
+
+    @handler
+    async def release(self, fh):
+        self.fs.release(fh)
+
+    @handler
+    async def opendir(self, inode, ctx):
+        return self.fs.opendir(inode)
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        self.fs.readdir(fh, start_id, token)
+
+    @handler
+    async def releasedir(self, fh):
+        self.fs.releasedir(fh)
+
+    @handler
+    async def fsyncdir(self, fh, datasync):
+        return None
+
+    @handler
+    async def statfs(self, ctx):
+        return self.fs.statfs()

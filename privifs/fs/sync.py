@@ -1,0 +1,416 @@
+"""Write-back: bring the vault in line with the tree, for ever, losing nothing.
+
+For each dirty node a worker *reconciles* (idempotent, resumable after a crash):
+
+* staged content (``content_dirty``, no writer left or an fsync asking) → a **new token** is
+  stored from it (stream-encrypted), then recorded on the node; only then is the old token
+  tombstoned. A failed upload leaves the old token and the staged copy untouched and is retried
+  with backoff (capped at five minutes) until it succeeds. The staged file then moves into the
+  read cache.
+* a directory that must exist on its own, or a symlink, without a token → a **marker token**.
+* name, place or attributes changed (``meta_dirty``) → ``update-data-token`` (fileName,
+  extension, context) and the risk meta (mode, mtime, …).
+
+Tombstoned tokens are deleted by their own task (a delete of a missing token counts as done).
+
+An upload that was interrupted by a crash after the server made the token but before the node
+recorded it leaves an orphan; :meth:`Syncer.adopt_orphan` recognises it on the next listing by
+its place, name and content (compared with the staged copy) and records it instead of a
+duplicate.
+
+State and concurrency: nodes are reconciled by ``workers`` tasks, never two at once for the same
+node (``_busy``); everything between two awaits is atomic on the trio thread. ``inflight_names``
+lets the refresher ignore a token of ours that the listing shows before the node recorded it;
+``recently_deleted`` lets it ignore tokens deleted after its listing was taken.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import pyfuse3
+import trio
+
+from privifs.client.datatokens import DataTokens, FileMeta
+from privifs.client.shapes import TokenInfo
+from privifs.client.vault import Vault
+from privifs.errors import CommandRejected, PrivifsError, ServerUnreachable
+from privifs.fs.filesystem import Filesystem
+from privifs.fs.namespace import Node
+from privifs.fs.staging import StagedFile
+from privifs.fs.tokenmeta import extension_of, risk_fields, same_context, split_context
+
+log = logging.getLogger("privifs.fs.sync")
+
+PIECE_CHUNKS = 16  # 1 MiB of plaintext per upload piece
+MAX_BACKOFF = 300.0
+
+
+def desired_name(node: Node) -> str:
+    """The fileName the token should carry: another application's raw name is kept while the
+    entry still shows under the name we derived from it."""
+    if node.shown_as is not None and node.name == node.shown_as and node.remote_name is not None:
+        return node.remote_name
+    return node.name
+
+
+class Syncer:
+    def __init__(self, fs: Filesystem, tokens: DataTokens, vault: Vault, *, workers: int = 4):
+        self.fs = fs
+        self.ns = fs.ns
+        self.index = fs.index
+        self.tokens = tokens
+        self.vault = vault
+        self.workers = workers
+        self._send, self._recv = trio.open_memory_channel[int](10**9)
+        self._queued: set[int] = set()
+        self._busy: set[int] = set()
+        self._again: set[int] = set()
+        self._fsync: Counter[int] = Counter()
+        self._commits: dict[str, tuple[trio.Event, list]] = {}
+        self._tomb_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.inflight_names: Counter[tuple[tuple[str, ...], str]] = Counter()
+        self.recently_deleted: dict[str, float] = {}
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.uploads = 0
+        self.unreachable_since: float | None = None
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def schedule(self, node: Node) -> None:
+        if node.ino in self._busy:
+            self._again.add(node.ino)
+        elif node.ino not in self._queued:
+            self._queued.add(node.ino)
+            self._send.send_nowait(node.ino)
+
+    def wake_tombstones(self) -> None:
+        self._tomb_wake.set()
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self.workers):
+                nursery.start_soon(self._worker)
+            nursery.start_soon(self._tombstone_loop)
+            for node in list(self.ns.nodes.values()):
+                if node.content_dirty or node.meta_dirty:
+                    self.schedule(node)
+            task_status.started()
+
+    async def _worker(self) -> None:
+        async for ino in self._recv:
+            self._queued.discard(ino)
+            node = self.ns.get(ino)
+            if node is None or node.unlinked and not node.uploading:
+                continue
+            wait = node.retry_at - trio.current_time()
+            if wait > 0 and not self._fsync[ino]:
+                self._nursery.start_soon(self._later, ino, wait)
+                continue
+            self._busy.add(ino)
+            try:
+                await self.reconcile(node)
+            finally:
+                self._busy.discard(ino)
+            if ino in self._again:
+                self._again.discard(ino)
+                self.schedule(node)
+
+    async def _later(self, ino: int, delay: float) -> None:
+        await trio.sleep(delay)
+        node = self.ns.get(ino)
+        if node is not None:
+            self.schedule(node)
+
+    def retry_all_now(self) -> None:
+        for node in self.ns.nodes.values():
+            if node.content_dirty or node.meta_dirty:
+                node.retry_at = 0.0
+                self.schedule(node)
+        self.wake_tombstones()
+
+    # -- reconciliation ------------------------------------------------------------------------
+    async def reconcile(self, node: Node) -> None:
+        try:
+            if node.is_file and node.content_dirty and node.staged is not None:
+                if node.writers > 0 and not self._fsync[node.ino]:
+                    return  # uploaded on the last close
+                await self._upload(node)
+            elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit):
+                await self._marker(node)
+            if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
+                await self._update_meta(node)
+        except PrivifsError as exc:
+            self._failed(node, exc)
+            return
+        node.attempts = 0
+        node.last_error = None
+        self.unreachable_since = None
+
+    def _failed(self, node: Node, exc: PrivifsError) -> None:
+        node.attempts += 1
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** min(node.attempts, 12))
+        if isinstance(exc, CommandRejected):
+            delay = max(delay, 30.0)
+        node.retry_at = trio.current_time() + delay
+        node.last_error = str(exc)
+        self.last_error = f"{self.fs.path(node)}: {exc}"
+        self.last_error_at = time.time()
+        if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
+            self.unreachable_since = time.time()
+        log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.fs.path(node), exc, delay, node.attempts)
+        if node.staged is not None:
+            self._finish_commit(node.staged, exc)
+        self.schedule(node)
+
+    async def _plaintext(self, staged: StagedFile) -> AsyncIterator[bytes]:
+        for piece in staged.sealed.chunks(PIECE_CHUNKS):
+            yield piece
+
+    def _target(self, node: Node) -> tuple[str, str, str]:
+        context = self.ns.context(node)
+        name = desired_name(node)
+        return context, name, self.ns.path(node)
+
+    async def _upload(self, node: Node) -> None:
+        staged = node.staged
+        staged.frozen = True
+        staged.sealed.sync_header()
+        size = staged.size
+        context, name, path = self._target(node)
+        key = (tuple(split_context(context)), name)
+        node.uploading = True
+        node.upload_started = time.time()
+        self.index.save(node)
+        self.inflight_names[key] += 1
+        try:
+            token = await self.vault.put_stream(lambda: self._plaintext(staged), size,
+                                                FileMeta(name, extension_of(name), context, size, path))
+            self._record_content(node, staged, token, context, name)
+        finally:
+            node.uploading = False
+            if node.staged is staged:
+                staged.frozen = False
+            self.inflight_names[key] -= 1
+            if not self.inflight_names[key]:
+                del self.inflight_names[key]
+            if node.unlinked:
+                self.fs.release_node(node)
+        self.uploads += 1
+        if not node.unlinked:
+            await self._update_meta(node)
+
+    def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str) -> None:
+        """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it."""
+        with self.index:
+            if node.unlinked:
+                self.index.add_tombstone(token)
+                self.wake_tombstones()
+                if node.staged is staged:
+                    node.staged = None
+                self.fs.staging.remove(staged)
+                self._finish_commit(staged, None)
+                self.fs.release_node(node)
+                return
+            old = node.token
+            if old and old != token:
+                self.index.add_tombstone(old)
+                self.wake_tombstones()
+            self.ns.set_token(node, token)
+            node.remote_context, node.remote_name, node.remote_extension = context, name, extension_of(name)
+            node.remote_risk = None
+            node.shown_as = node.name
+            node.upload_started = None
+            node.synced_at = trio.current_time()
+            node.meta_dirty = 1
+            if node.staged is staged:
+                node.staged = None
+                node.staged_id = None
+                node.content_dirty = 0
+                staged.sealed.close()
+                if not self._adopt(token, staged):
+                    self.fs.staging.remove(staged)
+            else:
+                self.fs.staging.remove(staged)
+            self.index.save(node)
+        self._finish_commit(staged, None)
+
+    def _adopt(self, token: str, staged: StagedFile) -> bool:
+        try:
+            return self.fs.cache.adopt(token, staged.path)
+        except OSError as exc:  # e.g. the cache on another filesystem
+            log.debug("not caching uploaded content: %s", exc)
+            return False
+
+    async def _marker(self, node: Node) -> None:
+        context, name, path = self._target(node)
+        key = (tuple(split_context(context)), name)
+        node.upload_started = time.time()
+        self.index.save(node)
+        self.inflight_names[key] += 1
+        try:
+            token = await self.vault.put_bytes(b"", FileMeta(name, "", context, 0, path))
+            with self.index:
+                if node.unlinked:
+                    self.index.add_tombstone(token)
+                    self.wake_tombstones()
+                    return
+                self.ns.set_token(node, token)
+                node.remote_context, node.remote_name, node.remote_extension = context, name, ""
+                node.remote_risk = None
+                node.shown_as = node.name
+                node.upload_started = None
+                node.synced_at = trio.current_time()
+                self.index.save(node)
+        finally:
+            self.inflight_names[key] -= 1
+            if not self.inflight_names[key]:
+                del self.inflight_names[key]
+
+    async def _update_meta(self, node: Node) -> None:
+        version = node.meta_version
+        token = node.token
+        context, name, _ = self._target(node)
+        if not same_context(node.remote_context, context) or node.remote_name != name:
+            await self.tokens.update(token, file_name=name, extension=extension_of(name), context=context)
+            if node.token != token:
+                return
+            node.remote_context, node.remote_name, node.remote_extension = context, name, extension_of(name)
+            node.shown_as = node.name
+        risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid)
+        if risk != node.risk():
+            await self.tokens.set_risk(token, risk)
+            if node.token != token:
+                return
+            node.remote_risk = json.dumps(risk, sort_keys=True)
+        node.synced_at = trio.current_time()
+        if node.meta_version == version:
+            node.meta_dirty = 0
+        else:
+            self.schedule(node)
+        if not node.unlinked:
+            self.index.save(node)
+
+    # -- fsync -----------------------------------------------------------------------------------
+    async def commit(self, node: Node, timeout: float) -> None:
+        """Wait until the node's current staged content is committed in the vault."""
+        staged = node.staged
+        event, result = self._commits.setdefault(staged.id, (trio.Event(), []))
+        self._fsync[node.ino] += 1
+        node.retry_at = 0.0
+        self.schedule(node)
+        try:
+            with trio.move_on_after(timeout) as scope:
+                await event.wait()
+        finally:
+            self._fsync[node.ino] -= 1
+            if not self._fsync[node.ino]:
+                del self._fsync[node.ino]
+        if scope.cancelled_caught:
+            log.error("%s: fsync timed out after %.0fs waiting for the upload; the data stays staged "
+                      "and keeps being retried", self.fs.path(node), timeout)
+            raise pyfuse3.FUSEError(errno.EIO)
+        if result and result[0] is not None:
+            exc = result[0]
+            log.error("%s: fsync failed, the upload did not complete (%s); the data stays staged and "
+                      "keeps being retried", self.fs.path(node), exc)
+            raise pyfuse3.FUSEError(getattr(exc, "errno", errno.EIO) if isinstance(exc, CommandRejected)
+                                    else errno.EIO)
+
+    def _finish_commit(self, staged: StagedFile, error: Exception | None) -> None:
+        entry = self._commits.pop(staged.id, None)
+        if entry is not None:
+            entry[1].append(error)
+            entry[0].set()
+
+    # -- deletes ---------------------------------------------------------------------------------
+    async def _tombstone_loop(self) -> None:
+        failures = 0
+        while True:
+            tokens = list(self.index.tombstones())
+            failed = False
+            if tokens:
+                limiter = trio.CapacityLimiter(4)
+
+                async def delete(token: str) -> None:
+                    nonlocal failed
+                    async with limiter:
+                        try:
+                            await self.tokens.delete(token)
+                        except PrivifsError as exc:
+                            failed = True
+                            self.last_error = f"deleting token {token}: {exc}"
+                            self.last_error_at = time.time()
+                            log.warning("deleting token %s failed: %s", token, exc)
+                            return
+                    self.index.drop_tombstone(token)
+                    self.recently_deleted[token] = trio.current_time()
+
+                async with trio.open_nursery() as n:
+                    for token in tokens:
+                        n.start_soon(delete, token)
+            failures = failures + 1 if failed else 0
+            now = trio.current_time()
+            for token, at in list(self.recently_deleted.items()):
+                if now - at > 600:
+                    del self.recently_deleted[token]
+            self._tomb_wake = trio.Event()
+            with trio.move_on_after(min(MAX_BACKOFF, 2 ** failures) if failed else 30):
+                await self._tomb_wake.wait()
+
+    # -- crash recovery --------------------------------------------------------------------------
+    async def adopt_orphan(self, node: Node, info: TokenInfo) -> bool:
+        """Record ``info`` as the node's upload if its content is the staged content."""
+        staged = node.staged
+        if staged is None or info.size not in (None, staged.size):
+            return False
+        want = hashlib.blake2b()
+        for piece in staged.sealed.chunks(PIECE_CHUNKS):
+            want.update(piece)
+        from privifs.client.vault import BytesSink
+
+        class HashSink(BytesSink):
+            def __init__(self) -> None:
+                self.h = hashlib.blake2b()
+
+            async def write(self, data: bytes) -> None:
+                self.h.update(data)
+
+            async def reset(self) -> None:
+                self.h = hashlib.blake2b()
+
+        sink = HashSink()
+        try:
+            await self.vault.get(info.token, sink, size=info.size)
+        except PrivifsError:
+            return False
+        if sink.h.digest() != want.digest() or node.staged is not staged:
+            return False
+        log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.fs.path(node),
+                 info.token)
+        staged.frozen = True
+        self._record_content(node, staged, info.token, info.context, info.file_name)
+        self.schedule(node)
+        return True
+
+    # -- status and flushing ---------------------------------------------------------------------
+    def pending(self) -> list[dict]:
+        out = []
+        for node in self.ns.nodes.values():
+            if node.content_dirty or node.meta_dirty:
+                state = ("uploading" if node.uploading else "waiting for close" if node.writers and node.content_dirty
+                         else f"retrying: {node.last_error}" if node.last_error else "queued")
+                out.append({"path": self.fs.path(node), "size": node.size if node.content_dirty else 0,
+                            "kind": "content" if node.content_dirty else "meta", "state": state,
+                            "attempts": node.attempts})
+        return out
+
+    def tombstone_count(self) -> int:
+        return len(self.index.tombstones())

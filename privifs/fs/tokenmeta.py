@@ -1,0 +1,128 @@
+"""How the tree is written into tokens, and read back from tokens other applications wrote.
+
+* ``context`` is the parent directory as an absolute path (``/`` for the root, ``/docs/2026``);
+  contexts written by others are read leniently (``invoices/2026-Q1`` is ``/invoices/2026-Q1``).
+* ``fileName`` is the full entry name, ``extension`` its last suffix without the dot; a token
+  whose fileName lacks its extension (``README`` + ``md``) shows as ``README.md``.
+* ``path`` is written as the full path at creation; it is informational (the reference does not
+  let it be updated), so names are always derived from context and fileName.
+* Risk meta carries the POSIX attributes next to the three official fields:
+  ``privifs.type`` (file | dir | symlink), ``privifs.mode`` (octal permission bits),
+  ``privifs.mtime`` (nanoseconds), ``privifs.target`` (symlink target), ``privifs.uid`` and
+  ``privifs.gid`` (only after a chown). Fields other applications set are kept.
+* A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
+  token with ``privifs.type = dir`` at its parent's context under its name.
+* ``/.privifs`` is reserved for privifs' own tokens (the key check) and is not shown.
+"""
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+from privifs.client.shapes import TokenInfo
+
+RESERVED_CONTEXT = "/.privifs"
+KEYCHECK_NAME = "keycheck"
+OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling": "client-side-encrypted"}
+NAME_MAX = 255
+
+KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
+
+
+def split_context(context: str) -> list[str]:
+    """Path components of a context, leniently (no leading slash, doubled slashes, ``.``)."""
+    return [display_name(p) for p in context.split("/") if p not in ("", ".")]
+
+
+def join_context(parts: list[str]) -> str:
+    return "/" + "/".join(parts)
+
+
+def same_context(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and split_context(a) == split_context(b)
+
+
+def extension_of(name: str) -> str:
+    stem, dot, ext = name.rpartition(".")
+    return ext if dot and stem and "/" not in ext else ""
+
+
+def display_name(raw: str) -> str:
+    """A name as it can appear in a directory: no slash or NUL, not ``.``/``..``/empty, ≤ 255 bytes."""
+    name = raw.replace("/", "\u2215").replace("\0", "")
+    if name in ("", ".", ".."):
+        name = f"unnamed{name}"
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > NAME_MAX:
+        name = encoded[:NAME_MAX - 12].decode("utf-8", "ignore") + "~truncated"
+    return name
+
+
+def entry_name(info: TokenInfo) -> str:
+    """The raw name a token claims: fileName, plus its extension when fileName lacks it."""
+    name = info.file_name
+    if info.extension and not name.endswith("." + info.extension):
+        name = f"{name}.{info.extension}"
+    return name
+
+
+def conflict_name(name: str, token: str) -> str:
+    """Deterministic name for a token whose path another token already holds."""
+    short = "".join(c for c in token if c.isalnum())[-8:]
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem:
+        return display_name(f"{stem}.conflict-{short}.{ext}")
+    return display_name(f"{name}.conflict-{short}")
+
+
+@dataclass
+class Attributes:
+    kind: str
+    mode: int | None  # permission bits, None: default
+    mtime_ns: int | None
+    target: str | None
+    uid: int | None
+    gid: int | None
+
+
+def attributes(info: TokenInfo) -> Attributes:
+    risk = info.risk
+    kind = risk.get("privifs.type", KIND_FILE)
+    if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK):
+        kind = KIND_FILE
+
+    def num(name: str, base: int = 10) -> int | None:
+        try:
+            return int(risk[name], base)
+        except (KeyError, ValueError):
+            return None
+
+    mode = num("privifs.mode", 8)
+    if mode is not None:
+        mode &= 0o7777
+    mtime = num("privifs.mtime")
+    if mtime is None and info.created_at is not None:
+        mtime = int(info.created_at * 1e9)
+    target = risk.get("privifs.target") if kind == KIND_SYMLINK else None
+    if kind == KIND_SYMLINK and not target:
+        kind = KIND_FILE
+    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"))
+
+
+def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, target: str | None,
+                uid: int | None, gid: int | None) -> dict[str, str]:
+    """The risk meta to send: what the token had (other applications' fields kept), the three
+    official fields, and our attributes."""
+    fields = {k: v for k, v in base.items() if not k.startswith("privifs.")}
+    for k, v in OFFICIAL_RISK.items():
+        fields.setdefault(k, v)
+    fields["privifs.type"] = kind
+    fields["privifs.mode"] = f"{stat.S_IMODE(mode):o}"
+    fields["privifs.mtime"] = str(mtime_ns)
+    if target is not None:
+        fields["privifs.target"] = target
+    if uid is not None:
+        fields["privifs.uid"] = str(uid)
+    if gid is not None:
+        fields["privifs.gid"] = str(gid)
+    return fields
