@@ -52,6 +52,8 @@ def register(sub) -> None:
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     p.add_argument("--upload-workers", type=int, default=4, help="parallel uploads (default 4)")
+    p.add_argument("--write-back-delay", type=float, default=1.0,
+                   help="seconds after the last close before a file is uploaded (default 1; fsync skips it)")
     p.add_argument("--fsync-timeout", type=float, default=300.0,
                    help="seconds fsync waits for the vault before failing with EIO (default 300)")
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
@@ -91,6 +93,7 @@ def _mount_config(args: argparse.Namespace):
     return MountConfig(
         mountpoint=args.mountpoint, cache_dir=args.cache_dir, cache_size=args.cache_size,
         refresh_interval=args.refresh_interval, upload_workers=max(1, args.upload_workers),
+        write_back_delay=max(0.0, args.write_back_delay),
         allow_other=args.allow_other, state_dir=args.state_dir,
         fs=MountOptions(uid=args.uid, gid=args.gid, umask=args.umask, read_only=args.read_only,
                         fsync_timeout=args.fsync_timeout))
@@ -141,6 +144,7 @@ def _forward(args: argparse.Namespace) -> list[str]:
     out = [str(args.mountpoint.resolve()), "--cache-size", str(args.cache_size),
            "--refresh-interval", str(args.refresh_interval), "--uid", str(args.uid), "--gid", str(args.gid),
            "--umask", f"{args.umask:o}", "--upload-workers", str(args.upload_workers),
+           "--write-back-delay", str(args.write_back_delay),
            "--fsync-timeout", str(args.fsync_timeout)]
     if args.cache_dir:
         out += ["--cache-dir", str(args.cache_dir.resolve())]

@@ -70,7 +70,8 @@ class Transport:
         self.auth: AuthProvider | None = None
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(options.http_timeout, connect=options.connect_timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            # a small pool: httpcore checks every pooled connection on each request
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
             follow_redirects=False)
 
     async def aclose(self) -> None:

@@ -6,12 +6,14 @@ fresh random nonce on every write, so any chunk can be read or rewritten alone::
 
     offset 0   header, 64 bytes: b"PVFSSEAL" | version (1) | chunk shift (1) | 6 reserved |
                file id (16) | size (8, little-endian) | 24 reserved
-    offset 64 + i * (CHUNK + 28):  nonce (12) | ciphertext (CHUNK) | tag (16)   -- chunk i
+    offset 64 + i * (CHUNK + 32):  chunk i =
+               nonce (12) | length n (4, little-endian) | ciphertext (n) | tag (16)
 
-The associated data of chunk ``i`` is ``file id || i`` (8 bytes little-endian), so chunks cannot
-be moved between positions or files. Every chunk holds exactly CHUNK plaintext bytes (the tail of
-the last chunk is zeros); ``size`` in the header is the logical size. A slot that is all zero
-bytes (never written: a hole) reads as zeros. A chunk that fails authentication raises
+A chunk holds its first ``n`` ≤ CHUNK plaintext bytes; the rest of the chunk reads as zeros, so
+a small file costs a small chunk. The associated data of chunk ``i`` is
+``file id || i (8 bytes) || n (4 bytes)``: chunks cannot be moved, swapped between files or
+shortened unnoticed. A slot that was never written (all zero) is a hole. ``size`` in the header is
+the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
 :class:`~privifs.errors.IntegrityError`.
 """
 from __future__ import annotations
@@ -29,15 +31,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from privifs.errors import DiskFullError, IntegrityError, LocalStoreError
 
 MAGIC = b"PVFSSEAL"
-VERSION = 1
+VERSION = 2
 CHUNK_SHIFT = 16
 CHUNK = 1 << CHUNK_SHIFT
-OVERHEAD = 28
+PREFIX = 16  # nonce + length
+OVERHEAD = PREFIX + 16
 SLOT = CHUNK + OVERHEAD
 HEADER = 64
 _HEADER = struct.Struct("<8sBB6s16sQ24s")
 ZERO_CHUNK = bytes(CHUNK)
-ZERO_SLOT = bytes(SLOT)
+ZERO_PREFIX = bytes(PREFIX)
 
 
 def local_key(user_key: bytes) -> bytes:
@@ -118,32 +121,33 @@ class SealedFile:
         os.fsync(self.fd)
 
     # -- chunks ----------------------------------------------------------------------------
-    def _aad(self, index: int) -> bytes:
-        return self.file_id + index.to_bytes(8, "little")
+    def _aad(self, index: int, length: int) -> bytes:
+        return self.file_id + index.to_bytes(8, "little") + length.to_bytes(4, "little")
 
     def read_chunk(self, index: int) -> bytes:
+        """The stored plaintext of chunk ``index`` (possibly shorter than CHUNK: zeros follow)."""
         slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
-        if len(slot) < SLOT:
-            if not slot.strip(b"\0"):
-                return ZERO_CHUNK
-            raise IntegrityError(f"chunk {index} of {self.path} is truncated")
-        if slot == ZERO_SLOT:
-            return ZERO_CHUNK
+        if len(slot) < PREFIX or slot[:PREFIX] == ZERO_PREFIX:
+            if slot.strip(b"\0"):
+                raise IntegrityError(f"chunk {index} of {self.path} is damaged")
+            return b""
+        length = int.from_bytes(slot[12:16], "little")
+        if length > CHUNK or len(slot) < OVERHEAD + length:
+            raise IntegrityError(f"chunk {index} of {self.path} is truncated or damaged")
         try:
-            return self._aead.decrypt(slot[:12], slot[12:], self._aad(index))
+            return self._aead.decrypt(slot[:12], slot[PREFIX:OVERHEAD + length], self._aad(index, length))
         except InvalidTag:
             raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
 
     def write_chunk(self, index: int, data: bytes) -> None:
-        if len(data) != CHUNK:
-            data = data + bytes(CHUNK - len(data))
         nonce = os.urandom(12)
-        slot = nonce + self._aead.encrypt(nonce, data, self._aad(index))
+        length = len(data)
+        record = nonce + length.to_bytes(4, "little") + self._aead.encrypt(nonce, data, self._aad(index, length))
         try:
-            n = os.pwrite(self.fd, slot, HEADER + index * SLOT)
+            n = os.pwrite(self.fd, record, HEADER + index * SLOT)
         except OSError as exc:
             raise _oserror(exc, f"writing {self.path}") from None
-        if n != SLOT:
+        if n != len(record):
             raise DiskFullError(f"short write to {self.path}")
 
     # -- byte ranges -----------------------------------------------------------------------
@@ -152,10 +156,18 @@ class SealedFile:
         if offset >= end:
             return b""
         first, last = offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT
-        parts = [self.read_chunk(i) for i in range(first, last + 1)]
+        parts = []
+        for i in range(first, last + 1):
+            chunk = self.read_chunk(i)
+            if i < last and len(chunk) < CHUNK:
+                chunk += ZERO_CHUNK[len(chunk):]
+            parts.append(chunk)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         start = offset - (first << CHUNK_SHIFT)
-        return data[start:start + (end - offset)]
+        out = data[start:start + (end - offset)]
+        if len(out) < end - offset:
+            out += bytes(end - offset - len(out))
+        return out
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         view = memoryview(data)
@@ -167,8 +179,9 @@ class SealedFile:
             if within == 0 and n == CHUNK:
                 chunk = bytes(view[:n])
             else:
-                old = self.read_chunk(index) if (index << CHUNK_SHIFT) < self.size else ZERO_CHUNK
-                # bytes past ``size`` in the last chunk are always zero (truncate keeps it so)
+                old = self.read_chunk(index) if (index << CHUNK_SHIFT) < self.size else b""
+                if len(old) < within:
+                    old += bytes(within - len(old))
                 chunk = old[:within] + bytes(view[:n]) + old[within + n:]
             self.write_chunk(index, chunk)
             pos += n
@@ -183,12 +196,13 @@ class SealedFile:
             within = size - (index << CHUNK_SHIFT)
             if within:
                 chunk = self.read_chunk(index)
-                self.write_chunk(index, chunk[:within])  # zero the tail of the new last chunk
-                keep = index + 1
+                if len(chunk) > within:
+                    self.write_chunk(index, chunk[:within])  # no stale bytes past the new end
+                keep = HEADER + index * SLOT + OVERHEAD + min(len(chunk), within)
             else:
-                keep = index
+                keep = HEADER + index * SLOT
             try:
-                os.ftruncate(self.fd, HEADER + keep * SLOT)
+                os.ftruncate(self.fd, keep)
             except OSError as exc:
                 raise _oserror(exc, f"truncating {self.path}") from None
         self.size = size
@@ -201,6 +215,3 @@ class SealedFile:
             n = min(piece * CHUNK, self.size - pos)
             yield self.read(pos, n)
             pos += n
-
-    def disk_usage(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512

@@ -70,7 +70,7 @@ class SealedSink:
 
     def finish(self) -> None:
         if self.buf:
-            self.sealed.write_chunk(self.index, bytes(self.buf))
+            self.sealed.write_chunk(self.index, bytes(self.buf))  # a short last chunk
             self.buf.clear()
         self.sealed.size = self.total
         self.sealed.write_header()

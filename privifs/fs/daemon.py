@@ -61,6 +61,7 @@ class MountConfig:
     cache_size: int = 2 * 1024**3
     refresh_interval: float = 30.0
     upload_workers: int = 4
+    write_back_delay: float = 1.0
     allow_other: bool = False
     state_dir: Path | None = None
     fs: MountOptions = field(default_factory=MountOptions)
@@ -76,6 +77,20 @@ def registry_path(mountpoint: Path) -> Path:
     mount from the daemon would deadlock) registers itself."""
     key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
     return paths.runtime_dir() / "mounts" / f"{key}.json"
+
+
+def control_socket_path(state_dir: Path) -> Path:
+    """``control.sock`` in the state directory, or — when that path is too long for a Unix socket
+    (108 bytes) — in a private ``/tmp/privifs-<uid>`` directory."""
+    path = state_dir / "control.sock"
+    if len(os.fsencode(path)) < 100:
+        return path
+    short = Path(f"/tmp/privifs-{os.getuid()}")
+    short.mkdir(mode=0o700, exist_ok=True)
+    st = short.lstat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not short.is_dir() or short.is_symlink():
+        raise ConfigError(f"{short} is not a private directory of yours; remove it")
+    return short / f"{hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]}.sock"
 
 
 def registered_mounts() -> list[dict]:
@@ -169,7 +184,8 @@ class Daemon:
             cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
             fs = Filesystem(ns, staging, cache, vault, opts)
             fs.open_staged_files()
-            syncer = Syncer(fs, client.tokens, vault, workers=self.mcfg.upload_workers)
+            syncer = Syncer(fs, client.tokens, vault, workers=self.mcfg.upload_workers,
+                            write_back_delay=self.mcfg.write_back_delay)
             fs.sync = syncer
             refresher = Refresher(fs, client.tokens, syncer, self.mcfg.refresh_interval, invalidate=False)
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
@@ -184,6 +200,7 @@ class Daemon:
             pyfuse3.init(Operations(fs), str(self.mountpoint), options)
             self.mounted = True
             refresher.invalidate = True
+            closed = False
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(syncer.run)
@@ -197,6 +214,7 @@ class Daemon:
                         await pyfuse3.main(min_tasks=4, max_tasks=64)
                     finally:
                         self.mounted = False
+                        closed = True
                         pyfuse3.close(unmount=True)
                     log.info("unmounted %s; finishing pending uploads", self.mountpoint)
                     result = await self.flush(None, DRAIN_AFTER_UNMOUNT)
@@ -204,6 +222,9 @@ class Daemon:
                         log.warning("%s", result["error"])
                     nursery.cancel_scope.cancel()
             finally:
+                if not closed:
+                    self.mounted = False
+                    pyfuse3.close(unmount=True)
                 registry_path(self.mountpoint).unlink(missing_ok=True)
                 cache.close()
         finally:
@@ -269,7 +290,7 @@ class Daemon:
 
     # -- control socket ----------------------------------------------------------------------------
     async def _control_server(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        path = self.state_dir / "control.sock"
+        path = control_socket_path(self.state_dir)
         path.unlink(missing_ok=True)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)

@@ -226,7 +226,7 @@ class Filesystem:
             node.mtime_ns = now
             self.mark_content_dirty(node)
             if node.writers == 0 and self.sync is not None:
-                self.sync.schedule(node)
+                self.sync.schedule_upload(node)
         meta = False
         if fields.update_mode:
             node.mode = stat.S_IMODE(attr.st_mode)
@@ -285,7 +285,7 @@ class Filesystem:
         node = self._new_file(self.dir_node(parent_ino), name, mode)
         self.index.save(node)
         if self.sync is not None:
-            self.sync.schedule(node)
+            self.sync.schedule_upload(node)
         node.lookups += 1
         return self.attrs(node)
 
@@ -543,7 +543,7 @@ class Filesystem:
                 node.staged.sealed.sync_header()
                 self.index.save(node)
                 if node.writers == 0 and node.content_dirty and self.sync is not None:
-                    self.sync.schedule(node)
+                    self.sync.schedule_upload(node)
         self.release_node(node)
 
     # -- directories -----------------------------------------------------------------------------

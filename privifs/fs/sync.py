@@ -60,13 +60,15 @@ def desired_name(node: Node) -> str:
 
 
 class Syncer:
-    def __init__(self, fs: Filesystem, tokens: DataTokens, vault: Vault, *, workers: int = 4):
+    def __init__(self, fs: Filesystem, tokens: DataTokens, vault: Vault, *, workers: int = 4,
+                 write_back_delay: float = 1.0):
         self.fs = fs
         self.ns = fs.ns
         self.index = fs.index
         self.tokens = tokens
         self.vault = vault
         self.workers = workers
+        self.write_back_delay = write_back_delay
         self._send, self._recv = trio.open_memory_channel[int](10**9)
         self._queued: set[int] = set()
         self._busy: set[int] = set()
@@ -89,6 +91,12 @@ class Syncer:
         elif node.ino not in self._queued:
             self._queued.add(node.ino)
             self._send.send_nowait(node.ino)
+
+    def schedule_upload(self, node: Node) -> None:
+        """A file was closed after writing: upload it after the write-back delay (which lets a
+        burst of writes finish first and coalesces quick rewrites)."""
+        node.retry_at = max(node.retry_at, trio.current_time() + self.write_back_delay)
+        self.schedule(node)
 
     def wake_tombstones(self) -> None:
         self._tomb_wake.set()

@@ -1,0 +1,275 @@
+"""The mounted filesystem against POSIX: every supported operation and the errno POSIX gives
+when it cannot be done. One real mount (on the session engine) serves the whole module; each
+test works in its own directory."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import time
+
+import pytest
+
+from tests.mountkit import Mount
+
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    if libc.renameat2(AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@pytest.fixture(scope="module")
+def mnt(engine, tmp_path_factory):
+    m = Mount(tmp_path_factory.mktemp("posix"), engine.urls)
+    m.mount()
+    yield m
+    m.cleanup()
+
+
+@pytest.fixture
+def d(mnt, request):
+    path = mnt.dir / request.node.name[:60].replace("[", "_").replace("]", "")
+    path.mkdir()
+    return path
+
+
+def errno_of(fn, *args) -> int:
+    with pytest.raises(OSError) as info:
+        fn(*args)
+    return info.value.errno
+
+
+def test_create_write_read_stat(d):
+    p = d / "a.txt"
+    p.write_bytes(b"hello world")
+    assert p.read_bytes() == b"hello world"
+    st = p.stat()
+    assert st.st_size == 11 and stat.S_ISREG(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o644
+    assert st.st_nlink == 1
+    assert abs(st.st_mtime - time.time()) < 30
+
+
+def test_open_flags_excl_trunc_append(d):
+    p = d / "f"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"abc")
+    os.close(fd)
+    assert errno_of(os.open, p, os.O_WRONLY | os.O_CREAT | os.O_EXCL) == errno.EEXIST
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"def")
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, b"ghi")  # O_APPEND writes go to the end whatever the offset
+    os.close(fd)
+    assert p.read_bytes() == b"abcdefghi"
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert p.read_bytes() == b"" and p.stat().st_size == 0
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert errno_of(os.open, d / "missing", os.O_RDONLY) == errno.ENOENT
+
+
+def test_random_and_sparse_writes(d):
+    p = d / "sparse.bin"
+    with open(p, "wb") as f:
+        f.seek(3 * 1024 * 1024 + 5)
+        f.write(b"end")
+        f.seek(100)
+        f.write(b"middle")
+    data = p.read_bytes()
+    assert len(data) == 3 * 1024 * 1024 + 8
+    assert data[100:106] == b"middle" and data[-3:] == b"end"
+    assert data[:100] == bytes(100) and data[106:-3] == bytes(len(data) - 109)
+    with open(p, "r+b") as f:
+        f.seek(65530)  # across a chunk boundary
+        f.write(b"0123456789abcdef")
+        f.seek(65530)
+        assert f.read(16) == b"0123456789abcdef"
+
+
+def test_rewrite_part_of_an_uploaded_file(mnt, d):
+    p = d / "doc.txt"
+    p.write_bytes(b"A" * 200_000)
+    mnt.wait_idle()
+    with open(p, "r+b") as f:
+        f.seek(100_000)
+        f.write(b"BBBB")
+    data = p.read_bytes()
+    assert data[:100_000] == b"A" * 100_000 and data[100_000:100_004] == b"BBBB" and len(data) == 200_000
+
+
+def test_truncate_shrink_and_extend(d):
+    p = d / "t"
+    p.write_bytes(b"x" * 100_000)
+    os.truncate(p, 70_000)
+    assert p.read_bytes() == b"x" * 70_000
+    os.truncate(p, 80_000)
+    assert p.read_bytes() == b"x" * 70_000 + bytes(10_000)
+    with open(p, "r+b") as f:
+        f.truncate(5)
+    assert p.read_bytes() == b"xxxxx"
+    assert errno_of(os.truncate, d, 0) == errno.EISDIR
+
+
+def test_chmod_utime_chown(d):
+    p = d / "m"
+    p.write_bytes(b"1")
+    os.chmod(p, 0o751)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o751
+    os.utime(p, ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    assert p.stat().st_mtime_ns == 1_600_000_000_987_654_321
+    os.chown(p, 1234, 4321)
+    st = p.stat()
+    assert (st.st_uid, st.st_gid) == (1234, 4321)
+    os.chmod(d, 0o700)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_symlinks(d):
+    (d / "target").write_bytes(b"pointed at")
+    os.symlink("target", d / "link")
+    os.symlink("/nowhere/at/all", d / "dangling")
+    assert os.readlink(d / "link") == "target"
+    assert (d / "link").read_bytes() == b"pointed at"
+    assert stat.S_ISLNK(os.lstat(d / "link").st_mode)
+    assert os.lstat(d / "dangling").st_size == len("/nowhere/at/all")
+    assert errno_of(os.readlink, d / "target") == errno.EINVAL
+    assert errno_of(os.symlink, "x", d / "link") == errno.EEXIST
+
+
+def test_mkdir_rmdir_unlink_errnos(d):
+    (d / "sub").mkdir()
+    (d / "sub" / "f").write_bytes(b"")
+    assert errno_of(os.mkdir, d / "sub") == errno.EEXIST
+    assert errno_of(os.rmdir, d / "sub") == errno.ENOTEMPTY
+    assert errno_of(os.rmdir, d / "sub" / "f") == errno.ENOTDIR
+    assert errno_of(os.unlink, d / "sub") == errno.EISDIR
+    assert errno_of(os.unlink, d / "nope") == errno.ENOENT
+    assert errno_of(os.rmdir, d / "nope") == errno.ENOENT
+    assert errno_of(os.mkdir, d / "nope" / "deeper") == errno.ENOENT
+    assert errno_of(os.open, d / "sub" / "f" / "x", os.O_CREAT | os.O_WRONLY) == errno.ENOTDIR
+    os.unlink(d / "sub" / "f")
+    os.rmdir(d / "sub")
+    assert not (d / "sub").exists()
+
+
+def test_rename_files_with_posix_overwrite(d):
+    (d / "a").write_bytes(b"A")
+    (d / "b").write_bytes(b"B")
+    os.rename(d / "a", d / "b")
+    assert (d / "b").read_bytes() == b"A" and not (d / "a").exists()
+    (d / "c").write_bytes(b"C")
+    assert errno_of(renameat2, str(d / "c"), str(d / "b"), RENAME_NOREPLACE) == errno.EEXIST
+    renameat2(str(d / "c"), str(d / "new"), RENAME_NOREPLACE)
+    assert (d / "new").read_bytes() == b"C"
+    assert errno_of(renameat2, str(d / "new"), str(d / "b"), RENAME_EXCHANGE) == errno.EINVAL
+    os.rename(d / "new", d / "new")  # same entry: nothing happens
+    assert (d / "new").read_bytes() == b"C"
+
+
+def test_rename_directories(d):
+    (d / "src" / "deep").mkdir(parents=True)
+    (d / "src" / "deep" / "f").write_bytes(b"deep")
+    (d / "empty").mkdir()
+    (d / "full").mkdir()
+    (d / "full" / "x").write_bytes(b"")
+    (d / "file").write_bytes(b"")
+    assert errno_of(os.rename, d / "src", d / "full") == errno.ENOTEMPTY
+    assert errno_of(os.rename, d / "src", d / "file") == errno.ENOTDIR
+    assert errno_of(os.rename, d / "file", d / "empty") == errno.EISDIR
+    assert errno_of(os.rename, d / "src", d / "src" / "deep" / "inside") == errno.EINVAL
+    os.rename(d / "src", d / "empty")  # over an empty directory
+    assert (d / "empty" / "deep" / "f").read_bytes() == b"deep"
+    os.rename(d / "empty", d / "moved")
+    assert sorted(os.listdir(d)) == ["file", "full", "moved"]
+
+
+def test_hard_links_and_device_nodes_are_refused(d):
+    (d / "f").write_bytes(b"")
+    assert errno_of(os.link, d / "f", d / "g") == errno.EPERM
+    assert errno_of(os.mkfifo, d / "fifo") == errno.EPERM
+    assert errno_of(os.mknod, d / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3)) == errno.EPERM
+    os.mknod(d / "regular", stat.S_IFREG | 0o640)
+    assert stat.S_IMODE((d / "regular").stat().st_mode) == 0o640
+
+
+def test_names_up_to_255_bytes_any_utf8(d):
+    long = "é" * 127 + "x"  # 255 bytes
+    (d / long).write_bytes(b"long")
+    assert (d / long).read_bytes() == b"long"
+    assert errno_of(open, d / ("é" * 128), "wb") == errno.ENAMETOOLONG
+    for name in ("日本語のファイル.txt", "emoji 🎉.bin", "spaces and 'quotes' \"x\"", "semi;colon&amp", "-dash",
+                 ".hidden", "tab\there", "new\nline"):
+        (d / name).write_bytes(name.encode())
+        assert (d / name).read_bytes() == name.encode()
+    assert set(os.listdir(d)) >= {"日本語のファイル.txt", "emoji 🎉.bin", "new\nline"}
+    with pytest.raises(OSError) as info:
+        os.open(os.fsencode(d) + b"/bad\xff\xfename", os.O_CREAT | os.O_WRONLY)
+    assert info.value.errno == errno.EINVAL
+
+
+def test_unlinked_file_stays_readable_while_open(d):
+    p = d / "f"
+    p.write_bytes(b"still here")
+    with open(p, "rb") as f:
+        os.unlink(p)
+        assert not p.exists()
+        assert f.read() == b"still here"
+    assert not p.exists()
+
+
+def test_readdir_offsets_are_stable_while_the_directory_changes(d):
+    for i in range(600):
+        (d / f"e{i:04d}").write_bytes(b"")
+    seen = []
+    with os.scandir(d) as it:
+        for n, entry in enumerate(it):
+            seen.append(entry.name)
+            if n == 100:
+                for j in range(50):
+                    (d / f"new{j}").write_bytes(b"")
+                for j in range(0, 600, 7):
+                    os.unlink(d / f"e{j:04d}")
+    assert len(seen) == len(set(seen))
+    survivors = {f"e{i:04d}" for i in range(600) if i % 7}
+    assert survivors <= set(seen)
+
+
+def test_statfs(d):
+    st = os.statvfs(d)
+    assert st.f_namemax == 255 and st.f_bsize > 0 and st.f_bavail > 0
+
+
+def test_fsync_returns_when_the_vault_has_the_data(mnt, d):
+    p = d / "durable.txt"
+    with open(p, "wb") as f:
+        f.write(b"committed before fsync returns")
+        f.flush()
+        os.fsync(f.fileno())
+        listed = {(t["context"], t["fileName"]): t for t in mnt.tokens()}
+        assert (f"/{d.name}", "durable.txt") in listed
+        assert listed[(f"/{d.name}", "durable.txt")]["size"] == 30
+
+
+def test_reads_see_pending_writes(d):
+    p = d / "pending.bin"
+    data = os.urandom(300_000)
+    p.write_bytes(data)
+    assert p.read_bytes() == data
+    with open(p, "r+b") as f:
+        f.write(b"Z")
+        f.flush()
+        with open(p, "rb") as g:
+            assert g.read(1) == b"Z"
+
+
+def test_root_reserved_name_is_hidden_and_refused(mnt):
+    assert ".privifs" not in os.listdir(mnt.dir)
+    assert errno_of(os.mkdir, mnt.dir / ".privifs") == errno.EPERM

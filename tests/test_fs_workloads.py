@@ -1,0 +1,184 @@
+"""Real programs on a real mount: a 1 GiB copy in and out (daemon RSS bounded), 10,000 small
+files, git, SQLite in WAL and rollback modes, rsync."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from tests.mountkit import Mount
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "T",
+           "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+MiB = 1024 * 1024
+
+
+class PeakRss:
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+@pytest.fixture(scope="module")
+def mnt(engine, tmp_path_factory):
+    m = Mount(tmp_path_factory.mktemp("work"), engine.urls)
+    m.mount()
+    yield m
+    m.cleanup()
+
+
+def run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **GIT_ENV}, **kw)
+
+
+def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
+    m = Mount(tmp_path / "big", engine.urls)
+    m.mount()
+    try:
+        block = os.urandom(MiB)
+        want = hashlib.sha256()
+        with PeakRss(m.pid) as rss_in:
+            with open(m.dir / "big.bin", "wb") as f:
+                for i in range(1024):
+                    chunk = block[i % 7:] + block[:i % 7]
+                    f.write(chunk)
+                    want.update(chunk)
+            m.wait_idle(timeout=300)
+        m.umount()
+        shutil.rmtree(tmp_path / "big" / "cache")  # the copy out must come from the vault
+        m.mount()
+        got = hashlib.sha256()
+        with PeakRss(m.pid) as rss_out:
+            with open(m.dir / "big.bin", "rb") as f:
+                while chunk := f.read(MiB):
+                    got.update(chunk)
+        assert got.digest() == want.digest()
+        assert (m.dir / "big.bin").stat().st_size == 1024 * MiB
+        print(f"daemon peak RSS: copy in {rss_in.peak / MiB:.1f} MiB, copy out {rss_out.peak / MiB:.1f} MiB")
+        assert rss_in.peak < 200 * MiB and rss_out.peak < 200 * MiB
+    finally:
+        m.cleanup()
+
+
+def test_ten_thousand_small_files_created_listed_and_read_back(engine, tmp_path):
+    # uploads are held back (long write-back delay) so this measures the filesystem itself;
+    # uploading many small files is covered by the other tests and the benchmarks
+    mnt = Mount(tmp_path / "many", engine.urls, mount_args=("--write-back-delay", "3600"))
+    mnt.mount()
+    try:
+        _ten_thousand(mnt)
+        assert mnt.status()["pending"]  # still staged, and readable
+    finally:
+        mnt.kill9()
+
+
+def _ten_thousand(mnt):
+    root = mnt.dir / "many"
+    root.mkdir()
+    for d in range(100):
+        sub = root / f"d{d:03d}"
+        sub.mkdir()
+        for i in range(100):
+            (sub / f"f{i:03d}.txt").write_bytes(f"{d}/{i}".encode() * 3)
+    out = run(["ls", "-lR", str(root)], cwd=mnt.root).stdout
+    assert sum(1 for line in out.splitlines() if line.startswith("-rw")) == 10_000
+    for d in range(0, 100, 1):
+        sub = root / f"d{d:03d}"
+        for i in range(100):
+            assert (sub / f"f{i:03d}.txt").read_bytes() == f"{d}/{i}".encode() * 3
+
+
+def test_git_repository_commit_clone_fsck(mnt):
+    repo = mnt.dir / "repo"
+    repo.mkdir()
+    run(["git", "init", "-q", "-b", "main"], cwd=repo)
+    for i in range(30):
+        (repo / f"file{i}.py").write_text(f"print({i})\n" * (i + 1))
+    (repo / "pkg").mkdir()
+    (repo / "pkg" / "mod.py").write_text("x = 1\n")
+    run(["git", "add", "-A"], cwd=repo)
+    run(["git", "commit", "-q", "-m", "first"], cwd=repo)
+    (repo / "file0.py").write_text("changed\n")
+    run(["git", "commit", "-q", "-am", "second"], cwd=repo)
+    run(["git", "gc", "-q"], cwd=repo)
+    run(["git", "fsck", "--full", "--strict"], cwd=repo)
+    run(["git", "clone", "-q", str(repo), str(mnt.dir / "clone")], cwd=mnt.dir)
+    run(["git", "fsck", "--full"], cwd=mnt.dir / "clone")
+    log = run(["git", "log", "--oneline"], cwd=mnt.dir / "clone").stdout
+    assert "second" in log and "first" in log
+    assert (mnt.dir / "clone" / "file0.py").read_text() == "changed\n"
+    assert run(["git", "status", "--porcelain"], cwd=repo).stdout == ""
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_sqlite_in_wal_and_rollback_modes_survives_remount(engine, tmp_path, journal):
+    m = Mount(tmp_path / journal, engine.urls)
+    m.mount()
+    try:
+        db = m.dir / f"data-{journal}.sqlite"
+        conn = sqlite3.connect(db)
+        conn.execute(f"PRAGMA journal_mode={journal}")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        for batch in range(20):
+            with conn:
+                conn.executemany("INSERT INTO t (v) VALUES (?)", [(f"row {batch}-{i} " * 20,) for i in range(100)])
+        with conn:
+            conn.execute("DELETE FROM t WHERE id % 3 = 0")
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        conn.close()
+        m.umount()
+        shutil.rmtree(tmp_path / journal / "cache")
+        m.mount()
+        conn = sqlite3.connect(db)
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 2000 - 666
+        conn.close()
+    finally:
+        m.cleanup()
+
+
+def test_rsync_twice_transfers_nothing_the_second_time(mnt, tmp_path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "empty").mkdir()
+    for i in range(40):
+        (src / "a" / f"f{i}").write_bytes(os.urandom(i * 1000))
+    (src / "a" / "b" / "script.sh").write_text("#!/bin/sh\necho hi\n")
+    os.chmod(src / "a" / "b" / "script.sh", 0o755)
+    os.symlink("../a/f1", src / "a" / "b" / "link")
+    os.utime(src / "a" / "f3", (1_000_000_000, 1_000_000_000))
+    dst = mnt.dir / "mirror"
+    first = run(["rsync", "-a", "--stats", f"{src}/", f"{dst}/"], cwd=tmp_path).stdout
+    assert "Number of regular files transferred: 41" in first
+    second = run(["rsync", "-a", "--stats", "-i", f"{src}/", f"{dst}/"], cwd=tmp_path).stdout
+    assert "Number of regular files transferred: 0" in second, second
+    assert os.readlink(dst / "a" / "b" / "link") == "../a/f1"
+    assert (dst / "a" / "f3").stat().st_mtime == 1_000_000_000
+    assert os.stat(dst / "a" / "b" / "script.sh").st_mode & 0o777 == 0o755
+    run(["diff", "-r", "--no-dereference", str(src), str(dst)], cwd=tmp_path)
