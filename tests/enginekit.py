@@ -29,8 +29,10 @@ STOP_TIMEOUT = 15
 
 
 class EngineProcess:
-    def __init__(self, data_dir: Path, settings: dict[str, Any] | None = None, log_path: Path | None = None):
+    def __init__(self, data_dir: Path, settings: dict[str, Any] | None = None, log_path: Path | None = None,
+                 ports: dict[str, int] | None = None):
         self.data_dir = data_dir
+        self.ports = ports or {"api": 0, "ws": 0, "upstream": 0, "downstream": 0}
         self.settings = settings or {}
         self.urls_file = data_dir.parent / f"{data_dir.name}-urls.json"
         self.log_path = log_path or data_dir.parent / f"{data_dir.name}-engine.log"
@@ -39,9 +41,10 @@ class EngineProcess:
 
     def start(self) -> "EngineProcess":
         self.urls_file.unlink(missing_ok=True)
+        p = self.ports
         cmd = [sys.executable, "-m", "privifs", "engine", "--data-dir", str(self.data_dir),
-               "--api-port", "0", "--ws-port", "0", "--upstream-port", "0", "--downstream-port", "0",
-               "--urls-file", str(self.urls_file)]
+               "--api-port", str(p["api"]), "--ws-port", str(p["ws"]), "--upstream-port", str(p["upstream"]),
+               "--downstream-port", str(p["downstream"]), "--urls-file", str(self.urls_file)]
         for k, v in self.settings.items():
             cmd += ["--set", f"{k}={v}"]
         self._log = open(self.log_path, "ab")
@@ -55,6 +58,7 @@ class EngineProcess:
                 raise RuntimeError("engine did not start in time")
             time.sleep(0.05)
         self.urls = json.loads(self.urls_file.read_text())
+        self.ports = {k: int(v.rsplit(":", 1)[1]) for k, v in self.urls.items()}  # the same ports on restart
         return self
 
     @property

@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+from privifs.paths import pid_alive
+
 CMD_TIMEOUT = 180
 
 
@@ -42,7 +44,8 @@ def is_mounted(path: Path) -> bool:
 
 class Mount:
     def __init__(self, root: Path, engine_urls: dict | None, *, username: str | None = None,
-                 password: str = "correct-horse-battery", register: bool = True, mount_args: tuple = ()):
+                 password: str = "correct-horse-battery", register: bool = True, mount_args: tuple = (),
+                 key_file: Path | None = None):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.dir = root / "mnt"
@@ -57,7 +60,12 @@ class Mount:
         self.env = isolated_env(root, **extra)
         self.mount_args = tuple(mount_args)
         if engine_urls is not None:
-            privifs(self.env, "init", *(("--register",) if register else ()))
+            privifs(self.env, "init", *(("--register",) if register else ()),
+                    *(("--key-file", str(key_file)) if key_file else ()))
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "config" / "privifs" / "aes.key"
 
     # -- lifecycle ---------------------------------------------------------------------------
     def mount(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -86,12 +94,8 @@ class Mount:
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(entry["pid"], 0)
-                    time.sleep(0.05)
-                except ProcessLookupError:
-                    break
+            while time.monotonic() < deadline and pid_alive(entry["pid"]):
+                time.sleep(0.05)
         if is_mounted(self.dir):
             subprocess.run(["fusermount3", "-u", "-z", str(self.dir)], timeout=30, check=False)
 
@@ -104,7 +108,7 @@ class Mount:
                 pass
         self.kill9()
         # an embedded engine started by a daemon dies with it; anything else of ours is killed here
-        subprocess.run(["pkill", "-9", "-f", f"--data-dir {self.root}"], check=False)
+        subprocess.run(["pkill", "-9", "-f", f"data-dir {self.root}/"], check=False)
 
     # -- control -----------------------------------------------------------------------------
     def control(self, request: dict, timeout: float = 120) -> list[dict]:

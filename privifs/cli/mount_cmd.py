@@ -244,9 +244,7 @@ def run_umount(args: argparse.Namespace) -> int:
     list(control_request(entry, {"cmd": "unmount"}))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        try:
-            os.kill(entry["pid"], 0)
-        except ProcessLookupError:
+        if not paths.pid_alive(entry["pid"]):
             break
         time.sleep(0.1)
     else:

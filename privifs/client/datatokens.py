@@ -107,7 +107,12 @@ class DataTokens:
         last: Exception | None = None
         for attempt in range(self.options.store_attempts):
             try:
+                # reserve, retrieve and configure retry on their own (idempotent); a failure that
+                # reaches here from them is final for this attempt chain
                 tmp = await self.reserve(meta.context)
+            except VaultError:
+                raise
+            try:
                 can_stream = shapes.upstream_url(tmp, self.transport.endpoints.upstream) is not None
                 if inline or not can_stream:
                     if not isinstance(body, bytes):
@@ -123,15 +128,18 @@ class DataTokens:
                         raise
                 else:
                     await self.upload(tmp, body, wire_size)
-                return await self.configure(tmp, meta)
             except (CommandPending, CommandRejected):
                 raise
             except VaultError as exc:
+                # the exchange or upload (sent once: not idempotent) failed: start over from a new
+                # reservation; the old one expires unpromoted on the server
                 if not exc.transient:
                     raise
                 last = exc
                 log.info("storing %s failed (%s); restarting from a new reservation", meta.file_name, exc)
                 await trio.sleep(self.transport.backoff(attempt))
+                continue
+            return await self.configure(tmp, meta)
         assert last is not None
         raise last
 
@@ -229,13 +237,14 @@ class DataTokens:
         the download breaks (``consume`` then starts over with a fresh iterator)."""
         last: Exception | None = None
         for attempt in range(self.options.request_attempts):
+            result = await self.request(token)  # retries on its own; its failures are final here
             try:
-                result = await self.request(token)
                 async with self.open_download(result, wire_size) as chunks:
                     await consume(chunks)
                 return
             except VaultError as exc:
-                if not exc.transient or isinstance(exc, CommandPending):
+                # the download broke or its single-use authorization was refused: ask again
+                if not exc.transient:
                     raise
                 last = exc
                 log.info("retrieving %s failed (%s); asking again", token, exc)

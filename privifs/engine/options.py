@@ -69,6 +69,7 @@ class EngineOptions:
     ack_drop_rate: float = 0.0
     ack_delay_ms: float = 0.0
     apply_delay_ms: float = 0.0
+    stream_bytes_per_second: float = 0.0  # bytes per second for each upload and download; 0: unlimited
     ws_drop_rate: float = 0.0
     emit_started: bool = False
     reject: frozenset[str] = frozenset()

@@ -87,6 +87,7 @@ def _config(host: str, port: int) -> Config:
     config.accesslog = None  # query strings carry single-use stream tokens: never log them
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
+    config.keep_alive_max_requests = 2**31  # long-lived client connections are never cut mid-stream
     config.websocket_max_message_size = 1024 * 1024
     config.graceful_timeout = 3
     return config

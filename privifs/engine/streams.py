@@ -23,6 +23,19 @@ log = logging.getLogger("privifs.engine.streams")
 READ_CHUNK = 1024 * 1024
 
 
+async def _throttled(chunks, rate: float):
+    """Pass chunks through no faster than ``rate`` bytes per second (0: as fast as they come)."""
+    start = trio.current_time()
+    sent = 0
+    async for chunk in chunks:
+        if rate > 0:
+            sent += len(chunk)
+            ahead = sent / rate - (trio.current_time() - start)
+            if ahead > 0:
+                await trio.sleep(ahead)
+        yield chunk
+
+
 async def _answer(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
@@ -75,7 +88,7 @@ def upstream_app(engine: Engine):
             return await _answer(send, 403, {"status": 403, "message": "stream authorization already used"})
         request = Request(scope, receive)
         try:
-            blob_id, size, blob_dir = await engine.blobs.receive(request.stream())
+            blob_id, size, blob_dir = await engine.blobs.receive(_throttled(request.stream(), engine.opts.stream_bytes_per_second))
         except ClientDisconnect:
             log.info("upload for %s broke off; nothing stored", row["temp_token"])
             return
@@ -131,10 +144,14 @@ def downstream_app(engine: Engine):
             size = os.fstat(f.fileno()).st_size
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/plain"), (b"content-length", str(size).encode())]})
-            while True:
-                chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
-                if not chunk:
-                    break
+            async def chunks():
+                while True:
+                    chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)
+                    if not chunk:
+                        return
+                    yield chunk
+
+            async for chunk in _throttled(chunks(), engine.opts.stream_bytes_per_second):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
 

@@ -98,7 +98,8 @@ def registered_mounts() -> list[dict]:
     for f in sorted((paths.runtime_dir() / "mounts").glob("*.json")):
         try:
             entry = json.loads(f.read_text())
-            os.kill(entry["pid"], 0)
+            if not paths.pid_alive(entry["pid"]):
+                raise ValueError("daemon gone")
             out.append(entry)
         except (OSError, ValueError, KeyError):
             f.unlink(missing_ok=True)

@@ -315,6 +315,11 @@ class Filesystem:
     def _remove(self, node: Node) -> None:
         """Take ``node`` out of the tree; its token (if any) is deleted in the background."""
         parent = self.ns.nodes[node.parent]
+        if node.staged is not None and node.opens <= 0 and not node.uploading:
+            # free the local space first: on a full disk the index needs it to record the removal
+            self.staging.remove(node.staged)
+            node.staged = None
+            node.staged_id = None
         self.ns.detach(node)
         if node.token:
             self.index.add_tombstone(node.token)

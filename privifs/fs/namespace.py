@@ -18,6 +18,7 @@ import stat
 import time
 from pathlib import Path
 
+from privifs.errors import DiskFullError, LocalStoreError
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, join_context
 
 ROOT = 1
@@ -121,8 +122,17 @@ class Node:
         return n
 
 
+def _local_error(exc: sqlite3.Error) -> Exception:
+    text = str(exc)
+    if "full" in text:
+        return DiskFullError(f"the local index cannot grow: {text}")
+    return LocalStoreError(f"the local index failed: {text}")
+
+
 class Index:
-    """The persistent half: SQLite with one transaction per call (or per ``batch``)."""
+    """The persistent half: SQLite with one transaction per call (or per ``with index:`` block).
+    SQLite failures surface as :class:`~privifs.errors.DiskFullError` (ENOSPC) or
+    :class:`~privifs.errors.LocalStoreError`."""
 
     def __init__(self, path: Path):
         self.conn = sqlite3.connect(path, isolation_level=None)
@@ -146,25 +156,36 @@ class Index:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._depth -= 1
         if self._depth == 0:
-            self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            try:
+                self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            except sqlite3.Error as err:
+                if exc_type is None:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    raise _local_error(err) from None
+
+    def _write(self, sql: str, args) -> None:
+        try:
+            self.conn.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise _local_error(exc) from None
 
     def save(self, node: Node) -> None:
-        self.conn.execute(self._upsert, node.row())
-
-    def save_many(self, nodes) -> None:
-        self.conn.executemany(self._upsert, [n.row() for n in nodes])
+        self._write(self._upsert, node.row())
 
     def forget(self, ino: int) -> None:
-        self.conn.execute("DELETE FROM nodes WHERE ino = ?", (ino,))
+        self._write("DELETE FROM nodes WHERE ino = ?", (ino,))
 
     def load(self) -> list[Node]:
         return [Node.from_row(r) for r in self.conn.execute("SELECT * FROM nodes ORDER BY ino")]
 
     def add_tombstone(self, token: str) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO tombstones (token, since) VALUES (?, ?)", (token, time.time()))
+        self._write("INSERT OR IGNORE INTO tombstones (token, since) VALUES (?, ?)", (token, time.time()))
 
     def drop_tombstone(self, token: str) -> None:
-        self.conn.execute("DELETE FROM tombstones WHERE token = ?", (token,))
+        self._write("DELETE FROM tombstones WHERE token = ?", (token,))
 
     def tombstones(self) -> dict[str, float]:
         return {r[0]: r[1] for r in self.conn.execute("SELECT token, since FROM tombstones")}
@@ -174,7 +195,7 @@ class Index:
         return row[0] if row else default
 
     def put(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+        self._write("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
 
 class Namespace:

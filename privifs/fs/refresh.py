@@ -63,6 +63,9 @@ class Refresher:
             except PrivifsError as exc:
                 self.last_error = str(exc)
                 log.warning("refreshing the listing failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the mount must outlive a bad listing
+                self.last_error = repr(exc)
+                log.exception("refreshing the listing failed unexpectedly")
 
     async def fetch(self) -> tuple[list[TokenInfo], float]:
         started = trio.current_time()
@@ -107,7 +110,9 @@ class Refresher:
                 if self.eligible(node, started):
                     self._follow(node, info)
             adoptions = []
-            for info in sorted(unknown, key=lambda i: (i.created_at or 0, i.token)):
+            # older first (then listing order): the oldest token of a path keeps the plain name
+            order = {id(info): n for n, info in enumerate(infos)}
+            for info in sorted(unknown, key=lambda i: (i.created_at or 0, order[id(i)])):
                 parts = split_context(info.context)
                 raw = entry_name(info)
                 if (tuple(parts), info.file_name) in self.syncer.inflight_names:

@@ -43,7 +43,7 @@ from privifs.errors import CommandRejected, PrivifsError, ServerUnreachable
 from privifs.fs.filesystem import Filesystem
 from privifs.fs.namespace import Node
 from privifs.fs.staging import StagedFile
-from privifs.fs.tokenmeta import extension_of, risk_fields, same_context, split_context
+from privifs.fs.tokenmeta import extension_of, risk_fields, same_context, shown_name, split_context
 
 log = logging.getLogger("privifs.fs.sync")
 
@@ -51,12 +51,17 @@ PIECE_CHUNKS = 16  # 1 MiB of plaintext per upload piece
 MAX_BACKOFF = 300.0
 
 
-def desired_name(node: Node) -> str:
-    """The fileName the token should carry: another application's raw name is kept while the
-    entry still shows under the name we derived from it."""
+def desired_naming(node: Node) -> tuple[str, str]:
+    """The fileName and extension the token should carry. While the entry still shows under the
+    name derived from the token (``shown_as``), the token's own fields are kept as they are
+    (another application's ``README`` + ``md`` stays so); after a rename, the new name."""
     if node.shown_as is not None and node.name == node.shown_as and node.remote_name is not None:
-        return node.remote_name
-    return node.name
+        return node.remote_name, node.remote_extension or ""
+    return node.name, extension_of(node.name)
+
+
+def desired_name(node: Node) -> str:
+    return desired_naming(node)[0]
 
 
 class Syncer:
@@ -125,6 +130,9 @@ class Syncer:
             self._busy.add(ino)
             try:
                 await self.reconcile(node)
+            except Exception as exc:  # noqa: BLE001 - write-back must outlive any bug or local failure
+                log.exception("%s: write-back failed unexpectedly", self.fs.path(node))
+                self._failed(node, PrivifsError(f"unexpected failure: {exc!r}"))
             finally:
                 self._busy.discard(ino)
             if ino in self._again:
@@ -182,17 +190,22 @@ class Syncer:
         for piece in staged.sealed.chunks(PIECE_CHUNKS):
             yield piece
 
-    def _target(self, node: Node) -> tuple[str, str, str]:
-        context = self.ns.context(node)
-        name = desired_name(node)
-        return context, name, self.ns.path(node)
+    def _target(self, node: Node) -> tuple[str, str, str, str]:
+        name, extension = desired_naming(node)
+        return self.ns.context(node), name, extension, self.ns.path(node)
+
+    @staticmethod
+    def _remote_named(node: Node, context: str, name: str, extension: str) -> None:
+        """Record the place and name the token now carries on the server."""
+        node.remote_context, node.remote_name, node.remote_extension = context, name, extension
+        node.shown_as = shown_name(name, extension)
 
     async def _upload(self, node: Node) -> None:
         staged = node.staged
         staged.frozen = True
         staged.sealed.sync_header()
         size = staged.size
-        context, name, path = self._target(node)
+        context, name, extension, path = self._target(node)
         key = (tuple(split_context(context)), name)
         node.uploading = True
         node.upload_started = time.time()
@@ -200,8 +213,8 @@ class Syncer:
         self.inflight_names[key] += 1
         try:
             token = await self.vault.put_stream(lambda: self._plaintext(staged), size,
-                                                FileMeta(name, extension_of(name), context, size, path))
-            self._record_content(node, staged, token, context, name)
+                                                FileMeta(name, extension, context, size, path))
+            self._record_content(node, staged, token, context, name, extension)
         finally:
             node.uploading = False
             if node.staged is staged:
@@ -215,7 +228,8 @@ class Syncer:
         if not node.unlinked:
             await self._update_meta(node)
 
-    def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str) -> None:
+    def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str,
+                        extension: str) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it."""
         with self.index:
             if node.unlinked:
@@ -232,9 +246,8 @@ class Syncer:
                 self.index.add_tombstone(old)
                 self.wake_tombstones()
             self.ns.set_token(node, token)
-            node.remote_context, node.remote_name, node.remote_extension = context, name, extension_of(name)
+            self._remote_named(node, context, name, extension)
             node.remote_risk = None
-            node.shown_as = node.name
             node.upload_started = None
             node.synced_at = trio.current_time()
             node.meta_dirty = 1
@@ -258,22 +271,21 @@ class Syncer:
             return False
 
     async def _marker(self, node: Node) -> None:
-        context, name, path = self._target(node)
+        context, name, extension, path = self._target(node)
         key = (tuple(split_context(context)), name)
         node.upload_started = time.time()
         self.index.save(node)
         self.inflight_names[key] += 1
         try:
-            token = await self.vault.put_bytes(b"", FileMeta(name, "", context, 0, path))
+            token = await self.vault.put_bytes(b"", FileMeta(name, extension, context, 0, path))
             with self.index:
                 if node.unlinked:
                     self.index.add_tombstone(token)
                     self.wake_tombstones()
                     return
                 self.ns.set_token(node, token)
-                node.remote_context, node.remote_name, node.remote_extension = context, name, ""
+                self._remote_named(node, context, name, extension)
                 node.remote_risk = None
-                node.shown_as = node.name
                 node.upload_started = None
                 node.synced_at = trio.current_time()
                 self.index.save(node)
@@ -285,13 +297,13 @@ class Syncer:
     async def _update_meta(self, node: Node) -> None:
         version = node.meta_version
         token = node.token
-        context, name, _ = self._target(node)
-        if not same_context(node.remote_context, context) or node.remote_name != name:
-            await self.tokens.update(token, file_name=name, extension=extension_of(name), context=context)
+        context, name, extension, _ = self._target(node)
+        if (not same_context(node.remote_context, context) or node.remote_name != name
+                or (node.remote_extension or "") != extension):
+            await self.tokens.update(token, file_name=name, extension=extension, context=context)
             if node.token != token:
                 return
-            node.remote_context, node.remote_name, node.remote_extension = context, name, extension_of(name)
-            node.shown_as = node.name
+            self._remote_named(node, context, name, extension)
         risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid)
         if risk != node.risk():
             await self.tokens.set_risk(token, risk)
@@ -352,13 +364,16 @@ class Syncer:
                     async with limiter:
                         try:
                             await self.tokens.delete(token)
-                        except PrivifsError as exc:
+                        except Exception as exc:  # noqa: BLE001 - retried; never fatal
                             failed = True
                             self.last_error = f"deleting token {token}: {exc}"
                             self.last_error_at = time.time()
                             log.warning("deleting token %s failed: %s", token, exc)
                             return
-                    self.index.drop_tombstone(token)
+                    try:
+                        self.index.drop_tombstone(token)
+                    except PrivifsError as exc:
+                        log.warning("could not record the deletion of %s: %s", token, exc)
                     self.recently_deleted[token] = trio.current_time()
 
                 async with trio.open_nursery() as n:
@@ -404,7 +419,7 @@ class Syncer:
         log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.fs.path(node),
                  info.token)
         staged.frozen = True
-        self._record_content(node, staged, info.token, info.context, info.file_name)
+        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension)
         self.schedule(node)
         return True
 

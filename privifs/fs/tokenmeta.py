@@ -60,10 +60,18 @@ def display_name(raw: str) -> str:
 
 def entry_name(info: TokenInfo) -> str:
     """The raw name a token claims: fileName, plus its extension when fileName lacks it."""
-    name = info.file_name
-    if info.extension and not name.endswith("." + info.extension):
-        name = f"{name}.{info.extension}"
-    return name
+    return joined_name(info.file_name, info.extension)
+
+
+def joined_name(file_name: str, extension: str | None) -> str:
+    if extension and not file_name.endswith("." + extension):
+        return f"{file_name}.{extension}"
+    return file_name
+
+
+def shown_name(file_name: str, extension: str | None) -> str:
+    """The directory entry a token with this fileName and extension shows as."""
+    return display_name(joined_name(file_name, extension))
 
 
 def conflict_name(name: str, token: str) -> str:

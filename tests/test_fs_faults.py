@@ -1,0 +1,130 @@
+"""The mount when things go wrong: a failing engine (5xx, lost answers, dropped acks), an
+unreachable server, a rejected command, a full local disk. Nothing closed is ever lost, and
+every failure is an errno with a log line naming the cause."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.enginekit import EngineProcess
+from tests.mountkit import Mount, privifs
+from tests.test_fs_persistence import manifest
+
+
+def test_a_failing_engine_loses_nothing(eng, tmp_path):
+    m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0"))
+    m.mount()
+    try:
+        eng.set_options(fail_rate=0.15, fail_after_rate=0.05, ack_drop_rate=0.3, seed=42)
+        (m.dir / "d").mkdir()
+        for i in range(25):
+            (m.dir / "d" / f"f{i}.bin").write_bytes(os.urandom(i * 7000 + 1))
+        for i in range(0, 25, 5):
+            os.rename(m.dir / "d" / f"f{i}.bin", m.dir / "d" / f"renamed{i}.bin")
+        for i in range(1, 25, 6):
+            os.unlink(m.dir / "d" / f"f{i}.bin")
+        os.chmod(m.dir / "d" / "f2.bin", 0o600)
+        expected = manifest(m.dir)
+        time.sleep(3)  # let write-back meet the failures
+        eng.set_options(fail_rate=0, fail_after_rate=0, ack_drop_rate=0)
+        m.wait_idle(timeout=180)
+        m.umount()
+        first_log = m.log()
+        shutil.rmtree(m.root / "state")
+        shutil.rmtree(m.root / "cache")
+        m.mount()
+        paths = [(t["context"], t["fileName"]) for t in m.tokens() if t["context"] != "/.privifs"]
+        got = manifest(m.dir)
+        assert sorted(got) == sorted(expected), (sorted(paths), first_log[-8000:])
+        assert got == expected
+        assert len(paths) == len(set(paths)), "a failure left a duplicate token"
+    finally:
+        m.cleanup()
+
+
+def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait(tmp_path):
+    eng = EngineProcess(tmp_path / "engine").start()
+    m = Mount(tmp_path / "user", eng.urls)
+    try:
+        m.mount()
+        (m.dir / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        src = tmp_path / "remote.txt"
+        src.write_text("only in the vault")
+        m.token("put", str(src), "--name", "remote.txt")
+        m.refresh()
+        eng.stop()
+        assert (m.dir / "cached.txt").read_text() == "in the cache"
+        with pytest.raises(OSError) as info:
+            (m.dir / "remote.txt").read_text()
+        assert info.value.errno == errno.EIO
+        assert "remote.txt" in m.log() and "cannot reach" in m.log()
+        (m.dir / "offline.txt").write_text("written while offline")
+        assert (m.dir / "offline.txt").read_text() == "written while offline"
+        deadline = time.monotonic() + 60
+        while not (st := m.status())["last_error"]:
+            assert time.monotonic() < deadline, "the failing upload was never reported"
+            time.sleep(0.5)
+        assert any(p["path"] == "/offline.txt" for p in st["pending"])
+        assert "cannot reach" in st["last_error"]
+        r = m.umount()
+        assert "unreachable" in r.stderr and "stay staged" in r.stderr
+        assert not os.path.ismount(m.dir)
+        eng.start()  # same data, same ports
+        m.mount()
+        m.wait_idle()
+        assert (m.dir / "offline.txt").read_text() == "written while offline"
+        assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+    finally:
+        m.cleanup()
+        eng.stop()
+
+
+def test_rejected_upload_fails_fsync_and_keeps_the_data(eng, tmp_path):
+    m = Mount(tmp_path, eng.urls, mount_args=("--fsync-timeout", "20"))
+    m.mount()
+    try:
+        eng.set_options(reject="reserve-token-space")
+        fd = os.open(m.dir / "precious.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"do not lose me")
+        with pytest.raises(OSError) as info:
+            os.fsync(fd)
+        assert info.value.errno in (errno.EIO, errno.EACCES)
+        os.close(fd)
+        assert (m.dir / "precious.txt").read_text() == "do not lose me"
+        assert "policy.rejected" in m.log()
+        assert any("policy.rejected" in p["state"] for p in m.status()["pending"])
+        eng.set_options(reject="")
+        m.wait_idle()
+        assert ("/", "precious.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+    finally:
+        m.cleanup()
+
+
+def test_a_full_local_disk_gives_enospc_not_corruption(engine, tmp_path):
+    state = tmp_path / "small-state"
+    state.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(state)], capture_output=True)
+    assert r.returncode == 0, f"cannot make a small filesystem for the test: {r.stderr!r}"
+    m = Mount(tmp_path / "user", engine.urls, mount_args=("--state-dir", str(state), "--write-back-delay", "3600"))
+    try:
+        m.mount()
+        (m.dir / "small.txt").write_text("fits")
+        with pytest.raises(OSError) as info:
+            with open(m.dir / "huge.bin", "wb") as f:
+                for _ in range(20):
+                    f.write(os.urandom(1024 * 1024))
+        assert info.value.errno == errno.ENOSPC
+        assert (m.dir / "small.txt").read_text() == "fits"
+        os.unlink(m.dir / "huge.bin")
+        (m.dir / "after.txt").write_text("space again")
+        m.wait_idle()
+        assert {t["fileName"] for t in m.tokens()} >= {"small.txt", "after.txt"}
+    finally:
+        m.cleanup()
+        subprocess.run(["umount", "-l", str(state)], check=False)

@@ -1,0 +1,295 @@
+"""What the vault keeps: persistence across remounts with nothing local left, crash recovery
+after ``kill -9``, changes by other clients, conflicts, directory renames as meta updates,
+tampering, the wrong key, and plaintext never on local disk."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import time
+
+import pytest
+
+from tests.mountkit import Mount, privifs
+
+
+def manifest(root) -> dict:
+    """Everything a user would compare: type, mode, mtime (files and links), size, content."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            else:
+                with open(p, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size, digest)
+    return out
+
+
+def build_tree(root) -> None:
+    (root / "docs" / "deep" / "deeper").mkdir(parents=True)
+    (root / "empty" / "nested-empty").mkdir(parents=True)
+    (root / "docs" / "a.txt").write_text("alpha\n")
+    (root / "docs" / "deep" / "b.bin").write_bytes(os.urandom(200_000))
+    (root / "docs" / "deep" / "deeper" / "c").write_bytes(b"")
+    (root / "exec.sh").write_text("#!/bin/sh\n")
+    os.chmod(root / "exec.sh", 0o750)
+    os.chmod(root / "empty", 0o711)
+    os.symlink("docs/a.txt", root / "link")
+    os.symlink("../../nowhere", root / "docs" / "dangling")
+    os.utime(root / "docs" / "a.txt", ns=(1_234_567_890_123_456_789, 1_234_567_890_123_456_789))
+    (root / "ünïcødé 文件.txt").write_text("names survive")
+
+
+def fresh_remount(m: Mount) -> None:
+    m.umount()
+    shutil.rmtree(m.root / "state")
+    shutil.rmtree(m.root / "cache")
+    m.mount()
+
+
+def test_everything_persists_across_a_remount_with_no_local_state(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls)
+    m.mount()
+    try:
+        build_tree(m.dir)
+        before = manifest(m.dir)
+        fresh_remount(m)
+        assert manifest(m.dir) == before
+        assert (m.dir / "docs" / "a.txt").stat().st_mtime_ns == 1_234_567_890_123_456_789
+    finally:
+        m.cleanup()
+
+
+def test_crash_recovery_after_kill_9_loses_nothing_closed(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600"))
+    m.mount()
+    try:
+        (m.dir / "replaced.txt").write_text("version 1")
+        m.wait_idle()
+        (m.dir / "replaced.txt").write_text("version 2")  # committed v1, staged v2
+        (m.dir / "new").mkdir()
+        for i in range(20):
+            (m.dir / "new" / f"f{i}").write_bytes(f"file {i}".encode() * (i * 500 + 1))
+        os.rename(m.dir / "new" / "f0", m.dir / "new" / "renamed")
+        os.unlink(m.dir / "new" / "f1")
+        unclosed = open(m.dir / "new" / "still-open", "wb")
+        unclosed.write(b"not closed yet")
+        expected = manifest(m.dir)
+        m.kill9()
+        try:
+            unclosed.close()
+        except OSError:
+            pass  # its mount died with the daemon
+        m.mount()
+        got = manifest(m.dir)
+        expected.pop("new/still-open")
+        got.pop("new/still-open", None)
+        assert got == expected
+        m.wait_idle()
+        tokens = m.tokens()
+        paths = [(t["context"], t["fileName"]) for t in tokens if not t["context"].startswith("/.privifs")]
+        assert len(paths) == len(set(paths)), "a path has two tokens"
+        assert ("/", "replaced.txt") in paths and ("/new", "renamed") in paths and ("/new", "f1") not in paths
+        fresh_remount(m)
+        assert (m.dir / "replaced.txt").read_text() == "version 2"
+        final = manifest(m.dir)
+        final.pop("new/still-open", None)  # created but never closed: present, content not promised
+        assert final == got
+    finally:
+        m.cleanup()
+
+
+def test_kill_9_during_an_upload_neither_duplicates_nor_loses(eng, tmp_path):
+    m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0"))
+    m.mount()
+    try:
+        eng.set_options(stream_bytes_per_second=8 * 1024 * 1024)  # the 32 MiB upload takes about 4 s
+        data = os.urandom(32 * 1024 * 1024)
+        (m.dir / "big.bin").write_bytes(data)
+        deadline = time.monotonic() + 30
+        while not any(p["state"] == "uploading" for p in m.control({"cmd": "status"})[0]["status"]["pending"]):
+            assert time.monotonic() < deadline, "the upload never started"
+            time.sleep(0.02)
+        time.sleep(1.0)
+        m.kill9()
+        eng.set_options(stream_bytes_per_second=0)
+        m.mount()
+        assert (m.dir / "big.bin").read_bytes() == data
+        m.wait_idle()
+        mine = [t for t in m.tokens() if t["fileName"] == "big.bin"]
+        assert len(mine) == 1 and mine[0]["size"] == len(data)
+        fresh_remount(m)
+        assert hashlib.sha256((m.dir / "big.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
+    finally:
+        m.cleanup()
+
+
+def test_changes_by_a_second_client_appear(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls)
+    m.mount()
+    try:
+        os.listdir(m.dir)
+        assert not (m.dir / "from-cli.txt").exists()  # a negative lookup the kernel may cache
+        src = tmp_path / "src.txt"
+        src.write_text("put by privifs token")
+        token = m.token("put", str(src), "--name", "from-cli.txt", "--context", "/inbox").stdout.strip()
+        m.refresh()
+        assert (m.dir / "inbox" / "from-cli.txt").read_text() == "put by privifs token"
+        m.token("mv", token, "--name", "moved.txt", "--context", "/archive/2026")
+        m.refresh()
+        assert not (m.dir / "inbox").exists()
+        assert (m.dir / "archive" / "2026" / "moved.txt").read_text() == "put by privifs token"
+        m.token("rm", token)
+        m.refresh()
+        assert not (m.dir / "archive" / "2026" / "moved.txt").exists()
+    finally:
+        m.cleanup()
+
+
+def test_two_mounts_of_one_vault_see_each_others_changes(engine, tmp_path):
+    a = Mount(tmp_path / "a", engine.urls)
+    b = Mount(tmp_path / "b", engine.urls, username=a.username, register=False, key_file=a.key_file)
+    try:
+        a.mount()
+        b.mount()
+        (a.dir / "shared").mkdir()
+        (a.dir / "shared" / "note.txt").write_text("from A")
+        a.wait_idle()
+        b.refresh()
+        assert (b.dir / "shared" / "note.txt").read_text() == "from A"
+        (b.dir / "shared" / "note.txt").write_text("edited in B")
+        os.rename(b.dir / "shared", b.dir / "common")
+        b.wait_idle()
+        a.refresh()
+        assert (a.dir / "common" / "note.txt").read_text() == "edited in B"
+        assert not (a.dir / "shared").exists()
+    finally:
+        a.cleanup()
+        b.cleanup()
+
+
+def test_two_tokens_claiming_one_path_are_both_shown(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls)
+    m.mount()
+    try:
+        src = tmp_path / "x"
+        src.write_text("first")
+        first = m.token("put", str(src), "--name", "same.txt").stdout.strip()
+        src.write_text("second")
+        second = m.token("put", str(src), "--name", "same.txt").stdout.strip()
+        m.refresh()
+        names = sorted(n for n in os.listdir(m.dir) if n.startswith("same"))
+        assert len(names) == 2 and "same.txt" in names
+        other = next(n for n in names if n != "same.txt")
+        short = "".join(c for c in second if c.isalnum())[-8:]
+        assert other == f"same.conflict-{short}.txt"
+        assert {(m.dir / n).read_text() for n in names} == {"first", "second"}
+        assert (m.dir / "same.txt").read_text() == "first"  # the older token keeps the plain name
+        m.token("rm", first)
+        m.refresh()
+        assert sorted(n for n in os.listdir(m.dir) if n.startswith("same")) == ["same.txt"]
+        assert (m.dir / "same.txt").read_text() == "second"
+    finally:
+        m.cleanup()
+
+
+def test_directory_rename_is_a_meta_update_of_every_token(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls)
+    m.mount()
+    try:
+        (m.dir / "proj" / "src" / "pkg").mkdir(parents=True)
+        for i in range(15):
+            (m.dir / "proj" / "src" / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
+        (m.dir / "proj" / "README").write_text("readme")
+        m.wait_idle()
+        before = {t["token"] for t in m.tokens()}
+        os.rename(m.dir / "proj", m.dir / "renamed-project")
+        m.wait_idle()
+        after = m.tokens()
+        assert {t["token"] for t in after} == before  # nothing re-uploaded
+        contexts = {t["context"] for t in after if t["fileName"].endswith(".py")}
+        assert contexts == {"/renamed-project/src/pkg"}
+        fresh_remount(m)
+        assert (m.dir / "renamed-project" / "src" / "pkg" / "m7.py").read_text() == "x = 7\n"
+        assert not (m.dir / "proj").exists()
+    finally:
+        m.cleanup()
+
+
+def test_tampered_ciphertext_gives_eio_never_wrong_bytes(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls)
+    m.mount()
+    try:
+        (m.dir / "victim.bin").write_bytes(os.urandom(100_000))
+        (m.dir / "bystander.txt").write_text("untouched")
+        m.wait_idle()
+        token = next(t["token"] for t in m.tokens() if t["fileName"] == "victim.bin")
+        m.umount()
+        shutil.rmtree(m.root / "cache")
+        blobs = [f for d in (engine.data_dir / "blobs").iterdir() for f in d.iterdir()]
+        blob = next(f for f in blobs if f.stat().st_size == 100_028 and f.read_bytes())
+        raw = bytearray(blob.read_bytes())
+        raw[5000] ^= 0x40
+        blob.write_bytes(bytes(raw))
+        m.mount()
+        with pytest.raises(OSError) as info:
+            (m.dir / "victim.bin").read_bytes()
+        assert info.value.errno == errno.EIO
+        assert (m.dir / "bystander.txt").read_text() == "untouched"
+        assert "victim.bin" in m.log() and "integrity" in m.log()
+        assert token
+    finally:
+        m.cleanup()
+
+
+def test_wrong_key_is_detected_at_mount(engine, tmp_path):
+    a = Mount(tmp_path / "a", engine.urls)
+    b = Mount(tmp_path / "b", engine.urls, username=a.username, register=False)  # a key of its own
+    try:
+        a.mount()
+        (a.dir / "f").write_text("x")
+        a.wait_idle()
+        a.umount()
+        r = b.mount(check=False)
+        assert r.returncode == 1
+        assert "does not decrypt this vault" in r.stderr and r.stderr.count("\n") == 1
+        assert not os.path.ismount(b.dir)
+    finally:
+        b.cleanup()
+        a.cleanup()
+
+
+def test_plaintext_never_touches_cache_staging_or_logs(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "0"))
+    m.mount()
+    canary = b"CANARY-" + os.urandom(6).hex().encode()
+    try:
+        (m.dir / "a.txt").write_bytes(canary * 10)
+        (m.dir / "big.bin").write_bytes((canary + b"\n") * 100_000)
+        with open(m.dir / "pending.txt", "wb") as f:
+            f.write(canary)
+            f.flush()
+            assert (m.dir / "pending.txt").read_bytes() == canary
+            m.wait_idle()
+            assert (m.dir / "big.bin").read_bytes().count(canary) == 100_000
+            dirs = [m.root / "state", m.root / "cache", m.root / "config", m.root / "run", engine.data_dir]
+            for d in dirs:
+                for dirpath, _, files in os.walk(d):
+                    for name in files:
+                        p = os.path.join(dirpath, name)
+                        if os.path.islink(p) or not os.path.isfile(p):
+                            continue
+                        with open(p, "rb") as fh:
+                            assert canary not in fh.read(), p
+    finally:
+        m.cleanup()
+    assert privifs(m.env, "status", check=False).returncode == 0
