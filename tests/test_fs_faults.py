@@ -85,20 +85,21 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         eng.stop()
 
 
-def test_rejected_upload_fails_fsync_and_keeps_the_data(eng, tmp_path):
+@pytest.mark.parametrize("reason,code", [("policy.rejected", errno.EIO), ("policy.access_denied", errno.EACCES)])
+def test_rejected_upload_fails_fsync_and_keeps_the_data(eng, tmp_path, reason, code):
     m = Mount(tmp_path, eng.urls, mount_args=("--fsync-timeout", "20"))
     m.mount()
     try:
-        eng.set_options(reject="reserve-token-space")
+        eng.set_options(reject="reserve-token-space", reject_reason=reason)
         fd = os.open(m.dir / "precious.txt", os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, b"do not lose me")
         with pytest.raises(OSError) as info:
             os.fsync(fd)
-        assert info.value.errno in (errno.EIO, errno.EACCES)
+        assert info.value.errno == code
         os.close(fd)
         assert (m.dir / "precious.txt").read_text() == "do not lose me"
-        assert "policy.rejected" in m.log()
-        assert any("policy.rejected" in p["state"] for p in m.status()["pending"])
+        assert reason in m.log()
+        assert any(reason in p["state"] for p in m.status()["pending"])
         eng.set_options(reject="")
         m.wait_idle()
         assert ("/", "precious.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
