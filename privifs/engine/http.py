@@ -120,8 +120,9 @@ DRAIN_LIMIT = 16 * 1024 * 1024
 
 
 async def drain(request: Request, *, partly_read: bool = False) -> None:
-    """Read and discard an unread request body (up to a limit) so an early error answer reaches
-    a client that is still sending; beyond the limit the connection is simply closed."""
+    """Read and discard an unread request body (up to a limit), so an early answer reaches a
+    client that is still sending and the connection can be reused; beyond the limit the
+    connection is closed."""
     if not partly_read and (getattr(request.state, "body_started", False) or request.method in ("GET", "HEAD")):
         return
     request.state.body_started = True
@@ -236,12 +237,15 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
         if opts.latency_ms:
             await trio.sleep(opts.latency_ms / 1000)
         if opts.chance(opts.fail_rate):
+            await drain(request)
             return JSONResponse({"status": 503, "message": "injected failure"}, status_code=503)
         try:
             response = await handler(request)
         except ApiError as exc:
-            await drain(request)
-            return exc.response()
+            response = exc.response()
+        # hypercorn closes a connection whose request body was not read before the answer, and a
+        # client reusing it then sees "disconnected without a response": always read it
+        await drain(request)
         if opts.chance(opts.fail_after_rate):
             return JSONResponse({"status": 502, "message": "injected failure after processing"},
                                 status_code=502)
