@@ -122,3 +122,26 @@ class CommandPending(VaultError):
     def __init__(self, message: str, *, command_id: str):
         super().__init__(message)
         self.command_id = command_id
+
+
+class single_error:
+    """Context manager: re-raise the one exception inside a trio exception group as itself, so
+    callers can catch the errors of this hierarchy by type through nurseries."""
+
+    def __enter__(self) -> "single_error":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves = list(_leaves(exc))
+            if len(leaves) == 1:
+                raise leaves[0] from None
+        return False
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

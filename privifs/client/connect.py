@@ -13,6 +13,7 @@ from privifs.client.events import Commands, EventHub
 from privifs.client.session import Credentials, Session
 from privifs.client.transport import ClientOptions, Endpoints, Transport
 from privifs.client.vault import Vault
+from privifs.errors import single_error
 
 
 @dataclass
@@ -42,13 +43,14 @@ async def connect(endpoints: Endpoints, credentials: Credentials, options: Clien
         session.await_command = lambda cid: commands.wait(cid, what="reauthorize")
         client = Client(endpoints, options, transport, session, hub, commands,
                         DataTokens(transport, commands, hub, options))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(hub.run)
-            nursery.start_soon(session.keep_fresh)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                await nursery.start(hub.run)
+                nursery.start_soon(session.keep_fresh)
+                try:
+                    yield client
+                finally:
+                    nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             if revoke_on_close:

@@ -227,7 +227,7 @@ class DataTokens:
                     err = self.transport.error_for(resp, "download")
                     # a used or expired downstream authorization: ask for the data again
                     raise ServerError(f"{err}; requesting the data again", status=resp.status_code)
-                yield _decode_download(resp.aiter_raw(DOWNLOAD_CHUNK), resp.headers.get("content-length"), wire_size)
+                yield _decode_download(resp.aiter_raw(), resp.headers.get("content-length"), wire_size)
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"download from the downstream server failed ({type(exc).__name__}: {exc})") from None
 

@@ -139,15 +139,15 @@ class SealedFile:
         except InvalidTag:
             raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
 
-    def write_chunk(self, index: int, data: bytes) -> None:
+    def write_chunk(self, index: int, data: bytes | memoryview) -> None:
         nonce = os.urandom(12)
         length = len(data)
-        record = nonce + length.to_bytes(4, "little") + self._aead.encrypt(nonce, data, self._aad(index, length))
+        sealed = self._aead.encrypt(nonce, data, self._aad(index, length))
         try:
-            n = os.pwrite(self.fd, record, HEADER + index * SLOT)
+            n = os.pwritev(self.fd, (nonce + length.to_bytes(4, "little"), sealed), HEADER + index * SLOT)
         except OSError as exc:
             raise _oserror(exc, f"writing {self.path}") from None
-        if n != len(record):
+        if n != PREFIX + len(sealed):
             raise DiskFullError(f"short write to {self.path}")
 
     # -- byte ranges -----------------------------------------------------------------------

@@ -78,12 +78,19 @@ class StreamOpener:
             iv, data = self._head[:IV_SIZE], self._head[IV_SIZE:]
             self._head = b""
             self._dec = Cipher(algorithms.AES(self._key), modes.GCM(iv)).decryptor()
-        buf = self._tail + data if self._tail else data
-        if len(buf) <= TAG_SIZE:
-            self._tail = bytes(buf)
-            return b""
-        self._tail = bytes(buf[-TAG_SIZE:])
-        return self._dec.update(buf[:-TAG_SIZE])
+        if len(data) <= TAG_SIZE:
+            buf = self._tail + bytes(data)
+            if len(buf) <= TAG_SIZE:
+                self._tail = buf
+                return b""
+            self._tail = buf[-TAG_SIZE:]
+            return self._dec.update(buf[:-TAG_SIZE])
+        # the held-back tail is ciphertext after all; the last 16 bytes of ``data`` are held now
+        view = memoryview(data)
+        head = self._dec.update(self._tail) if self._tail else b""
+        self._tail = bytes(view[-TAG_SIZE:])
+        body = self._dec.update(view[:-TAG_SIZE])
+        return head + body if head else body
 
     def finalize(self) -> bytes:
         if self._dec is None or len(self._tail) < TAG_SIZE:

@@ -22,6 +22,7 @@ import trio
 
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import CHUNK, SealedFile
+from privifs.errors import single_error
 
 log = logging.getLogger("privifs.fs.cache")
 
@@ -44,34 +45,78 @@ class AdoptingDisk(diskcache.Disk):
 
 
 class SealedSink:
-    """Receives plaintext in arbitrary pieces and writes whole chunks into a sealed file."""
+    """Receives plaintext in arbitrary pieces and writes whole chunks into a sealed file.
 
-    def __init__(self, sealed: SealedFile):
+    Sealing and writing a piece runs on a worker thread while the next piece downloads (one
+    piece in flight), so the network and the disk work at the same time."""
+
+    def __init__(self, sealed: SealedFile, nursery: trio.Nursery):
         self.sealed = sealed
-        self.buf = bytearray()
+        self.nursery = nursery
+        self.pending: list[bytes] = []
+        self.pending_len = 0
         self.index = 0
         self.total = 0
+        self._done: trio.Event | None = None
+        self._error: BaseException | None = None
+
+    def _write(self, index: int, data: bytes) -> None:
+        view = memoryview(data)
+        for off in range(0, len(view), CHUNK):
+            self.sealed.write_chunk(index, view[off:off + CHUNK])
+            index += 1
+
+    async def _job(self, index: int, data: bytes, done: trio.Event) -> None:
+        try:
+            await trio.to_thread.run_sync(self._write, index, data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the next write()/finish()
+            self._error = exc
+        finally:
+            done.set()
+
+    async def _wait(self) -> None:
+        if self._done is not None:
+            await self._done.wait()
+            self._done = None
+        if self._error is not None:
+            raise self._error
+
+    async def _submit(self, index: int, data: bytes) -> None:
+        await self._wait()
+        self._done = trio.Event()
+        self.nursery.start_soon(self._job, index, data, self._done)
 
     async def reset(self) -> None:
-        self.buf.clear()
+        await self._wait()
+        self.pending.clear()
+        self.pending_len = 0
         self.index = 0
         self.total = 0
         self.sealed.truncate(0)
 
-    async def write(self, data: bytes) -> None:
-        self.buf += data
-        self.total += len(data)
-        while len(self.buf) >= CHUNK:
-            self.sealed.write_chunk(self.index, bytes(self.buf[:CHUNK]))
-            del self.buf[:CHUNK]
-            self.index += 1
-        if len(self.buf) == 0:
-            await trio.lowlevel.checkpoint()
+    BATCH = 16 * CHUNK
 
-    def finish(self) -> None:
-        if self.buf:
-            self.sealed.write_chunk(self.index, bytes(self.buf))  # a short last chunk
-            self.buf.clear()
+    async def write(self, data: bytes) -> None:
+        self.total += len(data)
+        self.pending.append(data)
+        self.pending_len += len(data)
+        if self.pending_len < self.BATCH:
+            return
+        data = b"".join(self.pending)
+        self.pending.clear()
+        whole = len(data) - len(data) % CHUNK
+        self.pending_len = len(data) - whole
+        if self.pending_len:
+            self.pending.append(data[whole:])
+        await self._submit(self.index, data[:whole] if whole < len(data) else data)
+        self.index += whole // CHUNK
+
+    async def finish(self) -> None:
+        if self.pending:
+            await self._submit(self.index, b"".join(self.pending))  # ends with a short chunk
+            self.pending.clear()
+            self.pending_len = 0
+        await self._wait()
         self.sealed.size = self.total
         self.sealed.write_header()
 
@@ -127,10 +172,12 @@ class ContentCache:
         path = self.incoming / secrets.token_hex(12)
         sealed = SealedFile.create(path, self._key)
         try:
-            sink = SealedSink(sealed)
             self.downloads += 1
-            await vault.get(token, sink, size=size)
-            sink.finish()
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    sink = SealedSink(sealed, nursery)
+                    await vault.get(token, sink, size=size)
+                    await sink.finish()
             if os.path.getsize(path) > self.size_limit:
                 # larger than the whole cache: serve this reader from a private, unlinked copy
                 path.unlink()

@@ -209,6 +209,7 @@ class Daemon:
                     control = await nursery.start(self._control_server)
                     self._register(control)
                     nursery.start_soon(self._signals)
+                    nursery.start_soon(self._tune_readahead)
                     ready(f"mounted {self.cfg.server_label()} at {self.mountpoint}")
                     log.info("mounted at %s", self.mountpoint)
                     try:
@@ -236,6 +237,17 @@ class Daemon:
             async for _ in signals:
                 log.info("signal received: unmounting")
                 self.unmount()
+
+    async def _tune_readahead(self) -> None:
+        """Ask the kernel to read ahead 1 MiB on this mount (fewer, larger FUSE reads); needs
+        root, silently skipped otherwise. The stat runs on a worker thread: this loop must stay
+        free to answer the FUSE request it causes."""
+        try:
+            st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+            bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+            await trio.to_thread.run_sync(bdi.write_text, "1024\n")
+        except OSError as exc:
+            log.debug("read-ahead left at the kernel default: %s", exc)
 
     def unmount(self) -> None:
         if self.mounted and not self._unmounting:

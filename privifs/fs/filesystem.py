@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
+import trio
 
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, PrivifsError
@@ -92,6 +93,11 @@ class Filesystem:
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, list[tuple[int, int]]] = {}
         self._next_fh = 1
+        self.last_activity = 0.0
+
+    def note_activity(self) -> None:
+        """A FUSE request arrived: background write-back yields while requests keep coming."""
+        self.last_activity = trio.current_time()
 
     # -- helpers ---------------------------------------------------------------------------
     def node(self, ino: int) -> Node:

@@ -18,6 +18,7 @@ log = logging.getLogger("privifs.fs")
 def handler(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args, **kwargs):
+        self.fs.note_activity()
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:

@@ -49,6 +49,8 @@ log = logging.getLogger("privifs.fs.sync")
 
 PIECE_CHUNKS = 16  # 1 MiB of plaintext per upload piece
 MAX_BACKOFF = 300.0
+QUIET = 0.3        # write-back starts once the mount has had no request for this long …
+MAX_DEFER = 30.0   # … or once a change has waited this long, however busy the mount is
 
 
 def desired_naming(node: Node) -> tuple[str, str]:
@@ -128,6 +130,7 @@ class Syncer:
                 self._nursery.start_soon(self._later, ino, wait)
                 continue
             self._busy.add(ino)
+            await self._yield_to_foreground(ino)
             try:
                 await self.reconcile(node)
             except Exception as exc:  # noqa: BLE001 - write-back must outlive any bug or local failure
@@ -138,6 +141,17 @@ class Syncer:
             if ino in self._again:
                 self._again.discard(ino)
                 self.schedule(node)
+
+    async def _yield_to_foreground(self, ino: int | None = None) -> None:
+        """Background work waits while the mount is busy (requests arriving), so a burst of
+        work (untar, git, a build) runs at local speed; it never waits longer than MAX_DEFER
+        and never when an fsync asks for this node."""
+        start = trio.current_time()
+        while not (ino is not None and self._fsync[ino]) and trio.current_time() - start < MAX_DEFER:
+            quiet_for = trio.current_time() - self.fs.last_activity
+            if quiet_for >= QUIET:
+                return
+            await trio.sleep(QUIET - quiet_for)
 
     async def _later(self, ino: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -354,6 +368,7 @@ class Syncer:
     async def _tombstone_loop(self) -> None:
         failures = 0
         while True:
+            await self._yield_to_foreground()
             tokens = list(self.index.tombstones())
             failed = False
             if tokens:
