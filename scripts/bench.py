@@ -16,20 +16,19 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.measure import PeakRss  # noqa: E402
 PY = sys.executable
 MiB = 1024 * 1024
 WAIT = 300
@@ -64,31 +63,14 @@ def force_unmount(path: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, timeout=60)
 
 
-class PeakRss:
-    """Peak resident memory of a set of processes (sampled every 50 ms)."""
-
-    def __init__(self, pids: dict[str, int]):
-        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
-        self.peak = {name: 0 for name in pids}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for name, p in self.procs.items():
-                try:
-                    self.peak[name] = max(self.peak[name], p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+def _reap(proc: subprocess.Popen | None) -> None:
+    """Wait for a filesystem process after its unmount; kill it if it does not exit."""
+    if proc is not None:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 # -- contenders ----------------------------------------------------------------------------------
@@ -147,11 +129,7 @@ class Passthrough(Contender):
 
     def stop(self) -> None:
         super().stop()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        _reap(self.proc)
 
     def pids(self) -> dict[str, int]:
         return {"daemon": self.proc.pid}
@@ -210,11 +188,7 @@ class Rclone(Contender):
 
     def stop(self) -> None:
         super().stop()
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        _reap(self.proc)
 
     def settle(self) -> None:
         deadline = time.monotonic() + WAIT

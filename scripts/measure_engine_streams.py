@@ -12,43 +12,17 @@ import hashlib
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.enginekit import EngineProcess, Wire, command_id  # noqa: E402
+from tests.measure import PeakRss  # noqa: E402
 
 CHUNK = 1024 * 1024
-
-
-class PeakRss:
-    def __init__(self, pid: int):
-        self.proc = psutil.Process(pid)
-        self.peak = self.proc.memory_info().rss
-        self.idle = self.peak
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 async def measure(mib: int) -> None:
@@ -96,8 +70,8 @@ async def measure(mib: int) -> None:
             print(f"payload            {mib} MiB")
             print(f"upload             {up_s:6.2f} s   {mib / up_s:7.1f} MiB/s")
             print(f"download           {down_s:6.2f} s   {mib / down_s:7.1f} MiB/s")
-            print(f"engine RSS idle    {rss.idle / 2**20:6.1f} MiB")
-            print(f"engine RSS peak    {rss.peak / 2**20:6.1f} MiB  (limit 150 MiB)")
+            print(f"engine RSS idle    {rss.idle['process'] / 2**20:6.1f} MiB")
+            print(f"engine RSS peak    {rss.peak['process'] / 2**20:6.1f} MiB  (limit 150 MiB)")
             print("checksum           identical")
         finally:
             eng.stop()

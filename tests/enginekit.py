@@ -134,11 +134,15 @@ class Channel:
             self._new.set()
 
     async def wait_for(self, type_: str, id_: str, timeout: float = 10) -> dict:
+        """The first event of this type and id; for command results, the first *outcome*
+        (status 1, "still in flight", is skipped)."""
         with trio.fail_after(timeout):
             while True:
                 for m in self.events:
                     d = m.get("data") or {}
                     if d.get("type") == type_ and (d.get("id") == id_ or d.get("requestId") == id_):
+                        if type_ == "X-DPT-CAB-ID" and d.get("command_status") == 1:
+                            continue
                         return d
                 if self.closed:
                     raise ConnectionError("channel closed")

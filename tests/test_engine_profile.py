@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import hashlib
-import time
 
 import pytest
 import trio
 
 from privifs.crypto.keys import SIGNED_KEY_TAG, generate_identity, verify_signed_public_key
-from tests.enginekit import Wire, command_id
+from tests.enginekit import command_id
 
 
 async def test_health_is_public_and_the_token_variant_needs_a_token(wire):

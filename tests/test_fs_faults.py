@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.enginekit import EngineProcess
-from tests.mountkit import Mount, privifs
+from tests.mountkit import Mount
 from tests.test_fs_persistence import manifest
 
 

@@ -7,41 +7,15 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import threading
-import time
 
-import psutil
 import pytest
 
+from tests.measure import PeakRss
 from tests.mountkit import Mount
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "T",
            "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
 MiB = 1024 * 1024
-
-
-class PeakRss:
-    def __init__(self, pid: int):
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +54,9 @@ def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
                     got.update(chunk)
         assert got.digest() == want.digest()
         assert (m.dir / "big.bin").stat().st_size == 1024 * MiB
-        print(f"daemon peak RSS: copy in {rss_in.peak / MiB:.1f} MiB, copy out {rss_out.peak / MiB:.1f} MiB")
-        assert rss_in.peak < 200 * MiB and rss_out.peak < 200 * MiB
+        peak_in, peak_out = rss_in.peak["process"], rss_out.peak["process"]
+        print(f"daemon peak RSS: copy in {peak_in / MiB:.1f} MiB, copy out {peak_out / MiB:.1f} MiB")
+        assert peak_in < 200 * MiB and peak_out < 200 * MiB
     finally:
         m.cleanup()
 

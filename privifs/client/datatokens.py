@@ -54,14 +54,39 @@ class DataTokens:
         self.commands = commands
         self.hub = hub
         self.options = options
+        self._held: dict[str, list[str]] = {}
 
     # -- store ---------------------------------------------------------------------------------
     async def reserve(self, context: str) -> shapes.TemporaryToken:
+        """A temporary token for ``context``. A reservation an earlier attempt left in flight (held
+        by a vote, say) is resumed rather than asked for again, so one store never opens several
+        votes."""
+        for cid in list(self._held.get(context, [])):
+            try:
+                state = await self.commands.poll(cid)
+            except NotFoundError:
+                state = None
+            if state is not None and state.pending:
+                raise CommandPending(f"reserving token space is still waiting for the server (command {cid}; "
+                                     f"a vote may be holding it)", command_id=cid)
+            self._held[context].remove(cid)
+            if state is not None and state.status == 2:
+                return await self._temporary(cid)
+            if state is not None:
+                raise CommandRejected(f"reserve token space was rejected by the server: {state.reason}",
+                                      command_id=cid, reason=state.reason)
         resp = await self.transport.call("POST", "/data-token/reserve-token-space",
                                          data={"context": context, "ttl": "5"}, idempotent=True,
                                          expected=(202, 200), what="reserve token space")
         cid = shapes.command_id(resp)
-        await self.commands.wait(cid, what="reserve token space")
+        try:
+            await self.commands.wait(cid, what="reserve token space")
+        except CommandPending:
+            self._held.setdefault(context, []).append(cid)
+            raise
+        return await self._temporary(cid)
+
+    async def _temporary(self, cid: str) -> shapes.TemporaryToken:
         for attempt in range(6):
             resp = await self.transport.call("GET", f"/data-token/retrieve-temporary-data-token/{cid}",
                                              idempotent=True, expected=(200, 404), what="retrieve temporary token")

@@ -302,25 +302,27 @@ class Commands:
                 if result:
                     return shapes.ws_status(result[0])
             # no ack in this window, or the channel changed: ask for the status
-            try:
-                state = await self.poll(command_id)
-                if not state.pending:
-                    return state
-            except VaultError as exc:
-                if not exc.transient:
-                    raise
+            state = await self._poll_settled(command_id)
+            if state is not None:
+                return state
             if self.hub.generation == generation:
                 ack_window = min(ack_window * 2, 8.0)
             generation = self.hub.generation
+        state = await self._poll_settled(command_id)
+        if state is not None:
+            return state
+        raise CommandPending(f"command {command_id} is still in flight after {timeout:.0f}s; it may still "
+                             f"complete — its status can be polled", command_id=command_id)
+
+    async def _poll_settled(self, command_id: str) -> shapes.CommandState | None:
+        """The command's final state, or None while it is in flight or the poll failed transiently."""
         try:
             state = await self.poll(command_id)
-            if not state.pending:
-                return state
         except VaultError as exc:
             if not exc.transient:
                 raise
-        raise CommandPending(f"command {command_id} is still in flight after {timeout:.0f}s; it may still "
-                             f"complete — its status can be polled", command_id=command_id)
+            return None
+        return None if state.pending else state
 
     async def wait_all(self, ids: Iterable[str]) -> None:
         async with trio.open_nursery() as n:

@@ -48,6 +48,9 @@ class Outcome:
 
 
 Applier = Callable[[sqlite3.Connection, dict[str, Any], str | None, str], Outcome | None]
+# A gate decides, inside the applying transaction, whether a command may be applied now; a held
+# command keeps status 1 until :meth:`CommandRunner.release` or :meth:`CommandRunner.finish`.
+Gate = Callable[[sqlite3.Connection, str, str | None, str], bool]
 
 
 class CommandRunner:
@@ -56,8 +59,11 @@ class CommandRunner:
         self.hub = hub
         self.opts = opts
         self.appliers: dict[str, Applier] = {}
+        self.gate: Gate | None = None
+        self.after_hold: Callable[[str | None, str], None] | None = None
         self._send, self._recv = trio.open_memory_channel[str](10**6)
         self._nursery: trio.Nursery | None = None
+        self._held: list[tuple[str | None, str]] = []
 
     def register(self, kind: str, applier: Applier) -> None:
         self.appliers[kind] = applier
@@ -109,15 +115,20 @@ class CommandRunner:
 
     async def _apply_batch(self, ids: list[str]) -> None:
         results: list[tuple[str, str | None, int, Any, Outcome | None]] = []
+        held: list[tuple[str | None, str]] = []
 
         def work(conn: sqlite3.Connection) -> None:
             results.clear()
+            held.clear()
             for cid in ids:
                 row = conn.execute("SELECT profile_id, kind, params, status FROM commands WHERE id = ?",
                                    (cid,)).fetchone()
                 if row is None or row["status"] != STARTED:
                     continue
                 kind, profile_id = row["kind"], row["profile_id"]
+                if self.gate is not None and not self.gate(conn, kind, profile_id, cid):
+                    held.append((profile_id, cid))
+                    continue  # waits for a vote: stays at status 1
                 status, body, outcome = SUCCEEDED, None, None
                 conn.execute("SAVEPOINT cmd")
                 try:
@@ -140,11 +151,32 @@ class CommandRunner:
                 results.append((cid, profile_id, status, body, outcome))
 
         await self.db.write(work)
+        for profile_id, cid in held:
+            self._push(profile_id, cid, STARTED, "voting.pending")
+            if self.after_hold is not None:
+                self.after_hold(profile_id, cid)
         for cid, profile_id, status, body, outcome in results:
             if outcome is not None:
                 for fn in outcome.after_commit:
                     fn()
             self._push(profile_id, cid, status, body, outcome.events if outcome else [])
+
+    def release(self, command_id: str) -> None:
+        """A held command may now be applied (its vote passed)."""
+        self._send.send_nowait(command_id)
+
+    async def finish(self, command_id: str, status: int, body: Any) -> None:
+        """End a held command without applying it (its vote failed or timed out)."""
+        def work(conn: sqlite3.Connection):
+            row = conn.execute("SELECT profile_id FROM commands WHERE id = ? AND status = 1", (command_id,)).fetchone()
+            if row is not None:
+                conn.execute("UPDATE commands SET status = ?, body = ?, finished_at = ? WHERE id = ?",
+                             (status, body, time.time(), command_id))
+            return row
+
+        row = await self.db.write(work)
+        if row is not None:
+            self._push(row["profile_id"], command_id, status, body)
 
     def _push(self, profile_id: str | None, cid: str, status: int, body: Any,
               events: list[dict[str, Any]] | None = None) -> None:

@@ -71,7 +71,21 @@ class Engine:
         cab_private = self._secret_file("cab-identity.key", lambda: generate_identity()[0].hex().encode())
         self.cab_public_key = identity_public_key(bytes.fromhex(cab_private))
         self.urls: dict[str, str] = {}
+        self.nursery: trio.Nursery | None = None
+        self.background: list = []  # async callables run for the engine's lifetime
         self._sweep_orphan_blobs()
+        from privifs.engine.routes_device import StorageDevices
+        self.storage = StorageDevices(self)
+
+    def spawn(self, fn, *args) -> None:
+        """Run ``fn(*args)`` in the background (logged if it fails)."""
+        async def guarded() -> None:
+            try:
+                await fn(*args)
+            except Exception:  # noqa: BLE001 - background work must not stop the engine
+                log.exception("background task %s failed", getattr(fn, "__name__", fn))
+        if self.nursery is not None:
+            self.nursery.start_soon(guarded)
 
     def _secret_file(self, name: str, make) -> str:
         path = self.data_dir / name

@@ -121,6 +121,61 @@ CREATE TABLE IF NOT EXISTS oauth_refresh (
     expires_at REAL NOT NULL,
     used INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    command_id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    storage INTEGER NOT NULL DEFAULT 0,
+    authenticator INTEGER NOT NULL DEFAULT 0,
+    meta TEXT NOT NULL DEFAULT '{}',
+    public_key TEXT,
+    created_at REAL NOT NULL,
+    storage_since REAL
+);
+CREATE TABLE IF NOT EXISTS voting_configs (
+    id TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    time_limit INTEGER NOT NULL,
+    device_ids TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE(profile_id, name)
+);
+CREATE TABLE IF NOT EXISTS policies (
+    id TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    template_id TEXT NOT NULL,
+    event_ids TEXT NOT NULL,
+    voting_config_id TEXT NOT NULL,
+    configuration TEXT NOT NULL,
+    active INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    UNIQUE(profile_id, name)
+);
+CREATE TABLE IF NOT EXISTS pools (
+    id TEXT PRIMARY KEY,
+    profile_id TEXT NOT NULL,
+    command_id TEXT NOT NULL UNIQUE,
+    policy_id TEXT NOT NULL,
+    voting_config_id TEXT NOT NULL,
+    voters TEXT NOT NULL,
+    required INTEGER NOT NULL,
+    strategy TEXT NOT NULL,
+    deadline REAL NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ballots (
+    pool_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (pool_id, device_id)
+);
 CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -36,6 +36,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "oauth_accept_shape": ("body", "empty"),
     # reservation ttl unit: minutes (API) or seconds (guides)
     "ttl_unit": ("minutes", "seconds"),
+    # retrieve-unique-identifier: {"deviceIdentifier"} (live), a bare string, or {"deviceId"} (guides)
+    "device_id_shape": ("identifier", "string", "guide"),
 }
 
 COMMAND_KINDS = (
@@ -43,6 +45,9 @@ COMMAND_KINDS = (
     "register-public-key", "reserve-token-space", "exchange-data-for-token",
     "update-data-token", "configure-information-security-risk-meta", "delete-data",
     "request-data", "oauth-application-register", "oauth-application-request-authorization-code",
+    "request-unique-identifier", "approve-device", "reject-device", "configure-device-meta", "remove-device",
+    "register-storage-device", "remove-storage-device", "register-authenticator",
+    "register-voting-configuration", "register-policy", "activate-policy", "deactivate-policy",
 )
 
 
@@ -88,6 +93,7 @@ class EngineOptions:
     unkeyed_auth: str = "deny"
     oauth_accept_shape: str = "body"
     ttl_unit: str = "minutes"
+    device_id_shape: str = "identifier"
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found,
+from privifs.engine.http import (Form, command_accepted, guarded, invalid, iso, not_found,
                                  query_form, read_form)
 
 LIST_FILTERS = {
@@ -171,6 +171,7 @@ def routes(engine: Engine) -> list[Route]:
                 return permanent
 
             token = await db.write(promote)
+            engine.spawn(engine.storage.fan_out, who.profile_id, token, row["blob_id"])
         else:
             token = row["promoted_token"]
         return JSONResponse(token if opts.file_meta_shape == "string" else {"token": token})
@@ -307,6 +308,7 @@ def routes(engine: Engine) -> list[Route]:
         conn.execute("DELETE FROM downstream WHERE token = ?", (params["token"],))
         out = Outcome()
         out.after_commit.append(lambda: engine.blobs.delete(row["blob_id"]))
+        out.after_commit.append(lambda: engine.storage.remove_copies(profile_id, params["token"]))
         return out
 
     runner = engine.runner

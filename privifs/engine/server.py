@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from privifs.engine import routes_datatoken, routes_oauth, routes_profile, routes_utility
+from privifs.engine import (routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility,
+                            routes_voting)
 from privifs.engine.core import Engine
 from privifs.engine.http import read_body
 from privifs.engine.options import EngineOptions
@@ -76,7 +77,8 @@ def admin_routes(engine: Engine) -> list[Route]:
 
 def api_app(engine: Engine) -> Starlette:
     routes = (routes_utility.routes(engine) + routes_profile.routes(engine) + routes_datatoken.routes(engine)
-              + routes_oauth.routes(engine) + admin_routes(engine))
+              + routes_oauth.routes(engine) + routes_device.routes(engine) + routes_voting.routes(engine)
+              + admin_routes(engine))
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = {404: "Record Not Found", 405: "Method Not Allowed"}.get(exc.status_code, exc.detail)
@@ -113,8 +115,12 @@ async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: Eng
             "upstream": upstream_app(engine), "downstream": downstream_app(engine)}
     try:
         async with trio.open_nursery() as nursery:
+            engine.nursery = nursery
             await nursery.start(engine.runner.run)
             nursery.start_soon(engine.janitor)
+            for task in engine.background:
+                nursery.start_soon(task)
+            engine.spawn(engine.storage.reconcile)
             nursery.start_soon(_watch_signals, stop)
             async with trio.open_nursery() as servers:
                 for name in SERVERS:

@@ -8,6 +8,7 @@ mix of two versions.
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -53,26 +54,18 @@ class Staging:
     def clone(self, staged: StagedFile) -> StagedFile:
         """A writable copy of a frozen staged file (raw sealed bytes; no decryption)."""
         staged.sealed.sync_header()
-        new_id = secrets.token_hex(12)
-        try:
-            shutil.copyfile(staged.path, self.path(new_id))
-            os.chmod(self.path(new_id), 0o600)
-        except OSError as exc:
-            self.path(new_id).unlink(missing_ok=True)
-            if exc.errno == 28:
-                raise DiskFullError("no space left to copy a file being uploaded") from None
-            raise LocalStoreError(f"cannot copy a staged file: {exc.strerror}") from None
-        return self.open(new_id)
+        return self.from_sealed(staged.path)
 
     def from_sealed(self, source: str) -> StagedFile:
-        """A staged copy of a sealed cache file (same format and key)."""
+        """A staged copy of a sealed file (a cache entry or another staged file: same format and
+        key, copied as it is, never decrypted)."""
         new_id = secrets.token_hex(12)
         try:
             shutil.copyfile(source, self.path(new_id))
             os.chmod(self.path(new_id), 0o600)
         except OSError as exc:
             self.path(new_id).unlink(missing_ok=True)
-            if exc.errno == 28:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError("no space left to stage a file for writing") from None
             raise LocalStoreError(f"cannot stage a file for writing: {exc.strerror}") from None
         return self.open(new_id)

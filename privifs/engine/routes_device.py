@@ -1,0 +1,297 @@
+"""Device and storage groups: devices request an identifier, get approved or rejected, carry
+meta and a configuration bundle, and can be removed; approved devices can be registered as
+storage devices, which then hold a copy of every stored payload of their profile.
+
+A storage device in the engine is a directory, ``<data-dir>/storage/<deviceIdentifier>/``, with
+one file per permanent token. Copies are written after the token is promoted (and for existing
+tokens when a device is registered), deleted with the token, and all of a device's copies go
+when it is removed from storage. Start-up reconciles every device directory with the tokens.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from privifs.crypto.keys import generate_identity
+from privifs.engine.commands import Outcome, Rejected
+from privifs.engine.core import Engine
+from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, read_form)
+
+log = logging.getLogger("privifs.engine.storage")
+
+
+class StorageDevices:
+    """The payload copies kept by storage devices (directories)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.root = engine.data_dir / "storage"
+        self.root.mkdir(exist_ok=True, mode=0o700)
+
+    def device_dir(self, device_id: str) -> Path:
+        return self.root / device_id
+
+    def _devices(self, profile_id: str) -> list[str]:
+        return self.engine.db.read(lambda c: [r[0] for r in c.execute(
+            "SELECT id FROM devices WHERE profile_id = ? AND storage = 1 AND state = 'approved'", (profile_id,))])
+
+    def _copy(self, blob_id: str, device_id: str, token: str) -> None:
+        src = self.engine.blobs.path(blob_id)
+        d = self.device_dir(device_id)
+        d.mkdir(exist_ok=True, mode=0o700)
+        tmp = d / f".{token}.tmp"
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1024 * 1024)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.replace(tmp, d / token)
+        except FileNotFoundError:
+            tmp.unlink(missing_ok=True)  # the token was deleted meanwhile
+
+    async def fan_out(self, profile_id: str, token: str, blob_id: str) -> None:
+        for device_id in self._devices(profile_id):
+            await trio.to_thread.run_sync(self._copy, blob_id, device_id, token)
+
+    def remove_copies(self, profile_id: str, token: str) -> None:
+        for device_id in self._devices(profile_id):
+            (self.device_dir(device_id) / token).unlink(missing_ok=True)
+
+    async def backfill(self, profile_id: str, device_id: str) -> None:
+        rows = self.engine.db.read(lambda c: c.execute(
+            "SELECT token, blob_id FROM data_tokens WHERE profile_id = ?", (profile_id,)).fetchall())
+        for r in rows:
+            if not (self.device_dir(device_id) / r["token"]).exists():
+                await trio.to_thread.run_sync(self._copy, r["blob_id"], device_id, r["token"])
+
+    def drop(self, device_id: str) -> None:
+        shutil.rmtree(self.device_dir(device_id), ignore_errors=True)
+
+    async def reconcile(self) -> None:
+        """Every storage device holds exactly its profile's tokens (after a crash or a restart)."""
+        devices = self.engine.db.read(lambda c: c.execute(
+            "SELECT id, profile_id FROM devices WHERE storage = 1 AND state = 'approved'").fetchall())
+        keep = {r["id"] for r in devices}
+        for d in self.root.iterdir():
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+        for r in devices:
+            tokens = self.engine.db.read(lambda c: {t[0] for t in c.execute(
+                "SELECT token FROM data_tokens WHERE profile_id = ?", (r["profile_id"],))})
+            d = self.device_dir(r["id"])
+            d.mkdir(exist_ok=True, mode=0o700)
+            for f in d.iterdir():
+                if f.name not in tokens:
+                    f.unlink(missing_ok=True)
+            await self.backfill(r["profile_id"], r["id"])
+
+
+def _device_field(form: Form) -> str:
+    value = form.get("deviceIdentifier") if form.get("deviceIdentifier") is not None else form.get("deviceId")
+    if not value:
+        raise invalid("deviceIdentifier", "this field is required")
+    return Form._check("deviceIdentifier", value, 128, False)
+
+
+def routes(engine: Engine) -> list[Route]:
+    opts = engine.opts
+    db = engine.db
+    storage = engine.storage
+
+    def owned_device(profile_id: str, device_id: str) -> sqlite3.Row:
+        row = db.read(lambda c: c.execute("SELECT * FROM devices WHERE id = ? AND profile_id = ?",
+                                          (device_id, profile_id)).fetchone())
+        if row is None:
+            raise not_found()
+        return row
+
+    def record(row: sqlite3.Row) -> dict:
+        roles = [r for r, on in (("storage", row["storage"]), ("authenticator", row["authenticator"])) if on]
+        return {"deviceIdentifier": row["id"], "name": row["name"], "type": roles[0] if roles else "device",
+                "roles": roles, "approvalState": row["state"], "meta": json.loads(row["meta"]),
+                "createdAt": iso(row["created_at"])}
+
+    # -- devices -------------------------------------------------------------------------------
+    async def request_identifier(request: Request) -> Response:
+        who = engine.principal(request)
+        form = await read_form(request)
+        name = form.required("deviceName", max_len=256)
+        cid = await engine.runner.submit("request-unique-identifier", who.profile_id, {"name": name})
+        return command_accepted(opts, "request-unique-identifier", cid)
+
+    def apply_request(conn, params, profile_id, cid) -> Outcome:
+        _, public = generate_identity()
+        conn.execute("INSERT INTO devices (id, profile_id, command_id, name, state, public_key, created_at)"
+                     " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                     ("dev-" + secrets.token_hex(10), profile_id, cid, params["name"], public, time.time()))
+        return Outcome()
+
+    async def retrieve_identifier(request: Request) -> Response:
+        who = engine.principal(request)
+        cid = request.path_params.get("command_id") or (await read_form(request)).required("id", max_len=256)
+        row = db.read(lambda c: c.execute("SELECT id FROM devices WHERE command_id = ? AND profile_id = ?",
+                                          (cid, who.profile_id)).fetchone())
+        if row is None:
+            raise not_found()
+        if opts.device_id_shape == "string":
+            return JSONResponse(row["id"])
+        if opts.device_id_shape == "guide" or "command_id" in request.path_params:
+            return JSONResponse({"deviceId": row["id"]})
+        return JSONResponse({"deviceIdentifier": row["id"]})
+
+    async def list_devices(request: Request) -> Response:
+        who = engine.principal(request)
+        rows = db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? ORDER BY created_at",
+                                           (who.profile_id,)).fetchall())
+        return JSONResponse([record(r) for r in rows])
+
+    def device_command(kind: str, check=None):
+        async def handler(request: Request) -> Response:
+            who = engine.principal(request)
+            form = await read_form(request)
+            device_id = _device_field(form)
+            row = owned_device(who.profile_id, device_id)
+            params = {"device": device_id}
+            if check is not None:
+                params.update(check(form, row))
+            cid = await engine.runner.submit(kind, who.profile_id, params)
+            return command_accepted(opts, kind, cid)
+        return handler
+
+    def meta_params(form: Form, row) -> dict:
+        name = form.get("name") if form.get("name") is not None else form.get("displayName")
+        tags = form.get("tags")
+        if name is None and tags is None:
+            raise invalid("name", "name (or displayName) or tags is required")
+        if name is not None:
+            Form._check("name", name, 256, False)
+        if tags is not None:
+            Form._check("tags", tags, 1024, True)
+        return {"name": name, "tags": tags}
+
+    def set_state(state: str):
+        def apply(conn, params, profile_id, cid) -> Outcome:
+            row = conn.execute("SELECT state FROM devices WHERE id = ? AND profile_id = ?",
+                               (params["device"], profile_id)).fetchone()
+            if row is None:
+                raise Rejected("device.not_found")
+            if row["state"] != "pending" and row["state"] != state:
+                raise Rejected(f"device.already_{row['state']}")
+            conn.execute("UPDATE devices SET state = ? WHERE id = ?", (state, params["device"]))
+            return Outcome()
+        return apply
+
+    def apply_meta(conn, params, profile_id, cid) -> Outcome:
+        row = conn.execute("SELECT meta FROM devices WHERE id = ? AND profile_id = ?",
+                           (params["device"], profile_id)).fetchone()
+        if row is None:
+            raise Rejected("device.not_found")
+        meta = json.loads(row["meta"])
+        if params.get("tags") is not None:
+            meta["tags"] = params["tags"]
+        conn.execute("UPDATE devices SET meta = ? WHERE id = ?", (json.dumps(meta), params["device"]))
+        if params.get("name") is not None:
+            conn.execute("UPDATE devices SET name = ? WHERE id = ?", (params["name"], params["device"]))
+        return Outcome()
+
+    def apply_remove(conn, params, profile_id, cid) -> Outcome:
+        cur = conn.execute("DELETE FROM devices WHERE id = ? AND profile_id = ?", (params["device"], profile_id))
+        if cur.rowcount == 0:
+            raise Rejected("device.not_found")
+        out = Outcome()
+        out.after_commit.append(lambda: storage.drop(params["device"]))
+        return out
+
+    async def download_configuration(request: Request) -> Response:
+        who = engine.principal(request)
+        form = await read_form(request)
+        row = owned_device(who.profile_id, _device_field(form))
+        if row["state"] != "approved":
+            raise ApiError(422, "device.not_approved", {"deviceIdentifier": ["the device is not approved"]})
+        # the engine has no message bus: the bundle says where this device's copies live instead
+        password = secrets.token_urlsafe(24)
+        return JSONResponse({
+            "deviceIdentifier": row["id"], "publicKey": row["public_key"],
+            "amqp": {"host": "127.0.0.1", "port": None, "vhost": f"/privicore/{who.profile_id}",
+                     "username": row["id"], "password": password, "routingKey": f"device.{row['id']}"},
+            "storage": {"kind": "local-directory", "path": str(storage.device_dir(row["id"]))},
+        })
+
+    # -- storage ---------------------------------------------------------------------------------
+    def storage_check(form: Form, row) -> dict:
+        return {}
+
+    def apply_storage_register(conn, params, profile_id, cid) -> Outcome:
+        row = conn.execute("SELECT state, storage FROM devices WHERE id = ? AND profile_id = ?",
+                           (params["device"], profile_id)).fetchone()
+        if row is None:
+            raise Rejected("device.not_found")
+        if row["state"] != "approved":
+            raise Rejected("device.not_approved")
+        conn.execute("UPDATE devices SET storage = 1, storage_since = ? WHERE id = ?", (time.time(), params["device"]))
+        out = Outcome()
+        out.after_commit.append(lambda: engine.spawn(storage.backfill, profile_id, params["device"]))
+        return out
+
+    def apply_storage_remove(conn, params, profile_id, cid) -> Outcome:
+        cur = conn.execute("UPDATE devices SET storage = 0, storage_since = NULL WHERE id = ? AND profile_id = ?"
+                           " AND storage = 1", (params["device"], profile_id))
+        if cur.rowcount == 0:
+            raise Rejected("storage.not_registered")
+        out = Outcome()
+        out.after_commit.append(lambda: storage.drop(params["device"]))
+        return out
+
+    async def list_storage(request: Request) -> Response:
+        who = engine.principal(request)
+        rows = db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? AND storage = 1 ORDER BY"
+                                           " storage_since", (who.profile_id,)).fetchall())
+        out = []
+        for r in rows:
+            d = storage.device_dir(r["id"])
+            copies = sum(1 for f in d.iterdir() if not f.name.startswith(".")) if d.exists() else 0
+            out.append({**record(r), "registeredAt": iso(r["storage_since"]), "copies": copies})
+        return JSONResponse(out)
+
+    runner = engine.runner
+    runner.register("request-unique-identifier", apply_request)
+    runner.register("approve-device", set_state("approved"))
+    runner.register("reject-device", set_state("rejected"))
+    runner.register("configure-device-meta", apply_meta)
+    runner.register("remove-device", apply_remove)
+    runner.register("register-storage-device", apply_storage_register)
+    runner.register("remove-storage-device", apply_storage_remove)
+
+    g = lambda h: guarded(opts, h)  # noqa: E731
+    return [
+        Route("/device/request-unique-identifier", g(request_identifier), methods=["POST"]),
+        Route("/device/request-device-id", g(request_identifier), methods=["POST"]),
+        Route("/device/retrieve-unique-identifier", g(retrieve_identifier), methods=["POST"]),
+        Route("/device/retrieve-device-id/{command_id}", g(retrieve_identifier), methods=["GET"]),
+        Route("/device/retrieve-profile-devices", g(list_devices), methods=["GET"]),
+        Route("/device/configure-meta", g(device_command("configure-device-meta", meta_params)), methods=["POST"]),
+        Route("/device/configure-device-meta", g(device_command("configure-device-meta", meta_params)),
+              methods=["POST"]),
+        Route("/device/approve-device", g(device_command("approve-device")), methods=["POST"]),
+        Route("/device/reject-device", g(device_command("reject-device")), methods=["POST"]),
+        Route("/device/download-device-configuration", g(download_configuration), methods=["POST"]),
+        Route("/device/remove", g(device_command("remove-device")), methods=["POST"]),
+        Route("/device/remove-device", g(device_command("remove-device")), methods=["POST"]),
+        Route("/storage/register", g(device_command("register-storage-device", storage_check)), methods=["POST"]),
+        Route("/storage/register-storage-device", g(device_command("register-storage-device", storage_check)),
+              methods=["POST"]),
+        Route("/storage/list-storage-devices", g(list_storage), methods=["GET"]),
+        Route("/storage/remove", g(device_command("remove-storage-device")), methods=["POST"]),
+        Route("/storage/remove-storage", g(device_command("remove-storage-device")), methods=["POST"]),
+    ]

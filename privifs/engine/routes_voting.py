@@ -1,0 +1,385 @@
+"""Verified authenticators, voting configurations, voting pools and policies.
+
+An approved device registered as a *verified authenticator* can vote. A *voting configuration*
+names its voters (none listed: every authenticator of the profile), a strategy and a time limit.
+A *policy* made from a template binds events of that template to a voting configuration; while
+it is active, a command raising one of those events is **gated**: it keeps status 1 and a voting
+pool opens (a ``VOTING-BALLOT`` message goes to the profile's channels). When the pool approves,
+the command is applied and acknowledged as usual (a late ``X-DPT-CAB-ID`` with status 2); when a
+vote rejects it, or the time limit passes, it ends with status 3 and ``voting.rejected`` or
+``voting.time_limit_exceeded``.
+
+The reference documents no endpoint for casting a vote (devices vote over the message bus), so
+the engine adds ``POST /voting/cast-vote`` and ``GET /voting/list-pools`` (see docs/engine.md).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+
+import trio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from privifs.engine.commands import REJECTED, Outcome, Rejected
+from privifs.engine.core import Engine
+from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, read_form)
+from privifs.engine.routes_device import _device_field
+
+STRATEGIES = ("unanimous", "majority", "any")
+TEMPLATES = {
+    "tpl-data-governance": {
+        "name": "Data governance",
+        "description": "Hold data-token operations until the profile's verified authenticators approve them.",
+        "events": {"1": "data.reserve", "2": "data.exchange", "3": "data.request", "4": "data.update",
+                   "5": "data.delete"},
+    },
+}
+EVENT_KINDS = {
+    "data.reserve": ("reserve-token-space",),
+    "data.exchange": ("exchange-data-for-token",),
+    "data.request": ("request-data",),
+    "data.update": ("update-data-token", "configure-information-security-risk-meta"),
+    "data.delete": ("delete-data",),
+}
+
+
+def required_votes(strategy: str, voters: int) -> int:
+    return {"unanimous": voters, "majority": voters // 2 + 1, "any": 1}[strategy]
+
+
+def routes(engine: Engine) -> list[Route]:
+    opts = engine.opts
+    db = engine.db
+    runner = engine.runner
+
+    # -- gating (called by the command runner inside its transaction) -----------------------------
+    def gate(conn: sqlite3.Connection, kind: str, profile_id: str | None, cid: str) -> bool:
+        if profile_id is None:
+            return True
+        pool = conn.execute("SELECT status FROM pools WHERE command_id = ?", (cid,)).fetchone()
+        if pool is not None:
+            return pool["status"] == "approved"
+        for policy in conn.execute("SELECT * FROM policies WHERE profile_id = ? AND active = 1", (profile_id,)):
+            template = TEMPLATES.get(policy["template_id"], {"events": {}})
+            events = {template["events"].get(e) for e in json.loads(policy["event_ids"])}
+            if any(kind in EVENT_KINDS.get(e, ()) for e in events):
+                vc = conn.execute("SELECT * FROM voting_configs WHERE id = ?", (policy["voting_config_id"],)).fetchone()
+                if vc is None:
+                    continue
+                voters = json.loads(vc["device_ids"]) or [r[0] for r in conn.execute(
+                    "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1 AND state = 'approved'",
+                    (profile_id,))]
+                if not voters:
+                    continue  # nobody can vote: the policy cannot hold anything
+                pool_id = "pool-" + secrets.token_hex(10)
+                deadline = time.time() + vc["time_limit"]
+                conn.execute("INSERT INTO pools (id, profile_id, command_id, policy_id, voting_config_id, voters,"
+                             " required, strategy, deadline, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                             (pool_id, profile_id, cid, policy["id"], vc["id"], json.dumps(voters),
+                              required_votes(vc["strategy"], len(voters)), vc["strategy"], deadline, "open",
+                              time.time()))
+                return False
+        return True
+
+    def ballot(profile_id: str | None, cid: str) -> None:
+        """After the commit that held ``cid``: tell the profile's channels a vote is open."""
+        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE command_id = ?", (cid,)).fetchone())
+        if pool is not None and pool["status"] == "open":
+            engine.hub.publish(profile_id, {"data": {
+                "type": "VOTING-BALLOT", "id": pool["id"], "poolId": pool["id"], "commandId": cid,
+                "voters": json.loads(pool["voters"]), "deadline": iso(pool["deadline"])}})
+
+    runner.gate = gate
+    runner.after_hold = ballot
+
+    async def resolve(pool_id: str) -> str:
+        """Decide an open pool from its ballots and deadline; act on the outcome."""
+        def work(conn: sqlite3.Connection):
+            pool = conn.execute("SELECT * FROM pools WHERE id = ?", (pool_id,)).fetchone()
+            if pool is None or pool["status"] != "open":
+                return pool["status"] if pool else None, None
+            ballots = conn.execute("SELECT decision, COUNT(*) n FROM ballots WHERE pool_id = ? GROUP BY decision",
+                                   (pool_id,)).fetchall()
+            counts = {b["decision"]: b["n"] for b in ballots}
+            voters = len(json.loads(pool["voters"]))
+            approvals, rejections = counts.get("approve", 0), counts.get("reject", 0)
+            if approvals >= pool["required"]:
+                status = "approved"
+            elif voters - rejections < pool["required"]:
+                status = "rejected"
+            elif pool["deadline"] <= time.time():
+                status = "expired"
+            else:
+                return "open", None
+            conn.execute("UPDATE pools SET status = ? WHERE id = ?", (status, pool_id))
+            return status, pool["command_id"]
+
+        status, cid = await db.write(work)
+        if cid is not None:
+            if status == "approved":
+                runner.release(cid)
+            else:
+                await runner.finish(cid, REJECTED,
+                                    "voting.rejected" if status == "rejected" else "voting.time_limit_exceeded")
+        return status
+
+    async def expire_pools() -> None:
+        while True:
+            await trio.sleep(0.5)
+            now = time.time()
+            due = db.read(lambda c: [r[0] for r in c.execute(
+                "SELECT id FROM pools WHERE status = 'open' AND deadline <= ?", (now,))])
+            for pool_id in due:
+                await resolve(pool_id)
+
+    engine.background.append(expire_pools)
+
+    # -- authenticators and voting configurations ---------------------------------------------------
+    async def register_authenticator(request: Request) -> Response:
+        who = engine.principal(request)
+        form = await read_form(request)
+        device_id = _device_field(form)
+        if db.read(lambda c: c.execute("SELECT 1 FROM devices WHERE id = ? AND profile_id = ?",
+                                       (device_id, who.profile_id)).fetchone()) is None:
+            raise not_found()
+        cid = await runner.submit("register-authenticator", who.profile_id, {"device": device_id})
+        return command_accepted(opts, "register-authenticator", cid)
+
+    def apply_authenticator(conn, params, profile_id, cid) -> Outcome:
+        row = conn.execute("SELECT state FROM devices WHERE id = ? AND profile_id = ?",
+                           (params["device"], profile_id)).fetchone()
+        if row is None:
+            raise Rejected("device.not_found")
+        if row["state"] != "approved":
+            raise Rejected("device.not_approved")
+        conn.execute("UPDATE devices SET authenticator = 1 WHERE id = ?", (params["device"],))
+        return Outcome()
+
+    async def named_body(request: Request) -> tuple[dict, str]:
+        """A JSON body (live) or a form (guides) with a required ``name``."""
+        form = await read_form(request)
+        data = form.json if isinstance(form.json, dict) else {k: v[-1] for k, v in form.fields.items()}
+        name = data.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise invalid("name", "this field is required")
+        return data, Form._check("name", name, 256, False)
+
+    async def register_voting_configuration(request: Request) -> Response:
+        who = engine.principal(request)
+        data, name = await named_body(request)
+        strategy = data.get("strategy", "unanimous")
+        if strategy not in STRATEGIES:
+            raise invalid("strategy", f"must be one of {', '.join(STRATEGIES)}")
+        try:
+            time_limit = int(data.get("timeLimit", 60))
+        except (TypeError, ValueError):
+            raise invalid("timeLimit", "must be an integer (seconds)") from None
+        if not 1 <= time_limit <= 7 * 86400:
+            raise invalid("timeLimit", "must be between 1 and 604800 seconds")
+        devices = data.get("deviceIdentifiers", [])
+        if isinstance(devices, str):
+            devices = [d for d in devices.split(",") if d.strip()] if not devices.startswith("[") else json.loads(devices)
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise invalid("deviceIdentifiers", "must be a list of device identifiers")
+        known = db.read(lambda c: {r[0] for r in c.execute(
+            "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1", (who.profile_id,))})
+        if set(devices) - known:
+            raise invalid("deviceIdentifiers", "every device must be a verified authenticator of this profile")
+        cid = await runner.submit("register-voting-configuration", who.profile_id,
+                                  {"name": name, "strategy": strategy, "time_limit": time_limit, "devices": devices})
+        return command_accepted(opts, "register-voting-configuration", cid)
+
+    def apply_voting_configuration(conn, params, profile_id, cid) -> Outcome:
+        try:
+            conn.execute("INSERT INTO voting_configs (id, profile_id, name, strategy, time_limit, device_ids,"
+                         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         ("vc-" + secrets.token_hex(8), profile_id, params["name"], params["strategy"],
+                          params["time_limit"], json.dumps(params["devices"]), time.time()))
+        except sqlite3.IntegrityError:
+            raise Rejected("voting_configuration.name_taken") from None
+        return Outcome()
+
+    # -- pools ------------------------------------------------------------------------------------
+    def pool_record(pool: sqlite3.Row) -> dict:
+        ballots = db.read(lambda c: c.execute("SELECT device_id, decision, at FROM ballots WHERE pool_id = ?",
+                                              (pool["id"],)).fetchall())
+        return {"poolId": pool["id"], "status": pool["status"], "commandId": pool["command_id"],
+                "strategy": pool["strategy"], "required": pool["required"], "voters": json.loads(pool["voters"]),
+                "approvals": sum(1 for b in ballots if b["decision"] == "approve"),
+                "rejections": sum(1 for b in ballots if b["decision"] == "reject"),
+                "deadline": iso(pool["deadline"]), "createdAt": iso(pool["created_at"])}
+
+    async def check_pool(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
+                                           (request.path_params["pool_id"], who.profile_id)).fetchone())
+        if pool is None:
+            raise not_found()
+        if pool["status"] == "open" and pool["deadline"] <= time.time():
+            await resolve(pool["id"])
+            pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ?", (pool["id"],)).fetchone())
+        return JSONResponse(pool_record(pool))
+
+    async def list_pools(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        status = request.query_params.get("status")
+        rows = db.read(lambda c: c.execute(
+            "SELECT * FROM pools WHERE profile_id = ? AND (? IS NULL OR status = ?) ORDER BY created_at",
+            (who.profile_id, status, status)).fetchall())
+        return JSONResponse({"items": [pool_record(r) for r in rows], "meta": {"count": len(rows)}})
+
+    async def cast_vote(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        form = await read_form(request)
+        pool_id = form.required("poolId", max_len=128)
+        device_id = _device_field(form)
+        decision = form.required("decision", max_len=16).lower()
+        if decision not in ("approve", "reject"):
+            raise invalid("decision", "must be approve or reject")
+        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
+                                           (pool_id, who.profile_id)).fetchone())
+        if pool is None:
+            raise not_found()
+        if device_id not in json.loads(pool["voters"]):
+            raise invalid("deviceIdentifier", "this device is not a voter of this pool")
+        if pool["status"] != "open":
+            raise ApiError(409, f"the pool is already {pool['status']}")
+
+        def vote(conn) -> None:
+            conn.execute("INSERT OR REPLACE INTO ballots (pool_id, device_id, decision, at) VALUES (?, ?, ?, ?)",
+                         (pool_id, device_id, decision, time.time()))
+
+        await db.write(vote)
+        status = await resolve(pool_id)
+        return JSONResponse({"poolId": pool_id, "status": status})
+
+    async def cancel_pool(request: Request) -> Response:
+        who = engine.principal(request, require_key=False)
+        form = await read_form(request)
+        pool_id = form.required("poolId", max_len=128)
+        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
+                                           (pool_id, who.profile_id)).fetchone())
+        if pool is None:
+            raise not_found()
+        if pool["status"] != "open":
+            raise ApiError(409, f"the pool is already {pool['status']}")
+
+        def cancel(conn) -> None:
+            conn.execute("UPDATE pools SET status = 'cancelled' WHERE id = ?", (pool_id,))
+
+        await db.write(cancel)
+        await runner.finish(pool["command_id"], REJECTED, "voting.cancelled")
+        return JSONResponse({"poolId": pool_id, "status": "cancelled"})
+
+    # -- policies ---------------------------------------------------------------------------------
+    async def list_templates(request: Request) -> Response:
+        engine.principal(request, require_key=False)
+        return JSONResponse(TEMPLATES)
+
+    async def register_policy(request: Request) -> Response:
+        who = engine.principal(request)
+        data, name = await named_body(request)
+        template_id = data.get("policyTemplateId")
+        if template_id not in TEMPLATES:
+            raise invalid("policyTemplateId", "unknown policy template")
+        events = data.get("applyingEventIds")
+        if isinstance(events, str):
+            events = [e.strip() for e in events.split(",") if e.strip()]
+        if not isinstance(events, list) or not events or not all(str(e) in TEMPLATES[template_id]["events"]
+                                                                   for e in events):
+            raise invalid("applyingEventIds", "must list event ids of the template")
+        configuration = data.get("configuration")
+        if isinstance(configuration, str):
+            try:
+                configuration = json.loads(configuration)
+            except ValueError:
+                raise invalid("configuration", "must be a JSON object") from None
+        if not isinstance(configuration, dict) or not configuration:
+            raise invalid("configuration", "must be a non-empty object")
+        vc_ref = data.get("votingConfigurationId")
+        if not isinstance(vc_ref, str) or not vc_ref:
+            raise invalid("votingConfigurationId", "this field is required")
+        vc = db.read(lambda c: c.execute("SELECT id FROM voting_configs WHERE profile_id = ? AND (id = ? OR name = ?)",
+                                         (who.profile_id, vc_ref, vc_ref)).fetchone())  # the probe passes the name
+        if vc is None:
+            raise invalid("votingConfigurationId", "no such voting configuration")
+        cid = await runner.submit("register-policy", who.profile_id, {
+            "name": name, "template": template_id, "events": [str(e) for e in events], "vc": vc["id"],
+            "configuration": configuration})
+        return command_accepted(opts, "register-policy", cid)
+
+    def apply_register_policy(conn, params, profile_id, cid) -> Outcome:
+        try:
+            conn.execute("INSERT INTO policies (id, profile_id, name, template_id, event_ids, voting_config_id,"
+                         " configuration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         ("pol-" + secrets.token_hex(8), profile_id, params["name"], params["template"],
+                          json.dumps(params["events"]), params["vc"], json.dumps(params["configuration"]),
+                          time.time()))
+        except sqlite3.IntegrityError:
+            raise Rejected("policy.name_taken") from None
+        return Outcome()
+
+    def policy_record(r: sqlite3.Row) -> dict:
+        return {"id": r["id"], "name": r["name"], "policyTemplateId": r["template_id"],
+                "applyingEventIds": json.loads(r["event_ids"]), "votingConfigurationId": r["voting_config_id"],
+                "configuration": json.loads(r["configuration"]), "active": bool(r["active"]),
+                "createdAt": iso(r["created_at"])}
+
+    async def retrieve_policy(request: Request) -> Response:
+        who = engine.principal(request)
+        row = db.read(lambda c: c.execute("SELECT * FROM policies WHERE profile_id = ? AND name = ?",
+                                          (who.profile_id, request.path_params["name"])).fetchone())
+        if row is None:
+            raise not_found()
+        return JSONResponse(policy_record(row))
+
+    def policy_switch(kind: str):
+        async def handler(request: Request) -> Response:
+            who = engine.principal(request)
+            form = await read_form(request)
+            ref = form.get("policyId") or form.get("name")
+            if not ref:
+                raise invalid("policyId", "this field is required")
+            row = db.read(lambda c: c.execute("SELECT id FROM policies WHERE profile_id = ? AND (id = ? OR name = ?)",
+                                              (who.profile_id, ref, ref)).fetchone())
+            if row is None:
+                raise not_found()
+            cid = await runner.submit(kind, who.profile_id, {"policy": row["id"]})
+            return command_accepted(opts, kind, cid)
+        return handler
+
+    def apply_switch(active: int):
+        def apply(conn, params, profile_id, cid) -> Outcome:
+            conn.execute("UPDATE policies SET active = ? WHERE id = ? AND profile_id = ?",
+                         (active, params["policy"], profile_id))
+            return Outcome()
+        return apply
+
+    runner.register("register-authenticator", apply_authenticator)
+    runner.register("register-voting-configuration", apply_voting_configuration)
+    runner.register("register-policy", apply_register_policy)
+    runner.register("activate-policy", apply_switch(1))
+    runner.register("deactivate-policy", apply_switch(0))
+
+    g = lambda h: guarded(opts, h)  # noqa: E731
+    return [
+        Route("/verified-authenticator/register", g(register_authenticator), methods=["POST"]),
+        Route("/verified-authenticator/voting-configuration/register", g(register_voting_configuration),
+              methods=["POST"]),
+        Route("/verified-authenticator/voting-configuration/create", g(register_voting_configuration),
+              methods=["POST"]),
+        Route("/voting/check-pool-status/{pool_id}", g(check_pool), methods=["GET"]),
+        Route("/voting/cancel-pool", g(cancel_pool), methods=["POST"]),
+        Route("/voting/cast-vote", g(cast_vote), methods=["POST"]),
+        Route("/voting/list-pools", g(list_pools), methods=["GET"]),
+        Route("/policy/list-policy-templates", g(list_templates), methods=["GET"]),
+        Route("/policy/register", g(register_policy), methods=["POST"]),
+        Route("/policy/register-policy", g(register_policy), methods=["POST"]),
+        Route("/policy/retrieve-policy/{name}", g(retrieve_policy), methods=["GET"]),
+        Route("/policy/activate", g(policy_switch("activate-policy")), methods=["POST"]),
+        Route("/policy/deactivate", g(policy_switch("deactivate-policy")), methods=["POST"]),
+    ]
