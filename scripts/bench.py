@@ -379,15 +379,13 @@ def run_contender(c: Contender, args, tarball: Path, results: dict) -> None:
             root.rmdir()
             c.settle()
         for run in range(args.runs):
-            dest = c.mnt / f"untar{run}"
+            dest = c.mnt / f"untar{run}"  # a fresh tree per run; all go with the contender
             dest.mkdir()
             add("untar_s", timed(lambda: sh("tar", "-xf", tarball, "-C", dest)))
             git = lambda: (sh("git", "init", "-q", dest), sh("git", "-C", dest, "add", "-A"),  # noqa: E731
                            sh("git", "-C", dest, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q",
                               "-m", "bench"))
             add("git_add_commit_s", timed(git))
-            c.settle()
-            shutil.rmtree(dest)
             c.settle()
     finally:
         c.stop()
@@ -475,7 +473,7 @@ def _chart(results: dict, out_png: Path) -> None:
     labels, series = [], {n: [] for n in others}
     for key, label, _, higher_better in METRICS:
         mine = results["privifs"].get(key)
-        if not mine:
+        if not mine or not any(results[n].get(key) for n in others):
             continue
         labels.append(label)
         m = statistics.median(mine)
@@ -527,7 +525,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--big-mib", type=int, default=1024)
     ap.add_argument("--small-files", type=int, default=5000)
-    ap.add_argument("--fio-seconds", type=int, default=10)
+    ap.add_argument("--fio-seconds", type=int, default=5)
     ap.add_argument("--only", action="append", help="run only these contenders (repeatable)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
