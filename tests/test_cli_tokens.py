@@ -94,12 +94,12 @@ def test_failures_exit_non_zero_with_one_clear_line(user, tmp_path, eng):
 
 def test_tampered_token_is_refused_by_get_and_leaves_no_file(user, tmp_path, eng):
     src = tmp_path / "a.bin"
-    src.write_bytes(os.urandom(200_000))
+    src.write_bytes(os.urandom(3_000_000))  # several blocks reach the partial file before the tag fails
     token = run(user, "token", "put", str(src)).stdout.strip()
     blobs = [f for d in (eng.data_dir / "blobs").iterdir() for f in d.iterdir()]
     blob = max(blobs, key=lambda f: f.stat().st_mtime_ns)
     data = bytearray(blob.read_bytes())
-    data[100] ^= 0xFF
+    data[-100] ^= 0xFF
     blob.write_bytes(bytes(data))
     out = tmp_path / "out.bin"
     r = run(user, "token", "get", token, str(out), check=False)

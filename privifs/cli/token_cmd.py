@@ -15,8 +15,9 @@ import trio
 from privifs.account import open_account
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
+from privifs.client.sinks import BlockWriter
 from privifs.config import load
-from privifs.errors import NotFoundError, PrivifsError
+from privifs.errors import NotFoundError, PrivifsError, single_error
 
 PIECE = 1024 * 1024
 PROGRESS_MIN = 8 * 1024 * 1024
@@ -148,25 +149,29 @@ async def _find(client, token: str):
     raise NotFoundError(f"token {token} does not exist in this vault")
 
 
-class FileSink:
-    """Writes unverified plaintext to a private temporary file; renamed into place only after
-    the tag verified, removed otherwise."""
+class FileSink(BlockWriter):
+    """Writes unverified plaintext to a private temporary file (on a worker thread while the
+    download goes on); renamed into place only after the tag verified, removed otherwise."""
 
-    def __init__(self, out: Path, progress: Progress):
+    def __init__(self, out: Path, progress: Progress, nursery: trio.Nursery):
+        super().__init__(nursery)
         self.out = out
         self.tmp = out.with_name(f".{out.name}.privifs-partial")
         self.progress = progress
         self.f = None
 
-    async def reset(self) -> None:
+    def _restart(self) -> None:
         if self.f is not None:
             self.f.close()
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.f = os.fdopen(fd, "wb")
         self.progress.reset()
 
+    def _write_block(self, offset: int, data: bytes) -> None:
+        self.f.write(data)
+
     async def write(self, data: bytes) -> None:
-        await trio.to_thread.run_sync(self.f.write, data)
+        await super().write(data)
         self.progress.advance(len(data))
 
     def commit(self) -> None:
@@ -191,12 +196,17 @@ def _umask() -> int:
 async def _get(args, client, vault) -> int:
     info = await _find(client, args.token)
     progress = Progress(f"get {info.file_name or args.token}", info.size or 0)
-    sink = FileSink(args.out, progress)
+    sink = None
     try:
-        await vault.get(args.token, sink, size=info.size)
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                sink = FileSink(args.out, progress, nursery)
+                await vault.get(args.token, sink, size=info.size)
+                await sink.finish()
         sink.commit()
     except BaseException:
-        sink.discard()
+        if sink is not None:
+            sink.discard()
         raise
     finally:
         progress.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import diskcache
 import trio
 
+from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import CHUNK, SealedFile
 from privifs.errors import single_error
@@ -44,79 +45,26 @@ class AdoptingDisk(diskcache.Disk):
         return super().store(value, read, key)
 
 
-class SealedSink:
-    """Receives plaintext in arbitrary pieces and writes whole chunks into a sealed file.
-
-    Sealing and writing a piece runs on a worker thread while the next piece downloads (one
-    piece in flight), so the network and the disk work at the same time."""
+class SealedSink(BlockWriter):
+    """Seals downloaded plaintext chunk by chunk into a cache file, on a worker thread while the
+    next block downloads."""
 
     def __init__(self, sealed: SealedFile, nursery: trio.Nursery):
+        super().__init__(nursery, block=16 * CHUNK, unit=CHUNK)
         self.sealed = sealed
-        self.nursery = nursery
-        self.pending: list[bytes] = []
-        self.pending_len = 0
-        self.index = 0
-        self.total = 0
-        self._done: trio.Event | None = None
-        self._error: BaseException | None = None
 
-    def _write(self, index: int, data: bytes) -> None:
+    def _write_block(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
+        index = offset // CHUNK
         for off in range(0, len(view), CHUNK):
             self.sealed.write_chunk(index, view[off:off + CHUNK])
             index += 1
 
-    async def _job(self, index: int, data: bytes, done: trio.Event) -> None:
-        try:
-            await trio.to_thread.run_sync(self._write, index, data)
-        except BaseException as exc:  # noqa: BLE001 - handed to the next write()/finish()
-            self._error = exc
-        finally:
-            done.set()
-
-    async def _wait(self) -> None:
-        if self._done is not None:
-            await self._done.wait()
-            self._done = None
-        if self._error is not None:
-            raise self._error
-
-    async def _submit(self, index: int, data: bytes) -> None:
-        await self._wait()
-        self._done = trio.Event()
-        self.nursery.start_soon(self._job, index, data, self._done)
-
-    async def reset(self) -> None:
-        await self._wait()
-        self.pending.clear()
-        self.pending_len = 0
-        self.index = 0
-        self.total = 0
+    def _restart(self) -> None:
         self.sealed.truncate(0)
 
-    BATCH = 16 * CHUNK
-
-    async def write(self, data: bytes) -> None:
-        self.total += len(data)
-        self.pending.append(data)
-        self.pending_len += len(data)
-        if self.pending_len < self.BATCH:
-            return
-        data = b"".join(self.pending)
-        self.pending.clear()
-        whole = len(data) - len(data) % CHUNK
-        self.pending_len = len(data) - whole
-        if self.pending_len:
-            self.pending.append(data[whole:])
-        await self._submit(self.index, data[:whole] if whole < len(data) else data)
-        self.index += whole // CHUNK
-
     async def finish(self) -> None:
-        if self.pending:
-            await self._submit(self.index, b"".join(self.pending))  # ends with a short chunk
-            self.pending.clear()
-            self.pending_len = 0
-        await self._wait()
+        await super().finish()
         self.sealed.size = self.total
         self.sealed.write_header()
 
