@@ -6,6 +6,7 @@ SIGKILL as the last resort).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from privifs.paths import pid_alive
@@ -98,6 +100,15 @@ class Mount:
                 time.sleep(0.05)
         if is_mounted(self.dir):
             subprocess.run(["fusermount3", "-u", "-z", str(self.dir)], timeout=30, check=False)
+
+    @contextlib.contextmanager
+    def mounted(self, *extra: str) -> Iterator["Mount"]:
+        """Mount, hand the mount to the with-block, and clean up after it, whatever happened."""
+        try:
+            self.mount(*extra)
+            yield self
+        finally:
+            self.cleanup()
 
     def cleanup(self) -> None:
         """Unmount whatever is left, politely first, by force if needed."""

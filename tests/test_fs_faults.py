@@ -17,9 +17,7 @@ from tests.test_fs_persistence import manifest
 
 
 def test_a_failing_engine_loses_nothing(eng, tmp_path):
-    m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0"))
-    m.mount()
-    try:
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         eng.set_options(fail_rate=0.15, fail_after_rate=0.05, ack_drop_rate=0.3, seed=42)
         (m.dir / "d").mkdir()
         for i in range(25):
@@ -43,8 +41,6 @@ def test_a_failing_engine_loses_nothing(eng, tmp_path):
         assert sorted(got) == sorted(expected), (sorted(paths), first_log[-8000:])
         assert got == expected
         assert len(paths) == len(set(paths)), "a failure left a duplicate token"
-    finally:
-        m.cleanup()
 
 
 def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait(tmp_path):
@@ -87,9 +83,7 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
 
 @pytest.mark.parametrize("reason,code", [("policy.rejected", errno.EIO), ("policy.access_denied", errno.EACCES)])
 def test_rejected_upload_fails_fsync_and_keeps_the_data(eng, tmp_path, reason, code):
-    m = Mount(tmp_path, eng.urls, mount_args=("--fsync-timeout", "20"))
-    m.mount()
-    try:
+    with Mount(tmp_path, eng.urls, mount_args=("--fsync-timeout", "20")).mounted() as m:
         eng.set_options(reject="reserve-token-space", reject_reason=reason)
         fd = os.open(m.dir / "precious.txt", os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, b"do not lose me")
@@ -103,8 +97,6 @@ def test_rejected_upload_fails_fsync_and_keeps_the_data(eng, tmp_path, reason, c
         eng.set_options(reject="")
         m.wait_idle()
         assert ("/", "precious.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
-    finally:
-        m.cleanup()
 
 
 def test_a_full_local_disk_gives_enospc_not_corruption(engine, tmp_path):

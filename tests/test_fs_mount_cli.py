@@ -15,9 +15,7 @@ from tests.mountkit import Mount, privifs
 
 
 def test_status_shows_pending_uploads_cache_refresh_and_errors(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600", "--cache-size", "64M"))
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600", "--cache-size", "64M")).mounted() as m:
         (m.dir / "waiting.bin").write_bytes(b"x" * 12345)
         out = privifs(m.env, "status", str(m.dir)).stdout
         assert str(m.dir) in out
@@ -25,27 +23,19 @@ def test_status_shows_pending_uploads_cache_refresh_and_errors(engine, tmp_path)
         assert "of 64 MiB" in out and "last refresh:" in out and "last error:   none" in out
         everything = privifs(m.env, "status").stdout
         assert str(m.dir) in everything
-    finally:
-        m.cleanup()
 
 
 def test_umount_uploads_pending_files_first(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600"))
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         for i in range(5):
             (m.dir / f"f{i}").write_bytes(os.urandom(50_000))
         r = m.umount()
         assert "unmounted" in r.stdout and not os.path.ismount(m.dir)
         assert {t["fileName"] for t in m.tokens()} >= {f"f{i}" for i in range(5)}
-    finally:
-        m.cleanup()
 
 
 def test_fusermount_unmount_loses_nothing(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600"))
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "closed.txt").write_text("closed before fusermount3 -u")
         pid = m.pid
         subprocess.run(["fusermount3", "-u", str(m.dir)], check=True, timeout=60)
@@ -57,14 +47,10 @@ def test_fusermount_unmount_loses_nothing(engine, tmp_path):
         assert "closed.txt" in {t["fileName"] for t in m.tokens()}
         m.mount()
         assert (m.dir / "closed.txt").read_text() == "closed before fusermount3 -u"
-    finally:
-        m.cleanup()
 
 
 def test_read_only_mount_refuses_changes(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls).mounted() as m:
         (m.dir / "kept.txt").write_text("readable")
         m.umount()
         m.mount("--read-only")
@@ -74,14 +60,10 @@ def test_read_only_mount_refuses_changes(engine, tmp_path):
             with pytest.raises(OSError) as info:
                 action()
             assert info.value.errno == errno.EROFS
-    finally:
-        m.cleanup()
 
 
 def test_cache_limit_evicts_least_recently_used_and_rereads_from_the_vault(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls, mount_args=("--cache-size", "1M"))
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls, mount_args=("--cache-size", "1M")).mounted() as m:
         datas = {f"f{i}": os.urandom(400_000) for i in range(6)}
         for name, data in datas.items():
             (m.dir / name).write_bytes(data)
@@ -94,14 +76,10 @@ def test_cache_limit_evicts_least_recently_used_and_rereads_from_the_vault(engin
         st = m.status()
         assert st["cache"]["size"] <= 1024 * 1024
         assert st["cache"]["downloads"] >= 6
-    finally:
-        m.cleanup()
 
 
 def test_concurrent_readers_of_an_uncached_file_share_one_download(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls).mounted() as m:
         data = os.urandom(8 * 1024 * 1024)
         (m.dir / "shared.bin").write_bytes(data)
         m.umount()
@@ -120,20 +98,14 @@ def test_concurrent_readers_of_an_uncached_file_share_one_download(engine, tmp_p
             t.join(timeout=120)
         assert len(results) == 6 and all(r == data for r in results)
         assert m.status()["cache"]["downloads"] == 1
-    finally:
-        m.cleanup()
 
 
 def test_authorization_is_renewed_while_mounted(eng, tmp_path):
     eng.set_options(token_ttl=3)
-    m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0"))
-    m.mount()
-    try:
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         for i in range(8):
             (m.dir / f"t{i}").write_text(str(i))
             time.sleep(1)
         m.wait_idle()
         assert {f"t{i}" for i in range(8)} <= {t["fileName"] for t in m.tokens()}
         assert m.status()["last_error"] is None
-    finally:
-        m.cleanup()

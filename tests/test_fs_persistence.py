@@ -57,22 +57,16 @@ def fresh_remount(m: Mount) -> None:
 
 
 def test_everything_persists_across_a_remount_with_no_local_state(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls).mounted() as m:
         build_tree(m.dir)
         before = manifest(m.dir)
         fresh_remount(m)
         assert manifest(m.dir) == before
         assert (m.dir / "docs" / "a.txt").stat().st_mtime_ns == 1_234_567_890_123_456_789
-    finally:
-        m.cleanup()
 
 
 def test_crash_recovery_after_kill_9_loses_nothing_closed(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600"))
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "replaced.txt").write_text("version 1")
         m.wait_idle()
         (m.dir / "replaced.txt").write_text("version 2")  # committed v1, staged v2
@@ -104,14 +98,10 @@ def test_crash_recovery_after_kill_9_loses_nothing_closed(engine, tmp_path):
         final = manifest(m.dir)
         final.pop("new/still-open", None)  # created but never closed: present, content not promised
         assert final == got
-    finally:
-        m.cleanup()
 
 
 def test_kill_9_during_an_upload_neither_duplicates_nor_loses(eng, tmp_path):
-    m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0"))
-    m.mount()
-    try:
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         eng.set_options(stream_bytes_per_second=8 * 1024 * 1024)  # the 32 MiB upload takes about 4 s
         data = os.urandom(32 * 1024 * 1024)
         (m.dir / "big.bin").write_bytes(data)
@@ -129,14 +119,10 @@ def test_kill_9_during_an_upload_neither_duplicates_nor_loses(eng, tmp_path):
         assert len(mine) == 1 and mine[0]["size"] == len(data)
         fresh_remount(m)
         assert hashlib.sha256((m.dir / "big.bin").read_bytes()).digest() == hashlib.sha256(data).digest()
-    finally:
-        m.cleanup()
 
 
 def test_changes_by_a_second_client_appear(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls).mounted() as m:
         os.listdir(m.dir)
         assert not (m.dir / "from-cli.txt").exists()  # a negative lookup the kernel may cache
         src = tmp_path / "src.txt"
@@ -151,8 +137,6 @@ def test_changes_by_a_second_client_appear(engine, tmp_path):
         m.token("rm", token)
         m.refresh()
         assert not (m.dir / "archive" / "2026" / "moved.txt").exists()
-    finally:
-        m.cleanup()
 
 
 def test_two_mounts_of_one_vault_see_each_others_changes(engine, tmp_path):
@@ -178,9 +162,7 @@ def test_two_mounts_of_one_vault_see_each_others_changes(engine, tmp_path):
 
 
 def test_two_tokens_claiming_one_path_are_both_shown(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls).mounted() as m:
         src = tmp_path / "x"
         src.write_text("first")
         first = m.token("put", str(src), "--name", "same.txt").stdout.strip()
@@ -198,14 +180,10 @@ def test_two_tokens_claiming_one_path_are_both_shown(engine, tmp_path):
         m.refresh()
         assert sorted(n for n in os.listdir(m.dir) if n.startswith("same")) == ["same.txt"]
         assert (m.dir / "same.txt").read_text() == "second"
-    finally:
-        m.cleanup()
 
 
 def test_directory_rename_is_a_meta_update_of_every_token(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls).mounted() as m:
         (m.dir / "proj" / "src" / "pkg").mkdir(parents=True)
         for i in range(15):
             (m.dir / "proj" / "src" / "pkg" / f"m{i}.py").write_text(f"x = {i}\n")
@@ -221,14 +199,10 @@ def test_directory_rename_is_a_meta_update_of_every_token(engine, tmp_path):
         fresh_remount(m)
         assert (m.dir / "renamed-project" / "src" / "pkg" / "m7.py").read_text() == "x = 7\n"
         assert not (m.dir / "proj").exists()
-    finally:
-        m.cleanup()
 
 
 def test_tampered_ciphertext_gives_eio_never_wrong_bytes(engine, tmp_path):
-    m = Mount(tmp_path, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path, engine.urls).mounted() as m:
         (m.dir / "victim.bin").write_bytes(os.urandom(100_000))
         (m.dir / "bystander.txt").write_text("untouched")
         m.wait_idle()
@@ -247,8 +221,6 @@ def test_tampered_ciphertext_gives_eio_never_wrong_bytes(engine, tmp_path):
         assert (m.dir / "bystander.txt").read_text() == "untouched"
         assert "victim.bin" in m.log() and "integrity" in m.log()
         assert token
-    finally:
-        m.cleanup()
 
 
 def test_wrong_key_is_detected_at_mount(engine, tmp_path):

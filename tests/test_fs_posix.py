@@ -27,10 +27,8 @@ def renameat2(old: str, new: str, flags: int) -> None:
 
 @pytest.fixture(scope="module")
 def mnt(engine, tmp_path_factory):
-    m = Mount(tmp_path_factory.mktemp("posix"), engine.urls)
-    m.mount()
-    yield m
-    m.cleanup()
+    with Mount(tmp_path_factory.mktemp("posix"), engine.urls).mounted() as m:
+        yield m
 
 
 @pytest.fixture

@@ -47,9 +47,7 @@ def wait_for_pool(eng, m, timeout=60) -> dict:
 
 
 def test_upload_held_by_a_vote_completes_when_approved(eng, tmp_path):
-    m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0"))
-    m.mount()
-    try:
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         device, _ = admin(eng, m, hold_reservations)
         (m.dir / "report.txt").write_text("needs approval")
         pool = wait_for_pool(eng, m)
@@ -60,14 +58,10 @@ def test_upload_held_by_a_vote_completes_when_approved(eng, tmp_path):
         m.wait_idle()
         assert "report.txt" in {t["fileName"] for t in m.tokens()}
         assert m.status()["last_error"] is None or "report.txt" not in (m.status()["last_error"] or "")
-    finally:
-        m.cleanup()
 
 
 def test_upload_rejected_by_a_vote_is_reported_and_kept(eng, tmp_path):
-    m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0"))
-    m.mount()
-    try:
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         device, policy = admin(eng, m, hold_reservations)
         (m.dir / "secret.txt").write_text("rejected but kept")
         pool = wait_for_pool(eng, m)
@@ -84,5 +78,3 @@ def test_upload_rejected_by_a_vote_is_reported_and_kept(eng, tmp_path):
         admin(eng, m, lambda c: gov.deactivate_policy(c, policy))
         m.wait_idle()
         assert "secret.txt" in {t["fileName"] for t in m.tokens()}
-    finally:
-        m.cleanup()

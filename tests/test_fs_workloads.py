@@ -20,10 +20,8 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def mnt(engine, tmp_path_factory):
-    m = Mount(tmp_path_factory.mktemp("work"), engine.urls)
-    m.mount()
-    yield m
-    m.cleanup()
+    with Mount(tmp_path_factory.mktemp("work"), engine.urls).mounted() as m:
+        yield m
 
 
 def run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess:
@@ -32,9 +30,7 @@ def run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess:
 
 
 def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
-    m = Mount(tmp_path / "big", engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path / "big", engine.urls).mounted() as m:
         block = os.urandom(MiB)
         want = hashlib.sha256()
         with PeakRss(m.pid) as rss_in:
@@ -57,8 +53,6 @@ def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
         peak_in, peak_out = rss_in.peak["process"], rss_out.peak["process"]
         print(f"daemon peak RSS: copy in {peak_in / MiB:.1f} MiB, copy out {peak_out / MiB:.1f} MiB")
         assert peak_in < 200 * MiB and peak_out < 200 * MiB
-    finally:
-        m.cleanup()
 
 
 def test_ten_thousand_small_files_created_listed_and_read_back(engine, tmp_path):
@@ -113,9 +107,7 @@ def test_git_repository_commit_clone_fsck(mnt):
 
 @pytest.mark.parametrize("journal", ["wal", "delete"])
 def test_sqlite_in_wal_and_rollback_modes_survives_remount(engine, tmp_path, journal):
-    m = Mount(tmp_path / journal, engine.urls)
-    m.mount()
-    try:
+    with Mount(tmp_path / journal, engine.urls).mounted() as m:
         db = m.dir / f"data-{journal}.sqlite"
         conn = sqlite3.connect(db)
         conn.execute(f"PRAGMA journal_mode={journal}")
@@ -134,8 +126,6 @@ def test_sqlite_in_wal_and_rollback_modes_survives_remount(engine, tmp_path, jou
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 2000 - 666
         conn.close()
-    finally:
-        m.cleanup()
 
 
 def test_rsync_twice_transfers_nothing_the_second_time(mnt, tmp_path):

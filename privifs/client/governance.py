@@ -42,14 +42,23 @@ async def _command(client: Client, method: str, path: str, what: str, **kw) -> s
     return cid
 
 
+async def _read(client: Client, method: str, path: str, what: str, **kw):
+    """An idempotent call's parsed answer."""
+    return shapes.json_or_text(await client.transport.call(method, path, idempotent=True, what=what, **kw))
+
+
+def _items(body) -> list:
+    """A listing's records, whether wrapped in ``{"items": [...]}`` or bare."""
+    return list((body.get("items") if isinstance(body, dict) else body) or [])
+
+
 # -- devices ---------------------------------------------------------------------------------------
 async def request_device(client: Client, name: str) -> str:
     """Register a new device; returns its device identifier."""
     cid = await _command(client, "POST", "/device/request-unique-identifier", "request device identifier",
                          data={"deviceName": name})
-    resp = await client.transport.call("POST", "/device/retrieve-unique-identifier", data={"id": cid},
-                                       idempotent=True, what="retrieve device identifier")
-    body = shapes.json_or_text(resp)
+    body = await _read(client, "POST", "/device/retrieve-unique-identifier", "retrieve device identifier",
+                       data={"id": cid})
     if isinstance(body, str) and body:
         return body
     if isinstance(body, dict):
@@ -85,17 +94,13 @@ async def remove_device(client: Client, device: str) -> None:
 
 
 async def list_devices(client: Client) -> list[Device]:
-    resp = await client.transport.call("GET", "/device/retrieve-profile-devices", idempotent=True,
-                                       what="list devices")
-    body = shapes.json_or_text(resp)
-    items = body.get("items", []) if isinstance(body, dict) else body
-    return [Device.from_record(r) for r in items or []]
+    body = await _read(client, "GET", "/device/retrieve-profile-devices", "list devices")
+    return [Device.from_record(r) for r in _items(body)]
 
 
 async def device_configuration(client: Client, device: str) -> dict:
-    resp = await client.transport.call("POST", "/device/download-device-configuration", data=_device_form(device),
-                                       idempotent=True, what="download device configuration")
-    return shapes.json_or_text(resp)
+    return await _read(client, "POST", "/device/download-device-configuration", "download device configuration",
+                       data=_device_form(device))
 
 
 # -- storage -------------------------------------------------------------------------------------------
@@ -108,10 +113,7 @@ async def remove_storage(client: Client, device: str) -> None:
 
 
 async def list_storage(client: Client) -> list[dict]:
-    resp = await client.transport.call("GET", "/storage/list-storage-devices", idempotent=True,
-                                       what="list storage devices")
-    body = shapes.json_or_text(resp)
-    return body.get("items", []) if isinstance(body, dict) else list(body or [])
+    return _items(await _read(client, "GET", "/storage/list-storage-devices", "list storage devices"))
 
 
 # -- authenticators and voting ---------------------------------------------------------------------------
@@ -128,15 +130,12 @@ async def register_voting_configuration(client: Client, name: str, *, strategy: 
 
 
 async def pool_status(client: Client, pool_id: str) -> dict:
-    resp = await client.transport.call("GET", f"/voting/check-pool-status/{pool_id}", idempotent=True,
-                                       what="check pool status")
-    return shapes.json_or_text(resp)
+    return await _read(client, "GET", f"/voting/check-pool-status/{pool_id}", "check pool status")
 
 
 async def list_pools(client: Client, status: str | None = None) -> list[dict]:
-    resp = await client.transport.call("GET", "/voting/list-pools", params={"status": status} if status else None,
-                                       idempotent=True, what="list voting pools")
-    return shapes.json_or_text(resp)["items"]
+    return _items(await _read(client, "GET", "/voting/list-pools", "list voting pools",
+                              params={"status": status} if status else None))
 
 
 async def cast_vote(client: Client, pool_id: str, device: str, approve: bool) -> str:
@@ -147,9 +146,7 @@ async def cast_vote(client: Client, pool_id: str, device: str, approve: bool) ->
 
 # -- policies --------------------------------------------------------------------------------------------
 async def policy_templates(client: Client) -> dict:
-    resp = await client.transport.call("GET", "/policy/list-policy-templates", idempotent=True,
-                                       what="list policy templates")
-    return shapes.json_or_text(resp)
+    return await _read(client, "GET", "/policy/list-policy-templates", "list policy templates")
 
 
 async def register_policy(client: Client, name: str, template_id: str, event_ids: list[str],
@@ -160,9 +157,7 @@ async def register_policy(client: Client, name: str, template_id: str, event_ids
         "votingConfigurationId": voting_configuration, "configuration": configuration})
     for attempt in range(5):
         try:
-            resp = await client.transport.call("GET", f"/policy/retrieve-policy/{name}", idempotent=True,
-                                               what="retrieve policy")
-            return shapes.json_or_text(resp)["id"]
+            return (await _read(client, "GET", f"/policy/retrieve-policy/{name}", "retrieve policy"))["id"]
         except NotFoundError:
             await trio.sleep(1.0)  # eventually consistent on the live service
     raise NotFoundError(f"policy {name!r} was registered but cannot be found", status=404)
