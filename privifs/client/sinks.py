@@ -3,9 +3,9 @@
 :meth:`privifs.client.vault.Vault.get` hands its sink plaintext in network-sized pieces (64 KiB).
 Writing each from the trio thread stalls the download on the disk (first-touch page allocation
 makes a new file slow to write on VMs), and a thread hop per piece costs more than the write.
-A :class:`BlockWriter` gathers pieces into blocks and writes each on a worker thread while the
-next one downloads: one block in flight, so the network and the disk overlap and memory stays
-at about two blocks. Subclasses say how a block lands (:meth:`BlockWriter._write_block`).
+A :class:`BlockWriter` copies pieces into a block buffer and writes each full block on a worker
+thread while the next one fills: one block in flight, so the network and the disk overlap, and
+two reused buffers are all the memory it takes. Subclasses say how a block lands (:meth:`BlockWriter._write_block`).
 """
 from __future__ import annotations
 
@@ -13,25 +13,25 @@ import trio
 
 
 class BlockWriter:
-    """A :class:`~privifs.client.vault.PlaintextSink` writing blocks of ``block`` bytes (a
-    multiple of ``unit``; only the last may be shorter) on a worker thread, one at a time.
+    """A :class:`~privifs.client.vault.PlaintextSink` writing blocks of ``block`` bytes (only
+    the last may be shorter) on a worker thread, one at a time.
 
-    A failed write is raised by the next :meth:`write` or by :meth:`finish`; call ``finish``
-    after ``Vault.get`` returns, inside the nursery given here."""
+    Pieces are copied into two block buffers used in turn (one filling, one being written), so
+    a retrieval allocates nothing per piece. A failed write is raised by the next :meth:`write`
+    or by :meth:`finish`; call ``finish`` after ``Vault.get`` returns, inside the nursery given."""
 
-    def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20, unit: int = 1):
-        assert block % unit == 0
+    def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20):
         self.nursery = nursery
         self.block = block
-        self.unit = unit
         self.total = 0  # plaintext bytes received since the last reset
-        self._pending: list[bytes] = []
-        self._pending_len = 0
+        self._buffers = (bytearray(block), bytearray(block))
+        self._current = 0  # the buffer being filled
+        self._fill = 0
         self._offset = 0  # where the next block goes
         self._done: trio.Event | None = None
         self._error: BaseException | None = None
 
-    def _write_block(self, offset: int, data: bytes) -> None:
+    def _write_block(self, offset: int, data: memoryview) -> None:
         """Write ``data`` at ``offset`` (runs on a worker thread)."""
         raise NotImplementedError
 
@@ -39,7 +39,7 @@ class BlockWriter:
         """Forget everything written so far (the retrieval starts over)."""
         raise NotImplementedError
 
-    async def _job(self, offset: int, data: bytes, done: trio.Event) -> None:
+    async def _job(self, offset: int, data: memoryview, done: trio.Event) -> None:
         try:
             await trio.to_thread.run_sync(self._write_block, offset, data)
         except BaseException as exc:  # noqa: BLE001 - handed to the next write()/finish()
@@ -54,37 +54,36 @@ class BlockWriter:
         if self._error is not None:
             raise self._error
 
-    async def _submit(self, data: bytes) -> None:
+    async def _flush(self) -> None:
+        """Hand the filled buffer to a worker (once the other one is written) and switch."""
         await self._wait()
+        data = memoryview(self._buffers[self._current])[:self._fill]
         self._done = trio.Event()
         self.nursery.start_soon(self._job, self._offset, data, self._done)
-        self._offset += len(data)
+        self._offset += self._fill
+        self._current ^= 1
+        self._fill = 0
 
     async def reset(self) -> None:
         await self._wait()
-        self._pending.clear()
-        self._pending_len = 0
+        self._fill = 0
         self._offset = 0
         self.total = 0
         self._restart()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         self.total += len(data)
-        self._pending.append(data)
-        self._pending_len += len(data)
-        if self._pending_len < self.block:
-            return
-        data = b"".join(self._pending)
-        whole = len(data) - len(data) % self.unit
-        rest = data[whole:]
-        self._pending = [rest] if rest else []
-        self._pending_len = len(rest)
-        await self._submit(data if not rest else data[:whole])
+        view = memoryview(data)
+        while view:
+            n = min(len(view), self.block - self._fill)
+            self._buffers[self._current][self._fill:self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == self.block:
+                await self._flush()
 
     async def finish(self) -> None:
-        """Write what is left and wait until every block is on its way to disk."""
-        if self._pending:
-            await self._submit(b"".join(self._pending))
-            self._pending.clear()
-            self._pending_len = 0
+        """Write what is left and wait until every block is written."""
+        if self._fill:
+            await self._flush()
         await self._wait()

@@ -22,7 +22,8 @@ Source = Callable[[], AsyncIterator[bytes]]
 
 
 class PlaintextSink(Protocol):
-    async def write(self, data: bytes) -> None: ...
+    async def write(self, data: bytes | memoryview) -> None:
+        """Take the next piece; it may be a view valid only during the call (copy what you keep)."""
 
     async def reset(self) -> None: ...
 
@@ -31,8 +32,8 @@ class BytesSink:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
 
-    async def write(self, data: bytes) -> None:
-        self.parts.append(data)
+    async def write(self, data: bytes | memoryview) -> None:
+        self.parts.append(bytes(data))
 
     async def reset(self) -> None:
         self.parts.clear()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import threading
 import uuid
 
 from cryptography.exceptions import InvalidTag
@@ -49,6 +50,23 @@ def local_key(user_key: bytes) -> bytes:
                 info=b"privifs local staging and cache key v1").derive(user_key)
 
 
+_buffers = threading.local()
+SCRATCH_MAX = 16 * SLOT + CHUNK  # what a 1 MiB read needs, unaligned
+
+
+def _scratch(name: str, size: int) -> memoryview:
+    """A reusable per-thread buffer of ``size`` bytes. Reads and writes go through these instead
+    of fresh allocations: on VMs that hand freed memory back to the host, touching new pages
+    costs more than the AES-GCM work itself."""
+    if size > SCRATCH_MAX:
+        return memoryview(bytearray(size))  # a rare large read: not kept
+    buf = getattr(_buffers, name, None)
+    if buf is None or len(buf) < size:
+        buf = bytearray(max(size, CHUNK))
+        setattr(_buffers, name, buf)
+    return memoryview(buf)[:size]
+
+
 def _oserror(exc: OSError, what: str) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"no space left for {what}")
@@ -56,7 +74,8 @@ def _oserror(exc: OSError, what: str) -> Exception:
 
 
 class SealedFile:
-    """Random-access encrypted file; not thread-safe (used from the trio thread)."""
+    """Random-access encrypted file. One file is used by one thread at a time (the trio thread,
+    or the worker that fills or uploads it); scratch buffers are per thread."""
 
     def __init__(self, path: str | os.PathLike, fd: int, key: bytes, file_id: bytes, size: int):
         self.path = os.fspath(path)
@@ -124,30 +143,54 @@ class SealedFile:
     def _aad(self, index: int, length: int) -> bytes:
         return self.file_id + index.to_bytes(8, "little") + length.to_bytes(4, "little")
 
-    def read_chunk(self, index: int) -> bytes:
-        """The stored plaintext of chunk ``index`` (possibly shorter than CHUNK: zeros follow)."""
-        slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
+    def _slot_length(self, index: int, slot: bytes | memoryview) -> int | None:
+        """The plaintext length a stored slot claims (None for a hole), checked for damage."""
         if len(slot) < PREFIX or slot[:PREFIX] == ZERO_PREFIX:
-            if slot.strip(b"\0"):
+            if bytes(slot).strip(b"\0"):
                 raise IntegrityError(f"chunk {index} of {self.path} is damaged")
-            return b""
+            return None
         length = int.from_bytes(slot[12:16], "little")
         if length > CHUNK or len(slot) < OVERHEAD + length:
             raise IntegrityError(f"chunk {index} of {self.path} is truncated or damaged")
+        return length
+
+    def read_chunk(self, index: int) -> bytes:
+        """The stored plaintext of chunk ``index`` (possibly shorter than CHUNK: zeros follow)."""
+        slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
+        length = self._slot_length(index, slot)
+        if length is None:
+            return b""
         try:
-            return self._aead.decrypt(slot[:12], slot[PREFIX:OVERHEAD + length], self._aad(index, length))
+            return self._aead.decrypt(slot[:12], memoryview(slot)[PREFIX:OVERHEAD + length],
+                                      self._aad(index, length))
         except InvalidTag:
             raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
 
+    def _open_into(self, index: int, slot: memoryview, dest: memoryview) -> None:
+        """Decrypt ``slot`` (chunk ``index``) into the CHUNK bytes of ``dest``, zeros after its end."""
+        length = self._slot_length(index, slot)
+        if length is None:
+            length = 0
+        else:
+            try:
+                self._aead.decrypt_into(slot[:12], slot[PREFIX:OVERHEAD + length], self._aad(index, length),
+                                        dest[:length])
+            except InvalidTag:
+                raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
+        if length < CHUNK:
+            dest[length:] = ZERO_CHUNK[length:]
+
     def write_chunk(self, index: int, data: bytes | memoryview) -> None:
-        nonce = os.urandom(12)
         length = len(data)
-        sealed = self._aead.encrypt(nonce, data, self._aad(index, length))
+        out = _scratch("seal", OVERHEAD + length)
+        out[:12] = os.urandom(12)
+        out[12:PREFIX] = length.to_bytes(4, "little")
+        self._aead.encrypt_into(out[:12], data, self._aad(index, length), out[PREFIX:])
         try:
-            n = os.pwritev(self.fd, (nonce + length.to_bytes(4, "little"), sealed), HEADER + index * SLOT)
+            n = os.pwrite(self.fd, out, HEADER + index * SLOT)
         except OSError as exc:
             raise _oserror(exc, f"writing {self.path}") from None
-        if n != PREFIX + len(sealed):
+        if n != len(out):
             raise DiskFullError(f"short write to {self.path}")
 
     # -- byte ranges -----------------------------------------------------------------------
@@ -156,18 +199,18 @@ class SealedFile:
         if offset >= end:
             return b""
         first, last = offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT
-        parts = []
-        for i in range(first, last + 1):
-            chunk = self.read_chunk(i)
-            if i < last and len(chunk) < CHUNK:
-                chunk += ZERO_CHUNK[len(chunk):]
-            parts.append(chunk)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        n = last - first + 1
+        slots = _scratch("slots", n * SLOT)
+        try:
+            got = os.preadv(self.fd, [slots], HEADER + first * SLOT)
+        except OSError as exc:
+            raise _oserror(exc, f"reading {self.path}") from None
+        plain = _scratch("plain", n * CHUNK)
+        for k in range(n):
+            self._open_into(first + k, slots[k * SLOT:max(k * SLOT, min(got, (k + 1) * SLOT))],
+                            plain[k * CHUNK:(k + 1) * CHUNK])
         start = offset - (first << CHUNK_SHIFT)
-        out = data[start:start + (end - offset)]
-        if len(out) < end - offset:
-            out += bytes(end - offset - len(out))
-        return out
+        return bytes(plain[start:start + end - offset])
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         view = memoryview(data)

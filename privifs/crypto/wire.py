@@ -67,9 +67,12 @@ class StreamOpener:
         self._head = b""
         self._dec = None
         self._tail = b""
+        self._out = bytearray()
         self.wire_bytes = 0
 
-    def update(self, data: bytes) -> bytes:
+    def update(self, data: bytes | memoryview) -> bytes | memoryview:
+        """Decrypt what ``data`` completes. The result may be a view of a buffer this opener
+        reuses: it is valid until the next call (copy what you keep)."""
         self.wire_bytes += len(data)
         if self._dec is None:
             self._head += data
@@ -85,12 +88,17 @@ class StreamOpener:
                 return b""
             self._tail = buf[-TAG_SIZE:]
             return self._dec.update(buf[:-TAG_SIZE])
-        # the held-back tail is ciphertext after all; the last 16 bytes of ``data`` are held now
+        # the held-back tail is ciphertext after all; the last 16 bytes of ``data`` are held now.
+        # Both parts decrypt into one reused buffer: no allocation, no concatenation per piece.
         view = memoryview(data)
-        head = self._dec.update(self._tail) if self._tail else b""
+        need = len(self._tail) + len(view) - TAG_SIZE + 15  # update_into wants a block of slack
+        if len(self._out) < need:
+            self._out = bytearray(max(need, 2 * len(self._out)))
+        out = memoryview(self._out)
+        n = self._dec.update_into(self._tail, out) if self._tail else 0
+        n += self._dec.update_into(view[:-TAG_SIZE], out[n:])
         self._tail = bytes(view[-TAG_SIZE:])
-        body = self._dec.update(view[:-TAG_SIZE])
-        return head + body if head else body
+        return out[:n]
 
     def finalize(self) -> bytes:
         if self._dec is None or len(self._tail) < TAG_SIZE:

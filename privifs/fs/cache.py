@@ -50,7 +50,7 @@ class SealedSink(BlockWriter):
     next block downloads."""
 
     def __init__(self, sealed: SealedFile, nursery: trio.Nursery):
-        super().__init__(nursery, block=16 * CHUNK, unit=CHUNK)
+        super().__init__(nursery, block=16 * CHUNK)  # whole chunks: each block starts a chunk
         self.sealed = sealed
 
     def _write_block(self, offset: int, data: bytes) -> None:
