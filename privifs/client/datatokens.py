@@ -54,14 +54,15 @@ class DataTokens:
         self.commands = commands
         self.hub = hub
         self.options = options
-        self._held: dict[str, list[str]] = {}
+        self._held: dict[str, str] = {}  # context → its reservation command a vote holds
 
     # -- store ---------------------------------------------------------------------------------
     async def reserve(self, context: str) -> shapes.TemporaryToken:
         """A temporary token for ``context``. A reservation an earlier attempt left in flight (held
         by a vote, say) is resumed rather than asked for again, so one store never opens several
         votes."""
-        for cid in list(self._held.get(context, [])):
+        cid = self._held.get(context)
+        if cid is not None:
             try:
                 state = await self.commands.poll(cid)
             except NotFoundError:
@@ -69,7 +70,8 @@ class DataTokens:
             if state is not None and state.pending:
                 raise CommandPending(f"reserving token space is still waiting for the server (command {cid}; "
                                      f"a vote may be holding it)", command_id=cid)
-            self._held[context].remove(cid)
+            if self._held.get(context) == cid:  # a concurrent store may have settled it already
+                del self._held[context]
             if state is not None and state.status == 2:
                 return await self._temporary(cid)
             if state is not None:
@@ -82,7 +84,7 @@ class DataTokens:
         try:
             await self.commands.wait(cid, what="reserve token space")
         except CommandPending:
-            self._held.setdefault(context, []).append(cid)
+            self._held[context] = cid
             raise
         return await self._temporary(cid)
 
@@ -131,12 +133,9 @@ class DataTokens:
         inline = isinstance(body, bytes) and wire_size <= self.options.inline_limit
         last: Exception | None = None
         for attempt in range(self.options.store_attempts):
-            try:
-                # reserve, retrieve and configure retry on their own (idempotent); a failure that
-                # reaches here from them is final for this attempt chain
-                tmp = await self.reserve(meta.context)
-            except VaultError:
-                raise
+            # reserve, retrieve and configure retry on their own (idempotent); a failure that
+            # reaches here from them is final for this attempt chain
+            tmp = await self.reserve(meta.context)
             try:
                 can_stream = shapes.upstream_url(tmp, self.transport.endpoints.upstream) is not None
                 if inline or not can_stream:

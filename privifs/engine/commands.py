@@ -63,7 +63,6 @@ class CommandRunner:
         self.after_hold: Callable[[str | None, str], None] | None = None
         self._send, self._recv = trio.open_memory_channel[str](10**6)
         self._nursery: trio.Nursery | None = None
-        self._held: list[tuple[str | None, str]] = []
 
     def register(self, kind: str, applier: Applier) -> None:
         self.appliers[kind] = applier

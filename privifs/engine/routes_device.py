@@ -68,10 +68,14 @@ class StorageDevices:
         for device_id in self._devices(profile_id):
             (self.device_dir(device_id) / token).unlink(missing_ok=True)
 
-    async def backfill(self, profile_id: str, device_id: str) -> None:
-        rows = self.engine.db.read(lambda c: c.execute(
+    def _tokens(self, profile_id: str) -> list[sqlite3.Row]:
+        return self.engine.db.read(lambda c: c.execute(
             "SELECT token, blob_id FROM data_tokens WHERE profile_id = ?", (profile_id,)).fetchall())
-        for r in rows:
+
+    async def backfill(self, profile_id: str, device_id: str, rows: list[sqlite3.Row] | None = None) -> None:
+        """Copy to the device every token of the profile it lacks (``rows``: the profile's tokens,
+        when the caller has read them already)."""
+        for r in rows if rows is not None else self._tokens(profile_id):
             if not (self.device_dir(device_id) / r["token"]).exists():
                 await trio.to_thread.run_sync(self._copy, r["blob_id"], device_id, r["token"])
 
@@ -87,14 +91,14 @@ class StorageDevices:
             if d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
         for r in devices:
-            tokens = self.engine.db.read(lambda c: {t[0] for t in c.execute(
-                "SELECT token FROM data_tokens WHERE profile_id = ?", (r["profile_id"],))})
+            rows = self._tokens(r["profile_id"])
+            tokens = {t["token"] for t in rows}
             d = self.device_dir(r["id"])
             d.mkdir(exist_ok=True, mode=0o700)
             for f in d.iterdir():
                 if f.name not in tokens:
                     f.unlink(missing_ok=True)
-            await self.backfill(r["profile_id"], r["id"])
+            await self.backfill(r["profile_id"], r["id"], rows)
 
 
 def _device_field(form: Form) -> str:
@@ -104,17 +108,44 @@ def _device_field(form: Form) -> str:
     return Form._check("deviceIdentifier", value, 128, False)
 
 
+def owned_device(engine: Engine, profile_id: str, device_id: str) -> sqlite3.Row:
+    """The profile's device, or 404 (another profile's device does not exist for this one)."""
+    row = engine.db.read(lambda c: c.execute("SELECT * FROM devices WHERE id = ? AND profile_id = ?",
+                                             (device_id, profile_id)).fetchone())
+    if row is None:
+        raise not_found()
+    return row
+
+
+def approved_device(conn: sqlite3.Connection, device_id: str, profile_id: str) -> None:
+    """Inside an applier: reject unless the device is the profile's and approved."""
+    row = conn.execute("SELECT state FROM devices WHERE id = ? AND profile_id = ?", (device_id, profile_id)).fetchone()
+    if row is None:
+        raise Rejected("device.not_found")
+    if row["state"] != "approved":
+        raise Rejected("device.not_approved")
+
+
+def device_command(engine: Engine, kind: str, check=None):
+    """A handler that submits ``kind`` for the caller's device named in the form (404 if not
+    theirs); ``check(form, row)`` may validate more fields and add parameters."""
+    async def handler(request: Request) -> Response:
+        who = engine.principal(request)
+        form = await read_form(request)
+        device_id = _device_field(form)
+        row = owned_device(engine, who.profile_id, device_id)
+        params = {"device": device_id}
+        if check is not None:
+            params.update(check(form, row))
+        cid = await engine.runner.submit(kind, who.profile_id, params)
+        return command_accepted(engine.opts, kind, cid)
+    return handler
+
+
 def routes(engine: Engine) -> list[Route]:
     opts = engine.opts
     db = engine.db
     storage = engine.storage
-
-    def owned_device(profile_id: str, device_id: str) -> sqlite3.Row:
-        row = db.read(lambda c: c.execute("SELECT * FROM devices WHERE id = ? AND profile_id = ?",
-                                          (device_id, profile_id)).fetchone())
-        if row is None:
-            raise not_found()
-        return row
 
     def record(row: sqlite3.Row) -> dict:
         roles = [r for r, on in (("storage", row["storage"]), ("authenticator", row["authenticator"])) if on]
@@ -155,19 +186,6 @@ def routes(engine: Engine) -> list[Route]:
         rows = db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? ORDER BY created_at",
                                            (who.profile_id,)).fetchall())
         return JSONResponse([record(r) for r in rows])
-
-    def device_command(kind: str, check=None):
-        async def handler(request: Request) -> Response:
-            who = engine.principal(request)
-            form = await read_form(request)
-            device_id = _device_field(form)
-            row = owned_device(who.profile_id, device_id)
-            params = {"device": device_id}
-            if check is not None:
-                params.update(check(form, row))
-            cid = await engine.runner.submit(kind, who.profile_id, params)
-            return command_accepted(opts, kind, cid)
-        return handler
 
     def meta_params(form: Form, row) -> dict:
         name = form.get("name") if form.get("name") is not None else form.get("displayName")
@@ -216,7 +234,7 @@ def routes(engine: Engine) -> list[Route]:
     async def download_configuration(request: Request) -> Response:
         who = engine.principal(request)
         form = await read_form(request)
-        row = owned_device(who.profile_id, _device_field(form))
+        row = owned_device(engine, who.profile_id, _device_field(form))
         if row["state"] != "approved":
             raise ApiError(422, "device.not_approved", {"deviceIdentifier": ["the device is not approved"]})
         # the engine has no message bus: the bundle says where this device's copies live instead
@@ -229,16 +247,8 @@ def routes(engine: Engine) -> list[Route]:
         })
 
     # -- storage ---------------------------------------------------------------------------------
-    def storage_check(form: Form, row) -> dict:
-        return {}
-
     def apply_storage_register(conn, params, profile_id, cid) -> Outcome:
-        row = conn.execute("SELECT state, storage FROM devices WHERE id = ? AND profile_id = ?",
-                           (params["device"], profile_id)).fetchone()
-        if row is None:
-            raise Rejected("device.not_found")
-        if row["state"] != "approved":
-            raise Rejected("device.not_approved")
+        approved_device(conn, params["device"], profile_id)
         conn.execute("UPDATE devices SET storage = 1, storage_since = ? WHERE id = ?", (time.time(), params["device"]))
         out = Outcome()
         out.after_commit.append(lambda: engine.spawn(storage.backfill, profile_id, params["device"]))
@@ -280,18 +290,19 @@ def routes(engine: Engine) -> list[Route]:
         Route("/device/retrieve-unique-identifier", g(retrieve_identifier), methods=["POST"]),
         Route("/device/retrieve-device-id/{command_id}", g(retrieve_identifier), methods=["GET"]),
         Route("/device/retrieve-profile-devices", g(list_devices), methods=["GET"]),
-        Route("/device/configure-meta", g(device_command("configure-device-meta", meta_params)), methods=["POST"]),
-        Route("/device/configure-device-meta", g(device_command("configure-device-meta", meta_params)),
+        Route("/device/configure-meta", g(device_command(engine, "configure-device-meta", meta_params)),
               methods=["POST"]),
-        Route("/device/approve-device", g(device_command("approve-device")), methods=["POST"]),
-        Route("/device/reject-device", g(device_command("reject-device")), methods=["POST"]),
+        Route("/device/configure-device-meta", g(device_command(engine, "configure-device-meta", meta_params)),
+              methods=["POST"]),
+        Route("/device/approve-device", g(device_command(engine, "approve-device")), methods=["POST"]),
+        Route("/device/reject-device", g(device_command(engine, "reject-device")), methods=["POST"]),
         Route("/device/download-device-configuration", g(download_configuration), methods=["POST"]),
-        Route("/device/remove", g(device_command("remove-device")), methods=["POST"]),
-        Route("/device/remove-device", g(device_command("remove-device")), methods=["POST"]),
-        Route("/storage/register", g(device_command("register-storage-device", storage_check)), methods=["POST"]),
-        Route("/storage/register-storage-device", g(device_command("register-storage-device", storage_check)),
+        Route("/device/remove", g(device_command(engine, "remove-device")), methods=["POST"]),
+        Route("/device/remove-device", g(device_command(engine, "remove-device")), methods=["POST"]),
+        Route("/storage/register", g(device_command(engine, "register-storage-device")), methods=["POST"]),
+        Route("/storage/register-storage-device", g(device_command(engine, "register-storage-device")),
               methods=["POST"]),
         Route("/storage/list-storage-devices", g(list_storage), methods=["GET"]),
-        Route("/storage/remove", g(device_command("remove-storage-device")), methods=["POST"]),
-        Route("/storage/remove-storage", g(device_command("remove-storage-device")), methods=["POST"]),
+        Route("/storage/remove", g(device_command(engine, "remove-storage-device")), methods=["POST"]),
+        Route("/storage/remove-storage", g(device_command(engine, "remove-storage-device")), methods=["POST"]),
     ]

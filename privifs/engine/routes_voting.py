@@ -27,7 +27,7 @@ from starlette.routing import Route
 from privifs.engine.commands import REJECTED, Outcome, Rejected
 from privifs.engine.core import Engine
 from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, read_form)
-from privifs.engine.routes_device import _device_field
+from privifs.engine.routes_device import _device_field, approved_device, device_command
 
 STRATEGIES = ("unanimous", "majority", "any")
 TEMPLATES = {
@@ -45,6 +45,14 @@ EVENT_KINDS = {
     "data.update": ("update-data-token", "configure-information-security-risk-meta"),
     "data.delete": ("delete-data",),
 }
+GATED_KINDS = frozenset(k for kinds in EVENT_KINDS.values() for k in kinds)  # what a policy can hold
+
+
+def tally(conn: sqlite3.Connection, pool_id: str) -> tuple[int, int]:
+    """(approvals, rejections) cast in a pool."""
+    counts = dict(conn.execute("SELECT decision, COUNT(*) FROM ballots WHERE pool_id = ? GROUP BY decision",
+                               (pool_id,)).fetchall())
+    return counts.get("approve", 0), counts.get("reject", 0)
 
 
 def required_votes(strategy: str, voters: int) -> int:
@@ -58,8 +66,8 @@ def routes(engine: Engine) -> list[Route]:
 
     # -- gating (called by the command runner inside its transaction) -----------------------------
     def gate(conn: sqlite3.Connection, kind: str, profile_id: str | None, cid: str) -> bool:
-        if profile_id is None:
-            return True
+        if profile_id is None or kind not in GATED_KINDS:
+            return True  # no policy event raises this kind, so no pool can hold it
         pool = conn.execute("SELECT status FROM pools WHERE command_id = ?", (cid,)).fetchone()
         if pool is not None:
             return pool["status"] == "approved"
@@ -102,11 +110,8 @@ def routes(engine: Engine) -> list[Route]:
             pool = conn.execute("SELECT * FROM pools WHERE id = ?", (pool_id,)).fetchone()
             if pool is None or pool["status"] != "open":
                 return pool["status"] if pool else None, None
-            ballots = conn.execute("SELECT decision, COUNT(*) n FROM ballots WHERE pool_id = ? GROUP BY decision",
-                                   (pool_id,)).fetchall()
-            counts = {b["decision"]: b["n"] for b in ballots}
             voters = len(json.loads(pool["voters"]))
-            approvals, rejections = counts.get("approve", 0), counts.get("reject", 0)
+            approvals, rejections = tally(conn, pool_id)
             if approvals >= pool["required"]:
                 status = "approved"
             elif voters - rejections < pool["required"]:
@@ -139,23 +144,8 @@ def routes(engine: Engine) -> list[Route]:
     engine.background.append(expire_pools)
 
     # -- authenticators and voting configurations ---------------------------------------------------
-    async def register_authenticator(request: Request) -> Response:
-        who = engine.principal(request)
-        form = await read_form(request)
-        device_id = _device_field(form)
-        if db.read(lambda c: c.execute("SELECT 1 FROM devices WHERE id = ? AND profile_id = ?",
-                                       (device_id, who.profile_id)).fetchone()) is None:
-            raise not_found()
-        cid = await runner.submit("register-authenticator", who.profile_id, {"device": device_id})
-        return command_accepted(opts, "register-authenticator", cid)
-
     def apply_authenticator(conn, params, profile_id, cid) -> Outcome:
-        row = conn.execute("SELECT state FROM devices WHERE id = ? AND profile_id = ?",
-                           (params["device"], profile_id)).fetchone()
-        if row is None:
-            raise Rejected("device.not_found")
-        if row["state"] != "approved":
-            raise Rejected("device.not_approved")
+        approved_device(conn, params["device"], profile_id)
         conn.execute("UPDATE devices SET authenticator = 1 WHERE id = ?", (params["device"],))
         return Outcome()
 
@@ -204,24 +194,25 @@ def routes(engine: Engine) -> list[Route]:
         return Outcome()
 
     # -- pools ------------------------------------------------------------------------------------
-    def pool_record(pool: sqlite3.Row) -> dict:
-        ballots = db.read(lambda c: c.execute("SELECT device_id, decision, at FROM ballots WHERE pool_id = ?",
-                                              (pool["id"],)).fetchall())
+    def pool_record(pool: sqlite3.Row | dict) -> dict:
+        approvals, rejections = db.read(lambda c: tally(c, pool["id"]))
         return {"poolId": pool["id"], "status": pool["status"], "commandId": pool["command_id"],
                 "strategy": pool["strategy"], "required": pool["required"], "voters": json.loads(pool["voters"]),
-                "approvals": sum(1 for b in ballots if b["decision"] == "approve"),
-                "rejections": sum(1 for b in ballots if b["decision"] == "reject"),
+                "approvals": approvals, "rejections": rejections,
                 "deadline": iso(pool["deadline"]), "createdAt": iso(pool["created_at"])}
+
+    def owned_pool(profile_id: str, pool_id: str) -> sqlite3.Row:
+        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
+                                           (pool_id, profile_id)).fetchone())
+        if pool is None:
+            raise not_found()
+        return pool
 
     async def check_pool(request: Request) -> Response:
         who = engine.principal(request, require_key=False)
-        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
-                                           (request.path_params["pool_id"], who.profile_id)).fetchone())
-        if pool is None:
-            raise not_found()
+        pool = owned_pool(who.profile_id, request.path_params["pool_id"])
         if pool["status"] == "open" and pool["deadline"] <= time.time():
-            await resolve(pool["id"])
-            pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ?", (pool["id"],)).fetchone())
+            pool = {**dict(pool), "status": await resolve(pool["id"])}
         return JSONResponse(pool_record(pool))
 
     async def list_pools(request: Request) -> Response:
@@ -240,10 +231,7 @@ def routes(engine: Engine) -> list[Route]:
         decision = form.required("decision", max_len=16).lower()
         if decision not in ("approve", "reject"):
             raise invalid("decision", "must be approve or reject")
-        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
-                                           (pool_id, who.profile_id)).fetchone())
-        if pool is None:
-            raise not_found()
+        pool = owned_pool(who.profile_id, pool_id)
         if device_id not in json.loads(pool["voters"]):
             raise invalid("deviceIdentifier", "this device is not a voter of this pool")
         if pool["status"] != "open":
@@ -261,10 +249,7 @@ def routes(engine: Engine) -> list[Route]:
         who = engine.principal(request, require_key=False)
         form = await read_form(request)
         pool_id = form.required("poolId", max_len=128)
-        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
-                                           (pool_id, who.profile_id)).fetchone())
-        if pool is None:
-            raise not_found()
+        pool = owned_pool(who.profile_id, pool_id)
         if pool["status"] != "open":
             raise ApiError(409, f"the pool is already {pool['status']}")
 
@@ -367,7 +352,8 @@ def routes(engine: Engine) -> list[Route]:
 
     g = lambda h: guarded(opts, h)  # noqa: E731
     return [
-        Route("/verified-authenticator/register", g(register_authenticator), methods=["POST"]),
+        Route("/verified-authenticator/register", g(device_command(engine, "register-authenticator")),
+              methods=["POST"]),
         Route("/verified-authenticator/voting-configuration/register", g(register_voting_configuration),
               methods=["POST"]),
         Route("/verified-authenticator/voting-configuration/create", g(register_voting_configuration),
