@@ -145,3 +145,8 @@ def _leaves(group: BaseExceptionGroup):
             yield from _leaves(exc)
         else:
             yield exc
+
+
+def first_privifs_error(group: BaseExceptionGroup) -> PrivifsError | None:
+    """The first PrivifsError inside a (nested) exception group from trio nurseries, if any."""
+    return next((e for e in _leaves(group) if isinstance(e, PrivifsError)), None)

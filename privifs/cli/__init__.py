@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from privifs.errors import PrivifsError
+from privifs.errors import PrivifsError, first_privifs_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"privifs: error: {exc}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
-        inner = _single_privifs_error(group)
+        inner = first_privifs_error(group)
         if inner is None or args.debug:
             raise
         print(f"privifs: error: {inner}", file=sys.stderr)
@@ -53,15 +53,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("privifs: interrupted", file=sys.stderr)
         return 130
-
-
-def _single_privifs_error(group: BaseExceptionGroup) -> PrivifsError | None:
-    """The PrivifsError inside a (nested) exception group from trio nurseries, if it is the cause."""
-    for exc in group.exceptions:
-        if isinstance(exc, PrivifsError):
-            return exc
-        if isinstance(exc, BaseExceptionGroup):
-            found = _single_privifs_error(exc)
-            if found is not None:
-                return found
-    return None

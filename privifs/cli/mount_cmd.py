@@ -179,9 +179,9 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
         trio.run(daemon.run, ready)
     except BaseException as exc:
         if not signalled and args.ready_fd is not None:
-            from privifs.cli import _single_privifs_error
+            from privifs.errors import first_privifs_error
             inner = exc if isinstance(exc, PrivifsError) else (
-                _single_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
+                first_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
             text = str(inner) if inner is not None else f"the mount failed: {exc!r}"
             try:
                 os.write(args.ready_fd, b"error " + text.encode())

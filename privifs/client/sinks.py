@@ -23,7 +23,6 @@ class BlockWriter:
     def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20):
         self.nursery = nursery
         self.block = block
-        self.total = 0  # plaintext bytes received since the last reset
         self._buffers = (bytearray(block), bytearray(block))
         self._current = 0  # the buffer being filled
         self._fill = 0
@@ -68,11 +67,14 @@ class BlockWriter:
         await self._wait()
         self._fill = 0
         self._offset = 0
-        self.total = 0
         self._restart()
 
+    @property
+    def total(self) -> int:
+        """Plaintext bytes received since the last reset."""
+        return self._offset + self._fill
+
     async def write(self, data: bytes | memoryview) -> None:
-        self.total += len(data)
         view = memoryview(data)
         while view:
             n = min(len(view), self.block - self._fill)

@@ -67,7 +67,8 @@ def _scratch(name: str, size: int) -> memoryview:
     return memoryview(buf)[:size]
 
 
-def _oserror(exc: OSError, what: str) -> Exception:
+def local_store_error(exc: OSError, what: str) -> Exception:
+    """The error of this hierarchy for a failed local-disk operation (ENOSPC → DiskFullError)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"no space left for {what}")
     return LocalStoreError(f"{what}: {exc.strerror}")
@@ -91,7 +92,7 @@ class SealedFile:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            raise _oserror(exc, f"creating {path}") from None
+            raise local_store_error(exc, f"creating {path}") from None
         f = cls(path, fd, key, uuid.uuid4().bytes, 0)
         try:
             f.write_header()
@@ -106,7 +107,7 @@ class SealedFile:
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
-            raise _oserror(exc, f"opening {path}") from None
+            raise local_store_error(exc, f"opening {path}") from None
         try:
             head = os.pread(fd, HEADER, 0)
             if len(head) != HEADER:
@@ -124,7 +125,7 @@ class SealedFile:
         try:
             os.pwrite(self.fd, head, 0)
         except OSError as exc:
-            raise _oserror(exc, f"writing {self.path}") from None
+            raise local_store_error(exc, f"writing {self.path}") from None
         self._header_size = self.size
 
     def sync_header(self) -> None:
@@ -135,9 +136,6 @@ class SealedFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def fsync(self) -> None:
-        os.fsync(self.fd)
 
     # -- chunks ----------------------------------------------------------------------------
     def _aad(self, index: int, length: int) -> bytes:
@@ -157,17 +155,12 @@ class SealedFile:
     def read_chunk(self, index: int) -> bytes:
         """The stored plaintext of chunk ``index`` (possibly shorter than CHUNK: zeros follow)."""
         slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
-        length = self._slot_length(index, slot)
-        if length is None:
-            return b""
-        try:
-            return self._aead.decrypt(slot[:12], memoryview(slot)[PREFIX:OVERHEAD + length],
-                                      self._aad(index, length))
-        except InvalidTag:
-            raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
+        plain = _scratch("chunk", CHUNK)
+        return bytes(plain[:self._open_into(index, memoryview(slot), plain)])
 
-    def _open_into(self, index: int, slot: memoryview, dest: memoryview) -> None:
-        """Decrypt ``slot`` (chunk ``index``) into the CHUNK bytes of ``dest``, zeros after its end."""
+    def _open_into(self, index: int, slot: memoryview, dest: memoryview) -> int:
+        """Decrypt ``slot`` (chunk ``index``) into the CHUNK bytes of ``dest``, zeros after its
+        end; returns the chunk's stored length (0 for a hole)."""
         length = self._slot_length(index, slot)
         if length is None:
             length = 0
@@ -179,6 +172,7 @@ class SealedFile:
                 raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
         if length < CHUNK:
             dest[length:] = ZERO_CHUNK[length:]
+        return length
 
     def write_chunk(self, index: int, data: bytes | memoryview) -> None:
         length = len(data)
@@ -189,7 +183,7 @@ class SealedFile:
         try:
             n = os.pwrite(self.fd, out, HEADER + index * SLOT)
         except OSError as exc:
-            raise _oserror(exc, f"writing {self.path}") from None
+            raise local_store_error(exc, f"writing {self.path}") from None
         if n != len(out):
             raise DiskFullError(f"short write to {self.path}")
 
@@ -204,7 +198,7 @@ class SealedFile:
         try:
             got = os.preadv(self.fd, [slots], HEADER + first * SLOT)
         except OSError as exc:
-            raise _oserror(exc, f"reading {self.path}") from None
+            raise local_store_error(exc, f"reading {self.path}") from None
         plain = _scratch("plain", n * CHUNK)
         for k in range(n):
             self._open_into(first + k, slots[k * SLOT:max(k * SLOT, min(got, (k + 1) * SLOT))],
@@ -220,7 +214,7 @@ class SealedFile:
             within = pos - (index << CHUNK_SHIFT)
             n = min(CHUNK - within, len(view))
             if within == 0 and n == CHUNK:
-                chunk = bytes(view[:n])
+                chunk = view[:n]
             else:
                 old = self.read_chunk(index) if (index << CHUNK_SHIFT) < self.size else b""
                 if len(old) < within:
@@ -247,7 +241,7 @@ class SealedFile:
             try:
                 os.ftruncate(self.fd, keep)
             except OSError as exc:
-                raise _oserror(exc, f"truncating {self.path}") from None
+                raise local_store_error(exc, f"truncating {self.path}") from None
         self.size = size
         self.write_header()
 

@@ -99,9 +99,6 @@ class ContentCache:
         finally:
             f.close()
 
-    def contains(self, token: str) -> bool:
-        return token in self.cache
-
     async def fetch(self, token: str, vault: Vault, size: int | None = None) -> SealedFile:
         """The token's content, downloading and verifying it once for all concurrent callers."""
         while True:
@@ -126,12 +123,9 @@ class ContentCache:
                     sink = SealedSink(sealed, nursery)
                     await vault.get(token, sink, size=size)
                     await sink.finish()
-            if os.path.getsize(path) > self.size_limit:
-                # larger than the whole cache: serve this reader from a private, unlinked copy
-                path.unlink()
-                return sealed
+            if not self.adopt(token, str(path)):
+                return sealed  # larger than the whole cache: this reader keeps a private, unlinked copy
             sealed.close()
-            self.adopt(token, str(path))
         except BaseException:
             sealed.close()
             path.unlink(missing_ok=True)
@@ -154,9 +148,6 @@ class ContentCache:
 
     def evict(self, token: str) -> None:
         self.cache.delete(token)
-
-    def clear(self) -> None:
-        self.cache.clear()
 
     def volume(self) -> int:
         return self.cache.volume()

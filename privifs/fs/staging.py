@@ -8,14 +8,13 @@ mix of two versions.
 """
 from __future__ import annotations
 
-import errno
 import os
 import secrets
 import shutil
 from pathlib import Path
 
-from privifs.crypto.sealed import SealedFile
-from privifs.errors import DiskFullError, LocalStoreError
+from privifs import paths
+from privifs.crypto.sealed import SealedFile, local_store_error
 
 
 class StagedFile:
@@ -38,7 +37,7 @@ class StagedFile:
 class Staging:
     def __init__(self, directory: Path, key: bytes):
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.private_dir(self.dir)
         self._key = key
 
     def path(self, staged_id: str) -> Path:
@@ -65,9 +64,7 @@ class Staging:
             os.chmod(self.path(new_id), 0o600)
         except OSError as exc:
             self.path(new_id).unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError("no space left to stage a file for writing") from None
-            raise LocalStoreError(f"cannot stage a file for writing: {exc.strerror}") from None
+            raise local_store_error(exc, "staging a file for writing") from None
         return self.open(new_id)
 
     def remove(self, staged: StagedFile | str) -> None:
