@@ -201,6 +201,22 @@ def test_directory_rename_is_a_meta_update_of_every_token(engine, tmp_path):
         assert not (m.dir / "proj").exists()
 
 
+def test_renaming_over_the_only_entry_of_a_directory_leaves_no_marker_token(engine, tmp_path):
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        src = tmp_path / "src.txt"
+        src.write_text("old")
+        m.token("put", str(src), "--name", "y", "--context", "/b")  # /b exists only through y
+        m.refresh()
+        (m.dir / "x").write_text("new")
+        m.wait_idle()
+        os.rename(m.dir / "x", m.dir / "b" / "y")
+        m.wait_idle()
+        # y's old token is deleted, and /b was never empty, so no marker token stands for it
+        assert [(t["context"], t["fileName"]) for t in m.tokens() if not t["context"].startswith("/.privifs")] == \
+            [("/b", "y")]
+        assert (m.dir / "b" / "y").read_text() == "new"
+
+
 def test_tampered_ciphertext_gives_eio_never_wrong_bytes(engine, tmp_path):
     with Mount(tmp_path, engine.urls).mounted() as m:
         (m.dir / "victim.bin").write_bytes(os.urandom(100_000))

@@ -138,6 +138,8 @@ def test_symlinks(d):
     assert (d / "link").read_bytes() == b"pointed at"
     assert stat.S_ISLNK(os.lstat(d / "link").st_mode)
     assert os.lstat(d / "dangling").st_size == len("/nowhere/at/all")
+    assert errno_of(os.symlink, b"caf\xe9", os.fsencode(d / "latin1")) == errno.EINVAL  # not UTF-8, like names
+    assert not os.path.lexists(d / "latin1")
     assert errno_of(os.readlink, d / "target") == errno.EINVAL
     assert errno_of(os.symlink, "x", d / "link") == errno.EEXIST
 

@@ -144,7 +144,6 @@ class Daemon:
         self.fs: Filesystem | None = None
         self.syncer: Syncer | None = None
         self.refresher: Refresher | None = None
-        self.started_at = time.time()
         self.mounted = False
         self._unmounting = False
 

@@ -125,14 +125,19 @@ class Filesystem:
         if self.opts.read_only:
             raise fail(errno.EROFS)
 
-    def new_name(self, parent: Node, name: bytes) -> str:
-        """Validate a name for a new entry in ``parent``."""
-        self.writable_fs()
+    def valid_name(self, parent: Node, name: bytes) -> str:
+        """A name an entry of ``parent`` may take (EINVAL, or EPERM for the reserved root name)."""
         text = self.decode(name)
         if text in (".", "..") or "/" in text or "\0" in text:
             raise fail(errno.EINVAL)
         if parent.ino == ROOT and text == RESERVED_ROOT_NAME:
             raise fail(errno.EPERM)
+        return text
+
+    def new_name(self, parent: Node, name: bytes) -> str:
+        """Validate a name for a new entry in ``parent``."""
+        self.writable_fs()
+        text = self.valid_name(parent, name)
         if self.ns.child(parent, text) is not None:
             raise fail(errno.EEXIST)
         return text
@@ -152,7 +157,8 @@ class Filesystem:
             size = 4096
         else:
             e.st_nlink = 0 if node.unlinked else 1
-            size = len(node.target.encode()) if node.is_symlink and node.target else node.size
+            size = (len(node.target.encode("utf-8", "surrogateescape")) if node.is_symlink and node.target
+                    else node.size)
         e.st_uid = node.uid if node.uid is not None else self.opts.uid
         e.st_gid = node.gid if node.gid is not None else self.opts.gid
         e.st_rdev = 0
@@ -246,8 +252,7 @@ class Filesystem:
         if fields.update_mtime:
             node.mtime_ns = attr.st_mtime_ns
             meta = True
-        elif fields.update_atime and not fields.update_size:
-            pass  # atime is not kept (noatime semantics)
+        # atime is not kept (noatime semantics): update_atime alone changes nothing
         if meta or fields.update_size:
             if node.is_dir:
                 node.explicit = 1
@@ -277,9 +282,10 @@ class Filesystem:
         text = self.new_name(parent, name)
         if len(target) > 4095:
             raise fail(errno.ENAMETOOLONG)
+        target_text = self.decode(target)  # UTF-8 like names: the index and the token meta hold text
         with self.index:
             node = self.ns.new_node(parent, text, KIND_SYMLINK, 0o777)
-            node.target = target.decode("utf-8", "surrogateescape")
+            node.target = target_text
             self.touch_parent(parent)
             self.touch_meta(node)
         node.lookups += 1
@@ -334,7 +340,6 @@ class Filesystem:
         node.content_dirty = 0
         self.index.forget(node.ino)
         self.touch_parent(parent)
-        self.keep_empty_dir(parent)
         if self.sync is not None:
             self.sync.wake_tombstones()
         self.release_node(node)
@@ -349,6 +354,7 @@ class Filesystem:
             raise fail(errno.EISDIR)
         with self.index:
             self._remove(node)
+            self.keep_empty_dir(parent)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self.dir_node(parent_ino)
@@ -365,6 +371,7 @@ class Filesystem:
             raise fail(errno.ENOTEMPTY)
         with self.index:
             self._remove(node)
+            self.keep_empty_dir(parent)
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes,
                flags: int) -> None:
@@ -376,11 +383,7 @@ class Filesystem:
         node = self.ns.child(old_parent, self.decode(old_name))
         if node is None:
             raise fail(errno.ENOENT)
-        text = self.decode(new_name)
-        if text in (".", "..") or "/" in text:
-            raise fail(errno.EINVAL)
-        if new_parent.ino == ROOT and text == RESERVED_ROOT_NAME:
-            raise fail(errno.EPERM)
+        text = self.valid_name(new_parent, new_name)
         target = self.ns.child(new_parent, text)
         if target is node:
             return
@@ -615,4 +618,5 @@ class Filesystem:
             self.staging.remove(orphan)
 
     def pending(self) -> list[Node]:
+        """The nodes whose content or meta the vault does not have yet."""
         return [n for n in self.ns.nodes.values() if n.content_dirty or n.meta_dirty]

@@ -117,8 +117,6 @@ class Node:
         n = cls(row["ino"], row["parent"], row["name"], row["kind"], row["mode"], row["mtime_ns"])
         for c in COLUMNS:
             setattr(n, c, row[c])
-        if n.kind == KIND_DIR:
-            n.children = {}
         return n
 
 

@@ -28,9 +28,9 @@ from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.filesystem import Filesystem
 from privifs.fs.namespace import ROOT, Node
-from privifs.fs.sync import Syncer
+from privifs.fs.sync import Syncer, desired_name
 from privifs.fs.tokenmeta import (KIND_DIR, RESERVED_CONTEXT, attributes, conflict_name, display_name, entry_name,
-                                  split_context)
+                                  shown_name, split_context)
 
 log = logging.getLogger("privifs.fs.refresh")
 
@@ -48,16 +48,12 @@ class Refresher:
         self.invalidate = invalidate
         self.last_refresh: float | None = None
         self.last_error: str | None = None
-        self.last_listing: list[TokenInfo] = []
-        self.wake = trio.Event()
         self._invalidations: list[tuple] = []
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            with trio.move_on_after(self.interval):
-                await self.wake.wait()
-            self.wake = trio.Event()
+            await trio.sleep(self.interval)
             try:
                 await self.refresh_once()
             except PrivifsError as exc:
@@ -104,7 +100,7 @@ class Refresher:
         orphans = {}
         for n in ns.nodes.values():
             if n.upload_started is not None and n.content_dirty and not n.uploading:
-                orphans.setdefault((self.ns.context(n), desired(n)), []).append(n)
+                orphans.setdefault((self.ns.context(n), desired_name(n)), []).append(n)
         with self.fs.index:
             for node, info in changed:
                 if self.eligible(node, started):
@@ -128,7 +124,6 @@ class Refresher:
             self._restore_conflict_names(started)
         self.last_refresh = time.time()
         self.last_error = None
-        self.last_listing = infos
         await self._flush_invalidations()
         for node, info in adoptions:
             if not await self.syncer.adopt_orphan(node, info):
@@ -254,9 +249,7 @@ class Refresher:
             if (node.token and node.shown_as and ".conflict-" in node.shown_as and node.name == node.shown_as
                     and self.eligible(node, started)):
                 parent = self.ns.nodes[node.parent]
-                plain = display_name(entry_name(TokenInfo(node.token, node.remote_context or "",
-                                                          node.remote_name or "", node.remote_extension or "",
-                                                          None, None, None)))
+                plain = shown_name(node.remote_name or "", node.remote_extension)
                 if plain != node.name and self.ns.child(parent, plain) is None:
                     old = node.name
                     self.ns.detach(node)
@@ -289,11 +282,6 @@ class Refresher:
                     pass  # the kernel did not know the entry: nothing to invalidate
 
         await trio.to_thread.run_sync(run)
-
-
-def desired(node: Node) -> str:
-    from privifs.fs.sync import desired_name
-    return desired_name(node)
 
 
 def _risk_json(info: TokenInfo) -> str | None:

@@ -114,9 +114,8 @@ class Syncer:
             for _ in range(self.workers):
                 nursery.start_soon(self._worker)
             nursery.start_soon(self._tombstone_loop)
-            for node in list(self.ns.nodes.values()):
-                if node.content_dirty or node.meta_dirty:
-                    self.schedule(node)
+            for node in self.fs.pending():
+                self.schedule(node)
             task_status.started()
 
     async def _worker(self) -> None:
@@ -160,10 +159,9 @@ class Syncer:
             self.schedule(node)
 
     def retry_all_now(self) -> None:
-        for node in self.ns.nodes.values():
-            if node.content_dirty or node.meta_dirty:
-                node.retry_at = 0.0
-                self.schedule(node)
+        for node in self.fs.pending():
+            node.retry_at = 0.0
+            self.schedule(node)
         self.wake_tombstones()
 
     # -- reconciliation ------------------------------------------------------------------------
@@ -412,13 +410,12 @@ class Syncer:
         want = hashlib.blake2b()
         for piece in staged.sealed.chunks(PIECE_CHUNKS):
             want.update(piece)
-        from privifs.client.vault import BytesSink
 
-        class HashSink(BytesSink):
+        class HashSink:  # a PlaintextSink that keeps only a digest
             def __init__(self) -> None:
                 self.h = hashlib.blake2b()
 
-            async def write(self, data: bytes) -> None:
+            async def write(self, data: bytes | memoryview) -> None:
                 self.h.update(data)
 
             async def reset(self) -> None:
@@ -441,13 +438,12 @@ class Syncer:
     # -- status and flushing ---------------------------------------------------------------------
     def pending(self) -> list[dict]:
         out = []
-        for node in self.ns.nodes.values():
-            if node.content_dirty or node.meta_dirty:
-                state = ("uploading" if node.uploading else "waiting for close" if node.writers and node.content_dirty
-                         else f"retrying: {node.last_error}" if node.last_error else "queued")
-                out.append({"path": self.fs.path(node), "size": node.size if node.content_dirty else 0,
-                            "kind": "content" if node.content_dirty else "meta", "state": state,
-                            "attempts": node.attempts})
+        for node in self.fs.pending():
+            state = ("uploading" if node.uploading else "waiting for close" if node.writers and node.content_dirty
+                     else f"retrying: {node.last_error}" if node.last_error else "queued")
+            out.append({"path": self.fs.path(node), "size": node.size if node.content_dirty else 0,
+                        "kind": "content" if node.content_dirty else "meta", "state": state,
+                        "attempts": node.attempts})
         return out
 
     def tombstone_count(self) -> int:
