@@ -45,8 +45,9 @@ def test_a_failing_engine_loses_nothing(eng, tmp_path):
 
 def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait(tmp_path):
     eng = EngineProcess(tmp_path / "engine").start()
-    m = Mount(tmp_path / "user", eng.urls)
+    m = None
     try:
+        m = Mount(tmp_path / "user", eng.urls)
         m.mount()
         (m.dir / "cached.txt").write_text("in the cache")
         m.wait_idle()
@@ -77,8 +78,11 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         assert (m.dir / "offline.txt").read_text() == "written while offline"
         assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
     finally:
-        m.cleanup()
-        eng.stop()
+        try:
+            if m is not None:
+                m.cleanup()
+        finally:
+            eng.stop()
 
 
 @pytest.mark.parametrize("reason,code", [("policy.rejected", errno.EIO), ("policy.access_denied", errno.EACCES)])

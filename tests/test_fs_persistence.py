@@ -258,9 +258,9 @@ def test_wrong_key_is_detected_at_mount(engine, tmp_path):
 
 def test_plaintext_never_touches_cache_staging_or_logs(engine, tmp_path):
     m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "0"))
-    m.mount()
     canary = b"CANARY-" + os.urandom(6).hex().encode()
     try:
+        m.mount()
         (m.dir / "a.txt").write_bytes(canary * 10)
         (m.dir / "big.bin").write_bytes((canary + b"\n") * 100_000)
         with open(m.dir / "pending.txt", "wb") as f:

@@ -59,8 +59,8 @@ def test_ten_thousand_small_files_created_listed_and_read_back(engine, tmp_path)
     # uploads are held back (long write-back delay) so this measures the filesystem itself;
     # uploading many small files is covered by the other tests and the benchmarks
     mnt = Mount(tmp_path / "many", engine.urls, mount_args=("--write-back-delay", "3600"))
-    mnt.mount()
     try:
+        mnt.mount()
         _ten_thousand(mnt)
         assert mnt.status()["pending"]  # still staged, and readable
     finally:
