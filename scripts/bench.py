@@ -30,6 +30,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.measure import PeakRss  # noqa: E402
+from tests.mountkit import isolated_env  # noqa: E402
 PY = sys.executable
 MiB = 1024 * 1024
 WAIT = 300
@@ -105,9 +106,6 @@ class Contender:
 
 class Local(Contender):
     name = "local disk"
-
-    def __init__(self, work: Path):
-        super().__init__(work)
 
     def version(self) -> str:
         return f"{platform.system()} {platform.release()}"
@@ -221,11 +219,7 @@ class Privifs(Contender):
 
     def __init__(self, work: Path):
         super().__init__(work)
-        home = self.work / "home"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("PRIVICORE_", "XDG_", "PRIVIFS_"))}
-        self.env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), XDG_DATA_HOME=str(home / "data"),
-                        XDG_STATE_HOME=str(home / "state"), XDG_CACHE_HOME=str(home / "cache"),
-                        XDG_RUNTIME_DIR=str(home / "run"))
+        self.env = isolated_env(self.work / "home")  # no server configured: the embedded engine
         self.cmd = [PY, "-m", "privifs"]
         sh(*self.cmd, "init", env=self.env)
 
@@ -244,7 +238,6 @@ class Privifs(Contender):
         raise RuntimeError("privifs is not mounted")
 
     def settle(self) -> None:
-        sys.path.insert(0, str(ROOT))
         from privifs.fs.daemon import control_request
         answer = list(control_request(self._entry(), {"cmd": "flush", "timeout": WAIT}, timeout=WAIT + 30))
         if not answer[-1].get("done"):

@@ -31,9 +31,11 @@ def isolated_env(root: Path, **extra) -> dict:
     return env
 
 
-def privifs(env: dict, *args: str, check: bool = True, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess:
+def privifs(env: dict, *args: str, check: bool = True, timeout: float = CMD_TIMEOUT,
+            input_text: str | None = None) -> subprocess.CompletedProcess:
+    """Run the privifs command line as a user would (a subprocess), failing loudly unless asked."""
     proc = subprocess.run([sys.executable, "-m", "privifs", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, input=input_text)
     if check and proc.returncode != 0:
         raise AssertionError(f"privifs {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -6,31 +6,12 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
-import sys
 import uuid
 
 import pytest
 
-TIMEOUT = 120
-
-
-def run(env, *args, input_text=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "privifs", *args], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT, input=input_text)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"privifs {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
-
-
-def isolated_env(tmp_path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PRIVICORE_", "XDG_", "PRIVIFS_"))}
-    env.update({"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": str(tmp_path / "config"),
-                "XDG_DATA_HOME": str(tmp_path / "data"), "XDG_STATE_HOME": str(tmp_path / "state"),
-                "XDG_CACHE_HOME": str(tmp_path / "cache")})
-    env.update(extra)
-    return env
-
+from tests.mountkit import isolated_env
+from tests.mountkit import privifs as run
 
 @pytest.fixture
 def user(eng, tmp_path):
