@@ -106,8 +106,8 @@ def run_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         return _run_daemon(args, cfg_path)
     cfg = load(cfg_path)
-    from privifs.fs.daemon import vault_id
-    state = args.state_dir or paths.state_dir() / "vaults" / vault_id(cfg)
+    from privifs.fs.daemon import default_state_dir
+    state = args.state_dir or default_state_dir(cfg)
     paths.private_dir(state)
     log_path = state / "mount.log"
     r, w = os.pipe()

@@ -72,6 +72,11 @@ def vault_id(cfg: Config) -> str:
     return hashlib.sha256(f"{server}|{cfg.username}".encode()).hexdigest()[:16]
 
 
+def default_state_dir(cfg: Config) -> Path:
+    """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
+    return paths.state_dir() / "vaults" / vault_id(cfg)
+
+
 def registry_path(mountpoint: Path) -> Path:
     """Where the daemon of ``mountpoint`` (an already resolved path: resolving a path inside our own
     mount from the daemon would deadlock) registers itself."""
@@ -139,7 +144,7 @@ class Daemon:
         self.cfg = cfg
         self.mcfg = mcfg
         self.mountpoint = mcfg.mountpoint.resolve()
-        self.state_dir = mcfg.state_dir or (paths.state_dir() / "vaults" / vault_id(cfg))
+        self.state_dir = mcfg.state_dir or default_state_dir(cfg)
         self.cache_dir = mcfg.cache_dir or (paths.cache_dir() / "vaults" / vault_id(cfg))
         self.fs: Filesystem | None = None
         self.syncer: Syncer | None = None
@@ -283,18 +288,19 @@ class Daemon:
         syncer.retry_all_now()
         deadline = None if timeout is None else trio.current_time() + timeout
         while True:
-            pending = [p for p in syncer.pending() if p["state"] != "waiting for close"]
+            # what a flush waits for: everything pending but files still open for writing
+            pending = [n for n in self.fs.pending() if n.uploading or not (n.writers and n.content_dirty)]
             deletes = syncer.tombstone_count()
             if not pending and not deletes:
                 return {"done": True}
+            size = sum(n.size for n in pending if n.content_dirty)
             if progress is not None:
-                await progress({"pending": len(pending), "bytes": sum(p["size"] for p in pending),
-                                "deletes": deletes, "uploading": [p["path"] for p in pending
-                                                                  if p["state"] == "uploading"][:5]})
+                await progress({"pending": len(pending), "bytes": size, "deletes": deletes,
+                                "uploading": [self.fs.path(n) for n in pending if n.uploading][:5]})
             since = syncer.unreachable_since
             if since is not None and time.time() - since > UNREACHABLE_GRACE:
                 return {"error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
-                                 f"({sum(p['size'] for p in pending)} bytes) stay staged in {self.state_dir} "
+                                 f"({size} bytes) stay staged in {self.state_dir} "
                                  f"and are uploaded at the next mount"}
             if deadline is not None and trio.current_time() > deadline:
                 return {"error": f"{len(pending)} changes still pending after {timeout:.0f}s "

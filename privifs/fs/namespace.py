@@ -185,6 +185,9 @@ class Index:
     def drop_tombstone(self, token: str) -> None:
         self._write("DELETE FROM tombstones WHERE token = ?", (token,))
 
+    def tombstone_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]
+
     def tombstones(self) -> dict[str, float]:
         return {r[0]: r[1] for r in self.conn.execute("SELECT token, since FROM tombstones")}
 

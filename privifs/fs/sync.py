@@ -447,4 +447,4 @@ class Syncer:
         return out
 
     def tombstone_count(self) -> int:
-        return len(self.index.tombstones())
+        return self.index.tombstone_count()
