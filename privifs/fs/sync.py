@@ -25,6 +25,7 @@ lets the refresher ignore a token of ours that the listing shows before the node
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -212,28 +213,50 @@ class Syncer:
         node.remote_context, node.remote_name, node.remote_extension = context, name, extension
         node.shown_as = shown_name(name, extension)
 
+    @contextlib.contextmanager
+    def _claiming(self, context: str, name: str):
+        """While an upload is in flight, the name it takes on the server counts as ours (the
+        refresher must not show a token appearing under it as a stranger)."""
+        key = (tuple(split_context(context)), name)
+        self.inflight_names[key] += 1
+        try:
+            yield
+        finally:
+            self.inflight_names[key] -= 1
+            if not self.inflight_names[key]:
+                del self.inflight_names[key]
+
+    def _tombstone(self, token: str) -> None:
+        """Have ``token`` deleted from the vault in the background (durably recorded first)."""
+        self.index.add_tombstone(token)
+        self.wake_tombstones()
+
+    def _recorded(self, node: Node, token: str, context: str, name: str, extension: str) -> None:
+        """The node's content now lives in ``token``, named as the server has it."""
+        self.ns.set_token(node, token)
+        self._remote_named(node, context, name, extension)
+        node.remote_risk = None
+        node.upload_started = None
+        node.synced_at = trio.current_time()
+
     async def _upload(self, node: Node) -> None:
         staged = node.staged
         staged.frozen = True
         staged.sealed.sync_header()
         size = staged.size
         context, name, extension, path = self._target(node)
-        key = (tuple(split_context(context)), name)
         node.uploading = True
         node.upload_started = time.time()
         self.index.save(node)
-        self.inflight_names[key] += 1
         try:
-            token = await self.vault.put_stream(lambda: self._plaintext(staged), size,
-                                                FileMeta(name, extension, context, size, path))
-            self._record_content(node, staged, token, context, name, extension)
+            with self._claiming(context, name):
+                token = await self.vault.put_stream(lambda: self._plaintext(staged), size,
+                                                    FileMeta(name, extension, context, size, path))
+                self._record_content(node, staged, token, context, name, extension)
         finally:
             node.uploading = False
             if node.staged is staged:
                 staged.frozen = False
-            self.inflight_names[key] -= 1
-            if not self.inflight_names[key]:
-                del self.inflight_names[key]
             if node.unlinked:
                 self.fs.release_node(node)
         self.uploads += 1
@@ -245,8 +268,7 @@ class Syncer:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it."""
         with self.index:
             if node.unlinked:
-                self.index.add_tombstone(token)
-                self.wake_tombstones()
+                self._tombstone(token)
                 if node.staged is staged:
                     node.staged = None
                 self.fs.staging.remove(staged)
@@ -255,13 +277,8 @@ class Syncer:
                 return
             old = node.token
             if old and old != token:
-                self.index.add_tombstone(old)
-                self.wake_tombstones()
-            self.ns.set_token(node, token)
-            self._remote_named(node, context, name, extension)
-            node.remote_risk = None
-            node.upload_started = None
-            node.synced_at = trio.current_time()
+                self._tombstone(old)
+            self._recorded(node, token, context, name, extension)
             node.meta_dirty = 1
             if node.staged is staged:
                 node.staged = None
@@ -284,27 +301,16 @@ class Syncer:
 
     async def _marker(self, node: Node) -> None:
         context, name, extension, path = self._target(node)
-        key = (tuple(split_context(context)), name)
         node.upload_started = time.time()
         self.index.save(node)
-        self.inflight_names[key] += 1
-        try:
+        with self._claiming(context, name):
             token = await self.vault.put_bytes(b"", FileMeta(name, extension, context, 0, path))
             with self.index:
                 if node.unlinked:
-                    self.index.add_tombstone(token)
-                    self.wake_tombstones()
+                    self._tombstone(token)
                     return
-                self.ns.set_token(node, token)
-                self._remote_named(node, context, name, extension)
-                node.remote_risk = None
-                node.upload_started = None
-                node.synced_at = trio.current_time()
+                self._recorded(node, token, context, name, extension)
                 self.index.save(node)
-        finally:
-            self.inflight_names[key] -= 1
-            if not self.inflight_names[key]:
-                del self.inflight_names[key]
 
     async def _update_meta(self, node: Node) -> None:
         version = node.meta_version
