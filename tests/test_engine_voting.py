@@ -26,7 +26,8 @@ async def authenticators(wire, ch, n: int) -> list[str]:
 
 async def gate_deletes(wire, ch, devices, *, strategy="unanimous", time_limit=60, name="vc") -> str:
     r = await wire.post("/verified-authenticator/voting-configuration/register",
-                        json={"name": name, "strategy": strategy, "timeLimit": time_limit, "deviceIdentifiers": devices})
+                        json={"name": name, "strategy": strategy, "timeLimit": time_limit,
+                              "deviceIdentifiers": devices})
     assert r.status_code == 202, r.text
     assert (await ch.wait_for("X-DPT-CAB-ID", command_id(r)))["command_status"] == 2
     templates = (await wire.get("/policy/list-policy-templates")).json()

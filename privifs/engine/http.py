@@ -50,6 +50,16 @@ def not_found() -> ApiError:
     return ApiError(404, "Record Not Found")
 
 
+def owned_row(db, table: str, column: str, value: str, profile_id: str):
+    """The profile's row of ``table`` whose ``column`` is ``value``, or 404: another profile's
+    records do not exist for it (never 403, never 200). ``table`` and ``column`` are literals."""
+    row = db.read(lambda c: c.execute(f"SELECT * FROM {table} WHERE {column} = ? AND profile_id = ?",
+                                      (value, profile_id)).fetchone())
+    if row is None:
+        raise not_found()
+    return row
+
+
 def unauthorized(message: str = "invalid token") -> ApiError:
     return ApiError(401, message)
 

@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import (Form, command_accepted, guarded, invalid, iso, not_found,
+from privifs.engine.http import (Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
                                  query_form, read_form)
 
 LIST_FILTERS = {
@@ -62,11 +62,7 @@ def routes(engine: Engine) -> list[Route]:
         return row
 
     def owned_token(profile_id: str, token: str) -> sqlite3.Row:
-        row = db.read(lambda c: c.execute("SELECT * FROM data_tokens WHERE token = ? AND profile_id = ?",
-                                          (token, profile_id)).fetchone())
-        if row is None:
-            raise not_found()
-        return row
+        return owned_row(db, "data_tokens", "token", token, profile_id)
 
     # -- reserve ---------------------------------------------------------------------------
     async def reserve(request: Request) -> Response:

@@ -26,7 +26,8 @@ from starlette.routing import Route
 from privifs.crypto.keys import generate_identity
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, read_form)
+from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
+                                 read_form)
 
 log = logging.getLogger("privifs.engine.storage")
 
@@ -110,11 +111,7 @@ def _device_field(form: Form) -> str:
 
 def owned_device(engine: Engine, profile_id: str, device_id: str) -> sqlite3.Row:
     """The profile's device, or 404 (another profile's device does not exist for this one)."""
-    row = engine.db.read(lambda c: c.execute("SELECT * FROM devices WHERE id = ? AND profile_id = ?",
-                                             (device_id, profile_id)).fetchone())
-    if row is None:
-        raise not_found()
-    return row
+    return owned_row(engine.db, "devices", "id", device_id, profile_id)
 
 
 def approved_device(conn: sqlite3.Connection, device_id: str, profile_id: str) -> None:

@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from privifs.engine.commands import REJECTED, Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, read_form)
+from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
+                                 read_form)
 from privifs.engine.routes_device import _device_field, approved_device, device_command
 
 STRATEGIES = ("unanimous", "majority", "any")
@@ -172,7 +173,8 @@ def routes(engine: Engine) -> list[Route]:
             raise invalid("timeLimit", "must be between 1 and 604800 seconds")
         devices = data.get("deviceIdentifiers", [])
         if isinstance(devices, str):
-            devices = [d for d in devices.split(",") if d.strip()] if not devices.startswith("[") else json.loads(devices)
+            devices = (json.loads(devices) if devices.startswith("[")
+                       else [d for d in devices.split(",") if d.strip()])
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise invalid("deviceIdentifiers", "must be a list of device identifiers")
         known = db.read(lambda c: {r[0] for r in c.execute(
@@ -202,11 +204,7 @@ def routes(engine: Engine) -> list[Route]:
                 "deadline": iso(pool["deadline"]), "createdAt": iso(pool["created_at"])}
 
     def owned_pool(profile_id: str, pool_id: str) -> sqlite3.Row:
-        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE id = ? AND profile_id = ?",
-                                           (pool_id, profile_id)).fetchone())
-        if pool is None:
-            raise not_found()
-        return pool
+        return owned_row(db, "pools", "id", pool_id, profile_id)
 
     async def check_pool(request: Request) -> Response:
         who = engine.principal(request, require_key=False)

@@ -88,7 +88,8 @@ def upstream_app(engine: Engine):
             return await _answer(send, 403, {"status": 403, "message": "stream authorization already used"})
         request = Request(scope, receive)
         try:
-            blob_id, size, blob_dir = await engine.blobs.receive(_throttled(request.stream(), engine.opts.stream_bytes_per_second))
+            blob_id, size, blob_dir = await engine.blobs.receive(
+                _throttled(request.stream(), engine.opts.stream_bytes_per_second))
         except ClientDisconnect:
             log.info("upload for %s broke off; nothing stored", row["temp_token"])
             return
