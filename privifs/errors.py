@@ -40,6 +40,12 @@ class DiskFullError(LocalStoreError):
     errno = _errno.ENOSPC
 
 
+class NodeGone(PrivifsError):
+    """A node left the tree (unlinked, or its directory removed) while work on it was pending."""
+
+    errno = _errno.ENOENT
+
+
 class VaultError(PrivifsError):
     """Talking to the Privicore service failed."""
 

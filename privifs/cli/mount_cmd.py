@@ -299,4 +299,8 @@ def run_status(args: argparse.Namespace) -> int:
               + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else ""))
         print(f"  last error:   {st['last_error'] or 'none'}"
               + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else ""))
+        for task in st.get("tasks", []):
+            if task["failures"]:
+                print(f"  task failed:  {task['name']}: {task['failures']} unexpected failures, last at "
+                      f"{_ago(task['last_error_at'])}: {task['last_error']} (restarted; see mount.log)")
     return 0

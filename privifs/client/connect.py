@@ -1,6 +1,8 @@
 """The one entry point: :func:`connect` wires transport, session, events and data tokens
 together, logs in, joins the event channel before anything else is sent, and keeps the
-authorization fresh in the background until the ``async with`` block ends."""
+authorization fresh in the background until the ``async with`` block ends. The event channel and
+the renewal run supervised (:mod:`privifs.supervise`): a bug in either is logged, shown through
+``Client.supervisor`` and the task restarted; it never ends the block."""
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ from privifs.client.session import Credentials, Session
 from privifs.client.transport import ClientOptions, Endpoints, Transport
 from privifs.client.vault import Vault
 from privifs.errors import single_error
+from privifs.supervise import Supervisor
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Client:
     hub: EventHub
     commands: Commands
     tokens: DataTokens
+    supervisor: Supervisor
 
     def vault(self, key: bytes) -> Vault:
         return Vault(self.tokens, key)
@@ -32,8 +36,9 @@ class Client:
 
 @asynccontextmanager
 async def connect(endpoints: Endpoints, credentials: Credentials, options: ClientOptions | None = None,
-                  *, revoke_on_close: bool = True):
+                  *, revoke_on_close: bool = True, supervisor: Supervisor | None = None):
     options = options or ClientOptions()
+    supervisor = supervisor or Supervisor()
     transport = Transport(endpoints, options)
     session = Session(transport, credentials, options)
     try:
@@ -42,11 +47,11 @@ async def connect(endpoints: Endpoints, credentials: Credentials, options: Clien
         commands = Commands(transport, hub, options)
         session.await_command = lambda cid: commands.wait(cid, what="reauthorize")
         client = Client(endpoints, options, transport, session, hub, commands,
-                        DataTokens(transport, commands, hub, options))
+                        DataTokens(transport, commands, hub, options), supervisor)
         with single_error():
             async with trio.open_nursery() as nursery:
-                await nursery.start(hub.run)
-                nursery.start_soon(session.keep_fresh)
+                await supervisor.start(nursery, "event channel", hub.run)
+                supervisor.start_soon(nursery, "authorization renewal", session.keep_fresh)
                 try:
                     yield client
                 finally:

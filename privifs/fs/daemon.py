@@ -46,6 +46,7 @@ from privifs.fs.refresh import Refresher
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
 from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context
+from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.daemon")
 
@@ -149,6 +150,7 @@ class Daemon:
         self.fs: Filesystem | None = None
         self.syncer: Syncer | None = None
         self.refresher: Refresher | None = None
+        self.supervisor = Supervisor()
         self.mounted = False
         self._unmounting = False
 
@@ -173,7 +175,7 @@ class Daemon:
         lock = self._lock()
         try:
             with open_account(self.cfg) as account:
-                async with connect(account.endpoints, account.credentials) as client:
+                async with connect(account.endpoints, account.credentials, supervisor=self.supervisor) as client:
                     await self._serve(client, account.key, ready)
         finally:
             lock.close()
@@ -190,7 +192,7 @@ class Daemon:
             fs = Filesystem(ns, staging, cache, vault, opts)
             fs.open_staged_files()
             syncer = Syncer(fs, client.tokens, vault, workers=self.mcfg.upload_workers,
-                            write_back_delay=self.mcfg.write_back_delay)
+                            write_back_delay=self.mcfg.write_back_delay, supervisor=self.supervisor)
             fs.sync = syncer
             refresher = Refresher(fs, client.tokens, syncer, self.mcfg.refresh_interval, invalidate=False)
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
@@ -209,8 +211,8 @@ class Daemon:
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(syncer.run)
-                    await nursery.start(refresher.run)
-                    control = await nursery.start(self._control_server)
+                    await self.supervisor.start(nursery, "refresh", refresher.run)
+                    control = await self.supervisor.start(nursery, "control socket", self._control_server)
                     self._register(control)
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._tune_readahead)
@@ -280,6 +282,7 @@ class Daemon:
             "last_refresh": refresher.last_refresh, "refresh_interval": refresher.interval,
             "refresh_error": refresher.last_error, "last_error": syncer.last_error,
             "last_error_at": syncer.last_error_at, "files": len(fs.ns.nodes),
+            "tasks": self.supervisor.report(),
         }
 
     async def flush(self, progress, timeout: float | None) -> dict:
@@ -358,9 +361,11 @@ class Daemon:
                 await send({"error": f"unknown command {cmd!r}"})
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except PrivifsError as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the control socket
+            if not isinstance(exc, PrivifsError):
+                self.supervisor.failed("control socket", exc, "request failed unexpectedly")
             try:
-                await send({"error": str(exc)})
+                await send({"error": str(exc) if isinstance(exc, PrivifsError) else f"internal error: {exc!r}"})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         finally:

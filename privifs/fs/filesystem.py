@@ -143,7 +143,8 @@ class Filesystem:
         return text
 
     def path(self, node: Node) -> str:
-        return self.ns.path(node)
+        """The node's path for logs (safe for a node that left the tree)."""
+        return self.ns.describe(node)
 
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -618,5 +619,9 @@ class Filesystem:
             self.staging.remove(orphan)
 
     def pending(self) -> list[Node]:
-        """The nodes whose content or meta the vault does not have yet."""
-        return [n for n in self.ns.nodes.values() if n.content_dirty or n.meta_dirty]
+        """The nodes in the tree whose content or meta the vault does not have yet, and uploads
+        still in flight (a removed node that is still open is not pending: nothing of it will be
+        uploaded; one whose upload was under way when it was removed is, until its token is
+        recorded for deletion)."""
+        return [n for n in self.ns.nodes.values()
+                if n.uploading or (n.content_dirty or n.meta_dirty) and not n.unlinked]

@@ -18,7 +18,7 @@ import stat
 import time
 from pathlib import Path
 
-from privifs.errors import DiskFullError, LocalStoreError
+from privifs.errors import DiskFullError, LocalStoreError, NodeGone
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, join_context
 
 ROOT = 1
@@ -171,6 +171,10 @@ class Index:
             raise _local_error(exc) from None
 
     def save(self, node: Node) -> None:
+        """Persist ``node``; a node that left the tree (still open, or uploading) is never
+        written back, so it cannot reappear after a restart."""
+        if node.unlinked:
+            return
         self._write(self._upsert, node.row())
 
     def forget(self, ino: int) -> None:
@@ -244,18 +248,34 @@ class Namespace:
         return self.nodes.get(ino) if ino is not None else None
 
     def path_parts(self, node: Node) -> list[str]:
+        """The names from the root to ``node``; :class:`NodeGone` if it is no longer in the tree
+        (unlinked, or an ancestor was removed)."""
         parts: list[str] = []
+        start = node
         while node.ino != ROOT:
+            parent = self.nodes.get(node.parent)
+            if node.unlinked or parent is None or parent.children.get(node.name) != node.ino:
+                raise NodeGone(f"{start.name} is no longer in the tree")
             parts.append(node.name)
-            node = self.nodes[node.parent]
+            node = parent
         parts.reverse()
         return parts
 
     def path(self, node: Node) -> str:
         return join_context(self.path_parts(node))
 
+    def describe(self, node: Node) -> str:
+        """The node's path for logs and status; never fails, also for a node that left the tree."""
+        try:
+            return self.path(node)
+        except NodeGone:
+            return f"(removed) {node.name}"
+
     def context(self, node: Node) -> str:
-        return self.path(self.nodes[node.parent])
+        parent = self.nodes.get(node.parent)
+        if parent is None:
+            raise NodeGone(f"{node.name} is no longer in the tree")
+        return self.path(parent)
 
     def is_ancestor(self, maybe_ancestor: Node, node: Node) -> bool:
         while node.ino != ROOT:

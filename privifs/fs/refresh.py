@@ -99,7 +99,7 @@ class Refresher:
         vanished = {n.ino: n for n in ns.nodes.values() if n.token and n.ino not in seen and self.eligible(n, started)}
         orphans = {}
         for n in ns.nodes.values():
-            if n.upload_started is not None and n.content_dirty and not n.uploading:
+            if n.upload_started is not None and n.content_dirty and not n.uploading and not n.unlinked:
                 orphans.setdefault((self.ns.context(n), desired_name(n)), []).append(n)
         with self.fs.index:
             for node, info in changed:

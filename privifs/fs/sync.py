@@ -40,11 +40,12 @@ import trio
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
-from privifs.errors import CommandRejected, PrivifsError, ServerUnreachable
+from privifs.errors import CommandRejected, NodeGone, PrivifsError, ServerUnreachable
 from privifs.fs.filesystem import Filesystem
 from privifs.fs.namespace import Node
 from privifs.fs.staging import StagedFile
 from privifs.fs.tokenmeta import extension_of, risk_fields, same_context, shown_name, split_context
+from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.sync")
 
@@ -69,8 +70,9 @@ def desired_name(node: Node) -> str:
 
 class Syncer:
     def __init__(self, fs: Filesystem, tokens: DataTokens, vault: Vault, *, workers: int = 4,
-                 write_back_delay: float = 1.0):
+                 write_back_delay: float = 1.0, supervisor: Supervisor | None = None):
         self.fs = fs
+        self.supervisor = supervisor or Supervisor()
         self.ns = fs.ns
         self.index = fs.index
         self.tokens = tokens
@@ -94,6 +96,8 @@ class Syncer:
 
     # -- scheduling ----------------------------------------------------------------------------
     def schedule(self, node: Node) -> None:
+        if node.unlinked and not node.uploading:
+            return  # removed: nothing of it goes to the vault
         if node.ino in self._busy:
             self._again.add(node.ino)
         elif node.ino not in self._queued:
@@ -112,9 +116,9 @@ class Syncer:
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for _ in range(self.workers):
-                nursery.start_soon(self._worker)
-            nursery.start_soon(self._tombstone_loop)
+            for i in range(self.workers):
+                self.supervisor.start_soon(nursery, f"write-back worker {i + 1}", self._worker)
+            self.supervisor.start_soon(nursery, "token deletion", self._tombstone_loop)
             for node in self.fs.pending():
                 self.schedule(node)
             task_status.started()
@@ -130,11 +134,12 @@ class Syncer:
                 self._nursery.start_soon(self._later, ino, wait)
                 continue
             self._busy.add(ino)
-            await self._yield_to_foreground(ino)
             try:
-                await self.reconcile(node)
+                await self._yield_to_foreground(ino)
+                if self.ns.get(ino) is node and not node.unlinked:  # it may have gone meanwhile
+                    await self.reconcile(node)
             except Exception as exc:  # noqa: BLE001 - write-back must outlive any bug or local failure
-                log.exception("%s: write-back failed unexpectedly", self.fs.path(node))
+                self.supervisor.failed("write-back", exc, f"of {self.fs.path(node)} failed unexpectedly")
                 self._failed(node, PrivifsError(f"unexpected failure: {exc!r}"))
             finally:
                 self._busy.discard(ino)
@@ -176,6 +181,9 @@ class Syncer:
                 await self._marker(node)
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
+        except NodeGone:
+            self.fs.release_node(node)  # removed while its write-back waited: nothing to send
+            return
         except PrivifsError as exc:
             self._failed(node, exc)
             return

@@ -1,0 +1,158 @@
+"""Write-back and the other background tasks outlive anything: nodes that leave the tree while
+their write-back waits, unexpected exceptions, a removed file written through an open handle.
+Driven in-process (tests/fskit.py) against the real engine, so each interleaving is exact."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+
+from privifs.errors import NodeGone
+from privifs.fs.namespace import Index
+from privifs.supervise import Supervisor
+from tests.fskit import inprocess_fs
+
+
+async def test_file_and_directory_removed_while_write_back_waits_leave_the_syncer_running(account, tmp_path):
+    # the pjdfstest ftruncate/00.t pattern that killed the daemon: a write-back is waiting (the
+    # mount is busy) when the file is unlinked, its directory removed, and the still-open file
+    # truncated through its descriptor
+    async with inprocess_fs(tmp_path, *account) as t:
+        d = t.mkdir(1, "d")
+        fh, f = t.create(d, "f")
+        await t.fs.write(fh, 0, b"x" * 1000)
+        t.fs.release(fh)                      # schedules the upload
+        fh2 = await t.open(f)                 # still open for writing
+        t.fs.note_activity()                  # busy mount: the worker waits in _yield_to_foreground
+        await trio.sleep(0.05)
+        assert f.ino in t.syncer._busy        # the worker holds the node, waiting
+        t.fs.unlink(d.ino, b"f")
+        t.fs.rmdir(1, b"d")
+        t.forget(d)
+        await t.truncate(fh2, 10)             # ftruncate on the descriptor of the removed file
+        await t.fs.write(fh2, 0, b"y" * 5)
+        await trio.sleep(0.6)                 # the worker wakes and finds the node gone
+        t.fs.release(fh2)
+        t.forget(f)
+        await t.wait_idle()
+        assert not t.supervisor.failing()
+        assert f.ino not in t.fs.ns.nodes
+        assert await t.vault_names() == {}
+        # the syncer still works
+        fh3, _ = t.create(1, "after")
+        await t.fs.write(fh3, 0, b"still alive")
+        t.fs.release(fh3)
+        await t.wait_idle()
+        assert await t.vault_names() == {"after": 11}
+
+
+async def test_writing_a_removed_open_file_does_not_bring_it_back_after_a_restart(account, tmp_path):
+    async with inprocess_fs(tmp_path, *account) as t:
+        d = t.mkdir(1, "d")
+        fh, f = t.create(d, "ghost")
+        t.fs.unlink(d.ino, b"ghost")
+        t.fs.rmdir(1, b"d")
+        await t.fs.write(fh, 0, b"written after unlink")
+        t.fs.flush(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+    index = Index(tmp_path / "index.sqlite3")
+    try:
+        names = {n.name for n in index.load()}
+    finally:
+        index.close()
+    assert "ghost" not in names and "d" not in names
+
+
+async def test_unexpected_exception_in_write_back_is_reported_and_retried(account, tmp_path, monkeypatch):
+    async with inprocess_fs(tmp_path, *account) as t:
+        real = t.syncer.vault.put_stream
+        calls = 0
+
+        async def buggy(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug in the upload path")
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(t.syncer.vault, "put_stream", buggy)
+        fh, f = t.create(1, "doc.txt")
+        await t.fs.write(fh, 0, b"keep me")
+        t.fs.release(fh)
+        with trio.fail_after(10):
+            while calls < 1 or f.attempts == 0:
+                await trio.sleep(0.02)
+        failing = {h.name: h for h in t.supervisor.failing()}
+        assert "write-back" in failing and "a bug in the upload path" in failing["write-back"].last_error
+        assert "unexpected failure" in f.last_error
+        await t.wait_idle()
+        assert calls == 2
+        assert await t.vault_names() == {"doc.txt": 7}
+        assert all(h.running for h in t.supervisor.tasks.values() if h.name.startswith("write-back worker"))
+
+
+def test_a_removed_node_has_no_path_but_can_still_be_named(tmp_path):
+    from privifs.fs.namespace import Namespace
+    index = Index(tmp_path / "index.sqlite3")
+    try:
+        ns = Namespace(index, dir_mode=0o755, file_mode=0o644)
+        d = ns.new_node(ns.root, "d", "dir", 0o755)
+        f = ns.new_node(d, "f", "file", 0o644)
+        assert ns.path(f) == "/d/f" and ns.context(f) == "/d"
+        ns.detach(d)
+        ns.drop(d)
+        with pytest.raises(NodeGone):
+            ns.path(f)
+        with pytest.raises(NodeGone):
+            ns.context(f)
+        assert ns.describe(f) == "(removed) f"
+    finally:
+        index.close()
+
+
+# -- the supervisor ------------------------------------------------------------------------------
+async def test_supervised_task_is_restarted_after_each_failure_with_backoff(autojump_clock):
+    sup = Supervisor()
+    runs = []
+
+    async def flaky():
+        runs.append(trio.current_time())
+        if len(runs) <= 3:
+            raise KeyError("boom")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        sup.start_soon(n, "flaky", flaky)
+        await trio.sleep(100)
+        n.cancel_scope.cancel()
+    health = sup.tasks["flaky"]
+    assert len(runs) == 4 and health.failures == 3
+    assert "KeyError" in health.last_error and "boom" in health.last_error
+    gaps = [b - a for a, b in zip(runs, runs[1:])]
+    assert gaps == sorted(gaps) and gaps[0] >= 1.0  # backoff grows
+
+
+async def test_supervised_start_up_failure_propagates_and_cancellation_ends_the_task():
+    sup = Supervisor()
+
+    async def broken(task_status=trio.TASK_STATUS_IGNORED):
+        raise OSError(os.strerror(98))
+
+    caught = False
+    try:
+        async with trio.open_nursery() as n:
+            await sup.start(n, "control", broken)
+    except* OSError:
+        caught = True
+    assert caught and not sup.tasks["control"].running
+
+    async def serving(task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started("ready")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        assert await sup.start(n, "serving", serving) == "ready"
+        n.cancel_scope.cancel()
+    assert sup.tasks["serving"].failures == 0
