@@ -156,3 +156,26 @@ async def test_supervised_start_up_failure_propagates_and_cancellation_ends_the_
         assert await sup.start(n, "serving", serving) == "ready"
         n.cancel_scope.cancel()
     assert sup.tasks["serving"].failures == 0
+
+
+async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account, tmp_path):
+    async with inprocess_fs(tmp_path, *account) as t:
+        fh, f = t.create(1, "db.sqlite")
+        await t.fs.write(fh, 0, b"page" * 1000)
+        eng.set_options(fail_rate=1.0)           # every request answers 5xx for now
+        result = []
+
+        async def fsync():
+            await t.fs.fsync(fh)
+            result.append("ok")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(fsync)
+            with trio.fail_after(30):
+                while f.attempts < 1:
+                    await trio.sleep(0.05)
+            assert result == []                  # still waiting, not failed
+            eng.set_options(fail_rate=0.0)
+        assert result == ["ok"]
+        assert not f.content_dirty and f.token
+        t.fs.release(fh)

@@ -53,6 +53,14 @@ PIECE_CHUNKS = 16  # 1 MiB of plaintext per upload piece
 MAX_BACKOFF = 300.0
 QUIET = 0.3        # write-back starts once the mount has had no request for this long …
 MAX_DEFER = 30.0   # … or once a change has waited this long, however busy the mount is
+FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
+
+
+def fsync_waits_through(exc: PrivifsError) -> bool:
+    """An fsync keeps waiting (up to --fsync-timeout) through failures of a server that answers
+    (5xx, a command still pending): the next attempt may well succeed, and a program treats an
+    fsync error as lost data. A server that cannot be reached, or that refuses, fails it now."""
+    return exc.transient and not isinstance(exc, ServerUnreachable)
 
 
 def desired_naming(node: Node) -> tuple[str, str]:
@@ -196,6 +204,9 @@ class Syncer:
         delay = min(MAX_BACKOFF, 0.5 * 2 ** min(node.attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
+        waits = self._fsync[node.ino] and fsync_waits_through(exc)
+        if waits:
+            delay = min(delay, FSYNC_RETRY)
         node.retry_at = trio.current_time() + delay
         node.last_error = str(exc)
         self.last_error = f"{self.fs.path(node)}: {exc}"
@@ -203,7 +214,7 @@ class Syncer:
         if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
             self.unreachable_since = time.time()
         log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.fs.path(node), exc, delay, node.attempts)
-        if node.staged is not None:
+        if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
         self.schedule(node)
 
