@@ -1,0 +1,76 @@
+"""Starting without the server: a vault mounted before on this machine mounts offline from its
+local index and cache (cached files readable, uncached ones EIO, writes staged), and catches up
+once the server answers; a vault never mounted here is refused."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from tests.enginekit import EngineProcess
+from tests.mountkit import Mount, is_mounted, privifs
+
+
+def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
+    eng = EngineProcess(tmp_path / "engine").start()
+    m = None
+    try:
+        m = Mount(tmp_path / "user", eng.urls)
+        m.mount()
+        (m.dir / "docs").mkdir()
+        (m.dir / "docs" / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        src = tmp_path / "remote.txt"
+        src.write_text("only in the vault")
+        m.token("put", str(src), "--name", "remote.txt")
+        m.refresh()
+        m.umount()
+        eng.stop()
+
+        r = m.mount()
+        assert "OFFLINE" in r.stdout and "cannot be reached" in r.stdout
+        assert sorted(os.listdir(m.dir)) == ["docs", "remote.txt"]
+        assert (m.dir / "docs" / "cached.txt").read_text() == "in the cache"
+        with pytest.raises(OSError) as info:
+            (m.dir / "remote.txt").read_text()
+        assert info.value.errno == errno.EIO
+        (m.dir / "docs" / "offline.txt").write_text("written while offline")
+        assert (m.dir / "docs" / "offline.txt").read_text() == "written while offline"
+        st = m.status()
+        assert st["connection"]["online"] is False and st["connection"]["offline_since"]
+        assert "OFFLINE" in privifs(m.env, "status", str(m.dir)).stdout
+        assert "starting OFFLINE" in m.log()
+
+        eng.start()  # same data, same ports
+        m.wait_idle(timeout=120)  # a flush makes the connector try at once
+        assert m.status()["connection"]["online"] is True
+        assert ("/docs", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+        assert (m.dir / "remote.txt").read_text() == "only in the vault"
+        assert "answers again" in m.log()
+        m.umount()
+    finally:
+        try:
+            if m is not None:
+                m.cleanup()
+        finally:
+            eng.stop()
+
+
+def test_a_vault_never_mounted_here_is_refused_without_the_server(tmp_path):
+    eng = EngineProcess(tmp_path / "engine").start()
+    m = None
+    try:
+        m = Mount(tmp_path / "user", eng.urls)
+        eng.stop()
+        r = m.mount(check=False)
+        assert r.returncode == 1
+        assert "cannot reach" in r.stderr and "only after one successful mount" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert not is_mounted(m.dir)
+    finally:
+        try:
+            if m is not None:
+                m.cleanup()
+        finally:
+            eng.stop()
