@@ -221,6 +221,7 @@ async def verify(args: argparse.Namespace, client, vault: Vault, key: bytes, sta
     listed = {i.token: i for i in infos}
     local = read_index(state_dir)
     files: dict[str, LocalFile] = {}
+    tombstones: set[str] = set()
     if local is None:
         print(f"no local index in {state_dir} (never mounted here): checking the vault only", file=sys.stderr)
     else:
@@ -234,7 +235,7 @@ async def verify(args: argparse.Namespace, client, vault: Vault, key: bytes, sta
                              and not same_context(i.context, RESERVED_CONTEXT))
     if not args.data:
         return report
-    todo = [i for i in infos if not same_context(i.context, RESERVED_CONTEXT)]
+    todo = [i for i in infos if not same_context(i.context, RESERVED_CONTEXT) and i.token not in tombstones]
     bar = Bar(len(todo))
     limiter = trio.CapacityLimiter(PARALLEL)
 

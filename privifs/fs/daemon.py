@@ -1,15 +1,15 @@
 """The mount's life: connect, check the key, recover, mount, serve, flush, unmount.
 
-Start-up, in order: lock the vault's state directory (one mount per vault and machine), reopen
-staged files, then the connector's first attempt (:mod:`privifs.fs.connector`: log in, starting the
-embedded engine if the configuration says so, read the whole listing, check the AES key against
+Start-up, in order: lock the vault's state directory (one mount per vault and machine), start the
+embedded engine if the configuration says so, reopen staged files, then the connector's first
+attempt (:mod:`privifs.fs.connector`: log in, read the whole listing, check the AES key against
 the vault's key-check token, merge the listing, which also finds uploads cut off by a crash),
 mount with pyfuse3, and only then report ready. When the server cannot be reached and this
 machine has mounted the vault before, the mount starts offline and the connector catches up in
-the background. The
-write-back workers, the refresher and the control socket run beside ``pyfuse3.main``. When the
-filesystem is unmounted (``privifs umount``, ``fusermount3 -u``, SIGTERM) the daemon keeps
-uploading what is pending for a while; anything left stays staged for the next mount.
+the background. The write-back workers, the refresher and the control socket run beside
+``pyfuse3.main``. When the filesystem is unmounted (``privifs umount``, ``fusermount3 -u``,
+``umount``, SIGTERM) the daemon keeps uploading what is pending for a while; anything left stays
+staged for the next mount.
 
 The control socket (``control.sock`` in the state directory, mode 0600) takes one JSON line
 (``status``, ``flush``, ``refresh``, ``unmount``) and answers JSON lines; ``privifs status`` and
@@ -184,9 +184,11 @@ class Daemon:
         finally:
             lock.close()
 
-    async def _connect(self, account, links: trio.Nursery, refresher: Refresher, syncer: Syncer) -> bool:
-        """The connector's first attempt (see :mod:`privifs.fs.connector`): True online, False offline."""
-        self.connector = Connector(account, refresher.tokens, refresher, syncer, self.state_dir, check_key)
+    async def _connect(self, account, links: trio.Nursery, link: VaultLink, refresher: Refresher,
+                       syncer: Syncer) -> bool:
+        """Start the connector (see :mod:`privifs.fs.connector`) and wait for its first attempt: True
+        online, False started offline; raises why the mount cannot start."""
+        self.connector = Connector(account, link, refresher, syncer, self.state_dir, check_key)
         return await links.start(self.connector.run)
 
     async def _serve(self, account, links: trio.Nursery, ready) -> None:
@@ -207,7 +209,7 @@ class Daemon:
             fs.sync = syncer
             refresher = Refresher(fs, link, syncer, self.mcfg.refresh_interval, invalidate=False)
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
-            online = await self._connect(account, links, refresher, syncer)
+            online = await self._connect(account, links, link, refresher, syncer)
             options = set(pyfuse3.default_options) | {"fsname=privifs", "subtype=privifs"}
             if self.mcfg.allow_other:
                 options.add("allow_other")
