@@ -74,3 +74,44 @@ def test_a_vault_never_mounted_here_is_refused_without_the_server(tmp_path):
                 m.cleanup()
         finally:
             eng.stop()
+
+
+async def test_the_vault_link_fails_fast_while_offline_and_forwards_once_attached():
+    from privifs.client.transport import ClientOptions
+    from privifs.errors import ServerUnreachable
+    from privifs.fs.connector import VaultLink
+
+    class Tokens:  # stands for the connected client's DataTokens: records what reaches it
+        def __init__(self):
+            self.calls = []
+
+        async def delete(self, token):
+            self.calls.append(("delete", token))
+
+        async def list(self, **kwargs):
+            for name in ("a", "b"):
+                yield name
+
+    link = VaultLink(ClientOptions())
+    with pytest.raises(ServerUnreachable, match="offline: the vault has not been reached yet"):
+        await link.delete("t1")
+    with pytest.raises(ServerUnreachable):
+        [i async for i in link.list()]
+    tokens = Tokens()
+    link.attach(tokens)
+    await link.delete("t2")
+    assert [i async for i in link.list()] == ["a", "b"] and tokens.calls == [("delete", "t2")]
+    link.detach("the connection to the vault was closed")
+    with pytest.raises(ServerUnreachable, match="connection to the vault was closed"):
+        await link.delete("t3")
+    assert tokens.calls == [("delete", "t2")] and not link.online
+
+
+def test_offline_start_is_allowed_only_for_the_key_checked_before(tmp_path):
+    from privifs.fs.connector import may_start_offline, remember_vault_checked
+
+    key, other = os.urandom(32), os.urandom(32)
+    assert not may_start_offline(tmp_path, key)
+    remember_vault_checked(tmp_path, key)
+    assert may_start_offline(tmp_path, key) and not may_start_offline(tmp_path, other)
+    assert key.hex() not in (tmp_path / "vault-checked").read_text()
