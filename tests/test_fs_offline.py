@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -41,10 +42,15 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         assert st["connection"]["online"] is False and st["connection"]["offline_since"]
         assert "OFFLINE" in privifs(m.env, "status", str(m.dir)).stdout
         assert "starting OFFLINE" in m.log()
+        answer = m.control({"cmd": "flush", "timeout": 30})[-1]  # what umount asks: try now, say what stays
+        assert "unreachable" in answer["error"] and "1 changes stay staged" in answer["error"], answer
 
         eng.start()  # same data, same ports
-        m.wait_idle(timeout=120)  # a flush makes the connector try at once
-        assert m.status()["connection"]["online"] is True
+        deadline = time.monotonic() + 120  # the connector keeps trying on its own (backoff up to 60 s)
+        while not m.status()["connection"]["online"]:
+            assert time.monotonic() < deadline, m.log()[-3000:]
+            time.sleep(0.5)
+        m.wait_idle(timeout=120)
         assert ("/docs", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
         assert (m.dir / "remote.txt").read_text() == "only in the vault"
         assert "answers again" in m.log()
