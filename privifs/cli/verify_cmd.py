@@ -8,7 +8,8 @@
 * ``--repair`` (with ``--data``): a damaged token whose content this machine's cache holds (sealed,
   and verified again while it is read) is stored again as a new token with the same name, place
   and attributes, and the damaged token is deleted; a mount picks the new token up at its next
-  refresh. A file with a newer local version still staged is left to that upload.
+  refresh. A file with a newer local version still staged is left to that upload. Missing files
+  are never brought back (a deletion made elsewhere looks the same as a loss).
 
 Each problem is printed with its path. Exit status: 0 when nothing is wrong (or everything found
 was repaired), 3 when damaged or missing files remain, 1 when the check itself could not run.
