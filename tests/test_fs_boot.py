@@ -76,8 +76,14 @@ def test_mount_t_fuse_privifs_works_and_a_plain_umount_loses_nothing(engine, tmp
                 assert time.monotonic() < deadline, "the daemon did not exit after umount"
                 time.sleep(0.1)
             assert ("/", "last-minute.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
-            r = mount_t(m, "ro")
+            fstab = tmp_path / "fstab"  # the README's line, read by mount(8) as /etc/fstab would be
+            config = m.root / "config" / "privifs" / "config.toml"
+            fstab.write_text(f"privifs  {m.dir}  fuse.privifs  _netdev,x-systemd.automount,nofail,ro,cache_size=2G,"
+                             f"config={config}  0  0\n")
+            r = subprocess.run(["mount", "-T", str(fstab), str(m.dir)], env=m.env, capture_output=True, text=True,
+                               timeout=180)
             assert r.returncode == 0, r.stdout + r.stderr
+            assert fstype(m.dir) == "fuse.privifs"
             assert (m.dir / "last-minute.bin").read_bytes() == data
             with pytest.raises(OSError) as info:
                 (m.dir / "new.txt").write_text("refused")
