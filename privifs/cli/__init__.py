@@ -15,7 +15,7 @@ from privifs.errors import PrivifsError, first_privifs_error
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
-    from privifs.cli import engine_cmd, init_cmd, mount_cmd, token_cmd
+    from privifs.cli import engine_cmd, init_cmd, mount_cmd, token_cmd, verify_cmd
 
     parser = argparse.ArgumentParser(prog="privifs", description=__import__("privifs").__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount_cmd.register(sub)
     token_cmd.register(sub)
     engine_cmd.register(sub)
+    verify_cmd.register(sub)
     return parser
 
 

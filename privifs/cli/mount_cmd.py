@@ -286,6 +286,10 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"{st['mountpoint']}: {st['error']}")
             continue
         print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
+        conn = st.get("connection") or {}
+        if conn and not conn.get("online"):
+            print(f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "
+                  f"are readable, writes are staged; reconnecting in the background")
         print(f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
               f"{st['pending_deletes']} deletes")
         for p in st["pending"][:20]:

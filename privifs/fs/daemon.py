@@ -1,12 +1,15 @@
 """The mount's life: connect, check the key, recover, mount, serve, flush, unmount.
 
-Start-up, in order: log in (starting the embedded engine if the configuration says so), lock the
-vault's state directory (one mount per vault and machine), reopen staged files, read the whole
-listing, check the AES key against the vault's key-check token, merge the listing (which also
-finds uploads cut off by a crash), mount with pyfuse3, and only then report ready. The
-write-back workers, the refresher and the control socket run beside ``pyfuse3.main``. When the
-filesystem is unmounted (``privifs umount``, ``fusermount3 -u``, SIGTERM) the daemon keeps
-uploading what is pending for a while; anything left stays staged for the next mount.
+Start-up, in order: lock the vault's state directory (one mount per vault and machine), start the
+embedded engine if the configuration says so, reopen staged files, then the connector's first
+attempt (:mod:`privifs.fs.connector`: log in, read the whole listing, check the AES key against
+the vault's key-check token, merge the listing, which also finds uploads cut off by a crash),
+mount with pyfuse3, and only then report ready. When the server cannot be reached and this
+machine has mounted the vault before, the mount starts offline and the connector catches up in
+the background. The write-back workers, the refresher and the control socket run beside
+``pyfuse3.main``. When the filesystem is unmounted (``privifs umount``, ``fusermount3 -u``,
+``umount``, SIGTERM) the daemon keeps uploading what is pending for a while; anything left stays
+staged for the next mount.
 
 The control socket (``control.sock`` in the state directory, mode 0600) takes one JSON line
 (``status``, ``flush``, ``refresh``, ``unmount``) and answers JSON lines; ``privifs status`` and
@@ -31,14 +34,15 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
-from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
+from privifs.client.transport import ClientOptions
 from privifs.client.vault import Vault
 from privifs.config import Config
 from privifs.crypto.sealed import local_key
-from privifs.errors import ConfigError, IntegrityError, PrivifsError, WrongKeyError
+from privifs.errors import ConfigError, IntegrityError, PrivifsError, WrongKeyError, single_error
 from privifs.fs.cache import ContentCache
+from privifs.fs.connector import Connector, VaultLink
 from privifs.fs.filesystem import Filesystem, MountOptions
 from privifs.fs.namespace import Index, Namespace
 from privifs.fs.operations import Operations
@@ -151,6 +155,7 @@ class Daemon:
         self.syncer: Syncer | None = None
         self.refresher: Refresher | None = None
         self.supervisor = Supervisor()
+        self.connector: Connector | None = None
         self.mounted = False
         self._unmounting = False
 
@@ -174,14 +179,24 @@ class Daemon:
             raise ConfigError(f"{self.mountpoint} is already a mountpoint")
         lock = self._lock()
         try:
-            with open_account(self.cfg) as account:
-                async with connect(account.endpoints, account.credentials, supervisor=self.supervisor) as client:
-                    await self._serve(client, account.key, ready)
+            with open_account(self.cfg) as account, single_error():
+                async with trio.open_nursery() as links:
+                    await self._serve(account, links, ready)
+                    links.cancel_scope.cancel()
         finally:
             lock.close()
 
-    async def _serve(self, client, key: bytes, ready) -> None:
-        vault = client.vault(key)
+    async def _connect(self, account, links: trio.Nursery, link: VaultLink, refresher: Refresher,
+                       syncer: Syncer) -> bool:
+        """Start the connector (see :mod:`privifs.fs.connector`) and wait for its first attempt: True
+        online, False started offline; raises why the mount cannot start."""
+        self.connector = Connector(account, link, refresher, syncer, self.state_dir, check_key, self.supervisor)
+        return await links.start(self.connector.run)
+
+    async def _serve(self, account, links: trio.Nursery, ready) -> None:
+        key = account.key
+        link = VaultLink(ClientOptions())
+        vault = Vault(link, key)
         local = local_key(key)
         opts = self.mcfg.fs
         index = Index(self.state_dir / "index.sqlite3")
@@ -191,14 +206,12 @@ class Daemon:
             cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
             fs = Filesystem(ns, staging, cache, vault, opts)
             fs.open_staged_files()
-            syncer = Syncer(fs, client.tokens, vault, workers=self.mcfg.upload_workers,
+            syncer = Syncer(fs, link, vault, workers=self.mcfg.upload_workers,
                             write_back_delay=self.mcfg.write_back_delay, supervisor=self.supervisor)
             fs.sync = syncer
-            refresher = Refresher(fs, client.tokens, syncer, self.mcfg.refresh_interval, invalidate=False)
+            refresher = Refresher(fs, link, syncer, self.mcfg.refresh_interval, invalidate=False)
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
-            infos, started = await refresher.fetch()
-            await check_key(vault, infos)
-            await refresher.apply(infos, started)
+            online = await self._connect(account, links, link, refresher, syncer)
             options = set(pyfuse3.default_options) | {"fsname=privifs", "subtype=privifs"}
             if self.mcfg.allow_other:
                 options.add("allow_other")
@@ -216,7 +229,9 @@ class Daemon:
                     self._register(control)
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._tune_readahead)
-                    ready(f"mounted {self.cfg.server_label()} at {self.mountpoint}")
+                    ready(f"mounted {self.cfg.server_label()} at {self.mountpoint}" + ("" if online else (
+                        f" OFFLINE: the server cannot be reached ({self.connector.error}); cached files are "
+                        "readable and writes are staged until it answers")))
                     log.info("mounted at %s", self.mountpoint)
                     try:
                         await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -283,11 +298,19 @@ class Daemon:
             "refresh_error": refresher.last_error, "last_error": syncer.last_error,
             "last_error_at": syncer.last_error_at, "files": len(fs.ns.nodes),
             "tasks": self.supervisor.report(),
+            "connection": self.connector.status(),
         }
 
     async def flush(self, progress, timeout: float | None) -> dict:
         """Wait until nothing is pending (files still open for writing excepted)."""
         syncer = self.syncer
+        if not await self.connector.try_now(UNREACHABLE_GRACE):
+            pending = len(self.fs.pending())
+            if pending or syncer.tombstone_count():
+                return {"error": f"the server is unreachable (offline: {self.connector.link.reason}); "
+                                 f"{pending} changes stay staged in {self.state_dir} and are uploaded when "
+                                 f"it answers (or at the next mount)"}
+            return {"done": True}
         syncer.retry_all_now()
         deadline = None if timeout is None else trio.current_time() + timeout
         while True:

@@ -1,0 +1,103 @@
+"""``mount.fuse.privifs``: the helper mount(8) runs for ``mount -t fuse.privifs`` and fstab lines.
+
+mount(8) calls ``/sbin/mount.fuse.privifs SOURCE DIR [-sfnv] [-N NS] [-o OPTIONS] [-t TYPE]``. The
+helper turns the ``-o`` options into ``privifs mount DIR …`` (which returns once the drive is
+ready, leaving its daemon behind) and exits with its status:
+
+=====================================  ==========================================
+``ro`` / ``rw``                        ``--read-only`` / default
+``allow_other``                        ``--allow-other``
+``config=FILE``                        ``--config FILE`` (or SOURCE, if it is a file)
+``cache_size=2G``, ``cache_dir=…``,    the ``privifs mount`` option of the same name
+``refresh_interval=…``,
+``upload_workers=…``,
+``write_back_delay=…``,
+``fsync_timeout=…``, ``uid=…``,
+``gid=…``, ``umask=…``
+``_netdev``, ``x-systemd.*``,          for mount(8) and systemd only: ignored here
+``x-*``, ``comment=…``, ``defaults``,
+``auto``, ``noauto``, ``nofail``,
+``user``, ``users``, ``nouser``,
+``exec``, ``noexec``, ``suid``,
+``nosuid``, ``dev``, ``nodev``,
+``atime`` family, ``async``
+=====================================  ==========================================
+
+Any other option is an error (``-s``, sloppy, ignores it instead). ``-f`` (fake) checks the
+options and mounts nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
+after the unmount, or at the next mount) or ``privifs umount DIR`` (waits for them).
+"""
+from __future__ import annotations
+
+import getopt
+import sys
+from pathlib import Path
+
+VALUED = {"cache_size": "--cache-size", "cache_dir": "--cache-dir", "refresh_interval": "--refresh-interval",
+          "upload_workers": "--upload-workers", "write_back_delay": "--write-back-delay",
+          "fsync_timeout": "--fsync-timeout", "uid": "--uid", "gid": "--gid", "umask": "--umask"}
+USAGE, MOUNT_FAILED = 1, 32  # mount(8)'s exit codes: incorrect invocation, mount failure
+FLAGS = {"ro": "--read-only", "allow_other": "--allow-other"}
+IGNORED = {"rw", "_netdev", "defaults", "auto", "noauto", "nofail", "user", "users", "nouser", "owner", "group",
+           "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "norelatime",
+           "strictatime", "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime", "async", "sync",
+           "default_permissions"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def translate(argv: list[str]) -> tuple[list[str], bool]:
+    """mount(8)'s helper arguments → (the ``privifs`` arguments, fake)."""
+    try:
+        opts, rest = getopt.gnu_getopt(argv, "sfnvo:t:N:")
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc)) from None
+    if len(rest) != 2:
+        raise UsageError("usage: mount.fuse.privifs SOURCE DIR [-sfnv] [-o OPTIONS]")
+    source, mountpoint = rest
+    sloppy = any(o == "-s" for o, _ in opts)
+    fake = any(o == "-f" for o, _ in opts)
+    options = [part for o, v in opts if o == "-o" for part in v.split(",") if part]
+    config: str | None = source if source not in ("", "none", "privifs") and Path(source).is_file() else None
+    mount_args: list[str] = []
+    for option in options:
+        name, eq, value = option.partition("=")
+        if name == "config" and eq:
+            config = value
+        elif name in VALUED and eq:
+            mount_args += [VALUED[name], value]
+        elif name in FLAGS and not eq:
+            mount_args.append(FLAGS[name])
+        elif name in IGNORED or name.startswith(("x-", "comment")):
+            continue
+        elif not sloppy:
+            raise UsageError(f"unknown mount option {option!r} (see 'pydoc privifs.cli.mount_helper')")
+    head = ["--config", config] if config else []
+    return [*head, "mount", mountpoint, *mount_args], fake
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, fake = translate(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"mount.fuse.privifs: {exc}", file=sys.stderr)
+        return USAGE
+    from privifs.config import default_config_path
+
+    config = Path(args[1]) if args[0] == "--config" else default_config_path()
+    if not config.is_file():
+        # never let a boot-time mount provision a new, empty vault in place of the configured one
+        print(f"mount.fuse.privifs: no privifs configuration at {config}; run 'privifs init' first "
+              f"or give -o config=FILE", file=sys.stderr)
+        return MOUNT_FAILED
+    if fake:
+        return 0
+    from privifs.cli import main as privifs_main
+
+    return MOUNT_FAILED if privifs_main(args) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

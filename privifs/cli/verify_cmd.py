@@ -1,0 +1,306 @@
+"""``privifs verify``: check the whole vault, like ``fsck.s3ql`` / ``s3ql_verify``.
+
+* Always: the local index (this machine's last view of the vault) against the vault's listing —
+  a file the index holds whose token is gone from the vault is **missing**; tokens the index does
+  not know yet (added elsewhere) are counted, not errors.
+* ``--data``: every token is downloaded and its AES-GCM tag verified (nothing is written to
+  disk); one that fails is **damaged**, one that vanished meanwhile is missing.
+* ``--repair`` (with ``--data``): a damaged token whose content this machine's cache holds (sealed,
+  and verified again while it is read) is stored again as a new token with the same name, place
+  and attributes, and the damaged token is deleted; a mount picks the new token up at its next
+  refresh. A file with a newer local version still staged is left to that upload. Missing files
+  are never brought back (a deletion made elsewhere looks the same as a loss).
+
+Each problem is printed with its path. Exit status: 0 when nothing is wrong (or everything found
+was repaired), 3 when damaged or missing files remain, 1 when the check itself could not run.
+Works with or without a mount of the vault running; progress on a terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from privifs import paths
+from privifs.account import open_account
+from privifs.client.connect import connect
+from privifs.client.datatokens import FileMeta
+from privifs.client.shapes import TokenInfo
+from privifs.client.vault import Vault
+from privifs.config import load
+from privifs.crypto.sealed import SealedFile, local_key
+from privifs.errors import IntegrityError, NotFoundError, PrivifsError, WrongKeyError
+from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, entry_name, same_context, split_context
+
+PROBLEMS_EXIT = 3
+PARALLEL = 4
+DESCRIPTION = """Check the whole vault. Always: this machine's local index against the vault's listing
+(a file whose token is gone is reported missing). With --data: every token is downloaded and its
+AES-GCM tag verified (a file that fails is reported damaged). With --repair: a damaged token whose
+content this machine's cache holds is stored again and the damaged one deleted.
+
+Exit status: 0 nothing wrong (or all repaired), 3 damaged or missing files remain, 1 the check
+could not run."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("verify", help="check the vault: local index against the listing; --data: every token's tag",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", action="store_true", help="download every token and verify its AES-GCM tag")
+    p.add_argument("--repair", action="store_true",
+                   help="with --data: store a damaged token again from a good local copy, when there is one")
+    p.add_argument("--cache-dir", type=Path, help="the mount's cache directory, if not the default")
+    p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+@dataclass
+class LocalFile:
+    path: str
+    token: str
+    size: int
+    dirty: bool
+
+
+@dataclass
+class Report:
+    missing: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    unknown: int = 0
+    checked: int = 0
+    checked_bytes: int = 0
+
+    def line(self, kind: str, text: str) -> None:
+        print(f"{kind}: {text}", flush=True)
+
+
+def read_index(state_dir: Path) -> tuple[dict[str, LocalFile], set[str]] | None:
+    """The files of the local index by token, and its pending deletions (None: no index here)."""
+    db = state_dir / "index.sqlite3"
+    if not db.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = conn.execute("SELECT ino, parent, name, token, size, content_dirty FROM nodes").fetchall()
+            tombstones = {r[0] for r in conn.execute("SELECT token FROM tombstones")}
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise PrivifsError(f"cannot read the local index {db}: {exc}") from None
+    parents = {r[0]: (r[1], r[2]) for r in rows}
+
+    def path(ino: int) -> str:
+        parts = []
+        seen = set()
+        while ino in parents and parents[ino][0] != ino and ino not in seen:
+            seen.add(ino)
+            parent, name = parents[ino]
+            parts.append(name)
+            ino = parent
+        return "/" + "/".join(reversed(parts))
+
+    files = {r[3]: LocalFile(path(r[0]), r[3], r[4], bool(r[5])) for r in rows if r[3]}
+    return files, tombstones
+
+
+def listed_path(info: TokenInfo) -> str:
+    return "/" + "/".join([*split_context(info.context), entry_name(info)])
+
+
+class DiscardSink:
+    """Counts verified plaintext and keeps nothing."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    async def write(self, data) -> None:
+        self.size += len(data)
+
+    async def reset(self) -> None:
+        self.size = 0
+
+
+class Bar:
+    """A rich progress bar on a terminal; silent otherwise."""
+
+    def __init__(self, total: int):
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            self.bar = Progress(TextColumn("verifying tokens"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self.files = self.bar.add_task("tokens", total=total)
+            self.bar.start()
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.files, 1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def cached_copy(cache_dir: Path, token: str, key: bytes) -> SealedFile | None:
+    """This machine's cached content of ``token`` (sealed with the local key), if any."""
+    entries = cache_dir / "entries"
+    if not entries.exists():
+        return None
+    import diskcache
+
+    from privifs.fs.cache import AdoptingDisk
+    cache = diskcache.Cache(str(entries), disk=AdoptingDisk)
+    try:
+        f = cache.get(token, read=True)
+        if f is None:
+            return None
+        try:
+            return SealedFile.open(f.name, local_key(key))
+        except OSError:
+            return None
+        finally:
+            f.close()
+    finally:
+        cache.close()
+
+
+async def check_keycheck(vault: Vault, infos: list[TokenInfo]) -> None:
+    for info in infos:
+        if same_context(info.context, RESERVED_CONTEXT) and info.file_name == KEYCHECK_NAME:
+            try:
+                await vault.get_bytes(info.token)
+            except IntegrityError:
+                raise WrongKeyError("the configured AES key does not decrypt this vault (its key-check token "
+                                    "fails authentication); every token would look damaged") from None
+            return
+
+
+async def repair(client, vault: Vault, info: TokenInfo, local: LocalFile | None, cache_dir: Path, key: bytes,
+                 path: str) -> str:
+    """Store ``info``'s content again from a good local copy; returns what was done (raises if nothing)."""
+    if local is not None and local.dirty:
+        raise PrivifsError("a newer local version is staged; the mount uploads it and drops this token")
+    sealed = cached_copy(cache_dir, info.token, key)
+    if sealed is None:
+        raise PrivifsError("no local copy (not in this machine's cache); restore the file from a backup")
+    try:
+        if info.size is not None and sealed.size != info.size:
+            raise PrivifsError(f"the cached copy has {sealed.size} bytes, the vault says {info.size}")
+        for _ in sealed.chunks(16):  # verify the local copy completely before storing anything
+            pass
+
+        async def source() -> AsyncIterator[bytes]:
+            for piece in sealed.chunks(16):
+                yield piece
+
+        new = await vault.put_stream(source, sealed.size, FileMeta(info.file_name, info.extension, info.context,
+                                                                   sealed.size, info.path or path))
+    except IntegrityError as exc:
+        raise PrivifsError(f"the cached copy is damaged too ({exc})") from None
+    finally:
+        sealed.close()
+    if info.risk:
+        await client.tokens.set_risk(new, info.risk)
+    await client.tokens.delete(info.token)
+    return new
+
+
+async def verify(args: argparse.Namespace, client, vault: Vault, key: bytes, state_dir: Path,
+                 cache_dir: Path) -> Report:
+    report = Report()
+    infos = [info async for info in client.tokens.list()]
+    await check_keycheck(vault, infos)
+    listed = {i.token: i for i in infos}
+    local = read_index(state_dir)
+    files: dict[str, LocalFile] = {}
+    tombstones: set[str] = set()
+    if local is None:
+        print(f"no local index in {state_dir} (never mounted here): checking the vault only", file=sys.stderr)
+    else:
+        files, tombstones = local
+        for token, f in sorted(files.items(), key=lambda kv: kv[1].path):
+            if token not in listed and token not in tombstones:
+                report.missing.append(f.path)
+                report.line("missing", f"{f.path}: the local index has token {token}, the vault does not"
+                            + (" (a newer local version is staged)" if f.dirty else ""))
+        report.unknown = sum(1 for t, i in listed.items() if t not in files and t not in tombstones
+                             and not same_context(i.context, RESERVED_CONTEXT))
+    if not args.data:
+        return report
+    todo = [i for i in infos if not same_context(i.context, RESERVED_CONTEXT) and i.token not in tombstones]
+    bar = Bar(len(todo))
+    limiter = trio.CapacityLimiter(PARALLEL)
+
+    async def check(info: TokenInfo) -> None:
+        path = files[info.token].path if info.token in files else listed_path(info)
+        async with limiter:
+            sink = DiscardSink()
+            try:
+                await vault.get(info.token, sink, size=info.size)
+                report.checked += 1
+                report.checked_bytes += sink.size
+            except IntegrityError as exc:
+                report.damaged.append(path)
+                report.line("damaged", f"{path}: token {info.token} fails verification ({exc})")
+                if args.repair:
+                    try:
+                        new = await repair(client, vault, info, files.get(info.token), cache_dir, key, path)
+                    except PrivifsError as why:
+                        report.line("not repaired", f"{path}: {why}")
+                    else:
+                        report.repaired.append(path)
+                        report.line("repaired", f"{path}: stored again from the local cache as token {new}")
+            except NotFoundError:
+                report.missing.append(path)
+                report.line("missing", f"{path}: token {info.token} vanished from the vault")
+            except PrivifsError as exc:
+                report.unchecked.append(path)
+                report.line("not checked", f"{path}: {exc}")
+            finally:
+                bar.done()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for info in todo:
+                nursery.start_soon(check, info)
+    finally:
+        bar.close()
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repair and not args.data:
+        raise PrivifsError("--repair needs --data (damage is found by downloading every token)")
+    from privifs.fs.daemon import default_state_dir, vault_id
+
+    cfg = load(args.config)
+    state_dir = args.state_dir or default_state_dir(cfg)
+    cache_dir = args.cache_dir or (paths.cache_dir() / "vaults" / vault_id(cfg))
+    with open_account(cfg) as account:
+        async def main() -> Report:
+            async with connect(account.endpoints, account.credentials) as client:
+                return await verify(args, client, client.vault(account.key), account.key, state_dir, cache_dir)
+
+        report = trio.run(main)
+    problems = len(report.missing) + len(report.damaged) - len(report.repaired) + len(report.unchecked)
+    summary = [f"{len(report.missing)} missing"]
+    if args.data:
+        summary += [f"{report.checked} tokens ({report.checked_bytes / 2**20:.1f} MiB) verified",
+                    f"{len(report.damaged)} damaged"]
+        if args.repair:
+            summary.append(f"{len(report.repaired)} repaired")
+        if report.unchecked:
+            summary.append(f"{len(report.unchecked)} could not be checked")
+    if report.unknown:
+        summary.append(f"{report.unknown} not yet in the local index (added elsewhere)")
+    print(("verify: " if problems else "verify: ok: ") + ", ".join(summary))
+    return PROBLEMS_EXIT if problems else 0

@@ -1,0 +1,233 @@
+"""Reaching the vault: the first connection at start-up, an offline start when the server cannot
+be reached, and the catch-up once it answers.
+
+The filesystem never holds the client itself. It talks to a :class:`VaultLink`, a stand-in for
+:class:`~privifs.client.datatokens.DataTokens` that forwards every call to the connected client
+and, while there is none, fails at once with :class:`~privifs.errors.ServerUnreachable` (reads
+of uncached content give EIO, uploads stay staged and are retried).
+
+:class:`Connector` is the one task that connects. Its first attempt runs before the mount: log
+in, read the listing, check the AES key, merge the listing, and only then attach the link. If
+the server cannot be reached (connection refused, time-out, 5xx) and this machine has already
+checked this key against this vault (the ``vault-checked`` marker in the state directory), the
+mount starts **offline** from the local index and cache; otherwise the mount is refused. The
+task then keeps trying with backoff (and at once when a flush asks) and, once the server answers,
+does the same steps — log in, key check, listing merge — attaches the link and wakes the
+write-back, which drains what was staged meanwhile. A connection lost later is retried the same
+way; the mount itself never ends because of it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from privifs.client.connect import connect
+from privifs.client.datatokens import DataTokens, FileMeta
+from privifs.client.shapes import TokenInfo
+from privifs.client.transport import ClientOptions
+from privifs.crypto.keys import key_id
+from privifs.errors import PrivifsError, ServerUnreachable, WrongKeyError
+from privifs.supervise import Supervisor
+
+if TYPE_CHECKING:
+    from privifs.account import Account
+    from privifs.fs.refresh import Refresher
+    from privifs.fs.sync import Syncer
+
+log = logging.getLogger("privifs.fs.connector")
+
+MARKER = "vault-checked"
+FIRST_RETRY = 1.0
+MAX_RETRY = 60.0
+
+
+class VaultLink:
+    """The data-token operations the filesystem uses, forwarded to the connected client."""
+
+    def __init__(self, options: ClientOptions):
+        self.options = options
+        self._tokens: DataTokens | None = None
+        self.reason = "the vault has not been reached yet"
+
+    @property
+    def online(self) -> bool:
+        return self._tokens is not None
+
+    def attach(self, tokens: DataTokens) -> None:
+        self._tokens = tokens
+
+    def detach(self, reason: str) -> None:
+        self._tokens = None
+        self.reason = reason
+
+    def _get(self) -> DataTokens:
+        if self._tokens is None:
+            raise ServerUnreachable(f"offline: {self.reason}")
+        return self._tokens
+
+    async def store(self, body, wire_size: int, meta: FileMeta) -> str:
+        return await self._get().store(body, wire_size, meta)
+
+    async def fetch(self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]],
+                    wire_size: int | None = None) -> None:
+        await self._get().fetch(token, consume, wire_size=wire_size)
+
+    async def list(self, **kwargs) -> AsyncIterator[TokenInfo]:
+        async for info in self._get().list(**kwargs):
+            yield info
+
+    async def update(self, token: str, **kwargs) -> None:
+        await self._get().update(token, **kwargs)
+
+    async def set_risk(self, token: str, fields: dict[str, str]) -> None:
+        await self._get().set_risk(token, fields)
+
+    async def delete(self, token: str) -> None:
+        await self._get().delete(token)
+
+
+def marker_path(state_dir: Path) -> Path:
+    return state_dir / MARKER
+
+
+def may_start_offline(state_dir: Path, key: bytes) -> bool:
+    """True once a mount on this machine checked this key against this vault and merged its listing."""
+    try:
+        return marker_path(state_dir).read_text().strip() == key_id(key)
+    except OSError:
+        return False
+
+
+def remember_vault_checked(state_dir: Path, key: bytes) -> None:
+    if may_start_offline(state_dir, key):
+        return
+    tmp = marker_path(state_dir).with_suffix(".tmp")
+    tmp.write_text(key_id(key) + "\n")  # a public fingerprint, not a secret
+    tmp.replace(marker_path(state_dir))
+
+
+class Connector:
+    """Connects, keeps the link attached, and reconnects with backoff (see the module docstring)."""
+
+    def __init__(self, account: "Account", link: VaultLink, refresher: "Refresher", syncer: "Syncer",
+                 state_dir: Path, check_key: Callable[..., Awaitable[None]], supervisor: Supervisor | None = None):
+        self.account = account
+        self.supervisor = supervisor or Supervisor()
+        self.link = link
+        self.refresher = refresher
+        self.syncer = syncer
+        self.state_dir = state_dir
+        self.check_key = check_key
+        self.offline_since: float | None = None
+        self.error: str | None = None
+        self.attempts = 0
+        self._wake = trio.Event()
+        self._attempted = trio.Event()
+
+    # -- what the daemon asks --------------------------------------------------------------------
+    def status(self) -> dict:
+        return {"online": self.link.online, "offline_since": self.offline_since,
+                "offline_reason": None if self.link.online else self.link.reason, "connect_error": self.error}
+
+    async def try_now(self, timeout: float) -> bool:
+        """Offline: try to connect at once and wait (at most ``timeout``) for that attempt. True if online."""
+        if self.link.online:
+            return True
+        attempted = self._attempted
+        self._wake.set()
+        with trio.move_on_after(timeout):
+            await attempted.wait()
+        return self.link.online
+
+    # -- the task --------------------------------------------------------------------------------
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Started with ``nursery.start``: reports True (online) or False (started offline) after the
+        first attempt, or raises why the mount cannot start."""
+        first = True
+        delay = FIRST_RETRY
+        while True:
+            self.attempts += 1
+            try:
+                async with connect(self.account.endpoints, self.account.credentials, self.link.options,
+                                   supervisor=self.supervisor) as client:
+                    await self._bring_online(client)
+                    was_offline = self.offline_since is not None
+                    self.offline_since = None
+                    self.error = None
+                    self.attempts = 0  # attempts since the vault last answered
+                    delay = FIRST_RETRY
+                    self._attempt_finished()
+                    if first:
+                        first = False
+                        task_status.started(True)
+                    elif was_offline:
+                        log.warning("the vault answers again: key checked, listing merged; uploading what was "
+                                    "staged meanwhile")
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self.link.detach("the connection to the vault was closed")
+                        self.offline_since = time.time()
+            except PrivifsError as exc:
+                if first and not (exc.transient and may_start_offline(self.state_dir, self.account.key)):
+                    if exc.transient:
+                        raise ServerUnreachable(
+                            f"{exc}; privifs can start without the server only after one successful mount of "
+                            f"this vault with this key on this machine") from None
+                    raise
+                self._went_offline(str(exc))
+                self.error = str(exc)
+                if first:
+                    first = False
+                    log.warning("starting OFFLINE: %s. Serving the local index and cache: cached files are "
+                                "readable, others fail with EIO; writes are staged and uploaded once the server "
+                                "answers (retrying in the background)", exc)
+                    task_status.started(False)
+                elif self.attempts == 0:
+                    log.warning("lost the vault (%s); working offline, next attempt in %.0fs", exc, delay)
+                elif isinstance(exc, WrongKeyError):
+                    log.error("the vault answers but refuses this key: %s; nothing is uploaded until the "
+                              "mount is restarted with the right key", exc)
+                else:
+                    log.warning("the vault cannot be used yet (%s); next attempt in %.0fs", exc, delay)
+            except Exception as exc:  # noqa: BLE001 - the mount must outlive any failure to connect
+                if first:
+                    raise
+                self._went_offline(f"connecting failed unexpectedly: {exc!r}")
+                self.error = repr(exc)
+                log.exception("connecting to the vault failed unexpectedly; next attempt in %.0fs", delay)
+            self._attempt_finished()
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            delay = min(MAX_RETRY, delay * 2)
+
+    def _attempt_finished(self) -> None:
+        self._attempted.set()
+        self._attempted = trio.Event()
+
+    def _went_offline(self, reason: str) -> None:
+        self.link.detach(reason)
+        if self.offline_since is None:
+            self.offline_since = time.time()
+
+    async def _bring_online(self, client) -> None:
+        """Key check and listing merge on a fresh connection, then the link goes live and the
+        write-back starts over."""
+        started = trio.current_time()
+        infos = [info async for info in client.tokens.list()]
+        await self.check_key(client.vault(self.account.key), infos)
+        self.link.attach(client.tokens)
+        try:
+            await self.refresher.apply(infos, started)
+        except BaseException:
+            self.link.detach("merging the listing failed")
+            raise
+        remember_vault_checked(self.state_dir, self.account.key)
+        self.syncer.unreachable_since = None
+        self.syncer.retry_all_now()

@@ -1,0 +1,80 @@
+"""``privifs verify``: the local index against the listing, every token's tag with --data, and
+--repair from the local cache — against a real engine whose blob files are tampered with."""
+from __future__ import annotations
+
+import os
+
+from tests.mountkit import Mount, privifs
+
+
+def blob_of(engine, wire_size: int):
+    blobs = [f for d in (engine.data_dir / "blobs").iterdir() if d.is_dir() for f in d.iterdir()]
+    found = [f for f in blobs if f.stat().st_size == wire_size]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_verify_finds_a_tampered_blob_and_a_deleted_token_and_repairs_from_the_cache(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls)
+    try:
+        content = os.urandom(123_457)  # a size no other test uses, to find its blob
+        with m.mounted():
+            (m.dir / "docs").mkdir()
+            (m.dir / "docs" / "victim.bin").write_bytes(content)
+            (m.dir / "gone.txt").write_text("deleted behind the mount's back")
+            (m.dir / "fine.txt").write_text("untouched")
+            m.wait_idle()
+            tokens = {t["fileName"]: t["token"] for t in m.tokens()}
+        clean = privifs(m.env, "verify", "--data", check=False)
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+        assert "verify: ok" in clean.stdout and "0 damaged" in clean.stdout
+
+        blob = blob_of(engine, len(content) + 28)
+        raw = bytearray(blob.read_bytes())
+        raw[70_000] ^= 0x01
+        blob.write_bytes(bytes(raw))
+        m.token("rm", tokens["gone.txt"])
+
+        quick = privifs(m.env, "verify", check=False)  # the index against the listing only
+        assert quick.returncode == 3, quick.stdout + quick.stderr
+        assert "missing: /gone.txt" in quick.stdout and "damaged" not in quick.stdout
+
+        full = privifs(m.env, "verify", "--data", check=False)
+        assert full.returncode == 3, full.stdout + full.stderr
+        assert "damaged: /docs/victim.bin" in full.stdout and "missing: /gone.txt" in full.stdout
+        assert "fine.txt" not in full.stdout and "Traceback" not in full.stderr
+
+        fixed = privifs(m.env, "verify", "--data", "--repair", check=False)
+        assert "repaired: /docs/victim.bin" in fixed.stdout, fixed.stdout + fixed.stderr
+        assert fixed.returncode == 3  # /gone.txt has no copy to restore from the vault's side: still reported
+        names = {t["fileName"]: t for t in m.tokens()}
+        assert names["victim.bin"]["token"] != tokens["victim.bin"] and names["victim.bin"]["context"] == "/docs"
+
+        with m.mounted():  # the mount follows: the new token replaces the damaged one, gone.txt goes
+            assert (m.dir / "docs" / "victim.bin").read_bytes() == content
+            assert sorted(os.listdir(m.dir)) == ["docs", "fine.txt"]
+        after = privifs(m.env, "verify", "--data", check=False)
+        assert after.returncode == 0, after.stdout + after.stderr
+    finally:
+        m.cleanup()
+
+
+def test_repair_without_a_local_copy_says_so_and_exits_non_zero(engine, tmp_path):
+    import shutil
+
+    m = Mount(tmp_path, engine.urls)
+    try:
+        content = os.urandom(98_765)
+        with m.mounted():
+            (m.dir / "lonely.bin").write_bytes(content)
+            m.wait_idle()
+        shutil.rmtree(m.root / "cache")
+        blob = blob_of(engine, len(content) + 28)
+        raw = bytearray(blob.read_bytes())
+        raw[-1] ^= 0x80  # the tag itself
+        blob.write_bytes(bytes(raw))
+        r = privifs(m.env, "verify", "--data", "--repair", check=False)
+        assert r.returncode == 3
+        assert "damaged: /lonely.bin" in r.stdout and "not repaired: /lonely.bin: no local copy" in r.stdout
+    finally:
+        m.cleanup()

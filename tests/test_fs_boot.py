@@ -1,0 +1,131 @@
+"""Boot and fstab: ``mount -t fuse.privifs`` through the installed ``mount.fuse.privifs`` helper,
+a plain ``umount DIR`` that loses nothing, and the helper's option translation (in-process)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from privifs.cli.mount_helper import main as helper_main, translate
+from privifs.paths import pid_alive
+from tests.mountkit import Mount, is_mounted
+
+HELPER_LINK = Path("/sbin/mount.fuse.privifs")
+
+
+@contextlib.contextmanager
+def installed_helper():
+    """/sbin/mount.fuse.privifs → this virtualenv's helper for the test (as scripts/install does),
+    put back as it was afterwards."""
+    helper = Path(sys.executable).parent / "mount.fuse.privifs"
+    assert helper.exists(), "the mount.fuse.privifs console script is not installed; run scripts/install"
+    assert HELPER_LINK.is_symlink() or not HELPER_LINK.exists(), f"{HELPER_LINK} is not ours"
+    before = os.readlink(HELPER_LINK) if HELPER_LINK.is_symlink() else None
+    tmp = HELPER_LINK.with_name(".mount.fuse.privifs.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(helper)
+    tmp.replace(HELPER_LINK)
+    try:
+        yield
+    finally:
+        if before is None:
+            HELPER_LINK.unlink(missing_ok=True)
+        else:
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(before)
+            tmp.replace(HELPER_LINK)
+
+
+def fstype(path: Path) -> str | None:
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == str(path):
+                return fields[2]
+    return None
+
+
+def mount_t(m: Mount, options: str) -> subprocess.CompletedProcess:
+    config = m.root / "config" / "privifs" / "config.toml"
+    return subprocess.run(["mount", "-t", "fuse.privifs", "-o", f"{options},config={config}", "privifs", str(m.dir)],
+                          env=m.env, capture_output=True, text=True, timeout=180)
+
+
+def test_mount_t_fuse_privifs_works_and_a_plain_umount_loses_nothing(engine, tmp_path):
+    m = Mount(tmp_path, engine.urls)
+    try:
+        with installed_helper():
+            r = mount_t(m, "rw,_netdev,x-systemd.automount,x-systemd.idle-timeout=60,cache_size=64M,"
+                           "refresh_interval=1,write_back_delay=3")
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert fstype(m.dir) == "fuse.privifs"
+            pid = m.pid
+            data = os.urandom(300_000)
+            (m.dir / "last-minute.bin").write_bytes(data)  # closed just before the unmount, still staged
+            r = subprocess.run(["umount", str(m.dir)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert not is_mounted(m.dir)
+            deadline = time.monotonic() + 90  # the daemon finishes the upload after the unmount, then exits
+            while pid_alive(pid):
+                assert time.monotonic() < deadline, "the daemon did not exit after umount"
+                time.sleep(0.1)
+            assert ("/", "last-minute.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
+            fstab = tmp_path / "fstab"  # the README's line, read by mount(8) as /etc/fstab would be
+            config = m.root / "config" / "privifs" / "config.toml"
+            fstab.write_text(f"privifs  {m.dir}  fuse.privifs  _netdev,x-systemd.automount,nofail,ro,cache_size=2G,"
+                             f"config={config}  0  0\n")
+            r = subprocess.run(["mount", "-T", str(fstab), str(m.dir)], env=m.env, capture_output=True, text=True,
+                               timeout=180)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert fstype(m.dir) == "fuse.privifs"
+            assert (m.dir / "last-minute.bin").read_bytes() == data
+            with pytest.raises(OSError) as info:
+                (m.dir / "new.txt").write_text("refused")
+            assert info.value.errno == errno.EROFS
+            r = subprocess.run(["umount", str(m.dir)], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and not is_mounted(m.dir), r.stderr
+    finally:
+        m.cleanup()
+
+
+def test_helper_translates_mount_options_into_privifs_mount():
+    args, fake = translate(["privifs", "/mnt/v", "-n", "-o",
+                            "rw,_netdev,x-systemd.automount,nofail,allow_other,cache_size=1G,config=/etc/p.toml"])
+    assert args == ["--config", "/etc/p.toml", "mount", "/mnt/v", "--allow-other", "--cache-size", "1G"]
+    assert not fake
+    args, fake = translate(["privifs", "/mnt/v", "-f", "-o", "ro,uid=1000,gid=100,umask=077,refresh_interval=5"])
+    assert args == ["mount", "/mnt/v", "--read-only", "--uid", "1000", "--gid", "100", "--umask", "077",
+                    "--refresh-interval", "5"]
+    assert fake
+
+
+def test_helper_refuses_unknown_options_and_a_missing_configuration(tmp_path, capsys, monkeypatch):
+    assert helper_main(["privifs", str(tmp_path), "-o", "frobnicate"]) == 1
+    assert "unknown mount option 'frobnicate'" in capsys.readouterr().err
+    assert helper_main(["privifs", str(tmp_path), "-s", "-f", "-o", f"frobnicate,config={__file__}"]) == 0
+    monkeypatch.setenv("PRIVIFS_CONFIG", str(tmp_path / "missing.toml"))
+    assert helper_main(["privifs", str(tmp_path), "-o", "rw"]) == 32
+    assert "no privifs configuration" in capsys.readouterr().err
+
+
+def test_the_systemd_user_unit_runs_commands_privifs_accepts():
+    import configparser
+    import shlex
+
+    from privifs.cli import build_parser
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    unit.read(Path(__file__).parent.parent / "contrib" / "systemd" / "privifs.service")
+    for key, command in (("ExecStart", "mount"), ("ExecStop", "umount")):
+        argv = shlex.split(unit["Service"][key].replace("%h", "/home/u"))
+        assert argv[0].endswith("/privifs")
+        args = build_parser().parse_args(argv[1:])
+        assert args.command == command and str(args.mountpoint) == "/home/u/privifs"
+    assert build_parser().parse_args(shlex.split(unit["Service"]["ExecStart"].replace("%h", "/h"))[1:]).foreground

@@ -1,0 +1,123 @@
+"""Starting without the server: a vault mounted before on this machine mounts offline from its
+local index and cache (cached files readable, uncached ones EIO, writes staged), and catches up
+once the server answers; a vault never mounted here is refused."""
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from tests.enginekit import EngineProcess
+from tests.mountkit import Mount, is_mounted, privifs
+
+
+def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
+    eng = EngineProcess(tmp_path / "engine").start()
+    m = None
+    try:
+        m = Mount(tmp_path / "user", eng.urls)
+        m.mount()
+        (m.dir / "docs").mkdir()
+        (m.dir / "docs" / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        src = tmp_path / "remote.txt"
+        src.write_text("only in the vault")
+        m.token("put", str(src), "--name", "remote.txt")
+        m.refresh()
+        m.umount()
+        eng.stop()
+
+        r = m.mount()
+        assert "OFFLINE" in r.stdout and "cannot be reached" in r.stdout
+        assert sorted(os.listdir(m.dir)) == ["docs", "remote.txt"]
+        assert (m.dir / "docs" / "cached.txt").read_text() == "in the cache"
+        with pytest.raises(OSError) as info:
+            (m.dir / "remote.txt").read_text()
+        assert info.value.errno == errno.EIO
+        (m.dir / "docs" / "offline.txt").write_text("written while offline")
+        assert (m.dir / "docs" / "offline.txt").read_text() == "written while offline"
+        st = m.status()
+        assert st["connection"]["online"] is False and st["connection"]["offline_since"]
+        assert "OFFLINE" in privifs(m.env, "status", str(m.dir)).stdout
+        assert "starting OFFLINE" in m.log()
+        answer = m.control({"cmd": "flush", "timeout": 30})[-1]  # what umount asks: try now, say what stays
+        assert "unreachable" in answer["error"] and "1 changes stay staged" in answer["error"], answer
+
+        eng.start()  # same data, same ports
+        deadline = time.monotonic() + 120  # the connector keeps trying on its own (backoff up to 60 s)
+        while not m.status()["connection"]["online"]:
+            assert time.monotonic() < deadline, m.log()[-3000:]
+            time.sleep(0.5)
+        m.wait_idle(timeout=120)
+        assert ("/docs", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+        assert (m.dir / "remote.txt").read_text() == "only in the vault"
+        assert "answers again" in m.log()
+        m.umount()
+    finally:
+        try:
+            if m is not None:
+                m.cleanup()
+        finally:
+            eng.stop()
+
+
+def test_a_vault_never_mounted_here_is_refused_without_the_server(tmp_path):
+    eng = EngineProcess(tmp_path / "engine").start()
+    m = None
+    try:
+        m = Mount(tmp_path / "user", eng.urls)
+        eng.stop()
+        r = m.mount(check=False)
+        assert r.returncode == 1
+        assert "cannot reach" in r.stderr and "only after one successful mount" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert not is_mounted(m.dir)
+    finally:
+        try:
+            if m is not None:
+                m.cleanup()
+        finally:
+            eng.stop()
+
+
+async def test_the_vault_link_fails_fast_while_offline_and_forwards_once_attached():
+    from privifs.client.transport import ClientOptions
+    from privifs.errors import ServerUnreachable
+    from privifs.fs.connector import VaultLink
+
+    class Tokens:  # stands for the connected client's DataTokens: records what reaches it
+        def __init__(self):
+            self.calls = []
+
+        async def delete(self, token):
+            self.calls.append(("delete", token))
+
+        async def list(self, **kwargs):
+            for name in ("a", "b"):
+                yield name
+
+    link = VaultLink(ClientOptions())
+    with pytest.raises(ServerUnreachable, match="offline: the vault has not been reached yet"):
+        await link.delete("t1")
+    with pytest.raises(ServerUnreachable):
+        [i async for i in link.list()]
+    tokens = Tokens()
+    link.attach(tokens)
+    await link.delete("t2")
+    assert [i async for i in link.list()] == ["a", "b"] and tokens.calls == [("delete", "t2")]
+    link.detach("the connection to the vault was closed")
+    with pytest.raises(ServerUnreachable, match="connection to the vault was closed"):
+        await link.delete("t3")
+    assert tokens.calls == [("delete", "t2")] and not link.online
+
+
+def test_offline_start_is_allowed_only_for_the_key_checked_before(tmp_path):
+    from privifs.fs.connector import may_start_offline, remember_vault_checked
+
+    key, other = os.urandom(32), os.urandom(32)
+    assert not may_start_offline(tmp_path, key)
+    remember_vault_checked(tmp_path, key)
+    assert may_start_offline(tmp_path, key) and not may_start_offline(tmp_path, other)
+    assert key.hex() not in (tmp_path / "vault-checked").read_text()
