@@ -145,11 +145,21 @@ class EmbeddedEngine:
             code = proc.poll()
             if code is None:
                 return None
+            last = self._last_log_line()
             return (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}") + \
-                f" (pid {proc.pid})"
+                f" (pid {proc.pid}{'; its last log line: ' + last if last else ''})"
         if self._locked_by_other():
             return None  # another process's engine, still running
         return "started by another process has stopped"
+
+    def _last_log_line(self) -> str:
+        try:
+            with open(self.data_dir / "engine.log", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
 
     def _watch(self) -> None:
         """The watcher thread: restart a dead engine on the same ports. It must not end before

@@ -126,7 +126,7 @@ def statuses(answer: bytes) -> list[int]:
     return codes
 
 
-async def slowloris(port: int, rng: random.Random, answers: list) -> None:
+async def slowloris(port: int, answers: list) -> None:
     """Hold half-sent requests open while a normal request goes through, then let them go."""
     partial = [b"GET / HTTP/1.1\r\nHost: x\r\n", b"POST /?auth=x HTTP/1.1\r\nContent-Length: 100\r\n\r\nab",
                UPGRADE[:40], b"G"]
@@ -173,7 +173,7 @@ async def test_fuzzing_every_port_ends_no_server_and_gets_no_5xx(own_engine):
 
     async def loris(server: str) -> None:
         got: list = []
-        await slowloris(own_engine.ports[server], rng, got)
+        await slowloris(own_engine.ports[server], got)
         answers.extend((server, name, answer) for name, answer in got)
 
     with trio.fail_after(60):

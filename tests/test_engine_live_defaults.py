@@ -17,8 +17,8 @@ from tests.enginekit import command_id
 PASSWORD = "correct-horse-battery"
 
 
-async def live_account(wire, ch_factory=None) -> str:
-    """register → authenticate → (caller joins) ; returns the username."""
+async def live_account(wire) -> str:
+    """register → authenticate, the live order, with no key yet; returns the username."""
     username = f"live-{os.urandom(5).hex()}@example.com"
     r = await wire.post("/profile/register-profile", {"username": username, "password": PASSWORD})
     assert r.status_code == 202, r.text
