@@ -150,3 +150,18 @@ async def test_a_reused_upstream_authorization_is_refused_with_403_while_the_cli
     log = eng.log()[start:]
     assert "Traceback" not in log and "BusyResourceError" not in log, log[-2000:]
 
+
+
+async def test_a_voting_configuration_whose_devices_were_all_removed_decides_at_once(wire):
+    """Its listed voters are gone: nobody is left to vote, so nothing may wait for them."""
+    from tests.test_engine_voting import authenticators, gate_deletes
+
+    await wire.provision()
+    async with wire.channel() as ch:
+        (phone,) = await authenticators(wire, ch, 1)
+        await gate_deletes(wire, ch, [phone], time_limit=3600)
+        assert (await run(wire, ch, "/device/remove", data={"deviceIdentifier": phone}))["command_status"] == 2
+        token = await wire.store(ch, b"no voter left")
+        done = await run(wire, ch, "/data-token/delete-data", data={"token": token})
+        assert done["command_status"] == 2, done
+        assert (await wire.get("/voting/list-pools")).json()["items"] == []
