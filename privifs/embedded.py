@@ -4,16 +4,22 @@ ports, its data under the user's data directory.
 A running engine holds an exclusive lock on ``<data-dir>/lock`` and publishes its URLs in
 ``<data-dir>/urls.json``; callers reuse it. An engine started here dies with the process that
 started it (``PR_SET_PDEATHSIG``), so a killed mount leaves no orphan; its data is durable.
+
+:meth:`EmbeddedEngine.ensure` also watches the engine it hands out: when that engine dies (it
+crashed, was killed, or the other process that owned it stopped it), a watcher thread logs why and
+starts it again on the same ports and data directory, so the URLs the caller holds keep working.
 """
 from __future__ import annotations
 
 import ctypes
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +28,12 @@ import httpx
 from privifs import paths
 from privifs.errors import ServerUnreachable
 
+log = logging.getLogger("privifs.embedded")
+
 START_TIMEOUT = 30.0
+WATCH_INTERVAL = 0.5
+RESTART_BACKOFF_MAX = 30.0
+SERVERS = ("api", "ws", "upstream", "downstream")
 
 
 def _die_with_parent() -> None:
@@ -36,6 +47,11 @@ class EmbeddedEngine:
     def __init__(self, data_dir: Path | None = None):
         self.data_dir = data_dir or paths.embedded_engine_dir()
         self.proc: subprocess.Popen | None = None
+        self.urls: dict[str, str] | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()  # start/stop/restart one at a time
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def _locked_by_other(self) -> bool:
         lock = self.data_dir / "lock"
@@ -64,21 +80,34 @@ class EmbeddedEngine:
             time.sleep(0.1)
         return None
 
-    def ensure(self) -> dict[str, str]:
-        """URLs of the engine for this data dir, starting one (owned by this process) if none runs."""
-        urls = self.running_urls()
-        return urls if urls is not None else self.start()
+    def ensure(self, watch: bool = True) -> dict[str, str]:
+        """URLs of the engine for this data dir, starting one (owned by this process) if none runs;
+        with ``watch``, a dead engine is started again on the same ports until :meth:`stop`."""
+        with self._lock:
+            urls = self.running_urls()
+            self.urls = urls if urls is not None else self.start()
+        if watch and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="embedded-engine-watch", daemon=True)
+            self._watcher.start()
+        return dict(self.urls)
 
-    def start(self) -> dict[str, str]:
+    def _ports(self) -> dict[str, int]:
+        if not self.urls:
+            return {name: 0 for name in SERVERS}
+        return {name: int(self.urls[name].rsplit(":", 1)[1]) for name in SERVERS}
+
+    def start(self, ports: dict[str, int] | None = None) -> dict[str, str]:
+        ports = ports or {name: 0 for name in SERVERS}
         paths.private_dir(self.data_dir)
         urls_file = self.data_dir / "urls.json"
         urls_file.unlink(missing_ok=True)
-        log = open(self.data_dir / "engine.log", "ab")
-        cmd = [sys.executable, "-m", "privifs", "engine", "--data-dir", str(self.data_dir), "--api-port", "0",
-               "--ws-port", "0", "--upstream-port", "0", "--downstream-port", "0"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        out = open(self.data_dir / "engine.log", "ab")
+        cmd = [sys.executable, "-m", "privifs", "engine", "--data-dir", str(self.data_dir),
+               "--api-port", str(ports["api"]), "--ws-port", str(ports["ws"]),
+               "--upstream-port", str(ports["upstream"]), "--downstream-port", str(ports["downstream"])]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                      preexec_fn=_die_with_parent, start_new_session=True)
-        log.close()
+        out.close()
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -88,11 +117,17 @@ class EmbeddedEngine:
                 return json.loads(urls_file.read_text())
             except (OSError, ValueError):
                 time.sleep(0.05)
-        self.stop()
+        self._terminate()
         raise ServerUnreachable(f"the embedded engine did not start within {START_TIMEOUT:.0f}s; "
                                 f"see {self.data_dir / 'engine.log'}")
 
     def stop(self) -> None:
+        """Stop watching, and stop the engine if this process started it."""
+        self._stopping.set()
+        with self._lock:
+            self._terminate()
+
+    def _terminate(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -101,3 +136,54 @@ class EmbeddedEngine:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=15)
+
+    # -- supervision -------------------------------------------------------------------------------
+    def _death(self) -> str | None:
+        """Why the engine we hand out is gone, or None while it runs."""
+        proc = self.proc
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return None
+            last = self._last_log_line()
+            return (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}") + \
+                f" (pid {proc.pid}{'; its last log line: ' + last if last else ''})"
+        if self._locked_by_other():
+            return None  # another process's engine, still running
+        return "started by another process has stopped"
+
+    def _last_log_line(self) -> str:
+        try:
+            with open(self.data_dir / "engine.log", "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
+
+    def _watch(self) -> None:
+        """The watcher thread: restart a dead engine on the same ports. It must not end before
+        :meth:`stop` (an engine it started gets SIGTERM when its starting thread ends)."""
+        backoff = WATCH_INTERVAL
+        while not self._stopping.wait(backoff):
+            try:
+                why = self._death()
+                if why is None:
+                    backoff = WATCH_INTERVAL
+                    continue
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    log.warning("the embedded engine %s; starting it again on %s (its log: %s)", why,
+                                self.urls.get("api") if self.urls else "new ports", self.data_dir / "engine.log")
+                    running = self.running_urls()  # another mount may have restarted it already
+                    if running is not None and running == self.urls:
+                        self.proc = None
+                    else:
+                        self.start(self._ports())
+                    self.restarts += 1
+                log.info("the embedded engine is back at %s", self.urls.get("api") if self.urls else "?")
+                backoff = WATCH_INTERVAL
+            except Exception as exc:  # noqa: BLE001 - keep trying: the mount depends on it
+                backoff = min(max(backoff * 2, 1.0), RESTART_BACKOFF_MAX)
+                log.error("could not restart the embedded engine (%s); trying again in %.0fs", exc, backoff)

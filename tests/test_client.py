@@ -97,8 +97,7 @@ async def test_bare_temporary_token_shape_stores_inline(eng, account):
         assert await vault.get_bytes(token) == b"small enough"
 
 
-async def test_unkeyed_auth_allowed_uses_the_live_registration_order(eng):
-    eng.set_options(unkeyed_auth="allow")
+async def test_a_default_engine_takes_the_live_registration_order(eng):
     endpoints = Endpoints.from_dict(eng.urls)
     _, public = new_identity()
     name = f"live-{uuid.uuid4().hex[:8]}@example.com"
@@ -107,7 +106,8 @@ async def test_unkeyed_auth_allowed_uses_the_live_registration_order(eng):
         assert await client.vault(KEY).get_bytes(await client.vault(KEY).put_bytes(b"x", meta())) == b"x"
 
 
-async def test_guide_registration_order_and_taken_names(eng):
+async def test_guide_registration_order_when_unkeyed_auth_is_denied_and_taken_names(eng):
+    eng.set_options(unkeyed_auth="deny")
     endpoints = Endpoints.from_dict(eng.urls)
     _, public = new_identity()
     name = f"guide-{uuid.uuid4().hex[:8]}@example.com"

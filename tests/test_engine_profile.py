@@ -36,7 +36,8 @@ async def test_register_validation_names_the_field(wire, form, field):
     assert field in r.json()["errors"]
 
 
-async def test_authenticate_is_401_until_a_public_key_is_registered(wire):
+async def test_with_unkeyed_auth_denied_authenticate_is_401_until_a_public_key_is_registered(eng, wire):
+    eng.set_options(unkeyed_auth="deny")  # the guides' variant; the default follows the live service
     r = await wire.post("/profile/register-profile", {"username": "nokey@example.com", "password": "correct-horse"})
     assert await wire.poll(command_id(r)) == "succeeded"
     r = await wire.post("/profile/authenticate", {"username": "nokey@example.com", "password": "correct-horse"})
@@ -59,9 +60,8 @@ async def test_wrong_password_is_401(wire):
     assert r.status_code == 401
 
 
-async def test_live_order_with_unkeyed_auth_allowed(eng, wire):
+async def test_live_order_works_by_default(wire):
     """register → authenticate → register key with the token; data calls are 403 until then."""
-    eng.set_options(unkeyed_auth="allow")
     r = await wire.post("/profile/register-profile", {"username": "live@example.com", "password": "correct-horse"})
     assert await wire.poll(command_id(r)) == "succeeded"
     r = await wire.post("/profile/authenticate", {"username": "live@example.com", "password": "correct-horse"})

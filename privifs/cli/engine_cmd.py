@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from privifs.engine.options import EngineOptions, parse_settings
-    from privifs.engine.server import run_engine
+    from privifs.engine.server import leaves, run_engine
 
     opts = EngineOptions()
     try:
@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         trio.run(lambda: run_engine(data_dir, args.host, ports, opts, args.urls_file, announce=announce))
-    except (OSError, EngineBusy) as exc:
-        print(f"privifs: error: the engine could not start: {exc}", file=sys.stderr)
+    except (OSError, EngineBusy, ExceptionGroup) as exc:
+        causes = leaves(exc)
+        if not all(isinstance(e, (OSError, EngineBusy)) for e in causes):
+            raise
+        print(f"privifs: error: the engine could not start: {causes[0]}", file=sys.stderr)
         return 1
     return 0

@@ -20,6 +20,7 @@ from privifs import paths
 from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
+from privifs.client.urls import validate_urls
 from privifs.config import Config, default_config_path, save
 from privifs.crypto.keys import generate_aes_key_file, generate_identity, key_id, load_aes_key, write_secret_file
 from privifs.embedded import EmbeddedEngine
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             engine = EmbeddedEngine()
             urls = engine.ensure()
         else:
-            urls = cfg.endpoints()
+            urls = trio.run(validate_urls, cfg.endpoints())  # scheme and reachability of all four
         endpoints = Endpoints.from_dict(urls)
         if register_new:
             identity, public = generate_identity()

@@ -19,6 +19,7 @@ import httpx
 import trio
 
 from privifs.client import shapes
+from privifs.client.urls import complete
 from privifs.errors import (AuthorizationError, ConflictError, ForbiddenError, NotFoundError,
                             RequestRejected, ServerError, ServerUnreachable)
 
@@ -34,8 +35,9 @@ class Endpoints:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Endpoints":
-        return cls(api=d["api"].rstrip("/"), ws=d.get("ws"), upstream=(d.get("upstream") or None),
-                   downstream=(d.get("downstream") or None))
+        """The configured URLs; those not configured derived from the API URL (``urls.complete``)."""
+        full = complete(d)
+        return cls(api=full["api"] or "", ws=full["ws"], upstream=full["upstream"], downstream=full["downstream"])
 
 
 @dataclass

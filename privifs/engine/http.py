@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import trio
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from privifs.engine.options import EngineOptions
@@ -253,6 +253,11 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
             response = await handler(request)
         except ApiError as exc:
             response = exc.response()
+        except ClientDisconnect:
+            # the client left while sending its request: nobody will read an answer
+            log.info("%s %s: the client disconnected before its request was complete", request.method,
+                     request.url.path)
+            return Response(status_code=400)
         # hypercorn closes a connection whose request body was not read before the answer, and a
         # client reusing it then sees "disconnected without a response": always read it
         await drain(request)

@@ -90,7 +90,7 @@ class EngineOptions:
     status_shape: str = "string"
     request_data_layout: str = "flat"
     reauthorize_mode: str = "sync"
-    unkeyed_auth: str = "deny"
+    unkeyed_auth: str = "allow"
     oauth_accept_shape: str = "body"
     ttl_unit: str = "minutes"
     device_id_shape: str = "identifier"

@@ -79,11 +79,13 @@ def routes(engine: Engine) -> list[Route]:
                 vc = conn.execute("SELECT * FROM voting_configs WHERE id = ?", (policy["voting_config_id"],)).fetchone()
                 if vc is None:
                     continue
-                voters = json.loads(vc["device_ids"]) or [r[0] for r in conn.execute(
-                    "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1 AND state = 'approved'",
-                    (profile_id,))]
+                able = [r[0] for r in conn.execute(
+                    "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1 AND state = 'approved'"
+                    " ORDER BY rowid", (profile_id,))]
+                listed = json.loads(vc["device_ids"])
+                voters = [d for d in listed if d in able] if listed else able  # removed devices cannot vote
                 if not voters:
-                    continue  # nobody can vote: the policy cannot hold anything
+                    continue  # a vote among nobody is decided at once: applied (docs/engine.md)
                 pool_id = "pool-" + secrets.token_hex(10)
                 deadline = time.time() + vc["time_limit"]
                 conn.execute("INSERT INTO pools (id, profile_id, command_id, policy_id, voting_config_id, voters,"

@@ -2,6 +2,11 @@
 trio loop, the command runner and the janitor; write the URLs file; stop cleanly on SIGTERM or
 SIGINT.
 
+No request can end the engine. A failure inside one connection (a protocol error hypercorn's
+h11/wsproto glue raises, a bug in a handler) ends that connection only: it is logged in one line
+and the server goes on. Should a server still fail as a whole, it is logged with its cause and
+started again on the same port, with backoff; the other servers keep running.
+
 The API server also carries the engine's admin endpoints under ``/_engine/`` (not part of
 Privicore): they read and change :class:`~privifs.engine.options.EngineOptions` at run time and
 require the ``X-Engine-Admin`` header holding the secret in ``<data-dir>/admin-token``.
@@ -15,13 +20,16 @@ import secrets
 import signal
 from pathlib import Path
 
+import h11
+import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import trio
+import wsproto.utilities
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -39,6 +47,66 @@ SERVERS = ("api", "ws", "upstream", "downstream")
 
 # hypercorn reads sockets 64 KiB at a time; streamed payloads move far faster in 1 MiB reads
 hypercorn.trio.tcp_server.MAX_RECV = 1024 * 1024
+
+# what a misbehaving or departing client can make hypercorn's protocol glue (or a handler reading
+# the body) raise: an ordinary event, logged in one line, not a bug with a traceback
+PROTOCOL_ERRORS = (h11.LocalProtocolError, h11.RemoteProtocolError, wsproto.utilities.LocalProtocolError,
+                   wsproto.utilities.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                   trio.BusyResourceError, ConnectionError, ClientDisconnect)
+RESTART_DELAY, RESTART_DELAY_MAX = 0.5, 10.0
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+class ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
+    """hypercorn's per-connection handler, except that its failure ends the connection only.
+
+    Unpatched, an exception escaping one connection (e.g. h11's ``LocalProtocolError`` after a
+    WebSocket upgrade request with extra bytes behind it) propagates into the server's nursery
+    and stops the whole engine.
+    """
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except Exception as exc:  # noqa: BLE001 - the connection is gone; the server is not
+            causes = leaves(exc)
+            what = "; ".join(f"{type(e).__name__}: {e}" for e in causes)
+            if all(isinstance(e, PROTOCOL_ERRORS) for e in causes):
+                log.info("%s: dropped a connection on a protocol error: %s", self._server_name, what)
+            else:
+                log.error("%s: a connection failed and was dropped: %s", self._server_name, what, exc_info=exc)
+
+    @property
+    def _server_name(self) -> str:
+        return getattr(self.config, "privifs_server", self.config.bind[0])
+
+
+hypercorn.trio.run.TCPServer = ContainedTCPServer  # worker_serve looks the name up at each serve()
+
+
+class ClientFaultsInOneLine(logging.Filter):
+    """hypercorn logs every exception out of an app as "Error in ASGI Framework" with a traceback;
+    when all its causes are the client's doing (it left, or broke the protocol), one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            causes = leaves(exc)
+            if all(isinstance(e, PROTOCOL_ERRORS) for e in causes):
+                record.msg, record.args = "a request ended on its client's side: %s", (
+                    "; ".join(f"{type(e).__name__}: {e}" for e in causes),)
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
+if not any(isinstance(f, ClientFaultsInOneLine) for f in logging.getLogger("hypercorn.error").filters):
+    logging.getLogger("hypercorn.error").addFilter(ClientFaultsInOneLine())
 
 
 def admin_routes(engine: Engine) -> list[Route]:
@@ -87,8 +155,9 @@ def api_app(engine: Engine) -> Starlette:
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 
-def _config(host: str, port: int) -> Config:
+def _config(name: str, host: str, port: int) -> Config:
     config = Config()
+    config.privifs_server = name  # named in ContainedTCPServer's log lines
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None  # query strings carry single-use stream tokens: never log them
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -124,10 +193,7 @@ async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: Eng
             nursery.start_soon(_watch_signals, stop)
             async with trio.open_nursery() as servers:
                 for name in SERVERS:
-                    binds = await servers.start(
-                        lambda task_status, n=name: serve(apps[n], _config(host, ports[n]),
-                                                          shutdown_trigger=stop.wait, task_status=task_status))
-                    url = binds[0]
+                    url = await servers.start(_supervised, name, apps[name], host, ports[name], stop)
                     engine.urls[name] = url.replace("http://", "ws://", 1) if name == "ws" else url
                 write_urls_file(data_dir / "urls.json", engine.urls)
                 if urls_file is not None:
@@ -140,6 +206,35 @@ async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: Eng
     finally:
         (data_dir / "urls.json").unlink(missing_ok=True)
         engine.db.close()
+
+
+async def _supervised(name: str, app, host: str, port: int, stop: trio.Event,
+                      task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` until ``stop``; if the server fails, log why and serve again on the same port.
+
+    Failing to start the first time (the port is taken) is raised: the engine cannot start."""
+    started = False
+    delay = RESTART_DELAY
+    while True:
+        began = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(lambda task_status: serve(
+                    app, _config(name, host, port), shutdown_trigger=stop.wait, task_status=task_status))
+                port = int(binds[0].rsplit(":", 1)[1])  # port 0 was given: restarts reuse the one bound
+                if not started:
+                    started = True
+                    task_status.started(binds[0])
+            return  # stop was set: a clean shutdown
+        except Exception as exc:  # noqa: BLE001 - logged and restarted below
+            if not started or stop.is_set():
+                raise
+            if trio.current_time() - began > 60:
+                delay = RESTART_DELAY
+            log.error("the %s server failed (%s); serving again on port %d in %.1fs", name,
+                      "; ".join(f"{type(e).__name__}: {e}" for e in leaves(exc)), port, delay, exc_info=exc)
+        await trio.sleep(delay)
+        delay = min(delay * 2, RESTART_DELAY_MAX)
 
 
 async def _watch_signals(stop: trio.Event) -> None:

@@ -17,6 +17,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 
 from privifs.engine.core import Engine
+from privifs.engine.http import DRAIN_LIMIT
 
 log = logging.getLogger("privifs.engine.streams")
 
@@ -36,6 +37,25 @@ async def _throttled(chunks, rate: float):
         yield chunk
 
 
+async def _drain(receive) -> None:
+    """Read and drop what is left of the request body (up to a limit) before an early answer, so
+    the answer reaches a client that is still sending; past the limit the connection is closed."""
+    total = 0
+    while total <= DRAIN_LIMIT:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        total += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _refuse(receive, send, status: int, message: str) -> None:
+    """An error answer given before the body was read."""
+    await _drain(receive)
+    await _answer(send, status, {"status": status, "message": message})
+
+
 async def _answer(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
@@ -49,6 +69,12 @@ def _auth(scope) -> str | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return values[-1] if values else None
+
+
+async def _refuse_websocket(send) -> None:
+    """A WebSocket handshake on a stream server: refused with 403 (returning without an answer
+    would make hypercorn answer 500)."""
+    await send({"type": "websocket.close", "code": 1008})
 
 
 async def _lifespan(receive, send) -> None:
@@ -68,24 +94,24 @@ def upstream_app(engine: Engine):
         if scope["type"] == "lifespan":
             return await _lifespan(receive, send)
         if scope["type"] != "http":
-            return
+            return await _refuse_websocket(send)
         if scope["method"] not in ("POST", "PUT"):
-            return await _answer(send, 405, {"status": 405, "message": "use POST /?auth=<stream token>"})
+            return await _refuse(receive, send, 405, "use POST /?auth=<stream token>")
         auth = _auth(scope)
         if not auth:
-            return await _answer(send, 401, {"status": 401, "message": "missing stream authorization"})
+            return await _refuse(receive, send, 401, "missing stream authorization")
         row = db.read(lambda c: c.execute("SELECT * FROM reservations WHERE stream_auth = ?", (auth,)).fetchone())
         if row is None or row["expires_at"] <= time.time() or row["promoted_token"] is not None:
-            return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
+            return await _refuse(receive, send, 404, "Record Not Found")
         if row["stream_used"] or row["blob_id"] is not None:
-            return await _answer(send, 403, {"status": 403, "message": "stream authorization already used"})
+            return await _refuse(receive, send, 403, "stream authorization already used")
 
         def claim(conn) -> int:
             return conn.execute("UPDATE reservations SET stream_used = 1 WHERE stream_auth = ? AND stream_used = 0",
                                 (auth,)).rowcount
 
         if await db.write(claim) == 0:
-            return await _answer(send, 403, {"status": 403, "message": "stream authorization already used"})
+            return await _refuse(receive, send, 403, "stream authorization already used")
         request = Request(scope, receive)
         try:
             blob_id, size, blob_dir = await engine.blobs.receive(
@@ -118,12 +144,12 @@ def downstream_app(engine: Engine):
         if scope["type"] == "lifespan":
             return await _lifespan(receive, send)
         if scope["type"] != "http":
-            return
+            return await _refuse_websocket(send)
         if scope["method"] != "GET":
-            return await _answer(send, 405, {"status": 405, "message": "use GET /?auth=<downstream token>"})
+            return await _refuse(receive, send, 405, "use GET /?auth=<downstream token>")
         auth = _auth(scope)
         if not auth:
-            return await _answer(send, 401, {"status": 401, "message": "missing downstream authorization"})
+            return await _refuse(receive, send, 401, "missing downstream authorization")
 
         def claim(conn):
             row = conn.execute("SELECT d.token, d.expires_at, d.used, t.blob_id, t.blob_size FROM downstream d"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
+import h11
 import trio
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -70,7 +71,13 @@ def websocket_app(engine: Engine):
             await send({"type": "http.response.body", "body": body})
             return
         ws = WebSocket(scope, receive, send)
-        await ws.accept()
+        try:
+            await ws.accept()
+        except h11.LocalProtocolError as exc:
+            # the client sent bytes behind its upgrade request before our 101: hypercorn has
+            # already answered 400 and the handshake can no longer be accepted
+            log.info("WebSocket handshake refused: %s", exc)
+            return
         ch, outbox = hub.new_channel()
         try:
             async with trio.open_nursery() as nursery:

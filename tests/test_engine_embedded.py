@@ -1,0 +1,96 @@
+"""The embedded engine comes back by itself: when the engine a mount (or any privifs command)
+was handed dies, it is started again on the same ports and data directory, and the URLs the
+caller holds work again; stopping it on purpose is not mistaken for a death."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import httpx
+
+from privifs.embedded import EmbeddedEngine
+
+WAIT = 30
+
+
+def healthy(api: str) -> bool:
+    try:
+        return httpx.get(api + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(condition, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_killed_embedded_engine_is_started_again_on_the_same_ports(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="privifs.embedded")
+    engine = EmbeddedEngine(tmp_path / "engine")
+    try:
+        urls = engine.ensure()
+        first = engine.proc.pid
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: engine.restarts == 1 and healthy(urls["api"]))
+        assert engine.proc.pid != first
+        assert json.loads((tmp_path / "engine" / "urls.json").read_text()) == urls
+        assert "was killed by signal 9" in caplog.text and "starting it again" in caplog.text
+    finally:
+        engine.stop()
+    assert engine.proc.poll() is not None
+    time.sleep(1.5)  # several watch intervals: a stopped engine stays stopped
+    assert engine.restarts == 1 and not healthy(urls["api"])
+
+
+def test_an_engine_owned_by_another_process_is_taken_over_when_it_stops(tmp_path):
+    owner, user = EmbeddedEngine(tmp_path / "engine"), EmbeddedEngine(tmp_path / "engine")
+    try:
+        urls = owner.ensure(watch=False)
+        assert user.ensure() == urls and user.proc is None  # reused, not started twice
+        owner.stop()  # e.g. the mount that started it was unmounted
+        wait_until(lambda: user.restarts == 1 and healthy(urls["api"]))
+        assert user.proc is not None and user.proc.poll() is None
+    finally:
+        owner.stop()
+        user.stop()
+    assert user.proc.poll() is not None
+
+
+def engine_pid(data_dir) -> int | None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"engine" in args and os.fsencode(str(data_dir)) in args:
+                return int(entry)
+    return None
+
+
+def test_a_mount_restarts_its_dead_embedded_engine_and_keeps_uploading(tmp_path):
+    from tests.mountkit import Mount
+
+    m = Mount(tmp_path / "user", None)
+    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
+    with m.mounted():
+        (m.dir / "before.txt").write_text("written before")
+        m.wait_idle(60)
+        urls = json.loads((data_dir / "urls.json").read_text())
+        pid = engine_pid(data_dir)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        (m.dir / "after.txt").write_text("written after the engine died")
+        m.wait_idle(90)
+        assert healthy(urls["api"]) and engine_pid(data_dir) not in (None, pid)
+        assert "starting it again" in m.log()
+        names = {t.get("fileName") or t.get("name") for t in m.tokens()}
+        assert {"before.txt", "after.txt"} <= names, names
+        assert (m.dir / "after.txt").read_text() == "written after the engine died"

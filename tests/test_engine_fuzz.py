@@ -1,0 +1,241 @@
+"""No bytes a client can send end the engine: malformed HTTP, odd WebSocket handshakes (the
+upgrade request with one extra byte behind it once stopped the whole engine), truncated and
+oversized bodies, random bytes and half-sent requests, on each of its four ports. Afterwards the
+engine still runs and answers normally, and no answer it gave was a 5xx.
+
+Loopback only, a fixed seed, a bounded number of connections, each with a short timeout.
+"""
+from __future__ import annotations
+
+import json
+import random
+import socket
+
+import httpx
+import pytest
+import trio
+from trio_websocket import HandshakeError, open_websocket_url
+
+from tests.enginekit import EngineProcess
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+UPGRADE = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+READ_TIMEOUT = 1.5
+
+
+def handshake(**changes: bytes | None) -> bytes:
+    headers = {b"Host": b"127.0.0.1", b"Upgrade": b"websocket", b"Connection": b"Upgrade",
+               b"Sec-WebSocket-Key": KEY, b"Sec-WebSocket-Version": b"13"}
+    method = changes.pop("method", b"GET")
+    version = changes.pop("version", b"HTTP/1.1")
+    for name, value in changes.items():
+        name_b = name.replace("_", "-").encode()
+        if value is None:
+            headers.pop(name_b, None)
+        else:
+            headers[name_b] = value
+    return method + b" / " + version + b"\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers.items()) + \
+        b"\r\n"
+
+
+def frame(payload: bytes, opcode: int = 1, masked: bool = True, length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    head = bytes([0x80 | opcode])
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([mask_bit | 127]) + n.to_bytes(8, "big")
+    if masked:
+        head += b"\x00\x00\x00\x00"  # the zero mask leaves the payload as it is
+    return head + payload
+
+
+def cases(rng: random.Random) -> list[tuple[str, bytes]]:
+    out = [
+        ("upgrade + one extra byte", UPGRADE + b"x"),
+        ("upgrade + a frame before the 101", UPGRADE + frame(b'{"action":"joinChannel"}')),
+        ("upgrade + 64 KiB of junk", UPGRADE + rng.randbytes(65536)),
+        ("handshake without key", handshake(Sec_WebSocket_Key=None)),
+        ("handshake with a short key", handshake(Sec_WebSocket_Key=b"abc")),
+        ("handshake of version 99", handshake(Sec_WebSocket_Version=b"99")),
+        ("handshake by POST", handshake(method=b"POST")),
+        ("handshake over HTTP/1.0", handshake(version=b"HTTP/1.0")),
+        ("handshake with a body", handshake(Content_Length=b"5") + b"hello"),
+        ("upgrade to something else", handshake(Upgrade=b"h2c", HTTP2_Settings=b"AAMAAABkAAQAAP__")),
+        ("handshake then random frames", handshake() + rng.randbytes(300)),
+        ("handshake then an unmasked frame", handshake() + frame(b"hi", masked=False)),
+        ("handshake then a 2^62-byte frame header", handshake() + frame(b"", length=2**62)),
+        ("handshake then a close with a bad code", handshake() + frame(b"\x00\x01", opcode=8)),
+        ("handshake then a 2 MiB text frame", handshake() + frame(b"a" * (2 * 1024 * 1024))),
+        ("not HTTP at all", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + rng.randbytes(64)),
+        ("a bare request line", b"GARBAGE\r\n\r\n"),
+        ("HTTP/9.9", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n"),
+        ("a header without colon", b"GET /health HTTP/1.1\r\nHost x\r\n\r\n"),
+        ("a 100 KB target", b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("a 100 KB header", b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n"),
+        ("negative Content-Length", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\nhello"),
+        ("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello"),
+        ("Content-Length and chunked", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                                       b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        ("bad chunk size", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n"),
+        ("a huge chunk, truncated", b"POST /?auth=x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"fffffffffff\r\nabc"),
+        ("a truncated body", b"POST /profile/authenticate?auth=x HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nusername=a"),
+        ("an oversized Content-Length", b"POST /data-token/exchange-data-for-token?auth=x HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Length: 1000000000000\r\n\r\n" + b"d" * 1000),
+        ("a NUL in the target", b"GET /\x00health HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("non-ASCII method", b"G\xc3\xa9T / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("pipelined good and bad", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nBAD\x00\x01\r\n\r\n"),
+        ("Expect: 100-continue, then nothing", b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                                               b"Content-Length: 10\r\n\r\n"),
+    ]
+    out += [(f"random bytes #{i}", rng.randbytes(rng.randint(1, 4096))) for i in range(8)]
+    return out
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` (then end our side), return whatever comes back before the timeout."""
+    got = b""
+    with trio.move_on_after(READ_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            try:
+                await stream.send_all(data)
+                await stream.send_eof()
+                while len(got) < 1 << 20:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+    return got
+
+
+def statuses(answer: bytes) -> list[int]:
+    """Status codes of the HTTP responses at the start of lines in ``answer``."""
+    codes = []
+    for line in answer.split(b"\r\n"):
+        if line.startswith(b"HTTP/1.") and len(line) >= 12 and line[9:12].isdigit():
+            codes.append(int(line[9:12]))
+    return codes
+
+
+async def slowloris(port: int, answers: list) -> None:
+    """Hold half-sent requests open while a normal request goes through, then let them go."""
+    partial = [b"GET / HTTP/1.1\r\nHost: x\r\n", b"POST /?auth=x HTTP/1.1\r\nContent-Length: 100\r\n\r\nab",
+               UPGRADE[:40], b"G"]
+    streams = []
+    try:
+        for i in range(12):
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            streams.append(s)
+            await s.send_all(partial[i % len(partial)])
+        await trio.sleep(0.3)
+        answers.append(("normal request beside half-sent ones", await exchange(
+            port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")))
+    finally:
+        for s in streams:
+            await s.aclose()
+
+
+@pytest.fixture
+def own_engine(tmp_path):
+    engine = EngineProcess(tmp_path / "data").start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        engine.kill()
+
+
+def test_the_extra_byte_after_an_upgrade_request_is_refused_and_the_engine_lives(own_engine):
+    port = own_engine.ports["ws"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(UPGRADE + b"x")
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert own_engine.proc.poll() is None
+    assert httpx.get(own_engine.urls["api"] + "/health", timeout=5).status_code == 200
+
+
+async def test_fuzzing_every_port_ends_no_server_and_gets_no_5xx(own_engine):
+    rng = random.Random(1411)
+    answers: list[tuple[str, str, bytes]] = []
+
+    async def one(server: str, name: str, data: bytes) -> None:
+        answers.append((server, name, await exchange(own_engine.ports[server], data)))
+
+    async def loris(server: str) -> None:
+        got: list = []
+        await slowloris(own_engine.ports[server], got)
+        answers.extend((server, name, answer) for name, answer in got)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for server in ("api", "ws", "upstream", "downstream"):
+                for name, data in cases(rng):
+                    nursery.start_soon(one, server, name, data)
+                nursery.start_soon(loris, server)
+
+    assert len(answers) == 4 * (len(cases(random.Random(0))) + 1)
+    for server, name, answer in answers:
+        assert all(code < 500 for code in statuses(answer)), (server, name, answer[:300])
+    extra_byte = [a for server, name, a in answers if (server, name) == ("ws", "upgrade + one extra byte")]
+    assert extra_byte[0].startswith(b"HTTP/1.1 400"), extra_byte
+    assert own_engine.proc.poll() is None, own_engine.log()[-3000:]
+    assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]
+
+    # and everything still works normally on each port
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(own_engine.urls["api"] + "/health")).json() == {"status": "ok"}
+        assert (await http.get(own_engine.urls["upstream"] + "/")).status_code == 405
+        assert (await http.get(own_engine.urls["downstream"] + "/")).status_code == 401
+    with trio.fail_after(10):
+        async with open_websocket_url(own_engine.urls["ws"]) as ws:
+            await ws.send_message(json.dumps({"action": "joinChannel", "correlationId": "c1",
+                                              "data": {"authorizationToken": "T-nobody"}}))
+            answer = json.loads(await ws.get_message())
+    assert (answer["correlationId"], answer["status"]) == ("c1", 401)
+
+
+async def test_a_server_that_fails_as_a_whole_is_served_again_on_the_same_port(tmp_path, monkeypatch, caplog):
+    """The second line of defence: were a connection's failure ever to escape (here hypercorn's
+    unguarded handler is put back), the server is logged and started again on its port."""
+    import hypercorn.trio.run
+    import hypercorn.trio.tcp_server
+
+    from privifs.engine.core import Engine
+    from privifs.engine.options import EngineOptions
+    from privifs.engine.server import _supervised
+    from privifs.engine.wsproxy import websocket_app
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", hypercorn.trio.tcp_server.TCPServer)
+    engine = Engine(tmp_path / "inproc", EngineOptions())
+    stop = trio.Event()
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(_supervised, "ws", websocket_app(engine), "127.0.0.1", 0, stop)
+                port = int(url.rsplit(":", 1)[1])
+                await exchange(port, UPGRADE + b"x")  # ends the unguarded server
+                while "the ws server failed" not in caplog.text:
+                    await trio.sleep(0.05)
+                while True:  # served again, on the same port
+                    try:
+                        async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
+                            await ws.send_message(json.dumps({"action": "joinChannel",
+                                                              "data": {"authorizationToken": "T-x"}}))
+                            assert json.loads(await ws.get_message())["status"] == 401
+                        break
+                    except (OSError, HandshakeError):
+                        await trio.sleep(0.1)
+                stop.set()
+    finally:
+        engine.db.close()
+    assert f"serving again on port {port}" in caplog.text
