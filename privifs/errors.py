@@ -40,6 +40,10 @@ class DiskFullError(LocalStoreError):
     errno = _errno.ENOSPC
 
 
+class FormatVersionError(LocalStoreError):
+    """Local state (the index, a sealed file) was written in a version this privifs cannot read."""
+
+
 class VaultError(PrivifsError):
     """Talking to the Privicore service failed."""
 
