@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from privifs.crypto.sealed import SealedFile, local_key
+from privifs.fs.cache import ContentCache
 from tests.mountkit import Mount
 
 MiB = 1024 * 1024
@@ -147,3 +149,69 @@ def test_the_cache_evicts_before_the_disk_fills_and_keeps_room_for_staging(engin
             assert vault_content(m, "local.bin", tmp_path / "local.out") == written
         finally:
             m.cleanup()
+
+
+# -- the cache in-process (no mount) --------------------------------------------------------------
+
+KEY = local_key(bytes(32))
+
+
+def sealed_file(path: Path, data: bytes) -> str:
+    f = SealedFile.create(path, KEY)
+    f.write(0, data)
+    f.sync_header()
+    f.close()
+    return str(path)
+
+
+def test_a_cache_hit_writes_nothing_to_the_cache_database(tmp_path):
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    try:
+        assert cache.adopt("tok", sealed_file(tmp_path / "a", b"content"))
+        db = cache.cache.directory
+        files = {p: p.stat().st_mtime_ns for p in Path(db).glob("cache.db*")}
+        changes = cache.cache._con.total_changes
+        for _ in range(20):
+            f = cache.open("tok")
+            assert f.read(0, 100) == b"content"
+            f.close()
+        assert cache.cache._con.total_changes == changes
+        assert {p: p.stat().st_mtime_ns for p in Path(db).glob("cache.db*")} == files
+    finally:
+        cache.close()
+
+
+def test_the_cache_evicts_least_recently_used_and_keeps_that_order_across_restarts(tmp_path):
+    size = os.path.getsize(sealed_file(tmp_path / "probe", bytes(1000)))
+    cache = ContentCache(tmp_path / "cache", 3 * size, KEY)
+    for name in ("a", "b", "c"):
+        assert cache.adopt(name, sealed_file(tmp_path / name, bytes(1000)))
+    cache.open("a").close()  # a is now the most recently used
+    cache.close()
+    cache = ContentCache(tmp_path / "cache", 3 * size, KEY)
+    try:
+        assert cache.adopt("d", sealed_file(tmp_path / "d", bytes(1000)))  # over the limit: b goes
+        assert cache.open("b") is None
+        for name in ("a", "c", "d"):
+            cache.open(name).close()
+        assert cache.volume() == 3 * size
+    finally:
+        cache.close()
+
+
+def test_an_evicted_file_is_gone_even_when_its_row_stays(tmp_path):
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"x" * 5000))
+    f = cache.cache.get("tok", read=True)
+    path = f.name
+    f.close()
+    os.unlink(path)  # what an eviction on a full disk leaves: the row without its file
+    assert cache.open("tok") is None
+    cache.close()
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    try:
+        assert cache.volume() == 0
+        assert cache.adopt("tok", sealed_file(tmp_path / "b", b"again"))
+        assert cache.open("tok").read(0, 10) == b"again"
+    finally:
+        cache.close()
