@@ -206,18 +206,16 @@ class ContentCache:
     def _room_for_download(self, need: int) -> None:
         """Evict until ``need`` bytes fit within the size limit and the floor stays free (the
         reserve is restored once the entry is in, see :meth:`_trim`), or raise DiskFullError."""
-        floor = self.space.floor()
-        while self._lru and (self.used + need > self.size_limit or self.space.free() - need < floor):
+        while self._lru and (self.used + need > self.size_limit or self.space.above_floor() < need):
             self.evict(next(iter(self._lru)))
-        if self.space.free() - need < floor:
+        if self.space.above_floor() < need:
             raise DiskFullError(f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; "
                                 "free space on that disk")
 
     def _trim(self) -> None:
         """Evict least recently used entries while over the size limit or inside the staging
         reserve."""
-        reserve = self.space.reserve()
-        while self._lru and (self.used > self.size_limit or self.space.free() < reserve):
+        while self._lru and (self.used > self.size_limit or self.space.above_reserve() < 0):
             self.evict(next(iter(self._lru)))
 
     def adopt(self, token: str, path: str) -> bool:

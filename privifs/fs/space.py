@@ -24,26 +24,34 @@ FLOOR_FRACTION, FLOOR_MIN, FLOOR_MAX = 0.02, 1 * MiB, 64 * MiB
 RESERVE_FRACTION, RESERVE_MAX = 0.10, 1024 * MiB
 
 
+def floor_of(total: int) -> int:
+    return int(min(FLOOR_MAX, max(FLOOR_MIN, total * FLOOR_FRACTION)))
+
+
+def reserve_of(total: int) -> int:
+    return floor_of(total) + int(min(RESERVE_MAX, total * RESERVE_FRACTION))
+
+
 @dataclass(frozen=True)
 class Space:
     """The filesystem holding ``path`` (a directory that exists)."""
 
     path: Path
 
-    def statvfs(self) -> os.statvfs_result:
-        return os.statvfs(self.path)
+    def _sizes(self) -> tuple[int, int]:
+        """(free bytes an unprivileged writer may use, total bytes), from one ``statvfs``."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
-    def free(self) -> int:
-        """Bytes an unprivileged writer may still use."""
-        st = self.statvfs()
-        return st.f_bavail * st.f_frsize
+    def above_floor(self) -> int:
+        """Free bytes above the floor (negative inside it)."""
+        free, total = self._sizes()
+        return free - floor_of(total)
 
-    def total(self) -> int:
-        st = self.statvfs()
-        return st.f_blocks * st.f_frsize
+    def above_reserve(self) -> int:
+        """Free bytes above the staging reserve (negative inside it)."""
+        free, total = self._sizes()
+        return free - reserve_of(total)
 
     def floor(self) -> int:
-        return int(min(FLOOR_MAX, max(FLOOR_MIN, self.total() * FLOOR_FRACTION)))
-
-    def reserve(self) -> int:
-        return self.floor() + int(min(RESERVE_MAX, self.total() * RESERVE_FRACTION))
+        return floor_of(self._sizes()[1])

@@ -71,17 +71,16 @@ class Staging:
     def ensure_room(self, need: int) -> None:
         """Make sure ``need`` more bytes can be staged while the floor stays free, or raise
         DiskFullError."""
-        if need <= 0:
+        if need <= 0 or self.space.above_floor() >= need:
             return
         floor = self.space.floor()
-        if self.space.free() - need < floor:
-            raise DiskFullError(f"no space left for staging in {self.dir}: the disk is full (privifs keeps "
+        raise DiskFullError(f"no space left for staging in {self.dir}: the disk is full (privifs keeps "
                                 f"{floor / MiB:.0f} MiB free for its index); delete files or free space on it")
 
     def writable(self) -> int:
         """Bytes of content that can still be written: free space above the floor, less the
         sealing overhead."""
-        return max(0, self.space.free() - self.space.floor()) * CHUNK // SLOT
+        return max(0, self.space.above_floor()) * CHUNK // SLOT
 
     def path(self, staged_id: str) -> Path:
         return self.dir / staged_id
