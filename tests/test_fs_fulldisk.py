@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from privifs.crypto.sealed import SealedFile, local_key
+from privifs.errors import DiskFullError
 from privifs.fs.cache import ContentCache
+from privifs.fs.namespace import Index
 from tests.mountkit import Mount
 
 MiB = 1024 * 1024
@@ -215,3 +217,15 @@ def test_an_evicted_file_is_gone_even_when_its_row_stays(tmp_path):
         assert cache.open("tok").read(0, 10) == b"again"
     finally:
         cache.close()
+
+
+def test_local_state_that_cannot_open_on_a_full_disk_says_the_disk_is_full(tmp_path):
+    with small_filesystem(tmp_path / "small", "8m") as small:
+        ContentCache(small / "cache", 1 << 30, KEY).close()
+        Index(small / "index.sqlite3").close()
+        fill_outside(small / "filler")  # SQLite cannot make its WAL files again
+        for what, open_it in (("read cache", lambda: ContentCache(small / "cache", 1 << 30, KEY)),
+                              ("local index", lambda: Index(small / "index.sqlite3"))):
+            with pytest.raises(DiskFullError) as info:
+                open_it()
+            assert f"the {what} in" in str(info.value) and "the disk is full" in str(info.value)

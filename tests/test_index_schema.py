@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from privifs.crypto.sealed import VERSION, SealedFile, local_key
-from privifs.errors import FormatVersionError
+from privifs.errors import FormatVersionError, LocalStoreError
 from privifs.fs import namespace
 from privifs.fs.cache import ContentCache
 from privifs.fs.namespace import COLUMNS, Index, Namespace
@@ -142,8 +142,9 @@ def test_a_new_step_is_appended_and_a_failing_one_changes_nothing(tmp_path, monk
         ("atime", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
         ("broken", "UPDATE nodes SET atime_ns = mtime_ns; UPDATE no_such_table SET x = 1"),
     ])
-    with pytest.raises(Exception):
+    with pytest.raises(LocalStoreError) as info:
         Index(path)
+    assert f"to version {len(steps) + 2} (broken) failed" in str(info.value)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(steps) + 1  # up to the good step
     assert conn.execute("SELECT COUNT(*) FROM nodes WHERE atime_ns IS NOT NULL").fetchone()[0] == 0

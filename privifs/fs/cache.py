@@ -41,7 +41,7 @@ from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import CHUNK, SealedFile, stored_size
 from privifs.errors import DiskFullError, PrivifsError, single_error
-from privifs.fs.space import MiB, Space
+from privifs.fs.space import MiB, Space, open_error
 
 log = logging.getLogger("privifs.fs.cache")
 
@@ -104,12 +104,15 @@ class ContentCache:
         self.size_limit = size_limit
         self.space = Space(directory)
         self._key = key
-        self.cache = diskcache.Cache(str(directory / "entries"), eviction_policy="none", disk=AdoptingDisk,
-                                     statistics=False)
         self._lru: OrderedDict[str, int] = OrderedDict()  # token -> sealed size, least recent first
         self._touched: dict[str, float] = {}  # access times not yet written back
         self.used = 0
-        self._load()
+        try:
+            self.cache = diskcache.Cache(str(directory / "entries"), eviction_policy="none", disk=AdoptingDisk,
+                                         statistics=False)
+            self._load()
+        except TABLE_ERRORS as exc:
+            raise open_error(directory, "the read cache", exc) from None
         self._inflight: dict[str, trio.Event] = {}
         self.downloads = 0
 

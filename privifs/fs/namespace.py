@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError
+from privifs.fs.space import open_error
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, join_context
 
 ROOT = 1
@@ -169,13 +170,16 @@ class Index:
         self.path = path
         try:
             self.conn = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise open_error(path.parent, "the local index", exc) from None
+        try:
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.Error as exc:
             self.conn.close()
-            raise _local_error(exc) from None
+            raise open_error(path.parent, "the local index", exc) from None
         except BaseException:
             self.conn.close()
             raise
@@ -197,7 +201,7 @@ class Index:
                 f"unmount it there (so everything is uploaded) and remove {self.path.parent} to start "
                 "again from the vault")
         for number in range(version + 1, latest + 1):
-            _, step = MIGRATIONS[number - 1]
+            description, step = MIGRATIONS[number - 1]
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 if callable(step):
@@ -207,8 +211,12 @@ class Index:
                         self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number}")
                 self.conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error) and "full" not in str(exc):
+                    raise LocalStoreError(f"upgrading the local index {self.path} to version {number} "
+                                          f"({description}) failed: {exc}; it is left at version "
+                                          f"{number - 1}") from None
                 raise
 
     def close(self) -> None:

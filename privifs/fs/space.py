@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from privifs.errors import DiskFullError, LocalStoreError
+
 MiB = 1024 * 1024
 FLOOR_FRACTION, FLOOR_MIN, FLOOR_MAX = 0.02, 1 * MiB, 64 * MiB
 RESERVE_FRACTION, RESERVE_MAX = 0.10, 1024 * MiB
@@ -55,3 +57,16 @@ class Space:
 
     def floor(self) -> int:
         return floor_of(self._sizes()[1])
+
+
+def open_error(path: Path, what: str, exc: Exception) -> LocalStoreError:
+    """The error for local state that cannot be opened: SQLite reports a full disk as a "disk
+    I/O error" when it cannot create its WAL files, so the free space decides."""
+    try:
+        full = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize < MiB
+    except OSError:
+        full = False
+    if full:
+        return DiskFullError(f"{what} in {path} cannot be opened: the disk is full; free some space on it "
+                             "and mount again")
+    return LocalStoreError(f"{what} in {path} cannot be opened: {exc}")
