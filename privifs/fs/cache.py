@@ -209,7 +209,9 @@ class ContentCache:
     def _room_for_download(self, need: int) -> None:
         """Evict until ``need`` bytes fit within the size limit and the floor stays free (the
         reserve is restored once the entry is in, see :meth:`_trim`), or raise DiskFullError."""
-        while self._lru and (self.used + need > self.size_limit or self.space.above_floor() < need):
+        keepable = need <= self.size_limit  # a download larger than the whole cache is never kept
+        while self._lru and (keepable and self.used + need > self.size_limit
+                             or self.space.above_floor() < need):
             self.evict(next(iter(self._lru)))
         if self.space.above_floor() < need:
             raise DiskFullError(f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; "
