@@ -46,6 +46,10 @@ class NodeGone(PrivifsError):
     errno = _errno.ENOENT
 
 
+class FormatVersionError(LocalStoreError):
+    """Local state (the index, a sealed file) was written in a version this privifs cannot read."""
+
+
 class VaultError(PrivifsError):
     """Talking to the Privicore service failed."""
 

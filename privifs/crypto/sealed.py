@@ -15,6 +15,11 @@ a small file costs a small chunk. The associated data of chunk ``i`` is
 shortened unnoticed. A slot that was never written (all zero) is a hole. ``size`` in the header is
 the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
 :class:`~privifs.errors.IntegrityError`.
+
+Versions: ``VERSION`` is the format written; ``READABLE`` the formats this code reads (a change of
+the layout adds a version and, if old files are still to be read, a reader for them). A file of
+a newer version raises :class:`~privifs.errors.FormatVersionError` naming both versions, so an
+older privifs never misreads (or discards) what a newer one staged.
 """
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privifs.errors import DiskFullError, IntegrityError, LocalStoreError
+from privifs.errors import DiskFullError, FormatVersionError, IntegrityError, LocalStoreError
 
 MAGIC = b"PVFSSEAL"
 VERSION = 2
+READABLE = frozenset({2})
 CHUNK_SHIFT = 16
 CHUNK = 1 << CHUNK_SHIFT
 PREFIX = 16  # nonce + length
@@ -74,6 +80,24 @@ def local_store_error(exc: OSError, what: str) -> Exception:
     return LocalStoreError(f"{what}: {exc.strerror}")
 
 
+def check_version(path: str | os.PathLike, version: int) -> None:
+    """Refuse a sealed file this code cannot read, saying which version wrote it."""
+    if version in READABLE:
+        return
+    if version > VERSION:
+        raise FormatVersionError(f"{path} is in local format version {version}, written by a newer privifs "
+                                 f"(this one reads version {VERSION}); use that newer privifs, or upload "
+                                 "what it staged with it before going back")
+    raise FormatVersionError(f"{path} is in local format version {version}, which this privifs no longer "
+                             f"reads (it reads version {VERSION})")
+
+
+def stored_size(size: int) -> int:
+    """Bytes a sealed file of logical ``size`` takes at most on disk (header and whole slots)."""
+    full, rest = divmod(size, CHUNK)
+    return HEADER + full * SLOT + (OVERHEAD + rest if rest else 0)
+
+
 class SealedFile:
     """Random-access encrypted file. One file is used by one thread at a time (the trio thread,
     or the worker that fills or uploads it); scratch buffers are per thread."""
@@ -113,8 +137,11 @@ class SealedFile:
             if len(head) != HEADER:
                 raise IntegrityError(f"{path} is not a sealed file (short header)")
             magic, version, shift, _, file_id, size, _ = _HEADER.unpack(head)
-            if magic != MAGIC or version != VERSION or shift != CHUNK_SHIFT:
-                raise IntegrityError(f"{path} is not a sealed file of this version")
+            if magic != MAGIC:
+                raise IntegrityError(f"{path} is not a sealed file")
+            check_version(path, version)
+            if shift != CHUNK_SHIFT:
+                raise IntegrityError(f"{path} has an unsupported chunk size (shift {shift})")
         except BaseException:
             os.close(fd)
             raise

@@ -2,8 +2,21 @@
 
 One cache entry per token (content never changes under a token), holding a sealed file whose
 chunks decrypt independently, so a random read of a cached 1 GiB file decrypts only the 64 KiB
-chunks it touches. Entries are evicted least-recently-used beyond the size limit; unuploaded
-data lives in staging, never here, so eviction cannot lose it.
+chunks it touches. Unuploaded data lives in staging, never here, so eviction cannot lose it.
+
+Reads never write. diskcache's own least-recently-used policy commits a transaction on every
+``get`` (to store the access time), which fails on a full disk and made cached files unreadable
+exactly when the disk filled; so diskcache runs with ``eviction_policy="none"`` (a ``get`` is
+one SELECT) and this class keeps the LRU order in memory, loaded from diskcache's
+``access_time`` column at start and written back in one batch when the cache next writes anyway
+(an entry stored) and at close — best effort, never on a read.
+
+Space (see :mod:`privifs.fs.space`): entries are evicted, least recently used first, to stay
+within ``--cache-size`` *and* to keep the staging reserve free on the cache's filesystem; a
+download needs room above the floor (else ENOSPC). Staging never takes space from the cache:
+what is cached stays readable when writes fill the disk. Evicting unlinks the entry's file first and
+then its row, so space comes back even when the table cannot be written; a row whose file is
+gone reads as a miss.
 
 A download is shared: concurrent readers of the same uncached token wait for one fetch. Its
 plaintext goes into a sealed file under ``incoming/`` and enters the cache (by rename, see
@@ -14,6 +27,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sqlite3
+import time
+from collections import OrderedDict
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +39,9 @@ import trio
 
 from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
-from privifs.crypto.sealed import CHUNK, SealedFile
-from privifs.errors import single_error
+from privifs.crypto.sealed import CHUNK, SealedFile, stored_size
+from privifs.errors import DiskFullError, PrivifsError, single_error
+from privifs.fs.space import MiB, Space, open_error
 
 log = logging.getLogger("privifs.fs.cache")
 
@@ -35,12 +53,18 @@ class AdoptFile:
     path: str
 
 
+TABLE_ERRORS = (sqlite3.Error, diskcache.Timeout)
+
+
 class AdoptingDisk(diskcache.Disk):
+    last_path: str | None = None  # where the last adopted file went (to undo a failed insert)
+
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if isinstance(value, AdoptFile):
             filename, full_path = self.filename(key, value)
             os.makedirs(os.path.dirname(full_path), exist_ok=True)
             os.rename(value.path, full_path)
+            self.last_path = full_path
             return os.path.getsize(full_path), diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)
 
@@ -78,26 +102,69 @@ class ContentCache:
             leftover.unlink(missing_ok=True)
         self.incoming.mkdir(exist_ok=True, mode=0o700)
         self.size_limit = size_limit
+        self.space = Space(directory)
         self._key = key
-        self.cache = diskcache.Cache(str(directory / "entries"), size_limit=size_limit,
-                                     eviction_policy="least-recently-used", disk=AdoptingDisk,
-                                     cull_limit=100, statistics=False)
+        self._lru: OrderedDict[str, int] = OrderedDict()  # token -> sealed size, least recent first
+        self._touched: dict[str, float] = {}  # access times not yet written back
+        self.used = 0
+        try:
+            self.cache = diskcache.Cache(str(directory / "entries"), eviction_policy="none", disk=AdoptingDisk,
+                                         statistics=False)
+            self._load()
+        except TABLE_ERRORS as exc:
+            raise open_error(directory, "the read cache", exc) from None
         self._inflight: dict[str, trio.Event] = {}
         self.downloads = 0
 
+    def _load(self) -> None:
+        """The LRU order from diskcache's table (its documented columns; a read)."""
+        rows = self.cache._sql("SELECT key, size, filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL "
+                               "ORDER BY access_time").fetchall()
+        for token, size, filename in rows:
+            if os.path.exists(os.path.join(self.cache.directory, filename)):
+                self._lru[token] = size
+                self.used += size
+            else:  # evicted on a full disk: the file went, the row stayed
+                with suppress(*TABLE_ERRORS):
+                    self.cache.delete(token)
+
     def close(self) -> None:
+        self._save_access()
         self.cache.close()
 
+    def _save_access(self) -> None:
+        if not self._touched:
+            return
+        try:
+            with self.cache.transact():
+                for token, when in self._touched.items():
+                    self.cache._sql("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (when, token))
+            self._touched.clear()
+        except TABLE_ERRORS as exc:
+            log.debug("cache access times not saved (%s)", exc)
+
+    def _touch(self, token: str, size: int) -> None:
+        if token not in self._lru:
+            self._lru[token] = size
+            self.used += size
+        self._lru.move_to_end(token)
+        self._touched[token] = time.time()
+
     def open(self, token: str) -> SealedFile | None:
-        f = self.cache.get(token, read=True)
+        f = self.cache.get(token, read=True)  # one SELECT: eviction_policy "none" writes nothing
         if f is None:
             return None
         try:
-            return SealedFile.open(f.name, self._key)
-        except OSError:
-            return None  # evicted between the lookup and the open
+            sealed = SealedFile.open(f.name, self._key)
+        except PrivifsError as exc:
+            if os.path.exists(f.name):
+                log.warning("dropping an unreadable cache entry (%s)", exc)
+            self.evict(token)
+            return None  # evicted between the lookup and the open, damaged, or of a newer format
         finally:
             f.close()
+        self._touch(token, os.fstat(sealed.fd).st_size)
+        return sealed
 
     async def fetch(self, token: str, vault: Vault, size: int | None = None) -> SealedFile:
         """The token's content, downloading and verifying it once for all concurrent callers."""
@@ -109,9 +176,10 @@ class ContentCache:
             if event is None:
                 break
             await event.wait()
-            if token not in self.cache:
+            if token not in self._lru:
                 # the shared download failed: each waiter tries (and reports) on its own
                 break
+        self._room_for_download(stored_size(size or 0))
         event = trio.Event()
         self._inflight[token] = event
         path = self.incoming / secrets.token_hex(12)
@@ -124,7 +192,7 @@ class ContentCache:
                     await vault.get(token, sink, size=size)
                     await sink.finish()
             if not self.adopt(token, str(path)):
-                return sealed  # larger than the whole cache: this reader keeps a private, unlinked copy
+                return sealed  # not kept (too large, no room): this reader keeps a private, unlinked copy
             sealed.close()
         except BaseException:
             sealed.close()
@@ -138,16 +206,65 @@ class ContentCache:
             return await self.fetch(token, vault, size)  # evicted at once by a concurrent insert
         return opened
 
+    def _room_for_download(self, need: int) -> None:
+        """Evict until ``need`` bytes fit within the size limit and the floor stays free (the
+        reserve is restored once the entry is in, see :meth:`_trim`), or raise DiskFullError."""
+        keepable = need <= self.size_limit  # a download larger than the whole cache is never kept
+        while self._lru and (keepable and self.used + need > self.size_limit
+                             or self.space.above_floor() < need):
+            self.evict(next(iter(self._lru)))
+        if self.space.above_floor() < need:
+            raise DiskFullError(f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; "
+                                "free space on that disk")
+
+    def _trim(self) -> None:
+        """Evict least recently used entries while over the size limit or inside the staging
+        reserve."""
+        while self._lru and (self.used > self.size_limit or self.space.above_reserve() < 0):
+            self.evict(next(iter(self._lru)))
+
     def adopt(self, token: str, path: str) -> bool:
-        """Move a sealed file holding ``token``'s content into the cache (False: too large)."""
-        if os.path.getsize(path) > self.size_limit:
+        """Move a sealed file holding ``token``'s content into the cache. False (the file is then
+        gone) when it cannot be kept: larger than the cache, no room above the staging reserve,
+        another filesystem, or the cache's table cannot be written (a full disk)."""
+        size = os.path.getsize(path)
+        if size > self.size_limit:
             os.unlink(path)
             return False
-        self.cache.set(token, AdoptFile(path))
-        return True
+        self.evict(token)  # a stale row (file gone) is replaced, never counted twice
+        disk = self.cache.disk
+        disk.last_path = None
+        try:
+            self.cache.set(token, AdoptFile(path))
+        except (OSError, *TABLE_ERRORS) as exc:
+            log.debug("not caching %s bytes (%s)", size, exc)
+            for leftover in (path, disk.last_path):
+                if leftover:
+                    with suppress(OSError):
+                        os.unlink(leftover)
+            return False
+        self._touch(token, size)
+        self._save_access()
+        self._trim()
+        return token in self._lru
 
     def evict(self, token: str) -> None:
-        self.cache.delete(token)
+        """Drop the entry: its file first (the space comes back even if the table cannot be
+        written), then its row."""
+        size = self._lru.pop(token, None)
+        if size is not None:
+            self.used -= size
+        self._touched.pop(token, None)
+        f = self.cache.get(token, read=True)
+        if f is None:
+            return
+        f.close()
+        with suppress(OSError):
+            os.unlink(f.name)
+        try:
+            self.cache.delete(token)
+        except TABLE_ERRORS as exc:
+            log.debug("cache row kept after its file was removed (%s)", exc)
 
     def volume(self) -> int:
-        return self.cache.volume()
+        return self.used

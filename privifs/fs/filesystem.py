@@ -524,7 +524,7 @@ class Filesystem:
         staged = await self.writable_staged(node)
         if fh.append:
             offset = staged.size
-        n = staged.sealed.write(offset, data)
+        n = staged.write(offset, data)
         node.size = staged.size
         node.mtime_ns = node.ctime_ns = time.time_ns()
         self.mark_content_dirty(node)
@@ -586,14 +586,17 @@ class Filesystem:
         self.dir_handles.pop(fh, None)
 
     def statfs(self) -> pyfuse3.StatvfsData:
+        """Free space is what can really be written: the staging filesystem's free space above
+        the floor kept for the index (:meth:`~privifs.fs.staging.Staging.writable`)."""
         st = os.statvfs(self.staging.dir)
         s = pyfuse3.StatvfsData()
         s.f_bsize = st.f_bsize
         s.f_frsize = st.f_frsize
+        avail = self.staging.writable() // max(1, st.f_frsize)
         used = sum(n.size for n in self.ns.nodes.values() if n.is_file) // max(1, st.f_frsize)
-        s.f_blocks = used + st.f_bavail
-        s.f_bfree = st.f_bavail
-        s.f_bavail = st.f_bavail
+        s.f_blocks = used + avail
+        s.f_bfree = avail
+        s.f_bavail = avail
         s.f_files = len(self.ns.nodes) + st.f_favail
         s.f_ffree = st.f_favail
         s.f_favail = st.f_favail

@@ -5,7 +5,8 @@ its own changes: every node with its attributes, the token backing it, the meta 
 on the server (``remote_*``), and what is still to be done (``content_dirty`` — staged content
 not yet uploaded; ``meta_dirty`` — name, place or attributes not yet written to the token).
 Tokens to delete live in ``tombstones`` until the listing confirms they are gone. WAL with
-``synchronous=NORMAL``: a committed change survives the daemon being killed.
+``synchronous=NORMAL``: a committed change survives the daemon being killed. The layout carries a
+version and is upgraded in place by ordered migration steps (``MIGRATIONS`` below).
 
 State and concurrency: all of this is touched only from the trio thread; no method here awaits,
 so each call is atomic with respect to FUSE handlers and background tasks.
@@ -16,14 +17,27 @@ import json
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from privifs.errors import DiskFullError, LocalStoreError, NodeGone
+from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone
+from privifs.fs.space import open_error
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, join_context
 
 ROOT = 1
 
-SCHEMA = """
+# The index layout is versioned (``PRAGMA user_version``). MIGRATIONS[i] takes an index from
+# version i to i + 1, in one transaction that also sets the new version; opening an index runs
+# the steps it lacks, in order, and refuses an index of a newer version than len(MIGRATIONS).
+# Version 0 is an empty file or an index from before versions existed: step 1 (today's layout as
+# it was then, CREATE ... IF NOT EXISTS) makes the former and changes nothing in the latter.
+#
+# To change the layout: append a step (never edit or reorder one that shipped), then make
+# COLUMNS and Node agree with the result. Adding a column is one line here, e.g.
+#     ("atime", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
+# plus its name in COLUMNS and its default in Node.__init__. A step is SQL (several statements
+# allowed) or a function of the connection, for data that needs computing.
+LAYOUT_V1 = """
 CREATE TABLE IF NOT EXISTS nodes (
     ino INTEGER PRIMARY KEY,
     parent INTEGER NOT NULL,
@@ -51,9 +65,18 @@ CREATE TABLE IF NOT EXISTS tombstones (token TEXT PRIMARY KEY, since REAL NOT NU
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+Step = str | Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[tuple[str, Step]] = [
+    ("the layout from before schema versions", LAYOUT_V1),
+    ("drop what nothing reads: nodes.upload_digest and the kv table",
+     "ALTER TABLE nodes DROP COLUMN upload_digest; DROP TABLE kv;"),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# every persistent column of a node, read and written by name (never SELECT *)
 COLUMNS = ("ino", "parent", "name", "kind", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "size", "target",
            "token", "remote_context", "remote_name", "remote_extension", "remote_risk", "shown_as", "staged_id",
-           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started", "upload_digest")
+           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started")
 
 
 class Node:
@@ -75,7 +98,6 @@ class Node:
         self.content_dirty = self.meta_dirty = self.explicit = 0
         self.seq = 0
         self.upload_started = None
-        self.upload_digest = None
         self.children: dict[str, int] | None = {} if kind == KIND_DIR else None
         self.next_seq = 1
         self.lookups = 0
@@ -120,6 +142,17 @@ class Node:
         return n
 
 
+def _statements(script: str):
+    """The statements of an SQL script, one by one (``;`` inside literals or triggers kept)."""
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\n;"):
+                yield pending
+            pending = ""
+
+
 def _local_error(exc: sqlite3.Error) -> Exception:
     text = str(exc)
     if "full" in text:
@@ -130,17 +163,61 @@ def _local_error(exc: sqlite3.Error) -> Exception:
 class Index:
     """The persistent half: SQLite with one transaction per call (or per ``with index:`` block).
     SQLite failures surface as :class:`~privifs.errors.DiskFullError` (ENOSPC) or
-    :class:`~privifs.errors.LocalStoreError`."""
+    :class:`~privifs.errors.LocalStoreError`; an index of a newer schema version than this code
+    knows as :class:`~privifs.errors.FormatVersionError`."""
 
     def __init__(self, path: Path):
-        self.conn = sqlite3.connect(path, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(SCHEMA)
+        self.path = path
+        try:
+            self.conn = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise open_error(path.parent, "the local index", exc) from None
+        try:
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            self.conn.close()
+            raise open_error(path.parent, "the local index", exc) from None
+        except BaseException:
+            self.conn.close()
+            raise
         self._depth = 0
         self._upsert = (f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) "
                         f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+        self._select = f"SELECT {', '.join(COLUMNS)} FROM nodes ORDER BY ino"
+
+    def version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def _migrate(self) -> None:
+        """Bring the index to the latest version, one step per transaction, or refuse a newer one."""
+        version, latest = self.version(), len(MIGRATIONS)
+        if version > latest:
+            raise FormatVersionError(
+                f"the local index {self.path} was written by a newer privifs (index version {version}; "
+                f"this one knows versions up to {latest}); mount with that newer privifs, or "
+                f"unmount it there (so everything is uploaded) and remove {self.path.parent} to start "
+                "again from the vault")
+        for number in range(version + 1, latest + 1):
+            description, step = MIGRATIONS[number - 1]
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                if callable(step):
+                    step(self.conn)
+                else:
+                    for statement in _statements(step):
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+                self.conn.execute("COMMIT")
+            except BaseException as exc:
+                self.conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error) and "full" not in str(exc):
+                    raise LocalStoreError(f"upgrading the local index {self.path} to version {number} "
+                                          f"({description}) failed: {exc}; it is left at version "
+                                          f"{number - 1}") from None
+                raise
 
     def close(self) -> None:
         self.conn.close()
@@ -181,7 +258,7 @@ class Index:
         self._write("DELETE FROM nodes WHERE ino = ?", (ino,))
 
     def load(self) -> list[Node]:
-        return [Node.from_row(r) for r in self.conn.execute("SELECT * FROM nodes ORDER BY ino")]
+        return [Node.from_row(r) for r in self.conn.execute(self._select)]
 
     def add_tombstone(self, token: str) -> None:
         self._write("INSERT OR IGNORE INTO tombstones (token, since) VALUES (?, ?)", (token, time.time()))
@@ -194,13 +271,6 @@ class Index:
 
     def tombstones(self) -> dict[str, float]:
         return {r[0]: r[1] for r in self.conn.execute("SELECT token, since FROM tombstones")}
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        row = self.conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else default
-
-    def put(self, key: str, value: str) -> None:
-        self._write("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
 
 class Namespace:

@@ -5,6 +5,13 @@ A staged file is kept until the vault has acknowledged the token made from it, w
 in between (failed uploads, restarts, ``kill -9``). While an upload reads a staged file it is
 *frozen*; a write arriving meanwhile first clones it (copy-on-write), so an upload never sends a
 mix of two versions.
+
+Space: a write that makes a staged file grow first makes sure the disk keeps its *floor* free
+(:mod:`privifs.fs.space`) and fails with :class:`~privifs.errors.DiskFullError` (ENOSPC)
+otherwise. Nothing staged is ever given up for space, and staging does not evict the read cache
+either (the cache keeps the staging reserve free by itself), so what is cached stays readable
+when a write fills the disk. A staged file written by a newer privifs (a newer sealed format) stops the
+mount with a clear error instead of being taken for damage and dropped.
 """
 from __future__ import annotations
 
@@ -14,16 +21,26 @@ import shutil
 from pathlib import Path
 
 from privifs import paths
-from privifs.crypto.sealed import SealedFile, local_store_error
+from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, local_store_error, stored_size
+from privifs.errors import DiskFullError, FormatVersionError, PrivifsError
+from privifs.fs.space import MiB, Space
 
 
 class StagedFile:
-    __slots__ = ("id", "sealed", "frozen")
+    __slots__ = ("id", "sealed", "frozen", "staging")
 
-    def __init__(self, staged_id: str, sealed: SealedFile):
+    def __init__(self, staged_id: str, sealed: SealedFile, staging: "Staging"):
         self.id = staged_id
         self.sealed = sealed
         self.frozen = False
+        self.staging = staging
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write plaintext at ``offset``, after making sure the disk has room for the growth."""
+        end = offset + len(data)
+        if end > self.sealed.size:
+            self.staging.ensure_room(stored_size(end) - stored_size(self.sealed.size))
+        return self.sealed.write(offset, data)
 
     @property
     def size(self) -> int:
@@ -39,16 +56,41 @@ class Staging:
         self.dir = directory
         paths.private_dir(self.dir)
         self._key = key
+        self.space = Space(self.dir)
+        self._refuse_newer_files()
+
+    def _refuse_newer_files(self) -> None:
+        for staged_id in self.ids():
+            try:
+                SealedFile.open(self.path(staged_id), self._key).close()
+            except FormatVersionError:
+                raise
+            except PrivifsError:
+                pass  # damage is reported (and handled) when the node reattaches it
+
+    def ensure_room(self, need: int) -> None:
+        """Make sure ``need`` more bytes can be staged while the floor stays free, or raise
+        DiskFullError."""
+        if need <= 0 or self.space.above_floor() >= need:
+            return
+        floor = self.space.floor()
+        raise DiskFullError(f"no space left for staging in {self.dir}: the disk is full (privifs keeps "
+                                f"{floor / MiB:.0f} MiB free for its index); delete files or free space on it")
+
+    def writable(self) -> int:
+        """Bytes of content that can still be written: free space above the floor, less the
+        sealing overhead."""
+        return max(0, self.space.above_floor()) * CHUNK // SLOT
 
     def path(self, staged_id: str) -> Path:
         return self.dir / staged_id
 
     def create(self) -> StagedFile:
         staged_id = secrets.token_hex(12)
-        return StagedFile(staged_id, SealedFile.create(self.path(staged_id), self._key))
+        return StagedFile(staged_id, SealedFile.create(self.path(staged_id), self._key), self)
 
     def open(self, staged_id: str) -> StagedFile:
-        return StagedFile(staged_id, SealedFile.open(self.path(staged_id), self._key, writable=True))
+        return StagedFile(staged_id, SealedFile.open(self.path(staged_id), self._key, writable=True), self)
 
     def clone(self, staged: StagedFile) -> StagedFile:
         """A writable copy of a frozen staged file (raw sealed bytes; no decryption)."""
@@ -59,6 +101,10 @@ class Staging:
         """A staged copy of a sealed file (a cache entry or another staged file: same format and
         key, copied as it is, never decrypted)."""
         new_id = secrets.token_hex(12)
+        try:
+            self.ensure_room(os.path.getsize(source))
+        except OSError as exc:
+            raise local_store_error(exc, "staging a file for writing") from None
         try:
             shutil.copyfile(source, self.path(new_id))
             os.chmod(self.path(new_id), 0o600)

@@ -1,0 +1,72 @@
+"""Local disk space: what the staging area may still take, what the read cache must leave free,
+and the figures behind ``statfs``.
+
+Two margins are kept on each filesystem that holds privifs state, both scaled to its size:
+
+* the **floor** (2 % of the filesystem, between 1 MiB and 64 MiB): staged writes stop at it with
+  ENOSPC, so the index, the cache's bookkeeping and the log can still commit the changes (an
+  unlink, a finished upload) that free space again;
+* the **staging reserve** (the floor plus 10 % of the filesystem, at most 1 GiB more): the read
+  cache never fills the disk past it, evicting least-recently-used entries first, so new writes
+  always find room. Staging does not evict the cache: a write that fills the disk leaves what is
+  cached readable.
+
+Nothing here caches a figure: each question is one ``statvfs``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from privifs.errors import DiskFullError, LocalStoreError
+
+MiB = 1024 * 1024
+FLOOR_FRACTION, FLOOR_MIN, FLOOR_MAX = 0.02, 1 * MiB, 64 * MiB
+RESERVE_FRACTION, RESERVE_MAX = 0.10, 1024 * MiB
+
+
+def floor_of(total: int) -> int:
+    return int(min(FLOOR_MAX, max(FLOOR_MIN, total * FLOOR_FRACTION)))
+
+
+def reserve_of(total: int) -> int:
+    return floor_of(total) + int(min(RESERVE_MAX, total * RESERVE_FRACTION))
+
+
+@dataclass(frozen=True)
+class Space:
+    """The filesystem holding ``path`` (a directory that exists)."""
+
+    path: Path
+
+    def _sizes(self) -> tuple[int, int]:
+        """(free bytes an unprivileged writer may use, total bytes), from one ``statvfs``."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def above_floor(self) -> int:
+        """Free bytes above the floor (negative inside it)."""
+        free, total = self._sizes()
+        return free - floor_of(total)
+
+    def above_reserve(self) -> int:
+        """Free bytes above the staging reserve (negative inside it)."""
+        free, total = self._sizes()
+        return free - reserve_of(total)
+
+    def floor(self) -> int:
+        return floor_of(self._sizes()[1])
+
+
+def open_error(path: Path, what: str, exc: Exception) -> LocalStoreError:
+    """The error for local state that cannot be opened: SQLite reports a full disk as a "disk
+    I/O error" when it cannot create its WAL files, so the free space decides."""
+    try:
+        full = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize < MiB
+    except OSError:
+        full = False
+    if full:
+        return DiskFullError(f"{what} in {path} cannot be opened: the disk is full; free some space on it "
+                             "and mount again")
+    return LocalStoreError(f"{what} in {path} cannot be opened: {exc}")

@@ -1,0 +1,231 @@
+"""A full local disk: the staging area, the index and the read cache share a small tmpfs. Writes
+get ENOSPC (never EIO, never a dead mount); cached and staged files stay readable; the cache
+evicts before the disk fills and leaves the staging reserve alone; once space is freed
+everything written reaches the vault."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+
+from privifs.crypto.sealed import SealedFile, local_key
+from privifs.errors import DiskFullError
+from privifs.fs.cache import ContentCache
+from privifs.fs.namespace import Index
+from tests.mountkit import Mount
+
+MiB = 1024 * 1024
+
+
+@contextmanager
+def small_filesystem(path: Path, size: str):
+    path.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0, f"cannot make a small filesystem for the test: {r.stderr!r}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+
+
+def read_uncached(path: Path) -> bytes:
+    """The file's content as the daemon serves it now (the kernel's page cache dropped first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        chunks = []
+        while chunk := os.read(fd, MiB):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def fill(path: Path) -> int:
+    """Write random MiBs to ``path`` until the mount says ENOSPC; returns the bytes written."""
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError) as info:
+            for _ in range(256):
+                written += os.write(fd, os.urandom(MiB))
+        assert info.value.errno == errno.ENOSPC, info.value
+    finally:
+        try:
+            os.close(fd)
+        except OSError as exc:  # the close (flush) may report the full disk too, never anything else
+            assert exc.errno == errno.ENOSPC, exc
+    return written
+
+
+def fill_outside(path: Path) -> Path:
+    """Fill the disk to the last byte from outside the mount."""
+    with open(path, "wb", buffering=0) as f:
+        with pytest.raises(OSError) as info:
+            while True:
+                f.write(bytes(64 * 1024))
+        assert info.value.errno == errno.ENOSPC
+        with suppress(OSError):
+            while True:
+                f.write(bytes(4096))
+    assert os.statvfs(path.parent).f_bavail == 0
+    return path
+
+
+def vault_content(m: Mount, name: str, out: Path) -> bytes:
+    token = next(t["token"] for t in m.tokens() if t["context"] == "/" and t["fileName"] == name)
+    m.token("get", token, str(out))
+    return out.read_bytes()
+
+
+def test_full_disk_writes_get_enospc_reads_of_cached_and_staged_files_work(engine, tmp_path):
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        m = Mount(tmp_path / "user", engine.urls,
+                  mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"),
+                              "--write-back-delay", "3600"))
+        try:
+            m.mount()
+            cached = os.urandom(3 * MiB + 5)
+            (m.dir / "cached.bin").write_bytes(cached)
+            m.wait_idle()  # uploaded: its sealed file moved into the cache
+            staged = os.urandom(MiB + 7)
+            (m.dir / "staged.bin").write_bytes(staged)  # stays staged (write-back in an hour)
+
+            fill(m.dir / "huge.bin")
+            filler = fill_outside(small / "filler")  # another program takes the last bytes
+            assert read_uncached(m.dir / "cached.bin") == cached
+            assert read_uncached(m.dir / "staged.bin") == staged
+            with pytest.raises(OSError) as info:
+                (m.dir / "more.txt").write_bytes(os.urandom(2 * MiB))
+            assert info.value.errno == errno.ENOSPC
+            assert os.statvfs(m.dir).f_bavail * os.statvfs(m.dir).f_frsize < 2 * MiB  # statfs says so
+            assert read_uncached(m.dir / "cached.bin") == cached  # still, after more failed writes
+            assert m.status()["pending"]  # the daemon answers
+
+            filler.unlink()
+            os.unlink(m.dir / "huge.bin")
+            (m.dir / "more.txt").unlink(missing_ok=True)  # its creation may have failed already
+            after = os.urandom(2 * MiB)
+            (m.dir / "after.bin").write_bytes(after)
+            m.wait_idle()
+            assert "unexpectedly" not in m.log()
+            for name, data in (("cached.bin", cached), ("staged.bin", staged), ("after.bin", after)):
+                got = vault_content(m, name, tmp_path / name)
+                assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), name
+        finally:
+            m.cleanup()
+
+
+def test_the_cache_evicts_before_the_disk_fills_and_keeps_room_for_staging(engine, tmp_path):
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        m = Mount(tmp_path / "user", engine.urls,
+                  mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"),
+                              "--cache-size", "1G"))
+        try:
+            m.mount()
+            contents = {}
+            for i in range(8):  # 8 x 10 MiB through the vault: more than the whole disk
+                src = tmp_path / f"remote{i}.bin"
+                contents[src.name] = os.urandom(10 * MiB)
+                src.write_bytes(contents[src.name])
+                m.token("put", str(src), "--name", src.name)
+            m.refresh()
+            for name, data in contents.items():
+                assert read_uncached(m.dir / name) == data, name
+                st = os.statvfs(small)
+                assert st.f_bavail * st.f_frsize >= 6 * MiB, f"the cache ate the staging reserve at {name}"
+            assert m.status()["cache"]["size"] < 64 * MiB
+            written = os.urandom(6 * MiB)
+            (m.dir / "local.bin").write_bytes(written)  # the reserve (and evicting) makes room for this
+            assert read_uncached(m.dir / "local.bin") == written
+            mounted, disk = os.statvfs(m.dir), os.statvfs(small)
+            # statfs: the disk's free space less the floor kept for the index (2 % of 64 MiB here)
+            assert 0 <= disk.f_bavail * disk.f_frsize - mounted.f_bavail * mounted.f_frsize <= 2 * MiB
+            m.wait_idle()
+            assert vault_content(m, "local.bin", tmp_path / "local.out") == written
+        finally:
+            m.cleanup()
+
+
+# -- the cache in-process (no mount) --------------------------------------------------------------
+
+KEY = local_key(bytes(32))
+
+
+def sealed_file(path: Path, data: bytes) -> str:
+    f = SealedFile.create(path, KEY)
+    f.write(0, data)
+    f.sync_header()
+    f.close()
+    return str(path)
+
+
+def test_a_cache_hit_writes_nothing_to_the_cache_database(tmp_path):
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    try:
+        assert cache.adopt("tok", sealed_file(tmp_path / "a", b"content"))
+        db = cache.cache.directory
+        files = {p: p.stat().st_mtime_ns for p in Path(db).glob("cache.db*")}
+        changes = cache.cache._con.total_changes
+        for _ in range(20):
+            f = cache.open("tok")
+            assert f.read(0, 100) == b"content"
+            f.close()
+        assert cache.cache._con.total_changes == changes
+        assert {p: p.stat().st_mtime_ns for p in Path(db).glob("cache.db*")} == files
+    finally:
+        cache.close()
+
+
+def test_the_cache_evicts_least_recently_used_and_keeps_that_order_across_restarts(tmp_path):
+    size = os.path.getsize(sealed_file(tmp_path / "probe", bytes(1000)))
+    cache = ContentCache(tmp_path / "cache", 3 * size, KEY)
+    for name in ("a", "b", "c"):
+        assert cache.adopt(name, sealed_file(tmp_path / name, bytes(1000)))
+    cache.open("a").close()  # a is now the most recently used
+    cache.close()
+    cache = ContentCache(tmp_path / "cache", 3 * size, KEY)
+    try:
+        assert cache.adopt("d", sealed_file(tmp_path / "d", bytes(1000)))  # over the limit: b goes
+        assert cache.open("b") is None
+        for name in ("a", "c", "d"):
+            cache.open(name).close()
+        assert cache.volume() == 3 * size
+    finally:
+        cache.close()
+
+
+def test_an_evicted_file_is_gone_even_when_its_row_stays(tmp_path):
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"x" * 5000))
+    f = cache.cache.get("tok", read=True)
+    path = f.name
+    f.close()
+    os.unlink(path)  # what an eviction on a full disk leaves: the row without its file
+    assert cache.open("tok") is None
+    cache.close()
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    try:
+        assert cache.volume() == 0
+        assert cache.adopt("tok", sealed_file(tmp_path / "b", b"again"))
+        assert cache.open("tok").read(0, 10) == b"again"
+    finally:
+        cache.close()
+
+
+def test_local_state_that_cannot_open_on_a_full_disk_says_the_disk_is_full(tmp_path):
+    with small_filesystem(tmp_path / "small", "8m") as small:
+        ContentCache(small / "cache", 1 << 30, KEY).close()
+        Index(small / "index.sqlite3").close()
+        fill_outside(small / "filler")  # SQLite cannot make its WAL files again
+        for what, open_it in (("read cache", lambda: ContentCache(small / "cache", 1 << 30, KEY)),
+                              ("local index", lambda: Index(small / "index.sqlite3"))):
+            with pytest.raises(DiskFullError) as info:
+                open_it()
+            assert f"the {what} in" in str(info.value) and "the disk is full" in str(info.value)
