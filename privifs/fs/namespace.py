@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     explicit INTEGER NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL DEFAULT 0,
     upload_started REAL,
-    upload_digest TEXT
+    upload_digest TEXT,
+    atime_ns INTEGER
 );
 CREATE INDEX IF NOT EXISTS nodes_token ON nodes(token);
 CREATE TABLE IF NOT EXISTS tombstones (token TEXT PRIMARY KEY, since REAL NOT NULL);
@@ -53,7 +54,9 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 COLUMNS = ("ino", "parent", "name", "kind", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "size", "target",
            "token", "remote_context", "remote_name", "remote_extension", "remote_risk", "shown_as", "staged_id",
-           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started", "upload_digest")
+           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started", "upload_digest", "atime_ns")
+# columns added after the first layout: (name, SQL type) added to an index that lacks them
+ADDED_COLUMNS = (("atime_ns", "INTEGER"),)
 
 
 class Node:
@@ -67,6 +70,7 @@ class Node:
         self.mode = mode
         self.uid = self.gid = None
         self.mtime_ns = self.ctime_ns = mtime_ns
+        self.atime_ns: int | None = None  # None: reads as mtime (never set by utimens)
         self.size = 0
         self.target = None
         self.token = self.remote_context = self.remote_name = self.remote_extension = None
@@ -138,6 +142,10 @@ class Index:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.executescript(SCHEMA)
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(nodes)")}
+        for column, sql_type in ADDED_COLUMNS:
+            if column not in have:
+                self.conn.execute(f"ALTER TABLE nodes ADD COLUMN {column} {sql_type}")
         self._depth = 0
         self._upsert = (f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) "
                         f"VALUES ({', '.join('?' for _ in COLUMNS)})")
