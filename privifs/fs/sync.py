@@ -322,7 +322,8 @@ class Syncer:
             if node.token != token:
                 return
             self._remote_named(node, context, name, extension)
-        risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid)
+        risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
+                           node.atime_ns)
         if risk != node.risk():
             await self.tokens.set_risk(token, risk)
             if node.token != token:

@@ -8,7 +8,8 @@
   let it be updated), so names are always derived from context and fileName.
 * Risk meta carries the POSIX attributes next to the three official fields:
   ``privifs.type`` (file | dir | symlink), ``privifs.mode`` (octal permission bits),
-  ``privifs.mtime`` (nanoseconds), ``privifs.target`` (symlink target), ``privifs.uid`` and
+  ``privifs.mtime`` (nanoseconds), ``privifs.atime`` (nanoseconds, only once set by utimens;
+  absent, the access time reads as mtime), ``privifs.target`` (symlink target), ``privifs.uid`` and
   ``privifs.gid`` (only after a chown). Fields other applications set are kept.
 * A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
   token with ``privifs.type = dir`` at its parent's context under its name.
@@ -91,6 +92,7 @@ class Attributes:
     target: str | None
     uid: int | None
     gid: int | None
+    atime_ns: int | None = None
 
 
 def attributes(info: TokenInfo) -> Attributes:
@@ -114,11 +116,11 @@ def attributes(info: TokenInfo) -> Attributes:
     target = risk.get("privifs.target") if kind == KIND_SYMLINK else None
     if kind == KIND_SYMLINK and not target:
         kind = KIND_FILE
-    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"))
+    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"), num("privifs.atime"))
 
 
 def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, target: str | None,
-                uid: int | None, gid: int | None) -> dict[str, str]:
+                uid: int | None, gid: int | None, atime_ns: int | None = None) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
     fields = {k: v for k, v in base.items() if not k.startswith("privifs.")}
@@ -127,6 +129,8 @@ def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, targe
     fields["privifs.type"] = kind
     fields["privifs.mode"] = f"{stat.S_IMODE(mode):o}"
     fields["privifs.mtime"] = str(mtime_ns)
+    if atime_ns is not None:
+        fields["privifs.atime"] = str(atime_ns)
     if target is not None:
         fields["privifs.target"] = target
     if uid is not None:
