@@ -231,7 +231,6 @@ def test_rename_directories(d):
 def test_hard_links_and_device_nodes_are_refused(d):
     (d / "f").write_bytes(b"")
     assert errno_of(os.link, d / "f", d / "g") == errno.EPERM
-    assert errno_of(os.mkfifo, d / "fifo") == errno.EPERM
     assert errno_of(os.mknod, d / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3)) == errno.EPERM
     os.mknod(d / "regular", stat.S_IFREG | 0o640)
     assert stat.S_IMODE((d / "regular").stat().st_mode) == 0o640
@@ -434,3 +433,39 @@ def test_symlink_targets_are_not_limited_per_component(d):
     os.symlink(deep, d / "deep")
     assert os.readlink(d / "one") == long_name and os.readlink(d / "deep") == deep
     assert errno_of(os.symlink, "z" * 4096, d / "too-long") == errno.ENAMETOOLONG
+
+
+def test_fifos_and_sockets_can_be_made_and_used(mnt, d):
+    import socket
+    os.mkfifo(d / "pipe", 0o640)
+    st = os.stat(d / "pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    r = os.open(d / "pipe", os.O_RDONLY | os.O_NONBLOCK)
+    w = os.open(d / "pipe", os.O_WRONLY | os.O_NONBLOCK)
+    os.write(w, b"through the kernel")
+    assert os.read(r, 100) == b"through the kernel"
+    os.close(w)
+    os.close(r)
+    assert errno_of(os.open, d / "pipe", os.O_WRONLY | os.O_NONBLOCK) == errno.ENXIO  # no reader
+    server = socket.socket(socket.AF_UNIX)
+    os.chdir(d)  # a socket path is limited to 108 bytes
+    try:
+        server.bind("sock")
+        server.listen(1)
+        assert stat.S_ISSOCK(os.stat("sock").st_mode)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect("sock")
+        conn, _ = server.accept()
+        client.sendall(b"hi")
+        assert conn.recv(2) == b"hi"
+        conn.close()
+        client.close()
+    finally:
+        server.close()
+        os.chdir("/")
+    assert errno_of(os.mknod, d / "dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3)) == errno.EPERM
+    mnt.wait_idle()
+    kinds = {t["fileName"]: t["risk"].get("privifs.type") for t in mnt.tokens() if t["context"] == f"/{d.name}"}
+    assert kinds == {"pipe": "fifo", "sock": "socket"}
+    os.unlink(d / "pipe")
+    os.unlink(d / "sock")

@@ -28,7 +28,7 @@ from privifs.errors import IntegrityError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
-from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT, SPECIAL_KINDS
 
 if TYPE_CHECKING:
     from privifs.client.vault import Vault
@@ -165,7 +165,8 @@ class Filesystem:
         e.generation = 0
         e.entry_timeout = self.opts.attr_timeout
         e.attr_timeout = self.opts.attr_timeout
-        e.st_mode = node.st_mode()
+        special = SPECIAL_KINDS.get(node.kind)
+        e.st_mode = special | (node.mode & 0o7777) if special is not None else node.st_mode()
         if node.is_dir:
             e.st_nlink = 2 + sum(1 for i in node.children.values() if self.ns.nodes[i].is_dir)
             size = 4096
@@ -319,12 +320,27 @@ class Filesystem:
 
     def mknod(self, parent_ino: int, name: bytes, mode: int,
               owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
+        kind = next((k for k, fmt in SPECIAL_KINDS.items() if stat.S_IFMT(mode) == fmt), None)
+        if kind is not None:
+            return self._new_special(self.dir_node(parent_ino), name, kind, mode, owner)
         if not stat.S_ISREG(mode):
-            raise fail(errno.EPERM)  # no device nodes, FIFOs or sockets
+            raise fail(errno.EPERM)  # no device nodes
         node = self._new_file(self.dir_node(parent_ino), name, mode, owner)
         self.index.save(node)
         if self.sync is not None:
             self.sync.schedule_upload(node)
+        node.lookups += 1
+        return self.attrs(node)
+
+    def _new_special(self, parent: Node, name: bytes, kind: str, mode: int,
+                     owner: tuple[int, int] | None) -> pyfuse3.EntryAttributes:
+        """A FIFO or socket: a node without content (the kernel carries what passes through it)."""
+        text = self.new_name(parent, name)
+        with self.index:
+            node = self.ns.new_node(parent, text, kind, stat.S_IMODE(mode))
+            self.own(node, parent, owner)
+            self.touch_parent(parent)
+            self.touch_meta(node)
         node.lookups += 1
         return self.attrs(node)
 

@@ -7,10 +7,12 @@
 * ``path`` is written as the full path at creation; it is informational (the reference does not
   let it be updated), so names are always derived from context and fileName.
 * Risk meta carries the POSIX attributes next to the three official fields:
-  ``privifs.type`` (file | dir | symlink), ``privifs.mode`` (octal permission bits),
+  ``privifs.type`` (file | dir | symlink | fifo | socket), ``privifs.mode`` (octal permission bits),
   ``privifs.mtime`` (nanoseconds), ``privifs.atime`` (nanoseconds, only once set by utimens;
   absent, the access time reads as mtime), ``privifs.target`` (symlink target), ``privifs.uid`` and
   ``privifs.gid`` (only after a chown). Fields other applications set are kept.
+* A FIFO or a socket (``mknod``, ``mkfifo``, ``bind``) is an empty token like a marker with its
+  type; what passes through it stays in the kernel of the machine that opened it.
 * A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
   token with ``privifs.type = dir`` at its parent's context under its name.
 * ``/.privifs`` is reserved for privifs' own tokens (the key check) and is not shown.
@@ -28,6 +30,9 @@ OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling
 NAME_MAX = 255
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
+KIND_FIFO, KIND_SOCKET = "fifo", "socket"
+# entries with no content of their own: only the name, the type and the attributes are stored
+SPECIAL_KINDS = {KIND_FIFO: stat.S_IFIFO, KIND_SOCKET: stat.S_IFSOCK}
 
 
 def split_context(context: str) -> list[str]:
@@ -98,7 +103,7 @@ class Attributes:
 def attributes(info: TokenInfo) -> Attributes:
     risk = info.risk
     kind = risk.get("privifs.type", KIND_FILE)
-    if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK):
+    if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK, *SPECIAL_KINDS):
         kind = KIND_FILE
 
     def num(name: str, base: int = 10) -> int | None:
