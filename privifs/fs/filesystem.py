@@ -137,15 +137,15 @@ class Filesystem:
     def own(self, node: Node, parent: Node, owner: tuple[int, int] | None) -> None:
         """A new entry belongs to the caller (``owner`` = its uid, gid); its group is the
         directory's when that directory is set-group-ID, and a new directory inherits the bit.
-        The mount's owner and group are stored as None (shown as ``--uid``/``--gid``)."""
+        The mount's owner and group (``--uid``/``--gid``, or the daemon's own) are stored as None."""
         uid, gid = owner if owner is not None else (self.opts.uid, self.opts.gid)
-        node.uid = None if uid == self.opts.uid else uid
+        node.uid = None if uid in (self.opts.uid, os.getuid()) else uid
         if parent.mode & stat.S_ISGID:
             node.gid = parent.gid
             if node.is_dir:
                 node.mode |= stat.S_ISGID
         else:
-            node.gid = None if gid == self.opts.gid else gid
+            node.gid = None if gid in (self.opts.gid, os.getgid()) else gid
         node.atime_ns = node.mtime_ns
 
     def new_name(self, parent: Node, name: bytes) -> str:

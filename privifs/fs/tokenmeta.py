@@ -8,9 +8,10 @@
   let it be updated), so names are always derived from context and fileName.
 * Risk meta carries the POSIX attributes next to the three official fields:
   ``privifs.type`` (file | dir | symlink | fifo | socket), ``privifs.mode`` (octal permission bits),
-  ``privifs.mtime`` (nanoseconds), ``privifs.atime`` (nanoseconds, only once set by utimens;
-  absent, the access time reads as mtime), ``privifs.target`` (symlink target), ``privifs.uid`` and
-  ``privifs.gid`` (only after a chown). Fields other applications set are kept.
+  ``privifs.mtime`` (nanoseconds), ``privifs.atime`` (nanoseconds, from creation or utimens;
+  absent in older tokens, the access time reads as mtime), ``privifs.target`` (symlink target),
+  ``privifs.uid`` and ``privifs.gid`` (only when not the mount's owner and group: after a chown,
+  or made by another user of an ``--allow-other`` mount). Fields other applications set are kept.
 * A FIFO or a socket (``mknod``, ``mkfifo``, ``bind``) is an empty token like a marker with its
   type; what passes through it stays in the kernel of the machine that opened it.
 * A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
