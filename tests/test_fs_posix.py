@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
+import shutil
+import sqlite3
 import stat
 import time
 
@@ -27,7 +30,8 @@ def renameat2(old: str, new: str, flags: int) -> None:
 
 @pytest.fixture(scope="module")
 def mnt(engine, tmp_path_factory):
-    with Mount(tmp_path_factory.mktemp("posix"), engine.urls).mounted() as m:
+    # --allow-other: some tests act as an unprivileged user (uid 65534), as pjdfstest does
+    with Mount(tmp_path_factory.mktemp("posix"), engine.urls).mounted("--allow-other") as m:
         yield m
 
 
@@ -36,6 +40,39 @@ def d(mnt, request):
     path = mnt.dir / request.node.name[:60].replace("[", "_").replace("]", "")
     path.mkdir()
     return path
+
+
+NOBODY = 65534
+
+
+def as_user(where, fn, uid: int = NOBODY, gid: int = NOBODY):
+    """Run ``fn()`` in a forked child that works in directory ``where`` with the given ids (the
+    directories above the mount are private to root, so the child uses relative paths); return
+    what it returned, or raise the OSError it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.chdir(where)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            try:
+                out = {"ok": fn()}
+            except OSError as exc:
+                out = {"errno": exc.errno}
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    out = json.loads(data)
+    if "errno" in out:
+        raise OSError(out["errno"], os.strerror(out["errno"]))
+    return out["ok"]
 
 
 def errno_of(fn, *args) -> int:
@@ -194,7 +231,6 @@ def test_rename_directories(d):
 def test_hard_links_and_device_nodes_are_refused(d):
     (d / "f").write_bytes(b"")
     assert errno_of(os.link, d / "f", d / "g") == errno.EPERM
-    assert errno_of(os.mkfifo, d / "fifo") == errno.EPERM
     assert errno_of(os.mknod, d / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3)) == errno.EPERM
     os.mknod(d / "regular", stat.S_IFREG | 0o640)
     assert stat.S_IMODE((d / "regular").stat().st_mode) == 0o640
@@ -273,3 +309,163 @@ def test_reads_see_pending_writes(d):
 def test_root_reserved_name_is_hidden_and_refused(mnt):
     assert ".privifs" not in os.listdir(mnt.dir)
     assert errno_of(os.mkdir, mnt.dir / ".privifs") == errno.EPERM
+
+
+def test_new_entries_belong_to_the_user_who_made_them(d):
+    os.chmod(d, 0o777)
+
+    def make() -> None:
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644))
+        os.mkdir("sub", 0o755)
+        os.symlink("f", "link")
+        os.truncate("f", 123)  # the owner may write its own file by path (pjdfstest truncate/05.t)
+    as_user(d, make)
+    for name in ("f", "sub", "link"):
+        st = os.lstat(d / name)
+        assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY), name
+    assert (d / "f").stat().st_size == 123
+    own = d / "mine"
+    own.write_bytes(b"")
+    assert (own.stat().st_uid, own.stat().st_gid) == (os.getuid(), os.getgid())
+
+
+def test_a_set_group_id_directory_passes_its_group_on(d):
+    os.chown(d, 0, 4242)
+    os.chmod(d, 0o2777)
+
+    def make() -> None:
+        os.mkdir("sub")
+        os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644))
+    as_user(d, make)
+    sub, f = os.stat(d / "sub"), os.stat(d / "f")
+    assert (sub.st_uid, sub.st_gid, f.st_uid, f.st_gid) == (NOBODY, 4242, NOBODY, 4242)
+    assert sub.st_mode & stat.S_ISGID
+
+
+def test_ftruncate_depends_on_the_descriptor_not_the_mode(d):
+    os.chmod(d, 0o777)
+
+    def work() -> list:
+        fd = os.open("f", os.O_CREAT | os.O_RDWR, 0)  # mode 0: only the open descriptor may write
+        try:
+            os.ftruncate(fd, 123)
+            size = os.fstat(fd).st_size
+            os.write(fd, b"abc")
+        finally:
+            os.close(fd)
+        return [size, os.stat("f").st_size]
+    assert as_user(d, work) == [123, 123]
+    assert stat.S_IMODE(os.stat(d / "f").st_mode) == 0
+    fd = os.open(d / "f", os.O_RDONLY)
+    try:
+        assert errno_of(os.ftruncate, fd, 0) == errno.EINVAL
+    finally:
+        os.close(fd)
+    assert as_user(d, lambda: os.unlink("f")) is None
+    assert not (d / "f").exists()
+
+
+UTIME_OMIT = (1 << 30) - 2
+
+
+class Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimensat(path, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """utimensat(2) with UTIME_OMIT for a time given as None (os.utime cannot omit one)."""
+    def ts(ns):
+        return Timespec(0, UTIME_OMIT) if ns is None else Timespec(ns // 10**9, ns % 10**9)
+    times = (Timespec * 2)(ts(atime_ns), ts(mtime_ns))
+    if libc.utimensat(AT_FDCWD, str(path).encode(), times, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_utimensat_sets_atime_and_it_survives_remounts(mnt, d):
+    p = d / "times.txt"
+    p.write_bytes(b"t")
+    atime, mtime = 1_900_000_000_123_456_789, 1_950_000_000_987_654_321
+    utimensat(p, atime, mtime)
+    assert (p.stat().st_atime_ns, p.stat().st_mtime_ns) == (atime, mtime)
+    utimensat(p, None, mtime + 1)  # UTIME_OMIT keeps the access time
+    assert (p.stat().st_atime_ns, p.stat().st_mtime_ns) == (atime, mtime + 1)
+    utimensat(p, atime - 5, None)
+    assert (p.stat().st_atime_ns, p.stat().st_mtime_ns) == (atime - 5, mtime + 1)
+    p.read_bytes()  # reads leave atime alone
+    assert p.stat().st_atime_ns == atime - 5
+    mnt.wait_idle()
+    risk = next(t["risk"] for t in mnt.tokens() if t["fileName"] == "times.txt")
+    assert risk["privifs.atime"] == str(atime - 5)
+    mnt.umount()  # the index keeps it
+    mnt.mount("--allow-other")
+    assert (p.stat().st_atime_ns, p.stat().st_mtime_ns) == (atime - 5, mtime + 1)
+    mnt.umount()  # and the token's meta, with nothing local left
+    shutil.rmtree(mnt.root / "state")
+    shutil.rmtree(mnt.root / "cache")
+    mnt.mount("--allow-other")
+    assert (p.stat().st_atime_ns, p.stat().st_mtime_ns) == (atime - 5, mtime + 1)
+
+
+def test_an_index_of_the_previous_layout_opens_and_gains_atime(tmp_path):
+    from privifs.fs.namespace import LAYOUT_V1, Index, Namespace
+    db = tmp_path / "index.sqlite3"
+    old = sqlite3.connect(db)
+    old.executescript(LAYOUT_V1)
+    old.execute("INSERT INTO nodes (ino, parent, name, kind, mode, mtime_ns, ctime_ns, size) "
+                "VALUES (1, 1, '', 'dir', 493, 5, 5, 0), (2, 1, 'f', 'file', 420, 7, 7, 3)")
+    old.commit()
+    old.close()
+    index = Index(db)
+    ns = Namespace(index, dir_mode=0o755, file_mode=0o644)
+    f = ns.child(ns.root, "f")
+    assert f.atime_ns is None and f.mtime_ns == 7
+    f.atime_ns = 11
+    index.save(f)
+    index.close()
+    assert Namespace(Index(db), dir_mode=0o755, file_mode=0o644).nodes[2].atime_ns == 11
+
+
+def test_symlink_targets_are_not_limited_per_component(d):
+    long_name = "x" * 256  # a target is not looked up: NAME_MAX does not apply (pjdfstest symlink/02.t)
+    os.symlink(long_name, d / "one")
+    deep = "/".join(["y" * 127] * 32)[:4095]
+    os.symlink(deep, d / "deep")
+    assert os.readlink(d / "one") == long_name and os.readlink(d / "deep") == deep
+    assert errno_of(os.symlink, "z" * 4096, d / "too-long") == errno.ENAMETOOLONG
+
+
+def test_fifos_and_sockets_can_be_made_and_used(mnt, d):
+    import socket
+    os.mkfifo(d / "pipe", 0o640)
+    st = os.stat(d / "pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    r = os.open(d / "pipe", os.O_RDONLY | os.O_NONBLOCK)
+    w = os.open(d / "pipe", os.O_WRONLY | os.O_NONBLOCK)
+    os.write(w, b"through the kernel")
+    assert os.read(r, 100) == b"through the kernel"
+    os.close(w)
+    os.close(r)
+    assert errno_of(os.open, d / "pipe", os.O_WRONLY | os.O_NONBLOCK) == errno.ENXIO  # no reader
+    server = socket.socket(socket.AF_UNIX)
+    os.chdir(d)  # a socket path is limited to 108 bytes
+    try:
+        server.bind("sock")
+        server.listen(1)
+        assert stat.S_ISSOCK(os.stat("sock").st_mode)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect("sock")
+        conn, _ = server.accept()
+        client.sendall(b"hi")
+        assert conn.recv(2) == b"hi"
+        conn.close()
+        client.close()
+    finally:
+        server.close()
+        os.chdir("/")
+    assert errno_of(os.mknod, d / "dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3)) == errno.EPERM
+    mnt.wait_idle()
+    kinds = {t["fileName"]: t["risk"].get("privifs.type") for t in mnt.tokens() if t["context"] == f"/{d.name}"}
+    assert kinds == {"pipe": "fifo", "sock": "socket"}
+    os.unlink(d / "pipe")
+    os.unlink(d / "sock")

@@ -28,7 +28,7 @@ from privifs.errors import IntegrityError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
-from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT, SPECIAL_KINDS
 
 if TYPE_CHECKING:
     from privifs.client.vault import Vault
@@ -134,6 +134,20 @@ class Filesystem:
             raise fail(errno.EPERM)
         return text
 
+    def own(self, node: Node, parent: Node, owner: tuple[int, int] | None) -> None:
+        """A new entry belongs to the caller (``owner`` = its uid, gid); its group is the
+        directory's when that directory is set-group-ID, and a new directory inherits the bit.
+        The mount's owner and group (``--uid``/``--gid``, or the daemon's own) are stored as None."""
+        uid, gid = owner if owner is not None else (self.opts.uid, self.opts.gid)
+        node.uid = None if uid in (self.opts.uid, os.getuid()) else uid
+        if parent.mode & stat.S_ISGID:
+            node.gid = parent.gid
+            if node.is_dir:
+                node.mode |= stat.S_ISGID
+        else:
+            node.gid = None if gid in (self.opts.gid, os.getgid()) else gid
+        node.atime_ns = node.mtime_ns
+
     def new_name(self, parent: Node, name: bytes) -> str:
         """Validate a name for a new entry in ``parent``."""
         self.writable_fs()
@@ -152,7 +166,8 @@ class Filesystem:
         e.generation = 0
         e.entry_timeout = self.opts.attr_timeout
         e.attr_timeout = self.opts.attr_timeout
-        e.st_mode = node.st_mode()
+        special = SPECIAL_KINDS.get(node.kind)
+        e.st_mode = special | (node.mode & 0o7777) if special is not None else node.st_mode()
         if node.is_dir:
             e.st_nlink = 2 + sum(1 for i in node.children.values() if self.ns.nodes[i].is_dir)
             size = 4096
@@ -166,7 +181,7 @@ class Filesystem:
         e.st_size = size
         e.st_blksize = BLOCK
         e.st_blocks = (size + 511) // 512
-        e.st_atime_ns = node.mtime_ns
+        e.st_atime_ns = node.atime_ns if node.atime_ns is not None else node.mtime_ns
         e.st_mtime_ns = node.mtime_ns
         e.st_ctime_ns = node.ctime_ns
         return e
@@ -250,10 +265,15 @@ class Filesystem:
         if fields.update_gid:
             node.gid = attr.st_gid
             meta = True
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+            meta = True
         if fields.update_mtime:
+            if node.atime_ns is None:
+                node.atime_ns = node.mtime_ns  # an unset atime reads as mtime: keep what it showed
             node.mtime_ns = attr.st_mtime_ns
             meta = True
-        # atime is not kept (noatime semantics): update_atime alone changes nothing
+        # reads never update atime (noatime); only utimens sets it
         if meta or fields.update_size:
             if node.is_dir:
                 node.explicit = 1
@@ -267,45 +287,69 @@ class Filesystem:
         return (node.target or "").encode("utf-8", "surrogateescape")
 
     # -- creating entries ----------------------------------------------------------------------
-    def mkdir(self, parent_ino: int, name: bytes, mode: int) -> pyfuse3.EntryAttributes:
+    def mkdir(self, parent_ino: int, name: bytes, mode: int,
+              owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
         parent = self.dir_node(parent_ino)
         text = self.new_name(parent, name)
         with self.index:
             node = self.ns.new_node(parent, text, KIND_DIR, stat.S_IMODE(mode))
+            self.own(node, parent, owner)
             node.explicit = 1
             self.touch_parent(parent)
             self.touch_meta(node)
         node.lookups += 1
         return self.attrs(node)
 
-    def symlink(self, parent_ino: int, name: bytes, target: bytes) -> pyfuse3.EntryAttributes:
+    def symlink(self, parent_ino: int, name: bytes, target: bytes,
+                owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
         parent = self.dir_node(parent_ino)
         text = self.new_name(parent, name)
-        if len(target) > 4095:
+        if len(target) > 4095:  # PATH_MAX with its NUL; no limit per component: it is not looked up
             raise fail(errno.ENAMETOOLONG)
-        target_text = self.decode(target)  # UTF-8 like names: the index and the token meta hold text
+        try:  # UTF-8 like names: the index and the token meta hold text
+            target_text = target.decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(errno.EINVAL) from None
         with self.index:
             node = self.ns.new_node(parent, text, KIND_SYMLINK, 0o777)
+            self.own(node, parent, owner)
             node.target = target_text
             self.touch_parent(parent)
             self.touch_meta(node)
         node.lookups += 1
         return self.attrs(node)
 
-    def mknod(self, parent_ino: int, name: bytes, mode: int) -> pyfuse3.EntryAttributes:
+    def mknod(self, parent_ino: int, name: bytes, mode: int,
+              owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
+        kind = next((k for k, fmt in SPECIAL_KINDS.items() if stat.S_IFMT(mode) == fmt), None)
+        if kind is not None:
+            return self._new_special(self.dir_node(parent_ino), name, kind, mode, owner)
         if not stat.S_ISREG(mode):
-            raise fail(errno.EPERM)  # no device nodes, FIFOs or sockets
-        node = self._new_file(self.dir_node(parent_ino), name, mode)
+            raise fail(errno.EPERM)  # no device nodes
+        node = self._new_file(self.dir_node(parent_ino), name, mode, owner)
         self.index.save(node)
         if self.sync is not None:
             self.sync.schedule_upload(node)
         node.lookups += 1
         return self.attrs(node)
 
-    def _new_file(self, parent: Node, name: bytes, mode: int) -> Node:
+    def _new_special(self, parent: Node, name: bytes, kind: str, mode: int,
+                     owner: tuple[int, int] | None) -> pyfuse3.EntryAttributes:
+        """A FIFO or socket: a node without content (the kernel carries what passes through it)."""
+        text = self.new_name(parent, name)
+        with self.index:
+            node = self.ns.new_node(parent, text, kind, stat.S_IMODE(mode))
+            self.own(node, parent, owner)
+            self.touch_parent(parent)
+            self.touch_meta(node)
+        node.lookups += 1
+        return self.attrs(node)
+
+    def _new_file(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int] | None) -> Node:
         text = self.new_name(parent, name)
         staged = self.staging.create()
         node = self.ns.new_node(parent, text, KIND_FILE, stat.S_IMODE(mode))
+        self.own(node, parent, owner)
         node.staged = staged
         node.staged_id = staged.id
         node.content_dirty = 1
@@ -313,10 +357,10 @@ class Filesystem:
         self.touch_parent(parent)
         return node
 
-    def create(self, parent_ino: int, name: bytes, mode: int, flags: int) -> tuple[pyfuse3.FileInfo,
-                                                                                 pyfuse3.EntryAttributes]:
+    def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
+               owner: tuple[int, int] | None = None) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.dir_node(parent_ino)
-        node = self._new_file(parent, name, mode)
+        node = self._new_file(parent, name, mode, owner)
         self.index.save(node)
         node.lookups += 1
         return self._open_node(node, flags), self.attrs(node)

@@ -33,8 +33,7 @@ ROOT = 1
 # it was then, CREATE ... IF NOT EXISTS) makes the former and changes nothing in the latter.
 #
 # To change the layout: append a step (never edit or reorder one that shipped), then make
-# COLUMNS and Node agree with the result. Adding a column is one line here, e.g.
-#     ("atime", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
+# COLUMNS and Node agree with the result. Adding a column is one line here (see step 3)
 # plus its name in COLUMNS and its default in Node.__init__. A step is SQL (several statements
 # allowed) or a function of the connection, for data that needs computing.
 LAYOUT_V1 = """
@@ -70,13 +69,14 @@ MIGRATIONS: list[tuple[str, Step]] = [
     ("the layout from before schema versions", LAYOUT_V1),
     ("drop what nothing reads: nodes.upload_digest and the kv table",
      "ALTER TABLE nodes DROP COLUMN upload_digest; DROP TABLE kv;"),
+    ("the access time a utimensat sets (NULL reads as mtime)", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # every persistent column of a node, read and written by name (never SELECT *)
 COLUMNS = ("ino", "parent", "name", "kind", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "size", "target",
            "token", "remote_context", "remote_name", "remote_extension", "remote_risk", "shown_as", "staged_id",
-           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started")
+           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started", "atime_ns")
 
 
 class Node:
@@ -90,6 +90,7 @@ class Node:
         self.mode = mode
         self.uid = self.gid = None
         self.mtime_ns = self.ctime_ns = mtime_ns
+        self.atime_ns: int | None = None  # None: reads as mtime (never set by utimens)
         self.size = 0
         self.target = None
         self.token = self.remote_context = self.remote_name = self.remote_extension = None

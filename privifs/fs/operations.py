@@ -66,11 +66,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.fs.mknod(parent_inode, name, mode)
+        return self.fs.mknod(parent_inode, name, mode, (ctx.uid, ctx.gid))
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self.fs.mkdir(parent_inode, name, mode)
+        return self.fs.mkdir(parent_inode, name, mode, (ctx.uid, ctx.gid))
 
     @handler
     async def unlink(self, parent_inode, name, ctx):
@@ -82,7 +82,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def symlink(self, parent_inode, name, target, ctx):
-        return self.fs.symlink(parent_inode, name, target)
+        return self.fs.symlink(parent_inode, name, target, (ctx.uid, ctx.gid))
 
     @handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -98,7 +98,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        return self.fs.create(parent_inode, name, mode, flags)
+        return self.fs.create(parent_inode, name, mode, flags, (ctx.uid, ctx.gid))
 
     @handler
     async def read(self, fh, off, size):

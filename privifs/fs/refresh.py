@@ -137,6 +137,7 @@ class Refresher:
             node.mode = a.mode
         if a.mtime_ns is not None:
             node.mtime_ns = node.ctime_ns = a.mtime_ns
+        node.atime_ns = a.atime_ns
         node.uid, node.gid = a.uid, a.gid
         if node.is_symlink:
             node.target = a.target

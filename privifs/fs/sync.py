@@ -44,7 +44,8 @@ from privifs.errors import CommandRejected, NodeGone, PrivifsError, ServerUnreac
 from privifs.fs.filesystem import Filesystem
 from privifs.fs.namespace import Node
 from privifs.fs.staging import StagedFile
-from privifs.fs.tokenmeta import extension_of, risk_fields, same_context, shown_name, split_context
+from privifs.fs.tokenmeta import (SPECIAL_KINDS, extension_of, risk_fields, same_context, shown_name,
+                                  split_context)
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.sync")
@@ -185,7 +186,8 @@ class Syncer:
                 if node.writers > 0 and not self._fsync[node.ino]:
                     return  # uploaded on the last close
                 await self._upload(node)
-            elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit):
+            elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit
+                                                               or node.kind in SPECIAL_KINDS):
                 await self._marker(node)
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
@@ -341,7 +343,8 @@ class Syncer:
             if node.token != token:
                 return
             self._remote_named(node, context, name, extension)
-        risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid)
+        risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
+                           node.atime_ns)
         if risk != node.risk():
             await self.tokens.set_risk(token, risk)
             if node.token != token:

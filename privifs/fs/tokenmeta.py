@@ -7,9 +7,13 @@
 * ``path`` is written as the full path at creation; it is informational (the reference does not
   let it be updated), so names are always derived from context and fileName.
 * Risk meta carries the POSIX attributes next to the three official fields:
-  ``privifs.type`` (file | dir | symlink), ``privifs.mode`` (octal permission bits),
-  ``privifs.mtime`` (nanoseconds), ``privifs.target`` (symlink target), ``privifs.uid`` and
-  ``privifs.gid`` (only after a chown). Fields other applications set are kept.
+  ``privifs.type`` (file | dir | symlink | fifo | socket), ``privifs.mode`` (octal permission bits),
+  ``privifs.mtime`` (nanoseconds), ``privifs.atime`` (nanoseconds, from creation or utimens;
+  absent in older tokens, the access time reads as mtime), ``privifs.target`` (symlink target),
+  ``privifs.uid`` and ``privifs.gid`` (only when not the mount's owner and group: after a chown,
+  or made by another user of an ``--allow-other`` mount). Fields other applications set are kept.
+* A FIFO or a socket (``mknod``, ``mkfifo``, ``bind``) is an empty token like a marker with its
+  type; what passes through it stays in the kernel of the machine that opened it.
 * A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
   token with ``privifs.type = dir`` at its parent's context under its name.
 * ``/.privifs`` is reserved for privifs' own tokens (the key check) and is not shown.
@@ -27,6 +31,9 @@ OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling
 NAME_MAX = 255
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
+KIND_FIFO, KIND_SOCKET = "fifo", "socket"
+# entries with no content of their own: only the name, the type and the attributes are stored
+SPECIAL_KINDS = {KIND_FIFO: stat.S_IFIFO, KIND_SOCKET: stat.S_IFSOCK}
 
 
 def split_context(context: str) -> list[str]:
@@ -91,12 +98,13 @@ class Attributes:
     target: str | None
     uid: int | None
     gid: int | None
+    atime_ns: int | None = None
 
 
 def attributes(info: TokenInfo) -> Attributes:
     risk = info.risk
     kind = risk.get("privifs.type", KIND_FILE)
-    if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK):
+    if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK, *SPECIAL_KINDS):
         kind = KIND_FILE
 
     def num(name: str, base: int = 10) -> int | None:
@@ -114,11 +122,11 @@ def attributes(info: TokenInfo) -> Attributes:
     target = risk.get("privifs.target") if kind == KIND_SYMLINK else None
     if kind == KIND_SYMLINK and not target:
         kind = KIND_FILE
-    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"))
+    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"), num("privifs.atime"))
 
 
 def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, target: str | None,
-                uid: int | None, gid: int | None) -> dict[str, str]:
+                uid: int | None, gid: int | None, atime_ns: int | None = None) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
     fields = {k: v for k, v in base.items() if not k.startswith("privifs.")}
@@ -127,6 +135,8 @@ def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, targe
     fields["privifs.type"] = kind
     fields["privifs.mode"] = f"{stat.S_IMODE(mode):o}"
     fields["privifs.mtime"] = str(mtime_ns)
+    if atime_ns is not None:
+        fields["privifs.atime"] = str(atime_ns)
     if target is not None:
         fields["privifs.target"] = target
     if uid is not None:
