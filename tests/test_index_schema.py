@@ -139,24 +139,24 @@ def test_a_new_step_is_appended_and_a_failing_one_changes_nothing(tmp_path, monk
     previous_index(path)
     steps = list(namespace.MIGRATIONS)
     monkeypatch.setattr(namespace, "MIGRATIONS", steps + [
-        ("atime", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
-        ("broken", "UPDATE nodes SET atime_ns = mtime_ns; UPDATE no_such_table SET x = 1"),
+        ("later", "ALTER TABLE nodes ADD COLUMN later_ns INTEGER"),
+        ("broken", "UPDATE nodes SET later_ns = mtime_ns; UPDATE no_such_table SET x = 1"),
     ])
     with pytest.raises(LocalStoreError) as info:
         Index(path)
     assert f"to version {len(steps) + 2} (broken) failed" in str(info.value)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(steps) + 1  # up to the good step
-    assert conn.execute("SELECT COUNT(*) FROM nodes WHERE atime_ns IS NOT NULL").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM nodes WHERE later_ns IS NOT NULL").fetchone()[0] == 0
     conn.close()
     monkeypatch.setattr(namespace, "MIGRATIONS", steps + [
-        ("atime", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
-        ("fill atime", lambda conn: conn.execute("UPDATE nodes SET atime_ns = mtime_ns")),
+        ("later", "ALTER TABLE nodes ADD COLUMN later_ns INTEGER"),
+        ("fill later", lambda conn: conn.execute("UPDATE nodes SET later_ns = mtime_ns")),
     ])
     index = Index(path)
     try:
         assert index.version() == len(steps) + 2
-        assert index.conn.execute("SELECT atime_ns FROM nodes WHERE ino = 3").fetchone()[0] == 3
+        assert index.conn.execute("SELECT later_ns FROM nodes WHERE ino = 3").fetchone()[0] == 3
         assert len(index.load()) == 5  # the explicit column list ignores a column it does not know
     finally:
         index.close()
