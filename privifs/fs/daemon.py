@@ -192,7 +192,8 @@ class Daemon:
             syncer = Syncer(fs, client.tokens, vault, workers=self.mcfg.upload_workers,
                             write_back_delay=self.mcfg.write_back_delay)
             fs.sync = syncer
-            refresher = Refresher(fs, client.tokens, syncer, self.mcfg.refresh_interval, invalidate=False)
+            refresher = Refresher(fs, client.tokens, syncer, self.mcfg.refresh_interval, invalidate=False,
+                                  events=client.hub)
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             infos, started = await refresher.fetch()
             await check_key(vault, infos)
