@@ -251,6 +251,10 @@ class Refresher:
         parent = self.ns.ensure_dirs(parts, node.mtime_ns)
         name = plain
         holder = self.ns.child(parent, name)
+        if holder is not None and holder is not node and node.is_dir and self._implicit(holder):
+            # the listing showed entries of the moved directory before its marker: one directory
+            self._merge_dirs(node, holder)
+            holder = self.ns.child(parent, name)
         if holder is not None and holder is not node:
             name = conflict_name(name, info.token)
             if self.ns.child(parent, name) not in (None, node):
@@ -264,6 +268,32 @@ class Refresher:
         self._inval_entry(parent.ino, name)
         self._drop_empty_implicit(self.ns.nodes.get(old_parent))
         return True
+
+    @staticmethod
+    def _implicit(node: Node) -> bool:
+        return node.is_dir and node.token is None and not node.explicit and not node.meta_dirty
+
+    def _merge_dirs(self, keep: Node, gone: Node) -> None:
+        """Move the entries of the implicit directory ``gone`` into ``keep`` (both stand for the
+        same path, so no entry's place in the vault changes); ``gone`` goes once empty. Two
+        directories of one name merge likewise; a real clash stays in ``gone``."""
+        for name, ino in list(gone.children.items()):
+            child = self.ns.nodes[ino]
+            there = self.ns.child(keep, name)
+            if there is not None and child.is_dir and there.is_dir and self._implicit(there):
+                self._merge_dirs(child, there)
+                there = self.ns.child(keep, name)
+            elif there is not None and child.is_dir and there.is_dir and self._implicit(child):
+                self._merge_dirs(there, child)
+                continue
+            if there is None:
+                self.ns.detach(child)
+                self.ns.attach(keep, name, child)
+                self.fs.index.save(child)
+                self._inval_entry(gone.ino, name)
+                self._inval_entry(keep.ino, name)
+        if not gone.children:
+            self._drop_empty_implicit(gone, upwards=False)
 
     def _add(self, info: TokenInfo, parts: list[str], raw: str, vanished: dict[int, Node]) -> None:
         a = attributes(info)
@@ -326,7 +356,7 @@ class Refresher:
         self.fs.release_node(node)
         self._drop_empty_implicit(parent)
 
-    def _drop_empty_implicit(self, node: Node | None) -> None:
+    def _drop_empty_implicit(self, node: Node | None, *, upwards: bool = True) -> None:
         while (node is not None and node.ino != ROOT and node.is_dir and not node.children and node.token is None
                and not node.explicit and not node.meta_dirty):
             parent = self.ns.nodes.get(node.parent)
@@ -335,7 +365,7 @@ class Refresher:
             self.fs.index.forget(node.ino)
             self._inval_entry(node.parent, node.name, deleted=node.ino)
             self.fs.release_node(node)
-            node = parent
+            node = parent if upwards else None
 
     def _settle_names(self, started: float) -> None:
         """Tokens claiming one path (files and symlinks) show under the names their claim order

@@ -1,0 +1,267 @@
+"""Several clients of one vault converge: two mounts (the second restored from the same key and
+credentials) and ``privifs token`` race through scripted interleavings — same-name create, edit
+vs edit, edit vs delete, edit vs rename, directory rename vs create inside, delete vs rename —
+each several times with random timing. After each round every mount and a freshly started one
+list the same tree with the same content, and no byte a client closed is lost (conflict copies
+are fine: they carry the same name everywhere).
+
+The mounts are made once for the module and the rounds loop inside each test (mounting is the
+slow part); every round works under its own directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import stat
+import threading
+import time
+import uuid
+
+import pytest
+
+from tests.mountkit import Mount
+
+ROUNDS = 3
+DEFAULTS = ("--refresh-interval", "30")  # the default: what arrives early comes from the events
+
+
+def manifest(root) -> dict:
+    """Type, mode, size, mtime and checksum of everything under ``root``."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            else:
+                with open(p, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size, digest)
+    return out
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write(path, data: bytes, fsync: bool = True) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+class Clients:
+    """Mounts A and B of one vault, a third user F of it that is mounted afresh to compare."""
+
+    def __init__(self, engine, root):
+        self.a = Mount(root / "a", engine.urls, mount_args=DEFAULTS)
+        self.b = Mount(root / "b", engine.urls, username=self.a.username, register=False,
+                       key_file=self.a.key_file, mount_args=DEFAULTS)
+        self.f = Mount(root / "f", engine.urls, username=self.a.username, register=False,
+                       key_file=self.a.key_file, mount_args=DEFAULTS)
+        self.root = root
+
+    @property
+    def mounts(self) -> list[Mount]:
+        return [self.a, self.b]
+
+    def converge(self) -> dict:
+        """Let write-back drain, merge the listing everywhere; the common tree (or a failure)."""
+        views = []
+        for _ in range(4):
+            for m in self.mounts:
+                m.wait_idle()
+            for m in self.mounts:
+                m.refresh()
+            views = [manifest(m.dir) for m in self.mounts]
+            if all(v == views[0] for v in views):
+                break
+            time.sleep(0.5)
+        assert views[0] == views[1], diff("A", views[0], "B", views[1])
+        return views[0]
+
+    def fresh(self) -> dict:
+        """What a mount started with no local state shows."""
+        if self.f.registry() is not None:
+            self.f.umount()
+        shutil.rmtree(self.f.root / "state", ignore_errors=True)
+        shutil.rmtree(self.f.root / "cache", ignore_errors=True)
+        self.f.mount()
+        return manifest(self.f.dir)
+
+    def check(self, must_hold: list[bytes]) -> dict:
+        tree = self.converge()
+        fresh = self.fresh()
+        assert fresh == tree, diff("mounts", tree, "fresh mount", fresh)
+        digests = {entry[-1] for entry in tree.values() if entry[0] == "file"}
+        for data in must_hold:
+            assert digest(data) in digests, f"closed content {data[:40]!r} is lost:\n{sorted(tree)}"
+        return tree
+
+    def cleanup(self) -> None:
+        for m in (self.a, self.b, self.f):
+            m.cleanup()
+
+
+def diff(name_a: str, a: dict, name_b: str, b: dict) -> str:
+    lines = [f"{name_a} and {name_b} differ:"]
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            lines.append(f"  {k}: {name_a}={a.get(k)} {name_b}={b.get(k)}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def clients(engine, tmp_path_factory):
+    c = Clients(engine, tmp_path_factory.mktemp("multi"))
+    try:
+        c.a.mount()
+        c.b.mount()
+        yield c
+    finally:
+        c.cleanup()
+
+
+def race(*actions) -> list:
+    """Run the actions at once, each after a random delay (0-300 ms); re-raise the first error."""
+    results: list = [None] * len(actions)
+    errors: list[BaseException] = []
+
+    def run(i, fn):
+        time.sleep(random.uniform(0, 0.3))
+        try:
+            results[i] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(actions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def fresh_dir(c: Clients, label: str) -> str:
+    """A new directory for one round, known to both mounts."""
+    name = f"{label}-{uuid.uuid4().hex[:6]}"
+    (c.a.dir / name).mkdir()
+    c.a.wait_idle()
+    c.b.refresh()
+    assert (c.b.dir / name).is_dir()
+    return name
+
+
+def seeded(c: Clients, label: str, fname: str, data: bytes) -> str:
+    """A round directory holding ``fname`` with ``data``, seen by both mounts."""
+    d = fresh_dir(c, label)
+    write(c.a.dir / d / fname, data)
+    c.a.wait_idle()
+    c.b.refresh()
+    assert (c.b.dir / d / fname).read_bytes() == data
+    return d
+
+
+def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_everywhere(clients, tmp_path):
+    c = clients
+    for r in range(ROUNDS):
+        d = fresh_dir(c, "same")
+        da, db, dt = (f"{who} {r} {uuid.uuid4().hex}".encode() for who in ("A", "B", "token put"))
+        src = tmp_path / f"put-{r}"
+        src.write_bytes(dt)
+        race(lambda: write(c.a.dir / d / "conc.txt", da, fsync=r % 2 == 0),
+             lambda: write(c.b.dir / d / "conc.txt", db, fsync=r % 2 == 1),
+             lambda: c.a.token("put", str(src), "--name", "conc.txt", "--context", f"/{d}"))
+        tree = c.check([da, db, dt])
+        names = sorted(k for k in tree if k.startswith(f"{d}/"))
+        assert len(names) == 3 and f"{d}/conc.txt" in names, names
+        assert all(n == f"{d}/conc.txt" or ".conflict-" in n for n in names), names
+
+
+def test_edit_against_edit_keeps_both_versions(clients):
+    c = clients
+    for r in range(ROUNDS):
+        d = seeded(c, "ee", "e.txt", b"original")
+        da, db = f"edit A {r}".encode(), f"edit B {r}".encode()
+        race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1),
+             lambda: write(c.b.dir / d / "e.txt", db))
+        tree = c.check([da, db])
+        assert f"{d}/e.txt" in tree
+
+
+def test_edit_against_delete_keeps_the_edit(clients):
+    c = clients
+    for r in range(ROUNDS):
+        d = seeded(c, "ed", "e.txt", b"original")
+        da = f"edit A {r} {uuid.uuid4().hex}".encode()
+        done = {}
+
+        def edit():
+            write(c.a.dir / d / "e.txt", da)
+            done["edit"] = time.monotonic()
+
+        def delete():
+            os.unlink(c.b.dir / d / "e.txt")
+            done["delete"] = time.monotonic()
+
+        race(edit, delete)
+        # B deleted what it had seen: the edit survives unless B could have seen it first
+        must = [da] if done["delete"] < done["edit"] else []
+        tree = c.check(must)
+        assert not any(v[0] == "file" and v[-1] == digest(b"original") for k, v in tree.items()
+                       if k.startswith(f"{d}/")), "the deleted version came back"
+
+
+def test_edit_against_rename_loses_neither_the_edit_nor_a_renamed_version(clients):
+    c = clients
+    for r in range(ROUNDS):
+        original = f"original {r} {uuid.uuid4().hex}".encode()
+        d = seeded(c, "er", "e.txt", original)
+        db = f"edit B {r} {uuid.uuid4().hex}".encode()
+        race(lambda: os.rename(c.a.dir / d / "e.txt", c.a.dir / d / "e2.txt"),
+             lambda: write(c.b.dir / d / "e.txt", db))
+        tree = c.check([db])
+        mine = {k: v for k, v in tree.items() if k.startswith(f"{d}/")}
+        # what a local filesystem could give: the rename first (e2 keeps the old version, e the
+        # edit), or the edit first (one file holds the edit)
+        assert set(mine) in ({f"{d}/e.txt", f"{d}/e2.txt"}, {f"{d}/e.txt"}, {f"{d}/e2.txt"}), sorted(mine)
+        if len(mine) == 2:
+            assert mine[f"{d}/e2.txt"][-1] == digest(original) and mine[f"{d}/e.txt"][-1] == digest(db)
+
+
+def test_directory_rename_against_a_create_inside_converges_to_the_vault(clients):
+    c = clients
+    for r in range(ROUNDS):
+        d = fresh_dir(c, "dr")
+        (c.a.dir / d / "w1" / "sub").mkdir(parents=True)
+        write(c.a.dir / d / "w1" / "sub" / "one", b"one")
+        c.a.wait_idle()
+        c.b.refresh()
+        assert (c.b.dir / d / "w1" / "sub" / "one").read_bytes() == b"one"
+        data = f"bnew {r} {uuid.uuid4().hex}".encode()
+        race(lambda: os.rename(c.a.dir / d / "w1", c.a.dir / d / "w1r"),
+             lambda: write(c.b.dir / d / "w1" / "sub" / "bnew", data, fsync=r != 2))
+        tree = c.check([data, b"one"])
+        assert tree[f"{d}/w1r/sub/one"][-1] == digest(b"one")
+
+
+def test_delete_against_rename_converges(clients):
+    c = clients
+    for r in range(ROUNDS):
+        original = f"original {r} {uuid.uuid4().hex}".encode()
+        d = seeded(c, "dl", "f.txt", original)
+        race(lambda: os.unlink(c.a.dir / d / "f.txt"),
+             lambda: os.rename(c.b.dir / d / "f.txt", c.b.dir / d / "g.txt"))
+        tree = c.check([])
+        mine = sorted(k for k in tree if k.startswith(f"{d}/"))
+        assert mine in ([], [f"{d}/g.txt"]), mine
