@@ -50,12 +50,19 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write(path, data: bytes, fsync: bool = True) -> None:
+def write(path, data: bytes, fsync: bool = True) -> tuple[float, float]:
+    """Write ``data`` to ``path``; returns when the file was opened and from when its new
+    content could be in the vault (the fsync or the close: no upload starts earlier)."""
+    opened = time.monotonic()
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         if fsync:
+            visible = time.monotonic()
             os.fsync(f.fileno())
+    if not fsync:
+        visible = time.monotonic()
+    return opened, visible
 
 
 class Clients:
@@ -73,33 +80,36 @@ class Clients:
     def mounts(self) -> list[Mount]:
         return [self.a, self.b]
 
-    def converge(self) -> dict:
-        """Let write-back drain, merge the listing everywhere; the common tree (or a failure)."""
+    def converge(self, d: str) -> dict:
+        """Let write-back drain, merge the listing everywhere; the common tree under the round's
+        directory ``d`` (or a failure)."""
         views = []
         for _ in range(4):
             for m in self.mounts:
                 m.wait_idle()
             for m in self.mounts:
                 m.refresh()
-            views = [manifest(m.dir) for m in self.mounts]
+            views = [manifest(m.dir / d) for m in self.mounts]
             if all(v == views[0] for v in views):
                 break
             time.sleep(0.5)
         assert views[0] == views[1], diff("A", views[0], "B", views[1])
         return views[0]
 
-    def fresh(self) -> dict:
-        """What a mount started with no local state shows."""
+    def fresh(self, d: str) -> dict:
+        """What a mount started with no local state shows under ``d``."""
         if self.f.registry() is not None:
             self.f.umount()
         shutil.rmtree(self.f.root / "state", ignore_errors=True)
         shutil.rmtree(self.f.root / "cache", ignore_errors=True)
         self.f.mount()
-        return manifest(self.f.dir)
+        return manifest(self.f.dir / d)
 
-    def check(self, must_hold: list[bytes]) -> dict:
-        tree = self.converge()
-        fresh = self.fresh()
+    def check(self, d: str, must_hold: list[bytes]) -> dict:
+        """After a round in ``d``: every mount and a fresh one show the same tree there, holding
+        every content in ``must_hold``."""
+        tree = {f"{d}/{k}": v for k, v in self.converge(d).items()}
+        fresh = {f"{d}/{k}": v for k, v in self.fresh(d).items()}
         assert fresh == tree, diff("mounts", tree, "fresh mount", fresh)
         digests = {entry[-1] for entry in tree.values() if entry[0] == "file"}
         for data in must_hold:
@@ -182,7 +192,7 @@ def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_e
         race(lambda: write(c.a.dir / d / "conc.txt", da, fsync=r % 2 == 0),
              lambda: write(c.b.dir / d / "conc.txt", db, fsync=r % 2 == 1),
              lambda: c.a.token("put", str(src), "--name", "conc.txt", "--context", f"/{d}"))
-        tree = c.check([da, db, dt])
+        tree = c.check(d, [da, db, dt])
         names = sorted(k for k in tree if k.startswith(f"{d}/"))
         assert len(names) == 3 and f"{d}/conc.txt" in names, names
         assert all(n == f"{d}/conc.txt" or ".conflict-" in n for n in names), names
@@ -192,10 +202,13 @@ def test_edit_against_edit_keeps_both_versions(clients):
     c = clients
     for r in range(ROUNDS):
         d = seeded(c, "ee", "e.txt", b"original")
-        da, db = f"edit A {r}".encode(), f"edit B {r}".encode()
-        race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1),
-             lambda: write(c.b.dir / d / "e.txt", db))
-        tree = c.check([da, db])
+        da, db = f"edit A {r} {uuid.uuid4().hex}".encode(), f"edit B {r} {uuid.uuid4().hex}".encode()
+        (a_open, a_visible), (b_open, b_visible) = race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1),
+                                                        lambda: write(c.b.dir / d / "e.txt", db))
+        # a writer that opened the file before the other's edit could be seen did not overwrite
+        # it: both versions stay; one that opened later may have replaced what it saw
+        must = [db] if b_open > a_visible else [da] if a_open > b_visible else [da, db]
+        tree = c.check(d, must)
         assert f"{d}/e.txt" in tree
 
 
@@ -204,20 +217,15 @@ def test_edit_against_delete_keeps_the_edit(clients):
     for r in range(ROUNDS):
         d = seeded(c, "ed", "e.txt", b"original")
         da = f"edit A {r} {uuid.uuid4().hex}".encode()
-        done = {}
-
-        def edit():
-            write(c.a.dir / d / "e.txt", da)
-            done["edit"] = time.monotonic()
 
         def delete():
             os.unlink(c.b.dir / d / "e.txt")
-            done["delete"] = time.monotonic()
+            return time.monotonic()
 
-        race(edit, delete)
-        # B deleted what it had seen: the edit survives unless B could have seen it first
-        must = [da] if done["delete"] < done["edit"] else []
-        tree = c.check(must)
+        (_, edit_visible), deleted = race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1), delete)
+        # B deletes what it has seen: the edit survives when B deleted before it could see it
+        must = [da] if deleted < edit_visible else []
+        tree = c.check(d, must)
         assert not any(v[0] == "file" and v[-1] == digest(b"original") for k, v in tree.items()
                        if k.startswith(f"{d}/")), "the deleted version came back"
 
@@ -230,7 +238,7 @@ def test_edit_against_rename_loses_neither_the_edit_nor_a_renamed_version(client
         db = f"edit B {r} {uuid.uuid4().hex}".encode()
         race(lambda: os.rename(c.a.dir / d / "e.txt", c.a.dir / d / "e2.txt"),
              lambda: write(c.b.dir / d / "e.txt", db))
-        tree = c.check([db])
+        tree = c.check(d, [db])
         mine = {k: v for k, v in tree.items() if k.startswith(f"{d}/")}
         # what a local filesystem could give: the rename first (e2 keeps the old version, e the
         # edit), or the edit first (one file holds the edit)
@@ -251,7 +259,7 @@ def test_directory_rename_against_a_create_inside_converges_to_the_vault(clients
         data = f"bnew {r} {uuid.uuid4().hex}".encode()
         race(lambda: os.rename(c.a.dir / d / "w1", c.a.dir / d / "w1r"),
              lambda: write(c.b.dir / d / "w1" / "sub" / "bnew", data, fsync=r != 2))
-        tree = c.check([data, b"one"])
+        tree = c.check(d, [data, b"one"])
         assert tree[f"{d}/w1r/sub/one"][-1] == digest(b"one")
 
 
@@ -262,6 +270,6 @@ def test_delete_against_rename_converges(clients):
         d = seeded(c, "dl", "f.txt", original)
         race(lambda: os.unlink(c.a.dir / d / "f.txt"),
              lambda: os.rename(c.b.dir / d / "f.txt", c.b.dir / d / "g.txt"))
-        tree = c.check([])
+        tree = c.check(d, [])
         mine = sorted(k for k in tree if k.startswith(f"{d}/"))
         assert mine in ([], [f"{d}/g.txt"]), mine
