@@ -273,3 +273,18 @@ def test_delete_against_rename_converges(clients):
         tree = c.check(d, [])
         mine = sorted(k for k in tree if k.startswith(f"{d}/"))
         assert mine in ([], [f"{d}/g.txt"]), mine
+
+
+def test_same_name_mkdirs_end_as_one_directory_holding_both_files(clients):
+    c = clients
+    for r in range(ROUNDS):
+        d = fresh_dir(c, "md")
+        da, db = f"in A {r}".encode(), f"in B {r}".encode()
+
+        def make(m, name, data):
+            (m.dir / d / "new").mkdir()
+            write(m.dir / d / "new" / name, data, fsync=r % 2 == 0)
+
+        race(lambda: make(c.a, "a.txt", da), lambda: make(c.b, "b.txt", db))
+        tree = c.check(d, [da, db])
+        assert sorted(tree) == [f"{d}/new", f"{d}/new/a.txt", f"{d}/new/b.txt"], sorted(tree)
