@@ -20,7 +20,10 @@ import time
 import uuid
 
 import pytest
+import trio
 
+from privifs.client.connect import connect
+from privifs.client.datatokens import FileMeta
 from tests.mountkit import Mount
 
 ROUNDS = 3
@@ -288,3 +291,20 @@ def test_same_name_mkdirs_end_as_one_directory_holding_both_files(clients):
         race(lambda: make(c.a, "a.txt", da), lambda: make(c.b, "b.txt", db))
         tree = c.check(d, [da, db])
         assert sorted(tree) == [f"{d}/new", f"{d}/new/a.txt", f"{d}/new/b.txt"], sorted(tree)
+
+
+async def test_another_clients_commands_are_foreign_changes_and_our_own_are_not(account):
+    key = os.urandom(32)
+    async with connect(*account) as one, connect(*account) as two:
+        # our own store, read and rename: their acks are claimed, no foreign change
+        token = await one.vault(key).put_bytes(b"mine", FileMeta("own.txt", "txt", "/", 4, "/own.txt"))
+        assert await one.vault(key).get_bytes(token) == b"mine"
+        await one.tokens.update(token, file_name="own2.txt")
+        with trio.move_on_after(1.0) as quiet:
+            await one.hub.foreign_changes(0.25)
+        assert quiet.cancelled_caught, "our own commands counted as another client's change"
+        # the other client's rename and delete of the same token are
+        for change in (lambda: two.tokens.update(token, file_name="theirs.txt"), lambda: two.tokens.delete(token)):
+            await change()
+            with trio.fail_after(5):
+                assert await one.hub.foreign_changes(0.25) >= 1

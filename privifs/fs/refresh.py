@@ -54,6 +54,7 @@ RESERVED = split_context(RESERVED_CONTEXT)[0]
 # whose last step, the synchronous configure-file-meta, sends no ack of its own)
 EVENT_SETTLE = 0.25
 EVENT_FOLLOW_UPS = (0.0, 1.5)
+EVENT_MIN_GAP = 1.0  # while another client keeps changing things: at most one listing a second
 UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
 
 
@@ -90,16 +91,19 @@ class Refresher:
                 nursery.start_soon(self._watch_events)
             task_status.started()
             next_full = trio.current_time() + self.interval
+            last = -EVENT_MIN_GAP
             while True:
-                with trio.move_on_at(min([next_full, *self._due])):
+                due = max(min(self._due), last + EVENT_MIN_GAP) if self._due else next_full
+                with trio.move_on_at(min(next_full, due)):
                     await self._wake.wait()
                 self._wake = trio.Event()
                 now = trio.current_time()
-                if now < next_full and not any(t <= now for t in self._due):
+                if now < next_full and not (self._due and now >= due):
                     continue
                 self._due = [t for t in self._due if t > now]
                 await self._refresh_logged()
-                next_full = trio.current_time() + self.interval
+                last = trio.current_time()
+                next_full = last + self.interval
 
     def nudge(self, delays: tuple[float, ...] = EVENT_FOLLOW_UPS) -> None:
         """Read the listing after each of ``delays`` seconds (coalesced with what is due)."""
