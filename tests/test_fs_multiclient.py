@@ -285,7 +285,7 @@ def test_same_name_mkdirs_end_as_one_directory_holding_both_files(clients):
         da, db = f"in A {r}".encode(), f"in B {r}".encode()
 
         def make(m, name, data):
-            (m.dir / d / "new").mkdir()
+            (m.dir / d / "new").mkdir(exist_ok=True)  # it may already show the other's
             write(m.dir / d / "new" / name, data, fsync=r % 2 == 0)
 
         race(lambda: make(c.a, "a.txt", da), lambda: make(c.b, "b.txt", db))

@@ -54,7 +54,7 @@ RESERVED = split_context(RESERVED_CONTEXT)[0]
 # whose last step, the synchronous configure-file-meta, sends no ack of its own)
 EVENT_SETTLE = 0.25
 EVENT_FOLLOW_UPS = (0.0, 1.5)
-EVENT_MIN_GAP = 1.0  # while another client keeps changing things: at most one listing a second
+EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second
 UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
 
 
@@ -115,7 +115,11 @@ class Refresher:
 
     async def _watch_events(self) -> None:
         while True:
-            await self.events.foreign_changes(EVENT_SETTLE)
+            try:
+                await self.events.foreign_changes(EVENT_SETTLE)
+            except Exception:  # noqa: BLE001 - the periodic listing goes on; so does watching
+                log.exception("watching the event channel for other clients' changes failed")
+                await trio.sleep(EVENT_FOLLOW_UPS[-1])
             self.nudge()
 
     async def _refresh_logged(self) -> None:
