@@ -119,6 +119,14 @@ class Clients:
             assert digest(data) in digests, f"closed content {data[:40]!r} is lost:\n{sorted(tree)}"
         return tree
 
+    def remount_b_and_compare(self, rounds: list[tuple[str, dict]]) -> None:
+        """B unmounted and mounted again (its local state kept) still shows what it showed."""
+        self.b.umount()
+        self.b.mount()
+        for d, tree in rounds:
+            again = {f"{d}/{k}": v for k, v in manifest(self.b.dir / d).items()}
+            assert again == tree, diff("before the remount", tree, "after", again)
+
     def cleanup(self) -> None:
         for m in (self.a, self.b, self.f):
             m.cleanup()
@@ -165,13 +173,26 @@ def race(*actions) -> list:
     return results
 
 
+def shown_on_b(c: Clients, check) -> None:
+    """Wait until B shows what A wrote back (a refresh each time; it converges)."""
+    c.a.wait_idle()
+    for _ in range(3):
+        c.b.refresh()
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"B does not show A's change: A {sorted(os.listdir(c.a.dir))} "
+                         f"B {sorted(os.listdir(c.b.dir))}")
+
+
 def fresh_dir(c: Clients, label: str) -> str:
     """A new directory for one round, known to both mounts."""
     name = f"{label}-{uuid.uuid4().hex[:6]}"
     (c.a.dir / name).mkdir()
-    c.a.wait_idle()
-    c.b.refresh()
-    assert (c.b.dir / name).is_dir()
+    shown_on_b(c, lambda: (c.b.dir / name).is_dir())
     return name
 
 
@@ -179,14 +200,13 @@ def seeded(c: Clients, label: str, fname: str, data: bytes) -> str:
     """A round directory holding ``fname`` with ``data``, seen by both mounts."""
     d = fresh_dir(c, label)
     write(c.a.dir / d / fname, data)
-    c.a.wait_idle()
-    c.b.refresh()
-    assert (c.b.dir / d / fname).read_bytes() == data
+    shown_on_b(c, lambda: (c.b.dir / d / fname).read_bytes() == data)
     return d
 
 
 def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_everywhere(clients, tmp_path):
     c = clients
+    rounds = []
     for r in range(ROUNDS):
         d = fresh_dir(c, "same")
         da, db, dt = (f"{who} {r} {uuid.uuid4().hex}".encode() for who in ("A", "B", "token put"))
@@ -199,6 +219,8 @@ def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_e
         names = sorted(k for k in tree if k.startswith(f"{d}/"))
         assert len(names) == 3 and f"{d}/conc.txt" in names, names
         assert all(n == f"{d}/conc.txt" or ".conflict-" in n for n in names), names
+        rounds.append((d, tree))
+    c.remount_b_and_compare(rounds)
 
 
 def test_edit_against_edit_keeps_both_versions(clients):
@@ -252,18 +274,19 @@ def test_edit_against_rename_loses_neither_the_edit_nor_a_renamed_version(client
 
 def test_directory_rename_against_a_create_inside_converges_to_the_vault(clients):
     c = clients
+    rounds = []
     for r in range(ROUNDS):
         d = fresh_dir(c, "dr")
         (c.a.dir / d / "w1" / "sub").mkdir(parents=True)
         write(c.a.dir / d / "w1" / "sub" / "one", b"one")
-        c.a.wait_idle()
-        c.b.refresh()
-        assert (c.b.dir / d / "w1" / "sub" / "one").read_bytes() == b"one"
+        shown_on_b(c, lambda: (c.b.dir / d / "w1" / "sub" / "one").read_bytes() == b"one")
         data = f"bnew {r} {uuid.uuid4().hex}".encode()
         race(lambda: os.rename(c.a.dir / d / "w1", c.a.dir / d / "w1r"),
              lambda: write(c.b.dir / d / "w1" / "sub" / "bnew", data, fsync=r != 2))
         tree = c.check(d, [data, b"one"])
         assert tree[f"{d}/w1r/sub/one"][-1] == digest(b"one")
+        rounds.append((d, tree))
+    c.remount_b_and_compare(rounds)
 
 
 def test_delete_against_rename_converges(clients):

@@ -5,8 +5,9 @@ For each dirty node a worker *reconciles* (idempotent, resumable after a crash):
 * staged content (``content_dirty``, no writer left or an fsync asking) → a **new token** is
   stored from it (stream-encrypted), then recorded on the node; only then is the old token
   tombstoned — unless the listing shows that another client moved or renamed it since this
-  mount last saw it: then it is someone else's file now (a rename raced this edit) and stays. A failed upload leaves the old token and the staged copy untouched and is retried
-  with backoff (capped at five minutes) until it succeeds. The staged file then moves into the
+  mount last saw it: then it is someone else's file now (a rename raced this edit) and stays.
+  A failed upload leaves the old token and the staged copy untouched and is retried with
+  backoff (capped at five minutes) until it succeeds. The staged file then moves into the
   read cache.
 * a directory that must exist on its own, or a symlink, without a token → a **marker token**.
 * name, place or attributes changed (``meta_dirty``) → ``update-data-token`` (fileName,
@@ -257,7 +258,8 @@ class Syncer:
             with self._claiming(context, name):
                 token = await self.vault.put_stream(lambda: self._plaintext(staged), size,
                                                     FileMeta(name, extension, context, size, path))
-                keep = replaced is not None and replaced != token and await self._moved_elsewhere(replaced, seen_at)
+                keep = (replaced is not None and replaced != token
+                        and await self._moved_elsewhere(replaced, seen_at))
                 self._record_content(node, staged, token, context, name, extension, keep_old=keep)
         finally:
             node.uploading = False
