@@ -176,16 +176,16 @@ def race(*actions) -> list:
 def shown_on_b(c: Clients, check) -> None:
     """Wait until B shows what A wrote back (a refresh each time; it converges)."""
     c.a.wait_idle()
+    last = None
     for _ in range(3):
         c.b.refresh()
         try:
             if check():
                 return
-        except OSError:
-            pass
+        except OSError as exc:
+            last = exc
         time.sleep(0.2)
-    raise AssertionError(f"B does not show A's change: A {sorted(os.listdir(c.a.dir))} "
-                         f"B {sorted(os.listdir(c.b.dir))}")
+    raise AssertionError(f"B does not show A's change ({last!r}): A {manifest(c.a.dir)} B {manifest(c.b.dir)}")
 
 
 def fresh_dir(c: Clients, label: str) -> str:

@@ -268,8 +268,23 @@ class Syncer:
             if node.unlinked:
                 self.fs.release_node(node)
         self.uploads += 1
+        if replaced is not None and replaced != token and not keep:
+            await self._delete_now(replaced)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _delete_now(self, token: str) -> None:
+        """Delete a replaced token right after the check that it did not move (the shorter the
+        gap, the less room for a rename elsewhere to slip in); the tombstone task retries."""
+        try:
+            await self.tokens.delete(token)
+        except PrivifsError:
+            return
+        try:
+            self.index.drop_tombstone(token)
+        except PrivifsError as exc:
+            log.warning("could not record the deletion of %s: %s", token, exc)
+        self.recently_deleted[token] = trio.current_time()
 
     async def _moved_elsewhere(self, token: str, seen_at: tuple[str | None, str | None, str | None]) -> bool:
         """Whether ``token`` (the content being replaced) now has another place or name than
@@ -363,7 +378,7 @@ class Syncer:
         except (NotFoundError, CommandRejected) as exc:
             if not _token_missing(exc) or node.token != token:
                 raise
-            self._token_gone(node)
+            self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
         node.synced_at = trio.current_time()
         if node.meta_version == version:
@@ -373,10 +388,35 @@ class Syncer:
         if not node.unlinked:
             self.index.save(node)
 
-    def _token_gone(self, node: Node) -> None:
-        """The node's token no longer exists (another client deleted or replaced it before this
-        mount's rename or attribute change reached it): the change is dropped and the entry
-        follows the vault at the next listing, as every other mount's does."""
+    def _token_gone(self, node: Node, *, renamed: bool) -> None:
+        """The node's token no longer exists: another client deleted or replaced it before this
+        mount's rename or attribute change reached it. A rename whose content is still in the
+        cache is kept: the content is stored again under the new name (as if the rename came
+        first: the other client's version stays at the old name). Otherwise the change is dropped
+        and the entry follows the vault at the next listing, as every other mount's does."""
+        cached = self.fs.cache.open(node.token) if renamed and node.is_file and not node.unlinked else None
+        if cached is not None:
+            try:
+                fresh = self.fs.staging.from_sealed(cached.path)
+            except PrivifsError as exc:
+                log.warning("%s: cannot stage the cached content again (%s)", self.fs.path(node), exc)
+                fresh = None
+            finally:
+                cached.close()
+            if fresh is not None:
+                log.info("%s: its token was deleted or replaced by another client before this rename "
+                         "reached it; storing the content again under the new name", self.fs.path(node))
+                with self.index:
+                    self.ns.set_token(node, None)
+                    node.remote_context = node.remote_name = node.remote_extension = None
+                    node.shown_as = None
+                    node.staged, node.staged_id = fresh, fresh.id
+                    node.content_dirty = 1
+                    node.meta_dirty = 1
+                    self.index.save(node)
+                self.schedule(node)
+                self.remote_changed()
+                return
         log.info("%s: its token was deleted or replaced by another client; the change made here "
                  "is dropped and the entry follows the vault", self.fs.path(node))
         node.meta_dirty = 0
