@@ -173,6 +173,14 @@ def race(*actions) -> list:
     return results
 
 
+def survivors(writes: list[tuple[bytes, tuple[float, float]]]) -> list[bytes]:
+    """The contents that must survive a race of writers, each given with (opened, visible
+    from): all of them, except one another writer opened after it could be seen (that writer
+    may have overwritten it, as on a local filesystem)."""
+    return [data for data, (_, visible) in writes
+            if not any(opened > visible for other, (opened, _) in writes if other is not data)]
+
+
 def shown_on_b(c: Clients, check) -> None:
     """Wait until B shows what A wrote back (a refresh each time; it converges)."""
     c.a.wait_idle()
@@ -212,12 +220,18 @@ def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_e
         da, db, dt = (f"{who} {r} {uuid.uuid4().hex}".encode() for who in ("A", "B", "token put"))
         src = tmp_path / f"put-{r}"
         src.write_bytes(dt)
-        race(lambda: write(c.a.dir / d / "conc.txt", da, fsync=r % 2 == 0),
-             lambda: write(c.b.dir / d / "conc.txt", db, fsync=r % 2 == 1),
-             lambda: c.a.token("put", str(src), "--name", "conc.txt", "--context", f"/{d}"))
-        tree = c.check(d, [da, db, dt])
+
+        def put():
+            started = time.monotonic()
+            c.a.token("put", str(src), "--name", "conc.txt", "--context", f"/{d}")
+            return float("inf"), started  # a put never overwrites; its token may show from the start
+
+        times = race(lambda: write(c.a.dir / d / "conc.txt", da, fsync=r % 2 == 0),
+                     lambda: write(c.b.dir / d / "conc.txt", db, fsync=r % 2 == 1), put)
+        must = survivors(list(zip([da, db, dt], times)))
+        tree = c.check(d, must)
         names = sorted(k for k in tree if k.startswith(f"{d}/"))
-        assert len(names) == 3 and f"{d}/conc.txt" in names, names
+        assert len(names) >= len(must) and f"{d}/conc.txt" in names, names
         assert all(n == f"{d}/conc.txt" or ".conflict-" in n for n in names), names
         rounds.append((d, tree))
     c.remount_b_and_compare(rounds)
@@ -228,12 +242,9 @@ def test_edit_against_edit_keeps_both_versions(clients):
     for r in range(ROUNDS):
         d = seeded(c, "ee", "e.txt", b"original")
         da, db = f"edit A {r} {uuid.uuid4().hex}".encode(), f"edit B {r} {uuid.uuid4().hex}".encode()
-        (a_open, a_visible), (b_open, b_visible) = race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1),
-                                                        lambda: write(c.b.dir / d / "e.txt", db))
-        # a writer that opened the file before the other's edit could be seen did not overwrite
-        # it: both versions stay; one that opened later may have replaced what it saw
-        must = [db] if b_open > a_visible else [da] if a_open > b_visible else [da, db]
-        tree = c.check(d, must)
+        times = race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1),
+                     lambda: write(c.b.dir / d / "e.txt", db))
+        tree = c.check(d, survivors(list(zip([da, db], times))))
         assert f"{d}/e.txt" in tree
 
 

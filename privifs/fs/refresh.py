@@ -175,7 +175,17 @@ class Refresher:
             if n.upload_started is not None and n.content_dirty and not n.uploading:
                 orphans.setdefault((self.ns.context(n), desired_name(n)), []).append(n)
         with self.fs.index:
-            followed = [(node, info) for node, info in changed if self.eligible(node, started)]
+            followed = []
+            for node, info in changed:
+                if not self.eligible(node, started):
+                    continue
+                if attributes(info).kind != node.kind and not node.children:
+                    # listed before its risk meta said what it is (a directory or symlink marker
+                    # between configure-file-meta and its risk meta): shown again as what it is
+                    self._vanish(node)
+                    unknown.append(info)
+                    continue
+                followed.append((node, info))
             for node, info in followed:
                 self._follow(node, info)
             # a directory that moved took its whole subtree along: entries whose own tokens did not
