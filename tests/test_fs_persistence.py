@@ -171,15 +171,19 @@ def test_two_tokens_claiming_one_path_are_both_shown(engine, tmp_path):
         m.refresh()
         names = sorted(n for n in os.listdir(m.dir) if n.startswith("same"))
         assert len(names) == 2 and "same.txt" in names
+        # the claim order: earliest createdAt (whole seconds), then the smaller token id
+        created = {t["token"]: t["createdAt"] for t in m.tokens()}
+        winner, loser = sorted([first, second], key=lambda t: (created[t], t))
+        content = {first: "first", second: "second"}
         other = next(n for n in names if n != "same.txt")
-        short = "".join(c for c in second if c.isalnum())[-8:]
+        short = "".join(c for c in loser if c.isalnum())[-8:]
         assert other == f"same.conflict-{short}.txt"
-        assert {(m.dir / n).read_text() for n in names} == {"first", "second"}
-        assert (m.dir / "same.txt").read_text() == "first"  # the older token keeps the plain name
-        m.token("rm", first)
+        assert (m.dir / "same.txt").read_text() == content[winner]
+        assert (m.dir / other).read_text() == content[loser]
+        m.token("rm", winner)
         m.refresh()
         assert sorted(n for n in os.listdir(m.dir) if n.startswith("same")) == ["same.txt"]
-        assert (m.dir / "same.txt").read_text() == "second"
+        assert (m.dir / "same.txt").read_text() == content[loser]
 
 
 def test_directory_rename_is_a_meta_update_of_every_token(engine, tmp_path):

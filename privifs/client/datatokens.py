@@ -178,6 +178,8 @@ class DataTokens:
                 resp = await self.transport.call("POST", "/data-token/request-data", data={"token": token},
                                                  idempotent=True, expected=(202, 200), what="request data")
                 rid = shapes.request_id(resp)
+                if resp.headers.get("x-dpt-cab-id"):
+                    self.hub.claim(resp.headers["x-dpt-cab-id"])  # its ack is ours, not a change
                 rids.append(rid)
                 waiter = self.hub.register("X-DPT-CAB-REQUEST-ID", rid, waiter)
                 window = self.options.request_timeout * (attempt + 1) if self.hub.connected else 3.0
@@ -277,14 +279,18 @@ class DataTokens:
         raise last
 
     # -- listing and meta -------------------------------------------------------------------------
-    async def list(self, *, context: str | None = None, per_page: int = 500) -> AsyncIterator[shapes.TokenInfo]:
-        """Every token of the profile, page by page (until a short or empty page)."""
+    async def list(self, *, context: str | None = None, token: str | None = None,
+                   per_page: int = 500) -> AsyncIterator[shapes.TokenInfo]:
+        """Every token of the profile (or of one context, or just ``token``), page by page (until a
+        short or empty page)."""
         page = 1
         seen = 0
         while True:
             params = {"page": str(page), "perPage": str(per_page)}
             if context is not None:
                 params["filters[context]"] = context
+            if token is not None:
+                params["filters[token]"] = token
             resp = await self.transport.call("GET", "/data-token/list-data-tokens", params=params,
                                              idempotent=True, what="list data tokens")
             items, count = shapes.listing(shapes.json_or_text(resp))

@@ -10,6 +10,11 @@ status polling.
 :class:`Commands` turns a 202 into an outcome: wait for ``X-DPT-CAB-ID``, poll the status when
 the ack is slow, dropped, or the socket reconnected, and at the deadline report the command as
 *pending* (:class:`~privifs.errors.CommandPending`), never as failed or done.
+
+The channel is the profile's: it also carries the ``X-DPT-CAB-ID`` of every command other clients
+of the profile run (stores, renames, deletes, …). A successful one that no waiter of this client
+claims is counted as a *foreign change*; :meth:`EventHub.foreign_changes` lets the filesystem
+re-read the listing soon after another client changed the vault.
 """
 from __future__ import annotations
 
@@ -74,12 +79,18 @@ class EventHub:
         self._ws = None
         self._join_answer: trio.MemorySendChannel | None = None
         self._rejoin = trio.Event()
+        self._own: OrderedDict[str, None] = OrderedDict()      # command ids this client ran
+        self._foreign: OrderedDict[str, float] = OrderedDict()  # successful acks nobody claimed yet
+        self._foreign_arrived = trio.Event()
+        self.foreign_seen = 0
         session.on_token_change(lambda token: self._rejoin.set())
 
     # -- waiters -------------------------------------------------------------------------------
     def register(self, type_: str, id_: str, waiter: Waiter | None = None) -> Waiter:
         """Wait for events of ``(type_, id_)``; pass ``waiter`` to add a key to an existing waiter."""
         key = (type_, id_)
+        if type_ == "X-DPT-CAB-ID":
+            self.claim(id_)
         w = waiter if waiter is not None else Waiter(key)
         w.keys.append(key)
         self._waiters.setdefault(key, []).append(w)
@@ -101,11 +112,59 @@ class EventHub:
                     del self._waiters[key]
         w.keys.clear()
 
+    def claim(self, command_id: str) -> None:
+        """``command_id`` is one of this client's commands (its ack is no foreign change)."""
+        self._own[command_id] = None
+        self._own.move_to_end(command_id)
+        while len(self._own) > EARLY_MAX:
+            self._own.popitem(last=False)
+        self._foreign.pop(command_id, None)
+
+    async def foreign_changes(self, settle: float) -> int:
+        """Wait until another client's command succeeded (an ack no command of ours claims within
+        ``settle`` seconds) or the channel reconnected (events may have been missed); return how
+        many such acks arrived (0 after a reconnect)."""
+        generation = self.generation
+        while True:
+            if not self._foreign:
+                self._foreign_arrived = trio.Event()
+                with trio.move_on_after(60):
+                    async with trio.open_nursery() as n:
+                        async def on(event: trio.Event) -> None:
+                            await event.wait()
+                            n.cancel_scope.cancel()
+                        n.start_soon(on, self._foreign_arrived)
+                        n.start_soon(on, self.changed)
+                if self.generation != generation:
+                    return 0
+                if not self._foreign:
+                    continue
+            await trio.sleep(settle)  # our own command's waiter may still be on its way
+            count = len(self._foreign)
+            self._foreign.clear()
+            self._foreign_arrived = trio.Event()
+            if count:
+                return count
+
+    def _note_ack(self, data: dict, id_: str) -> None:
+        if id_ in self._own or (("X-DPT-CAB-ID", id_) in self._waiters):
+            return
+        if shapes.ws_status(data).status != 2:
+            return
+        self.foreign_seen += 1
+        self._foreign[id_] = time.monotonic()
+        while len(self._foreign) > EARLY_MAX:
+            self._foreign.popitem(last=False)
+        self._foreign_arrived.set()
+
     def _dispatch(self, data: dict) -> None:
         type_ = data.get("type")
         if not isinstance(type_, str):
             return
         ids = {i for i in (data.get("id"), data.get("requestId")) if isinstance(i, str)}
+        if type_ == "X-DPT-CAB-ID":
+            for id_ in ids:
+                self._note_ack(data, id_)
         for id_ in ids:
             key = (type_, id_)
             waiters = self._waiters.get(key)

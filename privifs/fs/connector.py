@@ -65,6 +65,17 @@ class VaultLink:
         self._tokens = None
         self.reason = reason
 
+    async def foreign_changes(self, settle: float) -> int:
+        """Another client's change, as the connected client's event channel reports it (see
+        ``EventHub.foreign_changes``); while offline, waits until the link is attached again."""
+        while True:
+            tokens = self._tokens
+            if tokens is None:
+                await trio.sleep(1)
+                continue
+            with trio.move_on_after(30):  # the connection may be replaced meanwhile: look again
+                return await tokens.hub.foreign_changes(settle)
+
     def _get(self) -> DataTokens:
         if self._tokens is None:
             raise ServerUnreachable(f"offline: {self.reason}")

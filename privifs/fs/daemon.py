@@ -209,7 +209,7 @@ class Daemon:
             syncer = Syncer(fs, link, vault, workers=self.mcfg.upload_workers,
                             write_back_delay=self.mcfg.write_back_delay, supervisor=self.supervisor)
             fs.sync = syncer
-            refresher = Refresher(fs, link, syncer, self.mcfg.refresh_interval, invalidate=False)
+            refresher = Refresher(fs, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link)
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             online = await self._connect(account, links, link, refresher, syncer)
             options = set(pyfuse3.default_options) | {"fsname=privifs", "subtype=privifs"}

@@ -1,16 +1,28 @@
 """Merging the vault's listing into the tree, so changes made elsewhere show up.
 
-Every ``interval`` seconds the whole listing is read (no request per token) and compared with the
-tree. Only *clean* nodes follow the listing — a node with local changes not yet written back, or
+The whole listing is read (no request per token) and compared with the tree: soon after another
+client of the profile changed the vault (its command acks arrive on the profile's WebSocket
+channel, see :meth:`EventHub.foreign_changes`: a listing 0.25 s and another 1.5 s after them), and
+every ``interval`` seconds as the safety net (events are delivered at most once, and a server may
+send none). The reference's listing filters (context, token, name, extension, type) cannot ask
+for "what changed since", so there is no cheaper incremental listing. Only *clean* nodes follow
+the listing — a node with local changes not yet written back, or
 written back after the listing was taken, keeps its local state. Then:
 
-* a known token whose name, place or attributes changed → the node moves or changes;
+* a known token whose name, place or attributes changed → the node moves or changes; a node
+  whose place in the tree is not where its token's context puts it (it moved with a directory
+  renamed elsewhere while its own token kept the old context) goes back to that place, so every
+  mount shows what a fresh mount of the vault shows;
 * a known token that is gone → the node goes (a directory with entries stays, implicit);
 * an unknown token → a new node where its context and name put it; if that path is taken, it
   shows under a deterministic conflict name (no token is hidden or overwritten); if the entry at
   that path just lost its token, the new token replaces the content (another client rewrote it);
 * an unknown token where one of our uploads was cut off by a crash → offered to the syncer for
-  adoption (compared by content).
+  adoption (compared by content);
+* several tokens claiming one path (file or symlink) → a total order every client computes from
+  the listing alone decides: the earliest ``createdAt``, then the smallest token id, shows under
+  the plain name, every other one as ``name.conflict-<last 8 of its token>.ext`` — the same on
+  every mount, whatever each saw first.
 
 Every change is followed by the matching kernel cache invalidation, done on a worker thread so a
 kernel callback can never deadlock the trio loop.
@@ -24,6 +36,7 @@ import pyfuse3
 import trio
 
 from privifs.client.datatokens import DataTokens
+from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.filesystem import Filesystem
@@ -37,40 +50,98 @@ log = logging.getLogger("privifs.fs.refresh")
 RESERVED = split_context(RESERVED_CONTEXT)[0]
 
 
+# after another client's change: listings this long after its ack (the second catches a store
+# whose last step, the synchronous configure-file-meta, sends no ack of its own)
+EVENT_SETTLE = 0.25
+EVENT_FOLLOW_UPS = (0.0, 1.5)
+EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second
+UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
+
+
+def claim_order(created: float | None, token: str) -> tuple[float, str]:
+    """The total order of tokens claiming one path: earliest ``createdAt`` (whole seconds on the
+    wire), then the token id; the first keeps the plain name on every mount."""
+    return (UNSEEN if created is None else created, token)
+
+
 class Refresher:
     def __init__(self, fs: Filesystem, tokens: DataTokens, syncer: Syncer, interval: float, *,
-                 invalidate: bool = True):
+                 invalidate: bool = True, events: EventHub | None = None):
         self.fs = fs
         self.ns = fs.ns
         self.tokens = tokens
         self.syncer = syncer
         self.interval = interval
         self.invalidate = invalidate
+        self.events = events
         self.last_refresh: float | None = None
         self.last_error: str | None = None
+        self.listings = 0
         self._invalidations: list[tuple] = []
+        self._created: dict[str, float | None] = {}
+        self._added: set[int] = set()
+        self._lock = trio.Lock()
+        self._due: list[float] = []
+        self._wake = trio.Event()
+        syncer.remote_changed = lambda: self.nudge((0.0,))
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            if self.events is not None:
+                nursery.start_soon(self._watch_events)
+            task_status.started()
+            next_full = trio.current_time() + self.interval
+            last = -EVENT_MIN_GAP
+            while True:
+                due = max(min(self._due), last + EVENT_MIN_GAP) if self._due else next_full
+                with trio.move_on_at(min(next_full, due)):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                now = trio.current_time()
+                if now < next_full and not (self._due and now >= due):
+                    continue
+                self._due = [t for t in self._due if t > now]
+                await self._refresh_logged()
+                last = trio.current_time()
+                next_full = last + self.interval
+
+    def nudge(self, delays: tuple[float, ...] = EVENT_FOLLOW_UPS) -> None:
+        """Read the listing after each of ``delays`` seconds (coalesced with what is due)."""
+        now = trio.current_time()
+        for d in delays:
+            if not any(abs(t - (now + d)) < 0.2 for t in self._due):
+                self._due.append(now + d)
+        self._wake.set()
+
+    async def _watch_events(self) -> None:
         while True:
-            await trio.sleep(self.interval)
             try:
-                await self.refresh_once()
-            except PrivifsError as exc:
-                self.last_error = str(exc)
-                log.warning("refreshing the listing failed: %s", exc)
-            except Exception as exc:  # noqa: BLE001 - the mount must outlive a bad listing
-                self.last_error = repr(exc)
-                log.exception("refreshing the listing failed unexpectedly")
+                await self.events.foreign_changes(EVENT_SETTLE)
+            except Exception:  # noqa: BLE001 - the periodic listing goes on; so does watching
+                log.exception("watching the event channel for other clients' changes failed")
+                await trio.sleep(EVENT_FOLLOW_UPS[-1])
+            self.nudge()
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh_once()
+        except PrivifsError as exc:
+            self.last_error = str(exc)
+            log.warning("refreshing the listing failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - the mount must outlive a bad listing
+            self.last_error = repr(exc)
+            log.exception("refreshing the listing failed unexpectedly")
 
     async def fetch(self) -> tuple[list[TokenInfo], float]:
         started = trio.current_time()
         infos = [info async for info in self.tokens.list()]
+        self.listings += 1
         return infos, started
 
     async def refresh_once(self) -> None:
-        infos, started = await self.fetch()
-        await self.apply(infos, started)
+        async with self._lock:  # one listing at a time: an older one never undoes a newer one
+            infos, started = await self.fetch()
+            await self.apply(infos, started)
 
     # -- merging ---------------------------------------------------------------------------------
     def eligible(self, node: Node, started: float) -> bool:
@@ -84,6 +155,8 @@ class Refresher:
         seen: set[int] = set()
         changed: list[tuple[Node, TokenInfo]] = []
         unknown: list[TokenInfo] = []
+        self._created = {info.token: info.created_at for info in infos}
+        self._added = set()
         for info in infos:
             if info.token in tombstones or info.token in deleted:
                 continue
@@ -102,13 +175,27 @@ class Refresher:
             if n.upload_started is not None and n.content_dirty and not n.uploading and not n.unlinked:
                 orphans.setdefault((self.ns.context(n), desired_name(n)), []).append(n)
         with self.fs.index:
+            followed = []
             for node, info in changed:
-                if self.eligible(node, started):
-                    self._follow(node, info)
+                if not self.eligible(node, started):
+                    continue
+                if attributes(info).kind != node.kind and not node.children:
+                    # listed before its risk meta said what it is (a directory or symlink marker
+                    # between configure-file-meta and its risk meta): shown again as what it is
+                    self._vanish(node)
+                    unknown.append(info)
+                    continue
+                followed.append((node, info))
+            for node, info in followed:
+                self._follow(node, info)
+            # a directory that moved took its whole subtree along: entries whose own tokens did not
+            # move go back to where their context puts them (until nothing moves)
+            for _ in range(4):
+                if not sum(self._place(node, info) for node, info in followed):
+                    break
             adoptions = []
-            # older first (then listing order): the oldest token of a path keeps the plain name
-            order = {id(info): n for n, info in enumerate(infos)}
-            for info in sorted(unknown, key=lambda i: (i.created_at or 0, order[id(i)])):
+            # in claim order: the first token of a path takes the plain name
+            for info in sorted(unknown, key=lambda i: claim_order(i.created_at, i.token)):
                 parts = split_context(info.context)
                 raw = entry_name(info)
                 if (tuple(parts), info.file_name) in self.syncer.inflight_names:
@@ -121,7 +208,7 @@ class Refresher:
                 self._add(info, parts, raw, vanished)
             for node in vanished.values():
                 self._vanish(node)
-            self._restore_conflict_names(started)
+            self._settle_names(started)
         self.last_refresh = time.time()
         self.last_error = None
         await self._flush_invalidations()
@@ -148,30 +235,84 @@ class Refresher:
 
     def _follow(self, node: Node, info: TokenInfo) -> None:
         """A known token changed on the server (another client): follow it."""
-        parts = split_context(info.context)
-        raw = entry_name(info)
-        old_risk = node.remote_risk
-        moved = not (node.remote_name == info.file_name and node.remote_extension == info.extension
-                     and split_context(node.remote_context or "") == parts)
-        if not moved and old_risk == _risk_json(info) and (info.size is None or node.size == info.size
-                                                            or node.is_dir):
+        moved = self._place(node, info)
+        if not moved and node.remote_risk == _risk_json(info) and (info.size is None or node.size == info.size
+                                                                    or node.is_dir):
             return
-        if moved:
-            parent = self.ns.ensure_dirs(parts, node.mtime_ns)
-            name = display_name(raw)
-            holder = self.ns.child(parent, name)
-            if holder is not None and holder is not node:
-                name = conflict_name(name, info.token)
-            old_parent, old_name = node.parent, node.name
-            self.ns.detach(node)
-            self.ns.attach(parent, name, node)
-            node.shown_as = name
-            self._inval_entry(old_parent, old_name)
-            self._inval_entry(parent.ino, name)
-            self._drop_empty_implicit(self.ns.nodes.get(old_parent))
         self._apply_attributes(node, info)
         self._inval_inode(node.ino, attr_only=True)
         self.fs.index.save(node)
+
+    def _dirs_along(self, parts: list[str]) -> list[Node]:
+        """The existing directories on the way to ``parts`` (as :meth:`Namespace.ensure_dirs`
+        walks it: a non-directory in the way means its ``.dir`` sibling), from the root on."""
+        node, out = self.ns.root, [self.ns.root]
+        for part in parts:
+            child = self.ns.child(node, part)
+            if child is not None and not child.is_dir:
+                child = self.ns.child(node, f"{part}.dir")
+            if child is None or not child.is_dir:
+                break
+            node = child
+            out.append(node)
+        return out
+
+    def _place(self, node: Node, info: TokenInfo) -> bool:
+        """Put ``node`` where ``info``'s context and name put it; True if it moved."""
+        parts = split_context(info.context)
+        plain = display_name(entry_name(info))
+        along = self._dirs_along(parts)
+        if (len(along) == len(parts) + 1 and along[-1].ino == node.parent
+                and node.name in (plain, conflict_name(plain, info.token))):
+            return False
+        if node in along:
+            return False  # it would move into itself: the listing was read in the middle of a rename
+        parent = self.ns.ensure_dirs(parts, node.mtime_ns)
+        name = plain
+        holder = self.ns.child(parent, name)
+        if holder is not None and holder is not node and node.is_dir and self._implicit(holder):
+            # the listing showed entries of the moved directory before its marker: one directory
+            self._merge_dirs(node, holder)
+            holder = self.ns.child(parent, name)
+        if holder is not None and holder is not node:
+            name = conflict_name(name, info.token)
+            if self.ns.child(parent, name) not in (None, node):
+                return False
+        old_parent, old_name = node.parent, node.name
+        self.ns.detach(node)
+        self.ns.attach(parent, name, node)
+        node.shown_as = name
+        self.fs.index.save(node)
+        self._inval_entry(old_parent, old_name)
+        self._inval_entry(parent.ino, name)
+        self._drop_empty_implicit(self.ns.nodes.get(old_parent))
+        return True
+
+    @staticmethod
+    def _implicit(node: Node) -> bool:
+        return node.is_dir and node.token is None and not node.explicit and not node.meta_dirty
+
+    def _merge_dirs(self, keep: Node, gone: Node) -> None:
+        """Move the entries of the implicit directory ``gone`` into ``keep`` (both stand for the
+        same path, so no entry's place in the vault changes); ``gone`` goes once empty. Two
+        directories of one name merge likewise; a real clash stays in ``gone``."""
+        for name, ino in list(gone.children.items()):
+            child = self.ns.nodes[ino]
+            there = self.ns.child(keep, name)
+            if there is not None and child.is_dir and there.is_dir and self._implicit(there):
+                self._merge_dirs(child, there)
+                there = self.ns.child(keep, name)
+            elif there is not None and child.is_dir and there.is_dir and self._implicit(child):
+                self._merge_dirs(there, child)
+                continue
+            if there is None:
+                self.ns.detach(child)
+                self.ns.attach(keep, name, child)
+                self.fs.index.save(child)
+                self._inval_entry(gone.ino, name)
+                self._inval_entry(keep.ino, name)
+        if not gone.children:
+            self._drop_empty_implicit(gone, upwards=False)
 
     def _add(self, info: TokenInfo, parts: list[str], raw: str, vanished: dict[int, Node]) -> None:
         a = attributes(info)
@@ -196,6 +337,8 @@ class Refresher:
             self.fs.index.save(holder)
             self._inval_inode(holder.ino, attr_only=True)
             return
+        if holder is not None and a.kind == KIND_DIR and holder.is_dir:
+            return  # a second marker of a directory that exists (two mkdirs raced): one directory
         if holder is not None:
             if a.kind == KIND_DIR and not holder.is_dir:
                 # directories keep their plain name (entries live under it); the file moves aside
@@ -214,6 +357,7 @@ class Refresher:
         node.shown_as = name
         node.explicit = 1 if a.kind == KIND_DIR else 0
         node.synced_at = trio.current_time()
+        self._added.add(node.ino)
         self.fs.index.save(node)
         self._inval_entry(parent.ino, name)
 
@@ -233,7 +377,7 @@ class Refresher:
         self.fs.release_node(node)
         self._drop_empty_implicit(parent)
 
-    def _drop_empty_implicit(self, node: Node | None) -> None:
+    def _drop_empty_implicit(self, node: Node | None, *, upwards: bool = True) -> None:
         while (node is not None and node.ino != ROOT and node.is_dir and not node.children and node.token is None
                and not node.explicit and not node.meta_dirty):
             parent = self.ns.nodes.get(node.parent)
@@ -242,23 +386,42 @@ class Refresher:
             self.fs.index.forget(node.ino)
             self._inval_entry(node.parent, node.name, deleted=node.ino)
             self.fs.release_node(node)
-            node = parent
+            node = parent if upwards else None
 
-    def _restore_conflict_names(self, started: float) -> None:
-        """A token shown under a conflict name gets its plain name back once that is free."""
-        for node in list(self.ns.nodes.values()):
-            if (node.token and node.shown_as and ".conflict-" in node.shown_as and node.name == node.shown_as
-                    and self.eligible(node, started)):
-                parent = self.ns.nodes[node.parent]
-                plain = shown_name(node.remote_name or "", node.remote_extension)
-                if plain != node.name and self.ns.child(parent, plain) is None:
-                    old = node.name
-                    self.ns.detach(node)
-                    self.ns.attach(parent, plain, node)
-                    node.shown_as = plain
-                    self.fs.index.save(node)
-                    self._inval_entry(parent.ino, old)
-                    self._inval_entry(parent.ino, plain)
+    def _settle_names(self, started: float) -> None:
+        """Tokens claiming one path (files and symlinks) show under the names their claim order
+        gives: the first under the plain name, the others under their conflict names. A
+        conflict name goes back to plain once the path is free."""
+        claims: dict[tuple[int, str], list[Node]] = {}
+        for node in self.ns.nodes.values():
+            if (node.token and not node.is_dir and node.remote_name is not None
+                    and (self.eligible(node, started) or node.ino in self._added and not node.unlinked)):
+                plain = shown_name(node.remote_name, node.remote_extension)
+                claims.setdefault((node.parent, plain), []).append(node)
+        for (parent_ino, plain), nodes in claims.items():
+            parent = self.ns.nodes.get(parent_ino)
+            if parent is None:
+                continue
+            nodes.sort(key=lambda n: claim_order(self._created.get(n.token), n.token))
+            holder = self.ns.child(parent, plain)
+            if holder is not None and holder not in nodes:
+                continue  # a local entry (not yet written back) holds the name: wait for it
+            wanted = {n.ino: (plain if i == 0 else conflict_name(plain, n.token)) for i, n in enumerate(nodes)}
+            movers = [n for n in nodes if n.name != wanted[n.ino]]
+            if not movers:
+                continue
+            olds = {n.ino: n.name for n in movers}
+            for n in movers:
+                self.ns.detach(n)
+            for n in movers:
+                name = wanted[n.ino]
+                if self.ns.child(parent, name) is not None:
+                    name = olds[n.ino] if self.ns.child(parent, olds[n.ino]) is None else f"{name}~{n.ino}"
+                self.ns.attach(parent, name, n)
+                n.shown_as = name
+                self.fs.index.save(n)
+                self._inval_entry(parent.ino, olds[n.ino])
+                self._inval_entry(parent.ino, name)
 
     # -- kernel invalidation --------------------------------------------------------------------
     def _inval_entry(self, parent: int, name: str, deleted: int = 0) -> None:

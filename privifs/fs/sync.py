@@ -4,12 +4,16 @@ For each dirty node a worker *reconciles* (idempotent, resumable after a crash):
 
 * staged content (``content_dirty``, no writer left or an fsync asking) → a **new token** is
   stored from it (stream-encrypted), then recorded on the node; only then is the old token
-  tombstoned. A failed upload leaves the old token and the staged copy untouched and is retried
-  with backoff (capped at five minutes) until it succeeds. The staged file then moves into the
+  tombstoned — unless the listing shows that another client moved or renamed it since this
+  mount last saw it: then it is someone else's file now (a rename raced this edit) and stays.
+  A failed upload leaves the old token and the staged copy untouched and is retried with
+  backoff (capped at five minutes) until it succeeds. The staged file then moves into the
   read cache.
 * a directory that must exist on its own, or a symlink, without a token → a **marker token**.
 * name, place or attributes changed (``meta_dirty``) → ``update-data-token`` (fileName,
-  extension, context) and the risk meta (mode, mtime, …).
+  extension, context) and the risk meta (mode, mtime, …). If the token is gone (another client
+  deleted or replaced it first), the change is dropped and the entry follows the vault at the
+  next listing, like any clean one.
 
 Tombstoned tokens are deleted by their own task (a delete of a missing token counts as done).
 
@@ -32,7 +36,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pyfuse3
 import trio
@@ -40,7 +44,7 @@ import trio
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
-from privifs.errors import CommandRejected, NodeGone, PrivifsError, ServerUnreachable
+from privifs.errors import CommandRejected, NodeGone, NotFoundError, PrivifsError, ServerUnreachable
 from privifs.fs.filesystem import Filesystem
 from privifs.fs.namespace import Node
 from privifs.fs.staging import StagedFile
@@ -102,6 +106,7 @@ class Syncer:
         self.last_error_at: float | None = None
         self.uploads = 0
         self.unreachable_since: float | None = None
+        self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
 
     # -- scheduling ----------------------------------------------------------------------------
     def schedule(self, node: Node) -> None:
@@ -266,6 +271,7 @@ class Syncer:
         staged.sealed.sync_header()
         size = staged.size
         context, name, extension, path = self._target(node)
+        replaced, seen_at = node.token, (node.remote_context, node.remote_name, node.remote_extension)
         node.uploading = True
         node.upload_started = time.time()
         self.index.save(node)
@@ -273,7 +279,9 @@ class Syncer:
             with self._claiming(context, name):
                 token = await self.vault.put_stream(lambda: self._plaintext(staged), size,
                                                     FileMeta(name, extension, context, size, path))
-                self._record_content(node, staged, token, context, name, extension)
+                keep = (replaced is not None and replaced != token
+                        and await self._moved_elsewhere(replaced, seen_at))
+                self._record_content(node, staged, token, context, name, extension, keep_old=keep)
         finally:
             node.uploading = False
             if node.staged is staged:
@@ -281,12 +289,50 @@ class Syncer:
             if node.unlinked:
                 self.fs.release_node(node)
         self.uploads += 1
+        if replaced is not None and replaced != token and not keep:
+            await self._delete_now(replaced)
         if not node.unlinked:
             await self._update_meta(node)
 
+    async def _delete_now(self, token: str) -> None:
+        """Delete a replaced token right after the check that it did not move (the shorter the
+        gap, the less room for a rename elsewhere to slip in); the tombstone task retries."""
+        try:
+            await self.tokens.delete(token)
+        except PrivifsError:
+            return
+        try:
+            self.index.drop_tombstone(token)
+        except PrivifsError as exc:
+            log.warning("could not record the deletion of %s: %s", token, exc)
+        self.recently_deleted[token] = trio.current_time()
+
+    async def _moved_elsewhere(self, token: str, seen_at: tuple[str | None, str | None, str | None]) -> bool:
+        """Whether ``token`` (the content being replaced) now has another place or name than
+        ``seen_at`` (context, fileName, extension as this mount last saw it): then another
+        client renamed it meanwhile and it must not be deleted. When that cannot be told, it is
+        kept too (it shows as a conflict copy: nothing is lost)."""
+        try:
+            found = [i async for i in self.tokens.list(token=token) if i.token == token]
+        except PrivifsError as exc:
+            log.warning("cannot tell whether token %s was renamed elsewhere (%s); keeping it", token, exc)
+            return True
+        if not found:
+            return False  # deleted elsewhere: nothing to keep
+        info = found[0]
+        context, name, extension = seen_at
+        moved = not (same_context(info.context, context) and info.file_name == name
+                     and (info.extension or "") == (extension or ""))
+        if moved:
+            log.info("token %s was renamed by another client to %s/%s while this mount replaced its "
+                     "content; both stay", token, info.context, info.file_name)
+            self.remote_changed()
+        return moved
+
     def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str,
-                        extension: str) -> None:
-        """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it."""
+                        extension: str, *, keep_old: bool = False) -> None:
+        """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
+        token it replaces is deleted unless ``keep_old``)."""
         with self.index:
             if node.unlinked:
                 self._tombstone(token)
@@ -297,7 +343,7 @@ class Syncer:
                 self.fs.release_node(node)
                 return
             old = node.token
-            if old and old != token:
+            if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
             node.meta_dirty = 1
@@ -337,19 +383,25 @@ class Syncer:
         version = node.meta_version
         token = node.token
         context, name, extension, _ = self._target(node)
-        if (not same_context(node.remote_context, context) or node.remote_name != name
-                or (node.remote_extension or "") != extension):
-            await self.tokens.update(token, file_name=name, extension=extension, context=context)
-            if node.token != token:
-                return
-            self._remote_named(node, context, name, extension)
-        risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
-                           node.atime_ns)
-        if risk != node.risk():
-            await self.tokens.set_risk(token, risk)
-            if node.token != token:
-                return
-            node.remote_risk = json.dumps(risk, sort_keys=True)
+        try:
+            if (not same_context(node.remote_context, context) or node.remote_name != name
+                    or (node.remote_extension or "") != extension):
+                await self.tokens.update(token, file_name=name, extension=extension, context=context)
+                if node.token != token:
+                    return
+                self._remote_named(node, context, name, extension)
+            risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
+                               node.atime_ns)
+            if risk != node.risk():
+                await self.tokens.set_risk(token, risk)
+                if node.token != token:
+                    return
+                node.remote_risk = json.dumps(risk, sort_keys=True)
+        except (NotFoundError, CommandRejected) as exc:
+            if not _token_missing(exc) or node.token != token:
+                raise
+            self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
+            return
         node.synced_at = trio.current_time()
         if node.meta_version == version:
             node.meta_dirty = 0
@@ -357,6 +409,43 @@ class Syncer:
             self.schedule(node)
         if not node.unlinked:
             self.index.save(node)
+
+    def _token_gone(self, node: Node, *, renamed: bool) -> None:
+        """The node's token no longer exists: another client deleted or replaced it before this
+        mount's rename or attribute change reached it. A rename whose content is still in the
+        cache is kept: the content is stored again under the new name (as if the rename came
+        first: the other client's version stays at the old name). Otherwise the change is dropped
+        and the entry follows the vault at the next listing, as every other mount's does."""
+        cached = self.fs.cache.open(node.token) if renamed and node.is_file and not node.unlinked else None
+        if cached is not None:
+            try:
+                fresh = self.fs.staging.from_sealed(cached.path)
+            except PrivifsError as exc:
+                log.warning("%s: cannot stage the cached content again (%s)", self.fs.path(node), exc)
+                fresh = None
+            finally:
+                cached.close()
+            if fresh is not None:
+                log.info("%s: its token was deleted or replaced by another client before this rename "
+                         "reached it; storing the content again under the new name", self.fs.path(node))
+                with self.index:
+                    self.ns.set_token(node, None)
+                    node.remote_context = node.remote_name = node.remote_extension = None
+                    node.shown_as = None
+                    node.staged, node.staged_id = fresh, fresh.id
+                    node.content_dirty = 1
+                    node.meta_dirty = 1
+                    self.index.save(node)
+                self.schedule(node)
+                self.remote_changed()
+                return
+        log.info("%s: its token was deleted or replaced by another client; the change made here "
+                 "is dropped and the entry follows the vault", self.fs.path(node))
+        node.meta_dirty = 0
+        node.synced_at = 0.0
+        if not node.unlinked:
+            self.index.save(node)
+        self.remote_changed()
 
     # -- fsync -----------------------------------------------------------------------------------
     async def commit(self, node: Node, timeout: float) -> None:
@@ -476,3 +565,11 @@ class Syncer:
 
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
+
+
+def _token_missing(exc: PrivifsError) -> bool:
+    """Whether a refused meta change says the token does not exist."""
+    if isinstance(exc, NotFoundError):
+        return True
+    reason = (getattr(exc, "reason", None) or "").lower()
+    return "not_found" in reason or "not found" in reason
