@@ -7,68 +7,124 @@ embedded engine first, and says where the key is.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
+import logging.handlers
 import os
 import re
 import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from privifs import paths
+from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus, LocalFileError
+from privifs.cli.options import integer, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
 
 READY_TIMEOUT = 180.0
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
-
-
-def parse_size(text: str) -> int:
-    m = SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500M, 2G)")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
-
-
-def parse_octal(text: str) -> int:
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
 
 
 def register(sub) -> None:
     p = sub.add_parser("mount", help="mount the vault as a drive", description=__doc__)
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("mountpoint", type=Path, help="an existing directory")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to the terminal")
     p.add_argument("--cache-dir", type=Path, help="where the encrypted read cache lives")
-    p.add_argument("--cache-size", type=parse_size, default=parse_size("2G"), help="read cache limit (default 2G)")
-    p.add_argument("--refresh-interval", type=float, default=30.0,
-                   help="seconds between listing refreshes (default 30)")
-    p.add_argument("--uid", type=int, default=os.getuid(), help="owner shown for files (default: you)")
-    p.add_argument("--gid", type=int, default=os.getgid(), help="group shown for files (default: yours)")
-    p.add_argument("--umask", type=parse_octal, default=0o022, help="umask for files without stored modes")
+    p.add_argument("--cache-size", type=parse_size, default=parse_size("2G"),
+                   help="read cache limit, e.g. 500M or 2G (default 2G)")
+    p.add_argument("--refresh-interval", type=seconds(0.1), default=30.0,
+                   help="seconds between listing refreshes, at least 0.1 (default 30)")
+    p.add_argument("--uid", type=integer(0), default=os.getuid(), help="owner shown for files (default: you)")
+    p.add_argument("--gid", type=integer(0), default=os.getgid(), help="group shown for files (default: yours)")
+    p.add_argument("--umask", type=parse_octal, default=0o022,
+                   help="octal umask for files without stored modes (default 022)")
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    p.add_argument("--upload-workers", type=int, default=4, help="parallel uploads (default 4)")
-    p.add_argument("--write-back-delay", type=float, default=1.0,
+    p.add_argument("--upload-workers", type=integer(1, 64), default=4, help="parallel uploads, 1 to 64 (default 4)")
+    p.add_argument("--write-back-delay", type=seconds(0), default=1.0,
                    help="seconds after the last close before a file is uploaded (default 1; fsync skips it)")
-    p.add_argument("--fsync-timeout", type=float, default=300.0,
+    p.add_argument("--fsync-timeout", type=seconds(0, inclusive=False), default=300.0,
                    help="seconds fsync waits for the vault before failing with EIO (default 300)")
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
 
-    u = sub.add_parser("umount", help="upload what is pending and unmount")
+    u = sub.add_parser("umount", help="upload what is pending and unmount",
+                       description="Upload what is pending (progress on a terminal), then unmount. Exits with "
+                                   "7 if changes could not be uploaded: they stay staged and are uploaded at "
+                                   "the next mount. A mount whose daemon died is cleaned up.")
     u.add_argument("mountpoint", type=Path)
-    u.add_argument("--timeout", type=float, default=None, help="give up waiting for uploads after this many seconds")
+    u.add_argument("--timeout", type=seconds(0, inclusive=False), default=None,
+                   help="give up waiting for uploads after this many seconds")
     u.set_defaults(func=run_umount)
 
-    s = sub.add_parser("status", help="pending uploads, cache, last refresh and errors of mounts")
+    s = sub.add_parser("status", help="pending uploads, cache, last refresh and errors of mounts",
+                       description="Show each privifs mount: pending uploads, cache, last refresh and errors; "
+                                   "a mount whose daemon died is shown with how to recover (exit code 8).")
     s.add_argument("mountpoint", type=Path, nargs="?")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=run_status)
+
+
+# -- mounts in the kernel's table ---------------------------------------------------------------
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def privifs_mounts() -> list[str]:
+    """Mountpoints of every privifs FUSE mount the kernel knows (live or dead)."""
+    try:
+        with open("/proc/mounts") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return []
+    return [_unescape(r[1]) for r in rows if len(r) > 2 and r[2] == "fuse.privifs"]
+
+
+def _is_fuse_mount(path: Path) -> bool:
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            return any(_unescape(line.split()[1]) == real and "fuse" in line.split()[2] for line in f)
+    except OSError:
+        return False
+
+
+def is_dead_mount(path: str | Path, timeout: float = 3.0) -> bool:
+    """Whether ``path`` is a FUSE mount whose daemon is gone (ENOTCONN). The stat runs on a
+    thread so a hung daemon cannot hang the caller."""
+    result: list = []
+
+    def probe() -> None:
+        try:
+            os.stat(path)
+            result.append(None)
+        except OSError as exc:
+            result.append(exc.errno)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def clean_dead_mount(path: str | Path) -> None:
+    """Detach a dead FUSE mount (fusermount3 -u, lazily if it is busy)."""
+    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)],
+                ["umount", "-l", str(path)]):
+        try:
+            if subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0:
+                return
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    raise LocalFileError(f"{path} is a dead mount and could not be unmounted; run 'umount -l {path}' as root")
 
 
 # -- mount ---------------------------------------------------------------------------------------
@@ -80,8 +136,8 @@ def _ensure_config(args: argparse.Namespace) -> Path:
         raise ConfigError("no configuration yet: run 'privifs init' (it reads PRIVICORE_API_URL and the "
                           "credentials) before mounting")
     from privifs.cli import init_cmd
-    print("no configuration yet: provisioning a profile and key on the embedded engine", file=sys.stderr)
-    init_args = argparse.Namespace(config=cfg_path, register=True, password_file=None, key_file=None, force=False)
+    print("no configuration yet: setting up the embedded engine's vault", file=sys.stderr)
+    init_args = argparse.Namespace(config=cfg_path, register=False, password_file=None, key_file=None, force=False)
     init_cmd.run(init_args)
     return cfg_path
 
@@ -92,17 +148,32 @@ def _mount_config(args: argparse.Namespace):
 
     return MountConfig(
         mountpoint=args.mountpoint, cache_dir=args.cache_dir, cache_size=args.cache_size,
-        refresh_interval=args.refresh_interval, upload_workers=max(1, args.upload_workers),
-        write_back_delay=max(0.0, args.write_back_delay),
+        refresh_interval=args.refresh_interval, upload_workers=args.upload_workers,
+        write_back_delay=args.write_back_delay,
         allow_other=args.allow_other, state_dir=args.state_dir,
         fs=MountOptions(uid=args.uid, gid=args.gid, umask=args.umask, read_only=args.read_only,
                         fsync_timeout=args.fsync_timeout))
 
 
+def _check_mountpoint(mountpoint: Path) -> None:
+    """A usable, unmounted directory; a mount left dead by a killed daemon is cleaned up first."""
+    real = os.path.realpath(mountpoint)
+    if real in privifs_mounts():
+        if _entry(mountpoint) is not None or not is_dead_mount(real):
+            raise ConfigError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")
+        clean_dead_mount(real)
+        print(f"privifs: {mountpoint} was left mounted by a daemon that died; cleaned it up (its staged "
+              f"changes are uploaded by this mount)", file=sys.stderr)
+    elif is_dead_mount(real):
+        raise ConfigError(f"{mountpoint} is a dead mount of another filesystem; unmount it first "
+                          f"('fusermount3 -u {mountpoint}' or 'umount -l {mountpoint}')")
+    if not mountpoint.is_dir():
+        raise ConfigError(f"mountpoint {mountpoint} does not exist or is not a directory")
+
+
 def run_mount(args: argparse.Namespace) -> int:
+    _check_mountpoint(args.mountpoint)
     cfg_path = _ensure_config(args)
-    if not args.mountpoint.is_dir():
-        raise ConfigError(f"mountpoint {args.mountpoint} does not exist or is not a directory")
     if args.foreground:
         return _run_daemon(args, cfg_path)
     cfg = load(cfg_path)
@@ -112,7 +183,7 @@ def run_mount(args: argparse.Namespace) -> int:
     log_path = state / "mount.log"
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "privifs", "--config", str(cfg_path)] + (["--debug"] if args.debug else []) + [
-        "mount", "--foreground", "--ready-fd", str(w)] + _forward(args)
+        "mount", "--foreground", "--ready-fd", str(w), "--log-file", str(log_path)] + _forward(args)
     with open(log_path, "ab") as logf:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
@@ -137,7 +208,10 @@ def run_mount(args: argparse.Namespace) -> int:
     if proc.poll() is None and not text:
         proc.terminate()
         raise PrivifsError(f"the mount did not become ready within {READY_TIMEOUT:.0f}s; see {log_path}")
-    raise PrivifsError((text[6:] if text.startswith("error ") else f"the mount daemon failed; see {log_path}"))
+    if text.startswith("error "):
+        code, _, message_text = text[6:].partition(" ")
+        raise ExitStatus(message_text, int(code)) if code.isdigit() else PrivifsError(text[6:])
+    raise PrivifsError(f"the mount daemon failed; see {log_path}")
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
@@ -157,11 +231,43 @@ def _forward(args: argparse.Namespace) -> list[str]:
     return out
 
 
+class MountLog(logging.handlers.RotatingFileHandler):
+    """The daemon's log, rotated at ``max_bytes`` (``mount.log.1`` …); ``fds`` (the daemon's
+    stdout and stderr) follow the current file, so stray output is rotated with it."""
+
+    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS,
+                 fds: tuple[int, ...] = (1, 2)):
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups)
+        self.fds = fds
+        self._follow()
+
+    def _follow(self) -> None:
+        if self.stream is not None:
+            os.chmod(self.baseFilename, 0o600)
+            for fd in self.fds:
+                os.dup2(self.stream.fileno(), fd)
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        self._follow()
+
+
+def _log_to_file(path: Path) -> None:
+    handler = MountLog(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+
+
 def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     import trio
 
     from privifs.fs.daemon import Daemon
 
+    if args.log_file is not None:
+        _log_to_file(args.log_file)
     cfg = load(cfg_path)
     daemon = Daemon(cfg, _mount_config(args))
     signalled = False
@@ -179,10 +285,15 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
         trio.run(daemon.run, ready)
     except BaseException as exc:
         if not signalled and args.ready_fd is not None:
+            from privifs.cli.failures import exit_code
             from privifs.errors import first_privifs_error
             inner = exc if isinstance(exc, PrivifsError) else (
                 first_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
-            text = str(inner) if inner is not None else f"the mount failed: {exc!r}"
+            if inner is not None:
+                text = f"{exit_code(inner)} {inner}"
+            else:
+                logging.getLogger("privifs.cli").exception("the mount failed")
+                text = f"the mount failed ({type(exc).__name__}: {exc}); see {args.log_file or 'its log'}"
             try:
                 os.write(args.ready_fd, b"error " + text.encode())
             except OSError:
@@ -195,20 +306,48 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
 def _entry(mountpoint: Path) -> dict | None:
     from privifs.fs.daemon import registered_mounts
 
-    real = str(mountpoint.resolve())
+    real = os.path.realpath(mountpoint)
     for entry in registered_mounts():
         if entry["mountpoint"] == real:
             return entry
     return None
 
 
-def _is_fuse_mount(path: Path) -> bool:
-    real = str(path.resolve())
-    try:
-        with open("/proc/mounts") as f:
-            return any(line.split()[1] == real and "fuse" in line.split()[2] for line in f)
-    except OSError:
-        return False
+class UploadProgress:
+    """``umount``'s progress on a terminal: bytes uploaded of the bytes pending at the start
+    (growing if more is written meanwhile), files and deletes left; silent otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = 0
+        self.shown = False
+
+    def line(self, p: dict) -> str:
+        self.total = max(self.total, p["bytes"])
+        done = self.total - p["bytes"]
+        return (f"uploading: {_bytes(done)} of {_bytes(self.total)} "
+                f"({100 * done // self.total if self.total else 100}%), {p['pending']} changes and "
+                f"{p['deletes']} deletes left")
+
+    def update(self, p: dict) -> None:
+        text = self.line(p)
+        if self.stream.isatty():
+            self.stream.write("\r\x1b[K" + text)
+            self.stream.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def run_umount(args: argparse.Namespace) -> int:
@@ -217,30 +356,25 @@ def run_umount(args: argparse.Namespace) -> int:
     entry = _entry(args.mountpoint)
     if entry is None:
         if _is_fuse_mount(args.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(args.mountpoint)], check=True, timeout=60)
-            print(f"unmounted {args.mountpoint} (no daemon answered; pending changes stay staged)")
+            dead = is_dead_mount(args.mountpoint)
+            clean_dead_mount(os.path.realpath(args.mountpoint))
+            print(f"unmounted {args.mountpoint} (" + ("its daemon had died" if dead else "no daemon answered")
+                  + "; changes it had not uploaded stay staged and are uploaded at the next mount)")
             return 0
-        raise PrivifsError(f"{args.mountpoint} is not a privifs mount")
-    bar = None
+        raise ConfigError(f"{args.mountpoint} is not a privifs mount")
+    progress = UploadProgress()
     result: dict = {}
     try:
         for answer in control_request(entry, {"cmd": "flush", "timeout": args.timeout}, timeout=None):
             if "progress" in answer:
-                p = answer["progress"]
-                if sys.stderr.isatty():
-                    if bar is None:
-                        from rich.console import Console
-                        bar = Console(stderr=True)
-                    bar.print(f"uploading: {p['pending']} pending ({p['bytes'] / 2**20:.1f} MiB), "
-                              f"{p['deletes']} deletes", end="\r")
+                progress.update(answer["progress"])
             else:
                 result = answer
     except OSError as exc:
-        raise PrivifsError(f"the mount daemon for {args.mountpoint} did not answer ({exc})") from None
-    if bar is not None:
-        bar.print(" " * 60, end="\r")
-    if result.get("error"):
-        print(f"privifs: warning: {result['error']}", file=sys.stderr)
+        raise PrivifsError(f"the mount daemon for {args.mountpoint} did not answer ({exc}); "
+                           f"'fusermount3 -u {args.mountpoint}' unmounts it anyway") from None
+    finally:
+        progress.close()
     list(control_request(entry, {"cmd": "unmount"}))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -251,6 +385,9 @@ def run_umount(args: argparse.Namespace) -> int:
         raise PrivifsError(f"the mount daemon (pid {entry['pid']}) did not exit; see its log")
     if _is_fuse_mount(args.mountpoint):
         raise PrivifsError(f"{args.mountpoint} is still mounted (busy?)")
+    if result.get("error"):
+        raise ExitStatus(f"unmounted {args.mountpoint}, but not everything was uploaded: {result['error']}",
+                         EXIT_STAGED)
     print(f"unmounted {args.mountpoint}")
     return 0
 
@@ -261,14 +398,26 @@ def _ago(ts: float | None) -> str:
     return f"{time.strftime('%H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
 
 
+def _dead_status(mountpoint: str) -> dict:
+    return {"mountpoint": mountpoint, "dead": True,
+            "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
+                     "not connected'); changes it had not uploaded stay staged",
+            "recover": f"privifs umount {mountpoint} && privifs mount {mountpoint}   (or just: privifs mount "
+                       f"{mountpoint})"}
+
+
 def run_status(args: argparse.Namespace) -> int:
     from privifs.fs.daemon import control_request, registered_mounts
 
     entries = registered_mounts()
+    live = {e["mountpoint"] for e in entries}
+    dead = [mp for mp in privifs_mounts() if mp not in live and is_dead_mount(mp)]
     if args.mountpoint is not None:
-        entries = [e for e in entries if e["mountpoint"] == str(args.mountpoint.resolve())]
-        if not entries:
-            raise PrivifsError(f"{args.mountpoint} is not a privifs mount")
+        wanted = os.path.realpath(args.mountpoint)
+        entries = [e for e in entries if e["mountpoint"] == wanted]
+        dead = [mp for mp in dead if mp == wanted]
+        if not entries and not dead:
+            raise ConfigError(f"{args.mountpoint} is not a privifs mount")
     statuses = []
     for entry in entries:
         try:
@@ -276,14 +425,18 @@ def run_status(args: argparse.Namespace) -> int:
             statuses.append(answers[0]["status"])
         except (OSError, IndexError, KeyError) as exc:
             statuses.append({"mountpoint": entry["mountpoint"], "error": f"daemon not answering ({exc})"})
+    statuses += [_dead_status(mp) for mp in dead]
+    code = EXIT_DEAD_MOUNT if dead else 0
     if args.json:
         print(json.dumps(statuses if args.mountpoint is None else statuses[0], indent=2))
-        return 0
+        return code
     if not statuses:
         print("no privifs mounts")
     for st in statuses:
         if "error" in st:
             print(f"{st['mountpoint']}: {st['error']}")
+            if st.get("recover"):
+                print(f"  recover: {st['recover']}")
             continue
         print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
         print(f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
@@ -299,4 +452,4 @@ def run_status(args: argparse.Namespace) -> int:
               + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else ""))
         print(f"  last error:   {st['last_error'] or 'none'}"
               + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else ""))
-    return 0
+    return code

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -32,12 +31,9 @@ import trio
 from privifs import paths
 from privifs.account import open_account
 from privifs.client.connect import connect
-from privifs.client.datatokens import FileMeta
-from privifs.client.shapes import TokenInfo
-from privifs.client.vault import Vault
 from privifs.config import Config
 from privifs.crypto.sealed import local_key
-from privifs.errors import ConfigError, IntegrityError, PrivifsError, WrongKeyError
+from privifs.errors import ConfigError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.filesystem import Filesystem, MountOptions
 from privifs.fs.namespace import Index, Namespace
@@ -45,11 +41,10 @@ from privifs.fs.operations import Operations
 from privifs.fs.refresh import Refresher
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
-from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context
+from privifs.keycheck import check_key
 
 log = logging.getLogger("privifs.fs.daemon")
 
-KEYCHECK_MAGIC = b"privifs key check v1\n"
 DRAIN_AFTER_UNMOUNT = 60.0
 UNREACHABLE_GRACE = 10.0
 
@@ -109,34 +104,6 @@ def registered_mounts() -> list[dict]:
         except (OSError, ValueError, KeyError):
             f.unlink(missing_ok=True)
     return out
-
-
-async def check_key(vault: Vault, infos: list[TokenInfo]) -> None:
-    """Fail with WrongKeyError unless the AES key decrypts this vault; create the key check."""
-    checks = [i for i in infos if same_context(i.context, RESERVED_CONTEXT) and i.file_name == KEYCHECK_NAME]
-    if checks:
-        try:
-            data = await vault.get_bytes(checks[0].token)
-        except IntegrityError:
-            raise WrongKeyError("the configured AES key does not decrypt this vault (its key-check token "
-                                "fails authentication); use the key this vault was created with") from None
-        if not data.startswith(KEYCHECK_MAGIC):
-            raise WrongKeyError("this vault's key-check token holds unexpected content")
-        return
-    ours = sorted((i for i in infos if "privifs.type" in i.risk and (i.size or 0) <= 65536),
-                  key=lambda i: i.size or 0)[:3]
-    if ours:
-        failures = 0
-        for info in ours:
-            try:
-                await vault.get_bytes(info.token)
-            except IntegrityError:
-                failures += 1
-        if failures == len(ours):
-            raise WrongKeyError("the configured AES key decrypts none of this vault's files; use the key "
-                                "this vault was created with")
-    await vault.put_bytes(KEYCHECK_MAGIC + secrets.token_bytes(32),
-                          FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"))
 
 
 class Daemon:
