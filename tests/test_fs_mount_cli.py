@@ -3,15 +3,19 @@ the cache limit, shared downloads, authorization renewal during a long mount."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from tests.mountkit import Mount, privifs
+from privifs.paths import pid_alive
+from tests.mountkit import Mount, is_mounted, privifs
 
 
 def test_status_shows_pending_uploads_cache_refresh_and_errors(engine, tmp_path):
@@ -109,3 +113,129 @@ def test_authorization_is_renewed_while_mounted(eng, tmp_path):
         m.wait_idle()
         assert {f"t{i}" for i in range(8)} <= {t["fileName"] for t in m.tokens()}
         assert m.status()["last_error"] is None
+
+
+def test_a_mount_left_dead_by_a_killed_daemon_is_shown_and_mount_cleans_it_up(engine, tmp_path):
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "kept.txt").write_text("before the crash")
+        m.wait_idle()
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert is_mounted(m.dir)  # the kernel keeps the dead mount: ENOTCONN for everything
+        r = privifs(m.env, "status", check=False)
+        assert r.returncode == 8 and f"{m.dir}: dead mount" in r.stdout
+        assert f"privifs mount {m.dir}" in r.stdout and "Traceback" not in r.stderr
+        st = json.loads(privifs(m.env, "status", str(m.dir), "--json", check=False).stdout)
+        assert st["dead"] is True and st["mountpoint"] == str(m.dir)
+        r = m.mount()
+        assert "cleaned it up" in r.stderr and "Traceback" not in r.stderr
+        assert (m.dir / "kept.txt").read_text() == "before the crash"
+        assert privifs(m.env, "status", str(m.dir)).returncode == 0
+
+
+def test_status_into_a_closed_pipe_ends_quietly(engine, tmp_path):
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "privifs", "status"], env=m.env, stdout=w,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(w)
+        assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "stuck.bin").write_bytes(os.urandom(200_000))
+        eng.set_options(fail_rate=1.0)  # every request fails: nothing can be uploaded
+        umount = subprocess.Popen([sys.executable, "-m", "privifs", "umount", str(m.dir), "--timeout", "2"],
+                                  env=m.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while is_mounted(m.dir):  # the flush gave up, then the unmount went ahead
+                assert time.monotonic() < deadline and umount.poll() is None
+                time.sleep(0.1)
+            eng.set_options(fail_rate=0.0)  # let the daemon's final drain finish quickly
+            out, err = umount.communicate(timeout=150)
+        finally:
+            if umount.poll() is None:
+                umount.kill()
+        assert umount.returncode == 7, (out, err)
+        assert "stay staged" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_option_values_are_refused_with_one_line(tmp_path):
+    m = Mount(tmp_path, None)  # the embedded engine: nothing is set up before the options are checked
+    bad = [("--refresh-interval", "0"), ("--refresh-interval", "-5"), ("--refresh-interval", "nan"),
+           ("--cache-size", "0"), ("--cache-size", "lots"), ("--upload-workers", "0"),
+           ("--upload-workers", "1000"), ("--write-back-delay", "-1"), ("--fsync-timeout", "0"),
+           ("--umask", "999"), ("--uid", "-3")]
+    try:
+        for option, value in bad:
+            r = m.mount(option, value, check=False)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, (option, value, r.stderr)
+            assert option in r.stderr and "Traceback" not in r.stderr
+            assert not is_mounted(m.dir)
+        r = privifs(m.env, "umount", str(m.dir), "--timeout", "-1", check=False)
+        assert r.returncode == 2 and "--timeout" in r.stderr
+        r = privifs(m.env, "engine", "--api-port", "70000", check=False)
+        assert r.returncode == 2 and "--api-port" in r.stderr
+        assert not (tmp_path / "config").exists()
+    finally:
+        m.cleanup()
+
+
+def test_mount_log_rotates_and_the_daemon_output_follows_it(tmp_path):
+    import logging
+
+    from privifs.cli.mount_cmd import MountLog
+
+    log_path = tmp_path / "mount.log"
+    out_fd = os.open(tmp_path / "stray", os.O_WRONLY | os.O_CREAT, 0o600)
+    handler = MountLog(log_path, max_bytes=4096, backups=2, fds=(out_fd,))
+    logger = logging.getLogger("test.mountlog")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for i in range(300):
+            logger.warning("line %d %s", i, "x" * 40)
+        os.write(out_fd, b"stray output after rotation\n")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        os.close(out_fd)
+    files = sorted(p.name for p in tmp_path.glob("mount.log*"))
+    assert files == ["mount.log", "mount.log.1", "mount.log.2"]
+    assert all(p.stat().st_size <= 4096 + 100 for p in tmp_path.glob("mount.log*"))
+    assert "stray output after rotation" in log_path.read_text()
+    assert "line 299" in log_path.read_text()
+
+
+def test_umount_progress_counts_bytes():
+    from privifs.cli.mount_cmd import UploadProgress
+
+    p = UploadProgress()
+    assert p.line({"pending": 2, "bytes": 3 * 2**30, "deletes": 0}) == \
+        "uploading: 0 bytes of 3.0 GiB (0%), 2 changes and 0 deletes left"
+    assert p.line({"pending": 1, "bytes": 2**30, "deletes": 1}) == \
+        "uploading: 2.0 GiB of 3.0 GiB (66%), 1 changes and 1 deletes left"
+
+
+def test_version_and_help_have_no_markup():
+    out = subprocess.run([sys.executable, "-m", "privifs", "--version"], capture_output=True, text=True).stdout
+    assert out.startswith("privifs ") and out.strip().split()[1][0].isdigit()
+    commands = {"init": [], "mount": [], "umount": [], "status": [], "backup": [], "restore": [], "engine": [],
+                "token": ["ls", "put", "get", "rm", "mv", "stat"]}
+    for command, actions in commands.items():
+        for action in actions or [None]:
+            args = [command] + ([action] if action else []) + ["--help"]
+            text = subprocess.run([sys.executable, "-m", "privifs", *args], capture_output=True, text=True).stdout
+            usage, _, rest = text.partition("\n\n")
+            description = rest.split("\n\n")[0]
+            assert description and not description.startswith(("positional", "options")), args
+            assert "``" not in text and ":mod:" not in text, args
