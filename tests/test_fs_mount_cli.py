@@ -239,3 +239,18 @@ def test_version_and_help_have_no_markup():
             description = rest.split("\n\n")[0]
             assert description and not description.startswith(("positional", "options")), args
             assert "``" not in text and ":mod:" not in text, args
+
+
+def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    m = Mount(tmp_path, None)
+    try:
+        r = subprocess.run([str(repo / "scripts" / "up"), "--bogus-option"], env=m.env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "unrecognized arguments: --bogus-option" in r.stderr
+        assert not (tmp_path / "--bogus-option").exists() and not (repo / "--bogus-option").exists()
+        assert (tmp_path / "home" / "privifs").is_dir() and not is_mounted(tmp_path / "home" / "privifs")
+    finally:
+        m.cleanup()

@@ -97,22 +97,29 @@ def _is_fuse_mount(path: Path) -> bool:
         return False
 
 
-def is_dead_mount(path: str | Path, timeout: float = 3.0) -> bool:
-    """Whether ``path`` is a FUSE mount whose daemon is gone (ENOTCONN). The stat runs on a
-    thread so a hung daemon cannot hang the caller."""
-    result: list = []
+def dead_mounts(candidates: list[str], timeout: float = 3.0) -> list[str]:
+    """Those of ``candidates`` that are FUSE mounts whose daemon is gone (ENOTCONN). Each stat
+    runs on its own thread, all at once, so a hung daemon cannot hang the caller."""
+    results: dict[str, int | None] = {}
 
-    def probe() -> None:
+    def probe(path: str) -> None:
         try:
             os.stat(path)
-            result.append(None)
+            results[path] = None
         except OSError as exc:
-            result.append(exc.errno)
+            results[path] = exc.errno
 
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout)
-    return bool(result) and result[0] in (errno.ENOTCONN, errno.ECONNABORTED)
+    threads = [threading.Thread(target=probe, args=(p,), daemon=True) for p in candidates]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [p for p in candidates if results.get(p) in (errno.ENOTCONN, errno.ECONNABORTED)]
+
+
+def is_dead_mount(path: str | Path, timeout: float = 3.0) -> bool:
+    return bool(dead_mounts([str(path)], timeout))
 
 
 def clean_dead_mount(path: str | Path) -> None:
@@ -411,11 +418,13 @@ def run_status(args: argparse.Namespace) -> int:
 
     entries = registered_mounts()
     live = {e["mountpoint"] for e in entries}
-    dead = [mp for mp in privifs_mounts() if mp not in live and is_dead_mount(mp)]
+    candidates = [mp for mp in privifs_mounts() if mp not in live]
     if args.mountpoint is not None:
         wanted = os.path.realpath(args.mountpoint)
         entries = [e for e in entries if e["mountpoint"] == wanted]
-        dead = [mp for mp in dead if mp == wanted]
+        candidates = [mp for mp in candidates if mp == wanted]
+    dead = dead_mounts(candidates)
+    if args.mountpoint is not None:
         if not entries and not dead:
             raise ConfigError(f"{args.mountpoint} is not a privifs mount")
     statuses = []
