@@ -189,7 +189,9 @@ def run(args: argparse.Namespace) -> int:
     save(cfg)
     print(f"configuration: {cfg_path}")
     print(f"server:        {cfg.server_label()}")
-    print(f"username:      {cfg.username}{' (registered now)' if plan.register_new else ''}")
+    note = (" (registered now)" if plan.register_new
+            else " (the vault already in the embedded engine's data)" if cfg.embedded else "")
+    print(f"username:      {cfg.username}{note}")
     print(f"AES key:       {cfg.aes_key_file}  (fingerprint {cfg.key_id})")
     print("Keep a copy of the AES key somewhere safe (or make a backup with 'privifs backup FILE'): "
           "without it the vault's data cannot be decrypted, by anyone.")
