@@ -122,3 +122,31 @@ def test_mount_refuses_a_copied_embedded_vault_without_its_key_or_password(origi
     assert r.returncode == 3 and "no AES key" in r.stderr
     assert not (config_dir(copy) / "aes.key").exists()
     assert profiles(copy) == profiles(original)
+
+
+def test_backup_refuses_while_the_embedded_engine_runs(original, tmp_path):
+    out = tmp_path / "while-mounted.backup"
+    with original.mounted():
+        r = privifs(dict(original.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "backup", str(out), check=False)
+        assert r.returncode == 3 and "engine is running" in r.stderr and "umount" in r.stderr
+        assert not out.exists() and not list(tmp_path.glob(".while-mounted*"))
+        original.umount()
+
+
+def test_backup_of_a_server_account_restores_its_access(eng, tmp_path):
+    """With a real server the data stays there: the backup carries the key and the account."""
+    user = Mount(tmp_path / "user", eng.urls)
+    src = tmp_path / "a.txt"
+    src.write_text("kept on the server")
+    token = privifs(user.env, "token", "put", str(src)).stdout.strip()
+    backup = tmp_path / "account.backup"
+    r = privifs(dict(user.env, PRIVIFS_BACKUP_PASSPHRASE="short"), "backup", str(backup), check=False)
+    assert r.returncode == 3 and "at least 8 characters" in r.stderr and not backup.exists()
+    privifs(dict(user.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "backup", str(backup))
+    again = privifs(dict(user.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "backup", str(backup), check=False)
+    assert again.returncode == 3 and "already exists" in again.stderr
+    fresh = Mount(tmp_path / "fresh", None)
+    privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
+    privifs(fresh.env, "token", "get", token, str(tmp_path / "back.txt"))
+    assert (tmp_path / "back.txt").read_text() == "kept on the server"
+    assert not (tmp_path / "fresh" / "data").exists()
