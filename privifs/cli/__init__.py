@@ -10,6 +10,7 @@ import argparse
 import logging
 import re
 import sys
+import textwrap
 
 from privifs.cli.failures import EXIT_USAGE, report
 
@@ -27,7 +28,8 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        kwargs["description"] = plain(kwargs.get("description"))
+        text = plain(kwargs.get("description"))
+        kwargs["description"] = textwrap.fill(text, 96) if text and "\n" not in text.strip() else text
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

@@ -28,28 +28,33 @@ from privifs.errors import ConfigError, PrivifsError
 
 READY_TIMEOUT = 180.0
 LOG_MAX_BYTES = 10 * 1024 * 1024
+MOUNT_DESCRIPTION = """Mount the vault at MOUNTPOINT and return once the drive is ready, leaving a daemon
+serving it (--foreground stays attached and logs to the terminal; otherwise it logs to mount.log
+in the vault's state directory). With no configuration, the embedded engine's vault is used: the
+one its data already holds, or a new one (privifs says where the key is). A mount left dead by a
+killed daemon is cleaned up first."""
 LOG_BACKUPS = 3
 
 
 def register(sub) -> None:
-    p = sub.add_parser("mount", help="mount the vault as a drive", description=__doc__)
+    p = sub.add_parser("mount", help="mount the vault as a drive", description=MOUNT_DESCRIPTION)
     p.add_argument("mountpoint", type=Path, help="an existing directory")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to the terminal")
-    p.add_argument("--cache-dir", type=Path, help="where the encrypted read cache lives")
-    p.add_argument("--cache-size", type=parse_size, default=parse_size("2G"),
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where the encrypted read cache lives")
+    p.add_argument("--cache-size", type=parse_size, metavar="SIZE", default=parse_size("2G"),
                    help="read cache limit, e.g. 500M or 2G (default 2G)")
-    p.add_argument("--refresh-interval", type=seconds(0.1), default=30.0,
+    p.add_argument("--refresh-interval", type=seconds(0.1), metavar="SECONDS", default=30.0,
                    help="seconds between listing refreshes, at least 0.1 (default 30)")
-    p.add_argument("--uid", type=integer(0), default=os.getuid(), help="owner shown for files (default: you)")
-    p.add_argument("--gid", type=integer(0), default=os.getgid(), help="group shown for files (default: yours)")
-    p.add_argument("--umask", type=parse_octal, default=0o022,
+    p.add_argument("--uid", type=integer(0), metavar="UID", default=os.getuid(), help="owner shown for files (default: you)")
+    p.add_argument("--gid", type=integer(0), metavar="GID", default=os.getgid(), help="group shown for files (default: yours)")
+    p.add_argument("--umask", type=parse_octal, metavar="MASK", default=0o022,
                    help="octal umask for files without stored modes (default 022)")
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    p.add_argument("--upload-workers", type=integer(1, 64), default=4, help="parallel uploads, 1 to 64 (default 4)")
-    p.add_argument("--write-back-delay", type=seconds(0), default=1.0,
+    p.add_argument("--upload-workers", type=integer(1, 64), metavar="N", default=4, help="parallel uploads, 1 to 64 (default 4)")
+    p.add_argument("--write-back-delay", type=seconds(0), metavar="SECONDS", default=1.0,
                    help="seconds after the last close before a file is uploaded (default 1; fsync skips it)")
-    p.add_argument("--fsync-timeout", type=seconds(0, inclusive=False), default=300.0,
+    p.add_argument("--fsync-timeout", type=seconds(0, inclusive=False), metavar="SECONDS", default=300.0,
                    help="seconds fsync waits for the vault before failing with EIO (default 300)")
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -61,7 +66,7 @@ def register(sub) -> None:
                                    "7 if changes could not be uploaded: they stay staged and are uploaded at "
                                    "the next mount. A mount whose daemon died is cleaned up.")
     u.add_argument("mountpoint", type=Path)
-    u.add_argument("--timeout", type=seconds(0, inclusive=False), default=None,
+    u.add_argument("--timeout", type=seconds(0, inclusive=False), metavar="SECONDS", default=None,
                    help="give up waiting for uploads after this many seconds")
     u.set_defaults(func=run_umount)
 
