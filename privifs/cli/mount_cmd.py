@@ -296,15 +296,16 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     try:
         trio.run(daemon.run, ready)
     except BaseException as exc:
+        from privifs.cli.failures import exit_code
+        from privifs.errors import first_privifs_error
+        inner = exc if isinstance(exc, PrivifsError) else (
+            first_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
+        if inner is None and not isinstance(exc, KeyboardInterrupt):
+            logging.getLogger("privifs.cli").exception("the mount daemon failed")  # the traceback, in its log
         if not signalled and args.ready_fd is not None:
-            from privifs.cli.failures import exit_code
-            from privifs.errors import first_privifs_error
-            inner = exc if isinstance(exc, PrivifsError) else (
-                first_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
             if inner is not None:
                 text = f"{exit_code(inner)} {inner}"
             else:
-                logging.getLogger("privifs.cli").exception("the mount failed")
                 text = f"the mount failed ({type(exc).__name__}: {exc}); see {args.log_file or 'its log'}"
             try:
                 os.write(args.ready_fd, b"error " + text.encode())
@@ -438,7 +439,9 @@ def run_status(args: argparse.Namespace) -> int:
             answers = list(control_request(entry, {"cmd": "status"}))
             statuses.append(answers[0]["status"])
         except (OSError, IndexError, KeyError) as exc:
-            statuses.append({"mountpoint": entry["mountpoint"], "error": f"daemon not answering ({exc})"})
+            statuses.append({"mountpoint": entry["mountpoint"], "error": f"daemon not answering ({exc})",
+                             "recover": f"wait, or stop it (kill {entry['pid']}; its staged changes are kept) "
+                                        f"and run: privifs mount {entry['mountpoint']}"})
     statuses += [_dead_status(mp) for mp in dead]
     code = EXIT_DEAD_MOUNT if dead else 0
     if args.json:
