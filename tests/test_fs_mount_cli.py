@@ -217,7 +217,7 @@ def test_mount_log_rotates_and_the_daemon_output_follows_it(tmp_path):
 
 
 def test_umount_progress_counts_bytes():
-    from privifs.cli.mount_cmd import UploadProgress
+    from privifs.cli.status_cmd import UploadProgress
 
     p = UploadProgress()
     assert p.line({"pending": 2, "bytes": 3 * 2**30, "deletes": 0}) == \

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
     import privifs
-    from privifs.cli import backup_cmd, engine_cmd, init_cmd, mount_cmd, token_cmd
+    from privifs.cli import backup_cmd, engine_cmd, init_cmd, mount_cmd, status_cmd, token_cmd
 
     parser = Parser(prog="privifs", description=privifs.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"privifs {privifs.__version__}")
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     init_cmd.register(sub)
     mount_cmd.register(sub)
+    status_cmd.register(sub)
     token_cmd.register(sub)
     backup_cmd.register(sub)
     engine_cmd.register(sub)

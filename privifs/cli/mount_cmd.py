@@ -1,27 +1,20 @@
-"""``privifs mount``, ``privifs umount`` and ``privifs status``.
-
-``mount`` returns once the drive is ready and leaves a daemon serving it (``--foreground`` stays
-attached and logs to the terminal). With no configuration it provisions a profile and key on the
-embedded engine first, and says where the key is.
-"""
+"""privifs mount: start the daemon that serves a mount and return once the drive is ready
+(--foreground runs it in this process); the daemon's rotated log (MountLog)."""
 from __future__ import annotations
 
 import argparse
-import errno
-import json
 import logging
 import logging.handlers
 import os
-import re
 import select
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from privifs import paths
-from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus, LocalFileError
+from privifs.cli.failures import ExitStatus
+from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, privifs_mounts, registered_entry
 from privifs.cli.options import integer, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
@@ -61,83 +54,6 @@ def register(sub) -> None:
     p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
 
-    u = sub.add_parser("umount", help="upload what is pending and unmount",
-                       description="Upload what is pending (progress on a terminal), then unmount. Exits with "
-                                   "7 if changes could not be uploaded: they stay staged and are uploaded at "
-                                   "the next mount. A mount whose daemon died is cleaned up.")
-    u.add_argument("mountpoint", type=Path)
-    u.add_argument("--timeout", type=seconds(0, inclusive=False), metavar="SECONDS", default=None,
-                   help="give up waiting for uploads after this many seconds")
-    u.set_defaults(func=run_umount)
-
-    s = sub.add_parser("status", help="pending uploads, cache, last refresh and errors of mounts",
-                       description="Show each privifs mount: pending uploads, cache, last refresh and errors; "
-                                   "a mount whose daemon died is shown with how to recover (exit code 8).")
-    s.add_argument("mountpoint", type=Path, nargs="?")
-    s.add_argument("--json", action="store_true", help="print the status as JSON")
-    s.set_defaults(func=run_status)
-
-
-# -- mounts in the kernel's table ---------------------------------------------------------------
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def privifs_mounts() -> list[str]:
-    """Mountpoints of every privifs FUSE mount the kernel knows (live or dead)."""
-    try:
-        with open("/proc/mounts") as f:
-            rows = [line.split() for line in f]
-    except OSError:
-        return []
-    return [_unescape(r[1]) for r in rows if len(r) > 2 and r[2] == "fuse.privifs"]
-
-
-def _is_fuse_mount(path: Path) -> bool:
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/mounts") as f:
-            return any(_unescape(line.split()[1]) == real and "fuse" in line.split()[2] for line in f)
-    except OSError:
-        return False
-
-
-def dead_mounts(candidates: list[str], timeout: float = 3.0) -> list[str]:
-    """Those of ``candidates`` that are FUSE mounts whose daemon is gone (ENOTCONN). Each stat
-    runs on its own thread, all at once, so a hung daemon cannot hang the caller."""
-    results: dict[str, int | None] = {}
-
-    def probe(path: str) -> None:
-        try:
-            os.stat(path)
-            results[path] = None
-        except OSError as exc:
-            results[path] = exc.errno
-
-    threads = [threading.Thread(target=probe, args=(p,), daemon=True) for p in candidates]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    return [p for p in candidates if results.get(p) in (errno.ENOTCONN, errno.ECONNABORTED)]
-
-
-def is_dead_mount(path: str | Path, timeout: float = 3.0) -> bool:
-    return bool(dead_mounts([str(path)], timeout))
-
-
-def clean_dead_mount(path: str | Path) -> None:
-    """Detach a dead FUSE mount (fusermount3 -u, lazily if it is busy)."""
-    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)],
-                ["umount", "-l", str(path)]):
-        try:
-            if subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0:
-                return
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-    raise LocalFileError(f"{path} is a dead mount and could not be unmounted; run 'umount -l {path}' as root")
-
 
 # -- mount ---------------------------------------------------------------------------------------
 def _ensure_config(args: argparse.Namespace) -> Path:
@@ -171,7 +87,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
     """A usable, unmounted directory; a mount left dead by a killed daemon is cleaned up first."""
     real = os.path.realpath(mountpoint)
     if real in privifs_mounts():
-        if _entry(mountpoint) is not None or not is_dead_mount(real):
+        if registered_entry(mountpoint) is not None or not is_dead_mount(real):
             raise ConfigError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")
         clean_dead_mount(real)
         print(f"privifs: {mountpoint} was left mounted by a daemon that died; cleaned it up (its staged "
@@ -315,158 +231,3 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     return 0
 
 
-# -- umount and status ---------------------------------------------------------------------------
-def _entry(mountpoint: Path) -> dict | None:
-    from privifs.fs.daemon import registered_mounts
-
-    real = os.path.realpath(mountpoint)
-    for entry in registered_mounts():
-        if entry["mountpoint"] == real:
-            return entry
-    return None
-
-
-class UploadProgress:
-    """``umount``'s progress on a terminal: bytes uploaded of the bytes pending at the start
-    (growing if more is written meanwhile), files and deletes left; silent otherwise."""
-
-    def __init__(self, stream=None):
-        self.stream = stream if stream is not None else sys.stderr
-        self.total = 0
-        self.shown = False
-
-    def line(self, p: dict) -> str:
-        self.total = max(self.total, p["bytes"])
-        done = self.total - p["bytes"]
-        return (f"uploading: {_bytes(done)} of {_bytes(self.total)} "
-                f"({100 * done // self.total if self.total else 100}%), {p['pending']} changes and "
-                f"{p['deletes']} deletes left")
-
-    def update(self, p: dict) -> None:
-        text = self.line(p)
-        if self.stream.isatty():
-            self.stream.write("\r\x1b[K" + text)
-            self.stream.flush()
-            self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-
-def _bytes(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def run_umount(args: argparse.Namespace) -> int:
-    from privifs.fs.daemon import control_request
-
-    entry = _entry(args.mountpoint)
-    if entry is None:
-        if _is_fuse_mount(args.mountpoint):
-            dead = is_dead_mount(args.mountpoint)
-            clean_dead_mount(os.path.realpath(args.mountpoint))
-            print(f"unmounted {args.mountpoint} (" + ("its daemon had died" if dead else "no daemon answered")
-                  + "; changes it had not uploaded stay staged and are uploaded at the next mount)")
-            return 0
-        raise ConfigError(f"{args.mountpoint} is not a privifs mount")
-    progress = UploadProgress()
-    result: dict = {}
-    try:
-        for answer in control_request(entry, {"cmd": "flush", "timeout": args.timeout}, timeout=None):
-            if "progress" in answer:
-                progress.update(answer["progress"])
-            else:
-                result = answer
-    except OSError as exc:
-        raise PrivifsError(f"the mount daemon for {args.mountpoint} did not answer ({exc}); "
-                           f"'fusermount3 -u {args.mountpoint}' unmounts it anyway") from None
-    finally:
-        progress.close()
-    list(control_request(entry, {"cmd": "unmount"}))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if not paths.pid_alive(entry["pid"]):
-            break
-        time.sleep(0.1)
-    else:
-        raise PrivifsError(f"the mount daemon (pid {entry['pid']}) did not exit; see its log")
-    if _is_fuse_mount(args.mountpoint):
-        raise PrivifsError(f"{args.mountpoint} is still mounted (busy?)")
-    if result.get("error"):
-        raise ExitStatus(f"unmounted {args.mountpoint}, but not everything was uploaded: {result['error']}",
-                         EXIT_STAGED)
-    print(f"unmounted {args.mountpoint}")
-    return 0
-
-
-def _ago(ts: float | None) -> str:
-    if ts is None:
-        return "never"
-    return f"{time.strftime('%H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
-
-
-def _dead_status(mountpoint: str) -> dict:
-    return {"mountpoint": mountpoint, "dead": True,
-            "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
-                     "not connected'); changes it had not uploaded stay staged",
-            "recover": f"privifs umount {mountpoint} && privifs mount {mountpoint}   (or just: privifs mount "
-                       f"{mountpoint})"}
-
-
-def run_status(args: argparse.Namespace) -> int:
-    from privifs.fs.daemon import control_request, registered_mounts
-
-    entries = registered_mounts()
-    live = {e["mountpoint"] for e in entries}
-    candidates = [mp for mp in privifs_mounts() if mp not in live]
-    if args.mountpoint is not None:
-        wanted = os.path.realpath(args.mountpoint)
-        entries = [e for e in entries if e["mountpoint"] == wanted]
-        candidates = [mp for mp in candidates if mp == wanted]
-    dead = dead_mounts(candidates)
-    if args.mountpoint is not None:
-        if not entries and not dead:
-            raise ConfigError(f"{args.mountpoint} is not a privifs mount")
-    statuses = []
-    for entry in entries:
-        try:
-            answers = list(control_request(entry, {"cmd": "status"}))
-            statuses.append(answers[0]["status"])
-        except (OSError, IndexError, KeyError) as exc:
-            statuses.append({"mountpoint": entry["mountpoint"], "error": f"daemon not answering ({exc})",
-                             "recover": f"wait, or stop it (kill {entry['pid']}; its staged changes are kept) "
-                                        f"and run: privifs mount {entry['mountpoint']}"})
-    statuses += [_dead_status(mp) for mp in dead]
-    code = EXIT_DEAD_MOUNT if dead else 0
-    if args.json:
-        print(json.dumps(statuses if args.mountpoint is None else statuses[0], indent=2))
-        return code
-    if not statuses:
-        print("no privifs mounts")
-    for st in statuses:
-        if "error" in st:
-            print(f"{st['mountpoint']}: {st['error']}")
-            if st.get("recover"):
-                print(f"  recover: {st['recover']}")
-            continue
-        print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
-        print(f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
-              f"{st['pending_deletes']} deletes")
-        for p in st["pending"][:20]:
-            print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
-        if len(st["pending"]) > 20:
-            print(f"    … and {len(st['pending']) - 20} more")
-        print(f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
-              f" ({st['cache']['dir']})")
-        print(f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})")
-        print(f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:.0f}s"
-              + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else ""))
-        print(f"  last error:   {st['last_error'] or 'none'}"
-              + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else ""))
-    return code
