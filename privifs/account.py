@@ -57,7 +57,12 @@ def open_account(cfg: Config):
     creds = credentials(cfg)
     engine = None
     if cfg.embedded:
-        engine = EmbeddedEngine()
+        data_dir = paths.embedded_engine_dir()
+        if cfg.username not in embedded_usernames(data_dir):
+            raise ConfigError(f"the embedded engine's data in {data_dir} does not hold this vault (profile "
+                              f"{cfg.username}): restore it ('privifs restore FILE') or copy it back; privifs "
+                              f"does not start an empty vault in its place")
+        engine = EmbeddedEngine(data_dir)
         urls = engine.ensure()
     else:
         if not cfg.api:

@@ -150,3 +150,16 @@ def test_backup_of_a_server_account_restores_its_access(eng, tmp_path):
     privifs(fresh.env, "token", "get", token, str(tmp_path / "back.txt"))
     assert (tmp_path / "back.txt").read_text() == "kept on the server"
     assert not (tmp_path / "fresh" / "data").exists()
+
+
+def test_a_configuration_without_its_embedded_engine_data_is_refused(original, tmp_path):
+    """config.toml and the key restored by hand, the engine's data forgotten: no empty vault."""
+    copy = Mount(tmp_path / "copy", None)
+    shutil.copytree(config_dir(original), config_dir(copy))
+    cfg = config_dir(copy) / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(config_dir(original)), str(config_dir(copy))))
+    r = copy.mount(check=False)
+    assert r.returncode == 3 and "does not hold this vault" in r.stderr and r.stderr.count("\n") == 1
+    r = privifs(copy.env, "token", "ls", check=False)
+    assert r.returncode == 3 and "does not hold this vault" in r.stderr
+    assert not (engine_dir(copy) / "engine.sqlite3").exists()
