@@ -221,21 +221,10 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str
     return header, members
 
 
-def read_backup(src: Path, passphrase: str) -> tuple[dict, dict]:
-    """The header and account document of a backup (checks the passphrase; writes nothing)."""
-    try:
-        with tarfile.open(src) as tar:
-            header, members = _open_secrets(tar, passphrase)
-    except FileNotFoundError:
-        raise BackupError(f"{src} does not exist") from None
-    except (OSError, tarfile.TarError) as exc:
-        raise BackupError(f"cannot read the backup {src}: {exc}") from None
-    return header, json.loads(members["account.json"])
-
-
 def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Path | None = None) -> Summary:
     """Rebuild the configuration, secrets and (embedded) engine data of a backup onto a machine
-    that has none of them; refuses before writing anything if one is already there."""
+    that has none of them; a wrong passphrase, a damaged file or anything already in place stops
+    it before it writes anything."""
     if cfg_path.exists():
         raise BackupError(f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
                           f"privifs never overwrites a configuration or a secret")

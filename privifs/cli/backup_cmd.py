@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from privifs.backup import read_backup, restore_backup, write_backup
+from privifs.backup import restore_backup, write_backup
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError
 
@@ -63,9 +63,7 @@ def run_backup(args: argparse.Namespace) -> int:
 
 def run_restore(args: argparse.Namespace) -> int:
     cfg_path = args.config or default_config_path()
-    secret = passphrase(args, confirm=False)
-    read_backup(args.file, secret)  # wrong passphrase or damaged file: nothing written
-    summary = restore_backup(args.file, secret, cfg_path)
+    summary = restore_backup(args.file, passphrase(args, confirm=False), cfg_path)
     where = (f"the embedded engine ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
              if summary.embedded else "the server")
     print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
