@@ -254,3 +254,22 @@ def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
         assert (tmp_path / "home" / "privifs").is_dir() and not is_mounted(tmp_path / "home" / "privifs")
     finally:
         m.cleanup()
+
+
+def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, tmp_path):
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "unsent.txt").write_text("staged when the daemon died")
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = m.umount(check=False)
+        assert r.returncode == 7 and "1 files it had not uploaded stay staged" in r.stderr
+        assert r.stderr.count("\n") == 1 and not is_mounted(m.dir)
+        m.mount()
+        assert (m.dir / "unsent.txt").read_text() == "staged when the daemon died"
+        m.wait_idle()
+        assert "unsent.txt" in {t["fileName"] for t in m.tokens()}
+        assert m.umount().returncode == 0

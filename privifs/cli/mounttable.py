@@ -82,3 +82,21 @@ def registered_entry(mountpoint: Path) -> dict | None:
         if entry["mountpoint"] == real:
             return entry
     return None
+
+
+def staged_left(mountpoint: str | Path) -> tuple[int, Path] | None:
+    """How many files the last daemon of ``mountpoint`` left staged (not uploaded), and where;
+    None if its state directory is not the default one or holds nothing staged."""
+    from privifs import paths
+
+    real = os.path.realpath(mountpoint)
+    for marker in (paths.state_dir() / "vaults").glob("*/mountpoint"):
+        try:
+            if marker.read_text().strip() != real:
+                continue
+            staged = [f for f in (marker.parent / "staging").iterdir() if f.is_file()]
+        except OSError:
+            continue
+        if staged:
+            return len(staged), marker.parent
+    return None

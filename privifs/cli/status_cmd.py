@@ -12,7 +12,7 @@ from pathlib import Path
 from privifs import paths
 from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus
 from privifs.cli.mounttable import clean_dead_mount, dead_mounts, is_dead_mount, is_fuse_mount, privifs_mounts, \
-    registered_entry
+    registered_entry, staged_left
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
 
@@ -80,8 +80,12 @@ def run_umount(args: argparse.Namespace) -> int:
         if is_fuse_mount(args.mountpoint):
             dead = is_dead_mount(args.mountpoint)
             clean_dead_mount(os.path.realpath(args.mountpoint))
-            print(f"unmounted {args.mountpoint} (" + ("its daemon had died" if dead else "no daemon answered")
-                  + "; changes it had not uploaded stay staged and are uploaded at the next mount)")
+            why = "its daemon had died" if dead else "no daemon answered"
+            left = staged_left(args.mountpoint)
+            if left is not None:
+                raise ExitStatus(f"unmounted {args.mountpoint} ({why}); {left[0]} files it had not uploaded stay "
+                                 f"staged in {left[1]} and are uploaded at the next mount", EXIT_STAGED)
+            print(f"unmounted {args.mountpoint} ({why})")
             return 0
         raise ConfigError(f"{args.mountpoint} is not a privifs mount")
     progress = UploadProgress()
