@@ -178,7 +178,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
               f" ({st['cache']['dir']})")
         print(f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})")
-        print(f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:.0f}s"
+        print(f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
               + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else ""))
         print(f"  last error:   {st['last_error'] or 'none'}"
               + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else ""))
