@@ -84,19 +84,36 @@ def registered_entry(mountpoint: Path) -> dict | None:
     return None
 
 
+def _vault_markers() -> list[tuple[str, Path]]:
+    """(mountpoint, state dir) of this user's vaults, as their daemons last recorded them."""
+    from privifs import paths
+
+    out = []
+    for marker in (paths.state_dir() / "vaults").glob("*/mountpoint"):
+        try:
+            out.append((marker.read_text().strip(), marker.parent))
+        except OSError:
+            continue
+    return out
+
+
+def my_mountpoints() -> set[str]:
+    """Mountpoints this user's vaults were last mounted at (to tell their dead mounts from
+    other users')."""
+    return {mp for mp, _ in _vault_markers()}
+
+
 def staged_left(mountpoint: str | Path) -> tuple[int, Path] | None:
     """How many files the last daemon of ``mountpoint`` left staged (not uploaded), and where;
     None if its state directory is not the default one or holds nothing staged."""
-    from privifs import paths
-
     real = os.path.realpath(mountpoint)
-    for marker in (paths.state_dir() / "vaults").glob("*/mountpoint"):
+    for mp, state in _vault_markers():
+        if mp != real:
+            continue
         try:
-            if marker.read_text().strip() != real:
-                continue
-            staged = [f for f in (marker.parent / "staging").iterdir() if f.is_file()]
+            staged = [f for f in (state / "staging").iterdir() if f.is_file()]
         except OSError:
             continue
         if staged:
-            return len(staged), marker.parent
+            return len(staged), state
     return None

@@ -12,7 +12,7 @@ from pathlib import Path
 from privifs import paths
 from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus
 from privifs.cli.mounttable import clean_dead_mount, dead_mounts, is_dead_mount, is_fuse_mount, privifs_mounts, \
-    registered_entry, staged_left
+    my_mountpoints, registered_entry, staged_left
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
 
@@ -142,6 +142,9 @@ def run_status(args: argparse.Namespace) -> int:
         wanted = os.path.realpath(args.mountpoint)
         entries = [e for e in entries if e["mountpoint"] == wanted]
         candidates = [mp for mp in candidates if mp == wanted]
+    else:  # every dead mount of this user's vaults (not other users')
+        mine = my_mountpoints()
+        candidates = [mp for mp in candidates if mp in mine]
     dead = dead_mounts(candidates)
     if args.mountpoint is not None:
         if not entries and not dead:
