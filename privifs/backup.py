@@ -29,7 +29,7 @@ import re
 import sqlite3
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,8 +151,13 @@ def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path,
     return image, blobs
 
 
-def write_backup(cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | None = None) -> Summary:
-    """Write a backup of ``cfg``'s account (and embedded engine) to ``out`` (which must not exist)."""
+Progress = Callable[[int, int], None]
+
+
+def write_backup(cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | None = None,
+                 progress: Progress | None = None) -> Summary:
+    """Write a backup of ``cfg``'s account (and embedded engine) to ``out`` (which must not exist);
+    ``progress(done, total)`` follows the bytes of data copied."""
     check_passphrase(passphrase)
     if out.exists():
         raise BackupError(f"{out} already exists; choose another name (a backup is never overwritten)")
@@ -182,11 +187,15 @@ def write_backup(cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | 
                         info = tarfile.TarInfo(name)
                         info.size, info.mode, info.mtime = len(data), 0o600, int(header["created"])
                         tar.addfile(info, io.BytesIO(data))
+                    total, done = sum(doc.get("blobs", {}).values()), 0
                     for path, arc in blobs:
                         info = tarfile.TarInfo(arc)
                         info.size, info.mode, info.mtime = doc["blobs"][arc], 0o600, int(header["created"])
                         with open(path, "rb") as blob:
                             tar.addfile(info, blob)
+                        done += info.size
+                        if progress is not None:
+                            progress(done, total)
                 f.flush()
                 os.fsync(f.fileno())
             os.link(tmp, out)
@@ -221,7 +230,8 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str
     return header, members
 
 
-def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Path | None = None) -> Summary:
+def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Path | None = None,
+                   progress: Progress | None = None) -> Summary:
     """Rebuild the configuration, secrets and (embedded) engine data of a backup onto a machine
     that has none of them; a wrong passphrase, a damaged file or anything already in place stops
     it before it writes anything."""
@@ -252,7 +262,7 @@ def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Pa
                 raise BackupError(f"the embedded engine's data in {engine_dir} already holds a vault; move it "
                                   f"away to restore this backup")
             with engine_locked(engine_dir):
-                seen = _restore_blobs(tar, engine_dir, blobs)
+                seen = _restore_blobs(tar, engine_dir, blobs, progress)
                 missing = sorted(set(blobs) - seen)
                 if missing:
                     raise BackupError(f"the backup lacks {len(missing)} of its {len(blobs)} data files "
@@ -283,8 +293,10 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _restore_blobs(tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int]) -> set[str]:
+def _restore_blobs(tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int],
+                   progress: Progress | None) -> set[str]:
     seen = set()
+    total, done = sum(expected.values()), 0
     for member in tar:
         m = BLOB_NAME.match(member.name)
         if m is None or not member.isfile() or member.name not in expected:
@@ -302,4 +314,7 @@ def _restore_blobs(tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, i
             f.flush()
             os.fsync(f.fileno())
         seen.add(member.name)
+        done += member.size
+        if progress is not None:
+            progress(done, total)
     return seen

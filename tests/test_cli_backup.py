@@ -163,3 +163,27 @@ def test_a_configuration_without_its_embedded_engine_data_is_refused(original, t
     r = privifs(copy.env, "token", "ls", check=False)
     assert r.returncode == 3 and "does not hold this vault" in r.stderr
     assert not (engine_dir(copy) / "engine.sqlite3").exists()
+
+
+def test_backup_and_restore_report_progress_in_bytes(original, tmp_path, monkeypatch):
+    from privifs.backup import restore_backup, write_backup
+    from privifs.config import load
+
+    for k in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(k, original.env[k])
+    blobs = sum(f.stat().st_size for f in (engine_dir(original) / "blobs").rglob("*") if f.is_file())
+    seen: list[tuple[int, int]] = []
+    out = tmp_path / "progress.backup"
+    write_backup(load(config_dir(original) / "config.toml"), out, PASS,
+                 progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1] == (blobs, blobs)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    fresh = tmp_path / "fresh"
+    for k, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state")):
+        monkeypatch.setenv(k, str(fresh / sub))
+    restored: list[tuple[int, int]] = []
+    restore_backup(out, PASS, fresh / "config" / "privifs" / "config.toml",
+                   progress=lambda done, total: restored.append((done, total)))
+    assert restored[-1] == (blobs, blobs)
+    assert sum(f.stat().st_size for f in (fresh / "data" / "privifs" / "engine" / "blobs").rglob("*")
+               if f.is_file()) == blobs

@@ -51,9 +51,32 @@ def passphrase(args: argparse.Namespace, confirm: bool) -> str:
     return text
 
 
+class TerminalProgress:
+    """``label: 12.0 of 40.0 MiB`` on one refreshed line of a terminal; silent otherwise."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.shown = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.shown:
+            sys.stderr.write(f"\r\x1b[K{self.label}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB")
+            sys.stderr.flush()
+
+    def __enter__(self) -> "TerminalProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
 def run_backup(args: argparse.Namespace) -> int:
     cfg = load(args.config)
-    summary = write_backup(cfg, args.file, passphrase(args, confirm=True))
+    secret = passphrase(args, confirm=True)
+    with TerminalProgress("backing up the vault's data") as progress:
+        summary = write_backup(cfg, args.file, secret, progress=progress)
     data = (f", the embedded engine's data ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
             if summary.embedded else " (the data stays on the server)")
     print(f"backup written to {args.file}: key, account of {summary.username}{data}")
@@ -63,7 +86,9 @@ def run_backup(args: argparse.Namespace) -> int:
 
 def run_restore(args: argparse.Namespace) -> int:
     cfg_path = args.config or default_config_path()
-    summary = restore_backup(args.file, passphrase(args, confirm=False), cfg_path)
+    secret = passphrase(args, confirm=False)
+    with TerminalProgress("restoring the vault's data") as progress:
+        summary = restore_backup(args.file, secret, cfg_path, progress=progress)
     where = (f"the embedded engine ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
              if summary.embedded else "the server")
     print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
