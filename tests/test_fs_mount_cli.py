@@ -283,3 +283,19 @@ def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, 
         m.wait_idle()
         assert "unsent.txt" in {t["fileName"] for t in m.tokens()}
         assert m.umount().returncode == 0
+
+
+def test_flush_progress_counts_the_bytes_of_an_upload_in_flight(eng, tmp_path):
+    """umount's progress: a big upload's remaining bytes go down while it streams, not only
+    when it ends."""
+    size = 24 * 1024 * 1024  # well beyond what socket buffers absorb
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "big.bin").write_bytes(os.urandom(size))
+        eng.set_options(stream_bytes_per_second=8 * 1024 * 1024)
+        answers = m.control({"cmd": "flush", "timeout": 120}, timeout=180)
+        eng.set_options(stream_bytes_per_second=0)
+        assert answers[-1].get("done"), answers[-1]
+        remaining = [a["progress"]["bytes"] for a in answers if "progress" in a]
+        assert remaining and remaining[0] <= size
+        assert any(0 < b < size for b in remaining), remaining
+        assert remaining == sorted(remaining, reverse=True)

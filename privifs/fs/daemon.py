@@ -260,7 +260,8 @@ class Daemon:
             deletes = syncer.tombstone_count()
             if not pending and not deletes:
                 return {"done": True}
-            size = sum(n.size for n in pending if n.content_dirty)
+            size = sum(n.size - (syncer.sent.get(n.ino, 0) if n.uploading else 0)
+                       for n in pending if n.content_dirty)  # bytes still to upload
             if progress is not None:
                 await progress({"pending": len(pending), "bytes": size, "deletes": deletes,
                                 "uploading": [self.fs.path(n) for n in pending if n.uploading][:5]})
