@@ -1,11 +1,15 @@
 """From a configuration to a working connection: endpoints (starting the embedded engine when
-needed), credentials, and the AES key (checked against the configured key fingerprint)."""
+needed), credentials, and the AES key (checked against the configured key fingerprint); and
+which profiles an embedded engine's data already holds."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+from privifs import paths
 from privifs.client.session import Credentials, OAuthCredentials, PasswordCredentials
 from privifs.client.transport import Endpoints
 from privifs.config import Config
@@ -53,7 +57,12 @@ def open_account(cfg: Config):
     creds = credentials(cfg)
     engine = None
     if cfg.embedded:
-        engine = EmbeddedEngine()
+        data_dir = paths.embedded_engine_dir()
+        if cfg.username not in embedded_usernames(data_dir):
+            raise ConfigError(f"the embedded engine's data in {data_dir} does not hold this vault (profile "
+                              f"{cfg.username}): restore it ('privifs restore FILE') or copy it back; privifs "
+                              f"does not start an empty vault in its place")
+        engine = EmbeddedEngine(data_dir)
         urls = engine.ensure()
     else:
         if not cfg.api:
@@ -64,3 +73,26 @@ def open_account(cfg: Config):
     finally:
         if engine is not None:
             engine.stop()
+
+
+def embedded_usernames(data_dir: Path | None = None) -> list[str]:
+    """The profiles an embedded engine's data directory already holds (none for a new one).
+
+    Read straight from its database, so privifs can tell a restored vault from a fresh start
+    before starting the engine; an unreadable database is a reason to stop, not to start over."""
+    db = (data_dir or paths.embedded_engine_dir()) / "engine.sqlite3"
+    if not db.exists():
+        return []
+    try:
+        conn = sqlite3.connect(db, timeout=10)
+        try:
+            rows = conn.execute("SELECT username FROM profiles ORDER BY created_at").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise ConfigError(f"cannot read the embedded engine's database {db}: {exc}") from None
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read the embedded engine's database {db}: {exc}") from None
+    return [r[0] for r in rows]

@@ -1,8 +1,11 @@
 """The user's configuration: which server, which account, which keys, mount defaults.
 
 Stored as TOML at ``$PRIVIFS_CONFIG`` or ``~/.config/privifs/config.toml`` (mode 0600). Secrets
-are never in it: the password lives in its own 0600 file, keys in theirs; the config only points
-at them. ``server.embedded = true`` means privifs runs its own local engine.
+are never in it: the password lives in its own 0600 file, keys in theirs, next to it; the config
+only points at them. ``server.embedded = true`` means privifs runs its own local engine.
+
+A secret file is never overwritten (:func:`place_secret`): an existing one with the same content
+is reused, one with other content makes the command stop and say so.
 """
 from __future__ import annotations
 
@@ -13,7 +16,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privifs import paths
+from privifs.crypto.keys import write_secret_file
 from privifs.errors import ConfigError
+
+
+SECRET_NAMES = {"aes_key_file": "aes.key", "password_file": "password", "identity_key_file": "identity.key",
+                "oauth_file": "oauth.json"}
+
+
+def place_secret(path: Path, data: bytes, what: str) -> Path:
+    """Make ``path`` a 0600 file holding ``data``, unless it already does; never overwrite a
+    different secret (the caller must not lose a key or password by mistake)."""
+    try:
+        existing = path.read_bytes()
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the existing {what} file {path}: {exc.strerror}") from None
+    if existing is not None:
+        if existing.strip() == data.strip():
+            return path
+        raise ConfigError(f"{path} already holds a different {what}; privifs never overwrites a secret: "
+                          f"move it away first if you really mean to replace it")
+    try:
+        write_secret_file(path, data)
+    except FileExistsError:
+        raise ConfigError(f"{path} appeared while privifs was writing it; run the command again") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the {what} file {path}: {exc.strerror}") from None
+    return path
 
 
 def default_config_path() -> Path:

@@ -87,8 +87,8 @@ class Mount:
     def pid(self) -> int:
         return self.registry()["pid"]
 
-    def umount(self, *extra: str) -> subprocess.CompletedProcess:
-        return privifs(self.env, "umount", str(self.dir), *extra)
+    def umount(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+        return privifs(self.env, "umount", str(self.dir), *extra, check=check)
 
     def kill9(self) -> None:
         entry = self.registry()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -58,7 +61,7 @@ def test_put_ls_stat_get_mv_rm(user, tmp_path):
 
 def test_failures_exit_non_zero_with_one_clear_line(user, tmp_path, eng):
     missing = run(user, "token", "put", str(tmp_path / "nope"), check=False)
-    assert missing.returncode == 1 and "cannot read" in missing.stderr and missing.stderr.count("\n") == 1
+    assert missing.returncode == 4 and "cannot read" in missing.stderr and missing.stderr.count("\n") == 1
     unknown = run(user, "token", "get", "dtk-unknown", str(tmp_path / "x"), check=False)
     assert unknown.returncode == 1 and "does not exist" in unknown.stderr
     assert not (tmp_path / "x").exists()
@@ -84,7 +87,7 @@ def test_tampered_token_is_refused_by_get_and_leaves_no_file(user, tmp_path, eng
     blob.write_bytes(bytes(data))
     out = tmp_path / "out.bin"
     r = run(user, "token", "get", token, str(out), check=False)
-    assert r.returncode == 1 and "authentication" in r.stderr
+    assert r.returncode == 6 and "authentication" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.bin*"))
 
 
@@ -92,10 +95,10 @@ def test_wrong_key_file_is_detected(user, tmp_path):
     key = tmp_path / "config" / "privifs" / "aes.key"
     key.write_text(os.urandom(32).hex() + "\n")
     r = run(user, "token", "ls", check=False)
-    assert r.returncode == 1 and "not the key this configuration was created with" in r.stderr
+    assert r.returncode == 3 and "not the key this configuration was created with" in r.stderr
     key.chmod(0o644)
     r = run(user, "token", "ls", check=False)
-    assert r.returncode == 1 and "chmod 600" in r.stderr
+    assert r.returncode == 3 and "chmod 600" in r.stderr
 
 
 def test_init_with_no_server_provisions_on_the_embedded_engine(tmp_path):
@@ -109,3 +112,121 @@ def test_init_with_no_server_provisions_on_the_embedded_engine(tmp_path):
     assert (tmp_path / "back.txt").read_text() == "hello embedded"
     # the engine started for each command has stopped again
     assert not (tmp_path / "data" / "privifs" / "engine" / "urls.json").exists()
+
+
+def closed_pipe_run(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run privifs with stdout a pipe nobody reads any more (like '| head -1' once head exited)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "privifs", *args], env=env, stdout=w,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(w)
+
+
+def tokens_with_key(env: dict) -> list[dict]:
+    return [json.loads(line) for line in run(env, "token", "ls", "--json", "--all").stdout.splitlines()]
+
+
+def test_init_refuses_a_key_file_that_does_not_decrypt_the_vault(user, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("written with the right key")
+    run(user, "token", "put", str(src))
+    other_key = tmp_path / "other.key"
+    other_key.write_text(os.urandom(32).hex() + "\n")
+    other_key.chmod(0o600)
+    other = tmp_path / "other"
+    env = isolated_env(other, **{k: v for k, v in user.items() if k.startswith("PRIVICORE_")})
+    r = run(env, "init", "--key-file", str(other_key), check=False)
+    assert r.returncode == 3 and "does not decrypt this vault" in r.stderr and r.stderr.count("\n") == 1
+    assert not (other / "config" / "privifs" / "config.toml").exists()
+    assert not (other / "config" / "privifs" / "aes.key").exists()
+    # init without --key-file on an existing account makes a new key: refused the same way
+    r = run(env, "init", check=False)
+    assert r.returncode == 3 and "does not decrypt this vault" in r.stderr
+    assert not (other / "config" / "privifs" / "config.toml").exists()
+
+
+def test_every_token_command_refuses_a_wrong_key_before_writing(user, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("right key")
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    before = tokens_with_key(user)
+    cfg_dir = tmp_path / "config" / "privifs"
+    right = (cfg_dir / "aes.key").read_text()
+    # a wrong key put in place behind privifs' back, the fingerprint in the config removed too
+    (cfg_dir / "aes.key").unlink()
+    (cfg_dir / "aes.key").write_text(os.urandom(32).hex() + "\n")
+    (cfg_dir / "aes.key").chmod(0o600)
+    cfg = cfg_dir / "config.toml"
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("key_id")))
+    for args in (("put", str(src)), ("ls",), ("get", token, str(tmp_path / "out")), ("stat", token),
+                 ("mv", token, "--name", "b.txt"), ("rm", token)):
+        r = run(user, "token", *args, check=False)
+        assert r.returncode == 3 and "does not decrypt this vault" in r.stderr, args
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+    (cfg_dir / "aes.key").unlink()
+    (cfg_dir / "aes.key").write_text(right)
+    (cfg_dir / "aes.key").chmod(0o600)
+    assert tokens_with_key(user) == before
+
+
+def test_init_copies_the_key_file_so_removing_it_breaks_nothing(user, tmp_path):
+    key = tmp_path / "usb" / "vault.key"
+    key.parent.mkdir()
+    shutil.copy2(tmp_path / "config" / "privifs" / "aes.key", key)
+    other = tmp_path / "other"
+    env = isolated_env(other, **{k: v for k, v in user.items() if k.startswith("PRIVICORE_")})
+    run(env, "init", "--key-file", str(key))
+    copied = other / "config" / "privifs" / "aes.key"
+    assert copied.read_text() == key.read_text() and stat.S_IMODE(copied.stat().st_mode) == 0o600
+    assert f'aes_key_file = "{copied}"' in (other / "config" / "privifs" / "config.toml").read_text()
+    shutil.rmtree(key.parent)  # the USB stick is gone
+    run(env, "token", "ls")
+    copied.unlink()
+    r = run(env, "token", "ls", check=False)
+    assert r.returncode == 3 and "aes_key_file" in r.stderr and "point key_file" not in r.stderr
+
+
+def test_init_never_overwrites_an_existing_key_or_password(user, tmp_path):
+    cfg_dir = tmp_path / "config" / "privifs"
+    key, password = (cfg_dir / "aes.key").read_bytes(), (cfg_dir / "password").read_bytes()
+    other_key = tmp_path / "other.key"
+    other_key.write_text(os.urandom(32).hex() + "\n")
+    other_key.chmod(0o600)
+    r = run(user, "init", "--force", "--key-file", str(other_key), check=False)
+    assert r.returncode == 3 and "never overwrites" in r.stderr
+    r = run(dict(user, PRIVICORE_PASSWORD="another-password"), "init", "--force", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert (cfg_dir / "aes.key").read_bytes() == key and (cfg_dir / "password").read_bytes() == password
+    run(user, "init", "--force")  # the same key and password: reused
+    assert (cfg_dir / "aes.key").read_bytes() == key and (cfg_dir / "password").read_bytes() == password
+
+
+def test_user_mistakes_get_one_line_and_a_distinct_exit_code(user, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    r = run(user, "token", "put", str(folder), check=False)
+    assert r.returncode == 4 and "is a directory" in r.stderr and r.stderr.count("\n") == 1
+    (folder / "a.txt").write_text("into a directory")
+    token = run(user, "token", "put", str(folder / "a.txt")).stdout.strip()
+    out_dir = tmp_path / "downloads"
+    out_dir.mkdir()
+    run(user, "token", "get", token, str(out_dir))  # like cp: into the directory, under its name
+    assert (out_dir / "a.txt").read_text() == "into a directory"
+    r = run(user, "token", "get", token, str(tmp_path / "missing" / "dir" / "out"), check=False)
+    assert r.returncode == 4 and "does not exist" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "missing").exists()
+    r = run(user, "token", "put", str(folder / "a.txt"), "--bogus", check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--bogus" in r.stderr
+
+
+def test_a_closed_output_pipe_ends_quietly(user, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("x")
+    for _ in range(3):
+        run(user, "token", "put", str(src))
+    r = closed_pipe_run(user, "token", "ls")
+    assert r.returncode == 141 and r.stderr == ""

@@ -3,15 +3,19 @@ the cache limit, shared downloads, authorization renewal during a long mount."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from tests.mountkit import Mount, privifs
+from privifs.paths import pid_alive
+from tests.mountkit import Mount, is_mounted, privifs
 
 
 def test_status_shows_pending_uploads_cache_refresh_and_errors(engine, tmp_path):
@@ -109,3 +113,189 @@ def test_authorization_is_renewed_while_mounted(eng, tmp_path):
         m.wait_idle()
         assert {f"t{i}" for i in range(8)} <= {t["fileName"] for t in m.tokens()}
         assert m.status()["last_error"] is None
+
+
+def test_a_mount_left_dead_by_a_killed_daemon_is_shown_and_mount_cleans_it_up(engine, tmp_path):
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "kept.txt").write_text("before the crash")
+        m.wait_idle()
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert is_mounted(m.dir)  # the kernel keeps the dead mount: ENOTCONN for everything
+        r = privifs(m.env, "status", check=False)
+        assert r.returncode == 8 and f"{m.dir}: dead mount" in r.stdout
+        assert f"privifs mount {m.dir}" in r.stdout and "Traceback" not in r.stderr
+        st = json.loads(privifs(m.env, "status", str(m.dir), "--json", check=False).stdout)
+        assert st["dead"] is True and st["mountpoint"] == str(m.dir)
+        r = m.mount()
+        assert "cleaned it up" in r.stderr and "Traceback" not in r.stderr
+        assert (m.dir / "kept.txt").read_text() == "before the crash"
+        assert privifs(m.env, "status", str(m.dir)).returncode == 0
+
+
+def test_status_into_a_closed_pipe_ends_quietly(engine, tmp_path):
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "privifs", "status"], env=m.env, stdout=w,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(w)
+        assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "stuck.bin").write_bytes(os.urandom(200_000))
+        eng.set_options(fail_rate=1.0)  # every request fails: nothing can be uploaded
+        umount = subprocess.Popen([sys.executable, "-m", "privifs", "umount", str(m.dir), "--timeout", "2"],
+                                  env=m.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while is_mounted(m.dir):  # the flush gave up, then the unmount went ahead
+                assert time.monotonic() < deadline and umount.poll() is None
+                time.sleep(0.1)
+            eng.set_options(fail_rate=0.0)  # let the daemon's final drain finish quickly
+            out, err = umount.communicate(timeout=150)
+        finally:
+            if umount.poll() is None:
+                umount.kill()
+        assert umount.returncode == 7, (out, err)
+        assert "stay staged" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_option_values_are_refused_with_one_line(tmp_path):
+    m = Mount(tmp_path, None)  # the embedded engine: nothing is set up before the options are checked
+    bad = [("--refresh-interval", "0"), ("--refresh-interval", "-5"), ("--refresh-interval", "nan"),
+           ("--cache-size", "0"), ("--cache-size", "lots"), ("--upload-workers", "0"),
+           ("--upload-workers", "1000"), ("--write-back-delay", "-1"), ("--fsync-timeout", "0"),
+           ("--umask", "999"), ("--uid", "-3")]
+    try:
+        for option, value in bad:
+            r = m.mount(option, value, check=False)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, (option, value, r.stderr)
+            assert option in r.stderr and "Traceback" not in r.stderr
+            assert not is_mounted(m.dir)
+        r = privifs(m.env, "umount", str(m.dir), "--timeout", "-1", check=False)
+        assert r.returncode == 2 and "--timeout" in r.stderr
+        r = privifs(m.env, "engine", "--api-port", "70000", check=False)
+        assert r.returncode == 2 and "--api-port" in r.stderr
+        assert not (tmp_path / "config").exists()
+    finally:
+        m.cleanup()
+
+
+def test_mount_log_rotates_and_the_daemon_output_follows_it(tmp_path):
+    import logging
+
+    from privifs.cli.mount_cmd import MountLog
+
+    log_path = tmp_path / "mount.log"
+    out_fd = os.open(tmp_path / "stray", os.O_WRONLY | os.O_CREAT, 0o600)
+    handler = MountLog(log_path, max_bytes=4096, backups=2, fds=(out_fd,))
+    logger = logging.getLogger("test.mountlog")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for i in range(300):
+            logger.warning("line %d %s", i, "x" * 40)
+        os.write(out_fd, b"stray output after rotation\n")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        os.close(out_fd)
+    files = sorted(p.name for p in tmp_path.glob("mount.log*"))
+    assert files == ["mount.log", "mount.log.1", "mount.log.2"]
+    assert all(p.stat().st_size <= 4096 + 100 for p in tmp_path.glob("mount.log*"))
+    assert "stray output after rotation" in log_path.read_text()
+    assert "line 299" in log_path.read_text()
+
+
+def test_umount_progress_counts_bytes():
+    from privifs.cli.status_cmd import UploadProgress
+
+    p = UploadProgress()
+    assert p.line({"pending": 2, "bytes": 3 * 2**30, "deletes": 0}) == \
+        "uploading: 0 bytes of 3.0 GiB (0%), 2 changes and 0 deletes left"
+    assert p.line({"pending": 1, "bytes": 2**30, "deletes": 1}) == \
+        "uploading: 2.0 GiB of 3.0 GiB (66%), 1 changes and 1 deletes left"
+
+
+def test_version_and_help_have_no_markup():
+    import argparse
+
+    from privifs.cli import build_parser
+
+    out = subprocess.run([sys.executable, "-m", "privifs", "--version"], capture_output=True, text=True).stdout
+    assert out.startswith("privifs ") and out.strip().split()[1][0].isdigit()
+
+    def parsers(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    seen = {}
+    for name, parser in parsers(build_parser(), "privifs"):
+        text = parser.format_help()
+        seen[name] = text
+        assert parser.description, name
+        assert "``" not in text and ":mod:" not in text and ":func:" not in text, name
+    assert {"privifs token ls", "privifs token put", "privifs backup", "privifs restore", "privifs umount",
+            "privifs status", "privifs init", "privifs engine"} <= set(seen)
+
+
+def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    m = Mount(tmp_path, None)
+    try:
+        r = subprocess.run([str(repo / "scripts" / "up"), "--bogus-option"], env=m.env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "unrecognized arguments: --bogus-option" in r.stderr
+        assert not (tmp_path / "--bogus-option").exists() and not (repo / "--bogus-option").exists()
+        assert (tmp_path / "home" / "privifs").is_dir() and not is_mounted(tmp_path / "home" / "privifs")
+    finally:
+        m.cleanup()
+
+
+def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, tmp_path):
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "unsent.txt").write_text("staged when the daemon died")
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = m.umount(check=False)
+        assert r.returncode == 7 and "1 files it had not uploaded stay staged" in r.stderr
+        assert r.stderr.count("\n") == 1 and not is_mounted(m.dir)
+        m.mount()
+        assert (m.dir / "unsent.txt").read_text() == "staged when the daemon died"
+        m.wait_idle()
+        assert "unsent.txt" in {t["fileName"] for t in m.tokens()}
+        assert m.umount().returncode == 0
+
+
+def test_flush_progress_counts_the_bytes_of_an_upload_in_flight(eng, tmp_path):
+    """umount's progress: a big upload's remaining bytes go down while it streams, not only
+    when it ends."""
+    size = 24 * 1024 * 1024  # well beyond what socket buffers absorb
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "big.bin").write_bytes(os.urandom(size))
+        eng.set_options(stream_bytes_per_second=8 * 1024 * 1024)
+        answers = m.control({"cmd": "flush", "timeout": 120}, timeout=180)
+        eng.set_options(stream_bytes_per_second=0)
+        assert answers[-1].get("done"), answers[-1]
+        remaining = [a["progress"]["bytes"] for a in answers if "progress" in a]
+        assert remaining and remaining[0] <= size
+        assert any(0 < b < size for b in remaining), remaining
+        assert remaining == sorted(remaining, reverse=True)

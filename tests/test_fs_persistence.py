@@ -245,14 +245,18 @@ def test_tampered_ciphertext_gives_eio_never_wrong_bytes(engine, tmp_path):
 
 def test_wrong_key_is_detected_at_mount(engine, tmp_path):
     a = Mount(tmp_path / "a", engine.urls)
-    b = Mount(tmp_path / "b", engine.urls, username=a.username, register=False)  # a key of its own
+    b = Mount(tmp_path / "b", engine.urls, username=a.username, register=False, key_file=a.key_file)
+    # then a key of its own, behind init's back (init itself refuses a wrong key)
+    b.key_file.write_text(os.urandom(32).hex() + "\n")
+    cfg = b.root / "config" / "privifs" / "config.toml"
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("key_id")))
     try:
         a.mount()
         (a.dir / "f").write_text("x")
         a.wait_idle()
         a.umount()
         r = b.mount(check=False)
-        assert r.returncode == 1
+        assert r.returncode == 3
         assert "does not decrypt this vault" in r.stderr and r.stderr.count("\n") == 1
         assert not os.path.ismount(b.dir)
     finally:

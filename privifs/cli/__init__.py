@@ -1,30 +1,66 @@
 """The ``privifs`` command line: one sub-command per module in this package.
 
-Failures print one clear line (``privifs: error: …``) and exit non-zero; tracebacks are shown
-only with ``--debug``.
+Every failure ends in :func:`privifs.cli.failures.report`: one clear line and a documented exit
+code per kind of failure; tracebacks are shown only with ``--debug`` (unexpected errors also go
+to the CLI log).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import textwrap
 
-from privifs.errors import PrivifsError, first_privifs_error
+from privifs.cli.failures import EXIT_USAGE, report
+
+_MARKUP = re.compile(r"``([^`]*)``|:[a-z]+:`~?([^`]*)`")
+
+
+def plain(text: str | None) -> str | None:
+    """A docstring as help text: reStructuredText markup (````x````, ``:mod:`x```) removed."""
+    return None if text is None else _MARKUP.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2),
+                                                 text)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``privifs mount: error: …``) and help without markup."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        text = plain(kwargs.get("description"))
+        kwargs["description"] = textwrap.fill(text, 96) if text and "\n" not in text.strip() else text
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
-    from privifs.cli import engine_cmd, init_cmd, mount_cmd, token_cmd, verify_cmd
+    import privifs
+    from privifs.cli import (
+        backup_cmd,
+        engine_cmd,
+        init_cmd,
+        mount_cmd,
+        status_cmd,
+        token_cmd,
+        verify_cmd,
+    )
 
-    parser = argparse.ArgumentParser(prog="privifs", description=__import__("privifs").__doc__.splitlines()[0])
+    parser = Parser(prog="privifs", description=privifs.__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"privifs {privifs.__version__}")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     parser.add_argument("--config", type=Path, default=None,
                         help="configuration file (default $PRIVIFS_CONFIG or ~/.config/privifs/config.toml)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     init_cmd.register(sub)
     mount_cmd.register(sub)
+    status_cmd.register(sub)
     token_cmd.register(sub)
+    backup_cmd.register(sub)
     engine_cmd.register(sub)
     verify_cmd.register(sub)
     return parser
@@ -39,18 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "hypercorn.error", "trio-websocket"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return int(args.func(args) or 0)
-    except PrivifsError as exc:
-        if args.debug:
-            raise
-        print(f"privifs: error: {exc}", file=sys.stderr)
-        return 1
-    except BaseExceptionGroup as group:
-        inner = first_privifs_error(group)
-        if inner is None or args.debug:
-            raise
-        print(f"privifs: error: {inner}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("privifs: interrupted", file=sys.stderr)
-        return 130
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the one place every failure is reported
+        return report(exc, args.debug)

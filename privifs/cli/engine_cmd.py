@@ -1,4 +1,4 @@
-"""``privifs engine``: run the local Privicore-compatible engine in the foreground."""
+"""privifs engine: run the local Privicore-compatible engine in the foreground."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from pathlib import Path
 import trio
 
 from privifs import paths
+from privifs.cli.options import port
 from privifs.errors import ConfigError
 
 
@@ -16,11 +17,11 @@ def register(sub) -> None:
                        description="Run the local Privicore-compatible engine until SIGTERM or SIGINT.")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"where the engine keeps its state (default {paths.embedded_engine_dir()})")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--api-port", type=int, default=8009)
-    p.add_argument("--ws-port", type=int, default=8083)
-    p.add_argument("--upstream-port", type=int, default=8010)
-    p.add_argument("--downstream-port", type=int, default=8011)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    p.add_argument("--api-port", type=port, default=8009, help="REST API port (default 8009; 0: any free port)")
+    p.add_argument("--ws-port", type=port, default=8083, help="WebSocket port (default 8083)")
+    p.add_argument("--upstream-port", type=port, default=8010, help="upload stream port (default 8010)")
+    p.add_argument("--downstream-port", type=port, default=8011, help="download stream port (default 8011)")
     p.add_argument("--urls-file", type=Path, default=None,
                    help="write the servers' URLs here as JSON once every server listens")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",

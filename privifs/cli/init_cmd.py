@@ -1,9 +1,14 @@
-"""``privifs init``: write the configuration and keys, and optionally provision a new profile.
+"""privifs init: write the configuration and keys, and optionally register a new profile.
 
-Server URLs and credentials come from ``PRIVICORE_API_URL``, ``PRIVICORE_WS_URL``,
-``PRIVICORE_UPSTREAM_URL``, ``PRIVICORE_DOWNSTREAM_URL``, ``PRIVICORE_USERNAME`` and
-``PRIVICORE_PASSWORD`` (or a prompt, or ``--password-file``), never from arguments. With no
-server given, privifs provisions a profile on its embedded engine.
+Server URLs and credentials come from PRIVICORE_API_URL, PRIVICORE_WS_URL,
+PRIVICORE_UPSTREAM_URL, PRIVICORE_DOWNSTREAM_URL, PRIVICORE_USERNAME and PRIVICORE_PASSWORD
+(or a prompt, or --password-file), never from arguments. With no server given, privifs uses its
+embedded engine: it reuses the profile the engine's data already holds (a restored vault), or
+provisions a new one when there is none.
+
+The AES key (a new one, or a copy of --key-file) and the password are kept next to the
+configuration, mode 0600, and checked against the vault before the configuration is written.
+An existing key, password or identity key is never overwritten.
 """
 from __future__ import annotations
 
@@ -12,19 +17,27 @@ import getpass
 import os
 import secrets
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from privifs import paths
+from privifs.account import embedded_usernames
 from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
 from privifs.client.urls import validate_urls
-from privifs.config import Config, default_config_path, save
-from privifs.crypto.keys import generate_aes_key_file, generate_identity, key_id, load_aes_key, write_secret_file
+from privifs.config import SECRET_NAMES, Config, default_config_path, place_secret, save
+from privifs.crypto.keys import (
+    AES_KEY_SIZE,
+    generate_identity,
+    identity_public_key,
+    key_id,
+    load_aes_key,
+)
 from privifs.embedded import EmbeddedEngine
-from privifs.errors import ConfigError
+from privifs.errors import ConfigError, KeyFileError
 
 
 def register(sub) -> None:
@@ -32,8 +45,10 @@ def register(sub) -> None:
                        description=__doc__)
     p.add_argument("--register", action="store_true", help="register a new profile on the server")
     p.add_argument("--password-file", type=Path, help="read the password from this file")
-    p.add_argument("--key-file", type=Path, help="use this existing AES key file instead of creating one")
-    p.add_argument("--force", action="store_true", help="replace an existing configuration")
+    p.add_argument("--key-file", type=Path,
+                   help="use this existing AES key (copied next to the configuration) instead of a new one")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing configuration (keys and password are still never overwritten)")
     p.set_defaults(func=run)
 
 
@@ -63,39 +78,93 @@ def _username() -> str:
     return input("Privicore username: ").strip()
 
 
+def _read_secret(path: Path) -> str | None:
+    try:
+        return path.read_text().rstrip("\n")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+@dataclass
+class Plan:
+    """What init does: which account, whether it is new, and which key."""
+    username: str
+    password: str
+    register_new: bool
+    key: bytes
+    key_is_new: bool
+
+
+def _embedded_plan(args: argparse.Namespace, cfg_dir: Path, key: bytes | None) -> Plan:
+    """The embedded engine: reuse the profile its data holds (a restored vault) or make one."""
+    engine_dir = paths.embedded_engine_dir()
+    known = embedded_usernames(engine_dir)
+    stored_pw = _read_secret(cfg_dir / SECRET_NAMES["password_file"])
+    wanted = os.environ.get("PRIVICORE_USERNAME")
+    if known and not args.register:
+        if wanted and wanted not in known:
+            raise ConfigError(f"the embedded engine's data in {engine_dir} has no profile {wanted!r} "
+                              f"(it holds {', '.join(known)})")
+        if not wanted and len(known) > 1:
+            raise ConfigError(f"the embedded engine's data in {engine_dir} holds {len(known)} profiles "
+                              f"({', '.join(known)}); set PRIVICORE_USERNAME to the one to use")
+        password = stored_pw or os.environ.get("PRIVICORE_PASSWORD")
+        if password is None:
+            raise ConfigError(f"the embedded engine's data in {engine_dir} already holds a vault, but there is "
+                              f"no password file at {cfg_dir / 'password'}: restore it (or the whole backup "
+                              f"with 'privifs restore FILE'), or move {engine_dir} away to start a new vault")
+        if key is None:
+            raise KeyFileError(f"the embedded engine's data in {engine_dir} already holds a vault, but there is "
+                               f"no AES key at {cfg_dir / 'aes.key'}: restore the vault's key (or use "
+                               f"'privifs init --key-file KEY'); a new key could not read it")
+        return Plan(wanted or known[0], password, False, key, False)
+    username = wanted or f"privifs-{secrets.token_hex(4)}@localhost"
+    password = stored_pw or os.environ.get("PRIVICORE_PASSWORD") or secrets.token_urlsafe(24)
+    return Plan(username, password, True, key or os.urandom(AES_KEY_SIZE), key is None)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg_path = args.config or default_config_path()
     if cfg_path.exists() and not args.force:
         raise ConfigError(f"{cfg_path} already exists; use --force to replace it")
     cfg_dir = paths.private_dir(cfg_path.parent)
+    key_path = cfg_dir / SECRET_NAMES["aes_key_file"]
+    # the AES key: a copy of --key-file (refused if another key is already in place), or the one
+    # already next to the configuration, or (later) a new one
+    key = load_aes_key(key_path) if key_path.exists() else None
+    if args.key_file is not None:
+        given = load_aes_key(args.key_file.expanduser())
+        if key is not None and key != given:
+            raise KeyFileError(f"{key_path} already holds another AES key (fingerprint {key_id(key)}, "
+                               f"{args.key_file} has {key_id(given)}); privifs never overwrites a key: move "
+                               f"{key_path} away first if you mean to replace it")
+        key = given
     cfg = Config(path=cfg_path)
     api = os.environ.get("PRIVICORE_API_URL")
-    engine = None
     if api:
         cfg.embedded = False
         cfg.api = api.rstrip("/")
         cfg.ws = os.environ.get("PRIVICORE_WS_URL")
         cfg.upstream = os.environ.get("PRIVICORE_UPSTREAM_URL")
         cfg.downstream = os.environ.get("PRIVICORE_DOWNSTREAM_URL")
-        cfg.username = _username()
-        password = _password(args, confirm=args.register)
-        register_new = args.register
+        plan = Plan(_username(), _password(args, confirm=args.register), args.register,
+                    key or os.urandom(AES_KEY_SIZE), key is None)
     else:
         cfg.embedded = True
-        cfg.username = os.environ.get("PRIVICORE_USERNAME") or f"privifs-{secrets.token_hex(4)}@localhost"
-        password = os.environ.get("PRIVICORE_PASSWORD") or secrets.token_urlsafe(24)
-        register_new = True
-    # the AES key: an existing one, or a new one
-    if args.key_file is not None:
-        key = load_aes_key(args.key_file.expanduser())
-        cfg.aes_key_file = args.key_file.expanduser().resolve()
-    else:
-        cfg.aes_key_file = cfg_dir / "aes.key"
-        key = load_aes_key(cfg.aes_key_file) if cfg.aes_key_file.exists() else generate_aes_key_file(cfg.aes_key_file)
-    cfg.key_id = key_id(key)
-    cfg.password_file = cfg_dir / "password"
-    cfg.password_file.unlink(missing_ok=True)
-    write_secret_file(cfg.password_file, password.encode())
+        plan = _embedded_plan(args, cfg_dir, key)
+    cfg.username = plan.username
+    cfg.password_file = cfg_dir / SECRET_NAMES["password_file"]
+    cfg.aes_key_file = key_path
+    cfg.key_id = key_id(plan.key)
+    if plan.register_new:
+        # a new profile's password and identity must be kept before the server knows them
+        place_secret(cfg.password_file, plan.password.encode(), "password")
+    if plan.key_is_new:
+        # the key check the vault gets is written with this key: keep it first
+        place_secret(key_path, plan.key.hex().encode() + b"\n", "AES key")
+    engine = None
     try:
         if cfg.embedded:
             engine = EmbeddedEngine()
@@ -103,29 +172,43 @@ def run(args: argparse.Namespace) -> int:
         else:
             urls = trio.run(validate_urls, cfg.endpoints())  # scheme and reachability of all four
         endpoints = Endpoints.from_dict(urls)
-        if register_new:
-            identity, public = generate_identity()
-            cfg.identity_key_file = cfg_dir / "identity.key"
-            cfg.identity_key_file.unlink(missing_ok=True)
-            write_secret_file(cfg.identity_key_file, identity.hex().encode())
-            trio.run(register_profile, endpoints, cfg.username, password, public)
-        else:
-            trio.run(_check_login, endpoints, cfg.username, password)
+        if plan.register_new:
+            cfg.identity_key_file = cfg_dir / SECRET_NAMES["identity_key_file"]
+            identity = _read_secret(cfg.identity_key_file)
+            if identity is None:
+                raw, public = generate_identity()
+                place_secret(cfg.identity_key_file, raw.hex().encode(), "identity key")
+            else:
+                try:
+                    public = identity_public_key(bytes.fromhex(identity))
+                except ValueError:
+                    raise KeyFileError(f"{cfg.identity_key_file} is not an identity key; move it away") from None
+            trio.run(register_profile, endpoints, cfg.username, plan.password, public)
+        trio.run(_check_account, endpoints, cfg.username, plan.password, plan.key)
     finally:
         if engine is not None:
             engine.stop()
+    place_secret(cfg.password_file, plan.password.encode(), "password")
+    place_secret(key_path, plan.key.hex().encode() + b"\n", "AES key")
+    identity_file = cfg_dir / SECRET_NAMES["identity_key_file"]
+    if cfg.identity_key_file is None and identity_file.exists():
+        cfg.identity_key_file = identity_file
     save(cfg)
     print(f"configuration: {cfg_path}")
     print(f"server:        {cfg.server_label()}")
-    print(f"username:      {cfg.username}{' (registered now)' if register_new else ''}")
+    note = (" (registered now)" if plan.register_new
+            else " (the vault already in the embedded engine's data)" if cfg.embedded else "")
+    print(f"username:      {cfg.username}{note}")
     print(f"AES key:       {cfg.aes_key_file}  (fingerprint {cfg.key_id})")
-    print("Keep a copy of the AES key somewhere safe: without it the vault's data cannot be decrypted, "
-          "by anyone.")
+    print("Keep a copy of the AES key somewhere safe (or make a backup with 'privifs backup FILE'): "
+          "without it the vault's data cannot be decrypted, by anyone.")
     return 0
 
 
-async def _check_login(endpoints: Endpoints, username: str, password: str) -> None:
+async def _check_account(endpoints: Endpoints, username: str, password: str, key: bytes) -> None:
+    """Log in and check the key against the vault's key check (creating it on a new vault)."""
     from privifs.client.connect import connect
+    from privifs.keycheck import verify_key
 
-    async with connect(endpoints, PasswordCredentials(username, password)):
-        pass
+    async with connect(endpoints, PasswordCredentials(username, password)) as client:
+        await verify_key(client, client.vault(key))

@@ -1,10 +1,13 @@
-"""``privifs token …``: work on data tokens directly, without a mount — for scripts, debugging
-and recovery. ``put`` and ``get`` stream (bounded memory) and show progress on a terminal."""
+"""privifs token: work on data tokens directly, without a mount - for scripts, debugging and
+recovery. put and get stream (bounded memory) and show progress on a terminal. Every action
+first checks the AES key against the vault's key check, so a wrong key is refused before it can
+write anything."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,38 +20,43 @@ from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.sinks import BlockWriter
 from privifs.config import load
-from privifs.errors import NotFoundError, PrivifsError, single_error
+from privifs.cli.failures import LocalFileError
+from privifs.errors import NotFoundError, single_error
+from privifs.fs.tokenmeta import RESERVED_CONTEXT, same_context
+from privifs.keycheck import verify_key
 
 PIECE = 1024 * 1024
 PROGRESS_MIN = 8 * 1024 * 1024
 
 
 def register(sub) -> None:
-    p = sub.add_parser("token", help="list, store, fetch, rename and delete data tokens directly")
+    p = sub.add_parser("token", help="list, store, fetch, rename and delete data tokens directly",
+                       description=__doc__)
     tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    ls = tsub.add_parser("ls", help="list every token")
+
+    def action(name: str, text: str, fn):
+        a = tsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        a.set_defaults(func=run, action=fn)
+        return a
+
+    ls = action("ls", "list every token: size, date, context/name", _ls)
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
-    ls.set_defaults(func=run, action=_ls)
-    put = tsub.add_parser("put", help="encrypt and store a file; prints the permanent token")
-    put.add_argument("file", type=Path)
+    ls.add_argument("--all", action="store_true", help="also privifs' own tokens (the key check in /.privifs)")
+    put = action("put", "encrypt and store a file; prints the permanent token", _put)
+    put.add_argument("file", type=Path, help="a regular file")
     put.add_argument("--name", help="file name to record (default: the file's name)")
     put.add_argument("--context", default="/", help="context (directory) to record (default /)")
-    put.set_defaults(func=run, action=_put)
-    get = tsub.add_parser("get", help="fetch, verify and decrypt a token into a file")
+    get = action("get", "fetch, verify and decrypt a token into a file (written only if it verifies)", _get)
     get.add_argument("token")
-    get.add_argument("out", type=Path)
-    get.set_defaults(func=run, action=_get)
-    rm = tsub.add_parser("rm", help="delete a token")
+    get.add_argument("out", type=Path, help="the file to write, or a directory to write it into under its name")
+    rm = action("rm", "delete a token", _rm)
     rm.add_argument("token")
-    rm.set_defaults(func=run, action=_rm)
-    mv = tsub.add_parser("mv", help="rename a token or move it to another context")
+    mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
     mv.add_argument("token")
-    mv.add_argument("--name", required=True)
-    mv.add_argument("--context")
-    mv.set_defaults(func=run, action=_mv)
-    st = tsub.add_parser("stat", help="show a token's meta as JSON")
+    mv.add_argument("--name", required=True, help="the new file name")
+    mv.add_argument("--context", help="the new context (directory)")
+    st = action("stat", "show a token's meta as JSON", _stat)
     st.add_argument("token")
-    st.set_defaults(func=run, action=_stat)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     with open_account(cfg) as account:
         async def main() -> int:
             async with connect(account.endpoints, account.credentials) as client:
-                return await args.action(args, client, client.vault(account.key)) or 0
+                vault = client.vault(account.key)
+                await verify_key(client, vault)
+                return await args.action(args, client, vault) or 0
 
         return trio.run(main)
 
@@ -94,6 +104,8 @@ def split_name(name: str) -> str:
 
 async def _ls(args, client, vault) -> int:
     async for info in client.tokens.list():
+        if not args.all and same_context(info.context, RESERVED_CONTEXT):
+            continue
         if args.json:
             print(json.dumps({"token": info.token, "context": info.context, "fileName": info.file_name,
                               "extension": info.extension, "size": info.size, "path": info.path,
@@ -108,9 +120,16 @@ async def _ls(args, client, vault) -> int:
 async def _put(args, client, vault) -> int:
     path: Path = args.file
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
-        raise PrivifsError(f"cannot read {path}: {exc.strerror}") from None
+        raise LocalFileError(f"cannot read {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise LocalFileError(f"{path} is a directory; 'token put' stores one file (a mount stores trees)")
+    if not stat.S_ISREG(st.st_mode):
+        raise LocalFileError(f"{path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise LocalFileError(f"cannot read {path}: permission denied")
+    size = st.st_size
     name = args.name or path.name
     progress = Progress(f"put {name}", size)
 
@@ -193,14 +212,32 @@ def _umask() -> int:
     return mask
 
 
+def output_path(out: Path, name: str | None) -> Path:
+    """Where ``token get`` writes: ``out``, or ``out/name`` when ``out`` is a directory; its
+    directory must exist (checked before anything is downloaded)."""
+    if out.is_dir():
+        if not name:
+            raise LocalFileError(f"{out} is a directory and the token has no file name; name the output file")
+        out = out / name
+        if out.is_dir():
+            raise LocalFileError(f"{out} is a directory")
+    parent = out.parent
+    if not parent.is_dir():
+        raise LocalFileError(f"cannot write {out}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise LocalFileError(f"cannot write {out}: permission denied on {parent}")
+    return out
+
+
 async def _get(args, client, vault) -> int:
     info = await _find(client, args.token)
+    out = output_path(args.out, info.file_name)
     progress = Progress(f"get {info.file_name or args.token}", info.size or 0)
     sink = None
     try:
         with single_error():
             async with trio.open_nursery() as nursery:
-                sink = FileSink(args.out, progress, nursery)
+                sink = FileSink(out, progress, nursery)
                 await vault.get(args.token, sink, size=info.size)
                 await sink.finish()
         sink.commit()

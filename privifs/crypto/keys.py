@@ -51,8 +51,8 @@ def load_aes_key(path: Path) -> bytes:
         st = path.stat()
         text = path.read_text("ascii").strip()
     except FileNotFoundError:
-        raise KeyFileError(f"AES key file {path} does not exist; run 'privifs init' or point "
-                           f"key_file in the config at your key") from None
+        raise KeyFileError(f"AES key file {path} does not exist; restore it (or run 'privifs init "
+                           f"--key-file YOUR_KEY', or point aes_key_file in the config at it)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"cannot read AES key file {path}: {exc}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):

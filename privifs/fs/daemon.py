@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -34,13 +33,15 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
-from privifs.client.datatokens import FileMeta
-from privifs.client.shapes import TokenInfo
 from privifs.client.transport import ClientOptions
 from privifs.client.vault import Vault
 from privifs.config import Config
 from privifs.crypto.sealed import local_key
-from privifs.errors import ConfigError, IntegrityError, PrivifsError, WrongKeyError, single_error
+from privifs.errors import (
+    ConfigError,
+    PrivifsError,
+    single_error,
+)
 from privifs.fs.cache import ContentCache
 from privifs.fs.connector import Connector, VaultLink
 from privifs.fs.filesystem import Filesystem, MountOptions
@@ -49,12 +50,11 @@ from privifs.fs.operations import Operations
 from privifs.fs.refresh import Refresher
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
-from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context
+from privifs.keycheck import check_key
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.daemon")
 
-KEYCHECK_MAGIC = b"privifs key check v1\n"
 DRAIN_AFTER_UNMOUNT = 60.0
 UNREACHABLE_GRACE = 10.0
 
@@ -114,34 +114,6 @@ def registered_mounts() -> list[dict]:
         except (OSError, ValueError, KeyError):
             f.unlink(missing_ok=True)
     return out
-
-
-async def check_key(vault: Vault, infos: list[TokenInfo]) -> None:
-    """Fail with WrongKeyError unless the AES key decrypts this vault; create the key check."""
-    checks = [i for i in infos if same_context(i.context, RESERVED_CONTEXT) and i.file_name == KEYCHECK_NAME]
-    if checks:
-        try:
-            data = await vault.get_bytes(checks[0].token)
-        except IntegrityError:
-            raise WrongKeyError("the configured AES key does not decrypt this vault (its key-check token "
-                                "fails authentication); use the key this vault was created with") from None
-        if not data.startswith(KEYCHECK_MAGIC):
-            raise WrongKeyError("this vault's key-check token holds unexpected content")
-        return
-    ours = sorted((i for i in infos if "privifs.type" in i.risk and (i.size or 0) <= 65536),
-                  key=lambda i: i.size or 0)[:3]
-    if ours:
-        failures = 0
-        for info in ours:
-            try:
-                await vault.get_bytes(info.token)
-            except IntegrityError:
-                failures += 1
-        if failures == len(ours):
-            raise WrongKeyError("the configured AES key decrypts none of this vault's files; use the key "
-                                "this vault was created with")
-    await vault.put_bytes(KEYCHECK_MAGIC + secrets.token_bytes(32),
-                          FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"))
 
 
 class Daemon:
@@ -319,7 +291,8 @@ class Daemon:
             deletes = syncer.tombstone_count()
             if not pending and not deletes:
                 return {"done": True}
-            size = sum(n.size for n in pending if n.content_dirty)
+            size = sum(n.size - (syncer.sent.get(n.ino, 0) if n.uploading else 0)
+                       for n in pending if n.content_dirty)  # bytes still to upload
             if progress is not None:
                 await progress({"pending": len(pending), "bytes": size, "deletes": deletes,
                                 "uploading": [self.fs.path(n) for n in pending if n.uploading][:5]})

@@ -105,6 +105,7 @@ class Syncer:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.uploads = 0
+        self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
 
@@ -225,8 +226,10 @@ class Syncer:
             self._finish_commit(node.staged, exc)
         self.schedule(node)
 
-    async def _plaintext(self, staged: StagedFile) -> AsyncIterator[bytes]:
+    async def _plaintext(self, staged: StagedFile, ino: int) -> AsyncIterator[bytes]:
+        self.sent[ino] = 0  # each attempt streams from the start
         for piece in staged.sealed.chunks(PIECE_CHUNKS):
+            self.sent[ino] += len(piece)
             yield piece
 
     def _target(self, node: Node) -> tuple[str, str, str, str]:
@@ -277,13 +280,14 @@ class Syncer:
         self.index.save(node)
         try:
             with self._claiming(context, name):
-                token = await self.vault.put_stream(lambda: self._plaintext(staged), size,
+                token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size,
                                                     FileMeta(name, extension, context, size, path))
                 keep = (replaced is not None and replaced != token
                         and await self._moved_elsewhere(replaced, seen_at))
                 self._record_content(node, staged, token, context, name, extension, keep_old=keep)
         finally:
             node.uploading = False
+            self.sent.pop(node.ino, None)
             if node.staged is staged:
                 staged.frozen = False
             if node.unlinked:

@@ -1,0 +1,320 @@
+"""Backups of a vault's account: one file from which ``privifs restore`` rebuilds a working
+vault on a clean machine.
+
+The file is a tar archive, mode 0600:
+
+* ``privifs-backup.json`` (clear): format version, creation time, whether the vault is on the
+  embedded engine, and the parameters of the passphrase's key derivation (scrypt, with a random
+  salt) and of the encryption (AES-256-GCM nonce);
+* ``secrets.bin``: AES-256-GCM, under the key scrypt derives from the passphrase (the clear
+  header is its associated data), of a small tar holding ``account.json`` (server, username,
+  key fingerprint, mount settings, the AES key, password, identity key or OAuth tokens, the
+  engine's own secrets and the list of blobs) and, for the embedded engine, ``engine.sqlite3``
+  (a consistent copy made with SQLite's backup API);
+* ``engine/blobs/<xx>/<id>``: the embedded engine's blob files as they are: the vault's
+  ciphertext, already encrypted and authenticated with the vault's AES key.
+
+A backup of the embedded engine holds the engine's lock while it copies, so no engine runs and
+the database and blobs match. A restore writes nothing over an existing configuration, secret
+or engine database.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import io
+import json
+import os
+import re
+import sqlite3
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from privifs import paths
+from privifs.config import SECRET_NAMES, Config, load, place_secret, save
+from privifs.errors import ConfigError
+
+FORMAT = 1
+HEADER = "privifs-backup.json"
+SECRETS = "secrets.bin"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+MIN_PASSPHRASE = 8
+ENGINE_SECRETS = ("admin-token", "cab-identity.key")
+BLOB_NAME = re.compile(r"^engine/blobs/([0-9a-f]{2})/([0-9a-f]{8,128})$")
+COPY_BLOCK = 1024 * 1024
+
+
+class BackupError(ConfigError):
+    """A backup cannot be made or restored (wrong passphrase, damaged file, engine running)."""
+
+
+def _derive(passphrase: str, kdf: dict) -> bytes:
+    if kdf.get("name") != "scrypt":
+        raise BackupError(f"this backup uses an unknown key derivation {kdf.get('name')!r}")
+    return Scrypt(salt=bytes.fromhex(kdf["salt"]), length=32, n=int(kdf["n"]), r=int(kdf["r"]),
+                  p=int(kdf["p"])).derive(passphrase.encode())
+
+
+def check_passphrase(passphrase: str) -> str:
+    if len(passphrase) < MIN_PASSPHRASE:
+        raise BackupError(f"the backup passphrase must have at least {MIN_PASSPHRASE} characters")
+    return passphrase
+
+
+@contextmanager
+def engine_locked(data_dir: Path) -> Iterator[None]:
+    """Hold the embedded engine's lock: no engine runs on ``data_dir`` meanwhile."""
+    paths.private_dir(data_dir)
+    with open(data_dir / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BackupError(f"the embedded engine is running on {data_dir} (a mount or a token command); "
+                              f"unmount ('privifs umount DIR') and try again") from None
+        yield
+
+
+def _read(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return base64.b64encode(path.read_bytes()).decode()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+@dataclass
+class Summary:
+    username: str | None
+    embedded: bool
+    blobs: int
+    blob_bytes: int
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _account_doc(cfg: Config) -> dict:
+    secrets = {}
+    for attr, name in SECRET_NAMES.items():
+        value = _read(getattr(cfg, attr), name)
+        if value is not None:
+            secrets[name] = value
+    if "aes.key" not in secrets:
+        raise ConfigError(f"no AES key is configured in {cfg.path}; nothing to back up")
+    return {"server": {"embedded": cfg.embedded, "api": cfg.api, "ws": cfg.ws, "upstream": cfg.upstream,
+                       "downstream": cfg.downstream},
+            "username": cfg.username, "key_id": cfg.key_id, "mount": cfg.mount, "secrets": secrets}
+
+
+def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path, str]]]:
+    """The engine's database (SQLite backup API), its secrets and its blob files (by name)."""
+    db = data_dir / "engine.sqlite3"
+    if not db.exists():
+        raise BackupError(f"the embedded engine has no database in {data_dir}; nothing to back up")
+    src = sqlite3.connect(db)
+    try:
+        mem = sqlite3.connect(":memory:")
+        src.backup(mem)
+        referenced = {r[0] for r in mem.execute("SELECT blob_id FROM data_tokens WHERE blob_id IS NOT NULL")}
+        image = mem.serialize()
+        mem.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot copy the engine's database {db}: {exc}") from None
+    finally:
+        src.close()
+    doc["engine"] = {name: _read(data_dir / name, f"engine's {name}")
+                     for name in ENGINE_SECRETS if (data_dir / name).exists()}
+    blobs = []
+    for blob_id in sorted(referenced):
+        path = data_dir / "blobs" / blob_id[:2] / blob_id
+        if not path.is_file():
+            raise BackupError(f"the engine's blob {path} is missing; the vault is damaged ('privifs verify' "
+                              f"tells which file); nothing was written")
+        blobs.append((path, f"engine/blobs/{blob_id[:2]}/{blob_id}"))
+    doc["blobs"] = {arc: path.stat().st_size for path, arc in blobs}
+    return image, blobs
+
+
+Progress = Callable[[int, int], None]
+
+
+def write_backup(cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | None = None,
+                 progress: Progress | None = None) -> Summary:
+    """Write a backup of ``cfg``'s account (and embedded engine) to ``out`` (which must not exist);
+    ``progress(done, total)`` follows the bytes of data copied."""
+    check_passphrase(passphrase)
+    if out.exists():
+        raise BackupError(f"{out} already exists; choose another name (a backup is never overwritten)")
+    if not out.parent.is_dir():
+        raise BackupError(f"the directory {out.parent} does not exist")
+    doc = _account_doc(cfg)
+    engine_dir = engine_dir or paths.embedded_engine_dir()
+    header = {"format": FORMAT, "created": time.time(), "embedded": cfg.embedded,
+              "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "salt": os.urandom(16).hex()},
+              "cipher": {"name": "AES-256-GCM", "nonce": os.urandom(12).hex()}}
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    key = _derive(passphrase, header["kdf"])
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    lock = engine_locked(engine_dir) if cfg.embedded else _nothing()
+    with lock:
+        members: dict[str, bytes] = {}
+        blobs: list[tuple[Path, str]] = []
+        if cfg.embedded:
+            members["engine.sqlite3"], blobs = _engine_snapshot(engine_dir, doc)
+        members["account.json"] = json.dumps(doc).encode()
+        sealed = AESGCM(key).encrypt(bytes.fromhex(header["cipher"]["nonce"]), _tar_bytes(members), header_bytes)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                with tarfile.open(fileobj=f, mode="w") as tar:
+                    for name, data in ((HEADER, header_bytes), (SECRETS, sealed)):
+                        info = tarfile.TarInfo(name)
+                        info.size, info.mode, info.mtime = len(data), 0o600, int(header["created"])
+                        tar.addfile(info, io.BytesIO(data))
+                    total, done = sum(doc.get("blobs", {}).values()), 0
+                    for path, arc in blobs:
+                        info = tarfile.TarInfo(arc)
+                        info.size, info.mode, info.mtime = doc["blobs"][arc], 0o600, int(header["created"])
+                        with open(path, "rb") as blob:
+                            tar.addfile(info, blob)
+                        done += info.size
+                        if progress is not None:
+                            progress(done, total)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, out)
+        except FileExistsError:
+            raise BackupError(f"{out} appeared meanwhile; choose another name") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return Summary(cfg.username, cfg.embedded, len(blobs), sum(doc.get("blobs", {}).values()))
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str, bytes]]:
+    try:
+        header_bytes = tar.extractfile(HEADER).read()
+        sealed = tar.extractfile(SECRETS).read()
+        header = json.loads(header_bytes)
+    except (KeyError, AttributeError, ValueError, tarfile.TarError):
+        raise BackupError("this is not a privifs backup (or it is damaged)") from None
+    if header.get("format") != FORMAT:
+        raise BackupError(f"this backup has format {header.get('format')!r}; this privifs reads format {FORMAT}")
+    try:
+        plain = AESGCM(_derive(passphrase, header["kdf"])).decrypt(bytes.fromhex(header["cipher"]["nonce"]),
+                                                                   sealed, header_bytes)
+    except InvalidTag:
+        raise BackupError("wrong passphrase, or the backup is damaged") from None
+    with tarfile.open(fileobj=io.BytesIO(plain)) as inner:
+        members = {m.name: inner.extractfile(m).read() for m in inner.getmembers() if m.isfile()}
+    return header, members
+
+
+def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Path | None = None,
+                   progress: Progress | None = None) -> Summary:
+    """Rebuild the configuration, secrets and (embedded) engine data of a backup onto a machine
+    that has none of them; a wrong passphrase, a damaged file or anything already in place stops
+    it before it writes anything."""
+    if cfg_path.exists():
+        raise BackupError(f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
+                          f"privifs never overwrites a configuration or a secret")
+    engine_dir = engine_dir or paths.embedded_engine_dir()
+    try:
+        tar = tarfile.open(src)
+    except FileNotFoundError:
+        raise BackupError(f"{src} does not exist") from None
+    except (OSError, tarfile.TarError) as exc:
+        raise BackupError(f"cannot read the backup {src}: {exc}") from None
+    with tar:
+        header, members = _open_secrets(tar, passphrase)
+        doc = json.loads(members["account.json"])
+        cfg_dir = cfg_path.parent
+        secrets = {name: base64.b64decode(v) for name, v in doc["secrets"].items() if name in SECRET_NAMES.values()}
+        for name, data in secrets.items():  # refuse before writing anything
+            target = cfg_dir / name
+            if target.exists() and target.read_bytes().strip() != data.strip():
+                raise BackupError(f"{target} already holds a different secret; privifs never overwrites a "
+                                  f"secret: move it away (or restore into a clean home)")
+        embedded = bool(doc["server"].get("embedded"))
+        blobs = doc.get("blobs", {})
+        if embedded:
+            if (engine_dir / "engine.sqlite3").exists():
+                raise BackupError(f"the embedded engine's data in {engine_dir} already holds a vault; move it "
+                                  f"away to restore this backup")
+            with engine_locked(engine_dir):
+                seen = _restore_blobs(tar, engine_dir, blobs, progress)
+                missing = sorted(set(blobs) - seen)
+                if missing:
+                    raise BackupError(f"the backup lacks {len(missing)} of its {len(blobs)} data files "
+                                      f"(e.g. {missing[0]}); it is damaged")
+                for name, value in doc.get("engine", {}).items():
+                    if name in ENGINE_SECRETS:
+                        place_secret(engine_dir / name, base64.b64decode(value), f"engine {name}")
+                db_tmp = engine_dir / ".engine.sqlite3.restoring"
+                _write_private(db_tmp, members["engine.sqlite3"])
+                os.replace(db_tmp, engine_dir / "engine.sqlite3")
+    paths.private_dir(cfg_dir)
+    cfg = Config(path=cfg_path, embedded=embedded, api=doc["server"].get("api"), ws=doc["server"].get("ws"),
+                 upstream=doc["server"].get("upstream"), downstream=doc["server"].get("downstream"),
+                 username=doc.get("username"), key_id=doc.get("key_id"), mount=dict(doc.get("mount") or {}))
+    for attr, name in SECRET_NAMES.items():
+        if name in secrets:
+            setattr(cfg, attr, place_secret(cfg_dir / name, secrets[name], name))
+    save(cfg)
+    load(cfg_path)
+    return Summary(cfg.username, embedded, len(blobs), sum(blobs.values()))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _restore_blobs(tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int],
+                   progress: Progress | None) -> set[str]:
+    seen = set()
+    total, done = sum(expected.values()), 0
+    for member in tar:
+        m = BLOB_NAME.match(member.name)
+        if m is None or not member.isfile() or member.name not in expected:
+            continue
+        if member.size != expected[member.name]:
+            raise BackupError(f"{member.name} in the backup has {member.size} bytes, not {expected[member.name]}; "
+                              f"the backup is damaged")
+        target_dir = paths.private_dir(engine_dir / "blobs" / m.group(1))
+        target = target_dir / m.group(2)
+        source = tar.extractfile(member)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            while block := source.read(COPY_BLOCK):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        seen.add(member.name)
+        done += member.size
+        if progress is not None:
+            progress(done, total)
+    return seen

@@ -1,0 +1,96 @@
+"""privifs backup and privifs restore: one passphrase-protected file that rebuilds the vault.
+
+backup FILE writes the AES key, the account (configuration, password or OAuth tokens, identity
+key) and, when the vault is on the embedded engine, the engine's data (a consistent copy, taken
+with the engine stopped: unmount first). The secrets are encrypted with a key derived from a
+passphrase (scrypt, AES-256-GCM); the file is mode 0600. restore FILE rebuilds all of it on a
+clean home and refuses to overwrite an existing configuration, secret or engine data.
+
+The passphrase comes from --passphrase-file, PRIVIFS_BACKUP_PASSPHRASE, or a prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+
+from privifs.backup import restore_backup, write_backup
+from privifs.config import default_config_path, load
+from privifs.errors import ConfigError
+
+
+def register(sub) -> None:
+    b = sub.add_parser("backup", help="write the key, account and embedded engine data to a protected file",
+                       description=__doc__)
+    b.add_argument("file", type=Path, help="the backup file to create (never overwritten)")
+    b.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
+    b.set_defaults(func=run_backup)
+    r = sub.add_parser("restore", help="rebuild the configuration, key and vault from a backup on a clean home",
+                       description=__doc__)
+    r.add_argument("file", type=Path, help="a file made by 'privifs backup'")
+    r.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
+    r.set_defaults(func=run_restore)
+
+
+def passphrase(args: argparse.Namespace, confirm: bool) -> str:
+    if args.passphrase_file is not None:
+        try:
+            return args.passphrase_file.read_text().rstrip("\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.passphrase_file}: {exc.strerror}") from None
+    env = os.environ.get("PRIVIFS_BACKUP_PASSPHRASE")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise ConfigError("no passphrase: set PRIVIFS_BACKUP_PASSPHRASE, use --passphrase-file, or run on a terminal")
+    text = getpass.getpass("Backup passphrase: ")
+    if confirm and getpass.getpass("Repeat the passphrase: ") != text:
+        raise ConfigError("the passphrases differ")
+    return text
+
+
+class TerminalProgress:
+    """``label: 12.0 of 40.0 MiB`` on one refreshed line of a terminal; silent otherwise."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.shown = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.shown:
+            sys.stderr.write(f"\r\x1b[K{self.label}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB")
+            sys.stderr.flush()
+
+    def __enter__(self) -> "TerminalProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    secret = passphrase(args, confirm=True)
+    with TerminalProgress("backing up the vault's data") as progress:
+        summary = write_backup(cfg, args.file, secret, progress=progress)
+    data = (f", the embedded engine's data ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
+            if summary.embedded else " (the data stays on the server)")
+    print(f"backup written to {args.file}: key, account of {summary.username}{data}")
+    print("Keep it and its passphrase apart; 'privifs restore FILE' rebuilds the vault on a clean home.")
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    cfg_path = args.config or default_config_path()
+    secret = passphrase(args, confirm=False)
+    with TerminalProgress("restoring the vault's data") as progress:
+        summary = restore_backup(args.file, secret, cfg_path, progress=progress)
+    where = (f"the embedded engine ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
+             if summary.embedded else "the server")
+    print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
+    print("Mount it with 'privifs mount DIR'.")
+    return 0

@@ -1,0 +1,145 @@
+"""How the command line ends: one exit code per kind of failure, one line per message, and no
+traceback for anything but ``--debug``.
+
+=====  ==========================================================================================
+code   meaning
+=====  ==========================================================================================
+0      done
+1      the vault or server refused or failed (unknown token, wrong password, rejected command)
+2      bad command line: unknown option, bad value (``--refresh-interval 0``)
+3      configuration or keys: missing or invalid configuration, unreadable, wrong or foreign key
+4      a local file or directory: missing, a directory where a file is expected, no permission,
+       full disk
+5      the server cannot be reached
+6      integrity failure: data that fails authentication (tampered, or another key)
+7      ``umount``: unmounted, but changes stay staged (uploaded at the next mount)
+8      ``status MOUNTPOINT``: the mount is dead (its daemon crashed or was killed)
+70     an unexpected internal error: a short message here, the traceback in the CLI log
+130    interrupted (Ctrl-C)
+141    the output pipe closed early (``privifs status | head -1``); nothing is printed
+=====  ==========================================================================================
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from privifs import paths
+from privifs.errors import (ConfigError, DiskFullError, IntegrityError, KeyFileError, LocalStoreError,
+                            PrivifsError, ServerUnreachable, WrongKeyError)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_LOCAL = 4
+EXIT_UNREACHABLE = 5
+EXIT_INTEGRITY = 6
+EXIT_STAGED = 7
+EXIT_DEAD_MOUNT = 8
+EXIT_BUG = 70
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
+
+
+class LocalFileError(PrivifsError):
+    """A file or directory the user named cannot be used as asked."""
+
+
+class ExitStatus(PrivifsError):
+    """A command's outcome that is reported as ``message`` with a specific exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def exit_code(exc: PrivifsError) -> int:
+    if isinstance(exc, ExitStatus):
+        return exc.code
+    if isinstance(exc, (ConfigError, KeyFileError, WrongKeyError)):
+        return EXIT_CONFIG
+    if isinstance(exc, (LocalFileError, LocalStoreError, DiskFullError)):
+        return EXIT_LOCAL
+    if isinstance(exc, ServerUnreachable):
+        return EXIT_UNREACHABLE
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY
+    return EXIT_FAILED
+
+
+def os_error_message(exc: OSError) -> str:
+    what = exc.strerror or str(exc)
+    names = [n for n in (exc.filename, exc.filename2) if n]
+    return f"{what}: {' -> '.join(map(str, names))}" if names else what
+
+
+def _leaves(exc: BaseException):
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def cli_log_path() -> Path:
+    return paths.state_dir() / "cli.log"
+
+
+def _log_bug(exc: BaseException) -> Path | None:
+    """Append the traceback to the CLI log (rotated, 0600); None if even that is impossible."""
+    path = cli_log_path()
+    try:
+        paths.private_dir(path.parent)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=1 << 20, backupCount=2)
+        os.chmod(path, 0o600)
+        record = logging.LogRecord("privifs.cli", logging.ERROR, __file__, 0, "unexpected error in %s",
+                                   (" ".join(sys.argv),), None)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.emit(record)
+        handler.stream.write("".join(traceback.format_exception(exc)))
+        handler.close()
+        return path
+    except OSError:
+        return None
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so the flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def report(exc: BaseException, debug: bool) -> int:
+    """Print one line for ``exc`` (the traceback too with ``--debug``) and return the exit code."""
+    leaves = list(_leaves(exc))
+    if any(isinstance(e, BrokenPipeError) for e in leaves):
+        _silence_stdout()
+        return EXIT_PIPE
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        print("privifs: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if debug:
+        traceback.print_exception(exc)
+    known = next((e for e in leaves if isinstance(e, PrivifsError)), None)
+    if known is not None:
+        print(f"privifs: error: {known}", file=sys.stderr)
+        return exit_code(known)
+    oserr = next((e for e in leaves if isinstance(e, OSError)), None)
+    if oserr is not None:
+        print(f"privifs: error: {os_error_message(oserr)}", file=sys.stderr)
+        return EXIT_LOCAL
+    where = _log_bug(exc)
+    first = leaves[0] if leaves else exc
+    print(f"privifs: internal error: {type(first).__name__}: {first}; "
+          + (f"the details are in {where} (please report it)" if where else "run again with --debug for details"),
+          file=sys.stderr)
+    return EXIT_BUG

@@ -1,0 +1,119 @@
+"""The kernel's table of privifs mounts: which exist, which are dead (their daemon crashed or was
+killed: every access fails with ENOTCONN), how to detach a dead one, and which daemon serves a
+mountpoint."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from privifs.cli.failures import LocalFileError
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def privifs_mounts() -> list[str]:
+    """Mountpoints of every privifs FUSE mount the kernel knows (live or dead)."""
+    try:
+        with open("/proc/mounts") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return []
+    return [_unescape(r[1]) for r in rows if len(r) > 2 and r[2] == "fuse.privifs"]
+
+
+def is_fuse_mount(path: Path) -> bool:
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            return any(_unescape(line.split()[1]) == real and "fuse" in line.split()[2] for line in f)
+    except OSError:
+        return False
+
+
+def dead_mounts(candidates: list[str], timeout: float = 3.0) -> list[str]:
+    """Those of ``candidates`` that are FUSE mounts whose daemon is gone (ENOTCONN). Each stat
+    runs on its own thread, all at once, so a hung daemon cannot hang the caller."""
+    results: dict[str, int | None] = {}
+
+    def probe(path: str) -> None:
+        try:
+            os.stat(path)
+            results[path] = None
+        except OSError as exc:
+            results[path] = exc.errno
+
+    threads = [threading.Thread(target=probe, args=(p,), daemon=True) for p in candidates]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [p for p in candidates if results.get(p) in (errno.ENOTCONN, errno.ECONNABORTED)]
+
+
+def is_dead_mount(path: str | Path, timeout: float = 3.0) -> bool:
+    return bool(dead_mounts([str(path)], timeout))
+
+
+def clean_dead_mount(path: str | Path) -> None:
+    """Detach a dead FUSE mount (fusermount3 -u, lazily if it is busy)."""
+    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)],
+                ["umount", "-l", str(path)]):
+        try:
+            if subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0:
+                return
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    raise LocalFileError(f"{path} is a dead mount and could not be unmounted; run 'umount -l {path}' as root")
+
+
+def registered_entry(mountpoint: Path) -> dict | None:
+    from privifs.fs.daemon import registered_mounts
+
+    real = os.path.realpath(mountpoint)
+    for entry in registered_mounts():
+        if entry["mountpoint"] == real:
+            return entry
+    return None
+
+
+def _vault_markers() -> list[tuple[str, Path]]:
+    """(mountpoint, state dir) of this user's vaults, as their daemons last recorded them."""
+    from privifs import paths
+
+    out = []
+    for marker in (paths.state_dir() / "vaults").glob("*/mountpoint"):
+        try:
+            out.append((marker.read_text().strip(), marker.parent))
+        except OSError:
+            continue
+    return out
+
+
+def my_mountpoints() -> set[str]:
+    """Mountpoints this user's vaults were last mounted at (to tell their dead mounts from
+    other users')."""
+    return {mp for mp, _ in _vault_markers()}
+
+
+def staged_left(mountpoint: str | Path) -> tuple[int, Path] | None:
+    """How many files the last daemon of ``mountpoint`` left staged (not uploaded), and where;
+    None if its state directory is not the default one or holds nothing staged."""
+    real = os.path.realpath(mountpoint)
+    for mp, state in _vault_markers():
+        if mp != real:
+            continue
+        try:
+            staged = [f for f in (state / "staging").iterdir() if f.is_file()]
+        except OSError:
+            continue
+        if staged:
+            return len(staged), state
+    return None

@@ -1,0 +1,189 @@
+"""Backup and restore as a user meets them: a vault on the embedded engine made through a real
+mount, backed up, restored on a clean home (its own XDG directories) and mounted again; and a
+copied vault without its configuration, which must be reused, never replaced by an empty one."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import stat
+
+import pytest
+
+from tests.mountkit import Mount, privifs
+
+PASS = "correct horse battery staple"
+FILES = {"notes.txt": b"remember the milk\n", "photos/big.bin": os.urandom(700_000),
+         "photos/small.bin": os.urandom(10_000), "empty": b""}
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> Mount:
+    """An embedded vault with FILES, made through a real mount (uploaded, unmounted)."""
+    m = Mount(tmp_path_factory.mktemp("vault") / "home", None)
+    with m.mounted():
+        (m.dir / "photos").mkdir()
+        (m.dir / "emptydir").mkdir()
+        for name, data in FILES.items():
+            (m.dir / name).write_bytes(data)
+        m.umount()
+    return m
+
+
+@pytest.fixture(scope="module")
+def vault(original):
+    """The vault and a backup of it."""
+    backup = original.root.parent / "vault.backup"
+    privifs(dict(original.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "backup", str(backup))
+    return original, backup
+
+
+def config_dir(m: Mount):
+    return m.root / "config" / "privifs"
+
+
+def engine_dir(m: Mount):
+    return m.root / "data" / "privifs" / "engine"
+
+
+def profiles(m: Mount) -> list[str]:
+    with sqlite3.connect(engine_dir(m) / "engine.sqlite3") as conn:
+        return [r[0] for r in conn.execute("SELECT username FROM profiles")]
+
+
+def assert_every_file(m: Mount) -> None:
+    for name, data in FILES.items():
+        assert digest((m.dir / name).read_bytes()) == digest(data), name
+    assert (m.dir / "emptydir").is_dir()
+
+
+def test_backup_restores_every_file_on_a_clean_home(vault, tmp_path):
+    _, backup = vault
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    raw = backup.read_bytes()
+    for secret in ("aes.key", "password"):
+        assert (config_dir(vault[0]) / secret).read_text().strip().encode() not in raw
+    fresh = Mount(tmp_path / "fresh", None)
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    out = privifs(env, "restore", str(backup)).stdout
+    assert "restored the vault" in out
+    for name in ("config.toml", "aes.key", "password"):
+        assert stat.S_IMODE((config_dir(fresh) / name).stat().st_mode) == 0o600, name
+    with fresh.mounted():
+        assert_every_file(fresh)
+    assert profiles(fresh) == profiles(vault[0])
+
+
+def test_restore_refuses_a_wrong_passphrase_and_existing_secrets(vault, tmp_path):
+    _, backup = vault
+    fresh = Mount(tmp_path / "fresh", None)
+    wrong = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE="not the passphrase"), "restore", str(backup),
+                    check=False)
+    assert wrong.returncode == 3 and "wrong passphrase" in wrong.stderr and "Traceback" not in wrong.stderr
+    assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
+    other_key = os.urandom(32).hex() + "\n"
+    config_dir(fresh).mkdir(parents=True)
+    (config_dir(fresh) / "aes.key").write_text(other_key)
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup), check=False)
+    assert r.returncode == 3 and "never overwrites a secret" in r.stderr
+    assert (config_dir(fresh) / "aes.key").read_text() == other_key
+    assert not (config_dir(fresh) / "config.toml").exists()
+
+
+def test_mount_reuses_a_copied_embedded_vault_and_never_overwrites_its_password(original, tmp_path):
+    """The old defect: a copy of aes.key, password and the engine's data without config.toml
+    registered a new profile, overwrote the password and mounted an empty drive."""
+    copy = Mount(tmp_path / "copy", None)
+    config_dir(copy).mkdir(parents=True)
+    for name in ("aes.key", "password"):
+        shutil.copy2(config_dir(original) / name, config_dir(copy) / name)
+    shutil.copytree(engine_dir(original), engine_dir(copy))
+    password = (config_dir(copy) / "password").read_bytes()
+    with copy.mounted():
+        assert_every_file(copy)
+    assert (config_dir(copy) / "password").read_bytes() == password
+    assert profiles(copy) == profiles(original)
+
+
+def test_mount_refuses_a_copied_embedded_vault_without_its_key_or_password(original, tmp_path):
+    copy = Mount(tmp_path / "copy", None)
+    shutil.copytree(engine_dir(original), engine_dir(copy))
+    r = copy.mount(check=False)
+    assert r.returncode == 3 and "already holds a vault" in r.stderr and "password" in r.stderr
+    assert not (config_dir(copy) / "config.toml").exists() and not (config_dir(copy) / "password").exists()
+    config_dir(copy).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(config_dir(original) / "password", config_dir(copy) / "password")
+    r = copy.mount(check=False)
+    assert r.returncode == 3 and "no AES key" in r.stderr
+    assert not (config_dir(copy) / "aes.key").exists()
+    assert profiles(copy) == profiles(original)
+
+
+def test_backup_refuses_while_the_embedded_engine_runs(original, tmp_path):
+    out = tmp_path / "while-mounted.backup"
+    with original.mounted():
+        r = privifs(dict(original.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "backup", str(out), check=False)
+        assert r.returncode == 3 and "engine is running" in r.stderr and "umount" in r.stderr
+        assert not out.exists() and not list(tmp_path.glob(".while-mounted*"))
+        original.umount()
+
+
+def test_backup_of_a_server_account_restores_its_access(eng, tmp_path):
+    """With a real server the data stays there: the backup carries the key and the account."""
+    user = Mount(tmp_path / "user", eng.urls)
+    src = tmp_path / "a.txt"
+    src.write_text("kept on the server")
+    token = privifs(user.env, "token", "put", str(src)).stdout.strip()
+    backup = tmp_path / "account.backup"
+    r = privifs(dict(user.env, PRIVIFS_BACKUP_PASSPHRASE="short"), "backup", str(backup), check=False)
+    assert r.returncode == 3 and "at least 8 characters" in r.stderr and not backup.exists()
+    privifs(dict(user.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "backup", str(backup))
+    again = privifs(dict(user.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "backup", str(backup), check=False)
+    assert again.returncode == 3 and "already exists" in again.stderr
+    fresh = Mount(tmp_path / "fresh", None)
+    privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
+    privifs(fresh.env, "token", "get", token, str(tmp_path / "back.txt"))
+    assert (tmp_path / "back.txt").read_text() == "kept on the server"
+    assert not (tmp_path / "fresh" / "data").exists()
+
+
+def test_a_configuration_without_its_embedded_engine_data_is_refused(original, tmp_path):
+    """config.toml and the key restored by hand, the engine's data forgotten: no empty vault."""
+    copy = Mount(tmp_path / "copy", None)
+    shutil.copytree(config_dir(original), config_dir(copy))
+    cfg = config_dir(copy) / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(config_dir(original)), str(config_dir(copy))))
+    r = copy.mount(check=False)
+    assert r.returncode == 3 and "does not hold this vault" in r.stderr and r.stderr.count("\n") == 1
+    r = privifs(copy.env, "token", "ls", check=False)
+    assert r.returncode == 3 and "does not hold this vault" in r.stderr
+    assert not (engine_dir(copy) / "engine.sqlite3").exists()
+
+
+def test_backup_and_restore_report_progress_in_bytes(original, tmp_path, monkeypatch):
+    from privifs.backup import restore_backup, write_backup
+    from privifs.config import load
+
+    for k in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(k, original.env[k])
+    blobs = sum(f.stat().st_size for f in (engine_dir(original) / "blobs").rglob("*") if f.is_file())
+    seen: list[tuple[int, int]] = []
+    out = tmp_path / "progress.backup"
+    write_backup(load(config_dir(original) / "config.toml"), out, PASS,
+                 progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1] == (blobs, blobs)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    fresh = tmp_path / "fresh"
+    for k, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state")):
+        monkeypatch.setenv(k, str(fresh / sub))
+    restored: list[tuple[int, int]] = []
+    restore_backup(out, PASS, fresh / "config" / "privifs" / "config.toml",
+                   progress=lambda done, total: restored.append((done, total)))
+    assert restored[-1] == (blobs, blobs)
+    assert sum(f.stat().st_size for f in (fresh / "data" / "privifs" / "engine" / "blobs").rglob("*")
+               if f.is_file()) == blobs
