@@ -101,6 +101,6 @@ def test_init_refuses_a_wrong_url_with_a_message_naming_it(eng, tmp_path):
                        PRIVICORE_UPSTREAM_URL="ftp://127.0.0.1:8010", PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
                        PRIVICORE_USERNAME=f"init-{uuid.uuid4().hex[:8]}@example.com", PRIVICORE_PASSWORD=PASSWORD)
     r = privifs(env, "init", "--register", check=False)
-    assert r.returncode == 1 and "PRIVICORE_UPSTREAM_URL='ftp://127.0.0.1:8010' must start with http://" in r.stderr
+    assert r.returncode == 3 and "PRIVICORE_UPSTREAM_URL='ftp://127.0.0.1:8010' must start with http://" in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "config" / "privifs" / "config.toml").exists()

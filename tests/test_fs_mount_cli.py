@@ -290,8 +290,8 @@ def test_flush_progress_counts_the_bytes_of_an_upload_in_flight(eng, tmp_path):
     when it ends."""
     size = 24 * 1024 * 1024  # well beyond what socket buffers absorb
     with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        eng.set_options(stream_bytes_per_second=8 * 1024 * 1024)  # before the write: any upload is slow
         (m.dir / "big.bin").write_bytes(os.urandom(size))
-        eng.set_options(stream_bytes_per_second=8 * 1024 * 1024)
         answers = m.control({"cmd": "flush", "timeout": 120}, timeout=180)
         eng.set_options(stream_bytes_per_second=0)
         assert answers[-1].get("done"), answers[-1]
