@@ -14,7 +14,6 @@ import hashlib
 import os
 import random
 import shutil
-import stat
 import threading
 import time
 import uuid
@@ -25,28 +24,11 @@ import trio
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from tests.mountkit import Mount
+from tests.test_fs_persistence import manifest  # type, mode, mtime, size, checksum
 
 ROUNDS = 3
+
 DEFAULTS = ("--refresh-interval", "30")  # the default: what arrives early comes from the events
-
-
-def manifest(root) -> dict:
-    """Type, mode, size, mtime and checksum of everything under ``root``."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, root)
-            if stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
-            elif stat.S_ISLNK(st.st_mode):
-                out[rel] = ("link", os.readlink(p))
-            else:
-                with open(p, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-                out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, st.st_size, digest)
-    return out
 
 
 def digest(data: bytes) -> str:

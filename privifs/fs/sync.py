@@ -44,12 +44,24 @@ import trio
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
-from privifs.errors import CommandRejected, NodeGone, NotFoundError, PrivifsError, ServerUnreachable
+from privifs.errors import (
+    CommandRejected,
+    NodeGone,
+    NotFoundError,
+    PrivifsError,
+    ServerUnreachable,
+)
 from privifs.fs.filesystem import Filesystem
 from privifs.fs.namespace import Node
 from privifs.fs.staging import StagedFile
-from privifs.fs.tokenmeta import (SPECIAL_KINDS, extension_of, risk_fields, same_context, shown_name,
-                                  split_context)
+from privifs.fs.tokenmeta import (
+    SPECIAL_KINDS,
+    extension_of,
+    risk_fields,
+    same_context,
+    shown_name,
+    split_context,
+)
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.sync")
@@ -305,6 +317,11 @@ class Syncer:
             await self.tokens.delete(token)
         except PrivifsError:
             return
+        self._deleted(token)
+
+    def _deleted(self, token: str) -> None:
+        """``token`` is gone from the vault: forget its tombstone, and have the refresher ignore
+        it in listings taken before the delete."""
         try:
             self.index.drop_tombstone(token)
         except PrivifsError as exc:
@@ -504,11 +521,7 @@ class Syncer:
                             self.last_error_at = time.time()
                             log.warning("deleting token %s failed: %s", token, exc)
                             return
-                    try:
-                        self.index.drop_tombstone(token)
-                    except PrivifsError as exc:
-                        log.warning("could not record the deletion of %s: %s", token, exc)
-                    self.recently_deleted[token] = trio.current_time()
+                    self._deleted(token)
 
                 async with trio.open_nursery() as n:
                     for token in tokens:
