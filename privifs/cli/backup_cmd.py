@@ -11,14 +11,12 @@ The passphrase comes from --passphrase-file, PRIVIFS_BACKUP_PASSPHRASE, or a pro
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import sys
 from pathlib import Path
 
 from privifs.backup import restore_backup, write_backup
+from privifs.cli.prompt import ask_secret
 from privifs.config import default_config_path, load
-from privifs.errors import ConfigError
 
 
 def register(sub) -> None:
@@ -35,20 +33,8 @@ def register(sub) -> None:
 
 
 def passphrase(args: argparse.Namespace, confirm: bool) -> str:
-    if args.passphrase_file is not None:
-        try:
-            return args.passphrase_file.read_text().rstrip("\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.passphrase_file}: {exc.strerror}") from None
-    env = os.environ.get("PRIVIFS_BACKUP_PASSPHRASE")
-    if env:
-        return env
-    if not sys.stdin.isatty():
-        raise ConfigError("no passphrase: set PRIVIFS_BACKUP_PASSPHRASE, use --passphrase-file, or run on a terminal")
-    text = getpass.getpass("Backup passphrase: ")
-    if confirm and getpass.getpass("Repeat the passphrase: ") != text:
-        raise ConfigError("the passphrases differ")
-    return text
+    return ask_secret("passphrase", "Backup passphrase", file=args.passphrase_file, env="PRIVIFS_BACKUP_PASSPHRASE",
+                      flag="--passphrase-file", confirm=confirm)
 
 
 class TerminalProgress:

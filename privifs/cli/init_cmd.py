@@ -13,7 +13,6 @@ An existing key, password or identity key is never overwritten.
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import secrets
 import sys
@@ -24,6 +23,7 @@ import trio
 
 from privifs import paths
 from privifs.account import embedded_usernames
+from privifs.cli.prompt import ask_secret
 from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
@@ -53,20 +53,8 @@ def register(sub) -> None:
 
 
 def _password(args: argparse.Namespace, confirm: bool) -> str:
-    if args.password_file is not None:
-        try:
-            return args.password_file.read_text().rstrip("\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.password_file}: {exc.strerror}") from None
-    env = os.environ.get("PRIVICORE_PASSWORD")
-    if env:
-        return env
-    if not sys.stdin.isatty():
-        raise ConfigError("no password: set PRIVICORE_PASSWORD, use --password-file, or run on a terminal")
-    pw = getpass.getpass("Privicore password: ")
-    if confirm and getpass.getpass("Repeat the password: ") != pw:
-        raise ConfigError("the passwords differ")
-    return pw
+    return ask_secret("password", "Privicore password", file=args.password_file, env="PRIVICORE_PASSWORD",
+                      flag="--password-file", confirm=confirm)
 
 
 def _username() -> str:

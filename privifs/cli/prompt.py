@@ -1,0 +1,29 @@
+"""Reading a secret the user types (the account password, a backup passphrase): from a file
+named by an option, from an environment variable, or from the terminal without echo. Never from
+the command line, where other users could read it."""
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from pathlib import Path
+
+from privifs.errors import ConfigError
+
+
+def ask_secret(noun: str, prompt: str, *, file: Path | None, env: str, flag: str, confirm: bool) -> str:
+    """The secret from ``file``, else ``$env``, else a prompt (typed twice with ``confirm``)."""
+    if file is not None:
+        try:
+            return file.read_text().rstrip("\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+    value = os.environ.get(env)
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        raise ConfigError(f"no {noun}: set {env}, use {flag}, or run on a terminal")
+    text = getpass.getpass(f"{prompt}: ")
+    if confirm and getpass.getpass(f"Repeat the {noun}: ") != text:
+        raise ConfigError(f"the {noun}s differ")
+    return text
