@@ -290,15 +290,7 @@ class Filesystem:
     def mkdir(self, parent_ino: int, name: bytes, mode: int,
               owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
         parent = self.dir_node(parent_ino)
-        text = self.new_name(parent, name)
-        with self.index:
-            node = self.ns.new_node(parent, text, KIND_DIR, stat.S_IMODE(mode))
-            self.own(node, parent, owner)
-            node.explicit = 1
-            self.touch_parent(parent)
-            self.touch_meta(node)
-        node.lookups += 1
-        return self.attrs(node)
+        return self._new_entry(parent, self.new_name(parent, name), KIND_DIR, stat.S_IMODE(mode), owner, explicit=1)
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes,
                 owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
@@ -310,20 +302,14 @@ class Filesystem:
             target_text = target.decode("utf-8")
         except UnicodeDecodeError:
             raise fail(errno.EINVAL) from None
-        with self.index:
-            node = self.ns.new_node(parent, text, KIND_SYMLINK, 0o777)
-            self.own(node, parent, owner)
-            node.target = target_text
-            self.touch_parent(parent)
-            self.touch_meta(node)
-        node.lookups += 1
-        return self.attrs(node)
+        return self._new_entry(parent, text, KIND_SYMLINK, 0o777, owner, target=target_text)
 
     def mknod(self, parent_ino: int, name: bytes, mode: int,
               owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
         kind = next((k for k, fmt in SPECIAL_KINDS.items() if stat.S_IFMT(mode) == fmt), None)
-        if kind is not None:
-            return self._new_special(self.dir_node(parent_ino), name, kind, mode, owner)
+        if kind is not None:  # a FIFO or socket: no content (the kernel carries what passes through it)
+            parent = self.dir_node(parent_ino)
+            return self._new_entry(parent, self.new_name(parent, name), kind, stat.S_IMODE(mode), owner)
         if not stat.S_ISREG(mode):
             raise fail(errno.EPERM)  # no device nodes
         node = self._new_file(self.dir_node(parent_ino), name, mode, owner)
@@ -333,13 +319,15 @@ class Filesystem:
         node.lookups += 1
         return self.attrs(node)
 
-    def _new_special(self, parent: Node, name: bytes, kind: str, mode: int,
-                     owner: tuple[int, int] | None) -> pyfuse3.EntryAttributes:
-        """A FIFO or socket: a node without content (the kernel carries what passes through it)."""
-        text = self.new_name(parent, name)
+    def _new_entry(self, parent: Node, text: str, kind: str, mode: int, owner: tuple[int, int] | None,
+                   **fields) -> pyfuse3.EntryAttributes:
+        """A new entry without content (directory, symlink, FIFO, socket), owned by its maker,
+        saved with its meta to be written back; ``fields`` are set on the node before it is saved."""
         with self.index:
-            node = self.ns.new_node(parent, text, kind, stat.S_IMODE(mode))
+            node = self.ns.new_node(parent, text, kind, mode)
             self.own(node, parent, owner)
+            for field, value in fields.items():
+                setattr(node, field, value)
             self.touch_parent(parent)
             self.touch_meta(node)
         node.lookups += 1
