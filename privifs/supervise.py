@@ -76,11 +76,15 @@ class Supervisor:
 
     def failed(self, name: str, exc: BaseException, what: str = "failed unexpectedly") -> None:
         """Record (and log with its traceback) an unexpected failure of ``name``."""
+        health = self._record(name, describe(exc))
+        log.error("%s %s: %s", name, what, health.last_error, exc_info=exc)
+
+    def _record(self, name: str, cause: str) -> TaskHealth:
         health = self.health(name)
         health.failures += 1
-        health.last_error = describe(exc)
+        health.last_error = cause
         health.last_error_at = time.time()
-        log.error("%s %s: %s", name, what, health.last_error, exc_info=exc)
+        return health
 
     def report(self) -> list[dict]:
         return [h.as_dict() for h in self.tasks.values()]
@@ -114,9 +118,7 @@ class Supervisor:
                 else:
                     await fn(*args)
                 log.error("%s ended by itself; restarting it", name)
-                health.failures += 1
-                health.last_error = "ended unexpectedly"
-                health.last_error_at = time.time()
+                self._record(name, "ended unexpectedly")
             except Exception as exc:  # noqa: BLE001 - the point of this class; cancellation still propagates
                 if not once.done:
                     raise

@@ -37,11 +37,7 @@ from privifs.client.transport import ClientOptions
 from privifs.client.vault import Vault
 from privifs.config import Config
 from privifs.crypto.sealed import local_key
-from privifs.errors import (
-    ConfigError,
-    PrivifsError,
-    single_error,
-)
+from privifs.errors import ConfigError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
 from privifs.fs.connector import Connector, VaultLink
 from privifs.fs.filesystem import Filesystem, MountOptions
