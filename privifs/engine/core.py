@@ -25,6 +25,7 @@ from privifs.engine.db import Database
 from privifs.engine.http import Principal, forbidden, token_hash, unauthorized
 from privifs.engine.hub import Hub
 from privifs.engine.options import EngineOptions
+from privifs.engine.storage import StorageDevices
 
 log = logging.getLogger("privifs.engine")
 
@@ -74,8 +75,7 @@ class Engine:
         self.nursery: trio.Nursery | None = None
         self.background: list = []  # async callables run for the engine's lifetime
         self._sweep_orphan_blobs()
-        from privifs.engine.routes_device import StorageDevices
-        self.storage = StorageDevices(self)
+        self.storage = StorageDevices(self.db, self.blobs, data_dir / "storage")
 
     def spawn(self, fn, *args) -> None:
         """Run ``fn(*args)`` in the background (logged if it fails)."""
