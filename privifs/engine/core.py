@@ -73,7 +73,10 @@ class Engine:
         self.cab_public_key = identity_public_key(bytes.fromhex(cab_private))
         self.urls: dict[str, str] = {}
         self.nursery: trio.Nursery | None = None
-        self.background: list = []  # async callables run for the engine's lifetime
+        # what privifs.engine.features.install turns on: async callables run for the engine's
+        # lifetime, and ones run once (in the background) when it starts
+        self.background: list = []
+        self.at_start: list = []
         self._sweep_orphan_blobs()
         self.storage = StorageDevices(self.db, self.blobs, data_dir / "storage")
 

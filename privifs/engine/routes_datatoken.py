@@ -16,10 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from privifs.engine.blobs import BlobStore
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
 from privifs.engine.http import (Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
                                  query_form, read_form)
+from privifs.engine.options import EngineOptions
+from privifs.engine.storage import StorageDevices
 
 LIST_FILTERS = {
     "filters[context]": "context",
@@ -46,12 +49,98 @@ def item(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
+def ttl_seconds(opts: EngineOptions, ttl: int) -> float:
+    return ttl * (60.0 if opts.ttl_unit == "minutes" else 1.0)
+
+
+# -- command appliers: run by the command runner inside its transaction; the collaborators before
+# ``conn`` are bound where they are registered (privifs/engine/features.py) --------------------
+def apply_reserve(opts: EngineOptions, conn, params, profile_id, cid) -> Outcome:
+    now = time.time()
+    conn.execute(
+        "INSERT INTO reservations (command_id, profile_id, context, ttl, expires_at, temp_token,"
+        " stream_auth, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (cid, profile_id, params["context"], params["ttl"], now + ttl_seconds(opts, params["ttl"]),
+         "tmp-" + secrets.token_hex(12), secrets.token_urlsafe(24), now))
+    return Outcome()
+
+
+def apply_exchange(blobs: BlobStore, conn, params, profile_id, cid) -> Outcome:
+    cur = conn.execute(
+        "UPDATE reservations SET blob_id = ?, blob_size = ? WHERE temp_token = ? AND profile_id = ?"
+        " AND blob_id IS NULL AND promoted_token IS NULL AND expires_at > ?",
+        (params["blob_id"], params["size"], params["temp_token"], profile_id, time.time()))
+    if cur.rowcount == 0:
+        blobs.delete(params["blob_id"])
+        raise Rejected("data_token.temporary_token_invalid")
+    return Outcome()
+
+
+def request_event(opts: EngineOptions, request_id: str, status: int, output_type: int | None, body: Any) -> dict:
+    if opts.request_data_layout == "nested" and output_type is not None:
+        return {"data": {"type": "X-DPT-CAB-REQUEST-ID", "id": request_id, "command_status": status,
+                         "body": {"body": body, "output_type": output_type}}}
+    data = {"type": "X-DPT-CAB-REQUEST-ID", "id": request_id, "command_status": status, "body": body}
+    if output_type is not None:
+        data["output_type"] = output_type
+    return {"data": data}
+
+
+def apply_request_data(opts: EngineOptions, blobs: BlobStore, conn, params, profile_id,
+                       cid) -> Outcome:
+    rid = params["request_id"]
+    row = conn.execute("SELECT blob_id, blob_size FROM data_tokens WHERE token = ? AND profile_id = ?",
+                       (params["token"], profile_id)).fetchone()
+    if row is None:
+        raise Rejected("data_token.not_found", [request_event(opts, rid, 3, None, "data_token.not_found")])
+    out = Outcome()
+    if row["blob_size"] <= opts.inline_threshold:
+        data = blobs.path(row["blob_id"]).read_bytes()
+        out.events.append(request_event(opts, rid, 2, 0, base64.b64encode(data).decode()))
+    else:
+        auth = secrets.token_urlsafe(24)
+        conn.execute("INSERT INTO downstream (auth, token, profile_id, expires_at) VALUES (?, ?, ?, ?)",
+                     (auth, params["token"], profile_id, time.time() + opts.downstream_ttl))
+        out.events.append(request_event(opts, rid, 2, 1, auth))
+        out.events.append({"data": {"type": "STREAM-READY", "id": rid, "requestId": rid}})
+    return out
+
+
+def apply_update(conn, params, profile_id, cid) -> Outcome:
+    changes = params["changes"]
+    sets = ", ".join(f"{col} = ?" for col in changes)
+    cur = conn.execute(f"UPDATE data_tokens SET {sets}, updated_at = ? WHERE token = ? AND profile_id = ?",
+                       (*changes.values(), time.time(), params["token"], profile_id))
+    if cur.rowcount == 0:
+        raise Rejected("data_token.not_found")
+    return Outcome()
+
+
+def apply_risk(conn, params, profile_id, cid) -> Outcome:
+    cur = conn.execute("UPDATE data_tokens SET risk = ?, updated_at = ? WHERE token = ? AND profile_id = ?",
+                       (json.dumps(params["risk"]), time.time(), params["token"], profile_id))
+    if cur.rowcount == 0:
+        raise Rejected("data_token.not_found")
+    return Outcome()
+
+
+def apply_delete(blobs: BlobStore, storage: StorageDevices, conn, params, profile_id,
+                 cid) -> Outcome:
+    row = conn.execute("SELECT blob_id FROM data_tokens WHERE token = ? AND profile_id = ?",
+                       (params["token"], profile_id)).fetchone()
+    if row is None:
+        raise Rejected("data_token.not_found")
+    conn.execute("DELETE FROM data_tokens WHERE token = ?", (params["token"],))
+    conn.execute("DELETE FROM downstream WHERE token = ?", (params["token"],))
+    out = Outcome()
+    out.after_commit.append(lambda: blobs.delete(row["blob_id"]))
+    out.after_commit.append(lambda: storage.remove_copies(profile_id, params["token"]))
+    return out
+
+
 def routes(engine: Engine) -> list[Route]:
     opts = engine.opts
     db = engine.db
-
-    def ttl_seconds(ttl: int) -> float:
-        return ttl * (60.0 if opts.ttl_unit == "minutes" else 1.0)
 
     def owned_reservation(profile_id: str, temp_token: str) -> sqlite3.Row:
         row = db.read(lambda c: c.execute(
@@ -74,15 +163,6 @@ def routes(engine: Engine) -> list[Route]:
         cid = await engine.runner.submit("reserve-token-space", who.profile_id,
                                          {"context": context, "ttl": ttl, "meta": meta})
         return command_accepted(opts, "reserve-token-space", cid)
-
-    def apply_reserve(conn, params, profile_id, cid) -> Outcome:
-        now = time.time()
-        conn.execute(
-            "INSERT INTO reservations (command_id, profile_id, context, ttl, expires_at, temp_token,"
-            " stream_auth, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (cid, profile_id, params["context"], params["ttl"], now + ttl_seconds(params["ttl"]),
-             "tmp-" + secrets.token_hex(12), secrets.token_urlsafe(24), now))
-        return Outcome()
 
     async def retrieve_temporary(request: Request) -> Response:
         who = engine.principal(request)
@@ -124,16 +204,6 @@ def routes(engine: Engine) -> list[Route]:
                                          {"temp_token": temp, "blob_id": blob_id, "size": size},
                                          fsync_dirs=(blob_dir,))
         return command_accepted(opts, "exchange-data-for-token", cid)
-
-    def apply_exchange(conn, params, profile_id, cid) -> Outcome:
-        cur = conn.execute(
-            "UPDATE reservations SET blob_id = ?, blob_size = ? WHERE temp_token = ? AND profile_id = ?"
-            " AND blob_id IS NULL AND promoted_token IS NULL AND expires_at > ?",
-            (params["blob_id"], params["size"], params["temp_token"], profile_id, time.time()))
-        if cur.rowcount == 0:
-            engine.blobs.delete(params["blob_id"])
-            raise Rejected("data_token.temporary_token_invalid")
-        return Outcome()
 
     # -- configure file meta (synchronous promotion) ---------------------------------------
     async def configure_file_meta(request: Request) -> Response:
@@ -184,33 +254,6 @@ def routes(engine: Engine) -> list[Route]:
         return Response("null", status_code=202, media_type="application/json",
                         headers={"x-dpt-cab-id": cid, "x-dpt-cab-request-id": request_id})
 
-    def request_event(request_id: str, status: int, output_type: int | None, body: Any) -> dict:
-        if opts.request_data_layout == "nested" and output_type is not None:
-            return {"data": {"type": "X-DPT-CAB-REQUEST-ID", "id": request_id, "command_status": status,
-                             "body": {"body": body, "output_type": output_type}}}
-        data = {"type": "X-DPT-CAB-REQUEST-ID", "id": request_id, "command_status": status, "body": body}
-        if output_type is not None:
-            data["output_type"] = output_type
-        return {"data": data}
-
-    def apply_request_data(conn, params, profile_id, cid) -> Outcome:
-        rid = params["request_id"]
-        row = conn.execute("SELECT blob_id, blob_size FROM data_tokens WHERE token = ? AND profile_id = ?",
-                           (params["token"], profile_id)).fetchone()
-        if row is None:
-            raise Rejected("data_token.not_found", [request_event(rid, 3, None, "data_token.not_found")])
-        out = Outcome()
-        if row["blob_size"] <= opts.inline_threshold:
-            data = engine.blobs.path(row["blob_id"]).read_bytes()
-            out.events.append(request_event(rid, 2, 0, base64.b64encode(data).decode()))
-        else:
-            auth = secrets.token_urlsafe(24)
-            conn.execute("INSERT INTO downstream (auth, token, profile_id, expires_at) VALUES (?, ?, ?, ?)",
-                         (auth, params["token"], profile_id, time.time() + opts.downstream_ttl))
-            out.events.append(request_event(rid, 2, 1, auth))
-            out.events.append({"data": {"type": "STREAM-READY", "id": rid, "requestId": rid}})
-        return out
-
     # -- listing ---------------------------------------------------------------------------
     async def list_tokens(request: Request) -> Response:
         who = engine.principal(request)
@@ -253,15 +296,6 @@ def routes(engine: Engine) -> list[Route]:
         cid = await engine.runner.submit("update-data-token", who.profile_id, {"token": token, "changes": changes})
         return command_accepted(opts, "update-data-token", cid)
 
-    def apply_update(conn, params, profile_id, cid) -> Outcome:
-        changes = params["changes"]
-        sets = ", ".join(f"{col} = ?" for col in changes)
-        cur = conn.execute(f"UPDATE data_tokens SET {sets}, updated_at = ? WHERE token = ? AND profile_id = ?",
-                           (*changes.values(), time.time(), params["token"], profile_id))
-        if cur.rowcount == 0:
-            raise Rejected("data_token.not_found")
-        return Outcome()
-
     async def risk_meta(request: Request) -> Response:
         who = engine.principal(request)
         form = await read_form(request)
@@ -280,13 +314,6 @@ def routes(engine: Engine) -> list[Route]:
                                          {"token": token, "risk": fields})
         return command_accepted(opts, "configure-information-security-risk-meta", cid)
 
-    def apply_risk(conn, params, profile_id, cid) -> Outcome:
-        cur = conn.execute("UPDATE data_tokens SET risk = ?, updated_at = ? WHERE token = ? AND profile_id = ?",
-                           (json.dumps(params["risk"]), time.time(), params["token"], profile_id))
-        if cur.rowcount == 0:
-            raise Rejected("data_token.not_found")
-        return Outcome()
-
     async def delete(request: Request) -> Response:
         who = engine.principal(request)
         form = await read_form(request)
@@ -294,26 +321,6 @@ def routes(engine: Engine) -> list[Route]:
         owned_token(who.profile_id, token)
         cid = await engine.runner.submit("delete-data", who.profile_id, {"token": token})
         return command_accepted(opts, "delete-data", cid)
-
-    def apply_delete(conn, params, profile_id, cid) -> Outcome:
-        row = conn.execute("SELECT blob_id FROM data_tokens WHERE token = ? AND profile_id = ?",
-                           (params["token"], profile_id)).fetchone()
-        if row is None:
-            raise Rejected("data_token.not_found")
-        conn.execute("DELETE FROM data_tokens WHERE token = ?", (params["token"],))
-        conn.execute("DELETE FROM downstream WHERE token = ?", (params["token"],))
-        out = Outcome()
-        out.after_commit.append(lambda: engine.blobs.delete(row["blob_id"]))
-        out.after_commit.append(lambda: engine.storage.remove_copies(profile_id, params["token"]))
-        return out
-
-    runner = engine.runner
-    runner.register("reserve-token-space", apply_reserve)
-    runner.register("exchange-data-for-token", apply_exchange)
-    runner.register("request-data", apply_request_data)
-    runner.register("update-data-token", apply_update)
-    runner.register("configure-information-security-risk-meta", apply_risk)
-    runner.register("delete-data", apply_delete)
 
     g = lambda h: guarded(opts, h)  # noqa: E731
     return [

@@ -10,6 +10,7 @@ import logging
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -20,8 +21,11 @@ from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
 from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
                                  read_form)
+from privifs.engine.storage import StorageDevices
 
 log = logging.getLogger("privifs.engine.storage")
+
+Spawn = Callable[..., None]  # Engine.spawn: run an async function in the background
 
 
 def _device_field(form: Form) -> str:
@@ -61,6 +65,69 @@ def device_command(engine: Engine, kind: str, check=None):
     return handler
 
 
+# -- command appliers: run by the command runner inside its transaction; the collaborators before
+# ``conn`` are bound where they are registered (privifs/engine/features.py) --------------------
+def apply_request(conn, params, profile_id, cid) -> Outcome:
+    _, public = generate_identity()
+    conn.execute("INSERT INTO devices (id, profile_id, command_id, name, state, public_key, created_at)"
+                 " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                 ("dev-" + secrets.token_hex(10), profile_id, cid, params["name"], public, time.time()))
+    return Outcome()
+
+
+def apply_state(state: str, conn, params, profile_id, cid) -> Outcome:
+    """Approve or reject (``state``) a pending device; doing it again is harmless."""
+    row = conn.execute("SELECT state FROM devices WHERE id = ? AND profile_id = ?",
+                       (params["device"], profile_id)).fetchone()
+    if row is None:
+        raise Rejected("device.not_found")
+    if row["state"] != "pending" and row["state"] != state:
+        raise Rejected(f"device.already_{row['state']}")
+    conn.execute("UPDATE devices SET state = ? WHERE id = ?", (state, params["device"]))
+    return Outcome()
+
+
+def apply_meta(conn, params, profile_id, cid) -> Outcome:
+    row = conn.execute("SELECT meta FROM devices WHERE id = ? AND profile_id = ?",
+                       (params["device"], profile_id)).fetchone()
+    if row is None:
+        raise Rejected("device.not_found")
+    meta = json.loads(row["meta"])
+    if params.get("tags") is not None:
+        meta["tags"] = params["tags"]
+    conn.execute("UPDATE devices SET meta = ? WHERE id = ?", (json.dumps(meta), params["device"]))
+    if params.get("name") is not None:
+        conn.execute("UPDATE devices SET name = ? WHERE id = ?", (params["name"], params["device"]))
+    return Outcome()
+
+
+def apply_remove(storage: StorageDevices, conn, params, profile_id, cid) -> Outcome:
+    cur = conn.execute("DELETE FROM devices WHERE id = ? AND profile_id = ?", (params["device"], profile_id))
+    if cur.rowcount == 0:
+        raise Rejected("device.not_found")
+    out = Outcome()
+    out.after_commit.append(lambda: storage.drop(params["device"]))
+    return out
+
+
+def apply_storage_register(storage: StorageDevices, spawn: Spawn, conn, params, profile_id, cid) -> Outcome:
+    approved_device(conn, params["device"], profile_id)
+    conn.execute("UPDATE devices SET storage = 1, storage_since = ? WHERE id = ?", (time.time(), params["device"]))
+    out = Outcome()
+    out.after_commit.append(lambda: spawn(storage.backfill, profile_id, params["device"]))
+    return out
+
+
+def apply_storage_remove(storage: StorageDevices, conn, params, profile_id, cid) -> Outcome:
+    cur = conn.execute("UPDATE devices SET storage = 0, storage_since = NULL WHERE id = ? AND profile_id = ?"
+                       " AND storage = 1", (params["device"], profile_id))
+    if cur.rowcount == 0:
+        raise Rejected("storage.not_registered")
+    out = Outcome()
+    out.after_commit.append(lambda: storage.drop(params["device"]))
+    return out
+
+
 def routes(engine: Engine) -> list[Route]:
     opts = engine.opts
     db = engine.db
@@ -79,13 +146,6 @@ def routes(engine: Engine) -> list[Route]:
         name = form.required("deviceName", max_len=256)
         cid = await engine.runner.submit("request-unique-identifier", who.profile_id, {"name": name})
         return command_accepted(opts, "request-unique-identifier", cid)
-
-    def apply_request(conn, params, profile_id, cid) -> Outcome:
-        _, public = generate_identity()
-        conn.execute("INSERT INTO devices (id, profile_id, command_id, name, state, public_key, created_at)"
-                     " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                     ("dev-" + secrets.token_hex(10), profile_id, cid, params["name"], public, time.time()))
-        return Outcome()
 
     async def retrieve_identifier(request: Request) -> Response:
         who = engine.principal(request)
@@ -117,39 +177,6 @@ def routes(engine: Engine) -> list[Route]:
             Form._check("tags", tags, 1024, True)
         return {"name": name, "tags": tags}
 
-    def set_state(state: str):
-        def apply(conn, params, profile_id, cid) -> Outcome:
-            row = conn.execute("SELECT state FROM devices WHERE id = ? AND profile_id = ?",
-                               (params["device"], profile_id)).fetchone()
-            if row is None:
-                raise Rejected("device.not_found")
-            if row["state"] != "pending" and row["state"] != state:
-                raise Rejected(f"device.already_{row['state']}")
-            conn.execute("UPDATE devices SET state = ? WHERE id = ?", (state, params["device"]))
-            return Outcome()
-        return apply
-
-    def apply_meta(conn, params, profile_id, cid) -> Outcome:
-        row = conn.execute("SELECT meta FROM devices WHERE id = ? AND profile_id = ?",
-                           (params["device"], profile_id)).fetchone()
-        if row is None:
-            raise Rejected("device.not_found")
-        meta = json.loads(row["meta"])
-        if params.get("tags") is not None:
-            meta["tags"] = params["tags"]
-        conn.execute("UPDATE devices SET meta = ? WHERE id = ?", (json.dumps(meta), params["device"]))
-        if params.get("name") is not None:
-            conn.execute("UPDATE devices SET name = ? WHERE id = ?", (params["name"], params["device"]))
-        return Outcome()
-
-    def apply_remove(conn, params, profile_id, cid) -> Outcome:
-        cur = conn.execute("DELETE FROM devices WHERE id = ? AND profile_id = ?", (params["device"], profile_id))
-        if cur.rowcount == 0:
-            raise Rejected("device.not_found")
-        out = Outcome()
-        out.after_commit.append(lambda: storage.drop(params["device"]))
-        return out
-
     async def download_configuration(request: Request) -> Response:
         who = engine.principal(request)
         form = await read_form(request)
@@ -166,22 +193,6 @@ def routes(engine: Engine) -> list[Route]:
         })
 
     # -- storage ---------------------------------------------------------------------------------
-    def apply_storage_register(conn, params, profile_id, cid) -> Outcome:
-        approved_device(conn, params["device"], profile_id)
-        conn.execute("UPDATE devices SET storage = 1, storage_since = ? WHERE id = ?", (time.time(), params["device"]))
-        out = Outcome()
-        out.after_commit.append(lambda: engine.spawn(storage.backfill, profile_id, params["device"]))
-        return out
-
-    def apply_storage_remove(conn, params, profile_id, cid) -> Outcome:
-        cur = conn.execute("UPDATE devices SET storage = 0, storage_since = NULL WHERE id = ? AND profile_id = ?"
-                           " AND storage = 1", (params["device"], profile_id))
-        if cur.rowcount == 0:
-            raise Rejected("storage.not_registered")
-        out = Outcome()
-        out.after_commit.append(lambda: storage.drop(params["device"]))
-        return out
-
     async def list_storage(request: Request) -> Response:
         who = engine.principal(request)
         rows = db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? AND storage = 1 ORDER BY"
@@ -192,15 +203,6 @@ def routes(engine: Engine) -> list[Route]:
             copies = sum(1 for f in d.iterdir() if not f.name.startswith(".")) if d.exists() else 0
             out.append({**record(r), "registeredAt": iso(r["storage_since"]), "copies": copies})
         return JSONResponse(out)
-
-    runner = engine.runner
-    runner.register("request-unique-identifier", apply_request)
-    runner.register("approve-device", set_state("approved"))
-    runner.register("reject-device", set_state("rejected"))
-    runner.register("configure-device-meta", apply_meta)
-    runner.register("remove-device", apply_remove)
-    runner.register("register-storage-device", apply_storage_register)
-    runner.register("remove-storage-device", apply_storage_remove)
 
     g = lambda h: guarded(opts, h)  # noqa: E731
     return [

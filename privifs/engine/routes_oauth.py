@@ -39,6 +39,22 @@ def _scopes(values: list[str]) -> list[str]:
     return out or ["all"]
 
 
+# -- command appliers: run by the command runner inside its transaction (registered in
+# privifs/engine/features.py) ---------------------------------------------------------------------
+def apply_register(conn, params, profile_id, cid) -> Outcome:
+    conn.execute("INSERT INTO oauth_apps (id, profile_id, name, redirect_uri, scopes, client_id, created_at)"
+                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (cid, profile_id, params["name"], params["redirect_uri"], json.dumps(params["scopes"]),
+                  "cli-" + secrets.token_hex(12), time.time()))
+    return Outcome()
+
+
+def apply_request_code(conn, params, profile_id, cid) -> Outcome:
+    if conn.execute("SELECT 1 FROM oauth_apps WHERE id = ?", (params["app_id"],)).fetchone() is None:
+        raise Rejected("oauth.application_not_found")
+    return Outcome()
+
+
 def routes(engine: Engine) -> list[Route]:
     opts = engine.opts
     db = engine.db
@@ -83,13 +99,6 @@ def routes(engine: Engine) -> list[Route]:
         cid = await engine.runner.submit("oauth-application-register", who.profile_id,
                                          {"name": name, "redirect_uri": redirect, "scopes": scopes})
         return accepted("oauth-application-register", cid)
-
-    def apply_register(conn, params, profile_id, cid) -> Outcome:
-        conn.execute("INSERT INTO oauth_apps (id, profile_id, name, redirect_uri, scopes, client_id, created_at)"
-                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (cid, profile_id, params["name"], params["redirect_uri"], json.dumps(params["scopes"]),
-                      "cli-" + secrets.token_hex(12), time.time()))
-        return Outcome()
 
     async def configuration(request: Request) -> Response:
         who = engine.principal(request)
@@ -141,11 +150,6 @@ def routes(engine: Engine) -> list[Route]:
         except sqlite3.IntegrityError:
             raise invalid("nonce", "this nonce was already used for this application") from None
         return accepted("oauth-application-request-authorization-code", cid)
-
-    def apply_request_code(conn, params, profile_id, cid) -> Outcome:
-        if conn.execute("SELECT 1 FROM oauth_apps WHERE id = ?", (params["app_id"],)).fetchone() is None:
-            raise Rejected("oauth.application_not_found")
-        return Outcome()
 
     async def retrieve_code(request: Request) -> Response:
         app = client_credentials(request)
@@ -279,9 +283,6 @@ def routes(engine: Engine) -> list[Route]:
                                             (th,)).fetchone())
         return JSONResponse({"applicationId": row["app_id"], "clientId": row["client_id"],
                              "scope": json.loads(grant["scopes"]) if grant else json.loads(row["scopes"])})
-
-    engine.runner.register("oauth-application-register", apply_register)
-    engine.runner.register("oauth-application-request-authorization-code", apply_request_code)
 
     g = lambda h: guarded(opts, h)  # noqa: E731
     return [

@@ -17,6 +17,7 @@ from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
 from privifs.engine.http import (ApiError, command_accepted, guarded, invalid, iso, not_found,
                                  read_form, unauthorized)
+from privifs.engine.hub import Hub
 
 MIN_PASSWORD = 8
 DUMMY_HASH = "scrypt$" + "00" * 16 + "$" + "00" * 32
@@ -38,6 +39,34 @@ def _public_key(form) -> str:
     except ValueError as exc:
         raise invalid("publicKey", f"is not a valid signed public key: it {exc}") from None
     return key.strip().lower()
+
+
+# -- command appliers: run by the command runner inside its transaction; the collaborators before
+# ``conn`` are bound where they are registered (privifs/engine/features.py) --------------------
+def apply_register(conn, params, profile_id, cid) -> Outcome:
+    conn.execute("UPDATE profiles SET active = 1 WHERE id = ?", (params["profile_id"],))
+    return Outcome()
+
+
+def apply_change_password(conn, params, profile_id, cid) -> Outcome:
+    conn.execute("UPDATE profiles SET pw_hash = ? WHERE id = ?", (params["pw_hash"], profile_id))
+    return Outcome()
+
+
+def apply_reauthorize(hub: Hub, conn, params, profile_id, cid) -> Outcome:
+    expires = time.time() + int(params["ttl"])
+    cur = conn.execute("UPDATE auth_tokens SET expires_at = ? WHERE token_hash = ? AND revoked = 0",
+                       (expires, params["token_hash"]))
+    if cur.rowcount == 0:
+        raise Rejected("profile.token_revoked")
+    out = Outcome()
+    out.after_commit.append(lambda: hub.token_changed(params["token_hash"], expires))
+    return out
+
+
+def apply_public_key(conn, params: dict[str, Any], profile_id, cid) -> Outcome:
+    conn.execute("UPDATE profiles SET public_key = ? WHERE id = ?", (params["publicKey"], profile_id))
+    return Outcome()
 
 
 def routes(engine: Engine) -> list[Route]:
@@ -62,10 +91,6 @@ def routes(engine: Engine) -> list[Route]:
         except sqlite3.IntegrityError:
             raise ApiError(409, "username already taken") from None
         return command_accepted(opts, "register-profile", cid)
-
-    def apply_register(conn, params, profile_id, cid) -> Outcome:
-        conn.execute("UPDATE profiles SET active = 1 WHERE id = ?", (params["profile_id"],))
-        return Outcome()
 
     async def _credentials(form) -> sqlite3.Row:
         username = form.required("username", max_len=254).strip()
@@ -100,10 +125,6 @@ def routes(engine: Engine) -> list[Route]:
         cid = await engine.runner.submit("change-password", who.profile_id, {"pw_hash": new_hash})
         return command_accepted(opts, "change-password", cid)
 
-    def apply_change_password(conn, params, profile_id, cid) -> Outcome:
-        conn.execute("UPDATE profiles SET pw_hash = ? WHERE id = ?", (params["pw_hash"], profile_id))
-        return Outcome()
-
     async def reauthorize(request: Request) -> Response:
         who = engine.principal(request, require_key=False)
         form = await read_form(request)
@@ -114,16 +135,6 @@ def routes(engine: Engine) -> list[Route]:
             return command_accepted(opts, "reauthorize-authorization-token", cid)
         token, expires = await db.write(lambda c: engine.issue_token(c, who.profile_id, ttl, kind=who.kind))
         return JSONResponse({"authorizationToken": token, "expiresAt": iso(expires)})
-
-    def apply_reauthorize(conn, params, profile_id, cid) -> Outcome:
-        expires = time.time() + int(params["ttl"])
-        cur = conn.execute("UPDATE auth_tokens SET expires_at = ? WHERE token_hash = ? AND revoked = 0",
-                           (expires, params["token_hash"]))
-        if cur.rowcount == 0:
-            raise Rejected("profile.token_revoked")
-        out = Outcome()
-        out.after_commit.append(lambda: engine.hub.token_changed(params["token_hash"], expires))
-        return out
 
     async def revoke(request: Request) -> Response:
         who = engine.principal(request, require_key=False)
@@ -151,10 +162,6 @@ def routes(engine: Engine) -> list[Route]:
         cid = await engine.runner.submit("register-public-key", profile, {"publicKey": key})
         return command_accepted(opts, "register-public-key", cid)
 
-    def apply_public_key(conn, params: dict[str, Any], profile_id, cid) -> Outcome:
-        conn.execute("UPDATE profiles SET public_key = ? WHERE id = ?", (params["publicKey"], profile_id))
-        return Outcome()
-
     async def retrieve_public_key(request: Request) -> Response:
         who = engine.principal(request, require_key=False)
         row = db.read(lambda c: c.execute("SELECT public_key FROM profiles WHERE id = ?",
@@ -166,12 +173,6 @@ def routes(engine: Engine) -> list[Route]:
     async def cab_public_key(request: Request) -> Response:
         engine.principal(request, require_key=False)
         return JSONResponse({"publicKey": engine.cab_public_key})
-
-    runner = engine.runner
-    runner.register("register-profile", apply_register)
-    runner.register("change-password", apply_change_password)
-    runner.register("reauthorize-authorization-token", apply_reauthorize)
-    runner.register("register-public-key", apply_public_key)
 
     g = lambda h: guarded(opts, h)  # noqa: E731
     return [

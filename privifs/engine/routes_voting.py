@@ -24,10 +24,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from privifs.engine.commands import REJECTED, Outcome, Rejected
+from privifs.engine.commands import REJECTED, CommandRunner, Outcome, Rejected
 from privifs.engine.core import Engine
+from privifs.engine.db import Database
 from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
                                  read_form)
+from privifs.engine.hub import Hub
 from privifs.engine.routes_device import _device_field, approved_device, device_command
 
 STRATEGIES = ("unanimous", "majority", "any")
@@ -60,98 +62,133 @@ def required_votes(strategy: str, voters: int) -> int:
     return {"unanimous": voters, "majority": voters // 2 + 1, "any": 1}[strategy]
 
 
+# -- the voting gate: the command runner's gate, called inside its transaction; the collaborators
+# before the first argument the runner passes are bound where it is installed
+# (privifs/engine/features.py) --------------------------------------------------------------------
+def gate(conn: sqlite3.Connection, kind: str, profile_id: str | None, cid: str) -> bool:
+    """May command ``cid`` be applied now? No if an active policy holds its kind: a pool opens."""
+    if profile_id is None or kind not in GATED_KINDS:
+        return True  # no policy event raises this kind, so no pool can hold it
+    pool = conn.execute("SELECT status FROM pools WHERE command_id = ?", (cid,)).fetchone()
+    if pool is not None:
+        return pool["status"] == "approved"
+    for policy in conn.execute("SELECT * FROM policies WHERE profile_id = ? AND active = 1", (profile_id,)):
+        template = TEMPLATES.get(policy["template_id"], {"events": {}})
+        events = {template["events"].get(e) for e in json.loads(policy["event_ids"])}
+        if any(kind in EVENT_KINDS.get(e, ()) for e in events):
+            vc = conn.execute("SELECT * FROM voting_configs WHERE id = ?", (policy["voting_config_id"],)).fetchone()
+            if vc is None:
+                continue
+            able = [r[0] for r in conn.execute(
+                "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1 AND state = 'approved'"
+                " ORDER BY rowid", (profile_id,))]
+            listed = json.loads(vc["device_ids"])
+            voters = [d for d in listed if d in able] if listed else able  # removed devices cannot vote
+            if not voters:
+                continue  # a vote among nobody is decided at once: applied (docs/engine.md)
+            pool_id = "pool-" + secrets.token_hex(10)
+            deadline = time.time() + vc["time_limit"]
+            conn.execute("INSERT INTO pools (id, profile_id, command_id, policy_id, voting_config_id, voters,"
+                         " required, strategy, deadline, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                         (pool_id, profile_id, cid, policy["id"], vc["id"], json.dumps(voters),
+                          required_votes(vc["strategy"], len(voters)), vc["strategy"], deadline, "open",
+                          time.time()))
+            return False
+    return True
+
+
+def ballot(db: Database, hub: Hub, profile_id: str | None, cid: str) -> None:
+    """After the commit that held ``cid``: tell the profile's channels a vote is open."""
+    pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE command_id = ?", (cid,)).fetchone())
+    if pool is not None and pool["status"] == "open":
+        hub.publish(profile_id, {"data": {
+            "type": "VOTING-BALLOT", "id": pool["id"], "poolId": pool["id"], "commandId": cid,
+            "voters": json.loads(pool["voters"]), "deadline": iso(pool["deadline"])}})
+
+
+async def resolve(db: Database, runner: CommandRunner, pool_id: str) -> str:
+    """Decide an open pool from its ballots and deadline; act on the outcome."""
+    def work(conn: sqlite3.Connection):
+        pool = conn.execute("SELECT * FROM pools WHERE id = ?", (pool_id,)).fetchone()
+        if pool is None or pool["status"] != "open":
+            return pool["status"] if pool else None, None
+        voters = len(json.loads(pool["voters"]))
+        approvals, rejections = tally(conn, pool_id)
+        if approvals >= pool["required"]:
+            status = "approved"
+        elif voters - rejections < pool["required"]:
+            status = "rejected"
+        elif pool["deadline"] <= time.time():
+            status = "expired"
+        else:
+            return "open", None
+        conn.execute("UPDATE pools SET status = ? WHERE id = ?", (status, pool_id))
+        return status, pool["command_id"]
+
+    status, cid = await db.write(work)
+    if cid is not None:
+        if status == "approved":
+            runner.release(cid)
+        else:
+            await runner.finish(cid, REJECTED,
+                                "voting.rejected" if status == "rejected" else "voting.time_limit_exceeded")
+    return status
+
+
+async def expire_pools(db: Database, runner: CommandRunner) -> None:
+    """Background task: end the pools whose time limit has passed."""
+    while True:
+        await trio.sleep(0.5)
+        now = time.time()
+        due = db.read(lambda c: [r[0] for r in c.execute(
+            "SELECT id FROM pools WHERE status = 'open' AND deadline <= ?", (now,))])
+        for pool_id in due:
+            await resolve(db, runner, pool_id)
+
+
+# -- command appliers: run by the command runner inside its transaction ------------------------------
+def apply_authenticator(conn, params, profile_id, cid) -> Outcome:
+    approved_device(conn, params["device"], profile_id)
+    conn.execute("UPDATE devices SET authenticator = 1 WHERE id = ?", (params["device"],))
+    return Outcome()
+
+
+def apply_voting_configuration(conn, params, profile_id, cid) -> Outcome:
+    try:
+        conn.execute("INSERT INTO voting_configs (id, profile_id, name, strategy, time_limit, device_ids,"
+                     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     ("vc-" + secrets.token_hex(8), profile_id, params["name"], params["strategy"],
+                      params["time_limit"], json.dumps(params["devices"]), time.time()))
+    except sqlite3.IntegrityError:
+        raise Rejected("voting_configuration.name_taken") from None
+    return Outcome()
+
+
+def apply_register_policy(conn, params, profile_id, cid) -> Outcome:
+    try:
+        conn.execute("INSERT INTO policies (id, profile_id, name, template_id, event_ids, voting_config_id,"
+                     " configuration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     ("pol-" + secrets.token_hex(8), profile_id, params["name"], params["template"],
+                      json.dumps(params["events"]), params["vc"], json.dumps(params["configuration"]),
+                      time.time()))
+    except sqlite3.IntegrityError:
+        raise Rejected("policy.name_taken") from None
+    return Outcome()
+
+
+def apply_switch(active: int, conn, params, profile_id, cid) -> Outcome:
+    """Activate (``active`` 1) or deactivate (0) a policy."""
+    conn.execute("UPDATE policies SET active = ? WHERE id = ? AND profile_id = ?",
+                 (active, params["policy"], profile_id))
+    return Outcome()
+
+
 def routes(engine: Engine) -> list[Route]:
     opts = engine.opts
     db = engine.db
     runner = engine.runner
 
-    # -- gating (called by the command runner inside its transaction) -----------------------------
-    def gate(conn: sqlite3.Connection, kind: str, profile_id: str | None, cid: str) -> bool:
-        if profile_id is None or kind not in GATED_KINDS:
-            return True  # no policy event raises this kind, so no pool can hold it
-        pool = conn.execute("SELECT status FROM pools WHERE command_id = ?", (cid,)).fetchone()
-        if pool is not None:
-            return pool["status"] == "approved"
-        for policy in conn.execute("SELECT * FROM policies WHERE profile_id = ? AND active = 1", (profile_id,)):
-            template = TEMPLATES.get(policy["template_id"], {"events": {}})
-            events = {template["events"].get(e) for e in json.loads(policy["event_ids"])}
-            if any(kind in EVENT_KINDS.get(e, ()) for e in events):
-                vc = conn.execute("SELECT * FROM voting_configs WHERE id = ?", (policy["voting_config_id"],)).fetchone()
-                if vc is None:
-                    continue
-                able = [r[0] for r in conn.execute(
-                    "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1 AND state = 'approved'"
-                    " ORDER BY rowid", (profile_id,))]
-                listed = json.loads(vc["device_ids"])
-                voters = [d for d in listed if d in able] if listed else able  # removed devices cannot vote
-                if not voters:
-                    continue  # a vote among nobody is decided at once: applied (docs/engine.md)
-                pool_id = "pool-" + secrets.token_hex(10)
-                deadline = time.time() + vc["time_limit"]
-                conn.execute("INSERT INTO pools (id, profile_id, command_id, policy_id, voting_config_id, voters,"
-                             " required, strategy, deadline, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                             (pool_id, profile_id, cid, policy["id"], vc["id"], json.dumps(voters),
-                              required_votes(vc["strategy"], len(voters)), vc["strategy"], deadline, "open",
-                              time.time()))
-                return False
-        return True
-
-    def ballot(profile_id: str | None, cid: str) -> None:
-        """After the commit that held ``cid``: tell the profile's channels a vote is open."""
-        pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE command_id = ?", (cid,)).fetchone())
-        if pool is not None and pool["status"] == "open":
-            engine.hub.publish(profile_id, {"data": {
-                "type": "VOTING-BALLOT", "id": pool["id"], "poolId": pool["id"], "commandId": cid,
-                "voters": json.loads(pool["voters"]), "deadline": iso(pool["deadline"])}})
-
-    runner.gate = gate
-    runner.after_hold = ballot
-
-    async def resolve(pool_id: str) -> str:
-        """Decide an open pool from its ballots and deadline; act on the outcome."""
-        def work(conn: sqlite3.Connection):
-            pool = conn.execute("SELECT * FROM pools WHERE id = ?", (pool_id,)).fetchone()
-            if pool is None or pool["status"] != "open":
-                return pool["status"] if pool else None, None
-            voters = len(json.loads(pool["voters"]))
-            approvals, rejections = tally(conn, pool_id)
-            if approvals >= pool["required"]:
-                status = "approved"
-            elif voters - rejections < pool["required"]:
-                status = "rejected"
-            elif pool["deadline"] <= time.time():
-                status = "expired"
-            else:
-                return "open", None
-            conn.execute("UPDATE pools SET status = ? WHERE id = ?", (status, pool_id))
-            return status, pool["command_id"]
-
-        status, cid = await db.write(work)
-        if cid is not None:
-            if status == "approved":
-                runner.release(cid)
-            else:
-                await runner.finish(cid, REJECTED,
-                                    "voting.rejected" if status == "rejected" else "voting.time_limit_exceeded")
-        return status
-
-    async def expire_pools() -> None:
-        while True:
-            await trio.sleep(0.5)
-            now = time.time()
-            due = db.read(lambda c: [r[0] for r in c.execute(
-                "SELECT id FROM pools WHERE status = 'open' AND deadline <= ?", (now,))])
-            for pool_id in due:
-                await resolve(pool_id)
-
-    engine.background.append(expire_pools)
-
     # -- authenticators and voting configurations ---------------------------------------------------
-    def apply_authenticator(conn, params, profile_id, cid) -> Outcome:
-        approved_device(conn, params["device"], profile_id)
-        conn.execute("UPDATE devices SET authenticator = 1 WHERE id = ?", (params["device"],))
-        return Outcome()
-
     async def named_body(request: Request) -> tuple[dict, str]:
         """A JSON body (live) or a form (guides) with a required ``name``."""
         form = await read_form(request)
@@ -187,16 +224,6 @@ def routes(engine: Engine) -> list[Route]:
                                   {"name": name, "strategy": strategy, "time_limit": time_limit, "devices": devices})
         return command_accepted(opts, "register-voting-configuration", cid)
 
-    def apply_voting_configuration(conn, params, profile_id, cid) -> Outcome:
-        try:
-            conn.execute("INSERT INTO voting_configs (id, profile_id, name, strategy, time_limit, device_ids,"
-                         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         ("vc-" + secrets.token_hex(8), profile_id, params["name"], params["strategy"],
-                          params["time_limit"], json.dumps(params["devices"]), time.time()))
-        except sqlite3.IntegrityError:
-            raise Rejected("voting_configuration.name_taken") from None
-        return Outcome()
-
     # -- pools ------------------------------------------------------------------------------------
     def pool_record(pool: sqlite3.Row | dict) -> dict:
         approvals, rejections = db.read(lambda c: tally(c, pool["id"]))
@@ -212,7 +239,7 @@ def routes(engine: Engine) -> list[Route]:
         who = engine.principal(request, require_key=False)
         pool = owned_pool(who.profile_id, request.path_params["pool_id"])
         if pool["status"] == "open" and pool["deadline"] <= time.time():
-            pool = {**dict(pool), "status": await resolve(pool["id"])}
+            pool = {**dict(pool), "status": await resolve(db, runner, pool["id"])}
         return JSONResponse(pool_record(pool))
 
     async def list_pools(request: Request) -> Response:
@@ -242,7 +269,7 @@ def routes(engine: Engine) -> list[Route]:
                          (pool_id, device_id, decision, time.time()))
 
         await db.write(vote)
-        status = await resolve(pool_id)
+        status = await resolve(db, runner, pool_id)
         return JSONResponse({"poolId": pool_id, "status": status})
 
     async def cancel_pool(request: Request) -> Response:
@@ -297,17 +324,6 @@ def routes(engine: Engine) -> list[Route]:
             "configuration": configuration})
         return command_accepted(opts, "register-policy", cid)
 
-    def apply_register_policy(conn, params, profile_id, cid) -> Outcome:
-        try:
-            conn.execute("INSERT INTO policies (id, profile_id, name, template_id, event_ids, voting_config_id,"
-                         " configuration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         ("pol-" + secrets.token_hex(8), profile_id, params["name"], params["template"],
-                          json.dumps(params["events"]), params["vc"], json.dumps(params["configuration"]),
-                          time.time()))
-        except sqlite3.IntegrityError:
-            raise Rejected("policy.name_taken") from None
-        return Outcome()
-
     def policy_record(r: sqlite3.Row) -> dict:
         return {"id": r["id"], "name": r["name"], "policyTemplateId": r["template_id"],
                 "applyingEventIds": json.loads(r["event_ids"]), "votingConfigurationId": r["voting_config_id"],
@@ -336,19 +352,6 @@ def routes(engine: Engine) -> list[Route]:
             cid = await runner.submit(kind, who.profile_id, {"policy": row["id"]})
             return command_accepted(opts, kind, cid)
         return handler
-
-    def apply_switch(active: int):
-        def apply(conn, params, profile_id, cid) -> Outcome:
-            conn.execute("UPDATE policies SET active = ? WHERE id = ? AND profile_id = ?",
-                         (active, params["policy"], profile_id))
-            return Outcome()
-        return apply
-
-    runner.register("register-authenticator", apply_authenticator)
-    runner.register("register-voting-configuration", apply_voting_configuration)
-    runner.register("register-policy", apply_register_policy)
-    runner.register("activate-policy", apply_switch(1))
-    runner.register("deactivate-policy", apply_switch(0))
 
     g = lambda h: guarded(opts, h)  # noqa: E731
     return [

@@ -36,6 +36,7 @@ from starlette.routing import Route
 from privifs.engine import (routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility,
                             routes_voting)
 from privifs.engine.core import Engine
+from privifs.engine.features import build_engine
 from privifs.engine.http import read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
@@ -144,6 +145,7 @@ def admin_routes(engine: Engine) -> list[Route]:
 
 
 def api_app(engine: Engine) -> Starlette:
+    """The API's routes (building them turns nothing on: see privifs.engine.features)."""
     routes = (routes_utility.routes(engine) + routes_profile.routes(engine) + routes_datatoken.routes(engine)
               + routes_oauth.routes(engine) + routes_device.routes(engine) + routes_voting.routes(engine)
               + admin_routes(engine))
@@ -178,7 +180,7 @@ def write_urls_file(path: Path, urls: dict[str, str]) -> None:
 async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: EngineOptions,
                      urls_file: Path | None = None, *, announce=print,
                      task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    engine = Engine(data_dir, opts)
+    engine = build_engine(data_dir, opts)
     stop = trio.Event()
     apps = {"api": api_app(engine), "ws": websocket_app(engine),
             "upstream": upstream_app(engine), "downstream": downstream_app(engine)}
@@ -186,10 +188,10 @@ async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: Eng
         async with trio.open_nursery() as nursery:
             engine.nursery = nursery
             await nursery.start(engine.runner.run)
-            nursery.start_soon(engine.janitor)
             for task in engine.background:
                 nursery.start_soon(task)
-            engine.spawn(engine.storage.reconcile)
+            for task in engine.at_start:
+                engine.spawn(task)
             nursery.start_soon(_watch_signals, stop)
             async with trio.open_nursery() as servers:
                 for name in SERVERS:
