@@ -138,54 +138,58 @@ def apply_delete(blobs: BlobStore, storage: StorageDevices, conn, params, profil
     return out
 
 
-def routes(engine: Engine) -> list[Route]:
-    opts = engine.opts
-    db = engine.db
+class DataTokenApi:
+    """The data-token group's handlers (one method each) and its route table."""
 
-    def owned_reservation(profile_id: str, temp_token: str) -> sqlite3.Row:
-        row = db.read(lambda c: c.execute(
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.opts = engine.opts
+        self.db = engine.db
+
+    def owned_reservation(self, profile_id: str, temp_token: str) -> sqlite3.Row:
+        row = self.db.read(lambda c: c.execute(
             "SELECT * FROM reservations WHERE temp_token = ? AND profile_id = ?",
             (temp_token, profile_id)).fetchone())
         if row is None or (row["promoted_token"] is None and row["expires_at"] <= time.time()):
             raise not_found()
         return row
 
-    def owned_token(profile_id: str, token: str) -> sqlite3.Row:
-        return owned_row(db, "data_tokens", "token", token, profile_id)
+    def owned_token(self, profile_id: str, token: str) -> sqlite3.Row:
+        return owned_row(self.db, "data_tokens", "token", token, profile_id)
 
     # -- reserve ---------------------------------------------------------------------------
-    async def reserve(request: Request) -> Response:
-        who = engine.principal(request)
+    async def reserve(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         context = form.required("context", max_len=CONTEXT_MAX)
-        ttl = form.integer("ttl", default=opts.ttl_default, minimum=1, maximum=opts.ttl_max)
+        ttl = form.integer("ttl", default=self.opts.ttl_default, minimum=1, maximum=self.opts.ttl_max)
         meta = form.optional("meta", max_len=4096)
-        cid = await engine.runner.submit("reserve-token-space", who.profile_id,
-                                         {"context": context, "ttl": ttl, "meta": meta})
-        return command_accepted(opts, "reserve-token-space", cid)
+        cid = await self.engine.runner.submit("reserve-token-space", who.profile_id,
+                                              {"context": context, "ttl": ttl, "meta": meta})
+        return command_accepted(self.opts, "reserve-token-space", cid)
 
-    async def retrieve_temporary(request: Request) -> Response:
-        who = engine.principal(request)
+    async def retrieve_temporary(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         cid = request.path_params["command_id"]
-        row = db.read(lambda c: c.execute("SELECT * FROM reservations WHERE command_id = ? AND profile_id = ?",
-                                          (cid, who.profile_id)).fetchone())
+        row = self.db.read(lambda c: c.execute("SELECT * FROM reservations WHERE command_id = ? AND profile_id = ?",
+                                               (cid, who.profile_id)).fetchone())
         if row is None or row["expires_at"] <= time.time() or row["promoted_token"] is not None:
             raise not_found()
-        if opts.temporary_token_shape == "string":
+        if self.opts.temporary_token_shape == "string":
             return JSONResponse(row["temp_token"])
         stream = f"auth={row['stream_auth']}"
-        if opts.stream_shape == "url":
-            stream = f"{engine.urls.get('upstream', '')}/?{stream}"
-        if opts.temporary_token_shape == "guide":
+        if self.opts.stream_shape == "url":
+            stream = f"{self.engine.urls.get('upstream', '')}/?{stream}"
+        if self.opts.temporary_token_shape == "guide":
             return JSONResponse({"token": row["temp_token"], "stream": stream})
         return JSONResponse({"uuid": row["command_id"], "createdAt": iso(row["created_at"]),
                              "token": row["temp_token"], "stream": stream, "context": row["context"],
                              "ttl": str(row["ttl"])})
 
     # -- inline exchange -------------------------------------------------------------------
-    async def exchange(request: Request) -> Response:
-        who = engine.principal(request)
-        cap = (opts.inline_limit + 2) // 3 * 4 * 3 + 8192  # base64, then worst-case percent-encoding
+    async def exchange(self, request: Request) -> Response:
+        who = self.engine.principal(request)
+        cap = (self.opts.inline_limit + 2) // 3 * 4 * 3 + 8192  # base64, then worst-case percent-encoding
         form = await read_form(request, limit=cap, field="data")
         temp = form.required("temporaryTokenSpace", max_len=256)
         encoded = "".join(form.required("data", max_len=cap).split())
@@ -193,21 +197,21 @@ def routes(engine: Engine) -> list[Route]:
             data = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raise invalid("data", "is not valid base64") from None
-        if len(data) > opts.inline_limit:
-            raise invalid("data", f"payload exceeds the inline limit of {opts.inline_limit} bytes; "
+        if len(data) > self.opts.inline_limit:
+            raise invalid("data", f"payload exceeds the inline limit of {self.opts.inline_limit} bytes; "
                                   f"use the upstream stream server")
-        row = owned_reservation(who.profile_id, temp)
+        row = self.owned_reservation(who.profile_id, temp)
         if row["blob_id"] is not None or row["promoted_token"] is not None:
             raise invalid("temporaryTokenSpace", "data was already exchanged for this token")
-        blob_id, size, blob_dir = await engine.blobs.write_bytes(data)
-        cid = await engine.runner.submit("exchange-data-for-token", who.profile_id,
-                                         {"temp_token": temp, "blob_id": blob_id, "size": size},
-                                         fsync_dirs=(blob_dir,))
-        return command_accepted(opts, "exchange-data-for-token", cid)
+        blob_id, size, blob_dir = await self.engine.blobs.write_bytes(data)
+        cid = await self.engine.runner.submit("exchange-data-for-token", who.profile_id,
+                                              {"temp_token": temp, "blob_id": blob_id, "size": size},
+                                              fsync_dirs=(blob_dir,))
+        return command_accepted(self.opts, "exchange-data-for-token", cid)
 
     # -- configure file meta (synchronous promotion) ---------------------------------------
-    async def configure_file_meta(request: Request) -> Response:
-        who = engine.principal(request)
+    async def configure_file_meta(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         temp = form.required("token", max_len=256)
         file_name = form.required("fileName", max_len=NAME_MAX)
@@ -215,7 +219,7 @@ def routes(engine: Engine) -> list[Route]:
         context = form.optional("context", max_len=CONTEXT_MAX)
         size = form.integer("size", minimum=0)
         path = form.optional("path", max_len=CONTEXT_MAX) or ""
-        row = owned_reservation(who.profile_id, temp)
+        row = self.owned_reservation(who.profile_id, temp)
         if row["promoted_token"] is None:
             if row["blob_id"] is None:
                 raise invalid("token", "no data has been exchanged or uploaded for this token yet")
@@ -236,31 +240,31 @@ def routes(engine: Engine) -> list[Route]:
                              (permanent, row["command_id"]))
                 return permanent
 
-            token = await db.write(promote)
-            engine.spawn(engine.storage.fan_out, who.profile_id, token, row["blob_id"])
+            token = await self.db.write(promote)
+            self.engine.spawn(self.engine.storage.fan_out, who.profile_id, token, row["blob_id"])
         else:
             token = row["promoted_token"]
-        return JSONResponse(token if opts.file_meta_shape == "string" else {"token": token})
+        return JSONResponse(token if self.opts.file_meta_shape == "string" else {"token": token})
 
     # -- request data ----------------------------------------------------------------------
-    async def request_data(request: Request) -> Response:
-        who = engine.principal(request)
+    async def request_data(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         token = form.required("token", max_len=256)
-        owned_token(who.profile_id, token)
+        self.owned_token(who.profile_id, token)
         request_id = str(uuid.uuid4())
-        cid = await engine.runner.submit("request-data", who.profile_id,
-                                         {"token": token, "request_id": request_id})
+        cid = await self.engine.runner.submit("request-data", who.profile_id,
+                                              {"token": token, "request_id": request_id})
         return Response("null", status_code=202, media_type="application/json",
                         headers={"x-dpt-cab-id": cid, "x-dpt-cab-request-id": request_id})
 
     # -- listing ---------------------------------------------------------------------------
-    async def list_tokens(request: Request) -> Response:
-        who = engine.principal(request)
+    async def list_tokens(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         q = query_form(request)
         page = q.integer("page", default=1, minimum=1, maximum=10**9)
-        per_page = min(q.integer("perPage", default=opts.per_page_default, minimum=1, maximum=10**9),
-                       opts.per_page_max)
+        per_page = min(q.integer("perPage", default=self.opts.per_page_default, minimum=1, maximum=10**9),
+                       self.opts.per_page_max)
         where, args = ["profile_id = ?"], [who.profile_id]
         for name, column in LIST_FILTERS.items():
             value = q.get(name)
@@ -275,13 +279,13 @@ def routes(engine: Engine) -> list[Route]:
                                 (*args, per_page, (page - 1) * per_page)).fetchall()
             return total, rows
 
-        total, rows = db.read(read)
+        total, rows = self.db.read(read)
         return JSONResponse({"items": [item(r) for r in rows],
                              "meta": {"count": total, "page": page, "perPage": per_page}})
 
     # -- update, risk meta, delete ---------------------------------------------------------
-    async def update(request: Request) -> Response:
-        who = engine.principal(request)
+    async def update(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         token = form.required("token", max_len=256)
         changes = {}
@@ -292,45 +296,51 @@ def routes(engine: Engine) -> list[Route]:
                 changes[column] = value
         if not changes:
             raise invalid("fileName", "at least one of fileName, extension, context is required")
-        owned_token(who.profile_id, token)
-        cid = await engine.runner.submit("update-data-token", who.profile_id, {"token": token, "changes": changes})
-        return command_accepted(opts, "update-data-token", cid)
+        self.owned_token(who.profile_id, token)
+        cid = await self.engine.runner.submit("update-data-token", who.profile_id, {"token": token, "changes": changes})
+        return command_accepted(self.opts, "update-data-token", cid)
 
-    async def risk_meta(request: Request) -> Response:
-        who = engine.principal(request)
+    async def risk_meta(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         token = form.required("token", max_len=256)
         fields = {k: v[-1] for k, v in form.fields.items() if k != "token"}
         if not fields:
             raise invalid("classification", "at least one risk-meta field is required")
-        if len(fields) > opts.risk_max_fields:
-            raise invalid("token", f"at most {opts.risk_max_fields} risk-meta fields are allowed")
+        if len(fields) > self.opts.risk_max_fields:
+            raise invalid("token", f"at most {self.opts.risk_max_fields} risk-meta fields are allowed")
         for k, v in fields.items():
             if not k or len(k) > 128:
                 raise invalid(k[:128] or "field", "field names must have 1 to 128 characters")
-            Form._check(k, v, opts.risk_max_value, True)
-        owned_token(who.profile_id, token)
-        cid = await engine.runner.submit("configure-information-security-risk-meta", who.profile_id,
-                                         {"token": token, "risk": fields})
-        return command_accepted(opts, "configure-information-security-risk-meta", cid)
+            Form._check(k, v, self.opts.risk_max_value, True)
+        self.owned_token(who.profile_id, token)
+        cid = await self.engine.runner.submit("configure-information-security-risk-meta", who.profile_id,
+                                              {"token": token, "risk": fields})
+        return command_accepted(self.opts, "configure-information-security-risk-meta", cid)
 
-    async def delete(request: Request) -> Response:
-        who = engine.principal(request)
+    async def delete(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         token = form.required("token", max_len=256)
-        owned_token(who.profile_id, token)
-        cid = await engine.runner.submit("delete-data", who.profile_id, {"token": token})
-        return command_accepted(opts, "delete-data", cid)
+        self.owned_token(who.profile_id, token)
+        cid = await self.engine.runner.submit("delete-data", who.profile_id, {"token": token})
+        return command_accepted(self.opts, "delete-data", cid)
 
-    g = lambda h: guarded(opts, h)  # noqa: E731
-    return [
-        Route("/data-token/reserve-token-space", g(reserve), methods=["POST"]),
-        Route("/data-token/retrieve-temporary-data-token/{command_id}", g(retrieve_temporary), methods=["GET"]),
-        Route("/data-token/exchange-data-for-token", g(exchange), methods=["POST"]),
-        Route("/data-token/configure-file-meta", g(configure_file_meta), methods=["POST"]),
-        Route("/data-token/request-data", g(request_data), methods=["POST"]),
-        Route("/data-token/list-data-tokens", g(list_tokens), methods=["GET"]),
-        Route("/data-token/update-data-token", g(update), methods=["POST"]),
-        Route("/data-token/configure-information-security-risk-meta", g(risk_meta), methods=["POST"]),
-        Route("/data-token/delete-data", g(delete), methods=["POST"]),
-    ]
+    def routes(self) -> list[Route]:
+        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        return [
+            Route("/data-token/reserve-token-space", g(self.reserve), methods=["POST"]),
+            Route("/data-token/retrieve-temporary-data-token/{command_id}", g(self.retrieve_temporary),
+                  methods=["GET"]),
+            Route("/data-token/exchange-data-for-token", g(self.exchange), methods=["POST"]),
+            Route("/data-token/configure-file-meta", g(self.configure_file_meta), methods=["POST"]),
+            Route("/data-token/request-data", g(self.request_data), methods=["POST"]),
+            Route("/data-token/list-data-tokens", g(self.list_tokens), methods=["GET"]),
+            Route("/data-token/update-data-token", g(self.update), methods=["POST"]),
+            Route("/data-token/configure-information-security-risk-meta", g(self.risk_meta), methods=["POST"]),
+            Route("/data-token/delete-data", g(self.delete), methods=["POST"]),
+        ]
+
+
+def routes(engine: Engine) -> list[Route]:
+    return DataTokenApi(engine).routes()

@@ -128,45 +128,49 @@ def apply_storage_remove(storage: StorageDevices, conn, params, profile_id, cid)
     return out
 
 
-def routes(engine: Engine) -> list[Route]:
-    opts = engine.opts
-    db = engine.db
-    storage = engine.storage
+class DeviceApi:
+    """The device and storage groups' handlers (one method each) and their route table."""
 
-    def record(row: sqlite3.Row) -> dict:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.opts = engine.opts
+        self.db = engine.db
+        self.storage = engine.storage
+
+    def record(self, row: sqlite3.Row) -> dict:
         roles = [r for r, on in (("storage", row["storage"]), ("authenticator", row["authenticator"])) if on]
         return {"deviceIdentifier": row["id"], "name": row["name"], "type": roles[0] if roles else "device",
                 "roles": roles, "approvalState": row["state"], "meta": json.loads(row["meta"]),
                 "createdAt": iso(row["created_at"])}
 
     # -- devices -------------------------------------------------------------------------------
-    async def request_identifier(request: Request) -> Response:
-        who = engine.principal(request)
+    async def request_identifier(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         name = form.required("deviceName", max_len=256)
-        cid = await engine.runner.submit("request-unique-identifier", who.profile_id, {"name": name})
-        return command_accepted(opts, "request-unique-identifier", cid)
+        cid = await self.engine.runner.submit("request-unique-identifier", who.profile_id, {"name": name})
+        return command_accepted(self.opts, "request-unique-identifier", cid)
 
-    async def retrieve_identifier(request: Request) -> Response:
-        who = engine.principal(request)
+    async def retrieve_identifier(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         cid = request.path_params.get("command_id") or (await read_form(request)).required("id", max_len=256)
-        row = db.read(lambda c: c.execute("SELECT id FROM devices WHERE command_id = ? AND profile_id = ?",
-                                          (cid, who.profile_id)).fetchone())
+        row = self.db.read(lambda c: c.execute("SELECT id FROM devices WHERE command_id = ? AND profile_id = ?",
+                                               (cid, who.profile_id)).fetchone())
         if row is None:
             raise not_found()
-        if opts.device_id_shape == "string":
+        if self.opts.device_id_shape == "string":
             return JSONResponse(row["id"])
-        if opts.device_id_shape == "guide" or "command_id" in request.path_params:
+        if self.opts.device_id_shape == "guide" or "command_id" in request.path_params:
             return JSONResponse({"deviceId": row["id"]})
         return JSONResponse({"deviceIdentifier": row["id"]})
 
-    async def list_devices(request: Request) -> Response:
-        who = engine.principal(request)
-        rows = db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? ORDER BY created_at",
-                                           (who.profile_id,)).fetchall())
-        return JSONResponse([record(r) for r in rows])
+    async def list_devices(self, request: Request) -> Response:
+        who = self.engine.principal(request)
+        rows = self.db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? ORDER BY created_at",
+                                                (who.profile_id,)).fetchall())
+        return JSONResponse([self.record(r) for r in rows])
 
-    def meta_params(form: Form, row) -> dict:
+    def meta_params(self, form: Form, row) -> dict:
         name = form.get("name") if form.get("name") is not None else form.get("displayName")
         tags = form.get("tags")
         if name is None and tags is None:
@@ -177,10 +181,10 @@ def routes(engine: Engine) -> list[Route]:
             Form._check("tags", tags, 1024, True)
         return {"name": name, "tags": tags}
 
-    async def download_configuration(request: Request) -> Response:
-        who = engine.principal(request)
+    async def download_configuration(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
-        row = owned_device(engine, who.profile_id, _device_field(form))
+        row = owned_device(self.engine, who.profile_id, _device_field(form))
         if row["state"] != "approved":
             raise ApiError(422, "device.not_approved", {"deviceIdentifier": ["the device is not approved"]})
         # the engine has no message bus: the bundle says where this device's copies live instead
@@ -189,41 +193,47 @@ def routes(engine: Engine) -> list[Route]:
             "deviceIdentifier": row["id"], "publicKey": row["public_key"],
             "amqp": {"host": "127.0.0.1", "port": None, "vhost": f"/privicore/{who.profile_id}",
                      "username": row["id"], "password": password, "routingKey": f"device.{row['id']}"},
-            "storage": {"kind": "local-directory", "path": str(storage.device_dir(row["id"]))},
+            "storage": {"kind": "local-directory", "path": str(self.storage.device_dir(row["id"]))},
         })
 
     # -- storage ---------------------------------------------------------------------------------
-    async def list_storage(request: Request) -> Response:
-        who = engine.principal(request)
-        rows = db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? AND storage = 1 ORDER BY"
-                                           " storage_since", (who.profile_id,)).fetchall())
+    async def list_storage(self, request: Request) -> Response:
+        who = self.engine.principal(request)
+        rows = self.db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? AND storage = 1 ORDER BY"
+                                                " storage_since", (who.profile_id,)).fetchall())
         out = []
         for r in rows:
-            d = storage.device_dir(r["id"])
+            d = self.storage.device_dir(r["id"])
             copies = sum(1 for f in d.iterdir() if not f.name.startswith(".")) if d.exists() else 0
-            out.append({**record(r), "registeredAt": iso(r["storage_since"]), "copies": copies})
+            out.append({**self.record(r), "registeredAt": iso(r["storage_since"]), "copies": copies})
         return JSONResponse(out)
 
-    g = lambda h: guarded(opts, h)  # noqa: E731
-    return [
-        Route("/device/request-unique-identifier", g(request_identifier), methods=["POST"]),
-        Route("/device/request-device-id", g(request_identifier), methods=["POST"]),
-        Route("/device/retrieve-unique-identifier", g(retrieve_identifier), methods=["POST"]),
-        Route("/device/retrieve-device-id/{command_id}", g(retrieve_identifier), methods=["GET"]),
-        Route("/device/retrieve-profile-devices", g(list_devices), methods=["GET"]),
-        Route("/device/configure-meta", g(device_command(engine, "configure-device-meta", meta_params)),
-              methods=["POST"]),
-        Route("/device/configure-device-meta", g(device_command(engine, "configure-device-meta", meta_params)),
-              methods=["POST"]),
-        Route("/device/approve-device", g(device_command(engine, "approve-device")), methods=["POST"]),
-        Route("/device/reject-device", g(device_command(engine, "reject-device")), methods=["POST"]),
-        Route("/device/download-device-configuration", g(download_configuration), methods=["POST"]),
-        Route("/device/remove", g(device_command(engine, "remove-device")), methods=["POST"]),
-        Route("/device/remove-device", g(device_command(engine, "remove-device")), methods=["POST"]),
-        Route("/storage/register", g(device_command(engine, "register-storage-device")), methods=["POST"]),
-        Route("/storage/register-storage-device", g(device_command(engine, "register-storage-device")),
-              methods=["POST"]),
-        Route("/storage/list-storage-devices", g(list_storage), methods=["GET"]),
-        Route("/storage/remove", g(device_command(engine, "remove-storage-device")), methods=["POST"]),
-        Route("/storage/remove-storage", g(device_command(engine, "remove-storage-device")), methods=["POST"]),
-    ]
+    def routes(self) -> list[Route]:
+        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        return [
+            Route("/device/request-unique-identifier", g(self.request_identifier), methods=["POST"]),
+            Route("/device/request-device-id", g(self.request_identifier), methods=["POST"]),
+            Route("/device/retrieve-unique-identifier", g(self.retrieve_identifier), methods=["POST"]),
+            Route("/device/retrieve-device-id/{command_id}", g(self.retrieve_identifier), methods=["GET"]),
+            Route("/device/retrieve-profile-devices", g(self.list_devices), methods=["GET"]),
+            Route("/device/configure-meta", g(device_command(self.engine, "configure-device-meta", self.meta_params)),
+                  methods=["POST"]),
+            Route("/device/configure-device-meta",
+                  g(device_command(self.engine, "configure-device-meta", self.meta_params)),
+                  methods=["POST"]),
+            Route("/device/approve-device", g(device_command(self.engine, "approve-device")), methods=["POST"]),
+            Route("/device/reject-device", g(device_command(self.engine, "reject-device")), methods=["POST"]),
+            Route("/device/download-device-configuration", g(self.download_configuration), methods=["POST"]),
+            Route("/device/remove", g(device_command(self.engine, "remove-device")), methods=["POST"]),
+            Route("/device/remove-device", g(device_command(self.engine, "remove-device")), methods=["POST"]),
+            Route("/storage/register", g(device_command(self.engine, "register-storage-device")), methods=["POST"]),
+            Route("/storage/register-storage-device", g(device_command(self.engine, "register-storage-device")),
+                  methods=["POST"]),
+            Route("/storage/list-storage-devices", g(self.list_storage), methods=["GET"]),
+            Route("/storage/remove", g(device_command(self.engine, "remove-storage-device")), methods=["POST"]),
+            Route("/storage/remove-storage", g(device_command(self.engine, "remove-storage-device")), methods=["POST"]),
+        ]
+
+
+def routes(engine: Engine) -> list[Route]:
+    return DeviceApi(engine).routes()

@@ -55,14 +55,19 @@ def apply_request_code(conn, params, profile_id, cid) -> Outcome:
     return Outcome()
 
 
-def routes(engine: Engine) -> list[Route]:
-    opts = engine.opts
-    db = engine.db
+class OAuthApi:
+    """The OAuth group's handlers (one method each) and its route table."""
 
-    def app_by_client(client_id: str) -> sqlite3.Row | None:
-        return db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE client_id = ?", (client_id,)).fetchone())
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.opts = engine.opts
+        self.db = engine.db
 
-    def client_credentials(request: Request) -> sqlite3.Row:
+    def app_by_client(self, client_id: str) -> sqlite3.Row | None:
+        return self.db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE client_id = ?",
+                                                (client_id,)).fetchone())
+
+    def client_credentials(self, request: Request) -> sqlite3.Row:
         """The app named by ``Authorization: Basic base64(clientId:clientSecret)``; 401 otherwise."""
         value = _basic(request)
         if value is None:
@@ -71,18 +76,18 @@ def routes(engine: Engine) -> list[Route]:
             client_id, sep, secret = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
         except (binascii.Error, ValueError, UnicodeDecodeError):
             raise unauthorized("invalid client credentials") from None
-        app = app_by_client(client_id) if sep else None
+        app = self.app_by_client(client_id) if sep else None
         if app is None or app["secret_hash"] is None or not secrets.compare_digest(
                 app["secret_hash"], token_hash(secret)):
             raise unauthorized("invalid client credentials")
         return app
 
-    def accepted(kind: str, cid: str) -> Response:
-        return command_accepted(opts, kind, cid, empty=opts.oauth_accept_shape == "empty")
+    def accepted(self, kind: str, cid: str) -> Response:
+        return command_accepted(self.opts, kind, cid, empty=self.opts.oauth_accept_shape == "empty")
 
     # -- register and configuration ------------------------------------------------------
-    async def register(request: Request) -> Response:
-        who = engine.principal(request)
+    async def register(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         form = await read_form(request)
         name = form.get("name") if form.get("name") is not None else form.get("title")
         if name is None or not name.strip():
@@ -96,16 +101,16 @@ def routes(engine: Engine) -> list[Route]:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise invalid("redirectUri", "must be an http(s) URL")
         scopes = _scopes(form.getlist("scopes") + form.getlist("scopes[]"))
-        cid = await engine.runner.submit("oauth-application-register", who.profile_id,
-                                         {"name": name, "redirect_uri": redirect, "scopes": scopes})
-        return accepted("oauth-application-register", cid)
+        cid = await self.engine.runner.submit("oauth-application-register", who.profile_id,
+                                              {"name": name, "redirect_uri": redirect, "scopes": scopes})
+        return self.accepted("oauth-application-register", cid)
 
-    async def configuration(request: Request) -> Response:
-        who = engine.principal(request)
+    async def configuration(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         app_id = request.path_params.get("application_id") or (await read_form(request)).required(
             "applicationId", max_len=256)
-        app = db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE id = ? AND profile_id = ?",
-                                          (app_id, who.profile_id)).fetchone())
+        app = self.db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE id = ? AND profile_id = ?",
+                                               (app_id, who.profile_id)).fetchone())
         if app is None:
             raise not_found()
         secret = "shh-" + secrets.token_urlsafe(32)
@@ -114,14 +119,14 @@ def routes(engine: Engine) -> list[Route]:
             return conn.execute("UPDATE oauth_apps SET config_retrieved = 1, secret_hash = ? WHERE id = ?"
                                 " AND config_retrieved = 0", (token_hash(secret), app_id)).rowcount
 
-        if await db.write(claim) == 0:
+        if await self.db.write(claim) == 0:
             raise ApiError(422, "oauth.already_retrieved", {"applicationId": ["oauth.already_retrieved"]})
         return JSONResponse({"applicationId": app["id"], "clientId": app["client_id"], "clientSecret": secret,
                              "redirectUri": app["redirect_uri"], "scopes": json.loads(app["scopes"])})
 
     # -- authorization code --------------------------------------------------------------
-    async def request_code(request: Request) -> Response:
-        who = engine.principal(request)
+    async def request_code(self, request: Request) -> Response:
+        who = self.engine.principal(request)
         q = query_form(request)
         if request.method == "POST":
             body = await read_form(request)
@@ -134,7 +139,7 @@ def routes(engine: Engine) -> list[Route]:
         if not nonce:
             raise invalid("nonce", "this field is required")
         Form._check("nonce", nonce, 256, False)
-        app = app_by_client(client_id[:256])
+        app = self.app_by_client(client_id[:256])
         if app is None:
             raise not_found()
         scopes = _scopes(q.getlist("scope[]") + q.getlist("scopes") + q.getlist("scope"))
@@ -145,18 +150,18 @@ def routes(engine: Engine) -> list[Route]:
                                                        time.time()))
 
         try:
-            cid = await engine.runner.submit("oauth-application-request-authorization-code", who.profile_id,
-                                             {"app_id": app["id"]}, also)
+            cid = await self.engine.runner.submit("oauth-application-request-authorization-code", who.profile_id,
+                                                  {"app_id": app["id"]}, also)
         except sqlite3.IntegrityError:
             raise invalid("nonce", "this nonce was already used for this application") from None
-        return accepted("oauth-application-request-authorization-code", cid)
+        return self.accepted("oauth-application-request-authorization-code", cid)
 
-    async def retrieve_code(request: Request) -> Response:
-        app = client_credentials(request)
+    async def retrieve_code(self, request: Request) -> Response:
+        app = self.client_credentials(request)
         form = await read_form(request)
         cid = form.required("id", max_len=256)
         nonce = form.required("nonce", max_len=256)
-        row = db.read(lambda c: c.execute(
+        row = self.db.read(lambda c: c.execute(
             "SELECT o.*, m.status FROM oauth_codes o JOIN commands m ON m.id = o.command_id"
             " WHERE o.command_id = ? AND o.app_id = ?", (cid, app["id"])).fetchone())
         if row is None or row["status"] != 2:
@@ -169,14 +174,14 @@ def routes(engine: Engine) -> list[Route]:
             return conn.execute("UPDATE oauth_codes SET code_hash = ?, code_retrieved = 1 WHERE command_id = ?"
                                 " AND code_retrieved = 0", (token_hash(code), cid)).rowcount
 
-        if await db.write(claim) == 0:
+        if await self.db.write(claim) == 0:
             raise ApiError(422, "oauth.already_retrieved", {"id": ["oauth.already_retrieved"]})
         return JSONResponse({"authorizationCode": code})
 
     # -- tokens --------------------------------------------------------------------------
-    def token_answer(app: sqlite3.Row, access: str, access_exp: float, refresh: str, refresh_exp: float,
-                     scopes: list[str]) -> Response:
-        if opts.oauth_shape == "guide":
+    def token_answer(self, app: sqlite3.Row, access: str, access_exp: float, refresh: str, refresh_exp: float,
+                           scopes: list[str]) -> Response:
+        if self.opts.oauth_shape == "guide":
             return JSONResponse({"accessToken": access, "tokenType": "Bearer",
                                  "expiresIn": int(access_exp - time.time()), "refreshToken": refresh,
                                  "scope": " ".join(scopes)})
@@ -184,23 +189,23 @@ def routes(engine: Engine) -> list[Route]:
                              "type": "bearer", "scope": " ".join(scopes), "expiresAt": iso(access_exp),
                              "refreshTokenExpiresAt": iso(refresh_exp)})
 
-    def issue_pair(conn, app: sqlite3.Row, profile_id: str, scopes: list[str]):
-        access, access_exp = engine.issue_token(conn, profile_id, opts.oauth_token_ttl, kind="oauth",
-                                                app_id=app["id"])
+    def issue_pair(self, conn, app: sqlite3.Row, profile_id: str, scopes: list[str]):
+        access, access_exp = self.engine.issue_token(conn, profile_id, self.opts.oauth_token_ttl, kind="oauth",
+                                                     app_id=app["id"])
         refresh = "R-" + secrets.token_urlsafe(32)
-        refresh_exp = time.time() + opts.oauth_refresh_ttl
+        refresh_exp = time.time() + self.opts.oauth_refresh_ttl
         conn.execute("INSERT INTO oauth_refresh (token_hash, app_id, profile_id, access_hash, scopes, expires_at)"
                      " VALUES (?, ?, ?, ?, ?, ?)", (token_hash(refresh), app["id"], profile_id, token_hash(access),
                                                     json.dumps(scopes), refresh_exp))
         return access, access_exp, refresh, refresh_exp
 
-    async def obtain_token(request: Request) -> Response:
+    async def obtain_token(self, request: Request) -> Response:
         form = await read_form(request)
         code = form.get("authorization_code") or form.get("code")
         basic = _basic(request)
         app = None
         try:
-            app = client_credentials(request)
+            app = self.client_credentials(request)
         except ApiError:
             # the API docs' example sends the authorization code itself as the Basic credential
             if basic is None or code is not None:
@@ -217,14 +222,14 @@ def routes(engine: Engine) -> list[Route]:
             conn.execute("UPDATE oauth_codes SET code_used = 1 WHERE command_id = ?", (row["command_id"],))
             the_app = conn.execute("SELECT * FROM oauth_apps WHERE id = ?", (row["app_id"],)).fetchone()
             scopes = json.loads(row["scopes"])
-            return (the_app, scopes, *issue_pair(conn, the_app, row["profile_id"], scopes))
+            return (the_app, scopes, *self.issue_pair(conn, the_app, row["profile_id"], scopes))
 
-        result = await db.write(work)
+        result = await self.db.write(work)
         if result is None:
             raise unauthorized("invalid or already used authorization code")
-        return token_answer(*result[:1], *result[2:], result[1])
+        return self.token_answer(*result[:1], *result[2:], result[1])
 
-    async def refresh_token(request: Request) -> Response:
+    async def refresh_token(self, request: Request) -> Response:
         form = await read_form(request)
         refresh = form.get("refresh_token") or form.get("refreshToken")
         if not refresh:
@@ -234,7 +239,7 @@ def routes(engine: Engine) -> list[Route]:
             raise unauthorized("missing Basic credentials")
         client_app = None
         try:
-            client_app = client_credentials(request)
+            client_app = self.client_credentials(request)
         except ApiError:
             pass
         r_hash = token_hash(refresh)
@@ -252,52 +257,57 @@ def routes(engine: Engine) -> list[Route]:
             conn.execute("UPDATE auth_tokens SET revoked = 1 WHERE token_hash = ?", (row["access_hash"],))
             app = conn.execute("SELECT * FROM oauth_apps WHERE id = ?", (row["app_id"],)).fetchone()
             scopes = json.loads(row["scopes"])
-            return (row["access_hash"], app, scopes, *issue_pair(conn, app, row["profile_id"], scopes))
+            return (row["access_hash"], app, scopes, *self.issue_pair(conn, app, row["profile_id"], scopes))
 
-        result = await db.write(work)
+        result = await self.db.write(work)
         if result is None:
             raise unauthorized("invalid, expired or already used refresh token")
         old_access, app, scopes = result[:3]
-        engine.hub.token_changed(old_access, None)
-        return token_answer(app, *result[3:], scopes)
+        self.engine.hub.token_changed(old_access, None)
+        return self.token_answer(app, *result[3:], scopes)
 
-    async def app_list(request: Request) -> Response:
-        who = engine.principal(request)
-        rows = db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE profile_id = ? ORDER BY created_at",
-                                           (who.profile_id,)).fetchall())
+    async def app_list(self, request: Request) -> Response:
+        who = self.engine.principal(request)
+        rows = self.db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE profile_id = ? ORDER BY created_at",
+                                                (who.profile_id,)).fetchall())
         items = [{"applicationId": r["id"], "name": r["name"], "scopes": json.loads(r["scopes"]),
                   "redirectUri": r["redirect_uri"], "clientId": r["client_id"], "createdAt": iso(r["created_at"])}
                  for r in rows]
         return JSONResponse({"items": items, "meta": {"count": len(items)}})
 
-    async def scope(request: Request) -> Response:
+    async def scope(self, request: Request) -> Response:
         basic = _basic(request)
         raw = basic if basic is not None else request.headers.get("x-dpt-authorization")
         th = token_hash(raw or "")
-        row = db.read(lambda c: c.execute(
+        row = self.db.read(lambda c: c.execute(
             "SELECT t.app_id, t.expires_at, t.revoked, a.client_id, a.scopes FROM auth_tokens t"
             " JOIN oauth_apps a ON a.id = t.app_id WHERE t.token_hash = ? AND t.kind = 'oauth'", (th,)).fetchone())
         if row is None or row["revoked"] or row["expires_at"] <= time.time():
             raise unauthorized("invalid token")
-        grant = db.read(lambda c: c.execute("SELECT scopes FROM oauth_refresh WHERE access_hash = ?",
-                                            (th,)).fetchone())
+        grant = self.db.read(lambda c: c.execute("SELECT scopes FROM oauth_refresh WHERE access_hash = ?",
+                                                 (th,)).fetchone())
         return JSONResponse({"applicationId": row["app_id"], "clientId": row["client_id"],
                              "scope": json.loads(grant["scopes"]) if grant else json.loads(row["scopes"])})
 
-    g = lambda h: guarded(opts, h)  # noqa: E731
-    return [
-        Route("/profile/oauth-application-register", g(register), methods=["POST"]),
-        Route("/oauth/register", g(register), methods=["POST"]),
-        Route("/oauth/register-oauth-application", g(register), methods=["POST"]),
-        Route("/profile/retrieve-oauth-application-configuration", g(configuration), methods=["POST"]),
-        Route("/oauth/retrieve-oauth-app-configuration/{application_id}", g(configuration), methods=["GET"]),
-        Route("/profile/oauth-application-request-authorization-code", g(request_code), methods=["GET"]),
-        Route("/oauth/request-oauth-app-authorization-code", g(request_code), methods=["POST"]),
-        Route("/oauth-application/retrieve-authorization-code", g(retrieve_code), methods=["POST"]),
-        Route("/oauth-application/obtain-access-token", g(obtain_token), methods=["POST"]),
-        Route("/oauth-application/refresh-access-token", g(refresh_token), methods=["POST"]),
-        Route("/oauth/refresh-oauth-app-access-token", g(refresh_token), methods=["POST"]),
-        Route("/profile/retrieve-oauth-application-list", g(app_list), methods=["GET"]),
-        Route("/oauth/oauth-application-list", g(app_list), methods=["GET"]),
-        Route("/oauth-application/retrieve-oauth-application-scope", g(scope), methods=["GET", "POST"]),
-    ]
+    def routes(self) -> list[Route]:
+        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        return [
+            Route("/profile/oauth-application-register", g(self.register), methods=["POST"]),
+            Route("/oauth/register", g(self.register), methods=["POST"]),
+            Route("/oauth/register-oauth-application", g(self.register), methods=["POST"]),
+            Route("/profile/retrieve-oauth-application-configuration", g(self.configuration), methods=["POST"]),
+            Route("/oauth/retrieve-oauth-app-configuration/{application_id}", g(self.configuration), methods=["GET"]),
+            Route("/profile/oauth-application-request-authorization-code", g(self.request_code), methods=["GET"]),
+            Route("/oauth/request-oauth-app-authorization-code", g(self.request_code), methods=["POST"]),
+            Route("/oauth-application/retrieve-authorization-code", g(self.retrieve_code), methods=["POST"]),
+            Route("/oauth-application/obtain-access-token", g(self.obtain_token), methods=["POST"]),
+            Route("/oauth-application/refresh-access-token", g(self.refresh_token), methods=["POST"]),
+            Route("/oauth/refresh-oauth-app-access-token", g(self.refresh_token), methods=["POST"]),
+            Route("/profile/retrieve-oauth-application-list", g(self.app_list), methods=["GET"]),
+            Route("/oauth/oauth-application-list", g(self.app_list), methods=["GET"]),
+            Route("/oauth-application/retrieve-oauth-application-scope", g(self.scope), methods=["GET", "POST"]),
+        ]
+
+
+def routes(engine: Engine) -> list[Route]:
+    return OAuthApi(engine).routes()

@@ -69,17 +69,21 @@ def apply_public_key(conn, params: dict[str, Any], profile_id, cid) -> Outcome:
     return Outcome()
 
 
-def routes(engine: Engine) -> list[Route]:
-    opts = engine.opts
-    db = engine.db
+class ProfileApi:
+    """The profile and public-key groups' handlers (one method each) and their route table."""
 
-    async def register_profile(request: Request) -> Response:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.opts = engine.opts
+        self.db = engine.db
+
+    async def register_profile(self, request: Request) -> Response:
         form = await read_form(request)
         username = form.required("username", max_len=254).strip()
         password = _new_password(form, "password")
-        if db.read(lambda c: c.execute("SELECT 1 FROM profiles WHERE username = ?", (username,)).fetchone()):
+        if self.db.read(lambda c: c.execute("SELECT 1 FROM profiles WHERE username = ?", (username,)).fetchone()):
             raise ApiError(409, "username already taken")
-        pw_hash = await engine.hash_password_async(password)
+        pw_hash = await self.engine.hash_password_async(password)
         profile_id = "prf-" + uuid.uuid4().hex[:26].upper()
 
         def also(conn: sqlite3.Connection, cid: str) -> None:
@@ -87,107 +91,113 @@ def routes(engine: Engine) -> list[Route]:
                          (profile_id, username, pw_hash, time.time()))
 
         try:
-            cid = await engine.runner.submit("register-profile", None, {"profile_id": profile_id}, also)
+            cid = await self.engine.runner.submit("register-profile", None, {"profile_id": profile_id}, also)
         except sqlite3.IntegrityError:
             raise ApiError(409, "username already taken") from None
-        return command_accepted(opts, "register-profile", cid)
+        return command_accepted(self.opts, "register-profile", cid)
 
-    async def _credentials(form) -> sqlite3.Row:
+    async def _credentials(self, form) -> sqlite3.Row:
         username = form.required("username", max_len=254).strip()
         password = form.required("password", max_len=1024)
-        row = db.read(lambda c: c.execute("SELECT * FROM profiles WHERE username = ? AND active = 1",
-                                          (username,)).fetchone())
-        ok = await engine.check_password_async(password, row["pw_hash"] if row else DUMMY_HASH)
+        row = self.db.read(lambda c: c.execute("SELECT * FROM profiles WHERE username = ? AND active = 1",
+                                               (username,)).fetchone())
+        ok = await self.engine.check_password_async(password, row["pw_hash"] if row else DUMMY_HASH)
         if row is None or not ok:
             raise unauthorized("invalid credentials")
         return row
 
-    async def authenticate(request: Request) -> Response:
-        row = await _credentials(await read_form(request))
-        if row["public_key"] is None and opts.unkeyed_auth == "deny":
+    async def authenticate(self, request: Request) -> Response:
+        row = await self._credentials(await read_form(request))
+        if row["public_key"] is None and self.opts.unkeyed_auth == "deny":
             raise unauthorized("profile.public_key_missing: register a public key before authenticating")
-        token, expires = await db.write(lambda c: engine.issue_token(c, row["id"], opts.token_ttl))
+        token, expires = await self.db.write(lambda c: self.engine.issue_token(c, row["id"], self.opts.token_ttl))
         return JSONResponse({"authorizationToken": token, "expiresAt": iso(expires)})
 
-    async def profile_id(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
+    async def retrieve_profile_id(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
         return JSONResponse({"profileId": who.profile_id})
 
-    async def change_password(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
+    async def change_password(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
         form = await read_form(request)
         current = form.required("currentPassword", max_len=1024)
         new = _new_password(form, "newPassword")
-        row = db.read(lambda c: c.execute("SELECT pw_hash FROM profiles WHERE id = ?", (who.profile_id,)).fetchone())
-        if not await engine.check_password_async(current, row["pw_hash"]):
+        row = self.db.read(lambda c: c.execute("SELECT pw_hash FROM profiles WHERE id = ?",
+                                               (who.profile_id,)).fetchone())
+        if not await self.engine.check_password_async(current, row["pw_hash"]):
             raise invalid("currentPassword", "does not match the current password")
-        new_hash = await engine.hash_password_async(new)
-        cid = await engine.runner.submit("change-password", who.profile_id, {"pw_hash": new_hash})
-        return command_accepted(opts, "change-password", cid)
+        new_hash = await self.engine.hash_password_async(new)
+        cid = await self.engine.runner.submit("change-password", who.profile_id, {"pw_hash": new_hash})
+        return command_accepted(self.opts, "change-password", cid)
 
-    async def reauthorize(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
+    async def reauthorize(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
         form = await read_form(request)
-        ttl = form.integer("ttl", minimum=1, maximum=opts.max_reauthorize_ttl)
-        if opts.reauthorize_mode == "async":
-            cid = await engine.runner.submit("reauthorize-authorization-token", who.profile_id,
-                                             {"token_hash": who.token_hash, "ttl": ttl})
-            return command_accepted(opts, "reauthorize-authorization-token", cid)
-        token, expires = await db.write(lambda c: engine.issue_token(c, who.profile_id, ttl, kind=who.kind))
+        ttl = form.integer("ttl", minimum=1, maximum=self.opts.max_reauthorize_ttl)
+        if self.opts.reauthorize_mode == "async":
+            cid = await self.engine.runner.submit("reauthorize-authorization-token", who.profile_id,
+                                                  {"token_hash": who.token_hash, "ttl": ttl})
+            return command_accepted(self.opts, "reauthorize-authorization-token", cid)
+        token, expires = await self.db.write(lambda c: self.engine.issue_token(c, who.profile_id, ttl, kind=who.kind))
         return JSONResponse({"authorizationToken": token, "expiresAt": iso(expires)})
 
-    async def revoke(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
-        await db.write(lambda c: c.execute("UPDATE auth_tokens SET revoked = 1 WHERE token_hash = ?",
-                                           (who.token_hash,)))
-        engine.hub.token_changed(who.token_hash, None)
+    async def revoke(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
+        await self.db.write(lambda c: c.execute("UPDATE auth_tokens SET revoked = 1 WHERE token_hash = ?",
+                                                (who.token_hash,)))
+        self.engine.hub.token_changed(who.token_hash, None)
         return JSONResponse({"revoked": True})
 
-    async def expiry(request: Request) -> Response:
-        _, expires = engine.principal_from_token(request.headers.get("x-dpt-authorization"))
+    async def expiry(self, request: Request) -> Response:
+        _, expires = self.engine.principal_from_token(request.headers.get("x-dpt-authorization"))
         return JSONResponse({"expiresAt": iso(expires)})
 
-    async def qr_token(request: Request) -> Response:
-        engine.principal(request, require_key=False)
+    async def qr_token(self, request: Request) -> Response:
+        self.engine.principal(request, require_key=False)
         return JSONResponse({"qrToken": secrets.token_urlsafe(24), "expiresAt": iso(time.time() + 120)})
 
-    async def register_public_key(request: Request) -> Response:
+    async def register_public_key(self, request: Request) -> Response:
         form = await read_form(request)
         if request.headers.get("x-dpt-authorization") is not None:
-            who = engine.principal(request, require_key=False)
+            who = self.engine.principal(request, require_key=False)
             profile = who.profile_id
         else:
-            profile = (await _credentials(form))["id"]
+            profile = (await self._credentials(form))["id"]
         key = _public_key(form)
-        cid = await engine.runner.submit("register-public-key", profile, {"publicKey": key})
-        return command_accepted(opts, "register-public-key", cid)
+        cid = await self.engine.runner.submit("register-public-key", profile, {"publicKey": key})
+        return command_accepted(self.opts, "register-public-key", cid)
 
-    async def retrieve_public_key(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
-        row = db.read(lambda c: c.execute("SELECT public_key FROM profiles WHERE id = ?",
-                                          (who.profile_id,)).fetchone())
+    async def retrieve_public_key(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
+        row = self.db.read(lambda c: c.execute("SELECT public_key FROM profiles WHERE id = ?",
+                                               (who.profile_id,)).fetchone())
         if row is None or row["public_key"] is None:
             raise not_found()
         return JSONResponse({"publicKey": row["public_key"]})
 
-    async def cab_public_key(request: Request) -> Response:
-        engine.principal(request, require_key=False)
-        return JSONResponse({"publicKey": engine.cab_public_key})
+    async def cab_public_key(self, request: Request) -> Response:
+        self.engine.principal(request, require_key=False)
+        return JSONResponse({"publicKey": self.engine.cab_public_key})
 
-    g = lambda h: guarded(opts, h)  # noqa: E731
-    return [
-        Route("/profile/register-profile", g(register_profile), methods=["POST"]),
-        Route("/profile/authenticate", g(authenticate), methods=["POST"]),
-        Route("/profile/retrieve-profile-id", g(profile_id), methods=["GET"]),
-        Route("/profile/change-password", g(change_password), methods=["POST"]),
-        Route("/profile/reauthorize-authorization-token", g(reauthorize), methods=["POST"]),
-        Route("/profile/revoke-authorization-token", g(revoke), methods=["POST"]),
-        Route("/profile/authorization-token/expiry", g(expiry), methods=["POST"]),
-        Route("/profile/retrieve-token-expiry", g(expiry), methods=["GET"]),
-        Route("/profile/generate-token-qr", g(qr_token), methods=["POST"]),
-        Route("/profile/generate-qr-token-for-authorization", g(qr_token), methods=["POST"]),
-        Route("/public-key/register-public-key", g(register_public_key), methods=["POST"]),
-        Route("/public-key/retrieve-public-key", g(retrieve_public_key), methods=["GET"]),
-        Route("/dptcab/public-key", g(cab_public_key), methods=["GET"]),
-        Route("/public-key/retrieve-cab-public-key", g(cab_public_key), methods=["GET"]),
-    ]
+    def routes(self) -> list[Route]:
+        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        return [
+            Route("/profile/register-profile", g(self.register_profile), methods=["POST"]),
+            Route("/profile/authenticate", g(self.authenticate), methods=["POST"]),
+            Route("/profile/retrieve-profile-id", g(self.retrieve_profile_id), methods=["GET"]),
+            Route("/profile/change-password", g(self.change_password), methods=["POST"]),
+            Route("/profile/reauthorize-authorization-token", g(self.reauthorize), methods=["POST"]),
+            Route("/profile/revoke-authorization-token", g(self.revoke), methods=["POST"]),
+            Route("/profile/authorization-token/expiry", g(self.expiry), methods=["POST"]),
+            Route("/profile/retrieve-token-expiry", g(self.expiry), methods=["GET"]),
+            Route("/profile/generate-token-qr", g(self.qr_token), methods=["POST"]),
+            Route("/profile/generate-qr-token-for-authorization", g(self.qr_token), methods=["POST"]),
+            Route("/public-key/register-public-key", g(self.register_public_key), methods=["POST"]),
+            Route("/public-key/retrieve-public-key", g(self.retrieve_public_key), methods=["GET"]),
+            Route("/dptcab/public-key", g(self.cab_public_key), methods=["GET"]),
+            Route("/public-key/retrieve-cab-public-key", g(self.cab_public_key), methods=["GET"]),
+        ]
+
+
+def routes(engine: Engine) -> list[Route]:
+    return ProfileApi(engine).routes()

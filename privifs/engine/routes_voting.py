@@ -183,13 +183,17 @@ def apply_switch(active: int, conn, params, profile_id, cid) -> Outcome:
     return Outcome()
 
 
-def routes(engine: Engine) -> list[Route]:
-    opts = engine.opts
-    db = engine.db
-    runner = engine.runner
+class VotingApi:
+    """The authenticator, voting and policy groups' handlers (one method each) and their route table."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.opts = engine.opts
+        self.db = engine.db
+        self.runner = engine.runner
 
     # -- authenticators and voting configurations ---------------------------------------------------
-    async def named_body(request: Request) -> tuple[dict, str]:
+    async def named_body(self, request: Request) -> tuple[dict, str]:
         """A JSON body (live) or a form (guides) with a required ``name``."""
         form = await read_form(request)
         data = form.json if isinstance(form.json, dict) else {k: v[-1] for k, v in form.fields.items()}
@@ -198,9 +202,9 @@ def routes(engine: Engine) -> list[Route]:
             raise invalid("name", "this field is required")
         return data, Form._check("name", name, 256, False)
 
-    async def register_voting_configuration(request: Request) -> Response:
-        who = engine.principal(request)
-        data, name = await named_body(request)
+    async def register_voting_configuration(self, request: Request) -> Response:
+        who = self.engine.principal(request)
+        data, name = await self.named_body(request)
         strategy = data.get("strategy", "unanimous")
         if strategy not in STRATEGIES:
             raise invalid("strategy", f"must be one of {', '.join(STRATEGIES)}")
@@ -216,49 +220,49 @@ def routes(engine: Engine) -> list[Route]:
                        else [d for d in devices.split(",") if d.strip()])
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise invalid("deviceIdentifiers", "must be a list of device identifiers")
-        known = db.read(lambda c: {r[0] for r in c.execute(
+        known = self.db.read(lambda c: {r[0] for r in c.execute(
             "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1", (who.profile_id,))})
         if set(devices) - known:
             raise invalid("deviceIdentifiers", "every device must be a verified authenticator of this profile")
-        cid = await runner.submit("register-voting-configuration", who.profile_id,
-                                  {"name": name, "strategy": strategy, "time_limit": time_limit, "devices": devices})
-        return command_accepted(opts, "register-voting-configuration", cid)
+        params = {"name": name, "strategy": strategy, "time_limit": time_limit, "devices": devices}
+        cid = await self.runner.submit("register-voting-configuration", who.profile_id, params)
+        return command_accepted(self.opts, "register-voting-configuration", cid)
 
     # -- pools ------------------------------------------------------------------------------------
-    def pool_record(pool: sqlite3.Row | dict) -> dict:
-        approvals, rejections = db.read(lambda c: tally(c, pool["id"]))
+    def pool_record(self, pool: sqlite3.Row | dict) -> dict:
+        approvals, rejections = self.db.read(lambda c: tally(c, pool["id"]))
         return {"poolId": pool["id"], "status": pool["status"], "commandId": pool["command_id"],
                 "strategy": pool["strategy"], "required": pool["required"], "voters": json.loads(pool["voters"]),
                 "approvals": approvals, "rejections": rejections,
                 "deadline": iso(pool["deadline"]), "createdAt": iso(pool["created_at"])}
 
-    def owned_pool(profile_id: str, pool_id: str) -> sqlite3.Row:
-        return owned_row(db, "pools", "id", pool_id, profile_id)
+    def owned_pool(self, profile_id: str, pool_id: str) -> sqlite3.Row:
+        return owned_row(self.db, "pools", "id", pool_id, profile_id)
 
-    async def check_pool(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
-        pool = owned_pool(who.profile_id, request.path_params["pool_id"])
+    async def check_pool(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
+        pool = self.owned_pool(who.profile_id, request.path_params["pool_id"])
         if pool["status"] == "open" and pool["deadline"] <= time.time():
-            pool = {**dict(pool), "status": await resolve(db, runner, pool["id"])}
-        return JSONResponse(pool_record(pool))
+            pool = {**dict(pool), "status": await resolve(self.db, self.runner, pool["id"])}
+        return JSONResponse(self.pool_record(pool))
 
-    async def list_pools(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
+    async def list_pools(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
         status = request.query_params.get("status")
-        rows = db.read(lambda c: c.execute(
+        rows = self.db.read(lambda c: c.execute(
             "SELECT * FROM pools WHERE profile_id = ? AND (? IS NULL OR status = ?) ORDER BY created_at",
             (who.profile_id, status, status)).fetchall())
-        return JSONResponse({"items": [pool_record(r) for r in rows], "meta": {"count": len(rows)}})
+        return JSONResponse({"items": [self.pool_record(r) for r in rows], "meta": {"count": len(rows)}})
 
-    async def cast_vote(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
+    async def cast_vote(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
         form = await read_form(request)
         pool_id = form.required("poolId", max_len=128)
         device_id = _device_field(form)
         decision = form.required("decision", max_len=16).lower()
         if decision not in ("approve", "reject"):
             raise invalid("decision", "must be approve or reject")
-        pool = owned_pool(who.profile_id, pool_id)
+        pool = self.owned_pool(who.profile_id, pool_id)
         if device_id not in json.loads(pool["voters"]):
             raise invalid("deviceIdentifier", "this device is not a voter of this pool")
         if pool["status"] != "open":
@@ -268,33 +272,33 @@ def routes(engine: Engine) -> list[Route]:
             conn.execute("INSERT OR REPLACE INTO ballots (pool_id, device_id, decision, at) VALUES (?, ?, ?, ?)",
                          (pool_id, device_id, decision, time.time()))
 
-        await db.write(vote)
-        status = await resolve(db, runner, pool_id)
+        await self.db.write(vote)
+        status = await resolve(self.db, self.runner, pool_id)
         return JSONResponse({"poolId": pool_id, "status": status})
 
-    async def cancel_pool(request: Request) -> Response:
-        who = engine.principal(request, require_key=False)
+    async def cancel_pool(self, request: Request) -> Response:
+        who = self.engine.principal(request, require_key=False)
         form = await read_form(request)
         pool_id = form.required("poolId", max_len=128)
-        pool = owned_pool(who.profile_id, pool_id)
+        pool = self.owned_pool(who.profile_id, pool_id)
         if pool["status"] != "open":
             raise ApiError(409, f"the pool is already {pool['status']}")
 
         def cancel(conn) -> None:
             conn.execute("UPDATE pools SET status = 'cancelled' WHERE id = ?", (pool_id,))
 
-        await db.write(cancel)
-        await runner.finish(pool["command_id"], REJECTED, "voting.cancelled")
+        await self.db.write(cancel)
+        await self.runner.finish(pool["command_id"], REJECTED, "voting.cancelled")
         return JSONResponse({"poolId": pool_id, "status": "cancelled"})
 
     # -- policies ---------------------------------------------------------------------------------
-    async def list_templates(request: Request) -> Response:
-        engine.principal(request, require_key=False)
+    async def list_templates(self, request: Request) -> Response:
+        self.engine.principal(request, require_key=False)
         return JSONResponse(TEMPLATES)
 
-    async def register_policy(request: Request) -> Response:
-        who = engine.principal(request)
-        data, name = await named_body(request)
+    async def register_policy(self, request: Request) -> Response:
+        who = self.engine.principal(request)
+        data, name = await self.named_body(request)
         template_id = data.get("policyTemplateId")
         if template_id not in TEMPLATES:
             raise invalid("policyTemplateId", "unknown policy template")
@@ -315,60 +319,67 @@ def routes(engine: Engine) -> list[Route]:
         vc_ref = data.get("votingConfigurationId")
         if not isinstance(vc_ref, str) or not vc_ref:
             raise invalid("votingConfigurationId", "this field is required")
-        vc = db.read(lambda c: c.execute("SELECT id FROM voting_configs WHERE profile_id = ? AND (id = ? OR name = ?)",
-                                         (who.profile_id, vc_ref, vc_ref)).fetchone())  # the probe passes the name
+        vc = self.db.read(lambda c: c.execute(  # the probe passes the name
+            "SELECT id FROM voting_configs WHERE profile_id = ? AND (id = ? OR name = ?)",
+            (who.profile_id, vc_ref, vc_ref)).fetchone())
         if vc is None:
             raise invalid("votingConfigurationId", "no such voting configuration")
-        cid = await runner.submit("register-policy", who.profile_id, {
+        cid = await self.runner.submit("register-policy", who.profile_id, {
             "name": name, "template": template_id, "events": [str(e) for e in events], "vc": vc["id"],
             "configuration": configuration})
-        return command_accepted(opts, "register-policy", cid)
+        return command_accepted(self.opts, "register-policy", cid)
 
-    def policy_record(r: sqlite3.Row) -> dict:
+    def policy_record(self, r: sqlite3.Row) -> dict:
         return {"id": r["id"], "name": r["name"], "policyTemplateId": r["template_id"],
                 "applyingEventIds": json.loads(r["event_ids"]), "votingConfigurationId": r["voting_config_id"],
                 "configuration": json.loads(r["configuration"]), "active": bool(r["active"]),
                 "createdAt": iso(r["created_at"])}
 
-    async def retrieve_policy(request: Request) -> Response:
-        who = engine.principal(request)
-        row = db.read(lambda c: c.execute("SELECT * FROM policies WHERE profile_id = ? AND name = ?",
-                                          (who.profile_id, request.path_params["name"])).fetchone())
+    async def retrieve_policy(self, request: Request) -> Response:
+        who = self.engine.principal(request)
+        row = self.db.read(lambda c: c.execute("SELECT * FROM policies WHERE profile_id = ? AND name = ?",
+                                               (who.profile_id, request.path_params["name"])).fetchone())
         if row is None:
             raise not_found()
-        return JSONResponse(policy_record(row))
+        return JSONResponse(self.policy_record(row))
 
-    def policy_switch(kind: str):
+    def policy_switch(self, kind: str):
         async def handler(request: Request) -> Response:
-            who = engine.principal(request)
+            who = self.engine.principal(request)
             form = await read_form(request)
             ref = form.get("policyId") or form.get("name")
             if not ref:
                 raise invalid("policyId", "this field is required")
-            row = db.read(lambda c: c.execute("SELECT id FROM policies WHERE profile_id = ? AND (id = ? OR name = ?)",
-                                              (who.profile_id, ref, ref)).fetchone())
+            row = self.db.read(lambda c: c.execute(
+                "SELECT id FROM policies WHERE profile_id = ? AND (id = ? OR name = ?)",
+                (who.profile_id, ref, ref)).fetchone())
             if row is None:
                 raise not_found()
-            cid = await runner.submit(kind, who.profile_id, {"policy": row["id"]})
-            return command_accepted(opts, kind, cid)
+            cid = await self.runner.submit(kind, who.profile_id, {"policy": row["id"]})
+            return command_accepted(self.opts, kind, cid)
         return handler
 
-    g = lambda h: guarded(opts, h)  # noqa: E731
-    return [
-        Route("/verified-authenticator/register", g(device_command(engine, "register-authenticator")),
-              methods=["POST"]),
-        Route("/verified-authenticator/voting-configuration/register", g(register_voting_configuration),
-              methods=["POST"]),
-        Route("/verified-authenticator/voting-configuration/create", g(register_voting_configuration),
-              methods=["POST"]),
-        Route("/voting/check-pool-status/{pool_id}", g(check_pool), methods=["GET"]),
-        Route("/voting/cancel-pool", g(cancel_pool), methods=["POST"]),
-        Route("/voting/cast-vote", g(cast_vote), methods=["POST"]),
-        Route("/voting/list-pools", g(list_pools), methods=["GET"]),
-        Route("/policy/list-policy-templates", g(list_templates), methods=["GET"]),
-        Route("/policy/register", g(register_policy), methods=["POST"]),
-        Route("/policy/register-policy", g(register_policy), methods=["POST"]),
-        Route("/policy/retrieve-policy/{name}", g(retrieve_policy), methods=["GET"]),
-        Route("/policy/activate", g(policy_switch("activate-policy")), methods=["POST"]),
-        Route("/policy/deactivate", g(policy_switch("deactivate-policy")), methods=["POST"]),
-    ]
+    def routes(self) -> list[Route]:
+        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        return [
+            Route("/verified-authenticator/register", g(device_command(self.engine, "register-authenticator")),
+                  methods=["POST"]),
+            Route("/verified-authenticator/voting-configuration/register", g(self.register_voting_configuration),
+                  methods=["POST"]),
+            Route("/verified-authenticator/voting-configuration/create", g(self.register_voting_configuration),
+                  methods=["POST"]),
+            Route("/voting/check-pool-status/{pool_id}", g(self.check_pool), methods=["GET"]),
+            Route("/voting/cancel-pool", g(self.cancel_pool), methods=["POST"]),
+            Route("/voting/cast-vote", g(self.cast_vote), methods=["POST"]),
+            Route("/voting/list-pools", g(self.list_pools), methods=["GET"]),
+            Route("/policy/list-policy-templates", g(self.list_templates), methods=["GET"]),
+            Route("/policy/register", g(self.register_policy), methods=["POST"]),
+            Route("/policy/register-policy", g(self.register_policy), methods=["POST"]),
+            Route("/policy/retrieve-policy/{name}", g(self.retrieve_policy), methods=["GET"]),
+            Route("/policy/activate", g(self.policy_switch("activate-policy")), methods=["POST"]),
+            Route("/policy/deactivate", g(self.policy_switch("deactivate-policy")), methods=["POST"]),
+        ]
+
+
+def routes(engine: Engine) -> list[Route]:
+    return VotingApi(engine).routes()
