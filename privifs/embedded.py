@@ -2,7 +2,8 @@
 ports, its data under the user's data directory.
 
 A running engine holds an exclusive lock on ``<data-dir>/lock`` and publishes its URLs in
-``<data-dir>/urls.json``; callers reuse it. An engine started here dies with the process that
+``<data-dir>/urls.json``; callers reuse it. An engine started here (by
+:class:`~privifs.engine_process.EngineProcess`, the one engine starter) dies with the process that
 started it (``PR_SET_PDEATHSIG``), so a killed mount leaves no orphan; its data is durable.
 
 :meth:`EmbeddedEngine.ensure` also watches the engine it hands out: when that engine dies (it
@@ -11,14 +12,11 @@ starts it again on the same ports and data directory, so the URLs the caller hol
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import logging
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,27 +24,18 @@ from pathlib import Path
 import httpx
 
 from privifs import paths
-from privifs.errors import ServerUnreachable
+from privifs.engine_process import SERVERS, EngineProcess
 
 log = logging.getLogger("privifs.embedded")
 
-START_TIMEOUT = 30.0
 WATCH_INTERVAL = 0.5
 RESTART_BACKOFF_MAX = 30.0
-SERVERS = ("api", "ws", "upstream", "downstream")
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class EmbeddedEngine:
     def __init__(self, data_dir: Path | None = None):
         self.data_dir = data_dir or paths.embedded_engine_dir()
-        self.proc: subprocess.Popen | None = None
+        self.process: EngineProcess | None = None  # the engine this object started, if any
         self.urls: dict[str, str] | None = None
         self.restarts = 0
         self._lock = threading.Lock()  # start/stop/restart one at a time
@@ -96,30 +85,15 @@ class EmbeddedEngine:
             return {name: 0 for name in SERVERS}
         return {name: int(self.urls[name].rsplit(":", 1)[1]) for name in SERVERS}
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The engine process this object started (None if it reuses another process's engine)."""
+        return self.process.proc if self.process is not None else None
+
     def start(self, ports: dict[str, int] | None = None) -> dict[str, str]:
-        ports = ports or {name: 0 for name in SERVERS}
         paths.private_dir(self.data_dir)
-        urls_file = self.data_dir / "urls.json"
-        urls_file.unlink(missing_ok=True)
-        out = open(self.data_dir / "engine.log", "ab")
-        cmd = [sys.executable, "-m", "privifs", "engine", "--data-dir", str(self.data_dir),
-               "--api-port", str(ports["api"]), "--ws-port", str(ports["ws"]),
-               "--upstream-port", str(ports["upstream"]), "--downstream-port", str(ports["downstream"])]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                     preexec_fn=_die_with_parent, start_new_session=True)
-        out.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerUnreachable(f"the embedded engine exited at start (code {self.proc.returncode}); "
-                                        f"see {self.data_dir / 'engine.log'}")
-            try:
-                return json.loads(urls_file.read_text())
-            except (OSError, ValueError):
-                time.sleep(0.05)
-        self._terminate()
-        raise ServerUnreachable(f"the embedded engine did not start within {START_TIMEOUT:.0f}s; "
-                                f"see {self.data_dir / 'engine.log'}")
+        self.process = EngineProcess(self.data_dir, ports=ports, die_with_parent=True, what="the embedded engine")
+        return dict(self.process.start().urls)
 
     def stop(self) -> None:
         """Stop watching, and stop the engine if this process started it."""
@@ -128,14 +102,8 @@ class EmbeddedEngine:
             self._terminate()
 
     def _terminate(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
+        if self.process is not None:
+            self.process.stop()
 
     # -- supervision -------------------------------------------------------------------------------
     def _death(self) -> str | None:
@@ -178,7 +146,7 @@ class EmbeddedEngine:
                                 self.urls.get("api") if self.urls else "new ports", self.data_dir / "engine.log")
                     running = self.running_urls()  # another mount may have restarted it already
                     if running is not None and running == self.urls:
-                        self.proc = None
+                        self.process = None
                     else:
                         self.start(self._ports())
                     self.restarts += 1

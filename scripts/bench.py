@@ -27,10 +27,10 @@ from pathlib import Path
 
 import psutil
 
+from privifs.devkit.measure import PeakRss
+from privifs.devkit.mount import isolated_env
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from tests.measure import PeakRss  # noqa: E402
-from tests.mountkit import isolated_env  # noqa: E402
 PY = sys.executable
 MiB = 1024 * 1024
 WAIT = 300

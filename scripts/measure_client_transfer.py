@@ -19,8 +19,7 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.enginekit import EngineProcess  # noqa: E402
+from privifs.devkit.engine import EngineProcess
 
 CHUNK = 1024 * 1024
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +17,8 @@ from pathlib import Path
 import httpx
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.enginekit import EngineProcess, Wire, command_id  # noqa: E402
-from tests.measure import PeakRss  # noqa: E402
+from privifs.devkit.engine import EngineProcess, Wire, command_id
+from privifs.devkit.measure import PeakRss
 
 CHUNK = 1024 * 1024
 

@@ -15,14 +15,12 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.enginekit import EngineProcess  # noqa: E402
-from tests.mountkit import Mount  # noqa: E402
+from privifs.devkit.engine import EngineProcess
+from privifs.devkit.mount import Mount
 
 DEFAULTS = ("--refresh-interval", "30")  # mountkit's own default is 1 s; this is privifs's
 
