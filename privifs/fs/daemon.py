@@ -283,7 +283,7 @@ class Daemon:
         deadline = None if timeout is None else trio.current_time() + timeout
         while True:
             # what a flush waits for: everything pending but files still open for writing
-            pending = [n for n in self.fs.pending() if n.uploading or not (n.writers and n.content_dirty)]
+            pending = [n for n in self.fs.pending() if n.uploading or not n.waiting_for_close]
             deletes = syncer.tombstone_count()
             if not pending and not deletes:
                 return {"done": True}

@@ -40,7 +40,7 @@ from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.filesystem import Filesystem
-from privifs.fs.namespace import ROOT, Node
+from privifs.fs.namespace import ROOT, Node, risk_json
 from privifs.fs.sync import Syncer, desired_name
 from privifs.fs.tokenmeta import (KIND_DIR, RESERVED_CONTEXT, attributes, conflict_name, display_name, entry_name,
                                   shown_name, split_context)
@@ -218,28 +218,13 @@ class Refresher:
                     self._add(info, split_context(info.context), entry_name(info), {})
                 await self._flush_invalidations()
 
-    def _apply_attributes(self, node: Node, info: TokenInfo) -> None:
-        a = attributes(info)
-        if a.mode is not None:
-            node.mode = a.mode
-        if a.mtime_ns is not None:
-            node.mtime_ns = node.ctime_ns = a.mtime_ns
-        node.atime_ns = a.atime_ns
-        node.uid, node.gid = a.uid, a.gid
-        if node.is_symlink:
-            node.target = a.target
-        if info.size is not None and not node.is_dir:
-            node.size = info.size
-        node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension
-        node.remote_risk = _risk_json(info)
-
     def _follow(self, node: Node, info: TokenInfo) -> None:
         """A known token changed on the server (another client): follow it."""
         moved = self._place(node, info)
-        if not moved and node.remote_risk == _risk_json(info) and (info.size is None or node.size == info.size
+        if not moved and node.remote_risk == risk_json(info) and (info.size is None or node.size == info.size
                                                                     or node.is_dir):
             return
-        self._apply_attributes(node, info)
+        self.ns.follow_remote(node, info)
         self._inval_inode(node.ino, attr_only=True)
         self.fs.index.save(node)
 
@@ -279,9 +264,8 @@ class Refresher:
             if self.ns.child(parent, name) not in (None, node):
                 return False
         old_parent, old_name = node.parent, node.name
-        self.ns.detach(node)
-        self.ns.attach(parent, name, node)
-        node.shown_as = name
+        self.ns.move(node, parent, name)
+        self.ns.show_as(node, name)
         self.fs.index.save(node)
         self._inval_entry(old_parent, old_name)
         self._inval_entry(parent.ino, name)
@@ -306,8 +290,7 @@ class Refresher:
                 self._merge_dirs(there, child)
                 continue
             if there is None:
-                self.ns.detach(child)
-                self.ns.attach(keep, name, child)
+                self.ns.move(child, keep, name)
                 self.fs.index.save(child)
                 self._inval_entry(gone.ino, name)
                 self._inval_entry(keep.ino, name)
@@ -323,17 +306,17 @@ class Refresher:
             # the entry lost its token and this one claims its place: its content was replaced
             del vanished[holder.ino]
             self.ns.set_token(holder, info.token)
-            self._apply_attributes(holder, info)
-            holder.shown_as = name
+            self.ns.follow_remote(holder, info)
+            self.ns.show_as(holder, name)
             self.fs.index.save(holder)
             self._inval_inode(holder.ino, attr_only=False)
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir and holder.token is None:
             # a marker for a directory we only knew implicitly
             self.ns.set_token(holder, info.token)
-            self._apply_attributes(holder, info)
-            holder.explicit = 1
-            holder.shown_as = name
+            self.ns.follow_remote(holder, info)
+            self.ns.set_explicit(holder, True)
+            self.ns.show_as(holder, name)
             self.fs.index.save(holder)
             self._inval_inode(holder.ino, attr_only=True)
             return
@@ -343,9 +326,8 @@ class Refresher:
             if a.kind == KIND_DIR and not holder.is_dir:
                 # directories keep their plain name (entries live under it); the file moves aside
                 moved_name = conflict_name(name, holder.token or str(holder.ino))
-                self.ns.detach(holder)
-                self.ns.attach(parent, moved_name, holder)
-                holder.shown_as = moved_name
+                self.ns.move(holder, parent, moved_name)
+                self.ns.show_as(holder, moved_name)
                 self.fs.index.save(holder)
                 self._inval_entry(parent.ino, name)
             else:
@@ -353,10 +335,10 @@ class Refresher:
         mode = a.mode if a.mode is not None else (self.ns.dir_mode if a.kind == KIND_DIR else self.ns.file_mode)
         node = self.ns.new_node(parent, name, a.kind, mode, a.mtime_ns)
         self.ns.set_token(node, info.token)
-        self._apply_attributes(node, info)
-        node.shown_as = name
-        node.explicit = 1 if a.kind == KIND_DIR else 0
-        node.synced_at = trio.current_time()
+        self.ns.follow_remote(node, info)
+        self.ns.show_as(node, name)
+        self.ns.set_explicit(node, a.kind == KIND_DIR)
+        self.ns.set_synced(node, trio.current_time())
         self._added.add(node.ino)
         self.fs.index.save(node)
         self._inval_entry(parent.ino, name)
@@ -365,14 +347,11 @@ class Refresher:
         """The node's token is gone from the vault (deleted elsewhere)."""
         if node.is_dir and node.children:
             self.ns.set_token(node, None)
-            node.explicit = 0
+            self.ns.set_explicit(node, False)
             self.fs.index.save(node)
             return
         parent = self.ns.nodes.get(node.parent)
-        self.ns.detach(node)
-        self.ns.set_token(node, None)
-        node.unlinked = True
-        self.fs.index.forget(node.ino)
+        self.ns.remove(node, delete_token=False)
         self._inval_entry(node.parent, node.name, deleted=node.ino)
         self.fs.release_node(node)
         self._drop_empty_implicit(parent)
@@ -381,9 +360,7 @@ class Refresher:
         while (node is not None and node.ino != ROOT and node.is_dir and not node.children and node.token is None
                and not node.explicit and not node.meta_dirty):
             parent = self.ns.nodes.get(node.parent)
-            self.ns.detach(node)
-            node.unlinked = True
-            self.fs.index.forget(node.ino)
+            self.ns.remove(node, delete_token=False)
             self._inval_entry(node.parent, node.name, deleted=node.ino)
             self.fs.release_node(node)
             node = parent if upwards else None
@@ -418,7 +395,7 @@ class Refresher:
                 if self.ns.child(parent, name) is not None:
                     name = olds[n.ino] if self.ns.child(parent, olds[n.ino]) is None else f"{name}~{n.ino}"
                 self.ns.attach(parent, name, n)
-                n.shown_as = name
+                self.ns.show_as(n, name)
                 self.fs.index.save(n)
                 self._inval_entry(parent.ino, olds[n.ino])
                 self._inval_entry(parent.ino, name)
@@ -447,7 +424,3 @@ class Refresher:
 
         await trio.to_thread.run_sync(run)
 
-
-def _risk_json(info: TokenInfo) -> str | None:
-    import json
-    return json.dumps(info.risk, sort_keys=True) if info.risk else None

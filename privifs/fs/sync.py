@@ -59,7 +59,6 @@ from privifs.fs.tokenmeta import (
     extension_of,
     risk_fields,
     same_context,
-    shown_name,
     split_context,
 )
 from privifs.supervise import Supervisor
@@ -134,7 +133,7 @@ class Syncer:
     def schedule_upload(self, node: Node) -> None:
         """A file was closed after writing: upload it after the write-back delay (which lets a
         burst of writes finish first and coalesces quick rewrites)."""
-        node.retry_at = max(node.retry_at, trio.current_time() + self.write_back_delay)
+        self.ns.defer(node, trio.current_time() + self.write_back_delay)
         self.schedule(node)
 
     def wake_tombstones(self) -> None:
@@ -146,7 +145,7 @@ class Syncer:
             for i in range(self.workers):
                 self.supervisor.start_soon(nursery, f"write-back worker {i + 1}", self._worker)
             self.supervisor.start_soon(nursery, "token deletion", self._tombstone_loop)
-            for node in self.fs.pending():
+            for node in self.ns.pending():
                 self.schedule(node)
             task_status.started()
 
@@ -192,8 +191,8 @@ class Syncer:
             self.schedule(node)
 
     def retry_all_now(self) -> None:
-        for node in self.fs.pending():
-            node.retry_at = 0.0
+        for node in self.ns.pending():
+            self.ns.schedule_retry(node, 0.0)
             self.schedule(node)
         self.wake_tombstones()
 
@@ -201,7 +200,7 @@ class Syncer:
     async def reconcile(self, node: Node) -> None:
         try:
             if node.is_file and node.content_dirty and node.staged is not None:
-                if node.writers > 0 and not self._fsync[node.ino]:
+                if node.waiting_for_close and not self._fsync[node.ino]:
                     return  # uploaded on the last close
                 await self._upload(node)
             elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit
@@ -215,20 +214,18 @@ class Syncer:
         except PrivifsError as exc:
             self._failed(node, exc)
             return
-        node.attempts = 0
-        node.last_error = None
+        self.ns.record_success(node)
         self.unreachable_since = None
 
     def _failed(self, node: Node, exc: PrivifsError) -> None:
-        node.attempts += 1
-        delay = min(MAX_BACKOFF, 0.5 * 2 ** min(node.attempts, 12))
+        attempts = self.ns.record_error(node, str(exc))
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
         waits = self._fsync[node.ino] and fsync_waits_through(exc)
         if waits:
             delay = min(delay, FSYNC_RETRY)
-        node.retry_at = trio.current_time() + delay
-        node.last_error = str(exc)
+        self.ns.schedule_retry(node, trio.current_time() + delay)
         self.last_error = f"{self.fs.path(node)}: {exc}"
         self.last_error_at = time.time()
         if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
@@ -247,12 +244,6 @@ class Syncer:
     def _target(self, node: Node) -> tuple[str, str, str, str]:
         name, extension = desired_naming(node)
         return self.ns.context(node), name, extension, self.ns.path(node)
-
-    @staticmethod
-    def _remote_named(node: Node, context: str, name: str, extension: str) -> None:
-        """Record the place and name the token now carries on the server."""
-        node.remote_context, node.remote_name, node.remote_extension = context, name, extension
-        node.shown_as = shown_name(name, extension)
 
     @contextlib.contextmanager
     def _claiming(self, context: str, name: str):
@@ -274,11 +265,7 @@ class Syncer:
 
     def _recorded(self, node: Node, token: str, context: str, name: str, extension: str) -> None:
         """The node's content now lives in ``token``, named as the server has it."""
-        self.ns.set_token(node, token)
-        self._remote_named(node, context, name, extension)
-        node.remote_risk = None
-        node.upload_started = None
-        node.synced_at = trio.current_time()
+        self.ns.mark_uploaded(node, token, context, name, extension, trio.current_time())
 
     async def _upload(self, node: Node) -> None:
         staged = node.staged
@@ -287,8 +274,7 @@ class Syncer:
         size = staged.size
         context, name, extension, path = self._target(node)
         replaced, seen_at = node.token, (node.remote_context, node.remote_name, node.remote_extension)
-        node.uploading = True
-        node.upload_started = time.time()
+        self.ns.begin_upload(node, streaming=True)
         self.index.save(node)
         try:
             with self._claiming(context, name):
@@ -298,7 +284,7 @@ class Syncer:
                         and await self._moved_elsewhere(replaced, seen_at))
                 self._record_content(node, staged, token, context, name, extension, keep_old=keep)
         finally:
-            node.uploading = False
+            self.ns.end_upload(node)
             self.sent.pop(node.ino, None)
             if node.staged is staged:
                 staged.frozen = False
@@ -358,7 +344,7 @@ class Syncer:
             if node.unlinked:
                 self._tombstone(token)
                 if node.staged is staged:
-                    node.staged = None
+                    self.ns.clear_staged(node)
                 self.fs.staging.remove(staged)
                 self._finish_commit(staged, None)
                 self.fs.release_node(node)
@@ -367,11 +353,9 @@ class Syncer:
             if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
-            node.meta_dirty = 1
+            self.ns.meta_pending(node)
             if node.staged is staged:
-                node.staged = None
-                node.staged_id = None
-                node.content_dirty = 0
+                self.ns.clear_staged(node, content_clean=True)
                 staged.sealed.close()
                 if not self._adopt(token, staged):
                     self.fs.staging.remove(staged)
@@ -389,7 +373,7 @@ class Syncer:
 
     async def _marker(self, node: Node) -> None:
         context, name, extension, path = self._target(node)
-        node.upload_started = time.time()
+        self.ns.begin_upload(node, streaming=False)
         self.index.save(node)
         with self._claiming(context, name):
             token = await self.vault.put_bytes(b"", FileMeta(name, extension, context, 0, path))
@@ -410,23 +394,20 @@ class Syncer:
                 await self.tokens.update(token, file_name=name, extension=extension, context=context)
                 if node.token != token:
                     return
-                self._remote_named(node, context, name, extension)
+                self.ns.set_remote_name(node, context, name, extension)
             risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
                                node.atime_ns)
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
                 if node.token != token:
                     return
-                node.remote_risk = json.dumps(risk, sort_keys=True)
+                self.ns.set_remote_risk(node, json.dumps(risk, sort_keys=True))
         except (NotFoundError, CommandRejected) as exc:
             if not _token_missing(exc) or node.token != token:
                 raise
             self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
-        node.synced_at = trio.current_time()
-        if node.meta_version == version:
-            node.meta_dirty = 0
-        else:
+        if not self.ns.meta_written(node, version, trio.current_time()):
             self.schedule(node)
         if not node.unlinked:
             self.index.save(node)
@@ -450,20 +431,14 @@ class Syncer:
                 log.info("%s: its token was deleted or replaced by another client before this rename "
                          "reached it; storing the content again under the new name", self.fs.path(node))
                 with self.index:
-                    self.ns.set_token(node, None)
-                    node.remote_context = node.remote_name = node.remote_extension = None
-                    node.shown_as = None
-                    node.staged, node.staged_id = fresh, fresh.id
-                    node.content_dirty = 1
-                    node.meta_dirty = 1
+                    self.ns.restage(node, fresh)
                     self.index.save(node)
                 self.schedule(node)
                 self.remote_changed()
                 return
         log.info("%s: its token was deleted or replaced by another client; the change made here "
                  "is dropped and the entry follows the vault", self.fs.path(node))
-        node.meta_dirty = 0
-        node.synced_at = 0.0
+        self.ns.drop_meta_change(node)
         if not node.unlinked:
             self.index.save(node)
         self.remote_changed()
@@ -474,7 +449,7 @@ class Syncer:
         staged = node.staged
         event, result = self._commits.setdefault(staged.id, (trio.Event(), []))
         self._fsync[node.ino] += 1
-        node.retry_at = 0.0
+        self.ns.schedule_retry(node, 0.0)
         self.schedule(node)
         try:
             with trio.move_on_after(timeout) as scope:
@@ -572,8 +547,8 @@ class Syncer:
     # -- status and flushing ---------------------------------------------------------------------
     def pending(self) -> list[dict]:
         out = []
-        for node in self.fs.pending():
-            state = ("uploading" if node.uploading else "waiting for close" if node.writers and node.content_dirty
+        for node in self.ns.pending():
+            state = ("uploading" if node.uploading else "waiting for close" if node.waiting_for_close
                      else f"retrying: {node.last_error}" if node.last_error else "queued")
             out.append({"path": self.fs.path(node), "size": node.size if node.content_dirty else 0,
                         "kind": "content" if node.content_dirty else "meta", "state": state,
