@@ -21,18 +21,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
-import trio
 
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
+from privifs.fs.sync import Syncer
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT, SPECIAL_KINDS
 
 if TYPE_CHECKING:
     from privifs.client.vault import Vault
-    from privifs.fs.sync import Syncer
 
 log = logging.getLogger("privifs.fs")
 
@@ -81,23 +80,25 @@ class FileHandle:
 
 
 class Filesystem:
+    """POSIX over the parts the daemon builds: the tree (``ns``), staged content, the read cache,
+    the vault (reads) and the write-back (``sync``, built from the same tree, staging and cache)."""
+
     def __init__(self, ns: Namespace, staging: Staging, cache: ContentCache, vault: "Vault",
-                 opts: MountOptions):
+                 opts: MountOptions, sync: Syncer):
         self.ns = ns
         self.index: Index = ns.index
         self.staging = staging
         self.cache = cache
         self.vault = vault
         self.opts = opts
-        self.sync: Syncer | None = None
+        self.sync = sync
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, list[tuple[int, int]]] = {}
         self._next_fh = 1
-        self.last_activity = 0.0
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
-        self.last_activity = trio.current_time()
+        self.sync.note_activity()
 
     # -- helpers ---------------------------------------------------------------------------
     def node(self, ino: int) -> Node:
@@ -191,8 +192,7 @@ class Filesystem:
         self.ns.meta_changed(node)
         if save:
             self.index.save(node)
-        if self.sync is not None:
-            self.sync.schedule(node)
+        self.sync.schedule(node)
 
     def touch_parent(self, parent: Node) -> None:
         self.ns.touched(parent)
@@ -246,7 +246,7 @@ class Filesystem:
             staged.sealed.truncate(attr.st_size)
             self.ns.set_attributes(node, size=attr.st_size, mtime_ns=now)
             self.mark_content_dirty(node)
-            if node.writers == 0 and self.sync is not None:
+            if node.writers == 0:
                 self.sync.schedule_upload(node)
         meta = False
         if fields.update_mode:
@@ -308,8 +308,7 @@ class Filesystem:
             raise fail(errno.EPERM)  # no device nodes
         node = self._new_file(self.dir_node(parent_ino), name, mode, owner)
         self.index.save(node)
-        if self.sync is not None:
-            self.sync.schedule_upload(node)
+        self.sync.schedule_upload(node)
         self.ns.looked_up(node)
         return self.attrs(node)
 
@@ -360,8 +359,7 @@ class Filesystem:
             self.ns.clear_staged(node)
         self.ns.remove(node, delete_token=True)
         self.touch_parent(parent)
-        if self.sync is not None:
-            self.sync.wake_tombstones()
+        self.sync.wake_tombstones()
         self.release_node(node)
 
     def unlink(self, parent_ino: int, name: bytes) -> None:
@@ -568,7 +566,7 @@ class Filesystem:
             if node.staged is not None and not node.unlinked:
                 node.staged.sealed.sync_header()
                 self.index.save(node)
-                if node.writers == 0 and node.content_dirty and self.sync is not None:
+                if node.writers == 0 and node.content_dirty:
                     self.sync.schedule_upload(node)
         self.release_node(node)
 

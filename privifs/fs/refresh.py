@@ -39,8 +39,7 @@ from privifs.client.datatokens import DataTokens
 from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
-from privifs.fs.filesystem import Filesystem
-from privifs.fs.namespace import ROOT, Node, risk_json
+from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Syncer, desired_name
 from privifs.fs.tokenmeta import (KIND_DIR, RESERVED_CONTEXT, attributes, conflict_name, display_name, entry_name,
                                   shown_name, split_context)
@@ -65,10 +64,10 @@ def claim_order(created: float | None, token: str) -> tuple[float, str]:
 
 
 class Refresher:
-    def __init__(self, fs: Filesystem, tokens: DataTokens, syncer: Syncer, interval: float, *,
+    def __init__(self, ns: Namespace, tokens: DataTokens, syncer: Syncer, interval: float, *,
                  invalidate: bool = True, events: EventHub | None = None):
-        self.fs = fs
-        self.ns = fs.ns
+        self.ns = ns
+        self.index = ns.index
         self.tokens = tokens
         self.syncer = syncer
         self.interval = interval
@@ -150,7 +149,7 @@ class Refresher:
 
     async def apply(self, infos: list[TokenInfo], started: float) -> None:
         ns = self.ns
-        tombstones = self.fs.index.tombstones()
+        tombstones = self.index.tombstones()
         deleted = self.syncer.recently_deleted
         seen: set[int] = set()
         changed: list[tuple[Node, TokenInfo]] = []
@@ -174,7 +173,7 @@ class Refresher:
         for n in ns.nodes.values():
             if n.upload_started is not None and n.content_dirty and not n.uploading and not n.unlinked:
                 orphans.setdefault((self.ns.context(n), desired_name(n)), []).append(n)
-        with self.fs.index:
+        with self.index:
             followed = []
             for node, info in changed:
                 if not self.eligible(node, started):
@@ -214,7 +213,7 @@ class Refresher:
         await self._flush_invalidations()
         for node, info in adoptions:
             if not await self.syncer.adopt_orphan(node, info):
-                with self.fs.index:
+                with self.index:
                     self._add(info, split_context(info.context), entry_name(info), {})
                 await self._flush_invalidations()
 
@@ -226,7 +225,7 @@ class Refresher:
             return
         self.ns.follow_remote(node, info)
         self._inval_inode(node.ino, attr_only=True)
-        self.fs.index.save(node)
+        self.index.save(node)
 
     def _dirs_along(self, parts: list[str]) -> list[Node]:
         """The existing directories on the way to ``parts`` (as :meth:`Namespace.ensure_dirs`
@@ -266,7 +265,7 @@ class Refresher:
         old_parent, old_name = node.parent, node.name
         self.ns.move(node, parent, name)
         self.ns.show_as(node, name)
-        self.fs.index.save(node)
+        self.index.save(node)
         self._inval_entry(old_parent, old_name)
         self._inval_entry(parent.ino, name)
         self._drop_empty_implicit(self.ns.nodes.get(old_parent))
@@ -291,7 +290,7 @@ class Refresher:
                 continue
             if there is None:
                 self.ns.move(child, keep, name)
-                self.fs.index.save(child)
+                self.index.save(child)
                 self._inval_entry(gone.ino, name)
                 self._inval_entry(keep.ino, name)
         if not gone.children:
@@ -308,7 +307,7 @@ class Refresher:
             self.ns.set_token(holder, info.token)
             self.ns.follow_remote(holder, info)
             self.ns.show_as(holder, name)
-            self.fs.index.save(holder)
+            self.index.save(holder)
             self._inval_inode(holder.ino, attr_only=False)
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir and holder.token is None:
@@ -317,7 +316,7 @@ class Refresher:
             self.ns.follow_remote(holder, info)
             self.ns.set_explicit(holder, True)
             self.ns.show_as(holder, name)
-            self.fs.index.save(holder)
+            self.index.save(holder)
             self._inval_inode(holder.ino, attr_only=True)
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir:
@@ -328,7 +327,7 @@ class Refresher:
                 moved_name = conflict_name(name, holder.token or str(holder.ino))
                 self.ns.move(holder, parent, moved_name)
                 self.ns.show_as(holder, moved_name)
-                self.fs.index.save(holder)
+                self.index.save(holder)
                 self._inval_entry(parent.ino, name)
             else:
                 name = conflict_name(name, info.token)
@@ -340,7 +339,7 @@ class Refresher:
         self.ns.set_explicit(node, a.kind == KIND_DIR)
         self.ns.set_synced(node, trio.current_time())
         self._added.add(node.ino)
-        self.fs.index.save(node)
+        self.index.save(node)
         self._inval_entry(parent.ino, name)
 
     def _vanish(self, node: Node) -> None:
@@ -348,12 +347,12 @@ class Refresher:
         if node.is_dir and node.children:
             self.ns.set_token(node, None)
             self.ns.set_explicit(node, False)
-            self.fs.index.save(node)
+            self.index.save(node)
             return
         parent = self.ns.nodes.get(node.parent)
         self.ns.remove(node, delete_token=False)
         self._inval_entry(node.parent, node.name, deleted=node.ino)
-        self.fs.release_node(node)
+        self.ns.release(node, self.syncer.staging)
         self._drop_empty_implicit(parent)
 
     def _drop_empty_implicit(self, node: Node | None, *, upwards: bool = True) -> None:
@@ -362,7 +361,7 @@ class Refresher:
             parent = self.ns.nodes.get(node.parent)
             self.ns.remove(node, delete_token=False)
             self._inval_entry(node.parent, node.name, deleted=node.ino)
-            self.fs.release_node(node)
+            self.ns.release(node, self.syncer.staging)
             node = parent if upwards else None
 
     def _settle_names(self, started: float) -> None:
@@ -396,7 +395,7 @@ class Refresher:
                     name = olds[n.ino] if self.ns.child(parent, olds[n.ino]) is None else f"{name}~{n.ino}"
                 self.ns.attach(parent, name, n)
                 self.ns.show_as(n, name)
-                self.fs.index.save(n)
+                self.index.save(n)
                 self._inval_entry(parent.ino, olds[n.ino])
                 self._inval_entry(parent.ino, name)
 

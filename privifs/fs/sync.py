@@ -51,9 +51,9 @@ from privifs.errors import (
     PrivifsError,
     ServerUnreachable,
 )
-from privifs.fs.filesystem import Filesystem
-from privifs.fs.namespace import Node
-from privifs.fs.staging import StagedFile
+from privifs.fs.cache import ContentCache
+from privifs.fs.namespace import Namespace, Node
+from privifs.fs.staging import StagedFile, Staging
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
     extension_of,
@@ -93,12 +93,16 @@ def desired_name(node: Node) -> str:
 
 
 class Syncer:
-    def __init__(self, fs: Filesystem, tokens: DataTokens, vault: Vault, *, workers: int = 4,
-                 write_back_delay: float = 1.0, supervisor: Supervisor | None = None):
-        self.fs = fs
+    """Write-back over the tree (``ns``), the staged content (``staging``) and the read cache
+    (uploaded content moves into it), talking to the vault through ``tokens`` and ``vault``."""
+
+    def __init__(self, ns: Namespace, staging: Staging, cache: ContentCache, tokens: DataTokens, vault: Vault, *,
+                 workers: int = 4, write_back_delay: float = 1.0, supervisor: Supervisor | None = None):
         self.supervisor = supervisor or Supervisor()
-        self.ns = fs.ns
-        self.index = fs.index
+        self.ns = ns
+        self.index = ns.index
+        self.staging = staging
+        self.cache = cache
         self.tokens = tokens
         self.vault = vault
         self.workers = workers
@@ -119,6 +123,11 @@ class Syncer:
         self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
+        self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
+
+    def note_activity(self) -> None:
+        """A FUSE request arrived: background write-back yields while requests keep coming."""
+        self.last_activity = trio.current_time()
 
     # -- scheduling ----------------------------------------------------------------------------
     def schedule(self, node: Node) -> None:
@@ -165,7 +174,7 @@ class Syncer:
                 if self.ns.get(ino) is node and not node.unlinked:  # it may have gone meanwhile
                     await self.reconcile(node)
             except Exception as exc:  # noqa: BLE001 - write-back must outlive any bug or local failure
-                self.supervisor.failed("write-back", exc, f"of {self.fs.path(node)} failed unexpectedly")
+                self.supervisor.failed("write-back", exc, f"of {self.ns.describe(node)} failed unexpectedly")
                 self._failed(node, PrivifsError(f"unexpected failure: {exc!r}"))
             finally:
                 self._busy.discard(ino)
@@ -179,7 +188,7 @@ class Syncer:
         and never when an fsync asks for this node."""
         start = trio.current_time()
         while not (ino is not None and self._fsync[ino]) and trio.current_time() - start < MAX_DEFER:
-            quiet_for = trio.current_time() - self.fs.last_activity
+            quiet_for = trio.current_time() - self.last_activity
             if quiet_for >= QUIET:
                 return
             await trio.sleep(QUIET - quiet_for)
@@ -209,7 +218,7 @@ class Syncer:
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
         except NodeGone:
-            self.fs.release_node(node)  # removed while its write-back waited: nothing to send
+            self.ns.release(node, self.staging)  # removed while its write-back waited: nothing to send
             return
         except PrivifsError as exc:
             self._failed(node, exc)
@@ -226,11 +235,11 @@ class Syncer:
         if waits:
             delay = min(delay, FSYNC_RETRY)
         self.ns.schedule_retry(node, trio.current_time() + delay)
-        self.last_error = f"{self.fs.path(node)}: {exc}"
+        self.last_error = f"{self.ns.describe(node)}: {exc}"
         self.last_error_at = time.time()
         if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
             self.unreachable_since = time.time()
-        log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.fs.path(node), exc, delay, node.attempts)
+        log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
         self.schedule(node)
@@ -289,7 +298,7 @@ class Syncer:
             if node.staged is staged:
                 staged.frozen = False
             if node.unlinked:
-                self.fs.release_node(node)
+                self.ns.release(node, self.staging)
         self.uploads += 1
         if replaced is not None and replaced != token and not keep:
             await self._delete_now(replaced)
@@ -345,9 +354,9 @@ class Syncer:
                 self._tombstone(token)
                 if node.staged is staged:
                     self.ns.clear_staged(node)
-                self.fs.staging.remove(staged)
+                self.staging.remove(staged)
                 self._finish_commit(staged, None)
-                self.fs.release_node(node)
+                self.ns.release(node, self.staging)
                 return
             old = node.token
             if old and old != token and not keep_old:
@@ -358,15 +367,15 @@ class Syncer:
                 self.ns.clear_staged(node, content_clean=True)
                 staged.sealed.close()
                 if not self._adopt(token, staged):
-                    self.fs.staging.remove(staged)
+                    self.staging.remove(staged)
             else:
-                self.fs.staging.remove(staged)
+                self.staging.remove(staged)
             self.index.save(node)
         self._finish_commit(staged, None)
 
     def _adopt(self, token: str, staged: StagedFile) -> bool:
         try:
-            return self.fs.cache.adopt(token, staged.path)
+            return self.cache.adopt(token, staged.path)
         except OSError as exc:  # e.g. the cache on another filesystem
             log.debug("not caching uploaded content: %s", exc)
             return False
@@ -418,18 +427,18 @@ class Syncer:
         cache is kept: the content is stored again under the new name (as if the rename came
         first: the other client's version stays at the old name). Otherwise the change is dropped
         and the entry follows the vault at the next listing, as every other mount's does."""
-        cached = self.fs.cache.open(node.token) if renamed and node.is_file and not node.unlinked else None
+        cached = self.cache.open(node.token) if renamed and node.is_file and not node.unlinked else None
         if cached is not None:
             try:
-                fresh = self.fs.staging.from_sealed(cached.path)
+                fresh = self.staging.from_sealed(cached.path)
             except PrivifsError as exc:
-                log.warning("%s: cannot stage the cached content again (%s)", self.fs.path(node), exc)
+                log.warning("%s: cannot stage the cached content again (%s)", self.ns.describe(node), exc)
                 fresh = None
             finally:
                 cached.close()
             if fresh is not None:
                 log.info("%s: its token was deleted or replaced by another client before this rename "
-                         "reached it; storing the content again under the new name", self.fs.path(node))
+                         "reached it; storing the content again under the new name", self.ns.describe(node))
                 with self.index:
                     self.ns.restage(node, fresh)
                     self.index.save(node)
@@ -437,7 +446,7 @@ class Syncer:
                 self.remote_changed()
                 return
         log.info("%s: its token was deleted or replaced by another client; the change made here "
-                 "is dropped and the entry follows the vault", self.fs.path(node))
+                 "is dropped and the entry follows the vault", self.ns.describe(node))
         self.ns.drop_meta_change(node)
         if not node.unlinked:
             self.index.save(node)
@@ -460,12 +469,12 @@ class Syncer:
                 del self._fsync[node.ino]
         if scope.cancelled_caught:
             log.error("%s: fsync timed out after %.0fs waiting for the upload; the data stays staged "
-                      "and keeps being retried", self.fs.path(node), timeout)
+                      "and keeps being retried", self.ns.describe(node), timeout)
             raise pyfuse3.FUSEError(errno.EIO)
         if result and result[0] is not None:
             exc = result[0]
             log.error("%s: fsync failed, the upload did not complete (%s); the data stays staged and "
-                      "keeps being retried", self.fs.path(node), exc)
+                      "keeps being retried", self.ns.describe(node), exc)
             raise pyfuse3.FUSEError(getattr(exc, "errno", errno.EIO) if isinstance(exc, CommandRejected)
                                     else errno.EIO)
 
@@ -537,7 +546,7 @@ class Syncer:
             return False
         if sink.h.digest() != want.digest() or node.staged is not staged:
             return False
-        log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.fs.path(node),
+        log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node),
                  info.token)
         staged.frozen = True
         self._record_content(node, staged, info.token, info.context, info.file_name, info.extension)
@@ -550,7 +559,7 @@ class Syncer:
         for node in self.ns.pending():
             state = ("uploading" if node.uploading else "waiting for close" if node.waiting_for_close
                      else f"retrying: {node.last_error}" if node.last_error else "queued")
-            out.append({"path": self.fs.path(node), "size": node.size if node.content_dirty else 0,
+            out.append({"path": self.ns.describe(node), "size": node.size if node.content_dirty else 0,
                         "kind": "content" if node.content_dirty else "meta", "state": state,
                         "attempts": node.attempts})
         return out
