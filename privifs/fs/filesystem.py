@@ -3,9 +3,10 @@ cache and write-back. Local first: every change is made in the tree and the inde
 reaches the vault in the background (:mod:`privifs.fs.sync`); only reads of uncached content,
 the first write to a clean file (its content is fetched), and ``fsync`` wait for the network.
 
-Errors are raised as ``pyfuse3.FUSEError(errno)``; :mod:`privifs.fs.operations` turns any other
-:class:`~privifs.errors.PrivifsError` into its errno (EIO for vault failures, ENOSPC for a full
-local disk) after logging the path and the cause.
+Errors are raised as ``pyfuse3.FUSEError(errno)`` where POSIX decides the errno (ENOENT, EEXIST,
+ENOTEMPTY, …); any :class:`~privifs.errors.PrivifsError` from below gets its errno from its type
+(:mod:`privifs.fs.errnos`: EIO for vault failures, ENOSPC for a full local disk, …), here or in
+:mod:`privifs.fs.operations` after logging the path and the cause.
 
 Concurrency: handlers run on the trio thread; between awaits they are atomic. After any await a
 handler re-reads the node (it may have been renamed, unlinked or replaced meanwhile).
@@ -25,6 +26,7 @@ import pyfuse3
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, PrivifsError
 from privifs.fs.cache import ContentCache
+from privifs.fs.errnos import errno_for
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
 from privifs.fs.sync import Syncer
@@ -499,7 +501,7 @@ class Filesystem:
             raise fail(errno.EIO) from None
         except PrivifsError as exc:
             log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
-            raise fail(getattr(exc, "errno", errno.EIO)) from None
+            raise fail(errno_for(exc)) from None
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes:
         fh = self.handles[fh_id]

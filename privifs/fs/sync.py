@@ -30,7 +30,6 @@ lets the refresher ignore a token of ours that the listing shows before the node
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -38,7 +37,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
-import pyfuse3
 import trio
 
 from privifs.client.datatokens import DataTokens, FileMeta
@@ -50,6 +48,7 @@ from privifs.errors import (
     NotFoundError,
     PrivifsError,
     ServerUnreachable,
+    WriteBackFailed,
 )
 from privifs.fs.cache import ContentCache
 from privifs.fs.namespace import Namespace, Node
@@ -470,13 +469,16 @@ class Syncer:
         if scope.cancelled_caught:
             log.error("%s: fsync timed out after %.0fs waiting for the upload; the data stays staged "
                       "and keeps being retried", self.ns.describe(node), timeout)
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise WriteBackFailed(f"{self.ns.describe(node)}: the upload did not complete within {timeout:.0f}s; "
+                                  "the data stays staged and keeps being retried")
         if result and result[0] is not None:
             exc = result[0]
             log.error("%s: fsync failed, the upload did not complete (%s); the data stays staged and "
                       "keeps being retried", self.ns.describe(node), exc)
-            raise pyfuse3.FUSEError(getattr(exc, "errno", errno.EIO) if isinstance(exc, CommandRejected)
-                                    else errno.EIO)
+            if isinstance(exc, CommandRejected):
+                raise exc  # the server's refusal itself (a PermissionRefused answers EACCES)
+            raise WriteBackFailed(f"{self.ns.describe(node)}: the upload did not complete ({exc}); the data "
+                                  "stays staged and keeps being retried") from exc
 
     def _finish_commit(self, staged: StagedFile, error: Exception | None) -> None:
         entry = self._commits.pop(staged.id, None)
