@@ -30,7 +30,8 @@ from privifs.fs.errnos import errno_for
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
 from privifs.fs.sync import Syncer
-from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT, SPECIAL_KINDS
+from privifs.fs.names import NAME_MAX
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, SPECIAL_KINDS
 
 if TYPE_CHECKING:
     from privifs.client.vault import Vault

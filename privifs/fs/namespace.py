@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone
 from privifs.fs.space import open_error
-from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, attributes, join_context, shown_name
+from privifs.fs.names import shown_name
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, attributes, join_context
 
 if TYPE_CHECKING:
     from privifs.client.shapes import TokenInfo

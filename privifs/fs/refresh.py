@@ -40,9 +40,9 @@ from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
-from privifs.fs.sync import Syncer, desired_name
-from privifs.fs.tokenmeta import (KIND_DIR, RESERVED_CONTEXT, attributes, conflict_name, display_name, entry_name,
-                                  shown_name, split_context)
+from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
+from privifs.fs.sync import Syncer
+from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
 
@@ -172,7 +172,7 @@ class Refresher:
         orphans = {}
         for n in ns.nodes.values():
             if n.upload_started is not None and n.content_dirty and not n.uploading and not n.unlinked:
-                orphans.setdefault((self.ns.context(n), desired_name(n)), []).append(n)
+                orphans.setdefault((self.ns.context(n), token_name(n)), []).append(n)
         with self.index:
             followed = []
             for node, info in changed:
@@ -196,7 +196,6 @@ class Refresher:
             # in claim order: the first token of a path takes the plain name
             for info in sorted(unknown, key=lambda i: claim_order(i.created_at, i.token)):
                 parts = split_context(info.context)
-                raw = entry_name(info)
                 if (tuple(parts), info.file_name) in self.syncer.inflight_names:
                     continue
                 waiting = [n for (ctx, name), nodes in orphans.items() for n in nodes
@@ -204,7 +203,7 @@ class Refresher:
                 if waiting:
                     adoptions.append((waiting[0], info))
                     continue
-                self._add(info, parts, raw, vanished)
+                self._add(info, parts, vanished)
             for node in vanished.values():
                 self._vanish(node)
             self._settle_names(started)
@@ -214,7 +213,7 @@ class Refresher:
         for node, info in adoptions:
             if not await self.syncer.adopt_orphan(node, info):
                 with self.index:
-                    self._add(info, split_context(info.context), entry_name(info), {})
+                    self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()
 
     def _follow(self, node: Node, info: TokenInfo) -> None:
@@ -244,7 +243,7 @@ class Refresher:
     def _place(self, node: Node, info: TokenInfo) -> bool:
         """Put ``node`` where ``info``'s context and name put it; True if it moved."""
         parts = split_context(info.context)
-        plain = display_name(entry_name(info))
+        plain = listed_name(info)
         along = self._dirs_along(parts)
         if (len(along) == len(parts) + 1 and along[-1].ino == node.parent
                 and node.name in (plain, conflict_name(plain, info.token))):
@@ -296,10 +295,10 @@ class Refresher:
         if not gone.children:
             self._drop_empty_implicit(gone, upwards=False)
 
-    def _add(self, info: TokenInfo, parts: list[str], raw: str, vanished: dict[int, Node]) -> None:
+    def _add(self, info: TokenInfo, parts: list[str], vanished: dict[int, Node]) -> None:
         a = attributes(info)
         parent = self.ns.ensure_dirs(parts, a.mtime_ns or time.time_ns())
-        name = display_name(raw)
+        name = listed_name(info)
         holder = self.ns.child(parent, name)
         if holder is not None and holder.ino in vanished and (holder.is_dir == (a.kind == KIND_DIR)):
             # the entry lost its token and this one claims its place: its content was replaced

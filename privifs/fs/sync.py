@@ -51,11 +51,11 @@ from privifs.errors import (
     WriteBackFailed,
 )
 from privifs.fs.cache import ContentCache
+from privifs.fs.names import token_naming
 from privifs.fs.namespace import Namespace, Node
 from privifs.fs.staging import StagedFile, Staging
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
-    extension_of,
     risk_fields,
     same_context,
     split_context,
@@ -76,19 +76,6 @@ def fsync_waits_through(exc: PrivifsError) -> bool:
     (5xx, a command still pending): the next attempt may well succeed, and a program treats an
     fsync error as lost data. A server that cannot be reached, or that refuses, fails it now."""
     return exc.transient and not isinstance(exc, ServerUnreachable)
-
-
-def desired_naming(node: Node) -> tuple[str, str]:
-    """The fileName and extension the token should carry. While the entry still shows under the
-    name derived from the token (``shown_as``), the token's own fields are kept as they are
-    (another application's ``README`` + ``md`` stays so); after a rename, the new name."""
-    if node.shown_as is not None and node.name == node.shown_as and node.remote_name is not None:
-        return node.remote_name, node.remote_extension or ""
-    return node.name, extension_of(node.name)
-
-
-def desired_name(node: Node) -> str:
-    return desired_naming(node)[0]
 
 
 class Syncer:
@@ -250,7 +237,7 @@ class Syncer:
             yield piece
 
     def _target(self, node: Node) -> tuple[str, str, str, str]:
-        name, extension = desired_naming(node)
+        name, extension = token_naming(node)
         return self.ns.context(node), name, extension, self.ns.path(node)
 
     @contextlib.contextmanager
