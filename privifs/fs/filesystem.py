@@ -634,8 +634,6 @@ class Filesystem:
             self.staging.remove(orphan)
 
     def pending(self) -> list[Node]:
-        """The nodes in the tree whose content or meta the vault does not have yet, and uploads
-        still in flight (a removed node that is still open is not pending: nothing of it will be
-        uploaded; one whose upload was under way when it was removed is, until its token is
-        recorded for deletion)."""
+        """What write-back still has to do (:meth:`Namespace.pending
+        <privifs.fs.namespace.Namespace.pending>`)."""
         return self.ns.pending()
