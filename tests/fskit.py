@@ -35,6 +35,11 @@ class InProcessFs:
     supervisor: Supervisor
     state: Path
 
+    @property
+    def ns(self) -> Namespace:
+        """The tree (the same one the filesystem, the syncer and the refresher share)."""
+        return self.fs.ns
+
     # -- FUSE-level helpers (names as bytes, like the kernel passes them) ----------------------
     def node(self, path: str) -> Node:
         node = self.fs.ns.root
@@ -102,13 +107,13 @@ async def inprocess_fs(state: Path, endpoints, credentials, *, key: bytes | None
         index = Index(state / "index.sqlite3")
         try:
             ns = Namespace(index, dir_mode=0o755, file_mode=0o644)
-            fs = Filesystem(ns, Staging(state / "staging", local_key(key)),
-                            ContentCache(state / "cache", 64 * 2**20, local_key(key)), vault, MountOptions())
+            staging = Staging(state / "staging", local_key(key))
+            cache = ContentCache(state / "cache", 64 * 2**20, local_key(key))
+            syncer = Syncer(ns, staging, cache, client.tokens, vault, workers=workers,
+                            write_back_delay=write_back_delay, supervisor=supervisor)
+            fs = Filesystem(ns, staging, cache, vault, MountOptions(), syncer)
             fs.open_staged_files()
-            syncer = Syncer(fs, client.tokens, vault, workers=workers, write_back_delay=write_back_delay,
-                            supervisor=supervisor)
-            fs.sync = syncer
-            refresher = Refresher(fs, client.tokens, syncer, 3600, invalidate=False)
+            refresher = Refresher(ns, client.tokens, syncer, 3600, invalidate=False)
             await refresher.refresh_once()
             async with trio.open_nursery() as nursery:
                 await nursery.start(syncer.run)
