@@ -4,8 +4,6 @@ Every module under ``privifs/`` is parsed (its ``import`` statements, wherever t
 import inside a function or one under ``if TYPE_CHECKING:`` still ties the two modules' designs
 together) into a graph of module -> privifs modules it imports;
 a strongly connected component of two or more modules (or a module importing itself) is a cycle.
-A cycle whose modules all lie in one package is reported under that package's test, so each
-package can be held to it separately.
 """
 from __future__ import annotations
 
