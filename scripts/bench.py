@@ -4,10 +4,14 @@ machine: local disk, pyfuse3's passthrough example (the ceiling of a Python FUSE
 gocryptfs, rclone mount of a crypt remote over a local directory (``--vfs-cache-mode full``),
 and privifs on its embedded engine.
 
-Every contender gets the same workloads; each figure is the median of ``--runs`` runs (the
-spread is min–max). Results go to docs/benchmarks.md (table, machine, versions) with a chart of
-privifs against each contender as ratios (docs/benchmarks.png). Run it with ``scripts/bench``.
-Nothing is left mounted, running or on disk afterwards.
+Every contender gets the same workloads (marked n/a where one does not apply), all mounted for
+the whole run, each workload on every contender before the next; each figure is the median of
+``--runs`` runs (the spread is min–max). Every cold read starts from the same state for all:
+the contender's own cache emptied, ``sync``, the kernel's page cache dropped (see :func:`cold`).
+Results go to docs/benchmarks.md (table, machine, versions, load) with a chart of privifs against
+each contender as ratios (docs/benchmarks.png); ``--quick`` is a smoke test with small sizes
+whose report goes to /var/tmp. Run it with ``scripts/bench``. Nothing is left mounted, running or
+on disk afterwards.
 """
 from __future__ import annotations
 
@@ -586,7 +590,9 @@ def w_cache(x: Ctx) -> None:
 def fsync_local_supported() -> bool:
     """Whether this privifs has the opt-in ``--fsync local`` mount option."""
     out = sh(PY, "-m", "privifs", "mount", "--help", check=False).stdout
-    return re.search(r"--fsync(?![-\w])", out) is not None and "local" in out
+    # the option's own paragraph: from "  --fsync …" to the next option
+    m = re.search(r"^\s+--fsync(?![-\w]).*?(?=^\s+-|\Z)", out, re.M | re.S)
+    return m is not None and "local" in m.group(0)
 
 
 def build_db(db: Path, mib: int) -> None:
@@ -847,7 +853,7 @@ def targets_table(results: dict) -> str:
 
 
 def report(results: dict, versions: dict, args, started: float, elapsed: float, out_md: Path, out_png: Path,
-           command: str = "", conditions: list[str] | None = None) -> str:
+           command: str = "", conditions: list[str] | None = None, machine: str = "") -> str:
     command = command or " ".join(["scripts/bench", *sys.argv[1:]])
     names = list(results)
     lines = ["| workload | unit | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -865,10 +871,7 @@ def report(results: dict, versions: dict, args, started: float, elapsed: float, 
         lines.append(f"| {label} | {unit} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     _chart(results, out_png)
-    cpu = platform.processor() or _cpu_model()
-    mem = psutil.virtual_memory().total / 2**30
-    machine = (f"{psutil.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-               f"Python {platform.python_version()}")
+    machine = machine or this_machine()
     md = [
         "# Benchmarks", "",
         "Produced by `scripts/bench` (the numbers below are replaced on every run; the text around them",
@@ -884,12 +887,30 @@ def report(results: dict, versions: dict, args, started: float, elapsed: float, 
         table, "",
         "![privifs against each contender (ratio; above 1 means privifs is better)](benchmarks.png)", "",
         "## Targets", "",
-        "Judged on the medians above (privifs against the named contender, same run, same machine); the",
+        "Issue 15's targets, judged on the medians above (privifs against the named contender, same run, same machine); the",
         f"raw figures of every run are in `{out_md.with_suffix('.json').name}`.", "",
         targets_table(results), "",
     ]
     out_md.write_text("\n".join(md) + "\n" + _notes())
     return table
+
+
+def this_machine() -> str:
+    cpu = platform.processor() or _cpu_model()
+    mem = psutil.virtual_memory().total / 2**30
+    return (f"{psutil.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def _saved_machine(saved: dict, out_md: Path) -> str:
+    """The machine a saved run ran on: from its JSON, or (older JSON) from the report it made."""
+    if saved.get("machine"):
+        return saved["machine"]
+    if out_md.exists():
+        for line in out_md.read_text().splitlines():
+            if line.startswith("* machine: "):
+                return line.removeprefix("* machine: ")
+    return "not recorded"
 
 
 def _cpu_model() -> str:
@@ -1032,8 +1053,12 @@ def main() -> None:
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
         args.runs = saved["runs"]
+        legacy = ["* these figures come from the script as it was before issue 15's workloads were added: rows "
+                  "marked – were not measured, the RSS rows cover only the 1 GiB write and read, the contenders ran "
+                  "one after another and the load was not recorded"]
         print(report(saved["results"], saved["versions"], args, saved["started"], saved["elapsed_s"], args.out,
-                     args.out.with_suffix(".png"), saved["command"], saved.get("conditions")))
+                     args.out.with_suffix(".png"), saved["command"], saved.get("conditions", legacy),
+                     _saved_machine(saved, args.out)))
         return
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cleanup below still unmounts all.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1068,7 +1093,7 @@ def main() -> None:
     conds = conditions(args, load_start, os.getloadavg())
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": command, "runs": args.runs, "started": started, "elapsed_s": elapsed, "versions": versions,
-         "conditions": conds, "results": results}, indent=1) + "\n")
+         "conditions": conds, "machine": this_machine(), "results": results}, indent=1) + "\n")
     table = report(results, versions, args, started, elapsed, args.out, args.out.with_suffix(".png"), command, conds)
     print(table)
     print(f"\nwritten to {args.out} and {args.out.with_suffix('.png')} in {(time.time() - started) / 60:.1f} minutes")
