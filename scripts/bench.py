@@ -587,12 +587,16 @@ def w_cache(x: Ctx) -> None:
         c.start()
 
 
+def has_fsync_local(mount_help: str) -> bool:
+    """Whether ``privifs mount --help`` offers ``--fsync`` with a ``local`` mode (in the option's
+    own paragraph, from "  --fsync …" to the next option; ``--fsync-timeout`` does not count)."""
+    m = re.search(r"^\s+--fsync(?![-\w]).*?(?=^\s+-|\Z)", mount_help, re.M | re.S)
+    return m is not None and re.search(r"\blocal\b", m.group(0)) is not None
+
+
 def fsync_local_supported() -> bool:
     """Whether this privifs has the opt-in ``--fsync local`` mount option."""
-    out = sh(PY, "-m", "privifs", "mount", "--help", check=False).stdout
-    # the option's own paragraph: from "  --fsync …" to the next option
-    m = re.search(r"^\s+--fsync(?![-\w]).*?(?=^\s+-|\Z)", out, re.M | re.S)
-    return m is not None and "local" in m.group(0)
+    return has_fsync_local(sh(PY, "-m", "privifs", "mount", "--help", check=False).stdout)
 
 
 def build_db(db: Path, mib: int) -> None:
@@ -858,6 +862,8 @@ def report(results: dict, versions: dict, args, started: float, elapsed: float, 
     names = list(results)
     lines = ["| workload | unit | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for key, label, unit, _ in METRICS:
+        if not any(key in results[n] or key in results[n].get("n/a", {}) for n in names):
+            continue  # a workload this run did not include (see the Targets table)
         cells = []
         for n in names:
             vals = results[n].get(key)
@@ -883,7 +889,8 @@ def report(results: dict, versions: dict, args, started: float, elapsed: float, 
         f"* command: `{command}`",
         *(conditions or []),
         "", "## Results", "",
-        "n/a: the workload does not apply to that contender (the reason is in the JSON); –: not run.", "",
+        "n/a: the workload does not apply to that contender (the reason is in the JSON); –: not measured;",
+        "workloads this run did not include have no row.", "",
         table, "",
         "![privifs against each contender (ratio; above 1 means privifs is better)](benchmarks.png)", "",
         "## Targets", "",
@@ -1053,9 +1060,9 @@ def main() -> None:
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
         args.runs = saved["runs"]
-        legacy = ["* these figures come from the script as it was before issue 15's workloads were added: rows "
-                  "marked – were not measured, the RSS rows cover only the 1 GiB write and read, the contenders ran "
-                  "one after another and the load was not recorded"]
+        legacy = ["* these figures come from the script as it was before issue 15's workloads were added: those "
+                  "workloads have no row (their targets say not measured), the RSS rows cover only the 1 GiB write "
+                  "and read, the contenders ran one after another and the load was not recorded"]
         print(report(saved["results"], saved["versions"], args, saved["started"], saved["elapsed_s"], args.out,
                      args.out.with_suffix(".png"), saved["command"], saved.get("conditions", legacy),
                      _saved_machine(saved, args.out)))
