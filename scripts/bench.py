@@ -498,6 +498,10 @@ class Ctx:
     def add(self, key: str, value: float) -> None:
         self.res.setdefault(key, []).append(value)
 
+    def last(self, run: int) -> bool:
+        """Whether ``run`` is the workload's last on this contender (time to clean up)."""
+        return run == self.args.runs - 1
+
     def na(self, *keys: str, why: str) -> None:
         """Record that these figures do not apply to this contender (shown as n/a), and why."""
         for key in keys:
@@ -515,40 +519,47 @@ def workload(name: str):
 
 
 @workload("big")
-def w_big(x: Ctx) -> None:
+def w_big(x: Ctx, run: int) -> None:
     """1 GiB written until durable, read cold, read warm."""
     c, mib = x.c, x.args.big_mib
-    for run in range(x.args.runs):
-        target = c.mnt / f"big{run}.bin"
-        t = timed(lambda: (write_big(target, mib, x.block, x.durable_fsync), c.settle()))
-        x.add("write_MBps", mib * MiB / t / 1e6)
-        cold(c, x.res)
-        t = timed(lambda: read_all(target))
-        x.add("cold_read_MBps", mib * MiB / t / 1e6)
-        t = timed(lambda: read_all(target))
-        x.add("warm_read_MBps", mib * MiB / t / 1e6)
-        target.unlink()
-        c.settle()
-
-
-@workload("seek")
-def w_seek(x: Ctx) -> None:
-    """A cold 2 GiB file: time to its first byte, and to 1 MiB read from its middle."""
-    c, mib = x.c, x.args.huge_mib
-    target = c.mnt / "huge.bin"
-    write_big(target, mib, x.block, x.durable_fsync)
-    c.settle()
-    for run in range(x.args.runs):
-        cold(c, x.res)
-        x.add("first_byte_s", timed(lambda: read_at(target, 0, 1)))
-        cold(c, x.res)
-        x.add("middle_1MiB_s", timed(lambda: read_at(target, mib * MiB // 2, MiB)))
+    target = c.mnt / f"big{run}.bin"
+    t = timed(lambda: (write_big(target, mib, x.block, x.durable_fsync), c.settle()))
+    x.add("write_MBps", mib * MiB / t / 1e6)
+    cold(c, x.res)
+    t = timed(lambda: read_all(target))
+    x.add("cold_read_MBps", mib * MiB / t / 1e6)
+    t = timed(lambda: read_all(target))
+    x.add("warm_read_MBps", mib * MiB / t / 1e6)
     target.unlink()
     c.settle()
 
 
+@workload("seek")
+def w_seek(x: Ctx, run: int) -> None:
+    """A cold 2 GiB file: time to its first byte, and to 1 MiB read from its middle."""
+    c, mib = x.c, x.args.huge_mib
+    target = c.mnt / "huge.bin"
+    if run == 0:
+        write_big(target, mib, x.block, x.durable_fsync)
+        c.settle()
+    cold(c, x.res)
+    x.add("first_byte_s", timed(lambda: read_at(target, 0, 1)))
+    cold(c, x.res)
+    x.add("middle_1MiB_s", timed(lambda: read_at(target, mib * MiB // 2, MiB)))
+    if x.last(run):
+        target.unlink()
+        c.settle()
+
+
+def remount(c: Privifs, *mount_args: str) -> None:
+    """Restart privifs's mount with these extra options (none: as at the start)."""
+    c.mount_args = list(mount_args)
+    c.stop()
+    c.start()
+
+
 @workload("cache")
-def w_cache(x: Ctx) -> None:
+def w_cache(x: Ctx, run: int) -> None:
     """privifs only: a file bigger than ``--cache-size`` read twice. The cache directory's peak
     size during the reads, and how much the engine served (its blob reads) on each read."""
     c = x.c
@@ -556,35 +567,30 @@ def w_cache(x: Ctx) -> None:
         x.na("cache_read_MBps", "cache_peak_MiB", "cache_first_fetch_MiB", "cache_second_fetch_MiB",
              why="privifs's --cache-size only")
         return
-    c.mount_args = ["--cache-size", x.args.cache_size]
-    c.stop()
-    c.start()
-    try:
-        mib = x.args.cache_file_mib
-        target = c.mnt / "cached.bin"
+    mib = x.args.cache_file_mib
+    target = c.mnt / "cached.bin"
+    if run == 0:
+        remount(c, "--cache-size", x.args.cache_size)
         write_big(target, mib, x.block, False)
         c.settle()
-        for run in range(x.args.runs):
-            cold(c, x.res)
-            engine = c.pids().get("engine")
-            with DirPeak(c.cache_dir) as peak:
-                before = proc_rchar(engine)
-                t = timed(lambda: read_all(target))
-                first = proc_rchar(engine) - before
-                drop_caches()  # the kernel's pages of the file go; privifs's cache stays
-                before = proc_rchar(engine)
-                read_all(target)
-                second = proc_rchar(engine) - before
-            x.add("cache_read_MBps", mib * MiB / t / 1e6)
-            x.add("cache_peak_MiB", peak.peak / MiB)
-            x.add("cache_first_fetch_MiB", first / MiB)
-            x.add("cache_second_fetch_MiB", second / MiB)
+    cold(c, x.res)
+    engine = c.pids().get("engine")
+    with DirPeak(c.cache_dir) as peak:
+        before = proc_rchar(engine)
+        t = timed(lambda: read_all(target))
+        first = proc_rchar(engine) - before
+        drop_caches()  # the kernel's pages of the file go; privifs's cache stays
+        before = proc_rchar(engine)
+        read_all(target)
+        second = proc_rchar(engine) - before
+    x.add("cache_read_MBps", mib * MiB / t / 1e6)
+    x.add("cache_peak_MiB", peak.peak / MiB)
+    x.add("cache_first_fetch_MiB", first / MiB)
+    x.add("cache_second_fetch_MiB", second / MiB)
+    if x.last(run):
         target.unlink()
         c.settle()
-    finally:
-        c.mount_args = []
-        c.stop()
-        c.start()
+        remount(c)
 
 
 def has_fsync_local(mount_help: str) -> bool:
@@ -633,25 +639,27 @@ def small_commits(db: Path, journal: str, seconds: float) -> float:
 
 
 def _sqlite_pass(x: Ctx, suffix: str) -> None:
+    """One database built, small commits with each journal, the database removed."""
     c = x.c
     db = c.mnt / "bench.db"
     build_db(db, x.args.sqlite_mib)
     c.settle()
     for journal in ("delete", "wal"):
-        for run in range(x.args.runs):
-            try:
-                x.add(f"sqlite_{journal}{suffix}_cps", small_commits(db, journal, x.args.commit_seconds))
-            except sqlite3.Error as exc:
-                x.na(f"sqlite_{journal}{suffix}_cps", why=f"SQLite failed: {exc}")
-                print(f"   sqlite {journal}{suffix} on {c.name}: {exc}", flush=True)
-                break
+        key = f"sqlite_{journal}{suffix}_cps"
+        if key in x.res.get("n/a", {}):
+            continue  # failed on an earlier run
+        try:
+            x.add(key, small_commits(db, journal, x.args.commit_seconds))
+        except sqlite3.Error as exc:
+            x.na(key, why=f"SQLite failed: {exc}")
+            print(f"   sqlite {journal}{suffix} on {c.name}: {exc}", flush=True)
     for f in c.mnt.glob("bench.db*"):
         f.unlink()
     c.settle()
 
 
 @workload("sqlite")
-def w_sqlite(x: Ctx) -> None:
+def w_sqlite(x: Ctx, run: int) -> None:
     """Small commits on a 100 MiB SQLite database, rollback journal and WAL, synchronous=FULL;
     privifs also with ``--fsync local`` when it has that option."""
     c = x.c
@@ -661,90 +669,86 @@ def w_sqlite(x: Ctx) -> None:
         x.na(*keys, why="privifs's --fsync local only")
     elif not fsync_local_supported():
         x.na(*keys, why="this privifs has no --fsync local mount option")
-        print("   privifs has no --fsync local option: skipped", flush=True)
+        if run == 0:
+            print("   privifs has no --fsync local option: skipped", flush=True)
     else:
-        c.mount_args = ["--fsync", "local"]
-        c.stop()
-        c.start()
+        remount(c, "--fsync", "local")
         try:
             _sqlite_pass(x, "_local")
         finally:
-            c.mount_args = []
-            c.stop()
-            c.start()
+            remount(c)
 
 
 @workload("drain")
-def w_drain(x: Ctx) -> None:
+def w_drain(x: Ctx, run: int) -> None:
     """5,000 small files created, then waited for until durable where the contender keeps them
     (privifs: its daemon reports nothing pending, i.e. all are in the vault)."""
     c, n = x.c, x.args.drain_files
-    for run in range(x.args.runs):
-        root = c.mnt / f"drain{run}"
-        root.mkdir()
-        c.settle()
-        t0 = time.perf_counter()
-        small_files(root, n, 50)
-        created = time.perf_counter() - t0
-        c.settle()
-        total = time.perf_counter() - t0
-        x.add("drain_fps", n / total)
-        x.add("drain_create_s", created)
-        x.add("drain_settle_s", total - created)
-        delete_small(root)
-        root.rmdir()
-        c.settle()
+    root = c.mnt / f"drain{run}"
+    root.mkdir()
+    c.settle()
+    t0 = time.perf_counter()
+    small_files(root, n, 50)
+    created = time.perf_counter() - t0
+    c.settle()
+    total = time.perf_counter() - t0
+    x.add("drain_fps", n / total)
+    x.add("drain_create_s", created)
+    x.add("drain_settle_s", total - created)
+    delete_small(root)
+    root.rmdir()
+    c.settle()
 
 
 @workload("randread")
-def w_randread(x: Ctx) -> None:
+def w_randread(x: Ctx, run: int) -> None:
     """4 KiB random reads in a file already read once (fio, psync)."""
     c, mib = x.c, x.args.fio_mib
     rand = c.mnt / "rand.bin"
-    write_big(rand, mib, x.block, False)
-    c.settle()
+    if run == 0:
+        write_big(rand, mib, x.block, False)
+        c.settle()
     read_all(rand)
-    for run in range(x.args.runs):
-        x.add("randread_4k_iops", fio_randread(rand, x.args.fio_seconds, mib))
-    rand.unlink()
-    c.settle()
+    x.add("randread_4k_iops", fio_randread(rand, x.args.fio_seconds, mib))
+    if x.last(run):
+        rand.unlink()
+        c.settle()
 
 
 @workload("small")
-def w_small(x: Ctx) -> None:
+def w_small(x: Ctx, run: int) -> None:
     """5,000 × 4 KiB files: create, ls -lR, read all, delete."""
     c, n = x.c, x.args.small_files
-    for run in range(x.args.runs):
-        root = c.mnt / f"small{run}"
-        root.mkdir()
-        x.add("small_create_fps", n / timed(lambda: small_files(root, n, 50)))
-        x.add("small_ls_lR_fps", n / timed(lambda: ls_lr(root)))
-        x.add("small_read_fps", n / timed(lambda: read_small(root)))
-        c.settle()
-        x.add("small_delete_fps", n / timed(lambda: delete_small(root)))
-        root.rmdir()
-        c.settle()
+    root = c.mnt / f"small{run}"
+    root.mkdir()
+    x.add("small_create_fps", n / timed(lambda: small_files(root, n, 50)))
+    x.add("small_ls_lR_fps", n / timed(lambda: ls_lr(root)))
+    x.add("small_read_fps", n / timed(lambda: read_small(root)))
+    c.settle()
+    x.add("small_delete_fps", n / timed(lambda: delete_small(root)))
+    root.rmdir()
+    c.settle()
 
 
 @workload("untar")
-def w_untar(x: Ctx) -> None:
+def w_untar(x: Ctx, run: int) -> None:
     """Untar the Python standard library, then git add -A && commit in it."""
     c = x.c
-    for run in range(x.args.runs):
-        dest = c.mnt / f"untar{run}"  # a fresh tree per run; all go with the contender
-        dest.mkdir()
-        x.add("untar_s", timed(lambda: sh("tar", "-xf", x.tarball, "-C", dest)))
-        git = lambda: (sh("git", "init", "-q", dest), sh("git", "-C", dest, "add", "-A"),  # noqa: E731
-                       sh("git", "-C", dest, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q",
-                          "-m", "bench"))
-        x.add("git_add_commit_s", timed(git))
-        c.settle()
+    dest = c.mnt / f"untar{run}"  # a fresh tree per run; all go with the contender
+    dest.mkdir()
+    x.add("untar_s", timed(lambda: sh("tar", "-xf", x.tarball, "-C", dest)))
+    git = lambda: (sh("git", "init", "-q", dest), sh("git", "-C", dest, "add", "-A"),  # noqa: E731
+                   sh("git", "-C", dest, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q",
+                      "-m", "bench"))
+    x.add("git_add_commit_s", timed(git))
+    c.settle()
 
 
 def run_all(contenders: list[Contender], args, tarball: Path, results: dict, save: Path) -> None:
-    """Each workload on every contender, one contender after another, before the next workload:
-    all contenders are mounted for the whole run, so a change in the machine's load (it is
-    shared) lands on all of them within minutes rather than on whichever ran last."""
+    """Each workload's runs taken in turns: run 1 on every contender, then run 2 on every
+    contender, and so on, before the next workload. All contenders stay mounted for the whole
+    run, so a change in the machine's load (it is shared) lands on all of them alike rather than
+    on whichever ran last."""
     watches = []
     try:
         for c in contenders:
@@ -752,11 +756,13 @@ def run_all(contenders: list[Contender], args, tarball: Path, results: dict, sav
             watches.append(RssWatch(c).__enter__())
         for name in args.only:
             print(f"== {name}", flush=True)
-            for c in contenders:
-                t = time.time()
-                WORKLOADS[name](Ctx(c, args, tarball, results.setdefault(c.name, {})))
-                print(f"   {c.name}: {time.time() - t:.0f}s", flush=True)
-                save.write_text(json.dumps(results))
+            ctxs = [Ctx(c, args, tarball, results.setdefault(c.name, {})) for c in contenders]
+            for run in range(args.runs):
+                for x in ctxs:
+                    t = time.time()
+                    WORKLOADS[name](x, run)
+                    print(f"   run {run + 1}, {x.c.name}: {time.time() - t:.0f}s", flush=True)
+                    save.write_text(json.dumps(results))
     finally:
         for c, watch in zip(contenders, watches):
             watch.__exit__(None, None, None)
