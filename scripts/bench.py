@@ -789,6 +789,7 @@ METRICS = [
     ("sqlite_delete_local_cps", "… rollback journal, --fsync local", "1/s", True),
     ("sqlite_wal_local_cps", "… WAL, --fsync local", "1/s", True),
     ("drain_fps", "5,000 × 4 KiB created until durable", "files/s", True),
+    ("drain_settle_s", "… of which waiting after the last create", "s", False),
     ("randread_4k_iops", "4 KiB random reads (cached 256 MiB)", "IOPS", True),
     ("small_create_fps", "5,000 × 4 KiB: create", "files/s", True),
     ("small_ls_lR_fps", "5,000 × 4 KiB: ls -lR", "files/s", True),
@@ -798,7 +799,10 @@ METRICS = [
     ("git_add_commit_s", "git add -A && commit", "s", False),
     ("rss_daemon_MiB", "daemon peak RSS, whole run", "MiB", False),
     ("rss_engine_MiB", "engine peak RSS, whole run", "MiB", False),
+    ("cold_load", "1-min load average at the cold reads", "", False),
 ]
+# rows that describe a run rather than compare the contenders: not in the chart
+NOT_CHARTED = {"drain_settle_s", "cache_first_fetch_MiB", "cache_second_fetch_MiB", "cold_load"}
 
 
 LOCAL, GOCRYPTFS, RCLONE = "local disk", "gocryptfs", "rclone crypt"
@@ -951,6 +955,8 @@ def _chart(results: dict, out_png: Path) -> None:
     others = [n for n in results if n != "privifs"]
     labels, series = [], {n: [] for n in others}
     for key, label, _, higher_better in METRICS:
+        if key in NOT_CHARTED:
+            continue
         mine = results["privifs"].get(key)
         if not mine or not any(results[n].get(key) for n in others):
             continue
