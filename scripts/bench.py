@@ -46,12 +46,12 @@ def sh(*cmd, check=True, timeout=WAIT, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], check=check, timeout=timeout, capture_output=True, text=True, **kw)
 
 
-def drop_caches() -> None:
+def drop_caches(control: Path = Path("/proc/sys/vm/drop_caches")) -> None:
     """Sync, then drop the kernel's page cache, dentries and inodes. Cold reads are not measured
     without it: it fails loudly (it needs root) instead of measuring a warm read."""
     os.sync()
     try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        control.write_text("3\n")
     except OSError as exc:
         raise RuntimeError(f"cannot drop the page cache ({exc}); cold reads need root") from exc
 

@@ -76,3 +76,9 @@ def test_report_marks_not_applicable_cells_apart_from_workloads_not_run(tmp_path
     assert "SQLite" not in md.split("## Targets")[0]  # not run: no row
     assert "| first byte of a cold 2 GiB file | s | 0.0030 | 0.50 |" in md
     assert "* sizes: x" in md and "* machine: m" in md
+
+
+def test_a_page_cache_that_cannot_be_dropped_stops_the_run_instead_of_measuring_a_warm_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.os, "sync", lambda: None)
+    with pytest.raises(RuntimeError, match="cold reads need root"):
+        bench.drop_caches(tmp_path / "missing" / "drop_caches")
