@@ -19,8 +19,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import re
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -904,8 +904,8 @@ def report(results: dict, versions: dict, args, started: float, elapsed: float, 
         table, "",
         "![privifs against each contender (ratio; above 1 means privifs is better)](benchmarks.png)", "",
         "## Targets", "",
-        "Issue 15's targets, judged on the medians above (privifs against the named contender, same run, same machine); the",
-        f"raw figures of every run are in `{out_md.with_suffix('.json').name}`.", "",
+        "Issue 15's targets, judged on the medians above (privifs against the named contender, same run,",
+        f"same machine); the raw figures of every run are in `{out_md.with_suffix('.json').name}`.", "",
         targets_table(results), "",
     ]
     out_md.write_text("\n".join(md) + "\n" + _notes())
