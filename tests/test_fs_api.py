@@ -13,7 +13,7 @@ import stat
 import pyfuse3
 import pytest
 
-from tests.fskit import fails_with, inprocess_fs
+from tests.fskit import CTX, fails_with, inprocess_fs
 
 
 @pytest.fixture
@@ -137,17 +137,38 @@ async def test_rename_of_a_file_moves_its_token_without_a_new_upload(kit):
     assert after["b.md"].token == before["a.txt"] and after["b.md"].extension == "md"
 
 
-async def test_rename_of_a_directory_moves_its_whole_subtree(kit):
-    await kit.mkdir("w1")
-    await kit.mkdir("w1/sub")
-    await kit.write_file("w1/sub/one", b"one")
-    await kit.write_file("w1/two", b"two")
+async def test_rename_of_a_directory_is_a_meta_update_of_every_token_below_it(kit):
+    await kit.mkdir("proj")
+    await kit.mkdir("proj/src")
+    await kit.mkdir("proj/src/pkg")
+    for i in range(3):
+        await kit.write_file(f"proj/src/pkg/m{i}.py", f"x = {i}\n".encode())
+    await kit.write_file("proj/README", b"readme")
     await kit.settle()
-    await kit.rename("w1", "w2")
-    expected = {"w2": "dir", "w2/sub": "dir", "w2/sub/one": b"one", "w2/two": b"two"}
+    before = {i.token for i in await kit.listing()}
+    await kit.rename("proj", "renamed")
+    expected = {"renamed": "dir", "renamed/src": "dir", "renamed/src/pkg": "dir", "renamed/README": b"readme",
+                **{f"renamed/src/pkg/m{i}.py": f"x = {i}\n".encode() for i in range(3)}}
     assert await kit.tree() == expected
     await kit.settle()
+    after = await kit.listing()
+    assert {i.token for i in after} == before                      # nothing uploaded again
+    assert {i.context for i in after if i.file_name.endswith(".py")} == {"/renamed/src/pkg"}
     assert await kit.vault_tree() == expected
+    async with kit.fresh() as other:
+        assert await other.tree() == expected
+
+
+async def test_renaming_over_the_only_entry_of_a_directory_leaves_no_marker_token(kit):
+    await kit.remote.put("b/y", b"old")                 # /b exists only through y
+    await kit.refresh()
+    await kit.write_file("x", b"new")
+    await kit.settle()
+    await kit.rename("x", "b/y")
+    await kit.settle()
+    # y's old token is deleted, and /b was never empty, so no marker token stands for it
+    assert [(i.context, i.file_name) for i in await kit.listing()] == [("/b", "y")]
+    assert await kit.tree() == {"b": "dir", "b/y": b"new"}
 
 
 async def test_rename_over_an_existing_file_replaces_it(kit):
@@ -279,14 +300,14 @@ async def test_symlink_and_readlink(kit):
 
 async def test_names_must_be_utf8_short_and_not_reserved(kit):
     with fails_with(errno.EINVAL):
-        await kit.ops.mkdir(1, b"\xff", stat.S_IFDIR | 0o755, _ctx())
+        await kit.ops.mkdir(1, b"\xff", stat.S_IFDIR | 0o755, CTX)
     with fails_with(errno.ENAMETOOLONG):
         await kit.create_file("n" * 256)
     await kit.create_file("n" * 255)
     with fails_with(errno.EPERM):
         await kit.mkdir(".privifs")
     with fails_with(errno.EPERM):
-        await kit.ops.link(1, 1, b"hard", _ctx())
+        await kit.ops.link(1, 1, b"hard", CTX)
 
 
 # -- readdir, statfs ----------------------------------------------------------------------------
@@ -333,8 +354,3 @@ async def test_a_filesystem_built_from_an_empty_local_state_shows_the_same_tree(
             mine, theirs = await kit.lookup(path), await other.lookup(path)
             assert (theirs.st_mode, theirs.st_size, theirs.st_mtime_ns) == \
                 (mine.st_mode, mine.st_size, mine.st_mtime_ns), path
-
-
-def _ctx():
-    from tests.fskit import CTX
-    return CTX

@@ -115,6 +115,18 @@ async def pending_create_in_dir(kit, s):
     await kit.write(fh, 0, b"bnew")
 
 
+async def two_remote_claims(kit, s):
+    s["first"] = await kit.remote.put("same.txt", b"first")
+    s["second"] = await kit.remote.put("same.txt", b"second")
+
+
+async def two_claims_shown(kit, s):
+    await two_remote_claims(kit, s)
+    await kit.refresh()
+    s["winner"] = (await claimed(kit, "same.txt"))["same.txt"]
+    s["loser"] = s["second"] if s["winner"] == s["first"] else s["first"]
+
+
 async def create_after_their_listing(kit, s):
     await files(kit, {"w1": "dir", "w1/sub": "dir", "w1/sub/one": b"one"})
     s["known"] = {i.token for i in await kit.listing()}  # what the renaming client saw
@@ -178,6 +190,11 @@ ROWS = [
         lambda kit, s: {"e.txt": b"local edit", conflict("e.txt", s["theirs"]): b"their edit"},
         final=lambda kit, s: _both_edits(kit)),
     Row("same-name create by another client", same_name_clean, put_theirs, both_claims),
+    Row("two remote tokens claiming one path", seed_ab, two_remote_claims,
+        lambda kit, s: _with_ab(by_claim(kit, "same.txt", {s["first"]: b"first", s["second"]: b"second"}))),
+    Row("the plain-name holder goes: the next in claim order takes the plain name", two_claims_shown,
+        lambda kit, s: kit.client.tokens.delete(s["winner"]),
+        lambda kit, s: {"same.txt": b"first" if s["loser"] == s["first"] else b"second"}),
     Row("same-name create while ours is not written back", same_name_pending, put_theirs,
         lambda kit, s: _pending_keeps_plain(kit, s),
         final=both_claims_final),
@@ -209,6 +226,10 @@ ROWS = [
         {"a.txt": b"A", "b.txt": b"B"},
         check=lambda kit, s: _mode_is(kit, "a.txt", 0o600)),
 ]
+
+
+async def _with_ab(claims) -> Tree:
+    return {"a.txt": b"A", "b.txt": b"B", **await claims}
 
 
 async def _pending_keeps_plain(kit, s):
