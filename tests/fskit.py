@@ -90,7 +90,7 @@ class InProcessFs:
         with trio.fail_after(timeout):
             while self.fs.pending() or self.fs.index.tombstone_count():
                 self.syncer.retry_all_now()
-                await trio.sleep(0.05)
+                await trio.sleep(0.02)
 
     async def vault_names(self) -> dict[str, int]:
         """context/name → size of every data token in the vault but the key check."""
@@ -417,11 +417,15 @@ def _ino(node: Node | int) -> int:
 
 @asynccontextmanager
 async def inprocess_fs(state: Path, endpoints, credentials, *, key: bytes | None = None, workers: int = 2,
-                       write_back_delay: float = 0.0):
-    """A mounted-but-kernel-less filesystem over a fresh state directory; yields InProcessFs."""
+                       write_back_delay: float = 0.0, empty_vault: bool = False):
+    """A mounted-but-kernel-less filesystem over a fresh state directory; yields InProcessFs.
+    ``empty_vault``: first delete every token the profile has (a profile shared by the tests of
+    a module: see :func:`module_account`)."""
     key = key or secrets.token_bytes(32)
     supervisor = Supervisor()
     async with connect(endpoints, credentials, supervisor=supervisor) as client:
+        if empty_vault:
+            await _delete_all(client)
         vault = client.vault(key)
         index = Index(state / "index.sqlite3")
         try:
@@ -446,3 +450,40 @@ async def inprocess_fs(state: Path, endpoints, credentials, *, key: bytes | None
 
 
 ROOT_INO = ROOT
+
+
+async def _delete_all(client: Client) -> None:
+    tokens = [i.token async for i in client.tokens.list()]
+    limiter = trio.CapacityLimiter(8)
+
+    async def delete(token: str) -> None:
+        async with limiter:
+            await client.tokens.delete(token)
+
+    async with trio.open_nursery() as n:
+        for token in tokens:
+            n.start_soon(delete, token)
+
+
+@pytest.fixture(scope="module")
+def module_account(engine):
+    """One profile for the tests of a module (registering costs more than emptying the vault);
+    build each test's filesystem with ``inprocess_fs(..., empty_vault=True)``."""
+    import uuid
+
+    from privifs.client.provision import new_identity, register_profile
+    from privifs.client.session import PasswordCredentials
+    from privifs.client.transport import Endpoints
+
+    endpoints = Endpoints.from_dict(engine.urls)
+    username = f"fskit-{uuid.uuid4().hex[:10]}@example.com"
+    _, public = new_identity()
+    trio.run(register_profile, endpoints, username, "correct-horse-battery", public)
+    return endpoints, PasswordCredentials(username, "correct-horse-battery")
+
+
+@pytest.fixture
+async def kit(module_account, eng, tmp_path):
+    """An in-process filesystem over the module's profile, its vault emptied first."""
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True) as k:
+        yield k

@@ -13,13 +13,7 @@ import stat
 import pyfuse3
 import pytest
 
-from tests.fskit import CTX, fails_with, inprocess_fs
-
-
-@pytest.fixture
-async def kit(account, tmp_path):
-    async with inprocess_fs(tmp_path, *account) as k:
-        yield k
+from tests.fskit import CTX, fails_with, kit, module_account  # noqa: F401 - fixtures
 
 
 # -- lookup, create, write, read ------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.fskit import InProcessFs, inprocess_fs
+from tests.fskit import InProcessFs, kit, module_account  # noqa: F401 - fixtures
 
 Tree = dict[str, object]
 
@@ -258,23 +258,22 @@ async def _expected(kit, s, want) -> Tree:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id if isinstance(r, Row) else r.values[0].id for r in ROWS])
-async def test_one_refresh_merges_the_remote_change(row: Row, account, tmp_path):
-    async with inprocess_fs(tmp_path, *account) as kit:
-        s: dict = {}
-        await row.local(kit, s)
-        await row.remote(kit, s)
-        await kit.refresh()
-        assert await kit.tree() == await _expected(kit, s, row.now)
-        if row.check is not None:
-            await row.check(kit, s)
-        if row.final is None:
-            assert "fh" not in s, "a row with a file left open must say what it converges to"
-            return
-        if "fh" in s:
-            await kit.close(s.pop("fh"))
-        await kit.settle()
-        await kit.refresh()
-        final = await _expected(kit, s, row.final)
-        assert await kit.tree() == final
-        async with kit.fresh() as other:
-            assert await other.tree() == final
+async def test_one_refresh_merges_the_remote_change(row: Row, kit: InProcessFs):
+    s: dict = {}
+    await row.local(kit, s)
+    await row.remote(kit, s)
+    await kit.refresh()
+    assert await kit.tree() == await _expected(kit, s, row.now)
+    if row.check is not None:
+        await row.check(kit, s)
+    if row.final is None:
+        assert "fh" not in s, "a row with a file left open must say what it converges to"
+        return
+    if "fh" in s:
+        await kit.close(s.pop("fh"))
+    await kit.settle()
+    await kit.refresh()
+    final = await _expected(kit, s, row.final)
+    assert await kit.tree() == final
+    async with kit.fresh() as other:
+        assert await other.tree() == final
