@@ -13,7 +13,7 @@ import stat
 import pyfuse3
 import pytest
 
-from tests.fskit import CTX, fails_with, kit, module_account  # noqa: F401 - fixtures
+from tests.fskit import CTX, fails_with, inprocess_fs, kit, module_account  # noqa: F401 - fixtures
 
 
 # -- lookup, create, write, read ------------------------------------------------------------------
@@ -252,16 +252,37 @@ async def test_truncate_chmod_and_utimens_are_kept_in_the_vault(kit):
     assert await kit.read_file("f") == b"0123\0\0"
     await kit.setattr("f", mode=0o600)
     await kit.setattr("f", atime_ns=1_000_000_000_123, mtime_ns=2_000_000_000_456)
+    await kit.setattr("f", atime_ns=1_000_000_000_118)   # mtime omitted: kept
     attrs = await kit.lookup("f")
     assert stat.S_IMODE(attrs.st_mode) == 0o600
-    assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_123, 2_000_000_000_456)
+    assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_118, 2_000_000_000_456)
+    await kit.read_file("f")                              # reads leave atime alone
+    assert (await kit.lookup("f")).st_atime_ns == 1_000_000_000_118
     await kit.settle()
     assert await kit.vault_tree() == {"f": b"0123\0\0"}
-    async with kit.fresh() as other:
+    risk = (await kit.remote.token("f")).risk
+    assert (risk["privifs.mode"], risk["privifs.atime"], risk["privifs.mtime"]) == \
+        ("600", "1000000000118", "2000000000456")
+    async with kit.fresh() as other:                      # from the token's meta alone
         attrs = await other.lookup("f")
         assert stat.S_IMODE(attrs.st_mode) == 0o600
-        assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_123, 2_000_000_000_456)
+        assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_118, 2_000_000_000_456)
         assert await other.read_file("f") == b"0123\0\0"
+
+
+async def test_attributes_survive_a_restart_from_the_local_index(module_account, eng, tmp_path):
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True) as kit:
+        await kit.write_file("t.txt", b"t")
+        await kit.setattr("t.txt", mode=0o640, atime_ns=1_900_000_000_123_456_789,
+                          mtime_ns=1_950_000_000_987_654_321)
+        key = kit.key
+    async with inprocess_fs(tmp_path, *module_account, key=key) as again:   # same state directory
+        attrs = await again.lookup("t.txt")
+        assert stat.S_IMODE(attrs.st_mode) == 0o640
+        assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_900_000_000_123_456_789, 1_950_000_000_987_654_321)
+        assert await again.read_file("t.txt") == b"t"
+        await again.settle()                              # what was not written back is, now
+        assert await again.vault_tree() == {"t.txt": b"t"}
 
 
 async def test_ftruncate_through_a_handle_and_truncate_of_a_directory(kit):
