@@ -9,6 +9,7 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,23 @@ class InProcessFs:
         wait for the mount to be quiet: the test's requests are done)."""
         self.fs.last_activity = float("-inf")
         await self.wait_idle(timeout)
+
+    def hold_write_back(self) -> Callable[[], None]:
+        """Keep the write-back from sending anything until the returned function is called
+        (changes made meanwhile stay local: pending, as on a busy or slow mount)."""
+        real = self.syncer.reconcile
+        go = trio.Event()
+
+        async def held(node: Node) -> None:
+            await go.wait()
+            await real(node)
+
+        self.syncer.reconcile = held
+
+        def resume() -> None:
+            self.syncer.reconcile = real
+            go.set()
+        return resume
 
     async def refresh(self) -> None:
         """One pass of the refresher: read the listing, merge it into the tree."""

@@ -86,6 +86,18 @@ async def rewrite_theirs(kit, s):
     s["theirs"] = await kit.remote.rewrite("e.txt", b"their edit")
 
 
+async def renamed_here_not_yet_written_back(kit, s):
+    await files(kit, {"r.txt": b"renamed here"})
+    s["resume"] = kit.hold_write_back()
+    await kit.rename("r.txt", "r2.txt")
+
+
+async def chmod_here_not_yet_written_back(kit, s):
+    await files(kit, {"m.txt": b"mode changed here", "keep": b"k"})
+    s["resume"] = kit.hold_write_back()
+    await kit.setattr("m.txt", mode=0o600)
+
+
 async def same_name_clean(kit, s):
     await files(kit, {"c.txt": b"mine"})
     s["mine"] = await token_of(kit, "c.txt")
@@ -189,6 +201,19 @@ ROWS = [
     Row("remote modify of a locally modified file: both stay", edit_kept_open, rewrite_theirs,
         lambda kit, s: {"e.txt": b"local edit", conflict("e.txt", s["theirs"]): b"their edit"},
         final=lambda kit, s: _both_edits(kit)),
+    Row("remote rename of a locally modified file: the edit stays, the renamed version too", edit_kept_open,
+        lambda kit, s: kit.remote.move("e.txt", "e2.txt"),
+        {"e.txt": b"local edit"},
+        final={"e.txt": b"local edit", "e2.txt": b"original"}),
+    Row("remote delete of a locally renamed file: the rename wins (its content is cached)",
+        renamed_here_not_yet_written_back,
+        lambda kit, s: kit.remote.delete("r.txt"),
+        {"r2.txt": b"renamed here"},
+        final={"r2.txt": b"renamed here"}),
+    Row("remote delete of a locally chmod-ed file: the delete wins", chmod_here_not_yet_written_back,
+        lambda kit, s: kit.remote.delete("m.txt"),
+        {"m.txt": b"mode changed here", "keep": b"k"},
+        final={"keep": b"k"}),
     Row("same-name create by another client", same_name_clean, put_theirs, both_claims),
     Row("two remote tokens claiming one path", seed_ab, two_remote_claims,
         lambda kit, s: _with_ab(by_claim(kit, "same.txt", {s["first"]: b"first", s["second"]: b"second"}))),
@@ -267,10 +292,12 @@ async def test_one_refresh_merges_the_remote_change(row: Row, kit: InProcessFs):
     if row.check is not None:
         await row.check(kit, s)
     if row.final is None:
-        assert "fh" not in s, "a row with a file left open must say what it converges to"
+        assert "fh" not in s and "resume" not in s, "a row with local changes pending must say what it converges to"
         return
     if "fh" in s:
         await kit.close(s.pop("fh"))
+    if "resume" in s:
+        s.pop("resume")()
     await kit.settle()
     await kit.refresh()
     final = await _expected(kit, s, row.final)
