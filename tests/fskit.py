@@ -46,6 +46,7 @@ class InProcessFs:
     credentials: object = None
 
     _ops: Operations | None = field(default=None, init=False, repr=False)
+    _open: dict[int, int] = field(default_factory=dict, init=False, repr=False)  # fh → ino
 
     @property
     def ops(self) -> Operations:
@@ -146,6 +147,10 @@ class InProcessFs:
         target = target.encode() if isinstance(target, str) else target
         return await self._entered(await self.ops.symlink(parent, name, target, CTX))
 
+    async def mknod(self, path: str, mode: int, rdev: int = 0) -> pyfuse3.EntryAttributes:
+        parent, name = await self._parent(path)
+        return await self._entered(await self.ops.mknod(parent, name, mode, rdev, CTX))
+
     async def readlink(self, path: str) -> bytes:
         return await self.ops.readlink(await self.ino(path), CTX)
 
@@ -158,10 +163,14 @@ class InProcessFs:
         parent, name = await self._parent(path)
         info, attrs = await self.ops.create(parent, name, stat.S_IFREG | mode, flags, CTX)
         await self.ops.forget([(attrs.st_ino, 1)])
+        self._open[info.fh] = attrs.st_ino
         return info.fh
 
     async def open_file(self, path: str, flags: int = os.O_RDWR) -> int:
-        return (await self.ops.open(await self.ino(path), flags, CTX)).fh
+        ino = await self.ino(path)
+        fh = (await self.ops.open(ino, flags, CTX)).fh
+        self._open[fh] = ino
+        return fh
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         return await self.ops.write(fh, offset, data)
@@ -173,6 +182,7 @@ class InProcessFs:
         """What close(2) does: flush, then release (the last close of the file)."""
         await self.ops.flush(fh)
         await self.ops.release(fh)
+        self._open.pop(fh, None)
 
     async def fsync(self, fh: int) -> None:
         await self.ops.fsync(fh, False)
@@ -197,12 +207,13 @@ class InProcessFs:
             return out
         finally:
             await self.ops.release(fh)
+            self._open.pop(fh, None)
 
     async def setattr(self, path: str | None = None, *, fh: int | None = None, size: int | None = None,
                       mode: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None) -> pyfuse3.EntryAttributes:
         """truncate / chmod / utimens of ``path`` (or of the file open as ``fh``)."""
-        ino = await self.ino(path) if path is not None else self.fs.handles[fh].node.ino
+        ino = await self.ino(path) if path is not None else self._open[fh]
         attr = pyfuse3.EntryAttributes()
         if size is not None:
             attr.st_size = size
@@ -253,7 +264,8 @@ class InProcessFs:
         return await self.ops.statfs(CTX)
 
     async def tree(self, path: str = "") -> dict[str, object]:
-        """Every entry below ``path``: ``"dir"``, file content (bytes), or ``("->", target)``."""
+        """Every entry below ``path``: ``"dir"``, file content (bytes), ``("->", target)``, or
+        for a FIFO or socket the letter ``ls -l`` shows (``"p"``, ``"s"``)."""
         out: dict[str, object] = {}
         for name, _ in await self.readdir(path):
             p = f"{path}/{name}".strip("/")
@@ -263,6 +275,8 @@ class InProcessFs:
                 out.update(await self.tree(p))
             elif stat.S_ISLNK(attrs.st_mode):
                 out[p] = ("->", (await self.readlink(p)).decode())
+            elif not stat.S_ISREG(attrs.st_mode):
+                out[p] = stat.filemode(attrs.st_mode)[0]   # p: FIFO, s: socket
             else:
                 out[p] = await self.read_file(p)
         return out

@@ -325,6 +325,30 @@ async def test_names_must_be_utf8_short_and_not_reserved(kit):
         await kit.ops.link(1, 1, b"hard", CTX)
 
 
+async def test_fifos_and_sockets_are_entries_and_device_nodes_are_refused(kit):
+    await kit.mknod("pipe", stat.S_IFIFO | 0o640)
+    await kit.mknod("sock", stat.S_IFSOCK | 0o600)
+    with fails_with(errno.EPERM):
+        await kit.mknod("null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    with fails_with(errno.EPERM):
+        await kit.mknod("disk", stat.S_IFBLK | 0o600, os.makedev(8, 0))
+    assert await kit.tree() == {"pipe": "p", "sock": "s"}
+    assert stat.S_IMODE((await kit.lookup("pipe")).st_mode) == 0o640
+    await kit.settle()
+    async with kit.fresh() as other:
+        assert await other.tree() == {"pipe": "p", "sock": "s"}
+
+
+async def test_extended_attributes_are_not_supported(kit):
+    # ENOSYS: the kernel answers EOPNOTSUPP and stops asking (docs/semantics.md)
+    await kit.write_file("f", b"")
+    ino = await kit.ino("f")
+    for call in (kit.ops.getxattr(ino, b"user.x", CTX), kit.ops.setxattr(ino, b"user.x", b"v", CTX),
+                 kit.ops.listxattr(ino, CTX), kit.ops.removexattr(ino, b"user.x", CTX)):
+        with fails_with(errno.ENOSYS):
+            await call
+
+
 # -- readdir, statfs ----------------------------------------------------------------------------
 async def test_readdir_resumes_at_its_offset_while_entries_come_and_go(kit):
     await kit.mkdir("d")
