@@ -276,6 +276,8 @@ def test_readdir_offsets_are_stable_while_the_directory_changes(d):
     assert len(seen) == len(set(seen))
     survivors = {f"e{i:04d}" for i in range(600) if i % 7}
     assert survivors <= set(seen)
+    for name in os.listdir(d):  # removed before they are written back: the unmount has nothing to wait for
+        os.unlink(d / name)
 
 
 def test_statfs(d):
@@ -425,7 +427,7 @@ def test_symlink_targets_are_not_limited_per_component(d):
     assert errno_of(os.symlink, "z" * 4096, d / "too-long") == errno.ENAMETOOLONG
 
 
-def test_fifos_and_sockets_can_be_made_and_used(mnt, d):
+def test_fifos_and_sockets_can_be_made_and_used(d):
     import socket
     os.mkfifo(d / "pipe", 0o640)
     st = os.stat(d / "pipe")
@@ -454,8 +456,6 @@ def test_fifos_and_sockets_can_be_made_and_used(mnt, d):
         server.close()
         os.chdir("/")
     assert errno_of(os.mknod, d / "dev", 0o600 | stat.S_IFCHR, os.makedev(1, 3)) == errno.EPERM
-    mnt.wait_idle()
-    kinds = {t["fileName"]: t["risk"].get("privifs.type") for t in mnt.tokens() if t["context"] == f"/{d.name}"}
-    assert kinds == {"pipe": "fifo", "sock": "socket"}
+    # that they are stored as tokens of their type is tested in-process (test_fs_api.py)
     os.unlink(d / "pipe")
     os.unlink(d / "sock")
