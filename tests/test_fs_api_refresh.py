@@ -139,6 +139,12 @@ async def two_claims_shown(kit, s):
     s["loser"] = s["second"] if s["winner"] == s["first"] else s["first"]
 
 
+async def pending_create_in_empty_dir(kit, s):
+    await files(kit, {"d": "dir"})
+    s["fh"] = fh = await kit.create_file("d/new")
+    await kit.write(fh, 0, b"new")
+
+
 async def create_after_their_listing(kit, s):
     await files(kit, {"w1": "dir", "w1/sub": "dir", "w1/sub/one": b"one"})
     s["known"] = {i.token for i in await kit.listing()}  # what the renaming client saw
@@ -194,6 +200,10 @@ ROWS = [
         {"b.txt": b"B"}),
     Row("remote delete of directory markers", dir_with_marker, delete_markers,
         {"d": "dir", "d/f": b"f"}),
+    Row("remote rmdir of a directory holding a local pending create: it stays", pending_create_in_empty_dir,
+        lambda kit, s: kit.remote.delete("d"),
+        {"d": "dir", "d/new": b"new"},
+        final={"d": "dir", "d/new": b"new"}),
     Row("remote delete of a locally modified file: the edit wins", edit_kept_open,
         lambda kit, s: kit.remote.delete("e.txt"),
         {"e.txt": b"local edit"},
