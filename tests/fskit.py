@@ -1,7 +1,18 @@
 """The filesystem without a kernel: a :class:`~privifs.fs.filesystem.Filesystem` with its write-back
 and refresher, wired as the daemon wires them, against the real session engine over loopback. Tests
 call the FUSE-level methods directly (as S3QL's ``t3_fs_api`` drives its Operations), so races that
-need precise interleavings can be written step by step and run in well under a second."""
+need precise interleavings can be written step by step and run in well under a second.
+
+Everything that builds privifs objects lives here, so tests use only:
+
+* the kernel's view by path (``mkdir``, ``create_file``, ``write``, ``rename``, ``setattr``,
+  ``readdir``, ``tree`` …), each call going through the pyfuse3 handlers (``ops``), so errors
+  are the errnos the kernel would get (:func:`fails_with`);
+* the background tasks one step at a time: ``settle`` (write-back and deletes done),
+  ``refresh`` (one listing merged), ``hold_write_back`` (local changes stay pending);
+* the vault: ``listing``, ``vault_tree`` (decrypted), ``remote`` (another client changing tokens
+  directly), ``fresh`` (another filesystem of the vault from an empty local state);
+* node-level helpers for tests that follow one node through the background tasks."""
 from __future__ import annotations
 
 import errno
@@ -69,7 +80,7 @@ class InProcessFs:
         return self.fs.ns.get(attrs.st_ino)
 
     def create_node(self, parent: Node | int, name: str, mode: int = 0o644,
-               flags: int = os.O_RDWR | os.O_CREAT) -> tuple[int, Node]:
+                    flags: int = os.O_RDWR | os.O_CREAT) -> tuple[int, Node]:
         info, attrs = self.fs.create(_ino(parent), name.encode(), stat.S_IFREG | mode, flags)
         return info.fh, self.fs.ns.get(attrs.st_ino)
 
