@@ -26,6 +26,7 @@ import trio
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, PrivifsError
 from privifs.fs.cache import ContentCache
+from privifs.fs.parts import PartReader, is_manifest_node
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT, SPECIAL_KINDS
@@ -88,6 +89,7 @@ class Filesystem:
         self.staging = staging
         self.cache = cache
         self.vault = vault
+        self.parts = PartReader(cache, vault)  # content of files stored as parts
         self.opts = opts
         self.sync: Syncer | None = None
         self.handles: dict[int, FileHandle] = {}
@@ -498,6 +500,11 @@ class Filesystem:
             return staged
         if truncate_to_zero or node.token is None:
             fresh = self.staging.create()
+        elif is_manifest_node(node.remote_risk):
+            fresh = await self._parts(node, self.parts.stage(node.token, self.staging))
+            if node.staged is not None:  # someone else staged it while we waited
+                self.staging.remove(fresh)
+                return await self.writable_staged(node)
         else:
             sealed = await self.content(node)
             try:
@@ -523,6 +530,19 @@ class Filesystem:
             log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
             raise fail(getattr(exc, "errno", errno.EIO)) from None
 
+    async def _parts(self, node: Node, work):
+        """Await ``work`` on the node's parts (see :mod:`privifs.fs.parts`); a failure is EIO
+        (or the error's own errno), logged with the path."""
+        try:
+            return await work
+        except IntegrityError as exc:
+            log.error("%s: integrity failure in a part, the stored ciphertext does not verify (%s)",
+                      self.path(node), exc)
+            raise fail(errno.EIO) from None
+        except PrivifsError as exc:
+            log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
+            raise fail(getattr(exc, "errno", errno.EIO)) from None
+
     async def read(self, fh_id: int, offset: int, length: int) -> bytes:
         fh = self.handles[fh_id]
         node = fh.node
@@ -530,6 +550,8 @@ class Filesystem:
             return node.staged.sealed.read(offset, length)
         if node.token is None:
             return b""
+        if is_manifest_node(node.remote_risk):
+            return await self._parts(node, self.parts.read(node.token, offset, length))
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
             token = node.token

@@ -54,9 +54,14 @@ def part_key(user_key: bytes) -> bytes:
                 info=b"privifs part digest key v1").derive(user_key)
 
 
+def part_hasher(key: bytes, index: int) -> "hmac.HMAC":
+    """An HMAC to feed part ``index``'s plaintext piece by piece; its digest is :func:`part_digest`."""
+    return hmac.new(key, struct.pack("<Q", index), hashlib.sha256)
+
+
 def part_digest(key: bytes, index: int, data: bytes | memoryview) -> bytes:
     """HMAC-SHA256(part key, index as 8 bytes LE ‖ data)."""
-    mac = hmac.new(key, struct.pack("<Q", index), hashlib.sha256)
+    mac = part_hasher(key, index)
     mac.update(data)
     return mac.digest()
 

@@ -1,0 +1,168 @@
+"""Reading files stored as parts (:mod:`privifs.parts`) through the mount.
+
+A node whose token is a manifest (risk meta ``privifs.parts``) is read part by part: a read
+fetches only the parts it touches (several at once), each into the read cache as its own entry
+(so a file larger than the cache streams through it and the cache's limit holds: every download
+is one part), and checks each part's digest against the manifest before serving a byte of it.
+A sequential reader (512 KiB read back to back) gets the next parts fetched ahead in the background. Decoded manifests are
+kept in memory (a manifest token never changes). A part that is missing or fails its checks
+raises :class:`~privifs.errors.PrivifsError`; the filesystem turns that into EIO for the reads
+that need the part, logged with the path.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from collections import OrderedDict
+
+import trio
+
+from privifs.client.vault import Vault
+from privifs.crypto.sealed import SealedFile
+from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
+from privifs.fs.cache import ContentCache
+from privifs.fs.staging import Staging, StagedFile
+from privifs.parts import format as fmt
+from privifs.parts.store import PartStore
+
+log = logging.getLogger("privifs.fs.parts")
+
+READ_AHEAD = 3  # parts fetched ahead of a sequential reader
+SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequential
+MANIFESTS_KEPT = 64
+VERIFIED_KEPT = 4096
+
+
+def is_manifest_node(remote_risk: str | None) -> bool:
+    """Whether a node's token (its risk meta as JSON, as the index keeps it) is a manifest."""
+    return remote_risk is not None and f'"{fmt.MARK}"' in remote_risk
+
+
+class PartReader:
+    def __init__(self, cache: ContentCache, vault: Vault, *, read_ahead: int = READ_AHEAD):
+        self.cache = cache
+        self.vault = vault
+        self.store = PartStore(vault)
+        self._digest_key = vault.derive(fmt.part_key)
+        self.read_ahead = read_ahead
+        self._manifests: OrderedDict[str, fmt.Manifest] = OrderedDict()
+        self._verified: OrderedDict[tuple, None] = OrderedDict()  # (part token, index, digest, cache file id)
+        # manifest token → (where a sequential read goes on, bytes read back to back up to there)
+        self._next: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._ahead: set[str] = set()  # part tokens being fetched ahead
+
+    # -- manifests and parts -------------------------------------------------------------------
+    async def manifest(self, token: str) -> fmt.Manifest:
+        m = self._manifests.get(token)
+        if m is None:
+            m = await self.store.manifest(token)
+            self._manifests[token] = m
+            while len(self._manifests) > MANIFESTS_KEPT:
+                self._manifests.popitem(last=False)
+        self._manifests.move_to_end(token)
+        return m
+
+    def _check(self, m: fmt.Manifest, index: int, sealed: SealedFile) -> None:
+        part = m.parts[index]
+        if sealed.size != part.size:
+            raise IntegrityError(f"part {index} holds {sealed.size} bytes, the manifest says {part.size}")
+        mac = fmt.part_hasher(self._digest_key, index)
+        for piece in sealed.chunks():
+            mac.update(piece)
+        if not hmac.compare_digest(mac.digest(), part.digest):
+            raise IntegrityError(f"part {index} does not match its digest in the manifest (replaced or swapped)")
+
+    async def part(self, m: fmt.Manifest, index: int) -> SealedFile:
+        """Part ``index``, in the cache (downloaded if needed) and checked against the manifest;
+        the caller closes it."""
+        part = m.parts[index]
+        try:
+            sealed = await self.cache.fetch(part.token, self.vault, part.size)
+        except NotFoundError:  # the file is damaged, not gone: its manifest names the part
+            raise IntegrityError(f"part {index} (token {part.token}) is missing from the vault") from None
+        key = (part.token, index, part.digest, sealed.file_id)  # this content, checked at this place
+        if key in self._verified:
+            self._verified.move_to_end(key)
+            return sealed
+        try:
+            await trio.to_thread.run_sync(self._check, m, index, sealed)
+        except BaseException:
+            sealed.close()
+            self.cache.evict(part.token)
+            raise
+        self._verified[key] = None
+        while len(self._verified) > VERIFIED_KEPT:
+            self._verified.popitem(last=False)
+        return sealed
+
+    # -- reads ---------------------------------------------------------------------------------
+    async def read(self, token: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the file whose manifest is ``token``."""
+        m = await self.manifest(token)
+        touched = m.touched(offset, length)
+        got: dict[int, bytes] = {}
+        end = min(offset + length, m.total)
+
+        async def one(i: int) -> None:
+            sealed = await self.part(m, i)
+            try:
+                start, stop = m.span(i)
+                lo = max(offset, start)
+                got[i] = sealed.read(lo - start, min(end, stop) - lo)
+            finally:
+                sealed.close()
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for i in touched:
+                    nursery.start_soon(one, i)
+        if touched:
+            self._follow(token, m, offset, end, touched[-1])
+        return b"".join(got[i] for i in touched)
+
+    def _follow(self, token: str, m: fmt.Manifest, offset: int, end: int, last: int) -> None:
+        """After a read of [offset, end): fetch the next parts ahead once the reads have been
+        sequential for :data:`SEQUENTIAL` bytes (a random read, or a program peeking at a file's
+        first bytes, fetches only what it touches)."""
+        at, run = self._next.get(token, (None, 0))
+        run = run + end - offset if at == offset else end - offset
+        self._next[token] = (end, run)
+        self._next.move_to_end(token)
+        while len(self._next) > MANIFESTS_KEPT:
+            self._next.popitem(last=False)
+        if run < SEQUENTIAL:
+            return
+        for i in range(last + 1, min(last + 1 + self.read_ahead, len(m.parts))):
+            part = m.parts[i]
+            if part.token in self._ahead or self.cache.holds(part.token):
+                continue
+            self._ahead.add(part.token)
+            trio.lowlevel.spawn_system_task(self._fetch_ahead, m, i)
+
+    async def _fetch_ahead(self, m: fmt.Manifest, index: int) -> None:
+        token = m.parts[index].token
+        try:
+            (await self.part(m, index)).close()
+        except (PrivifsError, OSError) as exc:  # the read that needs the part reports it
+            log.debug("read-ahead of part %d failed (%s)", index, exc)
+        finally:
+            self._ahead.discard(token)
+
+    async def stage(self, token: str, staging: Staging) -> StagedFile:
+        """The whole file in a new staged file (for a write to a file stored as parts)."""
+        m = await self.manifest(token)
+        staged = staging.create()
+        try:
+            for i in range(len(m.parts)):
+                sealed = await self.part(m, i)
+                try:
+                    pos = m.span(i)[0]
+                    for piece in sealed.chunks():
+                        staged.write(pos, piece)
+                        pos += len(piece)
+                finally:
+                    sealed.close()
+        except BaseException:
+            staging.remove(staged)
+            raise
+        return staged
