@@ -273,6 +273,27 @@ class ContentCache:
         except TABLE_ERRORS as exc:
             log.debug("cache row kept after its file was removed (%s)", exc)
 
+    async def store(self, token: str, data: bytes) -> bool:
+        """Cache ``data`` as ``token``'s content (plaintext this mount just uploaded, so known
+        good); sealed on a worker thread. False when it cannot be kept."""
+        path = self.incoming / secrets.token_hex(12)
+
+        def write() -> None:
+            sealed = SealedFile.create(path, self._key)
+            try:
+                sealed.write(0, data)
+                sealed.write_header()
+            finally:
+                sealed.close()
+
+        try:
+            await trio.to_thread.run_sync(write)
+            return self.adopt(token, str(path))
+        except (PrivifsError, OSError) as exc:
+            log.debug("not caching %d uploaded bytes (%s)", len(data), exc)
+            path.unlink(missing_ok=True)
+            return False
+
     def holds(self, token: str) -> bool:
         """Whether ``token``'s content is in the cache (no I/O)."""
         return token in self._lru

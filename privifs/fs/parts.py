@@ -43,7 +43,7 @@ class PartReader:
         self.cache = cache
         self.vault = vault
         self.store = PartStore(vault)
-        self._digest_key = vault.derive(fmt.part_key)
+        self.digest_key = vault.derive(fmt.part_key)
         self.read_ahead = read_ahead
         self._manifests: OrderedDict[str, fmt.Manifest] = OrderedDict()
         self._verified: OrderedDict[tuple, None] = OrderedDict()  # (part token, index, digest, cache file id)
@@ -62,11 +62,17 @@ class PartReader:
         self._manifests.move_to_end(token)
         return m
 
+    def remember(self, token: str, manifest: fmt.Manifest) -> None:
+        """A manifest this mount just stored: no need to fetch it back."""
+        self._manifests[token] = manifest
+        while len(self._manifests) > MANIFESTS_KEPT:
+            self._manifests.popitem(last=False)
+
     def _check(self, m: fmt.Manifest, index: int, sealed: SealedFile) -> None:
         part = m.parts[index]
         if sealed.size != part.size:
             raise IntegrityError(f"part {index} holds {sealed.size} bytes, the manifest says {part.size}")
-        mac = fmt.part_hasher(self._digest_key, index)
+        mac = fmt.part_hasher(self.digest_key, index)
         for piece in sealed.chunks():
             mac.update(piece)
         if not hmac.compare_digest(mac.digest(), part.digest):

@@ -53,6 +53,10 @@ from privifs.errors import (
 )
 from privifs.fs.filesystem import Filesystem
 from privifs.fs.namespace import Node
+from privifs.fs.parts import is_manifest_node
+from privifs.fs.partwrite import PartWriter
+from privifs.parts.format import MARK, VERSION as PARTS_VERSION
+from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.fs.staging import StagedFile
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
@@ -120,6 +124,7 @@ class Syncer:
         self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
+        self.parts = PartWriter(fs.parts)  # big files: only changed parts are uploaded
 
     # -- scheduling ----------------------------------------------------------------------------
     def schedule(self, node: Node) -> None:
@@ -292,11 +297,17 @@ class Syncer:
         self.index.save(node)
         try:
             with self._claiming(context, name):
-                token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size,
-                                                    FileMeta(name, extension, context, size, path))
+                meta = FileMeta(name, extension, context, size, path)
+                stale: list[str] = []
+                manifest_risk = None
+                if size > PARTS_THRESHOLD:
+                    token, stale, manifest_risk = await self._store_parts(node, staged, meta)
+                else:
+                    token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size, meta)
                 keep = (replaced is not None and replaced != token
                         and await self._moved_elsewhere(replaced, seen_at))
-                self._record_content(node, staged, token, context, name, extension, keep_old=keep)
+                self._record_content(node, staged, token, context, name, extension, keep_old=keep,
+                                     manifest_risk=manifest_risk)
         finally:
             node.uploading = False
             self.sent.pop(node.ino, None)
@@ -307,8 +318,19 @@ class Syncer:
         self.uploads += 1
         if replaced is not None and replaced != token and not keep:
             await self._delete_now(replaced)
+            for part in stale:  # the old manifest's parts the new one does not name (else: collected)
+                await self._delete_now(part)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _store_parts(self, node: Node, staged: StagedFile, meta: FileMeta) -> tuple[str, list[str], dict]:
+        """Store a big file as parts + a manifest (:mod:`privifs.fs.partwrite`): the manifest
+        token, the replaced manifest's parts no longer named, and the manifest's risk meta."""
+        old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.fs.path(node))
+        risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
+        risk[MARK] = str(PARTS_VERSION)
+        token, stale = await self.parts.store_staged(staged, old, meta, risk)
+        return token, stale, risk
 
     async def _delete_now(self, token: str) -> None:
         """Delete a replaced token right after the check that it did not move (the shorter the
@@ -351,7 +373,7 @@ class Syncer:
         return moved
 
     def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str,
-                        extension: str, *, keep_old: bool = False) -> None:
+                        extension: str, *, keep_old: bool = False, manifest_risk: dict | None = None) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``)."""
         with self.index:
@@ -367,13 +389,15 @@ class Syncer:
             if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
+            if manifest_risk is not None:  # a manifest: its parts are cached, not the whole file
+                node.remote_risk = json.dumps(manifest_risk, sort_keys=True)
             node.meta_dirty = 1
             if node.staged is staged:
                 node.staged = None
                 node.staged_id = None
                 node.content_dirty = 0
                 staged.sealed.close()
-                if not self._adopt(token, staged):
+                if manifest_risk is not None or not self._adopt(token, staged):
                     self.fs.staging.remove(staged)
             else:
                 self.fs.staging.remove(staged)

@@ -1,0 +1,111 @@
+"""The write-back of big files as parts, in-process (tests/fskit.py) against the real engine: a
+big file is stored as parts + a manifest, a change uploads only the parts it touched and a new
+manifest, the replaced manifest's parts no longer named are deleted, and a big file that was one
+token is converted when rewritten. The threshold and part size are shrunk so files stay small."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from privifs.client.datatokens import FileMeta
+from privifs.parts import format as fmt
+from privifs.parts.store import PartStore, is_part
+from tests.fskit import inprocess_fs
+
+KEY = bytes(range(32))
+PART = 64 * 1024
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    monkeypatch.setattr("privifs.fs.sync.PARTS_THRESHOLD", 2 * PART)
+    monkeypatch.setattr("privifs.fs.partwrite.PART_SIZE", PART)
+
+
+async def vault_state(t) -> tuple[list, list]:
+    infos = [i async for i in t.client.tokens.list()]
+    return [i for i in infos if fmt.MARK in i.risk], [i for i in infos if is_part(i)]
+
+
+async def read_all(t, node) -> bytes:
+    fh = await t.open(node, os.O_RDONLY)
+    try:
+        return await t.fs.read(fh, 0, node.size + 10)
+    finally:
+        t.fs.release(fh)
+
+
+async def test_a_big_file_written_through_the_mount_is_stored_as_parts(account, tmp_path, small_parts):
+    data = os.urandom(5 * PART + 17)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create(1, "big.bin")
+        await t.fs.write(fh, 0, data)
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        manifests, parts = await vault_state(t)
+        assert [(i.token, i.file_name, i.size) for i in manifests] == [(node.token, "big.bin", len(data))]
+        assert len(parts) == 6 and manifests[0].risk.get("privifs.type") == "file"
+        store = PartStore(t.fs.vault)
+        m = await store.manifest(node.token)
+        assert await store.read(m, 0, len(data)) == data
+        assert await read_all(t, node) == data
+        assert all(t.fs.cache.holds(p.token) for p in m.parts)  # uploaded parts are cached, not refetched
+        assert t.fs.cache.downloads == 0
+
+
+async def test_a_small_change_uploads_only_its_part_and_a_new_manifest(account, tmp_path, small_parts):
+    data = bytearray(os.urandom(8 * PART))
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create(1, "db.sqlite")
+        await t.fs.write(fh, 0, bytes(data))
+        await t.fs.fsync(fh)
+        old_token = node.token
+        old = await PartStore(t.fs.vault).manifest(old_token)
+        uploaded = t.syncer.parts.parts_uploaded
+        await t.fs.write(fh, 5 * PART + 100, b"commit")
+        data[5 * PART + 100:5 * PART + 106] = b"commit"
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert t.syncer.parts.parts_uploaded - uploaded == 1
+        new = await PartStore(t.fs.vault).manifest(node.token)
+        assert node.token != old_token
+        assert [p.token == q.token for p, q in zip(old.parts, new.parts)] == [True] * 5 + [False] + [True] * 2
+        manifests, parts = await vault_state(t)
+        assert [i.token for i in manifests] == [node.token]  # the old manifest is deleted
+        assert sorted(i.token for i in parts) == sorted(p.token for p in new.parts)  # and its replaced part
+        assert await read_all(t, node) == bytes(data)
+
+
+async def test_a_big_single_token_file_is_converted_to_parts_when_rewritten(account, tmp_path, small_parts):
+    data = os.urandom(4 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        single = await t.fs.vault.put_bytes(data, FileMeta("old.bin", "bin", "/", 0, "/old.bin"))
+        await t.refresher.refresh_once()
+        node = t.node("/old.bin")
+        assert await read_all(t, node) == data
+        fh = await t.open(node)
+        await t.fs.write(fh, len(data), b"tail")
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        manifests, parts = await vault_state(t)
+        assert [i.token for i in manifests] == [node.token] and node.token != single and len(parts) == 5
+        assert single not in {i.token async for i in t.client.tokens.list()}
+        assert await read_all(t, node) == data + b"tail"
+
+
+async def test_a_big_file_shrunk_below_the_threshold_becomes_one_token_again(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create(1, "f.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        await t.fs.fsync(fh)
+        assert fmt.MARK in node.remote_risk
+        await t.truncate(fh, 100)
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        manifests, _ = await vault_state(t)
+        assert manifests == [] and len(await t.fs.vault.get_bytes(node.token)) == 100
