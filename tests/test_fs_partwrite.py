@@ -109,3 +109,24 @@ async def test_a_big_file_shrunk_below_the_threshold_becomes_one_token_again(acc
         await t.wait_idle()
         manifests, _ = await vault_state(t)
         assert manifests == [] and len(await t.fs.vault.get_bytes(node.token)) == 100
+
+
+async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create(1, "gone.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        t.fs.release(fh)
+        fh, keep = t.create(1, "kept.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        t.fs.release(fh)
+        await t.wait_idle()
+        t.fs.unlink(1, b"gone.bin")
+        await t.wait_idle()
+        infos = [i async for i in t.client.tokens.list()]
+        assert len([i for i in infos if is_part(i)]) == 6  # the deleted manifest's parts are left behind
+        assert await t.fs.parts.sweep(infos) == 0  # too young: they may belong to a store in flight
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3
+        _, parts = await vault_state(t)
+        kept = await PartStore(t.fs.vault).manifest(keep.token)
+        assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
+        assert len(await read_all(t, keep)) == 3 * PART

@@ -7,23 +7,26 @@ is one part), and checks each part's digest against the manifest before serving 
 A sequential reader (512 KiB read back to back) gets the next parts fetched ahead in the background. Decoded manifests are
 kept in memory (a manifest token never changes). A part that is missing or fails its checks
 raises :class:`~privifs.errors.PrivifsError`; the filesystem turns that into EIO for the reads
-that need the part, logged with the path.
+that need the part, logged with the path. The refresher hands each listing to :meth:`PartReader.sweep`,
+which deletes parts no manifest names once they are an hour old.
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections import OrderedDict
 
 import trio
 
+from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
 from privifs.fs.staging import Staging, StagedFile
 from privifs.parts import format as fmt
-from privifs.parts.store import PartStore
+from privifs.parts.store import COLLECT_MIN_AGE, PartStore, is_manifest, is_part
 
 log = logging.getLogger("privifs.fs.parts")
 
@@ -31,6 +34,7 @@ READ_AHEAD = 3  # parts fetched ahead of a sequential reader
 SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequential
 MANIFESTS_KEPT = 64
 VERIFIED_KEPT = 4096
+SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
 
 
 def is_manifest_node(remote_risk: str | None) -> bool:
@@ -50,6 +54,7 @@ class PartReader:
         # manifest token → (where a sequential read goes on, bytes read back to back up to there)
         self._next: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._ahead: set[str] = set()  # part tokens being fetched ahead
+        self._swept_at: float | None = None
 
     # -- manifests and parts -------------------------------------------------------------------
     async def manifest(self, token: str) -> fmt.Manifest:
@@ -100,6 +105,30 @@ class PartReader:
         while len(self._verified) > VERIFIED_KEPT:
             self._verified.popitem(last=False)
         return sealed
+
+    # -- collection ----------------------------------------------------------------------------
+    async def sweep(self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE,
+                    interval: float = SWEEP_INTERVAL) -> int:
+        """Delete the parts of ``infos`` (a whole listing) that no manifest in it names and that
+        are older than ``min_age`` (a deleted file's parts, a store stopped before its manifest),
+        at most once per ``interval``; returns how many. Manifests come from memory when known."""
+        now = trio.current_time()
+        if self._swept_at is not None and now - self._swept_at < interval:
+            return 0
+        self._swept_at = now
+        named: set[str] = set()
+        for info in infos:
+            if is_manifest(info) and not is_part(info):
+                named.update(p.token for p in (await self.manifest(info.token)).parts)
+        wall = time.time()
+        gone = [i.token for i in infos if is_part(i) and i.token not in named
+                and i.created_at is not None and wall - i.created_at >= min_age]
+        for token in gone:
+            await self.store.tokens.delete(token)
+            self.cache.evict(token)
+        if gone:
+            log.info("collected %d part tokens no manifest names", len(gone))
+        return len(gone)
 
     # -- reads ---------------------------------------------------------------------------------
     async def read(self, token: str, offset: int, length: int) -> bytes:

@@ -142,6 +142,12 @@ class Refresher:
         async with self._lock:  # one listing at a time: an older one never undoes a newer one
             infos, started = await self.fetch()
             await self.apply(infos, started)
+        if self.fs.opts.read_only:
+            return
+        try:
+            await self.fs.parts.sweep(infos)  # parts no manifest names (rate-limited)
+        except PrivifsError as exc:
+            log.warning("collecting unreferenced parts failed: %s", exc)
 
     # -- merging ---------------------------------------------------------------------------------
     def eligible(self, node: Node, started: float) -> bool:
