@@ -130,3 +130,41 @@ async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account
         kept = await PartStore(t.fs.vault).manifest(keep.token)
         assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
         assert len(await read_all(t, keep)) == 3 * PART
+
+
+async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as_a_change(account, tmp_path,
+                                                                                         small_parts):
+    data = bytearray(os.urandom(8 * PART))
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create(1, "db.sqlite")
+        await t.fs.write(fh, 0, bytes(data))
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        reads = []
+        fh = await t.open(node)
+        await t.fs.write(fh, 2 * PART + 5, b"changed")
+        data[2 * PART + 5:2 * PART + 12] = b"changed"
+        staged = node.staged
+        original = staged.sealed.read
+
+        def counting(offset, length):
+            reads.append(offset // PART)
+            return original(offset, length)
+
+        staged.sealed.read = counting
+        kept, uploaded = t.syncer.parts.parts_kept, t.syncer.parts.parts_uploaded
+        await t.fs.fsync(fh)
+        assert reads == [2] and t.syncer.parts.parts_uploaded - uploaded == 1
+        assert t.syncer.parts.parts_kept - kept == 7
+        # shrink and grow back: the parts in between are zeros now, and must be stored so
+        await t.truncate(fh, 3 * PART)
+        await t.truncate(fh, 8 * PART)
+        data[3 * PART:] = bytes(5 * PART)
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert await read_all(t, node) == bytes(data)
+        assert await t.fs.vault.get_bytes(node.token) != bytes(data)  # a manifest, not the content
+        store = PartStore(t.fs.vault)
+        assert await store.read(await store.manifest(node.token), 0, len(data)) == bytes(data)

@@ -252,6 +252,7 @@ class Filesystem:
                 raise fail(errno.EINVAL)
             staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
             staged.sealed.truncate(attr.st_size)
+            self.parts.changes.resized(staged.id, attr.st_size)
             node.size = attr.st_size
             node.mtime_ns = now
             self.mark_content_dirty(node)
@@ -475,6 +476,7 @@ class Filesystem:
             staged = await self.writable_staged(node, truncate_to_zero=True)
             if staged.size:
                 staged.sealed.truncate(0)
+                self.parts.changes.resized(staged.id, 0)
             node.size = 0
             node.mtime_ns = node.ctime_ns = time.time_ns()
             self.mark_content_dirty(node)
@@ -493,6 +495,8 @@ class Filesystem:
         if staged is not None:
             if staged.frozen:
                 fresh = self.staging.create() if truncate_to_zero else self.staging.clone(staged)
+                if not truncate_to_zero:
+                    self.parts.changes.cloned(staged.id, fresh.id)
                 node.staged = fresh
                 node.staged_id = fresh.id
                 self.index.save(node)
@@ -579,6 +583,7 @@ class Filesystem:
         if fh.append:
             offset = staged.size
         n = staged.write(offset, data)
+        self.parts.changes.wrote(staged.id, offset, n)
         node.size = staged.size
         node.mtime_ns = node.ctime_ns = time.time_ns()
         self.mark_content_dirty(node)

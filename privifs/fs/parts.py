@@ -16,6 +16,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import trio
 
@@ -42,6 +43,53 @@ def is_manifest_node(remote_risk: str | None) -> bool:
     return remote_risk is not None and f'"{fmt.MARK}"' in remote_risk
 
 
+@dataclass
+class Base:
+    """A staged file copied from a manifest, and what changed in it since."""
+
+    token: str  # the manifest it was copied from
+    part_size: int
+    low: int  # the smallest size it had since (parts from here on may have changed)
+    dirty: set[int] = field(default_factory=set)  # parts written since
+
+
+class Changes:
+    """Which parts of staged files changed since the manifest they were copied from, so the
+    write-back reads and digests only those (:mod:`privifs.fs.partwrite`). In memory only: a
+    staged file it does not know (after a restart, or staged another way) has every part
+    compared by digest instead."""
+
+    def __init__(self) -> None:
+        self._bases: dict[str, Base] = {}
+
+    def based(self, staged_id: str, token: str, manifest: fmt.Manifest) -> None:
+        self._bases[staged_id] = Base(token, manifest.part_size, manifest.total)
+
+    def wrote(self, staged_id: str, offset: int, length: int) -> None:
+        base = self._bases.get(staged_id)
+        if base is not None and length > 0:
+            base.dirty.update(range(offset // base.part_size, (offset + length - 1) // base.part_size + 1))
+
+    def resized(self, staged_id: str, size: int) -> None:
+        base = self._bases.get(staged_id)
+        if base is not None:
+            base.low = min(base.low, size)
+
+    def cloned(self, source_id: str, clone_id: str) -> None:
+        base = self._bases.get(source_id)
+        if base is not None:
+            self._bases[clone_id] = Base(base.token, base.part_size, base.low, set(base.dirty))
+
+    def forget(self, staged_id: str) -> None:
+        self._bases.pop(staged_id, None)
+
+    def unchanged(self, staged_id: str, token: str | None, part_size: int, index: int) -> bool:
+        """Whether part ``index`` of the staged file is certainly the manifest ``token``'s part."""
+        base = self._bases.get(staged_id)
+        return (base is not None and base.token == token and base.part_size == part_size
+                and index not in base.dirty and (index + 1) * part_size <= base.low)
+
+
 class PartReader:
     def __init__(self, cache: ContentCache, vault: Vault, *, read_ahead: int = READ_AHEAD):
         self.cache = cache
@@ -55,6 +103,7 @@ class PartReader:
         self._next: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._ahead: set[str] = set()  # part tokens being fetched ahead
         self._swept_at: float | None = None
+        self.changes = Changes()
 
     # -- manifests and parts -------------------------------------------------------------------
     async def manifest(self, token: str) -> fmt.Manifest:
@@ -184,8 +233,18 @@ class PartReader:
             self._ahead.discard(token)
 
     async def stage(self, token: str, staging: Staging) -> StagedFile:
-        """The whole file in a new staged file (for a write to a file stored as parts)."""
+        """The whole file in a new staged file (for a write to a file stored as parts): a copy of
+        the whole content this mount uploaded last (the write-back caches it under the manifest's
+        token, as for any file), else assembled from the verified parts."""
         m = await self.manifest(token)
+        whole = self.cache.open(token)
+        if whole is not None:
+            try:
+                staged = staging.from_sealed(whole.path)
+            finally:
+                whole.close()
+            self.changes.based(staged.id, token, m)
+            return staged
         staged = staging.create()
         try:
             for i in range(len(m.parts)):
@@ -200,4 +259,5 @@ class PartReader:
         except BaseException:
             staging.remove(staged)
             raise
+        self.changes.based(staged.id, token, m)
         return staged

@@ -1,14 +1,18 @@
 """The write-back of big files as parts: a staged file above the threshold is stored as parts
 plus a new manifest, uploading only the parts whose content changed.
 
-Which parts changed is found by content, not by tracking writes: each part of the staged file
-is read and its keyed digest compared with the digest of the same part in the manifest it
-replaces; an equal part keeps its token. So a small change to a big file uploads one or two
+Which parts changed: a part the filesystem saw no write or truncation reach since the staged
+file was copied from the manifest it replaces (:class:`privifs.fs.parts.Changes`) keeps its
+token unread; every other part is read and its keyed digest compared with the digest of the same
+part in that manifest, and an equal part keeps its token too (after a restart, or for a staged
+file made another way, every part is compared). So a small change to a big file uploads one or two
 parts and a new manifest, and a file that was one token (or a manifest with another part size)
 is converted by uploading every part. Parts go before the manifest that names them; the
 parts of the old manifest it no longer names are returned for deletion once the new manifest is
 recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.sweep`). Every
-uploaded part is also put into the read cache, so reads after the upload do not fetch it back.
+uploaded part is also put into the read cache, so reads after the upload do not fetch it back
+(and the syncer caches the whole staged file under the manifest's token as for any upload, so
+the next write copies it instead of assembling it from parts).
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ class PartWriter:
             return None
 
     async def store_staged(self, staged: StagedFile, old: fmt.Manifest | None, meta: FileMeta,
-                           risk: dict[str, str]) -> tuple[str, list[str]]:
+                           risk: dict[str, str], old_token: str | None = None) -> tuple[str, list[str]]:
         """Store ``staged`` as parts and a manifest (at ``meta``'s place, with ``risk`` and the
         manifest mark); returns the manifest token and the old manifest's parts it no longer names."""
         size = staged.size
@@ -64,7 +68,13 @@ class PartWriter:
             data = staged.sealed.read(start, min(part_size, size - start))
             return data, fmt.part_digest(digest_key, i, data)
 
+        changes = self.reader.changes
+
         async def one(i: int) -> None:
+            if old is not None and changes.unchanged(staged.id, old_token, part_size, i):
+                parts[i] = old.parts[i]  # not written since it was copied from the old manifest
+                self.parts_kept += 1
+                return
             async with limit:
                 data, digest = await trio.to_thread.run_sync(read, i)
                 if old is not None and i < len(old.parts) and old.parts[i].size == len(data) \
@@ -83,6 +93,7 @@ class PartWriter:
         manifest = fmt.Manifest(part_size, size, tuple(parts))
         token = await self.store.put_manifest(manifest, meta, risk)
         self.reader.remember(token, manifest)
+        changes.forget(staged.id)
         named = {p.token for p in manifest.parts}
         stale = [p.token for p in old.parts if p.token not in named] if old is not None else []
         return token, stale

@@ -329,7 +329,7 @@ class Syncer:
         old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.fs.path(node))
         risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
         risk[MARK] = str(PARTS_VERSION)
-        token, stale = await self.parts.store_staged(staged, old, meta, risk)
+        token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token)
         return token, stale, risk
 
     async def _delete_now(self, token: str) -> None:
@@ -389,7 +389,7 @@ class Syncer:
             if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
-            if manifest_risk is not None:  # a manifest: its parts are cached, not the whole file
+            if manifest_risk is not None:  # a manifest: kept a manifest by later meta updates
                 node.remote_risk = json.dumps(manifest_risk, sort_keys=True)
             node.meta_dirty = 1
             if node.staged is staged:
@@ -397,7 +397,7 @@ class Syncer:
                 node.staged_id = None
                 node.content_dirty = 0
                 staged.sealed.close()
-                if manifest_risk is not None or not self._adopt(token, staged):
+                if not self._adopt(token, staged):
                     self.fs.staging.remove(staged)
             else:
                 self.fs.staging.remove(staged)
