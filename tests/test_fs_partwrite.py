@@ -168,3 +168,18 @@ async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as
         assert await t.fs.vault.get_bytes(node.token) != bytes(data)  # a manifest, not the content
         store = PartStore(t.fs.vault)
         assert await store.read(await store.manifest(node.token), 0, len(data)) == bytes(data)
+
+
+async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create(1, "db.sqlite")
+        await t.fs.write(fh, 0, os.urandom(4 * PART))
+        await t.fs.fsync(fh)
+        old_token = node.token
+        old = await PartStore(t.fs.vault).manifest(old_token)
+        assert t.fs.cache.holds(old_token) and t.fs.cache.holds(old.parts[1].token)
+        await t.fs.write(fh, PART + 1, b"x")
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        assert not t.fs.cache.holds(old_token) and not t.fs.cache.holds(old.parts[1].token)
+        assert t.fs.cache.holds(node.token) and t.fs.cache.holds(old.parts[0].token)

@@ -96,6 +96,8 @@ class PartWriter:
         changes.forget(staged.id)
         named = {p.token for p in manifest.parts}
         stale = [p.token for p in old.parts if p.token not in named] if old is not None else []
+        for replaced in ([old_token] if old_token else []) + stale:  # never read again by this mount
+            self.cache.evict(replaced)
         return token, stale
 
     async def _seed(self, token: str, data: bytes) -> None:
