@@ -115,6 +115,7 @@ class Syncer:
         self._fsync: Counter[int] = Counter()
         self._commits: dict[str, tuple[trio.Event, list]] = {}
         self._tomb_wake = trio.Event()
+        self._fsync_asked = trio.Event()  # set (and replaced) when an fsync asks: wakes deferred work
         self._nursery: trio.Nursery | None = None
         self.inflight_names: Counter[tuple[tuple[str, ...], str]] = Counter()
         self.recently_deleted: dict[str, float] = {}
@@ -188,7 +189,8 @@ class Syncer:
             quiet_for = trio.current_time() - self.fs.last_activity
             if quiet_for >= QUIET:
                 return
-            await trio.sleep(QUIET - quiet_for)
+            with trio.move_on_after(QUIET - quiet_for):
+                await self._fsync_asked.wait()
 
     async def _later(self, ino: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -498,6 +500,8 @@ class Syncer:
         staged = node.staged
         event, result = self._commits.setdefault(staged.id, (trio.Event(), []))
         self._fsync[node.ino] += 1
+        self._fsync_asked.set()  # a worker deferring this node to the foreground goes on at once
+        self._fsync_asked = trio.Event()
         node.retry_at = 0.0
         self.schedule(node)
         try:
