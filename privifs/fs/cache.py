@@ -294,6 +294,20 @@ class ContentCache:
             path.unlink(missing_ok=True)
             return False
 
+    def take(self, token: str, dest: Path) -> bool:
+        """Move ``token``'s cached file to ``dest`` (same filesystem) and drop the entry: the
+        content leaves the cache without a copy. False if it is not cached or cannot be moved."""
+        f = self.cache.get(token, read=True)
+        if f is None:
+            return False
+        f.close()
+        try:
+            os.rename(f.name, dest)
+        except OSError:
+            return False
+        self.evict(token)
+        return True
+
     def holds(self, token: str) -> bool:
         """Whether ``token``'s content is in the cache (no I/O)."""
         return token in self._lru

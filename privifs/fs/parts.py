@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -233,18 +234,19 @@ class PartReader:
             self._ahead.discard(token)
 
     async def stage(self, token: str, staging: Staging) -> StagedFile:
-        """The whole file in a new staged file (for a write to a file stored as parts): a copy of
-        the whole content this mount uploaded last (the write-back caches it under the manifest's
-        token, as for any file), else assembled from the verified parts."""
+        """The whole file in a new staged file (for a write to a file stored as parts): the whole
+        content this mount uploaded last, moved out of the cache (the write-back caches it under
+        the manifest's token, as for any file), else assembled from the verified parts."""
         m = await self.manifest(token)
-        whole = self.cache.open(token)
-        if whole is not None:
+        staged_id = secrets.token_hex(12)
+        if self.cache.take(token, staging.path(staged_id)):  # moved, not copied
             try:
-                staged = staging.from_sealed(whole.path)
-            finally:
-                whole.close()
-            self.changes.based(staged.id, token, m)
-            return staged
+                staged = staging.open(staged_id)
+            except PrivifsError:
+                staging.path(staged_id).unlink(missing_ok=True)
+            else:
+                self.changes.based(staged.id, token, m)
+                return staged
         staged = staging.create()
         try:
             for i in range(len(m.parts)):
