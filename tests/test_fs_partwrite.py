@@ -185,3 +185,24 @@ async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, 
         t.fs.release(fh)
         assert not t.fs.cache.holds(old_token) and not t.fs.cache.holds(old.parts[1].token)
         assert t.fs.cache.holds(node.token) and t.fs.cache.holds(old.parts[0].token)
+
+
+async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted_upload(account, tmp_path,
+                                                                                       small_parts):
+    data = os.urandom(3 * PART + 9)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create(1, "big.bin")
+        await t.fs.write(fh, 0, data)  # still open for writing: not uploaded
+        store = PartStore(t.fs.vault, part_size=PART)
+
+        async def source():
+            yield data
+
+        # what a crash between storing the manifest and recording it leaves in the vault
+        token = await store.put(source, len(data), FileMeta("big.bin", "bin", "/", 0, "/big.bin"))
+        info = [i async for i in t.client.tokens.list() if i.token == token][0]
+        assert await t.syncer.adopt_orphan(node, info)
+        assert node.token == token and fmt.MARK in node.remote_risk
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert await read_all(t, node) == data

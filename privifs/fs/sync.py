@@ -584,8 +584,12 @@ class Syncer:
                 self.h = hashlib.blake2b()
 
         sink = HashSink()
+        manifest = is_manifest_node(_risk_text(info))
         try:
-            await self.vault.get(info.token, sink, size=info.size)
+            if manifest:  # a big file stored as parts: its verified parts, in order
+                await self.parts.store.copy(await self.fs.parts.manifest(info.token), sink.write)
+            else:
+                await self.vault.get(info.token, sink, size=info.size)
         except PrivifsError:
             return False
         if sink.h.digest() != want.digest() or node.staged is not staged:
@@ -593,7 +597,8 @@ class Syncer:
         log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.fs.path(node),
                  info.token)
         staged.frozen = True
-        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension)
+        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension,
+                             manifest_risk=dict(info.risk) if manifest else None)
         self.schedule(node)
         return True
 
@@ -610,6 +615,10 @@ class Syncer:
 
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
+
+
+def _risk_text(info: TokenInfo) -> str | None:
+    return json.dumps(info.risk, sort_keys=True) if info.risk else None
 
 
 def _token_missing(exc: PrivifsError) -> bool:
