@@ -180,6 +180,7 @@ async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, 
         assert t.fs.cache.holds(old_token) and t.fs.cache.holds(old.parts[1].token)
         await t.fs.write(fh, PART + 1, b"x")
         assert not t.fs.cache.holds(old_token)  # the whole content moved into staging, not copied
+        assert old_token not in t.fs.cache.cache  # and its row is gone
         assert node.staged.size == 4 * PART
         await t.fs.fsync(fh)
         t.fs.release(fh)

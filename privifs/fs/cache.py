@@ -305,7 +305,14 @@ class ContentCache:
             os.rename(f.name, dest)
         except OSError:
             return False
-        self.evict(token)
+        size = self._lru.pop(token, None)
+        if size is not None:
+            self.used -= size
+        self._touched.pop(token, None)
+        try:
+            self.cache.delete(token)
+        except TABLE_ERRORS as exc:  # a row whose file is gone reads as a miss
+            log.debug("cache row kept after its file was moved (%s)", exc)
         return True
 
     def holds(self, token: str) -> bool:
