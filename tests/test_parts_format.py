@@ -43,6 +43,7 @@ def test_worked_example_in_docs_matches_the_code():
     start = lines.index("<!-- manifest example -->") + 2
     shown = "".join("".join(line.split()) for line in lines[start:lines.index("<!-- end -->", start) - 1])
     assert shown == hexdump
+    assert f"part key `{dk.hex()}`" in doc
 
 
 @pytest.mark.parametrize("mutate", [
