@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+from collections.abc import Callable
 
 import trio
 
@@ -52,7 +53,8 @@ class PartWriter:
             return None
 
     async def store_staged(self, staged: StagedFile, old: fmt.Manifest | None, meta: FileMeta,
-                           risk: dict[str, str], old_token: str | None = None) -> tuple[str, list[str]]:
+                           risk: dict[str, str], old_token: str | None = None,
+                           progress: Callable[[int], None] = lambda n: None) -> tuple[str, list[str]]:
         """Store ``staged`` as parts and a manifest (at ``meta``'s place, with ``risk`` and the
         manifest mark); returns the manifest token and the old manifest's parts it no longer names."""
         size = staged.size
@@ -74,6 +76,7 @@ class PartWriter:
             if old is not None and changes.unchanged(staged.id, old_token, part_size, i):
                 parts[i] = old.parts[i]  # not written since it was copied from the old manifest
                 self.parts_kept += 1
+                progress(parts[i].size)
                 return
             async with limit:
                 data, digest = await trio.to_thread.run_sync(read, i)
@@ -81,9 +84,11 @@ class PartWriter:
                         and hmac.compare_digest(old.parts[i].digest, digest):
                     parts[i] = old.parts[i]
                     self.parts_kept += 1
+                    progress(len(data))
                     return
                 parts[i] = await self.store.put_part(upload_id, i, data)
                 self.parts_uploaded += 1
+                progress(len(data))
                 await self._seed(parts[i].token, data)
 
         with single_error():

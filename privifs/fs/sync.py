@@ -331,7 +331,13 @@ class Syncer:
         old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.fs.path(node))
         risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
         risk[MARK] = str(PARTS_VERSION)
-        token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token)
+        ino = node.ino
+        self.sent[ino] = 0  # umount's progress: a part counts once uploaded (or kept)
+
+        def progress(n: int) -> None:
+            self.sent[ino] = self.sent.get(ino, 0) + n
+
+        token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
         return token, stale, risk
 
     async def _delete_now(self, token: str) -> None:
