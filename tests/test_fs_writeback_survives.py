@@ -179,3 +179,21 @@ async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account
         assert result == ["ok"]
         assert not f.content_dirty and f.token
         t.fs.release(fh)
+
+
+async def test_fsync_of_a_file_whose_write_back_is_deferring_to_a_busy_mount_does_not_wait_for_quiet(
+        account, tmp_path, monkeypatch):
+    # SQLite's journal: created (its write-back starts and defers while the mount is busy), then
+    # fsynced; the deferring worker must go on at the fsync, not at the end of its quiet period
+    monkeypatch.setattr("privifs.fs.sync.QUIET", 60.0)
+    async with inprocess_fs(tmp_path, *account) as t:
+        fh, f = t.create_node(1, "db-journal")
+        await t.fs.write(fh, 0, b"journal")
+        t.fs.note_activity()
+        t.syncer.schedule(f)
+        await trio.sleep(0.05)
+        assert f.ino in t.syncer._busy  # the worker holds the node, deferring
+        with trio.fail_after(20):  # the quiet period is 60 s: only the fsync's wake-up ends it sooner
+            await t.fs.fsync(fh)
+        assert f.token is not None
+        t.fs.release(fh)

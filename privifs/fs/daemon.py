@@ -180,7 +180,8 @@ class Daemon:
                             write_back_delay=self.mcfg.write_back_delay, supervisor=self.supervisor)
             fs = Filesystem(ns, staging, cache, vault, opts, syncer)
             fs.open_staged_files()
-            refresher = Refresher(ns, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link)
+            refresher = Refresher(ns, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link,
+                                  collect_parts=not opts.read_only)
             self.ns, self.staging, self.cache = ns, staging, cache
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             online = await self._connect(account, links, link, refresher, syncer)

@@ -65,7 +65,7 @@ def claim_order(created: float | None, token: str) -> tuple[float, str]:
 
 class Refresher:
     def __init__(self, ns: Namespace, tokens: DataTokens, syncer: Syncer, interval: float, *,
-                 invalidate: bool = True, events: EventHub | None = None):
+                 invalidate: bool = True, events: EventHub | None = None, collect_parts: bool = True):
         self.ns = ns
         self.index = ns.index
         self.tokens = tokens
@@ -73,6 +73,7 @@ class Refresher:
         self.interval = interval
         self.invalidate = invalidate
         self.events = events
+        self.collect_parts = collect_parts  # False on a read-only mount: it deletes nothing
         self.last_refresh: float | None = None
         self.last_error: str | None = None
         self.listings = 0
@@ -141,6 +142,12 @@ class Refresher:
         async with self._lock:  # one listing at a time: an older one never undoes a newer one
             infos, started = await self.fetch()
             await self.apply(infos, started)
+        if not self.collect_parts:
+            return
+        try:
+            await self.syncer.parts.reader.sweep(infos)  # parts no manifest names (rate-limited)
+        except PrivifsError as exc:
+            log.warning("collecting unreferenced parts failed: %s", exc)
 
     # -- merging ---------------------------------------------------------------------------------
     def eligible(self, node: Node, started: float) -> bool:

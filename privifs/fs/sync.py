@@ -53,7 +53,12 @@ from privifs.errors import (
 from privifs.fs.cache import ContentCache
 from privifs.fs.names import token_naming
 from privifs.fs.namespace import Namespace, Node
+from privifs.fs.parts import PartReader, is_manifest_node
+from privifs.fs.partwrite import PartWriter
 from privifs.fs.staging import StagedFile, Staging
+from privifs.parts.format import MARK
+from privifs.parts.format import VERSION as PARTS_VERSION
+from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
     risk_fields,
@@ -100,6 +105,7 @@ class Syncer:
         self._fsync: Counter[int] = Counter()
         self._commits: dict[str, tuple[trio.Event, list]] = {}
         self._tomb_wake = trio.Event()
+        self._fsync_asked = trio.Event()  # set (and replaced) when an fsync asks: wakes deferred work
         self._nursery: trio.Nursery | None = None
         self.inflight_names: Counter[tuple[tuple[str, ...], str]] = Counter()
         self.recently_deleted: dict[str, float] = {}
@@ -109,6 +115,7 @@ class Syncer:
         self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
+        self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
 
     def note_activity(self) -> None:
@@ -177,7 +184,8 @@ class Syncer:
             quiet_for = trio.current_time() - self.last_activity
             if quiet_for >= QUIET:
                 return
-            await trio.sleep(QUIET - quiet_for)
+            with trio.move_on_after(QUIET - quiet_for):
+                await self._fsync_asked.wait()
 
     async def _later(self, ino: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -273,11 +281,17 @@ class Syncer:
         self.index.save(node)
         try:
             with self._claiming(context, name):
-                token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size,
-                                                    FileMeta(name, extension, context, size, path))
+                meta = FileMeta(name, extension, context, size, path)
+                stale: list[str] = []
+                manifest_risk = None
+                if size > PARTS_THRESHOLD:
+                    token, stale, manifest_risk = await self._store_parts(node, staged, meta)
+                else:
+                    token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size, meta)
                 keep = (replaced is not None and replaced != token
                         and await self._moved_elsewhere(replaced, seen_at))
-                self._record_content(node, staged, token, context, name, extension, keep_old=keep)
+                self._record_content(node, staged, token, context, name, extension, keep_old=keep,
+                                     manifest_risk=manifest_risk)
         finally:
             self.ns.end_upload(node)
             self.sent.pop(node.ino, None)
@@ -288,8 +302,25 @@ class Syncer:
         self.uploads += 1
         if replaced is not None and replaced != token and not keep:
             await self._delete_now(replaced)
+            for part in stale:  # the old manifest's parts the new one does not name (else: collected)
+                await self._delete_now(part)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _store_parts(self, node: Node, staged: StagedFile, meta: FileMeta) -> tuple[str, list[str], dict]:
+        """Store a big file as parts + a manifest (:mod:`privifs.fs.partwrite`): the manifest
+        token, the replaced manifest's parts no longer named, and the manifest's risk meta."""
+        old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.ns.describe(node))
+        risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
+        risk[MARK] = str(PARTS_VERSION)
+        ino = node.ino
+        self.sent[ino] = 0  # umount's progress: a part counts once uploaded (or kept)
+
+        def progress(n: int) -> None:
+            self.sent[ino] = self.sent.get(ino, 0) + n
+
+        token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
+        return token, stale, risk
 
     async def _delete_now(self, token: str) -> None:
         """Delete a replaced token right after the check that it did not move (the shorter the
@@ -332,7 +363,7 @@ class Syncer:
         return moved
 
     def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str,
-                        extension: str, *, keep_old: bool = False) -> None:
+                        extension: str, *, keep_old: bool = False, manifest_risk: dict | None = None) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``)."""
         with self.index:
@@ -348,6 +379,8 @@ class Syncer:
             if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
+            if manifest_risk is not None:  # a manifest: kept a manifest by later meta updates
+                self.ns.set_remote_risk(node, json.dumps(manifest_risk, sort_keys=True))
             self.ns.meta_pending(node)
             if node.staged is staged:
                 self.ns.clear_staged(node, content_clean=True)
@@ -444,6 +477,8 @@ class Syncer:
         staged = node.staged
         event, result = self._commits.setdefault(staged.id, (trio.Event(), []))
         self._fsync[node.ino] += 1
+        self._fsync_asked.set()  # a worker deferring this node to the foreground goes on at once
+        self._fsync_asked = trio.Event()
         self.ns.schedule_retry(node, 0.0)
         self.schedule(node)
         try:
@@ -529,8 +564,12 @@ class Syncer:
                 self.h = hashlib.blake2b()
 
         sink = HashSink()
+        manifest = is_manifest_node(_risk_text(info))
         try:
-            await self.vault.get(info.token, sink, size=info.size)
+            if manifest:  # a big file stored as parts: its verified parts, in order
+                await self.parts.store.copy(await self.parts.reader.manifest(info.token), sink.write)
+            else:
+                await self.vault.get(info.token, sink, size=info.size)
         except PrivifsError:
             return False
         if sink.h.digest() != want.digest() or node.staged is not staged:
@@ -538,7 +577,8 @@ class Syncer:
         log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node),
                  info.token)
         staged.frozen = True
-        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension)
+        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension,
+                             manifest_risk=dict(info.risk) if manifest else None)
         self.schedule(node)
         return True
 
@@ -555,6 +595,10 @@ class Syncer:
 
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
+
+
+def _risk_text(info: TokenInfo) -> str | None:
+    return json.dumps(info.risk, sort_keys=True) if info.risk else None
 
 
 def _token_missing(exc: PrivifsError) -> bool:
