@@ -259,6 +259,8 @@ class Daemon:
             "mountpoint": str(self.mountpoint), "server": self.cfg.server_label(), "pid": os.getpid(),
             "pending": pending, "pending_bytes": sum(p["size"] for p in pending),
             "pending_deletes": syncer.tombstone_count(), "uploads_done": syncer.uploads,
+            "fsync": {"mode": fs.opts.fsync_mode, "not_in_vault": len(pending),
+                      "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in fs.pending()})},
             "cache": {"dir": str(self.cache_dir), "size": fs.cache.volume(), "limit": fs.cache.size_limit,
                       "downloads": fs.cache.downloads},
             "staging": {"dir": str(fs.staging.dir), "size": fs.staging.usage()},
