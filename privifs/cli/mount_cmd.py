@@ -44,7 +44,7 @@ def register(sub) -> None:
                    help="octal umask for files without stored modes (default 022)")
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    p.add_argument("--upload-workers", type=integer(1, 64), metavar="N", default=4, help="parallel uploads, 1 to 64 (default 4)")
+    p.add_argument("--upload-workers", type=integer(1, 64), metavar="N", default=8, help="parallel uploads, 1 to 64 (default 8)")
     p.add_argument("--write-back-delay", type=seconds(0), metavar="SECONDS", default=1.0,
                    help="seconds after the last close before a file is uploaded (default 1; fsync skips it)")
     p.add_argument("--fsync-timeout", type=seconds(0, inclusive=False), metavar="SECONDS", default=300.0,
