@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from privifs.engine import (routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility,
                             routes_voting)
-from privifs.engine.coalesce import CoalescingSend
+from privifs.engine.coalesce import CoalescingSend, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.http import read_body
 from privifs.engine.options import EngineOptions
@@ -63,7 +63,7 @@ def leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-class ContainedTCPServer(CoalescingSend, hypercorn.trio.tcp_server.TCPServer):
+class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, hypercorn.trio.tcp_server.TCPServer):
     """hypercorn's per-connection handler, except that its failure ends the connection only.
 
     Unpatched, an exception escaping one connection (e.g. h11's ``LocalProtocolError`` after a
