@@ -10,20 +10,46 @@
 """
 from __future__ import annotations
 
+import json as _json
 import logging
 import random
 from dataclasses import dataclass
+from urllib.parse import quote, urlencode
 from typing import Any, Protocol
 
 import httpx
 import trio
 
 from privifs.client import shapes
+from privifs.client.lean import LeanHTTP
 from privifs.client.urls import complete
 from privifs.errors import (AuthorizationError, ConflictError, ForbiddenError, NotFoundError,
                             RequestRejected, ServerError, ServerUnreachable)
 
 log = logging.getLogger("privifs.client")
+
+MAX_CONNECTIONS = 32
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+_SAFE = "-._~"  # RFC 3986 unreserved characters besides letters and digits
+
+
+def encode_form(data: dict[str, str]) -> bytes:
+    """``application/x-www-form-urlencoded`` as httpx writes it (``%20`` for a space is accepted
+    everywhere too), in a fraction of its time for a long base64 value: the characters base64
+    uses that need escaping are only ``+``, ``/`` and ``=``."""
+    return "&".join(f"{quote(str(k), safe=_SAFE)}={_quote_value(str(v))}" for k, v in data.items()).encode("ascii")
+
+
+def files_free(params: Any) -> bool:
+    """Query parameters ``urlencode`` writes as httpx would: none, or a mapping of strings."""
+    return params is None or (isinstance(params, dict)
+                              and all(isinstance(v, (str, int)) for v in params.values()))
+
+
+def _quote_value(v: str) -> str:
+    if v.isascii() and v.replace("+", "").replace("/", "").replace("=", "").isalnum():
+        return v.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+    return quote(v, safe=_SAFE)
 
 
 @dataclass
@@ -72,12 +98,31 @@ class Transport:
         self.auth: AuthProvider | None = None
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(options.http_timeout, connect=options.connect_timeout),
-            # a small pool: httpcore checks every pooled connection on each request
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            # a small pool (httpcore checks every pooled connection on each request), but every
+            # connection kept: with fewer kept than requests in flight, each request beyond them
+            # opened and closed a TCP connection (measured: ~3 new connections per small upload
+            # at 16 in flight, against none at 4)
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
             follow_redirects=False)
+        self.lean = LeanHTTP(options.http_timeout, options.connect_timeout)
 
     async def aclose(self) -> None:
+        await self.lean.aclose()
         await self.http.aclose()
+
+    async def _send(self, method: str, url: str, *, data: Any, json: Any, params: Any, content: Any,
+                    headers: dict[str, str], idempotent: bool) -> httpx.Response:
+        """Through :mod:`privifs.client.lean` when it can carry the call exactly, else httpx."""
+        if self.lean.handles(url, content) and (data is None or content is not None) and files_free(params):
+            body = content
+            if json is not None:
+                body = _json.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+                headers = {**headers, "Content-Type": "application/json"}
+            if params:
+                url += ("&" if "?" in url else "?") + urlencode(params)
+            return await self.lean.request(method, url, headers, body, resend=idempotent)
+        return await self.http.request(method, url, data=data, json=json, params=params, content=content,
+                                       headers=headers)
 
     def backoff(self, attempt: int) -> float:
         delay = min(self.options.retry_max, self.options.retry_base * (2 ** attempt))
@@ -95,11 +140,16 @@ class Transport:
         while True:
             token = self.auth.current_token() if (auth and self.auth) else None
             hdrs = dict(headers or {})
+            body = content
+            if isinstance(data, dict) and content is None:
+                body = encode_form(data)
+                hdrs.update(FORM)
             if token:
                 hdrs["X-DPT-AUTHORIZATION"] = token
             try:
-                resp = await self.http.request(method, base + path, data=data, json=json, params=params,
-                                               content=content, headers=hdrs)
+                resp = await self._send(method, base + path, data=None if body is not content else data,
+                                        json=json, params=params, content=body, headers=hdrs,
+                                        idempotent=idempotent)
             except httpx.TransportError as exc:
                 err: Exception = ServerUnreachable(
                     f"cannot reach the Privicore server at {base} ({type(exc).__name__}: {exc or 'no detail'}); "

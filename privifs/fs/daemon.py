@@ -61,7 +61,7 @@ class MountConfig:
     cache_dir: Path | None = None
     cache_size: int = 2 * 1024**3
     refresh_interval: float = 30.0
-    upload_workers: int = 4
+    upload_workers: int = 8
     write_back_delay: float = 1.0
     allow_other: bool = False
     state_dir: Path | None = None
@@ -264,6 +264,8 @@ class Daemon:
             "mountpoint": str(self.mountpoint), "server": self.cfg.server_label(), "pid": os.getpid(),
             "pending": pending, "pending_bytes": sum(p["size"] for p in pending),
             "pending_deletes": syncer.tombstone_count(), "uploads_done": syncer.uploads,
+            "fsync": {"mode": self.fs.opts.fsync_mode, "not_in_vault": len(pending),
+                      "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in self.ns.pending()})},
             "cache": {"dir": str(self.cache_dir), "size": cache.volume(), "limit": cache.size_limit,
                       "downloads": cache.downloads},
             "staging": {"dir": str(self.staging.dir), "size": self.staging.usage()},

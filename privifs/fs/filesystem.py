@@ -55,6 +55,7 @@ class MountOptions:
     read_only: bool = False
     attr_timeout: float = 5.0
     fsync_timeout: float = 300.0
+    fsync_mode: str = "vault"  # "local": fsync returns once durable on the local disk (fs/localsync.py)
 
     @property
     def file_mode(self) -> int:
@@ -580,6 +581,10 @@ class Filesystem:
         fh = self.handles[fh_id]
         node = fh.node
         if node.staged is None or not node.content_dirty or node.unlinked:
+            return
+        if self.opts.fsync_mode == "local":
+            from privifs.fs.localsync import fsync_locally
+            await fsync_locally(self, node)
             return
         node.staged.sealed.sync_header()
         self.index.save(node)

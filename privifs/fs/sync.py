@@ -103,6 +103,7 @@ class Syncer:
         self._busy: set[int] = set()
         self._again: set[int] = set()
         self._fsync: Counter[int] = Counter()
+        self.local_fsynced: set[int] = set()  # --fsync local: durable here, uploaded even while open
         self._commits: dict[str, tuple[trio.Event, list]] = {}
         self._tomb_wake = trio.Event()
         self._fsync_asked = trio.Event()  # set (and replaced) when an fsync asks: wakes deferred work
@@ -137,6 +138,12 @@ class Syncer:
         burst of writes finish first and coalesces quick rewrites)."""
         self.ns.defer(node, trio.current_time() + self.write_back_delay)
         self.schedule(node)
+
+    def upload_soon(self, node: Node) -> None:
+        """``--fsync local``: the node's content is durable here; upload it after the write-back
+        delay even if the file stays open (a database keeps it open), as long as it is dirty."""
+        self.local_fsynced.add(node.ino)
+        self.schedule_upload(node)
 
     def wake_tombstones(self) -> None:
         self._tomb_wake.set()
@@ -203,7 +210,7 @@ class Syncer:
     async def reconcile(self, node: Node) -> None:
         try:
             if node.is_file and node.content_dirty and node.staged is not None:
-                if node.waiting_for_close and not self._fsync[node.ino]:
+                if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 await self._upload(node)
             elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit
@@ -219,6 +226,8 @@ class Syncer:
             return
         self.ns.record_success(node)
         self.unreachable_since = None
+        if not node.content_dirty:
+            self.local_fsynced.discard(node.ino)
 
     def _failed(self, node: Node, exc: PrivifsError) -> None:
         attempts = self.ns.record_error(node, str(exc))
