@@ -132,20 +132,3 @@ def test_only_plain_http_with_bodies_in_memory_takes_the_lean_path(monkeypatch):
     assert not lean.handles("http://127.0.0.1:9009/x", iter([b"stream"]))
     lean._proxies = {"http": "http://proxy:3128"}
     assert not lean.handles("http://example.com/x", None)
-
-
-async def test_every_connection_of_many_calls_in_flight_is_kept_and_reused():
-    # with httpx's former pool (8 kept of 16), each call beyond 8 opened and closed a connection
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    scripted = Scripted([ok] * 64)
-    lean = LeanHTTP(10, 5)
-    async with trio.open_nursery() as nursery:
-        base = await serve(nursery, scripted)
-        for _ in range(4):
-            async with trio.open_nursery() as calls:
-                for _ in range(16):
-                    calls.start_soon(lean.request, "GET", base + "/", {}, None)
-        nursery.cancel_scope.cancel()
-    await lean.aclose()
-    assert len(scripted.requests) == 64
-    assert scripted.connections == 16
