@@ -10,18 +10,16 @@
 """
 from __future__ import annotations
 
-import json as _json
 import logging
 import random
 from dataclasses import dataclass
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 from typing import Any, Protocol
 
 import httpx
 import trio
 
 from privifs.client import shapes
-from privifs.client.lean import LeanHTTP
 from privifs.client.urls import complete
 from privifs.errors import (AuthorizationError, ConflictError, ForbiddenError, NotFoundError,
                             RequestRejected, ServerError, ServerUnreachable)
@@ -38,12 +36,6 @@ def encode_form(data: dict[str, str]) -> bytes:
     everywhere too), in a fraction of its time for a long base64 value: the characters base64
     uses that need escaping are only ``+``, ``/`` and ``=``."""
     return "&".join(f"{quote(str(k), safe=_SAFE)}={_quote_value(str(v))}" for k, v in data.items()).encode("ascii")
-
-
-def files_free(params: Any) -> bool:
-    """Query parameters ``urlencode`` writes as httpx would: none, or a mapping of strings."""
-    return params is None or (isinstance(params, dict)
-                              and all(isinstance(v, (str, int)) for v in params.values()))
 
 
 def _quote_value(v: str) -> str:
@@ -104,25 +96,9 @@ class Transport:
             # at 16 in flight, against none at 4)
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
             follow_redirects=False)
-        self.lean = LeanHTTP(options.http_timeout, options.connect_timeout)
 
     async def aclose(self) -> None:
-        await self.lean.aclose()
         await self.http.aclose()
-
-    async def _send(self, method: str, url: str, *, data: Any, json: Any, params: Any, content: Any,
-                    headers: dict[str, str], idempotent: bool) -> httpx.Response:
-        """Through :mod:`privifs.client.lean` when it can carry the call exactly, else httpx."""
-        if self.lean.handles(url, content) and (data is None or content is not None) and files_free(params):
-            body = content
-            if json is not None:
-                body = _json.dumps(json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
-                headers = {**headers, "Content-Type": "application/json"}
-            if params:
-                url += ("&" if "?" in url else "?") + urlencode(params)
-            return await self.lean.request(method, url, headers, body, resend=idempotent)
-        return await self.http.request(method, url, data=data, json=json, params=params, content=content,
-                                       headers=headers)
 
     def backoff(self, attempt: int) -> float:
         delay = min(self.options.retry_max, self.options.retry_base * (2 ** attempt))
@@ -147,9 +123,8 @@ class Transport:
             if token:
                 hdrs["X-DPT-AUTHORIZATION"] = token
             try:
-                resp = await self._send(method, base + path, data=None if body is not content else data,
-                                        json=json, params=params, content=body, headers=hdrs,
-                                        idempotent=idempotent)
+                resp = await self.http.request(method, base + path, data=None if body is not content else data,
+                                               json=json, params=params, content=body, headers=hdrs)
             except httpx.TransportError as exc:
                 err: Exception = ServerUnreachable(
                     f"cannot reach the Privicore server at {base} ({type(exc).__name__}: {exc or 'no detail'}); "
