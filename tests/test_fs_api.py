@@ -215,9 +215,6 @@ async def test_an_unlinked_open_file_leaves_the_directory_and_then_the_vault(kit
     assert await kit.tree() == {}
 
 
-@pytest.mark.xfail(strict=True, reason="unlink tombstones the token of an uploaded file at once and forgets "
-                   "it on the node: a read through a descriptor still open answers b'' (0 bytes), and a "
-                   "write through it starts from an empty file, so the rest of the content is lost")
 async def test_an_uploaded_file_unlinked_while_open_stays_readable_and_writable_through_its_handle(kit):
     await kit.write_file("open.txt", b"still here")
     await kit.settle()
@@ -230,6 +227,8 @@ async def test_an_uploaded_file_unlinked_while_open_stays_readable_and_writable_
         assert await kit.read(fh) == b"STILL here"
     finally:
         await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {}
 
 
 async def test_a_file_unlinked_before_its_first_upload_never_reaches_the_vault(kit):
@@ -242,8 +241,6 @@ async def test_a_file_unlinked_before_its_first_upload_never_reaches_the_vault(k
     assert await kit.vault_tree() == {}
 
 
-@pytest.mark.xfail(strict=True, reason="rename over an uploaded file removes the target the way unlink does: "
-                   "a descriptor still open on the replaced file reads b'' instead of its content")
 async def test_a_file_replaced_by_rename_while_open_stays_readable_through_its_handle(kit):
     await kit.write_file("t", b"target")
     await kit.write_file("s", b"source")
@@ -254,6 +251,8 @@ async def test_a_file_replaced_by_rename_while_open_stays_readable_through_its_h
         assert await kit.read(fh) == b"target"
     finally:
         await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {"t": b"source"}
 
 
 async def test_a_name_unlinked_and_created_again_is_a_new_file_beside_the_open_old_one(kit):

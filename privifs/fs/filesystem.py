@@ -211,7 +211,8 @@ class Filesystem:
 
     def release_node(self, node: Node) -> None:
         """Forget an unlinked node once the kernel and every open file let go of it."""
-        self.ns.release(node, self.staging)
+        if self.ns.release(node, self.staging):
+            self.sync.wake_tombstones()
 
     # -- lookups and attributes --------------------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:

@@ -522,7 +522,7 @@ class Syncer:
         failures = 0
         while True:
             await self._yield_to_foreground()
-            tokens = list(self.index.tombstones())
+            tokens = [t for t in self.index.tombstones() if t not in self.ns.held]
             failed = False
             if tokens:
                 limiter = trio.CapacityLimiter(4)
