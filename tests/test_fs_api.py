@@ -11,9 +11,8 @@ import os
 import stat
 
 import pyfuse3
-import pytest
 
-from tests.fskit import CTX, fails_with, inprocess_fs, kit, module_account  # noqa: F401 - fixtures
+from tests.fskit import CTX, fails_with, inprocess_fs
 
 
 # -- lookup, create, write, read ------------------------------------------------------------------

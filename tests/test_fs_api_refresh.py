@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.fskit import InProcessFs, kit, module_account  # noqa: F401 - fixtures
+from tests.fskit import InProcessFs
 
 Tree = dict[str, object]
 
