@@ -196,9 +196,7 @@ class Refresher:
                 self._follow(node, info)
             # a directory that moved took its whole subtree along: entries whose own tokens did not
             # move go back to where their context puts them (until nothing moves)
-            for _ in range(4):
-                if not sum(self._place(node, info) for node, info in followed):
-                    break
+            self._place_until_still(followed)
             adoptions = []
             # in claim order: the first token of a path takes the plain name
             for info in sorted(unknown, key=lambda i: claim_order(i.created_at, i.token)):
@@ -211,6 +209,10 @@ class Refresher:
                     adoptions.append((waiting[0], info))
                     continue
                 self._add(info, parts, vanished)
+            # an entry added before the marker of its directory (claim order) may sit in a
+            # conflict-named directory the marker's arrival made needless: placed again
+            self._place_until_still([(ns.nodes[ns.by_token[i.token]], i) for i in unknown
+                                     if ns.by_token.get(i.token) in self._added])
             for node in vanished.values():
                 self._vanish(node)
             self._settle_names(started)
@@ -222,6 +224,13 @@ class Refresher:
                 with self.index:
                     self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()
+
+    def _place_until_still(self, pairs: list[tuple[Node, TokenInfo]]) -> None:
+        """Put each node where its token's context puts it, again while any moved (a directory
+        that moved takes its subtree along; entries whose own tokens did not move go back)."""
+        for _ in range(4):
+            if not sum(self._place(node, info) for node, info in pairs):
+                break
 
     def _follow(self, node: Node, info: TokenInfo) -> None:
         """A known token changed on the server (another client): follow it."""
