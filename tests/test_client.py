@@ -1,9 +1,9 @@
 """The client library against a real engine: every operation, every wire shape, faults in the
 middle of waits, renewal, OAuth, concurrency, tampering, and interoperability with code that
 knows nothing but the key file and the wire format."""
+
 from __future__ import annotations
 
-import base64
 import os
 import stat
 import uuid
@@ -19,8 +19,15 @@ from privifs.client.provision import new_identity, register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import ClientOptions, Endpoints
 from privifs.crypto.keys import generate_aes_key_file, load_aes_key
-from privifs.errors import (AuthenticationError, CommandPending, CommandRejected, ConflictError, IntegrityError,
-                            NotFoundError, ServerUnreachable)
+from privifs.errors import (
+    AuthenticationError,
+    CommandPending,
+    CommandRejected,
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    ServerUnreachable,
+)
 from tests.enginekit import Wire
 
 
@@ -68,10 +75,16 @@ async def test_empty_and_boundary_sizes(account):
 
 
 SHAPES = [
-    {"command_id_shape": "string"}, {"command_id_shape": "array"},
-    {"stream_shape": "url"}, {"temporary_token_shape": "guide"}, {"file_meta_shape": "string"},
-    {"status_shape": "array"}, {"request_data_layout": "nested"}, {"reauthorize_mode": "async"},
-    {"emit_started": True}, {"oauth_accept_shape": "empty"},
+    {"command_id_shape": "string"},
+    {"command_id_shape": "array"},
+    {"stream_shape": "url"},
+    {"temporary_token_shape": "guide"},
+    {"file_meta_shape": "string"},
+    {"status_shape": "array"},
+    {"request_data_layout": "nested"},
+    {"reauthorize_mode": "async"},
+    {"emit_started": True},
+    {"oauth_accept_shape": "empty"},
 ]
 
 
@@ -163,7 +176,7 @@ async def test_dropped_acks_and_websocket_disconnects_during_waits(eng, account)
             tokens.append(await vault.put_bytes(b"during a disconnect", meta()))
             datas.append(b"during a disconnect")
         eng.set_options(ack_delay_ms=0, ws_drop_rate=0.3, seed=5)
-        for t, d in zip(tokens, datas):
+        for t, d in zip(tokens, datas, strict=False):
             assert await vault.get_bytes(t) == d
         eng.set_options(ws_drop_rate=0)
         with trio.fail_after(15):
@@ -174,8 +187,9 @@ async def test_dropped_acks_and_websocket_disconnects_during_waits(eng, account)
 
 async def test_websocket_unavailable_falls_back_to_polling(eng, account):
     endpoints, creds = account
-    no_ws = Endpoints(api=endpoints.api, ws="ws://127.0.0.1:9", upstream=endpoints.upstream,
-                      downstream=endpoints.downstream)
+    no_ws = Endpoints(
+        api=endpoints.api, ws="ws://127.0.0.1:9", upstream=endpoints.upstream, downstream=endpoints.downstream
+    )
     async with connect(no_ws, creds, ClientOptions(connect_timeout=1)) as client:
         assert not client.hub.connected
         vault = client.vault(KEY)
@@ -340,4 +354,3 @@ async def test_early_events_are_kept_for_late_waiters(account):
 
 def test_secrets_are_not_in_reprs():
     assert "hunter2" not in repr(PasswordCredentials("u", "hunter2-long"))
-    assert base64  # noqa: used above
