@@ -207,7 +207,9 @@ def main() -> None:
         PROFILE[workload] = out
     work = Path(tempfile.mkdtemp(prefix="privifs-hot-", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
     load = os.getloadavg()[0]
-    print(f"load average {load:.2f} on {os.cpu_count()} CPUs (figures taken under this load)", flush=True)
+    import privifs as code
+    print(f"privifs from {Path(code.__file__).parent}; load average {load:.2f} on {os.cpu_count()} CPUs "
+          "(figures taken under this load)", flush=True)
     try:
         with Mounted(work, args.mount_args) as m:
             if "randread" in only:
