@@ -15,6 +15,10 @@ defaults to the mount's default. A measurement, not a test. Usage:
 ``.venv/bin/python scripts/measure_hotpaths.py [--only randread,create,...] [--files 5000]
 [--rand-mib 256] [--rand-ops 20000] [--profile create=/tmp/create.txt] [-- MOUNT_ARGS]``
 
+The daemon is started with ``python -m privifs`` from the current directory, which comes first
+on its ``sys.path``: to measure another checkout, run this from that checkout's directory with it
+on ``PYTHONPATH`` (the first line printed names the one this process imported).
+
 ``--profile WORKLOAD=FILE`` records the daemon with py-spy (``pip install py-spy`` into the
 venv) during that workload and writes a flame graph (``.svg``) or raw collapsed stacks
 (``.txt``) to FILE, which must be outside the repository.
