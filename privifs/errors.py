@@ -2,17 +2,16 @@
 
 Every error a user can meet is a :class:`PrivifsError` whose message says what happened and,
 where possible, what to do. Vault errors say whether they are *transient* (worth retrying with
-backoff) so retry policy and errno mapping are decided in one place.
+backoff) so retry policy is decided in one place. Errors carry no errno: the FUSE layer chooses
+the errno from the error's type, in one table (:mod:`privifs.fs.errnos`). A command the server
+rejects becomes the error its reason key stands for (:func:`rejected_command`, one table).
 """
 from __future__ import annotations
-
-import errno as _errno
 
 
 class PrivifsError(Exception):
     """Base of every privifs error; ``str(exc)`` is a message for the user."""
 
-    errno: int = _errno.EIO
     transient: bool = False
 
 
@@ -37,13 +36,11 @@ class LocalStoreError(PrivifsError):
 
 
 class DiskFullError(LocalStoreError):
-    errno = _errno.ENOSPC
+    """The local disk (staging, cache or index) has no room left."""
 
 
 class NodeGone(PrivifsError):
     """A node left the tree (unlinked, or its directory removed) while work on it was pending."""
-
-    errno = _errno.ENOENT
 
 
 class FormatVersionError(LocalStoreError):
@@ -78,27 +75,21 @@ class ProtocolError(VaultError):
 class AuthenticationError(VaultError):
     """Username or password were refused."""
 
-    errno = _errno.EACCES
-
 
 class AuthorizationError(VaultError):
     """The authorization token was refused even after renewing it."""
 
-    errno = _errno.EACCES
-
 
 class ForbiddenError(VaultError):
-    errno = _errno.EACCES
+    """The server refused the request for this profile (HTTP 403)."""
 
 
 class NotFoundError(VaultError):
-    errno = _errno.ENOENT
+    """What the request names does not exist on the server (HTTP 404)."""
 
 
 class ConflictError(VaultError):
     """The server refused because the resource already exists (HTTP 409)."""
-
-    errno = _errno.EEXIST
 
 
 class RequestRejected(VaultError):
@@ -116,9 +107,34 @@ class CommandRejected(VaultError):
     def __init__(self, message: str, *, command_id: str, reason: str | None):
         super().__init__(message, reason=reason)
         self.command_id = command_id
-        if reason and any(w in reason.lower() for w in ("denied", "forbidden", "not_an_owner",
-                                                         "permission", "unauthori")):
-            self.errno = _errno.EACCES
+
+
+class PermissionRefused(CommandRejected):
+    """A command rejected because this profile may not do it (not the owner, denied by a policy)."""
+
+
+# the reason keys (``<area>.<reason>``, e.g. ``profile.not_an_owner``) whose rejection means "not
+# allowed", by their part after the area; any other reason is a plain CommandRejected
+REFUSAL_REASONS: dict[str, type[CommandRejected]] = {
+    "not_an_owner": PermissionRefused,
+    "access_denied": PermissionRefused,
+    "permission_denied": PermissionRefused,
+    "denied": PermissionRefused,
+    "forbidden": PermissionRefused,
+    "unauthorized": PermissionRefused,
+}
+
+
+def rejected_command(message: str, *, command_id: str, reason: str | None) -> CommandRejected:
+    """The error for a command the server rejected with ``reason``: its type from the reason key
+    (:data:`REFUSAL_REASONS`), :class:`CommandRejected` for any other reason (or prose)."""
+    key = (reason or "").strip().rpartition(".")[2].lower()
+    return REFUSAL_REASONS.get(key, CommandRejected)(message, command_id=command_id, reason=reason)
+
+
+class WriteBackFailed(PrivifsError):
+    """An fsync gave up: the upload of the file's content did not complete (in time). The data
+    stays staged and keeps being retried."""
 
 
 class CommandPending(VaultError):

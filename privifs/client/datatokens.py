@@ -22,7 +22,7 @@ from privifs.client import shapes
 from privifs.client.events import Commands, EventHub
 from privifs.client.transport import ClientOptions, Transport
 from privifs.errors import (CommandPending, CommandRejected, NotFoundError, PrivifsError, ProtocolError,
-                            RequestRejected, ServerError, ServerUnreachable, VaultError)
+                            RequestRejected, ServerError, ServerUnreachable, VaultError, rejected_command)
 
 log = logging.getLogger("privifs.client.datatokens")
 
@@ -75,8 +75,8 @@ class DataTokens:
             if state is not None and state.status == 2:
                 return await self._temporary(cid)
             if state is not None:
-                raise CommandRejected(f"reserve token space was rejected by the server: {state.reason}",
-                                      command_id=cid, reason=state.reason)
+                raise rejected_command(f"reserve token space was rejected by the server: {state.reason}",
+                                       command_id=cid, reason=state.reason)
         resp = await self.transport.call("POST", "/data-token/reserve-token-space",
                                          data={"context": context, "ttl": "5"}, idempotent=True,
                                          expected=(202, 200), what="reserve token space")
@@ -193,8 +193,8 @@ class DataTokens:
                             reason = result.status.reason or ""
                             if "not_found" in reason or "not found" in reason.lower():
                                 raise NotFoundError(f"token {token} does not exist ({reason})", status=404)
-                            raise CommandRejected(f"request data was rejected: {reason or 'no reason'}",
-                                                  command_id=rid, reason=reason)
+                            raise rejected_command(f"request data was rejected: {reason or 'no reason'}",
+                                                   command_id=rid, reason=reason)
                         result.request_id = data.get("id") if data.get("id") in rids else rid
                         return result
                 log.info("request-data result for %s did not arrive; asking again", token)

@@ -31,7 +31,7 @@ from trio_websocket import open_websocket_url
 from privifs.client import shapes
 from privifs.client.session import Session
 from privifs.client.transport import ClientOptions, Transport
-from privifs.errors import CommandPending, CommandRejected, NotFoundError, PrivifsError, VaultError
+from privifs.errors import CommandPending, NotFoundError, PrivifsError, VaultError, rejected_command
 
 log = logging.getLogger("privifs.client.events")
 
@@ -323,8 +323,8 @@ class Commands:
         finally:
             self.hub.unregister(waiter)
         if state.status == 3:
-            raise CommandRejected(f"{what} was rejected by the server: {state.reason or 'no reason given'}",
-                                  command_id=command_id, reason=state.reason)
+            raise rejected_command(f"{what} was rejected by the server: {state.reason or 'no reason given'}",
+                                   command_id=command_id, reason=state.reason)
         return state
 
     async def _wait(self, command_id: str, waiter: Waiter, timeout: float) -> shapes.CommandState:

@@ -61,7 +61,7 @@ class MountConfig:
     cache_dir: Path | None = None
     cache_size: int = 2 * 1024**3
     refresh_interval: float = 30.0
-    upload_workers: int = 4
+    upload_workers: int = 8
     write_back_delay: float = 1.0
     allow_other: bool = False
     state_dir: Path | None = None
@@ -119,6 +119,10 @@ class Daemon:
         self.mountpoint = mcfg.mountpoint.resolve()
         self.state_dir = mcfg.state_dir or default_state_dir(cfg)
         self.cache_dir = mcfg.cache_dir or (paths.cache_dir() / "vaults" / vault_id(cfg))
+        # the parts of the mount, built in _serve; status and flush read these, not through fs
+        self.ns: Namespace | None = None
+        self.staging: Staging | None = None
+        self.cache: ContentCache | None = None
         self.fs: Filesystem | None = None
         self.syncer: Syncer | None = None
         self.refresher: Refresher | None = None
@@ -172,12 +176,13 @@ class Daemon:
             ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
             staging = Staging(self.state_dir / "staging", local)
             cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
-            fs = Filesystem(ns, staging, cache, vault, opts)
-            fs.open_staged_files()
-            syncer = Syncer(fs, link, vault, workers=self.mcfg.upload_workers,
+            syncer = Syncer(ns, staging, cache, link, vault, workers=self.mcfg.upload_workers,
                             write_back_delay=self.mcfg.write_back_delay, supervisor=self.supervisor)
-            fs.sync = syncer
-            refresher = Refresher(fs, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link)
+            fs = Filesystem(ns, staging, cache, vault, opts, syncer)
+            fs.open_staged_files()
+            refresher = Refresher(ns, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link,
+                                  collect_parts=not opts.read_only)
+            self.ns, self.staging, self.cache = ns, staging, cache
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             online = await self._connect(account, links, link, refresher, syncer)
             options = set(pyfuse3.default_options) | {"fsname=privifs", "subtype=privifs"}
@@ -253,18 +258,20 @@ class Daemon:
 
     # -- status and flushing -----------------------------------------------------------------------
     def status(self) -> dict:
-        fs, syncer, refresher = self.fs, self.syncer, self.refresher
+        syncer, refresher, cache = self.syncer, self.refresher, self.cache
         pending = syncer.pending()
         return {
             "mountpoint": str(self.mountpoint), "server": self.cfg.server_label(), "pid": os.getpid(),
             "pending": pending, "pending_bytes": sum(p["size"] for p in pending),
             "pending_deletes": syncer.tombstone_count(), "uploads_done": syncer.uploads,
-            "cache": {"dir": str(self.cache_dir), "size": fs.cache.volume(), "limit": fs.cache.size_limit,
-                      "downloads": fs.cache.downloads},
-            "staging": {"dir": str(fs.staging.dir), "size": fs.staging.usage()},
+            "fsync": {"mode": self.fs.opts.fsync_mode, "not_in_vault": len(pending),
+                      "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in self.ns.pending()})},
+            "cache": {"dir": str(self.cache_dir), "size": cache.volume(), "limit": cache.size_limit,
+                      "downloads": cache.downloads},
+            "staging": {"dir": str(self.staging.dir), "size": self.staging.usage()},
             "last_refresh": refresher.last_refresh, "refresh_interval": refresher.interval,
             "refresh_error": refresher.last_error, "last_error": syncer.last_error,
-            "last_error_at": syncer.last_error_at, "files": len(fs.ns.nodes),
+            "last_error_at": syncer.last_error_at, "files": len(self.ns.nodes),
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),
         }
@@ -273,7 +280,7 @@ class Daemon:
         """Wait until nothing is pending (files still open for writing excepted)."""
         syncer = self.syncer
         if not await self.connector.try_now(UNREACHABLE_GRACE):
-            pending = len(self.fs.pending())
+            pending = len(self.ns.pending())
             if pending or syncer.tombstone_count():
                 return {"error": f"the server is unreachable (offline: {self.connector.link.reason}); "
                                  f"{pending} changes stay staged in {self.state_dir} and are uploaded when "
@@ -283,7 +290,7 @@ class Daemon:
         deadline = None if timeout is None else trio.current_time() + timeout
         while True:
             # what a flush waits for: everything pending but files still open for writing
-            pending = [n for n in self.fs.pending() if n.uploading or not (n.writers and n.content_dirty)]
+            pending = [n for n in self.ns.pending() if n.uploading or not n.waiting_for_close]
             deletes = syncer.tombstone_count()
             if not pending and not deletes:
                 return {"done": True}
@@ -291,7 +298,7 @@ class Daemon:
                        for n in pending if n.content_dirty)  # bytes still to upload
             if progress is not None:
                 await progress({"pending": len(pending), "bytes": size, "deletes": deletes,
-                                "uploading": [self.fs.path(n) for n in pending if n.uploading][:5]})
+                                "uploading": [self.ns.describe(n) for n in pending if n.uploading][:5]})
             since = syncer.unreachable_since
             if since is not None and time.time() - since > UNREACHABLE_GRACE:
                 return {"error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "

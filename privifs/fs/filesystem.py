@@ -3,9 +3,10 @@ cache and write-back. Local first: every change is made in the tree and the inde
 reaches the vault in the background (:mod:`privifs.fs.sync`); only reads of uncached content,
 the first write to a clean file (its content is fetched), and ``fsync`` wait for the network.
 
-Errors are raised as ``pyfuse3.FUSEError(errno)``; :mod:`privifs.fs.operations` turns any other
-:class:`~privifs.errors.PrivifsError` into its errno (EIO for vault failures, ENOSPC for a full
-local disk) after logging the path and the cause.
+Errors are raised as ``pyfuse3.FUSEError(errno)`` where POSIX decides the errno (ENOENT, EEXIST,
+ENOTEMPTY, …); any :class:`~privifs.errors.PrivifsError` from below gets its errno from its type
+(:mod:`privifs.fs.errnos`: EIO for vault failures, ENOSPC for a full local disk, …), here or in
+:mod:`privifs.fs.operations` after logging the path and the cause.
 
 Concurrency: handlers run on the trio thread; between awaits they are atomic. After any await a
 handler re-reads the node (it may have been renamed, unlinked or replaced meanwhile).
@@ -21,18 +22,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
-import trio
 
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, PrivifsError
 from privifs.fs.cache import ContentCache
+from privifs.fs.errnos import errno_for
+from privifs.fs.parts import is_manifest_node
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
-from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, NAME_MAX, RESERVED_CONTEXT, SPECIAL_KINDS
+from privifs.fs.sync import Syncer
+from privifs.fs.names import NAME_MAX
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, SPECIAL_KINDS
 
 if TYPE_CHECKING:
     from privifs.client.vault import Vault
-    from privifs.fs.sync import Syncer
 
 log = logging.getLogger("privifs.fs")
 
@@ -52,6 +55,7 @@ class MountOptions:
     read_only: bool = False
     attr_timeout: float = 5.0
     fsync_timeout: float = 300.0
+    fsync_mode: str = "vault"  # "local": fsync returns once durable on the local disk (fs/localsync.py)
 
     @property
     def file_mode(self) -> int:
@@ -81,23 +85,26 @@ class FileHandle:
 
 
 class Filesystem:
+    """POSIX over the parts the daemon builds: the tree (``ns``), staged content, the read cache,
+    the vault (reads) and the write-back (``sync``, built from the same tree, staging and cache)."""
+
     def __init__(self, ns: Namespace, staging: Staging, cache: ContentCache, vault: "Vault",
-                 opts: MountOptions):
+                 opts: MountOptions, sync: Syncer):
         self.ns = ns
         self.index: Index = ns.index
         self.staging = staging
         self.cache = cache
         self.vault = vault
+        self.parts = sync.parts.reader  # content of files stored as parts (shared with the write-back)
         self.opts = opts
-        self.sync: Syncer | None = None
+        self.sync = sync
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, list[tuple[int, int]]] = {}
         self._next_fh = 1
-        self.last_activity = 0.0
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
-        self.last_activity = trio.current_time()
+        self.sync.note_activity()
 
     # -- helpers ---------------------------------------------------------------------------
     def node(self, ino: int) -> Node:
@@ -139,14 +146,14 @@ class Filesystem:
         directory's when that directory is set-group-ID, and a new directory inherits the bit.
         The mount's owner and group (``--uid``/``--gid``, or the daemon's own) are stored as None."""
         uid, gid = owner if owner is not None else (self.opts.uid, self.opts.gid)
-        node.uid = None if uid in (self.opts.uid, os.getuid()) else uid
+        self.ns.set_attributes(node, uid=None if uid in (self.opts.uid, os.getuid()) else uid)
         if parent.mode & stat.S_ISGID:
-            node.gid = parent.gid
+            self.ns.set_attributes(node, gid=parent.gid)
             if node.is_dir:
-                node.mode |= stat.S_ISGID
+                self.ns.set_attributes(node, mode=node.mode | stat.S_ISGID)
         else:
-            node.gid = None if gid in (self.opts.gid, os.getgid()) else gid
-        node.atime_ns = node.mtime_ns
+            self.ns.set_attributes(node, gid=None if gid in (self.opts.gid, os.getgid()) else gid)
+        self.ns.set_attributes(node, atime_ns=node.mtime_ns)
 
     def new_name(self, parent: Node, name: bytes) -> str:
         """Validate a name for a new entry in ``parent``."""
@@ -188,30 +195,24 @@ class Filesystem:
 
     def touch_meta(self, node: Node, *, save: bool = True) -> None:
         """Attributes or place changed: the token's meta must be rewritten."""
-        node.ctime_ns = time.time_ns()
-        node.meta_dirty = 1
-        node.meta_version += 1
+        self.ns.meta_changed(node)
         if save:
             self.index.save(node)
-        if self.sync is not None:
-            self.sync.schedule(node)
+        self.sync.schedule(node)
 
     def touch_parent(self, parent: Node) -> None:
-        parent.mtime_ns = parent.ctime_ns = time.time_ns()
+        self.ns.touched(parent)
 
     def keep_empty_dir(self, parent: Node) -> None:
         """A directory that just became empty persists through a marker token."""
         if parent.ino != ROOT and not parent.children and parent.token is None and not parent.explicit:
-            parent.explicit = 1
+            self.ns.set_explicit(parent, True)
             self.touch_meta(parent)
 
     def release_node(self, node: Node) -> None:
         """Forget an unlinked node once the kernel and every open file let go of it."""
-        if node.unlinked and node.lookups <= 0 and node.opens <= 0 and self.ns.get(node.ino) is node:
-            if node.staged is not None and not node.uploading:
-                self.staging.remove(node.staged)
-                node.staged = None
-            self.ns.drop(node)
+        if self.ns.release(node, self.staging):
+            self.sync.wake_tombstones()
 
     # -- lookups and attributes --------------------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
@@ -225,14 +226,14 @@ class Filesystem:
             node = self.ns.child(parent, text)
         if node is None:
             raise fail(errno.ENOENT)
-        node.lookups += 1
+        self.ns.looked_up(node)
         return self.attrs(node)
 
     def forget(self, inode_list) -> None:
         for ino, n in inode_list:
             node = self.ns.get(ino)
             if node is not None:
-                node.lookups -= n
+                self.ns.forgotten(node, n)
                 self.release_node(node)
 
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -250,33 +251,34 @@ class Filesystem:
                 raise fail(errno.EINVAL)
             staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
             staged.sealed.truncate(attr.st_size)
-            node.size = attr.st_size
-            node.mtime_ns = now
+            self.parts.changes.resized(staged.id, attr.st_size)
+            self.ns.set_attributes(node, size=attr.st_size, mtime_ns=now)
             self.mark_content_dirty(node)
-            if node.writers == 0 and self.sync is not None:
+            if node.writers == 0:
                 self.sync.schedule_upload(node)
         meta = False
         if fields.update_mode:
-            node.mode = stat.S_IMODE(attr.st_mode)
+            self.ns.set_attributes(node, mode=stat.S_IMODE(attr.st_mode))
             meta = True
         if fields.update_uid:
-            node.uid = attr.st_uid
+            self.ns.set_attributes(node, uid=attr.st_uid)
             meta = True
         if fields.update_gid:
-            node.gid = attr.st_gid
+            self.ns.set_attributes(node, gid=attr.st_gid)
             meta = True
         if fields.update_atime:
-            node.atime_ns = attr.st_atime_ns
+            self.ns.set_attributes(node, atime_ns=attr.st_atime_ns)
             meta = True
         if fields.update_mtime:
             if node.atime_ns is None:
-                node.atime_ns = node.mtime_ns  # an unset atime reads as mtime: keep what it showed
-            node.mtime_ns = attr.st_mtime_ns
+                # an unset atime reads as mtime: keep what it showed
+                self.ns.set_attributes(node, atime_ns=node.mtime_ns)
+            self.ns.set_attributes(node, mtime_ns=attr.st_mtime_ns)
             meta = True
         # reads never update atime (noatime); only utimens sets it
         if meta or fields.update_size:
             if node.is_dir:
-                node.explicit = 1
+                self.ns.set_explicit(node, True)
             self.touch_meta(node)
         return self.attrs(node)
 
@@ -290,7 +292,7 @@ class Filesystem:
     def mkdir(self, parent_ino: int, name: bytes, mode: int,
               owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
         parent = self.dir_node(parent_ino)
-        return self._new_entry(parent, self.new_name(parent, name), KIND_DIR, stat.S_IMODE(mode), owner, explicit=1)
+        return self._new_entry(parent, self.new_name(parent, name), KIND_DIR, stat.S_IMODE(mode), owner, explicit=True)
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes,
                 owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
@@ -314,23 +316,24 @@ class Filesystem:
             raise fail(errno.EPERM)  # no device nodes
         node = self._new_file(self.dir_node(parent_ino), name, mode, owner)
         self.index.save(node)
-        if self.sync is not None:
-            self.sync.schedule_upload(node)
-        node.lookups += 1
+        self.sync.schedule_upload(node)
+        self.ns.looked_up(node)
         return self.attrs(node)
 
     def _new_entry(self, parent: Node, text: str, kind: str, mode: int, owner: tuple[int, int] | None,
-                   **fields) -> pyfuse3.EntryAttributes:
+                   *, explicit: bool = False, target: str | None = None) -> pyfuse3.EntryAttributes:
         """A new entry without content (directory, symlink, FIFO, socket), owned by its maker,
-        saved with its meta to be written back; ``fields`` are set on the node before it is saved."""
+        saved with its meta to be written back."""
         with self.index:
             node = self.ns.new_node(parent, text, kind, mode)
             self.own(node, parent, owner)
-            for field, value in fields.items():
-                setattr(node, field, value)
+            if explicit:
+                self.ns.set_explicit(node, True)
+            if target is not None:
+                self.ns.set_attributes(node, target=target)
             self.touch_parent(parent)
             self.touch_meta(node)
-        node.lookups += 1
+        self.ns.looked_up(node)
         return self.attrs(node)
 
     def _new_file(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int] | None) -> Node:
@@ -338,10 +341,8 @@ class Filesystem:
         staged = self.staging.create()
         node = self.ns.new_node(parent, text, KIND_FILE, stat.S_IMODE(mode))
         self.own(node, parent, owner)
-        node.staged = staged
-        node.staged_id = staged.id
-        node.content_dirty = 1
-        node.meta_version += 1
+        self.ns.set_staged(node, staged)
+        self.ns.content_changed(node)
         self.touch_parent(parent)
         return node
 
@@ -350,7 +351,7 @@ class Filesystem:
         parent = self.dir_node(parent_ino)
         node = self._new_file(parent, name, mode, owner)
         self.index.save(node)
-        node.lookups += 1
+        self.ns.looked_up(node)
         return self._open_node(node, flags), self.attrs(node)
 
     def link(self) -> None:
@@ -363,18 +364,10 @@ class Filesystem:
         if node.staged is not None and node.opens <= 0 and not node.uploading:
             # free the local space first: on a full disk the index needs it to record the removal
             self.staging.remove(node.staged)
-            node.staged = None
-            node.staged_id = None
-        self.ns.detach(node)
-        if node.token:
-            self.index.add_tombstone(node.token)
-            self.ns.set_token(node, None)
-        node.unlinked = True
-        node.content_dirty = 0
-        self.index.forget(node.ino)
+            self.ns.clear_staged(node)
+        self.ns.remove(node, delete_token=True)
         self.touch_parent(parent)
-        if self.sync is not None:
-            self.sync.wake_tombstones()
+        self.sync.wake_tombstones()
         self.release_node(node)
 
     def unlink(self, parent_ino: int, name: bytes) -> None:
@@ -434,12 +427,11 @@ class Filesystem:
         with self.index:
             if target is not None:
                 self._remove(target)
-            self.ns.detach(node)
-            self.ns.attach(new_parent, text, node)
+            self.ns.move(node, new_parent, text)
             self.touch_parent(old_parent)
             self.touch_parent(new_parent)
             if node.is_dir:
-                node.explicit = 1
+                self.ns.set_explicit(node, True)
                 for d in self.ns.descendants(node):
                     if d is not node and (d.token or d.explicit):
                         self.touch_meta(d)
@@ -453,9 +445,7 @@ class Filesystem:
         fh = FileHandle(self._next_fh, node, writable, bool(flags & os.O_APPEND))
         self._next_fh += 1
         self.handles[fh.fh] = fh
-        node.opens += 1
-        if writable:
-            node.writers += 1
+        self.ns.opened(node, writable=writable)
         info = pyfuse3.FileInfo(fh=fh.fh)
         info.keep_cache = True  # remote changes invalidate the kernel's page cache explicitly
         return info
@@ -473,15 +463,14 @@ class Filesystem:
             staged = await self.writable_staged(node, truncate_to_zero=True)
             if staged.size:
                 staged.sealed.truncate(0)
-            node.size = 0
-            node.mtime_ns = node.ctime_ns = time.time_ns()
+                self.parts.changes.resized(staged.id, 0)
+            now = time.time_ns()
+            self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
             self.mark_content_dirty(node)
         return self._open_node(node, flags)
 
     def mark_content_dirty(self, node: Node) -> None:
-        if not node.content_dirty:
-            node.content_dirty = 1
-            node.meta_version += 1
+        if self.ns.content_changed(node):
             self.index.save(node)
 
     async def writable_staged(self, node: Node, *, truncate_to_zero: bool = False) -> StagedFile:
@@ -491,13 +480,19 @@ class Filesystem:
         if staged is not None:
             if staged.frozen:
                 fresh = self.staging.create() if truncate_to_zero else self.staging.clone(staged)
-                node.staged = fresh
-                node.staged_id = fresh.id
+                if not truncate_to_zero:
+                    self.parts.changes.cloned(staged.id, fresh.id)
+                self.ns.set_staged(node, fresh)
                 self.index.save(node)
                 return fresh
             return staged
         if truncate_to_zero or node.token is None:
             fresh = self.staging.create()
+        elif is_manifest_node(node.remote_risk):
+            fresh = await self._parts(node, self.parts.stage(node.token, self.staging))
+            if node.staged is not None:  # someone else staged it while we waited
+                self.staging.remove(fresh)
+                return await self.writable_staged(node)
         else:
             sealed = await self.content(node)
             try:
@@ -506,8 +501,7 @@ class Filesystem:
                 fresh = self.staging.from_sealed(sealed.path)
             finally:
                 sealed.close()
-        node.staged = fresh
-        node.staged_id = fresh.id
+        self.ns.set_staged(node, fresh)
         self.index.save(node)
         return fresh
 
@@ -521,7 +515,20 @@ class Filesystem:
             raise fail(errno.EIO) from None
         except PrivifsError as exc:
             log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
-            raise fail(getattr(exc, "errno", errno.EIO)) from None
+            raise fail(errno_for(exc)) from None
+
+    async def _parts(self, node: Node, work):
+        """Await ``work`` on the node's parts (see :mod:`privifs.fs.parts`); a failure is EIO
+        (or the error's own errno), logged with the path."""
+        try:
+            return await work
+        except IntegrityError as exc:
+            log.error("%s: integrity failure in a part, the stored ciphertext does not verify (%s)",
+                      self.path(node), exc)
+            raise fail(errno.EIO) from None
+        except PrivifsError as exc:
+            log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
+            raise fail(errno_for(exc)) from None
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes:
         fh = self.handles[fh_id]
@@ -530,6 +537,8 @@ class Filesystem:
             return node.staged.sealed.read(offset, length)
         if node.token is None:
             return b""
+        if is_manifest_node(node.remote_risk):
+            return await self._parts(node, self.parts.read(node.token, offset, length))
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
             token = node.token
@@ -539,7 +548,7 @@ class Filesystem:
                 return await self.read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:
-                node.size = sealed.size  # the token's meta size was not the real size
+                self.ns.set_attributes(node, size=sealed.size)  # the token's meta size was not the real size
         try:
             return fh.reader.read(offset, length)
         except IntegrityError as exc:
@@ -557,8 +566,9 @@ class Filesystem:
         if fh.append:
             offset = staged.size
         n = staged.write(offset, data)
-        node.size = staged.size
-        node.mtime_ns = node.ctime_ns = time.time_ns()
+        self.parts.changes.wrote(staged.id, offset, n)
+        now = time.time_ns()
+        self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
         self.mark_content_dirty(node)
         return n
 
@@ -573,6 +583,10 @@ class Filesystem:
         node = fh.node
         if node.staged is None or not node.content_dirty or node.unlinked:
             return
+        if self.opts.fsync_mode == "local":
+            from privifs.fs.localsync import fsync_locally
+            await fsync_locally(self, node)
+            return
         node.staged.sealed.sync_header()
         self.index.save(node)
         await self.sync.commit(node, self.opts.fsync_timeout)
@@ -583,13 +597,12 @@ class Filesystem:
             return
         fh.close_reader()
         node = fh.node
-        node.opens -= 1
+        self.ns.closed(node, writable=fh.writable)
         if fh.writable:
-            node.writers -= 1
             if node.staged is not None and not node.unlinked:
                 node.staged.sealed.sync_header()
                 self.index.save(node)
-                if node.writers == 0 and node.content_dirty and self.sync is not None:
+                if node.writers == 0 and node.content_dirty:
                     self.sync.schedule_upload(node)
         self.release_node(node)
 
@@ -612,7 +625,7 @@ class Filesystem:
                 continue
             if not pyfuse3.readdir_reply(token, node.name.encode("utf-8", "surrogateescape"), self.attrs(node), seq):
                 return
-            node.lookups += 1
+            self.ns.looked_up(node)
 
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
@@ -642,21 +655,18 @@ class Filesystem:
         for node in self.ns.nodes.values():
             if node.staged_id:
                 try:
-                    node.staged = self.staging.open(node.staged_id)
+                    self.ns.set_staged(node, self.staging.open(node.staged_id))
                     referenced.add(node.staged_id)
-                    node.size = node.staged.size if node.content_dirty else node.size
+                    if node.content_dirty:
+                        self.ns.set_attributes(node, size=node.staged.size)
                 except PrivifsError as exc:
                     log.error("%s: the staged content is unreadable (%s)", self.path(node), exc)
-                    node.staged_id = None
-                    node.content_dirty = 0
+                    self.ns.clear_staged(node, content_clean=True)
                     self.index.save(node)
         for orphan in self.staging.ids() - referenced:
             self.staging.remove(orphan)
 
     def pending(self) -> list[Node]:
-        """The nodes in the tree whose content or meta the vault does not have yet, and uploads
-        still in flight (a removed node that is still open is not pending: nothing of it will be
-        uploaded; one whose upload was under way when it was removed is, until its token is
-        recorded for deletion)."""
-        return [n for n in self.ns.nodes.values()
-                if n.uploading or (n.content_dirty or n.meta_dirty) and not n.unlinked]
+        """What write-back still has to do (:meth:`Namespace.pending
+        <privifs.fs.namespace.Namespace.pending>`)."""
+        return self.ns.pending()

@@ -8,6 +8,13 @@ Tokens to delete live in ``tombstones`` until the listing confirms they are gone
 ``synchronous=NORMAL``: a committed change survives the daemon being killed. The layout carries a
 version and is upgraded in place by ordered migration steps (``MIGRATIONS`` below).
 
+Ownership: :class:`Namespace` is the only writer of a :class:`Node`'s fields. Everyone else
+(the filesystem, write-back, the refresher) reads nodes and changes them through the operations
+below (``move``, ``remove``, ``set_staged``/``clear_staged``, ``mark_uploaded``, ``record_error``,
+``set_attributes``, …), so each invariant (``staged`` and ``staged_id`` change together, a removed
+node leaves the tree, the token map and the index at once) lives in one place.
+``tests/test_fs_structure.py`` fails if another module of ``privifs/fs`` assigns a node field.
+
 State and concurrency: all of this is touched only from the trio thread; no method here awaits,
 so each call is atomic with respect to FUSE handlers and background tasks.
 """
@@ -20,9 +27,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone
 from privifs.fs.space import open_error
-from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, join_context
+from privifs.fs.names import shown_name
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, attributes, join_context
+
+if TYPE_CHECKING:
+    from privifs.client.shapes import TokenInfo
+    from privifs.fs.staging import Staging, StagedFile
 
 ROOT = 1
 
@@ -124,6 +138,12 @@ class Node:
     @property
     def is_symlink(self) -> bool:
         return self.kind == KIND_SYMLINK
+
+    @property
+    def waiting_for_close(self) -> bool:
+        """Written content not uploaded while a writer still has the file open: it is uploaded
+        on the last close (or when an fsync asks)."""
+        return self.writers > 0 and bool(self.content_dirty)
 
     def st_mode(self) -> int:
         kind = {KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK}.get(self.kind, stat.S_IFREG)
@@ -307,6 +327,10 @@ class Namespace:
         self.index = index
         self.nodes: dict[int, Node] = {}
         self.by_token: dict[str, int] = {}
+        # tokens of removed files that are still open: a descriptor keeps reading (and copying on
+        # write) the content, so their deletion waits for the last close (the tombstone is in the
+        # index already, so a crash before that still deletes them)
+        self.held: dict[str, int] = {}
         self.dir_mode = dir_mode
         self.file_mode = file_mode
         loaded = index.load()
@@ -439,3 +463,222 @@ class Namespace:
                 self.index.save(child)
             node = child
         return node
+
+    # -- the operations that change a node (the only writers of its fields) ---------------------
+    # Nothing here saves to the index unless it says so: callers group changes in one
+    # ``with index:`` transaction and save once.
+
+    def pending(self) -> list[Node]:
+        """The nodes in the tree whose content or meta the vault does not have yet, and uploads
+        still in flight (a removed node that is still open is not pending: nothing of it will be
+        uploaded; one whose upload was under way when it was removed is, until its token is
+        recorded for deletion)."""
+        return [n for n in self.nodes.values()
+                if n.uploading or (n.content_dirty or n.meta_dirty) and not n.unlinked]
+
+    def move(self, node: Node, parent: Node, name: str) -> None:
+        """Put ``node`` at ``name`` in ``parent`` (after every other entry there)."""
+        self.detach(node)
+        self.attach(parent, name, node)
+
+    def show_as(self, node: Node, name: str | None) -> None:
+        """Record the name the entry shows under because its token says so (None: chosen here)."""
+        node.shown_as = name
+
+    def remove(self, node: Node, *, delete_token: bool) -> None:
+        """Take ``node`` out of the tree and the index for good. Its token, if any, is recorded for
+        deletion when ``delete_token`` (removed here), or just forgotten (already gone from the
+        vault). The node itself lives on until :meth:`release` while the kernel or an open file
+        still refers to it."""
+        self.detach(node)
+        if node.token:
+            if delete_token:
+                self.index.add_tombstone(node.token)
+            if node.opens > 0:  # still readable through its descriptors until released
+                if self.by_token.get(node.token) == node.ino:
+                    del self.by_token[node.token]
+                self.held[node.token] = node.ino
+            else:
+                self.set_token(node, None)
+        node.unlinked = True
+        node.content_dirty = 0
+        self.index.forget(node.ino)
+
+    def release(self, node: Node, staging: "Staging") -> bool:
+        """Let go of a removed node's content once every open file closed it, and forget the node
+        once the kernel lets go too (its staged content too, unless an upload is reading it: the
+        upload frees it when it ends). True if a held token's deletion may go ahead now."""
+        if not node.unlinked or node.opens > 0:
+            return False
+        freed = node.token is not None and self.held.get(node.token) == node.ino
+        if freed:
+            del self.held[node.token]
+            node.token = None
+        if node.lookups <= 0 and self.get(node.ino) is node:
+            if node.staged is not None and not node.uploading:
+                staging.remove(node.staged)
+                self.clear_staged(node)
+            self.drop(node)
+        return freed
+
+    # kernel references and open files
+    def looked_up(self, node: Node, count: int = 1) -> None:
+        node.lookups += count
+
+    def forgotten(self, node: Node, count: int) -> None:
+        node.lookups -= count
+
+    def opened(self, node: Node, *, writable: bool) -> None:
+        node.opens += 1
+        if writable:
+            node.writers += 1
+
+    def closed(self, node: Node, *, writable: bool) -> None:
+        node.opens -= 1
+        if writable:
+            node.writers -= 1
+
+    # attributes and local changes
+    ATTRIBUTES = ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size", "target")
+
+    def set_attributes(self, node: Node, **values) -> None:
+        """Set POSIX attributes (any of :attr:`ATTRIBUTES`); marks nothing dirty by itself."""
+        for field, value in values.items():
+            if field not in self.ATTRIBUTES:
+                raise TypeError(f"{field} is not an attribute of a node")
+            setattr(node, field, value)
+
+    def touched(self, node: Node) -> None:
+        """An entry of the directory ``node`` was added, removed or renamed."""
+        node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    def set_explicit(self, node: Node, explicit: bool) -> None:
+        """Whether the directory ``node`` must exist on its own (a marker token) even when empty."""
+        node.explicit = 1 if explicit else 0
+
+    def meta_changed(self, node: Node) -> None:
+        """Name, place or attributes changed here: the token's meta must be rewritten."""
+        node.ctime_ns = time.time_ns()
+        node.meta_dirty = 1
+        node.meta_version += 1
+
+    def meta_pending(self, node: Node) -> None:
+        """The token's meta must be (re)written, without a local change (after an upload)."""
+        node.meta_dirty = 1
+
+    def content_changed(self, node: Node) -> bool:
+        """The staged content differs from the token's; True if it was clean until now."""
+        if node.content_dirty:
+            return False
+        node.content_dirty = 1
+        node.meta_version += 1
+        return True
+
+    def set_staged(self, node: Node, staged: "StagedFile") -> None:
+        """The node's content is now ``staged`` (remembered by id in the index)."""
+        node.staged = staged
+        node.staged_id = staged.id
+
+    def clear_staged(self, node: Node, *, content_clean: bool = False) -> None:
+        """The node has no staged content any more; ``content_clean``: the vault has its content
+        (uploaded), or it is lost (unreadable after a restart)."""
+        node.staged = None
+        node.staged_id = None
+        if content_clean:
+            node.content_dirty = 0
+
+    # write-back bookkeeping
+    def defer(self, node: Node, until: float) -> None:
+        """Write-back of ``node`` waits until ``until`` (trio time) at least."""
+        node.retry_at = max(node.retry_at, until)
+
+    def schedule_retry(self, node: Node, when: float) -> None:
+        """The next write-back attempt of ``node`` is due at ``when`` (trio time; 0: now)."""
+        node.retry_at = when
+
+    def record_error(self, node: Node, message: str) -> int:
+        """A write-back attempt failed; returns the number of failed attempts in a row."""
+        node.attempts += 1
+        node.last_error = message
+        return node.attempts
+
+    def record_success(self, node: Node) -> None:
+        node.attempts = 0
+        node.last_error = None
+
+    def begin_upload(self, node: Node, *, streaming: bool) -> None:
+        """A token is being made for ``node`` (``streaming``: from its staged content, which is
+        then read by the upload); ``upload_started`` lets the next start find it if cut off."""
+        if streaming:
+            node.uploading = True
+        node.upload_started = time.time()
+
+    def end_upload(self, node: Node) -> None:
+        node.uploading = False
+
+    def set_remote_name(self, node: Node, context: str | None, name: str | None, extension: str | None) -> None:
+        """The place and name the node's token carries on the server (None: no token)."""
+        node.remote_context, node.remote_name, node.remote_extension = context, name, extension
+        node.shown_as = shown_name(name, extension) if name is not None else None
+
+    def set_remote_risk(self, node: Node, risk_json: str | None) -> None:
+        node.remote_risk = risk_json
+
+    def mark_uploaded(self, node: Node, token: str, context: str, name: str, extension: str, at: float) -> None:
+        """The node's content (or marker) now lives in ``token``, named as the server has it;
+        ``at``: trio time of the record (listings taken before it do not undo it)."""
+        self.set_token(node, token)
+        self.set_remote_name(node, context, name, extension)
+        node.remote_risk = None
+        node.upload_started = None
+        node.synced_at = at
+
+    def meta_written(self, node: Node, version: int, at: float) -> bool:
+        """The token's meta was written from the node as it was at ``version``; True if nothing
+        changed since (the node is clean), False if it must be written again."""
+        node.synced_at = at
+        if node.meta_version != version:
+            return False
+        node.meta_dirty = 0
+        return True
+
+    def restage(self, node: Node, fresh: "StagedFile") -> None:
+        """The node's token is gone from the vault but its content is at hand: it becomes new
+        content (``fresh``) to store again, as if never uploaded."""
+        self.set_token(node, None)
+        self.set_remote_name(node, None, None, None)
+        self.set_staged(node, fresh)
+        node.content_dirty = 1
+        node.meta_dirty = 1
+
+    def drop_meta_change(self, node: Node) -> None:
+        """The local meta change cannot be written (the token is gone): the node follows the
+        vault at the next listing."""
+        node.meta_dirty = 0
+        node.synced_at = 0.0
+
+    # following the vault
+    def follow_remote(self, node: Node, info: "TokenInfo") -> None:
+        """Take the attributes, size, place, name and risk meta ``info`` (the listing) shows."""
+        a = attributes(info)
+        if a.mode is not None:
+            node.mode = a.mode
+        if a.mtime_ns is not None:
+            node.mtime_ns = node.ctime_ns = a.mtime_ns
+        node.atime_ns = a.atime_ns
+        node.uid, node.gid = a.uid, a.gid
+        if node.is_symlink:
+            node.target = a.target
+        if info.size is not None and not node.is_dir:
+            node.size = info.size
+        node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension
+        node.remote_risk = risk_json(info)
+
+    def set_synced(self, node: Node, at: float) -> None:
+        """The node matches the vault as of ``at`` (trio time)."""
+        node.synced_at = at
+
+
+def risk_json(info: "TokenInfo") -> str | None:
+    """The risk meta of a listed token as the index keeps it (``remote_risk``)."""
+    return json.dumps(info.risk, sort_keys=True) if info.risk else None

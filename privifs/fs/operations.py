@@ -1,6 +1,6 @@
 """The pyfuse3 handlers: each translates its arguments, calls one method of
-:class:`~privifs.fs.filesystem.Filesystem`, and turns errors into errnos (logging the cause).
-Nothing else happens here."""
+:class:`~privifs.fs.filesystem.Filesystem`, and turns errors into errnos (logging the cause) by
+their type, through :func:`~privifs.fs.errnos.errno_for`. Nothing else happens here."""
 from __future__ import annotations
 
 import errno
@@ -10,6 +10,7 @@ import logging
 import pyfuse3
 
 from privifs.errors import PrivifsError
+from privifs.fs.errnos import errno_for
 from privifs.fs.filesystem import Filesystem
 
 log = logging.getLogger("privifs.fs")
@@ -25,10 +26,10 @@ def handler(fn):
             raise
         except PrivifsError as exc:
             log.error("%s failed: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno) from None
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
         except OSError as exc:
             log.error("%s failed: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno if exc.errno in (errno.ENOSPC, errno.EDQUOT) else errno.EIO) from None
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
         except Exception:  # noqa: BLE001 - a bug must answer EIO, not kill the mount
             log.exception("%s failed unexpectedly", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -39,11 +39,10 @@ from privifs.client.datatokens import DataTokens
 from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
-from privifs.fs.filesystem import Filesystem
-from privifs.fs.namespace import ROOT, Node
-from privifs.fs.sync import Syncer, desired_name
-from privifs.fs.tokenmeta import (KIND_DIR, RESERVED_CONTEXT, attributes, conflict_name, display_name, entry_name,
-                                  shown_name, split_context)
+from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
+from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
+from privifs.fs.sync import Syncer
+from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
 
@@ -65,15 +64,16 @@ def claim_order(created: float | None, token: str) -> tuple[float, str]:
 
 
 class Refresher:
-    def __init__(self, fs: Filesystem, tokens: DataTokens, syncer: Syncer, interval: float, *,
-                 invalidate: bool = True, events: EventHub | None = None):
-        self.fs = fs
-        self.ns = fs.ns
+    def __init__(self, ns: Namespace, tokens: DataTokens, syncer: Syncer, interval: float, *,
+                 invalidate: bool = True, events: EventHub | None = None, collect_parts: bool = True):
+        self.ns = ns
+        self.index = ns.index
         self.tokens = tokens
         self.syncer = syncer
         self.interval = interval
         self.invalidate = invalidate
         self.events = events
+        self.collect_parts = collect_parts  # False on a read-only mount: it deletes nothing
         self.last_refresh: float | None = None
         self.last_error: str | None = None
         self.listings = 0
@@ -142,6 +142,12 @@ class Refresher:
         async with self._lock:  # one listing at a time: an older one never undoes a newer one
             infos, started = await self.fetch()
             await self.apply(infos, started)
+        if not self.collect_parts:
+            return
+        try:
+            await self.syncer.parts.reader.sweep(infos)  # parts no manifest names (rate-limited)
+        except PrivifsError as exc:
+            log.warning("collecting unreferenced parts failed: %s", exc)
 
     # -- merging ---------------------------------------------------------------------------------
     def eligible(self, node: Node, started: float) -> bool:
@@ -150,7 +156,7 @@ class Refresher:
 
     async def apply(self, infos: list[TokenInfo], started: float) -> None:
         ns = self.ns
-        tombstones = self.fs.index.tombstones()
+        tombstones = self.index.tombstones()
         deleted = self.syncer.recently_deleted
         seen: set[int] = set()
         changed: list[tuple[Node, TokenInfo]] = []
@@ -173,8 +179,8 @@ class Refresher:
         orphans = {}
         for n in ns.nodes.values():
             if n.upload_started is not None and n.content_dirty and not n.uploading and not n.unlinked:
-                orphans.setdefault((self.ns.context(n), desired_name(n)), []).append(n)
-        with self.fs.index:
+                orphans.setdefault((self.ns.context(n), token_name(n)), []).append(n)
+        with self.index:
             followed = []
             for node, info in changed:
                 if not self.eligible(node, started):
@@ -190,14 +196,11 @@ class Refresher:
                 self._follow(node, info)
             # a directory that moved took its whole subtree along: entries whose own tokens did not
             # move go back to where their context puts them (until nothing moves)
-            for _ in range(4):
-                if not sum(self._place(node, info) for node, info in followed):
-                    break
+            self._place_until_still(followed)
             adoptions = []
             # in claim order: the first token of a path takes the plain name
             for info in sorted(unknown, key=lambda i: claim_order(i.created_at, i.token)):
                 parts = split_context(info.context)
-                raw = entry_name(info)
                 if (tuple(parts), info.file_name) in self.syncer.inflight_names:
                     continue
                 waiting = [n for (ctx, name), nodes in orphans.items() for n in nodes
@@ -205,7 +208,11 @@ class Refresher:
                 if waiting:
                     adoptions.append((waiting[0], info))
                     continue
-                self._add(info, parts, raw, vanished)
+                self._add(info, parts, vanished)
+            # an entry added before the marker of its directory (claim order) may sit in a
+            # conflict-named directory the marker's arrival made needless: placed again
+            self._place_until_still([(ns.nodes[ns.by_token[i.token]], i) for i in unknown
+                                     if ns.by_token.get(i.token) in self._added])
             for node in vanished.values():
                 self._vanish(node)
             self._settle_names(started)
@@ -214,34 +221,26 @@ class Refresher:
         await self._flush_invalidations()
         for node, info in adoptions:
             if not await self.syncer.adopt_orphan(node, info):
-                with self.fs.index:
-                    self._add(info, split_context(info.context), entry_name(info), {})
+                with self.index:
+                    self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()
 
-    def _apply_attributes(self, node: Node, info: TokenInfo) -> None:
-        a = attributes(info)
-        if a.mode is not None:
-            node.mode = a.mode
-        if a.mtime_ns is not None:
-            node.mtime_ns = node.ctime_ns = a.mtime_ns
-        node.atime_ns = a.atime_ns
-        node.uid, node.gid = a.uid, a.gid
-        if node.is_symlink:
-            node.target = a.target
-        if info.size is not None and not node.is_dir:
-            node.size = info.size
-        node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension
-        node.remote_risk = _risk_json(info)
+    def _place_until_still(self, pairs: list[tuple[Node, TokenInfo]]) -> None:
+        """Put each node where its token's context puts it, again while any moved (a directory
+        that moved takes its subtree along; entries whose own tokens did not move go back)."""
+        for _ in range(4):
+            if not sum(self._place(node, info) for node, info in pairs):
+                break
 
     def _follow(self, node: Node, info: TokenInfo) -> None:
         """A known token changed on the server (another client): follow it."""
         moved = self._place(node, info)
-        if not moved and node.remote_risk == _risk_json(info) and (info.size is None or node.size == info.size
+        if not moved and node.remote_risk == risk_json(info) and (info.size is None or node.size == info.size
                                                                     or node.is_dir):
             return
-        self._apply_attributes(node, info)
+        self.ns.follow_remote(node, info)
         self._inval_inode(node.ino, attr_only=True)
-        self.fs.index.save(node)
+        self.index.save(node)
 
     def _dirs_along(self, parts: list[str]) -> list[Node]:
         """The existing directories on the way to ``parts`` (as :meth:`Namespace.ensure_dirs`
@@ -260,7 +259,7 @@ class Refresher:
     def _place(self, node: Node, info: TokenInfo) -> bool:
         """Put ``node`` where ``info``'s context and name put it; True if it moved."""
         parts = split_context(info.context)
-        plain = display_name(entry_name(info))
+        plain = listed_name(info)
         along = self._dirs_along(parts)
         if (len(along) == len(parts) + 1 and along[-1].ino == node.parent
                 and node.name in (plain, conflict_name(plain, info.token))):
@@ -279,10 +278,9 @@ class Refresher:
             if self.ns.child(parent, name) not in (None, node):
                 return False
         old_parent, old_name = node.parent, node.name
-        self.ns.detach(node)
-        self.ns.attach(parent, name, node)
-        node.shown_as = name
-        self.fs.index.save(node)
+        self.ns.move(node, parent, name)
+        self.ns.show_as(node, name)
+        self.index.save(node)
         self._inval_entry(old_parent, old_name)
         self._inval_entry(parent.ino, name)
         self._drop_empty_implicit(self.ns.nodes.get(old_parent))
@@ -306,35 +304,34 @@ class Refresher:
                 self._merge_dirs(there, child)
                 continue
             if there is None:
-                self.ns.detach(child)
-                self.ns.attach(keep, name, child)
-                self.fs.index.save(child)
+                self.ns.move(child, keep, name)
+                self.index.save(child)
                 self._inval_entry(gone.ino, name)
                 self._inval_entry(keep.ino, name)
         if not gone.children:
             self._drop_empty_implicit(gone, upwards=False)
 
-    def _add(self, info: TokenInfo, parts: list[str], raw: str, vanished: dict[int, Node]) -> None:
+    def _add(self, info: TokenInfo, parts: list[str], vanished: dict[int, Node]) -> None:
         a = attributes(info)
         parent = self.ns.ensure_dirs(parts, a.mtime_ns or time.time_ns())
-        name = display_name(raw)
+        name = listed_name(info)
         holder = self.ns.child(parent, name)
         if holder is not None and holder.ino in vanished and (holder.is_dir == (a.kind == KIND_DIR)):
             # the entry lost its token and this one claims its place: its content was replaced
             del vanished[holder.ino]
             self.ns.set_token(holder, info.token)
-            self._apply_attributes(holder, info)
-            holder.shown_as = name
-            self.fs.index.save(holder)
+            self.ns.follow_remote(holder, info)
+            self.ns.show_as(holder, name)
+            self.index.save(holder)
             self._inval_inode(holder.ino, attr_only=False)
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir and holder.token is None:
             # a marker for a directory we only knew implicitly
             self.ns.set_token(holder, info.token)
-            self._apply_attributes(holder, info)
-            holder.explicit = 1
-            holder.shown_as = name
-            self.fs.index.save(holder)
+            self.ns.follow_remote(holder, info)
+            self.ns.set_explicit(holder, True)
+            self.ns.show_as(holder, name)
+            self.index.save(holder)
             self._inval_inode(holder.ino, attr_only=True)
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir:
@@ -343,49 +340,43 @@ class Refresher:
             if a.kind == KIND_DIR and not holder.is_dir:
                 # directories keep their plain name (entries live under it); the file moves aside
                 moved_name = conflict_name(name, holder.token or str(holder.ino))
-                self.ns.detach(holder)
-                self.ns.attach(parent, moved_name, holder)
-                holder.shown_as = moved_name
-                self.fs.index.save(holder)
+                self.ns.move(holder, parent, moved_name)
+                self.ns.show_as(holder, moved_name)
+                self.index.save(holder)
                 self._inval_entry(parent.ino, name)
             else:
                 name = conflict_name(name, info.token)
         mode = a.mode if a.mode is not None else (self.ns.dir_mode if a.kind == KIND_DIR else self.ns.file_mode)
         node = self.ns.new_node(parent, name, a.kind, mode, a.mtime_ns)
         self.ns.set_token(node, info.token)
-        self._apply_attributes(node, info)
-        node.shown_as = name
-        node.explicit = 1 if a.kind == KIND_DIR else 0
-        node.synced_at = trio.current_time()
+        self.ns.follow_remote(node, info)
+        self.ns.show_as(node, name)
+        self.ns.set_explicit(node, a.kind == KIND_DIR)
+        self.ns.set_synced(node, trio.current_time())
         self._added.add(node.ino)
-        self.fs.index.save(node)
+        self.index.save(node)
         self._inval_entry(parent.ino, name)
 
     def _vanish(self, node: Node) -> None:
         """The node's token is gone from the vault (deleted elsewhere)."""
         if node.is_dir and node.children:
             self.ns.set_token(node, None)
-            node.explicit = 0
-            self.fs.index.save(node)
+            self.ns.set_explicit(node, False)
+            self.index.save(node)
             return
         parent = self.ns.nodes.get(node.parent)
-        self.ns.detach(node)
-        self.ns.set_token(node, None)
-        node.unlinked = True
-        self.fs.index.forget(node.ino)
+        self.ns.remove(node, delete_token=False)
         self._inval_entry(node.parent, node.name, deleted=node.ino)
-        self.fs.release_node(node)
+        self.ns.release(node, self.syncer.staging)
         self._drop_empty_implicit(parent)
 
     def _drop_empty_implicit(self, node: Node | None, *, upwards: bool = True) -> None:
         while (node is not None and node.ino != ROOT and node.is_dir and not node.children and node.token is None
                and not node.explicit and not node.meta_dirty):
             parent = self.ns.nodes.get(node.parent)
-            self.ns.detach(node)
-            node.unlinked = True
-            self.fs.index.forget(node.ino)
+            self.ns.remove(node, delete_token=False)
             self._inval_entry(node.parent, node.name, deleted=node.ino)
-            self.fs.release_node(node)
+            self.ns.release(node, self.syncer.staging)
             node = parent if upwards else None
 
     def _settle_names(self, started: float) -> None:
@@ -418,8 +409,8 @@ class Refresher:
                 if self.ns.child(parent, name) is not None:
                     name = olds[n.ino] if self.ns.child(parent, olds[n.ino]) is None else f"{name}~{n.ino}"
                 self.ns.attach(parent, name, n)
-                n.shown_as = name
-                self.fs.index.save(n)
+                self.ns.show_as(n, name)
+                self.index.save(n)
                 self._inval_entry(parent.ino, olds[n.ino])
                 self._inval_entry(parent.ino, name)
 
@@ -447,7 +438,3 @@ class Refresher:
 
         await trio.to_thread.run_sync(run)
 
-
-def _risk_json(info: TokenInfo) -> str | None:
-    import json
-    return json.dumps(info.risk, sort_keys=True) if info.risk else None

@@ -30,7 +30,6 @@ lets the refresher ignore a token of ours that the listing shows before the node
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
@@ -38,7 +37,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
-import pyfuse3
 import trio
 
 from privifs.client.datatokens import DataTokens, FileMeta
@@ -50,16 +48,21 @@ from privifs.errors import (
     NotFoundError,
     PrivifsError,
     ServerUnreachable,
+    WriteBackFailed,
 )
-from privifs.fs.filesystem import Filesystem
-from privifs.fs.namespace import Node
-from privifs.fs.staging import StagedFile
+from privifs.fs.cache import ContentCache
+from privifs.fs.names import token_naming
+from privifs.fs.namespace import Namespace, Node
+from privifs.fs.parts import PartReader, is_manifest_node
+from privifs.fs.partwrite import PartWriter
+from privifs.fs.staging import StagedFile, Staging
+from privifs.parts.format import MARK
+from privifs.parts.format import VERSION as PARTS_VERSION
+from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
-    extension_of,
     risk_fields,
     same_context,
-    shown_name,
     split_context,
 )
 from privifs.supervise import Supervisor
@@ -80,26 +83,17 @@ def fsync_waits_through(exc: PrivifsError) -> bool:
     return exc.transient and not isinstance(exc, ServerUnreachable)
 
 
-def desired_naming(node: Node) -> tuple[str, str]:
-    """The fileName and extension the token should carry. While the entry still shows under the
-    name derived from the token (``shown_as``), the token's own fields are kept as they are
-    (another application's ``README`` + ``md`` stays so); after a rename, the new name."""
-    if node.shown_as is not None and node.name == node.shown_as and node.remote_name is not None:
-        return node.remote_name, node.remote_extension or ""
-    return node.name, extension_of(node.name)
-
-
-def desired_name(node: Node) -> str:
-    return desired_naming(node)[0]
-
-
 class Syncer:
-    def __init__(self, fs: Filesystem, tokens: DataTokens, vault: Vault, *, workers: int = 4,
-                 write_back_delay: float = 1.0, supervisor: Supervisor | None = None):
-        self.fs = fs
+    """Write-back over the tree (``ns``), the staged content (``staging``) and the read cache
+    (uploaded content moves into it), talking to the vault through ``tokens`` and ``vault``."""
+
+    def __init__(self, ns: Namespace, staging: Staging, cache: ContentCache, tokens: DataTokens, vault: Vault, *,
+                 workers: int = 4, write_back_delay: float = 1.0, supervisor: Supervisor | None = None):
         self.supervisor = supervisor or Supervisor()
-        self.ns = fs.ns
-        self.index = fs.index
+        self.ns = ns
+        self.index = ns.index
+        self.staging = staging
+        self.cache = cache
         self.tokens = tokens
         self.vault = vault
         self.workers = workers
@@ -109,8 +103,10 @@ class Syncer:
         self._busy: set[int] = set()
         self._again: set[int] = set()
         self._fsync: Counter[int] = Counter()
+        self.local_fsynced: set[int] = set()  # --fsync local: durable here, uploaded even while open
         self._commits: dict[str, tuple[trio.Event, list]] = {}
         self._tomb_wake = trio.Event()
+        self._fsync_asked = trio.Event()  # set (and replaced) when an fsync asks: wakes deferred work
         self._nursery: trio.Nursery | None = None
         self.inflight_names: Counter[tuple[tuple[str, ...], str]] = Counter()
         self.recently_deleted: dict[str, float] = {}
@@ -120,6 +116,12 @@ class Syncer:
         self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
+        self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
+        self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
+
+    def note_activity(self) -> None:
+        """A FUSE request arrived: background write-back yields while requests keep coming."""
+        self.last_activity = trio.current_time()
 
     # -- scheduling ----------------------------------------------------------------------------
     def schedule(self, node: Node) -> None:
@@ -134,8 +136,14 @@ class Syncer:
     def schedule_upload(self, node: Node) -> None:
         """A file was closed after writing: upload it after the write-back delay (which lets a
         burst of writes finish first and coalesces quick rewrites)."""
-        node.retry_at = max(node.retry_at, trio.current_time() + self.write_back_delay)
+        self.ns.defer(node, trio.current_time() + self.write_back_delay)
         self.schedule(node)
+
+    def upload_soon(self, node: Node) -> None:
+        """``--fsync local``: the node's content is durable here; upload it after the write-back
+        delay even if the file stays open (a database keeps it open), as long as it is dirty."""
+        self.local_fsynced.add(node.ino)
+        self.schedule_upload(node)
 
     def wake_tombstones(self) -> None:
         self._tomb_wake.set()
@@ -146,7 +154,7 @@ class Syncer:
             for i in range(self.workers):
                 self.supervisor.start_soon(nursery, f"write-back worker {i + 1}", self._worker)
             self.supervisor.start_soon(nursery, "token deletion", self._tombstone_loop)
-            for node in self.fs.pending():
+            for node in self.ns.pending():
                 self.schedule(node)
             task_status.started()
 
@@ -166,7 +174,7 @@ class Syncer:
                 if self.ns.get(ino) is node and not node.unlinked:  # it may have gone meanwhile
                     await self.reconcile(node)
             except Exception as exc:  # noqa: BLE001 - write-back must outlive any bug or local failure
-                self.supervisor.failed("write-back", exc, f"of {self.fs.path(node)} failed unexpectedly")
+                self.supervisor.failed("write-back", exc, f"of {self.ns.describe(node)} failed unexpectedly")
                 self._failed(node, PrivifsError(f"unexpected failure: {exc!r}"))
             finally:
                 self._busy.discard(ino)
@@ -180,10 +188,11 @@ class Syncer:
         and never when an fsync asks for this node."""
         start = trio.current_time()
         while not (ino is not None and self._fsync[ino]) and trio.current_time() - start < MAX_DEFER:
-            quiet_for = trio.current_time() - self.fs.last_activity
+            quiet_for = trio.current_time() - self.last_activity
             if quiet_for >= QUIET:
                 return
-            await trio.sleep(QUIET - quiet_for)
+            with trio.move_on_after(QUIET - quiet_for):
+                await self._fsync_asked.wait()
 
     async def _later(self, ino: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -192,8 +201,8 @@ class Syncer:
             self.schedule(node)
 
     def retry_all_now(self) -> None:
-        for node in self.fs.pending():
-            node.retry_at = 0.0
+        for node in self.ns.pending():
+            self.ns.schedule_retry(node, 0.0)
             self.schedule(node)
         self.wake_tombstones()
 
@@ -201,7 +210,7 @@ class Syncer:
     async def reconcile(self, node: Node) -> None:
         try:
             if node.is_file and node.content_dirty and node.staged is not None:
-                if node.writers > 0 and not self._fsync[node.ino]:
+                if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 await self._upload(node)
             elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit
@@ -210,30 +219,30 @@ class Syncer:
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
         except NodeGone:
-            self.fs.release_node(node)  # removed while its write-back waited: nothing to send
+            self.ns.release(node, self.staging)  # removed while its write-back waited: nothing to send
             return
         except PrivifsError as exc:
             self._failed(node, exc)
             return
-        node.attempts = 0
-        node.last_error = None
+        self.ns.record_success(node)
         self.unreachable_since = None
+        if not node.content_dirty:
+            self.local_fsynced.discard(node.ino)
 
     def _failed(self, node: Node, exc: PrivifsError) -> None:
-        node.attempts += 1
-        delay = min(MAX_BACKOFF, 0.5 * 2 ** min(node.attempts, 12))
+        attempts = self.ns.record_error(node, str(exc))
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
         waits = self._fsync[node.ino] and fsync_waits_through(exc)
         if waits:
             delay = min(delay, FSYNC_RETRY)
-        node.retry_at = trio.current_time() + delay
-        node.last_error = str(exc)
-        self.last_error = f"{self.fs.path(node)}: {exc}"
+        self.ns.schedule_retry(node, trio.current_time() + delay)
+        self.last_error = f"{self.ns.describe(node)}: {exc}"
         self.last_error_at = time.time()
         if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
             self.unreachable_since = time.time()
-        log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.fs.path(node), exc, delay, node.attempts)
+        log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
         self.schedule(node)
@@ -245,14 +254,8 @@ class Syncer:
             yield piece
 
     def _target(self, node: Node) -> tuple[str, str, str, str]:
-        name, extension = desired_naming(node)
+        name, extension = token_naming(node)
         return self.ns.context(node), name, extension, self.ns.path(node)
-
-    @staticmethod
-    def _remote_named(node: Node, context: str, name: str, extension: str) -> None:
-        """Record the place and name the token now carries on the server."""
-        node.remote_context, node.remote_name, node.remote_extension = context, name, extension
-        node.shown_as = shown_name(name, extension)
 
     @contextlib.contextmanager
     def _claiming(self, context: str, name: str):
@@ -274,11 +277,7 @@ class Syncer:
 
     def _recorded(self, node: Node, token: str, context: str, name: str, extension: str) -> None:
         """The node's content now lives in ``token``, named as the server has it."""
-        self.ns.set_token(node, token)
-        self._remote_named(node, context, name, extension)
-        node.remote_risk = None
-        node.upload_started = None
-        node.synced_at = trio.current_time()
+        self.ns.mark_uploaded(node, token, context, name, extension, trio.current_time())
 
     async def _upload(self, node: Node) -> None:
         staged = node.staged
@@ -287,28 +286,50 @@ class Syncer:
         size = staged.size
         context, name, extension, path = self._target(node)
         replaced, seen_at = node.token, (node.remote_context, node.remote_name, node.remote_extension)
-        node.uploading = True
-        node.upload_started = time.time()
+        self.ns.begin_upload(node, streaming=True)
         self.index.save(node)
         try:
             with self._claiming(context, name):
-                token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size,
-                                                    FileMeta(name, extension, context, size, path))
+                meta = FileMeta(name, extension, context, size, path)
+                stale: list[str] = []
+                manifest_risk = None
+                if size > PARTS_THRESHOLD:
+                    token, stale, manifest_risk = await self._store_parts(node, staged, meta)
+                else:
+                    token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size, meta)
                 keep = (replaced is not None and replaced != token
                         and await self._moved_elsewhere(replaced, seen_at))
-                self._record_content(node, staged, token, context, name, extension, keep_old=keep)
+                self._record_content(node, staged, token, context, name, extension, keep_old=keep,
+                                     manifest_risk=manifest_risk)
         finally:
-            node.uploading = False
+            self.ns.end_upload(node)
             self.sent.pop(node.ino, None)
             if node.staged is staged:
                 staged.frozen = False
             if node.unlinked:
-                self.fs.release_node(node)
+                self.ns.release(node, self.staging)
         self.uploads += 1
         if replaced is not None and replaced != token and not keep:
             await self._delete_now(replaced)
+            for part in stale:  # the old manifest's parts the new one does not name (else: collected)
+                await self._delete_now(part)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _store_parts(self, node: Node, staged: StagedFile, meta: FileMeta) -> tuple[str, list[str], dict]:
+        """Store a big file as parts + a manifest (:mod:`privifs.fs.partwrite`): the manifest
+        token, the replaced manifest's parts no longer named, and the manifest's risk meta."""
+        old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.ns.describe(node))
+        risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
+        risk[MARK] = str(PARTS_VERSION)
+        ino = node.ino
+        self.sent[ino] = 0  # umount's progress: a part counts once uploaded (or kept)
+
+        def progress(n: int) -> None:
+            self.sent[ino] = self.sent.get(ino, 0) + n
+
+        token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
+        return token, stale, risk
 
     async def _delete_now(self, token: str) -> None:
         """Delete a replaced token right after the check that it did not move (the shorter the
@@ -351,45 +372,45 @@ class Syncer:
         return moved
 
     def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str,
-                        extension: str, *, keep_old: bool = False) -> None:
+                        extension: str, *, keep_old: bool = False, manifest_risk: dict | None = None) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``)."""
         with self.index:
             if node.unlinked:
                 self._tombstone(token)
                 if node.staged is staged:
-                    node.staged = None
-                self.fs.staging.remove(staged)
+                    self.ns.clear_staged(node)
+                self.staging.remove(staged)
                 self._finish_commit(staged, None)
-                self.fs.release_node(node)
+                self.ns.release(node, self.staging)
                 return
             old = node.token
             if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
-            node.meta_dirty = 1
+            if manifest_risk is not None:  # a manifest: kept a manifest by later meta updates
+                self.ns.set_remote_risk(node, json.dumps(manifest_risk, sort_keys=True))
+            self.ns.meta_pending(node)
             if node.staged is staged:
-                node.staged = None
-                node.staged_id = None
-                node.content_dirty = 0
+                self.ns.clear_staged(node, content_clean=True)
                 staged.sealed.close()
                 if not self._adopt(token, staged):
-                    self.fs.staging.remove(staged)
+                    self.staging.remove(staged)
             else:
-                self.fs.staging.remove(staged)
+                self.staging.remove(staged)
             self.index.save(node)
         self._finish_commit(staged, None)
 
     def _adopt(self, token: str, staged: StagedFile) -> bool:
         try:
-            return self.fs.cache.adopt(token, staged.path)
+            return self.cache.adopt(token, staged.path)
         except OSError as exc:  # e.g. the cache on another filesystem
             log.debug("not caching uploaded content: %s", exc)
             return False
 
     async def _marker(self, node: Node) -> None:
         context, name, extension, path = self._target(node)
-        node.upload_started = time.time()
+        self.ns.begin_upload(node, streaming=False)
         self.index.save(node)
         with self._claiming(context, name):
             token = await self.vault.put_bytes(b"", FileMeta(name, extension, context, 0, path))
@@ -410,23 +431,20 @@ class Syncer:
                 await self.tokens.update(token, file_name=name, extension=extension, context=context)
                 if node.token != token:
                     return
-                self._remote_named(node, context, name, extension)
+                self.ns.set_remote_name(node, context, name, extension)
             risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
                                node.atime_ns)
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
                 if node.token != token:
                     return
-                node.remote_risk = json.dumps(risk, sort_keys=True)
+                self.ns.set_remote_risk(node, json.dumps(risk, sort_keys=True))
         except (NotFoundError, CommandRejected) as exc:
             if not _token_missing(exc) or node.token != token:
                 raise
             self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
-        node.synced_at = trio.current_time()
-        if node.meta_version == version:
-            node.meta_dirty = 0
-        else:
+        if not self.ns.meta_written(node, version, trio.current_time()):
             self.schedule(node)
         if not node.unlinked:
             self.index.save(node)
@@ -437,33 +455,27 @@ class Syncer:
         cache is kept: the content is stored again under the new name (as if the rename came
         first: the other client's version stays at the old name). Otherwise the change is dropped
         and the entry follows the vault at the next listing, as every other mount's does."""
-        cached = self.fs.cache.open(node.token) if renamed and node.is_file and not node.unlinked else None
+        cached = self.cache.open(node.token) if renamed and node.is_file and not node.unlinked else None
         if cached is not None:
             try:
-                fresh = self.fs.staging.from_sealed(cached.path)
+                fresh = self.staging.from_sealed(cached.path)
             except PrivifsError as exc:
-                log.warning("%s: cannot stage the cached content again (%s)", self.fs.path(node), exc)
+                log.warning("%s: cannot stage the cached content again (%s)", self.ns.describe(node), exc)
                 fresh = None
             finally:
                 cached.close()
             if fresh is not None:
                 log.info("%s: its token was deleted or replaced by another client before this rename "
-                         "reached it; storing the content again under the new name", self.fs.path(node))
+                         "reached it; storing the content again under the new name", self.ns.describe(node))
                 with self.index:
-                    self.ns.set_token(node, None)
-                    node.remote_context = node.remote_name = node.remote_extension = None
-                    node.shown_as = None
-                    node.staged, node.staged_id = fresh, fresh.id
-                    node.content_dirty = 1
-                    node.meta_dirty = 1
+                    self.ns.restage(node, fresh)
                     self.index.save(node)
                 self.schedule(node)
                 self.remote_changed()
                 return
         log.info("%s: its token was deleted or replaced by another client; the change made here "
-                 "is dropped and the entry follows the vault", self.fs.path(node))
-        node.meta_dirty = 0
-        node.synced_at = 0.0
+                 "is dropped and the entry follows the vault", self.ns.describe(node))
+        self.ns.drop_meta_change(node)
         if not node.unlinked:
             self.index.save(node)
         self.remote_changed()
@@ -474,7 +486,9 @@ class Syncer:
         staged = node.staged
         event, result = self._commits.setdefault(staged.id, (trio.Event(), []))
         self._fsync[node.ino] += 1
-        node.retry_at = 0.0
+        self._fsync_asked.set()  # a worker deferring this node to the foreground goes on at once
+        self._fsync_asked = trio.Event()
+        self.ns.schedule_retry(node, 0.0)
         self.schedule(node)
         try:
             with trio.move_on_after(timeout) as scope:
@@ -485,14 +499,17 @@ class Syncer:
                 del self._fsync[node.ino]
         if scope.cancelled_caught:
             log.error("%s: fsync timed out after %.0fs waiting for the upload; the data stays staged "
-                      "and keeps being retried", self.fs.path(node), timeout)
-            raise pyfuse3.FUSEError(errno.EIO)
+                      "and keeps being retried", self.ns.describe(node), timeout)
+            raise WriteBackFailed(f"{self.ns.describe(node)}: the upload did not complete within {timeout:.0f}s; "
+                                  "the data stays staged and keeps being retried")
         if result and result[0] is not None:
             exc = result[0]
             log.error("%s: fsync failed, the upload did not complete (%s); the data stays staged and "
-                      "keeps being retried", self.fs.path(node), exc)
-            raise pyfuse3.FUSEError(getattr(exc, "errno", errno.EIO) if isinstance(exc, CommandRejected)
-                                    else errno.EIO)
+                      "keeps being retried", self.ns.describe(node), exc)
+            if isinstance(exc, CommandRejected):
+                raise exc  # the server's refusal itself (a PermissionRefused answers EACCES)
+            raise WriteBackFailed(f"{self.ns.describe(node)}: the upload did not complete ({exc}); the data "
+                                  "stays staged and keeps being retried") from exc
 
     def _finish_commit(self, staged: StagedFile, error: Exception | None) -> None:
         entry = self._commits.pop(staged.id, None)
@@ -505,7 +522,7 @@ class Syncer:
         failures = 0
         while True:
             await self._yield_to_foreground()
-            tokens = list(self.index.tombstones())
+            tokens = [t for t in self.index.tombstones() if t not in self.ns.held]
             failed = False
             if tokens:
                 limiter = trio.CapacityLimiter(4)
@@ -556,32 +573,41 @@ class Syncer:
                 self.h = hashlib.blake2b()
 
         sink = HashSink()
+        manifest = is_manifest_node(_risk_text(info))
         try:
-            await self.vault.get(info.token, sink, size=info.size)
+            if manifest:  # a big file stored as parts: its verified parts, in order
+                await self.parts.store.copy(await self.parts.reader.manifest(info.token), sink.write)
+            else:
+                await self.vault.get(info.token, sink, size=info.size)
         except PrivifsError:
             return False
         if sink.h.digest() != want.digest() or node.staged is not staged:
             return False
-        log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.fs.path(node),
+        log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node),
                  info.token)
         staged.frozen = True
-        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension)
+        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension,
+                             manifest_risk=dict(info.risk) if manifest else None)
         self.schedule(node)
         return True
 
     # -- status and flushing ---------------------------------------------------------------------
     def pending(self) -> list[dict]:
         out = []
-        for node in self.fs.pending():
-            state = ("uploading" if node.uploading else "waiting for close" if node.writers and node.content_dirty
+        for node in self.ns.pending():
+            state = ("uploading" if node.uploading else "waiting for close" if node.waiting_for_close
                      else f"retrying: {node.last_error}" if node.last_error else "queued")
-            out.append({"path": self.fs.path(node), "size": node.size if node.content_dirty else 0,
+            out.append({"path": self.ns.describe(node), "size": node.size if node.content_dirty else 0,
                         "kind": "content" if node.content_dirty else "meta", "state": state,
                         "attempts": node.attempts})
         return out
 
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
+
+
+def _risk_text(info: TokenInfo) -> str | None:
+    return json.dumps(info.risk, sort_keys=True) if info.risk else None
 
 
 def _token_missing(exc: PrivifsError) -> bool:

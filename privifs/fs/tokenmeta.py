@@ -16,7 +16,8 @@
   type; what passes through it stays in the kernel of the machine that opened it.
 * A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
   token with ``privifs.type = dir`` at its parent's context under its name.
-* ``/.privifs`` is reserved for privifs' own tokens (the key check) and is not shown.
+* ``/.privifs`` is reserved for privifs' own tokens (the key check, the parts of big files in
+  ``/.privifs/parts``) and is not shown; ``privifs.parts`` marks a manifest (docs/format.md).
 """
 from __future__ import annotations
 
@@ -24,11 +25,22 @@ import stat
 from dataclasses import dataclass
 
 from privifs.client.shapes import TokenInfo
+from privifs.fs.names import (  # noqa: F401 - the name rules live in names.py; re-exported for older imports
+    NAME_MAX,
+    conflict_name,
+    display_name,
+    entry_name,
+    extension_of,
+    joined_name,
+    shown_name,
+)
 
 RESERVED_CONTEXT = "/.privifs"
 KEYCHECK_NAME = "keycheck"
 OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling": "client-side-encrypted"}
-NAME_MAX = 255
+# privifs fields that belong to the token's content, kept through renames and attribute changes:
+# a manifest stays a manifest (docs/format.md); a content upload starts from empty risk meta
+CARRIED = frozenset({"privifs.parts"})
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
 KIND_FIFO, KIND_SOCKET = "fifo", "socket"
@@ -47,47 +59,6 @@ def join_context(parts: list[str]) -> str:
 
 def same_context(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and split_context(a) == split_context(b)
-
-
-def extension_of(name: str) -> str:
-    stem, dot, ext = name.rpartition(".")
-    return ext if dot and stem and "/" not in ext else ""
-
-
-def display_name(raw: str) -> str:
-    """A name as it can appear in a directory: no slash or NUL, not ``.``/``..``/empty, ≤ 255 bytes."""
-    name = raw.replace("/", "\u2215").replace("\0", "")
-    if name in ("", ".", ".."):
-        name = f"unnamed{name}"
-    encoded = name.encode("utf-8", "surrogatepass")
-    if len(encoded) > NAME_MAX:
-        name = encoded[:NAME_MAX - 12].decode("utf-8", "ignore") + "~truncated"
-    return name
-
-
-def entry_name(info: TokenInfo) -> str:
-    """The raw name a token claims: fileName, plus its extension when fileName lacks it."""
-    return joined_name(info.file_name, info.extension)
-
-
-def joined_name(file_name: str, extension: str | None) -> str:
-    if extension and not file_name.endswith("." + extension):
-        return f"{file_name}.{extension}"
-    return file_name
-
-
-def shown_name(file_name: str, extension: str | None) -> str:
-    """The directory entry a token with this fileName and extension shows as."""
-    return display_name(joined_name(file_name, extension))
-
-
-def conflict_name(name: str, token: str) -> str:
-    """Deterministic name for a token whose path another token already holds."""
-    short = "".join(c for c in token if c.isalnum())[-8:]
-    stem, dot, ext = name.rpartition(".")
-    if dot and stem:
-        return display_name(f"{stem}.conflict-{short}.{ext}")
-    return display_name(f"{name}.conflict-{short}")
 
 
 @dataclass
@@ -129,7 +100,7 @@ def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, targe
                 uid: int | None, gid: int | None, atime_ns: int | None = None) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
-    fields = {k: v for k, v in base.items() if not k.startswith("privifs.")}
+    fields = {k: v for k, v in base.items() if not k.startswith("privifs.") or k in CARRIED}
     for k, v in OFFICIAL_RISK.items():
         fields.setdefault(k, v)
     fields["privifs.type"] = kind

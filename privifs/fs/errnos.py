@@ -1,0 +1,43 @@
+"""The errno a FUSE request answers with, chosen from the error's type — in this one table.
+
+Modules below the FUSE layer (write-back, cache, staging, refresh, the client) raise errors of
+:mod:`privifs.errors` and never choose an errno; :mod:`privifs.fs.operations` (every handler) and
+:mod:`privifs.fs.filesystem` (where it answers for one operation, like a failed fetch) ask
+:func:`errno_for`. The first row whose type the error is an instance of decides; anything else is
+EIO (the vault failed, or something unexpected).
+"""
+from __future__ import annotations
+
+import errno
+
+from privifs.errors import (
+    AuthenticationError,
+    AuthorizationError,
+    ConflictError,
+    DiskFullError,
+    ForbiddenError,
+    NodeGone,
+    NotFoundError,
+    PermissionRefused,
+)
+
+ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
+    (DiskFullError, errno.ENOSPC),      # the local disk is full: the program can free space
+    (NodeGone, errno.ENOENT),           # the entry left the tree meanwhile
+    (NotFoundError, errno.ENOENT),
+    (AuthenticationError, errno.EACCES),
+    (AuthorizationError, errno.EACCES),
+    (ForbiddenError, errno.EACCES),
+    (PermissionRefused, errno.EACCES),  # a command rejected as not allowed for this profile
+    (ConflictError, errno.EEXIST),
+)
+
+# local OS errors keep these errnos (the disk or quota is full); any other becomes EIO
+OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno to answer with for ``exc``."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in OS_ERRNOS else errno.EIO
+    return next((code for kind, code in ERRNOS if isinstance(exc, kind)), errno.EIO)

@@ -1,0 +1,96 @@
+"""Names: how a token's ``fileName`` and ``extension`` become a directory entry's name, and how an
+entry's name becomes the ``fileName`` and ``extension`` its token carries. Every name rule of the
+mount lives here (:mod:`privifs.fs.tokenmeta` re-exports them for older imports).
+
+* :func:`joined_name` — the raw name a token claims: fileName, plus ``.extension`` when the
+  fileName lacks it (``README`` + ``md`` → ``README.md``); :func:`entry_name` the same for a
+  listed token.
+* :func:`display_name` — a raw name made fit for a directory (no ``/`` or NUL, not ``.``/``..``,
+  at most :data:`NAME_MAX` bytes).
+* :func:`shown_name` / :func:`listed_name` — both: the entry a token shows as.
+* :func:`conflict_name` — the name of a token whose path another token already holds.
+* :func:`token_naming` — the other way: the fileName and extension a node's token should carry.
+  While the entry still shows under the name its token gave it (the node's ``shown_as``, set
+  through :meth:`Namespace.set_remote_name <privifs.fs.namespace.Namespace.set_remote_name>`
+  or :meth:`~privifs.fs.namespace.Namespace.show_as`), the token's own fields are kept as they
+  are; after a rename here, the new name.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from privifs.client.shapes import TokenInfo
+
+NAME_MAX = 255
+
+
+class NamedEntry(Protocol):
+    """What :func:`token_naming` reads of a node."""
+
+    name: str
+    shown_as: str | None
+    remote_name: str | None
+    remote_extension: str | None
+
+
+def extension_of(name: str) -> str:
+    """The last suffix of ``name`` without the dot (``""`` for none, or for a dot file)."""
+    stem, dot, ext = name.rpartition(".")
+    return ext if dot and stem and "/" not in ext else ""
+
+
+def display_name(raw: str) -> str:
+    """A name as it can appear in a directory: no slash or NUL, not ``.``/``..``/empty, ≤ 255 bytes."""
+    name = raw.replace("/", "\u2215").replace("\0", "")
+    if name in ("", ".", ".."):
+        name = f"unnamed{name}"
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > NAME_MAX:
+        name = encoded[:NAME_MAX - 12].decode("utf-8", "ignore") + "~truncated"
+    return name
+
+
+def joined_name(file_name: str, extension: str | None) -> str:
+    """The raw name a fileName and extension claim: the extension is appended when missing."""
+    if extension and not file_name.endswith("." + extension):
+        return f"{file_name}.{extension}"
+    return file_name
+
+
+def entry_name(info: TokenInfo) -> str:
+    """The raw name a listed token claims: fileName, plus its extension when fileName lacks it."""
+    return joined_name(info.file_name, info.extension)
+
+
+def shown_name(file_name: str, extension: str | None) -> str:
+    """The directory entry a token with this fileName and extension shows as."""
+    return display_name(joined_name(file_name, extension))
+
+
+def listed_name(info: TokenInfo) -> str:
+    """The directory entry a listed token shows as (its plain name, before any conflict)."""
+    return shown_name(info.file_name, info.extension)
+
+
+def conflict_name(name: str, token: str) -> str:
+    """Deterministic name for a token whose path another token already holds."""
+    short = "".join(c for c in token if c.isalnum())[-8:]
+    stem, dot, ext = name.rpartition(".")
+    if dot and stem:
+        return display_name(f"{stem}.conflict-{short}.{ext}")
+    return display_name(f"{name}.conflict-{short}")
+
+
+def token_naming(node: NamedEntry) -> tuple[str, str]:
+    """The fileName and extension the node's token should carry. While the entry still shows under
+    the name derived from the token (``shown_as``), the token's own fields are kept as they are
+    (another application's ``README`` + ``md`` stays so); after a rename, the new name."""
+    if node.shown_as is not None and node.name == node.shown_as and node.remote_name is not None:
+        return node.remote_name, node.remote_extension or ""
+    return node.name, extension_of(node.name)
+
+
+def token_name(node: NamedEntry) -> str:
+    """The fileName the node's token should carry (see :func:`token_naming`)."""
+    return token_naming(node)[0]
