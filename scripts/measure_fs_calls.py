@@ -14,6 +14,7 @@ loaded machine, and the wall-clock rate. What FUSE and the kernel add per reques
 figures (see ``scripts/measure_hotpaths.py`` for the whole mount). Usage:
 ``.venv/bin/python scripts/measure_fs_calls.py [--files 5000] [--runs 3]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,10 @@ class Bench:
         self.index = Index(work / "index.sqlite3")
         ns = Namespace(self.index, dir_mode=0o755, file_mode=0o644)
         from privifs.fs.staging import Staging
-        self.fs = Filesystem(ns, Staging(work / "staging", key), ContentCache(work / "cache", 1 << 40, key),
-                             None, MountOptions())
+
+        self.fs = Filesystem(
+            ns, Staging(work / "staging", key), ContentCache(work / "cache", 1 << 40, key), None, MountOptions()
+        )
         self.results: dict[str, list[tuple[float, float, float]]] = {}
         self._changes = 0
 
@@ -143,8 +146,11 @@ async def run(args) -> None:
             b.delete(made)
             await b.randread(args.rand_ops)
         import privifs
-        print(f"privifs from {Path(privifs.__file__).parent}; load average {os.getloadavg()[0]:.2f} "
-              f"(figures taken under this load); medians of {args.runs} runs")
+
+        print(
+            f"privifs from {Path(privifs.__file__).parent}; load average {os.getloadavg()[0]:.2f} "
+            f"(figures taken under this load); medians of {args.runs} runs"
+        )
         for name, rows in b.results.items():
             us = statistics.median(r[0] for r in rows)
             rate = statistics.median(r[1] for r in rows)

@@ -23,6 +23,7 @@ on ``PYTHONPATH`` (the first line printed names the one this process imported).
 venv) during that workload and writes a flame graph (``.svg``) or raw collapsed stacks
 (``.txt``) to FILE, which must be outside the repository.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,7 @@ class Mounted:
         self.mount_args = mount_args
         privifs(self.env, "init")
 
-    def __enter__(self) -> "Mounted":
+    def __enter__(self) -> Mounted:
         privifs(self.env, "mount", str(self.mnt), *self.mount_args)
         return self
 
@@ -69,6 +70,7 @@ class Mounted:
 
     def entry(self) -> dict:
         import json
+
         for f in (Path(self.env["XDG_RUNTIME_DIR"]) / "privifs" / "mounts").glob("*.json"):
             return json.loads(f.read_text())
         raise RuntimeError("privifs is not mounted")
@@ -79,6 +81,7 @@ class Mounted:
 
     def settle(self, timeout: float = 600) -> None:
         from privifs.fs.daemon import control_request
+
         answer = list(control_request(self.entry(), {"cmd": "flush", "timeout": timeout}, timeout=timeout + 30))
         if not answer[-1].get("done"):
             raise RuntimeError(f"privifs did not finish uploading: {answer[-1]}")
@@ -90,8 +93,11 @@ def cpu(proc: psutil.Process) -> float:
 
 
 def report(name: str, ops: int, wall: float, cpu_s: float, unit: str = "op") -> None:
-    print(f"{name:10s} {ops:7d} {unit}s  {wall:7.2f} s  {ops / wall:9,.0f} {unit}/s   "
-          f"daemon CPU {cpu_s:6.2f} s = {cpu_s / ops * 1e6:7.1f} µs/{unit}", flush=True)
+    print(
+        f"{name:10s} {ops:7d} {unit}s  {wall:7.2f} s  {ops / wall:9,.0f} {unit}/s   "
+        f"daemon CPU {cpu_s:6.2f} s = {cpu_s / ops * 1e6:7.1f} µs/{unit}",
+        flush=True,
+    )
 
 
 PROFILE: dict[str, str] = {}  # workload -> py-spy output file
@@ -147,11 +153,15 @@ def delete_small(root: Path) -> None:
 
 def make_tarball(work: Path) -> tuple[Path, int]:
     import sysconfig
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tarball = work / "stdlib.tar"
     with tarfile.open(tarball, "w") as tf:
-        tf.add(stdlib, arcname="stdlib",
-               filter=lambda ti: None if "__pycache__" in ti.name or "site-packages" in ti.name else ti)
+        tf.add(
+            stdlib,
+            arcname="stdlib",
+            filter=lambda ti: None if "__pycache__" in ti.name or "site-packages" in ti.name else ti,
+        )
     with tarfile.open(tarball) as tf:
         members = sum(1 for _ in tf)
     return tarball, members
@@ -167,13 +177,27 @@ class Profiler:
     def __init__(self, out: str | None, pid: int):
         self.out, self.pid, self.proc = out, pid, None
 
-    def __enter__(self) -> "Profiler":
+    def __enter__(self) -> Profiler:
         if self.out:
             spy = Path(sys.executable).parent / "py-spy"
             fmt = "raw" if self.out.endswith(".txt") else "flamegraph"
-            self.proc = subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--rate", "1000",
-                                          "--format", fmt, "--output", self.out, "--nonblocking"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [
+                    str(spy),
+                    "record",
+                    "--pid",
+                    str(self.pid),
+                    "--rate",
+                    "1000",
+                    "--format",
+                    fmt,
+                    "--output",
+                    self.out,
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             time.sleep(1.0)
         return self
 
@@ -194,8 +218,13 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--rand-mib", type=int, default=256)
     ap.add_argument("--rand-ops", type=int, default=20000)
-    ap.add_argument("--profile", metavar="WORKLOAD=FILE", action="append", default=[],
-                    help="record the daemon with py-spy during WORKLOAD into FILE (.svg flame graph or .txt raw)")
+    ap.add_argument(
+        "--profile",
+        metavar="WORKLOAD=FILE",
+        action="append",
+        default=[],
+        help="record the daemon with py-spy during WORKLOAD into FILE (.svg flame graph or .txt raw)",
+    )
     ap.add_argument("mount_args", nargs="*", help="extra arguments for privifs mount (after --)")
     args = ap.parse_args()
     only = [w for w in args.only.split(",") if w]
@@ -212,8 +241,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="privifs-hot-", dir=os.environ.get("BENCH_DIR", "/var/tmp")))
     load = os.getloadavg()[0]
     import privifs as code
-    print(f"privifs from {Path(code.__file__).parent}; load average {load:.2f} on {os.cpu_count()} CPUs "
-          "(figures taken under this load)", flush=True)
+
+    print(
+        f"privifs from {Path(code.__file__).parent}; load average {load:.2f} on {os.cpu_count()} CPUs "
+        "(figures taken under this load)",
+        flush=True,
+    )
     try:
         with Mounted(work, args.mount_args) as m:
             if "randread" in only:
@@ -247,10 +280,12 @@ def main() -> None:
                 dest.mkdir()
                 measure("untar", m, lambda: sh("tar", "-xf", tarball, "-C", dest), members, "entry")
                 if "git" in only:
+
                     def git() -> None:
                         sh("git", "init", "-q", dest)
                         sh("git", "-C", dest, "add", "-A")
                         sh("git", "-C", dest, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "m")
+
                     measure("git", m, git, members, "entry")
                 m.settle()
     finally:

@@ -1,5 +1,6 @@
 """Opening a cached entry: the cache remembers where an entry's file is, so a hit costs one
 open(2) and no database query, and what it remembers never outlives the entry."""
+
 from __future__ import annotations
 
 import os

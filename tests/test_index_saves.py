@@ -1,5 +1,6 @@
 """The index skips a save that would write the row it already holds, and never skips one whose
 earlier write was rolled back: what is on disk is what the nodes say."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """New staged files are empty sealed files made ahead (a rename instead of a file creation on the
 request path); spares hold no data, are never taken for staged files, and go at the next start."""
+
 from __future__ import annotations
 
 import os

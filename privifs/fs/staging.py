@@ -19,6 +19,7 @@ made ahead by one worker thread in ``staging/.spare/`` (:class:`SparePool`) and 
 is a spare renamed into place (~25 µs). Spares hold no data: those left by a stop are removed at
 the next start.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,7 +39,7 @@ from privifs.fs.space import MiB, Space
 class StagedFile:
     __slots__ = ("id", "sealed", "frozen", "staging")
 
-    def __init__(self, staged_id: str, sealed: SealedFile, staging: "Staging"):
+    def __init__(self, staged_id: str, sealed: SealedFile, staging: Staging):
         self.id = staged_id
         self.sealed = sealed
         self.frozen = False
@@ -129,8 +130,10 @@ class Staging:
         if need <= 0 or self.space.above_floor() >= need:
             return
         floor = self.space.floor()
-        raise DiskFullError(f"no space left for staging in {self.dir}: the disk is full (privifs keeps "
-                                f"{floor / MiB:.0f} MiB free for its index); delete files or free space on it")
+        raise DiskFullError(
+            f"no space left for staging in {self.dir}: the disk is full (privifs keeps "
+            f"{floor / MiB:.0f} MiB free for its index); delete files or free space on it"
+        )
 
     def writable(self) -> int:
         """Bytes of content that can still be written: free space above the floor, less the
