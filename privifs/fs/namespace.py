@@ -223,7 +223,15 @@ class Index:
     """The persistent half: SQLite with one transaction per call (or per ``with index:`` block).
     SQLite failures surface as :class:`~privifs.errors.DiskFullError` (ENOSPC) or
     :class:`~privifs.errors.LocalStoreError`; an index of a newer schema version than this code
-    knows as :class:`~privifs.errors.FormatVersionError`."""
+    knows as :class:`~privifs.errors.FormatVersionError`.
+
+    A save that would write exactly the row the index already holds is skipped: the rows of the
+    nodes saved last (at most ``SAVED_ROWS``) are remembered as committed, and forgotten again when
+    the transaction that wrote them rolls back. Closing a file saves its node at ``flush`` and
+    again at ``release``, and a ``chmod``/``utime`` often changes nothing, so this saves an SQLite
+    commit (a WAL write) on most of them; what is on disk is the same either way."""
+
+    SAVED_ROWS = 20_000
 
     def __init__(self, path: Path):
         self.path = path
@@ -243,6 +251,8 @@ class Index:
             self.conn.close()
             raise
         self._depth = 0
+        self._saved: dict[int, tuple] = {}  # ino -> the row the index holds (committed, or in this transaction)
+        self._unsure: list[int] = []  # inos saved in the open transaction: unknown again if it rolls back
         self._upsert = f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
         self._select = f"SELECT {', '.join(COLUMNS)} FROM nodes ORDER BY ino"
 
@@ -292,15 +302,22 @@ class Index:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._depth -= 1
         if self._depth == 0:
+            unsure, self._unsure = self._unsure, []
             try:
                 self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
             except sqlite3.Error as err:
+                for ino in unsure:
+                    self._saved.pop(ino, None)
                 if exc_type is None:
                     try:
                         self.conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
                     raise _local_error(err) from None
+            else:
+                if exc_type is not None:
+                    for ino in unsure:
+                        self._saved.pop(ino, None)
 
     def _write(self, sql: str, args) -> None:
         try:
@@ -313,9 +330,18 @@ class Index:
         written back, so it cannot reappear after a restart."""
         if node.unlinked:
             return
-        self._write(self._upsert, node.row())
+        row = node.row()
+        saved = self._saved.pop(node.ino, None)
+        if saved != row:
+            self._write(self._upsert, row)
+            if self._depth:
+                self._unsure.append(node.ino)
+        self._saved[node.ino] = row  # the most recently saved last
+        if len(self._saved) > self.SAVED_ROWS:
+            del self._saved[next(iter(self._saved))]
 
     def forget(self, ino: int) -> None:
+        self._saved.pop(ino, None)
         self._write("DELETE FROM nodes WHERE ino = ?", (ino,))
 
     def load(self) -> list[Node]:

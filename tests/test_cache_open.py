@@ -1,0 +1,97 @@
+"""Opening a cached entry: the cache remembers where an entry's file is, so a hit costs one
+open(2) and no database query, and what it remembers never outlives the entry."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from privifs.crypto.sealed import SealedFile, local_key
+from privifs.fs.cache import ContentCache
+
+KEY = local_key(bytes(32))
+
+
+def sealed_file(path: Path, data: bytes) -> str:
+    f = SealedFile.create(path, KEY)
+    f.write(0, data)
+    f.sync_header()
+    f.close()
+    return str(path)
+
+
+@pytest.fixture
+def cache(tmp_path: Path):
+    c = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    yield c
+    c.close()
+
+
+def count_lookups(cache: ContentCache, monkeypatch) -> list[str]:
+    calls: list[str] = []
+    get = cache.cache.get
+
+    def counted(key, *args, **kwargs):
+        calls.append(key)
+        return get(key, *args, **kwargs)
+
+    monkeypatch.setattr(cache.cache, "get", counted)
+    return calls
+
+
+def test_opening_a_cached_entry_again_asks_the_database_nothing(cache, tmp_path, monkeypatch):
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"content"))
+    cache.open("tok").close()
+    calls = count_lookups(cache, monkeypatch)
+    for _ in range(10):
+        f = cache.open("tok")
+        assert f.read(0, 100) == b"content"
+        f.close()
+    assert calls == []
+
+
+def test_an_evicted_entry_is_a_miss_even_after_it_was_opened(cache, tmp_path):
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"content"))
+    cache.open("tok").close()
+    cache.evict("tok")
+    assert cache.open("tok") is None
+
+
+def test_an_entry_whose_file_went_is_a_miss(cache, tmp_path):
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"content"))
+    f = cache.open("tok")
+    path = f.path
+    f.close()
+    os.unlink(path)
+    assert cache.open("tok") is None
+
+
+def test_an_entry_damaged_after_it_was_opened_is_dropped(cache, tmp_path):
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"content"))
+    f = cache.open("tok")
+    path = f.path
+    f.close()
+    with open(path, "r+b") as raw:
+        raw.write(b"NOTSEALD")
+    assert cache.open("tok") is None
+    assert not os.path.exists(path)
+
+
+def test_an_entry_replaced_under_the_same_token_opens_the_new_file(cache, tmp_path):
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"old"))
+    cache.open("tok").close()
+    assert cache.adopt("tok", sealed_file(tmp_path / "b", b"new"))
+    f = cache.open("tok")
+    assert f.read(0, 10) == b"new"
+    f.close()
+
+
+def test_an_entry_just_stored_opens_without_a_query(cache, tmp_path, monkeypatch):
+    assert cache.adopt("tok", sealed_file(tmp_path / "a", b"uploaded"))  # as after a write-back
+    calls = count_lookups(cache, monkeypatch)
+    f = cache.open("tok")
+    assert f.read(0, 100) == b"uploaded"
+    f.close()
+    assert calls == []

@@ -1,0 +1,79 @@
+"""The index skips a save that would write the row it already holds, and never skips one whose
+earlier write was rolled back: what is on disk is what the nodes say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from privifs.fs.namespace import COLUMNS, Index, Namespace
+from privifs.fs.tokenmeta import KIND_FILE
+
+COLUMN_SIZE = COLUMNS.index("size")
+
+
+def _rows(path: Path) -> dict[int, tuple]:
+    other = Index(path)  # a second connection sees only what was committed
+    try:
+        return {n.ino: n.row() for n in other.load()}
+    finally:
+        other.close()
+
+
+@pytest.fixture
+def ns(tmp_path: Path):
+    index = Index(tmp_path / "index.sqlite3")
+    yield Namespace(index, dir_mode=0o755, file_mode=0o644)
+    index.close()
+
+
+def test_saving_an_unchanged_node_writes_nothing(ns: Namespace) -> None:
+    node = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
+    ns.index.save(node)
+    before = ns.index.conn.total_changes
+    ns.index.save(node)
+    assert ns.index.conn.total_changes == before
+    node.size = 7
+    ns.index.save(node)
+    assert ns.index.conn.total_changes == before + 1
+
+
+def test_a_changed_node_is_saved_and_committed(ns: Namespace, tmp_path: Path) -> None:
+    node = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
+    ns.index.save(node)
+    node.mode = 0o600
+    ns.index.save(node)
+    assert _rows(tmp_path / "index.sqlite3")[node.ino] == node.row()
+
+
+def test_a_save_rolled_back_is_written_again(ns: Namespace, tmp_path: Path) -> None:
+    node = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
+    ns.index.save(node)
+    node.size = 10
+    with pytest.raises(RuntimeError):
+        with ns.index:
+            ns.index.save(node)
+            raise RuntimeError("the handler failed after saving")
+    assert _rows(tmp_path / "index.sqlite3")[node.ino][COLUMN_SIZE] == 0  # rolled back
+    ns.index.save(node)  # the same row as the rolled-back save: must be written
+    assert _rows(tmp_path / "index.sqlite3")[node.ino] == node.row()
+
+
+def test_a_forgotten_node_saved_again_comes_back(ns: Namespace, tmp_path: Path) -> None:
+    node = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
+    ns.index.save(node)
+    ns.index.forget(node.ino)
+    ns.index.save(node)
+    assert node.ino in _rows(tmp_path / "index.sqlite3")
+
+
+def test_the_memory_of_saved_rows_is_bounded(ns: Namespace, monkeypatch) -> None:
+    monkeypatch.setattr(Index, "SAVED_ROWS", 5)
+    nodes = [ns.new_node(ns.root, f"f{i}", KIND_FILE, 0o644) for i in range(20)]
+    for node in nodes:
+        ns.index.save(node)
+    assert len(ns.index._saved) <= 5
+    before = ns.index.conn.total_changes
+    ns.index.save(nodes[0])  # no longer remembered: written again (the same row, harmless)
+    assert ns.index.conn.total_changes == before + 1

@@ -1,0 +1,61 @@
+"""New staged files are empty sealed files made ahead (a rename instead of a file creation on the
+request path); spares hold no data, are never taken for staged files, and go at the next start."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from privifs.crypto.sealed import SealedFile, local_key
+from privifs.fs.staging import Staging
+
+KEY = local_key(bytes(32))
+
+
+def wait_for_spares(staging: Staging, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while staging.spares.ready() < staging.spares.SIZE:
+        assert time.monotonic() < deadline, "the spare files were not made"
+        time.sleep(0.01)
+
+
+def test_a_new_staged_file_is_a_spare_moved_into_place(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging", KEY)
+    staging.create().sealed.close()  # the first create starts the worker
+    wait_for_spares(staging)
+    spare_inodes = {p.stat().st_ino for p in (tmp_path / "staging" / ".spare").iterdir()}
+    staged = staging.create()
+    assert os.stat(staged.path).st_ino in spare_inodes
+    assert Path(staged.path).parent == tmp_path / "staging"
+    staged.write(0, b"hello")
+    staged.sealed.sync_header()
+    staged.sealed.close()
+    again = staging.open(staged.id)
+    assert again.sealed.read(0, 100) == b"hello"
+    assert os.stat(again.path).st_mode & 0o777 == 0o600
+
+
+def test_spares_are_not_staged_files_and_a_restart_removes_them(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging", KEY)
+    kept = staging.create()
+    wait_for_spares(staging)
+    assert staging.ids() == {kept.id}
+    assert staging.usage() == os.stat(kept.path).st_blocks * 512
+    restarted = Staging(tmp_path / "staging", KEY)
+    assert list((tmp_path / "staging" / ".spare").iterdir()) == []
+    assert restarted.ids() == {kept.id}
+
+
+def test_many_creates_each_get_their_own_empty_file(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging", KEY)
+    made = [staging.create() for _ in range(3 * staging.spares.SIZE)]
+    assert len({s.id for s in made}) == len(made)
+    assert len({os.stat(s.path).st_ino for s in made}) == len(made)
+    for s in made:
+        assert s.size == 0
+        s.write(0, s.id.encode())
+        s.sealed.sync_header()
+    for s in made:
+        s.sealed.close()
+        assert SealedFile.open(staging.path(s.id), KEY).read(0, 100) == s.id.encode()
