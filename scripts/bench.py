@@ -1069,7 +1069,10 @@ def make_tarball(work: Path, quick: bool = False) -> Path:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tarball = work / "stdlib.tar"
-    skip = lambda ti: None if "__pycache__" in ti.name or "site-packages" in ti.name else ti  # noqa: E731
+
+    def skip(ti):
+        return None if "__pycache__" in ti.name or "site-packages" in ti.name else ti
+
     with tarfile.open(tarball, "w") as tf:
         for part in ("email", "json", "asyncio", "unittest") if quick else ("",):
             tf.add(stdlib / part, arcname=f"stdlib/{part}".rstrip("/"), filter=skip)

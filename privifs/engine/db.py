@@ -257,7 +257,7 @@ class Database:
                 finally:
                     os.close(fd)
             conn.execute("COMMIT")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - rolled back and handed to every job of the batch
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:

@@ -11,6 +11,7 @@ import secrets
 import sqlite3
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -413,7 +414,7 @@ class DataTokenApi:
         return command_accepted(self.opts, "delete-data", cid)
 
     def routes(self) -> list[Route]:
-        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        g = partial(guarded, self.opts)
         return [
             Route("/data-token/reserve-token-space", g(self.reserve), methods=["POST"]),
             Route(

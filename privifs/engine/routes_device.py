@@ -12,6 +12,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -241,7 +242,7 @@ class DeviceApi:
         return JSONResponse(out)
 
     def routes(self) -> list[Route]:
-        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        g = partial(guarded, self.opts)
         return [
             Route("/device/request-unique-identifier", g(self.request_identifier), methods=["POST"]),
             Route("/device/request-device-id", g(self.request_identifier), methods=["POST"]),

@@ -11,6 +11,7 @@ import json
 import secrets
 import sqlite3
 import time
+from functools import partial
 from urllib.parse import urlparse
 
 from starlette.requests import Request
@@ -377,7 +378,7 @@ class OAuthApi:
         )
 
     def routes(self) -> list[Route]:
-        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        g = partial(guarded, self.opts)
         return [
             Route("/profile/oauth-application-register", g(self.register), methods=["POST"]),
             Route("/oauth/register", g(self.register), methods=["POST"]),

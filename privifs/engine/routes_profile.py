@@ -7,6 +7,7 @@ import secrets
 import sqlite3
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 from starlette.requests import Request
@@ -188,7 +189,7 @@ class ProfileApi:
         return JSONResponse({"publicKey": self.engine.cab_public_key})
 
     def routes(self) -> list[Route]:
-        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        g = partial(guarded, self.opts)
         return [
             Route("/profile/register-profile", g(self.register_profile), methods=["POST"]),
             Route("/profile/authenticate", g(self.authenticate), methods=["POST"]),

@@ -19,6 +19,7 @@ import json
 import secrets
 import sqlite3
 import time
+from functools import partial
 
 import trio
 from starlette.requests import Request
@@ -464,7 +465,7 @@ class VotingApi:
         return handler
 
     def routes(self) -> list[Route]:
-        g = lambda h: guarded(self.opts, h)  # noqa: E731
+        g = partial(guarded, self.opts)
         return [
             Route(
                 "/verified-authenticator/register",
