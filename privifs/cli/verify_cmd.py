@@ -36,7 +36,8 @@ from privifs.client.vault import Vault
 from privifs.config import load
 from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, WrongKeyError
-from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, entry_name, same_context, split_context
+from privifs.fs.names import entry_name
+from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context, split_context
 from privifs.parts.format import MARK
 from privifs.parts.store import is_part
 

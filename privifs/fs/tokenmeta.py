@@ -26,14 +26,8 @@ import stat
 from dataclasses import dataclass
 
 from privifs.client.shapes import TokenInfo
-from privifs.fs.names import (  # noqa: F401 - the name rules live in names.py; re-exported for older imports
-    NAME_MAX,
-    conflict_name,
+from privifs.fs.names import (
     display_name,
-    entry_name,
-    extension_of,
-    joined_name,
-    shown_name,
 )
 
 RESERVED_CONTEXT = "/.privifs"
