@@ -319,7 +319,10 @@ class Refresher:
             self._inval_inode(holder.ino, attr_only=True)
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir:
-            return  # a second marker of a directory that exists (two mkdirs raced): one directory
+            # a second marker of a directory that exists (two mkdirs raced): one directory, whose
+            # rmdir here deletes this marker too (or the directory would come back)
+            self.ns.add_marker(holder, info.token)
+            return
         if holder is not None:
             if a.kind == KIND_DIR and not holder.is_dir:
                 # directories keep their plain name (entries live under it); the file moves aside

@@ -390,6 +390,8 @@ class Syncer:
                 if node.token != token:
                     return
                 self.ns.set_remote_name(node, context, name, extension)
+                if self.ns.retire_markers(node):  # another mkdir's marker would keep the old path
+                    self.wake_tombstones()
             risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
                                node.atime_ns)
             if risk != node.risk():

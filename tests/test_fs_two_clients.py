@@ -1,0 +1,56 @@
+"""Two clients of one vault in-process (two kernel-less filesystems over one profile and key,
+each with its own state), so races between them are written step by step and run in seconds."""
+from __future__ import annotations
+
+import secrets
+from contextlib import asynccontextmanager
+
+from tests.fskit import inprocess_fs
+
+
+@asynccontextmanager
+async def two_clients(tmp_path, account):
+    key = secrets.token_bytes(32)
+    (tmp_path / "a").mkdir(parents=True)
+    (tmp_path / "b").mkdir(parents=True)
+    async with inprocess_fs(tmp_path / "a", *account, key=key) as a:
+        async with inprocess_fs(tmp_path / "b", *account, key=key) as b:
+            yield a, b
+
+
+async def listed(*clients) -> None:
+    for c in clients:
+        await c.wait_idle()
+    for c in clients:
+        await c.refresher.refresh_once()
+
+
+async def test_rmdir_of_a_directory_both_clients_made_removes_it_everywhere(account, tmp_path):
+    for remover in (0, 1):
+        async with two_clients(tmp_path / str(remover), account) as (a, b):
+            a.mkdir(1, "d")
+            b.mkdir(1, "d")
+            await listed(a, b)
+            markers = [i async for i in a.client.tokens.list() if i.file_name == "d"]
+            assert len(markers) == 2  # one marker token per mkdir
+            assert "d" in a.ns.root.children and "d" in b.ns.root.children
+            who = (a, b)[remover]
+            who.fs.rmdir(1, b"d")
+            await listed(a, b)
+            await listed(a, b)
+            assert "d" not in a.ns.root.children, "the directory came back on A"
+            assert "d" not in b.ns.root.children, "the directory came back on B"
+            assert [i async for i in a.client.tokens.list() if i.file_name == "d"] == []
+
+
+async def test_rename_of_a_directory_both_clients_made_leaves_no_directory_at_the_old_name(account, tmp_path):
+    async with two_clients(tmp_path, account) as (a, b):
+        a.mkdir(1, "d")
+        b.mkdir(1, "d")
+        await listed(a, b)
+        a.fs.rename(1, b"d", 1, b"e", 0)
+        await listed(a, b)
+        await listed(a, b)
+        for who, c in (("A", a), ("B", b)):
+            assert sorted(c.ns.root.children) == ["e"], f"{who} shows {sorted(c.ns.root.children)}"
+        assert sorted([i.file_name async for i in a.client.tokens.list() if i.file_name in ("d", "e")]) == ["e"]
