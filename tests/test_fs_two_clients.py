@@ -5,6 +5,9 @@ from __future__ import annotations
 import secrets
 from contextlib import asynccontextmanager
 
+import pytest
+
+from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
 from tests.fskit import inprocess_fs
 
 
@@ -54,3 +57,28 @@ async def test_rename_of_a_directory_both_clients_made_leaves_no_directory_at_th
         for who, c in (("A", a), ("B", b)):
             assert sorted(c.ns.root.children) == ["e"], f"{who} shows {sorted(c.ns.root.children)}"
         assert sorted([i.file_name async for i in a.client.tokens.list() if i.file_name in ("d", "e")]) == ["e"]
+
+
+async def test_a_command_refused_because_the_token_is_gone_is_token_missing(eng, account, tmp_path):
+    # what a server answers when the token went between accepting the command and applying it:
+    # status 3 with the reason key data_token.not_found; the key picks the type (REFUSAL_REASONS)
+    async with inprocess_fs(tmp_path, *account) as a:
+        fh, f = a.create(1, "f")
+        await a.fs.write(fh, 0, b"content")
+        a.fs.release(fh)
+        await a.wait_idle()
+        try:
+            eng.set_options(reject="update-data-token,configure-information-security-risk-meta",
+                            reject_reason="data_token.not_found")
+            with pytest.raises(TokenMissing) as caught:
+                await a.client.tokens.update(f.token, file_name="g")
+            assert isinstance(caught.value, NotFoundError) and caught.value.reason == "data_token.not_found"
+            with pytest.raises(TokenMissing):
+                await a.client.tokens.set_risk(f.token, {"mode": "644"})
+        finally:
+            eng.set_options(reject="")
+
+
+def test_only_the_reason_key_decides_a_rejections_type():
+    assert type(rejected_command("x", command_id="c", reason="data_token.not_found")) is TokenMissing
+    assert type(rejected_command("x", command_id="c", reason="the token was not found")) is CommandRejected

@@ -22,7 +22,8 @@ from privifs.client import shapes
 from privifs.client.events import Commands, EventHub
 from privifs.client.transport import ClientOptions, Transport
 from privifs.errors import (CommandPending, CommandRejected, NotFoundError, PrivifsError, ProtocolError,
-                            RequestRejected, ServerError, ServerUnreachable, VaultError, rejected_command)
+                            RequestRejected, ServerError, ServerUnreachable, TokenMissing, VaultError,
+                            rejected_command)
 
 log = logging.getLogger("privifs.client.datatokens")
 
@@ -191,10 +192,8 @@ class DataTokens:
                             continue
                         if result.status.status == 3:
                             reason = result.status.reason or ""
-                            if "not_found" in reason or "not found" in reason.lower():
-                                raise NotFoundError(f"token {token} does not exist ({reason})", status=404)
-                            raise rejected_command(f"request data was rejected: {reason or 'no reason'}",
-                                                   command_id=rid, reason=reason)
+                            raise rejected_command(f"request data for token {token} was rejected: "
+                                                   f"{reason or 'no reason'}", command_id=rid, reason=reason)
                         result.request_id = data.get("id") if data.get("id") in rids else rid
                         return result
                 log.info("request-data result for %s did not arrive; asking again", token)
@@ -310,8 +309,8 @@ class DataTokens:
             raise
         try:
             await self.commands.wait(shapes.command_id(resp), what=what)
-        except CommandRejected as exc:
-            if missing_ok and exc.reason and "not_found" in exc.reason:
+        except TokenMissing:
+            if missing_ok:
                 return
             raise
 

@@ -399,8 +399,8 @@ class Syncer:
                 if node.token != token:
                     return
                 self.ns.set_remote_risk(node, json.dumps(risk, sort_keys=True))
-        except (NotFoundError, CommandRejected) as exc:
-            if not _token_missing(exc) or node.token != token:
+        except NotFoundError:  # also a rejected command's TokenMissing (errors.REFUSAL_REASONS)
+            if node.token != token:
                 raise
             self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
@@ -558,10 +558,3 @@ class Syncer:
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
 
-
-def _token_missing(exc: PrivifsError) -> bool:
-    """Whether a refused meta change says the token does not exist."""
-    if isinstance(exc, NotFoundError):
-        return True
-    reason = (getattr(exc, "reason", None) or "").lower()
-    return "not_found" in reason or "not found" in reason
