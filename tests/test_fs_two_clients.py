@@ -82,3 +82,43 @@ async def test_a_command_refused_because_the_token_is_gone_is_token_missing(eng,
 def test_only_the_reason_key_decides_a_rejections_type():
     assert type(rejected_command("x", command_id="c", reason="data_token.not_found")) is TokenMissing
     assert type(rejected_command("x", command_id="c", reason="the token was not found")) is CommandRejected
+
+
+@pytest.mark.parametrize("written_by", ["renamer", "other"])  # the renamer has it cached, or not
+async def test_a_rename_that_lands_between_the_replacing_writers_check_and_delete_keeps_its_version(
+        account, tmp_path, written_by):
+    # B replaces e.txt's content; its write-back checks that the replaced token did not move, then
+    # deletes it. A's rename e.txt -> e2.txt reaches the vault exactly between the two requests
+    async with two_clients(tmp_path, account) as (a, b):
+        original = b"original version"
+        writer = a if written_by == "renamer" else b
+        fh, _ = writer.create(1, "e.txt")
+        await writer.fs.write(fh, 0, original)
+        writer.fs.release(fh)
+        await listed(a, b)
+        await listed(a, b)
+        real_check = b.syncer._moved_elsewhere
+
+        async def check_then_rename_elsewhere(token, seen_at):
+            moved = await real_check(token, seen_at)
+            a.fs.rename(1, b"e.txt", 1, b"e2.txt", 0)
+            await a.wait_idle()  # A's rename is in the vault now; B goes on to delete
+            return moved
+
+        b.syncer._moved_elsewhere = check_then_rename_elsewhere
+        fh = await b.open(b.node("e.txt"))
+        await b.truncate(fh, 0)
+        await b.fs.write(fh, 0, b"B's version")
+        b.fs.release(fh)
+        await b.wait_idle()
+        for _ in range(3):
+            await listed(a, b)
+        for who, c in (("A", a), ("B", b)):
+            assert sorted(c.ns.root.children) == ["e.txt", "e2.txt"], f"{who} shows {sorted(c.ns.root.children)}"
+        assert await a.vault_names() == {"e.txt": len(b"B's version"), "e2.txt": len(original)}
+        for c in (a, b):
+            sealed = await c.fs.content(c.node("e2.txt"))
+            try:
+                assert sealed.read(0, 100) == original
+            finally:
+                sealed.close()

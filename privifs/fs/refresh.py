@@ -205,7 +205,8 @@ class Refresher:
                     continue
                 self._add(info, parts, vanished)
             for node in vanished.values():
-                self._vanish(node)
+                if not self.syncer.rescue_renamed(node, infos):
+                    self._vanish(node)
             self._settle_names(started)
         self.last_refresh = time.time()
         self.last_error = None
