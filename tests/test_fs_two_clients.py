@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
+from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
 from tests.fskit import inprocess_fs
 
 
@@ -122,3 +123,11 @@ async def test_a_rename_that_lands_between_the_replacing_writers_check_and_delet
                 assert sealed.read(0, 100) == original
             finally:
                 sealed.close()
+
+
+def test_listings_for_other_clients_changes_are_spaced_by_what_the_last_one_cost():
+    assert event_gap(0.01) == EVENT_MIN_GAP  # a small vault: as often as twice a second
+    assert event_gap(0.5) == pytest.approx(0.5 * (1 / EVENT_LISTING_SHARE - 1))
+    # whatever a listing costs, listings for events take at most EVENT_LISTING_SHARE of the time
+    for cost in (0.1, 0.4, 2.0, 10.0):
+        assert cost / (cost + event_gap(cost)) <= EVENT_LISTING_SHARE + 1e-9

@@ -267,7 +267,7 @@ class Daemon:
                       "downloads": cache.downloads},
             "staging": {"dir": str(self.staging.dir), "size": self.staging.usage()},
             "last_refresh": refresher.last_refresh, "refresh_interval": refresher.interval,
-            "refresh_error": refresher.last_error, "last_error": syncer.last_error,
+            "refresh_error": refresher.last_error, "listings": refresher.listings, "last_error": syncer.last_error,
             "last_error_at": syncer.last_error_at, "files": len(self.ns.nodes),
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),

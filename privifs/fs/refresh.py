@@ -2,7 +2,9 @@
 
 The whole listing is read (no request per token) and compared with the tree: soon after another
 client of the profile changed the vault (its command acks arrive on the profile's WebSocket
-channel, see :meth:`EventHub.foreign_changes`: a listing 0.25 s and another 1.5 s after them), and
+channel, see :meth:`EventHub.foreign_changes`: a listing 0.25 s and another 1.5 s after them,
+coalesced, at least 0.5 s apart and apart by four times the last listing's time, so listings
+for events take at most a fifth of the time while another client keeps changing things), and
 every ``interval`` seconds as the safety net (events are delivered at most once, and a server may
 send none). The reference's listing filters (context, token, name, extension, type) cannot ask
 for "what changed since", so there is no cheaper incremental listing. Only *clean* nodes follow
@@ -53,8 +55,16 @@ RESERVED = split_context(RESERVED_CONTEXT)[0]
 # whose last step, the synchronous configure-file-meta, sends no ack of its own)
 EVENT_SETTLE = 0.25
 EVENT_FOLLOW_UPS = (0.0, 1.5)
-EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second
+EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second …
+EVENT_LISTING_SHARE = 0.2  # … and listings for events take at most this share of the time (a big vault)
 UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
+
+
+def event_gap(last_cost: float) -> float:
+    """The least time between two listings asked for by other clients' changes, after one that
+    took ``last_cost`` seconds: while another client keeps changing things (an untar), listing
+    takes at most :data:`EVENT_LISTING_SHARE` of the mount's and the server's time."""
+    return max(EVENT_MIN_GAP, last_cost * (1 / EVENT_LISTING_SHARE - 1))
 
 
 def claim_order(created: float | None, token: str) -> tuple[float, str]:
@@ -90,9 +100,9 @@ class Refresher:
                 nursery.start_soon(self._watch_events)
             task_status.started()
             next_full = trio.current_time() + self.interval
-            last = -EVENT_MIN_GAP
+            last, gap = -EVENT_MIN_GAP, EVENT_MIN_GAP
             while True:
-                due = max(min(self._due), last + EVENT_MIN_GAP) if self._due else next_full
+                due = max(min(self._due), last + gap) if self._due else next_full
                 with trio.move_on_at(min(next_full, due)):
                     await self._wake.wait()
                 self._wake = trio.Event()
@@ -102,6 +112,7 @@ class Refresher:
                 self._due = [t for t in self._due if t > now]
                 await self._refresh_logged()
                 last = trio.current_time()
+                gap = event_gap(last - now)
                 next_full = last + self.interval
 
     def nudge(self, delays: tuple[float, ...] = EVENT_FOLLOW_UPS) -> None:
