@@ -131,3 +131,27 @@ def test_listings_for_other_clients_changes_are_spaced_by_what_the_last_one_cost
     # whatever a listing costs, listings for events take at most EVENT_LISTING_SHARE of the time
     for cost in (0.1, 0.4, 2.0, 10.0):
         assert cost / (cost + event_gap(cost)) <= EVENT_LISTING_SHARE + 1e-9
+
+
+async def test_an_edit_made_after_seeing_a_rename_replaces_the_renamed_version_without_a_copy(account, tmp_path):
+    # A renames e.txt -> e2.txt and makes a new e.txt; B, having seen that, rewrites e2.txt:
+    # its delete of the version it replaced is no race, so A keeps no copy of that version
+    async with two_clients(tmp_path, account) as (a, b):
+        fh, _ = a.create(1, "e.txt")
+        await a.fs.write(fh, 0, b"first")
+        a.fs.release(fh)
+        await listed(a, b)
+        a.fs.rename(1, b"e.txt", 1, b"e2.txt", 0)
+        fh, _ = a.create(1, "e.txt")
+        await a.fs.write(fh, 0, b"new e")
+        a.fs.release(fh)
+        await listed(a, b)
+        fh = await b.open(b.node("e2.txt"))
+        await b.truncate(fh, 0)
+        await b.fs.write(fh, 0, b"B's edit of e2")
+        b.fs.release(fh)
+        for _ in range(3):
+            await listed(a, b)
+        for who, c in (("A", a), ("B", b)):
+            assert sorted(c.ns.root.children) == ["e.txt", "e2.txt"], f"{who} shows {sorted(c.ns.root.children)}"
+        assert await a.vault_names() == {"e.txt": 5, "e2.txt": len(b"B's edit of e2")}
