@@ -307,6 +307,12 @@ def test_same_name_mkdirs_end_as_one_directory_holding_both_files(clients):
         race(lambda: make(c.a, "a.txt", da), lambda: make(c.b, "b.txt", db))
         tree = c.check(d, [da, db])
         assert sorted(tree) == [f"{d}/new", f"{d}/new/a.txt", f"{d}/new/b.txt"], sorted(tree)
+        # then one of them removes it: gone everywhere, its other mkdir's marker too
+        m = c.mounts[r % 2]
+        for name in ("a.txt", "b.txt"):
+            os.unlink(m.dir / d / "new" / name)
+        os.rmdir(m.dir / d / "new")
+        assert c.check(d, []) == {}, "the removed directory came back"
 
 
 async def test_another_clients_commands_are_foreign_changes_and_our_own_are_not(account):
