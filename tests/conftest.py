@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.enginekit import EngineProcess, Wire
+from tests.fskit import kit, module_account  # noqa: F401 - fixtures of the in-process fs tests, shared here
 
 
 @pytest.fixture(scope="session")

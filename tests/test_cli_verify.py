@@ -78,3 +78,25 @@ def test_repair_without_a_local_copy_says_so_and_exits_non_zero(engine, tmp_path
         assert "damaged: /lonely.bin" in r.stdout and "not repaired: /lonely.bin: no local copy" in r.stdout
     finally:
         m.cleanup()
+
+
+def test_a_damaged_part_of_a_big_file_is_never_stored_again_under_a_new_token(engine, tmp_path):
+    from privifs.parts.store import PART_SIZE
+
+    m = Mount(tmp_path, engine.urls)
+    try:
+        content = os.urandom(2 * PART_SIZE + 12_345)  # above the threshold: parts + a manifest
+        with m.mounted():
+            (m.dir / "big.bin").write_bytes(content)
+            m.wait_idle()
+            assert (m.dir / "big.bin").read_bytes() == content  # every part now in the cache
+        blob = blob_of(engine, 12_345 + 28)  # the last part
+        raw = bytearray(blob.read_bytes())
+        raw[-1] ^= 0x80
+        blob.write_bytes(bytes(raw))
+        r = privifs(m.env, "verify", "--data", "--repair", check=False)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "damaged: /.privifs/parts/" in r.stdout and "cannot be stored again" in r.stdout
+        assert "1 damaged, 0 repaired" in r.stdout and "not yet in the local index" not in r.stdout  # parts are no files
+    finally:
+        m.cleanup()

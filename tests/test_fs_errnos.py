@@ -25,7 +25,6 @@ from privifs.errors import (
     rejected_command,
 )
 from privifs.fs.errnos import errno_for
-from privifs.fs.operations import Operations
 from tests.fskit import inprocess_fs
 
 
@@ -69,8 +68,8 @@ def test_a_rejected_command_is_the_error_its_reason_key_stands_for(reason, kind)
 
 async def test_fsync_of_an_upload_refused_as_not_allowed_answers_eacces(eng, account, tmp_path):
     async with inprocess_fs(tmp_path, *account) as t:
-        ops = Operations(t.fs)
-        fh, f = t.create(1, "not-mine.txt")
+        ops = t.ops
+        fh, f = t.create_node(1, "not-mine.txt")
         await t.fs.write(fh, 0, b"kept locally")
         eng.set_options(reject="reserve-token-space", reject_reason="profile.not_an_owner")
         with pytest.raises(pyfuse3.FUSEError) as info:

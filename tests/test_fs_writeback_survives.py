@@ -19,11 +19,11 @@ async def test_file_and_directory_removed_while_write_back_waits_leave_the_synce
     # mount is busy) when the file is unlinked, its directory removed, and the still-open file
     # truncated through its descriptor
     async with inprocess_fs(tmp_path, *account) as t:
-        d = t.mkdir(1, "d")
-        fh, f = t.create(d, "f")
+        d = t.mkdir_node(1, "d")
+        fh, f = t.create_node(d, "f")
         await t.fs.write(fh, 0, b"x" * 1000)
         t.fs.release(fh)                      # schedules the upload
-        fh2 = await t.open(f)                 # still open for writing
+        fh2 = await t.open_node(f)                 # still open for writing
         t.fs.note_activity()                  # busy mount: the worker waits in _yield_to_foreground
         await trio.sleep(0.05)
         assert f.ino in t.syncer._busy        # the worker holds the node, waiting
@@ -40,7 +40,7 @@ async def test_file_and_directory_removed_while_write_back_waits_leave_the_synce
         assert f.ino not in t.fs.ns.nodes
         assert await t.vault_names() == {}
         # the syncer still works
-        fh3, _ = t.create(1, "after")
+        fh3, _ = t.create_node(1, "after")
         await t.fs.write(fh3, 0, b"still alive")
         t.fs.release(fh3)
         await t.wait_idle()
@@ -49,8 +49,8 @@ async def test_file_and_directory_removed_while_write_back_waits_leave_the_synce
 
 async def test_writing_a_removed_open_file_does_not_bring_it_back_after_a_restart(account, tmp_path):
     async with inprocess_fs(tmp_path, *account) as t:
-        d = t.mkdir(1, "d")
-        fh, f = t.create(d, "ghost")
+        d = t.mkdir_node(1, "d")
+        fh, f = t.create_node(d, "ghost")
         t.fs.unlink(d.ino, b"ghost")
         t.fs.rmdir(1, b"d")
         await t.fs.write(fh, 0, b"written after unlink")
@@ -78,7 +78,7 @@ async def test_unexpected_exception_in_write_back_is_reported_and_retried(accoun
             return await real(*args, **kwargs)
 
         monkeypatch.setattr(t.syncer.vault, "put_stream", buggy)
-        fh, f = t.create(1, "doc.txt")
+        fh, f = t.create_node(1, "doc.txt")
         await t.fs.write(fh, 0, b"keep me")
         t.fs.release(fh)
         with trio.fail_after(10):
@@ -160,7 +160,7 @@ async def test_supervised_start_up_failure_propagates_and_cancellation_ends_the_
 
 async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account, tmp_path):
     async with inprocess_fs(tmp_path, *account) as t:
-        fh, f = t.create(1, "db.sqlite")
+        fh, f = t.create_node(1, "db.sqlite")
         await t.fs.write(fh, 0, b"page" * 1000)
         eng.set_options(fail_rate=1.0)           # every request answers 5xx for now
         result = []
@@ -178,4 +178,22 @@ async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account
             eng.set_options(fail_rate=0.0)
         assert result == ["ok"]
         assert not f.content_dirty and f.token
+        t.fs.release(fh)
+
+
+async def test_fsync_of_a_file_whose_write_back_is_deferring_to_a_busy_mount_does_not_wait_for_quiet(
+        account, tmp_path, monkeypatch):
+    # SQLite's journal: created (its write-back starts and defers while the mount is busy), then
+    # fsynced; the deferring worker must go on at the fsync, not at the end of its quiet period
+    monkeypatch.setattr("privifs.fs.sync.QUIET", 60.0)
+    async with inprocess_fs(tmp_path, *account) as t:
+        fh, f = t.create_node(1, "db-journal")
+        await t.fs.write(fh, 0, b"journal")
+        t.fs.note_activity()
+        t.syncer.schedule(f)
+        await trio.sleep(0.05)
+        assert f.ino in t.syncer._busy  # the worker holds the node, deferring
+        with trio.fail_after(20):  # the quiet period is 60 s: only the fsync's wake-up ends it sooner
+            await t.fs.fsync(fh)
+        assert f.token is not None
         t.fs.release(fh)

@@ -44,11 +44,14 @@ def register(sub) -> None:
                    help="octal umask for files without stored modes (default 022)")
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    p.add_argument("--upload-workers", type=integer(1, 64), metavar="N", default=4, help="parallel uploads, 1 to 64 (default 4)")
+    p.add_argument("--upload-workers", type=integer(1, 64), metavar="N", default=8, help="parallel uploads, 1 to 64 (default 8)")
     p.add_argument("--write-back-delay", type=seconds(0), metavar="SECONDS", default=1.0,
                    help="seconds after the last close before a file is uploaded (default 1; fsync skips it)")
     p.add_argument("--fsync-timeout", type=seconds(0, inclusive=False), metavar="SECONDS", default=300.0,
                    help="seconds fsync waits for the vault before failing with EIO (default 300)")
+    p.add_argument("--fsync", choices=("vault", "local"), default="vault", dest="fsync_mode",
+                   help="vault (default): fsync returns once the change is in the vault; local: once it is "
+                        "durable on this disk, the upload follows (a lost machine loses it until then)")
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
@@ -80,7 +83,7 @@ def _mount_config(args: argparse.Namespace):
         write_back_delay=args.write_back_delay,
         allow_other=args.allow_other, state_dir=args.state_dir,
         fs=MountOptions(uid=args.uid, gid=args.gid, umask=args.umask, read_only=args.read_only,
-                        fsync_timeout=args.fsync_timeout))
+                        fsync_timeout=args.fsync_timeout, fsync_mode=args.fsync_mode))
 
 
 def _check_mountpoint(mountpoint: Path) -> None:
@@ -147,7 +150,7 @@ def _forward(args: argparse.Namespace) -> list[str]:
            "--refresh-interval", str(args.refresh_interval), "--uid", str(args.uid), "--gid", str(args.gid),
            "--umask", f"{args.umask:o}", "--upload-workers", str(args.upload_workers),
            "--write-back-delay", str(args.write_back_delay),
-           "--fsync-timeout", str(args.fsync_timeout)]
+           "--fsync-timeout", str(args.fsync_timeout), "--fsync", args.fsync_mode]
     if args.cache_dir:
         out += ["--cache-dir", str(args.cache_dir.resolve())]
     if args.state_dir:

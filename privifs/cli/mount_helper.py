@@ -13,7 +13,8 @@ ready, leaving its daemon behind) and exits with its status:
 ``upload_workers=…``,
 ``write_back_delay=…``,
 ``fsync_timeout=…``, ``uid=…``,
-``gid=…``, ``umask=…``
+``gid=…``, ``umask=…``,
+``fsync=local``
 ``_netdev``, ``x-systemd.*``,          for mount(8) and systemd only: ignored here
 ``x-*``, ``comment=…``, ``defaults``,
 ``auto``, ``noauto``, ``nofail``,
@@ -35,7 +36,7 @@ from pathlib import Path
 
 VALUED = {"cache_size": "--cache-size", "cache_dir": "--cache-dir", "refresh_interval": "--refresh-interval",
           "upload_workers": "--upload-workers", "write_back_delay": "--write-back-delay",
-          "fsync_timeout": "--fsync-timeout", "uid": "--uid", "gid": "--gid", "umask": "--umask"}
+          "fsync_timeout": "--fsync-timeout", "fsync": "--fsync", "uid": "--uid", "gid": "--gid", "umask": "--umask"}
 USAGE, MOUNT_FAILED = 1, 32  # mount(8)'s exit codes: incorrect invocation, mount failure
 FLAGS = {"ro": "--read-only", "allow_other": "--allow-other"}
 IGNORED = {"rw", "_netdev", "defaults", "auto", "noauto", "nofail", "user", "users", "nouser", "owner", "group",

@@ -124,6 +124,17 @@ def _ago(ts: float | None) -> str:
     return f"{time.strftime('%H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
 
 
+def _fsync_line(fsync: dict | None) -> str | None:
+    """What fsync means on this mount; with ``--fsync local``, how much is only on this machine."""
+    if not fsync:
+        return None
+    if fsync["mode"] != "local":
+        return "  fsync:        vault (returns once the change is in the vault)"
+    return (f"  fsync:        LOCAL (returns once the change is on this disk): {fsync['not_in_vault']} changes "
+            f"not in the vault yet ({fsync['fsynced_not_in_vault']} of them fsynced); losing this machine "
+            f"loses them, other clients do not see them yet")
+
+
 def _dead_status(mountpoint: str) -> dict:
     return {"mountpoint": mountpoint, "dead": True,
             "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
@@ -178,6 +189,9 @@ def run_status(args: argparse.Namespace) -> int:
                   f"are readable, writes are staged; reconnecting in the background")
         print(f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
               f"{st['pending_deletes']} deletes")
+        fsync_line = _fsync_line(st.get("fsync"))
+        if fsync_line:
+            print(fsync_line)
         for p in st["pending"][:20]:
             print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
         if len(st["pending"]) > 20:

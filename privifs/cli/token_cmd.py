@@ -1,5 +1,7 @@
 """privifs token: work on data tokens directly, without a mount - for scripts, debugging and
-recovery. put and get stream (bounded memory) and show progress on a terminal. Every action
+recovery. put and get stream (bounded memory) and show progress on a terminal; a file larger
+than the parts threshold is stored as parts plus a manifest, and get of a manifest reassembles
+the file (see docs/format.md). Every action
 first checks the AES key against the vault's key check, so a wrong key is refused before it can
 write anything."""
 from __future__ import annotations
@@ -21,9 +23,10 @@ from privifs.client.datatokens import FileMeta
 from privifs.client.sinks import BlockWriter
 from privifs.config import load
 from privifs.cli.failures import LocalFileError
-from privifs.errors import NotFoundError, single_error
-from privifs.fs.tokenmeta import RESERVED_CONTEXT, same_context
+from privifs.errors import NotFoundError, PrivifsError, single_error
+from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
 from privifs.keycheck import verify_key
+from privifs.parts.store import THRESHOLD, PartStore, is_manifest
 
 PIECE = 1024 * 1024
 PROGRESS_MIN = 8 * 1024 * 1024
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             async with connect(account.endpoints, account.credentials) as client:
                 vault = client.vault(account.key)
                 await verify_key(client, vault)
+                args.parts = PartStore(vault)
                 return await args.action(args, client, vault) or 0
 
         return trio.run(main)
@@ -104,7 +108,7 @@ def split_name(name: str) -> str:
 
 async def _ls(args, client, vault) -> int:
     async for info in client.tokens.list():
-        if not args.all and same_context(info.context, RESERVED_CONTEXT):
+        if not args.all and split_context(info.context)[:1] == split_context(RESERVED_CONTEXT):
             continue
         if args.json:
             print(json.dumps({"token": info.token, "context": info.context, "fileName": info.file_name,
@@ -146,7 +150,10 @@ async def _put(args, client, vault) -> int:
     context = args.context
     meta = FileMeta(name, split_name(name), context, size, context.rstrip("/") + "/" + name)
     try:
-        token = await vault.put_stream(source, size, meta)
+        if size > THRESHOLD:
+            token = await args.parts.put(source, size, meta)
+        else:
+            token = await vault.put_stream(source, size, meta)
     finally:
         progress.close()
     print(token)
@@ -238,7 +245,12 @@ async def _get(args, client, vault) -> int:
         with single_error():
             async with trio.open_nursery() as nursery:
                 sink = FileSink(out, progress, nursery)
-                await vault.get(args.token, sink, size=info.size)
+                if is_manifest(info):
+                    await sink.reset()
+                    manifest = await args.parts.manifest(args.token)
+                    await args.parts.copy(manifest, sink.write)
+                else:
+                    await vault.get(args.token, sink, size=info.size)
                 await sink.finish()
         sink.commit()
     except BaseException:
@@ -251,7 +263,14 @@ async def _get(args, client, vault) -> int:
 
 
 async def _rm(args, client, vault) -> int:
-    await _find(client, args.token)
+    info = await _find(client, args.token)
+    if is_manifest(info):  # its parts go after it; a manifest that cannot be read leaves them to collection
+        try:
+            manifest = await args.parts.manifest(args.token)
+        except PrivifsError:
+            manifest = None
+        await args.parts.delete(args.token, manifest)
+        return 0
     await client.tokens.delete(args.token)
     return 0
 

@@ -28,6 +28,8 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
+from privifs.parts.format import MARK
+from privifs.parts.store import is_part
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -187,6 +189,9 @@ async def check_keycheck(vault: Vault, infos: list[TokenInfo]) -> None:
 async def repair(client, vault: Vault, info: TokenInfo, local: LocalFile | None, cache_dir: Path, key: bytes,
                  path: str) -> str:
     """Store ``info``'s content again from a good local copy; returns what was done (raises if nothing)."""
+    if is_part(info):  # a new token would not be the one its manifest names
+        raise PrivifsError("a part of a file stored as parts cannot be stored again under a new token; "
+                           "restore the file from a backup")
     if local is not None and local.dirty:
         raise PrivifsError("a newer local version is staged; the mount uploads it and drops this token")
     sealed = cached_copy(cache_dir, info.token, key)
@@ -208,8 +213,9 @@ async def repair(client, vault: Vault, info: TokenInfo, local: LocalFile | None,
         raise PrivifsError(f"the cached copy is damaged too ({exc})") from None
     finally:
         sealed.close()
-    if info.risk:
-        await client.tokens.set_risk(new, info.risk)
+    risk = {k: v for k, v in info.risk.items() if k != MARK}  # stored again whole: one token, no manifest
+    if risk:
+        await client.tokens.set_risk(new, risk)
     await client.tokens.delete(info.token)
     return new
 
@@ -233,7 +239,7 @@ async def verify(args: argparse.Namespace, client, vault: Vault, key: bytes, sta
                 report.line("missing", f"{f.path}: the local index has token {token}, the vault does not"
                             + (" (a newer local version is staged)" if f.dirty else ""))
         report.unknown = sum(1 for t, i in listed.items() if t not in files and t not in tombstones
-                             and not same_context(i.context, RESERVED_CONTEXT))
+                             and not same_context(i.context, RESERVED_CONTEXT) and not is_part(i))
     if not args.data:
         return report
     todo = [i for i in infos if not same_context(i.context, RESERVED_CONTEXT) and i.token not in tombstones]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from urllib.parse import quote
 from typing import Any, Protocol
 
 import httpx
@@ -24,6 +25,23 @@ from privifs.errors import (AuthorizationError, ConflictError, ForbiddenError, N
                             RequestRejected, ServerError, ServerUnreachable)
 
 log = logging.getLogger("privifs.client")
+
+MAX_CONNECTIONS = 32
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+_SAFE = "-._~"  # RFC 3986 unreserved characters besides letters and digits
+
+
+def encode_form(data: dict[str, str]) -> bytes:
+    """``application/x-www-form-urlencoded`` as httpx writes it (``%20`` for a space is accepted
+    everywhere too), in a fraction of its time for a long base64 value: the characters base64
+    uses that need escaping are only ``+``, ``/`` and ``=``."""
+    return "&".join(f"{quote(str(k), safe=_SAFE)}={_quote_value(str(v))}" for k, v in data.items()).encode("ascii")
+
+
+def _quote_value(v: str) -> str:
+    if v.isascii() and v.replace("+", "").replace("/", "").replace("=", "").isalnum():
+        return v.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+    return quote(v, safe=_SAFE)
 
 
 @dataclass
@@ -72,8 +90,11 @@ class Transport:
         self.auth: AuthProvider | None = None
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(options.http_timeout, connect=options.connect_timeout),
-            # a small pool: httpcore checks every pooled connection on each request
-            limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+            # a small pool (httpcore checks every pooled connection on each request), but every
+            # connection kept: with fewer kept than requests in flight, each request beyond them
+            # opened and closed a TCP connection (measured: ~3 new connections per small upload
+            # at 16 in flight, against none at 4)
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
             follow_redirects=False)
 
     async def aclose(self) -> None:
@@ -95,11 +116,15 @@ class Transport:
         while True:
             token = self.auth.current_token() if (auth and self.auth) else None
             hdrs = dict(headers or {})
+            body = content
+            if isinstance(data, dict) and content is None:
+                body = encode_form(data)
+                hdrs.update(FORM)
             if token:
                 hdrs["X-DPT-AUTHORIZATION"] = token
             try:
-                resp = await self.http.request(method, base + path, data=data, json=json, params=params,
-                                               content=content, headers=hdrs)
+                resp = await self.http.request(method, base + path, data=None if body is not content else data,
+                                               json=json, params=params, content=body, headers=hdrs)
             except httpx.TransportError as exc:
                 err: Exception = ServerUnreachable(
                     f"cannot reach the Privicore server at {base} ({type(exc).__name__}: {exc or 'no detail'}); "

@@ -52,6 +52,14 @@ class Vault:
     def __repr__(self) -> str:
         return "Vault(<key hidden>)"
 
+    def seal(self, data: bytes) -> bytes:
+        """``data`` in the wire format under the vault's key, with a fresh IV."""
+        return wire.seal(self._key, data)
+
+    def derive(self, kdf: Callable[[bytes], bytes]) -> bytes:
+        """A subkey ``kdf`` derives from the vault's key (e.g. the key of part digests)."""
+        return kdf(self._key)
+
     async def put_bytes(self, data: bytes, meta: FileMeta) -> str:
         meta.size = len(data)
         sealed = wire.seal(self._key, data)

@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from privifs.engine import (routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility,
                             routes_voting)
+from privifs.engine.coalesce import CoalescingSend, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
 from privifs.engine.http import read_body
@@ -63,7 +64,7 @@ def leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-class ContainedTCPServer(hypercorn.trio.tcp_server.TCPServer):
+class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, hypercorn.trio.tcp_server.TCPServer):
     """hypercorn's per-connection handler, except that its failure ends the connection only.
 
     Unpatched, an exception escaping one connection (e.g. h11's ``LocalProtocolError`` after a

@@ -18,6 +18,9 @@ what is cached stays readable when writes fill the disk. Evicting unlinks the en
 then its row, so space comes back even when the table cannot be written; a row whose file is
 gone reads as a miss.
 
+Downloads in flight count against ``--cache-size`` before they land (:attr:`ContentCache.reserved`),
+so several parts of a big file fetched at once never take the cache past its limit.
+
 A download is shared: concurrent readers of the same uncached token wait for one fetch. Its
 plaintext goes into a sealed file under ``incoming/`` and enters the cache (by rename, see
 :class:`AdoptingDisk`) only after the whole blob's GCM tag verified.
@@ -115,6 +118,7 @@ class ContentCache:
             raise open_error(directory, "the read cache", exc) from None
         self._inflight: dict[str, trio.Event] = {}
         self.downloads = 0
+        self.reserved = 0  # bytes of downloads in flight: counted against the limit before they land
 
     def _load(self) -> None:
         """The LRU order from diskcache's table (its documented columns; a read)."""
@@ -179,9 +183,11 @@ class ContentCache:
             if token not in self._lru:
                 # the shared download failed: each waiter tries (and reports) on its own
                 break
-        self._room_for_download(stored_size(size or 0))
+        need = stored_size(size or 0)
+        self._room_for_download(need)
         event = trio.Event()
         self._inflight[token] = event
+        self.reserved += need
         path = self.incoming / secrets.token_hex(12)
         sealed = SealedFile.create(path, self._key)
         try:
@@ -200,6 +206,7 @@ class ContentCache:
             raise
         finally:
             del self._inflight[token]
+            self.reserved -= need
             event.set()
         opened = self.open(token)
         if opened is None:
@@ -210,7 +217,7 @@ class ContentCache:
         """Evict until ``need`` bytes fit within the size limit and the floor stays free (the
         reserve is restored once the entry is in, see :meth:`_trim`), or raise DiskFullError."""
         keepable = need <= self.size_limit  # a download larger than the whole cache is never kept
-        while self._lru and (keepable and self.used + need > self.size_limit
+        while self._lru and (keepable and self.used + self.reserved + need > self.size_limit
                              or self.space.above_floor() < need):
             self.evict(next(iter(self._lru)))
         if self.space.above_floor() < need:
@@ -265,6 +272,52 @@ class ContentCache:
             self.cache.delete(token)
         except TABLE_ERRORS as exc:
             log.debug("cache row kept after its file was removed (%s)", exc)
+
+    async def store(self, token: str, data: bytes) -> bool:
+        """Cache ``data`` as ``token``'s content (plaintext this mount just uploaded, so known
+        good); sealed on a worker thread. False when it cannot be kept."""
+        path = self.incoming / secrets.token_hex(12)
+
+        def write() -> None:
+            sealed = SealedFile.create(path, self._key)
+            try:
+                sealed.write(0, data)
+                sealed.write_header()
+            finally:
+                sealed.close()
+
+        try:
+            await trio.to_thread.run_sync(write)
+            return self.adopt(token, str(path))
+        except (PrivifsError, OSError) as exc:
+            log.debug("not caching %d uploaded bytes (%s)", len(data), exc)
+            path.unlink(missing_ok=True)
+            return False
+
+    def take(self, token: str, dest: Path) -> bool:
+        """Move ``token``'s cached file to ``dest`` (same filesystem) and drop the entry: the
+        content leaves the cache without a copy. False if it is not cached or cannot be moved."""
+        f = self.cache.get(token, read=True)
+        if f is None:
+            return False
+        f.close()
+        try:
+            os.rename(f.name, dest)
+        except OSError:
+            return False
+        size = self._lru.pop(token, None)
+        if size is not None:
+            self.used -= size
+        self._touched.pop(token, None)
+        try:
+            self.cache.delete(token)
+        except TABLE_ERRORS as exc:  # a row whose file is gone reads as a miss
+            log.debug("cache row kept after its file was moved (%s)", exc)
+        return True
+
+    def holds(self, token: str) -> bool:
+        """Whether ``token``'s content is in the cache (no I/O)."""
+        return token in self._lru
 
     def volume(self) -> int:
         return self.used

@@ -61,7 +61,7 @@ class MountConfig:
     cache_dir: Path | None = None
     cache_size: int = 2 * 1024**3
     refresh_interval: float = 30.0
-    upload_workers: int = 4
+    upload_workers: int = 8
     write_back_delay: float = 1.0
     allow_other: bool = False
     state_dir: Path | None = None
@@ -180,7 +180,8 @@ class Daemon:
                             write_back_delay=self.mcfg.write_back_delay, supervisor=self.supervisor)
             fs = Filesystem(ns, staging, cache, vault, opts, syncer)
             fs.open_staged_files()
-            refresher = Refresher(ns, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link)
+            refresher = Refresher(ns, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link,
+                                  collect_parts=not opts.read_only)
             self.ns, self.staging, self.cache = ns, staging, cache
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             online = await self._connect(account, links, link, refresher, syncer)
@@ -263,6 +264,8 @@ class Daemon:
             "mountpoint": str(self.mountpoint), "server": self.cfg.server_label(), "pid": os.getpid(),
             "pending": pending, "pending_bytes": sum(p["size"] for p in pending),
             "pending_deletes": syncer.tombstone_count(), "uploads_done": syncer.uploads,
+            "fsync": {"mode": self.fs.opts.fsync_mode, "not_in_vault": len(pending),
+                      "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in self.ns.pending()})},
             "cache": {"dir": str(self.cache_dir), "size": cache.volume(), "limit": cache.size_limit,
                       "downloads": cache.downloads},
             "staging": {"dir": str(self.staging.dir), "size": self.staging.usage()},

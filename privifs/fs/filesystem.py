@@ -27,6 +27,7 @@ from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.errnos import errno_for
+from privifs.fs.parts import is_manifest_node
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.staging import Staging, StagedFile
 from privifs.fs.sync import Syncer
@@ -54,6 +55,7 @@ class MountOptions:
     read_only: bool = False
     attr_timeout: float = 5.0
     fsync_timeout: float = 300.0
+    fsync_mode: str = "vault"  # "local": fsync returns once durable on the local disk (fs/localsync.py)
 
     @property
     def file_mode(self) -> int:
@@ -93,6 +95,7 @@ class Filesystem:
         self.staging = staging
         self.cache = cache
         self.vault = vault
+        self.parts = sync.parts.reader  # content of files stored as parts (shared with the write-back)
         self.opts = opts
         self.sync = sync
         self.handles: dict[int, FileHandle] = {}
@@ -208,7 +211,8 @@ class Filesystem:
 
     def release_node(self, node: Node) -> None:
         """Forget an unlinked node once the kernel and every open file let go of it."""
-        self.ns.release(node, self.staging)
+        if self.ns.release(node, self.staging):
+            self.sync.wake_tombstones()
 
     # -- lookups and attributes --------------------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
@@ -247,6 +251,7 @@ class Filesystem:
                 raise fail(errno.EINVAL)
             staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
             staged.sealed.truncate(attr.st_size)
+            self.parts.changes.resized(staged.id, attr.st_size)
             self.ns.set_attributes(node, size=attr.st_size, mtime_ns=now)
             self.mark_content_dirty(node)
             if node.writers == 0:
@@ -458,6 +463,7 @@ class Filesystem:
             staged = await self.writable_staged(node, truncate_to_zero=True)
             if staged.size:
                 staged.sealed.truncate(0)
+                self.parts.changes.resized(staged.id, 0)
             now = time.time_ns()
             self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
             self.mark_content_dirty(node)
@@ -474,12 +480,19 @@ class Filesystem:
         if staged is not None:
             if staged.frozen:
                 fresh = self.staging.create() if truncate_to_zero else self.staging.clone(staged)
+                if not truncate_to_zero:
+                    self.parts.changes.cloned(staged.id, fresh.id)
                 self.ns.set_staged(node, fresh)
                 self.index.save(node)
                 return fresh
             return staged
         if truncate_to_zero or node.token is None:
             fresh = self.staging.create()
+        elif is_manifest_node(node.remote_risk):
+            fresh = await self._parts(node, self.parts.stage(node.token, self.staging))
+            if node.staged is not None:  # someone else staged it while we waited
+                self.staging.remove(fresh)
+                return await self.writable_staged(node)
         else:
             sealed = await self.content(node)
             try:
@@ -504,6 +517,19 @@ class Filesystem:
             log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
             raise fail(errno_for(exc)) from None
 
+    async def _parts(self, node: Node, work):
+        """Await ``work`` on the node's parts (see :mod:`privifs.fs.parts`); a failure is EIO
+        (or the error's own errno), logged with the path."""
+        try:
+            return await work
+        except IntegrityError as exc:
+            log.error("%s: integrity failure in a part, the stored ciphertext does not verify (%s)",
+                      self.path(node), exc)
+            raise fail(errno.EIO) from None
+        except PrivifsError as exc:
+            log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
+            raise fail(errno_for(exc)) from None
+
     async def read(self, fh_id: int, offset: int, length: int) -> bytes:
         fh = self.handles[fh_id]
         node = fh.node
@@ -511,6 +537,8 @@ class Filesystem:
             return node.staged.sealed.read(offset, length)
         if node.token is None:
             return b""
+        if is_manifest_node(node.remote_risk):
+            return await self._parts(node, self.parts.read(node.token, offset, length))
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
             token = node.token
@@ -538,6 +566,7 @@ class Filesystem:
         if fh.append:
             offset = staged.size
         n = staged.write(offset, data)
+        self.parts.changes.wrote(staged.id, offset, n)
         now = time.time_ns()
         self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
         self.mark_content_dirty(node)
@@ -553,6 +582,10 @@ class Filesystem:
         fh = self.handles[fh_id]
         node = fh.node
         if node.staged is None or not node.content_dirty or node.unlinked:
+            return
+        if self.opts.fsync_mode == "local":
+            from privifs.fs.localsync import fsync_locally
+            await fsync_locally(self, node)
             return
         node.staged.sealed.sync_header()
         self.index.save(node)

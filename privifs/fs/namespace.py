@@ -305,6 +305,10 @@ class Namespace:
         self.index = index
         self.nodes: dict[int, Node] = {}
         self.by_token: dict[str, int] = {}
+        # tokens of removed files that are still open: a descriptor keeps reading (and copying on
+        # write) the content, so their deletion waits for the last close (the tombstone is in the
+        # index already, so a crash before that still deletes them)
+        self.held: dict[str, int] = {}
         self.dir_mode = dir_mode
         self.file_mode = file_mode
         loaded = index.load()
@@ -472,19 +476,32 @@ class Namespace:
         if node.token:
             if delete_token:
                 self.index.add_tombstone(node.token)
-            self.set_token(node, None)
+            if node.opens > 0:  # still readable through its descriptors until released
+                if self.by_token.get(node.token) == node.ino:
+                    del self.by_token[node.token]
+                self.held[node.token] = node.ino
+            else:
+                self.set_token(node, None)
         node.unlinked = True
         node.content_dirty = 0
         self.index.forget(node.ino)
 
-    def release(self, node: Node, staging: "Staging") -> None:
-        """Forget a removed node once the kernel and every open file let go of it (its staged
-        content too, unless an upload is reading it: the upload frees it when it ends)."""
-        if node.unlinked and node.lookups <= 0 and node.opens <= 0 and self.get(node.ino) is node:
+    def release(self, node: Node, staging: "Staging") -> bool:
+        """Let go of a removed node's content once every open file closed it, and forget the node
+        once the kernel lets go too (its staged content too, unless an upload is reading it: the
+        upload frees it when it ends). True if a held token's deletion may go ahead now."""
+        if not node.unlinked or node.opens > 0:
+            return False
+        freed = node.token is not None and self.held.get(node.token) == node.ino
+        if freed:
+            del self.held[node.token]
+            node.token = None
+        if node.lookups <= 0 and self.get(node.ino) is node:
             if node.staged is not None and not node.uploading:
                 staging.remove(node.staged)
                 self.clear_staged(node)
             self.drop(node)
+        return freed
 
     # kernel references and open files
     def looked_up(self, node: Node, count: int = 1) -> None:

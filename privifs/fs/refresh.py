@@ -75,7 +75,7 @@ def claim_order(created: float | None, token: str) -> tuple[float, str]:
 
 class Refresher:
     def __init__(self, ns: Namespace, tokens: DataTokens, syncer: Syncer, interval: float, *,
-                 invalidate: bool = True, events: EventHub | None = None):
+                 invalidate: bool = True, events: EventHub | None = None, collect_parts: bool = True):
         self.ns = ns
         self.index = ns.index
         self.tokens = tokens
@@ -83,6 +83,7 @@ class Refresher:
         self.interval = interval
         self.invalidate = invalidate
         self.events = events
+        self.collect_parts = collect_parts  # False on a read-only mount: it deletes nothing
         self.last_refresh: float | None = None
         self.last_error: str | None = None
         self.listings = 0
@@ -152,6 +153,12 @@ class Refresher:
         async with self._lock:  # one listing at a time: an older one never undoes a newer one
             infos, started = await self.fetch()
             await self.apply(infos, started)
+        if not self.collect_parts:
+            return
+        try:
+            await self.syncer.parts.reader.sweep(infos)  # parts no manifest names (rate-limited)
+        except PrivifsError as exc:
+            log.warning("collecting unreferenced parts failed: %s", exc)
 
     # -- merging ---------------------------------------------------------------------------------
     def eligible(self, node: Node, started: float) -> bool:
@@ -200,9 +207,7 @@ class Refresher:
                 self._follow(node, info)
             # a directory that moved took its whole subtree along: entries whose own tokens did not
             # move go back to where their context puts them (until nothing moves)
-            for _ in range(4):
-                if not sum(self._place(node, info) for node, info in followed):
-                    break
+            self._place_until_still(followed)
             adoptions = []
             # in claim order: the first token of a path takes the plain name
             for info in sorted(unknown, key=lambda i: claim_order(i.created_at, i.token)):
@@ -215,6 +220,10 @@ class Refresher:
                     adoptions.append((waiting[0], info))
                     continue
                 self._add(info, parts, vanished)
+            # an entry added before the marker of its directory (claim order) may sit in a
+            # conflict-named directory the marker's arrival made needless: placed again
+            self._place_until_still([(ns.nodes[ns.by_token[i.token]], i) for i in unknown
+                                     if ns.by_token.get(i.token) in self._added])
             for node in vanished.values():
                 if not self.syncer.rescue_renamed(node, infos):
                     self._vanish(node)
@@ -227,6 +236,13 @@ class Refresher:
                 with self.index:
                     self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()
+
+    def _place_until_still(self, pairs: list[tuple[Node, TokenInfo]]) -> None:
+        """Put each node where its token's context puts it, again while any moved (a directory
+        that moved takes its subtree along; entries whose own tokens did not move go back)."""
+        for _ in range(4):
+            if not sum(self._place(node, info) for node, info in pairs):
+                break
 
     def _follow(self, node: Node, info: TokenInfo) -> None:
         """A known token changed on the server (another client): follow it."""

@@ -56,7 +56,12 @@ from privifs.errors import (
 from privifs.fs.cache import ContentCache
 from privifs.fs.names import token_naming
 from privifs.fs.namespace import Namespace, Node
+from privifs.fs.parts import PartReader, is_manifest_node
+from privifs.fs.partwrite import PartWriter
 from privifs.fs.staging import StagedFile, Staging
+from privifs.parts.format import MARK
+from privifs.parts.format import VERSION as PARTS_VERSION
+from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
     risk_fields,
@@ -103,8 +108,10 @@ class Syncer:
         self._busy: set[int] = set()
         self._again: set[int] = set()
         self._fsync: Counter[int] = Counter()
+        self.local_fsynced: set[int] = set()  # --fsync local: durable here, uploaded even while open
         self._commits: dict[str, tuple[trio.Event, list]] = {}
         self._tomb_wake = trio.Event()
+        self._fsync_asked = trio.Event()  # set (and replaced) when an fsync asks: wakes deferred work
         self._nursery: trio.Nursery | None = None
         self.inflight_names: Counter[tuple[tuple[str, ...], str]] = Counter()
         self.recently_deleted: dict[str, float] = {}
@@ -116,6 +123,7 @@ class Syncer:
         self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
+        self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
 
     def note_activity(self) -> None:
@@ -137,6 +145,12 @@ class Syncer:
         burst of writes finish first and coalesces quick rewrites)."""
         self.ns.defer(node, trio.current_time() + self.write_back_delay)
         self.schedule(node)
+
+    def upload_soon(self, node: Node) -> None:
+        """``--fsync local``: the node's content is durable here; upload it after the write-back
+        delay even if the file stays open (a database keeps it open), as long as it is dirty."""
+        self.local_fsynced.add(node.ino)
+        self.schedule_upload(node)
 
     def wake_tombstones(self) -> None:
         self._tomb_wake.set()
@@ -184,7 +198,8 @@ class Syncer:
             quiet_for = trio.current_time() - self.last_activity
             if quiet_for >= QUIET:
                 return
-            await trio.sleep(QUIET - quiet_for)
+            with trio.move_on_after(QUIET - quiet_for):
+                await self._fsync_asked.wait()
 
     async def _later(self, ino: int, delay: float) -> None:
         await trio.sleep(delay)
@@ -202,7 +217,7 @@ class Syncer:
     async def reconcile(self, node: Node) -> None:
         try:
             if node.is_file and node.content_dirty and node.staged is not None:
-                if node.waiting_for_close and not self._fsync[node.ino]:
+                if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 await self._upload(node)
             elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit
@@ -218,6 +233,8 @@ class Syncer:
             return
         self.ns.record_success(node)
         self.unreachable_since = None
+        if not node.content_dirty:
+            self.local_fsynced.discard(node.ino)
 
     def _failed(self, node: Node, exc: PrivifsError) -> None:
         attempts = self.ns.record_error(node, str(exc))
@@ -280,11 +297,17 @@ class Syncer:
         self.index.save(node)
         try:
             with self._claiming(context, name):
-                token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size,
-                                                    FileMeta(name, extension, context, size, path))
+                meta = FileMeta(name, extension, context, size, path)
+                stale: list[str] = []
+                manifest_risk = None
+                if size > PARTS_THRESHOLD:
+                    token, stale, manifest_risk = await self._store_parts(node, staged, meta)
+                else:
+                    token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size, meta)
                 keep = (replaced is not None and replaced != token
                         and await self._moved_elsewhere(replaced, seen_at))
-                self._record_content(node, staged, token, context, name, extension, keep_old=keep)
+                self._record_content(node, staged, token, context, name, extension, keep_old=keep,
+                                     manifest_risk=manifest_risk)
         finally:
             self.ns.end_upload(node)
             self.sent.pop(node.ino, None)
@@ -295,8 +318,25 @@ class Syncer:
         self.uploads += 1
         if replaced is not None and replaced != token and not keep:
             await self._delete_now(replaced)
+            for part in stale:  # the old manifest's parts the new one does not name (else: collected)
+                await self._delete_now(part)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _store_parts(self, node: Node, staged: StagedFile, meta: FileMeta) -> tuple[str, list[str], dict]:
+        """Store a big file as parts + a manifest (:mod:`privifs.fs.partwrite`): the manifest
+        token, the replaced manifest's parts no longer named, and the manifest's risk meta."""
+        old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.ns.describe(node))
+        risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
+        risk[MARK] = str(PARTS_VERSION)
+        ino = node.ino
+        self.sent[ino] = 0  # umount's progress: a part counts once uploaded (or kept)
+
+        def progress(n: int) -> None:
+            self.sent[ino] = self.sent.get(ino, 0) + n
+
+        token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
+        return token, stale, risk
 
     async def _delete_now(self, token: str) -> None:
         """Delete a replaced token right after the check that it did not move (the shorter the
@@ -339,7 +379,7 @@ class Syncer:
         return moved
 
     def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str,
-                        extension: str, *, keep_old: bool = False) -> None:
+                        extension: str, *, keep_old: bool = False, manifest_risk: dict | None = None) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``)."""
         with self.index:
@@ -355,6 +395,8 @@ class Syncer:
             if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
+            if manifest_risk is not None:  # a manifest: kept a manifest by later meta updates
+                self.ns.set_remote_risk(node, json.dumps(manifest_risk, sort_keys=True))
             self.ns.meta_pending(node)
             if node.staged is staged:
                 self.ns.clear_staged(node, content_clean=True)
@@ -492,6 +534,8 @@ class Syncer:
         staged = node.staged
         event, result = self._commits.setdefault(staged.id, (trio.Event(), []))
         self._fsync[node.ino] += 1
+        self._fsync_asked.set()  # a worker deferring this node to the foreground goes on at once
+        self._fsync_asked = trio.Event()
         self.ns.schedule_retry(node, 0.0)
         self.schedule(node)
         try:
@@ -526,7 +570,7 @@ class Syncer:
         failures = 0
         while True:
             await self._yield_to_foreground()
-            tokens = list(self.index.tombstones())
+            tokens = [t for t in self.index.tombstones() if t not in self.ns.held]
             failed = False
             if tokens:
                 limiter = trio.CapacityLimiter(4)
@@ -580,8 +624,12 @@ class Syncer:
                 self.h = hashlib.blake2b()
 
         sink = HashSink()
+        manifest = is_manifest_node(_risk_text(info))
         try:
-            await self.vault.get(info.token, sink, size=info.size)
+            if manifest:  # a big file stored as parts: its verified parts, in order
+                await self.parts.store.copy(await self.parts.reader.manifest(info.token), sink.write)
+            else:
+                await self.vault.get(info.token, sink, size=info.size)
         except PrivifsError:
             return False
         if sink.h.digest() != want.digest() or node.staged is not staged:
@@ -589,7 +637,8 @@ class Syncer:
         log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node),
                  info.token)
         staged.frozen = True
-        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension)
+        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension,
+                             manifest_risk=dict(info.risk) if manifest else None)
         self.schedule(node)
         return True
 
@@ -606,4 +655,8 @@ class Syncer:
 
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
+
+
+def _risk_text(info: TokenInfo) -> str | None:
+    return json.dumps(info.risk, sort_keys=True) if info.risk else None
 

@@ -16,7 +16,8 @@
   type; what passes through it stays in the kernel of the machine that opened it.
 * A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
   token with ``privifs.type = dir`` at its parent's context under its name.
-* ``/.privifs`` is reserved for privifs' own tokens (the key check) and is not shown.
+* ``/.privifs`` is reserved for privifs' own tokens (the key check, the parts of big files in
+  ``/.privifs/parts``) and is not shown; ``privifs.parts`` marks a manifest (docs/format.md).
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ from privifs.fs.names import (  # noqa: F401 - the name rules live in names.py; 
 RESERVED_CONTEXT = "/.privifs"
 KEYCHECK_NAME = "keycheck"
 OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling": "client-side-encrypted"}
+# privifs fields that belong to the token's content, kept through renames and attribute changes:
+# a manifest stays a manifest (docs/format.md); a content upload starts from empty risk meta
+CARRIED = frozenset({"privifs.parts"})
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
 KIND_FIFO, KIND_SOCKET = "fifo", "socket"
@@ -96,7 +100,7 @@ def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, targe
                 uid: int | None, gid: int | None, atime_ns: int | None = None) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
-    fields = {k: v for k, v in base.items() if not k.startswith("privifs.")}
+    fields = {k: v for k, v in base.items() if not k.startswith("privifs.") or k in CARRIED}
     for k, v in OFFICIAL_RISK.items():
         fields.setdefault(k, v)
     fields["privifs.type"] = kind

@@ -1,0 +1,265 @@
+"""Reading files stored as parts (:mod:`privifs.parts`) through the mount.
+
+A node whose token is a manifest (risk meta ``privifs.parts``) is read part by part: a read
+fetches only the parts it touches (several at once), each into the read cache as its own entry
+(so a file larger than the cache streams through it and the cache's limit holds: every download
+is one part), and checks each part's digest against the manifest before serving a byte of it.
+A sequential reader (512 KiB read back to back) gets the next parts fetched ahead in the background. Decoded manifests are
+kept in memory (a manifest token never changes). A part that is missing or fails its checks
+raises :class:`~privifs.errors.PrivifsError`; the filesystem turns that into EIO for the reads
+that need the part, logged with the path. The refresher hands each listing to :meth:`PartReader.sweep`,
+which deletes parts no manifest names once they are an hour old.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from privifs.client.shapes import TokenInfo
+from privifs.client.vault import Vault
+from privifs.crypto.sealed import SealedFile
+from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
+from privifs.fs.cache import ContentCache
+from privifs.fs.staging import Staging, StagedFile
+from privifs.parts import format as fmt
+from privifs.parts.store import COLLECT_MIN_AGE, PartStore, is_manifest, is_part
+
+log = logging.getLogger("privifs.fs.parts")
+
+READ_AHEAD = 3  # parts fetched ahead of a sequential reader
+SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequential
+MANIFESTS_KEPT = 64
+VERIFIED_KEPT = 4096
+SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
+
+
+def is_manifest_node(remote_risk: str | None) -> bool:
+    """Whether a node's token (its risk meta as JSON, as the index keeps it) is a manifest."""
+    return remote_risk is not None and f'"{fmt.MARK}"' in remote_risk
+
+
+@dataclass
+class Base:
+    """A staged file copied from a manifest, and what changed in it since."""
+
+    token: str  # the manifest it was copied from
+    part_size: int
+    low: int  # the smallest size it had since (parts from here on may have changed)
+    dirty: set[int] = field(default_factory=set)  # parts written since
+
+
+class Changes:
+    """Which parts of staged files changed since the manifest they were copied from, so the
+    write-back reads and digests only those (:mod:`privifs.fs.partwrite`). In memory only: a
+    staged file it does not know (after a restart, or staged another way) has every part
+    compared by digest instead."""
+
+    def __init__(self) -> None:
+        self._bases: dict[str, Base] = {}
+
+    def based(self, staged_id: str, token: str, manifest: fmt.Manifest) -> None:
+        self._bases[staged_id] = Base(token, manifest.part_size, manifest.total)
+
+    def wrote(self, staged_id: str, offset: int, length: int) -> None:
+        base = self._bases.get(staged_id)
+        if base is not None and length > 0:
+            base.dirty.update(range(offset // base.part_size, (offset + length - 1) // base.part_size + 1))
+
+    def resized(self, staged_id: str, size: int) -> None:
+        base = self._bases.get(staged_id)
+        if base is not None:
+            base.low = min(base.low, size)
+
+    def cloned(self, source_id: str, clone_id: str) -> None:
+        base = self._bases.get(source_id)
+        if base is not None:
+            self._bases[clone_id] = Base(base.token, base.part_size, base.low, set(base.dirty))
+
+    def forget(self, staged_id: str) -> None:
+        self._bases.pop(staged_id, None)
+
+    def unchanged(self, staged_id: str, token: str | None, part_size: int, index: int) -> bool:
+        """Whether part ``index`` of the staged file is certainly the manifest ``token``'s part."""
+        base = self._bases.get(staged_id)
+        return (base is not None and base.token == token and base.part_size == part_size
+                and index not in base.dirty and (index + 1) * part_size <= base.low)
+
+
+class PartReader:
+    def __init__(self, cache: ContentCache, vault: Vault, *, read_ahead: int = READ_AHEAD):
+        self.cache = cache
+        self.vault = vault
+        self.store = PartStore(vault)
+        self.digest_key = vault.derive(fmt.part_key)
+        self.read_ahead = read_ahead
+        self._manifests: OrderedDict[str, fmt.Manifest] = OrderedDict()
+        self._verified: OrderedDict[tuple, None] = OrderedDict()  # (part token, index, digest, cache file id)
+        # manifest token → (where a sequential read goes on, bytes read back to back up to there)
+        self._next: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._ahead: set[str] = set()  # part tokens being fetched ahead
+        self._swept_at: float | None = None
+        self.changes = Changes()
+
+    # -- manifests and parts -------------------------------------------------------------------
+    async def manifest(self, token: str) -> fmt.Manifest:
+        m = self._manifests.get(token)
+        if m is None:
+            m = await self.store.manifest(token)
+            self._manifests[token] = m
+            while len(self._manifests) > MANIFESTS_KEPT:
+                self._manifests.popitem(last=False)
+        self._manifests.move_to_end(token)
+        return m
+
+    def remember(self, token: str, manifest: fmt.Manifest) -> None:
+        """A manifest this mount just stored: no need to fetch it back."""
+        self._manifests[token] = manifest
+        while len(self._manifests) > MANIFESTS_KEPT:
+            self._manifests.popitem(last=False)
+
+    def _check(self, m: fmt.Manifest, index: int, sealed: SealedFile) -> None:
+        part = m.parts[index]
+        if sealed.size != part.size:
+            raise IntegrityError(f"part {index} holds {sealed.size} bytes, the manifest says {part.size}")
+        mac = fmt.part_hasher(self.digest_key, index)
+        for piece in sealed.chunks():
+            mac.update(piece)
+        if not hmac.compare_digest(mac.digest(), part.digest):
+            raise IntegrityError(f"part {index} does not match its digest in the manifest (replaced or swapped)")
+
+    async def part(self, m: fmt.Manifest, index: int) -> SealedFile:
+        """Part ``index``, in the cache (downloaded if needed) and checked against the manifest;
+        the caller closes it."""
+        part = m.parts[index]
+        try:
+            sealed = await self.cache.fetch(part.token, self.vault, part.size)
+        except NotFoundError:  # the file is damaged, not gone: its manifest names the part
+            raise IntegrityError(f"part {index} (token {part.token}) is missing from the vault") from None
+        key = (part.token, index, part.digest, sealed.file_id)  # this content, checked at this place
+        if key in self._verified:
+            self._verified.move_to_end(key)
+            return sealed
+        try:
+            await trio.to_thread.run_sync(self._check, m, index, sealed)
+        except BaseException:
+            sealed.close()
+            self.cache.evict(part.token)
+            raise
+        self._verified[key] = None
+        while len(self._verified) > VERIFIED_KEPT:
+            self._verified.popitem(last=False)
+        return sealed
+
+    # -- collection ----------------------------------------------------------------------------
+    async def sweep(self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE,
+                    interval: float = SWEEP_INTERVAL) -> int:
+        """Delete the parts of ``infos`` (a whole listing) that no manifest in it names and that
+        are older than ``min_age`` (a deleted file's parts, a store stopped before its manifest),
+        at most once per ``interval``; returns how many. Manifests come from memory when known."""
+        now = trio.current_time()
+        if self._swept_at is not None and now - self._swept_at < interval:
+            return 0
+        self._swept_at = now
+        named: set[str] = set()
+        for info in infos:
+            if is_manifest(info) and not is_part(info):
+                named.update(p.token for p in (await self.manifest(info.token)).parts)
+        wall = time.time()
+        gone = [i.token for i in infos if is_part(i) and i.token not in named
+                and i.created_at is not None and wall - i.created_at >= min_age]
+        for token in gone:
+            await self.store.tokens.delete(token)
+            self.cache.evict(token)
+        if gone:
+            log.info("collected %d part tokens no manifest names", len(gone))
+        return len(gone)
+
+    # -- reads ---------------------------------------------------------------------------------
+    async def read(self, token: str, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the file whose manifest is ``token``."""
+        m = await self.manifest(token)
+        touched = m.touched(offset, length)
+        got: dict[int, bytes] = {}
+        end = min(offset + length, m.total)
+
+        async def one(i: int) -> None:
+            sealed = await self.part(m, i)
+            try:
+                start, stop = m.span(i)
+                lo = max(offset, start)
+                got[i] = sealed.read(lo - start, min(end, stop) - lo)
+            finally:
+                sealed.close()
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for i in touched:
+                    nursery.start_soon(one, i)
+        if touched:
+            self._follow(token, m, offset, end, touched[-1])
+        return b"".join(got[i] for i in touched)
+
+    def _follow(self, token: str, m: fmt.Manifest, offset: int, end: int, last: int) -> None:
+        """After a read of [offset, end): fetch the next parts ahead once the reads have been
+        sequential for :data:`SEQUENTIAL` bytes (a random read, or a program peeking at a file's
+        first bytes, fetches only what it touches)."""
+        at, run = self._next.get(token, (None, 0))
+        run = run + end - offset if at == offset else end - offset
+        self._next[token] = (end, run)
+        self._next.move_to_end(token)
+        while len(self._next) > MANIFESTS_KEPT:
+            self._next.popitem(last=False)
+        if run < SEQUENTIAL:
+            return
+        for i in range(last + 1, min(last + 1 + self.read_ahead, len(m.parts))):
+            part = m.parts[i]
+            if part.token in self._ahead or self.cache.holds(part.token):
+                continue
+            self._ahead.add(part.token)
+            trio.lowlevel.spawn_system_task(self._fetch_ahead, m, i)
+
+    async def _fetch_ahead(self, m: fmt.Manifest, index: int) -> None:
+        token = m.parts[index].token
+        try:
+            (await self.part(m, index)).close()
+        except (PrivifsError, OSError) as exc:  # the read that needs the part reports it
+            log.debug("read-ahead of part %d failed (%s)", index, exc)
+        finally:
+            self._ahead.discard(token)
+
+    async def stage(self, token: str, staging: Staging) -> StagedFile:
+        """The whole file in a new staged file (for a write to a file stored as parts): the whole
+        content this mount uploaded last, moved out of the cache (the write-back caches it under
+        the manifest's token, as for any file), else assembled from the verified parts."""
+        m = await self.manifest(token)
+        staged_id = secrets.token_hex(12)
+        if self.cache.take(token, staging.path(staged_id)):  # moved, not copied
+            try:
+                staged = staging.open(staged_id)
+            except PrivifsError:
+                staging.path(staged_id).unlink(missing_ok=True)
+            else:
+                self.changes.based(staged.id, token, m)
+                return staged
+        staged = staging.create()
+        try:
+            for i in range(len(m.parts)):
+                sealed = await self.part(m, i)
+                try:
+                    pos = m.span(i)[0]
+                    for piece in sealed.chunks():
+                        staged.write(pos, piece)
+                        pos += len(piece)
+                finally:
+                    sealed.close()
+        except BaseException:
+            staging.remove(staged)
+            raise
+        self.changes.based(staged.id, token, m)
+        return staged

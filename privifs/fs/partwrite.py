@@ -1,0 +1,110 @@
+"""The write-back of big files as parts: a staged file above the threshold is stored as parts
+plus a new manifest, uploading only the parts whose content changed.
+
+Which parts changed: a part the filesystem saw no write or truncation reach since the staged
+file was copied from the manifest it replaces (:class:`privifs.fs.parts.Changes`) keeps its
+token unread; every other part is read and its keyed digest compared with the digest of the same
+part in that manifest, and an equal part keeps its token too (after a restart, or for a staged
+file made another way, every part is compared). So a small change to a big file uploads one or two
+parts and a new manifest, and a file that was one token (or a manifest with another part size)
+is converted by uploading every part. Parts go before the manifest that names them; the
+parts of the old manifest it no longer names are returned for deletion once the new manifest is
+recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.sweep`). Every
+uploaded part is also put into the read cache, so reads after the upload do not fetch it back
+(and the syncer caches the whole staged file under the manifest's token as for any upload, so
+the next write copies it instead of assembling it from parts).
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+
+import trio
+
+from privifs.client.datatokens import FileMeta
+from privifs.errors import PrivifsError, single_error
+from privifs.fs.parts import PartReader
+from privifs.fs.staging import StagedFile
+from privifs.parts import format as fmt
+from privifs.parts.store import IN_FLIGHT, PART_SIZE
+
+log = logging.getLogger("privifs.fs.parts")
+
+
+class PartWriter:
+    def __init__(self, reader: PartReader, *, part_size: int | None = None, in_flight: int = IN_FLIGHT):
+        self.reader = reader
+        self.store = reader.store
+        self.cache = reader.cache
+        self.part_size = part_size or PART_SIZE
+        self.in_flight = in_flight
+        self.parts_uploaded = 0  # for tests and measurements
+        self.parts_kept = 0
+
+    async def old_manifest(self, token: str | None, is_manifest: bool, path: str) -> fmt.Manifest | None:
+        if token is None or not is_manifest:
+            return None
+        try:
+            return await self.reader.manifest(token)
+        except PrivifsError as exc:  # every part is uploaded again: nothing is lost
+            log.warning("%s: the manifest being replaced cannot be read (%s); storing every part", path, exc)
+            return None
+
+    async def store_staged(self, staged: StagedFile, old: fmt.Manifest | None, meta: FileMeta,
+                           risk: dict[str, str], old_token: str | None = None,
+                           progress: Callable[[int], None] = lambda n: None) -> tuple[str, list[str]]:
+        """Store ``staged`` as parts and a manifest (at ``meta``'s place, with ``risk`` and the
+        manifest mark); returns the manifest token and the old manifest's parts it no longer names."""
+        size = staged.size
+        part_size = old.part_size if old is not None else self.part_size
+        count = fmt.parts_needed(size, part_size)
+        parts: list[fmt.Part | None] = [None] * count
+        upload_id = secrets.token_hex(8)
+        limit = trio.CapacityLimiter(self.in_flight)
+        digest_key = self.reader.digest_key
+
+        def read(i: int) -> tuple[bytes, bytes]:
+            start = i * part_size
+            data = staged.sealed.read(start, min(part_size, size - start))
+            return data, fmt.part_digest(digest_key, i, data)
+
+        changes = self.reader.changes
+
+        async def one(i: int) -> None:
+            if old is not None and changes.unchanged(staged.id, old_token, part_size, i):
+                parts[i] = old.parts[i]  # not written since it was copied from the old manifest
+                self.parts_kept += 1
+                progress(parts[i].size)
+                return
+            async with limit:
+                data, digest = await trio.to_thread.run_sync(read, i)
+                if old is not None and i < len(old.parts) and old.parts[i].size == len(data) \
+                        and hmac.compare_digest(old.parts[i].digest, digest):
+                    parts[i] = old.parts[i]
+                    self.parts_kept += 1
+                    progress(len(data))
+                    return
+                parts[i] = await self.store.put_part(upload_id, i, data)
+                self.parts_uploaded += 1
+                progress(len(data))
+                await self._seed(parts[i].token, data)
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(one, i)
+        manifest = fmt.Manifest(part_size, size, tuple(parts))
+        token = await self.store.put_manifest(manifest, meta, risk)
+        self.reader.remember(token, manifest)
+        changes.forget(staged.id)
+        named = {p.token for p in manifest.parts}
+        stale = [p.token for p in old.parts if p.token not in named] if old is not None else []
+        for replaced in ([old_token] if old_token else []) + stale:  # never read again by this mount
+            self.cache.evict(replaced)
+        return token, stale
+
+    async def _seed(self, token: str, data: bytes) -> None:
+        """Put an uploaded part into the read cache (best effort: a read fetches it otherwise)."""
+        await self.cache.store(token, data)

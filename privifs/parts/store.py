@@ -1,0 +1,208 @@
+"""The client-level parts layer: store a file as part tokens plus a manifest token, read a byte
+range of such a file fetching and verifying only the parts it needs, and collect part tokens
+no manifest names (an old version, or a store that stopped between its parts and its manifest).
+
+Parts are uploaded before the manifest that names them, several in flight. Every part is checked
+twice before a byte of it is handed out: its GCM tag (by :class:`~privifs.client.vault.Vault`) and
+its keyed digest in the manifest (:func:`privifs.parts.format.part_digest`), so a part swapped,
+replaced or missing raises :class:`~privifs.errors.IntegrityError` or
+:class:`~privifs.errors.NotFoundError`.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import trio
+
+from privifs.client.datatokens import DataTokens, FileMeta
+from privifs.client.shapes import TokenInfo
+from privifs.client.vault import Vault
+from privifs.errors import IntegrityError, single_error
+from privifs.fs.tokenmeta import split_context
+from privifs.parts import format as fmt
+
+log = logging.getLogger("privifs.parts")
+
+MiB = 1024 * 1024
+PART_SIZE = 4 * MiB  # see docs/format.md, "Why these sizes"
+THRESHOLD = 8 * MiB  # files larger than this are stored as parts
+IN_FLIGHT = 4
+COLLECT_MIN_AGE = 3600.0  # a part younger than this may belong to a store still uploading
+
+Source = Callable[[], AsyncIterator[bytes]]
+
+
+def is_part(info: TokenInfo) -> bool:
+    return split_context(info.context) == split_context(fmt.PARTS_CONTEXT)
+
+
+def is_manifest(info: TokenInfo) -> bool:
+    return fmt.is_manifest_risk(info.risk)
+
+
+class PartStore:
+    def __init__(self, vault: Vault, *, part_size: int = PART_SIZE, in_flight: int = IN_FLIGHT):
+        self.vault = vault
+        self.tokens: DataTokens = vault.tokens
+        self._digest_key = vault.derive(fmt.part_key)
+        self.part_size = part_size
+        self.in_flight = in_flight
+        self.parts_fetched = 0  # part downloads, for tests and measurements
+
+    def __repr__(self) -> str:
+        return "PartStore(<key hidden>)"
+
+    # -- store ---------------------------------------------------------------------------------
+    async def _store_blob(self, data: bytes | memoryview, meta: FileMeta) -> str:
+        sealed = self.vault.seal(bytes(data))
+        return await self.tokens.store(sealed, len(sealed), meta)
+
+    async def put_part(self, upload_id: str, index: int, data: bytes | memoryview) -> fmt.Part:
+        meta = FileMeta(f"{upload_id}-{index}", "", fmt.PARTS_CONTEXT, len(data),
+                        f"{fmt.PARTS_CONTEXT}/{upload_id}-{index}")
+        token = await self._store_blob(data, meta)
+        return fmt.Part(token, len(data), fmt.part_digest(self._digest_key, index, data))
+
+    async def put(self, source: Source, size: int, meta: FileMeta) -> str:
+        """Store ``size`` bytes from ``source()`` as parts, then the manifest at ``meta``'s place;
+        returns the manifest's token. Parts of a failed store are left for :meth:`collect`."""
+        upload_id = secrets.token_hex(8)
+        count = fmt.parts_needed(size, self.part_size)
+        parts: list[fmt.Part | None] = [None] * count
+        limit = trio.Semaphore(self.in_flight)
+
+        async def one(index: int, data: bytes) -> None:
+            try:
+                parts[index] = await self.put_part(upload_id, index, data)
+            finally:
+                limit.release()
+
+        buf = bytearray()
+        index = total = 0
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                async for chunk in source():
+                    total += len(chunk)
+                    if total > size:
+                        raise IntegrityError(f"the source grew while it was being stored ({total} > {size} bytes)")
+                    buf += chunk
+                    while len(buf) >= self.part_size:
+                        await limit.acquire()
+                        nursery.start_soon(one, index, bytes(buf[:self.part_size]))
+                        del buf[:self.part_size]
+                        index += 1
+                if total != size:
+                    raise IntegrityError(f"the source changed while it was being stored ({total} bytes instead "
+                                         f"of {size})")
+                if buf:
+                    await limit.acquire()
+                    nursery.start_soon(one, index, bytes(buf))
+        return await self.put_manifest(fmt.Manifest(self.part_size, size, tuple(parts)), meta)
+
+    async def put_manifest(self, manifest: fmt.Manifest, meta: FileMeta,
+                           risk: dict[str, str] | None = None) -> str:
+        """Store the manifest at ``meta``'s place (its size: the file's) and mark it in its risk meta."""
+        meta.size = manifest.total
+        token = await self._store_blob(fmt.encode(manifest), meta)
+        await self.tokens.set_risk(token, {**(risk or {}), fmt.MARK: str(fmt.VERSION)})
+        return token
+
+    # -- read ----------------------------------------------------------------------------------
+    async def manifest(self, token: str) -> fmt.Manifest:
+        return fmt.decode(await self.vault.get_bytes(token))
+
+    async def get_part(self, manifest: fmt.Manifest, index: int) -> bytes:
+        """Part ``index``'s plaintext, verified against the manifest (IntegrityError if not)."""
+        part = manifest.parts[index]
+        self.parts_fetched += 1
+        data = await self.vault.get_bytes(part.token)
+        self.check_part(manifest, index, data)
+        return data
+
+    def check_part(self, manifest: fmt.Manifest, index: int, data: bytes | memoryview) -> None:
+        part = manifest.parts[index]
+        if len(data) != part.size:
+            raise IntegrityError(f"part {index} holds {len(data)} bytes, the manifest says {part.size}")
+        if not hmac.compare_digest(fmt.part_digest(self._digest_key, index, data), part.digest):
+            raise IntegrityError(f"part {index} does not match its digest in the manifest (replaced or swapped)")
+
+    async def read(self, manifest: fmt.Manifest, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the file, fetching only the parts they touch."""
+        touched = manifest.touched(offset, length)
+        got: dict[int, bytes] = {}
+        limit = trio.CapacityLimiter(self.in_flight)
+
+        async def one(i: int) -> None:
+            async with limit:
+                got[i] = await self.get_part(manifest, i)
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for i in touched:
+                    nursery.start_soon(one, i)
+        out = bytearray()
+        end = min(offset + length, manifest.total)
+        for i in touched:
+            start, stop = manifest.span(i)
+            out += got[i][max(offset, start) - start:min(end, stop) - start]
+        return bytes(out)
+
+    async def copy(self, manifest: fmt.Manifest, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """Hand the whole file to ``write`` part by part, in order, each verified before it is
+        written; the next parts download meanwhile (``in_flight`` at most)."""
+        count = len(manifest.parts)
+        ready: list[trio.Event] = [trio.Event() for _ in range(count)]
+        got: dict[int, bytes] = {}
+        room = trio.Semaphore(self.in_flight)
+
+        async def fetch(i: int) -> None:
+            got[i] = await self.get_part(manifest, i)
+            ready[i].set()
+
+        async def fetch_all(nursery: trio.Nursery) -> None:
+            for i in range(count):
+                await room.acquire()
+                nursery.start_soon(fetch, i)
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch_all, nursery)
+                for i in range(count):
+                    await ready[i].wait()
+                    data = got.pop(i)
+                    room.release()
+                    await write(data)
+
+    # -- delete and collect --------------------------------------------------------------------
+    async def delete(self, token: str, manifest: fmt.Manifest | None) -> None:
+        """Delete a manifest token, then its parts (a part left behind is collected later)."""
+        await self.tokens.delete(token)
+        for part in manifest.parts if manifest else ():
+            await self.tokens.delete(part.token)
+
+    async def unreferenced(self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE,
+                           now: float | None = None) -> list[TokenInfo]:
+        """The part tokens of ``infos`` (a whole listing) that no manifest in it names and that
+        are older than ``min_age`` seconds. A manifest that cannot be read protects nothing, so
+        it stops the collection (IntegrityError) rather than let its parts go."""
+        named: set[str] = set()
+        for info in infos:
+            if is_manifest(info) and not is_part(info):
+                named.update(p.token for p in (await self.manifest(info.token)).parts)
+        now = time.time() if now is None else now
+        return [i for i in infos if is_part(i) and i.token not in named
+                and (i.created_at is None or now - i.created_at >= min_age)]
+
+    async def collect(self, *, min_age: float = COLLECT_MIN_AGE) -> int:
+        """Delete unreferenced parts; returns how many."""
+        infos = [i async for i in self.tokens.list()]
+        gone = await self.unreferenced(infos, min_age=min_age)
+        for info in gone:
+            await self.tokens.delete(info.token)
+        if gone:
+            log.info("collected %d part tokens no manifest names", len(gone))
+        return len(gone)

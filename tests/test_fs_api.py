@@ -1,0 +1,429 @@
+"""POSIX operations of the filesystem, driven in-process through its pyfuse3 handlers (no kernel,
+no mount; tests/fskit.py) against the real engine: lookup, create/write/read, mkdir/rmdir,
+rename in all its forms, unlink of an open file, setattr, symlinks, readdir offsets, statfs,
+names; then what reaches the vault, and what a filesystem built from an empty local state shows.
+What needs the kernel (permission checks, page cache, the mount's lifetime) stays in the mounted
+tests (test_fs_posix.py and others)."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pyfuse3
+
+from tests.fskit import CTX, fails_with, inprocess_fs
+
+
+# -- lookup, create, write, read ------------------------------------------------------------------
+async def test_a_created_file_is_found_by_lookup_with_its_mode_and_size_and_reads_back(kit):
+    with fails_with(errno.ENOENT):
+        await kit.lookup("notes.txt")
+    await kit.write_file("notes.txt", b"hello world")
+    attrs = await kit.lookup("notes.txt")
+    assert stat.S_ISREG(attrs.st_mode) and stat.S_IMODE(attrs.st_mode) == 0o644
+    assert attrs.st_size == 11 and attrs.st_nlink == 1
+    assert await kit.read_file("notes.txt") == b"hello world"
+    with fails_with(errno.EEXIST):
+        await kit.create_file("notes.txt")
+
+
+async def test_closed_files_reach_the_vault_with_their_content_and_place(kit):
+    await kit.mkdir("docs")
+    await kit.write_file("docs/a.txt", b"alpha")
+    await kit.write_file("top.bin", bytes(range(256)) * 100)
+    await kit.settle()
+    assert await kit.vault_tree() == {"docs": "dir", "docs/a.txt": b"alpha", "top.bin": bytes(range(256)) * 100}
+
+
+async def test_fsync_returns_once_the_content_is_in_the_vault(kit):
+    fh = await kit.create_file("db")
+    await kit.write(fh, 0, b"page one")
+    await kit.fsync(fh)
+    assert await kit.vault_tree() == {"db": b"page one"}  # no settle: fsync waited for it
+    await kit.close(fh)
+
+
+async def test_writing_into_an_uploaded_file_keeps_the_bytes_around_the_write(kit):
+    await kit.write_file("f.txt", b"hello world")
+    await kit.settle()
+    fh = await kit.open_file("f.txt", os.O_WRONLY)
+    await kit.write(fh, 2, b"XX")
+    await kit.write(fh, 20, b"end")             # past the end: a hole of zeros
+    await kit.close(fh)
+    assert await kit.read_file("f.txt") == b"heXXo world" + bytes(9) + b"end"
+    await kit.settle()
+    assert await kit.vault_tree() == {"f.txt": b"heXXo world" + bytes(9) + b"end"}
+
+
+async def test_o_trunc_and_o_append(kit):
+    await kit.write_file("log", b"first\n")
+    await kit.settle()
+    fh = await kit.open_file("log", os.O_WRONLY | os.O_APPEND)
+    await kit.write(fh, 0, b"second\n")          # O_APPEND: the offset is ignored
+    await kit.close(fh)
+    assert await kit.read_file("log") == b"first\nsecond\n"
+    fh = await kit.open_file("log", os.O_WRONLY | os.O_TRUNC)
+    assert (await kit.lookup("log")).st_size == 0
+    await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {"log": b""}
+
+
+async def test_a_read_only_handle_cannot_write(kit):
+    await kit.write_file("r", b"data")
+    fh = await kit.open_file("r", os.O_RDONLY)
+    with fails_with(errno.EBADF):
+        await kit.write(fh, 0, b"x")
+    await kit.close(fh)
+
+
+# -- directories --------------------------------------------------------------------------------
+async def test_mkdir_and_rmdir_follow_posix(kit):
+    await kit.mkdir("d", 0o750)
+    attrs = await kit.lookup("d")
+    assert stat.S_ISDIR(attrs.st_mode) and stat.S_IMODE(attrs.st_mode) == 0o750
+    with fails_with(errno.EEXIST):
+        await kit.mkdir("d")
+    await kit.write_file("d/f", b"x")
+    assert (await kit.lookup("")).st_nlink == 3          # the root: ., .. and d
+    with fails_with(errno.ENOTEMPTY):
+        await kit.rmdir("d")
+    with fails_with(errno.ENOTDIR):
+        await kit.rmdir("d/f")
+    with fails_with(errno.EISDIR):
+        await kit.unlink("d")
+    with fails_with(errno.ENOENT):
+        await kit.rmdir("nothing")
+    with fails_with(errno.ENOENT):
+        await kit.mkdir("nothing/sub")
+    with fails_with(errno.ENOTDIR):
+        await kit.mkdir("d/f/sub")
+    await kit.unlink("d/f")
+    await kit.rmdir("d")
+    assert await kit.tree() == {}
+    await kit.settle()
+    assert await kit.vault_tree() == {}
+
+
+async def test_an_emptied_directory_keeps_existing_in_the_vault(kit):
+    await kit.mkdir("a")
+    await kit.mkdir("a/b")
+    await kit.write_file("a/b/f", b"x")
+    await kit.settle()
+    await kit.unlink("a/b/f")
+    await kit.settle()
+    assert await kit.vault_tree() == {"a": "dir", "a/b": "dir"}
+
+
+# -- rename -------------------------------------------------------------------------------------
+async def test_rename_of_a_file_moves_its_token_without_a_new_upload(kit):
+    await kit.mkdir("to")
+    await kit.write_file("a.txt", b"content")
+    await kit.settle()
+    before = {i.file_name: i.token for i in await kit.listing()}
+    await kit.rename("a.txt", "to/b.md")
+    assert await kit.tree() == {"to": "dir", "to/b.md": b"content"}
+    await kit.settle()
+    assert await kit.vault_tree() == {"to": "dir", "to/b.md": b"content"}
+    after = {i.file_name: i for i in await kit.listing()}
+    assert after["b.md"].token == before["a.txt"] and after["b.md"].extension == "md"
+
+
+async def test_rename_of_a_directory_is_a_meta_update_of_every_token_below_it(kit):
+    await kit.mkdir("proj")
+    await kit.mkdir("proj/src")
+    await kit.mkdir("proj/src/pkg")
+    for i in range(3):
+        await kit.write_file(f"proj/src/pkg/m{i}.py", f"x = {i}\n".encode())
+    await kit.write_file("proj/README", b"readme")
+    await kit.settle()
+    before = {i.token for i in await kit.listing()}
+    await kit.rename("proj", "renamed")
+    expected = {"renamed": "dir", "renamed/src": "dir", "renamed/src/pkg": "dir", "renamed/README": b"readme",
+                **{f"renamed/src/pkg/m{i}.py": f"x = {i}\n".encode() for i in range(3)}}
+    assert await kit.tree() == expected
+    await kit.settle()
+    after = await kit.listing()
+    assert {i.token for i in after} == before                      # nothing uploaded again
+    assert {i.context for i in after if i.file_name.endswith(".py")} == {"/renamed/src/pkg"}
+    assert await kit.vault_tree() == expected
+    async with kit.fresh() as other:
+        assert await other.tree() == expected
+
+
+async def test_renaming_over_the_only_entry_of_a_directory_leaves_no_marker_token(kit):
+    await kit.remote.put("b/y", b"old")                 # /b exists only through y
+    await kit.refresh()
+    await kit.write_file("x", b"new")
+    await kit.settle()
+    await kit.rename("x", "b/y")
+    await kit.settle()
+    # y's old token is deleted, and /b was never empty, so no marker token stands for it
+    assert [(i.context, i.file_name) for i in await kit.listing()] == [("/b", "y")]
+    assert await kit.tree() == {"b": "dir", "b/y": b"new"}
+
+
+async def test_rename_over_an_existing_file_replaces_it(kit):
+    await kit.write_file("old", b"old content")
+    await kit.write_file("new", b"new content")
+    await kit.settle()
+    await kit.rename("new", "old")
+    assert await kit.tree() == {"old": b"new content"}
+    await kit.settle()
+    assert await kit.vault_tree() == {"old": b"new content"}
+
+
+async def test_rename_refuses_what_posix_refuses(kit):
+    await kit.mkdir("full")
+    await kit.write_file("full/f", b"x")
+    await kit.mkdir("empty")
+    await kit.mkdir("d")
+    await kit.write_file("file", b"y")
+    with fails_with(errno.ENOTEMPTY):
+        await kit.rename("d", "full")
+    with fails_with(errno.EISDIR):
+        await kit.rename("file", "empty")
+    with fails_with(errno.ENOTDIR):
+        await kit.rename("d", "file")
+    with fails_with(errno.EINVAL):
+        await kit.rename("full", "full/inside")
+    with fails_with(errno.ENOENT):
+        await kit.rename("missing", "x")
+    with fails_with(errno.EEXIST):
+        await kit.rename("file", "full/f", pyfuse3.RENAME_NOREPLACE)
+    with fails_with(errno.EINVAL):
+        await kit.rename("file", "full/f", pyfuse3.RENAME_EXCHANGE)
+    await kit.rename("file", "file")                 # onto itself: nothing happens
+    await kit.rename("d", "empty")                   # a directory over an empty one
+    await kit.rename("file", "fresh", pyfuse3.RENAME_NOREPLACE)
+    assert await kit.tree() == {"empty": "dir", "full": "dir", "full/f": b"x", "fresh": b"y"}
+
+
+# -- unlink -------------------------------------------------------------------------------------
+async def test_an_unlinked_open_file_leaves_the_directory_and_then_the_vault(kit):
+    await kit.write_file("open.txt", b"still here")
+    await kit.settle()
+    fh = await kit.open_file("open.txt", os.O_RDWR)
+    await kit.unlink("open.txt")
+    assert not await kit.exists("open.txt")
+    assert (await kit.lookup("")).st_nlink == 2
+    await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {}
+    assert await kit.tree() == {}
+
+
+async def test_an_uploaded_file_unlinked_while_open_stays_readable_and_writable_through_its_handle(kit):
+    await kit.write_file("open.txt", b"still here")
+    await kit.settle()
+    fh = await kit.open_file("open.txt", os.O_RDWR)
+    assert await kit.read(fh, 0, 5) == b"still"
+    await kit.unlink("open.txt")
+    try:
+        assert await kit.read(fh) == b"still here"
+        await kit.write(fh, 0, b"STILL")
+        assert await kit.read(fh) == b"STILL here"
+    finally:
+        await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {}
+
+
+async def test_a_file_unlinked_before_its_first_upload_never_reaches_the_vault(kit):
+    fh = await kit.create_file("tmp")
+    await kit.write(fh, 0, b"scratch")
+    await kit.unlink("tmp")
+    assert await kit.read(fh) == b"scratch"
+    await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {}
+
+
+async def test_a_file_replaced_by_rename_while_open_stays_readable_through_its_handle(kit):
+    await kit.write_file("t", b"target")
+    await kit.write_file("s", b"source")
+    await kit.settle()
+    fh = await kit.open_file("t", os.O_RDONLY)
+    await kit.rename("s", "t")
+    try:
+        assert await kit.read(fh) == b"target"
+    finally:
+        await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {"t": b"source"}
+
+
+async def test_a_name_unlinked_and_created_again_is_a_new_file_beside_the_open_old_one(kit):
+    await kit.write_file("f", b"old")
+    fh = await kit.open_file("f", os.O_RDONLY)
+    await kit.unlink("f")
+    await kit.write_file("f", b"new")
+    assert await kit.read(fh) == b"old"
+    await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {"f": b"new"}
+
+
+async def test_a_file_written_while_its_directory_is_renamed_is_uploaded_at_the_new_place(kit):
+    await kit.mkdir("d")
+    fh = await kit.create_file("d/f")
+    await kit.write(fh, 0, b"abc")
+    await kit.rename("d", "e")
+    await kit.write(fh, 3, b"def")
+    await kit.close(fh)
+    await kit.settle()
+    assert await kit.vault_tree() == {"e": "dir", "e/f": b"abcdef"}
+
+
+# -- attributes ---------------------------------------------------------------------------------
+async def test_truncate_chmod_and_utimens_are_kept_in_the_vault(kit):
+    await kit.write_file("f", b"0123456789")
+    await kit.settle()
+    await kit.setattr("f", size=4)
+    assert await kit.read_file("f") == b"0123"
+    await kit.setattr("f", size=6)
+    assert await kit.read_file("f") == b"0123\0\0"
+    await kit.setattr("f", mode=0o600)
+    await kit.setattr("f", atime_ns=1_000_000_000_123, mtime_ns=2_000_000_000_456)
+    await kit.setattr("f", atime_ns=1_000_000_000_118)   # mtime omitted: kept
+    attrs = await kit.lookup("f")
+    assert stat.S_IMODE(attrs.st_mode) == 0o600
+    assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_118, 2_000_000_000_456)
+    await kit.read_file("f")                              # reads leave atime alone
+    assert (await kit.lookup("f")).st_atime_ns == 1_000_000_000_118
+    await kit.settle()
+    assert await kit.vault_tree() == {"f": b"0123\0\0"}
+    risk = (await kit.remote.token("f")).risk
+    assert (risk["privifs.mode"], risk["privifs.atime"], risk["privifs.mtime"]) == \
+        ("600", "1000000000118", "2000000000456")
+    async with kit.fresh() as other:                      # from the token's meta alone
+        attrs = await other.lookup("f")
+        assert stat.S_IMODE(attrs.st_mode) == 0o600
+        assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_118, 2_000_000_000_456)
+        assert await other.read_file("f") == b"0123\0\0"
+
+
+async def test_attributes_survive_a_restart_from_the_local_index(module_account, eng, tmp_path):
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True) as kit:
+        await kit.write_file("t.txt", b"t")
+        await kit.setattr("t.txt", mode=0o640, atime_ns=1_900_000_000_123_456_789,
+                          mtime_ns=1_950_000_000_987_654_321)
+        key = kit.key
+    async with inprocess_fs(tmp_path, *module_account, key=key) as again:   # same state directory
+        attrs = await again.lookup("t.txt")
+        assert stat.S_IMODE(attrs.st_mode) == 0o640
+        assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_900_000_000_123_456_789, 1_950_000_000_987_654_321)
+        assert await again.read_file("t.txt") == b"t"
+        await again.settle()                              # what was not written back is, now
+        assert await again.vault_tree() == {"t.txt": b"t"}
+
+
+async def test_ftruncate_through_a_handle_and_truncate_of_a_directory(kit):
+    fh = await kit.create_file("g")
+    await kit.write(fh, 0, b"abcdef")
+    await kit.setattr(fh=fh, size=2)
+    assert await kit.read(fh) == b"ab"
+    await kit.close(fh)
+    await kit.mkdir("d")
+    with fails_with(errno.EISDIR):
+        await kit.setattr("d", size=0)
+
+
+# -- symlinks, special names --------------------------------------------------------------------
+async def test_symlink_and_readlink(kit):
+    await kit.symlink("link", "../some/where")
+    attrs = await kit.lookup("link")
+    assert stat.S_ISLNK(attrs.st_mode) and attrs.st_size == len("../some/where")
+    assert await kit.readlink("link") == b"../some/where"
+    with fails_with(errno.EINVAL):
+        await kit.symlink("bad", b"\xff\xfe")
+    with fails_with(errno.ENAMETOOLONG):
+        await kit.symlink("long", "x" * 4096)
+    await kit.write_file("plain", b"")
+    with fails_with(errno.EINVAL):
+        await kit.readlink("plain")
+    await kit.settle()
+    assert await kit.vault_tree() == {"link": ("->", "../some/where"), "plain": b""}
+
+
+async def test_names_must_be_utf8_short_and_not_reserved(kit):
+    with fails_with(errno.EINVAL):
+        await kit.ops.mkdir(1, b"\xff", stat.S_IFDIR | 0o755, CTX)
+    with fails_with(errno.ENAMETOOLONG):
+        await kit.create_file("n" * 256)
+    await kit.create_file("n" * 255)
+    with fails_with(errno.EPERM):
+        await kit.mkdir(".privifs")
+    with fails_with(errno.EPERM):
+        await kit.ops.link(1, 1, b"hard", CTX)
+
+
+async def test_fifos_and_sockets_are_entries_and_device_nodes_are_refused(kit):
+    await kit.mknod("pipe", stat.S_IFIFO | 0o640)
+    await kit.mknod("sock", stat.S_IFSOCK | 0o600)
+    with fails_with(errno.EPERM):
+        await kit.mknod("null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    with fails_with(errno.EPERM):
+        await kit.mknod("disk", stat.S_IFBLK | 0o600, os.makedev(8, 0))
+    assert await kit.tree() == {"pipe": "p", "sock": "s"}
+    assert stat.S_IMODE((await kit.lookup("pipe")).st_mode) == 0o640
+    await kit.settle()
+    async with kit.fresh() as other:
+        assert await other.tree() == {"pipe": "p", "sock": "s"}
+
+
+async def test_extended_attributes_are_not_supported(kit):
+    # ENOSYS: the kernel answers EOPNOTSUPP and stops asking (docs/semantics.md)
+    await kit.write_file("f", b"")
+    ino = await kit.ino("f")
+    for call in (kit.ops.getxattr(ino, b"user.x", CTX), kit.ops.setxattr(ino, b"user.x", b"v", CTX),
+                 kit.ops.listxattr(ino, CTX), kit.ops.removexattr(ino, b"user.x", CTX)):
+        with fails_with(errno.ENOSYS):
+            await call
+
+
+# -- readdir, statfs ----------------------------------------------------------------------------
+async def test_readdir_resumes_at_its_offset_while_entries_come_and_go(kit):
+    await kit.mkdir("d")
+    for name in "abcde":
+        await kit.write_file(f"d/{name}", name.encode())
+    assert [n for n, _ in await kit.readdir("d")] == list("abcde")
+    fh = await kit.opendir("d")
+    first = await kit.readdir_handle(fh, 0, limit=2)
+    assert [n for n, _ in first] == ["a", "b"]
+    await kit.unlink("d/c")                          # removed while listed: not shown
+    await kit.write_file("d/f", b"f")                # added while listed
+    await kit.rename("d/a", "d/z")
+    rest = await kit.readdir_handle(fh, first[-1][1])
+    await kit.releasedir(fh)
+    assert [n for n, _ in rest] == ["d", "e"]        # nothing repeated, nothing skipped
+    assert sorted(n for n, _ in await kit.readdir("d")) == ["b", "d", "e", "f", "z"]
+
+
+async def test_statfs_reports_free_space_and_the_name_limit(kit):
+    s = await kit.statfs()
+    assert s.f_namemax == 255
+    assert 0 < s.f_bavail <= s.f_blocks and s.f_bsize > 0
+
+
+# -- a fresh filesystem -------------------------------------------------------------------------
+async def test_a_filesystem_built_from_an_empty_local_state_shows_the_same_tree(kit):
+    await kit.mkdir("docs")
+    await kit.mkdir("docs/deep")
+    await kit.mkdir("empty")
+    await kit.write_file("docs/a.txt", b"alpha\n")
+    await kit.write_file("docs/deep/b.bin", os.urandom(200_000))
+    await kit.write_file("docs/deep/c", b"")
+    await kit.symlink("docs/link", "a.txt")
+    await kit.write_file("exec.sh", b"#!/bin/sh\n")
+    await kit.setattr("exec.sh", mode=0o755)
+    await kit.rename("docs/a.txt", "docs/a2.txt")
+    await kit.settle()
+    tree = await kit.tree()
+    async with kit.fresh() as other:
+        assert await other.tree() == tree
+        for path in tree:
+            mine, theirs = await kit.lookup(path), await other.lookup(path)
+            assert (theirs.st_mode, theirs.st_size, theirs.st_mtime_ns) == \
+                (mine.st_mode, mine.st_size, mine.st_mtime_ns), path

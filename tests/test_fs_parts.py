@@ -1,0 +1,170 @@
+"""Files stored as parts read through the filesystem, in-process (tests/fskit.py) against the real
+engine: only touched parts are fetched, sequential reads fetch ahead, every part is verified before
+a byte of it is served, a file bigger than the cache streams through it within its limit, and a
+manifest stays a manifest through a rename."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+
+import pyfuse3
+import pytest
+import trio
+
+from privifs.client.datatokens import FileMeta
+from privifs.parts import format as fmt
+from privifs.parts.store import PartStore
+from tests.fskit import inprocess_fs
+
+KEY = bytes(range(32))
+PART = 64 * 1024
+
+
+async def put_parts(t, data: bytes, name: str = "big.bin", context: str = "/media") -> tuple[str, fmt.Manifest]:
+    store = PartStore(t.fs.vault, part_size=PART)
+
+    async def source():
+        yield data
+
+    token = await store.put(source, len(data), FileMeta(name, "bin", context, 0, f"{context}/{name}"))
+    await t.refresher.refresh_once()
+    return token, await store.manifest(token)
+
+
+async def test_a_cold_read_in_the_middle_fetches_only_the_touched_parts(account, tmp_path):
+    data = os.urandom(16 * PART + 77)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        token, m = await put_parts(t, data)
+        node = t.node("/media/big.bin")
+        assert node.size == len(data)
+        fh = await t.open_node(node, os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        got = await t.fs.read(fh, 7 * PART + 1000, 2 * PART)
+        assert got == data[7 * PART + 1000:9 * PART + 1000]
+        held = [i for i, p in enumerate(m.parts) if t.fs.cache.holds(p.token)]
+        assert held == [7, 8, 9] and t.fs.cache.downloads == 3
+        assert await t.fs.read(fh, len(data) - 10, 100) == data[-10:]
+        assert t.fs.cache.downloads == 4
+        t.fs.release(fh)
+        assert [n for n in (await t.vault_names())] == ["media/big.bin"]  # parts are not files
+
+
+async def test_sequential_reads_fetch_the_next_parts_ahead(account, tmp_path):
+    data = os.urandom(16 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        assert await t.fs.read(fh, 0, 4096) == data[:4096]
+        await trio.sleep(0.1)
+        assert not t.fs.cache.holds(m.parts[1].token)  # peeking at the first bytes fetches no more
+        for off in range(4096, 512 * 1024 + 4096, 128 * 1024):
+            assert await t.fs.read(fh, off, 128 * 1024) == data[off:off + 128 * 1024]
+        with trio.fail_after(10):
+            while not all(t.fs.cache.holds(p.token) for p in m.parts[9:12]):
+                await trio.sleep(0.01)
+        assert not t.fs.cache.holds(m.parts[12].token)
+        t.fs.release(fh)
+
+
+async def test_a_file_bigger_than_the_cache_streams_through_it_within_its_limit(account, tmp_path):
+    data = os.urandom(24 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        await put_parts(t, data)
+        t.fs.cache.size_limit = 6 * PART
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        out = bytearray()
+        for off in range(0, len(data), 128 * 1024):
+            out += await t.fs.read(fh, off, 128 * 1024)
+            assert t.fs.cache.used + t.fs.cache.reserved <= t.fs.cache.size_limit
+            assert sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file()
+                       and f.suffix != ".db" and "-wal" not in f.name and "-shm" not in f.name) \
+                <= t.fs.cache.size_limit + 4 * PART  # at most the fetches in flight beyond it
+        assert out == data
+        t.fs.release(fh)
+
+
+async def test_a_swapped_part_is_eio_for_the_reads_that_need_it_and_logged_with_the_path(account, tmp_path, caplog):
+    data = os.urandom(4 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        token, m = await put_parts(t, data)
+        store = PartStore(t.fs.vault, part_size=PART)
+        bad = fmt.Manifest(m.part_size, m.total, (m.parts[0], m.parts[1], m.parts[1], m.parts[3]))
+        node = t.node("/media/big.bin")
+        forged = await store.put_manifest(bad, FileMeta("forged.bin", "bin", "/media", 0, "/media/forged.bin"))
+        await t.refresher.refresh_once()
+        fh = await t.open_node(t.node("/media/forged.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        assert await t.fs.read(fh, PART, 10) == data[PART:PART + 10]
+        with caplog.at_level(logging.ERROR, logger="privifs.fs"), pytest.raises(pyfuse3.FUSEError) as err:
+            await t.fs.read(fh, 2 * PART + 5, 10)
+        assert err.value.errno == errno.EIO
+        assert "/media/forged.bin" in caplog.text and "digest" in caplog.text
+        assert await t.fs.read(fh, 3 * PART, 10) == data[3 * PART:3 * PART + 10]
+        await t.client.tokens.delete(m.parts[3].token)
+        t.fs.cache.evict(m.parts[3].token)
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await t.fs.read(fh, 3 * PART, 10)
+        assert err.value.errno == errno.EIO and "missing" in caplog.text
+        t.fs.release(fh)
+        assert forged != token and node.token == token
+
+
+async def test_a_renamed_file_stored_as_parts_stays_readable(account, tmp_path):
+    data = os.urandom(3 * PART + 5)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        token, _ = await put_parts(t, data)
+        media = t.node("/media")
+        t.fs.rename(media.ino, b"big.bin", 1, b"moved.bin", 0)
+        await t.wait_idle()
+        info = [i async for i in t.client.tokens.list(token=token) if i.token == token][0]
+        assert (info.context, info.file_name, info.risk.get(fmt.MARK)) == ("/", "moved.bin", "1")
+        await t.refresher.refresh_once()
+        fh = await t.open_node(t.node("/moved.bin"), os.O_RDONLY)
+        assert await t.fs.read(fh, 0, len(data) + 10) == data
+        t.fs.release(fh)
+
+
+async def test_writing_into_a_file_stored_as_parts_starts_from_its_whole_content(account, tmp_path):
+    data = os.urandom(3 * PART + 5)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        await put_parts(t, data)
+        node = t.node("/media/big.bin")
+        fh = await t.open_node(node, os.O_RDWR)
+        await t.fs.write(fh, PART, b"changed")
+        t.fs.release(fh)
+        await t.wait_idle()
+        want = data[:PART] + b"changed" + data[PART + 7:]
+        assert not node.remote_risk or fmt.MARK not in node.remote_risk  # stored again as one token
+        fh = await t.open_node(node, os.O_RDONLY)
+        assert await t.fs.read(fh, 0, len(data)) == want
+        t.fs.release(fh)
+        assert await t.fs.vault.get_bytes(node.token) == want
+
+
+def cached_part_files(m) -> list[int]:
+    """Sizes of the read cache's entry files over 1 MiB (parts of 4 MiB, sealed)."""
+    return [f.stat().st_size for f in (m.root / "cache").rglob("*.val") if f.stat().st_size > 1024 * 1024]
+
+
+def test_on_a_mount_a_cold_read_in_the_middle_of_a_big_file_downloads_only_its_part(engine, tmp_path):
+    from privifs.parts.store import PART_SIZE
+    from tests.mountkit import Mount
+
+    data = os.urandom(10 * PART_SIZE + 123)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    with Mount(tmp_path / "user", engine.urls).mounted() as m:
+        m.token("put", str(src), "--name", "big.bin", "--context", "/media")
+        m.refresh()
+        path = m.dir / "media" / "big.bin"
+        assert path.stat().st_size == len(data)
+        assert sorted(os.listdir(m.dir)) == ["media"] and os.listdir(m.dir / "media") == ["big.bin"]
+        with open(path, "rb") as f:
+            middle = 5 * PART_SIZE + 1000
+            assert os.pread(f.fileno(), 65536, middle) == data[middle:middle + 65536]
+            assert len(cached_part_files(m)) == 1  # one part of ten, nothing fetched ahead
+            f.seek(0)
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+        assert len(cached_part_files(m)) == 10  # the last part is under 1 MiB: 10 big parts + 1 small

@@ -1,0 +1,209 @@
+"""The write-back of big files as parts, in-process (tests/fskit.py) against the real engine: a
+big file is stored as parts + a manifest, a change uploads only the parts it touched and a new
+manifest, the replaced manifest's parts no longer named are deleted, and a big file that was one
+token is converted when rewritten. The threshold and part size are shrunk so files stay small."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from privifs.client.datatokens import FileMeta
+from privifs.parts import format as fmt
+from privifs.parts.store import PartStore, is_part
+from tests.fskit import inprocess_fs
+
+KEY = bytes(range(32))
+PART = 64 * 1024
+
+
+@pytest.fixture
+def small_parts(monkeypatch):
+    monkeypatch.setattr("privifs.fs.sync.PARTS_THRESHOLD", 2 * PART)
+    monkeypatch.setattr("privifs.fs.partwrite.PART_SIZE", PART)
+
+
+async def vault_state(t) -> tuple[list, list]:
+    infos = [i async for i in t.client.tokens.list()]
+    return [i for i in infos if fmt.MARK in i.risk], [i for i in infos if is_part(i)]
+
+
+async def read_all(t, node) -> bytes:
+    fh = await t.open_node(node, os.O_RDONLY)
+    try:
+        return await t.fs.read(fh, 0, node.size + 10)
+    finally:
+        t.fs.release(fh)
+
+
+async def test_a_big_file_written_through_the_mount_is_stored_as_parts(account, tmp_path, small_parts):
+    data = os.urandom(5 * PART + 17)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, data)
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        manifests, parts = await vault_state(t)
+        assert [(i.token, i.file_name, i.size) for i in manifests] == [(node.token, "big.bin", len(data))]
+        assert len(parts) == 6 and manifests[0].risk.get("privifs.type") == "file"
+        store = PartStore(t.fs.vault)
+        m = await store.manifest(node.token)
+        assert await store.read(m, 0, len(data)) == data
+        assert await read_all(t, node) == data
+        assert all(t.fs.cache.holds(p.token) for p in m.parts)  # uploaded parts are cached, not refetched
+        assert t.fs.cache.downloads == 0
+
+
+async def test_a_small_change_uploads_only_its_part_and_a_new_manifest(account, tmp_path, small_parts):
+    data = bytearray(os.urandom(8 * PART))
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "db.sqlite")
+        await t.fs.write(fh, 0, bytes(data))
+        await t.fs.fsync(fh)
+        old_token = node.token
+        old = await PartStore(t.fs.vault).manifest(old_token)
+        uploaded = t.syncer.parts.parts_uploaded
+        await t.fs.write(fh, 5 * PART + 100, b"commit")
+        data[5 * PART + 100:5 * PART + 106] = b"commit"
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert t.syncer.parts.parts_uploaded - uploaded == 1
+        new = await PartStore(t.fs.vault).manifest(node.token)
+        assert node.token != old_token
+        assert [p.token == q.token for p, q in zip(old.parts, new.parts)] == [True] * 5 + [False] + [True] * 2
+        manifests, parts = await vault_state(t)
+        assert [i.token for i in manifests] == [node.token]  # the old manifest is deleted
+        assert sorted(i.token for i in parts) == sorted(p.token for p in new.parts)  # and its replaced part
+        assert await read_all(t, node) == bytes(data)
+
+
+async def test_a_big_single_token_file_is_converted_to_parts_when_rewritten(account, tmp_path, small_parts):
+    data = os.urandom(4 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        single = await t.fs.vault.put_bytes(data, FileMeta("old.bin", "bin", "/", 0, "/old.bin"))
+        await t.refresher.refresh_once()
+        node = t.node("/old.bin")
+        assert await read_all(t, node) == data
+        fh = await t.open_node(node)
+        await t.fs.write(fh, len(data), b"tail")
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        manifests, parts = await vault_state(t)
+        assert [i.token for i in manifests] == [node.token] and node.token != single and len(parts) == 5
+        assert single not in {i.token async for i in t.client.tokens.list()}
+        assert await read_all(t, node) == data + b"tail"
+
+
+async def test_a_big_file_shrunk_below_the_threshold_becomes_one_token_again(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "f.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        await t.fs.fsync(fh)
+        assert fmt.MARK in node.remote_risk
+        await t.truncate(fh, 100)
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        manifests, _ = await vault_state(t)
+        assert manifests == [] and len(await t.fs.vault.get_bytes(node.token)) == 100
+
+
+async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "gone.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        t.fs.release(fh)
+        fh, keep = t.create_node(1, "kept.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        t.fs.release(fh)
+        await t.wait_idle()
+        t.fs.unlink(1, b"gone.bin")
+        await t.wait_idle()
+        infos = [i async for i in t.client.tokens.list()]
+        assert len([i for i in infos if is_part(i)]) == 6  # the deleted manifest's parts are left behind
+        assert await t.fs.parts.sweep(infos) == 0  # too young: they may belong to a store in flight
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3
+        _, parts = await vault_state(t)
+        kept = await PartStore(t.fs.vault).manifest(keep.token)
+        assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
+        assert len(await read_all(t, keep)) == 3 * PART
+
+
+async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as_a_change(account, tmp_path,
+                                                                                         small_parts):
+    data = bytearray(os.urandom(8 * PART))
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "db.sqlite")
+        await t.fs.write(fh, 0, bytes(data))
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        reads = []
+        fh = await t.open_node(node)
+        await t.fs.write(fh, 2 * PART + 5, b"changed")
+        data[2 * PART + 5:2 * PART + 12] = b"changed"
+        staged = node.staged
+        original = staged.sealed.read
+
+        def counting(offset, length):
+            reads.append(offset // PART)
+            return original(offset, length)
+
+        staged.sealed.read = counting
+        kept, uploaded = t.syncer.parts.parts_kept, t.syncer.parts.parts_uploaded
+        await t.fs.fsync(fh)
+        assert reads == [2] and t.syncer.parts.parts_uploaded - uploaded == 1
+        assert t.syncer.parts.parts_kept - kept == 7
+        # shrink and grow back: the parts in between are zeros now, and must be stored so
+        await t.truncate(fh, 3 * PART)
+        await t.truncate(fh, 8 * PART)
+        data[3 * PART:] = bytes(5 * PART)
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert await read_all(t, node) == bytes(data)
+        assert await t.fs.vault.get_bytes(node.token) != bytes(data)  # a manifest, not the content
+        store = PartStore(t.fs.vault)
+        assert await store.read(await store.manifest(node.token), 0, len(data)) == bytes(data)
+
+
+async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "db.sqlite")
+        await t.fs.write(fh, 0, os.urandom(4 * PART))
+        await t.fs.fsync(fh)
+        old_token = node.token
+        old = await PartStore(t.fs.vault).manifest(old_token)
+        assert t.fs.cache.holds(old_token) and t.fs.cache.holds(old.parts[1].token)
+        await t.fs.write(fh, PART + 1, b"x")
+        assert not t.fs.cache.holds(old_token)  # the whole content moved into staging, not copied
+        assert old_token not in t.fs.cache.cache  # and its row is gone
+        assert node.staged.size == 4 * PART
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        assert not t.fs.cache.holds(old_token) and not t.fs.cache.holds(old.parts[1].token)
+        assert t.fs.cache.holds(node.token) and t.fs.cache.holds(old.parts[0].token)
+
+
+async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted_upload(account, tmp_path,
+                                                                                       small_parts):
+    data = os.urandom(3 * PART + 9)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, data)  # still open for writing: not uploaded
+        store = PartStore(t.fs.vault, part_size=PART)
+
+        async def source():
+            yield data
+
+        # what a crash between storing the manifest and recording it leaves in the vault
+        token = await store.put(source, len(data), FileMeta("big.bin", "bin", "/", 0, "/big.bin"))
+        info = [i async for i in t.client.tokens.list() if i.token == token][0]
+        assert await t.syncer.adopt_orphan(node, info)
+        assert node.token == token and fmt.MARK in node.remote_risk
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert await read_all(t, node) == data

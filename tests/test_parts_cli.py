@@ -1,0 +1,51 @@
+"""``privifs token put/get/ls/rm`` of a file above the parts threshold, as a user runs them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+
+import pytest
+
+from privifs.parts.store import THRESHOLD
+from tests.mountkit import isolated_env
+from tests.mountkit import privifs as run
+
+
+@pytest.fixture
+def user(eng, tmp_path):
+    env = isolated_env(tmp_path, PRIVICORE_API_URL=eng.urls["api"], PRIVICORE_WS_URL=eng.urls["ws"],
+                       PRIVICORE_UPSTREAM_URL=eng.urls["upstream"], PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
+                       PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
+                       PRIVICORE_PASSWORD="correct-horse-battery")
+    run(env, "init", "--register")
+    return env
+
+
+def test_a_big_file_is_put_as_parts_and_got_back_whole(user, tmp_path):
+    src = tmp_path / "movie.mkv"
+    data = os.urandom(THRESHOLD + 5)
+    src.write_bytes(data)
+    token = run(user, "token", "put", str(src), "--context", "/media").stdout.strip()
+    rows = [json.loads(line) for line in run(user, "token", "ls", "--json").stdout.splitlines()]
+    assert [(r["token"], r["context"], r["fileName"], r["size"]) for r in rows] == [
+        (token, "/media", "movie.mkv", len(data))]
+    everything = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
+    parts = [r for r in everything if r["context"] == "/.privifs/parts"]
+    assert len(parts) == 3 and sum(r["size"] for r in parts) == len(data)
+    out = tmp_path / "back.mkv"
+    run(user, "token", "get", token, str(out))
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+    run(user, "token", "rm", token)
+    left = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
+    assert [r["context"] for r in left] == ["/.privifs"]  # only the key check
+
+
+def test_a_small_file_stays_one_token(user, tmp_path):
+    src = tmp_path / "small.bin"
+    src.write_bytes(os.urandom(1000))
+    run(user, "token", "put", str(src))
+    everything = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
+    assert sorted(r["context"] for r in everything) == ["/", "/.privifs"]
+    assert "privifs.parts" not in next(r for r in everything if r["context"] == "/")["risk"]
