@@ -10,6 +10,7 @@ A's listings (count and per second), and the CPU seconds of A, B and the engine 
 measurement, not a test. Usage:
 ``.venv/bin/python scripts/measure_churn.py [--files 5000] [--size 100]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,12 +67,13 @@ def phase(label: str, b: Mount, a: Mount | None, engine_pid: int, tar: Path, tar
         shown = time.perf_counter() - t0
     after = {k: cpu(p) for k, p in pids.items()}
     n = listings1 - listings0
-    print(f"{label}: untar {untarred:.1f} s, all {files} stored in the vault after {stored:.1f} s"
-          + (f", all shown on A after {shown:.1f} s" if shown else ""))
+    print(
+        f"{label}: untar {untarred:.1f} s, all {files} stored in the vault after {stored:.1f} s"
+        + (f", all shown on A after {shown:.1f} s" if shown else "")
+    )
     if a is not None:
         print(f"  A's full listings while B stored: {n} ({n / stored:.2f}/s)")
-    print("  CPU seconds: " + ", ".join(f"{k} {after[k] - before[k]:.1f}" for k in pids)
-          + f" (wall {stored:.1f} s)")
+    print("  CPU seconds: " + ", ".join(f"{k} {after[k] - before[k]:.1f}" for k in pids) + f" (wall {stored:.1f} s)")
 
 
 def main() -> None:
@@ -86,8 +88,9 @@ def main() -> None:
         tar = work / "files.tar"
         make_tar(tar, args.files, args.size)
         a = Mount(work / "a", engine.urls, mount_args=DEFAULTS)
-        b = Mount(work / "b", engine.urls, username=a.username, register=False, key_file=a.key_file,
-                  mount_args=DEFAULTS)
+        b = Mount(
+            work / "b", engine.urls, username=a.username, register=False, key_file=a.key_file, mount_args=DEFAULTS
+        )
         a.mount()
         b.mount()
         phase("with A mounted", b, a, engine.proc.pid, tar, "one", args.files)

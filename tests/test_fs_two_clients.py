@@ -1,5 +1,6 @@
 """Two clients of one vault in-process (two kernel-less filesystems over one profile and key,
 each with its own state), so races between them are written step by step and run in seconds."""
+
 from __future__ import annotations
 
 import secrets
@@ -69,8 +70,10 @@ async def test_a_command_refused_because_the_token_is_gone_is_token_missing(eng,
         a.fs.release(fh)
         await a.wait_idle()
         try:
-            eng.set_options(reject="update-data-token,configure-information-security-risk-meta",
-                            reject_reason="data_token.not_found")
+            eng.set_options(
+                reject="update-data-token,configure-information-security-risk-meta",
+                reject_reason="data_token.not_found",
+            )
             with pytest.raises(TokenMissing) as caught:
                 await a.client.tokens.update(f.token, file_name="g")
             assert isinstance(caught.value, NotFoundError) and caught.value.reason == "data_token.not_found"
@@ -87,7 +90,8 @@ def test_only_the_reason_key_decides_a_rejections_type():
 
 @pytest.mark.parametrize("written_by", ["renamer", "other"])  # the renamer has it cached, or not
 async def test_a_rename_that_lands_between_the_replacing_writers_check_and_delete_keeps_its_version(
-        account, tmp_path, written_by):
+    account, tmp_path, written_by
+):
     # B replaces e.txt's content; its write-back checks that the replaced token did not move, then
     # deletes it. A's rename e.txt -> e2.txt reaches the vault exactly between the two requests
     async with two_clients(tmp_path, account) as (a, b):

@@ -10,6 +10,7 @@ raises :class:`~privifs.errors.PrivifsError`; the filesystem turns that into EIO
 that need the part, logged with the path. The refresher hands each listing to :meth:`PartReader.sweep`,
 which deletes parts no manifest names once they are an hour old.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -26,7 +27,7 @@ from privifs.client.vault import Vault
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
-from privifs.fs.staging import Staging, StagedFile
+from privifs.fs.staging import StagedFile, Staging
 from privifs.parts import format as fmt
 from privifs.parts.store import COLLECT_MIN_AGE, PartStore, is_manifest, is_part
 
@@ -87,8 +88,13 @@ class Changes:
     def unchanged(self, staged_id: str, token: str | None, part_size: int, index: int) -> bool:
         """Whether part ``index`` of the staged file is certainly the manifest ``token``'s part."""
         base = self._bases.get(staged_id)
-        return (base is not None and base.token == token and base.part_size == part_size
-                and index not in base.dirty and (index + 1) * part_size <= base.low)
+        return (
+            base is not None
+            and base.token == token
+            and base.part_size == part_size
+            and index not in base.dirty
+            and (index + 1) * part_size <= base.low
+        )
 
 
 class PartReader:
@@ -157,8 +163,9 @@ class PartReader:
         return sealed
 
     # -- collection ----------------------------------------------------------------------------
-    async def sweep(self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE,
-                    interval: float = SWEEP_INTERVAL) -> int:
+    async def sweep(
+        self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE, interval: float = SWEEP_INTERVAL
+    ) -> int:
         """Delete the parts of ``infos`` (a whole listing) that no manifest in it names and that
         are older than ``min_age`` (a deleted file's parts, a store stopped before its manifest),
         at most once per ``interval``; returns how many. Manifests come from memory when known."""
@@ -171,8 +178,11 @@ class PartReader:
             if is_manifest(info) and not is_part(info):
                 named.update(p.token for p in (await self.manifest(info.token)).parts)
         wall = time.time()
-        gone = [i.token for i in infos if is_part(i) and i.token not in named
-                and i.created_at is not None and wall - i.created_at >= min_age]
+        gone = [
+            i.token
+            for i in infos
+            if is_part(i) and i.token not in named and i.created_at is not None and wall - i.created_at >= min_age
+        ]
         for token in gone:
             await self.store.tokens.delete(token)
             self.cache.evict(token)
