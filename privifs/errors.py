@@ -115,9 +115,16 @@ class PermissionRefused(CommandRejected):
     """A command rejected because this profile may not do it (not the owner, denied by a policy)."""
 
 
-# the reason keys (``<area>.<reason>``, e.g. ``profile.not_an_owner``) whose rejection means "not
-# allowed", by their part after the area; any other reason is a plain CommandRejected
+class TokenMissing(CommandRejected, NotFoundError):
+    """A command rejected because the data token it names does not exist (``data_token.not_found``:
+    deleted, or replaced, by another client); also a :class:`NotFoundError`."""
+
+
+# the reason keys (``<area>.<reason>``, e.g. ``profile.not_an_owner``) that pick a rejection's type,
+# by their part after the area: "not allowed" and "does not exist"; any other reason is a plain
+# CommandRejected
 REFUSAL_REASONS: dict[str, type[CommandRejected]] = {
+    "not_found": TokenMissing,
     "not_an_owner": PermissionRefused,
     "access_denied": PermissionRefused,
     "permission_denied": PermissionRefused,

@@ -31,6 +31,7 @@ from privifs.errors import (
     RequestRejected,
     ServerError,
     ServerUnreachable,
+    TokenMissing,
     VaultError,
     rejected_command,
 )
@@ -241,10 +242,10 @@ class DataTokens:
                             continue
                         if result.status.status == 3:
                             reason = result.status.reason or ""
-                            if "not_found" in reason or "not found" in reason.lower():
-                                raise NotFoundError(f"token {token} does not exist ({reason})", status=404)
                             raise rejected_command(
-                                f"request data was rejected: {reason or 'no reason'}", command_id=rid, reason=reason
+                                f"request data for token {token} was rejected: {reason or 'no reason'}",
+                                command_id=rid,
+                                reason=reason,
                             )
                         result.request_id = data.get("id") if data.get("id") in rids else rid
                         return result
@@ -373,8 +374,8 @@ class DataTokens:
             raise
         try:
             await self.commands.wait(shapes.command_id(resp), what=what)
-        except CommandRejected as exc:
-            if missing_ok and exc.reason and "not_found" in exc.reason:
+        except TokenMissing:
+            if missing_ok:
                 return
             raise
 

@@ -135,6 +135,7 @@ class Node:
         "attempts",
         "uploading",
         "meta_version",
+        "extra_markers",
     )
 
     def __init__(self, ino: int, parent: int, name: str, kind: str, mode: int, mtime_ns: int):
@@ -164,6 +165,9 @@ class Node:
         self.attempts = 0
         self.uploading = False
         self.meta_version = 0
+        # a directory's other marker tokens the listing showed (two mkdirs of one name raced):
+        # not persisted, every listing records them again; an rmdir deletes them with the token
+        self.extra_markers: set[str] = set()
 
     @property
     def is_dir(self) -> bool:
@@ -478,6 +482,7 @@ class Namespace:
         node.token = token
         if token:
             self.by_token[token] = node.ino
+            node.extra_markers.discard(token)
 
     def drop(self, node: Node) -> None:
         """Remove a node for good (detached, no kernel references left)."""
@@ -530,6 +535,9 @@ class Namespace:
         vault). The node itself lives on until :meth:`release` while the kernel or an open file
         still refers to it."""
         self.detach(node)
+        if delete_token:
+            self.retire_markers(node)
+        node.extra_markers = set()
         if node.token:
             if delete_token:
                 self.index.add_tombstone(node.token)
@@ -590,6 +598,22 @@ class Namespace:
     def touched(self, node: Node) -> None:
         """An entry of the directory ``node`` was added, removed or renamed."""
         node.mtime_ns = node.ctime_ns = time.time_ns()
+
+    def add_marker(self, node: Node, token: str) -> None:
+        """The listing shows ``token`` as another marker of the directory ``node`` (another
+        client made the same directory): deleted along with the node's own token by an rmdir."""
+        if token != node.token:
+            node.extra_markers.add(token)
+
+    def retire_markers(self, node: Node) -> bool:
+        """Record the directory's other markers for deletion (it was removed, or moved: its own
+        token now carries it, and a marker left at the old place would bring the old path back);
+        True if there were any."""
+        for marker in sorted(node.extra_markers):
+            self.index.add_tombstone(marker)
+        had = bool(node.extra_markers)
+        node.extra_markers = set()
+        return had
 
     def set_explicit(self, node: Node, explicit: bool) -> None:
         """Whether the directory ``node`` must exist on its own (a marker token) even when empty."""

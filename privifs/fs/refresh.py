@@ -2,7 +2,9 @@
 
 The whole listing is read (no request per token) and compared with the tree: soon after another
 client of the profile changed the vault (its command acks arrive on the profile's WebSocket
-channel, see :meth:`EventHub.foreign_changes`: a listing 0.25 s and another 1.5 s after them), and
+channel, see :meth:`EventHub.foreign_changes`: a listing 0.25 s and another 1.5 s after them,
+coalesced, at least 0.5 s apart and apart by four times the last listing's time, so listings
+for events take at most a fifth of the time while another client keeps changing things), and
 every ``interval`` seconds as the safety net (events are delivered at most once, and a server may
 send none). The reference's listing filters (context, token, name, extension, type) cannot ask
 for "what changed since", so there is no cheaper incremental listing. Only *clean* nodes follow
@@ -54,8 +56,16 @@ RESERVED = split_context(RESERVED_CONTEXT)[0]
 # whose last step, the synchronous configure-file-meta, sends no ack of its own)
 EVENT_SETTLE = 0.25
 EVENT_FOLLOW_UPS = (0.0, 1.5)
-EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second
+EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second …
+EVENT_LISTING_SHARE = 0.2  # … and listings for events take at most this share of the time (a big vault)
 UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
+
+
+def event_gap(last_cost: float) -> float:
+    """The least time between two listings asked for by other clients' changes, after one that
+    took ``last_cost`` seconds: while another client keeps changing things (an untar), listing
+    takes at most :data:`EVENT_LISTING_SHARE` of the mount's and the server's time."""
+    return max(EVENT_MIN_GAP, last_cost * (1 / EVENT_LISTING_SHARE - 1))
 
 
 def claim_order(created: float | None, token: str) -> tuple[float, str]:
@@ -101,9 +111,9 @@ class Refresher:
                 nursery.start_soon(self._watch_events)
             task_status.started()
             next_full = trio.current_time() + self.interval
-            last = -EVENT_MIN_GAP
+            last, gap = -EVENT_MIN_GAP, EVENT_MIN_GAP
             while True:
-                due = max(min(self._due), last + EVENT_MIN_GAP) if self._due else next_full
+                due = max(min(self._due), last + gap) if self._due else next_full
                 with trio.move_on_at(min(next_full, due)):
                     await self._wake.wait()
                 self._wake = trio.Event()
@@ -113,6 +123,7 @@ class Refresher:
                 self._due = [t for t in self._due if t > now]
                 await self._refresh_logged()
                 last = trio.current_time()
+                gap = event_gap(last - now)
                 next_full = last + self.interval
 
     def nudge(self, delays: tuple[float, ...] = EVENT_FOLLOW_UPS) -> None:
@@ -235,7 +246,8 @@ class Refresher:
                 [(ns.nodes[ns.by_token[i.token]], i) for i in unknown if ns.by_token.get(i.token) in self._added]
             )
             for node in vanished.values():
-                self._vanish(node)
+                if not self.syncer.rescue_renamed(node, infos):
+                    self._vanish(node)
             self._settle_names(started)
         self.last_refresh = time.time()
         self.last_error = None
@@ -362,7 +374,10 @@ class Refresher:
             self._inval_inode(holder.ino, attr_only=True)
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir:
-            return  # a second marker of a directory that exists (two mkdirs raced): one directory
+            # a second marker of a directory that exists (two mkdirs raced): one directory, whose
+            # rmdir here deletes this marker too (or the directory would come back)
+            self.ns.add_marker(holder, info.token)
+            return
         if holder is not None:
             if a.kind == KIND_DIR and not holder.is_dir:
                 # directories keep their plain name (entries live under it); the file moves aside

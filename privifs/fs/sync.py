@@ -13,7 +13,10 @@ For each dirty node a worker *reconciles* (idempotent, resumable after a crash):
 * name, place or attributes changed (``meta_dirty``) → ``update-data-token`` (fileName,
   extension, context) and the risk meta (mode, mtime, …). If the token is gone (another client
   deleted or replaced it first), the change is dropped and the entry follows the vault at the
-  next listing, like any clean one.
+  next listing, like any clean one. A file whose name changes is first fetched into the cache
+  (up to ``RENAME_FETCH_LIMIT``), so that if a writer elsewhere that has not seen the rename
+  replaces the content and deletes the token under it, the renamed entry can be stored again
+  (:meth:`Syncer.rescue_renamed`, called by the refresher when the token vanishes).
 
 Tombstoned tokens are deleted by their own task (a delete of a missing token counts as done).
 
@@ -75,6 +78,8 @@ MAX_BACKOFF = 300.0
 QUIET = 0.3  # write-back starts once the mount has had no request for this long …
 MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the mount is
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
+RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
+RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 
 
 def fsync_waits_through(exc: PrivifsError) -> bool:
@@ -121,6 +126,8 @@ class Syncer:
         self._nursery: trio.Nursery | None = None
         self.inflight_names: Counter[tuple[tuple[str, ...], str]] = Counter()
         self.recently_deleted: dict[str, float] = {}
+        # tokens this mount renamed: when, and the (context, name, extension) they had before
+        self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.uploads = 0
@@ -462,10 +469,17 @@ class Syncer:
                 or node.remote_name != name
                 or (node.remote_extension or "") != extension
             ):
+                before = (node.remote_context, node.remote_name, node.remote_extension)
+                if node.is_file and (node.remote_name != name or (node.remote_extension or "") != extension):
+                    await self._keep_a_copy(node, token)
                 await self.tokens.update(token, file_name=name, extension=extension, context=context)
                 if node.token != token:
                     return
                 self.ns.set_remote_name(node, context, name, extension)
+                if node.is_file:
+                    self.renamed[token] = (trio.current_time(), *before)
+                if self.ns.retire_markers(node):  # another mkdir's marker would keep the old path
+                    self.wake_tombstones()
             risk = risk_fields(
                 node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns
             )
@@ -474,8 +488,8 @@ class Syncer:
                 if node.token != token:
                     return
                 self.ns.set_remote_risk(node, json.dumps(risk, sort_keys=True))
-        except (NotFoundError, CommandRejected) as exc:
-            if not _token_missing(exc) or node.token != token:
+        except NotFoundError:  # also a rejected command's TokenMissing (errors.REFUSAL_REASONS)
+            if node.token != token:
                 raise
             self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
@@ -484,7 +498,49 @@ class Syncer:
         if not node.unlinked:
             self.index.save(node)
 
-    def _token_gone(self, node: Node, *, renamed: bool) -> None:
+    async def _keep_a_copy(self, node: Node, token: str) -> None:
+        """Before renaming a file, have its content in the cache (small files only): if a writer
+        elsewhere that has not seen the rename replaces the content and deletes this token, the
+        renamed entry can still be stored again (see :meth:`rescue_renamed`)."""
+        if node.size > RENAME_FETCH_LIMIT:
+            return
+        try:
+            sealed = await self.cache.fetch(token, self.vault, node.size)
+        except PrivifsError as exc:  # gone already (the update will say so), or unreachable
+            log.debug("%s: not fetched before the rename (%s)", self.ns.describe(node), exc)
+            return
+        sealed.close()
+
+    def rescue_renamed(self, node: Node, infos: list[TokenInfo]) -> bool:
+        """The listing no longer shows ``node``'s token. If this mount renamed it a moment ago
+        and the listing shows another token at the name it had before — a writer elsewhere
+        replaced the content without seeing the rename and deleted the version it replaced,
+        which by then was ours under the new name — the renamed entry keeps that version: its
+        content (from the cache) is stored again under the new name. True if it was; False: the
+        entry follows the vault (it was deleted, or its content is not at hand)."""
+        entry = self.renamed.get(node.token or "")
+        if entry is None or trio.current_time() - entry[0] > RENAME_RESCUE_WINDOW or not node.is_file:
+            return False
+        _, context, name, extension = entry
+        replaced = any(
+            i.token != node.token
+            and i.file_name == name
+            and same_context(i.context, context or "/")
+            and (i.extension or "") == (extension or "")
+            for i in infos
+        )
+        if not replaced:
+            return False
+        del self.renamed[node.token]
+        log.info(
+            "%s: another client replaced its content at the old name %s without seeing this rename, "
+            "and deleted the renamed version; it is kept here",
+            self.ns.describe(node),
+            name,
+        )
+        return self._token_gone(node, renamed=True)
+
+    def _token_gone(self, node: Node, *, renamed: bool) -> bool:
         """The node's token no longer exists: another client deleted or replaced it before this
         mount's rename or attribute change reached it. A rename whose content is still in the
         cache is kept: the content is stored again under the new name (as if the rename came
@@ -510,7 +566,7 @@ class Syncer:
                     self.index.save(node)
                 self.schedule(node)
                 self.remote_changed()
-                return
+                return True
         log.info(
             "%s: its token was deleted or replaced by another client; the change made here "
             "is dropped and the entry follows the vault",
@@ -520,6 +576,7 @@ class Syncer:
         if not node.unlinked:
             self.index.save(node)
         self.remote_changed()
+        return False
 
     # -- fsync -----------------------------------------------------------------------------------
     async def commit(self, node: Node, timeout: float) -> None:
@@ -599,6 +656,9 @@ class Syncer:
             for token, at in list(self.recently_deleted.items()):
                 if now - at > 600:
                     del self.recently_deleted[token]
+            for token, entry in list(self.renamed.items()):
+                if now - entry[0] > RENAME_RESCUE_WINDOW:
+                    del self.renamed[token]
             self._tomb_wake = trio.Event()
             with trio.move_on_after(min(MAX_BACKOFF, 2**failures) if failed else 30):
                 await self._tomb_wake.wait()
@@ -680,11 +740,3 @@ class Syncer:
 
 def _risk_text(info: TokenInfo) -> str | None:
     return json.dumps(info.risk, sort_keys=True) if info.risk else None
-
-
-def _token_missing(exc: PrivifsError) -> bool:
-    """Whether a refused meta change says the token does not exist."""
-    if isinstance(exc, NotFoundError):
-        return True
-    reason = (getattr(exc, "reason", None) or "").lower()
-    return "not_found" in reason or "not found" in reason

@@ -1,0 +1,161 @@
+"""Two clients of one vault in-process (two kernel-less filesystems over one profile and key,
+each with its own state), so races between them are written step by step and run in seconds."""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import asynccontextmanager
+
+import pytest
+
+from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
+from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
+from tests.fskit import inprocess_fs
+
+
+@asynccontextmanager
+async def two_clients(tmp_path, account):
+    key = secrets.token_bytes(32)
+    (tmp_path / "a").mkdir(parents=True)
+    (tmp_path / "b").mkdir(parents=True)
+    async with inprocess_fs(tmp_path / "a", *account, key=key) as a:
+        async with inprocess_fs(tmp_path / "b", *account, key=key) as b:
+            yield a, b
+
+
+async def listed(*clients) -> None:
+    for c in clients:
+        await c.wait_idle()
+    for c in clients:
+        await c.refresher.refresh_once()
+
+
+async def test_rmdir_of_a_directory_both_clients_made_removes_it_everywhere(account, tmp_path):
+    for remover in (0, 1):
+        async with two_clients(tmp_path / str(remover), account) as (a, b):
+            a.mkdir_node(1, "d")
+            b.mkdir_node(1, "d")
+            await listed(a, b)
+            markers = [i async for i in a.client.tokens.list() if i.file_name == "d"]
+            assert len(markers) == 2  # one marker token per mkdir
+            assert "d" in a.ns.root.children and "d" in b.ns.root.children
+            who = (a, b)[remover]
+            who.fs.rmdir(1, b"d")
+            await listed(a, b)
+            await listed(a, b)
+            assert "d" not in a.ns.root.children, "the directory came back on A"
+            assert "d" not in b.ns.root.children, "the directory came back on B"
+            assert [i async for i in a.client.tokens.list() if i.file_name == "d"] == []
+
+
+async def test_rename_of_a_directory_both_clients_made_leaves_no_directory_at_the_old_name(account, tmp_path):
+    async with two_clients(tmp_path, account) as (a, b):
+        a.mkdir_node(1, "d")
+        b.mkdir_node(1, "d")
+        await listed(a, b)
+        a.fs.rename(1, b"d", 1, b"e", 0)
+        await listed(a, b)
+        await listed(a, b)
+        for who, c in (("A", a), ("B", b)):
+            assert sorted(c.ns.root.children) == ["e"], f"{who} shows {sorted(c.ns.root.children)}"
+        assert sorted([i.file_name async for i in a.client.tokens.list() if i.file_name in ("d", "e")]) == ["e"]
+
+
+async def test_a_command_refused_because_the_token_is_gone_is_token_missing(eng, account, tmp_path):
+    # what a server answers when the token went between accepting the command and applying it:
+    # status 3 with the reason key data_token.not_found; the key picks the type (REFUSAL_REASONS)
+    async with inprocess_fs(tmp_path, *account) as a:
+        fh, f = a.create_node(1, "f")
+        await a.fs.write(fh, 0, b"content")
+        a.fs.release(fh)
+        await a.wait_idle()
+        try:
+            eng.set_options(
+                reject="update-data-token,configure-information-security-risk-meta",
+                reject_reason="data_token.not_found",
+            )
+            with pytest.raises(TokenMissing) as caught:
+                await a.client.tokens.update(f.token, file_name="g")
+            assert isinstance(caught.value, NotFoundError) and caught.value.reason == "data_token.not_found"
+            with pytest.raises(TokenMissing):
+                await a.client.tokens.set_risk(f.token, {"mode": "644"})
+        finally:
+            eng.set_options(reject="")
+
+
+def test_only_the_reason_key_decides_a_rejections_type():
+    assert type(rejected_command("x", command_id="c", reason="data_token.not_found")) is TokenMissing
+    assert type(rejected_command("x", command_id="c", reason="the token was not found")) is CommandRejected
+
+
+@pytest.mark.parametrize("written_by", ["renamer", "other"])  # the renamer has it cached, or not
+async def test_a_rename_that_lands_between_the_replacing_writers_check_and_delete_keeps_its_version(
+    account, tmp_path, written_by
+):
+    # B replaces e.txt's content; its write-back checks that the replaced token did not move, then
+    # deletes it. A's rename e.txt -> e2.txt reaches the vault exactly between the two requests
+    async with two_clients(tmp_path, account) as (a, b):
+        original = b"original version"
+        writer = a if written_by == "renamer" else b
+        fh, _ = writer.create_node(1, "e.txt")
+        await writer.fs.write(fh, 0, original)
+        writer.fs.release(fh)
+        await listed(a, b)
+        await listed(a, b)
+        real_check = b.syncer._moved_elsewhere
+
+        async def check_then_rename_elsewhere(token, seen_at):
+            moved = await real_check(token, seen_at)
+            a.fs.rename(1, b"e.txt", 1, b"e2.txt", 0)
+            await a.wait_idle()  # A's rename is in the vault now; B goes on to delete
+            return moved
+
+        b.syncer._moved_elsewhere = check_then_rename_elsewhere
+        fh = await b.open_node(b.node("e.txt"))
+        await b.truncate(fh, 0)
+        await b.fs.write(fh, 0, b"B's version")
+        b.fs.release(fh)
+        await b.wait_idle()
+        for _ in range(3):
+            await listed(a, b)
+        for who, c in (("A", a), ("B", b)):
+            assert sorted(c.ns.root.children) == ["e.txt", "e2.txt"], f"{who} shows {sorted(c.ns.root.children)}"
+        assert await a.vault_names() == {"e.txt": len(b"B's version"), "e2.txt": len(original)}
+        for c in (a, b):
+            sealed = await c.fs.content(c.node("e2.txt"))
+            try:
+                assert sealed.read(0, 100) == original
+            finally:
+                sealed.close()
+
+
+def test_listings_for_other_clients_changes_are_spaced_by_what_the_last_one_cost():
+    assert event_gap(0.01) == EVENT_MIN_GAP  # a small vault: as often as twice a second
+    assert event_gap(0.5) == pytest.approx(0.5 * (1 / EVENT_LISTING_SHARE - 1))
+    # whatever a listing costs, listings for events take at most EVENT_LISTING_SHARE of the time
+    for cost in (0.1, 0.4, 2.0, 10.0):
+        assert cost / (cost + event_gap(cost)) <= EVENT_LISTING_SHARE + 1e-9
+
+
+async def test_an_edit_made_after_seeing_a_rename_replaces_the_renamed_version_without_a_copy(account, tmp_path):
+    # A renames e.txt -> e2.txt and makes a new e.txt; B, having seen that, rewrites e2.txt:
+    # its delete of the version it replaced is no race, so A keeps no copy of that version
+    async with two_clients(tmp_path, account) as (a, b):
+        fh, _ = a.create_node(1, "e.txt")
+        await a.fs.write(fh, 0, b"first")
+        a.fs.release(fh)
+        await listed(a, b)
+        a.fs.rename(1, b"e.txt", 1, b"e2.txt", 0)
+        fh, _ = a.create_node(1, "e.txt")
+        await a.fs.write(fh, 0, b"new e")
+        a.fs.release(fh)
+        await listed(a, b)
+        fh = await b.open_node(b.node("e2.txt"))
+        await b.truncate(fh, 0)
+        await b.fs.write(fh, 0, b"B's edit of e2")
+        b.fs.release(fh)
+        for _ in range(3):
+            await listed(a, b)
+        for who, c in (("A", a), ("B", b)):
+            assert sorted(c.ns.root.children) == ["e.txt", "e2.txt"], f"{who} shows {sorted(c.ns.root.children)}"
+        assert await a.vault_names() == {"e.txt": 5, "e2.txt": len(b"B's edit of e2")}
