@@ -1024,7 +1024,11 @@ def _notes() -> str:
 
 
 def _chart(results: dict, out_png: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("   no chart: matplotlib is not installed (scripts/bench installs it)", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
