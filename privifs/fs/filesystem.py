@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
+import trio
 
 from privifs.crypto.sealed import SealedFile
-from privifs.errors import IntegrityError, PrivifsError
+from privifs.errors import IntegrityError, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.errnos import errno_for
 from privifs.fs.parts import is_manifest_node
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("privifs.fs")
 
 BLOCK = 128 * 1024
+FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 
 
@@ -530,6 +532,34 @@ class Filesystem:
             log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
             raise fail(errno_for(exc)) from None
 
+    async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes:
+        """Read a file stored as parts. A manifest or part that is missing because another
+        client replaced or deleted the file (its write-back deletes the old manifest and parts)
+        is not damage: the refresher is asked to look now and the read follows the node to its
+        new content (at most :data:`FOLLOW_WAIT` seconds); damage stays an error."""
+        token = node.token
+        try:
+            return await self.parts.read(token, offset, length)
+        except (IntegrityError, NotFoundError):
+            if not await self._gone_from_vault(token):
+                raise
+            log.info("%s: replaced or deleted by another client while open; following the listing",
+                     self.path(node))
+            self.sync.remote_changed()
+            with trio.move_on_after(FOLLOW_WAIT):
+                while node.token == token and not node.unlinked:
+                    await trio.sleep(0.05)
+            if node.token == token:
+                raise
+        return await self.read(fh_id, offset, length)  # the node's new content (or none)
+
+    async def _gone_from_vault(self, token: str) -> bool:
+        """Whether ``token`` is certainly gone from the vault (False when that cannot be told)."""
+        try:
+            return not [i async for i in self.vault.tokens.list(token=token) if i.token == token]
+        except PrivifsError:
+            return False
+
     async def read(self, fh_id: int, offset: int, length: int) -> bytes:
         fh = self.handles[fh_id]
         node = fh.node
@@ -538,7 +568,7 @@ class Filesystem:
         if node.token is None:
             return b""
         if is_manifest_node(node.remote_risk):
-            return await self._parts(node, self.parts.read(node.token, offset, length))
+            return await self._parts(node, self._read_parts(fh_id, node, offset, length))
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
             token = node.token
