@@ -533,32 +533,48 @@ class Filesystem:
             raise fail(errno_for(exc)) from None
 
     async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes:
-        """Read a file stored as parts. A manifest or part that is missing because another
-        client replaced or deleted the file (its write-back deletes the old manifest and parts)
-        is not damage: the refresher is asked to look now and the read follows the node to its
-        new content (at most :data:`FOLLOW_WAIT` seconds); damage stays an error."""
+        """Read a file stored as parts, following it when another client replaced it (see
+        :meth:`_followed`): its manifest or a part missing from the vault is then no damage."""
         token = node.token
         try:
             return await self.parts.read(token, offset, length)
         except (IntegrityError, NotFoundError):
-            if not await self._gone_from_vault(token):
-                raise
-            log.info("%s: replaced or deleted by another client while open; following the listing",
-                     self.path(node))
-            self.sync.remote_changed()
-            with trio.move_on_after(FOLLOW_WAIT):
-                while node.token == token and not node.unlinked:
-                    await trio.sleep(0.05)
-            if node.token == token:
+            if not await self._followed(node, token):
                 raise
         return await self.read(fh_id, offset, length)  # the node's new content (or none)
 
-    async def _gone_from_vault(self, token: str) -> bool:
-        """Whether ``token`` is certainly gone from the vault (False when that cannot be told)."""
+    async def _fetch_following(self, node: Node) -> SealedFile | None:
+        """:meth:`content`, or None when the token was missing because another client replaced
+        or deleted the file and the node has moved on since (see :meth:`_followed`)."""
+        token = node.token
         try:
-            return not [i async for i in self.vault.tokens.list(token=token) if i.token == token]
+            return await self.cache.fetch(token, self.vault, node.size)
+        except IntegrityError as exc:
+            log.error("%s: integrity failure, the stored ciphertext does not verify (%s)", self.path(node), exc)
+            raise fail(errno.EIO) from None
+        except PrivifsError as exc:
+            if isinstance(exc, NotFoundError) and await self._followed(node, token):
+                return None
+            log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
+            raise fail(errno_for(exc)) from None
+
+    async def _followed(self, node: Node, token: str) -> bool:
+        """After ``token`` (the node's content) could not be fetched: if it is gone from the vault,
+        another client replaced or deleted the file (its write-back deletes the old token and
+        parts) before the listing showed it here. The refresher is asked to look now and this
+        waits (at most :data:`FOLLOW_WAIT` seconds) for the node to move on; True if it did.
+        False at once if the token is still there (damage stays an error)."""
+        try:
+            if [i async for i in self.vault.tokens.list(token=token) if i.token == token]:
+                return False
         except PrivifsError:
             return False
+        log.info("%s: replaced or deleted by another client while open; following the listing", self.path(node))
+        self.sync.remote_changed()
+        with trio.move_on_after(FOLLOW_WAIT):
+            while node.token == token and not node.unlinked:
+                await trio.sleep(0.05)
+        return node.token != token
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes:
         fh = self.handles[fh_id]
@@ -572,9 +588,10 @@ class Filesystem:
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
             token = node.token
-            sealed = await self.content(node)
-            if fh.reader is not None or node.token != token:
-                sealed.close()
+            sealed = await self._fetch_following(node)
+            if sealed is None or fh.reader is not None or node.token != token:
+                if sealed is not None:
+                    sealed.close()
                 return await self.read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:
