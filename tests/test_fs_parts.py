@@ -202,3 +202,28 @@ async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_
                 await t.refresher.refresh_once()  # what the nudged refresher does on a mount
         assert got == [new[5 * PART + 10:5 * PART + 1010]]
         t.fs.release(fh)
+
+
+async def test_an_unexpected_failure_of_a_read_ahead_is_logged_and_the_mount_goes_on(account, tmp_path, caplog):
+    """Read-ahead runs as a background task of the mount's event loop: whatever it raises must not
+    end the mount (a system task's exception aborts the whole loop), the read that needs the part
+    fetches it itself."""
+    data = os.urandom(16 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        real = t.fs.parts.part
+
+        async def broken(manifest, index):
+            if index >= 10:  # the reads below touch parts 0-9; the read-ahead fetches 10-12
+                raise ValueError("a bug in the read-ahead")
+            return await real(manifest, index)
+
+        t.fs.parts.part = broken
+        for off in range(0, 512 * 1024 + 4096, 128 * 1024):
+            assert await t.fs.read(fh, off, 128 * 1024) == data[off:off + 128 * 1024]
+        await trio.sleep(0.3)  # the read-ahead of parts 10-12 failed meanwhile
+        t.fs.parts.part = real
+        assert await t.fs.read(fh, 11 * PART, 100) == data[11 * PART:11 * PART + 100]
+        t.fs.release(fh)
+        assert "read-ahead" in caplog.text

@@ -239,6 +239,8 @@ class PartReader:
             (await self.part(m, index)).close()
         except (PrivifsError, OSError) as exc:  # the read that needs the part reports it
             log.debug("read-ahead of part %d failed (%s)", index, exc)
+        except Exception:  # noqa: BLE001 - a system task's exception would end the whole mount
+            log.exception("read-ahead of part %d failed unexpectedly", index)
         finally:
             self._ahead.discard(token)
 
