@@ -1,6 +1,7 @@
 """From a configuration to a working connection: endpoints (starting the embedded engine when
 needed), credentials, and the AES key (checked against the configured key fingerprint); and
 which profiles an embedded engine's data already holds."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,10 @@ def aes_key(cfg: Config) -> bytes:
         raise KeyFileError(f"no AES key file is configured in {cfg.path}; run 'privifs init'")
     key = load_aes_key(cfg.aes_key_file)
     if cfg.key_id and key_id(key) != cfg.key_id:
-        raise WrongKeyError(f"the AES key in {cfg.aes_key_file} is not the key this configuration was created "
-                            f"with (fingerprint {key_id(key)}, expected {cfg.key_id}); restore the right key file")
+        raise WrongKeyError(
+            f"the AES key in {cfg.aes_key_file} is not the key this configuration was created "
+            f"with (fingerprint {key_id(key)}, expected {cfg.key_id}); restore the right key file"
+        )
     return key
 
 
@@ -59,9 +62,11 @@ def open_account(cfg: Config):
     if cfg.embedded:
         data_dir = paths.embedded_engine_dir()
         if cfg.username not in embedded_usernames(data_dir):
-            raise ConfigError(f"the embedded engine's data in {data_dir} does not hold this vault (profile "
-                              f"{cfg.username}): restore it ('privifs restore FILE') or copy it back; privifs "
-                              f"does not start an empty vault in its place")
+            raise ConfigError(
+                f"the embedded engine's data in {data_dir} does not hold this vault (profile "
+                f"{cfg.username}): restore it ('privifs restore FILE') or copy it back; privifs "
+                f"does not start an empty vault in its place"
+            )
         engine = EmbeddedEngine(data_dir)
         urls = engine.ensure()
     else:

@@ -18,6 +18,7 @@ A backup of the embedded engine holds the engine's lock while it copies, so no e
 the database and blobs match. A restore writes nothing over an existing configuration, secret
 or engine database.
 """
+
 from __future__ import annotations
 
 import base64
@@ -59,8 +60,9 @@ class BackupError(ConfigError):
 def _derive(passphrase: str, kdf: dict) -> bytes:
     if kdf.get("name") != "scrypt":
         raise BackupError(f"this backup uses an unknown key derivation {kdf.get('name')!r}")
-    return Scrypt(salt=bytes.fromhex(kdf["salt"]), length=32, n=int(kdf["n"]), r=int(kdf["r"]),
-                  p=int(kdf["p"])).derive(passphrase.encode())
+    return Scrypt(salt=bytes.fromhex(kdf["salt"]), length=32, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"])).derive(
+        passphrase.encode()
+    )
 
 
 def check_passphrase(passphrase: str) -> str:
@@ -77,8 +79,10 @@ def engine_locked(data_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise BackupError(f"the embedded engine is running on {data_dir} (a mount or a token command); "
-                              f"unmount ('privifs umount DIR') and try again") from None
+            raise BackupError(
+                f"the embedded engine is running on {data_dir} (a mount or a token command); "
+                f"unmount ('privifs umount DIR') and try again"
+            ) from None
         yield
 
 
@@ -117,9 +121,19 @@ def _account_doc(cfg: Config) -> dict:
             secrets[name] = value
     if "aes.key" not in secrets:
         raise ConfigError(f"no AES key is configured in {cfg.path}; nothing to back up")
-    return {"server": {"embedded": cfg.embedded, "api": cfg.api, "ws": cfg.ws, "upstream": cfg.upstream,
-                       "downstream": cfg.downstream},
-            "username": cfg.username, "key_id": cfg.key_id, "mount": cfg.mount, "secrets": secrets}
+    return {
+        "server": {
+            "embedded": cfg.embedded,
+            "api": cfg.api,
+            "ws": cfg.ws,
+            "upstream": cfg.upstream,
+            "downstream": cfg.downstream,
+        },
+        "username": cfg.username,
+        "key_id": cfg.key_id,
+        "mount": cfg.mount,
+        "secrets": secrets,
+    }
 
 
 def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path, str]]]:
@@ -138,14 +152,17 @@ def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path,
         raise BackupError(f"cannot copy the engine's database {db}: {exc}") from None
     finally:
         src.close()
-    doc["engine"] = {name: _read(data_dir / name, f"engine's {name}")
-                     for name in ENGINE_SECRETS if (data_dir / name).exists()}
+    doc["engine"] = {
+        name: _read(data_dir / name, f"engine's {name}") for name in ENGINE_SECRETS if (data_dir / name).exists()
+    }
     blobs = []
     for blob_id in sorted(referenced):
         path = data_dir / "blobs" / blob_id[:2] / blob_id
         if not path.is_file():
-            raise BackupError(f"the engine's blob {path} is missing; the vault is damaged ('privifs verify' "
-                              f"tells which file); nothing was written")
+            raise BackupError(
+                f"the engine's blob {path} is missing; the vault is damaged ('privifs verify' "
+                f"tells which file); nothing was written"
+            )
         blobs.append((path, f"engine/blobs/{blob_id[:2]}/{blob_id}"))
     doc["blobs"] = {arc: path.stat().st_size for path, arc in blobs}
     return image, blobs
@@ -154,8 +171,9 @@ def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path,
 Progress = Callable[[int, int], None]
 
 
-def write_backup(cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | None = None,
-                 progress: Progress | None = None) -> Summary:
+def write_backup(
+    cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | None = None, progress: Progress | None = None
+) -> Summary:
     """Write a backup of ``cfg``'s account (and embedded engine) to ``out`` (which must not exist);
     ``progress(done, total)`` follows the bytes of data copied."""
     check_passphrase(passphrase)
@@ -165,9 +183,13 @@ def write_backup(cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | 
         raise BackupError(f"the directory {out.parent} does not exist")
     doc = _account_doc(cfg)
     engine_dir = engine_dir or paths.embedded_engine_dir()
-    header = {"format": FORMAT, "created": time.time(), "embedded": cfg.embedded,
-              "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "salt": os.urandom(16).hex()},
-              "cipher": {"name": "AES-256-GCM", "nonce": os.urandom(12).hex()}}
+    header = {
+        "format": FORMAT,
+        "created": time.time(),
+        "embedded": cfg.embedded,
+        "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "salt": os.urandom(16).hex()},
+        "cipher": {"name": "AES-256-GCM", "nonce": os.urandom(12).hex()},
+    }
     header_bytes = json.dumps(header, sort_keys=True).encode()
     key = _derive(passphrase, header["kdf"])
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
@@ -221,8 +243,9 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str
     if header.get("format") != FORMAT:
         raise BackupError(f"this backup has format {header.get('format')!r}; this privifs reads format {FORMAT}")
     try:
-        plain = AESGCM(_derive(passphrase, header["kdf"])).decrypt(bytes.fromhex(header["cipher"]["nonce"]),
-                                                                   sealed, header_bytes)
+        plain = AESGCM(_derive(passphrase, header["kdf"])).decrypt(
+            bytes.fromhex(header["cipher"]["nonce"]), sealed, header_bytes
+        )
     except InvalidTag:
         raise BackupError("wrong passphrase, or the backup is damaged") from None
     with tarfile.open(fileobj=io.BytesIO(plain)) as inner:
@@ -230,14 +253,17 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str
     return header, members
 
 
-def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Path | None = None,
-                   progress: Progress | None = None) -> Summary:
+def restore_backup(
+    src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Path | None = None, progress: Progress | None = None
+) -> Summary:
     """Rebuild the configuration, secrets and (embedded) engine data of a backup onto a machine
     that has none of them; a wrong passphrase, a damaged file or anything already in place stops
     it before it writes anything."""
     if cfg_path.exists():
-        raise BackupError(f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
-                          f"privifs never overwrites a configuration or a secret")
+        raise BackupError(
+            f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
+            f"privifs never overwrites a configuration or a secret"
+        )
     engine_dir = engine_dir or paths.embedded_engine_dir()
     try:
         tar = tarfile.open(src)
@@ -253,20 +279,26 @@ def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Pa
         for name, data in secrets.items():  # refuse before writing anything
             target = cfg_dir / name
             if target.exists() and target.read_bytes().strip() != data.strip():
-                raise BackupError(f"{target} already holds a different secret; privifs never overwrites a "
-                                  f"secret: move it away (or restore into a clean home)")
+                raise BackupError(
+                    f"{target} already holds a different secret; privifs never overwrites a "
+                    f"secret: move it away (or restore into a clean home)"
+                )
         embedded = bool(doc["server"].get("embedded"))
         blobs = doc.get("blobs", {})
         if embedded:
             if (engine_dir / "engine.sqlite3").exists():
-                raise BackupError(f"the embedded engine's data in {engine_dir} already holds a vault; move it "
-                                  f"away to restore this backup")
+                raise BackupError(
+                    f"the embedded engine's data in {engine_dir} already holds a vault; move it "
+                    f"away to restore this backup"
+                )
             with engine_locked(engine_dir):
                 seen = _restore_blobs(tar, engine_dir, blobs, progress)
                 missing = sorted(set(blobs) - seen)
                 if missing:
-                    raise BackupError(f"the backup lacks {len(missing)} of its {len(blobs)} data files "
-                                      f"(e.g. {missing[0]}); it is damaged")
+                    raise BackupError(
+                        f"the backup lacks {len(missing)} of its {len(blobs)} data files "
+                        f"(e.g. {missing[0]}); it is damaged"
+                    )
                 for name, value in doc.get("engine", {}).items():
                     if name in ENGINE_SECRETS:
                         place_secret(engine_dir / name, base64.b64decode(value), f"engine {name}")
@@ -274,9 +306,17 @@ def restore_backup(src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Pa
                 _write_private(db_tmp, members["engine.sqlite3"])
                 os.replace(db_tmp, engine_dir / "engine.sqlite3")
     paths.private_dir(cfg_dir)
-    cfg = Config(path=cfg_path, embedded=embedded, api=doc["server"].get("api"), ws=doc["server"].get("ws"),
-                 upstream=doc["server"].get("upstream"), downstream=doc["server"].get("downstream"),
-                 username=doc.get("username"), key_id=doc.get("key_id"), mount=dict(doc.get("mount") or {}))
+    cfg = Config(
+        path=cfg_path,
+        embedded=embedded,
+        api=doc["server"].get("api"),
+        ws=doc["server"].get("ws"),
+        upstream=doc["server"].get("upstream"),
+        downstream=doc["server"].get("downstream"),
+        username=doc.get("username"),
+        key_id=doc.get("key_id"),
+        mount=dict(doc.get("mount") or {}),
+    )
     for attr, name in SECRET_NAMES.items():
         if name in secrets:
             setattr(cfg, attr, place_secret(cfg_dir / name, secrets[name], name))
@@ -293,8 +333,9 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _restore_blobs(tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int],
-                   progress: Progress | None) -> set[str]:
+def _restore_blobs(
+    tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int], progress: Progress | None
+) -> set[str]:
     seen = set()
     total, done = sum(expected.values()), 0
     for member in tar:
@@ -302,8 +343,10 @@ def _restore_blobs(tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, i
         if m is None or not member.isfile() or member.name not in expected:
             continue
         if member.size != expected[member.name]:
-            raise BackupError(f"{member.name} in the backup has {member.size} bytes, not {expected[member.name]}; "
-                              f"the backup is damaged")
+            raise BackupError(
+                f"{member.name} in the backup has {member.size} bytes, not {expected[member.name]}; "
+                f"the backup is damaged"
+            )
         target_dir = paths.private_dir(engine_dir / "blobs" / m.group(1))
         target = target_dir / m.group(2)
         source = tar.extractfile(member)

@@ -7,6 +7,7 @@ only points at them. ``server.embedded = true`` means privifs runs its own local
 A secret file is never overwritten (:func:`place_secret`): an existing one with the same content
 is reused, one with other content makes the command stop and say so.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,12 @@ from privifs import paths
 from privifs.crypto.keys import write_secret_file
 from privifs.errors import ConfigError
 
-
-SECRET_NAMES = {"aes_key_file": "aes.key", "password_file": "password", "identity_key_file": "identity.key",
-                "oauth_file": "oauth.json"}
+SECRET_NAMES = {
+    "aes_key_file": "aes.key",
+    "password_file": "password",
+    "identity_key_file": "identity.key",
+    "oauth_file": "oauth.json",
+}
 
 
 def place_secret(path: Path, data: bytes, what: str) -> Path:
@@ -36,8 +40,10 @@ def place_secret(path: Path, data: bytes, what: str) -> Path:
     if existing is not None:
         if existing.strip() == data.strip():
             return path
-        raise ConfigError(f"{path} already holds a different {what}; privifs never overwrites a secret: "
-                          f"move it away first if you really mean to replace it")
+        raise ConfigError(
+            f"{path} already holds a different {what}; privifs never overwrites a secret: "
+            f"move it away first if you really mean to replace it"
+        )
     try:
         write_secret_file(path, data)
     except FileExistsError:
@@ -92,8 +98,10 @@ def load(path: Path | None = None) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"no configuration at {path}; run 'privifs init' first (or mount with no "
-                          f"configuration to use the embedded engine)") from None
+        raise ConfigError(
+            f"no configuration at {path}; run 'privifs init' first (or mount with no "
+            f"configuration to use the embedded engine)"
+        ) from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read the configuration {path}: {exc}") from None
     server, account, keys = raw.get("server", {}), raw.get("account", {}), raw.get("keys", {})
@@ -101,12 +109,21 @@ def load(path: Path | None = None) -> Config:
     def p(v: object) -> Path | None:
         return Path(str(v)).expanduser() if v else None
 
-    return Config(path=path, embedded=bool(server.get("embedded", False)), api=server.get("api"),
-                  ws=server.get("ws"), upstream=server.get("upstream"), downstream=server.get("downstream"),
-                  username=account.get("username"), password_file=p(account.get("password_file")),
-                  oauth_file=p(account.get("oauth_file")), aes_key_file=p(keys.get("aes_key_file")),
-                  identity_key_file=p(keys.get("identity_key_file")), key_id=keys.get("key_id"),
-                  mount=dict(raw.get("mount", {})))
+    return Config(
+        path=path,
+        embedded=bool(server.get("embedded", False)),
+        api=server.get("api"),
+        ws=server.get("ws"),
+        upstream=server.get("upstream"),
+        downstream=server.get("downstream"),
+        username=account.get("username"),
+        password_file=p(account.get("password_file")),
+        oauth_file=p(account.get("oauth_file")),
+        aes_key_file=p(keys.get("aes_key_file")),
+        identity_key_file=p(keys.get("identity_key_file")),
+        key_id=keys.get("key_id"),
+        mount=dict(raw.get("mount", {})),
+    )
 
 
 def _toml_value(v: object) -> str:
@@ -119,8 +136,13 @@ def _toml_value(v: object) -> str:
 
 def save(cfg: Config) -> None:
     sections = {
-        "server": {"embedded": cfg.embedded, "api": cfg.api, "ws": cfg.ws, "upstream": cfg.upstream,
-                   "downstream": cfg.downstream},
+        "server": {
+            "embedded": cfg.embedded,
+            "api": cfg.api,
+            "ws": cfg.ws,
+            "upstream": cfg.upstream,
+            "downstream": cfg.downstream,
+        },
         "account": {"username": cfg.username, "password_file": cfg.password_file, "oauth_file": cfg.oauth_file},
         "keys": {"aes_key_file": cfg.aes_key_file, "identity_key_file": cfg.identity_key_file, "key_id": cfg.key_id},
         "mount": cfg.mount,

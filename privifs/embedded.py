@@ -10,6 +10,7 @@ started it (``PR_SET_PDEATHSIG``), so a killed mount leaves no orphan; its data 
 crashed, was killed, or the other process that owned it stopped it), a watcher thread logs why and
 starts it again on the same ports and data directory, so the URLs the caller holds keep working.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -114,8 +115,9 @@ class EmbeddedEngine:
             if code is None:
                 return None
             last = self._last_log_line()
-            return (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}") + \
-                f" (pid {proc.pid}{'; its last log line: ' + last if last else ''})"
+            return (
+                f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            ) + f" (pid {proc.pid}{'; its last log line: ' + last if last else ''})"
         if self._locked_by_other():
             return None  # another process's engine, still running
         return "started by another process has stopped"
@@ -142,8 +144,12 @@ class EmbeddedEngine:
                 with self._lock:
                     if self._stopping.is_set():
                         return
-                    log.warning("the embedded engine %s; starting it again on %s (its log: %s)", why,
-                                self.urls.get("api") if self.urls else "new ports", self.data_dir / "engine.log")
+                    log.warning(
+                        "the embedded engine %s; starting it again on %s (its log: %s)",
+                        why,
+                        self.urls.get("api") if self.urls else "new ports",
+                        self.data_dir / "engine.log",
+                    )
                     running = self.running_urls()  # another mount may have restarted it already
                     if running is not None and running == self.urls:
                         self.process = None

@@ -6,6 +6,7 @@ free port) in its own session, its output appended to a log file, and waits for 
 engine writes once all its servers listen; the ports it got are kept, so a restart reuses them.
 :meth:`EngineProcess.stop` sends SIGTERM and, past a timeout, SIGKILL to its process group.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -48,10 +49,18 @@ class EngineProcess:
     directory; ``settings`` are engine options passed as ``--set name=value``; with
     ``die_with_parent`` the engine gets SIGTERM when the thread that started it ends."""
 
-    def __init__(self, data_dir: Path, *, ports: dict[str, int] | None = None,
-                 settings: dict[str, Any] | None = None, urls_file: Path | None = None,
-                 log_path: Path | None = None, die_with_parent: bool = False, what: str = "the engine",
-                 start_timeout: float = START_TIMEOUT):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        ports: dict[str, int] | None = None,
+        settings: dict[str, Any] | None = None,
+        urls_file: Path | None = None,
+        log_path: Path | None = None,
+        die_with_parent: bool = False,
+        what: str = "the engine",
+        start_timeout: float = START_TIMEOUT,
+    ):
         self.data_dir = data_dir
         self.ports = dict(ports) if ports else {name: 0 for name in SERVERS}
         self.settings = settings or {}
@@ -65,9 +74,22 @@ class EngineProcess:
 
     def command(self) -> list[str]:
         p = self.ports
-        cmd = [sys.executable, "-m", "privifs", "engine", "--data-dir", str(self.data_dir),
-               "--api-port", str(p["api"]), "--ws-port", str(p["ws"]), "--upstream-port", str(p["upstream"]),
-               "--downstream-port", str(p["downstream"])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "privifs",
+            "engine",
+            "--data-dir",
+            str(self.data_dir),
+            "--api-port",
+            str(p["api"]),
+            "--ws-port",
+            str(p["ws"]),
+            "--upstream-port",
+            str(p["upstream"]),
+            "--downstream-port",
+            str(p["downstream"]),
+        ]
         if self.urls_file != self.data_dir / "urls.json":  # the engine always writes that one
             cmd += ["--urls-file", str(self.urls_file)]
         for k, v in self.settings.items():
@@ -78,14 +100,21 @@ class EngineProcess:
         """Start the engine and wait until it serves; its URLs are then in :attr:`urls`."""
         self.urls_file.unlink(missing_ok=True)
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=die_with_parent if self.die_with_parent else None)
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
+            )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise EngineStartFailed(f"{self.what} exited at start (code {self.proc.returncode}); "
-                                        f"see {self.log_path}", self.log()[-2000:])
+                raise EngineStartFailed(
+                    f"{self.what} exited at start (code {self.proc.returncode}); see {self.log_path}",
+                    self.log()[-2000:],
+                )
             try:
                 self.urls = json.loads(self.urls_file.read_text())
             except (OSError, ValueError):
@@ -94,8 +123,9 @@ class EngineProcess:
             self.ports = {name: int(self.urls[name].rsplit(":", 1)[1]) for name in SERVERS}
             return self
         self.stop()
-        raise EngineStartFailed(f"{self.what} did not start within {self.start_timeout:.0f}s; "
-                                f"see {self.log_path}", self.log()[-2000:])
+        raise EngineStartFailed(
+            f"{self.what} did not start within {self.start_timeout:.0f}s; see {self.log_path}", self.log()[-2000:]
+        )
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

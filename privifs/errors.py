@@ -6,6 +6,7 @@ backoff) so retry policy is decided in one place. Errors carry no errno: the FUS
 the errno from the error's type, in one table (:mod:`privifs.fs.errnos`). A command the server
 rejects becomes the error its reason key stands for (:func:`rejected_command`, one table).
 """
+
 from __future__ import annotations
 
 
@@ -95,8 +96,9 @@ class ConflictError(VaultError):
 class RequestRejected(VaultError):
     """The server refused the request's parameters (HTTP 422)."""
 
-    def __init__(self, message: str, *, status: int | None = 422, fields: dict | None = None,
-                 reason: str | None = None):
+    def __init__(
+        self, message: str, *, status: int | None = 422, fields: dict | None = None, reason: str | None = None
+    ):
         super().__init__(message, status=status, reason=reason)
         self.fields = fields or {}
 
@@ -154,7 +156,7 @@ class single_error:
     """Context manager: re-raise the one exception inside a trio exception group as itself, so
     callers can catch the errors of this hierarchy by type through nurseries."""
 
-    def __enter__(self) -> "single_error":
+    def __enter__(self) -> single_error:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

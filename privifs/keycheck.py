@@ -6,6 +6,7 @@ an authentication failure proves the key is wrong before anything is written wit
 without a key check gets one, unless its own files show the key is wrong. ``mount``, ``init``
 and every ``token`` command go through here, so no command can write with a foreign key.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -27,8 +28,10 @@ async def _verify_check(vault: Vault, check: TokenInfo) -> None:
     try:
         data = await vault.get_bytes(check.token)
     except IntegrityError:
-        raise WrongKeyError("the configured AES key does not decrypt this vault (its key-check token "
-                            "fails authentication); use the key this vault was created with") from None
+        raise WrongKeyError(
+            "the configured AES key does not decrypt this vault (its key-check token "
+            "fails authentication); use the key this vault was created with"
+        ) from None
     if not data.startswith(KEYCHECK_MAGIC):
         raise WrongKeyError("this vault's key-check token holds unexpected content")
 
@@ -40,8 +43,9 @@ async def check_key(vault: Vault, infos: list[TokenInfo]) -> None:
     if checks:
         await _verify_check(vault, checks[0])
         return
-    ours = sorted((i for i in infos if "privifs.type" in i.risk and (i.size or 0) <= 65536),
-                  key=lambda i: i.size or 0)[:3]
+    ours = sorted((i for i in infos if "privifs.type" in i.risk and (i.size or 0) <= 65536), key=lambda i: i.size or 0)[
+        :3
+    ]
     if ours:
         failures = 0
         for info in ours:
@@ -50,10 +54,13 @@ async def check_key(vault: Vault, infos: list[TokenInfo]) -> None:
             except IntegrityError:
                 failures += 1
         if failures == len(ours):
-            raise WrongKeyError("the configured AES key decrypts none of this vault's files; use the key "
-                                "this vault was created with")
-    await vault.put_bytes(KEYCHECK_MAGIC + secrets.token_bytes(32),
-                          FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"))
+            raise WrongKeyError(
+                "the configured AES key decrypts none of this vault's files; use the key this vault was created with"
+            )
+    await vault.put_bytes(
+        KEYCHECK_MAGIC + secrets.token_bytes(32),
+        FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"),
+    )
 
 
 async def verify_key(client, vault: Vault) -> None:

@@ -6,6 +6,7 @@
 * cache (``~/.cache/privifs``): the encrypted read cache
 * runtime (``$XDG_RUNTIME_DIR/privifs`` or the state dir): control sockets of running mounts
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ propagates: only unmounting ends a supervised task.
 
 This module is a leaf: it knows nothing of the filesystem or the client, so both can use it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,13 @@ class TaskHealth:
     running: bool = False
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "failures": self.failures, "last_error": self.last_error,
-                "last_error_at": self.last_error_at, "running": self.running}
+        return {
+            "name": self.name,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "running": self.running,
+        }
 
 
 def describe(exc: BaseException) -> str:
@@ -99,8 +105,14 @@ class Supervisor:
     def start_soon(self, nursery: trio.Nursery, name: str, fn: Callable[..., Awaitable[object]], *args) -> None:
         nursery.start_soon(functools.partial(self.run, name, fn, *args), name=name)
 
-    async def run(self, name: str, fn: Callable[..., Awaitable[object]], *args,
-                  task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED, startable: bool = False) -> None:
+    async def run(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[object]],
+        *args,
+        task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+        startable: bool = False,
+    ) -> None:
         """Run ``fn(*args)`` for ever: restart it when it raises or returns. With ``startable``,
         ``fn`` takes ``task_status`` (``nursery.start`` semantics) and errors before its first
         ``started()`` propagate; otherwise the task counts as started at once."""
@@ -119,7 +131,7 @@ class Supervisor:
                     await fn(*args)
                 log.error("%s ended by itself; restarting it", name)
                 self._record(name, "ended unexpectedly")
-            except Exception as exc:  # noqa: BLE001 - the point of this class; cancellation still propagates
+            except Exception as exc:
                 if not once.done:
                     raise
                 self.failed(name, exc, f"failed unexpectedly; restarting in {backoff:.0f}s")

@@ -13,6 +13,7 @@ each contender as ratios (docs/benchmarks.png); ``--quick`` is a smoke test with
 whose report goes to /var/tmp. Run it with ``scripts/bench``. Nothing is left mounted, running or
 on disk afterwards.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -135,8 +136,12 @@ class Passthrough(Contender):
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([PY, str(self.script), str(self.src), str(self.mnt)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [PY, str(self.script), str(self.src), str(self.mnt)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         wait_mounted(self.mnt, self.proc)
 
     def stop(self) -> None:
@@ -151,6 +156,7 @@ class Passthrough(Contender):
 
     def version(self) -> str:
         import pyfuse3
+
         return f"pyfuse3 {pyfuse3.__version__ if hasattr(pyfuse3, '__version__') else ''} examples/passthroughfs.py"
 
 
@@ -192,16 +198,33 @@ class Rclone(Contender):
         self.cache = self.work / "cache"
         self.conf = self.work / "rclone.conf"
         obscured = sh("rclone", "obscure", "benchmark-passphrase").stdout.strip()
-        self.conf.write_text(f"[local]\ntype = local\n\n[crypt]\ntype = crypt\nremote = local:{self.remote}\n"
-                             f"password = {obscured}\n")
+        self.conf.write_text(
+            f"[local]\ntype = local\n\n[crypt]\ntype = crypt\nremote = local:{self.remote}\npassword = {obscured}\n"
+        )
         self.proc: subprocess.Popen | None = None
         self.rc_port = _free_port()
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["rclone", "--config", str(self.conf), "mount", "crypt:", str(self.mnt), "--vfs-cache-mode", "full",
-             "--cache-dir", str(self.cache), "--rc", "--rc-no-auth", f"--rc-addr=127.0.0.1:{self.rc_port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                "rclone",
+                "--config",
+                str(self.conf),
+                "mount",
+                "crypt:",
+                str(self.mnt),
+                "--vfs-cache-mode",
+                "full",
+                "--cache-dir",
+                str(self.cache),
+                "--rc",
+                "--rc-no-auth",
+                f"--rc-addr=127.0.0.1:{self.rc_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         wait_mounted(self.mnt, self.proc)
 
     def stop(self) -> None:
@@ -263,6 +286,7 @@ class Privifs(Contender):
 
     def settle(self) -> None:
         from privifs.fs.daemon import control_request
+
         answer = list(control_request(self._entry(), {"cmd": "flush", "timeout": WAIT}, timeout=WAIT + 30))
         if not answer[-1].get("done"):
             raise RuntimeError(f"privifs did not finish uploading: {answer[-1]}")
@@ -292,6 +316,7 @@ class Privifs(Contender):
 
 def _free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -399,8 +424,19 @@ def ls_lr(root: Path) -> None:
 
 
 def fio_randread(path: Path, seconds: int, size_mib: int) -> float:
-    r = sh("fio", "--name=randread", f"--filename={path}", "--rw=randread", "--bs=4k", f"--size={size_mib}M",
-           "--ioengine=psync", f"--runtime={seconds}", "--time_based", "--output-format=json", timeout=seconds + 120)
+    r = sh(
+        "fio",
+        "--name=randread",
+        f"--filename={path}",
+        "--rw=randread",
+        "--bs=4k",
+        f"--size={size_mib}M",
+        "--ioengine=psync",
+        f"--runtime={seconds}",
+        "--time_based",
+        "--output-format=json",
+        timeout=seconds + 120,
+    )
     return json.loads(r.stdout)["jobs"][0]["read"]["iops"]
 
 
@@ -441,7 +477,7 @@ class DirPeak:
             if self._stop.wait(0.1):
                 return
 
-    def __enter__(self) -> "DirPeak":
+    def __enter__(self) -> DirPeak:
         self._t.start()
         return self
 
@@ -478,7 +514,7 @@ class RssWatch:
                     pass
             self._stop.wait(0.1)
 
-    def __enter__(self) -> "RssWatch":
+    def __enter__(self) -> RssWatch:
         self._t.start()
         return self
 
@@ -515,6 +551,7 @@ def workload(name: str):
     def register(fn):
         WORKLOADS[name] = fn
         return fn
+
     return register
 
 
@@ -564,8 +601,13 @@ def w_cache(x: Ctx, run: int) -> None:
     size during the reads, and how much the engine served (its blob reads) on each read."""
     c = x.c
     if not isinstance(c, Privifs):
-        x.na("cache_read_MBps", "cache_peak_MiB", "cache_first_fetch_MiB", "cache_second_fetch_MiB",
-             why="privifs's --cache-size only")
+        x.na(
+            "cache_read_MBps",
+            "cache_peak_MiB",
+            "cache_first_fetch_MiB",
+            "cache_second_fetch_MiB",
+            why="privifs's --cache-size only",
+        )
         return
     mib = x.args.cache_file_mib
     target = c.mnt / "cached.bin"
@@ -737,9 +779,11 @@ def w_untar(x: Ctx, run: int) -> None:
     dest = c.mnt / f"untar{run}"  # a fresh tree per run; all go with the contender
     dest.mkdir()
     x.add("untar_s", timed(lambda: sh("tar", "-xf", x.tarball, "-C", dest)))
-    git = lambda: (sh("git", "init", "-q", dest), sh("git", "-C", dest, "add", "-A"),  # noqa: E731
-                   sh("git", "-C", dest, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q",
-                      "-m", "bench"))
+    git = lambda: (
+        sh("git", "init", "-q", dest),
+        sh("git", "-C", dest, "add", "-A"),  # noqa: E731
+        sh("git", "-C", dest, "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-q", "-m", "bench"),
+    )
     x.add("git_add_commit_s", timed(git))
     c.settle()
 
@@ -815,10 +859,21 @@ TARGETS = [
     ("1 GiB cold sequential read ≥ gocryptfs", "cold_read_MBps", GOCRYPTFS, "ratio", 1.0),
     ("1 GiB write until durable in the vault ≥ gocryptfs", "write_MBps", GOCRYPTFS, "ratio", 1.0),
     ("4 GiB file read with --cache-size 1G: cache ≤ 1 GiB", "cache_peak_MiB", None, "le", 1024.0),
-    ("small commits, 100 MiB SQLite db (rollback journal), default fsync ≥ 10/s", "sqlite_delete_cps", None,
-     "ge", 10.0),
-    ("same with --fsync local ≥ 50 % of local disk", "sqlite_delete_local_cps", LOCAL, "ratio", 0.5,
-     "sqlite_delete_cps"),
+    (
+        "small commits, 100 MiB SQLite db (rollback journal), default fsync ≥ 10/s",
+        "sqlite_delete_cps",
+        None,
+        "ge",
+        10.0,
+    ),
+    (
+        "same with --fsync local ≥ 50 % of local disk",
+        "sqlite_delete_local_cps",
+        LOCAL,
+        "ratio",
+        0.5,
+        "sqlite_delete_cps",
+    ),
     ("5,000 small files created, then drained to the vault ≥ 400 files/s", "drain_fps", None, "ge", 400.0),
     ("untar ≤ gocryptfs", "untar_s", GOCRYPTFS, "time", 1.0),
     ("git add + commit ≤ gocryptfs", "git_add_commit_s", GOCRYPTFS, "time", 1.0),
@@ -866,8 +921,18 @@ def targets_table(results: dict) -> str:
     return "\n".join(rows)
 
 
-def report(results: dict, versions: dict, args, started: float, elapsed: float, out_md: Path, out_png: Path,
-           command: str = "", conditions: list[str] | None = None, machine: str = "") -> str:
+def report(
+    results: dict,
+    versions: dict,
+    args,
+    started: float,
+    elapsed: float,
+    out_md: Path,
+    out_png: Path,
+    command: str = "",
+    conditions: list[str] | None = None,
+    machine: str = "",
+) -> str:
     command = command or " ".join(["scripts/bench", *sys.argv[1:]])
     names = list(results)
     lines = ["| workload | unit | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
@@ -889,24 +954,34 @@ def report(results: dict, versions: dict, args, started: float, elapsed: float, 
     _chart(results, out_png)
     machine = machine or this_machine()
     md = [
-        "# Benchmarks", "",
+        "# Benchmarks",
+        "",
         "Produced by `scripts/bench` (the numbers below are replaced on every run; the text around them",
         "is kept in scripts/bench.py). Each figure is the median of "
         f"{args.runs} runs, with min–max in brackets; all contenders ran in the same run, on the same machine.",
-        "", f"* run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {elapsed / 60:.1f} minutes in all",
+        "",
+        f"* run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, {elapsed / 60:.1f} minutes in all",
         f"* machine: {machine}",
         "* versions: " + "; ".join(f"{k}: {v}" for k, v in versions.items()),
         f"* command: `{command}`",
         *(conditions or []),
-        "", "## Results", "",
+        "",
+        "## Results",
+        "",
         "n/a: the workload does not apply to that contender (the reason is in the JSON); –: not measured;",
-        "workloads this run did not include have no row.", "",
-        table, "",
-        "![privifs against each contender (ratio; above 1 means privifs is better)](benchmarks.png)", "",
-        "## Targets", "",
+        "workloads this run did not include have no row.",
+        "",
+        table,
+        "",
+        "![privifs against each contender (ratio; above 1 means privifs is better)](benchmarks.png)",
+        "",
+        "## Targets",
+        "",
         "Issue 15's targets, judged on the medians above (privifs against the named contender, same run,",
-        f"same machine); the raw figures of every run are in `{out_md.with_suffix('.json').name}`.", "",
-        targets_table(results), "",
+        f"same machine); the raw figures of every run are in `{out_md.with_suffix('.json').name}`.",
+        "",
+        targets_table(results),
+        "",
     ]
     out_md.write_text("\n".join(md) + "\n" + _notes())
     return table
@@ -915,8 +990,10 @@ def report(results: dict, versions: dict, args, started: float, elapsed: float, 
 def this_machine() -> str:
     cpu = platform.processor() or _cpu_model()
     mem = psutil.virtual_memory().total / 2**30
-    return (f"{psutil.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{psutil.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def _saved_machine(saved: dict, out_md: Path) -> str:
@@ -947,6 +1024,7 @@ def _notes() -> str:
 
 def _chart(results: dict, out_png: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -987,6 +1065,7 @@ def _chart(results: dict, out_png: Path) -> None:
 def make_tarball(work: Path, quick: bool = False) -> Path:
     """The Python standard library as a tar (with --quick, four of its packages)."""
     import sysconfig
+
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tarball = work / "stdlib.tar"
     skip = lambda ti: None if "__pycache__" in ti.name or "site-packages" in ti.name else ti  # noqa: E731
@@ -998,6 +1077,7 @@ def make_tarball(work: Path, quick: bool = False) -> Path:
 
 def passthrough_script(work: Path) -> Path:
     import pyfuse3
+
     version = getattr(pyfuse3, "__version__", None) or __import__("importlib.metadata").metadata.version("pyfuse3")
     sh(PY, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "pyfuse3", f"pyfuse3=={version}", "-d", work)
     sdist = next(work.glob("pyfuse3-*.tar.gz"))
@@ -1008,10 +1088,32 @@ def passthrough_script(work: Path) -> Path:
     return work / "passthroughfs.py"
 
 
-QUICK = {"runs": 1, "big_mib": 64, "huge_mib": 128, "cache_file_mib": 192, "cache_size": "64M", "sqlite_mib": 8,
-         "commit_seconds": 2.0, "small_files": 300, "drain_files": 300, "fio_seconds": 2, "fio_mib": 32}
-FULL = {"runs": 3, "big_mib": 1024, "huge_mib": 2048, "cache_file_mib": 4096, "cache_size": "1G", "sqlite_mib": 100,
-        "commit_seconds": 10.0, "small_files": 5000, "drain_files": 5000, "fio_seconds": 5, "fio_mib": 256}
+QUICK = {
+    "runs": 1,
+    "big_mib": 64,
+    "huge_mib": 128,
+    "cache_file_mib": 192,
+    "cache_size": "64M",
+    "sqlite_mib": 8,
+    "commit_seconds": 2.0,
+    "small_files": 300,
+    "drain_files": 300,
+    "fio_seconds": 2,
+    "fio_mib": 32,
+}
+FULL = {
+    "runs": 3,
+    "big_mib": 1024,
+    "huge_mib": 2048,
+    "cache_file_mib": 4096,
+    "cache_size": "1G",
+    "sqlite_mib": 100,
+    "commit_seconds": 10.0,
+    "small_files": 5000,
+    "drain_files": 5000,
+    "fio_seconds": 5,
+    "fio_mib": 256,
+}
 CONTENDERS = ["local disk", "pyfuse3 passthrough", "gocryptfs", "rclone crypt", "privifs"]
 
 
@@ -1028,19 +1130,36 @@ def _names(values: list[str] | None, known: list[str], what: str) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")),
-                    help="small sizes and one run (also BENCH_QUICK=1): a smoke test in a few minutes; the report "
-                         "goes to /var/tmp/privifs-bench-quick.md unless --out is given")
-    ap.add_argument("--only", action="append", metavar="WORKLOAD,...",
-                    help=f"run only these workloads (of: {', '.join(WORKLOADS)})")
-    ap.add_argument("--contender", action="append", metavar="NAME,...",
-                    help=f"run only these contenders (of: {', '.join(CONTENDERS)})")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        default=bool(os.environ.get("BENCH_QUICK")),
+        help="small sizes and one run (also BENCH_QUICK=1): a smoke test in a few minutes; the report "
+        "goes to /var/tmp/privifs-bench-quick.md unless --out is given",
+    )
+    ap.add_argument(
+        "--only", action="append", metavar="WORKLOAD,...", help=f"run only these workloads (of: {', '.join(WORKLOADS)})"
+    )
+    ap.add_argument(
+        "--contender",
+        action="append",
+        metavar="NAME,...",
+        help=f"run only these contenders (of: {', '.join(CONTENDERS)})",
+    )
     for key, value in FULL.items():
-        ap.add_argument("--" + key.replace("_", "-"), type=type(value), default=None,
-                        help=f"default {value} ({QUICK[key]} with --quick)")
+        ap.add_argument(
+            "--" + key.replace("_", "-"),
+            type=type(value),
+            default=None,
+            help=f"default {value} ({QUICK[key]} with --quick)",
+        )
     ap.add_argument("--out", type=Path, default=None, help="the report (default docs/benchmarks.md)")
-    ap.add_argument("--report-from", type=Path, metavar="JSON",
-                    help="only rewrite the report from raw figures saved by an earlier run (docs/benchmarks.json)")
+    ap.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="only rewrite the report from raw figures saved by an earlier run (docs/benchmarks.json)",
+    )
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -1054,16 +1173,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def conditions(args, load_start: tuple, load_end: tuple) -> list[str]:
     """What a reader needs to judge the figures: the sizes, quick or full, and how busy the machine was."""
-    sizes = (f"* sizes: big file {args.big_mib} MiB, seek file {args.huge_mib} MiB, {args.cache_file_mib} MiB file "
-             f"with --cache-size {args.cache_size}, SQLite {args.sqlite_mib} MiB for {args.commit_seconds:g} s per "
-             f"mode, {args.small_files} small files, {args.drain_files} drained, fio {args.fio_mib} MiB for "
-             f"{args.fio_seconds} s; workloads: {', '.join(args.only)}")
-    load = (f"* load average (1, 5, 15 min) at the start: {', '.join(f'{v:.2f}' for v in load_start)}; "
-            f"at the end: {', '.join(f'{v:.2f}' for v in load_end)}")
+    sizes = (
+        f"* sizes: big file {args.big_mib} MiB, seek file {args.huge_mib} MiB, {args.cache_file_mib} MiB file "
+        f"with --cache-size {args.cache_size}, SQLite {args.sqlite_mib} MiB for {args.commit_seconds:g} s per "
+        f"mode, {args.small_files} small files, {args.drain_files} drained, fio {args.fio_mib} MiB for "
+        f"{args.fio_seconds} s; workloads: {', '.join(args.only)}"
+    )
+    load = (
+        f"* load average (1, 5, 15 min) at the start: {', '.join(f'{v:.2f}' for v in load_start)}; "
+        f"at the end: {', '.join(f'{v:.2f}' for v in load_end)}"
+    )
     out = [sizes, load]
     if args.quick:
-        out.append("* **--quick: a smoke test with small sizes and one run; not comparable to a full run and "
-                   "not to be quoted as a benchmark.**")
+        out.append(
+            "* **--quick: a smoke test with small sizes and one run; not comparable to a full run and "
+            "not to be quoted as a benchmark.**"
+        )
     return out
 
 
@@ -1072,12 +1197,25 @@ def main() -> None:
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
         args.runs = saved["runs"]
-        legacy = ["* these figures come from the script as it was before issue 15's workloads were added: those "
-                  "workloads have no row (their targets say not measured), the RSS rows cover only the 1 GiB write "
-                  "and read, the contenders ran one after another and the load was not recorded"]
-        print(report(saved["results"], saved["versions"], args, saved["started"], saved["elapsed_s"], args.out,
-                     args.out.with_suffix(".png"), saved["command"], saved.get("conditions", legacy),
-                     _saved_machine(saved, args.out)))
+        legacy = [
+            "* these figures come from the script as it was before issue 15's workloads were added: those "
+            "workloads have no row (their targets say not measured), the RSS rows cover only the 1 GiB write "
+            "and read, the contenders ran one after another and the load was not recorded"
+        ]
+        print(
+            report(
+                saved["results"],
+                saved["versions"],
+                args,
+                saved["started"],
+                saved["elapsed_s"],
+                args.out,
+                args.out.with_suffix(".png"),
+                saved["command"],
+                saved.get("conditions", legacy),
+                _saved_machine(saved, args.out),
+            )
+        )
         return
     # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the cleanup below still unmounts all.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1089,9 +1227,13 @@ def main() -> None:
     versions: dict = {}
     try:
         tarball = make_tarball(work, args.quick)
-        makers = {"local disk": lambda: Local(work), "pyfuse3 passthrough": lambda: Passthrough(work, script),
-                  "gocryptfs": lambda: Gocryptfs(work), "rclone crypt": lambda: Rclone(work),
-                  "privifs": lambda: Privifs(work)}
+        makers = {
+            "local disk": lambda: Local(work),
+            "pyfuse3 passthrough": lambda: Passthrough(work, script),
+            "gocryptfs": lambda: Gocryptfs(work),
+            "rclone crypt": lambda: Rclone(work),
+            "privifs": lambda: Privifs(work),
+        }
         script = passthrough_script(work) if "pyfuse3 passthrough" in args.contender else None
         for name in args.contender:
             c = makers[name]()
@@ -1110,9 +1252,22 @@ def main() -> None:
     elapsed = time.time() - started
     command = " ".join(["scripts/bench", *sys.argv[1:]])
     conds = conditions(args, load_start, os.getloadavg())
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"command": command, "runs": args.runs, "started": started, "elapsed_s": elapsed, "versions": versions,
-         "conditions": conds, "machine": this_machine(), "results": results}, indent=1) + "\n")
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "runs": args.runs,
+                "started": started,
+                "elapsed_s": elapsed,
+                "versions": versions,
+                "conditions": conds,
+                "machine": this_machine(),
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     table = report(results, versions, args, started, elapsed, args.out, args.out.with_suffix(".png"), command, conds)
     print(table)
     print(f"\nwritten to {args.out} and {args.out.with_suffix('.png')} in {(time.time() - started) / 60:.1f} minutes")

@@ -6,6 +6,7 @@ not a test.
 
     .venv/bin/python scripts/measure_client_transfer.py [--mib 1024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ CHUNK = 1024 * 1024
 
 def run_measured(env: dict, args: list[str]) -> tuple[float, int, str]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "privifs", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "privifs", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -51,13 +53,25 @@ def main() -> None:
         eng = EngineProcess(tmp / "engine").start()
         try:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("PRIVICORE_", "XDG_"))}
-            env.update(XDG_CONFIG_HOME=str(tmp / "cfg"), XDG_STATE_HOME=str(tmp / "state"),
-                       XDG_CACHE_HOME=str(tmp / "cache"), XDG_DATA_HOME=str(tmp / "data"),
-                       PRIVICORE_API_URL=eng.urls["api"], PRIVICORE_WS_URL=eng.urls["ws"],
-                       PRIVICORE_UPSTREAM_URL=eng.urls["upstream"], PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
-                       PRIVICORE_USERNAME="bench@example.com", PRIVICORE_PASSWORD="correct-horse-battery")
-            subprocess.run([sys.executable, "-m", "privifs", "init", "--register"], env=env, check=True,
-                           capture_output=True, timeout=120)
+            env.update(
+                XDG_CONFIG_HOME=str(tmp / "cfg"),
+                XDG_STATE_HOME=str(tmp / "state"),
+                XDG_CACHE_HOME=str(tmp / "cache"),
+                XDG_DATA_HOME=str(tmp / "data"),
+                PRIVICORE_API_URL=eng.urls["api"],
+                PRIVICORE_WS_URL=eng.urls["ws"],
+                PRIVICORE_UPSTREAM_URL=eng.urls["upstream"],
+                PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
+                PRIVICORE_USERNAME="bench@example.com",
+                PRIVICORE_PASSWORD="correct-horse-battery",
+            )
+            subprocess.run(
+                [sys.executable, "-m", "privifs", "init", "--register"],
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             src = tmp / "src.bin"
             block = os.urandom(CHUNK)
             digest = hashlib.sha256()
@@ -77,10 +91,14 @@ def main() -> None:
             assert back.digest() == digest.digest(), "the file came back different"
             mib = args.mib
             print(f"payload              {mib} MiB")
-            print(f"privifs token put    {put_s:6.2f} s  {mib / put_s:7.1f} MiB/s  peak RSS {put_peak / 2**20:6.1f} MiB"
-                  f"  (+{(put_peak - idle) / 2**20:.1f} MiB over idle)")
-            print(f"privifs token get    {get_s:6.2f} s  {mib / get_s:7.1f} MiB/s  peak RSS {get_peak / 2**20:6.1f} MiB"
-                  f"  (+{(get_peak - idle) / 2**20:.1f} MiB over idle)")
+            print(
+                f"privifs token put    {put_s:6.2f} s  {mib / put_s:7.1f} MiB/s  peak RSS {put_peak / 2**20:6.1f} MiB"
+                f"  (+{(put_peak - idle) / 2**20:.1f} MiB over idle)"
+            )
+            print(
+                f"privifs token get    {get_s:6.2f} s  {mib / get_s:7.1f} MiB/s  peak RSS {get_peak / 2**20:6.1f} MiB"
+                f"  (+{(get_peak - idle) / 2**20:.1f} MiB over idle)"
+            )
             print(f"client idle RSS      {idle / 2**20:6.1f} MiB (privifs token ls)")
             print("checksum             identical")
         finally:

@@ -15,6 +15,7 @@ the embedded engine in a temporary directory (as ``scripts/bench`` does). A meas
 test; needs root for ``drop_caches``. Usage:
 ``.venv/bin/python scripts/measure_cold_read.py [--mib 1024] [--runs 3] [--variants honest,no-drop,keep-cache]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+import bench
 
 VARIANTS = ("honest", "no-drop", "keep-cache")
 
@@ -89,10 +90,13 @@ def main() -> None:
                 t2 = time.perf_counter()
                 served = (bench.proc_rchar(pids.get("engine")) - read0) / bench.MiB
                 cpu = cpu_seconds(list(pids.values())) - cpu0
-                print(f"{variant:10s} before: blobs in page cache {resident:5.0f} MiB, content cache {cached:5.0f} MiB"
-                      f" | first byte {t1 - t0:5.2f} s, rest {t2 - t1:5.2f} s, total {t2 - t0:5.2f} s,"
-                      f" {n / (t2 - t0) / 1e6:4.0f} MB/s | engine read {served:5.0f} MiB"
-                      f" | daemon+engine CPU {cpu:5.2f} s | load {os.getloadavg()[0]:.2f}", flush=True)
+                print(
+                    f"{variant:10s} before: blobs in page cache {resident:5.0f} MiB, content cache {cached:5.0f} MiB"
+                    f" | first byte {t1 - t0:5.2f} s, rest {t2 - t1:5.2f} s, total {t2 - t0:5.2f} s,"
+                    f" {n / (t2 - t0) / 1e6:4.0f} MB/s | engine read {served:5.0f} MiB"
+                    f" | daemon+engine CPU {cpu:5.2f} s | load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
     finally:
         c.stop()  # unmounts, by force if need be
         shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,7 @@ daemon and the engine spent while draining, per file, is printed too: it does no
 else runs on the machine, the rate does. A measurement, not a test.
 Usage: ``.venv/bin/python scripts/measure_drain.py [--files 5000] [--runs 1] [--mount-arg=--upload-workers=8]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-import psutil  # noqa: E402
+import bench
+import psutil
 
 
 def main() -> None:
@@ -43,11 +44,14 @@ def main() -> None:
             drained = time.perf_counter() - t1
             spent = {name: sum(p.cpu_times()[:2]) - cpu0[name] for name, p in procs.items()}
             cpu = ", ".join(f"{name} {s:.1f} s ({s / args.files * 1000:.2f} ms/file)" for name, s in spent.items())
-            print(f"run {run + 1}: created {args.files} files in {created:.2f} s "
-                  f"({args.files / created:.0f}/s); drained in a further {drained:.2f} s "
-                  f"({args.files / drained:.0f} files/s); create→all in the vault "
-                  f"{args.files / (created + drained):.0f} files/s; CPU while draining: {cpu}; "
-                  f"both {sum(spent.values()) / args.files * 1000:.2f} ms/file", flush=True)
+            print(
+                f"run {run + 1}: created {args.files} files in {created:.2f} s "
+                f"({args.files / created:.0f}/s); drained in a further {drained:.2f} s "
+                f"({args.files / drained:.0f} files/s); create→all in the vault "
+                f"{args.files / (created + drained):.0f} files/s; CPU while draining: {cpu}; "
+                f"both {sum(spent.values()) / args.files * 1000:.2f} ms/file",
+                flush=True,
+            )
     finally:
         c.stop()
         shutil.rmtree(work, ignore_errors=True)

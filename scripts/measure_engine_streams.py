@@ -5,6 +5,7 @@ engine's peak RSS (sampled every 50 ms). A measurement, not a test.
 
     .venv/bin/python scripts/measure_engine_streams.py [--mib 1024]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,15 @@ async def measure(mib: int) -> None:
                         r = await c.post(f"{eng.urls['upstream']}/?{body['stream']}", content=payload())
                     up_s = time.perf_counter() - t0
                     assert r.status_code == 200, r.text
-                    r = await wire.post("/data-token/configure-file-meta",
-                                        {"token": body["token"], "fileName": "big.bin", "context": "bench",
-                                         "size": str(mib * CHUNK - 28)})
+                    r = await wire.post(
+                        "/data-token/configure-file-meta",
+                        {
+                            "token": body["token"],
+                            "fileName": "big.bin",
+                            "context": "bench",
+                            "size": str(mib * CHUNK - 28),
+                        },
+                    )
                     token = r.json()["token"]
                     r = await wire.post("/data-token/request-data", {"token": token})
                     d = await ch.wait_for("X-DPT-CAB-REQUEST-ID", r.headers["x-dpt-cab-request-id"], timeout=60)

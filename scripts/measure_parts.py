@@ -5,6 +5,7 @@ one part (median of N), and the manifest size of a 4 GiB file. A measurement, no
 
     .venv/bin/python scripts/measure_parts.py [--sizes 256K,1M,4M,16M] [--n 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,15 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from privifs.client.connect import connect  # noqa: E402
-from privifs.client.provision import new_identity, register_profile  # noqa: E402
-from privifs.client.session import PasswordCredentials  # noqa: E402
-from privifs.client.transport import Endpoints  # noqa: E402
-from privifs.parts import format as fmt  # noqa: E402
-from privifs.parts.store import PartStore  # noqa: E402
-from tests.enginekit import EngineProcess  # noqa: E402
+from privifs.client.connect import connect
+from privifs.client.provision import new_identity, register_profile
+from privifs.client.session import PasswordCredentials
+from privifs.client.transport import Endpoints
+from privifs.parts import format as fmt
+from privifs.parts.store import PartStore
+from tests.enginekit import EngineProcess
 
-KiB, MiB, GiB = 1024, 1024 * 1024, 1024 ** 3
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024**3
 
 
 def size_of(text: str) -> int:
@@ -42,8 +43,10 @@ async def measure(urls: dict, sizes: list[int], n: int) -> None:
     await register_profile(endpoints, user, "correct-horse-battery", public)
     async with connect(endpoints, PasswordCredentials(user, "correct-horse-battery")) as client:
         key = os.urandom(32)
-        print(f"{'part size':>10} {'store ms':>9} {'fetch+verify ms':>16} {'MB/s fetch':>10} "
-              f"{'4 GiB manifest':>15} {'parts of 4 GiB':>15}")
+        print(
+            f"{'part size':>10} {'store ms':>9} {'fetch+verify ms':>16} {'MB/s fetch':>10} "
+            f"{'4 GiB manifest':>15} {'parts of 4 GiB':>15}"
+        )
         for size in sizes:
             store = PartStore(client.vault(key), part_size=size)
             data = os.urandom(size)
@@ -56,10 +59,14 @@ async def measure(urls: dict, sizes: list[int], n: int) -> None:
                 await store.get_part(fmt.Manifest(size, size, (part,)), 0)
                 gets.append(time.perf_counter() - t0)
             count = fmt.parts_needed(4 * GiB, size)
-            manifest = fmt.HEADER.size + count * (1 + len(part.token) + fmt.ENTRY_TAIL.size)  # tokens as the engine gives
+            manifest = fmt.HEADER.size + count * (
+                1 + len(part.token) + fmt.ENTRY_TAIL.size
+            )  # tokens as the engine gives
             put_ms, get_ms = statistics.median(puts) * 1e3, statistics.median(gets) * 1e3
-            print(f"{size // KiB:>8}Ki {put_ms:>9.1f} {get_ms:>16.1f} {size / statistics.median(gets) / 1e6:>10.0f} "
-                  f"{manifest / KiB:>12.0f}KiB {count:>15}")
+            print(
+                f"{size // KiB:>8}Ki {put_ms:>9.1f} {get_ms:>16.1f} {size / statistics.median(gets) / 1e6:>10.0f} "
+                f"{manifest / KiB:>12.0f}KiB {count:>15}"
+            )
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ every commit's fsync waits until the vault has it. A measurement, not a test.
 
     .venv/bin/python scripts/measure_parts_mount.py [--file-mib 2048] [--db-mib 100] [--commits 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.enginekit import EngineProcess  # noqa: E402
-from tests.mountkit import Mount  # noqa: E402
+from tests.enginekit import EngineProcess
+from tests.mountkit import Mount
 
 MiB = 1024 * 1024
 
@@ -72,8 +73,10 @@ def sqlite_commits(m: Mount, mib: int, commits: int) -> None:
         times.append(time.perf_counter() - t0)
     db.close()
     size = (m.dir / "test.db").stat().st_size
-    print(f"SQLite db of {size / MiB:.0f} MiB, {commits} small commits: median {statistics.median(times) * 1e3:.0f} ms"
-          f" per commit = {1 / statistics.median(times):.1f} commits/s (total {commits / sum(times):.1f}/s)")
+    print(
+        f"SQLite db of {size / MiB:.0f} MiB, {commits} small commits: median {statistics.median(times) * 1e3:.0f} ms"
+        f" per commit = {1 / statistics.median(times):.1f} commits/s (total {commits / sum(times):.1f}/s)"
+    )
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ write-back delay is part of the figure) and stops when B shows the change. Print
 the 90th percentile and the maximum per kind. A measurement, not a test. Usage:
 ``.venv/bin/python scripts/measure_propagation.py [--changes 20] [--timeout 60]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def main() -> None:
     a = b = None
     try:
         a = Mount(work / "a", engine.urls, mount_args=DEFAULTS)
-        b = Mount(work / "b", engine.urls, username=a.username, register=False, key_file=a.key_file,
-                  mount_args=DEFAULTS)
+        b = Mount(
+            work / "b", engine.urls, username=a.username, register=False, key_file=a.key_file, mount_args=DEFAULTS
+        )
         a.mount()
         b.mount()
         (a.dir / "p").mkdir()
@@ -67,8 +69,9 @@ def main() -> None:
         for i in range(args.changes):
             old, new = f"f{i}.txt", f"r{i}.txt"
             os.rename(a.dir / "p" / old, a.dir / "p" / new)
-            results["rename"].append(wait_until(
-                lambda: new in (names := os.listdir(b.dir / "p")) and old not in names, args.timeout))
+            results["rename"].append(
+                wait_until(lambda: new in (names := os.listdir(b.dir / "p")) and old not in names, args.timeout)
+            )
         for i in range(args.changes):
             name = f"r{i}.txt"
             os.unlink(a.dir / "p" / name)

@@ -1,4 +1,5 @@
 """Shared fixtures: a real engine subprocess per test session (options reset after each test)."""
+
 from __future__ import annotations
 
 import pytest

@@ -13,6 +13,7 @@ Everything that builds privifs objects lives here, so tests use only:
 * the vault: ``listing``, ``vault_tree`` (decrypted), ``remote`` (another client changing tokens
   directly), ``fresh`` (another filesystem of the vault from an empty local state);
 * node-level helpers for tests that follow one node through the background tasks."""
+
 from __future__ import annotations
 
 import errno
@@ -84,8 +85,9 @@ class InProcessFs:
         attrs = self.fs.mkdir(_ino(parent), name.encode(), 0o755)
         return self.fs.ns.get(attrs.st_ino)
 
-    def create_node(self, parent: Node | int, name: str, mode: int = 0o644,
-                    flags: int = os.O_RDWR | os.O_CREAT) -> tuple[int, Node]:
+    def create_node(
+        self, parent: Node | int, name: str, mode: int = 0o644, flags: int = os.O_RDWR | os.O_CREAT
+    ) -> tuple[int, Node]:
         info, attrs = self.fs.create(_ino(parent), name.encode(), stat.S_IFREG | mode, flags)
         return info.fh, self.fs.ns.get(attrs.st_ino)
 
@@ -112,8 +114,11 @@ class InProcessFs:
 
     async def vault_names(self) -> dict[str, int]:
         """context/name → size of every data token in the vault but the key check."""
-        return {f"{i.context.strip('/')}/{i.file_name}".strip("/"): i.size or 0
-                async for i in self.client.tokens.list() if not i.context.startswith("/.privifs")}
+        return {
+            f"{i.context.strip('/')}/{i.file_name}".strip("/"): i.size or 0
+            async for i in self.client.tokens.list()
+            if not i.context.startswith("/.privifs")
+        }
 
     # -- the kernel's view, by path (every call goes through the pyfuse3 handlers) --------------
     async def ino(self, path: str) -> int:
@@ -225,9 +230,16 @@ class InProcessFs:
             await self.ops.release(fh)
             self._open.pop(fh, None)
 
-    async def setattr(self, path: str | None = None, *, fh: int | None = None, size: int | None = None,
-                      mode: int | None = None, atime_ns: int | None = None,
-                      mtime_ns: int | None = None) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        path: str | None = None,
+        *,
+        fh: int | None = None,
+        size: int | None = None,
+        mode: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> pyfuse3.EntryAttributes:
         """truncate / chmod / utimens of ``path`` (or of the file open as ``fh``)."""
         ino = await self.ino(path) if path is not None else self._open[fh]
         attr = pyfuse3.EntryAttributes()
@@ -239,8 +251,12 @@ class InProcessFs:
             attr.st_atime_ns = atime_ns
         if mtime_ns is not None:
             attr.st_mtime_ns = mtime_ns
-        fields = setattr_fields(update_size=size is not None, update_mode=mode is not None,
-                                update_atime=atime_ns is not None, update_mtime=mtime_ns is not None)
+        fields = setattr_fields(
+            update_size=size is not None,
+            update_mode=mode is not None,
+            update_atime=atime_ns is not None,
+            update_mtime=mtime_ns is not None,
+        )
         return await self.ops.setattr(ino, attr, fields, fh, CTX)
 
     async def readdir(self, path: str, start: int = 0, limit: int | None = None) -> list[tuple[str, int]]:
@@ -292,7 +308,7 @@ class InProcessFs:
             elif stat.S_ISLNK(attrs.st_mode):
                 out[p] = ("->", (await self.readlink(p)).decode())
             elif not stat.S_ISREG(attrs.st_mode):
-                out[p] = stat.filemode(attrs.st_mode)[0]   # p: FIFO, s: socket
+                out[p] = stat.filemode(attrs.st_mode)[0]  # p: FIFO, s: socket
             else:
                 out[p] = await self.read_file(p)
         return out
@@ -319,6 +335,7 @@ class InProcessFs:
         def resume() -> None:
             self.syncer.reconcile = real
             go.set()
+
         return resume
 
     async def refresh(self) -> None:
@@ -336,9 +353,13 @@ class InProcessFs:
         out: dict[str, object] = {}
         for info in await self.listing():
             path = f"{info.context.strip('/')}/{_joined(info)}".strip("/")
-            value = ("dir" if info.risk.get("privifs.type") == "dir"
-                     else ("->", info.risk.get("privifs.target")) if info.risk.get("privifs.type") == "symlink"
-                     else await vault.get_bytes(info.token))
+            value = (
+                "dir"
+                if info.risk.get("privifs.type") == "dir"
+                else ("->", info.risk.get("privifs.target"))
+                if info.risk.get("privifs.type") == "symlink"
+                else await vault.get_bytes(info.token)
+            )
             if path in out:
                 out[path] = sorted([*(out[path] if isinstance(out[path], list) else [out[path]]), value], key=repr)
             else:
@@ -346,7 +367,7 @@ class InProcessFs:
         return out
 
     @property
-    def remote(self) -> "Remote":
+    def remote(self) -> Remote:
         """Another client of the same vault (same key), changing tokens directly."""
         return Remote(self.client, self.key)
 
@@ -409,7 +430,7 @@ class Remote:
                 continue
             ctx = "/" + info.context.strip("/")
             if ctx == old or ctx.startswith(old + "/"):
-                await self.client.tokens.update(info.token, context=new + ctx[len(old):])
+                await self.client.tokens.update(info.token, context=new + ctx[len(old) :])
             elif f"{ctx.rstrip('/')}/{_joined(info)}" == old:
                 await self.move(path, new_path)
 
@@ -454,8 +475,7 @@ CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0
 
 def setattr_fields(**true) -> SimpleNamespace:
     """What pyfuse3 passes to setattr (its own class is read-only from Python)."""
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid", "update_gid",
-             "update_size")
+    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid", "update_gid", "update_size")
     return SimpleNamespace(**{n: bool(true.get(n)) for n in names})
 
 
@@ -464,8 +484,16 @@ def _ino(node: Node | int) -> int:
 
 
 @asynccontextmanager
-async def inprocess_fs(state: Path, endpoints, credentials, *, key: bytes | None = None, workers: int = 2,
-                       write_back_delay: float = 0.0, empty_vault: bool = False):
+async def inprocess_fs(
+    state: Path,
+    endpoints,
+    credentials,
+    *,
+    key: bytes | None = None,
+    workers: int = 2,
+    write_back_delay: float = 0.0,
+    empty_vault: bool = False,
+):
     """A mounted-but-kernel-less filesystem over a fresh state directory; yields InProcessFs.
     ``empty_vault``: first delete every token the profile has (a profile shared by the tests of
     a module: see :func:`module_account`)."""
@@ -480,8 +508,16 @@ async def inprocess_fs(state: Path, endpoints, credentials, *, key: bytes | None
             ns = Namespace(index, dir_mode=0o755, file_mode=0o644)
             staging = Staging(state / "staging", local_key(key))
             cache = ContentCache(state / "cache", 64 * 2**20, local_key(key))
-            syncer = Syncer(ns, staging, cache, client.tokens, vault, workers=workers,
-                            write_back_delay=write_back_delay, supervisor=supervisor)
+            syncer = Syncer(
+                ns,
+                staging,
+                cache,
+                client.tokens,
+                vault,
+                workers=workers,
+                write_back_delay=write_back_delay,
+                supervisor=supervisor,
+            )
             fs = Filesystem(ns, staging, cache, vault, MountOptions(), syncer)
             fs.open_staged_files()
             refresher = Refresher(ns, client.tokens, syncer, 3600, invalidate=False)

@@ -1,5 +1,6 @@
 """In-process tests of scripts/bench.py's own logic (options, the issue's targets, n/a cells,
 detection of ``--fsync local``); the workloads themselves are measured, not tested."""
+
 from __future__ import annotations
 
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import bench  # noqa: E402
+import bench
 
 
 def test_quick_mode_uses_small_sizes_and_never_writes_into_docs(monkeypatch):
@@ -51,8 +52,13 @@ def _row(table: str, what: str) -> str:
 
 def test_targets_are_judged_against_bounds_contenders_and_another_metric():
     results = {
-        "privifs": {"first_byte_s": [0.2, 0.5, 0.4], "drain_fps": [390.0], "cold_read_MBps": [300.0],
-                    "sqlite_delete_local_cps": [60.0], "n/a": {"cache_peak_MiB": "not run"}},
+        "privifs": {
+            "first_byte_s": [0.2, 0.5, 0.4],
+            "drain_fps": [390.0],
+            "cold_read_MBps": [300.0],
+            "sqlite_delete_local_cps": [60.0],
+            "n/a": {"cache_peak_MiB": "not run"},
+        },
         "gocryptfs": {"cold_read_MBps": [250.0]},
         "local disk": {"sqlite_delete_cps": [100.0]},
     }
@@ -67,8 +73,10 @@ def test_targets_are_judged_against_bounds_contenders_and_another_metric():
 
 def test_report_marks_not_applicable_cells_apart_from_workloads_not_run(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_chart", lambda *a: None)
-    results = {"gocryptfs": {"first_byte_s": [0.003], "n/a": {"cache_peak_MiB": "privifs only"}},
-               "privifs": {"first_byte_s": [0.5], "cache_peak_MiB": [900.0]}}
+    results = {
+        "gocryptfs": {"first_byte_s": [0.003], "n/a": {"cache_peak_MiB": "privifs only"}},
+        "privifs": {"first_byte_s": [0.5], "cache_peak_MiB": [900.0]},
+    }
     args = bench.parse_args(["--quick"])
     bench.report(results, {}, args, 0.0, 60.0, tmp_path / "b.md", tmp_path / "b.png", "cmd", ["* sizes: x"], "m")
     md = (tmp_path / "b.md").read_text()

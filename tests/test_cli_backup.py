@@ -1,6 +1,7 @@
 """Backup and restore as a user meets them: a vault on the embedded engine made through a real
 mount, backed up, restored on a clean home (its own XDG directories) and mounted again; and a
 copied vault without its configuration, which must be reused, never replaced by an empty one."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,12 @@ import pytest
 from tests.mountkit import Mount, privifs
 
 PASS = "correct horse battery staple"
-FILES = {"notes.txt": b"remember the milk\n", "photos/big.bin": os.urandom(700_000),
-         "photos/small.bin": os.urandom(10_000), "empty": b""}
+FILES = {
+    "notes.txt": b"remember the milk\n",
+    "photos/big.bin": os.urandom(700_000),
+    "photos/small.bin": os.urandom(10_000),
+    "empty": b"",
+}
 
 
 def digest(data: bytes) -> str:
@@ -82,8 +87,9 @@ def test_backup_restores_every_file_on_a_clean_home(vault, tmp_path):
 def test_restore_refuses_a_wrong_passphrase_and_existing_secrets(vault, tmp_path):
     _, backup = vault
     fresh = Mount(tmp_path / "fresh", None)
-    wrong = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE="not the passphrase"), "restore", str(backup),
-                    check=False)
+    wrong = privifs(
+        dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE="not the passphrase"), "restore", str(backup), check=False
+    )
     assert wrong.returncode == 3 and "wrong passphrase" in wrong.stderr and "Traceback" not in wrong.stderr
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
     other_key = os.urandom(32).hex() + "\n"
@@ -174,16 +180,23 @@ def test_backup_and_restore_report_progress_in_bytes(original, tmp_path, monkeyp
     blobs = sum(f.stat().st_size for f in (engine_dir(original) / "blobs").rglob("*") if f.is_file())
     seen: list[tuple[int, int]] = []
     out = tmp_path / "progress.backup"
-    write_backup(load(config_dir(original) / "config.toml"), out, PASS,
-                 progress=lambda done, total: seen.append((done, total)))
+    write_backup(
+        load(config_dir(original) / "config.toml"), out, PASS, progress=lambda done, total: seen.append((done, total))
+    )
     assert seen and seen[-1] == (blobs, blobs)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     fresh = tmp_path / "fresh"
     for k, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_STATE_HOME", "state")):
         monkeypatch.setenv(k, str(fresh / sub))
     restored: list[tuple[int, int]] = []
-    restore_backup(out, PASS, fresh / "config" / "privifs" / "config.toml",
-                   progress=lambda done, total: restored.append((done, total)))
+    restore_backup(
+        out,
+        PASS,
+        fresh / "config" / "privifs" / "config.toml",
+        progress=lambda done, total: restored.append((done, total)),
+    )
     assert restored[-1] == (blobs, blobs)
-    assert sum(f.stat().st_size for f in (fresh / "data" / "privifs" / "engine" / "blobs").rglob("*")
-               if f.is_file()) == blobs
+    assert (
+        sum(f.stat().st_size for f in (fresh / "data" / "privifs" / "engine" / "blobs").rglob("*") if f.is_file())
+        == blobs
+    )

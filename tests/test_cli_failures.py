@@ -1,5 +1,6 @@
 """How the command line ends, in-process: one line and a documented exit code per kind of
 failure, the traceback of an unexpected error in the CLI log (never on the terminal)."""
+
 from __future__ import annotations
 
 import errno
@@ -17,12 +18,18 @@ def state(tmp_path, monkeypatch):
     return tmp_path / "state" / "privifs"
 
 
-@pytest.mark.parametrize("exc, code", [
-    (NotFoundError("token x does not exist"), 1), (WrongKeyError("wrong key"), 3),
-    (OSError(errno.ENOENT, "No such file or directory", "/nope"), 4),
-    (ServerUnreachable("cannot reach"), 5), (IntegrityError("tampered"), 6),
-    (ExceptionGroup("nursery", [WrongKeyError("wrong key inside a nursery")]), 3),
-    (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize(
+    "exc, code",
+    [
+        (NotFoundError("token x does not exist"), 1),
+        (WrongKeyError("wrong key"), 3),
+        (OSError(errno.ENOENT, "No such file or directory", "/nope"), 4),
+        (ServerUnreachable("cannot reach"), 5),
+        (IntegrityError("tampered"), 6),
+        (ExceptionGroup("nursery", [WrongKeyError("wrong key inside a nursery")]), 3),
+        (KeyboardInterrupt(), 130),
+    ],
+)
 def test_each_kind_of_failure_has_its_exit_code_and_one_line(exc, code, capsys, state):
     assert report(exc, debug=False) == code
     err = capsys.readouterr().err

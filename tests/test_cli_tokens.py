@@ -1,5 +1,6 @@
 """``privifs init`` and ``privifs token …`` as a user runs them: subprocesses with their own XDG
 directories, against a real engine (and the embedded engine)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +17,18 @@ import pytest
 from tests.mountkit import isolated_env
 from tests.mountkit import privifs as run
 
+
 @pytest.fixture
 def user(eng, tmp_path):
-    env = isolated_env(tmp_path, PRIVICORE_API_URL=eng.urls["api"], PRIVICORE_WS_URL=eng.urls["ws"],
-                       PRIVICORE_UPSTREAM_URL=eng.urls["upstream"], PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
-                       PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
-                       PRIVICORE_PASSWORD="correct-horse-battery")
+    env = isolated_env(
+        tmp_path,
+        PRIVICORE_API_URL=eng.urls["api"],
+        PRIVICORE_WS_URL=eng.urls["ws"],
+        PRIVICORE_UPSTREAM_URL=eng.urls["upstream"],
+        PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
+        PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
+        PRIVICORE_PASSWORD="correct-horse-battery",
+    )
     run(env, "init", "--register")
     return env
 
@@ -71,8 +78,7 @@ def test_failures_exit_non_zero_with_one_clear_line(user, tmp_path, eng):
     assert "Traceback" not in wrong.stderr
     down = dict(user, PRIVICORE_API_URL="http://127.0.0.1:9")
     cfg = tmp_path / "other.toml"
-    run(down, "--config", str(cfg), "init", "--key-file", str(tmp_path / "config" / "privifs" / "aes.key"),
-        check=False)
+    run(down, "--config", str(cfg), "init", "--key-file", str(tmp_path / "config" / "privifs" / "aes.key"), check=False)
     assert not cfg.exists()
 
 
@@ -119,8 +125,9 @@ def closed_pipe_run(env: dict, *args: str) -> subprocess.CompletedProcess:
     r, w = os.pipe()
     os.close(r)
     try:
-        return subprocess.run([sys.executable, "-m", "privifs", *args], env=env, stdout=w,
-                              stderr=subprocess.PIPE, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "privifs", *args], env=env, stdout=w, stderr=subprocess.PIPE, text=True, timeout=120
+        )
     finally:
         os.close(w)
 
@@ -161,8 +168,14 @@ def test_every_token_command_refuses_a_wrong_key_before_writing(user, tmp_path):
     (cfg_dir / "aes.key").chmod(0o600)
     cfg = cfg_dir / "config.toml"
     cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("key_id")))
-    for args in (("put", str(src)), ("ls",), ("get", token, str(tmp_path / "out")), ("stat", token),
-                 ("mv", token, "--name", "b.txt"), ("rm", token)):
+    for args in (
+        ("put", str(src)),
+        ("ls",),
+        ("get", token, str(tmp_path / "out")),
+        ("stat", token),
+        ("mv", token, "--name", "b.txt"),
+        ("rm", token),
+    ):
         r = run(user, "token", *args, check=False)
         assert r.returncode == 3 and "does not decrypt this vault" in r.stderr, args
         assert "Traceback" not in r.stderr

@@ -1,5 +1,6 @@
 """``privifs verify``: the local index against the listing, every token's tag with --data, and
 --repair from the local cache — against a real engine whose blob files are tampered with."""
+
 from __future__ import annotations
 
 import os
@@ -97,6 +98,8 @@ def test_a_damaged_part_of_a_big_file_is_never_stored_again_under_a_new_token(en
         r = privifs(m.env, "verify", "--data", "--repair", check=False)
         assert r.returncode == 3, r.stdout + r.stderr
         assert "damaged: /.privifs/parts/" in r.stdout and "cannot be stored again" in r.stdout
-        assert "1 damaged, 0 repaired" in r.stdout and "not yet in the local index" not in r.stdout  # parts are no files
+        assert (
+            "1 damaged, 0 repaired" in r.stdout and "not yet in the local index" not in r.stdout
+        )  # parts are no files
     finally:
         m.cleanup()

@@ -1,6 +1,7 @@
 """The client library against a real engine: every operation, every wire shape, faults in the
 middle of waits, renewal, OAuth, concurrency, tampering, and interoperability with code that
 knows nothing but the key file and the wire format."""
+
 from __future__ import annotations
 
 import base64
@@ -19,8 +20,15 @@ from privifs.client.provision import new_identity, register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import ClientOptions, Endpoints
 from privifs.crypto.keys import generate_aes_key_file, load_aes_key
-from privifs.errors import (AuthenticationError, CommandPending, CommandRejected, ConflictError, IntegrityError,
-                            NotFoundError, ServerUnreachable)
+from privifs.errors import (
+    AuthenticationError,
+    CommandPending,
+    CommandRejected,
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    ServerUnreachable,
+)
 from tests.enginekit import Wire
 
 
@@ -68,10 +76,16 @@ async def test_empty_and_boundary_sizes(account):
 
 
 SHAPES = [
-    {"command_id_shape": "string"}, {"command_id_shape": "array"},
-    {"stream_shape": "url"}, {"temporary_token_shape": "guide"}, {"file_meta_shape": "string"},
-    {"status_shape": "array"}, {"request_data_layout": "nested"}, {"reauthorize_mode": "async"},
-    {"emit_started": True}, {"oauth_accept_shape": "empty"},
+    {"command_id_shape": "string"},
+    {"command_id_shape": "array"},
+    {"stream_shape": "url"},
+    {"temporary_token_shape": "guide"},
+    {"file_meta_shape": "string"},
+    {"status_shape": "array"},
+    {"request_data_layout": "nested"},
+    {"reauthorize_mode": "async"},
+    {"emit_started": True},
+    {"oauth_accept_shape": "empty"},
 ]
 
 
@@ -174,8 +188,9 @@ async def test_dropped_acks_and_websocket_disconnects_during_waits(eng, account)
 
 async def test_websocket_unavailable_falls_back_to_polling(eng, account):
     endpoints, creds = account
-    no_ws = Endpoints(api=endpoints.api, ws="ws://127.0.0.1:9", upstream=endpoints.upstream,
-                      downstream=endpoints.downstream)
+    no_ws = Endpoints(
+        api=endpoints.api, ws="ws://127.0.0.1:9", upstream=endpoints.upstream, downstream=endpoints.downstream
+    )
     async with connect(no_ws, creds, ClientOptions(connect_timeout=1)) as client:
         assert not client.hub.connected
         vault = client.vault(KEY)

@@ -1,5 +1,6 @@
 """The client library's device, storage, authenticator, voting and policy operations against a
 real engine, and a store that a vote holds past the client's wait (resumed, not re-asked)."""
+
 from __future__ import annotations
 
 import os

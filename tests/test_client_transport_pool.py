@@ -1,5 +1,6 @@
 """The client's HTTP connections: calls in flight reuse kept-alive connections instead of opening
 and closing one each (against a plain HTTP/1.1 server on loopback that counts connections)."""
+
 from __future__ import annotations
 
 from functools import partial

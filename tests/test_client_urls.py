@@ -2,6 +2,7 @@
 URL) follow from the API URL's host and the documented ports when not configured, a full URL in
 the temporary token's ``stream`` field is used as is, and ``validate_urls`` (called by
 ``privifs init``) names every URL that has the wrong scheme or where nothing answers."""
+
 from __future__ import annotations
 
 import os
@@ -28,11 +29,17 @@ def meta(name: str) -> FileMeta:
 
 def test_missing_urls_follow_from_the_api_host_and_the_documented_ports():
     assert complete({"api": "https://vault.example.com:9009/", "ws": "wss://ws.example.com"}) == {
-        "api": "https://vault.example.com:9009", "ws": "wss://ws.example.com",
-        "upstream": "https://vault.example.com:8010", "downstream": "https://vault.example.com:8011"}
+        "api": "https://vault.example.com:9009",
+        "ws": "wss://ws.example.com",
+        "upstream": "https://vault.example.com:8010",
+        "downstream": "https://vault.example.com:8011",
+    }
     assert complete({"api": "http://[::1]:8009"}) == {
-        "api": "http://[::1]:8009", "ws": "ws://[::1]:8083", "upstream": "http://[::1]:8010",
-        "downstream": "http://[::1]:8011"}
+        "api": "http://[::1]:8009",
+        "ws": "ws://[::1]:8083",
+        "upstream": "http://[::1]:8010",
+        "downstream": "http://[::1]:8011",
+    }
     given = {"api": "http://a:1", "ws": "ws://b:2", "upstream": "http://c:3", "downstream": "http://d:4"}
     assert complete(given) == given
     assert Endpoints.from_dict({"api": "http://h:9009"}).upstream == "http://h:8010"
@@ -40,11 +47,9 @@ def test_missing_urls_follow_from_the_api_host_and_the_documented_ports():
 
 async def test_validate_urls_names_each_wrong_scheme():
     with pytest.raises(ConfigError) as err:
-        await validate_urls({"api": "ftp://h:1", "ws": "http://h:2", "upstream": "ws://h:3",
-                             "downstream": "https://"})
+        await validate_urls({"api": "ftp://h:1", "ws": "http://h:2", "upstream": "ws://h:3", "downstream": "https://"})
     text = str(err.value)
-    for setting in ("PRIVICORE_API_URL", "PRIVICORE_WS_URL", "PRIVICORE_UPSTREAM_URL",
-                    "PRIVICORE_DOWNSTREAM_URL"):
+    for setting in ("PRIVICORE_API_URL", "PRIVICORE_WS_URL", "PRIVICORE_UPSTREAM_URL", "PRIVICORE_DOWNSTREAM_URL"):
         assert setting in text, text
     assert "must start with http:// or https://" in text and "names no host" in text
 
@@ -97,9 +102,15 @@ async def test_with_only_the_api_and_websocket_urls_large_files_go_up_and_come_b
 def test_init_refuses_a_wrong_url_with_a_message_naming_it(eng, tmp_path):
     from tests.mountkit import isolated_env, privifs
 
-    env = isolated_env(tmp_path, PRIVICORE_API_URL=eng.urls["api"], PRIVICORE_WS_URL=eng.urls["ws"],
-                       PRIVICORE_UPSTREAM_URL="ftp://127.0.0.1:8010", PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
-                       PRIVICORE_USERNAME=f"init-{uuid.uuid4().hex[:8]}@example.com", PRIVICORE_PASSWORD=PASSWORD)
+    env = isolated_env(
+        tmp_path,
+        PRIVICORE_API_URL=eng.urls["api"],
+        PRIVICORE_WS_URL=eng.urls["ws"],
+        PRIVICORE_UPSTREAM_URL="ftp://127.0.0.1:8010",
+        PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
+        PRIVICORE_USERNAME=f"init-{uuid.uuid4().hex[:8]}@example.com",
+        PRIVICORE_PASSWORD=PASSWORD,
+    )
     r = privifs(env, "init", "--register", check=False)
     assert r.returncode == 3 and "PRIVICORE_UPSTREAM_URL='ftp://127.0.0.1:8010' must start with http://" in r.stderr
     assert "Traceback" not in r.stderr

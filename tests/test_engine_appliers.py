@@ -1,6 +1,7 @@
 """Command appliers and the voting gate, driven alone: a database connection in, an outcome out,
 no HTTP, no command runner. And building the API turns nothing on: privifs.engine.features does.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,15 +35,19 @@ def conn() -> sqlite3.Connection:
 
 
 def add_device(conn: sqlite3.Connection, device_id: str, state: str, *, authenticator: int = 0) -> None:
-    conn.execute("INSERT INTO devices (id, profile_id, command_id, name, state, authenticator, created_at)"
-                 " VALUES (?, ?, ?, ?, ?, ?, ?)", (device_id, PROFILE, "c-" + device_id, device_id, state,
-                                                   authenticator, time.time()))
+    conn.execute(
+        "INSERT INTO devices (id, profile_id, command_id, name, state, authenticator, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (device_id, PROFILE, "c-" + device_id, device_id, state, authenticator, time.time()),
+    )
 
 
 def add_token(conn: sqlite3.Connection, token: str, blob_id: str, size: int) -> None:
-    conn.execute("INSERT INTO data_tokens (token, profile_id, context, file_name, extension, size, path, blob_id,"
-                 " blob_size, created_at, updated_at) VALUES (?, ?, 'ctx', 'f', '', ?, '', ?, ?, 0, 0)",
-                 (token, PROFILE, size, blob_id, size))
+    conn.execute(
+        "INSERT INTO data_tokens (token, profile_id, context, file_name, extension, size, path, blob_id,"
+        " blob_size, created_at, updated_at) VALUES (?, ?, 'ctx', 'f', '', ?, '', ?, ?, 0, 0)",
+        (token, PROFILE, size, blob_id, size),
+    )
 
 
 def device_state(conn: sqlite3.Connection, device_id: str) -> str:
@@ -93,8 +98,9 @@ def test_request_data_answers_inline_below_the_threshold_and_by_stream_above(con
 
 def test_request_data_for_a_missing_token_is_rejected_with_its_request_event(conn, tmp_path):
     with pytest.raises(Rejected) as exc:
-        apply_request_data(EngineOptions(), BlobStore(tmp_path), conn, {"token": "dtk-none", "request_id": "r1"},
-                           PROFILE, "c1")
+        apply_request_data(
+            EngineOptions(), BlobStore(tmp_path), conn, {"token": "dtk-none", "request_id": "r1"}, PROFILE, "c1"
+        )
     assert exc.value.reason == "data_token.not_found"
     assert exc.value.events[0]["data"]["id"] == "r1"
 
@@ -128,11 +134,17 @@ async def test_deleting_a_token_removes_its_row_then_its_blob_and_storage_copies
 
 def test_the_gate_holds_a_policy_kind_in_a_new_pool_and_passes_other_kinds(conn):
     add_device(conn, "dev-v", "approved", authenticator=1)
-    conn.execute("INSERT INTO voting_configs (id, profile_id, name, strategy, time_limit, device_ids, created_at)"
-                 " VALUES ('vc-1', ?, 'vc', 'unanimous', 60, '[]', 0)", (PROFILE,))
-    conn.execute("INSERT INTO policies (id, profile_id, name, template_id, event_ids, voting_config_id,"
-                 " configuration, active, created_at) VALUES ('pol-1', ?, 'p', 'tpl-data-governance', ?,"
-                 " 'vc-1', '{}', 1, 0)", (PROFILE, json.dumps(["5"])))
+    conn.execute(
+        "INSERT INTO voting_configs (id, profile_id, name, strategy, time_limit, device_ids, created_at)"
+        " VALUES ('vc-1', ?, 'vc', 'unanimous', 60, '[]', 0)",
+        (PROFILE,),
+    )
+    conn.execute(
+        "INSERT INTO policies (id, profile_id, name, template_id, event_ids, voting_config_id,"
+        " configuration, active, created_at) VALUES ('pol-1', ?, 'p', 'tpl-data-governance', ?,"
+        " 'vc-1', '{}', 1, 0)",
+        (PROFILE, json.dumps(["5"])),
+    )
     assert gate(conn, "reserve-token-space", PROFILE, "c-reserve") is True  # event 1 is not in the policy
     assert gate(conn, "delete-data", PROFILE, "c-delete") is False
     pool = conn.execute("SELECT * FROM pools WHERE command_id = 'c-delete'").fetchone()

@@ -2,6 +2,7 @@
 and body go out in one socket write, in order, and a 1xx head (a WebSocket upgrade's 101 may be
 followed by silence) at once; one keep-alive timer per connection closes it as hypercorn's
 per-request timer did (idle too long, or idle at shutdown; never during a request)."""
+
 from __future__ import annotations
 
 import types

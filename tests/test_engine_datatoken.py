@@ -1,5 +1,6 @@
 """Engine, data-token group: the store and retrieve chains, listing, update, risk meta, delete,
 limits, expiry and isolation — over real HTTP and WebSocket."""
+
 from __future__ import annotations
 
 import base64
@@ -93,18 +94,23 @@ async def test_inline_exchange_size_cap_and_base64_are_checked(eng, wire):
         r = await wire.post("/data-token/reserve-token-space", {"context": "c"})
         await ch.wait_for("X-DPT-CAB-ID", command_id(r))
         temp = (await wire.get(f"/data-token/retrieve-temporary-data-token/{command_id(r)}")).json()["token"]
-        r = await wire.post("/data-token/exchange-data-for-token",
-                            {"temporaryTokenSpace": temp, "data": base64.b64encode(os.urandom(1025)).decode()})
+        r = await wire.post(
+            "/data-token/exchange-data-for-token",
+            {"temporaryTokenSpace": temp, "data": base64.b64encode(os.urandom(1025)).decode()},
+        )
         assert r.status_code == 422 and "data" in r.json()["errors"]
-        r = await wire.post("/data-token/exchange-data-for-token",
-                            {"temporaryTokenSpace": temp, "data": base64.b64encode(os.urandom(100_000)).decode()})
+        r = await wire.post(
+            "/data-token/exchange-data-for-token",
+            {"temporaryTokenSpace": temp, "data": base64.b64encode(os.urandom(100_000)).decode()},
+        )
         assert r.status_code == 422 and "data" in r.json()["errors"]
         r = await wire.post("/data-token/exchange-data-for-token", {"temporaryTokenSpace": temp, "data": "@@@"})
         assert r.status_code == 422 and "data" in r.json()["errors"]
         r = await wire.post("/data-token/exchange-data-for-token", {"temporaryTokenSpace": temp})
         assert r.status_code == 422 and "data" in r.json()["errors"]
-        r = await wire.post("/data-token/exchange-data-for-token",
-                            {"temporaryTokenSpace": "tmp-unknown", "data": "eA=="})
+        r = await wire.post(
+            "/data-token/exchange-data-for-token", {"temporaryTokenSpace": "tmp-unknown", "data": "eA=="}
+        )
         assert r.status_code == 404
 
 
@@ -142,14 +148,17 @@ async def test_unpromoted_reservation_expires_with_its_ttl(eng, wire):
         await ch.wait_for("X-DPT-CAB-ID", cid)
         temp = (await wire.get(f"/data-token/retrieve-temporary-data-token/{cid}")).json()["token"]
         payload = os.urandom(64)
-        r = await wire.post("/data-token/exchange-data-for-token",
-                            {"temporaryTokenSpace": temp, "data": base64.b64encode(payload).decode()})
+        r = await wire.post(
+            "/data-token/exchange-data-for-token",
+            {"temporaryTokenSpace": temp, "data": base64.b64encode(payload).decode()},
+        )
         await ch.wait_for("X-DPT-CAB-ID", command_id(r))
         assert payload in blob_files(eng).values()
         await trio.sleep(1.3)
         assert (await wire.get(f"/data-token/retrieve-temporary-data-token/{cid}")).status_code == 404
-        r = await wire.post("/data-token/configure-file-meta",
-                            {"token": temp, "fileName": "a", "context": "c", "size": "36"})
+        r = await wire.post(
+            "/data-token/configure-file-meta", {"token": temp, "fileName": "a", "context": "c", "size": "36"}
+        )
         assert r.status_code == 404
         eng.admin("sweep")
         assert payload not in blob_files(eng).values()
@@ -164,8 +173,10 @@ async def test_configure_file_meta_needs_data_and_is_idempotent(wire):
         meta = {"token": temp, "fileName": "a.txt", "extension": "txt", "context": "c", "size": "3", "path": "/"}
         r = await wire.post("/data-token/configure-file-meta", meta)
         assert r.status_code == 422 and "token" in r.json()["errors"]
-        r = await wire.post("/data-token/exchange-data-for-token",
-                            {"temporaryTokenSpace": temp, "data": base64.b64encode(b"abc").decode()})
+        r = await wire.post(
+            "/data-token/exchange-data-for-token",
+            {"temporaryTokenSpace": temp, "data": base64.b64encode(b"abc").decode()},
+        )
         await ch.wait_for("X-DPT-CAB-ID", command_id(r))
         for missing in ("fileName", "size"):
             r = await wire.post("/data-token/configure-file-meta", {k: v for k, v in meta.items() if k != missing})
@@ -176,16 +187,20 @@ async def test_configure_file_meta_needs_data_and_is_idempotent(wire):
         second = (await wire.post("/data-token/configure-file-meta", meta)).json()["token"]
         assert first == second and first.startswith("dtk-")
         # exchanging again for a promoted token is refused
-        r = await wire.post("/data-token/exchange-data-for-token",
-                            {"temporaryTokenSpace": temp, "data": base64.b64encode(b"x").decode()})
+        r = await wire.post(
+            "/data-token/exchange-data-for-token",
+            {"temporaryTokenSpace": temp, "data": base64.b64encode(b"x").decode()},
+        )
         assert r.status_code == 422
 
 
 async def test_listing_pages_in_a_stable_order_with_filters(wire):
     await wire.provision()
     async with wire.channel() as ch:
-        tokens = [await wire.store(ch, f"p{i}".encode(), context="a" if i % 2 else "b", file_name=f"f{i}.txt")
-                  for i in range(7)]
+        tokens = [
+            await wire.store(ch, f"p{i}".encode(), context="a" if i % 2 else "b", file_name=f"f{i}.txt")
+            for i in range(7)
+        ]
     pages = []
     for page in (1, 2, 3, 4):
         r = await wire.get("/data-token/list-data-tokens", params={"page": page, "perPage": 3})
@@ -211,8 +226,10 @@ async def test_update_changes_name_and_context(wire):
     await wire.provision()
     async with wire.channel() as ch:
         token = await wire.store(ch, b"hello", context="old", file_name="a.txt")
-        r = await wire.post("/data-token/update-data-token",
-                            {"token": token, "fileName": "b.md", "extension": "md", "context": "new/dir"})
+        r = await wire.post(
+            "/data-token/update-data-token",
+            {"token": token, "fileName": "b.md", "extension": "md", "context": "new/dir"},
+        )
         assert r.status_code == 202
         assert (await ch.wait_for("X-DPT-CAB-ID", command_id(r)))["command_status"] == 2
         item = (await wire.get("/data-token/list-data-tokens", params={"filters[token]": token})).json()["items"][0]
@@ -228,8 +245,13 @@ async def test_risk_meta_takes_arbitrary_fields_and_shows_in_listing(wire):
     await wire.provision()
     async with wire.channel() as ch:
         token = await wire.store(ch, b"x")
-        fields = {"classification": "internal", "label": "privifs", "handling": "none",
-                  "retentionDays": "30", "privifs.mode": "100644"}
+        fields = {
+            "classification": "internal",
+            "label": "privifs",
+            "handling": "none",
+            "retentionDays": "30",
+            "privifs.mode": "100644",
+        }
         r = await wire.post("/data-token/configure-information-security-risk-meta", {"token": token, **fields})
         assert r.status_code == 202
         assert (await ch.wait_for("X-DPT-CAB-ID", command_id(r)))["command_status"] == 2
@@ -237,8 +259,9 @@ async def test_risk_meta_takes_arbitrary_fields_and_shows_in_listing(wire):
     assert item["meta"]["information_security_risk"] == fields
     r = await wire.post("/data-token/configure-information-security-risk-meta", {"token": token})
     assert r.status_code == 422
-    r = await wire.post("/data-token/configure-information-security-risk-meta",
-                        {"token": token, **{f"f{i}": "v" for i in range(100)}})
+    r = await wire.post(
+        "/data-token/configure-information-security-risk-meta", {"token": token, **{f"f{i}": "v" for i in range(100)}}
+    )
     assert r.status_code == 422
 
 
@@ -267,10 +290,12 @@ async def test_another_profiles_tokens_are_invisible(eng, wire):
     other = Wire(eng.urls)
     try:
         await other.provision()
-        for path, form in (("/data-token/request-data", {"token": token}),
-                           ("/data-token/delete-data", {"token": token}),
-                           ("/data-token/update-data-token", {"token": token, "fileName": "stolen"}),
-                           ("/data-token/configure-information-security-risk-meta", {"token": token, "a": "b"})):
+        for path, form in (
+            ("/data-token/request-data", {"token": token}),
+            ("/data-token/delete-data", {"token": token}),
+            ("/data-token/update-data-token", {"token": token, "fileName": "stolen"}),
+            ("/data-token/configure-information-security-risk-meta", {"token": token, "a": "b"}),
+        ):
             assert (await other.post(path, form)).status_code == 404, path
         assert (await other.get("/data-token/list-data-tokens")).json()["meta"]["count"] == 0
         assert (await other.get(f"/utility/request-command-id-status/{cid}")).status_code == 404

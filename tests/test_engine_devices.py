@@ -1,5 +1,6 @@
 """Engine, device and storage groups over real HTTP and WebSocket: the device life cycle, its
 error cases, and storage devices holding byte-identical copies of every stored payload."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,11 @@ async def test_device_life_cycle(wire):
         assert devices[0]["deviceIdentifier"] == dev and devices[0]["approvalState"] == "pending"
         r = await wire.post("/device/download-device-configuration", {"deviceIdentifier": dev})
         assert r.status_code == 422  # not approved yet
-        assert (await run(wire, ch, "/device/configure-meta", {"deviceIdentifier": dev, "name": "work laptop",
-                                                               "tags": "office"}))["command_status"] == 2
+        assert (
+            await run(
+                wire, ch, "/device/configure-meta", {"deviceIdentifier": dev, "name": "work laptop", "tags": "office"}
+            )
+        )["command_status"] == 2
         assert (await run(wire, ch, "/device/approve-device", {"deviceIdentifier": dev}))["command_status"] == 2
         d = (await wire.get("/device/retrieve-profile-devices")).json()[0]
         assert (d["name"], d["approvalState"], d["meta"]) == ("work laptop", "approved", {"tags": "office"})
@@ -67,8 +71,14 @@ async def test_device_identifier_shapes(eng, wire, shape, key):
 
 async def test_device_errors(wire):
     await wire.provision()
-    for path in ("/device/approve-device", "/device/reject-device", "/device/remove", "/storage/register",
-                 "/device/configure-meta", "/device/download-device-configuration"):
+    for path in (
+        "/device/approve-device",
+        "/device/reject-device",
+        "/device/remove",
+        "/storage/register",
+        "/device/configure-meta",
+        "/device/download-device-configuration",
+    ):
         r = await wire.post(path, {})
         assert r.status_code == 422 and "deviceIdentifier" in r.json()["errors"], path
         r = await wire.post(path, {"deviceIdentifier": "dev-unknown", "name": "n"})

@@ -1,5 +1,6 @@
 """Engine durability: acknowledged commands survive ``kill -9``, accepted commands resume, a
 half-received upload never becomes visible, and secrets never reach the log."""
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,11 @@ async def test_half_received_upload_is_never_visible(tmp_path):
         async def upload():
             async with httpx.AsyncClient(timeout=60) as c:
                 try:
-                    await c.post(f"{eng.urls['upstream']}/?{body['stream']}", content=slow_body(),
-                                 headers={"Content-Length": str(2 * 1024 * 1024)})
+                    await c.post(
+                        f"{eng.urls['upstream']}/?{body['stream']}",
+                        content=slow_body(),
+                        headers={"Content-Length": str(2 * 1024 * 1024)},
+                    )
                 except httpx.HTTPError:
                     pass
 
@@ -89,8 +93,10 @@ async def test_half_received_upload_is_never_visible(tmp_path):
             wire = Wire(eng2.urls)
             r = await wire.post("/profile/authenticate", {"username": creds["username"], "password": creds["password"]})
             wire.token = r.json()["authorizationToken"]
-            r = await wire.post("/data-token/configure-file-meta",
-                                {"token": body["token"], "fileName": "x", "context": "c", "size": "1"})
+            r = await wire.post(
+                "/data-token/configure-file-meta",
+                {"token": body["token"], "fileName": "x", "context": "c", "size": "1"},
+            )
             assert r.status_code == 422  # no data arrived
             async with httpx.AsyncClient() as c:
                 r = await c.post(f"{eng2.urls['upstream']}/?{body['stream']}", content=b"retry")

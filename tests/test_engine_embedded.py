@@ -1,6 +1,7 @@
 """The embedded engine comes back by itself: when the engine a mount (or any privifs command)
 was handed dies, it is started again on the same ports and data directory, and the URLs the
 caller holds work again; stopping it on purpose is not mistaken for a death."""
+
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ engine still runs and answers normally, and no answer it gave was a 5xx.
 
 Loopback only, a fixed seed, a bounded number of connections, each with a short timeout.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,21 @@ from trio_websocket import HandshakeError, open_websocket_url
 from tests.enginekit import EngineProcess
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-UPGRADE = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-           b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 READ_TIMEOUT = 1.5
 
 
 def handshake(**changes: bytes | None) -> bytes:
-    headers = {b"Host": b"127.0.0.1", b"Upgrade": b"websocket", b"Connection": b"Upgrade",
-               b"Sec-WebSocket-Key": KEY, b"Sec-WebSocket-Version": b"13"}
+    headers = {
+        b"Host": b"127.0.0.1",
+        b"Upgrade": b"websocket",
+        b"Connection": b"Upgrade",
+        b"Sec-WebSocket-Key": KEY,
+        b"Sec-WebSocket-Version": b"13",
+    }
     method = changes.pop("method", b"GET")
     version = changes.pop("version", b"HTTP/1.1")
     for name, value in changes.items():
@@ -35,8 +43,7 @@ def handshake(**changes: bytes | None) -> bytes:
             headers.pop(name_b, None)
         else:
             headers[name_b] = value
-    return method + b" / " + version + b"\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers.items()) + \
-        b"\r\n"
+    return method + b" / " + version + b"\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in headers.items()) + b"\r\n"
 
 
 def frame(payload: bytes, opcode: int = 1, masked: bool = True, length: int | None = None) -> bytes:
@@ -79,20 +86,33 @@ def cases(rng: random.Random) -> list[tuple[str, bytes]]:
         ("a 100 KB header", b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000 + b"\r\n\r\n"),
         ("negative Content-Length", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\nhello"),
         ("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello"),
-        ("Content-Length and chunked", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                                       b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+        (
+            "Content-Length and chunked",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
         ("bad chunk size", b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n"),
-        ("a huge chunk, truncated", b"POST /?auth=x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                    b"fffffffffff\r\nabc"),
-        ("a truncated body", b"POST /profile/authenticate?auth=x HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                             b"application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nusername=a"),
-        ("an oversized Content-Length", b"POST /data-token/exchange-data-for-token?auth=x HTTP/1.1\r\nHost: x\r\n"
-                                        b"Content-Length: 1000000000000\r\n\r\n" + b"d" * 1000),
+        (
+            "a huge chunk, truncated",
+            b"POST /?auth=x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffff\r\nabc",
+        ),
+        (
+            "a truncated body",
+            b"POST /profile/authenticate?auth=x HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nusername=a",
+        ),
+        (
+            "an oversized Content-Length",
+            b"POST /data-token/exchange-data-for-token?auth=x HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 1000000000000\r\n\r\n" + b"d" * 1000,
+        ),
         ("a NUL in the target", b"GET /\x00health HTTP/1.1\r\nHost: x\r\n\r\n"),
         ("non-ASCII method", b"G\xc3\xa9T / HTTP/1.1\r\nHost: x\r\n\r\n"),
         ("pipelined good and bad", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nBAD\x00\x01\r\n\r\n"),
-        ("Expect: 100-continue, then nothing", b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                                               b"Content-Length: 10\r\n\r\n"),
+        (
+            "Expect: 100-continue, then nothing",
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+        ),
     ]
     out += [(f"random bytes #{i}", rng.randbytes(rng.randint(1, 4096))) for i in range(8)]
     return out
@@ -128,8 +148,12 @@ def statuses(answer: bytes) -> list[int]:
 
 async def slowloris(port: int, answers: list) -> None:
     """Hold half-sent requests open while a normal request goes through, then let them go."""
-    partial = [b"GET / HTTP/1.1\r\nHost: x\r\n", b"POST /?auth=x HTTP/1.1\r\nContent-Length: 100\r\n\r\nab",
-               UPGRADE[:40], b"G"]
+    partial = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+        b"POST /?auth=x HTTP/1.1\r\nContent-Length: 100\r\n\r\nab",
+        UPGRADE[:40],
+        b"G",
+    ]
     streams = []
     try:
         for i in range(12):
@@ -137,8 +161,12 @@ async def slowloris(port: int, answers: list) -> None:
             streams.append(s)
             await s.send_all(partial[i % len(partial)])
         await trio.sleep(0.3)
-        answers.append(("normal request beside half-sent ones", await exchange(
-            port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")))
+        answers.append(
+            (
+                "normal request beside half-sent ones",
+                await exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            )
+        )
     finally:
         for s in streams:
             await s.aclose()
@@ -198,8 +226,9 @@ async def test_fuzzing_every_port_ends_no_server_and_gets_no_5xx(own_engine):
         assert (await http.get(own_engine.urls["downstream"] + "/")).status_code == 401
     with trio.fail_after(10):
         async with open_websocket_url(own_engine.urls["ws"]) as ws:
-            await ws.send_message(json.dumps({"action": "joinChannel", "correlationId": "c1",
-                                              "data": {"authorizationToken": "T-nobody"}}))
+            await ws.send_message(
+                json.dumps({"action": "joinChannel", "correlationId": "c1", "data": {"authorizationToken": "T-nobody"}})
+            )
             answer = json.loads(await ws.get_message())
     assert (answer["correlationId"], answer["status"]) == ("c1", 401)
 
@@ -229,8 +258,9 @@ async def test_a_server_that_fails_as_a_whole_is_served_again_on_the_same_port(t
                 while True:  # served again, on the same port
                     try:
                         async with open_websocket_url(f"ws://127.0.0.1:{port}/") as ws:
-                            await ws.send_message(json.dumps({"action": "joinChannel",
-                                                              "data": {"authorizationToken": "T-x"}}))
+                            await ws.send_message(
+                                json.dumps({"action": "joinChannel", "data": {"authorizationToken": "T-x"}})
+                            )
                             assert json.loads(await ws.get_message())["status"] == 401
                         break
                     except (OSError, HandshakeError):

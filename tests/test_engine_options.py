@@ -1,5 +1,6 @@
 """Engine options: every alternative wire shape of the reference's section 9 and every fault
 injection switch, each observed over the real sockets."""
+
 from __future__ import annotations
 
 import os

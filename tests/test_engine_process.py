@@ -1,4 +1,5 @@
 """The one engine starter (privifs.engine_process), shared by the embedded engine and the tests."""
+
 from __future__ import annotations
 
 import pytest

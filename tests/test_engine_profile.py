@@ -1,4 +1,5 @@
 """Engine, profile and public-key groups, over real HTTP and WebSocket."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,13 +24,16 @@ async def test_register_then_duplicate_username_is_409(wire):
     assert r.status_code == 409
 
 
-@pytest.mark.parametrize("form,field", [
-    ({"password": "correct-horse"}, "username"),
-    ({"username": "x@example.com"}, "password"),
-    ({"username": "x@example.com", "password": "short"}, "password"),
-    ({"username": "x@example.com", "password": "aaaaaaaaaaaa"}, "password"),
-    ({"username": "", "password": "correct-horse"}, "username"),
-])
+@pytest.mark.parametrize(
+    "form,field",
+    [
+        ({"password": "correct-horse"}, "username"),
+        ({"username": "x@example.com"}, "password"),
+        ({"username": "x@example.com", "password": "short"}, "password"),
+        ({"username": "x@example.com", "password": "aaaaaaaaaaaa"}, "password"),
+        ({"username": "", "password": "correct-horse"}, "username"),
+    ],
+)
 async def test_register_validation_names_the_field(wire, form, field):
     r = await wire.post("/profile/register-profile", form)
     assert r.status_code == 422
@@ -44,8 +48,10 @@ async def test_with_unkeyed_auth_denied_authenticate_is_401_until_a_public_key_i
     assert r.status_code == 401
     assert "public_key" in r.json()["message"]
     _, pub = generate_identity()
-    r = await wire.post("/public-key/register-public-key",
-                        {"username": "nokey@example.com", "password": "correct-horse", "publicKey": pub})
+    r = await wire.post(
+        "/public-key/register-public-key",
+        {"username": "nokey@example.com", "password": "correct-horse", "publicKey": pub},
+    )
     assert await wire.poll(command_id(r)) == "succeeded"
     r = await wire.post("/profile/authenticate", {"username": "nokey@example.com", "password": "correct-horse"})
     assert r.status_code == 200
@@ -83,11 +89,16 @@ async def test_live_order_works_by_default(wire):
 def _bad_keys() -> list[tuple[str, str]]:
     _, good = generate_identity()
     raw = bytes.fromhex(good)
-    wrong_tag = (b"\x31\x42\x06\x00" + raw[4:36])
+    wrong_tag = b"\x31\x42\x06\x00" + raw[4:36]
     wrong_tag = wrong_tag + hashlib.blake2b(wrong_tag, digest_size=64).digest()
     bad_hash = raw[:36] + bytes(64)
-    return [("short", good[:-2]), ("not hex", "zz" * 100), ("wrong tag", wrong_tag.hex()),
-            ("wrong hash", bad_hash.hex()), ("empty", "")]
+    return [
+        ("short", good[:-2]),
+        ("not hex", "zz" * 100),
+        ("wrong tag", wrong_tag.hex()),
+        ("wrong hash", bad_hash.hex()),
+        ("empty", ""),
+    ]
 
 
 @pytest.mark.parametrize("label,key", _bad_keys())
@@ -112,10 +123,13 @@ async def test_profile_id_and_change_password(wire):
     creds = await wire.provision()
     pid = (await wire.get("/profile/retrieve-profile-id")).json()["profileId"]
     assert pid.startswith("prf-")
-    r = await wire.post("/profile/change-password", {"currentPassword": "not-it-at-all", "newPassword": "new-secret-99"})
+    r = await wire.post(
+        "/profile/change-password", {"currentPassword": "not-it-at-all", "newPassword": "new-secret-99"}
+    )
     assert r.status_code == 422 and "currentPassword" in r.json()["errors"]
-    r = await wire.post("/profile/change-password",
-                        {"currentPassword": creds["password"], "newPassword": "new-secret-99"})
+    r = await wire.post(
+        "/profile/change-password", {"currentPassword": creds["password"], "newPassword": "new-secret-99"}
+    )
     assert r.status_code == 202
     assert await wire.poll(command_id(r)) == "succeeded"
     # existing tokens stay valid; the old password no longer works
@@ -177,12 +191,15 @@ async def test_short_token_lifetime_expires(eng, wire):
 
 
 async def test_missing_or_garbage_authorization_is_401(wire):
-    for path in ("/profile/retrieve-profile-id", "/public-key/retrieve-public-key",
-                 "/data-token/list-data-tokens"):
+    for path in ("/profile/retrieve-profile-id", "/public-key/retrieve-public-key", "/data-token/list-data-tokens"):
         assert (await wire.get(path, token="")).status_code == 401
         assert (await wire.get(path, token="T-garbage")).status_code == 401
-    for path in ("/data-token/reserve-token-space", "/data-token/request-data", "/data-token/delete-data",
-                 "/profile/change-password"):
+    for path in (
+        "/data-token/reserve-token-space",
+        "/data-token/request-data",
+        "/data-token/delete-data",
+        "/profile/change-password",
+    ):
         assert (await wire.post(path, {"token": "x"}, token="")).status_code == 401
 
 
@@ -190,9 +207,11 @@ async def test_join_channel_with_bad_token_is_refused(wire):
     import json
 
     from trio_websocket import open_websocket_url
+
     async with open_websocket_url(wire.urls["ws"]) as ws:
-        await ws.send_message(json.dumps({"action": "joinChannel", "correlationId": "c1",
-                                          "data": {"authorizationToken": "T-nope"}}))
+        await ws.send_message(
+            json.dumps({"action": "joinChannel", "correlationId": "c1", "data": {"authorizationToken": "T-nope"}})
+        )
         answer = json.loads(await ws.get_message())
     assert answer["status"] == 401 and answer["correlationId"] == "c1"
 
@@ -201,11 +220,13 @@ async def test_join_echoes_correlation_id(wire):
     import json
 
     from trio_websocket import open_websocket_url
+
     await wire.provision()
     async with open_websocket_url(wire.urls["ws"]) as ws:
         await ws.send_message("not json")
-        await ws.send_message(json.dumps({"action": "joinChannel", "data": {
-            "authorizationToken": wire.token, "correlationId": "abc"}}))
+        await ws.send_message(
+            json.dumps({"action": "joinChannel", "data": {"authorizationToken": wire.token, "correlationId": "abc"}})
+        )
         answer = json.loads(await ws.get_message())
     assert answer["status"] == 200 and answer["correlationId"] == "abc"
     assert answer["data"]["channelId"] and answer["data"]["message"]

@@ -1,4 +1,5 @@
 """Nothing a client sends makes the engine answer 5xx, crash or log a traceback."""
+
 from __future__ import annotations
 
 import os
@@ -27,12 +28,25 @@ def api_routes(tmp_path_factory) -> list[tuple[str, str]]:
 
 
 GARBAGE = [
-    b"", b"\xff\xfe\x00garbage", b"token=%ZZ&data=%%%", b"a=" + b"x" * 300_000, b"{\"token\": [1, {}]}",
-    b"token=dtk-x&fileName=\x00&size=1e9&ttl=99999999999999999999", b"&&&===&&&", b"[]", b"null",
-    b"context=" + "ü".encode() * 5000 + b"&ttl=5", b"page=-1&perPage=0",
+    b"",
+    b"\xff\xfe\x00garbage",
+    b"token=%ZZ&data=%%%",
+    b"a=" + b"x" * 300_000,
+    b'{"token": [1, {}]}',
+    b"token=dtk-x&fileName=\x00&size=1e9&ttl=99999999999999999999",
+    b"&&&===&&&",
+    b"[]",
+    b"null",
+    b"context=" + "ü".encode() * 5000 + b"&ttl=5",
+    b"page=-1&perPage=0",
 ]
-CONTENT_TYPES = ["application/x-www-form-urlencoded", "application/json", "multipart/form-data; boundary=x",
-                 "text/plain", "application/octet-stream"]
+CONTENT_TYPES = [
+    "application/x-www-form-urlencoded",
+    "application/json",
+    "multipart/form-data; boundary=x",
+    "text/plain",
+    "application/octet-stream",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +66,13 @@ async def test_no_request_gets_a_5xx(engine, routes, wire):
                         headers["X-DPT-AUTHORIZATION"] = token
                     if rng.random() < 0.3:
                         headers["Authorization"] = "Basic " + rng.choice(["x", "!!!", "eDp5", "Zm9vOmJhcg=="])
-                    r = await c.request(method, path, content=body if method == "POST" else None,
-                                        params={"page": body[:50].decode("latin-1")} if method == "GET" else None,
-                                        headers=headers)
+                    r = await c.request(
+                        method,
+                        path,
+                        content=body if method == "POST" else None,
+                        params={"page": body[:50].decode("latin-1")} if method == "GET" else None,
+                        headers=headers,
+                    )
                     assert r.status_code < 500, (method, path, body[:40], r.status_code, r.text[:200])
         big = b"token=" + b"A" * 3_000_000
         for method, path in routes:

@@ -1,6 +1,7 @@
 """Engine, verified authenticators, voting and policies over real HTTP and WebSocket: a command
 gated by an active policy stays at status 1 until its pool is approved (then applied), and ends
 with status 3 when a vote rejects it, the time limit passes, or the pool is cancelled."""
+
 from __future__ import annotations
 
 import trio
@@ -15,26 +16,36 @@ async def authenticators(wire, ch, n: int) -> list[str]:
     devices = []
     for i in range(n):
         dev = await new_device(wire, ch, f"phone{i}")
-        assert (await run(wire, ch, "/verified-authenticator/register", {"deviceIdentifier": dev}))["body"] == \
-            "device.not_approved"
+        assert (await run(wire, ch, "/verified-authenticator/register", {"deviceIdentifier": dev}))[
+            "body"
+        ] == "device.not_approved"
         await run(wire, ch, "/device/approve-device", {"deviceIdentifier": dev})
         assert (await run(wire, ch, "/verified-authenticator/register", {"deviceIdentifier": dev}))[
-            "command_status"] == 2
+            "command_status"
+        ] == 2
         devices.append(dev)
     return devices
 
 
 async def gate_deletes(wire, ch, devices, *, strategy="unanimous", time_limit=60, name="vc") -> str:
-    r = await wire.post("/verified-authenticator/voting-configuration/register",
-                        json={"name": name, "strategy": strategy, "timeLimit": time_limit,
-                              "deviceIdentifiers": devices})
+    r = await wire.post(
+        "/verified-authenticator/voting-configuration/register",
+        json={"name": name, "strategy": strategy, "timeLimit": time_limit, "deviceIdentifiers": devices},
+    )
     assert r.status_code == 202, r.text
     assert (await ch.wait_for("X-DPT-CAB-ID", command_id(r)))["command_status"] == 2
     templates = (await wire.get("/policy/list-policy-templates")).json()
     delete_event = next(k for k, v in templates[TEMPLATE]["events"].items() if v == "data.delete")
-    r = await wire.post("/policy/register", json={
-        "name": f"hold-deletes-{name}", "policyTemplateId": TEMPLATE, "applyingEventIds": [delete_event],
-        "votingConfigurationId": name, "configuration": {"reason": "tests"}})
+    r = await wire.post(
+        "/policy/register",
+        json={
+            "name": f"hold-deletes-{name}",
+            "policyTemplateId": TEMPLATE,
+            "applyingEventIds": [delete_event],
+            "votingConfigurationId": name,
+            "configuration": {"reason": "tests"},
+        },
+    )
     assert r.status_code == 202, r.text
     await ch.wait_for("X-DPT-CAB-ID", command_id(r))
     policy = (await wire.get(f"/policy/retrieve-policy/hold-deletes-{name}")).json()
@@ -127,24 +138,36 @@ async def test_voting_and_policy_errors(wire):
     async with wire.channel() as ch:
         (a,) = await authenticators(wire, ch, 1)
         outsider = await new_device(wire, ch, "outsider")
-        for body, field in (({"strategy": "unanimous"}, "name"), ({"name": "x", "strategy": "dictator"}, "strategy"),
-                            ({"name": "x", "timeLimit": "soon"}, "timeLimit"),
-                            ({"name": "x", "deviceIdentifiers": [outsider]}, "deviceIdentifiers")):
+        for body, field in (
+            ({"strategy": "unanimous"}, "name"),
+            ({"name": "x", "strategy": "dictator"}, "strategy"),
+            ({"name": "x", "timeLimit": "soon"}, "timeLimit"),
+            ({"name": "x", "deviceIdentifiers": [outsider]}, "deviceIdentifiers"),
+        ):
             r = await wire.post("/verified-authenticator/voting-configuration/register", json=body)
             assert r.status_code == 422 and field in r.json()["errors"], body
-        r = await wire.post("/verified-authenticator/voting-configuration/register",
-                            json={"name": "dup", "deviceIdentifiers": [a]})
+        r = await wire.post(
+            "/verified-authenticator/voting-configuration/register", json={"name": "dup", "deviceIdentifiers": [a]}
+        )
         await ch.wait_for("X-DPT-CAB-ID", command_id(r))
-        r = await wire.post("/verified-authenticator/voting-configuration/register",
-                            json={"name": "dup", "deviceIdentifiers": [a]})
+        r = await wire.post(
+            "/verified-authenticator/voting-configuration/register", json={"name": "dup", "deviceIdentifiers": [a]}
+        )
         ack = await ch.wait_for("X-DPT-CAB-ID", command_id(r))
         assert ack["command_status"] == 3 and ack["body"] == "voting_configuration.name_taken"
-        good = {"name": "p", "policyTemplateId": TEMPLATE, "applyingEventIds": ["5"], "votingConfigurationId": "dup",
-                "configuration": {"k": "v"}}
-        for change, field in (({"policyTemplateId": "tpl-nope"}, "policyTemplateId"),
-                              ({"applyingEventIds": ["99"]}, "applyingEventIds"),
-                              ({"configuration": {}}, "configuration"),
-                              ({"votingConfigurationId": "missing"}, "votingConfigurationId")):
+        good = {
+            "name": "p",
+            "policyTemplateId": TEMPLATE,
+            "applyingEventIds": ["5"],
+            "votingConfigurationId": "dup",
+            "configuration": {"k": "v"},
+        }
+        for change, field in (
+            ({"policyTemplateId": "tpl-nope"}, "policyTemplateId"),
+            ({"applyingEventIds": ["99"]}, "applyingEventIds"),
+            ({"configuration": {}}, "configuration"),
+            ({"votingConfigurationId": "missing"}, "votingConfigurationId"),
+        ):
             r = await wire.post("/policy/register", json={**good, **change})
             assert r.status_code == 422 and field in r.json()["errors"], change
         assert (await wire.get("/policy/retrieve-policy/none")).status_code == 404
@@ -162,6 +185,7 @@ async def test_voting_and_policy_errors(wire):
 
 async def test_a_held_command_survives_an_engine_restart(tmp_path):
     from tests.enginekit import EngineProcess, Wire
+
     eng = EngineProcess(tmp_path / "data").start()
     try:
         wire = Wire(eng.urls)

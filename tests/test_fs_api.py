@@ -4,6 +4,7 @@ rename in all its forms, unlink of an open file, setattr, symlinks, readdir offs
 names; then what reaches the vault, and what a filesystem built from an empty local state shows.
 What needs the kernel (permission checks, page cache, the mount's lifetime) stays in the mounted
 tests (test_fs_posix.py and others)."""
+
 from __future__ import annotations
 
 import errno
@@ -49,7 +50,7 @@ async def test_writing_into_an_uploaded_file_keeps_the_bytes_around_the_write(ki
     await kit.settle()
     fh = await kit.open_file("f.txt", os.O_WRONLY)
     await kit.write(fh, 2, b"XX")
-    await kit.write(fh, 20, b"end")             # past the end: a hole of zeros
+    await kit.write(fh, 20, b"end")  # past the end: a hole of zeros
     await kit.close(fh)
     assert await kit.read_file("f.txt") == b"heXXo world" + bytes(9) + b"end"
     await kit.settle()
@@ -60,7 +61,7 @@ async def test_o_trunc_and_o_append(kit):
     await kit.write_file("log", b"first\n")
     await kit.settle()
     fh = await kit.open_file("log", os.O_WRONLY | os.O_APPEND)
-    await kit.write(fh, 0, b"second\n")          # O_APPEND: the offset is ignored
+    await kit.write(fh, 0, b"second\n")  # O_APPEND: the offset is ignored
     await kit.close(fh)
     assert await kit.read_file("log") == b"first\nsecond\n"
     fh = await kit.open_file("log", os.O_WRONLY | os.O_TRUNC)
@@ -86,7 +87,7 @@ async def test_mkdir_and_rmdir_follow_posix(kit):
     with fails_with(errno.EEXIST):
         await kit.mkdir("d")
     await kit.write_file("d/f", b"x")
-    assert (await kit.lookup("")).st_nlink == 3          # the root: ., .. and d
+    assert (await kit.lookup("")).st_nlink == 3  # the root: ., .. and d
     with fails_with(errno.ENOTEMPTY):
         await kit.rmdir("d")
     with fails_with(errno.ENOTDIR):
@@ -140,12 +141,17 @@ async def test_rename_of_a_directory_is_a_meta_update_of_every_token_below_it(ki
     await kit.settle()
     before = {i.token for i in await kit.listing()}
     await kit.rename("proj", "renamed")
-    expected = {"renamed": "dir", "renamed/src": "dir", "renamed/src/pkg": "dir", "renamed/README": b"readme",
-                **{f"renamed/src/pkg/m{i}.py": f"x = {i}\n".encode() for i in range(3)}}
+    expected = {
+        "renamed": "dir",
+        "renamed/src": "dir",
+        "renamed/src/pkg": "dir",
+        "renamed/README": b"readme",
+        **{f"renamed/src/pkg/m{i}.py": f"x = {i}\n".encode() for i in range(3)},
+    }
     assert await kit.tree() == expected
     await kit.settle()
     after = await kit.listing()
-    assert {i.token for i in after} == before                      # nothing uploaded again
+    assert {i.token for i in after} == before  # nothing uploaded again
     assert {i.context for i in after if i.file_name.endswith(".py")} == {"/renamed/src/pkg"}
     assert await kit.vault_tree() == expected
     async with kit.fresh() as other:
@@ -153,7 +159,7 @@ async def test_rename_of_a_directory_is_a_meta_update_of_every_token_below_it(ki
 
 
 async def test_renaming_over_the_only_entry_of_a_directory_leaves_no_marker_token(kit):
-    await kit.remote.put("b/y", b"old")                 # /b exists only through y
+    await kit.remote.put("b/y", b"old")  # /b exists only through y
     await kit.refresh()
     await kit.write_file("x", b"new")
     await kit.settle()
@@ -194,8 +200,8 @@ async def test_rename_refuses_what_posix_refuses(kit):
         await kit.rename("file", "full/f", pyfuse3.RENAME_NOREPLACE)
     with fails_with(errno.EINVAL):
         await kit.rename("file", "full/f", pyfuse3.RENAME_EXCHANGE)
-    await kit.rename("file", "file")                 # onto itself: nothing happens
-    await kit.rename("d", "empty")                   # a directory over an empty one
+    await kit.rename("file", "file")  # onto itself: nothing happens
+    await kit.rename("d", "empty")  # a directory over an empty one
     await kit.rename("file", "fresh", pyfuse3.RENAME_NOREPLACE)
     assert await kit.tree() == {"empty": "dir", "full": "dir", "full/f": b"x", "fresh": b"y"}
 
@@ -286,18 +292,21 @@ async def test_truncate_chmod_and_utimens_are_kept_in_the_vault(kit):
     assert await kit.read_file("f") == b"0123\0\0"
     await kit.setattr("f", mode=0o600)
     await kit.setattr("f", atime_ns=1_000_000_000_123, mtime_ns=2_000_000_000_456)
-    await kit.setattr("f", atime_ns=1_000_000_000_118)   # mtime omitted: kept
+    await kit.setattr("f", atime_ns=1_000_000_000_118)  # mtime omitted: kept
     attrs = await kit.lookup("f")
     assert stat.S_IMODE(attrs.st_mode) == 0o600
     assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_118, 2_000_000_000_456)
-    await kit.read_file("f")                              # reads leave atime alone
+    await kit.read_file("f")  # reads leave atime alone
     assert (await kit.lookup("f")).st_atime_ns == 1_000_000_000_118
     await kit.settle()
     assert await kit.vault_tree() == {"f": b"0123\0\0"}
     risk = (await kit.remote.token("f")).risk
-    assert (risk["privifs.mode"], risk["privifs.atime"], risk["privifs.mtime"]) == \
-        ("600", "1000000000118", "2000000000456")
-    async with kit.fresh() as other:                      # from the token's meta alone
+    assert (risk["privifs.mode"], risk["privifs.atime"], risk["privifs.mtime"]) == (
+        "600",
+        "1000000000118",
+        "2000000000456",
+    )
+    async with kit.fresh() as other:  # from the token's meta alone
         attrs = await other.lookup("f")
         assert stat.S_IMODE(attrs.st_mode) == 0o600
         assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_000_000_000_118, 2_000_000_000_456)
@@ -307,15 +316,14 @@ async def test_truncate_chmod_and_utimens_are_kept_in_the_vault(kit):
 async def test_attributes_survive_a_restart_from_the_local_index(module_account, eng, tmp_path):
     async with inprocess_fs(tmp_path, *module_account, empty_vault=True) as kit:
         await kit.write_file("t.txt", b"t")
-        await kit.setattr("t.txt", mode=0o640, atime_ns=1_900_000_000_123_456_789,
-                          mtime_ns=1_950_000_000_987_654_321)
+        await kit.setattr("t.txt", mode=0o640, atime_ns=1_900_000_000_123_456_789, mtime_ns=1_950_000_000_987_654_321)
         key = kit.key
-    async with inprocess_fs(tmp_path, *module_account, key=key) as again:   # same state directory
+    async with inprocess_fs(tmp_path, *module_account, key=key) as again:  # same state directory
         attrs = await again.lookup("t.txt")
         assert stat.S_IMODE(attrs.st_mode) == 0o640
         assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (1_900_000_000_123_456_789, 1_950_000_000_987_654_321)
         assert await again.read_file("t.txt") == b"t"
-        await again.settle()                              # what was not written back is, now
+        await again.settle()  # what was not written back is, now
         assert await again.vault_tree() == {"t.txt": b"t"}
 
 
@@ -377,8 +385,12 @@ async def test_extended_attributes_are_not_supported(kit):
     # ENOSYS: the kernel answers EOPNOTSUPP and stops asking (docs/semantics.md)
     await kit.write_file("f", b"")
     ino = await kit.ino("f")
-    for call in (kit.ops.getxattr(ino, b"user.x", CTX), kit.ops.setxattr(ino, b"user.x", b"v", CTX),
-                 kit.ops.listxattr(ino, CTX), kit.ops.removexattr(ino, b"user.x", CTX)):
+    for call in (
+        kit.ops.getxattr(ino, b"user.x", CTX),
+        kit.ops.setxattr(ino, b"user.x", b"v", CTX),
+        kit.ops.listxattr(ino, CTX),
+        kit.ops.removexattr(ino, b"user.x", CTX),
+    ):
         with fails_with(errno.ENOSYS):
             await call
 
@@ -392,12 +404,12 @@ async def test_readdir_resumes_at_its_offset_while_entries_come_and_go(kit):
     fh = await kit.opendir("d")
     first = await kit.readdir_handle(fh, 0, limit=2)
     assert [n for n, _ in first] == ["a", "b"]
-    await kit.unlink("d/c")                          # removed while listed: not shown
-    await kit.write_file("d/f", b"f")                # added while listed
+    await kit.unlink("d/c")  # removed while listed: not shown
+    await kit.write_file("d/f", b"f")  # added while listed
     await kit.rename("d/a", "d/z")
     rest = await kit.readdir_handle(fh, first[-1][1])
     await kit.releasedir(fh)
-    assert [n for n, _ in rest] == ["d", "e"]        # nothing repeated, nothing skipped
+    assert [n for n, _ in rest] == ["d", "e"]  # nothing repeated, nothing skipped
     assert sorted(n for n, _ in await kit.readdir("d")) == ["b", "d", "e", "f", "z"]
 
 
@@ -425,5 +437,8 @@ async def test_a_filesystem_built_from_an_empty_local_state_shows_the_same_tree(
         assert await other.tree() == tree
         for path in tree:
             mine, theirs = await kit.lookup(path), await other.lookup(path)
-            assert (theirs.st_mode, theirs.st_size, theirs.st_mtime_ns) == \
-                (mine.st_mode, mine.st_size, mine.st_mtime_ns), path
+            assert (theirs.st_mode, theirs.st_size, theirs.st_mtime_ns) == (
+                mine.st_mode,
+                mine.st_size,
+                mine.st_mtime_ns,
+            ), path

@@ -4,6 +4,7 @@ directly in the vault as another client would, runs ONE refresh pass, and checks
 with local changes still pending then let write-back finish and check that the tree converged to
 what a filesystem built from an empty local state shows (docs/semantics.md, *the consistency
 model*). The real races between two kernel mounts stay in test_fs_multiclient.py."""
+
 from __future__ import annotations
 
 import os
@@ -41,12 +42,15 @@ async def claimed(kit: InProcessFs, path: str) -> dict[str, str]:
     """Who shows where among the tokens claiming ``path``: the earliest createdAt (then the
     smallest token id) under the plain name, the others under their conflict names."""
     head, _, name = path.rpartition("/")
-    claims = sorted((i for i in await kit.listing()
-                     if i.context.strip("/") == head and i.file_name == name),
-                    key=lambda i: (i.created_at, i.token))
+    claims = sorted(
+        (i for i in await kit.listing() if i.context.strip("/") == head and i.file_name == name),
+        key=lambda i: (i.created_at, i.token),
+    )
     assert len(claims) >= 2, f"{path}: {len(claims)} tokens"
-    return {(f"{head}/" if head else "") + (name if n == 0 else conflict(name, i.token)): i.token
-            for n, i in enumerate(claims)}
+    return {
+        (f"{head}/" if head else "") + (name if n == 0 else conflict(name, i.token)): i.token
+        for n, i in enumerate(claims)
+    }
 
 
 async def by_claim(kit: InProcessFs, path: str, contents: dict[str, bytes]) -> Tree:
@@ -177,83 +181,146 @@ async def delete_markers(kit, s):
 
 
 ROWS = [
-    Row("remote create", seed_d,
+    Row(
+        "remote create",
+        seed_d,
         lambda kit, s: kit.remote.put("d/new.txt", b"N"),
-        {"d": "dir", "d/a.txt": b"A", "d/new.txt": b"N"}),
-    Row("remote create in directories nobody made here", seed_d,
+        {"d": "dir", "d/a.txt": b"A", "d/new.txt": b"N"},
+    ),
+    Row(
+        "remote create in directories nobody made here",
+        seed_d,
         lambda kit, s: kit.remote.put("x/y/z.txt", b"Z"),
-        {"d": "dir", "d/a.txt": b"A", "x": "dir", "x/y": "dir", "x/y/z.txt": b"Z"}),
-    Row("remote mkdir", seed_d,
+        {"d": "dir", "d/a.txt": b"A", "x": "dir", "x/y": "dir", "x/y/z.txt": b"Z"},
+    ),
+    Row(
+        "remote mkdir",
+        seed_d,
         lambda kit, s: kit.remote.mkdir("d/empty"),
-        {"d": "dir", "d/a.txt": b"A", "d/empty": "dir"}),
-    Row("remote modify (a new token replaces the old)", seed_ab,
+        {"d": "dir", "d/a.txt": b"A", "d/empty": "dir"},
+    ),
+    Row(
+        "remote modify (a new token replaces the old)",
+        seed_ab,
         lambda kit, s: kit.remote.rewrite("a.txt", b"rewritten"),
-        {"a.txt": b"rewritten", "b.txt": b"B"}),
-    Row("remote rename into a directory", seed_d,
+        {"a.txt": b"rewritten", "b.txt": b"B"},
+    ),
+    Row(
+        "remote rename into a directory",
+        seed_d,
         lambda kit, s: kit.remote.move("d/a.txt", "top.md"),
-        {"d": "dir", "top.md": b"A"}),
-    Row("remote rename onto a name a local file holds", renamed_onto_a_taken_name,
+        {"d": "dir", "top.md": b"A"},
+    ),
+    Row(
+        "remote rename onto a name a local file holds",
+        renamed_onto_a_taken_name,
         lambda kit, s: kit.remote.move("m.txt", "t.txt"),
-        lambda kit, s: by_claim(kit, "t.txt", {s["taken"]: b"taken", s["moved"]: b"moved"})),
-    Row("remote delete", seed_ab,
-        lambda kit, s: kit.remote.delete("a.txt"),
-        {"b.txt": b"B"}),
-    Row("remote delete of directory markers", dir_with_marker, delete_markers,
-        {"d": "dir", "d/f": b"f"}),
-    Row("remote rmdir of a directory holding a local pending create: it stays", pending_create_in_empty_dir,
+        lambda kit, s: by_claim(kit, "t.txt", {s["taken"]: b"taken", s["moved"]: b"moved"}),
+    ),
+    Row("remote delete", seed_ab, lambda kit, s: kit.remote.delete("a.txt"), {"b.txt": b"B"}),
+    Row("remote delete of directory markers", dir_with_marker, delete_markers, {"d": "dir", "d/f": b"f"}),
+    Row(
+        "remote rmdir of a directory holding a local pending create: it stays",
+        pending_create_in_empty_dir,
         lambda kit, s: kit.remote.delete("d"),
         {"d": "dir", "d/new": b"new"},
-        final={"d": "dir", "d/new": b"new"}),
-    Row("remote delete of a locally modified file: the edit wins", edit_kept_open,
+        final={"d": "dir", "d/new": b"new"},
+    ),
+    Row(
+        "remote delete of a locally modified file: the edit wins",
+        edit_kept_open,
         lambda kit, s: kit.remote.delete("e.txt"),
         {"e.txt": b"local edit"},
-        final={"e.txt": b"local edit"}),
-    Row("remote modify of a locally modified file: both stay", edit_kept_open, rewrite_theirs,
+        final={"e.txt": b"local edit"},
+    ),
+    Row(
+        "remote modify of a locally modified file: both stay",
+        edit_kept_open,
+        rewrite_theirs,
         lambda kit, s: {"e.txt": b"local edit", conflict("e.txt", s["theirs"]): b"their edit"},
-        final=lambda kit, s: _both_edits(kit)),
-    Row("remote rename of a locally modified file: the edit stays, the renamed version too", edit_kept_open,
+        final=lambda kit, s: _both_edits(kit),
+    ),
+    Row(
+        "remote rename of a locally modified file: the edit stays, the renamed version too",
+        edit_kept_open,
         lambda kit, s: kit.remote.move("e.txt", "e2.txt"),
         {"e.txt": b"local edit"},
-        final={"e.txt": b"local edit", "e2.txt": b"original"}),
-    Row("remote delete of a locally renamed file: the rename wins (its content is cached)",
+        final={"e.txt": b"local edit", "e2.txt": b"original"},
+    ),
+    Row(
+        "remote delete of a locally renamed file: the rename wins (its content is cached)",
         renamed_here_not_yet_written_back,
         lambda kit, s: kit.remote.delete("r.txt"),
         {"r2.txt": b"renamed here"},
-        final={"r2.txt": b"renamed here"}),
-    Row("remote delete of a locally chmod-ed file: the delete wins", chmod_here_not_yet_written_back,
+        final={"r2.txt": b"renamed here"},
+    ),
+    Row(
+        "remote delete of a locally chmod-ed file: the delete wins",
+        chmod_here_not_yet_written_back,
         lambda kit, s: kit.remote.delete("m.txt"),
         {"m.txt": b"mode changed here", "keep": b"k"},
-        final={"keep": b"k"}),
+        final={"keep": b"k"},
+    ),
     Row("same-name create by another client", same_name_clean, put_theirs, both_claims),
-    Row("two remote tokens claiming one path", seed_ab, two_remote_claims,
-        lambda kit, s: _with_ab(by_claim(kit, "same.txt", {s["first"]: b"first", s["second"]: b"second"}))),
-    Row("the plain-name holder goes: the next in claim order takes the plain name", two_claims_shown,
+    Row(
+        "two remote tokens claiming one path",
+        seed_ab,
+        two_remote_claims,
+        lambda kit, s: _with_ab(by_claim(kit, "same.txt", {s["first"]: b"first", s["second"]: b"second"})),
+    ),
+    Row(
+        "the plain-name holder goes: the next in claim order takes the plain name",
+        two_claims_shown,
         lambda kit, s: kit.client.tokens.delete(s["winner"]),
-        lambda kit, s: {"same.txt": b"first" if s["loser"] == s["first"] else b"second"}),
-    Row("same-name create while ours is not written back", same_name_pending, put_theirs,
+        lambda kit, s: {"same.txt": b"first" if s["loser"] == s["first"] else b"second"},
+    ),
+    Row(
+        "same-name create while ours is not written back",
+        same_name_pending,
+        put_theirs,
         lambda kit, s: _pending_keeps_plain(kit, s),
-        final=both_claims_final),
-    Row("remote directory rename with a local pending create inside", pending_create_in_dir,
+        final=both_claims_final,
+    ),
+    Row(
+        "remote directory rename with a local pending create inside",
+        pending_create_in_dir,
         lambda kit, s: kit.remote.move_dir("w1", "w1r"),
         {"w1r": "dir", "w1r/sub": "dir", "w1r/sub/one": b"one", "w1r/sub/bnew": b"bnew"},
-        final={"w1r": "dir", "w1r/sub": "dir", "w1r/sub/one": b"one", "w1r/sub/bnew": b"bnew"}),
-    Row("remote directory rename that missed a create inside: it stays at its token's place",
+        final={"w1r": "dir", "w1r/sub": "dir", "w1r/sub/one": b"one", "w1r/sub/bnew": b"bnew"},
+    ),
+    Row(
+        "remote directory rename that missed a create inside: it stays at its token's place",
         create_after_their_listing,
         lambda kit, s: kit.remote.move_dir("w1", "w1r", only=s["known"]),
-        {"w1": "dir", "w1/sub": "dir", "w1/sub/bnew": b"bnew", "w1r": "dir", "w1r/sub": "dir",
-         "w1r/sub/one": b"one"},
-        final={"w1": "dir", "w1/sub": "dir", "w1/sub/bnew": b"bnew", "w1r": "dir", "w1r/sub": "dir",
-               "w1r/sub/one": b"one"}),
-    Row("a remote directory where a local file is: the file moves aside", file_where_a_dir_comes,
+        {"w1": "dir", "w1/sub": "dir", "w1/sub/bnew": b"bnew", "w1r": "dir", "w1r/sub": "dir", "w1r/sub/one": b"one"},
+        final={
+            "w1": "dir",
+            "w1/sub": "dir",
+            "w1/sub/bnew": b"bnew",
+            "w1r": "dir",
+            "w1r/sub": "dir",
+            "w1r/sub/one": b"one",
+        },
+    ),
+    Row(
+        "a remote directory where a local file is: the file moves aside",
+        file_where_a_dir_comes,
         lambda kit, s: kit.remote.mkdir("x"),
-        lambda kit, s: {"x": "dir", conflict("x", s["file"]): b"a file"}),
-    Row("a remote directory and an entry inside it listed first, where a local file is",
-        file_where_a_dir_comes, entry_then_marker,
-        lambda kit, s: {"x": "dir", "x/inside": b"in", conflict("x", s["file"]): b"a file"}),
-    Row("remote chmod", seed_ab,
+        lambda kit, s: {"x": "dir", conflict("x", s["file"]): b"a file"},
+    ),
+    Row(
+        "a remote directory and an entry inside it listed first, where a local file is",
+        file_where_a_dir_comes,
+        entry_then_marker,
+        lambda kit, s: {"x": "dir", "x/inside": b"in", conflict("x", s["file"]): b"a file"},
+    ),
+    Row(
+        "remote chmod",
+        seed_ab,
         lambda kit, s: kit.remote.chmod("a.txt", 0o600),
         {"a.txt": b"A", "b.txt": b"B"},
-        check=lambda kit, s: _mode_is(kit, "a.txt", 0o600)),
+        check=lambda kit, s: _mode_is(kit, "a.txt", 0o600),
+    ),
 ]
 
 
@@ -267,8 +334,9 @@ async def _pending_keeps_plain(kit, s):
 
 
 async def _both_edits(kit):
-    return await by_claim(kit, "e.txt", {i.token: await kit.client.vault(kit.key).get_bytes(i.token)
-                                         for i in await kit.listing()})
+    return await by_claim(
+        kit, "e.txt", {i.token: await kit.client.vault(kit.key).get_bytes(i.token) for i in await kit.listing()}
+    )
 
 
 async def _dir_beats_file(s):

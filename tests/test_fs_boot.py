@@ -1,5 +1,6 @@
 """Boot and fstab: ``mount -t fuse.privifs`` through the installed ``mount.fuse.privifs`` helper,
 a plain ``umount DIR`` that loses nothing, and the helper's option translation (in-process)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from privifs.cli.mount_helper import main as helper_main, translate
+from privifs.cli.mount_helper import main as helper_main
+from privifs.cli.mount_helper import translate
 from privifs.paths import pid_alive
 from tests.mountkit import Mount, is_mounted
 
@@ -53,16 +55,24 @@ def fstype(path: Path) -> str | None:
 
 def mount_t(m: Mount, options: str) -> subprocess.CompletedProcess:
     config = m.root / "config" / "privifs" / "config.toml"
-    return subprocess.run(["mount", "-t", "fuse.privifs", "-o", f"{options},config={config}", "privifs", str(m.dir)],
-                          env=m.env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        ["mount", "-t", "fuse.privifs", "-o", f"{options},config={config}", "privifs", str(m.dir)],
+        env=m.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_mount_t_fuse_privifs_works_and_a_plain_umount_loses_nothing(engine, tmp_path):
     m = Mount(tmp_path, engine.urls)
     try:
         with installed_helper():
-            r = mount_t(m, "rw,_netdev,x-systemd.automount,x-systemd.idle-timeout=60,cache_size=64M,"
-                           "refresh_interval=1,write_back_delay=3")
+            r = mount_t(
+                m,
+                "rw,_netdev,x-systemd.automount,x-systemd.idle-timeout=60,cache_size=64M,"
+                "refresh_interval=1,write_back_delay=3",
+            )
             assert r.returncode == 0, r.stdout + r.stderr
             assert fstype(m.dir) == "fuse.privifs"
             pid = m.pid
@@ -78,10 +88,13 @@ def test_mount_t_fuse_privifs_works_and_a_plain_umount_loses_nothing(engine, tmp
             assert ("/", "last-minute.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
             fstab = tmp_path / "fstab"  # the README's line, read by mount(8) as /etc/fstab would be
             config = m.root / "config" / "privifs" / "config.toml"
-            fstab.write_text(f"privifs  {m.dir}  fuse.privifs  _netdev,x-systemd.automount,nofail,ro,cache_size=2G,"
-                             f"config={config}  0  0\n")
-            r = subprocess.run(["mount", "-T", str(fstab), str(m.dir)], env=m.env, capture_output=True, text=True,
-                               timeout=180)
+            fstab.write_text(
+                f"privifs  {m.dir}  fuse.privifs  _netdev,x-systemd.automount,nofail,ro,cache_size=2G,"
+                f"config={config}  0  0\n"
+            )
+            r = subprocess.run(
+                ["mount", "-T", str(fstab), str(m.dir)], env=m.env, capture_output=True, text=True, timeout=180
+            )
             assert r.returncode == 0, r.stdout + r.stderr
             assert fstype(m.dir) == "fuse.privifs"
             assert (m.dir / "last-minute.bin").read_bytes() == data
@@ -95,13 +108,31 @@ def test_mount_t_fuse_privifs_works_and_a_plain_umount_loses_nothing(engine, tmp
 
 
 def test_helper_translates_mount_options_into_privifs_mount():
-    args, fake = translate(["privifs", "/mnt/v", "-n", "-o",
-                            "rw,_netdev,x-systemd.automount,nofail,allow_other,cache_size=1G,config=/etc/p.toml"])
+    args, fake = translate(
+        [
+            "privifs",
+            "/mnt/v",
+            "-n",
+            "-o",
+            "rw,_netdev,x-systemd.automount,nofail,allow_other,cache_size=1G,config=/etc/p.toml",
+        ]
+    )
     assert args == ["--config", "/etc/p.toml", "mount", "/mnt/v", "--allow-other", "--cache-size", "1G"]
     assert not fake
     args, fake = translate(["privifs", "/mnt/v", "-f", "-o", "ro,uid=1000,gid=100,umask=077,refresh_interval=5"])
-    assert args == ["mount", "/mnt/v", "--read-only", "--uid", "1000", "--gid", "100", "--umask", "077",
-                    "--refresh-interval", "5"]
+    assert args == [
+        "mount",
+        "/mnt/v",
+        "--read-only",
+        "--uid",
+        "1000",
+        "--gid",
+        "100",
+        "--umask",
+        "077",
+        "--refresh-interval",
+        "5",
+    ]
     assert fake
 
 

@@ -1,6 +1,7 @@
 """ContentCache.fetch shares one download among concurrent readers of a token; when that shared
 download fails, every waiter retries and reports on its own, and the in-flight bookkeeping stays
 consistent however those retries overlap (in-process: a vault stand-in whose downloads fail)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Errnos are chosen in one place (privifs/fs/errnos.py) from the error's type, and a command the
 server rejects becomes the error type its reason key stands for."""
+
 from __future__ import annotations
 
 import errno
@@ -28,39 +29,45 @@ from privifs.fs.errnos import errno_for
 from tests.fskit import inprocess_fs
 
 
-@pytest.mark.parametrize("exc,code", [
-    (DiskFullError("full"), errno.ENOSPC),
-    (LocalStoreError("broken"), errno.EIO),
-    (NodeGone("gone"), errno.ENOENT),
-    (NotFoundError("missing", status=404), errno.ENOENT),
-    (AuthenticationError("refused"), errno.EACCES),
-    (AuthorizationError("refused"), errno.EACCES),
-    (ForbiddenError("forbidden", status=403), errno.EACCES),
-    (PermissionRefused("not yours", command_id="c", reason="profile.not_an_owner"), errno.EACCES),
-    (CommandRejected("no", command_id="c", reason="policy.rejected"), errno.EIO),
-    (ConflictError("taken", status=409), errno.EEXIST),
-    (ServerError("5xx", status=503), errno.EIO),
-    (ServerUnreachable("down"), errno.EIO),
-    (IntegrityError("tampered"), errno.EIO),
-    (WriteBackFailed("upload did not complete"), errno.EIO),
-    (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
-    (OSError(errno.EDQUOT, "quota"), errno.EDQUOT),
-    (OSError(errno.EPERM, "odd"), errno.EIO),
-    (ValueError("a bug"), errno.EIO),
-])
+@pytest.mark.parametrize(
+    "exc,code",
+    [
+        (DiskFullError("full"), errno.ENOSPC),
+        (LocalStoreError("broken"), errno.EIO),
+        (NodeGone("gone"), errno.ENOENT),
+        (NotFoundError("missing", status=404), errno.ENOENT),
+        (AuthenticationError("refused"), errno.EACCES),
+        (AuthorizationError("refused"), errno.EACCES),
+        (ForbiddenError("forbidden", status=403), errno.EACCES),
+        (PermissionRefused("not yours", command_id="c", reason="profile.not_an_owner"), errno.EACCES),
+        (CommandRejected("no", command_id="c", reason="policy.rejected"), errno.EIO),
+        (ConflictError("taken", status=409), errno.EEXIST),
+        (ServerError("5xx", status=503), errno.EIO),
+        (ServerUnreachable("down"), errno.EIO),
+        (IntegrityError("tampered"), errno.EIO),
+        (WriteBackFailed("upload did not complete"), errno.EIO),
+        (OSError(errno.ENOSPC, "full"), errno.ENOSPC),
+        (OSError(errno.EDQUOT, "quota"), errno.EDQUOT),
+        (OSError(errno.EPERM, "odd"), errno.EIO),
+        (ValueError("a bug"), errno.EIO),
+    ],
+)
 def test_each_error_type_answers_its_errno(exc, code):
     assert errno_for(exc) == code
 
 
-@pytest.mark.parametrize("reason,kind", [
-    ("profile.not_an_owner", PermissionRefused),
-    ("policy.access_denied", PermissionRefused),
-    ("data_token.forbidden", PermissionRefused),
-    ("policy.rejected", CommandRejected),
-    ("data_token.temporary_token_invalid", CommandRejected),
-    ("the vote timed out", CommandRejected),
-    (None, CommandRejected),
-])
+@pytest.mark.parametrize(
+    "reason,kind",
+    [
+        ("profile.not_an_owner", PermissionRefused),
+        ("policy.access_denied", PermissionRefused),
+        ("data_token.forbidden", PermissionRefused),
+        ("policy.rejected", CommandRejected),
+        ("data_token.temporary_token_invalid", CommandRejected),
+        ("the vote timed out", CommandRejected),
+        (None, CommandRejected),
+    ],
+)
 def test_a_rejected_command_is_the_error_its_reason_key_stands_for(reason, kind):
     exc = rejected_command("rejected", command_id="c1", reason=reason)
     assert type(exc) is kind and exc.reason == reason and exc.command_id == "c1"

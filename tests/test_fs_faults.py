@@ -1,6 +1,7 @@
 """The mount when things go wrong: a failing engine (5xx, lost answers, dropped acks), an
 unreachable server, a rejected command, a full local disk. Nothing closed is ever lost, and
 every failure is an errno with a log line naming the cause."""
+
 from __future__ import annotations
 
 import errno

@@ -1,6 +1,7 @@
 """``--fsync local``: fsync returns once the change is durable on the local disk (staged and
 indexed), whatever the server does; the upload follows in the background, even while the file
 stays open, and after a kill -9 of the daemon the next mount uploads it."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 get ENOSPC (never EIO, never a dead mount); cached and staged files stay readable; the cache
 evicts before the disk fills and leaves the staging reserve alone; once space is freed
 everything written reaches the vault."""
+
 from __future__ import annotations
 
 import errno
@@ -25,8 +26,9 @@ MiB = 1024 * 1024
 @contextmanager
 def small_filesystem(path: Path, size: str):
     path.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                       capture_output=True, timeout=30)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True, timeout=30
+    )
     assert r.returncode == 0, f"cannot make a small filesystem for the test: {r.stderr!r}"
     try:
         yield path
@@ -86,9 +88,18 @@ def vault_content(m: Mount, name: str, out: Path) -> bytes:
 
 def test_full_disk_writes_get_enospc_reads_of_cached_and_staged_files_work(engine, tmp_path):
     with small_filesystem(tmp_path / "small", "64m") as small:
-        m = Mount(tmp_path / "user", engine.urls,
-                  mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"),
-                              "--write-back-delay", "3600"))
+        m = Mount(
+            tmp_path / "user",
+            engine.urls,
+            mount_args=(
+                "--state-dir",
+                str(small / "state"),
+                "--cache-dir",
+                str(small / "cache"),
+                "--write-back-delay",
+                "3600",
+            ),
+        )
         try:
             m.mount()
             cached = os.urandom(3 * MiB + 5)
@@ -124,9 +135,11 @@ def test_full_disk_writes_get_enospc_reads_of_cached_and_staged_files_work(engin
 
 def test_the_cache_evicts_before_the_disk_fills_and_keeps_room_for_staging(engine, tmp_path):
     with small_filesystem(tmp_path / "small", "64m") as small:
-        m = Mount(tmp_path / "user", engine.urls,
-                  mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"),
-                              "--cache-size", "1G"))
+        m = Mount(
+            tmp_path / "user",
+            engine.urls,
+            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"), "--cache-size", "1G"),
+        )
         try:
             m.mount()
             contents = {}
@@ -224,8 +237,10 @@ def test_local_state_that_cannot_open_on_a_full_disk_says_the_disk_is_full(tmp_p
         ContentCache(small / "cache", 1 << 30, KEY).close()
         Index(small / "index.sqlite3").close()
         fill_outside(small / "filler")  # SQLite cannot make its WAL files again
-        for what, open_it in (("read cache", lambda: ContentCache(small / "cache", 1 << 30, KEY)),
-                              ("local index", lambda: Index(small / "index.sqlite3"))):
+        for what, open_it in (
+            ("read cache", lambda: ContentCache(small / "cache", 1 << 30, KEY)),
+            ("local index", lambda: Index(small / "index.sqlite3")),
+        ):
             with pytest.raises(DiskFullError) as info:
                 open_it()
             assert f"the {what} in" in str(info.value) and "the disk is full" in str(info.value)

@@ -1,5 +1,6 @@
 """The mount's command line as a user meets it: status, umount, fusermount3 -u, read-only,
 the cache limit, shared downloads, authorization renewal during a long mount."""
+
 from __future__ import annotations
 
 import errno
@@ -45,6 +46,7 @@ def test_fusermount_unmount_loses_nothing(engine, tmp_path):
         subprocess.run(["fusermount3", "-u", str(m.dir)], check=True, timeout=60)
         deadline = time.monotonic() + 90
         from privifs.paths import pid_alive
+
         while pid_alive(pid):
             assert time.monotonic() < deadline, "the daemon did not finish after fusermount3 -u"
             time.sleep(0.1)
@@ -59,8 +61,12 @@ def test_read_only_mount_refuses_changes(engine, tmp_path):
         m.umount()
         m.mount("--read-only")
         assert (m.dir / "kept.txt").read_text() == "readable"
-        for action in (lambda: (m.dir / "new.txt").write_text("x"), lambda: os.unlink(m.dir / "kept.txt"),
-                       lambda: os.mkdir(m.dir / "d"), lambda: os.chmod(m.dir / "kept.txt", 0o600)):
+        for action in (
+            lambda: (m.dir / "new.txt").write_text("x"),
+            lambda: os.unlink(m.dir / "kept.txt"),
+            lambda: os.mkdir(m.dir / "d"),
+            lambda: os.chmod(m.dir / "kept.txt", 0o600),
+        ):
             with pytest.raises(OSError) as info:
                 action()
             assert info.value.errno == errno.EROFS
@@ -142,8 +148,14 @@ def test_status_into_a_closed_pipe_ends_quietly(engine, tmp_path):
         r, w = os.pipe()
         os.close(r)
         try:
-            proc = subprocess.run([sys.executable, "-m", "privifs", "status"], env=m.env, stdout=w,
-                                  stderr=subprocess.PIPE, text=True, timeout=120)
+            proc = subprocess.run(
+                [sys.executable, "-m", "privifs", "status"],
+                env=m.env,
+                stdout=w,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=120,
+            )
         finally:
             os.close(w)
         assert proc.returncode == 141 and proc.stderr == ""
@@ -153,8 +165,13 @@ def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
     with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "stuck.bin").write_bytes(os.urandom(200_000))
         eng.set_options(fail_rate=1.0)  # every request fails: nothing can be uploaded
-        umount = subprocess.Popen([sys.executable, "-m", "privifs", "umount", str(m.dir), "--timeout", "2"],
-                                  env=m.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        umount = subprocess.Popen(
+            [sys.executable, "-m", "privifs", "umount", str(m.dir), "--timeout", "2"],
+            env=m.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             deadline = time.monotonic() + 120
             while is_mounted(m.dir):  # the flush gave up, then the unmount went ahead
@@ -171,10 +188,19 @@ def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
 
 def test_bad_option_values_are_refused_with_one_line(tmp_path):
     m = Mount(tmp_path, None)  # the embedded engine: nothing is set up before the options are checked
-    bad = [("--refresh-interval", "0"), ("--refresh-interval", "-5"), ("--refresh-interval", "nan"),
-           ("--cache-size", "0"), ("--cache-size", "lots"), ("--upload-workers", "0"),
-           ("--upload-workers", "1000"), ("--write-back-delay", "-1"), ("--fsync-timeout", "0"),
-           ("--umask", "999"), ("--uid", "-3")]
+    bad = [
+        ("--refresh-interval", "0"),
+        ("--refresh-interval", "-5"),
+        ("--refresh-interval", "nan"),
+        ("--cache-size", "0"),
+        ("--cache-size", "lots"),
+        ("--upload-workers", "0"),
+        ("--upload-workers", "1000"),
+        ("--write-back-delay", "-1"),
+        ("--fsync-timeout", "0"),
+        ("--umask", "999"),
+        ("--uid", "-3"),
+    ]
     try:
         for option, value in bad:
             r = m.mount(option, value, check=False)
@@ -220,10 +246,14 @@ def test_umount_progress_counts_bytes():
     from privifs.cli.status_cmd import UploadProgress
 
     p = UploadProgress()
-    assert p.line({"pending": 2, "bytes": 3 * 2**30, "deletes": 0}) == \
-        "uploading: 0 bytes of 3.0 GiB (0%), 2 changes and 0 deletes left"
-    assert p.line({"pending": 1, "bytes": 2**30, "deletes": 1}) == \
-        "uploading: 2.0 GiB of 3.0 GiB (66%), 1 changes and 1 deletes left"
+    assert (
+        p.line({"pending": 2, "bytes": 3 * 2**30, "deletes": 0})
+        == "uploading: 0 bytes of 3.0 GiB (0%), 2 changes and 0 deletes left"
+    )
+    assert (
+        p.line({"pending": 1, "bytes": 2**30, "deletes": 1})
+        == "uploading: 2.0 GiB of 3.0 GiB (66%), 1 changes and 1 deletes left"
+    )
 
 
 def test_version_and_help_have_no_markup():
@@ -247,8 +277,16 @@ def test_version_and_help_have_no_markup():
         seen[name] = text
         assert parser.description, name
         assert "``" not in text and ":mod:" not in text and ":func:" not in text, name
-    assert {"privifs token ls", "privifs token put", "privifs backup", "privifs restore", "privifs umount",
-            "privifs status", "privifs init", "privifs engine"} <= set(seen)
+    assert {
+        "privifs token ls",
+        "privifs token put",
+        "privifs backup",
+        "privifs restore",
+        "privifs umount",
+        "privifs status",
+        "privifs init",
+        "privifs engine",
+    } <= set(seen)
 
 
 def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
@@ -257,8 +295,14 @@ def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     m = Mount(tmp_path, None)
     try:
-        r = subprocess.run([str(repo / "scripts" / "up"), "--bogus-option"], env=m.env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [str(repo / "scripts" / "up"), "--bogus-option"],
+            env=m.env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 2 and "unrecognized arguments: --bogus-option" in r.stderr
         assert not (tmp_path / "--bogus-option").exists() and not (repo / "--bogus-option").exists()
         assert (tmp_path / "home" / "privifs").is_dir() and not is_mounted(tmp_path / "home" / "privifs")

@@ -8,6 +8,7 @@ are fine: they carry the same name everywhere).
 The mounts are made once for the module and the rounds loop inside each test (mounting is the
 slow part); every round works under its own directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,10 +56,22 @@ class Clients:
 
     def __init__(self, engine, root):
         self.a = Mount(root / "a", engine.urls, mount_args=DEFAULTS)
-        self.b = Mount(root / "b", engine.urls, username=self.a.username, register=False,
-                       key_file=self.a.key_file, mount_args=DEFAULTS)
-        self.f = Mount(root / "f", engine.urls, username=self.a.username, register=False,
-                       key_file=self.a.key_file, mount_args=DEFAULTS)
+        self.b = Mount(
+            root / "b",
+            engine.urls,
+            username=self.a.username,
+            register=False,
+            key_file=self.a.key_file,
+            mount_args=DEFAULTS,
+        )
+        self.f = Mount(
+            root / "f",
+            engine.urls,
+            username=self.a.username,
+            register=False,
+            key_file=self.a.key_file,
+            mount_args=DEFAULTS,
+        )
         self.root = root
 
     @property
@@ -159,8 +172,11 @@ def survivors(writes: list[tuple[bytes, tuple[float, float]]]) -> list[bytes]:
     """The contents that must survive a race of writers, each given with (opened, visible
     from): all of them, except one another writer opened after it could be seen (that writer
     may have overwritten it, as on a local filesystem)."""
-    return [data for data, (_, visible) in writes
-            if not any(opened > visible for other, (opened, _) in writes if other is not data)]
+    return [
+        data
+        for data, (_, visible) in writes
+        if not any(opened > visible for other, (opened, _) in writes if other is not data)
+    ]
 
 
 def shown_on_b(c: Clients, check) -> None:
@@ -208,8 +224,11 @@ def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_e
             c.a.token("put", str(src), "--name", "conc.txt", "--context", f"/{d}")
             return float("inf"), started  # a put never overwrites; its token may show from the start
 
-        times = race(lambda: write(c.a.dir / d / "conc.txt", da, fsync=r % 2 == 0),
-                     lambda: write(c.b.dir / d / "conc.txt", db, fsync=r % 2 == 1), put)
+        times = race(
+            lambda: write(c.a.dir / d / "conc.txt", da, fsync=r % 2 == 0),
+            lambda: write(c.b.dir / d / "conc.txt", db, fsync=r % 2 == 1),
+            put,
+        )
         must = survivors(list(zip([da, db, dt], times)))
         tree = c.check(d, must)
         names = sorted(k for k in tree if k.startswith(f"{d}/"))
@@ -224,8 +243,7 @@ def test_edit_against_edit_keeps_both_versions(clients):
     for r in range(ROUNDS):
         d = seeded(c, "ee", "e.txt", b"original")
         da, db = f"edit A {r} {uuid.uuid4().hex}".encode(), f"edit B {r} {uuid.uuid4().hex}".encode()
-        times = race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1),
-                     lambda: write(c.b.dir / d / "e.txt", db))
+        times = race(lambda: write(c.a.dir / d / "e.txt", da, fsync=r != 1), lambda: write(c.b.dir / d / "e.txt", db))
         tree = c.check(d, survivors(list(zip([da, db], times))))
         assert f"{d}/e.txt" in tree
 
@@ -244,8 +262,9 @@ def test_edit_against_delete_keeps_the_edit(clients):
         # B deletes what it has seen: the edit survives when B deleted before it could see it
         must = [da] if deleted < edit_visible else []
         tree = c.check(d, must)
-        assert not any(v[0] == "file" and v[-1] == digest(b"original") for k, v in tree.items()
-                       if k.startswith(f"{d}/")), "the deleted version came back"
+        assert not any(
+            v[0] == "file" and v[-1] == digest(b"original") for k, v in tree.items() if k.startswith(f"{d}/")
+        ), "the deleted version came back"
 
 
 def test_edit_against_rename_loses_neither_the_edit_nor_a_renamed_version(clients):
@@ -254,8 +273,7 @@ def test_edit_against_rename_loses_neither_the_edit_nor_a_renamed_version(client
         original = f"original {r} {uuid.uuid4().hex}".encode()
         d = seeded(c, "er", "e.txt", original)
         db = f"edit B {r} {uuid.uuid4().hex}".encode()
-        race(lambda: os.rename(c.a.dir / d / "e.txt", c.a.dir / d / "e2.txt"),
-             lambda: write(c.b.dir / d / "e.txt", db))
+        race(lambda: os.rename(c.a.dir / d / "e.txt", c.a.dir / d / "e2.txt"), lambda: write(c.b.dir / d / "e.txt", db))
         tree = c.check(d, [db])
         mine = {k: v for k, v in tree.items() if k.startswith(f"{d}/")}
         # what a local filesystem could give: the rename first (e2 keeps the old version, e the
@@ -274,8 +292,10 @@ def test_directory_rename_against_a_create_inside_converges_to_the_vault(clients
         write(c.a.dir / d / "w1" / "sub" / "one", b"one")
         shown_on_b(c, lambda: (c.b.dir / d / "w1" / "sub" / "one").read_bytes() == b"one")
         data = f"bnew {r} {uuid.uuid4().hex}".encode()
-        race(lambda: os.rename(c.a.dir / d / "w1", c.a.dir / d / "w1r"),
-             lambda: write(c.b.dir / d / "w1" / "sub" / "bnew", data, fsync=r != 2))
+        race(
+            lambda: os.rename(c.a.dir / d / "w1", c.a.dir / d / "w1r"),
+            lambda: write(c.b.dir / d / "w1" / "sub" / "bnew", data, fsync=r != 2),
+        )
         tree = c.check(d, [data, b"one"])
         assert tree[f"{d}/w1r/sub/one"][-1] == digest(b"one")
         rounds.append((d, tree))
@@ -287,8 +307,7 @@ def test_delete_against_rename_converges(clients):
     for r in range(ROUNDS):
         original = f"original {r} {uuid.uuid4().hex}".encode()
         d = seeded(c, "dl", "f.txt", original)
-        race(lambda: os.unlink(c.a.dir / d / "f.txt"),
-             lambda: os.rename(c.b.dir / d / "f.txt", c.b.dir / d / "g.txt"))
+        race(lambda: os.unlink(c.a.dir / d / "f.txt"), lambda: os.rename(c.b.dir / d / "f.txt", c.b.dir / d / "g.txt"))
         tree = c.check(d, [])
         mine = sorted(k for k in tree if k.startswith(f"{d}/"))
         assert mine in ([], [f"{d}/g.txt"]), mine

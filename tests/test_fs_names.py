@@ -1,4 +1,5 @@
 """The name rules (privifs/fs/names.py): token fields → entry names and back."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -20,7 +21,9 @@ def test_a_token_shows_as_its_file_name_with_the_extension_it_lacks():
 
 
 def test_a_listed_token_shows_under_its_shown_name():
-    info = TokenInfo(token="t1", context="/docs", file_name="README", extension="md", size=1, path=None, created_at=None)
+    info = TokenInfo(
+        token="t1", context="/docs", file_name="README", extension="md", size=1, path=None, created_at=None
+    )
     assert names.entry_name(info) == "README.md" == names.listed_name(info)
 
 

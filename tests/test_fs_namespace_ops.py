@@ -1,5 +1,6 @@
 """The Namespace operations that are the only writers of a node's fields, in-process (no engine,
 no kernel): each keeps its invariant in one place."""
+
 from __future__ import annotations
 
 import secrets

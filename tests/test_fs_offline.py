@@ -1,6 +1,7 @@
 """Starting without the server: a vault mounted before on this machine mounts offline from its
 local index and cache (cached files readable, uncached ones EIO, writes staged), and catches up
 once the server answers; a vault never mounted here is refused."""
+
 from __future__ import annotations
 
 import errno

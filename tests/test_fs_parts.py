@@ -2,6 +2,7 @@
 engine: only touched parts are fetched, sequential reads fetch ahead, every part is verified before
 a byte of it is served, a file bigger than the cache streams through it within its limit, and a
 manifest stays a manifest through a rename."""
+
 from __future__ import annotations
 
 import errno
@@ -42,7 +43,7 @@ async def test_a_cold_read_in_the_middle_fetches_only_the_touched_parts(account,
         fh = await t.open_node(node, os.O_RDONLY)
         t.fs.parts.read_ahead = 0
         got = await t.fs.read(fh, 7 * PART + 1000, 2 * PART)
-        assert got == data[7 * PART + 1000:9 * PART + 1000]
+        assert got == data[7 * PART + 1000 : 9 * PART + 1000]
         held = [i for i, p in enumerate(m.parts) if t.fs.cache.holds(p.token)]
         assert held == [7, 8, 9] and t.fs.cache.downloads == 3
         assert await t.fs.read(fh, len(data) - 10, 100) == data[-10:]
@@ -60,7 +61,7 @@ async def test_sequential_reads_fetch_the_next_parts_ahead(account, tmp_path):
         await trio.sleep(0.1)
         assert not t.fs.cache.holds(m.parts[1].token)  # peeking at the first bytes fetches no more
         for off in range(4096, 512 * 1024 + 4096, 128 * 1024):
-            assert await t.fs.read(fh, off, 128 * 1024) == data[off:off + 128 * 1024]
+            assert await t.fs.read(fh, off, 128 * 1024) == data[off : off + 128 * 1024]
         with trio.fail_after(10):
             while not all(t.fs.cache.holds(p.token) for p in m.parts[9:12]):
                 await trio.sleep(0.01)
@@ -78,9 +79,14 @@ async def test_a_file_bigger_than_the_cache_streams_through_it_within_its_limit(
         for off in range(0, len(data), 128 * 1024):
             out += await t.fs.read(fh, off, 128 * 1024)
             assert t.fs.cache.used + t.fs.cache.reserved <= t.fs.cache.size_limit
-            assert sum(f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file()
-                       and f.suffix != ".db" and "-wal" not in f.name and "-shm" not in f.name) \
-                <= t.fs.cache.size_limit + 4 * PART  # at most the fetches in flight beyond it
+            assert (
+                sum(
+                    f.stat().st_size
+                    for f in (tmp_path / "cache").rglob("*")
+                    if f.is_file() and f.suffix != ".db" and "-wal" not in f.name and "-shm" not in f.name
+                )
+                <= t.fs.cache.size_limit + 4 * PART
+            )  # at most the fetches in flight beyond it
         assert out == data
         t.fs.release(fh)
 
@@ -96,12 +102,12 @@ async def test_a_swapped_part_is_eio_for_the_reads_that_need_it_and_logged_with_
         await t.refresher.refresh_once()
         fh = await t.open_node(t.node("/media/forged.bin"), os.O_RDONLY)
         t.fs.parts.read_ahead = 0
-        assert await t.fs.read(fh, PART, 10) == data[PART:PART + 10]
+        assert await t.fs.read(fh, PART, 10) == data[PART : PART + 10]
         with caplog.at_level(logging.ERROR, logger="privifs.fs"), pytest.raises(pyfuse3.FUSEError) as err:
             await t.fs.read(fh, 2 * PART + 5, 10)
         assert err.value.errno == errno.EIO
         assert "/media/forged.bin" in caplog.text and "digest" in caplog.text
-        assert await t.fs.read(fh, 3 * PART, 10) == data[3 * PART:3 * PART + 10]
+        assert await t.fs.read(fh, 3 * PART, 10) == data[3 * PART : 3 * PART + 10]
         await t.client.tokens.delete(m.parts[3].token)
         t.fs.cache.evict(m.parts[3].token)
         with pytest.raises(pyfuse3.FUSEError) as err:
@@ -135,7 +141,7 @@ async def test_writing_into_a_file_stored_as_parts_starts_from_its_whole_content
         await t.fs.write(fh, PART, b"changed")
         t.fs.release(fh)
         await t.wait_idle()
-        want = data[:PART] + b"changed" + data[PART + 7:]
+        want = data[:PART] + b"changed" + data[PART + 7 :]
         assert not node.remote_risk or fmt.MARK not in node.remote_risk  # stored again as one token
         fh = await t.open_node(node, os.O_RDONLY)
         assert await t.fs.read(fh, 0, len(data)) == want
@@ -163,7 +169,7 @@ def test_on_a_mount_a_cold_read_in_the_middle_of_a_big_file_downloads_only_its_p
         assert sorted(os.listdir(m.dir)) == ["media"] and os.listdir(m.dir / "media") == ["big.bin"]
         with open(path, "rb") as f:
             middle = 5 * PART_SIZE + 1000
-            assert os.pread(f.fileno(), 65536, middle) == data[middle:middle + 65536]
+            assert os.pread(f.fileno(), 65536, middle) == data[middle : middle + 65536]
             assert len(cached_part_files(m)) == 1  # one part of ten, nothing fetched ahead
             f.seek(0)
             assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
@@ -200,7 +206,7 @@ async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_
                 nursery.start_soon(read)
                 await trio.sleep(0.3)  # the read is waiting (it found the old version gone)
                 await t.refresher.refresh_once()  # what the nudged refresher does on a mount
-        assert got == [new[5 * PART + 10:5 * PART + 1010]]
+        assert got == [new[5 * PART + 10 : 5 * PART + 1010]]
         t.fs.release(fh)
 
 
@@ -221,9 +227,9 @@ async def test_an_unexpected_failure_of_a_read_ahead_is_logged_and_the_mount_goe
 
         t.fs.parts.part = broken
         for off in range(0, 512 * 1024 + 4096, 128 * 1024):
-            assert await t.fs.read(fh, off, 128 * 1024) == data[off:off + 128 * 1024]
+            assert await t.fs.read(fh, off, 128 * 1024) == data[off : off + 128 * 1024]
         await trio.sleep(0.3)  # the read-ahead of parts 10-12 failed meanwhile
         t.fs.parts.part = real
-        assert await t.fs.read(fh, 11 * PART, 100) == data[11 * PART:11 * PART + 100]
+        assert await t.fs.read(fh, 11 * PART, 100) == data[11 * PART : 11 * PART + 100]
         t.fs.release(fh)
         assert "read-ahead" in caplog.text

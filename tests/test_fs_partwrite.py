@@ -2,6 +2,7 @@
 big file is stored as parts + a manifest, a change uploads only the parts it touched and a new
 manifest, the replaced manifest's parts no longer named are deleted, and a big file that was one
 token is converted when rewritten. The threshold and part size are shrunk so files stay small."""
+
 from __future__ import annotations
 
 import os
@@ -65,7 +66,7 @@ async def test_a_small_change_uploads_only_its_part_and_a_new_manifest(account, 
         old = await PartStore(t.fs.vault).manifest(old_token)
         uploaded = t.syncer.parts.parts_uploaded
         await t.fs.write(fh, 5 * PART + 100, b"commit")
-        data[5 * PART + 100:5 * PART + 106] = b"commit"
+        data[5 * PART + 100 : 5 * PART + 106] = b"commit"
         await t.fs.fsync(fh)
         t.fs.release(fh)
         await t.wait_idle()
@@ -132,8 +133,9 @@ async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account
         assert len(await read_all(t, keep)) == 3 * PART
 
 
-async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as_a_change(account, tmp_path,
-                                                                                         small_parts):
+async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as_a_change(
+    account, tmp_path, small_parts
+):
     data = bytearray(os.urandom(8 * PART))
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
         fh, node = t.create_node(1, "db.sqlite")
@@ -144,7 +146,7 @@ async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as
         reads = []
         fh = await t.open_node(node)
         await t.fs.write(fh, 2 * PART + 5, b"changed")
-        data[2 * PART + 5:2 * PART + 12] = b"changed"
+        data[2 * PART + 5 : 2 * PART + 12] = b"changed"
         staged = node.staged
         original = staged.sealed.read
 
@@ -160,7 +162,7 @@ async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as
         # shrink and grow back: the parts in between are zeros now, and must be stored so
         await t.truncate(fh, 3 * PART)
         await t.truncate(fh, 8 * PART)
-        data[3 * PART:] = bytes(5 * PART)
+        data[3 * PART :] = bytes(5 * PART)
         await t.fs.fsync(fh)
         t.fs.release(fh)
         await t.wait_idle()
@@ -188,8 +190,7 @@ async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, 
         assert t.fs.cache.holds(node.token) and t.fs.cache.holds(old.parts[0].token)
 
 
-async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted_upload(account, tmp_path,
-                                                                                       small_parts):
+async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted_upload(account, tmp_path, small_parts):
     data = os.urandom(3 * PART + 9)
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
         fh, node = t.create_node(1, "big.bin")
@@ -209,7 +210,9 @@ async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted
         assert await read_all(t, node) == data
 
 
-async def test_the_sweep_never_collects_the_parts_of_a_store_still_in_flight_on_this_mount(account, tmp_path, small_parts):
+async def test_the_sweep_never_collects_the_parts_of_a_store_still_in_flight_on_this_mount(
+    account, tmp_path, small_parts
+):
     """An upload slower than the collection age (a multi-GiB file on a slow link) has parts older
     than it before its manifest is stored: this mount's own sweep must leave them alone."""
     import trio

@@ -2,6 +2,7 @@
 after ``kill -9``, changes by other clients as a mount shows them, tampering, the wrong key, and
 plaintext never on local disk. Conflict names, directory renames as meta updates and renames
 over a directory's only entry are namespace logic, tested in-process in test_fs_api*.py."""
+
 from __future__ import annotations
 
 import errno

@@ -1,6 +1,7 @@
 """The mounted filesystem against POSIX: every supported operation and the errno POSIX gives
 when it cannot be done. One real mount (on the session engine) serves the whole module; each
 test works in its own directory."""
+
 from __future__ import annotations
 
 import ctypes
@@ -240,8 +241,16 @@ def test_names_up_to_255_bytes_any_utf8(d):
     (d / long).write_bytes(b"long")
     assert (d / long).read_bytes() == b"long"
     assert errno_of(open, d / ("é" * 128), "wb") == errno.ENAMETOOLONG
-    for name in ("日本語のファイル.txt", "emoji 🎉.bin", "spaces and 'quotes' \"x\"", "semi;colon&amp", "-dash",
-                 ".hidden", "tab\there", "new\nline"):
+    for name in (
+        "日本語のファイル.txt",
+        "emoji 🎉.bin",
+        "spaces and 'quotes' \"x\"",
+        "semi;colon&amp",
+        "-dash",
+        ".hidden",
+        "tab\there",
+        "new\nline",
+    ):
         (d / name).write_bytes(name.encode())
         assert (d / name).read_bytes() == name.encode()
     assert set(os.listdir(d)) >= {"日本語のファイル.txt", "emoji 🎉.bin", "new\nline"}
@@ -320,6 +329,7 @@ def test_new_entries_belong_to_the_user_who_made_them(d):
         os.mkdir("sub", 0o755)
         os.symlink("f", "link")
         os.truncate("f", 123)  # the owner may write its own file by path (pjdfstest truncate/05.t)
+
     as_user(d, make)
     for name in ("f", "sub", "link"):
         st = os.lstat(d / name)
@@ -337,6 +347,7 @@ def test_a_set_group_id_directory_passes_its_group_on(d):
     def make() -> None:
         os.mkdir("sub")
         os.close(os.open("f", os.O_CREAT | os.O_WRONLY, 0o644))
+
     as_user(d, make)
     sub, f = os.stat(d / "sub"), os.stat(d / "f")
     assert (sub.st_uid, sub.st_gid, f.st_uid, f.st_gid) == (NOBODY, 4242, NOBODY, 4242)
@@ -355,6 +366,7 @@ def test_ftruncate_depends_on_the_descriptor_not_the_mode(d):
         finally:
             os.close(fd)
         return [size, os.stat("f").st_size]
+
     assert as_user(d, work) == [123, 123]
     assert stat.S_IMODE(os.stat(d / "f").st_mode) == 0
     fd = os.open(d / "f", os.O_RDONLY)
@@ -375,8 +387,10 @@ class Timespec(ctypes.Structure):
 
 def utimensat(path, atime_ns: int | None, mtime_ns: int | None) -> None:
     """utimensat(2) with UTIME_OMIT for a time given as None (os.utime cannot omit one)."""
+
     def ts(ns):
         return Timespec(0, UTIME_OMIT) if ns is None else Timespec(ns // 10**9, ns % 10**9)
+
     times = (Timespec * 2)(ts(atime_ns), ts(mtime_ns))
     if libc.utimensat(AT_FDCWD, str(path).encode(), times, 0) != 0:
         e = ctypes.get_errno()
@@ -400,11 +414,14 @@ def test_utimensat_sets_atime_and_utime_omit_keeps_it(d):
 
 def test_an_index_of_the_previous_layout_opens_and_gains_atime(tmp_path):
     from privifs.fs.namespace import LAYOUT_V1, Index, Namespace
+
     db = tmp_path / "index.sqlite3"
     old = sqlite3.connect(db)
     old.executescript(LAYOUT_V1)
-    old.execute("INSERT INTO nodes (ino, parent, name, kind, mode, mtime_ns, ctime_ns, size) "
-                "VALUES (1, 1, '', 'dir', 493, 5, 5, 0), (2, 1, 'f', 'file', 420, 7, 7, 3)")
+    old.execute(
+        "INSERT INTO nodes (ino, parent, name, kind, mode, mtime_ns, ctime_ns, size) "
+        "VALUES (1, 1, '', 'dir', 493, 5, 5, 0), (2, 1, 'f', 'file', 420, 7, 7, 3)"
+    )
     old.commit()
     old.close()
     index = Index(db)
@@ -428,6 +445,7 @@ def test_symlink_targets_are_not_limited_per_component(d):
 
 def test_fifos_and_sockets_can_be_made_and_used(d):
     import socket
+
     os.mkfifo(d / "pipe", 0o640)
     st = os.stat(d / "pipe")
     assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640

@@ -3,6 +3,7 @@ listing showed the change: its first read follows the node to the new content on
 refresher merged the listing, instead of failing with ENOENT for a token no longer in the vault
 (in-process, tests/fskit.py; the big-file case is in test_fs_parts.py). Damage or a token that
 is still there stays an error."""
+
 from __future__ import annotations
 
 import errno

@@ -5,6 +5,7 @@ and the engine injecting faults. The daemon never exits, no background task fail
 every closed byte is there, and a fresh mount of the vault (no index, no cache) shows the same.
 
 ``PRIVIFS_STRESS_SECONDS`` sets how long the processes run (default 40)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -50,9 +51,22 @@ def stress_worker(root: str, seed: int, seconds: float, out: str) -> None:
 
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        op = rng.choices(["create", "append", "overwrite", "truncate", "ftruncate", "rename", "unlink",
-                          "mkdir", "rmdir", "rename_dir", "ghost"],
-                         weights=[6, 3, 3, 2, 2, 3, 2, 2, 1, 1, 1])[0]
+        op = rng.choices(
+            [
+                "create",
+                "append",
+                "overwrite",
+                "truncate",
+                "ftruncate",
+                "rename",
+                "unlink",
+                "mkdir",
+                "rmdir",
+                "rename_dir",
+                "ghost",
+            ],
+            weights=[6, 3, 3, 2, 2, 3, 2, 2, 1, 1, 1],
+        )[0]
         log.append(op)
         if op == "create" or not files and op in ("append", "overwrite", "truncate", "ftruncate", "rename", "unlink"):
             rel = fresh(rng.choice(sorted(dirs)))
@@ -77,7 +91,7 @@ def stress_worker(root: str, seed: int, seconds: float, out: str) -> None:
                 f.seek(at)
                 f.write(extra)
             cur = files[rel]
-            cur[at:at + len(extra)] = extra
+            cur[at : at + len(extra)] = extra
         elif op == "truncate":
             rel = rng.choice(sorted(files))
             size = rng.randrange(0, len(files[rel]) + 10_000)
@@ -124,7 +138,8 @@ def stress_worker(root: str, seed: int, seconds: float, out: str) -> None:
                 os.rename(p(src), p(dst))
 
                 def moved(x: str) -> str:
-                    return dst + x[len(src):] if x == src or x.startswith(src + "/") else x
+                    return dst + x[len(src) :] if x == src or x.startswith(src + "/") else x
+
                 dirs = {moved(d) for d in dirs}
                 files = {moved(f): c for f, c in files.items()}
         elif op == "ghost":
@@ -139,8 +154,9 @@ def stress_worker(root: str, seed: int, seconds: float, out: str) -> None:
                 os.write(fd, b"written to a removed file")
             finally:
                 os.close(fd)
-    Path(out).write_text(json.dumps({"files": {k: _digest(bytes(v)) for k, v in files.items()},
-                                     "dirs": sorted(dirs), "ops": len(log)}))
+    Path(out).write_text(
+        json.dumps({"files": {k: _digest(bytes(v)) for k, v in files.items()}, "dirs": sorted(dirs), "ops": len(log)})
+    )
 
 
 def snapshot(root: Path) -> tuple[dict[str, str], set[str]]:
@@ -161,9 +177,12 @@ def test_many_processes_racing_with_faults_never_end_the_mount_and_lose_nothing(
         pid = m.pid
         eng.set_options(fail_rate=0.05, fail_after_rate=0.02, ack_drop_rate=0.1, seed=7)
         ctx = multiprocessing.get_context("fork")
-        procs = [ctx.Process(target=stress_worker, args=(str(m.dir / f"w{i}"), 1000 + i, SECONDS,
-                                                         str(tmp_path / f"model{i}.json")))
-                 for i in range(PROCESSES)]
+        procs = [
+            ctx.Process(
+                target=stress_worker, args=(str(m.dir / f"w{i}"), 1000 + i, SECONDS, str(tmp_path / f"model{i}.json"))
+            )
+            for i in range(PROCESSES)
+        ]
         for proc in procs:
             proc.start()
         deadline = time.monotonic() + SECONDS + 240

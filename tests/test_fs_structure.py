@@ -1,5 +1,6 @@
 """The structure the fs code keeps, checked statically: only ``fs/namespace.py`` writes a node's
 fields (import cycles: tests/test_import_cycles.py)."""
+
 from __future__ import annotations
 
 import ast
@@ -42,8 +43,7 @@ def node_field_writes(source: str, filename: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source, filename)):
         for target in _targets(node):
-            if (isinstance(target, ast.Attribute) and target.attr in NODE_FIELDS
-                    and _root_name(target.value) != "self"):
+            if isinstance(target, ast.Attribute) and target.attr in NODE_FIELDS and _root_name(target.value) != "self":
                 found.append(f"{filename}:{target.lineno}: {ast.unparse(target)}")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr":
             found.append(f"{filename}:{node.lineno}: {ast.unparse(node)}")
@@ -59,6 +59,8 @@ def test_only_the_namespace_writes_node_fields():
 
 
 def test_the_node_field_check_sees_each_way_of_writing():
-    source = ("node.staged = None\nn.lookups += 1\nparent.mtime_ns = parent.ctime_ns = 1\n"
-              "a, fh.node.size = 1, 2\nsetattr(node, 'mode', 1)\nself.size = 0\n")
+    source = (
+        "node.staged = None\nn.lookups += 1\nparent.mtime_ns = parent.ctime_ns = 1\n"
+        "a, fh.node.size = 1, 2\nsetattr(node, 'mode', 1)\nself.size = 0\n"
+    )
     assert len(node_field_writes(source, "x.py")) == 6

@@ -1,6 +1,7 @@
 """The mount under a voting policy: a file whose upload is held by a vote stays pending (shown
 by ``privifs status``), readable and safe; it is committed when the vote passes, and a rejected
 vote surfaces as a clear error while the file stays staged."""
+
 from __future__ import annotations
 
 import time
@@ -16,10 +17,15 @@ from tests.mountkit import Mount
 
 def admin(eng, m: Mount, fn):
     """Run ``fn(client)`` as the mount's user with the client library."""
+
     async def main():
-        async with connect(Endpoints.from_dict(eng.urls), PasswordCredentials(m.username, "correct-horse-battery"),
-                           revoke_on_close=False) as client:
+        async with connect(
+            Endpoints.from_dict(eng.urls),
+            PasswordCredentials(m.username, "correct-horse-battery"),
+            revoke_on_close=False,
+        ) as client:
             return await fn(client)
+
     return trio.run(main)
 
 
@@ -30,8 +36,9 @@ async def hold_reservations(client) -> tuple[str, str]:
     await gov.register_voting_configuration(client, "uploads", devices=[device], time_limit=600)
     templates = await gov.policy_templates(client)
     event = next(k for k, v in templates["tpl-data-governance"]["events"].items() if v == "data.reserve")
-    policy = await gov.register_policy(client, "hold-uploads", "tpl-data-governance", [event], "uploads",
-                                       {"why": "test"})
+    policy = await gov.register_policy(
+        client, "hold-uploads", "tpl-data-governance", [event], "uploads", {"why": "test"}
+    )
     await gov.activate_policy(client, policy)
     return device, policy
 

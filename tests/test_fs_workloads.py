@@ -1,5 +1,6 @@
 """Real programs on a real mount: a 1 GiB copy in and out (daemon RSS bounded), 10,000 small
 files, git, SQLite in WAL and rollback modes, rsync."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,14 @@ import pytest
 from tests.measure import PeakRss
 from tests.mountkit import Mount
 
-GIT_ENV = {"GIT_AUTHOR_NAME": "T", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "T",
-           "GIT_COMMITTER_EMAIL": "t@example.com", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "T",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "T",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "HOME": "/nonexistent",
+}
 MiB = 1024 * 1024
 
 
@@ -25,8 +32,9 @@ def mnt(engine, tmp_path_factory):
 
 
 def run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **GIT_ENV}, **kw)
+    return subprocess.run(
+        cmd, cwd=cwd, check=True, capture_output=True, text=True, timeout=300, env={**os.environ, **GIT_ENV}, **kw
+    )
 
 
 def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
@@ -36,7 +44,7 @@ def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
         with PeakRss(m.pid) as rss_in:
             with open(m.dir / "big.bin", "wb") as f:
                 for i in range(1024):
-                    chunk = block[i % 7:] + block[:i % 7]
+                    chunk = block[i % 7 :] + block[: i % 7]
                     f.write(chunk)
                     want.update(chunk)
             m.wait_idle(timeout=300)

@@ -1,6 +1,7 @@
 """Write-back and the other background tasks outlive anything: nodes that leave the tree while
 their write-back waits, unexpected exceptions, a removed file written through an open handle.
 Driven in-process (tests/fskit.py) against the real engine, so each interleaving is exact."""
+
 from __future__ import annotations
 
 import os
@@ -22,17 +23,17 @@ async def test_file_and_directory_removed_while_write_back_waits_leave_the_synce
         d = t.mkdir_node(1, "d")
         fh, f = t.create_node(d, "f")
         await t.fs.write(fh, 0, b"x" * 1000)
-        t.fs.release(fh)                      # schedules the upload
-        fh2 = await t.open_node(f)                 # still open for writing
-        t.fs.note_activity()                  # busy mount: the worker waits in _yield_to_foreground
+        t.fs.release(fh)  # schedules the upload
+        fh2 = await t.open_node(f)  # still open for writing
+        t.fs.note_activity()  # busy mount: the worker waits in _yield_to_foreground
         await trio.sleep(0.05)
-        assert f.ino in t.syncer._busy        # the worker holds the node, waiting
+        assert f.ino in t.syncer._busy  # the worker holds the node, waiting
         t.fs.unlink(d.ino, b"f")
         t.fs.rmdir(1, b"d")
         t.forget(d)
-        await t.truncate(fh2, 10)             # ftruncate on the descriptor of the removed file
+        await t.truncate(fh2, 10)  # ftruncate on the descriptor of the removed file
         await t.fs.write(fh2, 0, b"y" * 5)
-        await trio.sleep(0.6)                 # the worker wakes and finds the node gone
+        await trio.sleep(0.6)  # the worker wakes and finds the node gone
         t.fs.release(fh2)
         t.forget(f)
         await t.wait_idle()
@@ -95,6 +96,7 @@ async def test_unexpected_exception_in_write_back_is_reported_and_retried(accoun
 
 def test_a_removed_node_has_no_path_but_can_still_be_named(tmp_path):
     from privifs.fs.namespace import Namespace
+
     index = Index(tmp_path / "index.sqlite3")
     try:
         ns = Namespace(index, dir_mode=0o755, file_mode=0o644)
@@ -162,7 +164,7 @@ async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account
     async with inprocess_fs(tmp_path, *account) as t:
         fh, f = t.create_node(1, "db.sqlite")
         await t.fs.write(fh, 0, b"page" * 1000)
-        eng.set_options(fail_rate=1.0)           # every request answers 5xx for now
+        eng.set_options(fail_rate=1.0)  # every request answers 5xx for now
         result = []
 
         async def fsync():
@@ -174,7 +176,7 @@ async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account
             with trio.fail_after(30):
                 while f.attempts < 1:
                     await trio.sleep(0.05)
-            assert result == []                  # still waiting, not failed
+            assert result == []  # still waiting, not failed
             eng.set_options(fail_rate=0.0)
         assert result == ["ok"]
         assert not f.content_dirty and f.token
@@ -182,7 +184,8 @@ async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account
 
 
 async def test_fsync_of_a_file_whose_write_back_is_deferring_to_a_busy_mount_does_not_wait_for_quiet(
-        account, tmp_path, monkeypatch):
+    account, tmp_path, monkeypatch
+):
     # SQLite's journal: created (its write-back starts and defers while the mount is busy), then
     # fsynced; the deferring worker must go on at the fsync, not at the end of its quiet period
     monkeypatch.setattr("privifs.fs.sync.QUIET", 60.0)

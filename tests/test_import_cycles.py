@@ -5,6 +5,7 @@ import inside a function or one under ``if TYPE_CHECKING:`` still ties the two m
 together) into a graph of module -> privifs modules it imports;
 a strongly connected component of two or more modules (or a module importing itself) is a cycle.
 """
+
 from __future__ import annotations
 
 import ast
@@ -92,11 +93,17 @@ def test_the_cycle_finder_finds_a_circle_and_ignores_a_chain():
 
 
 def test_relative_late_and_type_checking_imports_all_count():
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from privifs.x import Y\n"
-                     "from . import z\nfrom .w import v\ndef f():\n    import privifs.late\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from privifs.x import Y\n"
+        "from . import z\nfrom .w import v\ndef f():\n    import privifs.late\n"
+    )
     found = _imports(tree, "privifs.pkg.mod", False)
-    assert {("privifs.x.Y", "privifs.x"), ("privifs.pkg.z", "privifs.pkg"), ("privifs.pkg.w.v", "privifs.pkg.w"),
-            ("privifs.late",)} <= found
+    assert {
+        ("privifs.x.Y", "privifs.x"),
+        ("privifs.pkg.z", "privifs.pkg"),
+        ("privifs.pkg.w.v", "privifs.pkg.w"),
+        ("privifs.late",),
+    } <= found
 
 
 def test_the_graph_sees_the_real_engine_imports():

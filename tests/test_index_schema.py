@@ -1,6 +1,7 @@
 """Upgrades of the local state: the index carries a schema version and is migrated in place, step
 by step; an index or a sealed file from a newer privifs is refused with a message saying so,
 never misread or dropped."""
+
 from __future__ import annotations
 
 import json
@@ -47,10 +48,32 @@ CREATE INDEX IF NOT EXISTS nodes_token ON nodes(token);
 CREATE TABLE IF NOT EXISTS tombstones (token TEXT PRIMARY KEY, since REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-PREVIOUS_COLUMNS = ("ino", "parent", "name", "kind", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "size", "target",
-                    "token", "remote_context", "remote_name", "remote_extension", "remote_risk", "shown_as",
-                    "staged_id", "content_dirty", "meta_dirty", "explicit", "seq", "upload_started",
-                    "upload_digest")
+PREVIOUS_COLUMNS = (
+    "ino",
+    "parent",
+    "name",
+    "kind",
+    "mode",
+    "uid",
+    "gid",
+    "mtime_ns",
+    "ctime_ns",
+    "size",
+    "target",
+    "token",
+    "remote_context",
+    "remote_name",
+    "remote_extension",
+    "remote_risk",
+    "shown_as",
+    "staged_id",
+    "content_dirty",
+    "meta_dirty",
+    "explicit",
+    "seq",
+    "upload_started",
+    "upload_digest",
+)
 
 
 def previous_index(path: Path) -> None:
@@ -60,21 +83,78 @@ def previous_index(path: Path) -> None:
     conn.executescript(PREVIOUS_LAYOUT)
     rows = [
         dict(ino=1, parent=1, name="", kind="dir", mode=0o755, mtime_ns=1, ctime_ns=1, size=0),
-        dict(ino=2, parent=1, name="docs", kind="dir", mode=0o750, mtime_ns=2, ctime_ns=2, size=0, seq=1,
-             explicit=1, token="tok-dir", remote_context="/", remote_name="docs", remote_extension=""),
-        dict(ino=3, parent=2, name="report.pdf", kind="file", mode=0o640, mtime_ns=3, ctime_ns=3, size=1234,
-             seq=1, token="tok-report", remote_context="/docs", remote_name="report.pdf",
-             remote_extension="pdf", remote_risk=json.dumps({"privifs.mode": "640"}), upload_digest="abc"),
-        dict(ino=4, parent=1, name="draft.txt", kind="file", mode=0o600, mtime_ns=4, ctime_ns=4, size=10,
-             seq=2, staged_id="0123456789abcdef01234567", content_dirty=1, meta_dirty=1, upload_started=5.5),
-        dict(ino=5, parent=1, name="link", kind="symlink", mode=0o777, mtime_ns=5, ctime_ns=5, size=0, seq=3,
-             target="docs/report.pdf", uid=1000, gid=100, meta_dirty=1),
+        dict(
+            ino=2,
+            parent=1,
+            name="docs",
+            kind="dir",
+            mode=0o750,
+            mtime_ns=2,
+            ctime_ns=2,
+            size=0,
+            seq=1,
+            explicit=1,
+            token="tok-dir",
+            remote_context="/",
+            remote_name="docs",
+            remote_extension="",
+        ),
+        dict(
+            ino=3,
+            parent=2,
+            name="report.pdf",
+            kind="file",
+            mode=0o640,
+            mtime_ns=3,
+            ctime_ns=3,
+            size=1234,
+            seq=1,
+            token="tok-report",
+            remote_context="/docs",
+            remote_name="report.pdf",
+            remote_extension="pdf",
+            remote_risk=json.dumps({"privifs.mode": "640"}),
+            upload_digest="abc",
+        ),
+        dict(
+            ino=4,
+            parent=1,
+            name="draft.txt",
+            kind="file",
+            mode=0o600,
+            mtime_ns=4,
+            ctime_ns=4,
+            size=10,
+            seq=2,
+            staged_id="0123456789abcdef01234567",
+            content_dirty=1,
+            meta_dirty=1,
+            upload_started=5.5,
+        ),
+        dict(
+            ino=5,
+            parent=1,
+            name="link",
+            kind="symlink",
+            mode=0o777,
+            mtime_ns=5,
+            ctime_ns=5,
+            size=0,
+            seq=3,
+            target="docs/report.pdf",
+            uid=1000,
+            gid=100,
+            meta_dirty=1,
+        ),
     ]
     for row in rows:
-        values = [row.get(c, 0 if c in ("content_dirty", "meta_dirty", "explicit", "seq") else None)
-                  for c in PREVIOUS_COLUMNS]
-        conn.execute(f"INSERT INTO nodes ({', '.join(PREVIOUS_COLUMNS)}) VALUES "
-                     f"({', '.join('?' for _ in PREVIOUS_COLUMNS)})", values)
+        values = [
+            row.get(c, 0 if c in ("content_dirty", "meta_dirty", "explicit", "seq") else None) for c in PREVIOUS_COLUMNS
+        ]
+        conn.execute(
+            f"INSERT INTO nodes ({', '.join(PREVIOUS_COLUMNS)}) VALUES ({', '.join('?' for _ in PREVIOUS_COLUMNS)})",
+            values,
+        )
     conn.execute("INSERT INTO tombstones (token, since) VALUES ('tok-old', 7.0)")
     conn.execute("INSERT INTO kv (key, value) VALUES ('anything', 'unused')")
     conn.commit()
@@ -91,10 +171,18 @@ def test_an_index_from_before_schema_versions_is_migrated_and_keeps_its_data(tmp
         report = ns.nodes[ns.by_token["tok-report"]]
         assert ns.path(report) == "/docs/report.pdf"
         assert (report.mode, report.size, report.remote_extension, report.risk()) == (
-            0o640, 1234, "pdf", {"privifs.mode": "640"})
+            0o640,
+            1234,
+            "pdf",
+            {"privifs.mode": "640"},
+        )
         draft = ns.child(ns.root, "draft.txt")
         assert (draft.staged_id, draft.content_dirty, draft.meta_dirty, draft.upload_started) == (
-            "0123456789abcdef01234567", 1, 1, 5.5)
+            "0123456789abcdef01234567",
+            1,
+            1,
+            5.5,
+        )
         link = ns.child(ns.root, "link")
         assert (link.target, link.uid, link.gid) == ("docs/report.pdf", 1000, 100)
         assert ns.child(ns.root, "docs").explicit == 1
@@ -110,8 +198,12 @@ def test_an_index_from_before_schema_versions_is_migrated_and_keeps_its_data(tmp
         index.close()
     index = Index(path)  # opened again: nothing left to migrate, the change is there
     try:
-        assert Namespace(index, dir_mode=0o755, file_mode=0o644).child(
-            Namespace(index, dir_mode=0o755, file_mode=0o644).root, "draft.txt").size == 11
+        assert (
+            Namespace(index, dir_mode=0o755, file_mode=0o644)
+            .child(Namespace(index, dir_mode=0o755, file_mode=0o644).root, "draft.txt")
+            .size
+            == 11
+        )
     finally:
         index.close()
 
@@ -138,10 +230,15 @@ def test_a_new_step_is_appended_and_a_failing_one_changes_nothing(tmp_path, monk
     path = tmp_path / "index.sqlite3"
     previous_index(path)
     steps = list(namespace.MIGRATIONS)
-    monkeypatch.setattr(namespace, "MIGRATIONS", steps + [
-        ("later", "ALTER TABLE nodes ADD COLUMN later_ns INTEGER"),
-        ("broken", "UPDATE nodes SET later_ns = mtime_ns; UPDATE no_such_table SET x = 1"),
-    ])
+    monkeypatch.setattr(
+        namespace,
+        "MIGRATIONS",
+        steps
+        + [
+            ("later", "ALTER TABLE nodes ADD COLUMN later_ns INTEGER"),
+            ("broken", "UPDATE nodes SET later_ns = mtime_ns; UPDATE no_such_table SET x = 1"),
+        ],
+    )
     with pytest.raises(LocalStoreError) as info:
         Index(path)
     assert f"to version {len(steps) + 2} (broken) failed" in str(info.value)
@@ -149,10 +246,15 @@ def test_a_new_step_is_appended_and_a_failing_one_changes_nothing(tmp_path, monk
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(steps) + 1  # up to the good step
     assert conn.execute("SELECT COUNT(*) FROM nodes WHERE later_ns IS NOT NULL").fetchone()[0] == 0
     conn.close()
-    monkeypatch.setattr(namespace, "MIGRATIONS", steps + [
-        ("later", "ALTER TABLE nodes ADD COLUMN later_ns INTEGER"),
-        ("fill later", lambda conn: conn.execute("UPDATE nodes SET later_ns = mtime_ns")),
-    ])
+    monkeypatch.setattr(
+        namespace,
+        "MIGRATIONS",
+        steps
+        + [
+            ("later", "ALTER TABLE nodes ADD COLUMN later_ns INTEGER"),
+            ("fill later", lambda conn: conn.execute("UPDATE nodes SET later_ns = mtime_ns")),
+        ],
+    )
     index = Index(path)
     try:
         assert index.version() == len(steps) + 2

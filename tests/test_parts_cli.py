@@ -1,4 +1,5 @@
 """``privifs token put/get/ls/rm`` of a file above the parts threshold, as a user runs them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,10 +16,15 @@ from tests.mountkit import privifs as run
 
 @pytest.fixture
 def user(eng, tmp_path):
-    env = isolated_env(tmp_path, PRIVICORE_API_URL=eng.urls["api"], PRIVICORE_WS_URL=eng.urls["ws"],
-                       PRIVICORE_UPSTREAM_URL=eng.urls["upstream"], PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
-                       PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
-                       PRIVICORE_PASSWORD="correct-horse-battery")
+    env = isolated_env(
+        tmp_path,
+        PRIVICORE_API_URL=eng.urls["api"],
+        PRIVICORE_WS_URL=eng.urls["ws"],
+        PRIVICORE_UPSTREAM_URL=eng.urls["upstream"],
+        PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
+        PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
+        PRIVICORE_PASSWORD="correct-horse-battery",
+    )
     run(env, "init", "--register")
     return env
 
@@ -30,7 +36,8 @@ def test_a_big_file_is_put_as_parts_and_got_back_whole(user, tmp_path):
     token = run(user, "token", "put", str(src), "--context", "/media").stdout.strip()
     rows = [json.loads(line) for line in run(user, "token", "ls", "--json").stdout.splitlines()]
     assert [(r["token"], r["context"], r["fileName"], r["size"]) for r in rows] == [
-        (token, "/media", "movie.mkv", len(data))]
+        (token, "/media", "movie.mkv", len(data))
+    ]
     everything = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
     parts = [r for r in everything if r["context"] == "/.privifs/parts"]
     assert len(parts) == 3 and sum(r["size"] for r in parts) == len(data)

@@ -1,5 +1,6 @@
 """The manifest format in-process: round trip, the documented worked example, strict refusal of
 anything else, and the part digest binding content and position."""
+
 from __future__ import annotations
 
 import struct
@@ -15,8 +16,10 @@ KEY = bytes(range(32))
 def sample(total: int = 10, part_size: int = 4) -> fmt.Manifest:
     dk = fmt.part_key(KEY)
     data = bytes(range(total))
-    parts = tuple(fmt.Part(f"tok-{i}", len(data[o:o + part_size]), fmt.part_digest(dk, i, data[o:o + part_size]))
-                  for i, o in enumerate(range(0, total, part_size)))
+    parts = tuple(
+        fmt.Part(f"tok-{i}", len(data[o : o + part_size]), fmt.part_digest(dk, i, data[o : o + part_size]))
+        for i, o in enumerate(range(0, total, part_size))
+    )
     return fmt.Manifest(part_size, total, parts)
 
 
@@ -34,31 +37,38 @@ def test_worked_example_in_docs_matches_the_code():
     """docs/format.md prints the bytes of this manifest; they must be what the code writes."""
     data = b"hello, parts!"  # 13 bytes in parts of 8
     dk = fmt.part_key(bytes(32))
-    m = fmt.Manifest(8, 13, (fmt.Part("T1", 8, fmt.part_digest(dk, 0, data[:8])),
-                             fmt.Part("T2", 5, fmt.part_digest(dk, 1, data[8:]))))
+    m = fmt.Manifest(
+        8,
+        13,
+        (fmt.Part("T1", 8, fmt.part_digest(dk, 0, data[:8])), fmt.Part("T2", 5, fmt.part_digest(dk, 1, data[8:]))),
+    )
     hexdump = fmt.encode(m).hex()
     from pathlib import Path
+
     doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
     lines = [line.strip() for line in doc.splitlines()]
     start = lines.index("<!-- manifest example -->") + 2
-    shown = "".join("".join(line.split()) for line in lines[start:lines.index("<!-- end -->", start) - 1])
+    shown = "".join("".join(line.split()) for line in lines[start : lines.index("<!-- end -->", start) - 1])
     assert shown == hexdump
     assert f"part key `{dk.hex()}`" in doc
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda r: b"PVFSMNFX" + r[8:],  # magic
-    lambda r: r[:9] + b"\x01" + r[10:],  # reserved byte
-    lambda r: r[:28] + b"\x00\x00\x00\x01" + r[32:],  # reserved word
-    lambda r: r[:-1],  # truncated digest
-    lambda r: r + b"\x00",  # trailing junk
-    lambda r: r[:24] + struct.pack("<I", 4) + r[28:],  # count disagrees with sizes
-    lambda r: r[:16] + struct.pack("<Q", 11) + r[24:],  # total disagrees with part sizes
-    lambda r: r[:12] + struct.pack("<I", 0) + r[16:],  # part size zero
-    lambda r: r[:32] + b"\x00" + r[33:],  # empty token
-    lambda r: r[:33] + b"t\xffk-0" + r[38:],  # token not ASCII
-    lambda r: r[:20],  # header truncated
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: b"PVFSMNFX" + r[8:],  # magic
+        lambda r: r[:9] + b"\x01" + r[10:],  # reserved byte
+        lambda r: r[:28] + b"\x00\x00\x00\x01" + r[32:],  # reserved word
+        lambda r: r[:-1],  # truncated digest
+        lambda r: r + b"\x00",  # trailing junk
+        lambda r: r[:24] + struct.pack("<I", 4) + r[28:],  # count disagrees with sizes
+        lambda r: r[:16] + struct.pack("<Q", 11) + r[24:],  # total disagrees with part sizes
+        lambda r: r[:12] + struct.pack("<I", 0) + r[16:],  # part size zero
+        lambda r: r[:32] + b"\x00" + r[33:],  # empty token
+        lambda r: r[:33] + b"t\xffk-0" + r[38:],  # token not ASCII
+        lambda r: r[:20],  # header truncated
+    ],
+)
 def test_decode_refuses_damaged_manifests(mutate):
     with pytest.raises(IntegrityError):
         fmt.decode(mutate(fmt.encode(sample())))

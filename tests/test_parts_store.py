@@ -1,6 +1,7 @@
 """The parts layer against the real engine: a file stored as parts plus a manifest, range reads
 that fetch only the parts they touch, verification of every part, and collection of parts no
 manifest names."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ PART = 64 * 1024
 
 async def stream(data: bytes, piece: int = 10_000):
     for off in range(0, len(data), piece):
-        yield data[off:off + piece]
+        yield data[off : off + piece]
 
 
 async def stored(client, data: bytes, name: str = "big.bin") -> tuple[PartStore, str]:
@@ -56,9 +57,9 @@ async def test_a_range_read_fetches_only_the_parts_it_touches(account):
     async with connect(*account) as client:
         store, token = await stored(client, data)
         m = await store.manifest(token)
-        assert await store.read(m, 3 * PART + 100, 1000) == data[3 * PART + 100:3 * PART + 1100]
+        assert await store.read(m, 3 * PART + 100, 1000) == data[3 * PART + 100 : 3 * PART + 1100]
         assert store.parts_fetched == 1
-        assert await store.read(m, 5 * PART - 10, 20) == data[5 * PART - 10:5 * PART + 10]
+        assert await store.read(m, 5 * PART - 10, 20) == data[5 * PART - 10 : 5 * PART + 10]
         assert store.parts_fetched == 3
         assert await store.read(m, 8 * PART - 5, 100) == data[-5:]
 
@@ -92,10 +93,11 @@ async def test_parts_are_plain_wire_blobs_and_the_manifest_reads_as_documented(a
         pos, out = 32, b""
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
         dkey = HKDF(hashes.SHA256(), 32, b"privifs-parts", b"privifs part digest key v1").derive(KEY)
         for i in range(count):
             n = plain[pos]
-            tok = plain[pos + 1:pos + 1 + n].decode()
+            tok = plain[pos + 1 : pos + 1 + n].decode()
             size, digest = struct.unpack_from("<I32s", plain, pos + 1 + n)
             pos += 1 + n + 36
             part = await blob(tok)
@@ -111,8 +113,9 @@ async def test_a_swapped_or_missing_part_is_refused(account):
     async with connect(*account) as client:
         store, token = await stored(client, data)
         m = await store.manifest(token)
-        swapped = fmt.Manifest(m.part_size, m.total, (
-            fmt.Part(m.parts[1].token, PART, m.parts[0].digest), m.parts[1], m.parts[2]))
+        swapped = fmt.Manifest(
+            m.part_size, m.total, (fmt.Part(m.parts[1].token, PART, m.parts[0].digest), m.parts[1], m.parts[2])
+        )
         with pytest.raises(IntegrityError, match="digest"):
             await store.read(swapped, 0, 10)
         await client.tokens.delete(m.parts[2].token)

@@ -1,5 +1,6 @@
 """The local at-rest format: random writes, truncates and reads against an in-memory model;
 tampering, swapping and truncation of chunks are detected; no plaintext reaches the disk."""
+
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ def test_random_operations_match_a_model(tmp_path, seed):
             f.write(off, data)
             if off > len(model):
                 model.extend(bytes(off - len(model)))
-            model[off:off + len(data)] = data
+            model[off : off + len(data)] = data
         elif op < 0.8:
             size = rng.randrange(0, 5 * CHUNK)
             f.truncate(size)
@@ -34,7 +35,7 @@ def test_random_operations_match_a_model(tmp_path, seed):
         else:
             off = rng.randrange(0, 5 * CHUNK)
             n = rng.randrange(0, 2 * CHUNK)
-            assert f.read(off, n) == bytes(model[off:off + n])
+            assert f.read(off, n) == bytes(model[off : off + n])
         assert f.size == len(model)
     f.sync_header()
     f.close()
@@ -71,7 +72,9 @@ def test_tampering_swapping_and_truncation_are_detected(tmp_path):
     (tmp_path / "g").write_bytes(bytes(flipped))
     with pytest.raises(IntegrityError):
         SealedFile.open(tmp_path / "g", KEY).read(0, 10)
-    swapped = raw[:HEADER] + raw[HEADER + SLOT:HEADER + 2 * SLOT] + raw[HEADER:HEADER + SLOT] + raw[HEADER + 2 * SLOT:]
+    swapped = (
+        raw[:HEADER] + raw[HEADER + SLOT : HEADER + 2 * SLOT] + raw[HEADER : HEADER + SLOT] + raw[HEADER + 2 * SLOT :]
+    )
     (tmp_path / "h").write_bytes(bytes(swapped))
     with pytest.raises(IntegrityError):
         SealedFile.open(tmp_path / "h", KEY).read(0, 10)

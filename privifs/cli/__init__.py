@@ -4,6 +4,7 @@ Every failure ends in :func:`privifs.cli.failures.report`: one clear line and a 
 code per kind of failure; tracebacks are shown only with ``--debug`` (unexpected errors also go
 to the CLI log).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,7 @@ _MARKUP = re.compile(r"``([^`]*)``|:[a-z]+:`~?([^`]*)`")
 
 def plain(text: str | None) -> str | None:
     """A docstring as help text: reStructuredText markup (````x````, ``:mod:`x```) removed."""
-    return None if text is None else _MARKUP.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2),
-                                                 text)
+    return None if text is None else _MARKUP.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), text)
 
 
 class Parser(argparse.ArgumentParser):
@@ -53,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="privifs", description=privifs.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"privifs {privifs.__version__}")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="configuration file (default $PRIVIFS_CONFIG or ~/.config/privifs/config.toml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="configuration file (default $PRIVIFS_CONFIG or ~/.config/privifs/config.toml)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     init_cmd.register(sub)
     mount_cmd.register(sub)
@@ -70,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.command not in ("engine", "mount")
-    logging.basicConfig(level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("httpx", "httpcore", "hypercorn.error", "trio-websocket"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -8,6 +8,7 @@ clean home and refuses to overwrite an existing configuration, secret or engine 
 
 The passphrase comes from --passphrase-file, PRIVIFS_BACKUP_PASSPHRASE, or a prompt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,21 +21,29 @@ from privifs.config import default_config_path, load
 
 
 def register(sub) -> None:
-    b = sub.add_parser("backup", help="write the key, account and embedded engine data to a protected file",
-                       description=__doc__)
+    b = sub.add_parser(
+        "backup", help="write the key, account and embedded engine data to a protected file", description=__doc__
+    )
     b.add_argument("file", type=Path, help="the backup file to create (never overwritten)")
     b.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
     b.set_defaults(func=run_backup)
-    r = sub.add_parser("restore", help="rebuild the configuration, key and vault from a backup on a clean home",
-                       description=__doc__)
+    r = sub.add_parser(
+        "restore", help="rebuild the configuration, key and vault from a backup on a clean home", description=__doc__
+    )
     r.add_argument("file", type=Path, help="a file made by 'privifs backup'")
     r.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
     r.set_defaults(func=run_restore)
 
 
 def passphrase(args: argparse.Namespace, confirm: bool) -> str:
-    return ask_secret("passphrase", "Backup passphrase", file=args.passphrase_file, env="PRIVIFS_BACKUP_PASSPHRASE",
-                      flag="--passphrase-file", confirm=confirm)
+    return ask_secret(
+        "passphrase",
+        "Backup passphrase",
+        file=args.passphrase_file,
+        env="PRIVIFS_BACKUP_PASSPHRASE",
+        flag="--passphrase-file",
+        confirm=confirm,
+    )
 
 
 class TerminalProgress:
@@ -49,7 +58,7 @@ class TerminalProgress:
             sys.stderr.write(f"\r\x1b[K{self.label}: {done / 2**20:.1f} of {total / 2**20:.1f} MiB")
             sys.stderr.flush()
 
-    def __enter__(self) -> "TerminalProgress":
+    def __enter__(self) -> TerminalProgress:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -63,8 +72,11 @@ def run_backup(args: argparse.Namespace) -> int:
     secret = passphrase(args, confirm=True)
     with TerminalProgress("backing up the vault's data") as progress:
         summary = write_backup(cfg, args.file, secret, progress=progress)
-    data = (f", the embedded engine's data ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
-            if summary.embedded else " (the data stays on the server)")
+    data = (
+        f", the embedded engine's data ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
+        if summary.embedded
+        else " (the data stays on the server)"
+    )
     print(f"backup written to {args.file}: key, account of {summary.username}{data}")
     print("Keep it and its passphrase apart; 'privifs restore FILE' rebuilds the vault on a clean home.")
     return 0
@@ -75,8 +87,11 @@ def run_restore(args: argparse.Namespace) -> int:
     secret = passphrase(args, confirm=False)
     with TerminalProgress("restoring the vault's data") as progress:
         summary = restore_backup(args.file, secret, cfg_path, progress=progress)
-    where = (f"the embedded engine ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
-             if summary.embedded else "the server")
+    where = (
+        f"the embedded engine ({summary.blobs} blobs, {summary.blob_bytes / 2**20:.1f} MiB)"
+        if summary.embedded
+        else "the server"
+    )
     print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
     print("Mount it with 'privifs mount DIR'.")
     return 0

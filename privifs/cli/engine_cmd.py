@@ -1,4 +1,5 @@
 """privifs engine: run the local Privicore-compatible engine in the foreground."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,19 +14,33 @@ from privifs.errors import ConfigError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("engine", help="run the local Privicore-compatible engine",
-                       description="Run the local Privicore-compatible engine until SIGTERM or SIGINT.")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help=f"where the engine keeps its state (default {paths.embedded_engine_dir()})")
+    p = sub.add_parser(
+        "engine",
+        help="run the local Privicore-compatible engine",
+        description="Run the local Privicore-compatible engine until SIGTERM or SIGINT.",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help=f"where the engine keeps its state (default {paths.embedded_engine_dir()})",
+    )
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
     p.add_argument("--api-port", type=port, default=8009, help="REST API port (default 8009; 0: any free port)")
     p.add_argument("--ws-port", type=port, default=8083, help="WebSocket port (default 8083)")
     p.add_argument("--upstream-port", type=port, default=8010, help="upload stream port (default 8010)")
     p.add_argument("--downstream-port", type=port, default=8011, help="download stream port (default 8011)")
-    p.add_argument("--urls-file", type=Path, default=None,
-                   help="write the servers' URLs here as JSON once every server listens")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
-                   help="set an engine option (fault injection, wire shapes, limits); see docs/engine.md")
+    p.add_argument(
+        "--urls-file", type=Path, default=None, help="write the servers' URLs here as JSON once every server listens"
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an engine option (fault injection, wire shapes, limits); see docs/engine.md",
+    )
     p.set_defaults(func=run)
 
 
@@ -38,8 +53,12 @@ def run(args: argparse.Namespace) -> int:
         opts.update(parse_settings(args.settings))
     except ValueError as exc:
         raise ConfigError(f"bad --set: {exc}") from None
-    ports = {"api": args.api_port, "ws": args.ws_port, "upstream": args.upstream_port,
-             "downstream": args.downstream_port}
+    ports = {
+        "api": args.api_port,
+        "ws": args.ws_port,
+        "upstream": args.upstream_port,
+        "downstream": args.downstream_port,
+    }
     data_dir = args.data_dir or paths.embedded_engine_dir()
 
     def announce(line: str) -> None:

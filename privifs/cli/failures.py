@@ -19,6 +19,7 @@ code   meaning
 141    the output pipe closed early (``privifs status | head -1``); nothing is printed
 =====  ==========================================================================================
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,16 @@ import traceback
 from pathlib import Path
 
 from privifs import paths
-from privifs.errors import (ConfigError, DiskFullError, IntegrityError, KeyFileError, LocalStoreError,
-                            PrivifsError, ServerUnreachable, WrongKeyError)
+from privifs.errors import (
+    ConfigError,
+    DiskFullError,
+    IntegrityError,
+    KeyFileError,
+    LocalStoreError,
+    PrivifsError,
+    ServerUnreachable,
+    WrongKeyError,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -97,8 +106,9 @@ def _log_bug(exc: BaseException) -> Path | None:
         paths.private_dir(path.parent)
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=1 << 20, backupCount=2)
         os.chmod(path, 0o600)
-        record = logging.LogRecord("privifs.cli", logging.ERROR, __file__, 0, "unexpected error in %s",
-                                   (" ".join(sys.argv),), None)
+        record = logging.LogRecord(
+            "privifs.cli", logging.ERROR, __file__, 0, "unexpected error in %s", (" ".join(sys.argv),), None
+        )
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.emit(record)
         handler.stream.write("".join(traceback.format_exception(exc)))
@@ -139,7 +149,9 @@ def report(exc: BaseException, debug: bool) -> int:
         return EXIT_LOCAL
     where = _log_bug(exc)
     first = leaves[0] if leaves else exc
-    print(f"privifs: internal error: {type(first).__name__}: {first}; "
-          + (f"the details are in {where} (please report it)" if where else "run again with --debug for details"),
-          file=sys.stderr)
+    print(
+        f"privifs: internal error: {type(first).__name__}: {first}; "
+        + (f"the details are in {where} (please report it)" if where else "run again with --debug for details"),
+        file=sys.stderr,
+    )
     return EXIT_BUG

@@ -10,6 +10,7 @@ The AES key (a new one, or a copy of --key-file) and the password are kept next 
 configuration, mode 0600, and checked against the vault before the configuration is written.
 An existing key, password or identity key is never overwritten.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,20 +42,31 @@ from privifs.errors import ConfigError, KeyFileError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("init", help="write the configuration and keys (and register a profile)",
-                       description=__doc__)
+    p = sub.add_parser("init", help="write the configuration and keys (and register a profile)", description=__doc__)
     p.add_argument("--register", action="store_true", help="register a new profile on the server")
     p.add_argument("--password-file", type=Path, help="read the password from this file")
-    p.add_argument("--key-file", type=Path,
-                   help="use this existing AES key (copied next to the configuration) instead of a new one")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing configuration (keys and password are still never overwritten)")
+    p.add_argument(
+        "--key-file",
+        type=Path,
+        help="use this existing AES key (copied next to the configuration) instead of a new one",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing configuration (keys and password are still never overwritten)",
+    )
     p.set_defaults(func=run)
 
 
 def _password(args: argparse.Namespace, confirm: bool) -> str:
-    return ask_secret("password", "Privicore password", file=args.password_file, env="PRIVICORE_PASSWORD",
-                      flag="--password-file", confirm=confirm)
+    return ask_secret(
+        "password",
+        "Privicore password",
+        file=args.password_file,
+        env="PRIVICORE_PASSWORD",
+        flag="--password-file",
+        confirm=confirm,
+    )
 
 
 def _username() -> str:
@@ -78,6 +90,7 @@ def _read_secret(path: Path) -> str | None:
 @dataclass
 class Plan:
     """What init does: which account, whether it is new, and which key."""
+
     username: str
     password: str
     register_new: bool
@@ -93,20 +106,27 @@ def _embedded_plan(args: argparse.Namespace, cfg_dir: Path, key: bytes | None) -
     wanted = os.environ.get("PRIVICORE_USERNAME")
     if known and not args.register:
         if wanted and wanted not in known:
-            raise ConfigError(f"the embedded engine's data in {engine_dir} has no profile {wanted!r} "
-                              f"(it holds {', '.join(known)})")
+            raise ConfigError(
+                f"the embedded engine's data in {engine_dir} has no profile {wanted!r} (it holds {', '.join(known)})"
+            )
         if not wanted and len(known) > 1:
-            raise ConfigError(f"the embedded engine's data in {engine_dir} holds {len(known)} profiles "
-                              f"({', '.join(known)}); set PRIVICORE_USERNAME to the one to use")
+            raise ConfigError(
+                f"the embedded engine's data in {engine_dir} holds {len(known)} profiles "
+                f"({', '.join(known)}); set PRIVICORE_USERNAME to the one to use"
+            )
         password = stored_pw or os.environ.get("PRIVICORE_PASSWORD")
         if password is None:
-            raise ConfigError(f"the embedded engine's data in {engine_dir} already holds a vault, but there is "
-                              f"no password file at {cfg_dir / 'password'}: restore it (or the whole backup "
-                              f"with 'privifs restore FILE'), or move {engine_dir} away to start a new vault")
+            raise ConfigError(
+                f"the embedded engine's data in {engine_dir} already holds a vault, but there is "
+                f"no password file at {cfg_dir / 'password'}: restore it (or the whole backup "
+                f"with 'privifs restore FILE'), or move {engine_dir} away to start a new vault"
+            )
         if key is None:
-            raise KeyFileError(f"the embedded engine's data in {engine_dir} already holds a vault, but there is "
-                               f"no AES key at {cfg_dir / 'aes.key'}: restore the vault's key (or use "
-                               f"'privifs init --key-file KEY'); a new key could not read it")
+            raise KeyFileError(
+                f"the embedded engine's data in {engine_dir} already holds a vault, but there is "
+                f"no AES key at {cfg_dir / 'aes.key'}: restore the vault's key (or use "
+                f"'privifs init --key-file KEY'); a new key could not read it"
+            )
         return Plan(wanted or known[0], password, False, key, False)
     username = wanted or f"privifs-{secrets.token_hex(4)}@localhost"
     password = stored_pw or os.environ.get("PRIVICORE_PASSWORD") or secrets.token_urlsafe(24)
@@ -125,9 +145,11 @@ def run(args: argparse.Namespace) -> int:
     if args.key_file is not None:
         given = load_aes_key(args.key_file.expanduser())
         if key is not None and key != given:
-            raise KeyFileError(f"{key_path} already holds another AES key (fingerprint {key_id(key)}, "
-                               f"{args.key_file} has {key_id(given)}); privifs never overwrites a key: move "
-                               f"{key_path} away first if you mean to replace it")
+            raise KeyFileError(
+                f"{key_path} already holds another AES key (fingerprint {key_id(key)}, "
+                f"{args.key_file} has {key_id(given)}); privifs never overwrites a key: move "
+                f"{key_path} away first if you mean to replace it"
+            )
         key = given
     cfg = Config(path=cfg_path)
     api = os.environ.get("PRIVICORE_API_URL")
@@ -137,8 +159,13 @@ def run(args: argparse.Namespace) -> int:
         cfg.ws = os.environ.get("PRIVICORE_WS_URL")
         cfg.upstream = os.environ.get("PRIVICORE_UPSTREAM_URL")
         cfg.downstream = os.environ.get("PRIVICORE_DOWNSTREAM_URL")
-        plan = Plan(_username(), _password(args, confirm=args.register), args.register,
-                    key or os.urandom(AES_KEY_SIZE), key is None)
+        plan = Plan(
+            _username(),
+            _password(args, confirm=args.register),
+            args.register,
+            key or os.urandom(AES_KEY_SIZE),
+            key is None,
+        )
     else:
         cfg.embedded = True
         plan = _embedded_plan(args, cfg_dir, key)
@@ -184,12 +211,19 @@ def run(args: argparse.Namespace) -> int:
     save(cfg)
     print(f"configuration: {cfg_path}")
     print(f"server:        {cfg.server_label()}")
-    note = (" (registered now)" if plan.register_new
-            else " (the vault already in the embedded engine's data)" if cfg.embedded else "")
+    note = (
+        " (registered now)"
+        if plan.register_new
+        else " (the vault already in the embedded engine's data)"
+        if cfg.embedded
+        else ""
+    )
     print(f"username:      {cfg.username}{note}")
     print(f"AES key:       {cfg.aes_key_file}  (fingerprint {cfg.key_id})")
-    print("Keep a copy of the AES key somewhere safe (or make a backup with 'privifs backup FILE'): "
-          "without it the vault's data cannot be decrypted, by anyone.")
+    print(
+        "Keep a copy of the AES key somewhere safe (or make a backup with 'privifs backup FILE'): "
+        "without it the vault's data cannot be decrypted, by anyone."
+    )
     return 0
 
 

@@ -1,5 +1,6 @@
 """privifs mount: start the daemon that serves a mount and return once the drive is ready
 (--foreground runs it in this process); the daemon's rotated log (MountLog)."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,24 +35,60 @@ def register(sub) -> None:
     p.add_argument("mountpoint", type=Path, help="an existing directory")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to the terminal")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where the encrypted read cache lives")
-    p.add_argument("--cache-size", type=parse_size, metavar="SIZE", default=parse_size("2G"),
-                   help="read cache limit, e.g. 500M or 2G (default 2G)")
-    p.add_argument("--refresh-interval", type=seconds(0.1), metavar="SECONDS", default=30.0,
-                   help="seconds between listing refreshes, at least 0.1 (default 30)")
-    p.add_argument("--uid", type=integer(0), metavar="UID", default=os.getuid(), help="owner shown for files (default: you)")
-    p.add_argument("--gid", type=integer(0), metavar="GID", default=os.getgid(), help="group shown for files (default: yours)")
-    p.add_argument("--umask", type=parse_octal, metavar="MASK", default=0o022,
-                   help="octal umask for files without stored modes (default 022)")
+    p.add_argument(
+        "--cache-size",
+        type=parse_size,
+        metavar="SIZE",
+        default=parse_size("2G"),
+        help="read cache limit, e.g. 500M or 2G (default 2G)",
+    )
+    p.add_argument(
+        "--refresh-interval",
+        type=seconds(0.1),
+        metavar="SECONDS",
+        default=30.0,
+        help="seconds between listing refreshes, at least 0.1 (default 30)",
+    )
+    p.add_argument(
+        "--uid", type=integer(0), metavar="UID", default=os.getuid(), help="owner shown for files (default: you)"
+    )
+    p.add_argument(
+        "--gid", type=integer(0), metavar="GID", default=os.getgid(), help="group shown for files (default: yours)"
+    )
+    p.add_argument(
+        "--umask",
+        type=parse_octal,
+        metavar="MASK",
+        default=0o022,
+        help="octal umask for files without stored modes (default 022)",
+    )
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
-    p.add_argument("--upload-workers", type=integer(1, 64), metavar="N", default=8, help="parallel uploads, 1 to 64 (default 8)")
-    p.add_argument("--write-back-delay", type=seconds(0), metavar="SECONDS", default=1.0,
-                   help="seconds after the last close before a file is uploaded (default 1; fsync skips it)")
-    p.add_argument("--fsync-timeout", type=seconds(0, inclusive=False), metavar="SECONDS", default=300.0,
-                   help="seconds fsync waits for the vault before failing with EIO (default 300)")
-    p.add_argument("--fsync", choices=("vault", "local"), default="vault", dest="fsync_mode",
-                   help="vault (default): fsync returns once the change is in the vault; local: once it is "
-                        "durable on this disk, the upload follows (a lost machine loses it until then)")
+    p.add_argument(
+        "--upload-workers", type=integer(1, 64), metavar="N", default=8, help="parallel uploads, 1 to 64 (default 8)"
+    )
+    p.add_argument(
+        "--write-back-delay",
+        type=seconds(0),
+        metavar="SECONDS",
+        default=1.0,
+        help="seconds after the last close before a file is uploaded (default 1; fsync skips it)",
+    )
+    p.add_argument(
+        "--fsync-timeout",
+        type=seconds(0, inclusive=False),
+        metavar="SECONDS",
+        default=300.0,
+        help="seconds fsync waits for the vault before failing with EIO (default 300)",
+    )
+    p.add_argument(
+        "--fsync",
+        choices=("vault", "local"),
+        default="vault",
+        dest="fsync_mode",
+        help="vault (default): fsync returns once the change is in the vault; local: once it is "
+        "durable on this disk, the upload follows (a lost machine loses it until then)",
+    )
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
@@ -64,9 +101,11 @@ def _ensure_config(args: argparse.Namespace) -> Path:
     if cfg_path.exists():
         return cfg_path
     if os.environ.get("PRIVICORE_API_URL"):
-        raise ConfigError("no configuration yet: run 'privifs init' (it reads PRIVICORE_API_URL and the "
-                          "credentials) before mounting")
+        raise ConfigError(
+            "no configuration yet: run 'privifs init' (it reads PRIVICORE_API_URL and the credentials) before mounting"
+        )
     from privifs.cli import init_cmd
+
     print("no configuration yet: setting up the embedded engine's vault", file=sys.stderr)
     init_args = argparse.Namespace(config=cfg_path, register=False, password_file=None, key_file=None, force=False)
     init_cmd.run(init_args)
@@ -78,12 +117,23 @@ def _mount_config(args: argparse.Namespace):
     from privifs.fs.filesystem import MountOptions
 
     return MountConfig(
-        mountpoint=args.mountpoint, cache_dir=args.cache_dir, cache_size=args.cache_size,
-        refresh_interval=args.refresh_interval, upload_workers=args.upload_workers,
+        mountpoint=args.mountpoint,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        refresh_interval=args.refresh_interval,
+        upload_workers=args.upload_workers,
         write_back_delay=args.write_back_delay,
-        allow_other=args.allow_other, state_dir=args.state_dir,
-        fs=MountOptions(uid=args.uid, gid=args.gid, umask=args.umask, read_only=args.read_only,
-                        fsync_timeout=args.fsync_timeout, fsync_mode=args.fsync_mode))
+        allow_other=args.allow_other,
+        state_dir=args.state_dir,
+        fs=MountOptions(
+            uid=args.uid,
+            gid=args.gid,
+            umask=args.umask,
+            read_only=args.read_only,
+            fsync_timeout=args.fsync_timeout,
+            fsync_mode=args.fsync_mode,
+        ),
+    )
 
 
 def _check_mountpoint(mountpoint: Path) -> None:
@@ -93,11 +143,16 @@ def _check_mountpoint(mountpoint: Path) -> None:
         if registered_entry(mountpoint) is not None or not is_dead_mount(real):
             raise ConfigError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")
         clean_dead_mount(real)
-        print(f"privifs: {mountpoint} was left mounted by a daemon that died; cleaned it up (its staged "
-              f"changes are uploaded by this mount)", file=sys.stderr)
+        print(
+            f"privifs: {mountpoint} was left mounted by a daemon that died; cleaned it up (its staged "
+            f"changes are uploaded by this mount)",
+            file=sys.stderr,
+        )
     elif is_dead_mount(real):
-        raise ConfigError(f"{mountpoint} is a dead mount of another filesystem; unmount it first "
-                          f"('fusermount3 -u {mountpoint}' or 'umount -l {mountpoint}')")
+        raise ConfigError(
+            f"{mountpoint} is a dead mount of another filesystem; unmount it first "
+            f"('fusermount3 -u {mountpoint}' or 'umount -l {mountpoint}')"
+        )
     if not mountpoint.is_dir():
         raise ConfigError(f"mountpoint {mountpoint} does not exist or is not a directory")
 
@@ -109,16 +164,22 @@ def run_mount(args: argparse.Namespace) -> int:
         return _run_daemon(args, cfg_path)
     cfg = load(cfg_path)
     from privifs.fs.daemon import default_state_dir
+
     state = args.state_dir or default_state_dir(cfg)
     paths.private_dir(state)
     log_path = state / "mount.log"
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "privifs", "--config", str(cfg_path)] + (["--debug"] if args.debug else []) + [
-        "mount", "--foreground", "--ready-fd", str(w), "--log-file", str(log_path)] + _forward(args)
+    cmd = (
+        [sys.executable, "-m", "privifs", "--config", str(cfg_path)]
+        + (["--debug"] if args.debug else [])
+        + ["mount", "--foreground", "--ready-fd", str(w), "--log-file", str(log_path)]
+        + _forward(args)
+    )
     with open(log_path, "ab") as logf:
         os.chmod(log_path, 0o600)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True
+        )
     os.close(w)
     message = b""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -146,11 +207,27 @@ def run_mount(args: argparse.Namespace) -> int:
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
-    out = [str(args.mountpoint.resolve()), "--cache-size", str(args.cache_size),
-           "--refresh-interval", str(args.refresh_interval), "--uid", str(args.uid), "--gid", str(args.gid),
-           "--umask", f"{args.umask:o}", "--upload-workers", str(args.upload_workers),
-           "--write-back-delay", str(args.write_back_delay),
-           "--fsync-timeout", str(args.fsync_timeout), "--fsync", args.fsync_mode]
+    out = [
+        str(args.mountpoint.resolve()),
+        "--cache-size",
+        str(args.cache_size),
+        "--refresh-interval",
+        str(args.refresh_interval),
+        "--uid",
+        str(args.uid),
+        "--gid",
+        str(args.gid),
+        "--umask",
+        f"{args.umask:o}",
+        "--upload-workers",
+        str(args.upload_workers),
+        "--write-back-delay",
+        str(args.write_back_delay),
+        "--fsync-timeout",
+        str(args.fsync_timeout),
+        "--fsync",
+        args.fsync_mode,
+    ]
     if args.cache_dir:
         out += ["--cache-dir", str(args.cache_dir.resolve())]
     if args.state_dir:
@@ -166,8 +243,9 @@ class MountLog(logging.handlers.RotatingFileHandler):
     """The daemon's log, rotated at ``max_bytes`` (``mount.log.1`` …); ``fds`` (the daemon's
     stdout and stderr) follow the current file, so stray output is rotated with it."""
 
-    def __init__(self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS,
-                 fds: tuple[int, ...] = (1, 2)):
+    def __init__(
+        self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS, fds: tuple[int, ...] = (1, 2)
+    ):
         super().__init__(path, maxBytes=max_bytes, backupCount=backups)
         self.fds = fds
         self._follow()
@@ -217,8 +295,12 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     except BaseException as exc:
         from privifs.cli.failures import exit_code
         from privifs.errors import first_privifs_error
-        inner = exc if isinstance(exc, PrivifsError) else (
-            first_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
+
+        inner = (
+            exc
+            if isinstance(exc, PrivifsError)
+            else (first_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
+        )
         if inner is None and not isinstance(exc, KeyboardInterrupt):
             logging.getLogger("privifs.cli").exception("the mount daemon failed")  # the traceback, in its log
         if not signalled and args.ready_fd is not None:
@@ -232,5 +314,3 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
                 pass
         raise
     return 0
-
-

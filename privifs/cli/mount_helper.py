@@ -28,21 +28,59 @@ Any other option is an error (``-s``, sloppy, ignores it instead). ``-f`` (fake)
 options and mounts nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
 after the unmount, or at the next mount) or ``privifs umount DIR`` (waits for them).
 """
+
 from __future__ import annotations
 
 import getopt
 import sys
 from pathlib import Path
 
-VALUED = {"cache_size": "--cache-size", "cache_dir": "--cache-dir", "refresh_interval": "--refresh-interval",
-          "upload_workers": "--upload-workers", "write_back_delay": "--write-back-delay",
-          "fsync_timeout": "--fsync-timeout", "fsync": "--fsync", "uid": "--uid", "gid": "--gid", "umask": "--umask"}
+VALUED = {
+    "cache_size": "--cache-size",
+    "cache_dir": "--cache-dir",
+    "refresh_interval": "--refresh-interval",
+    "upload_workers": "--upload-workers",
+    "write_back_delay": "--write-back-delay",
+    "fsync_timeout": "--fsync-timeout",
+    "fsync": "--fsync",
+    "uid": "--uid",
+    "gid": "--gid",
+    "umask": "--umask",
+}
 USAGE, MOUNT_FAILED = 1, 32  # mount(8)'s exit codes: incorrect invocation, mount failure
 FLAGS = {"ro": "--read-only", "allow_other": "--allow-other"}
-IGNORED = {"rw", "_netdev", "defaults", "auto", "noauto", "nofail", "user", "users", "nouser", "owner", "group",
-           "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "norelatime",
-           "strictatime", "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime", "async", "sync",
-           "default_permissions"}
+IGNORED = {
+    "rw",
+    "_netdev",
+    "defaults",
+    "auto",
+    "noauto",
+    "nofail",
+    "user",
+    "users",
+    "nouser",
+    "owner",
+    "group",
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+    "nodiratime",
+    "async",
+    "sync",
+    "default_permissions",
+}
 
 
 class UsageError(Exception):
@@ -90,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args[1]) if args[0] == "--config" else default_config_path()
     if not config.is_file():
         # never let a boot-time mount provision a new, empty vault in place of the configured one
-        print(f"mount.fuse.privifs: no privifs configuration at {config}; run 'privifs init' first "
-              f"or give -o config=FILE", file=sys.stderr)
+        print(
+            f"mount.fuse.privifs: no privifs configuration at {config}; run 'privifs init' first "
+            f"or give -o config=FILE",
+            file=sys.stderr,
+        )
         return MOUNT_FAILED
     if fake:
         return 0

@@ -1,6 +1,7 @@
 """The kernel's table of privifs mounts: which exist, which are dead (their daemon crashed or was
 killed: every access fails with ENOTCONN), how to detach a dead one, and which daemon serves a
 mountpoint."""
+
 from __future__ import annotations
 
 import errno
@@ -66,8 +67,7 @@ def is_dead_mount(path: str | Path, timeout: float = 3.0) -> bool:
 
 def clean_dead_mount(path: str | Path) -> None:
     """Detach a dead FUSE mount (fusermount3 -u, lazily if it is busy)."""
-    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)],
-                ["umount", "-l", str(path)]):
+    for cmd in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
         try:
             if subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0:
                 return

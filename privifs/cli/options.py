@@ -1,6 +1,7 @@
 """Argument types for the command line: every number, size and mode is checked when it is
 parsed, so a bad value stops the command at once with a message naming the option's rule
 (``--refresh-interval 0`` would otherwise re-list without pause)."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,17 +45,20 @@ def _number(text: str) -> float:
 
 def seconds(minimum: float = 0.0, *, inclusive: bool = True):
     """Seconds, at least ``minimum`` (or more than it when not ``inclusive``)."""
+
     def parse(text: str) -> float:
         value = _number(text)
         if value < minimum or (not inclusive and value == minimum):
             rule = f"at least {minimum:g}" if inclusive else f"more than {minimum:g}"
             raise argparse.ArgumentTypeError(f"must be {rule} seconds, not {text!r}")
         return value
+
     return parse
 
 
 def integer(minimum: int, maximum: int | None = None):
     """A whole number between ``minimum`` and ``maximum`` (inclusive)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -64,6 +68,7 @@ def integer(minimum: int, maximum: int | None = None):
             rule = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
             raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}")
         return value
+
     return parse
 
 

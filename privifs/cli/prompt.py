@@ -1,6 +1,7 @@
 """Reading a secret the user types (the account password, a backup passphrase): from a file
 named by an option, from an environment variable, or from the terminal without echo. Never from
 the command line, where other users could read it."""
+
 from __future__ import annotations
 
 import getpass

@@ -1,5 +1,6 @@
 """privifs umount and privifs status: talk to a mount's daemon over its control socket, and
 show or clean up mounts whose daemon died."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,25 +12,44 @@ from pathlib import Path
 
 from privifs import paths
 from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus
-from privifs.cli.mounttable import clean_dead_mount, dead_mounts, is_dead_mount, is_fuse_mount, privifs_mounts, \
-    my_mountpoints, registered_entry, staged_left
+from privifs.cli.mounttable import (
+    clean_dead_mount,
+    dead_mounts,
+    is_dead_mount,
+    is_fuse_mount,
+    my_mountpoints,
+    privifs_mounts,
+    registered_entry,
+    staged_left,
+)
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
 
 
 def register(sub) -> None:
-    u = sub.add_parser("umount", help="upload what is pending and unmount",
-                       description="Upload what is pending (progress on a terminal), then unmount. Exits with "
-                                   "7 if changes could not be uploaded: they stay staged and are uploaded at "
-                                   "the next mount. A mount whose daemon died is cleaned up.")
+    u = sub.add_parser(
+        "umount",
+        help="upload what is pending and unmount",
+        description="Upload what is pending (progress on a terminal), then unmount. Exits with "
+        "7 if changes could not be uploaded: they stay staged and are uploaded at "
+        "the next mount. A mount whose daemon died is cleaned up.",
+    )
     u.add_argument("mountpoint", type=Path)
-    u.add_argument("--timeout", type=seconds(0, inclusive=False), metavar="SECONDS", default=None,
-                   help="give up waiting for uploads after this many seconds")
+    u.add_argument(
+        "--timeout",
+        type=seconds(0, inclusive=False),
+        metavar="SECONDS",
+        default=None,
+        help="give up waiting for uploads after this many seconds",
+    )
     u.set_defaults(func=run_umount)
 
-    s = sub.add_parser("status", help="pending uploads, cache, last refresh and errors of mounts",
-                       description="Show each privifs mount: pending uploads, cache, last refresh and errors; "
-                                   "a mount whose daemon died is shown with how to recover (exit code 8).")
+    s = sub.add_parser(
+        "status",
+        help="pending uploads, cache, last refresh and errors of mounts",
+        description="Show each privifs mount: pending uploads, cache, last refresh and errors; "
+        "a mount whose daemon died is shown with how to recover (exit code 8).",
+    )
     s.add_argument("mountpoint", type=Path, nargs="?")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=run_status)
@@ -47,9 +67,11 @@ class UploadProgress:
     def line(self, p: dict) -> str:
         self.total = max(self.total, p["bytes"])
         done = self.total - p["bytes"]
-        return (f"uploading: {_bytes(done)} of {_bytes(self.total)} "
-                f"({100 * done // self.total if self.total else 100}%), {p['pending']} changes and "
-                f"{p['deletes']} deletes left")
+        return (
+            f"uploading: {_bytes(done)} of {_bytes(self.total)} "
+            f"({100 * done // self.total if self.total else 100}%), {p['pending']} changes and "
+            f"{p['deletes']} deletes left"
+        )
 
     def update(self, p: dict) -> None:
         text = self.line(p)
@@ -83,8 +105,11 @@ def run_umount(args: argparse.Namespace) -> int:
             why = "its daemon had died" if dead else "no daemon answered"
             left = staged_left(args.mountpoint)
             if left is not None:
-                raise ExitStatus(f"unmounted {args.mountpoint} ({why}); {left[0]} files it had not uploaded stay "
-                                 f"staged in {left[1]} and are uploaded at the next mount", EXIT_STAGED)
+                raise ExitStatus(
+                    f"unmounted {args.mountpoint} ({why}); {left[0]} files it had not uploaded stay "
+                    f"staged in {left[1]} and are uploaded at the next mount",
+                    EXIT_STAGED,
+                )
             print(f"unmounted {args.mountpoint} ({why})")
             return 0
         raise ConfigError(f"{args.mountpoint} is not a privifs mount")
@@ -97,8 +122,10 @@ def run_umount(args: argparse.Namespace) -> int:
             else:
                 result = answer
     except OSError as exc:
-        raise PrivifsError(f"the mount daemon for {args.mountpoint} did not answer ({exc}); "
-                           f"'fusermount3 -u {args.mountpoint}' unmounts it anyway") from None
+        raise PrivifsError(
+            f"the mount daemon for {args.mountpoint} did not answer ({exc}); "
+            f"'fusermount3 -u {args.mountpoint}' unmounts it anyway"
+        ) from None
     finally:
         progress.close()
     list(control_request(entry, {"cmd": "unmount"}))
@@ -112,8 +139,9 @@ def run_umount(args: argparse.Namespace) -> int:
     if is_fuse_mount(args.mountpoint):
         raise PrivifsError(f"{args.mountpoint} is still mounted (busy?)")
     if result.get("error"):
-        raise ExitStatus(f"unmounted {args.mountpoint}, but not everything was uploaded: {result['error']}",
-                         EXIT_STAGED)
+        raise ExitStatus(
+            f"unmounted {args.mountpoint}, but not everything was uploaded: {result['error']}", EXIT_STAGED
+        )
     print(f"unmounted {args.mountpoint}")
     return 0
 
@@ -130,17 +158,21 @@ def _fsync_line(fsync: dict | None) -> str | None:
         return None
     if fsync["mode"] != "local":
         return "  fsync:        vault (returns once the change is in the vault)"
-    return (f"  fsync:        LOCAL (returns once the change is on this disk): {fsync['not_in_vault']} changes "
-            f"not in the vault yet ({fsync['fsynced_not_in_vault']} of them fsynced); losing this machine "
-            f"loses them, other clients do not see them yet")
+    return (
+        f"  fsync:        LOCAL (returns once the change is on this disk): {fsync['not_in_vault']} changes "
+        f"not in the vault yet ({fsync['fsynced_not_in_vault']} of them fsynced); losing this machine "
+        f"loses them, other clients do not see them yet"
+    )
 
 
 def _dead_status(mountpoint: str) -> dict:
-    return {"mountpoint": mountpoint, "dead": True,
-            "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
-                     "not connected'); changes it had not uploaded stay staged",
-            "recover": f"privifs umount {mountpoint} && privifs mount {mountpoint}   (or just: privifs mount "
-                       f"{mountpoint})"}
+    return {
+        "mountpoint": mountpoint,
+        "dead": True,
+        "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
+        "not connected'); changes it had not uploaded stay staged",
+        "recover": f"privifs umount {mountpoint} && privifs mount {mountpoint}   (or just: privifs mount {mountpoint})",
+    }
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -166,9 +198,14 @@ def run_status(args: argparse.Namespace) -> int:
             answers = list(control_request(entry, {"cmd": "status"}))
             statuses.append(answers[0]["status"])
         except (OSError, IndexError, KeyError) as exc:
-            statuses.append({"mountpoint": entry["mountpoint"], "error": f"daemon not answering ({exc})",
-                             "recover": f"wait, or stop it (kill {entry['pid']}; its staged changes are kept) "
-                                        f"and run: privifs mount {entry['mountpoint']}"})
+            statuses.append(
+                {
+                    "mountpoint": entry["mountpoint"],
+                    "error": f"daemon not answering ({exc})",
+                    "recover": f"wait, or stop it (kill {entry['pid']}; its staged changes are kept) "
+                    f"and run: privifs mount {entry['mountpoint']}",
+                }
+            )
     statuses += [_dead_status(mp) for mp in dead]
     code = EXIT_DEAD_MOUNT if dead else 0
     if args.json:
@@ -185,10 +222,14 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
         conn = st.get("connection") or {}
         if conn and not conn.get("online"):
-            print(f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "
-                  f"are readable, writes are staged; reconnecting in the background")
-        print(f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
-              f"{st['pending_deletes']} deletes")
+            print(
+                f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "
+                f"are readable, writes are staged; reconnecting in the background"
+            )
+        print(
+            f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
+            f"{st['pending_deletes']} deletes"
+        )
         fsync_line = _fsync_line(st.get("fsync"))
         if fsync_line:
             print(fsync_line)
@@ -196,15 +237,23 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
         if len(st["pending"]) > 20:
             print(f"    … and {len(st['pending']) - 20} more")
-        print(f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
-              f" ({st['cache']['dir']})")
+        print(
+            f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
+            f" ({st['cache']['dir']})"
+        )
         print(f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})")
-        print(f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
-              + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else ""))
-        print(f"  last error:   {st['last_error'] or 'none'}"
-              + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else ""))
+        print(
+            f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
+            + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")
+        )
+        print(
+            f"  last error:   {st['last_error'] or 'none'}"
+            + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")
+        )
         for task in st.get("tasks", []):
             if task["failures"]:
-                print(f"  task failed:  {task['name']}: {task['failures']} unexpected failures, last at "
-                      f"{_ago(task['last_error_at'])}: {task['last_error']} (restarted; see mount.log)")
+                print(
+                    f"  task failed:  {task['name']}: {task['failures']} unexpected failures, last at "
+                    f"{_ago(task['last_error_at'])}: {task['last_error']} (restarted; see mount.log)"
+                )
     return code

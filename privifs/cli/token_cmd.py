@@ -4,6 +4,7 @@ than the parts threshold is stored as parts plus a manifest, and get of a manife
 the file (see docs/format.md). Every action
 first checks the AES key against the vault's key check, so a wrong key is refused before it can
 write anything."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,11 @@ from pathlib import Path
 import trio
 
 from privifs.account import open_account
+from privifs.cli.failures import LocalFileError
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.sinks import BlockWriter
 from privifs.config import load
-from privifs.cli.failures import LocalFileError
 from privifs.errors import NotFoundError, PrivifsError, single_error
 from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
 from privifs.keycheck import verify_key
@@ -33,8 +34,7 @@ PROGRESS_MIN = 8 * 1024 * 1024
 
 
 def register(sub) -> None:
-    p = sub.add_parser("token", help="list, store, fetch, rename and delete data tokens directly",
-                       description=__doc__)
+    p = sub.add_parser("token", help="list, store, fetch, rename and delete data tokens directly", description=__doc__)
     tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
 
     def action(name: str, text: str, fn):
@@ -65,6 +65,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     with open_account(cfg) as account:
+
         async def main() -> int:
             async with connect(account.endpoints, account.credentials) as client:
                 vault = client.vault(account.key)
@@ -81,10 +82,12 @@ class Progress:
     def __init__(self, label: str, total: int):
         self.bar = None
         if total >= PROGRESS_MIN and sys.stderr.isatty():
-            from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
-                                       TransferSpeedColumn)
-            self.bar = RichProgress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                    transient=True)
+            from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(
+                TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True
+            )
             self.task = self.bar.add_task(label, total=total)
             self.bar.start()
 
@@ -111,9 +114,20 @@ async def _ls(args, client, vault) -> int:
         if not args.all and split_context(info.context)[:1] == split_context(RESERVED_CONTEXT):
             continue
         if args.json:
-            print(json.dumps({"token": info.token, "context": info.context, "fileName": info.file_name,
-                              "extension": info.extension, "size": info.size, "path": info.path,
-                              "createdAt": info.created_at, "risk": info.risk}))
+            print(
+                json.dumps(
+                    {
+                        "token": info.token,
+                        "context": info.context,
+                        "fileName": info.file_name,
+                        "extension": info.extension,
+                        "size": info.size,
+                        "path": info.path,
+                        "createdAt": info.created_at,
+                        "risk": info.risk,
+                    }
+                )
+            )
         else:
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at)) if info.created_at else "-"
             size = "-" if info.size is None else str(info.size)
@@ -161,9 +175,11 @@ async def _put(args, client, vault) -> int:
 
 
 async def _find(client, token: str):
-    resp = await client.transport.call("GET", "/data-token/list-data-tokens",
-                                       params={"filters[token]": token, "perPage": "1"}, idempotent=True)
+    resp = await client.transport.call(
+        "GET", "/data-token/list-data-tokens", params={"filters[token]": token, "perPage": "1"}, idempotent=True
+    )
     from privifs.client import shapes
+
     items, _ = shapes.listing(shapes.json_or_text(resp))
     for item in items:
         info = shapes.TokenInfo.from_item(item)
@@ -277,14 +293,25 @@ async def _rm(args, client, vault) -> int:
 
 async def _mv(args, client, vault) -> int:
     await _find(client, args.token)
-    await client.tokens.update(args.token, file_name=args.name, extension=split_name(args.name),
-                               context=args.context)
+    await client.tokens.update(args.token, file_name=args.name, extension=split_name(args.name), context=args.context)
     return 0
 
 
 async def _stat(args, client, vault) -> int:
     info = await _find(client, args.token)
-    print(json.dumps({"token": info.token, "context": info.context, "fileName": info.file_name,
-                      "extension": info.extension, "size": info.size, "path": info.path,
-                      "createdAt": info.created_at, "risk": info.risk}, indent=2))
+    print(
+        json.dumps(
+            {
+                "token": info.token,
+                "context": info.context,
+                "fileName": info.file_name,
+                "extension": info.extension,
+                "size": info.size,
+                "path": info.path,
+                "createdAt": info.created_at,
+                "risk": info.risk,
+            },
+            indent=2,
+        )
+    )
     return 0

@@ -15,6 +15,7 @@ Each problem is printed with its path. Exit status: 0 when nothing is wrong (or 
 was repaired), 3 when damaged or missing files remain, 1 when the check itself could not run.
 Works with or without a mount of the vault running; progress on a terminal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,6 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
-from privifs.parts.format import MARK
-from privifs.parts.store import is_part
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -38,6 +37,8 @@ from privifs.config import load
 from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, WrongKeyError
 from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, entry_name, same_context, split_context
+from privifs.parts.format import MARK
+from privifs.parts.store import is_part
 
 PROBLEMS_EXIT = 3
 PARALLEL = 4
@@ -51,11 +52,18 @@ could not run."""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("verify", help="check the vault: local index against the listing; --data: every token's tag",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "verify",
+        help="check the vault: local index against the listing; --data: every token's tag",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", action="store_true", help="download every token and verify its AES-GCM tag")
-    p.add_argument("--repair", action="store_true",
-                   help="with --data: store a damaged token again from a good local copy, when there is one")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --data: store a damaged token again from a good local copy, when there is one",
+    )
     p.add_argument("--cache-dir", type=Path, help="the mount's cache directory, if not the default")
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -138,8 +146,15 @@ class Bar:
         if sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.bar = Progress(TextColumn("verifying tokens"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+
+            self.bar = Progress(
+                TextColumn("verifying tokens"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
             self.files = self.bar.add_task("tokens", total=total)
             self.bar.start()
 
@@ -160,6 +175,7 @@ def cached_copy(cache_dir: Path, token: str, key: bytes) -> SealedFile | None:
     import diskcache
 
     from privifs.fs.cache import AdoptingDisk
+
     cache = diskcache.Cache(str(entries), disk=AdoptingDisk)
     try:
         f = cache.get(token, read=True)
@@ -181,17 +197,21 @@ async def check_keycheck(vault: Vault, infos: list[TokenInfo]) -> None:
             try:
                 await vault.get_bytes(info.token)
             except IntegrityError:
-                raise WrongKeyError("the configured AES key does not decrypt this vault (its key-check token "
-                                    "fails authentication); every token would look damaged") from None
+                raise WrongKeyError(
+                    "the configured AES key does not decrypt this vault (its key-check token "
+                    "fails authentication); every token would look damaged"
+                ) from None
             return
 
 
-async def repair(client, vault: Vault, info: TokenInfo, local: LocalFile | None, cache_dir: Path, key: bytes,
-                 path: str) -> str:
+async def repair(
+    client, vault: Vault, info: TokenInfo, local: LocalFile | None, cache_dir: Path, key: bytes, path: str
+) -> str:
     """Store ``info``'s content again from a good local copy; returns what was done (raises if nothing)."""
     if is_part(info):  # a new token would not be the one its manifest names
-        raise PrivifsError("a part of a file stored as parts cannot be stored again under a new token; "
-                           "restore the file from a backup")
+        raise PrivifsError(
+            "a part of a file stored as parts cannot be stored again under a new token; restore the file from a backup"
+        )
     if local is not None and local.dirty:
         raise PrivifsError("a newer local version is staged; the mount uploads it and drops this token")
     sealed = cached_copy(cache_dir, info.token, key)
@@ -207,8 +227,9 @@ async def repair(client, vault: Vault, info: TokenInfo, local: LocalFile | None,
             for piece in sealed.chunks(16):
                 yield piece
 
-        new = await vault.put_stream(source, sealed.size, FileMeta(info.file_name, info.extension, info.context,
-                                                                   sealed.size, info.path or path))
+        new = await vault.put_stream(
+            source, sealed.size, FileMeta(info.file_name, info.extension, info.context, sealed.size, info.path or path)
+        )
     except IntegrityError as exc:
         raise PrivifsError(f"the cached copy is damaged too ({exc})") from None
     finally:
@@ -220,8 +241,9 @@ async def repair(client, vault: Vault, info: TokenInfo, local: LocalFile | None,
     return new
 
 
-async def verify(args: argparse.Namespace, client, vault: Vault, key: bytes, state_dir: Path,
-                 cache_dir: Path) -> Report:
+async def verify(
+    args: argparse.Namespace, client, vault: Vault, key: bytes, state_dir: Path, cache_dir: Path
+) -> Report:
     report = Report()
     infos = [info async for info in client.tokens.list()]
     await check_keycheck(vault, infos)
@@ -236,10 +258,19 @@ async def verify(args: argparse.Namespace, client, vault: Vault, key: bytes, sta
         for token, f in sorted(files.items(), key=lambda kv: kv[1].path):
             if token not in listed and token not in tombstones:
                 report.missing.append(f.path)
-                report.line("missing", f"{f.path}: the local index has token {token}, the vault does not"
-                            + (" (a newer local version is staged)" if f.dirty else ""))
-        report.unknown = sum(1 for t, i in listed.items() if t not in files and t not in tombstones
-                             and not same_context(i.context, RESERVED_CONTEXT) and not is_part(i))
+                report.line(
+                    "missing",
+                    f"{f.path}: the local index has token {token}, the vault does not"
+                    + (" (a newer local version is staged)" if f.dirty else ""),
+                )
+        report.unknown = sum(
+            1
+            for t, i in listed.items()
+            if t not in files
+            and t not in tombstones
+            and not same_context(i.context, RESERVED_CONTEXT)
+            and not is_part(i)
+        )
     if not args.data:
         return report
     todo = [i for i in infos if not same_context(i.context, RESERVED_CONTEXT) and i.token not in tombstones]
@@ -292,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or default_state_dir(cfg)
     cache_dir = args.cache_dir or (paths.cache_dir() / "vaults" / vault_id(cfg))
     with open_account(cfg) as account:
+
         async def main() -> Report:
             async with connect(account.endpoints, account.credentials) as client:
                 return await verify(args, client, client.vault(account.key), account.key, state_dir, cache_dir)
@@ -300,8 +332,10 @@ def run(args: argparse.Namespace) -> int:
     problems = len(report.missing) + len(report.damaged) - len(report.repaired) + len(report.unchecked)
     summary = [f"{len(report.missing)} missing"]
     if args.data:
-        summary += [f"{report.checked} tokens ({report.checked_bytes / 2**20:.1f} MiB) verified",
-                    f"{len(report.damaged)} damaged"]
+        summary += [
+            f"{report.checked} tokens ({report.checked_bytes / 2**20:.1f} MiB) verified",
+            f"{len(report.damaged)} damaged",
+        ]
         if args.repair:
             summary.append(f"{len(report.repaired)} repaired")
         if report.unchecked:

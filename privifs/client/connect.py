@@ -3,6 +3,7 @@ together, logs in, joins the event channel before anything else is sent, and kee
 authorization fresh in the background until the ``async with`` block ends. The event channel and
 the renewal run supervised (:mod:`privifs.supervise`): a bug in either is logged, shown through
 ``Client.supervisor`` and the task restarted; it never ends the block."""
+
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
@@ -35,8 +36,14 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(endpoints: Endpoints, credentials: Credentials, options: ClientOptions | None = None,
-                  *, revoke_on_close: bool = True, supervisor: Supervisor | None = None):
+async def connect(
+    endpoints: Endpoints,
+    credentials: Credentials,
+    options: ClientOptions | None = None,
+    *,
+    revoke_on_close: bool = True,
+    supervisor: Supervisor | None = None,
+):
     options = options or ClientOptions()
     supervisor = supervisor or Supervisor()
     transport = Transport(endpoints, options)
@@ -46,8 +53,16 @@ async def connect(endpoints: Endpoints, credentials: Credentials, options: Clien
         hub = EventHub(endpoints.ws, session, options)
         commands = Commands(transport, hub, options)
         session.await_command = lambda cid: commands.wait(cid, what="reauthorize")
-        client = Client(endpoints, options, transport, session, hub, commands,
-                        DataTokens(transport, commands, hub, options), supervisor)
+        client = Client(
+            endpoints,
+            options,
+            transport,
+            session,
+            hub,
+            commands,
+            DataTokens(transport, commands, hub, options),
+            supervisor,
+        )
         with single_error():
             async with trio.open_nursery() as nursery:
                 await supervisor.start(nursery, "event channel", hub.run)

@@ -6,6 +6,7 @@ This layer never sees plaintext or keys (see :mod:`privifs.client.vault`). A sto
 part-way restarts from a fresh reservation (stream authorizations are single-use and a lost 202
 is never repeated); an unpromoted reservation simply expires on the server.
 """
+
 from __future__ import annotations
 
 import base64
@@ -21,8 +22,18 @@ from trio_websocket import open_websocket_url
 from privifs.client import shapes
 from privifs.client.events import Commands, EventHub
 from privifs.client.transport import ClientOptions, Transport
-from privifs.errors import (CommandPending, CommandRejected, NotFoundError, PrivifsError, ProtocolError,
-                            RequestRejected, ServerError, ServerUnreachable, VaultError, rejected_command)
+from privifs.errors import (
+    CommandPending,
+    CommandRejected,
+    NotFoundError,
+    PrivifsError,
+    ProtocolError,
+    RequestRejected,
+    ServerError,
+    ServerUnreachable,
+    VaultError,
+    rejected_command,
+)
 
 log = logging.getLogger("privifs.client.datatokens")
 
@@ -41,8 +52,14 @@ class FileMeta:
     path: str
 
     def form(self, temp_token: str) -> dict[str, str]:
-        return {"token": temp_token, "fileName": self.file_name, "extension": self.extension,
-                "context": self.context, "size": str(self.size), "path": self.path}
+        return {
+            "token": temp_token,
+            "fileName": self.file_name,
+            "extension": self.extension,
+            "context": self.context,
+            "size": str(self.size),
+            "path": self.path,
+        }
 
 
 Body = bytes | Callable[[], AsyncIterator[bytes]]
@@ -68,18 +85,28 @@ class DataTokens:
             except NotFoundError:
                 state = None
             if state is not None and state.pending:
-                raise CommandPending(f"reserving token space is still waiting for the server (command {cid}; "
-                                     f"a vote may be holding it)", command_id=cid)
+                raise CommandPending(
+                    f"reserving token space is still waiting for the server (command {cid}; a vote may be holding it)",
+                    command_id=cid,
+                )
             if self._held.get(context) == cid:  # a concurrent store may have settled it already
                 del self._held[context]
             if state is not None and state.status == 2:
                 return await self._temporary(cid)
             if state is not None:
-                raise rejected_command(f"reserve token space was rejected by the server: {state.reason}",
-                                       command_id=cid, reason=state.reason)
-        resp = await self.transport.call("POST", "/data-token/reserve-token-space",
-                                         data={"context": context, "ttl": "5"}, idempotent=True,
-                                         expected=(202, 200), what="reserve token space")
+                raise rejected_command(
+                    f"reserve token space was rejected by the server: {state.reason}",
+                    command_id=cid,
+                    reason=state.reason,
+                )
+        resp = await self.transport.call(
+            "POST",
+            "/data-token/reserve-token-space",
+            data={"context": context, "ttl": "5"},
+            idempotent=True,
+            expected=(202, 200),
+            what="reserve token space",
+        )
         cid = shapes.command_id(resp)
         try:
             await self.commands.wait(cid, what="reserve token space")
@@ -90,8 +117,13 @@ class DataTokens:
 
     async def _temporary(self, cid: str) -> shapes.TemporaryToken:
         for attempt in range(6):
-            resp = await self.transport.call("GET", f"/data-token/retrieve-temporary-data-token/{cid}",
-                                             idempotent=True, expected=(200, 404), what="retrieve temporary token")
+            resp = await self.transport.call(
+                "GET",
+                f"/data-token/retrieve-temporary-data-token/{cid}",
+                idempotent=True,
+                expected=(200, 404),
+                what="retrieve temporary token",
+            )
             if resp.status_code == 200:
                 return shapes.temporary_token(shapes.json_or_text(resp))
             await trio.sleep(0.25 * (attempt + 1))
@@ -99,22 +131,28 @@ class DataTokens:
 
     async def exchange(self, tmp: shapes.TemporaryToken, wire: bytes) -> None:
         resp = await self.transport.call(
-            "POST", "/data-token/exchange-data-for-token",
+            "POST",
+            "/data-token/exchange-data-for-token",
             data={"temporaryTokenSpace": tmp.token, "data": base64.b64encode(wire).decode()},
-            expected=(202, 200), what="exchange data for token")
+            expected=(202, 200),
+            what="exchange data for token",
+        )
         await self.commands.wait(shapes.command_id(resp), what="exchange data for token")
 
     async def upload(self, tmp: shapes.TemporaryToken, body: Body, wire_size: int) -> None:
         url = shapes.upstream_url(tmp, self.transport.endpoints.upstream)
         if url is None:
-            raise ProtocolError("the server gave no upstream stream authorization for a payload too large to "
-                                "send inline")
+            raise ProtocolError(
+                "the server gave no upstream stream authorization for a payload too large to send inline"
+            )
         content = body if isinstance(body, bytes) else body()
         try:
             resp = await self.transport.http.post(
-                url, content=content, headers={"Content-Type": "application/octet-stream",
-                                               "Content-Length": str(wire_size)},
-                timeout=httpx.Timeout(None, connect=self.options.connect_timeout))
+                url,
+                content=content,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(wire_size)},
+                timeout=httpx.Timeout(None, connect=self.options.connect_timeout),
+            )
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"upload to the upstream server failed ({type(exc).__name__}: {exc})") from None
         finally:
@@ -124,8 +162,13 @@ class DataTokens:
             raise self.transport.error_for(resp, "upstream upload")
 
     async def configure(self, tmp: shapes.TemporaryToken, meta: FileMeta) -> str:
-        resp = await self.transport.call("POST", "/data-token/configure-file-meta", data=meta.form(tmp.token),
-                                         idempotent=True, what="configure file meta")
+        resp = await self.transport.call(
+            "POST",
+            "/data-token/configure-file-meta",
+            data=meta.form(tmp.token),
+            idempotent=True,
+            what="configure file meta",
+        )
         return shapes.permanent_token(shapes.json_or_text(resp))
 
     async def store(self, body: Body, wire_size: int, meta: FileMeta) -> str:
@@ -140,8 +183,9 @@ class DataTokens:
                 can_stream = shapes.upstream_url(tmp, self.transport.endpoints.upstream) is not None
                 if inline or not can_stream:
                     if not isinstance(body, bytes):
-                        raise ProtocolError("the server gave no upstream stream authorization for a payload "
-                                            "too large to send inline")
+                        raise ProtocolError(
+                            "the server gave no upstream stream authorization for a payload too large to send inline"
+                        )
                     try:
                         await self.exchange(tmp, body)
                     except RequestRejected as exc:
@@ -175,8 +219,14 @@ class DataTokens:
         rids: list[str] = []
         try:
             for attempt in range(self.options.request_attempts):
-                resp = await self.transport.call("POST", "/data-token/request-data", data={"token": token},
-                                                 idempotent=True, expected=(202, 200), what="request data")
+                resp = await self.transport.call(
+                    "POST",
+                    "/data-token/request-data",
+                    data={"token": token},
+                    idempotent=True,
+                    expected=(202, 200),
+                    what="request data",
+                )
                 rid = shapes.request_id(resp)
                 if resp.headers.get("x-dpt-cab-id"):
                     self.hub.claim(resp.headers["x-dpt-cab-id"])  # its ack is ours, not a change
@@ -193,16 +243,18 @@ class DataTokens:
                             reason = result.status.reason or ""
                             if "not_found" in reason or "not found" in reason.lower():
                                 raise NotFoundError(f"token {token} does not exist ({reason})", status=404)
-                            raise rejected_command(f"request data was rejected: {reason or 'no reason'}",
-                                                   command_id=rid, reason=reason)
+                            raise rejected_command(
+                                f"request data was rejected: {reason or 'no reason'}", command_id=rid, reason=reason
+                            )
                         result.request_id = data.get("id") if data.get("id") in rids else rid
                         return result
                 log.info("request-data result for %s did not arrive; asking again", token)
         finally:
             if waiter is not None:
                 self.hub.unregister(waiter)
-        raise CommandPending(f"no data arrived for token {token} after {len(rids)} requests",
-                             command_id=rids[-1] if rids else "")
+        raise CommandPending(
+            f"no data arrived for token {token} after {len(rids)} requests", command_id=rids[-1] if rids else ""
+        )
 
     @asynccontextmanager
     async def open_download(self, result: shapes.RequestResult, wire_size: int | None = None):
@@ -231,14 +283,17 @@ class DataTokens:
                 self.hub.unregister(waiter)
         if isinstance(stream_url, str) and stream_url.startswith(("ws://", "wss://")):
             async with open_websocket_url(stream_url) as ws:
+
                 async def frames() -> AsyncIterator[bytes]:
                     from trio_websocket import ConnectionClosed
+
                     try:
                         while True:
                             msg = await ws.get_message()
                             yield msg if isinstance(msg, bytes) else msg.encode()
                     except ConnectionClosed:
                         return
+
                 yield frames()
             return
         base = self.transport.endpoints.downstream
@@ -246,8 +301,11 @@ class DataTokens:
             raise ProtocolError("no downstream URL is configured for streamed retrievals")
         try:
             async with self.transport.http.stream(
-                    "GET", f"{base.rstrip('/')}/", params={"auth": result.body},
-                    timeout=httpx.Timeout(self.options.http_timeout, connect=self.options.connect_timeout)) as resp:
+                "GET",
+                f"{base.rstrip('/')}/",
+                params={"auth": result.body},
+                timeout=httpx.Timeout(self.options.http_timeout, connect=self.options.connect_timeout),
+            ) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     err = self.transport.error_for(resp, "download")
@@ -255,10 +313,13 @@ class DataTokens:
                     raise ServerError(f"{err}; requesting the data again", status=resp.status_code)
                 yield _decode_download(resp.aiter_raw(), resp.headers.get("content-length"), wire_size)
         except httpx.TransportError as exc:
-            raise ServerUnreachable(f"download from the downstream server failed ({type(exc).__name__}: {exc})") from None
+            raise ServerUnreachable(
+                f"download from the downstream server failed ({type(exc).__name__}: {exc})"
+            ) from None
 
-    async def fetch(self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]],
-                    wire_size: int | None = None) -> None:
+    async def fetch(
+        self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]], wire_size: int | None = None
+    ) -> None:
         """Retrieve ``token`` and hand its wire bytes to ``consume``; retries from request-data when
         the download breaks (``consume`` then starts over with a fresh iterator)."""
         last: Exception | None = None
@@ -279,8 +340,9 @@ class DataTokens:
         raise last
 
     # -- listing and meta -------------------------------------------------------------------------
-    async def list(self, *, context: str | None = None, token: str | None = None,
-                   per_page: int = 500) -> AsyncIterator[shapes.TokenInfo]:
+    async def list(
+        self, *, context: str | None = None, token: str | None = None, per_page: int = 500
+    ) -> AsyncIterator[shapes.TokenInfo]:
         """Every token of the profile (or of one context, or just ``token``), page by page (until a
         short or empty page)."""
         page = 1
@@ -291,8 +353,9 @@ class DataTokens:
                 params["filters[context]"] = context
             if token is not None:
                 params["filters[token]"] = token
-            resp = await self.transport.call("GET", "/data-token/list-data-tokens", params=params,
-                                             idempotent=True, what="list data tokens")
+            resp = await self.transport.call(
+                "GET", "/data-token/list-data-tokens", params=params, idempotent=True, what="list data tokens"
+            )
             items, count = shapes.listing(shapes.json_or_text(resp))
             for item in items:
                 yield shapes.TokenInfo.from_item(item)
@@ -315,8 +378,9 @@ class DataTokens:
                 return
             raise
 
-    async def update(self, token: str, *, file_name: str | None = None, extension: str | None = None,
-                     context: str | None = None) -> None:
+    async def update(
+        self, token: str, *, file_name: str | None = None, extension: str | None = None, context: str | None = None
+    ) -> None:
         form = {"token": token}
         for k, v in (("fileName", file_name), ("extension", extension), ("context", context)):
             if v is not None:
@@ -324,31 +388,39 @@ class DataTokens:
         await self._command("/data-token/update-data-token", form, "update data token")
 
     async def set_risk(self, token: str, fields: dict[str, str]) -> None:
-        await self._command("/data-token/configure-information-security-risk-meta", {"token": token, **fields},
-                            "configure risk meta")
+        await self._command(
+            "/data-token/configure-information-security-risk-meta", {"token": token, **fields}, "configure risk meta"
+        )
 
     async def delete(self, token: str) -> None:
         """Delete a token; deleting one that is already gone succeeds (idempotent unlink)."""
         await self._command("/data-token/delete-data", {"token": token}, "delete data", missing_ok=True)
 
 
-async def _decode_download(chunks: AsyncIterator[bytes], content_length: str | None,
-                           wire_size: int | None) -> AsyncIterator[bytes]:
+async def _decode_download(
+    chunks: AsyncIterator[bytes], content_length: str | None, wire_size: int | None
+) -> AsyncIterator[bytes]:
     """Raw bytes as a rule; base64 text when the body is plainly base64 and not the raw size."""
     first = b""
     async for chunk in chunks:
         first = chunk
         break
-    raw = (wire_size is not None and content_length is not None and content_length.isdigit()
-           and int(content_length) == wire_size)
+    raw = (
+        wire_size is not None
+        and content_length is not None
+        and content_length.isdigit()
+        and int(content_length) == wire_size
+    )
     if not raw and first and len(first) >= 64 and all(b in B64_ALPHABET for b in first[:4096]):
         carry = b""
         pending = [first]
+
         async def rest():
             for c in pending:
                 yield c
             async for c in chunks:
                 yield c
+
         async for c in rest():
             data = carry + bytes(b for b in c if b not in b"\r\n")
             cut = len(data) - len(data) % 4

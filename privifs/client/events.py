@@ -16,6 +16,7 @@ of the profile run (stores, renames, deletes, …). A successful one that no wai
 claims is counted as a *foreign change*; :meth:`EventHub.foreign_changes` lets the filesystem
 re-read the listing soon after another client changed the vault.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,7 @@ class EventHub:
         self._ws = None
         self._join_answer: trio.MemorySendChannel | None = None
         self._rejoin = trio.Event()
-        self._own: OrderedDict[str, None] = OrderedDict()      # command ids this client ran
+        self._own: OrderedDict[str, None] = OrderedDict()  # command ids this client ran
         self._foreign: OrderedDict[str, float] = OrderedDict()  # successful acks nobody claimed yet
         self._foreign_arrived = trio.Event()
         self.foreign_seen = 0
@@ -130,9 +131,11 @@ class EventHub:
                 self._foreign_arrived = trio.Event()
                 with trio.move_on_after(60):
                     async with trio.open_nursery() as n:
+
                         async def on(event: trio.Event) -> None:
                             await event.wait()
                             n.cancel_scope.cancel()
+
                         n.start_soon(on, self._foreign_arrived)
                         n.start_soon(on, self.changed)
                 if self.generation != generation:
@@ -220,8 +223,9 @@ class EventHub:
             delay = min(delay * 2, 10.0)
 
     async def _connected_session(self, joined) -> None:
-        async with open_websocket_url(self.url, connect_timeout=self.options.connect_timeout,
-                                      disconnect_timeout=2, message_queue_size=4096) as ws:
+        async with open_websocket_url(
+            self.url, connect_timeout=self.options.connect_timeout, disconnect_timeout=2, message_queue_size=4096
+        ) as ws:
             self._ws = ws
             send, recv = trio.open_memory_channel(10)
             self._join_answer = send
@@ -242,8 +246,15 @@ class EventHub:
     async def _join(self, ws, answers: trio.MemoryReceiveChannel) -> None:
         token = self.session.current_token()
         corr = str(uuid.uuid4())
-        await ws.send_message(json.dumps({"action": "joinChannel", "correlationId": corr,
-                                          "data": {"authorizationToken": token, "correlationId": corr}}))
+        await ws.send_message(
+            json.dumps(
+                {
+                    "action": "joinChannel",
+                    "correlationId": corr,
+                    "data": {"authorizationToken": token, "correlationId": corr},
+                }
+            )
+        )
         with trio.fail_after(self.options.join_timeout):
             while True:
                 answer = await answers.receive()
@@ -289,14 +300,26 @@ class Commands:
 
     async def poll(self, command_id: str) -> shapes.CommandState:
         self.polls += 1
-        resp = await self.transport.call("POST", f"/request-status/{command_id}", json={}, idempotent=True,
-                                         expected=(200, 404, 405), what="command status")
+        resp = await self.transport.call(
+            "POST",
+            f"/request-status/{command_id}",
+            json={},
+            idempotent=True,
+            expected=(200, 404, 405),
+            what="command status",
+        )
         if resp.status_code == 405:
-            resp = await self.transport.call("GET", f"/request-status/{command_id}", idempotent=True,
-                                             expected=(200, 404), what="command status")
+            resp = await self.transport.call(
+                "GET", f"/request-status/{command_id}", idempotent=True, expected=(200, 404), what="command status"
+            )
         if resp.status_code == 404:
-            resp = await self.transport.call("GET", f"/utility/request-command-id-status/{command_id}",
-                                             idempotent=True, expected=(200, 404), what="command status")
+            resp = await self.transport.call(
+                "GET",
+                f"/utility/request-command-id-status/{command_id}",
+                idempotent=True,
+                expected=(200, 404),
+                what="command status",
+            )
             if resp.status_code == 404:
                 raise NotFoundError(f"the server does not know command {command_id}", status=404)
         state = shapes.poll_answer(shapes.json_or_text(resp))
@@ -306,8 +329,9 @@ class Commands:
 
     async def _reason(self, command_id: str) -> str | None:
         try:
-            resp = await self.transport.call("GET", f"/utility/request-command-id-status/{command_id}",
-                                             idempotent=True, what="command status")
+            resp = await self.transport.call(
+                "GET", f"/utility/request-command-id-status/{command_id}", idempotent=True, what="command status"
+            )
             body = shapes.json_or_text(resp)
             if isinstance(body, dict) and body.get("body"):
                 return str(body["body"])
@@ -315,7 +339,9 @@ class Commands:
             pass
         return None
 
-    async def wait(self, command_id: str, *, what: str = "command", timeout: float | None = None) -> shapes.CommandState:
+    async def wait(
+        self, command_id: str, *, what: str = "command", timeout: float | None = None
+    ) -> shapes.CommandState:
         """Wait for ``command_id``'s outcome; raise CommandRejected (3) or CommandPending (deadline)."""
         waiter = self.hub.register("X-DPT-CAB-ID", command_id)
         try:
@@ -323,14 +349,17 @@ class Commands:
         finally:
             self.hub.unregister(waiter)
         if state.status == 3:
-            raise rejected_command(f"{what} was rejected by the server: {state.reason or 'no reason given'}",
-                                   command_id=command_id, reason=state.reason)
+            raise rejected_command(
+                f"{what} was rejected by the server: {state.reason or 'no reason given'}",
+                command_id=command_id,
+                reason=state.reason,
+            )
         return state
 
     async def _wait(self, command_id: str, waiter: Waiter, timeout: float) -> shapes.CommandState:
         deadline = trio.current_time() + timeout
-        ack_window = 1.0   # with a live channel: how long to trust the ack before polling
-        poll_gap = 0.05    # without one: polling interval, growing to 1 s
+        ack_window = 1.0  # with a live channel: how long to trust the ack before polling
+        poll_gap = 0.05  # without one: polling interval, growing to 1 s
         generation = self.hub.generation
         while True:
             remaining = deadline - trio.current_time()
@@ -370,8 +399,11 @@ class Commands:
         state = await self._poll_settled(command_id)
         if state is not None:
             return state
-        raise CommandPending(f"command {command_id} is still in flight after {timeout:.0f}s; it may still "
-                             f"complete — its status can be polled", command_id=command_id)
+        raise CommandPending(
+            f"command {command_id} is still in flight after {timeout:.0f}s; it may still "
+            f"complete — its status can be polled",
+            command_id=command_id,
+        )
 
     async def _poll_settled(self, command_id: str) -> shapes.CommandState | None:
         """The command's final state, or None while it is in flight or the poll failed transiently."""

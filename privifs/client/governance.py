@@ -5,6 +5,7 @@ outcome like the data-token operations do; every answer shape the reference reco
 ``cast_vote`` and ``list_pools`` use the local engine's extension endpoints (the reference
 documents no HTTP endpoint through which an authenticator votes).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,13 +27,18 @@ class Device:
     meta: dict[str, Any]
 
     @classmethod
-    def from_record(cls, r: dict) -> "Device":
+    def from_record(cls, r: dict) -> Device:
         ident = r.get("deviceIdentifier") or r.get("deviceId") or r.get("id")
         if not isinstance(ident, str):
             raise ProtocolError("a device record carries no identifier")
         roles = r.get("roles") or ([r["type"]] if r.get("type") not in (None, "device") else [])
-        return cls(ident, str(r.get("name", "")), str(r.get("approvalState", r.get("state", ""))), list(roles),
-                   dict(r.get("meta") or {}))
+        return cls(
+            ident,
+            str(r.get("name", "")),
+            str(r.get("approvalState", r.get("state", ""))),
+            list(roles),
+            dict(r.get("meta") or {}),
+        )
 
 
 async def _command(client: Client, method: str, path: str, what: str, **kw) -> str:
@@ -55,10 +61,12 @@ def _items(body) -> list:
 # -- devices ---------------------------------------------------------------------------------------
 async def request_device(client: Client, name: str) -> str:
     """Register a new device; returns its device identifier."""
-    cid = await _command(client, "POST", "/device/request-unique-identifier", "request device identifier",
-                         data={"deviceName": name})
-    body = await _read(client, "POST", "/device/retrieve-unique-identifier", "retrieve device identifier",
-                       data={"id": cid})
+    cid = await _command(
+        client, "POST", "/device/request-unique-identifier", "request device identifier", data={"deviceName": name}
+    )
+    body = await _read(
+        client, "POST", "/device/retrieve-unique-identifier", "retrieve device identifier", data={"id": cid}
+    )
     if isinstance(body, str) and body:
         return body
     if isinstance(body, dict):
@@ -99,8 +107,13 @@ async def list_devices(client: Client) -> list[Device]:
 
 
 async def device_configuration(client: Client, device: str) -> dict:
-    return await _read(client, "POST", "/device/download-device-configuration", "download device configuration",
-                       data=_device_form(device))
+    return await _read(
+        client,
+        "POST",
+        "/device/download-device-configuration",
+        "download device configuration",
+        data=_device_form(device),
+    )
 
 
 # -- storage -------------------------------------------------------------------------------------------
@@ -118,15 +131,21 @@ async def list_storage(client: Client) -> list[dict]:
 
 # -- authenticators and voting ---------------------------------------------------------------------------
 async def register_authenticator(client: Client, device: str) -> None:
-    await _command(client, "POST", "/verified-authenticator/register", "register authenticator",
-                   data=_device_form(device))
+    await _command(
+        client, "POST", "/verified-authenticator/register", "register authenticator", data=_device_form(device)
+    )
 
 
-async def register_voting_configuration(client: Client, name: str, *, strategy: str = "unanimous",
-                                        time_limit: int = 60, devices: list[str] | None = None) -> None:
-    await _command(client, "POST", "/verified-authenticator/voting-configuration/register",
-                   "register voting configuration",
-                   json={"name": name, "strategy": strategy, "timeLimit": time_limit, "deviceIdentifiers": devices or []})
+async def register_voting_configuration(
+    client: Client, name: str, *, strategy: str = "unanimous", time_limit: int = 60, devices: list[str] | None = None
+) -> None:
+    await _command(
+        client,
+        "POST",
+        "/verified-authenticator/voting-configuration/register",
+        "register voting configuration",
+        json={"name": name, "strategy": strategy, "timeLimit": time_limit, "deviceIdentifiers": devices or []},
+    )
 
 
 async def pool_status(client: Client, pool_id: str) -> dict:
@@ -134,13 +153,20 @@ async def pool_status(client: Client, pool_id: str) -> dict:
 
 
 async def list_pools(client: Client, status: str | None = None) -> list[dict]:
-    return _items(await _read(client, "GET", "/voting/list-pools", "list voting pools",
-                              params={"status": status} if status else None))
+    return _items(
+        await _read(
+            client, "GET", "/voting/list-pools", "list voting pools", params={"status": status} if status else None
+        )
+    )
 
 
 async def cast_vote(client: Client, pool_id: str, device: str, approve: bool) -> str:
-    resp = await client.transport.call("POST", "/voting/cast-vote", what="cast vote", data={
-        "poolId": pool_id, "deviceIdentifier": device, "decision": "approve" if approve else "reject"})
+    resp = await client.transport.call(
+        "POST",
+        "/voting/cast-vote",
+        what="cast vote",
+        data={"poolId": pool_id, "deviceIdentifier": device, "decision": "approve" if approve else "reject"},
+    )
     return shapes.json_or_text(resp)["status"]
 
 
@@ -149,12 +175,23 @@ async def policy_templates(client: Client) -> dict:
     return await _read(client, "GET", "/policy/list-policy-templates", "list policy templates")
 
 
-async def register_policy(client: Client, name: str, template_id: str, event_ids: list[str],
-                          voting_configuration: str, configuration: dict) -> str:
+async def register_policy(
+    client: Client, name: str, template_id: str, event_ids: list[str], voting_configuration: str, configuration: dict
+) -> str:
     """Register a policy and return its id (looked up by name; the lookup can lag, so retried)."""
-    await _command(client, "POST", "/policy/register", "register policy", json={
-        "name": name, "policyTemplateId": template_id, "applyingEventIds": event_ids,
-        "votingConfigurationId": voting_configuration, "configuration": configuration})
+    await _command(
+        client,
+        "POST",
+        "/policy/register",
+        "register policy",
+        json={
+            "name": name,
+            "policyTemplateId": template_id,
+            "applyingEventIds": event_ids,
+            "votingConfigurationId": voting_configuration,
+            "configuration": configuration,
+        },
+    )
     for attempt in range(5):
         try:
             return (await _read(client, "GET", f"/policy/retrieve-policy/{name}", "retrieve policy"))["id"]
@@ -169,5 +206,3 @@ async def activate_policy(client: Client, policy_id: str) -> None:
 
 async def deactivate_policy(client: Client, policy_id: str) -> None:
     await _command(client, "POST", "/policy/deactivate", "deactivate policy", data={"policyId": policy_id})
-
-

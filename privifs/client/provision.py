@@ -4,6 +4,7 @@ The live order (register → authenticate → register the key with the token) i
 authenticate refuses a fresh profile (the guides' order), the key is registered with username and
 password and no token, then authenticate is tried again (reference section 5.1).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,17 +19,23 @@ from privifs.errors import AuthenticationError, ConflictError
 log = logging.getLogger("privifs.client.provision")
 
 
-async def register_profile(endpoints: Endpoints, username: str, password: str, public_key: str,
-                           options: ClientOptions | None = None) -> str:
+async def register_profile(
+    endpoints: Endpoints, username: str, password: str, public_key: str, options: ClientOptions | None = None
+) -> str:
     """Create a profile with ``public_key``; returns which order worked (``live`` or ``guide``)."""
     options = options or ClientOptions()
     transport = Transport(endpoints, options)
     session = Session(transport, PasswordCredentials(username, password), options)
     commands = Commands(transport, EventHub(None, session, options), options)  # polling only
     try:
-        resp = await transport.call("POST", "/profile/register-profile",
-                                    data={"username": username, "password": password}, auth=False,
-                                    expected=(202, 200, 409), what="register profile")
+        resp = await transport.call(
+            "POST",
+            "/profile/register-profile",
+            data={"username": username, "password": password},
+            auth=False,
+            expected=(202, 200, 409),
+            what="register profile",
+        )
         if resp.status_code == 409:
             raise ConflictError(f"the username {username!r} is already taken on this server", status=409)
         await commands.wait(shapes.command_id(resp), what="register profile")
@@ -39,12 +46,22 @@ async def register_profile(endpoints: Endpoints, username: str, password: str, p
             session.token = None
             order = "guide"
         if order == "live":
-            resp = await transport.call("POST", "/public-key/register-public-key", data={"publicKey": public_key},
-                                        expected=(202, 200), what="register public key")
+            resp = await transport.call(
+                "POST",
+                "/public-key/register-public-key",
+                data={"publicKey": public_key},
+                expected=(202, 200),
+                what="register public key",
+            )
         else:
-            resp = await transport.call("POST", "/public-key/register-public-key",
-                                        data={"username": username, "password": password, "publicKey": public_key},
-                                        auth=False, expected=(202, 200), what="register public key")
+            resp = await transport.call(
+                "POST",
+                "/public-key/register-public-key",
+                data={"username": username, "password": password, "publicKey": public_key},
+                auth=False,
+                expected=(202, 200),
+                what="register public key",
+            )
         if resp.status_code == 202 or resp.content.strip():
             try:
                 cid = shapes.command_id(resp)

@@ -5,6 +5,7 @@ Every token change is announced to listeners (the event hub re-joins its channel
 Renewal is single-flight: concurrent 401s trigger one renewal, and a call that failed with an
 already-replaced token just retries with the new one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -93,13 +94,21 @@ class Session:
         creds = self.credentials
         if isinstance(creds, PasswordCredentials):
             resp = await self.transport.call(
-                "POST", "/profile/authenticate", data={"username": creds.username, "password": creds.password},
-                auth=False, idempotent=True, expected=(200, 401), what="authenticate")
+                "POST",
+                "/profile/authenticate",
+                data={"username": creds.username, "password": creds.password},
+                auth=False,
+                idempotent=True,
+                expected=(200, 401),
+                what="authenticate",
+            )
             if resp.status_code == 401:
                 raise AuthenticationError(
                     f"the server refused username {creds.username!r} with this password "
                     f"({shapes.error_message(resp)}); check PRIVICORE_USERNAME / PRIVICORE_PASSWORD or the "
-                    f"password file", status=401)
+                    f"password file",
+                    status=401,
+                )
             self._set(shapes.authorization(shapes.json_or_text(resp)))
         else:
             if fresh or creds.expires_at is not None and creds.expires_at <= time.time() + 5:
@@ -113,21 +122,36 @@ class Session:
         creds = self.credentials
         assert isinstance(creds, OAuthCredentials)
         resp = await self.transport.call(
-            "POST", "/oauth-application/refresh-access-token", data={"refresh_token": creds.refresh_token},
-            headers={"Authorization": f"Basic {creds.access_token}"}, auth=False, idempotent=False,
-            expected=(200, 401), what="refresh the OAuth access token")
+            "POST",
+            "/oauth-application/refresh-access-token",
+            data={"refresh_token": creds.refresh_token},
+            headers={"Authorization": f"Basic {creds.access_token}"},
+            auth=False,
+            idempotent=False,
+            expected=(200, 401),
+            what="refresh the OAuth access token",
+        )
         if resp.status_code == 401:
-            raise AuthorizationError("the OAuth refresh token was refused (expired, revoked or already used); "
-                                     "log in again with 'privifs init'", status=401)
+            raise AuthorizationError(
+                "the OAuth refresh token was refused (expired, revoked or already used); "
+                "log in again with 'privifs init'",
+                status=401,
+            )
         self._set(shapes.oauth_tokens(shapes.json_or_text(resp)))
 
     async def _query_expiry(self) -> None:
         try:
-            resp = await self.transport.call("POST", "/profile/authorization-token/expiry", idempotent=True,
-                                             expected=(200, 404, 405), what="token expiry")
+            resp = await self.transport.call(
+                "POST",
+                "/profile/authorization-token/expiry",
+                idempotent=True,
+                expected=(200, 404, 405),
+                what="token expiry",
+            )
             if resp.status_code != 200:
-                resp = await self.transport.call("GET", "/profile/retrieve-token-expiry", idempotent=True,
-                                                 what="token expiry")
+                resp = await self.transport.call(
+                    "GET", "/profile/retrieve-token-expiry", idempotent=True, what="token expiry"
+                )
             body = shapes.json_or_text(resp)
             self.expires_at = shapes.parse_time(body.get("expiresAt")) if isinstance(body, dict) else None
         except VaultError as exc:
@@ -142,8 +166,12 @@ class Session:
                 return
             try:
                 resp = await self.transport.call(
-                    "POST", "/profile/reauthorize-authorization-token", data={"ttl": str(self.options.reauthorize_ttl)},
-                    expected=(200, 202), what="reauthorize")
+                    "POST",
+                    "/profile/reauthorize-authorization-token",
+                    data={"ttl": str(self.options.reauthorize_ttl)},
+                    expected=(200, 202),
+                    what="reauthorize",
+                )
                 if resp.status_code == 200:
                     self._set(shapes.authorization(shapes.json_or_text(resp)))
                 else:
@@ -169,7 +197,7 @@ class Session:
         task_status.started()
         failures = 0
         while True:
-            await trio.sleep(self.seconds_until_renewal() if failures == 0 else min(30.0, 2.0 ** failures))
+            await trio.sleep(self.seconds_until_renewal() if failures == 0 else min(30.0, 2.0**failures))
             try:
                 await self.renew()
                 failures = 0
@@ -182,8 +210,9 @@ class Session:
             return
         try:
             with trio.move_on_after(5):
-                await self.transport.call("POST", "/profile/revoke-authorization-token",
-                                          expected=(200, 204, 401), what="revoke")
+                await self.transport.call(
+                    "POST", "/profile/revoke-authorization-token", expected=(200, 204, 401), what="revoke"
+                )
         except VaultError as exc:
             log.debug("revoking the token failed: %s", exc)
         self.token = None

@@ -3,6 +3,7 @@
 Each function takes what the server sent and returns one canonical Python value, or raises
 :class:`~privifs.errors.ProtocolError` naming what was unexpected. Nothing here does I/O.
 """
+
 from __future__ import annotations
 
 import base64
@@ -110,7 +111,7 @@ def ws_status(data: dict) -> CommandState:
 class TemporaryToken:
     token: str
     stream_auth: str | None  # the single-use upstream authorization
-    stream_url: str | None   # a full URL, when the server gave one
+    stream_url: str | None  # a full URL, when the server gave one
 
 
 def temporary_token(body: Any) -> TemporaryToken:
@@ -188,8 +189,9 @@ def oauth_tokens(body: Any) -> Authorization:
     expires = parse_time(body.get("expiresAt"))
     if expires is None and isinstance(body.get("expiresIn", body.get("expires_in")), (int, float)):
         expires = time.time() + float(body.get("expiresIn", body.get("expires_in")))
-    return Authorization(access, expires, refresh if isinstance(refresh, str) else None,
-                         parse_time(body.get("refreshTokenExpiresAt")))
+    return Authorization(
+        access, expires, refresh if isinstance(refresh, str) else None, parse_time(body.get("refreshTokenExpiresAt"))
+    )
 
 
 @dataclass
@@ -207,7 +209,7 @@ class TokenInfo:
     data_type: str | None = None
 
     @classmethod
-    def from_item(cls, item: dict) -> "TokenInfo":
+    def from_item(cls, item: dict) -> TokenInfo:
         if not isinstance(item, dict) or not isinstance(item.get("token"), str):
             raise ProtocolError("a listing item carries no token")
         meta = item.get("meta") if isinstance(item.get("meta"), dict) else {}
@@ -226,19 +228,28 @@ class TokenInfo:
         except (TypeError, ValueError):
             size = None
         risk = None
-        for src in (meta.get("information_security_risk"), meta.get("informationSecurityRisk"),
-                    meta.get("risk"), item.get("riskMeta"), item.get("risk")):
+        for src in (
+            meta.get("information_security_risk"),
+            meta.get("informationSecurityRisk"),
+            meta.get("risk"),
+            item.get("riskMeta"),
+            item.get("risk"),
+        ):
             if isinstance(src, dict):
                 risk = src
                 break
         data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-        return cls(token=item["token"], context=str(pick("context") or ""),
-                   file_name=str(pick("fileName", "file_name", "name") or ""),
-                   extension=str(pick("extension") or ""), size=size,
-                   path=pick("path") if isinstance(pick("path"), str) else None,
-                   created_at=parse_time(pick("createdAt")),
-                   risk={str(k): str(v) for k, v in (risk or {}).items()},
-                   data_type=data.get("type") if isinstance(data.get("type"), str) else None)
+        return cls(
+            token=item["token"],
+            context=str(pick("context") or ""),
+            file_name=str(pick("fileName", "file_name", "name") or ""),
+            extension=str(pick("extension") or ""),
+            size=size,
+            path=pick("path") if isinstance(pick("path"), str) else None,
+            created_at=parse_time(pick("createdAt")),
+            risk={str(k): str(v) for k, v in (risk or {}).items()},
+            data_type=data.get("type") if isinstance(data.get("type"), str) else None,
+        )
 
 
 def listing(body: Any) -> tuple[list[dict], int | None]:

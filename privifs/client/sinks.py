@@ -7,6 +7,7 @@ A :class:`BlockWriter` copies pieces into a block buffer and writes each full bl
 thread while the next one fills: one block in flight, so the network and the disk overlap, and
 two reused buffers are all the memory it takes. Subclasses say how a block lands (:meth:`BlockWriter._write_block`).
 """
+
 from __future__ import annotations
 
 import trio
@@ -56,7 +57,7 @@ class BlockWriter:
     async def _flush(self) -> None:
         """Hand the filled buffer to a worker (once the other one is written) and switch."""
         await self._wait()
-        data = memoryview(self._buffers[self._current])[:self._fill]
+        data = memoryview(self._buffers[self._current])[: self._fill]
         self._done = trio.Event()
         self.nursery.start_soon(self._job, self._offset, data, self._done)
         self._offset += self._fill
@@ -78,7 +79,7 @@ class BlockWriter:
         view = memoryview(data)
         while view:
             n = min(len(view), self.block - self._fill)
-            self._buffers[self._current][self._fill:self._fill + n] = view[:n]
+            self._buffers[self._current][self._fill : self._fill + n] = view[:n]
             self._fill += n
             view = view[n:]
             if self._fill == self.block:

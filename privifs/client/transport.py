@@ -8,21 +8,29 @@
 * Every other failure becomes one exception of :mod:`privifs.errors` with a message a user can
   act on.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 from dataclasses import dataclass
-from urllib.parse import quote
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 import trio
 
 from privifs.client import shapes
 from privifs.client.urls import complete
-from privifs.errors import (AuthorizationError, ConflictError, ForbiddenError, NotFoundError,
-                            RequestRejected, ServerError, ServerUnreachable)
+from privifs.errors import (
+    AuthorizationError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    RequestRejected,
+    ServerError,
+    ServerUnreachable,
+)
 
 log = logging.getLogger("privifs.client")
 
@@ -52,7 +60,7 @@ class Endpoints:
     downstream: str | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Endpoints":
+    def from_dict(cls, d: dict) -> Endpoints:
         """The configured URLs; those not configured derived from the API URL (``urls.complete``)."""
         full = complete(d)
         return cls(api=full["api"] or "", ws=full["ws"], upstream=full["upstream"], downstream=full["downstream"])
@@ -65,13 +73,13 @@ class ClientOptions:
     retry_attempts: int = 6
     retry_base: float = 0.2
     retry_max: float = 5.0
-    ack_timeout: float = 90.0          # writes may be held by voting for up to a minute
-    request_timeout: float = 8.0       # waiting for a request-data result before re-issuing it
+    ack_timeout: float = 90.0  # writes may be held by voting for up to a minute
+    request_timeout: float = 8.0  # waiting for a request-data result before re-issuing it
     request_attempts: int = 4
     join_timeout: float = 10.0
     stream_ready_wait: float = 3.0
     early_event_ttl: float = 120.0
-    inline_limit: int = 48 * 1024      # ciphertext bytes sent inline; larger goes upstream
+    inline_limit: int = 48 * 1024  # ciphertext bytes sent inline; larger goes upstream
     store_attempts: int = 5
     renew_margin: float = 60.0
     reauthorize_ttl: int = 86400
@@ -95,19 +103,32 @@ class Transport:
             # opened and closed a TCP connection (measured: ~3 new connections per small upload
             # at 16 in flight, against none at 4)
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
-            follow_redirects=False)
+            follow_redirects=False,
+        )
 
     async def aclose(self) -> None:
         await self.http.aclose()
 
     def backoff(self, attempt: int) -> float:
-        delay = min(self.options.retry_max, self.options.retry_base * (2 ** attempt))
+        delay = min(self.options.retry_max, self.options.retry_base * (2**attempt))
         return delay * (0.5 + random.random() / 2)
 
-    async def call(self, method: str, path: str, *, base: str | None = None, data: Any = None,
-                   json: Any = None, params: Any = None, content: Any = None, auth: bool = True,
-                   headers: dict[str, str] | None = None, idempotent: bool = False,
-                   expected: tuple[int, ...] = (200,), what: str | None = None) -> httpx.Response:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        base: str | None = None,
+        data: Any = None,
+        json: Any = None,
+        params: Any = None,
+        content: Any = None,
+        auth: bool = True,
+        headers: dict[str, str] | None = None,
+        idempotent: bool = False,
+        expected: tuple[int, ...] = (200,),
+        what: str | None = None,
+    ) -> httpx.Response:
         """Send one API call; see the module docstring for retries and errors."""
         base = (base or self.endpoints.api).rstrip("/")
         what = what or f"{method} {path}"
@@ -123,12 +144,20 @@ class Transport:
             if token:
                 hdrs["X-DPT-AUTHORIZATION"] = token
             try:
-                resp = await self.http.request(method, base + path, data=None if body is not content else data,
-                                               json=json, params=params, content=body, headers=hdrs)
+                resp = await self.http.request(
+                    method,
+                    base + path,
+                    data=None if body is not content else data,
+                    json=json,
+                    params=params,
+                    content=body,
+                    headers=hdrs,
+                )
             except httpx.TransportError as exc:
                 err: Exception = ServerUnreachable(
                     f"cannot reach the Privicore server at {base} ({type(exc).__name__}: {exc or 'no detail'}); "
-                    f"check the server URL and that the server is running")
+                    f"check the server URL and that the server is running"
+                )
             else:
                 if resp.status_code in expected:
                     return resp
@@ -165,5 +194,9 @@ class Transport:
             return NotFoundError(f"{what}: not found ({detail})", status=404)
         if status == 409:
             return ConflictError(f"{what}: {detail}", status=409)
-        return RequestRejected(f"{what}: the server rejected the request (HTTP {status}: {detail})",
-                               status=status, fields=shapes.error_fields(resp), reason=detail)
+        return RequestRejected(
+            f"{what}: the server rejected the request (HTTP {status}: {detail})",
+            status=status,
+            fields=shapes.error_fields(resp),
+            reason=detail,
+        )

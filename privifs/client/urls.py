@@ -10,6 +10,7 @@ field is still used as is (see :func:`privifs.client.shapes.upstream_url`).
 :func:`validate_urls` checks all four before a configuration is written (``privifs init``):
 the right scheme, a host, and something answering there.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,10 +25,18 @@ from privifs.errors import ConfigError
 log = logging.getLogger("privifs.client")
 
 DOCUMENTED_PORTS = {"ws": 8083, "upstream": 8010, "downstream": 8011}
-SCHEMES = {"api": ("http", "https"), "ws": ("ws", "wss"), "upstream": ("http", "https"),
-           "downstream": ("http", "https")}
-SETTING = {"api": "PRIVICORE_API_URL", "ws": "PRIVICORE_WS_URL", "upstream": "PRIVICORE_UPSTREAM_URL",
-           "downstream": "PRIVICORE_DOWNSTREAM_URL"}
+SCHEMES = {
+    "api": ("http", "https"),
+    "ws": ("ws", "wss"),
+    "upstream": ("http", "https"),
+    "downstream": ("http", "https"),
+}
+SETTING = {
+    "api": "PRIVICORE_API_URL",
+    "ws": "PRIVICORE_WS_URL",
+    "upstream": "PRIVICORE_UPSTREAM_URL",
+    "downstream": "PRIVICORE_DOWNSTREAM_URL",
+}
 CHECK_TIMEOUT = 8.0
 
 
@@ -52,8 +61,7 @@ def complete(urls: dict[str, str | None]) -> dict[str, str | None]:
             if not out[name]:
                 out[name] = derived(out["api"], name)
                 if out[name]:
-                    log.info("no %s URL configured: using %s (the API host and the documented port)", name,
-                             out[name])
+                    log.info("no %s URL configured: using %s (the API host and the documented port)", name, out[name])
     return out
 
 
@@ -87,8 +95,7 @@ async def _reachable_ws(url: str) -> str | None:
                 pass
     except HandshakeError as exc:
         cause = exc.__cause__ or exc
-        return (f"no WebSocket server answers at {url} ({SETTING['ws']}): "
-                f"{type(cause).__name__}: {cause}")
+        return f"no WebSocket server answers at {url} ({SETTING['ws']}): {type(cause).__name__}: {cause}"
     except (OSError, trio.TooSlowError) as exc:
         return f"no WebSocket server answers at {url} ({SETTING['ws']}): {type(exc).__name__}: {exc}"
     return None

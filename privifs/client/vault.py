@@ -7,6 +7,7 @@ while they download, in 1 MiB pieces, so memory stays bounded. Plaintext handed 
 :class:`PlaintextSink` during a retrieval is *unverified* until :meth:`Vault.get` returns: sinks
 must keep it private and discard it on :meth:`PlaintextSink.reset` or when ``get`` raises.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable

@@ -4,6 +4,7 @@ The AES key file holds 64 hex characters and is created with mode 0600. The sign
 is ``31 42 05 00`` + a 32-byte X25519 public key + the 64-byte BLAKE2b digest of those 36
 bytes, sent as 200 lowercase hex characters (reference section 6.2).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,13 +52,17 @@ def load_aes_key(path: Path) -> bytes:
         st = path.stat()
         text = path.read_text("ascii").strip()
     except FileNotFoundError:
-        raise KeyFileError(f"AES key file {path} does not exist; restore it (or run 'privifs init "
-                           f"--key-file YOUR_KEY', or point aes_key_file in the config at it)") from None
+        raise KeyFileError(
+            f"AES key file {path} does not exist; restore it (or run 'privifs init "
+            f"--key-file YOUR_KEY', or point aes_key_file in the config at it)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"cannot read AES key file {path}: {exc}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(f"AES key file {path} is accessible by other users "
-                           f"(mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'")
+        raise KeyFileError(
+            f"AES key file {path} is accessible by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'"
+        )
     if len(text) != 2 * AES_KEY_SIZE:
         raise KeyFileError(f"AES key file {path} must hold exactly 64 hex characters")
     try:
@@ -96,8 +101,7 @@ def verify_signed_public_key(hexkey: str) -> bytes:
 def generate_identity() -> tuple[bytes, str]:
     """A new X25519 key pair: (private key raw bytes, signed public key hex)."""
     sk = X25519PrivateKey.generate()
-    priv = sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                            serialization.NoEncryption())
+    priv = sk.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     pub = sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return priv, signed_public_key(pub)
 

@@ -21,6 +21,7 @@ the layout adds a version and, if old files are still to be read, a reader for t
 a newer version raises :class:`~privifs.errors.FormatVersionError` naming both versions, so an
 older privifs never misreads (or discards) what a newer one staged.
 """
+
 from __future__ import annotations
 
 import errno
@@ -52,8 +53,12 @@ ZERO_PREFIX = bytes(PREFIX)
 
 def local_key(user_key: bytes) -> bytes:
     """The key for local at-rest data, derived from the user's AES key (HKDF-SHA256)."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"privifs-local-at-rest",
-                info=b"privifs local staging and cache key v1").derive(user_key)
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=b"privifs-local-at-rest",
+        info=b"privifs local staging and cache key v1",
+    ).derive(user_key)
 
 
 _buffers = threading.local()
@@ -85,11 +90,14 @@ def check_version(path: str | os.PathLike, version: int) -> None:
     if version in READABLE:
         return
     if version > VERSION:
-        raise FormatVersionError(f"{path} is in local format version {version}, written by a newer privifs "
-                                 f"(this one reads version {VERSION}); use that newer privifs, or upload "
-                                 "what it staged with it before going back")
-    raise FormatVersionError(f"{path} is in local format version {version}, which this privifs no longer "
-                             f"reads (it reads version {VERSION})")
+        raise FormatVersionError(
+            f"{path} is in local format version {version}, written by a newer privifs "
+            f"(this one reads version {VERSION}); use that newer privifs, or upload "
+            "what it staged with it before going back"
+        )
+    raise FormatVersionError(
+        f"{path} is in local format version {version}, which this privifs no longer reads (it reads version {VERSION})"
+    )
 
 
 def stored_size(size: int) -> int:
@@ -112,7 +120,7 @@ class SealedFile:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, key: bytes) -> "SealedFile":
+    def create(cls, path: str | os.PathLike, key: bytes) -> SealedFile:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
@@ -127,7 +135,7 @@ class SealedFile:
         return f
 
     @classmethod
-    def open(cls, path: str | os.PathLike, key: bytes, *, writable: bool = False) -> "SealedFile":
+    def open(cls, path: str | os.PathLike, key: bytes, *, writable: bool = False) -> SealedFile:
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
@@ -183,7 +191,7 @@ class SealedFile:
         """The stored plaintext of chunk ``index`` (possibly shorter than CHUNK: zeros follow)."""
         slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
         plain = _scratch("chunk", CHUNK)
-        return bytes(plain[:self._open_into(index, memoryview(slot), plain)])
+        return bytes(plain[: self._open_into(index, memoryview(slot), plain)])
 
     def _open_into(self, index: int, slot: memoryview, dest: memoryview) -> int:
         """Decrypt ``slot`` (chunk ``index``) into the CHUNK bytes of ``dest``, zeros after its
@@ -193,8 +201,9 @@ class SealedFile:
             length = 0
         else:
             try:
-                self._aead.decrypt_into(slot[:12], slot[PREFIX:OVERHEAD + length], self._aad(index, length),
-                                        dest[:length])
+                self._aead.decrypt_into(
+                    slot[:12], slot[PREFIX : OVERHEAD + length], self._aad(index, length), dest[:length]
+                )
             except InvalidTag:
                 raise IntegrityError(f"chunk {index} of {self.path} failed authentication") from None
         if length < CHUNK:
@@ -228,10 +237,11 @@ class SealedFile:
             raise local_store_error(exc, f"reading {self.path}") from None
         plain = _scratch("plain", n * CHUNK)
         for k in range(n):
-            self._open_into(first + k, slots[k * SLOT:max(k * SLOT, min(got, (k + 1) * SLOT))],
-                            plain[k * CHUNK:(k + 1) * CHUNK])
+            self._open_into(
+                first + k, slots[k * SLOT : max(k * SLOT, min(got, (k + 1) * SLOT))], plain[k * CHUNK : (k + 1) * CHUNK]
+            )
         start = offset - (first << CHUNK_SHIFT)
-        return bytes(plain[start:start + end - offset])
+        return bytes(plain[start : start + end - offset])
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         view = memoryview(data)
@@ -246,7 +256,7 @@ class SealedFile:
                 old = self.read_chunk(index) if (index << CHUNK_SHIFT) < self.size else b""
                 if len(old) < within:
                     old += bytes(within - len(old))
-                chunk = old[:within] + bytes(view[:n]) + old[within + n:]
+                chunk = old[:within] + bytes(view[:n]) + old[within + n :]
             self.write_chunk(index, chunk)
             pos += n
             view = view[n:]

@@ -5,6 +5,7 @@ One-shot helpers for small payloads and streaming sealer/opener objects for larg
 plaintext as it decrypts, but that plaintext is *unverified* until :meth:`StreamOpener.finalize`
 returns; callers must not publish it before then.
 """
+
 from __future__ import annotations
 
 import os
@@ -102,10 +103,8 @@ class StreamOpener:
 
     def finalize(self) -> bytes:
         if self._dec is None or len(self._tail) < TAG_SIZE:
-            raise IntegrityError(
-                f"ciphertext is truncated ({self.wire_bytes} bytes, at least {OVERHEAD} needed)")
+            raise IntegrityError(f"ciphertext is truncated ({self.wire_bytes} bytes, at least {OVERHEAD} needed)")
         try:
             return self._dec.finalize_with_tag(self._tail)
         except InvalidTag:
-            raise IntegrityError(
-                "ciphertext failed authentication (tampered, truncated or wrong key)") from None
+            raise IntegrityError("ciphertext failed authentication (tampered, truncated or wrong key)") from None

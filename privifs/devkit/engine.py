@@ -6,6 +6,7 @@ the one engine starter (:mod:`privifs.engine_process`, which the embedded engine
 adds the admin endpoints; :class:`Wire` speaks HTTP with httpx and listens on the WebSocket with
 trio-websocket, exactly as any Privicore client would.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,11 +28,20 @@ class EngineProcess(engine_process.EngineProcess):
     """An engine for a test or a script: its URLs file and log beside (not in) the data directory,
     engine options set at start (``settings``) or at run time (:meth:`set_options`)."""
 
-    def __init__(self, data_dir: Path, settings: dict[str, Any] | None = None, log_path: Path | None = None,
-                 ports: dict[str, int] | None = None):
-        super().__init__(data_dir, ports=ports, settings=settings,
-                         urls_file=data_dir.parent / f"{data_dir.name}-urls.json",
-                         log_path=log_path or data_dir.parent / f"{data_dir.name}-engine.log")
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: dict[str, Any] | None = None,
+        log_path: Path | None = None,
+        ports: dict[str, int] | None = None,
+    ):
+        super().__init__(
+            data_dir,
+            ports=ports,
+            settings=settings,
+            urls_file=data_dir.parent / f"{data_dir.name}-urls.json",
+            log_path=log_path or data_dir.parent / f"{data_dir.name}-engine.log",
+        )
 
     def start(self) -> EngineProcess:
         """Start it (again, on the same ports once it has run); RuntimeError with its log's end if
@@ -46,20 +56,26 @@ class EngineProcess(engine_process.EngineProcess):
         return (self.data_dir / "admin-token").read_text().strip()
 
     def set_options(self, **values: Any) -> dict:
-        r = httpx.post(self.urls["api"] + "/_engine/options", json=values,
-                       headers={"X-Engine-Admin": self.admin_secret}, timeout=10)
+        r = httpx.post(
+            self.urls["api"] + "/_engine/options",
+            json=values,
+            headers={"X-Engine-Admin": self.admin_secret},
+            timeout=10,
+        )
         r.raise_for_status()
         return r.json()
 
     def reset_options(self, defaults: dict) -> None:
         values = {k: v for k, v in defaults.items() if k not in ("command_id_shapes",)}
-        values.update({f"command_id_shape.{k}": defaults["command_id_shape"]
-                       for k in self.set_options()["command_id_shapes"]})
+        values.update(
+            {f"command_id_shape.{k}": defaults["command_id_shape"] for k in self.set_options()["command_id_shapes"]}
+        )
         self.set_options(**values)
 
     def admin(self, action: str) -> dict:
-        r = httpx.post(self.urls["api"] + f"/_engine/{action}", headers={"X-Engine-Admin": self.admin_secret},
-                       timeout=10)
+        r = httpx.post(
+            self.urls["api"] + f"/_engine/{action}", headers={"X-Engine-Admin": self.admin_secret}, timeout=10
+        )
         r.raise_for_status()
         return r.json()
 
@@ -111,8 +127,11 @@ class Channel:
                 await self._new.wait()
 
     def seen(self, type_: str, id_: str) -> list[dict]:
-        return [m["data"] for m in self.events if (m.get("data") or {}).get("type") == type_
-                and (m["data"].get("id") == id_)]
+        return [
+            m["data"]
+            for m in self.events
+            if (m.get("data") or {}).get("type") == type_ and (m["data"].get("id") == id_)
+        ]
 
 
 class Wire:
@@ -149,8 +168,9 @@ class Wire:
     @asynccontextmanager
     async def channel(self, token: str | None = None):
         async with open_websocket_url(self.urls["ws"]) as ws:
-            await ws.send_message(json.dumps({"action": "joinChannel",
-                                              "data": {"authorizationToken": token or self.token}}))
+            await ws.send_message(
+                json.dumps({"action": "joinChannel", "data": {"authorizationToken": token or self.token}})
+            )
             answer = json.loads(await ws.get_message())
             assert answer["status"] == 200, answer
             ch = Channel(ws)
@@ -166,8 +186,9 @@ class Wire:
         assert r.status_code == 202, r.text
         assert await self.poll(command_id(r)) == "succeeded"
         _, pub = generate_identity()
-        r = await self.post("/public-key/register-public-key",
-                            {"username": username, "password": password, "publicKey": pub}, token="")
+        r = await self.post(
+            "/public-key/register-public-key", {"username": username, "password": password, "publicKey": pub}, token=""
+        )
         assert r.status_code == 202, r.text
         assert await self.poll(command_id(r)) == "succeeded"
         r = await self.post("/profile/authenticate", {"username": username, "password": password})
@@ -175,8 +196,15 @@ class Wire:
         self.token = r.json()["authorizationToken"]
         return {"username": username, "password": password, "token": self.token, "publicKey": pub}
 
-    async def store(self, ch: Channel, payload: bytes, *, context: str = "tests", file_name: str = "f.bin",
-                    streamed: bool | None = None) -> str:
+    async def store(
+        self,
+        ch: Channel,
+        payload: bytes,
+        *,
+        context: str = "tests",
+        file_name: str = "f.bin",
+        streamed: bool | None = None,
+    ) -> str:
         """The full store chain on raw wire; returns the permanent token."""
         r = await self.post("/data-token/reserve-token-space", {"context": context, "ttl": "5"})
         assert r.status_code == 202, r.text
@@ -195,13 +223,23 @@ class Wire:
                 r = await up.post(url, content=payload, headers={"Content-Type": "application/octet-stream"})
             assert r.status_code == 200, r.text
         else:
-            r = await self.post("/data-token/exchange-data-for-token",
-                                {"temporaryTokenSpace": temp, "data": base64.b64encode(payload).decode()})
+            r = await self.post(
+                "/data-token/exchange-data-for-token",
+                {"temporaryTokenSpace": temp, "data": base64.b64encode(payload).decode()},
+            )
             assert r.status_code == 202, r.text
             assert (await ch.wait_for("X-DPT-CAB-ID", command_id(r)))["command_status"] == 2
-        r = await self.post("/data-token/configure-file-meta",
-                            {"token": temp, "fileName": file_name, "extension": file_name.rpartition(".")[2],
-                             "context": context, "size": str(len(payload)), "path": f"/{file_name}"})
+        r = await self.post(
+            "/data-token/configure-file-meta",
+            {
+                "token": temp,
+                "fileName": file_name,
+                "extension": file_name.rpartition(".")[2],
+                "context": context,
+                "size": str(len(payload)),
+                "path": f"/{file_name}",
+            },
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         return body if isinstance(body, str) else body["token"]

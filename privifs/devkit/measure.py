@@ -1,4 +1,5 @@
 """Measuring helpers shared by tests and scripts: the peak resident memory of processes (needs psutil)."""
+
 from __future__ import annotations
 
 import threading
@@ -32,7 +33,7 @@ class PeakRss:
                 self.peak[name] = max(self.peak[name], self._rss(p))
             time.sleep(0.05)
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self._t.start()
         return self
 

@@ -4,6 +4,7 @@ a profile on a real engine, and a ``privifs mount`` daemon serving a real FUSE m
 Every wait has a timeout; teardown always leaves nothing mounted or running (lazy unmount and
 SIGKILL as the last resort).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,18 +25,32 @@ CMD_TIMEOUT = 180
 
 def isolated_env(root: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PRIVICORE_", "XDG_", "PRIVIFS_"))}
-    env.update({"HOME": str(root / "home"), "XDG_CONFIG_HOME": str(root / "config"),
-                "XDG_DATA_HOME": str(root / "data"), "XDG_STATE_HOME": str(root / "state"),
-                "XDG_CACHE_HOME": str(root / "cache"), "XDG_RUNTIME_DIR": str(root / "run")})
+    env.update(
+        {
+            "HOME": str(root / "home"),
+            "XDG_CONFIG_HOME": str(root / "config"),
+            "XDG_DATA_HOME": str(root / "data"),
+            "XDG_STATE_HOME": str(root / "state"),
+            "XDG_CACHE_HOME": str(root / "cache"),
+            "XDG_RUNTIME_DIR": str(root / "run"),
+        }
+    )
     env.update(extra)
     return env
 
 
-def privifs(env: dict, *args: str, check: bool = True, timeout: float = CMD_TIMEOUT,
-            input_text: str | None = None) -> subprocess.CompletedProcess:
+def privifs(
+    env: dict, *args: str, check: bool = True, timeout: float = CMD_TIMEOUT, input_text: str | None = None
+) -> subprocess.CompletedProcess:
     """Run the privifs command line as a user would (a subprocess), failing loudly unless asked."""
-    proc = subprocess.run([sys.executable, "-m", "privifs", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, input=input_text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "privifs", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input_text,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"privifs {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -47,9 +62,17 @@ def is_mounted(path: Path) -> bool:
 
 
 class Mount:
-    def __init__(self, root: Path, engine_urls: dict | None, *, username: str | None = None,
-                 password: str = "correct-horse-battery", register: bool = True, mount_args: tuple = (),
-                 key_file: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        engine_urls: dict | None,
+        *,
+        username: str | None = None,
+        password: str = "correct-horse-battery",
+        register: bool = True,
+        mount_args: tuple = (),
+        key_file: Path | None = None,
+    ):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.dir = root / "mnt"
@@ -57,15 +80,23 @@ class Mount:
         self.username = username or f"fs-{uuid.uuid4().hex[:10]}@example.com"
         extra = {}
         if engine_urls is not None:
-            extra = {"PRIVICORE_API_URL": engine_urls["api"], "PRIVICORE_WS_URL": engine_urls["ws"],
-                     "PRIVICORE_UPSTREAM_URL": engine_urls["upstream"],
-                     "PRIVICORE_DOWNSTREAM_URL": engine_urls["downstream"],
-                     "PRIVICORE_USERNAME": self.username, "PRIVICORE_PASSWORD": password}
+            extra = {
+                "PRIVICORE_API_URL": engine_urls["api"],
+                "PRIVICORE_WS_URL": engine_urls["ws"],
+                "PRIVICORE_UPSTREAM_URL": engine_urls["upstream"],
+                "PRIVICORE_DOWNSTREAM_URL": engine_urls["downstream"],
+                "PRIVICORE_USERNAME": self.username,
+                "PRIVICORE_PASSWORD": password,
+            }
         self.env = isolated_env(root, **extra)
         self.mount_args = tuple(mount_args)
         if engine_urls is not None:
-            privifs(self.env, "init", *(("--register",) if register else ()),
-                    *(("--key-file", str(key_file)) if key_file else ()))
+            privifs(
+                self.env,
+                "init",
+                *(("--register",) if register else ()),
+                *(("--key-file", str(key_file)) if key_file else ()),
+            )
 
     @property
     def key_file(self) -> Path:
@@ -104,7 +135,7 @@ class Mount:
             subprocess.run(["fusermount3", "-u", "-z", str(self.dir)], timeout=30, check=False)
 
     @contextlib.contextmanager
-    def mounted(self, *extra: str) -> Iterator["Mount"]:
+    def mounted(self, *extra: str) -> Iterator[Mount]:
         """Mount, hand the mount to the with-block, and clean up after it, whatever happened."""
         try:
             self.mount(*extra)
@@ -126,6 +157,7 @@ class Mount:
     # -- control -----------------------------------------------------------------------------
     def control(self, request: dict, timeout: float = 120) -> list[dict]:
         from privifs.fs.daemon import control_request
+
         return list(control_request(self.registry(), request, timeout=timeout))
 
     def status(self) -> dict:

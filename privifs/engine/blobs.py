@@ -5,6 +5,7 @@ commits the database row that references it with the blob's directory in ``fsync
 rename is durable before anything points at it. A half-received upload stays in ``tmp/`` and is
 removed; leftovers there are swept at start.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,7 @@ class BlobStore:
                 try:
                     view = memoryview(data)
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
                 except BaseException:
                     os.close(fd)
                     raise
@@ -85,7 +86,7 @@ class BlobStore:
         def flush(bufs: list[bytes]) -> None:
             view = memoryview(b"".join(bufs))
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
 
         fd_open = True
         try:

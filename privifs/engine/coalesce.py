@@ -10,6 +10,7 @@ whatever the connection sends next: the body, the empty end of a body, or nothin
 connection closes. Nothing else changes: every byte is written in the same order, and the write
 that carries the head happens no later than the next event of the same answer.
 """
+
 from __future__ import annotations
 
 import trio

@@ -8,6 +8,7 @@ then is ``X-DPT-CAB-ID`` pushed to the profile's WebSocket channels (subject to 
 options). Commands still at status 1 when the engine starts are applied again, so a 202 survives
 ``kill -9``.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,16 +68,24 @@ class CommandRunner:
     def register(self, kind: str, applier: Applier) -> None:
         self.appliers[kind] = applier
 
-    async def submit(self, kind: str, profile_id: str | None, params: dict[str, Any],
-                     also: Callable[[sqlite3.Connection, str], None] | None = None,
-                     command_id: str | None = None, fsync_dirs: tuple = ()) -> str:
+    async def submit(
+        self,
+        kind: str,
+        profile_id: str | None,
+        params: dict[str, Any],
+        also: Callable[[sqlite3.Connection, str], None] | None = None,
+        command_id: str | None = None,
+        fsync_dirs: tuple = (),
+    ) -> str:
         """Record a command (and ``also(conn, id)`` in the same transaction); return its id."""
         cid = command_id or str(uuid.uuid4())
         payload = json.dumps(params)
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("INSERT INTO commands (id, profile_id, kind, params, status, created_at)"
-                         " VALUES (?, ?, ?, ?, 1, ?)", (cid, profile_id, kind, payload, time.time()))
+            conn.execute(
+                "INSERT INTO commands (id, profile_id, kind, params, status, created_at) VALUES (?, ?, ?, ?, 1, ?)",
+                (cid, profile_id, kind, payload, time.time()),
+            )
             if also is not None:
                 also(conn, cid)
 
@@ -87,13 +96,16 @@ class CommandRunner:
         return cid
 
     def status(self, command_id: str) -> sqlite3.Row | None:
-        return self.db.read(lambda c: c.execute(
-            "SELECT id, profile_id, kind, status, body FROM commands WHERE id = ?",
-            (command_id,)).fetchone())
+        return self.db.read(
+            lambda c: c.execute(
+                "SELECT id, profile_id, kind, status, body FROM commands WHERE id = ?", (command_id,)
+            ).fetchone()
+        )
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        pending = self.db.read(lambda c: [r["id"] for r in c.execute(
-            "SELECT id FROM commands WHERE status = 1 ORDER BY rowid")])
+        pending = self.db.read(
+            lambda c: [r["id"] for r in c.execute("SELECT id FROM commands WHERE status = 1 ORDER BY rowid")]
+        )
         for cid in pending:
             self._send.send_nowait(cid)
         if pending:
@@ -120,8 +132,9 @@ class CommandRunner:
             results.clear()
             held.clear()
             for cid in ids:
-                row = conn.execute("SELECT profile_id, kind, params, status FROM commands WHERE id = ?",
-                                   (cid,)).fetchone()
+                row = conn.execute(
+                    "SELECT profile_id, kind, params, status FROM commands WHERE id = ?", (cid,)
+                ).fetchone()
                 if row is None or row["status"] != STARTED:
                     continue
                 kind, profile_id = row["kind"], row["profile_id"]
@@ -139,14 +152,16 @@ class CommandRunner:
                 except Rejected as exc:
                     conn.execute("ROLLBACK TO cmd")
                     status, body, outcome = REJECTED, exc.reason, Outcome(events=exc.events)
-                except Exception:  # noqa: BLE001 - a bug must not wedge the queue
+                except Exception:
                     log.exception("applying %s command %s failed", kind, cid)
                     conn.execute("ROLLBACK TO cmd")
                     status, body, outcome = REJECTED, "engine.internal_error", None
                 conn.execute("RELEASE cmd")
                 stored = body if body is None or isinstance(body, str) else json.dumps(body)
-                conn.execute("UPDATE commands SET status = ?, body = ?, finished_at = ? WHERE id = ?",
-                             (status, stored, time.time(), cid))
+                conn.execute(
+                    "UPDATE commands SET status = ?, body = ?, finished_at = ? WHERE id = ?",
+                    (status, stored, time.time(), cid),
+                )
                 results.append((cid, profile_id, status, body, outcome))
 
         await self.db.write(work)
@@ -166,21 +181,24 @@ class CommandRunner:
 
     async def finish(self, command_id: str, status: int, body: Any) -> None:
         """End a held command without applying it (its vote failed or timed out)."""
+
         def work(conn: sqlite3.Connection):
             row = conn.execute("SELECT profile_id FROM commands WHERE id = ? AND status = 1", (command_id,)).fetchone()
             if row is not None:
-                conn.execute("UPDATE commands SET status = ?, body = ?, finished_at = ? WHERE id = ?",
-                             (status, body, time.time(), command_id))
+                conn.execute(
+                    "UPDATE commands SET status = ?, body = ?, finished_at = ? WHERE id = ?",
+                    (status, body, time.time(), command_id),
+                )
             return row
 
         row = await self.db.write(work)
         if row is not None:
             self._push(row["profile_id"], command_id, status, body)
 
-    def _push(self, profile_id: str | None, cid: str, status: int, body: Any,
-              events: list[dict[str, Any]] | None = None) -> None:
-        messages = [{"data": {"type": "X-DPT-CAB-ID", "id": cid, "command_status": status,
-                              "body": body}}]
+    def _push(
+        self, profile_id: str | None, cid: str, status: int, body: Any, events: list[dict[str, Any]] | None = None
+    ) -> None:
+        messages = [{"data": {"type": "X-DPT-CAB-ID", "id": cid, "command_status": status, "body": body}}]
         messages.extend(events or [])
         if status != STARTED and self.opts.ack_drop_rate:
             messages = [m for m in messages if not self.opts.chance(self.opts.ack_drop_rate)]
@@ -193,8 +211,7 @@ class CommandRunner:
             for m in messages:
                 self.hub.publish(profile_id, m)
 
-    async def _deliver_later(self, delay: float, profile_id: str | None,
-                             messages: list[dict[str, Any]]) -> None:
+    async def _deliver_later(self, delay: float, profile_id: str | None, messages: list[dict[str, Any]]) -> None:
         await trio.sleep(delay)
         for m in messages:
             self.hub.publish(profile_id, m)

@@ -4,6 +4,7 @@
 engine's own identity key and the admin secret, and resolves the ``X-DPT-AUTHORIZATION`` header
 to a :class:`~privifs.engine.http.Principal`.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -82,11 +83,13 @@ class Engine:
 
     def spawn(self, fn, *args) -> None:
         """Run ``fn(*args)`` in the background (logged if it fails)."""
+
         async def guarded() -> None:
             try:
                 await fn(*args)
-            except Exception:  # noqa: BLE001 - background work must not stop the engine
+            except Exception:
                 log.exception("background task %s failed", getattr(fn, "__name__", fn))
+
         if self.nursery is not None:
             self.nursery.start_soon(guarded)
 
@@ -98,8 +101,14 @@ class Engine:
 
     def _sweep_orphan_blobs(self) -> None:
         """Remove blob files no row references (left by a crash between rename and commit)."""
-        referenced = self.db.read(lambda c: {r[0] for r in c.execute(
-            "SELECT blob_id FROM data_tokens UNION SELECT blob_id FROM reservations WHERE blob_id IS NOT NULL")})
+        referenced = self.db.read(
+            lambda c: {
+                r[0]
+                for r in c.execute(
+                    "SELECT blob_id FROM data_tokens UNION SELECT blob_id FROM reservations WHERE blob_id IS NOT NULL"
+                )
+            }
+        )
         for sub in self.blobs.blob_dir.iterdir():
             if sub.is_dir():
                 for f in sub.iterdir():
@@ -111,9 +120,13 @@ class Engine:
         if not token:
             raise unauthorized("missing authorization token")
         th = token_hash(token)
-        row = self.db.read(lambda c: c.execute(
-            "SELECT t.profile_id, t.expires_at, t.revoked, t.kind, p.public_key FROM auth_tokens t"
-            " JOIN profiles p ON p.id = t.profile_id WHERE t.token_hash = ?", (th,)).fetchone())
+        row = self.db.read(
+            lambda c: c.execute(
+                "SELECT t.profile_id, t.expires_at, t.revoked, t.kind, p.public_key FROM auth_tokens t"
+                " JOIN profiles p ON p.id = t.profile_id WHERE t.token_hash = ?",
+                (th,),
+            ).fetchone()
+        )
         if row is None or row["revoked"]:
             raise unauthorized("invalid token")
         if row["expires_at"] <= time.time():
@@ -131,12 +144,16 @@ class Engine:
             return None
         return self.principal(request, require_key=False)
 
-    def issue_token(self, conn: sqlite3.Connection, profile_id: str, ttl: float, *,
-                    kind: str = "profile", app_id: str | None = None) -> tuple[str, float]:
+    def issue_token(
+        self, conn: sqlite3.Connection, profile_id: str, ttl: float, *, kind: str = "profile", app_id: str | None = None
+    ) -> tuple[str, float]:
         token = "T-" + secrets.token_urlsafe(32)
         expires = time.time() + ttl
-        conn.execute("INSERT INTO auth_tokens (token_hash, profile_id, expires_at, kind, app_id, created_at)"
-                     " VALUES (?, ?, ?, ?, ?, ?)", (token_hash(token), profile_id, expires, kind, app_id, time.time()))
+        conn.execute(
+            "INSERT INTO auth_tokens (token_hash, profile_id, expires_at, kind, app_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (token_hash(token), profile_id, expires, kind, app_id, time.time()),
+        )
         return token, expires
 
     async def check_password_async(self, password: str, stored: str) -> bool:
@@ -157,14 +174,16 @@ class Engine:
         doomed: list[str] = []
 
         def work(conn: sqlite3.Connection) -> None:
-            rows = conn.execute("SELECT command_id, blob_id FROM reservations WHERE expires_at <= ?"
-                                " AND promoted_token IS NULL", (now,)).fetchall()
+            rows = conn.execute(
+                "SELECT command_id, blob_id FROM reservations WHERE expires_at <= ? AND promoted_token IS NULL", (now,)
+            ).fetchall()
             for r in rows:
                 if r["blob_id"]:
                     doomed.append(r["blob_id"])
             conn.execute("DELETE FROM reservations WHERE expires_at <= ? AND promoted_token IS NULL", (now,))
-            conn.execute("DELETE FROM reservations WHERE promoted_token IS NOT NULL AND expires_at <= ?",
-                         (now - 86400,))
+            conn.execute(
+                "DELETE FROM reservations WHERE promoted_token IS NOT NULL AND expires_at <= ?", (now - 86400,)
+            )
             conn.execute("DELETE FROM downstream WHERE expires_at <= ? OR used = 1", (now - 60,))
             conn.execute("DELETE FROM auth_tokens WHERE expires_at <= ?", (now - 86400,))
 

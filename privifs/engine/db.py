@@ -7,6 +7,7 @@ so everything the engine acknowledges is on disk. Directories that received new 
 fsynced by the writer before the commit that references them. Reads use a separate connection
 on the trio thread (WAL lets them run beside the writer).
 """
+
 from __future__ import annotations
 
 import os

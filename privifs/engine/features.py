@@ -7,6 +7,7 @@ Appliers are module-level functions of their route group; the collaborators an a
 (the blob store, the storage devices, the hub, ...) come first in its signature and are bound
 here, so a test can call any applier alone with a database connection.
 """
+
 from __future__ import annotations
 
 from functools import partial

@@ -4,6 +4,7 @@ command-accepted answers in every configured shape, and fault injection around e
 Error bodies follow the reference's recommended convention (section 7):
 ``{"status": 422, "message": "Parameter Error", "errors": {"field": ["why"]}}``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,13 @@ FORM_LIMIT = 1024 * 1024
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, errors: dict[str, list[str]] | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        errors: dict[str, list[str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -53,8 +59,11 @@ def not_found() -> ApiError:
 def owned_row(db, table: str, column: str, value: str, profile_id: str):
     """The profile's row of ``table`` whose ``column`` is ``value``, or 404: another profile's
     records do not exist for it (never 403, never 200). ``table`` and ``column`` are literals."""
-    row = db.read(lambda c: c.execute(f"SELECT * FROM {table} WHERE {column} = ? AND profile_id = ?",
-                                      (value, profile_id)).fetchone())
+    row = db.read(
+        lambda c: c.execute(
+            f"SELECT * FROM {table} WHERE {column} = ? AND profile_id = ?", (value, profile_id)
+        ).fetchone()
+    )
     if row is None:
         raise not_found()
     return row
@@ -98,8 +107,9 @@ class Form:
             return None
         return self._check(name, value, max_len, allow_empty)
 
-    def integer(self, name: str, *, default: int | None = None, minimum: int | None = None,
-                maximum: int | None = None) -> int:
+    def integer(
+        self, name: str, *, default: int | None = None, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         raw = self.get(name)
         if raw is None or raw == "":
             if default is None:
@@ -154,11 +164,13 @@ async def read_body(request: Request, limit: int, field: str = "body") -> bytes:
         total += len(chunk)
         if total > limit:
             await drain(request, partly_read=True)
-            raise ApiError(413 if field == "body" else 422,
-                           "Payload Too Large" if field == "body" else "Parameter Error",
-                           None if field == "body" else
-                           {field: [f"payload exceeds the inline limit of {limit} bytes; "
-                                    f"use the upstream stream server"]})
+            raise ApiError(
+                413 if field == "body" else 422,
+                "Payload Too Large" if field == "body" else "Parameter Error",
+                None
+                if field == "body"
+                else {field: [f"payload exceeds the inline limit of {limit} bytes; use the upstream stream server"]},
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -187,8 +199,7 @@ def parse_fields(body: bytes, content_type: str) -> Form:
     except UnicodeDecodeError:
         raise invalid("body", "is not valid UTF-8") from None
     try:
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, errors="strict",
-                          max_num_fields=10000)
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False, errors="strict", max_num_fields=10000)
     except (ValueError, UnicodeDecodeError):
         raise invalid("body", "is not a valid form body") from None
     fields = {}
@@ -219,8 +230,9 @@ class Principal:
     has_key: bool
 
 
-def command_accepted(opts: EngineOptions, kind: str, command_id: str,
-                     extra_headers: dict[str, str] | None = None, *, empty: bool = False) -> Response:
+def command_accepted(
+    opts: EngineOptions, kind: str, command_id: str, extra_headers: dict[str, str] | None = None, *, empty: bool = False
+) -> Response:
     headers = {"x-dpt-cab-id": command_id}
     if extra_headers:
         headers.update(extra_headers)
@@ -255,15 +267,13 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
             response = exc.response()
         except ClientDisconnect:
             # the client left while sending its request: nobody will read an answer
-            log.info("%s %s: the client disconnected before its request was complete", request.method,
-                     request.url.path)
+            log.info("%s %s: the client disconnected before its request was complete", request.method, request.url.path)
             return Response(status_code=400)
         # hypercorn closes a connection whose request body was not read before the answer, and a
         # client reusing it then sees "disconnected without a response": always read it
         await drain(request)
         if opts.chance(opts.fail_after_rate):
-            return JSONResponse({"status": 502, "message": "injected failure after processing"},
-                                status_code=502)
+            return JSONResponse({"status": 502, "message": "injected failure after processing"}, status_code=502)
         return response
 
     return run

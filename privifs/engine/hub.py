@@ -6,6 +6,7 @@ a socket whose outbox is full (that socket is closed: delivery is at most once, 
 reference), and is never replayed. A socket whose token expired or was revoked is closed instead
 of being delivered to.
 """
+
 from __future__ import annotations
 
 import json

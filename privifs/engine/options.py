@@ -5,6 +5,7 @@ engine runs through the admin endpoint (``POST /_engine/options``, see docs/engi
 follow the reference's primary shapes; each alternative recorded in its section 9 is a value
 here so clients can be checked against all of them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,13 +42,30 @@ SHAPES: dict[str, tuple[str, ...]] = {
 }
 
 COMMAND_KINDS = (
-    "register-profile", "change-password", "reauthorize-authorization-token",
-    "register-public-key", "reserve-token-space", "exchange-data-for-token",
-    "update-data-token", "configure-information-security-risk-meta", "delete-data",
-    "request-data", "oauth-application-register", "oauth-application-request-authorization-code",
-    "request-unique-identifier", "approve-device", "reject-device", "configure-device-meta", "remove-device",
-    "register-storage-device", "remove-storage-device", "register-authenticator",
-    "register-voting-configuration", "register-policy", "activate-policy", "deactivate-policy",
+    "register-profile",
+    "change-password",
+    "reauthorize-authorization-token",
+    "register-public-key",
+    "reserve-token-space",
+    "exchange-data-for-token",
+    "update-data-token",
+    "configure-information-security-risk-meta",
+    "delete-data",
+    "request-data",
+    "oauth-application-register",
+    "oauth-application-request-authorization-code",
+    "request-unique-identifier",
+    "approve-device",
+    "reject-device",
+    "configure-device-meta",
+    "remove-device",
+    "register-storage-device",
+    "remove-storage-device",
+    "register-authenticator",
+    "register-voting-configuration",
+    "register-policy",
+    "activate-policy",
+    "deactivate-policy",
 )
 
 
@@ -144,8 +162,7 @@ def _coerce(opts: EngineOptions, name: str, raw: Any) -> Any:
             raise ValueError(f"{name} must be one of {', '.join(SHAPES[name])}")
         return value
     if name == "reject":
-        items = raw if isinstance(raw, (list, tuple, set, frozenset)) else [
-            s for s in str(raw).split(",") if s.strip()]
+        items = raw if isinstance(raw, (list, tuple, set, frozenset)) else [s for s in str(raw).split(",") if s.strip()]
         kinds = frozenset(s.strip() for s in items)
         unknown = kinds - set(COMMAND_KINDS)
         if unknown:

@@ -3,6 +3,7 @@ meta and a configuration bundle, and can be removed; approved devices can be reg
 storage devices, which then hold a copy of every stored payload of their profile (the copies
 themselves are :class:`~privifs.engine.storage.StorageDevices`).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ from starlette.routing import Route
 from privifs.crypto.keys import generate_identity
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
-                                 read_form)
+from privifs.engine.http import ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row, read_form
 from privifs.engine.storage import StorageDevices
 
 log = logging.getLogger("privifs.engine.storage")
@@ -52,6 +52,7 @@ def approved_device(conn: sqlite3.Connection, device_id: str, profile_id: str) -
 def device_command(engine: Engine, kind: str, check=None):
     """A handler that submits ``kind`` for the caller's device named in the form (404 if not
     theirs); ``check(form, row)`` may validate more fields and add parameters."""
+
     async def handler(request: Request) -> Response:
         who = engine.principal(request)
         form = await read_form(request)
@@ -62,6 +63,7 @@ def device_command(engine: Engine, kind: str, check=None):
             params.update(check(form, row))
         cid = await engine.runner.submit(kind, who.profile_id, params)
         return command_accepted(engine.opts, kind, cid)
+
     return handler
 
 
@@ -69,16 +71,19 @@ def device_command(engine: Engine, kind: str, check=None):
 # ``conn`` are bound where they are registered (privifs/engine/features.py) --------------------
 def apply_request(conn, params, profile_id, cid) -> Outcome:
     _, public = generate_identity()
-    conn.execute("INSERT INTO devices (id, profile_id, command_id, name, state, public_key, created_at)"
-                 " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-                 ("dev-" + secrets.token_hex(10), profile_id, cid, params["name"], public, time.time()))
+    conn.execute(
+        "INSERT INTO devices (id, profile_id, command_id, name, state, public_key, created_at)"
+        " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+        ("dev-" + secrets.token_hex(10), profile_id, cid, params["name"], public, time.time()),
+    )
     return Outcome()
 
 
 def apply_state(state: str, conn, params, profile_id, cid) -> Outcome:
     """Approve or reject (``state``) a pending device; doing it again is harmless."""
-    row = conn.execute("SELECT state FROM devices WHERE id = ? AND profile_id = ?",
-                       (params["device"], profile_id)).fetchone()
+    row = conn.execute(
+        "SELECT state FROM devices WHERE id = ? AND profile_id = ?", (params["device"], profile_id)
+    ).fetchone()
     if row is None:
         raise Rejected("device.not_found")
     if row["state"] != "pending" and row["state"] != state:
@@ -88,8 +93,9 @@ def apply_state(state: str, conn, params, profile_id, cid) -> Outcome:
 
 
 def apply_meta(conn, params, profile_id, cid) -> Outcome:
-    row = conn.execute("SELECT meta FROM devices WHERE id = ? AND profile_id = ?",
-                       (params["device"], profile_id)).fetchone()
+    row = conn.execute(
+        "SELECT meta FROM devices WHERE id = ? AND profile_id = ?", (params["device"], profile_id)
+    ).fetchone()
     if row is None:
         raise Rejected("device.not_found")
     meta = json.loads(row["meta"])
@@ -119,8 +125,10 @@ def apply_storage_register(storage: StorageDevices, spawn: Spawn, conn, params, 
 
 
 def apply_storage_remove(storage: StorageDevices, conn, params, profile_id, cid) -> Outcome:
-    cur = conn.execute("UPDATE devices SET storage = 0, storage_since = NULL WHERE id = ? AND profile_id = ?"
-                       " AND storage = 1", (params["device"], profile_id))
+    cur = conn.execute(
+        "UPDATE devices SET storage = 0, storage_since = NULL WHERE id = ? AND profile_id = ? AND storage = 1",
+        (params["device"], profile_id),
+    )
     if cur.rowcount == 0:
         raise Rejected("storage.not_registered")
     out = Outcome()
@@ -139,9 +147,15 @@ class DeviceApi:
 
     def record(self, row: sqlite3.Row) -> dict:
         roles = [r for r, on in (("storage", row["storage"]), ("authenticator", row["authenticator"])) if on]
-        return {"deviceIdentifier": row["id"], "name": row["name"], "type": roles[0] if roles else "device",
-                "roles": roles, "approvalState": row["state"], "meta": json.loads(row["meta"]),
-                "createdAt": iso(row["created_at"])}
+        return {
+            "deviceIdentifier": row["id"],
+            "name": row["name"],
+            "type": roles[0] if roles else "device",
+            "roles": roles,
+            "approvalState": row["state"],
+            "meta": json.loads(row["meta"]),
+            "createdAt": iso(row["created_at"]),
+        }
 
     # -- devices -------------------------------------------------------------------------------
     async def request_identifier(self, request: Request) -> Response:
@@ -154,8 +168,11 @@ class DeviceApi:
     async def retrieve_identifier(self, request: Request) -> Response:
         who = self.engine.principal(request)
         cid = request.path_params.get("command_id") or (await read_form(request)).required("id", max_len=256)
-        row = self.db.read(lambda c: c.execute("SELECT id FROM devices WHERE command_id = ? AND profile_id = ?",
-                                               (cid, who.profile_id)).fetchone())
+        row = self.db.read(
+            lambda c: c.execute(
+                "SELECT id FROM devices WHERE command_id = ? AND profile_id = ?", (cid, who.profile_id)
+            ).fetchone()
+        )
         if row is None:
             raise not_found()
         if self.opts.device_id_shape == "string":
@@ -166,8 +183,11 @@ class DeviceApi:
 
     async def list_devices(self, request: Request) -> Response:
         who = self.engine.principal(request)
-        rows = self.db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? ORDER BY created_at",
-                                                (who.profile_id,)).fetchall())
+        rows = self.db.read(
+            lambda c: c.execute(
+                "SELECT * FROM devices WHERE profile_id = ? ORDER BY created_at", (who.profile_id,)
+            ).fetchall()
+        )
         return JSONResponse([self.record(r) for r in rows])
 
     def meta_params(self, form: Form, row) -> dict:
@@ -189,18 +209,30 @@ class DeviceApi:
             raise ApiError(422, "device.not_approved", {"deviceIdentifier": ["the device is not approved"]})
         # the engine has no message bus: the bundle says where this device's copies live instead
         password = secrets.token_urlsafe(24)
-        return JSONResponse({
-            "deviceIdentifier": row["id"], "publicKey": row["public_key"],
-            "amqp": {"host": "127.0.0.1", "port": None, "vhost": f"/privicore/{who.profile_id}",
-                     "username": row["id"], "password": password, "routingKey": f"device.{row['id']}"},
-            "storage": {"kind": "local-directory", "path": str(self.storage.device_dir(row["id"]))},
-        })
+        return JSONResponse(
+            {
+                "deviceIdentifier": row["id"],
+                "publicKey": row["public_key"],
+                "amqp": {
+                    "host": "127.0.0.1",
+                    "port": None,
+                    "vhost": f"/privicore/{who.profile_id}",
+                    "username": row["id"],
+                    "password": password,
+                    "routingKey": f"device.{row['id']}",
+                },
+                "storage": {"kind": "local-directory", "path": str(self.storage.device_dir(row["id"]))},
+            }
+        )
 
     # -- storage ---------------------------------------------------------------------------------
     async def list_storage(self, request: Request) -> Response:
         who = self.engine.principal(request)
-        rows = self.db.read(lambda c: c.execute("SELECT * FROM devices WHERE profile_id = ? AND storage = 1 ORDER BY"
-                                                " storage_since", (who.profile_id,)).fetchall())
+        rows = self.db.read(
+            lambda c: c.execute(
+                "SELECT * FROM devices WHERE profile_id = ? AND storage = 1 ORDER BY storage_since", (who.profile_id,)
+            ).fetchall()
+        )
         out = []
         for r in rows:
             d = self.storage.device_dir(r["id"])
@@ -216,19 +248,27 @@ class DeviceApi:
             Route("/device/retrieve-unique-identifier", g(self.retrieve_identifier), methods=["POST"]),
             Route("/device/retrieve-device-id/{command_id}", g(self.retrieve_identifier), methods=["GET"]),
             Route("/device/retrieve-profile-devices", g(self.list_devices), methods=["GET"]),
-            Route("/device/configure-meta", g(device_command(self.engine, "configure-device-meta", self.meta_params)),
-                  methods=["POST"]),
-            Route("/device/configure-device-meta",
-                  g(device_command(self.engine, "configure-device-meta", self.meta_params)),
-                  methods=["POST"]),
+            Route(
+                "/device/configure-meta",
+                g(device_command(self.engine, "configure-device-meta", self.meta_params)),
+                methods=["POST"],
+            ),
+            Route(
+                "/device/configure-device-meta",
+                g(device_command(self.engine, "configure-device-meta", self.meta_params)),
+                methods=["POST"],
+            ),
             Route("/device/approve-device", g(device_command(self.engine, "approve-device")), methods=["POST"]),
             Route("/device/reject-device", g(device_command(self.engine, "reject-device")), methods=["POST"]),
             Route("/device/download-device-configuration", g(self.download_configuration), methods=["POST"]),
             Route("/device/remove", g(device_command(self.engine, "remove-device")), methods=["POST"]),
             Route("/device/remove-device", g(device_command(self.engine, "remove-device")), methods=["POST"]),
             Route("/storage/register", g(device_command(self.engine, "register-storage-device")), methods=["POST"]),
-            Route("/storage/register-storage-device", g(device_command(self.engine, "register-storage-device")),
-                  methods=["POST"]),
+            Route(
+                "/storage/register-storage-device",
+                g(device_command(self.engine, "register-storage-device")),
+                methods=["POST"],
+            ),
             Route("/storage/list-storage-devices", g(self.list_storage), methods=["GET"]),
             Route("/storage/remove", g(device_command(self.engine, "remove-storage-device")), methods=["POST"]),
             Route("/storage/remove-storage", g(device_command(self.engine, "remove-storage-device")), methods=["POST"]),

@@ -2,6 +2,7 @@
 id is the application id), single-use configuration retrieval, authorization code requested with
 a nonce, code retrieved with Basic client credentials, access token, refresh rotating both
 tokens, application list and scope. Access tokens work wherever authorization tokens do."""
+
 from __future__ import annotations
 
 import base64
@@ -18,8 +19,19 @@ from starlette.routing import Route
 
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found,
-                                 query_form, read_form, token_hash, unauthorized)
+from privifs.engine.http import (
+    ApiError,
+    Form,
+    command_accepted,
+    guarded,
+    invalid,
+    iso,
+    not_found,
+    query_form,
+    read_form,
+    token_hash,
+    unauthorized,
+)
 
 
 def _basic(request: Request) -> str | None:
@@ -42,10 +54,19 @@ def _scopes(values: list[str]) -> list[str]:
 # -- command appliers: run by the command runner inside its transaction (registered in
 # privifs/engine/features.py) ---------------------------------------------------------------------
 def apply_register(conn, params, profile_id, cid) -> Outcome:
-    conn.execute("INSERT INTO oauth_apps (id, profile_id, name, redirect_uri, scopes, client_id, created_at)"
-                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                 (cid, profile_id, params["name"], params["redirect_uri"], json.dumps(params["scopes"]),
-                  "cli-" + secrets.token_hex(12), time.time()))
+    conn.execute(
+        "INSERT INTO oauth_apps (id, profile_id, name, redirect_uri, scopes, client_id, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            cid,
+            profile_id,
+            params["name"],
+            params["redirect_uri"],
+            json.dumps(params["scopes"]),
+            "cli-" + secrets.token_hex(12),
+            time.time(),
+        ),
+    )
     return Outcome()
 
 
@@ -64,8 +85,9 @@ class OAuthApi:
         self.db = engine.db
 
     def app_by_client(self, client_id: str) -> sqlite3.Row | None:
-        return self.db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE client_id = ?",
-                                                (client_id,)).fetchone())
+        return self.db.read(
+            lambda c: c.execute("SELECT * FROM oauth_apps WHERE client_id = ?", (client_id,)).fetchone()
+        )
 
     def client_credentials(self, request: Request) -> sqlite3.Row:
         """The app named by ``Authorization: Basic base64(clientId:clientSecret)``; 401 otherwise."""
@@ -77,8 +99,11 @@ class OAuthApi:
         except (binascii.Error, ValueError, UnicodeDecodeError):
             raise unauthorized("invalid client credentials") from None
         app = self.app_by_client(client_id) if sep else None
-        if app is None or app["secret_hash"] is None or not secrets.compare_digest(
-                app["secret_hash"], token_hash(secret)):
+        if (
+            app is None
+            or app["secret_hash"] is None
+            or not secrets.compare_digest(app["secret_hash"], token_hash(secret))
+        ):
             raise unauthorized("invalid client credentials")
         return app
 
@@ -101,28 +126,42 @@ class OAuthApi:
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise invalid("redirectUri", "must be an http(s) URL")
         scopes = _scopes(form.getlist("scopes") + form.getlist("scopes[]"))
-        cid = await self.engine.runner.submit("oauth-application-register", who.profile_id,
-                                              {"name": name, "redirect_uri": redirect, "scopes": scopes})
+        cid = await self.engine.runner.submit(
+            "oauth-application-register", who.profile_id, {"name": name, "redirect_uri": redirect, "scopes": scopes}
+        )
         return self.accepted("oauth-application-register", cid)
 
     async def configuration(self, request: Request) -> Response:
         who = self.engine.principal(request)
         app_id = request.path_params.get("application_id") or (await read_form(request)).required(
-            "applicationId", max_len=256)
-        app = self.db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE id = ? AND profile_id = ?",
-                                               (app_id, who.profile_id)).fetchone())
+            "applicationId", max_len=256
+        )
+        app = self.db.read(
+            lambda c: c.execute(
+                "SELECT * FROM oauth_apps WHERE id = ? AND profile_id = ?", (app_id, who.profile_id)
+            ).fetchone()
+        )
         if app is None:
             raise not_found()
         secret = "shh-" + secrets.token_urlsafe(32)
 
         def claim(conn) -> int:
-            return conn.execute("UPDATE oauth_apps SET config_retrieved = 1, secret_hash = ? WHERE id = ?"
-                                " AND config_retrieved = 0", (token_hash(secret), app_id)).rowcount
+            return conn.execute(
+                "UPDATE oauth_apps SET config_retrieved = 1, secret_hash = ? WHERE id = ? AND config_retrieved = 0",
+                (token_hash(secret), app_id),
+            ).rowcount
 
         if await self.db.write(claim) == 0:
             raise ApiError(422, "oauth.already_retrieved", {"applicationId": ["oauth.already_retrieved"]})
-        return JSONResponse({"applicationId": app["id"], "clientId": app["client_id"], "clientSecret": secret,
-                             "redirectUri": app["redirect_uri"], "scopes": json.loads(app["scopes"])})
+        return JSONResponse(
+            {
+                "applicationId": app["id"],
+                "clientId": app["client_id"],
+                "clientSecret": secret,
+                "redirectUri": app["redirect_uri"],
+                "scopes": json.loads(app["scopes"]),
+            }
+        )
 
     # -- authorization code --------------------------------------------------------------
     async def request_code(self, request: Request) -> Response:
@@ -145,13 +184,16 @@ class OAuthApi:
         scopes = _scopes(q.getlist("scope[]") + q.getlist("scopes") + q.getlist("scope"))
 
         def also(conn, cid) -> None:
-            conn.execute("INSERT INTO oauth_codes (command_id, app_id, profile_id, nonce, scopes, created_at)"
-                         " VALUES (?, ?, ?, ?, ?, ?)", (cid, app["id"], who.profile_id, nonce, json.dumps(scopes),
-                                                       time.time()))
+            conn.execute(
+                "INSERT INTO oauth_codes (command_id, app_id, profile_id, nonce, scopes, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (cid, app["id"], who.profile_id, nonce, json.dumps(scopes), time.time()),
+            )
 
         try:
-            cid = await self.engine.runner.submit("oauth-application-request-authorization-code", who.profile_id,
-                                                  {"app_id": app["id"]}, also)
+            cid = await self.engine.runner.submit(
+                "oauth-application-request-authorization-code", who.profile_id, {"app_id": app["id"]}, also
+            )
         except sqlite3.IntegrityError:
             raise invalid("nonce", "this nonce was already used for this application") from None
         return self.accepted("oauth-application-request-authorization-code", cid)
@@ -161,9 +203,13 @@ class OAuthApi:
         form = await read_form(request)
         cid = form.required("id", max_len=256)
         nonce = form.required("nonce", max_len=256)
-        row = self.db.read(lambda c: c.execute(
-            "SELECT o.*, m.status FROM oauth_codes o JOIN commands m ON m.id = o.command_id"
-            " WHERE o.command_id = ? AND o.app_id = ?", (cid, app["id"])).fetchone())
+        row = self.db.read(
+            lambda c: c.execute(
+                "SELECT o.*, m.status FROM oauth_codes o JOIN commands m ON m.id = o.command_id"
+                " WHERE o.command_id = ? AND o.app_id = ?",
+                (cid, app["id"]),
+            ).fetchone()
+        )
         if row is None or row["status"] != 2:
             raise not_found()
         if not secrets.compare_digest(row["nonce"], nonce):
@@ -171,32 +217,52 @@ class OAuthApi:
         code = secrets.token_urlsafe(32)
 
         def claim(conn) -> int:
-            return conn.execute("UPDATE oauth_codes SET code_hash = ?, code_retrieved = 1 WHERE command_id = ?"
-                                " AND code_retrieved = 0", (token_hash(code), cid)).rowcount
+            return conn.execute(
+                "UPDATE oauth_codes SET code_hash = ?, code_retrieved = 1 WHERE command_id = ? AND code_retrieved = 0",
+                (token_hash(code), cid),
+            ).rowcount
 
         if await self.db.write(claim) == 0:
             raise ApiError(422, "oauth.already_retrieved", {"id": ["oauth.already_retrieved"]})
         return JSONResponse({"authorizationCode": code})
 
     # -- tokens --------------------------------------------------------------------------
-    def token_answer(self, app: sqlite3.Row, access: str, access_exp: float, refresh: str, refresh_exp: float,
-                           scopes: list[str]) -> Response:
+    def token_answer(
+        self, app: sqlite3.Row, access: str, access_exp: float, refresh: str, refresh_exp: float, scopes: list[str]
+    ) -> Response:
         if self.opts.oauth_shape == "guide":
-            return JSONResponse({"accessToken": access, "tokenType": "Bearer",
-                                 "expiresIn": int(access_exp - time.time()), "refreshToken": refresh,
-                                 "scope": " ".join(scopes)})
-        return JSONResponse({"clientId": app["client_id"], "token": access, "refreshToken": refresh,
-                             "type": "bearer", "scope": " ".join(scopes), "expiresAt": iso(access_exp),
-                             "refreshTokenExpiresAt": iso(refresh_exp)})
+            return JSONResponse(
+                {
+                    "accessToken": access,
+                    "tokenType": "Bearer",
+                    "expiresIn": int(access_exp - time.time()),
+                    "refreshToken": refresh,
+                    "scope": " ".join(scopes),
+                }
+            )
+        return JSONResponse(
+            {
+                "clientId": app["client_id"],
+                "token": access,
+                "refreshToken": refresh,
+                "type": "bearer",
+                "scope": " ".join(scopes),
+                "expiresAt": iso(access_exp),
+                "refreshTokenExpiresAt": iso(refresh_exp),
+            }
+        )
 
     def issue_pair(self, conn, app: sqlite3.Row, profile_id: str, scopes: list[str]):
-        access, access_exp = self.engine.issue_token(conn, profile_id, self.opts.oauth_token_ttl, kind="oauth",
-                                                     app_id=app["id"])
+        access, access_exp = self.engine.issue_token(
+            conn, profile_id, self.opts.oauth_token_ttl, kind="oauth", app_id=app["id"]
+        )
         refresh = "R-" + secrets.token_urlsafe(32)
         refresh_exp = time.time() + self.opts.oauth_refresh_ttl
-        conn.execute("INSERT INTO oauth_refresh (token_hash, app_id, profile_id, access_hash, scopes, expires_at)"
-                     " VALUES (?, ?, ?, ?, ?, ?)", (token_hash(refresh), app["id"], profile_id, token_hash(access),
-                                                    json.dumps(scopes), refresh_exp))
+        conn.execute(
+            "INSERT INTO oauth_refresh (token_hash, app_id, profile_id, access_hash, scopes, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (token_hash(refresh), app["id"], profile_id, token_hash(access), json.dumps(scopes), refresh_exp),
+        )
         return access, access_exp, refresh, refresh_exp
 
     async def obtain_token(self, request: Request) -> Response:
@@ -268,26 +334,47 @@ class OAuthApi:
 
     async def app_list(self, request: Request) -> Response:
         who = self.engine.principal(request)
-        rows = self.db.read(lambda c: c.execute("SELECT * FROM oauth_apps WHERE profile_id = ? ORDER BY created_at",
-                                                (who.profile_id,)).fetchall())
-        items = [{"applicationId": r["id"], "name": r["name"], "scopes": json.loads(r["scopes"]),
-                  "redirectUri": r["redirect_uri"], "clientId": r["client_id"], "createdAt": iso(r["created_at"])}
-                 for r in rows]
+        rows = self.db.read(
+            lambda c: c.execute(
+                "SELECT * FROM oauth_apps WHERE profile_id = ? ORDER BY created_at", (who.profile_id,)
+            ).fetchall()
+        )
+        items = [
+            {
+                "applicationId": r["id"],
+                "name": r["name"],
+                "scopes": json.loads(r["scopes"]),
+                "redirectUri": r["redirect_uri"],
+                "clientId": r["client_id"],
+                "createdAt": iso(r["created_at"]),
+            }
+            for r in rows
+        ]
         return JSONResponse({"items": items, "meta": {"count": len(items)}})
 
     async def scope(self, request: Request) -> Response:
         basic = _basic(request)
         raw = basic if basic is not None else request.headers.get("x-dpt-authorization")
         th = token_hash(raw or "")
-        row = self.db.read(lambda c: c.execute(
-            "SELECT t.app_id, t.expires_at, t.revoked, a.client_id, a.scopes FROM auth_tokens t"
-            " JOIN oauth_apps a ON a.id = t.app_id WHERE t.token_hash = ? AND t.kind = 'oauth'", (th,)).fetchone())
+        row = self.db.read(
+            lambda c: c.execute(
+                "SELECT t.app_id, t.expires_at, t.revoked, a.client_id, a.scopes FROM auth_tokens t"
+                " JOIN oauth_apps a ON a.id = t.app_id WHERE t.token_hash = ? AND t.kind = 'oauth'",
+                (th,),
+            ).fetchone()
+        )
         if row is None or row["revoked"] or row["expires_at"] <= time.time():
             raise unauthorized("invalid token")
-        grant = self.db.read(lambda c: c.execute("SELECT scopes FROM oauth_refresh WHERE access_hash = ?",
-                                                 (th,)).fetchone())
-        return JSONResponse({"applicationId": row["app_id"], "clientId": row["client_id"],
-                             "scope": json.loads(grant["scopes"]) if grant else json.loads(row["scopes"])})
+        grant = self.db.read(
+            lambda c: c.execute("SELECT scopes FROM oauth_refresh WHERE access_hash = ?", (th,)).fetchone()
+        )
+        return JSONResponse(
+            {
+                "applicationId": row["app_id"],
+                "clientId": row["client_id"],
+                "scope": json.loads(grant["scopes"]) if grant else json.loads(row["scopes"]),
+            }
+        )
 
     def routes(self) -> list[Route]:
         g = lambda h: guarded(self.opts, h)  # noqa: E731

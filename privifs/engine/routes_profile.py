@@ -1,5 +1,6 @@
 """Profile and public-key groups: register, authenticate, tokens (expiry, reauthorize, revoke),
 password change, and the signed Curve25519 public keys (the profile's and the engine's own)."""
+
 from __future__ import annotations
 
 import secrets
@@ -15,8 +16,7 @@ from starlette.routing import Route
 from privifs.crypto.keys import verify_signed_public_key
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import (ApiError, command_accepted, guarded, invalid, iso, not_found,
-                                 read_form, unauthorized)
+from privifs.engine.http import ApiError, command_accepted, guarded, invalid, iso, not_found, read_form, unauthorized
 from privifs.engine.hub import Hub
 
 MIN_PASSWORD = 8
@@ -55,8 +55,9 @@ def apply_change_password(conn, params, profile_id, cid) -> Outcome:
 
 def apply_reauthorize(hub: Hub, conn, params, profile_id, cid) -> Outcome:
     expires = time.time() + int(params["ttl"])
-    cur = conn.execute("UPDATE auth_tokens SET expires_at = ? WHERE token_hash = ? AND revoked = 0",
-                       (expires, params["token_hash"]))
+    cur = conn.execute(
+        "UPDATE auth_tokens SET expires_at = ? WHERE token_hash = ? AND revoked = 0", (expires, params["token_hash"])
+    )
     if cur.rowcount == 0:
         raise Rejected("profile.token_revoked")
     out = Outcome()
@@ -87,8 +88,10 @@ class ProfileApi:
         profile_id = "prf-" + uuid.uuid4().hex[:26].upper()
 
         def also(conn: sqlite3.Connection, cid: str) -> None:
-            conn.execute("INSERT INTO profiles (id, username, pw_hash, active, created_at) VALUES (?, ?, ?, 0, ?)",
-                         (profile_id, username, pw_hash, time.time()))
+            conn.execute(
+                "INSERT INTO profiles (id, username, pw_hash, active, created_at) VALUES (?, ?, ?, 0, ?)",
+                (profile_id, username, pw_hash, time.time()),
+            )
 
         try:
             cid = await self.engine.runner.submit("register-profile", None, {"profile_id": profile_id}, also)
@@ -99,8 +102,9 @@ class ProfileApi:
     async def _credentials(self, form) -> sqlite3.Row:
         username = form.required("username", max_len=254).strip()
         password = form.required("password", max_len=1024)
-        row = self.db.read(lambda c: c.execute("SELECT * FROM profiles WHERE username = ? AND active = 1",
-                                               (username,)).fetchone())
+        row = self.db.read(
+            lambda c: c.execute("SELECT * FROM profiles WHERE username = ? AND active = 1", (username,)).fetchone()
+        )
         ok = await self.engine.check_password_async(password, row["pw_hash"] if row else DUMMY_HASH)
         if row is None or not ok:
             raise unauthorized("invalid credentials")
@@ -122,8 +126,9 @@ class ProfileApi:
         form = await read_form(request)
         current = form.required("currentPassword", max_len=1024)
         new = _new_password(form, "newPassword")
-        row = self.db.read(lambda c: c.execute("SELECT pw_hash FROM profiles WHERE id = ?",
-                                               (who.profile_id,)).fetchone())
+        row = self.db.read(
+            lambda c: c.execute("SELECT pw_hash FROM profiles WHERE id = ?", (who.profile_id,)).fetchone()
+        )
         if not await self.engine.check_password_async(current, row["pw_hash"]):
             raise invalid("currentPassword", "does not match the current password")
         new_hash = await self.engine.hash_password_async(new)
@@ -135,16 +140,18 @@ class ProfileApi:
         form = await read_form(request)
         ttl = form.integer("ttl", minimum=1, maximum=self.opts.max_reauthorize_ttl)
         if self.opts.reauthorize_mode == "async":
-            cid = await self.engine.runner.submit("reauthorize-authorization-token", who.profile_id,
-                                                  {"token_hash": who.token_hash, "ttl": ttl})
+            cid = await self.engine.runner.submit(
+                "reauthorize-authorization-token", who.profile_id, {"token_hash": who.token_hash, "ttl": ttl}
+            )
             return command_accepted(self.opts, "reauthorize-authorization-token", cid)
         token, expires = await self.db.write(lambda c: self.engine.issue_token(c, who.profile_id, ttl, kind=who.kind))
         return JSONResponse({"authorizationToken": token, "expiresAt": iso(expires)})
 
     async def revoke(self, request: Request) -> Response:
         who = self.engine.principal(request, require_key=False)
-        await self.db.write(lambda c: c.execute("UPDATE auth_tokens SET revoked = 1 WHERE token_hash = ?",
-                                                (who.token_hash,)))
+        await self.db.write(
+            lambda c: c.execute("UPDATE auth_tokens SET revoked = 1 WHERE token_hash = ?", (who.token_hash,))
+        )
         self.engine.hub.token_changed(who.token_hash, None)
         return JSONResponse({"revoked": True})
 
@@ -169,8 +176,9 @@ class ProfileApi:
 
     async def retrieve_public_key(self, request: Request) -> Response:
         who = self.engine.principal(request, require_key=False)
-        row = self.db.read(lambda c: c.execute("SELECT public_key FROM profiles WHERE id = ?",
-                                               (who.profile_id,)).fetchone())
+        row = self.db.read(
+            lambda c: c.execute("SELECT public_key FROM profiles WHERE id = ?", (who.profile_id,)).fetchone()
+        )
         if row is None or row["public_key"] is None:
             raise not_found()
         return JSONResponse({"publicKey": row["public_key"]})

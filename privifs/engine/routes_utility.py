@@ -1,4 +1,5 @@
 """Utility group: server health and command status (both documented paths and shapes)."""
+
 from __future__ import annotations
 
 from starlette.requests import Request
@@ -41,6 +42,5 @@ def routes(engine: Engine) -> list[Route]:
         Route("/health", guarded(opts, health), methods=["GET"]),
         Route("/utility/check-server-health", guarded(opts, health_with_token), methods=["GET"]),
         Route("/request-status/{command_id}", guarded(opts, status_word), methods=["GET", "POST"]),
-        Route("/utility/request-command-id-status/{command_id}", guarded(opts, status_object),
-              methods=["GET", "POST"]),
+        Route("/utility/request-command-id-status/{command_id}", guarded(opts, status_object), methods=["GET", "POST"]),
     ]

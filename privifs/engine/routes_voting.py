@@ -12,6 +12,7 @@ vote rejects it, or the time limit passes, it ends with status 3 and ``voting.re
 The reference documents no endpoint for casting a vote (devices vote over the message bus), so
 the engine adds ``POST /voting/cast-vote`` and ``GET /voting/list-pools`` (see docs/engine.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,7 @@ from starlette.routing import Route
 from privifs.engine.commands import REJECTED, CommandRunner, Outcome, Rejected
 from privifs.engine.core import Engine
 from privifs.engine.db import Database
-from privifs.engine.http import (ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row,
-                                 read_form)
+from privifs.engine.http import ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row, read_form
 from privifs.engine.hub import Hub
 from privifs.engine.routes_device import _device_field, approved_device, device_command
 
@@ -37,8 +37,13 @@ TEMPLATES = {
     "tpl-data-governance": {
         "name": "Data governance",
         "description": "Hold data-token operations until the profile's verified authenticators approve them.",
-        "events": {"1": "data.reserve", "2": "data.exchange", "3": "data.request", "4": "data.update",
-                   "5": "data.delete"},
+        "events": {
+            "1": "data.reserve",
+            "2": "data.exchange",
+            "3": "data.request",
+            "4": "data.update",
+            "5": "data.delete",
+        },
     },
 }
 EVENT_KINDS = {
@@ -53,8 +58,11 @@ GATED_KINDS = frozenset(k for kinds in EVENT_KINDS.values() for k in kinds)  # w
 
 def tally(conn: sqlite3.Connection, pool_id: str) -> tuple[int, int]:
     """(approvals, rejections) cast in a pool."""
-    counts = dict(conn.execute("SELECT decision, COUNT(*) FROM ballots WHERE pool_id = ? GROUP BY decision",
-                               (pool_id,)).fetchall())
+    counts = dict(
+        conn.execute(
+            "SELECT decision, COUNT(*) FROM ballots WHERE pool_id = ? GROUP BY decision", (pool_id,)
+        ).fetchall()
+    )
     return counts.get("approve", 0), counts.get("reject", 0)
 
 
@@ -79,20 +87,37 @@ def gate(conn: sqlite3.Connection, kind: str, profile_id: str | None, cid: str) 
             vc = conn.execute("SELECT * FROM voting_configs WHERE id = ?", (policy["voting_config_id"],)).fetchone()
             if vc is None:
                 continue
-            able = [r[0] for r in conn.execute(
-                "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1 AND state = 'approved'"
-                " ORDER BY rowid", (profile_id,))]
+            able = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1 AND state = 'approved'"
+                    " ORDER BY rowid",
+                    (profile_id,),
+                )
+            ]
             listed = json.loads(vc["device_ids"])
             voters = [d for d in listed if d in able] if listed else able  # removed devices cannot vote
             if not voters:
                 continue  # a vote among nobody is decided at once: applied (docs/engine.md)
             pool_id = "pool-" + secrets.token_hex(10)
             deadline = time.time() + vc["time_limit"]
-            conn.execute("INSERT INTO pools (id, profile_id, command_id, policy_id, voting_config_id, voters,"
-                         " required, strategy, deadline, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                         (pool_id, profile_id, cid, policy["id"], vc["id"], json.dumps(voters),
-                          required_votes(vc["strategy"], len(voters)), vc["strategy"], deadline, "open",
-                          time.time()))
+            conn.execute(
+                "INSERT INTO pools (id, profile_id, command_id, policy_id, voting_config_id, voters,"
+                " required, strategy, deadline, status, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    pool_id,
+                    profile_id,
+                    cid,
+                    policy["id"],
+                    vc["id"],
+                    json.dumps(voters),
+                    required_votes(vc["strategy"], len(voters)),
+                    vc["strategy"],
+                    deadline,
+                    "open",
+                    time.time(),
+                ),
+            )
             return False
     return True
 
@@ -101,13 +126,24 @@ def ballot(db: Database, hub: Hub, profile_id: str | None, cid: str) -> None:
     """After the commit that held ``cid``: tell the profile's channels a vote is open."""
     pool = db.read(lambda c: c.execute("SELECT * FROM pools WHERE command_id = ?", (cid,)).fetchone())
     if pool is not None and pool["status"] == "open":
-        hub.publish(profile_id, {"data": {
-            "type": "VOTING-BALLOT", "id": pool["id"], "poolId": pool["id"], "commandId": cid,
-            "voters": json.loads(pool["voters"]), "deadline": iso(pool["deadline"])}})
+        hub.publish(
+            profile_id,
+            {
+                "data": {
+                    "type": "VOTING-BALLOT",
+                    "id": pool["id"],
+                    "poolId": pool["id"],
+                    "commandId": cid,
+                    "voters": json.loads(pool["voters"]),
+                    "deadline": iso(pool["deadline"]),
+                }
+            },
+        )
 
 
 async def resolve(db: Database, runner: CommandRunner, pool_id: str) -> str:
     """Decide an open pool from its ballots and deadline; act on the outcome."""
+
     def work(conn: sqlite3.Connection):
         pool = conn.execute("SELECT * FROM pools WHERE id = ?", (pool_id,)).fetchone()
         if pool is None or pool["status"] != "open":
@@ -130,8 +166,9 @@ async def resolve(db: Database, runner: CommandRunner, pool_id: str) -> str:
         if status == "approved":
             runner.release(cid)
         else:
-            await runner.finish(cid, REJECTED,
-                                "voting.rejected" if status == "rejected" else "voting.time_limit_exceeded")
+            await runner.finish(
+                cid, REJECTED, "voting.rejected" if status == "rejected" else "voting.time_limit_exceeded"
+            )
     return status
 
 
@@ -140,8 +177,9 @@ async def expire_pools(db: Database, runner: CommandRunner) -> None:
     while True:
         await trio.sleep(0.5)
         now = time.time()
-        due = db.read(lambda c: [r[0] for r in c.execute(
-            "SELECT id FROM pools WHERE status = 'open' AND deadline <= ?", (now,))])
+        due = db.read(
+            lambda c: [r[0] for r in c.execute("SELECT id FROM pools WHERE status = 'open' AND deadline <= ?", (now,))]
+        )
         for pool_id in due:
             await resolve(db, runner, pool_id)
 
@@ -155,10 +193,19 @@ def apply_authenticator(conn, params, profile_id, cid) -> Outcome:
 
 def apply_voting_configuration(conn, params, profile_id, cid) -> Outcome:
     try:
-        conn.execute("INSERT INTO voting_configs (id, profile_id, name, strategy, time_limit, device_ids,"
-                     " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     ("vc-" + secrets.token_hex(8), profile_id, params["name"], params["strategy"],
-                      params["time_limit"], json.dumps(params["devices"]), time.time()))
+        conn.execute(
+            "INSERT INTO voting_configs (id, profile_id, name, strategy, time_limit, device_ids,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                "vc-" + secrets.token_hex(8),
+                profile_id,
+                params["name"],
+                params["strategy"],
+                params["time_limit"],
+                json.dumps(params["devices"]),
+                time.time(),
+            ),
+        )
     except sqlite3.IntegrityError:
         raise Rejected("voting_configuration.name_taken") from None
     return Outcome()
@@ -166,11 +213,20 @@ def apply_voting_configuration(conn, params, profile_id, cid) -> Outcome:
 
 def apply_register_policy(conn, params, profile_id, cid) -> Outcome:
     try:
-        conn.execute("INSERT INTO policies (id, profile_id, name, template_id, event_ids, voting_config_id,"
-                     " configuration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     ("pol-" + secrets.token_hex(8), profile_id, params["name"], params["template"],
-                      json.dumps(params["events"]), params["vc"], json.dumps(params["configuration"]),
-                      time.time()))
+        conn.execute(
+            "INSERT INTO policies (id, profile_id, name, template_id, event_ids, voting_config_id,"
+            " configuration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                "pol-" + secrets.token_hex(8),
+                profile_id,
+                params["name"],
+                params["template"],
+                json.dumps(params["events"]),
+                params["vc"],
+                json.dumps(params["configuration"]),
+                time.time(),
+            ),
+        )
     except sqlite3.IntegrityError:
         raise Rejected("policy.name_taken") from None
     return Outcome()
@@ -178,8 +234,9 @@ def apply_register_policy(conn, params, profile_id, cid) -> Outcome:
 
 def apply_switch(active: int, conn, params, profile_id, cid) -> Outcome:
     """Activate (``active`` 1) or deactivate (0) a policy."""
-    conn.execute("UPDATE policies SET active = ? WHERE id = ? AND profile_id = ?",
-                 (active, params["policy"], profile_id))
+    conn.execute(
+        "UPDATE policies SET active = ? WHERE id = ? AND profile_id = ?", (active, params["policy"], profile_id)
+    )
     return Outcome()
 
 
@@ -216,12 +273,17 @@ class VotingApi:
             raise invalid("timeLimit", "must be between 1 and 604800 seconds")
         devices = data.get("deviceIdentifiers", [])
         if isinstance(devices, str):
-            devices = (json.loads(devices) if devices.startswith("[")
-                       else [d for d in devices.split(",") if d.strip()])
+            devices = json.loads(devices) if devices.startswith("[") else [d for d in devices.split(",") if d.strip()]
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise invalid("deviceIdentifiers", "must be a list of device identifiers")
-        known = self.db.read(lambda c: {r[0] for r in c.execute(
-            "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1", (who.profile_id,))})
+        known = self.db.read(
+            lambda c: {
+                r[0]
+                for r in c.execute(
+                    "SELECT id FROM devices WHERE profile_id = ? AND authenticator = 1", (who.profile_id,)
+                )
+            }
+        )
         if set(devices) - known:
             raise invalid("deviceIdentifiers", "every device must be a verified authenticator of this profile")
         params = {"name": name, "strategy": strategy, "time_limit": time_limit, "devices": devices}
@@ -231,10 +293,18 @@ class VotingApi:
     # -- pools ------------------------------------------------------------------------------------
     def pool_record(self, pool: sqlite3.Row | dict) -> dict:
         approvals, rejections = self.db.read(lambda c: tally(c, pool["id"]))
-        return {"poolId": pool["id"], "status": pool["status"], "commandId": pool["command_id"],
-                "strategy": pool["strategy"], "required": pool["required"], "voters": json.loads(pool["voters"]),
-                "approvals": approvals, "rejections": rejections,
-                "deadline": iso(pool["deadline"]), "createdAt": iso(pool["created_at"])}
+        return {
+            "poolId": pool["id"],
+            "status": pool["status"],
+            "commandId": pool["command_id"],
+            "strategy": pool["strategy"],
+            "required": pool["required"],
+            "voters": json.loads(pool["voters"]),
+            "approvals": approvals,
+            "rejections": rejections,
+            "deadline": iso(pool["deadline"]),
+            "createdAt": iso(pool["created_at"]),
+        }
 
     def owned_pool(self, profile_id: str, pool_id: str) -> sqlite3.Row:
         return owned_row(self.db, "pools", "id", pool_id, profile_id)
@@ -249,9 +319,12 @@ class VotingApi:
     async def list_pools(self, request: Request) -> Response:
         who = self.engine.principal(request, require_key=False)
         status = request.query_params.get("status")
-        rows = self.db.read(lambda c: c.execute(
-            "SELECT * FROM pools WHERE profile_id = ? AND (? IS NULL OR status = ?) ORDER BY created_at",
-            (who.profile_id, status, status)).fetchall())
+        rows = self.db.read(
+            lambda c: c.execute(
+                "SELECT * FROM pools WHERE profile_id = ? AND (? IS NULL OR status = ?) ORDER BY created_at",
+                (who.profile_id, status, status),
+            ).fetchall()
+        )
         return JSONResponse({"items": [self.pool_record(r) for r in rows], "meta": {"count": len(rows)}})
 
     async def cast_vote(self, request: Request) -> Response:
@@ -269,8 +342,10 @@ class VotingApi:
             raise ApiError(409, f"the pool is already {pool['status']}")
 
         def vote(conn) -> None:
-            conn.execute("INSERT OR REPLACE INTO ballots (pool_id, device_id, decision, at) VALUES (?, ?, ?, ?)",
-                         (pool_id, device_id, decision, time.time()))
+            conn.execute(
+                "INSERT OR REPLACE INTO ballots (pool_id, device_id, decision, at) VALUES (?, ?, ?, ?)",
+                (pool_id, device_id, decision, time.time()),
+            )
 
         await self.db.write(vote)
         status = await resolve(self.db, self.runner, pool_id)
@@ -305,8 +380,11 @@ class VotingApi:
         events = data.get("applyingEventIds")
         if isinstance(events, str):
             events = [e.strip() for e in events.split(",") if e.strip()]
-        if not isinstance(events, list) or not events or not all(str(e) in TEMPLATES[template_id]["events"]
-                                                                   for e in events):
+        if (
+            not isinstance(events, list)
+            or not events
+            or not all(str(e) in TEMPLATES[template_id]["events"] for e in events)
+        ):
             raise invalid("applyingEventIds", "must list event ids of the template")
         configuration = data.get("configuration")
         if isinstance(configuration, str):
@@ -319,26 +397,47 @@ class VotingApi:
         vc_ref = data.get("votingConfigurationId")
         if not isinstance(vc_ref, str) or not vc_ref:
             raise invalid("votingConfigurationId", "this field is required")
-        vc = self.db.read(lambda c: c.execute(  # the probe passes the name
-            "SELECT id FROM voting_configs WHERE profile_id = ? AND (id = ? OR name = ?)",
-            (who.profile_id, vc_ref, vc_ref)).fetchone())
+        vc = self.db.read(
+            lambda c: c.execute(  # the probe passes the name
+                "SELECT id FROM voting_configs WHERE profile_id = ? AND (id = ? OR name = ?)",
+                (who.profile_id, vc_ref, vc_ref),
+            ).fetchone()
+        )
         if vc is None:
             raise invalid("votingConfigurationId", "no such voting configuration")
-        cid = await self.runner.submit("register-policy", who.profile_id, {
-            "name": name, "template": template_id, "events": [str(e) for e in events], "vc": vc["id"],
-            "configuration": configuration})
+        cid = await self.runner.submit(
+            "register-policy",
+            who.profile_id,
+            {
+                "name": name,
+                "template": template_id,
+                "events": [str(e) for e in events],
+                "vc": vc["id"],
+                "configuration": configuration,
+            },
+        )
         return command_accepted(self.opts, "register-policy", cid)
 
     def policy_record(self, r: sqlite3.Row) -> dict:
-        return {"id": r["id"], "name": r["name"], "policyTemplateId": r["template_id"],
-                "applyingEventIds": json.loads(r["event_ids"]), "votingConfigurationId": r["voting_config_id"],
-                "configuration": json.loads(r["configuration"]), "active": bool(r["active"]),
-                "createdAt": iso(r["created_at"])}
+        return {
+            "id": r["id"],
+            "name": r["name"],
+            "policyTemplateId": r["template_id"],
+            "applyingEventIds": json.loads(r["event_ids"]),
+            "votingConfigurationId": r["voting_config_id"],
+            "configuration": json.loads(r["configuration"]),
+            "active": bool(r["active"]),
+            "createdAt": iso(r["created_at"]),
+        }
 
     async def retrieve_policy(self, request: Request) -> Response:
         who = self.engine.principal(request)
-        row = self.db.read(lambda c: c.execute("SELECT * FROM policies WHERE profile_id = ? AND name = ?",
-                                               (who.profile_id, request.path_params["name"])).fetchone())
+        row = self.db.read(
+            lambda c: c.execute(
+                "SELECT * FROM policies WHERE profile_id = ? AND name = ?",
+                (who.profile_id, request.path_params["name"]),
+            ).fetchone()
+        )
         if row is None:
             raise not_found()
         return JSONResponse(self.policy_record(row))
@@ -350,24 +449,36 @@ class VotingApi:
             ref = form.get("policyId") or form.get("name")
             if not ref:
                 raise invalid("policyId", "this field is required")
-            row = self.db.read(lambda c: c.execute(
-                "SELECT id FROM policies WHERE profile_id = ? AND (id = ? OR name = ?)",
-                (who.profile_id, ref, ref)).fetchone())
+            row = self.db.read(
+                lambda c: c.execute(
+                    "SELECT id FROM policies WHERE profile_id = ? AND (id = ? OR name = ?)", (who.profile_id, ref, ref)
+                ).fetchone()
+            )
             if row is None:
                 raise not_found()
             cid = await self.runner.submit(kind, who.profile_id, {"policy": row["id"]})
             return command_accepted(self.opts, kind, cid)
+
         return handler
 
     def routes(self) -> list[Route]:
         g = lambda h: guarded(self.opts, h)  # noqa: E731
         return [
-            Route("/verified-authenticator/register", g(device_command(self.engine, "register-authenticator")),
-                  methods=["POST"]),
-            Route("/verified-authenticator/voting-configuration/register", g(self.register_voting_configuration),
-                  methods=["POST"]),
-            Route("/verified-authenticator/voting-configuration/create", g(self.register_voting_configuration),
-                  methods=["POST"]),
+            Route(
+                "/verified-authenticator/register",
+                g(device_command(self.engine, "register-authenticator")),
+                methods=["POST"],
+            ),
+            Route(
+                "/verified-authenticator/voting-configuration/register",
+                g(self.register_voting_configuration),
+                methods=["POST"],
+            ),
+            Route(
+                "/verified-authenticator/voting-configuration/create",
+                g(self.register_voting_configuration),
+                methods=["POST"],
+            ),
             Route("/voting/check-pool-status/{pool_id}", g(self.check_pool), methods=["GET"]),
             Route("/voting/cancel-pool", g(self.cancel_pool), methods=["POST"]),
             Route("/voting/cast-vote", g(self.cast_vote), methods=["POST"]),

@@ -11,6 +11,7 @@ The API server also carries the engine's admin endpoints under ``/_engine/`` (no
 Privicore): they read and change :class:`~privifs.engine.options.EngineOptions` at run time and
 require the ``X-Engine-Admin`` header holding the secret in ``<data-dir>/admin-token``.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from privifs.engine import (routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility,
-                            routes_voting)
+from privifs.engine import routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility, routes_voting
 from privifs.engine.coalesce import CoalescingSend, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
@@ -52,9 +52,17 @@ hypercorn.trio.tcp_server.MAX_RECV = 1024 * 1024
 
 # what a misbehaving or departing client can make hypercorn's protocol glue (or a handler reading
 # the body) raise: an ordinary event, logged in one line, not a bug with a traceback
-PROTOCOL_ERRORS = (h11.LocalProtocolError, h11.RemoteProtocolError, wsproto.utilities.LocalProtocolError,
-                   wsproto.utilities.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
-                   trio.BusyResourceError, ConnectionError, ClientDisconnect)
+PROTOCOL_ERRORS = (
+    h11.LocalProtocolError,
+    h11.RemoteProtocolError,
+    wsproto.utilities.LocalProtocolError,
+    wsproto.utilities.RemoteProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.BusyResourceError,
+    ConnectionError,
+    ClientDisconnect,
+)
 RESTART_DELAY, RESTART_DELAY_MAX = 0.5, 10.0
 
 
@@ -75,7 +83,7 @@ class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, hypercorn.trio.tcp_ser
     async def run(self) -> None:
         try:
             await super().run()
-        except Exception as exc:  # noqa: BLE001 - the connection is gone; the server is not
+        except Exception as exc:
             causes = leaves(exc)
             what = "; ".join(f"{type(e).__name__}: {e}" for e in causes)
             if all(isinstance(e, PROTOCOL_ERRORS) for e in causes):
@@ -100,8 +108,10 @@ class ClientFaultsInOneLine(logging.Filter):
         if exc is not None:
             causes = leaves(exc)
             if all(isinstance(e, PROTOCOL_ERRORS) for e in causes):
-                record.msg, record.args = "a request ended on its client's side: %s", (
-                    "; ".join(f"{type(e).__name__}: {e}" for e in causes),)
+                record.msg, record.args = (
+                    "a request ended on its client's side: %s",
+                    ("; ".join(f"{type(e).__name__}: {e}" for e in causes),),
+                )
                 record.levelno, record.levelname = logging.INFO, "INFO"
                 record.exc_info, record.exc_text = None, None
         return True
@@ -147,9 +157,15 @@ def admin_routes(engine: Engine) -> list[Route]:
 
 def api_app(engine: Engine) -> Starlette:
     """The API's routes (building them turns nothing on: see privifs.engine.features)."""
-    routes = (routes_utility.routes(engine) + routes_profile.routes(engine) + routes_datatoken.routes(engine)
-              + routes_oauth.routes(engine) + routes_device.routes(engine) + routes_voting.routes(engine)
-              + admin_routes(engine))
+    routes = (
+        routes_utility.routes(engine)
+        + routes_profile.routes(engine)
+        + routes_datatoken.routes(engine)
+        + routes_oauth.routes(engine)
+        + routes_device.routes(engine)
+        + routes_voting.routes(engine)
+        + admin_routes(engine)
+    )
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         message = {404: "Record Not Found", 405: "Method Not Allowed"}.get(exc.status_code, exc.detail)
@@ -178,13 +194,24 @@ def write_urls_file(path: Path, urls: dict[str, str]) -> None:
     os.replace(tmp, path)
 
 
-async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: EngineOptions,
-                     urls_file: Path | None = None, *, announce=print,
-                     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+async def run_engine(
+    data_dir: Path,
+    host: str,
+    ports: dict[str, int],
+    opts: EngineOptions,
+    urls_file: Path | None = None,
+    *,
+    announce=print,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+) -> None:
     engine = build_engine(data_dir, opts)
     stop = trio.Event()
-    apps = {"api": api_app(engine), "ws": websocket_app(engine),
-            "upstream": upstream_app(engine), "downstream": downstream_app(engine)}
+    apps = {
+        "api": api_app(engine),
+        "ws": websocket_app(engine),
+        "upstream": upstream_app(engine),
+        "downstream": downstream_app(engine),
+    }
     try:
         async with trio.open_nursery() as nursery:
             engine.nursery = nursery
@@ -211,8 +238,9 @@ async def run_engine(data_dir: Path, host: str, ports: dict[str, int], opts: Eng
         engine.db.close()
 
 
-async def _supervised(name: str, app, host: str, port: int, stop: trio.Event,
-                      task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+async def _supervised(
+    name: str, app, host: str, port: int, stop: trio.Event, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve ``app`` until ``stop``; if the server fails, log why and serve again on the same port.
 
     Failing to start the first time (the port is taken) is raised: the engine cannot start."""
@@ -222,20 +250,29 @@ async def _supervised(name: str, app, host: str, port: int, stop: trio.Event,
         began = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(lambda task_status: serve(
-                    app, _config(name, host, port), shutdown_trigger=stop.wait, task_status=task_status))
+                binds = await nursery.start(
+                    lambda task_status: serve(
+                        app, _config(name, host, port), shutdown_trigger=stop.wait, task_status=task_status
+                    )
+                )
                 port = int(binds[0].rsplit(":", 1)[1])  # port 0 was given: restarts reuse the one bound
                 if not started:
                     started = True
                     task_status.started(binds[0])
             return  # stop was set: a clean shutdown
-        except Exception as exc:  # noqa: BLE001 - logged and restarted below
+        except Exception as exc:
             if not started or stop.is_set():
                 raise
             if trio.current_time() - began > 60:
                 delay = RESTART_DELAY
-            log.error("the %s server failed (%s); serving again on port %d in %.1fs", name,
-                      "; ".join(f"{type(e).__name__}: {e}" for e in leaves(exc)), port, delay, exc_info=exc)
+            log.error(
+                "the %s server failed (%s); serving again on port %d in %.1fs",
+                name,
+                "; ".join(f"{type(e).__name__}: {e}" for e in leaves(exc)),
+                port,
+                delay,
+                exc_info=exc,
+            )
         await trio.sleep(delay)
         delay = min(delay * 2, RESTART_DELAY_MAX)
 

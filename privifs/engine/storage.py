@@ -6,6 +6,7 @@ tokens when a device is registered), deleted with the token, and all of a device
 when it is removed from storage. Start-up reconciles every device directory with the tokens.
 Built from the database and the blob store it reads; knows nothing of routes or the engine.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,14 @@ class StorageDevices:
         return self.root / device_id
 
     def _devices(self, profile_id: str) -> list[str]:
-        return self.db.read(lambda c: [r[0] for r in c.execute(
-            "SELECT id FROM devices WHERE profile_id = ? AND storage = 1 AND state = 'approved'", (profile_id,))])
+        return self.db.read(
+            lambda c: [
+                r[0]
+                for r in c.execute(
+                    "SELECT id FROM devices WHERE profile_id = ? AND storage = 1 AND state = 'approved'", (profile_id,)
+                )
+            ]
+        )
 
     def _copy(self, blob_id: str, device_id: str, token: str) -> None:
         src = self.blobs.path(blob_id)
@@ -58,8 +65,9 @@ class StorageDevices:
             (self.device_dir(device_id) / token).unlink(missing_ok=True)
 
     def _tokens(self, profile_id: str) -> list[sqlite3.Row]:
-        return self.db.read(lambda c: c.execute(
-            "SELECT token, blob_id FROM data_tokens WHERE profile_id = ?", (profile_id,)).fetchall())
+        return self.db.read(
+            lambda c: c.execute("SELECT token, blob_id FROM data_tokens WHERE profile_id = ?", (profile_id,)).fetchall()
+        )
 
     async def backfill(self, profile_id: str, device_id: str, rows: list[sqlite3.Row] | None = None) -> None:
         """Copy to the device every token of the profile it lacks (``rows``: the profile's tokens,
@@ -73,8 +81,11 @@ class StorageDevices:
 
     async def reconcile(self) -> None:
         """Every storage device holds exactly its profile's tokens (after a crash or a restart)."""
-        devices = self.db.read(lambda c: c.execute(
-            "SELECT id, profile_id FROM devices WHERE storage = 1 AND state = 'approved'").fetchall())
+        devices = self.db.read(
+            lambda c: c.execute(
+                "SELECT id, profile_id FROM devices WHERE storage = 1 AND state = 'approved'"
+            ).fetchall()
+        )
         keep = {r["id"] for r in devices}
         for d in self.root.iterdir():
             if d.name not in keep:

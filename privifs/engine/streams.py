@@ -5,6 +5,7 @@ Stream authorizations are single-use: an upstream ``auth`` is consumed when its 
 (a failed upload restarts from reserve), a downstream ``auth`` when its download starts (a failed
 download re-issues request-data). A half-received upload never becomes visible.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,13 @@ async def _refuse(receive, send, status: int, message: str) -> None:
 
 async def _answer(send, status: int, body: dict) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -107,15 +113,17 @@ def upstream_app(engine: Engine):
             return await _refuse(receive, send, 403, "stream authorization already used")
 
         def claim(conn) -> int:
-            return conn.execute("UPDATE reservations SET stream_used = 1 WHERE stream_auth = ? AND stream_used = 0",
-                                (auth,)).rowcount
+            return conn.execute(
+                "UPDATE reservations SET stream_used = 1 WHERE stream_auth = ? AND stream_used = 0", (auth,)
+            ).rowcount
 
         if await db.write(claim) == 0:
             return await _refuse(receive, send, 403, "stream authorization already used")
         request = Request(scope, receive)
         try:
             blob_id, size, blob_dir = await engine.blobs.receive(
-                _throttled(request.stream(), engine.opts.stream_bytes_per_second))
+                _throttled(request.stream(), engine.opts.stream_bytes_per_second)
+            )
         except ClientDisconnect:
             log.info("upload for %s broke off; nothing stored", row["temp_token"])
             return
@@ -125,9 +133,11 @@ def upstream_app(engine: Engine):
             return await _answer(send, 400, {"status": 400, "message": "body shorter than Content-Length"})
 
         def attach(conn) -> int:
-            return conn.execute("UPDATE reservations SET blob_id = ?, blob_size = ? WHERE command_id = ?"
-                                " AND blob_id IS NULL AND expires_at > ?",
-                                (blob_id, size, row["command_id"], time.time())).rowcount
+            return conn.execute(
+                "UPDATE reservations SET blob_id = ?, blob_size = ? WHERE command_id = ?"
+                " AND blob_id IS NULL AND expires_at > ?",
+                (blob_id, size, row["command_id"], time.time()),
+            ).rowcount
 
         if await db.write(attach, fsync_dirs=(blob_dir,)) == 0:
             engine.blobs.delete(blob_id)
@@ -152,9 +162,12 @@ def downstream_app(engine: Engine):
             return await _refuse(receive, send, 401, "missing downstream authorization")
 
         def claim(conn):
-            row = conn.execute("SELECT d.token, d.expires_at, d.used, t.blob_id, t.blob_size FROM downstream d"
-                               " LEFT JOIN data_tokens t ON t.token = d.token AND t.profile_id = d.profile_id"
-                               " WHERE d.auth = ?", (auth,)).fetchone()
+            row = conn.execute(
+                "SELECT d.token, d.expires_at, d.used, t.blob_id, t.blob_size FROM downstream d"
+                " LEFT JOIN data_tokens t ON t.token = d.token AND t.profile_id = d.profile_id"
+                " WHERE d.auth = ?",
+                (auth,),
+            ).fetchone()
             if row is None or row["used"] or row["expires_at"] <= time.time() or row["blob_id"] is None:
                 return None
             conn.execute("UPDATE downstream SET used = 1 WHERE auth = ?", (auth,))
@@ -169,8 +182,14 @@ def downstream_app(engine: Engine):
             return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
         with f:
             size = os.fstat(f.fileno()).st_size
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/plain"), (b"content-length", str(size).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(size).encode())],
+                }
+            )
+
             async def chunks():
                 while True:
                     chunk = await trio.to_thread.run_sync(f.read, READ_CHUNK)

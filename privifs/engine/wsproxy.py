@@ -5,6 +5,7 @@ optional ``correlationId`` at the top level or in ``data``) answers
 ``{"correlationId", "status": 200, "data": {"channelId", "message"}}``; a bad token answers
 ``status`` 401. ``leaveChannel`` detaches. Anything else is ignored. Any path is accepted.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,24 +51,38 @@ def websocket_app(engine: Engine):
             try:
                 who, expires = engine.principal_from_token(token if isinstance(token, str) else None)
             except ApiError as exc:
-                await ch.send.send(json.dumps({"correlationId": correlation, "status": exc.status,
-                                               "data": {"message": exc.message}}))
+                await ch.send.send(
+                    json.dumps({"correlationId": correlation, "status": exc.status, "data": {"message": exc.message}})
+                )
                 return
             hub.join(ch, who.profile_id, who.token_hash, expires)
-            await ch.send.send(json.dumps({"correlationId": correlation, "status": 200, "data": {
-                "channelId": ch.channel_id, "message": "Successfully joined profile channel."}}))
+            await ch.send.send(
+                json.dumps(
+                    {
+                        "correlationId": correlation,
+                        "status": 200,
+                        "data": {"channelId": ch.channel_id, "message": "Successfully joined profile channel."},
+                    }
+                )
+            )
         elif action == "leaveChannel":
             hub.leave(ch)
-            await ch.send.send(json.dumps({"correlationId": correlation, "status": 200,
-                                           "data": {"message": "Left profile channel."}}))
+            await ch.send.send(
+                json.dumps({"correlationId": correlation, "status": 200, "data": {"message": "Left profile channel."}})
+            )
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
             return await _lifespan(receive, send)
         if scope["type"] == "http":
             body = b'{"status":426,"message":"this is the WebSocket proxy; connect with WebSocket"}'
-            await send({"type": "http.response.start", "status": 426,
-                        "headers": [(b"content-type", b"application/json"), (b"upgrade", b"websocket")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 426,
+                    "headers": [(b"content-type", b"application/json"), (b"upgrade", b"websocket")],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         ws = WebSocket(scope, receive, send)

@@ -25,6 +25,7 @@ A download is shared: concurrent readers of the same uncached token wait for one
 plaintext goes into a sealed file under ``incoming/`` and enters the cache (by rename, see
 :class:`AdoptingDisk`) only after the whole blob's GCM tag verified.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,7 +85,7 @@ class SealedSink(BlockWriter):
         view = memoryview(data)
         index = offset // CHUNK
         for off in range(0, len(view), CHUNK):
-            self.sealed.write_chunk(index, view[off:off + CHUNK])
+            self.sealed.write_chunk(index, view[off : off + CHUNK])
             index += 1
 
     def _restart(self) -> None:
@@ -111,8 +112,9 @@ class ContentCache:
         self._touched: dict[str, float] = {}  # access times not yet written back
         self.used = 0
         try:
-            self.cache = diskcache.Cache(str(directory / "entries"), eviction_policy="none", disk=AdoptingDisk,
-                                         statistics=False)
+            self.cache = diskcache.Cache(
+                str(directory / "entries"), eviction_policy="none", disk=AdoptingDisk, statistics=False
+            )
             self._load()
         except TABLE_ERRORS as exc:
             raise open_error(directory, "the read cache", exc) from None
@@ -122,8 +124,9 @@ class ContentCache:
 
     def _load(self) -> None:
         """The LRU order from diskcache's table (its documented columns; a read)."""
-        rows = self.cache._sql("SELECT key, size, filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL "
-                               "ORDER BY access_time").fetchall()
+        rows = self.cache._sql(
+            "SELECT key, size, filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL ORDER BY access_time"
+        ).fetchall()
         for token, size, filename in rows:
             if os.path.exists(os.path.join(self.cache.directory, filename)):
                 self._lru[token] = size
@@ -218,12 +221,14 @@ class ContentCache:
         """Evict until ``need`` bytes fit within the size limit and the floor stays free (the
         reserve is restored once the entry is in, see :meth:`_trim`), or raise DiskFullError."""
         keepable = need <= self.size_limit  # a download larger than the whole cache is never kept
-        while self._lru and (keepable and self.used + self.reserved + need > self.size_limit
-                             or self.space.above_floor() < need):
+        while self._lru and (
+            keepable and self.used + self.reserved + need > self.size_limit or self.space.above_floor() < need
+        ):
             self.evict(next(iter(self._lru)))
         if self.space.above_floor() < need:
-            raise DiskFullError(f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; "
-                                "free space on that disk")
+            raise DiskFullError(
+                f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; free space on that disk"
+            )
 
     def _trim(self) -> None:
         """Evict least recently used entries while over the size limit or inside the staging

@@ -16,6 +16,7 @@ does the same steps — log in, key check, listing merge — attaches the link a
 write-back, which drains what was staged meanwhile. A connection lost later is retried the same
 way; the mount itself never ends because of it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,8 +85,9 @@ class VaultLink:
     async def store(self, body, wire_size: int, meta: FileMeta) -> str:
         return await self._get().store(body, wire_size, meta)
 
-    async def fetch(self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]],
-                    wire_size: int | None = None) -> None:
+    async def fetch(
+        self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]], wire_size: int | None = None
+    ) -> None:
         await self._get().fetch(token, consume, wire_size=wire_size)
 
     async def list(self, **kwargs) -> AsyncIterator[TokenInfo]:
@@ -125,8 +127,16 @@ def remember_vault_checked(state_dir: Path, key: bytes) -> None:
 class Connector:
     """Connects, keeps the link attached, and reconnects with backoff (see the module docstring)."""
 
-    def __init__(self, account: "Account", link: VaultLink, refresher: "Refresher", syncer: "Syncer",
-                 state_dir: Path, check_key: Callable[..., Awaitable[None]], supervisor: Supervisor | None = None):
+    def __init__(
+        self,
+        account: Account,
+        link: VaultLink,
+        refresher: Refresher,
+        syncer: Syncer,
+        state_dir: Path,
+        check_key: Callable[..., Awaitable[None]],
+        supervisor: Supervisor | None = None,
+    ):
         self.account = account
         self.supervisor = supervisor or Supervisor()
         self.link = link
@@ -142,8 +152,12 @@ class Connector:
 
     # -- what the daemon asks --------------------------------------------------------------------
     def status(self) -> dict:
-        return {"online": self.link.online, "offline_since": self.offline_since,
-                "offline_reason": None if self.link.online else self.link.reason, "connect_error": self.error}
+        return {
+            "online": self.link.online,
+            "offline_since": self.offline_since,
+            "offline_reason": None if self.link.online else self.link.reason,
+            "connect_error": self.error,
+        }
 
     async def try_now(self, timeout: float) -> bool:
         """Offline: try to connect at once and wait (at most ``timeout``) for that attempt. True if online."""
@@ -164,8 +178,9 @@ class Connector:
         while True:
             self.attempts += 1
             try:
-                async with connect(self.account.endpoints, self.account.credentials, self.link.options,
-                                   supervisor=self.supervisor) as client:
+                async with connect(
+                    self.account.endpoints, self.account.credentials, self.link.options, supervisor=self.supervisor
+                ) as client:
                     await self._bring_online(client)
                     was_offline = self.offline_since is not None
                     self.offline_since = None
@@ -177,8 +192,9 @@ class Connector:
                         first = False
                         task_status.started(True)
                     elif was_offline:
-                        log.warning("the vault answers again: key checked, listing merged; uploading what was "
-                                    "staged meanwhile")
+                        log.warning(
+                            "the vault answers again: key checked, listing merged; uploading what was staged meanwhile"
+                        )
                     try:
                         await trio.sleep_forever()
                     finally:
@@ -189,24 +205,31 @@ class Connector:
                     if exc.transient:
                         raise ServerUnreachable(
                             f"{exc}; privifs can start without the server only after one successful mount of "
-                            f"this vault with this key on this machine") from None
+                            f"this vault with this key on this machine"
+                        ) from None
                     raise
                 self._went_offline(str(exc))
                 self.error = str(exc)
                 if first:
                     first = False
-                    log.warning("starting OFFLINE: %s. Serving the local index and cache: cached files are "
-                                "readable, others fail with EIO; writes are staged and uploaded once the server "
-                                "answers (retrying in the background)", exc)
+                    log.warning(
+                        "starting OFFLINE: %s. Serving the local index and cache: cached files are "
+                        "readable, others fail with EIO; writes are staged and uploaded once the server "
+                        "answers (retrying in the background)",
+                        exc,
+                    )
                     task_status.started(False)
                 elif self.attempts == 0:
                     log.warning("lost the vault (%s); working offline, next attempt in %.0fs", exc, delay)
                 elif isinstance(exc, WrongKeyError):
-                    log.error("the vault answers but refuses this key: %s; nothing is uploaded until the "
-                              "mount is restarted with the right key", exc)
+                    log.error(
+                        "the vault answers but refuses this key: %s; nothing is uploaded until the "
+                        "mount is restarted with the right key",
+                        exc,
+                    )
                 else:
                     log.warning("the vault cannot be used yet (%s); next attempt in %.0fs", exc, delay)
-            except Exception as exc:  # noqa: BLE001 - the mount must outlive any failure to connect
+            except Exception as exc:
                 if first:
                     raise
                 self._went_offline(f"connecting failed unexpectedly: {exc!r}")

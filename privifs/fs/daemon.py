@@ -15,6 +15,7 @@ The control socket (``control.sock`` in the state directory, mode 0600) takes on
 (``status``, ``flush``, ``refresh``, ``unmount``) and answers JSON lines; ``privifs status`` and
 ``privifs umount`` use it. ``<runtime>/mounts/<id>.json`` maps a mountpoint to its daemon.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -139,7 +140,9 @@ class Daemon:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            other = (self.state_dir / "mountpoint").read_text().strip() if (self.state_dir / "mountpoint").exists() else "?"
+            other = (
+                (self.state_dir / "mountpoint").read_text().strip() if (self.state_dir / "mountpoint").exists() else "?"
+            )
             raise ConfigError(f"this vault is already mounted (at {other}); unmount it first") from None
         (self.state_dir / "mountpoint").write_text(str(self.mountpoint) + "\n")
         return lock
@@ -158,8 +161,9 @@ class Daemon:
         finally:
             lock.close()
 
-    async def _connect(self, account, links: trio.Nursery, link: VaultLink, refresher: Refresher,
-                       syncer: Syncer) -> bool:
+    async def _connect(
+        self, account, links: trio.Nursery, link: VaultLink, refresher: Refresher, syncer: Syncer
+    ) -> bool:
         """Start the connector (see :mod:`privifs.fs.connector`) and wait for its first attempt: True
         online, False started offline; raises why the mount cannot start."""
         self.connector = Connector(account, link, refresher, syncer, self.state_dir, check_key, self.supervisor)
@@ -176,12 +180,27 @@ class Daemon:
             ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
             staging = Staging(self.state_dir / "staging", local)
             cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
-            syncer = Syncer(ns, staging, cache, link, vault, workers=self.mcfg.upload_workers,
-                            write_back_delay=self.mcfg.write_back_delay, supervisor=self.supervisor)
+            syncer = Syncer(
+                ns,
+                staging,
+                cache,
+                link,
+                vault,
+                workers=self.mcfg.upload_workers,
+                write_back_delay=self.mcfg.write_back_delay,
+                supervisor=self.supervisor,
+            )
             fs = Filesystem(ns, staging, cache, vault, opts, syncer)
             fs.open_staged_files()
-            refresher = Refresher(ns, link, syncer, self.mcfg.refresh_interval, invalidate=False, events=link,
-                                  collect_parts=not opts.read_only)
+            refresher = Refresher(
+                ns,
+                link,
+                syncer,
+                self.mcfg.refresh_interval,
+                invalidate=False,
+                events=link,
+                collect_parts=not opts.read_only,
+            )
             self.ns, self.staging, self.cache = ns, staging, cache
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             online = await self._connect(account, links, link, refresher, syncer)
@@ -202,9 +221,17 @@ class Daemon:
                     self._register(control)
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._tune_readahead)
-                    ready(f"mounted {self.cfg.server_label()} at {self.mountpoint}" + ("" if online else (
-                        f" OFFLINE: the server cannot be reached ({self.connector.error}); cached files are "
-                        "readable and writes are staged until it answers")))
+                    ready(
+                        f"mounted {self.cfg.server_label()} at {self.mountpoint}"
+                        + (
+                            ""
+                            if online
+                            else (
+                                f" OFFLINE: the server cannot be reached ({self.connector.error}); cached files are "
+                                "readable and writes are staged until it answers"
+                            )
+                        )
+                    )
                     log.info("mounted at %s", self.mountpoint)
                     try:
                         await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -252,8 +279,17 @@ class Daemon:
         reg = registry_path(self.mountpoint)
         paths.private_dir(reg.parent)
         tmp = reg.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"mountpoint": str(self.mountpoint), "pid": os.getpid(), "control": str(control),
-                                   "state_dir": str(self.state_dir), "server": self.cfg.server_label()}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "mountpoint": str(self.mountpoint),
+                    "pid": os.getpid(),
+                    "control": str(control),
+                    "state_dir": str(self.state_dir),
+                    "server": self.cfg.server_label(),
+                }
+            )
+        )
         os.replace(tmp, reg)
 
     # -- status and flushing -----------------------------------------------------------------------
@@ -261,17 +297,31 @@ class Daemon:
         syncer, refresher, cache = self.syncer, self.refresher, self.cache
         pending = syncer.pending()
         return {
-            "mountpoint": str(self.mountpoint), "server": self.cfg.server_label(), "pid": os.getpid(),
-            "pending": pending, "pending_bytes": sum(p["size"] for p in pending),
-            "pending_deletes": syncer.tombstone_count(), "uploads_done": syncer.uploads,
-            "fsync": {"mode": self.fs.opts.fsync_mode, "not_in_vault": len(pending),
-                      "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in self.ns.pending()})},
-            "cache": {"dir": str(self.cache_dir), "size": cache.volume(), "limit": cache.size_limit,
-                      "downloads": cache.downloads},
+            "mountpoint": str(self.mountpoint),
+            "server": self.cfg.server_label(),
+            "pid": os.getpid(),
+            "pending": pending,
+            "pending_bytes": sum(p["size"] for p in pending),
+            "pending_deletes": syncer.tombstone_count(),
+            "uploads_done": syncer.uploads,
+            "fsync": {
+                "mode": self.fs.opts.fsync_mode,
+                "not_in_vault": len(pending),
+                "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in self.ns.pending()}),
+            },
+            "cache": {
+                "dir": str(self.cache_dir),
+                "size": cache.volume(),
+                "limit": cache.size_limit,
+                "downloads": cache.downloads,
+            },
             "staging": {"dir": str(self.staging.dir), "size": self.staging.usage()},
-            "last_refresh": refresher.last_refresh, "refresh_interval": refresher.interval,
-            "refresh_error": refresher.last_error, "last_error": syncer.last_error,
-            "last_error_at": syncer.last_error_at, "files": len(self.ns.nodes),
+            "last_refresh": refresher.last_refresh,
+            "refresh_interval": refresher.interval,
+            "refresh_error": refresher.last_error,
+            "last_error": syncer.last_error,
+            "last_error_at": syncer.last_error_at,
+            "files": len(self.ns.nodes),
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),
         }
@@ -282,9 +332,11 @@ class Daemon:
         if not await self.connector.try_now(UNREACHABLE_GRACE):
             pending = len(self.ns.pending())
             if pending or syncer.tombstone_count():
-                return {"error": f"the server is unreachable (offline: {self.connector.link.reason}); "
-                                 f"{pending} changes stay staged in {self.state_dir} and are uploaded when "
-                                 f"it answers (or at the next mount)"}
+                return {
+                    "error": f"the server is unreachable (offline: {self.connector.link.reason}); "
+                    f"{pending} changes stay staged in {self.state_dir} and are uploaded when "
+                    f"it answers (or at the next mount)"
+                }
             return {"done": True}
         syncer.retry_all_now()
         deadline = None if timeout is None else trio.current_time() + timeout
@@ -294,19 +346,30 @@ class Daemon:
             deletes = syncer.tombstone_count()
             if not pending and not deletes:
                 return {"done": True}
-            size = sum(n.size - (syncer.sent.get(n.ino, 0) if n.uploading else 0)
-                       for n in pending if n.content_dirty)  # bytes still to upload
+            size = sum(
+                n.size - (syncer.sent.get(n.ino, 0) if n.uploading else 0) for n in pending if n.content_dirty
+            )  # bytes still to upload
             if progress is not None:
-                await progress({"pending": len(pending), "bytes": size, "deletes": deletes,
-                                "uploading": [self.ns.describe(n) for n in pending if n.uploading][:5]})
+                await progress(
+                    {
+                        "pending": len(pending),
+                        "bytes": size,
+                        "deletes": deletes,
+                        "uploading": [self.ns.describe(n) for n in pending if n.uploading][:5],
+                    }
+                )
             since = syncer.unreachable_since
             if since is not None and time.time() - since > UNREACHABLE_GRACE:
-                return {"error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
-                                 f"({size} bytes) stay staged in {self.state_dir} "
-                                 f"and are uploaded at the next mount"}
+                return {
+                    "error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
+                    f"({size} bytes) stay staged in {self.state_dir} "
+                    f"and are uploaded at the next mount"
+                }
             if deadline is not None and trio.current_time() > deadline:
-                return {"error": f"{len(pending)} changes still pending after {timeout:.0f}s "
-                                 f"(last error: {syncer.last_error}); they stay staged in {self.state_dir}"}
+                return {
+                    "error": f"{len(pending)} changes still pending after {timeout:.0f}s "
+                    f"(last error: {syncer.last_error}); they stay staged in {self.state_dir}"
+                }
             await trio.sleep(0.25)
 
     # -- control socket ----------------------------------------------------------------------------

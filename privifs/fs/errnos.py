@@ -6,6 +6,7 @@ Modules below the FUSE layer (write-back, cache, staging, refresh, the client) r
 :func:`errno_for`. The first row whose type the error is an instance of decides; anything else is
 EIO (the vault failed, or something unexpected).
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,8 +23,8 @@ from privifs.errors import (
 )
 
 ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
-    (DiskFullError, errno.ENOSPC),      # the local disk is full: the program can free space
-    (NodeGone, errno.ENOENT),           # the entry left the tree meanwhile
+    (DiskFullError, errno.ENOSPC),  # the local disk is full: the program can free space
+    (NodeGone, errno.ENOENT),  # the entry left the tree meanwhile
     (NotFoundError, errno.ENOENT),
     (AuthenticationError, errno.EACCES),
     (AuthorizationError, errno.EACCES),

@@ -11,6 +11,7 @@ ENOTEMPTY, …); any :class:`~privifs.errors.PrivifsError` from below gets its e
 Concurrency: handlers run on the trio thread; between awaits they are atomic. After any await a
 handler re-reads the node (it may have been renamed, unlinked or replaced meanwhile).
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,11 +29,11 @@ from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.errnos import errno_for
-from privifs.fs.parts import is_manifest_node
-from privifs.fs.namespace import ROOT, Index, Namespace, Node
-from privifs.fs.staging import Staging, StagedFile
-from privifs.fs.sync import Syncer
 from privifs.fs.names import NAME_MAX
+from privifs.fs.namespace import ROOT, Index, Namespace, Node
+from privifs.fs.parts import is_manifest_node
+from privifs.fs.staging import StagedFile, Staging
+from privifs.fs.sync import Syncer
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, SPECIAL_KINDS
 
 if TYPE_CHECKING:
@@ -90,8 +91,9 @@ class Filesystem:
     """POSIX over the parts the daemon builds: the tree (``ns``), staged content, the read cache,
     the vault (reads) and the write-back (``sync``, built from the same tree, staging and cache)."""
 
-    def __init__(self, ns: Namespace, staging: Staging, cache: ContentCache, vault: "Vault",
-                 opts: MountOptions, sync: Syncer):
+    def __init__(
+        self, ns: Namespace, staging: Staging, cache: ContentCache, vault: Vault, opts: MountOptions, sync: Syncer
+    ):
         self.ns = ns
         self.index: Index = ns.index
         self.staging = staging
@@ -182,8 +184,7 @@ class Filesystem:
             size = 4096
         else:
             e.st_nlink = 0 if node.unlinked else 1
-            size = (len(node.target.encode("utf-8", "surrogateescape")) if node.is_symlink and node.target
-                    else node.size)
+            size = len(node.target.encode("utf-8", "surrogateescape")) if node.is_symlink and node.target else node.size
         e.st_uid = node.uid if node.uid is not None else self.opts.uid
         e.st_gid = node.gid if node.gid is not None else self.opts.gid
         e.st_rdev = 0
@@ -241,8 +242,9 @@ class Filesystem:
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         return self.attrs(self.node(ino))
 
-    async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None
+    ) -> pyfuse3.EntryAttributes:
         node = self.node(ino)
         self.writable_fs()
         now = time.time_ns()
@@ -291,13 +293,15 @@ class Filesystem:
         return (node.target or "").encode("utf-8", "surrogateescape")
 
     # -- creating entries ----------------------------------------------------------------------
-    def mkdir(self, parent_ino: int, name: bytes, mode: int,
-              owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
+    def mkdir(
+        self, parent_ino: int, name: bytes, mode: int, owner: tuple[int, int] | None = None
+    ) -> pyfuse3.EntryAttributes:
         parent = self.dir_node(parent_ino)
         return self._new_entry(parent, self.new_name(parent, name), KIND_DIR, stat.S_IMODE(mode), owner, explicit=True)
 
-    def symlink(self, parent_ino: int, name: bytes, target: bytes,
-                owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
+    def symlink(
+        self, parent_ino: int, name: bytes, target: bytes, owner: tuple[int, int] | None = None
+    ) -> pyfuse3.EntryAttributes:
         parent = self.dir_node(parent_ino)
         text = self.new_name(parent, name)
         if len(target) > 4095:  # PATH_MAX with its NUL; no limit per component: it is not looked up
@@ -308,8 +312,9 @@ class Filesystem:
             raise fail(errno.EINVAL) from None
         return self._new_entry(parent, text, KIND_SYMLINK, 0o777, owner, target=target_text)
 
-    def mknod(self, parent_ino: int, name: bytes, mode: int,
-              owner: tuple[int, int] | None = None) -> pyfuse3.EntryAttributes:
+    def mknod(
+        self, parent_ino: int, name: bytes, mode: int, owner: tuple[int, int] | None = None
+    ) -> pyfuse3.EntryAttributes:
         kind = next((k for k, fmt in SPECIAL_KINDS.items() if stat.S_IFMT(mode) == fmt), None)
         if kind is not None:  # a FIFO or socket: no content (the kernel carries what passes through it)
             parent = self.dir_node(parent_ino)
@@ -322,8 +327,17 @@ class Filesystem:
         self.ns.looked_up(node)
         return self.attrs(node)
 
-    def _new_entry(self, parent: Node, text: str, kind: str, mode: int, owner: tuple[int, int] | None,
-                   *, explicit: bool = False, target: str | None = None) -> pyfuse3.EntryAttributes:
+    def _new_entry(
+        self,
+        parent: Node,
+        text: str,
+        kind: str,
+        mode: int,
+        owner: tuple[int, int] | None,
+        *,
+        explicit: bool = False,
+        target: str | None = None,
+    ) -> pyfuse3.EntryAttributes:
         """A new entry without content (directory, symlink, FIFO, socket), owned by its maker,
         saved with its meta to be written back."""
         with self.index:
@@ -348,8 +362,9 @@ class Filesystem:
         self.touch_parent(parent)
         return node
 
-    def create(self, parent_ino: int, name: bytes, mode: int, flags: int,
-               owner: tuple[int, int] | None = None) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    def create(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, owner: tuple[int, int] | None = None
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.dir_node(parent_ino)
         node = self._new_file(parent, name, mode, owner)
         self.index.save(node)
@@ -401,8 +416,7 @@ class Filesystem:
             self._remove(node)
             self.keep_empty_dir(parent)
 
-    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes,
-               flags: int) -> None:
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int) -> None:
         self.writable_fs()
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise fail(errno.EINVAL)
@@ -525,8 +539,9 @@ class Filesystem:
         try:
             return await work
         except IntegrityError as exc:
-            log.error("%s: integrity failure in a part, the stored ciphertext does not verify (%s)",
-                      self.path(node), exc)
+            log.error(
+                "%s: integrity failure in a part, the stored ciphertext does not verify (%s)", self.path(node), exc
+            )
             raise fail(errno.EIO) from None
         except PrivifsError as exc:
             log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
@@ -632,6 +647,7 @@ class Filesystem:
             return
         if self.opts.fsync_mode == "local":
             from privifs.fs.localsync import fsync_locally
+
             await fsync_locally(self, node)
             return
         node.staged.sealed.sync_header()
@@ -664,6 +680,7 @@ class Filesystem:
 
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         import bisect
+
         entries = self.dir_handles[fh]
         pos = bisect.bisect_right(entries, (start_id, float("inf")))
         for seq, ino in entries[pos:]:

@@ -17,6 +17,7 @@ other clients of the vault do not see it. ``privifs status`` shows the mode and 
 are not in the vault yet. The flushes run on a worker thread on duplicated descriptors, so an
 upload finishing meanwhile (which closes the staged file) cannot pull a descriptor away.
 """
+
 from __future__ import annotations
 
 import os

@@ -15,6 +15,7 @@ mount lives here (:mod:`privifs.fs.tokenmeta` re-exports them for older imports)
   or :meth:`~privifs.fs.namespace.Namespace.show_as`), the token's own fields are kept as they
   are; after a rename here, the new name.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
@@ -47,7 +48,7 @@ def display_name(raw: str) -> str:
         name = f"unnamed{name}"
     encoded = name.encode("utf-8", "surrogatepass")
     if len(encoded) > NAME_MAX:
-        name = encoded[:NAME_MAX - 12].decode("utf-8", "ignore") + "~truncated"
+        name = encoded[: NAME_MAX - 12].decode("utf-8", "ignore") + "~truncated"
     return name
 
 

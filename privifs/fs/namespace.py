@@ -18,6 +18,7 @@ node leaves the tree, the token map and the index at once) lives in one place.
 State and concurrency: all of this is touched only from the trio thread; no method here awaits,
 so each call is atomic with respect to FUSE handlers and background tasks.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,17 +27,16 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone
-from privifs.fs.space import open_error
 from privifs.fs.names import shown_name
+from privifs.fs.space import open_error
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, attributes, join_context
 
 if TYPE_CHECKING:
     from privifs.client.shapes import TokenInfo
-    from privifs.fs.staging import Staging, StagedFile
+    from privifs.fs.staging import StagedFile, Staging
 
 ROOT = 1
 
@@ -81,23 +81,61 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 Step = str | Callable[[sqlite3.Connection], None]
 MIGRATIONS: list[tuple[str, Step]] = [
     ("the layout from before schema versions", LAYOUT_V1),
-    ("drop what nothing reads: nodes.upload_digest and the kv table",
-     "ALTER TABLE nodes DROP COLUMN upload_digest; DROP TABLE kv;"),
+    (
+        "drop what nothing reads: nodes.upload_digest and the kv table",
+        "ALTER TABLE nodes DROP COLUMN upload_digest; DROP TABLE kv;",
+    ),
     ("the access time a utimensat sets (NULL reads as mtime)", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # every persistent column of a node, read and written by name (never SELECT *)
-COLUMNS = ("ino", "parent", "name", "kind", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "size", "target",
-           "token", "remote_context", "remote_name", "remote_extension", "remote_risk", "shown_as", "staged_id",
-           "content_dirty", "meta_dirty", "explicit", "seq", "upload_started", "atime_ns")
+COLUMNS = (
+    "ino",
+    "parent",
+    "name",
+    "kind",
+    "mode",
+    "uid",
+    "gid",
+    "mtime_ns",
+    "ctime_ns",
+    "size",
+    "target",
+    "token",
+    "remote_context",
+    "remote_name",
+    "remote_extension",
+    "remote_risk",
+    "shown_as",
+    "staged_id",
+    "content_dirty",
+    "meta_dirty",
+    "explicit",
+    "seq",
+    "upload_started",
+    "atime_ns",
+)
 
 
 class Node:
     """One inode. Persistent fields are saved to the index; the rest lives for this mount only."""
 
-    __slots__ = COLUMNS + ("children", "next_seq", "lookups", "opens", "writers", "staged", "synced_at",
-                           "unlinked", "last_error", "retry_at", "attempts", "uploading", "meta_version")
+    __slots__ = COLUMNS + (
+        "children",
+        "next_seq",
+        "lookups",
+        "opens",
+        "writers",
+        "staged",
+        "synced_at",
+        "unlinked",
+        "last_error",
+        "retry_at",
+        "attempts",
+        "uploading",
+        "meta_version",
+    )
 
     def __init__(self, ino: int, parent: int, name: str, kind: str, mode: int, mtime_ns: int):
         self.ino, self.parent, self.name, self.kind = ino, parent, name, kind
@@ -156,7 +194,7 @@ class Node:
         return tuple(getattr(self, c) for c in COLUMNS)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> "Node":
+    def from_row(cls, row: sqlite3.Row) -> Node:
         n = cls(row["ino"], row["parent"], row["name"], row["kind"], row["mode"], row["mtime_ns"])
         for c in COLUMNS:
             setattr(n, c, row[c])
@@ -205,8 +243,7 @@ class Index:
             self.conn.close()
             raise
         self._depth = 0
-        self._upsert = (f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) "
-                        f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+        self._upsert = f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
         self._select = f"SELECT {', '.join(COLUMNS)} FROM nodes ORDER BY ino"
 
     def version(self) -> int:
@@ -220,7 +257,8 @@ class Index:
                 f"the local index {self.path} was written by a newer privifs (index version {version}; "
                 f"this one knows versions up to {latest}); mount with that newer privifs, or "
                 f"unmount it there (so everything is uploaded) and remove {self.path.parent} to start "
-                "again from the vault")
+                "again from the vault"
+            )
         for number in range(version + 1, latest + 1):
             description, step = MIGRATIONS[number - 1]
             self.conn.execute("BEGIN IMMEDIATE")
@@ -235,15 +273,17 @@ class Index:
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error) and "full" not in str(exc):
-                    raise LocalStoreError(f"upgrading the local index {self.path} to version {number} "
-                                          f"({description}) failed: {exc}; it is left at version "
-                                          f"{number - 1}") from None
+                    raise LocalStoreError(
+                        f"upgrading the local index {self.path} to version {number} "
+                        f"({description}) failed: {exc}; it is left at version "
+                        f"{number - 1}"
+                    ) from None
                 raise
 
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "Index":
+    def __enter__(self) -> Index:
         if self._depth == 0:
             self.conn.execute("BEGIN")
         self._depth += 1
@@ -447,8 +487,7 @@ class Namespace:
         still in flight (a removed node that is still open is not pending: nothing of it will be
         uploaded; one whose upload was under way when it was removed is, until its token is
         recorded for deletion)."""
-        return [n for n in self.nodes.values()
-                if n.uploading or (n.content_dirty or n.meta_dirty) and not n.unlinked]
+        return [n for n in self.nodes.values() if n.uploading or (n.content_dirty or n.meta_dirty) and not n.unlinked]
 
     def move(self, node: Node, parent: Node, name: str) -> None:
         """Put ``node`` at ``name`` in ``parent`` (after every other entry there)."""
@@ -478,7 +517,7 @@ class Namespace:
         node.content_dirty = 0
         self.index.forget(node.ino)
 
-    def release(self, node: Node, staging: "Staging") -> bool:
+    def release(self, node: Node, staging: Staging) -> bool:
         """Let go of a removed node's content once every open file closed it, and forget the node
         once the kernel lets go too (its staged content too, unless an upload is reading it: the
         upload frees it when it ends). True if a held token's deletion may go ahead now."""
@@ -548,7 +587,7 @@ class Namespace:
         node.meta_version += 1
         return True
 
-    def set_staged(self, node: Node, staged: "StagedFile") -> None:
+    def set_staged(self, node: Node, staged: StagedFile) -> None:
         """The node's content is now ``staged`` (remembered by id in the index)."""
         node.staged = staged
         node.staged_id = staged.id
@@ -616,7 +655,7 @@ class Namespace:
         node.meta_dirty = 0
         return True
 
-    def restage(self, node: Node, fresh: "StagedFile") -> None:
+    def restage(self, node: Node, fresh: StagedFile) -> None:
         """The node's token is gone from the vault but its content is at hand: it becomes new
         content (``fresh``) to store again, as if never uploaded."""
         self.set_token(node, None)
@@ -632,7 +671,7 @@ class Namespace:
         node.synced_at = 0.0
 
     # following the vault
-    def follow_remote(self, node: Node, info: "TokenInfo") -> None:
+    def follow_remote(self, node: Node, info: TokenInfo) -> None:
         """Take the attributes, size, place, name and risk meta ``info`` (the listing) shows."""
         a = attributes(info)
         if a.mode is not None:
@@ -653,6 +692,6 @@ class Namespace:
         node.synced_at = at
 
 
-def risk_json(info: "TokenInfo") -> str | None:
+def risk_json(info: TokenInfo) -> str | None:
     """The risk meta of a listed token as the index keeps it (``remote_risk``)."""
     return json.dumps(info.risk, sort_keys=True) if info.risk else None

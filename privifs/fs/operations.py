@@ -1,6 +1,7 @@
 """The pyfuse3 handlers: each translates its arguments, calls one method of
 :class:`~privifs.fs.filesystem.Filesystem`, and turns errors into errnos (logging the cause) by
 their type, through :func:`~privifs.fs.errnos.errno_for`. Nothing else happens here."""
+
 from __future__ import annotations
 
 import errno
@@ -30,9 +31,10 @@ def handler(fn):
         except OSError as exc:
             log.error("%s failed: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno_for(exc)) from None
-        except Exception:  # noqa: BLE001 - a bug must answer EIO, not kill the mount
+        except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+
     return wrapper
 
 

@@ -10,6 +10,7 @@ raises :class:`~privifs.errors.PrivifsError`; the filesystem turns that into EIO
 that need the part, logged with the path. The refresher hands each listing to :meth:`PartReader.sweep`,
 which deletes parts no manifest names once they are an hour old.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -26,7 +27,7 @@ from privifs.client.vault import Vault
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
-from privifs.fs.staging import Staging, StagedFile
+from privifs.fs.staging import StagedFile, Staging
 from privifs.parts import format as fmt
 from privifs.parts.store import COLLECT_MIN_AGE, PartStore, is_manifest, is_part
 
@@ -88,8 +89,13 @@ class Changes:
     def unchanged(self, staged_id: str, token: str | None, part_size: int, index: int) -> bool:
         """Whether part ``index`` of the staged file is certainly the manifest ``token``'s part."""
         base = self._bases.get(staged_id)
-        return (base is not None and base.token == token and base.part_size == part_size
-                and index not in base.dirty and (index + 1) * part_size <= base.low)
+        return (
+            base is not None
+            and base.token == token
+            and base.part_size == part_size
+            and index not in base.dirty
+            and (index + 1) * part_size <= base.low
+        )
 
 
 class PartReader:
@@ -163,8 +169,9 @@ class PartReader:
         return sealed
 
     # -- collection ----------------------------------------------------------------------------
-    async def sweep(self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE,
-                    interval: float = SWEEP_INTERVAL) -> int:
+    async def sweep(
+        self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE, interval: float = SWEEP_INTERVAL
+    ) -> int:
         """Delete the parts of ``infos`` (a whole listing) that no manifest in it names and that
         are older than ``min_age`` (a deleted file's parts, a store stopped before its manifest),
         at most once per ``interval``; returns how many. Manifests come from memory when known."""
@@ -179,9 +186,16 @@ class PartReader:
         wall = time.time()
         settle = min(min_age, SETTLE)
         self.settling = {t: at for t, at in self.settling.items() if now - at < settle}
-        gone = [i.token for i in infos if is_part(i) and i.token not in named
-                and i.token not in self.in_flight and i.token not in self.settling
-                and i.created_at is not None and wall - i.created_at >= min_age]
+        gone = [
+            i.token
+            for i in infos
+            if is_part(i)
+            and i.token not in named
+            and i.token not in self.in_flight
+            and i.token not in self.settling
+            and i.created_at is not None
+            and wall - i.created_at >= min_age
+        ]
         for token in gone:
             await self.store.tokens.delete(token)
             self.cache.evict(token)
@@ -239,7 +253,7 @@ class PartReader:
             (await self.part(m, index)).close()
         except (PrivifsError, OSError) as exc:  # the read that needs the part reports it
             log.debug("read-ahead of part %d failed (%s)", index, exc)
-        except Exception:  # noqa: BLE001 - a system task's exception would end the whole mount
+        except Exception:
             log.exception("read-ahead of part %d failed unexpectedly", index)
         finally:
             self._ahead.discard(token)

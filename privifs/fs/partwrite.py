@@ -14,6 +14,7 @@ uploaded part is also put into the read cache, so reads after the upload do not 
 (and the syncer caches the whole staged file under the manifest's token as for any upload, so
 the next write copies it instead of assembling it from parts).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -52,9 +53,15 @@ class PartWriter:
             log.warning("%s: the manifest being replaced cannot be read (%s); storing every part", path, exc)
             return None
 
-    async def store_staged(self, staged: StagedFile, old: fmt.Manifest | None, meta: FileMeta,
-                           risk: dict[str, str], old_token: str | None = None,
-                           progress: Callable[[int], None] = lambda n: None) -> tuple[str, list[str]]:
+    async def store_staged(
+        self,
+        staged: StagedFile,
+        old: fmt.Manifest | None,
+        meta: FileMeta,
+        risk: dict[str, str],
+        old_token: str | None = None,
+        progress: Callable[[int], None] = lambda n: None,
+    ) -> tuple[str, list[str]]:
         """Store ``staged`` as parts and a manifest (at ``meta``'s place, with ``risk`` and the
         manifest mark); returns the manifest token and the old manifest's parts it no longer names."""
         size = staged.size
@@ -80,8 +87,12 @@ class PartWriter:
                 return
             async with limit:
                 data, digest = await trio.to_thread.run_sync(read, i)
-                if old is not None and i < len(old.parts) and old.parts[i].size == len(data) \
-                        and hmac.compare_digest(old.parts[i].digest, digest):
+                if (
+                    old is not None
+                    and i < len(old.parts)
+                    and old.parts[i].size == len(data)
+                    and hmac.compare_digest(old.parts[i].digest, digest)
+                ):
                     parts[i] = old.parts[i]
                     self.parts_kept += 1
                     progress(len(data))

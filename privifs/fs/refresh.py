@@ -27,6 +27,7 @@ written back after the listing was taken, keeps its local state. Then:
 Every change is followed by the matching kernel cache invalidation, done on a worker thread so a
 kernel callback can never deadlock the trio loop.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,8 @@ from privifs.client.datatokens import DataTokens
 from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
-from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
+from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Syncer
 from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
 
@@ -64,8 +65,17 @@ def claim_order(created: float | None, token: str) -> tuple[float, str]:
 
 
 class Refresher:
-    def __init__(self, ns: Namespace, tokens: DataTokens, syncer: Syncer, interval: float, *,
-                 invalidate: bool = True, events: EventHub | None = None, collect_parts: bool = True):
+    def __init__(
+        self,
+        ns: Namespace,
+        tokens: DataTokens,
+        syncer: Syncer,
+        interval: float,
+        *,
+        invalidate: bool = True,
+        events: EventHub | None = None,
+        collect_parts: bool = True,
+    ):
         self.ns = ns
         self.index = ns.index
         self.tokens = tokens
@@ -117,7 +127,7 @@ class Refresher:
         while True:
             try:
                 await self.events.foreign_changes(EVENT_SETTLE)
-            except Exception:  # noqa: BLE001 - the periodic listing goes on; so does watching
+            except Exception:
                 log.exception("watching the event channel for other clients' changes failed")
                 await trio.sleep(EVENT_FOLLOW_UPS[-1])
             self.nudge()
@@ -128,7 +138,7 @@ class Refresher:
         except PrivifsError as exc:
             self.last_error = str(exc)
             log.warning("refreshing the listing failed: %s", exc)
-        except Exception as exc:  # noqa: BLE001 - the mount must outlive a bad listing
+        except Exception as exc:
             self.last_error = repr(exc)
             log.exception("refreshing the listing failed unexpectedly")
 
@@ -151,8 +161,14 @@ class Refresher:
 
     # -- merging ---------------------------------------------------------------------------------
     def eligible(self, node: Node, started: float) -> bool:
-        return (not node.content_dirty and not node.meta_dirty and not node.uploading and node.writers == 0
-                and node.synced_at < started and not node.unlinked)
+        return (
+            not node.content_dirty
+            and not node.meta_dirty
+            and not node.uploading
+            and node.writers == 0
+            and node.synced_at < started
+            and not node.unlinked
+        )
 
     async def apply(self, infos: list[TokenInfo], started: float) -> None:
         ns = self.ns
@@ -203,16 +219,21 @@ class Refresher:
                 parts = split_context(info.context)
                 if (tuple(parts), info.file_name) in self.syncer.inflight_names:
                     continue
-                waiting = [n for (ctx, name), nodes in orphans.items() for n in nodes
-                           if split_context(ctx) == parts and name == info.file_name]
+                waiting = [
+                    n
+                    for (ctx, name), nodes in orphans.items()
+                    for n in nodes
+                    if split_context(ctx) == parts and name == info.file_name
+                ]
                 if waiting:
                     adoptions.append((waiting[0], info))
                     continue
                 self._add(info, parts, vanished)
             # an entry added before the marker of its directory (claim order) may sit in a
             # conflict-named directory the marker's arrival made needless: placed again
-            self._place_until_still([(ns.nodes[ns.by_token[i.token]], i) for i in unknown
-                                     if ns.by_token.get(i.token) in self._added])
+            self._place_until_still(
+                [(ns.nodes[ns.by_token[i.token]], i) for i in unknown if ns.by_token.get(i.token) in self._added]
+            )
             for node in vanished.values():
                 self._vanish(node)
             self._settle_names(started)
@@ -235,8 +256,11 @@ class Refresher:
     def _follow(self, node: Node, info: TokenInfo) -> None:
         """A known token changed on the server (another client): follow it."""
         moved = self._place(node, info)
-        if not moved and node.remote_risk == risk_json(info) and (info.size is None or node.size == info.size
-                                                                    or node.is_dir):
+        if (
+            not moved
+            and node.remote_risk == risk_json(info)
+            and (info.size is None or node.size == info.size or node.is_dir)
+        ):
             return
         self.ns.follow_remote(node, info)
         self._inval_inode(node.ino, attr_only=True)
@@ -261,8 +285,11 @@ class Refresher:
         parts = split_context(info.context)
         plain = listed_name(info)
         along = self._dirs_along(parts)
-        if (len(along) == len(parts) + 1 and along[-1].ino == node.parent
-                and node.name in (plain, conflict_name(plain, info.token))):
+        if (
+            len(along) == len(parts) + 1
+            and along[-1].ino == node.parent
+            and node.name in (plain, conflict_name(plain, info.token))
+        ):
             return False
         if node in along:
             return False  # it would move into itself: the listing was read in the middle of a rename
@@ -371,8 +398,15 @@ class Refresher:
         self._drop_empty_implicit(parent)
 
     def _drop_empty_implicit(self, node: Node | None, *, upwards: bool = True) -> None:
-        while (node is not None and node.ino != ROOT and node.is_dir and not node.children and node.token is None
-               and not node.explicit and not node.meta_dirty):
+        while (
+            node is not None
+            and node.ino != ROOT
+            and node.is_dir
+            and not node.children
+            and node.token is None
+            and not node.explicit
+            and not node.meta_dirty
+        ):
             parent = self.ns.nodes.get(node.parent)
             self.ns.remove(node, delete_token=False)
             self._inval_entry(node.parent, node.name, deleted=node.ino)
@@ -385,8 +419,12 @@ class Refresher:
         conflict name goes back to plain once the path is free."""
         claims: dict[tuple[int, str], list[Node]] = {}
         for node in self.ns.nodes.values():
-            if (node.token and not node.is_dir and node.remote_name is not None
-                    and (self.eligible(node, started) or node.ino in self._added and not node.unlinked)):
+            if (
+                node.token
+                and not node.is_dir
+                and node.remote_name is not None
+                and (self.eligible(node, started) or node.ino in self._added and not node.unlinked)
+            ):
                 plain = shown_name(node.remote_name, node.remote_extension)
                 claims.setdefault((node.parent, plain), []).append(node)
         for (parent_ino, plain), nodes in claims.items():
@@ -437,4 +475,3 @@ class Refresher:
                     pass  # the kernel did not know the entry: nothing to invalidate
 
         await trio.to_thread.run_sync(run)
-

@@ -13,6 +13,7 @@ Two margins are kept on each filesystem that holds privifs state, both scaled to
 
 Nothing here caches a figure: each question is one ``statvfs``.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,6 +68,7 @@ def open_error(path: Path, what: str, exc: Exception) -> LocalStoreError:
     except OSError:
         full = False
     if full:
-        return DiskFullError(f"{what} in {path} cannot be opened: the disk is full; free some space on it "
-                             "and mount again")
+        return DiskFullError(
+            f"{what} in {path} cannot be opened: the disk is full; free some space on it and mount again"
+        )
     return LocalStoreError(f"{what} in {path} cannot be opened: {exc}")

@@ -13,6 +13,7 @@ either (the cache keeps the staging reserve free by itself), so what is cached s
 when a write fills the disk. A staged file written by a newer privifs (a newer sealed format) stops the
 mount with a clear error instead of being taken for damage and dropped.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ from privifs.fs.space import MiB, Space
 class StagedFile:
     __slots__ = ("id", "sealed", "frozen", "staging")
 
-    def __init__(self, staged_id: str, sealed: SealedFile, staging: "Staging"):
+    def __init__(self, staged_id: str, sealed: SealedFile, staging: Staging):
         self.id = staged_id
         self.sealed = sealed
         self.frozen = False
@@ -74,8 +75,10 @@ class Staging:
         if need <= 0 or self.space.above_floor() >= need:
             return
         floor = self.space.floor()
-        raise DiskFullError(f"no space left for staging in {self.dir}: the disk is full (privifs keeps "
-                                f"{floor / MiB:.0f} MiB free for its index); delete files or free space on it")
+        raise DiskFullError(
+            f"no space left for staging in {self.dir}: the disk is full (privifs keeps "
+            f"{floor / MiB:.0f} MiB free for its index); delete files or free space on it"
+        )
 
     def writable(self) -> int:
         """Bytes of content that can still be written: free space above the floor, less the

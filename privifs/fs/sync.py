@@ -27,6 +27,7 @@ node (``_busy``); everything between two awaits is atomic on the trio thread. ``
 lets the refresher ignore a token of ours that the listing shows before the node recorded it;
 ``recently_deleted`` lets it ignore tokens deleted after its listing was taken.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,23 +57,23 @@ from privifs.fs.namespace import Namespace, Node
 from privifs.fs.parts import PartReader, is_manifest_node
 from privifs.fs.partwrite import PartWriter
 from privifs.fs.staging import StagedFile, Staging
-from privifs.parts.format import MARK
-from privifs.parts.format import VERSION as PARTS_VERSION
-from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
     risk_fields,
     same_context,
     split_context,
 )
+from privifs.parts.format import MARK
+from privifs.parts.format import VERSION as PARTS_VERSION
+from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.sync")
 
 PIECE_CHUNKS = 16  # 1 MiB of plaintext per upload piece
 MAX_BACKOFF = 300.0
-QUIET = 0.3        # write-back starts once the mount has had no request for this long …
-MAX_DEFER = 30.0   # … or once a change has waited this long, however busy the mount is
+QUIET = 0.3  # write-back starts once the mount has had no request for this long …
+MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the mount is
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
 
 
@@ -87,8 +88,18 @@ class Syncer:
     """Write-back over the tree (``ns``), the staged content (``staging``) and the read cache
     (uploaded content moves into it), talking to the vault through ``tokens`` and ``vault``."""
 
-    def __init__(self, ns: Namespace, staging: Staging, cache: ContentCache, tokens: DataTokens, vault: Vault, *,
-                 workers: int = 4, write_back_delay: float = 1.0, supervisor: Supervisor | None = None):
+    def __init__(
+        self,
+        ns: Namespace,
+        staging: Staging,
+        cache: ContentCache,
+        tokens: DataTokens,
+        vault: Vault,
+        *,
+        workers: int = 4,
+        write_back_delay: float = 1.0,
+        supervisor: Supervisor | None = None,
+    ):
         self.supervisor = supervisor or Supervisor()
         self.ns = ns
         self.index = ns.index
@@ -213,8 +224,11 @@ class Syncer:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 await self._upload(node)
-            elif node.token is None and node.meta_dirty and (node.is_symlink or node.is_dir and node.explicit
-                                                               or node.kind in SPECIAL_KINDS):
+            elif (
+                node.token is None
+                and node.meta_dirty
+                and (node.is_symlink or node.is_dir and node.explicit or node.kind in SPECIAL_KINDS)
+            ):
                 await self._marker(node)
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
@@ -297,10 +311,10 @@ class Syncer:
                     token, stale, manifest_risk = await self._store_parts(node, staged, meta)
                 else:
                     token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size, meta)
-                keep = (replaced is not None and replaced != token
-                        and await self._moved_elsewhere(replaced, seen_at))
-                self._record_content(node, staged, token, context, name, extension, keep_old=keep,
-                                     manifest_risk=manifest_risk)
+                keep = replaced is not None and replaced != token and await self._moved_elsewhere(replaced, seen_at)
+                self._record_content(
+                    node, staged, token, context, name, extension, keep_old=keep, manifest_risk=manifest_risk
+                )
         finally:
             self.ns.end_upload(node)
             self.sent.pop(node.ino, None)
@@ -363,16 +377,33 @@ class Syncer:
             return False  # deleted elsewhere: nothing to keep
         info = found[0]
         context, name, extension = seen_at
-        moved = not (same_context(info.context, context) and info.file_name == name
-                     and (info.extension or "") == (extension or ""))
+        moved = not (
+            same_context(info.context, context)
+            and info.file_name == name
+            and (info.extension or "") == (extension or "")
+        )
         if moved:
-            log.info("token %s was renamed by another client to %s/%s while this mount replaced its "
-                     "content; both stay", token, info.context, info.file_name)
+            log.info(
+                "token %s was renamed by another client to %s/%s while this mount replaced its content; both stay",
+                token,
+                info.context,
+                info.file_name,
+            )
             self.remote_changed()
         return moved
 
-    def _record_content(self, node: Node, staged: StagedFile, token: str, context: str, name: str,
-                        extension: str, *, keep_old: bool = False, manifest_risk: dict | None = None) -> None:
+    def _record_content(
+        self,
+        node: Node,
+        staged: StagedFile,
+        token: str,
+        context: str,
+        name: str,
+        extension: str,
+        *,
+        keep_old: bool = False,
+        manifest_risk: dict | None = None,
+    ) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``)."""
         with self.index:
@@ -426,14 +457,18 @@ class Syncer:
         token = node.token
         context, name, extension, _ = self._target(node)
         try:
-            if (not same_context(node.remote_context, context) or node.remote_name != name
-                    or (node.remote_extension or "") != extension):
+            if (
+                not same_context(node.remote_context, context)
+                or node.remote_name != name
+                or (node.remote_extension or "") != extension
+            ):
                 await self.tokens.update(token, file_name=name, extension=extension, context=context)
                 if node.token != token:
                     return
                 self.ns.set_remote_name(node, context, name, extension)
-            risk = risk_fields(node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid,
-                               node.atime_ns)
+            risk = risk_fields(
+                node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns
+            )
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
                 if node.token != token:
@@ -465,16 +500,22 @@ class Syncer:
             finally:
                 cached.close()
             if fresh is not None:
-                log.info("%s: its token was deleted or replaced by another client before this rename "
-                         "reached it; storing the content again under the new name", self.ns.describe(node))
+                log.info(
+                    "%s: its token was deleted or replaced by another client before this rename "
+                    "reached it; storing the content again under the new name",
+                    self.ns.describe(node),
+                )
                 with self.index:
                     self.ns.restage(node, fresh)
                     self.index.save(node)
                 self.schedule(node)
                 self.remote_changed()
                 return
-        log.info("%s: its token was deleted or replaced by another client; the change made here "
-                 "is dropped and the entry follows the vault", self.ns.describe(node))
+        log.info(
+            "%s: its token was deleted or replaced by another client; the change made here "
+            "is dropped and the entry follows the vault",
+            self.ns.describe(node),
+        )
         self.ns.drop_meta_change(node)
         if not node.unlinked:
             self.index.save(node)
@@ -498,18 +539,28 @@ class Syncer:
             if not self._fsync[node.ino]:
                 del self._fsync[node.ino]
         if scope.cancelled_caught:
-            log.error("%s: fsync timed out after %.0fs waiting for the upload; the data stays staged "
-                      "and keeps being retried", self.ns.describe(node), timeout)
-            raise WriteBackFailed(f"{self.ns.describe(node)}: the upload did not complete within {timeout:.0f}s; "
-                                  "the data stays staged and keeps being retried")
+            log.error(
+                "%s: fsync timed out after %.0fs waiting for the upload; the data stays staged and keeps being retried",
+                self.ns.describe(node),
+                timeout,
+            )
+            raise WriteBackFailed(
+                f"{self.ns.describe(node)}: the upload did not complete within {timeout:.0f}s; "
+                "the data stays staged and keeps being retried"
+            )
         if result and result[0] is not None:
             exc = result[0]
-            log.error("%s: fsync failed, the upload did not complete (%s); the data stays staged and "
-                      "keeps being retried", self.ns.describe(node), exc)
+            log.error(
+                "%s: fsync failed, the upload did not complete (%s); the data stays staged and keeps being retried",
+                self.ns.describe(node),
+                exc,
+            )
             if isinstance(exc, CommandRejected):
                 raise exc  # the server's refusal itself (a PermissionRefused answers EACCES)
-            raise WriteBackFailed(f"{self.ns.describe(node)}: the upload did not complete ({exc}); the data "
-                                  "stays staged and keeps being retried") from exc
+            raise WriteBackFailed(
+                f"{self.ns.describe(node)}: the upload did not complete ({exc}); the data "
+                "stays staged and keeps being retried"
+            ) from exc
 
     def _finish_commit(self, staged: StagedFile, error: Exception | None) -> None:
         entry = self._commits.pop(staged.id, None)
@@ -549,7 +600,7 @@ class Syncer:
                 if now - at > 600:
                     del self.recently_deleted[token]
             self._tomb_wake = trio.Event()
-            with trio.move_on_after(min(MAX_BACKOFF, 2 ** failures) if failed else 30):
+            with trio.move_on_after(min(MAX_BACKOFF, 2**failures) if failed else 30):
                 await self._tomb_wake.wait()
 
     # -- crash recovery --------------------------------------------------------------------------
@@ -583,11 +634,19 @@ class Syncer:
             return False
         if sink.h.digest() != want.digest() or node.staged is not staged:
             return False
-        log.info("%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node),
-                 info.token)
+        log.info(
+            "%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
+        )
         staged.frozen = True
-        self._record_content(node, staged, info.token, info.context, info.file_name, info.extension,
-                             manifest_risk=dict(info.risk) if manifest else None)
+        self._record_content(
+            node,
+            staged,
+            info.token,
+            info.context,
+            info.file_name,
+            info.extension,
+            manifest_risk=dict(info.risk) if manifest else None,
+        )
         self.schedule(node)
         return True
 
@@ -595,11 +654,24 @@ class Syncer:
     def pending(self) -> list[dict]:
         out = []
         for node in self.ns.pending():
-            state = ("uploading" if node.uploading else "waiting for close" if node.waiting_for_close
-                     else f"retrying: {node.last_error}" if node.last_error else "queued")
-            out.append({"path": self.ns.describe(node), "size": node.size if node.content_dirty else 0,
-                        "kind": "content" if node.content_dirty else "meta", "state": state,
-                        "attempts": node.attempts})
+            state = (
+                "uploading"
+                if node.uploading
+                else "waiting for close"
+                if node.waiting_for_close
+                else f"retrying: {node.last_error}"
+                if node.last_error
+                else "queued"
+            )
+            out.append(
+                {
+                    "path": self.ns.describe(node),
+                    "size": node.size if node.content_dirty else 0,
+                    "kind": "content" if node.content_dirty else "meta",
+                    "state": state,
+                    "attempts": node.attempts,
+                }
+            )
         return out
 
     def tombstone_count(self) -> int:

@@ -19,6 +19,7 @@
 * ``/.privifs`` is reserved for privifs' own tokens (the key check, the parts of big files in
   ``/.privifs/parts``) and is not shown; ``privifs.parts`` marks a manifest (docs/format.md).
 """
+
 from __future__ import annotations
 
 import stat
@@ -96,8 +97,16 @@ def attributes(info: TokenInfo) -> Attributes:
     return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"), num("privifs.atime"))
 
 
-def risk_fields(base: dict[str, str], kind: str, mode: int, mtime_ns: int, target: str | None,
-                uid: int | None, gid: int | None, atime_ns: int | None = None) -> dict[str, str]:
+def risk_fields(
+    base: dict[str, str],
+    kind: str,
+    mode: int,
+    mtime_ns: int,
+    target: str | None,
+    uid: int | None,
+    gid: int | None,
+    atime_ns: int | None = None,
+) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
     fields = {k: v for k, v in base.items() if not k.startswith("privifs.") or k in CARRIED}

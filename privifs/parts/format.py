@@ -25,6 +25,7 @@ replaced by another blob encrypted with the same key is refused.
 reserved bytes, sizes that do not add up, a short or long body) raises
 :class:`~privifs.errors.IntegrityError` (a newer version says so, naming both versions).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,11 +51,12 @@ PARTS_CONTEXT = "/.privifs/parts"  # where part tokens live (hidden: the reserve
 
 def part_key(user_key: bytes) -> bytes:
     """The key of part digests, derived from the user's AES key (HKDF-SHA256)."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"privifs-parts",
-                info=b"privifs part digest key v1").derive(user_key)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"privifs-parts", info=b"privifs part digest key v1").derive(
+        user_key
+    )
 
 
-def part_hasher(key: bytes, index: int) -> "hmac.HMAC":
+def part_hasher(key: bytes, index: int) -> hmac.HMAC:
     """An HMAC to feed part ``index``'s plaintext piece by piece; its digest is :func:`part_digest`."""
     return hmac.new(key, struct.pack("<Q", index), hashlib.sha256)
 
@@ -105,8 +107,9 @@ def validate(manifest: Manifest) -> None:
     if not 0 < ps <= PART_SIZE_MAX:
         raise IntegrityError(f"manifest part size {ps} is out of range (1..{PART_SIZE_MAX})")
     if len(parts) != parts_needed(total, ps):
-        raise IntegrityError(f"manifest lists {len(parts)} parts; {total} bytes in parts of {ps} need "
-                             f"{parts_needed(total, ps)}")
+        raise IntegrityError(
+            f"manifest lists {len(parts)} parts; {total} bytes in parts of {ps} need {parts_needed(total, ps)}"
+        )
     for i, part in enumerate(parts):
         want = ps if i < len(parts) - 1 else total - ps * (len(parts) - 1)
         if part.size != want:
@@ -119,8 +122,7 @@ def validate(manifest: Manifest) -> None:
 
 def encode(manifest: Manifest) -> bytes:
     validate(manifest)
-    out = [HEADER.pack(MAGIC, VERSION, bytes(3), manifest.part_size, manifest.total, len(manifest.parts),
-                       bytes(4))]
+    out = [HEADER.pack(MAGIC, VERSION, bytes(3), manifest.part_size, manifest.total, len(manifest.parts), bytes(4))]
     for part in manifest.parts:
         token = part.token.encode("ascii")
         out.append(bytes([len(token)]) + token + ENTRY_TAIL.pack(part.size, part.digest))
@@ -134,13 +136,13 @@ def decode(data: bytes) -> Manifest:
     if magic != MAGIC:
         raise IntegrityError("not a privifs manifest (wrong magic)")
     if version != VERSION:
-        raise IntegrityError(f"manifest version {version} is not readable by this privifs (it reads "
-                                 f"version {VERSION}); upgrade privifs")
+        raise IntegrityError(
+            f"manifest version {version} is not readable by this privifs (it reads version {VERSION}); upgrade privifs"
+        )
     if res1 != bytes(3) or res2 != bytes(4):
         raise IntegrityError("manifest has non-zero reserved bytes")
     if not 0 < part_size <= PART_SIZE_MAX or count != parts_needed(total, part_size):
-        raise IntegrityError(f"manifest header is inconsistent (part size {part_size}, total {total}, "
-                             f"{count} parts)")
+        raise IntegrityError(f"manifest header is inconsistent (part size {part_size}, total {total}, {count} parts)")
     pos, parts = HEADER.size, []
     for i in range(count):
         if pos >= len(data):
@@ -149,7 +151,7 @@ def decode(data: bytes) -> Manifest:
         end = pos + 1 + n + ENTRY_TAIL.size
         if n == 0 or end > len(data):
             raise IntegrityError(f"manifest is truncated or damaged in entry {i}")
-        raw = data[pos + 1:pos + 1 + n]
+        raw = data[pos + 1 : pos + 1 + n]
         try:
             token = raw.decode("ascii")
         except UnicodeDecodeError:

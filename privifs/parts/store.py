@@ -8,6 +8,7 @@ its keyed digest in the manifest (:func:`privifs.parts.format.part_digest`), so 
 replaced or missing raises :class:`~privifs.errors.IntegrityError` or
 :class:`~privifs.errors.NotFoundError`.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -62,8 +63,9 @@ class PartStore:
         return await self.tokens.store(sealed, len(sealed), meta)
 
     async def put_part(self, upload_id: str, index: int, data: bytes | memoryview) -> fmt.Part:
-        meta = FileMeta(f"{upload_id}-{index}", "", fmt.PARTS_CONTEXT, len(data),
-                        f"{fmt.PARTS_CONTEXT}/{upload_id}-{index}")
+        meta = FileMeta(
+            f"{upload_id}-{index}", "", fmt.PARTS_CONTEXT, len(data), f"{fmt.PARTS_CONTEXT}/{upload_id}-{index}"
+        )
         token = await self._store_blob(data, meta)
         return fmt.Part(token, len(data), fmt.part_digest(self._digest_key, index, data))
 
@@ -92,19 +94,19 @@ class PartStore:
                     buf += chunk
                     while len(buf) >= self.part_size:
                         await limit.acquire()
-                        nursery.start_soon(one, index, bytes(buf[:self.part_size]))
-                        del buf[:self.part_size]
+                        nursery.start_soon(one, index, bytes(buf[: self.part_size]))
+                        del buf[: self.part_size]
                         index += 1
                 if total != size:
-                    raise IntegrityError(f"the source changed while it was being stored ({total} bytes instead "
-                                         f"of {size})")
+                    raise IntegrityError(
+                        f"the source changed while it was being stored ({total} bytes instead of {size})"
+                    )
                 if buf:
                     await limit.acquire()
                     nursery.start_soon(one, index, bytes(buf))
         return await self.put_manifest(fmt.Manifest(self.part_size, size, tuple(parts)), meta)
 
-    async def put_manifest(self, manifest: fmt.Manifest, meta: FileMeta,
-                           risk: dict[str, str] | None = None) -> str:
+    async def put_manifest(self, manifest: fmt.Manifest, meta: FileMeta, risk: dict[str, str] | None = None) -> str:
         """Store the manifest at ``meta``'s place (its size: the file's) and mark it in its risk meta."""
         meta.size = manifest.total
         token = await self._store_blob(fmt.encode(manifest), meta)
@@ -148,7 +150,7 @@ class PartStore:
         end = min(offset + length, manifest.total)
         for i in touched:
             start, stop = manifest.span(i)
-            out += got[i][max(offset, start) - start:min(end, stop) - start]
+            out += got[i][max(offset, start) - start : min(end, stop) - start]
         return bytes(out)
 
     async def copy(self, manifest: fmt.Manifest, write: Callable[[bytes], Awaitable[None]]) -> None:
@@ -184,8 +186,9 @@ class PartStore:
         for part in manifest.parts if manifest else ():
             await self.tokens.delete(part.token)
 
-    async def unreferenced(self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE,
-                           now: float | None = None) -> list[TokenInfo]:
+    async def unreferenced(
+        self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE, now: float | None = None
+    ) -> list[TokenInfo]:
         """The part tokens of ``infos`` (a whole listing) that no manifest in it names and that
         are older than ``min_age`` seconds. A manifest that cannot be read protects nothing, so
         it stops the collection (IntegrityError) rather than let its parts go."""
@@ -194,8 +197,11 @@ class PartStore:
             if is_manifest(info) and not is_part(info):
                 named.update(p.token for p in (await self.manifest(info.token)).parts)
         now = time.time() if now is None else now
-        return [i for i in infos if is_part(i) and i.token not in named
-                and (i.created_at is None or now - i.created_at >= min_age)]
+        return [
+            i
+            for i in infos
+            if is_part(i) and i.token not in named and (i.created_at is None or now - i.created_at >= min_age)
+        ]
 
     async def collect(self, *, min_age: float = COLLECT_MIN_AGE) -> int:
         """Delete unreferenced parts; returns how many."""
