@@ -343,3 +343,20 @@ def test_flush_progress_counts_the_bytes_of_an_upload_in_flight(eng, tmp_path):
         assert remaining and remaining[0] <= size
         assert any(0 < b < size for b in remaining), remaining
         assert remaining == sorted(remaining, reverse=True)
+
+
+def test_mount_right_after_a_killed_daemon_cleans_up_while_the_kernel_still_caches_the_root(engine, tmp_path):
+    """The kernel answers stat() of a dead mount's root from its attribute cache for up to
+    attr_timeout (5 s) after the daemon died: mount must still see the mount is dead."""
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "unsent.txt").write_text("staged when the daemon died")
+        os.stat(m.dir)  # the root's attributes are now cached by the kernel
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.stat(m.dir)  # still answered from the cache: the daemon is gone
+        m.mount()
+        assert (m.dir / "unsent.txt").read_text() == "staged when the daemon died"

@@ -174,3 +174,62 @@ def test_on_a_mount_a_cold_read_in_the_middle_of_a_big_file_downloads_only_its_p
             f.seek(0)
             assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
         assert len(cached_part_files(m)) == 10  # the last part is under 1 MiB: 10 big parts + 1 small
+
+
+@pytest.mark.parametrize("read_before", [True, False])
+async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_content(account, tmp_path, read_before):
+    """Another client stores a new version of a big file and deletes the old manifest and its
+    parts (what its write-back does) before this filesystem's refresher has seen the change: a
+    read that needs a part (or the manifest) of the old version gets the new version once the
+    listing is merged, not EIO (parts: missing) or ENOENT (manifest: missing)."""
+    old, new = os.urandom(8 * PART + 3), os.urandom(8 * PART + 3)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        token, m = await put_parts(t, old)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        if read_before:
+            assert await t.fs.read(fh, 0, 100) == old[:100]
+        store = PartStore(t.fs.vault, part_size=PART)
+
+        async def source():
+            yield new
+
+        await store.put(source, len(new), FileMeta("big.bin", "bin", "/media", 0, "/media/big.bin"))
+        await store.delete(token, m)
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await t.fs.read(fh, 5 * PART + 10, 1000))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.sleep(0.3)  # the read is waiting (it found the old version gone)
+                await t.refresher.refresh_once()  # what the nudged refresher does on a mount
+        assert got == [new[5 * PART + 10 : 5 * PART + 1010]]
+        t.fs.release(fh)
+
+
+async def test_an_unexpected_failure_of_a_read_ahead_is_logged_and_the_mount_goes_on(account, tmp_path, caplog):
+    """Read-ahead runs as a background task of the mount's event loop: whatever it raises must not
+    end the mount (a system task's exception aborts the whole loop), the read that needs the part
+    fetches it itself."""
+    data = os.urandom(16 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        real = t.fs.parts.part
+
+        async def broken(manifest, index):
+            if index >= 10:  # the reads below touch parts 0-9; the read-ahead fetches 10-12
+                raise ValueError("a bug in the read-ahead")
+            return await real(manifest, index)
+
+        t.fs.parts.part = broken
+        for off in range(0, 512 * 1024 + 4096, 128 * 1024):
+            assert await t.fs.read(fh, off, 128 * 1024) == data[off : off + 128 * 1024]
+        await trio.sleep(0.3)  # the read-ahead of parts 10-12 failed meanwhile
+        t.fs.parts.part = real
+        assert await t.fs.read(fh, 11 * PART, 100) == data[11 * PART : 11 * PART + 100]
+        t.fs.release(fh)
+        assert "read-ahead" in caplog.text

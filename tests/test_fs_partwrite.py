@@ -209,3 +209,38 @@ async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted
         t.fs.release(fh)
         await t.wait_idle()
         assert await read_all(t, node) == data
+
+
+async def test_the_sweep_never_collects_the_parts_of_a_store_still_in_flight_on_this_mount(
+    account, tmp_path, small_parts
+):
+    """An upload slower than the collection age (a multi-GiB file on a slow link) has parts older
+    than it before its manifest is stored: this mount's own sweep must leave them alone."""
+    import trio
+
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        data = os.urandom(3 * PART + 5)
+        store = t.syncer.parts.store
+        real, gate, reached = store.put_manifest, trio.Event(), trio.Event()
+
+        async def held(*args, **kwargs):
+            reached.set()
+            await gate.wait()
+            return await real(*args, **kwargs)
+
+        store.put_manifest = held
+        fh, node = t.create_node(1, "slow.bin")
+        await t.fs.write(fh, 0, data)
+        t.fs.release(fh)
+        t.syncer.last_activity = float("-inf")
+        with trio.fail_after(20):
+            await reached.wait()  # every part is stored, the manifest not yet
+        infos = [i async for i in t.client.tokens.list()]  # parts, no manifest yet
+        assert len([i for i in infos if is_part(i)]) == 4
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 0
+        await trio.sleep(2.1)  # the parts are now older than the age the sweeps below use
+        gate.set()
+        await t.wait_idle()
+        # a listing taken before the manifest was stored, handed to the sweep after it was
+        assert await t.fs.parts.sweep(infos, min_age=2, interval=0) == 0
+        assert await read_all(t, node) == data

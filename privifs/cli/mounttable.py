@@ -39,13 +39,15 @@ def is_fuse_mount(path: Path) -> bool:
 
 
 def dead_mounts(candidates: list[str], timeout: float = 3.0) -> list[str]:
-    """Those of ``candidates`` that are FUSE mounts whose daemon is gone (ENOTCONN). Each stat
-    runs on its own thread, all at once, so a hung daemon cannot hang the caller."""
+    """Those of ``candidates`` that are FUSE mounts whose daemon is gone (ENOTCONN). Each probe
+    runs on its own thread, all at once, so a hung daemon cannot hang the caller. The probe is a
+    statfs, which always reaches the daemon: a stat is answered from the kernel's attribute cache
+    for a few seconds after the daemon died."""
     results: dict[str, int | None] = {}
 
     def probe(path: str) -> None:
         try:
-            os.stat(path)
+            os.statvfs(path)
             results[path] = None
         except OSError as exc:
             results[path] = exc.errno

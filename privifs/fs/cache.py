@@ -222,7 +222,8 @@ class ContentCache:
             path.unlink(missing_ok=True)
             raise
         finally:
-            del self._inflight[token]
+            if self._inflight.get(token) is event:  # waiters retrying a failed download overlap
+                del self._inflight[token]
             self.reserved -= need
             event.set()
         opened = self.open(token)

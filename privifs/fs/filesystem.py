@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
+import trio
 
 from privifs.crypto.sealed import SealedFile
-from privifs.errors import IntegrityError, PrivifsError
+from privifs.errors import IntegrityError, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.errnos import errno_for
 from privifs.fs.names import NAME_MAX
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("privifs.fs")
 
 BLOCK = 128 * 1024
+FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 
 
@@ -545,6 +547,52 @@ class Filesystem:
             log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
             raise fail(errno_for(exc)) from None
 
+    async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes:
+        """Read a file stored as parts, following it when another client replaced it (see
+        :meth:`_followed`): its manifest or a part missing from the vault is then no damage."""
+        token = node.token
+        try:
+            return await self.parts.read(token, offset, length)
+        except (IntegrityError, NotFoundError):
+            if not await self._followed(node, token):
+                raise
+        return await self.read(fh_id, offset, length)  # the node's new content (or none)
+
+    async def _fetch_following(self, node: Node) -> SealedFile | None:
+        """:meth:`content`, or None when the token was missing because another client replaced
+        or deleted the file and the node has moved on since (see :meth:`_followed`)."""
+        token = node.token
+        try:
+            return await self.cache.fetch(token, self.vault, node.size)
+        except IntegrityError as exc:
+            log.error("%s: integrity failure, the stored ciphertext does not verify (%s)", self.path(node), exc)
+            raise fail(errno.EIO) from None
+        except PrivifsError as exc:
+            if isinstance(exc, NotFoundError) and await self._followed(node, token):
+                return None
+            log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
+            raise fail(errno_for(exc)) from None
+
+    async def _followed(self, node: Node, token: str) -> bool:
+        """After ``token`` (the node's content) could not be fetched: if it is gone from the vault,
+        another client replaced or deleted the file (its write-back deletes the old token and
+        parts) before the listing showed it here. The refresher is asked to look now and this
+        waits (at most :data:`FOLLOW_WAIT` seconds) for the node to move on; True if it did.
+        False at once if the token is still there (damage stays an error)."""
+        try:
+            if [i async for i in self.vault.tokens.list(token=token) if i.token == token]:
+                return False
+        except PrivifsError:
+            return False
+        log.info("%s: replaced or deleted by another client while open; following the listing", self.path(node))
+        self.sync.remote_changed()
+        with trio.move_on_after(FOLLOW_WAIT):
+            # A rare path (another client replaced an open file): a bounded poll of the node
+            # rather than a wake-up wired into every place the refresher may move it on.
+            while node.token == token and not node.unlinked:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        return node.token != token
+
     async def read(self, fh_id: int, offset: int, length: int) -> bytes:
         fh = self.handles[fh_id]
         node = fh.node
@@ -553,13 +601,14 @@ class Filesystem:
         if node.token is None:
             return b""
         if is_manifest_node(node.remote_risk):
-            return await self._parts(node, self.parts.read(node.token, offset, length))
+            return await self._parts(node, self._read_parts(fh_id, node, offset, length))
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
             token = node.token
-            sealed = await self.content(node)
-            if fh.reader is not None or node.token != token:
-                sealed.close()
+            sealed = await self._fetch_following(node)
+            if sealed is None or fh.reader is not None or node.token != token:
+                if sealed is not None:
+                    sealed.close()
                 return await self.read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:

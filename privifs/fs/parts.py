@@ -38,6 +38,7 @@ SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequent
 MANIFESTS_KEPT = 64
 VERIFIED_KEPT = 4096
 SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
+SETTLE = 120.0  # seconds a listing may lag behind a manifest this mount stored
 
 
 def is_manifest_node(remote_risk: str | None) -> bool:
@@ -111,6 +112,11 @@ class PartReader:
         self._ahead: set[str] = set()  # part tokens being fetched ahead
         self._swept_at: float | None = None
         self.changes = Changes()
+        # parts this mount is storing (their manifest is not stored yet): never collected, however
+        # old (an upload slower than COLLECT_MIN_AGE would otherwise lose its first parts); then,
+        # for SETTLE seconds after their manifest is stored, protected from a listing taken before it
+        self.in_flight: set[str] = set()
+        self.settling: dict[str, float] = {}  # part token -> when its manifest was stored (trio time)
 
     # -- manifests and parts -------------------------------------------------------------------
     async def manifest(self, token: str) -> fmt.Manifest:
@@ -178,10 +184,17 @@ class PartReader:
             if is_manifest(info) and not is_part(info):
                 named.update(p.token for p in (await self.manifest(info.token)).parts)
         wall = time.time()
+        settle = min(min_age, SETTLE)
+        self.settling = {t: at for t, at in self.settling.items() if now - at < settle}
         gone = [
             i.token
             for i in infos
-            if is_part(i) and i.token not in named and i.created_at is not None and wall - i.created_at >= min_age
+            if is_part(i)
+            and i.token not in named
+            and i.token not in self.in_flight
+            and i.token not in self.settling
+            and i.created_at is not None
+            and wall - i.created_at >= min_age
         ]
         for token in gone:
             await self.store.tokens.delete(token)
@@ -240,6 +253,8 @@ class PartReader:
             (await self.part(m, index)).close()
         except (PrivifsError, OSError) as exc:  # the read that needs the part reports it
             log.debug("read-ahead of part %d failed (%s)", index, exc)
+        except Exception:
+            log.exception("read-ahead of part %d failed unexpectedly", index)
         finally:
             self._ahead.discard(token)
 

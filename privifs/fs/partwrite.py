@@ -98,17 +98,24 @@ class PartWriter:
                     progress(len(data))
                     return
                 parts[i] = await self.store.put_part(upload_id, i, data)
+                stored.append(parts[i].token)
+                self.reader.in_flight.add(parts[i].token)
                 self.parts_uploaded += 1
                 progress(len(data))
                 await self._seed(parts[i].token, data)
 
-        with single_error():
-            async with trio.open_nursery() as nursery:
-                for i in range(count):
-                    nursery.start_soon(one, i)
-        manifest = fmt.Manifest(part_size, size, tuple(parts))
-        token = await self.store.put_manifest(manifest, meta, risk)
-        self.reader.remember(token, manifest)
+        stored: list[str] = []
+        try:
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    for i in range(count):
+                        nursery.start_soon(one, i)
+            manifest = fmt.Manifest(part_size, size, tuple(parts))
+            token = await self.store.put_manifest(manifest, meta, risk)
+            self.reader.remember(token, manifest)
+            self.reader.settling.update(dict.fromkeys(stored, trio.current_time()))
+        finally:  # a failed store leaves its parts to the sweep
+            self.reader.in_flight.difference_update(stored)
         changes.forget(staged.id)
         named = {p.token for p in manifest.parts}
         stale = [p.token for p in old.parts if p.token not in named] if old is not None else []

@@ -1,0 +1,54 @@
+"""A file another client replaced (new token, old one deleted) or deleted, opened here before the
+listing showed the change: its first read follows the node to the new content once the (nudged)
+refresher merged the listing, instead of failing with ENOENT for a token no longer in the vault
+(in-process, tests/fskit.py; the big-file case is in test_fs_parts.py). Damage or a token that
+is still there stays an error."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pyfuse3
+import trio
+
+from tests.fskit import InProcessFs
+
+
+async def read_while_refreshing(kit: InProcessFs, fh: int) -> bytes | pyfuse3.FUSEError:
+    got: list = []
+
+    async def read() -> None:
+        try:
+            got.append(await kit.read(fh, 0, 1 << 20))
+        except pyfuse3.FUSEError as exc:
+            got.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.sleep(0.3)  # the read is waiting: it found its token gone
+            await kit.refresh()  # what the nudged refresher does on a mount
+    return got[0]
+
+
+async def test_a_file_replaced_by_another_client_before_its_first_read_reads_the_new_content(kit: InProcessFs):
+    await kit.write_file("doc.txt", b"old content")
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/doc.txt").token)  # as on another mount: never read here
+    fh = await kit.open_file("doc.txt", os.O_RDONLY)
+    await kit.remote.rewrite("doc.txt", b"new content, longer")
+    assert await read_while_refreshing(kit, fh) == b"new content, longer"
+    await kit.close(fh)
+
+
+async def test_a_file_deleted_by_another_client_before_its_first_read_fails_without_a_wait_for_ever(kit: InProcessFs):
+    await kit.write_file("gone.txt", b"content")
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/gone.txt").token)
+    fh = await kit.open_file("gone.txt", os.O_RDONLY)
+    await kit.remote.delete("gone.txt")
+    with trio.fail_after(5):  # not FOLLOW_WAIT: the merged listing removes the node
+        got = await read_while_refreshing(kit, fh)
+    assert isinstance(got, pyfuse3.FUSEError) and got.errno in (errno.ENOENT, errno.EIO)
+    await kit.close(fh)
