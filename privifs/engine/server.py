@@ -43,6 +43,7 @@ from privifs.engine.http import read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
 from privifs.engine.wsproxy import websocket_app
+from privifs.memory import trim_memory
 
 log = logging.getLogger("privifs.engine")
 
@@ -222,6 +223,7 @@ async def run_engine(
             for task in engine.at_start:
                 engine.spawn(task)
             nursery.start_soon(_watch_signals, stop)
+            nursery.start_soon(trim_memory)
             async with trio.open_nursery() as servers:
                 for name in SERVERS:
                     url = await servers.start(_supervised, name, apps[name], host, ports[name], stop)

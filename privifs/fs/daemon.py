@@ -48,6 +48,7 @@ from privifs.fs.refresh import Refresher
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
 from privifs.keycheck import check_key
+from privifs.memory import trim_memory
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.daemon")
@@ -221,6 +222,7 @@ class Daemon:
                     self._register(control)
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._tune_readahead)
+                    self.supervisor.start_soon(nursery, "memory trimming", trim_memory)
                     ready(
                         f"mounted {self.cfg.server_label()} at {self.mountpoint}"
                         + (
