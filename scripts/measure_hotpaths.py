@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import psutil
+from bench import delete_small, read_small, small_files
 
 from privifs.devkit.mount import isolated_env, privifs
 
@@ -125,30 +126,6 @@ def randread(path: Path, ops: int) -> None:
             os.pread(fd, 4 * KiB, rng.randrange(pages) * 4 * KiB)
     finally:
         os.close(fd)
-
-
-def create_small(root: Path, count: int, dirs: int = 50) -> None:
-    payload = os.urandom(4 * KiB)
-    for d in range(dirs):
-        sub = root / f"d{d:02d}"
-        sub.mkdir()
-        for i in range(count // dirs):
-            with open(sub / f"f{i:04d}", "wb") as f:
-                f.write(payload)
-
-
-def read_small(root: Path) -> None:
-    for sub in sorted(root.iterdir()):
-        for f in sub.iterdir():
-            with open(f, "rb") as fh:
-                fh.read()
-
-
-def delete_small(root: Path) -> None:
-    for sub in list(root.iterdir()):
-        for f in list(sub.iterdir()):
-            f.unlink()
-        sub.rmdir()
 
 
 def make_tarball(work: Path) -> tuple[Path, int]:
@@ -266,7 +243,7 @@ def main() -> None:
             n = args.files
             if {"create", "read", "delete"} & set(only):
                 root.mkdir()
-                measure("create", m, lambda: create_small(root, n), n, "file")
+                measure("create", m, lambda: small_files(root, n, 50), n, "file")
                 m.settle()
                 if "read" in only:
                     measure("read", m, lambda: read_small(root), n, "file")

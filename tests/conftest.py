@@ -44,3 +44,25 @@ async def account(eng):
     _, public = new_identity()
     await register_profile(endpoints, username, "correct-horse-battery", public)
     return endpoints, PasswordCredentials(username, "correct-horse-battery")
+
+
+@pytest.fixture
+def user(eng, tmp_path):
+    """A CLI user initialised with ``privifs init --register`` against the session engine, in an
+    isolated home under ``tmp_path``: the environment to run ``privifs`` commands with."""
+    import uuid
+
+    from tests.mountkit import isolated_env
+    from tests.mountkit import privifs as run
+
+    env = isolated_env(
+        tmp_path,
+        PRIVICORE_API_URL=eng.urls["api"],
+        PRIVICORE_WS_URL=eng.urls["ws"],
+        PRIVICORE_UPSTREAM_URL=eng.urls["upstream"],
+        PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
+        PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
+        PRIVICORE_PASSWORD="correct-horse-battery",
+    )
+    run(env, "init", "--register")
+    return env

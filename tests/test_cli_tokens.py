@@ -10,27 +10,9 @@ import shutil
 import stat
 import subprocess
 import sys
-import uuid
-
-import pytest
 
 from tests.mountkit import isolated_env
 from tests.mountkit import privifs as run
-
-
-@pytest.fixture
-def user(eng, tmp_path):
-    env = isolated_env(
-        tmp_path,
-        PRIVICORE_API_URL=eng.urls["api"],
-        PRIVICORE_WS_URL=eng.urls["ws"],
-        PRIVICORE_UPSTREAM_URL=eng.urls["upstream"],
-        PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
-        PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
-        PRIVICORE_PASSWORD="correct-horse-battery",
-    )
-    run(env, "init", "--register")
-    return env
 
 
 def test_init_writes_private_config_and_keys_and_no_secret_in_it(user, tmp_path):

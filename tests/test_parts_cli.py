@@ -5,28 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
-
-import pytest
 
 from privifs.parts.store import THRESHOLD
-from tests.mountkit import isolated_env
 from tests.mountkit import privifs as run
-
-
-@pytest.fixture
-def user(eng, tmp_path):
-    env = isolated_env(
-        tmp_path,
-        PRIVICORE_API_URL=eng.urls["api"],
-        PRIVICORE_WS_URL=eng.urls["ws"],
-        PRIVICORE_UPSTREAM_URL=eng.urls["upstream"],
-        PRIVICORE_DOWNSTREAM_URL=eng.urls["downstream"],
-        PRIVICORE_USERNAME=f"cli-{uuid.uuid4().hex[:8]}@example.com",
-        PRIVICORE_PASSWORD="correct-horse-battery",
-    )
-    run(env, "init", "--register")
-    return env
 
 
 def test_a_big_file_is_put_as_parts_and_got_back_whole(user, tmp_path):
