@@ -122,13 +122,7 @@ def _account_doc(cfg: Config) -> dict:
     if "aes.key" not in secrets:
         raise ConfigError(f"no AES key is configured in {cfg.path}; nothing to back up")
     return {
-        "server": {
-            "embedded": cfg.embedded,
-            "api": cfg.api,
-            "ws": cfg.ws,
-            "upstream": cfg.upstream,
-            "downstream": cfg.downstream,
-        },
+        "server": cfg.server_section(),
         "username": cfg.username,
         "key_id": cfg.key_id,
         "mount": cfg.mount,

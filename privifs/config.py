@@ -92,6 +92,10 @@ class Config:
     def server_label(self) -> str:
         return "the embedded engine" if self.embedded else (self.api or "?")
 
+    def server_section(self) -> dict[str, object]:
+        """The ``[server]`` settings, as the config file and a backup record them."""
+        return {"embedded": self.embedded, **self.endpoints()}
+
 
 def load(path: Path | None = None) -> Config:
     path = path or default_config_path()
@@ -136,13 +140,7 @@ def _toml_value(v: object) -> str:
 
 def save(cfg: Config) -> None:
     sections = {
-        "server": {
-            "embedded": cfg.embedded,
-            "api": cfg.api,
-            "ws": cfg.ws,
-            "upstream": cfg.upstream,
-            "downstream": cfg.downstream,
-        },
+        "server": cfg.server_section(),
         "account": {"username": cfg.username, "password_file": cfg.password_file, "oauth_file": cfg.oauth_file},
         "keys": {"aes_key_file": cfg.aes_key_file, "identity_key_file": cfg.identity_key_file, "key_id": cfg.key_id},
         "mount": cfg.mount,

@@ -22,6 +22,7 @@ from privifs.account import open_account
 from privifs.cli.failures import LocalFileError
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
+from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import BlockWriter
 from privifs.config import load
 from privifs.errors import NotFoundError, PrivifsError, single_error
@@ -116,25 +117,26 @@ def split_name(name: str) -> str:
     return ext if dot and stem else ""
 
 
+def _shown(info: TokenInfo) -> dict:
+    """A token's listing entry as ``--json`` prints it (the reference's field names)."""
+    return {
+        "token": info.token,
+        "context": info.context,
+        "fileName": info.file_name,
+        "extension": info.extension,
+        "size": info.size,
+        "path": info.path,
+        "createdAt": info.created_at,
+        "risk": info.risk,
+    }
+
+
 async def _ls(args, client, vault) -> int:
     async for info in client.tokens.list():
         if not args.all and split_context(info.context)[:1] == split_context(RESERVED_CONTEXT):
             continue
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "token": info.token,
-                        "context": info.context,
-                        "fileName": info.file_name,
-                        "extension": info.extension,
-                        "size": info.size,
-                        "path": info.path,
-                        "createdAt": info.created_at,
-                        "risk": info.risk,
-                    }
-                )
-            )
+            print(json.dumps(_shown(info)))
         else:
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at)) if info.created_at else "-"
             size = "-" if info.size is None else str(info.size)
@@ -308,16 +310,7 @@ async def _stat(args, client, vault) -> int:
     info = await _find(client, args.token)
     print(
         json.dumps(
-            {
-                "token": info.token,
-                "context": info.context,
-                "fileName": info.file_name,
-                "extension": info.extension,
-                "size": info.size,
-                "path": info.path,
-                "createdAt": info.created_at,
-                "risk": info.risk,
-            },
+            _shown(info),
             indent=2,
         )
     )

@@ -523,15 +523,18 @@ class Filesystem:
 
     async def content(self, node: Node) -> SealedFile:
         """The verified content of the node's token (downloaded into the cache if needed)."""
-        token = node.token
         try:
-            return await self.cache.fetch(token, self.vault, node.size)
-        except IntegrityError as exc:
-            log.error("%s: integrity failure, the stored ciphertext does not verify (%s)", self.path(node), exc)
-            raise fail(errno.EIO) from None
+            return await self.cache.fetch(node.token, self.vault, node.size)
         except PrivifsError as exc:
-            log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
-            raise fail(errno_for(exc)) from None
+            raise self._fetch_failed(node, exc) from None
+
+    def _fetch_failed(self, node: Node, exc: PrivifsError) -> pyfuse3.FUSEError:
+        """Log why the node's content could not be fetched; the error to answer with."""
+        if isinstance(exc, IntegrityError):
+            log.error("%s: integrity failure, the stored ciphertext does not verify (%s)", self.path(node), exc)
+            return fail(errno.EIO)
+        log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
+        return fail(errno_for(exc))
 
     async def _parts(self, node: Node, work):
         """Await ``work`` on the node's parts (see :mod:`privifs.fs.parts`); a failure is EIO
@@ -564,14 +567,10 @@ class Filesystem:
         token = node.token
         try:
             return await self.cache.fetch(token, self.vault, node.size)
-        except IntegrityError as exc:
-            log.error("%s: integrity failure, the stored ciphertext does not verify (%s)", self.path(node), exc)
-            raise fail(errno.EIO) from None
         except PrivifsError as exc:
             if isinstance(exc, NotFoundError) and await self._followed(node, token):
                 return None
-            log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
-            raise fail(errno_for(exc)) from None
+            raise self._fetch_failed(node, exc) from None
 
     async def _followed(self, node: Node, token: str) -> bool:
         """After ``token`` (the node's content) could not be fetched: if it is gone from the vault,
