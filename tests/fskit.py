@@ -34,7 +34,7 @@ import trio
 from privifs.client.connect import Client, connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
-from privifs.crypto.sealed import local_key
+from privifs.crypto.sealed import SealedFile, local_key
 from privifs.fs.cache import ContentCache
 from privifs.fs.filesystem import Filesystem, MountOptions
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
@@ -571,3 +571,15 @@ async def kit(module_account, eng, tmp_path):
     """An in-process filesystem over the module's profile, its vault emptied first."""
     async with inprocess_fs(tmp_path, *module_account, empty_vault=True) as k:
         yield k
+
+
+CACHE_KEY = local_key(bytes(32))
+
+
+def sealed_file(path: Path, data: bytes, key: bytes = CACHE_KEY) -> str:
+    """A sealed (locally encrypted) file holding ``data``, as the cache adopts after a download."""
+    f = SealedFile.create(path, key)
+    f.write(0, data)
+    f.sync_header()
+    f.close()
+    return str(path)

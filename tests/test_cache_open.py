@@ -8,18 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from privifs.crypto.sealed import SealedFile, local_key
 from privifs.fs.cache import ContentCache
-
-KEY = local_key(bytes(32))
-
-
-def sealed_file(path: Path, data: bytes) -> str:
-    f = SealedFile.create(path, KEY)
-    f.write(0, data)
-    f.sync_header()
-    f.close()
-    return str(path)
+from tests.fskit import CACHE_KEY as KEY
+from tests.fskit import sealed_file
 
 
 @pytest.fixture

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import DiskFullError
 from privifs.fs.cache import ContentCache
 from privifs.fs.namespace import Index
+from tests.fskit import CACHE_KEY as KEY
+from tests.fskit import sealed_file
 from tests.mountkit import Mount
 
 MiB = 1024 * 1024
@@ -167,16 +168,6 @@ def test_the_cache_evicts_before_the_disk_fills_and_keeps_room_for_staging(engin
 
 
 # -- the cache in-process (no mount) --------------------------------------------------------------
-
-KEY = local_key(bytes(32))
-
-
-def sealed_file(path: Path, data: bytes) -> str:
-    f = SealedFile.create(path, KEY)
-    f.write(0, data)
-    f.sync_header()
-    f.close()
-    return str(path)
 
 
 def test_a_cache_hit_writes_nothing_to_the_cache_database(tmp_path):
