@@ -233,3 +233,48 @@ async def test_an_unexpected_failure_of_a_read_ahead_is_logged_and_the_mount_goe
         assert await t.fs.read(fh, 11 * PART, 100) == data[11 * PART : 11 * PART + 100]
         t.fs.release(fh)
         assert "read-ahead" in caplog.text
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 1]))
+
+
+async def test_a_part_read_again_is_served_from_its_open_file_until_the_cache_drops_it(account, tmp_path, monkeypatch):
+    data = os.urandom(4 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        assert await t.fs.read(fh, PART + 100, 4096) == data[PART + 100 : PART + 4196]
+        opened = []
+        real_open = t.fs.cache.open
+        monkeypatch.setattr(t.fs.cache, "open", lambda token: opened.append(token) or real_open(token))
+        for off in (PART + 9000, PART + 5, 2 * PART - 4096):  # random reads within the part
+            assert await t.fs.read(fh, off, 4096) == data[off : off + 4096]
+        assert opened == []  # no open(2), no header check: the part file stayed open
+        kept = t.fs.parts._open[m.parts[1].token]
+        t.fs.cache.evict(m.parts[1].token)  # as the cache's limit or a full disk would
+        assert kept.fd == -1  # closed: the space comes back
+        assert await t.fs.read(fh, PART + 7, 100) == data[PART + 7 : PART + 107]
+        assert set(opened) == {m.parts[1].token} and t.fs.cache.downloads == 2  # fetched again
+        t.fs.release(fh)
+
+
+async def test_an_open_part_whose_cache_file_is_damaged_is_eio_once_then_fetched_again(account, tmp_path, caplog):
+    data = os.urandom(4 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        assert await t.fs.read(fh, 2 * PART, 10) == data[2 * PART : 2 * PART + 10]
+        sealed = t.fs.parts._open[m.parts[2].token]
+        flip_byte(sealed.path, 200)  # in the cached ciphertext of the open part
+        with caplog.at_level(logging.ERROR, logger="privifs.fs"), pytest.raises(pyfuse3.FUSEError) as err:
+            await t.fs.read(fh, 2 * PART + 5, 10)
+        assert err.value.errno == errno.EIO and "/media/big.bin" in caplog.text
+        assert await t.fs.read(fh, 2 * PART + 5, 10) == data[2 * PART + 5 : 2 * PART + 15]  # downloaded again
+        t.fs.release(fh)

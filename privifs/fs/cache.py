@@ -37,6 +37,7 @@ import secrets
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,7 @@ class ContentCache:
         self._lru: OrderedDict[str, int] = OrderedDict()  # token -> sealed size, least recent first
         self._touched: dict[str, float] = {}  # access times not yet written back
         self._paths: dict[str, str] = {}  # token -> its entry's file, as diskcache last said (no SELECT per open)
+        self._evict_hooks: list[Callable[[str], None]] = []
         self.used = 0
         try:
             self.cache = diskcache.Cache(
@@ -280,6 +282,8 @@ class ContentCache:
     def evict(self, token: str) -> None:
         """Drop the entry: its file first (the space comes back even if the table cannot be
         written), then its row."""
+        for hook in self._evict_hooks:
+            hook(token)
         size = self._lru.pop(token, None)
         if size is not None:
             self.used -= size
@@ -328,6 +332,8 @@ class ContentCache:
             os.rename(f.name, dest)
         except OSError:
             return False
+        for hook in self._evict_hooks:
+            hook(token)
         size = self._lru.pop(token, None)
         if size is not None:
             self.used -= size
@@ -341,6 +347,17 @@ class ContentCache:
     def holds(self, token: str) -> bool:
         """Whether ``token``'s content is in the cache (no I/O)."""
         return token in self._lru
+
+    def used_again(self, token: str) -> None:
+        """Mark ``token``'s entry recently used without opening it (a reader that keeps the file
+        open reads it again); nothing if it is not held."""
+        if token in self._lru:
+            self._lru.move_to_end(token)
+            self._touched[token] = time.time()
+
+    def on_evict(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(token)`` whenever an entry is dropped (a reader keeping files open closes them)."""
+        self._evict_hooks.append(hook)
 
     def volume(self) -> int:
         return self.used

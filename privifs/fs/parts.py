@@ -37,6 +37,7 @@ READ_AHEAD = 3  # parts fetched ahead of a sequential reader
 SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequential
 MANIFESTS_KEPT = 64
 VERIFIED_KEPT = 4096
+OPEN_PARTS = 64  # verified part files kept open between reads (random reads in a big file)
 SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
 SETTLE = 120.0  # seconds a listing may lag behind a manifest this mount stored
 
@@ -107,6 +108,10 @@ class PartReader:
         self.read_ahead = read_ahead
         self._manifests: OrderedDict[str, fmt.Manifest] = OrderedDict()
         self._verified: OrderedDict[tuple, None] = OrderedDict()  # (part token, index, digest, cache file id)
+        # part token -> its cache file, open and verified: a read of a part read before costs no
+        # open(2) nor header check. Closed when the cache drops the entry (its space comes back).
+        self._open: OrderedDict[str, SealedFile] = OrderedDict()
+        cache.on_evict(self._close_open)
         # manifest token → (where a sequential read goes on, bytes read back to back up to there)
         self._next: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._ahead: set[str] = set()  # part tokens being fetched ahead
@@ -146,27 +151,52 @@ class PartReader:
             raise IntegrityError(f"part {index} does not match its digest in the manifest (replaced or swapped)")
 
     async def part(self, m: fmt.Manifest, index: int) -> SealedFile:
-        """Part ``index``, in the cache (downloaded if needed) and checked against the manifest;
-        the caller closes it."""
+        """Part ``index``, in the cache (downloaded if needed) and checked against the manifest.
+        The reader keeps it open for later reads: the caller must not close it, nor await
+        between this call returning and its use of the file."""
         part = m.parts[index]
+        sealed = self._open.get(part.token)
+        if sealed is not None and (part.token, index, part.digest, sealed.file_id) in self._verified:
+            self._open.move_to_end(part.token)
+            self.cache.used_again(part.token)
+            return sealed
         try:
             sealed = await self.cache.fetch(part.token, self.vault, part.size)
         except NotFoundError:  # the file is damaged, not gone: its manifest names the part
             raise IntegrityError(f"part {index} (token {part.token}) is missing from the vault") from None
         key = (part.token, index, part.digest, sealed.file_id)  # this content, checked at this place
-        if key in self._verified:
-            self._verified.move_to_end(key)
-            return sealed
-        try:
-            await trio.to_thread.run_sync(self._check, m, index, sealed)
-        except BaseException:
-            sealed.close()
-            self.cache.evict(part.token)
-            raise
-        self._verified[key] = None
-        while len(self._verified) > VERIFIED_KEPT:
-            self._verified.popitem(last=False)
+        if key not in self._verified:
+            try:
+                await trio.to_thread.run_sync(self._check, m, index, sealed)
+            except BaseException:
+                sealed.close()
+                self.cache.evict(part.token)
+                raise
+            self._verified[key] = None
+            while len(self._verified) > VERIFIED_KEPT:
+                self._verified.popitem(last=False)
+        self._verified.move_to_end(key)
+        self._close_open(part.token)  # another task opened it meanwhile
+        self._open[part.token] = sealed
+        while len(self._open) > OPEN_PARTS:
+            self._open.popitem(last=False)[1].close()
         return sealed
+
+    def _close_open(self, token: str) -> None:
+        sealed = self._open.pop(token, None)
+        if sealed is not None:
+            sealed.close()
+
+    def _read_part(self, m: fmt.Manifest, index: int, sealed: SealedFile, offset: int, end: int) -> bytes:
+        """Bytes [offset, end) of the file from part ``index``; a cache file that no longer
+        authenticates is dropped (the next read downloads the part again) and raises."""
+        start, stop = m.span(index)
+        lo = max(offset, start)
+        try:
+            return sealed.read(lo - start, min(end, stop) - lo)
+        except IntegrityError:
+            self.cache.evict(m.parts[index].token)
+            raise
 
     # -- collection ----------------------------------------------------------------------------
     async def sweep(
@@ -208,24 +238,24 @@ class PartReader:
         """Bytes [offset, offset+length) of the file whose manifest is ``token``."""
         m = await self.manifest(token)
         touched = m.touched(offset, length)
-        got: dict[int, bytes] = {}
         end = min(offset + length, m.total)
+        if not touched:
+            return b""
+        if len(touched) == 1:  # most reads: no nursery
+            i = touched[0]
+            data = self._read_part(m, i, await self.part(m, i), offset, end)
+            self._follow(token, m, offset, end, i)
+            return data
+        got: dict[int, bytes] = {}
 
         async def one(i: int) -> None:
-            sealed = await self.part(m, i)
-            try:
-                start, stop = m.span(i)
-                lo = max(offset, start)
-                got[i] = sealed.read(lo - start, min(end, stop) - lo)
-            finally:
-                sealed.close()
+            got[i] = self._read_part(m, i, await self.part(m, i), offset, end)
 
         with single_error():
             async with trio.open_nursery() as nursery:
                 for i in touched:
                     nursery.start_soon(one, i)
-        if touched:
-            self._follow(token, m, offset, end, touched[-1])
+        self._follow(token, m, offset, end, touched[-1])
         return b"".join(got[i] for i in touched)
 
     def _follow(self, token: str, m: fmt.Manifest, offset: int, end: int, last: int) -> None:
@@ -250,7 +280,7 @@ class PartReader:
     async def _fetch_ahead(self, m: fmt.Manifest, index: int) -> None:
         token = m.parts[index].token
         try:
-            (await self.part(m, index)).close()
+            await self.part(m, index)
         except (PrivifsError, OSError) as exc:  # the read that needs the part reports it
             log.debug("read-ahead of part %d failed (%s)", index, exc)
         except Exception:
@@ -276,13 +306,10 @@ class PartReader:
         try:
             for i in range(len(m.parts)):
                 sealed = await self.part(m, i)
-                try:
-                    pos = m.span(i)[0]
-                    for piece in sealed.chunks():
-                        staged.write(pos, piece)
-                        pos += len(piece)
-                finally:
-                    sealed.close()
+                pos = m.span(i)[0]
+                for piece in sealed.chunks():
+                    staged.write(pos, piece)
+                    pos += len(piece)
         except BaseException:
             staging.remove(staged)
             raise
