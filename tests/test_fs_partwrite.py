@@ -52,7 +52,9 @@ async def test_a_big_file_written_through_the_mount_is_stored_as_parts(account, 
         m = await store.manifest(node.token)
         assert await store.read(m, 0, len(data)) == data
         assert await read_all(t, node) == data
-        assert all(t.fs.cache.holds(p.token) for p in m.parts)  # uploaded parts are cached, not refetched
+        # the whole content is cached once, under the manifest's token (the staged file moved
+        # there); parts are not cached a second time, and reads download nothing
+        assert t.fs.cache.holds(node.token) and not any(t.fs.cache.holds(p.token) for p in m.parts)
         assert t.fs.cache.downloads == 0
 
 
@@ -180,7 +182,7 @@ async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, 
         await t.fs.fsync(fh)
         old_token = node.token
         old = await PartStore(t.fs.vault).manifest(old_token)
-        assert t.fs.cache.holds(old_token) and t.fs.cache.holds(old.parts[1].token)
+        assert t.fs.cache.holds(old_token)
         await t.fs.write(fh, PART + 1, b"x")
         assert not t.fs.cache.holds(old_token)  # the whole content moved into staging, not copied
         assert old_token not in t.fs.cache.cache  # and its row is gone
@@ -188,7 +190,7 @@ async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, 
         await t.fs.fsync(fh)
         t.fs.release(fh)
         assert not t.fs.cache.holds(old_token) and not t.fs.cache.holds(old.parts[1].token)
-        assert t.fs.cache.holds(node.token) and t.fs.cache.holds(old.parts[0].token)
+        assert t.fs.cache.holds(node.token)
 
 
 async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted_upload(account, tmp_path, small_parts):
@@ -209,6 +211,12 @@ async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted
         t.fs.release(fh)
         await t.wait_idle()
         assert await read_all(t, node) == data
+        fh = await t.open_node(node, os.O_WRONLY)  # the next write starts from the whole content
+        await t.fs.write(fh, 0, b"!")
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        assert await read_all(t, node) == b"!" + data[1:]
+        assert await store.read(await store.manifest(node.token), 0, len(data)) == b"!" + data[1:]
 
 
 async def test_the_sweep_never_collects_the_parts_of_a_store_still_in_flight_on_this_mount(

@@ -599,7 +599,7 @@ class Filesystem:
             return node.staged.sealed.read(offset, length)
         if node.token is None:
             return b""
-        if is_manifest_node(node.remote_risk):
+        if is_manifest_node(node.remote_risk) and not self._whole_content(fh, node):
             return await self._parts(node, self._read_parts(fh_id, node, offset, length))
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
@@ -619,6 +619,21 @@ class Filesystem:
             self.cache.evict(node.token)
             fh.close_reader()
             raise fail(errno.EIO) from None
+
+    def _whole_content(self, fh: FileHandle, node: Node) -> bool:
+        """For a file stored as parts: whether the cache holds its whole content under the
+        manifest's token (what this mount uploaded last; see :mod:`privifs.fs.partwrite`), now
+        open as the handle's reader. Otherwise reads go through the parts."""
+        if fh.reader is not None and fh.reader_token == node.token:
+            return True
+        if not self.cache.holds(node.token):
+            return False
+        sealed = self.cache.open(node.token)
+        if sealed is None:
+            return False
+        fh.close_reader()
+        fh.reader, fh.reader_token = sealed, node.token
+        return True
 
     async def write(self, fh_id: int, offset: int, data: bytes) -> int:
         fh = self.handles[fh_id]

@@ -9,10 +9,10 @@ file made another way, every part is compared). So a small change to a big file 
 parts and a new manifest, and a file that was one token (or a manifest with another part size)
 is converted by uploading every part. Parts go before the manifest that names them; the
 parts of the old manifest it no longer names are returned for deletion once the new manifest is
-recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.sweep`). Every
-uploaded part is also put into the read cache, so reads after the upload do not fetch it back
-(and the syncer caches the whole staged file under the manifest's token as for any upload, so
-the next write copies it instead of assembling it from parts).
+recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.sweep`). The
+uploaded parts are not cached one by one: the syncer moves the whole staged file into the cache
+under the manifest's token, as for any upload, and reads and the next write use that entry
+(the file is held once, and no part is encrypted a second time for the cache).
 """
 
 from __future__ import annotations
@@ -102,7 +102,6 @@ class PartWriter:
                 self.reader.in_flight.add(parts[i].token)
                 self.parts_uploaded += 1
                 progress(len(data))
-                await self._seed(parts[i].token, data)
 
         stored: list[str] = []
         try:
@@ -122,7 +121,3 @@ class PartWriter:
         for replaced in ([old_token] if old_token else []) + stale:  # never read again by this mount
             self.cache.evict(replaced)
         return token, stale
-
-    async def _seed(self, token: str, data: bytes) -> None:
-        """Put an uploaded part into the read cache (best effort: a read fetches it otherwise)."""
-        await self.cache.store(token, data)

@@ -431,6 +431,7 @@ class Syncer:
             self.ns.meta_pending(node)
             if node.staged is staged:
                 self.ns.clear_staged(node, content_clean=True)
+                staged.sealed.sync_header()  # an adopted orphan (adopt_orphan) was never synced for upload
                 staged.sealed.close()
                 if not self._adopt(token, staged):
                     self.staging.remove(staged)
@@ -501,8 +502,10 @@ class Syncer:
     async def _keep_a_copy(self, node: Node, token: str) -> None:
         """Before renaming a file, have its content in the cache (small files only): if a writer
         elsewhere that has not seen the rename replaces the content and deletes this token, the
-        renamed entry can still be stored again (see :meth:`rescue_renamed`)."""
-        if node.size > RENAME_FETCH_LIMIT:
+        renamed entry can still be stored again (see :meth:`rescue_renamed`). Never for a file
+        stored as parts: its token is a manifest, and the cache's entry under a manifest's token
+        is the file's whole content (see :mod:`privifs.fs.partwrite`)."""
+        if node.size > RENAME_FETCH_LIMIT or is_manifest_node(node.remote_risk):
             return
         try:
             sealed = await self.cache.fetch(token, self.vault, node.size)
