@@ -494,6 +494,8 @@ class RssWatch:
     def __init__(self, c: Contender):
         self.c = c
         self.peak: dict[str, int] = {}
+        self.phase = "start"  # the workload running (set by run_all)
+        self.phase_peak: dict[tuple[str, str], int] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -509,9 +511,12 @@ class RssWatch:
                     pass
             for name, p in procs.items():
                 try:
-                    self.peak[name] = max(self.peak.get(name, 0), p.memory_info().rss)
+                    rss = p.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                self.peak[name] = max(self.peak.get(name, 0), rss)
+                key = (name, self.phase)
+                self.phase_peak[key] = max(self.phase_peak.get(key, 0), rss)
             self._stop.wait(0.1)
 
     def __enter__(self) -> RssWatch:
@@ -802,6 +807,8 @@ def run_all(contenders: list[Contender], args, tarball: Path, results: dict, sav
         for name in args.only:
             print(f"== {name}", flush=True)
             ctxs = [Ctx(c, args, tarball, results.setdefault(c.name, {})) for c in contenders]
+            for watch in watches:
+                watch.phase = name
             for run in range(args.runs):
                 for x in ctxs:
                     t = time.time()
@@ -813,6 +820,8 @@ def run_all(contenders: list[Contender], args, tarball: Path, results: dict, sav
             watch.__exit__(None, None, None)
             for role, peak in watch.peak.items():
                 results.setdefault(c.name, {}).setdefault(f"rss_{role}_MiB", []).append(peak / MiB)
+            for (role, phase), peak in watch.phase_peak.items():  # in the JSON: where each peak was
+                results.setdefault(c.name, {})[f"rss_{role}_MiB_during_{phase}"] = [peak / MiB]
 
 
 def summarise(values: list[float]) -> tuple[float, float, float]:
