@@ -186,6 +186,30 @@ def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
         assert "stay staged" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_umount_timeout_bounds_the_whole_command_while_the_server_keeps_failing(eng, tmp_path):
+    """umount --timeout gave up on the uploads, then the daemon drained them for up to another
+    60 s after the unmount and the command waited for it (--timeout 15 took 57 s against a server
+    that accepted connections and never answered), and said '(last error: None)'."""
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        data = os.urandom(200_000)
+        (m.dir / "stuck.bin").write_bytes(data)
+        eng.set_options(fail_rate=1.0)
+        try:
+            start = time.monotonic()
+            r = m.umount("--timeout", "2", check=False)
+            took = time.monotonic() - start
+        finally:
+            eng.set_options(fail_rate=0.0)
+        assert r.returncode == 7, (r.stdout, r.stderr)
+        assert "stay staged" in r.stderr and "None" not in r.stderr and "Traceback" not in r.stderr
+        assert took < 20, f"umount --timeout 2 took {took:.0f}s"
+        assert not is_mounted(m.dir)
+        m.mount()
+        m.wait_idle()
+        assert ("/", "stuck.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
+        assert (m.dir / "stuck.bin").read_bytes() == data
+
+
 def test_bad_option_values_are_refused_with_one_line(tmp_path):
     m = Mount(tmp_path, None)  # the embedded engine: nothing is set up before the options are checked
     bad = [

@@ -128,7 +128,9 @@ def run_umount(args: argparse.Namespace) -> int:
         ) from None
     finally:
         progress.close()
-    list(control_request(entry, {"cmd": "unmount"}))
+    # when the flush gave up, the daemon ends without draining the uploads again (the user was
+    # told how long to wait; what is left is uploaded by the next mount)
+    list(control_request(entry, {"cmd": "unmount", **({"drain": 0} if result.get("error") else {})}))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not paths.pid_alive(entry["pid"]):
