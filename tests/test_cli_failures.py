@@ -4,6 +4,8 @@ failure, the traceback of an unexpected error in the CLI log (never on the termi
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,51 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--refresh-interval" in err and "at least 0.1 seconds" in err
+
+
+@pytest.mark.timeout(60)  # without the fix, the FIFOs block (the FIFO key comes before /dev/zero)
+def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsys, state, monkeypatch):
+    """A configuration or password file that is not UTF-8, a [server] that is not a section:
+    'internal error: UnicodeDecodeError / AttributeError …' (exit 70); a FIFO as the
+    configuration, key, password or passphrase file blocked the command forever and /dev/zero as
+    the key file filled the memory."""
+    os.environ.pop("PRIVIFS_BACKUP_PASSPHRASE", None)
+    key = tmp_path / "aes.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    password = tmp_path / "password"
+    password.write_text("pw\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+
+    def config(name: str, text: str | bytes) -> str:
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return str(path)
+
+    def account(key_file: Path = key, password_file: Path = password) -> str:
+        return (
+            '[server]\nembedded = false\napi = "http://127.0.0.1:9"\n[account]\nusername = "u"\n'
+            f'password_file = "{password_file}"\n[keys]\naes_key_file = "{key_file}"\n'
+        )
+
+    (tmp_path / "latin1").write_bytes(b"\xe9t\xe9\n")
+    cases = [
+        (config("latin1.toml", b"\xff\xfe[server]\n"), "not UTF-8"),
+        (config("number.toml", "server = 5\n"), "[server] section"),
+        (config("mount.toml", "mount = 3\n" + account()), "[mount] section"),
+        (str(fifo), "not a regular file"),
+        (config("fifokey.toml", account(key_file=fifo)), "not a regular file"),
+        (config("zerokey.toml", account(key_file=Path("/dev/zero"))), "not a regular file"),
+        (config("fifopw.toml", account(password_file=fifo)), "not a regular file"),
+        (config("latin1pw.toml", account(password_file=tmp_path / "latin1")), "not UTF-8"),
+    ]
+    for cfg, says in cases:
+        code = main(["--config", cfg, "token", "ls"])
+        err = capsys.readouterr().err
+        assert code == 3, (cfg, code, err)
+        assert err.count("\n") == 1 and says in err and "internal error" not in err, (cfg, err)
+    code = main(["restore", str(tmp_path / "x.backup"), "--passphrase-file", str(fifo)])
+    err = capsys.readouterr().err
+    assert code == 3 and "not a regular file" in err, err
+    assert not (state / "cli.log").exists()

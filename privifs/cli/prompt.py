@@ -10,15 +10,18 @@ import sys
 from pathlib import Path
 
 from privifs.errors import ConfigError
+from privifs.paths import read_small
 
 
 def ask_secret(noun: str, prompt: str, *, file: Path | None, env: str, flag: str, confirm: bool) -> str:
     """The secret from ``file``, else ``$env``, else a prompt (typed twice with ``confirm``)."""
     if file is not None:
         try:
-            return file.read_text().rstrip("\n")
+            return read_small(file).decode().rstrip("\n")
         except OSError as exc:
             raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file} is not UTF-8 text") from None
     value = os.environ.get(env)
     if value:
         return value
