@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -208,6 +209,26 @@ def test_umount_timeout_bounds_the_whole_command_while_the_server_keeps_failing(
         m.wait_idle()
         assert ("/", "stuck.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
         assert (m.dir / "stuck.bin").read_bytes() == data
+
+
+def test_malformed_control_requests_get_an_error_answer_not_a_failed_task(engine, tmp_path):
+    """A control request that was JSON but not an object ([1], "x", null), or a flush with a
+    timeout that is not a number, was answered 'internal error: AttributeError …' and counted as
+    an unexpected failure: 'privifs status' then showed 'task failed: control socket'."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        flushes = (b'{"cmd": "flush", "timeout": "abc"}', b'{"cmd": "flush", "timeout": true}')
+        for raw in (b"[1]", b'"x"', b"null", *flushes):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(m.registry()["control"])
+                s.sendall(raw + b"\n")
+                answer = json.loads(s.makefile("rb").readline())
+            assert answer["error"].startswith("bad request"), (raw, answer)
+        status = m.status()
+        status = status[0] if isinstance(status, list) else status
+        control = [t for t in status["tasks"] if t["name"] == "control socket"]
+        assert control and control[0]["failures"] == 0, control
+        assert m.control({"cmd": "flush", "timeout": 30})[-1] == {"done": True}
 
 
 def test_bad_option_values_are_refused_with_one_line(tmp_path):

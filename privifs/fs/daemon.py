@@ -428,11 +428,18 @@ class Daemon:
             except ValueError:
                 await send({"error": "bad request"})
                 return
+            if not isinstance(request, dict):
+                await send({"error": "bad request: expected a JSON object"})
+                return
+            timeout = request.get("timeout")
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+                await send({"error": "bad request: timeout must be a number of seconds"})
+                return
             cmd = request.get("cmd")
             if cmd == "status":
                 await send({"status": self.status()})
             elif cmd == "flush":
-                result = await self.flush(lambda p: send({"progress": p}), request.get("timeout"))
+                result = await self.flush(lambda p: send({"progress": p}), timeout)
                 await send(result)
             elif cmd == "refresh":
                 await self.refresher.refresh_once()
