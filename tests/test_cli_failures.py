@@ -118,3 +118,21 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 3 and "not a regular file" in err, err
     assert not (state / "cli.log").exists()
+
+
+@pytest.mark.timeout(60)  # without the fix, the FIFO blocks
+def test_junk_in_the_mount_registry_is_dropped_not_an_internal_error(tmp_path, capsys, state, monkeypatch):
+    """An entry in $XDG_RUNTIME_DIR/privifs/mounts that was JSON but not a mount's entry made
+    'privifs status' and 'privifs umount' end in 'internal error: TypeError …' (exit 70); a
+    FIFO there blocked them."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    registry = tmp_path / "run" / "privifs" / "mounts"
+    registry.mkdir(parents=True)
+    for name, text in (("list", "[1, 2]"), ("number", '{"mountpoint": 5, "pid": 1}'), ("junk", "garbage")):
+        (registry / f"{name}.json").write_text(text)
+    os.mkfifo(registry / "fifo.json")
+    assert main(["status"]) == 0
+    assert main(["umount", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "is not a privifs mount" in err, err
+    assert list(registry.iterdir()) == []

@@ -105,11 +105,18 @@ def registered_mounts() -> list[dict]:
     out = []
     for f in sorted((paths.runtime_dir() / "mounts").glob("*.json")):
         try:
-            entry = json.loads(f.read_text())
+            entry = json.loads(paths.read_small(f))
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("pid"), int)
+                and isinstance(entry.get("mountpoint"), str)
+                and isinstance(entry.get("control"), str)
+            ):
+                raise ValueError("not a mount's entry")
             if not paths.pid_alive(entry["pid"]):
                 raise ValueError("daemon gone")
             out.append(entry)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             f.unlink(missing_ok=True)
     return out
 
