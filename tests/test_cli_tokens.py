@@ -79,6 +79,44 @@ def test_tampered_token_is_refused_by_get_and_leaves_no_file(user, tmp_path, eng
     assert not out.exists() and not list(tmp_path.glob(".out.bin*"))
 
 
+def test_get_never_replaces_a_device_fifo_or_socket_nor_writes_into_a_planted_partial_file(user, tmp_path):
+    """'privifs token get TOKEN /dev/full' (as root) renamed the plaintext over the device node:
+    /dev/full became a regular file holding the decrypted content; a FIFO or socket was replaced
+    the same way. And the partial file was opened without O_EXCL: a file another user had put at
+    .OUT.privifs-partial (in a shared directory) received the plaintext, a symlink there led the
+    write to its target."""
+    src = tmp_path / "secret.txt"
+    src.write_bytes(b"plaintext " * 1000)
+    token = run(user, "token", "put", str(src)).stdout.strip()
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = run(user, "token", "get", token, str(fifo), check=False)
+    assert r.returncode == 4 and "not a regular file" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert not list(tmp_path.glob(".fifo*"))
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"do not touch")
+    planted = tmp_path / ".out.txt.privifs-partial"
+    planted.symlink_to(victim)
+    out = tmp_path / "out.txt"
+    run(user, "token", "get", token, str(out))
+    assert victim.read_bytes() == b"do not touch"
+    assert out.read_bytes() == src.read_bytes() and not out.is_symlink()
+    assert not planted.exists() and not planted.is_symlink()
+
+    planted.write_bytes(b"")  # a file someone else could read along
+    planted.chmod(0o666)
+    watcher = open(planted, "rb")  # the other user's open descriptor
+    try:
+        run(user, "token", "get", token, str(out))
+        assert watcher.read() == b"", "the plaintext went into the planted file"
+    finally:
+        watcher.close()
+    assert out.read_bytes() == src.read_bytes()
+
+
 def test_wrong_key_file_is_detected(user, tmp_path):
     key = tmp_path / "config" / "privifs" / "aes.key"
     key.write_text(os.urandom(32).hex() + "\n")

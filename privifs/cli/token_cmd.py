@@ -212,10 +212,16 @@ class FileSink(BlockWriter):
         self.f = None
 
     def _restart(self) -> None:
-        if self.f is not None:
-            self.f.close()
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.f = os.fdopen(fd, "wb")
+        if self.f is None:
+            # never open a file that is already there: a partial file left by a killed get, or
+            # one another user put in a shared directory (a symlink, or a file they could read
+            # the plaintext from) is removed and a new private one made
+            self.tmp.unlink(missing_ok=True)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self.f = os.fdopen(fd, "wb")
+        else:
+            self.f.seek(0)
+            self.f.truncate()
         self.progress.reset()
 
     def _write_block(self, offset: int, data: bytes) -> None:
@@ -253,6 +259,15 @@ def output_path(out: Path, name: str | None) -> Path:
         out = out / name
         if out.is_dir():
             raise LocalFileError(f"{out} is a directory")
+    try:
+        kind = os.lstat(out).st_mode
+    except FileNotFoundError:
+        kind = None
+    except OSError as exc:
+        raise LocalFileError(f"cannot write {out}: {exc.strerror}") from None
+    if kind is not None and not (stat.S_ISREG(kind) or stat.S_ISLNK(kind)):
+        # the file is renamed into place: it would replace a device node, FIFO or socket
+        raise LocalFileError(f"{out} is not a regular file (a device, FIFO or socket); name a file to write")
     parent = out.parent
     if not parent.is_dir():
         raise LocalFileError(f"cannot write {out}: the directory {parent} does not exist")
