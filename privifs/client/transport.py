@@ -24,6 +24,7 @@ from privifs.client import shapes
 from privifs.client.urls import complete
 from privifs.errors import (
     AuthorizationError,
+    ConfigError,
     ConflictError,
     ForbiddenError,
     NotFoundError,
@@ -175,6 +176,10 @@ class Transport:
                     content=body,
                     headers=hdrs,
                 )
+            except httpx.InvalidURL as exc:  # a configured URL that cannot be parsed: no retry helps
+                raise ConfigError(
+                    f"the server URL {base!r} is not valid ({exc}); correct it in the configuration"
+                ) from None
             except httpx.TransportError as exc:
                 err: Exception = ServerUnreachable(
                     f"cannot reach the Privicore server at {base} ({failure_text(exc)}); "
