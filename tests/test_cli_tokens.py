@@ -206,6 +206,23 @@ def test_every_token_command_refuses_a_wrong_key_before_writing(user, tmp_path):
     assert tokens_with_key(user) == before
 
 
+def test_a_failed_init_leaves_no_new_secret_that_blocks_the_next_one(user, tmp_path):
+    """'privifs init' with a mistyped password failed but left the AES key it had just made;
+    the right 'init --key-file KEY' then failed with 'aes.key already holds another AES key
+    ... move it away'. A --register of a taken name left its new password, identity and key."""
+    other = tmp_path / "other"
+    cfg_dir = other / "config" / "privifs"
+    env = isolated_env(other, **{k: v for k, v in user.items() if k.startswith("PRIVICORE_")})
+    r = run(dict(env, PRIVICORE_PASSWORD="a-typo"), "init", check=False)
+    assert r.returncode == 1 and "refused username" in r.stderr, r.stderr
+    assert not (cfg_dir / "aes.key").exists()
+    r = run(dict(env, PRIVICORE_PASSWORD="another-password"), "init", "--register", check=False)
+    assert r.returncode != 0 and "already taken" in r.stderr, r.stderr
+    assert sorted(p.name for p in cfg_dir.iterdir()) == []
+    run(env, "init", "--key-file", str(tmp_path / "config" / "privifs" / "aes.key"))
+    run(env, "token", "ls")
+
+
 def test_init_copies_the_key_file_so_removing_it_breaks_nothing(user, tmp_path):
     key = tmp_path / "usb" / "vault.key"
     key.parent.mkdir()
