@@ -136,3 +136,14 @@ def test_junk_in_the_mount_registry_is_dropped_not_an_internal_error(tmp_path, c
     err = capsys.readouterr().err
     assert "internal error" not in err and "is not a privifs mount" in err, err
     assert list(registry.iterdir()) == []
+
+
+def test_an_argument_that_is_not_utf8_does_not_break_the_cli_log(capsys, state, monkeypatch):
+    """With a non-UTF-8 byte in the command line (a lone surrogate in sys.argv), writing the
+    internal error to the CLI log failed itself: '--- Logging error --- Traceback …' on the
+    terminal."""
+    monkeypatch.setattr("sys.argv", ["privifs", "token", "put", "f", "--name", "\udcff"])
+    assert report(RuntimeError("a bug"), debug=False) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err and err.count("\n") == 1, err
+    assert "\\udcff" in (state / "cli.log").read_text()
