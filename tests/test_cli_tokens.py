@@ -223,6 +223,24 @@ def test_a_failed_init_leaves_no_new_secret_that_blocks_the_next_one(user, tmp_p
     run(env, "token", "ls")
 
 
+def test_a_name_that_is_not_utf8_is_refused_in_one_line(user, tmp_path):
+    """'token put F --name $'\\xff'' (or a file whose own name is not UTF-8) uploaded the
+    content, then ended in 'internal error: UnicodeEncodeError' with a logging traceback."""
+    src = tmp_path / "a.txt"
+    src.write_text("x")
+    for args in (("put", str(src), "--name", "\udcff"), ("put", str(src), "--context", "/\udcff")):
+        r = run(user, "token", *args, check=False)
+        assert r.returncode == 2 and "not valid UTF-8" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    odd = tmp_path / "\udcff.txt"
+    odd.write_text("x")
+    r = run(user, "token", "put", str(odd), check=False)
+    assert r.returncode == 4 and "--name" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    token = run(user, "token", "put", str(odd), "--name", "fine.txt").stdout.strip()
+    r = run(user, "token", "mv", token, "--name", "\udcff", check=False)
+    assert r.returncode == 2 and "not valid UTF-8" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr
+
+
 def test_init_copies_the_key_file_so_removing_it_breaks_nothing(user, tmp_path):
     key = tmp_path / "usb" / "vault.key"
     key.parent.mkdir()

@@ -20,6 +20,7 @@ import trio
 
 from privifs.account import open_account
 from privifs.cli.failures import LocalFileError
+from privifs.cli.options import utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -48,8 +49,8 @@ def register(sub) -> None:
     ls.add_argument("--all", action="store_true", help="also privifs' own tokens (the key check in /.privifs)")
     put = action("put", "encrypt and store a file; prints the permanent token", _put)
     put.add_argument("file", type=Path, help="a regular file")
-    put.add_argument("--name", help="file name to record (default: the file's name)")
-    put.add_argument("--context", default="/", help="context (directory) to record (default /)")
+    put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
+    put.add_argument("--context", type=utf8_text, default="/", help="context (directory) to record (default /)")
     get = action("get", "fetch, verify and decrypt a token into a file (written only if it verifies)", _get)
     get.add_argument("token")
     get.add_argument("out", type=Path, help="the file to write, or a directory to write it into under its name")
@@ -57,8 +58,8 @@ def register(sub) -> None:
     rm.add_argument("token")
     mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
     mv.add_argument("token")
-    mv.add_argument("--name", required=True, help="the new file name")
-    mv.add_argument("--context", help="the new context (directory)")
+    mv.add_argument("--name", type=utf8_text, required=True, help="the new file name")
+    mv.add_argument("--context", type=utf8_text, help="the new context (directory)")
     st = action("stat", "show a token's meta as JSON", _stat)
     st.add_argument("token")
 
@@ -158,6 +159,10 @@ async def _put(args, client, vault) -> int:
         raise LocalFileError(f"cannot read {path}: permission denied")
     size = st.st_size
     name = args.name or path.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalFileError(f"the name of {path} is not valid UTF-8; give the name to record with --name") from None
     progress = Progress(f"put {name}", size)
 
     async def source() -> AsyncIterator[bytes]:
