@@ -239,6 +239,9 @@ def test_a_name_that_is_not_utf8_is_refused_in_one_line(user, tmp_path):
     r = run(user, "token", "mv", token, "--name", "\udcff", check=False)
     assert r.returncode == 2 and "not valid UTF-8" in r.stderr, r.stderr
     assert "internal error" not in r.stderr
+    for args in (("get", "dtk-\udcff", str(tmp_path / "out")), ("rm", "\udcff"), ("stat", "\udcff")):
+        r = run(user, "token", *args, check=False)
+        assert r.returncode == 2 and "not valid UTF-8" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_init_copies_the_key_file_so_removing_it_breaks_nothing(user, tmp_path):

@@ -52,16 +52,16 @@ def register(sub) -> None:
     put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
     put.add_argument("--context", type=utf8_text, default="/", help="context (directory) to record (default /)")
     get = action("get", "fetch, verify and decrypt a token into a file (written only if it verifies)", _get)
-    get.add_argument("token")
+    get.add_argument("token", type=utf8_text)
     get.add_argument("out", type=Path, help="the file to write, or a directory to write it into under its name")
     rm = action("rm", "delete a token", _rm)
-    rm.add_argument("token")
+    rm.add_argument("token", type=utf8_text)
     mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
-    mv.add_argument("token")
+    mv.add_argument("token", type=utf8_text)
     mv.add_argument("--name", type=utf8_text, required=True, help="the new file name")
     mv.add_argument("--context", type=utf8_text, help="the new context (directory)")
     st = action("stat", "show a token's meta as JSON", _stat)
-    st.add_argument("token")
+    st.add_argument("token", type=utf8_text)
 
 
 def run(args: argparse.Namespace) -> int:
