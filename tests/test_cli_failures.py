@@ -147,3 +147,25 @@ def test_an_argument_that_is_not_utf8_does_not_break_the_cli_log(capsys, state, 
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err and err.count("\n") == 1, err
     assert "\\udcff" in (state / "cli.log").read_text()
+
+
+def test_init_refuses_settings_that_are_not_utf8(tmp_path, capsys, state, monkeypatch):
+    """PRIVICORE_USERNAME or PRIVICORE_PASSWORD holding a non-UTF-8 byte ended 'privifs init'
+    in 'internal error: UnicodeEncodeError: … surrogates not allowed' (exit 70), and the API
+    URL 'http://\\xff' in 'internal error: InvalidURL'."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("PRIVICORE_API_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PRIVICORE_USERNAME", "someone@example.com")
+    monkeypatch.setenv("PRIVICORE_PASSWORD", "a-password")
+    for name, value in (
+        ("PRIVICORE_USERNAME", "\udcff"),
+        ("PRIVICORE_PASSWORD", "pw\udcff"),
+        ("PRIVICORE_API_URL", "http://\udcff"),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert main(["init"]) == 3
+        err = capsys.readouterr().err
+        assert f"{name} is not valid UTF-8" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "config" / "privifs" / "aes.key").exists()
+    assert not (state / "cli.log").exists()

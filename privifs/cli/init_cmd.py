@@ -24,7 +24,7 @@ import trio
 
 from privifs import paths
 from privifs.account import embedded_usernames
-from privifs.cli.prompt import ask_secret
+from privifs.cli.prompt import ask_secret, env_text
 from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
@@ -133,7 +133,19 @@ def _embedded_plan(args: argparse.Namespace, cfg_dir: Path, key: bytes | None) -
     return Plan(username, password, True, key or os.urandom(AES_KEY_SIZE), key is None)
 
 
+SETTINGS = (
+    "PRIVICORE_API_URL",
+    "PRIVICORE_WS_URL",
+    "PRIVICORE_UPSTREAM_URL",
+    "PRIVICORE_DOWNSTREAM_URL",
+    "PRIVICORE_USERNAME",
+    "PRIVICORE_PASSWORD",
+)
+
+
 def run(args: argparse.Namespace) -> int:
+    for name in SETTINGS:  # checked before anything is written or sent
+        env_text(name)
     cfg_path = args.config or default_config_path()
     if cfg_path.exists() and not args.force:
         raise ConfigError(f"{cfg_path} already exists; use --force to replace it")

@@ -22,7 +22,7 @@ def ask_secret(noun: str, prompt: str, *, file: Path | None, env: str, flag: str
             raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{file} is not UTF-8 text") from None
-    value = os.environ.get(env)
+    value = env_text(env)
     if value:
         return value
     if not sys.stdin.isatty():
@@ -31,3 +31,15 @@ def ask_secret(noun: str, prompt: str, *, file: Path | None, env: str, flag: str
     if confirm and getpass.getpass(f"Repeat the {noun}: ") != text:
         raise ConfigError(f"the {noun}s differ")
     return text
+
+
+def env_text(name: str) -> str | None:
+    """The environment variable ``name``, refused (ConfigError) if it is not valid UTF-8: its
+    bytes arrive as lone surrogates, which no request and no file can carry."""
+    value = os.environ.get(name)
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{name} is not valid UTF-8 text") from None
+    return value

@@ -93,6 +93,8 @@ def scheme_problems(urls: dict[str, str | None]) -> list[str]:
 async def _reachable_http(http: httpx.AsyncClient, name: str, url: str) -> str | None:
     try:
         await http.get(url.rstrip("/") + ("/health" if name == "api" else "/"))
+    except httpx.InvalidURL as exc:
+        return f"{SETTING[name]}={url!r} is not a valid URL ({exc})"
     except httpx.HTTPError as exc:
         return f"nothing answers at the {name} URL {url} ({SETTING[name]}): {type(exc).__name__}: {exc}"
     return None  # any HTTP answer will do: the stream servers answer bare requests with 4xx
