@@ -169,3 +169,18 @@ def test_init_refuses_settings_that_are_not_utf8(tmp_path, capsys, state, monkey
         assert f"{name} is not valid UTF-8" in err and err.count("\n") == 1, err
     assert not (tmp_path / "config" / "privifs" / "aes.key").exists()
     assert not (state / "cli.log").exists()
+
+
+def test_a_mountpoint_that_is_not_utf8_is_refused_in_one_line(tmp_path, capsys, state, monkeypatch):
+    """'privifs mount DIR' with a non-UTF-8 byte in DIR's path started the daemon, which failed
+    writing the path into its state: 'the mount failed (UnicodeEncodeError: … surrogates not
+    allowed)' and an internal error in the mount log."""
+    for name in ("CONFIG", "DATA", "CACHE", "STATE"):  # nothing may reach the real home, fix or not
+        monkeypatch.setenv(f"XDG_{name}_HOME", str(tmp_path / name.lower()))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/\xff"))
+    odd.mkdir()
+    assert main(["mount", str(odd)]) == 3
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "config" / "privifs").exists() and not (tmp_path / "data").exists()
