@@ -211,6 +211,24 @@ def test_umount_timeout_bounds_the_whole_command_while_the_server_keeps_failing(
         assert (m.dir / "stuck.bin").read_bytes() == data
 
 
+def test_umount_of_a_daemon_that_hangs_ends_with_one_line(engine, tmp_path):
+    """'privifs umount DIR --timeout 5' of a daemon that did not answer (stopped with SIGSTOP)
+    waited on its control socket forever: the flush request had no time limit at all."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        pid = m.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            r = m.umount("--timeout", "5", check=False)
+            took = time.monotonic() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert r.returncode == 1 and "did not answer" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert took < 60, f"umount took {took:.0f}s"
+        assert is_mounted(m.dir)  # nothing was done to a daemon that may still be working
+        m.umount()
+
+
 def test_malformed_control_requests_get_an_error_answer_not_a_failed_task(engine, tmp_path):
     """A control request that was JSON but not an object ([1], "x", null), or a flush with a
     timeout that is not a number, was answered 'internal error: AttributeError …' and counted as
