@@ -32,7 +32,7 @@ class Account:
 def credentials(cfg: Config) -> Credentials:
     if cfg.oauth_file is not None:
         try:
-            data = json.loads(cfg.oauth_file.read_text())
+            data = json.loads(paths.read_small(cfg.oauth_file))
             return OAuthCredentials(data["accessToken"], data["refreshToken"], data.get("expiresAt"))
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"cannot read the OAuth token file {cfg.oauth_file}: {exc}") from None

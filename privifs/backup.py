@@ -263,8 +263,10 @@ def restore_backup(
         tar = tarfile.open(src)
     except FileNotFoundError:
         raise BackupError(f"{src} does not exist") from None
-    except (OSError, tarfile.TarError) as exc:
-        raise BackupError(f"cannot read the backup {src}: {exc}") from None
+    except tarfile.TarError:
+        raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
+    except OSError as exc:
+        raise BackupError(f"cannot read the backup {src}: {exc.strerror or exc}") from None
     with tar:
         header, members = _open_secrets(tar, passphrase)
         doc = json.loads(members["account.json"])

@@ -85,9 +85,11 @@ class Config:
         if self.password_file is None:
             raise ConfigError(f"no password file is configured in {self.path}; run 'privifs init'")
         try:
-            return self.password_file.read_text().rstrip("\n")
+            return paths.read_small(self.password_file).decode().rstrip("\n")
         except OSError as exc:
             raise ConfigError(f"cannot read the password file {self.password_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"the password file {self.password_file} is not UTF-8 text") from None
 
     def server_label(self) -> str:
         return "the embedded engine" if self.embedded else (self.api or "?")
@@ -100,14 +102,21 @@ class Config:
 def load(path: Path | None = None) -> Config:
     path = path or default_config_path()
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(paths.read_small(path).decode())
     except FileNotFoundError:
         raise ConfigError(
             f"no configuration at {path}; run 'privifs init' first (or mount with no "
             f"configuration to use the embedded engine)"
         ) from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read the configuration {path}: it is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cannot read the configuration {path}: {exc}") from None
+    for section in ("server", "account", "keys", "mount"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"cannot read the configuration {path}: '{section}' must be a [{section}] section")
     server, account, keys = raw.get("server", {}), raw.get("account", {}), raw.get("keys", {})
 
     def p(v: object) -> Path | None:

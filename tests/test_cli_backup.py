@@ -200,3 +200,19 @@ def test_backup_and_restore_report_progress_in_bytes(original, tmp_path, monkeyp
         sum(f.stat().st_size for f in (fresh / "data" / "privifs" / "engine" / "blobs").rglob("*") if f.is_file())
         == blobs
     )
+
+
+def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path):
+    """An empty file, random bytes or a file cut inside its first header printed tarfile's
+    four-line 'file could not be opened successfully: - method gz: …' report."""
+    fresh = Mount(tmp_path / "fresh", None)
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    for name, data in (("empty", b""), ("random", os.urandom(5000)), ("cut", b"privifs-backup.json" + bytes(80))):
+        path = tmp_path / f"{name}.backup"
+        path.write_bytes(data)
+        r = privifs(env, "restore", str(path), check=False)
+        assert r.returncode == 3, (name, r.stderr)
+        assert r.stderr.count("\n") == 1 and "not a privifs backup" in r.stderr, (name, r.stderr)
+    r = privifs(env, "restore", str(tmp_path), check=False)  # a directory
+    assert r.returncode in (3, 4) and r.stderr.count("\n") == 1 and "directory" in r.stderr, r.stderr
+    assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()

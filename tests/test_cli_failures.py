@@ -4,6 +4,8 @@ failure, the traceback of an unexpected error in the CLI log (never on the termi
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,117 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--refresh-interval" in err and "at least 0.1 seconds" in err
+
+
+@pytest.mark.timeout(60)  # without the fix, the FIFOs block (the FIFO key comes before /dev/zero)
+def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsys, state, monkeypatch):
+    """A configuration or password file that is not UTF-8, a [server] that is not a section:
+    'internal error: UnicodeDecodeError / AttributeError …' (exit 70); a FIFO as the
+    configuration, key, password or passphrase file blocked the command forever and /dev/zero as
+    the key file filled the memory."""
+    os.environ.pop("PRIVIFS_BACKUP_PASSPHRASE", None)
+    key = tmp_path / "aes.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    password = tmp_path / "password"
+    password.write_text("pw\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+
+    def config(name: str, text: str | bytes) -> str:
+        path = tmp_path / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return str(path)
+
+    def account(key_file: Path = key, password_file: Path = password) -> str:
+        return (
+            '[server]\nembedded = false\napi = "http://127.0.0.1:9"\n[account]\nusername = "u"\n'
+            f'password_file = "{password_file}"\n[keys]\naes_key_file = "{key_file}"\n'
+        )
+
+    (tmp_path / "latin1").write_bytes(b"\xe9t\xe9\n")
+    cases = [
+        (config("latin1.toml", b"\xff\xfe[server]\n"), "not UTF-8"),
+        (config("number.toml", "server = 5\n"), "[server] section"),
+        (config("mount.toml", "mount = 3\n" + account()), "[mount] section"),
+        (str(fifo), "not a regular file"),
+        (config("fifokey.toml", account(key_file=fifo)), "not a regular file"),
+        (config("zerokey.toml", account(key_file=Path("/dev/zero"))), "not a regular file"),
+        (config("fifopw.toml", account(password_file=fifo)), "not a regular file"),
+        (config("latin1pw.toml", account(password_file=tmp_path / "latin1")), "not UTF-8"),
+    ]
+    for cfg, says in cases:
+        code = main(["--config", cfg, "token", "ls"])
+        err = capsys.readouterr().err
+        assert code == 3, (cfg, code, err)
+        assert err.count("\n") == 1 and says in err and "internal error" not in err, (cfg, err)
+    code = main(["restore", str(tmp_path / "x.backup"), "--passphrase-file", str(fifo)])
+    err = capsys.readouterr().err
+    assert code == 3 and "not a regular file" in err, err
+    assert not (state / "cli.log").exists()
+
+
+@pytest.mark.timeout(60)  # without the fix, the FIFO blocks
+def test_junk_in_the_mount_registry_is_dropped_not_an_internal_error(tmp_path, capsys, state, monkeypatch):
+    """An entry in $XDG_RUNTIME_DIR/privifs/mounts that was JSON but not a mount's entry made
+    'privifs status' and 'privifs umount' end in 'internal error: TypeError …' (exit 70); a
+    FIFO there blocked them."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    registry = tmp_path / "run" / "privifs" / "mounts"
+    registry.mkdir(parents=True)
+    for name, text in (("list", "[1, 2]"), ("number", '{"mountpoint": 5, "pid": 1}'), ("junk", "garbage")):
+        (registry / f"{name}.json").write_text(text)
+    os.mkfifo(registry / "fifo.json")
+    assert main(["status"]) == 0
+    assert main(["umount", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "is not a privifs mount" in err, err
+    assert list(registry.iterdir()) == []
+
+
+def test_an_argument_that_is_not_utf8_does_not_break_the_cli_log(capsys, state, monkeypatch):
+    """With a non-UTF-8 byte in the command line (a lone surrogate in sys.argv), writing the
+    internal error to the CLI log failed itself: '--- Logging error --- Traceback …' on the
+    terminal."""
+    monkeypatch.setattr("sys.argv", ["privifs", "token", "put", "f", "--name", "\udcff"])
+    assert report(RuntimeError("a bug"), debug=False) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err and err.count("\n") == 1, err
+    assert "\\udcff" in (state / "cli.log").read_text()
+
+
+def test_init_refuses_settings_that_are_not_utf8(tmp_path, capsys, state, monkeypatch):
+    """PRIVICORE_USERNAME or PRIVICORE_PASSWORD holding a non-UTF-8 byte ended 'privifs init'
+    in 'internal error: UnicodeEncodeError: … surrogates not allowed' (exit 70), and the API
+    URL 'http://\\xff' in 'internal error: InvalidURL'."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("PRIVICORE_API_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("PRIVICORE_USERNAME", "someone@example.com")
+    monkeypatch.setenv("PRIVICORE_PASSWORD", "a-password")
+    for name, value in (
+        ("PRIVICORE_USERNAME", "\udcff"),
+        ("PRIVICORE_PASSWORD", "pw\udcff"),
+        ("PRIVICORE_API_URL", "http://\udcff"),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            assert main(["init"]) == 3
+        err = capsys.readouterr().err
+        assert f"{name} is not valid UTF-8" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "config" / "privifs" / "aes.key").exists()
+    assert not (state / "cli.log").exists()
+
+
+def test_a_mountpoint_that_is_not_utf8_is_refused_in_one_line(tmp_path, capsys, state, monkeypatch):
+    """'privifs mount DIR' with a non-UTF-8 byte in DIR's path started the daemon, which failed
+    writing the path into its state: 'the mount failed (UnicodeEncodeError: … surrogates not
+    allowed)' and an internal error in the mount log."""
+    for name in ("CONFIG", "DATA", "CACHE", "STATE"):  # nothing may reach the real home, fix or not
+        monkeypatch.setenv(f"XDG_{name}_HOME", str(tmp_path / name.lower()))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/\xff"))
+    odd.mkdir()
+    assert main(["mount", str(odd)]) == 3
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "config" / "privifs").exists() and not (tmp_path / "data").exists()

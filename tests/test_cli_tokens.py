@@ -79,6 +79,44 @@ def test_tampered_token_is_refused_by_get_and_leaves_no_file(user, tmp_path, eng
     assert not out.exists() and not list(tmp_path.glob(".out.bin*"))
 
 
+def test_get_never_replaces_a_device_fifo_or_socket_nor_writes_into_a_planted_partial_file(user, tmp_path):
+    """'privifs token get TOKEN /dev/full' (as root) renamed the plaintext over the device node:
+    /dev/full became a regular file holding the decrypted content; a FIFO or socket was replaced
+    the same way. And the partial file was opened without O_EXCL: a file another user had put at
+    .OUT.privifs-partial (in a shared directory) received the plaintext, a symlink there led the
+    write to its target."""
+    src = tmp_path / "secret.txt"
+    src.write_bytes(b"plaintext " * 1000)
+    token = run(user, "token", "put", str(src)).stdout.strip()
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = run(user, "token", "get", token, str(fifo), check=False)
+    assert r.returncode == 4 and "not a regular file" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert not list(tmp_path.glob(".fifo*"))
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"do not touch")
+    planted = tmp_path / ".out.txt.privifs-partial"
+    planted.symlink_to(victim)
+    out = tmp_path / "out.txt"
+    run(user, "token", "get", token, str(out))
+    assert victim.read_bytes() == b"do not touch"
+    assert out.read_bytes() == src.read_bytes() and not out.is_symlink()
+    assert not planted.exists() and not planted.is_symlink()
+
+    planted.write_bytes(b"")  # a file someone else could read along
+    planted.chmod(0o666)
+    watcher = open(planted, "rb")  # the other user's open descriptor
+    try:
+        run(user, "token", "get", token, str(out))
+        assert watcher.read() == b"", "the plaintext went into the planted file"
+    finally:
+        watcher.close()
+    assert out.read_bytes() == src.read_bytes()
+
+
 def test_wrong_key_file_is_detected(user, tmp_path):
     key = tmp_path / "config" / "privifs" / "aes.key"
     key.write_text(os.urandom(32).hex() + "\n")
@@ -166,6 +204,44 @@ def test_every_token_command_refuses_a_wrong_key_before_writing(user, tmp_path):
     (cfg_dir / "aes.key").write_text(right)
     (cfg_dir / "aes.key").chmod(0o600)
     assert tokens_with_key(user) == before
+
+
+def test_a_failed_init_leaves_no_new_secret_that_blocks_the_next_one(user, tmp_path):
+    """'privifs init' with a mistyped password failed but left the AES key it had just made;
+    the right 'init --key-file KEY' then failed with 'aes.key already holds another AES key
+    ... move it away'. A --register of a taken name left its new password, identity and key."""
+    other = tmp_path / "other"
+    cfg_dir = other / "config" / "privifs"
+    env = isolated_env(other, **{k: v for k, v in user.items() if k.startswith("PRIVICORE_")})
+    r = run(dict(env, PRIVICORE_PASSWORD="a-typo"), "init", check=False)
+    assert r.returncode == 1 and "refused username" in r.stderr, r.stderr
+    assert not (cfg_dir / "aes.key").exists()
+    r = run(dict(env, PRIVICORE_PASSWORD="another-password"), "init", "--register", check=False)
+    assert r.returncode != 0 and "already taken" in r.stderr, r.stderr
+    assert sorted(p.name for p in cfg_dir.iterdir()) == []
+    run(env, "init", "--key-file", str(tmp_path / "config" / "privifs" / "aes.key"))
+    run(env, "token", "ls")
+
+
+def test_a_name_that_is_not_utf8_is_refused_in_one_line(user, tmp_path):
+    """'token put F --name $'\\xff'' (or a file whose own name is not UTF-8) uploaded the
+    content, then ended in 'internal error: UnicodeEncodeError' with a logging traceback."""
+    src = tmp_path / "a.txt"
+    src.write_text("x")
+    for args in (("put", str(src), "--name", "\udcff"), ("put", str(src), "--context", "/\udcff")):
+        r = run(user, "token", *args, check=False)
+        assert r.returncode == 2 and "not valid UTF-8" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    odd = tmp_path / "\udcff.txt"
+    odd.write_text("x")
+    r = run(user, "token", "put", str(odd), check=False)
+    assert r.returncode == 4 and "--name" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    token = run(user, "token", "put", str(odd), "--name", "fine.txt").stdout.strip()
+    r = run(user, "token", "mv", token, "--name", "\udcff", check=False)
+    assert r.returncode == 2 and "not valid UTF-8" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr
+    for args in (("get", "dtk-\udcff", str(tmp_path / "out")), ("rm", "\udcff"), ("stat", "\udcff")):
+        r = run(user, "token", *args, check=False)
+        assert r.returncode == 2 and "not valid UTF-8" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_init_copies_the_key_file_so_removing_it_breaks_nothing(user, tmp_path):

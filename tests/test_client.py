@@ -140,6 +140,23 @@ async def test_wrong_password_and_unreachable_server_have_clear_errors(eng, acco
             pass
 
 
+async def test_a_server_that_never_answers_is_named_with_the_cause(account):
+    """A server that accepts connections and never answers failed with 'cannot reach the
+    Privicore server at URL (ReadTimeout: )': httpx's timeouts have no text."""
+    _, creds = account
+    with trio.socket.socket() as silent:
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        options = ClientOptions(retry_attempts=1, http_timeout=0.5)
+        with trio.fail_after(30), pytest.raises(ServerUnreachable) as caught:
+            async with connect(Endpoints(api=url, ws=url.replace("http", "ws")), creds, options):
+                pass
+    message = str(caught.value)
+    assert "ReadTimeout" in message and "(ReadTimeout: )" not in message, message
+    assert "no answer within 0.5 s" in message, message
+
+
 async def test_5xx_answers_are_retried_and_nothing_half_done_is_reported(eng, account):
     async with connect(*account) as client:
         vault = client.vault(KEY)

@@ -52,6 +52,13 @@ async def test_validate_urls_names_each_wrong_scheme():
     for setting in ("PRIVICORE_API_URL", "PRIVICORE_WS_URL", "PRIVICORE_UPSTREAM_URL", "PRIVICORE_DOWNSTREAM_URL"):
         assert setting in text, text
     assert "must start with http:// or https://" in text and "names no host" in text
+    # an unclosed IPv6 host made urlsplit raise: 'internal error: ValueError: Invalid IPv6 URL'
+    with pytest.raises(ConfigError, match=r"PRIVICORE_API_URL='http://\[::1' is not a valid URL"):
+        await validate_urls({"api": "http://[::1"})
+    # and in a configuration: 'internal error: InvalidURL: Invalid port' from httpx
+    with pytest.raises(ConfigError, match=r"the server URL 'http://\[::1' is not valid"):
+        async with connect(Endpoints.from_dict({"api": "http://[::1"}), PasswordCredentials("u", "p")):
+            pass
 
 
 async def test_validate_urls_accepts_a_running_engine_and_names_what_does_not_answer(eng):

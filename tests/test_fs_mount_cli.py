@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -184,6 +185,68 @@ def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
                 umount.kill()
         assert umount.returncode == 7, (out, err)
         assert "stay staged" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_umount_timeout_bounds_the_whole_command_while_the_server_keeps_failing(eng, tmp_path):
+    """umount --timeout gave up on the uploads, then the daemon drained them for up to another
+    60 s after the unmount and the command waited for it (--timeout 15 took 57 s against a server
+    that accepted connections and never answered), and said '(last error: None)'."""
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        data = os.urandom(200_000)
+        (m.dir / "stuck.bin").write_bytes(data)
+        eng.set_options(fail_rate=1.0)
+        try:
+            start = time.monotonic()
+            r = m.umount("--timeout", "2", check=False)
+            took = time.monotonic() - start
+        finally:
+            eng.set_options(fail_rate=0.0)
+        assert r.returncode == 7, (r.stdout, r.stderr)
+        assert "stay staged" in r.stderr and "None" not in r.stderr and "Traceback" not in r.stderr
+        assert took < 20, f"umount --timeout 2 took {took:.0f}s"
+        assert not is_mounted(m.dir)
+        m.mount()
+        m.wait_idle()
+        assert ("/", "stuck.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
+        assert (m.dir / "stuck.bin").read_bytes() == data
+
+
+def test_umount_of_a_daemon_that_hangs_ends_with_one_line(engine, tmp_path):
+    """'privifs umount DIR --timeout 5' of a daemon that did not answer (stopped with SIGSTOP)
+    waited on its control socket forever: the flush request had no time limit at all."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        pid = m.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            r = m.umount("--timeout", "5", check=False)
+            took = time.monotonic() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert r.returncode == 1 and "did not answer" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert took < 60, f"umount took {took:.0f}s"
+        assert is_mounted(m.dir)  # nothing was done to a daemon that may still be working
+        m.umount()
+
+
+def test_malformed_control_requests_get_an_error_answer_not_a_failed_task(engine, tmp_path):
+    """A control request that was JSON but not an object ([1], "x", null), or a flush with a
+    timeout that is not a number, was answered 'internal error: AttributeError …' and counted as
+    an unexpected failure: 'privifs status' then showed 'task failed: control socket'."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        flushes = (b'{"cmd": "flush", "timeout": "abc"}', b'{"cmd": "flush", "timeout": true}')
+        for raw in (b"[1]", b'"x"', b"null", *flushes):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(m.registry()["control"])
+                s.sendall(raw + b"\n")
+                answer = json.loads(s.makefile("rb").readline())
+            assert answer["error"].startswith("bad request"), (raw, answer)
+        status = m.status()
+        status = status[0] if isinstance(status, list) else status
+        control = [t for t in status["tasks"] if t["name"] == "control socket"]
+        assert control and control[0]["failures"] == 0, control
+        assert m.control({"cmd": "flush", "timeout": 30})[-1] == {"done": True}
 
 
 def test_bad_option_values_are_refused_with_one_line(tmp_path):

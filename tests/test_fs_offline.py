@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import time
 
 import pytest
@@ -122,3 +123,44 @@ def test_offline_start_is_allowed_only_for_the_key_checked_before(tmp_path):
     remember_vault_checked(tmp_path, key)
     assert may_start_offline(tmp_path, key) and not may_start_offline(tmp_path, other)
     assert key.hex() not in (tmp_path / "vault-checked").read_text()
+
+
+def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_path):
+    """A server that accepted connections and never answered held 'privifs mount' of a vault
+    mounted here before until 'the mount did not become ready within 180s' (the login's read
+    timeout of 60 s, retried), though the vault may start offline; now it starts OFFLINE after
+    OFFLINE_START_AFTER and catches up once the server answers."""
+    eng = EngineProcess(tmp_path / "engine").start()
+    m = None
+    try:
+        m = Mount(tmp_path / "user", eng.urls)
+        m.mount()
+        (m.dir / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        m.umount()
+        eng.stop()
+        with socket.socket() as silent:  # the API port accepts connections, nobody answers
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            silent.bind(("127.0.0.1", eng.ports["api"]))
+            silent.listen(64)
+            start = time.monotonic()
+            r = m.mount()
+            took = time.monotonic() - start
+            assert "OFFLINE" in r.stdout and "did not answer within" in r.stdout, r.stdout
+            assert took < 90, f"the mount took {took:.0f}s"
+            assert (m.dir / "cached.txt").read_text() == "in the cache"
+            (m.dir / "offline.txt").write_text("written while the server hung")
+        eng.start()  # same data, same ports
+        deadline = time.monotonic() + 150
+        while not m.status()["connection"]["online"]:
+            assert time.monotonic() < deadline, m.log()[-3000:]
+            time.sleep(0.5)
+        m.wait_idle(timeout=120)
+        assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+        m.umount()
+    finally:
+        try:
+            if m is not None:
+                m.cleanup()
+        finally:
+            eng.stop()

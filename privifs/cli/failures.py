@@ -104,7 +104,9 @@ def _log_bug(exc: BaseException) -> Path | None:
     path = cli_log_path()
     try:
         paths.private_dir(path.parent)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=1 << 20, backupCount=2)
+        # backslashreplace: an argument that is not UTF-8 (a lone surrogate) must not make
+        # writing the log fail with a traceback of its own on the terminal
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=1 << 20, backupCount=2, errors="backslashreplace")
         os.chmod(path, 0o600)
         record = logging.LogRecord(
             "privifs.cli", logging.ERROR, __file__, 0, "unexpected error in %s", (" ".join(sys.argv),), None

@@ -24,7 +24,7 @@ import trio
 
 from privifs import paths
 from privifs.account import embedded_usernames
-from privifs.cli.prompt import ask_secret
+from privifs.cli.prompt import ask_secret, env_text
 from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
@@ -38,7 +38,7 @@ from privifs.crypto.keys import (
     load_aes_key,
 )
 from privifs.embedded import EmbeddedEngine
-from privifs.errors import ConfigError, KeyFileError
+from privifs.errors import AuthenticationError, ConfigError, KeyFileError, WrongKeyError
 
 
 def register(sub) -> None:
@@ -133,7 +133,19 @@ def _embedded_plan(args: argparse.Namespace, cfg_dir: Path, key: bytes | None) -
     return Plan(username, password, True, key or os.urandom(AES_KEY_SIZE), key is None)
 
 
+SETTINGS = (
+    "PRIVICORE_API_URL",
+    "PRIVICORE_WS_URL",
+    "PRIVICORE_UPSTREAM_URL",
+    "PRIVICORE_DOWNSTREAM_URL",
+    "PRIVICORE_USERNAME",
+    "PRIVICORE_PASSWORD",
+)
+
+
 def run(args: argparse.Namespace) -> int:
+    for name in SETTINGS:  # checked before anything is written or sent
+        env_text(name)
     cfg_path = args.config or default_config_path()
     if cfg_path.exists() and not args.force:
         raise ConfigError(f"{cfg_path} already exists; use --force to replace it")
@@ -173,12 +185,23 @@ def run(args: argparse.Namespace) -> int:
     cfg.password_file = cfg_dir / SECRET_NAMES["password_file"]
     cfg.aes_key_file = key_path
     cfg.key_id = key_id(plan.key)
+    # secrets this run makes that nothing on the server depends on yet: removed if init fails
+    # before it does (a wrong password must not leave a new key behind that then blocks
+    # 'init --key-file' with "already holds another AES key")
+    unused: list[Path] = []
+
+    def keep(path: Path, data: bytes, what: str) -> None:
+        existed = path.exists()
+        place_secret(path, data, what)
+        if not existed:
+            unused.append(path)
+
     if plan.register_new:
         # a new profile's password and identity must be kept before the server knows them
-        place_secret(cfg.password_file, plan.password.encode(), "password")
+        keep(cfg.password_file, plan.password.encode(), "password")
     if plan.key_is_new:
         # the key check the vault gets is written with this key: keep it first
-        place_secret(key_path, plan.key.hex().encode() + b"\n", "AES key")
+        keep(key_path, plan.key.hex().encode() + b"\n", "AES key")
     engine = None
     try:
         if cfg.embedded:
@@ -192,14 +215,25 @@ def run(args: argparse.Namespace) -> int:
             identity = _read_secret(cfg.identity_key_file)
             if identity is None:
                 raw, public = generate_identity()
-                place_secret(cfg.identity_key_file, raw.hex().encode(), "identity key")
+                keep(cfg.identity_key_file, raw.hex().encode(), "identity key")
             else:
                 try:
                     public = identity_public_key(bytes.fromhex(identity))
                 except ValueError:
                     raise KeyFileError(f"{cfg.identity_key_file} is not an identity key; move it away") from None
             trio.run(register_profile, endpoints, cfg.username, plan.password, public)
-        trio.run(_check_account, endpoints, cfg.username, plan.password, plan.key)
+            unused = [p for p in unused if p == key_path]  # the server knows the password and identity now
+        try:
+            trio.run(_check_account, endpoints, cfg.username, plan.password, plan.key)
+        except (AuthenticationError, WrongKeyError):
+            raise  # refused before anything was stored with the key
+        except BaseException:
+            unused = [p for p in unused if p != key_path]  # the vault's key check may be written with it
+            raise
+    except BaseException:
+        for path in unused:
+            path.unlink(missing_ok=True)
+        raise
     finally:
         if engine is not None:
             engine.stop()

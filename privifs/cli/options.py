@@ -73,3 +73,13 @@ def integer(minimum: int, maximum: int | None = None):
 
 
 port = integer(0, 65535)
+
+
+def utf8_text(text: str) -> str:
+    """A name or context: valid UTF-8 (bytes that are not arrive as lone surrogates, which no
+    request can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {text.encode('utf-8', 'surrogateescape')!r}") from None
+    return text

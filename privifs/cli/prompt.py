@@ -10,16 +10,19 @@ import sys
 from pathlib import Path
 
 from privifs.errors import ConfigError
+from privifs.paths import read_small
 
 
 def ask_secret(noun: str, prompt: str, *, file: Path | None, env: str, flag: str, confirm: bool) -> str:
     """The secret from ``file``, else ``$env``, else a prompt (typed twice with ``confirm``)."""
     if file is not None:
         try:
-            return file.read_text().rstrip("\n")
+            return read_small(file).decode().rstrip("\n")
         except OSError as exc:
             raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
-    value = os.environ.get(env)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file} is not UTF-8 text") from None
+    value = env_text(env)
     if value:
         return value
     if not sys.stdin.isatty():
@@ -28,3 +31,15 @@ def ask_secret(noun: str, prompt: str, *, file: Path | None, env: str, flag: str
     if confirm and getpass.getpass(f"Repeat the {noun}: ") != text:
         raise ConfigError(f"the {noun}s differ")
     return text
+
+
+def env_text(name: str) -> str | None:
+    """The environment variable ``name``, refused (ConfigError) if it is not valid UTF-8: its
+    bytes arrive as lone surrogates, which no request and no file can carry."""
+    value = os.environ.get(name)
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"{name} is not valid UTF-8 text") from None
+    return value

@@ -25,6 +25,8 @@ from privifs.cli.mounttable import (
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
 
+ANSWER_TIMEOUT = 30.0  # longest silence of a daemon's control socket during umount's flush
+
 
 def register(sub) -> None:
     u = sub.add_parser(
@@ -116,7 +118,9 @@ def run_umount(args: argparse.Namespace) -> int:
     progress = UploadProgress()
     result: dict = {}
     try:
-        for answer in control_request(entry, {"cmd": "flush", "timeout": args.timeout}, timeout=None):
+        # a flushing daemon answers every 0.25 s (progress) and its first try to reach an
+        # offline vault takes 10 s at most: a silence of ANSWER_TIMEOUT is a daemon that hangs
+        for answer in control_request(entry, {"cmd": "flush", "timeout": args.timeout}, timeout=ANSWER_TIMEOUT):
             if "progress" in answer:
                 progress.update(answer["progress"])
             else:
@@ -128,7 +132,9 @@ def run_umount(args: argparse.Namespace) -> int:
         ) from None
     finally:
         progress.close()
-    list(control_request(entry, {"cmd": "unmount"}))
+    # when the flush gave up, the daemon ends without draining the uploads again (the user was
+    # told how long to wait; what is left is uploaded by the next mount)
+    list(control_request(entry, {"cmd": "unmount", **({"drain": 0} if result.get("error") else {})}))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not paths.pid_alive(entry["pid"]):

@@ -20,6 +20,7 @@ import trio
 
 from privifs.account import open_account
 from privifs.cli.failures import LocalFileError
+from privifs.cli.options import utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -48,19 +49,19 @@ def register(sub) -> None:
     ls.add_argument("--all", action="store_true", help="also privifs' own tokens (the key check in /.privifs)")
     put = action("put", "encrypt and store a file; prints the permanent token", _put)
     put.add_argument("file", type=Path, help="a regular file")
-    put.add_argument("--name", help="file name to record (default: the file's name)")
-    put.add_argument("--context", default="/", help="context (directory) to record (default /)")
+    put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
+    put.add_argument("--context", type=utf8_text, default="/", help="context (directory) to record (default /)")
     get = action("get", "fetch, verify and decrypt a token into a file (written only if it verifies)", _get)
-    get.add_argument("token")
+    get.add_argument("token", type=utf8_text)
     get.add_argument("out", type=Path, help="the file to write, or a directory to write it into under its name")
     rm = action("rm", "delete a token", _rm)
-    rm.add_argument("token")
+    rm.add_argument("token", type=utf8_text)
     mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
-    mv.add_argument("token")
-    mv.add_argument("--name", required=True, help="the new file name")
-    mv.add_argument("--context", help="the new context (directory)")
+    mv.add_argument("token", type=utf8_text)
+    mv.add_argument("--name", type=utf8_text, required=True, help="the new file name")
+    mv.add_argument("--context", type=utf8_text, help="the new context (directory)")
     st = action("stat", "show a token's meta as JSON", _stat)
-    st.add_argument("token")
+    st.add_argument("token", type=utf8_text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,6 +159,10 @@ async def _put(args, client, vault) -> int:
         raise LocalFileError(f"cannot read {path}: permission denied")
     size = st.st_size
     name = args.name or path.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LocalFileError(f"the name of {path} is not valid UTF-8; give the name to record with --name") from None
     progress = Progress(f"put {name}", size)
 
     async def source() -> AsyncIterator[bytes]:
@@ -212,10 +217,16 @@ class FileSink(BlockWriter):
         self.f = None
 
     def _restart(self) -> None:
-        if self.f is not None:
-            self.f.close()
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.f = os.fdopen(fd, "wb")
+        if self.f is None:
+            # never open a file that is already there: a partial file left by a killed get, or
+            # one another user put in a shared directory (a symlink, or a file they could read
+            # the plaintext from) is removed and a new private one made
+            self.tmp.unlink(missing_ok=True)
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self.f = os.fdopen(fd, "wb")
+        else:
+            self.f.seek(0)
+            self.f.truncate()
         self.progress.reset()
 
     def _write_block(self, offset: int, data: bytes) -> None:
@@ -253,6 +264,15 @@ def output_path(out: Path, name: str | None) -> Path:
         out = out / name
         if out.is_dir():
             raise LocalFileError(f"{out} is a directory")
+    try:
+        kind = os.lstat(out).st_mode
+    except FileNotFoundError:
+        kind = None
+    except OSError as exc:
+        raise LocalFileError(f"cannot write {out}: {exc.strerror}") from None
+    if kind is not None and not (stat.S_ISREG(kind) or stat.S_ISLNK(kind)):
+        # the file is renamed into place: it would replace a device node, FIFO or socket
+        raise LocalFileError(f"{out} is not a regular file (a device, FIFO or socket); name a file to write")
     parent = out.parent
     if not parent.is_dir():
         raise LocalFileError(f"cannot write {out}: the directory {parent} does not exist")

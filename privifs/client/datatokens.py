@@ -21,7 +21,7 @@ from trio_websocket import open_websocket_url
 
 from privifs.client import shapes
 from privifs.client.events import Commands, EventHub
-from privifs.client.transport import ClientOptions, Transport
+from privifs.client.transport import ClientOptions, Transport, failure_text
 from privifs.errors import (
     CommandPending,
     CommandRejected,
@@ -155,7 +155,7 @@ class DataTokens:
                 timeout=httpx.Timeout(None, connect=self.options.connect_timeout),
             )
         except httpx.TransportError as exc:
-            raise ServerUnreachable(f"upload to the upstream server failed ({type(exc).__name__}: {exc})") from None
+            raise ServerUnreachable(f"upload to the upstream server failed ({failure_text(exc)})") from None
         finally:
             if not isinstance(content, bytes) and hasattr(content, "aclose"):
                 await content.aclose()
@@ -314,9 +314,7 @@ class DataTokens:
                     raise ServerError(f"{err}; requesting the data again", status=resp.status_code)
                 yield _decode_download(resp.aiter_raw(), resp.headers.get("content-length"), wire_size)
         except httpx.TransportError as exc:
-            raise ServerUnreachable(
-                f"download from the downstream server failed ({type(exc).__name__}: {exc})"
-            ) from None
+            raise ServerUnreachable(f"download from the downstream server failed ({failure_text(exc)})") from None
 
     async def fetch(
         self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]], wire_size: int | None = None

@@ -24,6 +24,7 @@ from privifs.client import shapes
 from privifs.client.urls import complete
 from privifs.errors import (
     AuthorizationError,
+    ConfigError,
     ConflictError,
     ForbiddenError,
     NotFoundError,
@@ -50,6 +51,28 @@ def _quote_value(v: str) -> str:
     if v.isascii() and v.replace("+", "").replace("/", "").replace("=", "").isalnum():
         return v.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
     return quote(v, safe=_SAFE)
+
+
+_TIMEOUTS = {
+    httpx.ConnectTimeout: ("connect", "no connection"),
+    httpx.ReadTimeout: ("read", "no answer"),
+    httpx.WriteTimeout: ("write", "could not send"),
+    httpx.PoolTimeout: ("pool", "no free connection"),
+}
+
+
+def failure_text(exc: httpx.TransportError) -> str:
+    """``ReadTimeout: no answer within 60 s``: what went wrong on the wire, for a message (httpx's
+    timeouts carry no text of their own)."""
+    text = str(exc)
+    if not text:
+        key, what = _TIMEOUTS.get(type(exc), (None, "no detail"))
+        try:
+            limit = exc.request.extensions.get("timeout", {}).get(key) if key else None
+        except RuntimeError:  # no request attached
+            limit = None
+        text = f"{what} within {limit:g} s" if limit is not None else what
+    return f"{type(exc).__name__}: {text}"
 
 
 @dataclass
@@ -153,9 +176,13 @@ class Transport:
                     content=body,
                     headers=hdrs,
                 )
+            except httpx.InvalidURL as exc:  # a configured URL that cannot be parsed: no retry helps
+                raise ConfigError(
+                    f"the server URL {base!r} is not valid ({exc}); correct it in the configuration"
+                ) from None
             except httpx.TransportError as exc:
                 err: Exception = ServerUnreachable(
-                    f"cannot reach the Privicore server at {base} ({type(exc).__name__}: {exc or 'no detail'}); "
+                    f"cannot reach the Privicore server at {base} ({failure_text(exc)}); "
                     f"check the server URL and that the server is running"
                 )
             else:

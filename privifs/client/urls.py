@@ -14,7 +14,7 @@ the right scheme, a host, and something answering there.
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import httpx
 import trio
@@ -40,10 +40,18 @@ SETTING = {
 CHECK_TIMEOUT = 8.0
 
 
+def _split(url: str) -> SplitResult | None:
+    """``url``'s parts, or None when it cannot be parsed (``http://[::1``: an unclosed IPv6 host)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
 def derived(api: str, name: str) -> str | None:
     """The documented URL of server ``name`` on the API URL's host, or None if the API URL has none."""
-    parts = urlsplit(api)
-    if parts.scheme not in SCHEMES["api"] or not parts.hostname:
+    parts = _split(api)
+    if parts is None or parts.scheme not in SCHEMES["api"] or not parts.hostname:
         return None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     secure = parts.scheme == "https"
@@ -72,8 +80,10 @@ def scheme_problems(urls: dict[str, str | None]) -> list[str]:
         if not url:
             problems.append(f"no {name} URL: set {SETTING[name]}")
             continue
-        parts = urlsplit(url)
-        if parts.scheme not in schemes:
+        parts = _split(url)
+        if parts is None:
+            problems.append(f"{SETTING[name]}={url!r} is not a valid URL")
+        elif parts.scheme not in schemes:
             problems.append(f"{SETTING[name]}={url!r} must start with {' or '.join(s + '://' for s in schemes)}")
         elif not parts.hostname:
             problems.append(f"{SETTING[name]}={url!r} names no host")
@@ -83,6 +93,8 @@ def scheme_problems(urls: dict[str, str | None]) -> list[str]:
 async def _reachable_http(http: httpx.AsyncClient, name: str, url: str) -> str | None:
     try:
         await http.get(url.rstrip("/") + ("/health" if name == "api" else "/"))
+    except httpx.InvalidURL as exc:
+        return f"{SETTING[name]}={url!r} is not a valid URL ({exc})"
     except httpx.HTTPError as exc:
         return f"nothing answers at the {name} URL {url} ({SETTING[name]}): {type(exc).__name__}: {exc}"
     return None  # any HTTP answer will do: the stream servers answer bare requests with 4xx

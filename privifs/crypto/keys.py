@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from privifs.errors import KeyFileError
+from privifs.paths import read_small
 
 AES_KEY_SIZE = 32
 SIGNED_KEY_TAG = bytes([0x31, 0x42, 0x05, 0x00])
@@ -50,14 +51,16 @@ def load_aes_key(path: Path) -> bytes:
     """Read a 64-hex-character AES-256 key file, refusing world- or group-readable files."""
     try:
         st = path.stat()
-        text = path.read_text("ascii").strip()
+        text = read_small(path).decode("ascii").strip()
     except FileNotFoundError:
         raise KeyFileError(
             f"AES key file {path} does not exist; restore it (or run 'privifs init "
             f"--key-file YOUR_KEY', or point aes_key_file in the config at it)"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"cannot read AES key file {path}: {exc}") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read AES key file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise KeyFileError(f"AES key file {path} must hold exactly 64 hex characters") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
             f"AES key file {path} is accessible by other users "

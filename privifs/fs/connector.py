@@ -20,6 +20,7 @@ way; the mount itself never ends because of it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -45,6 +46,9 @@ log = logging.getLogger("privifs.fs.connector")
 MARKER = "vault-checked"
 FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
+# how long the start waits for a server that accepts connections but does not answer before it
+# starts offline (when it may); a refused connection is known in seconds
+OFFLINE_START_AFTER = 30.0
 
 
 class VaultLink:
@@ -178,28 +182,41 @@ class Connector:
         while True:
             self.attempts += 1
             try:
-                async with connect(
-                    self.account.endpoints, self.account.credentials, self.link.options, supervisor=self.supervisor
-                ) as client:
-                    await self._bring_online(client)
-                    was_offline = self.offline_since is not None
-                    self.offline_since = None
-                    self.error = None
-                    self.attempts = 0  # attempts since the vault last answered
-                    delay = FIRST_RETRY
-                    self._attempt_finished()
-                    if first:
-                        first = False
-                        task_status.started(True)
-                    elif was_offline:
-                        log.warning(
-                            "the vault answers again: key checked, listing merged; uploading what was staged meanwhile"
-                        )
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        self.link.detach("the connection to the vault was closed")
-                        self.offline_since = time.time()
+                # the first attempt of a vault that may start offline is bounded until the vault
+                # answered: a server that never answers must not hold the mount (its reads time out
+                # after a minute, retried); the attempts after it run in the background
+                bounded = trio.CancelScope()
+                if first and may_start_offline(self.state_dir, self.account.key):
+                    bounded.deadline = trio.current_time() + OFFLINE_START_AFTER
+                with bounded:
+                    async with connect(
+                        self.account.endpoints, self.account.credentials, self.link.options, supervisor=self.supervisor
+                    ) as client:
+                        await self._bring_online(client, bounded)
+                        was_offline = self.offline_since is not None
+                        self.offline_since = None
+                        self.error = None
+                        self.attempts = 0  # attempts since the vault last answered
+                        delay = FIRST_RETRY
+                        self._attempt_finished()
+                        if first:
+                            first = False
+                            task_status.started(True)
+                        elif was_offline:
+                            log.warning(
+                                "the vault answers again: key checked, listing merged; uploading what was "
+                                "staged meanwhile"
+                            )
+                        try:
+                            await trio.sleep_forever()
+                        finally:
+                            self.link.detach("the connection to the vault was closed")
+                            self.offline_since = time.time()
+                if bounded.cancelled_caught:
+                    raise ServerUnreachable(
+                        f"the Privicore server at {self.account.endpoints.api} did not answer within "
+                        f"{OFFLINE_START_AFTER:.0f}s"
+                    )
             except PrivifsError as exc:
                 if first and not (exc.transient and may_start_offline(self.state_dir, self.account.key)):
                     if exc.transient:
@@ -250,12 +267,15 @@ class Connector:
         if self.offline_since is None:
             self.offline_since = time.time()
 
-    async def _bring_online(self, client) -> None:
+    async def _bring_online(self, client, bounded: trio.CancelScope | None = None) -> None:
         """Key check and listing merge on a fresh connection, then the link goes live and the
-        write-back starts over."""
+        write-back starts over. Once the vault answered, ``bounded`` (the first attempt's time
+        limit) no longer applies: the merge is never cut off."""
         started = trio.current_time()
         infos = [info async for info in client.tokens.list()]
         await self.check_key(client.vault(self.account.key), infos)
+        if bounded is not None:
+            bounded.deadline = math.inf
         self.link.attach(client.tokens)
         try:
             await self.refresher.apply(infos, started)

@@ -105,11 +105,18 @@ def registered_mounts() -> list[dict]:
     out = []
     for f in sorted((paths.runtime_dir() / "mounts").glob("*.json")):
         try:
-            entry = json.loads(f.read_text())
+            entry = json.loads(paths.read_small(f))
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("pid"), int)
+                and isinstance(entry.get("mountpoint"), str)
+                and isinstance(entry.get("control"), str)
+            ):
+                raise ValueError("not a mount's entry")
             if not paths.pid_alive(entry["pid"]):
                 raise ValueError("daemon gone")
             out.append(entry)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             f.unlink(missing_ok=True)
     return out
 
@@ -132,6 +139,7 @@ class Daemon:
         self.connector: Connector | None = None
         self.mounted = False
         self._unmounting = False
+        self._drain = DRAIN_AFTER_UNMOUNT  # how long uploads go on after the unmount
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _lock(self):
@@ -241,10 +249,17 @@ class Daemon:
                         self.mounted = False
                         closed = True
                         pyfuse3.close(unmount=True)
-                    log.info("unmounted %s; finishing pending uploads", self.mountpoint)
-                    result = await self.flush(None, DRAIN_AFTER_UNMOUNT)
-                    if result.get("error"):
-                        log.warning("%s", result["error"])
+                    if self._drain > 0:
+                        log.info("unmounted %s; finishing pending uploads", self.mountpoint)
+                        result = await self.flush(None, self._drain)
+                        if result.get("error"):
+                            log.warning("%s", result["error"])
+                    else:  # 'privifs umount' has already waited for them and said what stays staged
+                        log.info(
+                            "unmounted %s; %d changes stay staged for the next mount",
+                            self.mountpoint,
+                            len(self.ns.pending()),
+                        )
                     nursery.cancel_scope.cancel()
             finally:
                 if not closed:
@@ -272,7 +287,11 @@ class Daemon:
         except OSError as exc:
             log.debug("read-ahead left at the kernel default: %s", exc)
 
-    def unmount(self) -> None:
+    def unmount(self, drain: float | None = None) -> None:
+        """End the FUSE loop; then pending uploads go on for ``drain`` seconds (60 by default; 0
+        after a ``privifs umount`` whose flush already gave up on them)."""
+        if drain is not None:
+            self._drain = drain
         if self.mounted and not self._unmounting:
             self._unmounting = True
             pyfuse3.terminate()
@@ -369,9 +388,15 @@ class Daemon:
                     f"and are uploaded at the next mount"
                 }
             if deadline is not None and trio.current_time() > deadline:
+                uploading = sum(1 for n in pending if n.uploading)
+                why = (
+                    f"last error: {syncer.last_error}"
+                    if syncer.last_error
+                    else f"{uploading} still uploading, none has failed yet: the server is slow or not answering"
+                )
                 return {
                     "error": f"{len(pending)} changes still pending after {timeout:.0f}s "
-                    f"(last error: {syncer.last_error}); they stay staged in {self.state_dir}"
+                    f"({why}); they stay staged in {self.state_dir}"
                 }
             await trio.sleep(0.25)
 
@@ -410,18 +435,26 @@ class Daemon:
             except ValueError:
                 await send({"error": "bad request"})
                 return
+            if not isinstance(request, dict):
+                await send({"error": "bad request: expected a JSON object"})
+                return
+            timeout = request.get("timeout")
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+                await send({"error": "bad request: timeout must be a number of seconds"})
+                return
             cmd = request.get("cmd")
             if cmd == "status":
                 await send({"status": self.status()})
             elif cmd == "flush":
-                result = await self.flush(lambda p: send({"progress": p}), request.get("timeout"))
+                result = await self.flush(lambda p: send({"progress": p}), timeout)
                 await send(result)
             elif cmd == "refresh":
                 await self.refresher.refresh_once()
                 await send({"done": True})
             elif cmd == "unmount":
+                drain = request.get("drain")
                 await send({"done": True})
-                self.unmount()
+                self.unmount(drain if isinstance(drain, (int, float)) and drain >= 0 else None)
             else:
                 await send({"error": f"unknown command {cmd!r}"})
         except (trio.BrokenResourceError, trio.ClosedResourceError):
