@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 from tests.mountkit import Mount, privifs
 
@@ -86,12 +87,13 @@ def test_a_damaged_part_of_a_big_file_is_never_stored_again_under_a_new_token(en
 
     m = Mount(tmp_path, engine.urls)
     try:
-        content = os.urandom(2 * PART_SIZE + 12_345)  # above the threshold: parts + a manifest
+        tail = 200_000 + secrets.randbelow(100_000)  # the last part's size finds its blob: no other test's
+        content = os.urandom(2 * PART_SIZE + tail)  # above the threshold: parts + a manifest
         with m.mounted():
             (m.dir / "big.bin").write_bytes(content)
             m.wait_idle()
-            assert (m.dir / "big.bin").read_bytes() == content  # every part now in the cache
-        blob = blob_of(engine, 12_345 + 28)  # the last part
+            assert (m.dir / "big.bin").read_bytes() == content  # the whole content now in the cache
+        blob = blob_of(engine, tail + 28)  # the last part
         raw = bytearray(blob.read_bytes())
         raw[-1] ^= 0x80
         blob.write_bytes(bytes(raw))
