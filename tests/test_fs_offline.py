@@ -48,10 +48,7 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         assert "unreachable" in answer["error"] and "1 changes stay staged" in answer["error"], answer
 
         eng.start()  # same data, same ports
-        deadline = time.monotonic() + 120  # the connector keeps trying on its own (backoff up to 60 s)
-        while not m.status()["connection"]["online"]:
-            assert time.monotonic() < deadline, m.log()[-3000:]
-            time.sleep(0.5)
+        m.wait_online(timeout=120)  # the connector keeps trying on its own (backoff up to 60 s)
         m.wait_idle(timeout=120)
         assert ("/docs", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
         assert (m.dir / "remote.txt").read_text() == "only in the vault"
@@ -151,10 +148,7 @@ def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_pa
             assert (m.dir / "cached.txt").read_text() == "in the cache"
             (m.dir / "offline.txt").write_text("written while the server hung")
         eng.start()  # same data, same ports
-        deadline = time.monotonic() + 150
-        while not m.status()["connection"]["online"]:
-            assert time.monotonic() < deadline, m.log()[-3000:]
-            time.sleep(0.5)
+        m.wait_online(timeout=150)  # the connector keeps trying on its own (backoff up to 60 s)
         m.wait_idle(timeout=120)
         assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
         m.umount()

@@ -171,6 +171,13 @@ class Mount:
         answer = self.control({"cmd": "flush", "timeout": timeout}, timeout=timeout + 30)
         assert answer[-1].get("done"), answer[-1]
 
+    def wait_online(self, timeout: float = 150) -> None:
+        """Wait until the daemon reports its server answering again (it retries on its own)."""
+        deadline = time.monotonic() + timeout
+        while not self.status()["connection"]["online"]:
+            assert time.monotonic() < deadline, self.log()[-3000:]
+            time.sleep(0.5)
+
     def log(self) -> str:
         logs = list((self.root / "state").glob("privifs/vaults/*/mount.log"))
         return "\n".join(p.read_text(errors="replace") for p in logs)
