@@ -184,3 +184,13 @@ def test_a_mountpoint_that_is_not_utf8_is_refused_in_one_line(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "not valid UTF-8" in err and err.count("\n") == 1, err
     assert not (tmp_path / "config" / "privifs").exists() and not (tmp_path / "data").exists()
+
+
+def test_the_dead_mount_recovery_command_can_be_pasted_into_a_shell():
+    import shlex
+
+    from privifs.cli.status_cmd import _dead_status
+
+    mountpoint = "/mnt/my vault; rm -rf ~"
+    command = _dead_status(mountpoint)["recover"].split("   (or just:")[0]
+    assert shlex.split(command) == ["privifs", "umount", mountpoint, "&&", "privifs", "mount", mountpoint]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -172,12 +173,13 @@ def _fsync_line(fsync: dict | None) -> str | None:
 
 
 def _dead_status(mountpoint: str) -> dict:
+    quoted = shlex.quote(mountpoint)  # the command is meant to be pasted into a shell
     return {
         "mountpoint": mountpoint,
         "dead": True,
         "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
         "not connected'); changes it had not uploaded stay staged",
-        "recover": f"privifs umount {mountpoint} && privifs mount {mountpoint}   (or just: privifs mount {mountpoint})",
+        "recover": f"privifs umount {quoted} && privifs mount {quoted}   (or just: privifs mount {quoted})",
     }
 
 
