@@ -84,6 +84,7 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
     key.chmod(0o600)
     password = tmp_path / "password"
     password.write_text("pw\n")
+    password.chmod(0o600)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
 
@@ -99,6 +100,7 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
         )
 
     (tmp_path / "latin1").write_bytes(b"\xe9t\xe9\n")
+    (tmp_path / "latin1").chmod(0o600)
     cases = [
         (config("latin1.toml", b"\xff\xfe[server]\n"), "not UTF-8"),
         (config("number.toml", "server = 5\n"), "[server] section"),

@@ -27,6 +27,16 @@ def test_init_writes_private_config_and_keys_and_no_secret_in_it(user, tmp_path)
     assert again.returncode != 0 and "already exists" in again.stderr
 
 
+def test_a_password_file_others_can_read_is_refused_in_one_line(user, tmp_path):
+    password = tmp_path / "config" / "privifs" / "password"
+    password.chmod(0o644)
+    r = run(user, "token", "ls", check=False)
+    assert r.returncode == 3 and "accessible by other users" in r.stderr and "chmod 600" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    password.chmod(0o600)
+    assert run(user, "token", "ls").returncode == 0
+
+
 def test_put_ls_stat_get_mv_rm(user, tmp_path):
     src = tmp_path / "report.pdf"
     data = os.urandom(3 * 1024 * 1024 + 7)
