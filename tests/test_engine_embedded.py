@@ -11,6 +11,7 @@ import signal
 import time
 
 import httpx
+import pytest
 
 from privifs.embedded import EmbeddedEngine
 
@@ -95,3 +96,15 @@ def test_a_mount_restarts_its_dead_embedded_engine_and_keeps_uploading(tmp_path)
         names = {t.get("fileName") or t.get("name") for t in m.tokens()}
         assert {"before.txt", "after.txt"} <= names, names
         assert (m.dir / "after.txt").read_text() == "written after the engine died"
+
+
+def test_a_urls_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+    from privifs.engine.server import write_urls_file
+
+    target = tmp_path / "urls.json"
+    target.mkdir()  # a directory where the file should go
+    with pytest.raises(OSError):
+        write_urls_file(target, {"api": "http://127.0.0.1:1"})
+    assert [p.name for p in tmp_path.iterdir()] == ["urls.json"]
+    write_urls_file(tmp_path / "ok.json", {"api": "http://127.0.0.1:1"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "urls.json"]

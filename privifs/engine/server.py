@@ -192,8 +192,12 @@ def _config(name: str, host: str, port: int) -> Config:
 def write_urls_file(path: Path, urls: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(urls, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(urls, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError:  # e.g. the path is a directory: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 async def run_engine(
