@@ -45,6 +45,13 @@ class StagedFile:
         self.frozen = False
         self.staging = staging
 
+    def freeze(self) -> None:
+        """No more writes here (a write goes to a copy, see ``Filesystem.writable_staged``); the
+        header records the size, so the file says what it holds wherever it goes next (uploaded,
+        recorded as an interrupted upload, moved into the cache)."""
+        self.frozen = True
+        self.sealed.sync_header()
+
     def write(self, offset: int, data: bytes | memoryview) -> int:
         """Write plaintext at ``offset``, after making sure the disk has room for the growth."""
         end = offset + len(data)

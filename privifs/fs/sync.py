@@ -302,8 +302,7 @@ class Syncer:
 
     async def _upload(self, node: Node) -> None:
         staged = node.staged
-        staged.frozen = True
-        staged.sealed.sync_header()
+        staged.freeze()
         size = staged.size
         context, name, extension, path = self._target(node)
         replaced, seen_at = node.token, (node.remote_context, node.remote_name, node.remote_extension)
@@ -431,7 +430,6 @@ class Syncer:
             self.ns.meta_pending(node)
             if node.staged is staged:
                 self.ns.clear_staged(node, content_clean=True)
-                staged.sealed.sync_header()  # an adopted orphan (adopt_orphan) was never synced for upload
                 staged.sealed.close()
                 if not self._adopt(token, staged):
                     self.staging.remove(staged)
@@ -700,7 +698,7 @@ class Syncer:
         log.info(
             "%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
         )
-        staged.frozen = True
+        staged.freeze()
         self._record_content(
             node,
             staged,
