@@ -279,9 +279,9 @@ class ContentCache:
         self._trim()
         return token in self._lru
 
-    def evict(self, token: str) -> None:
-        """Drop the entry: its file first (the space comes back even if the table cannot be
-        written), then its row."""
+    def _forget(self, token: str) -> None:
+        """What this object knows of the entry goes (readers keeping its file open are told);
+        its file and row are the caller's."""
         for hook in self._evict_hooks:
             hook(token)
         size = self._lru.pop(token, None)
@@ -289,6 +289,11 @@ class ContentCache:
             self.used -= size
         self._touched.pop(token, None)
         self._paths.pop(token, None)
+
+    def evict(self, token: str) -> None:
+        """Drop the entry: its file first (the space comes back even if the table cannot be
+        written), then its row."""
+        self._forget(token)
         f = self.cache.get(token, read=True)
         if f is None:
             return
@@ -332,12 +337,7 @@ class ContentCache:
             os.rename(f.name, dest)
         except OSError:
             return False
-        for hook in self._evict_hooks:
-            hook(token)
-        size = self._lru.pop(token, None)
-        if size is not None:
-            self.used -= size
-        self._touched.pop(token, None)
+        self._forget(token)
         try:
             self.cache.delete(token)
         except TABLE_ERRORS as exc:  # a row whose file is gone reads as a miss
