@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,13 +85,7 @@ class Config:
         if self.password_file is None:
             raise ConfigError(f"no password file is configured in {self.path}; run 'privifs init'")
         try:
-            mode = os.stat(self.password_file).st_mode
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):  # as for the AES key (crypto/keys.py)
-                raise ConfigError(
-                    f"the password file {self.password_file} is accessible by other users "
-                    f"(mode {stat.S_IMODE(mode):o}); run 'chmod 600 {self.password_file}'"
-                )
-            return paths.read_small(self.password_file).decode().rstrip("\n")
+            return paths.read_small(self.password_file, private=True).decode().rstrip("\n")
         except OSError as exc:
             raise ConfigError(f"cannot read the password file {self.password_file}: {exc.strerror}") from None
         except UnicodeDecodeError:

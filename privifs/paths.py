@@ -63,11 +63,11 @@ def pid_alive(pid: int) -> bool:
 SMALL_FILE_LIMIT = 1 << 20
 
 
-def read_small(path: Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
+def read_small(path: Path, limit: int = SMALL_FILE_LIMIT, *, private: bool = False) -> bytes:
     """The content of a small regular file (a configuration, key, password or passphrase file).
     A FIFO, device or directory is refused instead of read (a FIFO blocked the command forever,
-    ``/dev/zero`` filled the memory), so is a file above ``limit``: OSError with a clear
-    strerror."""
+    ``/dev/zero`` filled the memory), so is a file above ``limit``, and with ``private`` (a
+    file holding a secret) one that other users may access: OSError with a clear strerror."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -75,6 +75,11 @@ def read_small(path: Path, limit: int = SMALL_FILE_LIMIT) -> bytes:
             raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            mode = stat.S_IMODE(st.st_mode)
+            raise PermissionError(
+                errno.EACCES, f"accessible by other users (mode {mode:o}); run 'chmod 600 {path}'", str(path)
+            )
         if st.st_size > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes: not a privifs file", str(path))
         chunks = []

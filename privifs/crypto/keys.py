@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -50,8 +49,7 @@ def generate_aes_key_file(path: Path) -> bytes:
 def load_aes_key(path: Path) -> bytes:
     """Read a 64-hex-character AES-256 key file, refusing world- or group-readable files."""
     try:
-        st = path.stat()
-        text = read_small(path).decode("ascii").strip()
+        text = read_small(path, private=True).decode("ascii").strip()
     except FileNotFoundError:
         raise KeyFileError(
             f"AES key file {path} does not exist; restore it (or run 'privifs init "
@@ -61,11 +59,6 @@ def load_aes_key(path: Path) -> bytes:
         raise KeyFileError(f"cannot read AES key file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise KeyFileError(f"AES key file {path} must hold exactly 64 hex characters") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyFileError(
-            f"AES key file {path} is accessible by other users "
-            f"(mode {stat.S_IMODE(st.st_mode):o}); run 'chmod 600 {path}'"
-        )
     if len(text) != 2 * AES_KEY_SIZE:
         raise KeyFileError(f"AES key file {path} must hold exactly 64 hex characters")
     try:
