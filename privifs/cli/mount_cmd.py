@@ -16,7 +16,7 @@ from pathlib import Path
 from privifs import paths
 from privifs.cli.failures import ExitStatus
 from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, privifs_mounts, registered_entry
-from privifs.cli.options import integer, parse_octal, parse_size, seconds
+from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
 
@@ -139,13 +139,10 @@ def _mount_config(args: argparse.Namespace):
 def _check_mountpoint(mountpoint: Path) -> None:
     """A usable, unmounted directory; a mount left dead by a killed daemon is cleaned up first."""
     real = os.path.realpath(mountpoint)
-    try:
-        real.encode("utf-8")
-    except UnicodeEncodeError:
-        # the mountpoint is recorded in text files (the vault's marker, the mount registry)
+    if not is_utf8(real):  # the mountpoint is recorded in text files (the vault's marker, the mount registry)
         raise ConfigError(
             f"the mountpoint {os.fsencode(real)!r} is not valid UTF-8; mount on a directory whose path is"
-        ) from None
+        )
     if real in privifs_mounts():
         if registered_entry(mountpoint) is not None or not is_dead_mount(real):
             raise ConfigError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")

@@ -75,11 +75,18 @@ def integer(minimum: int, maximum: int | None = None):
 port = integer(0, 65535)
 
 
-def utf8_text(text: str) -> str:
-    """A name or context: valid UTF-8 (bytes that are not arrive as lone surrogates, which no
-    request can carry)."""
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` is valid UTF-8: bytes that are not (in an argument, a path or the
+    environment) arrive as lone surrogates, which no request and no text file can carry."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"not valid UTF-8: {text.encode('utf-8', 'surrogateescape')!r}") from None
+        return False
+    return True
+
+
+def utf8_text(text: str) -> str:
+    """A name or context: valid UTF-8 (:func:`is_utf8`)."""
+    if not is_utf8(text):
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {text.encode('utf-8', 'surrogateescape')!r}")
     return text

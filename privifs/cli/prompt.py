@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from privifs.cli.options import is_utf8
 from privifs.errors import ConfigError
 from privifs.paths import read_small
 
@@ -37,9 +38,6 @@ def env_text(name: str) -> str | None:
     """The environment variable ``name``, refused (ConfigError) if it is not valid UTF-8: its
     bytes arrive as lone surrogates, which no request and no file can carry."""
     value = os.environ.get(name)
-    if value is not None:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(f"{name} is not valid UTF-8 text") from None
+    if value is not None and not is_utf8(value):
+        raise ConfigError(f"{name} is not valid UTF-8 text")
     return value

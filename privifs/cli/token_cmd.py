@@ -20,7 +20,7 @@ import trio
 
 from privifs.account import open_account
 from privifs.cli.failures import LocalFileError
-from privifs.cli.options import utf8_text
+from privifs.cli.options import is_utf8, utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -159,10 +159,8 @@ async def _put(args, client, vault) -> int:
         raise LocalFileError(f"cannot read {path}: permission denied")
     size = st.st_size
     name = args.name or path.name
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise LocalFileError(f"the name of {path} is not valid UTF-8; give the name to record with --name") from None
+    if not is_utf8(name):
+        raise LocalFileError(f"the name of {path} is not valid UTF-8; give the name to record with --name")
     progress = Progress(f"put {name}", size)
 
     async def source() -> AsyncIterator[bytes]:
