@@ -656,7 +656,7 @@ class Filesystem:
             fh.node.staged.sealed.sync_header()
             self.index.save(fh.node)
 
-    async def fsync(self, fh_id: int) -> None:
+    async def fsync(self, fh_id: int, datasync: bool = False) -> None:
         fh = self.handles[fh_id]
         node = fh.node
         if node.staged is None or not node.content_dirty or node.unlinked:
@@ -664,7 +664,7 @@ class Filesystem:
         if self.opts.fsync_mode == "local":
             from privifs.fs.localsync import fsync_locally
 
-            await fsync_locally(self, node)
+            await fsync_locally(self, node, datasync)
             return
         node.staged.sealed.sync_header()
         self.index.save(node)

@@ -118,6 +118,13 @@ COLUMNS = (
 )
 
 
+_TIMES = frozenset(i for i, c in enumerate(COLUMNS) if c in ("mtime_ns", "ctime_ns", "atime_ns"))
+
+
+def _without_times(row: tuple) -> tuple:
+    return tuple(v for i, v in enumerate(row) if i not in _TIMES)
+
+
 class Node:
     """One inode. Persistent fields are saved to the index; the rest lives for this mount only."""
 
@@ -255,6 +262,13 @@ class Index:
             self.conn.close()
             raise
         self._depth = 0
+        self.writes = 0  # statements written so far; --fsync local flushes the WAL only after new ones
+        self.flushed_writes = 0  # of those, how many a flush of the WAL (--fsync local) has covered
+        # ino -> the number of the last write of its row, and of the last that changed more than
+        # its times (what an fdatasync must make durable); kept from the first row_flushed on
+        # (never in the default --fsync vault) and dropped once a WAL flush covers them
+        self._row_writes: dict[int, tuple[int, int]] = {}
+        self._tracked_from: int | None = None
         self._saved: dict[int, tuple] = {}  # ino -> the row the index holds (committed, or in this transaction)
         self._unsure: list[int] = []  # inos saved in the open transaction: unknown again if it rolls back
         self._upsert = f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -324,10 +338,31 @@ class Index:
                         self._saved.pop(ino, None)
 
     def _write(self, sql: str, args) -> None:
+        self.writes += 1
         try:
             self.conn.execute(sql, args)
         except sqlite3.Error as exc:
             raise _local_error(exc) from None
+
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def row_flushed(self, ino: int, datasync: bool = False) -> bool:
+        """Whether the WAL flushes so far cover the last write of ``ino``'s row (with
+        ``datasync``: the last that changed more than its times)."""
+        if self._tracked_from is None:
+            self._tracked_from = self.writes
+        untracked = self._tracked_from  # a row last written before tracking began: at most this
+        last, data = self._row_writes.get(ino, (untracked, untracked))
+        return (data if datasync else last) <= self.flushed_writes
+
+    def wal_flushed(self, upto: int) -> None:
+        """The WAL was flushed to disk after the first ``upto`` writes (``--fsync local``); with
+        ``synchronous=NORMAL`` SQLite itself flushes the WAL before a checkpoint and the database
+        file after it, so what those writes committed now survives a power loss."""
+        self.flushed_writes = max(self.flushed_writes, upto)
+        self._row_writes = {ino: w for ino, w in self._row_writes.items() if w[0] > upto}
 
     def save(self, node: Node) -> None:
         """Persist ``node``; a node that left the tree (still open, or uploading) is never
@@ -338,6 +373,11 @@ class Index:
         saved = self._saved.pop(node.ino, None)
         if saved != row:
             self._write(self._upsert, row)
+            if self._tracked_from is not None:
+                data = self.writes
+                if saved is not None and _without_times(saved) == _without_times(row):
+                    data = self._row_writes.get(node.ino, (0, self._tracked_from))[1]
+                self._row_writes[node.ino] = (self.writes, data)
             if self._depth:
                 self._unsure.append(node.ino)
         self._saved[node.ino] = row  # the most recently saved last
@@ -347,6 +387,7 @@ class Index:
     def forget(self, ino: int) -> None:
         self._saved.pop(ino, None)
         self._write("DELETE FROM nodes WHERE ino = ?", (ino,))
+        self._row_writes.pop(ino, None)
 
     def load(self) -> list[Node]:
         return [Node.from_row(r) for r in self.conn.execute(self._select)]

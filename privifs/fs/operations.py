@@ -117,7 +117,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsync(self, fh, datasync):
-        await self.fs.fsync(fh)
+        await self.fs.fsync(fh, bool(datasync))
 
     @handler
     async def release(self, fh):

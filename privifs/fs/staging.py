@@ -37,13 +37,16 @@ from privifs.fs.space import MiB, Space
 
 
 class StagedFile:
-    __slots__ = ("id", "sealed", "frozen", "staging")
+    __slots__ = ("id", "sealed", "frozen", "staging", "entry_flushed")
 
     def __init__(self, staged_id: str, sealed: SealedFile, staging: Staging):
         self.id = staged_id
         self.sealed = sealed
         self.frozen = False
         self.staging = staging
+        # whether the staging directory, holding this file's name, was flushed to disk since the
+        # file got that name (``--fsync local`` flushes the directory only for files not yet)
+        self.entry_flushed = False
 
     def freeze(self) -> None:
         """No more writes here (a write goes to a copy, see ``Filesystem.writable_staged``); the
