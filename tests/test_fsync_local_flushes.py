@@ -1,7 +1,8 @@
 """``--fsync local`` flushes what the change needs and nothing else, in-process (real index,
 staging and disk; no engine, no kernel): the staged file always, the staging directory while the
 file's name may not be on disk yet, the index's WAL while the node's row has a write no flush
-covered (for fdatasync: a write of more than its times)."""
+covered (for fdatasync: a write of more than its times); an fsync of a directory flushes the index
+when it has writes no flush covered."""
 
 from __future__ import annotations
 
@@ -43,13 +44,18 @@ def local(tmp_path, monkeypatch):
         trio.run(localsync.fsync_locally, fs, node, datasync)
         return flushed[-1]
 
+    def fsyncdir() -> set[Path]:
+        flushed.append(set())
+        trio.run(localsync.flush_index, index)
+        return flushed[-1]
+
     def new_file(name: str):
         node = ns.new_node(ns.root, name, KIND_FILE, 0o644)
         ns.set_staged(node, staging.create())
         index.save(node)
         return node
 
-    yield SimpleNamespace(ns=ns, index=index, staging=staging, fsync=fsync, new_file=new_file)
+    yield SimpleNamespace(ns=ns, index=index, staging=staging, fsync=fsync, fsyncdir=fsyncdir, new_file=new_file)
     index.close()
 
 
@@ -113,3 +119,13 @@ def test_a_staged_file_made_as_a_copy_has_its_directory_flushed(local):
     copy = local.staging.clone(node.staged)
     local.ns.set_staged(node, copy)
     assert Path(local.staging.dir) in local.fsync(node)
+
+
+def test_fsync_of_a_directory_flushes_the_index_after_a_change_and_only_then(local):
+    node = local.new_file("tmp")
+    local.fsync(node)
+    assert local.fsyncdir() == set()
+    local.ns.move(node, local.ns.root, "final")  # what a rename records
+    local.index.save(node)
+    assert local.fsyncdir() == {local.index.wal_path}
+    assert local.fsyncdir() == set()

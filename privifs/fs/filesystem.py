@@ -29,6 +29,7 @@ from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.errnos import errno_for
+from privifs.fs.localsync import flush_index, fsync_locally
 from privifs.fs.names import NAME_MAX
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.parts import is_manifest_node
@@ -662,13 +663,16 @@ class Filesystem:
         if node.staged is None or not node.content_dirty or node.unlinked:
             return
         if self.opts.fsync_mode == "local":
-            from privifs.fs.localsync import fsync_locally
-
             await fsync_locally(self, node, datasync)
             return
         node.staged.sealed.sync_header()
         self.index.save(node)
         await self.sync.commit(node, self.opts.fsync_timeout)
+
+    async def fsyncdir(self, fh_id: int) -> None:
+        """The directory's changes (entries made, renamed, removed) as the index records them are
+        flushed to the local disk; they reach the vault in the background, like any of them."""
+        await flush_index(self.index)
 
     def release(self, fh_id: int) -> None:
         fh = self.handles.pop(fh_id, None)

@@ -65,6 +65,20 @@ def _flush_together(fd: int, paths: list[Path]) -> None:
             raise exc
 
 
+async def flush_index(index) -> None:
+    """Flush the index's WAL if anything was written since the last flush: what the index
+    records (renames, deletes, new entries) then survives a power loss (``fsync`` of a
+    directory, in either mode)."""
+    upto = index.writes
+    if upto <= index.flushed_writes:
+        return
+    try:
+        await trio.to_thread.run_sync(_flush_path, index.wal_path)
+    except OSError as exc:
+        raise local_store_error(exc, f"flushing the index {index.path} to disk") from None
+    index.wal_flushed(upto)
+
+
 async def fsync_locally(fs, node, datasync: bool = False) -> None:
     """Make ``node``'s staged content and its index row durable on the local disk, then have the
     upload follow in the background (``datasync``: its times may stay behind, as fdatasync allows).

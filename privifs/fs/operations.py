@@ -137,7 +137,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh, datasync):
-        return None
+        await self.fs.fsyncdir(fh)
 
     @handler
     async def statfs(self, ctx):
