@@ -442,3 +442,21 @@ async def test_a_filesystem_built_from_an_empty_local_state_shows_the_same_tree(
                 mine.st_size,
                 mine.st_mtime_ns,
             ), path
+
+
+async def test_an_fsync_goes_ahead_of_a_backlog_of_closed_files(module_account, eng, tmp_path):
+    """After a `git clone` onto the mount thousands of closed files wait for upload; an fsync
+    must not wait behind them (it took 48 s before it got a lane of its own)."""
+    async with inprocess_fs(tmp_path, *module_account, workers=1, empty_vault=True) as kit:
+        resume = kit.hold_write_back()
+        for i in range(150):
+            await kit.write_file(f"backlog-{i:03}", b"x" * 100)
+        fh = await kit.create_file("pack")
+        await kit.write(fh, 0, b"the one that matters")
+        resume()
+        await kit.fsync(fh)
+        await kit.close(fh)
+        in_vault = await kit.vault_names()
+        assert "pack" in in_vault
+        assert sum(name.startswith("backlog-") for name in in_vault) < 50, "the fsync waited for the backlog"
+        await kit.settle(timeout=120)

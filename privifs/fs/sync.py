@@ -66,6 +66,7 @@ from privifs.fs.tokenmeta import (
     same_context,
     split_context,
 )
+from privifs.fs.workqueue import WorkQueue
 from privifs.parts.format import MARK
 from privifs.parts.format import VERSION as PARTS_VERSION
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
@@ -114,8 +115,7 @@ class Syncer:
         self.vault = vault
         self.workers = workers
         self.write_back_delay = write_back_delay
-        self._send, self._recv = trio.open_memory_channel[int](10**9)
-        self._queued: set[int] = set()
+        self._queue = WorkQueue()
         self._busy: set[int] = set()
         self._again: set[int] = set()
         self._fsync: Counter[int] = Counter()
@@ -147,9 +147,10 @@ class Syncer:
             return  # removed: nothing of it goes to the vault
         if node.ino in self._busy:
             self._again.add(node.ino)
-        elif node.ino not in self._queued:
-            self._queued.add(node.ino)
-            self._send.send_nowait(node.ino)
+        elif self._fsync[node.ino]:
+            self._queue.put_urgent(node.ino)  # an fsync waits: ahead of the backlog
+        else:
+            self._queue.put(node.ino)
 
     def schedule_upload(self, node: Node) -> None:
         """A file was closed after writing: upload it after the write-back delay (which lets a
@@ -177,8 +178,8 @@ class Syncer:
             task_status.started()
 
     async def _worker(self) -> None:
-        async for ino in self._recv:
-            self._queued.discard(ino)
+        while True:
+            ino = await self._queue.get()
             node = self.ns.get(ino)
             if node is None or node.unlinked and not node.uploading:
                 continue
