@@ -160,7 +160,8 @@ async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as
         staged.sealed.read = counting
         kept, uploaded = t.syncer.parts.parts_kept, t.syncer.parts.parts_uploaded
         await t.fs.fsync(fh)
-        assert reads == [2] and t.syncer.parts.parts_uploaded - uploaded == 1
+        # only the written part is read: for its digest, then again a piece at a time as it uploads
+        assert set(reads) == {2} and t.syncer.parts.parts_uploaded - uploaded == 1
         assert t.syncer.parts.parts_kept - kept == 7
         # shrink and grow back: the parts in between are zeros now, and must be stored so
         await t.truncate(fh, 3 * PART)
