@@ -587,15 +587,20 @@ def sealed_file(path: Path, data: bytes, key: bytes = CACHE_KEY) -> str:
 
 
 def disk_usage(root: Path) -> int:
-    """What the disk counts under ``root``: every file's allocated blocks (as ``du`` and
-    scripts/bench count a cache directory), 0 if it does not exist."""
+    """What the disk counts under ``root``: every file's allocated blocks, each file once (as
+    ``du`` and scripts/bench count a cache directory: a file moved between two directories while
+    the walk runs is not counted twice), 0 if it does not exist."""
     total = 0
+    seen: set[int] = set()
     for d, _, files in os.walk(root):
         for f in files:
             try:
-                total += os.lstat(os.path.join(d, f)).st_blocks * 512
+                st = os.lstat(os.path.join(d, f))
             except OSError:  # removed while we looked
-                pass
+                continue
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
     return total
 
 
