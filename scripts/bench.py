@@ -441,14 +441,20 @@ def fio_randread(path: Path, seconds: int, size_mib: int) -> float:
 
 
 def dir_bytes(root: Path) -> int:
-    """Disk space used under ``root`` (allocated blocks), 0 if it does not exist."""
+    """Disk space used under ``root`` (allocated blocks), 0 if it does not exist. Each file is
+    counted once, as ``du`` does: a file renamed from one directory to another while the walk
+    runs (a download entering the cache) would otherwise be counted in both."""
     total = 0
+    seen: set[tuple[int, int]] = set()
     for d, _, files in os.walk(root):
         for f in files:
             try:
-                total += os.lstat(os.path.join(d, f)).st_blocks * 512
+                st = os.lstat(os.path.join(d, f))
             except OSError:
-                pass
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
     return total
 
 

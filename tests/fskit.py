@@ -20,6 +20,7 @@ import errno
 import os
 import secrets
 import stat
+import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager, contextmanager
@@ -583,3 +584,46 @@ def sealed_file(path: Path, data: bytes, key: bytes = CACHE_KEY) -> str:
     f.sync_header()
     f.close()
     return str(path)
+
+
+def disk_usage(root: Path) -> int:
+    """What the disk counts under ``root``: every file's allocated blocks, each file once (as
+    ``du`` and scripts/bench count a cache directory: a file moved between two directories while
+    the walk runs is not counted twice), 0 if it does not exist."""
+    total = 0
+    seen: set[int] = set()
+    for d, _, files in os.walk(root):
+        for f in files:
+            try:
+                st = os.lstat(os.path.join(d, f))
+            except OSError:  # removed while we looked
+                continue
+            if st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_blocks * 512
+    return total
+
+
+class DiskPeak:
+    """The largest :func:`disk_usage` of ``root`` seen while the block runs, sampled by a thread
+    as fast as it can (files land and go on worker threads, between the test's awaits)."""
+
+    def __init__(self, root: Path):
+        self.root, self.peak, self.samples = root, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, disk_usage(self.root))
+            self.samples += 1
+            time.sleep(0.001)
+
+    def __enter__(self) -> DiskPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, disk_usage(self.root))

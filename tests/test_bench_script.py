@@ -90,3 +90,14 @@ def test_a_page_cache_that_cannot_be_dropped_stops_the_run_instead_of_measuring_
     monkeypatch.setattr(bench.os, "sync", lambda: None)
     with pytest.raises(RuntimeError, match="cold reads need root"):
         bench.drop_caches(tmp_path / "missing" / "drop_caches")
+
+
+def test_the_cache_directory_size_counts_a_file_seen_in_two_places_once(tmp_path):
+    # a download renamed from incoming/ into the entries while the sampler walks the directory
+    # is met twice; a hard link stands in for that moment (one file, two names)
+    (tmp_path / "incoming").mkdir()
+    (tmp_path / "entries").mkdir()
+    (tmp_path / "incoming" / "part").write_bytes(b"x" * 65536)
+    one = bench.dir_bytes(tmp_path)
+    (tmp_path / "entries" / "part").hardlink_to(tmp_path / "incoming" / "part")
+    assert one >= 65536 and bench.dir_bytes(tmp_path) == one

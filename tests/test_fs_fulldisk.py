@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from privifs.errors import DiskFullError
-from privifs.fs.cache import ContentCache
+from privifs.fs.cache import ContentCache, footprint
 from privifs.fs.namespace import Index
 from tests.fskit import CACHE_KEY as KEY
 from tests.fskit import sealed_file
@@ -188,13 +188,15 @@ def test_a_cache_hit_writes_nothing_to_the_cache_database(tmp_path):
 
 
 def test_the_cache_evicts_least_recently_used_and_keeps_that_order_across_restarts(tmp_path):
-    size = os.path.getsize(sealed_file(tmp_path / "probe", bytes(1000)))
-    cache = ContentCache(tmp_path / "cache", 3 * size, KEY)
+    size = footprint(os.stat(sealed_file(tmp_path / "probe", bytes(1000))))
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    cache.size_limit = cache.overhead() + 3 * size  # room for three entries besides the table
     for name in ("a", "b", "c"):
         assert cache.adopt(name, sealed_file(tmp_path / name, bytes(1000)))
     cache.open("a").close()  # a is now the most recently used
     cache.close()
-    cache = ContentCache(tmp_path / "cache", 3 * size, KEY)
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    cache.size_limit = cache.overhead() + 3 * size
     try:
         assert cache.adopt("d", sealed_file(tmp_path / "d", bytes(1000)))  # over the limit: b goes
         assert cache.open("b") is None

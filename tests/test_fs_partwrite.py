@@ -6,6 +6,7 @@ token is converted when rewritten. The threshold and part size are shrunk so fil
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 import pytest
 
@@ -160,7 +161,8 @@ async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as
         staged.sealed.read = counting
         kept, uploaded = t.syncer.parts.parts_kept, t.syncer.parts.parts_uploaded
         await t.fs.fsync(fh)
-        assert reads == [2] and t.syncer.parts.parts_uploaded - uploaded == 1
+        # only the written part is read: for its digest, then again a piece at a time as it uploads
+        assert set(reads) == {2} and t.syncer.parts.parts_uploaded - uploaded == 1
         assert t.syncer.parts.parts_kept - kept == 7
         # shrink and grow back: the parts in between are zeros now, and must be stored so
         await t.truncate(fh, 3 * PART)
@@ -251,4 +253,25 @@ async def test_the_sweep_never_collects_the_parts_of_a_store_still_in_flight_on_
         await t.wait_idle()
         # a listing taken before the manifest was stored, handed to the sweep after it was
         assert await t.fs.parts.sweep(infos, min_age=2, interval=0) == 0
+        assert await read_all(t, node) == data
+
+
+async def test_uploading_parts_holds_no_whole_part_in_memory(account, tmp_path, monkeypatch):
+    # each part is read, digested and encrypted a piece at a time as it uploads (about 20 MiB
+    # traced here); held whole (plaintext, ciphertext, the IV-prefixed copy) it took 80 MiB
+    part = 8 * 2**20
+    monkeypatch.setattr("privifs.fs.partwrite.PART_SIZE", part)
+    data = os.urandom(4 * part)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, data)
+        tracemalloc.start()
+        try:
+            await t.fs.fsync(fh)  # four parts in flight at once
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        t.fs.release(fh)
+        assert t.syncer.parts.parts_uploaded == 4
+        assert peak < len(data), f"{peak / 2**20:.1f} MiB held while uploading {len(data) / 2**20:.0f} MiB"
         assert await read_all(t, node) == data

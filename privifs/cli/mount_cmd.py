@@ -40,7 +40,7 @@ def register(sub) -> None:
         type=parse_size,
         metavar="SIZE",
         default=parse_size("2G"),
-        help="read cache limit, e.g. 500M or 2G (default 2G)",
+        help="read cache limit, everything in its directory counted, e.g. 500M or 2G (default 2G)",
     )
     p.add_argument(
         "--refresh-interval",

@@ -21,8 +21,13 @@ what is cached stays readable when writes fill the disk. Evicting unlinks the en
 then its row, so space comes back even when the table cannot be written; a row whose file is
 gone reads as a miss.
 
-Downloads in flight count against ``--cache-size`` before they land (:attr:`ContentCache.reserved`),
-so several parts of a big file fetched at once never take the cache past its limit.
+``--cache-size`` bounds everything in the cache directory as the disk counts it: entries by
+their allocated blocks (:func:`footprint`), downloads in flight by the blocks they will take
+(:attr:`ContentCache.reserved`, counted before they start, so several parts of a big file
+fetched at once never take the cache past its limit), and diskcache's table (its database,
+shared memory and WAL, kept small by checkpointing every :data:`WAL_PAGES` pages) with room for
+its growth (:meth:`ContentCache.overhead`). Room is made before anything lands: a download
+waits while the downloads in flight leave none, and an entry moved in evicts first.
 
 A download is shared: concurrent readers of the same uncached token wait for one fetch. Its
 plaintext goes into a sealed file under ``incoming/`` and enters the cache (by rename, see
@@ -52,6 +57,24 @@ from privifs.errors import DiskFullError, PrivifsError, single_error
 from privifs.fs.space import MiB, Space, open_error
 
 log = logging.getLogger("privifs.fs.cache")
+
+BLOCK = 4096  # the allocation unit a file not yet written is counted in
+WAL_PAGES = 128  # diskcache's table checkpoints its WAL at this many pages (SQLite's default: 1000)
+WAL_ROOM = 1 * MiB  # what the WAL may take: WAL_PAGES and a transaction's pages; truncated to this
+TABLE_GROWTH = 64 * 1024  # pages the table's database may gain between two checks of the room
+TABLE_FILES = ("cache.db", "cache.db-shm", "cache.db-wal")
+
+
+def footprint(st: os.stat_result) -> int:
+    """Disk space a file takes: its allocated blocks, and at least its size in whole blocks (a
+    file just written may not have all its blocks allocated yet)."""
+    return max(st.st_blocks * 512, -(-st.st_size // BLOCK) * BLOCK)
+
+
+def download_footprint(size: int) -> int:
+    """What a download of ``size`` plaintext bytes will take once sealed: its whole blocks, and
+    one more for the file's extent tree."""
+    return -(-stored_size(size) // BLOCK) * BLOCK + BLOCK
 
 
 @dataclass
@@ -119,7 +142,12 @@ class ContentCache:
         self.used = 0
         try:
             self.cache = diskcache.Cache(
-                str(directory / "entries"), eviction_policy="none", disk=AdoptingDisk, statistics=False
+                str(directory / "entries"),
+                eviction_policy="none",
+                disk=AdoptingDisk,
+                statistics=False,
+                sqlite_wal_autocheckpoint=WAL_PAGES,
+                sqlite_journal_size_limit=WAL_ROOM,
             )
             self._load()
         except TABLE_ERRORS as exc:
@@ -127,19 +155,22 @@ class ContentCache:
         self._inflight: dict[str, trio.Event] = {}
         self.downloads = 0
         self.reserved = 0  # bytes of downloads in flight: counted against the limit before they land
+        self._landed = trio.Event()  # set (and replaced) whenever a download's reservation ends
 
     def _load(self) -> None:
         """The LRU order from diskcache's table (its documented columns; a read)."""
         rows = self.cache._sql(
             "SELECT key, size, filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL ORDER BY access_time"
         ).fetchall()
-        for token, size, filename in rows:
-            if os.path.exists(os.path.join(self.cache.directory, filename)):
-                self._lru[token] = size
-                self.used += size
-            else:  # evicted on a full disk: the file went, the row stayed
+        for token, _, filename in rows:
+            try:
+                size = footprint(os.stat(os.path.join(self.cache.directory, filename)))
+            except OSError:  # evicted on a full disk: the file went, the row stayed
                 with suppress(*TABLE_ERRORS):
                     self.cache.delete(token)
+            else:
+                self._lru[token] = size
+                self.used += size
 
     def close(self) -> None:
         self._save_access()
@@ -171,7 +202,7 @@ class ContentCache:
             except PrivifsError:
                 del self._paths[token]  # gone or damaged: diskcache decides below
             else:
-                self._touch(token, os.fstat(sealed.fd).st_size)
+                self._touch(token, footprint(os.fstat(sealed.fd)))
                 return sealed
         f = self.cache.get(token, read=True)  # one SELECT: eviction_policy "none" writes nothing
         if f is None:
@@ -186,29 +217,36 @@ class ContentCache:
         finally:
             f.close()
         self._paths[token] = sealed.path
-        self._touch(token, os.fstat(sealed.fd).st_size)
+        self._touch(token, footprint(os.fstat(sealed.fd)))
         return sealed
 
     async def fetch(self, token: str, vault: Vault, size: int | None = None) -> SealedFile:
         """The token's content, downloading and verifying it once for all concurrent callers."""
+        need = download_footprint(size or 0)
         while True:
             sealed = self.open(token)
             if sealed is not None:
                 return sealed
             event = self._inflight.get(token)
-            if event is None:
-                break
-            await event.wait()
-            if token not in self._lru:
+            if event is not None:
+                await event.wait()
+                if token in self._lru:
+                    continue
                 # the shared download failed: each waiter tries (and reports) on its own
+            if self._room_for_download(need):
                 break
-        need = stored_size(size or 0)
-        self._room_for_download(need)
+            await self._landed.wait()  # the downloads in flight leave no room: look again once one lands
         event = trio.Event()
         self._inflight[token] = event
         self.reserved += need
         path = self.incoming / secrets.token_hex(12)
-        sealed = SealedFile.create(path, self._key)
+        try:
+            sealed = SealedFile.create(path, self._key)
+        except BaseException:
+            self._release(need)
+            del self._inflight[token]
+            event.set()
+            raise
         try:
             self.downloads += 1
             with single_error():
@@ -216,6 +254,8 @@ class ContentCache:
                     sink = SealedSink(sealed, nursery)
                     await vault.get(token, sink, size=size)
                     await sink.finish()
+            self._release(need)  # from here the file counts as an entry (no await in between)
+            need = 0
             if not self.adopt(token, str(path)):
                 return sealed  # not kept (too large, no room): this reader keeps a private, unlinked copy
             sealed.close()
@@ -226,41 +266,74 @@ class ContentCache:
         finally:
             if self._inflight.get(token) is event:  # waiters retrying a failed download overlap
                 del self._inflight[token]
-            self.reserved -= need
+            self._release(need)
             event.set()
         opened = self.open(token)
         if opened is None:
             return await self.fetch(token, vault, size)  # evicted at once by a concurrent insert
         return opened
 
-    def _room_for_download(self, need: int) -> None:
-        """Evict until ``need`` bytes fit within the size limit and the floor stays free (the
-        reserve is restored once the entry is in, see :meth:`_trim`), or raise DiskFullError."""
-        keepable = need <= self.size_limit  # a download larger than the whole cache is never kept
-        while self._lru and (
-            keepable and self.used + self.reserved + need > self.size_limit or self.space.above_floor() < need
-        ):
+    def _release(self, need: int) -> None:
+        """A download's reservation ends: downloads waiting for room look again."""
+        if need:
+            self.reserved -= need
+            self._landed.set()
+            self._landed = trio.Event()
+
+    def overhead(self) -> int:
+        """Disk space held back from the entries for diskcache's table: its files as they are,
+        the WAL counted at its largest, and room for the table to grow until the next check."""
+        total = TABLE_GROWTH
+        for name in TABLE_FILES:
+            try:
+                size = footprint(os.stat(os.path.join(self.cache.directory, name)))
+            except OSError:
+                size = 0
+            total += max(size, WAL_ROOM) if name.endswith("-wal") else size
+        return total
+
+    def _room_for_download(self, need: int) -> bool:
+        """Evict until ``need`` more bytes fit within the size limit and the floor stays free
+        (the reserve is restored once the entry is in, see :meth:`_trim`), or raise
+        DiskFullError. False when the downloads in flight leave no room even with nothing
+        cached: the caller waits for one to land. A download larger than the whole cache is
+        never kept, and may go at once."""
+        budget = self.size_limit - self.overhead()
+        keepable = need <= budget
+        while self._lru and (keepable and self.used + self.reserved + need > budget or self.space.above_floor() < need):
             self.evict(next(iter(self._lru)))
+        if keepable and self.reserved and self.used + self.reserved + need > budget:
+            return False
         if self.space.above_floor() < need:
             raise DiskFullError(
                 f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; free space on that disk"
             )
+        return True
 
     def _trim(self) -> None:
         """Evict least recently used entries while over the size limit or inside the staging
         reserve."""
-        while self._lru and (self.used > self.size_limit or self.space.above_reserve() < 0):
+        budget = self.size_limit - self.overhead()
+        while self._lru and (self.used > budget or self.space.above_reserve() < 0):
             self.evict(next(iter(self._lru)))
 
     def adopt(self, token: str, path: str) -> bool:
-        """Move a sealed file holding ``token``'s content into the cache. False (the file is then
-        gone) when it cannot be kept: larger than the cache, no room above the staging reserve,
-        another filesystem, or the cache's table cannot be written (a full disk)."""
-        size = os.path.getsize(path)
-        if size > self.size_limit:
+        """Move a sealed file holding ``token``'s content into the cache, evicting least recently
+        used entries first so that it lands within the size limit. False (the file is then
+        gone) when it cannot be kept: larger than the cache, no room left by the downloads in
+        flight or above the staging reserve, another filesystem, or the cache's table cannot be
+        written (a full disk)."""
+        size = footprint(os.stat(path))
+        budget = self.size_limit - self.overhead()
+        if size > budget:
             os.unlink(path)
             return False
         self.evict(token)  # a stale row (file gone) is replaced, never counted twice
+        while self._lru and self.used + self.reserved + size > budget:
+            self.evict(next(iter(self._lru)))
+        if self.used + self.reserved + size > budget:
+            os.unlink(path)
+            return False
         disk = self.cache.disk
         disk.last_path = None
         try:
@@ -304,27 +377,6 @@ class ContentCache:
             self.cache.delete(token)
         except TABLE_ERRORS as exc:
             log.debug("cache row kept after its file was removed (%s)", exc)
-
-    async def store(self, token: str, data: bytes) -> bool:
-        """Cache ``data`` as ``token``'s content (plaintext this mount just uploaded, so known
-        good); sealed on a worker thread. False when it cannot be kept."""
-        path = self.incoming / secrets.token_hex(12)
-
-        def write() -> None:
-            sealed = SealedFile.create(path, self._key)
-            try:
-                sealed.write(0, data)
-                sealed.write_header()
-            finally:
-                sealed.close()
-
-        try:
-            await trio.to_thread.run_sync(write)
-            return self.adopt(token, str(path))
-        except (PrivifsError, OSError) as exc:
-            log.debug("not caching %d uploaded bytes (%s)", len(data), exc)
-            path.unlink(missing_ok=True)
-            return False
 
     def take(self, token: str, dest: Path) -> bool:
         """Move ``token``'s cached file to ``dest`` (same filesystem) and drop the entry: the

@@ -13,6 +13,11 @@ recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.s
 uploaded parts are not cached one by one: the syncer moves the whole staged file into the cache
 under the manifest's token, as for any upload, and reads and the next write use that entry
 (the file is held once, and no part is encrypted a second time for the cache).
+
+Memory: no part is held whole. A part is read from the staged file 1 MiB at a time on a worker
+thread (digested there) and encrypted while it uploads (:meth:`privifs.parts.store.PartStore.put_part_from`), so
+each part in flight costs about 2 MiB; a part compared with the old manifest is read once for
+its digest and, if it differs, again as it uploads.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 import trio
 
 from privifs.client.datatokens import FileMeta
+from privifs.client.vault import PIECE
 from privifs.errors import PrivifsError, single_error
 from privifs.fs.parts import PartReader
 from privifs.fs.staging import StagedFile
@@ -72,36 +78,44 @@ class PartWriter:
         limit = trio.CapacityLimiter(self.in_flight)
         digest_key = self.reader.digest_key
 
-        def read(i: int) -> tuple[bytes, bytes]:
+        def reader(i: int) -> Callable[[int, int], bytes]:
             start = i * part_size
-            data = staged.sealed.read(start, min(part_size, size - start))
-            return data, fmt.part_digest(digest_key, i, data)
+            return lambda offset, n: staged.sealed.read(start + offset, n)
+
+        def digest_of(i: int) -> bytes:
+            """Part ``i``'s digest, read a piece at a time (on a worker thread)."""
+            read, size_i = reader(i), min(part_size, size - i * part_size)
+            mac = fmt.part_hasher(digest_key, i)
+            for offset in range(0, size_i, PIECE):
+                mac.update(read(offset, min(PIECE, size_i - offset)))
+            return mac.digest()
 
         changes = self.reader.changes
 
         async def one(i: int) -> None:
+            length = min(part_size, size - i * part_size)
             if old is not None and changes.unchanged(staged.id, old_token, part_size, i):
                 parts[i] = old.parts[i]  # not written since it was copied from the old manifest
                 self.parts_kept += 1
                 progress(parts[i].size)
                 return
             async with limit:
-                data, digest = await trio.to_thread.run_sync(read, i)
                 if (
                     old is not None
                     and i < len(old.parts)
-                    and old.parts[i].size == len(data)
-                    and hmac.compare_digest(old.parts[i].digest, digest)
+                    and old.parts[i].size == length
+                    and hmac.compare_digest(old.parts[i].digest, await trio.to_thread.run_sync(digest_of, i))
                 ):
                     parts[i] = old.parts[i]
                     self.parts_kept += 1
-                    progress(len(data))
+                    progress(length)
                     return
-                parts[i] = await self.store.put_part(upload_id, i, data)
+                # streamed: read, digested and encrypted a piece at a time while it uploads
+                parts[i] = await self.store.put_part_from(upload_id, i, length, reader(i))
                 stored.append(parts[i].token)
                 self.reader.in_flight.add(parts[i].token)
                 self.parts_uploaded += 1
-                progress(len(data))
+                progress(length)
 
         stored: list[str] = []
         try:

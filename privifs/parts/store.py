@@ -21,7 +21,7 @@ import trio
 
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
-from privifs.client.vault import Vault
+from privifs.client.vault import PIECE, Vault
 from privifs.errors import IntegrityError, single_error
 from privifs.fs.tokenmeta import split_context
 from privifs.parts import format as fmt
@@ -35,6 +35,7 @@ IN_FLIGHT = 4
 COLLECT_MIN_AGE = 3600.0  # a part younger than this may belong to a store still uploading
 
 Source = Callable[[], AsyncIterator[bytes]]
+Reader = Callable[[int, int], bytes | memoryview]  # (offset, length) → plaintext, on a worker thread
 
 
 def is_part(info: TokenInfo) -> bool:
@@ -63,11 +64,32 @@ class PartStore:
         return await self.tokens.store(sealed, len(sealed), meta)
 
     async def put_part(self, upload_id: str, index: int, data: bytes | memoryview) -> fmt.Part:
-        meta = FileMeta(
-            f"{upload_id}-{index}", "", fmt.PARTS_CONTEXT, len(data), f"{fmt.PARTS_CONTEXT}/{upload_id}-{index}"
-        )
-        token = await self._store_blob(data, meta)
-        return fmt.Part(token, len(data), fmt.part_digest(self._digest_key, index, data))
+        view = memoryview(data)
+        return await self.put_part_from(upload_id, index, len(view), lambda offset, n: view[offset : offset + n])
+
+    async def put_part_from(self, upload_id: str, index: int, size: int, read: Reader) -> fmt.Part:
+        """Store part ``index`` of ``size`` bytes that ``read(offset, length)`` hands out (called
+        on a worker thread, :data:`~privifs.client.vault.PIECE` bytes at a time, and again from
+        the start if the store is retried). Each piece is digested there and encrypted while the
+        part uploads, so no copy of the whole part, plaintext or ciphertext, is ever held."""
+        meta = FileMeta(f"{upload_id}-{index}", "", fmt.PARTS_CONTEXT, size, f"{fmt.PARTS_CONTEXT}/{upload_id}-{index}")
+        digest = b""
+
+        async def pieces() -> AsyncIterator[bytes | memoryview]:
+            nonlocal digest
+            mac = fmt.part_hasher(self._digest_key, index)
+
+            def piece(offset: int, n: int) -> bytes | memoryview:
+                data = read(offset, n)
+                mac.update(data)
+                return data
+
+            for offset in range(0, size, PIECE):
+                yield await trio.to_thread.run_sync(piece, offset, min(PIECE, size - offset))
+            digest = mac.digest()  # only once every byte went out (a retry starts a new digest)
+
+        token = await self.vault.put_stream(pieces, size, meta)
+        return fmt.Part(token, size, digest)
 
     async def put(self, source: Source, size: int, meta: FileMeta) -> str:
         """Store ``size`` bytes from ``source()`` as parts, then the manifest at ``meta``'s place;
