@@ -50,14 +50,25 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
+def process_state(pid: int) -> str | None:
+    """The kernel's state letter of process ``pid`` (``R``, ``S``, ``D``, ``T`` stopped, ``t``
+    stopped by a debugger, ``Z`` zombie, …), or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
+            return f.read().rsplit(b")", 1)[1].split()[0].decode("ascii", "replace")
     except (OSError, IndexError):
-        return False
-    return state not in (b"Z", b"X")
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
+    return process_state(pid) not in (None, "Z", "X")
+
+
+def pid_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, Ctrl-Z, a debugger): it answers nothing
+    until it is continued."""
+    return process_state(pid) in ("T", "t")
 
 
 SMALL_FILE_LIMIT = 1 << 20

@@ -423,3 +423,30 @@ def test_mount_right_after_a_killed_daemon_cleans_up_while_the_kernel_still_cach
         os.stat(m.dir)  # still answered from the cache: the daemon is gone
         m.mount()
         assert (m.dir / "unsent.txt").read_text() == "staged when the daemon died"
+
+
+def test_status_of_a_stopped_daemon_says_so_at_once_with_how_to_recover(engine, tmp_path):
+    """'privifs status' of a mount whose daemon was stopped (SIGSTOP) waited 30 s on its control
+    socket, then said 'daemon not answering (timed out)' and exited 0; and once the kernel no
+    longer had the root's attributes cached, status, umount and mount all hung for ever in
+    resolving the mountpoint's path (a stat of the stopped mount)."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        pid = m.pid
+        (m.dir / "new.txt").write_text("a create drops the kernel's cached attributes of the root")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = privifs(m.env, "status", str(m.dir), check=False, timeout=20)
+            every = privifs(m.env, "status", check=False, timeout=20)
+            st = json.loads(privifs(m.env, "status", str(m.dir), "--json", check=False, timeout=20).stdout)
+            umount = privifs(m.env, "umount", str(m.dir), check=False, timeout=20)
+            mount = privifs(m.env, "mount", str(m.dir), check=False, timeout=20)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert umount.returncode == 1 and f"it is stopped: 'kill -CONT {pid}'" in umount.stderr, umount.stderr
+        assert mount.returncode == 3 and "already mounted" in mount.stderr, mount.stderr
+        assert r.returncode == 8 and every.returncode == 8, (r, every)
+        assert f"{m.dir}: daemon not running: it is stopped (pid {pid}" in r.stdout, r.stdout
+        assert f"kill -CONT {pid}" in r.stdout and f"privifs mount {m.dir}" in r.stdout
+        assert "stopped" in every.stdout and "Traceback" not in r.stderr + every.stderr
+        assert st["stopped"] is True and st["pid"] == pid and not st["dead"]
+        assert privifs(m.env, "status", str(m.dir)).returncode == 0  # going on again

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from privifs import paths
 from privifs.cli.failures import ExitStatus
-from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, privifs_mounts, registered_entry
+from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
@@ -138,7 +138,7 @@ def _mount_config(args: argparse.Namespace):
 
 def _check_mountpoint(mountpoint: Path) -> None:
     """A usable, unmounted directory; a mount left dead by a killed daemon is cleaned up first."""
-    real = os.path.realpath(mountpoint)
+    real = mount_path(mountpoint)
     if not is_utf8(real):  # the mountpoint is recorded in text files (the vault's marker, the mount registry)
         raise ConfigError(
             f"the mountpoint {os.fsencode(real)!r} is not valid UTF-8; mount on a directory whose path is"
