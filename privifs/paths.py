@@ -60,6 +60,29 @@ def process_state(pid: int) -> str | None:
         return None
 
 
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: the directories
+    that making ``path`` creates (for :func:`remove_made` to take back)."""
+    out = []
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        out.append(p)
+    return out
+
+
+def remove_made(dirs: list[Path]) -> None:
+    """Remove the directories :func:`missing_dirs` listed, deepest first, each only if it is
+    empty (what anything else put there since stays, with the directories holding it)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
     return process_state(pid) not in (None, "Z", "X")

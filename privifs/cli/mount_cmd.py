@@ -170,6 +170,7 @@ def run_mount(args: argparse.Namespace) -> int:
     from privifs.fs.daemon import default_state_dir
 
     state = args.state_dir or default_state_dir(cfg)
+    made = paths.missing_dirs(state)
     paths.private_dir(state)
     log_path = state / "mount.log"
     r, w = os.pipe()
@@ -206,8 +207,23 @@ def run_mount(args: argparse.Namespace) -> int:
         raise PrivifsError(f"the mount did not become ready within {READY_TIMEOUT:.0f}s; see {log_path}")
     if text.startswith("error "):
         code, _, message_text = text[6:].partition(" ")
+        if code.isdigit() and made:  # said in full: a first mount that failed leaves no state behind
+            _forget_log(proc, log_path, made)
         raise ExitStatus(message_text, int(code)) if code.isdigit() else PrivifsError(text[6:])
     raise PrivifsError(f"the mount daemon failed; see {log_path}")
+
+
+def _forget_log(proc: subprocess.Popen, log_path: Path, made: list[Path]) -> None:
+    """Remove the log of a daemon that failed to mount with an error it reported in full, and
+    the state directories made for it, once the daemon has ended (it takes back what it made
+    itself; see ``Daemon._forget_first_mount``). A daemon that does not end keeps them."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        return
+    for f in log_path.parent.glob(log_path.name + "*"):
+        f.unlink(missing_ok=True)
+    paths.remove_made(made)
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
