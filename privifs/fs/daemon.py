@@ -224,6 +224,7 @@ class Daemon:
                 workers=self.mcfg.upload_workers,
                 write_back_delay=self.mcfg.write_back_delay,
                 supervisor=self.supervisor,
+                server_restarting=account.server_restarting,
             )
             fs = Filesystem(ns, staging, cache, vault, opts, syncer)
             fs.open_staged_files()

@@ -82,11 +82,15 @@ RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache 
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 
 
-def fsync_waits_through(exc: PrivifsError) -> bool:
+def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False) -> bool:
     """An fsync keeps waiting (up to --fsync-timeout) through failures of a server that answers
     (5xx, a command still pending): the next attempt may well succeed, and a program treats an
-    fsync error as lost data. A server that cannot be reached, or that refuses, fails it now."""
-    return exc.transient and not isinstance(exc, ServerUnreachable)
+    fsync error as lost data. So it does while the embedded engine cannot be reached because it
+    is being started again after it died (``server_restarting``). A server that cannot be
+    reached otherwise, or that refuses, fails it now."""
+    if isinstance(exc, ServerUnreachable):
+        return server_restarting
+    return exc.transient
 
 
 class Syncer:
@@ -104,8 +108,10 @@ class Syncer:
         workers: int = 4,
         write_back_delay: float = 1.0,
         supervisor: Supervisor | None = None,
+        server_restarting: Callable[[], bool] = lambda: False,
     ):
         self.supervisor = supervisor or Supervisor()
+        self.server_restarting = server_restarting  # the embedded engine is being started again
         self.ns = ns
         self.index = ns.index
         self.staging = staging
@@ -255,7 +261,9 @@ class Syncer:
         delay = min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
-        waits = self._fsync[node.ino] and fsync_waits_through(exc)
+        waits = self._fsync[node.ino] and fsync_waits_through(
+            exc, isinstance(exc, ServerUnreachable) and self.server_restarting()
+        )
         if waits:
             delay = min(delay, FSYNC_RETRY)
         self.ns.schedule_retry(node, trio.current_time() + delay)
