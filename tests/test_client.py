@@ -371,3 +371,18 @@ async def test_early_events_are_kept_for_late_waiters(account):
 
 def test_secrets_are_not_in_reprs():
     assert "hunter2" not in repr(PasswordCredentials("u", "hunter2-long"))
+
+
+async def test_a_server_that_never_answers_the_login_is_given_up_on_after_the_login_timeout(account):
+    """connect() to a server that accepted connections and never answered waited for every retry
+    of the login's 60 s read time-out (6 minutes): every command hung that long."""
+    _, creds = account
+    with trio.socket.socket() as silent:
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        options = ClientOptions(login_timeout=1.0)  # the read time-out and its retries as they are
+        with trio.fail_after(30), pytest.raises(ServerUnreachable) as caught:
+            async with connect(Endpoints(api=url, ws=url.replace("http", "ws")), creds, options):
+                pass
+    assert f"{url} did not answer within 1s" in str(caught.value), str(caught.value)

@@ -47,13 +47,8 @@ MARKER = "vault-checked"
 FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
 # how long the start waits for a server that accepts connections but does not answer before it
-# starts offline (when it may: until the vault answered, key checked and listing merged); a
-# refused connection is known in seconds
+# starts offline (when it may); a refused connection is known in seconds
 OFFLINE_START_AFTER = 30.0
-# how long the start of a vault never mounted here waits for the server's first answer (the
-# login) before it fails: such a vault cannot start offline, and a server that never answers
-# otherwise held the mount for the login's read time-outs, retried (180 s)
-FIRST_ANSWER_WITHIN = 30.0
 
 
 class VaultLink:
@@ -191,17 +186,12 @@ class Connector:
                 # answered: a server that never answers must not hold the mount (its reads time out
                 # after a minute, retried); the attempts after it run in the background
                 bounded = trio.CancelScope()
-                offline_start = first and may_start_offline(self.state_dir, self.account.key)
-                if offline_start:
+                if first and may_start_offline(self.state_dir, self.account.key):
                     bounded.deadline = trio.current_time() + OFFLINE_START_AFTER
-                elif first:
-                    bounded.deadline = trio.current_time() + FIRST_ANSWER_WITHIN
                 with bounded:
                     async with connect(
                         self.account.endpoints, self.account.credentials, self.link.options, supervisor=self.supervisor
                     ) as client:
-                        if not offline_start:  # logged in: the server answers, a big listing may take long
-                            bounded.deadline = math.inf
                         await self._bring_online(client, bounded)
                         was_offline = self.offline_since is not None
                         self.offline_since = None
@@ -225,7 +215,7 @@ class Connector:
                 if bounded.cancelled_caught:
                     raise ServerUnreachable(
                         f"the Privicore server at {self.account.endpoints.api} did not answer within "
-                        f"{OFFLINE_START_AFTER if offline_start else FIRST_ANSWER_WITHIN:.0f}s"
+                        f"{OFFLINE_START_AFTER:.0f}s"
                     )
             except PrivifsError as exc:
                 if first and not (exc.transient and may_start_offline(self.state_dir, self.account.key)):
