@@ -52,6 +52,15 @@ def invalid(field: str, why: str) -> ApiError:
     return ApiError(422, "Parameter Error", {field: [why]})
 
 
+def client_json(text: str | bytes, field: str, what: str = "is not valid JSON") -> Any:
+    """JSON a client sent, or a 422 naming ``field``: malformed, not UTF-8, or nested too deep
+    for the parser (``[[[…]]]``: a RecursionError, which answered 500 with a traceback)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise invalid(field, what) from None
+
+
 def not_found() -> ApiError:
     return ApiError(404, "Record Not Found")
 
@@ -180,10 +189,7 @@ def parse_fields(body: bytes, content_type: str) -> Form:
     if ctype == "application/json":
         if not body.strip():
             return Form({}, {})
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise invalid("body", "is not valid JSON") from None
+        data = client_json(body, "body")
         fields: dict[str, list[str]] = {}
         if isinstance(data, dict):
             for k, v in data.items():
