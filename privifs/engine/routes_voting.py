@@ -16,6 +16,7 @@ the engine adds ``POST /voting/cast-vote`` and ``GET /voting/list-pools`` (see d
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -43,6 +44,8 @@ from privifs.engine.http import (
 )
 from privifs.engine.hub import Hub
 from privifs.engine.routes_device import _device_field, approved_device, device_command
+
+log = logging.getLogger("privifs.engine.voting")
 
 STRATEGIES = ("unanimous", "majority", "any")
 TEMPLATES = {
@@ -195,7 +198,12 @@ async def expire_pools(db: Database, runner: CommandRunner) -> None:
             ]
         )
         for pool_id in due:
-            await resolve(db, runner, pool_id)
+            try:
+                await resolve(db, runner, pool_id)
+            except (sqlite3.Error, OSError) as exc:  # a full disk: the pool is decided once it can be written
+                log.warning("ending pool %s failed (%s); trying again", pool_id, exc)
+                await trio.sleep(5)
+                break
 
 
 # -- command appliers: run by the command runner inside its transaction ------------------------------
