@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from pathlib import Path
 
 import platformdirs
@@ -58,6 +59,20 @@ def process_state(pid: int) -> str | None:
             return f.read().rsplit(b")", 1)[1].split()[0].decode("ascii", "replace")
     except (OSError, IndexError):
         return None
+
+
+# where a privifs child process (a mount's daemon, an engine) runs: it must not keep the user's
+# directory busy (that disk could not be unmounted while the mount runs), and no code may come
+# from it (``python -m`` puts the working directory first on sys.path: a directory holding a
+# ``privifs`` package, such as a checkout of another version, would run instead)
+CHILD_CWD = "/"
+
+
+def child_command(*args: str) -> list[str]:
+    """The command line that runs ``privifs ARGS`` in a child process with this interpreter,
+    never importing from the working directory (``-P``); start it with ``cwd=CHILD_CWD``, every
+    path in ``args`` absolute."""
+    return [sys.executable, "-P", "-m", APP, *args]
 
 
 def missing_dirs(path: Path) -> list[Path]:

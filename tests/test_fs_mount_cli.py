@@ -450,3 +450,36 @@ def test_status_of_a_stopped_daemon_says_so_at_once_with_how_to_recover(engine, 
         assert "stopped" in every.stdout and "Traceback" not in r.stderr + every.stderr
         assert st["stopped"] is True and st["pid"] == pid and not st["dead"]
         assert privifs(m.env, "status", str(m.dir)).returncode == 0  # going on again
+
+
+def test_the_daemon_and_its_engine_run_from_the_root_and_import_nothing_from_the_working_directory(tmp_path):
+    """'privifs mount' started its daemon (and the daemon its embedded engine) as 'python -m
+    privifs' in the user's working directory: a directory holding a 'privifs' package (a checkout
+    of another version) ran instead of the installed one, and the daemon kept that directory busy."""
+    from pathlib import Path
+
+    from tests.test_engine_embedded import engine_pid
+
+    m = Mount(tmp_path / "user", None)
+    work = tmp_path / "work"
+    (work / "privifs").mkdir(parents=True)
+    (work / "privifs" / "__init__.py").write_text("raise SystemExit('imported from the working directory')\n")
+    try:
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "privifs"), "mount", str(m.dir)],
+            cwd=work,
+            env=m.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        (m.dir / "f.txt").write_text("served by the installed privifs")
+        m.wait_idle()
+        assert (m.dir / "f.txt").read_text() == "served by the installed privifs"
+        engine = engine_pid(m.root / "data" / "privifs" / "engine")
+        assert engine is not None
+        for pid in (m.pid, engine):
+            assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    finally:
+        m.cleanup()

@@ -169,21 +169,33 @@ def run_mount(args: argparse.Namespace) -> int:
     cfg = load(cfg_path)
     from privifs.fs.daemon import default_state_dir
 
-    state = args.state_dir or default_state_dir(cfg)
+    state = (args.state_dir or default_state_dir(cfg)).absolute()
     made = paths.missing_dirs(state)
     paths.private_dir(state)
     log_path = state / "mount.log"
     r, w = os.pipe()
-    cmd = (
-        [sys.executable, "-m", "privifs", "--config", str(cfg_path)]
-        + (["--debug"] if args.debug else [])
-        + ["mount", "--foreground", "--ready-fd", str(w), "--log-file", str(log_path)]
-        + _forward(args)
+    cmd = paths.child_command(
+        "--config",
+        str(cfg_path.absolute()),
+        *(["--debug"] if args.debug else []),
+        "mount",
+        "--foreground",
+        "--ready-fd",
+        str(w),
+        "--log-file",
+        str(log_path),
+        *_forward(args),
     )
     with open(log_path, "ab") as logf:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            pass_fds=(w,),
+            start_new_session=True,
+            cwd=paths.CHILD_CWD,
         )
     os.close(w)
     message = b""
