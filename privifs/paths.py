@@ -103,6 +103,18 @@ def pid_alive(pid: int) -> bool:
     return process_state(pid) not in (None, "Z", "X")
 
 
+def is_mount_daemon(pid: int) -> bool:
+    """Whether process ``pid`` is a ``privifs mount`` (a daemon, background or foreground). A
+    mount's registry entry outlives a crash, and after a reboot (a runtime directory on disk)
+    its pid may belong to any other process, which status must not tell the user to kill."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"mount" in args and any(os.path.basename(a) == APP.encode() for a in args)
+
+
 def pid_stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped (SIGSTOP, Ctrl-Z, a debugger): it answers nothing
     until it is continued."""

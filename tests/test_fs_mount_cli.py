@@ -483,3 +483,33 @@ def test_the_daemon_and_its_engine_run_from_the_root_and_import_nothing_from_the
             assert os.readlink(f"/proc/{pid}/cwd") == "/"
     finally:
         m.cleanup()
+
+
+def test_a_registry_entry_whose_pid_is_another_process_now_is_dropped_not_shown(tmp_path):
+    """A mount's registry entry outlives a crashed daemon, and (with no XDG_RUNTIME_DIR) a reboot:
+    once its pid belonged to another process, 'privifs status' showed that mount as hung or
+    stopped and told the user to 'kill -9' the unrelated process."""
+    m = Mount(tmp_path / "user", None)
+    mounts = m.root / "run" / "privifs" / "mounts"
+    mounts.mkdir(parents=True, exist_ok=True)
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        os.kill(other.pid, signal.SIGSTOP)  # stopped, as a job suspended with Ctrl-Z
+        stale = mounts / "stale.json"
+        stale.write_text(
+            json.dumps(
+                {
+                    "mountpoint": str(m.dir),
+                    "pid": other.pid,
+                    "control": str(tmp_path / "gone.sock"),
+                    "state_dir": str(tmp_path),
+                    "server": "the embedded engine",
+                }
+            )
+        )
+        r = privifs(m.env, "status", check=False)
+        assert r.returncode == 0 and "no privifs mounts" in r.stdout and str(other.pid) not in r.stdout, r.stdout
+        assert not stale.exists()
+    finally:
+        other.kill()
+        other.wait()

@@ -117,8 +117,8 @@ def registered_mounts() -> list[dict]:
                 and isinstance(entry.get("control"), str)
             ):
                 raise ValueError("not a mount's entry")
-            if not paths.pid_alive(entry["pid"]):
-                raise ValueError("daemon gone")
+            if not paths.pid_alive(entry["pid"]) or not paths.is_mount_daemon(entry["pid"]):
+                raise ValueError("daemon gone (its pid may be another process's now)")
             out.append(entry)
         except (OSError, ValueError):
             f.unlink(missing_ok=True)
