@@ -232,10 +232,11 @@ def test_umount_of_a_daemon_that_hangs_ends_with_one_line(engine, tmp_path):
 def test_malformed_control_requests_get_an_error_answer_not_a_failed_task(engine, tmp_path):
     """A control request that was JSON but not an object ([1], "x", null), or a flush with a
     timeout that is not a number, was answered 'internal error: AttributeError …' and counted as
-    an unexpected failure: 'privifs status' then showed 'task failed: control socket'."""
+    an unexpected failure: 'privifs status' then showed 'task failed: control socket'; so was
+    JSON nested past the parser's limit (a RecursionError)."""
     with Mount(tmp_path, engine.urls).mounted() as m:
         flushes = (b'{"cmd": "flush", "timeout": "abc"}', b'{"cmd": "flush", "timeout": true}')
-        for raw in (b"[1]", b'"x"', b"null", *flushes):
+        for raw in (b"[1]", b'"x"', b"null", *flushes, b"[" * 60_000, b'{"cmd": "status", "x": ' + b"[" * 60_000):
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(30)
                 s.connect(m.registry()["control"])

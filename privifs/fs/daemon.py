@@ -459,7 +459,7 @@ class Daemon:
                     buf += data
             try:
                 request = json.loads(buf.split(b"\n")[0] or b"{}")
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit
                 await send({"error": "bad request"})
                 return
             if not isinstance(request, dict):
