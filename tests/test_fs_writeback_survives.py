@@ -200,3 +200,35 @@ async def test_fsync_of_a_file_whose_write_back_is_deferring_to_a_busy_mount_doe
             await t.fs.fsync(fh)
         assert f.token is not None
         t.fs.release(fh)
+
+
+async def test_every_index_commit_names_only_staged_files_that_exist(kit):
+    """An uploaded staged file was moved into the cache inside the transaction that recorded its
+    token, before the commit: a kill -9 in between left an index naming a staged file that was
+    gone. The next mount then showed the file with no content ('the staged content is
+    unreadable', reads of 0 bytes) and its uploaded token beside it as a conflict copy. What the
+    index has committed is what a crash leaves, so at every commit it must name only files that
+    are still there."""
+    import sqlite3
+
+    staging = kit.fs.staging.dir
+    committed = sqlite3.connect(kit.state / "index.sqlite3")
+    missing: list[str] = []
+
+    def at_commit(statement: str) -> None:
+        if statement.strip().upper().startswith("COMMIT"):  # the state before it is what a crash leaves
+            for (staged_id,) in committed.execute("SELECT staged_id FROM nodes WHERE staged_id IS NOT NULL"):
+                if not (staging / staged_id).exists():
+                    missing.append(staged_id)
+
+    kit.ns.index.conn.set_trace_callback(at_commit)
+    try:
+        for i, size in enumerate((10, 70_000, 300_000)):
+            await kit.write_file(f"f{i}.bin", os.urandom(size))
+        await kit.write_file("f0.bin", os.urandom(5000))  # a rewrite: the replaced content's turn
+        await kit.settle()
+    finally:
+        kit.ns.index.conn.set_trace_callback(None)
+        committed.close()
+    assert len({n for n in await kit.vault_names()}) == 3
+    assert missing == []

@@ -438,13 +438,20 @@ class Syncer:
             self.ns.meta_pending(node)
             if node.staged is staged:
                 self.ns.clear_staged(node, content_clean=True)
-                staged.sealed.close()
-                if not self._adopt(token, staged):
-                    self.staging.remove(staged)
+                # the staged file moves into the cache only once the index records the token: a
+                # crash before the commit finds it still staged (and the next start adopts the
+                # token as an interrupted upload); one after it finds an orphan, removed at start
+                self.index.after_commit(lambda: self._to_cache(token, staged))
             else:
-                self.staging.remove(staged)
+                self.index.after_commit(lambda: self.staging.remove(staged))
             self.index.save(node)
         self._finish_commit(staged, None)
+
+    def _to_cache(self, token: str, staged: StagedFile) -> None:
+        """An uploaded staged file becomes ``token``'s cache entry (or goes, if it cannot)."""
+        staged.sealed.close()
+        if not self._adopt(token, staged):
+            self.staging.remove(staged)
 
     def _adopt(self, token: str, staged: StagedFile) -> bool:
         try:
