@@ -232,3 +232,25 @@ async def test_every_index_commit_names_only_staged_files_that_exist(kit):
         committed.close()
     assert len({n for n in await kit.vault_names()}) == 3
     assert missing == []
+
+
+async def test_a_directory_marker_made_before_a_crash_is_recorded_not_shown_as_a_file(kit):
+    """A daemon killed after the server made a new directory's marker token (empty, its risk
+    meta not written yet) but before the index recorded it: the next start made a second marker
+    and showed the first beside the directory as an empty file 'newdir.conflict-…'. Here the
+    next start is played in-process: the directory is still to be written back, its marker's
+    upload marked as started, and the interrupted marker is in the vault."""
+    resume = kit.hold_write_back()
+    await kit.mkdir("newdir")
+    node = kit.node("newdir")
+    kit.ns.begin_upload(node, streaming=False)  # what _marker records before its store
+    with kit.ns.index:
+        kit.ns.index.save(node)
+    orphan = await kit.remote.put("newdir", b"")  # configure-file-meta done, no risk meta yet
+    await kit.refresh()
+    assert [name for name, _ in await kit.readdir("")] == ["newdir"] and node.token == orphan
+    resume()
+    await kit.settle()
+    listing = await kit.listing()
+    assert [(i.token, i.risk.get("privifs.type")) for i in listing] == [(orphan, "dir")]
+    assert [name for name, _ in await kit.readdir("")] == ["newdir"]

@@ -56,12 +56,13 @@ from privifs.errors import (
 )
 from privifs.fs.cache import ContentCache
 from privifs.fs.names import token_naming
-from privifs.fs.namespace import Namespace, Node
+from privifs.fs.namespace import Namespace, Node, risk_json
 from privifs.fs.parts import PartReader, is_manifest_node
 from privifs.fs.partwrite import PartWriter
 from privifs.fs.staging import StagedFile, Staging
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
+    attributes,
     risk_fields,
     same_context,
     split_context,
@@ -80,6 +81,16 @@ MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the 
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
 RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
+
+
+def awaits_marker(node: Node) -> bool:
+    """Whether ``node`` is an entry stored as a marker token (a directory made here, a symlink,
+    a FIFO, …) whose marker is still to be made."""
+    return (
+        node.token is None
+        and bool(node.meta_dirty)
+        and (node.is_symlink or node.is_dir and node.explicit or node.kind in SPECIAL_KINDS)
+    )
 
 
 def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False) -> bool:
@@ -237,11 +248,7 @@ class Syncer:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 await self._upload(node)
-            elif (
-                node.token is None
-                and node.meta_dirty
-                and (node.is_symlink or node.is_dir and node.explicit or node.kind in SPECIAL_KINDS)
-            ):
+            elif awaits_marker(node):
                 await self._marker(node)
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
@@ -680,8 +687,26 @@ class Syncer:
                 await self._tomb_wake.wait()
 
     # -- crash recovery --------------------------------------------------------------------------
+    def _adopt_marker(self, node: Node, info: TokenInfo) -> bool:
+        """A marker made by the last run, which stopped before recording it (its risk meta may
+        not be written yet): recorded, and its meta written by the next reconcile."""
+        if info.size not in (None, 0) or (info.risk and attributes(info).kind != node.kind):
+            return False
+        log.info(
+            "%s: found the marker interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
+        )
+        with self.index:
+            self._recorded(node, info.token, info.context, info.file_name, info.extension)
+            self.ns.set_remote_risk(node, risk_json(info))
+            self.index.save(node)
+        self.schedule(node)
+        return True
+
     async def adopt_orphan(self, node: Node, info: TokenInfo) -> bool:
-        """Record ``info`` as the node's upload if its content is the staged content."""
+        """Record ``info`` as the node's upload if its content is the staged content (or, for an
+        entry awaiting its marker, if it is an empty token its risk meta does not contradict)."""
+        if node.staged is None and awaits_marker(node):
+            return self._adopt_marker(node, info)
         staged = node.staged
         if staged is None or info.size not in (None, staged.size):
             return False
