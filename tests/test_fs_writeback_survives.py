@@ -254,3 +254,23 @@ async def test_a_directory_marker_made_before_a_crash_is_recorded_not_shown_as_a
     listing = await kit.listing()
     assert [(i.token, i.risk.get("privifs.type")) for i in listing] == [(orphan, "dir")]
     assert [name for name, _ in await kit.readdir("")] == ["newdir"]
+
+
+async def test_a_start_with_staged_files_gone_never_shows_zeros(account, tmp_path):
+    """A start whose index named a staged file that was gone (see the commit-order test above)
+    kept the node as a clean file with no token: it read as zeros of its size, and its uploaded
+    token showed beside it as a conflict copy. Never uploaded, it is removed now; uploaded before,
+    it shows its last uploaded content."""
+    key = os.urandom(32)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.write_file("kept.txt", b"uploaded version")
+        await t.settle()
+        t.hold_write_back()  # the stop comes first: nothing more is written back
+        await t.write_file("kept.txt", b"staged edit, lost")
+        await t.write_file("new.txt", b"never uploaded, lost")
+        staged = [t.node(p).staged.path for p in ("kept.txt", "new.txt")]
+    for path in staged:
+        os.unlink(path)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        assert [name for name, _ in await t.readdir("")] == ["kept.txt"]
+        assert await t.read_file("kept.txt") == b"uploaded version"
