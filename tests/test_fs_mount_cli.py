@@ -514,3 +514,39 @@ def test_a_registry_entry_whose_pid_is_another_process_now_is_dropped_not_shown(
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(tmp_path):
+    """The daemon keeps each staged (unuploaded) file open: started under the usual soft limit
+    of 1024 open files, every create past about a thousand pending files failed with EIO and
+    the control socket stopped answering. The daemon and its engine raise the soft limit to the
+    hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    m = Mount(tmp_path / "user", None, mount_args=("--write-back-delay", "3600"))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "privifs", "mount", str(m.dir), "--write-back-delay", "3600"],
+            env=m.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=low_limit,
+        )
+        assert r.returncode == 0, r.stderr
+        for i in range(1200):
+            (m.dir / f"f{i}").write_text(f"pending {i}\n")
+        assert len(m.status()["pending"]) == 1200
+        assert (m.dir / "f1199").read_text() == "pending 1199\n"
+        with open(f"/proc/{m.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max open files"))
+        assert int(line.split()[3]) > 1024, line
+    finally:
+        m.cleanup()

@@ -306,11 +306,13 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     import trio
 
     from privifs.fs.daemon import Daemon
+    from privifs.limits import raise_open_files_limit
     from privifs.memory import bound_allocator
 
     if args.log_file is not None:
         _log_to_file(args.log_file)
     bound_allocator()
+    raise_open_files_limit()
     cfg = load(cfg_path)
     daemon = Daemon(cfg, _mount_config(args))
     signalled = False
