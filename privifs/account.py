@@ -24,6 +24,11 @@ class Account:
     endpoints: Endpoints
     credentials: Credentials
     key: bytes
+    engine: EmbeddedEngine | None = None  # the embedded engine this account's server is, watched
+
+    def server_restarting(self) -> bool:
+        """Whether the server is the embedded engine and it is being started again after it died."""
+        return self.engine is not None and self.engine.restarting()
 
     def __repr__(self) -> str:
         return f"Account({self.endpoints.api!r}, <credentials and key hidden>)"
@@ -74,7 +79,7 @@ def open_account(cfg: Config):
             raise ConfigError(f"no server URL in {cfg.path}; run 'privifs init'")
         urls = cfg.endpoints()
     try:
-        yield Account(Endpoints.from_dict(urls), creds, key)
+        yield Account(Endpoints.from_dict(urls), creds, key, engine)
     finally:
         if engine is not None:
             engine.stop()

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from privifs import paths
 from privifs.config import SECRET_NAMES, Config, load, place_secret, save
-from privifs.errors import ConfigError
+from privifs.errors import ConfigError, output_failed
 
 FORMAT = 1
 HEADER = "privifs-backup.json"
@@ -195,7 +195,10 @@ def write_backup(
             members["engine.sqlite3"], blobs = _engine_snapshot(engine_dir, doc)
         members["account.json"] = json.dumps(doc).encode()
         sealed = AESGCM(key).encrypt(bytes.fromhex(header["cipher"]["nonce"]), _tar_bytes(members), header_bytes)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise output_failed(out, exc, "the backup") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 with tarfile.open(fileobj=f, mode="w") as tar:
@@ -208,7 +211,7 @@ def write_backup(
                         info = tarfile.TarInfo(arc)
                         info.size, info.mode, info.mtime = doc["blobs"][arc], 0o600, int(header["created"])
                         with open(path, "rb") as blob:
-                            tar.addfile(info, blob)
+                            tar.addfile(info, _NamedReader(blob, path))
                         done += info.size
                         if progress is not None:
                             progress(done, total)
@@ -217,9 +220,27 @@ def write_backup(
             os.link(tmp, out)
         except FileExistsError:
             raise BackupError(f"{out} appeared meanwhile; choose another name") from None
+        except OSError as exc:
+            if exc.filename is not None and exc.filename not in (str(tmp), tmp):  # reading a blob: names it
+                raise
+            raise output_failed(out, exc, "the backup") from None
         finally:
             tmp.unlink(missing_ok=True)
     return Summary(cfg.username, cfg.embedded, len(blobs), sum(doc.get("blobs", {}).values()))
+
+
+class _NamedReader:
+    """A file tarfile copies from, whose read errors name it (a write error of the backup
+    names nothing, and is told apart by that)."""
+
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.f.read(size)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
 
 @contextmanager
@@ -322,11 +343,15 @@ def restore_backup(
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise output_failed(path, exc, "the restored engine data", elsewhere=False) from None
 
 
 def _restore_blobs(
@@ -347,11 +372,15 @@ def _restore_blobs(
         target = target_dir / m.group(2)
         source = tar.extractfile(member)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            while block := source.read(COPY_BLOCK):
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while block := source.read(COPY_BLOCK):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a full disk: the restore can be run again once there is room
+            target.unlink(missing_ok=True)
+            raise output_failed(target, exc, "the restored data file", elsewhere=False) from None
         seen.add(member.name)
         done += member.size
         if progress is not None:

@@ -42,6 +42,7 @@ class EmbeddedEngine:
         self._lock = threading.Lock()  # start/stop/restart one at a time
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._restarting = False  # the watcher found the engine dead and is starting it again
 
     def _locked_by_other(self) -> bool:
         lock = self.data_dir / "lock"
@@ -107,6 +108,14 @@ class EmbeddedEngine:
             self.process.stop()
 
     # -- supervision -------------------------------------------------------------------------------
+    def restarting(self) -> bool:
+        """Whether the engine handed out is down and the watcher starts it again: it cannot be
+        reached for a few seconds (or longer if its starts fail), not for good. Safe to call
+        from any thread."""
+        if self._watcher is None or self._stopping.is_set():
+            return False
+        return self._restarting or self._death() is not None
+
     def _death(self) -> str | None:
         """Why the engine we hand out is gone, or None while it runs."""
         proc = self.proc
@@ -141,6 +150,7 @@ class EmbeddedEngine:
                 if why is None:
                     backoff = WATCH_INTERVAL
                     continue
+                self._restarting = True
                 with self._lock:
                     if self._stopping.is_set():
                         return
@@ -156,6 +166,7 @@ class EmbeddedEngine:
                     else:
                         self.start(self._ports())
                     self.restarts += 1
+                    self._restarting = False
                 log.info("the embedded engine is back at %s", self.urls.get("api") if self.urls else "?")
                 backoff = WATCH_INTERVAL
             except Exception as exc:  # noqa: BLE001 - keep trying: the mount depends on it

@@ -14,11 +14,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from privifs import paths
 from privifs.errors import ServerUnreachable
 
 START_TIMEOUT = 30.0
@@ -61,11 +61,11 @@ class EngineProcess:
         what: str = "the engine",
         start_timeout: float = START_TIMEOUT,
     ):
-        self.data_dir = data_dir
+        self.data_dir = data_dir = Path(data_dir).absolute()  # the engine runs in CHILD_CWD
         self.ports = dict(ports) if ports else {name: 0 for name in SERVERS}
         self.settings = settings or {}
-        self.urls_file = urls_file or data_dir / "urls.json"
-        self.log_path = log_path or data_dir / "engine.log"
+        self.urls_file = Path(urls_file).absolute() if urls_file else data_dir / "urls.json"
+        self.log_path = Path(log_path).absolute() if log_path else data_dir / "engine.log"
         self.die_with_parent = die_with_parent
         self.what = what
         self.start_timeout = start_timeout
@@ -74,10 +74,7 @@ class EngineProcess:
 
     def command(self) -> list[str]:
         p = self.ports
-        cmd = [
-            sys.executable,
-            "-m",
-            "privifs",
+        cmd = paths.child_command(
             "engine",
             "--data-dir",
             str(self.data_dir),
@@ -89,7 +86,7 @@ class EngineProcess:
             str(p["upstream"]),
             "--downstream-port",
             str(p["downstream"]),
-        ]
+        )
         if self.urls_file != self.data_dir / "urls.json":  # the engine always writes that one
             cmd += ["--urls-file", str(self.urls_file)]
         for k, v in self.settings.items():
@@ -107,6 +104,7 @@ class EngineProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=die_with_parent if self.die_with_parent else None,
+                cwd=paths.CHILD_CWD,
             )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:

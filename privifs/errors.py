@@ -9,6 +9,9 @@ rejects becomes the error its reason key stands for (:func:`rejected_command`, o
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class PrivifsError(Exception):
     """Base of every privifs error; ``str(exc)`` is a message for the user."""
@@ -38,6 +41,21 @@ class LocalStoreError(PrivifsError):
 
 class DiskFullError(LocalStoreError):
     """The local disk (staging, cache or index) has no room left."""
+
+
+def output_failed(path: str | os.PathLike, exc: OSError, what: str, *, elsewhere: bool = True) -> LocalStoreError:
+    """The error for writing ``what`` (``"the backup"``, ``"the file"``) to ``path`` failing
+    with ``exc``: it names the file, which a write error itself does not, and for a full disk
+    (or quota) says what to do (``elsewhere``: the user chose the place, and may choose another)."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = os.path.dirname(os.path.abspath(path))
+        return DiskFullError(
+            f"cannot write {what} {path}: {reason} (the disk holding {where} is full); free some space there"
+            + (" or name a file on another disk" if elsewhere else "")
+            + ", then run the command again"
+        )
+    return LocalStoreError(f"cannot write {what} {path}: {reason}")
 
 
 class NodeGone(PrivifsError):

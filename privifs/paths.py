@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from pathlib import Path
 
 import platformdirs
@@ -50,14 +51,74 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
+def process_state(pid: int) -> str | None:
+    """The kernel's state letter of process ``pid`` (``R``, ``S``, ``D``, ``T`` stopped, ``t``
+    stopped by a debugger, ``Z`` zombie, …), or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
+            return f.read().rsplit(b")", 1)[1].split()[0].decode("ascii", "replace")
     except (OSError, IndexError):
+        return None
+
+
+# where a privifs child process (a mount's daemon, an engine) runs: it must not keep the user's
+# directory busy (that disk could not be unmounted while the mount runs), and no code may come
+# from it (``python -m`` puts the working directory first on sys.path: a directory holding a
+# ``privifs`` package, such as a checkout of another version, would run instead)
+CHILD_CWD = "/"
+
+
+def child_command(*args: str) -> list[str]:
+    """The command line that runs ``privifs ARGS`` in a child process with this interpreter,
+    never importing from the working directory (``-P``); start it with ``cwd=CHILD_CWD``, every
+    path in ``args`` absolute."""
+    return [sys.executable, "-P", "-m", APP, *args]
+
+
+def missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: the directories
+    that making ``path`` creates (for :func:`remove_made` to take back)."""
+    out = []
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        out.append(p)
+    return out
+
+
+def remove_made(dirs: list[Path]) -> None:
+    """Remove the directories :func:`missing_dirs` listed, deepest first, each only if it is
+    empty (what anything else put there since stays, with the directories holding it)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not count)."""
+    return process_state(pid) not in (None, "Z", "X")
+
+
+def is_mount_daemon(pid: int) -> bool:
+    """Whether process ``pid`` is a ``privifs mount`` (a daemon, background or foreground). A
+    mount's registry entry outlives a crash, and after a reboot (a runtime directory on disk)
+    its pid may belong to any other process, which status must not tell the user to kill."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
         return False
-    return state not in (b"Z", b"X")
+    return b"mount" in args and any(os.path.basename(a) == APP.encode() for a in args)
+
+
+def pid_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, Ctrl-Z, a debugger): it answers nothing
+    until it is continued."""
+    return process_state(pid) in ("T", "t")
 
 
 SMALL_FILE_LIMIT = 1 << 20

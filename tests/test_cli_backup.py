@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
 
 import pytest
 
@@ -216,3 +217,30 @@ def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path)
     r = privifs(env, "restore", str(tmp_path), check=False)  # a directory
     assert r.returncode in (3, 4) and r.stderr.count("\n") == 1 and "directory" in r.stderr, r.stderr
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
+
+
+def test_backup_and_restore_onto_a_full_disk_name_the_file_and_what_to_do(vault, tmp_path):
+    """A backup, or a restore, whose disk filled up said only 'No space left on device'."""
+    from tests.test_fs_fulldisk import small_filesystem
+
+    original, backup = vault
+    env = dict(original.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    with small_filesystem(tmp_path / "small", "256k") as small:
+        r = privifs(env, "backup", str(small / "vault.backup"), check=False)
+        assert r.returncode == 4 and r.stderr.count("\n") == 1, r.stderr
+        assert f"cannot write the backup {small / 'vault.backup'}: No space left on device" in r.stderr
+        assert "free some space there or name a file on another disk" in r.stderr
+        assert list(small.iterdir()) == []
+        fresh = Mount(tmp_path / "fresh", None)
+        data = small / "data"
+        env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS, XDG_DATA_HOME=str(data))
+        r = privifs(env, "restore", str(backup), check=False)
+        assert r.returncode == 4 and r.stderr.count("\n") == 1, r.stderr
+        assert "cannot write the restored data file " + str(data / "privifs" / "engine" / "blobs") in r.stderr
+        assert "No space left on device" in r.stderr and "free some space there, then run" in r.stderr
+        assert not (config_dir(fresh) / "config.toml").exists()
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small)], check=True, timeout=30)
+        assert "restored the vault" in privifs(env, "restore", str(backup)).stdout
+        fresh.env = env
+        with fresh.mounted():
+            assert_every_file(fresh)

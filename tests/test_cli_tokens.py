@@ -311,3 +311,24 @@ def test_a_closed_output_pipe_ends_quietly(user, tmp_path):
         run(user, "token", "put", str(src))
     r = closed_pipe_run(user, "token", "ls")
     assert r.returncode == 141 and r.stderr == ""
+
+
+def test_get_onto_a_full_disk_names_the_file_and_what_to_do(user, tmp_path):
+    """A 'token get' whose output disk filled up said only 'No space left on device'."""
+    from tests.test_fs_fulldisk import small_filesystem
+
+    src = tmp_path / "big.bin"
+    data = os.urandom(2 * 1024 * 1024)
+    src.write_bytes(data)
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    with small_filesystem(tmp_path / "small", "512k") as small:
+        for out in (small / "got.bin", small):  # a file named, and a directory (the token's own name)
+            r = run(user, "token", "get", token, str(out), check=False)
+            assert r.returncode == 4 and r.stderr.count("\n") == 1, r.stderr
+            named = small / "got.bin" if out != small else small / "big.bin"
+            assert f"cannot write the file {named}: No space left on device" in r.stderr, r.stderr
+            assert "free some space there" in r.stderr and "Traceback" not in r.stderr
+            assert list(small.iterdir()) == []  # no partial file left
+        subprocess.run(["mount", "-o", "remount,size=8m", str(small)], check=True, timeout=30)
+        run(user, "token", "get", token, str(small / "got.bin"))
+        assert (small / "got.bin").read_bytes() == data

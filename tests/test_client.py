@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
+from functools import partial
 
 import pytest
 import trio
@@ -371,3 +372,51 @@ async def test_early_events_are_kept_for_late_waiters(account):
 
 def test_secrets_are_not_in_reprs():
     assert "hunter2" not in repr(PasswordCredentials("u", "hunter2-long"))
+
+
+async def test_a_server_that_never_answers_the_login_is_given_up_on_after_the_login_timeout(account):
+    """connect() to a server that accepted connections and never answered waited for every retry
+    of the login's 60 s read time-out (6 minutes): every command hung that long."""
+    _, creds = account
+    with trio.socket.socket() as silent:
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        options = ClientOptions(login_timeout=1.0)  # the read time-out and its retries as they are
+        with trio.fail_after(30), pytest.raises(ServerUnreachable) as caught:
+            async with connect(Endpoints(api=url, ws=url.replace("http", "ws")), creds, options):
+                pass
+    assert f"{url} did not answer within 1s" in str(caught.value), str(caught.value)
+
+
+async def test_an_answer_nested_past_the_json_parser_limit_is_a_clear_error(account):
+    """A server answer nested past the JSON parser's limit ([[[…]]]) raised RecursionError out of
+    the client: an unexpected failure (a traceback in the mount's log) instead of a server error."""
+    from privifs.errors import PrivifsError
+
+    _, creds = account
+    body = b"[" * 100_000 + b"]" * 100_000
+
+    async def answer(stream) -> None:
+        with trio.move_on_after(20):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await stream.receive_some(65536)
+            head, _, rest = request.partition(b"\r\n\r\n")
+            length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+            while len(rest) < (length[0] if length else 0):
+                rest += await stream.receive_some(65536)
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            await stream.send_all(head + body)
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        with trio.fail_after(30), pytest.raises(PrivifsError) as caught:
+            endpoints = Endpoints(api=url, ws=url.replace("http", "ws"))
+            async with connect(endpoints, creds, ClientOptions(retry_attempts=1)):
+                pass
+        nursery.cancel_scope.cancel()
+    assert "authorization token" in str(caught.value), caught.value  # the answer was read, as text

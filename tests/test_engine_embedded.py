@@ -4,10 +4,12 @@ caller holds work again; stopping it on purpose is not mistaken for a death."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import signal
+import threading
 import time
 
 import httpx
@@ -108,3 +110,42 @@ def test_a_urls_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["urls.json"]
     write_urls_file(tmp_path / "ok.json", {"api": "http://127.0.0.1:1"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "urls.json"]
+
+
+def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_path):
+    """An fsync while the embedded engine was being started again after it died failed with EIO
+    (the engine's port refused connections: 'cannot reach the server') although the engine came
+    back seconds later. Here its restarts fail for a while (another process holds its data
+    directory's lock, as a slow start would); fsync waits for it and returns 0."""
+    from tests.mountkit import Mount
+
+    m = Mount(tmp_path / "user", None)
+    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
+    with m.mounted():
+        pid = engine_pid(data_dir)
+        assert pid is not None
+        fd = os.open(m.dir / "synced.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+        data = os.urandom(100_000)
+        os.write(fd, data)
+        lock = open(data_dir / "lock", "a+")
+        try:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + WAIT
+            while True:  # the dead engine's lock is free once the kernel has closed its files
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the killed engine kept its lock"
+                    time.sleep(0.01)
+            # the engine's next start succeeds once the lock is let go, after the client's own
+            # retries of a refused connection (a few seconds) are used up
+            threading.Timer(10, lock.close).start()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            lock.close()
+        assert "could not restart the embedded engine" in m.log()
+        assert "fsync failed" not in m.log()
+        assert "synced.bin" in {t.get("fileName") for t in m.tokens()}
+        assert (m.dir / "synced.bin").read_bytes() == data

@@ -39,6 +39,7 @@ GARBAGE = [
     b"null",
     b"context=" + "ü".encode() * 5000 + b"&ttl=5",
     b"page=-1&perPage=0",
+    b"[" * 100_000 + b"]" * 100_000,  # nested past the JSON parser's recursion limit
 ]
 CONTENT_TYPES = [
     "application/x-www-form-urlencoded",
@@ -91,3 +92,32 @@ async def test_no_request_gets_a_5xx(engine, routes, wire):
                     assert r.status_code < 500, (server, method, q, r.status_code)
     assert "Traceback" not in engine.log()
     assert (await wire.get("/health")).status_code == 200
+
+
+async def test_json_a_client_sends_inside_a_field_or_nested_too_deep_gets_a_422(eng, wire):
+    """A JSON body nested past the parser's recursion limit ([[[…]]]) answered 500 with a
+    traceback in the log, and so did a voting configuration whose deviceIdentifiers field started
+    with '[' but was not JSON; a WebSocket frame nested that deep ended the connection."""
+    import json
+
+    import trio
+    from trio_websocket import open_websocket_url
+
+    await wire.provision()
+    deep = "[" * 100_000 + "]" * 100_000
+    r = await wire.post("/profile/authenticate", content=deep.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "body" in r.json()["errors"], r.text[:200]
+    for devices in ("[not json", deep, '["ok", 1]'):
+        r = await wire.post(
+            "/verified-authenticator/voting-configuration/register", {"name": "v", "deviceIdentifiers": devices}
+        )
+        assert r.status_code == 422 and "deviceIdentifiers" in r.json()["errors"], (devices[:10], r.text[:200])
+    with trio.fail_after(10):
+        async with open_websocket_url(eng.urls["ws"]) as ws:
+            await ws.send_message("[" * 30_000 + "]" * 30_000)  # within the proxy's frame limit
+            await ws.send_message(
+                json.dumps({"action": "joinChannel", "correlationId": "c1", "data": {"authorizationToken": wire.token}})
+            )
+            answer = json.loads(await ws.get_message())
+    assert (answer["correlationId"], answer["status"]) == ("c1", 200)
+    assert "Traceback" not in eng.log()

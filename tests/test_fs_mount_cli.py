@@ -232,10 +232,11 @@ def test_umount_of_a_daemon_that_hangs_ends_with_one_line(engine, tmp_path):
 def test_malformed_control_requests_get_an_error_answer_not_a_failed_task(engine, tmp_path):
     """A control request that was JSON but not an object ([1], "x", null), or a flush with a
     timeout that is not a number, was answered 'internal error: AttributeError …' and counted as
-    an unexpected failure: 'privifs status' then showed 'task failed: control socket'."""
+    an unexpected failure: 'privifs status' then showed 'task failed: control socket'; so was
+    JSON nested past the parser's limit (a RecursionError)."""
     with Mount(tmp_path, engine.urls).mounted() as m:
         flushes = (b'{"cmd": "flush", "timeout": "abc"}', b'{"cmd": "flush", "timeout": true}')
-        for raw in (b"[1]", b'"x"', b"null", *flushes):
+        for raw in (b"[1]", b'"x"', b"null", *flushes, b"[" * 60_000, b'{"cmd": "status", "x": ' + b"[" * 60_000):
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(30)
                 s.connect(m.registry()["control"])
@@ -423,3 +424,129 @@ def test_mount_right_after_a_killed_daemon_cleans_up_while_the_kernel_still_cach
         os.stat(m.dir)  # still answered from the cache: the daemon is gone
         m.mount()
         assert (m.dir / "unsent.txt").read_text() == "staged when the daemon died"
+
+
+def test_status_of_a_stopped_daemon_says_so_at_once_with_how_to_recover(engine, tmp_path):
+    """'privifs status' of a mount whose daemon was stopped (SIGSTOP) waited 30 s on its control
+    socket, then said 'daemon not answering (timed out)' and exited 0; and once the kernel no
+    longer had the root's attributes cached, status, umount and mount all hung for ever in
+    resolving the mountpoint's path (a stat of the stopped mount)."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        pid = m.pid
+        (m.dir / "new.txt").write_text("a create drops the kernel's cached attributes of the root")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            r = privifs(m.env, "status", str(m.dir), check=False, timeout=20)
+            every = privifs(m.env, "status", check=False, timeout=20)
+            st = json.loads(privifs(m.env, "status", str(m.dir), "--json", check=False, timeout=20).stdout)
+            umount = privifs(m.env, "umount", str(m.dir), check=False, timeout=20)
+            mount = privifs(m.env, "mount", str(m.dir), check=False, timeout=20)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert umount.returncode == 1 and f"it is stopped: 'kill -CONT {pid}'" in umount.stderr, umount.stderr
+        assert mount.returncode == 3 and "already mounted" in mount.stderr, mount.stderr
+        assert r.returncode == 8 and every.returncode == 8, (r, every)
+        assert f"{m.dir}: daemon not running: it is stopped (pid {pid}" in r.stdout, r.stdout
+        assert f"kill -CONT {pid}" in r.stdout and f"privifs mount {m.dir}" in r.stdout
+        assert "stopped" in every.stdout and "Traceback" not in r.stderr + every.stderr
+        assert st["stopped"] is True and st["pid"] == pid and not st["dead"]
+        assert privifs(m.env, "status", str(m.dir)).returncode == 0  # going on again
+
+
+def test_the_daemon_and_its_engine_run_from_the_root_and_import_nothing_from_the_working_directory(tmp_path):
+    """'privifs mount' started its daemon (and the daemon its embedded engine) as 'python -m
+    privifs' in the user's working directory: a directory holding a 'privifs' package (a checkout
+    of another version) ran instead of the installed one, and the daemon kept that directory busy."""
+    from pathlib import Path
+
+    from tests.test_engine_embedded import engine_pid
+
+    m = Mount(tmp_path / "user", None)
+    work = tmp_path / "work"
+    (work / "privifs").mkdir(parents=True)
+    (work / "privifs" / "__init__.py").write_text("raise SystemExit('imported from the working directory')\n")
+    try:
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "privifs"), "mount", str(m.dir)],
+            cwd=work,
+            env=m.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        (m.dir / "f.txt").write_text("served by the installed privifs")
+        m.wait_idle()
+        assert (m.dir / "f.txt").read_text() == "served by the installed privifs"
+        engine = engine_pid(m.root / "data" / "privifs" / "engine")
+        assert engine is not None
+        for pid in (m.pid, engine):
+            assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    finally:
+        m.cleanup()
+
+
+def test_a_registry_entry_whose_pid_is_another_process_now_is_dropped_not_shown(tmp_path):
+    """A mount's registry entry outlives a crashed daemon, and (with no XDG_RUNTIME_DIR) a reboot:
+    once its pid belonged to another process, 'privifs status' showed that mount as hung or
+    stopped and told the user to 'kill -9' the unrelated process."""
+    m = Mount(tmp_path / "user", None)
+    mounts = m.root / "run" / "privifs" / "mounts"
+    mounts.mkdir(parents=True, exist_ok=True)
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        os.kill(other.pid, signal.SIGSTOP)  # stopped, as a job suspended with Ctrl-Z
+        stale = mounts / "stale.json"
+        stale.write_text(
+            json.dumps(
+                {
+                    "mountpoint": str(m.dir),
+                    "pid": other.pid,
+                    "control": str(tmp_path / "gone.sock"),
+                    "state_dir": str(tmp_path),
+                    "server": "the embedded engine",
+                }
+            )
+        )
+        r = privifs(m.env, "status", check=False)
+        assert r.returncode == 0 and "no privifs mounts" in r.stdout and str(other.pid) not in r.stdout, r.stdout
+        assert not stale.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(tmp_path):
+    """The daemon keeps each staged (unuploaded) file open: started under the usual soft limit
+    of 1024 open files, every create past about a thousand pending files failed with EIO and
+    the control socket stopped answering. The daemon and its engine raise the soft limit to the
+    hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit of open files is {hard}")
+    m = Mount(tmp_path / "user", None, mount_args=("--write-back-delay", "3600"))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "privifs", "mount", str(m.dir), "--write-back-delay", "3600"],
+            env=m.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=low_limit,
+        )
+        assert r.returncode == 0, r.stderr
+        for i in range(1200):
+            (m.dir / f"f{i}").write_text(f"pending {i}\n")
+        assert len(m.status()["pending"]) == 1200
+        assert (m.dir / "f1199").read_text() == "pending 1199\n"
+        with open(f"/proc/{m.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max open files"))
+        assert int(line.split()[3]) > 1024, line
+    finally:
+        m.cleanup()

@@ -158,3 +158,28 @@ def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_pa
                 m.cleanup()
         finally:
             eng.stop()
+
+
+def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answers(tmp_path):
+    """A first mount against a server that accepted connections and never answered failed only
+    after 180 s ('the mount did not become ready'), the login's read time-outs retried; it now
+    fails once the login timeout has passed, saying so, and leaves no state behind."""
+    from privifs.client.transport import ClientOptions
+
+    eng = EngineProcess(tmp_path / "engine").start()
+    try:
+        m = Mount(tmp_path / "user", eng.urls)  # init only: never mounted here
+        eng.stop()
+        with socket.socket() as silent:  # the API port accepts connections, nobody answers
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            silent.bind(("127.0.0.1", eng.ports["api"]))
+            silent.listen(64)
+            r = m.mount(check=False)
+        assert r.returncode == 5 and r.stderr.count("\n") == 1, r.stderr
+        within = ClientOptions().login_timeout
+        assert f"{eng.urls['api']} did not answer within {within:g}s" in r.stderr, r.stderr
+        assert "only after one successful mount" in r.stderr and not is_mounted(m.dir)
+        vaults = m.root / "state" / "privifs" / "vaults"
+        assert not vaults.exists() or not any(vaults.iterdir())
+    finally:
+        eng.stop()

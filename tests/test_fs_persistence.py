@@ -231,3 +231,44 @@ def test_plaintext_never_touches_cache_staging_or_logs(engine, tmp_path):
     finally:
         m.cleanup()
     assert privifs(m.env, "status", check=False).returncode == 0
+
+
+def test_a_failed_first_mount_leaves_no_state_and_a_later_failure_keeps_the_earlier_state(engine, tmp_path):
+    """A first mount refused for a wrong key left its vault's state directory (index, staging,
+    lock, mount.log) and cache directory behind, as if the vault had been mounted here; a
+    failure after a successful mount must not touch what that mount made."""
+    a = Mount(tmp_path / "a", engine.urls)
+    b = Mount(tmp_path / "b", engine.urls, username=a.username, register=False, key_file=a.key_file)
+    right = b.key_file.read_text()
+    cfg = b.root / "config" / "privifs" / "config.toml"
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("key_id")))
+    state, cache = b.root / "state" / "privifs", b.root / "cache" / "privifs"
+
+    def leftovers() -> list[str]:
+        dirs = [d for d in (state / "vaults", cache / "vaults") if d.exists()]
+        return sorted(str(p.relative_to(b.root)) for d in dirs for p in d.rglob("*"))
+
+    try:
+        a.mount()
+        (a.dir / "f").write_text("x")
+        a.wait_idle()
+        a.umount()
+        b.key_file.write_text(os.urandom(32).hex() + "\n")
+        for extra in ((), ("--foreground",)):
+            r = b.mount(*extra, check=False)
+            assert r.returncode == 3 and "does not decrypt this vault" in r.stderr, r.stderr
+            assert leftovers() == [], (extra, leftovers())
+            assert not os.path.ismount(b.dir)
+        b.key_file.write_text(right)
+        b.mount()
+        assert (b.dir / "f").read_text() == "x"
+        b.umount()
+        made = leftovers()
+        assert any(p.endswith("index.sqlite3") for p in made) and any(p.endswith("vault-checked") for p in made)
+        b.key_file.write_text(os.urandom(32).hex() + "\n")
+        r = b.mount(check=False)
+        assert r.returncode == 3 and "does not decrypt this vault" in r.stderr, r.stderr
+        assert set(made) <= set(leftovers()), set(made) - set(leftovers())
+    finally:
+        b.cleanup()
+        a.cleanup()

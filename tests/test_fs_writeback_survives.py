@@ -200,3 +200,77 @@ async def test_fsync_of_a_file_whose_write_back_is_deferring_to_a_busy_mount_doe
             await t.fs.fsync(fh)
         assert f.token is not None
         t.fs.release(fh)
+
+
+async def test_every_index_commit_names_only_staged_files_that_exist(kit):
+    """An uploaded staged file was moved into the cache inside the transaction that recorded its
+    token, before the commit: a kill -9 in between left an index naming a staged file that was
+    gone. The next mount then showed the file with no content ('the staged content is
+    unreadable', reads of 0 bytes) and its uploaded token beside it as a conflict copy. What the
+    index has committed is what a crash leaves, so at every commit it must name only files that
+    are still there."""
+    import sqlite3
+
+    staging = kit.fs.staging.dir
+    committed = sqlite3.connect(kit.state / "index.sqlite3")
+    missing: list[str] = []
+
+    def at_commit(statement: str) -> None:
+        if statement.strip().upper().startswith("COMMIT"):  # the state before it is what a crash leaves
+            for (staged_id,) in committed.execute("SELECT staged_id FROM nodes WHERE staged_id IS NOT NULL"):
+                if not (staging / staged_id).exists():
+                    missing.append(staged_id)
+
+    kit.ns.index.conn.set_trace_callback(at_commit)
+    try:
+        for i, size in enumerate((10, 70_000, 300_000)):
+            await kit.write_file(f"f{i}.bin", os.urandom(size))
+        await kit.write_file("f0.bin", os.urandom(5000))  # a rewrite: the replaced content's turn
+        await kit.settle()
+    finally:
+        kit.ns.index.conn.set_trace_callback(None)
+        committed.close()
+    assert len({n for n in await kit.vault_names()}) == 3
+    assert missing == []
+
+
+async def test_a_directory_marker_made_before_a_crash_is_recorded_not_shown_as_a_file(kit):
+    """A daemon killed after the server made a new directory's marker token (empty, its risk
+    meta not written yet) but before the index recorded it: the next start made a second marker
+    and showed the first beside the directory as an empty file 'newdir.conflict-…'. Here the
+    next start is played in-process: the directory is still to be written back, its marker's
+    upload marked as started, and the interrupted marker is in the vault."""
+    resume = kit.hold_write_back()
+    await kit.mkdir("newdir")
+    node = kit.node("newdir")
+    kit.ns.begin_upload(node, streaming=False)  # what _marker records before its store
+    with kit.ns.index:
+        kit.ns.index.save(node)
+    orphan = await kit.remote.put("newdir", b"")  # configure-file-meta done, no risk meta yet
+    await kit.refresh()
+    assert [name for name, _ in await kit.readdir("")] == ["newdir"] and node.token == orphan
+    resume()
+    await kit.settle()
+    listing = await kit.listing()
+    assert [(i.token, i.risk.get("privifs.type")) for i in listing] == [(orphan, "dir")]
+    assert [name for name, _ in await kit.readdir("")] == ["newdir"]
+
+
+async def test_a_start_with_staged_files_gone_never_shows_zeros(account, tmp_path):
+    """A start whose index named a staged file that was gone (see the commit-order test above)
+    kept the node as a clean file with no token: it read as zeros of its size, and its uploaded
+    token showed beside it as a conflict copy. Never uploaded, it is removed now; uploaded before,
+    it shows its last uploaded content."""
+    key = os.urandom(32)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.write_file("kept.txt", b"uploaded version")
+        await t.settle()
+        t.hold_write_back()  # the stop comes first: nothing more is written back
+        await t.write_file("kept.txt", b"staged edit, lost")
+        await t.write_file("new.txt", b"never uploaded, lost")
+        staged = [t.node(p).staged.path for p in ("kept.txt", "new.txt")]
+    for path in staged:
+        os.unlink(path)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        assert [name for name, _ in await t.readdir("")] == ["kept.txt"]
+        assert await t.read_file("kept.txt") == b"uploaded version"

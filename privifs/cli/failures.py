@@ -13,7 +13,8 @@ code   meaning
 5      the server cannot be reached
 6      integrity failure: data that fails authentication (tampered, or another key)
 7      ``umount``: unmounted, but changes stay staged (uploaded at the next mount)
-8      ``status MOUNTPOINT``: the mount is dead (its daemon crashed or was killed)
+8      ``status``: a mount is dead (its daemon crashed or was killed), or its daemon is stopped
+       or does not answer
 70     an unexpected internal error: a short message here, the traceback in the CLI log
 130    interrupted (Ctrl-C)
 141    the output pipe closed early (``privifs status | head -1``); nothing is printed

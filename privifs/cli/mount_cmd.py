@@ -15,7 +15,7 @@ from pathlib import Path
 
 from privifs import paths
 from privifs.cli.failures import ExitStatus
-from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, privifs_mounts, registered_entry
+from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
@@ -138,7 +138,7 @@ def _mount_config(args: argparse.Namespace):
 
 def _check_mountpoint(mountpoint: Path) -> None:
     """A usable, unmounted directory; a mount left dead by a killed daemon is cleaned up first."""
-    real = os.path.realpath(mountpoint)
+    real = mount_path(mountpoint)
     if not is_utf8(real):  # the mountpoint is recorded in text files (the vault's marker, the mount registry)
         raise ConfigError(
             f"the mountpoint {os.fsencode(real)!r} is not valid UTF-8; mount on a directory whose path is"
@@ -169,20 +169,33 @@ def run_mount(args: argparse.Namespace) -> int:
     cfg = load(cfg_path)
     from privifs.fs.daemon import default_state_dir
 
-    state = args.state_dir or default_state_dir(cfg)
+    state = (args.state_dir or default_state_dir(cfg)).absolute()
+    made = paths.missing_dirs(state)
     paths.private_dir(state)
     log_path = state / "mount.log"
     r, w = os.pipe()
-    cmd = (
-        [sys.executable, "-m", "privifs", "--config", str(cfg_path)]
-        + (["--debug"] if args.debug else [])
-        + ["mount", "--foreground", "--ready-fd", str(w), "--log-file", str(log_path)]
-        + _forward(args)
+    cmd = paths.child_command(
+        "--config",
+        str(cfg_path.absolute()),
+        *(["--debug"] if args.debug else []),
+        "mount",
+        "--foreground",
+        "--ready-fd",
+        str(w),
+        "--log-file",
+        str(log_path),
+        *_forward(args),
     )
     with open(log_path, "ab") as logf:
         os.chmod(log_path, 0o600)
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            pass_fds=(w,),
+            start_new_session=True,
+            cwd=paths.CHILD_CWD,
         )
     os.close(w)
     message = b""
@@ -206,8 +219,23 @@ def run_mount(args: argparse.Namespace) -> int:
         raise PrivifsError(f"the mount did not become ready within {READY_TIMEOUT:.0f}s; see {log_path}")
     if text.startswith("error "):
         code, _, message_text = text[6:].partition(" ")
+        if code.isdigit() and made:  # said in full: a first mount that failed leaves no state behind
+            _forget_log(proc, log_path, made)
         raise ExitStatus(message_text, int(code)) if code.isdigit() else PrivifsError(text[6:])
     raise PrivifsError(f"the mount daemon failed; see {log_path}")
+
+
+def _forget_log(proc: subprocess.Popen, log_path: Path, made: list[Path]) -> None:
+    """Remove the log of a daemon that failed to mount with an error it reported in full, and
+    the state directories made for it, once the daemon has ended (it takes back what it made
+    itself; see ``Daemon._forget_first_mount``). A daemon that does not end keeps them."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        return
+    for f in log_path.parent.glob(log_path.name + "*"):
+        f.unlink(missing_ok=True)
+    paths.remove_made(made)
 
 
 def _forward(args: argparse.Namespace) -> list[str]:
@@ -278,11 +306,13 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     import trio
 
     from privifs.fs.daemon import Daemon
+    from privifs.limits import raise_open_files_limit
     from privifs.memory import bound_allocator
 
     if args.log_file is not None:
         _log_to_file(args.log_file)
     bound_allocator()
+    raise_open_files_limit()
     cfg = load(cfg_path)
     daemon = Daemon(cfg, _mount_config(args))
     signalled = False

@@ -19,23 +19,40 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def privifs_mounts() -> list[str]:
-    """Mountpoints of every privifs FUSE mount the kernel knows (live or dead)."""
+def _mount_table() -> list[tuple[str, str]]:
+    """(mountpoint, filesystem type) of every mount the kernel knows."""
     try:
         with open("/proc/mounts") as f:
             rows = [line.split() for line in f]
     except OSError:
         return []
-    return [_unescape(r[1]) for r in rows if len(r) > 2 and r[2] == "fuse.privifs"]
+    return [(_unescape(r[1]), r[2]) for r in rows if len(r) > 2]
 
 
-def is_fuse_mount(path: Path) -> bool:
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/mounts") as f:
-            return any(_unescape(line.split()[1]) == real and "fuse" in line.split()[2] for line in f)
-    except OSError:
-        return False
+def privifs_mounts() -> list[str]:
+    """Mountpoints of every privifs FUSE mount the kernel knows (live or dead)."""
+    return [mp for mp, kind in _mount_table() if kind == "fuse.privifs"]
+
+
+def mount_path(path: str | Path) -> str:
+    """``path`` made absolute and free of symbolic links, as the kernel's mount table spells it,
+    without looking into the mount when ``path`` names one: ``os.path.realpath`` stats every
+    component, and a stat of a FUSE mount whose daemon is stopped or hung waits for ever."""
+    given = os.path.abspath(path)
+    if ".." not in Path(path).parts:
+        mounted = {mp for mp, _ in _mount_table()}
+        if given in mounted:
+            return given
+        head, tail = os.path.split(given)
+        resolved = os.path.join(os.path.realpath(head), tail)  # stats the parents only
+        if resolved in mounted:
+            return resolved
+    return os.path.realpath(given)
+
+
+def is_fuse_mount(path: str | Path) -> bool:
+    real = mount_path(path)
+    return any(mp == real and "fuse" in kind for mp, kind in _mount_table())
 
 
 def dead_mounts(candidates: list[str], timeout: float = 3.0) -> list[str]:
@@ -79,7 +96,7 @@ def clean_dead_mount(path: str | Path) -> None:
 def registered_entry(mountpoint: Path) -> dict | None:
     from privifs.fs.daemon import registered_mounts
 
-    real = os.path.realpath(mountpoint)
+    real = mount_path(mountpoint)
     for entry in registered_mounts():
         if entry["mountpoint"] == real:
             return entry
@@ -108,7 +125,7 @@ def my_mountpoints() -> set[str]:
 def staged_left(mountpoint: str | Path) -> tuple[int, Path] | None:
     """How many files the last daemon of ``mountpoint`` left staged (not uploaded), and where;
     None if its state directory is not the default one or holds nothing staged."""
-    real = os.path.realpath(mountpoint)
+    real = mount_path(mountpoint)
     for mp, state in _vault_markers():
         if mp != real:
             continue

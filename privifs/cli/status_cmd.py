@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -18,6 +17,7 @@ from privifs.cli.mounttable import (
     dead_mounts,
     is_dead_mount,
     is_fuse_mount,
+    mount_path,
     my_mountpoints,
     privifs_mounts,
     registered_entry,
@@ -27,6 +27,10 @@ from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
 
 ANSWER_TIMEOUT = 30.0  # longest silence of a daemon's control socket during umount's flush
+# how long status waits for a daemon's answer: a live daemon answers in milliseconds (its
+# control server runs on the FUSE loop, which never blocks); one that stays silent this long is
+# shown as not answering rather than holding the command up
+STATUS_TIMEOUT = 3.0
 
 
 def register(sub) -> None:
@@ -51,7 +55,8 @@ def register(sub) -> None:
         "status",
         help="pending uploads, cache, last refresh and errors of mounts",
         description="Show each privifs mount: pending uploads, cache, last refresh and errors; "
-        "a mount whose daemon died is shown with how to recover (exit code 8).",
+        "a mount whose daemon died, is stopped or does not answer is shown with how to recover "
+        "(exit code 8).",
     )
     s.add_argument("mountpoint", type=Path, nargs="?")
     s.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -104,7 +109,7 @@ def run_umount(args: argparse.Namespace) -> int:
     if entry is None:
         if is_fuse_mount(args.mountpoint):
             dead = is_dead_mount(args.mountpoint)
-            clean_dead_mount(os.path.realpath(args.mountpoint))
+            clean_dead_mount(mount_path(args.mountpoint))
             why = "its daemon had died" if dead else "no daemon answered"
             left = staged_left(args.mountpoint)
             if left is not None:
@@ -116,6 +121,11 @@ def run_umount(args: argparse.Namespace) -> int:
             print(f"unmounted {args.mountpoint} ({why})")
             return 0
         raise ConfigError(f"{args.mountpoint} is not a privifs mount")
+    if paths.pid_stopped(entry["pid"]):
+        raise PrivifsError(
+            f"the mount daemon for {args.mountpoint} did not answer (it is stopped: 'kill -CONT "
+            f"{entry['pid']}' lets it go on); 'fusermount3 -u {args.mountpoint}' unmounts it anyway"
+        )
     progress = UploadProgress()
     result: dict = {}
     try:
@@ -128,7 +138,7 @@ def run_umount(args: argparse.Namespace) -> int:
                 result = answer
     except OSError as exc:
         raise PrivifsError(
-            f"the mount daemon for {args.mountpoint} did not answer ({exc}); "
+            f"the mount daemon for {args.mountpoint} did not answer ({_silence(entry['pid'], exc)}); "
             f"'fusermount3 -u {args.mountpoint}' unmounts it anyway"
         ) from None
     finally:
@@ -172,14 +182,49 @@ def _fsync_line(fsync: dict | None) -> str | None:
     )
 
 
+def _remount(mountpoint: str) -> str:
+    """The command that brings a dead mount back (meant to be pasted into a shell)."""
+    quoted = shlex.quote(mountpoint)
+    return f"privifs umount {quoted} && privifs mount {quoted}   (or just: privifs mount {quoted})"
+
+
 def _dead_status(mountpoint: str) -> dict:
-    quoted = shlex.quote(mountpoint)  # the command is meant to be pasted into a shell
     return {
         "mountpoint": mountpoint,
         "dead": True,
         "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
         "not connected'); changes it had not uploaded stay staged",
-        "recover": f"privifs umount {quoted} && privifs mount {quoted}   (or just: privifs mount {quoted})",
+        "recover": _remount(mountpoint),
+    }
+
+
+def _silence(pid: int, exc: OSError) -> str:
+    """Why a daemon whose process exists gave no answer."""
+    if paths.pid_stopped(pid):
+        return f"it is stopped (pid {pid})"
+    if not paths.pid_alive(pid):
+        return f"it ended (pid {pid})"
+    return str(exc) or type(exc).__name__
+
+
+def _silent_status(entry: dict, why: str) -> dict:
+    """A mount whose daemon process exists but does not answer: stopped (SIGSTOP, Ctrl-Z, a
+    debugger), or hung. Every access to the mount waits meanwhile."""
+    pid, mountpoint = entry["pid"], entry["mountpoint"]
+    stopped = paths.pid_stopped(pid)
+    return {
+        "mountpoint": mountpoint,
+        "dead": False,
+        "stopped": stopped,
+        "pid": pid,
+        "error": (
+            f"daemon not running: it is stopped (pid {pid}; SIGSTOP, Ctrl-Z or a debugger); every access "
+            "to the mount waits until it continues"
+            if stopped
+            else f"daemon not answering ({why}; pid {pid}): busy or hung; accesses to the mount may hang"
+        ),
+        "recover": (f"kill -CONT {pid}   (lets it go on)   or: " if stopped else "wait and ask again, or: ")
+        + f"kill -9 {pid}; {_remount(mountpoint)}   (its staged changes are kept)",
     }
 
 
@@ -190,7 +235,7 @@ def run_status(args: argparse.Namespace) -> int:
     live = {e["mountpoint"] for e in entries}
     candidates = [mp for mp in privifs_mounts() if mp not in live]
     if args.mountpoint is not None:
-        wanted = os.path.realpath(args.mountpoint)
+        wanted = mount_path(args.mountpoint)
         entries = [e for e in entries if e["mountpoint"] == wanted]
         candidates = [mp for mp in candidates if mp == wanted]
     else:  # every dead mount of this user's vaults (not other users')
@@ -201,21 +246,28 @@ def run_status(args: argparse.Namespace) -> int:
         if not entries and not dead:
             raise ConfigError(f"{args.mountpoint} is not a privifs mount")
     statuses = []
+    silent = False
     for entry in entries:
+        if paths.pid_stopped(entry["pid"]):  # its socket would take the request and never answer
+            statuses.append(_silent_status(entry, "stopped"))
+            silent = True
+            continue
         try:
-            answers = list(control_request(entry, {"cmd": "status"}))
+            answers = list(control_request(entry, {"cmd": "status"}, timeout=STATUS_TIMEOUT))
             statuses.append(answers[0]["status"])
-        except (OSError, IndexError, KeyError) as exc:
-            statuses.append(
-                {
-                    "mountpoint": entry["mountpoint"],
-                    "error": f"daemon not answering ({exc})",
-                    "recover": f"wait, or stop it (kill {entry['pid']}; its staged changes are kept) "
-                    f"and run: privifs mount {entry['mountpoint']}",
-                }
-            )
+        except (OSError, IndexError, KeyError, ValueError) as exc:
+            if not paths.pid_alive(entry["pid"]):  # it died meanwhile
+                if is_dead_mount(entry["mountpoint"]):
+                    statuses.append(_dead_status(entry["mountpoint"]))
+                    silent = True
+                continue
+            why = f"no answer within {STATUS_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            statuses.append(_silent_status(entry, why))
+            silent = True
     statuses += [_dead_status(mp) for mp in dead]
-    code = EXIT_DEAD_MOUNT if dead else 0
+    if args.mountpoint is not None and not statuses:  # its daemon unmounted it meanwhile
+        raise ConfigError(f"{args.mountpoint} is not a privifs mount")
+    code = EXIT_DEAD_MOUNT if dead or silent else 0
     if args.json:
         print(json.dumps(statuses if args.mountpoint is None else statuses[0], indent=2))
         return code

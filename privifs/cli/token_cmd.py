@@ -26,7 +26,7 @@ from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import BlockWriter
 from privifs.config import load
-from privifs.errors import NotFoundError, PrivifsError, single_error
+from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
 from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
 from privifs.keycheck import verify_key
 from privifs.parts.store import THRESHOLD, PartStore, is_manifest
@@ -220,7 +220,10 @@ class FileSink(BlockWriter):
             # one another user put in a shared directory (a symlink, or a file they could read
             # the plaintext from) is removed and a new private one made
             self.tmp.unlink(missing_ok=True)
-            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise output_failed(self.out, exc, "the file") from None
             self.f = os.fdopen(fd, "wb")
         else:
             self.f.seek(0)
@@ -228,22 +231,32 @@ class FileSink(BlockWriter):
         self.progress.reset()
 
     def _write_block(self, offset: int, data: bytes) -> None:
-        self.f.write(data)
+        try:
+            self.f.write(data)
+        except OSError as exc:  # a write error names no file: say which, and for a full disk what to do
+            raise output_failed(self.out, exc, "the file") from None
 
     async def write(self, data: bytes) -> None:
         await super().write(data)
         self.progress.advance(len(data))
 
     def commit(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.chmod(self.tmp, 0o644 & ~_umask())
-        os.replace(self.tmp, self.out)
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.chmod(self.tmp, 0o644 & ~_umask())
+            os.replace(self.tmp, self.out)
+        except OSError as exc:
+            self.discard()
+            raise output_failed(self.out, exc, "the file") from None
 
     def discard(self) -> None:
         if self.f is not None:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:  # the buffered rest could not be written either: the file goes anyway
+                pass
         self.tmp.unlink(missing_ok=True)
 
 

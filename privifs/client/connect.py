@@ -1,5 +1,6 @@
 """The one entry point: :func:`connect` wires transport, session, events and data tokens
-together, logs in, joins the event channel before anything else is sent, and keeps the
+together, logs in (giving up on a server that does not answer the login within
+``ClientOptions.login_timeout``), joins the event channel before anything else is sent, and keeps the
 authorization fresh in the background until the ``async with`` block ends. The event channel and
 the renewal run supervised (:mod:`privifs.supervise`): a bug in either is logged, shown through
 ``Client.supervisor`` and the task restarted; it never ends the block."""
@@ -16,7 +17,7 @@ from privifs.client.events import Commands, EventHub
 from privifs.client.session import Credentials, Session
 from privifs.client.transport import ClientOptions, Endpoints, Transport
 from privifs.client.vault import Vault
-from privifs.errors import single_error
+from privifs.errors import ServerUnreachable, single_error
 from privifs.supervise import Supervisor
 
 
@@ -49,7 +50,13 @@ async def connect(
     transport = Transport(endpoints, options)
     session = Session(transport, credentials, options)
     try:
-        await session.login()
+        with trio.move_on_after(options.login_timeout) as login:
+            await session.login()
+        if login.cancelled_caught:
+            raise ServerUnreachable(
+                f"the Privicore server at {endpoints.api} did not answer within {options.login_timeout:g}s "
+                f"(it accepts connections but answers nothing); check that the server is running and answering"
+            )
         hub = EventHub(endpoints.ws, session, options)
         commands = Commands(transport, hub, options)
         session.await_command = lambda cid: commands.wait(cid, what="reauthorize")

@@ -271,7 +271,7 @@ class EventHub:
                 text = await ws.get_message()
                 try:
                     frame = json.loads(text)
-                except (ValueError, TypeError):
+                except (ValueError, TypeError, RecursionError):
                     continue
                 if not isinstance(frame, dict):
                     continue

@@ -28,7 +28,7 @@ def json_or_text(resp: httpx.Response) -> Any:
         return None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit: text
         return raw
 
 

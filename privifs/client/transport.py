@@ -100,6 +100,9 @@ class ClientOptions:
     request_timeout: float = 8.0  # waiting for a request-data result before re-issuing it
     request_attempts: int = 4
     join_timeout: float = 10.0
+    # the server's first answer (the login): a server that accepts connections but never
+    # answers is given up on after this, instead of after every retry of a 60 s read time-out
+    login_timeout: float = 30.0
     stream_ready_wait: float = 3.0
     early_event_ttl: float = 120.0
     inline_limit: int = 48 * 1024  # ciphertext bytes sent inline; larger goes upstream

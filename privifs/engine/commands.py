@@ -23,12 +23,14 @@ from typing import Any
 import trio
 
 from privifs.engine.db import Database
+from privifs.engine.http import disk_full
 from privifs.engine.hub import Hub
 from privifs.engine.options import EngineOptions
 
 log = logging.getLogger("privifs.engine.commands")
 
 STARTED, SUCCEEDED, REJECTED = 1, 2, 3
+RETRY_FIRST, RETRY_MAX = 0.5, 30.0  # a batch the database could not take is tried again after
 STATUS_WORDS = {STARTED: "started", SUCCEEDED: "succeeded", REJECTED: "rejected"}
 
 
@@ -122,7 +124,26 @@ class CommandRunner:
                         break
                 if self.opts.apply_delay_ms:
                     await trio.sleep(self.opts.apply_delay_ms / 1000)
-                await self._apply_batch(batch)
+                await self._apply_until_done(batch)
+
+    async def _apply_until_done(self, ids: list[str]) -> None:
+        """Apply a batch; while the database cannot be written (a full disk), keep its commands
+        accepted (status 1: the failed transaction changed nothing) and try again with backoff,
+        instead of letting the failure end the runner and with it the engine."""
+        delay = RETRY_FIRST
+        while True:
+            try:
+                await self._apply_batch(ids)
+                return
+            except (sqlite3.Error, OSError) as exc:
+                log.warning(
+                    "applying %d commands failed (%s); they stay accepted and are applied in %.1fs",
+                    len(ids),
+                    exc,
+                    delay,
+                )
+            await trio.sleep(delay)
+            delay = min(RETRY_MAX, delay * 2)
 
     async def _apply_batch(self, ids: list[str]) -> None:
         results: list[tuple[str, str | None, int, Any, Outcome | None]] = []
@@ -152,7 +173,9 @@ class CommandRunner:
                 except Rejected as exc:
                     conn.execute("ROLLBACK TO cmd")
                     status, body, outcome = REJECTED, exc.reason, Outcome(events=exc.events)
-                except Exception:
+                except Exception as exc:
+                    if disk_full(exc):  # not the command's fault: the batch is tried again later
+                        raise
                     log.exception("applying %s command %s failed", kind, cid)
                     conn.execute("ROLLBACK TO cmd")
                     status, body, outcome = REJECTED, "engine.internal_error", None

@@ -165,9 +165,19 @@ class Engine:
     # -- housekeeping ----------------------------------------------------------------------
     async def janitor(self, interval: float = 5.0) -> None:
         """Expire unpromoted reservations (and their blobs), used downstream tokens, dead tokens."""
+        failing = False
         while True:
             await trio.sleep(interval)
-            await self.sweep()
+            try:
+                await self.sweep()
+            except (sqlite3.Error, OSError) as exc:  # a full disk: nothing expired is lost by waiting
+                if not failing:
+                    log.warning("the janitor cannot write the database (%s); trying again every %gs", exc, interval)
+                failing = True
+                continue
+            if failing:
+                log.info("the janitor can write the database again")
+            failing = False
 
     async def sweep(self) -> None:
         now = time.time()

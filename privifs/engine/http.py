@@ -7,9 +7,11 @@ Error bodies follow the reference's recommended convention (section 7):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -50,6 +52,35 @@ class ApiError(Exception):
 
 def invalid(field: str, why: str) -> ApiError:
     return ApiError(422, "Parameter Error", {field: [why]})
+
+
+SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode of "database or disk is full"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the engine's disk (or quota) running full: a blob write, or SQLite's
+    "database or disk is full". Not a bug: answered 507 with one log line, and the engine goes
+    on (it works again once there is room)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
+
+
+def insufficient_storage(what: str, exc: BaseException) -> JSONResponse:
+    log.warning("%s: the engine's disk is full (%s); answered 507", what, exc)
+    return JSONResponse(
+        {"status": 507, "message": "Insufficient Storage: the server's disk is full; try again later"},
+        status_code=507,
+    )
+
+
+def client_json(text: str | bytes, field: str, what: str = "is not valid JSON") -> Any:
+    """JSON a client sent, or a 422 naming ``field``: malformed, not UTF-8, or nested too deep
+    for the parser (``[[[…]]]``: a RecursionError, which answered 500 with a traceback)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise invalid(field, what) from None
 
 
 def not_found() -> ApiError:
@@ -180,10 +211,7 @@ def parse_fields(body: bytes, content_type: str) -> Form:
     if ctype == "application/json":
         if not body.strip():
             return Form({}, {})
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise invalid("body", "is not valid JSON") from None
+        data = client_json(body, "body")
         fields: dict[str, list[str]] = {}
         if isinstance(data, dict):
             for k, v in data.items():
@@ -269,6 +297,10 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
             # the client left while sending its request: nobody will read an answer
             log.info("%s %s: the client disconnected before its request was complete", request.method, request.url.path)
             return Response(status_code=400)
+        except (OSError, sqlite3.Error) as exc:
+            if not disk_full(exc):
+                raise
+            response = insufficient_storage(f"{request.method} {request.url.path}", exc)
         # hypercorn closes a connection whose request body was not read before the answer, and a
         # client reusing it then sees "disconnected without a response": always read it
         await drain(request)

@@ -16,6 +16,7 @@ the engine adds ``POST /voting/cast-vote`` and ``GET /voting/list-pools`` (see d
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -29,9 +30,22 @@ from starlette.routing import Route
 from privifs.engine.commands import REJECTED, CommandRunner, Outcome, Rejected
 from privifs.engine.core import Engine
 from privifs.engine.db import Database
-from privifs.engine.http import ApiError, Form, command_accepted, guarded, invalid, iso, not_found, owned_row, read_form
+from privifs.engine.http import (
+    ApiError,
+    Form,
+    client_json,
+    command_accepted,
+    guarded,
+    invalid,
+    iso,
+    not_found,
+    owned_row,
+    read_form,
+)
 from privifs.engine.hub import Hub
 from privifs.engine.routes_device import _device_field, approved_device, device_command
+
+log = logging.getLogger("privifs.engine.voting")
 
 STRATEGIES = ("unanimous", "majority", "any")
 TEMPLATES = {
@@ -184,7 +198,12 @@ async def expire_pools(db: Database, runner: CommandRunner) -> None:
             ]
         )
         for pool_id in due:
-            await resolve(db, runner, pool_id)
+            try:
+                await resolve(db, runner, pool_id)
+            except (sqlite3.Error, OSError) as exc:  # a full disk: the pool is decided once it can be written
+                log.warning("ending pool %s failed (%s); trying again", pool_id, exc)
+                await trio.sleep(5)
+                break
 
 
 # -- command appliers: run by the command runner inside its transaction ------------------------------
@@ -276,7 +295,11 @@ class VotingApi:
             raise invalid("timeLimit", "must be between 1 and 604800 seconds")
         devices = data.get("deviceIdentifiers", [])
         if isinstance(devices, str):
-            devices = json.loads(devices) if devices.startswith("[") else [d for d in devices.split(",") if d.strip()]
+            devices = (
+                client_json(devices, "deviceIdentifiers", "must be a list of device identifiers")
+                if devices.startswith("[")
+                else [d for d in devices.split(",") if d.strip()]
+            )
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise invalid("deviceIdentifiers", "must be a list of device identifiers")
         known = self.db.read(
@@ -391,10 +414,7 @@ class VotingApi:
             raise invalid("applyingEventIds", "must list event ids of the template")
         configuration = data.get("configuration")
         if isinstance(configuration, str):
-            try:
-                configuration = json.loads(configuration)
-            except ValueError:
-                raise invalid("configuration", "must be a JSON object") from None
+            configuration = client_json(configuration, "configuration", "must be a JSON object")
         if not isinstance(configuration, dict) or not configuration:
             raise invalid("configuration", "must be a non-empty object")
         vc_ref = data.get("votingConfigurationId")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 from urllib.parse import parse_qs
 
@@ -18,7 +19,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 
 from privifs.engine.core import Engine
-from privifs.engine.http import DRAIN_LIMIT
+from privifs.engine.http import DRAIN_LIMIT, disk_full
 
 log = logging.getLogger("privifs.engine.streams")
 
@@ -93,7 +94,39 @@ async def _lifespan(receive, send) -> None:
             return
 
 
+def _storage_guarded(what: str, app):
+    """``app``, answering 507 (one log line) instead of failing when the engine's disk is full.
+    An answer already begun cannot be replaced: that connection is closed."""
+
+    async def guarded(scope, receive, send) -> None:
+        started = False
+
+        async def tracking(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive, tracking)
+        except (OSError, sqlite3.Error) as exc:
+            if not disk_full(exc) or scope["type"] != "http":
+                raise
+            log.warning("%s: the engine's disk is full (%s); answered 507", what, exc)
+            if not started:
+                await _refuse(receive, send, 507, "Insufficient Storage: the server's disk is full; try again later")
+
+    return guarded
+
+
 def upstream_app(engine: Engine):
+    return _storage_guarded("upstream upload", _upstream_app(engine))
+
+
+def downstream_app(engine: Engine):
+    return _storage_guarded("downstream download", _downstream_app(engine))
+
+
+def _upstream_app(engine: Engine):
     db = engine.db
 
     async def app(scope, receive, send) -> None:
@@ -147,7 +180,7 @@ def upstream_app(engine: Engine):
     return app
 
 
-def downstream_app(engine: Engine):
+def _downstream_app(engine: Engine):
     db = engine.db
 
     async def app(scope, receive, send) -> None:

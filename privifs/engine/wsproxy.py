@@ -39,7 +39,7 @@ def websocket_app(engine: Engine):
     async def handle(ws: WebSocket, ch, text: str) -> None:
         try:
             frame = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep: ignored like any junk
             return
         if not isinstance(frame, dict):
             return

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -75,6 +76,9 @@ def vault_id(cfg: Config) -> str:
     return hashlib.sha256(f"{server}|{cfg.username}".encode()).hexdigest()[:16]
 
 
+INDEX_NAME = "index.sqlite3"  # in the state directory: its existence means a mount has started here
+
+
 def default_state_dir(cfg: Config) -> Path:
     """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
     return paths.state_dir() / "vaults" / vault_id(cfg)
@@ -113,8 +117,8 @@ def registered_mounts() -> list[dict]:
                 and isinstance(entry.get("control"), str)
             ):
                 raise ValueError("not a mount's entry")
-            if not paths.pid_alive(entry["pid"]):
-                raise ValueError("daemon gone")
+            if not paths.pid_alive(entry["pid"]) or not paths.is_mount_daemon(entry["pid"]):
+                raise ValueError("daemon gone (its pid may be another process's now)")
             out.append(entry)
         except (OSError, ValueError):
             f.unlink(missing_ok=True)
@@ -138,6 +142,7 @@ class Daemon:
         self.supervisor = Supervisor()
         self.connector: Connector | None = None
         self.mounted = False
+        self._was_mounted = False
         self._unmounting = False
         self._drain = DRAIN_AFTER_UNMOUNT  # how long uploads go on after the unmount
 
@@ -161,14 +166,35 @@ class Daemon:
             raise ConfigError(f"mountpoint {self.mountpoint} does not exist or is not a directory")
         if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
             raise ConfigError(f"{self.mountpoint} is already a mountpoint")
+        made = paths.missing_dirs(self.state_dir), paths.missing_dirs(self.cache_dir)
+        first = not (self.state_dir / INDEX_NAME).exists()
         lock = self._lock()
         try:
             with open_account(self.cfg) as account, single_error():
                 async with trio.open_nursery() as links:
                     await self._serve(account, links, ready)
                     links.cancel_scope.cancel()
+        except BaseException:
+            if first and not self._was_mounted:
+                self._forget_first_mount(*made)
+            raise
         finally:
             lock.close()
+
+    def _forget_first_mount(self, made_state: list[Path], made_cache: list[Path]) -> None:
+        """Take back what a first mount of this vault here (no index before it) made before it
+        failed (a wrong key, a server that cannot be reached, …), so that it leaves no trace of a
+        mount: the index, staging, marker and lock, the cache directory if this run made it, and
+        the directories this run made once they are empty (a log file kept in one keeps it).
+        Runs under the vault's lock; an index that existed before is never touched."""
+        for name in (INDEX_NAME, INDEX_NAME + "-wal", INDEX_NAME + "-shm", INDEX_NAME + "-journal", "mountpoint"):
+            (self.state_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(self.state_dir / "staging", ignore_errors=True)
+        if made_cache:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+        (self.state_dir / "lock").unlink(missing_ok=True)
+        paths.remove_made(made_state)
+        paths.remove_made(made_cache)
 
     async def _connect(
         self, account, links: trio.Nursery, link: VaultLink, refresher: Refresher, syncer: Syncer
@@ -184,7 +210,7 @@ class Daemon:
         vault = Vault(link, key)
         local = local_key(key)
         opts = self.mcfg.fs
-        index = Index(self.state_dir / "index.sqlite3")
+        index = Index(self.state_dir / INDEX_NAME)
         try:
             ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
             staging = Staging(self.state_dir / "staging", local)
@@ -198,6 +224,7 @@ class Daemon:
                 workers=self.mcfg.upload_workers,
                 write_back_delay=self.mcfg.write_back_delay,
                 supervisor=self.supervisor,
+                server_restarting=account.server_restarting,
             )
             fs = Filesystem(ns, staging, cache, vault, opts, syncer)
             fs.open_staged_files()
@@ -219,7 +246,7 @@ class Daemon:
             if opts.read_only:
                 options.add("ro")
             pyfuse3.init(Operations(fs), str(self.mountpoint), options)
-            self.mounted = True
+            self.mounted = self._was_mounted = True
             refresher.invalidate = True
             closed = False
             try:
@@ -432,7 +459,7 @@ class Daemon:
                     buf += data
             try:
                 request = json.loads(buf.split(b"\n")[0] or b"{}")
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit
                 await send({"error": "bad request"})
                 return
             if not isinstance(request, dict):

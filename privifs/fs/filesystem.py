@@ -734,19 +734,41 @@ class Filesystem:
 
     # -- startup -----------------------------------------------------------------------------------
     def open_staged_files(self) -> None:
-        """Reattach staged files to their nodes after a restart; remove orphans."""
+        """Reattach staged files to their nodes after a restart; remove orphans. A staged file
+        that is gone or damaged has lost its content: the node shows its last uploaded content,
+        or, never uploaded, is removed (never read as zeros). One that cannot be opened for
+        another reason (too many open files, permissions) stops the start, and is kept."""
         referenced = set()
-        for node in self.ns.nodes.values():
-            if node.staged_id:
-                try:
-                    self.ns.set_staged(node, self.staging.open(node.staged_id))
-                    referenced.add(node.staged_id)
-                    if node.content_dirty:
-                        self.ns.set_attributes(node, size=node.staged.size)
-                except PrivifsError as exc:
-                    log.error("%s: the staged content is unreadable (%s)", self.path(node), exc)
-                    self.ns.clear_staged(node, content_clean=True)
-                    self.index.save(node)
+        for node in list(self.ns.nodes.values()):
+            if not node.staged_id:
+                continue
+            try:
+                self.ns.set_staged(node, self.staging.open(node.staged_id))
+                referenced.add(node.staged_id)
+                if node.content_dirty:
+                    self.ns.set_attributes(node, size=node.staged.size)
+                continue
+            except IntegrityError as exc:
+                why = str(exc)
+            except PrivifsError as exc:
+                if self.staging.path(node.staged_id).exists():
+                    raise
+                why = f"{exc}"
+            if node.token is None:
+                log.error(
+                    "%s: the staged content is lost (%s); the file had never been uploaded, so it is removed",
+                    self.path(node),
+                    why,
+                )
+                with self.index:
+                    self.ns.remove(node, delete_token=False)
+                self.ns.release(node, self.staging)
+                continue
+            log.error(
+                "%s: the staged content is lost (%s); the file shows its last uploaded content", self.path(node), why
+            )
+            self.ns.clear_staged(node, content_clean=True)
+            self.index.save(node)
         for orphan in self.staging.ids() - referenced:
             self.staging.remove(orphan)
 

@@ -271,6 +271,7 @@ class Index:
         self._tracked_from: int | None = None
         self._saved: dict[int, tuple] = {}  # ino -> the row the index holds (committed, or in this transaction)
         self._unsure: list[int] = []  # inos saved in the open transaction: unknown again if it rolls back
+        self._after: list[Callable[[], None]] = []  # run once the open transaction has committed
         self._upsert = f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
         self._select = f"SELECT {', '.join(COLUMNS)} FROM nodes ORDER BY ino"
 
@@ -321,6 +322,7 @@ class Index:
         self._depth -= 1
         if self._depth == 0:
             unsure, self._unsure = self._unsure, []
+            after, self._after = self._after, []
             try:
                 self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
             except sqlite3.Error as err:
@@ -336,6 +338,18 @@ class Index:
                 if exc_type is not None:
                     for ino in unsure:
                         self._saved.pop(ino, None)
+                else:
+                    for fn in after:
+                        fn()
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the open transaction has committed (at once outside one; never if it
+        rolls back): for a file change the committed index must already account for, such as
+        moving an uploaded staged file away only once the index no longer names it."""
+        if self._depth == 0:
+            fn()
+        else:
+            self._after.append(fn)
 
     def _write(self, sql: str, args) -> None:
         self.writes += 1

@@ -44,7 +44,7 @@ from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
-from privifs.fs.sync import Syncer
+from privifs.fs.sync import Syncer, awaits_marker
 from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
@@ -204,8 +204,13 @@ class Refresher:
                 changed.append((ns.nodes[ino], info))
         vanished = {n.ino: n for n in ns.nodes.values() if n.token and n.ino not in seen and self.eligible(n, started)}
         orphans = {}
-        for n in ns.nodes.values():
-            if n.upload_started is not None and n.content_dirty and not n.uploading and not n.unlinked:
+        for n in ns.nodes.values():  # uploads (and markers) a crash may have cut off after the server made the token
+            if (
+                n.upload_started is not None
+                and (n.content_dirty or awaits_marker(n))
+                and not n.uploading
+                and not n.unlinked
+            ):
                 orphans.setdefault((self.ns.context(n), token_name(n)), []).append(n)
         with self.index:
             followed = []

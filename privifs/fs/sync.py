@@ -56,12 +56,13 @@ from privifs.errors import (
 )
 from privifs.fs.cache import ContentCache
 from privifs.fs.names import token_naming
-from privifs.fs.namespace import Namespace, Node
+from privifs.fs.namespace import Namespace, Node, risk_json
 from privifs.fs.parts import PartReader, is_manifest_node
 from privifs.fs.partwrite import PartWriter
 from privifs.fs.staging import StagedFile, Staging
 from privifs.fs.tokenmeta import (
     SPECIAL_KINDS,
+    attributes,
     risk_fields,
     same_context,
     split_context,
@@ -83,11 +84,25 @@ RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache 
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 
 
-def fsync_waits_through(exc: PrivifsError) -> bool:
+def awaits_marker(node: Node) -> bool:
+    """Whether ``node`` is an entry stored as a marker token (a directory made here, a symlink,
+    a FIFO, …) whose marker is still to be made."""
+    return (
+        node.token is None
+        and bool(node.meta_dirty)
+        and (node.is_symlink or node.is_dir and node.explicit or node.kind in SPECIAL_KINDS)
+    )
+
+
+def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False) -> bool:
     """An fsync keeps waiting (up to --fsync-timeout) through failures of a server that answers
     (5xx, a command still pending): the next attempt may well succeed, and a program treats an
-    fsync error as lost data. A server that cannot be reached, or that refuses, fails it now."""
-    return exc.transient and not isinstance(exc, ServerUnreachable)
+    fsync error as lost data. So it does while the embedded engine cannot be reached because it
+    is being started again after it died (``server_restarting``). A server that cannot be
+    reached otherwise, or that refuses, fails it now."""
+    if isinstance(exc, ServerUnreachable):
+        return server_restarting
+    return exc.transient
 
 
 class Syncer:
@@ -105,8 +120,10 @@ class Syncer:
         workers: int = 4,
         write_back_delay: float = 1.0,
         supervisor: Supervisor | None = None,
+        server_restarting: Callable[[], bool] = lambda: False,
     ):
         self.supervisor = supervisor or Supervisor()
+        self.server_restarting = server_restarting  # the embedded engine is being started again
         self.ns = ns
         self.index = ns.index
         self.staging = staging
@@ -232,11 +249,7 @@ class Syncer:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 await self._upload(node)
-            elif (
-                node.token is None
-                and node.meta_dirty
-                and (node.is_symlink or node.is_dir and node.explicit or node.kind in SPECIAL_KINDS)
-            ):
+            elif awaits_marker(node):
                 await self._marker(node)
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
@@ -256,7 +269,9 @@ class Syncer:
         delay = min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
-        waits = self._fsync[node.ino] and fsync_waits_through(exc)
+        waits = self._fsync[node.ino] and fsync_waits_through(
+            exc, isinstance(exc, ServerUnreachable) and self.server_restarting()
+        )
         if waits:
             delay = min(delay, FSYNC_RETRY)
         self.ns.schedule_retry(node, trio.current_time() + delay)
@@ -431,13 +446,20 @@ class Syncer:
             self.ns.meta_pending(node)
             if node.staged is staged:
                 self.ns.clear_staged(node, content_clean=True)
-                staged.sealed.close()
-                if not self._adopt(token, staged):
-                    self.staging.remove(staged)
+                # the staged file moves into the cache only once the index records the token: a
+                # crash before the commit finds it still staged (and the next start adopts the
+                # token as an interrupted upload); one after it finds an orphan, removed at start
+                self.index.after_commit(lambda: self._to_cache(token, staged))
             else:
-                self.staging.remove(staged)
+                self.index.after_commit(lambda: self.staging.remove(staged))
             self.index.save(node)
         self._finish_commit(staged, None)
+
+    def _to_cache(self, token: str, staged: StagedFile) -> None:
+        """An uploaded staged file becomes ``token``'s cache entry (or goes, if it cannot)."""
+        staged.sealed.close()
+        if not self._adopt(token, staged):
+            self.staging.remove(staged)
 
     def _adopt(self, token: str, staged: StagedFile) -> bool:
         try:
@@ -666,8 +688,26 @@ class Syncer:
                 await self._tomb_wake.wait()
 
     # -- crash recovery --------------------------------------------------------------------------
+    def _adopt_marker(self, node: Node, info: TokenInfo) -> bool:
+        """A marker made by the last run, which stopped before recording it (its risk meta may
+        not be written yet): recorded, and its meta written by the next reconcile."""
+        if info.size not in (None, 0) or (info.risk and attributes(info).kind != node.kind):
+            return False
+        log.info(
+            "%s: found the marker interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
+        )
+        with self.index:
+            self._recorded(node, info.token, info.context, info.file_name, info.extension)
+            self.ns.set_remote_risk(node, risk_json(info))
+            self.index.save(node)
+        self.schedule(node)
+        return True
+
     async def adopt_orphan(self, node: Node, info: TokenInfo) -> bool:
-        """Record ``info`` as the node's upload if its content is the staged content."""
+        """Record ``info`` as the node's upload if its content is the staged content (or, for an
+        entry awaiting its marker, if it is an empty token its risk meta does not contradict)."""
+        if node.staged is None and awaits_marker(node):
+            return self._adopt_marker(node, info)
         staged = node.staged
         if staged is None or info.size not in (None, staged.size):
             return False

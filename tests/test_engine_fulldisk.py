@@ -1,0 +1,153 @@
+"""The engine on a full disk: requests that need room are answered 507 (one log line each, no
+traceback), nothing else stops, and everything works again once there is room. A full disk once
+ended the whole engine: the command runner's failed commit escaped its task."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+
+import httpx
+import pytest
+import trio
+
+from privifs.client.connect import connect
+from privifs.client.datatokens import FileMeta
+from privifs.client.provision import new_identity, register_profile
+from privifs.client.session import PasswordCredentials
+from privifs.client.transport import ClientOptions, Endpoints
+from privifs.engine.commands import SUCCEEDED, CommandRunner
+from privifs.engine.db import Database
+from privifs.engine.hub import Hub
+from privifs.engine.options import EngineOptions
+from privifs.errors import ServerError
+from tests.enginekit import EngineProcess
+from tests.test_fs_fulldisk import small_filesystem
+
+KEY = os.urandom(32)
+
+
+def disk_full_error() -> sqlite3.OperationalError:
+    """A real "database or disk is full" (SQLITE_FULL), as a commit on a full disk raises it."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("PRAGMA max_page_count=1")
+    try:
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (randomblob(10000))")
+    except sqlite3.OperationalError as exc:
+        return exc
+    finally:
+        conn.close()
+    raise AssertionError("SQLite took more than a page")
+
+
+async def test_a_command_whose_commit_fails_for_a_full_disk_stays_accepted_and_is_applied_later(tmp_path):
+    db = Database(tmp_path / "engine.sqlite3")
+    try:
+        runner = CommandRunner(db, Hub(EngineOptions()), EngineOptions())
+        applied = []
+        runner.register("noop", lambda conn, params, profile_id, cid: applied.append(cid))
+        failures = [disk_full_error(), disk_full_error()]
+        real = runner._apply_batch
+
+        async def full_twice(ids):
+            if failures:
+                raise failures.pop()
+            await real(ids)
+
+        runner._apply_batch = full_twice
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(runner.run)
+                cid = await runner.submit("noop", None, {})
+                while runner.status(cid)["status"] != SUCCEEDED:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        assert applied == [cid] and not failures
+    finally:
+        db.close()
+
+
+def fill(path) -> None:
+    """Take whatever room is left on ``path``'s filesystem."""
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(65536))
+        except OSError:
+            pass
+
+
+async def test_the_janitor_goes_on_when_the_database_cannot_be_written(tmp_path):
+    """The janitor's sweep failing for a full disk ended the janitor task, and the engine with it."""
+    from privifs.engine.core import Engine
+
+    engine = Engine(tmp_path / "engine", EngineOptions())
+    try:
+        sweeps = []
+        real = engine.sweep
+
+        async def sweep():
+            sweeps.append(1)
+            if len(sweeps) <= 2:
+                raise disk_full_error()
+            await real()
+
+        engine.sweep = sweep
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(engine.janitor, 0.01)
+                while len(sweeps) < 4:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    finally:
+        engine.db.close()
+
+
+@pytest.fixture
+def small_engine(tmp_path):
+    with small_filesystem(tmp_path / "small", "24m") as small:
+        engine = EngineProcess(small / "data", log_path=tmp_path / "engine.log").start()
+        try:
+            yield engine, small
+        finally:
+            engine.stop()
+            engine.kill()
+
+
+async def test_an_engine_whose_disk_fills_answers_507_stays_up_and_recovers(small_engine):
+    engine, small = small_engine
+    room = small / "room"
+    room.write_bytes(bytes(8 << 20))  # taken back at the end
+    endpoints = Endpoints.from_dict(engine.urls)
+    username = f"full-{uuid.uuid4().hex[:8]}@example.com"
+    _, public = new_identity()
+    await register_profile(endpoints, username, "correct-horse-battery", public)
+    options = ClientOptions(store_attempts=1, retry_attempts=1)
+    async with connect(endpoints, PasswordCredentials(username, "correct-horse-battery"), options) as client:
+        vault = client.vault(KEY)
+        stored = []
+        with pytest.raises(ServerError) as full:
+            for i in range(40):
+                stored.append(await vault.put_bytes(os.urandom(1 << 20), FileMeta(f"f{i}", "", "/", 0, f"/f{i}")))
+        assert full.value.status == 507 and "disk is full" in str(full.value), full.value
+        await trio.to_thread.run_sync(fill, small / "filler")
+        for attempt in (
+            vault.put_bytes(b"small", FileMeta("s", "", "/", 0, "/s")),
+            vault.get_bytes(stored[0]),
+            client.tokens.delete(stored[1]),
+        ):
+            with pytest.raises(ServerError) as refused:
+                await attempt
+            assert refused.value.status == 507, refused.value
+        assert [t.token async for t in client.tokens.list()]  # reads still answer
+        room.unlink()
+        token = await vault.put_bytes(b"after", FileMeta("after", "", "/", 0, "/after"))
+        assert await vault.get_bytes(token) == b"after"
+        assert await vault.get_bytes(stored[0])
+    assert engine.proc.poll() is None
+    log = engine.log()
+    assert "Traceback" not in log and "answered 507" in log, log[-3000:]
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(engine.urls["api"] + "/health")).status_code == 200
