@@ -301,7 +301,9 @@ async def test_a_downloaded_part_is_verified_and_first_served_from_memory_withou
         monkeypatch.setattr(SealedFile, "read", lambda self, *a: reads.append(a) or real_read(self, *a))
         monkeypatch.setattr(t.fs.parts, "_check", lambda *a: checks.append(a) or real_check(*a))
         for off in range(PART, 2 * PART, 16 * 1024):
-            assert await t.fs.read(fh, off, 16 * 1024) == data[off : off + 16 * 1024]
+            got = await t.fs.read(fh, off, 16 * 1024)
+            assert got == data[off : off + 16 * 1024]
+            assert isinstance(got, memoryview)  # a view of the plaintext, handed to pyfuse3 uncopied
         assert t.fs.cache.downloads == 1 and checks == [] and reads == []
         assert await t.fs.read(fh, PART + 5, 10) == data[PART + 5 : PART + 15]  # read again: from its file
         assert len(reads) == 1 and checks == []

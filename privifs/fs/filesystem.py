@@ -551,7 +551,7 @@ class Filesystem:
             log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
             raise fail(errno_for(exc)) from None
 
-    async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes:
+    async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes | memoryview:
         """Read a file stored as parts, following it when another client replaced it (see
         :meth:`_followed`): its manifest or a part missing from the vault is then no damage."""
         token = node.token
@@ -593,7 +593,7 @@ class Filesystem:
                 await trio.sleep(0.05)
         return node.token != token
 
-    async def read(self, fh_id: int, offset: int, length: int) -> bytes:
+    async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:
         fh = self.handles[fh_id]
         node = fh.node
         if node.staged is not None:

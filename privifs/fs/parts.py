@@ -244,9 +244,10 @@ class PartReader:
         if sealed is not None:
             sealed.close()
 
-    def _read_part(self, m: fmt.Manifest, index: int, sealed: SealedFile, offset: int, end: int) -> bytes:
-        """Bytes [offset, end) of the file from part ``index``; a cache file that no longer
-        authenticates is dropped (the next read downloads the part again) and raises."""
+    def _read_part(self, m: fmt.Manifest, index: int, sealed: SealedFile, offset: int, end: int) -> bytes | memoryview:
+        """Bytes [offset, end) of the file from part ``index`` (a view of a fresh part's verified
+        plaintext: pyfuse3 copies it into its reply, nothing copies it here); a cache file that
+        no longer authenticates is dropped (the next read downloads the part again) and raises."""
         start, stop = m.span(index)
         lo, hi = max(offset, start), min(end, stop)
         part = m.parts[index]
@@ -254,7 +255,7 @@ class PartReader:
         if fresh is not None and fresh[0] == index and fresh[1] == part.digest:
             if hi == stop:  # read to its end: later reads of it go to the cache file
                 del self._fresh[part.token]
-            return bytes(memoryview(fresh[2])[lo - start : hi - start])
+            return memoryview(fresh[2])[lo - start : hi - start]
         try:
             return sealed.read(lo - start, hi - lo)
         except IntegrityError:
@@ -297,8 +298,9 @@ class PartReader:
         return len(gone)
 
     # -- reads ---------------------------------------------------------------------------------
-    async def read(self, token: str, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the file whose manifest is ``token``."""
+    async def read(self, token: str, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset+length) of the file whose manifest is ``token`` (a read within
+        one fresh part is a view of its plaintext, valid as long as it is kept)."""
         m = await self.manifest(token)
         touched = m.touched(offset, length)
         end = min(offset + length, m.total)
@@ -309,7 +311,7 @@ class PartReader:
             data = self._read_part(m, i, await self.part(m, i), offset, end)
             self._follow(token, m, offset, end, i)
             return data
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
 
         async def one(i: int) -> None:
             got[i] = self._read_part(m, i, await self.part(m, i), offset, end)
