@@ -5,6 +5,7 @@ no HTTP, no command runner. And building the API turns nothing on: privifs.engin
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 
@@ -164,3 +165,29 @@ def test_building_the_api_turns_nothing_on_and_install_turns_everything_on(tmp_p
         assert engine.runner.gate is not None and len(engine.background) == 2 and engine.at_start
     finally:
         engine.db.close()
+
+
+@pytest.mark.parametrize("pieces", [[b"a" * (1 << 20), b"b" * (2 << 20), b"c" * 100], [b""], [b"x" * 10] * 5])
+async def test_a_received_blob_is_created_written_and_synced_off_the_event_loop(tmp_path, monkeypatch, pieces):
+    """Creating a file costs the engine's event loop 0.1-1 ms on ext4: a streamed upload opens
+    its blob file on a worker thread, with its writes (big chunks as they came, small ones
+    gathered), and an empty upload is an empty blob."""
+    import threading
+
+    from privifs.engine import blobs as blobs_module
+
+    loop_thread = threading.current_thread()
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(blobs_module.os, "open", lambda *a: opened.append(threading.current_thread()) or real_open(*a))
+
+    store = BlobStore(tmp_path)
+
+    async def chunks():
+        for p in pieces:
+            yield p
+
+    blob_id, size, _ = await store.receive(chunks())
+    assert store.path(blob_id).read_bytes() == b"".join(pieces) and size == sum(map(len, pieces))
+    assert opened and loop_thread not in opened
+    assert list((tmp_path / "tmp").iterdir()) == []
