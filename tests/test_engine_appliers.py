@@ -191,3 +191,39 @@ async def test_a_received_blob_is_created_written_and_synced_off_the_event_loop(
     assert store.path(blob_id).read_bytes() == b"".join(pieces) and size == sum(map(len, pieces))
     assert opened and loop_thread not in opened
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_a_parts_blob_is_served_in_one_read_and_one_send(tmp_path):
+    """The downstream server reads a blob 4 MiB at a time: a part (4 MiB of plaintext and the
+    wire format's 28 bytes) costs the engine two reads and sends, not five."""
+    from privifs.engine.streams import downstream_app
+
+    engine = Engine(tmp_path / "engine", EngineOptions())
+    try:
+        payload = os.urandom(4 * 1024 * 1024 + 28)
+        blob_id, size, _ = await engine.blobs.write_bytes(payload)
+
+        def rows(c: sqlite3.Connection) -> None:
+            add_token(c, "dtk-part", blob_id, size)
+            c.execute(
+                "INSERT INTO downstream (auth, token, profile_id, expires_at) VALUES ('a1', 'dtk-part', ?, ?)",
+                (PROFILE, time.time() + 60),
+            )
+
+        await engine.db.write(rows)
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "GET", "query_string": b"auth=a1"}
+        await downstream_app(engine)(scope, receive, send)
+        assert sent[0]["status"] == 200
+        bodies = [m["body"] for m in sent[1:]]
+        assert b"".join(bodies) == payload
+        assert [len(b) for b in bodies if b] == [4 * 1024 * 1024, 28]
+    finally:
+        engine.db.close()
