@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("privifs.fs")
 
-BLOCK = 128 * 1024
+BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read or write is a FUSE request
 FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 
