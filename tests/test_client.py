@@ -420,3 +420,26 @@ async def test_an_answer_nested_past_the_json_parser_limit_is_a_clear_error(acco
                 pass
         nursery.cancel_scope.cancel()
     assert "authorization token" in str(caught.value), caught.value  # the answer was read, as text
+
+
+async def test_a_streamed_download_is_received_in_reads_of_what_the_socket_holds_not_64_kib(account):
+    """httpcore reads 64 KiB at a time unless told otherwise; each read runs the whole Python
+    stack of httpx, httpcore, h11 and the decryption. When the daemon falls behind the engine
+    (the usual case: it decrypts, seals and serves), the socket holds more, taken in one read."""
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        data = os.urandom(4 * 1024 * 1024)
+        token = await vault.put_bytes(data, meta("big.bin"))
+        pieces: list[int] = []
+
+        class SlowSink:
+            async def write(self, piece) -> None:
+                if not pieces:
+                    await trio.sleep(0.3)  # the engine fills the socket's buffers meanwhile
+                pieces.append(len(piece))
+
+            async def reset(self) -> None:
+                pieces.clear()
+
+        assert await vault.get(token, SlowSink(), size=len(data)) == len(data)
+        assert sum(pieces) == len(data) and max(pieces) > 64 * 1024

@@ -274,10 +274,55 @@ async def test_an_open_part_whose_cache_file_is_damaged_is_eio_once_then_fetched
         fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
         t.fs.parts.read_ahead = 0
         assert await t.fs.read(fh, 2 * PART, 10) == data[2 * PART : 2 * PART + 10]
-        sealed = t.fs.parts._open[m.parts[2].token]
+        assert await t.fs.read(fh, 3 * PART - 10, 10) == data[3 * PART - 10 : 3 * PART]  # read to its end:
+        sealed = t.fs.parts._open[m.parts[2].token]  # from now on read from its cache file
         flip_byte(sealed.path, 200)  # in the cached ciphertext of the open part
         with caplog.at_level(logging.ERROR, logger="privifs.fs"), pytest.raises(pyfuse3.FUSEError) as err:
             await t.fs.read(fh, 2 * PART + 5, 10)
         assert err.value.errno == errno.EIO and "/media/big.bin" in caplog.text
         assert await t.fs.read(fh, 2 * PART + 5, 10) == data[2 * PART + 5 : 2 * PART + 15]  # downloaded again
+        t.fs.release(fh)
+
+
+async def test_a_downloaded_part_is_verified_and_first_served_from_memory_without_reading_its_file_back(
+    account, tmp_path, monkeypatch
+):
+    """The digest of a part this reader downloads is computed as it arrives: no read-back of the
+    cache file to check it, and the reads of it up to its end come from the verified plaintext."""
+    from privifs.crypto.sealed import SealedFile
+
+    data = os.urandom(4 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        await put_parts(t, data)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        reads, checks = [], []
+        real_read, real_check = SealedFile.read, t.fs.parts._check
+        monkeypatch.setattr(SealedFile, "read", lambda self, *a: reads.append(a) or real_read(self, *a))
+        monkeypatch.setattr(t.fs.parts, "_check", lambda *a: checks.append(a) or real_check(*a))
+        for off in range(PART, 2 * PART, 16 * 1024):
+            got = await t.fs.read(fh, off, 16 * 1024)
+            assert got == data[off : off + 16 * 1024]
+            assert isinstance(got, memoryview)  # a view of the plaintext, handed to pyfuse3 uncopied
+        assert t.fs.cache.downloads == 1 and checks == [] and reads == []
+        assert await t.fs.read(fh, PART + 5, 10) == data[PART + 5 : PART + 15]  # read again: from its file
+        assert len(reads) == 1 and checks == []
+        t.fs.release(fh)
+
+
+async def test_a_part_downloaded_for_the_wrong_place_is_eio_before_a_byte_of_it_is_served(account, tmp_path, caplog):
+    data = os.urandom(4 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data)
+        store = PartStore(t.fs.vault, part_size=PART)
+        bad = fmt.Manifest(m.part_size, m.total, (m.parts[0], m.parts[2], m.parts[2], m.parts[3]))
+        await store.put_manifest(bad, FileMeta("forged.bin", "bin", "/media", 0, "/media/forged.bin"))
+        await t.refresher.refresh_once()
+        fh = await t.open_node(t.node("/media/forged.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        with caplog.at_level(logging.ERROR, logger="privifs.fs"), pytest.raises(pyfuse3.FUSEError) as err:
+            await t.fs.read(fh, PART + 5, 10)  # part 2's content at place 1, never fetched before
+        assert err.value.errno == errno.EIO and "digest" in caplog.text
+        assert not t.fs.cache.holds(m.parts[2].token)  # dropped: fetched and checked again next time
+        assert await t.fs.read(fh, 2 * PART + 5, 10) == data[2 * PART + 5 : 2 * PART + 15]
         t.fs.release(fh)

@@ -92,6 +92,18 @@ def test_create_write_read_stat(d):
     assert abs(st.st_mtime - time.time()) < 30
 
 
+def test_the_preferred_io_size_is_a_mib_so_programs_write_in_big_requests(d):
+    """cat, cp's read/write loop and Python's buffered files size their reads and writes by
+    st_blksize, and each write(2) is one FUSE request: measured, ``cat`` of 512 MiB into the
+    mount took 0.56-0.63 s of the daemon's CPU (1.8-2.5 s) with 128 KiB and 0.40-0.46 s
+    (1.0-1.4 s) with 1 MiB."""
+    p = d / "big.bin"
+    with open(p, "wb") as f:
+        assert os.fstat(f.fileno()).st_blksize == 1024 * 1024
+        f.write(b"x")
+    assert p.stat().st_blksize == 1024 * 1024
+
+
 def test_open_flags_excl_trunc_append(d):
     p = d / "f"
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

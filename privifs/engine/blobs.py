@@ -75,20 +75,31 @@ class BlobStore:
         return blob_id, len(data), self.dir_of(blob_id)
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> tuple[str, int, Path]:
-        """Stream ``chunks`` into a new blob; on any error nothing becomes visible."""
+        """Stream ``chunks`` into a new blob; on any error nothing becomes visible. The file is
+        created, written and synced on worker threads (creating a file costs 0.1-1 ms on ext4,
+        which the event loop does not wait for), a chunk of :data:`WRITE_BUFFER` or more as it
+        came, smaller ones gathered first."""
         blob_id = self.new_id()
         tmp = self.tmp_dir / blob_id
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = -1
         size = 0
         pending: list[bytes] = []
         pending_len = 0
 
         def flush(bufs: list[bytes]) -> None:
-            view = memoryview(b"".join(bufs))
+            nonlocal fd
+            if fd < 0:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            view = memoryview(bufs[0] if len(bufs) == 1 else b"".join(bufs))
             while view:
                 view = view[os.write(fd, view) :]
 
-        fd_open = True
+        def finish(bufs: list[bytes]) -> None:
+            nonlocal fd
+            flush(bufs)
+            closing, fd = fd, -1
+            self._commit_tmp(tmp, closing, blob_id)
+
         try:
             async for chunk in chunks:
                 if not chunk:
@@ -99,12 +110,9 @@ class BlobStore:
                 if pending_len >= WRITE_BUFFER:
                     bufs, pending, pending_len = pending, [], 0
                     await trio.to_thread.run_sync(flush, bufs)
-            if pending:
-                await trio.to_thread.run_sync(flush, pending)
-            fd_open = False
-            await trio.to_thread.run_sync(self._commit_tmp, tmp, fd, blob_id)
+            await trio.to_thread.run_sync(finish, pending or [b""])
         except BaseException:
-            if fd_open:
+            if fd >= 0:
                 os.close(fd)
             tmp.unlink(missing_ok=True)
             raise

@@ -23,7 +23,9 @@ from privifs.engine.http import DRAIN_LIMIT, disk_full
 
 log = logging.getLogger("privifs.engine.streams")
 
-READ_CHUNK = 1024 * 1024
+# a part's blob (4 MiB + 28 bytes) in two reads: each read and send is a thread hop and a pass
+# through hypercorn (measured: 0.73-0.82 s of the engine's CPU per GiB served, 0.88-1.03 with 1 MiB)
+READ_CHUNK = 4 * 1024 * 1024
 
 
 async def _throttled(chunks, rate: float):

@@ -31,7 +31,9 @@ waits while the downloads in flight leave none, and an entry moved in evicts fir
 
 A download is shared: concurrent readers of the same uncached token wait for one fetch. Its
 plaintext goes into a sealed file under ``incoming/`` and enters the cache (by rename, see
-:class:`AdoptingDisk`) only after the whole blob's GCM tag verified.
+:class:`AdoptingDisk`) only after the whole blob's GCM tag verified. The caller that downloads may
+pass a :class:`Tap`, which sees each block of plaintext as it is sealed (the parts reader keeps a
+part's plaintext in memory and computes its digest there, instead of reading the file back).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import diskcache
 import trio
@@ -100,13 +103,25 @@ class AdoptingDisk(diskcache.Disk):
         return super().store(value, read, key)
 
 
+class Tap(Protocol):
+    """Sees a download's plaintext block by block, in order, on the sink's worker thread, after the
+    block is sealed. The plaintext is unverified until :meth:`ContentCache.fetch` returns; the
+    block is a view valid only during the call (copy what you keep)."""
+
+    def block(self, offset: int, data: memoryview) -> None: ...
+
+    def restart(self) -> None:
+        """The download starts over: forget every block seen."""
+
+
 class SealedSink(BlockWriter):
     """Seals downloaded plaintext chunk by chunk into a cache file, on a worker thread while the
     next block downloads."""
 
-    def __init__(self, sealed: SealedFile, nursery: trio.Nursery):
+    def __init__(self, sealed: SealedFile, nursery: trio.Nursery, tap: Tap | None = None):
         super().__init__(nursery, block=16 * CHUNK)  # whole chunks: each block starts a chunk
         self.sealed = sealed
+        self.tap = tap
 
     def _write_block(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
@@ -114,9 +129,13 @@ class SealedSink(BlockWriter):
         for off in range(0, len(view), CHUNK):
             self.sealed.write_chunk(index, view[off : off + CHUNK])
             index += 1
+        if self.tap is not None:
+            self.tap.block(offset, view)
 
     def _restart(self) -> None:
         self.sealed.truncate(0)
+        if self.tap is not None:
+            self.tap.restart()
 
     async def finish(self) -> None:
         await super().finish()
@@ -220,8 +239,10 @@ class ContentCache:
         self._touch(token, footprint(os.fstat(sealed.fd)))
         return sealed
 
-    async def fetch(self, token: str, vault: Vault, size: int | None = None) -> SealedFile:
-        """The token's content, downloading and verifying it once for all concurrent callers."""
+    async def fetch(self, token: str, vault: Vault, size: int | None = None, *, tap: Tap | None = None) -> SealedFile:
+        """The token's content, downloading and verifying it once for all concurrent callers.
+        ``tap`` sees the plaintext if this call downloads it (not on a hit, nor when it waited for
+        another caller's download)."""
         need = download_footprint(size or 0)
         while True:
             sealed = self.open(token)
@@ -251,7 +272,7 @@ class ContentCache:
             self.downloads += 1
             with single_error():
                 async with trio.open_nursery() as nursery:
-                    sink = SealedSink(sealed, nursery)
+                    sink = SealedSink(sealed, nursery, tap)
                     await vault.get(token, sink, size=size)
                     await sink.finish()
             self._release(need)  # from here the file counts as an entry (no await in between)
@@ -270,7 +291,7 @@ class ContentCache:
             event.set()
         opened = self.open(token)
         if opened is None:
-            return await self.fetch(token, vault, size)  # evicted at once by a concurrent insert
+            return await self.fetch(token, vault, size, tap=tap)  # evicted at once by a concurrent insert
         return opened
 
     def _release(self, need: int) -> None:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("privifs.fs")
 
-BLOCK = 128 * 1024
+BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read or write is a FUSE request
 FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 
@@ -551,7 +551,7 @@ class Filesystem:
             log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
             raise fail(errno_for(exc)) from None
 
-    async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes:
+    async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes | memoryview:
         """Read a file stored as parts, following it when another client replaced it (see
         :meth:`_followed`): its manifest or a part missing from the vault is then no damage."""
         token = node.token
@@ -593,7 +593,7 @@ class Filesystem:
                 await trio.sleep(0.05)
         return node.token != token
 
-    async def read(self, fh_id: int, offset: int, length: int) -> bytes:
+    async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:
         fh = self.handles[fh_id]
         node = fh.node
         if node.staged is not None:

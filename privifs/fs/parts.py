@@ -3,8 +3,11 @@
 A node whose token is a manifest (risk meta ``privifs.parts``) is read part by part: a read fetches
 only the parts it touches (several at once), each into the read cache as its own entry (so a file
 larger than the cache streams through it and the cache's limit holds: every download is one part),
-and checks each part's digest against the manifest before serving a byte of it. A sequential reader
-(512 KiB read back to back) gets the next parts fetched ahead in the background. Decoded manifests
+and checks each part's digest against the manifest before serving a byte of it. A part this reader
+downloads is kept in memory as it arrives and its digest computed there (:class:`Fresh`, on the
+download's worker thread), so it is verified without reading the cache file back, and the reads of
+it are served from that plaintext until they reach its end (a few parts at most are kept). A
+sequential reader (512 KiB read back to back) gets the next parts fetched ahead in the background. Decoded manifests
 are kept in memory (a manifest token never changes). A part that is missing or fails its checks
 raises :class:`~privifs.errors.PrivifsError`; the filesystem turns that into EIO for the reads that
 need the part, logged with the path. The refresher hands each listing to :meth:`PartReader.sweep`,
@@ -38,6 +41,7 @@ SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequent
 MANIFESTS_KEPT = 64
 VERIFIED_KEPT = 4096
 OPEN_PARTS = 64  # verified part files kept open between reads (random reads in a big file)
+FRESH_KEPT = 6  # downloaded parts whose verified plaintext stays in memory until read to their end
 SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
 SETTLE = 120.0  # seconds a listing may lag behind a manifest this mount stored
 
@@ -99,6 +103,41 @@ class Changes:
         )
 
 
+class Fresh:
+    """A part's plaintext as its download arrives (a :class:`~privifs.fs.cache.Tap`): copied into
+    memory and fed to the part's digest block by block on the download's worker thread. Complete
+    only if the blocks came in order and added up to the part's size; trusted only once the
+    download returned (its GCM tag verified) and the digest matched the manifest's."""
+
+    def __init__(self, key: bytes, index: int, size: int):
+        self._key = key
+        self.index = index
+        self.size = size
+        self.data: bytearray | None = None  # allocated by the first block (a cache hit needs none)
+        self.filled = 0
+        self.broken = False
+        self.mac = fmt.part_hasher(key, index)
+
+    def block(self, offset: int, data: memoryview) -> None:
+        end = offset + len(data)
+        if self.broken or offset != self.filled or end > self.size:
+            self.broken = True  # not this part's size: the file is checked from the cache instead
+            return
+        if self.data is None:
+            self.data = bytearray(self.size)
+        self.data[offset:end] = data
+        self.mac.update(data)
+        self.filled = end
+
+    def restart(self) -> None:
+        self.filled = 0
+        self.broken = False
+        self.mac = fmt.part_hasher(self._key, self.index)
+
+    def complete(self) -> bool:
+        return not self.broken and self.filled == self.size and self.data is not None
+
+
 class PartReader:
     def __init__(self, cache: ContentCache, vault: Vault, *, read_ahead: int = READ_AHEAD):
         self.cache = cache
@@ -112,6 +151,9 @@ class PartReader:
         # open(2) nor header check. Closed when the cache drops the entry (its space comes back).
         self._open: OrderedDict[str, SealedFile] = OrderedDict()
         cache.on_evict(self._close_open)
+        # part token -> (index, digest, plaintext) of parts downloaded and verified here, until read
+        # to their end (or pushed out): the first reads of a fetched part cost no read-back
+        self._fresh: OrderedDict[str, tuple[int, bytes, bytearray]] = OrderedDict()
         # manifest token → (where a sequential read goes on, bytes read back to back up to there)
         self._next: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._ahead: set[str] = set()  # part tokens being fetched ahead
@@ -153,21 +195,30 @@ class PartReader:
     async def part(self, m: fmt.Manifest, index: int) -> SealedFile:
         """Part ``index``, in the cache (downloaded if needed) and checked against the manifest.
         The reader keeps it open for later reads: the caller must not close it, nor await
-        between this call returning and its use of the file."""
+        between this call returning and its use of the file. A part downloaded here is verified
+        in memory as it arrives; one found in the cache is read back and checked."""
         part = m.parts[index]
         sealed = self._open.get(part.token)
         if sealed is not None and (part.token, index, part.digest, sealed.file_id) in self._verified:
             self._open.move_to_end(part.token)
             self.cache.used_again(part.token)
             return sealed
+        fresh = Fresh(self.digest_key, index, part.size)
         try:
-            sealed = await self.cache.fetch(part.token, self.vault, part.size)
+            sealed = await self.cache.fetch(part.token, self.vault, part.size, tap=fresh)
         except NotFoundError:  # the file is damaged, not gone: its manifest names the part
             raise IntegrityError(f"part {index} (token {part.token}) is missing from the vault") from None
         key = (part.token, index, part.digest, sealed.file_id)  # this content, checked at this place
         if key not in self._verified:
             try:
-                await trio.to_thread.run_sync(self._check, m, index, sealed)
+                if fresh.complete():  # downloaded by this call: GCM verified, digest computed
+                    if not hmac.compare_digest(fresh.mac.digest(), part.digest):
+                        raise IntegrityError(
+                            f"part {index} does not match its digest in the manifest (replaced or swapped)"
+                        )
+                    self._keep_fresh(part.token, index, part.digest, fresh.data)
+                else:
+                    await trio.to_thread.run_sync(self._check, m, index, sealed)
             except BaseException:
                 sealed.close()
                 self.cache.evict(part.token)
@@ -182,18 +233,31 @@ class PartReader:
             self._open.popitem(last=False)[1].close()
         return sealed
 
+    def _keep_fresh(self, token: str, index: int, digest: bytes, data: bytearray) -> None:
+        self._fresh[token] = (index, digest, data)
+        self._fresh.move_to_end(token)
+        while len(self._fresh) > FRESH_KEPT:
+            self._fresh.popitem(last=False)
+
     def _close_open(self, token: str) -> None:
         sealed = self._open.pop(token, None)
         if sealed is not None:
             sealed.close()
 
-    def _read_part(self, m: fmt.Manifest, index: int, sealed: SealedFile, offset: int, end: int) -> bytes:
-        """Bytes [offset, end) of the file from part ``index``; a cache file that no longer
-        authenticates is dropped (the next read downloads the part again) and raises."""
+    def _read_part(self, m: fmt.Manifest, index: int, sealed: SealedFile, offset: int, end: int) -> bytes | memoryview:
+        """Bytes [offset, end) of the file from part ``index`` (a view of a fresh part's verified
+        plaintext: pyfuse3 copies it into its reply, nothing copies it here); a cache file that
+        no longer authenticates is dropped (the next read downloads the part again) and raises."""
         start, stop = m.span(index)
-        lo = max(offset, start)
+        lo, hi = max(offset, start), min(end, stop)
+        part = m.parts[index]
+        fresh = self._fresh.get(part.token)
+        if fresh is not None and fresh[0] == index and fresh[1] == part.digest:
+            if hi == stop:  # read to its end: later reads of it go to the cache file
+                del self._fresh[part.token]
+            return memoryview(fresh[2])[lo - start : hi - start]
         try:
-            return sealed.read(lo - start, min(end, stop) - lo)
+            return sealed.read(lo - start, hi - lo)
         except IntegrityError:
             self.cache.evict(m.parts[index].token)
             raise
@@ -234,8 +298,9 @@ class PartReader:
         return len(gone)
 
     # -- reads ---------------------------------------------------------------------------------
-    async def read(self, token: str, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) of the file whose manifest is ``token``."""
+    async def read(self, token: str, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset+length) of the file whose manifest is ``token`` (a read within
+        one fresh part is a view of its plaintext, valid as long as it is kept)."""
         m = await self.manifest(token)
         touched = m.touched(offset, length)
         end = min(offset + length, m.total)
@@ -246,7 +311,7 @@ class PartReader:
             data = self._read_part(m, i, await self.part(m, i), offset, end)
             self._follow(token, m, offset, end, i)
             return data
-        got: dict[int, bytes] = {}
+        got: dict[int, bytes | memoryview] = {}
 
         async def one(i: int) -> None:
             got[i] = self._read_part(m, i, await self.part(m, i), offset, end)
