@@ -1,7 +1,7 @@
 """Measure the filesystem layer's own CPU per operation, in-process, without FUSE or a vault.
 
 Builds a :class:`~privifs.fs.filesystem.Filesystem` over a real index, staging and read cache in a
-temporary directory (no syncer: nothing is uploaded) and calls it the way the FUSE handlers do:
+temporary directory (a syncer that never runs: nothing is uploaded) and calls it the way the FUSE handlers do:
 
 * ``create``: create + write 4 KiB + flush + release, N files in 50 directories;
 * ``read``: the same files made clean (their staged content adopted into the read cache under a
@@ -29,10 +29,13 @@ from pathlib import Path
 
 import trio
 
+from privifs.client.vault import Vault
 from privifs.crypto.sealed import local_key
 from privifs.fs.cache import ContentCache
 from privifs.fs.filesystem import Filesystem, MountOptions
 from privifs.fs.namespace import ROOT, Index, Namespace
+from privifs.fs.staging import Staging
+from privifs.fs.sync import Syncer
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -47,11 +50,11 @@ class Bench:
         key = local_key(bytes(32))
         self.index = Index(work / "index.sqlite3")
         ns = Namespace(self.index, dir_mode=0o755, file_mode=0o644)
-        from privifs.fs.staging import Staging
-
-        self.fs = Filesystem(
-            ns, Staging(work / "staging", key), ContentCache(work / "cache", 1 << 40, key), None, MountOptions()
-        )
+        staging, cache = Staging(work / "staging", key), ContentCache(work / "cache", 1 << 40, key)
+        # a write-back that never runs: scheduled uploads just wait in its queue
+        vault = Vault(None, bytes(32))  # no server: nothing here reaches it
+        sync = Syncer(ns, staging, cache, None, vault)
+        self.fs = Filesystem(ns, staging, cache, vault, MountOptions(), sync)
         self.results: dict[str, list[tuple[float, float, float]]] = {}
         self._changes = 0
 
