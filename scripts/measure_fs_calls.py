@@ -3,9 +3,9 @@
 Builds a :class:`~privifs.fs.filesystem.Filesystem` over a real index, staging and read cache in a
 temporary directory (a syncer that never runs: nothing is uploaded) and calls it the way the FUSE handlers do:
 
-* ``create``: create + write 4 KiB + flush + release, N files in 50 directories;
+* ``create``: create + write 4 KiB + release, N files in 50 directories;
 * ``read``: the same files made clean (their staged content adopted into the read cache under a
-  token, as after an upload), then open + read + flush + release each;
+  token, as after an upload), then open + read + release each;
 * ``delete``: unlink each;
 * ``randread``: 4 KiB reads at random offsets of a cached 64 MiB file through one handle.
 
@@ -79,7 +79,6 @@ class Bench:
                 name = f"f{i:04d}".encode()
                 info, _ = self.fs.create(parent, name, 0o644, os.O_WRONLY | os.O_CREAT)
                 await self.fs.write(info.fh, 0, payload)
-                self.fs.flush(info.fh)
                 self.fs.release(info.fh)
                 made.append((parent, name))
         self.record("create", len(made), time.perf_counter() - t0, cpu() - c0)
@@ -105,7 +104,6 @@ class Bench:
             node = self.fs.ns.child(self.fs.ns.get(parent), name.decode())
             info = await self.fs.open(node.ino, os.O_RDONLY)
             assert len(await self.fs.read(info.fh, 0, 128 * KiB)) == 4 * KiB
-            self.fs.flush(info.fh)
             self.fs.release(info.fh)
         self.record("read", len(made), time.perf_counter() - t0, cpu() - c0)
 
@@ -121,7 +119,6 @@ class Bench:
         block = os.urandom(MiB)
         for i in range(64):
             await self.fs.write(info.fh, i * MiB, block)
-        self.fs.flush(info.fh)
         self.fs.release(info.fh)
         node = next(n for n in self.fs.ns.nodes.values() if n.name.startswith("rand-") and n.staged is not None)
         parent = self.fs.ns.get(node.parent)

@@ -327,6 +327,29 @@ async def test_attributes_survive_a_restart_from_the_local_index(module_account,
         assert await again.vault_tree() == {"t.txt": b"t"}
 
 
+async def test_what_writes_returned_survives_a_crash_before_the_close_reaches_privifs(module_account, eng, tmp_path):
+    # privifs answers no flush, so close(2) returns before the kernel's release reaches the
+    # daemon: everything a write returned must come back from the staged file and the index
+    small, big = b"s" * 1000 + b"t" * 10, os.urandom(200_000) + b"tail"
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True, write_back_delay=3600) as kit:
+        fh = await kit.create_file("small")
+        await kit.write(fh, 0, small[:1000])
+        await kit.write(fh, 1000, small[1000:])
+        fh2 = await kit.create_file("big")  # past the first chunk: the header is written apart
+        await kit.write(fh2, 0, big[:200_000])
+        await kit.write(fh2, 200_000, big[200_000:])
+        before = {name: (await kit.lookup(name)).st_mtime_ns for name in ("small", "big")}
+        key = kit.key
+    # no release: the daemon was killed here
+    async with inprocess_fs(tmp_path, *module_account, key=key, write_back_delay=3600) as again:
+        for name, data in (("small", small), ("big", big)):
+            attrs = await again.lookup(name)
+            assert (attrs.st_size, attrs.st_mtime_ns) == (len(data), before[name])
+            assert await again.read_file(name) == data
+        await again.settle()
+        assert await again.vault_tree() == {"small": small, "big": big}
+
+
 async def test_ftruncate_through_a_handle_and_truncate_of_a_directory(kit):
     fh = await kit.create_file("g")
     await kit.write(fh, 0, b"abcdef")

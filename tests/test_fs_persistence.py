@@ -9,7 +9,9 @@ import errno
 import hashlib
 import os
 import shutil
+import signal
 import stat
+import threading
 import time
 
 import pytest
@@ -100,6 +102,29 @@ def test_crash_recovery_after_kill_9_loses_nothing_closed(engine, tmp_path):
         final = manifest(m.dir)
         final.pop("new/still-open", None)  # created but never closed: present, content not promised
         assert final == got
+
+
+def test_a_close_returns_without_the_daemon_and_what_it_closed_survives_kill_9(engine, tmp_path):
+    """privifs answers no FLUSH, so close(2) does not wait for the daemon; what was written is
+    durable when the write returns, though the release (queued by the kernel) never arrives."""
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "first").write_bytes(b"1")  # the first close tells the kernel there is no flush
+        data = os.urandom(100_000)
+        fd = os.open(m.dir / "closed", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, data[:70_000])
+        os.write(fd, data[70_000:])
+        mtime = os.fstat(fd).st_mtime_ns
+        os.kill(m.pid, signal.SIGSTOP)
+        closer = threading.Thread(target=os.close, args=(fd,), daemon=True)
+        closer.start()
+        closer.join(60)
+        closed = not closer.is_alive()
+        m.kill9()  # stopped, then killed: the release never reached it
+        assert closed, "close(2) waited for the daemon"
+        m.mount()
+        assert (m.dir / "closed").read_bytes() == data
+        assert (m.dir / "closed").stat().st_mtime_ns == mtime
+        assert (m.dir / "first").read_bytes() == b"1"
 
 
 def test_kill_9_during_an_upload_neither_duplicates_nor_loses(eng, tmp_path):

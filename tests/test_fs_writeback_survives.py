@@ -55,7 +55,6 @@ async def test_writing_a_removed_open_file_does_not_bring_it_back_after_a_restar
         t.fs.unlink(d.ino, b"ghost")
         t.fs.rmdir(1, b"d")
         await t.fs.write(fh, 0, b"written after unlink")
-        t.fs.flush(fh)
         t.fs.release(fh)
         await t.wait_idle()
     index = Index(tmp_path / "index.sqlite3")

@@ -60,8 +60,8 @@ def local(tmp_path, monkeypatch):
 
 
 def _write(local, node, offset: int, data: bytes) -> None:
-    node.staged.write(offset, data)
     now = time.time_ns()
+    node.staged.write(offset, data, now)
     local.ns.set_attributes(node, size=node.staged.size, mtime_ns=now, ctime_ns=now)
 
 

@@ -44,6 +44,22 @@ def test_random_operations_match_a_model(tmp_path, seed):
     assert b"".join(g.chunks()) == bytes(model)
 
 
+def test_a_stamped_write_leaves_the_header_current_without_a_sync(tmp_path):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, b"x" * 1000, stamp=111)  # within chunk 0: header and chunk in one pwrite
+    assert os.path.getsize(tmp_path / "f") == HEADER + 1000 + 32
+    g = SealedFile.open(tmp_path / "f", KEY)
+    assert (g.size, g.stamp, g.read(0, 2000)) == (1000, 111, b"x" * 1000)
+    f.write(2 * CHUNK, b"far", stamp=222)  # past chunk 0: the header follows on its own
+    f.truncate(2 * CHUNK + 2, stamp=333)
+    f.write(10, b"y", stamp=444)  # overwrites keep the size and move the stamp
+    g = SealedFile.open(tmp_path / "f", KEY)
+    assert (g.size, g.stamp) == (2 * CHUNK + 2, 444)
+    assert g.read(0, 3 * CHUNK) == b"x" * 10 + b"y" + b"x" * 989 + bytes(2 * CHUNK - 1000) + b"fa"
+    f.write(0, b"z")  # no stamp (a cache entry being filled): the header waits for a sync
+    assert SealedFile.open(tmp_path / "f", KEY).stamp == 444
+
+
 def test_small_files_are_small_and_holes_read_as_zeros(tmp_path):
     f = SealedFile.create(tmp_path / "f", KEY)
     f.write(0, b"tiny")

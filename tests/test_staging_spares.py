@@ -28,8 +28,7 @@ def test_a_new_staged_file_is_a_spare_moved_into_place(tmp_path: Path) -> None:
     staged = staging.create()
     assert os.stat(staged.path).st_ino in spare_inodes
     assert Path(staged.path).parent == tmp_path / "staging"
-    staged.write(0, b"hello")
-    staged.sealed.sync_header()
+    staged.write(0, b"hello", 1)
     staged.sealed.close()
     again = staging.open(staged.id)
     assert again.sealed.read(0, 100) == b"hello"
@@ -54,8 +53,7 @@ def test_many_creates_each_get_their_own_empty_file(tmp_path: Path) -> None:
     assert len({os.stat(s.path).st_ino for s in made}) == len(made)
     for s in made:
         assert s.size == 0
-        s.write(0, s.id.encode())
-        s.sealed.sync_header()
+        s.write(0, s.id.encode(), 1)
     for s in made:
         s.sealed.close()
         assert SealedFile.open(staging.path(s.id), KEY).read(0, 100) == s.id.encode()

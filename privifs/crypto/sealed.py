@@ -5,7 +5,7 @@ AES-256-GCM under the *local key* (derived from the user's key, see :func:`local
 fresh random nonce on every write, so any chunk can be read or rewritten alone::
 
     offset 0   header, 64 bytes: b"PVFSSEAL" | version (1) | chunk shift (1) | 6 reserved |
-               file id (16) | size (8, little-endian) | 24 reserved
+               file id (16) | size (8, little-endian) | stamp (8, little-endian) | 16 reserved
     offset 64 + i * (CHUNK + 32):  chunk i =
                nonce (12) | length n (4, little-endian) | ciphertext (n) | tag (16)
 
@@ -15,6 +15,12 @@ a small file costs a small chunk. The associated data of chunk ``i`` is
 shortened unnoticed. A slot that was never written (all zero) is a hole. ``size`` in the header is
 the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
 :class:`~privifs.errors.IntegrityError`.
+
+``stamp`` is the time (ns since the epoch) of the last write made with one (0: none): a write
+given a stamp rewrites the header with its new size and that stamp as part of the write (in the
+same ``pwrite`` when it touches only chunk 0), so a staged file describes itself after every
+write, whether or not anything closed it (see :mod:`privifs.fs.staging`). Older readers ignore
+the field (it was reserved and zero), so it needs no new version.
 
 Versions: ``VERSION`` is the format written; ``READABLE`` the formats this code reads (a change of
 the layout adds a version and, if old files are still to be read, a reader for them). A file of
@@ -46,7 +52,7 @@ PREFIX = 16  # nonce + length
 OVERHEAD = PREFIX + 16
 SLOT = CHUNK + OVERHEAD
 HEADER = 64
-_HEADER = struct.Struct("<8sBB6s16sQ24s")
+_HEADER = struct.Struct("<8sBB6s16sQQ16s")
 ZERO_CHUNK = bytes(CHUNK)
 ZERO_PREFIX = bytes(PREFIX)
 
@@ -110,12 +116,13 @@ class SealedFile:
     """Random-access encrypted file. One file is used by one thread at a time (the trio thread,
     or the worker that fills or uploads it); scratch buffers are per thread."""
 
-    def __init__(self, path: str | os.PathLike, fd: int, key: bytes, file_id: bytes, size: int):
+    def __init__(self, path: str | os.PathLike, fd: int, key: bytes, file_id: bytes, size: int, stamp: int = 0):
         self.path = os.fspath(path)
         self.fd = fd
         self._aead = AESGCM(key)
         self.file_id = file_id
         self.size = size
+        self.stamp = stamp
         self._header_size = size
 
     # -- opening ---------------------------------------------------------------------------
@@ -144,7 +151,7 @@ class SealedFile:
             head = os.pread(fd, HEADER, 0)
             if len(head) != HEADER:
                 raise IntegrityError(f"{path} is not a sealed file (short header)")
-            magic, version, shift, _, file_id, size, _ = _HEADER.unpack(head)
+            magic, version, shift, _, file_id, size, stamp, _ = _HEADER.unpack(head)
             if magic != MAGIC:
                 raise IntegrityError(f"{path} is not a sealed file")
             check_version(path, version)
@@ -153,12 +160,14 @@ class SealedFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, key, file_id, size)
+        return cls(path, fd, key, file_id, size, stamp)
+
+    def _header(self, size: int) -> bytes:
+        return _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, bytes(6), self.file_id, size, self.stamp, bytes(16))
 
     def write_header(self) -> None:
-        head = _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, bytes(6), self.file_id, self.size, bytes(24))
         try:
-            os.pwrite(self.fd, head, 0)
+            os.pwrite(self.fd, self._header(self.size), 0)
         except OSError as exc:
             raise local_store_error(exc, f"writing {self.path}") from None
         self._header_size = self.size
@@ -210,14 +219,20 @@ class SealedFile:
             dest[length:] = ZERO_CHUNK[length:]
         return length
 
-    def write_chunk(self, index: int, data: bytes | memoryview) -> None:
+    def write_chunk(self, index: int, data: bytes | memoryview, header: bytes | None = None) -> None:
+        """Seal ``data`` into slot ``index``; with ``header`` (chunk 0 only), write the header in
+        the same ``pwrite``."""
         length = len(data)
-        out = _scratch("seal", OVERHEAD + length)
-        out[:12] = os.urandom(12)
-        out[12:PREFIX] = length.to_bytes(4, "little")
-        self._aead.encrypt_into(out[:12], data, self._aad(index, length), out[PREFIX:])
+        at = 0 if header is not None else HEADER
+        out = _scratch("seal", HEADER - at + OVERHEAD + length)
+        if header is not None:
+            out[:HEADER] = header
+        slot = out[HEADER - at :]
+        slot[:12] = os.urandom(12)
+        slot[12:PREFIX] = length.to_bytes(4, "little")
+        self._aead.encrypt_into(slot[:12], data, self._aad(index, length), slot[PREFIX:])
         try:
-            n = os.pwrite(self.fd, out, HEADER + index * SLOT)
+            n = os.pwrite(self.fd, out, at + index * SLOT)
         except OSError as exc:
             raise local_store_error(exc, f"writing {self.path}") from None
         if n != len(out):
@@ -243,9 +258,15 @@ class SealedFile:
         start = offset - (first << CHUNK_SHIFT)
         return bytes(plain[start : start + end - offset])
 
-    def write(self, offset: int, data: bytes | memoryview) -> int:
+    def write(self, offset: int, data: bytes | memoryview, *, stamp: int | None = None) -> int:
+        """Write plaintext at ``offset``. With ``stamp`` (this write's time), the header is
+        rewritten too, after the chunks (with chunk 0 when that is the only chunk touched)."""
         view = memoryview(data)
         pos = offset
+        end = offset + len(view)
+        if stamp is not None:
+            self.stamp = stamp
+        with_chunk0 = stamp is not None and end <= CHUNK and len(view) > 0  # header and chunk: one pwrite
         while view:
             index = pos >> CHUNK_SHIFT
             within = pos - (index << CHUNK_SHIFT)
@@ -257,14 +278,22 @@ class SealedFile:
                 if len(old) < within:
                     old += bytes(within - len(old))
                 chunk = old[:within] + bytes(view[:n]) + old[within + n :]
-            self.write_chunk(index, chunk)
+            if with_chunk0:
+                size = max(self.size, end)
+                self.write_chunk(0, chunk, self._header(size))
+                self._header_size = size
+            else:
+                self.write_chunk(index, chunk)
             pos += n
             view = view[n:]
         if pos > self.size:
             self.size = pos
+        if stamp is not None and not with_chunk0:
+            self.write_header()
         return len(data)
 
-    def truncate(self, size: int) -> None:
+    def truncate(self, size: int, *, stamp: int | None = None) -> None:
+        """Make the logical size ``size`` (the header is rewritten, with ``stamp`` if given)."""
         if size < self.size:
             index = size >> CHUNK_SHIFT
             within = size - (index << CHUNK_SHIFT)
@@ -280,6 +309,8 @@ class SealedFile:
             except OSError as exc:
                 raise local_store_error(exc, f"truncating {self.path}") from None
         self.size = size
+        if stamp is not None:
+            self.stamp = stamp
         self.write_header()
 
     def chunks(self, piece: int = 16):

@@ -255,7 +255,7 @@ class Filesystem:
             if not node.is_file:
                 raise fail(errno.EINVAL)
             staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
-            staged.sealed.truncate(attr.st_size)
+            staged.sealed.truncate(attr.st_size, stamp=now)
             self.parts.changes.resized(staged.id, attr.st_size)
             self.ns.set_attributes(node, size=attr.st_size, mtime_ns=now)
             self.mark_content_dirty(node)
@@ -478,10 +478,10 @@ class Filesystem:
             self.writable_fs()
         if flags & os.O_TRUNC and accmode in (os.O_WRONLY, os.O_RDWR):
             staged = await self.writable_staged(node, truncate_to_zero=True)
-            if staged.size:
-                staged.sealed.truncate(0)
-                self.parts.changes.resized(staged.id, 0)
             now = time.time_ns()
+            if staged.size:
+                staged.sealed.truncate(0, stamp=now)
+                self.parts.changes.resized(staged.id, 0)
             self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
             self.mark_content_dirty(node)
         return self._open_node(node, flags)
@@ -644,18 +644,12 @@ class Filesystem:
         staged = await self.writable_staged(node)
         if fh.append:
             offset = staged.size
-        n = staged.write(offset, data)
-        self.parts.changes.wrote(staged.id, offset, n)
         now = time.time_ns()
+        n = staged.write(offset, data, now)
+        self.parts.changes.wrote(staged.id, offset, n)
         self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
         self.mark_content_dirty(node)
         return n
-
-    def flush(self, fh_id: int) -> None:
-        fh = self.handles.get(fh_id)
-        if fh is not None and fh.writable and fh.node.staged is not None and not fh.node.unlinked:
-            fh.node.staged.sealed.sync_header()
-            self.index.save(fh.node)
 
     async def fsync(self, fh_id: int, datasync: bool = False) -> None:
         fh = self.handles[fh_id]
@@ -675,6 +669,9 @@ class Filesystem:
         await flush_index(self.index)
 
     def release(self, fh_id: int) -> None:
+        """The last close of a handle (the kernel sends it after close(2) returned: what was
+        written is durable by then, see :mod:`privifs.fs.staging`); records the node's size and
+        times and schedules the upload."""
         fh = self.handles.pop(fh_id, None)
         if fh is None:
             return
@@ -746,7 +743,11 @@ class Filesystem:
                 self.ns.set_staged(node, self.staging.open(node.staged_id))
                 referenced.add(node.staged_id)
                 if node.content_dirty:
-                    self.ns.set_attributes(node, size=node.staged.size)
+                    # the header is current after every write; the index row after a release
+                    sealed = node.staged.sealed
+                    self.ns.set_attributes(node, size=sealed.size)
+                    if sealed.stamp > node.ctime_ns:  # written after the row was last saved
+                        self.ns.set_attributes(node, mtime_ns=sealed.stamp, ctime_ns=sealed.stamp)
                 continue
             except IntegrityError as exc:
                 why = str(exc)

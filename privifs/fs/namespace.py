@@ -238,9 +238,9 @@ class Index:
 
     A save that would write exactly the row the index already holds is skipped: the rows of the
     nodes saved last (at most ``SAVED_ROWS``) are remembered as committed, and forgotten again when
-    the transaction that wrote them rolls back. Closing a file saves its node at ``flush`` and
-    again at ``release``, and a ``chmod``/``utime`` often changes nothing, so this saves an SQLite
-    commit (a WAL write) on most of them; what is on disk is the same either way."""
+    the transaction that wrote them rolls back. A ``chmod``/``utime`` often changes nothing, and
+    an ``fsync`` after a close finds the row saved, so this saves an SQLite commit (a WAL write)
+    on many of them; what is on disk is the same either way."""
 
     SAVED_ROWS = 20_000
 

@@ -39,6 +39,10 @@ def handler(fn):
 
 
 class Operations(pyfuse3.Operations):
+    """No ``flush``: the kernel stops sending FLUSH (one per close(2), a round trip each) after
+    the first answer ENOSYS, pyfuse3's default. A write is durable once it returns (see
+    :mod:`privifs.fs.staging`), and ``release`` records the rest."""
+
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
@@ -110,10 +114,6 @@ class Operations(pyfuse3.Operations):
     @handler
     async def write(self, fh, off, buf):
         return await self.fs.write(fh, off, buf)
-
-    @handler
-    async def flush(self, fh):
-        self.fs.flush(fh)
 
     @handler
     async def fsync(self, fh, datasync):

@@ -373,7 +373,7 @@ class PartReader:
                 sealed = await self.part(m, i)
                 pos = m.span(i)[0]
                 for piece in sealed.chunks():
-                    staged.write(pos, piece)
+                    staged.write(pos, piece, 0)  # a copy, not a change: no time recorded
                     pos += len(piece)
         except BaseException:
             staging.remove(staged)

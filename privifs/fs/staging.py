@@ -2,7 +2,12 @@
 (see :mod:`privifs.crypto.sealed`) under ``<state>/staging/<id>``.
 
 A staged file is kept until the vault has acknowledged the token made from it, whatever happens
-in between (failed uploads, restarts, ``kill -9``). While an upload reads a staged file it is
+in between (failed uploads, restarts, ``kill -9``). Every write also rewrites the file's header
+with its size and the write's time (in the same ``pwrite`` for a write within the first 64 KiB),
+so the content a write returned is recoverable from the staged file and its index row (committed
+when the file was created or first written) alone: a ``close`` needs no request of its own to be
+durable (privifs has no FUSE ``flush`` handler), and a restart takes the size, and the time of a
+write the index had not recorded yet, from the header. While an upload reads a staged file it is
 *frozen*; a write arriving meanwhile first clones it (copy-on-write), so an upload never sends a
 mix of two versions.
 
@@ -55,12 +60,14 @@ class StagedFile:
         self.frozen = True
         self.sealed.sync_header()
 
-    def write(self, offset: int, data: bytes | memoryview) -> int:
-        """Write plaintext at ``offset``, after making sure the disk has room for the growth."""
+    def write(self, offset: int, data: bytes | memoryview, stamp: int) -> int:
+        """Write plaintext at ``offset`` at time ``stamp`` (ns; recorded in the header with the
+        new size; 0 for a copy of content, not a change), after making sure the disk has room
+        for the growth."""
         end = offset + len(data)
         if end > self.sealed.size:
             self.staging.ensure_room(stored_size(end) - stored_size(self.sealed.size))
-        return self.sealed.write(offset, data)
+        return self.sealed.write(offset, data, stamp=stamp)
 
     @property
     def size(self) -> int:
