@@ -3,6 +3,7 @@ earlier write was rolled back: what is on disk is what the nodes say."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,43 @@ def test_the_memory_of_saved_rows_is_bounded(ns: Namespace, monkeypatch) -> None
     before = ns.index.conn.total_changes
     ns.index.save(nodes[0])  # no longer remembered: written again (the same row, harmless)
     assert ns.index.conn.total_changes == before + 1
+
+
+def _checkpointed_rows(path: Path) -> int:
+    """Rows of the database file itself, ignoring its WAL (what checkpoints copied there)."""
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0]
+    except sqlite3.OperationalError:  # no table in the file yet: nothing checkpointed
+        return 0
+    finally:
+        conn.close()
+
+
+def test_commits_never_checkpoint_the_wal_the_checkpointer_thread_does(
+    ns: Namespace, tmp_path: Path, monkeypatch
+) -> None:
+    # a checkpoint fsyncs the WAL and the database: a commit on the trio thread must not run one
+    monkeypatch.setattr(ns.index, "CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr(ns.index, "_catch_up_at", 10**9)
+    path = tmp_path / "index.sqlite3"
+    for i in range(3000):  # WAL pages well past SQLite's automatic checkpoint (1,000)
+        ns.index.save(ns.new_node(ns.root, f"f{i}", KIND_FILE, 0o644))
+    assert _checkpointed_rows(path) == 0
+    ns.index.checkpointer.ask()
+    assert ns.index.checkpointer.wait(60)
+    assert _checkpointed_rows(path) == 3000 + 1  # and the root
+    assert len(_rows(path)) == 3001
+
+
+def test_a_writer_that_never_pauses_still_gets_its_wal_started_over(ns: Namespace, tmp_path: Path, monkeypatch) -> None:
+    # background checkpoints cannot catch up with commits that keep coming (only a WAL
+    # checkpointed to its end starts over): the writer's own, every CATCH_UP_EVERY commits, bounds it
+    monkeypatch.setattr(ns.index, "CHECKPOINT_EVERY", 10**9)
+    monkeypatch.setattr(ns.index, "CATCH_UP_EVERY", 300)
+    monkeypatch.setattr(ns.index, "_catch_up_at", 300)
+    for i in range(6000):  # about 50 MB of WAL if it never started over
+        ns.index.save(ns.new_node(ns.root, f"f{i}", KIND_FILE, 0o644))
+    assert (tmp_path / "index.sqlite3-wal").stat().st_size < 8 * 2**20
+    assert _checkpointed_rows(tmp_path / "index.sqlite3") >= 5700
+    assert len(_rows(tmp_path / "index.sqlite3")) == 6001
