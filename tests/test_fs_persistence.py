@@ -109,7 +109,7 @@ def test_a_close_returns_without_the_daemon_and_what_it_closed_survives_kill_9(e
     durable when the write returns, though the release (queued by the kernel) never arrives."""
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "first").write_bytes(b"1")  # the first close tells the kernel there is no flush
-        data = os.urandom(100_000)
+        data = os.urandom(123_456)  # not 100,000: the tampering test finds its blob by that size
         fd = os.open(m.dir / "closed", os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(fd, data[:70_000])
         os.write(fd, data[70_000:])
