@@ -338,16 +338,20 @@ async def test_what_writes_returned_survives_a_crash_before_the_close_reaches_pr
         fh2 = await kit.create_file("big")  # past the first chunk: the header is written apart
         await kit.write(fh2, 0, big[:200_000])
         await kit.write(fh2, 200_000, big[200_000:])
-        before = {name: (await kit.lookup(name)).st_mtime_ns for name in ("small", "big")}
+        fh3 = await kit.create_file("released")
+        await kit.write(fh3, 0, small)
+        await kit.close(fh3)  # its size and times wait for the index's next commit
+        before = {name: (await kit.lookup(name)).st_mtime_ns for name in ("small", "big", "released")}
         key = kit.key
-    # no release: the daemon was killed here
+        # the daemon is killed here: no release of the first two, no commit after the third's
+        kit.fs.index._soon.clear()
     async with inprocess_fs(tmp_path, *module_account, key=key, write_back_delay=3600) as again:
-        for name, data in (("small", small), ("big", big)):
+        for name, data in (("small", small), ("big", big), ("released", small)):
             attrs = await again.lookup(name)
             assert (attrs.st_size, attrs.st_mtime_ns) == (len(data), before[name])
             assert await again.read_file(name) == data
         await again.settle()
-        assert await again.vault_tree() == {"small": small, "big": big}
+        assert await again.vault_tree() == {"small": small, "big": big, "released": small}
 
 
 async def test_ftruncate_through_a_handle_and_truncate_of_a_directory(kit):

@@ -118,3 +118,19 @@ def test_a_writer_that_never_pauses_still_gets_its_wal_started_over(ns: Namespac
     assert (tmp_path / "index.sqlite3-wal").stat().st_size < 8 * 2**20
     assert _checkpointed_rows(tmp_path / "index.sqlite3") >= 5700
     assert len(_rows(tmp_path / "index.sqlite3")) == 6001
+
+
+def test_a_save_soon_goes_with_the_next_commit_or_the_close(ns: Namespace, tmp_path: Path) -> None:
+    # a release's size and times (a staged file's header has them) take no commit of their own
+    path = tmp_path / "index.sqlite3"
+    a = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
+    ns.index.save(a)
+    a.size = 5
+    ns.index.save_soon(a)
+    assert _rows(path)[a.ino][COLUMN_SIZE] == 0
+    ns.index.save(ns.new_node(ns.root, "b", KIND_FILE, 0o644))  # the next commit takes it along
+    assert _rows(path)[a.ino][COLUMN_SIZE] == 5
+    a.size = 6
+    ns.index.save_soon(a)
+    ns.index.close()
+    assert _rows(path)[a.ino][COLUMN_SIZE] == 6

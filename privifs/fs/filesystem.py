@@ -670,8 +670,8 @@ class Filesystem:
 
     def release(self, fh_id: int) -> None:
         """The last close of a handle (the kernel sends it after close(2) returned: what was
-        written is durable by then, see :mod:`privifs.fs.staging`); records the node's size and
-        times and schedules the upload."""
+        written is durable by then, see :mod:`privifs.fs.staging`); the node's size and times go
+        into the index with its next commit, and the upload is scheduled."""
         fh = self.handles.pop(fh_id, None)
         if fh is None:
             return
@@ -681,7 +681,10 @@ class Filesystem:
         if fh.writable:
             if node.staged is not None and not node.unlinked:
                 node.staged.sealed.sync_header()
-                self.index.save(node)
+                if node.content_dirty:  # size and times: the staged file's header has them already
+                    self.index.save_soon(node)
+                else:
+                    self.index.save(node)
                 if node.writers == 0 and node.content_dirty:
                     self.sync.schedule_upload(node)
         self.release_node(node)

@@ -350,6 +350,7 @@ class Index:
         # (never in the default --fsync vault) and dropped once a WAL flush covers them
         self._row_writes: dict[int, tuple[int, int]] = {}
         self._tracked_from: int | None = None
+        self._soon: dict[int, Node] = {}  # saved with the next commit (save_soon)
         self._saved: dict[int, tuple] = {}  # ino -> the row the index holds (committed, or in this transaction)
         self._unsure: list[int] = []  # inos saved in the open transaction: unknown again if it rolls back
         self._after: list[Callable[[], None]] = []  # run once the open transaction has committed
@@ -391,6 +392,12 @@ class Index:
                 raise
 
     def close(self) -> None:
+        if self._soon:
+            try:
+                with self:
+                    pass  # commits what waited for a commit
+            except LocalStoreError as exc:
+                log.warning("the last changes of the local index were not written: %s", exc)
         self.checkpointer.close()
         self.conn.close()  # the last connection: SQLite checkpoints and removes the WAL
 
@@ -417,6 +424,13 @@ class Index:
         if self._depth == 0:
             self.conn.execute("BEGIN")
         self._depth += 1
+        if self._depth == 1 and self._soon:
+            try:
+                for node in list(self._soon.values()):
+                    self.save(node)
+            except BaseException as exc:
+                self.__exit__(type(exc), exc, exc.__traceback__)
+                raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -440,6 +454,7 @@ class Index:
                     for ino in unsure:
                         self._saved.pop(ino, None)
                 else:
+                    self._soon.clear()  # written in this transaction
                     for fn in after:
                         fn()
                     self._committed()
@@ -454,6 +469,10 @@ class Index:
             self._after.append(fn)
 
     def _write(self, sql: str, args) -> None:
+        if not self._depth and self._soon:
+            with self:  # one commit with what waited for one
+                self._write(sql, args)
+            return
         self.writes += 1
         try:
             self.conn.execute(sql, args)
@@ -502,8 +521,19 @@ class Index:
         if len(self._saved) > self.SAVED_ROWS:
             del self._saved[next(iter(self._saved))]
 
+    def save_soon(self, node: Node) -> None:
+        """Persist ``node`` with the next commit rather than in one of its own. Only for changes
+        a restart recovers without the index: the size and times of a node with staged content,
+        whose header records them at every write (``Filesystem.open_staged_files``). Inside a
+        transaction this is :meth:`save`; :meth:`close` commits what still waits."""
+        if self._depth:
+            self.save(node)
+        elif not node.unlinked:
+            self._soon[node.ino] = node
+
     def forget(self, ino: int) -> None:
         self._saved.pop(ino, None)
+        self._soon.pop(ino, None)
         self._write("DELETE FROM nodes WHERE ino = ?", (ino,))
         self._row_writes.pop(ino, None)
 
