@@ -8,6 +8,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from privifs.errors import NodeGone
 from privifs.fs.namespace import Index
@@ -273,3 +274,18 @@ async def test_a_start_with_staged_files_gone_never_shows_zeros(account, tmp_pat
     async with inprocess_fs(tmp_path, *account, key=key) as t:
         assert [name for name, _ in await t.readdir("")] == ["kept.txt"]
         assert await t.read_file("kept.txt") == b"uploaded version"
+
+
+async def test_a_file_changed_again_and_again_while_its_write_back_waits_has_one_timer(account, tmp_path):
+    # untar closes a file, then sets its owner, mode and times: each change scheduled the node
+    # again, and each found it waiting and started one more sleeping task
+    async with inprocess_fs(tmp_path, *account, write_back_delay=3600) as t:
+        await t.write_file("f", b"data")
+        for i in range(50):
+            await t.setattr("f", mode=0o600 | (i & 0o44), mtime_ns=1_000_000_000 * (i + 1))
+            await trio.testing.wait_all_tasks_blocked()  # the workers run between requests
+        timers = [task for task in t.syncer._nursery.child_tasks if task.name.endswith("._later")]
+        assert len(timers) == 1
+        await t.settle()
+        assert await t.vault_names() == {"f": 4}
+        assert (await t.lookup("f")).st_mtime_ns == 50_000_000_000

@@ -135,6 +135,7 @@ class Syncer:
         self._queue = WorkQueue()
         self._busy: set[int] = set()
         self._again: set[int] = set()
+        self._waiting: dict[int, float] = {}  # node → when its timer (_later) schedules it again
         self._fsync: Counter[int] = Counter()
         self.local_fsynced: set[int] = set()  # --fsync local: durable here, uploaded even while open
         self._commits: dict[str, tuple[trio.Event, list]] = {}
@@ -166,6 +167,8 @@ class Syncer:
             self._again.add(node.ino)
         elif self._fsync[node.ino]:
             self._queue.put_urgent(node.ino)  # an fsync waits: ahead of the backlog
+        elif node.retry_at > trio.current_time() and self._waiting.get(node.ino, float("inf")) <= node.retry_at:
+            return  # a timer (_later) schedules it when it is due
         else:
             self._queue.put(node.ino)
 
@@ -202,7 +205,9 @@ class Syncer:
                 continue
             wait = node.retry_at - trio.current_time()
             if wait > 0 and not self._fsync[ino]:
-                self._nursery.start_soon(self._later, ino, wait)
+                if self._waiting.get(ino, float("inf")) > node.retry_at:  # one timer per node and time
+                    self._waiting[ino] = node.retry_at
+                    self._nursery.start_soon(self._later, ino, node.retry_at)
                 continue
             self._busy.add(ino)
             try:
@@ -230,8 +235,12 @@ class Syncer:
             with trio.move_on_after(QUIET - quiet_for):
                 await self._fsync_asked.wait()
 
-    async def _later(self, ino: int, delay: float) -> None:
-        await trio.sleep(delay)
+    async def _later(self, ino: int, due: float) -> None:
+        try:
+            await trio.sleep_until(due)
+        finally:
+            if self._waiting.get(ino) == due:
+                del self._waiting[ino]
         node = self.ns.get(ino)
         if node is not None:
             self.schedule(node)
