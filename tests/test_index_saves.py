@@ -134,3 +134,24 @@ def test_a_save_soon_goes_with_the_next_commit_or_the_close(ns: Namespace, tmp_p
     ns.index.save_soon(a)
     ns.index.close()
     assert _rows(path)[a.ino][COLUMN_SIZE] == 6
+
+
+def test_a_save_writes_only_the_columns_that_changed(ns: Namespace, tmp_path: Path) -> None:
+    # an UPDATE of the changed columns writes one page; a whole row also rewrote the token's
+    # index entry, twice the WAL of a chmod, a utime or a release
+    statements: list[str] = []
+    ns.index.conn.set_trace_callback(statements.append)
+    node = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
+    ns.index.save(node)
+    node.mode, node.size = 0o600, 9
+    ns.index.save(node)
+    assert statements[-1].startswith("UPDATE nodes SET mode = 384")  # 0o600
+    assert "token" not in statements[-1] and "size = 9" in statements[-1]
+    ns.set_token(node, "T1")
+    ns.index.save(node)
+    assert "token = 'T1'" in statements[-1]
+    assert _rows(tmp_path / "index.sqlite3")[node.ino] == node.row()
+    ns.index.conn.execute("DELETE FROM nodes WHERE ino = ?", (node.ino,))  # behind the index's back
+    node.size = 10
+    ns.index.save(node)  # the update finds no row: the whole row is written
+    assert _rows(tmp_path / "index.sqlite3")[node.ino] == node.row()

@@ -355,6 +355,7 @@ class Index:
         self._saved: dict[int, tuple] = {}  # ino -> the row the index holds (committed, or in this transaction)
         self._unsure: list[int] = []  # inos saved in the open transaction: unknown again if it rolls back
         self._after: list[Callable[[], None]] = []  # run once the open transaction has committed
+        self._updates: dict[tuple[int, ...], str] = {}  # changed columns -> their UPDATE
         self._upsert = f"INSERT OR REPLACE INTO nodes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
         self._select = f"SELECT {', '.join(COLUMNS)} FROM nodes ORDER BY ino"
 
@@ -469,18 +470,31 @@ class Index:
         else:
             self._after.append(fn)
 
-    def _write(self, sql: str, args) -> None:
+    def _write(self, sql: str, args) -> int:
+        """Execute one statement (in a transaction of its own outside a ``with index:`` block);
+        the number of rows it changed."""
         if not self._depth and self._soon:
             with self:  # one commit with what waited for one
-                self._write(sql, args)
-            return
+                return self._write(sql, args)
         self.writes += 1
         try:
-            self.conn.execute(sql, args)
+            changed = self.conn.execute(sql, args).rowcount
         except sqlite3.Error as exc:
             raise _local_error(exc) from None
         if not self._depth:
             self._committed()
+        return changed
+
+    def _update(self, saved: tuple, row: tuple) -> bool:
+        """Write only the columns of ``row`` that differ from ``saved`` (what the index holds):
+        half the WAL of a whole row, and the token index untouched unless the token changed.
+        False if the index had no such row after all."""
+        changed = tuple(i for i in range(1, len(row)) if row[i] != saved[i])
+        sql = self._updates.get(changed)
+        if sql is None:
+            sql = f"UPDATE nodes SET {', '.join(f'{COLUMNS[i]} = ?' for i in changed)} WHERE ino = ?"
+            self._updates[changed] = sql
+        return self._write(sql, [row[i] for i in changed] + [row[0]]) == 1
 
     @property
     def wal_path(self) -> Path:
@@ -510,7 +524,8 @@ class Index:
         row = node.row()
         saved = self._saved.pop(node.ino, None)
         if saved != row:
-            self._write(self._upsert, row)
+            if saved is None or not self._update(saved, row):
+                self._write(self._upsert, row)
             if self._tracked_from is not None:
                 data = self.writes
                 if saved is not None and _without_times(saved) == _without_times(row):
