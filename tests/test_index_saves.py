@@ -155,3 +155,17 @@ def test_a_save_writes_only_the_columns_that_changed(ns: Namespace, tmp_path: Pa
     node.size = 10
     ns.index.save(node)  # the update finds no row: the whole row is written
     assert _rows(tmp_path / "index.sqlite3")[node.ino] == node.row()
+
+
+def test_the_kernel_forgetting_a_removed_node_writes_nothing_more(ns: Namespace, tmp_path: Path) -> None:
+    # unlink deleted its row; the FORGET that follows was a second DELETE and a commit of nothing
+    node = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
+    ns.index.save(node)
+    ns.looked_up(node)
+    ns.remove(node, delete_token=True)
+    assert node.ino not in _rows(tmp_path / "index.sqlite3")
+    statements: list[str] = []
+    ns.index.conn.set_trace_callback(statements.append)
+    ns.forgotten(node, 1)
+    ns.release(node, None)
+    assert ns.get(node.ino) is None and statements == []

@@ -690,10 +690,10 @@ class Namespace:
             node.extra_markers.discard(token)
 
     def drop(self, node: Node) -> None:
-        """Remove a node for good (detached, no kernel references left)."""
+        """Remove a node for good (detached, no kernel references left; its row left the index
+        with :meth:`remove`, so nothing is written here)."""
         self.set_token(node, None)
         self.nodes.pop(node.ino, None)
-        self.index.forget(node.ino)
 
     def ensure_dirs(self, parts: list[str], mtime_ns: int) -> Node:
         """The directory at ``parts``, creating implicit directories on the way (and saving them).
