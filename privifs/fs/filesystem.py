@@ -106,6 +106,7 @@ class Filesystem:
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, list[tuple[int, int]]] = {}
         self._next_fh = 1
+        self._own_ids = (os.getuid(), os.getgid())  # the daemon's own user and group
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -151,13 +152,13 @@ class Filesystem:
         directory's when that directory is set-group-ID, and a new directory inherits the bit.
         The mount's owner and group (``--uid``/``--gid``, or the daemon's own) are stored as None."""
         uid, gid = owner if owner is not None else (self.opts.uid, self.opts.gid)
-        self.ns.set_attributes(node, uid=None if uid in (self.opts.uid, os.getuid()) else uid)
+        self.ns.set_attributes(node, uid=None if uid in (self.opts.uid, self._own_ids[0]) else uid)
         if parent.mode & stat.S_ISGID:
             self.ns.set_attributes(node, gid=parent.gid)
             if node.is_dir:
                 self.ns.set_attributes(node, mode=node.mode | stat.S_ISGID)
         else:
-            self.ns.set_attributes(node, gid=None if gid in (self.opts.gid, os.getgid()) else gid)
+            self.ns.set_attributes(node, gid=None if gid in (self.opts.gid, self._own_ids[1]) else gid)
         self.ns.set_attributes(node, atime_ns=node.mtime_ns)
 
     def new_name(self, parent: Node, name: bytes) -> str:

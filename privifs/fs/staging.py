@@ -102,7 +102,7 @@ class SparePool:
             sealed = self._ready.popleft()
         except IndexError:
             sealed = None
-        if len(self._ready) <= self.SIZE // 2:
+        if len(self._ready) <= self.SIZE // 2 and not self._wanted.is_set():
             if self._thread is None:
                 self._thread = threading.Thread(target=self._fill, name="privifs-spare-files", daemon=True)
                 self._thread.start()
