@@ -206,6 +206,27 @@ async def test_rename_refuses_what_posix_refuses(kit):
     assert await kit.tree() == {"empty": "dir", "full": "dir", "full/f": b"x", "fresh": b"y"}
 
 
+async def test_a_directory_link_count_follows_its_subdirectories_through_renames_and_a_restart(
+    module_account, eng, tmp_path
+):
+    # 2 + the subdirectories, counted as entries come and go (it was recounted at every getattr)
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True) as kit:
+        for d in ("a", "b", "a/x", "a/y", "b/z"):
+            await kit.mkdir(d)
+        await kit.write_file("a/f", b"file")
+        links = {d: (await kit.lookup(d)).st_nlink for d in ("", "a", "b")}
+        assert links == {"": 4, "a": 4, "b": 3}
+        await kit.rename("a/x", "b/x")  # a directory moves to another parent
+        await kit.rename("b/z", "a/y")  # over an empty directory, which goes
+        await kit.rmdir("b/x")
+        await kit.rename("a/f", "b/f")  # files do not count
+        links = {d: (await kit.lookup(d)).st_nlink for d in ("", "a", "b")}
+        assert links == {"": 4, "a": 3, "b": 2}
+        key = kit.key
+    async with inprocess_fs(tmp_path, *module_account, key=key) as again:  # built from the index
+        assert {d: (await again.lookup(d)).st_nlink for d in ("", "a", "b")} == links
+
+
 # -- unlink -------------------------------------------------------------------------------------
 async def test_an_unlinked_open_file_leaves_the_directory_and_then_the_vault(kit):
     await kit.write_file("open.txt", b"still here")

@@ -182,7 +182,7 @@ class Filesystem:
         special = SPECIAL_KINDS.get(node.kind)
         e.st_mode = special | (node.mode & 0o7777) if special is not None else node.st_mode()
         if node.is_dir:
-            e.st_nlink = 2 + sum(1 for i in node.children.values() if self.ns.nodes[i].is_dir)
+            e.st_nlink = 2 + node.subdirs  # kept by the namespace: counting was O(entries) per getattr
             size = 4096
         else:
             e.st_nlink = 0 if node.unlinked else 1

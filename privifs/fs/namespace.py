@@ -148,6 +148,7 @@ class Node:
         "uploading",
         "meta_version",
         "extra_markers",
+        "subdirs",
     )
 
     def __init__(self, ino: int, parent: int, name: str, kind: str, mode: int, mtime_ns: int):
@@ -180,6 +181,7 @@ class Node:
         # a directory's other marker tokens the listing showed (two mkdirs of one name raced):
         # not persisted, every listing records them again; an rmdir deletes them with the token
         self.extra_markers: set[str] = set()
+        self.subdirs = 0  # entries of a directory that are directories (its link count is 2 + this)
 
     @property
     def is_dir(self) -> bool:
@@ -601,6 +603,8 @@ class Namespace:
                 name = f"{name}.recovered-{n.ino}"
                 n.name = name
             parent.children[name] = n.ino
+            if n.is_dir:
+                parent.subdirs += 1
             parent.next_seq = max(parent.next_seq, n.seq + 1)
             if n.token:
                 self.by_token[n.token] = n.ino
@@ -675,11 +679,15 @@ class Namespace:
         node.seq = parent.next_seq
         parent.next_seq += 1
         parent.children[name] = node.ino
+        if node.is_dir:
+            parent.subdirs += 1
 
     def detach(self, node: Node) -> None:
         parent = self.nodes.get(node.parent)
         if parent is not None and parent.children is not None and parent.children.get(node.name) == node.ino:
             del parent.children[node.name]
+            if node.is_dir:
+                parent.subdirs -= 1
 
     def set_token(self, node: Node, token: str | None) -> None:
         if node.token and self.by_token.get(node.token) == node.ino:
