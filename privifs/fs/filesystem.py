@@ -152,14 +152,13 @@ class Filesystem:
         directory's when that directory is set-group-ID, and a new directory inherits the bit.
         The mount's owner and group (``--uid``/``--gid``, or the daemon's own) are stored as None."""
         uid, gid = owner if owner is not None else (self.opts.uid, self.opts.gid)
-        self.ns.set_attributes(node, uid=None if uid in (self.opts.uid, self._own_ids[0]) else uid)
+        uid = None if uid in (self.opts.uid, self._own_ids[0]) else uid
         if parent.mode & stat.S_ISGID:
-            self.ns.set_attributes(node, gid=parent.gid)
-            if node.is_dir:
-                self.ns.set_attributes(node, mode=node.mode | stat.S_ISGID)
+            mode = node.mode | stat.S_ISGID if node.is_dir else node.mode
+            self.ns.set_attributes(node, uid=uid, gid=parent.gid, mode=mode, atime_ns=node.mtime_ns)
         else:
-            self.ns.set_attributes(node, gid=None if gid in (self.opts.gid, self._own_ids[1]) else gid)
-        self.ns.set_attributes(node, atime_ns=node.mtime_ns)
+            gid = None if gid in (self.opts.gid, self._own_ids[1]) else gid
+            self.ns.set_attributes(node, uid=uid, gid=gid, atime_ns=node.mtime_ns)
 
     def new_name(self, parent: Node, name: bytes) -> str:
         """Validate a name for a new entry in ``parent``."""
