@@ -443,3 +443,24 @@ async def test_a_streamed_download_is_received_in_reads_of_what_the_socket_holds
 
         assert await vault.get(token, SlowSink(), size=len(data)) == len(data)
         assert sum(pieces) == len(data) and max(pieces) > 64 * 1024
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_small_stores_over_the_lean_path_and_over_httpx(account, lean):
+    """The API calls of a store go through the lean plain-http client (``http11.py``) by default,
+    on kept-alive connections, and still work through httpx when it is turned off."""
+    endpoints, creds = account
+    async with connect(endpoints, creds, ClientOptions(lean_http=lean)) as client:
+        vault = client.vault(KEY)
+        stored = {}
+        for i in range(12):
+            data = os.urandom(10 + i * 500)
+            stored[await vault.put_bytes(data, meta(f"lean{i}.bin"))] = data
+        for token, data in stored.items():
+            assert await vault.get_bytes(token) == data
+        listed = {i.token for i in [x async for x in client.tokens.list(context="/t")]}
+        assert set(stored) <= listed
+        if lean:
+            assert client.transport.lean.opened <= 3  # one at a time: the same connection reused
+        else:
+            assert client.transport.lean is None

@@ -1,10 +1,13 @@
 """The client's HTTP connections: calls in flight reuse kept-alive connections instead of opening
-and closing one each (against a plain HTTP/1.1 server on loopback that counts connections)."""
+and closing one each (against a plain HTTP/1.1 server on loopback that counts connections), by
+httpx and by the lean plain-http path (``http11.py``); the lean path's answers: chunked bodies,
+``Connection: close``, an idle connection the server closed, a header split across reads."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import trio
 
 from privifs.client.transport import ClientOptions, Endpoints, Transport
@@ -35,12 +38,13 @@ class CountingServer:
                     await stream.send_all(OK)
 
 
-async def test_sixteen_calls_in_flight_keep_and_reuse_sixteen_connections():
+@pytest.mark.parametrize("lean", [True, False])
+async def test_sixteen_calls_in_flight_keep_and_reuse_sixteen_connections(lean):
     server = CountingServer()
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
-        transport = Transport(Endpoints(api=f"http://127.0.0.1:{port}"), ClientOptions())
+        transport = Transport(Endpoints(api=f"http://127.0.0.1:{port}"), ClientOptions(lean_http=lean))
         try:
             for _ in range(4):
                 async with trio.open_nursery() as calls:
@@ -51,3 +55,74 @@ async def test_sixteen_calls_in_flight_keep_and_reuse_sixteen_connections():
         nursery.cancel_scope.cancel()
     assert server.requests == 64
     assert server.connections == 16  # with 8 kept of 16 (the former pool) each round opened 8 more
+
+
+class ScriptedServer:
+    """Answers each request with the next of ``answers`` (raw bytes, sent in two pieces split
+    inside the header); after an answer in ``close_after`` it closes the connection."""
+
+    def __init__(self, answers: list[bytes], close_after: set[int] = frozenset()) -> None:
+        self.answers = answers
+        self.close_after = close_after
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buf = b""
+        async with stream:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, buf = buf.split(b"\r\n\r\n", 1)
+                    length = 0
+                    for line in head.split(b"\r\n")[1:]:
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    while len(buf) < length:
+                        buf += await stream.receive_some(65536)
+                    self.requests.append(head + b"\r\n\r\n" + buf[:length])
+                    buf = buf[length:]
+                    n = len(self.requests) - 1
+                    answer = self.answers[n]
+                    await stream.send_all(answer[:20])
+                    await trio.sleep(0.01)
+                    await stream.send_all(answer[20:])
+                    if n in self.close_after:
+                        return
+
+
+async def test_lean_path_reads_chunked_and_closing_answers_and_survives_closed_idle_connections():
+    chunked = b'HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\nX-DPT-CAB-ID: c1\r\n\r\n4\r\n"c1"\r\n0\r\n\r\n'
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nhello"
+    unframed = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end"
+    plain = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{"a":1}'
+    server = ScriptedServer([chunked, closing, unframed, plain, plain, plain], close_after={1, 2, 3})
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        transport = Transport(Endpoints(api=f"http://127.0.0.1:{port}/api/"), ClientOptions(retry_attempts=1))
+        try:
+            first = await transport.call("POST", "/x", data={"k": "a b+/="}, expected=(202,), auth=False)
+            assert first.content == b'"c1"' and first.headers.get("X-DPT-CAB-ID") == "c1"
+            assert (await transport.call("GET", "/y", params={"filters[token]": "t"}, auth=False)).text == "hello"
+            assert (await transport.call("GET", "/z", auth=False)).content == b"to the end"
+            # the server closes the connection after this answer: the next call opens another
+            assert (await transport.call("POST", "/j", json={}, auth=False)).json() == {"a": 1}
+            await trio.sleep(0.05)
+            assert (await transport.call("GET", "/k", auth=False)).json() == {"a": 1}
+            assert (await transport.call("GET", "/k", auth=False)).json() == {"a": 1}
+        finally:
+            await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert server.requests[0].startswith(b"POST /api/x HTTP/1.1\r\n")
+    assert server.requests[0].endswith(b"\r\n\r\nk=a%20b%2B%2F%3D")
+    assert b"Content-Type: application/x-www-form-urlencoded" in server.requests[0]
+    assert server.requests[1].startswith(b"GET /api/y?filters%5Btoken%5D=t HTTP/1.1\r\n")
+    assert b"Content-Type: application/json" in server.requests[3] and server.requests[3].endswith(b"\r\n\r\n{}")
+    # connections: the first two answers' (closed after the second), the unframed third's, the
+    # fourth's (closed by the server after it answered), and one kept for the last two calls
+    assert server.connections == 4

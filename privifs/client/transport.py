@@ -7,6 +7,10 @@
 * A 401 on an authenticated call asks the session to renew once and replays the call.
 * Every other failure becomes one exception of :mod:`privifs.errors` with a message a user can
   act on.
+
+API calls to a plain ``http://`` server (the embedded engine) go through the lean HTTP/1.1
+client of :mod:`privifs.client.http11` (``ClientOptions.lean_http``), ``https://`` and the
+streamed transfers through httpx.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import httpcore
 import httpx
 import trio
 
+from privifs import __version__
 from privifs.client import shapes
+from privifs.client.http11 import Answer, HTTPFailure, LeanHTTP, encode_json
 from privifs.client.urls import complete
 from privifs.errors import (
     AuthorizationError,
@@ -115,6 +121,7 @@ class ClientOptions:
     store_attempts: int = 5
     renew_margin: float = 60.0
     reauthorize_ttl: int = 86400
+    lean_http: bool = True  # plain-http API calls through http11.LeanHTTP instead of httpx
 
 
 class AuthProvider(Protocol):
@@ -137,8 +144,21 @@ class Transport:
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
             follow_redirects=False,
         )
+        # plain-http API calls (the embedded engine; loopback) take the lean path (http11.py)
+        self.lean: LeanHTTP | None = (
+            LeanHTTP(
+                timeout=options.http_timeout,
+                connect_timeout=options.connect_timeout,
+                max_connections=MAX_CONNECTIONS,
+                user_agent=f"privifs/{__version__}",
+            )
+            if options.lean_http
+            else None
+        )
 
     async def aclose(self) -> None:
+        if self.lean is not None:
+            await self.lean.aclose()
         await self.http.aclose()
 
     def backoff(self, attempt: int) -> float:
@@ -160,10 +180,18 @@ class Transport:
         idempotent: bool = False,
         expected: tuple[int, ...] = (200,),
         what: str | None = None,
-    ) -> httpx.Response:
-        """Send one API call; see the module docstring for retries and errors."""
+    ) -> httpx.Response | Answer:
+        """Send one API call; see the module docstring for retries and errors. The answer is an
+        ``http11.Answer`` (the attributes of an httpx response callers read) for a plain-http
+        server."""
         base = (base or self.endpoints.api).rstrip("/")
         what = what or f"{method} {path}"
+        lean = self.lean is not None and base.startswith("http://") and (data is None or isinstance(data, dict))
+        if lean:
+            try:
+                self.lean.origin(base)
+            except ValueError:
+                lean = False  # let httpx name what is wrong with the URL
         attempt = 0
         replayed = False
         while True:
@@ -176,21 +204,34 @@ class Transport:
             if token:
                 hdrs["X-DPT-AUTHORIZATION"] = token
             try:
-                resp = await self.http.request(
-                    method,
-                    base + path,
-                    data=None if body is not content else data,
-                    json=json,
-                    params=params,
-                    content=body,
-                    headers=hdrs,
+                if lean:
+                    if json is not None:
+                        body = encode_json(json)
+                        hdrs["Content-Type"] = "application/json"
+                    elif isinstance(body, str):
+                        body = body.encode("utf-8")
+                    resp = await self.lean.request(method, base, path, params=params, body=body, headers=hdrs)
+                else:
+                    resp = await self.http.request(
+                        method,
+                        base + path,
+                        data=None if body is not content else data,
+                        json=json,
+                        params=params,
+                        content=body,
+                        headers=hdrs,
+                    )
+            except HTTPFailure as exc:
+                err: Exception = ServerUnreachable(
+                    f"cannot reach the Privicore server at {base} ({exc}); "
+                    f"check the server URL and that the server is running"
                 )
             except httpx.InvalidURL as exc:  # a configured URL that cannot be parsed: no retry helps
                 raise ConfigError(
                     f"the server URL {base!r} is not valid ({exc}); correct it in the configuration"
                 ) from None
             except httpx.TransportError as exc:
-                err: Exception = ServerUnreachable(
+                err = ServerUnreachable(
                     f"cannot reach the Privicore server at {base} ({failure_text(exc)}); "
                     f"check the server URL and that the server is running"
                 )
@@ -214,7 +255,7 @@ class Transport:
             raise err
 
     @staticmethod
-    def error_for(resp: httpx.Response, what: str) -> Exception:
+    def error_for(resp: httpx.Response | Answer, what: str) -> Exception:
         status = resp.status_code
         detail = shapes.error_message(resp)
         if status >= 500 or status == 429:
