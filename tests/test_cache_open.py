@@ -86,3 +86,33 @@ def test_an_entry_just_stored_opens_without_a_query(cache, tmp_path, monkeypatch
     assert f.read(0, 100) == b"uploaded"
     f.close()
     assert calls == []
+
+
+def test_adopting_a_new_token_asks_nothing_and_lands_where_diskcache_emptied_its_directory(
+    cache, tmp_path, monkeypatch
+):
+    """An uploaded file moving into the cache: a token the cache has never held needs no lookup
+    (``evict`` asked the table for every new token), its directory is made only when missing,
+    also when diskcache removed it as it emptied, and a reopened cache finds every entry."""
+    calls = count_lookups(cache, monkeypatch)
+    for i in range(40):
+        assert cache.adopt(f"t{i}", sealed_file(tmp_path / f"s{i}", b"x%d" % i))
+    assert calls == []
+    for i in range(40):
+        cache.evict(f"t{i}")  # diskcache removes each directory it empties
+    for i in range(40):
+        assert cache.adopt(f"t{i}", sealed_file(tmp_path / f"s{i}", b"y%d" % i))
+    assert cache.adopt("t0", sealed_file(tmp_path / "again", b"replaced"))  # a held token is replaced
+    cache.close()
+    reopened = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    try:
+        assert reopened.used == sum(reopened._lru.values()) and len(reopened._lru) == 40
+        for i in range(1, 40):
+            f = reopened.open(f"t{i}")
+            assert f.read(0, 10) == b"y%d" % i
+            f.close()
+        f = reopened.open("t0")
+        assert f.read(0, 10) == b"replaced"
+        f.close()
+    finally:
+        reopened.close()

@@ -96,8 +96,11 @@ class AdoptingDisk(diskcache.Disk):
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if isinstance(value, AdoptFile):
             filename, full_path = self.filename(key, value)
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
-            os.rename(value.path, full_path)
+            try:  # its directory usually exists (a makedirs first cost ~5 syscalls per file)
+                os.rename(value.path, full_path)
+            except FileNotFoundError:  # not yet, or diskcache removed it when it emptied
+                os.makedirs(os.path.dirname(full_path), exist_ok=True)
+                os.rename(value.path, full_path)
             self.last_path = full_path
             return os.path.getsize(full_path), diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)
@@ -331,10 +334,11 @@ class ContentCache:
             )
         return True
 
-    def _trim(self) -> None:
+    def _trim(self, budget: int | None = None) -> None:
         """Evict least recently used entries while over the size limit or inside the staging
         reserve."""
-        budget = self.size_limit - self.overhead()
+        if budget is None:
+            budget = self.size_limit - self.overhead()
         while self._lru and (self.used > budget or self.space.above_reserve() < 0):
             self.evict(next(iter(self._lru)))
 
@@ -349,7 +353,8 @@ class ContentCache:
         if size > budget:
             os.unlink(path)
             return False
-        self.evict(token)  # a stale row (file gone) is replaced, never counted twice
+        if token in self._lru or token in self._paths:  # (diskcache's set replaces a row it has)
+            self.evict(token)  # a stale entry (file gone) is replaced, never counted twice
         while self._lru and self.used + self.reserved + size > budget:
             self.evict(next(iter(self._lru)))
         if self.used + self.reserved + size > budget:
@@ -369,8 +374,9 @@ class ContentCache:
         if disk.last_path:
             self._paths[token] = disk.last_path
         self._touch(token, size)
-        self._save_access()
-        self._trim()
+        self._touched.pop(token, None)  # the new row has its access time: no UPDATE for it
+        self._save_access()  # those of entries read meanwhile
+        self._trim(budget)
         return token in self._lru
 
     def _forget(self, token: str) -> None:
