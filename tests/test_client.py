@@ -464,3 +464,26 @@ async def test_small_stores_over_the_lean_path_and_over_httpx(account, lean):
             assert client.transport.lean.opened <= 3  # one at a time: the same connection reused
         else:
             assert client.transport.lean is None
+
+
+async def test_a_channel_change_interrupts_a_waiting_command_without_losing_its_events():
+    """A command's wait is one wait on its waiter (no tasks per wait): the hub interrupts it when
+    the channel reconnects (then the status is polled), and events that came first are kept."""
+    from privifs.client.events import EventHub
+
+    class NoSession:
+        def on_token_change(self, fn) -> None:
+            pass
+
+    hub = EventHub(None, NoSession(), ClientOptions())
+    waiter = hub.register("X-DPT-CAB-ID", "c1")
+    hub._dispatch({"type": "X-DPT-CAB-ID", "id": "c1", "command_status": 1})
+    hub._signal_change()
+    assert (await waiter.next_or_change())["command_status"] == 1
+    with trio.fail_after(5):
+        assert await waiter.next_or_change() is None
+    hub._dispatch({"type": "X-DPT-CAB-ID", "id": "c1", "command_status": 2})
+    with trio.fail_after(5):
+        assert (await waiter.next_or_change())["command_status"] == 2
+    hub.unregister(waiter)
+    hub._signal_change()  # no waiter left: nothing to interrupt

@@ -51,10 +51,26 @@ class Waiter:
         self.keys: list[tuple[str, str]] = []
         self.events: list[dict] = []
         self.arrived = trio.Event()
+        self.channel_changed = False  # the hub (re)joined or lost its channel since the last look
 
     def push(self, data: dict) -> None:
         self.events.append(data)
         self.arrived.set()
+
+    def interrupt(self) -> None:
+        self.channel_changed = True
+        self.arrived.set()
+
+    async def next_or_change(self) -> dict | None:
+        """The next event, or None once the channel changed (events may have been missed)."""
+        while not self.events:
+            if self.channel_changed:
+                self.channel_changed = False
+                return None
+            await self.arrived.wait()
+            if not self.events:
+                self.arrived = trio.Event()
+        return await self.next()
 
     async def next(self) -> dict:
         while not self.events:
@@ -188,6 +204,9 @@ class EventHub:
     def _signal_change(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+        for waiters in self._waiters.values():
+            for w in waiters:
+                w.interrupt()
 
     # -- connection ------------------------------------------------------------------------------
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -369,26 +388,13 @@ class Commands:
             window = min(remaining, ack_window if connected else poll_gap)
             if not connected:
                 poll_gap = min(poll_gap * 2, 1.0)
+            waiter.channel_changed = False  # only a change during this window cuts it short (as before)
             with trio.move_on_after(window):
-                async with trio.open_nursery() as n:
-                    result: list[dict] = []
-
-                    async def take(out: list[dict]) -> None:
-                        while True:
-                            data = await waiter.next()
-                            if not shapes.ws_status(data).pending:
-                                out.append(data)
-                                n.cancel_scope.cancel()
-                                return
-
-                    async def watch() -> None:
-                        await self.hub.changed.wait()
-                        n.cancel_scope.cancel()
-
-                    n.start_soon(take, result)
-                    n.start_soon(watch)
-                if result:
-                    return shapes.ws_status(result[0])
+                # one wait, no tasks: the hub interrupts its waiters when the channel changes
+                while (data := await waiter.next_or_change()) is not None:
+                    state = shapes.ws_status(data)
+                    if not state.pending:
+                        return state
             # no ack in this window, or the channel changed: ask for the status
             state = await self._poll_settled(command_id)
             if state is not None:
