@@ -16,7 +16,8 @@ from privifs.client.transport import Endpoints
 from privifs.config import Config
 from privifs.crypto.keys import key_id, load_aes_key
 from privifs.embedded import EmbeddedEngine
-from privifs.errors import ConfigError, KeyFileError, WrongKeyError
+from privifs.errors import ConfigError, DiskFullError, KeyFileError, PrivifsError, WrongKeyError
+from privifs.fs.space import open_error
 
 
 @dataclass
@@ -85,6 +86,15 @@ def open_account(cfg: Config):
             engine.stop()
 
 
+def _unreadable(db: Path, exc: sqlite3.Error) -> PrivifsError:
+    """Why the engine's database cannot be read: a full disk (SQLite calls it a "disk I/O error"
+    when it cannot make its WAL files) says so and what to do, anything else names the error."""
+    error = open_error(db.parent, "the embedded engine's database", exc)
+    if isinstance(error, DiskFullError):
+        return error
+    return ConfigError(f"cannot read the embedded engine's database {db}: {exc}")
+
+
 def embedded_usernames(data_dir: Path | None = None) -> list[str]:
     """The profiles an embedded engine's data directory already holds (none for a new one).
 
@@ -102,7 +112,7 @@ def embedded_usernames(data_dir: Path | None = None) -> list[str]:
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return []
-        raise ConfigError(f"cannot read the embedded engine's database {db}: {exc}") from None
+        raise _unreadable(db, exc) from None
     except sqlite3.Error as exc:
-        raise ConfigError(f"cannot read the embedded engine's database {db}: {exc}") from None
+        raise _unreadable(db, exc) from None
     return [r[0] for r in rows]

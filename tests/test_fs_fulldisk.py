@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from privifs.account import embedded_usernames
+from privifs.engine.db import Database
 from privifs.errors import DiskFullError
 from privifs.fs.cache import ContentCache, footprint
 from privifs.fs.namespace import Index
@@ -229,10 +231,13 @@ def test_local_state_that_cannot_open_on_a_full_disk_says_the_disk_is_full(tmp_p
     with small_filesystem(tmp_path / "small", "8m") as small:
         ContentCache(small / "cache", 1 << 30, KEY).close()
         Index(small / "index.sqlite3").close()
+        (small / "engine").mkdir()
+        Database(small / "engine" / "engine.sqlite3").close()  # the embedded engine's, as it makes it
         fill_outside(small / "filler")  # SQLite cannot make its WAL files again
         for what, open_it in (
             ("read cache", lambda: ContentCache(small / "cache", 1 << 30, KEY)),
             ("local index", lambda: Index(small / "index.sqlite3")),
+            ("embedded engine's database", lambda: embedded_usernames(small / "engine")),  # before a mount starts it
         ):
             with pytest.raises(DiskFullError) as info:
                 open_it()
