@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from privifs.client.transport import ClientOptions, Endpoints, Transport
+from privifs.errors import ServerUnreachable
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
@@ -126,3 +127,36 @@ async def test_lean_path_reads_chunked_and_closing_answers_and_survives_closed_i
     # connections: the first two answers' (closed after the second), the unframed third's, the
     # fourth's (closed by the server after it answered), and one kept for the last two calls
     assert server.connections == 4
+
+
+async def test_lean_path_turns_malformed_answers_into_unreachable_errors_and_goes_on():
+    # h11 frames the answers: a header line without a colon, a body cut short by the server
+    # closing, a Content-Length that is not a number; each is a clear error, the next call works
+    broken_header = b"HTTP/1.1 200 OK\r\nno colon here\r\nContent-Length: 2\r\n\r\nok"
+    short_body = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
+    bad_length = b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\nabc"
+    plain = b'HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{"a":1}'
+    server = ScriptedServer([broken_header, short_body, bad_length, plain], close_after={0, 1, 2})
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        transport = Transport(Endpoints(api=f"http://127.0.0.1:{port}"), ClientOptions(retry_attempts=1))
+        try:
+            for path in ("/a", "/b", "/c"):
+                with pytest.raises(ServerUnreachable) as info:
+                    await transport.call("GET", path, auth=False, idempotent=False)
+                assert "ProtocolError" in str(info.value), info.value
+            assert (await transport.call("GET", "/d", auth=False)).json() == {"a": 1}
+        finally:
+            await transport.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_lean_path_refuses_a_header_value_with_a_line_break():
+    transport = Transport(Endpoints(api="http://127.0.0.1:9"), ClientOptions(retry_attempts=1))
+    try:
+        with pytest.raises(ServerUnreachable) as info:
+            await transport.call("GET", "/x", auth=False, headers={"X-Token": "a\r\nX-Injected: 1"})
+        assert "LocalProtocolError" in str(info.value)
+    finally:
+        await transport.aclose()

@@ -5,8 +5,10 @@ risk meta) is a short request with a short answer. Through httpx each one ran th
 httpx → httpcore → h11 stack (request and URL objects, header normalisation, the connection
 pool's liveness check of *every* pooled connection, event objects per header block): about
 0.6-0.8 ms of the daemon's CPU per call, most of the daemon's time when draining small files.
-This module sends one such call as one prepared byte string on a kept-alive connection and
-parses the answer (status line, headers, a ``Content-Length`` or chunked body) directly.
+This module sends one such call as one socket write on a kept-alive connection and reads the
+answer, with h11 (the HTTP/1.1 state machine under httpx and hypercorn) framing and checking both
+directions (header syntax, ``Content-Length`` or chunked bodies, keep-alive) but without the layers
+above it.
 
 It serves only what :meth:`privifs.client.transport.Transport.call` needs: whole bodies in
 memory, no redirects, no cookies, no compression (none is asked for). ``https://`` and the
@@ -25,6 +27,7 @@ import time
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+import h11
 import trio
 
 KEEPALIVE = 5.0  # seconds an idle connection is kept (httpx's default)
@@ -84,94 +87,56 @@ class _Origin:
 
 
 class _Connection:
-    __slots__ = ("stream", "buf", "idle_since", "uses")
+    """One kept-alive connection and its h11 state machine (h11 frames and checks every byte)."""
+
+    __slots__ = ("stream", "h11", "idle_since", "uses")
 
     def __init__(self, stream: trio.SocketStream):
         self.stream = stream
-        self.buf = bytearray()
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.idle_since = 0.0
         self.uses = 0
 
     def close(self) -> None:
         self.stream.socket.close()
 
-    async def _fill(self) -> None:
-        data = await self.stream.receive_some(RECEIVE)
-        if not data:
-            raise HTTPFailure("RemoteProtocolError: the server closed the connection")
-        self.buf += data
+    def reusable(self) -> bool:
+        """Whether the last exchange ended cleanly with both sides willing to go on."""
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
-    async def read_head(self) -> bytes:
-        start = 0
+    async def _next_event(self) -> Any:
         while True:
-            end = self.buf.find(b"\r\n\r\n", start)
-            if end >= 0:
-                head = bytes(self.buf[:end])
-                del self.buf[: end + 4]
-                return head
-            if len(self.buf) > MAX_HEAD:
-                raise HTTPFailure("RemoteProtocolError: the answer's header is too long")
-            start = max(0, len(self.buf) - 3)
-            await self._fill()
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.h11.receive_data(await self.stream.receive_some(RECEIVE))  # b"": the server closed
 
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            await self._fill()
-        data = bytes(self.buf[:n])
-        del self.buf[:n]
-        return data
-
-    async def read_line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[: end + 2]
-                return line
-            if len(self.buf) > MAX_HEAD:
-                raise HTTPFailure("RemoteProtocolError: a chunk header is too long")
-            await self._fill()
-
-    async def read_chunked(self) -> bytes:
-        out = bytearray()
-        while True:
-            line = await self.read_line()
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise HTTPFailure("RemoteProtocolError: a malformed chunk size") from None
-            if size == 0:
-                while await self.read_line():  # trailers, up to the empty line
-                    pass
-                return bytes(out)
-            out += await self.read_exactly(size)
-            if await self.read_exactly(2) != b"\r\n":
-                raise HTTPFailure("RemoteProtocolError: a chunk without its line end")
-
-    async def read_to_end(self) -> bytes:
-        while True:
-            data = await self.stream.receive_some(RECEIVE)
-            if not data:
-                out = bytes(self.buf)
-                self.buf.clear()
-                return out
-            self.buf += data
-
-
-def _parse_head(head: bytes) -> tuple[int, bool, Headers]:
-    lines = head.split(b"\r\n")
-    status = lines[0].split(b" ", 2)
-    if len(status) < 2 or not status[0].startswith(b"HTTP/1.") or not status[1].isdigit():
-        raise HTTPFailure(f"RemoteProtocolError: not an HTTP/1.x answer ({lines[0][:40]!r})")
-    headers = Headers()
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise HTTPFailure("RemoteProtocolError: a malformed header line")
-        key = name.strip().lower().decode("latin-1")
-        text = value.strip().decode("latin-1")
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    return int(status[1]), status[0] == b"HTTP/1.1", headers
+    async def exchange(self, request: h11.Request, body: bytes | None) -> Answer:
+        """Send one request, read its whole answer."""
+        if self.uses:
+            self.h11.start_next_cycle()
+        message = self.h11.send(request)
+        if body:
+            message += self.h11.send(h11.Data(data=body))
+        message += self.h11.send(h11.EndOfMessage())
+        await self.stream.send_all(message)
+        event = await self._next_event()
+        while isinstance(event, h11.InformationalResponse):  # an interim answer: the real one follows
+            event = await self._next_event()
+        if not isinstance(event, h11.Response):
+            raise HTTPFailure("RemoteProtocolError: the server closed the connection without answering")
+        status = event.status_code
+        headers = Headers()
+        for name, value in event.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        body_in = bytearray()
+        while not isinstance(event := await self._next_event(), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                raise HTTPFailure("RemoteProtocolError: the server closed the connection mid-answer")
+            body_in += event.data
+        self.uses += 1
+        return Answer(status, headers, bytes(body_in))
 
 
 class LeanHTTP:
@@ -183,7 +148,7 @@ class LeanHTTP:
         self._slots = trio.Semaphore(max_connections)
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._origins: dict[str, _Origin] = {}
-        self._agent = f"User-Agent: {user_agent}\r\nAccept: */*\r\n".encode("latin-1")
+        self._agent = (("User-Agent", user_agent), ("Accept", "*/*"))
         self.opened = 0  # connections opened (for tests and measurements)
 
     def origin(self, base: str) -> _Origin:
@@ -204,7 +169,7 @@ class LeanHTTP:
         while conns:
             conn = conns.pop()
             # a connection the server closed (or wrote to) while idle reads as ready: drop it
-            if now - conn.idle_since > KEEPALIVE or conn.buf or conn.stream.socket.is_readable():
+            if now - conn.idle_since > KEEPALIVE or conn.stream.socket.is_readable():
                 conn.close()
                 continue
             return conn
@@ -224,22 +189,22 @@ class LeanHTTP:
         target = origin.prefix + path
         if params:
             target += ("&" if "?" in target else "?") + urlencode(params)
-        head = [f"{method} {target} HTTP/1.1\r\nHost: {origin.host_header}\r\n".encode("latin-1"), self._agent]
+        fields = [("Host", origin.host_header), *self._agent]
         if headers:
-            head.append("".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1"))
+            fields.extend(headers.items())
         if body is not None or method in ("POST", "PUT", "PATCH"):
-            head.append(b"Content-Length: %d\r\n" % len(body or b""))
-        head.append(b"\r\n")
-        if body:
-            head.append(body)
-        message = b"".join(head)
+            fields.append(("Content-Length", str(len(body or b""))))
+        try:
+            request = h11.Request(method=method, target=target, headers=fields)
+        except h11.LocalProtocolError as exc:  # a header value h11 refuses (a line break, …)
+            raise HTTPFailure(f"LocalProtocolError: {exc}") from None
         key = (origin.host, origin.port)
         async with self._slots:
             with trio.move_on_after(self.timeout):
-                return await self._exchange(key, method, message)
+                return await self._exchange(key, request, body)
             raise HTTPFailure(f"ReadTimeout: no answer within {self.timeout:g} s")
 
-    async def _exchange(self, key: tuple[str, int], method: str, message: bytes) -> Answer:
+    async def _exchange(self, key: tuple[str, int], request: h11.Request, body: bytes | None) -> Answer:
         conn = self._take_idle(key)
         if conn is None:
             try:
@@ -253,26 +218,11 @@ class LeanHTTP:
             conn = _Connection(stream)
         keep = False
         try:
-            await conn.stream.send_all(message)
-            status, http11, headers = _parse_head(await conn.read_head())
-            while 100 <= status < 200:  # an interim answer: the real one follows
-                status, http11, headers = _parse_head(await conn.read_head())
-            if method == "HEAD" or status in (204, 304):
-                content = b""
-            elif "chunked" in headers.get("transfer-encoding", "").lower():
-                content = await conn.read_chunked()
-            elif "content-length" in headers:
-                try:
-                    length = int(headers["content-length"])
-                except ValueError:
-                    raise HTTPFailure("RemoteProtocolError: a malformed Content-Length") from None
-                content = await conn.read_exactly(length)
-            else:
-                content = await conn.read_to_end()
-                http11 = False
-            keep = http11 and "close" not in headers.get("connection", "").lower()
-            conn.uses += 1
-            return Answer(status, headers, content)
+            answer = await conn.exchange(request, body)
+            keep = conn.reusable()
+            return answer
+        except h11.ProtocolError as exc:
+            raise HTTPFailure(f"{type(exc).__name__}: {exc}") from None
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise HTTPFailure(f"{type(exc).__name__}: {exc or 'the connection broke'}") from None
         finally:
