@@ -159,3 +159,81 @@ async def test_an_edit_made_after_seeing_a_rename_replaces_the_renamed_version_w
         for who, c in (("A", a), ("B", b)):
             assert sorted(c.ns.root.children) == ["e.txt", "e2.txt"], f"{who} shows {sorted(c.ns.root.children)}"
         assert await a.vault_names() == {"e.txt": 5, "e2.txt": len(b"B's edit of e2")}
+
+
+def tree_of(c) -> dict[str, str]:
+    """Every path of an in-process client's tree and its kind."""
+    out: dict[str, str] = {}
+
+    def walk(node, path: str) -> None:
+        for name, ino in sorted(node.children.items()):
+            child = c.ns.nodes[ino]
+            out[f"{path}/{name}"] = "dir" if child.is_dir else "file"
+            if child.is_dir:
+                walk(child, f"{path}/{name}")
+
+    walk(c.ns.root, "")
+    return out
+
+
+async def fresh_tree(tmp_path, account, key: bytes) -> dict[str, str]:
+    """What a client with no local state shows (its tree comes from the listing only)."""
+    (tmp_path / "fresh").mkdir(parents=True)
+    async with inprocess_fs(tmp_path / "fresh", *account, key=key) as f:
+        await f.refresher.refresh_once()
+        return tree_of(f)
+
+
+async def test_a_directory_renamed_over_one_another_client_filled_ends_as_on_a_fresh_mount(account, tmp_path):
+    # B puts g into s2; A, not seeing it, renames s1 over its (to A) empty s2: the vault has
+    # s1's marker at s2 and g inside. B placed the moved marker under a conflict name while its
+    # s2 still had a marker, and kept it there after s2 lost it (two directories; A and a fresh
+    # mount show one)
+    async with two_clients(tmp_path, account) as (a, b):
+        x = a.mkdir_node(1, "x")
+        a.mkdir_node(x, "s1")
+        a.mkdir_node(x, "s2")
+        await listed(a, b)
+        fh, _ = b.create_node(b.node("/x/s2"), "g")
+        await b.fs.write(fh, 0, b"g")
+        b.fs.release(fh)
+        await b.wait_idle()
+        a.fs.rename(x.ino, b"s1", x.ino, b"s2", 0)
+        for _ in range(2):
+            await listed(a, b)
+        want = {"/x": "dir", "/x/s2": "dir", "/x/s2/g": "file"}
+        assert tree_of(a) == want
+        assert tree_of(b) == want
+        assert await fresh_tree(tmp_path, account, a.key) == want
+
+
+async def test_a_directory_renamed_onto_a_name_another_client_just_took_ends_as_on_a_fresh_mount(account, tmp_path):
+    # A renames y → x while B makes a directory x (then, in a second round, a file x): B showed
+    # the renamed directory under a conflict name for good; a fresh mount shows one directory x
+    # (two markers) and, against a file, the directory under the plain name and the file aside
+    for kind in ("dir", "file"):
+        async with two_clients(tmp_path / kind, account) as (a, b):
+            a.mkdir_node(1, "y")
+            await listed(a, b)
+            if kind == "dir":
+                b.mkdir_node(1, "x")
+            else:
+                fh, _ = b.create_node(1, "x")
+                await b.fs.write(fh, 0, b"file x")
+                b.fs.release(fh)
+            a.fs.rename(1, b"y", 1, b"x", 0)
+            for _ in range(2):
+                await listed(a, b)
+            fresh = await fresh_tree(tmp_path / kind, account, a.key)
+            assert fresh["/x"] == "dir" and len(fresh) == (1 if kind == "dir" else 2), fresh
+            assert tree_of(a) == fresh
+            assert tree_of(b) == fresh
+            # and an rmdir on B removes the directory everywhere (both markers; a file aside
+            # takes the plain name back)
+            b.fs.rmdir(1, b"x")
+            for _ in range(2):
+                await listed(a, b)
+            fresh = await fresh_tree(tmp_path / kind / "again", account, a.key)
+            assert "dir" not in fresh.values() and len(fresh) == (0 if kind == "dir" else 1), fresh
+            assert tree_of(a) == fresh
+            assert tree_of(b) == fresh

@@ -433,10 +433,60 @@ class Refresher:
             self.ns.release(node, self.syncer.staging)
             node = parent if upwards else None
 
+    def _settle_dirs(self, started: float) -> None:
+        """A directory shows under its plain name, as on a fresh mount, where a token of another
+        directory and a file claim one path: a directory moved here onto a name another entry
+        held took a conflict name (:meth:`_place`); once this listing is merged, it takes the
+        plain name: from a file (which moves aside, as :meth:`_add` does), from an implicit
+        directory (merged into it), or from a directory with a marker of its own (one
+        directory: this token becomes its other marker, as for two mkdirs)."""
+        for node in list(self.ns.nodes.values()):
+            if not (node.is_dir and node.token and node.remote_name is not None and self.eligible(node, started)):
+                continue
+            plain = shown_name(node.remote_name, node.remote_extension)
+            parent = self.ns.nodes.get(node.parent)
+            if parent is None or node.name == plain or node.name != conflict_name(plain, node.token):
+                continue
+            holder = self.ns.child(parent, plain)
+            if holder is not None and holder.is_dir and not self._implicit(holder):
+                if not holder.token or not self.eligible(holder, started):
+                    continue
+                self._merge_dirs(holder, node)
+                if node.children:
+                    continue  # entries of the same name in both: they stay apart
+                token = node.token
+                self.ns.remove(node, delete_token=False)
+                self._inval_entry(parent.ino, node.name, deleted=node.ino)
+                self.ns.release(node, self.syncer.staging)
+                self.ns.add_marker(holder, token)
+                continue
+            if holder is not None and holder.is_dir:
+                self._merge_dirs(node, holder)
+            elif holder is not None:
+                if not holder.token or not self.eligible(holder, started):
+                    continue
+                aside = conflict_name(plain, holder.token)
+                if self.ns.child(parent, aside) is not None:
+                    continue
+                self.ns.move(holder, parent, aside)
+                self.ns.show_as(holder, aside)
+                self.index.save(holder)
+                self._inval_entry(parent.ino, plain)
+                self._inval_entry(parent.ino, aside)
+            if self.ns.child(parent, plain) is not None:
+                continue
+            old = node.name
+            self.ns.move(node, parent, plain)
+            self.ns.show_as(node, plain)
+            self.index.save(node)
+            self._inval_entry(parent.ino, old)
+            self._inval_entry(parent.ino, plain)
+
     def _settle_names(self, started: float) -> None:
         """Tokens claiming one path (files and symlinks) show under the names their claim order
         gives: the first under the plain name, the others under their conflict names. A
         conflict name goes back to plain once the path is free."""
+        self._settle_dirs(started)
         claims: dict[tuple[int, str], list[Node]] = {}
         for node in self.ns.nodes.values():
             if (
