@@ -7,6 +7,7 @@ import secrets
 from contextlib import asynccontextmanager
 
 import pytest
+import trio
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
 from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
@@ -237,3 +238,33 @@ async def test_a_directory_renamed_onto_a_name_another_client_just_took_ends_as_
             assert "dir" not in fresh.values() and len(fresh) == (0 if kind == "dir" else 1), fresh
             assert tree_of(a) == fresh
             assert tree_of(b) == fresh
+
+
+@pytest.mark.parametrize("older", ["file", "dir"])
+async def test_a_file_and_an_implicit_directory_of_one_name_show_as_on_a_fresh_mount(account, tmp_path, older):
+    # B removes d and renames its file g to d; A, not seeing it, writes d/f: the vault has a
+    # file d and a file f in /d with no marker. A fresh mount shows whichever claimed the name
+    # first under it: the file (the directory as d.dir) or the directory (the file aside).
+    # Each mount kept what its history gave: A the directory d, B the file d
+    async with two_clients(tmp_path, account) as (a, b):
+        a.mkdir_node(1, "d")
+        await listed(a, b)
+        b.fs.rmdir(1, b"d")
+        made = []
+        for who in ("g", "f") if older == "file" else ("f", "g"):
+            if made:
+                await trio.sleep(1.1)  # createdAt has whole seconds: a claim order to test
+            c, parent = (b, 1) if who == "g" else (a, a.node("/d"))
+            fh, _ = c.create_node(parent, who)
+            await c.fs.write(fh, 0, who.encode())
+            c.fs.release(fh)
+            await c.wait_idle()
+            made.append(who)
+        b.fs.rename(1, b"g", 1, b"d", 0)
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh["/d"] == older, fresh
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh

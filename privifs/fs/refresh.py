@@ -482,11 +482,65 @@ class Refresher:
             self._inval_entry(parent.ino, old)
             self._inval_entry(parent.ino, plain)
 
+    def _subtree_claim(self, node: Node, started: float) -> tuple[float, str] | None:
+        """The earliest claim among the tokens in the implicit directory ``node`` (on a fresh
+        mount, the first of them made it, at that point of the claim order); None if an entry
+        in it has local changes or it holds no token."""
+        best = None
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n is not node and not self.eligible(n, started):
+                return None
+            for token in (n.token, *n.extra_markers):
+                if token:
+                    claim = claim_order(self._created.get(token), token)
+                    best = claim if best is None or claim < best else best
+            if n.children:
+                stack.extend(self.ns.nodes[i] for i in n.children.values())
+        return best
+
+    def _settle_files_and_implicit_dirs(self, started: float) -> None:
+        """A file and an implicit directory (entries whose context passes through a path no
+        marker names) claiming one name: as on a fresh mount, whichever claimed it first in the
+        claim order keeps the plain name; the file then shows under its conflict name, or the
+        directory as ``name.dir`` (:meth:`Namespace.ensure_dirs`)."""
+        files: dict[tuple[int, str], list[Node]] = {}
+        for node in self.ns.nodes.values():
+            if node.token and not node.is_dir and node.remote_name is not None and self.eligible(node, started):
+                files.setdefault((node.parent, shown_name(node.remote_name, node.remote_extension)), []).append(node)
+        for (parent_ino, plain), claimants in files.items():
+            parent = self.ns.nodes.get(parent_ino)
+            if parent is None or parent.children is None:
+                continue
+            first = min(claim_order(self._created.get(n.token), n.token) for n in claimants)
+            holder = self.ns.child(parent, plain)
+            aside = self.ns.child(parent, f"{plain}.dir")
+            if holder is not None and self._implicit(holder):
+                claim = self._subtree_claim(holder, started)
+                if claim is not None and first < claim and aside is None:
+                    self.ns.move(holder, parent, f"{plain}.dir")
+                    self.index.save(holder)
+                    self._inval_entry(parent.ino, plain)
+                    self._inval_entry(parent.ino, f"{plain}.dir")
+            elif holder in claimants and aside is not None and self._implicit(aside):
+                claim = self._subtree_claim(aside, started)
+                moved = conflict_name(plain, holder.token)
+                if claim is not None and claim < first and self.ns.child(parent, moved) is None:
+                    self.ns.move(holder, parent, moved)
+                    self.ns.show_as(holder, moved)
+                    self.index.save(holder)
+                    self.ns.move(aside, parent, plain)
+                    self.index.save(aside)
+                    for name in (plain, moved, f"{plain}.dir"):
+                        self._inval_entry(parent.ino, name)
+
     def _settle_names(self, started: float) -> None:
         """Tokens claiming one path (files and symlinks) show under the names their claim order
         gives: the first under the plain name, the others under their conflict names. A
         conflict name goes back to plain once the path is free."""
         self._settle_dirs(started)
+        self._settle_files_and_implicit_dirs(started)
         claims: dict[tuple[int, str], list[Node]] = {}
         for node in self.ns.nodes.values():
             if (
