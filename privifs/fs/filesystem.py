@@ -483,8 +483,10 @@ class Filesystem:
             staged = await self.writable_staged(node, truncate_to_zero=True)
             now = time.time_ns()
             if staged.size:
-                staged.sealed.truncate(0, stamp=now)
                 self.parts.changes.resized(staged.id, 0)
+            # also when empty: the header carries the new time (a release leaves the index's
+            # commit for later, and a restart takes the time from the header)
+            staged.sealed.truncate(0, stamp=now)
             self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
             self.mark_content_dirty(node)
         return self._open_node(node, flags)
