@@ -12,6 +12,7 @@ import os
 import stat
 
 import pyfuse3
+import trio
 
 from tests.fskit import CTX, fails_with, inprocess_fs
 
@@ -373,6 +374,24 @@ async def test_what_writes_returned_survives_a_crash_before_the_close_reaches_pr
             assert await again.read_file(name) == data
         await again.settle()
         assert await again.vault_tree() == {"small": small, "big": big, "released": small}
+
+
+async def test_the_time_of_an_open_with_o_trunc_of_an_empty_file_survives_a_crash(module_account, eng, tmp_path):
+    # an empty file not yet uploaded, opened with O_TRUNC and closed: its new mtime was kept only
+    # in memory (the empty staged file's header was not rewritten, and the release leaves the
+    # index's commit for later), so a kill -9 brought the creation time back
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True, write_back_delay=3600) as kit:
+        await kit.close(await kit.create_file("empty"))
+        created = (await kit.lookup("empty")).st_mtime_ns
+        await trio.sleep(0.01)
+        await kit.close(await kit.open_file("empty", os.O_WRONLY | os.O_TRUNC))
+        truncated = (await kit.lookup("empty")).st_mtime_ns
+        assert truncated > created
+        key = kit.key
+        kit.fs.index._soon.clear()  # the daemon is killed here: no commit after the release
+    async with inprocess_fs(tmp_path, *module_account, key=key, write_back_delay=3600) as again:
+        attrs = await again.lookup("empty")
+        assert (attrs.st_size, attrs.st_mtime_ns) == (0, truncated)
 
 
 async def test_ftruncate_through_a_handle_and_truncate_of_a_directory(kit):

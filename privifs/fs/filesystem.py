@@ -383,6 +383,8 @@ class Filesystem:
             # free the local space first: on a full disk the index needs it to record the removal
             self.staging.remove(node.staged)
             self.ns.clear_staged(node)
+        if node.uploading:
+            self.sync.superseded(node)
         self.ns.remove(node, delete_token=True)
         self.touch_parent(parent)
         self.sync.wake_tombstones()
@@ -445,6 +447,7 @@ class Filesystem:
             if target is not None:
                 self._remove(target)
             self.ns.move(node, new_parent, text)
+            self.sync.superseded_under(node)
             self.touch_parent(old_parent)
             self.touch_parent(new_parent)
             if node.is_dir:
@@ -480,8 +483,10 @@ class Filesystem:
             staged = await self.writable_staged(node, truncate_to_zero=True)
             now = time.time_ns()
             if staged.size:
-                staged.sealed.truncate(0, stamp=now)
                 self.parts.changes.resized(staged.id, 0)
+            # also when empty: the header carries the new time (a release leaves the index's
+            # commit for later, and a restart takes the time from the header)
+            staged.sealed.truncate(0, stamp=now)
             self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
             self.mark_content_dirty(node)
         return self._open_node(node, flags)
@@ -499,8 +504,10 @@ class Filesystem:
                 fresh = self.staging.create() if truncate_to_zero else self.staging.clone(staged)
                 if not truncate_to_zero:
                     self.parts.changes.cloned(staged.id, fresh.id)
-                self.ns.set_staged(node, fresh)
-                self.index.save(node)
+                with self.index:
+                    self.sync.superseded(node)  # an upload of the old content may be in flight
+                    self.ns.set_staged(node, fresh)
+                    self.index.save(node)
                 return fresh
             return staged
         if truncate_to_zero or node.token is None:
@@ -738,7 +745,7 @@ class Filesystem:
         that is gone or damaged has lost its content: the node shows its last uploaded content,
         or, never uploaded, is removed (never read as zeros). One that cannot be opened for
         another reason (too many open files, permissions) stops the start, and is kept."""
-        referenced = set()
+        referenced = set(self.sync.leftover)  # uploads the last run cut off (Syncer.superseded)
         for node in list(self.ns.nodes.values()):
             if not node.staged_id:
                 continue

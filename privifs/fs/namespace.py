@@ -92,6 +92,10 @@ MIGRATIONS: list[tuple[str, Step]] = [
         "ALTER TABLE nodes DROP COLUMN upload_digest; DROP TABLE kv;",
     ),
     ("the access time a utimensat sets (NULL reads as mtime)", "ALTER TABLE nodes ADD COLUMN atime_ns INTEGER"),
+    (
+        "uploads in flight that a change superseded (see Syncer.superseded)",
+        "CREATE TABLE superseded (staged_id TEXT PRIMARY KEY, context TEXT NOT NULL, name TEXT NOT NULL)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -573,6 +577,20 @@ class Index:
 
     def tombstones(self) -> dict[str, float]:
         return {r[0]: r[1] for r in self.conn.execute("SELECT token, since FROM tombstones")}
+
+    def add_superseded(self, staged_id: str, context: str, name: str) -> None:
+        """An upload of the staged file ``staged_id`` under ``context``/``name`` is in flight, and
+        the node it was for has moved on (removed, renamed, written again): a token it leaves
+        behind unrecorded (a crash) is not the node's (see ``Syncer.superseded``)."""
+        self._write(
+            "INSERT OR REPLACE INTO superseded (staged_id, context, name) VALUES (?, ?, ?)", (staged_id, context, name)
+        )
+
+    def drop_superseded(self, staged_id: str) -> None:
+        self._write("DELETE FROM superseded WHERE staged_id = ?", (staged_id,))
+
+    def superseded(self) -> dict[str, tuple[str, str]]:
+        return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT staged_id, context, name FROM superseded")}
 
 
 class Namespace:

@@ -230,6 +230,7 @@ class Refresher:
             # move go back to where their context puts them (until nothing moves)
             self._place_until_still(followed)
             adoptions = []
+            claimed: set[str] = set()  # the last run's superseded uploads a token here may be
             # in claim order: the first token of a path takes the plain name
             for info in sorted(unknown, key=lambda i: claim_order(i.created_at, i.token)):
                 parts = split_context(info.context)
@@ -241,8 +242,10 @@ class Refresher:
                     for n in nodes
                     if split_context(ctx) == parts and name == info.file_name
                 ]
-                if waiting:
-                    adoptions.append((waiting[0], info))
+                superseded = self.syncer.leftover_at(parts, info.file_name)
+                if waiting or superseded:
+                    claimed.update(superseded)
+                    adoptions.append((waiting[0] if waiting else None, info, superseded))
                     continue
                 self._add(info, parts, vanished)
             # an entry added before the marker of its directory (claim order) may sit in a
@@ -257,8 +260,13 @@ class Refresher:
         self.last_refresh = time.time()
         self.last_error = None
         await self._flush_invalidations()
-        for node, info in adoptions:
-            if not await self.syncer.adopt_orphan(node, info):
+        self.syncer.leftovers_settled(claimed)
+        for node, info, superseded in adoptions:
+            if superseded:
+                buried = await self.syncer.bury(info, superseded)
+                if buried or buried is None:  # None: cannot tell yet, looked at again next time
+                    continue
+            if node is None or not await self.syncer.adopt_orphan(node, info):
                 with self.index:
                     self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()

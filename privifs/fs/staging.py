@@ -180,6 +180,10 @@ class Staging:
     def open(self, staged_id: str) -> StagedFile:
         return StagedFile(staged_id, SealedFile.open(self.path(staged_id), self._key, writable=True), self)
 
+    def open_read(self, staged_id: str) -> SealedFile:
+        """A staged file opened for reading only."""
+        return SealedFile.open(self.path(staged_id), self._key)
+
     def clone(self, staged: StagedFile) -> StagedFile:
         """A writable copy of a frozen staged file (raw sealed bytes; no decryption)."""
         staged.sealed.sync_header()

@@ -23,7 +23,11 @@ Tombstoned tokens are deleted by their own task (a delete of a missing token cou
 An upload that was interrupted by a crash after the server made the token but before the node
 recorded it leaves an orphan; :meth:`Syncer.adopt_orphan` recognises it on the next listing by
 its place, name and content (compared with the staged copy) and records it instead of a
-duplicate.
+duplicate. When the file was removed, renamed (or a directory above it) or written again while
+its upload was in flight, that upload is recorded as *superseded* with the change (the
+``superseded`` table: its staged file, kept, and where it went); the upload's end drops the record,
+and after a crash the next listing's token there with that content is deleted, not shown
+(:meth:`Syncer.bury`).
 
 State and concurrency: nodes are reconciled by ``workers`` tasks, never two at once for the same
 node (``_busy``); everything between two awaits is atomic on the trio thread. ``inflight_names``
@@ -46,6 +50,7 @@ import trio
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
+from privifs.crypto.sealed import SealedFile
 from privifs.errors import (
     CommandRejected,
     NodeGone,
@@ -154,6 +159,12 @@ class Syncer:
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
+        # uploads in flight: ino -> the staged file being sent and the context and name it goes to
+        self._flights: dict[int, tuple[StagedFile, str, str]] = {}
+        self._superseded: set[str] = set()  # staged ids of flights recorded as superseded (this run)
+        # flights the last run recorded as superseded and never finished (it stopped): staged id ->
+        # (context, name); a token the listing shows there with that content is theirs, not a file
+        self.leftover: dict[str, tuple[str, str]] = self.index.superseded()
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -333,6 +344,7 @@ class Syncer:
         replaced, seen_at = node.token, (node.remote_context, node.remote_name, node.remote_extension)
         self.ns.begin_upload(node, streaming=True)
         self.index.save(node)
+        self._flights[node.ino] = (staged, context, name)
         try:
             with self._claiming(context, name):
                 meta = FileMeta(name, extension, context, size, path)
@@ -346,7 +358,16 @@ class Syncer:
                 self._record_content(
                     node, staged, token, context, name, extension, keep_old=keep, manifest_risk=manifest_risk
                 )
+        except PrivifsError:
+            if staged.id in self._superseded:  # failed: no token was made (a cancel keeps it: unknown)
+                self._superseded.discard(staged.id)
+                try:
+                    self.index.drop_superseded(staged.id)
+                except PrivifsError as exc:
+                    log.warning("could not record the end of an upload: %s", exc)
+            raise
         finally:
+            self._flights.pop(node.ino, None)
             self.ns.end_upload(node)
             self.sent.pop(node.ino, None)
             if node.staged is staged:
@@ -438,6 +459,9 @@ class Syncer:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``)."""
         with self.index:
+            if staged.id in self._superseded:
+                self._superseded.discard(staged.id)
+                self.index.drop_superseded(staged.id)
             if node.unlinked:
                 self._tombstone(token)
                 if node.staged is staged:
@@ -697,6 +721,96 @@ class Syncer:
                 await self._tomb_wake.wait()
 
     # -- crash recovery --------------------------------------------------------------------------
+    def superseded(self, node: Node) -> None:
+        """``node`` is being removed, renamed (or a directory above it) or written again while its
+        upload is in flight: the token that upload makes is no longer simply the node's. Recorded
+        in the caller's transaction (with the change itself), so that when a crash comes after
+        the server made the token and before it was recorded, the next start finds the token
+        claimed (:meth:`bury`) instead of showing it as a file: the removed file back, the renamed
+        one twice, the rewritten one with a conflict copy. The upload's end drops the record."""
+        flight = self._flights.get(node.ino)
+        if flight is None or flight[0].id in self._superseded:
+            return
+        staged, context, name = flight
+        self.index.add_superseded(staged.id, context, name)
+        self._superseded.add(staged.id)
+
+    def superseded_under(self, node: Node) -> None:
+        """:meth:`superseded` for ``node`` and every node below it with an upload in flight."""
+        for ino in list(self._flights):
+            other = self.ns.get(ino)
+            if other is not None and (other is node or self.ns.is_ancestor(node, other)):
+                self.superseded(other)
+
+    def leftover_at(self, parts: list[str], name: str) -> list[str]:
+        """Staged ids of the last run's superseded uploads that went to ``parts``/``name``."""
+        return [sid for sid, (ctx, n) in self.leftover.items() if n == name and split_context(ctx) == parts]
+
+    async def bury(self, info: TokenInfo, staged_ids: list[str]) -> bool | None:
+        """Whether ``info`` is the token of one of the last run's superseded uploads
+        (``staged_ids``, see :meth:`superseded`): then it is recorded for deletion, never shown.
+        None when that cannot be told now (the token could not be read: asked again at the next
+        listing)."""
+        for sid in staged_ids:
+            try:
+                sealed = self.staging.open_read(sid)
+            except PrivifsError:
+                self._forget_leftover(sid)
+                continue
+            try:
+                same = await self._same_content(sealed, info)
+            finally:
+                sealed.close()
+            if same is None:
+                return None
+            if same:
+                log.info(
+                    "token %s (%s/%s): an upload the last stop cut off after the file was removed, renamed "
+                    "or written again; deleting it",
+                    info.token,
+                    info.context,
+                    info.file_name,
+                )
+                with self.index:
+                    self.index.add_tombstone(info.token)
+                    self._forget_leftover(sid)
+                self.wake_tombstones()
+                return True
+        return False
+
+    def _forget_leftover(self, staged_id: str) -> None:
+        """A superseded upload of the last run is settled: its record and (unless a node still
+        has it) its staged file go."""
+        self.leftover.pop(staged_id, None)
+        self.index.drop_superseded(staged_id)
+        if not any(n.staged_id == staged_id for n in self.ns.nodes.values()):
+            self.staging.path(staged_id).unlink(missing_ok=True)
+
+    def leftovers_settled(self, claimed: set[str]) -> None:
+        """A whole listing was merged: the last run's superseded uploads it showed no token for
+        (not in ``claimed``) never made one."""
+        for sid in list(self.leftover):
+            if sid not in claimed:
+                with self.index:
+                    self._forget_leftover(sid)
+
+    async def _same_content(self, sealed: SealedFile, info: TokenInfo) -> bool | None:
+        """Whether the token ``info`` holds the plaintext of ``sealed`` (None: it cannot be read)."""
+        if info.size not in (None, sealed.size):
+            return False
+        want = hashlib.blake2b()
+        for piece in sealed.chunks(PIECE_CHUNKS):
+            want.update(piece)
+        sink = _HashSink()
+        try:
+            if is_manifest_node(_risk_text(info)):  # a big file stored as parts: its verified parts
+                await self.parts.store.copy(await self.parts.reader.manifest(info.token), sink.write)
+            else:
+                await self.vault.get(info.token, sink, size=info.size)
+        except PrivifsError:
+            return None
+        return sink.h.digest() == want.digest()
+
     def _adopt_marker(self, node: Node, info: TokenInfo) -> bool:
         """A marker made by the last run, which stopped before recording it (its risk meta may
         not be written yet): recorded, and its meta written by the next reconcile."""
@@ -720,30 +834,8 @@ class Syncer:
         staged = node.staged
         if staged is None or info.size not in (None, staged.size):
             return False
-        want = hashlib.blake2b()
-        for piece in staged.sealed.chunks(PIECE_CHUNKS):
-            want.update(piece)
-
-        class HashSink:  # a PlaintextSink that keeps only a digest
-            def __init__(self) -> None:
-                self.h = hashlib.blake2b()
-
-            async def write(self, data: bytes | memoryview) -> None:
-                self.h.update(data)
-
-            async def reset(self) -> None:
-                self.h = hashlib.blake2b()
-
-        sink = HashSink()
         manifest = is_manifest_node(_risk_text(info))
-        try:
-            if manifest:  # a big file stored as parts: its verified parts, in order
-                await self.parts.store.copy(await self.parts.reader.manifest(info.token), sink.write)
-            else:
-                await self.vault.get(info.token, sink, size=info.size)
-        except PrivifsError:
-            return False
-        if sink.h.digest() != want.digest() or node.staged is not staged:
+        if not await self._same_content(staged.sealed, info) or node.staged is not staged:
             return False
         log.info(
             "%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
@@ -787,6 +879,19 @@ class Syncer:
 
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
+
+
+class _HashSink:
+    """A PlaintextSink that keeps only a digest."""
+
+    def __init__(self) -> None:
+        self.h = hashlib.blake2b()
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.h.update(data)
+
+    async def reset(self) -> None:
+        self.h = hashlib.blake2b()
 
 
 def _risk_text(info: TokenInfo) -> str | None:

@@ -1,0 +1,87 @@
+"""A daemon killed while an upload it no longer needs as it was is in flight: the file was
+removed, renamed or written again after the upload started, the server made the token, and the
+daemon died before recording it. The next start found that token in the listing, claimed by no
+node, and showed it: the removed file came back, the renamed one showed twice, the rewritten one
+got a conflict copy of its old content. Played in-process: the first run stops (a crash) right
+after the server made the token; the second starts over the same state directory."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from tests.fskit import inprocess_fs
+
+
+async def _crash_after_the_token_is_made(t, path: str, data: bytes, change) -> str:
+    """Write ``path``, let its upload make the token, apply ``change`` while the upload is still
+    to be recorded, and return the token (the caller then leaves the run: the crash)."""
+    made, never = trio.Event(), trio.Event()
+    real = t.syncer.vault.put_stream
+    token = None
+
+    async def held(*args, **kwargs):
+        nonlocal token
+        token = await real(*args, **kwargs)
+        made.set()
+        await never.wait()  # killed before the record
+
+    t.syncer.vault.put_stream = held
+    await t.write_file(path, data)
+    t.syncer.last_activity = float("-inf")
+    with trio.fail_after(20):
+        await made.wait()
+    await change()
+    return token
+
+
+async def test_a_file_removed_while_its_upload_was_in_flight_stays_removed_after_a_crash(account, tmp_path):
+    key = os.urandom(32)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+
+        async def remove():
+            await t.unlink("f.bin")
+
+        await _crash_after_the_token_is_made(t, "f.bin", os.urandom(70_000), remove)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.settle()
+        await t.refresh()
+        assert [name for name, _ in await t.readdir("")] == []
+        assert await t.vault_names() == {}
+        assert t.fs.index.superseded() == {} and t.fs.staging.ids() == set()  # settled, nothing left
+
+
+async def test_a_file_renamed_while_its_upload_was_in_flight_shows_once_after_a_crash(account, tmp_path):
+    key = os.urandom(32)
+    data = os.urandom(70_000)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+
+        async def rename():
+            await t.rename("f.bin", "g.bin")
+
+        await _crash_after_the_token_is_made(t, "f.bin", data, rename)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.settle()
+        await t.refresh()
+        await t.settle()
+        assert [name for name, _ in await t.readdir("")] == ["g.bin"]
+        assert await t.read_file("g.bin") == data
+        assert await t.vault_names() == {"g.bin": len(data)}
+
+
+async def test_a_file_rewritten_while_its_upload_was_in_flight_has_no_conflict_copy_after_a_crash(account, tmp_path):
+    key = os.urandom(32)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+
+        async def rewrite():
+            await t.write_file("f.bin", b"the second version")
+
+        await _crash_after_the_token_is_made(t, "f.bin", os.urandom(70_000), rewrite)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.settle()
+        await t.refresh()
+        await t.settle()
+        assert [name for name, _ in await t.readdir("")] == ["f.bin"]
+        assert await t.read_file("f.bin") == b"the second version"
+        assert await t.vault_names() == {"f.bin": len(b"the second version")}
