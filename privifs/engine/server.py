@@ -35,8 +35,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from privifs.engine import routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility, routes_voting
-from privifs.engine.coalesce import CoalescingSend, SteadyIdleTimer
+from privifs.engine import (
+    h1,
+    routes_datatoken,
+    routes_device,
+    routes_oauth,
+    routes_profile,
+    routes_utility,
+    routes_voting,
+)
+from privifs.engine.coalesce import CoalescingSend, PlainReads, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
 from privifs.engine.http import read_body
@@ -74,7 +82,7 @@ def leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, hypercorn.trio.tcp_server.TCPServer):
+class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.trio.tcp_server.TCPServer):
     """hypercorn's per-connection handler, except that its failure ends the connection only.
 
     Unpatched, an exception escaping one connection (e.g. h11's ``LocalProtocolError`` after a
@@ -257,7 +265,15 @@ async def _supervised(
         began = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(serve, app, _config(name, host, port), shutdown_trigger=stop.wait))
+                if name == "api":  # many small requests: the lean server (privifs/engine/h1.py)
+                    config = _config(name, host, port)
+                    timeouts = {"keep_alive_timeout": config.keep_alive_timeout}
+                    lean = h1.Server(app, name, graceful_timeout=config.graceful_timeout, **timeouts)
+                    binds = await nursery.start(lean.serve, host, port, stop.wait)
+                else:
+                    binds = await nursery.start(
+                        partial(serve, app, _config(name, host, port), shutdown_trigger=stop.wait)
+                    )
                 port = int(binds[0].rsplit(":", 1)[1])  # port 0 was given: restarts reuse the one bound
                 if not started:
                     started = True
