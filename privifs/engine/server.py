@@ -47,7 +47,7 @@ from privifs.engine import (
 from privifs.engine.coalesce import CoalescingSend, PlainReads, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
-from privifs.engine.http import read_body
+from privifs.engine.http import Handler, read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
 from privifs.engine.wsproxy import websocket_app
@@ -165,7 +165,38 @@ def admin_routes(engine: Engine) -> list[Route]:
     ]
 
 
-def api_app(engine: Engine) -> Starlette:
+class ExactRoutes:
+    """The API app: a request for a route without path parameters whose handler is
+    :func:`~privifs.engine.http.guarded` (it turns every error into an answer itself) goes
+    straight to that handler by one dictionary lookup; anything else (path parameters, admin
+    routes, 404, 405, redirects) through Starlette. Starlette's router matches a path against
+    each route's regex in turn and wraps the call in two middleware layers and their send
+    wrappers: ≈ 7 % of the engine's main thread when small files are stored."""
+
+    def __init__(self, app: Starlette):
+        self.app = app
+        self.exact: dict[tuple[str, str], Handler] = {}
+        for route in app.routes:
+            if isinstance(route, Route) and not route.param_convertors and getattr(route.endpoint, "guarded", False):
+                for method in route.methods or ():
+                    self.exact.setdefault((method, route.path), route.endpoint)
+
+    @property
+    def routes(self) -> list:
+        return self.app.routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            handler = self.exact.get((scope["method"], scope["path"]))
+            if handler is not None:
+                scope["app"] = self.app
+                response = await handler(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def api_app(engine: Engine) -> ExactRoutes:
     """The API's routes (building them turns nothing on: see privifs.engine.features)."""
     routes = (
         routes_utility.routes(engine)
@@ -181,7 +212,7 @@ def api_app(engine: Engine) -> Starlette:
         message = {404: "Record Not Found", 405: "Method Not Allowed"}.get(exc.status_code, exc.detail)
         return JSONResponse({"status": exc.status_code, "message": message}, status_code=exc.status_code)
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return ExactRoutes(Starlette(routes=routes, exception_handlers={HTTPException: http_error}))
 
 
 def _config(name: str, host: str, port: int) -> Config:
