@@ -1,6 +1,6 @@
-"""Start the engine: four hypercorn servers (API, WebSocket proxy, upstream, downstream) on one
-trio loop, the command runner and the janitor; write the URLs file; stop cleanly on SIGTERM or
-SIGINT.
+"""Start the engine: four servers (the API on privifs.engine.h1; the WebSocket proxy, upstream
+and downstream on hypercorn) on one trio loop, the command runner and the janitor; write the
+URLs file; stop cleanly on SIGTERM or SIGINT.
 
 No request can end the engine. A failure inside one connection (a protocol error hypercorn's
 h11/wsproto glue raises, a bug in a handler) ends that connection only: it is logged in one line
