@@ -97,3 +97,15 @@ async def test_a_shutdown_closes_idle_connections_at_once_and_busy_ones_when_don
         assert c.closed_at is None
         await c.protocol_send(Updated(idle=True))
     assert c.closed_at == 11
+
+
+async def test_a_shutdown_closes_an_idle_connection_at_once(autojump_clock):
+    c = Conn(75)
+    async with trio.open_nursery() as n:
+        n.start_soon(c._idle_timeout)
+        await c.protocol_send(Updated(idle=False))
+        await trio.sleep(5)
+        await c.protocol_send(Updated(idle=True))
+        await trio.sleep(10)
+        c.context.terminated.set()
+    assert c.closed_at == 15

@@ -1,4 +1,6 @@
-"""One socket write per small HTTP answer instead of two.
+"""Mixins for hypercorn's per-connection handler (the WebSocket, upstream and downstream
+servers): one socket write per small HTTP answer instead of two, one keep-alive timer per
+connection that a request does not wake, and reads without a timeout scope each.
 
 hypercorn writes an answer's head (status line and headers) and its body with separate
 ``send`` calls. On loopback each ``send`` runs the receiver's TCP path and wakes it, so a small
@@ -13,8 +15,11 @@ that carries the head happens no later than the next event of the same answer.
 
 from __future__ import annotations
 
+import math
+
 import trio
-from hypercorn.events import RawData, Updated
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.trio import tcp_server
 
 _FINAL_HEAD = tuple(f"HTTP/1.1 {d}".encode() for d in "2345")
 
@@ -42,43 +47,71 @@ class CoalescingSend:
 
 
 class SteadyIdleTimer:
-    """Mixin for hypercorn's trio ``TCPServer``: one keep-alive timer task per connection.
+    """Mixin for hypercorn's trio ``TCPServer``: one keep-alive timer task per connection, which
+    a request does not wake.
 
     hypercorn stops its idle task when a request arrives and starts a new one (a task spawn
     through a nursery, a lock, two cancel scopes) when the answer is done: about a tenth of the
-    engine's CPU for small requests. Here one task lives as long as the connection and its
-    deadline moves instead; what it does is hypercorn's: close a connection idle for
-    ``keep_alive_timeout``, or idle when the server shuts down; never one with a request in
-    progress."""
+    engine's CPU for small requests. Here one task lives as long as the connection, waiting for
+    the server's shutdown under a cancel scope whose deadline a request moves (to never while it
+    runs, to ``keep_alive_timeout`` after its answer): setting a deadline wakes no task, so a
+    request costs the timer nothing. What it does is hypercorn's: close a connection idle for
+    ``keep_alive_timeout``, or idle when the server shuts down (a busy one as soon as it is
+    idle); never one with a request in progress."""
 
     _busy = False
     _idle_since = 0.0
     _idle_scope: trio.CancelScope | None = None
+    _idle_again: trio.Event | None = None  # set when the connection is idle: shutting down
+
+    def _timer_deadline(self) -> float:
+        return math.inf if self._busy else self._idle_since + self.config.keep_alive_timeout
 
     async def protocol_send(self, event) -> None:
         if isinstance(event, Updated):
             self._busy = not event.idle
             if event.idle:
                 self._idle_since = trio.current_time()
+                if self._idle_again is not None:
+                    self._idle_again.set()
             if self._idle_scope is not None:
-                self._idle_scope.cancel()  # the timer looks again
+                self._idle_scope.deadline = self._timer_deadline()
             return
         await super().protocol_send(event)
 
     async def _idle_timeout(self) -> None:
         self._idle_since = trio.current_time()
         while True:
-            with trio.CancelScope() as scope:
+            with trio.CancelScope(deadline=self._timer_deadline()) as scope:
                 self._idle_scope = scope
-                if self._busy:
-                    await trio.sleep_forever()
-                else:
-                    scope.deadline = self._idle_since + self.config.keep_alive_timeout
-                    await self.context.terminated.wait()
-                    break  # shutting down while idle
+                await self.context.terminated.wait()
             self._idle_scope = None
+            if self.context.terminated.is_set():
+                while self._busy:  # shutting down: close it once its request is answered
+                    self._idle_again = trio.Event()
+                    await self._idle_again.wait()
+                break
             if not self._busy and trio.current_time() >= self._idle_since + self.config.keep_alive_timeout:
-                break  # idle for too long
+                break  # idle for too long (a request that came as the deadline passed: wait on)
         self._idle_scope = None
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
+
+
+class PlainReads:
+    """Mixin for hypercorn's trio ``TCPServer``: read without a timeout scope per read when no
+    ``read_timeout`` is configured (hypercorn enters ``fail_after(inf)``, a cancel scope, for
+    every read). Otherwise hypercorn's own loop runs."""
+
+    async def _read_data(self) -> None:
+        if self.config.read_timeout:
+            return await super()._read_data()
+        while True:
+            try:
+                data = await self.stream.receive_some(tcp_server.MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())

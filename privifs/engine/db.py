@@ -196,6 +196,11 @@ class _Job:
         self.error: BaseException | None = None
 
 
+def _set_all(events: list[trio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
@@ -265,9 +270,14 @@ class Database:
             for job in batch:
                 if job.error is None:
                     job.error = exc
+        # one wake-up of the trio loop per batch, not per job (each is a socket write and a turn
+        # of the loop)
+        waiting: dict[trio.lowlevel.TrioToken, list[trio.Event]] = {}
         for job in batch:
+            waiting.setdefault(job.token, []).append(job.done)
+        for token, events in waiting.items():
             try:
-                job.token.run_sync_soon(job.done.set)
+                token.run_sync_soon(_set_all, events)
             except trio.RunFinishedError:
                 pass
 

@@ -308,6 +308,7 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
             return JSONResponse({"status": 502, "message": "injected failure after processing"}, status_code=502)
         return response
 
+    run.guarded = True  # type: ignore[attr-defined]  # see privifs.engine.server.ExactRoutes
     return run
 
 

@@ -1,6 +1,6 @@
-"""Start the engine: four hypercorn servers (API, WebSocket proxy, upstream, downstream) on one
-trio loop, the command runner and the janitor; write the URLs file; stop cleanly on SIGTERM or
-SIGINT.
+"""Start the engine: four servers (the API on privifs.engine.h1; the WebSocket proxy, upstream
+and downstream on hypercorn) on one trio loop, the command runner and the janitor; write the
+URLs file; stop cleanly on SIGTERM or SIGINT.
 
 No request can end the engine. A failure inside one connection (a protocol error hypercorn's
 h11/wsproto glue raises, a bug in a handler) ends that connection only: it is logged in one line
@@ -35,11 +35,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from privifs.engine import routes_datatoken, routes_device, routes_oauth, routes_profile, routes_utility, routes_voting
-from privifs.engine.coalesce import CoalescingSend, SteadyIdleTimer
+from privifs.engine import (
+    h1,
+    routes_datatoken,
+    routes_device,
+    routes_oauth,
+    routes_profile,
+    routes_utility,
+    routes_voting,
+)
+from privifs.engine.coalesce import CoalescingSend, PlainReads, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
-from privifs.engine.http import read_body
+from privifs.engine.http import Handler, read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
 from privifs.engine.wsproxy import websocket_app
@@ -74,7 +82,7 @@ def leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, hypercorn.trio.tcp_server.TCPServer):
+class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.trio.tcp_server.TCPServer):
     """hypercorn's per-connection handler, except that its failure ends the connection only.
 
     Unpatched, an exception escaping one connection (e.g. h11's ``LocalProtocolError`` after a
@@ -157,7 +165,38 @@ def admin_routes(engine: Engine) -> list[Route]:
     ]
 
 
-def api_app(engine: Engine) -> Starlette:
+class ExactRoutes:
+    """The API app: a request for a route without path parameters whose handler is
+    :func:`~privifs.engine.http.guarded` (it turns every error into an answer itself) goes
+    straight to that handler by one dictionary lookup; anything else (path parameters, admin
+    routes, 404, 405, redirects) through Starlette. Starlette's router matches a path against
+    each route's regex in turn and wraps the call in two middleware layers and their send
+    wrappers: ≈ 7 % of the engine's main thread when small files are stored."""
+
+    def __init__(self, app: Starlette):
+        self.app = app
+        self.exact: dict[tuple[str, str], Handler] = {}
+        for route in app.routes:
+            if isinstance(route, Route) and not route.param_convertors and getattr(route.endpoint, "guarded", False):
+                for method in route.methods or ():
+                    self.exact.setdefault((method, route.path), route.endpoint)
+
+    @property
+    def routes(self) -> list:
+        return self.app.routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            handler = self.exact.get((scope["method"], scope["path"]))
+            if handler is not None:
+                scope["app"] = self.app
+                response = await handler(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def api_app(engine: Engine) -> ExactRoutes:
     """The API's routes (building them turns nothing on: see privifs.engine.features)."""
     routes = (
         routes_utility.routes(engine)
@@ -173,7 +212,7 @@ def api_app(engine: Engine) -> Starlette:
         message = {404: "Record Not Found", 405: "Method Not Allowed"}.get(exc.status_code, exc.detail)
         return JSONResponse({"status": exc.status_code, "message": message}, status_code=exc.status_code)
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return ExactRoutes(Starlette(routes=routes, exception_handlers={HTTPException: http_error}))
 
 
 def _config(name: str, host: str, port: int) -> Config:
@@ -257,7 +296,15 @@ async def _supervised(
         began = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(partial(serve, app, _config(name, host, port), shutdown_trigger=stop.wait))
+                if name == "api":  # many small requests: the lean server (privifs/engine/h1.py)
+                    config = _config(name, host, port)
+                    timeouts = {"keep_alive_timeout": config.keep_alive_timeout}
+                    lean = h1.Server(app, name, graceful_timeout=config.graceful_timeout, **timeouts)
+                    binds = await nursery.start(lean.serve, host, port, stop.wait)
+                else:
+                    binds = await nursery.start(
+                        partial(serve, app, _config(name, host, port), shutdown_trigger=stop.wait)
+                    )
                 port = int(binds[0].rsplit(":", 1)[1])  # port 0 was given: restarts reuse the one bound
                 if not started:
                     started = True

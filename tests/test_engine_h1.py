@@ -1,0 +1,173 @@
+"""The engine's lean HTTP/1.1 server for its API (privifs/engine/h1.py), in-process over loopback:
+keep-alive and pipelining, ``Expect: 100-continue``, an unread body closes the connection after
+the answer, a client leaving mid-body is an ``http.disconnect``, malformed requests get a 4xx,
+an app's failure ends its connection only, idle connections close after the keep-alive timeout
+and at shutdown, a busy one once its answer is out."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from privifs.engine import h1
+
+
+async def app(scope, receive, send) -> None:
+    """/echo answers the body it read; /early answers without reading; /boom fails; /slow waits."""
+    path = scope["path"]
+    if path == "/boom":
+        raise RuntimeError("a bug")
+    body = b""
+    if path in ("/echo", "/disconnect"):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                app.disconnected = True
+                return
+            body += message["body"]
+            if not message["more_body"]:
+                break
+    if path == "/slow":
+        await app.release.wait()
+    answer = b"got " + body if path == "/echo" else path.encode()
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(answer)).encode())]}
+    )
+    await send({"type": "http.response.body", "body": answer})
+
+
+async def started(nursery, stop: trio.Event, **kw) -> tuple[h1.Server, int]:
+    server = h1.Server(app, "api", **kw)
+    urls = await nursery.start(server.serve, "127.0.0.1", 0, stop.wait)
+    return server, int(urls[0].rsplit(":", 1)[1])
+
+
+async def read_until_closed(stream) -> bytes:
+    got = b""
+    with trio.fail_after(10):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return got
+            got += chunk
+
+
+async def read_until(stream, end: bytes, got: bytes = b"") -> bytes:
+    with trio.fail_after(10):
+        while end not in got:
+            chunk = await stream.receive_some(65536)
+            assert chunk, got
+            got += chunk
+    return got
+
+
+def post(path: str, body: bytes, *extra: bytes) -> bytes:
+    head = b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
+    return head + b"".join(b"\r\n" + e for e in extra) + b"\r\n\r\n" + body
+
+
+async def test_pipelined_requests_on_one_connection_are_answered_in_order():
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"one") + post("/echo", b"two") + b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = await read_until(stream, b"/x")
+        assert got.count(b"HTTP/1.1 200 ") == 3
+        assert got.index(b"got one") < got.index(b"got two") < got.index(b"/x")
+        await stream.send_all(post("/echo", b"three"))  # and the connection goes on
+        assert b"got three" in await read_until(stream, b"got three")
+        await stream.aclose()
+        stop.set()
+
+
+async def test_expect_100_continue_gets_its_100_when_the_body_is_read():
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"", b"Expect: 100-continue").replace(b"Length: 0", b"Length: 4"))
+        got = await read_until(stream, b"HTTP/1.1 100 ")
+        await stream.send_all(b"body")
+        assert b"got body" in await read_until(stream, b"got body", got)
+        await stream.aclose()
+        stop.set()
+
+
+async def test_an_answer_given_without_reading_the_body_closes_the_connection():
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/early", b"x" * 100_000)[:-50_000])
+        got = await read_until_closed(stream)
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"/early")
+        stop.set()
+
+
+async def test_a_client_leaving_mid_body_is_a_disconnect_and_the_server_goes_on():
+    stop = trio.Event()
+    app.disconnected = False
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/disconnect", b"x" * 1000)[:-500])
+        await stream.aclose()
+        with trio.fail_after(10):
+            while not app.disconnected:
+                await trio.sleep(0.01)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"ok", b"Connection: close"))
+        assert b"got ok" in await read_until_closed(stream)
+        stop.set()
+
+
+async def test_malformed_requests_get_a_4xx_and_a_failing_app_ends_only_its_connection(caplog):
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        for data, status in (
+            (b"GARBAGE\r\n\r\n", b"400"),
+            (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 100_000, b"431"),  # a head beyond 16 KiB
+            (b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n", b"400"),
+        ):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(data)
+            assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 " + status)
+        with caplog.at_level(logging.INFO, "privifs.engine"):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_until_closed(stream)).startswith(b"HTTP/1.1 500 ")
+        assert "a connection failed and was dropped: RuntimeError: a bug" in caplog.text
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"alive", b"Connection: close"))
+        assert b"got alive" in await read_until_closed(stream)
+        stop.set()
+
+
+async def test_idle_connections_close_after_the_keep_alive_timeout():
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop, keep_alive_timeout=0.2)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"a"))
+        got = await read_until_closed(stream)  # answered, then closed once idle
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"got a")
+        stop.set()
+
+
+async def test_a_shutdown_closes_idle_connections_at_once_and_busy_ones_once_answered():
+    stop = trio.Event()
+    app.release = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop, graceful_timeout=30)
+        idle = await trio.open_tcp_stream("127.0.0.1", port)
+        busy = await trio.open_tcp_stream("127.0.0.1", port)
+        await busy.send_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(0.2)
+        stop.set()
+        assert await read_until_closed(idle) == b""
+        app.release.set()
+        got = await read_until_closed(busy)
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"/slow")
