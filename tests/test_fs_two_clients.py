@@ -3,6 +3,7 @@ each with its own state), so races between them are written step by step and run
 
 from __future__ import annotations
 
+import os
 import secrets
 from contextlib import asynccontextmanager
 
@@ -268,3 +269,37 @@ async def test_a_file_and_an_implicit_directory_of_one_name_show_as_on_a_fresh_m
         assert fresh["/d"] == older, fresh
         assert tree_of(a) == fresh
         assert tree_of(b) == fresh
+
+
+async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a_readable_version(account, tmp_path):
+    # A rewrites the third part of a big file, B (not seeing it) the first: each new manifest
+    # reuses the old manifest's other parts. Each writer deleted the old parts its own manifest
+    # no longer named, which the other's manifest still named: a closed version gave EIO. Now
+    # they are deleted after a grace, and not when another client's manifest names them
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = os.urandom(10 * mib)
+        fh, _ = a.create_node(1, "big")
+        await a.fs.write(fh, 0, data)
+        a.fs.release(fh)
+        await listed(a, b)
+        assert await b.read_file("/big") == data
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
+        a.fs.release(fa)
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)
+        b.fs.release(fb)
+        await a.wait_idle()
+        await b.wait_idle()
+        for c in (a, b):
+            assert await c.syncer.retire_due(now=float("inf")) == 0  # the other's manifest names it
+        for _ in range(2):
+            await listed(a, b)
+        want = {data[:5] + b"B" * 1000 + data[1005:], data[: 8 * mib + 5] + b"A" * 1000 + data[8 * mib + 1005 :]}
+        (tmp_path / "fresh").mkdir()
+        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
+            await f.refresher.refresh_once()
+            names = sorted(f.ns.root.children)
+            assert len(names) == 2, names  # the file and its conflict copy
+            assert {await f.read_file(f"/{n}") for n in names} == want

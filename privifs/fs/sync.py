@@ -76,6 +76,7 @@ from privifs.fs.workqueue import WorkQueue
 from privifs.parts.format import MARK
 from privifs.parts.format import VERSION as PARTS_VERSION
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
+from privifs.parts.store import is_manifest, is_part
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.sync")
@@ -86,7 +87,9 @@ QUIET = 0.3  # write-back starts once the mount has had no request for this long
 MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the mount is
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
 RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
-RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
+RENAME_RESCUE_WINDOW = 60.0
+RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
+RETIRE_CHECK = 10.0  # how long after a rename a replaced-and-deleted token is kept here
 
 
 def awaits_marker(node: Node) -> bool:
@@ -158,6 +161,9 @@ class Syncer:
         self.unreachable_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
+        self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
+        self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
+        self.retire_grace = RETIRE_GRACE
         self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
         # uploads in flight: ino -> the staged file being sent and the context and name it goes to
         self._flights: dict[int, tuple[StagedFile, str, str]] = {}
@@ -204,6 +210,7 @@ class Syncer:
             for i in range(self.workers):
                 self.supervisor.start_soon(nursery, f"write-back worker {i + 1}", self._worker)
             self.supervisor.start_soon(nursery, "token deletion", self._tombstone_loop)
+            self.supervisor.start_soon(nursery, "retired parts", self._retire_loop)
             for node in self.ns.pending():
                 self.schedule(node)
             task_status.started()
@@ -375,10 +382,12 @@ class Syncer:
             if node.unlinked:
                 self.ns.release(node, self.staging)
         self.uploads += 1
+        if manifest_risk is not None:
+            self.stored_manifests.add(token)
         if replaced is not None and replaced != token and not keep:
             await self._delete_now(replaced)
-            for part in stale:  # the old manifest's parts the new one does not name (else: collected)
-                await self._delete_now(part)
+            self.stored_manifests.discard(replaced)
+            self.retire_parts(context, stale)
         if not node.unlinked:
             await self._update_meta(node)
 
@@ -396,6 +405,54 @@ class Syncer:
 
         token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
         return token, stale, risk
+
+    # -- parts a rewrite stopped naming ---------------------------------------------------------
+    def retire_parts(self, context: str, parts: list[str]) -> None:
+        """The replaced manifest's parts the new one does not name: deleted after RETIRE_GRACE
+        unless a manifest another client stored in the file's directory names them. Another
+        client rewriting the same file at the same time based its manifest on the same old one
+        and reuses those parts; deleting them at once broke its version (EIO everywhere)."""
+        due = trio.current_time() + self.retire_grace
+        self._retired.extend((due, context, part) for part in parts)
+
+    async def _retire_loop(self) -> None:
+        while True:
+            await trio.sleep(min(RETIRE_CHECK, self.retire_grace))
+            await self.retire_due()
+
+    async def retire_due(self, now: float | None = None) -> int:
+        """Delete the retired parts whose grace is over (see :meth:`retire_parts`); returns how
+        many went. A directory whose listing fails keeps its parts for the next round; the
+        parts of a mount that stops first are left to the sweep (``PartReader.sweep``)."""
+        now = trio.current_time() if now is None else now
+        due = [r for r in self._retired if r[0] <= now]
+        by_context: dict[str, list[str]] = {}
+        for _, context, part in due:
+            by_context.setdefault(context, []).append(part)
+        gone = 0
+        for context, parts in by_context.items():
+            try:
+                named = await self._named_by_others(context)
+            except PrivifsError as exc:
+                log.info("retired parts in %s wait for the next round: %s", context, exc)
+                continue
+            done = set(parts)
+            self._retired = [r for r in self._retired if not (r[1] == context and r[2] in done)]
+            for part in parts:
+                if part in named:
+                    log.info("a part a rewrite stopped naming is kept: another client's manifest names it")
+                else:
+                    self._tombstone(part)
+                    gone += 1
+        return gone
+
+    async def _named_by_others(self, context: str) -> set[str]:
+        """The parts named by the manifests in ``context`` this mount did not store."""
+        named: set[str] = set()
+        async for info in self.tokens.list(context=context):
+            if is_manifest(info) and not is_part(info) and info.token not in self.stored_manifests:
+                named.update(p.token for p in (await self.parts.reader.manifest(info.token)).parts)
+        return named
 
     async def _delete_now(self, token: str) -> None:
         """Delete a replaced token right after the check that it did not move (the shorter the
