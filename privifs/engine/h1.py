@@ -43,10 +43,22 @@ CLIENT_FAULTS = (
 )
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions an exception (group) is made of."""
     if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
     return [exc]
+
+
+def log_dropped(name: str, exc: Exception, client_faults: tuple[type[BaseException], ...]) -> None:
+    """A connection of the server ``name`` ended on ``exc``: one INFO line when every cause is
+    the client's doing (it left, or broke the protocol), an error with its traceback otherwise."""
+    causes = leaves(exc)
+    what = "; ".join(f"{type(e).__name__}: {e}" for e in causes)
+    if all(isinstance(e, client_faults) for e in causes):
+        log.info("%s: dropped a connection on a protocol error: %s", name, what)
+    else:
+        log.error("%s: a connection failed and was dropped: %s", name, what, exc_info=exc)
 
 
 class _Closed(Exception):
@@ -92,13 +104,8 @@ class Server:
         self._conns.add(conn)
         try:
             await conn.run()
-        except Exception as exc:
-            causes = _leaves(exc)
-            what = "; ".join(f"{type(e).__name__}: {e}" for e in causes)
-            if all(isinstance(e, CLIENT_FAULTS) for e in causes):
-                log.info("%s: dropped a connection on a protocol error: %s", self.name, what)
-            else:
-                log.error("%s: a connection failed and was dropped: %s", self.name, what, exc_info=exc)
+        except Exception as exc:  # noqa: BLE001 - logged with its cause; it ends this connection only
+            log_dropped(self.name, exc, CLIENT_FAULTS)
         finally:
             self._conns.discard(conn)
             with trio.CancelScope(shield=True):

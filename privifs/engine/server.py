@@ -47,6 +47,7 @@ from privifs.engine import (
 from privifs.engine.coalesce import CoalescingSend, PlainReads, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
+from privifs.engine.h1 import leaves, log_dropped
 from privifs.engine.http import Handler, read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
@@ -76,12 +77,6 @@ PROTOCOL_ERRORS = (
 RESTART_DELAY, RESTART_DELAY_MAX = 0.5, 10.0
 
 
-def leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
-    return [exc]
-
-
 class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.trio.tcp_server.TCPServer):
     """hypercorn's per-connection handler, except that its failure ends the connection only.
 
@@ -93,13 +88,8 @@ class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.
     async def run(self) -> None:
         try:
             await super().run()
-        except Exception as exc:
-            causes = leaves(exc)
-            what = "; ".join(f"{type(e).__name__}: {e}" for e in causes)
-            if all(isinstance(e, PROTOCOL_ERRORS) for e in causes):
-                log.info("%s: dropped a connection on a protocol error: %s", self._server_name, what)
-            else:
-                log.error("%s: a connection failed and was dropped: %s", self._server_name, what, exc_info=exc)
+        except Exception as exc:  # noqa: BLE001 - logged with its cause; it ends this connection only
+            log_dropped(self._server_name, exc, PROTOCOL_ERRORS)
 
     @property
     def _server_name(self) -> str:
