@@ -228,6 +228,28 @@ async def test_a_directory_link_count_follows_its_subdirectories_through_renames
         assert {d: (await again.lookup(d)).st_nlink for d in ("", "a", "b")} == links
 
 
+async def test_a_directory_keeps_the_times_its_entries_changes_gave_it_across_a_remount(module_account, eng, tmp_path):
+    # creating, removing or renaming an entry sets the directory's mtime and ctime; they were
+    # kept in memory only, so a remount showed the directory's older times
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True) as kit:
+        for d in ("a", "b"):
+            await kit.mkdir(d)
+        await kit.write_file("a/f", b"file")
+        await kit.write_file("b/g", b"file")
+        before = {d: (await kit.lookup(d)) for d in ("a", "b")}
+        await trio.sleep(0.01)
+        await kit.write_file("a/new", b"x")  # a create
+        await kit.rename("b/g", "a/g")  # both directories of a rename
+        times = {}
+        for d in ("a", "b"):
+            e = await kit.lookup(d)
+            assert e.st_mtime_ns > before[d].st_mtime_ns, d
+            times[d] = (e.st_mtime_ns, e.st_ctime_ns)
+        key = kit.key
+    async with inprocess_fs(tmp_path, *module_account, key=key) as again:
+        assert {d: ((e := await again.lookup(d)).st_mtime_ns, e.st_ctime_ns) for d in ("a", "b")} == times
+
+
 # -- unlink -------------------------------------------------------------------------------------
 async def test_an_unlinked_open_file_leaves_the_directory_and_then_the_vault(kit):
     await kit.write_file("open.txt", b"still here")

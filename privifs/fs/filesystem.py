@@ -205,7 +205,10 @@ class Filesystem:
         self.sync.schedule(node)
 
     def touch_parent(self, parent: Node) -> None:
+        """An entry of ``parent`` was added, removed or renamed: its times change, and are kept
+        with the index's next commit (a remount showed the directory's older times)."""
         self.ns.touched(parent)
+        self.index.save_soon(parent)
 
     def keep_empty_dir(self, parent: Node) -> None:
         """A directory that just became empty persists through a marker token."""

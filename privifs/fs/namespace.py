@@ -550,7 +550,8 @@ class Index:
     def save_soon(self, node: Node) -> None:
         """Persist ``node`` with the next commit rather than in one of its own. Only for changes
         a restart recovers without the index: the size and times of a node with staged content,
-        whose header records them at every write (``Filesystem.open_staged_files``). Inside a
+        whose header records them at every write (``Filesystem.open_staged_files``); or whose loss
+        in a crash costs no data: a directory's times after an entry changed. Inside a
         transaction this is :meth:`save`; :meth:`close` commits what still waits."""
         if self._depth:
             self.save(node)
