@@ -87,9 +87,9 @@ QUIET = 0.3  # write-back starts once the mount has had no request for this long
 MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the mount is
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
 RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
-RENAME_RESCUE_WINDOW = 60.0
+RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
-RETIRE_CHECK = 10.0  # how long after a rename a replaced-and-deleted token is kept here
+RETIRE_CHECK = 10.0  # how often the retired parts are looked at
 
 
 def awaits_marker(node: Node) -> bool:
