@@ -124,6 +124,13 @@ class ClientOptions:
     lean_http: bool = True  # plain-http API calls through http11.LeanHTTP instead of httpx
 
 
+def unreachable(base: str, why: str) -> ServerUnreachable:
+    """A call that got no answer from the server at ``base`` (``why``: the failure, in short)."""
+    return ServerUnreachable(
+        f"cannot reach the Privicore server at {base} ({why}); check the server URL and that the server is running"
+    )
+
+
 class AuthProvider(Protocol):
     def current_token(self) -> str | None: ...
 
@@ -222,19 +229,13 @@ class Transport:
                         headers=hdrs,
                     )
             except HTTPFailure as exc:
-                err: Exception = ServerUnreachable(
-                    f"cannot reach the Privicore server at {base} ({exc}); "
-                    f"check the server URL and that the server is running"
-                )
+                err: Exception = unreachable(base, str(exc))
             except httpx.InvalidURL as exc:  # a configured URL that cannot be parsed: no retry helps
                 raise ConfigError(
                     f"the server URL {base!r} is not valid ({exc}); correct it in the configuration"
                 ) from None
             except httpx.TransportError as exc:
-                err = ServerUnreachable(
-                    f"cannot reach the Privicore server at {base} ({failure_text(exc)}); "
-                    f"check the server URL and that the server is running"
-                )
+                err = unreachable(base, failure_text(exc))
             else:
                 if resp.status_code in expected:
                     return resp
