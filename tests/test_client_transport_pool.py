@@ -5,6 +5,7 @@ httpx and by the lean plain-http path (``http11.py``); the lean path's answers: 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
@@ -16,6 +17,27 @@ from privifs.errors import ServerUnreachable
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
 
+async def requests_on(stream: trio.SocketStream) -> AsyncIterator[bytes]:
+    """Each request a client sends on ``stream`` (head and ``Content-Length`` body), until it
+    closes the connection."""
+    buf = b""
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buf += data
+        while b"\r\n\r\n" in buf:
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            while len(buf) < length:
+                buf += await stream.receive_some(65536)
+            yield head + b"\r\n\r\n" + buf[:length]
+            buf = buf[length:]
+
+
 class CountingServer:
     """Answers every request with 200 and keeps each connection open; counts connections."""
 
@@ -25,18 +47,11 @@ class CountingServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        buf = b""
         async with stream:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-                while b"\r\n\r\n" in buf:
-                    _, buf = buf.split(b"\r\n\r\n", 1)  # requests here carry no body
-                    self.requests += 1
-                    await trio.sleep(0.01)  # keep calls overlapping
-                    await stream.send_all(OK)
+            async for _ in requests_on(stream):
+                self.requests += 1
+                await trio.sleep(0.01)  # keep calls overlapping
+                await stream.send_all(OK)
 
 
 @pytest.mark.parametrize("lean", [True, False])
@@ -70,30 +85,16 @@ class ScriptedServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        buf = b""
         async with stream:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
+            async for request in requests_on(stream):
+                self.requests.append(request)
+                n = len(self.requests) - 1
+                answer = self.answers[n]
+                await stream.send_all(answer[:20])
+                await trio.sleep(0.01)
+                await stream.send_all(answer[20:])
+                if n in self.close_after:
                     return
-                buf += data
-                while b"\r\n\r\n" in buf:
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    length = 0
-                    for line in head.split(b"\r\n")[1:]:
-                        if line.lower().startswith(b"content-length:"):
-                            length = int(line.split(b":")[1])
-                    while len(buf) < length:
-                        buf += await stream.receive_some(65536)
-                    self.requests.append(head + b"\r\n\r\n" + buf[:length])
-                    buf = buf[length:]
-                    n = len(self.requests) - 1
-                    answer = self.answers[n]
-                    await stream.send_all(answer[:20])
-                    await trio.sleep(0.01)
-                    await stream.send_all(answer[20:])
-                    if n in self.close_after:
-                        return
 
 
 async def test_lean_path_reads_chunked_and_closing_answers_and_survives_closed_idle_connections():
