@@ -56,6 +56,10 @@ def test_fsync_local_data_survives_kill9_of_the_daemon_and_the_next_mount_upload
         fd = os.open(m.dir / "journal.bin", os.O_RDWR | os.O_CREAT, 0o600)
         os.write(fd, data)
         os.fsync(fd)
+        more = os.urandom(90_000)  # it grows; this fdatasync commits no size to the index: the
+        os.write(fd, more)  # staged file's header has it
+        os.fdatasync(fd)
+        data += more
         m.kill9()  # right after the fsync, the descriptor still open
         try:
             os.close(fd)

@@ -75,22 +75,33 @@ def test_the_first_fsync_of_a_new_file_flushes_it_its_directory_and_the_index(lo
     }
 
 
-def test_an_fsync_with_nothing_new_for_the_index_flushes_only_the_file(local):
+def test_writes_after_the_first_fsync_need_no_index_write_nor_flush(local):
+    """The size and times a write changes are in the staged file's header (flushed with it), and
+    a restart takes them from there: neither fsync nor fdatasync commits them to the index."""
     node = local.new_file("db")
     _write(local, node, 0, b"a" * 5000)
     local.fsync(node)
+    writes = local.index.writes
     _write(local, node, 100, b"b" * 100)  # the size stays; only the times change
     assert local.fsync(node, datasync=True) == {Path(node.staged.path)}
     _write(local, node, 200, b"c" * 100)
-    assert local.fsync(node) == {Path(node.staged.path), local.index.wal_path}  # fsync wants the times too
     assert local.fsync(node) == {Path(node.staged.path)}
+    _write(local, node, 5000, b"d" * 5000)  # it grows
+    assert local.fsync(node, datasync=True) == {Path(node.staged.path)}
+    assert local.index.writes == writes
+    assert node.staged.sealed.size == 10_000 and node.staged.sealed.stamp == node.mtime_ns  # in the header
 
 
-def test_a_growing_file_flushes_the_index_even_for_fdatasync(local):
+def test_a_saved_change_of_more_than_size_and_times_is_flushed_by_fdatasync(local):
     node = local.new_file("db")
     _write(local, node, 0, b"a" * 5000)
     local.fsync(node)
-    _write(local, node, 5000, b"b" * 5000)
+    local.ns.set_attributes(node, size=7000)
+    local.index.save(node)  # a size change alone (a close saves it): the header has it
+    assert local.fsync(node, datasync=True) == {Path(node.staged.path)}
+    assert local.index.wal_path in local.fsync(node)  # fsync covers every write of the row
+    local.ns.set_attributes(node, mode=0o600)
+    local.index.save(node)
     assert local.fsync(node, datasync=True) == {Path(node.staged.path), local.index.wal_path}
 
 

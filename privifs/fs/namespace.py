@@ -128,11 +128,13 @@ COLUMNS = (
 )
 
 
-_TIMES = frozenset(i for i, c in enumerate(COLUMNS) if c in ("mtime_ns", "ctime_ns", "atime_ns"))
+# the size and times: for a node with staged content its staged file's header records the size
+# and the last write's time at every write, so an fdatasync needs no index write for them
+_SIZE_AND_TIMES = frozenset(i for i, c in enumerate(COLUMNS) if c in ("size", "mtime_ns", "ctime_ns", "atime_ns"))
 
 
-def _without_times(row: tuple) -> tuple:
-    return tuple(v for i, v in enumerate(row) if i not in _TIMES)
+def _without_size_and_times(row: tuple) -> tuple:
+    return tuple(v for i, v in enumerate(row) if i not in _SIZE_AND_TIMES)
 
 
 _row = operator.attrgetter(*COLUMNS)  # a node's persistent columns, in order (one C call)
@@ -357,7 +359,8 @@ class Index:
         self.writes = 0  # statements written so far; --fsync local flushes the WAL only after new ones
         self.flushed_writes = 0  # of those, how many a flush of the WAL (--fsync local) has covered
         # ino -> the number of the last write of its row, and of the last that changed more than
-        # its times (what an fdatasync must make durable); kept from the first row_flushed on
+        # its size and times (an fdatasync needs only those in the index: the staged file's header
+        # records the size and times); kept from the first row_flushed on
         # (never in the default --fsync vault) and dropped once a WAL flush covers them
         self._row_writes: dict[int, tuple[int, int]] = {}
         self._tracked_from: int | None = None
@@ -512,7 +515,7 @@ class Index:
 
     def row_flushed(self, ino: int, datasync: bool = False) -> bool:
         """Whether the WAL flushes so far cover the last write of ``ino``'s row (with
-        ``datasync``: the last that changed more than its times)."""
+        ``datasync``: the last that changed more than its size and times)."""
         if self._tracked_from is None:
             self._tracked_from = self.writes
         untracked = self._tracked_from  # a row last written before tracking began: at most this
@@ -531,6 +534,9 @@ class Index:
         written back, so it cannot reappear after a restart."""
         if node.unlinked:
             return
+        if not self._depth and node.ino in self._soon:
+            with self:  # saves it with what waited for a commit (saving it first, then again
+                return  # inside that commit, wrote its row twice and counted it as new)
         row = node.row()
         saved = self._saved.pop(node.ino, None)
         if saved != row:
@@ -538,7 +544,7 @@ class Index:
                 self._write(self._upsert, row)
             if self._tracked_from is not None:
                 data = self.writes
-                if saved is not None and _without_times(saved) == _without_times(row):
+                if saved is not None and _without_size_and_times(saved) == _without_size_and_times(row):
                     data = self._row_writes.get(node.ino, (0, self._tracked_from))[1]
                 self._row_writes[node.ino] = (self.writes, data)
             if self._depth:
