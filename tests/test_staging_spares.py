@@ -1,9 +1,11 @@
 """New staged files are empty sealed files made ahead (a rename instead of a file creation on the
-request path); spares hold no data, are never taken for staged files, and go at the next start."""
+request path); spares hold no data, are never taken for staged files, and go at the next start.
+A staged file removed "soon" is deleted on a thread of its own."""
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -57,3 +59,31 @@ def test_many_creates_each_get_their_own_empty_file(tmp_path: Path) -> None:
     for s in made:
         s.sealed.close()
         assert SealedFile.open(staging.path(s.id), KEY).read(0, 100) == s.id.encode()
+
+
+def test_a_staged_file_removed_soon_goes_on_the_removers_thread_and_is_not_listed_meanwhile(
+    tmp_path: Path, monkeypatch
+) -> None:
+    staging = Staging(tmp_path / "staging", KEY)
+    kept, gone = staging.create(), staging.create()
+    gone.write(0, b"journal", 1)
+    may_go = threading.Event()
+    removed_by: list[str] = []
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if str(path) == gone.path:
+            assert may_go.wait(10)
+            removed_by.append(threading.current_thread().name)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    staging.remove(gone, soon=True)  # returns at once: the thread waits for may_go
+    assert os.path.exists(gone.path) and staging.ids() == {kept.id}
+    may_go.set()
+    deadline = time.monotonic() + 10
+    while staging.remover.pending():
+        assert time.monotonic() < deadline, "the staged file was never removed"
+        time.sleep(0.01)
+    assert not os.path.exists(gone.path) and removed_by == ["privifs-staged-removal"]
+    assert staging.ids() == {kept.id}

@@ -383,12 +383,14 @@ class Filesystem:
         """Take ``node`` out of the tree; its token (if any) is deleted in the background."""
         parent = self.ns.nodes[node.parent]
         if node.staged is not None and node.opens <= 0 and not node.uploading:
-            # free the local space first: on a full disk the index needs it to record the removal
-            self.staging.remove(node.staged)
+            # before the index records the removal: on a full disk it needs the space (removed
+            # at once then; otherwise on a thread, see staging.Remover)
+            self.staging.remove(node.staged, soon=True)
             self.ns.clear_staged(node)
         if node.uploading:
             self.sync.superseded(node)
         self.ns.remove(node, delete_token=True)
+        self.sync.removed(node)
         self.touch_parent(parent)
         self.sync.wake_tombstones()
         self.release_node(node)

@@ -201,6 +201,10 @@ class Syncer:
         self.local_fsynced.add(node.ino)
         self.schedule_upload(node)
 
+    def removed(self, node: Node) -> None:
+        """``node`` left the tree: it is no longer a change fsynced here and awaiting upload."""
+        self.local_fsynced.discard(node.ino)
+
     def wake_tombstones(self) -> None:
         self._tomb_wake.set()
 
@@ -247,11 +251,19 @@ class Syncer:
         and never when an fsync asks for this node."""
         start = trio.current_time()
         while not (ino is not None and self._fsync[ino]) and trio.current_time() - start < MAX_DEFER:
+            if ino is not None and self._gone(ino):
+                return  # removed meanwhile (a journal SQLite deletes at each commit): nothing to wait for
             quiet_for = trio.current_time() - self.last_activity
             if quiet_for >= QUIET:
                 return
             with trio.move_on_after(QUIET - quiet_for):
                 await self._fsync_asked.wait()
+
+    def _gone(self, ino: int) -> bool:
+        """Whether nothing of the node is to be written back any more (it left the tree, and no
+        upload of it is in flight)."""
+        node = self.ns.get(ino)
+        return node is None or node.unlinked and not node.uploading
 
     async def _later(self, ino: int, due: float) -> None:
         try:
