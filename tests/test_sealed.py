@@ -99,3 +99,38 @@ def test_tampering_swapping_and_truncation_are_detected(tmp_path):
         SealedFile.open(tmp_path / "i", KEY).read(2 * CHUNK, 10)
     with pytest.raises(IntegrityError):
         SealedFile.open(tmp_path / "f", local_key(b"\1" * 32)).read(0, 10)
+
+
+def test_partial_writes_of_one_chunk_start_from_the_plaintext_the_last_one_made(tmp_path, monkeypatch):
+    """SQLite writes 4 KiB pages into 64 KiB chunks and appends a few bytes at a time to its
+    journal: a partial write of the chunk the last partial write made reads nothing back."""
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, b"a" * 100_000, stamp=1)  # chunk 0 whole, chunk 1 partly: the last partial write
+    reads: list[int] = []
+    real_read_chunk = SealedFile.read_chunk
+
+    def read_chunk(self, index):
+        reads.append(index)
+        return real_read_chunk(self, index)
+
+    monkeypatch.setattr(SealedFile, "read_chunk", read_chunk)
+    f.write(70_000, b"b" * 4096, stamp=2)  # chunk 1: from memory
+    f.write(80_000, b"c" * 4096, stamp=3)
+    f.write(100_000, b"d" * 4, stamp=4)  # appended to chunk 1
+    f.write(10, b"e" * 10, stamp=5)  # chunk 0: read once
+    f.write(20, b"f" * 10, stamp=6)
+    assert reads == [0]
+    f.truncate(75_000)
+    f.write(74_000, b"g" * 10)  # the truncate read the chunk it cut, and the write reads it again
+    assert reads == [0, 1, 1]
+    expected = bytearray(b"a" * 100_000)
+    expected[70_000:74_096] = b"b" * 4096
+    expected[80_000:84_096] = b"c" * 4096
+    expected += b"d" * 4
+    expected[10:20] = b"e" * 10
+    expected[20:30] = b"f" * 10
+    expected = expected[:75_000]
+    expected[74_000:74_010] = b"g" * 10
+    f.close()
+    again = SealedFile.open(tmp_path / "f", KEY)
+    assert again.read(0, 200_000) == bytes(expected)

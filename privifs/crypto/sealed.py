@@ -124,6 +124,10 @@ class SealedFile:
         self.size = size
         self.stamp = stamp
         self._header_size = size
+        # the plaintext of the chunk the last partial write made (index, bytes as stored): the
+        # next partial write of that chunk (SQLite's page writes, a journal's appends) starts
+        # from it instead of reading and decrypting the chunk again
+        self._plain: tuple[int, bytes] | None = None
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -177,6 +181,7 @@ class SealedFile:
             self.write_header()
 
     def close(self) -> None:
+        self._plain = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -222,6 +227,8 @@ class SealedFile:
     def write_chunk(self, index: int, data: bytes | memoryview, header: bytes | None = None) -> None:
         """Seal ``data`` into slot ``index``; with ``header`` (chunk 0 only), write the header in
         the same ``pwrite``."""
+        if self._plain is not None and self._plain[0] == index:
+            self._plain = None
         length = len(data)
         at = 0 if header is not None else HEADER
         out = _scratch("seal", HEADER - at + OVERHEAD + length)
@@ -271,19 +278,28 @@ class SealedFile:
             index = pos >> CHUNK_SHIFT
             within = pos - (index << CHUNK_SHIFT)
             n = min(CHUNK - within, len(view))
-            if within == 0 and n == CHUNK:
+            partial = not (within == 0 and n == CHUNK)
+            if not partial:
                 chunk = view[:n]
             else:
-                old = self.read_chunk(index) if (index << CHUNK_SHIFT) < self.size else b""
+                if (index << CHUNK_SHIFT) >= self.size:
+                    old = b""
+                elif self._plain is not None and self._plain[0] == index:
+                    old = self._plain[1]
+                else:
+                    old = self.read_chunk(index)
                 if len(old) < within:
                     old += bytes(within - len(old))
                 chunk = old[:within] + bytes(view[:n]) + old[within + n :]
+            self._plain = None  # until the chunk is written: a failed write leaves it unknown
             if with_chunk0:
                 size = max(self.size, end)
                 self.write_chunk(0, chunk, self._header(size))
                 self._header_size = size
             else:
                 self.write_chunk(index, chunk)
+            if partial:
+                self._plain = (index, chunk)
             pos += n
             view = view[n:]
         if pos > self.size:
@@ -294,6 +310,7 @@ class SealedFile:
 
     def truncate(self, size: int, *, stamp: int | None = None) -> None:
         """Make the logical size ``size`` (the header is rewritten, with ``stamp`` if given)."""
+        self._plain = None
         if size < self.size:
             index = size >> CHUNK_SHIFT
             within = size - (index << CHUNK_SHIFT)
