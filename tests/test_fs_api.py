@@ -502,6 +502,17 @@ async def test_readdir_resumes_at_its_offset_while_entries_come_and_go(kit):
     assert sorted(n for n, _ in await kit.readdir("d")) == ["b", "d", "e", "f", "z"]
 
 
+async def test_a_directory_handle_takes_its_entries_at_the_first_readdir_not_at_opendir(kit):
+    """SQLite opens its database's directory at each commit only to fsync it: opendir lists
+    nothing (sorting a large directory's entries per commit cost O(n log n))."""
+    await kit.mkdir("d")
+    await kit.write_file("d/a", b"a")
+    fh = await kit.opendir("d")
+    await kit.write_file("d/b", b"b")  # after opendir, before the first readdir
+    assert [n for n, _ in await kit.readdir_handle(fh)] == ["a", "b"]
+    await kit.releasedir(fh)
+
+
 async def test_statfs_reports_free_space_and_the_name_limit(kit):
     s = await kit.statfs()
     assert s.f_namemax == 255

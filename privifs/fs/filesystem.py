@@ -104,7 +104,7 @@ class Filesystem:
         self.opts = opts
         self.sync = sync
         self.handles: dict[int, FileHandle] = {}
-        self.dir_handles: dict[int, list[tuple[int, int]]] = {}
+        self.dir_handles: dict[int, int | list[tuple[int, int]]] = {}  # the inode until the first readdir
         self._next_fh = 1
         self._own_ids = (os.getuid(), os.getgid())  # the daemon's own user and group
 
@@ -703,17 +703,24 @@ class Filesystem:
 
     # -- directories -----------------------------------------------------------------------------
     def opendir(self, ino: int) -> int:
-        node = self.dir_node(ino)
+        """A handle on the directory; its entries are taken at the first readdir, not here: SQLite
+        opens the directory at each commit only to fsync it (sorting the entries cost O(n log n)
+        per commit in a large directory)."""
+        self.dir_node(ino)
         fh = self._next_fh
         self._next_fh += 1
-        entries = sorted((self.ns.nodes[i].seq, i) for i in node.children.values())
-        self.dir_handles[fh] = entries
+        self.dir_handles[fh] = ino
         return fh
 
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         import bisect
 
         entries = self.dir_handles[fh]
+        if isinstance(entries, int):  # the first readdir of the handle: the entries as they are now
+            node = self.ns.get(entries)
+            children = node.children if node is not None and node.children is not None else {}
+            entries = sorted((self.ns.nodes[i].seq, i) for i in children.values())
+            self.dir_handles[fh] = entries
         pos = bisect.bisect_right(entries, (start_id, float("inf")))
         for seq, ino in entries[pos:]:
             node = self.ns.get(ino)
