@@ -527,7 +527,7 @@ class Filesystem:
             try:
                 if node.staged is not None:  # someone else staged it while we waited
                     return await self.writable_staged(node)
-                fresh = self.staging.from_sealed(sealed.path)
+                fresh = self.staging.from_sealed(sealed)
             finally:
                 sealed.close()
         self.ns.set_staged(node, fresh)

@@ -28,10 +28,10 @@ the next start.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import secrets
-import shutil
 import threading
 from collections import deque
 from pathlib import Path
@@ -122,6 +122,27 @@ class SparePool:
                     self._ready.append(SealedFile.create(self.dir / secrets.token_hex(12), self._key))
                 except PrivifsError:
                     break  # e.g. a full disk: staged files are created on demand until asked again
+
+
+def _copy_range(src: int, dst: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src`` to ``dst`` by offset (the descriptors' positions
+    are left alone): in the kernel where the filesystems allow it, else through a buffer."""
+    pos = 0
+    try:
+        while pos < size:
+            n = os.copy_file_range(src, dst, size - pos, pos, pos)
+            if n == 0:
+                break
+            pos += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while pos < size:
+        data = os.pread(src, min(1 << 20, size - pos), pos)
+        if not data:
+            break
+        pos += os.pwrite(dst, data, pos)
 
 
 class Remover:
@@ -225,21 +246,28 @@ class Staging:
     def clone(self, staged: StagedFile) -> StagedFile:
         """A writable copy of a frozen staged file (raw sealed bytes; no decryption)."""
         staged.sealed.sync_header()
-        return self.from_sealed(staged.path)
+        return self.from_sealed(staged.sealed)
 
-    def from_sealed(self, source: str) -> StagedFile:
-        """A staged copy of a sealed file (a cache entry or another staged file: same format and
-        key, copied as it is, never decrypted)."""
+    def from_sealed(self, source: SealedFile) -> StagedFile:
+        """A staged copy of an open sealed file (a cache entry or another staged file: same format
+        and key, copied as it is, never decrypted). It is copied from the open descriptor, not by
+        path: the cache may evict an entry while it is open (short of space), and its name is
+        gone then while its content still reads."""
         new_id = secrets.token_hex(12)
         try:
-            self.ensure_room(os.path.getsize(source))
+            size = os.fstat(source.fd).st_size
+            self.ensure_room(size)
         except OSError as exc:
             raise local_store_error(exc, "staging a file for writing") from None
+        dest = self.path(new_id)
         try:
-            shutil.copyfile(source, self.path(new_id))
-            os.chmod(self.path(new_id), 0o600)
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _copy_range(source.fd, fd, size)
+            finally:
+                os.close(fd)
         except OSError as exc:
-            self.path(new_id).unlink(missing_ok=True)
+            dest.unlink(missing_ok=True)
             raise local_store_error(exc, "staging a file for writing") from None
         return self.open(new_id)
 

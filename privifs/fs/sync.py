@@ -675,7 +675,7 @@ class Syncer:
         cached = self.cache.open(node.token) if renamed and node.is_file and not node.unlinked else None
         if cached is not None:
             try:
-                fresh = self.staging.from_sealed(cached.path)
+                fresh = self.staging.from_sealed(cached)
             except PrivifsError as exc:
                 log.warning("%s: cannot stage the cached content again (%s)", self.ns.describe(node), exc)
                 fresh = None

@@ -1,0 +1,56 @@
+"""A staged copy of a sealed file (a cache entry about to be written, a frozen staged file) is
+taken from the open file, so a cache entry evicted while it was open still gives its content."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from privifs.crypto.sealed import CHUNK, SealedFile, local_key
+from privifs.errors import PrivifsError
+from privifs.fs.staging import Staging
+
+KEY = local_key(bytes(32))
+
+
+def sealed_with(path: Path, data: bytes) -> SealedFile:
+    sealed = SealedFile.create(path, KEY)
+    sealed.write(0, data)
+    sealed.sync_header()
+    return sealed
+
+
+def test_a_cache_entry_evicted_while_open_is_still_copied_whole(tmp_path: Path) -> None:
+    data = os.urandom(3 * CHUNK + 123)
+    sealed_with(tmp_path / "entry", data).close()
+    entry = SealedFile.open(tmp_path / "entry", KEY)
+    os.unlink(tmp_path / "entry")  # the cache evicts the entry while the filesystem holds it open
+    staging = Staging(tmp_path / "staging", KEY)
+    try:
+        copy = staging.from_sealed(entry)
+    finally:
+        entry.close()
+    assert copy.sealed.read(0, len(data) + 10) == data
+    assert os.stat(copy.path).st_mode & 0o777 == 0o600
+
+
+def test_a_clone_of_a_staged_file_has_its_content_and_leaves_it_alone(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging", KEY)
+    staged = staging.create()
+    staged.write(0, b"first version", 1)
+    clone = staging.clone(staged)
+    clone.write(0, b"FIRST", 2)
+    assert clone.sealed.read(0, 100) == b"FIRST version"
+    assert staged.sealed.read(0, 100) == b"first version"
+
+
+def test_a_copy_that_cannot_be_made_is_a_clear_error_and_leaves_no_file(tmp_path: Path) -> None:
+    sealed_with(tmp_path / "entry", b"x" * 1000).close()
+    entry = SealedFile.open(tmp_path / "entry", KEY)
+    entry.close()  # its descriptor is gone: the copy cannot read it
+    staging = Staging(tmp_path / "staging", KEY)
+    with pytest.raises(PrivifsError, match="staging a file for writing"):
+        staging.from_sealed(entry)
+    assert staging.ids() == set()
