@@ -1,6 +1,6 @@
 """The write-back of big files as parts, in-process (tests/fskit.py) against the real engine: a
 big file is stored as parts + a manifest, a change uploads only the parts it touched and a new
-manifest, the replaced manifest's parts no longer named are deleted, and a big file that was one
+manifest, the replaced manifest's parts no longer named (and a removed file's) are deleted, and a big file that was one
 token is converted when rewritten. The threshold and part size are shrunk so files stay small."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import os
 import tracemalloc
 
 import pytest
+import trio
 
 from privifs.client.datatokens import FileMeta
 from privifs.parts import format as fmt
@@ -134,13 +135,54 @@ async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account
         t.fs.unlink(1, b"gone.bin")
         await t.wait_idle()
         infos = [i async for i in t.client.tokens.list()]
-        assert len([i for i in infos if is_part(i)]) == 6  # the deleted manifest's parts are left behind
+        assert len([i for i in infos if is_part(i)]) == 6  # the deleted manifest's parts wait out a grace
         assert await t.fs.parts.sweep(infos) == 0  # too young: they may belong to a store in flight
         assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3
         _, parts = await vault_state(t)
         kept = await PartStore(t.fs.vault).manifest(keep.token)
         assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
         assert len(await read_all(t, keep)) == 3 * PART
+
+
+async def test_removing_a_big_file_deletes_its_parts_after_the_grace(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "gone.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        t.fs.release(fh)
+        fh, keep = t.create_node(1, "kept.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        t.fs.release(fh)
+        await t.wait_idle()
+        gone = await PartStore(t.fs.vault).manifest(node.token)
+        t.fs.unlink(1, b"gone.bin")
+        await t.wait_idle()
+        manifests, parts = await vault_state(t)
+        assert [i.token for i in manifests] == [keep.token]
+        assert {p.token for p in gone.parts} <= {i.token for i in parts}  # another client may still read them …
+        assert await t.syncer.retire_due(now=float("inf")) == 3  # … then they go, not at the hour-old sweep
+        await t.wait_idle()
+        _, parts = await vault_state(t)
+        kept = await PartStore(t.fs.vault).manifest(keep.token)
+        assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
+        assert len(await read_all(t, keep)) == 3 * PART
+
+
+async def test_a_big_file_removed_while_its_upload_was_in_flight_leaves_no_parts(account, tmp_path, small_parts):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "brief.bin")
+        await t.fs.write(fh, 0, os.urandom(3 * PART))
+        t.fs.release(fh)
+        t.syncer.upload_soon(node)
+        while not node.uploading:  # the upload has started …
+            await trio.sleep(0.001)
+        t.fs.unlink(1, b"brief.bin")  # … and the file goes before it ends
+        await t.wait_idle()
+        manifests, _ = await vault_state(t)
+        assert manifests == []
+        await t.syncer.retire_due(now=float("inf"))
+        await t.wait_idle()
+        _, parts = await vault_state(t)
+        assert parts == []
 
 
 async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as_a_change(

@@ -389,6 +389,8 @@ class Filesystem:
             self.ns.clear_staged(node)
         if node.uploading:
             self.sync.superseded(node)
+        if node.token and is_manifest_node(node.remote_risk):  # a big file: its parts go with it
+            self.sync.manifest_removed(node.token, node.remote_context or "")
         self.ns.remove(node, delete_token=True)
         self.sync.removed(node)
         self.touch_parent(parent)

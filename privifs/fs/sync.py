@@ -163,6 +163,7 @@ class Syncer:
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
+        self._dropped: dict[str, str] = {}  # removed files' manifests -> their context (manifest_removed)
         self.retire_grace = RETIRE_GRACE
         self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
         # uploads in flight: ino -> the staged file being sent and the context and name it goes to
@@ -427,6 +428,26 @@ class Syncer:
         due = trio.current_time() + self.retire_grace
         self._retired.extend((due, context, part) for part in parts)
 
+    def manifest_removed(self, token: str, context: str) -> None:
+        """``token``, the manifest of a file being removed, is tombstoned: when the token
+        deletion gets to it, its parts are read from it before it goes and then retired as a
+        rewrite's stale parts are (:meth:`retire_parts`), so removing a big file frees its space
+        in the vault within about a minute, not at the hour-old sweep. Kept in memory only: after
+        a restart the sweep (``PartReader.sweep``) collects them."""
+        self._dropped[token] = context
+        self.stored_manifests.discard(token)
+
+    async def _parts_of_dropped(self, token: str) -> list[str]:
+        """The parts named by ``token`` if it is a removed file's manifest (else none); a
+        manifest that cannot be read leaves its parts to the sweep."""
+        if token not in self._dropped:
+            return []
+        try:
+            return [p.token for p in (await self.parts.reader.manifest(token)).parts]
+        except PrivifsError as exc:
+            log.info("the parts of a removed file's manifest are left to the sweep: %s", exc)
+            return []
+
     async def _retire_loop(self) -> None:
         while True:
             await trio.sleep(min(RETIRE_CHECK, self.retire_grace))
@@ -532,6 +553,8 @@ class Syncer:
                 self._superseded.discard(staged.id)
                 self.index.drop_superseded(staged.id)
             if node.unlinked:
+                if manifest_risk is not None:  # its parts go with it (the file was removed)
+                    self.manifest_removed(token, context)
                 self._tombstone(token)
                 if node.staged is staged:
                     self.ns.clear_staged(node)
@@ -765,6 +788,7 @@ class Syncer:
                     nonlocal failed
                     async with limiter:
                         try:
+                            parts = await self._parts_of_dropped(token)
                             await self.tokens.delete(token)
                         except Exception as exc:  # noqa: BLE001 - retried; never fatal
                             failed = True
@@ -773,6 +797,9 @@ class Syncer:
                             log.warning("deleting token %s failed: %s", token, exc)
                             return
                     self._deleted(token)
+                    context = self._dropped.pop(token, None)
+                    if parts and context is not None:
+                        self.retire_parts(context, parts)
 
                 async with trio.open_nursery() as n:
                     for token in tokens:
