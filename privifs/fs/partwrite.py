@@ -80,7 +80,7 @@ class PartWriter:
 
         def reader(i: int) -> Callable[[int, int], bytes]:
             start = i * part_size
-            return lambda offset, n: staged.sealed.read(start + offset, n)
+            return lambda offset, n: staged.sealed.read_view(start + offset, n)
 
         def digest_of(i: int) -> bytes:
             """Part ``i``'s digest, read a piece at a time (on a worker thread)."""
