@@ -11,8 +11,10 @@ directions (header syntax, ``Content-Length`` or chunked bodies, keep-alive) but
 above it.
 
 It serves only what :meth:`privifs.client.transport.Transport.call` needs: whole bodies in
-memory, no redirects, no cookies, no compression (none is asked for). ``https://`` and the
-streamed upstream and downstream transfers stay on httpx.
+memory, no redirects, no cookies, no compression (none is asked for); and the streamed upstream
+upload (:meth:`LeanHTTP.upload`), whose pieces go to the socket as they are (the vault encrypts
+each into one reused buffer: no copy, no fresh memory per piece). ``https://`` and the
+downstream transfers stay on httpx.
 
 Connections: idle ones are kept per origin (newest first) and reused; one idle for longer than
 ``KEEPALIVE`` or that the server closed (the socket reads as ready while idle) is dropped, and
