@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 import trio
 
+from privifs.client.http11 import LeanHTTP
 from privifs.client.transport import ClientOptions, Endpoints, Transport
 from privifs.errors import ServerUnreachable
 
@@ -161,3 +162,52 @@ async def test_lean_path_refuses_a_header_value_with_a_line_break():
         assert "LocalProtocolError" in str(info.value)
     finally:
         await transport.aclose()
+
+
+async def test_lean_upload_sends_each_piece_of_a_reused_buffer_and_reads_an_early_refusal():
+    # the upstream upload's pieces are views of one buffer refilled between pieces (Vault.put_from):
+    # each must be on the wire before the next is made; a server that refuses after the head and
+    # stops reading gives its answer, not a broken pipe
+    got: list[bytes] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            async for request in requests_on(stream):
+                got.append(request)
+                if b"refuse" in request.split(b"\r\n", 1)[0]:
+                    return
+                await stream.send_all(OK)
+
+    async def refusing(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\nno way")
+            await stream.send_eof()
+            await trio.sleep(1)  # without reading the body
+
+    buf = bytearray(1024 * 1024)
+
+    async def pieces(count: int) -> AsyncIterator[memoryview]:
+        for i in range(count):
+            buf[:] = bytes([i]) * len(buf)
+            yield memoryview(buf)
+
+    lean = LeanHTTP(timeout=10, connect_timeout=5, max_connections=4, user_agent="t")
+    async with trio.open_nursery() as nursery:
+        port = (await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1")))[0].socket.getsockname()[1]
+        bad = (await nursery.start(partial(trio.serve_tcp, refusing, 0, host="127.0.0.1")))[0].socket.getsockname()[1]
+        try:
+            length = {"Content-Length": str(3 * len(buf))}
+            answer = await lean.upload(f"http://127.0.0.1:{port}/?auth=a%2Fb", pieces(3), length)
+            assert answer.status_code == 200 and answer.content == b"ok"
+            big = {"Content-Length": str(64 * len(buf))}
+            refused = await lean.upload(f"http://127.0.0.1:{bad}/?auth=x", pieces(64), big)
+            assert refused.status_code == 403 and refused.content == b"no way"
+        finally:
+            await lean.aclose()
+        nursery.cancel_scope.cancel()
+    head, body = got[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"POST /?auth=a%2Fb HTTP/1.1\r\n")
+    assert body == b"\0" * len(buf) + b"\1" * len(buf) + b"\2" * len(buf)

@@ -122,3 +122,39 @@ async def test_sigterm_stops_cleanly_and_secrets_stay_out_of_the_log(tmp_path):
     for secret in (creds["password"], creds["token"]):
         assert secret not in log
     assert "Traceback" not in log
+
+
+async def test_streamed_blobs_keep_every_byte_direct_or_buffered(tmp_path, monkeypatch):
+    # blobs are written with O_DIRECT from an aligned buffer, the unaligned tail buffered; where
+    # the filesystem refuses O_DIRECT (EINVAL) they are written buffered: the same bytes either way
+    from privifs.engine.blobs import WRITE_BUFFER, BlobStore
+
+    sizes = [0, 1, 4095, 4096, 4097, WRITE_BUFFER - 1, WRITE_BUFFER, WRITE_BUFFER + 1, 3 * WRITE_BUFFER + 4124]
+
+    async def receive_all(store: BlobStore) -> None:
+        for size in sizes:
+            data = os.urandom(size)
+
+            async def chunks(data: bytes = data):
+                for at in range(0, len(data), 300_001):  # pieces that straddle the buffer's end
+                    yield data[at : at + 300_001]
+
+            blob_id, got, _ = await store.receive(chunks())
+            assert got == size and store.path(blob_id).read_bytes() == data
+        assert list((store.root / "tmp").iterdir()) == []
+
+    direct = BlobStore(tmp_path / "direct")
+    await receive_all(direct)
+    assert direct.direct  # this filesystem takes O_DIRECT: the direct path was the one tested
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    buffered = BlobStore(tmp_path / "buffered")
+    await receive_all(buffered)
+    assert not buffered.direct

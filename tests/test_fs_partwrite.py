@@ -200,13 +200,13 @@ async def test_parts_no_write_reached_are_not_even_read_and_truncation_counts_as
         await t.fs.write(fh, 2 * PART + 5, b"changed")
         data[2 * PART + 5 : 2 * PART + 12] = b"changed"
         staged = node.staged
-        original = staged.sealed.read
+        original = staged.sealed.read_view  # what the write-back reads through
 
         def counting(offset, length):
             reads.append(offset // PART)
             return original(offset, length)
 
-        staged.sealed.read = counting
+        staged.sealed.read_view = counting
         kept, uploaded = t.syncer.parts.parts_kept, t.syncer.parts.parts_uploaded
         await t.fs.fsync(fh)
         # only the written part is read: for its digest, then again a piece at a time as it uploads

@@ -289,3 +289,34 @@ async def test_a_file_changed_again_and_again_while_its_write_back_waits_has_one
         await t.settle()
         assert await t.vault_names() == {"f": 4}
         assert (await t.lookup("f")).st_mtime_ns == 50_000_000_000
+
+
+async def test_a_token_tombstoned_while_deletes_run_is_deleted_by_the_next_round(account, tmp_path):
+    # the deletion task's wake-up was replaced after each round: a tombstone recorded while a round
+    # was deleting (a replaced version, an unlinked file) waited for the 30 s round, and so did a
+    # flush or umount waiting for it
+    async with inprocess_fs(tmp_path, *account) as t:
+        await t.wait_idle()
+        syncer = t.syncer
+        real = syncer.tokens.delete
+        started, release = trio.Event(), trio.Event()
+
+        async def slow_delete(token):
+            if token == "tok-first":
+                started.set()
+                await release.wait()
+            return await real(token)
+
+        syncer.tokens.delete = slow_delete
+        with syncer.index:
+            syncer.index.add_tombstone("tok-first")  # missing tokens: a delete counts as done
+        syncer.wake_tombstones()
+        with trio.fail_after(10):
+            await started.wait()
+        with syncer.index:
+            syncer.index.add_tombstone("tok-second")
+        syncer.wake_tombstones()
+        release.set()
+        with trio.fail_after(10):  # not the 30 s round
+            while syncer.index.tombstone_count():
+                await trio.sleep(0.05)

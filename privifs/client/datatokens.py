@@ -21,6 +21,7 @@ from trio_websocket import open_websocket_url
 
 from privifs.client import shapes
 from privifs.client.events import Commands, EventHub
+from privifs.client.http11 import HTTPFailure
 from privifs.client.transport import ClientOptions, Transport, failure_text
 from privifs.errors import (
     CommandPending,
@@ -147,8 +148,29 @@ class DataTokens:
                 "the server gave no upstream stream authorization for a payload too large to send inline"
             )
         content = body if isinstance(body, bytes) else body()
+        lean = self.transport.lean
         try:
-            resp = await self.transport.http.post(
+            if lean is not None and url.startswith("http://") and not isinstance(content, bytes):
+                # the engine on loopback: pieces go to the socket as they are (no copy per piece)
+                try:
+                    resp = await lean.upload(
+                        url,
+                        content,
+                        {"Content-Type": "application/octet-stream", "Content-Length": str(wire_size)},
+                    )
+                except HTTPFailure as exc:
+                    raise ServerUnreachable(f"upload to the upstream server failed ({exc})") from None
+            else:
+                resp = await self._upload_httpx(url, content, wire_size)
+        finally:
+            if not isinstance(content, bytes) and hasattr(content, "aclose"):
+                await content.aclose()
+        if not 200 <= resp.status_code < 300:
+            raise self.transport.error_for(resp, "upstream upload")
+
+    async def _upload_httpx(self, url: str, content: bytes | AsyncIterator[bytes], wire_size: int) -> httpx.Response:
+        try:
+            return await self.transport.http.post(
                 url,
                 content=content,
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(wire_size)},
@@ -156,11 +178,6 @@ class DataTokens:
             )
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"upload to the upstream server failed ({failure_text(exc)})") from None
-        finally:
-            if not isinstance(content, bytes) and hasattr(content, "aclose"):
-                await content.aclose()
-        if not 200 <= resp.status_code < 300:
-            raise self.transport.error_for(resp, "upstream upload")
 
     async def configure(self, tmp: shapes.TemporaryToken, meta: FileMeta) -> str:
         resp = await self.transport.call(

@@ -11,8 +11,10 @@ directions (header syntax, ``Content-Length`` or chunked bodies, keep-alive) but
 above it.
 
 It serves only what :meth:`privifs.client.transport.Transport.call` needs: whole bodies in
-memory, no redirects, no cookies, no compression (none is asked for). ``https://`` and the
-streamed upstream and downstream transfers stay on httpx.
+memory, no redirects, no cookies, no compression (none is asked for); and the streamed upstream
+upload (:meth:`LeanHTTP.upload`), whose pieces go to the socket as they are (the vault encrypts
+each into one reused buffer: no copy, no fresh memory per piece). ``https://`` and the
+downstream transfers stay on httpx.
 
 Connections: idle ones are kept per origin (newest first) and reused; one idle for longer than
 ``KEEPALIVE`` or that the server closed (the socket reads as ready while idle) is dropped, and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -33,6 +36,9 @@ import trio
 KEEPALIVE = 5.0  # seconds an idle connection is kept (httpx's default)
 MAX_HEAD = 64 * 1024
 RECEIVE = 64 * 1024
+EARLY_ANSWER_WAIT = 5.0  # an upload the server stopped reading: how long its answer is waited for
+
+Piece = bytes | memoryview
 
 
 class HTTPFailure(Exception):
@@ -111,15 +117,46 @@ class _Connection:
                 return event
             self.h11.receive_data(await self.stream.receive_some(RECEIVE))  # b"": the server closed
 
-    async def exchange(self, request: h11.Request, body: bytes | None) -> Answer:
-        """Send one request, read its whole answer."""
+    async def exchange(self, request: h11.Request, body: bytes | None | AsyncIterator[Piece]) -> Answer:
+        """Send one request, read its whole answer. A streamed ``body``'s pieces go to the socket
+        as they are (h11 frames them without a copy), each before the next is asked for."""
         if self.uses:
             self.h11.start_next_cycle()
         message = self.h11.send(request)
-        if body:
-            message += self.h11.send(h11.Data(data=body))
-        message += self.h11.send(h11.EndOfMessage())
-        await self.stream.send_all(message)
+        if body is None or isinstance(body, bytes):
+            if body:
+                message += self.h11.send(h11.Data(data=body))
+            message += self.h11.send(h11.EndOfMessage())
+            await self.stream.send_all(message)
+        else:
+            await self.stream.send_all(message)
+            async for piece in body:  # (the body's own failures propagate as they are)
+                if piece and not await self._send(self.h11.send_with_data_passthrough(h11.Data(data=piece))):
+                    return await self._early_answer()
+            if not await self._send([self.h11.send(h11.EndOfMessage())]):
+                return await self._early_answer()
+        return await self._answer()
+
+    async def _send(self, data: list[Piece]) -> bool:
+        """Send ``data``; False if the server stopped reading (it may have answered early)."""
+        try:
+            for out in data:
+                await self.stream.send_all(out)
+        except (OSError, trio.BrokenResourceError):
+            return False
+        return True
+
+    async def _early_answer(self) -> Answer:
+        """The server stopped reading an upload: its answer (a refusal) if it gave one says more
+        than the broken pipe. The connection is not reused (our side is not DONE)."""
+        with trio.move_on_after(EARLY_ANSWER_WAIT):
+            try:
+                return await self._answer()
+            except (h11.ProtocolError, OSError, trio.BrokenResourceError, HTTPFailure):
+                pass
+        raise HTTPFailure("WriteError: the server stopped reading the upload")
+
+    async def _answer(self) -> Answer:
         event = await self._next_event()
         while isinstance(event, h11.InformationalResponse):  # an interim answer: the real one follows
             event = await self._next_event()
@@ -146,6 +183,7 @@ class LeanHTTP:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._slots = trio.Semaphore(max_connections)
+        self._upload_slots = trio.Semaphore(max_connections)  # uploads: connections of their own
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._origins: dict[str, _Origin] = {}
         self._agent = (("User-Agent", user_agent), ("Accept", "*/*"))
@@ -204,7 +242,24 @@ class LeanHTTP:
                 return await self._exchange(key, request, body)
             raise HTTPFailure(f"ReadTimeout: no answer within {self.timeout:g} s")
 
-    async def _exchange(self, key: tuple[str, int], request: h11.Request, body: bytes | None) -> Answer:
+    async def upload(self, url: str, body: AsyncIterator[Piece], headers: dict[str, str]) -> Answer:
+        """POST a streamed ``body`` (``headers`` give its Content-Length) to a plain-http ``url``.
+        Each piece goes to the socket as it is; no time limit but the connection's (as httpx had
+        for uploads: a throttled or slow server may take long)."""
+        parts = urlsplit(url)
+        origin = self.origin(f"{parts.scheme}://{parts.netloc}")
+        target = origin.prefix + (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        fields = [("Host", origin.host_header), *self._agent, *headers.items()]
+        try:
+            request = h11.Request(method="POST", target=target, headers=fields)
+        except h11.LocalProtocolError as exc:
+            raise HTTPFailure(f"LocalProtocolError: {exc}") from None
+        async with self._upload_slots:
+            return await self._exchange((origin.host, origin.port), request, body)
+
+    async def _exchange(
+        self, key: tuple[str, int], request: h11.Request, body: bytes | None | AsyncIterator[Piece]
+    ) -> Answer:
         conn = self._take_idle(key)
         if conn is None:
             try:

@@ -13,13 +13,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+import trio
+
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.crypto import wire
 from privifs.errors import IntegrityError
 
 PIECE = 1024 * 1024
+SPARE_BUFFERS = 16  # ciphertext buffers of put_from kept for the next stores
 
 Source = Callable[[], AsyncIterator[bytes]]
+Reader = Callable[[int, int], bytes | memoryview]  # (offset, length) → plaintext, on a worker thread
+Watch = Callable[[], Callable[[memoryview], None]]  # per attempt: what sees each plaintext piece
 
 
 class PlaintextSink(Protocol):
@@ -49,6 +54,7 @@ class Vault:
             raise ValueError("AES-256 needs a 32-byte key")
         self.tokens = tokens
         self._key = key
+        self._buffers: list[bytearray] = []  # put_from's ciphertext buffers, reused (trio thread only)
 
     def __repr__(self) -> str:
         return "Vault(<key hidden>)"
@@ -85,6 +91,54 @@ class Vault:
             return self._encrypting(source(), size)
 
         return await self.tokens.store(body, wire_size, meta)
+
+    async def put_from(self, read: Reader, size: int, meta: FileMeta, watch: Watch | None = None) -> str:
+        """Store ``size`` plaintext bytes that ``read(offset, length)`` hands out on a worker
+        thread (:data:`PIECE` at a time, from the start again on a retry; it may return a view
+        valid until the thread's next read). Each piece is read, shown to ``watch()``'s callable
+        (a fresh one per attempt: e.g. a digest) and encrypted into a reused buffer in one
+        worker-thread call, and that buffer goes to the upload as it is: no fresh memory per
+        piece (new pages are dear on a VM) and one thread hop per piece."""
+        meta.size = size
+        wire_size = size + wire.OVERHEAD
+        if wire_size <= self.tokens.options.inline_limit:
+            see = watch() if watch is not None else None
+
+            def whole() -> bytes:
+                data = bytes(read(0, size))
+                if see is not None:
+                    see(memoryview(data))
+                return data
+
+            data = await trio.to_thread.run_sync(whole)
+            _check_size(len(data), size)
+            return await self.tokens.store(wire.seal(self._key, data), wire_size, meta)
+        return await self.tokens.store(lambda: self._sealing(read, size, watch), wire_size, meta)
+
+    async def _sealing(self, read: Reader, size: int, watch: Watch | None) -> AsyncIterator[memoryview | bytes]:
+        """One attempt of :meth:`put_from`: the wire format's pieces; each ciphertext piece is a
+        view of one buffer, valid until the next is asked for."""
+        see = watch() if watch is not None else None
+        sealer = wire.StreamSealer(self._key)
+        buf = self._buffers.pop() if self._buffers else bytearray(PIECE + wire.UPDATE_SLACK)
+        view = memoryview(buf)
+
+        def seal_piece(offset: int, n: int) -> int:
+            data = read(offset, n)
+            _check_size(offset + len(data), offset + n)
+            if see is not None:
+                see(data)
+            return sealer.update_into(data, buf)
+
+        try:
+            yield sealer.header
+            for offset in range(0, size, PIECE):
+                n = await trio.to_thread.run_sync(seal_piece, offset, min(PIECE, size - offset))
+                yield view[:n]
+            yield sealer.finalize()
+        finally:
+            if len(self._buffers) < SPARE_BUFFERS:
+                self._buffers.append(buf)
 
     async def _encrypting(self, chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
         sealer = wire.StreamSealer(self._key)

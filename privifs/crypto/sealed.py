@@ -247,9 +247,14 @@ class SealedFile:
 
     # -- byte ranges -----------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.read_view(offset, length))
+
+    def read_view(self, offset: int, length: int) -> memoryview:
+        """Like :meth:`read`, but a view into this thread's scratch buffer: valid only until the
+        thread's next read (no fresh memory for a streamed upload's pieces)."""
         end = min(self.size, offset + length)
         if offset >= end:
-            return b""
+            return memoryview(b"")
         first, last = offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT
         n = last - first + 1
         slots = _scratch("slots", n * SLOT)
@@ -263,7 +268,7 @@ class SealedFile:
                 first + k, slots[k * SLOT : max(k * SLOT, min(got, (k + 1) * SLOT))], plain[k * CHUNK : (k + 1) * CHUNK]
             )
         start = offset - (first << CHUNK_SHIFT)
-        return bytes(plain[start : start + end - offset])
+        return plain[start : start + end - offset]
 
     def write(self, offset: int, data: bytes | memoryview, *, stamp: int | None = None) -> int:
         """Write plaintext at ``offset``. With ``stamp`` (this write's time), the header is

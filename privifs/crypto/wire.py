@@ -41,6 +41,9 @@ def plaintext_size(wire_size: int) -> int:
     return wire_size - OVERHEAD
 
 
+UPDATE_SLACK = 15  # what cryptography's update_into asks beyond the input (block size - 1)
+
+
 class StreamSealer:
     """Encrypt a stream: emit :attr:`header` (the IV), then :meth:`update` output, then :meth:`finalize`."""
 
@@ -50,6 +53,11 @@ class StreamSealer:
 
     def update(self, data: bytes) -> bytes:
         return self._enc.update(data)
+
+    def update_into(self, data: bytes | memoryview, out: bytearray | memoryview) -> int:
+        """Encrypt ``data`` into ``out`` (at least ``len(data) + UPDATE_SLACK`` bytes); returns
+        how many bytes it wrote."""
+        return self._enc.update_into(data, out)
 
     def finalize(self) -> bytes:
         tail = self._enc.finalize()

@@ -15,9 +15,10 @@ under the manifest's token, as for any upload, and reads and the next write use 
 (the file is held once, and no part is encrypted a second time for the cache).
 
 Memory: no part is held whole. A part is read from the staged file 1 MiB at a time on a worker
-thread (digested there) and encrypted while it uploads (:meth:`privifs.parts.store.PartStore.put_part_from`), so
-each part in flight costs about 2 MiB; a part compared with the old manifest is read once for
-its digest and, if it differs, again as it uploads.
+thread, digested and encrypted there into a reused buffer that goes to the upload as it is
+(:meth:`privifs.parts.store.PartStore.put_part_from`), so each part in flight costs about 1 MiB;
+a part compared with the old manifest is read once for its digest and, if it differs, again as
+it uploads.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class PartWriter:
 
         def reader(i: int) -> Callable[[int, int], bytes]:
             start = i * part_size
-            return lambda offset, n: staged.sealed.read(start + offset, n)
+            return lambda offset, n: staged.sealed.read_view(start + offset, n)
 
         def digest_of(i: int) -> bytes:
             """Part ``i``'s digest, read a piece at a time (on a worker thread)."""

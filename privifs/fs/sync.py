@@ -780,6 +780,8 @@ class Syncer:
         limiter = trio.CapacityLimiter(4)  # deletes in flight
         while True:
             await self._yield_to_foreground()
+            # replaced before the round: a token tombstoned while it deletes wakes the next at once
+            self._tomb_wake = trio.Event()
             tokens = [t for t in self.index.tombstones() if t not in self.ns.held]
             failed = False
             if tokens:
@@ -812,7 +814,6 @@ class Syncer:
             for token, entry in list(self.renamed.items()):
                 if now - entry[0] > RENAME_RESCUE_WINDOW:
                     del self.renamed[token]
-            self._tomb_wake = trio.Event()
             with trio.move_on_after(min(MAX_BACKOFF, 2**failures) if failed else 30):
                 await self._tomb_wake.wait()
 

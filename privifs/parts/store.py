@@ -21,7 +21,7 @@ import trio
 
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
-from privifs.client.vault import PIECE, Vault
+from privifs.client.vault import Reader, Vault
 from privifs.errors import IntegrityError, single_error
 from privifs.fs.tokenmeta import split_context
 from privifs.parts import format as fmt
@@ -35,7 +35,6 @@ IN_FLIGHT = 4
 COLLECT_MIN_AGE = 3600.0  # a part younger than this may belong to a store still uploading
 
 Source = Callable[[], AsyncIterator[bytes]]
-Reader = Callable[[int, int], bytes | memoryview]  # (offset, length) → plaintext, on a worker thread
 
 
 def is_part(info: TokenInfo) -> bool:
@@ -70,26 +69,20 @@ class PartStore:
     async def put_part_from(self, upload_id: str, index: int, size: int, read: Reader) -> fmt.Part:
         """Store part ``index`` of ``size`` bytes that ``read(offset, length)`` hands out (called
         on a worker thread, :data:`~privifs.client.vault.PIECE` bytes at a time, and again from
-        the start if the store is retried). Each piece is digested there and encrypted while the
-        part uploads, so no copy of the whole part, plaintext or ciphertext, is ever held."""
+        the start if the store is retried; it may return a view valid until that thread's next
+        read). Each piece is digested and encrypted there as the part uploads
+        (:meth:`~privifs.client.vault.Vault.put_from`), so no copy of the whole part, plaintext
+        or ciphertext, is ever held."""
         meta = FileMeta(f"{upload_id}-{index}", "", fmt.PARTS_CONTEXT, size, f"{fmt.PARTS_CONTEXT}/{upload_id}-{index}")
-        digest = b""
+        macs = []
 
-        async def pieces() -> AsyncIterator[bytes | memoryview]:
-            nonlocal digest
-            mac = fmt.part_hasher(self._digest_key, index)
+        def watch():
+            mac = fmt.part_hasher(self._digest_key, index)  # each attempt starts a new digest
+            macs.append(mac)
+            return mac.update
 
-            def piece(offset: int, n: int) -> bytes | memoryview:
-                data = read(offset, n)
-                mac.update(data)
-                return data
-
-            for offset in range(0, size, PIECE):
-                yield await trio.to_thread.run_sync(piece, offset, min(PIECE, size - offset))
-            digest = mac.digest()  # only once every byte went out (a retry starts a new digest)
-
-        token = await self.vault.put_stream(pieces, size, meta)
-        return fmt.Part(token, size, digest)
+        token = await self.vault.put_from(read, size, meta, watch)
+        return fmt.Part(token, size, macs[-1].digest())  # the attempt that stored it sent every byte
 
     async def put(self, source: Source, size: int, meta: FileMeta) -> str:
         """Store ``size`` bytes from ``source()`` as parts, then the manifest at ``meta``'s place;
