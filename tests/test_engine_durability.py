@@ -7,6 +7,7 @@ import os
 
 import httpx
 import trio
+import trio.testing
 
 from tests.enginekit import EngineProcess, Wire, command_id
 
@@ -158,3 +159,32 @@ async def test_streamed_blobs_keep_every_byte_direct_or_buffered(tmp_path, monke
     buffered = BlobStore(tmp_path / "buffered")
     await receive_all(buffered)
     assert not buffered.direct
+
+
+async def test_more_streamed_uploads_at_once_than_spare_buffers_all_succeed(tmp_path):
+    # each upload takes an aligned buffer and gives it back when it ends; beyond the spares kept
+    # the buffer is closed, which must not turn a received blob into a failed upload
+    from privifs.engine.blobs import SPARE_BUFFERS, BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    release = trio.Event()
+    got: list[tuple[str, bytes]] = []
+
+    async def one(n: int) -> None:
+        data = os.urandom(5000 + n)
+
+        async def chunks():
+            yield data[:100]
+            await release.wait()  # every upload holds its buffer at the same time
+            yield data[100:]
+
+        blob_id, size, _ = await store.receive(chunks())
+        got.append((blob_id, data))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(SPARE_BUFFERS + 3):
+            nursery.start_soon(one, n)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert len(got) == SPARE_BUFFERS + 3
+    assert all(store.path(blob_id).read_bytes() == data for blob_id, data in got)

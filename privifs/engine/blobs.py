@@ -158,6 +158,7 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
         finally:
+            view.release()  # (an mmap with a view on it cannot be closed: BufferError)
             if len(self._buffers) < SPARE_BUFFERS:
                 self._buffers.append(buf)
             else:
