@@ -6,6 +6,9 @@ makes a new file slow to write on VMs), and a thread hop per piece costs more th
 A :class:`BlockWriter` copies pieces into a block buffer and writes each full block on a worker
 thread while the next one fills: one block in flight, so the network and the disk overlap, and
 two reused buffers are all the memory it takes. Subclasses say how a block lands (:meth:`BlockWriter._write_block`).
+A retrieval whose plaintext is kept in memory anyway (a part of a big file) can be given that
+memory as ``target``: its blocks are filled in place there, so the plaintext is copied once, not
+once into a block and again into the copy kept.
 """
 
 from __future__ import annotations
@@ -18,18 +21,34 @@ class BlockWriter:
     the last may be shorter) on a worker thread, one at a time.
 
     Pieces are copied into two block buffers used in turn (one filling, one being written), so
-    a retrieval allocates nothing per piece. A failed write is raised by the next :meth:`write`
-    or by :meth:`finish`; call ``finish`` after ``Vault.get`` returns, inside the nursery given."""
+    a retrieval allocates nothing per piece; with a ``target`` (a multiple of ``block`` bytes)
+    they are copied into it in place, each block a region of it, and only what goes past it uses
+    the block buffers. A failed write is raised by the next :meth:`write` or by :meth:`finish`;
+    call ``finish`` after ``Vault.get`` returns, inside the nursery given."""
 
-    def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20):
+    def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20, target: bytearray | None = None):
+        if target is not None and len(target) % block:
+            raise ValueError("a target holds whole blocks")
         self.nursery = nursery
         self.block = block
-        self._buffers = (bytearray(block), bytearray(block))
-        self._current = 0  # the buffer being filled
+        self._target = target
+        self._buffers: tuple[bytearray, bytearray] | None = None  # allocated when first needed
+        self._current = 0  # the buffer being filled (when not in the target)
         self._fill = 0
         self._offset = 0  # where the next block goes
         self._done: trio.Event | None = None
         self._error: BaseException | None = None
+        self._buf = self._next_buffer()
+
+    def _next_buffer(self) -> memoryview:
+        """Where the block at ``_offset`` fills: its region of the target, else a block buffer
+        (the other one than the block being written)."""
+        if self._target is not None and self._offset + self.block <= len(self._target):
+            return memoryview(self._target)[self._offset : self._offset + self.block]
+        if self._buffers is None:
+            self._buffers = (bytearray(self.block), bytearray(self.block))
+        self._current ^= 1
+        return memoryview(self._buffers[self._current])
 
     def _write_block(self, offset: int, data: memoryview) -> None:
         """Write ``data`` at ``offset`` (runs on a worker thread)."""
@@ -57,17 +76,18 @@ class BlockWriter:
     async def _flush(self) -> None:
         """Hand the filled buffer to a worker (once the other one is written) and switch."""
         await self._wait()
-        data = memoryview(self._buffers[self._current])[: self._fill]
+        data = self._buf[: self._fill]
         self._done = trio.Event()
         self.nursery.start_soon(self._job, self._offset, data, self._done)
         self._offset += self._fill
-        self._current ^= 1
         self._fill = 0
+        self._buf = self._next_buffer()
 
     async def reset(self) -> None:
         await self._wait()
         self._fill = 0
         self._offset = 0
+        self._buf = self._next_buffer()
         self._restart()
 
     @property
@@ -79,7 +99,7 @@ class BlockWriter:
         view = memoryview(data)
         while view:
             n = min(len(view), self.block - self._fill)
-            self._buffers[self._current][self._fill : self._fill + n] = view[:n]
+            self._buf[self._fill : self._fill + n] = view[:n]
             self._fill += n
             view = view[n:]
             if self._fill == self.block:
