@@ -55,7 +55,54 @@ async def test_pieces_of_any_size_land_in_order_in_the_target_or_the_block_buffe
         assert not any(sink.in_target)
 
 
-async def test_a_target_must_hold_whole_blocks():
+async def test_pieces_decrypted_in_place_in_the_target_make_its_blocks_and_the_rest_goes_by_write():
+    from privifs.crypto.wire import SLACK
+
+    data = os.urandom(2 * BLOCK + 999)
+    target = bytearray(2 * BLOCK + SLACK)  # two whole blocks, room to decrypt past them
     async with trio.open_nursery() as nursery:
-        with pytest.raises(ValueError):
-            Recorder(nursery, bytearray(BLOCK + 1))
+        sink = Recorder(nursery, target)
+        pos = 0
+        for size in (100, BLOCK, BLOCK // 2, BLOCK // 2 - 100, 999):
+            room = sink.space(size)
+            if room is None:  # past the whole blocks: copied into a block buffer
+                assert pos + size > 2 * BLOCK
+                await sink.write(data[pos : pos + size])
+            else:
+                assert len(room) == size + SLACK
+                room[:size] = data[pos : pos + size]
+                await sink.wrote(size)
+            pos += size
+        assert sink.space(1) is None  # the blocks fill elsewhere now
+        await sink.finish()
+    assert assembled(sink) == data
+    assert sink.in_target == [True, True, False]
+    assert bytes(target[: 2 * BLOCK]) == data[: 2 * BLOCK]
+
+
+@pytest.mark.parametrize("tamper", [False, True])
+async def test_a_stream_decrypted_in_place_gives_the_plaintext_and_its_tag_still_decides(tamper):
+    """``StreamOpener.update_into`` (what a retrieval into a target uses) gives what ``update``
+    gives, whatever the pieces' sizes (the IV and the held-back tag split across them), and a
+    changed byte still fails at ``finalize``."""
+    from privifs.crypto import wire
+    from privifs.errors import IntegrityError
+
+    key = os.urandom(32)
+    data = os.urandom(300_001)
+    sealed = bytearray(wire.seal(key, data))
+    if tamper:
+        sealed[len(sealed) // 2] ^= 1
+    opener = wire.StreamOpener(key)
+    out = bytearray(len(data) + 64)
+    n = 0
+    pos = 0
+    for size in (5, 7, 16, 3, 70_000, 16, 17, 1, len(sealed)):
+        piece = bytes(sealed[pos : pos + size])
+        pos += size
+        n += opener.update_into(piece, memoryview(out)[n : n + len(piece) + wire.SLACK])
+    if tamper:
+        with pytest.raises(IntegrityError):
+            opener.finalize()
+    else:
+        assert opener.finalize() == b"" and bytes(out[:n]) == data

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import trio
 
+from privifs.crypto.wire import SLACK
+
 
 class BlockWriter:
     """A :class:`~privifs.client.vault.PlaintextSink` writing blocks of ``block`` bytes (only
@@ -22,13 +24,12 @@ class BlockWriter:
 
     Pieces are copied into two block buffers used in turn (one filling, one being written), so
     a retrieval allocates nothing per piece; with a ``target`` (a multiple of ``block`` bytes)
-    they are copied into it in place, each block a region of it, and only what goes past it uses
-    the block buffers. A failed write is raised by the next :meth:`write` or by :meth:`finish`;
+    they go in place, each whole block of it a block (decrypted there when the retrieval asks
+    :meth:`space`; bytes past its whole blocks are room for that), and only what goes past its
+    whole blocks uses the block buffers. A failed write is raised by the next :meth:`write` or by :meth:`finish`;
     call ``finish`` after ``Vault.get`` returns, inside the nursery given."""
 
     def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20, target: bytearray | None = None):
-        if target is not None and len(target) % block:
-            raise ValueError("a target holds whole blocks")
         self.nursery = nursery
         self.block = block
         self._target = target
@@ -40,11 +41,13 @@ class BlockWriter:
         self._error: BaseException | None = None
         self._buf = self._next_buffer()
 
-    def _next_buffer(self) -> memoryview:
+    def _next_buffer(self) -> memoryview | None:
         """Where the block at ``_offset`` fills: its region of the target, else a block buffer
         (the other one than the block being written)."""
-        if self._target is not None and self._offset + self.block <= len(self._target):
+        if self._target is not None and self._offset + self.block <= len(self._target):  # a whole block
             return memoryview(self._target)[self._offset : self._offset + self.block]
+        if self._target is not None and self._buffers is None:
+            return None  # past the target: the block buffers only if more comes
         if self._buffers is None:
             self._buffers = (bytearray(self.block), bytearray(self.block))
         self._current ^= 1
@@ -95,9 +98,33 @@ class BlockWriter:
         """Plaintext bytes received since the last reset."""
         return self._offset + self._fill
 
+    def space(self, n: int) -> memoryview | None:
+        """Room in the target for the next ``n`` bytes (and ``wire.SLACK`` past them), where they
+        are decrypted in place (:meth:`privifs.client.vault.Vault.get`); None once the blocks
+        fill elsewhere or the target's whole blocks cannot take them."""
+        target = self._target
+        if target is None or self._buf is None or self._buf.obj is not target:
+            return None
+        start = self._offset + self._fill
+        if start + n > len(target) // self.block * self.block or start + n + SLACK > len(target):
+            return None
+        return memoryview(target)[start : start + n + SLACK]
+
+    async def wrote(self, n: int) -> None:
+        """``n`` bytes were put where :meth:`space` said."""
+        self._fill += n
+        while self._fill >= self.block:  # the target's blocks follow each other: the rest is in place
+            rest = self._fill - self.block
+            self._fill = self.block
+            await self._flush()
+            self._fill = rest
+
     async def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
+            if self._buf is None:  # more than the target holds
+                self._buffers = (bytearray(self.block), bytearray(self.block))
+                self._buf = memoryview(self._buffers[self._current])
             n = min(len(view), self.block - self._fill)
             self._buf[self._fill : self._fill + n] = view[:n]
             self._fill += n

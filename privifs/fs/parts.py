@@ -28,6 +28,7 @@ import trio
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import SealedFile
+from privifs.crypto.wire import SLACK
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
 from privifs.fs.staging import StagedFile, Staging
@@ -121,7 +122,7 @@ class Fresh:
 
     def target(self, block: int) -> bytearray:
         if self.data is None:
-            self.data = bytearray(-(-max(self.size, 1) // block) * block)  # whole blocks
+            self.data = bytearray(-(-max(self.size, 1) // block) * block + SLACK)  # whole blocks, room to decrypt
         return self.data
 
     def block(self, offset: int, data: memoryview) -> None:
