@@ -487,3 +487,25 @@ async def test_a_channel_change_interrupts_a_waiting_command_without_losing_its_
         assert (await waiter.next_or_change())["command_status"] == 2
     hub.unregister(waiter)
     hub._signal_change()  # no waiter left: nothing to interrupt
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_streamed_retrievals_over_the_lean_path_and_over_httpx(account, lean):
+    """A streamed retrieval's downstream GET goes through the lean plain-http client, its body
+    read straight from the socket, on a connection kept for the next one; through httpx when
+    the lean client is turned off."""
+    from urllib.parse import urlsplit
+
+    endpoints, creds = account
+    async with connect(endpoints, creds, ClientOptions(lean_http=lean)) as client:
+        vault = client.vault(KEY)
+        stored = {}
+        for i in range(3):
+            data = os.urandom(300_000 + i * 70_000)  # streamed, not inline
+            stored[await vault.put_bytes(data, meta(f"down{i}.bin"))] = data
+        for _ in range(2):
+            for token, data in stored.items():
+                assert await vault.get_bytes(token) == data
+        if lean:
+            down = urlsplit(endpoints.downstream)
+            assert len(client.transport.lean._idle[(down.hostname, down.port)]) == 1  # one, reused

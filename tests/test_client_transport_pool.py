@@ -211,3 +211,42 @@ async def test_lean_upload_sends_each_piece_of_a_reused_buffer_and_reads_an_earl
     head, body = got[0].split(b"\r\n\r\n", 1)
     assert head.startswith(b"POST /?auth=a%2Fb HTTP/1.1\r\n")
     assert body == b"\0" * len(buf) + b"\1" * len(buf) + b"\2" * len(buf)
+
+
+async def test_lean_download_reads_the_body_past_h11_and_keeps_the_connection_for_the_next_call():
+    """A downstream GET's ``Content-Length`` body is read from the socket (the part h11 got with
+    the head first), in pieces; the connection then serves another download and an API call
+    (each with a new h11 state machine); a body cut short is an ``HTTPFailure``, and the
+    connection it broke is not reused."""
+    from privifs.client.http11 import HTTPFailure, LeanHTTP
+
+    big = bytes(range(256)) * 12_000  # 3 MB: more than one 1 MiB read
+    body_answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+    refused = b'HTTP/1.1 404 Not Found\r\nContent-Length: 11\r\n\r\n{"x":"no"}\n'
+    plain = b'HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{"a":1}'
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"
+    server = ScriptedServer([body_answer, body_answer, refused, plain, short, body_answer], close_after={4})
+    lean = LeanHTTP(timeout=10, connect_timeout=5, max_connections=4, user_agent="t")
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        base = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        try:
+            for _ in range(2):
+                async with lean.download(base, "/", params={"auth": "a"}) as answer:
+                    assert answer.status_code == 200
+                    pieces = [bytes(p) async for p in answer.body()]
+                assert b"".join(pieces) == big and len(pieces) > 1
+            async with lean.download(base, "/") as answer:
+                assert answer.status_code == 404 and await answer.read() == b'{"x":"no"}\n'
+            assert (await lean.request("GET", base, "/j")).json() == {"a": 1}
+            with pytest.raises(HTTPFailure):
+                async with lean.download(base, "/") as answer:
+                    async for _ in answer.body():
+                        pass
+            async with lean.download(base, "/") as answer:
+                assert b"".join([bytes(p) async for p in answer.body()]) == big
+        finally:
+            await lean.aclose()
+        nursery.cancel_scope.cancel()
+    assert server.requests[0].startswith(b"GET /?auth=a HTTP/1.1\r\n")
+    assert server.connections == 2  # one for the first five answers, another after the short body

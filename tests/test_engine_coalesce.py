@@ -1,5 +1,6 @@
 """The engine's connection mixins (privifs/engine/coalesce.py), in-process: a small answer's head
-and body go out in one socket write, in order, and a 1xx head (a WebSocket upgrade's 101 may be
+and body go out in one socket write, in order (a large body after its head, not copied to join
+them), and a 1xx head (a WebSocket upgrade's 101 may be
 followed by silence) at once; one keep-alive timer per connection closes it as hypercorn's
 per-request timer did (idle too long, or idle at shutdown; never during a request)."""
 
@@ -47,6 +48,18 @@ async def test_a_head_without_body_is_written_before_the_next_event():
     await s.protocol_send(RawData(b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n"))
     await s.protocol_send(RawData(b""))
     assert s.events == [b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n"]
+
+
+async def test_a_large_body_is_written_after_its_head_as_it_is_not_joined_to_it():
+    """A part's blob (4 MiB) on the downstream server: joining the held head to it copied every
+    byte served; the head goes first and the body object is passed on as it is."""
+    s = Server()
+    body = bytes(4 * 1024 * 1024)
+    head = b"HTTP/1.1 200 \r\ncontent-length: 4194304\r\n\r\n"
+    await s.protocol_send(RawData(head))
+    await s.protocol_send(RawData(body))
+    await s.protocol_send(RawData(b""))
+    assert s.events == [head, body] and s.events[1] is body
 
 
 async def test_informational_heads_and_websocket_frames_are_written_at_once():

@@ -6,11 +6,16 @@ makes a new file slow to write on VMs), and a thread hop per piece costs more th
 A :class:`BlockWriter` copies pieces into a block buffer and writes each full block on a worker
 thread while the next one fills: one block in flight, so the network and the disk overlap, and
 two reused buffers are all the memory it takes. Subclasses say how a block lands (:meth:`BlockWriter._write_block`).
+A retrieval whose plaintext is kept in memory anyway (a part of a big file) can be given that
+memory as ``target``: its blocks are filled in place there, so the plaintext is copied once, not
+once into a block and again into the copy kept.
 """
 
 from __future__ import annotations
 
 import trio
+
+from privifs.crypto.wire import SLACK
 
 
 class BlockWriter:
@@ -18,18 +23,35 @@ class BlockWriter:
     the last may be shorter) on a worker thread, one at a time.
 
     Pieces are copied into two block buffers used in turn (one filling, one being written), so
-    a retrieval allocates nothing per piece. A failed write is raised by the next :meth:`write`
-    or by :meth:`finish`; call ``finish`` after ``Vault.get`` returns, inside the nursery given."""
+    a retrieval allocates nothing per piece; with a ``target`` (a multiple of ``block`` bytes)
+    they go in place, each whole block of it a block (decrypted there when the retrieval asks
+    :meth:`space`; bytes past its whole blocks are room for that), and only what goes past its
+    whole blocks uses the block buffers. A failed write is raised by the next :meth:`write` or by :meth:`finish`;
+    call ``finish`` after ``Vault.get`` returns, inside the nursery given."""
 
-    def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20):
+    def __init__(self, nursery: trio.Nursery, *, block: int = 1 << 20, target: bytearray | None = None):
         self.nursery = nursery
         self.block = block
-        self._buffers = (bytearray(block), bytearray(block))
-        self._current = 0  # the buffer being filled
+        self._target = target
+        self._buffers: tuple[bytearray, bytearray] | None = None  # allocated when first needed
+        self._current = 0  # the buffer being filled (when not in the target)
         self._fill = 0
         self._offset = 0  # where the next block goes
         self._done: trio.Event | None = None
         self._error: BaseException | None = None
+        self._buf = self._next_buffer()
+
+    def _next_buffer(self) -> memoryview | None:
+        """Where the block at ``_offset`` fills: its region of the target, else a block buffer
+        (the other one than the block being written)."""
+        if self._target is not None and self._offset + self.block <= len(self._target):  # a whole block
+            return memoryview(self._target)[self._offset : self._offset + self.block]
+        if self._target is not None and self._buffers is None:
+            return None  # past the target: the block buffers only if more comes
+        if self._buffers is None:
+            self._buffers = (bytearray(self.block), bytearray(self.block))
+        self._current ^= 1
+        return memoryview(self._buffers[self._current])
 
     def _write_block(self, offset: int, data: memoryview) -> None:
         """Write ``data`` at ``offset`` (runs on a worker thread)."""
@@ -57,17 +79,18 @@ class BlockWriter:
     async def _flush(self) -> None:
         """Hand the filled buffer to a worker (once the other one is written) and switch."""
         await self._wait()
-        data = memoryview(self._buffers[self._current])[: self._fill]
+        data = self._buf[: self._fill]
         self._done = trio.Event()
         self.nursery.start_soon(self._job, self._offset, data, self._done)
         self._offset += self._fill
-        self._current ^= 1
         self._fill = 0
+        self._buf = self._next_buffer()
 
     async def reset(self) -> None:
         await self._wait()
         self._fill = 0
         self._offset = 0
+        self._buf = self._next_buffer()
         self._restart()
 
     @property
@@ -75,11 +98,35 @@ class BlockWriter:
         """Plaintext bytes received since the last reset."""
         return self._offset + self._fill
 
+    def space(self, n: int) -> memoryview | None:
+        """Room in the target for the next ``n`` bytes (and ``wire.SLACK`` past them), where they
+        are decrypted in place (:meth:`privifs.client.vault.Vault.get`); None once the blocks
+        fill elsewhere or the target's whole blocks cannot take them."""
+        target = self._target
+        if target is None or self._buf is None or self._buf.obj is not target:
+            return None
+        start = self._offset + self._fill
+        if start + n > len(target) // self.block * self.block or start + n + SLACK > len(target):
+            return None
+        return memoryview(target)[start : start + n + SLACK]
+
+    async def wrote(self, n: int) -> None:
+        """``n`` bytes were put where :meth:`space` said."""
+        self._fill += n
+        while self._fill >= self.block:  # the target's blocks follow each other: the rest is in place
+            rest = self._fill - self.block
+            self._fill = self.block
+            await self._flush()
+            self._fill = rest
+
     async def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
+            if self._buf is None:  # more than the target holds
+                self._buffers = (bytearray(self.block), bytearray(self.block))
+                self._buf = memoryview(self._buffers[self._current])
             n = min(len(view), self.block - self._fill)
-            self._buffers[self._current][self._fill : self._fill + n] = view[:n]
+            self._buf[self._fill : self._fill + n] = view[:n]
             self._fill += n
             view = view[n:]
             if self._fill == self.block:

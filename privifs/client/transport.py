@@ -8,9 +8,9 @@
 * Every other failure becomes one exception of :mod:`privifs.errors` with a message a user can
   act on.
 
-API calls to a plain ``http://`` server (the embedded engine) go through the lean HTTP/1.1
-client of :mod:`privifs.client.http11` (``ClientOptions.lean_http``), ``https://`` and the
-streamed transfers through httpx.
+API calls and downstream retrievals to a plain ``http://`` server (the embedded engine) go
+through the lean HTTP/1.1 client of :mod:`privifs.client.http11` (``ClientOptions.lean_http``),
+``https://`` and the upstream transfers through httpx.
 """
 
 from __future__ import annotations

@@ -34,6 +34,17 @@ class PlaintextSink(Protocol):
     async def reset(self) -> None: ...
 
 
+class InPlaceSink(PlaintextSink, Protocol):
+    """A sink that may take the plaintext where it keeps it: :meth:`space` gives memory for the
+    next piece, decrypted there and announced by :meth:`wrote` (no :meth:`write`, no copy)."""
+
+    def space(self, n: int) -> memoryview | None:
+        """Room for the next ``n`` bytes plus :data:`~privifs.crypto.wire.SLACK`, or None (then
+        the piece comes by :meth:`write`)."""
+
+    async def wrote(self, n: int) -> None: ...
+
+
 class BytesSink:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
@@ -162,7 +173,15 @@ class Vault:
             await sink.reset()
             written = 0
             opener = wire.StreamOpener(self._key)
+            space = getattr(sink, "space", None)
             async for chunk in chunks:
+                room = None if space is None else space(len(chunk))
+                if room is not None:  # decrypted where the sink keeps it
+                    n = opener.update_into(chunk, room)
+                    if n:
+                        written += n
+                        await sink.wrote(n)
+                    continue
                 out = opener.update(chunk)
                 if out:
                     written += len(out)

@@ -19,6 +19,7 @@ from privifs.errors import IntegrityError
 IV_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = IV_SIZE + TAG_SIZE
+SLACK = 15  # room past its output that ``update_into`` of a block cipher mode asks for
 
 
 def seal(key: bytes, plaintext: bytes) -> bytes:
@@ -108,6 +109,20 @@ class StreamOpener:
         n += self._dec.update_into(view[:-TAG_SIZE], out[n:])
         self._tail = bytes(view[-TAG_SIZE:])
         return out[:n]
+
+    def update_into(self, data: bytes | memoryview, out: memoryview) -> int:
+        """:meth:`update`, the plaintext written into ``out`` (room for ``len(data) + SLACK``
+        bytes at least) instead of returned; returns its length."""
+        if self._dec is None or len(data) <= TAG_SIZE:
+            piece = self.update(data)
+            out[: len(piece)] = piece
+            return len(piece)
+        self.wire_bytes += len(data)
+        view = memoryview(data)
+        n = self._dec.update_into(self._tail, out) if self._tail else 0
+        n += self._dec.update_into(view[:-TAG_SIZE], out[n:])
+        self._tail = bytes(view[-TAG_SIZE:])
+        return n
 
     def finalize(self) -> bytes:
         if self._dec is None or len(self._tail) < TAG_SIZE:

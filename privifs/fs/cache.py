@@ -116,13 +116,18 @@ class Tap(Protocol):
     def restart(self) -> None:
         """The download starts over: forget every block seen."""
 
+    def target(self, block: int) -> bytearray | None:
+        """Memory (whole blocks of ``block`` bytes) the download's plaintext is to be put in, in
+        place, instead of blocks reused for the next ones; None: the tap copies what it keeps."""
+
 
 class SealedSink(BlockWriter):
     """Seals downloaded plaintext chunk by chunk into a cache file, on a worker thread while the
     next block downloads."""
 
     def __init__(self, sealed: SealedFile, nursery: trio.Nursery, tap: Tap | None = None):
-        super().__init__(nursery, block=16 * CHUNK)  # whole chunks: each block starts a chunk
+        block = 16 * CHUNK  # whole chunks: each block starts a chunk
+        super().__init__(nursery, block=block, target=None if tap is None else tap.target(block))
         self.sealed = sealed
         self.tap = tap
 

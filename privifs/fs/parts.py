@@ -28,6 +28,7 @@ import trio
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import SealedFile
+from privifs.crypto.wire import SLACK
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
 from privifs.fs.staging import StagedFile, Staging
@@ -104,19 +105,25 @@ class Changes:
 
 
 class Fresh:
-    """A part's plaintext as its download arrives (a :class:`~privifs.fs.cache.Tap`): copied into
-    memory and fed to the part's digest block by block on the download's worker thread. Complete
-    only if the blocks came in order and added up to the part's size; trusted only once the
-    download returned (its GCM tag verified) and the digest matched the manifest's."""
+    """A part's plaintext as its download arrives (a :class:`~privifs.fs.cache.Tap`): the download
+    puts it in place in :attr:`data` (:meth:`target`; a block from elsewhere is copied there), and
+    each block is fed to the part's digest on the download's worker thread. Complete only if the
+    blocks came in order and added up to the part's size; trusted only once the download returned
+    (its GCM tag verified) and the digest matched the manifest's."""
 
     def __init__(self, key: bytes, index: int, size: int):
         self._key = key
         self.index = index
         self.size = size
-        self.data: bytearray | None = None  # allocated by the first block (a cache hit needs none)
+        self.data: bytearray | None = None  # allocated by the download (a cache hit needs none)
         self.filled = 0
         self.broken = False
         self.mac = fmt.part_hasher(key, index)
+
+    def target(self, block: int) -> bytearray:
+        if self.data is None:
+            self.data = bytearray(-(-max(self.size, 1) // block) * block + SLACK)  # whole blocks, room to decrypt
+        return self.data
 
     def block(self, offset: int, data: memoryview) -> None:
         end = offset + len(data)
@@ -125,7 +132,8 @@ class Fresh:
             return
         if self.data is None:
             self.data = bytearray(self.size)
-        self.data[offset:end] = data
+        if data.obj is not self.data:  # filled in place by the download: nothing to copy
+            self.data[offset:end] = data
         self.mac.update(data)
         self.filled = end
 
