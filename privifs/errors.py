@@ -179,7 +179,10 @@ class CommandPending(VaultError):
 
 class single_error:
     """Context manager: re-raise the one exception inside a trio exception group as itself, so
-    callers can catch the errors of this hierarchy by type through nurseries."""
+    callers can catch the errors of this hierarchy by type through nurseries. When several tasks
+    failed at once and every failure is one of this hierarchy (the parts of a big file in flight
+    when the server went away: each says so), the first stands for them; anything else (a bug,
+    a cancellation) keeps the group."""
 
     def __enter__(self) -> single_error:
         return self
@@ -187,7 +190,7 @@ class single_error:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if isinstance(exc, BaseExceptionGroup):
             leaves = list(_leaves(exc))
-            if len(leaves) == 1:
+            if len(leaves) == 1 or (leaves and all(isinstance(e, PrivifsError) for e in leaves)):
                 raise leaves[0] from None
         return False
 

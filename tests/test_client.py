@@ -158,6 +158,23 @@ async def test_a_server_that_never_answers_is_named_with_the_cause(account):
     assert "no answer within 0.5 s" in message, message
 
 
+async def test_an_upstream_that_stops_answering_fails_the_store_instead_of_holding_it(account):
+    """An upstream server that takes the connection and then never reads or answers held a
+    streamed store (and the mount's write-back of that file) for good: the upload had no read or
+    write timeout."""
+    endpoints, creds = account
+    with trio.socket.socket() as silent:
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        stalled = Endpoints(api=endpoints.api, ws=endpoints.ws, upstream=upstream, downstream=endpoints.downstream)
+        options = ClientOptions(http_timeout=5, store_attempts=2)
+        async with connect(stalled, creds, options) as client:
+            with trio.fail_after(240), pytest.raises(ServerUnreachable) as caught:
+                await client.vault(KEY).put_bytes(os.urandom(3 * 1024 * 1024), meta("stalled.bin"))
+    assert "upstream" in str(caught.value) and "within 5 s" in str(caught.value), caught.value  # a write or the answer
+
+
 async def test_5xx_answers_are_retried_and_nothing_half_done_is_reported(eng, account):
     async with connect(*account) as client:
         vault = client.vault(KEY)

@@ -86,6 +86,39 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
             eng.stop()
 
 
+def test_a_big_file_written_while_the_server_is_gone_reports_why_not_an_unexpected_failure(tmp_path):
+    """The parts of a big file in flight when the server went away all fail at once: the upload
+    said "unexpected failure: ExceptionGroup(...)" (a traceback in the log, the group in
+    ``privifs status``) instead of the cause, and was retried as a bug."""
+    eng = EngineProcess(tmp_path / "engine").start()
+    m = None
+    try:
+        m = Mount(tmp_path / "user", eng.urls, mount_args=("--write-back-delay", "0"))
+        m.mount()
+        m.umount()
+        eng.stop()
+        m.mount()  # offline: every call fails at once
+        assert not m.status()["connection"]["online"]
+        data = os.urandom(24 * 1024 * 1024 + 3)  # parts: six of them uploading at once
+        (m.dir / "big.bin").write_bytes(data)
+        deadline = time.monotonic() + 120
+        while not (st := m.status())["last_error"]:
+            assert time.monotonic() < deadline, "the failing upload was never reported"
+            time.sleep(0.5)
+        assert "cannot reach" in st["last_error"], st["last_error"]
+        assert "unexpected" not in st["last_error"] and "unexpectedly" not in m.log(), st["last_error"]
+        eng.start()  # same data, same ports
+        m.wait_online()
+        m.wait_idle(timeout=300)
+        assert (m.dir / "big.bin").read_bytes() == data
+    finally:
+        try:
+            if m is not None:
+                m.cleanup()
+        finally:
+            eng.stop()
+
+
 @pytest.mark.parametrize("reason,code", [("policy.rejected", errno.EIO), ("policy.access_denied", errno.EACCES)])
 def test_rejected_upload_fails_fsync_and_keeps_the_data(eng, tmp_path, reason, code):
     with Mount(tmp_path, eng.urls, mount_args=("--fsync-timeout", "20")).mounted() as m:

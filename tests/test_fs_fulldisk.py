@@ -242,3 +242,53 @@ def test_local_state_that_cannot_open_on_a_full_disk_says_the_disk_is_full(tmp_p
             with pytest.raises(DiskFullError) as info:
                 open_it()
             assert f"the {what} in" in str(info.value) and "the disk is full" in str(info.value)
+
+
+def test_an_entry_whose_creation_failed_on_a_full_disk_is_not_left_behind(engine, tmp_path):
+    """A create, mkdir or symlink that got ENOSPC because the index could not commit made
+    nothing: the entry stayed in the tree before (visible, pending for good, gone after a
+    remount)."""
+    with small_filesystem(tmp_path / "small", "16m") as small:
+        m = Mount(
+            tmp_path / "user",
+            engine.urls,
+            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache")),
+        )
+        try:
+            m.mount()
+            (m.dir / "kept.txt").write_bytes(b"kept")
+            m.wait_idle()
+            filler = fill_outside(small / "filler")
+            made, failed = [], []
+            for i in range(400):  # the index's WAL may still have room for a few commits
+                for name, make in (
+                    (f"d{i}", lambda p: p.mkdir()),
+                    (f"f{i}", lambda p: p.write_bytes(b"")),
+                    (f"l{i}", lambda p: p.symlink_to("kept.txt")),
+                ):
+                    try:
+                        make(m.dir / name)
+                    except OSError as exc:
+                        assert exc.errno == errno.ENOSPC, exc
+                        failed.append(name)
+                    else:
+                        made.append(name)
+                if len({n[0] for n in failed}) == 3:
+                    break
+            assert {n[0] for n in failed} == {"d", "f", "l"}, failed
+            shown = set(os.listdir(m.dir))
+            assert not shown & set(failed), sorted(shown & set(failed))
+            for name in failed:
+                assert not os.path.lexists(m.dir / name), name
+
+            filler.unlink()
+            (m.dir / "after.txt").write_bytes(b"after")
+            m.wait_idle()
+            assert not m.status()["pending"]
+            before = sorted(os.listdir(m.dir))
+            m.umount()
+            m.mount()
+            assert sorted(os.listdir(m.dir)) == before
+            assert (m.dir / "after.txt").read_bytes() == b"after"
+        finally:
+            m.cleanup()

@@ -174,7 +174,10 @@ class DataTokens:
                 url,
                 content=content,
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(wire_size)},
-                timeout=httpx.Timeout(None, connect=self.options.connect_timeout),
+                # each write and the wait for the answer bounded like any call (none bounded: an
+                # upstream that stopped reading or answering held the upload, and the file's
+                # write-back, for good); waiting for a pooled connection is not
+                timeout=httpx.Timeout(self.options.http_timeout, connect=self.options.connect_timeout, pool=None),
             )
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"upload to the upstream server failed ({failure_text(exc)})") from None

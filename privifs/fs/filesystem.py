@@ -326,7 +326,7 @@ class Filesystem:
         if not stat.S_ISREG(mode):
             raise fail(errno.EPERM)  # no device nodes
         node = self._new_file(self.dir_node(parent_ino), name, mode, owner)
-        self.index.save(node)
+        self._save_new(node)
         self.sync.schedule_upload(node)
         self.ns.looked_up(node)
         return self.attrs(node)
@@ -344,17 +344,33 @@ class Filesystem:
     ) -> pyfuse3.EntryAttributes:
         """A new entry without content (directory, symlink, FIFO, socket), owned by its maker,
         saved with its meta to be written back."""
-        with self.index:
-            node = self.ns.new_node(parent, text, kind, mode)
-            self.own(node, parent, owner)
-            if explicit:
-                self.ns.set_explicit(node, True)
-            if target is not None:
-                self.ns.set_attributes(node, target=target)
-            self.touch_parent(parent)
-            self.touch_meta(node)
+        node: Node | None = None
+        try:
+            with self.index:
+                node = self.ns.new_node(parent, text, kind, mode)
+                self.own(node, parent, owner)
+                if explicit:
+                    self.ns.set_explicit(node, True)
+                if target is not None:
+                    self.ns.set_attributes(node, target=target)
+                self.touch_parent(parent)
+                self.touch_meta(node)
+        except BaseException:
+            if node is not None:  # not committed (a full disk): the entry was not made
+                self.ns.unmake(node, self.staging)
+            raise
         self.ns.looked_up(node)
         return self.attrs(node)
+
+    def _save_new(self, node: Node) -> None:
+        """Commit a new file's row; if that fails (a full disk), the file was not made: the
+        caller gets the error and no entry is left behind (one left in memory only showed, stayed
+        pending for good and was gone after a remount)."""
+        try:
+            self.index.save(node)
+        except BaseException:
+            self.ns.unmake(node, self.staging)
+            raise
 
     def _new_file(self, parent: Node, name: bytes, mode: int, owner: tuple[int, int] | None) -> Node:
         text = self.new_name(parent, name)
@@ -371,7 +387,7 @@ class Filesystem:
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.dir_node(parent_ino)
         node = self._new_file(parent, name, mode, owner)
-        self.index.save(node)
+        self._save_new(node)
         self.ns.looked_up(node)
         return self._open_node(node, flags), self.attrs(node)
 

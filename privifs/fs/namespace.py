@@ -564,6 +564,12 @@ class Index:
         elif not node.unlinked:
             self._soon[node.ino] = node
 
+    def discard(self, ino: int) -> None:
+        """Forget what this connection remembers of a node whose row was never committed."""
+        self._saved.pop(ino, None)
+        self._soon.pop(ino, None)
+        self._row_writes.pop(ino, None)
+
     def forget(self, ino: int) -> None:
         self._saved.pop(ino, None)
         self._soon.pop(ino, None)
@@ -792,6 +798,20 @@ class Namespace:
         node.unlinked = True
         node.content_dirty = 0
         self.index.forget(node.ino)
+
+    def unmake(self, node: Node, staging: Staging) -> None:
+        """Take back a new node whose creation could not be committed (the index's disk is
+        full): it leaves the tree as if never made, with its staged file. No row of it was
+        committed and the kernel holds no reference, so nothing is written here (on that disk a
+        write would fail too)."""
+        self.detach(node)
+        if node.staged is not None:
+            staging.remove(node.staged)
+            self.clear_staged(node)
+        node.unlinked = True
+        node.content_dirty = 0
+        self.index.discard(node.ino)
+        self.drop(node)
 
     def release(self, node: Node, staging: Staging) -> bool:
         """Let go of a removed node's content once every open file closed it, and forget the node
