@@ -175,6 +175,24 @@ async def test_an_upstream_that_stops_answering_fails_the_store_instead_of_holdi
     assert "upstream" in str(caught.value) and "within 5 s" in str(caught.value), caught.value  # a write or the answer
 
 
+async def test_an_upstream_that_stops_answering_fails_a_streamed_store_on_the_lean_path_too(account):
+    """The same through the lean HTTP client, which sends a streamed store's pieces (a big
+    file's parts) to a plain-http upstream: each write and the wait for the answer are bounded."""
+    endpoints, creds = account
+    data = os.urandom(12 * 1024 * 1024)  # more than the socket buffers take without a reader
+    with trio.socket.socket() as silent:
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        stalled = Endpoints(api=endpoints.api, ws=endpoints.ws, upstream=upstream, downstream=endpoints.downstream)
+        options = ClientOptions(http_timeout=5, store_attempts=2)
+        async with connect(stalled, creds, options) as client:
+            assert client.transport.lean is not None
+            with trio.fail_after(240), pytest.raises(ServerUnreachable) as caught:
+                await client.vault(KEY).put_from(lambda at, n: data[at : at + n], len(data), meta("stalled.bin"))
+    assert "upstream" in str(caught.value) and "within 5 s" in str(caught.value), caught.value
+
+
 async def test_5xx_answers_are_retried_and_nothing_half_done_is_reported(eng, account):
     async with connect(*account) as client:
         vault = client.vault(KEY)

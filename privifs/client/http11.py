@@ -131,10 +131,12 @@ class _Connection:
                 return event
             self.h11.receive_data(await self.stream.receive_some(RECEIVE))  # b"": the server closed
 
-    async def _send_request(self, request: h11.Request, body: bytes | None | AsyncIterator[Piece]) -> bool:
+    async def _send_request(
+        self, request: h11.Request, body: bytes | None | AsyncIterator[Piece], step: float | None = None
+    ) -> bool:
         """Send one request. A streamed ``body``'s pieces go to the socket as they are (h11 frames
-        them without a copy), each before the next is asked for. False if the server stopped
-        reading the body (it may have answered early)."""
+        them without a copy), each before the next is asked for, each within ``step`` seconds if
+        given. False if the server stopped reading the body (it may have answered early)."""
         if self.raw is not None:  # h11 saw only part of the last answer: a new state machine
             self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
             self.raw = None
@@ -149,15 +151,19 @@ class _Connection:
             return True
         await self.stream.send_all(message)
         async for piece in body:  # (the body's own failures propagate as they are)
-            if piece and not await self._send(self.h11.send_with_data_passthrough(h11.Data(data=piece))):
+            if piece and not await self._send(self.h11.send_with_data_passthrough(h11.Data(data=piece)), step):
                 return False
-        return await self._send([self.h11.send(h11.EndOfMessage())])
+        return await self._send([self.h11.send(h11.EndOfMessage())], step)
 
-    async def _send(self, data: list[Piece]) -> bool:
-        """Send ``data``; False if the server stopped reading."""
+    async def _send(self, data: list[Piece], step: float | None) -> bool:
+        """Send ``data``; False if the server stopped reading. A send that makes no way within
+        ``step`` seconds (a server that neither reads nor closes) is an :class:`HTTPFailure`."""
         try:
             for out in data:
-                await self.stream.send_all(out)
+                with trio.move_on_after(step if step is not None else float("inf")) as scope:
+                    await self.stream.send_all(out)
+                if scope.cancelled_caught:
+                    raise HTTPFailure(f"WriteTimeout: the server read nothing within {step:g} s")
         except (OSError, trio.BrokenResourceError):
             return False
         return True
@@ -191,11 +197,18 @@ class _Connection:
         await self._send_request(request, body)
         return await self._read_head()
 
-    async def exchange(self, request: h11.Request, body: bytes | None | AsyncIterator[Piece]) -> Answer:
-        """Send one request, read its whole answer."""
-        if not await self._send_request(request, body):
+    async def exchange(
+        self, request: h11.Request, body: bytes | None | AsyncIterator[Piece], step: float | None = None
+    ) -> Answer:
+        """Send one request, read its whole answer; with ``step``, each write of a streamed body
+        and the wait for the answer are bounded by it (an upload as a whole is not)."""
+        if not await self._send_request(request, body, step):
             return await self._early_answer()
-        return await self._answer()
+        if step is None:
+            return await self._answer()
+        with trio.move_on_after(step):
+            return await self._answer()
+        raise HTTPFailure(f"ReadTimeout: no answer within {step:g} s")
 
     async def _early_answer(self) -> Answer:
         """The server stopped reading an upload: its answer (a refusal) if it gave one says more
@@ -361,8 +374,10 @@ class LeanHTTP:
 
     async def upload(self, url: str, body: AsyncIterator[Piece], headers: dict[str, str]) -> Answer:
         """POST a streamed ``body`` (``headers`` give its Content-Length) to a plain-http ``url``.
-        Each piece goes to the socket as it is; no time limit but the connection's (as httpx had
-        for uploads: a throttled or slow server may take long)."""
+        Each piece goes to the socket as it is. The upload as a whole has no time limit (a slow
+        link may take long), but each write and the wait for the answer do: the call timeout (an
+        upstream that stopped reading or answering held the upload, and the file's write-back,
+        for good)."""
         parts = urlsplit(url)
         origin = self.origin(f"{parts.scheme}://{parts.netloc}")
         target = origin.prefix + (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -372,7 +387,7 @@ class LeanHTTP:
         except h11.LocalProtocolError as exc:
             raise HTTPFailure(f"LocalProtocolError: {exc}") from None
         async with self._upload_slots:
-            return await self._exchange((origin.host, origin.port), request, body)
+            return await self._exchange((origin.host, origin.port), request, body, step=self.timeout)
 
     @asynccontextmanager
     async def download(self, base: str, path: str, *, params: dict[str, str] | None = None) -> AsyncIterator[Download]:
@@ -415,13 +430,17 @@ class LeanHTTP:
             conn.close()
 
     async def _exchange(
-        self, key: tuple[str, int], request: h11.Request, body: bytes | None | AsyncIterator[Piece]
+        self,
+        key: tuple[str, int],
+        request: h11.Request,
+        body: bytes | None | AsyncIterator[Piece],
+        step: float | None = None,
     ) -> Answer:
         conn = await self._connect(key)
         keep = False
         try:
             with _failures():
-                answer = await conn.exchange(request, body)
+                answer = await conn.exchange(request, body, step)
             keep = conn.reusable()
             return answer
         finally:
