@@ -310,6 +310,8 @@ def run_status(args: argparse.Namespace) -> int:
             f"  last error:   {st['last_error'] or 'none'}"
             + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")
         )
+        if st.get("read_error"):
+            print(f"  read failed:  {st['read_error']} at {_ago(st['read_error_at'])}")
         for task in st.get("tasks", []):
             if task["failures"]:
                 print(

@@ -370,6 +370,8 @@ class Daemon:
             "listings": refresher.listings,
             "last_error": syncer.last_error,
             "last_error_at": syncer.last_error_at,
+            "read_error": self.fs.last_read_error,
+            "read_error_at": self.fs.last_read_error_at,
             "files": len(self.ns.nodes),
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),

@@ -107,6 +107,9 @@ class Filesystem:
         self.dir_handles: dict[int, int | list[tuple[int, int]]] = {}  # the inode until the first readdir
         self._next_fh = 1
         self._own_ids = (os.getuid(), os.getgid())  # the daemon's own user and group
+        # the last read that failed (path and cause) and when, for `privifs status`
+        self.last_read_error: str | None = None
+        self.last_read_error_at: float | None = None
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -562,10 +565,16 @@ class Filesystem:
     def _fetch_failed(self, node: Node, exc: PrivifsError) -> pyfuse3.FUSEError:
         """Log why the node's content could not be fetched; the error to answer with."""
         if isinstance(exc, IntegrityError):
-            log.error("%s: integrity failure, the stored ciphertext does not verify (%s)", self.path(node), exc)
+            self._read_failed(node, "integrity failure, the stored ciphertext does not verify", exc)
             return fail(errno.EIO)
-        log.error("%s: cannot fetch the content (%s)", self.path(node), exc)
+        self._read_failed(node, "cannot fetch the content", exc)
         return fail(errno_for(exc))
+
+    def _read_failed(self, node: Node, what: str, exc: Exception) -> None:
+        """Log a failed read of ``node`` with its path and cause, and keep it for ``privifs status``."""
+        message = f"{self.path(node)}: {what} ({exc})"
+        log.error("%s", message)
+        self.last_read_error, self.last_read_error_at = message, time.time()
 
     async def _parts(self, node: Node, work):
         """Await ``work`` on the node's parts (see :mod:`privifs.fs.parts`); a failure is EIO
@@ -573,12 +582,10 @@ class Filesystem:
         try:
             return await work
         except IntegrityError as exc:
-            log.error(
-                "%s: integrity failure in a part, the stored ciphertext does not verify (%s)", self.path(node), exc
-            )
+            self._read_failed(node, "integrity failure in a part, the stored ciphertext does not verify", exc)
             raise fail(errno.EIO) from None
         except PrivifsError as exc:
-            log.error("%s: cannot fetch a part (%s)", self.path(node), exc)
+            self._read_failed(node, "cannot fetch a part", exc)
             raise fail(errno_for(exc)) from None
 
     async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes | memoryview:
