@@ -260,7 +260,7 @@ class Transport:
         status = resp.status_code
         detail = shapes.error_message(resp)
         if status >= 500 or status == 429:
-            err = ServerError(f"{what}: the server failed (HTTP {status}: {detail}); will retry", status=status)
+            err = ServerError(f"{what}: the server failed (HTTP {status}: {detail})", status=status)
             ra = resp.headers.get("retry-after")
             err.retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
             return err
