@@ -158,11 +158,15 @@ async def test_a_server_that_never_answers_is_named_with_the_cause(account):
     assert "no answer within 0.5 s" in message, message
 
 
-async def test_an_upstream_that_stops_answering_fails_the_store_instead_of_holding_it(account):
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole-through-httpx", "streamed-through-lean-http"])
+async def test_an_upstream_that_stops_answering_fails_the_store_instead_of_holding_it(account, streamed):
     """An upstream server that takes the connection and then never reads or answers held a
     streamed store (and the mount's write-back of that file) for good: the upload had no read or
-    write timeout."""
+    write timeout. A whole ciphertext goes through httpx; a streamed store's pieces (a big file's
+    parts) through the lean HTTP client to a plain-http upstream: on both, each write and the
+    wait for the answer are bounded."""
     endpoints, creds = account
+    data = os.urandom((12 if streamed else 3) * 1024 * 1024)  # 12: more than the socket buffers take
     with trio.socket.socket() as silent:
         await silent.bind(("127.0.0.1", 0))
         silent.listen(16)
@@ -170,27 +174,14 @@ async def test_an_upstream_that_stops_answering_fails_the_store_instead_of_holdi
         stalled = Endpoints(api=endpoints.api, ws=endpoints.ws, upstream=upstream, downstream=endpoints.downstream)
         options = ClientOptions(http_timeout=5, store_attempts=2)
         async with connect(stalled, creds, options) as client:
+            vault = client.vault(KEY)
             with trio.fail_after(240), pytest.raises(ServerUnreachable) as caught:
-                await client.vault(KEY).put_bytes(os.urandom(3 * 1024 * 1024), meta("stalled.bin"))
+                if streamed:
+                    assert client.transport.lean is not None
+                    await vault.put_from(lambda at, n: data[at : at + n], len(data), meta("stalled.bin"))
+                else:
+                    await vault.put_bytes(data, meta("stalled.bin"))
     assert "upstream" in str(caught.value) and "within 5 s" in str(caught.value), caught.value  # a write or the answer
-
-
-async def test_an_upstream_that_stops_answering_fails_a_streamed_store_on_the_lean_path_too(account):
-    """The same through the lean HTTP client, which sends a streamed store's pieces (a big
-    file's parts) to a plain-http upstream: each write and the wait for the answer are bounded."""
-    endpoints, creds = account
-    data = os.urandom(12 * 1024 * 1024)  # more than the socket buffers take without a reader
-    with trio.socket.socket() as silent:
-        await silent.bind(("127.0.0.1", 0))
-        silent.listen(16)
-        upstream = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        stalled = Endpoints(api=endpoints.api, ws=endpoints.ws, upstream=upstream, downstream=endpoints.downstream)
-        options = ClientOptions(http_timeout=5, store_attempts=2)
-        async with connect(stalled, creds, options) as client:
-            assert client.transport.lean is not None
-            with trio.fail_after(240), pytest.raises(ServerUnreachable) as caught:
-                await client.vault(KEY).put_from(lambda at, n: data[at : at + n], len(data), meta("stalled.bin"))
-    assert "upstream" in str(caught.value) and "within 5 s" in str(caught.value), caught.value
 
 
 async def test_5xx_answers_are_retried_and_nothing_half_done_is_reported(eng, account):

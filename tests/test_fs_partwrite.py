@@ -31,6 +31,22 @@ async def vault_state(t) -> tuple[list, list]:
     return [i for i in infos if fmt.MARK in i.risk], [i for i in infos if is_part(i)]
 
 
+async def big_file(t, name: str):
+    """A file of three parts, written and closed: its node."""
+    fh, node = t.create_node(1, name)
+    await t.fs.write(fh, 0, os.urandom(3 * PART))
+    t.fs.release(fh)
+    return node
+
+
+async def assert_only_parts_of(t, keep) -> None:
+    """The vault's parts are those of ``keep``'s manifest, and ``keep`` reads whole."""
+    _, parts = await vault_state(t)
+    kept = await PartStore(t.fs.vault).manifest(keep.token)
+    assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
+    assert len(await read_all(t, keep)) == 3 * PART
+
+
 async def read_all(t, node) -> bytes:
     fh = await t.open_node(node, os.O_RDONLY)
     try:
@@ -125,12 +141,8 @@ async def test_a_big_file_shrunk_below_the_threshold_becomes_one_token_again(acc
 
 async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account, tmp_path, small_parts):
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
-        fh, node = t.create_node(1, "gone.bin")
-        await t.fs.write(fh, 0, os.urandom(3 * PART))
-        t.fs.release(fh)
-        fh, keep = t.create_node(1, "kept.bin")
-        await t.fs.write(fh, 0, os.urandom(3 * PART))
-        t.fs.release(fh)
+        await big_file(t, "gone.bin")
+        keep = await big_file(t, "kept.bin")
         await t.wait_idle()
         t.fs.unlink(1, b"gone.bin")
         await t.wait_idle()
@@ -138,20 +150,12 @@ async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account
         assert len([i for i in infos if is_part(i)]) == 6  # the deleted manifest's parts wait out a grace
         assert await t.fs.parts.sweep(infos) == 0  # too young: they may belong to a store in flight
         assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3
-        _, parts = await vault_state(t)
-        kept = await PartStore(t.fs.vault).manifest(keep.token)
-        assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
-        assert len(await read_all(t, keep)) == 3 * PART
+        await assert_only_parts_of(t, keep)
 
 
 async def test_removing_a_big_file_deletes_its_parts_after_the_grace(account, tmp_path, small_parts):
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
-        fh, node = t.create_node(1, "gone.bin")
-        await t.fs.write(fh, 0, os.urandom(3 * PART))
-        t.fs.release(fh)
-        fh, keep = t.create_node(1, "kept.bin")
-        await t.fs.write(fh, 0, os.urandom(3 * PART))
-        t.fs.release(fh)
+        node, keep = await big_file(t, "gone.bin"), await big_file(t, "kept.bin")
         await t.wait_idle()
         gone = await PartStore(t.fs.vault).manifest(node.token)
         t.fs.unlink(1, b"gone.bin")
@@ -161,17 +165,12 @@ async def test_removing_a_big_file_deletes_its_parts_after_the_grace(account, tm
         assert {p.token for p in gone.parts} <= {i.token for i in parts}  # another client may still read them …
         assert await t.syncer.retire_due(now=float("inf")) == 3  # … then they go, not at the hour-old sweep
         await t.wait_idle()
-        _, parts = await vault_state(t)
-        kept = await PartStore(t.fs.vault).manifest(keep.token)
-        assert sorted(i.token for i in parts) == sorted(p.token for p in kept.parts)
-        assert len(await read_all(t, keep)) == 3 * PART
+        await assert_only_parts_of(t, keep)
 
 
 async def test_a_big_file_removed_while_its_upload_was_in_flight_leaves_no_parts(account, tmp_path, small_parts):
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
-        fh, node = t.create_node(1, "brief.bin")
-        await t.fs.write(fh, 0, os.urandom(3 * PART))
-        t.fs.release(fh)
+        node = await big_file(t, "brief.bin")
         t.syncer.upload_soon(node)
         while not node.uploading:  # the upload has started …
             await trio.sleep(0.001)
