@@ -30,6 +30,17 @@ async def test_a_created_file_is_found_by_lookup_with_its_mode_and_size_and_read
         await kit.create_file("notes.txt")
 
 
+async def test_a_closed_file_waiting_for_its_upload_keeps_no_plaintext_in_memory(kit):
+    # a partial write keeps its chunk's plaintext for the next one (SQLite's page writes); once
+    # the writers closed the file it is dropped: an untar's thousands of staged files held it
+    fh = await kit.create_file("waiting.txt")
+    await kit.write(fh, 0, b"x" * 5000)
+    node = kit.fs.handles[fh].node
+    assert node.staged.sealed._plain is not None  # kept while the file is open for writing
+    await kit.close(fh)
+    assert node.staged is not None and node.staged.sealed._plain is None
+
+
 async def test_closed_files_reach_the_vault_with_their_content_and_place(kit):
     await kit.mkdir("docs")
     await kit.write_file("docs/a.txt", b"alpha")

@@ -180,6 +180,12 @@ class SealedFile:
         if self._header_size != self.size:
             self.write_header()
 
+    def forget_kept_plaintext(self) -> None:
+        """Drop the plaintext kept from the last partial write (see ``_plain``): a file its
+        writers closed keeps no memory while it waits for its upload (thousands of small files
+        written at once, an untar, each held up to 64 KiB)."""
+        self._plain = None
+
     def close(self) -> None:
         self._plain = None
         if self.fd >= 0:

@@ -718,6 +718,8 @@ class Filesystem:
         if fh.writable:
             if node.staged is not None and not node.unlinked:
                 node.staged.sealed.sync_header()
+                if node.opens <= 0:  # the last writer closed it: no partial write follows soon
+                    node.staged.sealed.forget_kept_plaintext()
                 if node.content_dirty:  # size and times: the staged file's header has them already
                     self.index.save_soon(node)
                 else:
