@@ -395,7 +395,7 @@ class Syncer:
             if node.unlinked:
                 self.ns.release(node, self.staging)
         self.uploads += 1
-        if manifest_risk is not None:
+        if manifest_risk is not None and not node.unlinked:  # (a removed file's manifest is being deleted)
             self.stored_manifests.add(token)
         if replaced is not None and replaced != token and not keep:
             await self._delete_now(replaced)
