@@ -492,6 +492,7 @@ async def inprocess_fs(
     *,
     key: bytes | None = None,
     workers: int = 2,
+    big_uploads: int = 8,
     write_back_delay: float = 0.0,
     empty_vault: bool = False,
 ):
@@ -516,6 +517,7 @@ async def inprocess_fs(
                 client.tokens,
                 vault,
                 workers=workers,
+                big_uploads=big_uploads,
                 write_back_delay=write_back_delay,
                 supervisor=supervisor,
             )

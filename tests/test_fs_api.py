@@ -14,6 +14,7 @@ import stat
 import pyfuse3
 import trio
 
+from privifs.fs.sync import BIG_UPLOAD
 from tests.fskit import CTX, fails_with, inprocess_fs
 
 
@@ -571,3 +572,37 @@ async def test_an_fsync_goes_ahead_of_a_backlog_of_closed_files(module_account, 
         assert "pack" in in_vault
         assert sum(name.startswith("backlog-") for name in in_vault) < 50, "the fsync waited for the backlog"
         await kit.settle(timeout=120)
+
+
+async def test_big_files_upload_a_few_at_a_time_while_small_files_pass_beside_them(module_account, eng, tmp_path):
+    """Write-back runs many uploads at once so small files hide each other's round trips, but
+    files over BIG_UPLOAD take turns for a few slots (memory and bandwidth), and a big file
+    waiting for a slot holds up no small one."""
+    big = BIG_UPLOAD + 1
+    async with inprocess_fs(tmp_path, *module_account, workers=6, big_uploads=1, empty_vault=True) as kit:
+        resume = kit.hold_write_back()
+        for i in range(3):
+            await kit.write_file(f"big-{i}", os.urandom(big))
+        for i in range(20):
+            await kit.write_file(f"small-{i:02}", b"s" * 100)
+        most_big, small_beside_big = 0, 0
+
+        async def watch() -> None:
+            nonlocal most_big, small_beside_big
+            while True:
+                uploading = [n for n in kit.ns.nodes.values() if n.uploading]
+                bigs = sum(n.size == big for n in uploading)
+                most_big = max(most_big, bigs)
+                if bigs:
+                    small_beside_big += sum(n.size == 100 for n in uploading)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            resume()
+            await kit.settle(timeout=120)
+            nursery.cancel_scope.cancel()
+        assert most_big == 1, f"{most_big} big files uploaded at once with one slot"
+        assert small_beside_big > 0, "small files waited behind the big ones"
+        names = await kit.vault_names()
+        assert {f"big-{i}" for i in range(3)} | {f"small-{i:02}" for i in range(20)} <= set(names)

@@ -65,7 +65,11 @@ def register(sub) -> None:
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     p.add_argument(
-        "--upload-workers", type=integer(1, 64), metavar="N", default=8, help="parallel uploads, 1 to 64 (default 8)"
+        "--upload-workers",
+        type=integer(1, 64),
+        metavar="N",
+        default=32,
+        help="parallel uploads, 1 to 64 (default 32; at most 8 of them files over 1 MiB)",
     )
     p.add_argument(
         "--write-back-delay",

@@ -64,7 +64,7 @@ class MountConfig:
     cache_dir: Path | None = None
     cache_size: int = 2 * 1024**3
     refresh_interval: float = 30.0
-    upload_workers: int = 8
+    upload_workers: int = 32
     write_back_delay: float = 1.0
     allow_other: bool = False
     state_dir: Path | None = None

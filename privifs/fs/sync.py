@@ -30,7 +30,9 @@ and after a crash the next listing's token there with that content is deleted, n
 (:meth:`Syncer.bury`).
 
 State and concurrency: nodes are reconciled by ``workers`` tasks, never two at once for the same
-node (``_busy``); everything between two awaits is atomic on the trio thread. ``inflight_names``
+node (``_busy``); of those, at most ``big_uploads`` send a file larger than ``BIG_UPLOAD`` at once
+(many small uploads in flight hide each one's round trips; big ones need memory and bandwidth,
+not company); everything between two awaits is atomic on the trio thread. ``inflight_names``
 lets the refresher ignore a token of ours that the listing shows before the node recorded it;
 ``recently_deleted`` lets it ignore tokens deleted after its listing was taken.
 """
@@ -90,6 +92,8 @@ RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache 
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
 RETIRE_CHECK = 10.0  # how often the retired parts are looked at
+BIG_UPLOAD = 2**20  # a file larger than this takes one of the ``big_uploads`` slots while uploading
+BIG_UPLOADS = 8
 
 
 def awaits_marker(node: Node) -> bool:
@@ -126,6 +130,7 @@ class Syncer:
         vault: Vault,
         *,
         workers: int = 4,
+        big_uploads: int = BIG_UPLOADS,
         write_back_delay: float = 1.0,
         supervisor: Supervisor | None = None,
         server_restarting: Callable[[], bool] = lambda: False,
@@ -139,6 +144,7 @@ class Syncer:
         self.tokens = tokens
         self.vault = vault
         self.workers = workers
+        self._big = trio.CapacityLimiter(max(1, min(big_uploads, workers)))
         self.write_back_delay = write_back_delay
         self._queue = WorkQueue()
         self._busy: set[int] = set()
@@ -288,7 +294,8 @@ class Syncer:
             if node.is_file and node.content_dirty and node.staged is not None:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
-                await self._upload(node)
+                async with self._big if node.size > BIG_UPLOAD else contextlib.nullcontext():
+                    await self._upload(node)
             elif awaits_marker(node):
                 await self._marker(node)
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
