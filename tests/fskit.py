@@ -127,6 +127,8 @@ class InProcessFs:
         ino = ROOT
         for part in filter(None, path.split("/")):
             attrs = await self.ops.lookup(ino, part.encode(), CTX)
+            if attrs.st_ino == 0:  # a negative entry: the kernel answers ENOENT
+                raise pyfuse3.FUSEError(errno.ENOENT)
             await self.ops.forget([(attrs.st_ino, 1)])
             ino = attrs.st_ino
         return ino

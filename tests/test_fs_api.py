@@ -15,7 +15,7 @@ import pyfuse3
 import trio
 
 from privifs.fs.sync import BIG_UPLOAD
-from tests.fskit import CTX, fails_with, inprocess_fs
+from tests.fskit import CTX, ROOT_INO, fails_with, inprocess_fs
 
 
 # -- lookup, create, write, read ------------------------------------------------------------------
@@ -29,6 +29,22 @@ async def test_a_created_file_is_found_by_lookup_with_its_mode_and_size_and_read
     assert await kit.read_file("notes.txt") == b"hello world"
     with fails_with(errno.EEXIST):
         await kit.create_file("notes.txt")
+
+
+async def test_a_missing_name_is_a_negative_entry_dropped_when_another_client_makes_it(kit):
+    """The kernel may remember that a name is missing (SQLite looks for its -wal at every commit,
+    git for .gitignore everywhere); a file or directory another client makes under that name must
+    then be invalidated in the kernel, or it would stay invisible until the entry times out."""
+    for name in (b"later.txt", b"later"):
+        attrs = await kit.ops.lookup(ROOT_INO, name, CTX)
+        assert attrs.st_ino == 0 and attrs.entry_timeout > 0
+    dropped: list[tuple[int, str]] = []
+    kit.refresher._inval_entry = lambda parent, name, deleted=0: dropped.append((parent, name))
+    await kit.remote.put("later.txt", b"a file")
+    await kit.remote.put("later/inside.txt", b"a file in a directory made by the listing")
+    await kit.refresh()
+    assert {(ROOT_INO, "later.txt"), (ROOT_INO, "later")} <= set(dropped)
+    assert await kit.read_file("later/inside.txt") == b"a file in a directory made by the listing"
 
 
 async def test_a_closed_file_waiting_for_its_upload_keeps_no_plaintext_in_memory(kit):

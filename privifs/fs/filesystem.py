@@ -235,9 +235,21 @@ class Filesystem:
         else:
             node = self.ns.child(parent, text)
         if node is None:
-            raise fail(errno.ENOENT)
+            return self.absent()
         self.ns.looked_up(node)
         return self.attrs(node)
+
+    def absent(self) -> pyfuse3.EntryAttributes:
+        """A name with no entry, for the kernel to remember for ``attr_timeout`` (inode 0: a
+        negative entry). Programs look for the same missing files over and over (SQLite its
+        ``-wal`` at every commit, git its ``.gitignore`` in every directory, Python its modules
+        along sys.path): each look is a round trip to this process otherwise. A name that
+        appears without the kernel knowing (another client's file, shown by the refresher) is
+        invalidated when it appears."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.opts.attr_timeout
+        return e
 
     def forget(self, inode_list) -> None:
         for ino, n in inode_list:

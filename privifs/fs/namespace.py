@@ -738,9 +738,10 @@ class Namespace:
         self.set_token(node, None)
         self.nodes.pop(node.ino, None)
 
-    def ensure_dirs(self, parts: list[str], mtime_ns: int) -> Node:
-        """The directory at ``parts``, creating implicit directories on the way (and saving them).
-        A non-directory in the way keeps its name; the directory gets a conflict name instead."""
+    def ensure_dirs(self, parts: list[str], mtime_ns: int, made: Callable[[Node], None] = lambda n: None) -> Node:
+        """The directory at ``parts``, creating implicit directories on the way (and saving them;
+        ``made`` sees each). A non-directory in the way keeps its name; the directory gets a
+        conflict name instead."""
         node = self.root
         for part in parts:
             child = self.child(node, part)
@@ -754,6 +755,7 @@ class Namespace:
                     part = alt
                 child = self.new_node(node, part, KIND_DIR, self.dir_mode, mtime_ns)
                 self.index.save(child)
+                made(child)
             node = child
         return node
 

@@ -318,7 +318,7 @@ class Refresher:
             return False
         if node in along:
             return False  # it would move into itself: the listing was read in the middle of a rename
-        parent = self.ns.ensure_dirs(parts, node.mtime_ns)
+        parent = self.ns.ensure_dirs(parts, node.mtime_ns, self._appeared)
         name = plain
         holder = self.ns.child(parent, name)
         if holder is not None and holder is not node and node.is_dir and self._implicit(holder):
@@ -365,7 +365,7 @@ class Refresher:
 
     def _add(self, info: TokenInfo, parts: list[str], vanished: dict[int, Node]) -> None:
         a = attributes(info)
-        parent = self.ns.ensure_dirs(parts, a.mtime_ns or time.time_ns())
+        parent = self.ns.ensure_dirs(parts, a.mtime_ns or time.time_ns(), self._appeared)
         name = listed_name(info)
         holder = self.ns.child(parent, name)
         if holder is not None and holder.ino in vanished and (holder.is_dir == (a.kind == KIND_DIR)):
@@ -587,6 +587,11 @@ class Refresher:
     # -- kernel invalidation --------------------------------------------------------------------
     def _inval_entry(self, parent: int, name: str, deleted: int = 0) -> None:
         self._invalidations.append(("entry", parent, name.encode("utf-8", "surrogateescape"), deleted))
+
+    def _appeared(self, node: Node) -> None:
+        """A directory the listing made (on the way to a token's path): the kernel may hold a
+        negative entry for its name."""
+        self._inval_entry(node.parent, node.name)
 
     def _inval_inode(self, ino: int, attr_only: bool) -> None:
         self._invalidations.append(("inode", ino, attr_only))
