@@ -1,16 +1,19 @@
 """ContentCache.fetch shares one download among concurrent readers of a token; when that shared
 download fails, every waiter retries and reports on its own, and the in-flight bookkeeping stays
 consistent however those retries overlap; downloads that would take the cache directory past its
-limit wait until those in flight land (in-process: vault stand-ins)."""
+limit wait until those in flight land; a download that gets no data for DOWNLOAD_IDLE seconds
+fails, however long one with data trickling in takes (in-process: vault stand-ins, the stalls on
+trio's mock clock)."""
 
 from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from privifs.crypto.sealed import local_key
-from privifs.errors import IntegrityError
-from privifs.fs.cache import ContentCache, download_footprint
+from privifs.errors import IntegrityError, ServerUnreachable
+from privifs.fs.cache import DOWNLOAD_IDLE, STALL_MEMORY, ContentCache, download_footprint
 from tests.fskit import DiskPeak
 
 KEY = local_key(b"k" * 32)
@@ -99,5 +102,70 @@ def test_downloads_that_would_pass_the_limit_wait_for_those_in_flight(tmp_path):
         assert vault.most == 2 and cache.reserved == 0 and cache._inflight == {}
         assert disk.peak <= cache.size_limit
         assert sum(cache.holds(name) for name in "abcdef") == 2  # the last two to land stay
+    finally:
+        cache.close()
+
+
+class TricklingVault:
+    """Sends ``pieces`` 64 KiB pieces ``gap`` seconds apart, then (``stall``) nothing ever again,
+    as a stalled server does while the vault client retries."""
+
+    def __init__(self, pieces: int, gap: float, stall: bool) -> None:
+        self.pieces, self.gap, self.stall = pieces, gap, stall
+        self.gets = 0
+
+    async def get(self, token, sink, size=None):
+        self.gets += 1
+        await sink.reset()
+        for _ in range(self.pieces):
+            await trio.sleep(self.gap)
+            await sink.write(b"t" * 65536)
+        if self.stall:
+            await trio.sleep_forever()
+        return self.pieces * 65536
+
+
+def test_a_stalled_download_fails_after_the_idle_limit_and_the_immediate_retry_fails_at_once(tmp_path):
+    """A server that stops sending held a read for every retry's timeout in turn (about 8
+    minutes with the kernel's own second try); now the read fails once nothing arrived for
+    DOWNLOAD_IDLE seconds, and the kernel's retry right after does not wait again."""
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    vault = TricklingVault(pieces=3, gap=DOWNLOAD_IDLE / 2, stall=True)
+
+    async def main() -> None:
+        start = trio.current_time()
+        with pytest.raises(ServerUnreachable, match="sent no data"):
+            await cache.fetch("tok", vault, 4 * 65536)
+        assert trio.current_time() - start == pytest.approx(1.5 * DOWNLOAD_IDLE + DOWNLOAD_IDLE, abs=1)
+        with pytest.raises(ServerUnreachable, match="sent no data"):
+            await cache.fetch("tok", vault, 4 * 65536)
+        assert vault.gets == 1, "the retry right after a stall downloaded again"
+        await trio.sleep(STALL_MEMORY)
+        vault.stall = False
+        vault.pieces = 4
+        sealed = await cache.fetch("tok", vault, 4 * 65536)
+        assert sealed.read(0, 1 << 20) == b"t" * 4 * 65536
+        sealed.close()
+        assert cache._inflight == {} and cache.reserved == 0
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
+    finally:
+        cache.close()
+
+
+def test_a_download_that_keeps_receiving_is_never_cut_however_long_it_takes(tmp_path):
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    vault = TricklingVault(pieces=5, gap=DOWNLOAD_IDLE * 0.9, stall=False)
+
+    async def main() -> None:
+        start = trio.current_time()
+        sealed = await cache.fetch("tok", vault, 5 * 65536)
+        assert trio.current_time() - start > 4 * DOWNLOAD_IDLE  # far longer than the idle limit
+        assert sealed.size == 5 * 65536
+        sealed.close()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
     finally:
         cache.close()

@@ -34,6 +34,9 @@ plaintext goes into a sealed file under ``incoming/`` and enters the cache (by r
 :class:`AdoptingDisk`) only after the whole blob's GCM tag verified. The caller that downloads may
 pass a :class:`Tap`, which sees each block of plaintext as it is sealed (the parts reader keeps a
 part's plaintext in memory and computes its digest there, instead of reading the file back).
+A download that receives nothing for :data:`DOWNLOAD_IDLE` seconds fails, whatever the client
+retries meanwhile: a stalled server gives the reader EIO after that long, not after every retry's
+timeout in turn (about 8 minutes before).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import trio
 from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import CHUNK, SealedFile, stored_size
-from privifs.errors import DiskFullError, PrivifsError, single_error
+from privifs.errors import DiskFullError, PrivifsError, ServerUnreachable, single_error
 from privifs.fs.space import MiB, Space, open_error
 
 log = logging.getLogger("privifs.fs.cache")
@@ -66,6 +69,8 @@ WAL_PAGES = 128  # diskcache's table checkpoints its WAL at this many pages (SQL
 WAL_ROOM = 1 * MiB  # what the WAL may take: WAL_PAGES and a transaction's pages; truncated to this
 TABLE_GROWTH = 64 * 1024  # pages the table's database may gain between two checks of the room
 TABLE_FILES = ("cache.db", "cache.db-shm", "cache.db-wal")
+DOWNLOAD_IDLE = 90.0  # a download that gets no data this long fails (EIO for the read), retries or not
+STALL_MEMORY = 2.0  # … and a fetch of the same token this soon after (the kernel retrying) fails at once
 
 
 def footprint(st: os.stat_result) -> int:
@@ -166,6 +171,7 @@ class ContentCache:
         self._touched: dict[str, float] = {}  # access times not yet written back
         self._paths: dict[str, str] = {}  # token -> its entry's file, as diskcache last said (no SELECT per open)
         self._evict_hooks: list[Callable[[str], None]] = []
+        self._stalled: dict[str, float] = {}  # token -> when its download last stalled (see _download)
         self.used = 0
         try:
             self.cache = diskcache.Cache(
@@ -278,11 +284,7 @@ class ContentCache:
             raise
         try:
             self.downloads += 1
-            with single_error():
-                async with trio.open_nursery() as nursery:
-                    sink = SealedSink(sealed, nursery, tap)
-                    await vault.get(token, sink, size=size)
-                    await sink.finish()
+            await self._download(token, vault, size, sealed, tap)
             self._release(need)  # from here the file counts as an entry (no await in between)
             need = 0
             if not self.adopt(token, str(path)):
@@ -301,6 +303,32 @@ class ContentCache:
         if opened is None:
             return await self.fetch(token, vault, size, tap=tap)  # evicted at once by a concurrent insert
         return opened
+
+    async def _download(self, token: str, vault: Vault, size: int | None, sealed: SealedFile, tap: Tap | None) -> None:
+        """Download ``token`` into ``sealed``; a download that gets no data for
+        :data:`DOWNLOAD_IDLE` seconds (whatever the vault client retries meanwhile: a stalled
+        server) fails, and so does the next fetch of that token for :data:`STALL_MEMORY` seconds
+        (the kernel asks again at once when a read fails: the reader would wait twice)."""
+        stalled = self._stalled.get(token)
+        if stalled is not None and trio.current_time() - stalled < STALL_MEMORY:
+            raise ServerUnreachable(f"the vault sent no data for token {token} for {DOWNLOAD_IDLE:.0f}s")
+        with trio.CancelScope(deadline=trio.current_time() + DOWNLOAD_IDLE) as idle:
+
+            def progress() -> None:
+                idle.deadline = trio.current_time() + DOWNLOAD_IDLE
+
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    sink = SealedSink(sealed, nursery, tap)
+                    sink.on_data = progress
+                    await vault.get(token, sink, size=size)
+                    await sink.finish()
+        if idle.cancelled_caught:
+            self._stalled[token] = trio.current_time()
+            while len(self._stalled) > 64:
+                del self._stalled[next(iter(self._stalled))]
+            raise ServerUnreachable(f"the vault sent no data for token {token} for {DOWNLOAD_IDLE:.0f}s")
+        self._stalled.pop(token, None)
 
     def _release(self, need: int) -> None:
         """A download's reservation ends: downloads waiting for room look again."""
