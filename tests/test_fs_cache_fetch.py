@@ -169,3 +169,32 @@ def test_a_download_that_keeps_receiving_is_never_cut_however_long_it_takes(tmp_
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
     finally:
         cache.close()
+
+
+def test_a_manifest_the_vault_never_sends_fails_the_read_after_the_idle_limit(tmp_path):
+    """A file stored as parts needs its manifest before any part: a stalled server held that
+    fetch for every retry's timeout in turn too."""
+    from privifs.client.vault import Vault
+    from privifs.fs.parts import PartReader
+
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    reader = PartReader(cache, Vault(None, b"v" * 32))
+    asked = []
+
+    async def never(token):
+        asked.append(token)
+        await trio.sleep_forever()
+
+    reader.store.manifest = never
+
+    async def main() -> None:
+        start = trio.current_time()
+        with pytest.raises(ServerUnreachable, match="sent no data for manifest m1"):
+            await reader.read("m1", 0, 4096)
+        assert trio.current_time() - start == pytest.approx(DOWNLOAD_IDLE, abs=1)
+        assert asked == ["m1"]
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
+    finally:
+        cache.close()

@@ -29,8 +29,8 @@ from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import SealedFile
 from privifs.crypto.wire import SLACK
-from privifs.errors import IntegrityError, NotFoundError, PrivifsError, single_error
-from privifs.fs.cache import ContentCache
+from privifs.errors import IntegrityError, NotFoundError, PrivifsError, ServerUnreachable, single_error
+from privifs.fs.cache import DOWNLOAD_IDLE, ContentCache
 from privifs.fs.staging import StagedFile, Staging
 from privifs.parts import format as fmt
 from privifs.parts.store import COLLECT_MIN_AGE, PartStore, is_manifest, is_part
@@ -177,7 +177,10 @@ class PartReader:
     async def manifest(self, token: str) -> fmt.Manifest:
         m = self._manifests.get(token)
         if m is None:
-            m = await self.store.manifest(token)
+            with trio.move_on_after(DOWNLOAD_IDLE):  # a manifest is small: no data this long is a stall
+                m = await self.store.manifest(token)
+            if m is None:
+                raise ServerUnreachable(f"the vault sent no data for manifest {token} for {DOWNLOAD_IDLE:.0f}s")
             self._manifests[token] = m
             while len(self._manifests) > MANIFESTS_KEPT:
                 self._manifests.popitem(last=False)
