@@ -89,7 +89,7 @@ def vault_content(m: Mount, name: str, out: Path) -> bytes:
     return out.read_bytes()
 
 
-def test_full_disk_writes_get_enospc_reads_of_cached_and_staged_files_work(engine, tmp_path):
+def test_full_disk_writes_get_enospc_reads_of_cached_staged_and_uncached_files_work(engine, tmp_path):
     with small_filesystem(tmp_path / "small", "64m") as small:
         m = Mount(
             tmp_path / "user",
@@ -110,6 +110,11 @@ def test_full_disk_writes_get_enospc_reads_of_cached_and_staged_files_work(engin
             m.wait_idle()  # uploaded: its sealed file moved into the cache
             staged = os.urandom(MiB + 7)
             (m.dir / "staged.bin").write_bytes(staged)  # stays staged (write-back in an hour)
+            remote = os.urandom(6 * MiB + 3)  # another client's file: in the vault, not in the cache
+            (tmp_path / "remote.bin").write_bytes(remote)
+            m.token("put", str(tmp_path / "remote.bin"))
+            m.refresh()
+            assert (m.dir / "remote.bin").exists()
 
             fill(m.dir / "huge.bin")
             filler = fill_outside(small / "filler")  # another program takes the last bytes
@@ -121,6 +126,8 @@ def test_full_disk_writes_get_enospc_reads_of_cached_and_staged_files_work(engin
             assert os.statvfs(m.dir).f_bavail * os.statvfs(m.dir).f_frsize < 2 * MiB  # statfs says so
             assert read_uncached(m.dir / "cached.bin") == cached  # still, after more failed writes
             assert m.status()["pending"]  # the daemon answers
+            # not cached and no room to download it: read through memory (it gave ENOSPC before)
+            assert read_uncached(m.dir / "remote.bin") == remote
 
             filler.unlink()
             os.unlink(m.dir / "huge.bin")

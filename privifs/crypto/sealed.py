@@ -67,6 +67,8 @@ def local_key(user_key: bytes) -> bytes:
     ).derive(user_key)
 
 
+MEMORY = "<memory>"  # the path of a sealed file in memory (SealedFile.in_memory)
+
 _buffers = threading.local()
 SCRATCH_MAX = 16 * SLOT + CHUNK  # what a 1 MiB read needs, unaligned
 
@@ -144,6 +146,19 @@ class SealedFile:
             os.unlink(path)
             raise
         return f
+
+    @classmethod
+    def in_memory(cls, key: bytes) -> SealedFile:
+        """A sealed file in memory (a memfd, never on a disk): for content that has no room on
+        the local disk. Gone when closed."""
+        fd = os.memfd_create("privifs-sealed", os.MFD_CLOEXEC)
+        f = cls(MEMORY, fd, key, uuid.uuid4().bytes, 0)
+        f.write_header()
+        return f
+
+    @property
+    def is_in_memory(self) -> bool:
+        return self.path == MEMORY
 
     @classmethod
     def open(cls, path: str | os.PathLike, key: bytes, *, writable: bool = False) -> SealedFile:

@@ -34,7 +34,9 @@ plaintext goes into a sealed file under ``incoming/`` and enters the cache (by r
 :class:`AdoptingDisk`) only after the whole blob's GCM tag verified. The caller that downloads may
 pass a :class:`Tap`, which sees each block of plaintext as it is sealed (the parts reader keeps a
 part's plaintext in memory and computes its digest there, instead of reading the file back).
-A download that receives nothing for :data:`DOWNLOAD_IDLE` seconds fails, whatever the client
+When the disk has no room even with every entry evicted, content up to :data:`IN_MEMORY_MAX`
+is downloaded into a sealed file in memory instead, for its caller alone (a full disk keeps
+files readable). A download that receives nothing for :data:`DOWNLOAD_IDLE` seconds fails, whatever the client
 retries meanwhile: a stalled server gives the reader EIO after that long, not after every retry's
 timeout in turn (about 8 minutes before).
 """
@@ -70,6 +72,7 @@ WAL_ROOM = 1 * MiB  # what the WAL may take: WAL_PAGES and a transaction's pages
 TABLE_GROWTH = 64 * 1024  # pages the table's database may gain between two checks of the room
 TABLE_FILES = ("cache.db", "cache.db-shm", "cache.db-wal")
 DOWNLOAD_IDLE = 90.0  # a download that gets no data this long fails (EIO for the read), retries or not
+IN_MEMORY_MAX = 64 * MiB  # content up to this size is read through memory when the disk has no room
 STALL_MEMORY = 2.0  # … and a fetch of the same token this soon after (the kernel retrying) fails at once
 
 
@@ -268,7 +271,13 @@ class ContentCache:
                 if token in self._lru:
                     continue
                 # the shared download failed: each waiter tries (and reports) on its own
-            if self._room_for_download(need):
+            try:
+                room = self._room_for_download(need)
+            except DiskFullError:
+                if size is None or size > IN_MEMORY_MAX:
+                    raise
+                return await self._fetch_in_memory(token, vault, size, tap)
+            if room:
                 break
             await self._landed.wait()  # the downloads in flight leave no room: look again once one lands
         event = trio.Event()
@@ -303,6 +312,19 @@ class ContentCache:
         if opened is None:
             return await self.fetch(token, vault, size, tap=tap)  # evicted at once by a concurrent insert
         return opened
+
+    async def _fetch_in_memory(self, token: str, vault: Vault, size: int, tap: Tap | None) -> SealedFile:
+        """No room on the cache's disk: the content, still sealed, in memory for this caller
+        alone (never an entry; gone when the caller closes it), so that a full disk does not
+        make files unreadable."""
+        log.info("no room in %s: reading %d bytes through memory, not cached", self.dir, size)
+        sealed = SealedFile.in_memory(self._key)
+        try:
+            await self._download(token, vault, size, sealed, tap)
+        except BaseException:
+            sealed.close()
+            raise
+        return sealed
 
     async def _download(self, token: str, vault: Vault, size: int | None, sealed: SealedFile, tap: Tap | None) -> None:
         """Download ``token`` into ``sealed``; a download that gets no data for

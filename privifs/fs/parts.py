@@ -42,6 +42,7 @@ SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequent
 MANIFESTS_KEPT = 64
 VERIFIED_KEPT = 4096
 OPEN_PARTS = 64  # verified part files kept open between reads (random reads in a big file)
+IN_MEMORY_PARTS = 4  # … of them at most this many read through memory (no room on the disk)
 FRESH_KEPT = 6  # downloaded parts whose verified plaintext stays in memory until read to their end
 SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
 SETTLE = 120.0  # seconds a listing may lag behind a manifest this mount stored
@@ -242,6 +243,9 @@ class PartReader:
         self._open[part.token] = sealed
         while len(self._open) > OPEN_PARTS:
             self._open.popitem(last=False)[1].close()
+        if sealed.is_in_memory:  # the disk had no room (ContentCache.fetch): keep few of those
+            for token in [t for t, f in self._open.items() if f.is_in_memory][:-IN_MEMORY_PARTS]:
+                self._open.pop(token).close()
         return sealed
 
     def _keep_fresh(self, token: str, index: int, digest: bytes, data: bytearray) -> None:
