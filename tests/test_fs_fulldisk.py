@@ -126,8 +126,11 @@ def test_full_disk_writes_get_enospc_reads_of_cached_staged_and_uncached_files_w
             assert os.statvfs(m.dir).f_bavail * os.statvfs(m.dir).f_frsize < 2 * MiB  # statfs says so
             assert read_uncached(m.dir / "cached.bin") == cached  # still, after more failed writes
             assert m.status()["pending"]  # the daemon answers
-            # not cached and no room to download it: read through memory (it gave ENOSPC before)
+            # not cached and no room to download it: read through memory (it gave ENOSPC before),
+            # without emptying the cache first for a download that would not fit anyway
+            cached_before = m.status()["cache"]["size"]
             assert read_uncached(m.dir / "remote.bin") == remote
+            assert m.status()["cache"]["size"] >= cached_before > 3 * MiB
 
             filler.unlink()
             os.unlink(m.dir / "huge.bin")

@@ -379,15 +379,20 @@ class ContentCache:
         never kept, and may go at once."""
         budget = self.size_limit - self.overhead()
         keepable = need <= budget
+        if self.space.above_floor() + self.used < need:  # even an empty cache leaves too little:
+            raise self._no_room(need)  # keep the entries (the caller may read through memory)
         while self._lru and (keepable and self.used + self.reserved + need > budget or self.space.above_floor() < need):
             self.evict(next(iter(self._lru)))
         if keepable and self.reserved and self.used + self.reserved + need > budget:
             return False
         if self.space.above_floor() < need:
-            raise DiskFullError(
-                f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; free space on that disk"
-            )
+            raise self._no_room(need)
         return True
+
+    def _no_room(self, need: int) -> DiskFullError:
+        return DiskFullError(
+            f"no space left in {self.dir} to download {need / MiB:.1f} MiB for reading; free space on that disk"
+        )
 
     def _trim(self, budget: int | None = None) -> None:
         """Evict least recently used entries while over the size limit or inside the staging
