@@ -69,7 +69,7 @@ def register(sub) -> None:
         type=integer(1, 64),
         metavar="N",
         default=32,
-        help="parallel uploads, 1 to 64 (default 32; at most 8 of them files over 1 MiB)",
+        help="parallel uploads, 1 to 64 (default 32; at most 8 of them files over 256 KiB)",
     )
     p.add_argument(
         "--write-back-delay",

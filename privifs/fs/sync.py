@@ -92,7 +92,7 @@ RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache 
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
 RETIRE_CHECK = 10.0  # how often the retired parts are looked at
-BIG_UPLOAD = 2**20  # a file larger than this takes one of the ``big_uploads`` slots while uploading
+BIG_UPLOAD = 256 * 1024  # a file larger than this takes one of the ``big_uploads`` slots while uploading
 BIG_UPLOADS = 8
 
 
