@@ -513,6 +513,28 @@ async def test_readdir_resumes_at_its_offset_while_entries_come_and_go(kit):
     assert sorted(n for n, _ in await kit.readdir("d")) == ["b", "d", "e", "f", "z"]
 
 
+async def test_readdir_lists_dot_and_dotdot_first_as_a_local_filesystem_does(kit):
+    """``ls -a`` on the mount showed neither ``.`` nor ``..`` (nor did the shell's ``.*``); a
+    resumed listing does not repeat them, and they take no lookup count."""
+    await kit.mkdir("p")
+    await kit.mkdir("p/d")
+    for name in "ab":
+        await kit.write_file(f"p/d/{name}", name.encode())
+    listed = await kit.readdir("p/d", dots=True)
+    assert [n for n, _ in listed] == [".", "..", "a", "b"]
+    fh = await kit.opendir("p/d")
+    got = []
+    start = 0
+    while more := await kit.readdir_handle(fh, start, limit=1, dots=True):
+        got += more
+        start = more[-1][1]
+    await kit.releasedir(fh)
+    assert got == listed  # one at a time, resumed at each offset: nothing repeated or skipped
+    root = await kit.readdir("", dots=True)
+    assert [n for n, _ in root][:2] == [".", ".."]
+    assert [n for n, _ in await kit.readdir("p/d")] == ["a", "b"]
+
+
 async def test_a_directory_handle_takes_its_entries_at_the_first_readdir_not_at_opendir(kit):
     """SQLite opens its database's directory at each commit only to fsync it: opendir lists
     nothing (sorting a large directory's entries per commit cost O(n log n))."""
