@@ -192,6 +192,28 @@ async def test_rename_over_an_existing_file_replaces_it(kit):
     assert await kit.vault_tree() == {"old": b"new content"}
 
 
+async def test_versions_this_mount_replaced_or_removed_leave_the_cache(kit):
+    """The version an upload replaced, and a removed file's, stayed in the cache until it was
+    full: SQLite in WAL mode (a new WAL version uploaded at each commit) filled 550 MiB of the
+    cache with deleted versions in 300 commits, pushing out files still in use."""
+    await kit.write_file("f", b"v1" * 1000)
+    await kit.write_file("other", b"o" * 1000)
+    await kit.settle()
+    first, other = kit.node("f").token, kit.node("other").token
+    assert kit.fs.cache.holds(first) and kit.fs.cache.holds(other)
+    await kit.write_file("f", b"v2" * 1000)
+    await kit.settle()
+    second = kit.node("f").token
+    assert second != first and kit.fs.cache.holds(second) and not kit.fs.cache.holds(first)
+    await kit.rename("other", "f")  # over f: its version is deleted
+    await kit.settle()
+    assert not kit.fs.cache.holds(second) and kit.fs.cache.holds(other)
+    await kit.unlink("f")
+    await kit.settle()
+    assert not kit.fs.cache.holds(other)
+    assert await kit.vault_tree() == {}
+
+
 async def test_rename_refuses_what_posix_refuses(kit):
     await kit.mkdir("full")
     await kit.write_file("full/f", b"x")
