@@ -262,20 +262,26 @@ class InProcessFs:
         )
         return await self.ops.setattr(ino, attr, fields, fh, CTX)
 
-    async def readdir(self, path: str, start: int = 0, limit: int | None = None) -> list[tuple[str, int]]:
+    async def readdir(
+        self, path: str, start: int = 0, limit: int | None = None, *, dots: bool = False
+    ) -> list[tuple[str, int]]:
         """(name, next offset) of the entries from offset ``start`` on, at most ``limit`` of them
-        (a full kernel buffer answers False from readdir_reply)."""
+        (a full kernel buffer answers False from readdir_reply); ``.`` and ``..`` only with ``dots``."""
         fh = await self.ops.opendir(await self.ino(path), CTX)
         try:
-            return await self.readdir_handle(fh, start, limit)
+            return await self.readdir_handle(fh, start, limit, dots=dots)
         finally:
             await self.ops.releasedir(fh)
 
-    async def readdir_handle(self, fh: int, start: int = 0, limit: int | None = None) -> list[tuple[str, int]]:
+    async def readdir_handle(
+        self, fh: int, start: int = 0, limit: int | None = None, *, dots: bool = False
+    ) -> list[tuple[str, int]]:
         got: list[tuple[str, int, int]] = []
         real = pyfuse3.readdir_reply
 
         def reply(token, name: bytes, attrs: pyfuse3.EntryAttributes, next_id: int) -> bool:
+            if name in (b".", b"..") and not dots:  # no lookup count: the kernel keeps none for them
+                return True
             if limit is not None and len(got) >= limit:
                 return False
             got.append((name.decode("utf-8", "surrogateescape"), next_id, attrs.st_ino))
@@ -286,7 +292,7 @@ class InProcessFs:
             await self.ops.readdir(fh, start, None)
         finally:
             pyfuse3.readdir_reply = real
-        await self.ops.forget([(ino, 1) for _, _, ino in got])
+        await self.ops.forget([(ino, 1) for name, _, ino in got if name not in (".", "..")])
         return [(name, next_id) for name, next_id, _ in got]
 
     async def opendir(self, path: str) -> int:

@@ -209,6 +209,28 @@ async def test_rename_over_an_existing_file_replaces_it(kit):
     assert await kit.vault_tree() == {"old": b"new content"}
 
 
+async def test_versions_this_mount_replaced_or_removed_leave_the_cache(kit):
+    """The version an upload replaced, and a removed file's, stayed in the cache until it was
+    full: SQLite in WAL mode (a new WAL version uploaded at each commit) filled 550 MiB of the
+    cache with deleted versions in 300 commits, pushing out files still in use."""
+    await kit.write_file("f", b"v1" * 1000)
+    await kit.write_file("other", b"o" * 1000)
+    await kit.settle()
+    first, other = kit.node("f").token, kit.node("other").token
+    assert kit.fs.cache.holds(first) and kit.fs.cache.holds(other)
+    await kit.write_file("f", b"v2" * 1000)
+    await kit.settle()
+    second = kit.node("f").token
+    assert second != first and kit.fs.cache.holds(second) and not kit.fs.cache.holds(first)
+    await kit.rename("other", "f")  # over f: its version is deleted
+    await kit.settle()
+    assert not kit.fs.cache.holds(second) and kit.fs.cache.holds(other)
+    await kit.unlink("f")
+    await kit.settle()
+    assert not kit.fs.cache.holds(other)
+    assert await kit.vault_tree() == {}
+
+
 async def test_rename_refuses_what_posix_refuses(kit):
     await kit.mkdir("full")
     await kit.write_file("full/f", b"x")
@@ -528,6 +550,28 @@ async def test_readdir_resumes_at_its_offset_while_entries_come_and_go(kit):
     await kit.releasedir(fh)
     assert [n for n, _ in rest] == ["d", "e"]  # nothing repeated, nothing skipped
     assert sorted(n for n, _ in await kit.readdir("d")) == ["b", "d", "e", "f", "z"]
+
+
+async def test_readdir_lists_dot_and_dotdot_first_as_a_local_filesystem_does(kit):
+    """``ls -a`` on the mount showed neither ``.`` nor ``..`` (nor did the shell's ``.*``); a
+    resumed listing does not repeat them, and they take no lookup count."""
+    await kit.mkdir("p")
+    await kit.mkdir("p/d")
+    for name in "ab":
+        await kit.write_file(f"p/d/{name}", name.encode())
+    listed = await kit.readdir("p/d", dots=True)
+    assert [n for n, _ in listed] == [".", "..", "a", "b"]
+    fh = await kit.opendir("p/d")
+    got = []
+    start = 0
+    while more := await kit.readdir_handle(fh, start, limit=1, dots=True):
+        got += more
+        start = more[-1][1]
+    await kit.releasedir(fh)
+    assert got == listed  # one at a time, resumed at each offset: nothing repeated or skipped
+    root = await kit.readdir("", dots=True)
+    assert [n for n, _ in root][:2] == [".", ".."]
+    assert [n for n, _ in await kit.readdir("p/d")] == ["a", "b"]
 
 
 async def test_a_directory_handle_takes_its_entries_at_the_first_readdir_not_at_opendir(kit):

@@ -550,3 +550,23 @@ def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(t
         assert int(line.split()[3]) > 1024, line
     finally:
         m.cleanup()
+
+
+def test_umount_of_a_busy_mount_refuses_and_leaves_it_working(engine, tmp_path):
+    """'privifs umount DIR' while a program still had a file open detached the mount lazily: the
+    program's next write and its close failed with ENOTCONN and what it wrote then was lost. Like
+    umount(8), it now refuses (exit 4, the mount stays and keeps working) until nothing holds it."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        fd = os.open(m.dir / "open.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"before\n")
+            r = m.umount("--timeout", "30", check=False)
+            assert r.returncode == 4 and "busy" in r.stderr, (r.stdout, r.stderr)
+            assert is_mounted(m.dir) and pid_alive(m.pid)
+            os.write(fd, b"after\n")
+        finally:
+            os.close(fd)
+        assert privifs(m.env, "status", str(m.dir)).returncode == 0
+        assert "unmounted" in m.umount().stdout and not is_mounted(m.dir)
+        m.mount()
+        assert (m.dir / "open.txt").read_bytes() == b"before\nafter\n"

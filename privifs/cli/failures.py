@@ -9,7 +9,7 @@ code   meaning
 2      bad command line: unknown option, bad value (``--refresh-interval 0``)
 3      configuration or keys: missing or invalid configuration, unreadable, wrong or foreign key
 4      a local file or directory: missing, a directory where a file is expected, no permission,
-       full disk
+       full disk; ``umount`` of a busy mount (it stays mounted)
 5      the server cannot be reached
 6      integrity failure: data that fails authentication (tampered, or another key)
 7      ``umount``: unmounted, but changes stay staged (uploaded at the next mount)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from privifs import paths
-from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus
+from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus, LocalFileError
 from privifs.cli.mounttable import (
     clean_dead_mount,
     dead_mounts,
@@ -145,7 +145,12 @@ def run_umount(args: argparse.Namespace) -> int:
         progress.close()
     # when the flush gave up, the daemon ends without draining the uploads again (the user was
     # told how long to wait; what is left is uploaded by the next mount)
-    list(control_request(entry, {"cmd": "unmount", **({"drain": 0} if result.get("error") else {})}))
+    for answer in control_request(entry, {"cmd": "unmount", **({"drain": 0} if result.get("error") else {})}):
+        if answer.get("busy"):
+            raise LocalFileError(
+                f"{answer['error']} ('fuser -vm {args.mountpoint}' lists them): close them and try again; "
+                "it stays mounted"
+            )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not paths.pid_alive(entry["pid"]):

@@ -323,6 +323,44 @@ class Daemon:
             self._unmounting = True
             pyfuse3.terminate()
 
+    async def detach(self, drain: float | None = None) -> str | None:
+        """Unmount as umount(8) does, then end the FUSE loop as :meth:`unmount` does: None when
+        done, or why not when the mountpoint is busy (a program has a file, or its working
+        directory, in it); the mount then goes on as before. ``pyfuse3.close`` alone detaches
+        lazily: the programs' next accesses then fail with ENOTCONN and what they write is lost."""
+        if not self.mounted or self._unmounting:
+            return None
+        drain_before = self._drain
+        if drain is not None:
+            self._drain = drain  # set first: the FUSE loop ends as soon as the kernel lets go
+        why = await self._unmount_kernel()
+        if why is not None:
+            self._drain = drain_before
+            return why
+        self.unmount(drain)
+        return None
+
+    async def _unmount_kernel(self) -> str | None:
+        """``fusermount3 -u`` (not lazy; the kernel's answer to a busy mountpoint is EBUSY): None
+        unless it failed because the mountpoint is busy. Any other failure (no fusermount3) is
+        logged and left to ``pyfuse3.close``."""
+        try:
+            with trio.fail_after(60):
+                done = await trio.run_process(
+                    ["fusermount3", "-u", str(self.mountpoint)], capture_stdout=True, capture_stderr=True, check=False
+                )
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("fusermount3 -u %s: %s; unmounting with pyfuse3 instead", self.mountpoint, exc)
+            return None
+        if done.returncode == 0:
+            return None
+        err = done.stderr.decode(errors="replace").strip()
+        if "busy" in err.lower():
+            log.info("not unmounting %s: it is busy (%s)", self.mountpoint, err)
+            return f"{self.mountpoint} is busy: a program has a file or its working directory in it"
+        log.warning("fusermount3 -u %s failed (%s); unmounting with pyfuse3 instead", self.mountpoint, err)
+        return None
+
     def _register(self, control: Path) -> None:
         reg = registry_path(self.mountpoint)
         paths.private_dir(reg.parent)
@@ -482,8 +520,8 @@ class Daemon:
                 await send({"done": True})
             elif cmd == "unmount":
                 drain = request.get("drain")
-                await send({"done": True})
-                self.unmount(drain if isinstance(drain, (int, float)) and drain >= 0 else None)
+                busy = await self.detach(drain if isinstance(drain, (int, float)) and drain >= 0 else None)
+                await send({"error": busy, "busy": True} if busy else {"done": True})
             else:
                 await send({"error": f"unknown command {cmd!r}"})
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -45,6 +45,7 @@ log = logging.getLogger("privifs.fs")
 BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read or write is a FUSE request
 FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
+DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets of "." and ".."; an entry's is its seq + 2
 
 
 def fail(code: int) -> pyfuse3.FUSEError:
@@ -104,7 +105,7 @@ class Filesystem:
         self.opts = opts
         self.sync = sync
         self.handles: dict[int, FileHandle] = {}
-        self.dir_handles: dict[int, int | list[tuple[int, int]]] = {}  # the inode until the first readdir
+        self.dir_handles: dict[int, int | tuple[int, list[tuple[int, int]]]] = {}  # the inode until the first readdir
         self._next_fh = 1
         self._own_ids = (os.getuid(), os.getgid())  # the daemon's own user and group
         # the last read that failed (path and cause) and when, for `privifs status`
@@ -752,20 +753,34 @@ class Filesystem:
         return fh
 
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """``.`` and ``..`` first (offsets 1 and 2, as a local filesystem lists them: ``ls -a``,
+        the shell's ``.*``), then the entries at their ``seq`` + 2, so an offset stays stable
+        while entries come and go. The kernel keeps no lookup count for ``.`` and ``..``."""
         import bisect
 
-        entries = self.dir_handles[fh]
-        if isinstance(entries, int):  # the first readdir of the handle: the entries as they are now
-            node = self.ns.get(entries)
+        handle = self.dir_handles[fh]
+        if isinstance(handle, int):  # the first readdir of the handle: the entries as they are now
+            node = self.ns.get(handle)
             children = node.children if node is not None and node.children is not None else {}
-            entries = sorted((self.ns.nodes[i].seq, i) for i in children.values())
-            self.dir_handles[fh] = entries
-        pos = bisect.bisect_right(entries, (start_id, float("inf")))
+            handle = (handle, sorted((self.ns.nodes[i].seq, i) for i in children.values()))
+            self.dir_handles[fh] = handle
+        ino, entries = handle
+        if start_id < DOTDOT_OFFSET:
+            here = self.ns.get(ino)
+            if here is None:
+                return
+            parent = self.ns.get(here.parent) if here.parent is not None else None
+            dots = (b".", here, DOT_OFFSET), (b"..", parent if parent is not None else here, DOTDOT_OFFSET)
+            for name, node, offset in dots:
+                if offset > start_id and not pyfuse3.readdir_reply(token, name, self.attrs(node), offset):
+                    return
+        pos = bisect.bisect_right(entries, (start_id - DOTDOT_OFFSET, float("inf")))
         for seq, ino in entries[pos:]:
             node = self.ns.get(ino)
             if node is None or node.unlinked:
                 continue
-            if not pyfuse3.readdir_reply(token, node.name.encode("utf-8", "surrogateescape"), self.attrs(node), seq):
+            name = node.name.encode("utf-8", "surrogateescape")
+            if not pyfuse3.readdir_reply(token, name, self.attrs(node), seq + DOTDOT_OFFSET):
                 return
             self.ns.looked_up(node)
 

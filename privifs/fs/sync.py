@@ -504,13 +504,16 @@ class Syncer:
         self._deleted(token)
 
     def _deleted(self, token: str) -> None:
-        """``token`` is gone from the vault: forget its tombstone, and have the refresher ignore
-        it in listings taken before the delete."""
+        """``token`` is gone from the vault: forget its tombstone, have the refresher ignore it in
+        listings taken before the delete, and drop its cached content (a version this mount
+        replaced or a file it removed: no entry names it any more; a handle still reading it
+        keeps its open file). Left cached, every such version stayed until the cache was full."""
         try:
             self.index.drop_tombstone(token)
         except PrivifsError as exc:
             log.warning("could not record the deletion of %s: %s", token, exc)
         self.recently_deleted[token] = trio.current_time()
+        self.cache.evict(token)
 
     async def _moved_elsewhere(self, token: str, seen_at: tuple[str | None, str | None, str | None]) -> bool:
         """Whether ``token`` (the content being replaced) now has another place or name than
