@@ -99,6 +99,7 @@ class Refresher:
         self.listings = 0
         self._invalidations: list[tuple] = []
         self._created: dict[str, float | None] = {}
+        self._listed: dict[str, TokenInfo] = {}
         self._added: set[int] = set()
         self._lock = trio.Lock()
         self._due: list[float] = []
@@ -189,6 +190,7 @@ class Refresher:
         changed: list[tuple[Node, TokenInfo]] = []
         unknown: list[TokenInfo] = []
         self._created = {info.token: info.created_at for info in infos}
+        self._listed = {info.token: info for info in infos}
         self._added = set()
         for info in infos:
             if info.token in tombstones or info.token in deleted:
@@ -470,6 +472,12 @@ class Refresher:
                 continue
             if holder is not None and holder.is_dir:
                 self._merge_dirs(node, holder)
+                holder = self.ns.child(parent, plain)
+                if holder is not None:
+                    # entries of one name in both (one was written here while the directory
+                    # showed under its conflict name): the marker goes to the plain name
+                    self._hand_over_markers(node, holder, plain, started)
+                    continue
             elif holder is not None:
                 if not holder.token or not self.eligible(holder, started):
                     continue
@@ -489,6 +497,31 @@ class Refresher:
             self.index.save(node)
             self._inval_entry(parent.ino, old)
             self._inval_entry(parent.ino, plain)
+
+    def _hand_over_markers(self, node: Node, holder: Node, plain: str, started: float) -> None:
+        """As on a fresh mount, where the marker and the entries of an implicit directory of its
+        name make one directory: the implicit ``holder`` at the plain name takes ``node``'s
+        markers, ``node`` stays as an implicit directory under its conflict name, and each of its
+        entries goes where its context puts it (the plain name's go to ``holder``; those made
+        under the conflict name stay)."""
+        info = self._listed.get(node.token)
+        if info is None:
+            return
+        self.ns.hand_over_markers(node, holder, info)
+        self.ns.show_as(holder, plain)
+        self.ns.show_as(node, None)
+        self.index.save(holder)
+        self.index.save(node)
+        self._inval_inode(holder.ino, attr_only=True)
+        self._inval_inode(node.ino, attr_only=True)
+        self._place_until_still(
+            [
+                (n, self._listed[n.token])
+                for n in self.ns.descendants(node)
+                if n is not node and n.token in self._listed and self.eligible(n, started)
+            ]
+        )
+        self._drop_empty_implicit(node, upwards=False)
 
     def _subtree_claim(self, node: Node, started: float) -> tuple[float, str] | None:
         """The earliest claim among the tokens in the implicit directory ``node`` (on a fresh
