@@ -326,3 +326,39 @@ async def test_a_part_downloaded_for_the_wrong_place_is_eio_before_a_byte_of_it_
         assert not t.fs.cache.holds(m.parts[2].token)  # dropped: fetched and checked again next time
         assert await t.fs.read(fh, 2 * PART + 5, 10) == data[2 * PART + 5 : 2 * PART + 15]
         t.fs.release(fh)
+
+
+async def test_a_reader_of_a_big_file_replaced_while_its_new_version_showed_as_a_conflict_copy_follows_it(
+    account, tmp_path
+):
+    """A listing taken between the other client's new manifest and its deletion of the old one
+    showed the new version as a conflict copy; the old manifest and parts then went: a read of
+    the file opened before must give the new version (a three-mount race saw ENOENT)."""
+    old, new = os.urandom(8 * PART + 3), os.urandom(8 * PART + 3)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        token, m = await put_parts(t, old)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        assert await t.fs.read(fh, 0, 100) == old[:100]
+        store = PartStore(t.fs.vault, part_size=PART)
+
+        async def source():
+            yield new
+
+        await store.put(source, len(new), FileMeta("big.bin", "bin", "/media", 0, "/media/big.bin"))
+        await t.refresher.refresh_once()
+        assert len(t.node("/media").children) == 2
+        await store.delete(token, m)
+        got: list[bytes] = []
+
+        async def read() -> None:
+            got.append(await t.fs.read(fh, 5 * PART + 10, 1000))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.sleep(0.3)
+                await t.refresher.refresh_once()
+        assert got == [new[5 * PART + 10 : 5 * PART + 1010]]
+        t.fs.release(fh)
+        assert sorted(t.node("/media").children) == ["big.bin"]

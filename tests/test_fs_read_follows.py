@@ -52,3 +52,23 @@ async def test_a_file_deleted_by_another_client_before_its_first_read_fails_with
         got = await read_while_refreshing(kit, fh)
     assert isinstance(got, pyfuse3.FUSEError) and got.errno in (errno.ENOENT, errno.EIO)
     await kit.close(fh)
+
+
+async def test_a_file_replaced_while_its_new_version_showed_as_a_conflict_copy_reads_the_new_content(kit: InProcessFs):
+    # another client's rewrite is a new token at the same place, then the old one deleted: a
+    # listing between the two showed the new one as a conflict copy here. The next listing gave
+    # it the plain name as another node, and the open file's node left the tree: its reads failed
+    # with ENOENT (a three-mount race reading a big file one of them kept rewriting)
+    await kit.write_file("doc.txt", b"old content")
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/doc.txt").token)
+    old = await kit.remote.token("doc.txt")
+    await kit.remote.put("doc.txt", b"new content, longer")
+    await kit.refresh()
+    assert len(kit.ns.root.children) == 2, sorted(kit.ns.root.children)
+    fh = await kit.open_file("doc.txt", os.O_RDONLY)
+    await kit.remote.client.tokens.delete(old.token)
+    assert await read_while_refreshing(kit, fh) == b"new content, longer"
+    await kit.close(fh)
+    assert sorted(kit.ns.root.children) == ["doc.txt"]
+    assert await kit.read_file("doc.txt") == b"new content, longer"

@@ -303,3 +303,37 @@ async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a
             names = sorted(f.ns.root.children)
             assert len(names) == 2, names  # the file and its conflict copy
             assert {await f.read_file(f"/{n}") for n in names} == want
+
+
+async def test_a_directory_shown_under_its_conflict_name_gives_its_marker_to_the_plain_name_it_cannot_merge(
+    account, tmp_path
+):
+    # A made g in d9 (not written back yet) when another client renamed d9 → d3 over an implicit
+    # d3 holding its own g: A showed d9's marker as d3.conflict-…, and its g went to the vault
+    # there. A fresh mount shows the marker's directory d3 (the other g) and an implicit
+    # d3.conflict-… (A's g); A kept the marker on the conflict-named directory and, at every
+    # listing, merged into it what the implicit d3 could give: a new /d3/h showed as
+    # /d3.conflict-…/h on A for good (found by a three-mount race)
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.remote.put("/d3/g", b"theirs")
+        marker = await a.remote.mkdir("/d9")
+        await listed(a)
+        resume = a.hold_write_back()
+        fh, _ = a.create_node(a.node("/d9"), "g")
+        await a.fs.write(fh, 0, b"mine")
+        a.fs.release(fh)
+        await a.remote.move_dir("/d9", "/d3")
+        await a.refresher.refresh_once()
+        aside = f"d3.conflict-{marker[-8:]}"
+        assert a.ns.child(a.ns.root, aside) is not None, tree_of(a)
+        resume()
+        await a.wait_idle()
+        await a.remote.put("/d3/h", b"h")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/d3": "dir", "/d3/g": "file", "/d3/h": "file", f"/{aside}": "dir", f"/{aside}/g": "file"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert a.node("/d3").token == marker
+        assert await a.read_file("/d3/g") == b"theirs" and await a.read_file(f"/{aside}/g") == b"mine"

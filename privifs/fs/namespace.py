@@ -869,6 +869,17 @@ class Namespace:
         if token != node.token:
             node.extra_markers.add(token)
 
+    def hand_over_markers(self, node: Node, to: Node, info: TokenInfo) -> None:
+        """The directory ``to`` becomes the one the marker ``info`` of ``node`` (and its other
+        markers) stands for; ``node`` stays as an implicit directory (entries only)."""
+        extra, node.extra_markers = node.extra_markers, set()
+        self.set_token(node, None)
+        self.set_explicit(node, False)
+        self.set_token(to, info.token)
+        self.follow_remote(to, info)
+        self.set_explicit(to, True)
+        to.extra_markers |= {m for m in extra if m != info.token}
+
     def retire_markers(self, node: Node) -> bool:
         """Record the directory's other markers for deletion (it was removed, or moved: its own
         token now carries it, and a marker left at the old place would bring the old path back);

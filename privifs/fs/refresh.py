@@ -99,6 +99,7 @@ class Refresher:
         self.listings = 0
         self._invalidations: list[tuple] = []
         self._created: dict[str, float | None] = {}
+        self._listed: dict[str, TokenInfo] = {}
         self._added: set[int] = set()
         self._lock = trio.Lock()
         self._due: list[float] = []
@@ -188,7 +189,8 @@ class Refresher:
         seen: set[int] = set()
         changed: list[tuple[Node, TokenInfo]] = []
         unknown: list[TokenInfo] = []
-        self._created = {info.token: info.created_at for info in infos}
+        before, self._created = self._created, {info.token: info.created_at for info in infos}
+        self._listed = {info.token: info for info in infos}
         self._added = set()
         for info in infos:
             if info.token in tombstones or info.token in deleted:
@@ -254,7 +256,7 @@ class Refresher:
                 [(ns.nodes[ns.by_token[i.token]], i) for i in unknown if ns.by_token.get(i.token) in self._added]
             )
             for node in vanished.values():
-                if not self.syncer.rescue_renamed(node, infos):
+                if not self.syncer.rescue_renamed(node, infos) and not self._replaced(node, before, started):
                     self._vanish(node)
             self._settle_names(started)
         self.last_refresh = time.time()
@@ -412,6 +414,41 @@ class Refresher:
         self.index.save(node)
         self._inval_entry(parent.ino, name)
 
+    def _replaced(self, node: Node, before: dict[str, float | None], started: float) -> bool:
+        """The file ``node``'s token is gone, and a newer token at its place that an earlier
+        listing showed as a conflict copy is left: another client replaced the content (a new
+        token, then the old one deleted) and a listing came between the two. As when no listing
+        came between (:meth:`_add`), the node takes the new token (its open files follow it to
+        the new content) and the copy's node goes; True if so."""
+        parent = self.ns.nodes.get(node.parent)
+        if not node.is_file or node.remote_name is None or parent is None or parent.children is None:
+            return False
+        plain = shown_name(node.remote_name, node.remote_extension)
+        mine = before.get(node.token)  # whole seconds: a token of the same second may be newer
+        heirs = [
+            n
+            for n in (self.ns.nodes[i] for i in parent.children.values())
+            if n is not node
+            and n.is_file
+            and n.token in self._listed
+            and n.remote_name is not None
+            and shown_name(n.remote_name, n.remote_extension) == plain
+            and self.eligible(n, started)
+            and (mine is None or (self._created.get(n.token) or mine) >= mine)
+        ]
+        if not heirs:
+            return False
+        heir = min(heirs, key=lambda n: claim_order(self._created.get(n.token), n.token))
+        info = self._listed[heir.token]
+        self.ns.remove(heir, delete_token=False)
+        self._inval_entry(parent.ino, heir.name, deleted=heir.ino)
+        self.ns.release(heir, self.syncer.staging)
+        self.ns.set_token(node, info.token)
+        self.ns.follow_remote(node, info)
+        self.index.save(node)
+        self._inval_inode(node.ino, attr_only=False)
+        return True
+
     def _vanish(self, node: Node) -> None:
         """The node's token is gone from the vault (deleted elsewhere)."""
         if node.is_dir and node.children:
@@ -470,6 +507,12 @@ class Refresher:
                 continue
             if holder is not None and holder.is_dir:
                 self._merge_dirs(node, holder)
+                holder = self.ns.child(parent, plain)
+                if holder is not None:
+                    # entries of one name in both (one was written here while the directory
+                    # showed under its conflict name): the marker goes to the plain name
+                    self._hand_over_markers(node, holder, plain, started)
+                    continue
             elif holder is not None:
                 if not holder.token or not self.eligible(holder, started):
                     continue
@@ -489,6 +532,31 @@ class Refresher:
             self.index.save(node)
             self._inval_entry(parent.ino, old)
             self._inval_entry(parent.ino, plain)
+
+    def _hand_over_markers(self, node: Node, holder: Node, plain: str, started: float) -> None:
+        """As on a fresh mount, where the marker and the entries of an implicit directory of its
+        name make one directory: the implicit ``holder`` at the plain name takes ``node``'s
+        markers, ``node`` stays as an implicit directory under its conflict name, and each of its
+        entries goes where its context puts it (the plain name's go to ``holder``; those made
+        under the conflict name stay)."""
+        info = self._listed.get(node.token)
+        if info is None:
+            return
+        self.ns.hand_over_markers(node, holder, info)
+        self.ns.show_as(holder, plain)
+        self.ns.show_as(node, None)
+        self.index.save(holder)
+        self.index.save(node)
+        self._inval_inode(holder.ino, attr_only=True)
+        self._inval_inode(node.ino, attr_only=True)
+        self._place_until_still(
+            [
+                (n, self._listed[n.token])
+                for n in self.ns.descendants(node)
+                if n is not node and n.token in self._listed and self.eligible(n, started)
+            ]
+        )
+        self._drop_empty_implicit(node, upwards=False)
 
     def _subtree_claim(self, node: Node, started: float) -> tuple[float, str] | None:
         """The earliest claim among the tokens in the implicit directory ``node`` (on a fresh
