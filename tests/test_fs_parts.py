@@ -179,6 +179,22 @@ def test_on_a_mount_a_cold_read_in_the_middle_of_a_big_file_downloads_only_its_p
         assert len(cached_part_files(m)) == 10  # the last part is under 1 MiB: 10 big parts + 1 small
 
 
+async def read_across_a_listing(t, fh: int, offset: int, size: int) -> bytes:
+    """A read that finds the version it had open gone from the vault (so it waits for the
+    listing to move the node on) while one refresh runs, as the nudged refresher does on a mount."""
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(await t.fs.read(fh, offset, size))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.sleep(0.3)  # the read is waiting (it found the old version gone)
+            await t.refresher.refresh_once()
+    return got[0]
+
+
 @pytest.mark.parametrize("read_before", [True, False])
 async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_content(account, tmp_path, read_before):
     """Another client stores a new version of a big file and deletes the old manifest and its
@@ -199,17 +215,7 @@ async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_
 
         await store.put(source, len(new), FileMeta("big.bin", "bin", "/media", 0, "/media/big.bin"))
         await store.delete(token, m)
-        got: list[bytes] = []
-
-        async def read() -> None:
-            got.append(await t.fs.read(fh, 5 * PART + 10, 1000))
-
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await trio.sleep(0.3)  # the read is waiting (it found the old version gone)
-                await t.refresher.refresh_once()  # what the nudged refresher does on a mount
-        assert got == [new[5 * PART + 10 : 5 * PART + 1010]]
+        assert await read_across_a_listing(t, fh, 5 * PART + 10, 1000) == new[5 * PART + 10 : 5 * PART + 1010]
         t.fs.release(fh)
 
 
@@ -349,16 +355,6 @@ async def test_a_reader_of_a_big_file_replaced_while_its_new_version_showed_as_a
         await t.refresher.refresh_once()
         assert len(t.node("/media").children) == 2
         await store.delete(token, m)
-        got: list[bytes] = []
-
-        async def read() -> None:
-            got.append(await t.fs.read(fh, 5 * PART + 10, 1000))
-
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read)
-                await trio.sleep(0.3)
-                await t.refresher.refresh_once()
-        assert got == [new[5 * PART + 10 : 5 * PART + 1010]]
+        assert await read_across_a_listing(t, fh, 5 * PART + 10, 1000) == new[5 * PART + 10 : 5 * PART + 1010]
         t.fs.release(fh)
         assert sorted(t.node("/media").children) == ["big.bin"]
