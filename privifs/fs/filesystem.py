@@ -609,6 +609,8 @@ class Filesystem:
             return await self.parts.read(token, offset, length)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):
+                if node.unlinked:
+                    raise self._deleted_elsewhere(node) from None
                 raise
         return await self.read(fh_id, offset, length)  # the node's new content (or none)
 
@@ -619,9 +621,18 @@ class Filesystem:
         try:
             return await self.cache.fetch(token, self.vault, node.size)
         except PrivifsError as exc:
-            if isinstance(exc, NotFoundError) and await self._followed(node, token):
-                return None
+            if isinstance(exc, NotFoundError):
+                if await self._followed(node, token):
+                    return None
+                if node.unlinked:
+                    raise self._deleted_elsewhere(node) from None
             raise self._fetch_failed(node, exc) from None
+
+    def _deleted_elsewhere(self, node: Node) -> pyfuse3.FUSEError:
+        """The file open here was deleted by another client, content and all (the listing took
+        the node out): ENOENT, and no failure of this mount to report in ``privifs status``."""
+        log.info("%s: deleted by another client while open here; its content is gone from the vault", self.path(node))
+        return fail(errno.ENOENT)
 
     async def _followed(self, node: Node, token: str) -> bool:
         """After ``token`` (the node's content) could not be fetched: if it is gone from the vault,
