@@ -179,13 +179,17 @@ def test_on_a_mount_a_cold_read_in_the_middle_of_a_big_file_downloads_only_its_p
         assert len(cached_part_files(m)) == 10  # the last part is under 1 MiB: 10 big parts + 1 small
 
 
-async def read_across_a_listing(t, fh: int, offset: int, size: int) -> bytes:
+async def read_across_a_listing(t, fh: int, offset: int, size: int) -> bytes | pyfuse3.FUSEError:
     """A read that finds the version it had open gone from the vault (so it waits for the
-    listing to move the node on) while one refresh runs, as the nudged refresher does on a mount."""
-    got: list[bytes] = []
+    listing to move the node on) while one refresh runs, as the nudged refresher does on a mount;
+    what it read, or the error it answered."""
+    got: list[bytes | pyfuse3.FUSEError] = []
 
     async def read() -> None:
-        got.append(await t.fs.read(fh, offset, size))
+        try:
+            got.append(await t.fs.read(fh, offset, size))
+        except pyfuse3.FUSEError as exc:
+            got.append(exc)
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -216,6 +220,25 @@ async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_
         await store.put(source, len(new), FileMeta("big.bin", "bin", "/media", 0, "/media/big.bin"))
         await store.delete(token, m)
         assert await read_across_a_listing(t, fh, 5 * PART + 10, 1000) == new[5 * PART + 10 : 5 * PART + 1010]
+        t.fs.release(fh)
+
+
+@pytest.mark.parametrize("read_before", [True, False])
+async def test_a_reader_of_a_big_file_another_client_deleted_gets_enoent_not_a_failure(account, tmp_path, read_before):
+    """Another client deletes a big file (its manifest and parts) while it is open here: the read
+    that needs a part gets ENOENT, as for a small file, not EIO (part missing), and this mount
+    reports no failed read of its own."""
+    old = os.urandom(8 * PART + 3)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        token, m = await put_parts(t, old)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        if read_before:
+            assert await t.fs.read(fh, 0, 100) == old[:100]
+        await PartStore(t.fs.vault, part_size=PART).delete(token, m)
+        got = await read_across_a_listing(t, fh, 5 * PART + 10, 1000)
+        assert isinstance(got, pyfuse3.FUSEError) and got.errno == errno.ENOENT, got
+        assert t.fs.last_read_error is None
         t.fs.release(fh)
 
 
