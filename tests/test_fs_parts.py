@@ -199,6 +199,17 @@ async def read_across_a_listing(t, fh: int, offset: int, size: int) -> bytes | p
     return got[0]
 
 
+async def open_big_file(t, data: bytes, read_before: bool) -> tuple[str, fmt.Manifest, int]:
+    """``data`` stored as parts at /media/big.bin and open for reading here (no read-ahead),
+    read once first if ``read_before``: its manifest token, the manifest and the handle."""
+    token, m = await put_parts(t, data)
+    fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+    t.fs.parts.read_ahead = 0
+    if read_before:
+        assert await t.fs.read(fh, 0, 100) == data[:100]
+    return token, m, fh
+
+
 @pytest.mark.parametrize("read_before", [True, False])
 async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_content(account, tmp_path, read_before):
     """Another client stores a new version of a big file and deletes the old manifest and its
@@ -207,11 +218,7 @@ async def test_a_reader_of_a_file_another_client_replaced_follows_it_to_the_new_
     listing is merged, not EIO (parts: missing) or ENOENT (manifest: missing)."""
     old, new = os.urandom(8 * PART + 3), os.urandom(8 * PART + 3)
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
-        token, m = await put_parts(t, old)
-        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
-        t.fs.parts.read_ahead = 0
-        if read_before:
-            assert await t.fs.read(fh, 0, 100) == old[:100]
+        token, m, fh = await open_big_file(t, old, read_before)
         store = PartStore(t.fs.vault, part_size=PART)
 
         async def source():
@@ -230,11 +237,7 @@ async def test_a_reader_of_a_big_file_another_client_deleted_gets_enoent_not_a_f
     reports no failed read of its own."""
     old = os.urandom(8 * PART + 3)
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
-        token, m = await put_parts(t, old)
-        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
-        t.fs.parts.read_ahead = 0
-        if read_before:
-            assert await t.fs.read(fh, 0, 100) == old[:100]
+        token, m, fh = await open_big_file(t, old, read_before)
         await PartStore(t.fs.vault, part_size=PART).delete(token, m)
         got = await read_across_a_listing(t, fh, 5 * PART + 10, 1000)
         assert isinstance(got, pyfuse3.FUSEError) and got.errno == errno.ENOENT, got
