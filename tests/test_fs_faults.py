@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.enginekit import EngineProcess
 from tests.mountkit import Mount
+from tests.test_fs_offline import own_engine_mount
 from tests.test_fs_persistence import manifest
 
 
@@ -45,10 +45,7 @@ def test_a_failing_engine_loses_nothing(eng, tmp_path):
 
 
 def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait(tmp_path):
-    eng = EngineProcess(tmp_path / "engine").start()
-    m = None
-    try:
-        m = Mount(tmp_path / "user", eng.urls)
+    with own_engine_mount(tmp_path) as (eng, m):
         m.mount()
         (m.dir / "cached.txt").write_text("in the cache")
         m.wait_idle()
@@ -78,22 +75,13 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         m.wait_idle()
         assert (m.dir / "offline.txt").read_text() == "written while offline"
         assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
-    finally:
-        try:
-            if m is not None:
-                m.cleanup()
-        finally:
-            eng.stop()
 
 
 def test_a_big_file_written_while_the_server_is_gone_reports_why_not_an_unexpected_failure(tmp_path):
     """The parts of a big file in flight when the server went away all fail at once: the upload
     said "unexpected failure: ExceptionGroup(...)" (a traceback in the log, the group in
     ``privifs status``) instead of the cause, and was retried as a bug."""
-    eng = EngineProcess(tmp_path / "engine").start()
-    m = None
-    try:
-        m = Mount(tmp_path / "user", eng.urls, mount_args=("--write-back-delay", "0"))
+    with own_engine_mount(tmp_path, mount_args=("--write-back-delay", "0")) as (eng, m):
         m.mount()
         m.umount()
         eng.stop()
@@ -111,12 +99,6 @@ def test_a_big_file_written_while_the_server_is_gone_reports_why_not_an_unexpect
         m.wait_online()
         m.wait_idle(timeout=300)
         assert (m.dir / "big.bin").read_bytes() == data
-    finally:
-        try:
-            if m is not None:
-                m.cleanup()
-        finally:
-            eng.stop()
 
 
 @pytest.mark.parametrize("reason,code", [("policy.rejected", errno.EIO), ("policy.access_denied", errno.EACCES)])

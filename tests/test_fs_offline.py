@@ -8,6 +8,7 @@ import errno
 import os
 import socket
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,11 +16,23 @@ from tests.enginekit import EngineProcess
 from tests.mountkit import Mount, is_mounted, privifs
 
 
-def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
+@contextmanager
+def own_engine_mount(tmp_path, mount_args: tuple[str, ...] = ()):
+    """An engine of the test's own (stopped and started again: the server gone and back, same
+    data, same ports) and a :class:`Mount` of it, not mounted yet; both cleaned up at the end."""
     eng = EngineProcess(tmp_path / "engine").start()
-    m = None
     try:
-        m = Mount(tmp_path / "user", eng.urls)
+        m = Mount(tmp_path / "user", eng.urls, mount_args=mount_args)
+        try:
+            yield eng, m
+        finally:
+            m.cleanup()
+    finally:
+        eng.stop()
+
+
+def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
+    with own_engine_mount(tmp_path) as (eng, m):
         m.mount()
         (m.dir / "docs").mkdir()
         (m.dir / "docs" / "cached.txt").write_text("in the cache")
@@ -54,31 +67,16 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         assert (m.dir / "remote.txt").read_text() == "only in the vault"
         assert "answers again" in m.log()
         m.umount()
-    finally:
-        try:
-            if m is not None:
-                m.cleanup()
-        finally:
-            eng.stop()
 
 
 def test_a_vault_never_mounted_here_is_refused_without_the_server(tmp_path):
-    eng = EngineProcess(tmp_path / "engine").start()
-    m = None
-    try:
-        m = Mount(tmp_path / "user", eng.urls)
+    with own_engine_mount(tmp_path) as (eng, m):
         eng.stop()
         r = m.mount(check=False)
         assert r.returncode == 5  # server unreachable
         assert "cannot reach" in r.stderr and "only after one successful mount" in r.stderr
         assert "Traceback" not in r.stderr
         assert not is_mounted(m.dir)
-    finally:
-        try:
-            if m is not None:
-                m.cleanup()
-        finally:
-            eng.stop()
 
 
 async def test_the_vault_link_fails_fast_while_offline_and_forwards_once_attached():
@@ -127,10 +125,7 @@ def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_pa
     mounted here before until 'the mount did not become ready within 180s' (the login's read
     timeout of 60 s, retried), though the vault may start offline; now it starts OFFLINE after
     OFFLINE_START_AFTER and catches up once the server answers."""
-    eng = EngineProcess(tmp_path / "engine").start()
-    m = None
-    try:
-        m = Mount(tmp_path / "user", eng.urls)
+    with own_engine_mount(tmp_path) as (eng, m):
         m.mount()
         (m.dir / "cached.txt").write_text("in the cache")
         m.wait_idle()
@@ -152,12 +147,6 @@ def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_pa
         m.wait_idle(timeout=120)
         assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
         m.umount()
-    finally:
-        try:
-            if m is not None:
-                m.cleanup()
-        finally:
-            eng.stop()
 
 
 def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answers(tmp_path):
