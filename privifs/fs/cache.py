@@ -36,9 +36,9 @@ pass a :class:`Tap`, which sees each block of plaintext as it is sealed (the par
 part's plaintext in memory and computes its digest there, instead of reading the file back).
 When the disk has no room even with every entry evicted, content up to :data:`IN_MEMORY_MAX`
 is downloaded into a sealed file in memory instead, for its caller alone (a full disk keeps
-files readable). A download that receives nothing for :data:`DOWNLOAD_IDLE` seconds fails, whatever the client
-retries meanwhile: a stalled server gives the reader EIO after that long, not after every retry's
-timeout in turn (about 8 minutes before).
+files readable). A download that receives nothing for :data:`DOWNLOAD_IDLE` seconds fails,
+whatever the client retries meanwhile: a stalled server gives the reader EIO after that long, not
+after every retry's timeout in turn (about 8 minutes before).
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ TABLE_FILES = ("cache.db", "cache.db-shm", "cache.db-wal")
 DOWNLOAD_IDLE = 90.0  # a download that gets no data this long fails (EIO for the read), retries or not
 IN_MEMORY_MAX = 64 * MiB  # content up to this size is read through memory when the disk has no room
 STALL_MEMORY = 2.0  # … and a fetch of the same token this soon after (the kernel retrying) fails at once
+
+
+def _stall(token: str) -> ServerUnreachable:
+    return ServerUnreachable(f"the vault sent no data for token {token} for {DOWNLOAD_IDLE:.0f}s")
 
 
 def footprint(st: os.stat_result) -> int:
@@ -331,9 +335,8 @@ class ContentCache:
         :data:`DOWNLOAD_IDLE` seconds (whatever the vault client retries meanwhile: a stalled
         server) fails, and so does the next fetch of that token for :data:`STALL_MEMORY` seconds
         (the kernel asks again at once when a read fails: the reader would wait twice)."""
-        stalled = self._stalled.get(token)
-        if stalled is not None and trio.current_time() - stalled < STALL_MEMORY:
-            raise ServerUnreachable(f"the vault sent no data for token {token} for {DOWNLOAD_IDLE:.0f}s")
+        if trio.current_time() - self._stalled.get(token, float("-inf")) < STALL_MEMORY:
+            raise _stall(token)
         with trio.CancelScope(deadline=trio.current_time() + DOWNLOAD_IDLE) as idle:
 
             def progress() -> None:
@@ -349,7 +352,7 @@ class ContentCache:
             self._stalled[token] = trio.current_time()
             while len(self._stalled) > 64:
                 del self._stalled[next(iter(self._stalled))]
-            raise ServerUnreachable(f"the vault sent no data for token {token} for {DOWNLOAD_IDLE:.0f}s")
+            raise _stall(token)
         self._stalled.pop(token, None)
 
     def _release(self, need: int) -> None:
