@@ -609,8 +609,6 @@ class Filesystem:
             return await self.parts.read(token, offset, length)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):
-                if node.unlinked:
-                    raise self._deleted_elsewhere(node) from None
                 raise
         return await self.read(fh_id, offset, length)  # the node's new content (or none)
 
@@ -621,11 +619,8 @@ class Filesystem:
         try:
             return await self.cache.fetch(token, self.vault, node.size)
         except PrivifsError as exc:
-            if isinstance(exc, NotFoundError):
-                if await self._followed(node, token):
-                    return None
-                if node.unlinked:
-                    raise self._deleted_elsewhere(node) from None
+            if isinstance(exc, NotFoundError) and await self._followed(node, token):
+                return None
             raise self._fetch_failed(node, exc) from None
 
     def _deleted_elsewhere(self, node: Node) -> pyfuse3.FUSEError:
@@ -635,11 +630,21 @@ class Filesystem:
         return fail(errno.ENOENT)
 
     async def _followed(self, node: Node, token: str) -> bool:
-        """After ``token`` (the node's content) could not be fetched: if it is gone from the vault,
-        another client replaced or deleted the file (its write-back deletes the old token and
-        parts) before the listing showed it here. The refresher is asked to look now and this
-        waits (at most :data:`FOLLOW_WAIT` seconds) for the node to move on; True if it did.
-        False at once if the token is still there (damage stays an error)."""
+        """After ``token`` (the node's content) could not be fetched: True if the node moved on to
+        new content (:meth:`_moved_on`); a node that left the tree instead (the file deleted
+        elsewhere) is answered ENOENT here (:meth:`_deleted_elsewhere`); False otherwise."""
+        if await self._moved_on(node, token):
+            return True
+        if node.unlinked:
+            raise self._deleted_elsewhere(node)
+        return False
+
+    async def _moved_on(self, node: Node, token: str) -> bool:
+        """If ``token`` is gone from the vault, another client replaced or deleted the file (its
+        write-back deletes the old token and parts) before the listing showed it here. The
+        refresher is asked to look now and this waits (at most :data:`FOLLOW_WAIT` seconds) for
+        the node to move on; True if it did. False at once if the token is still there (damage
+        stays an error)."""
         try:
             if [i async for i in self.vault.tokens.list(token=token) if i.token == token]:
                 return False
