@@ -571,10 +571,8 @@ class Index:
         self._row_writes.pop(ino, None)
 
     def forget(self, ino: int) -> None:
-        self._saved.pop(ino, None)
-        self._soon.pop(ino, None)
+        self.discard(ino)  # first: a save waiting in _soon would write the row back
         self._write("DELETE FROM nodes WHERE ino = ?", (ino,))
-        self._row_writes.pop(ino, None)
 
     def load(self) -> list[Node]:
         return [Node.from_row(r) for r in self.conn.execute(self._select)]
