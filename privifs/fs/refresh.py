@@ -98,8 +98,7 @@ class Refresher:
         self.last_error: str | None = None
         self.listings = 0
         self._invalidations: list[tuple] = []
-        self._created: dict[str, float | None] = {}
-        self._listed: dict[str, TokenInfo] = {}
+        self._listed: dict[str, TokenInfo] = {}  # the last listing's tokens
         self._added: set[int] = set()
         self._lock = trio.Lock()
         self._due: list[float] = []
@@ -189,8 +188,7 @@ class Refresher:
         seen: set[int] = set()
         changed: list[tuple[Node, TokenInfo]] = []
         unknown: list[TokenInfo] = []
-        before, self._created = self._created, {info.token: info.created_at for info in infos}
-        self._listed = {info.token: info for info in infos}
+        before, self._listed = self._listed, {info.token: info for info in infos}
         self._added = set()
         for info in infos:
             if info.token in tombstones or info.token in deleted:
@@ -414,7 +412,7 @@ class Refresher:
         self.index.save(node)
         self._inval_entry(parent.ino, name)
 
-    def _replaced(self, node: Node, before: dict[str, float | None], started: float) -> bool:
+    def _replaced(self, node: Node, before: dict[str, TokenInfo], started: float) -> bool:
         """The file ``node``'s token is gone, and a newer token at its place that an earlier
         listing showed as a conflict copy is left: another client replaced the content (a new
         token, then the old one deleted) and a listing came between the two. As when no listing
@@ -424,7 +422,8 @@ class Refresher:
         if not node.is_file or node.remote_name is None or parent is None or parent.children is None:
             return False
         plain = shown_name(node.remote_name, node.remote_extension)
-        mine = before.get(node.token)  # whole seconds: a token of the same second may be newer
+        # whole seconds: a token of the same second may be newer
+        mine = before[node.token].created_at if node.token in before else None
         heirs = [
             n
             for n in (self.ns.nodes[i] for i in parent.children.values())
@@ -434,11 +433,11 @@ class Refresher:
             and n.remote_name is not None
             and shown_name(n.remote_name, n.remote_extension) == plain
             and self.eligible(n, started)
-            and (mine is None or (self._created.get(n.token) or mine) >= mine)
+            and (mine is None or (self._created_at(n.token) or mine) >= mine)
         ]
         if not heirs:
             return False
-        heir = min(heirs, key=lambda n: claim_order(self._created.get(n.token), n.token))
+        heir = min(heirs, key=lambda n: claim_order(self._created_at(n.token), n.token))
         info = self._listed[heir.token]
         self.ns.remove(heir, delete_token=False)
         self._inval_entry(parent.ino, heir.name, deleted=heir.ino)
@@ -570,7 +569,7 @@ class Refresher:
                 return None
             for token in (n.token, *n.extra_markers):
                 if token:
-                    claim = claim_order(self._created.get(token), token)
+                    claim = claim_order(self._created_at(token), token)
                     best = claim if best is None or claim < best else best
             if n.children:
                 stack.extend(self.ns.nodes[i] for i in n.children.values())
@@ -589,7 +588,7 @@ class Refresher:
             parent = self.ns.nodes.get(parent_ino)
             if parent is None or parent.children is None:
                 continue
-            first = min(claim_order(self._created.get(n.token), n.token) for n in claimants)
+            first = min(claim_order(self._created_at(n.token), n.token) for n in claimants)
             holder = self.ns.child(parent, plain)
             aside = self.ns.child(parent, f"{plain}.dir")
             if holder is not None and self._implicit(holder):
@@ -631,7 +630,7 @@ class Refresher:
             parent = self.ns.nodes.get(parent_ino)
             if parent is None:
                 continue
-            nodes.sort(key=lambda n: claim_order(self._created.get(n.token), n.token))
+            nodes.sort(key=lambda n: claim_order(self._created_at(n.token), n.token))
             holder = self.ns.child(parent, plain)
             if holder is not None and holder not in nodes:
                 continue  # a local entry (not yet written back) holds the name: wait for it
@@ -653,6 +652,11 @@ class Refresher:
                 self._inval_entry(parent.ino, name)
 
     # -- kernel invalidation --------------------------------------------------------------------
+    def _created_at(self, token: str | None) -> float | None:
+        """When the last listing says ``token`` was made (None: not listed, or not said)."""
+        info = self._listed.get(token)
+        return info.created_at if info is not None else None
+
     def _inval_entry(self, parent: int, name: str, deleted: int = 0) -> None:
         self._invalidations.append(("entry", parent, name.encode("utf-8", "surrogateescape"), deleted))
 
