@@ -1,5 +1,5 @@
 """Real programs on a real mount: a 1 GiB copy in and out (daemon RSS bounded), 10,000 small
-files, git, SQLite in WAL and rollback modes, rsync."""
+files, git, SQLite in WAL and rollback modes, rsync, a sparse disk image."""
 
 from __future__ import annotations
 
@@ -155,3 +155,41 @@ def test_rsync_twice_transfers_nothing_the_second_time(mnt, tmp_path):
     assert (dst / "a" / "f3").stat().st_mtime == 1_000_000_000
     assert os.stat(dst / "a" / "b" / "script.sh").st_mode & 0o777 == 0o755
     run(["diff", "-r", "--no-dereference", str(src), str(dst)], cwd=tmp_path)
+
+
+def test_a_sparse_disk_image_is_stored_and_read_back_without_its_holes(engine, tmp_path):
+    """``truncate -s`` and a write far past the end, as a VM image or a database preallocating
+    its file does: nothing is uploaded for the gaps, and they read back as zeros, cold."""
+    tail = os.urandom(MiB)
+    stored_before = used_bytes(engine.data_dir)
+    with Mount(tmp_path / "sparse", engine.urls).mounted() as m:
+        image = m.dir / "disk.img"
+        run(["truncate", "-s", "64G", str(image)], cwd=tmp_path)
+        with open(image, "r+b") as f:
+            f.write(b"boot")
+            f.seek(40 << 30)
+            f.write(tail)
+            os.fsync(f.fileno())
+        with open(m.dir / "far", "wb") as f:
+            f.seek(100 << 30)  # 100 GiB past the end
+            f.write(b"!")
+        m.umount()
+        shutil.rmtree(tmp_path / "sparse" / "cache")
+        m.mount()
+        assert image.stat().st_size == 64 << 30 and (m.dir / "far").stat().st_size == (100 << 30) + 1
+        with open(image, "rb") as f:
+            assert f.read(8) == b"boot" + bytes(4)
+            f.seek(20 << 30)
+            assert f.read(MiB) == bytes(MiB)
+            f.seek(40 << 30)
+            assert f.read(MiB) == tail
+        with open(m.dir / "far", "rb") as f:
+            f.seek((100 << 30) - 1)
+            assert f.read() == b"\0!"
+        # the vault got the written parts and two manifests, not 164 GiB; staging and cache as little
+        assert used_bytes(engine.data_dir) - stored_before < 256 * MiB
+        assert used_bytes(m.root / "state") + used_bytes(m.root / "cache") < 256 * MiB
+
+
+def used_bytes(path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())

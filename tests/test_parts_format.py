@@ -4,6 +4,7 @@ anything else, and the part digest binding content and position."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -33,24 +34,23 @@ def test_manifest_round_trips_and_has_the_documented_layout():
     assert len(raw) == 32 + 3 * (1 + 5 + 4 + 32)
 
 
-def test_worked_example_in_docs_matches_the_code():
-    """docs/format.md prints the bytes of this manifest; they must be what the code writes."""
-    data = b"hello, parts!"  # 13 bytes in parts of 8
-    dk = fmt.part_key(bytes(32))
-    m = fmt.Manifest(
-        8,
-        13,
-        (fmt.Part("T1", 8, fmt.part_digest(dk, 0, data[:8])), fmt.Part("T2", 5, fmt.part_digest(dk, 1, data[8:]))),
-    )
-    hexdump = fmt.encode(m).hex()
-    from pathlib import Path
-
+def shown_in_docs(marker: str) -> str:
     doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
     lines = [line.strip() for line in doc.splitlines()]
-    start = lines.index("<!-- manifest example -->") + 2
-    shown = "".join("".join(line.split()) for line in lines[start : lines.index("<!-- end -->", start) - 1])
-    assert shown == hexdump
-    assert f"part key `{dk.hex()}`" in doc
+    start = lines.index(marker) + 2
+    return "".join("".join(line.split()) for line in lines[start : lines.index("<!-- end -->", start) - 1])
+
+
+def test_worked_examples_in_docs_match_the_code():
+    """docs/format.md prints the bytes of these manifests; they must be what the code writes."""
+    data = b"hello, parts!"  # 13 bytes in parts of 8
+    dk = fmt.part_key(bytes(32))
+    t1 = fmt.Part("T1", 8, fmt.part_digest(dk, 0, data[:8]))
+    m = fmt.Manifest(8, 13, (t1, fmt.Part("T2", 5, fmt.part_digest(dk, 1, data[8:]))))
+    assert shown_in_docs("<!-- manifest example -->") == fmt.encode(m).hex()
+    assert f"part key `{dk.hex()}`" in (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    sparse = fmt.Manifest(8, 13, (t1, fmt.hole(5)))
+    assert shown_in_docs("<!-- manifest example with a hole -->") == fmt.encode(sparse).hex()
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,43 @@ def test_decode_refuses_damaged_manifests(mutate):
 
 def test_decode_names_the_version_it_cannot_read():
     raw = fmt.encode(sample())
-    with pytest.raises(IntegrityError, match="version 2"):
+    with pytest.raises(IntegrityError, match="version 3"):
+        fmt.decode(raw[:8] + b"\x03" + raw[9:])
+
+
+def with_hole(m: fmt.Manifest, index: int) -> fmt.Manifest:
+    parts = list(m.parts)
+    parts[index] = fmt.hole(parts[index].size)
+    return fmt.Manifest(m.part_size, m.total, tuple(parts))
+
+
+def test_a_hole_is_an_entry_without_token_or_digest_and_makes_the_manifest_version_2():
+    m = with_hole(sample(), 1)
+    raw = fmt.encode(m)
+    assert raw[8] == 2 and fmt.decode(raw) == m
+    entry = 32 + 1 + 5 + 4 + 32  # the hole follows the first entry
+    assert raw[entry : entry + 1 + 4 + 32] == b"\x00" + struct.pack("<I", 4) + bytes(32)
+    assert m.tokens() == ["tok-0", "tok-2"] and [p.is_hole for p in m.parts] == [False, True, False]
+    assert fmt.encode(sample())[8] == 1  # a manifest without holes stays readable by version 1
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r[:8] + b"\x01" + r[9:],  # a hole in a version 1 manifest
+        lambda r: r[:-1] + b"\x01",  # a hole with a digest (the last entry is the hole)
+    ],
+)
+def test_decode_refuses_holes_where_they_cannot_be(mutate):
+    raw = fmt.encode(fmt.Manifest(4, 10, (*sample().parts[:2], fmt.hole(2))))
+    assert fmt.decode(raw).parts[2].is_hole
+    with pytest.raises(IntegrityError):
+        fmt.decode(mutate(raw))
+
+
+def test_a_version_2_manifest_without_holes_is_refused():
+    raw = fmt.encode(sample())
+    with pytest.raises(IntegrityError, match="version"):
         fmt.decode(raw[:8] + b"\x02" + raw[9:])
 
 

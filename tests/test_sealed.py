@@ -134,3 +134,18 @@ def test_partial_writes_of_one_chunk_start_from_the_plaintext_the_last_one_made(
     f.close()
     again = SealedFile.open(tmp_path / "f", KEY)
     assert again.read(0, 200_000) == bytes(expected)
+
+
+def test_written_chunks_are_found_without_reading_the_holes(tmp_path):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    assert f.written_chunks() == []
+    f.truncate(1 << 34)  # 16 GiB, all hole
+    assert f.written_chunks() == []
+    f.write(5, b"a")
+    f.write(1000 * CHUNK + CHUNK - 1, b"bc")  # the end of chunk 1000 and the start of 1001
+    f.write(200_000 * CHUNK, b"z")
+    assert f.written_chunks() == [(0, 1), (1000, 1002), (200_000, 200_001)]
+    # a slot written with zero bytes on disk (a copy that did not keep holes) is still no data
+    os.pwrite(f.fd, bytes(SLOT), HEADER + 5000 * SLOT)
+    assert f.written_chunks() == [(0, 1), (1000, 1002), (200_000, 200_001)]
+    assert f.read(200_000 * CHUNK - 1, 3) == b"\0z\0"

@@ -46,6 +46,17 @@ def test_a_clone_of_a_staged_file_has_its_content_and_leaves_it_alone(tmp_path: 
     assert staged.sealed.read(0, 100) == b"first version"
 
 
+def test_a_clone_of_a_sparse_file_keeps_its_holes(tmp_path: Path) -> None:
+    staging = Staging(tmp_path / "staging", KEY)
+    staged = staging.create()
+    staged.write(0, b"start", 1)
+    staged.write(10 << 30, b"end", 1)  # 10 GiB on: no room is reserved for the gap
+    clone = staging.clone(staged)
+    assert os.stat(clone.path).st_blocks * 512 < 1 << 20  # the copy did not fill the hole
+    assert clone.sealed.written_chunks() == staged.sealed.written_chunks()
+    assert clone.sealed.read(0, 6) == b"start\0" and clone.sealed.read((10 << 30) - 1, 10) == b"\0end"
+
+
 def test_a_copy_that_cannot_be_made_is_a_clear_error_and_leaves_no_file(tmp_path: Path) -> None:
     sealed_with(tmp_path / "entry", b"x" * 1000).close()
     entry = SealedFile.open(tmp_path / "entry", KEY)

@@ -35,6 +35,7 @@ import os
 import struct
 import threading
 import uuid
+from collections.abc import Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -112,6 +113,27 @@ def stored_size(size: int) -> int:
     """Bytes a sealed file of logical ``size`` takes at most on disk (header and whole slots)."""
     full, rest = divmod(size, CHUNK)
     return HEADER + full * SLOT + (OVERHEAD + rest if rest else 0)
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The byte ranges of ``fd`` within [start, end) that may hold data: its holes on disk are
+    skipped (``SEEK_DATA``/``SEEK_HOLE``); where the filesystem cannot tell, the whole range."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from here to the end of the file
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield pos, end
+                return
+            raise
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, min(hole, end)
+        pos = hole
 
 
 class SealedFile:
@@ -355,6 +377,34 @@ class SealedFile:
         if stamp is not None:
             self.stamp = stamp
         self.write_header()
+
+    def written_chunks(self) -> list[tuple[int, int]]:
+        """The ranges [first, end) of chunk indices that may hold data, in order: the slots the
+        file's data extents on disk reach, less the never-written slots at their edges (an
+        extent's first or last page may be shared with a written neighbour). Everything else
+        reads as zeros. One ``lseek`` pair per extent: a sparse file of a terabyte costs nothing
+        to look through."""
+        out: list[tuple[int, int]] = []
+        try:
+            for lo, hi in data_extents(self.fd, HEADER, HEADER + -(-self.size // CHUNK) * SLOT):
+                first, end = (lo - HEADER) // SLOT, (hi - HEADER - 1) // SLOT + 1
+                while first < end and self._never_written(first):
+                    first += 1
+                while end > first and self._never_written(end - 1):
+                    end -= 1
+                if first == end:
+                    continue
+                if out and out[-1][1] >= first:
+                    out[-1] = (out[-1][0], max(out[-1][1], end))
+                else:
+                    out.append((first, end))
+        except OSError as exc:
+            raise local_store_error(exc, f"reading {self.path}") from None
+        return out
+
+    def _never_written(self, index: int) -> bool:
+        slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
+        return slot.count(0) == len(slot)  # all zero, or past the end of the file
 
     def chunks(self, piece: int = 16):
         """Yield the plaintext from the start to ``size`` in pieces of ``piece`` chunks."""

@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("privifs.fs")
 
 BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read or write is a FUSE request
+# the largest file (EFBIG past it, as ext4 past 16 TiB): a sparse file's manifest lists every 4 MiB
+# part, a hole included, so a 4 TiB file's is 37 MiB, uploaded at each write-back
+MAX_FILE_SIZE = 1 << 42
 FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets of "." and ".."; an entry's is its seq + 2
@@ -273,6 +276,8 @@ class Filesystem:
                 raise fail(errno.EISDIR)
             if not node.is_file:
                 raise fail(errno.EINVAL)
+            if attr.st_size > MAX_FILE_SIZE:
+                raise fail(errno.EFBIG)
             staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
             staged.sealed.truncate(attr.st_size, stamp=now)
             self.parts.changes.resized(staged.id, attr.st_size)
@@ -710,6 +715,10 @@ class Filesystem:
         staged = await self.writable_staged(node)
         if fh.append:
             offset = staged.size
+        if offset + len(data) > MAX_FILE_SIZE:  # what fits is written, as write(2) does at a file size limit
+            if offset >= MAX_FILE_SIZE:
+                raise fail(errno.EFBIG)
+            data = data[: MAX_FILE_SIZE - offset]
         now = time.time_ns()
         n = staged.write(offset, data, now)
         self.parts.changes.wrote(staged.id, offset, n)

@@ -7,7 +7,8 @@ and checks each part's digest against the manifest before serving a byte of it. 
 downloads is kept in memory as it arrives and its digest computed there (:class:`Fresh`, on the
 download's worker thread), so it is verified without reading the cache file back, and the reads of
 it are served from that plaintext until they reach its end (a few parts at most are kept). A
-sequential reader (512 KiB read back to back) gets the next parts fetched ahead in the background. Decoded manifests
+sequential reader (512 KiB read back to back) gets the next parts fetched ahead in the background. A hole
+(a sparse file's never-written part) reads as zeros with nothing fetched. Decoded manifests
 are kept in memory (a manifest token never changes). A part that is missing or fails its checks
 raises :class:`~privifs.errors.PrivifsError`; the filesystem turns that into EIO for the reads that
 need the part, logged with the path. The refresher hands each listing to :meth:`PartReader.sweep`,
@@ -291,7 +292,7 @@ class PartReader:
         named: set[str] = set()
         for info in infos:
             if is_manifest(info) and not is_part(info):
-                named.update(p.token for p in (await self.manifest(info.token)).parts)
+                named.update((await self.manifest(info.token)).tokens())
         wall = time.time()
         settle = min(min_age, SETTLE)
         self.settling = {t: at for t, at in self.settling.items() if now - at < settle}
@@ -323,13 +324,13 @@ class PartReader:
             return b""
         if len(touched) == 1:  # most reads: no nursery
             i = touched[0]
-            data = self._read_part(m, i, await self.part(m, i), offset, end)
+            data = await self._piece(m, i, offset, end)
             self._follow(token, m, offset, end, i)
             return data
         got: dict[int, bytes | memoryview] = {}
 
         async def one(i: int) -> None:
-            got[i] = self._read_part(m, i, await self.part(m, i), offset, end)
+            got[i] = await self._piece(m, i, offset, end)
 
         with single_error():
             async with trio.open_nursery() as nursery:
@@ -337,6 +338,13 @@ class PartReader:
                     nursery.start_soon(one, i)
         self._follow(token, m, offset, end, touched[-1])
         return b"".join(got[i] for i in touched)
+
+    async def _piece(self, m: fmt.Manifest, index: int, offset: int, end: int) -> bytes | memoryview:
+        """Bytes [offset, end) of the file from part ``index``: zeros for a hole (nothing fetched)."""
+        if m.parts[index].is_hole:
+            start, stop = m.span(index)
+            return bytes(min(end, stop) - max(offset, start))
+        return self._read_part(m, index, await self.part(m, index), offset, end)
 
     def _follow(self, token: str, m: fmt.Manifest, offset: int, end: int, last: int) -> None:
         """After a read of [offset, end): fetch the next parts ahead once the reads have been
@@ -352,7 +360,7 @@ class PartReader:
             return
         for i in range(last + 1, min(last + 1 + self.read_ahead, len(m.parts))):
             part = m.parts[i]
-            if part.token in self._ahead or self.cache.holds(part.token):
+            if part.is_hole or part.token in self._ahead or self.cache.holds(part.token):
                 continue
             self._ahead.add(part.token)
             trio.lowlevel.spawn_system_task(self._fetch_ahead, m, i)
@@ -385,11 +393,15 @@ class PartReader:
         staged = staging.create()
         try:
             for i in range(len(m.parts)):
+                if m.parts[i].is_hole:  # stays one in the staged file
+                    continue
                 sealed = await self.part(m, i)
                 pos = m.span(i)[0]
                 for piece in sealed.chunks():
                     staged.write(pos, piece, 0)  # a copy, not a change: no time recorded
                     pos += len(piece)
+            if staged.size < m.total:  # the file ends in a hole
+                staged.sealed.truncate(m.total, stamp=0)
         except BaseException:
             staging.remove(staged)
             raise

@@ -7,7 +7,9 @@ token unread; every other part is read and its keyed digest compared with the di
 part in that manifest, and an equal part keeps its token too (after a restart, or for a staged
 file made another way, every part is compared). So a small change to a big file uploads one or two
 parts and a new manifest, and a file that was one token (or a manifest with another part size)
-is converted by uploading every part. Parts go before the manifest that names them; the
+is converted by uploading every part. A part the staged file never wrote (a sparse file's hole,
+found with ``SEEK_DATA`` in one pass, :meth:`~privifs.crypto.sealed.SealedFile.written_chunks`)
+is a hole in the manifest: nothing is read or uploaded for it. Parts go before the manifest that names them; the
 parts of the old manifest it no longer names are returned for deletion once the new manifest is
 recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.sweep`). The
 uploaded parts are not cached one by one: the syncer moves the whole staged file into the cache
@@ -32,6 +34,7 @@ import trio
 
 from privifs.client.datatokens import FileMeta
 from privifs.client.vault import PIECE
+from privifs.crypto.sealed import CHUNK
 from privifs.errors import PrivifsError, single_error
 from privifs.fs.parts import PartReader
 from privifs.fs.staging import StagedFile
@@ -39,6 +42,17 @@ from privifs.parts import format as fmt
 from privifs.parts.store import IN_FLIGHT, PART_SIZE
 
 log = logging.getLogger("privifs.fs.parts")
+
+
+def written_parts(staged: StagedFile, part_size: int) -> set[int]:
+    """The parts of ``staged`` that may hold data (see :meth:`SealedFile.written_chunks`); the
+    others were never written (a sparse file's holes) and read as zeros."""
+    size, out = staged.size, set()
+    for first, end in staged.sealed.written_chunks():
+        lo, hi = first * CHUNK, min(end * CHUNK, size)
+        if lo < hi:
+            out.update(range(lo // part_size, (hi - 1) // part_size + 1))
+    return out
 
 
 class PartWriter:
@@ -50,6 +64,7 @@ class PartWriter:
         self.in_flight = in_flight
         self.parts_uploaded = 0  # for tests and measurements
         self.parts_kept = 0
+        self.holes = 0
 
     async def old_manifest(self, token: str | None, is_manifest: bool, path: str) -> fmt.Manifest | None:
         if token is None or not is_manifest:
@@ -76,7 +91,6 @@ class PartWriter:
         count = fmt.parts_needed(size, part_size)
         parts: list[fmt.Part | None] = [None] * count
         upload_id = secrets.token_hex(8)
-        limit = trio.CapacityLimiter(self.in_flight)
         digest_key = self.reader.digest_key
 
         def reader(i: int) -> Callable[[int, int], bytes]:
@@ -92,15 +106,12 @@ class PartWriter:
             return mac.digest()
 
         changes = self.reader.changes
+        written = await trio.to_thread.run_sync(written_parts, staged, part_size)
+        room = trio.Semaphore(self.in_flight)  # parts read or uploaded at once (taken before each starts)
 
         async def one(i: int) -> None:
             length = min(part_size, size - i * part_size)
-            if old is not None and changes.unchanged(staged.id, old_token, part_size, i):
-                parts[i] = old.parts[i]  # not written since it was copied from the old manifest
-                self.parts_kept += 1
-                progress(parts[i].size)
-                return
-            async with limit:
+            try:
                 if (
                     old is not None
                     and i < len(old.parts)
@@ -117,13 +128,30 @@ class PartWriter:
                 self.reader.in_flight.add(parts[i].token)
                 self.parts_uploaded += 1
                 progress(length)
+            finally:
+                room.release()
 
         stored: list[str] = []
         try:
             with single_error():
                 async with trio.open_nursery() as nursery:
                     for i in range(count):
-                        nursery.start_soon(one, i)
+                        if i % 4096 == 4095:
+                            await trio.lowlevel.checkpoint()  # (holes and kept parts cost no await: let the rest run)
+                        if old is not None and changes.unchanged(staged.id, old_token, part_size, i):
+                            parts[i] = old.parts[i]  # not written since it was copied from the old manifest
+                            if parts[i].is_hole:
+                                self.holes += 1
+                            else:
+                                self.parts_kept += 1
+                        elif i not in written:  # never written: nothing to upload
+                            parts[i] = fmt.hole(min(part_size, size - i * part_size))
+                            self.holes += 1
+                        else:
+                            await room.acquire()
+                            nursery.start_soon(one, i)
+                            continue
+                        progress(parts[i].size)
             manifest = fmt.Manifest(part_size, size, tuple(parts))
             token = await self.store.put_manifest(manifest, meta, risk)
             self.reader.remember(token, manifest)
@@ -131,8 +159,8 @@ class PartWriter:
         finally:  # a failed store leaves its parts to the sweep
             self.reader.in_flight.difference_update(stored)
         changes.forget(staged.id)
-        named = {p.token for p in manifest.parts}
-        stale = [p.token for p in old.parts if p.token not in named] if old is not None else []
+        named = set(manifest.tokens())
+        stale = [t for t in old.tokens() if t not in named] if old is not None else []
         for replaced in ([old_token] if old_token else []) + stale:  # never read again by this mount
             self.cache.evict(replaced)
         return token, stale

@@ -37,7 +37,7 @@ from collections import deque
 from pathlib import Path
 
 from privifs import paths
-from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, local_store_error, stored_size
+from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, data_extents, local_store_error, stored_size
 from privifs.errors import DiskFullError, FormatVersionError, PrivifsError
 from privifs.fs.space import MiB, Space
 
@@ -67,7 +67,10 @@ class StagedFile:
         for the growth."""
         end = offset + len(data)
         if end > self.sealed.size:
-            self.staging.ensure_room(stored_size(end) - stored_size(self.sealed.size))
+            # what the file grows by on disk: up to the write's own slots (past the end, the gap
+            # stays a hole on disk, nothing is reserved for it)
+            grows = stored_size(end) - stored_size(self.sealed.size)
+            self.staging.ensure_room(min(grows, (len(data) // CHUNK + 2) * SLOT))
         return self.sealed.write(offset, data, stamp=stamp)
 
     @property
@@ -126,23 +129,26 @@ class SparePool:
 
 def _copy_range(src: int, dst: int, size: int) -> None:
     """Copy the first ``size`` bytes of ``src`` to ``dst`` by offset (the descriptors' positions
-    are left alone): in the kernel where the filesystems allow it, else through a buffer."""
-    pos = 0
-    try:
-        while pos < size:
-            n = os.copy_file_range(src, dst, size - pos, pos, pos)
+    are left alone), its holes on disk left holes (:func:`data_extents`): in the kernel where
+    the filesystems allow it, else through a buffer."""
+    in_kernel = True
+    for pos, end in data_extents(src, 0, size):
+        while pos < end:
+            if in_kernel:
+                try:
+                    n = os.copy_file_range(src, dst, end - pos, pos, pos)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    in_kernel = False
+                    continue
+            else:
+                data = os.pread(src, min(1 << 20, end - pos), pos)
+                n = os.pwrite(dst, data, pos) if data else 0
             if n == 0:
                 break
             pos += n
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    while pos < size:
-        data = os.pread(src, min(1 << 20, size - pos), pos)
-        if not data:
-            break
-        pos += os.pwrite(dst, data, pos)
+    os.ftruncate(dst, size)  # (a hole at the end)
 
 
 class Remover:
@@ -255,8 +261,9 @@ class Staging:
         gone then while its content still reads."""
         new_id = secrets.token_hex(12)
         try:
-            size = os.fstat(source.fd).st_size
-            self.ensure_room(size)
+            st = os.fstat(source.fd)
+            size = st.st_size
+            self.ensure_room(min(size, st.st_blocks * 512))  # a sparse file's holes are copied as holes
         except OSError as exc:
             raise local_store_error(exc, "staging a file for writing") from None
         dest = self.path(new_id)

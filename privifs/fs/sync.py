@@ -75,8 +75,6 @@ from privifs.fs.tokenmeta import (
     split_context,
 )
 from privifs.fs.workqueue import WorkQueue
-from privifs.parts.format import MARK
-from privifs.parts.format import VERSION as PARTS_VERSION
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.parts.store import is_manifest, is_part
 from privifs.supervise import Supervisor
@@ -416,7 +414,6 @@ class Syncer:
         token, the replaced manifest's parts no longer named, and the manifest's risk meta."""
         old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.ns.describe(node))
         risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
-        risk[MARK] = str(PARTS_VERSION)
         ino = node.ino
         self.sent[ino] = 0  # umount's progress: a part counts once uploaded (or kept)
 
@@ -424,7 +421,7 @@ class Syncer:
             self.sent[ino] = self.sent.get(ino, 0) + n
 
         token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
-        return token, stale, risk
+        return token, stale, risk  # with the manifest mark PartStore.put_manifest added
 
     # -- parts a rewrite stopped naming ---------------------------------------------------------
     def retire_parts(self, context: str, parts: list[str]) -> None:
@@ -450,7 +447,7 @@ class Syncer:
         if token not in self._dropped:
             return []
         try:
-            return [p.token for p in (await self.parts.reader.manifest(token)).parts]
+            return (await self.parts.reader.manifest(token)).tokens()
         except PrivifsError as exc:
             log.info("the parts of a removed file's manifest are left to the sweep: %s", exc)
             return []
@@ -491,7 +488,7 @@ class Syncer:
         named: set[str] = set()
         async for info in self.tokens.list(context=context):
             if is_manifest(info) and not is_part(info) and info.token not in self.stored_manifests:
-                named.update(p.token for p in (await self.parts.reader.manifest(info.token)).parts)
+                named.update((await self.parts.reader.manifest(info.token)).tokens())
         return named
 
     async def _delete_now(self, token: str) -> None:

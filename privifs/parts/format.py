@@ -5,7 +5,7 @@ A big file is a sequence of *part tokens* (each an ordinary wire-format blob, se
 plaintext (itself encrypted like any blob) is, all integers little-endian::
 
     offset 0   magic      8  b"PVFSMNFT"
-           8   version    1  1
+           8   version    1  1, or 2 when an entry is a hole
            9   reserved   3  zero
           12   part size  4  nominal plaintext bytes per part (every part but the last has it)
           16   total size 8  plaintext bytes of the whole file
@@ -14,7 +14,13 @@ plaintext (itself encrypted like any blob) is, all integers little-endian::
           32   count entries, each:
                  token length 1 (1..255) | token (ASCII, printable, no space) |
                  part size 4 | digest 32
+               or, version 2 only, a *hole* (the part is all zeros and has no token):
+                 token length 1 (0) | part size 4 | digest 32 (zero)
     no trailing bytes.
+
+A hole is what a sparse file's never-written ranges become (``truncate -s 100G``, a write far
+past the end): nothing is uploaded for them. A manifest without holes stays version 1, so
+readers of version 1 read every file that has none.
 
 The digest of part ``i`` is HMAC-SHA256(part key, ``i`` (8 bytes LE) ‖ part plaintext) where the
 part key is HKDF-SHA256(user key, salt ``privifs-parts``, info ``privifs part digest key v1``):
@@ -39,7 +45,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from privifs.errors import IntegrityError
 
 MAGIC = b"PVFSMNFT"
-VERSION = 1
+VERSION = 2  # the newest version read and written (1: no holes; 2: holes allowed)
+READABLE = frozenset({1, 2})
 HEADER = struct.Struct("<8sB3sIQI4s")  # 32 bytes
 ENTRY_TAIL = struct.Struct("<I32s")
 DIGEST_SIZE = 32
@@ -70,9 +77,26 @@ def part_digest(key: bytes, index: int, data: bytes | memoryview) -> bytes:
 
 @dataclass(frozen=True)
 class Part:
-    token: str
+    token: str  # "" for a hole
     size: int
     digest: bytes
+
+    @property
+    def is_hole(self) -> bool:
+        return not self.token
+
+
+ZERO_DIGEST = bytes(DIGEST_SIZE)
+_holes: dict[int, Part] = {}
+
+
+def hole(size: int) -> Part:
+    """A hole of ``size`` bytes (one shared object per size: a sparse file of a terabyte has
+    hundreds of thousands of them)."""
+    part = _holes.get(size)
+    if part is None:
+        part = _holes[size] = Part("", size, ZERO_DIGEST)
+    return part
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,15 @@ class Manifest:
         """The plaintext range [start, end) of part ``index``."""
         start = index * self.part_size
         return start, start + self.parts[index].size
+
+    def tokens(self) -> list[str]:
+        """The part tokens it names (holes have none)."""
+        return [p.token for p in self.parts if p.token]
+
+    @property
+    def version(self) -> int:
+        """The version it is encoded in: 2 if it has a hole, else 1."""
+        return 2 if any(p.is_hole for p in self.parts) else 1
 
     def touched(self, offset: int, length: int) -> range:
         """Indices of the parts a read of ``length`` bytes at ``offset`` needs."""
@@ -114,7 +147,10 @@ def validate(manifest: Manifest) -> None:
         want = ps if i < len(parts) - 1 else total - ps * (len(parts) - 1)
         if part.size != want:
             raise IntegrityError(f"manifest part {i} has {part.size} bytes, {want} expected")
-        if not _valid_token(part.token):
+        if part.is_hole:
+            if part.digest != ZERO_DIGEST:
+                raise IntegrityError(f"manifest part {i} is a hole with a digest")
+        elif not _valid_token(part.token):
             raise IntegrityError(f"manifest part {i} names an invalid token")
         if len(part.digest) != DIGEST_SIZE:
             raise IntegrityError(f"manifest part {i} has a digest of {len(part.digest)} bytes")
@@ -122,7 +158,8 @@ def validate(manifest: Manifest) -> None:
 
 def encode(manifest: Manifest) -> bytes:
     validate(manifest)
-    out = [HEADER.pack(MAGIC, VERSION, bytes(3), manifest.part_size, manifest.total, len(manifest.parts), bytes(4))]
+    version = manifest.version
+    out = [HEADER.pack(MAGIC, version, bytes(3), manifest.part_size, manifest.total, len(manifest.parts), bytes(4))]
     for part in manifest.parts:
         token = part.token.encode("ascii")
         out.append(bytes([len(token)]) + token + ENTRY_TAIL.pack(part.size, part.digest))
@@ -135,9 +172,10 @@ def decode(data: bytes) -> Manifest:
     magic, version, res1, part_size, total, count, res2 = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise IntegrityError("not a privifs manifest (wrong magic)")
-    if version != VERSION:
+    if version not in READABLE:
         raise IntegrityError(
-            f"manifest version {version} is not readable by this privifs (it reads version {VERSION}); upgrade privifs"
+            f"manifest version {version} is not readable by this privifs (it reads versions up to {VERSION}); "
+            "upgrade privifs"
         )
     if res1 != bytes(3) or res2 != bytes(4):
         raise IntegrityError("manifest has non-zero reserved bytes")
@@ -149,8 +187,13 @@ def decode(data: bytes) -> Manifest:
             raise IntegrityError(f"manifest is truncated in entry {i}")
         n = data[pos]
         end = pos + 1 + n + ENTRY_TAIL.size
-        if n == 0 or end > len(data):
+        if (n == 0 and version < 2) or end > len(data):
             raise IntegrityError(f"manifest is truncated or damaged in entry {i}")
+        if n == 0:
+            size, digest = ENTRY_TAIL.unpack_from(data, pos + 1)
+            parts.append(hole(size) if digest == ZERO_DIGEST else Part("", size, digest))  # validate refuses the latter
+            pos = end
+            continue
         raw = data[pos + 1 : pos + 1 + n]
         try:
             token = raw.decode("ascii")
@@ -163,6 +206,8 @@ def decode(data: bytes) -> Manifest:
         raise IntegrityError(f"manifest has {len(data) - pos} trailing bytes")
     manifest = Manifest(part_size, total, tuple(parts))
     validate(manifest)
+    if manifest.version != version:
+        raise IntegrityError(f"manifest says version {version}, its entries are version {manifest.version}")
     return manifest
 
 

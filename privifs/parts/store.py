@@ -125,7 +125,9 @@ class PartStore:
         """Store the manifest at ``meta``'s place (its size: the file's) and mark it in its risk meta."""
         meta.size = manifest.total
         token = await self._store_blob(fmt.encode(manifest), meta)
-        await self.tokens.set_risk(token, {**(risk or {}), fmt.MARK: str(fmt.VERSION)})
+        risk = {} if risk is None else risk
+        risk[fmt.MARK] = str(manifest.version)  # (the caller's dict too: what it records is what was stored)
+        await self.tokens.set_risk(token, risk)
         return token
 
     # -- read ----------------------------------------------------------------------------------
@@ -135,6 +137,8 @@ class PartStore:
     async def get_part(self, manifest: fmt.Manifest, index: int) -> bytes:
         """Part ``index``'s plaintext, verified against the manifest (IntegrityError if not)."""
         part = manifest.parts[index]
+        if part.is_hole:
+            return bytes(part.size)
         self.parts_fetched += 1
         data = await self.vault.get_bytes(part.token)
         self.check_part(manifest, index, data)
@@ -198,8 +202,8 @@ class PartStore:
     async def delete(self, token: str, manifest: fmt.Manifest | None) -> None:
         """Delete a manifest token, then its parts (a part left behind is collected later)."""
         await self.tokens.delete(token)
-        for part in manifest.parts if manifest else ():
-            await self.tokens.delete(part.token)
+        for part in manifest.tokens() if manifest else ():
+            await self.tokens.delete(part)
 
     async def unreferenced(
         self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE, now: float | None = None
@@ -210,7 +214,7 @@ class PartStore:
         named: set[str] = set()
         for info in infos:
             if is_manifest(info) and not is_part(info):
-                named.update(p.token for p in (await self.manifest(info.token)).parts)
+                named.update((await self.manifest(info.token)).tokens())
         now = time.time() if now is None else now
         return [
             i
