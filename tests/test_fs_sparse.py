@@ -95,6 +95,25 @@ async def test_writing_into_a_hole_of_a_stored_sparse_file_uploads_that_part_alo
         assert await read_at(t, "sparse", 3 * GiB + 5, 6) == b"middle"
 
 
+async def test_a_file_of_zeros_written_in_full_uploads_no_part(account, tmp_path):
+    """``dd if=/dev/zero of=disk.img bs=1M count=64``, the usual way to make an image file, and
+    ``posix_fallocate``'s fallback (a zero byte per block past the end) write zeros into holes:
+    they stay holes, and the data written after them is stored as usual."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh = await t.create_file("zeros.img")
+        for i in range(64):
+            await t.write(fh, i << 20, bytes(1 << 20))
+        for i in range(64, 96):
+            await t.write(fh, (i << 20) + (1 << 20) - 1, b"\0")
+        await t.write(fh, 40 << 20, b"payload")
+        await t.close(fh)
+        await t.settle()
+        m = await manifest_of(t, "zeros.img")
+        assert m.total == 96 << 20 and [i for i, p in enumerate(m.parts) if not p.is_hole] == [10]
+        assert t.syncer.parts.parts_uploaded == 1
+        assert await read_at(t, "zeros.img", (40 << 20) - 1, 9) == b"\0payload\0"
+
+
 async def test_a_file_cannot_grow_past_the_size_limit(account, tmp_path):
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
         fh = await t.create_file("huge")

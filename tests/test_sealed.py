@@ -14,7 +14,7 @@ from privifs.errors import IntegrityError
 KEY = local_key(bytes(32))
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_random_operations_match_a_model(tmp_path, seed):
     rng = random.Random(seed)
     f = SealedFile.create(tmp_path / "f", KEY)
@@ -24,6 +24,8 @@ def test_random_operations_match_a_model(tmp_path, seed):
         if op < 0.6:
             off = rng.randrange(0, 4 * CHUNK)
             data = rng.randbytes(rng.choice([1, 7, 100, CHUNK - 1, CHUNK, CHUNK + 3, 3 * CHUNK]))
+            if rng.random() < 0.3:  # zeros: into holes they write nothing, over data they must
+                data = bytes(len(data))
             f.write(off, data)
             if off > len(model):
                 model.extend(bytes(off - len(model)))
@@ -149,3 +151,20 @@ def test_written_chunks_are_found_without_reading_the_holes(tmp_path):
     os.pwrite(f.fd, bytes(SLOT), HEADER + 5000 * SLOT)
     assert f.written_chunks() == [(0, 1), (1000, 1002), (200_000, 200_001)]
     assert f.read(200_000 * CHUNK - 1, 3) == b"\0z\0"
+
+
+def test_zeros_written_into_holes_leave_them_holes_and_zeros_over_data_are_written(tmp_path):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, bytes(3 * CHUNK + 5), stamp=7)  # dd if=/dev/zero: nothing but the header on disk
+    assert f.size == 3 * CHUNK + 5 and f.written_chunks() == [] and os.path.getsize(tmp_path / "f") == HEADER
+    assert SealedFile.open(tmp_path / "f", KEY).size == 3 * CHUNK + 5  # the header has the size and stamp
+    f.truncate(10 * CHUNK)
+    f.write(6 * CHUNK + 100, b"\0")  # posix_fallocate's fallback: a zero byte into a hole inside the file
+    f.write(8 * CHUNK, bytes(CHUNK))
+    assert f.written_chunks() == []
+    f.write(CHUNK + 10, b"data")
+    f.write(CHUNK, bytes(CHUNK))  # zeros over data are data
+    f.write(2 * CHUNK + 10, b"xy")
+    f.write(2 * CHUNK + 10, b"\0\0")
+    assert f.read(CHUNK, 2 * CHUNK) == bytes(2 * CHUNK)
+    assert f.written_chunks() == [(1, 3)]

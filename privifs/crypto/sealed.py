@@ -10,7 +10,9 @@ fresh random nonce on every write, so any chunk can be read or rewritten alone::
                nonce (12) | length n (4, little-endian) | ciphertext (n) | tag (16)
 
 A chunk holds its first ``n`` ≤ CHUNK plaintext bytes; the rest of the chunk reads as zeros, so
-a small file costs a small chunk. The associated data of chunk ``i`` is
+a small file costs a small chunk. A write of zeros into a hole (past the end, or a chunk never
+written) leaves it a hole: ``dd if=/dev/zero``, ``posix_fallocate``'s fallback and a sparse
+file's gaps take no disk, and the parts made of them are holes in the vault too. The associated data of chunk ``i`` is
 ``file id || i (8 bytes) || n (4 bytes)``: chunks cannot be moved, swapped between files or
 shortened unnoticed. A slot that was never written (all zero) is a hole. ``size`` in the header is
 the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
@@ -134,6 +136,12 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         hole = os.lseek(fd, data, os.SEEK_HOLE)
         yield data, min(hole, end)
         pos = hole
+
+
+def _all_zero(data: bytes | memoryview) -> bool:
+    """Whether ``data`` (at most a chunk) is all zero bytes; most data is refused by its first
+    or last byte, without a copy."""
+    return not data[0] and not data[-1] and bytes(data) == ZERO_CHUNK[: len(data)]
 
 
 class SealedFile:
@@ -322,11 +330,13 @@ class SealedFile:
         if stamp is not None:
             self.stamp = stamp
         with_chunk0 = stamp is not None and end <= CHUNK and len(view) > 0  # header and chunk: one pwrite
+        header_written = False
         while view:
             index = pos >> CHUNK_SHIFT
             within = pos - (index << CHUNK_SHIFT)
             n = min(CHUNK - within, len(view))
             partial = not (within == 0 and n == CHUNK)
+            old = None
             if not partial:
                 chunk = view[:n]
             else:
@@ -336,25 +346,40 @@ class SealedFile:
                     old = self._plain[1]
                 else:
                     old = self.read_chunk(index)
-                if len(old) < within:
-                    old += bytes(within - len(old))
-                chunk = old[:within] + bytes(view[:n]) + old[within + n :]
+                padded = old + bytes(within - len(old)) if len(old) < within else old
+                chunk = padded[:within] + bytes(view[:n]) + padded[within + n :]
             self._plain = None  # until the chunk is written: a failed write leaves it unknown
-            if with_chunk0:
-                size = max(self.size, end)
-                self.write_chunk(0, chunk, self._header(size))
-                self._header_size = size
+            if _all_zero(chunk) and self._is_hole(index, old):
+                pass  # zeros into a hole: it stays one (no disk taken, and nothing uploaded for it)
             else:
-                self.write_chunk(index, chunk)
-            if partial:
-                self._plain = (index, chunk)
+                if with_chunk0:
+                    size = max(self.size, end)
+                    self.write_chunk(0, chunk, self._header(size))
+                    self._header_size = size
+                    header_written = True
+                else:
+                    self.write_chunk(index, chunk)
+                if partial:
+                    self._plain = (index, chunk)
             pos += n
             view = view[n:]
         if pos > self.size:
             self.size = pos
-        if stamp is not None and not with_chunk0:
+        if stamp is not None and not header_written:
             self.write_header()
         return len(data)
+
+    def _is_hole(self, index: int, old: bytes | None) -> bool:
+        """Whether chunk ``index`` holds nothing now (past the end, or never written); ``old``:
+        its stored plaintext when the caller read it (empty for a hole)."""
+        if (index << CHUNK_SHIFT) >= self.size:
+            return True  # (nothing is kept past the end: truncate cuts it)
+        if old is not None:
+            return not old
+        try:
+            return self._never_written(index)
+        except OSError:
+            return False
 
     def truncate(self, size: int, *, stamp: int | None = None) -> None:
         """Make the logical size ``size`` (the header is rewritten, with ``stamp`` if given)."""
