@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from privifs.crypto.sealed import CHUNK, HEADER, SLOT, SealedFile, local_key
+from privifs.crypto.sealed import CHUNK, HEADER, OVERHEAD, SLOT, SealedFile, local_key
 from privifs.errors import IntegrityError
 
 KEY = local_key(bytes(32))
@@ -168,3 +168,18 @@ def test_zeros_written_into_holes_leave_them_holes_and_zeros_over_data_are_writt
     f.write(2 * CHUNK + 10, b"\0\0")
     assert f.read(CHUNK, 2 * CHUNK) == bytes(2 * CHUNK)
     assert f.written_chunks() == [(1, 3)]
+
+
+def test_what_a_crash_left_past_the_recorded_size_is_trimmed_and_never_shows_again(tmp_path):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, b"a" * (CHUNK + 10), stamp=1)
+    f.write(CHUNK + 10, b"LOST" * 100)  # no stamp: the header still says CHUNK + 10, as after a crash
+    f.write(5 * CHUNK, b"GONE")
+    f.close()
+    g = SealedFile.open(tmp_path / "f", KEY, writable=True)
+    assert g.size == CHUNK + 10
+    g.trim()
+    assert os.path.getsize(tmp_path / "f") == HEADER + SLOT + OVERHEAD + 10
+    g.truncate(6 * CHUNK)
+    g.write(5 * CHUNK, bytes(8))  # zeros into what is a hole again
+    assert g.read(0, 6 * CHUNK) == b"a" * (CHUNK + 10) + bytes(5 * CHUNK - 10)

@@ -385,19 +385,7 @@ class SealedFile:
         """Make the logical size ``size`` (the header is rewritten, with ``stamp`` if given)."""
         self._plain = None
         if size < self.size:
-            index = size >> CHUNK_SHIFT
-            within = size - (index << CHUNK_SHIFT)
-            if within:
-                chunk = self.read_chunk(index)
-                if len(chunk) > within:
-                    self.write_chunk(index, chunk[:within])  # no stale bytes past the new end
-                keep = HEADER + index * SLOT + OVERHEAD + min(len(chunk), within)
-            else:
-                keep = HEADER + index * SLOT
-            try:
-                os.ftruncate(self.fd, keep)
-            except OSError as exc:
-                raise local_store_error(exc, f"truncating {self.path}") from None
+            self._cut(size)
         self.size = size
         if stamp is not None:
             self.stamp = stamp
@@ -430,6 +418,30 @@ class SealedFile:
     def _never_written(self, index: int) -> bool:
         slot = os.pread(self.fd, SLOT, HEADER + index * SLOT)
         return slot.count(0) == len(slot)  # all zero, or past the end of the file
+
+    def _cut(self, size: int) -> None:
+        """Remove every stored byte past ``size`` (the chunk it ends in is rewritten shorter)."""
+        index = size >> CHUNK_SHIFT
+        within = size - (index << CHUNK_SHIFT)
+        if within:
+            chunk = self.read_chunk(index)
+            if len(chunk) > within:
+                self.write_chunk(index, chunk[:within])  # no stale bytes past the new end
+            keep = HEADER + index * SLOT + OVERHEAD + min(len(chunk), within)
+        else:
+            keep = HEADER + index * SLOT
+        try:
+            if os.fstat(self.fd).st_size > keep:
+                os.ftruncate(self.fd, keep)
+        except OSError as exc:
+            raise local_store_error(exc, f"truncating {self.path}") from None
+
+    def trim(self) -> None:
+        """Remove what lies on disk past the size the header records: a write a crash stopped
+        before its header was rewritten. Its bytes must not show up if the file grows again (a
+        truncate, or zeros written there, which leave holes as they are)."""
+        self._plain = None
+        self._cut(self.size)
 
     def chunks(self, piece: int = 16):
         """Yield the plaintext from the start to ``size`` in pieces of ``piece`` chunks."""

@@ -843,6 +843,7 @@ class Filesystem:
             try:
                 self.ns.set_staged(node, self.staging.open(node.staged_id))
                 referenced.add(node.staged_id)
+                node.staged.sealed.trim()  # what a write the stop cut short left past the recorded end
                 if node.content_dirty:
                     # the header is current after every write; the index row after a release
                     sealed = node.staged.sealed
