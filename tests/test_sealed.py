@@ -9,7 +9,7 @@ import random
 import pytest
 
 from privifs.crypto.sealed import CHUNK, HEADER, OVERHEAD, SLOT, SealedFile, local_key
-from privifs.errors import IntegrityError
+from privifs.errors import IntegrityError, LocalStoreError
 
 KEY = local_key(bytes(32))
 
@@ -183,3 +183,25 @@ def test_what_a_crash_left_past_the_recorded_size_is_trimmed_and_never_shows_aga
     g.truncate(6 * CHUNK)
     g.write(5 * CHUNK, bytes(8))  # zeros into what is a hole again
     assert g.read(0, 6 * CHUNK) == b"a" * (CHUNK + 10) + bytes(5 * CHUNK - 10)
+
+
+def test_a_write_that_fails_halfway_leaves_nothing_past_the_end(tmp_path, monkeypatch):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, b"a" * 10, stamp=1)
+    real = SealedFile.write_chunk
+    calls = []
+
+    def failing(self, index, data, header=None):
+        calls.append(index)
+        if len(calls) == 3:
+            raise LocalStoreError("the disk refused")
+        return real(self, index, data, header)
+
+    monkeypatch.setattr(SealedFile, "write_chunk", failing)
+    with pytest.raises(LocalStoreError):
+        f.write(CHUNK, b"B" * (4 * CHUNK), stamp=2)  # chunks 1 and 2 written, 3 fails
+    monkeypatch.setattr(SealedFile, "write_chunk", real)
+    assert f.size == 10 and os.path.getsize(tmp_path / "f") <= HEADER + OVERHEAD + 10
+    f.write(CHUNK, bytes(CHUNK))  # zeros into what must be a hole again
+    f.truncate(4 * CHUNK)
+    assert f.read(0, 4 * CHUNK) == b"a" * 10 + bytes(4 * CHUNK - 10)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from privifs.crypto.sealed import CHUNK, SealedFile, local_key
-from privifs.errors import PrivifsError
+from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, local_key
+from privifs.errors import DiskFullError, PrivifsError
 from privifs.fs.staging import Staging
 
 KEY = local_key(bytes(32))
@@ -55,6 +55,16 @@ def test_a_clone_of_a_sparse_file_keeps_its_holes(tmp_path: Path) -> None:
     assert os.stat(clone.path).st_blocks * 512 < 1 << 20  # the copy did not fill the hole
     assert clone.sealed.written_chunks() == staged.sealed.written_chunks()
     assert clone.sealed.read(0, 6) == b"start\0" and clone.sealed.read((10 << 30) - 1, 10) == b"\0end"
+
+
+def test_filling_the_holes_of_a_sparse_staged_file_keeps_the_floor_free(tmp_path: Path, monkeypatch) -> None:
+    staging = Staging(tmp_path / "staging", KEY)
+    staged = staging.create()
+    staged.write(200 << 20, b"x", 1)  # a 200 MiB file taking one slot
+    monkeypatch.setattr(type(staging.space), "above_floor", lambda self: 10 * SLOT)  # (frozen: patched on its class)
+    with pytest.raises(DiskFullError, match="no space left for staging"):
+        staged.write(0, os.urandom(1 << 20), 2)  # 16 new slots inside the file: refused before any is written
+    assert staged.sealed.written_chunks() == [((200 << 20) // CHUNK, (200 << 20) // CHUNK + 1)]
 
 
 def test_a_copy_that_cannot_be_made_is_a_clear_error_and_leaves_no_file(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ older privifs never misreads (or discards) what a newer one staged.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -324,6 +325,16 @@ class SealedFile:
     def write(self, offset: int, data: bytes | memoryview, *, stamp: int | None = None) -> int:
         """Write plaintext at ``offset``. With ``stamp`` (this write's time), the header is
         rewritten too, after the chunks (with chunk 0 when that is the only chunk touched)."""
+        try:
+            return self._write(offset, data, stamp)
+        except BaseException:
+            self._plain = None
+            if offset + len(data) > self.size:  # nothing may stay past the end (see _is_hole, trim)
+                with contextlib.suppress(Exception):
+                    self._cut(self.size)
+            raise
+
+    def _write(self, offset: int, data: bytes | memoryview, stamp: int | None) -> int:
         view = memoryview(data)
         pos = offset
         end = offset + len(view)
@@ -435,6 +446,11 @@ class SealedFile:
                 os.ftruncate(self.fd, keep)
         except OSError as exc:
             raise local_store_error(exc, f"truncating {self.path}") from None
+
+    def sparse_on_disk(self) -> bool:
+        """Whether the file takes less disk than its size would whole: a write inside it may then
+        take new blocks."""
+        return os.fstat(self.fd).st_blocks * 512 < stored_size(self.size)
 
     def trim(self) -> None:
         """Remove what lies on disk past the size the header records: a write a crash stopped

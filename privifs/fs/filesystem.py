@@ -712,6 +712,8 @@ class Filesystem:
         node = fh.node
         if not fh.writable:
             raise fail(errno.EBADF)
+        if (node.size if fh.append else offset) >= MAX_FILE_SIZE:
+            raise fail(errno.EFBIG)  # (before anything is staged for it)
         staged = await self.writable_staged(node)
         if fh.append:
             offset = staged.size
@@ -720,8 +722,8 @@ class Filesystem:
                 raise fail(errno.EFBIG)
             data = data[: MAX_FILE_SIZE - offset]
         now = time.time_ns()
+        self.parts.changes.wrote(staged.id, offset, len(data))  # first: a write that fails halfway changed parts too
         n = staged.write(offset, data, now)
-        self.parts.changes.wrote(staged.id, offset, n)
         self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
         self.mark_content_dirty(node)
         return n

@@ -64,13 +64,14 @@ class StagedFile:
     def write(self, offset: int, data: bytes | memoryview, stamp: int) -> int:
         """Write plaintext at ``offset`` at time ``stamp`` (ns; recorded in the header with the
         new size; 0 for a copy of content, not a change), after making sure the disk has room
-        for the growth."""
+        for what it may take: up to its own slots (past the end, the gap stays a hole on disk and
+        nothing is reserved for it; inside a file with holes, filling one takes new blocks)."""
         end = offset + len(data)
+        own = (len(data) // CHUNK + 2) * SLOT
         if end > self.sealed.size:
-            # what the file grows by on disk: up to the write's own slots (past the end, the gap
-            # stays a hole on disk, nothing is reserved for it)
-            grows = stored_size(end) - stored_size(self.sealed.size)
-            self.staging.ensure_room(min(grows, (len(data) // CHUNK + 2) * SLOT))
+            self.staging.ensure_room(min(stored_size(end) - stored_size(self.sealed.size), own))
+        elif self.sealed.sparse_on_disk():
+            self.staging.ensure_room(own)
         return self.sealed.write(offset, data, stamp=stamp)
 
     @property
