@@ -95,7 +95,9 @@ def hole(size: int) -> Part:
     hundreds of thousands of them)."""
     part = _holes.get(size)
     if part is None:
-        part = _holes[size] = Part("", size, ZERO_DIGEST)
+        part = Part("", size, ZERO_DIGEST)
+        if len(_holes) < 64:  # (the sizes of whole parts and a few last parts; not one per manifest)
+            _holes[size] = part
     return part
 
 

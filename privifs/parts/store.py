@@ -37,6 +37,15 @@ COLLECT_MIN_AGE = 3600.0  # a part younger than this may belong to a store still
 Source = Callable[[], AsyncIterator[bytes]]
 
 
+BIG_MANIFEST = 20_000  # parts (an 80 GiB file): coded on a worker thread, not the event loop
+
+
+async def _off_loop(fn, arg, parts: int):
+    """``fn(arg)``, on a worker thread when the manifest has many parts (a 4 TiB file's takes
+    half a second, which would stall every request meanwhile)."""
+    return fn(arg) if parts < BIG_MANIFEST else await trio.to_thread.run_sync(fn, arg)
+
+
 def is_part(info: TokenInfo) -> bool:
     return split_context(info.context) == split_context(fmt.PARTS_CONTEXT)
 
@@ -124,7 +133,7 @@ class PartStore:
     async def put_manifest(self, manifest: fmt.Manifest, meta: FileMeta, risk: dict[str, str] | None = None) -> str:
         """Store the manifest at ``meta``'s place (its size: the file's) and mark it in its risk meta."""
         meta.size = manifest.total
-        token = await self._store_blob(fmt.encode(manifest), meta)
+        token = await self._store_blob(await _off_loop(fmt.encode, manifest, len(manifest.parts)), meta)
         risk = {} if risk is None else risk
         risk[fmt.MARK] = str(manifest.version)  # (the caller's dict too: what it records is what was stored)
         await self.tokens.set_risk(token, risk)
@@ -132,7 +141,8 @@ class PartStore:
 
     # -- read ----------------------------------------------------------------------------------
     async def manifest(self, token: str) -> fmt.Manifest:
-        return fmt.decode(await self.vault.get_bytes(token))
+        data = await self.vault.get_bytes(token)
+        return await _off_loop(fmt.decode, data, len(data) // 40)
 
     async def get_part(self, manifest: fmt.Manifest, index: int) -> bytes:
         """Part ``index``'s plaintext, verified against the manifest (IntegrityError if not)."""
