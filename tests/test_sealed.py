@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from privifs.crypto.sealed import CHUNK, HEADER, OVERHEAD, SLOT, SealedFile, local_key
+from privifs.crypto.sealed import CHUNK, EDGE_SLOTS, HEADER, OVERHEAD, SLOT, SealedFile, local_key
 from privifs.errors import IntegrityError, LocalStoreError
 
 KEY = local_key(bytes(32))
@@ -205,3 +205,12 @@ def test_a_write_that_fails_halfway_leaves_nothing_past_the_end(tmp_path, monkey
     f.write(CHUNK, bytes(CHUNK))  # zeros into what must be a hole again
     f.truncate(4 * CHUNK)
     assert f.read(0, 4 * CHUNK) == b"a" * 10 + bytes(4 * CHUNK - 10)
+
+
+def test_on_a_filesystem_whose_holes_are_not_trusted_everything_is_data(tmp_path, monkeypatch):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(100 * CHUNK, b"x")
+    assert f.written_chunks() == [(100, 101)]
+    monkeypatch.setattr("privifs.crypto.sealed._seek_data_reliable", lambda dev: False)
+    # the whole file is one extent: only EDGE_SLOTS never-written slots are looked for at its start
+    assert f.written_chunks() == [(EDGE_SLOTS, 101)]

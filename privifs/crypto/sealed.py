@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import struct
 import threading
@@ -118,9 +119,35 @@ def stored_size(size: int) -> int:
     return HEADER + full * SLOT + (OVERHEAD + rest if rest else 0)
 
 
+EDGE_SLOTS = 64  # never-written slots looked for at each edge of a data extent (a part's worth)
+# filesystems whose SEEK_DATA has been seen to call written data a hole (some OpenZFS releases,
+# for dirty data): on them a sealed file is taken as data throughout
+SEEK_DATA_UNRELIABLE = frozenset({"zfs"})
+
+
+@functools.lru_cache(maxsize=32)
+def _seek_data_reliable(dev: int) -> bool:
+    """Whether the filesystem of device ``dev`` is trusted to report holes (from
+    /proc/self/mountinfo; a device it does not list, such as memfd's, is)."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == want and "-" in fields:
+                    return fields[fields.index("-") + 1] not in SEEK_DATA_UNRELIABLE
+    except OSError:
+        pass
+    return True
+
+
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """The byte ranges of ``fd`` within [start, end) that may hold data: its holes on disk are
-    skipped (``SEEK_DATA``/``SEEK_HOLE``); where the filesystem cannot tell, the whole range."""
+    skipped (``SEEK_DATA``/``SEEK_HOLE``); where the filesystem cannot tell, or is not trusted
+    to (:data:`SEEK_DATA_UNRELIABLE`), the whole range."""
+    if start < end and not _seek_data_reliable(os.fstat(fd).st_dev):
+        yield start, end
+        return
     pos = start
     while pos < end:
         try:
@@ -405,16 +432,20 @@ class SealedFile:
     def written_chunks(self) -> list[tuple[int, int]]:
         """The ranges [first, end) of chunk indices that may hold data, in order: the slots the
         file's data extents on disk reach, less the never-written slots at their edges (an
-        extent's first or last page may be shared with a written neighbour). Everything else
+        extent's first or last page may be shared with a written neighbour; up to
+        :data:`EDGE_SLOTS` are looked at on each side, so a filesystem that reports no holes
+        costs no scan of the whole file). Everything else
         reads as zeros. One ``lseek`` pair per extent: a sparse file of a terabyte costs nothing
         to look through."""
         out: list[tuple[int, int]] = []
         try:
             for lo, hi in data_extents(self.fd, HEADER, HEADER + -(-self.size // CHUNK) * SLOT):
                 first, end = (lo - HEADER) // SLOT, (hi - HEADER - 1) // SLOT + 1
-                while first < end and self._never_written(first):
+                edge = min(end, first + EDGE_SLOTS)
+                while first < edge and self._never_written(first):
                     first += 1
-                while end > first and self._never_written(end - 1):
+                edge = max(first, end - EDGE_SLOTS)
+                while end > edge and self._never_written(end - 1):
                     end -= 1
                 if first == end:
                     continue
