@@ -75,3 +75,47 @@ def test_a_copy_that_cannot_be_made_is_a_clear_error_and_leaves_no_file(tmp_path
     with pytest.raises(PrivifsError, match="staging a file for writing"):
         staging.from_sealed(entry)
     assert staging.ids() == set()
+
+
+class _AtTheFloor:
+    """A disk with ``room`` bytes left above the floor."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def above_floor(self) -> int:
+        return self.room
+
+    def floor(self) -> int:
+        return 4 << 20
+
+
+@pytest.mark.parametrize("how", ["write far past the end", "truncate"])
+def test_a_write_into_a_hole_is_held_to_the_floor_like_an_append(tmp_path: Path, how: str) -> None:
+    # filling a sparse file's gap takes new disk as an append does: unchecked, it filled the disk
+    # to its last byte (the floor left no room for the index: unlink and mkdir failed, ENOSPC)
+    staging = Staging(tmp_path / "staging", KEY)
+    staged = staging.create()
+    head, block = os.urandom(CHUNK), os.urandom(CHUNK)
+    staged.write(0, head, 1)
+    if how == "truncate":
+        staged.sealed.truncate(1 << 30, stamp=1)
+    else:
+        staged.write(1 << 30, b"tail", 1)
+    staging.space = _AtTheFloor(1 << 20)  # 1 MiB left
+    with pytest.raises(DiskFullError):
+        staged.write(staged.size, bytes(4 << 20), 2)  # an append of 4 MiB: refused
+    with pytest.raises(DiskFullError):
+        staged.write(100 << 20, bytes(4 << 20), 2)  # 4 MiB into the hole: refused too
+    staged.write(200 << 20, block, 2)  # what fits goes in
+    staging.space = _AtTheFloor(100 << 10)  # less than a chunk
+    with pytest.raises(DiskFullError):
+        staged.write((200 << 20) + CHUNK, block, 3)  # the chunk after it, still a hole
+    with pytest.raises(DiskFullError):
+        staged.write(CHUNK, block, 3)  # the chunk after the first
+    staging.space = _AtTheFloor(0)  # at the floor: rewriting what is on disk takes no room
+    staged.write(10, b"HEAD", 3)
+    staged.write(200 << 20, block[::-1], 3)
+    assert staged.sealed.read(0, CHUNK) == head[:10] + b"HEAD" + head[14:]
+    assert staged.sealed.read(200 << 20, CHUNK) == block[::-1]
+    assert staged.sealed.read((200 << 20) + CHUNK, CHUNK) == bytes(CHUNK)

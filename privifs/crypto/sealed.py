@@ -478,6 +478,19 @@ class SealedFile:
         except OSError as exc:
             raise local_store_error(exc, f"truncating {self.path}") from None
 
+    def touches_hole(self, offset: int, end: int) -> bool:
+        """Whether the slots of plaintext [offset, end) include a hole on disk (a never-written
+        slot, or past the file's end on disk): a write there takes new disk. One ``lseek``: a
+        hole that starts by the first whole 4 KiB block of the last slot (a slot's first block
+        may hold its written neighbour's tail). A short chunk's slot counts as a hole (a write
+        may lengthen it). False where the filesystem cannot tell."""
+        first, last = offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT
+        own_block = -(-(HEADER + last * SLOT) // 4096) * 4096
+        try:
+            return os.lseek(self.fd, HEADER + first * SLOT, os.SEEK_HOLE) <= own_block
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # (past the end of the file on disk: all hole)
+
     def sparse_on_disk(self) -> bool:
         """Whether the file takes less disk than its size would whole: a write inside it may then
         take new blocks."""

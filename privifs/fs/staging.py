@@ -66,12 +66,12 @@ class StagedFile:
         new size; 0 for a copy of content, not a change), after making sure the disk has room
         for what it may take: up to its own slots (past the end, the gap stays a hole on disk and
         nothing is reserved for it; inside a file with holes, filling one takes new blocks)."""
-        end = offset + len(data)
-        own = (len(data) // CHUNK + 2) * SLOT
-        if end > self.sealed.size:
-            self.staging.ensure_room(min(stored_size(end) - stored_size(self.sealed.size), own))
-        elif self.sealed.sparse_on_disk():
-            self.staging.ensure_room(own)
+        end, size = offset + len(data), self.sealed.size
+        own = (len(data) // CHUNK + 2) * SLOT  # the most a write takes on disk: its own slots
+        if offset < size and self.sealed.sparse_on_disk() and self.sealed.touches_hole(offset, min(end, size)):
+            self.staging.ensure_room(own)  # into a hole: new disk, as an append of the same length takes
+        elif end > size:
+            self.staging.ensure_room(min(stored_size(end) - stored_size(size), own))
         return self.sealed.write(offset, data, stamp=stamp)
 
     @property
