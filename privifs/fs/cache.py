@@ -22,8 +22,8 @@ then its row, so space comes back even when the table cannot be written; a row w
 gone reads as a miss.
 
 ``--cache-size`` bounds everything in the cache directory as the disk counts it: entries by
-their allocated blocks (:func:`footprint`), downloads in flight by the blocks they will take
-(:attr:`ContentCache.reserved`, counted before they start, so several parts of a big file
+their allocated blocks, holes not counted (:func:`entry_footprint`), downloads in flight by the
+blocks they will take (:attr:`ContentCache.reserved`, counted before they start, so several parts of a big file
 fetched at once never take the cache past its limit), and diskcache's table (its database,
 shared memory and WAL, kept small by checkpointing every :data:`WAL_PAGES` pages) with room for
 its growth (:meth:`ContentCache.overhead`). Room is made before anything lands: a download
@@ -60,7 +60,7 @@ import trio
 
 from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
-from privifs.crypto.sealed import CHUNK, SealedFile, stored_size
+from privifs.crypto.sealed import CHUNK, SealedFile, data_extents, stored_size
 from privifs.errors import DiskFullError, PrivifsError, ServerUnreachable, single_error
 from privifs.fs.space import MiB, Space, open_error
 
@@ -84,6 +84,25 @@ def footprint(st: os.stat_result) -> int:
     """Disk space a file takes: its allocated blocks, and at least its size in whole blocks (a
     file just written may not have all its blocks allocated yet)."""
     return max(st.st_blocks * 512, -(-st.st_size // BLOCK) * BLOCK)
+
+
+def entry_footprint(fd: int) -> int:
+    """:func:`footprint` of an entry's sealed file, its holes not counted: a sparse file (a
+    disk image with a few MiB written) takes what its data takes, not its size."""
+    st = os.fstat(fd)
+    used = st.st_blocks * 512
+    if used >= st.st_size:
+        return footprint(st)
+    data = sum(hi - lo for lo, hi in data_extents(fd, 0, st.st_size))  # (dirty pages count)
+    return max(used, -(-data // BLOCK) * BLOCK)
+
+
+def entry_footprint_at(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return entry_footprint(fd)
+    finally:
+        os.close(fd)
 
 
 def download_footprint(size: int) -> int:
@@ -204,7 +223,7 @@ class ContentCache:
         ).fetchall()
         for token, _, filename in rows:
             try:
-                size = footprint(os.stat(os.path.join(self.cache.directory, filename)))
+                size = entry_footprint_at(os.path.join(self.cache.directory, filename))
             except OSError:  # evicted on a full disk: the file went, the row stayed
                 with suppress(*TABLE_ERRORS):
                     self.cache.delete(token)
@@ -242,7 +261,7 @@ class ContentCache:
             except PrivifsError:
                 del self._paths[token]  # gone or damaged: diskcache decides below
             else:
-                self._touch(token, footprint(os.fstat(sealed.fd)))
+                self._touch(token, entry_footprint(sealed.fd))
                 return sealed
         f = self.cache.get(token, read=True)  # one SELECT: eviction_policy "none" writes nothing
         if f is None:
@@ -257,7 +276,7 @@ class ContentCache:
         finally:
             f.close()
         self._paths[token] = sealed.path
-        self._touch(token, footprint(os.fstat(sealed.fd)))
+        self._touch(token, entry_footprint(sealed.fd))
         return sealed
 
     async def fetch(self, token: str, vault: Vault, size: int | None = None, *, tap: Tap | None = None) -> SealedFile:
@@ -411,7 +430,7 @@ class ContentCache:
         gone) when it cannot be kept: larger than the cache, no room left by the downloads in
         flight or above the staging reserve, another filesystem, or the cache's table cannot be
         written (a full disk)."""
-        size = footprint(os.stat(path))
+        size = entry_footprint_at(path)
         budget = self.size_limit - self.overhead()
         if size > budget:
             os.unlink(path)
