@@ -37,3 +37,20 @@ def test_a_small_file_stays_one_token(user, tmp_path):
     everything = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
     assert sorted(r["context"] for r in everything) == ["/", "/.privifs"]
     assert "privifs.parts" not in next(r for r in everything if r["context"] == "/")["risk"]
+
+
+def test_a_sparse_file_is_put_without_its_holes_and_got_back_sparse(user, tmp_path):
+    src = tmp_path / "disk.img"
+    head, tail = os.urandom(1000), os.urandom(1000)
+    with open(src, "wb") as f:
+        f.write(head)
+        f.seek(3 * THRESHOLD)
+        f.write(tail)
+        f.truncate(4 * THRESHOLD)
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    everything = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
+    assert len([r for r in everything if r["context"] == "/.privifs/parts"]) == 2  # the parts with data
+    out = tmp_path / "back.img"
+    run(user, "token", "get", token, str(out))
+    assert out.stat().st_size == 4 * THRESHOLD and out.read_bytes() == src.read_bytes()
+    assert out.stat().st_blocks * 512 < THRESHOLD  # its holes are holes again

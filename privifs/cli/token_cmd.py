@@ -29,7 +29,7 @@ from privifs.config import load
 from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
 from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
 from privifs.keycheck import verify_key
-from privifs.parts.store import THRESHOLD, PartStore, is_manifest
+from privifs.parts.store import THRESHOLD, PartStore, is_manifest, is_zeros
 
 PIECE = 1024 * 1024
 PROGRESS_MIN = 8 * 1024 * 1024
@@ -232,7 +232,10 @@ class FileSink(BlockWriter):
 
     def _write_block(self, offset: int, data: bytes) -> None:
         try:
-            self.f.write(data)
+            if is_zeros(data):  # a hole (a sparse file's, or any block of zeros): skipped, not written
+                self.f.seek(len(data), os.SEEK_CUR)
+            else:
+                self.f.write(data)
         except OSError as exc:  # a write error names no file: say which, and for a full disk what to do
             raise output_failed(self.out, exc, "the file") from None
 
@@ -242,6 +245,7 @@ class FileSink(BlockWriter):
 
     def commit(self) -> None:
         try:
+            self.f.truncate()  # (the size, where the file ends in a hole)
             self.f.flush()
             os.fsync(self.f.fileno())
             self.f.close()
