@@ -479,15 +479,15 @@ class SealedFile:
             raise local_store_error(exc, f"truncating {self.path}") from None
 
     def touches_hole(self, offset: int, end: int) -> bool:
-        """Whether the slots of plaintext [offset, end) include a hole on disk (a never-written
-        slot, or past the file's end on disk): a write there takes new disk. One ``lseek``: a
-        hole that starts by the first whole 4 KiB block of the last slot (a slot's first block
-        may hold its written neighbour's tail). A short chunk's slot counts as a hole (a write
-        may lengthen it). False where the filesystem cannot tell."""
+        """Whether writing plaintext [offset, end) reaches a hole on disk (a never-written slot,
+        the unwritten rest of a short chunk's slot that the write lengthens, or past the file's
+        end on disk): a write there takes new disk. One ``lseek``: a hole that starts before the
+        last stored byte the write needs (its slots from the first one's start to the end of the
+        write's ciphertext in the last). False where the filesystem cannot tell."""
         first, last = offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT
-        own_block = -(-(HEADER + last * SLOT) // 4096) * 4096
+        needed = HEADER + last * SLOT + OVERHEAD + (end - (last << CHUNK_SHIFT))
         try:
-            return os.lseek(self.fd, HEADER + first * SLOT, os.SEEK_HOLE) <= own_block
+            return os.lseek(self.fd, HEADER + first * SLOT, os.SEEK_HOLE) < needed
         except OSError as exc:
             return exc.errno == errno.ENXIO  # (past the end of the file on disk: all hole)
 
