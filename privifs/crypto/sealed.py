@@ -32,7 +32,6 @@ older privifs never misreads (or discards) what a newer one staged.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
@@ -188,6 +187,10 @@ class SealedFile:
         # next partial write of that chunk (SQLite's page writes, a journal's appends) starts
         # from it instead of reading and decrypting the chunk again
         self._plain: tuple[int, bytes] | None = None
+        # a write failed and what it left past the end could not be cut then (the disk refused
+        # the rewrite of the last chunk): cut before the next write or truncate, which fails if
+        # it still cannot be (its bytes must never show up as the file's)
+        self.uncut = False
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -357,11 +360,15 @@ class SealedFile:
         except BaseException:
             self._plain = None
             if offset + len(data) > self.size:  # nothing may stay past the end (see _is_hole, trim)
-                with contextlib.suppress(Exception):
+                try:
                     self._cut(self.size)
+                except Exception:  # (the write's own error is the one to report)
+                    self.uncut = True
             raise
 
     def _write(self, offset: int, data: bytes | memoryview, stamp: int | None) -> int:
+        if self.uncut:
+            self.trim()
         view = memoryview(data)
         pos = offset
         end = offset + len(view)
@@ -424,6 +431,9 @@ class SealedFile:
         self._plain = None
         if size < self.size:
             self._cut(size)
+            self.uncut = False
+        elif self.uncut:
+            self.trim()
         self.size = size
         if stamp is not None:
             self.stamp = stamp
@@ -502,6 +512,7 @@ class SealedFile:
         truncate, or zeros written there, which leave holes as they are)."""
         self._plain = None
         self._cut(self.size)
+        self.uncut = False
 
     def chunks(self, piece: int = 16):
         """Yield the plaintext from the start to ``size`` in pieces of ``piece`` chunks."""
