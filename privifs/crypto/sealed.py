@@ -511,7 +511,18 @@ class SealedFile:
         before its header was rewritten. Its bytes must not show up if the file grows again (a
         truncate, or zeros written there, which leave holes as they are)."""
         self._plain = None
-        self._cut(self.size)
+        try:
+            self._cut(self.size)
+        except IntegrityError:
+            # the chunk the size ends in is damaged (a write the stop tore, see kill -9 between
+            # the pages of a pwrite): it reads as an error, as it would have, and what lies past
+            # its slot is cut all the same; the rest of the file is kept
+            keep = HEADER + ((self.size >> CHUNK_SHIFT) + 1) * SLOT
+            try:
+                if os.fstat(self.fd).st_size > keep:
+                    os.ftruncate(self.fd, keep)
+            except OSError as exc:
+                raise local_store_error(exc, f"truncating {self.path}") from None
         self.uncut = False
 
     def chunks(self, piece: int = 16):
