@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from privifs.crypto.sealed import CHUNK, CHUNK_SHIFT, HEADER, OVERHEAD, SLOT, SealedFile, local_key
+from privifs.crypto.sealed import CHUNK, CHUNK_SHIFT, HEADER, SLOT, SealedFile, local_key
 from privifs.errors import LocalStoreError
 from privifs.fs.staging import _copy_range
 

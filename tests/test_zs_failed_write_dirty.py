@@ -38,8 +38,14 @@ async def test_a_write_that_fails_halfway_inside_a_clean_file(account, tmp_path,
         monkeypatch.setattr(SealedFile, "write_chunk", real)
         seen = await t.read(fh, 0, 10)
         await t.close(fh)
-        print("read after the failed write:", seen, "content_dirty:", node.content_dirty,
-              "staged:", node.staged is not None)
+        print(
+            "read after the failed write:",
+            seen,
+            "content_dirty:",
+            node.content_dirty,
+            "staged:",
+            node.staged is not None,
+        )
         assert seen == b"N" * 10  # this mount shows what the write changed before it failed
         await t.settle()
     other = tmp_path / "other"

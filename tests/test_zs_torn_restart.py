@@ -26,4 +26,3 @@ async def test_a_torn_last_chunk_costs_that_chunk_not_the_whole_staged_file(acco
         assert names == ["big.bin"], names  # the 20 chunks before the torn one are still there
         sealed = t.node("big.bin").staged.sealed
         assert sealed.size == len(data) and sealed.read(0, 20 * CHUNK) == data[: 20 * CHUNK]
-

@@ -362,7 +362,7 @@ class SealedFile:
             if offset + len(data) > self.size:  # nothing may stay past the end (see _is_hole, trim)
                 try:
                     self._cut(self.size)
-                except Exception:  # (the write's own error is the one to report)
+                except Exception:  # noqa: BLE001 - the write's own error is the one to report
                     self.uncut = True
             raise
 
