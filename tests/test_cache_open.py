@@ -116,3 +116,25 @@ def test_adopting_a_new_token_asks_nothing_and_lands_where_diskcache_emptied_its
         f.close()
     finally:
         reopened.close()
+
+
+def test_opening_a_known_sparse_entry_again_does_not_measure_it_again(cache, tmp_path, monkeypatch):
+    # a sparse entry is measured by its data extents (an lseek pair per extent: 4000 for a
+    # 250 MiB file written every other chunk); a hit on an entry already counted needs none
+    # (review helper h-zs)
+    from privifs.crypto.sealed import CHUNK, SealedFile
+    from privifs.fs import cache as cache_module
+
+    f = SealedFile.create(tmp_path / "a", KEY)
+    for k in range(0, 200, 2):
+        f.write(k * CHUNK, b"x")
+    f.sync_header()
+    f.close()
+    assert cache.adopt("tok", str(tmp_path / "a"))
+    cache.open("tok").close()
+    measured = []
+    real = cache_module.entry_footprint
+    monkeypatch.setattr(cache_module, "entry_footprint", lambda fd: measured.append(fd) or real(fd))
+    for _ in range(5):
+        cache.open("tok").close()
+    assert measured == []

@@ -214,3 +214,33 @@ def test_on_a_filesystem_whose_holes_are_not_trusted_everything_is_data(tmp_path
     monkeypatch.setattr("privifs.crypto.sealed._seek_data_reliable", lambda dev: False)
     # the whole file is one extent: only EDGE_SLOTS never-written slots are looked for at its start
     assert f.written_chunks() == [(EDGE_SLOTS, 101)]
+
+
+@pytest.mark.parametrize("then", ["write past the end in the same chunk", "truncate up"])
+def test_a_failed_write_whose_cut_also_failed_never_shows_its_bytes(tmp_path, monkeypatch, then):
+    # on a copy-on-write filesystem at ENOSPC (or on EIO) the cut that follows a failed write may
+    # itself fail to rewrite the last chunk shorter: what the failed write left past the end must
+    # still never read as the file's (review helper h-zs)
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, b"a" * 100, stamp=1)
+    real = SealedFile.write_chunk
+    calls = []
+
+    def full(self, index, data, header=None):
+        calls.append(index)
+        if len(calls) >= 3:  # chunks 0 and 1 written, then nothing more: chunk 2 and the cut's rewrite
+            raise LocalStoreError("the disk refused")
+        return real(self, index, data, header)
+
+    monkeypatch.setattr(SealedFile, "write_chunk", full)
+    with pytest.raises(LocalStoreError):
+        f.write(50, b"B" * (3 * CHUNK), stamp=2)
+    assert f.size == 100
+    monkeypatch.setattr(SealedFile, "write_chunk", real)
+    if then == "truncate up":
+        f.truncate(3 * CHUNK, stamp=3)
+        expected = b"a" * 50 + b"B" * 50 + bytes(3 * CHUNK - 100)
+    else:
+        f.write(300, b"c", stamp=3)
+        expected = b"a" * 50 + b"B" * 50 + bytes(200) + b"c"
+    assert f.read(0, 3 * CHUNK) == expected

@@ -119,3 +119,21 @@ def test_a_write_into_a_hole_is_held_to_the_floor_like_an_append(tmp_path: Path,
     assert staged.sealed.read(0, CHUNK) == head[:10] + b"HEAD" + head[14:]
     assert staged.sealed.read(200 << 20, CHUNK) == block[::-1]
     assert staged.sealed.read((200 << 20) + CHUNK, CHUNK) == bytes(CHUNK)
+
+
+def test_a_write_that_lengthens_a_short_chunk_inside_a_sparse_file_is_held_to_the_floor(tmp_path: Path) -> None:
+    # a sparse image written 4 KiB at a time: the first write into each chunk leaves it short (its
+    # slot's data ends after 4 KiB, the rest of the slot a hole); the next writes lengthen it and
+    # take new blocks, as a write into a never-written slot does (review helper h-zs)
+    staging = Staging(tmp_path / "staging", KEY)
+    staged = staging.create()
+    staged.sealed.truncate(100 * CHUNK, stamp=1)
+    for k in range(0, 100, 10):
+        staged.write(k * CHUNK, os.urandom(4096), 1)  # short chunks inside the file
+    staging.space = _AtTheFloor(0)  # at the floor
+    for k in range(0, 100, 10):
+        with pytest.raises(DiskFullError):
+            staged.write(k * CHUNK + 4096, os.urandom(CHUNK - 4096), 2)  # 60 KiB more of slot k on disk
+    staged.write(10 * CHUNK + 100, b"rewrite", 2)  # within what is on disk: no room needed
+    staged.write(20 * CHUNK + 4096, b"x" * 100, 2)  # lengthens the chunk within its last block on disk
+    assert staged.sealed.read(10 * CHUNK + 100, 7) == b"rewrite"

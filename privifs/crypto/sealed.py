@@ -32,7 +32,6 @@ older privifs never misreads (or discards) what a newer one staged.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
@@ -188,6 +187,10 @@ class SealedFile:
         # next partial write of that chunk (SQLite's page writes, a journal's appends) starts
         # from it instead of reading and decrypting the chunk again
         self._plain: tuple[int, bytes] | None = None
+        # a write failed and what it left past the end could not be cut then (the disk refused
+        # the rewrite of the last chunk): cut before the next write or truncate, which fails if
+        # it still cannot be (its bytes must never show up as the file's)
+        self.uncut = False
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -357,11 +360,15 @@ class SealedFile:
         except BaseException:
             self._plain = None
             if offset + len(data) > self.size:  # nothing may stay past the end (see _is_hole, trim)
-                with contextlib.suppress(Exception):
+                try:
                     self._cut(self.size)
+                except Exception:  # noqa: BLE001 - the write's own error is the one to report
+                    self.uncut = True
             raise
 
     def _write(self, offset: int, data: bytes | memoryview, stamp: int | None) -> int:
+        if self.uncut:
+            self.trim()
         view = memoryview(data)
         pos = offset
         end = offset + len(view)
@@ -424,6 +431,9 @@ class SealedFile:
         self._plain = None
         if size < self.size:
             self._cut(size)
+            self.uncut = False
+        elif self.uncut:
+            self.trim()
         self.size = size
         if stamp is not None:
             self.stamp = stamp
@@ -479,15 +489,15 @@ class SealedFile:
             raise local_store_error(exc, f"truncating {self.path}") from None
 
     def touches_hole(self, offset: int, end: int) -> bool:
-        """Whether the slots of plaintext [offset, end) include a hole on disk (a never-written
-        slot, or past the file's end on disk): a write there takes new disk. One ``lseek``: a
-        hole that starts by the first whole 4 KiB block of the last slot (a slot's first block
-        may hold its written neighbour's tail). A short chunk's slot counts as a hole (a write
-        may lengthen it). False where the filesystem cannot tell."""
+        """Whether writing plaintext [offset, end) reaches a hole on disk (a never-written slot,
+        the unwritten rest of a short chunk's slot that the write lengthens, or past the file's
+        end on disk): a write there takes new disk. One ``lseek``: a hole that starts before the
+        last stored byte the write needs (its slots from the first one's start to the end of the
+        write's ciphertext in the last). False where the filesystem cannot tell."""
         first, last = offset >> CHUNK_SHIFT, (end - 1) >> CHUNK_SHIFT
-        own_block = -(-(HEADER + last * SLOT) // 4096) * 4096
+        needed = HEADER + last * SLOT + OVERHEAD + (end - (last << CHUNK_SHIFT))
         try:
-            return os.lseek(self.fd, HEADER + first * SLOT, os.SEEK_HOLE) <= own_block
+            return os.lseek(self.fd, HEADER + first * SLOT, os.SEEK_HOLE) < needed
         except OSError as exc:
             return exc.errno == errno.ENXIO  # (past the end of the file on disk: all hole)
 
@@ -501,7 +511,19 @@ class SealedFile:
         before its header was rewritten. Its bytes must not show up if the file grows again (a
         truncate, or zeros written there, which leave holes as they are)."""
         self._plain = None
-        self._cut(self.size)
+        try:
+            self._cut(self.size)
+        except IntegrityError:
+            # the chunk the size ends in is damaged (a write the stop tore, see kill -9 between
+            # the pages of a pwrite): it reads as an error, as it would have, and what lies past
+            # its slot is cut all the same; the rest of the file is kept
+            keep = HEADER + ((self.size >> CHUNK_SHIFT) + 1) * SLOT
+            try:
+                if os.fstat(self.fd).st_size > keep:
+                    os.ftruncate(self.fd, keep)
+            except OSError as exc:
+                raise local_store_error(exc, f"truncating {self.path}") from None
+        self.uncut = False
 
     def chunks(self, piece: int = 16):
         """Yield the plaintext from the start to ``size`` in pieces of ``piece`` chunks."""

@@ -253,6 +253,11 @@ class ContentCache:
         self._lru.move_to_end(token)
         self._touched[token] = time.time()
 
+    def _touch_open(self, token: str, sealed: SealedFile) -> None:
+        """:meth:`_touch` for an entry just opened, measured only if not counted yet (a sparse
+        entry's measure costs an lseek pair per data extent)."""
+        self._touch(token, 0 if token in self._lru else entry_footprint(sealed.fd))
+
     def open(self, token: str) -> SealedFile | None:
         path = self._paths.get(token)
         if path is not None:  # known from an earlier open: no SELECT, one open(2)
@@ -261,7 +266,7 @@ class ContentCache:
             except PrivifsError:
                 del self._paths[token]  # gone or damaged: diskcache decides below
             else:
-                self._touch(token, entry_footprint(sealed.fd))
+                self._touch_open(token, sealed)
                 return sealed
         f = self.cache.get(token, read=True)  # one SELECT: eviction_policy "none" writes nothing
         if f is None:
@@ -276,7 +281,7 @@ class ContentCache:
         finally:
             f.close()
         self._paths[token] = sealed.path
-        self._touch(token, entry_footprint(sealed.fd))
+        self._touch_open(token, sealed)
         return sealed
 
     async def fetch(self, token: str, vault: Vault, size: int | None = None, *, tap: Tap | None = None) -> SealedFile:

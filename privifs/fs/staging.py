@@ -253,7 +253,9 @@ class Staging:
     def clone(self, staged: StagedFile) -> StagedFile:
         """A writable copy of a frozen staged file (raw sealed bytes; no decryption)."""
         staged.sealed.sync_header()
-        return self.from_sealed(staged.sealed)
+        fresh = self.from_sealed(staged.sealed)
+        fresh.sealed.uncut = staged.sealed.uncut  # (the copy is cut before its first change)
+        return fresh
 
     def from_sealed(self, source: SealedFile) -> StagedFile:
         """A staged copy of an open sealed file (a cache entry or another staged file: same format
