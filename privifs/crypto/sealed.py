@@ -191,6 +191,7 @@ class SealedFile:
         # the rewrite of the last chunk): cut before the next write or truncate, which fails if
         # it still cannot be (its bytes must never show up as the file's)
         self.uncut = False
+        self.wrote_chunks = 0  # chunks the last write put on disk (some, when it failed halfway)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -367,6 +368,7 @@ class SealedFile:
             raise
 
     def _write(self, offset: int, data: bytes | memoryview, stamp: int | None) -> int:
+        self.wrote_chunks = 0
         if self.uncut:
             self.trim()
         view = memoryview(data)
@@ -404,6 +406,7 @@ class SealedFile:
                     header_written = True
                 else:
                     self.write_chunk(index, chunk)
+                self.wrote_chunks += 1
                 if partial:
                     self._plain = (index, chunk)
             pos += n

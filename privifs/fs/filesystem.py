@@ -723,7 +723,13 @@ class Filesystem:
             data = data[: MAX_FILE_SIZE - offset]
         now = time.time_ns()
         self.parts.changes.wrote(staged.id, offset, len(data))  # first: a write that fails halfway changed parts too
-        n = staged.write(offset, data, now)
+        try:
+            n = staged.write(offset, data, now)
+        except BaseException:
+            if staged.sealed.wrote_chunks:  # it changed what this mount shows: the vault must get it too
+                self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
+                self.mark_content_dirty(node)
+            raise
         self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
         self.mark_content_dirty(node)
         return n

@@ -1,4 +1,4 @@
-"""A wider model test of sealed files (review helper h-zs): zero writes, writes of mixed zero and
+"""A wider model test of sealed files: zero writes, writes of mixed zero and
 non-zero chunks, writes across the end, truncates, reopen + trim (clean and after a "crash" that
 left the header behind), raw clones (staging._copy_range, as Staging.from_sealed does), and writes
 that fail halfway. After every operation: reads match the model, and nothing is stored past the
@@ -16,8 +16,8 @@ from privifs.errors import LocalStoreError
 from privifs.fs.staging import _copy_range
 
 KEY = local_key(bytes(32))
-SEEDS = int(os.environ.get("ZS_SEEDS", "40"))
-OPS = int(os.environ.get("ZS_OPS", "200"))
+SEEDS = int(os.environ.get("SEALED_MODEL_SEEDS", "40"))
+OPS = int(os.environ.get("SEALED_MODEL_OPS", "200"))
 
 
 def stored_past_end(f: SealedFile) -> list[str]:

@@ -1,4 +1,4 @@
-"""Review helper h-zs: a kill -9 that tears the pwrite of an append's first chunk (the file's
+"""A kill -9 that tears the pwrite of an append's first chunk (the file's
 last, partial chunk) must not cost the whole staged file at the next start."""
 
 from __future__ import annotations
