@@ -244,3 +244,9 @@ def test_a_failed_write_whose_cut_also_failed_never_shows_its_bytes(tmp_path, mo
         f.write(300, b"c", stamp=3)
         expected = b"a" * 50 + b"B" * 50 + bytes(200) + b"c"
     assert f.read(0, 3 * CHUNK) == expected
+
+
+def test_a_write_of_nothing_past_the_end_makes_the_file_no_longer(tmp_path):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, b"abc")
+    assert f.write(100, b"") == 0 and f.size == 3

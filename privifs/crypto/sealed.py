@@ -411,7 +411,7 @@ class SealedFile:
                     self._plain = (index, chunk)
             pos += n
             view = view[n:]
-        if pos > self.size:
+        if pos > self.size and pos > offset:  # (a write of nothing makes no file longer)
             self.size = pos
         if stamp is not None and not header_written:
             self.write_header()
@@ -515,7 +515,8 @@ class SealedFile:
         truncate, or zeros written there, which leave holes as they are)."""
         self._plain = None
         try:
-            self._cut(self.size)
+            if os.fstat(self.fd).st_size > stored_size(self.size):  # (else nothing lies past the end)
+                self._cut(self.size)
         except IntegrityError:
             # the chunk the size ends in is damaged (a write the stop tore, see kill -9 between
             # the pages of a pwrite): it reads as an error, as it would have, and what lies past
