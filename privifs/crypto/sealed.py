@@ -192,6 +192,7 @@ class SealedFile:
         # it still cannot be (its bytes must never show up as the file's)
         self.uncut = False
         self.wrote_chunks = 0  # chunks the last write put on disk (some, when it failed halfway)
+        self._holes: bool | None = None  # whether it may have holes on disk (None: not known yet)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -374,6 +375,8 @@ class SealedFile:
         view = memoryview(data)
         pos = offset
         end = offset + len(view)
+        if offset > self.size:
+            self._holes = True  # the gap
         if stamp is not None:
             self.stamp = stamp
         with_chunk0 = stamp is not None and end <= CHUNK and len(view) > 0  # header and chunk: one pwrite
@@ -397,7 +400,7 @@ class SealedFile:
                 chunk = padded[:within] + bytes(view[:n]) + padded[within + n :]
             self._plain = None  # until the chunk is written: a failed write leaves it unknown
             if _all_zero(chunk) and self._is_hole(index, old):
-                pass  # zeros into a hole: it stays one (no disk taken, and nothing uploaded for it)
+                self._holes = True  # zeros into a hole: it stays one (no disk taken, nothing uploaded)
             else:
                 if with_chunk0:
                     size = max(self.size, end)
@@ -437,6 +440,8 @@ class SealedFile:
             self.uncut = False
         elif self.uncut:
             self.trim()
+        if size > self.size:
+            self._holes = True
         self.size = size
         if stamp is not None:
             self.stamp = stamp
@@ -505,9 +510,12 @@ class SealedFile:
             return exc.errno == errno.ENXIO  # (past the end of the file on disk: all hole)
 
     def sparse_on_disk(self) -> bool:
-        """Whether the file takes less disk than its size would whole: a write inside it may then
-        take new blocks."""
-        return os.fstat(self.fd).st_blocks * 512 < stored_size(self.size)
+        """Whether the file may take less disk than its size would whole (a write inside it may
+        then take new blocks): one ``fstat`` the first time, then known from what made holes
+        (a write past the end, zeros left unwritten, a truncate that grew the file)."""
+        if self._holes is None:
+            self._holes = os.fstat(self.fd).st_blocks * 512 < stored_size(self.size)
+        return self._holes
 
     def trim(self) -> None:
         """Remove what lies on disk past the size the header records: a write a crash stopped
