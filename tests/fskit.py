@@ -516,7 +516,7 @@ async def inprocess_fs(
         index = Index(state / "index.sqlite3")
         try:
             ns = Namespace(index, dir_mode=0o755, file_mode=0o644)
-            staging = Staging(state / "staging", local_key(key))
+            staging = Staging(state / "staging", local_key(key), keep_free=index.reserve.missing)
             cache = ContentCache(state / "cache", 64 * 2**20, local_key(key))
             syncer = Syncer(
                 ns,

@@ -302,3 +302,55 @@ def test_an_entry_whose_creation_failed_on_a_full_disk_is_not_left_behind(engine
             assert (m.dir / "after.txt").read_bytes() == b"after"
         finally:
             m.cleanup()
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+def test_the_index_commits_what_frees_space_when_something_else_filled_the_disk(tmp_path, monkeypatch, reserve):
+    """Another writer on the disk (the embedded engine, another program) took the floor staging
+    keeps, down to the last byte: the index's reserve lets the commits that free space through
+    (without it, the test's second case, they fail with ENOSPC and nothing can be removed)."""
+    from privifs.fs.namespace import Namespace, Reserve
+
+    if not reserve:
+        monkeypatch.setattr(Reserve, "ensure", lambda self: None)
+    with small_filesystem(tmp_path / "small", "32m") as small:
+        index = Index(small / "index.sqlite3")
+        try:
+            ns = Namespace(index, dir_mode=0o755, file_mode=0o644)
+            assert (small / "index.sqlite3.reserve").exists() == reserve
+            fill_outside(small / "filler")
+            saved = []
+            for i in range(200):  # the rows of an unlink, an upload's end, … (a few pages of WAL)
+                node = ns.new_node(ns.root, f"f{i}", "file", 0o644)
+                try:
+                    if i % 2:
+                        index.save(node)  # a commit of its own
+                    else:
+                        with index:  # a transaction of several statements, committed at its end
+                            index.save(node)
+                            index.save(ns.new_node(ns.root, f"g{i}", "file", 0o644))
+                except DiskFullError:
+                    break
+                saved.append(i)
+            if reserve:
+                assert len(saved) == 200 and not (small / "index.sqlite3.reserve").exists()
+            else:
+                assert len(saved) < 200
+        finally:
+            index.close()
+        if reserve:  # all of it committed
+            rows = Index(small / "index.sqlite3")
+            try:
+                assert len(rows.load()) >= 300
+            finally:
+                rows.close()
+
+
+def test_the_index_opens_on_a_disk_something_else_filled_by_giving_back_its_reserve(tmp_path):
+    with small_filesystem(tmp_path / "small", "32m") as small:
+        Index(small / "index.sqlite3").close()  # (a clean close removes the WAL files)
+        assert (small / "index.sqlite3.reserve").exists()
+        fill_outside(small / "filler")
+        index = Index(small / "index.sqlite3")  # SQLite makes its WAL files in the reserve's room
+        index.close()
+        assert not (small / "index.sqlite3.reserve").exists()

@@ -213,7 +213,7 @@ class Daemon:
         index = Index(self.state_dir / INDEX_NAME)
         try:
             ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
-            staging = Staging(self.state_dir / "staging", local)
+            staging = Staging(self.state_dir / "staging", local, keep_free=index.reserve.missing)
             cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
             syncer = Syncer(
                 ns,

@@ -22,9 +22,11 @@ so each call is atomic with respect to FUSE handlers and background tasks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import operator
+import os
 import sqlite3
 import stat
 import threading
@@ -242,9 +244,60 @@ def _statements(script: str):
 
 def _local_error(exc: sqlite3.Error) -> Exception:
     text = str(exc)
-    if "full" in text:
+    if _is_full(exc):
         return DiskFullError(f"the local index cannot grow: {text}")
     return LocalStoreError(f"the local index failed: {text}")
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return "full" in str(exc)
+
+
+class Reserve:
+    """Disk the index can always take: a file of :data:`SIZE` bytes beside it, made while the disk
+    has room and deleted when the index gets ENOSPC, so the commit that frees space (an unlink,
+    a finished upload) goes through even when something else (the embedded engine on the same
+    disk, another program) took the floor staging keeps. Made again once there is room."""
+
+    SIZE = 4 * 2**20
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.given_back = False
+
+    def missing(self) -> int:
+        """Bytes staging must leave free beyond its floor: the reserve's, while it is given back
+        (else the next staged write takes the room it made for the index)."""
+        return self.SIZE if self.given_back else 0
+
+    def ensure(self) -> None:
+        if self.path.exists():
+            self.given_back = False
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 4 * self.SIZE:
+                return
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.SIZE)
+            finally:
+                os.close(fd)
+            self.given_back = False
+        except OSError as exc:  # no room after all, or a filesystem without fallocate
+            log.debug("no disk reserve for the index: %s", exc)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def release(self) -> bool:
+        """Delete the reserve; whether there was one."""
+        try:
+            self.path.unlink()
+        except OSError:
+            return False
+        self.given_back = True
+        log.warning("the disk is full: the index used its %d MiB reserve; free space on the disk", self.SIZE >> 20)
+        return True
 
 
 class Checkpointer:
@@ -335,27 +388,22 @@ class Index:
 
     def __init__(self, path: Path):
         self.path = path
+        self.reserve = Reserve(path.with_name(path.name + ".reserve"))
         try:
-            self.conn = sqlite3.connect(path, isolation_level=None)
+            self._open()
         except sqlite3.Error as exc:
-            raise open_error(path.parent, "the local index", exc) from None
-        try:
-            self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
-            self.conn.execute(f"PRAGMA journal_size_limit={16 * 2**20}")  # a WAL starting over shrinks
-            self._migrate()
-        except sqlite3.Error as exc:
-            self.conn.close()
-            raise open_error(path.parent, "the local index", exc) from None
-        except BaseException:
-            self.conn.close()
-            raise
+            if not self.reserve.release():  # a full disk: SQLite could not make its WAL files
+                raise open_error(path.parent, "the local index", exc) from None
+            try:
+                self._open()
+            except sqlite3.Error as again:
+                raise open_error(path.parent, "the local index", again) from None
         self.checkpointer = Checkpointer(path)
+        self.reserve.ensure()
         self._commits = 0
         self._catch_up_at = self.CATCH_UP_EVERY
         self._depth = 0
+        self._done: list[tuple[str, object]] = []  # statements of the open transaction (see _redo)
         self.writes = 0  # statements written so far; --fsync local flushes the WAL only after new ones
         self.flushed_writes = 0  # of those, how many a flush of the WAL (--fsync local) has covered
         # ino -> the number of the last write of its row, and of the last that changed more than
@@ -423,6 +471,19 @@ class Index:
         elif self._commits % self.CHECKPOINT_EVERY == 0:
             self.checkpointer.ask()
 
+    def _open(self) -> None:
+        self.conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
+            self.conn.execute(f"PRAGMA journal_size_limit={16 * 2**20}")  # a WAL starting over shrinks
+            self._migrate()
+        except BaseException:
+            self.conn.close()
+            raise
+
     def _catch_up(self) -> None:
         """Checkpoint the rest of the WAL here, so the next commit starts it over (see
         :class:`Checkpointer`); again at the next commit if the checkpointer's thread was busy
@@ -434,9 +495,20 @@ class Index:
             busy = 0
         if not busy:
             self._catch_up_at = self._commits + self.CATCH_UP_EVERY
+        self.reserve.ensure()  # (again, once the disk has room: one statvfs per catch-up)
+
+    def _redo(self, in_block: bool) -> None:
+        """After SQLite gave up a transaction on a full disk (it may roll back all of it), its
+        statements so far again, in a new one (the statement that failed is the caller's);
+        ``in_block``: the failure was inside a ``with index:`` block."""
+        if in_block and not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+            for sql, args in self._done:
+                self.conn.execute(sql, args)
 
     def __enter__(self) -> Index:
         if self._depth == 0:
+            self._done = []
             self.conn.execute("BEGIN")
         self._depth += 1
         if self._depth == 1 and self._soon:
@@ -454,7 +526,14 @@ class Index:
             unsure, self._unsure = self._unsure, []
             after, self._after = self._after, []
             try:
-                self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                try:
+                    self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                except sqlite3.Error as full:
+                    # the disk is full: with the reserve given back, the same commit again
+                    if exc_type or not _is_full(full) or not self.reserve.release():
+                        raise
+                    self._redo(True)
+                    self.conn.execute("COMMIT")
             except sqlite3.Error as err:
                 for ino in unsure:
                     self._saved.pop(ino, None)
@@ -491,7 +570,15 @@ class Index:
                 return self._write(sql, args)
         self.writes += 1
         try:
-            changed = self.conn.execute(sql, args).rowcount
+            try:
+                changed = self.conn.execute(sql, args).rowcount
+            except sqlite3.Error as full:
+                if not _is_full(full) or not self.reserve.release():
+                    raise
+                self._redo(self._depth > 0)  # with the reserve given back
+                changed = self.conn.execute(sql, args).rowcount
+            if self._depth:
+                self._done.append((sql, args))
         except sqlite3.Error as exc:
             raise _local_error(exc) from None
         if not self._depth:

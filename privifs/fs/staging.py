@@ -34,6 +34,7 @@ import queue
 import secrets
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from privifs import paths
@@ -189,7 +190,10 @@ class Remover:
 
 
 class Staging:
-    def __init__(self, directory: Path, key: bytes):
+    def __init__(self, directory: Path, key: bytes, *, keep_free: Callable[[], int] = lambda: 0):
+        """``keep_free``: bytes to leave free beyond the floor (the index's reserve while it is
+        given back, :class:`privifs.fs.namespace.Reserve`)."""
+        self.keep_free = keep_free
         self.dir = directory
         self._dir = os.fspath(directory)
         paths.private_dir(self.dir)
@@ -211,7 +215,7 @@ class Staging:
     def ensure_room(self, need: int) -> None:
         """Make sure ``need`` more bytes can be staged while the floor stays free, or raise
         DiskFullError."""
-        if need <= 0 or self.space.above_floor() >= need:
+        if need <= 0 or self.space.above_floor() - self.keep_free() >= need:
             return
         floor = self.space.floor()
         raise DiskFullError(
@@ -222,7 +226,7 @@ class Staging:
     def writable(self) -> int:
         """Bytes of content that can still be written: free space above the floor, less the
         sealing overhead."""
-        return max(0, self.space.above_floor()) * CHUNK // SLOT
+        return max(0, self.space.above_floor() - self.keep_free()) * CHUNK // SLOT
 
     def path(self, staged_id: str) -> Path:
         return self.dir / staged_id
