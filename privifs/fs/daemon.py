@@ -187,7 +187,8 @@ class Daemon:
         mount: the index, staging, marker and lock, the cache directory if this run made it, and
         the directories this run made once they are empty (a log file kept in one keeps it).
         Runs under the vault's lock; an index that existed before is never touched."""
-        for name in (INDEX_NAME, INDEX_NAME + "-wal", INDEX_NAME + "-shm", INDEX_NAME + "-journal", "mountpoint"):
+        index_files = [INDEX_NAME + suffix for suffix in ("", "-wal", "-shm", "-journal", ".reserve")]
+        for name in (*index_files, "mountpoint"):
             (self.state_dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.state_dir / "staging", ignore_errors=True)
         if made_cache:
