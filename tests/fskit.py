@@ -36,6 +36,7 @@ from privifs.client.connect import Client, connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.crypto.sealed import SealedFile, local_key
+from privifs.errors import LocalStoreError
 from privifs.fs.cache import ContentCache
 from privifs.fs.filesystem import Filesystem, MountOptions
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
@@ -476,6 +477,26 @@ def fails_with(code: int):
         yield
     got = caught.value.errno
     assert got == code, f"expected {errno.errorcode[code]}, got {errno.errorcode.get(got, got)}"
+
+
+@contextmanager
+def chunk_writes_refused(monkeypatch, from_call: int, *, later_too: bool = False):
+    """Inside, :meth:`SealedFile.write_chunk` refuses its ``from_call``-th call as a disk that
+    refuses a write would (LocalStoreError), and with ``later_too`` every call after it."""
+    real = SealedFile.write_chunk
+    calls = []
+
+    def refusing(self, index, data, header=None):
+        calls.append(index)
+        if len(calls) == from_call or (later_too and len(calls) > from_call):
+            raise LocalStoreError("the disk refused")
+        return real(self, index, data, header)
+
+    monkeypatch.setattr(SealedFile, "write_chunk", refusing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(SealedFile, "write_chunk", real)
 
 
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)

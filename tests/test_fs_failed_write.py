@@ -8,9 +8,8 @@ import os
 import pyfuse3
 import pytest
 
-from privifs.crypto.sealed import CHUNK, SealedFile
-from privifs.errors import LocalStoreError
-from tests.fskit import inprocess_fs
+from privifs.crypto.sealed import CHUNK
+from tests.fskit import chunk_writes_refused, inprocess_fs
 
 
 async def test_what_a_write_that_failed_halfway_changed_is_uploaded_too(account, tmp_path, monkeypatch):
@@ -23,19 +22,8 @@ async def test_what_a_write_that_failed_halfway_changed_is_uploaded_too(account,
         node = t.node("f.bin")
         assert node.staged is None and not node.content_dirty
         fh = await t.open_file("f.bin", os.O_RDWR)
-        real = SealedFile.write_chunk
-        calls = []
-
-        def failing(self, index, data, header=None):
-            calls.append(index)
-            if len(calls) == 2:
-                raise LocalStoreError("the disk refused")
-            return real(self, index, data, header)
-
-        monkeypatch.setattr(SealedFile, "write_chunk", failing)
-        with pytest.raises(pyfuse3.FUSEError):
+        with chunk_writes_refused(monkeypatch, 2), pytest.raises(pyfuse3.FUSEError):
             await t.write(fh, 0, b"N" * (2 * CHUNK))  # chunk 0 written, chunk 1 refused
-        monkeypatch.setattr(SealedFile, "write_chunk", real)
         assert await t.read(fh, 0, 10) == b"N" * 10  # this mount shows what the write changed
         assert node.content_dirty
         await t.close(fh)

@@ -10,6 +10,7 @@ import pytest
 
 from privifs.crypto.sealed import CHUNK, EDGE_SLOTS, HEADER, OVERHEAD, SLOT, SealedFile, local_key
 from privifs.errors import IntegrityError, LocalStoreError
+from tests.fskit import chunk_writes_refused
 
 KEY = local_key(bytes(32))
 
@@ -188,19 +189,8 @@ def test_what_a_crash_left_past_the_recorded_size_is_trimmed_and_never_shows_aga
 def test_a_write_that_fails_halfway_leaves_nothing_past_the_end(tmp_path, monkeypatch):
     f = SealedFile.create(tmp_path / "f", KEY)
     f.write(0, b"a" * 10, stamp=1)
-    real = SealedFile.write_chunk
-    calls = []
-
-    def failing(self, index, data, header=None):
-        calls.append(index)
-        if len(calls) == 3:
-            raise LocalStoreError("the disk refused")
-        return real(self, index, data, header)
-
-    monkeypatch.setattr(SealedFile, "write_chunk", failing)
-    with pytest.raises(LocalStoreError):
+    with chunk_writes_refused(monkeypatch, 3), pytest.raises(LocalStoreError):
         f.write(CHUNK, b"B" * (4 * CHUNK), stamp=2)  # chunks 1 and 2 written, 3 fails
-    monkeypatch.setattr(SealedFile, "write_chunk", real)
     assert f.size == 10 and os.path.getsize(tmp_path / "f") <= HEADER + OVERHEAD + 10
     f.write(CHUNK, bytes(CHUNK))  # zeros into what must be a hole again
     f.truncate(4 * CHUNK)
@@ -223,20 +213,10 @@ def test_a_failed_write_whose_cut_also_failed_never_shows_its_bytes(tmp_path, mo
     # still never read as the file's (review helper h-zs)
     f = SealedFile.create(tmp_path / "f", KEY)
     f.write(0, b"a" * 100, stamp=1)
-    real = SealedFile.write_chunk
-    calls = []
-
-    def full(self, index, data, header=None):
-        calls.append(index)
-        if len(calls) >= 3:  # chunks 0 and 1 written, then nothing more: chunk 2 and the cut's rewrite
-            raise LocalStoreError("the disk refused")
-        return real(self, index, data, header)
-
-    monkeypatch.setattr(SealedFile, "write_chunk", full)
-    with pytest.raises(LocalStoreError):
+    # chunks 0 and 1 written, then nothing more: chunk 2 and the cut's rewrite are refused
+    with chunk_writes_refused(monkeypatch, 3, later_too=True), pytest.raises(LocalStoreError):
         f.write(50, b"B" * (3 * CHUNK), stamp=2)
     assert f.size == 100
-    monkeypatch.setattr(SealedFile, "write_chunk", real)
     if then == "truncate up":
         f.truncate(3 * CHUNK, stamp=3)
         expected = b"a" * 50 + b"B" * 50 + bytes(3 * CHUNK - 100)
