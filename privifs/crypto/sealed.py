@@ -490,6 +490,10 @@ class SealedFile:
             keep = HEADER + index * SLOT + OVERHEAD + min(len(chunk), within)
         else:
             keep = HEADER + index * SLOT
+        self._shorten_to(keep)
+
+    def _shorten_to(self, keep: int) -> None:
+        """Remove the stored bytes from ``keep`` on (nothing when the file ends before it)."""
         try:
             if os.fstat(self.fd).st_size > keep:
                 os.ftruncate(self.fd, keep)
@@ -529,12 +533,7 @@ class SealedFile:
             # the chunk the size ends in is damaged (a write the stop tore, see kill -9 between
             # the pages of a pwrite): it reads as an error, as it would have, and what lies past
             # its slot is cut all the same; the rest of the file is kept
-            keep = HEADER + ((self.size >> CHUNK_SHIFT) + 1) * SLOT
-            try:
-                if os.fstat(self.fd).st_size > keep:
-                    os.ftruncate(self.fd, keep)
-            except OSError as exc:
-                raise local_store_error(exc, f"truncating {self.path}") from None
+            self._shorten_to(HEADER + ((self.size >> CHUNK_SHIFT) + 1) * SLOT)
         self.uncut = False
 
     def chunks(self, piece: int = 16):
