@@ -315,6 +315,11 @@ def run_status(args: argparse.Namespace) -> int:
             f"  last error:   {st['last_error'] or 'none'}"
             + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")
         )
+        if st.get("index_owed"):
+            print(
+                f"  index:        {st['index_owed']} changes shown but not yet recorded on disk "
+                f"({st['index_error']}); retried every few seconds"
+            )
         if st.get("read_error"):
             print(f"  read failed:  {st['read_error']} at {_ago(st['read_error_at'])}")
         for task in st.get("tasks", []):

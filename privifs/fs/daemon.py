@@ -56,6 +56,7 @@ log = logging.getLogger("privifs.fs.daemon")
 
 DRAIN_AFTER_UNMOUNT = 60.0
 UNREACHABLE_GRACE = 10.0
+SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
 
 
 @dataclass
@@ -259,6 +260,7 @@ class Daemon:
                     nursery.start_soon(self._signals)
                     nursery.start_soon(self._tune_readahead)
                     self.supervisor.start_soon(nursery, "memory trimming", trim_memory)
+                    self.supervisor.start_soon(nursery, "index settling", self._keep_index_settling)
                     ready(
                         f"mounted {self.cfg.server_label()} at {self.mountpoint}"
                         + (
@@ -410,6 +412,8 @@ class Daemon:
             "last_error": syncer.last_error,
             "last_error_at": syncer.last_error_at,
             "read_error": self.fs.last_read_error,
+            "index_owed": self.ns.index.owed,
+            "index_error": self.ns.index.owed_error,
             "read_error_at": self.fs.last_read_error_at,
             "files": len(self.ns.nodes),
             "tasks": self.supervisor.report(),
@@ -433,8 +437,9 @@ class Daemon:
         while True:
             # what a flush waits for: everything pending but files still open for writing
             pending = [n for n in self.ns.pending() if n.uploading or not n.waiting_for_close]
+            owed = self._settle_index()
             deletes = syncer.tombstone_count()
-            if not pending and not deletes:
+            if not pending and not deletes and not owed:
                 return {"done": True}
             size = sum(
                 n.size - (syncer.sent.get(n.ino, 0) if n.uploading else 0) for n in pending if n.content_dirty
@@ -462,11 +467,30 @@ class Daemon:
                     if syncer.last_error
                     else f"{uploading} still uploading, none has failed yet: the server is slow or not answering"
                 )
+                if owed:
+                    why += f"; the local index cannot record the last changes: {self.ns.index.owed_error}"
                 return {
                     "error": f"{len(pending)} changes still pending after {timeout:.0f}s "
                     f"({why}); they stay staged in {self.state_dir}"
                 }
             await trio.sleep(0.25)
+
+    def _settle_index(self) -> int:
+        """Try to commit what the index owes (see :meth:`Index.kept`); how much it still owes."""
+        index = self.ns.index
+        if index.owed:
+            try:
+                index.settle()
+            except PrivifsError as exc:
+                log.debug("the index still cannot record its last changes: %s", exc)
+        return index.owed
+
+    async def _keep_index_settling(self) -> None:
+        """What the index owes is committed with the next change anyway; this commits it when no
+        change comes (every :data:`SETTLE_EVERY` seconds while it owes any)."""
+        while True:
+            await trio.sleep(SETTLE_EVERY)
+            self._settle_index()
 
     # -- control socket ----------------------------------------------------------------------------
     async def _control_server(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:

@@ -442,7 +442,7 @@ class Filesystem:
             raise fail(errno.ENOENT)
         if node.is_dir:
             raise fail(errno.EISDIR)
-        with self.index:
+        with self.index.kept():
             self._remove(node)
             self.keep_empty_dir(parent)
 
@@ -459,7 +459,7 @@ class Filesystem:
             raise fail(errno.ENOTDIR)
         if node.children:
             raise fail(errno.ENOTEMPTY)
-        with self.index:
+        with self.index.kept():
             self._remove(node)
             self.keep_empty_dir(parent)
 
@@ -487,7 +487,7 @@ class Filesystem:
                 raise fail(errno.EISDIR)
             if target.is_dir and target.children:
                 raise fail(errno.ENOTEMPTY)
-        with self.index:
+        with self.index.kept():
             if target is not None:
                 self._remove(target)
             self.ns.move(node, new_parent, text)
@@ -871,7 +871,7 @@ class Filesystem:
                     self.path(node),
                     why,
                 )
-                with self.index:
+                with self.index.kept():
                     self.ns.remove(node, delete_token=False)
                 self.ns.release(node, self.staging)
                 continue

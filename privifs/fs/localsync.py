@@ -113,6 +113,7 @@ async def flush_index(index) -> None:
     """Flush the index's WAL if anything was written since the last flush: what the index
     records (renames, deletes, new entries) then survives a power loss (``fsync`` of a
     directory, in either mode)."""
+    index.settle()  # what it owes (see Index.kept) first: a flush must cover it
     upto = index.writes
     if upto <= index.flushed_writes:
         return
@@ -130,6 +131,7 @@ async def fsync_locally(fs, node, datasync: bool = False) -> None:
     staged = node.staged
     staged.sealed.sync_header()
     index = fs.index
+    index.settle()  # the row may be owed (see Index.kept): a flush must cover it
     # The size and times go into the index with its next commit, not one of their own: the
     # staged file's header records them at every write and is flushed here with the content, and
     # a restart takes them from it (Filesystem.open_staged_files). The row's other columns (its

@@ -404,6 +404,13 @@ class Index:
         self._catch_up_at = self.CATCH_UP_EVERY
         self._depth = 0
         self._done: list[tuple[str, object]] = []  # statements of the open transaction (see _redo)
+        # kept transactions (see kept) whose commit failed: their statements and what was to run
+        # after them, committed before anything else by the next transaction that succeeds
+        self._owed: list[tuple[str, object]] = []
+        self._owed_after: list[Callable[[], None]] = []
+        self.owed_error: str | None = None  # why the index owes them (status shows it)
+        self._keep = False  # the open transaction is kept
+        self._broken: sqlite3.Error | None = None  # a statement of the open kept transaction failed
         self.writes = 0  # statements written so far; --fsync local flushes the WAL only after new ones
         self.flushed_writes = 0  # of those, how many a flush of the WAL (--fsync local) has covered
         # ino -> the number of the last write of its row, and of the last that changed more than
@@ -455,7 +462,7 @@ class Index:
                 raise
 
     def close(self) -> None:
-        if self._soon:
+        if self._soon or self._owed:
             try:
                 with self:
                     pass  # commits what waited for a commit
@@ -511,8 +518,10 @@ class Index:
             self._done = []
             self.conn.execute("BEGIN")
         self._depth += 1
-        if self._depth == 1 and self._soon:
+        if self._depth == 1 and (self._soon or self._owed):
             try:
+                for sql, args in self._owed:  # first: what came later may change the same rows
+                    self._write(sql, args)
                 for node in list(self._soon.values()):
                     self.save(node)
             except BaseException as exc:
@@ -520,17 +529,60 @@ class Index:
                 raise
         return self
 
+    @contextlib.contextmanager
+    def kept(self):
+        """A transaction for a change the tree has made in memory and cannot take back (an
+        unlink whose staged file is gone, a rename, a token the vault recorded): if its commit
+        fails (the disk full beyond the reserve, an I/O error), nothing is raised and nothing
+        rolled back in memory. Its statements are *owed* instead: the next transaction that
+        commits writes them first, :meth:`settle` tries again, and a flush of the index
+        (``fsync`` of a directory, ``--fsync local``) fails while any are owed. Without this, a
+        ``rm`` that reported ENOSPC still showed as done, and came back after a restart."""
+        outer = self._keep
+        self._keep = True
+        try:
+            with self:
+                yield self
+        finally:
+            self._keep = outer
+
+    @property
+    def owed(self) -> int:
+        """How many statements of kept transactions are not committed yet."""
+        return len(self._owed)
+
+    def settle(self) -> None:
+        """Commit what the index owes now; DiskFullError or LocalStoreError if it still cannot."""
+        if self._owed and not self._depth:
+            with self:
+                pass
+
+    def _owe(self, err: sqlite3.Error, after: list[Callable[[], None]]) -> None:
+        self._owed = list(self._done)  # (it begins with what was owed before)
+        self._owed_after += after
+        text = str(_local_error(err))
+        if text != self.owed_error:
+            log.warning(
+                "%s; the change stands and the index records it once it can (%d statements owed)",
+                text,
+                len(self._owed),
+            )
+        self.owed_error = text
+
     def __exit__(self, exc_type, exc, tb) -> None:
         self._depth -= 1
         if self._depth == 0:
             unsure, self._unsure = self._unsure, []
             after, self._after = self._after, []
+            broken, self._broken = self._broken, None
             try:
                 try:
+                    if broken is not None and exc_type is None:
+                        raise broken
                     self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
                 except sqlite3.Error as full:
                     # the disk is full: with the reserve given back, the same commit again
-                    if exc_type or not _is_full(full) or not self.reserve.release():
+                    if exc_type or broken or not _is_full(full) or not self.reserve.release():
                         raise
                     self._redo(True)
                     self.conn.execute("COMMIT")
@@ -542,6 +594,9 @@ class Index:
                         self.conn.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
+                    if self._keep:
+                        self._owe(err, after)
+                        return
                     raise _local_error(err) from None
             else:
                 if exc_type is not None:
@@ -549,6 +604,10 @@ class Index:
                         self._saved.pop(ino, None)
                 else:
                     self._soon.clear()  # written in this transaction
+                    if self._owed:
+                        log.info("the local index recorded the %d statements it owed", len(self._owed))
+                    after = self._owed_after + after
+                    self._owed, self._owed_after, self.owed_error = [], [], None
                     for fn in after:
                         fn()
                     self._committed()
@@ -565,10 +624,13 @@ class Index:
     def _write(self, sql: str, args) -> int:
         """Execute one statement (in a transaction of its own outside a ``with index:`` block);
         the number of rows it changed."""
-        if not self._depth and self._soon:
+        if not self._depth and (self._soon or self._owed):
             with self:  # one commit with what waited for one
                 return self._write(sql, args)
         self.writes += 1
+        if self._broken is not None:  # the kept transaction is owed already: this statement too
+            self._done.append((sql, args))
+            return 1
         try:
             try:
                 changed = self.conn.execute(sql, args).rowcount
@@ -580,6 +642,10 @@ class Index:
             if self._depth:
                 self._done.append((sql, args))
         except sqlite3.Error as exc:
+            if self._depth and self._keep:  # owed with the rest of the transaction (see kept)
+                self._broken = exc
+                self._done.append((sql, args))
+                return 1
             raise _local_error(exc) from None
         if not self._depth:
             self._committed()

@@ -212,7 +212,7 @@ class Refresher:
                 and not n.unlinked
             ):
                 orphans.setdefault((self.ns.context(n), token_name(n)), []).append(n)
-        with self.index:
+        with self.index.kept():
             followed = []
             for node, info in changed:
                 if not self.eligible(node, started):
@@ -267,7 +267,7 @@ class Refresher:
                 if buried or buried is None:  # None: cannot tell yet, looked at again next time
                     continue
             if node is None or not await self.syncer.adopt_orphan(node, info):
-                with self.index:
+                with self.index.kept():
                     self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()
 

@@ -555,7 +555,7 @@ class Syncer:
     ) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``)."""
-        with self.index:
+        with self.index.kept():
             if staged.id in self._superseded:
                 self._superseded.discard(staged.id)
                 self.index.drop_superseded(staged.id)
@@ -606,7 +606,7 @@ class Syncer:
         self.index.save(node)
         with self._claiming(context, name):
             token = await self.vault.put_bytes(b"", FileMeta(name, extension, context, 0, path))
-            with self.index:
+            with self.index.kept():
                 if node.unlinked:
                     self._tombstone(token)
                     return
@@ -717,7 +717,7 @@ class Syncer:
                     "reached it; storing the content again under the new name",
                     self.ns.describe(node),
                 )
-                with self.index:
+                with self.index.kept():
                     self.ns.restage(node, fresh)
                     self.index.save(node)
                 self.schedule(node)
@@ -875,7 +875,7 @@ class Syncer:
                     info.context,
                     info.file_name,
                 )
-                with self.index:
+                with self.index.kept():
                     self.index.add_tombstone(info.token)
                     self._forget_leftover(sid)
                 self.wake_tombstones()
@@ -895,7 +895,7 @@ class Syncer:
         (not in ``claimed``) never made one."""
         for sid in list(self.leftover):
             if sid not in claimed:
-                with self.index:
+                with self.index.kept():
                     self._forget_leftover(sid)
 
     async def _same_content(self, sealed: SealedFile, info: TokenInfo) -> bool | None:
@@ -923,7 +923,7 @@ class Syncer:
         log.info(
             "%s: found the marker interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
         )
-        with self.index:
+        with self.index.kept():
             self._recorded(node, info.token, info.context, info.file_name, info.extension)
             self.ns.set_remote_risk(node, risk_json(info))
             self.index.save(node)

@@ -1,0 +1,108 @@
+"""When the local index cannot commit (its disk full beyond the reserve, an I/O error), a change
+the tree has already made and cannot take back (unlink, rmdir, rename) stands: the operation
+succeeds, the index owes its statements and records them with its next commit, and a flush of
+the index (``fsync`` of a directory) fails until it can. Before, the operation reported ENOSPC
+while the tree showed it done, and a restart brought the index's older tree back.
+
+Driven in-process against the real engine (tests/fskit.py); only SQLite's COMMIT is made to
+fail, as it does on a full disk."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+from tests.fskit import fails_with
+
+
+class RefusedCommits:
+    """The index's connection, with COMMIT failing as SQLite's does on a full disk while
+    ``refusing``; everything else goes to the real connection."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.refusing = False
+
+    def execute(self, sql: str, *args):
+        if self.refusing and sql.strip().upper() == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+
+def committed_names(kit) -> set[str]:
+    """The names of the nodes the index file holds (what a restart would show)."""
+    conn = sqlite3.connect(kit.fs.index.path)
+    try:
+        return {row[0] for row in conn.execute("SELECT name FROM nodes") if row[0]}
+    finally:
+        conn.close()
+
+
+async def test_removals_and_renames_the_index_cannot_commit_stand_and_are_recorded_once_it_can(kit):
+    await kit.write_file("gone.txt", b"gone")
+    await kit.write_file("old.txt", b"moved")
+    await kit.mkdir("empty")
+    await kit.mkdir("d")
+    await kit.write_file("d/in.txt", b"inside")
+    await kit.settle()
+    index = kit.fs.index
+    conn = RefusedCommits(index.conn)
+    index.conn = conn
+    conn.refusing = True
+
+    await kit.unlink("gone.txt")  # each reported ENOSPC before, and showed done all the same
+    await kit.rename("old.txt", "new.txt")
+    await kit.rmdir("empty")
+    await kit.rename("d", "e")
+
+    assert index.owed and "full" in index.owed_error
+    assert await kit.tree() == {"new.txt": b"moved", "e": "dir", "e/in.txt": b"inside"}
+    assert {"gone.txt", "old.txt", "empty", "d"} <= committed_names(kit)  # not recorded yet
+    root = await kit.opendir("")
+    with fails_with(errno.ENOSPC):  # the directory's changes are not durable: fsync says so
+        await kit.ops.fsyncdir(root, False)
+
+    conn.refusing = False
+    await kit.ops.fsyncdir(root, False)
+    await kit.releasedir(root)
+    assert not index.owed and index.owed_error is None
+    assert committed_names(kit) == {"new.txt", "e", "in.txt"}
+    await kit.settle()
+    files = {path: value for path, value in (await kit.vault_tree()).items() if value != "dir"}
+    assert files == {"new.txt": b"moved", "e/in.txt": b"inside"}
+    async with kit.fresh() as other:  # another machine of the vault shows the same tree
+        assert await other.tree() == await kit.tree()
+
+
+async def test_what_the_index_owes_is_committed_before_a_later_change_to_the_same_rows(kit):
+    """The owed statements go first: a later rename of the same file is what stays."""
+    await kit.write_file("a.txt", b"a")
+    await kit.settle()
+    index = kit.fs.index
+    conn = RefusedCommits(index.conn)
+    index.conn = conn
+    conn.refusing = True
+    await kit.rename("a.txt", "b.txt")
+    assert index.owed
+    conn.refusing = False
+    await kit.rename("b.txt", "c.txt")  # commits the owed rename, then this one
+    assert not index.owed
+    assert committed_names(kit) == {"c.txt"}
+    assert await kit.tree() == {"c.txt": b"a"}
+
+
+async def test_a_new_entry_the_index_cannot_commit_is_still_refused_with_enospc(kit):
+    """Making an entry can be taken back, so it still fails (and leaves nothing behind)."""
+    await kit.settle()
+    index = kit.fs.index
+    conn = RefusedCommits(index.conn)
+    index.conn = conn
+    conn.refusing = True
+    with fails_with(errno.ENOSPC):
+        await kit.mkdir("new")
+    assert not index.owed
+    conn.refusing = False
+    assert await kit.tree() == {}
