@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import subprocess
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -258,7 +259,7 @@ def test_an_entry_whose_creation_failed_on_a_full_disk_is_not_left_behind(engine
     """A create, mkdir or symlink that got ENOSPC because the index could not commit made
     nothing: the entry stayed in the tree before (visible, pending for good, gone after a
     remount)."""
-    with small_filesystem(tmp_path / "small", "16m") as small:
+    with small_filesystem(tmp_path / "small", "24m") as small:
         m = Mount(
             tmp_path / "user",
             engine.urls,
@@ -292,6 +293,12 @@ def test_an_entry_whose_creation_failed_on_a_full_disk_is_not_left_behind(engine
                 assert not os.path.lexists(m.dir / name), name
 
             filler.unlink()
+            reserve = small / "state" / "index.sqlite3.reserve"
+            for _ in range(100):  # the index made its reserve again once the disk had room
+                if reserve.exists():
+                    break
+                time.sleep(0.2)
+            assert reserve.exists(), sorted(os.listdir(small / "state"))
             (m.dir / "after.txt").write_bytes(b"after")
             m.wait_idle()
             assert not m.status()["pending"]

@@ -487,10 +487,15 @@ class Daemon:
 
     async def _keep_index_settling(self) -> None:
         """What the index owes is committed with the next change anyway; this commits it when no
-        change comes (every :data:`SETTLE_EVERY` seconds while it owes any)."""
+        change comes (every :data:`SETTLE_EVERY` seconds while it owes any), and makes the
+        index's disk reserve again once the disk has room (it was made again only every 1,500
+        commits, so a disk that filled again soon found none)."""
+        index = self.ns.index
         while True:
             await trio.sleep(SETTLE_EVERY)
             self._settle_index()
+            if index.reserve.given_back:
+                index.reserve.ensure()
 
     # -- control socket ----------------------------------------------------------------------------
     async def _control_server(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
