@@ -10,7 +10,9 @@ fail, as it does on a full disk."""
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
+import stat
 
 from tests.fskit import fails_with
 
@@ -106,3 +108,44 @@ async def test_a_new_entry_the_index_cannot_commit_is_still_refused_with_enospc(
     assert not index.owed
     conn.refusing = False
     assert await kit.tree() == {}
+
+
+def committed_row(kit, name: str) -> tuple[int, int]:
+    """The mode and size the index file holds for the node called ``name``."""
+    conn = sqlite3.connect(kit.fs.index.path)
+    try:
+        return conn.execute("SELECT mode, size FROM nodes WHERE name = ?", (name,)).fetchone()
+    finally:
+        conn.close()
+
+
+async def test_a_chmod_truncate_or_o_trunc_the_index_cannot_commit_stands_and_is_recorded_later(kit):
+    """The file was truncated (its staged copy is shorter): reporting ENOSPC, as before, told
+    the program it was not, while the file showed it was."""
+    await kit.write_file("f.txt", b"0123456789")
+    await kit.write_file("g.txt", b"abcdef")
+    await kit.settle()
+    index = kit.fs.index
+    conn = RefusedCommits(index.conn)
+    index.conn = conn
+    conn.refusing = True
+
+    await kit.setattr("f.txt", mode=0o100600)
+    await kit.setattr("f.txt", size=4)
+    fh = await kit.open_file("g.txt", os.O_WRONLY | os.O_TRUNC)
+    await kit.close(fh)
+
+    assert index.owed
+    attrs = await kit.lookup("f.txt")
+    assert stat.S_IMODE(attrs.st_mode) == 0o600 and attrs.st_size == 4
+    assert await kit.read_file("f.txt") == b"0123" and await kit.read_file("g.txt") == b""
+    assert committed_row(kit, "f.txt") == (0o644, 10)
+
+    conn.refusing = False
+    index.settle()
+    assert not index.owed
+    assert committed_row(kit, "f.txt") == (0o600, 4) and committed_row(kit, "g.txt")[1] == 0
+    await kit.settle()
+    async with kit.fresh() as other:
+        assert await other.tree() == {"f.txt": b"0123", "g.txt": b""}
+        assert stat.S_IMODE((await other.lookup("f.txt")).st_mode) == 0o600

@@ -271,6 +271,7 @@ class Filesystem:
         node = self.node(ino)
         self.writable_fs()
         now = time.time_ns()
+        staged = None
         if fields.update_size:
             if node.is_dir:
                 raise fail(errno.EISDIR)
@@ -279,6 +280,19 @@ class Filesystem:
             if attr.st_size > MAX_FILE_SIZE:
                 raise fail(errno.EFBIG)
             staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
+        with self.index.kept():  # a truncated file stays truncated: the index records it when it can
+            return self._set_attributes(node, staged, attr, fields, now)
+
+    def _set_attributes(
+        self,
+        node: Node,
+        staged: StagedFile | None,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        now: int,
+    ) -> pyfuse3.EntryAttributes:
+        """setattr's changes, once what a truncate needs is staged (``staged``)."""
+        if staged is not None:
             staged.sealed.truncate(attr.st_size, stamp=now)
             self.parts.changes.resized(staged.id, attr.st_size)
             self.ns.set_attributes(node, size=attr.st_size, mtime_ns=now)
@@ -526,13 +540,14 @@ class Filesystem:
         if flags & os.O_TRUNC and accmode in (os.O_WRONLY, os.O_RDWR):
             staged = await self.writable_staged(node, truncate_to_zero=True)
             now = time.time_ns()
-            if staged.size:
-                self.parts.changes.resized(staged.id, 0)
-            # also when empty: the header carries the new time (a release leaves the index's
-            # commit for later, and a restart takes the time from the header)
-            staged.sealed.truncate(0, stamp=now)
-            self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
-            self.mark_content_dirty(node)
+            with self.index.kept():  # truncated is truncated: the index records it when it can
+                if staged.size:
+                    self.parts.changes.resized(staged.id, 0)
+                # also when empty: the header carries the new time (a release leaves the index's
+                # commit for later, and a restart takes the time from the header)
+                staged.sealed.truncate(0, stamp=now)
+                self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
+                self.mark_content_dirty(node)
         return self._open_node(node, flags)
 
     def mark_content_dirty(self, node: Node) -> None:
@@ -548,7 +563,7 @@ class Filesystem:
                 fresh = self.staging.create() if truncate_to_zero else self.staging.clone(staged)
                 if not truncate_to_zero:
                     self.parts.changes.cloned(staged.id, fresh.id)
-                with self.index:
+                with self.index.kept():
                     self.sync.superseded(node)  # an upload of the old content may be in flight
                     self.ns.set_staged(node, fresh)
                     self.index.save(node)
@@ -569,8 +584,9 @@ class Filesystem:
                 fresh = self.staging.from_sealed(sealed)
             finally:
                 sealed.close()
-        self.ns.set_staged(node, fresh)
-        self.index.save(node)
+        with self.index.kept():
+            self.ns.set_staged(node, fresh)
+            self.index.save(node)
         return fresh
 
     async def content(self, node: Node) -> SealedFile:
