@@ -868,6 +868,11 @@ class Filesystem:
                 self.ns.set_staged(node, self.staging.open(node.staged_id))
                 referenced.add(node.staged_id)
                 node.staged.sealed.trim()  # what a write the stop cut short left past the recorded end
+                if not node.content_dirty and node.staged.sealed.stamp > node.ctime_ns:
+                    # written after the row last said the file was clean: the write's commit was
+                    # cut off by the stop, or owed (Index.kept); the header says what it holds
+                    self.ns.content_changed(node)
+                    self.index.save_soon(node)
                 if node.content_dirty:
                     # the header is current after every write; the index row after a release
                     sealed = node.staged.sealed
