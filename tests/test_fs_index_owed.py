@@ -179,3 +179,21 @@ async def test_a_write_the_index_never_recorded_shows_and_is_uploaded_after_a_re
         assert await again.read_file("f.txt") == b"old content and more"
         await again.settle()
         assert await again.vault_tree() == {"f.txt": b"old content and more"}
+
+
+async def test_no_write_succeeds_while_the_index_owes_changes(kit):
+    """A write that returns is on record (the staged copy it went to, the file marked changed):
+    what the index owes may be that very record, so writes get ENOSPC until it is committed."""
+    fh = await kit.create_file("f.txt")
+    await kit.write(fh, 0, b"first ")  # the file is recorded as changed from here on
+    conn = RefusedCommits(kit.fs.index.conn)
+    kit.fs.index.conn = conn
+    conn.refusing = True
+    await kit.rename("f.txt", "g.txt")  # stands; owed
+    with fails_with(errno.ENOSPC):
+        await kit.write(fh, 6, b"second")
+    conn.refusing = False
+    await kit.write(fh, 6, b"second")
+    await kit.close(fh)
+    assert not kit.fs.index.owed
+    assert await kit.read_file("g.txt") == b"first second"
