@@ -146,6 +146,13 @@ async def test_voting_and_policy_errors(wire):
         ):
             r = await wire.post("/verified-authenticator/voting-configuration/register", json=body)
             assert r.status_code == 422 and field in r.json()["errors"], body
+        for raw in (b'{"name": "x", "timeLimit": 1e400}', b'{"name": "x", "timeLimit": -1e400}'):  # floats: infinity
+            r = await wire.post(
+                "/verified-authenticator/voting-configuration/register",
+                content=raw,
+                headers={"Content-Type": "application/json"},
+            )
+            assert r.status_code == 422 and "timeLimit" in r.json()["errors"], (raw, r.status_code)
         r = await wire.post(
             "/verified-authenticator/voting-configuration/register", json={"name": "dup", "deviceIdentifiers": [a]}
         )
