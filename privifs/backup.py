@@ -255,14 +255,21 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str
         header = json.loads(header_bytes)
     except (KeyError, AttributeError, ValueError, tarfile.TarError):
         raise BackupError("this is not a privifs backup (or it is damaged)") from None
+    if not isinstance(header, dict):
+        raise BackupError("this is not a privifs backup (or it is damaged)")
     if header.get("format") != FORMAT:
         raise BackupError(f"this backup has format {header.get('format')!r}; this privifs reads format {FORMAT}")
     try:
-        plain = AESGCM(_derive(passphrase, header["kdf"])).decrypt(
-            bytes.fromhex(header["cipher"]["nonce"]), sealed, header_bytes
-        )
+        key = _derive(passphrase, header["kdf"])
+        nonce = bytes.fromhex(header["cipher"]["nonce"])
+        plain = AESGCM(key).decrypt(nonce, sealed, header_bytes)
     except InvalidTag:
         raise BackupError("wrong passphrase, or the backup is damaged") from None
+    except BackupError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, MemoryError):
+        # the clear header cannot be authenticated before its own parameters are used
+        raise BackupError("the backup's header is damaged (its key derivation or cipher parameters)") from None
     with tarfile.open(fileobj=io.BytesIO(plain)) as inner:
         members = {m.name: inner.extractfile(m).read() for m in inner.getmembers() if m.isfile()}
     return header, members

@@ -244,3 +244,46 @@ def test_backup_and_restore_onto_a_full_disk_name_the_file_and_what_to_do(vault,
         fresh.env = env
         with fresh.mounted():
             assert_every_file(fresh)
+
+
+def test_restore_of_a_backup_with_a_damaged_header_says_so_in_one_line(tmp_path):
+    """The clear header's key derivation and cipher parameters are read before anything can be
+    authenticated: a damaged one was an 'internal error' (exit 70) naming a ValueError,
+    KeyError, AttributeError or MemoryError."""
+    import io
+    import json
+    import tarfile
+
+    good = {
+        "format": 1,
+        "created": 0,
+        "embedded": True,
+        "kdf": {"name": "scrypt", "n": 2**14, "r": 8, "p": 1, "salt": "00" * 16},
+        "cipher": {"name": "AES-256-GCM", "nonce": "00" * 12},
+    }
+    damaged = {
+        "n not a number": {**good, "kdf": {**good["kdf"], "n": "abc"}},
+        "n not a power of 2": {**good, "kdf": {**good["kdf"], "n": 3}},
+        "n too big": {**good, "kdf": {**good["kdf"], "n": 2**40}},
+        "salt not hex": {**good, "kdf": {**good["kdf"], "salt": "zz"}},
+        "kdf a list": {**good, "kdf": [1]},
+        "no kdf": {k: v for k, v in good.items() if k != "kdf"},
+        "nonce not hex": {**good, "cipher": {"nonce": "q"}},
+        "no nonce": {**good, "cipher": {}},
+        "header a list": [1, 2],
+        "header a string": "x",
+    }
+    fresh = Mount(tmp_path / "fresh", None)
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    for what, header in damaged.items():
+        path = tmp_path / "damaged.backup"
+        path.unlink(missing_ok=True)
+        with tarfile.open(path, "w") as tar:
+            for name, data in (("privifs-backup.json", json.dumps(header).encode()), ("secrets.bin", bytes(64))):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        r = privifs(env, "restore", str(path), check=False)
+        assert r.returncode == 3, (what, r.stderr)
+        assert r.stderr.count("\n") == 1 and "damaged" in r.stderr, (what, r.stderr)
+    assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()

@@ -332,3 +332,26 @@ def test_get_onto_a_full_disk_names_the_file_and_what_to_do(user, tmp_path):
         subprocess.run(["mount", "-o", "remount,size=8m", str(small)], check=True, timeout=30)
         run(user, "token", "get", token, str(small / "got.bin"))
         assert (small / "got.bin").read_bytes() == data
+
+
+def test_get_into_a_directory_writes_only_inside_it_whatever_the_token_is_named(user, tmp_path):
+    """A token's fileName is what any client of the vault (or the server) says: 'token get TOKEN
+    DIR' wrote a token named '../x' beside DIR and one named '/abs/x' at that absolute path."""
+    src = tmp_path / "payload"
+    src.write_bytes(b"not yours to place")
+    outside = tmp_path / "outside.txt"
+    into = tmp_path / "into" / "dir"
+    into.mkdir(parents=True)
+    expected = {
+        "../outside.txt": "..\u2215outside.txt",
+        str(outside): str(outside).replace("/", "\u2215"),
+        "..": "unnamed..",
+        ".": "unnamed.",
+    }
+    for name, shown in expected.items():
+        token = run(user, "token", "put", str(src), "--name", name, "--context", "/evil").stdout.strip()
+        r = run(user, "token", "get", token, str(into), check=False)
+        assert r.returncode == 0, (name, r.stderr)
+        assert (into / shown).read_bytes() == src.read_bytes(), name
+    assert not outside.exists() and not (tmp_path / "into" / "outside.txt").exists()
+    assert sorted(p.name for p in into.iterdir()) == sorted(expected.values())

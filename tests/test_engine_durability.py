@@ -188,3 +188,48 @@ async def test_more_streamed_uploads_at_once_than_spare_buffers_all_succeed(tmp_
         release.set()
     assert len(got) == SPARE_BUFFERS + 3
     assert all(store.path(blob_id).read_bytes() == data for blob_id, data in got)
+
+
+async def test_an_inline_exchange_accepted_before_kill_9_keeps_its_payload(tmp_path):
+    # the exchange's payload is on disk before its 202, but only the command's parameters name
+    # it until the command is applied: the start-up sweep of unreferenced blobs must not take it
+    import base64
+
+    eng = EngineProcess(tmp_path / "data").start()
+    try:
+        wire = Wire(eng.urls)
+        creds = await wire.provision()
+        payload = os.urandom(433)
+        async with wire.channel() as ch:
+            r = await wire.post("/data-token/reserve-token-space", {"context": "c", "ttl": "5"})
+            reserve = command_id(r)
+            assert (await ch.wait_for("X-DPT-CAB-ID", reserve))["command_status"] == 2
+            temp = (await wire.get(f"/data-token/retrieve-temporary-data-token/{reserve}")).json()["token"]
+        eng.set_options(apply_delay_ms=5000)
+        r = await wire.post(
+            "/data-token/exchange-data-for-token",
+            {"temporaryTokenSpace": temp, "data": base64.b64encode(payload).decode()},
+        )
+        assert r.status_code == 202
+        pending = command_id(r)
+        await wire.aclose()
+        eng.kill()
+
+        eng2 = EngineProcess(tmp_path / "data").start()
+        try:
+            wire = Wire(eng2.urls)
+            r = await wire.post("/profile/authenticate", {"username": creds["username"], "password": creds["password"]})
+            wire.token = r.json()["authorizationToken"]
+            assert await wire.poll(pending) == "succeeded"
+            r = await wire.post(
+                "/data-token/configure-file-meta",
+                {"token": temp, "fileName": "x.bin", "context": "c", "size": str(len(payload))},
+            )
+            assert r.status_code == 200, r.text
+            async with wire.channel() as ch:
+                assert await wire.retrieve(ch, r.json()["token"]) == payload
+            await wire.aclose()
+        finally:
+            eng2.stop()
+    finally:
+        eng.kill()

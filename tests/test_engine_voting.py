@@ -4,6 +4,8 @@ with status 3 when a vote rejects it, the time limit passes, or the pool is canc
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 from tests.enginekit import command_id
@@ -146,6 +148,13 @@ async def test_voting_and_policy_errors(wire):
         ):
             r = await wire.post("/verified-authenticator/voting-configuration/register", json=body)
             assert r.status_code == 422 and field in r.json()["errors"], body
+        for raw in (b'{"name": "x", "timeLimit": 1e400}', b'{"name": "x", "timeLimit": -1e400}'):  # floats: infinity
+            r = await wire.post(
+                "/verified-authenticator/voting-configuration/register",
+                content=raw,
+                headers={"Content-Type": "application/json"},
+            )
+            assert r.status_code == 422, (raw, r.status_code)
         r = await wire.post(
             "/verified-authenticator/voting-configuration/register", json={"name": "dup", "deviceIdentifiers": [a]}
         )
@@ -170,6 +179,15 @@ async def test_voting_and_policy_errors(wire):
         ):
             r = await wire.post("/policy/register", json={**good, **change})
             assert r.status_code == 422 and field in r.json()["errors"], change
+        for number in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):  # stored, it made retrieve-policy a 500
+            body = (
+                json.dumps({**good, "name": "nan", "configuration": {"k": 0}})
+                .encode()
+                .replace(b'"k": 0', b'"k": ' + number)
+            )
+            r = await wire.post("/policy/register", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (number, r.status_code)
+        assert (await wire.get("/policy/retrieve-policy/nan")).status_code == 404
         assert (await wire.get("/policy/retrieve-policy/none")).status_code == 404
         assert (await wire.post("/policy/activate", {"policyId": "pol-none"})).status_code == 404
         assert (await wire.get("/voting/check-pool-status/pool-none")).status_code == 404

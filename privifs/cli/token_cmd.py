@@ -27,6 +27,7 @@ from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import BlockWriter
 from privifs.config import load
 from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
+from privifs.fs.names import display_name
 from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
 from privifs.keycheck import verify_key
 from privifs.parts.store import THRESHOLD, PartStore, is_manifest, is_zeros
@@ -272,11 +273,14 @@ def _umask() -> int:
 
 def output_path(out: Path, name: str | None) -> Path:
     """Where ``token get`` writes: ``out``, or ``out/name`` when ``out`` is a directory; its
-    directory must exist (checked before anything is downloaded)."""
+    directory must exist (checked before anything is downloaded). The name is the token's, which
+    any client of the vault (or the server) chose: it is made a single entry of ``out`` as the
+    mount shows it (``/`` becomes ``∕``; ``.`` and ``..`` become ``unnamed.``, ``unnamed..``), so
+    it never reaches outside ``out``."""
     if out.is_dir():
         if not name:
             raise LocalFileError(f"{out} is a directory and the token has no file name; name the output file")
-        out = out / name
+        out = out / display_name(name)
         if out.is_dir():
             raise LocalFileError(f"{out} is a directory")
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -100,15 +101,26 @@ class Engine:
         return path.read_text().strip()
 
     def _sweep_orphan_blobs(self) -> None:
-        """Remove blob files no row references (left by a crash between rename and commit)."""
-        referenced = self.db.read(
-            lambda c: {
+        """Remove blob files no row references (left by a crash between rename and commit). An
+        inline exchange accepted (202) but not applied yet names its blob only in the command's
+        parameters: that blob is kept for the command, which is applied after the start."""
+
+        def referenced_blobs(c) -> set[str]:
+            found = {
                 r[0]
                 for r in c.execute(
                     "SELECT blob_id FROM data_tokens UNION SELECT blob_id FROM reservations WHERE blob_id IS NOT NULL"
                 )
             }
-        )
+            for (params,) in c.execute(
+                "SELECT params FROM commands WHERE status = 1 AND kind = 'exchange-data-for-token'"
+            ):
+                blob_id = json.loads(params).get("blob_id")
+                if blob_id:
+                    found.add(blob_id)
+            return found
+
+        referenced = self.db.read(referenced_blobs)
         for sub in self.blobs.blob_dir.iterdir():
             if sub.is_dir():
                 for f in sub.iterdir():

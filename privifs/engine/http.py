@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -74,11 +75,24 @@ def insufficient_storage(what: str, exc: BaseException) -> JSONResponse:
     )
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: infinity
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def client_json(text: str | bytes, field: str, what: str = "is not valid JSON") -> Any:
-    """JSON a client sent, or a 422 naming ``field``: malformed, not UTF-8, or nested too deep
-    for the parser (``[[[…]]]``: a RecursionError, which answered 500 with a traceback)."""
+    """JSON a client sent, or a 422 naming ``field``: malformed, not UTF-8, nested too deep
+    for the parser (``[[[…]]]``: a RecursionError, which answered 500 with a traceback), or
+    holding a number JSON cannot carry (``NaN``, ``Infinity``, ``1e400``: stored, they made
+    every later answer that shows them a 500)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise invalid(field, what) from None
 

@@ -289,7 +289,7 @@ class VotingApi:
             raise invalid("strategy", f"must be one of {', '.join(STRATEGIES)}")
         try:
             time_limit = int(data.get("timeLimit", 60))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON number such as 1e400 (infinity)
             raise invalid("timeLimit", "must be an integer (seconds)") from None
         if not 1 <= time_limit <= 7 * 86400:
             raise invalid("timeLimit", "must be between 1 and 604800 seconds")
