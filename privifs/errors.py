@@ -69,6 +69,10 @@ class FormatVersionError(LocalStoreError):
 class VaultError(PrivifsError):
     """Talking to the Privicore service failed."""
 
+    # a store that failed at configure-file-meta, after the data was sent: the temporary token,
+    # which the server may have made a permanent token of all the same (see DataTokens.store)
+    unconfigured: object | None = None
+
     def __init__(self, message: str, *, status: int | None = None, reason: str | None = None):
         super().__init__(message)
         self.status = status

@@ -228,9 +228,25 @@ class DataTokens:
                 log.info("storing %s failed (%s); restarting from a new reservation", meta.file_name, exc)
                 await trio.sleep(self.transport.backoff(attempt))
                 continue
-            return await self.configure(tmp, meta)
+            return await self._configured(tmp, meta)
         assert last is not None
         raise last
+
+    async def _configured(self, tmp: shapes.TemporaryToken, meta: FileMeta) -> str:
+        """configure-file-meta until it answers: asking again is safe (a server promotes a
+        reservation once and names that token again), while giving up may leave a token the
+        server made but the client never learnt of. A failure that lasts carries ``tmp`` as the
+        error's ``unconfigured``, for the caller to settle (``Syncer._drop_unconfigured``)."""
+        for attempt in range(self.options.store_attempts):
+            try:
+                return await self.configure(tmp, meta)
+            except VaultError as exc:
+                if not getattr(exc, "transient", False) or attempt + 1 == self.options.store_attempts:
+                    exc.unconfigured = tmp
+                    raise
+                log.info("configuring %s failed (%s); asking again", meta.file_name, exc)
+                await trio.sleep(self.transport.backoff(attempt))
+        raise AssertionError("unreachable")
 
     # -- retrieve ----------------------------------------------------------------------------
     async def request(self, token: str) -> shapes.RequestResult:

@@ -976,7 +976,9 @@ class Namespace:
         if freed:
             del self.held[node.token]
             node.token = None
-        if node.lookups <= 0 and self.get(node.ino) is node:
+        # (None: dropped already while its upload was in flight, which kept the staged copy;
+        # the upload's end, successful or not, calls this again to free it)
+        if node.lookups <= 0 and self.get(node.ino) in (node, None):
             if node.staged is not None and not node.uploading:
                 staging.remove(node.staged)
                 self.clear_staged(node)

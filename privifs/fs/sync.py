@@ -172,6 +172,9 @@ class Syncer:
         self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
         # uploads in flight: ino -> the staged file being sent and the context and name it goes to
         self._flights: dict[int, tuple[StagedFile, str, str]] = {}
+        # ino -> the temporary token of its last upload, which failed at configure-file-meta
+        # (the server may have made a token of it all the same: see _drop_unconfigured)
+        self._unconfigured: dict[int, tuple[object, FileMeta]] = {}
         self._superseded: set[str] = set()  # staged ids of flights recorded as superseded (this run)
         # flights the last run recorded as superseded and never finished (it stopped): staged id ->
         # (context, name); a token the listing shows there with that content is theirs, not a file
@@ -209,6 +212,9 @@ class Syncer:
     def removed(self, node: Node) -> None:
         """``node`` left the tree: it is no longer a change fsynced here and awaiting upload."""
         self.local_fsynced.discard(node.ino)
+        earlier = self._unconfigured.pop(node.ino, None)
+        if earlier is not None and self._nursery is not None:
+            self._nursery.start_soon(self._drop_after_removal, node, *earlier)
 
     def wake_tombstones(self) -> None:
         self._tomb_wake.set()
@@ -370,9 +376,13 @@ class Syncer:
         self.ns.begin_upload(node, streaming=True)
         self.index.save(node)
         self._flights[node.ino] = (staged, context, name)
+        failed = False
         try:
             with self._claiming(context, name):
                 meta = FileMeta(name, extension, context, size, path)
+                earlier = self._unconfigured.pop(node.ino, None)
+                if earlier is not None:
+                    await self._drop_unconfigured(node, *earlier)
                 stale: list[str] = []
                 manifest_risk = None
                 if size > PARTS_THRESHOLD:
@@ -383,7 +393,10 @@ class Syncer:
                 self._record_content(
                     node, staged, token, context, name, extension, keep_old=keep, manifest_risk=manifest_risk
                 )
-        except PrivifsError:
+        except PrivifsError as exc:
+            failed = True
+            if getattr(exc, "unconfigured", None) is not None:
+                self._unconfigured[node.ino] = (exc.unconfigured, FileMeta(name, extension, context, size, path))
             if staged.id in self._superseded:  # failed: no token was made (a cancel keeps it: unknown)
                 self._superseded.discard(staged.id)
                 try:
@@ -397,6 +410,8 @@ class Syncer:
             self.sent.pop(node.ino, None)
             if node.staged is staged:
                 staged.frozen = False
+            elif failed:  # written again meanwhile (a copy took its place): this content is no one's
+                self.staging.remove(staged)  # (an upload that succeeds has _record_content remove it)
             if node.unlinked:
                 self.ns.release(node, self.staging)
         self.uploads += 1
@@ -408,6 +423,38 @@ class Syncer:
             self.retire_parts(context, stale)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _drop_unconfigured(self, node: Node, tmp: object, meta: FileMeta) -> None:
+        """The node's last upload failed at configure-file-meta, after its data was sent, and the
+        server may have made the token all the same (it answered an error after doing it, or the
+        answer was lost). Asked again, the server names the token it made; that token is deleted,
+        since the node's content is stored anew (or the node is gone). Before, it stayed and
+        showed on every mount as a second copy of the file (a conflict name) or as a removed file
+        back. A server that still does not answer leaves it for the next try."""
+        try:
+            token = await self.tokens.configure(tmp, meta)
+        except PrivifsError as exc:
+            if getattr(exc, "transient", False) and not node.unlinked:
+                self._unconfigured[node.ino] = (tmp, meta)
+                raise
+            log.debug("%s: the last upload's reservation made no token (%s)", self.ns.describe(node), exc)
+            return
+        if token == node.token or token in self.ns.by_token:  # recorded meanwhile (adopted)
+            return
+        log.info(
+            "%s: the last upload's token %s was made although the server reported a failure; deleting it",
+            self.ns.describe(node),
+            token,
+        )
+        self._tombstone(token)
+
+    async def _drop_after_removal(self, node: Node, tmp: object, meta: FileMeta) -> None:
+        try:
+            await self._drop_unconfigured(node, tmp, meta)
+        except PrivifsError as exc:
+            log.warning("%s: a token its last upload may have made is left (%s)", self.ns.describe(node), exc)
+        except Exception as exc:  # noqa: BLE001 (a bug: logged and shown, never the end of the write-back)
+            self.supervisor.failed("write-back", exc, "settling a removed file's last upload failed unexpectedly")
 
     async def _store_parts(self, node: Node, staged: StagedFile, meta: FileMeta) -> tuple[str, list[str], dict]:
         """Store a big file as parts + a manifest (:mod:`privifs.fs.partwrite`): the manifest

@@ -1,0 +1,78 @@
+"""What an upload that fails leaves behind: nothing of a file removed or written again while it
+was in flight (its staged copy stayed on disk, held open, with nothing pending, until a remount),
+and no second token when the server made the token but answered an error (the retry stored the
+file again, and every mount showed a conflict copy). Driven in-process against the real engine
+with its fault injection (tests/fskit.py)."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from privifs.client.datatokens import DataTokens
+from privifs.errors import ServerError
+
+
+async def wait_for(predicate, timeout: float = 20) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_a_file_removed_while_its_upload_fails_leaves_no_staged_copy(kit, eng):
+    eng.set_options(fail_rate=1.0, latency_ms=300)
+    fh, node = kit.create_node(1, "gone.bin")
+    await kit.fs.write(fh, 0, os.urandom(200_000))
+    kit.fs.release(fh)
+    await wait_for(lambda: node.uploading)
+    await kit.unlink("gone.bin")
+    kit.forget(node)  # the kernel lets go while the upload is still in flight
+    await wait_for(lambda: not node.uploading)
+    assert kit.fs.staging.ids() == set()
+    eng.set_options(fail_rate=0.0, latency_ms=0)
+    await kit.settle()
+    assert await kit.vault_tree() == {}
+
+
+async def test_a_file_written_again_while_its_upload_fails_keeps_only_its_current_staged_copy(kit, eng):
+    eng.set_options(fail_rate=1.0, latency_ms=300)
+    fh, node = kit.create_node(1, "again.bin")
+    await kit.fs.write(fh, 0, b"first " * 10_000)
+    kit.fs.release(fh)
+    await wait_for(lambda: node.uploading)
+    fh = await kit.open_node(node)
+    await kit.fs.write(fh, 0, b"second")  # a copy of the staged file takes its place
+    kit.fs.release(fh)
+    await wait_for(lambda: not node.uploading)
+    assert kit.fs.staging.ids() == {node.staged_id}
+    eng.set_options(fail_rate=0.0, latency_ms=0)
+    await kit.settle()
+    assert await kit.vault_tree() == {"again.bin": b"second" + b"first " * 9_999}
+    assert kit.fs.staging.ids() == set()
+
+
+async def test_a_token_the_server_made_despite_answering_an_error_is_not_left_as_a_second_copy(kit, monkeypatch):
+    """configure-file-meta did its work, but every answer was lost: the upload failed after the
+    token existed. Its retry stores the file again; the first token is deleted, not shown as a
+    conflict copy on every mount."""
+    real = DataTokens.configure
+    first_tries = kit.syncer.tokens.options.store_attempts  # every try of the first upload
+    calls = []
+
+    async def answer_lost(self, tmp, meta):
+        token = await real(self, tmp, meta)  # the server made the token
+        calls.append(token)
+        if len(calls) <= first_tries:
+            raise ServerError("the answer was lost", status=503)
+        return token
+
+    monkeypatch.setattr(DataTokens, "configure", answer_lost)
+    await kit.write_file("once.txt", b"written once")
+    await kit.settle(timeout=60)
+    monkeypatch.setattr(DataTokens, "configure", real)
+    await kit.refresh()
+    await kit.settle()
+    assert await kit.tree() == {"once.txt": b"written once"}
+    assert await kit.vault_tree() == {"once.txt": b"written once"}
+    assert len(set(calls)) >= 2  # the first token was made, and replaced
