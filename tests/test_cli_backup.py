@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -287,3 +288,32 @@ def test_restore_of_a_backup_with_a_damaged_header_says_so_in_one_line(tmp_path)
         assert r.returncode == 3, (what, r.stderr)
         assert r.stderr.count("\n") == 1 and "damaged" in r.stderr, (what, r.stderr)
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
+
+
+def test_backup_warns_when_the_last_mount_left_changes_not_uploaded(tmp_path):
+    """A mount killed before its uploads: the changes are staged on this machine only, and a
+    backup of the vault does not hold them. It said nothing (exit 0, silence) before."""
+    m = Mount(tmp_path / "home", None, mount_args=("--write-back-delay", "3600"))
+    env = dict(m.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    try:
+        m.mount()
+        (m.dir / "uploaded.txt").write_bytes(b"in the vault")
+        m.wait_idle()
+        clean = privifs(env, "backup", str(tmp_path / "clean.backup"), check=False)
+        assert clean.returncode != 0  # refused while mounted (the engine runs)
+        m.umount()
+        clean = privifs(env, "backup", str(tmp_path / "clean.backup"))
+        assert "warning" not in clean.stderr
+        m.mount()
+        (m.dir / "staged.txt").write_bytes(b"only on this machine")
+        m.kill9()
+        for _ in range(150):  # until the embedded engine, left without its mount, has stopped
+            r = privifs(env, "backup", str(tmp_path / "staged.backup"), check=False)
+            if "is running" not in r.stderr:
+                break
+            time.sleep(0.2)
+        assert r.returncode == 0, r.stderr
+        assert "1 changes made in the mount are not in the vault yet" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        m.cleanup()

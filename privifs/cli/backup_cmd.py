@@ -12,6 +12,7 @@ The passphrase comes from --passphrase-file, PRIVIFS_BACKUP_PASSPHRASE, or a pro
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -79,7 +80,35 @@ def run_backup(args: argparse.Namespace) -> int:
     )
     print(f"backup written to {args.file}: key, account of {summary.username}{data}")
     print("Keep it and its passphrase apart; 'privifs restore FILE' rebuilds the vault on a clean home.")
+    from privifs.fs.daemon import default_state_dir
+
+    state = default_state_dir(cfg)
+    waiting = staged_changes(state / "index.sqlite3")
+    if waiting:
+        print(
+            f"privifs: warning: {waiting} changes made in the mount are not in the vault yet (staged in "
+            f"{state}; the last mount ended before uploading them), so this backup does not hold them. "
+            "Mount and unmount ('privifs umount' waits for the uploads), then back up again.",
+            file=sys.stderr,
+        )
     return 0
+
+
+def staged_changes(index: Path) -> int:
+    """How many changes a mount's index records as not uploaded yet (files, attributes, deletes);
+    0 when there is no index or it cannot be read."""
+    if not index.exists():
+        return 0
+    try:
+        conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
+        try:
+            nodes = conn.execute("SELECT COUNT(*) FROM nodes WHERE content_dirty OR meta_dirty").fetchone()[0]
+            deletes = conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+    return nodes + deletes
 
 
 def run_restore(args: argparse.Namespace) -> int:
