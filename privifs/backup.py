@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from privifs import paths
-from privifs.config import SECRET_NAMES, Config, load, place_secret, save
+from privifs.config import SECRET_NAMES, Config, load, place_secret, restoring_marker, save
 from privifs.errors import ConfigError, output_failed
 
 FORMAT = 1
@@ -286,7 +286,32 @@ def restore_backup(
             f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
             f"privifs never overwrites a configuration or a secret"
         )
-    engine_dir = engine_dir or paths.embedded_engine_dir()
+    marker = restoring_marker(cfg_path)
+    made = [d for d in (marker.parent, *marker.parent.parents) if not d.exists()]  # (deepest first)
+    paths.private_dir(marker.parent)
+    try:  # while it is there, 'privifs init' and a first 'privifs mount' make no vault here
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise BackupError(
+            f"another restore into {marker.parent} is running, or one was interrupted: wait for "
+            f"it, or remove {marker} (and the engine data a restore left) and restore again"
+        ) from None
+    done = False
+    try:
+        summary = _restore(src, passphrase, cfg_path, engine_dir or paths.embedded_engine_dir(), progress)
+        done = True
+        return summary
+    finally:
+        marker.unlink(missing_ok=True)
+        if not done:  # a restore that stopped leaves no directory it made for the marker
+            for d in made:
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+
+
+def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None) -> Summary:
     try:
         tar = tarfile.open(src)
     except FileNotFoundError:

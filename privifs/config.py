@@ -166,3 +166,9 @@ def save(cfg: Config) -> None:
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, cfg.path)
+
+
+def restoring_marker(cfg_path: Path) -> Path:
+    """The file ``privifs restore`` keeps beside the configuration it is writing: while it is
+    there, ``privifs init`` (and so a first ``privifs mount``) makes no vault in that place."""
+    return cfg_path.parent / ".restore-in-progress"

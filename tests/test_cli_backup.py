@@ -317,3 +317,27 @@ def test_backup_warns_when_the_last_mount_left_changes_not_uploaded(tmp_path):
         assert "Traceback" not in r.stderr
     finally:
         m.cleanup()
+
+
+def test_a_first_mount_during_a_restore_makes_no_vault_of_its_own(vault, tmp_path):
+    """A first mount (which makes a vault when there is no configuration) run while a restore
+    writes one: it registered a new, empty profile and mounted an empty drive, and the restore
+    then failed. Now the restore's marker stops it, and a second restore, until the first ends."""
+    _, backup = vault
+    fresh = Mount(tmp_path / "fresh", None)
+    marker = config_dir(fresh) / ".restore-in-progress"
+    config_dir(fresh).mkdir(parents=True)
+    marker.write_text("")  # what a running (or interrupted) restore leaves
+    r = fresh.mount(check=False)
+    assert r.returncode != 0 and "a restore into" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (engine_dir(fresh) / "engine.sqlite3").exists()
+    assert not (config_dir(fresh) / "config.toml").exists()
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    r = privifs(env, "restore", str(backup), check=False)
+    assert r.returncode == 3 and "another restore" in r.stderr, r.stderr
+    marker.unlink()
+    privifs(env, "restore", str(backup))
+    assert not marker.exists()
+    with fresh.mounted():
+        assert_every_file(fresh)
+    assert profiles(fresh) == profiles(vault[0])

@@ -29,7 +29,7 @@ from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
 from privifs.client.urls import validate_urls
-from privifs.config import SECRET_NAMES, Config, default_config_path, place_secret, save
+from privifs.config import SECRET_NAMES, Config, default_config_path, place_secret, restoring_marker, save
 from privifs.crypto.keys import (
     AES_KEY_SIZE,
     generate_identity,
@@ -150,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg_path.exists() and not args.force:
         raise ConfigError(f"{cfg_path} already exists; use --force to replace it")
     cfg_dir = paths.private_dir(cfg_path.parent)
+    if restoring_marker(cfg_path).exists():
+        raise ConfigError(
+            f"a restore into {cfg_dir} is running (or was interrupted): wait for it and mount "
+            f"then; if it was interrupted, remove {restoring_marker(cfg_path)} and restore again"
+        )
     key_path = cfg_dir / SECRET_NAMES["aes_key_file"]
     # the AES key: a copy of --key-file (refused if another key is already in place), or the one
     # already next to the configuration, or (later) a new one
