@@ -30,6 +30,9 @@ killed daemon is cleaned up first."""
 LOG_BACKUPS = 3
 
 
+_OPTIONS: dict[str, argparse.Action] = {}  # dest -> the option's action: what [mount] may set
+
+
 def register(sub) -> None:
     p = sub.add_parser("mount", help="mount the vault as a drive", description=MOUNT_DESCRIPTION)
     p.add_argument("mountpoint", type=Path, help="an existing directory")
@@ -97,6 +100,41 @@ def register(sub) -> None:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
+    _OPTIONS.clear()
+    _OPTIONS.update(
+        (a.dest, a)
+        for a in p._actions
+        if a.option_strings and a.help != argparse.SUPPRESS and a.dest not in ("help", "foreground")
+    )
+
+
+def config_defaults(args: argparse.Namespace, section: dict, cfg_path: Path) -> None:
+    """The configuration's ``[mount]`` values (``cache_size = "5G"``, ``fsync = "local"``,
+    ``allow_other = true``, …) for the options the command line did not give; a name or value
+    the option would refuse is a ConfigError (they were ignored without a word before)."""
+    for key, value in section.items():
+        name = str(key).replace("-", "_")
+        action = _OPTIONS.get("fsync_mode" if name == "fsync" else name)
+        if action is None:
+            known = ", ".join(sorted("fsync" if d == "fsync_mode" else d for d in _OPTIONS))
+            raise ConfigError(f"{cfg_path}: [mount] has no setting {key!r} (it takes: {known})")
+        if getattr(args, action.dest) != action.default:
+            continue  # the command line wins
+        where = f"{cfg_path}: [mount] {key} = {value!r}"
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: must be true or false")
+            setattr(args, action.dest, value)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: must be a string or a number")
+        text = str(value)
+        if action.choices is not None and text not in action.choices:
+            raise ConfigError(f"{where}: must be one of {', '.join(action.choices)}")
+        try:
+            setattr(args, action.dest, action.type(text) if action.type is not None else text)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 # -- mount ---------------------------------------------------------------------------------------
@@ -168,9 +206,10 @@ def _check_mountpoint(mountpoint: Path) -> None:
 def run_mount(args: argparse.Namespace) -> int:
     _check_mountpoint(args.mountpoint)
     cfg_path = _ensure_config(args)
+    cfg = load(cfg_path)
+    config_defaults(args, cfg.mount, cfg_path)
     if args.foreground:
         return _run_daemon(args, cfg_path)
-    cfg = load(cfg_path)
     from privifs.fs.daemon import default_state_dir
 
     state = (args.state_dir or default_state_dir(cfg)).absolute()
