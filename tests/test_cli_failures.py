@@ -119,6 +119,12 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
     code = main(["restore", str(tmp_path / "x.backup"), "--passphrase-file", str(fifo)])
     err = capsys.readouterr().err
     assert code == 3 and "not a regular file" in err, err
+    shared = tmp_path / "passphrase"  # a secret other users can read, as key and password files
+    shared.write_text("correct horse battery staple\n")
+    shared.chmod(0o644)
+    code = main(["restore", str(tmp_path / "x.backup"), "--passphrase-file", str(shared)])
+    err = capsys.readouterr().err
+    assert code == 3 and "accessible by other users" in err and "chmod 600" in err, err
     assert not (state / "cli.log").exists()
 
 

@@ -17,8 +17,8 @@ from privifs.paths import read_small
 def ask_secret(noun: str, prompt: str, *, file: Path | None, env: str, flag: str, confirm: bool) -> str:
     """The secret from ``file``, else ``$env``, else a prompt (typed twice with ``confirm``)."""
     if file is not None:
-        try:
-            return read_small(file).decode().rstrip("\n")
+        try:  # a secret other users can read is refused, as key and password files are
+            return read_small(file, private=True).decode().rstrip("\n")
         except OSError as exc:
             raise ConfigError(f"cannot read {file}: {exc.strerror}") from None
         except UnicodeDecodeError:
