@@ -70,6 +70,9 @@ def test_usage_errors_are_one_line_with_exit_code_2(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--refresh-interval" in err and "at least 0.1 seconds" in err
+    assert main(["verify", "--repair"]) == 2  # options that only go together: a usage error too
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repair needs --data" in err
 
 
 @pytest.mark.timeout(60)  # without the fix, the FIFOs block (the FIFO key comes before /dev/zero)

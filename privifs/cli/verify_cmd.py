@@ -29,6 +29,7 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
+from privifs.cli.failures import EXIT_USAGE, ExitStatus
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -316,8 +317,8 @@ async def verify(
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.repair and not args.data:
-        raise PrivifsError("--repair needs --data (damage is found by downloading every token)")
+    if args.repair and not args.data:  # a bad command line: exit 2, like the parser's own errors
+        raise ExitStatus("--repair needs --data (damage is found by downloading every token)", EXIT_USAGE)
     from privifs.fs.daemon import default_state_dir, vault_id
 
     cfg = load(args.config)
