@@ -591,6 +591,13 @@ async def test_statfs_reports_free_space_and_the_name_limit(kit):
     assert 0 < s.f_bavail <= s.f_blocks and s.f_bsize > 0
 
 
+async def test_statfs_of_an_empty_mount_on_a_full_disk_still_has_a_size(kit, monkeypatch):
+    """No files and no room: a total of 0 blocks made df print '-' instead of 100 % used."""
+    monkeypatch.setattr(kit.fs.staging, "writable", lambda: 0)
+    s = await kit.statfs()
+    assert s.f_blocks >= 1 and s.f_bavail == 0
+
+
 # -- a fresh filesystem -------------------------------------------------------------------------
 async def test_a_filesystem_built_from_an_empty_local_state_shows_the_same_tree(kit):
     await kit.mkdir("docs")

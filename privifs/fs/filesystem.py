@@ -847,7 +847,7 @@ class Filesystem:
         s.f_frsize = st.f_frsize
         avail = self.staging.writable() // max(1, st.f_frsize)
         used = sum(n.size for n in self.ns.nodes.values() if n.is_file) // max(1, st.f_frsize)
-        s.f_blocks = used + avail
+        s.f_blocks = max(used + avail, 1)  # (0 made df show '-' for a full disk and no files)
         s.f_bfree = avail
         s.f_bavail = avail
         s.f_files = len(self.ns.nodes) + st.f_favail
