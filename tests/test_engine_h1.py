@@ -171,3 +171,33 @@ async def test_a_shutdown_closes_idle_connections_at_once_and_busy_ones_once_ans
         app.release.set()
         got = await read_until_closed(busy)
         assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"/slow")
+
+
+def test_failed_accepts_are_one_line_a_minute_not_a_traceback_each(caplog, monkeypatch):
+    """Out of file descriptors (a flood of connections), trio's listener logs each failed accept
+    with its traceback, ten times a second: the engine's log grew 800 KB a minute."""
+    import errno
+    import logging
+
+    from privifs.engine.h1 import AcceptFailuresOncePerMinute
+
+    accepts = logging.getLogger("trio.serve_listeners")
+    assert any(isinstance(f, AcceptFailuresOncePerMinute) for f in accepts.filters)  # the engine's, in place
+    fresh = AcceptFailuresOncePerMinute()  # (one whose minute starts with this test)
+    monkeypatch.setattr(accepts, "filters", [fresh])
+    clock = [1000.0]
+    monkeypatch.setattr("privifs.engine.h1.time.monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="trio.serve_listeners")
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    for i in range(601):  # a minute of trio's retries, ten a second
+        clock[0] = 1000.0 + i / 10
+        try:
+            raise emfile
+        except OSError:
+            accepts.error(
+                "accept returned %s (%s); retrying in %s seconds", "EMFILE", "Too many open files", 0.1, exc_info=True
+            )
+    lines = [r for r in caplog.records if r.name == "trio.serve_listeners"]
+    assert len(lines) == 2  # the first, and one after a minute
+    assert all(r.exc_info is None and r.levelname == "WARNING" for r in lines)
+    assert "Too many open files" in lines[1].getMessage() and "599 more" in lines[1].getMessage()
