@@ -93,8 +93,9 @@ class Report:
         print(f"{kind}: {text}", flush=True)
 
 
-def read_index(state_dir: Path) -> tuple[dict[str, LocalFile], set[str]] | None:
-    """The files of the local index by token, and its pending deletions (None: no index here)."""
+def read_index(state_dir: Path) -> tuple[dict[str, LocalFile], set[str], set[str]] | None:
+    """The files of the local index by token, its pending deletions, and the other markers of its
+    directories (two machines made one at once: Node.extra_markers); None: no index here."""
     db = state_dir / "index.sqlite3"
     if not db.exists():
         return None
@@ -103,6 +104,12 @@ def read_index(state_dir: Path) -> tuple[dict[str, LocalFile], set[str]] | None:
         try:
             rows = conn.execute("SELECT ino, parent, name, token, size, content_dirty FROM nodes").fetchall()
             tombstones = {r[0] for r in conn.execute("SELECT token FROM tombstones")}
+            try:
+                markers = {
+                    t for (m,) in conn.execute("SELECT markers FROM nodes WHERE markers IS NOT NULL") for t in m.split()
+                }
+            except sqlite3.OperationalError:  # an index from before markers were kept
+                markers = set()
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -120,7 +127,7 @@ def read_index(state_dir: Path) -> tuple[dict[str, LocalFile], set[str]] | None:
         return "/" + "/".join(reversed(parts))
 
     files = {r[3]: LocalFile(path(r[0]), r[3], r[4], bool(r[5])) for r in rows if r[3]}
-    return files, tombstones
+    return files, tombstones, markers
 
 
 def listed_path(info: TokenInfo) -> str:
@@ -253,10 +260,11 @@ async def verify(
     local = read_index(state_dir)
     files: dict[str, LocalFile] = {}
     tombstones: set[str] = set()
+    markers: set[str] = set()
     if local is None:
         print(f"no local index in {state_dir} (never mounted here): checking the vault only", file=sys.stderr)
     else:
-        files, tombstones = local
+        files, tombstones, markers = local
         for token, f in sorted(files.items(), key=lambda kv: kv[1].path):
             if token not in listed and token not in tombstones:
                 report.missing.append(f.path)
@@ -270,6 +278,7 @@ async def verify(
             for t, i in listed.items()
             if t not in files
             and t not in tombstones
+            and t not in markers
             and not same_context(i.context, RESERVED_CONTEXT)
             and not is_part(i)
         )

@@ -98,6 +98,10 @@ MIGRATIONS: list[tuple[str, Step]] = [
         "uploads in flight that a change superseded (see Syncer.superseded)",
         "CREATE TABLE superseded (staged_id TEXT PRIMARY KEY, context TEXT NOT NULL, name TEXT NOT NULL)",
     ),
+    (
+        "a directory's other marker tokens (Node.extra_markers), kept for an rmdir or rename made offline",
+        "ALTER TABLE nodes ADD COLUMN markers TEXT",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -127,6 +131,7 @@ COLUMNS = (
     "seq",
     "upload_started",
     "atime_ns",
+    "markers",
 )
 
 
@@ -159,7 +164,6 @@ class Node:
         "attempts",
         "uploading",
         "meta_version",
-        "extra_markers",
         "subdirs",
     )
 
@@ -190,10 +194,21 @@ class Node:
         self.attempts = 0
         self.uploading = False
         self.meta_version = 0
-        # a directory's other marker tokens the listing showed (two mkdirs of one name raced):
-        # not persisted, every listing records them again; an rmdir deletes them with the token
-        self.extra_markers: set[str] = set()
+        # a directory's other marker tokens the listing showed (two mkdirs of one name raced),
+        # space-separated (see extra_markers); an rmdir deletes them with the token, a rename
+        # too. Persisted: a mount that starts offline has no listing to learn them from, and
+        # its rmdir or rename was undone by the marker it did not know
+        self.markers: str | None = None
         self.subdirs = 0  # entries of a directory that are directories (its link count is 2 + this)
+
+    @property
+    def extra_markers(self) -> set[str]:
+        """The directory's other marker tokens (a copy: change it by assigning)."""
+        return set(self.markers.split()) if self.markers else set()
+
+    @extra_markers.setter
+    def extra_markers(self, tokens: set[str]) -> None:
+        self.markers = " ".join(sorted(tokens)) or None
 
     @property
     def is_dir(self) -> bool:
@@ -881,7 +896,8 @@ class Namespace:
         node.token = token
         if token:
             self.by_token[token] = node.ino
-            node.extra_markers.discard(token)
+            if node.markers and token in node.extra_markers:
+                node.extra_markers = node.extra_markers - {token}
 
     def drop(self, node: Node) -> None:
         """Remove a node for good (detached, no kernel references left; its row left the index
@@ -1020,7 +1036,7 @@ class Namespace:
         """The listing shows ``token`` as another marker of the directory ``node`` (another
         client made the same directory): deleted along with the node's own token by an rmdir."""
         if token != node.token:
-            node.extra_markers.add(token)
+            node.extra_markers = node.extra_markers | {token}
 
     def hand_over_markers(self, node: Node, to: Node, info: TokenInfo) -> None:
         """The directory ``to`` becomes the one the marker ``info`` of ``node`` (and its other

@@ -390,6 +390,7 @@ class Refresher:
             # a second marker of a directory that exists (two mkdirs raced): one directory, whose
             # rmdir here deletes this marker too (or the directory would come back)
             self.ns.add_marker(holder, info.token)
+            self.index.save(holder)
             return
         if holder is not None:
             if a.kind == KIND_DIR and not holder.is_dir:
@@ -503,6 +504,7 @@ class Refresher:
                 self._inval_entry(parent.ino, node.name, deleted=node.ino)
                 self.ns.release(node, self.syncer.staging)
                 self.ns.add_marker(holder, token)
+                self.index.save(holder)
                 continue
             if holder is not None and holder.is_dir:
                 self._merge_dirs(node, holder)
