@@ -259,7 +259,7 @@ def test_an_entry_whose_creation_failed_on_a_full_disk_is_not_left_behind(engine
     """A create, mkdir or symlink that got ENOSPC because the index could not commit made
     nothing: the entry stayed in the tree before (visible, pending for good, gone after a
     remount)."""
-    with small_filesystem(tmp_path / "small", "24m") as small:
+    with small_filesystem(tmp_path / "small", "40m") as small:  # (room for the reserve once freed)
         m = Mount(
             tmp_path / "user",
             engine.urls,

@@ -412,7 +412,9 @@ class Syncer:
                 staged.frozen = False
             elif failed:  # written again meanwhile (a copy took its place): this content is no one's
                 self.staging.remove(staged)  # (an upload that succeeds has _record_content remove it)
-            if node.unlinked:
+            if node.unlinked and staged.id not in self._superseded:
+                # (still superseded: the upload was cancelled, by a stop; its staged file stays
+                # for the next start to tell its token, if the server made one, from a file)
                 self.ns.release(node, self.staging)
         self.uploads += 1
         if manifest_risk is not None and not node.unlinked:  # (a removed file's manifest is being deleted)
