@@ -76,3 +76,19 @@ async def test_a_token_the_server_made_despite_answering_an_error_is_not_left_as
     assert await kit.tree() == {"once.txt": b"written once"}
     assert await kit.vault_tree() == {"once.txt": b"written once"}
     assert len(set(calls)) >= 2  # the first token was made, and replaced
+
+
+async def test_write_back_that_backed_off_goes_as_soon_as_the_listing_works_again(kit, eng):
+    """After an outage the retries had backed off to minutes (up to 5), so a mount whose server
+    came back took that long to upload; a listing that works again retries them at once."""
+    eng.set_options(fail_rate=1.0)
+    await kit.refresher._refresh_logged()  # the listing fails too
+    assert kit.refresher.last_error is not None
+    fh, node = kit.create_node(1, "waiting.txt")
+    await kit.fs.write(fh, 0, b"written during the outage")
+    kit.fs.release(fh)
+    await wait_for(lambda: node.attempts >= 2 and node.retry_at > trio.current_time() + 1.8, timeout=90)
+    eng.set_options(fail_rate=0.0)
+    await kit.refresher._refresh_logged()
+    await wait_for(lambda: not node.content_dirty, timeout=1.2)  # not at its backoff's end, 1.8 s on or more
+    assert await kit.vault_tree() == {"waiting.txt": b"written during the outage"}

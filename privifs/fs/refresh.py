@@ -144,6 +144,7 @@ class Refresher:
             self.nudge()
 
     async def _refresh_logged(self) -> None:
+        failing = self.last_error is not None
         try:
             await self.refresh_once()
         except PrivifsError as exc:
@@ -152,6 +153,10 @@ class Refresher:
         except Exception as exc:
             self.last_error = repr(exc)
             log.exception("refreshing the listing failed unexpectedly")
+        else:
+            if failing:  # the server answers again: uploads that backed off (up to 5 min) go now
+                log.info("the listing works again; retrying the write-back that waits")
+                self.syncer.retry_all_now()
 
     async def fetch(self) -> tuple[list[TokenInfo], float]:
         started = trio.current_time()

@@ -311,7 +311,9 @@ class Syncer:
             self._failed(node, exc)
             return
         self.ns.record_success(node)
-        self.unreachable_since = None
+        if self.unreachable_since is not None:  # reachable again: what backed off meanwhile goes now
+            self.unreachable_since = None
+            self.retry_all_now()
         if not node.content_dirty:
             self.local_fsynced.discard(node.ino)
 
