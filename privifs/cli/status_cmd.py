@@ -291,6 +291,11 @@ def run_status(args: argparse.Namespace) -> int:
                 f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "
                 f"are readable, writes are staged; reconnecting in the background"
             )
+        elif st.get("unreachable_since"):
+            print(
+                f"  UNREACHABLE since {_ago(st['unreachable_since'])}: the server stopped answering; cached "
+                f"files are readable, writes are staged and uploaded as soon as it answers"
+            )
         print(
             f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
             f"{st['pending_deletes']} deletes"

@@ -418,6 +418,7 @@ class Daemon:
             "files": len(self.ns.nodes),
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),
+            "unreachable_since": syncer.unreachable_since,  # connected, but the server stopped answering
         }
 
     async def flush(self, progress, timeout: float | None) -> dict:
