@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.mountkit import Mount
+from tests.mountkit import Mount, privifs
 from tests.test_fs_offline import own_engine_mount
 from tests.test_fs_persistence import manifest
 
@@ -67,6 +67,9 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
             time.sleep(0.5)
         assert any(p["path"] == "/offline.txt" for p in st["pending"])
         assert "cannot reach" in st["last_error"]
+        # the mount stays online (its client keeps trying): status said nothing but a last error
+        out = privifs(m.env, "status", str(m.dir)).stdout
+        assert "UNREACHABLE since" in out and "uploaded as soon as it answers" in out, out
         r = m.umount(check=False)
         assert r.returncode == 7 and "unreachable" in r.stderr and "stay staged" in r.stderr
         assert not os.path.ismount(m.dir)

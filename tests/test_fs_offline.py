@@ -172,21 +172,3 @@ def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answe
         assert not vaults.exists() or not any(vaults.iterdir())
     finally:
         eng.stop()
-
-
-def test_a_server_lost_while_mounted_shows_as_unreachable_in_status(tmp_path):
-    """The mount stays online (its client keeps trying), so status said nothing but a last error
-    while the server was gone for minutes."""
-    with own_engine_mount(tmp_path) as (eng, m):
-        m.mount()
-        m.wait_idle()
-        eng.stop()
-        (m.dir / "during.txt").write_text("written while the server is gone")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not m.status().get("unreachable_since"):
-            time.sleep(0.2)
-        out = privifs(m.env, "status", str(m.dir)).stdout
-        assert "UNREACHABLE since" in out and "uploaded as soon as it answers" in out, out
-        eng.start()
-        m.wait_idle(timeout=120)
-        assert "UNREACHABLE" not in privifs(m.env, "status", str(m.dir)).stdout
