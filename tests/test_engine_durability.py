@@ -12,6 +12,21 @@ import trio.testing
 from tests.enginekit import EngineProcess, Wire, command_id
 
 
+async def killed_and_started_again(eng: EngineProcess, wire: Wire, data_dir, creds: dict) -> tuple[EngineProcess, Wire]:
+    """``kill -9`` of the engine, a new one on the same data, and a client logged in to it."""
+    await wire.aclose()
+    eng.kill()
+    eng2 = EngineProcess(data_dir).start()
+    try:
+        wire = Wire(eng2.urls)
+        r = await wire.post("/profile/authenticate", {"username": creds["username"], "password": creds["password"]})
+        wire.token = r.json()["authorizationToken"]
+    except BaseException:
+        eng2.stop()
+        raise
+    return eng2, wire
+
+
 async def test_acknowledged_state_survives_kill_9_and_accepted_commands_resume(tmp_path):
     eng = EngineProcess(tmp_path / "data").start()
     try:
@@ -28,14 +43,8 @@ async def test_acknowledged_state_survives_kill_9_and_accepted_commands_resume(t
             r = await wire.post("/data-token/delete-data", {"token": t_big})
             assert r.status_code == 202
             pending = command_id(r)
-        await wire.aclose()
-        eng.kill()
-
-        eng2 = EngineProcess(tmp_path / "data").start()
+        eng2, wire = await killed_and_started_again(eng, wire, tmp_path / "data", creds)
         try:
-            wire = Wire(eng2.urls)
-            r = await wire.post("/profile/authenticate", {"username": creds["username"], "password": creds["password"]})
-            wire.token = r.json()["authorizationToken"]
             assert await wire.poll(pending) == "succeeded"
             after = (await wire.get("/data-token/list-data-tokens")).json()
             assert [i["token"] for i in after["items"]] == [i["token"] for i in listing["items"] if i["token"] != t_big]
@@ -212,14 +221,8 @@ async def test_an_inline_exchange_accepted_before_kill_9_keeps_its_payload(tmp_p
         )
         assert r.status_code == 202
         pending = command_id(r)
-        await wire.aclose()
-        eng.kill()
-
-        eng2 = EngineProcess(tmp_path / "data").start()
+        eng2, wire = await killed_and_started_again(eng, wire, tmp_path / "data", creds)
         try:
-            wire = Wire(eng2.urls)
-            r = await wire.post("/profile/authenticate", {"username": creds["username"], "password": creds["password"]})
-            wire.token = r.json()["authorizationToken"]
             assert await wire.poll(pending) == "succeeded"
             r = await wire.post(
                 "/data-token/configure-file-meta",

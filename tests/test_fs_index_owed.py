@@ -38,6 +38,15 @@ class RefusedCommits:
         return getattr(self.conn, name)
 
 
+def refuse_commits(kit) -> RefusedCommits:
+    """From now on every commit of ``kit``'s index fails as on a full disk (until
+    ``.refusing = False``)."""
+    conn = RefusedCommits(kit.fs.index.conn)
+    kit.fs.index.conn = conn
+    conn.refusing = True
+    return conn
+
+
 def committed_names(kit) -> set[str]:
     """The names of the nodes the index file holds (what a restart would show)."""
     conn = sqlite3.connect(kit.fs.index.path)
@@ -55,9 +64,7 @@ async def test_removals_and_renames_the_index_cannot_commit_stand_and_are_record
     await kit.write_file("d/in.txt", b"inside")
     await kit.settle()
     index = kit.fs.index
-    conn = RefusedCommits(index.conn)
-    index.conn = conn
-    conn.refusing = True
+    conn = refuse_commits(kit)
 
     await kit.unlink("gone.txt")  # each reported ENOSPC before, and showed done all the same
     await kit.rename("old.txt", "new.txt")
@@ -88,9 +95,7 @@ async def test_what_the_index_owes_is_committed_before_a_later_change_to_the_sam
     await kit.write_file("a.txt", b"a")
     await kit.settle()
     index = kit.fs.index
-    conn = RefusedCommits(index.conn)
-    index.conn = conn
-    conn.refusing = True
+    conn = refuse_commits(kit)
     await kit.rename("a.txt", "b.txt")
     assert index.owed
     conn.refusing = False
@@ -104,9 +109,7 @@ async def test_a_new_entry_the_index_cannot_commit_is_still_refused_with_enospc(
     """Making an entry can be taken back, so it still fails (and leaves nothing behind)."""
     await kit.settle()
     index = kit.fs.index
-    conn = RefusedCommits(index.conn)
-    index.conn = conn
-    conn.refusing = True
+    conn = refuse_commits(kit)
     with fails_with(errno.ENOSPC):
         await kit.mkdir("new")
     assert not index.owed
@@ -130,9 +133,7 @@ async def test_a_chmod_truncate_or_o_trunc_the_index_cannot_commit_stands_and_is
     await kit.write_file("g.txt", b"abcdef")
     await kit.settle()
     index = kit.fs.index
-    conn = RefusedCommits(index.conn)
-    index.conn = conn
-    conn.refusing = True
+    conn = refuse_commits(kit)
 
     await kit.setattr("f.txt", mode=0o100600)
     await kit.setattr("f.txt", size=4)
@@ -166,9 +167,7 @@ async def test_a_write_the_index_never_recorded_shows_and_is_uploaded_after_a_re
         resume = kit.hold_write_back()
         node = kit.node("f.txt")
         await kit.fs.writable_staged(node)  # committed: the row names the staged copy, clean
-        conn = RefusedCommits(kit.fs.index.conn)
-        kit.fs.index.conn = conn
-        conn.refusing = True
+        refuse_commits(kit)
         fh = await kit.open_file("f.txt", os.O_WRONLY)
         with fails_with(errno.ENOSPC):  # (marking it changed is not a change that stands: see kept)
             await kit.write(fh, 11, b" and more")
@@ -186,9 +185,7 @@ async def test_no_write_succeeds_while_the_index_owes_changes(kit):
     what the index owes may be that very record, so writes get ENOSPC until it is committed."""
     fh = await kit.create_file("f.txt")
     await kit.write(fh, 0, b"first ")  # the file is recorded as changed from here on
-    conn = RefusedCommits(kit.fs.index.conn)
-    kit.fs.index.conn = conn
-    conn.refusing = True
+    conn = refuse_commits(kit)
     await kit.rename("f.txt", "g.txt")  # stands; owed
     with fails_with(errno.ENOSPC):
         await kit.write(fh, 6, b"second")
