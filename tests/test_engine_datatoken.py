@@ -328,3 +328,19 @@ async def test_rejected_command_reports_status_3_with_reason(eng, wire):
         assert ack["command_status"] == 3 and ack["body"] == "policy.rejected"
         assert await wire.poll(command_id(r)) == "rejected"
         assert await wire.retrieve(ch, token) == b"x"
+
+
+async def test_request_data_of_a_token_whose_data_file_is_lost_is_rejected_at_once(eng, wire):
+    """A blob gone from the store (a damaged vault): the apply raised, the command got no result
+    and the client asked four times before its read failed (80 s), with a traceback in the log
+    each time. Now the request is rejected at once and the log names the file."""
+    await wire.provision()
+    async with wire.channel() as ch:
+        token = await wire.store(ch, os.urandom(300), streamed=False)
+        for f in (eng.data_dir / "blobs").rglob("*"):
+            if f.is_file():
+                f.unlink()
+        r = await wire.post("/data-token/request-data", {"token": token})
+        assert r.status_code == 202, r.text
+        d = await ch.wait_for("X-DPT-CAB-REQUEST-ID", r.headers["x-dpt-cab-request-id"], timeout=10)
+        assert d["command_status"] == 3, d

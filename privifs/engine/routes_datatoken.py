@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import secrets
 import sqlite3
 import time
@@ -44,6 +45,8 @@ LIST_FILTERS = {
 }
 NAME_MAX = 1024
 CONTEXT_MAX = 4096
+
+log = logging.getLogger("privifs.engine")
 
 
 def item(row: sqlite3.Row) -> dict[str, Any]:
@@ -131,7 +134,13 @@ def apply_request_data(opts: EngineOptions, blobs: BlobStore, conn, params, prof
         raise Rejected("data_token.not_found", [request_event(opts, rid, 3, None, "data_token.not_found")])
     out = Outcome()
     if row["blob_size"] <= opts.inline_threshold:
-        data = blobs.path(row["blob_id"]).read_bytes()
+        try:
+            data = blobs.path(row["blob_id"]).read_bytes()
+        except FileNotFoundError:  # the data file is lost (a damaged store): the request fails now
+            # (an exception here was a traceback and no result: the client asked 4 times, 80 s)
+            log.error("token %s: its data file %s is missing", params["token"], blobs.path(row["blob_id"]))
+            reason = "data_token.data_missing"
+            raise Rejected(reason, [request_event(opts, rid, 3, None, reason)]) from None
         out.events.append(request_event(opts, rid, 2, 0, base64.b64encode(data).decode()))
     else:
         auth = secrets.token_urlsafe(24)
