@@ -101,6 +101,7 @@ class Summary:
     embedded: bool
     blobs: int
     blob_bytes: int
+    missing: int = 0  # data files the engine had already lost: not in the backup (the vault was damaged)
 
 
 def _tar_bytes(members: dict[str, bytes]) -> bytes:
@@ -149,16 +150,15 @@ def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path,
     doc["engine"] = {
         name: _read(data_dir / name, f"engine's {name}") for name in ENGINE_SECRETS if (data_dir / name).exists()
     }
-    blobs = []
+    blobs, missing = [], 0
     for blob_id in sorted(referenced):
         path = data_dir / "blobs" / blob_id[:2] / blob_id
-        if not path.is_file():
-            raise BackupError(
-                f"the engine's blob {path} is missing; the vault is damaged ('privifs verify' "
-                f"tells which file); nothing was written"
-            )
+        if not path.is_file():  # lost before this backup: the rest is still worth keeping
+            missing += 1
+            continue
         blobs.append((path, f"engine/blobs/{blob_id[:2]}/{blob_id}"))
     doc["blobs"] = {arc: path.stat().st_size for path, arc in blobs}
+    doc["missing_blobs"] = missing
     return image, blobs
 
 
@@ -226,7 +226,9 @@ def write_backup(
             raise output_failed(out, exc, "the backup") from None
         finally:
             tmp.unlink(missing_ok=True)
-    return Summary(cfg.username, cfg.embedded, len(blobs), sum(doc.get("blobs", {}).values()))
+    return Summary(
+        cfg.username, cfg.embedded, len(blobs), sum(doc.get("blobs", {}).values()), doc.get("missing_blobs", 0)
+    )
 
 
 class _NamedReader:

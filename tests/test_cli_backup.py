@@ -290,20 +290,28 @@ def test_restore_of_a_backup_with_a_damaged_header_says_so_in_one_line(tmp_path)
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
 
 
-def test_backup_warns_when_the_last_mount_left_changes_not_uploaded(tmp_path):
+def test_backup_warns_of_changes_not_uploaded_and_of_data_the_vault_already_lost(tmp_path):
     """A mount killed before its uploads: the changes are staged on this machine only, and a
-    backup of the vault does not hold them. It said nothing (exit 0, silence) before."""
+    backup of the vault does not hold them (it said nothing, exit 0). A blob gone from the
+    engine's data (the vault damaged): every backup failed until the damaged file was deleted,
+    so the intact files could not be backed up at all."""
     m = Mount(tmp_path / "home", None, mount_args=("--write-back-delay", "3600"))
     env = dict(m.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    fresh = Mount(tmp_path / "fresh", None)
     try:
         m.mount()
         (m.dir / "uploaded.txt").write_bytes(b"in the vault")
+        (m.dir / "lost.txt").write_bytes(b"its blob goes")
         m.wait_idle()
+        lost = next(t["token"] for t in m.tokens() if t["fileName"] == "lost.txt")
         clean = privifs(env, "backup", str(tmp_path / "clean.backup"), check=False)
         assert clean.returncode != 0  # refused while mounted (the engine runs)
         m.umount()
         clean = privifs(env, "backup", str(tmp_path / "clean.backup"))
         assert "warning" not in clean.stderr
+        with sqlite3.connect(engine_dir(m) / "engine.sqlite3") as conn:
+            (blob,) = conn.execute("SELECT blob_id FROM data_tokens WHERE token = ?", (lost,)).fetchone()
+        (engine_dir(m) / "blobs" / blob[:2] / blob).unlink()
         m.mount()
         (m.dir / "staged.txt").write_bytes(b"only on this machine")
         m.kill9()
@@ -314,8 +322,16 @@ def test_backup_warns_when_the_last_mount_left_changes_not_uploaded(tmp_path):
             time.sleep(0.2)
         assert r.returncode == 0, r.stderr
         assert "1 changes made in the mount are not in the vault yet" in r.stderr, r.stderr
+        assert "1 data files of the vault were already missing" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+        privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(tmp_path / "staged.backup"))
+        with fresh.mounted():
+            assert (fresh.dir / "uploaded.txt").read_bytes() == b"in the vault"
+            with pytest.raises(OSError):  # damaged, as it was in the vault: never wrong bytes
+                (fresh.dir / "lost.txt").read_bytes()
+            assert not (fresh.dir / "staged.txt").exists()
     finally:
+        fresh.cleanup()
         m.cleanup()
 
 

@@ -80,6 +80,13 @@ def run_backup(args: argparse.Namespace) -> int:
     )
     print(f"backup written to {args.file}: key, account of {summary.username}{data}")
     print("Keep it and its passphrase apart; 'privifs restore FILE' rebuilds the vault on a clean home.")
+    if summary.missing:
+        print(
+            f"privifs: warning: {summary.missing} data files of the vault were already missing from the "
+            "engine's data, so the files they held are damaged in the vault and in this backup; "
+            "'privifs verify --data' names them ('--repair' restores those still in this machine's cache).",
+            file=sys.stderr,
+        )
     from privifs.fs.daemon import default_state_dir
 
     state = default_state_dir(cfg)
