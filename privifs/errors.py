@@ -142,11 +142,19 @@ class TokenMissing(CommandRejected, NotFoundError):
     deleted, or replaced, by another client); also a :class:`NotFoundError`."""
 
 
+class DataMissing(CommandRejected, IntegrityError):
+    """A request for a token's data rejected because the server lost that data
+    (``data_token.data_missing``: a damaged store); also an :class:`IntegrityError`, so a read
+    is EIO and ``privifs verify --data`` reports the file damaged (``--repair`` stores it again
+    from a local copy)."""
+
+
 # the reason keys (``<area>.<reason>``, e.g. ``profile.not_an_owner``) that pick a rejection's type,
 # by their part after the area: "not allowed" and "does not exist"; any other reason is a plain
 # CommandRejected
 REFUSAL_REASONS: dict[str, type[CommandRejected]] = {
     "not_found": TokenMissing,
+    "data_missing": DataMissing,
     "not_an_owner": PermissionRefused,
     "access_denied": PermissionRefused,
     "permission_denied": PermissionRefused,

@@ -13,6 +13,7 @@ from privifs.errors import (
     AuthorizationError,
     CommandRejected,
     ConflictError,
+    DataMissing,
     DiskFullError,
     ForbiddenError,
     IntegrityError,
@@ -62,6 +63,7 @@ def test_each_error_type_answers_its_errno(exc, code):
         ("profile.not_an_owner", PermissionRefused),
         ("policy.access_denied", PermissionRefused),
         ("data_token.forbidden", PermissionRefused),
+        ("data_token.data_missing", DataMissing),  # also an IntegrityError: EIO, and verify says damaged
         ("policy.rejected", CommandRejected),
         ("data_token.temporary_token_invalid", CommandRejected),
         ("the vote timed out", CommandRejected),
@@ -71,6 +73,8 @@ def test_each_error_type_answers_its_errno(exc, code):
 def test_a_rejected_command_is_the_error_its_reason_key_stands_for(reason, kind):
     exc = rejected_command("rejected", command_id="c1", reason=reason)
     assert type(exc) is kind and exc.reason == reason and exc.command_id == "c1"
+    assert isinstance(exc, IntegrityError) == (kind is DataMissing)
+    assert errno_for(exc) == (errno.EACCES if kind is PermissionRefused else errno.EIO)
 
 
 async def test_fsync_of_an_upload_refused_as_not_allowed_answers_eacces(eng, account, tmp_path):
