@@ -730,8 +730,9 @@ class Filesystem:
             raise fail(errno.EBADF)
         if (node.size if fh.append else offset) >= MAX_FILE_SIZE:
             raise fail(errno.EFBIG)  # (before anything is staged for it)
-        if self.index.owed:  # no write succeeds before the index records it: what it owes may be
-            self.index.settle()  # the very staged copy the write goes to (ENOSPC while it cannot)
+        # no write succeeds before the index records what it owes (nothing, mostly): that may be
+        # the very staged copy the write goes to (ENOSPC while it cannot)
+        self.index.settle()
         staged = await self.writable_staged(node)
         if fh.append:
             offset = staged.size
