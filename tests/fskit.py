@@ -307,7 +307,7 @@ class InProcessFs:
 
     async def tree(self, path: str = "") -> dict[str, object]:
         """Every entry below ``path``: ``"dir"``, file content (bytes), ``("->", target)``, or
-        for a FIFO or socket the letter ``ls -l`` shows (``"p"``, ``"s"``)."""
+        for a FIFO, socket or device node the letter ``ls -l`` shows (``"p"``, ``"s"``, ``"c"``, ``"b"``)."""
         out: dict[str, object] = {}
         for name, _ in await self.readdir(path):
             p = f"{path}/{name}".strip("/")
@@ -318,7 +318,7 @@ class InProcessFs:
             elif stat.S_ISLNK(attrs.st_mode):
                 out[p] = ("->", (await self.readlink(p)).decode())
             elif not stat.S_ISREG(attrs.st_mode):
-                out[p] = stat.filemode(attrs.st_mode)[0]  # p: FIFO, s: socket
+                out[p] = stat.filemode(attrs.st_mode)[0]  # p: FIFO, s: socket, c, b: devices
             else:
                 out[p] = await self.read_file(p)
         return out

@@ -506,18 +506,22 @@ async def test_names_must_be_utf8_short_and_not_reserved(kit):
         await kit.ops.link(1, 1, b"hard", CTX)
 
 
-async def test_fifos_and_sockets_are_entries_and_device_nodes_are_refused(kit):
+async def test_fifos_sockets_and_device_nodes_are_entries_another_mount_sees_with_their_device(kit):
     await kit.mknod("pipe", stat.S_IFIFO | 0o640)
     await kit.mknod("sock", stat.S_IFSOCK | 0o600)
-    with fails_with(errno.EPERM):
-        await kit.mknod("null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    with fails_with(errno.EPERM):
-        await kit.mknod("disk", stat.S_IFBLK | 0o600, os.makedev(8, 0))
-    assert await kit.tree() == {"pipe": "p", "sock": "s"}
+    await kit.mknod("null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    await kit.mknod("disk", stat.S_IFBLK | 0o600, os.makedev(259, 65536))
+    kinds = {"pipe": "p", "sock": "s", "null": "c", "disk": "b"}
+    assert await kit.tree() == kinds
     assert stat.S_IMODE((await kit.lookup("pipe")).st_mode) == 0o640
+    assert (await kit.lookup("null")).st_rdev == os.makedev(1, 3)
     await kit.settle()
     async with kit.fresh() as other:
-        assert await other.tree() == {"pipe": "p", "sock": "s"}
+        assert await other.tree() == kinds
+        assert (await other.lookup("null")).st_rdev == os.makedev(1, 3)
+        disk = await other.lookup("disk")
+        assert disk.st_rdev == os.makedev(259, 65536) and disk.st_mode == stat.S_IFBLK | 0o600
+        assert (await other.lookup("pipe")).st_rdev == 0
 
 
 async def test_extended_attributes_are_not_supported(kit):

@@ -35,7 +35,14 @@ from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.parts import is_manifest_node
 from privifs.fs.staging import StagedFile, Staging
 from privifs.fs.sync import Syncer
-from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, SPECIAL_KINDS
+from privifs.fs.tokenmeta import (
+    DEVICE_KINDS,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    RESERVED_CONTEXT,
+    SPECIAL_KINDS,
+)
 
 if TYPE_CHECKING:
     from privifs.client.vault import Vault
@@ -195,7 +202,7 @@ class Filesystem:
             size = len(node.target.encode("utf-8", "surrogateescape")) if node.is_symlink and node.target else node.size
         e.st_uid = node.uid if node.uid is not None else self.opts.uid
         e.st_gid = node.gid if node.gid is not None else self.opts.gid
-        e.st_rdev = 0
+        e.st_rdev = node.rdev
         e.st_size = size
         e.st_blksize = BLOCK
         e.st_blocks = (size + 511) // 512
@@ -352,14 +359,17 @@ class Filesystem:
         return self._new_entry(parent, text, KIND_SYMLINK, 0o777, owner, target=target_text)
 
     def mknod(
-        self, parent_ino: int, name: bytes, mode: int, owner: tuple[int, int] | None = None
+        self, parent_ino: int, name: bytes, mode: int, owner: tuple[int, int] | None = None, rdev: int = 0
     ) -> pyfuse3.EntryAttributes:
         kind = next((k for k, fmt in SPECIAL_KINDS.items() if stat.S_IFMT(mode) == fmt), None)
-        if kind is not None:  # a FIFO or socket: no content (the kernel carries what passes through it)
+        if kind is not None:  # FIFO, socket, device node: no content (the kernel carries what passes through)
             parent = self.dir_node(parent_ino)
-            return self._new_entry(parent, self.new_name(parent, name), kind, stat.S_IMODE(mode), owner)
+            text = self.new_name(parent, name)
+            return self._new_entry(
+                parent, text, kind, stat.S_IMODE(mode), owner, rdev=rdev if kind in DEVICE_KINDS else 0
+            )
         if not stat.S_ISREG(mode):
-            raise fail(errno.EPERM)  # no device nodes
+            raise fail(errno.EINVAL)  # no other file type exists
         node = self._new_file(self.dir_node(parent_ino), name, mode, owner)
         self._save_new(node)
         self.sync.schedule_upload(node)
@@ -376,9 +386,10 @@ class Filesystem:
         *,
         explicit: bool = False,
         target: str | None = None,
+        rdev: int = 0,
     ) -> pyfuse3.EntryAttributes:
-        """A new entry without content (directory, symlink, FIFO, socket), owned by its maker,
-        saved with its meta to be written back."""
+        """A new entry without content (directory, symlink, FIFO, socket, device node), owned by
+        its maker, saved with its meta to be written back."""
         node: Node | None = None
         try:
             with self.index:
@@ -388,6 +399,8 @@ class Filesystem:
                     self.ns.set_explicit(node, True)
                 if target is not None:
                     self.ns.set_attributes(node, target=target)
+                if rdev:
+                    self.ns.set_attributes(node, rdev=rdev)
                 self.touch_parent(parent)
                 self.touch_meta(node)
         except BaseException:

@@ -102,6 +102,10 @@ MIGRATIONS: list[tuple[str, Step]] = [
         "a directory's other marker tokens (Node.extra_markers), kept for an rmdir or rename made offline",
         "ALTER TABLE nodes ADD COLUMN markers TEXT",
     ),
+    (
+        "a device node's device number (st_rdev; 0 for every other kind)",
+        "ALTER TABLE nodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -132,6 +136,7 @@ COLUMNS = (
     "upload_started",
     "atime_ns",
     "markers",
+    "rdev",
 )
 
 
@@ -175,6 +180,7 @@ class Node:
         self.atime_ns: int | None = None  # None: reads as mtime (never set by utimens)
         self.size = 0
         self.target = None
+        self.rdev = 0
         self.token = self.remote_context = self.remote_name = self.remote_extension = None
         self.remote_risk: str | None = None
         self.shown_as = self.staged_id = None
@@ -1019,7 +1025,7 @@ class Namespace:
             node.writers -= 1
 
     # attributes and local changes
-    ATTRIBUTES = ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size", "target")
+    ATTRIBUTES = ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size", "target", "rdev")
 
     def set_attributes(self, node: Node, **values) -> None:
         """Set POSIX attributes (any of :attr:`ATTRIBUTES`); marks nothing dirty by itself."""
@@ -1176,6 +1182,7 @@ class Namespace:
         node.uid, node.gid = a.uid, a.gid
         if node.is_symlink:
             node.target = a.target
+        node.rdev = a.rdev
         if info.size is not None and not node.is_dir:
             node.size = info.size
         node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension

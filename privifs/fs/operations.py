@@ -73,7 +73,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.fs.mknod(parent_inode, name, mode, (ctx.uid, ctx.gid))
+        return self.fs.mknod(parent_inode, name, mode, (ctx.uid, ctx.gid), rdev)
 
     @handler
     async def mkdir(self, parent_inode, name, mode, ctx):

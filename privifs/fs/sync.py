@@ -104,6 +104,13 @@ def awaits_marker(node: Node) -> bool:
     )
 
 
+def node_risk(node: Node, base: dict[str, str]) -> dict[str, str]:
+    """The risk meta that stores ``node``'s attributes over ``base`` (what the token has)."""
+    return risk_fields(
+        base, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns, node.rdev
+    )
+
+
 def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False) -> bool:
     """An fsync keeps waiting (up to --fsync-timeout) through failures of a server that answers
     (5xx, a command still pending): the next attempt may well succeed, and a program treats an
@@ -464,7 +471,7 @@ class Syncer:
         """Store a big file as parts + a manifest (:mod:`privifs.fs.partwrite`): the manifest
         token, the replaced manifest's parts no longer named, and the manifest's risk meta."""
         old = await self.parts.old_manifest(node.token, is_manifest_node(node.remote_risk), self.ns.describe(node))
-        risk = risk_fields({}, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns)
+        risk = node_risk(node, {})
         ino = node.ino
         self.sent[ino] = 0  # umount's progress: a part counts once uploaded (or kept)
 
@@ -685,9 +692,7 @@ class Syncer:
                     self.renamed[token] = (trio.current_time(), *before)
                 if self.ns.retire_markers(node):  # another mkdir's marker would keep the old path
                     self.wake_tombstones()
-            risk = risk_fields(
-                node.risk(), node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns
-            )
+            risk = node_risk(node, node.risk())
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
                 if node.token != token:

@@ -7,13 +7,15 @@
 * ``path`` is written as the full path at creation; it is informational (the reference does not
   let it be updated), so names are always derived from context and fileName.
 * Risk meta carries the POSIX attributes next to the three official fields:
-  ``privifs.type`` (file | dir | symlink | fifo | socket), ``privifs.mode`` (octal permission bits),
+  ``privifs.type`` (file | dir | symlink | fifo | socket | chardev | blockdev), ``privifs.mode``
+  (octal permission bits),
   ``privifs.mtime`` (nanoseconds), ``privifs.atime`` (nanoseconds, from creation or utimens;
   absent in older tokens, the access time reads as mtime), ``privifs.target`` (symlink target),
   ``privifs.uid`` and ``privifs.gid`` (only when not the mount's owner and group: after a chown,
   or made by another user of an ``--allow-other`` mount). Fields other applications set are kept.
-* A FIFO or a socket (``mknod``, ``mkfifo``, ``bind``) is an empty token like a marker with its
-  type; what passes through it stays in the kernel of the machine that opened it.
+* A FIFO, a socket or a device node (``mknod``, ``mkfifo``, ``bind``) is an empty token like a
+  marker with its type; what passes through it stays in the kernel of the machine that opened it
+  (a mount is ``nodev``: a device node in the vault opens no device anywhere).
 * A directory that must exist on its own (made by mkdir, or left empty) is a *marker*: an empty
   token with ``privifs.type = dir`` at its parent's context under its name.
 * ``/.privifs`` is reserved for privifs' own tokens (the key check, the parts of big files in
@@ -22,6 +24,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
 
@@ -38,9 +41,15 @@ OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling
 CARRIED = frozenset({"privifs.parts"})
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
-KIND_FIFO, KIND_SOCKET = "fifo", "socket"
+KIND_FIFO, KIND_SOCKET, KIND_CHARDEV, KIND_BLOCKDEV = "fifo", "socket", "chardev", "blockdev"
 # entries with no content of their own: only the name, the type and the attributes are stored
-SPECIAL_KINDS = {KIND_FIFO: stat.S_IFIFO, KIND_SOCKET: stat.S_IFSOCK}
+SPECIAL_KINDS = {
+    KIND_FIFO: stat.S_IFIFO,
+    KIND_SOCKET: stat.S_IFSOCK,
+    KIND_CHARDEV: stat.S_IFCHR,
+    KIND_BLOCKDEV: stat.S_IFBLK,
+}
+DEVICE_KINDS = frozenset({KIND_CHARDEV, KIND_BLOCKDEV})  # carry a device number (st_rdev)
 
 
 def split_context(context: str) -> list[str]:
@@ -65,6 +74,17 @@ class Attributes:
     uid: int | None
     gid: int | None
     atime_ns: int | None = None
+    rdev: int = 0  # a device node's device number (os.makedev); 0 for every other kind
+
+
+def parse_rdev(text: str | None) -> int:
+    """``major:minor`` as written by :func:`risk_fields`; anything else reads as device 0:0."""
+    try:
+        major, minor = (int(n) for n in (text or "").split(":"))
+    except ValueError:
+        return 0
+    # Linux's device numbers: a 12-bit major, a 20-bit minor
+    return os.makedev(major, minor) if 0 <= major < 1 << 12 and 0 <= minor < 1 << 20 else 0
 
 
 def attributes(info: TokenInfo) -> Attributes:
@@ -88,7 +108,8 @@ def attributes(info: TokenInfo) -> Attributes:
     target = risk.get("privifs.target") if kind == KIND_SYMLINK else None
     if kind == KIND_SYMLINK and not target:
         kind = KIND_FILE
-    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"), num("privifs.atime"))
+    rdev = parse_rdev(risk.get("privifs.rdev")) if kind in DEVICE_KINDS else 0
+    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"), num("privifs.atime"), rdev)
 
 
 def risk_fields(
@@ -100,6 +121,7 @@ def risk_fields(
     uid: int | None,
     gid: int | None,
     atime_ns: int | None = None,
+    rdev: int = 0,
 ) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
@@ -113,6 +135,8 @@ def risk_fields(
         fields["privifs.atime"] = str(atime_ns)
     if target is not None:
         fields["privifs.target"] = target
+    if kind in DEVICE_KINDS:
+        fields["privifs.rdev"] = f"{os.major(rdev)}:{os.minor(rdev)}"
     if uid is not None:
         fields["privifs.uid"] = str(uid)
     if gid is not None:
