@@ -50,3 +50,16 @@ def test_privifs_mount_with_a_bad_setting_says_so_in_one_line_and_mounts_nothing
     err = capsys.readouterr().err
     assert code == 3 and err.count("\n") == 1 and "[mount] cache_size" in err, err
     assert not any(mnt.iterdir())
+
+
+def test_an_option_given_at_its_default_value_still_beats_the_configuration(tmp_path):
+    args = parse("--fsync", "vault", "--upload-workers", "32", "--cache-size", "2G")
+    config_defaults(args, {"fsync": "local", "upload_workers": 4, "cache_size": "1G"}, tmp_path / "config.toml")
+    assert args.fsync_mode == "vault" and args.upload_workers == 32 and args.cache_size == 2 * 2**30
+
+
+def test_options_neither_given_nor_configured_take_their_defaults(tmp_path):
+    args = parse()
+    config_defaults(args, {}, tmp_path / "config.toml")
+    assert args.fsync_mode == "vault" and args.upload_workers == 32 and args.allow_other is False
+    assert args.cache_size == 2 * 2**30 and args.write_back_delay == 1.0 and args.cache_dir is None

@@ -31,6 +31,9 @@ LOG_BACKUPS = 3
 
 
 _OPTIONS: dict[str, argparse.Action] = {}  # dest -> the option's action: what [mount] may set
+# dest -> the option's own default; the parser's is None, so that a value given on the command line
+# (even one equal to the default) is told apart from one not given (see config_defaults)
+_DEFAULTS: dict[str, object] = {}
 
 
 def register(sub) -> None:
@@ -106,19 +109,23 @@ def register(sub) -> None:
         for a in p._actions
         if a.option_strings and a.help != argparse.SUPPRESS and a.dest not in ("help", "foreground")
     )
+    _DEFAULTS.clear()
+    for action in _OPTIONS.values():
+        _DEFAULTS[action.dest], action.default = action.default, None
 
 
 def config_defaults(args: argparse.Namespace, section: dict, cfg_path: Path) -> None:
     """The configuration's ``[mount]`` values (``cache_size = "5G"``, ``fsync = "local"``,
-    ``allow_other = true``, …) for the options the command line did not give; a name or value
-    the option would refuse is a ConfigError (they were ignored without a word before)."""
+    ``allow_other = true``, …) for the options the command line did not give, then the options'
+    own defaults for the rest; a name or value the option would refuse is a ConfigError (they were
+    ignored without a word before)."""
     for key, value in section.items():
         name = str(key).replace("-", "_")
         action = _OPTIONS.get("fsync_mode" if name == "fsync" else name)
         if action is None:
             known = ", ".join(sorted("fsync" if d == "fsync_mode" else d for d in _OPTIONS))
             raise ConfigError(f"{cfg_path}: [mount] has no setting {key!r} (it takes: {known})")
-        if getattr(args, action.dest) != action.default:
+        if getattr(args, action.dest) is not None:
             continue  # the command line wins
         where = f"{cfg_path}: [mount] {key} = {value!r}"
         if isinstance(action, argparse._StoreTrueAction):
@@ -135,6 +142,9 @@ def config_defaults(args: argparse.Namespace, section: dict, cfg_path: Path) -> 
             setattr(args, action.dest, action.type(text) if action.type is not None else text)
         except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    for dest, default in _DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
 
 
 # -- mount ---------------------------------------------------------------------------------------
