@@ -92,6 +92,14 @@ def register(sub) -> None:
         help="seconds fsync waits for the vault before failing with EIO (default 300)",
     )
     p.add_argument(
+        "--server-timeout",
+        type=seconds(1),
+        metavar="SECONDS",
+        default=30.0,
+        help="seconds to wait for a server that accepts connections but does not answer: then a vault "
+        "mounted here before starts offline, another fails (default 30)",
+    )
+    p.add_argument(
         "--fsync",
         choices=("vault", "local"),
         default="vault",
@@ -175,6 +183,7 @@ def _mount_config(args: argparse.Namespace):
         refresh_interval=args.refresh_interval,
         upload_workers=args.upload_workers,
         write_back_delay=args.write_back_delay,
+        server_timeout=args.server_timeout,
         allow_other=args.allow_other,
         state_dir=args.state_dir,
         fs=MountOptions(
@@ -310,6 +319,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         str(args.write_back_delay),
         "--fsync-timeout",
         str(args.fsync_timeout),
+        "--server-timeout",
+        str(args.server_timeout),
         "--fsync",
         args.fsync_mode,
     ]

@@ -12,7 +12,8 @@ ready, leaving its daemon behind) and exits with its status:
 ``refresh_interval=…``,
 ``upload_workers=…``,
 ``write_back_delay=…``,
-``fsync_timeout=…``, ``uid=…``,
+``fsync_timeout=…``,
+``server_timeout=…``, ``uid=…``,
 ``gid=…``, ``umask=…``,
 ``fsync=local``
 ``_netdev``, ``x-systemd.*``,          for mount(8) and systemd only: ignored here
@@ -42,6 +43,7 @@ VALUED = {
     "upload_workers": "--upload-workers",
     "write_back_delay": "--write-back-delay",
     "fsync_timeout": "--fsync-timeout",
+    "server_timeout": "--server-timeout",
     "fsync": "--fsync",
     "uid": "--uid",
     "gid": "--gid",

@@ -46,9 +46,6 @@ log = logging.getLogger("privifs.fs.connector")
 MARKER = "vault-checked"
 FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
-# how long the start waits for a server that accepts connections but does not answer before it
-# starts offline (when it may); a refused connection is known in seconds
-OFFLINE_START_AFTER = 30.0
 
 
 class VaultLink:
@@ -183,11 +180,12 @@ class Connector:
             self.attempts += 1
             try:
                 # the first attempt of a vault that may start offline is bounded until the vault
-                # answered: a server that never answers must not hold the mount (its reads time out
-                # after a minute, retried); the attempts after it run in the background
+                # answered (--server-timeout): a server that never answers must not hold the mount
+                # (its reads time out after a minute, retried); the attempts after it run in the
+                # background. A refused connection is known in seconds
                 bounded = trio.CancelScope()
                 if first and may_start_offline(self.state_dir, self.account.key):
-                    bounded.deadline = trio.current_time() + OFFLINE_START_AFTER
+                    bounded.deadline = trio.current_time() + self.link.options.login_timeout
                 with bounded:
                     async with connect(
                         self.account.endpoints, self.account.credentials, self.link.options, supervisor=self.supervisor
@@ -215,7 +213,7 @@ class Connector:
                 if bounded.cancelled_caught:
                     raise ServerUnreachable(
                         f"the Privicore server at {self.account.endpoints.api} did not answer within "
-                        f"{OFFLINE_START_AFTER:.0f}s"
+                        f"{self.link.options.login_timeout:g}s"
                     )
             except PrivifsError as exc:
                 if first and not (exc.transient and may_start_offline(self.state_dir, self.account.key)):

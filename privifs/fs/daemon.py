@@ -67,6 +67,7 @@ class MountConfig:
     refresh_interval: float = 30.0
     upload_workers: int = 32
     write_back_delay: float = 1.0
+    server_timeout: float = 30.0  # the login's answer; then a vault mounted here before starts offline
     allow_other: bool = False
     state_dir: Path | None = None
     fs: MountOptions = field(default_factory=MountOptions)
@@ -208,7 +209,7 @@ class Daemon:
 
     async def _serve(self, account, links: trio.Nursery, ready) -> None:
         key = account.key
-        link = VaultLink(ClientOptions())
+        link = VaultLink(ClientOptions(login_timeout=self.mcfg.server_timeout))
         vault = Vault(link, key)
         local = local_key(key)
         opts = self.mcfg.fs
