@@ -10,8 +10,7 @@ from tests.mountkit import Mount, privifs
 
 
 def blob_of(engine, wire_size: int):
-    blobs = [f for d in (engine.data_dir / "blobs").iterdir() if d.is_dir() for f in d.iterdir()]
-    found = [f for f in blobs if f.stat().st_size == wire_size]
+    found = engine.blob_files(wire_size)
     assert len(found) == 1, found
     return found[0]
 
@@ -25,6 +24,9 @@ def test_verify_finds_a_tampered_blob_and_a_deleted_token_and_repairs_from_the_c
             (m.dir / "docs" / "victim.bin").write_bytes(content)
             (m.dir / "gone.txt").write_text("deleted behind the mount's back")
             (m.dir / "fine.txt").write_text("untouched")
+            swapped = {name: os.urandom(76_543) for name in ("s1.bin", "s2.bin")}  # a size no other test uses
+            for name, data in swapped.items():
+                (m.dir / name).write_bytes(data)
             m.wait_idle()
             tokens = {t["fileName"]: t["token"] for t in m.tokens()}
         clean = privifs(m.env, "verify", "--data", check=False)
@@ -36,6 +38,10 @@ def test_verify_finds_a_tampered_blob_and_a_deleted_token_and_repairs_from_the_c
         raw[70_000] ^= 0x01
         blob.write_bytes(bytes(raw))
         m.token("rm", tokens["gone.txt"])
+        one, two = engine.blob_files(76_543 + 28)  # each well-formed, each the other token's content
+        first, second = one.read_bytes(), two.read_bytes()
+        one.write_bytes(second)
+        two.write_bytes(first)
 
         quick = privifs(m.env, "verify", check=False)  # the index against the listing only
         assert quick.returncode == 3, quick.stdout + quick.stderr
@@ -44,17 +50,24 @@ def test_verify_finds_a_tampered_blob_and_a_deleted_token_and_repairs_from_the_c
         full = privifs(m.env, "verify", "--data", check=False)
         assert full.returncode == 3, full.stdout + full.stderr
         assert "damaged: /docs/victim.bin" in full.stdout and "missing: /gone.txt" in full.stdout
+        assert "damaged: /s1.bin" in full.stdout and "damaged: /s2.bin" in full.stdout
+        assert "does not match the digest" in full.stdout
+        got = m.token("get", tokens["s1.bin"], str(tmp_path / "s1.out"), check=False)
+        assert got.returncode != 0 and "does not match the digest" in got.stderr, got.stdout + got.stderr
+        assert "Traceback" not in got.stderr and not (tmp_path / "s1.out").exists()
         assert "fine.txt" not in full.stdout and "Traceback" not in full.stderr
 
         fixed = privifs(m.env, "verify", "--data", "--repair", check=False)
         assert "repaired: /docs/victim.bin" in fixed.stdout, fixed.stdout + fixed.stderr
+        assert "repaired: /s1.bin" in fixed.stdout and "repaired: /s2.bin" in fixed.stdout
         assert fixed.returncode == 3  # /gone.txt has no copy to restore from the vault's side: still reported
         names = {t["fileName"]: t for t in m.tokens()}
         assert names["victim.bin"]["token"] != tokens["victim.bin"] and names["victim.bin"]["context"] == "/docs"
 
         with m.mounted():  # the mount follows: the new token replaces the damaged one, gone.txt goes
             assert (m.dir / "docs" / "victim.bin").read_bytes() == content
-            assert sorted(os.listdir(m.dir)) == ["docs", "fine.txt"]
+            assert sorted(os.listdir(m.dir)) == ["docs", "fine.txt", "s1.bin", "s2.bin"]
+            assert all((m.dir / name).read_bytes() == data for name, data in swapped.items())
         after = privifs(m.env, "verify", "--data", check=False)
         assert after.returncode == 0, after.stdout + after.stderr
     finally:

@@ -24,8 +24,9 @@ from privifs.cli.options import is_utf8, utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
-from privifs.client.sinks import BlockWriter
+from privifs.client.sinks import BlockWriter, CheckedSink
 from privifs.config import load
+from privifs.crypto import digest
 from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
 from privifs.fs.names import display_name
 from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
@@ -314,7 +315,10 @@ async def _get(args, client, vault) -> int:
                     manifest = await args.parts.manifest(args.token)
                     await args.parts.copy(manifest, sink.write)
                 else:
-                    await vault.get(args.token, sink, size=info.size)
+                    check = digest.check_for(vault.derive(digest.content_key), info.risk)
+                    await vault.get(args.token, sink if check is None else CheckedSink(sink, check), size=info.size)
+                    if check is not None:  # the content its token states (see privifs.crypto.digest)
+                        check.verify()
                 await sink.finish()
         sink.commit()
     except BaseException:

@@ -33,8 +33,10 @@ from privifs.cli.failures import EXIT_USAGE, ExitStatus
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
+from privifs.client.sinks import CheckedSink
 from privifs.client.vault import Vault
 from privifs.config import load
+from privifs.crypto import digest
 from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, WrongKeyError
 from privifs.fs.names import entry_name
@@ -285,15 +287,18 @@ async def verify(
     if not args.data:
         return report
     todo = [i for i in infos if not same_context(i.context, RESERVED_CONTEXT) and i.token not in tombstones]
+    content_key = vault.derive(digest.content_key)
     bar = Bar(len(todo))
     limiter = trio.CapacityLimiter(PARALLEL)
 
     async def check(info: TokenInfo) -> None:
         path = files[info.token].path if info.token in files else listed_path(info)
         async with limiter:
-            sink = DiscardSink()
+            sink, check = DiscardSink(), digest.check_for(content_key, info.risk)
             try:
-                await vault.get(info.token, sink, size=info.size)
+                await vault.get(info.token, sink if check is None else CheckedSink(sink, check), size=info.size)
+                if check is not None:  # the content its token states (see privifs.crypto.digest)
+                    check.verify()
                 report.checked += 1
                 report.checked_bytes += sink.size
             except IntegrityError as exc:

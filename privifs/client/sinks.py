@@ -144,3 +144,23 @@ class BlockWriter:
         if self._fill:
             await self._flush()
         await self._wait()
+
+
+class CheckedSink:
+    """Passes a retrieval on to ``sink`` after showing each piece to ``check`` (a
+    :class:`privifs.crypto.digest.ContentCheck`); the caller asks ``check.verify()`` once the
+    retrieval is complete, before it trusts what ``sink`` got."""
+
+    def __init__(self, sink, check) -> None:
+        self.sink, self.check = sink, check
+        self._offset = 0
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self.check.block(self._offset, memoryview(data))
+        self._offset += len(data)
+        await self.sink.write(data)
+
+    async def reset(self) -> None:
+        self.check.restart()
+        self._offset = 0
+        await self.sink.reset()

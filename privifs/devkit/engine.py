@@ -51,6 +51,12 @@ class EngineProcess(engine_process.EngineProcess):
         except engine_process.EngineStartFailed as exc:
             raise RuntimeError(f"{exc}: {exc.log_tail}") from None
 
+    def blob_files(self, size: int) -> list[Path]:
+        """The engine's data files of ``size`` bytes (a test finds its blob by a size no other
+        test uses: a wire blob is its plaintext and 28 bytes)."""
+        blobs = self.data_dir / "blobs"
+        return [f for d in blobs.iterdir() if d.is_dir() for f in d.iterdir() if f.stat().st_size == size]
+
     @property
     def admin_secret(self) -> str:
         return (self.data_dir / "admin-token").read_text().strip()

@@ -152,6 +152,13 @@ class Tap(Protocol):
         place, instead of blocks reused for the next ones; None: the tap copies what it keeps."""
 
 
+class Check(Tap, Protocol):
+    """A tap with a verdict: :meth:`verify` raises IntegrityError unless the plaintext it saw is
+    the content expected (privifs.crypto.digest.ContentCheck)."""
+
+    def verify(self) -> None: ...
+
+
 class SealedSink(BlockWriter):
     """Seals downloaded plaintext chunk by chunk into a cache file, on a worker thread while the
     next block downloads."""
@@ -284,10 +291,13 @@ class ContentCache:
         self._touch_open(token, sealed)
         return sealed
 
-    async def fetch(self, token: str, vault: Vault, size: int | None = None, *, tap: Tap | None = None) -> SealedFile:
+    async def fetch(
+        self, token: str, vault: Vault, size: int | None = None, *, tap: Tap | None = None, check: Check | None = None
+    ) -> SealedFile:
         """The token's content, downloading and verifying it once for all concurrent callers.
         ``tap`` sees the plaintext if this call downloads it (not on a hit, nor when it waited for
-        another caller's download)."""
+        another caller's download); so does ``check``, whose verdict decides, before the download
+        is kept, whether it is the content (IntegrityError if not: see privifs.crypto.digest)."""
         need = download_footprint(size or 0)
         while True:
             sealed = self.open(token)
@@ -304,7 +314,7 @@ class ContentCache:
             except DiskFullError:
                 if size is None or size > IN_MEMORY_MAX:
                     raise
-                return await self._fetch_in_memory(token, vault, size, tap)
+                return await self._fetch_in_memory(token, vault, size, tap, check)
             if room:
                 break
             await self._landed.wait()  # the downloads in flight leave no room: look again once one lands
@@ -321,7 +331,7 @@ class ContentCache:
             raise
         try:
             self.downloads += 1
-            await self._download(token, vault, size, sealed, tap)
+            await self._download(token, vault, size, sealed, tap, check)
             self._release(need)  # from here the file counts as an entry (no await in between)
             need = 0
             if not self.adopt(token, str(path)):
@@ -338,23 +348,27 @@ class ContentCache:
             event.set()
         opened = self.open(token)
         if opened is None:
-            return await self.fetch(token, vault, size, tap=tap)  # evicted at once by a concurrent insert
+            return await self.fetch(token, vault, size, tap=tap, check=check)  # evicted at once by a concurrent insert
         return opened
 
-    async def _fetch_in_memory(self, token: str, vault: Vault, size: int, tap: Tap | None) -> SealedFile:
+    async def _fetch_in_memory(
+        self, token: str, vault: Vault, size: int, tap: Tap | None, check: Check | None
+    ) -> SealedFile:
         """No room on the cache's disk: the content, still sealed, in memory for this caller
         alone (never an entry; gone when the caller closes it), so that a full disk does not
         make files unreadable."""
         log.info("no room in %s: reading %d bytes through memory, not cached", self.dir, size)
         sealed = SealedFile.in_memory(self._key)
         try:
-            await self._download(token, vault, size, sealed, tap)
+            await self._download(token, vault, size, sealed, tap, check)
         except BaseException:
             sealed.close()
             raise
         return sealed
 
-    async def _download(self, token: str, vault: Vault, size: int | None, sealed: SealedFile, tap: Tap | None) -> None:
+    async def _download(
+        self, token: str, vault: Vault, size: int | None, sealed: SealedFile, tap: Tap | None, check: Check | None
+    ) -> None:
         """Download ``token`` into ``sealed``; a download that gets no data for
         :data:`DOWNLOAD_IDLE` seconds (whatever the vault client retries meanwhile: a stalled
         server) fails, and so does the next fetch of that token for :data:`STALL_MEMORY` seconds
@@ -368,10 +382,12 @@ class ContentCache:
 
             with single_error():
                 async with trio.open_nursery() as nursery:
-                    sink = SealedSink(sealed, nursery, tap)
+                    sink = SealedSink(sealed, nursery, check if tap is None else tap)
                     sink.on_data = progress
                     await vault.get(token, sink, size=size)
                     await sink.finish()
+                    if check is not None:
+                        check.verify()
         if idle.cancelled_caught:
             self._stalled[token] = trio.current_time()
             while len(self._stalled) > 64:

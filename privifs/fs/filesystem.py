@@ -605,7 +605,7 @@ class Filesystem:
     async def content(self, node: Node) -> SealedFile:
         """The verified content of the node's token (downloaded into the cache if needed)."""
         try:
-            return await self.cache.fetch(node.token, self.vault, node.size)
+            return await self.cache.fetch(node.token, self.vault, node.size, check=self.sync.content_check(node))
         except PrivifsError as exc:
             raise self._fetch_failed(node, exc) from None
 
@@ -651,7 +651,7 @@ class Filesystem:
         or deleted the file and the node has moved on since (see :meth:`_followed`)."""
         token = node.token
         try:
-            return await self.cache.fetch(token, self.vault, node.size)
+            return await self.cache.fetch(token, self.vault, node.size, check=self.sync.content_check(node))
         except PrivifsError as exc:
             if isinstance(exc, NotFoundError) and await self._followed(node, token):
                 return None

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import time
@@ -52,6 +53,7 @@ import trio
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
+from privifs.crypto import digest
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import (
     CommandRejected,
@@ -148,6 +150,7 @@ class Syncer:
         self.cache = cache
         self.tokens = tokens
         self.vault = vault
+        self.content_key = vault.derive(digest.content_key)  # whole-token content digests
         self.workers = workers
         self._big = trio.CapacityLimiter(max(1, min(big_uploads, workers)))
         self.write_back_delay = write_back_delay
@@ -344,11 +347,37 @@ class Syncer:
             self._finish_commit(node.staged, exc)
         self.schedule(node)
 
-    async def _plaintext(self, staged: StagedFile, ino: int) -> AsyncIterator[bytes]:
+    async def _plaintext(self, staged: StagedFile, ino: int, h: hmac.HMAC | None = None) -> AsyncIterator[bytes]:
+        """The staged content piece by piece for one upload attempt (``h`` digests it)."""
         self.sent[ino] = 0  # each attempt streams from the start
         for piece in staged.sealed.chunks(PIECE_CHUNKS):
             self.sent[ino] += len(piece)
+            if h is not None:
+                h.update(piece)
             yield piece
+
+    async def _put_whole(self, node: Node, staged: StagedFile, meta: FileMeta) -> tuple[str, dict[str, str]]:
+        """Store the staged content as one token: the token, and the risk meta that states its
+        content digest (privifs.crypto.digest)."""
+        attempt: list[hmac.HMAC] = []
+
+        def pieces() -> AsyncIterator[bytes]:
+            attempt[:] = [digest.hasher(self.content_key)]
+            return self._plaintext(staged, node.ino, attempt[0])
+
+        token = await self.vault.put_stream(pieces, staged.size, meta)
+        return token, {digest.FIELD: attempt[0].hexdigest()}
+
+    def _digest_of(self, sealed: SealedFile) -> dict[str, str]:
+        """The risk meta stating the content digest of ``sealed``'s plaintext."""
+        h = digest.hasher(self.content_key)
+        for piece in sealed.chunks(PIECE_CHUNKS):
+            h.update(piece)
+        return {digest.FIELD: h.hexdigest()}
+
+    def content_check(self, node: Node) -> digest.ContentCheck | None:
+        """The check of a download of the node's token (None: its risk meta states no digest)."""
+        return digest.check_for(self.content_key, node.risk()) if node.remote_risk else None
 
     def _target(self, node: Node) -> tuple[str, str, str, str]:
         name, extension = token_naming(node)
@@ -393,14 +422,22 @@ class Syncer:
                 if earlier is not None:
                     await self._drop_unconfigured(node, *earlier)
                 stale: list[str] = []
-                manifest_risk = None
+                manifest_risk = content_risk = None
                 if size > PARTS_THRESHOLD:
                     token, stale, manifest_risk = await self._store_parts(node, staged, meta)
                 else:
-                    token = await self.vault.put_stream(lambda: self._plaintext(staged, node.ino), size, meta)
+                    token, content_risk = await self._put_whole(node, staged, meta)
                 keep = replaced is not None and replaced != token and await self._moved_elsewhere(replaced, seen_at)
                 self._record_content(
-                    node, staged, token, context, name, extension, keep_old=keep, manifest_risk=manifest_risk
+                    node,
+                    staged,
+                    token,
+                    context,
+                    name,
+                    extension,
+                    keep_old=keep,
+                    manifest_risk=manifest_risk,
+                    content_risk=content_risk,
                 )
         except PrivifsError as exc:
             failed = True
@@ -610,9 +647,12 @@ class Syncer:
         *,
         keep_old: bool = False,
         manifest_risk: dict | None = None,
+        content_risk: dict | None = None,
     ) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
-        token it replaces is deleted unless ``keep_old``)."""
+        token it replaces is deleted unless ``keep_old``). ``manifest_risk`` (a file stored as
+        parts) or ``content_risk`` (one stored whole: its digest) is the risk meta that states
+        the content, kept by every later meta update."""
         with self.index.kept():
             if staged.id in self._superseded:
                 self._superseded.discard(staged.id)
@@ -631,8 +671,9 @@ class Syncer:
             if old and old != token and not keep_old:
                 self._tombstone(old)
             self._recorded(node, token, context, name, extension)
-            if manifest_risk is not None:  # a manifest: kept a manifest by later meta updates
-                self.ns.set_remote_risk(node, json.dumps(manifest_risk, sort_keys=True))
+            stated = manifest_risk if manifest_risk is not None else content_risk
+            if stated is not None:  # kept by later meta updates (tokenmeta.CARRIED)
+                self.ns.set_remote_risk(node, json.dumps(stated, sort_keys=True))
             self.ns.meta_pending(node)
             if node.staged is staged:
                 self.ns.clear_staged(node, content_clean=True)
@@ -717,7 +758,7 @@ class Syncer:
         if node.size > RENAME_FETCH_LIMIT or is_manifest_node(node.remote_risk):
             return
         try:
-            sealed = await self.cache.fetch(token, self.vault, node.size)
+            sealed = await self.cache.fetch(token, self.vault, node.size, check=self.content_check(node))
         except PrivifsError as exc:  # gone already (the update will say so), or unreachable
             log.debug("%s: not fetched before the rename (%s)", self.ns.describe(node), exc)
             return
@@ -1009,6 +1050,7 @@ class Syncer:
             info.file_name,
             info.extension,
             manifest_risk=dict(info.risk) if manifest else None,
+            content_risk=None if manifest else self._digest_of(staged.sealed),
         )
         self.schedule(node)
         return True

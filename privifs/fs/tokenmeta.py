@@ -29,6 +29,7 @@ import stat
 from dataclasses import dataclass
 
 from privifs.client.shapes import TokenInfo
+from privifs.crypto import digest
 from privifs.fs.names import (
     display_name,
 )
@@ -37,8 +38,9 @@ RESERVED_CONTEXT = "/.privifs"
 KEYCHECK_NAME = "keycheck"
 OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling": "client-side-encrypted"}
 # privifs fields that belong to the token's content, kept through renames and attribute changes:
-# a manifest stays a manifest (docs/format.md); a content upload starts from empty risk meta
-CARRIED = frozenset({"privifs.parts"})
+# a manifest stays a manifest, a content digest stays (docs/format.md); a content upload starts
+# from the risk meta of its content alone
+CARRIED = frozenset({"privifs.parts", digest.FIELD})
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
 KIND_FIFO, KIND_SOCKET, KIND_CHARDEV, KIND_BLOCKDEV = "fifo", "socket", "chardev", "blockdev"

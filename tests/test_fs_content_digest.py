@@ -1,0 +1,58 @@
+"""A whole-token file's content digest (privifs/crypto/digest.py): written with its risk meta,
+kept through renames, and checked on download, so a server that answers with another token's
+data (or blobs swapped between tokens of the vault, each well-formed and encrypted with the
+vault's key) gives EIO instead of the wrong bytes."""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import os
+
+from privifs.crypto import digest
+from tests.fskit import fails_with
+
+SIZE = 54_321  # a plaintext size no other test uses, to find the blobs in the engine's directory
+WIRE = 12 + SIZE + 16
+
+
+def blobs_of_size(engine, size: int):
+    return [
+        f for d in (engine.data_dir / "blobs").iterdir() if d.is_dir() for f in d.iterdir() if f.stat().st_size == size
+    ]
+
+
+async def test_an_upload_states_its_content_digest_and_a_rename_keeps_it(kit):
+    data = os.urandom(1000)
+    await kit.write_file("a.bin", data)
+    await kit.settle()
+    (info,) = [i for i in await kit.listing() if i.file_name == "a.bin"]
+    key = kit.syncer.content_key
+    assert info.risk[digest.FIELD] == hmac.new(key, data, "sha256").hexdigest()
+    await kit.rename("a.bin", "b.bin")
+    await kit.setattr("b.bin", mode=0o600)
+    await kit.settle()
+    (info,) = [i for i in await kit.listing() if i.file_name == "b.bin"]
+    assert info.risk[digest.FIELD] == hmac.new(key, data, "sha256").hexdigest()
+    assert info.risk["privifs.mode"] == "600"
+
+
+async def test_blobs_swapped_between_two_tokens_read_as_eio_never_as_each_others_bytes(kit, eng):
+    one, two = os.urandom(SIZE), os.urandom(SIZE)
+    await kit.write_file("one.bin", one)
+    await kit.write_file("two.bin", two)
+    await kit.settle()
+    a, b = eng.blob_files(WIRE)
+    first, second = a.read_bytes(), b.read_bytes()
+    a.write_bytes(second)
+    b.write_bytes(first)
+    try:
+        async with kit.fresh() as other:  # an empty cache: both are downloaded
+            for name in ("one.bin", "two.bin"):
+                with fails_with(errno.EIO):
+                    await other.read_file(name)
+    finally:
+        a.write_bytes(first)
+        b.write_bytes(second)
+    async with kit.fresh() as other:
+        assert await other.read_file("one.bin") == one and await other.read_file("two.bin") == two
