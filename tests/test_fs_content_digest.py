@@ -10,6 +10,7 @@ import hmac
 import os
 
 from privifs.crypto import digest
+from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from tests.fskit import fails_with
 
 SIZE = 54_321  # a plaintext size no other test uses, to find the blobs in the engine's directory
@@ -56,3 +57,48 @@ async def test_blobs_swapped_between_two_tokens_read_as_eio_never_as_each_others
         b.write_bytes(second)
     async with kit.fresh() as other:
         assert await other.read_file("one.bin") == one and await other.read_file("two.bin") == two
+
+
+async def _wire(kit, token: str) -> bytes:
+    got = bytearray()
+
+    async def consume(chunks) -> None:
+        got.clear()
+        async for chunk in chunks:
+            got.extend(chunk)
+
+    await kit.client.tokens.fetch(token, consume)
+    return bytes(got)
+
+
+def _blob_holding(engine, wire: bytes):
+    (found,) = [f for f in engine.blob_files(len(wire)) if f.read_bytes() == wire]
+    return found
+
+
+async def test_manifests_swapped_between_two_big_files_read_as_eio_and_their_parts_stay(kit, eng):
+    big = PARTS_THRESHOLD + 1
+    one, two = os.urandom(big), os.urandom(big)
+    await kit.write_file("one.bin", one)
+    await kit.write_file("two.bin", two)
+    await kit.settle()
+    manifests = {i.file_name: i for i in await kit.listing() if i.file_name in ("one.bin", "two.bin")}
+    assert all(digest.FIELD in i.risk and "privifs.parts" in i.risk for i in manifests.values())
+    a = _blob_holding(eng, await _wire(kit, manifests["one.bin"].token))
+    b = _blob_holding(eng, await _wire(kit, manifests["two.bin"].token))
+    first, second = a.read_bytes(), b.read_bytes()
+    a.write_bytes(second)
+    b.write_bytes(first)
+    try:
+        async with kit.fresh() as other:
+            for name in ("one.bin", "two.bin"):
+                with fails_with(errno.EIO):
+                    await other.read_file(name)
+            # removing one.bin must not retire the parts its token's blob (two.bin's manifest) names
+            await other.unlink("one.bin")
+            await other.settle()
+            assert await other.syncer.retire_due(now=float("inf")) == 0
+    finally:
+        b.write_bytes(second)
+    async with kit.fresh() as other:
+        assert await other.tree() == {"two.bin": two}

@@ -312,7 +312,7 @@ async def _get(args, client, vault) -> int:
                 sink = FileSink(out, progress, nursery)
                 if is_manifest(info):
                     await sink.reset()
-                    manifest = await args.parts.manifest(args.token)
+                    manifest = await args.parts.manifest(args.token, info.risk)
                     await args.parts.copy(manifest, sink.write)
                 else:
                     check = digest.check_for(vault.derive(digest.content_key), info.risk)
@@ -334,7 +334,7 @@ async def _rm(args, client, vault) -> int:
     info = await _find(client, args.token)
     if is_manifest(info):  # its parts go after it; a manifest that cannot be read leaves them to collection
         try:
-            manifest = await args.parts.manifest(args.token)
+            manifest = await args.parts.manifest(args.token, info.risk)
         except PrivifsError:
             manifest = None
         await args.parts.delete(args.token, manifest)

@@ -76,3 +76,16 @@ def check_for(key: bytes, risk: dict[str, str]) -> ContentCheck | None:
     """The check of a download of the token whose risk meta is ``risk`` (None: it states no digest)."""
     want = expected(risk)
     return None if want is None else ContentCheck(key, want)
+
+
+def stated(key: bytes, data: bytes | memoryview) -> dict[str, str]:
+    """The risk meta that states ``data``'s digest (for content at hand in one piece)."""
+    return {FIELD: hmac.new(key, data, hashlib.sha256).hexdigest()}
+
+
+def check_whole(key: bytes, risk: dict[str, str], data: bytes | memoryview) -> None:
+    """IntegrityError if ``risk`` states a digest and ``data`` is not that content."""
+    check = check_for(key, risk)
+    if check is not None:
+        check.block(0, memoryview(data))
+        check.verify()

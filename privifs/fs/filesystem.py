@@ -454,7 +454,7 @@ class Filesystem:
         if node.uploading:
             self.sync.superseded(node)
         if node.token and is_manifest_node(node.remote_risk):  # a big file: its parts go with it
-            self.sync.manifest_removed(node.token, node.remote_context or "")
+            self.sync.manifest_removed(node.token, node.remote_context or "", node.risk())
         self.ns.remove(node, delete_token=True)
         self.sync.removed(node)
         self.touch_parent(parent)
@@ -585,6 +585,7 @@ class Filesystem:
         if truncate_to_zero or node.token is None:
             fresh = self.staging.create()
         elif is_manifest_node(node.remote_risk):
+            await self._parts(node, self.parts.manifest(node.token, node.risk()))  # checked, then kept
             fresh = await self._parts(node, self.parts.stage(node.token, self.staging))
             if node.staged is not None:  # someone else staged it while we waited
                 self.staging.remove(fresh)
@@ -640,6 +641,8 @@ class Filesystem:
         :meth:`_followed`): its manifest or a part missing from the vault is then no damage."""
         token = node.token
         try:
+            if not self.parts.knows(token):  # fetched now, checked against what its token states
+                await self.parts.manifest(token, node.risk())
             return await self.parts.read(token, offset, length)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):

@@ -176,11 +176,13 @@ class PartReader:
         self.settling: dict[str, float] = {}  # part token -> when its manifest was stored (trio time)
 
     # -- manifests and parts -------------------------------------------------------------------
-    async def manifest(self, token: str) -> fmt.Manifest:
+    async def manifest(self, token: str, risk: dict[str, str] | None = None) -> fmt.Manifest:
+        """The manifest ``token`` holds (from memory once fetched); fetched, it must be the one
+        ``risk`` (the token's risk meta, when the caller has it) states."""
         m = self._manifests.get(token)
         if m is None:
             with trio.move_on_after(DOWNLOAD_IDLE):  # a manifest is small: no data this long is a stall
-                m = await self.store.manifest(token)
+                m = await self.store.manifest(token, risk)
             if m is None:
                 raise ServerUnreachable(f"the vault sent no data for manifest {token} for {DOWNLOAD_IDLE:.0f}s")
             self._manifests[token] = m
@@ -188,6 +190,10 @@ class PartReader:
                 self._manifests.popitem(last=False)
         self._manifests.move_to_end(token)
         return m
+
+    def knows(self, token: str) -> bool:
+        """Whether the manifest ``token`` is in memory (fetched and checked already)."""
+        return token in self._manifests
 
     def remember(self, token: str, manifest: fmt.Manifest) -> None:
         """A manifest this mount just stored: no need to fetch it back."""
@@ -292,7 +298,7 @@ class PartReader:
         named: set[str] = set()
         for info in infos:
             if is_manifest(info) and not is_part(info):
-                named.update((await self.manifest(info.token)).tokens())
+                named.update((await self.manifest(info.token, info.risk)).tokens())
         wall = time.time()
         settle = min(min_age, SETTLE)
         self.settling = {t: at for t, at in self.settling.items() if now - at < settle}

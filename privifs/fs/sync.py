@@ -177,7 +177,8 @@ class Syncer:
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
-        self._dropped: dict[str, str] = {}  # removed files' manifests -> their context (manifest_removed)
+        # removed files' manifests -> their context and risk meta (manifest_removed)
+        self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
         self.retire_grace = RETIRE_GRACE
         self.last_activity = 0.0  # trio time of the last FUSE request (see note_activity)
         # uploads in flight: ino -> the staged file being sent and the context and name it goes to
@@ -527,13 +528,14 @@ class Syncer:
         due = trio.current_time() + self.retire_grace
         self._retired.extend((due, context, part) for part in parts)
 
-    def manifest_removed(self, token: str, context: str) -> None:
+    def manifest_removed(self, token: str, context: str, risk: dict[str, str]) -> None:
         """``token``, the manifest of a file being removed, is tombstoned: when the token
         deletion gets to it, its parts are read from it before it goes and then retired as a
         rewrite's stale parts are (:meth:`retire_parts`), so removing a big file frees its space
         in the vault within about a minute, not at the hour-old sweep. Kept in memory only: after
-        a restart the sweep (``PartReader.sweep``) collects them."""
-        self._dropped[token] = context
+        a restart the sweep (``PartReader.sweep``) collects them. ``risk``: the token's risk meta,
+        which states the manifest's digest (another file's manifest is no guide to what to delete)."""
+        self._dropped[token] = (context, risk)
         self.stored_manifests.discard(token)
 
     async def _parts_of_dropped(self, token: str) -> list[str]:
@@ -542,7 +544,7 @@ class Syncer:
         if token not in self._dropped:
             return []
         try:
-            return (await self.parts.reader.manifest(token)).tokens()
+            return (await self.parts.reader.manifest(token, self._dropped[token][1])).tokens()
         except PrivifsError as exc:
             log.info("the parts of a removed file's manifest are left to the sweep: %s", exc)
             return []
@@ -583,7 +585,7 @@ class Syncer:
         named: set[str] = set()
         async for info in self.tokens.list(context=context):
             if is_manifest(info) and not is_part(info) and info.token not in self.stored_manifests:
-                named.update((await self.parts.reader.manifest(info.token)).tokens())
+                named.update((await self.parts.reader.manifest(info.token, info.risk)).tokens())
         return named
 
     async def _delete_now(self, token: str) -> None:
@@ -659,7 +661,7 @@ class Syncer:
                 self.index.drop_superseded(staged.id)
             if node.unlinked:
                 if manifest_risk is not None:  # its parts go with it (the file was removed)
-                    self.manifest_removed(token, context)
+                    self.manifest_removed(token, context, manifest_risk)
                 self._tombstone(token)
                 if node.staged is staged:
                     self.ns.clear_staged(node)
@@ -903,9 +905,9 @@ class Syncer:
                             log.warning("deleting token %s failed: %s", token, exc)
                             return
                     self._deleted(token)
-                    context = self._dropped.pop(token, None)
-                    if parts and context is not None:
-                        self.retire_parts(context, parts)
+                    dropped = self._dropped.pop(token, None)
+                    if parts and dropped is not None:
+                        self.retire_parts(dropped[0], parts)
 
                 async with trio.open_nursery() as n:
                     for token in tokens:
@@ -1005,7 +1007,7 @@ class Syncer:
         sink = _HashSink()
         try:
             if is_manifest_node(_risk_text(info)):  # a big file stored as parts: its verified parts
-                await self.parts.store.copy(await self.parts.reader.manifest(info.token), sink.write)
+                await self.parts.store.copy(await self.parts.reader.manifest(info.token, info.risk), sink.write)
             else:
                 await self.vault.get(info.token, sink, size=info.size)
         except PrivifsError:

@@ -22,6 +22,7 @@ import trio
 from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Reader, Vault
+from privifs.crypto import digest
 from privifs.errors import IntegrityError, single_error
 from privifs.fs.tokenmeta import split_context
 from privifs.parts import format as fmt
@@ -65,6 +66,7 @@ class PartStore:
         self.vault = vault
         self.tokens: DataTokens = vault.tokens
         self._digest_key = vault.derive(fmt.part_key)
+        self._content_key = vault.derive(digest.content_key)  # the manifest's own digest
         self.part_size = part_size
         self.in_flight = in_flight
         self.parts_fetched = 0  # part downloads, for tests and measurements
@@ -137,17 +139,25 @@ class PartStore:
         return await self.put_manifest(fmt.Manifest(self.part_size, size, tuple(parts)), meta)
 
     async def put_manifest(self, manifest: fmt.Manifest, meta: FileMeta, risk: dict[str, str] | None = None) -> str:
-        """Store the manifest at ``meta``'s place (its size: the file's) and mark it in its risk meta."""
+        """Store the manifest at ``meta``'s place (its size: the file's) and mark it in its risk meta,
+        with the digest of its encoding (privifs.crypto.digest: a manifest swapped with another
+        file's, or served for another token, is refused)."""
         meta.size = manifest.total
-        token = await self._store_blob(await _off_loop(fmt.encode, manifest, len(manifest.parts)), meta)
+        encoded = await _off_loop(fmt.encode, manifest, len(manifest.parts))
+        token = await self._store_blob(encoded, meta)
         risk = {} if risk is None else risk
         risk[fmt.MARK] = str(manifest.version)  # (the caller's dict too: what it records is what was stored)
+        risk.update(digest.stated(self._content_key, encoded))
         await self.tokens.set_risk(token, risk)
         return token
 
     # -- read ----------------------------------------------------------------------------------
-    async def manifest(self, token: str) -> fmt.Manifest:
+    async def manifest(self, token: str, risk: dict[str, str] | None = None) -> fmt.Manifest:
+        """The manifest ``token`` holds; IntegrityError if it is not the one ``risk`` (the token's
+        risk meta, when the caller has it) states."""
         data = await self.vault.get_bytes(token)
+        if risk:
+            digest.check_whole(self._content_key, risk, data)
         return await _off_loop(fmt.decode, data, len(data) // 40)
 
     async def get_part(self, manifest: fmt.Manifest, index: int) -> bytes:
@@ -230,7 +240,7 @@ class PartStore:
         named: set[str] = set()
         for info in infos:
             if is_manifest(info) and not is_part(info):
-                named.update((await self.manifest(info.token)).tokens())
+                named.update((await self.manifest(info.token, info.risk)).tokens())
         now = time.time() if now is None else now
         return [
             i
