@@ -231,8 +231,12 @@ async def repair(
     try:
         if info.size is not None and sealed.size != info.size:
             raise PrivifsError(f"the cached copy has {sealed.size} bytes, the vault says {info.size}")
-        for _ in sealed.chunks(16):  # verify the local copy completely before storing anything
-            pass
+        check = digest.check_for(vault.derive(digest.content_key), info.risk)
+        for piece in sealed.chunks(16):  # verify the local copy completely before storing anything
+            if check is not None:
+                check.block(0, memoryview(piece))
+        if check is not None:
+            check.verify()  # a copy of what the token states, not of what was served in its place
 
         async def source() -> AsyncIterator[bytes]:
             for piece in sealed.chunks(16):
