@@ -201,3 +201,18 @@ def test_failed_accepts_are_one_line_a_minute_not_a_traceback_each(caplog, monke
     assert len(lines) == 2  # the first, and one after a minute
     assert all(r.exc_info is None and r.levelname == "WARNING" for r in lines)
     assert "Too many open files" in lines[1].getMessage() and "599 more" in lines[1].getMessage()
+
+
+async def test_a_body_that_stops_arriving_closes_the_connection_and_the_server_goes_on():
+    stop = trio.Event()
+    app.disconnected = False
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop, body_timeout=0.3)
+        stalled = await trio.open_tcp_stream("127.0.0.1", port)
+        await stalled.send_all(post("/disconnect", b"x" * 1000)[:-500])  # and then nothing
+        await read_until_closed(stalled)  # closed (after a 500: the app got no body to answer)
+        assert app.disconnected
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"ok", b"Connection: close"))
+        assert b"got ok" in await read_until_closed(stream)
+        stop.set()

@@ -13,7 +13,9 @@ What it keeps of hypercorn's behaviour: HTTP/1.1 keep-alive and pipelining, ``Ex
 body was not read is closed after the answer, ``http.disconnect`` when the client leaves
 mid-body, malformed requests answered 400 (431 for an oversized head) and closed, an idle
 connection closed after ``keep_alive_timeout`` and at shutdown (a busy one once its answer is
-out, or after ``graceful_timeout``). A failure inside one connection ends that connection only:
+out, or after ``graceful_timeout``), and one whose request body stops arriving for
+``body_timeout`` closed too (a client that sends a head and part of a body and then nothing no
+longer holds a connection, and its descriptor, for good). A failure inside one connection ends that connection only:
 one log line for a client's doing, an error with its cause otherwise.
 """
 
@@ -101,10 +103,19 @@ class _Closed(Exception):
 class Server:
     """Serves one ASGI app on one port until :meth:`serve`'s ``shutdown`` event."""
 
-    def __init__(self, app, name: str, *, keep_alive_timeout: float = 75, graceful_timeout: float = 3):
+    def __init__(
+        self,
+        app,
+        name: str,
+        *,
+        keep_alive_timeout: float = 75,
+        graceful_timeout: float = 3,
+        body_timeout: float = 60,
+    ):
         self.app = app
         self.name = name
         self.keep_alive_timeout = keep_alive_timeout
+        self.body_timeout = body_timeout
         self.graceful_timeout = graceful_timeout
         self._conns: set[_Connection] = set()
         self._stopping = False
@@ -192,8 +203,16 @@ class _Connection:
                 self._idle_scope = None
                 if scope.cancelled_caught:
                     raise _Closed()
-            else:
-                data = await self._receive()
+            else:  # the rest of a request: a body that stops arriving closes the connection
+                with trio.move_on_after(self.server.body_timeout) as scope:
+                    data = await self._receive()
+                if scope.cancelled_caught:
+                    log.info(
+                        "%s: a request body stopped arriving for %gs; connection closed",
+                        self.server.name,
+                        self.server.body_timeout,
+                    )
+                    raise _Closed()
             self.h11.receive_data(data)
             if not data:
                 self._eof = True
