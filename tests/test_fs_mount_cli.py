@@ -570,3 +570,21 @@ def test_umount_of_a_busy_mount_refuses_and_leaves_it_working(engine, tmp_path):
         assert "unmounted" in m.umount().stdout and not is_mounted(m.dir)
         m.mount()
         assert (m.dir / "open.txt").read_bytes() == b"before\nafter\n"
+
+
+def test_a_cache_or_state_directory_inside_the_mountpoint_is_refused_not_a_hang(tmp_path):
+    """A cache (or index and staging) under the mountpoint would be reached through the mount
+    itself: the daemon waited for its own FUSE request and the first read hung for good."""
+    m = Mount(tmp_path, None)
+    try:
+        for option, inside in (("--cache-dir", m.dir / "cache"), ("--state-dir", m.dir / "sub" / "state")):
+            r = m.mount(option, str(inside), check=False)
+            errors = [line for line in r.stderr.splitlines() if "error" in line]
+            assert r.returncode == 3 and len(errors) == 1, (option, r.returncode, r.stderr)
+            assert "inside the mountpoint" in errors[0] and "Traceback" not in r.stderr
+            assert not is_mounted(m.dir)
+        with m.mounted("--cache-dir", str(tmp_path / "elsewhere")):
+            (m.dir / "f").write_bytes(b"fine")
+            assert (m.dir / "f").read_bytes() == b"fine"
+    finally:
+        m.cleanup()
