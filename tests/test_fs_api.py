@@ -677,3 +677,34 @@ async def test_big_files_upload_a_few_at_a_time_while_small_files_pass_beside_th
         assert small_beside_big > 0, "small files waited behind the big ones"
         names = await kit.vault_names()
         assert {f"big-{i}" for i in range(3)} | {f"small-{i:02}" for i in range(20)} <= set(names)
+
+
+async def test_an_entry_whose_vault_path_would_be_too_long_is_refused_not_staged_for_good(kit):
+    """The vault records a path of at most 4096 characters; deeper entries were made here and then
+    rejected by every upload (HTTP 422), staying staged and missing from every other mount."""
+    comp = "d" * 250
+    parts = []
+    while len("/" + "/".join([*parts, comp])) <= 4096:
+        parts.append(comp)
+        await kit.mkdir("/".join(parts))
+    deep = "/".join(parts)  # 16 levels: 4016 characters, room for a name of up to 79
+    room = 4096 - len("/" + deep) - 1
+    await kit.write_file(f"{deep}/{'f' * room}", b"fits")
+    for make in (
+        lambda: kit.mkdir(f"{deep}/{comp}"),
+        lambda: kit.create_file(f"{deep}/{'g' * (room + 1)}"),
+        lambda: kit.symlink(f"{deep}/{'s' * (room + 1)}", "t"),
+        lambda: kit.mknod(f"{deep}/{'p' * (room + 1)}", stat.S_IFIFO | 0o644),
+    ):
+        with fails_with(errno.ENAMETOOLONG):
+            await make()
+    # a rename is checked for the deepest entry it moves: "top" holds a path 100 characters long
+    await kit.mkdir("top")
+    await kit.mkdir("top/" + "x" * 95)
+    with fails_with(errno.ENAMETOOLONG):
+        await kit.rename("top", f"{deep}/top")
+    await kit.rename("top/" + "x" * 95, "top/x")
+    await kit.rename("top", f"{deep}/top")  # now its deepest path fits
+    await kit.settle()
+    tree = await kit.vault_tree()
+    assert tree[f"{deep}/{'f' * room}"] == b"fits" and f"{deep}/top/x" in tree

@@ -570,3 +570,68 @@ def test_umount_of_a_busy_mount_refuses_and_leaves_it_working(engine, tmp_path):
         assert "unmounted" in m.umount().stdout and not is_mounted(m.dir)
         m.mount()
         assert (m.dir / "open.txt").read_bytes() == b"before\nafter\n"
+
+
+def test_a_cache_or_state_directory_inside_the_mountpoint_is_refused_not_a_hang(tmp_path):
+    """A cache (or index and staging) under the mountpoint would be reached through the mount
+    itself: the daemon waited for its own FUSE request and the first read hung for good."""
+    m = Mount(tmp_path, None)
+    try:
+        for option, inside in (("--cache-dir", m.dir / "cache"), ("--state-dir", m.dir / "sub" / "state")):
+            r = m.mount(option, str(inside), check=False)
+            errors = [line for line in r.stderr.splitlines() if "error" in line]
+            assert r.returncode == 3 and len(errors) == 1, (option, r.returncode, r.stderr)
+            assert "inside the mountpoint" in errors[0] and "Traceback" not in r.stderr
+            assert not is_mounted(m.dir)
+        with m.mounted("--cache-dir", str(tmp_path / "elsewhere")):
+            (m.dir / "f").write_bytes(b"fine")
+            assert (m.dir / "f").read_bytes() == b"fine"
+    finally:
+        m.cleanup()
+
+
+_OTHER_FS = """
+import stat, sys, pyfuse3, trio
+class Ops(pyfuse3.Operations):
+    async def getattr(self, inode, ctx=None):
+        e = pyfuse3.EntryAttributes()
+        e.st_ino, e.st_mode, e.st_nlink = inode, stat.S_IFDIR | 0o755, 2
+        return e
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        return s
+pyfuse3.init(Ops(), sys.argv[1], set(pyfuse3.default_options) | {"fsname=other", "subtype=other"})
+try:
+    trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close(unmount=False)
+"""
+
+
+def test_umount_leaves_alone_a_live_mount_it_did_not_start_and_other_filesystems(tmp_path):
+    """``privifs umount`` of a mountpoint missing from this user's registry detached whatever FUSE
+    mount was there, lazily when busy: another HOME's live privifs mount, or an sshfs."""
+    a, b = Mount(tmp_path / "a", None), Mount(tmp_path / "b", None)
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", _OTHER_FS, str(other_dir)])
+    try:
+        a.mount()
+        deadline = time.monotonic() + 30
+        while not is_mounted(other_dir):
+            assert time.monotonic() < deadline and other.poll() is None
+            time.sleep(0.1)
+        r = privifs(b.env, "umount", str(a.dir), check=False)
+        assert r.returncode == 3 and "did not start" in r.stderr and "Traceback" not in r.stderr, r
+        assert is_mounted(a.dir) and a.status()
+        r = privifs(b.env, "umount", str(other_dir), check=False)
+        assert r.returncode == 3 and "not a privifs mount" in r.stderr, r
+        assert is_mounted(other_dir) and other.poll() is None
+    finally:
+        a.cleanup()
+        b.cleanup()
+        other.terminate()
+        other.wait(timeout=30)
+        if is_mounted(other_dir):
+            subprocess.run(["fusermount3", "-u", "-z", str(other_dir)], check=False, timeout=30)

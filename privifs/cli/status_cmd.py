@@ -107,10 +107,18 @@ def run_umount(args: argparse.Namespace) -> int:
 
     entry = registered_entry(args.mountpoint)
     if entry is None:
-        if is_fuse_mount(args.mountpoint):
-            dead = is_dead_mount(args.mountpoint)
+        # only a privifs mount whose daemon is gone is detached here: an unregistered live one
+        # is another user's (or another HOME's), and another filesystem (sshfs, rclone …) is
+        # none of privifs's business; both were detached, lazily when busy
+        if mount_path(args.mountpoint) in privifs_mounts():
+            if not is_dead_mount(args.mountpoint):
+                raise ConfigError(
+                    f"{args.mountpoint} is served by a privifs daemon this user did not start (another "
+                    f"user or HOME): run 'privifs umount' there, or 'fusermount3 -u {args.mountpoint}' "
+                    f"to unmount it anyway"
+                )
             clean_dead_mount(mount_path(args.mountpoint))
-            why = "its daemon had died" if dead else "no daemon answered"
+            why = "its daemon had died"
             left = staged_left(args.mountpoint)
             if left is not None:
                 raise ExitStatus(

@@ -168,6 +168,7 @@ class Daemon:
             raise ConfigError(f"mountpoint {self.mountpoint} does not exist or is not a directory")
         if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
             raise ConfigError(f"{self.mountpoint} is already a mountpoint")
+        self._check_local_dirs_outside_the_mount()
         made = paths.missing_dirs(self.state_dir), paths.missing_dirs(self.cache_dir)
         first = not (self.state_dir / INDEX_NAME).exists()
         lock = self._lock()
@@ -182,6 +183,20 @@ class Daemon:
             raise
         finally:
             lock.close()
+
+    def _check_local_dirs_outside_the_mount(self) -> None:
+        """The daemon's own files (index and staging, cache, the embedded engine's data) must not
+        lie under the mountpoint: once mounted, every access to them would be a request to this
+        very daemon, which waits for itself, and the first read hangs the mount for good."""
+        dirs = [("state directory", self.state_dir), ("cache directory", self.cache_dir)]
+        if self.cfg.embedded:
+            dirs.append(("embedded engine's data directory", paths.embedded_engine_dir()))
+        for what, d in dirs:
+            real = Path(os.path.abspath(d)).resolve()
+            if real == self.mountpoint or self.mountpoint in real.parents:
+                raise ConfigError(
+                    f"the {what} {d} is inside the mountpoint {self.mountpoint}; choose a directory outside it"
+                )
 
     def _forget_first_mount(self, made_state: list[Path], made_cache: list[Path]) -> None:
         """Take back what a first mount of this vault here (no index before it) made before it

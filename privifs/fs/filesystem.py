@@ -26,11 +26,11 @@ import pyfuse3
 import trio
 
 from privifs.crypto.sealed import SealedFile
-from privifs.errors import IntegrityError, NotFoundError, PrivifsError
+from privifs.errors import IntegrityError, NodeGone, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.errnos import errno_for
 from privifs.fs.localsync import flush_index, fsync_locally
-from privifs.fs.names import NAME_MAX
+from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.parts import is_manifest_node
 from privifs.fs.staging import StagedFile, Staging
@@ -180,7 +180,31 @@ class Filesystem:
         text = self.valid_name(parent, name)
         if self.ns.child(parent, text) is not None:
             raise fail(errno.EEXIST)
+        self.fits_the_vault(parent, text)
         return text
+
+    def fits_the_vault(self, parent: Node, text: str, below: int = 0) -> None:
+        """ENAMETOOLONG unless the entry ``text`` of ``parent`` (and a path ``below`` characters
+        longer under it) stays within the path length the vault records; a longer one was
+        accepted here and then rejected by every upload, staying staged for good."""
+        try:
+            prefix = 0 if parent.ino == ROOT else len(self.ns.path(parent))
+        except NodeGone:  # the directory left the tree meanwhile
+            raise fail(errno.ENOENT) from None
+        if prefix + 1 + len(text) + below > VAULT_PATH_MAX:
+            raise fail(errno.ENAMETOOLONG)
+
+    def deepest_below(self, node: Node) -> int:
+        """The length of the longest path below the directory ``node``, relative to it ("/a/b")."""
+        best, stack = 0, [(node, 0)]
+        while stack:
+            n, length = stack.pop()
+            best = max(best, length)
+            for name, ino in (n.children or {}).items():
+                child = self.ns.get(ino)
+                if child is not None:
+                    stack.append((child, length + 1 + len(name)))
+        return best
 
     def path(self, node: Node) -> str:
         """The node's path for logs (safe for a node that left the tree)."""
@@ -505,6 +529,7 @@ class Filesystem:
             return
         if node.is_dir and self.ns.is_ancestor(node, new_parent):
             raise fail(errno.EINVAL)
+        self.fits_the_vault(new_parent, text, self.deepest_below(node) if node.is_dir else 0)
         if target is not None:
             if flags & pyfuse3.RENAME_NOREPLACE:
                 raise fail(errno.EEXIST)

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from privifs.client.shapes import TokenInfo
 
 NAME_MAX = 255
+# The longest path the vault records for an entry ("/" + names joined by "/", in characters):
+# the engine refuses a longer ``context`` or ``path`` (HTTP 422), so an entry below it could
+# never be uploaded; such entries are refused at once with ENAMETOOLONG instead.
+VAULT_PATH_MAX = 4096
 
 
 class NamedEntry(Protocol):
