@@ -635,3 +635,35 @@ def test_umount_leaves_alone_a_live_mount_it_did_not_start_and_other_filesystems
         other.wait(timeout=30)
         if is_mounted(other_dir):
             subprocess.run(["fusermount3", "-u", "-z", str(other_dir)], check=False, timeout=30)
+
+
+def test_two_mounts_started_at_once_on_one_mountpoint_do_not_stack(engine, tmp_path):
+    """Two 'privifs mount' of one mountpoint at the same moment (two users, two vaults) both
+    passed the 'already a mountpoint' check before either had mounted: both returned 0, the
+    mounts stacked, and one umount took both down. The daemon now locks the directory first."""
+    users = [Mount(tmp_path / name, engine.urls) for name in ("a", "b")]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "privifs", "mount", str(shared)],
+                env=m.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for m in users
+        ]
+        results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+        codes = sorted(code for code, _ in results)
+        assert codes[0] == 0 and codes[1] != 0, results
+        refused = next(err for code, err in results if code != 0)
+        assert "mounting at" in refused or "already a mountpoint" in refused, refused
+        assert "Traceback" not in refused and refused.count("\n") == 1, refused
+        with open("/proc/self/mounts") as f:
+            assert sum(line.split()[1] == str(shared) for line in f) == 1
+    finally:
+        for m in users:
+            privifs(m.env, "umount", str(shared), "--timeout", "30", check=False, timeout=90)
+            m.cleanup()

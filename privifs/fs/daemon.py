@@ -163,9 +163,32 @@ class Daemon:
         (self.state_dir / "mountpoint").write_text(str(self.mountpoint) + "\n")
         return lock
 
+    def _claim_mountpoint(self) -> int:
+        """An exclusive lock on the mountpoint directory itself (a descriptor of the directory
+        the mount will cover, held until the daemon ends): two mounts started at once on one
+        mountpoint, of any user or vault, both passed the 'already a mountpoint' check before
+        either had mounted, and stacked; one umount then took both down."""
+        try:
+            fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ConfigError(f"mountpoint {self.mountpoint} cannot be opened: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(f"another privifs is mounting at {self.mountpoint} right now") from None
+        return fd
+
     async def run(self, ready) -> None:
         if not self.mountpoint.is_dir():
             raise ConfigError(f"mountpoint {self.mountpoint} does not exist or is not a directory")
+        claim = self._claim_mountpoint()
+        try:
+            await self._run_claimed(ready)
+        finally:
+            os.close(claim)
+
+    async def _run_claimed(self, ready) -> None:
         if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
             raise ConfigError(f"{self.mountpoint} is already a mountpoint")
         self._check_local_dirs_outside_the_mount()
