@@ -119,22 +119,34 @@ def load(path: Path | None = None) -> Config:
             raise ConfigError(f"cannot read the configuration {path}: '{section}' must be a [{section}] section")
     server, account, keys = raw.get("server", {}), raw.get("account", {}), raw.get("keys", {})
 
-    def p(v: object) -> Path | None:
-        return Path(str(v)).expanduser() if v else None
+    def typed(section: dict, where: str, key: str, kind: type, default=None):
+        """The value, checked: ``embedded = "false"`` read as true, a key file ``5`` as the path "5"."""
+        value = section.get(key, default)
+        if value is not None and not isinstance(value, kind):
+            what = "true or false" if kind is bool else "text in quotes"
+            raise ConfigError(f"{path}: [{where}] {key} = {value!r}: must be {what}")
+        return value
+
+    def text(section: dict, where: str, key: str) -> str | None:
+        return typed(section, where, key, str) or None
+
+    def p(section: dict, where: str, key: str) -> Path | None:
+        value = text(section, where, key)
+        return Path(value).expanduser() if value else None
 
     return Config(
         path=path,
-        embedded=bool(server.get("embedded", False)),
-        api=server.get("api"),
-        ws=server.get("ws"),
-        upstream=server.get("upstream"),
-        downstream=server.get("downstream"),
-        username=account.get("username"),
-        password_file=p(account.get("password_file")),
-        oauth_file=p(account.get("oauth_file")),
-        aes_key_file=p(keys.get("aes_key_file")),
-        identity_key_file=p(keys.get("identity_key_file")),
-        key_id=keys.get("key_id"),
+        embedded=typed(server, "server", "embedded", bool, False),
+        api=text(server, "server", "api"),
+        ws=text(server, "server", "ws"),
+        upstream=text(server, "server", "upstream"),
+        downstream=text(server, "server", "downstream"),
+        username=text(account, "account", "username"),
+        password_file=p(account, "account", "password_file"),
+        oauth_file=p(account, "account", "oauth_file"),
+        aes_key_file=p(keys, "keys", "aes_key_file"),
+        identity_key_file=p(keys, "keys", "identity_key_file"),
+        key_id=text(keys, "keys", "key_id"),
         mount=dict(raw.get("mount", {})),
     )
 

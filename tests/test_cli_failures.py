@@ -113,6 +113,9 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
         (config("zerokey.toml", account(key_file=Path("/dev/zero"))), "not a regular file"),
         (config("fifopw.toml", account(password_file=fifo)), "not a regular file"),
         (config("latin1pw.toml", account(password_file=tmp_path / "latin1")), "not UTF-8"),
+        # a value of the wrong type was used as it came: "false" (a string) meant the embedded engine
+        (config("strbool.toml", account().replace("embedded = false", 'embedded = "false"')), "true or false"),
+        (config("numkey.toml", account().replace(f'aes_key_file = "{key}"', "aes_key_file = 5")), "text in quotes"),
     ]
     for cfg, says in cases:
         code = main(["--config", cfg, "token", "ls"])
