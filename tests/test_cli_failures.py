@@ -208,3 +208,11 @@ def test_the_dead_mount_recovery_command_can_be_pasted_into_a_shell():
     mountpoint = "/mnt/my vault; rm -rf ~"
     command = _dead_status(mountpoint)["recover"].split("   (or just:")[0]
     assert shlex.split(command) == ["privifs", "umount", mountpoint, "&&", "privifs", "mount", mountpoint]
+
+
+def test_a_mountpoint_that_is_missing_or_a_file_is_a_local_file_error(tmp_path, capsys, state):
+    (tmp_path / "file").write_text("")
+    for where in (tmp_path / "missing", tmp_path / "file"):
+        code = main(["mount", str(where)])
+        err = capsys.readouterr().err
+        assert code == 4 and err.count("\n") == 1 and "does not exist or is not a directory" in err, err

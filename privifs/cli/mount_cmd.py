@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from privifs import paths
-from privifs.cli.failures import ExitStatus
+from privifs.cli.failures import ExitStatus, LocalFileError
 from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
@@ -219,7 +219,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
             f"('fusermount3 -u {mountpoint}' or 'umount -l {mountpoint}')"
         )
     if not mountpoint.is_dir():
-        raise ConfigError(f"mountpoint {mountpoint} does not exist or is not a directory")
+        raise LocalFileError(f"mountpoint {mountpoint} does not exist or is not a directory")
 
 
 def run_mount(args: argparse.Namespace) -> int:
