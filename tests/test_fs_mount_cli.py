@@ -667,3 +667,16 @@ def test_two_mounts_started_at_once_on_one_mountpoint_do_not_stack(engine, tmp_p
         for m in users:
             privifs(m.env, "umount", str(shared), "--timeout", "30", check=False, timeout=90)
             m.cleanup()
+
+
+def test_a_cache_dir_that_is_a_file_is_one_clear_line(engine, tmp_path):
+    """It was 'the mount failed (FileExistsError: …)', exit 1."""
+    m = Mount(tmp_path, engine.urls)
+    (tmp_path / "a-file").write_text("")
+    try:
+        r = m.mount("--cache-dir", str(tmp_path / "a-file"), check=False)
+        assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+        assert f"cannot use {tmp_path / 'a-file'} as the cache directory: File exists" in r.stderr, r.stderr
+        assert not is_mounted(m.dir)
+    finally:
+        m.cleanup()

@@ -255,7 +255,12 @@ class Daemon:
         try:
             ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
             staging = Staging(self.state_dir / "staging", local, keep_free=index.reserve.missing)
-            cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
+            try:
+                cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
+            except OSError as exc:  # --cache-dir names a file, or a place that cannot hold one
+                raise ConfigError(
+                    f"cannot use {self.cache_dir} as the cache directory: {exc.strerror or exc}"
+                ) from None
             syncer = Syncer(
                 ns,
                 staging,
