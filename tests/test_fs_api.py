@@ -14,6 +14,7 @@ import stat
 import pyfuse3
 import trio
 
+from privifs.fs.names import VAULT_PATH_MAX
 from privifs.fs.sync import BIG_UPLOAD
 from tests.fskit import CTX, ROOT_INO, fails_with, inprocess_fs
 
@@ -680,15 +681,22 @@ async def test_big_files_upload_a_few_at_a_time_while_small_files_pass_beside_th
 
 
 async def test_an_entry_whose_vault_path_would_be_too_long_is_refused_not_staged_for_good(kit):
-    """The vault records a path of at most 4096 characters; deeper entries were made here and then
-    rejected by every upload (HTTP 422), staying staged and missing from every other mount."""
+    """The vault records a path of at most VAULT_PATH_MAX characters; deeper entries were made here
+    and then rejected by every upload (HTTP 422), staying staged and missing from every other
+    mount. A path of PATH_MAX from a working directory inside the drive still works (pjdfstest's
+    */03.t make one: the first limit, 4096, refused them)."""
     comp = "d" * 250
+    await kit.mkdir("w" * 100)
+    under = ["w" * 100] + ["p" * 254] * 15 + ["q" * 254]  # 4095 bytes below the 100-character "cwd"
+    for i in range(2, len(under)):
+        await kit.mkdir("/".join(under[:i]))
+    await kit.write_file("/".join(under), b"at PATH_MAX")
     parts = []
-    while len("/" + "/".join([*parts, comp])) <= 4096:
+    while len("/" + "/".join([*parts, comp])) <= VAULT_PATH_MAX:
         parts.append(comp)
         await kit.mkdir("/".join(parts))
-    deep = "/".join(parts)  # 16 levels: 4016 characters, room for a name of up to 79
-    room = 4096 - len("/" + deep) - 1
+    deep = "/".join(parts)
+    room = VAULT_PATH_MAX - len("/" + deep) - 1  # the longest name that still fits under it
     await kit.write_file(f"{deep}/{'f' * room}", b"fits")
     for make in (
         lambda: kit.mkdir(f"{deep}/{comp}"),
@@ -708,3 +716,4 @@ async def test_an_entry_whose_vault_path_would_be_too_long_is_refused_not_staged
     await kit.settle()
     tree = await kit.vault_tree()
     assert tree[f"{deep}/{'f' * room}"] == b"fits" and f"{deep}/top/x" in tree
+    assert tree["/".join(under)] == b"at PATH_MAX"

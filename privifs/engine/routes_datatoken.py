@@ -44,7 +44,10 @@ LIST_FILTERS = {
     "filters[meta.data.type]": "data_type",
 }
 NAME_MAX = 1024
-CONTEXT_MAX = 4096
+# a context or path longer than this is a 422 (the reference gives no limit): long enough for any
+# path a program can name (PATH_MAX, 4096 bytes, from a working directory anywhere in a drive),
+# bounded so that a request cannot make the engine store and list arbitrary amounts per token
+CONTEXT_MAX = 16384
 
 log = logging.getLogger("privifs.engine")
 

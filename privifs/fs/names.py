@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
 NAME_MAX = 255
 # The longest path the vault records for an entry ("/" + names joined by "/", in characters):
-# the engine refuses a longer ``context`` or ``path`` (HTTP 422), so an entry below it could
-# never be uploaded; such entries are refused at once with ENAMETOOLONG instead.
-VAULT_PATH_MAX = 4096
+# the engine refuses a longer ``context`` or ``path`` (HTTP 422, routes_datatoken.CONTEXT_MAX),
+# so an entry below it could never be uploaded; such entries are refused at once with
+# ENAMETOOLONG instead. Well above PATH_MAX (4096 bytes): a program may name a path of PATH_MAX
+# relative to a working directory deep in the drive (pjdfstest's */03.t do), and that must work.
+VAULT_PATH_MAX = 16384
 
 
 class NamedEntry(Protocol):
