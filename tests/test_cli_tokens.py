@@ -53,6 +53,8 @@ def test_put_ls_stat_get_mv_rm(user, tmp_path):
     run(user, "token", "mv", token, "--name", "final.pdf", "--context", "/archive")
     st = json.loads(run(user, "token", "stat", token).stdout)
     assert (st["fileName"], st["context"]) == ("final.pdf", "/archive")
+    # it states its content's digest (the 'token get' above checked it, as a mount's read does)
+    assert len(json.dumps(st).split('"privifs.digest": "')[1].split('"')[0]) == 64
     run(user, "token", "rm", token)
     gone = run(user, "token", "stat", token, check=False)
     assert gone.returncode == 1 and gone.stderr.count("\n") == 1 and "does not exist" in gone.stderr

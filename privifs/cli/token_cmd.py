@@ -165,23 +165,30 @@ async def _put(args, client, vault) -> int:
         raise LocalFileError(f"the name of {path} is not valid UTF-8; give the name to record with --name")
     progress = Progress(f"put {name}", size)
 
+    key = vault.derive(digest.content_key)
+    h = digest.hasher(key)  # a file stored whole states its content's digest, as a mount's do
+
     async def source() -> AsyncIterator[bytes]:
+        nonlocal h
         progress.reset()
+        h = digest.hasher(key)  # each attempt reads the file from the start
         async with await trio.open_file(path, "rb") as f:
             while True:
                 chunk = await f.read(PIECE)
                 if not chunk:
                     return
                 progress.advance(len(chunk))
+                h.update(chunk)
                 yield chunk
 
     context = args.context
     meta = FileMeta(name, split_name(name), context, size, context.rstrip("/") + "/" + name)
     try:
         if size > THRESHOLD:
-            token = await args.parts.put(source, size, meta)
+            token = await args.parts.put(source, size, meta)  # the manifest states its own digest
         else:
             token = await vault.put_stream(source, size, meta)
+            await client.tokens.set_risk(token, {digest.FIELD: h.hexdigest()})
     finally:
         progress.close()
     print(token)
