@@ -339,6 +339,33 @@ async def test_a_version_stored_after_the_other_client_deleted_the_parts_it_kept
             assert {await f.read_file(f"/{n}") for n in names} == want
 
 
+async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_its_parts_is_stored_whole(
+    account, tmp_path
+):
+    # the same with a removal: the edit wins against the delete, and its version is readable
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = os.urandom(10 * mib)
+        fh, _ = a.create_node(1, "big")
+        await a.fs.write(fh, 0, data)
+        a.fs.release(fh)
+        await listed(a, b)
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)
+        await a.unlink("/big")
+        await a.wait_idle()
+        assert await a.syncer.retire_due(now=float("inf")) == 3  # the removed file's parts go
+        b.fs.release(fb)
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        (tmp_path / "fresh").mkdir()
+        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
+            await f.refresher.refresh_once()
+            assert sorted(f.ns.root.children) == ["big"]
+            assert await f.read_file("/big") == data[:5] + b"B" * 1000 + data[1005:]
+
+
 async def test_a_directory_shown_under_its_conflict_name_gives_its_marker_to_the_plain_name_it_cannot_merge(
     account, tmp_path
 ):
