@@ -112,9 +112,62 @@ def test_a_damaged_part_of_a_big_file_is_never_stored_again_under_a_new_token(en
         blob.write_bytes(bytes(raw))
         r = privifs(m.env, "verify", "--data", "--repair", check=False)
         assert r.returncode == 3, r.stdout + r.stderr
-        assert "damaged: /.privifs/parts/" in r.stdout and "cannot be stored again" in r.stdout
+        assert "damaged: /big.bin: part 2 " in r.stdout and "cannot be stored again" in r.stdout
         assert (
             "1 damaged, 0 repaired" in r.stdout and "not yet in the local index" not in r.stdout
         )  # parts are no files
+    finally:
+        m.cleanup()
+
+
+def blob_of_token(engine, token: str):
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{engine.data_dir / 'engine.sqlite3'}?mode=ro", uri=True)
+    try:
+        (blob_id,) = conn.execute("SELECT blob_id FROM data_tokens WHERE token = ?", (token,)).fetchone()
+    finally:
+        conn.close()
+    return engine.data_dir / "blobs" / blob_id[:2] / blob_id
+
+
+def test_a_swapped_or_missing_part_names_its_file_though_every_tag_verifies(engine, tmp_path):
+    """Each part's GCM tag proves only that the vault's key wrote it: a part replaced by another
+    part of the vault, or deleted, is found by checking the parts against their manifest (size,
+    keyed digest, presence), as every read does; verify said "ok" while reads of it were EIO."""
+    import json
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from privifs.parts import format as fmt
+    from privifs.parts.store import PART_SIZE
+
+    m = Mount(tmp_path, engine.urls)
+    try:
+        content = os.urandom(2 * PART_SIZE + 300_001)  # three parts: two full ones and a tail
+        with m.mounted():
+            (m.dir / "whole.bin").write_bytes(content)
+            m.wait_idle()
+        listing = [json.loads(line) for line in m.token("ls", "--json").stdout.splitlines()]
+        manifest_token = next(t["token"] for t in listing if t["fileName"] == "whole.bin")
+        blob = blob_of_token(engine, manifest_token).read_bytes()
+        key = bytes.fromhex(m.key_file.read_text().strip())
+        manifest = fmt.decode(AESGCM(key).decrypt(blob[:12], blob[12:], None))
+        parts = [p.token for p in manifest.parts]
+        assert len(parts) == 3 and not any(p.is_hole for p in manifest.parts)
+        first, second = (blob_of_token(engine, parts[i]) for i in (0, 1))
+        original = first.read_bytes()
+        first.write_bytes(second.read_bytes())  # part 1's blob, valid GCM under the key, in part 0's place
+        r = privifs(m.env, "verify", "--data", check=False)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "damaged: /whole.bin: part 0 " in r.stdout and "digest" in r.stdout, r.stdout
+        assert "/.privifs/parts" not in r.stdout and "Traceback" not in r.stderr
+
+        first.write_bytes(original)
+        m.token("rm", parts[2])  # a part gone from the vault (what a wrong collection would do)
+        r = privifs(m.env, "verify", "--data", check=False)
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert f"damaged: /whole.bin: part 2 (token {parts[2]}) is missing from the vault" in r.stdout, r.stdout
+        assert "part 0" not in r.stdout
     finally:
         m.cleanup()

@@ -393,6 +393,37 @@ def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, 
         assert m.umount().returncode == 0
 
 
+def test_umount_whose_daemon_is_killed_while_it_uploads_cleans_up_and_says_what_stays_staged(eng, tmp_path):
+    """The daemon dies during umount's flush (kill -9, a crash, the OOM killer): umount
+    detaches the dead mount and says what stays staged (exit 7), as for a mount found dead; it
+    said "privifs: error: Connection refused" (exit 4) and left the dead mount behind."""
+    content = os.urandom(6 * 1024 * 1024)
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        eng.set_options(stream_bytes_per_second=1024 * 1024)  # the upload takes about 6 s
+        try:
+            (m.dir / "slow.bin").write_bytes(content)
+            pid = m.pid
+            umount = subprocess.Popen(
+                [sys.executable, "-m", "privifs", "umount", str(m.dir)],
+                env=m.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(2)  # the flush is under way
+            os.kill(pid, signal.SIGKILL)
+            out, err = umount.communicate(timeout=60)
+        finally:
+            eng.set_options(stream_bytes_per_second=0)
+        assert umount.returncode == 7, (out, err)
+        assert "its daemon died while it uploaded" in err and "1 files it had not uploaded stay staged" in err, err
+        assert err.count("\n") == 1 and not is_mounted(m.dir)
+        m.mount()
+        assert (m.dir / "slow.bin").read_bytes() == content
+        m.wait_idle()
+        assert m.umount().returncode == 0
+
+
 def test_flush_progress_counts_the_bytes_of_an_upload_in_flight(eng, tmp_path):
     """umount's progress: a big upload's remaining bytes go down while it streams, not only
     when it ends."""

@@ -305,6 +305,67 @@ async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a
             assert {await f.read_file(f"/{n}") for n in names} == want
 
 
+async def test_a_version_stored_after_the_other_client_deleted_the_parts_it_kept_is_stored_whole(account, tmp_path):
+    # B edits the first part of a big file and keeps it open; meanwhile A rewrites the third
+    # part, and a minute later (no manifest naming it yet) deletes the old third part. B's
+    # manifest, stored when it closes, kept that part's token: B's fsynced version was EIO on
+    # every other machine. Now B sees the version it replaced was deleted, finds the part gone
+    # and stores every part again
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = os.urandom(10 * mib)
+        fh, _ = a.create_node(1, "big")
+        await a.fs.write(fh, 0, data)
+        a.fs.release(fh)
+        await listed(a, b)
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)  # B holds the file open
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
+        a.fs.release(fa)
+        await a.wait_idle()
+        assert await a.syncer.retire_due(now=float("inf")) == 1  # no manifest names the old part yet
+        await a.wait_idle()
+        b.fs.release(fb)
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        want = {data[:5] + b"B" * 1000 + data[1005:], data[: 8 * mib + 5] + b"A" * 1000 + data[8 * mib + 1005 :]}
+        (tmp_path / "fresh").mkdir()
+        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
+            await f.refresher.refresh_once()
+            names = sorted(f.ns.root.children)
+            assert len(names) == 2, names  # the file and its conflict copy
+            assert {await f.read_file(f"/{n}") for n in names} == want
+
+
+async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_its_parts_is_stored_whole(
+    account, tmp_path
+):
+    # the same with a removal: the edit wins against the delete, and its version is readable
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = os.urandom(10 * mib)
+        fh, _ = a.create_node(1, "big")
+        await a.fs.write(fh, 0, data)
+        a.fs.release(fh)
+        await listed(a, b)
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)
+        await a.unlink("/big")
+        await a.wait_idle()
+        assert await a.syncer.retire_due(now=float("inf")) == 3  # the removed file's parts go
+        b.fs.release(fb)
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        (tmp_path / "fresh").mkdir()
+        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
+            await f.refresher.refresh_once()
+            assert sorted(f.ns.root.children) == ["big"]
+            assert await f.read_file("/big") == data[:5] + b"B" * 1000 + data[1005:]
+
+
 async def test_a_directory_shown_under_its_conflict_name_gives_its_marker_to_the_plain_name_it_cannot_merge(
     account, tmp_path
 ):

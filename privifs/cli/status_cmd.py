@@ -117,17 +117,7 @@ def run_umount(args: argparse.Namespace) -> int:
                     f"user or HOME): run 'privifs umount' there, or 'fusermount3 -u {args.mountpoint}' "
                     f"to unmount it anyway"
                 )
-            clean_dead_mount(mount_path(args.mountpoint))
-            why = "its daemon had died"
-            left = staged_left(args.mountpoint)
-            if left is not None:
-                raise ExitStatus(
-                    f"unmounted {args.mountpoint} ({why}); {left[0]} files it had not uploaded stay "
-                    f"staged in {left[1]} and are uploaded at the next mount",
-                    EXIT_STAGED,
-                )
-            print(f"unmounted {args.mountpoint} ({why})")
-            return 0
+            return _unmount_dead(args.mountpoint, "its daemon had died")
         raise ConfigError(f"{args.mountpoint} is not a privifs mount")
     if paths.pid_stopped(entry["pid"]):
         raise PrivifsError(
@@ -145,20 +135,32 @@ def run_umount(args: argparse.Namespace) -> int:
             else:
                 result = answer
     except OSError as exc:
+        if _ended(entry["pid"]):  # killed or crashed while it uploaded
+            return _unmount_dead(args.mountpoint, "its daemon died while it uploaded")
         raise PrivifsError(
             f"the mount daemon for {args.mountpoint} did not answer ({_silence(entry['pid'], exc)}); "
             f"'fusermount3 -u {args.mountpoint}' unmounts it anyway"
         ) from None
     finally:
         progress.close()
+    if not result and _ended(entry["pid"]):  # its answers stopped: it died during the flush
+        return _unmount_dead(args.mountpoint, "its daemon died while it uploaded")
     # when the flush gave up, the daemon ends without draining the uploads again (the user was
     # told how long to wait; what is left is uploaded by the next mount)
-    for answer in control_request(entry, {"cmd": "unmount", **({"drain": 0} if result.get("error") else {})}):
-        if answer.get("busy"):
-            raise LocalFileError(
-                f"{answer['error']} ('fuser -vm {args.mountpoint}' lists them): close them and try again; "
-                "it stays mounted"
-            )
+    try:
+        for answer in control_request(entry, {"cmd": "unmount", **({"drain": 0} if result.get("error") else {})}):
+            if answer.get("busy"):
+                raise LocalFileError(
+                    f"{answer['error']} ('fuser -vm {args.mountpoint}' lists them): close them and try again; "
+                    "it stays mounted"
+                )
+    except OSError as exc:
+        if _ended(entry["pid"]):  # killed or crashed between the flush and the unmount
+            return _unmount_dead(args.mountpoint, "its daemon died while it unmounted")
+        raise PrivifsError(
+            f"the mount daemon for {args.mountpoint} did not answer ({_silence(entry['pid'], exc)}); "
+            f"'fusermount3 -u {args.mountpoint}' unmounts it anyway"
+        ) from None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not paths.pid_alive(entry["pid"]):
@@ -167,12 +169,41 @@ def run_umount(args: argparse.Namespace) -> int:
     else:
         raise PrivifsError(f"the mount daemon (pid {entry['pid']}) did not exit; see its log")
     if is_fuse_mount(args.mountpoint):
+        if is_dead_mount(args.mountpoint):  # it ended without unmounting: killed while it drained
+            return _unmount_dead(args.mountpoint, "its daemon died while it unmounted")
         raise PrivifsError(f"{args.mountpoint} is still mounted (busy?)")
     if result.get("error"):
         raise ExitStatus(
             f"unmounted {args.mountpoint}, but not everything was uploaded: {result['error']}", EXIT_STAGED
         )
     print(f"unmounted {args.mountpoint}")
+    return 0
+
+
+def _ended(pid: int, wait: float = 2.0) -> bool:
+    """Whether daemon ``pid`` is gone (a process being killed closes its sockets a moment before
+    it is a zombie: waits up to ``wait`` seconds for that)."""
+    deadline = time.monotonic() + wait
+    while paths.pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _unmount_dead(mountpoint: str, why: str | None) -> int:
+    """Detach a mount whose daemon is gone and say what it left staged (uploaded by the next mount)."""
+    why = why or "no daemon answered"
+    if is_fuse_mount(mountpoint):
+        clean_dead_mount(mount_path(mountpoint))
+    left = staged_left(mountpoint)
+    if left is not None:
+        raise ExitStatus(
+            f"unmounted {mountpoint} ({why}); {left[0]} files it had not uploaded stay "
+            f"staged in {left[1]} and are uploaded at the next mount",
+            EXIT_STAGED,
+        )
+    print(f"unmounted {mountpoint} ({why})")
     return 0
 
 

@@ -4,7 +4,9 @@
   a file the index holds whose token is gone from the vault is **missing**; tokens the index does
   not know yet (added elsewhere) are counted, not errors.
 * ``--data``: every token is downloaded and its AES-GCM tag verified (nothing is written to
-  disk); one that fails is **damaged**, one that vanished meanwhile is missing.
+  disk); one that fails is **damaged**, one that vanished meanwhile is missing. A big file's parts
+  are checked against its manifest as a read checks them (present, size, keyed digest): a part
+  missing, swapped or replaced makes the file damaged, named by its path.
 * ``--repair`` (with ``--data``): a damaged token whose content this machine's cache holds (sealed,
   and verified again while it is read) is stored again as a new token with the same name, place
   and attributes, and the damaged token is deleted; a mount picks the new token up at its next
@@ -41,14 +43,16 @@ from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError, WrongKeyError
 from privifs.fs.names import entry_name
 from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context, split_context
+from privifs.parts import format as fmt
 from privifs.parts.format import MARK
-from privifs.parts.store import is_part
+from privifs.parts.store import PartStore, is_manifest, is_part
 
 PROBLEMS_EXIT = 3
 PARALLEL = 4
 DESCRIPTION = """Check the whole vault. Always: this machine's local index against the vault's listing
 (a file whose token is gone is reported missing). With --data: every token is downloaded and its
-AES-GCM tag verified (a file that fails is reported damaged). With --repair: a damaged token whose
+AES-GCM tag verified, and every part of a big file against its manifest (a file that fails, or a
+big file missing a part, is reported damaged). With --repair: a damaged token whose
 content this machine's cache holds is stored again and the damaged one deleted.
 
 Exit status: 0 nothing wrong (or all repaired), 3 damaged or missing files remain, 1 the check
@@ -294,9 +298,92 @@ async def verify(
     content_key = vault.derive(digest.content_key)
     bar = Bar(len(todo))
     limiter = trio.CapacityLimiter(PARALLEL)
+    store = PartStore(vault)
+    manifests: dict[str, fmt.Manifest] = {}  # the manifests that verified, by token
+    named: set[str] = set()  # part tokens a verified manifest names: checked with it (tag, size, digest)
+
+    def path_of(info: TokenInfo) -> str:
+        return files[info.token].path if info.token in files else listed_path(info)
+
+    async def check_manifest(info: TokenInfo) -> None:
+        """A big file's manifest: decrypted and decoded here; its parts are checked afterwards
+        against it, so a part that is missing, swapped or replaced names the file."""
+        path = path_of(info)
+        async with limiter:
+            try:
+                manifests[info.token] = manifest = await store.manifest(info.token, info.risk)
+            except IntegrityError as exc:
+                report.damaged.append(path)
+                report.line("damaged", f"{path}: token {info.token} fails verification ({exc})")
+                if args.repair:
+                    await try_repair(info, path)
+                return
+            except NotFoundError:
+                report.missing.append(path)
+                report.line("missing", f"{path}: token {info.token} vanished from the vault")
+                return
+            except PrivifsError as exc:
+                report.unchecked.append(path)
+                report.line("not checked", f"{path}: {exc}")
+                return
+            report.checked += 1
+            named.update(p.token for p in manifest.parts if not p.is_hole)
+
+    async def check_parts(info: TokenInfo, manifest: fmt.Manifest) -> None:
+        path = path_of(info)
+        problems: list[str] = []
+        unchecked: list[str] = []
+
+        async def one(index: int, token: str) -> None:
+            if token not in listed:
+                problems.append(f"part {index} (token {token}) is missing from the vault")
+                return
+            async with limiter:
+                try:
+                    data = await store.get_part(manifest, index)
+                except NotFoundError:
+                    problems.append(f"part {index} (token {token}) is missing from the vault")
+                except IntegrityError as exc:
+                    problems.append(f"part {index} (token {token}) fails verification ({exc})")
+                except PrivifsError as exc:
+                    unchecked.append(f"part {index} (token {token}): {exc}")
+                else:
+                    report.checked += 1
+                    report.checked_bytes += len(data)
+
+        async with trio.open_nursery() as nursery:
+            for index, part in enumerate(manifest.parts):
+                if not part.is_hole:
+                    nursery.start_soon(one, index, part.token)
+        bar.done()
+        if problems:
+            report.damaged.append(path)
+            for why in sorted(problems, key=lambda w: int(w.split()[1])):
+                report.line("damaged", f"{path}: {why}")
+            if args.repair:
+                report.line(
+                    "not repaired",
+                    f"{path}: a part of a file stored as parts cannot be stored again under a new token; "
+                    "restore the file from a backup",
+                )
+        elif unchecked:
+            report.unchecked.append(path)
+            report.line("not checked", f"{path}: {unchecked[0]}")
+
+    async def try_repair(info: TokenInfo, path: str) -> None:
+        try:
+            new = await repair(client, vault, info, files.get(info.token), cache_dir, key, path)
+        except PrivifsError as why:
+            report.line("not repaired", f"{path}: {why}")
+        else:
+            report.repaired.append(path)
+            report.line("repaired", f"{path}: stored again from the local cache as token {new}")
 
     async def check(info: TokenInfo) -> None:
-        path = files[info.token].path if info.token in files else listed_path(info)
+        if is_part(info) and info.token in named:
+            bar.done()  # checked with the manifest that names it
+            return
+        path = path_of(info)
         async with limiter:
             sink, check = DiscardSink(), digest.check_for(content_key, info.risk)
             try:
@@ -309,13 +396,7 @@ async def verify(
                 report.damaged.append(path)
                 report.line("damaged", f"{path}: token {info.token} fails verification ({exc})")
                 if args.repair:
-                    try:
-                        new = await repair(client, vault, info, files.get(info.token), cache_dir, key, path)
-                    except PrivifsError as why:
-                        report.line("not repaired", f"{path}: {why}")
-                    else:
-                        report.repaired.append(path)
-                        report.line("repaired", f"{path}: stored again from the local cache as token {new}")
+                    await try_repair(info, path)
             except NotFoundError:
                 report.missing.append(path)
                 report.line("missing", f"{path}: token {info.token} vanished from the vault")
@@ -325,10 +406,20 @@ async def verify(
             finally:
                 bar.done()
 
+    big = [i for i in todo if is_manifest(i)]
     try:
+        async with trio.open_nursery() as nursery:  # first the manifests: they say which parts are whose
+            for info in big:
+                nursery.start_soon(check_manifest, info)
         async with trio.open_nursery() as nursery:
+            for info in big:
+                if info.token in manifests:
+                    nursery.start_soon(check_parts, info, manifests[info.token])
+                else:
+                    bar.done()
             for info in todo:
-                nursery.start_soon(check, info)
+                if not is_manifest(info):
+                    nursery.start_soon(check, info)
     finally:
         bar.close()
     return report

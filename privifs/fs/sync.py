@@ -177,6 +177,7 @@ class Syncer:
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
+        self._gone_elsewhere: set[str] = set()  # replaced tokens _moved_elsewhere found deleted
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
         self.retire_grace = RETIRE_GRACE
@@ -429,6 +430,10 @@ class Syncer:
                 else:
                     token, content_risk = await self._put_whole(node, staged, meta)
                 keep = replaced is not None and replaced != token and await self._moved_elsewhere(replaced, seen_at)
+                if replaced is not None and replaced in self._gone_elsewhere:
+                    self._gone_elsewhere.discard(replaced)
+                    if manifest_risk is not None:
+                        token = await self._parts_still_there(node, staged, meta, token, manifest_risk, context)
                 self._record_content(
                     node,
                     staged,
@@ -518,6 +523,30 @@ class Syncer:
 
         token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
         return token, stale, risk  # with the manifest mark PartStore.put_manifest added
+
+    async def _parts_still_there(
+        self, node: Node, staged: StagedFile, meta: FileMeta, token: str, risk: dict, context: str
+    ) -> str:
+        """The manifest this upload replaced was deleted by another client meanwhile (it
+        rewrote or removed the file): the parts the new manifest ``token`` kept from it may have
+        been deleted too, a minute after that client stopped naming them, when no manifest named
+        them yet (this client held the file open, was offline, or its write-back waited longer).
+        A manifest naming a deleted part is EIO on every other machine (and here once the cache
+        lets the file go), so every kept part is checked, and if one is gone the whole file is
+        stored again from staging (every part uploaded) and the broken manifest deleted."""
+        manifest = await self.parts.reader.manifest(token)
+        missing = [t for t in manifest.tokens() if not [i async for i in self.tokens.list(token=t) if i.token == t]]
+        if not missing:
+            return token
+        log.warning(
+            "%s: %d parts kept from the version it replaced were deleted by another client; storing every part again",
+            self.ns.describe(node),
+            len(missing),
+        )
+        self._tombstone(token)  # first: if the store below fails, the upload is retried from staging
+        self.retire_parts(context, [t for t in manifest.tokens() if t not in missing])
+        fresh, _ = await self.parts.store_staged(staged, None, meta, risk, None, lambda n: None)
+        return fresh
 
     # -- parts a rewrite stopped naming ---------------------------------------------------------
     def retire_parts(self, context: str, parts: list[str]) -> None:
@@ -620,6 +649,7 @@ class Syncer:
             log.warning("cannot tell whether token %s was renamed elsewhere (%s); keeping it", token, exc)
             return True
         if not found:
+            self._gone_elsewhere.add(token)
             return False  # deleted elsewhere: nothing to keep
         info = found[0]
         context, name, extension = seen_at
