@@ -336,11 +336,13 @@ async def test_request_data_of_a_token_whose_data_file_is_lost_is_rejected_at_on
     each time. Now the request is rejected at once and the log names the file."""
     await wire.provision()
     async with wire.channel() as ch:
-        token = await wire.store(ch, os.urandom(300), streamed=False)
+        small = await wire.store(ch, os.urandom(300), streamed=False)
+        big = await wire.store(ch, os.urandom(200_000), streamed=True)  # served downstream: was a 404 there
         for f in (eng.data_dir / "blobs").rglob("*"):
             if f.is_file():
                 f.unlink()
-        r = await wire.post("/data-token/request-data", {"token": token})
-        assert r.status_code == 202, r.text
-        d = await ch.wait_for("X-DPT-CAB-REQUEST-ID", r.headers["x-dpt-cab-request-id"], timeout=10)
-        assert d["command_status"] == 3, d
+        for token in (small, big):
+            r = await wire.post("/data-token/request-data", {"token": token})
+            assert r.status_code == 202, r.text
+            d = await ch.wait_for("X-DPT-CAB-REQUEST-ID", r.headers["x-dpt-cab-request-id"], timeout=10)
+            assert d["command_status"] == 3, d

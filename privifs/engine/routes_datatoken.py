@@ -136,16 +136,24 @@ def apply_request_data(opts: EngineOptions, blobs: BlobStore, conn, params, prof
     if row is None:
         raise Rejected("data_token.not_found", [request_event(opts, rid, 3, None, "data_token.not_found")])
     out = Outcome()
+
+    def data_missing() -> Rejected:
+        """The data file is lost (a damaged store): the request fails now (an exception here was a
+        traceback and no result, the client asked 4 times, 80 s; a downstream URL for it was a
+        404 at the GET, which the client took for an expired authorization and asked again)."""
+        log.error("token %s: its data file %s is missing", params["token"], blobs.path(row["blob_id"]))
+        reason = "data_token.data_missing"
+        return Rejected(reason, [request_event(opts, rid, 3, None, reason)])
+
     if row["blob_size"] <= opts.inline_threshold:
         try:
             data = blobs.path(row["blob_id"]).read_bytes()
-        except FileNotFoundError:  # the data file is lost (a damaged store): the request fails now
-            # (an exception here was a traceback and no result: the client asked 4 times, 80 s)
-            log.error("token %s: its data file %s is missing", params["token"], blobs.path(row["blob_id"]))
-            reason = "data_token.data_missing"
-            raise Rejected(reason, [request_event(opts, rid, 3, None, reason)]) from None
+        except FileNotFoundError:
+            raise data_missing() from None
         out.events.append(request_event(opts, rid, 2, 0, base64.b64encode(data).decode()))
     else:
+        if not blobs.path(row["blob_id"]).exists():
+            raise data_missing()
         auth = secrets.token_urlsafe(24)
         conn.execute(
             "INSERT INTO downstream (auth, token, profile_id, expires_at) VALUES (?, ?, ?, ?)",
