@@ -208,7 +208,7 @@ def test_tampered_ciphertext_gives_eio_never_wrong_bytes(engine, tmp_path):
         assert (m.dir / "bystander.txt").read_text() == "untouched"
         assert "victim.bin" in m.log() and "integrity" in m.log()
         status = privifs(m.env, "status", str(m.dir)).stdout  # the failed read shows there too
-        assert "read failed:" in status and "victim.bin: integrity failure" in status
+        assert "fetch failed:" in status and "victim.bin: integrity failure" in status
         assert token
 
 

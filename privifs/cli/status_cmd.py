@@ -365,7 +365,7 @@ def run_status(args: argparse.Namespace) -> int:
                 f"({st['index_error']}); retried every few seconds"
             )
         if st.get("read_error"):
-            print(f"  read failed:  {st['read_error']} at {_ago(st['read_error_at'])}")
+            print(f"  fetch failed: {st['read_error']} at {_ago(st['read_error_at'])}")  # for a read or a write
         for task in st.get("tasks", []):
             if task["failures"]:
                 print(
