@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from privifs import paths
-from privifs.cli.failures import ExitStatus, LocalFileError
+from privifs.cli.failures import ExitStatus, LocalFileError, exit_code
 from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
@@ -223,7 +223,13 @@ def _check_mountpoint(mountpoint: Path) -> None:
 
 
 def run_mount(args: argparse.Namespace) -> int:
-    _check_mountpoint(args.mountpoint)
+    try:
+        _check_mountpoint(args.mountpoint)
+    except PrivifsError as exc:
+        # the daemon started by 'privifs mount' checks again (another mount may have come first
+        # meanwhile): its parent waits for the answer on the ready pipe, not for its exit status
+        _tell_parent(args, f"{exit_code(exc)} {exc}")
+        raise
     cfg_path = _ensure_config(args)
     cfg = load(cfg_path)
     config_defaults(args, cfg.mount, cfg_path)
@@ -276,6 +282,11 @@ def run_mount(args: argparse.Namespace) -> int:
     if text.startswith("ok "):
         print(text[3:])
         return 0
+    if not text:
+        try:  # the pipe closed: the daemon is ending (give it a moment to say how), or it hangs
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
     if proc.poll() is None and not text:
         proc.terminate()
         raise PrivifsError(f"the mount did not become ready within {READY_TIMEOUT:.0f}s; see {log_path}")
@@ -366,6 +377,16 @@ def _log_to_file(path: Path) -> None:
     root.addHandler(handler)
 
 
+def _tell_parent(args: argparse.Namespace, text: str) -> None:
+    """Why the mount failed, for the 'privifs mount' that started this daemon (if one did)."""
+    if args.ready_fd is None:
+        return
+    try:
+        os.write(args.ready_fd, b"error " + text.encode())
+    except OSError:
+        pass
+
+
 def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     import trio
 
@@ -393,7 +414,6 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     try:
         trio.run(daemon.run, ready)
     except BaseException as exc:
-        from privifs.cli.failures import exit_code
         from privifs.errors import first_privifs_error
 
         inner = (
@@ -403,14 +423,10 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
         )
         if inner is None and not isinstance(exc, KeyboardInterrupt):
             logging.getLogger("privifs.cli").exception("the mount daemon failed")  # the traceback, in its log
-        if not signalled and args.ready_fd is not None:
+        if not signalled:
             if inner is not None:
-                text = f"{exit_code(inner)} {inner}"
+                _tell_parent(args, f"{exit_code(inner)} {inner}")
             else:
-                text = f"the mount failed ({type(exc).__name__}: {exc}); see {args.log_file or 'its log'}"
-            try:
-                os.write(args.ready_fd, b"error " + text.encode())
-            except OSError:
-                pass
+                _tell_parent(args, f"the mount failed ({type(exc).__name__}: {exc}); see {args.log_file or 'its log'}")
         raise
     return 0
