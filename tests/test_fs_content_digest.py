@@ -138,3 +138,34 @@ async def test_a_mount_that_listed_a_file_before_its_risk_meta_keeps_the_manifes
     async with kit.fresh() as third:
         assert await third.read_file("big.bin") == data
         assert await third.read_file("small.bin") == b"small content"
+
+
+async def test_a_manifest_read_as_content_before_its_mark_was_listed_is_not_kept_as_the_file(kit):
+    """A mount that reads a big file listed between the writer's configure-file-meta and its
+    risk meta write gets the manifest's bytes (nothing says yet it is a manifest); once the
+    listing shows the mark, the file reads through its parts: that download, cached under the
+    manifest's token, was served as the whole content for good (and staged for a write)."""
+    data = os.urandom(PARTS_THRESHOLD + 999)
+    await kit.write_file("big.bin", data)
+    await kit.settle()
+    (info,) = [i for i in await kit.listing() if i.file_name == "big.bin"]
+    async with kit.fresh() as other:
+        real = other.refresher.fetch
+
+        async def before_the_risk_meta():
+            infos, started = await real()
+            return [dataclasses.replace(i, risk={}) if i.token == info.token else i for i in infos], started
+
+        other.refresher.fetch = before_the_risk_meta
+        await other.refresh()
+        other.refresher.fetch = real
+        await other.read_file("big.bin")  # (the manifest's bytes: nothing tells them apart yet)
+        await other.refresh()
+        assert await other.read_file("big.bin") == data
+        fh = await other.open_file("big.bin")
+        await other.write(fh, len(data), b"tail")
+        await other.close(fh)
+        await other.settle()
+        assert await other.read_file("big.bin") == data + b"tail"
+    async with kit.fresh() as third:
+        assert await third.read_file("big.bin") == data + b"tail"
