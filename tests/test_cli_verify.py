@@ -171,3 +171,37 @@ def test_a_swapped_or_missing_part_names_its_file_though_every_tag_verifies(engi
         assert "part 0" not in r.stdout
     finally:
         m.cleanup()
+
+
+def test_a_damaged_manifest_is_repaired_from_the_cached_whole_content_and_reads_back(engine, tmp_path):
+    """The manifest token's privifs.digest states the manifest's encoding, and the cache keeps the
+    file's whole content under that token: the copy was refused as 'damaged too' against the
+    manifest's digest (it is intact), and stored with that digest every read would be EIO."""
+    from privifs.parts.store import THRESHOLD
+
+    m = Mount(tmp_path, engine.urls)
+    try:
+        content = os.urandom(THRESHOLD + 123_457)  # above the threshold: parts + a manifest
+        with m.mounted():
+            (m.dir / "big.bin").write_bytes(content)
+            m.wait_idle()
+        (info,) = [t for t in m.tokens() if t["fileName"] == "big.bin"]
+        assert "privifs.parts" in info["risk"] and "privifs.digest" in info["risk"]
+        blob = blob_of_token(engine, info["token"])
+        raw = bytearray(blob.read_bytes())
+        raw[-1] ^= 0x80
+        blob.write_bytes(bytes(raw))
+        r = privifs(m.env, "verify", "--data", "--repair", check=False)
+        assert r.returncode == 0 and "\nrepaired: /big.bin" in "\n" + r.stdout, r.stdout + r.stderr
+        with m.mounted():  # the mount follows the new token
+            assert (m.dir / "big.bin").read_bytes() == content
+        again = privifs(m.env, "verify", "--data", check=False)
+        assert again.returncode == 0, again.stdout + again.stderr
+        other = Mount(tmp_path / "other", engine.urls, username=m.username, register=False, key_file=m.key_file)
+        try:
+            with other.mounted():
+                assert (other.dir / "big.bin").read_bytes() == content
+        finally:
+            other.cleanup()
+    finally:
+        m.cleanup()

@@ -5,6 +5,7 @@ vault's key) gives EIO instead of the wrong bytes."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hmac
 import os
@@ -102,3 +103,69 @@ async def test_manifests_swapped_between_two_big_files_read_as_eio_and_their_par
         b.write_bytes(second)
     async with kit.fresh() as other:
         assert await other.tree() == {"two.bin": two}
+
+
+async def test_a_mount_that_listed_a_file_before_its_risk_meta_keeps_the_manifest_mark_and_digest_on_a_chmod(kit):
+    """Another mount listed the file between the writer's configure-file-meta and its risk-meta
+    write (no privifs field yet), and a chmod there is written after the writer's risk meta: the
+    chmod's risk meta must not drop privifs.parts and privifs.digest (without the mark every
+    mount served the 263-byte manifest as the file's content, and the sweep took its parts)."""
+    data = os.urandom(PARTS_THRESHOLD + 4321)
+    await kit.write_file("big.bin", data)
+    await kit.write_file("small.bin", b"small content")
+    await kit.settle()
+    written = {i.file_name: i for i in await kit.listing() if i.file_name in ("big.bin", "small.bin")}
+    assert "privifs.parts" in written["big.bin"].risk and digest.FIELD in written["small.bin"].risk
+    async with kit.fresh() as other:
+        real = other.refresher.fetch
+
+        async def before_the_risk_meta():  # the listing other takes comes before the risk meta
+            infos, started = await real()
+            return [dataclasses.replace(i, risk={}) if i.token in tokens else i for i in infos], started
+
+        tokens = {i.token for i in written.values()}
+        other.refresher.fetch = before_the_risk_meta
+        await other.refresh()
+        other.refresher.fetch = real
+        await other.setattr("big.bin", mode=0o600)  # before other's next listing
+        await other.setattr("small.bin", mode=0o600)
+        await other.settle()
+    after = {i.file_name: i for i in await kit.listing() if i.file_name in ("big.bin", "small.bin")}
+    for name in written:
+        assert after[name].risk["privifs.mode"] == "600"
+        assert after[name].risk[digest.FIELD] == written[name].risk[digest.FIELD]
+    assert after["big.bin"].risk["privifs.parts"] == written["big.bin"].risk["privifs.parts"]
+    async with kit.fresh() as third:
+        assert await third.read_file("big.bin") == data
+        assert await third.read_file("small.bin") == b"small content"
+
+
+async def test_a_manifest_read_as_content_before_its_mark_was_listed_is_not_kept_as_the_file(kit):
+    """A mount that reads a big file listed between the writer's configure-file-meta and its
+    risk meta write gets the manifest's bytes (nothing says yet it is a manifest); once the
+    listing shows the mark, the file reads through its parts: that download, cached under the
+    manifest's token, was served as the whole content for good (and staged for a write)."""
+    data = os.urandom(PARTS_THRESHOLD + 999)
+    await kit.write_file("big.bin", data)
+    await kit.settle()
+    (info,) = [i for i in await kit.listing() if i.file_name == "big.bin"]
+    async with kit.fresh() as other:
+        real = other.refresher.fetch
+
+        async def before_the_risk_meta():
+            infos, started = await real()
+            return [dataclasses.replace(i, risk={}) if i.token == info.token else i for i in infos], started
+
+        other.refresher.fetch = before_the_risk_meta
+        await other.refresh()
+        other.refresher.fetch = real
+        await other.read_file("big.bin")  # (the manifest's bytes: nothing tells them apart yet)
+        await other.refresh()
+        assert await other.read_file("big.bin") == data
+        fh = await other.open_file("big.bin")
+        await other.write(fh, len(data), b"tail")
+        await other.close(fh)
+        await other.settle()
+        assert await other.read_file("big.bin") == data + b"tail"
+    async with kit.fresh() as third:
+        assert await third.read_file("big.bin") == data + b"tail"

@@ -70,6 +70,7 @@ from privifs.fs.parts import PartReader, is_manifest_node
 from privifs.fs.partwrite import PartWriter
 from privifs.fs.staging import StagedFile, Staging
 from privifs.fs.tokenmeta import (
+    CARRIED,
     SPECIAL_KINDS,
     attributes,
     risk_fields,
@@ -111,6 +112,13 @@ def node_risk(node: Node, base: dict[str, str]) -> dict[str, str]:
     return risk_fields(
         base, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns, node.rdev
     )
+
+
+def written_by_privifs(risk: dict[str, str]) -> bool:
+    """Whether a token's risk meta, as this mount knows it, was written by privifs (it says the
+    entry's type) or states its content (this mount's own upload, recorded before its first
+    risk meta write); otherwise another client's risk meta write may be on its way."""
+    return "privifs.type" in risk or any(k in risk for k in CARRIED)
 
 
 def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False) -> bool:
@@ -765,6 +773,11 @@ class Syncer:
                     self.renamed[token] = (trio.current_time(), *before)
                 if self.ns.retire_markers(node):  # another mkdir's marker would keep the old path
                     self.wake_tombstones()
+            if node.is_file and not written_by_privifs(node.risk()):  # listed before its writer's risk meta?
+                current = await self._current_risk(token, node.risk())
+                if node.token != token:
+                    return
+                self.ns.set_remote_risk(node, json.dumps(current, sort_keys=True) if current else None)
             risk = node_risk(node, node.risk())
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
@@ -780,6 +793,16 @@ class Syncer:
             self.schedule(node)
         if not node.unlinked:
             self.index.save(node)
+
+    async def _current_risk(self, token: str, base: dict[str, str]) -> dict[str, str]:
+        """The risk meta ``token`` has on the server now (``base`` if it is not listed). A risk
+        meta write replaces the whole field set, and the node's base (``remote_risk``) may come
+        from a listing taken between another client's configure-file-meta and its risk meta
+        write: written over that, a chmod or rename dropped the fields of the token's content
+        (tokenmeta.CARRIED: a manifest's mark, the content digest), and every mount then served
+        a big file's manifest as its content."""
+        found = [i async for i in self.tokens.list(token=token) if i.token == token]
+        return dict(found[0].risk) if found else base
 
     async def _keep_a_copy(self, node: Node, token: str) -> None:
         """Before renaming a file, have its content in the cache (small files only): if a writer
