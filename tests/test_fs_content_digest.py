@@ -142,9 +142,9 @@ async def test_a_mount_that_listed_a_file_before_its_risk_meta_keeps_the_manifes
 
 async def test_a_manifest_read_as_content_before_its_mark_was_listed_is_not_kept_as_the_file(kit):
     """A mount that reads a big file listed between the writer's configure-file-meta and its
-    risk meta write gets the manifest's bytes (nothing says yet it is a manifest); once the
-    listing shows the mark, the file reads through its parts: that download, cached under the
-    manifest's token, was served as the whole content for good (and staged for a write)."""
+    risk meta write got the manifest's bytes (nothing said yet it is a manifest), and once the
+    listing showed the mark, that download, cached under the manifest's token, was still served
+    as the whole content (and staged for a write)."""
     data = os.urandom(PARTS_THRESHOLD + 999)
     await kit.write_file("big.bin", data)
     await kit.settle()
@@ -159,7 +159,9 @@ async def test_a_manifest_read_as_content_before_its_mark_was_listed_is_not_kept
         other.refresher.fetch = before_the_risk_meta
         await other.refresh()
         other.refresher.fetch = real
-        await other.read_file("big.bin")  # (the manifest's bytes: nothing tells them apart yet)
+        # it decodes as a manifest of the size the token's meta says: read through its parts (it
+        # was served as the manifest's own bytes, and then kept as the file)
+        assert await other.read_file("big.bin") == data
         await other.refresh()
         assert await other.read_file("big.bin") == data
         fh = await other.open_file("big.bin")
@@ -169,3 +171,26 @@ async def test_a_manifest_read_as_content_before_its_mark_was_listed_is_not_kept
         assert await other.read_file("big.bin") == data + b"tail"
     async with kit.fresh() as third:
         assert await third.read_file("big.bin") == data + b"tail"
+
+
+async def test_a_write_to_a_big_file_listed_before_its_mark_stages_the_file_not_its_manifest(kit):
+    data = os.urandom(PARTS_THRESHOLD + 555)
+    await kit.write_file("big.bin", data)
+    await kit.settle()
+    (info,) = [i for i in await kit.listing() if i.file_name == "big.bin"]
+    async with kit.fresh() as other:
+        real = other.refresher.fetch
+
+        async def before_the_risk_meta():
+            infos, started = await real()
+            return [dataclasses.replace(i, risk={}) if i.token == info.token else i for i in infos], started
+
+        other.refresher.fetch = before_the_risk_meta
+        await other.refresh()
+        other.refresher.fetch = real
+        fh = await other.open_file("big.bin")
+        await other.write(fh, 10, b"patched")  # the first write stages the content: the file's
+        await other.close(fh)
+        await other.settle()
+    async with kit.fresh() as third:
+        assert await third.read_file("big.bin") == data[:10] + b"patched" + data[17:]

@@ -15,6 +15,7 @@ handler re-reads the node (it may have been renamed, unlinked or replaced meanwh
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import stat
@@ -43,6 +44,7 @@ from privifs.fs.tokenmeta import (
     RESERVED_CONTEXT,
     SPECIAL_KINDS,
 )
+from privifs.parts import format as fmt
 
 if TYPE_CHECKING:
     from privifs.client.vault import Vault
@@ -54,6 +56,7 @@ BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read 
 # part, a hole included, so a 4 TiB file's is 37 MiB, uploaded at each write-back
 MAX_FILE_SIZE = 1 << 42
 FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
+MANIFEST_PEEK = 16 * 1024 * 1024  # the largest whole content looked at as a manifest not marked yet (2.8 TiB of file)
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets of "." and ".."; an entry's is its seq + 2
 
@@ -617,6 +620,8 @@ class Filesystem:
                 return await self.writable_staged(node)
         else:
             sealed = await self.content(node)
+            if self._unmarked_manifest(node, sealed):
+                return await self.writable_staged(node)  # staged from its parts
             try:
                 if node.staged is not None:  # someone else staged it while we waited
                     return await self.writable_staged(node)
@@ -634,6 +639,30 @@ class Filesystem:
             return await self.cache.fetch(node.token, self.vault, node.size, check=self.sync.content_check(node))
         except PrivifsError as exc:
             raise self._fetch_failed(node, exc) from None
+
+    def _unmarked_manifest(self, node: Node, sealed: SealedFile) -> bool:
+        """Whether ``sealed``, fetched as the node's whole content, is in fact a manifest whose
+        mark the listing did not show yet (listed between its writer's configure-file-meta and
+        its risk meta write): the content is not the size the token's meta says, and it decodes
+        as a manifest of that size (it decrypted with the vault's key). The node is then marked a
+        manifest here, as the listing will, and True: the caller reads it through its parts.
+        Served as it was, a read got the manifest's bytes, and a write staged them as the file."""
+        if sealed.size == node.size or sealed.size > MANIFEST_PEEK or is_manifest_node(node.remote_risk):
+            return False
+        try:
+            manifest = fmt.decode(bytes(sealed.read(0, sealed.size)))
+        except PrivifsError:
+            return False
+        if manifest.total != node.size:
+            return False
+        sealed.close()
+        self.cache.evict(node.token)
+        self.parts.remember(node.token, manifest)
+        log.info("%s: its token is a manifest the listing did not mark yet; read through its parts", self.path(node))
+        with self.index.kept():
+            self.ns.set_remote_risk(node, json.dumps({**node.risk(), fmt.MARK: str(manifest.version)}, sort_keys=True))
+            self.index.save(node)
+        return True
 
     def _fetch_failed(self, node: Node, exc: PrivifsError) -> pyfuse3.FUSEError:
         """Log why the node's content could not be fetched; the error to answer with."""
@@ -734,6 +763,8 @@ class Filesystem:
             fh.close_reader()
             token = node.token
             sealed = await self._fetch_following(node)
+            if sealed is not None and self._unmarked_manifest(node, sealed):
+                return await self.read(fh_id, offset, length)  # read through its parts
             if sealed is None or fh.reader is not None or node.token != token:
                 if sealed is not None:
                     sealed.close()
