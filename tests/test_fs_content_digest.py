@@ -10,6 +10,8 @@ import errno
 import hmac
 import os
 
+import trio
+
 from privifs.crypto import digest
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from tests.fskit import fails_with
@@ -194,3 +196,21 @@ async def test_a_write_to_a_big_file_listed_before_its_mark_stages_the_file_not_
         await other.settle()
     async with kit.fresh() as third:
         assert await third.read_file("big.bin") == data[:10] + b"patched" + data[17:]
+
+
+async def test_a_chmod_of_a_young_file_without_risk_meta_waits_for_its_writers_risk_meta(kit):
+    """A mount that lists a file between its writer's configure-file-meta and risk meta write
+    (no privifs fields yet), and chmods it, re-lists the token first; if it is still bare and
+    young, its write waits: written at once, it could land after the writer's, and a risk meta
+    write replaces the whole field set (the content digest, a manifest's mark, gone)."""
+    token = await kit.remote.put("f.bin", b"content")  # configured, its risk meta not written yet
+    await kit.refresh()
+    await kit.setattr("f.bin", mode=0o600)
+    with trio.move_on_after(1.5):
+        await kit.settle()
+    assert (await kit.remote.token("f.bin")).risk == {}  # the chmod waits
+    stated = digest.stated(kit.syncer.content_key, b"content")
+    await kit.client.tokens.set_risk(token, {"privifs.type": "file", "privifs.mode": "644", **stated})
+    await kit.settle()
+    risk = (await kit.remote.token("f.bin")).risk
+    assert risk["privifs.mode"] == "600" and risk[digest.FIELD] == stated[digest.FIELD]

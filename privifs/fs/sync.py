@@ -93,6 +93,10 @@ RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache 
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
 RETIRE_CHECK = 10.0  # how often the retired parts are looked at
+# a file listed with no risk meta of privifs' and made less than this long ago may be one whose
+# writer has not written its risk meta yet: a meta write of this mount waits (see _current_risk)
+YOUNG_TOKEN = 30.0
+YOUNG_RETRY = 2.0
 BIG_UPLOAD = 256 * 1024  # a file larger than this takes one of the ``big_uploads`` slots while uploading
 BIG_UPLOADS = 8
 
@@ -774,10 +778,14 @@ class Syncer:
                 if self.ns.retire_markers(node):  # another mkdir's marker would keep the old path
                     self.wake_tombstones()
             if node.is_file and not written_by_privifs(node.risk()):  # listed before its writer's risk meta?
-                current = await self._current_risk(token, node.risk())
+                current, young = await self._current_risk(token, node.risk())
                 if node.token != token:
                     return
                 self.ns.set_remote_risk(node, json.dumps(current, sort_keys=True) if current else None)
+                if young and not written_by_privifs(current):  # its writer's risk meta may be on its way
+                    self.ns.schedule_retry(node, trio.current_time() + YOUNG_RETRY)
+                    self.schedule(node)
+                    return
             risk = node_risk(node, node.risk())
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
@@ -794,15 +802,20 @@ class Syncer:
         if not node.unlinked:
             self.index.save(node)
 
-    async def _current_risk(self, token: str, base: dict[str, str]) -> dict[str, str]:
+    async def _current_risk(self, token: str, base: dict[str, str]) -> tuple[dict[str, str], bool]:
         """The risk meta ``token`` has on the server now (``base`` if it is not listed). A risk
         meta write replaces the whole field set, and the node's base (``remote_risk``) may come
         from a listing taken between another client's configure-file-meta and its risk meta
         write: written over that, a chmod or rename dropped the fields of the token's content
         (tokenmeta.CARRIED: a manifest's mark, the content digest), and every mount then served
-        a big file's manifest as its content."""
+        a big file's manifest as its content. Also whether the token is young (made less than
+        YOUNG_TOKEN seconds ago): its writer may still be about to write its risk meta, and a
+        write made now could land after that and drop it all the same (no compare-and-set)."""
         found = [i async for i in self.tokens.list(token=token) if i.token == token]
-        return dict(found[0].risk) if found else base
+        if not found:
+            return base, False
+        made = found[0].created_at  # the server's clock: an age far below 0 is skew, not youth
+        return dict(found[0].risk), made is not None and -YOUNG_TOKEN < time.time() - made < YOUNG_TOKEN
 
     async def _keep_a_copy(self, node: Node, token: str) -> None:
         """Before renaming a file, have its content in the cache (small files only): if a writer
