@@ -12,6 +12,7 @@ from starlette.routing import Route
 from privifs.engine.core import Engine
 from privifs.engine.options import EngineOptions
 from privifs.engine.server import api_app
+from tests.enginekit import command_id
 
 
 def api_routes(tmp_path_factory) -> list[tuple[str, str]]:
@@ -120,4 +121,30 @@ async def test_json_a_client_sends_inside_a_field_or_nested_too_deep_gets_a_422(
             )
             answer = json.loads(await ws.get_message())
     assert (answer["correlationId"], answer["status"]) == ("c1", 200)
+    assert "Traceback" not in eng.log()
+
+
+async def test_an_integer_field_past_64_bits_gets_a_422_not_a_500(eng, wire):
+    """configure-file-meta with size=10**30 answered 500 with a traceback in the log (SQLite:
+    "Python int too large to convert to SQLite INTEGER"); every integer field is now capped at
+    what a column holds and a larger value is a 422 naming it."""
+    import base64
+
+    await wire.provision()
+    async with wire.channel() as ch:
+        r = await wire.post("/data-token/reserve-token-space", {"context": "/big", "ttl": "5"})
+        reserve = command_id(r)
+        assert (await ch.wait_for("X-DPT-CAB-ID", reserve))["command_status"] == 2
+        temp = (await wire.get(f"/data-token/retrieve-temporary-data-token/{reserve}")).json()["token"]
+        r = await wire.post(
+            "/data-token/exchange-data-for-token",
+            {"temporaryTokenSpace": temp, "data": base64.b64encode(b"x" * 40).decode()},
+        )
+        assert (await ch.wait_for("X-DPT-CAB-ID", command_id(r)))["command_status"] == 2
+    meta = {"token": temp, "fileName": "f", "extension": "", "context": "/big", "path": "/big/f"}
+    for size in (str(10**30), str(2**63)):
+        r = await wire.post("/data-token/configure-file-meta", {**meta, "size": size})
+        assert r.status_code == 422 and "size" in r.json()["errors"], r.text[:200]
+    r = await wire.post("/data-token/configure-file-meta", {**meta, "size": str(2**63 - 1)})
+    assert r.status_code == 200, r.text[:200]
     assert "Traceback" not in eng.log()

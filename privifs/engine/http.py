@@ -126,6 +126,9 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+SQLITE_INT_MAX = 2**63 - 1  # the largest integer a column holds: every integer field is capped here
+
+
 class Form:
     """A parsed form (or JSON object) body with validating accessors."""
 
@@ -166,8 +169,9 @@ class Form:
             raise invalid(name, "must be an integer") from None
         if minimum is not None and value < minimum:
             raise invalid(name, f"must be at least {minimum}")
-        if maximum is not None and value > maximum:
-            raise invalid(name, f"must be at most {maximum}")
+        limit = SQLITE_INT_MAX if maximum is None else maximum
+        if value > limit:
+            raise invalid(name, f"must be at most {limit}")
         return value
 
     @staticmethod
