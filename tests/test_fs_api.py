@@ -717,3 +717,21 @@ async def test_an_entry_whose_vault_path_would_be_too_long_is_refused_not_staged
     tree = await kit.vault_tree()
     assert tree[f"{deep}/{'f' * room}"] == b"fits" and f"{deep}/top/x" in tree
     assert tree["/".join(under)] == b"at PATH_MAX"
+
+
+async def test_tokens_of_other_applications_with_out_of_range_meta_show_and_read(kit):
+    """Another application's token with a 40-digit ``privifs.mtime`` (or an atime, uid or gid no
+    kernel holds) made every listing fail and its directory give EIO to ``ls``; a symlink target
+    longer than PATH_MAX made readlink EIO (the kernel refused the reply). Now such a field reads
+    as absent, and readlink says ENAMETOOLONG."""
+    await kit.remote.put("odd/time.txt", b"t", mtime="9" * 40, atime=str(2**64))
+    await kit.remote.put("odd/owner.txt", b"o", uid="-5", gid=str(2**40))
+    await kit.remote.put("odd/link", b"", type="symlink", target="x" * 8000)
+    await kit.refresh()
+    assert sorted(n for n, _ in await kit.readdir("odd")) == ["link", "owner.txt", "time.txt"]
+    for name in ("time.txt", "owner.txt"):
+        attrs = await kit.lookup(f"odd/{name}")
+        assert 0 < attrs.st_mtime_ns < 2**63 and attrs.st_uid == os.getuid()
+    with fails_with(errno.ENAMETOOLONG):
+        await kit.readlink("odd/link")
+    assert await kit.read_file("odd/time.txt") == b"t"

@@ -25,3 +25,37 @@ def test_only_device_nodes_carry_a_device_number():
     fifo = tokenmeta.risk_fields({}, tokenmeta.KIND_FIFO, 0o600, 1, None, None, None, rdev=os.makedev(1, 3))
     assert "privifs.rdev" not in fifo
     assert tokenmeta.attributes(_info({**fifo, "privifs.rdev": "1:3"})).rdev == 0
+
+
+def test_numbers_from_other_applications_past_64_bits_or_negative_ids_read_as_absent():
+    """Another application's token with ``privifs.mtime`` of 40 digits (or an atime of 2^63, a uid
+    of -5 or 2^40) made every listing fail (SQLite: "Python int too large to convert to SQLite
+    INTEGER") and its directory unreadable (readdir: EIO, pyfuse3 could not set st_atime_ns)."""
+    info = _info(
+        {"privifs.mtime": "9" * 40, "privifs.atime": str(2**63), "privifs.uid": "-5", "privifs.gid": str(2**40)}
+    )
+    info.created_at = 1_700_000_000.0
+    a = tokenmeta.attributes(info)
+    assert a.mtime_ns == 1_700_000_000 * 10**9  # the creation time, as for a token with no mtime
+    assert a.atime_ns is None and a.uid is None and a.gid is None
+    far = _info({"privifs.mtime": str(-(2**64))})
+    far.created_at = 1e12  # year 33658: past what nanoseconds in 64 bits hold
+    assert tokenmeta.attributes(far).mtime_ns is None
+    edge = _info(
+        {
+            "privifs.mtime": str(2**63 - 1),
+            "privifs.atime": str(-(2**63)),
+            "privifs.uid": "0",
+            "privifs.gid": str(2**32 - 2),
+        }
+    )
+    a = tokenmeta.attributes(edge)
+    assert (a.mtime_ns, a.atime_ns, a.uid, a.gid) == (2**63 - 1, -(2**63), 0, 2**32 - 2)
+
+
+def test_a_listed_size_that_is_negative_or_past_64_bits_is_no_size():
+    base = {"token": "dtk-1", "context": "/", "fileName": "f"}
+    for junk in (-1, 2**63, 10**30, "1e9", float("inf"), float("nan"), [1]):
+        assert TokenInfo.from_item({**base, "size": junk}).size is None, junk
+    assert TokenInfo.from_item({**base, "size": 2**63 - 1}).size == 2**63 - 1
+    assert TokenInfo.from_item({**base, "size": "14"}).size == 14

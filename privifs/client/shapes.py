@@ -194,6 +194,9 @@ def oauth_tokens(body: Any) -> Authorization:
     )
 
 
+SIZE_MAX = 2**63 - 1  # the largest file size (off_t); a listed size beyond it is no size
+
+
 @dataclass
 class TokenInfo:
     """One data token as listed: file meta (flat or nested under ``meta.file``) and risk meta."""
@@ -225,8 +228,10 @@ class TokenInfo:
         size = pick("size")
         try:
             size = int(size) if size is not None else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             size = None
+        if size is not None and not 0 <= size <= SIZE_MAX:
+            size = None  # negative or past what a file can be: as if the server gave none
         risk = None
         for src in (
             meta.get("information_security_risk"),

@@ -363,7 +363,10 @@ class Filesystem:
         node = self.node(ino)
         if not node.is_symlink:
             raise fail(errno.EINVAL)
-        return (node.target or "").encode("utf-8", "surrogateescape")
+        target = (node.target or "").encode("utf-8", "surrogateescape")
+        if len(target) > 4095:  # another application's: the kernel refused the reply, readlink saw EIO
+            raise fail(errno.ENAMETOOLONG)
+        return target
 
     # -- creating entries ----------------------------------------------------------------------
     def mkdir(

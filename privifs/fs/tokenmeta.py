@@ -67,6 +67,10 @@ def same_context(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and split_context(a) == split_context(b)
 
 
+TIME_MIN, TIME_MAX = -(2**63), 2**63 - 1  # nanoseconds: what st_*time_ns and an index column hold
+ID_MAX = 2**32 - 2  # the largest uid_t / gid_t ((uid_t)-1 means "no owner change")
+
+
 @dataclass
 class Attributes:
     kind: str
@@ -95,23 +99,29 @@ def attributes(info: TokenInfo) -> Attributes:
     if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK, *SPECIAL_KINDS):
         kind = KIND_FILE
 
-    def num(name: str, base: int = 10) -> int | None:
+    def num(name: str, base: int = 10, low: int = TIME_MIN, high: int = TIME_MAX) -> int | None:
+        """The field's integer, or None when it is absent, not an integer, or outside what the
+        index and the kernel hold (another application's meta: once a value past 64 bits made
+        every listing fail and the directory unreadable)."""
         try:
-            return int(risk[name], base)
+            value = int(risk[name], base)
         except (KeyError, ValueError):
             return None
+        return value if low <= value <= high else None
 
     mode = num("privifs.mode", 8)
     if mode is not None:
         mode &= 0o7777
     mtime = num("privifs.mtime")
     if mtime is None and info.created_at is not None:
-        mtime = int(info.created_at * 1e9)
+        created = int(info.created_at * 1e9)
+        mtime = created if TIME_MIN <= created <= TIME_MAX else None
     target = risk.get("privifs.target") if kind == KIND_SYMLINK else None
     if kind == KIND_SYMLINK and not target:
         kind = KIND_FILE
     rdev = parse_rdev(risk.get("privifs.rdev")) if kind in DEVICE_KINDS else 0
-    return Attributes(kind, mode, mtime, target, num("privifs.uid"), num("privifs.gid"), num("privifs.atime"), rdev)
+    uid, gid = num("privifs.uid", low=0, high=ID_MAX), num("privifs.gid", low=0, high=ID_MAX)
+    return Attributes(kind, mode, mtime, target, uid, gid, num("privifs.atime"), rdev)
 
 
 def risk_fields(
