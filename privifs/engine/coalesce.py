@@ -68,6 +68,7 @@ class SteadyIdleTimer:
     idle); never one with a request in progress."""
 
     _busy = False
+    _reading_ended = False  # the client closed its side (or the socket broke): the timer has no job
     _idle_since = 0.0
     _idle_scope: trio.CancelScope | None = None
     _idle_again: trio.Event | None = None  # set when the connection is idle: shutting down
@@ -87,13 +88,30 @@ class SteadyIdleTimer:
             return
         await super().protocol_send(event)
 
+    async def _read_data(self) -> None:
+        """Once reading ends, the timer ends too: the connection then ends with its request, as
+        in hypercorn (whose timer is stopped while a request runs). An upgraded WebSocket
+        connection stays busy to its end, so a client that left without a close frame kept its
+        socket open in the engine for good, the timer waiting for a deadline that never came."""
+        try:
+            await super()._read_data()
+        finally:
+            self._reading_ended = True
+            if self._idle_scope is not None:
+                self._idle_scope.cancel()
+
     async def _idle_timeout(self) -> None:
         self._idle_since = trio.current_time()
         while True:
+            if self._reading_ended:
+                self._idle_scope = None
+                return  # the connection's task closes the socket once its request is done
             with trio.CancelScope(deadline=self._timer_deadline()) as scope:
                 self._idle_scope = scope
                 await self.context.terminated.wait()
             self._idle_scope = None
+            if self._reading_ended:
+                return
             if self.context.terminated.is_set():
                 while self._busy:  # shutting down: close it once its request is answered
                     self._idle_again = trio.Event()
