@@ -62,12 +62,19 @@ async def trim_memory() -> None:
     if libc is None:
         return
     floor = TRIM_ABOVE
+    failing = False
     while True:
         await trio.sleep(TRIM_EVERY)
         try:
             if resident() > floor:
                 await trio.to_thread.run_sync(libc.malloc_trim, 0)
                 floor = max(TRIM_ABOVE, resident())
-        except OSError as exc:  # no /proc: nothing to measure, so nothing to do
+        except FileNotFoundError as exc:  # no /proc: nothing to measure, so nothing to do
             log.info("memory trimming stopped: %s", exc)
             return
+        except OSError as exc:  # e.g. EMFILE while a flood of connections holds every descriptor:
+            if not failing:  # passing; trimming stopped for good here once, and memory grew unchecked
+                log.info("memory trimming skipped until /proc can be read again: %s", exc)
+            failing = True
+        else:
+            failing = False

@@ -36,3 +36,39 @@ def resident_after(trim_seconds: float) -> int:
 def test_freed_parts_stay_resident_until_trimmed_then_are_given_back():
     assert resident_after(0) > 300  # the 400 MiB freed is still resident: the case trimming is for
     assert resident_after(1.0) < 100
+
+
+def test_a_passing_failure_to_read_the_resident_size_does_not_stop_trimming(monkeypatch):
+    """One EMFILE opening /proc/self/statm (a flood of connections held every descriptor of the
+    engine for a moment) stopped trimming for the process's lifetime."""
+    import errno
+
+    import trio
+
+    from privifs import memory
+
+    trims = []
+    calls = iter([OSError(errno.EMFILE, "Too many open files"), *[10**12] * 1000])
+
+    def resident() -> int:
+        value = next(calls)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    class Libc:
+        @staticmethod
+        def malloc_trim(pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    monkeypatch.setattr(memory, "resident", resident)
+    monkeypatch.setattr(memory, "_libc", lambda: Libc)
+    monkeypatch.setattr(memory, "TRIM_EVERY", 0.01)
+
+    async def main() -> None:
+        with trio.move_on_after(0.5):
+            await memory.trim_memory()
+
+    trio.run(main)
+    assert trims
