@@ -735,3 +735,23 @@ async def test_tokens_of_other_applications_with_out_of_range_meta_show_and_read
     with fails_with(errno.ENAMETOOLONG):
         await kit.readlink("odd/link")
     assert await kit.read_file("odd/time.txt") == b"t"
+
+
+async def test_utimens_beyond_what_64_bit_nanoseconds_hold_is_clamped(kit):
+    """``touch -d 2500-01-01 f`` (or 1000-01-01) failed with EIO (the index could not hold the
+    time), left the time in memory, and the file's write-back then failed for ever. Now the time
+    is clamped to the range, as ext4 clamps to its own."""
+    from types import SimpleNamespace
+
+    from tests.fskit import CTX, setattr_fields
+
+    await kit.write_file("t.txt", b"data")
+    ino = await kit.ino("t.txt")
+    fields = setattr_fields(update_atime=True, update_mtime=True)
+    year_2500, year_1000 = 16_725_225_600 * 10**9, -30_610_224_000 * 10**9
+    attrs = await kit.ops.setattr(ino, SimpleNamespace(st_atime_ns=year_1000, st_mtime_ns=year_2500), fields, None, CTX)
+    assert (attrs.st_atime_ns, attrs.st_mtime_ns) == (-(2**63), 2**63 - 1)
+    await kit.settle()
+    token = await kit.remote.token("t.txt")
+    assert (token.risk["privifs.mtime"], token.risk["privifs.atime"]) == (str(2**63 - 1), str(-(2**63)))
+    assert await kit.read_file("t.txt") == b"data"

@@ -43,6 +43,7 @@ from privifs.fs.tokenmeta import (
     KIND_SYMLINK,
     RESERVED_CONTEXT,
     SPECIAL_KINDS,
+    clamp_time,
 )
 from privifs.parts import format as fmt
 
@@ -344,13 +345,13 @@ class Filesystem:
             self.ns.set_attributes(node, gid=attr.st_gid)
             meta = True
         if fields.update_atime:
-            self.ns.set_attributes(node, atime_ns=attr.st_atime_ns)
+            self.ns.set_attributes(node, atime_ns=clamp_time(attr.st_atime_ns))
             meta = True
         if fields.update_mtime:
             if node.atime_ns is None:
                 # an unset atime reads as mtime: keep what it showed
                 self.ns.set_attributes(node, atime_ns=node.mtime_ns)
-            self.ns.set_attributes(node, mtime_ns=attr.st_mtime_ns)
+            self.ns.set_attributes(node, mtime_ns=clamp_time(attr.st_mtime_ns))
             meta = True
         # reads never update atime (noatime); only utimens sets it
         if meta or fields.update_size:

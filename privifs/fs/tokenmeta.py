@@ -71,6 +71,13 @@ TIME_MIN, TIME_MAX = -(2**63), 2**63 - 1  # nanoseconds: what st_*time_ns and an
 ID_MAX = 2**32 - 2  # the largest uid_t / gid_t ((uid_t)-1 means "no owner change")
 
 
+def clamp_time(ns: int) -> int:
+    """A time set by utimens, within what the index and the kernel hold (as ext4 clamps to its
+    range): ``touch -d 2500-01-01`` (or 1000-01-01) passed the kernel's 64-bit seconds on, the
+    index could not record it, the touch failed with EIO and the file's write-back failed for ever."""
+    return min(max(ns, TIME_MIN), TIME_MAX)
+
+
 @dataclass
 class Attributes:
     kind: str
