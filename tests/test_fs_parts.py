@@ -384,3 +384,38 @@ async def test_a_reader_of_a_big_file_replaced_while_its_new_version_showed_as_a
         assert await read_across_a_listing(t, fh, 5 * PART + 10, 1000) == new[5 * PART + 10 : 5 * PART + 1010]
         t.fs.release(fh)
         assert sorted(t.node("/media").children) == ["big.bin"]
+
+
+async def test_a_write_to_a_big_file_another_client_replaced_follows_it_to_the_new_content(account, tmp_path):
+    """A write to a file stored as parts stages it whole first; when another client had replaced
+    it (new manifest, old manifest and parts deleted) before this mount's listing showed that, the
+    write failed with ENOENT (three mounts writing one big file: 'r+b' open, then 'No such file
+    or directory'). It follows the node to the new content, as a read does, also though the file
+    is open for writing (the listing leaves alone a node open for writing otherwise)."""
+    old, new = os.urandom(8 * PART + 3), os.urandom(8 * PART + 3)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        token, m = await put_parts(t, old)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDWR)
+        store = PartStore(t.fs.vault, part_size=PART)
+
+        async def source():
+            yield new
+
+        await store.put(source, len(new), FileMeta("big.bin", "bin", "/media", 0, "/media/big.bin"))
+        await store.delete(token, m)
+        got: list = []
+
+        async def write() -> None:
+            try:
+                got.append(await t.fs.write(fh, 5 * PART, b"WRITTEN"))
+            except pyfuse3.FUSEError as exc:
+                got.append(exc)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                await trio.sleep(0.3)  # the write is waiting (it found the old version gone)
+                await t.refresher.refresh_once()
+        assert got == [7], got
+        assert await t.fs.read(fh, 0, len(new)) == new[: 5 * PART] + b"WRITTEN" + new[5 * PART + 7 :]
+        t.fs.release(fh)

@@ -73,3 +73,32 @@ async def test_a_file_replaced_while_its_new_version_showed_as_a_conflict_copy_r
     await kit.close(fh)
     assert sorted(kit.ns.root.children) == ["doc.txt"]
     assert await kit.read_file("doc.txt") == b"new content, longer"
+
+
+async def test_a_write_to_a_file_another_client_replaced_before_it_was_staged_here_follows_too(kit: InProcessFs):
+    """The first write to a file (or an append, or a truncate to a size other than 0) stages its
+    current content; when another client had replaced it before this mount's listing showed that,
+    the old token was gone and the write failed with ENOENT ('echo x >> f': No such file or
+    directory, for a file nobody deleted; seen in a three-mount race of a big file). It follows
+    the node to the new content, as a read does."""
+    await kit.write_file("doc.txt", b"old content")
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/doc.txt").token)  # as on another mount: never read here
+    fh = await kit.open_file("doc.txt", os.O_RDWR)
+    await kit.remote.rewrite("doc.txt", b"new content, longer")
+    got: list = []
+
+    async def write() -> None:
+        try:
+            got.append(await kit.write(fh, 0, b"N"))
+        except pyfuse3.FUSEError as exc:
+            got.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            await trio.sleep(0.3)  # the write is waiting: it found its token gone
+            await kit.refresh()
+    assert got == [1], got
+    await kit.close(fh)
+    assert await kit.read_file("doc.txt") == b"New content, longer"

@@ -617,18 +617,25 @@ class Filesystem:
         if truncate_to_zero or node.token is None:
             fresh = self.staging.create()
         elif is_manifest_node(node.remote_risk):
-            await self._parts(node, self.parts.manifest(node.token, node.risk()))  # checked, then kept
-            fresh = await self._parts(node, self.parts.stage(node.token, self.staging))
-            if node.staged is not None:  # someone else staged it while we waited
+            token = node.token
+            fresh = await self._parts(node, self._stage_parts(node))
+            if fresh is None:  # another client replaced it: stage its new content (or none)
+                return await self.writable_staged(node, truncate_to_zero=truncate_to_zero)
+            if node.staged is not None or node.token != token:  # staged meanwhile, or moved on
                 self.staging.remove(fresh)
-                return await self.writable_staged(node)
+                return await self.writable_staged(node, truncate_to_zero=truncate_to_zero)
         else:
-            sealed = await self.content(node)
+            # another client may have replaced it (deleting this token) before the listing showed
+            # it here: follow the node as a read does; the write failed with ENOENT
+            token = node.token
+            sealed = await self._fetch_following(node)
+            if sealed is None:
+                return await self.writable_staged(node, truncate_to_zero=truncate_to_zero)
             if self._unmarked_manifest(node, sealed):
                 return await self.writable_staged(node)  # staged from its parts
             try:
-                if node.staged is not None:  # someone else staged it while we waited
-                    return await self.writable_staged(node)
+                if node.staged is not None or node.token != token:  # staged meanwhile, or moved on
+                    return await self.writable_staged(node, truncate_to_zero=truncate_to_zero)
                 fresh = self.staging.from_sealed(sealed)
             finally:
                 sealed.close()
@@ -636,6 +643,19 @@ class Filesystem:
             self.ns.set_staged(node, fresh)
             self.index.save(node)
         return fresh
+
+    async def _stage_parts(self, node: Node) -> StagedFile | None:
+        """A file stored as parts, staged whole for a write; None when its manifest or a part was
+        gone because another client replaced the file and the node has moved on since (see
+        :meth:`_followed`; a file deleted elsewhere is ENOENT)."""
+        token = node.token
+        try:
+            await self.parts.manifest(token, node.risk())  # checked, then kept
+            return await self.parts.stage(token, self.staging)
+        except (IntegrityError, NotFoundError):
+            if not await self._followed(node, token):
+                raise
+        return None
 
     async def content(self, node: Node) -> SealedFile:
         """The verified content of the node's token (downloaded into the cache if needed)."""
@@ -747,11 +767,15 @@ class Filesystem:
             return False
         log.info("%s: replaced or deleted by another client while open; following the listing", self.path(node))
         self.sync.remote_changed()
-        with trio.move_on_after(FOLLOW_WAIT):
-            # A rare path (another client replaced an open file): a bounded poll of the node
-            # rather than a wake-up wired into every place the refresher may move it on.
-            while node.token == token and not node.unlinked:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+        node.following = True  # also when it is open for writing (nothing staged yet)
+        try:
+            with trio.move_on_after(FOLLOW_WAIT):
+                # A rare path (another client replaced an open file): a bounded poll of the node
+                # rather than a wake-up wired into every place the refresher may move it on.
+                while node.token == token and not node.unlinked:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+        finally:
+            node.following = False
         return node.token != token
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:

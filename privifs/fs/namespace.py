@@ -170,6 +170,7 @@ class Node:
         "uploading",
         "meta_version",
         "subdirs",
+        "following",
     )
 
     def __init__(self, ino: int, parent: int, name: str, kind: str, mode: int, mtime_ns: int):
@@ -206,6 +207,9 @@ class Node:
         # its rmdir or rename was undone by the marker it did not know
         self.markers: str | None = None
         self.subdirs = 0  # entries of a directory that are directories (its link count is 2 + this)
+        # a read or a first write here found the token gone (another client replaced the file):
+        # the listing may move the node on although it is open for writing, as nothing is staged
+        self.following = False
 
     @property
     def extra_markers(self) -> set[str]:

@@ -181,7 +181,7 @@ class Refresher:
             not node.content_dirty
             and not node.meta_dirty
             and not node.uploading
-            and node.writers == 0
+            and (node.writers == 0 or (node.following and node.staged is None))
             and node.synced_at < started
             and not node.unlinked
         )
