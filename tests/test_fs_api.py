@@ -755,3 +755,15 @@ async def test_utimens_beyond_what_64_bit_nanoseconds_hold_is_clamped(kit):
     token = await kit.remote.token("t.txt")
     assert (token.risk["privifs.mtime"], token.risk["privifs.atime"]) == (str(2**63 - 1), str(-(2**63)))
     assert await kit.read_file("t.txt") == b"data"
+
+
+async def test_two_long_names_that_differ_past_255_bytes_both_show(kit):
+    """Another application's tokens 'n'*300 + 'a.txt' and 'n'*300 + 'b.txt' both show as the
+    name cut to 255 bytes; the second one's conflict name was cut back to that same name, and it
+    never showed (on any mount)."""
+    await kit.remote.put("long/" + "n" * 300 + "a.txt", b"AAA")
+    await kit.remote.put("long/" + "n" * 300 + "b.txt", b"BBB")
+    await kit.refresh()
+    shown = [n for n, _ in await kit.readdir("long")]
+    assert len(shown) == 2 and all(len(n.encode()) <= 255 for n in shown), shown
+    assert sorted([await kit.read_file(f"long/{n}") for n in shown]) == [b"AAA", b"BBB"]

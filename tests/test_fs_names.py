@@ -39,3 +39,17 @@ def test_conflict_names_keep_the_extension_and_the_name_rules_live_in_names_only
     assert names.conflict_name("a.txt", "tok-123456789") == "a.conflict-23456789.txt"
     assert names.conflict_name("Makefile", "abc") == "Makefile.conflict-abc"
     assert not any(hasattr(tokenmeta, f) for f in ("shown_name", "entry_name", "joined_name", "conflict_name"))
+
+
+def test_the_conflict_name_of_a_name_cut_to_255_bytes_is_another_name():
+    """Two tokens of another application whose long names differ only past the cut both showed as
+    'nnn…~truncated'; the second one's conflict name, cut to 255 bytes again, was that same name,
+    so it never showed at all."""
+    for raw in ("n" * 300 + "b.txt", "é" * 200 + ".md", "n" * 300, "x." + "e" * 300, "n" * 250 + ".txt"):
+        plain = names.display_name(raw)
+        conflict = names.conflict_name(plain, "dtk-2107b030-dc6f-446b-953a-9e1ea8d88013")
+        assert conflict != plain and len(conflict.encode()) <= names.NAME_MAX, raw
+        assert ".conflict-a8d88013" in conflict, conflict
+        assert conflict == names.conflict_name(plain, "dtk-2107b030-dc6f-446b-953a-9e1ea8d88013")  # same everywhere
+    assert names.conflict_name("notes.txt", "dtk-1977cab3") == "notes.conflict-1977cab3.txt"  # short names: as before
+    assert names.conflict_name("README", "dtk-1977cab3") == "README.conflict-1977cab3"

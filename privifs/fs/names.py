@@ -81,12 +81,20 @@ def listed_name(info: TokenInfo) -> str:
 
 
 def conflict_name(name: str, token: str) -> str:
-    """Deterministic name for a token whose path another token already holds."""
+    """Deterministic name for a token whose path another token already holds. A name too long
+    for the conflict mark loses the end of its stem, never the mark: cut to 255 bytes as a whole,
+    the conflict name of a long name was the name itself, and the token holding it hid the other
+    (another application's two long names that differ only past the cut: one never showed)."""
     short = "".join(c for c in token if c.isalnum())[-8:]
     stem, dot, ext = name.rpartition(".")
-    if dot and stem:
-        return display_name(f"{stem}.conflict-{short}.{ext}")
-    return display_name(f"{name}.conflict-{short}")
+    suffix = f".conflict-{short}.{ext}" if dot and stem else f".conflict-{short}"
+    if not (dot and stem) or len(suffix.encode("utf-8", "surrogatepass")) >= NAME_MAX:
+        stem, suffix = name, f".conflict-{short}"  # no extension, or one too long to keep
+    room = NAME_MAX - len(suffix.encode("utf-8", "surrogatepass"))
+    encoded = stem.encode("utf-8", "surrogatepass")
+    if len(encoded) > room:
+        stem = encoded[:room].decode("utf-8", "ignore")
+    return display_name(stem + suffix)
 
 
 def token_naming(node: NamedEntry) -> tuple[str, str]:
