@@ -398,3 +398,46 @@ async def test_a_directory_shown_under_its_conflict_name_gives_its_marker_to_the
         assert tree_of(b) == fresh
         assert a.node("/d3").token == marker
         assert await a.read_file("/d3/g") == b"theirs" and await a.read_file(f"/{aside}/g") == b"mine"
+
+
+async def test_a_rewrite_keeps_the_parts_its_own_conflict_copy_still_names(account, tmp_path):
+    # A and B rewrite different parts of one big file at once: both versions stay, one as a
+    # conflict copy, and both manifests reuse the old manifest's other parts. The writer whose
+    # own version became the conflict copy then rewrites the plain one (the other's version):
+    # a minute later it deleted the parts that version no longer named, checking only manifests
+    # other clients stored, and its own conflict copy, which named them too, read EIO everywhere
+    # (seen in a race of two mounts writing one big file, found by 'privifs verify --data')
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = os.urandom(10 * mib)
+        fh, _ = a.create_node(1, "big")
+        await a.fs.write(fh, 0, data)
+        a.fs.release(fh)
+        await listed(a, b)
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
+        a.fs.release(fa)
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)
+        b.fs.release(fb)
+        await a.wait_idle()
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        # the one whose own version shows as the conflict copy rewrites the plain name's second
+        # part, which all three manifests share
+        x = a if a.node("/big").token not in a.syncer.stored_manifests else b
+        assert x.node("/big").token not in x.syncer.stored_manifests
+        fx = await x.open_node(x.node("/big"))
+        await x.fs.write(fx, 5 * mib, b"X" * 1000)
+        x.fs.release(fx)
+        await x.wait_idle()
+        await x.syncer.retire_due(now=float("inf"))
+        await x.wait_idle()
+        (tmp_path / "fresh").mkdir()
+        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
+            await f.refresher.refresh_once()
+            names = sorted(f.ns.root.children)
+            assert len(names) == 2, names  # the file and its conflict copy
+            got = {n: await f.read_file(f"/{n}") for n in names}  # EIO: a part of one is gone
+            assert all(len(v) == len(data) for v in got.values())

@@ -563,7 +563,7 @@ class Syncer:
     # -- parts a rewrite stopped naming ---------------------------------------------------------
     def retire_parts(self, context: str, parts: list[str]) -> None:
         """The replaced manifest's parts the new one does not name: deleted after RETIRE_GRACE
-        unless a manifest another client stored in the file's directory names them. Another
+        unless a manifest in the file's directory names them (see :meth:`_named_by_others`). Another
         client rewriting the same file at the same time based its manifest on the same old one
         and reuses those parts; deleting them at once broke its version (EIO everywhere)."""
         due = trio.current_time() + self.retire_grace
@@ -615,17 +615,24 @@ class Syncer:
             self._retired = [r for r in self._retired if not (r[1] == context and r[2] in done)]
             for part in parts:
                 if part in named:
-                    log.info("a part a rewrite stopped naming is kept: another client's manifest names it")
+                    log.info("a part a rewrite stopped naming is kept: another manifest names it")
                 else:
                     self._tombstone(part)
                     gone += 1
         return gone
 
     async def _named_by_others(self, context: str) -> set[str]:
-        """The parts named by the manifests in ``context`` this mount did not store."""
+        """The parts named by the manifests in ``context`` that are not going away (not deleted
+        or being deleted by this mount). This mount's own live manifests count too: when two
+        clients rewrote one big file at once, the writer whose version became the conflict copy
+        and that then rewrote the plain one (the other's version) retired parts its own conflict
+        copy still named; skipped as "stored here", they were deleted and that copy read EIO."""
         named: set[str] = set()
+        going = self.index.tombstones()
         async for info in self.tokens.list(context=context):
-            if is_manifest(info) and not is_part(info) and info.token not in self.stored_manifests:
+            if is_manifest(info) and not is_part(info) and info.token not in going:
+                if info.token in self.recently_deleted:
+                    continue
                 named.update((await self.parts.reader.manifest(info.token, info.risk)).tokens())
         return named
 
