@@ -441,3 +441,45 @@ async def test_a_rewrite_keeps_the_parts_its_own_conflict_copy_still_names(accou
             assert len(names) == 2, names  # the file and its conflict copy
             got = {n: await f.read_file(f"/{n}") for n in names}  # EIO: a part of one is gone
             assert all(len(v) == len(data) for v in got.values())
+
+
+async def test_a_rewrite_keeps_the_parts_a_conflict_copy_moved_to_another_directory_names(account, tmp_path):
+    # the same, with the conflict copy moved to another directory first (keeping both versions):
+    # only the rewritten file's directory was listed for manifests still naming the parts, and
+    # the moved copy read EIO a minute after the next rewrite of the file
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = os.urandom(10 * mib)
+        fh, _ = a.create_node(1, "big")
+        await a.fs.write(fh, 0, data)
+        a.fs.release(fh)
+        a.fs.mkdir(1, b"elsewhere", 0o755)
+        await a.wait_idle()
+        await listed(a, b)
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
+        a.fs.release(fa)
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)
+        b.fs.release(fb)
+        await a.wait_idle()
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        conflict = next(n for n in a.ns.root.children if n.startswith("big.conflict"))
+        a.fs.rename(1, conflict.encode(), a.node("/elsewhere").ino, b"copy", 0)
+        await a.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fx = await a.open_node(a.node("/big"))
+        await a.fs.write(fx, 5 * mib, b"X" * 1000)
+        a.fs.release(fx)
+        await a.wait_idle()
+        for c in (a, b):
+            await c.syncer.retire_due(now=float("inf"))
+            await c.wait_idle()
+        (tmp_path / "fresh").mkdir()
+        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
+            await f.refresher.refresh_once()
+            assert len(await f.read_file("/elsewhere/copy")) == len(data)  # EIO: a part was gone
+            assert len(await f.read_file("/big")) == len(data)

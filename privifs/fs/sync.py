@@ -189,6 +189,7 @@ class Syncer:
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
+        self._manifest_parts: dict[str, frozenset[str]] = {}  # the vault's manifests: the parts each names
         self._gone_elsewhere: set[str] = set()  # replaced tokens _moved_elsewhere found deleted
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
@@ -563,7 +564,7 @@ class Syncer:
     # -- parts a rewrite stopped naming ---------------------------------------------------------
     def retire_parts(self, context: str, parts: list[str]) -> None:
         """The replaced manifest's parts the new one does not name: deleted after RETIRE_GRACE
-        unless a manifest in the file's directory names them (see :meth:`_named_by_others`). Another
+        unless a manifest in the vault names them (see :meth:`_named_by_others`). Another
         client rewriting the same file at the same time based its manifest on the same old one
         and reuses those parts; deleting them at once broke its version (EIO everywhere)."""
         due = trio.current_time() + self.retire_grace
@@ -605,12 +606,14 @@ class Syncer:
         for _, context, part in due:
             by_context.setdefault(context, []).append(part)
         gone = 0
+        if not by_context:
+            return 0
+        try:
+            named = await self._named_by_others()
+        except PrivifsError as exc:
+            log.info("retired parts wait for the next round: %s", exc)
+            return 0
         for context, parts in by_context.items():
-            try:
-                named = await self._named_by_others(context)
-            except PrivifsError as exc:
-                log.info("retired parts in %s wait for the next round: %s", context, exc)
-                continue
             done = set(parts)
             self._retired = [r for r in self._retired if not (r[1] == context and r[2] in done)]
             for part in parts:
@@ -621,19 +624,27 @@ class Syncer:
                     gone += 1
         return gone
 
-    async def _named_by_others(self, context: str) -> set[str]:
-        """The parts named by the manifests in ``context`` that are not going away (not deleted
-        or being deleted by this mount). This mount's own live manifests count too: when two
-        clients rewrote one big file at once, the writer whose version became the conflict copy
-        and that then rewrote the plain one (the other's version) retired parts its own conflict
-        copy still named; skipped as "stored here", they were deleted and that copy read EIO."""
+    async def _named_by_others(self) -> set[str]:
+        """The parts named by the vault's manifests that are not going away (not deleted or being
+        deleted by this mount), wherever they are. This mount's own live manifests count too:
+        when two clients rewrote one big file at once, the writer whose version became the
+        conflict copy and that then rewrote the plain one (the other's version) retired parts its
+        own conflict copy still named; skipped as "stored here", they were deleted and that copy
+        read EIO. So do manifests in other directories: only the file's own directory was
+        listed, and a conflict copy moved elsewhere lost those parts the same way."""
         named: set[str] = set()
         going = self.index.tombstones()
-        async for info in self.tokens.list(context=context):
+        listed: dict[str, frozenset[str]] = {}
+        async for info in self.tokens.list():
             if is_manifest(info) and not is_part(info) and info.token not in going:
                 if info.token in self.recently_deleted:
                     continue
-                named.update((await self.parts.reader.manifest(info.token, info.risk)).tokens())
+                parts = self._manifest_parts.get(info.token)
+                if parts is None:  # a token's content never changes: each manifest is read once
+                    parts = frozenset((await self.parts.reader.manifest(info.token, info.risk)).tokens())
+                listed[info.token] = parts
+                named.update(parts)
+        self._manifest_parts = listed  # those still in the vault
         return named
 
     async def _delete_now(self, token: str) -> None:
