@@ -322,3 +322,22 @@ async def test_uploading_parts_holds_no_whole_part_in_memory(account, tmp_path, 
         assert t.syncer.parts.parts_uploaded == 4
         assert peak < len(data), f"{peak / 2**20:.1f} MiB held while uploading {len(data) / 2**20:.0f} MiB"
         assert await read_all(t, node) == data
+
+
+async def test_a_manifest_that_cannot_be_read_does_not_keep_every_retired_part(account, tmp_path, small_parts):
+    """Another application's token marked as a manifest whose content is not one (or a damaged
+    manifest) named no part it could be read for; it stopped every retirement of the mount, in
+    any directory, and a rewritten big file's replaced parts stayed in the vault for good."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        junk = await t.fs.vault.put_bytes(
+            b"not a manifest", FileMeta("junk.bin", "bin", "/other", 14, "/other/junk.bin")
+        )
+        await t.client.tokens.set_risk(junk, {fmt.MARK: "1"})
+        fh, node = t.create_node(1, "db.sqlite")
+        await t.fs.write(fh, 0, os.urandom(8 * PART))
+        await t.fs.fsync(fh)
+        await t.fs.write(fh, 5 * PART + 100, b"commit")
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert await t.syncer.retire_due(now=float("inf")) == 1

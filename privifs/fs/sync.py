@@ -57,6 +57,7 @@ from privifs.crypto import digest
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import (
     CommandRejected,
+    IntegrityError,
     NodeGone,
     NotFoundError,
     PrivifsError,
@@ -641,7 +642,16 @@ class Syncer:
                     continue
                 parts = self._manifest_parts.get(info.token)
                 if parts is None:  # a token's content never changes: each manifest is read once
-                    parts = frozenset((await self.parts.reader.manifest(info.token, info.risk)).tokens())
+                    try:
+                        parts = frozenset((await self.parts.reader.manifest(info.token, info.risk)).tokens())
+                    except NotFoundError:
+                        continue  # deleted since the listing: it names nothing
+                    except IntegrityError as exc:
+                        # not a manifest (another application's token with the mark) or damaged:
+                        # it names no part it could be read for; waiting for it held back every
+                        # retirement for good
+                        log.info("manifest %s cannot be read (%s); it keeps no part", info.token, exc)
+                        continue
                 listed[info.token] = parts
                 named.update(parts)
         self._manifest_parts = listed  # those still in the vault
