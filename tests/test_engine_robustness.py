@@ -148,3 +148,27 @@ async def test_an_integer_field_past_64_bits_gets_a_422_not_a_500(eng, wire):
     r = await wire.post("/data-token/configure-file-meta", {**meta, "size": str(2**63 - 1)})
     assert r.status_code == 200, r.text[:200]
     assert "Traceback" not in eng.log()
+
+
+async def test_a_json_string_with_a_lone_surrogate_or_an_empty_list_gets_a_422(eng, wire):
+    """A JSON body whose token (or context, fileName, …) was "\\ud800" answered 500 with a
+    traceback (SQLite cannot store it; a reserve-token-space with such a context was accepted and
+    then failed in the command runner), and risk meta with a field of [] answered 500 too."""
+    await wire.provision()
+    json_headers = {"Content-Type": "application/json"}
+    for path, body in (
+        ("/data-token/request-data", '{"token": "\\ud800"}'),
+        ("/data-token/delete-data", '{"token": "dtk-\\udfff"}'),
+        ("/data-token/reserve-token-space", '{"context": "/a\\ud800", "ttl": "5"}'),
+        ("/data-token/update-data-token", '{"token": "dtk-x", "fileName": "\\ud800"}'),
+        ("/data-token/configure-information-security-risk-meta", '{"token": "dtk-x", "\\ud800": "1"}'),
+    ):
+        r = await wire.post(path, content=body.encode(), headers=json_headers)
+        assert r.status_code == 422, (path, r.status_code, r.text[:200])
+    r = await wire.post(
+        "/data-token/configure-information-security-risk-meta",
+        content=b'{"token": "dtk-x", "privifs.mode": []}',
+        headers=json_headers,
+    )
+    assert r.status_code < 500, r.text[:200]
+    assert "Traceback" not in eng.log()

@@ -224,6 +224,18 @@ async def read_body(request: Request, limit: int, field: str = "body") -> bytes:
     return b"".join(chunks)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "replace").decode("utf-8")
+
+
 def parse_fields(body: bytes, content_type: str) -> Form:
     ctype = content_type.split(";")[0].strip().lower()
     if ctype == "application/json":
@@ -234,11 +246,18 @@ def parse_fields(body: bytes, content_type: str) -> Form:
         if isinstance(data, dict):
             for k, v in data.items():
                 if isinstance(v, list):
-                    fields[str(k)] = [x if isinstance(x, str) else json.dumps(x) for x in v]
+                    values = [x if isinstance(x, str) else json.dumps(x) for x in v]
                 elif isinstance(v, str):
-                    fields[str(k)] = [v]
+                    values = [v]
                 elif v is not None:
-                    fields[str(k)] = [json.dumps(v)]
+                    values = [json.dumps(v)]
+                else:
+                    continue
+                for text in (k, *values):
+                    if not _encodable(text):  # "\ud800": SQLite could not store it (500, traceback)
+                        raise invalid(_printable(k), "must not contain lone surrogates (\\ud800-\\udfff)")
+                if values:  # an empty list is no value ([][-1] answered 500)
+                    fields[k] = values
         return Form(fields, data)
     try:
         text = body.decode("utf-8")
