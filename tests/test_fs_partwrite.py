@@ -341,3 +341,20 @@ async def test_a_manifest_that_cannot_be_read_does_not_keep_every_retired_part(a
         t.fs.release(fh)
         await t.wait_idle()
         assert await t.syncer.retire_due(now=float("inf")) == 1
+
+
+async def test_a_manifest_with_a_stale_digest_still_keeps_the_parts_it_names(account, tmp_path, small_parts):
+    """A manifest that decodes but whose risk meta states another digest (its file reads EIO until
+    repaired) still names its parts: retiring them would leave nothing to repair it from."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "db.sqlite")
+        await t.fs.write(fh, 0, os.urandom(8 * PART))
+        await t.fs.fsync(fh)
+        plain = await t.fs.vault.get_bytes(node.token)  # the first manifest, before it is replaced
+        copy = await t.fs.vault.put_bytes(plain, FileMeta("copy.bin", "bin", "/other", 8 * PART, "/other/copy.bin"))
+        await t.client.tokens.set_risk(copy, {fmt.MARK: "1", "privifs.digest": "00" * 32})
+        await t.fs.write(fh, 5 * PART + 100, b"commit")
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert await t.syncer.retire_due(now=float("inf")) == 0  # the copy names the replaced part

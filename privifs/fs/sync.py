@@ -643,19 +643,28 @@ class Syncer:
                 parts = self._manifest_parts.get(info.token)
                 if parts is None:  # a token's content never changes: each manifest is read once
                     try:
-                        parts = frozenset((await self.parts.reader.manifest(info.token, info.risk)).tokens())
+                        parts = frozenset(await self._parts_named(info))
                     except NotFoundError:
                         continue  # deleted since the listing: it names nothing
                     except IntegrityError as exc:
-                        # not a manifest (another application's token with the mark) or damaged:
-                        # it names no part it could be read for; waiting for it held back every
-                        # retirement for good
+                        # not a manifest (another application's token with the mark), or its
+                        # ciphertext is damaged: it names no part it could be read for; waiting
+                        # for it held back every retirement for good
                         log.info("manifest %s cannot be read (%s); it keeps no part", info.token, exc)
                         continue
                 listed[info.token] = parts
                 named.update(parts)
         self._manifest_parts = listed  # those still in the vault
         return named
+
+    async def _parts_named(self, info: TokenInfo) -> list[str]:
+        """The part tokens the manifest ``info`` names. One that decodes but is not the manifest
+        its risk meta states (a stale or swapped digest: its file reads EIO) still counts, read
+        unchecked and not kept in the reader's memory: its parts may be what a repair needs."""
+        try:
+            return (await self.parts.reader.manifest(info.token, info.risk)).tokens()
+        except IntegrityError:
+            return (await self.parts.reader.store.manifest(info.token)).tokens()
 
     async def _delete_now(self, token: str) -> None:
         """Delete a replaced token right after the check that it did not move (the shorter the
