@@ -507,6 +507,28 @@ async def test_names_must_be_utf8_short_and_not_reserved(kit):
         await kit.ops.link(1, 1, b"hard", CTX)
 
 
+async def test_whitespace_only_names_are_einval_since_the_vault_refuses_them(kit):
+    # a file named " " (an editor test's odd name) was made, then every upload of it was refused
+    # (HTTP 422, "fileName: must not be empty") and retried for good: never in the vault
+    for name in (" ", "\t", "\n", "  \u3000"):
+        with fails_with(errno.EINVAL):
+            await kit.create_file(name)
+        with fails_with(errno.EINVAL):
+            await kit.mkdir(name)
+        with fails_with(errno.EINVAL):
+            await kit.symlink(name, "target")
+        with fails_with(errno.EINVAL):
+            await kit.mknod(name, stat.S_IFIFO | 0o644)
+    await kit.write_file("f", b"x")
+    with fails_with(errno.EINVAL):
+        await kit.rename("f", " ")
+    await kit.write_file(" lead", b"1")
+    await kit.write_file("trail ", b"2")
+    await kit.mkdir(" d ")
+    await kit.settle()
+    assert await kit.vault_tree() == {"f": b"x", " lead": b"1", "trail ": b"2", " d ": "dir"}
+
+
 async def test_fifos_sockets_and_device_nodes_are_entries_another_mount_sees_with_their_device(kit):
     await kit.mknod("pipe", stat.S_IFIFO | 0o640)
     await kit.mknod("sock", stat.S_IFSOCK | 0o600)

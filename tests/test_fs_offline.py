@@ -110,6 +110,34 @@ async def test_the_vault_link_fails_fast_while_offline_and_forwards_once_attache
     assert tokens.calls == [("delete", "t2")] and not link.online
 
 
+async def test_the_vault_link_offers_every_token_call_the_write_back_and_refresher_make():
+    # the mount's syncer talks to the vault through the link (tests/fskit.py wires the client's
+    # DataTokens directly): an upload whose configure-file-meta failed was settled at its next
+    # try with self.tokens.configure, which the link lacked, so every retry failed with
+    # "AttributeError: 'VaultLink' object has no attribute 'configure'" (a traceback in mount.log,
+    # a failed task in 'privifs status'), seen on a mount after a refused upload
+    import inspect
+    import re
+
+    from privifs.client.transport import ClientOptions
+    from privifs.fs import refresh, sync
+    from privifs.fs.connector import VaultLink
+
+    used = set()
+    for module in (sync, refresh):
+        used |= set(re.findall(r"self\.tokens\.(\w+)", inspect.getsource(module)))
+    assert "configure" in used
+    assert not [name for name in sorted(used) if not hasattr(VaultLink, name)]
+
+    class Tokens:
+        async def configure(self, tmp, meta):
+            return f"dtk-{tmp}-{meta}"
+
+    link = VaultLink(ClientOptions())
+    link.attach(Tokens())
+    assert await link.configure("tmp", "meta") == "dtk-tmp-meta"
+
+
 def test_offline_start_is_allowed_only_for_the_key_checked_before(tmp_path):
     from privifs.fs.connector import may_start_offline, remember_vault_checked
 

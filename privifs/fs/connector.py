@@ -91,6 +91,9 @@ class VaultLink:
     ) -> None:
         await self._get().fetch(token, consume, wire_size=wire_size)
 
+    async def configure(self, tmp: object, meta: FileMeta) -> str:
+        return await self._get().configure(tmp, meta)
+
     async def list(self, **kwargs) -> AsyncIterator[TokenInfo]:
         async for info in self._get().list(**kwargs):
             yield info

@@ -31,7 +31,7 @@ from privifs.errors import IntegrityError, NodeGone, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
 from privifs.fs.errnos import errno_for
 from privifs.fs.localsync import flush_index, fsync_locally
-from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX
+from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX, blank
 from privifs.fs.namespace import ROOT, Index, Namespace, Node
 from privifs.fs.parts import is_manifest_node
 from privifs.fs.staging import StagedFile, Staging
@@ -159,7 +159,7 @@ class Filesystem:
     def valid_name(self, parent: Node, name: bytes) -> str:
         """A name an entry of ``parent`` may take (EINVAL, or EPERM for the reserved root name)."""
         text = self.decode(name)
-        if text in (".", "..") or "/" in text or "\0" in text:
+        if text in (".", "..") or "/" in text or "\0" in text or blank(text):
             raise fail(errno.EINVAL)
         if parent.ino == ROOT and text == RESERVED_ROOT_NAME:
             raise fail(errno.EPERM)

@@ -47,6 +47,13 @@ def extension_of(name: str) -> str:
     return ext if dot and stem and "/" not in ext else ""
 
 
+def blank(name: str) -> bool:
+    """Whether ``name`` is empty or whitespace only (``" "``, ``"\\t"``, ``"\\n"``): the vault refuses
+    such a ``fileName`` (HTTP 422, "must not be empty"), so an entry named so could never be
+    uploaded; it is refused at once (EINVAL) instead of staying staged for good."""
+    return not name.strip()
+
+
 def display_name(raw: str) -> str:
     """A name as it can appear in a directory: no slash or NUL, not ``.``/``..``/empty, ≤ 255 bytes."""
     name = raw.replace("/", "\u2215").replace("\0", "")

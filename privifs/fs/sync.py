@@ -325,6 +325,8 @@ class Syncer:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 async with self._big if node.size > BIG_UPLOAD else contextlib.nullcontext():
+                    if node.unlinked:  # removed while it waited for a slot (its staged copy may be freed)
+                        raise NodeGone(self.ns.describe(node))
                     await self._upload(node)
             elif awaits_marker(node):
                 await self._marker(node)
