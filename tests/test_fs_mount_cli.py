@@ -187,6 +187,28 @@ def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
         assert "stay staged" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_umount_ends_when_the_server_refuses_every_retry_and_the_change_stays_staged(eng, tmp_path):
+    """A server that answers but refuses a change every time (helper hE's blank file name, which
+    the vault refused with a 422 at each upload): umount without --timeout waited for it for
+    good. Once each pending change was tried again after the flush began and refused again, it
+    unmounts with exit 7, and the change is uploaded by a later mount the server accepts."""
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        data = os.urandom(50_000)
+        (m.dir / "refused.bin").write_bytes(data)
+        eng.set_options(reject="reserve-token-space", reject_reason="policy.rejected")
+        try:
+            r = m.umount(check=False)  # CMD_TIMEOUT bounds it; before the fix it never returned
+        finally:
+            eng.set_options(reject="")
+        assert r.returncode == 7, (r.stdout, r.stderr)
+        assert "refused 1 changes" in r.stderr and "stay staged" in r.stderr and "Traceback" not in r.stderr
+        assert not is_mounted(m.dir)
+        m.mount()
+        m.wait_idle()
+        assert (m.dir / "refused.bin").read_bytes() == data
+        assert ("/", "refused.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
+
+
 def test_umount_timeout_bounds_the_whole_command_while_the_server_keeps_failing(eng, tmp_path):
     """umount --timeout gave up on the uploads, then the daemon drained them for up to another
     60 s after the unmount and the command waited for it (--timeout 15 took 57 s against a server

@@ -477,8 +477,9 @@ class Daemon:
                     f"it answers (or at the next mount)"
                 }
             return {"done": True}
-        syncer.retry_all_now()
-        deadline = None if timeout is None else trio.current_time() + timeout
+        started = trio.current_time()
+        syncer.retry_all_now()  # each pending change gets one attempt after this at least
+        deadline = None if timeout is None else started + timeout
         while True:
             # what a flush waits for: everything pending but files still open for writing
             pending = [n for n in self.ns.pending() if n.uploading or not n.waiting_for_close]
@@ -504,6 +505,12 @@ class Daemon:
                     "error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
                     f"({size} bytes) stay staged in {self.state_dir} "
                     f"and are uploaded at the next mount"
+                }
+            if pending and not deletes and not owed and syncer.refused_since(pending, started):
+                # retried since the flush began and refused again: waiting longer changes nothing
+                return {
+                    "error": f"the server refused {len(pending)} changes ({syncer.last_error}); they stay "
+                    f"staged in {self.state_dir} and are tried again at the next mount"
                 }
             if deadline is not None and trio.current_time() > deadline:
                 uploading = sum(1 for n in pending if n.uploading)

@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -57,10 +58,12 @@ from privifs.crypto import digest
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import (
     CommandRejected,
+    ForbiddenError,
     IntegrityError,
     NodeGone,
     NotFoundError,
     PrivifsError,
+    RequestRejected,
     ServerUnreachable,
     WriteBackFailed,
 )
@@ -98,6 +101,9 @@ RETIRE_CHECK = 10.0  # how often the retired parts are looked at
 # writer has not written its risk meta yet: a meta write of this mount waits (see _current_risk)
 YOUNG_TOKEN = 30.0
 YOUNG_RETRY = 2.0
+# failures a retry soon meets again: the server refused the request or the command (a name it
+# will not hold, a profile without the right); not an unreachable or failing server
+REFUSALS = (CommandRejected, RequestRejected, ForbiddenError)
 BIG_UPLOAD = 256 * 1024  # a file larger than this takes one of the ``big_uploads`` slots while uploading
 BIG_UPLOADS = 8
 
@@ -192,6 +198,9 @@ class Syncer:
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
         self._manifest_parts: dict[str, frozenset[str]] = {}  # the vault's manifests: the parts each names
         self._gone_elsewhere: set[str] = set()  # replaced tokens _moved_elsewhere found deleted
+        # ino -> when (trio clock) its last write-back attempt was refused, not merely failed:
+        # retrying soon brings the same answer (see refused_since; a flush stops waiting for it)
+        self.refused: dict[int, float] = {}
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
         self.retire_grace = RETIRE_GRACE
@@ -275,7 +284,7 @@ class Syncer:
                     await self.reconcile(node)
             except Exception as exc:  # noqa: BLE001 - write-back must outlive any bug or local failure
                 self.supervisor.failed("write-back", exc, f"of {self.ns.describe(node)} failed unexpectedly")
-                self._failed(node, PrivifsError(f"unexpected failure: {exc!r}"))
+                self._failed(node, PrivifsError(f"unexpected failure: {exc!r}"), lasting=True)
             finally:
                 self._busy.discard(ino)
             if ino in self._again:
@@ -312,6 +321,11 @@ class Syncer:
         if node is not None:
             self.schedule(node)
 
+    def refused_since(self, nodes: list[Node], since: float) -> bool:
+        """Whether every one of ``nodes`` had its write-back refused (by the server, or by a
+        failure of ours that repeats) at or after ``since`` and is not being uploaded now."""
+        return all(not n.uploading and self.refused.get(n.ino, -math.inf) >= since for n in nodes)
+
     def retry_all_now(self) -> None:
         for node in self.ns.pending():
             self.ns.schedule_retry(node, 0.0)
@@ -333,11 +347,13 @@ class Syncer:
             if node.token and node.meta_dirty and not node.content_dirty and not node.unlinked:
                 await self._update_meta(node)
         except NodeGone:
+            self.refused.pop(node.ino, None)
             self.ns.release(node, self.staging)  # removed while its write-back waited: nothing to send
             return
         except PrivifsError as exc:
             self._failed(node, exc)
             return
+        self.refused.pop(node.ino, None)
         self.ns.record_success(node)
         if self.unreachable_since is not None:  # reachable again: what backed off meanwhile goes now
             self.unreachable_since = None
@@ -345,8 +361,14 @@ class Syncer:
         if not node.content_dirty:
             self.local_fsynced.discard(node.ino)
 
-    def _failed(self, node: Node, exc: PrivifsError) -> None:
+    def _failed(self, node: Node, exc: PrivifsError, *, lasting: bool = False) -> None:
+        """Record a failed write-back attempt and schedule the retry; ``lasting``: a failure a
+        retry soon will meet again (a bug's), as a refusal by the server is."""
         attempts = self.ns.record_error(node, str(exc))
+        if lasting or isinstance(exc, REFUSALS):
+            self.refused[node.ino] = trio.current_time()
+        else:
+            self.refused.pop(node.ino, None)
         delay = min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
