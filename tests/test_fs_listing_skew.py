@@ -2,8 +2,9 @@
 (``page``/``perPage``), so a deletion of a token an earlier page already showed moves every later
 token one place up, and the first token of the next page is never listed (the engine pages
 ``ORDER BY seq`` as the live service is documented to page: by offset). A token missing from one
-listing is not a deleted token: the refresher asks for it by id before taking its file away, and
-the parts collection does not delete the parts of a manifest one listing skipped.
+listing is not a deleted token: the refresher asks for it by id before taking its file away, the
+parts collection does not delete the parts of a manifest one listing skipped, and ``privifs
+verify`` does not report its file missing.
 
 Found by a mount under a heavy rename/write/unlink workload (helper hD): files vanished for a
 refresh interval and came back as new entries at the place their token had, not where the
@@ -11,8 +12,11 @@ directories they were in had been renamed to since."""
 
 from __future__ import annotations
 
+import argparse
 import os
+from types import SimpleNamespace
 
+from privifs.cli.verify_cmd import verify
 from privifs.client.datatokens import FileMeta
 from privifs.parts.store import PartStore
 from tests.fskit import inprocess_fs
@@ -96,3 +100,19 @@ async def test_the_parts_of_a_manifest_a_listing_skipped_are_kept(account, tmp_p
         m = await store.manifest(manifest)
         assert {p.token for p in m.parts if p.token} <= listed, "the parts of a stored file were collected"
         assert await store.read(m, 0, len(data)) == data
+
+
+async def test_verify_does_not_report_a_file_a_listing_skipped_as_missing(account, tmp_path, capsys):
+    async with inprocess_fs(tmp_path, *account, key=KEY, workers=1) as t:
+        for n in range(3 * PAGE):
+            await t.write_file(f"/f{n:02d}", b"content %d" % n)
+            await t.settle()
+        order = await in_order(t)
+        by_token = {t.node(f"/f{n:02d}").token: f"/f{n:02d}" for n in range(3 * PAGE)}
+        client = SimpleNamespace(tokens=DeletedWhileListed(t.client.tokens, t.client.tokens))
+        args = argparse.Namespace(data=True, repair=False)
+        report = await verify(args, client, t.fs.vault, KEY, tmp_path, tmp_path / "cache")
+        # the token another client deleted while the listing was read is missing; the one the
+        # listing skipped is not
+        assert report.missing == [by_token[order[0]]], report.missing
+        assert report.damaged == []
