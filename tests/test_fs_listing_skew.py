@@ -26,8 +26,9 @@ PAGE = 4
 
 
 class DeletedWhileListed:
-    """The tokens API of ``tokens``, but its full listing goes ``PAGE`` tokens a page, and after
-    the first page another client deletes the first token that page showed."""
+    """The tokens API of ``tokens``, but a listing (whole or of one context) goes ``PAGE`` tokens
+    a page, and after the first page of the first one another client deletes the first token
+    that page showed."""
 
     def __init__(self, tokens, remote_tokens):
         self._tokens = tokens
@@ -38,12 +39,12 @@ class DeletedWhileListed:
         return getattr(self._tokens, name)
 
     async def list(self, **kwargs):
-        if kwargs:
+        if set(kwargs) - {"context"}:  # asked for by id: one token, no pages
             async for info in self._tokens.list(**kwargs):
                 yield info
             return
         seen = []
-        async for info in self._tokens.list(per_page=PAGE):
+        async for info in self._tokens.list(per_page=PAGE, **kwargs):
             yield info
             seen.append(info.token)
             if len(seen) == PAGE and self.victim is None:
@@ -116,3 +117,26 @@ async def test_verify_does_not_report_a_file_a_listing_skipped_as_missing(accoun
         # listing skipped is not
         assert report.missing == [by_token[order[0]]], report.missing
         assert report.damaged == []
+
+
+async def test_a_rewrite_keeps_the_parts_another_clients_manifest_a_listing_skipped_names(account, tmp_path):
+    part = 64 * 1024
+    data = os.urandom(2 * part + 5)
+    async with inprocess_fs(tmp_path, *account, key=KEY, workers=1) as t:
+        for n in range(PAGE):
+            await t.write_file(f"/s{n}", b"small %d" % n)
+            await t.settle()
+        store = PartStore(t.fs.vault, part_size=part)
+
+        async def source():
+            yield data
+
+        theirs = await store.put(source, len(data), FileMeta("big", "bin", "/", 0, "/big.bin"))
+        in_root = [i.token async for i in t.client.tokens.list(context="/")]
+        assert in_root[PAGE] == theirs  # the four small files, then the other client's manifest
+        parts = list((await store.manifest(theirs)).tokens())
+        # this mount's rewrite of the file stopped naming those parts (it had reused them too)
+        t.syncer.tokens = DeletedWhileListed(t.syncer.tokens, t.client.tokens)
+        t.syncer.retire_parts("/", parts)
+        await t.syncer.retire_due(now=float("inf"))
+        assert not set(parts) & set(t.fs.ns.index.tombstones()), "parts another client's manifest names were deleted"

@@ -622,11 +622,16 @@ class Syncer:
         return gone
 
     async def _named_by_others(self, context: str) -> set[str]:
-        """The parts named by the manifests in ``context`` this mount did not store."""
+        """The parts named by the manifests in ``context`` this mount did not store, from two
+        listings read one after the other: a listing is read page by page, and a deletion
+        (this mount's own tombstones, say) while it is read makes a page start one token later,
+        so another client's manifest can be missing from one, and the parts it names were
+        deleted under its file."""
         named: set[str] = set()
-        async for info in self.tokens.list(context=context):
-            if is_manifest(info) and not is_part(info) and info.token not in self.stored_manifests:
-                named.update((await self.parts.reader.manifest(info.token, info.risk)).tokens())
+        for _ in range(2):
+            async for info in self.tokens.list(context=context):
+                if is_manifest(info) and not is_part(info) and info.token not in self.stored_manifests:
+                    named.update((await self.parts.reader.manifest(info.token, info.risk)).tokens())
         return named
 
     async def _delete_now(self, token: str) -> None:
