@@ -140,3 +140,25 @@ async def test_a_rewrite_keeps_the_parts_another_clients_manifest_a_listing_skip
         t.syncer.retire_parts("/", parts)
         await t.syncer.retire_due(now=float("inf"))
         assert not set(parts) & set(t.fs.ns.index.tombstones()), "parts another client's manifest names were deleted"
+
+
+async def test_a_rename_of_ours_that_landed_unrecorded_is_not_taken_for_another_clients(account, tmp_path):
+    """Not a listing's skew, but the same lesson (a server's state is not what one answer said):
+    this mount's own rename whose update was applied though the mount never recorded it (its
+    answer lost, or the mount killed right after sending it) was taken for another client's
+    rename when the file was written again, and the old content stayed as a conflict copy."""
+    async with inprocess_fs(tmp_path, *account, key=KEY, workers=1) as t:
+        await t.mkdir("/d")
+        await t.write_file("/d/f", b"old content")
+        await t.settle()
+        old = t.node("/d/f").token
+        resume = t.hold_write_back()
+        await t.rename("/d", "/e")
+        await t.client.tokens.update(old, context="/e", file_name="f", extension="")  # landed, unrecorded
+        await t.write_file("/e/f", b"new content")
+        resume()
+        await t.settle()
+        await t.refresh()
+        assert await t.vault_tree() == {"e": "dir", "e/f": b"new content"}
+        assert await t.tree() == {"e": "dir", "e/f": b"new content"}
+        assert [p for p in (await t.vault_names()) if "conflict" in p] == []

@@ -441,7 +441,11 @@ class Syncer:
                     token, stale, manifest_risk = await self._store_parts(node, staged, meta)
                 else:
                     token, content_risk = await self._put_whole(node, staged, meta)
-                keep = replaced is not None and replaced != token and await self._moved_elsewhere(replaced, seen_at)
+                keep = (
+                    replaced is not None
+                    and replaced != token
+                    and await self._moved_elsewhere(replaced, seen_at, (context, name, extension))
+                )
                 if replaced is not None and replaced in self._gone_elsewhere:
                     self._gone_elsewhere.discard(replaced)
                     if manifest_risk is not None:
@@ -655,11 +659,21 @@ class Syncer:
         self.recently_deleted[token] = trio.current_time()
         self.cache.evict(token)
 
-    async def _moved_elsewhere(self, token: str, seen_at: tuple[str | None, str | None, str | None]) -> bool:
+    async def _moved_elsewhere(
+        self,
+        token: str,
+        seen_at: tuple[str | None, str | None, str | None],
+        ours: tuple[str, str, str] | None = None,
+    ) -> bool:
         """Whether ``token`` (the content being replaced) now has another place or name than
-        ``seen_at`` (context, fileName, extension as this mount last saw it): then another
-        client renamed it meanwhile and it must not be deleted. When that cannot be told, it is
-        kept too (it shows as a conflict copy: nothing is lost)."""
+        ``seen_at`` (context, fileName, extension as this mount last saw it) and than ``ours``
+        (where this mount puts the file now): then another client renamed it meanwhile and it
+        must not be deleted. When that cannot be told, it is kept too (it shows as a conflict
+        copy: nothing is lost). At ``ours`` it is this mount's own rename, whose update landed
+        though its answer was lost (a 502 after the work, a dropped acknowledgement) or though
+        the mount was killed before recording it: taken for another client's, it left the old
+        content beside the new as a conflict copy (found by kill -9 cycles against a faulty
+        engine)."""
         try:
             found = [i async for i in self.tokens.list(token=token) if i.token == token]
         except PrivifsError as exc:
@@ -669,12 +683,18 @@ class Syncer:
             self._gone_elsewhere.add(token)
             return False  # deleted elsewhere: nothing to keep
         info = found[0]
-        context, name, extension = seen_at
-        moved = not (
-            same_context(info.context, context)
-            and info.file_name == name
-            and (info.extension or "") == (extension or "")
-        )
+
+        def at(place: tuple[str | None, str | None, str | None] | None) -> bool:
+            if place is None:
+                return False
+            context, name, extension = place
+            return (
+                same_context(info.context, context)
+                and info.file_name == name
+                and (info.extension or "") == (extension or "")
+            )
+
+        moved = not (at(seen_at) or at(ours))
         if moved:
             log.info(
                 "token %s was renamed by another client to %s/%s while this mount replaced its content; both stay",
