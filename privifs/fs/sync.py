@@ -323,6 +323,8 @@ class Syncer:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 async with self._big if node.size > BIG_UPLOAD else contextlib.nullcontext():
+                    if node.staged is None:  # removed (and forgotten) while it waited for a slot
+                        raise NodeGone(f"{self.ns.describe(node)} was removed")
                     await self._upload(node)
             elif awaits_marker(node):
                 await self._marker(node)
