@@ -106,8 +106,8 @@ async def test_a_rename_that_lands_between_the_replacing_writers_check_and_delet
         await listed(a, b)
         real_check = b.syncer._moved_elsewhere
 
-        async def check_then_rename_elsewhere(token, seen_at):
-            moved = await real_check(token, seen_at)
+        async def check_then_rename_elsewhere(token, seen_at, *ours):
+            moved = await real_check(token, seen_at, *ours)
             a.fs.rename(1, b"e.txt", 1, b"e2.txt", 0)
             await a.wait_idle()  # A's rename is in the vault now; B goes on to delete
             return moved

@@ -268,6 +268,16 @@ async def repair(
     return new
 
 
+async def asked_by_id(client, tokens: list[str]) -> list[TokenInfo]:
+    """Those of ``tokens`` that exist, each asked for by id: the listing is read page by page,
+    and a mount deleting tokens meanwhile makes a page start one token later, so a token the
+    listing lacks may still exist (it was reported missing, its file damaged)."""
+    found: list[TokenInfo] = []
+    for token in tokens:
+        found.extend([i async for i in client.tokens.list(token=token) if i.token == token])
+    return found
+
+
 async def verify(
     args: argparse.Namespace, client, vault: Vault, key: bytes, state_dir: Path, cache_dir: Path
 ) -> Report:
@@ -283,6 +293,9 @@ async def verify(
         print(f"no local index in {state_dir} (never mounted here): checking the vault only", file=sys.stderr)
     else:
         files, tombstones, markers = local
+        for info in await asked_by_id(client, [t for t in files if t not in listed and t not in tombstones]):
+            infos.append(info)
+            listed[info.token] = info
         for token, f in sorted(files.items(), key=lambda kv: kv[1].path):
             if token not in listed and token not in tombstones:
                 report.missing.append(f.path)
@@ -343,7 +356,7 @@ async def verify(
         unchecked: list[str] = []
 
         async def one(index: int, token: str) -> None:
-            if token not in listed:
+            if token not in listed and not await asked_by_id(client, [token]):
                 problems.append(f"part {index} (token {token}) is missing from the vault")
                 return
             async with limiter:

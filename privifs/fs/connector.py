@@ -279,6 +279,7 @@ class Connector:
             bounded.deadline = math.inf
         self.link.attach(client.tokens)
         try:
+            infos = await self.refresher.complete(infos, started, client.tokens)
             await self.refresher.apply(infos, started)
         except BaseException:
             self.link.detach("merging the listing failed")

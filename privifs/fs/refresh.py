@@ -15,7 +15,10 @@ written back after the listing was taken, keeps its local state. Then:
   whose place in the tree is not where its token's context puts it (it moved with a directory
   renamed elsewhere while its own token kept the old context) goes back to that place, so every
   mount shows what a fresh mount of the vault shows;
-* a known token that is gone → the node goes (a directory with entries stays, implicit);
+* a known token that is gone → the node goes (a directory with entries stays, implicit); gone
+  means asked for by id and not found (:meth:`Refresher.complete`): the listing is read page by
+  page, and a deletion elsewhere while it is read makes a page start one token later, so a
+  token can be missing from a listing that still exists;
 * an unknown token → a new node where its context and name put it; if that path is taken, it
   shows under a deterministic conflict name (no token is hidden or overwritten); if the entry at
   that path just lost its token, the new token replaces the content (another client rewrote it);
@@ -41,7 +44,7 @@ import trio
 from privifs.client.datatokens import DataTokens
 from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
-from privifs.errors import PrivifsError
+from privifs.errors import PrivifsError, single_error
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Syncer, awaits_marker
@@ -167,6 +170,7 @@ class Refresher:
     async def refresh_once(self) -> None:
         async with self._lock:  # one listing at a time: an older one never undoes a newer one
             infos, started = await self.fetch()
+            infos = await self.complete(infos, started)
             await self.apply(infos, started)
         if not self.collect_parts:
             return
@@ -174,6 +178,37 @@ class Refresher:
             await self.syncer.parts.reader.sweep(infos)  # parts no manifest names (rate-limited)
         except PrivifsError as exc:
             log.warning("collecting unreferenced parts failed: %s", exc)
+
+    async def complete(self, infos: list[TokenInfo], started: float, tokens=None) -> list[TokenInfo]:
+        """``infos`` and the tokens of nodes that would follow it which it lacks but which
+        exist, each asked for by id (through ``tokens``, default the refresher's). The service
+        lists by page number: another client's deletion of a token an earlier page showed
+        moves every later token one place up while the listing is read, and the first token of
+        the next page is never listed. Taken for deleted, such a file vanished until the next
+        listing and came back as a new entry at its token's place, not where renames made
+        here since had put it (found under a heavy rename/write/unlink workload). Costs one
+        request per token really deleted elsewhere."""
+        listed = {info.token for info in infos}
+        missing = [
+            n.token for n in self.ns.nodes.values() if n.token and n.token not in listed and self.eligible(n, started)
+        ]
+        if not missing:
+            return infos
+        tokens = tokens or self.tokens
+        found: list[TokenInfo] = []
+        limiter = trio.CapacityLimiter(8)
+
+        async def ask(token: str) -> None:
+            async with limiter:
+                found.extend([i async for i in tokens.list(token=token) if i.token == token])
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for token in missing:
+                    nursery.start_soon(ask, token)
+        if found:
+            log.info("the listing skipped %d tokens that exist (changes elsewhere while it was read)", len(found))
+        return [*infos, *found]
 
     # -- merging ---------------------------------------------------------------------------------
     def eligible(self, node: Node, started: float) -> bool:

@@ -339,8 +339,8 @@ class Syncer:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 async with self._big if node.size > BIG_UPLOAD else contextlib.nullcontext():
-                    if node.unlinked:  # removed while it waited for a slot (its staged copy may be freed)
-                        raise NodeGone(self.ns.describe(node))
+                    if node.unlinked or node.staged is None:  # removed while it waited for a slot
+                        raise NodeGone(f"{self.ns.describe(node)} was removed")
                     await self._upload(node)
             elif awaits_marker(node):
                 await self._marker(node)
@@ -467,7 +467,11 @@ class Syncer:
                     token, stale, manifest_risk = await self._store_parts(node, staged, meta)
                 else:
                     token, content_risk = await self._put_whole(node, staged, meta)
-                keep = replaced is not None and replaced != token and await self._moved_elsewhere(replaced, seen_at)
+                keep = (
+                    replaced is not None
+                    and replaced != token
+                    and await self._moved_elsewhere(replaced, seen_at, (context, name, extension))
+                )
                 if replaced is not None and replaced in self._gone_elsewhere:
                     self._gone_elsewhere.discard(replaced)
                     if manifest_risk is not None:
@@ -651,17 +655,22 @@ class Syncer:
 
     async def _named_by_others(self) -> set[str]:
         """The parts named by the vault's manifests that are not going away (not deleted or being
-        deleted by this mount), wherever they are. This mount's own live manifests count too:
-        when two clients rewrote one big file at once, the writer whose version became the
-        conflict copy and that then rewrote the plain one (the other's version) retired parts its
-        own conflict copy still named; skipped as "stored here", they were deleted and that copy
-        read EIO. So do manifests in other directories: only the file's own directory was
-        listed, and a conflict copy moved elsewhere lost those parts the same way."""
+        deleted by this mount), wherever they are, from two listings read one after the other.
+        This mount's own live manifests count too: when two clients rewrote one big file at
+        once, the writer whose version became the conflict copy and that then rewrote the plain
+        one (the other's version) retired parts its own conflict copy still named; skipped as
+        "stored here", they were deleted and that copy read EIO. So do manifests in other
+        directories: a conflict copy moved elsewhere lost those parts the same way. Two
+        listings: one is read page by page, and a deletion (this mount's own tombstones, say)
+        while it is read makes a page start one token later, so a manifest can be missing from
+        one, and the parts it names were deleted under its file."""
         named: set[str] = set()
         going = self.index.tombstones()
         listed: dict[str, frozenset[str]] = {}
-        async for info in self.tokens.list():
-            if is_manifest(info) and not is_part(info) and info.token not in going:
+        for _ in range(2):
+            async for info in self.tokens.list():
+                if not is_manifest(info) or is_part(info) or info.token in going or info.token in listed:
+                    continue
                 if info.token in self.recently_deleted:
                     continue
                 parts = self._manifest_parts.get(info.token)
@@ -711,11 +720,21 @@ class Syncer:
         self.recently_deleted[token] = trio.current_time()
         self.cache.evict(token)
 
-    async def _moved_elsewhere(self, token: str, seen_at: tuple[str | None, str | None, str | None]) -> bool:
+    async def _moved_elsewhere(
+        self,
+        token: str,
+        seen_at: tuple[str | None, str | None, str | None],
+        ours: tuple[str, str, str] | None = None,
+    ) -> bool:
         """Whether ``token`` (the content being replaced) now has another place or name than
-        ``seen_at`` (context, fileName, extension as this mount last saw it): then another
-        client renamed it meanwhile and it must not be deleted. When that cannot be told, it is
-        kept too (it shows as a conflict copy: nothing is lost)."""
+        ``seen_at`` (context, fileName, extension as this mount last saw it) and than ``ours``
+        (where this mount puts the file now): then another client renamed it meanwhile and it
+        must not be deleted. When that cannot be told, it is kept too (it shows as a conflict
+        copy: nothing is lost). At ``ours`` it is this mount's own rename, whose update landed
+        though its answer was lost (a 502 after the work, a dropped acknowledgement) or though
+        the mount was killed before recording it: taken for another client's, it left the old
+        content beside the new as a conflict copy (found by kill -9 cycles against a faulty
+        engine)."""
         try:
             found = [i async for i in self.tokens.list(token=token) if i.token == token]
         except PrivifsError as exc:
@@ -725,12 +744,18 @@ class Syncer:
             self._gone_elsewhere.add(token)
             return False  # deleted elsewhere: nothing to keep
         info = found[0]
-        context, name, extension = seen_at
-        moved = not (
-            same_context(info.context, context)
-            and info.file_name == name
-            and (info.extension or "") == (extension or "")
-        )
+
+        def at(place: tuple[str | None, str | None, str | None] | None) -> bool:
+            if place is None:
+                return False
+            context, name, extension = place
+            return (
+                same_context(info.context, context)
+                and info.file_name == name
+                and (info.extension or "") == (extension or "")
+            )
+
+        moved = not (at(seen_at) or at(ours))
         if moved:
             log.info(
                 "token %s was renamed by another client to %s/%s while this mount replaced its content; both stay",

@@ -252,6 +252,9 @@ class PartStore:
         """Delete unreferenced parts; returns how many."""
         infos = [i async for i in self.tokens.list()]
         gone = await self.unreferenced(infos, min_age=min_age)
+        if gone:  # a manifest the listing skipped (a deletion while it was read) names them?
+            again = {i.token for i in await self.unreferenced([i async for i in self.tokens.list()], min_age=min_age)}
+            gone = [i for i in gone if i.token in again]
         for info in gone:
             await self.tokens.delete(info.token)
         if gone:
