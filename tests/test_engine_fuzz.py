@@ -233,6 +233,20 @@ async def test_fuzzing_every_port_ends_no_server_and_gets_no_5xx(own_engine):
     assert (answer["correlationId"], answer["status"]) == ("c1", 401)
 
 
+async def test_a_websocket_frame_holding_nan_or_infinity_is_ignored_not_echoed(own_engine):
+    """A correlationId of NaN or 1e999 was sent back as NaN or Infinity, which no strict JSON
+    parser reads (found by helper hF): such a frame is junk, ignored like any other."""
+    join = '{"action": "joinChannel", "correlationId": %s, "data": {"authorizationToken": "T-nobody"}}'
+    with trio.fail_after(10):
+        async with open_websocket_url(own_engine.urls["ws"]) as ws:
+            for junk in ("NaN", "1e999", "-Infinity"):
+                await ws.send_message(join % junk)
+            await ws.send_message(join % '"c2"')
+            answer = await ws.get_message()
+    strict = json.loads(answer, parse_constant=lambda name: pytest.fail(f"{name} in {answer}"))
+    assert (strict["correlationId"], strict["status"]) == ("c2", 401)
+
+
 async def test_a_server_that_fails_as_a_whole_is_served_again_on_the_same_port(tmp_path, monkeypatch, caplog):
     """The second line of defence: were a connection's failure ever to escape (here hypercorn's
     unguarded handler is put back), the server is logged and started again on its port."""

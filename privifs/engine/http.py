@@ -86,13 +86,20 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def strict_json(text: str | bytes) -> Any:
+    """``text`` parsed as JSON proper: ``NaN``, ``Infinity`` and numbers past a float's range
+    are a ValueError (Python's parser takes them, and what holds them is echoed back as JSON a
+    strict parser refuses)."""
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+
+
 def client_json(text: str | bytes, field: str, what: str = "is not valid JSON") -> Any:
     """JSON a client sent, or a 422 naming ``field``: malformed, not UTF-8, nested too deep
     for the parser (``[[[…]]]``: a RecursionError, which answered 500 with a traceback), or
     holding a number JSON cannot carry (``NaN``, ``Infinity``, ``1e400``: stored, they made
     every later answer that shows them a 500)."""
     try:
-        return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        return strict_json(text)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise invalid(field, what) from None
 

@@ -16,7 +16,7 @@ import trio
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from privifs.engine.core import Engine
-from privifs.engine.http import ApiError
+from privifs.engine.http import ApiError, strict_json
 from privifs.engine.hub import CLOSE
 from privifs.engine.streams import _lifespan
 
@@ -38,7 +38,7 @@ def websocket_app(engine: Engine):
 
     async def handle(ws: WebSocket, ch, text: str) -> None:
         try:
-            frame = json.loads(text)
+            frame = strict_json(text)  # a correlationId of NaN was echoed back as NaN, not JSON
         except (ValueError, RecursionError):  # not JSON, or nested too deep: ignored like any junk
             return
         if not isinstance(frame, dict):
