@@ -767,7 +767,7 @@ class Filesystem:
             return False
         log.info("%s: replaced or deleted by another client while open; following the listing", self.path(node))
         self.sync.remote_changed()
-        node.following = True  # also when it is open for writing (nothing staged yet)
+        self.ns.set_following(node, True)  # also when it is open for writing (nothing staged yet)
         try:
             with trio.move_on_after(FOLLOW_WAIT):
                 # A rare path (another client replaced an open file): a bounded poll of the node
@@ -775,7 +775,7 @@ class Filesystem:
                 while node.token == token and not node.unlinked:  # noqa: ASYNC110
                     await trio.sleep(0.05)
         finally:
-            node.following = False
+            self.ns.set_following(node, False)
         return node.token != token
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:

@@ -1192,6 +1192,11 @@ class Namespace:
         node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension
         node.remote_risk = risk_json(info)
 
+    def set_following(self, node: Node, following: bool) -> None:
+        """Whether a read or first write waits for the listing to move the node on to another
+        client's version (the refresher may then update it though it is open for writing)."""
+        node.following = following
+
     def set_synced(self, node: Node, at: float) -> None:
         """The node matches the vault as of ``at`` (trio time)."""
         node.synced_at = at
