@@ -142,6 +142,22 @@ async def test_a_mount_that_listed_a_file_before_its_risk_meta_keeps_the_manifes
         assert await third.read_file("small.bin") == b"small content"
 
 
+async def refresh_seeing_no_risk_meta(mount, token: str) -> None:
+    """One refresh of ``mount`` whose listing shows ``token`` with no risk meta, as between its
+    writer's configure-file-meta and its risk meta write."""
+    real = mount.refresher.fetch
+
+    async def before_the_risk_meta():
+        infos, started = await real()
+        return [dataclasses.replace(i, risk={}) if i.token == token else i for i in infos], started
+
+    mount.refresher.fetch = before_the_risk_meta
+    try:
+        await mount.refresh()
+    finally:
+        mount.refresher.fetch = real
+
+
 async def test_a_manifest_read_as_content_before_its_mark_was_listed_is_not_kept_as_the_file(kit):
     """A mount that reads a big file listed between the writer's configure-file-meta and its
     risk meta write got the manifest's bytes (nothing said yet it is a manifest), and once the
@@ -152,15 +168,7 @@ async def test_a_manifest_read_as_content_before_its_mark_was_listed_is_not_kept
     await kit.settle()
     (info,) = [i for i in await kit.listing() if i.file_name == "big.bin"]
     async with kit.fresh() as other:
-        real = other.refresher.fetch
-
-        async def before_the_risk_meta():
-            infos, started = await real()
-            return [dataclasses.replace(i, risk={}) if i.token == info.token else i for i in infos], started
-
-        other.refresher.fetch = before_the_risk_meta
-        await other.refresh()
-        other.refresher.fetch = real
+        await refresh_seeing_no_risk_meta(other, info.token)
         # it decodes as a manifest of the size the token's meta says: read through its parts (it
         # was served as the manifest's own bytes, and then kept as the file)
         assert await other.read_file("big.bin") == data
@@ -181,15 +189,7 @@ async def test_a_write_to_a_big_file_listed_before_its_mark_stages_the_file_not_
     await kit.settle()
     (info,) = [i for i in await kit.listing() if i.file_name == "big.bin"]
     async with kit.fresh() as other:
-        real = other.refresher.fetch
-
-        async def before_the_risk_meta():
-            infos, started = await real()
-            return [dataclasses.replace(i, risk={}) if i.token == info.token else i for i in infos], started
-
-        other.refresher.fetch = before_the_risk_meta
-        await other.refresh()
-        other.refresher.fetch = real
+        await refresh_seeing_no_risk_meta(other, info.token)
         fh = await other.open_file("big.bin")
         await other.write(fh, 10, b"patched")  # the first write stages the content: the file's
         await other.close(fh)

@@ -32,6 +32,22 @@ async def listed(*clients) -> None:
         await c.refresher.refresh_once()
 
 
+async def big_file(c, size: int) -> bytes:
+    """``/big`` made on ``c`` with ``size`` random bytes (stored as parts); its content."""
+    data = os.urandom(size)
+    fh, _ = c.create_node(1, "big")
+    await c.fs.write(fh, 0, data)
+    c.fs.release(fh)
+    return data
+
+
+async def big_file_both_see(a, b, size: int) -> bytes:
+    """``/big`` made on ``a``, once both clients list it; its content."""
+    data = await big_file(a, size)
+    await listed(a, b)
+    return data
+
+
 async def test_rmdir_of_a_directory_both_clients_made_removes_it_everywhere(account, tmp_path):
     for remover in (0, 1):
         async with two_clients(tmp_path / str(remover), account) as (a, b):
@@ -278,11 +294,7 @@ async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a
     # they are deleted after a grace, and not when another client's manifest names them
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
-        data = os.urandom(10 * mib)
-        fh, _ = a.create_node(1, "big")
-        await a.fs.write(fh, 0, data)
-        a.fs.release(fh)
-        await listed(a, b)
+        data = await big_file_both_see(a, b, 10 * mib)
         assert await b.read_file("/big") == data
         fa = await a.open_node(a.node("/big"))
         await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
@@ -313,11 +325,7 @@ async def test_a_version_stored_after_the_other_client_deleted_the_parts_it_kept
     # and stores every part again
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
-        data = os.urandom(10 * mib)
-        fh, _ = a.create_node(1, "big")
-        await a.fs.write(fh, 0, data)
-        a.fs.release(fh)
-        await listed(a, b)
+        data = await big_file_both_see(a, b, 10 * mib)
         fb = await b.open_node(b.node("/big"))
         await b.fs.write(fb, 5, b"B" * 1000)  # B holds the file open
         fa = await a.open_node(a.node("/big"))
@@ -345,11 +353,7 @@ async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_it
     # the same with a removal: the edit wins against the delete, and its version is readable
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
-        data = os.urandom(10 * mib)
-        fh, _ = a.create_node(1, "big")
-        await a.fs.write(fh, 0, data)
-        a.fs.release(fh)
-        await listed(a, b)
+        data = await big_file_both_see(a, b, 10 * mib)
         fb = await b.open_node(b.node("/big"))
         await b.fs.write(fb, 5, b"B" * 1000)
         await a.unlink("/big")
@@ -409,11 +413,7 @@ async def test_a_rewrite_keeps_the_parts_its_own_conflict_copy_still_names(accou
     # (seen in a race of two mounts writing one big file, found by 'privifs verify --data')
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
-        data = os.urandom(10 * mib)
-        fh, _ = a.create_node(1, "big")
-        await a.fs.write(fh, 0, data)
-        a.fs.release(fh)
-        await listed(a, b)
+        data = await big_file_both_see(a, b, 10 * mib)
         fa = await a.open_node(a.node("/big"))
         await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
         a.fs.release(fa)
@@ -449,10 +449,7 @@ async def test_a_rewrite_keeps_the_parts_a_conflict_copy_moved_to_another_direct
     # the moved copy read EIO a minute after the next rewrite of the file
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
-        data = os.urandom(10 * mib)
-        fh, _ = a.create_node(1, "big")
-        await a.fs.write(fh, 0, data)
-        a.fs.release(fh)
+        data = await big_file(a, 10 * mib)
         a.fs.mkdir(1, b"elsewhere", 0o755)
         await a.wait_idle()
         await listed(a, b)
