@@ -2,7 +2,8 @@
 
 * Idempotent calls (reads, status polls, request-data, and commands whose effect is the same
   when repeated) are retried on connection errors, 5xx and 429 with capped exponential backoff,
-  honouring ``Retry-After``. Other calls are sent once; callers decide (a lost 202 is never
+  honouring ``Retry-After``, but sent at most twice when the server took the call and did not
+  answer within the read time-out (a stalled server). Other calls are sent once; callers decide (a lost 202 is never
   blindly repeated: either its status is polled or the whole chain restarts).
 * A 401 on an authenticated call asks the session to renew once and replays the call.
 * Every other failure becomes one exception of :mod:`privifs.errors` with a message a user can
@@ -106,6 +107,10 @@ class ClientOptions:
     http_timeout: float = 60.0
     connect_timeout: float = 10.0
     retry_attempts: int = 6
+    # a call the server took and did not answer within http_timeout is sent this many times at
+    # most: retried like a refused connection, a stalled server (stopped, swapping, a dead
+    # route) held every call, fsync and umount for six read time-outs (over 6 minutes)
+    stall_attempts: int = 2
     retry_base: float = 0.2
     retry_max: float = 5.0
     ack_timeout: float = 90.0  # writes may be held by voting for up to a minute
@@ -199,7 +204,7 @@ class Transport:
                 self.lean.origin(base)
             except ValueError:
                 lean = False  # let httpx name what is wrong with the URL
-        attempt = 0
+        attempt = stalls = 0
         replayed = False
         while True:
             token = self.auth.current_token() if (auth and self.auth) else None
@@ -230,12 +235,14 @@ class Transport:
                     )
             except HTTPFailure as exc:
                 err: Exception = unreachable(base, str(exc))
+                stalls += str(exc).startswith("ReadTimeout")
             except httpx.InvalidURL as exc:  # a configured URL that cannot be parsed: no retry helps
                 raise ConfigError(
                     f"the server URL {base!r} is not valid ({exc}); correct it in the configuration"
                 ) from None
             except httpx.TransportError as exc:
                 err = unreachable(base, failure_text(exc))
+                stalls += isinstance(exc, httpx.ReadTimeout)
             else:
                 if resp.status_code in expected:
                     return resp
@@ -244,7 +251,12 @@ class Transport:
                     await self.auth.recover(token)
                     continue
                 err = self.error_for(resp, what)
-            if idempotent and getattr(err, "transient", False) and attempt + 1 < self.options.retry_attempts:
+            if (
+                idempotent
+                and getattr(err, "transient", False)
+                and attempt + 1 < self.options.retry_attempts
+                and stalls < self.options.stall_attempts
+            ):
                 delay = self.backoff(attempt)
                 retry_after = getattr(err, "retry_after", None)
                 if retry_after is not None:
