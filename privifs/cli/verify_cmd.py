@@ -33,7 +33,7 @@ from privifs import paths
 from privifs.account import open_account
 from privifs.cli.failures import EXIT_USAGE, ExitStatus
 from privifs.client.connect import connect
-from privifs.client.datatokens import FileMeta
+from privifs.client.datatokens import FileMeta, find, find_each
 from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import CheckedSink
 from privifs.client.vault import Vault
@@ -268,16 +268,6 @@ async def repair(
     return new
 
 
-async def asked_by_id(client, tokens: list[str]) -> list[TokenInfo]:
-    """Those of ``tokens`` that exist, each asked for by id: the listing is read page by page,
-    and a mount deleting tokens meanwhile makes a page start one token later, so a token the
-    listing lacks may still exist (it was reported missing, its file damaged)."""
-    found: list[TokenInfo] = []
-    for token in tokens:
-        found.extend([i async for i in client.tokens.list(token=token) if i.token == token])
-    return found
-
-
 async def verify(
     args: argparse.Namespace, client, vault: Vault, key: bytes, state_dir: Path, cache_dir: Path
 ) -> Report:
@@ -293,7 +283,8 @@ async def verify(
         print(f"no local index in {state_dir} (never mounted here): checking the vault only", file=sys.stderr)
     else:
         files, tombstones, markers = local
-        for info in await asked_by_id(client, [t for t in files if t not in listed and t not in tombstones]):
+        # a token the listing lacks may exist (see find_each): reported missing, its file was damaged
+        for info in await find_each(client.tokens, [t for t in files if t not in listed and t not in tombstones]):
             infos.append(info)
             listed[info.token] = info
         for token, f in sorted(files.items(), key=lambda kv: kv[1].path):
@@ -356,7 +347,7 @@ async def verify(
         unchecked: list[str] = []
 
         async def one(index: int, token: str) -> None:
-            if token not in listed and not await asked_by_id(client, [token]):
+            if token not in listed and await find(client.tokens, token) is None:
                 problems.append(f"part {index} (token {token}) is missing from the vault")
                 return
             async with limiter:

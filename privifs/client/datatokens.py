@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 import trio
@@ -35,6 +36,7 @@ from privifs.errors import (
     TokenMissing,
     VaultError,
     rejected_command,
+    single_error,
 )
 
 log = logging.getLogger("privifs.client.datatokens")
@@ -483,4 +485,37 @@ async def _decode_download(
         yield chunk
 
 
-__all__ = ["DataTokens", "FileMeta", "PrivifsError"]
+class Lister(Protocol):
+    """What lists tokens: :class:`DataTokens`, or what stands in for it (the mount's VaultLink)."""
+
+    def list(self, **filters) -> AsyncIterator[shapes.TokenInfo]: ...
+
+
+async def find(tokens: Lister, token: str) -> shapes.TokenInfo | None:
+    """``token`` as the vault lists it, asked for by id (``filters[token]``), or None when the
+    vault does not have it; what a server that ignores the filter lists besides is passed over."""
+    found = [i async for i in tokens.list(token=token) if i.token == token]
+    return found[0] if found else None
+
+
+async def find_each(tokens: Lister, wanted: list[str], in_flight: int = 8) -> list[shapes.TokenInfo]:
+    """Those of ``wanted`` the vault has, each asked for by id (``in_flight`` at a time), in the
+    order asked. The listing is read page by page, and a deletion while it is read makes a page
+    start one token later: a token a listing lacks may still exist, and this tells the two apart."""
+    found: dict[str, shapes.TokenInfo] = {}
+    limiter = trio.CapacityLimiter(in_flight)
+
+    async def ask(token: str) -> None:
+        async with limiter:
+            info = await find(tokens, token)
+        if info is not None:
+            found[token] = info
+
+    with single_error():
+        async with trio.open_nursery() as nursery:
+            for token in wanted:
+                nursery.start_soon(ask, token)
+    return [found[t] for t in wanted if t in found]
+
+
+__all__ = ["DataTokens", "FileMeta", "PrivifsError", "find", "find_each"]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
+from privifs.client.datatokens import find
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NodeGone, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
@@ -761,7 +762,7 @@ class Filesystem:
         the node to move on; True if it did. False at once if the token is still there (damage
         stays an error)."""
         try:
-            if [i async for i in self.vault.tokens.list(token=token) if i.token == token]:
+            if await find(self.vault.tokens, token) is not None:
                 return False
         except PrivifsError:
             return False

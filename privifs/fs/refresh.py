@@ -41,10 +41,10 @@ import time
 import pyfuse3
 import trio
 
-from privifs.client.datatokens import DataTokens
+from privifs.client.datatokens import DataTokens, find_each
 from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
-from privifs.errors import PrivifsError, single_error
+from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Syncer, awaits_marker
@@ -194,18 +194,7 @@ class Refresher:
         ]
         if not missing:
             return infos
-        tokens = tokens or self.tokens
-        found: list[TokenInfo] = []
-        limiter = trio.CapacityLimiter(8)
-
-        async def ask(token: str) -> None:
-            async with limiter:
-                found.extend([i async for i in tokens.list(token=token) if i.token == token])
-
-        with single_error():
-            async with trio.open_nursery() as nursery:
-                for token in missing:
-                    nursery.start_soon(ask, token)
+        found = await find_each(tokens or self.tokens, missing)
         if found:
             log.info("the listing skipped %d tokens that exist (changes elsewhere while it was read)", len(found))
         return [*infos, *found]

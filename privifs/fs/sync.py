@@ -51,7 +51,7 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from privifs.client.datatokens import DataTokens, FileMeta
+from privifs.client.datatokens import DataTokens, FileMeta, find
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto import digest
@@ -577,7 +577,7 @@ class Syncer:
         lets the file go), so every kept part is checked, and if one is gone the whole file is
         stored again from staging (every part uploaded) and the broken manifest deleted."""
         manifest = await self.parts.reader.manifest(token)
-        missing = [t for t in manifest.tokens() if not [i async for i in self.tokens.list(token=t) if i.token == t]]
+        missing = [t for t in manifest.tokens() if await find(self.tokens, t) is None]
         if not missing:
             return token
         log.warning(
@@ -736,14 +736,13 @@ class Syncer:
         content beside the new as a conflict copy (found by kill -9 cycles against a faulty
         engine)."""
         try:
-            found = [i async for i in self.tokens.list(token=token) if i.token == token]
+            info = await find(self.tokens, token)
         except PrivifsError as exc:
             log.warning("cannot tell whether token %s was renamed elsewhere (%s); keeping it", token, exc)
             return True
-        if not found:
+        if info is None:
             self._gone_elsewhere.add(token)
             return False  # deleted elsewhere: nothing to keep
-        info = found[0]
 
         def at(place: tuple[str | None, str | None, str | None] | None) -> bool:
             if place is None:
@@ -897,11 +896,11 @@ class Syncer:
         a big file's manifest as its content. Also whether the token is young (made less than
         YOUNG_TOKEN seconds ago): its writer may still be about to write its risk meta, and a
         write made now could land after that and drop it all the same (no compare-and-set)."""
-        found = [i async for i in self.tokens.list(token=token) if i.token == token]
-        if not found:
+        info = await find(self.tokens, token)
+        if info is None:
             return base, False
-        made = found[0].created_at  # the server's clock: an age far below 0 is skew, not youth
-        return dict(found[0].risk), made is not None and -YOUNG_TOKEN < time.time() - made < YOUNG_TOKEN
+        made = info.created_at  # the server's clock: an age far below 0 is skew, not youth
+        return dict(info.risk), made is not None and -YOUNG_TOKEN < time.time() - made < YOUNG_TOKEN
 
     async def _keep_a_copy(self, node: Node, token: str) -> None:
         """Before renaming a file, have its content in the cache (small files only): if a writer
