@@ -295,10 +295,7 @@ class PartReader:
         if self._swept_at is not None and now - self._swept_at < interval:
             return 0
         self._swept_at = now
-        named: set[str] = set()
-        for info in infos:
-            if is_manifest(info) and not is_part(info):
-                named.update((await self.manifest(info.token, info.risk)).tokens())
+        named = await self._named(infos)
         wall = time.time()
         settle = min(min_age, SETTLE)
         self.settling = {t: at for t, at in self.settling.items() if now - at < settle}
@@ -329,12 +326,17 @@ class PartReader:
         a rename/write/unlink workload). Read only when there is something to collect; a
         manifest both listings skip is left, which takes deletions under both reads."""
         infos = [i async for i in self.store.tokens.list()]
+        named = await self._named(infos)
+        listed = {i.token for i in infos}
+        return [t for t in gone if t in listed and t not in named]
+
+    async def _named(self, infos: list[TokenInfo]) -> set[str]:
+        """The part tokens the manifests among ``infos`` name (each checked against its risk meta)."""
         named: set[str] = set()
         for info in infos:
             if is_manifest(info) and not is_part(info):
                 named.update((await self.manifest(info.token, info.risk)).tokens())
-        listed = {i.token for i in infos}
-        return [t for t in gone if t in listed and t not in named]
+        return named
 
     # -- reads ---------------------------------------------------------------------------------
     async def read(self, token: str, offset: int, length: int) -> bytes | memoryview:

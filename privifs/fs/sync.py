@@ -671,7 +671,7 @@ class Syncer:
             async for info in self.tokens.list():
                 if not is_manifest(info) or is_part(info) or info.token in going or info.token in listed:
                     continue
-                if info.token in self.recently_deleted:
+                if info.token in self.recently_deleted:  # deleted here; a listing may still show it
                     continue
                 parts = self._manifest_parts.get(info.token)
                 if parts is None:  # a token's content never changes: each manifest is read once
