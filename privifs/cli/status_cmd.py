@@ -137,10 +137,7 @@ def run_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         if _ended(entry["pid"]):  # killed or crashed while it uploaded
             return _unmount_dead(args.mountpoint, "its daemon died while it uploaded")
-        raise PrivifsError(
-            f"the mount daemon for {args.mountpoint} did not answer ({_silence(entry['pid'], exc)}); "
-            f"'fusermount3 -u {args.mountpoint}' unmounts it anyway"
-        ) from None
+        raise _no_answer(args.mountpoint, entry["pid"], exc) from None
     finally:
         progress.close()
     if not result and _ended(entry["pid"]):  # its answers stopped: it died during the flush
@@ -157,10 +154,7 @@ def run_umount(args: argparse.Namespace) -> int:
     except OSError as exc:
         if _ended(entry["pid"]):  # killed or crashed between the flush and the unmount
             return _unmount_dead(args.mountpoint, "its daemon died while it unmounted")
-        raise PrivifsError(
-            f"the mount daemon for {args.mountpoint} did not answer ({_silence(entry['pid'], exc)}); "
-            f"'fusermount3 -u {args.mountpoint}' unmounts it anyway"
-        ) from None
+        raise _no_answer(args.mountpoint, entry["pid"], exc) from None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if not paths.pid_alive(entry["pid"]):
@@ -178,6 +172,14 @@ def run_umount(args: argparse.Namespace) -> int:
         )
     print(f"unmounted {args.mountpoint}")
     return 0
+
+
+def _no_answer(mountpoint: str, pid: int, exc: OSError) -> PrivifsError:
+    """The error for a daemon whose control socket did not answer ``umount``."""
+    return PrivifsError(
+        f"the mount daemon for {mountpoint} did not answer ({_silence(pid, exc)}); "
+        f"'fusermount3 -u {mountpoint}' unmounts it anyway"
+    )
 
 
 def _ended(pid: int, wait: float = 2.0) -> bool:
