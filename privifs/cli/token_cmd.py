@@ -24,7 +24,7 @@ from privifs.cli.options import is_utf8, utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
-from privifs.client.sinks import BlockWriter, CheckedSink
+from privifs.client.sinks import BlockWriter, get_checked
 from privifs.config import load
 from privifs.crypto import digest
 from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
@@ -323,9 +323,7 @@ async def _get(args, client, vault) -> int:
                     await args.parts.copy(manifest, sink.write)
                 else:
                     check = digest.check_for(vault.derive(digest.content_key), info.risk)
-                    await vault.get(args.token, sink if check is None else CheckedSink(sink, check), size=info.size)
-                    if check is not None:  # the content its token states (see privifs.crypto.digest)
-                        check.verify()
+                    await get_checked(vault, args.token, sink, check, size=info.size)
                 await sink.finish()
         sink.commit()
     except BaseException:

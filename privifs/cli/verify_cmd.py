@@ -21,6 +21,7 @@ Works with or without a mount of the vault running; progress on a terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from privifs.cli.failures import EXIT_USAGE, ExitStatus
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta, find, find_each
 from privifs.client.shapes import TokenInfo
-from privifs.client.sinks import CheckedSink
+from privifs.client.sinks import get_checked
 from privifs.client.vault import Vault
 from privifs.config import load
 from privifs.crypto import digest
@@ -321,23 +322,8 @@ async def verify(
         """A big file's manifest: decrypted and decoded here; its parts are checked afterwards
         against it, so a part that is missing, swapped or replaced names the file."""
         path = path_of(info)
-        async with limiter:
-            try:
-                manifests[info.token] = manifest = await store.manifest(info.token, info.risk)
-            except IntegrityError as exc:
-                report.damaged.append(path)
-                report.line("damaged", f"{path}: token {info.token} fails verification ({exc})")
-                if args.repair:
-                    await try_repair(info, path)
-                return
-            except NotFoundError:
-                report.missing.append(path)
-                report.line("missing", f"{path}: token {info.token} vanished from the vault")
-                return
-            except PrivifsError as exc:
-                report.unchecked.append(path)
-                report.line("not checked", f"{path}: {exc}")
-                return
+        async with limiter, judged(info, path):
+            manifests[info.token] = manifest = await store.manifest(info.token, info.risk)
             report.checked += 1
             named.update(p.token for p in manifest.parts if not p.is_hole)
 
@@ -382,6 +368,24 @@ async def verify(
             report.unchecked.append(path)
             report.line("not checked", f"{path}: {unchecked[0]}")
 
+    @contextlib.asynccontextmanager
+    async def judged(info: TokenInfo, path: str) -> AsyncIterator[None]:
+        """The check of ``info``'s token runs inside; how it failed is reported (damaged, and
+        stored again with --repair; missing; not checked) and goes no further."""
+        try:
+            yield
+        except IntegrityError as exc:
+            report.damaged.append(path)
+            report.line("damaged", f"{path}: token {info.token} fails verification ({exc})")
+            if args.repair:
+                await try_repair(info, path)
+        except NotFoundError:
+            report.missing.append(path)
+            report.line("missing", f"{path}: token {info.token} vanished from the vault")
+        except PrivifsError as exc:
+            report.unchecked.append(path)
+            report.line("not checked", f"{path}: {exc}")
+
     async def try_repair(info: TokenInfo, path: str) -> None:
         try:
             new = await repair(client, vault, info, files.get(info.token), cache_dir, key, path)
@@ -399,22 +403,10 @@ async def verify(
         async with limiter:
             sink, check = DiscardSink(), digest.check_for(content_key, info.risk)
             try:
-                await vault.get(info.token, sink if check is None else CheckedSink(sink, check), size=info.size)
-                if check is not None:  # the content its token states (see privifs.crypto.digest)
-                    check.verify()
-                report.checked += 1
-                report.checked_bytes += sink.size
-            except IntegrityError as exc:
-                report.damaged.append(path)
-                report.line("damaged", f"{path}: token {info.token} fails verification ({exc})")
-                if args.repair:
-                    await try_repair(info, path)
-            except NotFoundError:
-                report.missing.append(path)
-                report.line("missing", f"{path}: token {info.token} vanished from the vault")
-            except PrivifsError as exc:
-                report.unchecked.append(path)
-                report.line("not checked", f"{path}: {exc}")
+                async with judged(info, path):
+                    await get_checked(vault, info.token, sink, check, size=info.size)
+                    report.checked += 1
+                    report.checked_bytes += sink.size
             finally:
                 bar.done()
 

@@ -164,3 +164,13 @@ class CheckedSink:
         self.check.restart()
         self._offset = 0
         await self.sink.reset()
+
+
+async def get_checked(vault, token: str, sink, check, *, size: int | None) -> None:
+    """Retrieve ``token`` through ``vault`` (a :class:`privifs.client.vault.Vault`) into ``sink``;
+    with ``check`` (a :class:`privifs.crypto.digest.ContentCheck`; None: the token states no
+    digest) every piece is shown to it, and IntegrityError unless the content is the one its
+    token states."""
+    await vault.get(token, sink if check is None else CheckedSink(sink, check), size=size)
+    if check is not None:
+        check.verify()
