@@ -48,6 +48,13 @@ async def big_file_both_see(a, b, size: int) -> bytes:
     return data
 
 
+async def edit(c, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of ``/big`` on ``c``, and close it."""
+    fh = await c.open_node(c.node("/big"))
+    await c.fs.write(fh, offset, data)
+    c.fs.release(fh)
+
+
 async def test_rmdir_of_a_directory_both_clients_made_removes_it_everywhere(account, tmp_path):
     for remover in (0, 1):
         async with two_clients(tmp_path / str(remover), account) as (a, b):
@@ -296,12 +303,8 @@ async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a
     async with two_clients(tmp_path, account) as (a, b):
         data = await big_file_both_see(a, b, 10 * mib)
         assert await b.read_file("/big") == data
-        fa = await a.open_node(a.node("/big"))
-        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
-        a.fs.release(fa)
-        fb = await b.open_node(b.node("/big"))
-        await b.fs.write(fb, 5, b"B" * 1000)
-        b.fs.release(fb)
+        await edit(a, 8 * mib + 5, b"A" * 1000)
+        await edit(b, 5, b"B" * 1000)
         await a.wait_idle()
         await b.wait_idle()
         for c in (a, b):
@@ -328,9 +331,7 @@ async def test_a_version_stored_after_the_other_client_deleted_the_parts_it_kept
         data = await big_file_both_see(a, b, 10 * mib)
         fb = await b.open_node(b.node("/big"))
         await b.fs.write(fb, 5, b"B" * 1000)  # B holds the file open
-        fa = await a.open_node(a.node("/big"))
-        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
-        a.fs.release(fa)
+        await edit(a, 8 * mib + 5, b"A" * 1000)
         await a.wait_idle()
         assert await a.syncer.retire_due(now=float("inf")) == 1  # no manifest names the old part yet
         await a.wait_idle()
@@ -414,12 +415,8 @@ async def test_a_rewrite_keeps_the_parts_its_own_conflict_copy_still_names(accou
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
         data = await big_file_both_see(a, b, 10 * mib)
-        fa = await a.open_node(a.node("/big"))
-        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
-        a.fs.release(fa)
-        fb = await b.open_node(b.node("/big"))
-        await b.fs.write(fb, 5, b"B" * 1000)
-        b.fs.release(fb)
+        await edit(a, 8 * mib + 5, b"A" * 1000)
+        await edit(b, 5, b"B" * 1000)
         await a.wait_idle()
         await b.wait_idle()
         for _ in range(2):
@@ -428,9 +425,7 @@ async def test_a_rewrite_keeps_the_parts_its_own_conflict_copy_still_names(accou
         # part, which all three manifests share
         x = a if a.node("/big").token not in a.syncer.stored_manifests else b
         assert x.node("/big").token not in x.syncer.stored_manifests
-        fx = await x.open_node(x.node("/big"))
-        await x.fs.write(fx, 5 * mib, b"X" * 1000)
-        x.fs.release(fx)
+        await edit(x, 5 * mib, b"X" * 1000)
         await x.wait_idle()
         await x.syncer.retire_due(now=float("inf"))
         await x.wait_idle()
@@ -453,12 +448,8 @@ async def test_a_rewrite_keeps_the_parts_a_conflict_copy_moved_to_another_direct
         a.fs.mkdir(1, b"elsewhere", 0o755)
         await a.wait_idle()
         await listed(a, b)
-        fa = await a.open_node(a.node("/big"))
-        await a.fs.write(fa, 8 * mib + 5, b"A" * 1000)
-        a.fs.release(fa)
-        fb = await b.open_node(b.node("/big"))
-        await b.fs.write(fb, 5, b"B" * 1000)
-        b.fs.release(fb)
+        await edit(a, 8 * mib + 5, b"A" * 1000)
+        await edit(b, 5, b"B" * 1000)
         await a.wait_idle()
         await b.wait_idle()
         for _ in range(2):
@@ -468,9 +459,7 @@ async def test_a_rewrite_keeps_the_parts_a_conflict_copy_moved_to_another_direct
         await a.wait_idle()
         for _ in range(2):
             await listed(a, b)
-        fx = await a.open_node(a.node("/big"))
-        await a.fs.write(fx, 5 * mib, b"X" * 1000)
-        a.fs.release(fx)
+        await edit(a, 5 * mib, b"X" * 1000)
         await a.wait_idle()
         for c in (a, b):
             await c.syncer.retire_due(now=float("inf"))
