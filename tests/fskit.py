@@ -22,7 +22,7 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +477,26 @@ def fails_with(code: int):
         yield
     got = caught.value.errno
     assert got == code, f"expected {errno.errorcode[code]}, got {errno.errorcode.get(got, got)}"
+
+
+async def across_a_refresh(call: Callable[[], Awaitable], refresh: Callable[[], Awaitable]):
+    """What ``call`` (a read or write that finds the version it had open gone from the vault, so
+    it waits for the listing to move the node on) returned, or the FUSEError it answered, while
+    one ``refresh`` ran, as the nudged refresher does on a mount."""
+    got: list = []
+
+    async def run() -> None:
+        try:
+            got.append(await call())
+        except pyfuse3.FUSEError as exc:
+            got.append(exc)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await trio.sleep(0.3)  # the call is waiting: it found its token gone
+            await refresh()
+    return got[0]
 
 
 @contextmanager

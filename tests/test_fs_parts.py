@@ -17,7 +17,7 @@ import trio
 from privifs.client.datatokens import FileMeta
 from privifs.parts import format as fmt
 from privifs.parts.store import PartStore
-from tests.fskit import DiskPeak, inprocess_fs
+from tests.fskit import DiskPeak, across_a_refresh, inprocess_fs
 
 KEY = bytes(range(32))
 PART = 64 * 1024
@@ -183,20 +183,7 @@ async def read_across_a_listing(t, fh: int, offset: int, size: int) -> bytes | p
     """A read that finds the version it had open gone from the vault (so it waits for the
     listing to move the node on) while one refresh runs, as the nudged refresher does on a mount;
     what it read, or the error it answered."""
-    got: list[bytes | pyfuse3.FUSEError] = []
-
-    async def read() -> None:
-        try:
-            got.append(await t.fs.read(fh, offset, size))
-        except pyfuse3.FUSEError as exc:
-            got.append(exc)
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
-            await trio.sleep(0.3)  # the read is waiting (it found the old version gone)
-            await t.refresher.refresh_once()
-    return got[0]
+    return await across_a_refresh(lambda: t.fs.read(fh, offset, size), t.refresher.refresh_once)
 
 
 async def open_big_file(t, data: bytes, read_before: bool) -> tuple[str, fmt.Manifest, int]:
@@ -403,19 +390,7 @@ async def test_a_write_to_a_big_file_another_client_replaced_follows_it_to_the_n
 
         await store.put(source, len(new), FileMeta("big.bin", "bin", "/media", 0, "/media/big.bin"))
         await store.delete(token, m)
-        got: list = []
-
-        async def write() -> None:
-            try:
-                got.append(await t.fs.write(fh, 5 * PART, b"WRITTEN"))
-            except pyfuse3.FUSEError as exc:
-                got.append(exc)
-
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(write)
-                await trio.sleep(0.3)  # the write is waiting (it found the old version gone)
-                await t.refresher.refresh_once()
-        assert got == [7], got
+        got = await across_a_refresh(lambda: t.fs.write(fh, 5 * PART, b"WRITTEN"), t.refresher.refresh_once)
+        assert got == 7, got
         assert await t.fs.read(fh, 0, len(new)) == new[: 5 * PART] + b"WRITTEN" + new[5 * PART + 7 :]
         t.fs.release(fh)

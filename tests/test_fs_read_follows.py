@@ -12,24 +12,11 @@ import os
 import pyfuse3
 import trio
 
-from tests.fskit import InProcessFs
+from tests.fskit import InProcessFs, across_a_refresh
 
 
 async def read_while_refreshing(kit: InProcessFs, fh: int) -> bytes | pyfuse3.FUSEError:
-    got: list = []
-
-    async def read() -> None:
-        try:
-            got.append(await kit.read(fh, 0, 1 << 20))
-        except pyfuse3.FUSEError as exc:
-            got.append(exc)
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
-            await trio.sleep(0.3)  # the read is waiting: it found its token gone
-            await kit.refresh()  # what the nudged refresher does on a mount
-    return got[0]
+    return await across_a_refresh(lambda: kit.read(fh, 0, 1 << 20), kit.refresh)
 
 
 async def test_a_file_replaced_by_another_client_before_its_first_read_reads_the_new_content(kit: InProcessFs):
@@ -86,19 +73,7 @@ async def test_a_write_to_a_file_another_client_replaced_before_it_was_staged_he
     kit.fs.cache.evict(kit.node("/doc.txt").token)  # as on another mount: never read here
     fh = await kit.open_file("doc.txt", os.O_RDWR)
     await kit.remote.rewrite("doc.txt", b"new content, longer")
-    got: list = []
-
-    async def write() -> None:
-        try:
-            got.append(await kit.write(fh, 0, b"N"))
-        except pyfuse3.FUSEError as exc:
-            got.append(exc)
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
-            await trio.sleep(0.3)  # the write is waiting: it found its token gone
-            await kit.refresh()
-    assert got == [1], got
+    got = await across_a_refresh(lambda: kit.write(fh, 0, b"N"), kit.refresh)
+    assert got == 1, got
     await kit.close(fh)
     assert await kit.read_file("doc.txt") == b"New content, longer"

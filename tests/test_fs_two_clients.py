@@ -209,6 +209,14 @@ async def fresh_tree(tmp_path, account, key: bytes) -> dict[str, str]:
         return tree_of(f)
 
 
+async def files_on_a_fresh_mount(tmp_path, account, key: bytes) -> dict[str, bytes]:
+    """The root's files and their content as a fresh mount of the vault reads them."""
+    (tmp_path / "fresh").mkdir()
+    async with inprocess_fs(tmp_path / "fresh", *account, key=key) as f:
+        await f.refresher.refresh_once()
+        return {n: await f.read_file(f"/{n}") for n in sorted(f.ns.root.children)}
+
+
 async def test_a_directory_renamed_over_one_another_client_filled_ends_as_on_a_fresh_mount(account, tmp_path):
     # B puts g into s2; A, not seeing it, renames s1 over its (to A) empty s2: the vault has
     # s1's marker at s2 and g inside. B placed the moved marker under a conflict name while its
@@ -312,12 +320,9 @@ async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a
         for _ in range(2):
             await listed(a, b)
         want = {data[:5] + b"B" * 1000 + data[1005:], data[: 8 * mib + 5] + b"A" * 1000 + data[8 * mib + 1005 :]}
-        (tmp_path / "fresh").mkdir()
-        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
-            await f.refresher.refresh_once()
-            names = sorted(f.ns.root.children)
-            assert len(names) == 2, names  # the file and its conflict copy
-            assert {await f.read_file(f"/{n}") for n in names} == want
+        files = await files_on_a_fresh_mount(tmp_path, account, a.key)
+        assert len(files) == 2, sorted(files)  # the file and its conflict copy
+        assert set(files.values()) == want
 
 
 async def test_a_version_stored_after_the_other_client_deleted_the_parts_it_kept_is_stored_whole(account, tmp_path):
@@ -340,12 +345,9 @@ async def test_a_version_stored_after_the_other_client_deleted_the_parts_it_kept
         for _ in range(2):
             await listed(a, b)
         want = {data[:5] + b"B" * 1000 + data[1005:], data[: 8 * mib + 5] + b"A" * 1000 + data[8 * mib + 1005 :]}
-        (tmp_path / "fresh").mkdir()
-        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
-            await f.refresher.refresh_once()
-            names = sorted(f.ns.root.children)
-            assert len(names) == 2, names  # the file and its conflict copy
-            assert {await f.read_file(f"/{n}") for n in names} == want
+        files = await files_on_a_fresh_mount(tmp_path, account, a.key)
+        assert len(files) == 2, sorted(files)  # the file and its conflict copy
+        assert set(files.values()) == want
 
 
 async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_its_parts_is_stored_whole(
@@ -364,11 +366,9 @@ async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_it
         await b.wait_idle()
         for _ in range(2):
             await listed(a, b)
-        (tmp_path / "fresh").mkdir()
-        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
-            await f.refresher.refresh_once()
-            assert sorted(f.ns.root.children) == ["big"]
-            assert await f.read_file("/big") == data[:5] + b"B" * 1000 + data[1005:]
+        files = await files_on_a_fresh_mount(tmp_path, account, a.key)
+        assert sorted(files) == ["big"]
+        assert files["big"] == data[:5] + b"B" * 1000 + data[1005:]
 
 
 async def test_a_directory_shown_under_its_conflict_name_gives_its_marker_to_the_plain_name_it_cannot_merge(
@@ -429,13 +429,9 @@ async def test_a_rewrite_keeps_the_parts_its_own_conflict_copy_still_names(accou
         await x.wait_idle()
         await x.syncer.retire_due(now=float("inf"))
         await x.wait_idle()
-        (tmp_path / "fresh").mkdir()
-        async with inprocess_fs(tmp_path / "fresh", *account, key=a.key) as f:
-            await f.refresher.refresh_once()
-            names = sorted(f.ns.root.children)
-            assert len(names) == 2, names  # the file and its conflict copy
-            got = {n: await f.read_file(f"/{n}") for n in names}  # EIO: a part of one is gone
-            assert all(len(v) == len(data) for v in got.values())
+        got = await files_on_a_fresh_mount(tmp_path, account, a.key)  # EIO: a part of one is gone
+        assert len(got) == 2, sorted(got)  # the file and its conflict copy
+        assert all(len(v) == len(data) for v in got.values())
 
 
 async def test_a_rewrite_keeps_the_parts_a_conflict_copy_moved_to_another_directory_names(account, tmp_path):
