@@ -593,7 +593,7 @@ class Syncer:
     # -- parts a rewrite stopped naming ---------------------------------------------------------
     def retire_parts(self, context: str, parts: list[str]) -> None:
         """The replaced manifest's parts the new one does not name: deleted after RETIRE_GRACE
-        unless a manifest in the vault names them (see :meth:`_named_by_others`). Another
+        unless a manifest in the vault names them (see :meth:`_named_in_the_vault`). Another
         client rewriting the same file at the same time based its manifest on the same old one
         and reuses those parts; deleting them at once broke its version (EIO everywhere)."""
         due = trio.current_time() + self.retire_grace
@@ -638,7 +638,7 @@ class Syncer:
         if not by_context:
             return 0
         try:
-            named = await self._named_by_others()
+            named = await self._named_in_the_vault()
         except PrivifsError as exc:
             log.info("retired parts wait for the next round: %s", exc)
             return 0
@@ -653,7 +653,7 @@ class Syncer:
                     gone += 1
         return gone
 
-    async def _named_by_others(self) -> set[str]:
+    async def _named_in_the_vault(self) -> set[str]:
         """The parts named by the vault's manifests that are not going away (not deleted or being
         deleted by this mount), wherever they are, from two listings read one after the other.
         This mount's own live manifests count too: when two clients rewrote one big file at
