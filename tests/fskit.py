@@ -35,6 +35,7 @@ import trio
 from privifs.client.connect import Client, connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
+from privifs.crypto import wire
 from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import LocalStoreError
 from privifs.fs.cache import ContentCache
@@ -396,6 +397,7 @@ class Remote:
 
     def __init__(self, client: Client, key: bytes):
         self.client = client
+        self.key = key
         self.vault = client.vault(key)
 
     async def token(self, path: str) -> TokenInfo:
@@ -412,6 +414,15 @@ class Remote:
         if risk:
             await self.client.tokens.set_risk(token, {f"privifs.{k}": v for k, v in risk.items()})
         return token
+
+    async def put_stating(self, path: str, data: bytes, size: int) -> str:
+        """A new token at ``path`` whose meta states ``size`` whatever ``data`` holds, and no
+        risk meta: what another application may store."""
+        context, name = _split(path)
+        ext = name.rpartition(".")[2] if "." in name.strip(".") else ""
+        blob = wire.seal(self.key, data)
+        meta = FileMeta(name, ext, context, size, "/" + path.strip("/"))
+        return await self.client.tokens.store(blob, len(blob), meta)
 
     async def mkdir(self, path: str) -> str:
         """A directory marker, as privifs writes one."""

@@ -163,13 +163,16 @@ class SealedSink(BlockWriter):
     """Seals downloaded plaintext chunk by chunk into a cache file, on a worker thread while the
     next block downloads."""
 
-    def __init__(self, sealed: SealedFile, nursery: trio.Nursery, tap: Tap | None = None):
+    def __init__(self, sealed: SealedFile, nursery: trio.Nursery, tap: Tap | None = None, *, limit: int | None = None):
         block = 16 * CHUNK  # whole chunks: each block starts a chunk
         super().__init__(nursery, block=block, target=None if tap is None else tap.target(block))
         self.sealed = sealed
         self.tap = tap
+        self.limit = limit  # the most plaintext it takes (DiskFullError past it)
 
     def _write_block(self, offset: int, data: bytes) -> None:
+        if self.limit is not None and offset + len(data) > self.limit:
+            raise DiskFullError(f"the content is larger than the {self.limit // MiB} MiB readable through memory")
         view = memoryview(data)
         index = offset // CHUNK
         for off in range(0, len(view), CHUNK):
@@ -312,7 +315,7 @@ class ContentCache:
             try:
                 room = self._room_for_download(need)
             except DiskFullError:
-                if size is None or size > IN_MEMORY_MAX:
+                if size is not None and size > IN_MEMORY_MAX:
                     raise
                 return await self._fetch_in_memory(token, vault, size, tap, check)
             if room:
@@ -356,18 +359,30 @@ class ContentCache:
     ) -> SealedFile:
         """No room on the cache's disk: the content, still sealed, in memory for this caller
         alone (never an entry; gone when the caller closes it), so that a full disk does not
-        make files unreadable."""
-        log.info("no room in %s: reading %d bytes through memory, not cached", self.dir, size)
+        make files unreadable. Content of no stated size (None) larger than
+        :data:`IN_MEMORY_MAX` is refused as the disk was."""
+        log.info(
+            "no room in %s: reading %s bytes through memory, not cached",
+            self.dir,
+            size if size is not None else f"up to {IN_MEMORY_MAX}",
+        )
         sealed = SealedFile.in_memory(self._key)
         try:
-            await self._download(token, vault, size, sealed, tap, check)
+            await self._download(token, vault, size, sealed, tap, check, limit=IN_MEMORY_MAX)
         except BaseException:
             sealed.close()
             raise
         return sealed
 
     async def _download(
-        self, token: str, vault: Vault, size: int | None, sealed: SealedFile, tap: Tap | None, check: Check | None
+        self,
+        token: str,
+        vault: Vault,
+        size: int | None,
+        sealed: SealedFile,
+        tap: Tap | None,
+        check: Check | None,
+        limit: int | None = None,
     ) -> None:
         """Download ``token`` into ``sealed``; a download that gets no data for
         :data:`DOWNLOAD_IDLE` seconds (whatever the vault client retries meanwhile: a stalled
@@ -382,7 +397,7 @@ class ContentCache:
 
             with single_error():
                 async with trio.open_nursery() as nursery:
-                    sink = SealedSink(sealed, nursery, check if tap is None else tap)
+                    sink = SealedSink(sealed, nursery, check if tap is None else tap, limit=limit)
                     sink.on_data = progress
                     await vault.get(token, sink, size=size)
                     await sink.finish()

@@ -293,7 +293,7 @@ class Daemon:
                 options.add("ro")
             pyfuse3.init(Operations(fs), str(self.mountpoint), options)
             self.mounted = self._was_mounted = True
-            refresher.invalidate = True
+            refresher.invalidate = fs.kernel = True
             closed = False
             try:
                 async with trio.open_nursery() as nursery:

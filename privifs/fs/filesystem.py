@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,6 +66,12 @@ DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets of "." and ".."; an entry's 
 
 def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
+
+
+def _forget_attributes(ino: int) -> None:
+    """The kernel drops the attributes it holds of ``ino`` (asks again at their next use)."""
+    with suppress(OSError, pyfuse3.FUSEError):  # it did not know the inode
+        pyfuse3.invalidate_inode(ino, attr_only=True)
 
 
 @dataclass
@@ -126,6 +133,7 @@ class Filesystem:
         # the last read that failed (path and cause) and when, for `privifs status`
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
+        self.kernel = False  # mounted: the kernel is told of attributes that changed under it
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -594,7 +602,53 @@ class Filesystem:
                 staged.sealed.truncate(0, stamp=now)
                 self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
                 self.mark_content_dirty(node)
+        elif accmode != os.O_WRONLY and self._size_unverified(node):
+            await self._learn_size(node)
         return self._open_node(node, flags)
+
+    def _size_unverified(self, node: Node) -> bool:
+        """Whether the node's size is only what its token's meta claims: a file stored whole
+        whose meta states no content digest (another application wrote it), not yet downloaded
+        in this run."""
+        return (
+            node.staged is None
+            and node.token is not None
+            and node.token not in self.ns.content_sizes
+            and not is_manifest_node(node.remote_risk)
+            and self.sync.content_check(node) is None
+        )
+
+    async def _learn_size(self, node: Node) -> None:
+        """Opened for reading, a file of unverified size is downloaded (as its first read would
+        do: content stored whole is verified whole before a byte of it is served) and shows its
+        content's size before the first read, so that programs that read ``st_size`` bytes or
+        map the file see all of it; a file stated empty is read at all. A failure is the first
+        read's to report."""
+        token = node.token
+        try:
+            sealed = await self._fetch_following(node)
+        except pyfuse3.FUSEError:
+            return
+        if sealed is None or self._unmarked_manifest(node, sealed):
+            return
+        try:
+            if node.token == token:
+                await self._size_learned(node, sealed.size)
+        finally:
+            sealed.close()
+
+    async def _size_learned(self, node: Node, size: int) -> None:
+        """A verified download of the node's token, whose meta states no digest, holds ``size``
+        bytes: the node shows that size (:meth:`Namespace.learn_size`), and the kernel drops the
+        attributes it holds, so that a read past the claimed end asks again."""
+        changed = node.size != size
+        self.ns.learn_size(node, size)
+        if changed:
+            log.info(
+                "%s: its token's meta states a size its content does not have; showing %d bytes", self.path(node), size
+            )
+            if self.kernel:
+                await trio.to_thread.run_sync(_forget_attributes, node.ino)
 
     def mark_content_dirty(self, node: Node) -> None:
         if self.ns.content_changed(node):
@@ -661,7 +715,7 @@ class Filesystem:
     async def content(self, node: Node) -> SealedFile:
         """The verified content of the node's token (downloaded into the cache if needed)."""
         try:
-            return await self.cache.fetch(node.token, self.vault, node.size, check=self.sync.content_check(node))
+            return await self.sync.fetch_content(node, node.token)
         except PrivifsError as exc:
             raise self._fetch_failed(node, exc) from None
 
@@ -733,7 +787,7 @@ class Filesystem:
         or deleted the file and the node has moved on since (see :meth:`_followed`)."""
         token = node.token
         try:
-            return await self.cache.fetch(token, self.vault, node.size, check=self.sync.content_check(node))
+            return await self.sync.fetch_content(node, token)
         except PrivifsError as exc:
             if isinstance(exc, NotFoundError) and await self._followed(node, token):
                 return None
@@ -799,8 +853,8 @@ class Filesystem:
                     sealed.close()
                 return await self.read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
-            if node.size != sealed.size:
-                self.ns.set_attributes(node, size=sealed.size)  # the token's meta size was not the real size
+            if node.size != sealed.size:  # the token's meta did not state its content's size
+                await self._size_learned(node, sealed.size)
         try:
             return fh.reader.read(offset, length)
         except IntegrityError as exc:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("privifs.fs")
 
 ROOT = 1
+CONTENT_SIZES_KEPT = 65536  # tokens whose real size Namespace.learn_size remembers
 
 # The index layout is versioned (``PRAGMA user_version``). MIGRATIONS[i] takes an index from
 # version i to i + 1, in one transaction that also sets the new version; opening an index runs
@@ -795,6 +796,9 @@ class Namespace:
         self.held: dict[str, int] = {}
         self.dir_mode = dir_mode
         self.file_mode = file_mode
+        # token -> its content's size, from a verified download of a token whose meta states no
+        # content digest (another application's): that meta's size is only a claim (see learn_size)
+        self.content_sizes: dict[str, int] = {}
         loaded = index.load()
         for n in loaded:
             self.nodes[n.ino] = n
@@ -1175,6 +1179,23 @@ class Namespace:
         node.synced_at = 0.0
 
     # following the vault
+    def listed_size(self, info: TokenInfo) -> int | None:
+        """The size of ``info``'s content: what its meta states, unless a verified download of
+        that token found another (:meth:`learn_size`)."""
+        return self.content_sizes.get(info.token, info.size)
+
+    def learn_size(self, node: Node, size: int) -> None:
+        """A verified download of the node's token, whose meta states no content digest, holds
+        ``size`` bytes: the node shows that size from now on, whatever the token's meta says (an
+        application that wrote it may state the ciphertext's size, none, or any other), and
+        listings of the token do not take it back. Kept for this run, for the last
+        :data:`CONTENT_SIZES_KEPT` such tokens (the next run learns again at the first open)."""
+        self.content_sizes.pop(node.token, None)
+        self.content_sizes[node.token] = size
+        while len(self.content_sizes) > CONTENT_SIZES_KEPT:
+            del self.content_sizes[next(iter(self.content_sizes))]
+        node.size = size
+
     def follow_remote(self, node: Node, info: TokenInfo) -> None:
         """Take the attributes, size, place, name and risk meta ``info`` (the listing) shows."""
         a = attributes(info)
@@ -1187,8 +1208,9 @@ class Namespace:
         if node.is_symlink:
             node.target = a.target
         node.rdev = a.rdev
-        if info.size is not None and not node.is_dir:
-            node.size = info.size
+        size = self.listed_size(info)
+        if size is not None and not node.is_dir:
+            node.size = size
         node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension
         node.remote_risk = risk_json(info)
 

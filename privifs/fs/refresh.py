@@ -313,7 +313,7 @@ class Refresher:
         if (
             not moved
             and node.remote_risk == risk_json(info)
-            and (info.size is None or node.size == info.size or node.is_dir)
+            and (self.ns.listed_size(info) in (None, node.size) or node.is_dir)
         ):
             return
         self.ns.follow_remote(node, info)

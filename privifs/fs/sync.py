@@ -419,6 +419,14 @@ class Syncer:
         """The check of a download of the node's token (None: its risk meta states no digest)."""
         return digest.check_for(self.content_key, node.risk()) if node.remote_risk else None
 
+    async def fetch_content(self, node: Node, token: str) -> SealedFile:
+        """The verified whole content of ``token`` (the node's, stored whole), from the cache or
+        downloaded into it. The node's size counts as the content's only when a digest states
+        the content too (what privifs writes): another application's meta size is a claim, so
+        it decides neither the room made for the download nor how the download is read."""
+        check = self.content_check(node)
+        return await self.cache.fetch(token, self.vault, node.size if check is not None else None, check=check)
+
     def _target(self, node: Node) -> tuple[str, str, str, str]:
         name, extension = token_naming(node)
         return self.ns.context(node), name, extension, self.ns.path(node)
@@ -911,7 +919,7 @@ class Syncer:
         if node.size > RENAME_FETCH_LIMIT or is_manifest_node(node.remote_risk):
             return
         try:
-            sealed = await self.cache.fetch(token, self.vault, node.size, check=self.content_check(node))
+            sealed = await self.fetch_content(node, token)
         except PrivifsError as exc:  # gone already (the update will say so), or unreachable
             log.debug("%s: not fetched before the rename (%s)", self.ns.describe(node), exc)
             return

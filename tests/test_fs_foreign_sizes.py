@@ -1,0 +1,74 @@
+"""Another application's token whose meta states a size its content does not have (the
+ciphertext's size, none, or any other): the meta's size is a claim until the content is
+downloaded and verified, which the first open for reading does; from then on the file shows its
+content's size, and listings of the token do not take it back (Namespace.learn_size). In-process
+(tests/fskit.py), then once through the kernel, which must drop the size it holds."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+import trio
+
+from privifs.client.connect import connect
+from privifs.client.session import PasswordCredentials
+from privifs.client.transport import Endpoints
+from privifs.crypto.keys import load_aes_key
+from tests.fskit import Remote
+from tests.mountkit import Mount
+
+CONTENT = b"fourteen bytes"
+
+
+@pytest.mark.parametrize("stated", [3, 0, 500, 10**12])
+async def test_another_apps_token_shows_its_contents_size_once_opened_whatever_its_meta_states(kit, stated):
+    path = f"claims-{stated}.txt"
+    await kit.remote.put_stating(path, CONTENT, stated)
+    await kit.refresh()
+    assert (await kit.lookup(path)).st_size == stated  # nothing downloaded yet: the claim
+    fh = await kit.open_file(path, os.O_RDONLY)
+    assert (await kit.ops.getattr(await kit.ino(path))).st_size == len(CONTENT)  # before any read
+    assert await kit.read(fh, 0, 1 << 20) == CONTENT
+    await kit.close(fh)
+    await kit.refresh()
+    assert (await kit.lookup(path)).st_size == len(CONTENT)  # the listing's claim does not come back
+    assert await kit.read_file(path) == CONTENT
+
+
+async def test_a_privifs_file_keeps_its_stated_size_and_is_not_downloaded_at_open(kit):
+    await kit.write_file("own.txt", CONTENT)
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/own.txt").token)
+    downloads = kit.fs.cache.downloads
+    fh = await kit.open_file("own.txt", os.O_RDONLY)
+    assert kit.fs.cache.downloads == downloads  # its digest states the content: its size is known
+    assert await kit.read(fh, 0, 1 << 20) == CONTENT
+    await kit.close(fh)
+
+
+def test_the_kernel_serves_the_whole_content_of_a_token_stating_a_smaller_size(engine, tmp_path):
+    m = Mount(tmp_path / "m", engine.urls)
+    with m.mounted():
+
+        async def store() -> None:
+            credentials = PasswordCredentials(m.username, "correct-horse-battery")
+            async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
+                remote = Remote(client, load_aes_key(m.key_file))
+                await remote.put_stating("short.txt", CONTENT, 3)
+                await remote.put_stating("empty.txt", CONTENT, 0)
+
+        trio.run(store)
+        m.refresh()
+        assert os.stat(m.dir / "short.txt").st_size == 3
+        fd = os.open(m.dir / "short.txt", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 100, 0) == CONTENT  # one read: the kernel asked for the size again
+        finally:
+            os.close(fd)
+        with open(m.dir / "empty.txt", "rb") as f:
+            assert os.fstat(f.fileno()).st_size == len(CONTENT)
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                assert mapped[:] == CONTENT
+        assert (m.dir / "short.txt").read_bytes() == CONTENT
