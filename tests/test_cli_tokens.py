@@ -11,6 +11,11 @@ import stat
 import subprocess
 import sys
 
+import trio
+
+from privifs.client.connect import connect
+from privifs.client.session import PasswordCredentials
+from privifs.client.transport import Endpoints
 from tests.mountkit import isolated_env
 from tests.mountkit import privifs as run
 
@@ -357,3 +362,33 @@ def test_get_into_a_directory_writes_only_inside_it_whatever_the_token_is_named(
         assert (into / shown).read_bytes() == src.read_bytes(), name
     assert not outside.exists() and not (tmp_path / "into" / "outside.txt").exists()
     assert sorted(p.name for p in into.iterdir()) == sorted(expected.values())
+
+
+def test_get_of_a_symlink_token_makes_the_link_and_of_a_fifo_or_directory_writes_nothing(user, tmp_path, eng):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    risk = {
+        "link": {"privifs.type": "symlink", "privifs.target": "../some where/target.txt"},
+        "pipe": {"privifs.type": "fifo", "privifs.mode": "644"},
+        "dir": {"privifs.type": "dir", "privifs.mode": "755"},
+    }
+    tokens = {name: run(user, "token", "put", str(empty), "--name", name).stdout.strip() for name in risk}
+
+    async def mark() -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            for name, fields in risk.items():
+                await client.tokens.set_risk(tokens[name], fields)
+
+    trio.run(mark)
+    out = tmp_path / "out"
+    out.mkdir()
+    run(user, "token", "get", tokens["link"], str(out))
+    assert os.readlink(out / "link") == "../some where/target.txt"
+    run(user, "token", "get", tokens["link"], str(out / "again"))  # and in place of a file named
+    assert os.readlink(out / "again") == "../some where/target.txt"
+    for name, what in (("pipe", "FIFO"), ("dir", "directory")):
+        r = run(user, "token", "get", tokens[name], str(out), check=False)
+        assert r.returncode == 1 and f"is a {what}" in r.stderr and "nothing was written" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["again", "link"]

@@ -8,8 +8,10 @@ write anything."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import secrets
 import stat
 import sys
 import time
@@ -29,7 +31,7 @@ from privifs.config import load
 from privifs.crypto import digest
 from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
 from privifs.fs.names import display_name
-from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
+from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, attributes, split_context
 from privifs.keycheck import verify_key
 from privifs.parts.store import THRESHOLD, PartStore, is_manifest, is_zeros
 
@@ -53,7 +55,12 @@ def register(sub) -> None:
     put.add_argument("file", type=Path, help="a regular file")
     put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
     put.add_argument("--context", type=utf8_text, default="/", help="context (directory) to record (default /)")
-    get = action("get", "fetch, verify and decrypt a token into a file (written only if it verifies)", _get)
+    get = action(
+        "get",
+        "fetch, verify and decrypt a token into a file (written only if it verifies); a symbolic link's token"
+        " becomes that link",
+        _get,
+    )
     get.add_argument("token", type=utf8_text)
     get.add_argument("out", type=Path, help="the file to write, or a directory to write it into under its name")
     rm = action("rm", "delete a token", _rm)
@@ -310,7 +317,16 @@ def output_path(out: Path, name: str | None) -> Path:
 
 async def _get(args, client, vault) -> int:
     info = await _find(client, args.token)
+    shape = attributes(info)
+    if shape.kind not in (KIND_FILE, KIND_SYMLINK):
+        raise NoContent(
+            f"{args.token} is a {KIND_NAMES.get(shape.kind, shape.kind)} in a mount (privifs.type={shape.kind}):"
+            " it holds no content to get; nothing was written"
+        )
     out = output_path(args.out, info.file_name)
+    if shape.kind == KIND_SYMLINK:
+        _make_symlink(out, shape.target or "")
+        return 0
     progress = Progress(f"get {info.file_name or args.token}", info.size or 0)
     sink = None
     try:
@@ -333,6 +349,26 @@ async def _get(args, client, vault) -> int:
     finally:
         progress.close()
     return 0
+
+
+class NoContent(PrivifsError):
+    """The token is an entry of a mount that holds no content (a directory, FIFO, device…)."""
+
+
+KIND_NAMES = {KIND_DIR: "directory", "fifo": "FIFO", "socket": "socket", "chardev": "device", "blockdev": "device"}
+
+
+def _make_symlink(out: Path, target: str) -> None:
+    """A symbolic link token is got as the link it is in a mount (its target is its meta's
+    ``privifs.target``), put in place of ``out`` as a file would be."""
+    tmp = out.with_name(f".{out.name}.privifs-{secrets.token_hex(6)}")
+    try:
+        os.symlink(target, tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise LocalFileError(f"cannot write {out}: {exc.strerror}") from None
 
 
 async def _rm(args, client, vault) -> int:
