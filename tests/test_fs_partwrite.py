@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from privifs.client.datatokens import FileMeta
+from privifs.errors import IntegrityError
 from privifs.parts import format as fmt
 from privifs.parts.store import PartStore, is_part
 from tests.fskit import inprocess_fs
@@ -358,3 +359,29 @@ async def test_a_manifest_with_a_stale_digest_still_keeps_the_parts_it_names(acc
         t.fs.release(fh)
         await t.wait_idle()
         assert await t.syncer.retire_due(now=float("inf")) == 0  # the copy names the replaced part
+
+
+async def test_a_manifest_that_does_not_verify_stops_the_sweep_naming_itself_until_it_is_removed(
+    account, tmp_path, small_parts
+):
+    """It may name any part, so no part is collected while it is in the vault; the error names
+    the manifest and the command that removes it (the sweep's log line was all a user saw)."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        junk = await t.fs.vault.put_bytes(
+            b"not a manifest", FileMeta("junk.bin", "bin", "/other", 14, "/other/junk.bin")
+        )
+        await t.client.tokens.set_risk(junk, {fmt.MARK: "1"})
+        await big_file(t, "gone.bin")
+        await t.wait_idle()
+        t.fs.unlink(1, b"gone.bin")
+        await t.wait_idle()
+        infos = [i async for i in t.client.tokens.list()]
+        with pytest.raises(IntegrityError) as caught:
+            await t.fs.parts.sweep(infos, min_age=0, interval=0)
+        assert f"{junk} (/other/junk.bin)" in str(caught.value)
+        assert f"privifs token rm {junk}" in str(caught.value)
+        assert t.fs.parts.sweep_error == str(caught.value)  # what `privifs status` shows
+        await t.client.tokens.delete(junk)
+        infos = [i async for i in t.client.tokens.list()]
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3
+        assert t.fs.parts.sweep_error is None

@@ -357,6 +357,8 @@ def run_status(args: argparse.Namespace) -> int:
             f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
             + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")
         )
+        if st.get("parts_error"):
+            print(f"  parts sweep:  stopped: {st['parts_error']}")
         print(
             f"  last error:   {st['last_error'] or 'none'}"
             + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")

@@ -452,6 +452,7 @@ class Daemon:
             "last_refresh": refresher.last_refresh,
             "refresh_interval": refresher.interval,
             "refresh_error": refresher.last_error,
+            "parts_error": syncer.parts.reader.sweep_error,
             "listings": refresher.listings,
             "last_error": syncer.last_error,
             "last_error_at": syncer.last_error_at,

@@ -168,6 +168,7 @@ class PartReader:
         self._next: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._ahead: set[str] = set()  # part tokens being fetched ahead
         self._swept_at: float | None = None
+        self.sweep_error: str | None = None  # why the last sweep collected nothing (for `privifs status`)
         self.changes = Changes()
         # parts this mount is storing (their manifest is not stored yet): never collected, however
         # old (an upload slower than COLLECT_MIN_AGE would otherwise lose its first parts); then,
@@ -295,7 +296,12 @@ class PartReader:
         if self._swept_at is not None and now - self._swept_at < interval:
             return 0
         self._swept_at = now
-        named = await self._named(infos)
+        try:
+            named = await self._named(infos)
+        except IntegrityError as exc:
+            self.sweep_error = str(exc)
+            raise
+        self.sweep_error = None
         wall = time.time()
         settle = min(min_age, SETTLE)
         self.settling = {t: at for t, at in self.settling.items() if now - at < settle}
@@ -331,11 +337,22 @@ class PartReader:
         return [t for t in gone if t in listed and t not in named]
 
     async def _named(self, infos: list[TokenInfo]) -> set[str]:
-        """The part tokens the manifests among ``infos`` name (each checked against its risk meta)."""
+        """The part tokens the manifests among ``infos`` name (each checked against its risk
+        meta). A manifest that does not verify may name any part, so it stops the collection:
+        IntegrityError naming it and what to do."""
         named: set[str] = set()
         for info in infos:
             if is_manifest(info) and not is_part(info):
-                named.update((await self.manifest(info.token, info.risk)).tokens())
+                try:
+                    manifest = await self.manifest(info.token, info.risk)
+                except IntegrityError as exc:
+                    where = f"{info.context.rstrip('/')}/{info.file_name}"
+                    raise IntegrityError(
+                        f"the manifest {info.token} ({where}) does not verify ({exc}); no part is collected while"
+                        " it is in the vault, since it may name any of them: see `privifs verify --data`, and"
+                        f" remove it with `privifs token rm {info.token}` if it is damaged for good"
+                    ) from None
+                named.update(manifest.tokens())
         return named
 
     # -- reads ---------------------------------------------------------------------------------
