@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from privifs.client.datatokens import FileMeta
-from privifs.errors import IntegrityError
+from privifs.errors import IntegrityError, ServerError
 from privifs.parts import format as fmt
 from privifs.parts.store import PartStore, is_part
 from tests.fskit import inprocess_fs
@@ -385,3 +385,37 @@ async def test_a_manifest_that_does_not_verify_stops_the_sweep_naming_itself_unt
         infos = [i async for i in t.client.tokens.list()]
         assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3
         assert t.fs.parts.sweep_error is None
+
+
+async def test_a_store_that_failed_part_way_goes_on_where_it_stopped(account, tmp_path, small_parts, monkeypatch):
+    """A full engine disk, say: the retry uploads only what the failed attempt did not (each
+    retry stored every part again beside the last attempt's, which only the hourly sweep
+    removed), and the file reads back whole."""
+    real = PartStore.put_part_from
+    finished, failed = [], []
+    four_done = trio.Event()
+
+    async def full_disk_once(self, upload_id, index, size, read):
+        if index == 5 and not failed:
+            failed.append(index)
+            await four_done.wait()
+            raise ServerError("507 Insufficient Storage: the server's disk is full")
+        part = await real(self, upload_id, index, size, read)
+        finished.append(index)
+        if len(finished) >= 4:
+            four_done.set()
+        return part
+
+    monkeypatch.setattr(PartStore, "put_part_from", full_disk_once)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        data = os.urandom(8 * PART)
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, data)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert failed and t.syncer.parts.parts_uploaded == 8  # 12 or 13 when every part went again
+        manifests, parts = await vault_state(t)
+        named = (await PartStore(t.fs.vault).manifest(node.token)).tokens()
+        assert [i.token for i in manifests] == [node.token] and set(named) <= {i.token for i in parts}
+        assert await read_all(t, node) == data
+        assert not t.syncer.parts.reader.in_flight  # nothing is kept from the sweep for good

@@ -11,7 +11,10 @@ is converted by uploading every part. A part the staged file never wrote (a spar
 found with ``SEEK_DATA`` in one pass, :meth:`~privifs.crypto.sealed.SealedFile.written_chunks`)
 is a hole in the manifest: nothing is read or uploaded for it. Parts go before the manifest that names them; the
 parts of the old manifest it no longer names are returned for deletion once the new manifest is
-recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.sweep`). The
+recorded (a crash in between leaves them to :meth:`privifs.fs.parts.PartReader.sweep`). A store
+that fails part-way (a full engine disk, the server gone) offers the parts it uploaded to the
+next store of the same staged file, which keeps those whose digest still matches
+(:class:`Unfinished`): a retry goes on where the last attempt stopped. The
 uploaded parts are not cached one by one: the syncer moves the whole staged file into the cache
 under the manifest's token, as for any upload, and reads and the next write use that entry
 (the file is held once, and no part is encrypted a second time for the cache).
@@ -28,6 +31,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+import time
 from collections.abc import Callable
 
 import trio
@@ -39,9 +43,11 @@ from privifs.errors import PrivifsError, single_error
 from privifs.fs.parts import PartReader
 from privifs.fs.staging import StagedFile
 from privifs.parts import format as fmt
-from privifs.parts.store import IN_FLIGHT, PART_SIZE
+from privifs.parts.store import COLLECT_MIN_AGE, IN_FLIGHT, PART_SIZE
 
 log = logging.getLogger("privifs.fs.parts")
+
+REUSE_AGE = COLLECT_MIN_AGE / 2  # a failed store's part is offered again while younger than this
 
 
 def written_parts(staged: StagedFile, part_size: int) -> set[int]:
@@ -65,6 +71,7 @@ class PartWriter:
         self.parts_uploaded = 0  # for tests and measurements
         self.parts_kept = 0
         self.holes = 0
+        self.unfinished = Unfinished(reader.in_flight)
 
     async def old_manifest(self, token: str | None, is_manifest: bool, path: str) -> fmt.Manifest | None:
         if token is None or not is_manifest:
@@ -108,20 +115,21 @@ class PartWriter:
         changes = self.reader.changes
         written = await trio.to_thread.run_sync(written_parts, staged, part_size)
         room = trio.Semaphore(self.in_flight)  # parts read or uploaded at once (taken before each starts)
+        earlier = self.unfinished.take(staged.id)  # what a failed store of this file uploaded
 
         async def one(i: int) -> None:
             length = min(part_size, size - i * part_size)
             try:
-                if (
-                    old is not None
-                    and i < len(old.parts)
-                    and old.parts[i].size == length
-                    and hmac.compare_digest(old.parts[i].digest, await trio.to_thread.run_sync(digest_of, i))
-                ):
-                    parts[i] = old.parts[i]
-                    self.parts_kept += 1
-                    progress(length)
-                    return
+                before = old.parts[i] if old is not None and i < len(old.parts) else None
+                bases = [p for p in (before, earlier.get(i)) if p is not None and not p.is_hole and p.size == length]
+                if bases:
+                    digest = await trio.to_thread.run_sync(digest_of, i)
+                    same = next((p for p in bases if hmac.compare_digest(p.digest, digest)), None)
+                    if same is not None:
+                        parts[i] = same
+                        self.parts_kept += 1
+                        progress(length)
+                        return
                 # streamed: read, digested and encrypted a piece at a time while it uploads
                 parts[i] = await self.store.put_part_from(upload_id, i, length, reader(i))
                 stored.append(parts[i].token)
@@ -156,11 +164,72 @@ class PartWriter:
             token = await self.store.put_manifest(manifest, meta, risk)
             self.reader.remember(token, manifest)
             self.reader.settling.update(dict.fromkeys(stored, trio.current_time()))
-        finally:  # a failed store leaves its parts to the sweep
+        except BaseException:
+            # offered to the next store of this staged file, which goes on where this one stopped
+            # (a full engine disk: each retry stored every part again beside the last attempt's
+            # until the sweep removed those, an hour later)
+            self.unfinished.keep(staged.id, earlier, {i: p for i, p in enumerate(parts) if p and p.token in stored})
+            stored.clear()  # kept from the sweep meanwhile
+            raise
+        finally:  # unless offered to the next store, a failed store leaves its parts to the sweep
             self.reader.in_flight.difference_update(stored)
         changes.forget(staged.id)
         named = set(manifest.tokens())
         stale = [t for t in old.tokens() if t not in named] if old is not None else []
+        reused = [p.token for p in earlier.values() if p.token in named]
+        self.reader.settling.update(dict.fromkeys(reused, trio.current_time()))  # (the listing may lag)
+        self.unfinished.done(earlier)
+        stale += [p.token for p in earlier.values() if p.token not in named]  # the last attempt's, changed since
         for replaced in ([old_token] if old_token else []) + stale:  # never read again by this mount
             self.cache.evict(replaced)
         return token, stale
+
+
+class Unfinished:
+    """The parts failed stores uploaded, by staged file and part index: offered to the next
+    store of the same staged file, which keeps each one whose content is still that part's (its
+    digest: proof enough, wherever the part came from), and kept from this mount's sweep
+    meanwhile (``in_flight``, PartReader's). Another mount's sweep collects any part no manifest
+    names once it is ``COLLECT_MIN_AGE`` old, so a part is offered only while younger than
+    :data:`REUSE_AGE`; then it is let go to the sweeps (so are the parts of a file replaced or
+    removed since its store failed)."""
+
+    def __init__(self, in_flight: set[str]):
+        self.in_flight = in_flight
+        self._parts: dict[str, dict[int, fmt.Part]] = {}
+        self._born: dict[str, float] = {}  # part token -> when it was uploaded (time.time())
+
+    def take(self, staged_id: str) -> dict[int, fmt.Part]:
+        """The parts offered to a store of ``staged_id``; that store ends with :meth:`keep`
+        (it failed) or :meth:`done` (it stored a manifest)."""
+        now = time.time()
+        for sid, parts in list(self._parts.items()):
+            for i, part in list(parts.items()):
+                if now - self._born.get(part.token, now) > REUSE_AGE:
+                    del parts[i]
+                    self._let_go(part.token)
+            if not parts:
+                del self._parts[sid]
+        return self._parts.pop(staged_id, {})
+
+    def keep(self, staged_id: str, earlier: dict[int, fmt.Part], uploaded: dict[int, fmt.Part]) -> None:
+        """A store of ``staged_id`` failed: what it was offered and what it ``uploaded`` (the
+        newer part where both have an index) are offered to the next one."""
+        kept = dict(earlier)
+        for i, part in uploaded.items():
+            if i in kept:
+                self._let_go(kept[i].token)  # named by no manifest: left to the sweep
+            kept[i] = part
+            self._born[part.token] = time.time()
+            self.in_flight.add(part.token)
+        if kept:
+            self._parts[staged_id] = kept
+
+    def done(self, earlier: dict[int, fmt.Part]) -> None:
+        """A store offered ``earlier`` stored its manifest."""
+        for part in earlier.values():
+            self._let_go(part.token)
+
+    def _let_go(self, token: str) -> None:
+        self._born.pop(token, None)
+        self.in_flight.discard(token)
