@@ -633,14 +633,15 @@ class Filesystem:
             return
         try:
             if node.token == token:
-                await self._size_learned(node, sealed.size)
+                self._size_learned(node, sealed.size)
         finally:
             sealed.close()
 
-    async def _size_learned(self, node: Node, size: int) -> None:
-        """A verified download of the node's token, whose meta states no digest, holds ``size``
-        bytes: the node shows that size (:meth:`Namespace.learn_size`), and the kernel drops the
-        attributes it holds, so that a read past the claimed end asks again."""
+    def _size_learned(self, node: Node, size: int) -> None:
+        """A verified download of the node's token holds ``size`` bytes: the node shows that
+        size (:meth:`Namespace.learn_size`), and the kernel drops the attributes it holds, so
+        that a read past the claimed end asks again (attributes only: no page lock is taken,
+        so this cannot wait for a request of the same inode, this one included)."""
         changed = node.size != size
         self.ns.learn_size(node, size)
         if changed:
@@ -648,7 +649,7 @@ class Filesystem:
                 "%s: its token's meta states a size its content does not have; showing %d bytes", self.path(node), size
             )
             if self.kernel:
-                await trio.to_thread.run_sync(_forget_attributes, node.ino)
+                _forget_attributes(node.ino)
 
     def mark_content_dirty(self, node: Node) -> None:
         if self.ns.content_changed(node):
@@ -854,7 +855,7 @@ class Filesystem:
                 return await self.read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:  # the token's meta did not state its content's size
-                await self._size_learned(node, sealed.size)
+                self._size_learned(node, sealed.size)
         try:
             return fh.reader.read(offset, length)
         except IntegrityError as exc:
