@@ -17,7 +17,7 @@ from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
 from privifs.crypto.keys import load_aes_key
 from tests.fskit import Remote
-from tests.mountkit import Mount
+from tests.mountkit import Mount, privifs
 
 CONTENT = b"fourteen bytes"
 
@@ -48,7 +48,7 @@ async def test_a_privifs_file_keeps_its_stated_size_and_is_not_downloaded_at_ope
     await kit.close(fh)
 
 
-def test_the_kernel_serves_the_whole_content_of_a_token_stating_a_smaller_size(engine, tmp_path):
+def test_the_kernel_serves_the_whole_content_of_a_token_stating_a_smaller_size_and_verify_says_so(engine, tmp_path):
     m = Mount(tmp_path / "m", engine.urls)
     with m.mounted():
 
@@ -72,3 +72,7 @@ def test_the_kernel_serves_the_whole_content_of_a_token_stating_a_smaller_size(e
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
                 assert mapped[:] == CONTENT
         assert (m.dir / "short.txt").read_bytes() == CONTENT
+        checked = privifs(m.env, "verify", "--data", check=False)
+        assert checked.returncode == 0, checked.stdout + checked.stderr  # a claim is no damage, but it is said
+        assert "note: /short.txt: its meta states 3 bytes, its verified content has 14" in checked.stdout
+        assert "0 damaged, 2 state another size than their content's" in checked.stdout

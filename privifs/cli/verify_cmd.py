@@ -92,6 +92,7 @@ class Report:
     damaged: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)  # meta size differs from the verified content (no damage)
     unknown: int = 0
     checked: int = 0
     checked_bytes: int = 0
@@ -402,11 +403,20 @@ async def verify(
         path = path_of(info)
         async with limiter:
             sink, check = DiscardSink(), digest.check_for(content_key, info.risk)
+            verified = False
             try:
                 async with judged(info, path):
                     await get_checked(vault, info.token, sink, check, size=info.size)
                     report.checked += 1
                     report.checked_bytes += sink.size
+                    verified = True
+                if verified and info.size is not None and sink.size != info.size:
+                    report.resized.append(path)
+                    report.line(
+                        "note",
+                        f"{path}: its meta states {info.size} bytes, its verified content has {sink.size}; a mount"
+                        " shows the content's size once the file is opened",
+                    )
             finally:
                 bar.done()
 
@@ -455,6 +465,8 @@ def run(args: argparse.Namespace) -> int:
             summary.append(f"{len(report.repaired)} repaired")
         if report.unchecked:
             summary.append(f"{len(report.unchecked)} could not be checked")
+        if report.resized:
+            summary.append(f"{len(report.resized)} state another size than their content's")
     if report.unknown:
         summary.append(f"{report.unknown} not yet in the local index (added elsewhere)")
     print(("verify: " if problems else "verify: ok: ") + ", ".join(summary))
