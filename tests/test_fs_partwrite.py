@@ -13,6 +13,7 @@ import trio
 
 from privifs.client.datatokens import FileMeta
 from privifs.errors import IntegrityError, ServerError
+from privifs.fs.partwrite import Unfinished
 from privifs.parts import format as fmt
 from privifs.parts.store import PartStore, is_part
 from tests.fskit import inprocess_fs
@@ -419,3 +420,19 @@ async def test_a_store_that_failed_part_way_goes_on_where_it_stopped(account, tm
         assert [i.token for i in manifests] == [node.token] and set(named) <= {i.token for i in parts}
         assert await read_all(t, node) == data
         assert not t.syncer.parts.reader.in_flight  # nothing is kept from the sweep for good
+
+
+def test_a_failed_stores_parts_are_kept_from_the_sweep_only_while_young(monkeypatch):
+    """Another mount's sweep takes a part no manifest names once it is an hour old: an offered
+    part older than REUSE_AGE is let go (to this mount's sweep too), even if its file never
+    comes back to be stored."""
+    in_flight: set[str] = set()
+    unfinished = Unfinished(in_flight)
+    part = fmt.Part("dtk-part-1", PART, bytes(32))
+    unfinished.keep("staged-1", {}, {0: part})
+    assert in_flight == {"dtk-part-1"}
+    unfinished.let_go_old()
+    assert in_flight == {"dtk-part-1"}  # young: still offered
+    monkeypatch.setattr("privifs.fs.partwrite.REUSE_AGE", -1.0)
+    unfinished.let_go_old()
+    assert in_flight == set() and unfinished.take("staged-1") == {}

@@ -202,6 +202,11 @@ class Unfinished:
     def take(self, staged_id: str) -> dict[int, fmt.Part]:
         """The parts offered to a store of ``staged_id``; that store ends with :meth:`keep`
         (it failed) or :meth:`done` (it stored a manifest)."""
+        self.let_go_old()
+        return self._parts.pop(staged_id, {})
+
+    def let_go_old(self) -> None:
+        """Parts older than :data:`REUSE_AGE` are offered no more: left to the sweeps."""
         now = time.time()
         for sid, parts in list(self._parts.items()):
             for i, part in list(parts.items()):
@@ -210,7 +215,6 @@ class Unfinished:
                     self._let_go(part.token)
             if not parts:
                 del self._parts[sid]
-        return self._parts.pop(staged_id, {})
 
     def keep(self, staged_id: str, earlier: dict[int, fmt.Part], uploaded: dict[int, fmt.Part]) -> None:
         """A store of ``staged_id`` failed: what it was offered and what it ``uploaded`` (the

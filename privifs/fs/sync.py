@@ -632,6 +632,7 @@ class Syncer:
         while True:
             await trio.sleep(min(RETIRE_CHECK, self.retire_grace))
             await self.retire_due()
+            self.parts.unfinished.let_go_old()  # a failed store's parts no store came back for
 
     async def retire_due(self, now: float | None = None) -> int:
         """Delete the retired parts whose grace is over (see :meth:`retire_parts`); returns how
