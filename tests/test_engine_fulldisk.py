@@ -151,3 +151,29 @@ async def test_an_engine_whose_disk_fills_answers_507_stays_up_and_recovers(smal
     assert "Traceback" not in log and "answered 507" in log, log[-3000:]
     async with httpx.AsyncClient(timeout=10) as http:
         assert (await http.get(engine.urls["api"] + "/health")).status_code == 200
+
+
+async def test_the_engines_own_blobs_leave_room_for_the_deletes_that_give_it_back(small_engine):
+    """Uploads retried without pause (a mount's write-back) once filled the engine's disk to the
+    last byte, and then every delete was answered 507 as well: nothing could free space. Blobs
+    now stop at a floor of free space (4 MiB here) that deletes and the database keep."""
+    engine, small = small_engine
+    endpoints = Endpoints.from_dict(engine.urls)
+    username = f"floor-{uuid.uuid4().hex[:8]}@example.com"
+    _, public = new_identity()
+    await register_profile(endpoints, username, "correct-horse-battery", public)
+    options = ClientOptions(store_attempts=1, retry_attempts=1)
+    async with connect(endpoints, PasswordCredentials(username, "correct-horse-battery"), options) as client:
+        vault = client.vault(KEY)
+        stored = []
+        with pytest.raises(ServerError) as full:
+            for i in range(40):
+                stored.append(await vault.put_bytes(os.urandom(1 << 20), FileMeta(f"f{i}", "", "/", 0, f"/f{i}")))
+        assert full.value.status == 507 and len(stored) >= 10, (full.value, len(stored))
+        st = os.statvfs(small)
+        assert st.f_bavail * st.f_frsize >= 3 << 20  # the floor, less the database's growth since
+        for token in stored[:3]:
+            await client.tokens.delete(token)  # answered: no 507
+        after = await vault.put_bytes(os.urandom(1 << 20), FileMeta("after", "", "/", 0, "/after"))
+        assert len(await vault.get_bytes(after)) == 1 << 20
+    assert "Traceback" not in engine.log()

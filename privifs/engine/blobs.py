@@ -5,6 +5,11 @@ commits the database row that references it with the blob's directory in ``fsync
 rename is durable before anything points at it. A half-received upload stays in ``tmp/`` and is
 removed; leftovers there are swept at start.
 
+Blobs never take the disk's last :func:`room_floor` bytes: a blob write that would is refused as a
+full disk (ENOSPC, answered 507), so the commands that give room back (a delete: a database
+commit, then the blob removed) still have room to commit. The engine's own blobs once filled its
+disk to the last byte, and then every delete was answered 507 too: no client could free space.
+
 A streamed blob is written with ``O_DIRECT`` (where the filesystem takes it) from reused aligned
 buffers: it is fsynced before it counts anyway, and going through the page cache cost the engine
 more CPU than everything else in an upload (each fresh page-cache page is dear on a VM: 1 GiB
@@ -27,6 +32,14 @@ import trio
 WRITE_BUFFER = 1024 * 1024
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset multiples of this
 SPARE_BUFFERS = 8  # aligned write buffers kept for the next uploads
+MiB = 1024 * 1024
+FLOOR_MIN, FLOOR_MAX = 4 * MiB, 64 * MiB  # room_floor's bounds
+
+
+def room_floor(path: Path) -> int:
+    """The free space blobs leave on ``path``'s filesystem: 5 % of it, from 4 to 64 MiB."""
+    st = os.statvfs(path)
+    return min(FLOOR_MAX, max(FLOOR_MIN, st.f_blocks * st.f_frsize // 20))
 
 
 class BlobTooLarge(Exception):
@@ -43,6 +56,18 @@ class BlobStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._buffers: list[mmap.mmap] = []  # reused: fresh pages are dear
         self.direct = hasattr(os, "O_DIRECT")  # cleared once the filesystem refuses it
+        self.floor = room_floor(root)
+
+    def _check_room(self, more: int) -> None:
+        """ENOSPC if writing ``more`` bytes would leave less than the floor free."""
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if free - more < self.floor:
+            raise OSError(
+                errno.ENOSPC,
+                f"{free // MiB} MiB free on the engine's disk, of which {self.floor // MiB} MiB stay for deletions"
+                " and the database",
+            )
 
     def path(self, blob_id: str) -> Path:
         return self.blob_dir / blob_id[:2] / blob_id
@@ -69,6 +94,7 @@ class BlobStore:
         tmp = self.tmp_dir / blob_id
 
         def work() -> None:
+            self._check_room(len(data))
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 try:
@@ -115,6 +141,7 @@ class BlobStore:
 
         def write(n: int) -> None:
             nonlocal fd, direct
+            self._check_room(n)
             if fd < 0:
                 fd, direct = self._open_tmp(tmp)
             done = 0
