@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -116,22 +117,36 @@ def small_engine(tmp_path):
             engine.kill()
 
 
-async def test_an_engine_whose_disk_fills_answers_507_stays_up_and_recovers(small_engine):
-    engine, small = small_engine
-    room = small / "room"
-    room.write_bytes(bytes(8 << 20))  # taken back at the end
+@asynccontextmanager
+async def new_profile(engine):
+    """A client of a new profile on ``engine`` that tries each store once (a 507 is raised)."""
     endpoints = Endpoints.from_dict(engine.urls)
     username = f"full-{uuid.uuid4().hex[:8]}@example.com"
     _, public = new_identity()
     await register_profile(endpoints, username, "correct-horse-battery", public)
     options = ClientOptions(store_attempts=1, retry_attempts=1)
     async with connect(endpoints, PasswordCredentials(username, "correct-horse-battery"), options) as client:
+        yield client
+
+
+async def filled(vault) -> tuple[list[str], ServerError]:
+    """1 MiB tokens stored until the engine answers 507: their tokens and that error."""
+    stored = []
+    with pytest.raises(ServerError) as full:
+        for i in range(40):
+            stored.append(await vault.put_bytes(os.urandom(1 << 20), FileMeta(f"f{i}", "", "/", 0, f"/f{i}")))
+    assert full.value.status == 507, full.value
+    return stored, full.value
+
+
+async def test_an_engine_whose_disk_fills_answers_507_stays_up_and_recovers(small_engine):
+    engine, small = small_engine
+    room = small / "room"
+    room.write_bytes(bytes(8 << 20))  # taken back at the end
+    async with new_profile(engine) as client:
         vault = client.vault(KEY)
-        stored = []
-        with pytest.raises(ServerError) as full:
-            for i in range(40):
-                stored.append(await vault.put_bytes(os.urandom(1 << 20), FileMeta(f"f{i}", "", "/", 0, f"/f{i}")))
-        assert full.value.status == 507 and "disk is full" in str(full.value), full.value
+        stored, full = await filled(vault)
+        assert "disk is full" in str(full), full
         await trio.to_thread.run_sync(fill, small / "filler")
         for attempt in (
             vault.put_bytes(b"small", FileMeta("s", "", "/", 0, "/s")),
@@ -158,18 +173,10 @@ async def test_the_engines_own_blobs_leave_room_for_the_deletes_that_give_it_bac
     last byte, and then every delete was answered 507 as well: nothing could free space. Blobs
     now stop at a floor of free space (4 MiB here) that deletes and the database keep."""
     engine, small = small_engine
-    endpoints = Endpoints.from_dict(engine.urls)
-    username = f"floor-{uuid.uuid4().hex[:8]}@example.com"
-    _, public = new_identity()
-    await register_profile(endpoints, username, "correct-horse-battery", public)
-    options = ClientOptions(store_attempts=1, retry_attempts=1)
-    async with connect(endpoints, PasswordCredentials(username, "correct-horse-battery"), options) as client:
+    async with new_profile(engine) as client:
         vault = client.vault(KEY)
-        stored = []
-        with pytest.raises(ServerError) as full:
-            for i in range(40):
-                stored.append(await vault.put_bytes(os.urandom(1 << 20), FileMeta(f"f{i}", "", "/", 0, f"/f{i}")))
-        assert full.value.status == 507 and len(stored) >= 10, (full.value, len(stored))
+        stored, _ = await filled(vault)
+        assert len(stored) >= 10, len(stored)
         st = os.statvfs(small)
         assert st.f_bavail * st.f_frsize >= 3 << 20  # the floor, less the database's growth since
         for token in stored[:3]:
