@@ -69,6 +69,40 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         m.umount()
 
 
+def test_offline_a_write_to_a_cached_big_file_is_staged_and_uploaded_once_back(tmp_path):
+    """A big file (parts and a manifest) this mount uploaded stays whole in its cache: offline it
+    reads from there, and a write to it (here a rewrite in place and a truncate) is staged from
+    there too; it was EIO, because staging fetched the manifest first."""
+    big = os.urandom(9 * 1024 * 1024 + 12345)  # above the 8 MiB threshold: stored as parts
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        (m.dir / "big.bin").write_bytes(big)
+        m.wait_idle()
+        m.umount()
+        eng.stop()
+
+        assert "OFFLINE" in m.mount().stdout
+        assert (m.dir / "big.bin").read_bytes() == big
+        with open(m.dir / "big.bin", "r+b") as f:
+            f.seek(5 * 1024 * 1024)
+            f.write(b"changed offline")
+        os.truncate(m.dir / "big.bin", 9 * 1024 * 1024)
+        want = (big[: 5 * 1024 * 1024] + b"changed offline" + big[5 * 1024 * 1024 + 15 :])[: 9 * 1024 * 1024]
+        assert (m.dir / "big.bin").read_bytes() == want
+
+        eng.start()
+        m.wait_online(timeout=120)
+        m.wait_idle(timeout=120)
+        m.umount()
+        cold = Mount(tmp_path / "other", eng.urls, username=m.username, register=False, key_file=m.key_file)
+        try:
+            cold.mount()
+            assert (cold.dir / "big.bin").read_bytes() == want
+            cold.umount()
+        finally:
+            cold.cleanup()
+
+
 def test_a_vault_never_mounted_here_is_refused_without_the_server(tmp_path):
     with own_engine_mount(tmp_path) as (eng, m):
         eng.stop()

@@ -656,6 +656,13 @@ class Filesystem:
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):
                 raise
+        except PrivifsError as exc:
+            # the manifest cannot be fetched now (offline, unreachable, 5xx): a file whose whole
+            # content is cached is written as it is read, from the cache
+            staged = self.parts.stage_cached(token, node.size, self.staging) if exc.transient else None
+            if staged is None:
+                raise
+            return staged
         return None
 
     async def content(self, node: Node) -> SealedFile:

@@ -401,22 +401,34 @@ class PartReader:
         finally:
             self._ahead.discard(token)
 
+    def stage_cached(self, token: str, size: int, staging: Staging) -> StagedFile | None:
+        """The whole content of ``size`` bytes the cache holds under the manifest ``token`` (what
+        this mount uploaded last), moved into a new staged file; None when the cache holds no
+        such content. Needs no manifest: offline, a write to a big file whose content is cached
+        is staged from it as a read is served from it (the write-back then compares every part
+        by digest, see :class:`Changes`)."""
+        staged_id = secrets.token_hex(12)
+        if not self.cache.take(token, staging.path(staged_id)):  # moved, not copied
+            return None
+        try:
+            staged = staging.open(staged_id)
+        except PrivifsError:
+            staging.path(staged_id).unlink(missing_ok=True)
+            return None
+        if staged.size == size:
+            return staged
+        staging.remove(staged)  # the manifest itself, read as a file's content (see Filesystem._whole_content)
+        return None
+
     async def stage(self, token: str, staging: Staging) -> StagedFile:
         """The whole file in a new staged file (for a write to a file stored as parts): the whole
         content this mount uploaded last, moved out of the cache (the write-back caches it under
         the manifest's token, as for any file), else assembled from the verified parts."""
         m = await self.manifest(token)
-        staged_id = secrets.token_hex(12)
-        if self.cache.take(token, staging.path(staged_id)):  # moved, not copied
-            try:
-                staged = staging.open(staged_id)
-            except PrivifsError:
-                staging.path(staged_id).unlink(missing_ok=True)
-            else:
-                if staged.size == m.total:
-                    self.changes.based(staged.id, token, m)
-                    return staged
-                staging.remove(staged)  # the manifest itself, read as a file's content (see Filesystem._whole_content)
+        staged = self.stage_cached(token, m.total, staging)
+        if staged is not None:
+            self.changes.based(staged.id, token, m)
+            return staged
         staged = staging.create()
         try:
             for i in range(len(m.parts)):
