@@ -17,10 +17,10 @@ from tests.mountkit import Mount, is_mounted, privifs
 
 
 @contextmanager
-def own_engine_mount(tmp_path, mount_args: tuple[str, ...] = ()):
+def own_engine_mount(tmp_path, mount_args: tuple[str, ...] = (), settings: dict | None = None):
     """An engine of the test's own (stopped and started again: the server gone and back, same
     data, same ports) and a :class:`Mount` of it, not mounted yet; both cleaned up at the end."""
-    eng = EngineProcess(tmp_path / "engine").start()
+    eng = EngineProcess(tmp_path / "engine", settings=settings).start()
     try:
         m = Mount(tmp_path / "user", eng.urls, mount_args=mount_args)
         try:
@@ -101,6 +101,54 @@ def test_offline_a_write_to_a_cached_big_file_is_staged_and_uploaded_once_back(t
             cold.umount()
         finally:
             cold.cleanup()
+
+
+def lose_the_server_during_an_upload(eng, m, data: bytes) -> None:
+    """Write ``data`` (a slow upload: the engine is throttled), stop the engine while it uploads
+    until the mount counts the server unreachable for longer than a flush's grace, then start
+    the engine again (same data, same ports)."""
+    (m.dir / "slow.bin").write_bytes(data)
+    deadline = time.monotonic() + 30
+    while not any(p["state"] == "uploading" for p in m.status()["pending"]):
+        assert time.monotonic() < deadline, m.status()
+        time.sleep(0.2)
+    eng.stop()
+    deadline = time.monotonic() + 30
+    while not m.status().get("unreachable_since"):
+        assert time.monotonic() < deadline, m.status()
+        time.sleep(0.2)
+    time.sleep(11)  # longer than the flush's grace (daemon.UNREACHABLE_GRACE)
+    eng.start()
+
+
+SLOW = {"stream_bytes_per_second": 150_000}  # a 1.5 MB upload takes 10 s
+
+
+def test_umount_waits_for_the_upload_a_server_back_from_an_outage_takes(tmp_path):
+    """The server came back, but the mount still counted it unreachable (only a write-back's
+    success ended that, and the first one took long): 'privifs umount' said 'the server is
+    unreachable', exit 7, and stopped the upload. It now asks the server once before giving up."""
+    data = os.urandom(1_500_000)
+    with own_engine_mount(tmp_path, ("--refresh-interval", "3600"), settings=SLOW) as (eng, m):
+        m.mount()
+        lose_the_server_during_an_upload(eng, m, data)
+        r = m.umount(check=False)
+        assert r.returncode == 0, (r.returncode, r.stderr)
+        assert [t["size"] for t in m.tokens() if t["fileName"] == "slow.bin"] == [len(data)]
+
+
+def test_status_stops_saying_unreachable_once_a_listing_is_answered(tmp_path):
+    """While the first upload after an outage ran (a big one, or a slow link), status said
+    UNREACHABLE though the listing was answered again."""
+    data = os.urandom(1_500_000)
+    with own_engine_mount(tmp_path, ("--refresh-interval", "3600"), settings=SLOW) as (eng, m):
+        m.mount()
+        lose_the_server_during_an_upload(eng, m, data)
+        m.refresh()
+        st = m.status()
+        assert st["unreachable_since"] is None and "UNREACHABLE" not in privifs(m.env, "status", str(m.dir)).stdout
+        m.wait_idle(timeout=120)
+        m.umount()
 
 
 def test_a_vault_never_mounted_here_is_refused_without_the_server(tmp_path):

@@ -56,6 +56,8 @@ log = logging.getLogger("privifs.fs.daemon")
 
 DRAIN_AFTER_UNMOUNT = 60.0
 UNREACHABLE_GRACE = 10.0
+PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
+PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
 SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
 
 
@@ -500,7 +502,7 @@ class Daemon:
                     }
                 )
             since = syncer.unreachable_since
-            if since is not None and time.time() - since > UNREACHABLE_GRACE:
+            if since is not None and time.time() - since > UNREACHABLE_GRACE and not await self._server_answers():
                 return {
                     "error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
                     f"({size} bytes) stay staged in {self.state_dir} "
@@ -526,6 +528,22 @@ class Daemon:
                     f"({why}); they stay staged in {self.state_dir}"
                 }
             await trio.sleep(0.25)
+
+    async def _server_answers(self) -> bool:
+        """Whether the server answers one request now (a listing page asked for a token that
+        does not exist); if it does, the syncer stops counting it unreachable. A write-back
+        that failed while the server was away leaves it counted so until a listing or an
+        upload succeeds, and the first upload after an outage may take long."""
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                async for _ in self.connector.link.list(token=PROBE_TOKEN, per_page=1):
+                    break  # (one page, whatever a server that ignores the filter sends)
+            except PrivifsError as exc:
+                log.debug("the server does not answer yet: %s", exc)
+                return False
+            self.syncer.answered()
+            return True
+        return False
 
     def _settle_index(self) -> int:
         """Try to commit what the index owes (see :meth:`Index.kept`); how much it still owes."""
