@@ -103,6 +103,38 @@ def test_offline_a_write_to_a_cached_big_file_is_staged_and_uploaded_once_back(t
             cold.cleanup()
 
 
+def test_offline_a_big_file_read_before_on_this_machine_reads_from_its_cached_parts(tmp_path):
+    """A big file another machine wrote, read here (its parts cached), failed with EIO after an
+    offline start: its manifest was only ever kept in memory, so it was fetched again. A
+    manifest is now kept in the cache when it is fetched; a write to the file works offline too."""
+    big = os.urandom(9 * 1024 * 1024 + 777)  # above the 8 MiB threshold: stored as parts
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        (m.dir / "big.bin").write_bytes(big)
+        m.wait_idle()
+        m.umount()
+        reader = Mount(tmp_path / "reader", eng.urls, username=m.username, register=False, key_file=m.key_file)
+        try:
+            reader.mount()
+            assert (reader.dir / "big.bin").read_bytes() == big  # its parts and manifest, fetched
+            reader.umount()
+            eng.stop()
+
+            assert "OFFLINE" in reader.mount().stdout
+            assert (reader.dir / "big.bin").read_bytes() == big
+            with open(reader.dir / "big.bin", "r+b") as f:
+                f.write(b"offline")
+            eng.start()
+            reader.wait_online(timeout=120)
+            reader.wait_idle(timeout=120)
+            reader.umount()
+        finally:
+            reader.cleanup()
+        m.mount()
+        assert (m.dir / "big.bin").read_bytes() == b"offline" + big[7:]
+        m.umount()
+
+
 def lose_the_server_during_an_upload(eng, m, data: bytes) -> None:
     """Write ``data`` (a slow upload: the engine is throttled), stop the engine while it uploads
     until the mount counts the server unreachable for longer than a flush's grace, then start

@@ -49,6 +49,12 @@ SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
 SETTLE = 120.0  # seconds a listing may lag behind a manifest this mount stored
 
 
+def manifest_key(token: str) -> str:
+    """The cache entry holding the manifest ``token`` (its bytes, kept when it was fetched; the
+    entry named by the token itself is the file's whole content, see :meth:`PartReader.stage`)."""
+    return f"{token}#manifest"
+
+
 def is_manifest_node(remote_risk: str | None) -> bool:
     """Whether a node's token (its risk meta as JSON, as the index keeps it) is a manifest."""
     return remote_risk is not None and f'"{fmt.MARK}"' in remote_risk
@@ -181,10 +187,19 @@ class PartReader:
         ``risk`` (the token's risk meta, when the caller has it) states."""
         m = self._manifests.get(token)
         if m is None:
-            with trio.move_on_after(DOWNLOAD_IDLE):  # a manifest is small: no data this long is a stall
-                m = await self.store.manifest(token, risk)
-            if m is None:
-                raise ServerUnreachable(f"the vault sent no data for manifest {token} for {DOWNLOAD_IDLE:.0f}s")
+            key = manifest_key(token)
+            try:
+                with trio.move_on_after(DOWNLOAD_IDLE):  # a manifest is small: no data this long is a stall
+                    m = await self.store.manifest(token, risk, keep=lambda data: self.cache.put(key, data))
+                if m is None:
+                    raise ServerUnreachable(f"the vault sent no data for manifest {token} for {DOWNLOAD_IDLE:.0f}s")
+            except PrivifsError as exc:
+                # offline (or unreachable, 5xx): the copy kept when it was fetched before, so that
+                # a big file whose parts are cached reads as a cached whole file does
+                kept = self.cache.get(key) if exc.transient else None
+                if kept is None:
+                    raise
+                m = await self.store.decode_manifest(kept, risk)
             self._manifests[token] = m
             while len(self._manifests) > MANIFESTS_KEPT:
                 self._manifests.popitem(last=False)

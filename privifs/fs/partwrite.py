@@ -36,7 +36,7 @@ from privifs.client.datatokens import FileMeta
 from privifs.client.vault import PIECE
 from privifs.crypto.sealed import CHUNK
 from privifs.errors import PrivifsError, single_error
-from privifs.fs.parts import PartReader
+from privifs.fs.parts import PartReader, manifest_key
 from privifs.fs.staging import StagedFile
 from privifs.parts import format as fmt
 from privifs.parts.store import IN_FLIGHT, PART_SIZE
@@ -163,4 +163,6 @@ class PartWriter:
         stale = [t for t in old.tokens() if t not in named] if old is not None else []
         for replaced in ([old_token] if old_token else []) + stale:  # never read again by this mount
             self.cache.evict(replaced)
+        if old_token:
+            self.cache.evict(manifest_key(old_token))
         return token, stale
