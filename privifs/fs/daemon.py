@@ -18,6 +18,7 @@ The control socket (``control.sock`` in the state directory, mode 0600) takes on
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -39,7 +40,7 @@ from privifs.client.transport import ClientOptions
 from privifs.client.vault import Vault
 from privifs.config import Config
 from privifs.crypto.sealed import local_key
-from privifs.errors import ConfigError, PrivifsError, single_error
+from privifs.errors import ConfigError, LocalStoreError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
 from privifs.fs.connector import Connector, VaultLink
 from privifs.fs.filesystem import Filesystem, MountOptions
@@ -341,7 +342,8 @@ class Daemon:
                 if not closed:
                     self.mounted = False
                     pyfuse3.close(unmount=True)
-                registry_path(self.mountpoint).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # (a runtime directory that could not hold it)
+                    registry_path(self.mountpoint).unlink(missing_ok=True)
                 cache.close()
         finally:
             index.close()
@@ -411,21 +413,30 @@ class Daemon:
         return None
 
     def _register(self, control: Path) -> None:
+        """Record the mount where 'privifs status' and 'privifs umount' find it; a runtime
+        directory that cannot hold it stops the mount with an error naming it (it was a
+        NotADirectoryError, exit 1, from the cleanup that followed)."""
         reg = registry_path(self.mountpoint)
-        paths.private_dir(reg.parent)
-        tmp = reg.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "mountpoint": str(self.mountpoint),
-                    "pid": os.getpid(),
-                    "control": str(control),
-                    "state_dir": str(self.state_dir),
-                    "server": self.cfg.server_label(),
-                }
+        try:
+            paths.private_dir(reg.parent)
+            tmp = reg.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "mountpoint": str(self.mountpoint),
+                        "pid": os.getpid(),
+                        "control": str(control),
+                        "state_dir": str(self.state_dir),
+                        "server": self.cfg.server_label(),
+                    }
+                )
             )
-        )
-        os.replace(tmp, reg)
+            os.replace(tmp, reg)
+        except OSError as exc:
+            raise LocalStoreError(
+                f"cannot record the mount in {reg.parent} ({exc.strerror or exc}): the runtime directory "
+                f"($XDG_RUNTIME_DIR/privifs, else the state directory's run/) must be a directory this user can write"
+            ) from None
 
     # -- status and flushing -----------------------------------------------------------------------
     def status(self) -> dict:
