@@ -181,7 +181,7 @@ def test_a_manifest_the_vault_never_sends_fails_the_read_after_the_idle_limit(tm
     reader = PartReader(cache, Vault(None, b"v" * 32))
     asked = []
 
-    async def never(token, risk=None, keep=None):
+    async def never(token, risk=None):
         asked.append(token)
         await trio.sleep_forever()
 

@@ -651,7 +651,7 @@ class Filesystem:
         :meth:`_followed`; a file deleted elsewhere is ENOENT)."""
         token = node.token
         try:
-            await self.parts.manifest(token, node.risk())  # checked, then kept
+            await self.parts.manifest(token, node.risk(), keep=True)  # checked, then kept
             return await self.parts.stage(token, self.staging)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):
@@ -727,8 +727,8 @@ class Filesystem:
         :meth:`_followed`): its manifest or a part missing from the vault is then no damage."""
         token = node.token
         try:
-            if not self.parts.knows(token):  # fetched now, checked against what its token states
-                await self.parts.manifest(token, node.risk())
+            if not self.parts.knows(token, kept=True):  # fetched now, checked against what its token states
+                await self.parts.manifest(token, node.risk(), keep=True)
             return await self.parts.read(token, offset, length)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):

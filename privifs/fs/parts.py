@@ -162,6 +162,7 @@ class PartReader:
         self.digest_key = vault.derive(fmt.part_key)
         self.read_ahead = read_ahead
         self._manifests: OrderedDict[str, fmt.Manifest] = OrderedDict()
+        self._kept: OrderedDict[str, None] = OrderedDict()  # manifests put in the cache (manifest(keep=True))
         self._verified: OrderedDict[tuple, None] = OrderedDict()  # (part token, index, digest, cache file id)
         # part token -> its cache file, open and verified: a read of a part read before costs no
         # open(2) nor header check. Closed when the cache drops the entry (its space comes back).
@@ -182,15 +183,17 @@ class PartReader:
         self.settling: dict[str, float] = {}  # part token -> when its manifest was stored (trio time)
 
     # -- manifests and parts -------------------------------------------------------------------
-    async def manifest(self, token: str, risk: dict[str, str] | None = None) -> fmt.Manifest:
+    async def manifest(self, token: str, risk: dict[str, str] | None = None, *, keep: bool = False) -> fmt.Manifest:
         """The manifest ``token`` holds (from memory once fetched); fetched, it must be the one
-        ``risk`` (the token's risk meta, when the caller has it) states."""
+        ``risk`` (the token's risk meta, when the caller has it) states. ``keep`` (a file's read
+        or write): a fetched manifest is also kept in the cache, for reads while the vault cannot
+        be reached (the sweep and retirement, which read every manifest, keep none)."""
         m = self._manifests.get(token)
         if m is None:
             key = manifest_key(token)
             try:
                 with trio.move_on_after(DOWNLOAD_IDLE):  # a manifest is small: no data this long is a stall
-                    m = await self.store.manifest(token, risk, keep=lambda data: self.cache.put(key, data))
+                    m = await self.store.manifest(token, risk)
                 if m is None:
                     raise ServerUnreachable(f"the vault sent no data for manifest {token} for {DOWNLOAD_IDLE:.0f}s")
             except PrivifsError as exc:
@@ -200,15 +203,22 @@ class PartReader:
                 if kept is None:
                     raise
                 m = await self.store.decode_manifest(kept, risk)
+                self._kept[token] = None
             self._manifests[token] = m
             while len(self._manifests) > MANIFESTS_KEPT:
                 self._manifests.popitem(last=False)
         self._manifests.move_to_end(token)
+        if keep and token not in self._kept:  # (once: a cache that cannot keep it is not asked again)
+            self._kept[token] = None
+            while len(self._kept) > MANIFESTS_KEPT:
+                self._kept.popitem(last=False)
+            self.cache.put(manifest_key(token), fmt.encode(m))
         return m
 
-    def knows(self, token: str) -> bool:
-        """Whether the manifest ``token`` is in memory (fetched and checked already)."""
-        return token in self._manifests
+    def knows(self, token: str, *, kept: bool = False) -> bool:
+        """Whether the manifest ``token`` is in memory (fetched and checked already); ``kept``:
+        and kept in the cache too (see :meth:`manifest`)."""
+        return token in self._manifests and (not kept or token in self._kept)
 
     def remember(self, token: str, manifest: fmt.Manifest) -> None:
         """A manifest this mount just stored: no need to fetch it back."""

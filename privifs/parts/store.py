@@ -152,16 +152,10 @@ class PartStore:
         return token
 
     # -- read ----------------------------------------------------------------------------------
-    async def manifest(
-        self, token: str, risk: dict[str, str] | None = None, keep: Callable[[bytes], object] | None = None
-    ) -> fmt.Manifest:
+    async def manifest(self, token: str, risk: dict[str, str] | None = None) -> fmt.Manifest:
         """The manifest ``token`` holds; IntegrityError if it is not the one ``risk`` (the token's
-        risk meta, when the caller has it) states. ``keep`` gets its bytes once they checked."""
-        data = await self.vault.get_bytes(token)
-        m = await self.decode_manifest(data, risk)
-        if keep is not None:
-            keep(data)
-        return m
+        risk meta, when the caller has it) states."""
+        return await self.decode_manifest(await self.vault.get_bytes(token), risk)
 
     async def decode_manifest(self, data: bytes, risk: dict[str, str] | None = None) -> fmt.Manifest:
         """The manifest ``data`` encodes, checked against ``risk`` as :meth:`manifest` does."""
