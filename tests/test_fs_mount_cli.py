@@ -297,6 +297,9 @@ def test_bad_option_values_are_refused_with_one_line(tmp_path):
         assert r.returncode == 2 and "--timeout" in r.stderr
         r = privifs(m.env, "engine", "--api-port", "70000", check=False)
         assert r.returncode == 2 and "--api-port" in r.stderr
+        for setting in ("no_such_option=1", "token_ttl", "token_ttl=-5"):  # exit 3 (configuration) before
+            r = privifs(m.env, "engine", "--set", setting, check=False)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--set" in r.stderr, (setting, r.stderr)
         assert not (tmp_path / "config").exists()
     finally:
         m.cleanup()
