@@ -12,7 +12,11 @@ The file is a tar archive, mode 0600:
   engine's own secrets and the list of blobs) and, for the embedded engine, ``engine.sqlite3``
   (a consistent copy made with SQLite's backup API);
 * ``engine/blobs/<xx>/<id>``: the embedded engine's blob files as they are: the vault's
-  ciphertext, already encrypted and authenticated with the vault's AES key.
+  ciphertext, already encrypted and authenticated with the vault's AES key;
+* ``digests.bin`` (after the blobs): AES-GCM under the same key (its own nonce, in the header;
+  the clear header is its associated data) of the SHA-256 of each blob file, taken as it was
+  copied, so a restore finds a damaged blob instead of restoring it silently (a backup
+  without it, made before, is restored unchecked).
 
 A backup of the embedded engine holds the engine's lock while it copies, so no engine runs and
 the database and blobs match. A restore writes nothing over an existing configuration, secret
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -32,7 +37,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -46,6 +51,7 @@ from privifs.errors import ConfigError, output_failed
 FORMAT = 1
 HEADER = "privifs-backup.json"
 SECRETS = "secrets.bin"
+DIGESTS = "digests.bin"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 MIN_PASSPHRASE = 8
 ENGINE_SECRETS = ("admin-token", "cab-identity.key")
@@ -102,6 +108,8 @@ class Summary:
     blobs: int
     blob_bytes: int
     missing: int = 0  # data files the engine had already lost: not in the backup (the vault was damaged)
+    damaged: list[str] = field(default_factory=list)  # restore: data files that do not match their digest
+    unchecked: bool = False  # restore: the data files could not be checked (no digests, or they are damaged)
 
 
 def _tar_bytes(members: dict[str, bytes]) -> bytes:
@@ -182,7 +190,7 @@ def write_backup(
         "created": time.time(),
         "embedded": cfg.embedded,
         "kdf": {"name": "scrypt", "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "salt": os.urandom(16).hex()},
-        "cipher": {"name": "AES-256-GCM", "nonce": os.urandom(12).hex()},
+        "cipher": {"name": "AES-256-GCM", "nonce": os.urandom(12).hex(), "digests_nonce": os.urandom(12).hex()},
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
     key = _derive(passphrase, header["kdf"])
@@ -207,14 +215,24 @@ def write_backup(
                         info.size, info.mode, info.mtime = len(data), 0o600, int(header["created"])
                         tar.addfile(info, io.BytesIO(data))
                     total, done = sum(doc.get("blobs", {}).values()), 0
+                    digests = {}
                     for path, arc in blobs:
                         info = tarfile.TarInfo(arc)
                         info.size, info.mode, info.mtime = doc["blobs"][arc], 0o600, int(header["created"])
                         with open(path, "rb") as blob:
-                            tar.addfile(info, _NamedReader(blob, path))
+                            reader = _NamedReader(blob, path)
+                            tar.addfile(info, reader)
+                        digests[arc] = reader.sha256.hexdigest()
                         done += info.size
                         if progress is not None:
                             progress(done, total)
+                    if cfg.embedded:
+                        sealed_digests = AESGCM(key).encrypt(
+                            bytes.fromhex(header["cipher"]["digests_nonce"]), json.dumps(digests).encode(), header_bytes
+                        )
+                        info = tarfile.TarInfo(DIGESTS)
+                        info.size, info.mode, info.mtime = len(sealed_digests), 0o600, int(header["created"])
+                        tar.addfile(info, io.BytesIO(sealed_digests))
                 f.flush()
                 os.fsync(f.fileno())
             os.link(tmp, out)
@@ -237,12 +255,15 @@ class _NamedReader:
 
     def __init__(self, f, path: Path):
         self.f, self.path = f, path
+        self.sha256 = hashlib.sha256()  # of what was read: what went into the backup
 
     def read(self, size: int = -1) -> bytes:
         try:
-            return self.f.read(size)
+            data = self.f.read(size)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        self.sha256.update(data)
+        return data
 
 
 @contextmanager
@@ -250,7 +271,24 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str, bytes]]:
+@dataclass
+class _Opened:
+    header: dict
+    header_bytes: bytes
+    key: bytes
+    members: dict[str, bytes]
+
+    def digests(self, sealed: bytes) -> dict[str, str] | None:
+        """The blob digests ``digests.bin`` holds; None when they do not decrypt (damaged)."""
+        try:
+            nonce = bytes.fromhex(self.header["cipher"]["digests_nonce"])
+            doc = json.loads(AESGCM(self.key).decrypt(nonce, sealed, self.header_bytes))
+        except (InvalidTag, KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+
+def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> _Opened:
     try:
         header_bytes = tar.extractfile(HEADER).read()
         sealed = tar.extractfile(SECRETS).read()
@@ -274,7 +312,7 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> tuple[dict, dict[str
         raise BackupError("the backup's header is damaged (its key derivation or cipher parameters)") from None
     with tarfile.open(fileobj=io.BytesIO(plain)) as inner:
         members = {m.name: inner.extractfile(m).read() for m in inner.getmembers() if m.isfile()}
-    return header, members
+    return _Opened(header, header_bytes, key, members)
 
 
 def restore_backup(
@@ -323,7 +361,8 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
     except OSError as exc:
         raise BackupError(f"cannot read the backup {src}: {exc.strerror or exc}") from None
     with tar:
-        header, members = _open_secrets(tar, passphrase)
+        opened = _open_secrets(tar, passphrase)
+        members = opened.members
         doc = json.loads(members["account.json"])
         cfg_dir = cfg_path.parent
         secrets = {name: base64.b64decode(v) for name, v in doc["secrets"].items() if name in SECRET_NAMES.values()}
@@ -336,6 +375,8 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                 )
         embedded = bool(doc["server"].get("embedded"))
         blobs = doc.get("blobs", {})
+        damaged: list[str] = []
+        unchecked = False
         if embedded:
             if (engine_dir / "engine.sqlite3").exists():
                 raise BackupError(
@@ -343,13 +384,19 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                     f"away to restore this backup"
                 )
             with engine_locked(engine_dir):
-                seen = _restore_blobs(tar, engine_dir, blobs, progress)
-                missing = sorted(set(blobs) - seen)
+                seen, sealed_digests = _restore_blobs(tar, engine_dir, blobs, progress)
+                missing = sorted(set(blobs) - set(seen))
                 if missing:
                     raise BackupError(
                         f"the backup lacks {len(missing)} of its {len(blobs)} data files "
                         f"(e.g. {missing[0]}); it is damaged"
                     )
+                # a damaged data file is restored all the same (it reads as EIO, as in the vault,
+                # and the rest of the vault is worth having); the restore says which
+                stated = opened.digests(sealed_digests) if sealed_digests is not None else None
+                unchecked = stated is None
+                if stated is not None:
+                    damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
                 for name, value in doc.get("engine", {}).items():
                     if name in ENGINE_SECRETS:
                         place_secret(engine_dir / name, base64.b64decode(value), f"engine {name}")
@@ -373,7 +420,7 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
             setattr(cfg, attr, place_secret(cfg_dir / name, secrets[name], name))
     save(cfg)
     load(cfg_path)
-    return Summary(cfg.username, embedded, len(blobs), sum(blobs.values()))
+    return Summary(cfg.username, embedded, len(blobs), sum(blobs.values()), damaged=damaged, unchecked=unchecked)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -390,10 +437,16 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def _restore_blobs(
     tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int], progress: Progress | None
-) -> set[str]:
-    seen = set()
+) -> tuple[dict[str, str], bytes | None]:
+    """Write the backup's blob files into ``engine_dir``: the SHA-256 of each one written, by
+    name, and the sealed ``digests.bin`` (None in a backup made without it)."""
+    seen: dict[str, str] = {}
+    sealed_digests = None
     total, done = sum(expected.values()), 0
     for member in tar:
+        if member.name == DIGESTS and member.isfile():
+            sealed_digests = tar.extractfile(member).read()
+            continue
         m = BLOB_NAME.match(member.name)
         if m is None or not member.isfile() or member.name not in expected:
             continue
@@ -405,18 +458,20 @@ def _restore_blobs(
         target_dir = paths.private_dir(engine_dir / "blobs" / m.group(1))
         target = target_dir / m.group(2)
         source = tar.extractfile(member)
+        sha = hashlib.sha256()
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 while block := source.read(COPY_BLOCK):
+                    sha.update(block)
                     f.write(block)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:  # a full disk: the restore can be run again once there is room
             target.unlink(missing_ok=True)
             raise output_failed(target, exc, "the restored data file", elsewhere=False) from None
-        seen.add(member.name)
+        seen[member.name] = sha.hexdigest()
         done += member.size
         if progress is not None:
             progress(done, total)
-    return seen
+    return seen, sealed_digests

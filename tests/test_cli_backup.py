@@ -204,6 +204,37 @@ def test_backup_and_restore_report_progress_in_bytes(original, tmp_path, monkeyp
     )
 
 
+def test_restore_of_a_backup_with_a_damaged_data_file_names_it_and_restores_the_rest(vault, tmp_path):
+    """A byte changed inside a data file of the backup (a bad disk, a bad copy) was restored
+    silently (exit 0); the file it holds then failed to read with nothing said. The restore now
+    checks each data file against the digest the backup recorded: it restores the vault all the
+    same (the rest is readable) and says which data file is damaged, with exit 6."""
+    import tarfile
+
+    _, backup = vault
+    damaged = tmp_path / "damaged.backup"
+    shutil.copy(backup, damaged)
+    with tarfile.open(damaged) as tar:
+        biggest = max((m for m in tar.getmembers() if m.name.startswith("engine/blobs/")), key=lambda m: m.size)
+    with open(damaged, "r+b") as f:  # photos/big.bin's ciphertext
+        f.seek(biggest.offset_data + biggest.size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fresh = Mount(tmp_path / "fresh", None)
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(damaged), check=False)
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "restored the vault" in r.stdout and "Traceback" not in r.stderr
+    assert "1 of the backup's" in r.stderr and biggest.name in r.stderr and "verify --data" in r.stderr
+    with fresh.mounted():
+        with pytest.raises(OSError) as info:
+            (fresh.dir / "photos" / "big.bin").read_bytes()
+        assert info.value.errno == 5  # EIO, never other bytes
+        for name, data in FILES.items():
+            if name != "photos/big.bin":
+                assert digest((fresh.dir / name).read_bytes()) == digest(data), name
+
+
 def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path):
     """An empty file, random bytes or a file cut inside its first header printed tarfile's
     four-line 'file could not be opened successfully: - method gz: …' report."""

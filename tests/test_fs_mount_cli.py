@@ -297,6 +297,9 @@ def test_bad_option_values_are_refused_with_one_line(tmp_path):
         assert r.returncode == 2 and "--timeout" in r.stderr
         r = privifs(m.env, "engine", "--api-port", "70000", check=False)
         assert r.returncode == 2 and "--api-port" in r.stderr
+        for setting in ("no_such_option=1", "token_ttl", "token_ttl=-5"):  # exit 3 (configuration) before
+            r = privifs(m.env, "engine", "--set", setting, check=False)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--set" in r.stderr, (setting, r.stderr)
         assert not (tmp_path / "config").exists()
     finally:
         m.cleanup()
@@ -734,3 +737,20 @@ def test_a_cache_dir_that_is_a_file_is_one_clear_line(engine, tmp_path):
         assert not is_mounted(m.dir)
     finally:
         m.cleanup()
+
+
+def test_a_runtime_directory_that_is_a_file_stops_the_mount_with_one_line_naming_it(engine, tmp_path):
+    """$XDG_RUNTIME_DIR pointing at a file (or anything that cannot hold the mount's record):
+    the cleanup after the failed record masked its error, and mount said 'the mount failed
+    (NotADirectoryError: …)' with exit 1 (the vault refused). Now exit 4, naming the directory."""
+    m = Mount(tmp_path, engine.urls)
+    not_a_dir = tmp_path / "runtime-file"
+    not_a_dir.write_text("")
+    env = dict(m.env, XDG_RUNTIME_DIR=str(not_a_dir))
+    r = privifs(env, "mount", str(m.dir), check=False)
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    assert r.stderr.count("\n") == 1 and "NotADirectoryError" not in r.stderr
+    assert f"cannot record the mount in {not_a_dir / 'privifs' / 'mounts'} (Not a directory)" in r.stderr
+    assert not is_mounted(m.dir)
+    m.mount()  # with a usable runtime directory, it mounts
+    m.umount()

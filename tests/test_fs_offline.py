@@ -17,10 +17,10 @@ from tests.mountkit import Mount, is_mounted, privifs
 
 
 @contextmanager
-def own_engine_mount(tmp_path, mount_args: tuple[str, ...] = ()):
+def own_engine_mount(tmp_path, mount_args: tuple[str, ...] = (), settings: dict | None = None):
     """An engine of the test's own (stopped and started again: the server gone and back, same
     data, same ports) and a :class:`Mount` of it, not mounted yet; both cleaned up at the end."""
-    eng = EngineProcess(tmp_path / "engine").start()
+    eng = EngineProcess(tmp_path / "engine", settings=settings).start()
     try:
         m = Mount(tmp_path / "user", eng.urls, mount_args=mount_args)
         try:
@@ -66,6 +66,120 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         assert ("/docs", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
         assert (m.dir / "remote.txt").read_text() == "only in the vault"
         assert "answers again" in m.log()
+        m.umount()
+
+
+def test_offline_a_write_to_a_cached_big_file_is_staged_and_uploaded_once_back(tmp_path):
+    """A big file (parts and a manifest) this mount uploaded stays whole in its cache: offline it
+    reads from there, and a write to it (here a rewrite in place and a truncate) is staged from
+    there too; it was EIO, because staging fetched the manifest first."""
+    big = os.urandom(9 * 1024 * 1024 + 12345)  # above the 8 MiB threshold: stored as parts
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        (m.dir / "big.bin").write_bytes(big)
+        m.wait_idle()
+        m.umount()
+        eng.stop()
+
+        assert "OFFLINE" in m.mount().stdout
+        assert (m.dir / "big.bin").read_bytes() == big
+        with open(m.dir / "big.bin", "r+b") as f:
+            f.seek(5 * 1024 * 1024)
+            f.write(b"changed offline")
+        os.truncate(m.dir / "big.bin", 9 * 1024 * 1024)
+        want = (big[: 5 * 1024 * 1024] + b"changed offline" + big[5 * 1024 * 1024 + 15 :])[: 9 * 1024 * 1024]
+        assert (m.dir / "big.bin").read_bytes() == want
+
+        eng.start()
+        m.wait_online(timeout=120)
+        m.wait_idle(timeout=120)
+        m.umount()
+        cold = Mount(tmp_path / "other", eng.urls, username=m.username, register=False, key_file=m.key_file)
+        try:
+            cold.mount()
+            assert (cold.dir / "big.bin").read_bytes() == want
+            cold.umount()
+        finally:
+            cold.cleanup()
+
+
+def test_offline_a_big_file_read_before_on_this_machine_reads_from_its_cached_parts(tmp_path):
+    """A big file another machine wrote, read here (its parts cached), failed with EIO after an
+    offline start: its manifest was only ever kept in memory, so it was fetched again. A
+    manifest is now kept in the cache when it is fetched; a write to the file works offline too."""
+    big = os.urandom(9 * 1024 * 1024 + 777)  # above the 8 MiB threshold: stored as parts
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        (m.dir / "big.bin").write_bytes(big)
+        m.wait_idle()
+        m.umount()
+        reader = Mount(tmp_path / "reader", eng.urls, username=m.username, register=False, key_file=m.key_file)
+        try:
+            reader.mount()
+            assert (reader.dir / "big.bin").read_bytes() == big  # its parts and manifest, fetched
+            reader.umount()
+            eng.stop()
+
+            assert "OFFLINE" in reader.mount().stdout
+            assert (reader.dir / "big.bin").read_bytes() == big
+            with open(reader.dir / "big.bin", "r+b") as f:
+                f.write(b"offline")
+            eng.start()
+            reader.wait_online(timeout=120)
+            reader.wait_idle(timeout=120)
+            reader.umount()
+        finally:
+            reader.cleanup()
+        m.mount()
+        assert (m.dir / "big.bin").read_bytes() == b"offline" + big[7:]
+        m.umount()
+
+
+def lose_the_server_during_an_upload(eng, m, data: bytes) -> None:
+    """Write ``data`` (a slow upload: the engine is throttled), stop the engine while it uploads
+    until the mount counts the server unreachable for longer than a flush's grace, then start
+    the engine again (same data, same ports)."""
+    (m.dir / "slow.bin").write_bytes(data)
+    deadline = time.monotonic() + 30
+    while not any(p["state"] == "uploading" for p in m.status()["pending"]):
+        assert time.monotonic() < deadline, m.status()
+        time.sleep(0.2)
+    eng.stop()
+    deadline = time.monotonic() + 30
+    while not m.status().get("unreachable_since"):
+        assert time.monotonic() < deadline, m.status()
+        time.sleep(0.2)
+    time.sleep(11)  # longer than the flush's grace (daemon.UNREACHABLE_GRACE)
+    eng.start()
+
+
+SLOW = {"stream_bytes_per_second": 150_000}  # a 1.5 MB upload takes 10 s
+
+
+def test_umount_waits_for_the_upload_a_server_back_from_an_outage_takes(tmp_path):
+    """The server came back, but the mount still counted it unreachable (only a write-back's
+    success ended that, and the first one took long): 'privifs umount' said 'the server is
+    unreachable', exit 7, and stopped the upload. It now asks the server once before giving up."""
+    data = os.urandom(1_500_000)
+    with own_engine_mount(tmp_path, ("--refresh-interval", "3600"), settings=SLOW) as (eng, m):
+        m.mount()
+        lose_the_server_during_an_upload(eng, m, data)
+        r = m.umount(check=False)
+        assert r.returncode == 0, (r.returncode, r.stderr)
+        assert [t["size"] for t in m.tokens() if t["fileName"] == "slow.bin"] == [len(data)]
+
+
+def test_status_stops_saying_unreachable_once_a_listing_is_answered(tmp_path):
+    """While the first upload after an outage ran (a big one, or a slow link), status said
+    UNREACHABLE though the listing was answered again."""
+    data = os.urandom(1_500_000)
+    with own_engine_mount(tmp_path, ("--refresh-interval", "3600"), settings=SLOW) as (eng, m):
+        m.mount()
+        lose_the_server_during_an_upload(eng, m, data)
+        m.refresh()
+        st = m.status()
+        assert st["unreachable_since"] is None and "UNREACHABLE" not in privifs(m.env, "status", str(m.dir)).stdout
+        m.wait_idle(timeout=120)
         m.umount()
 
 

@@ -130,4 +130,19 @@ def run_restore(args: argparse.Namespace) -> int:
     )
     print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
     print("Mount it with 'privifs mount DIR'.")
+    if summary.damaged:
+        print(
+            f"privifs: error: {len(summary.damaged)} of the backup's {summary.blobs} data files are damaged "
+            f"(e.g. {summary.damaged[0]}: not the bytes backed up); they were restored as they are, so the "
+            "files they hold fail to read (EIO) and the rest of the vault is there. 'privifs verify --data' "
+            "names those files; restore them from another backup or copy.",
+            file=sys.stderr,
+        )
+        return 6
+    if summary.unchecked and summary.embedded and summary.blobs:
+        print(
+            "privifs: warning: the backup's data files could not be checked (it holds no digests of "
+            "them, or they are damaged); 'privifs verify --data' checks the restored vault.",
+            file=sys.stderr,
+        )
     return 0

@@ -39,9 +39,22 @@ def register(sub) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
+        type=setting,
         help="set an engine option (fault injection, wire shapes, limits); see docs/engine.md",
     )
     p.set_defaults(func=run)
+
+
+def setting(text: str) -> str:
+    """An engine option as --set takes it, checked: a bad one is a bad command line (exit 2,
+    as for every other option value; it was exit 3, a configuration error)."""
+    from privifs.engine.options import EngineOptions, parse_settings
+
+    try:
+        EngineOptions().update(parse_settings([text]))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -523,6 +523,37 @@ class ContentCache:
         except TABLE_ERRORS as exc:
             log.debug("cache row kept after its file was removed (%s)", exc)
 
+    def put(self, key: str, data: bytes) -> bool:
+        """Keep ``data`` (small: a big file's manifest) as the entry ``key``, sealed like every
+        entry; False when it cannot be kept (see :meth:`adopt`)."""
+        path = self.incoming / f"put-{secrets.token_hex(8)}"
+        try:
+            sealed = SealedFile.create(path, self._key)
+            try:
+                sealed.write(0, data, stamp=0)
+            finally:
+                sealed.close()
+        except PrivifsError as exc:
+            log.debug("not caching %d bytes under %s (%s)", len(data), key, exc)
+            with suppress(OSError):
+                os.unlink(path)
+            return False
+        return self.adopt(key, str(path))
+
+    def get(self, key: str) -> bytes | None:
+        """The bytes of the entry ``key`` (one :meth:`put` made), or None."""
+        sealed = self.open(key)
+        if sealed is None:
+            return None
+        try:
+            return bytes(sealed.read(0, sealed.size))
+        except PrivifsError as exc:
+            log.warning("dropping an unreadable cache entry (%s)", exc)
+            self.evict(key)
+            return None
+        finally:
+            sealed.close()
+
     def take(self, token: str, dest: Path) -> bool:
         """Move ``token``'s cached file to ``dest`` (same filesystem) and drop the entry: the
         content leaves the cache without a copy. False if it is not cached or cannot be moved."""

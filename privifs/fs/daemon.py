@@ -18,6 +18,7 @@ The control socket (``control.sock`` in the state directory, mode 0600) takes on
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -39,7 +40,7 @@ from privifs.client.transport import ClientOptions
 from privifs.client.vault import Vault
 from privifs.config import Config
 from privifs.crypto.sealed import local_key
-from privifs.errors import ConfigError, PrivifsError, single_error
+from privifs.errors import ConfigError, LocalStoreError, PrivifsError, single_error
 from privifs.fs.cache import ContentCache
 from privifs.fs.connector import Connector, VaultLink
 from privifs.fs.filesystem import Filesystem, MountOptions
@@ -56,6 +57,8 @@ log = logging.getLogger("privifs.fs.daemon")
 
 DRAIN_AFTER_UNMOUNT = 60.0
 UNREACHABLE_GRACE = 10.0
+PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
+PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
 SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
 
 
@@ -339,7 +342,8 @@ class Daemon:
                 if not closed:
                     self.mounted = False
                     pyfuse3.close(unmount=True)
-                registry_path(self.mountpoint).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # (a runtime directory that could not hold it)
+                    registry_path(self.mountpoint).unlink(missing_ok=True)
                 cache.close()
         finally:
             index.close()
@@ -409,21 +413,30 @@ class Daemon:
         return None
 
     def _register(self, control: Path) -> None:
+        """Record the mount where 'privifs status' and 'privifs umount' find it; a runtime
+        directory that cannot hold it stops the mount with an error naming it (it was a
+        NotADirectoryError, exit 1, from the cleanup that followed)."""
         reg = registry_path(self.mountpoint)
-        paths.private_dir(reg.parent)
-        tmp = reg.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "mountpoint": str(self.mountpoint),
-                    "pid": os.getpid(),
-                    "control": str(control),
-                    "state_dir": str(self.state_dir),
-                    "server": self.cfg.server_label(),
-                }
+        try:
+            paths.private_dir(reg.parent)
+            tmp = reg.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "mountpoint": str(self.mountpoint),
+                        "pid": os.getpid(),
+                        "control": str(control),
+                        "state_dir": str(self.state_dir),
+                        "server": self.cfg.server_label(),
+                    }
+                )
             )
-        )
-        os.replace(tmp, reg)
+            os.replace(tmp, reg)
+        except OSError as exc:
+            raise LocalStoreError(
+                f"cannot record the mount in {reg.parent} ({exc.strerror or exc}): the runtime directory "
+                f"($XDG_RUNTIME_DIR/privifs, else the state directory's run/) must be a directory this user can write"
+            ) from None
 
     # -- status and flushing -----------------------------------------------------------------------
     def status(self) -> dict:
@@ -501,7 +514,7 @@ class Daemon:
                     }
                 )
             since = syncer.unreachable_since
-            if since is not None and time.time() - since > UNREACHABLE_GRACE:
+            if since is not None and time.time() - since > UNREACHABLE_GRACE and not await self._server_answers():
                 return {
                     "error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
                     f"({size} bytes) stay staged in {self.state_dir} "
@@ -527,6 +540,22 @@ class Daemon:
                     f"({why}); they stay staged in {self.state_dir}"
                 }
             await trio.sleep(0.25)
+
+    async def _server_answers(self) -> bool:
+        """Whether the server answers one request now (a listing page asked for a token that
+        does not exist); if it does, the syncer stops counting it unreachable. A write-back
+        that failed while the server was away leaves it counted so until a listing or an
+        upload succeeds, and the first upload after an outage may take long."""
+        with trio.move_on_after(PROBE_TIMEOUT):
+            try:
+                async for _ in self.connector.link.list(token=PROBE_TOKEN, per_page=1):
+                    break  # (one page, whatever a server that ignores the filter sends)
+            except PrivifsError as exc:
+                log.debug("the server does not answer yet: %s", exc)
+                return False
+            self.syncer.answered()
+            return True
+        return False
 
     def _settle_index(self) -> int:
         """Try to commit what the index owes (see :meth:`Index.kept`); how much it still owes."""

@@ -706,11 +706,18 @@ class Filesystem:
         :meth:`_followed`; a file deleted elsewhere is ENOENT)."""
         token = node.token
         try:
-            await self.parts.manifest(token, node.risk())  # checked, then kept
+            await self.parts.manifest(token, node.risk(), keep=True)  # checked, then kept
             return await self.parts.stage(token, self.staging)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):
                 raise
+        except PrivifsError as exc:
+            # the manifest cannot be fetched now (offline, unreachable, 5xx): a file whose whole
+            # content is cached is written as it is read, from the cache
+            staged = self.parts.stage_cached(token, node.size, self.staging) if exc.transient else None
+            if staged is None:
+                raise
+            return staged
         return None
 
     async def content(self, node: Node) -> SealedFile:
@@ -775,8 +782,8 @@ class Filesystem:
         :meth:`_followed`): its manifest or a part missing from the vault is then no damage."""
         token = node.token
         try:
-            if not self.parts.knows(token):  # fetched now, checked against what its token states
-                await self.parts.manifest(token, node.risk())
+            if not self.parts.knows(token, kept=True):  # fetched now, checked against what its token states
+                await self.parts.manifest(token, node.risk(), keep=True)
             return await self.parts.read(token, offset, length)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):

@@ -49,6 +49,12 @@ SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
 SETTLE = 120.0  # seconds a listing may lag behind a manifest this mount stored
 
 
+def manifest_key(token: str) -> str:
+    """The cache entry holding the manifest ``token`` (its bytes, kept when it was fetched; the
+    entry named by the token itself is the file's whole content, see :meth:`PartReader.stage`)."""
+    return f"{token}#manifest"
+
+
 def is_manifest_node(remote_risk: str | None) -> bool:
     """Whether a node's token (its risk meta as JSON, as the index keeps it) is a manifest."""
     return remote_risk is not None and f'"{fmt.MARK}"' in remote_risk
@@ -156,6 +162,7 @@ class PartReader:
         self.digest_key = vault.derive(fmt.part_key)
         self.read_ahead = read_ahead
         self._manifests: OrderedDict[str, fmt.Manifest] = OrderedDict()
+        self._kept: OrderedDict[str, None] = OrderedDict()  # manifests put in the cache (manifest(keep=True))
         self._verified: OrderedDict[tuple, None] = OrderedDict()  # (part token, index, digest, cache file id)
         # part token -> its cache file, open and verified: a read of a part read before costs no
         # open(2) nor header check. Closed when the cache drops the entry (its space comes back).
@@ -177,24 +184,42 @@ class PartReader:
         self.settling: dict[str, float] = {}  # part token -> when its manifest was stored (trio time)
 
     # -- manifests and parts -------------------------------------------------------------------
-    async def manifest(self, token: str, risk: dict[str, str] | None = None) -> fmt.Manifest:
+    async def manifest(self, token: str, risk: dict[str, str] | None = None, *, keep: bool = False) -> fmt.Manifest:
         """The manifest ``token`` holds (from memory once fetched); fetched, it must be the one
-        ``risk`` (the token's risk meta, when the caller has it) states."""
+        ``risk`` (the token's risk meta, when the caller has it) states. ``keep`` (a file's read
+        or write): a fetched manifest is also kept in the cache, for reads while the vault cannot
+        be reached (the sweep and retirement, which read every manifest, keep none)."""
         m = self._manifests.get(token)
         if m is None:
-            with trio.move_on_after(DOWNLOAD_IDLE):  # a manifest is small: no data this long is a stall
-                m = await self.store.manifest(token, risk)
-            if m is None:
-                raise ServerUnreachable(f"the vault sent no data for manifest {token} for {DOWNLOAD_IDLE:.0f}s")
+            key = manifest_key(token)
+            try:
+                with trio.move_on_after(DOWNLOAD_IDLE):  # a manifest is small: no data this long is a stall
+                    m = await self.store.manifest(token, risk)
+                if m is None:
+                    raise ServerUnreachable(f"the vault sent no data for manifest {token} for {DOWNLOAD_IDLE:.0f}s")
+            except PrivifsError as exc:
+                # offline (or unreachable, 5xx): the copy kept when it was fetched before, so that
+                # a big file whose parts are cached reads as a cached whole file does
+                kept = self.cache.get(key) if exc.transient else None
+                if kept is None:
+                    raise
+                m = await self.store.decode_manifest(kept, risk)
+                self._kept[token] = None
             self._manifests[token] = m
             while len(self._manifests) > MANIFESTS_KEPT:
                 self._manifests.popitem(last=False)
         self._manifests.move_to_end(token)
+        if keep and token not in self._kept:  # (once: a cache that cannot keep it is not asked again)
+            self._kept[token] = None
+            while len(self._kept) > MANIFESTS_KEPT:
+                self._kept.popitem(last=False)
+            self.cache.put(manifest_key(token), fmt.encode(m))
         return m
 
-    def knows(self, token: str) -> bool:
-        """Whether the manifest ``token`` is in memory (fetched and checked already)."""
-        return token in self._manifests
+    def knows(self, token: str, *, kept: bool = False) -> bool:
+        """Whether the manifest ``token`` is in memory (fetched and checked already); ``kept``:
+        and kept in the cache too (see :meth:`manifest`)."""
+        return token in self._manifests and (not kept or token in self._kept)
 
     def remember(self, token: str, manifest: fmt.Manifest) -> None:
         """A manifest this mount just stored: no need to fetch it back."""
@@ -418,22 +443,34 @@ class PartReader:
         finally:
             self._ahead.discard(token)
 
+    def stage_cached(self, token: str, size: int, staging: Staging) -> StagedFile | None:
+        """The whole content of ``size`` bytes the cache holds under the manifest ``token`` (what
+        this mount uploaded last), moved into a new staged file; None when the cache holds no
+        such content. Needs no manifest: offline, a write to a big file whose content is cached
+        is staged from it as a read is served from it (the write-back then compares every part
+        by digest, see :class:`Changes`)."""
+        staged_id = secrets.token_hex(12)
+        if not self.cache.take(token, staging.path(staged_id)):  # moved, not copied
+            return None
+        try:
+            staged = staging.open(staged_id)
+        except PrivifsError:
+            staging.path(staged_id).unlink(missing_ok=True)
+            return None
+        if staged.size == size:
+            return staged
+        staging.remove(staged)  # the manifest itself, read as a file's content (see Filesystem._whole_content)
+        return None
+
     async def stage(self, token: str, staging: Staging) -> StagedFile:
         """The whole file in a new staged file (for a write to a file stored as parts): the whole
         content this mount uploaded last, moved out of the cache (the write-back caches it under
         the manifest's token, as for any file), else assembled from the verified parts."""
         m = await self.manifest(token)
-        staged_id = secrets.token_hex(12)
-        if self.cache.take(token, staging.path(staged_id)):  # moved, not copied
-            try:
-                staged = staging.open(staged_id)
-            except PrivifsError:
-                staging.path(staged_id).unlink(missing_ok=True)
-            else:
-                if staged.size == m.total:
-                    self.changes.based(staged.id, token, m)
-                    return staged
-                staging.remove(staged)  # the manifest itself, read as a file's content (see Filesystem._whole_content)
+        staged = self.stage_cached(token, m.total, staging)
+        if staged is not None:
+            self.changes.based(staged.id, token, m)
+            return staged
         staged = staging.create()
         try:
             for i in range(len(m.parts)):

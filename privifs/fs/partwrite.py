@@ -40,7 +40,7 @@ from privifs.client.datatokens import FileMeta
 from privifs.client.vault import PIECE
 from privifs.crypto.sealed import CHUNK
 from privifs.errors import PrivifsError, single_error
-from privifs.fs.parts import PartReader
+from privifs.fs.parts import PartReader, manifest_key
 from privifs.fs.staging import StagedFile
 from privifs.parts import format as fmt
 from privifs.parts.store import COLLECT_MIN_AGE, IN_FLIGHT, PART_SIZE
@@ -182,6 +182,8 @@ class PartWriter:
         stale += [p.token for p in earlier.values() if p.token not in named]  # the last attempt's, changed since
         for replaced in ([old_token] if old_token else []) + stale:  # never read again by this mount
             self.cache.evict(replaced)
+        if old_token:
+            self.cache.evict(manifest_key(old_token))
         return token, stale
 
 

@@ -170,6 +170,7 @@ class Refresher:
     async def refresh_once(self) -> None:
         async with self._lock:  # one listing at a time: an older one never undoes a newer one
             infos, started = await self.fetch()
+            self.syncer.answered()
             infos = await self.complete(infos, started)
             await self.apply(infos, started)
         if not self.collect_parts:

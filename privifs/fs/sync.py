@@ -355,11 +355,18 @@ class Syncer:
             return
         self.refused.pop(node.ino, None)
         self.ns.record_success(node)
-        if self.unreachable_since is not None:  # reachable again: what backed off meanwhile goes now
-            self.unreachable_since = None
-            self.retry_all_now()
+        self.answered()
         if not node.content_dirty:
             self.local_fsynced.discard(node.ino)
+
+    def answered(self) -> None:
+        """The server answered (a write-back, a listing, a probe): it is reachable again, and
+        what backed off meanwhile goes now. (Only a write-back's success ended it: while the
+        first one after an outage ran, a big file's, status said UNREACHABLE and 'privifs
+        umount' gave up on a server that answered.)"""
+        if self.unreachable_since is not None:
+            self.unreachable_since = None
+            self.retry_all_now()
 
     def _failed(self, node: Node, exc: PrivifsError, *, lasting: bool = False) -> None:
         """Record a failed write-back attempt and schedule the retry; ``lasting``: a failure a

@@ -155,7 +155,10 @@ class PartStore:
     async def manifest(self, token: str, risk: dict[str, str] | None = None) -> fmt.Manifest:
         """The manifest ``token`` holds; IntegrityError if it is not the one ``risk`` (the token's
         risk meta, when the caller has it) states."""
-        data = await self.vault.get_bytes(token)
+        return await self.decode_manifest(await self.vault.get_bytes(token), risk)
+
+    async def decode_manifest(self, data: bytes, risk: dict[str, str] | None = None) -> fmt.Manifest:
+        """The manifest ``data`` encodes, checked against ``risk`` as :meth:`manifest` does."""
         if risk:
             digest.check_whole(self._content_key, risk, data)
         return await _off_loop(fmt.decode, data, len(data) // 40)
