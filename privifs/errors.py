@@ -171,6 +171,12 @@ def rejected_command(message: str, *, command_id: str, reason: str | None) -> Co
     return REFUSAL_REASONS.get(key, CommandRejected)(message, command_id=command_id, reason=reason)
 
 
+class VaultChanged(PrivifsError):
+    """The server answers with another vault than the one a mount checked and shows (the same
+    URL and user name, another vault behind them): nothing may be uploaded to it or taken from
+    its listing."""
+
+
 class WriteBackFailed(PrivifsError):
     """An fsync gave up: the upload of the file's content did not complete (in time). The data
     stays staged and keeps being retried."""

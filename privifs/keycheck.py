@@ -36,13 +36,15 @@ async def _verify_check(vault: Vault, check: TokenInfo) -> None:
         raise WrongKeyError("this vault's key-check token holds unexpected content")
 
 
-async def check_key(vault: Vault, infos: list[TokenInfo]) -> None:
+async def check_key(vault: Vault, infos: list[TokenInfo]) -> str:
     """Fail with WrongKeyError unless the AES key decrypts this vault (``infos``: its whole
-    listing); create the key check when the vault has none."""
+    listing); create the key check when the vault has none. Returns the key-check token (it
+    names the vault: see :mod:`privifs.fs.connector`)."""
     checks = key_checks(infos)
-    if checks:
-        await _verify_check(vault, checks[0])
-        return
+    if checks:  # (two clients that found none at once made two: the first made names the vault)
+        first = min(checks, key=lambda i: (i.created_at or 0.0, i.token))
+        await _verify_check(vault, first)
+        return first.token
     ours = sorted((i for i in infos if "privifs.type" in i.risk and (i.size or 0) <= 65536), key=lambda i: i.size or 0)[
         :3
     ]
@@ -57,7 +59,7 @@ async def check_key(vault: Vault, infos: list[TokenInfo]) -> None:
             raise WrongKeyError(
                 "the configured AES key decrypts none of this vault's files; use the key this vault was created with"
             )
-    await vault.put_bytes(
+    return await vault.put_bytes(
         KEYCHECK_MAGIC + secrets.token_bytes(32),
         FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"),
     )

@@ -11,7 +11,12 @@ import time
 from contextlib import contextmanager
 
 import pytest
+import trio
 
+from privifs.client.connect import connect
+from privifs.client.provision import new_identity, register_profile
+from privifs.client.session import PasswordCredentials
+from privifs.client.transport import Endpoints
 from tests.enginekit import EngineProcess
 from tests.mountkit import Mount, is_mounted, privifs
 
@@ -311,3 +316,47 @@ def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answe
         assert not vaults.exists() or not any(vaults.iterdir())
     finally:
         eng.stop()
+
+
+def test_another_vault_behind_the_same_server_and_name_takes_no_upload_and_empties_no_tree(tmp_path):
+    """The server's data replaced while mounted (another engine on its ports, the same user name
+    and password registered there): the mount logged in again there, took that vault's listing
+    (the tree dropped to what it held), and uploaded the next file into it; back on the first
+    server that file was gone from every machine. The vault's key-check token names it: after a
+    new login the mount checks it is still there, and otherwise stays offline and says why."""
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        (m.dir / "kept.txt").write_text("in the first vault")
+        m.wait_idle()
+        eng.stop()
+        other = EngineProcess(tmp_path / "other", ports=eng.ports).start()
+        try:
+
+            async def register_the_same_name() -> None:
+                _, public = new_identity()
+                await register_profile(Endpoints.from_dict(other.urls), m.username, "correct-horse-battery", public)
+
+            trio.run(register_the_same_name)
+            (m.dir / "new.txt").write_text("written while another vault answers")
+            deadline = time.monotonic() + 60
+            while "another vault" not in (m.status()["connection"]["connect_error"] or ""):
+                assert time.monotonic() < deadline, m.log()[-3000:]
+                m.control({"cmd": "refresh"})  # (answered with the error once it is found)
+                time.sleep(0.5)
+            assert sorted(os.listdir(m.dir)) == ["kept.txt", "new.txt"]
+            assert "another vault" in privifs(m.env, "status", str(m.dir)).stdout
+
+            async def names_there() -> list[str]:
+                credentials = PasswordCredentials(m.username, "correct-horse-battery")
+                async with connect(Endpoints.from_dict(other.urls), credentials) as client:
+                    return [i.file_name async for i in client.tokens.list()]
+
+            assert trio.run(names_there) == []  # not even a key check of ours
+        finally:
+            other.stop()
+        eng.start()  # the first vault is back: same data, same ports
+        m.wait_online(timeout=120)
+        m.wait_idle(timeout=120)
+        assert "new.txt" in [t["fileName"] for t in m.tokens()]
+        assert (m.dir / "new.txt").read_text() == "written while another vault answers"
+        m.umount()

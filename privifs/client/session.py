@@ -17,7 +17,7 @@ import trio
 
 from privifs.client import shapes
 from privifs.client.transport import ClientOptions, Transport
-from privifs.errors import AuthenticationError, AuthorizationError, PrivifsError, VaultError
+from privifs.errors import AuthenticationError, AuthorizationError, PrivifsError, VaultChanged, VaultError
 
 log = logging.getLogger("privifs.client.session")
 
@@ -55,6 +55,11 @@ class Session:
         self._lock = trio.Lock()
         self._listeners: list[Callable[[str], None]] = []
         self.await_command: Callable[[str], Awaitable[object]] | None = None
+        # after each new login but the first (the server forgot this session): the check that
+        # it is still the same vault (the mount's connector sets it); a failure is kept, and
+        # every call of this session fails with it from then on
+        self.verify: Callable[[], Awaitable[None]] | None = None
+        self.failed: PrivifsError | None = None
         self.renewals = 0
         transport.auth = self
 
@@ -64,11 +69,29 @@ class Session:
 
     async def recover(self, failed_token: str | None) -> None:
         """A call was refused with 401 using ``failed_token``: get a working token (once)."""
+        if self._lock.statistics().owner is trio.lowlevel.current_task():
+            raise AuthorizationError("the server refused a call right after a new login", status=401)
         async with self._lock:
+            if self.failed is not None:
+                raise self.failed
             if self.token is not None and self.token != failed_token:
                 return  # someone renewed meanwhile
             log.info("authorization refused; logging in again")
-            await self._login_locked(fresh=True)
+            await self._relogin_locked()
+
+    async def _relogin_locked(self) -> None:
+        """A new login, then :attr:`verify`. If it cannot tell, the next call logs in again; if
+        it finds another vault (VaultChanged), no call of this session goes on."""
+        await self._login_locked(fresh=True)
+        if self.verify is None:
+            return
+        try:
+            await self.verify()
+        except PrivifsError as exc:
+            self.token = None
+            if isinstance(exc, VaultChanged):
+                self.failed = exc
+            raise
 
     def on_token_change(self, fn: Callable[[str], None]) -> None:
         self._listeners.append(fn)
@@ -183,8 +206,10 @@ class Session:
                         raise AuthorizationError("reauthorize did not extend the token")
                     self.issued_at = time.time()
             except PrivifsError as exc:
+                if self.failed is not None:
+                    raise self.failed from None
                 log.info("reauthorize failed (%s); logging in again", exc)
-                await self._login_locked(fresh=True)
+                await self._relogin_locked()
 
     def seconds_until_renewal(self) -> float:
         if self.expires_at is None:

@@ -15,6 +15,12 @@ task then keeps trying with backoff (and at once when a flush asks) and, once th
 does the same steps — log in, key check, listing merge — attaches the link and wakes the
 write-back, which drains what was staged meanwhile. A connection lost later is retried the same
 way; the mount itself never ends because of it.
+
+The marker also records the vault's key-check token: the vault's name. A connection, and every
+new login while connected (``Session.verify``, before the call that met it is sent again), checks
+that token is still there; if not, the server's URL and user name lead to another vault
+(:class:`~privifs.errors.VaultChanged`): the link goes down and the connection is dropped before
+any listing of it is merged or any upload reaches it, and the connector keeps trying.
 """
 
 from __future__ import annotations
@@ -23,17 +29,20 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from privifs.client.connect import connect
-from privifs.client.datatokens import DataTokens, FileMeta
+from privifs.client.datatokens import DataTokens, FileMeta, find
 from privifs.client.shapes import TokenInfo
 from privifs.client.transport import ClientOptions
 from privifs.crypto.keys import key_id
-from privifs.errors import PrivifsError, ServerUnreachable, WrongKeyError
+from privifs.errors import PrivifsError, ServerUnreachable, VaultChanged, WrongKeyError
+from privifs.fs.tokenmeta import RESERVED_CONTEXT
+from privifs.keycheck import key_checks
 from privifs.supervise import Supervisor
 
 if TYPE_CHECKING:
@@ -112,19 +121,33 @@ def marker_path(state_dir: Path) -> Path:
     return state_dir / MARKER
 
 
+def _marker(state_dir: Path) -> list[str]:
+    try:
+        return marker_path(state_dir).read_text().split()
+    except OSError:
+        return []
+
+
 def may_start_offline(state_dir: Path, key: bytes) -> bool:
     """True once a mount on this machine checked this key against this vault and merged its listing."""
-    try:
-        return marker_path(state_dir).read_text().strip() == key_id(key)
-    except OSError:
-        return False
+    return _marker(state_dir)[:1] == [key_id(key)]
 
 
-def remember_vault_checked(state_dir: Path, key: bytes) -> None:
-    if may_start_offline(state_dir, key):
+def checked_vault(state_dir: Path, key: bytes) -> str | None:
+    """The key-check token of the vault this machine checked this key against (None: not
+    recorded; markers written before it was)."""
+    lines = _marker(state_dir)
+    return lines[1] if len(lines) > 1 and lines[0] == key_id(key) else None
+
+
+def remember_vault_checked(state_dir: Path, key: bytes, keycheck: str | None = None) -> None:
+    """Record that this key was checked against the vault whose key-check token is ``keycheck``
+    (public: a fingerprint of the key and a token id, no secret)."""
+    lines = [key_id(key)] + ([keycheck] if keycheck else [])
+    if _marker(state_dir) == lines:
         return
     tmp = marker_path(state_dir).with_suffix(".tmp")
-    tmp.write_text(key_id(key) + "\n")  # a public fingerprint, not a secret
+    tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(marker_path(state_dir))
 
 
@@ -153,6 +176,8 @@ class Connector:
         self.attempts = 0
         self._wake = trio.Event()
         self._attempted = trio.Event()
+        self._changed: VaultChanged | None = None  # found after a new login: the connection is dropped
+        self._changed_event = trio.Event()
 
     # -- what the daemon asks --------------------------------------------------------------------
     def status(self) -> dict:
@@ -209,7 +234,10 @@ class Connector:
                                 "staged meanwhile"
                             )
                         try:
-                            await trio.sleep_forever()
+                            await self._changed_event.wait()  # (a connection that works is kept for good)
+                            changed, self._changed = self._changed, None
+                            self._changed_event = trio.Event()
+                            raise changed
                         finally:
                             self.link.detach("the connection to the vault was closed")
                             self.offline_since = time.time()
@@ -239,6 +267,8 @@ class Connector:
                     task_status.started(False)
                 elif self.attempts == 0:
                     log.warning("lost the vault (%s); working offline, next attempt in %.0fs", exc, delay)
+                elif isinstance(exc, VaultChanged):
+                    log.error("%s; next attempt in %.0fs", exc, delay)
                 elif isinstance(exc, WrongKeyError):
                     log.error(
                         "the vault answers but refuses this key: %s; nothing is uploaded until the "
@@ -274,9 +304,11 @@ class Connector:
         limit) no longer applies: the merge is never cut off."""
         started = trio.current_time()
         infos = [info async for info in client.tokens.list()]
-        await self.check_key(client.vault(self.account.key), infos)
+        await self._same_vault(client.tokens, infos)
+        keycheck = await self.check_key(client.vault(self.account.key), infos)
         if bounded is not None:
             bounded.deadline = math.inf
+        client.session.verify = partial(self._still_the_vault, client.tokens)
         self.link.attach(client.tokens)
         try:
             infos = await self.refresher.complete(infos, started, client.tokens)
@@ -284,6 +316,39 @@ class Connector:
         except BaseException:
             self.link.detach("merging the listing failed")
             raise
-        remember_vault_checked(self.state_dir, self.account.key)
+        remember_vault_checked(self.state_dir, self.account.key, keycheck)
         self.syncer.unreachable_since = None
         self.syncer.retry_all_now()
+
+    async def _same_vault(self, tokens: DataTokens, infos: list[TokenInfo] | None = None) -> None:
+        """VaultChanged unless the vault this machine checked (its key-check token, recorded by
+        the last connection) is the one answering: the same URL and user name may lead to
+        another vault (the server's data replaced, another server behind the name), whose
+        listing would empty the tree and which would take the uploads staged here for good."""
+        recorded = checked_vault(self.state_dir, self.account.key)
+        if recorded is None:
+            return
+        if infos is None:
+            infos = [i async for i in tokens.list(context=RESERVED_CONTEXT)]
+        checks = [i.token for i in key_checks(infos)]
+        if recorded in checks or await find(tokens, recorded) is not None:  # (a listing may skip a token)
+            return
+        raise VaultChanged(
+            f"the server at {self.account.endpoints.api} answers with another vault than this mount's: the key "
+            f"check {recorded} it was checked with is gone (the vault has {', '.join(checks) or 'none'}); nothing "
+            f"is uploaded to it or taken from its listing. If that vault is the one to use from now on, unmount "
+            f"and remove {marker_path(self.state_dir)}; what is staged here is then uploaded to it"
+        )
+
+    async def _still_the_vault(self, tokens: DataTokens) -> None:
+        """After a new login while connected (the server forgot the session: restarted, or
+        replaced): the vault must still be the one checked. If not, the link goes down at
+        once, before the call that met the new login is sent again, and the connection is
+        dropped; the connector tries again with backoff until the vault comes back."""
+        try:
+            await self._same_vault(tokens)
+        except VaultChanged as exc:
+            self.link.detach(str(exc))
+            self._changed = exc
+            self._changed_event.set()
+            raise
