@@ -97,6 +97,10 @@ RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache 
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
 RETIRE_CHECK = 10.0  # how often the retired parts are looked at
+# a removed entry's token is deleted only once the files closed here before the removal are in the
+# vault, so another client never lists neither (git gc: a new pack, then the old ones deleted),
+# waiting this long at most (an upload that keeps failing does not hold deletions back for good)
+REMOVAL_AFTER_UPLOADS = 30.0
 # a file listed with no risk meta of privifs' and made less than this long ago may be one whose
 # writer has not written its risk meta yet: a meta write of this mount waits (see _current_risk)
 YOUNG_TOKEN = 30.0
@@ -211,6 +215,12 @@ class Syncer:
         # (the server may have made a token of it all the same: see _drop_unconfigured)
         self._unconfigured: dict[int, tuple[object, FileMeta]] = {}
         self._superseded: set[str] = set()  # staged ids of flights recorded as superseded (this run)
+        # closes of written files, numbered; node → the number of its first close not in the vault yet
+        self._closes = 0
+        self._closed: dict[int, int] = {}
+        # token of a removed entry → (the closes before the removal, until when its deletion waits
+        # for them to reach the vault): see REMOVAL_AFTER_UPLOADS
+        self._after_uploads: dict[str, tuple[int, float]] = {}
         # flights the last run recorded as superseded and never finished (it stopped): staged id ->
         # (context, name); a token the listing shows there with that content is theirs, not a file
         self.leftover: dict[str, tuple[str, str]] = self.index.superseded()
@@ -235,6 +245,8 @@ class Syncer:
     def schedule_upload(self, node: Node) -> None:
         """A file was closed after writing: upload it after the write-back delay (which lets a
         burst of writes finish first and coalesces quick rewrites)."""
+        self._closes += 1
+        self._closed.setdefault(node.ino, self._closes)
         self.ns.defer(node, trio.current_time() + self.write_back_delay)
         self.schedule(node)
 
@@ -244,12 +256,39 @@ class Syncer:
         self.local_fsynced.add(node.ino)
         self.schedule_upload(node)
 
-    def removed(self, node: Node) -> None:
-        """``node`` left the tree: it is no longer a change fsynced here and awaiting upload."""
+    def removed(self, node: Node, token: str | None) -> None:
+        """``node`` left the tree: it is no longer a change fsynced here and awaiting upload. Its
+        ``token`` (tombstoned) is deleted after the files closed before it reach the vault."""
         self.local_fsynced.discard(node.ino)
+        self._closed.pop(node.ino, None)
+        if token and self._closed:
+            self._after_uploads[token] = (self._closes, trio.current_time() + REMOVAL_AFTER_UPLOADS)
         earlier = self._unconfigured.pop(node.ino, None)
         if earlier is not None and self._nursery is not None:
             self._nursery.start_soon(self._drop_after_removal, node, *earlier)
+
+    def _upload_due(self, node: Node) -> bool:
+        """``node``'s content is closed (or fsynced here) and on its way to the vault."""
+        return not node.unlinked and (
+            node.uploading or bool(node.content_dirty) and (node.writers <= 0 or node.ino in self.local_fsynced)
+        )
+
+    def _held_for_uploads(self) -> set[str]:
+        """Tombstoned tokens of removed entries that wait for files closed before the removal to
+        reach the vault (forgetting the closes that did, and the removals that waited long enough)."""
+        for ino in list(self._closed):
+            node = self.ns.nodes.get(ino)
+            if node is None or not self._upload_due(node):
+                del self._closed[ino]
+        first = min(self._closed.values(), default=math.inf)
+        now = trio.current_time()
+        held = set()
+        for token, (closes, until) in list(self._after_uploads.items()):
+            if first <= closes and now < until:
+                held.add(token)
+            else:
+                del self._after_uploads[token]
+        return held
 
     def wake_tombstones(self) -> None:
         self._tomb_wake.set()
@@ -1055,7 +1094,8 @@ class Syncer:
             await self._yield_to_foreground()
             # replaced before the round: a token tombstoned while it deletes wakes the next at once
             self._tomb_wake = trio.Event()
-            tokens = [t for t in self.index.tombstones() if t not in self.ns.held]
+            held = self._held_for_uploads()
+            tokens = [t for t in self.index.tombstones() if t not in self.ns.held and t not in held]
             failed = False
             if tokens:
 
@@ -1087,7 +1127,8 @@ class Syncer:
             for token, entry in list(self.renamed.items()):
                 if now - entry[0] > RENAME_RESCUE_WINDOW:
                     del self.renamed[token]
-            with trio.move_on_after(min(MAX_BACKOFF, 2**failures) if failed else 30):
+            wait = min(MAX_BACKOFF, 2**failures) if failed else 30
+            with trio.move_on_after(min(wait, 0.1) if held else wait):  # held: look again soon
                 await self._tomb_wake.wait()
 
     # -- crash recovery --------------------------------------------------------------------------
