@@ -130,6 +130,27 @@ async def test_guide_registration_order_when_unkeyed_auth_is_denied_and_taken_na
         await register_profile(endpoints, name, "correct-horse-battery", public)
 
 
+async def test_a_registration_stopped_before_its_key_is_finished_by_the_next_one(eng):
+    """An 'init --register' whose run stopped between the profile and its public key (the key's
+    command failed, its answer was lost, the run was killed) left a profile without a key: the
+    next 'init --register' said "already taken", 'init' said "register a public key first", and
+    nothing in privifs could make the account usable. The next registration with the same
+    password now registers the key; a profile that has one is still "already taken"."""
+    endpoints = Endpoints.from_dict(eng.urls)
+    name = f"half-{uuid.uuid4().hex[:8]}@example.com"
+    eng.set_options(reject=["register-public-key"])
+    with pytest.raises(Exception, match="policy.rejected"):
+        await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1])
+    eng.set_options(reject=[])
+    with pytest.raises(ConflictError, match="already taken"):  # somebody else's password: not theirs
+        await register_profile(endpoints, name, "not-the-password", new_identity()[1])
+    assert await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1]) == "live"
+    async with connect(endpoints, PasswordCredentials(name, "correct-horse-battery")) as client:
+        assert await client.vault(KEY).get_bytes(await client.vault(KEY).put_bytes(b"x", meta())) == b"x"
+    with pytest.raises(ConflictError, match="already taken"):  # now it has a key: a finished account
+        await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1])
+
+
 async def test_wrong_password_and_unreachable_server_have_clear_errors(eng, account):
     endpoints, creds = account
     with pytest.raises(AuthenticationError, match="refused username"):

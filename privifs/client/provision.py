@@ -2,7 +2,9 @@
 
 The live order (register → authenticate → register the key with the token) is tried first; when
 authenticate refuses a fresh profile (the guides' order), the key is registered with username and
-password and no token, then authenticate is tried again (reference section 5.1).
+password and no token, then authenticate is tried again (reference section 5.1). A taken username that this password
+opens and that has no public key yet (an earlier registration stopped before its key) gets the
+key now, so a failed 'init --register' can simply be run again.
 """
 
 from __future__ import annotations
@@ -37,14 +39,20 @@ async def register_profile(
             what="register profile",
         )
         if resp.status_code == 409:
-            raise ConflictError(f"the username {username!r} is already taken on this server", status=409)
-        await commands.wait(shapes.command_id(resp), what="register profile")
-        try:
-            await session.login()
+            if not await _keyless(transport, session):
+                raise ConflictError(f"the username {username!r} is already taken on this server", status=409)
+            # ours, registered by an earlier run that stopped before its key (its answer was lost,
+            # the run was killed): finish it, or the profile is unusable and the name taken for good
+            log.info("profile %s exists without a public key: registering the key now", username)
             order = "live"
-        except AuthenticationError:
-            session.token = None
-            order = "guide"
+        else:
+            await commands.wait(shapes.command_id(resp), what="register profile")
+            try:
+                await session.login()
+                order = "live"
+            except AuthenticationError:
+                session.token = None
+                order = "guide"
         if order == "live":
             resp = await transport.call(
                 "POST",
@@ -75,6 +83,22 @@ async def register_profile(
         return order
     finally:
         await transport.aclose()
+
+
+async def _keyless(transport: Transport, session: Session) -> bool:
+    """Whether a taken username is a profile this password opens that has no public key yet.
+    Only the live order can tell (authenticate works before the key, and the key is looked up
+    with the token); a server of the guides' order refuses to authenticate such a profile, and a
+    profile that has a key is somebody's finished account: both stay "already taken"."""
+    try:
+        await session.login()
+    except AuthenticationError:
+        session.token = None
+        return False
+    resp = await transport.call(
+        "GET", "/public-key/retrieve-public-key", idempotent=True, expected=(200, 404), what="retrieve public key"
+    )
+    return resp.status_code == 404
 
 
 def new_identity() -> tuple[bytes, str]:
