@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
+from contextlib import asynccontextmanager
 from functools import partial
 
 import pytest
@@ -556,3 +557,72 @@ async def test_streamed_retrievals_over_the_lean_path_and_over_httpx(account, le
         if lean:
             down = urlsplit(endpoints.downstream)
             assert len(client.transport.lean._idle[(down.hostname, down.port)]) == 1  # one, reused
+
+
+@asynccontextmanager
+async def api_proxy(api: str, mangle):
+    """A plain HTTP proxy in front of the engine's API, one request per connection, whose
+    ``mangle(path, status, body)`` may change what the client gets back: a server behind a
+    broken proxy, or one whose answer is cut short."""
+    import httpx
+
+    async def serve(stream) -> None:
+        with trio.move_on_after(30):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                piece = await stream.receive_some(65536)
+                if not piece:
+                    return
+                request += piece
+            head, _, body = request.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+            keep = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "connection")}
+            async with httpx.AsyncClient(timeout=30) as http:
+                resp = await http.request(method, api + path, content=body, headers=keep)
+            status, answer = mangle(path, resp.status_code, resp.content)
+            out = [f"HTTP/1.1 {status} X", f"Content-Length: {len(answer)}", "Connection: close"]
+            out += [f"{k}: {v}" for k, v in resp.headers.items() if k.lower().startswith("x-dpt")]
+            await stream.send_all("\r\n".join(out).encode() + b"\r\n\r\n" + answer)
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("damage", ["cut", "cut bare string", "html"])
+async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(eng, account, damage):
+    """configure-file-meta's answer cut short (``{"token":"dtk-1a2b``) or replaced by a proxy's
+    HTML page was taken for the permanent token (bare text is a recorded shape): the store
+    'succeeded' with a token that does not exist, 'token put' then failed with "configure risk
+    meta: not found", and a mount dropped the files it had just written as "deleted by another
+    client". Such an answer is now unreadable and asked for again, and so is a cut command id."""
+    endpoints, creds = account
+    if damage == "cut bare string":  # '"dtk-1a2b': the recorded bare-string shapes, cut short
+        eng.set_options(file_meta_shape="string", command_id_shape="string")
+    spoiled = {"/data-token/configure-file-meta": 2, "/data-token/reserve-token-space": 1}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        for prefix, left in spoiled.items():
+            if path.startswith(prefix) and left and 200 <= status < 300:
+                spoiled[prefix] = left - 1
+                if damage == "html":
+                    return 200, b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                return status, body[: max(2, len(body) // 2)]
+        return status, body
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds, ClientOptions(retry_attempts=3)) as client:
+                vault = client.vault(KEY)
+                token = await vault.put_bytes(b"written through a broken proxy", meta())
+                await client.tokens.set_risk(token, {"privifs.mode": "644"})  # it exists
+                assert await vault.get_bytes(token) == b"written through a broken proxy"
+    assert not any(spoiled.values()), spoiled  # every damaged answer was met

@@ -27,6 +27,7 @@ from privifs.client.transport import ClientOptions, Transport, failure_text
 from privifs.errors import (
     CommandPending,
     CommandRejected,
+    MalformedAnswer,
     NotFoundError,
     PrivifsError,
     ProtocolError,
@@ -266,7 +267,12 @@ class DataTokens:
                     expected=(202, 200),
                     what="request data",
                 )
-                rid = shapes.request_id(resp)
+                try:
+                    rid = shapes.request_id(resp)
+                except MalformedAnswer as exc:  # nothing to wait for: ask again
+                    log.info("request-data for %s: %s; asking again", token, exc)
+                    await trio.sleep(self.transport.backoff(attempt))
+                    continue
                 if resp.headers.get("x-dpt-cab-id"):
                     self.hub.claim(resp.headers["x-dpt-cab-id"])  # its ack is ours, not a change
                 rids.append(rid)
