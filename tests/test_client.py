@@ -602,11 +602,13 @@ async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(en
     HTML page was taken for the permanent token (bare text is a recorded shape): the store
     'succeeded' with a token that does not exist, 'token put' then failed with "configure risk
     meta: not found", and a mount dropped the files it had just written as "deleted by another
-    client". Such an answer is now unreadable and asked for again, and so is a cut command id."""
+    client"; a listing page so damaged stopped a mount's start ("unexpected listing answer"). Such
+    an answer is now unreadable and asked for again, and so is a cut command id."""
     endpoints, creds = account
     if damage == "cut bare string":  # '"dtk-1a2b': the recorded bare-string shapes, cut short
         eng.set_options(file_meta_shape="string", command_id_shape="string")
     spoiled = {"/data-token/configure-file-meta": 2, "/data-token/reserve-token-space": 1}
+    listing = "/data-token/list-data-tokens"
 
     def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
         for prefix, left in spoiled.items():
@@ -625,4 +627,6 @@ async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(en
                 token = await vault.put_bytes(b"written through a broken proxy", meta())
                 await client.tokens.set_risk(token, {"privifs.mode": "644"})  # it exists
                 assert await vault.get_bytes(token) == b"written through a broken proxy"
+                spoiled[listing] = 2  # a listing page likewise: it stopped a mount's start
+                assert token in [i.token async for i in client.tokens.list()]
     assert not any(spoiled.values()), spoiled  # every damaged answer was met

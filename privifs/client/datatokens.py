@@ -408,10 +408,18 @@ class DataTokens:
                 params["filters[context]"] = context
             if token is not None:
                 params["filters[token]"] = token
-            resp = await self.transport.call(
-                "GET", "/data-token/list-data-tokens", params=params, idempotent=True, what="list data tokens"
-            )
-            items, count = shapes.listing(shapes.json_or_text(resp))
+            for attempt in range(self.transport.options.retry_attempts):
+                resp = await self.transport.call(
+                    "GET", "/data-token/list-data-tokens", params=params, idempotent=True, what="list data tokens"
+                )
+                try:
+                    items, count = shapes.listing(shapes.json_or_text(resp))
+                    break
+                except MalformedAnswer as exc:  # a page cut short or a proxy's page: ask for it again
+                    if attempt + 1 == self.transport.options.retry_attempts:
+                        raise
+                    log.info("%s; asking for page %d again", exc, page)
+                    await trio.sleep(self.transport.backoff(attempt))
             for item in items:
                 yield shapes.TokenInfo.from_item(item)
             seen += len(items)

@@ -295,6 +295,8 @@ def listing(body: Any) -> tuple[list[dict], int | None]:
         meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
         count = meta.get("count", meta.get("total"))
         return (items if isinstance(items, list) else []), (count if isinstance(count, int) else None)
+    if body is None or isinstance(body, str):  # empty, cut short, an HTML page: not JSON at all
+        raise MalformedAnswer(f"list data tokens: the server's answer cannot be read ({str(body)[:60]!r})")
     raise ProtocolError("unexpected listing answer")
 
 
