@@ -630,3 +630,19 @@ async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(en
                 spoiled[listing] = 2  # a listing page likewise: it stopped a mount's start
                 assert token in [i.token async for i in client.tokens.list()]
     assert not any(spoiled.values()), spoiled  # every damaged answer was met
+
+
+async def test_an_upload_slower_than_a_reservation_of_5_seconds_gets_a_longer_one(eng, account):
+    """With the guides' unit (ttl in seconds, ``ttl_unit=seconds``) a reservation of 5 lasted 5
+    seconds: any upload that took longer (3 MB on a 3 Mbit/s link) ended with HTTP 410 "the
+    reservation expired during the upload", every time, and the file was never stored. After
+    such an expiry the client reserves with 60, the largest ttl the API accepts."""
+    eng.set_options(ttl_unit="seconds", stream_bytes_per_second=100_000)
+    data = os.urandom(650_000)  # about 6.5 s at that rate
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        with trio.fail_after(60):
+            token = await vault.put_bytes(data, meta())
+        assert client.tokens.ttl == "60"
+        eng.set_options(stream_bytes_per_second=0)
+        assert await vault.get_bytes(token) == data

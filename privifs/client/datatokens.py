@@ -43,6 +43,7 @@ from privifs.errors import (
 log = logging.getLogger("privifs.client.datatokens")
 
 DOWNLOAD_CHUNK = 1024 * 1024
+RESERVE_TTLS = ("5", "60")  # what reserve-token-space asks for: first, and after an upload outlived it
 B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n-_")
 
 
@@ -77,6 +78,10 @@ class DataTokens:
         self.hub = hub
         self.options = options
         self._held: dict[str, str] = {}  # context → its reservation command a vote holds
+        # the reservation's ttl: 5, as the live probe sent it, until an upload outlives it (a
+        # server counting it in seconds, as the guides say, and a slow link); then the largest
+        # the API allows, 60, unless the server refuses that (RESERVE_TTLS, reference 5.4)
+        self.ttl = RESERVE_TTLS[0]
 
     # -- store ---------------------------------------------------------------------------------
     async def reserve(self, context: str) -> shapes.TemporaryToken:
@@ -104,14 +109,22 @@ class DataTokens:
                     command_id=cid,
                     reason=state.reason,
                 )
-        resp = await self.transport.call(
-            "POST",
-            "/data-token/reserve-token-space",
-            data={"context": context, "ttl": "5"},
-            idempotent=True,
-            expected=(202, 200),
-            what="reserve token space",
-        )
+        ttl = self.ttl
+        try:
+            resp = await self.transport.call(
+                "POST",
+                "/data-token/reserve-token-space",
+                data={"context": context, "ttl": ttl},
+                idempotent=True,
+                expected=(202, 200),
+                what="reserve token space",
+            )
+        except RequestRejected as exc:
+            if ttl == RESERVE_TTLS[0] or "ttl" not in exc.fields:
+                raise
+            log.warning("the server refuses a reservation ttl of %s (%s); back to %s", ttl, exc, RESERVE_TTLS[0])
+            self.ttl = RESERVE_TTLS[0]
+            return await self.reserve(context)
         cid = shapes.command_id(resp)
         try:
             await self.commands.wait(cid, what="reserve token space")
@@ -219,7 +232,21 @@ class DataTokens:
                             continue
                         raise
                 else:
-                    await self.upload(tmp, body, wire_size)
+                    try:
+                        await self.upload(tmp, body, wire_size)
+                    except RequestRejected as exc:
+                        if exc.status != 410 or self.ttl == RESERVE_TTLS[-1]:
+                            raise
+                        # the reservation ran out while the bytes were on their way: a ttl of 5
+                        # seconds (the guides' unit) and a link too slow to send them in that
+                        log.warning(
+                            "storing %s: %s; reserving with a ttl of %s from now on",
+                            meta.file_name,
+                            exc,
+                            RESERVE_TTLS[-1],
+                        )
+                        self.ttl = RESERVE_TTLS[-1]
+                        continue
             except (CommandPending, CommandRejected):
                 raise
             except VaultError as exc:
