@@ -646,3 +646,29 @@ async def test_an_upload_slower_than_a_reservation_of_5_seconds_gets_a_longer_on
         assert client.tokens.ttl == "60"
         eng.set_options(stream_bytes_per_second=0)
         assert await vault.get_bytes(token) == data
+
+
+@pytest.mark.parametrize("damage", ["cut", "html"])
+async def test_a_status_poll_answer_cut_short_or_a_proxy_page_is_not_a_rejection(eng, account, damage):
+    """A status poll answered by a proxy's HTML page (or a status cut short, '"succ') read as a
+    status word that is neither pending nor success, so the command counted as rejected: a
+    rename or delete that the server applied was reported as refused. It is asked again."""
+    endpoints, creds = account
+    eng.set_options(ack_drop_rate=1.0)  # no acks: every command is settled by polling
+    spoiled = {"/request-status/": 3}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/request-status/") and spoiled["/request-status/"] and status == 200:
+            spoiled["/request-status/"] -= 1
+            return (200, b"<html><body>502 Bad Gateway</body></html>") if damage == "html" else (200, body[:5])
+        return status, body
+
+    async with connect(*account) as direct:
+        token = await direct.vault(KEY).put_bytes(b"x", meta())
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds) as client:
+                await client.tokens.update(token, file_name="renamed.bin")
+                assert [i.file_name async for i in client.tokens.list(token=token)] == ["renamed.bin"]
+    assert not any(spoiled.values()), spoiled
