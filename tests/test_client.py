@@ -672,3 +672,24 @@ async def test_a_status_poll_answer_cut_short_or_a_proxy_page_is_not_a_rejection
                 await client.tokens.update(token, file_name="renamed.bin")
                 assert [i.file_name async for i in client.tokens.list(token=token)] == ["renamed.bin"]
     assert not any(spoiled.values()), spoiled
+
+
+async def test_an_html_error_page_is_named_by_its_title_in_one_line(eng, account):
+    """A proxy's 502 page (nginx's, over several lines) went into the error as its markup, line
+    breaks included: a command's "one line" error and the mount's log lines were several."""
+    from privifs.errors import ServerError
+
+    endpoints, creds = account
+    page = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+    page += b"</center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n"
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        return (502, page) if path.startswith("/data-token/list-data-tokens") else (status, body)
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds, ClientOptions(retry_attempts=1)) as client:
+                with pytest.raises(ServerError) as caught:
+                    [i async for i in client.tokens.list()]
+    assert str(caught.value) == "list data tokens: the server failed (HTTP 502: 502 Bad Gateway)", str(caught.value)

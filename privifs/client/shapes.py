@@ -337,11 +337,25 @@ def lenient_b64decode(text: str) -> bytes:
         raise ProtocolError("the inline payload is not valid base64") from None
 
 
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def plain_text(text: str) -> str:
+    """A text answer as one line: an HTML error page (a proxy's, a load balancer's) by its title,
+    else its text without tags; line breaks and runs of spaces as one space. An nginx page
+    printed its markup over several lines into a command's one-line error and the log."""
+    if "<" in text and ">" in text:
+        title = _TITLE.search(text)
+        text = title.group(1) if title else _TAG.sub(" ", text)
+    return " ".join(text.split())
+
+
 def error_message(resp: httpx.Response) -> str:
     """The most useful text of an error answer: message / error / errors / violations / detail."""
     body = json_or_text(resp)
     if isinstance(body, str):
-        return body[:300]
+        return plain_text(body)[:300]
     parts: list[str] = []
     if isinstance(body, dict):
         for k in ("message", "error", "detail"):
