@@ -693,3 +693,16 @@ async def test_an_html_error_page_is_named_by_its_title_in_one_line(eng, account
                 with pytest.raises(ServerError) as caught:
                     [i async for i in client.tokens.list()]
     assert str(caught.value) == "list data tokens: the server failed (HTTP 502: 502 Bad Gateway)", str(caught.value)
+
+
+async def test_a_listing_capped_below_the_page_size_asked_for_is_read_to_the_end(eng, account):
+    """A server whose pages hold fewer tokens than ``perPage`` asked (``per_page_max``; the
+    reference's example pages hold 25) answered full pages the client took for the last one:
+    the listing ended after the first page, and a mount never showed what other clients stored
+    past it (and asked for each token of its own past it, one request each, at every refresh)."""
+    eng.set_options(per_page_max=3)
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        stored = {await vault.put_bytes(b"x", meta(f"f{i}.bin")) for i in range(8)}
+        assert {i.token async for i in client.tokens.list()} == stored
+        assert {i.token async for i in client.tokens.list(context="/t")} == stored

@@ -425,10 +425,16 @@ class DataTokens:
     async def list(
         self, *, context: str | None = None, token: str | None = None, per_page: int = 500
     ) -> AsyncIterator[shapes.TokenInfo]:
-        """Every token of the profile (or of one context, or just ``token``), page by page (until a
-        short or empty page)."""
+        """Every token of the profile (or of one context, or just ``token``), page by page: until
+        the count the server states is reached, or (no count) a page shorter than the longest
+        one yet, or an empty page. A server that caps ``perPage`` below what was asked (25 by
+        the reference's example) answers full pages shorter than ``per_page``: taken for the
+        last page, the listing ended after the first, and tokens other clients added past it
+        never showed. A page that repeats the previous one (a server ignoring ``page``) ends it."""
         page = 1
         seen = 0
+        longest = 0
+        previous: list[str] | None = None
         while True:
             params = {"page": str(page), "perPage": str(per_page)}
             if context is not None:
@@ -447,10 +453,19 @@ class DataTokens:
                         raise
                     log.info("%s; asking for page %d again", exc, page)
                     await trio.sleep(self.transport.backoff(attempt))
-            for item in items:
-                yield shapes.TokenInfo.from_item(item)
+            infos = [shapes.TokenInfo.from_item(item) for item in items]
+            tokens = [info.token for info in infos]
+            if tokens and tokens == previous:
+                log.warning("the server answered page %d of the listing with page %d again; ending it", page, page - 1)
+                return
+            previous = tokens
+            for info in infos:
+                yield info
             seen += len(items)
-            if not items or len(items) < per_page or (count is not None and seen >= count):
+            longest = max(longest, len(items))
+            if not items or (count is not None and seen >= count):
+                return
+            if count is None and len(items) < longest:  # shorter than a full page: the last one
                 return
             page += 1
 
