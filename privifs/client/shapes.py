@@ -35,7 +35,7 @@ def json_or_text(resp: httpx.Response) -> Any:
 
 # what an id or token sent as bare text (the reference's shape 4) can be: one word, no spaces,
 # quotes, brackets or braces; an HTML page or a JSON body cut short is none
-_BARE = re.compile(r"""[^\s"'{}\[\]<>,;]+""")
+_BARE = re.compile(r"""[^\s"'{}\[\]<>]+""")
 
 
 def bare_text(body: str, what: str) -> str:
