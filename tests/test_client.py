@@ -126,8 +126,10 @@ async def test_guide_registration_order_when_unkeyed_auth_is_denied_and_taken_na
     _, public = new_identity()
     name = f"guide-{uuid.uuid4().hex[:8]}@example.com"
     assert await register_profile(endpoints, name, "correct-horse-battery", public) == "guide"
-    with pytest.raises(ConflictError, match="already taken"):
+    with pytest.raises(ConflictError, match="already registered .* without --register"):
         await register_profile(endpoints, name, "correct-horse-battery", public)
+    with pytest.raises(ConflictError, match="already taken"):
+        await register_profile(endpoints, name, "another-password", public)
 
 
 async def test_a_registration_stopped_before_its_key_is_finished_by_the_next_one(eng):
@@ -147,7 +149,7 @@ async def test_a_registration_stopped_before_its_key_is_finished_by_the_next_one
     assert await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1]) == "live"
     async with connect(endpoints, PasswordCredentials(name, "correct-horse-battery")) as client:
         assert await client.vault(KEY).get_bytes(await client.vault(KEY).put_bytes(b"x", meta())) == b"x"
-    with pytest.raises(ConflictError, match="already taken"):  # now it has a key: a finished account
+    with pytest.raises(ConflictError, match="already registered .* without --register"):  # it has a key now
         await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1])
 
 

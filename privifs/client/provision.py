@@ -39,8 +39,16 @@ async def register_profile(
             what="register profile",
         )
         if resp.status_code == 409:
-            if not await _keyless(transport, session):
+            keyless = await _keyless(transport, session)
+            if keyless is None:
                 raise ConflictError(f"the username {username!r} is already taken on this server", status=409)
+            if not keyless:
+                raise ConflictError(
+                    f"the username {username!r} is already registered on this server, and this password "
+                    "opens it (an earlier 'init --register' that failed after registering it?): run "
+                    "'privifs init' without --register to use it",
+                    status=409,
+                )
             # ours, registered by an earlier run that stopped before its key (its answer was lost,
             # the run was killed): finish it, or the profile is unusable and the name taken for good
             log.info("profile %s exists without a public key: registering the key now", username)
@@ -85,16 +93,16 @@ async def register_profile(
         await transport.aclose()
 
 
-async def _keyless(transport: Transport, session: Session) -> bool:
-    """Whether a taken username is a profile this password opens that has no public key yet.
-    Only the live order can tell (authenticate works before the key, and the key is looked up
-    with the token); a server of the guides' order refuses to authenticate such a profile, and a
-    profile that has a key is somebody's finished account: both stay "already taken"."""
+async def _keyless(transport: Transport, session: Session) -> bool | None:
+    """Whether a taken username, which this password opens, has no public key yet (``None``: the
+    password does not open it). Only the live order can tell (authenticate works before the key,
+    and the key is looked up with the token); a server of the guides' order refuses to
+    authenticate a keyless profile, so there it stays "already taken"."""
     try:
         await session.login()
     except AuthenticationError:
         session.token = None
-        return False
+        return None
     resp = await transport.call(
         "GET", "/public-key/retrieve-public-key", idempotent=True, expected=(200, 404), what="retrieve public key"
     )
