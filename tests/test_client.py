@@ -670,3 +670,28 @@ async def test_a_listing_capped_below_the_page_size_asked_for_is_read_to_the_end
         stored = {await vault.put_bytes(b"x", meta(f"f{i}.bin")) for i in range(8)}
         assert {i.token async for i in client.tokens.list()} == stored
         assert {i.token async for i in client.tokens.list(context="/t")} == stored
+
+
+async def test_token_commands_find_a_token_through_an_answer_cut_short(eng, account):
+    """'privifs token get/stat/mv/rm' look their token up with one filtered listing request; an
+    answer cut short or a proxy's page failed the command ("the server's answer cannot be
+    read") where a listing asks for the page again."""
+    from privifs.cli.token_cmd import _find
+
+    endpoints, creds = account
+    async with connect(*account) as direct:
+        token = await direct.vault(KEY).put_bytes(b"x", meta("found.bin"))
+    left = {"cuts": 2}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/list-data-tokens") and status == 200 and left["cuts"]:
+            left["cuts"] -= 1
+            return 200, b"<html><body>502 Bad Gateway</body></html>"
+        return status, body
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds) as client:
+                assert (await _find(client, token)).file_name == "found.bin"
+    assert left["cuts"] == 0

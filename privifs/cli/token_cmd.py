@@ -28,7 +28,7 @@ from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import BlockWriter, get_checked
 from privifs.config import load
 from privifs.crypto import digest
-from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
+from privifs.errors import MalformedAnswer, NotFoundError, PrivifsError, output_failed, single_error
 from privifs.fs.names import NAME_MAX, shown_name
 from privifs.fs.tokenmeta import RESERVED_CONTEXT, split_context
 from privifs.keycheck import verify_key
@@ -197,12 +197,19 @@ async def _put(args, client, vault) -> int:
 
 
 async def _find(client, token: str):
-    resp = await client.transport.call(
-        "GET", "/data-token/list-data-tokens", params={"filters[token]": token, "perPage": "1"}, idempotent=True
-    )
     from privifs.client import shapes
 
-    items, _ = shapes.listing(shapes.json_or_text(resp))
+    for attempt in range(3):  # an answer cut short or a proxy's page: asked again, as a listing's pages are
+        resp = await client.transport.call(
+            "GET", "/data-token/list-data-tokens", params={"filters[token]": token, "perPage": "1"}, idempotent=True
+        )
+        try:
+            items, _ = shapes.listing(shapes.json_or_text(resp))
+            break
+        except MalformedAnswer:
+            if attempt == 2:
+                raise
+            await trio.sleep(client.transport.backoff(attempt))
     for item in items:
         info = shapes.TokenInfo.from_item(item)
         if info.token == token:
