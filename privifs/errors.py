@@ -95,6 +95,14 @@ class ProtocolError(VaultError):
     """The server answered in a shape the client does not understand."""
 
 
+class MalformedAnswer(ProtocolError):
+    """A 2xx answer that is no answer at all: empty, cut short (``{"token":"dtk-1a2b``), or a
+    proxy's HTML page. Nothing can be read from it, least of all an id or a token, so it is
+    transient: the call (or the chain it belongs to) is made again."""
+
+    transient = True
+
+
 class AuthenticationError(VaultError):
     """Username or password were refused."""
 

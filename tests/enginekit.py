@@ -1,6 +1,48 @@
 """The engine helpers the tests import by this name; they live in :mod:`privifs.devkit.engine`
 (shared with the scripts)."""
 
+from contextlib import asynccontextmanager
+from functools import partial
+
+import trio
+
 from privifs.devkit.engine import Channel, EngineProcess, Wire, command_id
 
-__all__ = ["Channel", "EngineProcess", "Wire", "command_id"]
+__all__ = ["Channel", "EngineProcess", "Wire", "api_proxy", "command_id"]
+
+
+@asynccontextmanager
+async def api_proxy(api: str, mangle):
+    """A plain HTTP proxy in front of the engine's API, one request per connection, whose
+    ``mangle(path, status, body)`` may change what the client gets back: a server behind a
+    broken proxy, or one whose answer is cut short."""
+    import httpx
+
+    async def serve(stream) -> None:
+        with trio.move_on_after(30):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                piece = await stream.receive_some(65536)
+                if not piece:
+                    return
+                request += piece
+            head, _, body = request.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _ = lines[0].split(" ", 2)
+            headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            length = int(next((v for k, v in headers.items() if k.lower() == "content-length"), "0"))
+            while len(body) < length:
+                body += await stream.receive_some(65536)
+            keep = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "connection")}
+            async with httpx.AsyncClient(timeout=30) as http:
+                resp = await http.request(method, api + path, content=body, headers=keep)
+            status, answer = mangle(path, resp.status_code, resp.content)
+            out = [f"HTTP/1.1 {status} X", f"Content-Length: {len(answer)}", "Connection: close"]
+            out += [f"{k}: {v}" for k, v in resp.headers.items() if k.lower().startswith("x-dpt")]
+            await stream.send_all("\r\n".join(out).encode() + b"\r\n\r\n" + answer)
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.cancel_scope.cancel()

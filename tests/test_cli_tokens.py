@@ -392,3 +392,51 @@ def test_get_of_a_symlink_token_makes_the_link_and_of_a_fifo_or_directory_writes
         assert r.returncode == 1 and f"is a {what}" in r.stderr and "nothing was written" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["again", "link"]
+
+
+def _rename_as_another_application(env: dict, token: str, **fields: str) -> None:
+    """update-data-token sent the way another Privicore application sends it (plain HTTP, as the
+    reference's section 5 describes), so the token's fields are exactly these."""
+    import time
+
+    import httpx
+
+    api = env["PRIVICORE_API_URL"]
+    with httpx.Client(timeout=30) as http:
+        auth = http.post(
+            api + "/profile/authenticate",
+            data={"username": env["PRIVICORE_USERNAME"], "password": env["PRIVICORE_PASSWORD"]},
+        )
+        headers = {"X-DPT-AUTHORIZATION": auth.json()["authorizationToken"]}
+        r = http.post(api + "/data-token/update-data-token", data={"token": token, **fields}, headers=headers)
+        assert r.status_code == 202, r.text
+        command = r.json()["commandId"]
+        deadline = time.monotonic() + 30
+        while (status := http.post(api + f"/request-status/{command}", json={}, headers=headers).json()) == "started":
+            assert time.monotonic() < deadline, "the rename was not applied in 30 s"
+            time.sleep(0.05)
+        assert status == "succeeded", status
+
+
+def test_get_into_a_directory_writes_the_name_the_mount_shows_however_long(user, tmp_path):
+    """'token get TOKEN DIR' of a file named with 239 to 255 bytes (names the mount makes and
+    shows) failed with "File name too long": the partial file beside it, '.NAME.privifs-partial',
+    was longer than a name can be. And a token of another application named 'README' with
+    extension 'md', which the mount shows as README.md, was written as 'README'."""
+    src = tmp_path / "payload"
+    src.write_bytes(b"long names are names")
+    into = tmp_path / "into"
+    into.mkdir()
+    for name in ("n" * 251 + ".txt", "é" * 125 + ".md", "x" * 255):
+        token = run(user, "token", "put", str(src), "--name", name).stdout.strip()
+        r = run(user, "token", "get", token, str(into), check=False)
+        assert r.returncode == 0, (name, r.stderr)
+        assert (into / name).read_bytes() == src.read_bytes()
+        run(user, "token", "get", token, str(into))  # again, over the file it wrote
+    token = run(user, "token", "put", str(src), "--name", "README").stdout.strip()
+    _rename_as_another_application(user, token, fileName="README", extension="md")
+    run(user, "token", "get", token, str(into))
+    assert (into / "README.md").read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in into.iterdir()) == sorted(
+        ["n" * 251 + ".txt", "é" * 125 + ".md", "x" * 255, "README.md"]
+    )

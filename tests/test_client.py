@@ -29,7 +29,7 @@ from privifs.errors import (
     NotFoundError,
     ServerUnreachable,
 )
-from tests.enginekit import Wire
+from tests.enginekit import Wire, api_proxy
 
 
 def meta(name: str = "f.bin", context: str = "/t") -> FileMeta:
@@ -126,8 +126,31 @@ async def test_guide_registration_order_when_unkeyed_auth_is_denied_and_taken_na
     _, public = new_identity()
     name = f"guide-{uuid.uuid4().hex[:8]}@example.com"
     assert await register_profile(endpoints, name, "correct-horse-battery", public) == "guide"
-    with pytest.raises(ConflictError, match="already taken"):
+    with pytest.raises(ConflictError, match="already registered .* without --register"):
         await register_profile(endpoints, name, "correct-horse-battery", public)
+    with pytest.raises(ConflictError, match="already taken"):
+        await register_profile(endpoints, name, "another-password", public)
+
+
+async def test_a_registration_stopped_before_its_key_is_finished_by_the_next_one(eng):
+    """An 'init --register' whose run stopped between the profile and its public key (the key's
+    command failed, its answer was lost, the run was killed) left a profile without a key: the
+    next 'init --register' said "already taken", 'init' said "register a public key first", and
+    nothing in privifs could make the account usable. The next registration with the same
+    password now registers the key; a profile that has one is still "already taken"."""
+    endpoints = Endpoints.from_dict(eng.urls)
+    name = f"half-{uuid.uuid4().hex[:8]}@example.com"
+    eng.set_options(reject=["register-public-key"])
+    with pytest.raises(Exception, match="policy.rejected"):
+        await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1])
+    eng.set_options(reject=[])
+    with pytest.raises(ConflictError, match="already taken"):  # somebody else's password: not theirs
+        await register_profile(endpoints, name, "not-the-password", new_identity()[1])
+    assert await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1]) == "live"
+    async with connect(endpoints, PasswordCredentials(name, "correct-horse-battery")) as client:
+        assert await client.vault(KEY).get_bytes(await client.vault(KEY).put_bytes(b"x", meta())) == b"x"
+    with pytest.raises(ConflictError, match="already registered .* without --register"):  # it has a key now
+        await register_profile(endpoints, name, "correct-horse-battery", new_identity()[1])
 
 
 async def test_wrong_password_and_unreachable_server_have_clear_errors(eng, account):
@@ -535,3 +558,140 @@ async def test_streamed_retrievals_over_the_lean_path_and_over_httpx(account, le
         if lean:
             down = urlsplit(endpoints.downstream)
             assert len(client.transport.lean._idle[(down.hostname, down.port)]) == 1  # one, reused
+
+
+@pytest.mark.parametrize("damage", ["cut", "cut bare string", "html"])
+async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(eng, account, damage):
+    """configure-file-meta's answer cut short (``{"token":"dtk-1a2b``) or replaced by a proxy's
+    HTML page was taken for the permanent token (bare text is a recorded shape): the store
+    'succeeded' with a token that does not exist, 'token put' then failed with "configure risk
+    meta: not found", and a mount dropped the files it had just written as "deleted by another
+    client"; a listing page so damaged stopped a mount's start ("unexpected listing answer"). Such
+    an answer is now unreadable and asked for again, and so is a cut command id."""
+    endpoints, creds = account
+    if damage == "cut bare string":  # '"dtk-1a2b': the recorded bare-string shapes, cut short
+        eng.set_options(file_meta_shape="string", command_id_shape="string")
+    spoiled = {"/data-token/configure-file-meta": 2, "/data-token/reserve-token-space": 1}
+    listing = "/data-token/list-data-tokens"
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        for prefix, left in spoiled.items():
+            if path.startswith(prefix) and left and 200 <= status < 300:
+                spoiled[prefix] = left - 1
+                if damage == "html":
+                    return 200, b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                return status, body[: max(2, len(body) // 2)]
+        return status, body
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds, ClientOptions(retry_attempts=3)) as client:
+                vault = client.vault(KEY)
+                token = await vault.put_bytes(b"written through a broken proxy", meta())
+                await client.tokens.set_risk(token, {"privifs.mode": "644"})  # it exists
+                assert await vault.get_bytes(token) == b"written through a broken proxy"
+                spoiled[listing] = 2  # a listing page likewise: it stopped a mount's start
+                assert token in [i.token async for i in client.tokens.list()]
+    assert not any(spoiled.values()), spoiled  # every damaged answer was met
+
+
+async def test_an_upload_slower_than_a_reservation_of_5_seconds_gets_a_longer_one(eng, account):
+    """With the guides' unit (ttl in seconds, ``ttl_unit=seconds``) a reservation of 5 lasted 5
+    seconds: any upload that took longer (3 MB on a 3 Mbit/s link) ended with HTTP 410 "the
+    reservation expired during the upload", every time, and the file was never stored. After
+    such an expiry the client reserves with 60, the largest ttl the API accepts."""
+    eng.set_options(ttl_unit="seconds", stream_bytes_per_second=100_000)
+    data = os.urandom(650_000)  # about 6.5 s at that rate
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        with trio.fail_after(60):
+            token = await vault.put_bytes(data, meta())
+        assert client.tokens.ttl == "60"
+        eng.set_options(stream_bytes_per_second=0)
+        assert await vault.get_bytes(token) == data
+
+
+@pytest.mark.parametrize("damage", ["cut", "html"])
+async def test_a_status_poll_answer_cut_short_or_a_proxy_page_is_not_a_rejection(eng, account, damage):
+    """A status poll answered by a proxy's HTML page (or a status cut short, '"succ') read as a
+    status word that is neither pending nor success, so the command counted as rejected: a
+    rename or delete that the server applied was reported as refused. It is asked again."""
+    endpoints, creds = account
+    eng.set_options(ack_drop_rate=1.0)  # no acks: every command is settled by polling
+    spoiled = {"/request-status/": 3}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/request-status/") and spoiled["/request-status/"] and status == 200:
+            spoiled["/request-status/"] -= 1
+            return (200, b"<html><body>502 Bad Gateway</body></html>") if damage == "html" else (200, body[:5])
+        return status, body
+
+    async with connect(*account) as direct:
+        token = await direct.vault(KEY).put_bytes(b"x", meta())
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds) as client:
+                await client.tokens.update(token, file_name="renamed.bin")
+                assert [i.file_name async for i in client.tokens.list(token=token)] == ["renamed.bin"]
+    assert not any(spoiled.values()), spoiled
+
+
+async def test_an_html_error_page_is_named_by_its_title_in_one_line(eng, account):
+    """A proxy's 502 page (nginx's, over several lines) went into the error as its markup, line
+    breaks included: a command's "one line" error and the mount's log lines were several."""
+    from privifs.errors import ServerError
+
+    endpoints, creds = account
+    page = b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+    page += b"</center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n"
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        return (502, page) if path.startswith("/data-token/list-data-tokens") else (status, body)
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds, ClientOptions(retry_attempts=1)) as client:
+                with pytest.raises(ServerError) as caught:
+                    [i async for i in client.tokens.list()]
+    assert str(caught.value) == "list data tokens: the server failed (HTTP 502: 502 Bad Gateway)", str(caught.value)
+
+
+async def test_a_listing_capped_below_the_page_size_asked_for_is_read_to_the_end(eng, account):
+    """A server whose pages hold fewer tokens than ``perPage`` asked (``per_page_max``; the
+    reference's example pages hold 25) answered full pages the client took for the last one:
+    the listing ended after the first page, and a mount never showed what other clients stored
+    past it (and asked for each token of its own past it, one request each, at every refresh)."""
+    eng.set_options(per_page_max=3)
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        stored = {await vault.put_bytes(b"x", meta(f"f{i}.bin")) for i in range(8)}
+        assert {i.token async for i in client.tokens.list()} == stored
+        assert {i.token async for i in client.tokens.list(context="/t")} == stored
+
+
+async def test_token_commands_find_a_token_through_an_answer_cut_short(eng, account):
+    """'privifs token get/stat/mv/rm' look their token up with one filtered listing request; an
+    answer cut short or a proxy's page failed the command ("the server's answer cannot be
+    read") where a listing asks for the page again."""
+    from privifs.cli.token_cmd import _find
+
+    endpoints, creds = account
+    async with connect(*account) as direct:
+        token = await direct.vault(KEY).put_bytes(b"x", meta("found.bin"))
+    left = {"cuts": 2}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/list-data-tokens") and status == 200 and left["cuts"]:
+            left["cuts"] -= 1
+            return 200, b"<html><body>502 Bad Gateway</body></html>"
+        return status, body
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds) as client:
+                assert (await _find(client, token)).file_name == "found.bin"
+    assert left["cuts"] == 0

@@ -27,6 +27,16 @@ def test_a_listed_token_shows_under_its_shown_name():
     assert names.entry_name(info) == "README.md" == names.listed_name(info)
 
 
+def test_an_extension_another_application_wrote_with_its_dot_is_the_same_extension():
+    """A token of another application with fileName 'doc' and extension '.md' showed as 'doc..md',
+    one with 'report.pdf' and '.pdf' as 'report.pdf..pdf' (the reference says "no dot", but a
+    dot is what a careless writer sends)."""
+    assert names.shown_name("doc", ".md") == "doc.md"
+    assert names.shown_name("report.pdf", ".pdf") == "report.pdf"
+    assert names.shown_name("archive.tar", "..gz") == "archive.tar.gz"
+    assert names.shown_name(".bashrc", ".") == ".bashrc"
+
+
 def test_an_entry_still_shown_as_its_token_named_it_keeps_the_tokens_fields():
     node = _node("README.md", shown_as="README.md", remote_name="README", remote_extension="md")
     assert names.token_naming(node) == ("README", "md")

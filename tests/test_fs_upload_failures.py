@@ -92,3 +92,38 @@ async def test_write_back_that_backed_off_goes_as_soon_as_the_listing_works_agai
     await kit.refresher._refresh_logged()
     await wait_for(lambda: not node.content_dirty, timeout=1.2)  # not at its backoff's end, 1.8 s on or more
     assert await kit.vault_tree() == {"waiting.txt": b"written during the outage"}
+
+
+async def test_files_whose_promotion_answer_was_cut_short_are_stored_not_dropped(module_account, eng, tmp_path):
+    """configure-file-meta's answer cut short on its way ('{"token":"dtk-1a2b', or '"dtk-1a2b'
+    from a server answering bare strings) was taken for the new token: its risk meta then got
+    "not found", the write-back took that for a deletion by another client and dropped the
+    change. Files just written and closed vanished from the mount (a directory showed as an empty
+    file), though the vault held them. The answer is asked for again."""
+    from privifs.client.transport import Endpoints
+    from tests.enginekit import api_proxy
+    from tests.fskit import inprocess_fs
+
+    endpoints, creds = module_account
+    eng.set_options(file_meta_shape="string")
+    left = {"cuts": 6}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/configure-file-meta") and status == 200 and left["cuts"]:
+            left["cuts"] -= 1
+            return status, body[: len(body) // 2]
+        return status, body
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
+            await kit.mkdir("d")
+            await kit.write_file("a.txt", b"one")
+            await kit.write_file("d/b.txt", b"two")
+            await kit.write_file("c.bin", b"three" * 20_000)
+            await kit.settle(timeout=60)
+            await kit.refresh()
+            expected = {"a.txt": b"one", "d": "dir", "d/b.txt": b"two", "c.bin": b"three" * 20_000}
+            assert await kit.tree() == expected
+            assert await kit.vault_tree() == expected
+    assert left["cuts"] == 0

@@ -138,3 +138,20 @@ async def test_collect_deletes_only_parts_no_manifest_names(account):
         assert await store.read(m, 0, 2 * PART) == data
         await store.delete(token, m)
         assert {i.token async for i in client.tokens.list()} == set()
+
+
+async def test_the_manifest_mark_in_risk_meta_is_the_manifest_version_as_documented(account):
+    """docs/format.md said a manifest token has risk meta ``privifs.parts = 1``; a file with a hole
+    (a part of zeros) has a version 2 manifest and ``privifs.parts = 2``, so a reader written
+    from the docs that looked for ``1`` took it for a file stored whole (and read the manifest's
+    bytes as its content)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    assert "privifs.parts = 1" not in doc
+    assert "`privifs.parts`: the\nmanifest's format version, `1`, or `2` when it has a hole" in doc
+    async with connect(*account) as client:
+        _, whole = await stored(client, os.urandom(2 * PART + 9), "whole.bin")
+        _, holed = await stored(client, os.urandom(PART) + bytes(PART) + b"tail", "holed.bin")
+        marks = {i.token: i.risk.get(fmt.MARK) async for i in client.tokens.list()}
+        assert (marks[whole], marks[holed]) == ("1", "2")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -29,8 +30,8 @@ from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import BlockWriter, get_checked
 from privifs.config import load
 from privifs.crypto import digest
-from privifs.errors import NotFoundError, PrivifsError, output_failed, single_error
-from privifs.fs.names import display_name
+from privifs.errors import MalformedAnswer, NotFoundError, PrivifsError, output_failed, single_error
+from privifs.fs.names import NAME_MAX, shown_name
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, attributes, split_context
 from privifs.keycheck import verify_key
 from privifs.parts.store import THRESHOLD, PartStore, is_manifest, is_zeros
@@ -203,12 +204,19 @@ async def _put(args, client, vault) -> int:
 
 
 async def _find(client, token: str):
-    resp = await client.transport.call(
-        "GET", "/data-token/list-data-tokens", params={"filters[token]": token, "perPage": "1"}, idempotent=True
-    )
     from privifs.client import shapes
 
-    items, _ = shapes.listing(shapes.json_or_text(resp))
+    for attempt in range(3):  # an answer cut short or a proxy's page: asked again, as a listing's pages are
+        resp = await client.transport.call(
+            "GET", "/data-token/list-data-tokens", params={"filters[token]": token, "perPage": "1"}, idempotent=True
+        )
+        try:
+            items, _ = shapes.listing(shapes.json_or_text(resp))
+            break
+        except MalformedAnswer:
+            if attempt == 2:
+                raise
+            await trio.sleep(client.transport.backoff(attempt))
     for item in items:
         info = shapes.TokenInfo.from_item(item)
         if info.token == token:
@@ -226,7 +234,7 @@ class FileSink(BlockWriter):
     def __init__(self, out: Path, progress: Progress, nursery: trio.Nursery):
         super().__init__(nursery)
         self.out = out
-        self.tmp = out.with_name(f".{out.name}.privifs-partial")
+        self.tmp = partial_path(out)
         self.progress = progress
         self.f = None
 
@@ -280,22 +288,40 @@ class FileSink(BlockWriter):
         self.tmp.unlink(missing_ok=True)
 
 
+PARTIAL = ".privifs-partial"
+
+
+def partial_path(out: Path) -> Path:
+    """Where the unverified download goes, beside ``out``: ``.NAME.privifs-partial``. A name too
+    long for that (the vault holds names of up to 255 bytes, and 'get' failed on any of more than
+    238 with "File name too long") keeps its start and a mark of the whole name instead, so it
+    is still one fixed name per output (a partial file a killed get left is found and replaced)."""
+    name = f".{out.name}{PARTIAL}"
+    encoded = os.fsencode(out.name)
+    if len(os.fsencode(name)) > NAME_MAX:
+        mark = hashlib.sha256(encoded).hexdigest()[:8]
+        room = NAME_MAX - len(f".~{mark}{PARTIAL}")
+        name = f".{os.fsdecode(encoded[:room])}~{mark}{PARTIAL}"
+    return out.with_name(name)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def output_path(out: Path, name: str | None) -> Path:
+def output_path(out: Path, name: str | None, extension: str | None = None) -> Path:
     """Where ``token get`` writes: ``out``, or ``out/name`` when ``out`` is a directory; its
     directory must exist (checked before anything is downloaded). The name is the token's, which
     any client of the vault (or the server) chose: it is made a single entry of ``out`` as the
-    mount shows it (``/`` becomes ``∕``; ``.`` and ``..`` become ``unnamed.``, ``unnamed..``), so
+    mount shows it (its extension appended when the name lacks it, ``README`` + ``md`` is
+    ``README.md``; ``/`` becomes ``∕``; ``.`` and ``..`` become ``unnamed.``, ``unnamed..``), so
     it never reaches outside ``out``."""
     if out.is_dir():
         if not name:
             raise LocalFileError(f"{out} is a directory and the token has no file name; name the output file")
-        out = out / display_name(name)
+        out = out / shown_name(name, extension)
         if out.is_dir():
             raise LocalFileError(f"{out} is a directory")
     try:
@@ -323,7 +349,7 @@ async def _get(args, client, vault) -> int:
             f"{args.token} is a {KIND_NAMES.get(shape.kind, shape.kind)} in a mount (privifs.type={shape.kind}):"
             " it holds no content to get; nothing was written"
         )
-    out = output_path(args.out, info.file_name)
+    out = output_path(args.out, info.file_name, info.extension)
     if shape.kind == KIND_SYMLINK:
         _make_symlink(out, shape.target or "")
         return 0

@@ -27,6 +27,7 @@ from privifs.client.transport import ClientOptions, Transport, failure_text
 from privifs.errors import (
     CommandPending,
     CommandRejected,
+    MalformedAnswer,
     NotFoundError,
     PrivifsError,
     ProtocolError,
@@ -42,6 +43,7 @@ from privifs.errors import (
 log = logging.getLogger("privifs.client.datatokens")
 
 DOWNLOAD_CHUNK = 1024 * 1024
+RESERVE_TTLS = ("5", "60")  # what reserve-token-space asks for: first, and after an upload outlived it
 B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n-_")
 
 
@@ -76,6 +78,10 @@ class DataTokens:
         self.hub = hub
         self.options = options
         self._held: dict[str, str] = {}  # context → its reservation command a vote holds
+        # the reservation's ttl: 5, as the live probe sent it, until an upload outlives it (a
+        # server counting it in seconds, as the guides say, and a slow link); then the largest
+        # the API allows, 60, unless the server refuses that (RESERVE_TTLS, reference 5.4)
+        self.ttl = RESERVE_TTLS[0]
 
     # -- store ---------------------------------------------------------------------------------
     async def reserve(self, context: str) -> shapes.TemporaryToken:
@@ -103,14 +109,22 @@ class DataTokens:
                     command_id=cid,
                     reason=state.reason,
                 )
-        resp = await self.transport.call(
-            "POST",
-            "/data-token/reserve-token-space",
-            data={"context": context, "ttl": "5"},
-            idempotent=True,
-            expected=(202, 200),
-            what="reserve token space",
-        )
+        ttl = self.ttl
+        try:
+            resp = await self.transport.call(
+                "POST",
+                "/data-token/reserve-token-space",
+                data={"context": context, "ttl": ttl},
+                idempotent=True,
+                expected=(202, 200),
+                what="reserve token space",
+            )
+        except RequestRejected as exc:
+            if ttl == RESERVE_TTLS[0] or "ttl" not in exc.fields:
+                raise
+            log.warning("the server refuses a reservation ttl of %s (%s); back to %s", ttl, exc, RESERVE_TTLS[0])
+            self.ttl = RESERVE_TTLS[0]
+            return await self.reserve(context)
         cid = shapes.command_id(resp)
         try:
             await self.commands.wait(cid, what="reserve token space")
@@ -218,7 +232,21 @@ class DataTokens:
                             continue
                         raise
                 else:
-                    await self.upload(tmp, body, wire_size)
+                    try:
+                        await self.upload(tmp, body, wire_size)
+                    except RequestRejected as exc:
+                        if exc.status != 410 or self.ttl == RESERVE_TTLS[-1]:
+                            raise
+                        # the reservation ran out while the bytes were on their way: a ttl of 5
+                        # seconds (the guides' unit) and a link too slow to send them in that
+                        log.warning(
+                            "storing %s: %s; reserving with a ttl of %s from now on",
+                            meta.file_name,
+                            exc,
+                            RESERVE_TTLS[-1],
+                        )
+                        self.ttl = RESERVE_TTLS[-1]
+                        continue
             except (CommandPending, CommandRejected):
                 raise
             except VaultError as exc:
@@ -266,7 +294,12 @@ class DataTokens:
                     expected=(202, 200),
                     what="request data",
                 )
-                rid = shapes.request_id(resp)
+                try:
+                    rid = shapes.request_id(resp)
+                except MalformedAnswer as exc:  # nothing to wait for: ask again
+                    log.info("request-data for %s: %s; asking again", token, exc)
+                    await trio.sleep(self.transport.backoff(attempt))
+                    continue
                 if resp.headers.get("x-dpt-cab-id"):
                     self.hub.claim(resp.headers["x-dpt-cab-id"])  # its ack is ours, not a change
                 rids.append(rid)
@@ -392,24 +425,47 @@ class DataTokens:
     async def list(
         self, *, context: str | None = None, token: str | None = None, per_page: int = 500
     ) -> AsyncIterator[shapes.TokenInfo]:
-        """Every token of the profile (or of one context, or just ``token``), page by page (until a
-        short or empty page)."""
+        """Every token of the profile (or of one context, or just ``token``), page by page: until
+        the count the server states is reached, or (no count) a page shorter than the longest
+        one yet, or an empty page. A server that caps ``perPage`` below what was asked (25 by
+        the reference's example) answers full pages shorter than ``per_page``: taken for the
+        last page, the listing ended after the first, and tokens other clients added past it
+        never showed. A page that repeats the previous one (a server ignoring ``page``) ends it."""
         page = 1
         seen = 0
+        longest = 0
+        previous: list[str] | None = None
         while True:
             params = {"page": str(page), "perPage": str(per_page)}
             if context is not None:
                 params["filters[context]"] = context
             if token is not None:
                 params["filters[token]"] = token
-            resp = await self.transport.call(
-                "GET", "/data-token/list-data-tokens", params=params, idempotent=True, what="list data tokens"
-            )
-            items, count = shapes.listing(shapes.json_or_text(resp))
-            for item in items:
-                yield shapes.TokenInfo.from_item(item)
+            for attempt in range(self.transport.options.retry_attempts):
+                resp = await self.transport.call(
+                    "GET", "/data-token/list-data-tokens", params=params, idempotent=True, what="list data tokens"
+                )
+                try:
+                    items, count = shapes.listing(shapes.json_or_text(resp))
+                    break
+                except MalformedAnswer as exc:  # a page cut short or a proxy's page: ask for it again
+                    if attempt + 1 == self.transport.options.retry_attempts:
+                        raise
+                    log.info("%s; asking for page %d again", exc, page)
+                    await trio.sleep(self.transport.backoff(attempt))
+            infos = [shapes.TokenInfo.from_item(item) for item in items]
+            tokens = [info.token for info in infos]
+            if tokens and tokens == previous:
+                log.warning("the server answered page %d of the listing with page %d again; ending it", page, page - 1)
+                return
+            previous = tokens
+            for info in infos:
+                yield info
             seen += len(items)
-            if not items or len(items) < per_page or (count is not None and seen >= count):
+            longest = max(longest, len(items))
+            if not items or (count is not None and seen >= count):
+                return
+            if count is None and len(items) < longest:  # shorter than a full page: the last one
                 return
             page += 1
 

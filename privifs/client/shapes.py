@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from privifs.errors import ProtocolError
+from privifs.errors import MalformedAnswer, ProtocolError
 
 PENDING_WORDS = {"started", "pending", "1", "queued", "processing"}
 SUCCESS_WORDS = {"succeeded", "success", "2", "done", "completed"}
@@ -32,13 +33,35 @@ def json_or_text(resp: httpx.Response) -> Any:
         return raw
 
 
+# what an id or token sent as bare text (the reference's shape 4) can be: one word, no spaces,
+# quotes, brackets or braces; an HTML page or a JSON body cut short is none
+_BARE = re.compile(r"""[^\s"'{}\[\]<>]+""")
+
+
+def bare_text(body: str, what: str) -> str:
+    """A token, id or status word the server sent as bare text (maybe still in quotes). Text that
+    cannot be one, an HTML error page or a JSON body cut short (``{"token":"dtk-1a2b``), raises
+    :class:`~privifs.errors.MalformedAnswer`, and so does a JSON string cut short
+    (``"dtk-1a2b``, an opening quote without its closing one): taken for a token it made a stored
+    file point at no token (the next step failed with "not found" and the mount dropped the file as deleted)."""
+    t = body.strip()
+    s = t.strip('"').strip()
+    if t.startswith('"') != t.endswith('"') or t == '"' or not _BARE.fullmatch(s):  # '"dtk-1a2b': cut short
+        raise MalformedAnswer(f"{what}: the server's answer cannot be read ({body[:60]!r})")
+    return s
+
+
 def command_id(resp: httpx.Response) -> str:
     """The command id of a 202: object, bare string, one-element array, raw text or header."""
     body = json_or_text(resp)
     if isinstance(body, str):
-        s = body.strip().strip('"').strip()
-        if s:
-            return s
+        try:
+            return bare_text(body, "command id")
+        except MalformedAnswer:
+            header = resp.headers.get("x-dpt-cab-id")
+            if header:
+                return header
+            raise
     elif isinstance(body, list):
         if body and isinstance(body[0], str) and body[0]:
             return body[0]
@@ -61,7 +84,7 @@ def request_id(resp: httpx.Response) -> str:
     body = json_or_text(resp)
     if isinstance(body, dict) and isinstance(body.get("requestId"), str) and body["requestId"]:
         return body["requestId"]
-    raise ProtocolError("request-data was accepted but no request id came back")
+    raise MalformedAnswer("request-data was accepted but no request id came back")
 
 
 @dataclass
@@ -94,11 +117,13 @@ def poll_answer(body: Any) -> CommandState:
     if isinstance(body, list) and body:
         body = body[0]
     if isinstance(body, str):
-        return status_value(body)
+        return status_value(bare_text(body, "command status"))
     if isinstance(body, dict):
         for k in ("command_status", "commandStatus", "status"):
             if k in body:
                 return status_value(body[k], body.get("body"))
+    if body is None:
+        raise MalformedAnswer("command status: the server's answer was empty")
     raise ProtocolError(f"unexpected command status answer: {str(body)[:100]}")
 
 
@@ -117,7 +142,7 @@ class TemporaryToken:
 def temporary_token(body: Any) -> TemporaryToken:
     """retrieve-temporary-data-token: API object, guide object, or a bare token string."""
     if isinstance(body, str) and body.strip():
-        return TemporaryToken(body.strip().strip('"'), None, None)
+        return TemporaryToken(bare_text(body, "temporary token"), None, None)
     if isinstance(body, dict) and isinstance(body.get("token"), str) and body["token"]:
         stream = body.get("stream")
         auth = url = None
@@ -129,6 +154,8 @@ def temporary_token(body: Any) -> TemporaryToken:
                 if auth.startswith("auth="):
                     auth = auth[5:]
         return TemporaryToken(body["token"], auth, url)
+    if body is None:
+        raise MalformedAnswer("temporary token: the server's answer was empty")
     raise ProtocolError(f"unexpected temporary token answer: {str(body)[:100]}")
 
 
@@ -143,7 +170,9 @@ def upstream_url(tmp: TemporaryToken, upstream_base: str | None) -> str | None:
 def permanent_token(body: Any) -> str:
     """configure-file-meta: ``{"token": …}`` or a bare string."""
     if isinstance(body, str) and body.strip():
-        return body.strip().strip('"')
+        return bare_text(body, "configure-file-meta")
+    if body is None:
+        raise MalformedAnswer("configure-file-meta: the server's answer was empty")
     if isinstance(body, dict):
         for k in ("token", "dataToken", "permanentToken"):
             if isinstance(body.get(k), str) and body[k]:
@@ -266,6 +295,8 @@ def listing(body: Any) -> tuple[list[dict], int | None]:
         meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
         count = meta.get("count", meta.get("total"))
         return (items if isinstance(items, list) else []), (count if isinstance(count, int) else None)
+    if body is None or isinstance(body, str):  # empty, cut short, an HTML page: not JSON at all
+        raise MalformedAnswer(f"list data tokens: the server's answer cannot be read ({str(body)[:60]!r})")
     raise ProtocolError("unexpected listing answer")
 
 
@@ -306,11 +337,25 @@ def lenient_b64decode(text: str) -> bytes:
         raise ProtocolError("the inline payload is not valid base64") from None
 
 
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def plain_text(text: str) -> str:
+    """A text answer as one line: an HTML error page (a proxy's, a load balancer's) by its title,
+    else its text without tags; line breaks and runs of spaces as one space. An nginx page
+    printed its markup over several lines into a command's one-line error and the log."""
+    if "<" in text and ">" in text:
+        title = _TITLE.search(text)
+        text = title.group(1) if title else _TAG.sub(" ", text)
+    return " ".join(text.split())
+
+
 def error_message(resp: httpx.Response) -> str:
     """The most useful text of an error answer: message / error / errors / violations / detail."""
     body = json_or_text(resp)
     if isinstance(body, str):
-        return body[:300]
+        return plain_text(body)[:300]
     parts: list[str] = []
     if isinstance(body, dict):
         for k in ("message", "error", "detail"):

@@ -66,7 +66,12 @@ def display_name(raw: str) -> str:
 
 
 def joined_name(file_name: str, extension: str | None) -> str:
-    """The raw name a fileName and extension claim: the extension is appended when missing."""
+    """The raw name a fileName and extension claim: the extension is appended when missing. An
+    extension written with its dot (``.md``, as some applications send it though the reference
+    says "no dot") counts as the same extension: ``doc`` + ``.md`` is ``doc.md`` and
+    ``report.pdf`` + ``.pdf`` stays ``report.pdf`` (they showed as ``doc..md`` and
+    ``report.pdf..pdf``)."""
+    extension = (extension or "").lstrip(".")
     if extension and not file_name.endswith("." + extension):
         return f"{file_name}.{extension}"
     return file_name
