@@ -6,6 +6,11 @@ import hashlib
 import json
 import os
 
+import trio
+
+from privifs.client.connect import connect
+from privifs.client.session import PasswordCredentials
+from privifs.client.transport import Endpoints
 from privifs.parts.store import THRESHOLD
 from tests.mountkit import privifs as run
 
@@ -54,3 +59,24 @@ def test_a_sparse_file_is_put_without_its_holes_and_got_back_sparse(user, tmp_pa
     run(user, "token", "get", token, str(out))
     assert out.stat().st_size == 4 * THRESHOLD and out.read_bytes() == src.read_bytes()
     assert out.stat().st_blocks * 512 < THRESHOLD  # its holes are holes again
+
+
+def test_a_big_file_whose_risk_meta_another_application_replaced_is_got_whole_not_as_its_manifest(user, tmp_path, eng):
+    """Another application set its own risk meta on the manifest's token (the server replaces
+    the whole set: the manifest mark went): 'get' wrote the 263-byte manifest, exit 0. It now
+    sees a content that is a manifest of the size the token states, and reassembles it."""
+    src = tmp_path / "relabel.bin"
+    data = os.urandom(THRESHOLD + 5)
+    src.write_bytes(data)
+    token = run(user, "token", "put", str(src)).stdout.strip()
+
+    async def relabel() -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            await client.tokens.set_risk(token, {"classification": "internal", "handling": "none"})
+
+    trio.run(relabel)
+    assert "privifs.parts" not in run(user, "token", "stat", token).stdout
+    out = tmp_path / "back.bin"
+    run(user, "token", "get", token, str(out))
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()

@@ -59,7 +59,6 @@ BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read 
 # part, a hole included, so a 4 TiB file's is 37 MiB, uploaded at each write-back
 MAX_FILE_SIZE = 1 << 42
 FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
-MANIFEST_PEEK = 16 * 1024 * 1024  # the largest whole content looked at as a manifest not marked yet (2.8 TiB of file)
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets of "." and ".."; an entry's is its seq + 2
 
@@ -735,13 +734,10 @@ class Filesystem:
         as a manifest of that size (it decrypted with the vault's key). The node is then marked a
         manifest here, as the listing will, and True: the caller reads it through its parts.
         Served as it was, a read got the manifest's bytes, and a write staged them as the file."""
-        if sealed.size == node.size or sealed.size > MANIFEST_PEEK or is_manifest_node(node.remote_risk):
+        if is_manifest_node(node.remote_risk):
             return False
-        try:
-            manifest = fmt.decode(bytes(sealed.read(0, sealed.size)))
-        except PrivifsError:
-            return False
-        if manifest.total != node.size:
+        manifest = fmt.unmarked(sealed.size, node.size, lambda: bytes(sealed.read(0, sealed.size)))
+        if manifest is None:
             return False
         sealed.close()
         self.cache.evict(node.token)

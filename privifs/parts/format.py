@@ -37,12 +37,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from privifs.errors import IntegrityError
+from privifs.errors import IntegrityError, PrivifsError
 
 MAGIC = b"PVFSMNFT"
 VERSION = 2  # the newest version read and written (1: no holes; 2: holes allowed)
@@ -54,6 +55,7 @@ TOKEN_MAX = 255
 PART_SIZE_MAX = 1 << 30
 MARK = "privifs.parts"  # risk meta field on a manifest token: its manifest version
 PARTS_CONTEXT = "/.privifs/parts"  # where part tokens live (hidden: the reserved context)
+PEEK = 16 * 1024 * 1024  # the largest content looked at as a manifest that lost its mark (2.8 TiB of file)
 
 
 def part_key(user_key: bytes) -> bytes:
@@ -211,6 +213,22 @@ def decode(data: bytes) -> Manifest:
     if manifest.version != version:
         raise IntegrityError(f"manifest says version {version}, its entries are version {manifest.version}")
     return manifest
+
+
+def unmarked(size: int, stated: int | None, read: Callable[[], bytes]) -> Manifest | None:
+    """The manifest that a token's whole content (``size`` bytes, ``read()``) is, though the token
+    is not marked as one: its meta states the size of the file it describes (``stated``), not the
+    content's, and the content decodes as a manifest of that size (it decrypted with the vault's
+    key). A mark goes missing when the token is listed between its writer's configure-file-meta
+    and its risk-meta write, or when another application replaced the risk meta. None otherwise
+    (content of up to :data:`PEEK` bytes is looked at)."""
+    if stated is None or size == stated or size > PEEK:
+        return None
+    try:
+        manifest = decode(read())
+    except PrivifsError:
+        return None
+    return manifest if manifest.total == stated else None
 
 
 def is_manifest_risk(risk: dict[str, str]) -> bool:
