@@ -436,3 +436,21 @@ def test_a_failed_stores_parts_are_kept_from_the_sweep_only_while_young(monkeypa
     monkeypatch.setattr("privifs.fs.partwrite.REUSE_AGE", -1.0)
     unfinished.let_go_old()
     assert in_flight == set() and unfinished.take("staged-1") == {}
+
+
+async def test_another_applications_token_in_the_parts_context_is_no_part_and_no_sweep_deletes_it(
+    account, tmp_path, small_parts
+):
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        stranger = await t.fs.vault.put_bytes(
+            b"not ours", FileMeta("notes.txt", "txt", fmt.PARTS_CONTEXT, 8, f"{fmt.PARTS_CONTEXT}/notes.txt")
+        )
+        await big_file(t, "gone.bin")
+        await t.wait_idle()
+        t.fs.unlink(1, b"gone.bin")
+        await t.wait_idle()
+        infos = [i async for i in t.client.tokens.list()]
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3  # the deleted file's parts only
+        assert await t.fs.vault.get_bytes(stranger) == b"not ours"
+        assert await PartStore(t.fs.vault).collect(min_age=0) == 0
+        assert await t.fs.vault.get_bytes(stranger) == b"not ours"

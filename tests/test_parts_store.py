@@ -129,7 +129,7 @@ async def test_collect_deletes_only_parts_no_manifest_names(account):
     async with connect(*account) as client:
         store, token = await stored(client, data)
         m = await store.manifest(token)
-        orphan = await store.put_part("crashed", 0, b"x" * 100)  # a store that never wrote its manifest
+        orphan = await store.put_part("c7a5ed0000000000", 0, b"x" * 100)  # a store that never wrote its manifest
         infos = [i async for i in client.tokens.list()]
         assert [i.token for i in await store.unreferenced(infos)] == []  # too young to be collected
         assert await store.collect(min_age=0) == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,8 +54,15 @@ async def _off_loop(fn, arg, parts: int):
     return fn(arg) if parts < BIG_MANIFEST else await trio.to_thread.run_sync(fn, arg)
 
 
+PART_NAME = re.compile(r"[0-9a-f]{16}-[0-9]{1,10}")  # <upload id>-<index>, as put_part names a part
+
+
 def is_part(info: TokenInfo) -> bool:
-    return split_context(info.context) == split_context(fmt.PARTS_CONTEXT)
+    """A part privifs stored: in the parts context and named as :meth:`PartStore.put_part_from`
+    names one. Another application's token in that context is not one, and no sweep deletes it."""
+    return PART_NAME.fullmatch(info.file_name or "") is not None and split_context(info.context) == split_context(
+        fmt.PARTS_CONTEXT
+    )
 
 
 def is_manifest(info: TokenInfo) -> bool:
