@@ -72,6 +72,9 @@ class VaultError(PrivifsError):
     # a store that failed at configure-file-meta, after the data was sent: the temporary token,
     # which the server may have made a permanent token of all the same (see DataTokens.store)
     unconfigured: object | None = None
+    # a big file's manifest token the server made before the step that failed (its risk meta,
+    # which marks it): the caller deletes it (see PartStore.put_manifest)
+    made: str | None = None
 
     def __init__(self, message: str, *, status: int | None = None, reason: str | None = None):
         super().__init__(message)

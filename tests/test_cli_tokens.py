@@ -81,6 +81,21 @@ def test_failures_exit_non_zero_with_one_clear_line(user, tmp_path, eng):
     assert not cfg.exists()
 
 
+def test_a_big_put_whose_manifest_risk_meta_fails_leaves_no_manifest(user, tmp_path, eng):
+    """The manifest token is made before its risk meta marks it; when that fails, put exits 1
+    and the token it made is deleted (it stayed, unmarked, at the file's name)."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(9 * 1024 * 1024 + 5))
+    eng.set_options(reject="configure-information-security-risk-meta")
+    try:
+        failed = run(user, "token", "put", str(src), "--context", "/docs", check=False)
+    finally:
+        eng.set_options(reject="")
+    assert failed.returncode == 1 and "rejected" in failed.stderr, failed.stderr
+    rows = [json.loads(line) for line in run(user, "token", "ls", "--json").stdout.splitlines()]
+    assert [r["token"] for r in rows if r["context"] == "/docs"] == []
+
+
 def test_tampered_token_is_refused_by_get_and_leaves_no_file(user, tmp_path, eng):
     src = tmp_path / "a.bin"
     src.write_bytes(os.urandom(3_000_000))  # several blocks reach the partial file before the tag fails

@@ -122,6 +122,33 @@ def test_rejected_upload_fails_fsync_and_keeps_the_data(eng, tmp_path, reason, c
         assert ("/", "precious.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
 
 
+def test_a_big_file_whose_manifest_risk_meta_failed_leaves_no_stray_manifest(eng, tmp_path):
+    """A big file's manifest token is made (configure-file-meta) before its risk meta marks it;
+    when that second step fails (rejected here; seen with the engine killed in between) the
+    token the server made was left behind. It is older than the retry's manifest, so on every
+    mount it took the plain name: the file showed an old version (or the manifest's raw bytes)
+    and the content the program closed last only as a conflict copy."""
+    data = os.urandom(9 * 2**20 + 123)
+    with Mount(tmp_path, eng.urls, mount_args=("--fsync-timeout", "20")).mounted() as m:
+        eng.set_options(reject="configure-information-security-risk-meta")
+        fd = os.open(m.dir / "big.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, data)
+        with pytest.raises(OSError) as info:
+            os.fsync(fd)
+        assert info.value.errno == errno.EIO
+        os.close(fd)
+        eng.set_options(reject="")
+        m.wait_idle(timeout=180)
+        named = [t["token"] for t in m.tokens() if (t["context"], t["fileName"]) == ("/", "big.bin")]
+        assert len(named) == 1, f"tokens at /big.bin: {named}\n{m.log()[-4000:]}"
+        m.umount()
+        shutil.rmtree(m.root / "state")
+        shutil.rmtree(m.root / "cache")
+        m.mount()
+        assert sorted(os.listdir(m.dir)) == ["big.bin"]
+        assert (m.dir / "big.bin").read_bytes() == data
+
+
 def test_a_full_local_disk_gives_enospc_not_corruption(engine, tmp_path):
     state = tmp_path / "small-state"
     state.mkdir()

@@ -30,7 +30,7 @@ from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import BlockWriter, get_checked
 from privifs.config import load
 from privifs.crypto import digest
-from privifs.errors import MalformedAnswer, NotFoundError, PrivifsError, output_failed, single_error
+from privifs.errors import MalformedAnswer, NotFoundError, PrivifsError, VaultError, output_failed, single_error
 from privifs.fs.names import NAME_MAX, shown_name
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, attributes, split_context
 from privifs.keycheck import verify_key
@@ -194,7 +194,13 @@ async def _put(args, client, vault) -> int:
     meta = FileMeta(name, split_name(name), context, size, context.rstrip("/") + "/" + name)
     try:
         if size > THRESHOLD:
-            token = await args.parts.put(source, size, meta)  # the manifest states its own digest
+            try:
+                token = await args.parts.put(source, size, meta)  # the manifest states its own digest
+            except VaultError as exc:
+                if exc.made is not None:  # a manifest made but not marked: not left at the name
+                    with contextlib.suppress(PrivifsError):
+                        await client.tokens.delete(exc.made)
+                raise
         else:
             token = await vault.put_stream(source, size, meta)
             await client.tokens.set_risk(token, {digest.FIELD: h.hexdigest()})

@@ -545,6 +545,14 @@ class Syncer:
             failed = True
             if getattr(exc, "unconfigured", None) is not None:
                 self._unconfigured[node.ino] = (exc.unconfigured, FileMeta(name, extension, context, size, path))
+            if getattr(exc, "made", None) is not None:
+                # a manifest made but not marked: deleted, or it stays at the file's place and,
+                # older than the retry's, takes the plain name there on every mount
+                log.info("%s: deleting the manifest %s its failed upload made", self.ns.describe(node), exc.made)
+                try:
+                    self._tombstone(exc.made)
+                except PrivifsError as again:
+                    log.warning("%s: the manifest %s is left (%s)", self.ns.describe(node), exc.made, again)
             if staged.id in self._superseded:  # failed: no token was made (a cancel keeps it: unknown)
                 self._superseded.discard(staged.id)
                 try:

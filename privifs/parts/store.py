@@ -24,7 +24,7 @@ from privifs.client.datatokens import DataTokens, FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Reader, Vault
 from privifs.crypto import digest
-from privifs.errors import IntegrityError, single_error
+from privifs.errors import IntegrityError, VaultError, single_error
 from privifs.fs.tokenmeta import split_context
 from privifs.parts import format as fmt
 
@@ -156,7 +156,13 @@ class PartStore:
         risk = {} if risk is None else risk
         risk[fmt.MARK] = str(manifest.version)  # (the caller's dict too: what it records is what was stored)
         risk.update(digest.stated(self._content_key, encoded))
-        await self.tokens.set_risk(token, risk)
+        try:
+            await self.tokens.set_risk(token, risk)
+        except VaultError as exc:
+            # the token exists (unmarked, or marked by a command whose answer was lost): the
+            # caller deletes it; left, it stayed at the file's place, older than the retry's
+            exc.made = token
+            raise
         return token
 
     # -- read ----------------------------------------------------------------------------------
