@@ -388,6 +388,34 @@ async def test_a_manifest_that_does_not_verify_stops_the_sweep_naming_itself_unt
         assert t.fs.parts.sweep_error is None
 
 
+async def test_a_manifest_deleted_while_the_sweep_reads_it_delays_the_sweep_to_the_next_listing(
+    account, tmp_path, small_parts
+):
+    """Another client rewrote or removed its big file between the listing and the read of its
+    manifest: nothing is collected then (the replacement may name the same parts), no warning,
+    and the next listing's sweep collects (it failed, logged a warning and waited its interval)."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        keep = await big_file(t, "kept.bin")
+        await big_file(t, "gone.bin")
+        await t.wait_idle()
+        t.fs.unlink(1, b"gone.bin")
+        await t.wait_idle()
+        other = PartStore(t.fs.vault, part_size=PART)  # another client's big file
+
+        async def source():
+            yield os.urandom(PART + 1)
+
+        foreign = await other.put(source, PART + 1, FileMeta("o.bin", "bin", "/other", PART + 1, "/other/o.bin"))
+        infos = [i async for i in t.client.tokens.list()]
+        await t.client.tokens.delete(foreign)  # its file removed over there, after this listing
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 0
+        assert t.fs.parts.sweep_error is None
+        infos = [i async for i in t.client.tokens.list()]
+        # (its default interval: the one that went through is not waited out)
+        assert await t.fs.parts.sweep(infos, min_age=0) == 5  # gone.bin's 3, the foreign file's 2
+        await assert_only_parts_of(t, keep)
+
+
 async def test_a_store_that_failed_part_way_goes_on_where_it_stopped(account, tmp_path, small_parts, monkeypatch):
     """A full engine disk, say: the retry uploads only what the failed attempt did not (each
     retry stored every part again beside the last attempt's, which only the hourly sweep

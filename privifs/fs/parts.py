@@ -326,6 +326,8 @@ class PartReader:
         except IntegrityError as exc:
             self.sweep_error = str(exc)
             raise
+        except NotFoundError as exc:
+            return self._manifest_went(exc)
         self.sweep_error = None
         wall = time.time()
         settle = min(min_age, SETTLE)
@@ -341,13 +343,28 @@ class PartReader:
             and wall - i.created_at >= min_age
         ]
         if gone:
-            gone = await self._confirmed_unnamed(gone)
+            try:
+                gone = await self._confirmed_unnamed(gone)
+            except NotFoundError as exc:
+                return self._manifest_went(exc)
         for token in gone:
             await self.store.tokens.delete(token)
             self.cache.evict(token)
         if gone:
             log.info("collected %d part tokens no manifest names", len(gone))
         return len(gone)
+
+    def _manifest_went(self, exc: NotFoundError) -> int:
+        """A manifest the listing showed was deleted before it was read (another client rewrote
+        or removed its file). Its replacement, which may name the same parts, can be missing from
+        the listing, so nothing is collected; the next listing tries again. (The sweep failed
+        with a warning and waited its whole interval: under a client rewriting a big file every
+        few seconds it rarely ran, and parts no manifest named piled up.)"""
+        self._swept_at = None
+        log.info(
+            "collecting unreferenced parts: a manifest went while it was read (%s); trying at the next listing", exc
+        )
+        return 0
 
     async def _confirmed_unnamed(self, gone: list[str]) -> list[str]:
         """Those of ``gone`` (parts no manifest of one listing names) that a second listing,
