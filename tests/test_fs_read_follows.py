@@ -12,7 +12,7 @@ import os
 import pyfuse3
 import trio
 
-from tests.fskit import InProcessFs, across_a_refresh
+from tests.fskit import InProcessFs, across_a_refresh, fails_with
 
 
 async def read_while_refreshing(kit: InProcessFs, fh: int) -> bytes | pyfuse3.FUSEError:
@@ -77,3 +77,18 @@ async def test_a_write_to_a_file_another_client_replaced_before_it_was_staged_he
     assert got == 1, got
     await kit.close(fh)
     assert await kit.read_file("doc.txt") == b"New content, longer"
+
+
+async def test_a_replaced_file_whose_new_version_is_not_listed_in_time_is_eio_not_enoent(kit: InProcessFs, monkeypatch):
+    """The file is there (another client replaced it): ENOENT told an appending program it was
+    not (three mounts under injected faults, a listing slower than the wait)."""
+    monkeypatch.setattr("privifs.fs.filesystem.FOLLOW_WAIT", 0.3)
+    await kit.write_file("log.txt", b"line 1\n")
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/log.txt").token)
+    fh = await kit.open_file("log.txt", os.O_RDONLY)
+    await kit.remote.rewrite("log.txt", b"line 1\nline 2 from elsewhere\n")  # no refresh here: not listed
+    with fails_with(errno.EIO):
+        await kit.read(fh, 0, 1 << 20)
+    assert "did not show what it became" in (kit.fs.last_read_error or "")
+    await kit.close(fh)

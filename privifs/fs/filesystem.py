@@ -819,7 +819,9 @@ class Filesystem:
         write-back deletes the old token and parts) before the listing showed it here. The
         refresher is asked to look now and this waits (at most :data:`FOLLOW_WAIT` seconds) for
         the node to move on; True if it did. False at once if the token is still there (damage
-        stays an error)."""
+        stays an error). If the listing does not show what the file became in time (a slow
+        server), EIO with that said: the file is there, and ``ENOENT`` told a program it was not
+        (an append on one of three mounts under injected faults)."""
         try:
             if await find(self.vault.tokens, token) is not None:
                 return False
@@ -836,6 +838,14 @@ class Filesystem:
                     await trio.sleep(0.05)
         finally:
             self.ns.set_following(node, False)
+        if node.token == token and not node.unlinked:
+            message = (
+                f"{self.path(node)}: replaced or deleted by another client, and the listing did not show what "
+                f"it became within {FOLLOW_WAIT:g}s; try again"
+            )
+            log.error("%s", message)
+            self.last_read_error, self.last_read_error_at = message, time.time()
+            raise fail(errno.EIO)
         return node.token != token
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:
