@@ -11,6 +11,7 @@ import os
 
 import pytest
 import trio
+import trio.lowlevel
 
 from privifs.client.connect import connect
 from privifs.client.session import PasswordCredentials
@@ -76,3 +77,36 @@ def test_the_kernel_serves_the_whole_content_of_a_token_stating_a_smaller_size_a
         assert checked.returncode == 0, checked.stdout + checked.stderr  # a claim is no damage, but it is said
         assert "note: /short.txt: its meta states 3 bytes, its verified content has 14" in checked.stdout
         assert "0 damaged, 2 state another size than their content's" in checked.stdout
+
+
+async def test_a_file_written_here_while_its_open_downloads_keeps_the_size_written(kit):
+    """An open for reading of a token of unverified size downloads it; another handle that
+    truncates and writes the file meanwhile stages it. The download's size is the token's, the
+    past: the file shows what was written (it showed the old content's size, and the kernel,
+    told of it, appended past a run of zeros)."""
+    path = "claims-raced.txt"
+    content = CONTENT * 20000  # a download of some checkpoints
+    await kit.remote.put_stating(path, content, 3)
+    await kit.refresh()
+    token = kit.node("/" + path).token
+    opened = {}
+    async with trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            opened["fh"] = await kit.open_file(path, os.O_RDONLY)
+
+        nursery.start_soon(reader)
+        with trio.fail_after(10):
+            while token not in kit.fs.cache._inflight:
+                await trio.lowlevel.checkpoint()
+        fh = await kit.open_file(path, os.O_WRONLY | os.O_TRUNC)
+        await kit.write(fh, 0, b"x" * 100)
+        await kit.close(fh)
+        assert token in kit.fs.cache._inflight  # the open's download is still under way
+    assert (await kit.lookup(path)).st_size == 100
+    assert await kit.read(opened["fh"], 0, 1 << 20) == b"x" * 100
+    await kit.close(opened["fh"])
+    await kit.settle()
+    await kit.refresh()
+    assert (await kit.lookup(path)).st_size == 100
+    assert await kit.read_file(path) == b"x" * 100

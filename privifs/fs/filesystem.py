@@ -632,16 +632,19 @@ class Filesystem:
         if sealed is None or self._unmarked_manifest(node, sealed):
             return
         try:
-            if node.token == token:
-                self._size_learned(node, sealed.size)
+            self._size_learned(node, token, sealed.size)
         finally:
             sealed.close()
 
-    def _size_learned(self, node: Node, size: int) -> None:
-        """A verified download of the node's token holds ``size`` bytes: the node shows that
-        size (:meth:`Namespace.learn_size`), and the kernel drops the attributes it holds, so
-        that a read past the claimed end asks again (attributes only: no page lock is taken,
-        so this cannot wait for a request of the same inode, this one included)."""
+    def _size_learned(self, node: Node, token: str | None, size: int) -> None:
+        """A verified download of ``token`` holds ``size`` bytes: the node, if it still shows
+        that token, shows that size (:meth:`Namespace.learn_size`), and the kernel drops the
+        attributes it holds, so that a read past the claimed end asks again (attributes only:
+        no page lock is taken, so this cannot wait for a request of the same inode, this one
+        included). A node written here meanwhile (staged: the download awaited while another
+        handle truncated or wrote it) keeps its staged size: the token is its past."""
+        if node.staged is not None or node.token != token:
+            return
         changed = node.size != size
         self.ns.learn_size(node, size)
         if changed:
@@ -853,13 +856,13 @@ class Filesystem:
             sealed = await self._fetch_following(node)
             if sealed is not None and self._unmarked_manifest(node, sealed):
                 return await self.read(fh_id, offset, length)  # read through its parts
-            if sealed is None or fh.reader is not None or node.token != token:
-                if sealed is not None:
+            if sealed is None or fh.reader is not None or node.token != token or node.staged is not None:
+                if sealed is not None:  # (staged meanwhile: written here while this read waited)
                     sealed.close()
                 return await self.read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:  # the token's meta did not state its content's size
-                self._size_learned(node, sealed.size)
+                self._size_learned(node, token, sealed.size)
         try:
             return fh.reader.read(offset, length)
         except IntegrityError as exc:
