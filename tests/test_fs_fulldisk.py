@@ -361,3 +361,51 @@ def test_the_index_opens_on_a_disk_something_else_filled_by_giving_back_its_rese
         index = Index(small / "index.sqlite3")  # SQLite makes its WAL files in the reserve's room
         index.close()
         assert not (small / "index.sqlite3.reserve").exists()
+
+
+def test_another_apps_tokens_claiming_no_size_evict_keep_the_staging_reserve_and_read_through_memory(engine, tmp_path):
+    """Another application's tokens whose meta claims 0 bytes: a download of no stated size
+    reserved no room, so the cache evicted nothing for it and filled the staging reserve, and
+    once the disk could not hold one, the open learned nothing and the file read as empty, with
+    no error. Each now makes room as it arrives, and one the disk cannot hold is read through
+    memory, as a file of known size is."""
+    import trio
+
+    from privifs.client.connect import connect
+    from privifs.client.session import PasswordCredentials
+    from privifs.client.transport import Endpoints
+    from privifs.crypto.keys import load_aes_key
+    from tests.fskit import Remote
+
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        m = Mount(
+            tmp_path / "user",
+            engine.urls,
+            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"), "--cache-size", "1G"),
+        )
+        try:
+            m.mount()
+            contents = {f"remote{i}.bin": os.urandom(10 * MiB) for i in range(8)}
+            contents["last.bin"] = os.urandom(6 * MiB + 3)
+
+            async def store() -> None:
+                credentials = PasswordCredentials(m.username, "correct-horse-battery")
+                async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
+                    remote = Remote(client, load_aes_key(m.key_file))
+                    for name, data in contents.items():
+                        await remote.put_stating(name, data, 0)
+
+            trio.run(store)
+            m.refresh()
+            last = contents.pop("last.bin")
+            for name, data in contents.items():
+                assert read_uncached(m.dir / name) == data, name
+                st = os.statvfs(small)
+                assert st.f_bavail * st.f_frsize >= 6 * MiB, f"the cache ate the staging reserve at {name}"
+            fill(m.dir / "huge.bin")
+            fill_outside(small / "filler")  # another program takes the last bytes
+            assert read_uncached(m.dir / "last.bin") == last  # through memory
+            assert os.stat(m.dir / "last.bin").st_size == len(last)
+            assert m.status()["pending"] is not None  # the daemon answers
+        finally:
+            m.cleanup()
