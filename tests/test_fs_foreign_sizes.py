@@ -6,9 +6,11 @@ content's size, and listings of the token do not take it back (Namespace.learn_s
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
+import pyfuse3
 import pytest
 import trio
 import trio.lowlevel
@@ -110,3 +112,17 @@ async def test_a_file_written_here_while_its_open_downloads_keeps_the_size_writt
     await kit.refresh()
     assert (await kit.lookup(path)).st_size == 100
     assert await kit.read_file(path) == b"x" * 100
+
+
+async def test_a_token_claiming_no_bytes_whose_content_does_not_verify_fails_its_open(kit):
+    """Another application's token claiming 0 bytes whose content fails authentication (written
+    with another key, tampered): the open's download failed silently, the file kept its claimed
+    size, and through the kernel (which asks nothing of a file it holds as empty) it read as
+    empty with no error. The open now fails with EIO."""
+    path = "claims-nothing.bin"
+    await Remote(kit.remote.client, os.urandom(32)).put_stating(path, CONTENT, 0)
+    await kit.refresh()
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await kit.open_file(path, os.O_RDONLY)
+    assert caught.value.errno == errno.EIO
+    assert "integrity failure" in (kit.fs.last_read_error or "")

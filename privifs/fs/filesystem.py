@@ -622,13 +622,12 @@ class Filesystem:
         """Opened for reading, a file of unverified size is downloaded (as its first read would
         do: content stored whole is verified whole before a byte of it is served) and shows its
         content's size before the first read, so that programs that read ``st_size`` bytes or
-        map the file see all of it; a file stated empty is read at all. A failure is the first
-        read's to report."""
+        map the file see all of it; a file stated empty is read at all. A failure fails the open
+        (its errno, logged as a read's): the first read would meet it again, and the kernel,
+        which holds only the claimed size, never asks for a file claimed empty (it read as
+        empty, with no error, when the cache's disk could not hold it)."""
         token = node.token
-        try:
-            sealed = await self._fetch_following(node)
-        except pyfuse3.FUSEError:
-            return
+        sealed = await self._fetch_following(node)
         if sealed is None or self._unmarked_manifest(node, sealed):
             return
         try:
