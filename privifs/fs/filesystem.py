@@ -603,7 +603,7 @@ class Filesystem:
                 self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
                 self.mark_content_dirty(node)
         elif accmode != os.O_WRONLY and self._size_unverified(node):
-            await self._learn_size(node)
+            await self._learn_size(node, fatal=accmode == os.O_RDONLY)
         return self._open_node(node, flags)
 
     def _size_unverified(self, node: Node) -> bool:
@@ -618,16 +618,22 @@ class Filesystem:
             and self.sync.content_check(node) is None
         )
 
-    async def _learn_size(self, node: Node) -> None:
+    async def _learn_size(self, node: Node, *, fatal: bool) -> None:
         """Opened for reading, a file of unverified size is downloaded (as its first read would
         do: content stored whole is verified whole before a byte of it is served) and shows its
         content's size before the first read, so that programs that read ``st_size`` bytes or
-        map the file see all of it; a file stated empty is read at all. A failure fails the open
-        (its errno, logged as a read's): the first read would meet it again, and the kernel,
-        which holds only the claimed size, never asks for a file claimed empty (it read as
-        empty, with no error, when the cache's disk could not hold it)."""
+        map the file see all of it; a file stated empty is read at all. A failure of a read-only
+        open (``fatal``) fails it (its errno, logged as a read's): the first read would meet it
+        again, and the kernel, which holds only the claimed size, never asks for a file claimed
+        empty (it read as empty, with no error, when the cache's disk could not hold it). One
+        opened for writing too is still opened (it may be truncated, which needs no download)."""
         token = node.token
-        sealed = await self._fetch_following(node)
+        try:
+            sealed = await self._fetch_following(node)
+        except pyfuse3.FUSEError:
+            if fatal:
+                raise
+            return
         if sealed is None or self._unmarked_manifest(node, sealed):
             return
         try:
