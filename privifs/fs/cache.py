@@ -385,6 +385,8 @@ class ContentCache:
             self._release(held[0])
             event.set()
         if fallback:
+            if check is not None:
+                check.restart()  # it saw part of the content already
             return await self._fetch_in_memory(token, vault, size, tap, check)
         opened = self.open(token)
         if opened is None:
