@@ -409,3 +409,40 @@ def test_another_apps_tokens_claiming_no_size_evict_keep_the_staging_reserve_and
             assert m.status()["pending"] is not None  # the daemon answers
         finally:
             m.cleanup()
+
+
+def test_another_apps_token_the_cache_disk_fills_under_is_read_through_memory(engine, tmp_path):
+    """A download of no stated size (another application's token claiming 0 bytes) into a cache
+    whose disk has 3 MiB above its floor and nothing to evict: the 6 MiB content filled the disk
+    and the open failed with ENOSPC (read as empty before that failed the open). It is now read
+    through memory, as content of a known size is."""
+    import trio
+
+    from privifs.client.connect import connect
+    from privifs.client.session import PasswordCredentials
+    from privifs.client.transport import Endpoints
+    from privifs.crypto.keys import load_aes_key
+    from privifs.fs.space import floor_of
+    from tests.fskit import Remote
+
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        m = Mount(tmp_path / "user", engine.urls, mount_args=("--cache-dir", str(small / "cache")))
+        try:
+            m.mount()
+            data = os.urandom(6 * MiB + 5)
+
+            async def store() -> None:
+                credentials = PasswordCredentials(m.username, "correct-horse-battery")
+                async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
+                    await Remote(client, load_aes_key(m.key_file)).put_stating("claims.bin", data, 0)
+
+            trio.run(store)
+            m.refresh()
+            st = os.statvfs(small)
+            free = st.f_bavail * st.f_frsize
+            with open(small / "filler", "wb") as f:
+                f.write(bytes(free - floor_of(st.f_blocks * st.f_frsize) - 3 * MiB))
+            assert read_uncached(m.dir / "claims.bin") == data
+            assert os.stat(m.dir / "claims.bin").st_size == len(data)
+        finally:
+            m.cleanup()
