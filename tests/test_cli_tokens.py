@@ -455,3 +455,29 @@ def test_get_into_a_directory_writes_the_name_the_mount_shows_however_long(user,
     assert sorted(p.name for p in into.iterdir()) == sorted(
         ["n" * 251 + ".txt", "é" * 125 + ".md", "x" * 255, "README.md"]
     )
+
+
+def test_get_of_a_symlink_token_named_with_up_to_255_bytes_makes_the_link(user, tmp_path, eng):
+    """A symbolic link the mount made with a name of 241 to 255 bytes: 'token get' wrote the
+    link beside its output first as '.NAME.privifs-<12 hex>', too long a name, and failed with
+    'File name too long'."""
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    names = ["l" * 255, "é" * 127]
+    tokens = [run(user, "token", "put", str(empty), "--name", name).stdout.strip() for name in names]
+
+    async def mark() -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            for token in tokens:
+                await client.tokens.set_risk(token, {"privifs.type": "symlink", "privifs.target": "target"})
+
+    trio.run(mark)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, token in zip(names, tokens, strict=True):
+        r = run(user, "token", "get", token, str(out), check=False)
+        assert r.returncode == 0, (name, r.stderr)
+        assert os.readlink(out / name) == "target"
+        run(user, "token", "get", token, str(out))  # again, over the link it made
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)

@@ -695,3 +695,17 @@ async def test_token_commands_find_a_token_through_an_answer_cut_short(eng, acco
             async with connect(proxied, creds) as client:
                 assert (await _find(client, token)).file_name == "found.bin"
     assert left["cuts"] == 0
+
+
+async def test_a_listing_whose_count_is_the_page_size_is_read_to_the_end(eng, account):
+    """``meta.count`` may be the page's own items rather than the total (the protocol leaves it
+    undocumented): taken for the total, every listing of full pages ended after the first, and a
+    mount never showed the tokens past it."""
+    eng.set_options(per_page_max=3, listing_count="page")
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        stored = {await vault.put_bytes(b"x", meta(f"f{i}.bin")) for i in range(8)}
+        assert {i.token async for i in client.tokens.list()} == stored
+        assert {i.token async for i in client.tokens.list(context="/t")} == stored
+        stored.add(await vault.put_bytes(b"x", meta("f8.bin")))  # 9: pages of 3, the last one full
+        assert {i.token async for i in client.tokens.list()} == stored

@@ -6,11 +6,14 @@ content's size, and listings of the token do not take it back (Namespace.learn_s
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 
+import pyfuse3
 import pytest
 import trio
+import trio.lowlevel
 
 from privifs.client.connect import connect
 from privifs.client.session import PasswordCredentials
@@ -76,3 +79,50 @@ def test_the_kernel_serves_the_whole_content_of_a_token_stating_a_smaller_size_a
         assert checked.returncode == 0, checked.stdout + checked.stderr  # a claim is no damage, but it is said
         assert "note: /short.txt: its meta states 3 bytes, its verified content has 14" in checked.stdout
         assert "0 damaged, 2 state another size than their content's" in checked.stdout
+
+
+async def test_a_file_written_here_while_its_open_downloads_keeps_the_size_written(kit):
+    """An open for reading of a token of unverified size downloads it; another handle that
+    truncates and writes the file meanwhile stages it. The download's size is the token's, the
+    past: the file shows what was written (it showed the old content's size, and the kernel,
+    told of it, appended past a run of zeros)."""
+    path = "claims-raced.txt"
+    content = CONTENT * 20000  # a download of some checkpoints
+    await kit.remote.put_stating(path, content, 3)
+    await kit.refresh()
+    token = kit.node("/" + path).token
+    opened = {}
+    async with trio.open_nursery() as nursery:
+
+        async def reader() -> None:
+            opened["fh"] = await kit.open_file(path, os.O_RDONLY)
+
+        nursery.start_soon(reader)
+        with trio.fail_after(10):
+            while token not in kit.fs.cache._inflight:
+                await trio.lowlevel.checkpoint()
+        fh = await kit.open_file(path, os.O_WRONLY | os.O_TRUNC)
+        await kit.write(fh, 0, b"x" * 100)
+        await kit.close(fh)
+        assert token in kit.fs.cache._inflight  # the open's download is still under way
+    assert (await kit.lookup(path)).st_size == 100
+    assert await kit.read(opened["fh"], 0, 1 << 20) == b"x" * 100
+    await kit.close(opened["fh"])
+    await kit.settle()
+    await kit.refresh()
+    assert (await kit.lookup(path)).st_size == 100
+    assert await kit.read_file(path) == b"x" * 100
+
+
+async def test_a_token_claiming_no_bytes_whose_content_does_not_verify_fails_its_open(kit):
+    """Another application's token claiming 0 bytes whose content fails authentication (written
+    with another key, tampered): the open's download failed silently, the file kept its claimed
+    size, and through the kernel (which asks nothing of a file it holds as empty) it read as
+    empty with no error. The open now fails with EIO."""
+    path = "claims-nothing.bin"
+    await Remote(kit.remote.client, os.urandom(32)).put_stating(path, CONTENT, 0)
+    await kit.refresh()
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await kit.open_file(path, os.O_RDONLY)
+    assert caught.value.errno == errno.EIO
+    assert "integrity failure" in (kit.fs.last_read_error or "")

@@ -361,3 +361,88 @@ def test_the_index_opens_on_a_disk_something_else_filled_by_giving_back_its_rese
         index = Index(small / "index.sqlite3")  # SQLite makes its WAL files in the reserve's room
         index.close()
         assert not (small / "index.sqlite3.reserve").exists()
+
+
+def test_another_apps_tokens_claiming_no_size_evict_keep_the_staging_reserve_and_read_through_memory(engine, tmp_path):
+    """Another application's tokens whose meta claims 0 bytes: a download of no stated size
+    reserved no room, so the cache evicted nothing for it and filled the staging reserve, and
+    once the disk could not hold one, the open learned nothing and the file read as empty, with
+    no error. Each now makes room as it arrives, and one the disk cannot hold is read through
+    memory, as a file of known size is."""
+    import trio
+
+    from privifs.client.connect import connect
+    from privifs.client.session import PasswordCredentials
+    from privifs.client.transport import Endpoints
+    from privifs.crypto.keys import load_aes_key
+    from tests.fskit import Remote
+
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        m = Mount(
+            tmp_path / "user",
+            engine.urls,
+            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"), "--cache-size", "1G"),
+        )
+        try:
+            m.mount()
+            contents = {f"remote{i}.bin": os.urandom(10 * MiB) for i in range(8)}
+            contents["last.bin"] = os.urandom(6 * MiB + 3)
+
+            async def store() -> None:
+                credentials = PasswordCredentials(m.username, "correct-horse-battery")
+                async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
+                    remote = Remote(client, load_aes_key(m.key_file))
+                    for name, data in contents.items():
+                        await remote.put_stating(name, data, 0)
+
+            trio.run(store)
+            m.refresh()
+            last = contents.pop("last.bin")
+            for name, data in contents.items():
+                assert read_uncached(m.dir / name) == data, name
+                st = os.statvfs(small)
+                assert st.f_bavail * st.f_frsize >= 6 * MiB, f"the cache ate the staging reserve at {name}"
+            fill(m.dir / "huge.bin")
+            fill_outside(small / "filler")  # another program takes the last bytes
+            assert read_uncached(m.dir / "last.bin") == last  # through memory
+            assert os.stat(m.dir / "last.bin").st_size == len(last)
+            assert m.status()["pending"] is not None  # the daemon answers
+        finally:
+            m.cleanup()
+
+
+def test_another_apps_token_the_cache_disk_fills_under_is_read_through_memory(engine, tmp_path):
+    """A download of no stated size (another application's token claiming 0 bytes) into a cache
+    whose disk has 3 MiB above its floor and nothing to evict: the 6 MiB content filled the disk
+    and the open failed with ENOSPC (read as empty before that failed the open). It is now read
+    through memory, as content of a known size is."""
+    import trio
+
+    from privifs.client.connect import connect
+    from privifs.client.session import PasswordCredentials
+    from privifs.client.transport import Endpoints
+    from privifs.crypto.keys import load_aes_key
+    from privifs.fs.space import floor_of
+    from tests.fskit import Remote
+
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        m = Mount(tmp_path / "user", engine.urls, mount_args=("--cache-dir", str(small / "cache")))
+        try:
+            m.mount()
+            data = os.urandom(6 * MiB + 5)
+
+            async def store() -> None:
+                credentials = PasswordCredentials(m.username, "correct-horse-battery")
+                async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
+                    await Remote(client, load_aes_key(m.key_file)).put_stating("claims.bin", data, 0)
+
+            trio.run(store)
+            m.refresh()
+            st = os.statvfs(small)
+            free = st.f_bavail * st.f_frsize
+            with open(small / "filler", "wb") as f:
+                f.write(bytes(free - floor_of(st.f_blocks * st.f_frsize) - 3 * MiB))
+            assert read_uncached(m.dir / "claims.bin") == data
+            assert os.stat(m.dir / "claims.bin").st_size == len(data)
+        finally:
+            m.cleanup()

@@ -482,3 +482,61 @@ async def test_another_applications_token_in_the_parts_context_is_no_part_and_no
         assert await t.fs.vault.get_bytes(stranger) == b"not ours"
         assert await PartStore(t.fs.vault).collect(min_age=0) == 0
         assert await t.fs.vault.get_bytes(stranger) == b"not ours"
+
+
+async def test_a_retry_after_the_file_changed_stores_the_change_and_retires_the_failed_attempts_part(
+    account, tmp_path, small_parts, monkeypatch
+):
+    """A new big file's store failed after 4 parts; the file was written again in one of them
+    before the retry. The retry keeps the 3 unchanged parts, stores the changed one anew, the
+    file reads back as last written, and the failed attempt's changed part is retired like a
+    rewrite's (it was left to the hourly sweep: a new file replaces no manifest, whose going
+    retires stale parts)."""
+    real = PartStore.put_part_from
+    finished, failed = [], []
+    four_done, failed_now, go_on = trio.Event(), trio.Event(), trio.Event()
+
+    async def full_disk_once(self, upload_id, index, size, read):
+        if index == 5 and not failed:
+            failed.append(index)
+            await four_done.wait()
+            failed_now.set()
+            raise ServerError("507 Insufficient Storage: the server's disk is full")
+        if failed:
+            await go_on.wait()
+        part = await real(self, upload_id, index, size, read)
+        finished.append(index)
+        if len(finished) >= 4:
+            four_done.set()
+        return part
+
+    monkeypatch.setattr(PartStore, "put_part_from", full_disk_once)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        data = bytearray(os.urandom(8 * PART))
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, bytes(data))
+        t.fs.release(fh)
+        with trio.fail_after(30):
+            await failed_now.wait()
+            while node.uploading:
+                await trio.sleep(0.01)
+        offered = t.syncer.parts.unfinished._parts.get(node.staged.id, {})
+        changed = min(offered)  # a part the failed attempt uploaded
+        new = os.urandom(PART)
+        fh = (await t.fs.open(node.ino, os.O_RDWR)).fh
+        await t.fs.write(fh, changed * PART, new)
+        t.fs.release(fh)
+        data[changed * PART : (changed + 1) * PART] = new
+        go_on.set()
+        await t.wait_idle()
+        assert t.syncer.parts.parts_kept == len(offered) - 1
+        assert await t.syncer.retire_due(now=float("inf")) == 1  # the failed attempt's changed part
+        await t.wait_idle()
+        infos = [i async for i in t.client.tokens.list()]
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 0  # nothing left behind
+        manifests, parts = await vault_state(t)
+        named = (await PartStore(t.fs.vault).manifest(node.token)).tokens()
+        assert [i.token for i in manifests] == [node.token] and set(named) == {i.token for i in parts}
+        t.fs.cache.evict(node.token)
+        assert await read_all(t, node) == bytes(data)
+        assert not t.syncer.parts.reader.in_flight

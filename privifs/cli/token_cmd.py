@@ -307,17 +307,18 @@ class FileSink(BlockWriter):
 PARTIAL = ".privifs-partial"
 
 
-def partial_path(out: Path) -> Path:
-    """Where the unverified download goes, beside ``out``: ``.NAME.privifs-partial``. A name too
-    long for that (the vault holds names of up to 255 bytes, and 'get' failed on any of more than
-    238 with "File name too long") keeps its start and a mark of the whole name instead, so it
-    is still one fixed name per output (a partial file a killed get left is found and replaced)."""
-    name = f".{out.name}{PARTIAL}"
+def partial_path(out: Path, suffix: str = PARTIAL) -> Path:
+    """Where the unverified download goes, beside ``out``: ``.NAME.privifs-partial`` (or another
+    ``suffix``). A name too long for that (the vault holds names of up to 255 bytes, and 'get'
+    failed on any of more than 238 with "File name too long") keeps its start and a mark of the
+    whole name instead, so it is still one fixed name per output (a partial file a killed get
+    left is found and replaced)."""
+    name = f".{out.name}{suffix}"
     encoded = os.fsencode(out.name)
     if len(os.fsencode(name)) > NAME_MAX:
         mark = hashlib.sha256(encoded).hexdigest()[:8]
-        room = NAME_MAX - len(f".~{mark}{PARTIAL}")
-        name = f".{os.fsdecode(encoded[:room])}~{mark}{PARTIAL}"
+        room = NAME_MAX - len(os.fsencode(f".~{mark}{suffix}"))
+        name = f".{os.fsdecode(encoded[:room])}~{mark}{suffix}"
     return out.with_name(name)
 
 
@@ -408,7 +409,7 @@ KIND_NAMES = {KIND_DIR: "directory", "fifo": "FIFO", "socket": "socket", "charde
 def _make_symlink(out: Path, target: str) -> None:
     """A symbolic link token is got as the link it is in a mount (its target is its meta's
     ``privifs.target``), put in place of ``out`` as a file would be."""
-    tmp = out.with_name(f".{out.name}.privifs-{secrets.token_hex(6)}")
+    tmp = partial_path(out, f".privifs-{secrets.token_hex(6)}")  # (cut to fit, as the partial file's name)
     try:
         os.symlink(target, tmp)
         os.replace(tmp, out)

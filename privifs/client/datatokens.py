@@ -426,11 +426,15 @@ class DataTokens:
         self, *, context: str | None = None, token: str | None = None, per_page: int = 500
     ) -> AsyncIterator[shapes.TokenInfo]:
         """Every token of the profile (or of one context, or just ``token``), page by page: until
-        the count the server states is reached, or (no count) a page shorter than the longest
-        one yet, or an empty page. A server that caps ``perPage`` below what was asked (25 by
-        the reference's example) answers full pages shorter than ``per_page``: taken for the
-        last page, the listing ended after the first, and tokens other clients added past it
-        never showed. A page that repeats the previous one (a server ignoring ``page``) ends it."""
+        an empty page, a page shorter than the page size the server states, or the count the
+        server states is reached, or (no count that can be a total) a page shorter than the
+        longest one yet. A server that caps ``perPage`` below what was asked (25 by the
+        reference's example) answers full pages shorter than ``per_page``: taken for the last
+        page, the listing ended after the first, and tokens other clients added past it never
+        showed. ``meta.count`` may be the total or the page's own items (undocumented): a count
+        equal to the page's items is no total (taken for one, a listing of full pages ended
+        after the first). A page that repeats the previous one (a server ignoring ``page``)
+        ends it."""
         page = 1
         seen = 0
         longest = 0
@@ -446,7 +450,7 @@ class DataTokens:
                     "GET", "/data-token/list-data-tokens", params=params, idempotent=True, what="list data tokens"
                 )
                 try:
-                    items, count = shapes.listing(shapes.json_or_text(resp))
+                    items, count, stated = shapes.listing_page(shapes.json_or_text(resp))
                     break
                 except MalformedAnswer as exc:  # a page cut short or a proxy's page: ask for it again
                     if attempt + 1 == self.transport.options.retry_attempts:
@@ -463,9 +467,12 @@ class DataTokens:
                 yield info
             seen += len(items)
             longest = max(longest, len(items))
-            if not items or (count is not None and seen >= count):
+            if not items or (stated is not None and len(items) < stated):  # shorter than the server's page
                 return
-            if count is None and len(items) < longest:  # shorter than a full page: the last one
+            if count is not None and count != len(items):  # a total (a page's own size is none)
+                if seen >= count:
+                    return
+            elif len(items) < longest:  # shorter than a full page: the last one
                 return
             page += 1
 

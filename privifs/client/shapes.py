@@ -288,13 +288,25 @@ class TokenInfo:
 
 def listing(body: Any) -> tuple[list[dict], int | None]:
     """A listing page: (items, total count if the server said so)."""
+    items, count, _ = listing_page(body)
+    return items, count
+
+
+def listing_page(body: Any) -> tuple[list[dict], int | None, int | None]:
+    """A listing page: (items, its meta's count, its meta's perPage), each None when not stated.
+    The count may be the total or the page's items (undocumented which)."""
     if isinstance(body, list):
-        return body, None
+        return body, None, None
     if isinstance(body, dict):
         items = body.get("items", body.get("data", []))
         meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
         count = meta.get("count", meta.get("total"))
-        return (items if isinstance(items, list) else []), (count if isinstance(count, int) else None)
+        per_page = meta.get("perPage")
+        return (
+            (items if isinstance(items, list) else []),
+            (count if isinstance(count, int) and not isinstance(count, bool) else None),
+            (per_page if isinstance(per_page, int) and not isinstance(per_page, bool) and per_page > 0 else None),
+        )
     if body is None or isinstance(body, str):  # empty, cut short, an HTML page: not JSON at all
         raise MalformedAnswer(f"list data tokens: the server's answer cannot be read ({str(body)[:60]!r})")
     raise ProtocolError("unexpected listing answer")

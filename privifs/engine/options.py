@@ -39,6 +39,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "ttl_unit": ("minutes", "seconds"),
     # retrieve-unique-identifier: {"deviceIdentifier"} (live), a bare string, or {"deviceId"} (guides)
     "device_id_shape": ("identifier", "string", "guide"),
+    # a listing's meta.count: the tokens matching (total) or the page's items (page; undocumented which)
+    "listing_count": ("total", "page"),
 }
 
 COMMAND_KINDS = (
@@ -112,6 +114,7 @@ class EngineOptions:
     oauth_accept_shape: str = "body"
     ttl_unit: str = "minutes"
     device_id_shape: str = "identifier"
+    listing_count: str = "total"
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)

@@ -382,8 +382,9 @@ class DataTokenApi:
             return total, rows
 
         total, rows = self.db.read(read)
+        count = len(rows) if self.opts.listing_count == "page" else total
         return JSONResponse(
-            {"items": [item(r) for r in rows], "meta": {"count": total, "page": page, "perPage": per_page}}
+            {"items": [item(r) for r in rows], "meta": {"count": count, "page": page, "perPage": per_page}}
         )
 
     # -- update, risk meta, delete ---------------------------------------------------------

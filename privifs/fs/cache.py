@@ -163,12 +163,29 @@ class SealedSink(BlockWriter):
     """Seals downloaded plaintext chunk by chunk into a cache file, on a worker thread while the
     next block downloads."""
 
-    def __init__(self, sealed: SealedFile, nursery: trio.Nursery, tap: Tap | None = None, *, limit: int | None = None):
+    def __init__(
+        self,
+        sealed: SealedFile,
+        nursery: trio.Nursery,
+        tap: Tap | None = None,
+        *,
+        limit: int | None = None,
+        room: Callable[[int], None] | None = None,
+    ):
         block = 16 * CHUNK  # whole chunks: each block starts a chunk
         super().__init__(nursery, block=block, target=None if tap is None else tap.target(block))
         self.sealed = sealed
         self.tap = tap
         self.limit = limit  # the most plaintext it takes (DiskFullError past it)
+        # called (on the trio thread) with the plaintext received so far before each block is
+        # written: makes room for it on the disk, or raises DiskFullError (a download of no
+        # stated size reserved none beforehand)
+        self.room = room
+
+    async def _flush(self) -> None:
+        if self.room is not None:
+            self.room(self._offset + self._fill)
+        await super()._flush()
 
     def _write_block(self, offset: int, data: bytes) -> None:
         if self.limit is not None and offset + len(data) > self.limit:
@@ -324,6 +341,15 @@ class ContentCache:
         event = trio.Event()
         self._inflight[token] = event
         self.reserved += need
+        held = [need]  # the room reserved for this download (grows with a download of no stated size)
+
+        def room(received: int) -> None:
+            more = download_footprint(received) - held[0]
+            if more > 0:
+                self._room_for_download(more)  # evicts, or DiskFullError (the size limit is kept at adoption)
+                self.reserved += more
+                held[0] += more
+
         path = self.incoming / secrets.token_hex(12)
         try:
             sealed = SealedFile.create(path, self._key)
@@ -332,14 +358,23 @@ class ContentCache:
             del self._inflight[token]
             event.set()
             raise
+        fallback = False
         try:
             self.downloads += 1
-            await self._download(token, vault, size, sealed, tap, check)
-            self._release(need)  # from here the file counts as an entry (no await in between)
-            need = 0
+            await self._download(token, vault, size, sealed, tap, check, room=room if size is None else None)
+            self._release(held[0])  # from here the file counts as an entry (no await in between)
+            held[0] = 0
             if not self.adopt(token, str(path)):
                 return sealed  # not kept (too large, no room): this reader keeps a private, unlinked copy
             sealed.close()
+        except DiskFullError:
+            # content of no stated size that the disk cannot hold: read through memory, as
+            # content of a known size is (it filled the disk to the last byte, or read as ENOSPC)
+            sealed.close()
+            path.unlink(missing_ok=True)
+            if size is not None or tap is not None:
+                raise
+            fallback = True
         except BaseException:
             sealed.close()
             path.unlink(missing_ok=True)
@@ -347,8 +382,12 @@ class ContentCache:
         finally:
             if self._inflight.get(token) is event:  # waiters retrying a failed download overlap
                 del self._inflight[token]
-            self._release(need)
+            self._release(held[0])
             event.set()
+        if fallback:
+            if check is not None:
+                check.restart()  # it saw part of the content already
+            return await self._fetch_in_memory(token, vault, size, tap, check)
         opened = self.open(token)
         if opened is None:
             return await self.fetch(token, vault, size, tap=tap, check=check)  # evicted at once by a concurrent insert
@@ -383,6 +422,7 @@ class ContentCache:
         tap: Tap | None,
         check: Check | None,
         limit: int | None = None,
+        room: Callable[[int], None] | None = None,
     ) -> None:
         """Download ``token`` into ``sealed``; a download that gets no data for
         :data:`DOWNLOAD_IDLE` seconds (whatever the vault client retries meanwhile: a stalled
@@ -397,7 +437,7 @@ class ContentCache:
 
             with single_error():
                 async with trio.open_nursery() as nursery:
-                    sink = SealedSink(sealed, nursery, check if tap is None else tap, limit=limit)
+                    sink = SealedSink(sealed, nursery, check if tap is None else tap, limit=limit, room=room)
                     sink.on_data = progress
                     await vault.get(token, sink, size=size)
                     await sink.finish()

@@ -603,7 +603,7 @@ class Filesystem:
                 self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
                 self.mark_content_dirty(node)
         elif accmode != os.O_WRONLY and self._size_unverified(node):
-            await self._learn_size(node)
+            await self._learn_size(node, fatal=accmode == os.O_RDONLY)
         return self._open_node(node, flags)
 
     def _size_unverified(self, node: Node) -> bool:
@@ -618,30 +618,38 @@ class Filesystem:
             and self.sync.content_check(node) is None
         )
 
-    async def _learn_size(self, node: Node) -> None:
+    async def _learn_size(self, node: Node, *, fatal: bool) -> None:
         """Opened for reading, a file of unverified size is downloaded (as its first read would
         do: content stored whole is verified whole before a byte of it is served) and shows its
         content's size before the first read, so that programs that read ``st_size`` bytes or
-        map the file see all of it; a file stated empty is read at all. A failure is the first
-        read's to report."""
+        map the file see all of it; a file stated empty is read at all. A failure of a read-only
+        open (``fatal``) fails it (its errno, logged as a read's): the first read would meet it
+        again, and the kernel, which holds only the claimed size, never asks for a file claimed
+        empty (it read as empty, with no error, when the cache's disk could not hold it). One
+        opened for writing too is still opened (it may be truncated, which needs no download)."""
         token = node.token
         try:
             sealed = await self._fetch_following(node)
         except pyfuse3.FUSEError:
+            if fatal:
+                raise
             return
         if sealed is None or self._unmarked_manifest(node, sealed):
             return
         try:
-            if node.token == token:
-                self._size_learned(node, sealed.size)
+            self._size_learned(node, token, sealed.size)
         finally:
             sealed.close()
 
-    def _size_learned(self, node: Node, size: int) -> None:
-        """A verified download of the node's token holds ``size`` bytes: the node shows that
-        size (:meth:`Namespace.learn_size`), and the kernel drops the attributes it holds, so
-        that a read past the claimed end asks again (attributes only: no page lock is taken,
-        so this cannot wait for a request of the same inode, this one included)."""
+    def _size_learned(self, node: Node, token: str | None, size: int) -> None:
+        """A verified download of ``token`` holds ``size`` bytes: the node, if it still shows
+        that token, shows that size (:meth:`Namespace.learn_size`), and the kernel drops the
+        attributes it holds, so that a read past the claimed end asks again (attributes only:
+        no page lock is taken, so this cannot wait for a request of the same inode, this one
+        included). A node written here meanwhile (staged: the download awaited while another
+        handle truncated or wrote it) keeps its staged size: the token is its past."""
+        if node.staged is not None or node.token != token:
+            return
         changed = node.size != size
         self.ns.learn_size(node, size)
         if changed:
@@ -863,13 +871,13 @@ class Filesystem:
             sealed = await self._fetch_following(node)
             if sealed is not None and self._unmarked_manifest(node, sealed):
                 return await self.read(fh_id, offset, length)  # read through its parts
-            if sealed is None or fh.reader is not None or node.token != token:
-                if sealed is not None:
+            if sealed is None or fh.reader is not None or node.token != token or node.staged is not None:
+                if sealed is not None:  # (staged meanwhile: written here while this read waited)
                     sealed.close()
                 return await self.read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:  # the token's meta did not state its content's size
-                self._size_learned(node, sealed.size)
+                self._size_learned(node, token, sealed.size)
         try:
             return fh.reader.read(offset, length)
         except IntegrityError as exc:

@@ -626,7 +626,12 @@ class Syncer:
             self.sent[ino] = self.sent.get(ino, 0) + n
 
         token, stale = await self.parts.store_staged(staged, old, meta, risk, node.token, progress)
-        return token, stale, risk  # with the manifest mark PartStore.put_manifest added
+        # a failed attempt's parts the file changed since (named by no manifest of this file) are
+        # retired now: _upload retires stale parts only when a replaced manifest goes, and a new
+        # file has none (they were left to the hourly sweep)
+        replaced = set(old.tokens()) if old is not None else set()
+        self.retire_parts(meta.context, [t for t in stale if t not in replaced])
+        return token, [t for t in stale if t in replaced], risk  # with the mark PartStore.put_manifest added
 
     async def _parts_still_there(
         self, node: Node, staged: StagedFile, meta: FileMeta, token: str, risk: dict, context: str
