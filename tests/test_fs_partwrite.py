@@ -540,3 +540,39 @@ async def test_a_retry_after_the_file_changed_stores_the_change_and_retires_the_
         t.fs.cache.evict(node.token)
         assert await read_all(t, node) == bytes(data)
         assert not t.syncer.parts.reader.in_flight
+
+
+async def test_a_part_kept_from_a_failed_store_that_another_mount_swept_is_stored_again(
+    account, tmp_path, small_parts, monkeypatch
+):
+    """Another mount's sweep takes a part no manifest names once it is an hour old: a retry that
+    came late would have named a part gone from the vault (EIO for every reader)."""
+    real = PartStore.put_part_from
+    finished: list[str] = []
+    failed: list[int] = []
+    four_done = trio.Event()
+
+    async def swept_then_full(self, upload_id, index, size, read):
+        if index == 5 and not failed:
+            failed.append(index)
+            await four_done.wait()
+            await self.tokens.delete(finished[0])  # another mount's sweep, an hour later
+            raise ServerError("507 Insufficient Storage: the server's disk is full")
+        part = await real(self, upload_id, index, size, read)
+        finished.append(part.token)
+        if len(finished) >= 4:
+            four_done.set()
+        return part
+
+    monkeypatch.setattr(PartStore, "put_part_from", swept_then_full)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        data = os.urandom(8 * PART)
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, data)
+        t.fs.release(fh)
+        await t.wait_idle()
+        assert failed and t.syncer.parts.parts_uploaded == 9  # the swept one again
+        named = (await PartStore(t.fs.vault).manifest(node.token)).tokens()
+        assert finished[0] not in named
+        t.fs.cache.evict(node.token)
+        assert await read_all(t, node) == data

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import trio
 
-from privifs.client.datatokens import FileMeta
+from privifs.client.datatokens import FileMeta, find_each
 from privifs.client.vault import PIECE
 from privifs.crypto.sealed import CHUNK
 from privifs.errors import PrivifsError, single_error
@@ -81,6 +81,29 @@ class PartWriter:
         except PrivifsError as exc:  # every part is uploaded again: nothing is lost
             log.warning("%s: the manifest being replaced cannot be read (%s); storing every part", path, exc)
             return None
+
+    async def _still_there(
+        self,
+        earlier: dict[int, fmt.Part],
+        parts: list[fmt.Part | None],
+        upload_id: str,
+        reader: Callable[[int], Callable[[int, int], bytes]],
+        stored: list[str],
+    ) -> None:
+        """The parts this store kept from a failed attempt are asked for by id before the
+        manifest names them: another mount's sweep takes a part no manifest names once it is an
+        hour old, and a retry can come late. One that is gone is uploaded again."""
+        kept = {p.token for p in earlier.values()} & {p.token for p in parts if p is not None}
+        if not kept:
+            return
+        there = {i.token for i in await find_each(self.store.tokens, sorted(kept))}
+        for i, part in enumerate(parts):
+            if part is not None and part.token in kept and part.token not in there:
+                log.info("a part kept from a failed store is gone from the vault; storing it again")
+                parts[i] = await self.store.put_part_from(upload_id, i, part.size, reader(i))
+                stored.append(parts[i].token)
+                self.reader.in_flight.add(parts[i].token)
+                self.parts_uploaded += 1
 
     async def store_staged(
         self,
@@ -160,6 +183,7 @@ class PartWriter:
                             nursery.start_soon(one, i)
                             continue
                         progress(parts[i].size)
+            await self._still_there(earlier, parts, upload_id, reader, stored)
             manifest = fmt.Manifest(part_size, size, tuple(parts))
             token = await self.store.put_manifest(manifest, meta, risk)
             self.reader.remember(token, manifest)
