@@ -147,13 +147,18 @@ def test_full_disk_writes_get_enospc_reads_of_cached_staged_and_uncached_files_w
             m.cleanup()
 
 
+def state_and_cache_on(small: Path, tmp_path: Path, engine) -> Mount:
+    """A mount (not mounted yet) whose state and cache live on ``small``, the cache limit above it."""
+    return Mount(
+        tmp_path / "user",
+        engine.urls,
+        mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"), "--cache-size", "1G"),
+    )
+
+
 def test_the_cache_evicts_before_the_disk_fills_and_keeps_room_for_staging(engine, tmp_path):
     with small_filesystem(tmp_path / "small", "64m") as small:
-        m = Mount(
-            tmp_path / "user",
-            engine.urls,
-            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"), "--cache-size", "1G"),
-        )
+        m = state_and_cache_on(small, tmp_path, engine)
         try:
             m.mount()
             contents = {}
@@ -378,11 +383,7 @@ def test_another_apps_tokens_claiming_no_size_evict_keep_the_staging_reserve_and
     from tests.fskit import Remote
 
     with small_filesystem(tmp_path / "small", "64m") as small:
-        m = Mount(
-            tmp_path / "user",
-            engine.urls,
-            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache"), "--cache-size", "1G"),
-        )
+        m = state_and_cache_on(small, tmp_path, engine)
         try:
             m.mount()
             contents = {f"remote{i}.bin": os.urandom(10 * MiB) for i in range(8)}

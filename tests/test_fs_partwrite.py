@@ -420,28 +420,9 @@ async def test_a_store_that_failed_part_way_goes_on_where_it_stopped(account, tm
     """A full engine disk, say: the retry uploads only what the failed attempt did not (each
     retry stored every part again beside the last attempt's, which only the hourly sweep
     removed), and the file reads back whole."""
-    real = PartStore.put_part_from
-    finished, failed = [], []
-    four_done = trio.Event()
-
-    async def full_disk_once(self, upload_id, index, size, read):
-        if index == 5 and not failed:
-            failed.append(index)
-            await four_done.wait()
-            raise ServerError("507 Insufficient Storage: the server's disk is full")
-        part = await real(self, upload_id, index, size, read)
-        finished.append(index)
-        if len(finished) >= 4:
-            four_done.set()
-        return part
-
-    monkeypatch.setattr(PartStore, "put_part_from", full_disk_once)
+    finished, failed = part_5_fails_once(monkeypatch)
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
-        data = os.urandom(8 * PART)
-        fh, node = t.create_node(1, "big.bin")
-        await t.fs.write(fh, 0, data)
-        t.fs.release(fh)
-        await t.wait_idle()
+        node, data = await big_file_stored(t)
         assert failed and t.syncer.parts.parts_uploaded == 8  # 12 or 13 when every part went again
         manifests, parts = await vault_state(t)
         named = (await PartStore(t.fs.vault).manifest(node.token)).tokens()
@@ -547,16 +528,34 @@ async def test_a_part_kept_from_a_failed_store_that_another_mount_swept_is_store
 ):
     """Another mount's sweep takes a part no manifest names once it is an hour old: a retry that
     came late would have named a part gone from the vault (EIO for every reader)."""
+
+    async def swept(store) -> None:
+        await store.tokens.delete(finished[0])  # another mount's sweep, an hour later
+
+    finished, failed = part_5_fails_once(monkeypatch, before=swept)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        node, data = await big_file_stored(t)
+        assert failed and t.syncer.parts.parts_uploaded == 9  # the swept one again
+        named = (await PartStore(t.fs.vault).manifest(node.token)).tokens()
+        assert finished[0] not in named
+        t.fs.cache.evict(node.token)
+        assert await read_all(t, node) == data
+
+
+def part_5_fails_once(monkeypatch, before=None) -> tuple[list[str], list[int]]:
+    """Storing part 5 fails once, as on a full engine disk, after parts 0-3 were stored (and
+    after ``before(store)``, if given); returns the tokens of the parts stored and the failure."""
     real = PartStore.put_part_from
     finished: list[str] = []
     failed: list[int] = []
     four_done = trio.Event()
 
-    async def swept_then_full(self, upload_id, index, size, read):
+    async def full_disk_once(self, upload_id, index, size, read):
         if index == 5 and not failed:
             failed.append(index)
             await four_done.wait()
-            await self.tokens.delete(finished[0])  # another mount's sweep, an hour later
+            if before is not None:
+                await before(self)
             raise ServerError("507 Insufficient Storage: the server's disk is full")
         part = await real(self, upload_id, index, size, read)
         finished.append(part.token)
@@ -564,15 +563,15 @@ async def test_a_part_kept_from_a_failed_store_that_another_mount_swept_is_store
             four_done.set()
         return part
 
-    monkeypatch.setattr(PartStore, "put_part_from", swept_then_full)
-    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
-        data = os.urandom(8 * PART)
-        fh, node = t.create_node(1, "big.bin")
-        await t.fs.write(fh, 0, data)
-        t.fs.release(fh)
-        await t.wait_idle()
-        assert failed and t.syncer.parts.parts_uploaded == 9  # the swept one again
-        named = (await PartStore(t.fs.vault).manifest(node.token)).tokens()
-        assert finished[0] not in named
-        t.fs.cache.evict(node.token)
-        assert await read_all(t, node) == data
+    monkeypatch.setattr(PartStore, "put_part_from", full_disk_once)
+    return finished, failed
+
+
+async def big_file_stored(t):
+    """An 8-part file written, closed and stored (through retries): its node and content."""
+    data = os.urandom(8 * PART)
+    fh, node = t.create_node(1, "big.bin")
+    await t.fs.write(fh, 0, data)
+    t.fs.release(fh)
+    await t.wait_idle()
+    return node, data
