@@ -14,8 +14,10 @@ MiB = 1 << 20
 assert memory.bound_allocator()
 warm = bytearray(4 * MiB); del warm      # glibc raises its mmap threshold, as in the daemon
 big, keep = [], []
-for _ in range(100):                     # 4 MiB blocks with small ones between: free cannot trim
-    big.append(bytearray(4 * MiB)); keep.append(bytearray(1024))
+for _ in range(100):                     # 4 MiB blocks with smaller ones between: free cannot trim
+    # (256 KiB, not 1 KiB: a 1 KiB block could land in an older hole instead of after its 4 MiB
+    # block, leaving the freed blocks at the heap's top, which free() gives back by itself)
+    big.append(bytearray(4 * MiB)); keep.append(bytearray(256 * 1024))
 del big
 
 async def main():
