@@ -299,3 +299,34 @@ def test_a_failed_first_mount_leaves_no_state_and_a_later_failure_keeps_the_earl
     finally:
         b.cleanup()
         a.cleanup()
+
+
+def test_a_damaged_key_check_is_told_from_a_wrong_key(engine, tmp_path):
+    """A key-check token that fails authentication locked the vault out ("use the key this vault
+    was created with") although the key was right and every file intact: the vault's own files
+    now prove the key, the damage is logged and reported by verify, and a wrong key still fails."""
+    m = Mount(tmp_path / "a", engine.urls)
+    try:
+        m.mount()
+        for n in range(3):
+            (m.dir / f"f{n}.txt").write_text("kept " * (n + 10))
+        m.wait_idle()
+        m.umount()
+        blob = next(f for d in (engine.data_dir / "blobs").iterdir() for f in d.iterdir() if f.stat().st_size == 81)
+        raw = bytearray(blob.read_bytes())
+        raw[40] ^= 0x01
+        blob.write_bytes(bytes(raw))
+        m.mount()
+        assert (m.dir / "f2.txt").read_text() == "kept " * 12
+        assert "fails authentication although this key decrypts the vault's files" in m.log()
+        m.umount()
+        r = privifs(m.env, "verify", check=False)
+        assert r.returncode != 0 and "damaged: /.privifs/keycheck: the key-check token" in r.stdout
+        key = os.urandom(32).hex() + "\n"
+        m.key_file.write_text(key)
+        cfg = m.root / "config" / "privifs" / "config.toml"
+        cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("key_id")))
+        r = m.mount(check=False)
+        assert r.returncode == 3 and "does not decrypt this vault" in r.stderr
+    finally:
+        m.cleanup()

@@ -41,9 +41,10 @@ from privifs.client.vault import Vault
 from privifs.config import load
 from privifs.crypto import digest
 from privifs.crypto.sealed import SealedFile, local_key
-from privifs.errors import IntegrityError, NotFoundError, PrivifsError, WrongKeyError
+from privifs.errors import IntegrityError, NotFoundError, PrivifsError
 from privifs.fs.names import entry_name
 from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context, split_context
+from privifs.keycheck import naming_check, prove_key
 from privifs.parts import format as fmt
 from privifs.parts.format import MARK
 from privifs.parts.store import PartStore, is_manifest, is_part
@@ -84,6 +85,9 @@ class LocalFile:
     token: str
     size: int
     dirty: bool
+
+
+KEYCHECK_PATH = f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"
 
 
 @dataclass
@@ -208,17 +212,17 @@ def cached_copy(cache_dir: Path, token: str, key: bytes) -> SealedFile | None:
         cache.close()
 
 
-async def check_keycheck(vault: Vault, infos: list[TokenInfo]) -> None:
-    for info in infos:
-        if same_context(info.context, RESERVED_CONTEXT) and info.file_name == KEYCHECK_NAME:
-            try:
-                await vault.get_bytes(info.token)
-            except IntegrityError:
-                raise WrongKeyError(
-                    "the configured AES key does not decrypt this vault (its key-check token "
-                    "fails authentication); every token would look damaged"
-                ) from None
-            return
+async def check_keycheck(vault: Vault, infos: list[TokenInfo], report: Report) -> None:
+    """WrongKeyError unless the key decrypts this vault (every token would look damaged); a
+    damaged key-check token, while the vault's files prove the key, is reported damaged."""
+    check = naming_check(infos)
+    if check is not None and not await prove_key(vault, check, infos):
+        report.damaged.append(KEYCHECK_PATH)
+        report.line(
+            "damaged",
+            f"{KEYCHECK_PATH}: the key-check token {check.token} fails authentication (the key is right: "
+            "it decrypts the vault's files); mounts go on without it",
+        )
 
 
 async def repair(
@@ -275,7 +279,7 @@ async def verify(
 ) -> Report:
     report = Report()
     infos = [info async for info in client.tokens.list()]
-    await check_keycheck(vault, infos)
+    await check_keycheck(vault, infos, report)
     listed = {i.token: i for i in infos}
     local = read_index(state_dir)
     files: dict[str, LocalFile] = {}
