@@ -101,6 +101,14 @@ class InProcessFs:
         """What the kernel does when it drops its references to ``node``."""
         self.fs.forget([(node.ino, node.lookups)])
 
+    def unlink_node(self, parent: Node | int, name: str) -> None:
+        """``unlink(2)`` of a file nothing else holds: the entry goes, and the kernel forgets the
+        inode at once (until then a removed file keeps its content: an open may be on its way)."""
+        node = self.fs.ns.child(self.fs.ns.get(_ino(parent)), name)
+        self.fs.unlink(_ino(parent), name.encode())
+        if node is not None:
+            self.forget(node)
+
     async def truncate(self, fh: int, size: int) -> None:
         attr = pyfuse3.EntryAttributes()
         attr.st_size = size

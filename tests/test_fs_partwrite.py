@@ -146,7 +146,7 @@ async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account
         await big_file(t, "gone.bin")
         keep = await big_file(t, "kept.bin")
         await t.wait_idle()
-        t.fs.unlink(1, b"gone.bin")
+        t.unlink_node(1, "gone.bin")
         await t.wait_idle()
         infos = [i async for i in t.client.tokens.list()]
         assert len([i for i in infos if is_part(i)]) == 6  # the deleted manifest's parts wait out a grace
@@ -160,7 +160,7 @@ async def test_removing_a_big_file_deletes_its_parts_after_the_grace(account, tm
         node, keep = await big_file(t, "gone.bin"), await big_file(t, "kept.bin")
         await t.wait_idle()
         gone = await PartStore(t.fs.vault).manifest(node.token)
-        t.fs.unlink(1, b"gone.bin")
+        t.unlink_node(1, "gone.bin")
         await t.wait_idle()
         manifests, parts = await vault_state(t)
         assert [i.token for i in manifests] == [keep.token]
@@ -374,7 +374,7 @@ async def test_a_manifest_that_does_not_verify_stops_the_sweep_naming_itself_unt
         await t.client.tokens.set_risk(junk, {fmt.MARK: "1"})
         await big_file(t, "gone.bin")
         await t.wait_idle()
-        t.fs.unlink(1, b"gone.bin")
+        t.unlink_node(1, "gone.bin")
         await t.wait_idle()
         infos = [i async for i in t.client.tokens.list()]
         with pytest.raises(IntegrityError) as caught:
@@ -398,7 +398,7 @@ async def test_a_manifest_deleted_while_the_sweep_reads_it_delays_the_sweep_to_t
         keep = await big_file(t, "kept.bin")
         await big_file(t, "gone.bin")
         await t.wait_idle()
-        t.fs.unlink(1, b"gone.bin")
+        t.unlink_node(1, "gone.bin")
         await t.wait_idle()
         other = PartStore(t.fs.vault, part_size=PART)  # another client's big file
 
@@ -456,7 +456,7 @@ async def test_another_applications_token_in_the_parts_context_is_no_part_and_no
         )
         await big_file(t, "gone.bin")
         await t.wait_idle()
-        t.fs.unlink(1, b"gone.bin")
+        t.unlink_node(1, "gone.bin")
         await t.wait_idle()
         infos = [i async for i in t.client.tokens.list()]
         assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3  # the deleted file's parts only

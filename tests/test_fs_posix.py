@@ -280,6 +280,34 @@ def test_unlinked_file_stays_readable_while_open(d):
     assert not p.exists()
 
 
+@pytest.mark.parametrize("uploaded", [False, True], ids=["staged", "uploaded"])
+def test_replaced_after_lookup_opens_old_content(mnt, d, uploaded):
+    """An ``open`` resolves the path first (the kernel holds the inode) and asks the daemon to
+    open it after: an atomic save (write a temporary file, rename it over the old one) that
+    lands in between left a reader with the old inode and nothing in it (``st_size`` said 12
+    bytes, ``read`` gave 0: seen as empty reads of a file saved over and over). An ``O_PATH``
+    descriptor holds the inode across the rename, as the path walk does, deterministically."""
+    p, tmp = d / "cfg", d / "cfg.tmp"
+    p.write_bytes(b"old content\n")
+    if uploaded:
+        mnt.wait_idle()
+    held = os.open(p, os.O_PATH)
+    try:
+        tmp.write_bytes(b"new content\n")
+        os.replace(tmp, p)
+        with open(f"/proc/self/fd/{held}", "rb") as f:
+            assert f.read() == b"old content\n"
+    finally:
+        os.close(held)
+    held = os.open(p, os.O_PATH)
+    try:
+        os.unlink(p)
+        with open(f"/proc/self/fd/{held}", "rb") as f:
+            assert f.read() == b"new content\n"
+    finally:
+        os.close(held)
+
+
 def test_readdir_offsets_are_stable_while_the_directory_changes(d):
     for i in range(600):
         (d / f"e{i:04d}").write_bytes(b"")

@@ -359,7 +359,7 @@ async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_it
         data = await big_file_both_see(a, b, 10 * mib)
         fb = await b.open_node(b.node("/big"))
         await b.fs.write(fb, 5, b"B" * 1000)
-        await a.unlink("/big")
+        a.unlink_node(1, "big")
         await a.wait_idle()
         assert await a.syncer.retire_due(now=float("inf")) == 3  # the removed file's parts go
         b.fs.release(fb)

@@ -35,6 +35,29 @@ async def test_a_file_removed_while_its_upload_fails_leaves_no_staged_copy(kit, 
     assert await kit.vault_tree() == {}
 
 
+async def test_a_file_removed_while_open_and_uploading_reads_whole_after_the_upload_ends(kit, eng):
+    """``rm`` of a file another program has open, while its upload is in flight: when the upload
+    ended, its staged copy was deleted although the descriptor still read from it, which then
+    read 0 bytes of a file whose fstat said 300 MiB (seen on a mount: write, close, open, unlink
+    a second later, read). It stays for the descriptor, and goes with the last close."""
+    eng.set_options(latency_ms=300)
+    data = os.urandom(200_000)
+    fh, node = kit.create_node(1, "open.bin")
+    await kit.fs.write(fh, 0, data)
+    kit.fs.release(fh)
+    await wait_for(lambda: node.uploading)
+    reader = await kit.open_node(node, os.O_RDONLY)
+    await kit.unlink("open.bin")
+    await wait_for(lambda: not node.uploading)
+    assert await kit.fs.read(reader, 0, 1 << 20) == data
+    kit.fs.release(reader)
+    kit.forget(node)
+    eng.set_options(latency_ms=0)
+    await kit.settle()
+    assert kit.fs.staging.ids() == set()
+    assert await kit.vault_tree() == {}
+
+
 async def test_a_file_written_again_while_its_upload_fails_keeps_only_its_current_staged_copy(kit, eng):
     eng.set_options(fail_rate=1.0, latency_ms=300)
     fh, node = kit.create_node(1, "again.bin")

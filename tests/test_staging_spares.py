@@ -87,3 +87,38 @@ def test_a_staged_file_removed_soon_goes_on_the_removers_thread_and_is_not_liste
         time.sleep(0.01)
     assert not os.path.exists(gone.path) and removed_by == ["privifs-staged-removal"]
     assert staging.ids() == {kept.id}
+
+
+def test_a_write_that_finds_no_room_waits_for_the_files_the_remover_is_deleting(tmp_path: Path, monkeypatch) -> None:
+    """``rm big; write small`` on a full disk: the unlink hands the staged file to the remover's
+    thread and returns; the write came before the thread deleted it and got ENOSPC (seen as a
+    flaky full-disk test). Now a write that finds no room waits for those deletions first."""
+    staging = Staging(tmp_path / "staging", KEY)
+    big = staging.create()
+    big.write(0, b"x" * 65536, 1)
+
+    class Room:  # the disk is full but for a byte while the big staged file is there
+        def above_floor(self) -> int:
+            return 1 if os.path.exists(big.path) else 64 * 1024 * 1024
+
+        def floor(self) -> int:
+            return 1024 * 1024
+
+    monkeypatch.setattr(staging, "space", Room())
+    may_go = threading.Event()
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if str(path) == big.path:
+            assert may_go.wait(10)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    staging.remove(big, soon=True)  # on the thread (at the floor itself it is deleted at once)
+    releaser = threading.Timer(0.2, may_go.set)
+    releaser.start()
+    try:
+        staging.ensure_room(1024 * 1024)  # raised DiskFullError while the thread was still deleting
+    finally:
+        releaser.join()
+    assert not os.path.exists(big.path)

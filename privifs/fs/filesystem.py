@@ -485,9 +485,11 @@ class Filesystem:
     def _remove(self, node: Node) -> None:
         """Take ``node`` out of the tree; its token (if any) is deleted in the background."""
         parent = self.ns.nodes[node.parent]
-        if node.staged is not None and node.opens <= 0 and not node.uploading:
+        if node.staged is not None and node.opens <= 0 and node.lookups <= 0 and not node.uploading:
             # before the index records the removal: on a full disk it needs the space (removed
-            # at once then; otherwise on a thread, see staging.Remover)
+            # at once then; otherwise on a thread, see staging.Remover). One the kernel still
+            # holds (it looked it up: an open of it may be on its way) keeps its content until
+            # the kernel forgets it (Namespace.release)
             self.staging.remove(node.staged, soon=True)
             self.ns.clear_staged(node)
         if node.uploading:

@@ -972,7 +972,10 @@ class Namespace:
         if node.token:
             if delete_token:
                 self.index.add_tombstone(node.token)
-            if node.opens > 0:  # still readable through its descriptors until released
+            if node.opens > 0 or delete_token and node.is_file and node.lookups > 0:
+                # still readable through its descriptors until released, and by an open of the
+                # inode the kernel holds (an open(2) resolves the path before the daemon sees the
+                # open: a rename over the file can land in between; it read as empty)
                 if self.by_token.get(node.token) == node.ino:
                     del self.by_token[node.token]
                 self.held[node.token] = node.ino
@@ -997,12 +1000,13 @@ class Namespace:
         self.drop(node)
 
     def release(self, node: Node, staging: Staging) -> bool:
-        """Let go of a removed node's content once every open file closed it, and forget the node
-        once the kernel lets go too (its staged content too, unless an upload is reading it: the
-        upload frees it when it ends). True if a held token's deletion may go ahead now."""
+        """Let go of a removed node's content once every open file closed it and the kernel let
+        go of it (it may still open it: see :meth:`remove`), and forget the node then (its
+        staged content too, unless an upload is reading it: the upload frees it when it ends).
+        True if a held token's deletion may go ahead now."""
         if not node.unlinked or node.opens > 0:
             return False
-        freed = node.token is not None and self.held.get(node.token) == node.ino
+        freed = node.lookups <= 0 and node.token is not None and self.held.get(node.token) == node.ino
         if freed:
             del self.held[node.token]
             node.token = None
@@ -1010,7 +1014,7 @@ class Namespace:
         # the upload's end, successful or not, calls this again to free it)
         if node.lookups <= 0 and self.get(node.ino) in (node, None):
             if node.staged is not None and not node.uploading:
-                staging.remove(node.staged)
+                staging.remove(node.staged, soon=True)
                 self.clear_staged(node)
             self.drop(node)
         return freed

@@ -42,6 +42,8 @@ from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, data_extents, local_s
 from privifs.errors import DiskFullError, FormatVersionError, PrivifsError
 from privifs.fs.space import MiB, Space
 
+REMOVER_WAIT = 5.0  # seconds a write that finds no room waits for staged files being deleted
+
 
 class StagedFile:
     __slots__ = ("id", "sealed", "frozen", "staging", "entry_flushed")
@@ -165,6 +167,7 @@ class Remover:
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
         self._pending: set[str] = set()
         self._thread: threading.Thread | None = None
 
@@ -180,6 +183,11 @@ class Remover:
         with self._lock:
             return set(self._pending)
 
+    def drain(self, timeout: float) -> None:
+        """Wait until every file queued so far is deleted (``timeout`` seconds at most)."""
+        with self._done:
+            self._done.wait_for(lambda: not self._pending, timeout)
+
     def _run(self) -> None:
         while True:
             staged_id, path = self._queue.get()
@@ -187,6 +195,8 @@ class Remover:
                 os.unlink(path)
             with self._lock:
                 self._pending.discard(staged_id)
+                if not self._pending:
+                    self._done.notify_all()
 
 
 class Staging:
@@ -217,6 +227,12 @@ class Staging:
         DiskFullError."""
         if need <= 0 or self.space.above_floor() - self.keep_free() >= need:
             return
+        if self.remover.pending():
+            # files removed a moment ago free their space on the remover's thread: a write
+            # right after an unlink got ENOSPC while it was still deleting them
+            self.remover.drain(REMOVER_WAIT)
+            if self.space.above_floor() - self.keep_free() >= need:
+                return
         floor = self.space.floor()
         raise DiskFullError(
             f"no space left for staging in {self.dir}: the disk is full (privifs keeps "

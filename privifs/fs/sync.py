@@ -858,9 +858,14 @@ class Syncer:
                 if manifest_risk is not None:  # its parts go with it (the file was removed)
                     self.manifest_removed(token, context, manifest_risk)
                 self._tombstone(token)
-                if node.staged is staged:
+                if node.staged is not staged:
+                    self.staging.remove(staged)
+                elif node.opens <= 0 and node.lookups <= 0:
                     self.ns.clear_staged(node)
-                self.staging.remove(staged)
+                    self.staging.remove(staged)
+                # else still open (or held by the kernel): its descriptors read the staged copy,
+                # which Namespace.release removes once they let go (it was removed here, and a
+                # reader that had the file open when it was unlinked read it as empty)
                 self._finish_commit(staged, None)
                 self.ns.release(node, self.staging)
                 return
