@@ -399,6 +399,35 @@ def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
         m.cleanup()
 
 
+def test_scripts_up_on_a_mount_left_dead_by_a_killed_daemon_mounts_it_again(engine, tmp_path):
+    # a dead FUSE mount cannot be stat'ed (ENOTCONN): scripts/up's 'mkdir -p' failed on it
+    # ("mkdir: cannot stat ...: Transport endpoint is not connected", exit 1) instead of letting
+    # 'privifs mount' clean it up as it does after a crash or an unclean shutdown
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "kept.txt").write_text("before the crash")
+        m.wait_idle()
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = subprocess.run(
+            [str(repo / "scripts" / "up"), str(m.dir)],
+            env=m.env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "cleaned it up" in r.stderr and "Traceback" not in r.stderr
+        assert (m.dir / "kept.txt").read_text() == "before the crash"
+
+
 def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "unsent.txt").write_text("staged when the daemon died")
