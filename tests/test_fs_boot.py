@@ -145,6 +145,16 @@ def test_helper_refuses_unknown_options_and_a_missing_configuration(tmp_path, ca
     assert "no privifs configuration" in capsys.readouterr().err
 
 
+def test_helper_exits_with_mount_8s_usage_code_for_an_option_value_privifs_refuses(tmp_path, capsys):
+    # 'cache_size=huge' reached argparse, whose exit 2 passed through as the helper's status:
+    # "system error" to mount(8), not "incorrect invocation" (1)
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\nembedded = true\n")
+    assert helper_main(["privifs", str(tmp_path), "-o", f"cache_size=huge,config={config}"]) == 1
+    err = capsys.readouterr().err
+    assert "not a size: 'huge'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_systemd_user_unit_runs_commands_privifs_accepts():
     import configparser
     import shlex
