@@ -149,6 +149,38 @@ def test_get_never_replaces_a_device_fifo_or_socket_nor_writes_into_a_planted_pa
     assert out.read_bytes() == src.read_bytes()
 
 
+def test_get_never_overwrites_privifs_own_secrets_and_keeps_a_replaced_files_mode(user, tmp_path):
+    """'privifs token get TOKEN ~/.config/privifs/password' replaced the password (mode 0600) with
+    the token's plaintext, mode 0644: a mistyped output path destroyed a secret. And a private
+    file (0600) that 'get' replaced became 0644: its new plaintext readable by every user."""
+    src = tmp_path / "notes.txt"
+    src.write_bytes(b"plaintext " * 100)
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    cfg_dir = tmp_path / "config" / "privifs"
+    for name in ("password", "aes.key", "identity.key", "config.toml"):
+        before = (cfg_dir / name).read_bytes()
+        r = run(user, "token", "get", token, str(cfg_dir / name), check=False)
+        assert r.returncode == 4 and "never overwrites" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert (cfg_dir / name).read_bytes() == before
+        assert stat.S_IMODE((cfg_dir / name).stat().st_mode) == 0o600
+    assert run(user, "token", "ls").returncode == 0  # the account still works
+    private = tmp_path / "private.txt"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    run(user, "token", "get", token, str(private))
+    assert private.read_bytes() == src.read_bytes()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    fresh = tmp_path / "fresh.txt"
+    run(user, "token", "get", token, str(fresh))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_wrong_key_file_is_detected(user, tmp_path):
     key = tmp_path / "config" / "privifs" / "aes.key"
     key.write_text(os.urandom(32).hex() + "\n")
