@@ -216,3 +216,26 @@ def test_a_mountpoint_that_is_missing_or_a_file_is_a_local_file_error(tmp_path, 
         code = main(["mount", str(where)])
         err = capsys.readouterr().err
         assert code == 4 and err.count("\n") == 1 and "does not exist or is not a directory" in err, err
+
+
+@pytest.mark.timeout(60)  # without the fix, the engine starts and runs until stopped
+def test_the_engine_never_overwrites_a_file_that_is_not_its_urls_file(tmp_path, capsys, state):
+    """'privifs engine --urls-file ~/.config/privifs/aes.key' replaced the key (0600) with the
+    URLs as JSON, mode 0644: a mistyped option destroyed the vault's only key. The engine now
+    replaces only a URLs file (one it wrote before, e.g. at its last start)."""
+    secret = tmp_path / "aes.key"
+    secret.write_text("ab" * 32 + "\n")
+    secret.chmod(0o600)
+    args = ["engine", "--data-dir", str(tmp_path / "data"), "--urls-file", str(secret)]
+    args += ["--api-port", "0", "--ws-port", "0", "--upstream-port", "0", "--downstream-port", "0"]
+    assert main(args) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(secret) in err and "never overwrites" in err
+    assert secret.read_text() == "ab" * 32 + "\n" and secret.stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "data").exists()  # refused before anything started
+    from privifs.cli.engine_cmd import check_urls_file
+
+    previous = tmp_path / "urls.json"
+    previous.write_text('{"api": "http://127.0.0.1:1", "ws": "ws://127.0.0.1:2"}\n')
+    check_urls_file(previous)  # a URLs file from the last start: replaced
+    check_urls_file(tmp_path / "new.json")  # a new file: written
