@@ -239,3 +239,33 @@ def test_the_engine_never_overwrites_a_file_that_is_not_its_urls_file(tmp_path, 
     previous.write_text('{"api": "http://127.0.0.1:1", "ws": "ws://127.0.0.1:2"}\n')
     check_urls_file(previous)  # a URLs file from the last start: replaced
     check_urls_file(tmp_path / "new.json")  # a new file: written
+
+
+@pytest.mark.timeout(120)
+def test_a_configuration_named_like_a_secret_beside_it_is_refused_before_anything_is_written(
+    tmp_path, capsys, state, monkeypatch
+):
+    """'privifs --config ~/.config/privifs/aes.key init --force' wrote the configuration over the
+    AES key (the key is kept beside the configuration under that very name), and
+    'privifs --config DIR/aes.key restore B' restored the key, then the configuration over it:
+    the vault could no longer be decrypted. Such a configuration path is now refused at once."""
+    for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir(mode=0o700)
+    key = cfg_dir / "aes.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    before = key.read_bytes()
+    for name, args in (
+        ("aes.key", ["init", "--force"]),
+        ("password", ["init"]),
+        ("identity.key", ["restore", str(tmp_path / "some.backup")]),
+        ("oauth.json", ["mount", str(tmp_path)]),
+    ):
+        assert main(["--config", str(cfg_dir / name), *args]) == 3, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "config.toml" in err and name in err, err
+    assert key.read_bytes() == before
+    assert sorted(p.name for p in cfg_dir.iterdir()) == ["aes.key"]
+    assert not (tmp_path / "xdg_data_home").exists()
