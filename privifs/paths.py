@@ -41,6 +41,16 @@ def runtime_dir() -> Path:
     return Path(base) / APP if base else state_dir() / "run"
 
 
+def runtime_dirs() -> list[Path]:
+    """Every runtime directory a mount of this user may have registered in: the current one, and
+    the state directory's, which a mount started without ``XDG_RUNTIME_DIR`` uses (at boot from
+    fstab or ``mount -t fuse.privifs``, from cron) and a login shell must see too."""
+    dirs = [runtime_dir()]
+    if state_dir() / "run" not in dirs:
+        dirs.append(state_dir() / "run")
+    return dirs
+
+
 def embedded_engine_dir() -> Path:
     return data_dir() / "engine"
 

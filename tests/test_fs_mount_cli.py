@@ -428,6 +428,28 @@ def test_scripts_up_on_a_mount_left_dead_by_a_killed_daemon_mounts_it_again(engi
         assert (m.dir / "kept.txt").read_text() == "before the crash"
 
 
+def test_a_mount_started_without_a_runtime_dir_is_seen_and_unmounted_from_a_session_with_one(engine, tmp_path):
+    # a mount started at boot (fstab, mount -t fuse.privifs, cron: no XDG_RUNTIME_DIR) registered in
+    # the state directory, and a login shell (XDG_RUNTIME_DIR=/run/user/UID) looked only in its
+    # runtime directory: 'privifs status' said "no privifs mounts", 'privifs umount DIR' that DIR
+    # was "served by a privifs daemon this user did not start"
+    m = Mount(tmp_path, engine.urls)
+    boot = {k: v for k, v in m.env.items() if k != "XDG_RUNTIME_DIR"}
+    try:
+        privifs(boot, "mount", str(m.dir))
+        (m.dir / "kept.txt").write_text("at boot")
+        r = privifs(m.env, "status", check=False)
+        assert r.returncode == 0 and str(m.dir) in r.stdout, r.stdout + r.stderr
+        r = privifs(m.env, "umount", str(m.dir), check=False)
+        assert r.returncode == 0 and not is_mounted(m.dir), r.stderr
+        m.mount()
+        assert (m.dir / "kept.txt").read_text() == "at boot"
+    finally:
+        if is_mounted(m.dir) and m.registry() is None:
+            privifs(boot, "umount", str(m.dir), check=False)
+        m.cleanup()
+
+
 def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "unsent.txt").write_text("staged when the daemon died")
