@@ -383,25 +383,33 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                     f"the embedded engine's data in {engine_dir} already holds a vault; move it "
                     f"away to restore this backup"
                 )
+            made = paths.missing_dirs(engine_dir)
+            written: list[Path] = []  # taken back if the restore fails before the database is in place
             with engine_locked(engine_dir):
-                seen, sealed_digests = _restore_blobs(tar, engine_dir, blobs, progress)
-                missing = sorted(set(blobs) - set(seen))
-                if missing:
-                    raise BackupError(
-                        f"the backup lacks {len(missing)} of its {len(blobs)} data files "
-                        f"(e.g. {missing[0]}); it is damaged"
-                    )
-                # a damaged data file is restored all the same (it reads as EIO, as in the vault,
-                # and the rest of the vault is worth having); the restore says which
-                stated = opened.digests(sealed_digests) if sealed_digests is not None else None
-                unchecked = stated is None
-                if stated is not None:
-                    damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
-                for name, value in doc.get("engine", {}).items():
-                    if name in ENGINE_SECRETS:
-                        place_secret(engine_dir / name, base64.b64decode(value), f"engine {name}")
-                db_tmp = engine_dir / ".engine.sqlite3.restoring"
-                _write_private(db_tmp, members["engine.sqlite3"])
+                try:
+                    seen, sealed_digests = _restore_blobs(tar, engine_dir, blobs, progress, written)
+                    missing = sorted(set(blobs) - set(seen))
+                    if missing:
+                        raise BackupError(
+                            f"the backup lacks {len(missing)} of its {len(blobs)} data files "
+                            f"(e.g. {missing[0]}); it is damaged"
+                        )
+                    # a damaged data file is restored all the same (it reads as EIO, as in the vault,
+                    # and the rest of the vault is worth having); the restore says which
+                    stated = opened.digests(sealed_digests) if sealed_digests is not None else None
+                    unchecked = stated is None
+                    if stated is not None:
+                        damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
+                    for name, value in doc.get("engine", {}).items():
+                        if name in ENGINE_SECRETS:
+                            if not (engine_dir / name).exists():
+                                written.append(engine_dir / name)
+                            place_secret(engine_dir / name, base64.b64decode(value), f"engine {name}")
+                    db_tmp = engine_dir / ".engine.sqlite3.restoring"
+                    _write_private(db_tmp, members["engine.sqlite3"])
+                except BaseException:
+                    _take_back(engine_dir, made, written)
+                    raise
                 os.replace(db_tmp, engine_dir / "engine.sqlite3")
     paths.private_dir(cfg_dir)
     cfg = Config(
@@ -435,11 +443,31 @@ def _write_private(path: Path, data: bytes) -> None:
         raise output_failed(path, exc, "the restored engine data", elsewhere=False) from None
 
 
+def _take_back(engine_dir: Path, made: list[Path], written: list[Path]) -> None:
+    """Remove what a restore that failed before the engine's database was in place wrote: the
+    data files, then the directories it made (each only if empty) and, if it made the engine's
+    directory, its lock; a restore that fails leaves no half-made engine behind."""
+    for path in written:
+        path.unlink(missing_ok=True)
+    blobs = engine_dir / "blobs"
+    for d in sorted({p.parent for p in written}, reverse=True):
+        paths.remove_made([d])
+    paths.remove_made([blobs])
+    if engine_dir in made:
+        (engine_dir / "lock").unlink(missing_ok=True)
+    paths.remove_made(made)
+
+
 def _restore_blobs(
-    tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int], progress: Progress | None
+    tar: tarfile.TarFile,
+    engine_dir: Path,
+    expected: dict[str, int],
+    progress: Progress | None,
+    written: list[Path],
 ) -> tuple[dict[str, str], bytes | None]:
-    """Write the backup's blob files into ``engine_dir``: the SHA-256 of each one written, by
-    name, and the sealed ``digests.bin`` (None in a backup made without it)."""
+    """Write the backup's blob files into ``engine_dir`` (each file made is added to ``written``
+    first): the SHA-256 of each one written, by name, and the sealed ``digests.bin`` (None in a
+    backup made without it)."""
     seen: dict[str, str] = {}
     sealed_digests = None
     total, done = sum(expected.values()), 0
@@ -459,6 +487,7 @@ def _restore_blobs(
         target = target_dir / m.group(2)
         source = tar.extractfile(member)
         sha = hashlib.sha256()
+        written.append(target)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:

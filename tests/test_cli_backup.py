@@ -386,3 +386,25 @@ def test_a_first_mount_during_a_restore_makes_no_vault_of_its_own(vault, tmp_pat
     with fresh.mounted():
         assert_every_file(fresh)
     assert profiles(fresh) == profiles(vault[0])
+
+
+def test_a_restore_of_a_truncated_backup_fails_and_leaves_nothing_behind(vault, tmp_path):
+    """A backup cut between two of its data files (a copy that stopped, a full disk) is refused
+    ("lacks N of its data files"), but the data files before the cut stayed in the engine's data
+    directory (with its lock and directories): a failed restore left a half-made engine there."""
+    import tarfile
+
+    _, backup = vault
+    with tarfile.open(backup) as tar:
+        blobs = [m for m in tar.getmembers() if m.name.startswith("engine/blobs/")]
+    assert len(blobs) >= 2
+    cut = tmp_path / "cut.backup"
+    with open(backup, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(blobs[-1].offset))  # every data file but the last, then the end
+    fresh = Mount(tmp_path / "fresh", None)
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(cut), check=False)
+    assert r.returncode == 3 and "lacks 1 of its" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
+    with fresh.mounted():
+        assert_every_file(fresh)
