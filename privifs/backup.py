@@ -92,11 +92,13 @@ def engine_locked(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def _read(path: Path | None, what: str) -> str | None:
+def _read(path: Path | None, what: str, *, private: bool = True) -> str | None:
+    """A secret file's content (base64): a small regular file, private unless told otherwise (a
+    FIFO or /dev/zero is refused, never read for ever)."""
     if path is None:
         return None
     try:
-        return base64.b64encode(path.read_bytes()).decode()
+        return base64.b64encode(paths.read_small(path, private=private)).decode()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
@@ -123,6 +125,9 @@ def _tar_bytes(members: dict[str, bytes]) -> bytes:
 
 
 def _account_doc(cfg: Config) -> dict:
+    from privifs.account import aes_key
+
+    aes_key(cfg)  # the key every command checks: a backup of another file as the key would be useless
     secrets = {}
     for attr, name in SECRET_NAMES.items():
         value = _read(getattr(cfg, attr), name)
@@ -156,7 +161,9 @@ def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path,
     finally:
         src.close()
     doc["engine"] = {
-        name: _read(data_dir / name, f"engine's {name}") for name in ENGINE_SECRETS if (data_dir / name).exists()
+        name: _read(data_dir / name, f"engine's {name}", private=False)
+        for name in ENGINE_SECRETS
+        if (data_dir / name).exists()
     }
     blobs, missing = [], 0
     for blob_id in sorted(referenced):

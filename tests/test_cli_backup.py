@@ -408,3 +408,33 @@ def test_a_restore_of_a_truncated_backup_fails_and_leaves_nothing_behind(vault, 
     r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
     with fresh.mounted():
         assert_every_file(fresh)
+
+
+@pytest.mark.timeout(120)  # without the fix, the backup of /dev/zero as the key reads for ever
+def test_backup_refuses_a_key_that_is_not_the_vaults_and_writes_no_useless_backup(original, tmp_path):
+    """A configuration whose aes_key_file named another file (/etc/hostname) was backed up with
+    that file as the vault's key, exit 0 and 'backup written': a backup that can never decrypt
+    the vault, found out only when it is needed. /dev/zero there read for ever (memory filling).
+    The backup now checks the key as every command does (format, mode, fingerprint)."""
+    env = dict(original.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    text = (config_dir(original) / "config.toml").read_text()
+    real_key = str(config_dir(original) / "aes.key")
+    other = tmp_path / "other.key"
+    other.write_text(os.urandom(32).hex() + "\n")
+    other.chmod(0o600)
+    hostname = tmp_path / "hostname.txt"
+    hostname.write_text("myhost\n")
+    hostname.chmod(0o600)
+    for name, key_file, says in (
+        ("other", other, "not the key this configuration was created with"),
+        ("hostname", hostname, "64 hex characters"),
+        ("zero", "/dev/zero", "not a regular file"),
+    ):
+        cfg = tmp_path / name / "config.toml"
+        cfg.parent.mkdir(mode=0o700)
+        cfg.write_text(text.replace(f'"{real_key}"', f'"{key_file}"'))
+        cfg.chmod(0o600)
+        out = tmp_path / f"{name}.backup"
+        r = privifs(env, "--config", str(cfg), "backup", str(out), check=False, timeout=60)
+        assert r.returncode == 3 and says in r.stderr and r.stderr.count("\n") == 1, (name, r.stderr)
+        assert not out.exists()
