@@ -426,6 +426,10 @@ def test_scripts_up_on_a_mount_left_dead_by_a_killed_daemon_mounts_it_again(engi
         assert r.returncode == 0, r.stdout + r.stderr
         assert "cleaned it up" in r.stderr and "Traceback" not in r.stderr
         assert (m.dir / "kept.txt").read_text() == "before the crash"
+        # the commands it prints work from wherever the user is (they were relative to the checkout)
+        status = next(line.split()[:3] for line in r.stdout.splitlines() if " status " in line)
+        assert status[0] == str(repo / ".venv" / "bin" / "privifs"), r.stdout
+        assert subprocess.run(status, env=m.env, cwd="/", capture_output=True, timeout=60).returncode == 0
 
 
 def test_a_mount_started_without_a_runtime_dir_is_seen_and_unmounted_from_a_session_with_one(engine, tmp_path):
