@@ -513,3 +513,29 @@ def test_get_of_a_symlink_token_named_with_up_to_255_bytes_makes_the_link(user, 
         assert os.readlink(out / name) == "target"
         run(user, "token", "get", token, str(out))  # again, over the link it made
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+def test_put_and_mv_refuse_a_context_the_mount_cannot_show_as_given(user, tmp_path):
+    """'token put F --context ../..' stored a token the mount showed under 'unnamed..' and
+    'privifs verify' reported as 'not yet in the local index' for ever; '--context /.privifs'
+    put a user's file among privifs' own tokens (a second key check; in /.privifs/parts the
+    sweep deletes it). Such a context is now a bad command line: one line, exit 2, nothing
+    stored."""
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    for option, value in (
+        ("--context", "../.."),
+        ("--context", "docs"),
+        ("--context", "/a/../b"),
+        ("--context", "/.privifs"),
+        ("--context", "/.privifs/parts"),
+    ):
+        r = run(user, "token", "put", str(src), option, value, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and option in r.stderr, (option, value, r.stderr)
+    assert run(user, "token", "ls", "--all").stdout.count("f.txt") == 0
+    token = run(user, "token", "put", str(src), "--context", "/docs/").stdout.strip()
+    r = run(user, "token", "mv", token, "--name", "g.txt", "--context", "../x", check=False)
+    assert r.returncode == 2 and "--context" in r.stderr
+    run(user, "token", "mv", token, "--name", "g.txt", "--context", "//archive//2024")
+    st = json.loads(run(user, "token", "stat", token).stdout)
+    assert (st["fileName"], st["context"]) == ("g.txt", "/archive/2024")

@@ -24,7 +24,7 @@ import trio
 from privifs import paths
 from privifs.account import open_account
 from privifs.cli.failures import LocalFileError
-from privifs.cli.options import is_utf8, utf8_text
+from privifs.cli.options import context_path, is_utf8, utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -57,7 +57,7 @@ def register(sub) -> None:
     put = action("put", "encrypt and store a file; prints the permanent token", _put)
     put.add_argument("file", type=Path, help="a regular file")
     put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
-    put.add_argument("--context", type=utf8_text, default="/", help="context (directory) to record (default /)")
+    put.add_argument("--context", type=context_path, default="/", help="context (directory) to record (default /)")
     get = action(
         "get",
         "fetch, verify and decrypt a token into a file (written only if it verifies); a symbolic link's token"
@@ -71,7 +71,7 @@ def register(sub) -> None:
     mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
     mv.add_argument("token", type=utf8_text)
     mv.add_argument("--name", type=utf8_text, required=True, help="the new file name")
-    mv.add_argument("--context", type=utf8_text, help="the new context (directory)")
+    mv.add_argument("--context", type=context_path, help="the new context (directory)")
     st = action("stat", "show a token's meta as JSON", _stat)
     st.add_argument("token", type=utf8_text)
 
