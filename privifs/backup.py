@@ -336,13 +336,10 @@ def restore_backup(
     marker = restoring_marker(cfg_path)
     made = [d for d in (marker.parent, *marker.parent.parents) if not d.exists()]  # (deepest first)
     paths.private_dir(marker.parent)
-    try:  # while it is there, 'privifs init' and a first 'privifs mount' make no vault here
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        raise BackupError(
-            f"another restore into {marker.parent} is running, or one was interrupted: wait for "
-            f"it, or remove {marker} (and the engine data a restore left) and restore again"
-        ) from None
+    # while the marker is there, 'privifs init' and a first 'privifs mount' make no vault here;
+    # the restore holds a lock on it, so the marker of one that was killed (SIGTERM, power
+    # loss) is told from a running one's and taken over: restoring again is all it takes
+    fd = _lock_marker(marker)
     done = False
     try:
         summary = _restore(src, passphrase, cfg_path, engine_dir or paths.embedded_engine_dir(), progress)
@@ -350,12 +347,31 @@ def restore_backup(
         return summary
     finally:
         marker.unlink(missing_ok=True)
+        os.close(fd)
         if not done:  # a restore that stopped leaves no directory it made for the marker
             for d in made:
                 try:
                     d.rmdir()
                 except OSError:
                     break
+
+
+def _lock_marker(marker: Path) -> int:
+    """Make (or take over, from a restore that was killed) the restore's marker and hold its lock;
+    refuse while another restore holds it."""
+    while True:
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BackupError(f"another restore into {marker.parent} is running: wait for it to end") from None
+        try:
+            if os.stat(marker, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the restore that held it ended and removed it meanwhile: make a new one
 
 
 def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None) -> Summary:

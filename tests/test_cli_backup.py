@@ -370,18 +370,26 @@ def test_a_first_mount_during_a_restore_makes_no_vault_of_its_own(vault, tmp_pat
     then failed. Now the restore's marker stops it, and a second restore, until the first ends."""
     _, backup = vault
     fresh = Mount(tmp_path / "fresh", None)
+    import fcntl
+
     marker = config_dir(fresh) / ".restore-in-progress"
     config_dir(fresh).mkdir(parents=True)
-    marker.write_text("")  # what a running (or interrupted) restore leaves
-    r = fresh.mount(check=False)
-    assert r.returncode != 0 and "a restore into" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not (engine_dir(fresh) / "engine.sqlite3").exists()
-    assert not (config_dir(fresh) / "config.toml").exists()
-    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
-    r = privifs(env, "restore", str(backup), check=False)
-    assert r.returncode == 3 and "another restore" in r.stderr, r.stderr
-    marker.unlink()
-    privifs(env, "restore", str(backup))
+    running = open(marker, "w")  # what a running restore keeps: the marker, locked
+    fcntl.flock(running, fcntl.LOCK_EX)
+    try:
+        r = fresh.mount(check=False)
+        assert r.returncode != 0 and "a restore into" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (engine_dir(fresh) / "engine.sqlite3").exists()
+        assert not (config_dir(fresh) / "config.toml").exists()
+        env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+        r = privifs(env, "restore", str(backup), check=False)
+        assert r.returncode == 3 and "another restore" in r.stderr, r.stderr
+    finally:
+        running.close()  # the restore was killed (SIGTERM, power loss): its marker stays, unlocked
+    assert marker.exists()
+    r = fresh.mount(check=False)  # a first mount still makes no vault there
+    assert r.returncode != 0 and "privifs restore FILE' again" in r.stderr, r.stderr
+    privifs(env, "restore", str(backup))  # restoring again is all it takes (the marker was removed by hand)
     assert not marker.exists()
     with fresh.mounted():
         assert_every_file(fresh)
