@@ -269,3 +269,19 @@ def test_a_configuration_named_like_a_secret_beside_it_is_refused_before_anythin
     assert key.read_bytes() == before
     assert sorted(p.name for p in cfg_dir.iterdir()) == ["aes.key"]
     assert not (tmp_path / "xdg_data_home").exists()
+
+
+def test_a_command_without_a_runtime_dir_also_looks_in_the_login_sessions(tmp_path, monkeypatch):
+    """A mount started in a login shell registers in /run/user/UID/privifs; 'privifs umount' run
+    from cron or a boot script (no XDG_RUNTIME_DIR) looked only in the state directory and
+    refused the mount as 'served by a privifs daemon this user did not start'."""
+    from privifs import paths
+
+    session = tmp_path / "run-user"
+    (session / str(os.getuid())).mkdir(parents=True)
+    monkeypatch.setattr(paths, "SESSION_RUNTIME", session)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert paths.runtime_dirs() == [tmp_path / "state" / "privifs" / "run", session / str(os.getuid()) / "privifs"]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))  # a login shell: its own, then the state's
+    assert paths.runtime_dirs() == [tmp_path / "xdg" / "privifs", tmp_path / "state" / "privifs" / "run"]
