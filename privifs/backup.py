@@ -92,11 +92,13 @@ def engine_locked(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def _read(path: Path | None, what: str) -> str | None:
+def _read(path: Path | None, what: str, *, private: bool = True) -> str | None:
+    """A secret file's content (base64): a small regular file, private unless told otherwise (a
+    FIFO or /dev/zero is refused, never read for ever)."""
     if path is None:
         return None
     try:
-        return base64.b64encode(path.read_bytes()).decode()
+        return base64.b64encode(paths.read_small(path, private=private)).decode()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
@@ -123,6 +125,9 @@ def _tar_bytes(members: dict[str, bytes]) -> bytes:
 
 
 def _account_doc(cfg: Config) -> dict:
+    from privifs.account import aes_key
+
+    aes_key(cfg)  # the key every command checks: a backup of another file as the key would be useless
     secrets = {}
     for attr, name in SECRET_NAMES.items():
         value = _read(getattr(cfg, attr), name)
@@ -156,7 +161,9 @@ def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path,
     finally:
         src.close()
     doc["engine"] = {
-        name: _read(data_dir / name, f"engine's {name}") for name in ENGINE_SECRETS if (data_dir / name).exists()
+        name: _read(data_dir / name, f"engine's {name}", private=False)
+        for name in ENGINE_SECRETS
+        if (data_dir / name).exists()
     }
     blobs, missing = [], 0
     for blob_id in sorted(referenced):
@@ -329,13 +336,10 @@ def restore_backup(
     marker = restoring_marker(cfg_path)
     made = [d for d in (marker.parent, *marker.parent.parents) if not d.exists()]  # (deepest first)
     paths.private_dir(marker.parent)
-    try:  # while it is there, 'privifs init' and a first 'privifs mount' make no vault here
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        raise BackupError(
-            f"another restore into {marker.parent} is running, or one was interrupted: wait for "
-            f"it, or remove {marker} (and the engine data a restore left) and restore again"
-        ) from None
+    # while the marker is there, 'privifs init' and a first 'privifs mount' make no vault here;
+    # the restore holds a lock on it, so the marker of one that was killed (SIGTERM, power
+    # loss) is told from a running one's and taken over: restoring again is all it takes
+    fd = _lock_marker(marker)
     done = False
     try:
         summary = _restore(src, passphrase, cfg_path, engine_dir or paths.embedded_engine_dir(), progress)
@@ -343,12 +347,31 @@ def restore_backup(
         return summary
     finally:
         marker.unlink(missing_ok=True)
+        os.close(fd)
         if not done:  # a restore that stopped leaves no directory it made for the marker
             for d in made:
                 try:
                     d.rmdir()
                 except OSError:
                     break
+
+
+def _lock_marker(marker: Path) -> int:
+    """Make (or take over, from a restore that was killed) the restore's marker and hold its lock;
+    refuse while another restore holds it."""
+    while True:
+        fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BackupError(f"another restore into {marker.parent} is running: wait for it to end") from None
+        try:
+            if os.stat(marker, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the restore that held it ended and removed it meanwhile: make a new one
 
 
 def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None) -> Summary:
@@ -383,25 +406,33 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                     f"the embedded engine's data in {engine_dir} already holds a vault; move it "
                     f"away to restore this backup"
                 )
+            made = paths.missing_dirs(engine_dir)
+            written: list[Path] = []  # taken back if the restore fails before the database is in place
             with engine_locked(engine_dir):
-                seen, sealed_digests = _restore_blobs(tar, engine_dir, blobs, progress)
-                missing = sorted(set(blobs) - set(seen))
-                if missing:
-                    raise BackupError(
-                        f"the backup lacks {len(missing)} of its {len(blobs)} data files "
-                        f"(e.g. {missing[0]}); it is damaged"
-                    )
-                # a damaged data file is restored all the same (it reads as EIO, as in the vault,
-                # and the rest of the vault is worth having); the restore says which
-                stated = opened.digests(sealed_digests) if sealed_digests is not None else None
-                unchecked = stated is None
-                if stated is not None:
-                    damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
-                for name, value in doc.get("engine", {}).items():
-                    if name in ENGINE_SECRETS:
-                        place_secret(engine_dir / name, base64.b64decode(value), f"engine {name}")
-                db_tmp = engine_dir / ".engine.sqlite3.restoring"
-                _write_private(db_tmp, members["engine.sqlite3"])
+                try:
+                    seen, sealed_digests = _restore_blobs(tar, engine_dir, blobs, progress, written)
+                    missing = sorted(set(blobs) - set(seen))
+                    if missing:
+                        raise BackupError(
+                            f"the backup lacks {len(missing)} of its {len(blobs)} data files "
+                            f"(e.g. {missing[0]}); it is damaged"
+                        )
+                    # a damaged data file is restored all the same (it reads as EIO, as in the vault,
+                    # and the rest of the vault is worth having); the restore says which
+                    stated = opened.digests(sealed_digests) if sealed_digests is not None else None
+                    unchecked = stated is None
+                    if stated is not None:
+                        damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
+                    for name, value in doc.get("engine", {}).items():
+                        if name in ENGINE_SECRETS:
+                            if not (engine_dir / name).exists():
+                                written.append(engine_dir / name)
+                            place_secret(engine_dir / name, base64.b64decode(value), f"engine {name}")
+                    db_tmp = engine_dir / ".engine.sqlite3.restoring"
+                    _write_private(db_tmp, members["engine.sqlite3"])
+                except BaseException:
+                    _take_back(engine_dir, made, written)
+                    raise
                 os.replace(db_tmp, engine_dir / "engine.sqlite3")
     paths.private_dir(cfg_dir)
     cfg = Config(
@@ -435,11 +466,31 @@ def _write_private(path: Path, data: bytes) -> None:
         raise output_failed(path, exc, "the restored engine data", elsewhere=False) from None
 
 
+def _take_back(engine_dir: Path, made: list[Path], written: list[Path]) -> None:
+    """Remove what a restore that failed before the engine's database was in place wrote: the
+    data files, then the directories it made (each only if empty) and, if it made the engine's
+    directory, its lock; a restore that fails leaves no half-made engine behind."""
+    for path in written:
+        path.unlink(missing_ok=True)
+    blobs = engine_dir / "blobs"
+    for d in sorted({p.parent for p in written}, reverse=True):
+        paths.remove_made([d])
+    paths.remove_made([blobs])
+    if engine_dir in made:
+        (engine_dir / "lock").unlink(missing_ok=True)
+    paths.remove_made(made)
+
+
 def _restore_blobs(
-    tar: tarfile.TarFile, engine_dir: Path, expected: dict[str, int], progress: Progress | None
+    tar: tarfile.TarFile,
+    engine_dir: Path,
+    expected: dict[str, int],
+    progress: Progress | None,
+    written: list[Path],
 ) -> tuple[dict[str, str], bytes | None]:
-    """Write the backup's blob files into ``engine_dir``: the SHA-256 of each one written, by
-    name, and the sealed ``digests.bin`` (None in a backup made without it)."""
+    """Write the backup's blob files into ``engine_dir`` (each file made is added to ``written``
+    first): the SHA-256 of each one written, by name, and the sealed ``digests.bin`` (None in a
+    backup made without it)."""
     seen: dict[str, str] = {}
     sealed_digests = None
     total, done = sum(expected.values()), 0
@@ -459,6 +510,7 @@ def _restore_blobs(
         target = target_dir / m.group(2)
         source = tar.extractfile(member)
         sha = hashlib.sha256()
+        written.append(target)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -53,6 +53,17 @@ def place_secret(path: Path, data: bytes, what: str) -> Path:
     return path
 
 
+def check_config_path(path: Path) -> Path:
+    """Refuse a configuration path named like one of the secrets privifs keeps beside it
+    (``--config DIR/aes.key``): the configuration would be written over that secret."""
+    if path.name in SECRET_NAMES.values():
+        raise ConfigError(
+            f"the configuration {path} would be written over the {path.name} secret privifs keeps "
+            f"beside it; name the configuration file otherwise (e.g. {path.with_name('config.toml')})"
+        )
+    return path
+
+
 def default_config_path() -> Path:
     env = os.environ.get("PRIVIFS_CONFIG")
     return Path(env) if env else paths.config_dir() / "config.toml"
@@ -172,6 +183,7 @@ def save(cfg: Config) -> None:
         for k, v in values.items():
             if v is not None:
                 lines.append(f"{k} = {_toml_value(v)}")
+    check_config_path(cfg.path)
     paths.private_dir(cfg.path.parent)
     tmp = cfg.path.with_name(f".{cfg.path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

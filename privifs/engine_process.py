@@ -109,9 +109,14 @@ class EngineProcess:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                tail = self.log()[-2000:]
+                lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+                why = lines[-1].removeprefix("privifs: error: ")[:300] if lines else ""
                 raise EngineStartFailed(
-                    f"{self.what} exited at start (code {self.proc.returncode}); see {self.log_path}",
-                    self.log()[-2000:],
+                    f"{self.what} exited at start (code {self.proc.returncode})"
+                    + (f": {why}" if why else "")
+                    + f"; see {self.log_path}",
+                    tail,
                 )
             try:
                 self.urls = json.loads(self.urls_file.read_text())

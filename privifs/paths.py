@@ -41,6 +41,26 @@ def runtime_dir() -> Path:
     return Path(base) / APP if base else state_dir() / "run"
 
 
+SESSION_RUNTIME = Path("/run/user")  # where a login session's XDG_RUNTIME_DIR is (systemd-logind)
+
+
+def runtime_dirs() -> list[Path]:
+    """Every runtime directory a mount of this user may have registered in: the current one; the
+    state directory's, which a mount started without ``XDG_RUNTIME_DIR`` uses (at boot from
+    fstab or ``mount -t fuse.privifs``, from cron) and a login shell must see too; and, from such
+    a place, the login session's (``/run/user/UID``, when it is this user's)."""
+    dirs = [runtime_dir(), state_dir() / "run"]
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        session = SESSION_RUNTIME / str(os.getuid())
+        try:
+            st = os.lstat(session)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                dirs.append(session / APP)
+        except OSError:
+            pass
+    return list(dict.fromkeys(dirs))
+
+
 def embedded_engine_dir() -> Path:
     return data_dir() / "engine"
 

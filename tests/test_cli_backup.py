@@ -370,19 +370,79 @@ def test_a_first_mount_during_a_restore_makes_no_vault_of_its_own(vault, tmp_pat
     then failed. Now the restore's marker stops it, and a second restore, until the first ends."""
     _, backup = vault
     fresh = Mount(tmp_path / "fresh", None)
+    import fcntl
+
     marker = config_dir(fresh) / ".restore-in-progress"
     config_dir(fresh).mkdir(parents=True)
-    marker.write_text("")  # what a running (or interrupted) restore leaves
-    r = fresh.mount(check=False)
-    assert r.returncode != 0 and "a restore into" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert not (engine_dir(fresh) / "engine.sqlite3").exists()
-    assert not (config_dir(fresh) / "config.toml").exists()
-    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
-    r = privifs(env, "restore", str(backup), check=False)
-    assert r.returncode == 3 and "another restore" in r.stderr, r.stderr
-    marker.unlink()
-    privifs(env, "restore", str(backup))
+    running = open(marker, "w")  # what a running restore keeps: the marker, locked
+    fcntl.flock(running, fcntl.LOCK_EX)
+    try:
+        r = fresh.mount(check=False)
+        assert r.returncode != 0 and "a restore into" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (engine_dir(fresh) / "engine.sqlite3").exists()
+        assert not (config_dir(fresh) / "config.toml").exists()
+        env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+        r = privifs(env, "restore", str(backup), check=False)
+        assert r.returncode == 3 and "another restore" in r.stderr, r.stderr
+    finally:
+        running.close()  # the restore was killed (SIGTERM, power loss): its marker stays, unlocked
+    assert marker.exists()
+    r = fresh.mount(check=False)  # a first mount still makes no vault there
+    assert r.returncode != 0 and "privifs restore FILE' again" in r.stderr, r.stderr
+    privifs(env, "restore", str(backup))  # restoring again is all it takes (the marker was removed by hand)
     assert not marker.exists()
     with fresh.mounted():
         assert_every_file(fresh)
     assert profiles(fresh) == profiles(vault[0])
+
+
+def test_a_restore_of_a_truncated_backup_fails_and_leaves_nothing_behind(vault, tmp_path):
+    """A backup cut between two of its data files (a copy that stopped, a full disk) is refused
+    ("lacks N of its data files"), but the data files before the cut stayed in the engine's data
+    directory (with its lock and directories): a failed restore left a half-made engine there."""
+    import tarfile
+
+    _, backup = vault
+    with tarfile.open(backup) as tar:
+        blobs = [m for m in tar.getmembers() if m.name.startswith("engine/blobs/")]
+    assert len(blobs) >= 2
+    cut = tmp_path / "cut.backup"
+    with open(backup, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(blobs[-1].offset))  # every data file but the last, then the end
+    fresh = Mount(tmp_path / "fresh", None)
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(cut), check=False)
+    assert r.returncode == 3 and "lacks 1 of its" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
+    with fresh.mounted():
+        assert_every_file(fresh)
+
+
+@pytest.mark.timeout(120)  # without the fix, the backup of /dev/zero as the key reads for ever
+def test_backup_refuses_a_key_that_is_not_the_vaults_and_writes_no_useless_backup(original, tmp_path):
+    """A configuration whose aes_key_file named another file (/etc/hostname) was backed up with
+    that file as the vault's key, exit 0 and 'backup written': a backup that can never decrypt
+    the vault, found out only when it is needed. /dev/zero there read for ever (memory filling).
+    The backup now checks the key as every command does (format, mode, fingerprint)."""
+    env = dict(original.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    text = (config_dir(original) / "config.toml").read_text()
+    real_key = str(config_dir(original) / "aes.key")
+    other = tmp_path / "other.key"
+    other.write_text(os.urandom(32).hex() + "\n")
+    other.chmod(0o600)
+    hostname = tmp_path / "hostname.txt"
+    hostname.write_text("myhost\n")
+    hostname.chmod(0o600)
+    for name, key_file, says in (
+        ("other", other, "not the key this configuration was created with"),
+        ("hostname", hostname, "64 hex characters"),
+        ("zero", "/dev/zero", "not a regular file"),
+    ):
+        cfg = tmp_path / name / "config.toml"
+        cfg.parent.mkdir(mode=0o700)
+        cfg.write_text(text.replace(f'"{real_key}"', f'"{key_file}"'))
+        cfg.chmod(0o600)
+        out = tmp_path / f"{name}.backup"
+        r = privifs(env, "--config", str(cfg), "backup", str(out), check=False, timeout=60)
+        assert r.returncode == 3 and says in r.stderr and r.stderr.count("\n") == 1, (name, r.stderr)
+        assert not out.exists()

@@ -216,3 +216,72 @@ def test_a_mountpoint_that_is_missing_or_a_file_is_a_local_file_error(tmp_path, 
         code = main(["mount", str(where)])
         err = capsys.readouterr().err
         assert code == 4 and err.count("\n") == 1 and "does not exist or is not a directory" in err, err
+
+
+@pytest.mark.timeout(60)  # without the fix, the engine starts and runs until stopped
+def test_the_engine_never_overwrites_a_file_that_is_not_its_urls_file(tmp_path, capsys, state):
+    """'privifs engine --urls-file ~/.config/privifs/aes.key' replaced the key (0600) with the
+    URLs as JSON, mode 0644: a mistyped option destroyed the vault's only key. The engine now
+    replaces only a URLs file (one it wrote before, e.g. at its last start)."""
+    secret = tmp_path / "aes.key"
+    secret.write_text("ab" * 32 + "\n")
+    secret.chmod(0o600)
+    args = ["engine", "--data-dir", str(tmp_path / "data"), "--urls-file", str(secret)]
+    args += ["--api-port", "0", "--ws-port", "0", "--upstream-port", "0", "--downstream-port", "0"]
+    assert main(args) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(secret) in err and "never overwrites" in err
+    assert secret.read_text() == "ab" * 32 + "\n" and secret.stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "data").exists()  # refused before anything started
+    from privifs.cli.engine_cmd import check_urls_file
+
+    previous = tmp_path / "urls.json"
+    previous.write_text('{"api": "http://127.0.0.1:1", "ws": "ws://127.0.0.1:2"}\n')
+    check_urls_file(previous)  # a URLs file from the last start: replaced
+    check_urls_file(tmp_path / "new.json")  # a new file: written
+
+
+@pytest.mark.timeout(120)
+def test_a_configuration_named_like_a_secret_beside_it_is_refused_before_anything_is_written(
+    tmp_path, capsys, state, monkeypatch
+):
+    """'privifs --config ~/.config/privifs/aes.key init --force' wrote the configuration over the
+    AES key (the key is kept beside the configuration under that very name), and
+    'privifs --config DIR/aes.key restore B' restored the key, then the configuration over it:
+    the vault could no longer be decrypted. Such a configuration path is now refused at once."""
+    for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir(mode=0o700)
+    key = cfg_dir / "aes.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    before = key.read_bytes()
+    for name, args in (
+        ("aes.key", ["init", "--force"]),
+        ("password", ["init"]),
+        ("identity.key", ["restore", str(tmp_path / "some.backup")]),
+        ("oauth.json", ["mount", str(tmp_path)]),
+    ):
+        assert main(["--config", str(cfg_dir / name), *args]) == 3, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "config.toml" in err and name in err, err
+    assert key.read_bytes() == before
+    assert sorted(p.name for p in cfg_dir.iterdir()) == ["aes.key"]
+    assert not (tmp_path / "xdg_data_home").exists()
+
+
+def test_a_command_without_a_runtime_dir_also_looks_in_the_login_sessions(tmp_path, monkeypatch):
+    """A mount started in a login shell registers in /run/user/UID/privifs; 'privifs umount' run
+    from cron or a boot script (no XDG_RUNTIME_DIR) looked only in the state directory and
+    refused the mount as 'served by a privifs daemon this user did not start'."""
+    from privifs import paths
+
+    session = tmp_path / "run-user"
+    (session / str(os.getuid())).mkdir(parents=True)
+    monkeypatch.setattr(paths, "SESSION_RUNTIME", session)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert paths.runtime_dirs() == [tmp_path / "state" / "privifs" / "run", session / str(os.getuid()) / "privifs"]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))  # a login shell: its own, then the state's
+    assert paths.runtime_dirs() == [tmp_path / "xdg" / "privifs", tmp_path / "state" / "privifs" / "run"]

@@ -149,6 +149,38 @@ def test_get_never_replaces_a_device_fifo_or_socket_nor_writes_into_a_planted_pa
     assert out.read_bytes() == src.read_bytes()
 
 
+def test_get_never_overwrites_privifs_own_secrets_and_keeps_a_replaced_files_mode(user, tmp_path):
+    """'privifs token get TOKEN ~/.config/privifs/password' replaced the password (mode 0600) with
+    the token's plaintext, mode 0644: a mistyped output path destroyed a secret. And a private
+    file (0600) that 'get' replaced became 0644: its new plaintext readable by every user."""
+    src = tmp_path / "notes.txt"
+    src.write_bytes(b"plaintext " * 100)
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    cfg_dir = tmp_path / "config" / "privifs"
+    for name in ("password", "aes.key", "identity.key", "config.toml"):
+        before = (cfg_dir / name).read_bytes()
+        r = run(user, "token", "get", token, str(cfg_dir / name), check=False)
+        assert r.returncode == 4 and "never overwrites" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert (cfg_dir / name).read_bytes() == before
+        assert stat.S_IMODE((cfg_dir / name).stat().st_mode) == 0o600
+    assert run(user, "token", "ls").returncode == 0  # the account still works
+    private = tmp_path / "private.txt"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    run(user, "token", "get", token, str(private))
+    assert private.read_bytes() == src.read_bytes()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    fresh = tmp_path / "fresh.txt"
+    run(user, "token", "get", token, str(fresh))
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_wrong_key_file_is_detected(user, tmp_path):
     key = tmp_path / "config" / "privifs" / "aes.key"
     key.write_text(os.urandom(32).hex() + "\n")
@@ -481,3 +513,29 @@ def test_get_of_a_symlink_token_named_with_up_to_255_bytes_makes_the_link(user, 
         assert os.readlink(out / name) == "target"
         run(user, "token", "get", token, str(out))  # again, over the link it made
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+def test_put_and_mv_refuse_a_context_the_mount_cannot_show_as_given(user, tmp_path):
+    """'token put F --context ../..' stored a token the mount showed under 'unnamed..' and
+    'privifs verify' reported as 'not yet in the local index' for ever; '--context /.privifs'
+    put a user's file among privifs' own tokens (a second key check; in /.privifs/parts the
+    sweep deletes it). Such a context is now a bad command line: one line, exit 2, nothing
+    stored."""
+    src = tmp_path / "f.txt"
+    src.write_text("x")
+    for option, value in (
+        ("--context", "../.."),
+        ("--context", "docs"),
+        ("--context", "/a/../b"),
+        ("--context", "/.privifs"),
+        ("--context", "/.privifs/parts"),
+    ):
+        r = run(user, "token", "put", str(src), option, value, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and option in r.stderr, (option, value, r.stderr)
+    assert run(user, "token", "ls", "--all").stdout.count("f.txt") == 0
+    token = run(user, "token", "put", str(src), "--context", "/docs/").stdout.strip()
+    r = run(user, "token", "mv", token, "--name", "g.txt", "--context", "../x", check=False)
+    assert r.returncode == 2 and "--context" in r.stderr
+    run(user, "token", "mv", token, "--name", "g.txt", "--context", "//archive//2024")
+    st = json.loads(run(user, "token", "stat", token).stdout)
+    assert (st["fileName"], st["context"]) == ("g.txt", "/archive/2024")

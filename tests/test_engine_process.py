@@ -19,6 +19,9 @@ def test_an_engine_that_cannot_start_says_so_with_its_log(tmp_path):
         assert isinstance(exc.value, ServerUnreachable)
         assert "exited at start" in str(exc.value) and str(tmp_path / "second.log") in str(exc.value)
         assert "already" in exc.value.log_tail
+        # the reason is in the one line a user sees ('privifs mount' said only "exited at start
+        # (code 1); see …/engine.log")
+        assert "another engine is already using" in str(exc.value)
         assert first.running() and not second.running()
     finally:
         assert first.stop() == 0

@@ -145,6 +145,16 @@ def test_helper_refuses_unknown_options_and_a_missing_configuration(tmp_path, ca
     assert "no privifs configuration" in capsys.readouterr().err
 
 
+def test_helper_exits_with_mount_8s_usage_code_for_an_option_value_privifs_refuses(tmp_path, capsys):
+    # 'cache_size=huge' reached argparse, whose exit 2 passed through as the helper's status:
+    # "system error" to mount(8), not "incorrect invocation" (1)
+    config = tmp_path / "config.toml"
+    config.write_text("[server]\nembedded = true\n")
+    assert helper_main(["privifs", str(tmp_path), "-o", f"cache_size=huge,config={config}"]) == 1
+    err = capsys.readouterr().err
+    assert "not a size: 'huge'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_the_systemd_user_unit_runs_commands_privifs_accepts():
     import configparser
     import shlex
@@ -160,3 +170,75 @@ def test_the_systemd_user_unit_runs_commands_privifs_accepts():
         args = build_parser().parse_args(argv[1:])
         assert args.command == command and str(args.mountpoint) == "/home/u/privifs"
     assert build_parser().parse_args(shlex.split(unit["Service"]["ExecStart"].replace("%h", "/h"))[1:]).foreground
+
+
+def test_the_systemd_user_unit_brings_the_drive_back_after_its_daemon_was_killed(engine, tmp_path):
+    """Restart=on-failure after the daemon was killed (the OOM killer, kill -9): the unit's
+    'ExecStartPre=/bin/mkdir -p %h/privifs' failed on the dead mount it left ("cannot stat:
+    Transport endpoint is not connected"), so every restart failed and the drive never came back,
+    while its ExecStart ('privifs mount --foreground') cleans a dead mount up. The unit's commands
+    are run here as systemd runs them ('-' before a command: its failure is ignored)."""
+    import configparser
+    import shlex
+    import signal
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    unit.read(Path(__file__).parent.parent / "contrib" / "systemd" / "privifs.service")
+    m = Mount(tmp_path, engine.urls)
+    home = Path(m.env["HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    drive = home / "privifs"
+
+    def command(key: str) -> tuple[list[str], bool]:
+        line = unit["Service"][key].replace("%h", str(home))
+        ignore = line.startswith("-")
+        argv = shlex.split(line.lstrip("-"))
+        if argv[0].endswith("/privifs"):
+            argv = [sys.executable, "-m", "privifs", *argv[1:]]
+        return argv, ignore
+
+    def start() -> subprocess.Popen:
+        argv, ignore = command("ExecStartPre")
+        pre = subprocess.run(argv, env=m.env, capture_output=True, text=True, timeout=60)
+        assert pre.returncode == 0 or ignore, f"ExecStartPre failed, so the unit does: {pre.stderr}"
+        argv, _ = command("ExecStart")
+        proc = subprocess.Popen(argv, env=m.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started.append(proc)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the unit's mount did not come up"
+            try:
+                if is_mounted(drive) and live(drive):
+                    return proc
+            except OSError:  # the dead mount, until the new daemon cleaned it up
+                pass
+            time.sleep(0.1)
+
+    def live(path: Path) -> bool:
+        os.statvfs(path)
+        return os.stat(path).st_ino == 1  # the root of a FUSE mount, not the directory under it
+
+    started: list[subprocess.Popen] = []
+    try:
+        proc = start()
+        (drive / "kept.txt").write_text("before the crash")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert is_mounted(drive)  # dead: ENOTCONN for everything
+        proc = start()
+        assert (drive / "kept.txt").read_text() == "before the crash"
+        argv, _ = command("ExecStop")
+        stop = subprocess.run(argv, env=m.env, capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stderr
+        proc.wait(timeout=60)
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+            proc.stderr.close()
+        if is_mounted(drive):
+            subprocess.run(["fusermount3", "-u", "-z", str(drive)], timeout=30, check=False)
+        m.cleanup()

@@ -399,6 +399,61 @@ def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
         m.cleanup()
 
 
+def test_scripts_up_on_a_mount_left_dead_by_a_killed_daemon_mounts_it_again(engine, tmp_path):
+    # a dead FUSE mount cannot be stat'ed (ENOTCONN): scripts/up's 'mkdir -p' failed on it
+    # ("mkdir: cannot stat ...: Transport endpoint is not connected", exit 1) instead of letting
+    # 'privifs mount' clean it up as it does after a crash or an unclean shutdown
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "kept.txt").write_text("before the crash")
+        m.wait_idle()
+        pid = m.pid
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pid_alive(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = subprocess.run(
+            [str(repo / "scripts" / "up"), str(m.dir)],
+            env=m.env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "cleaned it up" in r.stderr and "Traceback" not in r.stderr
+        assert (m.dir / "kept.txt").read_text() == "before the crash"
+        # the commands it prints work from wherever the user is (they were relative to the checkout)
+        status = next(line.split()[:3] for line in r.stdout.splitlines() if " status " in line)
+        assert status[0] == str(repo / ".venv" / "bin" / "privifs"), r.stdout
+        assert subprocess.run(status, env=m.env, cwd="/", capture_output=True, timeout=60).returncode == 0
+
+
+def test_a_mount_started_without_a_runtime_dir_is_seen_and_unmounted_from_a_session_with_one(engine, tmp_path):
+    # a mount started at boot (fstab, mount -t fuse.privifs, cron: no XDG_RUNTIME_DIR) registered in
+    # the state directory, and a login shell (XDG_RUNTIME_DIR=/run/user/UID) looked only in its
+    # runtime directory: 'privifs status' said "no privifs mounts", 'privifs umount DIR' that DIR
+    # was "served by a privifs daemon this user did not start"
+    m = Mount(tmp_path, engine.urls)
+    boot = {k: v for k, v in m.env.items() if k != "XDG_RUNTIME_DIR"}
+    try:
+        privifs(boot, "mount", str(m.dir))
+        (m.dir / "kept.txt").write_text("at boot")
+        r = privifs(m.env, "status", check=False)
+        assert r.returncode == 0 and str(m.dir) in r.stdout, r.stdout + r.stderr
+        r = privifs(m.env, "umount", str(m.dir), check=False)
+        assert r.returncode == 0 and not is_mounted(m.dir), r.stderr
+        m.mount()
+        assert (m.dir / "kept.txt").read_text() == "at boot"
+    finally:
+        if is_mounted(m.dir) and m.registry() is None:
+            privifs(boot, "umount", str(m.dir), check=False)
+        m.cleanup()
+
+
 def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "unsent.txt").write_text("staged when the daemon died")

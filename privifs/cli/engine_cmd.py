@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import stat
 import sys
 from pathlib import Path
 
 import trio
 
 from privifs import paths
+from privifs.cli.failures import LocalFileError
 from privifs.cli.options import port
 from privifs.errors import ConfigError
 
@@ -57,6 +61,28 @@ def setting(text: str) -> str:
     return text
 
 
+def check_urls_file(path: Path) -> None:
+    """Refuse a ``--urls-file`` that would replace another file than a URLs file (one the engine
+    wrote at an earlier start): a mistyped path must not destroy, say, the vault's AES key."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise LocalFileError(f"cannot write the URLs file {path}: {exc.strerror}") from None
+    urls = None
+    if stat.S_ISREG(st.st_mode) and st.st_size <= 65536:
+        try:
+            urls = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            urls = None
+    if not (isinstance(urls, dict) and "api" in urls):
+        raise LocalFileError(
+            f"{path} exists and is not a URLs file the engine wrote; the engine never overwrites "
+            "another file: name a new one for --urls-file"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from privifs.engine.options import EngineOptions, parse_settings
     from privifs.engine.server import leaves, run_engine
@@ -66,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         opts.update(parse_settings(args.settings))
     except ValueError as exc:
         raise ConfigError(f"bad --set: {exc}") from None
+    if args.urls_file is not None:
+        check_urls_file(args.urls_file)
     ports = {
         "api": args.api_port,
         "ws": args.ws_port,

@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     if restoring_marker(cfg_path).exists():
         raise ConfigError(
             f"a restore into {cfg_dir} is running (or was interrupted): wait for it and mount "
-            f"then; if it was interrupted, remove {restoring_marker(cfg_path)} and restore again"
+            f"then; if it was interrupted, run 'privifs restore FILE' again (or remove "
+            f"{restoring_marker(cfg_path)} to make a new vault here instead)"
         )
     key_path = cfg_dir / SECRET_NAMES["aes_key_file"]
     # the AES key: a copy of --key-file (refused if another key is already in place), or the one

@@ -139,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     if fake:
         return 0
     from privifs.cli import main as privifs_main
+    from privifs.cli.failures import EXIT_USAGE
 
-    return MOUNT_FAILED if privifs_main(args) else 0
+    try:
+        code = privifs_main(args)
+    except SystemExit as exc:  # the command line refused an option value (argparse's exit 2)
+        code = exc.code
+        if code == EXIT_USAGE:
+            return USAGE
+    return MOUNT_FAILED if code else 0
 
 
 if __name__ == "__main__":

@@ -90,3 +90,17 @@ def utf8_text(text: str) -> str:
     if not is_utf8(text):
         raise argparse.ArgumentTypeError(f"not valid UTF-8: {text.encode('utf-8', 'surrogateescape')!r}")
     return text
+
+
+def context_path(text: str) -> str:
+    """A context (directory) for a token: an absolute path as the mount shows it (``/docs``,
+    ``//docs/`` is ``/docs``), with no ``.`` or ``..`` and outside privifs' own ``/.privifs``."""
+    utf8_text(text)
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an absolute path (e.g. /docs)")
+    parts = [p for p in text.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} has a '.' or '..' component; give the path itself (e.g. /docs)")
+    if parts[:1] == [".privifs"]:
+        raise argparse.ArgumentTypeError(f"{text!r} is reserved for privifs' own tokens")
+    return "/" + "/".join(parts)

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import trio
 
+from privifs import paths
 from privifs.account import open_account
 from privifs.cli.failures import LocalFileError
-from privifs.cli.options import is_utf8, utf8_text
+from privifs.cli.options import context_path, is_utf8, utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
 from privifs.client.sinks import BlockWriter, get_checked
-from privifs.config import load
+from privifs.config import SECRET_NAMES, load
 from privifs.crypto import digest
 from privifs.errors import MalformedAnswer, NotFoundError, PrivifsError, VaultError, output_failed, single_error
 from privifs.fs.names import NAME_MAX, shown_name
@@ -56,7 +57,7 @@ def register(sub) -> None:
     put = action("put", "encrypt and store a file; prints the permanent token", _put)
     put.add_argument("file", type=Path, help="a regular file")
     put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
-    put.add_argument("--context", type=utf8_text, default="/", help="context (directory) to record (default /)")
+    put.add_argument("--context", type=context_path, default="/", help="context (directory) to record (default /)")
     get = action(
         "get",
         "fetch, verify and decrypt a token into a file (written only if it verifies); a symbolic link's token"
@@ -70,13 +71,14 @@ def register(sub) -> None:
     mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
     mv.add_argument("token", type=utf8_text)
     mv.add_argument("--name", type=utf8_text, required=True, help="the new file name")
-    mv.add_argument("--context", type=utf8_text, help="the new context (directory)")
+    mv.add_argument("--context", type=context_path, help="the new context (directory)")
     st = action("stat", "show a token's meta as JSON", _stat)
     st.add_argument("token", type=utf8_text)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
+    args.cfg = cfg
     with open_account(cfg) as account:
 
         async def main() -> int:
@@ -289,7 +291,7 @@ class FileSink(BlockWriter):
             self.f.flush()
             os.fsync(self.f.fileno())
             self.f.close()
-            os.chmod(self.tmp, 0o644 & ~_umask())
+            os.chmod(self.tmp, _replaced_mode(self.out))
             os.replace(self.tmp, self.out)
         except OSError as exc:
             self.discard()
@@ -320,6 +322,44 @@ def partial_path(out: Path, suffix: str = PARTIAL) -> Path:
         room = NAME_MAX - len(os.fsencode(f".~{mark}{suffix}"))
         name = f".{os.fsdecode(encoded[:room])}~{mark}{suffix}"
     return out.with_name(name)
+
+
+def _replaced_mode(out: Path) -> int:
+    """The mode of the file ``get`` writes: that of the regular file it replaces (as ``cp`` keeps
+    it: a private file stays private), or the default for a new file."""
+    try:
+        st = os.lstat(out)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        return stat.S_IMODE(st.st_mode)
+    return 0o644 & ~_umask()
+
+
+def own_file(out: Path, cfg) -> str | None:
+    """What ``out`` is, if it is one of privifs' own files: the configuration, a secret beside
+    it or configured, or anything in the embedded engine's data or privifs' state (the index and
+    staged changes); None otherwise."""
+    named = [(cfg.path, "privifs' configuration")]
+    for attr, name in SECRET_NAMES.items():
+        named.append((getattr(cfg, attr, None), f"privifs' {name} secret"))
+        named.append((cfg.path.parent / name, f"privifs' {name} secret"))
+    for path, what in named:
+        if path is None:
+            continue
+        try:
+            if os.path.samefile(out, path):
+                return what
+        except OSError:  # one of them does not exist: nothing to overwrite
+            continue
+    where = Path(os.path.realpath(out.parent)) / out.name
+    for base, what in (
+        (paths.embedded_engine_dir(), "in the embedded engine's data"),
+        (paths.state_dir(), "in privifs' state (the index and staged changes)"),
+    ):
+        if where.is_relative_to(os.path.realpath(base)):
+            return what
+    return None
 
 
 def _umask() -> int:
@@ -367,6 +407,12 @@ async def _get(args, client, vault) -> int:
             " it holds no content to get; nothing was written"
         )
     out = output_path(args.out, info.file_name, info.extension)
+    what = own_file(out, args.cfg)
+    if what is not None:
+        raise LocalFileError(
+            f"{out} is {what}; 'token get' never overwrites privifs' own configuration, secrets or data: "
+            "name another file"
+        )
     if shape.kind == KIND_SYMLINK:
         _make_symlink(out, shape.target or "")
         return 0

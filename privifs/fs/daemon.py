@@ -112,7 +112,8 @@ def control_socket_path(state_dir: Path) -> Path:
 
 def registered_mounts() -> list[dict]:
     out = []
-    for f in sorted((paths.runtime_dir() / "mounts").glob("*.json")):
+    files = sorted(f for d in paths.runtime_dirs() for f in (d / "mounts").glob("*.json"))
+    for f in files:
         try:
             entry = json.loads(paths.read_small(f))
             if not (
