@@ -317,6 +317,7 @@ def test_a_damaged_key_check_is_told_from_a_wrong_key(engine, tmp_path):
         raw[40] ^= 0x01
         blob.write_bytes(bytes(raw))
         m.mount()
+        m.wait_online()  # (a vault mounted here before starts at once; the key check follows)
         assert (m.dir / "f2.txt").read_text() == "kept " * 12
         assert "fails authentication although this key decrypts the vault's files" in m.log()
         m.umount()
