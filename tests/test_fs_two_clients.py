@@ -465,3 +465,36 @@ async def test_a_rewrite_keeps_the_parts_a_conflict_copy_moved_to_another_direct
             await f.refresher.refresh_once()
             assert len(await f.read_file("/elsewhere/copy")) == len(data)  # EIO: a part was gone
             assert len(await f.read_file("/big")) == len(data)
+
+
+@pytest.mark.parametrize("first", ["dir rename lands first", "file rename lands first"])
+async def test_a_file_renamed_inside_a_directory_another_client_renamed_keeps_both_renames(account, tmp_path, first):
+    # B renames /x → /z while A, which has not listed that yet, renames /x/a.txt → /x/b.txt: the
+    # only serial outcome is /z/b.txt. Each rename wrote every field of the token's place (name,
+    # extension, context) as its mount last saw it, so whichever landed second undid the other
+    # one's: /x/b.txt and an empty /z when A's came second, /z/a.txt (A's rename lost) when B's
+    # did (seen with two mounts: five files renamed in /x on one while the other renamed /x).
+    # A rename now writes only the fields it changes.
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/x")
+        await a.write_file("/x/a.txt", b"content")
+        await listed(a, b)
+        assert tree_of(b) == {"/x": "dir", "/x/a.txt": "file"}
+        if first == "dir rename lands first":
+            await b.rename("/x", "/z")
+            await b.wait_idle()
+            await a.rename("/x/a.txt", "/x/b.txt")
+            await a.wait_idle()
+        else:
+            await a.rename("/x/a.txt", "/x/b.txt")
+            await a.wait_idle()
+            assert tree_of(b) == {"/x": "dir", "/x/a.txt": "file"}  # (B has not listed A's rename)
+            await b.rename("/x", "/z")
+            await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/z": "dir", "/z/b.txt": "file"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert await a.read_file("/z/b.txt") == b"content"

@@ -922,7 +922,15 @@ class Syncer:
                 before = (node.remote_context, node.remote_name, node.remote_extension)
                 if node.is_file and (node.remote_name != name or (node.remote_extension or "") != extension):
                     await self._keep_a_copy(node, token)
-                await self.tokens.update(token, file_name=name, extension=extension, context=context)
+                # only the fields this mount changed: another client's rename of the file or move
+                # of a directory above it, not listed here yet, keeps what it changed (both
+                # renames land, as in any serial order, instead of the later undoing the other)
+                await self.tokens.update(
+                    token,
+                    file_name=name if node.remote_name != name else None,
+                    extension=extension if (node.remote_extension or "") != extension else None,
+                    context=context if not same_context(node.remote_context, context) else None,
+                )
                 if node.token != token:
                     return
                 self.ns.set_remote_name(node, context, name, extension)
