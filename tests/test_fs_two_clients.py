@@ -12,6 +12,7 @@ import trio
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
 from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
+from privifs.fs.sync import RENAME_FETCH_LIMIT
 from tests.fskit import inprocess_fs
 
 
@@ -498,3 +499,33 @@ async def test_a_file_renamed_inside_a_directory_another_client_renamed_keeps_bo
         assert tree_of(a) == fresh
         assert tree_of(b) == fresh
         assert await a.read_file("/z/b.txt") == b"content"
+
+
+async def test_a_rename_over_a_file_another_client_renamed_away_meanwhile_leaves_that_file(account, tmp_path):
+    # A renames /config → /config.bak while B, which has not listed that yet, saves atomically:
+    # /config.tmp renamed over /config. B's rename deleted the token it replaced, which by then was
+    # A's /config.bak: the old content was gone everywhere, though no serial order of the two
+    # renames removes it (seen with two mounts swapping two files by renames over each other:
+    # both files' content was lost). The rename-over now deletes the token it replaced only if the
+    # listing still shows it where this mount saw it.
+    # (A renames content it does not have at hand, too big to fetch first: nothing to store
+    # again under the new name when it finds its token gone)
+    old = os.urandom(RENAME_FETCH_LIMIT + 1)
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.remote.put("/config", old, type="file", mode="644")
+        await a.write_file("/config.tmp", b"new")
+        await listed(a, b)
+        await a.rename("/config", "/config.bak")
+        await a.wait_idle()
+        assert tree_of(b) == {"/config": "file", "/config.tmp": "file"}  # (B has not listed A's rename)
+        await b.rename("/config.tmp", "/config")
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/config": "file", "/config.bak": "file"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        for c in (a, b):
+            assert await c.read_file("/config.bak") == old
+            assert await c.read_file("/config") == b"new"

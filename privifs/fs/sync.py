@@ -191,6 +191,9 @@ class Syncer:
         self.recently_deleted: dict[str, float] = {}
         # tokens this mount renamed: when, and the (context, name, extension) they had before
         self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
+        # tokens of entries a rename here replaced → the (context, name, extension) they had then
+        # (see replaced_by_rename; in memory: after a restart they are deleted unchecked)
+        self._overwritten: dict[str, list[tuple[str | None, str | None, str | None]]] = {}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.uploads = 0
@@ -266,6 +269,49 @@ class Syncer:
         earlier = self._unconfigured.pop(node.ino, None)
         if earlier is not None and self._nursery is not None:
             self._nursery.start_soon(self._drop_after_removal, node, *earlier)
+
+    def replaced_by_rename(self, node: Node) -> None:
+        """``node`` (a file, a symlink, …) is about to be removed because a rename here takes
+        its name: its token is deleted only if the listing still shows it where this mount saw
+        it (:meth:`_still_where_seen`). Another client that renamed it meanwhile made it its own
+        file under another name (``mv config config.bak`` there while a save here renamed
+        ``config.tmp`` over ``config``): deleted, it was lost everywhere, though neither order
+        of the two renames removes it."""
+        if node.token and not node.is_dir and node.remote_name is not None:
+            context, name, extension, _ = self._target(node)  # (a rename of its own not acknowledged)
+            places = [(node.remote_context, node.remote_name, node.remote_extension), (context, name, extension)]
+            self._overwritten[node.token] = places
+
+    async def _still_where_seen(self, token: str) -> bool:
+        """For a tombstoned token a rename here replaced: False if the listing shows it
+        elsewhere than where this mount saw it (another client renamed it: it stays, and shows
+        where that client put it); True otherwise (also when it is gone). A failed look fails
+        the delete, which the tombstone task retries."""
+        seen = self._overwritten.get(token)
+        if seen is None:
+            return True
+        info = await find(self.tokens, token)
+        if info is None or any(
+            same_context(info.context, context)
+            and info.file_name == name
+            and (info.extension or "") == (extension or "")
+            for context, name, extension in seen
+        ):
+            return True
+        log.info(
+            "token %s, replaced here by a rename, was renamed by another client to %s/%s meanwhile; it stays",
+            token,
+            info.context,
+            info.file_name,
+        )
+        self._overwritten.pop(token, None)
+        self._dropped.pop(token, None)  # a manifest: its parts stay with it
+        try:
+            self.index.drop_tombstone(token)
+        except PrivifsError as exc:
+            log.warning("could not record that %s stays: %s", token, exc)
+        self.remote_changed()
+        return False
 
     def _upload_due(self, node: Node) -> bool:
         """``node``'s content is closed (or fsynced here) and on its way to the vault."""
@@ -1124,6 +1170,8 @@ class Syncer:
                     nonlocal failed
                     async with limiter:
                         try:
+                            if not await self._still_where_seen(token):
+                                return
                             parts = await self._parts_of_dropped(token)
                             await self.tokens.delete(token)
                         except Exception as exc:  # noqa: BLE001 - retried; never fatal
@@ -1133,6 +1181,7 @@ class Syncer:
                             log.warning("deleting token %s failed: %s", token, exc)
                             return
                     self._deleted(token)
+                    self._overwritten.pop(token, None)
                     dropped = self._dropped.pop(token, None)
                     if parts and dropped is not None:
                         self.retire_parts(dropped[0], parts)
