@@ -529,3 +529,36 @@ async def test_a_rename_over_a_file_another_client_renamed_away_meanwhile_leaves
         for c in (a, b):
             assert await c.read_file("/config.bak") == old
             assert await c.read_file("/config") == b"new"
+
+
+async def test_two_clients_swapping_two_files_by_renames_over_each_other_keep_a_content(account, tmp_path):
+    # B renames /d over /c and A, which has not seen that, renames /c over /d. Each rename
+    # deleted the token it replaced, each time the other client's file: B's delete of /c's token
+    # went out before its own rename was written back, A then moved that token... and B's rename,
+    # when it went, found its token deleted by A's and was dropped. Both contents were gone
+    # everywhere (seen with two mounts: six rounds of crossing renames lost both files twice).
+    # A rename's replaced token is now deleted only after the rename itself is written back,
+    # and stays when the rename is dropped.
+    c0, d0 = os.urandom(RENAME_FETCH_LIMIT + 1), os.urandom(RENAME_FETCH_LIMIT + 2)  # (not fetched first)
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.remote.put("/c", c0, type="file", mode="644")
+        await a.remote.put("/d", d0, type="file", mode="644")
+        await listed(a, b)
+        c_token = a.node("/c").token
+        resume = b.hold_write_back()
+        await b.rename("/d", "/c")
+        with trio.move_on_after(5):  # (its delete of /c's token went out at once)
+            while any(i.token == c_token for i in await b.listing()):
+                await trio.sleep(0.05)
+        await a.rename("/c", "/d")
+        await a.wait_idle()
+        resume()
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/d": "file"}, fresh
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        for c in (a, b):
+            assert await c.read_file("/d") == c0

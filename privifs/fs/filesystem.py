@@ -557,7 +557,7 @@ class Filesystem:
                 raise fail(errno.ENOTEMPTY)
         with self.index.kept():
             if target is not None:
-                self.sync.replaced_by_rename(target)
+                self.sync.replaced_by_rename(target, node)
                 self._remove(target)
             self.ns.move(node, new_parent, text)
             self.sync.superseded_under(node)

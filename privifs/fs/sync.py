@@ -101,6 +101,9 @@ RETIRE_CHECK = 10.0  # how often the retired parts are looked at
 # vault, so another client never lists neither (git gc: a new pack, then the old ones deleted),
 # waiting this long at most (an upload that keeps failing does not hold deletions back for good)
 REMOVAL_AFTER_UPLOADS = 30.0
+# a token a rename here replaced is deleted once that rename is written back (if it is dropped, the
+# token stays), waiting this long at most
+OVERWRITE_AFTER_RENAME = 60.0
 # a file listed with no risk meta of privifs' and made less than this long ago may be one whose
 # writer has not written its risk meta yet: a meta write of this mount waits (see _current_risk)
 YOUNG_TOKEN = 30.0
@@ -193,7 +196,7 @@ class Syncer:
         self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
         # tokens of entries a rename here replaced → the (context, name, extension) they had then
         # (see replaced_by_rename; in memory: after a restart they are deleted unchecked)
-        self._overwritten: dict[str, list[tuple[str | None, str | None, str | None]]] = {}
+        self._overwritten: dict[str, tuple[int, float, list[tuple[str | None, str | None, str | None]]]] = {}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.uploads = 0
@@ -270,32 +273,58 @@ class Syncer:
         if earlier is not None and self._nursery is not None:
             self._nursery.start_soon(self._drop_after_removal, node, *earlier)
 
-    def replaced_by_rename(self, node: Node) -> None:
-        """``node`` (a file, a symlink, …) is about to be removed because a rename here takes
-        its name: its token is deleted only if the listing still shows it where this mount saw
-        it (:meth:`_still_where_seen`). Another client that renamed it meanwhile made it its own
-        file under another name (``mv config config.bak`` there while a save here renamed
-        ``config.tmp`` over ``config``): deleted, it was lost everywhere, though neither order
-        of the two renames removes it."""
+    def replaced_by_rename(self, node: Node, renamed: Node) -> None:
+        """``node`` (a file, a symlink, …) is about to be removed because ``renamed``, renamed
+        here, takes its name. Its token is deleted once that rename is written back (if another
+        client's change made this mount drop the rename, the token stays: nothing replaced it),
+        and only if the listing still shows it where this mount saw it (:meth:`_still_where_seen`).
+        Another client that renamed it meanwhile made it its own file under another name
+        (``mv config config.bak`` there while a save here renamed ``config.tmp`` over
+        ``config``): deleted, it was lost everywhere, though neither order of the two renames
+        removes it."""
         if node.token and not node.is_dir and node.remote_name is not None:
             context, name, extension, _ = self._target(node)  # (a rename of its own not acknowledged)
             places = [(node.remote_context, node.remote_name, node.remote_extension), (context, name, extension)]
-            self._overwritten[node.token] = places
+            self._overwritten[node.token] = (renamed.ino, trio.current_time() + OVERWRITE_AFTER_RENAME, places)
+
+    def _awaiting_renames(self) -> set[str]:
+        """Tokens renames here replaced whose rename is not written back yet (see
+        :meth:`replaced_by_rename`)."""
+        now = trio.current_time()
+        waiting = set()
+        for token, (ino, until, _) in self._overwritten.items():
+            node = self.ns.nodes.get(ino)
+            if (
+                now < until
+                and node is not None
+                and not node.unlinked
+                and (node.meta_dirty or node.content_dirty or node.uploading)
+            ):
+                waiting.add(token)
+        return waiting
+
+    def _rename_dropped(self, node: Node) -> None:
+        """``node``'s rename was dropped (its token was gone): the tokens it replaced stay."""
+        for token, (ino, _, _) in list(self._overwritten.items()):
+            if ino != node.ino:
+                continue
+            log.info("token %s, replaced here by a rename that was dropped, stays", token)
+            self._keep_overwritten(token)
 
     async def _still_where_seen(self, token: str) -> bool:
         """For a tombstoned token a rename here replaced: False if the listing shows it
         elsewhere than where this mount saw it (another client renamed it: it stays, and shows
         where that client put it); True otherwise (also when it is gone). A failed look fails
         the delete, which the tombstone task retries."""
-        seen = self._overwritten.get(token)
-        if seen is None:
+        entry = self._overwritten.get(token)
+        if entry is None:
             return True
         info = await find(self.tokens, token)
         if info is None or any(
             same_context(info.context, context)
             and info.file_name == name
             and (info.extension or "") == (extension or "")
-            for context, name, extension in seen
+            for context, name, extension in entry[2]
         ):
             return True
         log.info(
@@ -304,14 +333,19 @@ class Syncer:
             info.context,
             info.file_name,
         )
+        self._keep_overwritten(token)
+        return False
+
+    def _keep_overwritten(self, token: str) -> None:
+        """A token a rename here replaced is not deleted after all: the listing shows it again."""
         self._overwritten.pop(token, None)
         self._dropped.pop(token, None)  # a manifest: its parts stay with it
         try:
             self.index.drop_tombstone(token)
         except PrivifsError as exc:
             log.warning("could not record that %s stays: %s", token, exc)
+        self.recently_deleted.pop(token, None)
         self.remote_changed()
-        return False
 
     def _upload_due(self, node: Node) -> bool:
         """``node``'s content is closed (or fsynced here) and on its way to the vault."""
@@ -1100,6 +1134,8 @@ class Syncer:
             "is dropped and the entry follows the vault",
             self.ns.describe(node),
         )
+        if renamed:
+            self._rename_dropped(node)
         self.ns.drop_meta_change(node)
         if not node.unlinked:
             self.index.save(node)
@@ -1161,7 +1197,7 @@ class Syncer:
             await self._yield_to_foreground()
             # replaced before the round: a token tombstoned while it deletes wakes the next at once
             self._tomb_wake = trio.Event()
-            held = self._held_for_uploads()
+            held = self._held_for_uploads() | self._awaiting_renames()
             tokens = [t for t in self.index.tombstones() if t not in self.ns.held and t not in held]
             failed = False
             if tokens:
