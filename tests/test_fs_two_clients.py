@@ -562,3 +562,43 @@ async def test_two_clients_swapping_two_files_by_renames_over_each_other_keep_a_
         assert tree_of(b) == fresh
         for c in (a, b):
             assert await c.read_file("/d") == c0
+
+
+@pytest.mark.parametrize("case", ["moved out", "same directory renamed", "renamed inside"])
+async def test_a_directory_rename_leaves_alone_an_entry_the_listing_shows_another_client_moved(account, tmp_path, case):
+    # B moves /x/out.txt to /out.txt (or renames /x itself to /yb) and A, which listed that but
+    # had renamed /x → /ya before, writes its rename back: it wrote every entry below /x to /ya
+    # as it knew them, so B's move was undone (/ya/out.txt: no serial order of the two gives it),
+    # and the one directory must not end up split between /ya and /yb. A place another client changed,
+    # as a listing since this mount's last write of the token shows, now wins over a rename
+    # made here before that listing (as if this mount's rename had come first and the other
+    # client's after it).
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/x")
+        await a.write_file("/x/out.txt", b"out")
+        await a.write_file("/x/stay.txt", b"stay")
+        await listed(a, b)
+        resume = a.hold_write_back()
+        await a.rename("/x", "/ya")
+        if case == "moved out":
+            await b.rename("/x/out.txt", "/out.txt")
+            expected = {"/ya": "dir", "/ya/stay.txt": "file", "/out.txt": "file"}
+        elif case == "renamed inside":  # each changed another field: both changes stay
+            await b.rename("/x/out.txt", "/x/in.txt")
+            expected = {"/ya": "dir", "/ya/stay.txt": "file", "/ya/in.txt": "file"}
+        else:
+            await b.rename("/x", "/yb")
+            expected = None  # one directory, /ya or /yb, holding both (not split between them)
+        await b.wait_idle()
+        await a.refresher.refresh_once()  # A lists B's change before its own rename goes
+        resume()
+        await a.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        if expected is None:
+            assert fresh in [{d: "dir", f"{d}/stay.txt": "file", f"{d}/out.txt": "file"} for d in ("/ya", "/yb")], fresh
+        else:
+            assert fresh == expected
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh

@@ -194,6 +194,11 @@ class Syncer:
         self.recently_deleted: dict[str, float] = {}
         # tokens this mount renamed: when, and the (context, name, extension) they had before
         self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
+        # the refresher's last listing (token → info) and when it started (trio time)
+        self.listed: dict[str, TokenInfo] = {}
+        self.listed_started = float("-inf")
+        # token → the place (context, name, extension) this mount last asked the vault to give it
+        self._asked: dict[str, tuple[str, str, str]] = {}
         # tokens of entries a rename here replaced → the (context, name, extension) they had then
         # (see replaced_by_rename; in memory: after a restart they are deleted unchecked)
         self._overwritten: dict[str, tuple[int, float, list[tuple[str | None, str | None, str | None]]]] = {}
@@ -989,10 +994,59 @@ class Syncer:
                 self._recorded(node, token, context, name, extension)
                 self.index.save(node)
 
+    def _moved_by_another(self, node: Node, token: str, ours: tuple[str, str, str]) -> tuple[str, str, str] | None:
+        """Where the refresher's last listing shows ``token``, if that listing started after this
+        mount last wrote the node and shows the token elsewhere than this mount last knew it
+        (``remote_*``), than this mount last asked for (an update whose answer was lost) and than
+        ``ours`` (where it puts the node now: an update that landed though the mount was killed
+        before recording it): another client renamed or moved it meanwhile. None otherwise."""
+        info = self.listed.get(token)
+        if info is None or self.listed_started <= node.synced_at:
+            return None
+        listed = (info.context, info.file_name, info.extension or "")
+        remote = (node.remote_context, node.remote_name, node.remote_extension)
+        for place in (remote, self._asked.get(token), ours):
+            if place is not None and (
+                same_context(place[0], listed[0]) and place[1] == listed[1] and (place[2] or "") == listed[2]
+            ):
+                return None
+        return listed
+
     async def _update_meta(self, node: Node) -> None:
         version = node.meta_version
         token = node.token
         context, name, extension, _ = self._target(node)
+        moved = self._moved_by_another(node, token, (context, name, extension))
+        if moved is not None and (
+            not same_context(node.remote_context, context)
+            or node.remote_name != name
+            or (node.remote_extension or "") != extension
+        ):
+            # another client renamed or moved it after this mount last saw it, and this mount's
+            # rename was made before it listed that: in each field that client changed (its
+            # context, or its name and extension) its value wins, as if this rename had come
+            # first; this rename keeps the others. A directory renamed here no longer takes back
+            # an entry moved out of it elsewhere, nor does one directory renamed on two mounts
+            # end up split between the two new names
+            listed_context, listed_name, listed_extension = moved
+            theirs_context = not same_context(listed_context, node.remote_context)
+            theirs_name = listed_name != node.remote_name or listed_extension != (node.remote_extension or "")
+            if (theirs_context and not same_context(context, node.remote_context)) or (
+                theirs_name and (name != node.remote_name or extension != (node.remote_extension or ""))
+            ):
+                log.info(
+                    "%s: renamed or moved by another client to %s/%s meanwhile; that change wins over the "
+                    "rename made here",
+                    self.ns.describe(node),
+                    listed_context,
+                    listed_name,
+                )
+                self.remote_changed()
+            if theirs_context:
+                context = listed_context
+            if theirs_name:
+                name, extension = listed_name, listed_extension
+            self.ns.set_remote_name(node, listed_context, listed_name, listed_extension)
         try:
             if (
                 not same_context(node.remote_context, context)
@@ -1002,6 +1056,7 @@ class Syncer:
                 before = (node.remote_context, node.remote_name, node.remote_extension)
                 if node.is_file and (node.remote_name != name or (node.remote_extension or "") != extension):
                     await self._keep_a_copy(node, token)
+                self._asked[token] = (context, name, extension)
                 # only the fields this mount changed: another client's rename of the file or move
                 # of a directory above it, not listed here yet, keeps what it changed (both
                 # renames land, as in any serial order, instead of the later undoing the other)
@@ -1011,6 +1066,7 @@ class Syncer:
                     extension=extension if (node.remote_extension or "") != extension else None,
                     context=context if not same_context(node.remote_context, context) else None,
                 )
+                self._asked.pop(token, None)
                 if node.token != token:
                     return
                 self.ns.set_remote_name(node, context, name, extension)
