@@ -214,3 +214,39 @@ async def test_a_chmod_of_a_young_file_without_risk_meta_waits_for_its_writers_r
     await kit.settle()
     risk = (await kit.remote.token("f.bin")).risk
     assert risk["privifs.mode"] == "600" and risk[digest.FIELD] == stated[digest.FIELD]
+
+
+async def test_a_manifest_whose_mark_is_listed_while_its_download_runs_reads_as_the_file(kit):
+    """A big file listed before its writer's risk meta marked it is downloaded whole by a first
+    open; when the listing (or another reader) marks the token a manifest while that download
+    runs, the download is the manifest: the open took the manifest's size as the file's, and
+    the reads served the manifest's bytes (seen with three mounts: a reader got 257 bytes of
+    ``PVFSMNFT…`` for a 20 MiB file another mount rewrote)."""
+    data = os.urandom(PARTS_THRESHOLD + 777)
+    await kit.write_file("big.bin", data)
+    await kit.settle()
+    (info,) = [i for i in await kit.listing() if i.file_name == "big.bin"]
+    async with kit.fresh() as other:
+        real = other.refresher.fetch
+
+        async def before_the_risk_meta():
+            infos, started = await real()
+            return [dataclasses.replace(i, risk={}) if i.token == info.token else i for i in infos], started
+
+        other.refresher.fetch = before_the_risk_meta
+        await other.refresh()
+        other.refresher.fetch = real
+        fetch = other.syncer.fetch_content
+
+        async def marked_meanwhile(node, token):
+            sealed = await fetch(node, token)
+            await other.refresh()  # the listing shows the mark while the download ran
+            return sealed
+
+        other.syncer.fetch_content = marked_meanwhile
+        fh = await other.open_file("big.bin", os.O_RDONLY)
+        assert (await other.lookup("big.bin")).st_size == len(data)
+        assert await other.read(fh) == data
+        await other.close(fh)
+        other.syncer.fetch_content = fetch
+        assert await other.read_file("big.bin") == data

@@ -12,6 +12,7 @@ import trio
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
 from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
+from privifs.fs.sync import RENAME_FETCH_LIMIT
 from tests.fskit import inprocess_fs
 
 
@@ -465,3 +466,139 @@ async def test_a_rewrite_keeps_the_parts_a_conflict_copy_moved_to_another_direct
             await f.refresher.refresh_once()
             assert len(await f.read_file("/elsewhere/copy")) == len(data)  # EIO: a part was gone
             assert len(await f.read_file("/big")) == len(data)
+
+
+@pytest.mark.parametrize("first", ["dir rename lands first", "file rename lands first"])
+async def test_a_file_renamed_inside_a_directory_another_client_renamed_keeps_both_renames(account, tmp_path, first):
+    # B renames /x → /z while A, which has not listed that yet, renames /x/a.txt → /x/b.txt: the
+    # only serial outcome is /z/b.txt. Each rename wrote every field of the token's place (name,
+    # extension, context) as its mount last saw it, so whichever landed second undid the other
+    # one's: /x/b.txt and an empty /z when A's came second, /z/a.txt (A's rename lost) when B's
+    # did (seen with two mounts: five files renamed in /x on one while the other renamed /x).
+    # A rename now writes only the fields it changes.
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/x")
+        await a.write_file("/x/a.txt", b"content")
+        await listed(a, b)
+        assert tree_of(b) == {"/x": "dir", "/x/a.txt": "file"}
+        if first == "dir rename lands first":
+            await b.rename("/x", "/z")
+            await b.wait_idle()
+            await a.rename("/x/a.txt", "/x/b.txt")
+            await a.wait_idle()
+        else:
+            await a.rename("/x/a.txt", "/x/b.txt")
+            await a.wait_idle()
+            assert tree_of(b) == {"/x": "dir", "/x/a.txt": "file"}  # (B has not listed A's rename)
+            await b.rename("/x", "/z")
+            await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/z": "dir", "/z/b.txt": "file"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert await a.read_file("/z/b.txt") == b"content"
+
+
+async def test_a_rename_over_a_file_another_client_renamed_away_meanwhile_leaves_that_file(account, tmp_path):
+    # A renames /config → /config.bak while B, which has not listed that yet, saves atomically:
+    # /config.tmp renamed over /config. B's rename deleted the token it replaced, which by then was
+    # A's /config.bak: the old content was gone everywhere, though no serial order of the two
+    # renames removes it (seen with two mounts swapping two files by renames over each other:
+    # both files' content was lost). The rename-over now deletes the token it replaced only if the
+    # listing still shows it where this mount saw it.
+    # (A renames content it does not have at hand, too big to fetch first: nothing to store
+    # again under the new name when it finds its token gone)
+    old = os.urandom(RENAME_FETCH_LIMIT + 1)
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.remote.put("/config", old, type="file", mode="644")
+        await a.write_file("/config.tmp", b"new")
+        await listed(a, b)
+        await a.rename("/config", "/config.bak")
+        await a.wait_idle()
+        assert tree_of(b) == {"/config": "file", "/config.tmp": "file"}  # (B has not listed A's rename)
+        await b.rename("/config.tmp", "/config")
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/config": "file", "/config.bak": "file"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        for c in (a, b):
+            assert await c.read_file("/config.bak") == old
+            assert await c.read_file("/config") == b"new"
+
+
+async def test_two_clients_swapping_two_files_by_renames_over_each_other_keep_a_content(account, tmp_path):
+    # B renames /d over /c and A, which has not seen that, renames /c over /d. Each rename
+    # deleted the token it replaced, each time the other client's file: B's delete of /c's token
+    # went out before its own rename was written back, A then moved that token... and B's rename,
+    # when it went, found its token deleted by A's and was dropped. Both contents were gone
+    # everywhere (seen with two mounts: six rounds of crossing renames lost both files twice).
+    # A rename's replaced token is now deleted only after the rename itself is written back,
+    # and stays when the rename is dropped.
+    c0, d0 = os.urandom(RENAME_FETCH_LIMIT + 1), os.urandom(RENAME_FETCH_LIMIT + 2)  # (not fetched first)
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.remote.put("/c", c0, type="file", mode="644")
+        await a.remote.put("/d", d0, type="file", mode="644")
+        await listed(a, b)
+        c_token = a.node("/c").token
+        resume = b.hold_write_back()
+        await b.rename("/d", "/c")
+        with trio.move_on_after(5):  # (its delete of /c's token went out at once)
+            while any(i.token == c_token for i in await b.listing()):
+                await trio.sleep(0.05)
+        await a.rename("/c", "/d")
+        await a.wait_idle()
+        resume()
+        await b.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/d": "file"}, fresh
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        for c in (a, b):
+            assert await c.read_file("/d") == c0
+
+
+@pytest.mark.parametrize("case", ["moved out", "same directory renamed", "renamed inside"])
+async def test_a_directory_rename_leaves_alone_an_entry_the_listing_shows_another_client_moved(account, tmp_path, case):
+    # B moves /x/out.txt to /out.txt (or renames /x itself to /yb) and A, which listed that but
+    # had renamed /x → /ya before, writes its rename back: it wrote every entry below /x to /ya
+    # as it knew them, so B's move was undone (/ya/out.txt: no serial order of the two gives it),
+    # and the one directory must not end up split between /ya and /yb. A place another client changed,
+    # as a listing since this mount's last write of the token shows, now wins over a rename
+    # made here before that listing (as if this mount's rename had come first and the other
+    # client's after it).
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/x")
+        await a.write_file("/x/out.txt", b"out")
+        await a.write_file("/x/stay.txt", b"stay")
+        await listed(a, b)
+        resume = a.hold_write_back()
+        await a.rename("/x", "/ya")
+        if case == "moved out":
+            await b.rename("/x/out.txt", "/out.txt")
+            expected = {"/ya": "dir", "/ya/stay.txt": "file", "/out.txt": "file"}
+        elif case == "renamed inside":  # each changed another field: both changes stay
+            await b.rename("/x/out.txt", "/x/in.txt")
+            expected = {"/ya": "dir", "/ya/stay.txt": "file", "/ya/in.txt": "file"}
+        else:
+            await b.rename("/x", "/yb")
+            expected = None  # one directory, /ya or /yb, holding both (not split between them)
+        await b.wait_idle()
+        await a.refresher.refresh_once()  # A lists B's change before its own rename goes
+        resume()
+        await a.wait_idle()
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        if expected is None:
+            assert fresh in [{d: "dir", f"{d}/stay.txt": "file", f"{d}/out.txt": "file"} for d in ("/ya", "/yb")], fresh
+        else:
+            assert fresh == expected
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh

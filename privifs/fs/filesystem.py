@@ -559,6 +559,7 @@ class Filesystem:
                 raise fail(errno.ENOTEMPTY)
         with self.index.kept():
             if target is not None:
+                self.sync.replaced_by_rename(target, node)
                 self._remove(target)
             self.ns.move(node, new_parent, text)
             self.sync.superseded_under(node)
@@ -636,7 +637,7 @@ class Filesystem:
             if fatal:
                 raise
             return
-        if sealed is None or self._unmarked_manifest(node, sealed):
+        if sealed is None or self._unmarked_manifest(node, token, sealed):
             return
         try:
             self._size_learned(node, token, sealed.size)
@@ -697,7 +698,7 @@ class Filesystem:
             sealed = await self._fetch_following(node)
             if sealed is None:
                 return await self.writable_staged(node, truncate_to_zero=truncate_to_zero)
-            if self._unmarked_manifest(node, sealed):
+            if self._unmarked_manifest(node, token, sealed):
                 return await self.writable_staged(node)  # staged from its parts
             try:
                 if node.staged is not None or node.token != token:  # staged meanwhile, or moved on
@@ -737,19 +738,26 @@ class Filesystem:
         except PrivifsError as exc:
             raise self._fetch_failed(node, exc) from None
 
-    def _unmarked_manifest(self, node: Node, sealed: SealedFile) -> bool:
-        """Whether ``sealed``, fetched as the node's whole content, is in fact a manifest whose
-        mark the listing did not show yet (listed between its writer's configure-file-meta and
-        its risk meta write): the content is not the size the token's meta says, and it decodes
+    def _unmarked_manifest(self, node: Node, token: str | None, sealed: SealedFile) -> bool:
+        """Whether ``sealed``, fetched as the content of ``token`` (the node's), is in fact a
+        manifest whose mark the listing did not show yet (listed between its writer's
+        configure-file-meta and its risk meta write): the content is not the size the token's meta says, and it decodes
         as a manifest of that size (it decrypted with the vault's key). The node is then marked a
         manifest here, as the listing will, and True: the caller reads it through its parts.
-        Served as it was, a read got the manifest's bytes, and a write staged them as the file."""
-        if is_manifest_node(node.remote_risk):
+        Served as it was, a read got the manifest's bytes, and a write staged them as the file.
+        The mark may also have been listed (or set by another reader) while the download ran:
+        the download is then the manifest all the same, and True (taken for the file's content,
+        the open showed the manifest's size and the reads served its bytes). ``sealed`` is closed
+        when True; a node that moved on to another token meanwhile is left to the caller."""
+        if node.token != token:
             return False
         manifest = fmt.unmarked(sealed.size, node.size, lambda: bytes(sealed.read(0, sealed.size)))
         if manifest is None:
             return False
         sealed.close()
+        if is_manifest_node(node.remote_risk):  # marked while the download ran
+            self.cache.evict(node.token)
+            return True
         self.cache.evict(node.token)
         self.parts.remember(node.token, manifest)
         log.info("%s: its token is a manifest the listing did not mark yet; read through its parts", self.path(node))
@@ -871,7 +879,7 @@ class Filesystem:
             fh.close_reader()
             token = node.token
             sealed = await self._fetch_following(node)
-            if sealed is not None and self._unmarked_manifest(node, sealed):
+            if sealed is not None and self._unmarked_manifest(node, token, sealed):
                 return await self.read(fh_id, offset, length)  # read through its parts
             if sealed is None or fh.reader is not None or node.token != token or node.staged is not None:
                 if sealed is not None:  # (staged meanwhile: written here while this read waited)

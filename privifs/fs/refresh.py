@@ -219,6 +219,7 @@ class Refresher:
         changed: list[tuple[Node, TokenInfo]] = []
         unknown: list[TokenInfo] = []
         before, self._listed = self._listed, {info.token: info for info in infos}
+        self.syncer.listed, self.syncer.listed_started = self._listed, started
         self._added = set()
         for info in infos:
             if info.token in tombstones or info.token in deleted:

@@ -101,6 +101,9 @@ RETIRE_CHECK = 10.0  # how often the retired parts are looked at
 # vault, so another client never lists neither (git gc: a new pack, then the old ones deleted),
 # waiting this long at most (an upload that keeps failing does not hold deletions back for good)
 REMOVAL_AFTER_UPLOADS = 30.0
+# a token a rename here replaced is deleted once that rename is written back (if it is dropped, the
+# token stays), waiting this long at most
+OVERWRITE_AFTER_RENAME = 60.0
 # a file listed with no risk meta of privifs' and made less than this long ago may be one whose
 # writer has not written its risk meta yet: a meta write of this mount waits (see _current_risk)
 YOUNG_TOKEN = 30.0
@@ -191,6 +194,14 @@ class Syncer:
         self.recently_deleted: dict[str, float] = {}
         # tokens this mount renamed: when, and the (context, name, extension) they had before
         self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
+        # the refresher's last listing (token → info) and when it started (trio time)
+        self.listed: dict[str, TokenInfo] = {}
+        self.listed_started = float("-inf")
+        # token → the place (context, name, extension) this mount last asked the vault to give it
+        self._asked: dict[str, tuple[str, str, str]] = {}
+        # tokens of entries a rename here replaced → the (context, name, extension) they had then
+        # (see replaced_by_rename; in memory: after a restart they are deleted unchecked)
+        self._overwritten: dict[str, tuple[int, float, list[tuple[str | None, str | None, str | None]]]] = {}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.uploads = 0
@@ -266,6 +277,80 @@ class Syncer:
         earlier = self._unconfigured.pop(node.ino, None)
         if earlier is not None and self._nursery is not None:
             self._nursery.start_soon(self._drop_after_removal, node, *earlier)
+
+    def replaced_by_rename(self, node: Node, renamed: Node) -> None:
+        """``node`` (a file, a symlink, …) is about to be removed because ``renamed``, renamed
+        here, takes its name. Its token is deleted once that rename is written back (if another
+        client's change made this mount drop the rename, the token stays: nothing replaced it),
+        and only if the listing still shows it where this mount saw it (:meth:`_still_where_seen`).
+        Another client that renamed it meanwhile made it its own file under another name
+        (``mv config config.bak`` there while a save here renamed ``config.tmp`` over
+        ``config``): deleted, it was lost everywhere, though neither order of the two renames
+        removes it."""
+        if node.token and not node.is_dir and node.remote_name is not None:
+            context, name, extension, _ = self._target(node)  # (a rename of its own not acknowledged)
+            places = [(node.remote_context, node.remote_name, node.remote_extension), (context, name, extension)]
+            self._overwritten[node.token] = (renamed.ino, trio.current_time() + OVERWRITE_AFTER_RENAME, places)
+
+    def _awaiting_renames(self) -> set[str]:
+        """Tokens renames here replaced whose rename is not written back yet (see
+        :meth:`replaced_by_rename`)."""
+        now = trio.current_time()
+        waiting = set()
+        for token, (ino, until, _) in self._overwritten.items():
+            node = self.ns.nodes.get(ino)
+            if (
+                now < until
+                and node is not None
+                and not node.unlinked
+                and (node.meta_dirty or node.content_dirty or node.uploading)
+            ):
+                waiting.add(token)
+        return waiting
+
+    def _rename_dropped(self, node: Node) -> None:
+        """``node``'s rename was dropped (its token was gone): the tokens it replaced stay."""
+        for token, (ino, _, _) in list(self._overwritten.items()):
+            if ino != node.ino:
+                continue
+            log.info("token %s, replaced here by a rename that was dropped, stays", token)
+            self._keep_overwritten(token)
+
+    async def _still_where_seen(self, token: str) -> bool:
+        """For a tombstoned token a rename here replaced: False if the listing shows it
+        elsewhere than where this mount saw it (another client renamed it: it stays, and shows
+        where that client put it); True otherwise (also when it is gone). A failed look fails
+        the delete, which the tombstone task retries."""
+        entry = self._overwritten.get(token)
+        if entry is None:
+            return True
+        info = await find(self.tokens, token)
+        if info is None or any(
+            same_context(info.context, context)
+            and info.file_name == name
+            and (info.extension or "") == (extension or "")
+            for context, name, extension in entry[2]
+        ):
+            return True
+        log.info(
+            "token %s, replaced here by a rename, was renamed by another client to %s/%s meanwhile; it stays",
+            token,
+            info.context,
+            info.file_name,
+        )
+        self._keep_overwritten(token)
+        return False
+
+    def _keep_overwritten(self, token: str) -> None:
+        """A token a rename here replaced is not deleted after all: the listing shows it again."""
+        self._overwritten.pop(token, None)
+        self._dropped.pop(token, None)  # a manifest: its parts stay with it
+        try:
+            self.index.drop_tombstone(token)
+        except PrivifsError as exc:
+            log.warning("could not record that %s stays: %s", token, exc)
+        self.recently_deleted.pop(token, None)
+        self.remote_changed()
 
     def _upload_due(self, node: Node) -> bool:
         """``node``'s content is closed (or fsynced here) and on its way to the vault."""
@@ -914,10 +999,59 @@ class Syncer:
                 self._recorded(node, token, context, name, extension)
                 self.index.save(node)
 
+    def _moved_by_another(self, node: Node, token: str, ours: tuple[str, str, str]) -> tuple[str, str, str] | None:
+        """Where the refresher's last listing shows ``token``, if that listing started after this
+        mount last wrote the node and shows the token elsewhere than this mount last knew it
+        (``remote_*``), than this mount last asked for (an update whose answer was lost) and than
+        ``ours`` (where it puts the node now: an update that landed though the mount was killed
+        before recording it): another client renamed or moved it meanwhile. None otherwise."""
+        info = self.listed.get(token)
+        if info is None or self.listed_started <= node.synced_at:
+            return None
+        listed = (info.context, info.file_name, info.extension or "")
+        remote = (node.remote_context, node.remote_name, node.remote_extension)
+        for place in (remote, self._asked.get(token), ours):
+            if place is not None and (
+                same_context(place[0], listed[0]) and place[1] == listed[1] and (place[2] or "") == listed[2]
+            ):
+                return None
+        return listed
+
     async def _update_meta(self, node: Node) -> None:
         version = node.meta_version
         token = node.token
         context, name, extension, _ = self._target(node)
+        moved = self._moved_by_another(node, token, (context, name, extension))
+        if moved is not None and (
+            not same_context(node.remote_context, context)
+            or node.remote_name != name
+            or (node.remote_extension or "") != extension
+        ):
+            # another client renamed or moved it after this mount last saw it, and this mount's
+            # rename was made before it listed that: in each field that client changed (its
+            # context, or its name and extension) its value wins, as if this rename had come
+            # first; this rename keeps the others. A directory renamed here no longer takes back
+            # an entry moved out of it elsewhere, nor does one directory renamed on two mounts
+            # end up split between the two new names
+            listed_context, listed_name, listed_extension = moved
+            theirs_context = not same_context(listed_context, node.remote_context)
+            theirs_name = listed_name != node.remote_name or listed_extension != (node.remote_extension or "")
+            if (theirs_context and not same_context(context, node.remote_context)) or (
+                theirs_name and (name != node.remote_name or extension != (node.remote_extension or ""))
+            ):
+                log.info(
+                    "%s: renamed or moved by another client to %s/%s meanwhile; that change wins over the "
+                    "rename made here",
+                    self.ns.describe(node),
+                    listed_context,
+                    listed_name,
+                )
+                self.remote_changed()
+            if theirs_context:
+                context = listed_context
+            if theirs_name:
+                name, extension = listed_name, listed_extension
+            self.ns.set_remote_name(node, listed_context, listed_name, listed_extension)
         try:
             if (
                 not same_context(node.remote_context, context)
@@ -927,7 +1061,17 @@ class Syncer:
                 before = (node.remote_context, node.remote_name, node.remote_extension)
                 if node.is_file and (node.remote_name != name or (node.remote_extension or "") != extension):
                     await self._keep_a_copy(node, token)
-                await self.tokens.update(token, file_name=name, extension=extension, context=context)
+                self._asked[token] = (context, name, extension)
+                # only the fields this mount changed: another client's rename of the file or move
+                # of a directory above it, not listed here yet, keeps what it changed (both
+                # renames land, as in any serial order, instead of the later undoing the other)
+                await self.tokens.update(
+                    token,
+                    file_name=name if node.remote_name != name else None,
+                    extension=extension if (node.remote_extension or "") != extension else None,
+                    context=context if not same_context(node.remote_context, context) else None,
+                )
+                self._asked.pop(token, None)
                 if node.token != token:
                     return
                 self.ns.set_remote_name(node, context, name, extension)
@@ -1051,6 +1195,8 @@ class Syncer:
             "is dropped and the entry follows the vault",
             self.ns.describe(node),
         )
+        if renamed:
+            self._rename_dropped(node)
         self.ns.drop_meta_change(node)
         if not node.unlinked:
             self.index.save(node)
@@ -1112,7 +1258,7 @@ class Syncer:
             await self._yield_to_foreground()
             # replaced before the round: a token tombstoned while it deletes wakes the next at once
             self._tomb_wake = trio.Event()
-            held = self._held_for_uploads()
+            held = self._held_for_uploads() | self._awaiting_renames()
             tokens = [t for t in self.index.tombstones() if t not in self.ns.held and t not in held]
             failed = False
             if tokens:
@@ -1121,6 +1267,8 @@ class Syncer:
                     nonlocal failed
                     async with limiter:
                         try:
+                            if not await self._still_where_seen(token):
+                                return
                             parts = await self._parts_of_dropped(token)
                             await self.tokens.delete(token)
                         except Exception as exc:  # noqa: BLE001 - retried; never fatal
@@ -1130,6 +1278,7 @@ class Syncer:
                             log.warning("deleting token %s failed: %s", token, exc)
                             return
                     self._deleted(token)
+                    self._overwritten.pop(token, None)
                     dropped = self._dropped.pop(token, None)
                     if parts and dropped is not None:
                         self.retire_parts(dropped[0], parts)
