@@ -9,6 +9,9 @@ started it (``PR_SET_PDEATHSIG``), so a killed mount leaves no orphan; its data 
 :meth:`EmbeddedEngine.ensure` also watches the engine it hands out: when that engine dies (it
 crashed, was killed, or the other process that owned it stopped it), a watcher thread logs why and
 starts it again on the same ports and data directory, so the URLs the caller holds keep working.
+The ports are also kept in ``<data-dir>/ports.json`` across stops: the next start takes them
+again where they are free, so other machines (other users' configurations) that reach this
+vault through those URLs keep reaching it after this machine's unmount and mount.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from pathlib import Path
 import httpx
 
 from privifs import paths
-from privifs.engine_process import SERVERS, EngineProcess
+from privifs.engine_process import SERVERS, EngineProcess, EngineStartFailed
 
 log = logging.getLogger("privifs.embedded")
 
 WATCH_INTERVAL = 0.5
+LAST_PORTS = "ports.json"  # in the data directory: the ports of the engine's last run
 RESTART_BACKOFF_MAX = 30.0
 
 
@@ -93,9 +97,44 @@ class EmbeddedEngine:
         return self.process.proc if self.process is not None else None
 
     def start(self, ports: dict[str, int] | None = None) -> dict[str, str]:
+        """Start the engine on ``ports``; with None, on the ports of its last run where they
+        are free (:data:`LAST_PORTS`), else on new ones."""
         paths.private_dir(self.data_dir)
+        last = self._last_ports() if ports is None else None
+        if last is not None:
+            try:
+                return self._start(last)
+            except EngineStartFailed as exc:
+                log.info("the embedded engine takes new ports: its ports of last time are not free (%s)", exc)
+        return self._start(ports)
+
+    def _start(self, ports: dict[str, int] | None) -> dict[str, str]:
         self.process = EngineProcess(self.data_dir, ports=ports, die_with_parent=True, what="the embedded engine")
-        return dict(self.process.start().urls)
+        urls = dict(self.process.start().urls)
+        if self._last_ports() != self.process.ports:
+            self._remember_ports(self.process.ports)
+        return urls
+
+    def _remember_ports(self, ports: dict[str, int]) -> None:
+        path = self.data_dir / LAST_PORTS
+        tmp = path.with_name(f".{LAST_PORTS}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(ports) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # the engine runs; only its next start may take other ports
+            tmp.unlink(missing_ok=True)
+            log.warning("the embedded engine's ports could not be kept in %s: %s", path, exc.strerror or exc)
+
+    def _last_ports(self) -> dict[str, int] | None:
+        try:
+            ports = json.loads((self.data_dir / LAST_PORTS).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(ports, dict) or sorted(ports) != sorted(SERVERS):
+            return None
+        if not all(type(p) is int and 0 < p < 65536 for p in ports.values()):
+            return None
+        return ports
 
     def stop(self) -> None:
         """Stop watching, and stop the engine if this process started it."""

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -149,3 +150,34 @@ def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_p
         assert "fsync failed" not in m.log()
         assert "synced.bin" in {t.get("fileName") for t in m.tokens()}
         assert (m.dir / "synced.bin").read_bytes() == data
+
+
+def test_the_embedded_engine_comes_back_on_its_ports_of_last_time(tmp_path, caplog):
+    """Other machines reach this vault through the embedded engine's URLs: an unmount and mount
+    here (a new engine process) gave it new ports, and every other machine stayed offline until
+    its configuration was edited by hand (found by hM). Ports taken meanwhile: new ones."""
+    caplog.set_level(logging.INFO, logger="privifs.embedded")
+    first = EmbeddedEngine(tmp_path / "engine")
+    urls = first.ensure(watch=False)
+    first.stop()
+    again = EmbeddedEngine(tmp_path / "engine")
+    try:
+        assert again.ensure(watch=False) == urls and healthy(urls["api"])
+    finally:
+        again.stop()
+    port = int(urls["api"].rsplit(":", 1)[1])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        third = EmbeddedEngine(tmp_path / "engine")
+        try:
+            moved = third.ensure(watch=False)
+            assert moved["api"] != urls["api"] and healthy(moved["api"])
+            assert "its ports of last time are not free" in caplog.text
+        finally:
+            third.stop()
+    fourth = EmbeddedEngine(tmp_path / "engine")
+    try:
+        assert fourth.ensure(watch=False) == moved  # the ports it took are the ones kept now
+    finally:
+        fourth.stop()
