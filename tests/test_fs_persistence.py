@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import threading
 import time
@@ -311,15 +313,22 @@ def test_a_damaged_key_check_is_told_from_a_wrong_key(engine, tmp_path):
         for n in range(3):
             (m.dir / f"f{n}.txt").write_text("kept " * (n + 10))
         m.wait_idle()
+        (check,) = [
+            t["token"]
+            for t in map(json.loads, m.token("ls", "--json", "--all").stdout.splitlines())
+            if t["context"].strip("/") == ".privifs"
+        ]
         m.umount()
-        blob = next(f for d in (engine.data_dir / "blobs").iterdir() for f in d.iterdir() if f.stat().st_size == 81)
+        with sqlite3.connect(engine.data_dir / "engine.sqlite3") as conn:  # (the engine serves other tests too)
+            (blob_id,) = conn.execute("SELECT blob_id FROM data_tokens WHERE token = ?", (check,)).fetchone()
+        blob = engine.data_dir / "blobs" / blob_id[:2] / blob_id
         raw = bytearray(blob.read_bytes())
         raw[40] ^= 0x01
         blob.write_bytes(bytes(raw))
         m.mount()
         m.wait_online()  # (a vault mounted here before starts at once; the key check follows)
         assert (m.dir / "f2.txt").read_text() == "kept " * 12
-        assert "fails authentication although this key decrypts the vault's files" in m.log()
+        assert f"key-check token {check} fails authentication although this key decrypts" in m.log()
         m.umount()
         r = privifs(m.env, "verify", check=False)
         assert r.returncode != 0 and "damaged: /.privifs/keycheck: the key-check token" in r.stdout
