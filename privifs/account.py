@@ -31,6 +31,10 @@ class Account:
         """Whether the server is the embedded engine and it is being started again after it died."""
         return self.engine is not None and self.engine.restarting()
 
+    def server_stopped(self) -> int | None:
+        """The pid of the embedded engine if it is stopped (SIGSTOP): it answers nothing."""
+        return self.engine.stopped_pid() if self.engine is not None else None
+
     def __repr__(self) -> str:
         return f"Account({self.endpoints.api!r}, <credentials and key hidden>)"
 

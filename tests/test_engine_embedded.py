@@ -149,3 +149,31 @@ def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_p
         assert "fsync failed" not in m.log()
         assert "synced.bin" in {t.get("fileName") for t in m.tokens()}
         assert (m.dir / "synced.bin").read_bytes() == data
+
+
+def test_a_stopped_embedded_engine_is_named_by_status_and_the_mount_log_at_once(tmp_path):
+    """An embedded engine stopped with SIGSTOP accepts connections and answers nothing: the
+    mount said nothing about it for two minutes (two 60 s read time-outs), and then only that
+    'the server stopped answering'. Now `privifs status` names it stopped, with its pid and how
+    to go on, and the mount's log says so; continued, it uploads what waited."""
+    from tests.mountkit import Mount, privifs
+
+    m = Mount(tmp_path / "user", None)
+    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
+    with m.mounted():
+        pid = engine_pid(data_dir)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            (m.dir / "while-stopped.txt").write_text("written while the engine was stopped")
+            wait_until(lambda: m.status().get("engine_stopped") == pid)
+            shown = privifs(m.env, "status", str(m.dir)).stdout
+            assert f"ENGINE STOPPED: the embedded engine (pid {pid}) is stopped" in shown, shown
+            assert f"kill -CONT {pid}" in shown
+            wait_until(lambda: f"the embedded engine (pid {pid}) is stopped" in m.log())
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: m.status().get("engine_stopped") is None)
+        m.wait_idle(90)
+        assert "while-stopped.txt" in {t.get("fileName") or t.get("name") for t in m.tokens()}
+        assert "ENGINE STOPPED" not in privifs(m.env, "status", str(m.dir)).stdout

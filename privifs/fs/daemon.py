@@ -148,6 +148,7 @@ class Daemon:
         self.connector: Connector | None = None
         self.mounted = False
         self._was_mounted = False
+        self.account = None  # the open account (its embedded engine, watched), once serving
         self._unmounting = False
         self._drain = DRAIN_AFTER_UNMOUNT  # how long uploads go on after the unmount
 
@@ -249,6 +250,7 @@ class Daemon:
         return await links.start(self.connector.run)
 
     async def _serve(self, account, links: trio.Nursery, ready) -> None:
+        self.account = account
         key = account.key
         link = VaultLink(ClientOptions(login_timeout=self.mcfg.server_timeout))
         vault = Vault(link, key)
@@ -477,6 +479,9 @@ class Daemon:
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),
             "unreachable_since": syncer.unreachable_since,  # connected, but the server stopped answering
+            # the embedded engine's pid if it is stopped (SIGSTOP): the client's time-outs tell only
+            # after two minutes that the server does not answer, and not why
+            "engine_stopped": self.account.server_stopped() if self.account is not None else None,
         }
 
     async def flush(self, progress, timeout: float | None) -> dict:
