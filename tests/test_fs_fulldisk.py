@@ -477,3 +477,29 @@ def test_a_vault_whose_embedded_engine_shares_a_disk_something_else_filled_mount
             assert vault_content(m, "before.bin", tmp_path / "before.bin") == before
         finally:
             m.cleanup()
+
+
+def test_a_cache_on_a_disk_something_else_filled_drops_entries_to_open_and_the_vault_mounts(engine, tmp_path):
+    """A read cache on a disk of its own (``--cache-dir``) that another program filled: the
+    mount was refused ("the read cache ... cannot be opened: the disk is full"), although the
+    cache holds nothing the vault lacks. It now drops its oldest entries to make the room its
+    table needs, and the mount reads every file."""
+    with small_filesystem(tmp_path / "small", "24m") as small:
+        m = Mount(tmp_path / "user", engine.urls, mount_args=("--cache-dir", str(small / "cache")))
+        try:
+            m.mount()
+            files = {f"f{i}.bin": os.urandom(3 * MiB + i) for i in range(4)}
+            for name, data in files.items():
+                (m.dir / name).write_bytes(data)
+            m.wait_idle()
+            for name, data in files.items():
+                assert read_uncached(m.dir / name) == data  # (downloaded into the cache if not there)
+            m.umount()
+            fill_outside(small / "filler")
+            r = m.mount(check=False)
+            assert r.returncode == 0, r.stderr
+            for name, data in files.items():
+                assert read_uncached(m.dir / name) == data
+            assert "dropped" in m.log()
+        finally:
+            m.cleanup()
