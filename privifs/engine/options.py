@@ -88,6 +88,7 @@ class EngineOptions:
     per_page_max: int = 1000
     risk_max_fields: int = 64
     risk_max_value: int = 8192
+    body_timeout: float = 60.0  # an upstream or downstream request body stalled this long ends; 0: never
     # faults
     latency_ms: float = 0.0
     fail_rate: float = 0.0
