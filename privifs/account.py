@@ -16,6 +16,7 @@ from privifs.client.transport import Endpoints
 from privifs.config import Config
 from privifs.crypto.keys import key_id, load_aes_key
 from privifs.embedded import EmbeddedEngine
+from privifs.engine.db import opened_on_a_full_disk
 from privifs.errors import ConfigError, DiskFullError, KeyFileError, PrivifsError, WrongKeyError
 from privifs.fs.space import open_error
 
@@ -30,6 +31,10 @@ class Account:
     def server_restarting(self) -> bool:
         """Whether the server is the embedded engine and it is being started again after it died."""
         return self.engine is not None and self.engine.restarting()
+
+    def server_stopped(self) -> int | None:
+        """The pid of the embedded engine if it is stopped (SIGSTOP): it answers nothing."""
+        return self.engine.stopped_pid() if self.engine is not None else None
 
     def __repr__(self) -> str:
         return f"Account({self.endpoints.api!r}, <credentials and key hidden>)"
@@ -103,12 +108,16 @@ def embedded_usernames(data_dir: Path | None = None) -> list[str]:
     db = (data_dir or paths.embedded_engine_dir()) / "engine.sqlite3"
     if not db.exists():
         return []
-    try:
+
+    def read() -> list:
         conn = sqlite3.connect(db, timeout=10)
         try:
-            rows = conn.execute("SELECT username FROM profiles ORDER BY created_at").fetchall()
+            return conn.execute("SELECT username FROM profiles ORDER BY created_at").fetchall()
         finally:
             conn.close()
+
+    try:
+        rows = opened_on_a_full_disk(read, db.parent)  # (SQLite makes its WAL files in the reserve's room)
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
             return []

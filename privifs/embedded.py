@@ -155,6 +155,16 @@ class EmbeddedEngine:
             return False
         return self._restarting or self._death() is not None
 
+    def stopped_pid(self) -> int | None:
+        """The pid of the engine handed out if it is stopped (SIGSTOP, Ctrl-Z, a debugger): it
+        accepts connections and answers nothing until it is continued, which a client sees
+        only after its read time-outs. None while it runs, or if another process started it.
+        Safe to call from any thread."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return None
+        return proc.pid if paths.pid_stopped(proc.pid) else None
+
     def _death(self) -> str | None:
         """Why the engine we hand out is gone, or None while it runs."""
         proc = self.proc
@@ -183,12 +193,27 @@ class EmbeddedEngine:
         """The watcher thread: restart a dead engine on the same ports. It must not end before
         :meth:`stop` (an engine it started gets SIGTERM when its starting thread ends)."""
         backoff = WATCH_INTERVAL
+        stopped: int | None = None  # the pid of the engine last seen stopped (logged once)
         while not self._stopping.wait(backoff):
             try:
                 why = self._death()
                 if why is None:
                     backoff = WATCH_INTERVAL
+                    now = self.stopped_pid()
+                    if now != stopped:
+                        if now is not None:
+                            log.warning(
+                                "the embedded engine (pid %d) is stopped (SIGSTOP, Ctrl-Z or a debugger): it answers "
+                                "nothing until 'kill -CONT %d' (or 'kill -9 %d': it is then started again)",
+                                now,
+                                now,
+                                now,
+                            )
+                        else:
+                            log.info("the embedded engine (pid %d) runs again", stopped)
+                        stopped = now
                     continue
+                stopped = None
                 self._restarting = True
                 with self._lock:
                     if self._stopping.is_set():

@@ -139,6 +139,9 @@ class EngineProcess:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(signal.SIGTERM)
+        # a stopped engine (SIGSTOP) acts on the SIGTERM only once continued: without this it was
+        # killed after the whole timeout, and `privifs umount` waited for it
+        self.proc.send_signal(signal.SIGCONT)
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -205,3 +205,25 @@ def test_a_damaged_manifest_is_repaired_from_the_cached_whole_content_and_reads_
             other.cleanup()
     finally:
         m.cleanup()
+
+
+def test_verify_data_counts_the_parts_no_file_names(engine, tmp_path):
+    """Parts a killed or failed upload left (no manifest names them) were invisible: a count of
+    the vault's part tokens did not match its files and nothing said why. verify --data names
+    how many there are and that a mount's sweep removes them; they are no damage (exit 0)."""
+    from privifs.parts.store import PART_SIZE
+
+    m = Mount(tmp_path, engine.urls)
+    try:
+        with m.mounted():
+            (m.dir / "big.bin").write_bytes(os.urandom(2 * PART_SIZE + 5))
+            m.wait_idle()
+        r = privifs(m.env, "verify", "--data")
+        assert "parts of no file" not in r.stdout, r.stdout
+        (tmp_path / "stray").write_bytes(os.urandom(1000))
+        m.token("put", str(tmp_path / "stray"), "--context", "/.privifs/parts", "--name", secrets.token_hex(8) + "-0")
+        r = privifs(m.env, "verify", "--data", check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verify: ok:" in r.stdout and "1 parts of no file" in r.stdout, r.stdout
+    finally:
+        m.cleanup()

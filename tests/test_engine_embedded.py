@@ -4,6 +4,7 @@ caller holds work again; stopping it on purpose is not mistaken for a death."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -181,3 +182,58 @@ def test_the_embedded_engine_comes_back_on_its_ports_of_last_time(tmp_path, capl
         assert fourth.ensure(watch=False) == moved  # the ports it took are the ones kept now
     finally:
         fourth.stop()
+
+
+def test_a_stopped_embedded_engine_is_named_by_status_and_the_mount_log_at_once(tmp_path):
+    """An embedded engine stopped with SIGSTOP accepts connections and answers nothing: the
+    mount said nothing about it for two minutes (two 60 s read time-outs), and then only that
+    'the server stopped answering'. Now `privifs status` names it stopped, with its pid and how
+    to go on, and the mount's log says so; continued, it uploads what waited."""
+    from tests.mountkit import Mount, privifs
+
+    m = Mount(tmp_path / "user", None)
+    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
+    with m.mounted():
+        pid = engine_pid(data_dir)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            (m.dir / "while-stopped.txt").write_text("written while the engine was stopped")
+            wait_until(lambda: m.status().get("engine_stopped") == pid)
+            shown = privifs(m.env, "status", str(m.dir)).stdout
+            assert f"ENGINE STOPPED: the embedded engine (pid {pid}) is stopped" in shown, shown
+            assert f"kill -CONT {pid}" in shown
+            wait_until(lambda: f"the embedded engine (pid {pid}) is stopped" in m.log())
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: m.status().get("engine_stopped") is None)
+        m.wait_idle(90)
+        assert "while-stopped.txt" in {t.get("fileName") or t.get("name") for t in m.tokens()}
+        assert "ENGINE STOPPED" not in privifs(m.env, "status", str(m.dir)).stdout
+
+
+def test_umount_while_the_embedded_engine_is_stopped_says_so_and_keeps_the_changes(tmp_path):
+    """`privifs umount` while the embedded engine was stopped (SIGSTOP) waited 2m42s (two 60 s
+    read time-outs and a probe) to say only that the server was unreachable. It now says at once
+    that the engine is stopped and how to go on; the change stays staged and the next mount
+    uploads it."""
+    from tests.mountkit import Mount
+
+    m = Mount(tmp_path / "user", None)
+    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
+    with m.mounted():
+        pid = engine_pid(data_dir)
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            (m.dir / "staged.txt").write_text("kept across the stop")
+            r = m.umount(check=False)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # (it ends with the mount's daemon)
+                os.kill(pid, signal.SIGCONT)
+        assert r.returncode == 7, (r.returncode, r.stderr)
+        assert f"the embedded engine (pid {pid}) is stopped" in r.stderr and f"kill -CONT {pid}" in r.stderr
+        m.mount()
+        m.wait_idle(90)
+        assert "staged.txt" in {t.get("fileName") or t.get("name") for t in m.tokens()}
+        assert (m.dir / "staged.txt").read_text() == "kept across the stop"

@@ -312,3 +312,42 @@ def test_a_websocket_client_that_leaves_without_a_close_frame_leaves_no_socket_b
         time.sleep(0.2)
     assert len(os.listdir(fd_dir)) <= before + 2, (before, len(os.listdir(fd_dir)))
     assert httpx.get(own_engine.urls["api"] + "/health", timeout=5).status_code == 200
+
+
+async def test_an_upload_whose_body_stops_arriving_is_ended_and_stores_nothing(own_engine):
+    """A client that sent an upload's head and part of its body and then nothing held its
+    upstream connection for good (with a valid stream authorization, also a 1 MiB buffer and a
+    partial file); so did a refused request whose body stalled, on either stream port. Such a
+    request now ends after ``body_timeout``, its connection closed and nothing stored."""
+    from tests.enginekit import Wire, command_id
+
+    own_engine.set_options(body_timeout=1)
+    wire = Wire(own_engine.urls)
+    try:
+        await wire.provision()
+        async with wire.channel() as ch:
+            r = await wire.post("/data-token/reserve-token-space", {"context": "c", "ttl": "5"})
+            reserve = command_id(r)
+            await ch.wait_for("X-DPT-CAB-ID", reserve)
+        stream = (await wire.get(f"/data-token/retrieve-temporary-data-token/{reserve}")).json()["stream"]
+    finally:
+        await wire.aclose()
+
+    def stalled(server: str, target: str) -> bytes:
+        """What the server sends, until it closes, to a request whose body stops after 1000 bytes."""
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=60) as s:
+            s.sendall(f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n".encode() + bytes(1000))
+            got = b""
+            while piece := s.recv(65536):
+                got += piece
+            return got
+
+    upload = await trio.to_thread.run_sync(stalled, "upstream", "/?" + stream)
+    assert b" 408 " in upload.split(b"\r\n", 1)[0], upload  # Request Timeout, not a 5xx
+    assert not list((own_engine.data_dir / "tmp").iterdir())  # the partial upload is gone
+    assert b" 405 " in await trio.to_thread.run_sync(stalled, "downstream", "/?auth=x")
+    assert b" 404 " in await trio.to_thread.run_sync(stalled, "upstream", "/?auth=nope")
+    assert "stopped arriving" in own_engine.log()
+    assert "Traceback" not in own_engine.log()
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(own_engine.urls["api"] + "/health")).status_code == 200

@@ -157,3 +157,17 @@ def test_bad_option_values_are_refused(eng):
         assert r.status_code == 422, bad
     r = httpx.get(eng.urls["api"] + "/_engine/options")
     assert r.status_code == 401
+
+
+def test_an_option_that_is_not_a_finite_number_is_refused_and_the_engine_keeps_answering(eng):
+    """``latency_ms=nan`` was taken: every API answer became a 500 (a NaN deadline) and the
+    options could be read no more (JSON has no NaN), until the engine was restarted."""
+    admin = {"X-Engine-Admin": eng.admin_secret}
+    for bad in ({"latency_ms": "nan"}, {"token_ttl": "inf"}, {"ack_delay_ms": "-inf"}, {"downstream_ttl": "1e400"}):
+        r = httpx.post(eng.urls["api"] + "/_engine/options", json=bad, headers=admin, timeout=10)
+        assert r.status_code == 422, bad
+        assert "finite" in r.json()["message"]
+    r = httpx.get(eng.urls["api"] + "/_engine/options", headers=admin, timeout=10)
+    assert r.status_code == 200
+    assert r.json()["latency_ms"] == 0
+    assert httpx.get(eng.urls["api"] + "/health", timeout=10).status_code == 200

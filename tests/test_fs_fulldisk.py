@@ -447,3 +447,59 @@ def test_another_apps_token_the_cache_disk_fills_under_is_read_through_memory(en
             assert os.stat(m.dir / "claims.bin").st_size == len(data)
         finally:
             m.cleanup()
+
+
+def test_a_vault_whose_embedded_engine_shares_a_disk_something_else_filled_mounts_again(tmp_path):
+    """Everything of an embedded engine's vault on one disk (a home directory) that another
+    program then filled: `privifs mount` refused ("the embedded engine's database ... cannot be
+    opened: the disk is full"), so nothing of the vault could be read until space was freed.
+    The engine's database gives back its reserve to open, as the index does: the mount comes up,
+    its files read back, and once there is room again a new file is uploaded."""
+    with small_filesystem(tmp_path / "small", "48m") as small:
+        m = Mount(small / "user", None)
+        data_dir = small / "user" / "data" / "privifs" / "engine"
+        try:
+            m.mount()
+            before = os.urandom(MiB + 3)
+            (m.dir / "before.bin").write_bytes(before)
+            m.wait_idle()
+            m.umount()
+            filler = fill_outside(small / "filler")
+            r = m.mount(check=False)
+            assert r.returncode == 0, r.stderr
+            assert not (data_dir / "disk.reserve").exists()  # given back to open the database
+            assert read_uncached(m.dir / "before.bin") == before
+            filler.unlink()
+            after = os.urandom(MiB + 5)
+            (m.dir / "after.bin").write_bytes(after)
+            m.wait_idle()
+            assert vault_content(m, "after.bin", tmp_path / "after.bin") == after
+            assert vault_content(m, "before.bin", tmp_path / "before.bin") == before
+        finally:
+            m.cleanup()
+
+
+def test_a_cache_on_a_disk_something_else_filled_drops_entries_to_open_and_the_vault_mounts(engine, tmp_path):
+    """A read cache on a disk of its own (``--cache-dir``) that another program filled: the
+    mount was refused ("the read cache ... cannot be opened: the disk is full"), although the
+    cache holds nothing the vault lacks. It now drops its oldest entries to make the room its
+    table needs, and the mount reads every file."""
+    with small_filesystem(tmp_path / "small", "24m") as small:
+        m = Mount(tmp_path / "user", engine.urls, mount_args=("--cache-dir", str(small / "cache")))
+        try:
+            m.mount()
+            files = {f"f{i}.bin": os.urandom(3 * MiB + i) for i in range(4)}
+            for name, data in files.items():
+                (m.dir / name).write_bytes(data)
+            m.wait_idle()
+            for name, data in files.items():
+                assert read_uncached(m.dir / name) == data  # (downloaded into the cache if not there)
+            m.umount()
+            fill_outside(small / "filler")
+            r = m.mount(check=False)
+            assert r.returncode == 0, r.stderr
+            for name, data in files.items():
+                assert read_uncached(m.dir / name) == data
+            assert "dropped" in m.log()
+        finally:
+            m.cleanup()

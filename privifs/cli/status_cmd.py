@@ -327,6 +327,13 @@ def run_status(args: argparse.Namespace) -> int:
             continue
         print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
         conn = st.get("connection") or {}
+        if st.get("engine_stopped"):
+            pid = st["engine_stopped"]
+            print(
+                f"  ENGINE STOPPED: the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) "
+                f"and answers nothing; uploads and uncached reads wait. Recover: kill -CONT {pid}   "
+                f"(or kill -9 {pid}: the mount starts it again)"
+            )
         if conn and not conn.get("online"):
             print(
                 f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "

@@ -100,6 +100,8 @@ class Report:
     unknown: int = 0
     checked: int = 0
     checked_bytes: int = 0
+    unnamed: int = 0  # parts no verified manifest names (an interrupted upload's; the sweep's)
+    unnamed_bytes: int = 0
 
     def line(self, kind: str, text: str) -> None:
         print(f"{kind}: {text}", flush=True)
@@ -440,6 +442,10 @@ async def verify(
                     nursery.start_soon(check, info)
     finally:
         bar.close()
+    for info in todo:
+        if is_part(info) and info.token not in named:
+            report.unnamed += 1
+            report.unnamed_bytes += info.size or 0
     return report
 
 
@@ -473,5 +479,10 @@ def run(args: argparse.Namespace) -> int:
             summary.append(f"{len(report.resized)} state another size than their content's")
     if report.unknown:
         summary.append(f"{report.unknown} not yet in the local index (added elsewhere)")
+    if report.unnamed:  # (no damage: a mount's sweep removes them)
+        summary.append(
+            f"{report.unnamed} parts of no file ({report.unnamed_bytes / 2**20:.1f} MiB: left by interrupted or "
+            "failed uploads, or still being uploaded; a mount removes them once they are an hour old)"
+        )
     print(("verify: " if problems else "verify: ok: ") + ", ".join(summary))
     return PROBLEMS_EXIT if problems else 0

@@ -10,6 +10,8 @@ on the trio thread (WAL lets them run beside the writer).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import sqlite3
@@ -21,6 +23,68 @@ from typing import Any, TypeVar
 import trio
 
 T = TypeVar("T")
+
+log = logging.getLogger("privifs.engine")
+
+# Disk the database can always take: a file beside it, made while the disk has room and deleted
+# when the database cannot be opened on a full disk (SQLite cannot make its WAL files there). A
+# home disk something else filled kept the embedded engine from starting, and with it every
+# mount of its vault ("the embedded engine's database cannot be opened: the disk is full"),
+# although a few MiB let it start, serve reads and take the deletes that free space.
+RESERVE_NAME = "disk.reserve"
+RESERVE_SIZE = 4 * 2**20
+
+
+def _free(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def ensure_reserve(data_dir: Path) -> None:
+    """Make the data directory's reserve if it is missing and the disk has ample room."""
+    path = data_dir / RESERVE_NAME
+    if path.exists():
+        return
+    try:
+        if _free(data_dir) < 4 * RESERVE_SIZE:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_SIZE)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # no room after all, or a filesystem without fallocate
+        log.debug("no disk reserve for the engine's database: %s", exc)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def opened_on_a_full_disk(open_db: Callable[[], T], data_dir: Path) -> T:
+    """``open_db()``; if it fails while the disk is full, once more after giving back the data
+    directory's reserve (the first attempt's error if there is none to give)."""
+    try:
+        return open_db()
+    except sqlite3.Error:
+        if not _give_back_reserve(data_dir):
+            raise
+    return open_db()
+
+
+def _give_back_reserve(data_dir: Path) -> bool:
+    """Delete the reserve if the disk is full; whether it was."""
+    try:
+        if _free(data_dir) >= RESERVE_SIZE:
+            return False  # not a full disk: the reserve would not help
+        (data_dir / RESERVE_NAME).unlink()
+    except OSError:
+        return False
+    log.warning(
+        "the disk of %s is full: the engine's database used its %d MiB reserve; free space on the disk",
+        data_dir,
+        RESERVE_SIZE >> 20,
+    )
+    return True
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS profiles (
@@ -215,8 +279,18 @@ class Database:
 
     def __init__(self, path: Path):
         self.path = path
-        self._writer = _connect(path)
-        self._writer.executescript(SCHEMA)
+
+        def open_writer() -> sqlite3.Connection:
+            conn = _connect(path)
+            try:
+                conn.executescript(SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        self._writer = opened_on_a_full_disk(open_writer, path.parent)
+        ensure_reserve(path.parent)
         self._reader = _connect(path)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine-db-writer", daemon=True)

@@ -9,6 +9,7 @@ here so clients can be checked against all of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,7 @@ class EngineOptions:
     per_page_max: int = 1000
     risk_max_fields: int = 64
     risk_max_value: int = 8192
+    body_timeout: float = 60.0  # an upstream or downstream request body stalled this long ends; 0: never
     # faults
     latency_ms: float = 0.0
     fail_rate: float = 0.0
@@ -187,6 +189,10 @@ def _coerce(opts: EngineOptions, name: str, raw: Any) -> Any:
         value = float(raw)
     else:
         value = str(raw)
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN or infinity: latency_ms=nan made every API answer a 500 (trio refuses a NaN
+        # deadline) and the options themselves unreadable (JSON has no NaN), until a restart
+        raise ValueError(f"{name} must be a finite number")
     if name.endswith("_rate") and not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be between 0 and 1")
     if isinstance(value, (int, float)) and value < 0:

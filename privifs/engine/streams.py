@@ -121,11 +121,51 @@ def _storage_guarded(what: str, app):
 
 
 def upstream_app(engine: Engine):
-    return _storage_guarded("upstream upload", _upstream_app(engine))
+    return _stall_guarded(engine, "upstream upload", _storage_guarded("upstream upload", _upstream_app(engine)))
 
 
 def downstream_app(engine: Engine):
-    return _storage_guarded("downstream download", _downstream_app(engine))
+    return _stall_guarded(
+        engine, "downstream download", _storage_guarded("downstream download", _downstream_app(engine))
+    )
+
+
+def _stall_guarded(engine: Engine, what: str, app):
+    """``app``, whose request body reads end as a client disconnect once no more of the body
+    arrived for the ``body_timeout`` option (nothing half-received is stored; the connection
+    closes), as on the API's server (privifs/engine/h1.py): a client that sent a head and part of
+    a body and then nothing held its connection (and, with a valid stream authorization, a 1 MiB
+    buffer and a partial file) for good. Reads after the body is complete are not limited."""
+
+    async def guarded(scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        complete = stalled = started = False
+
+        async def tracking(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        async def timed() -> dict:
+            nonlocal complete, stalled
+            limit = engine.opts.body_timeout
+            if complete or limit <= 0:  # (0: no limit)
+                return await receive()
+            with trio.move_on_after(limit) as waited:
+                message = await receive()
+            if waited.cancelled_caught:
+                complete = stalled = True
+                log.info("%s: the request body stopped arriving for %gs; connection closed", what, limit)
+                return {"type": "http.disconnect"}
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await app(scope, timed, tracking)
+        if stalled and not started:  # (an upload that broke off answers nothing itself)
+            await _answer(send, 408, {"status": 408, "message": "the request body stopped arriving"})
+
+    return guarded
 
 
 def _upstream_app(engine: Engine):

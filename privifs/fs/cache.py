@@ -209,6 +209,42 @@ class SealedSink(BlockWriter):
         self.sealed.write_header()
 
 
+OPEN_ROOM = 4 * MiB  # what the cache's table needs free to open on a full disk (its WAL files)
+
+
+def drop_entries_for_room(entries: Path, room: int = OPEN_ROOM) -> bool:
+    """Delete the cache's entry files, least recently written first, until ``room`` bytes are
+    free on their disk (the table's rows of the files gone are dropped when it loads); whether
+    any was deleted and the disk has that room now."""
+
+    def free() -> int:
+        st = os.statvfs(entries)
+        return st.f_bavail * st.f_frsize
+
+    try:
+        if free() >= room:
+            return False  # not a full disk: dropping entries would not help
+        files = []
+        for dirpath, _, names in os.walk(entries):
+            for name in names:
+                if name.endswith(".val"):
+                    path = os.path.join(dirpath, name)
+                    with suppress(OSError):
+                        files.append((os.stat(path).st_mtime, path))
+    except OSError:
+        return False
+    dropped = 0
+    for _, path in sorted(files):
+        if free() >= room:
+            break
+        with suppress(OSError):
+            os.unlink(path)
+            dropped += 1
+    if dropped:
+        log.warning("the cache's disk is full: dropped %d cached files to open the cache; free space on it", dropped)
+    return dropped > 0 and free() >= room
+
+
 class ContentCache:
     def __init__(self, directory: Path, size_limit: int, key: bytes):
         self.dir = directory
@@ -227,21 +263,36 @@ class ContentCache:
         self._stalled: dict[str, float] = {}  # token -> when its download last stalled (see _download)
         self.used = 0
         try:
-            self.cache = diskcache.Cache(
-                str(directory / "entries"),
-                eviction_policy="none",
-                disk=AdoptingDisk,
-                statistics=False,
-                sqlite_wal_autocheckpoint=WAL_PAGES,
-                sqlite_journal_size_limit=WAL_ROOM,
-            )
-            self._load()
+            try:
+                self._open()
+            except TABLE_ERRORS:
+                # a disk something else filled: SQLite cannot make the table's WAL files. The
+                # entries are only a cache: dropping the oldest makes the room (a full cache disk
+                # refused the mount, though every file could have been read from the vault)
+                if not drop_entries_for_room(directory / "entries"):
+                    raise
+                self._open()
         except TABLE_ERRORS as exc:
             raise open_error(directory, "the read cache", exc) from None
         self._inflight: dict[str, trio.Event] = {}
         self.downloads = 0
         self.reserved = 0  # bytes of downloads in flight: counted against the limit before they land
         self._landed = trio.Event()  # set (and replaced) whenever a download's reservation ends
+
+    def _open(self) -> None:
+        self.cache = diskcache.Cache(
+            str(self.dir / "entries"),
+            eviction_policy="none",
+            disk=AdoptingDisk,
+            statistics=False,
+            sqlite_wal_autocheckpoint=WAL_PAGES,
+            sqlite_journal_size_limit=WAL_ROOM,
+        )
+        try:
+            self._load()
+        except BaseException:
+            self.cache.close()
+            raise
 
     def _load(self) -> None:
         """The LRU order from diskcache's table (its documented columns; a read)."""

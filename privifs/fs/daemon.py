@@ -149,6 +149,7 @@ class Daemon:
         self.connector: Connector | None = None
         self.mounted = False
         self._was_mounted = False
+        self.account = None  # the open account (its embedded engine, watched), once serving
         self._unmounting = False
         self._drain = DRAIN_AFTER_UNMOUNT  # how long uploads go on after the unmount
 
@@ -250,6 +251,7 @@ class Daemon:
         return await links.start(self.connector.run)
 
     async def _serve(self, account, links: trio.Nursery, ready) -> None:
+        self.account = account
         key = account.key
         link = VaultLink(ClientOptions(login_timeout=self.mcfg.server_timeout))
         vault = Vault(link, key)
@@ -478,11 +480,17 @@ class Daemon:
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),
             "unreachable_since": syncer.unreachable_since,  # connected, but the server stopped answering
+            # the embedded engine's pid if it is stopped (SIGSTOP): the client's time-outs tell only
+            # after two minutes that the server does not answer, and not why
+            "engine_stopped": self.account.server_stopped() if self.account is not None else None,
         }
 
     async def flush(self, progress, timeout: float | None) -> dict:
         """Wait until nothing is pending (files still open for writing excepted)."""
         syncer = self.syncer
+        stopped = self._engine_stopped()
+        if stopped is not None:
+            return stopped
         if not await self.connector.try_now(UNREACHABLE_GRACE):
             pending = len(self.ns.pending())
             if pending or syncer.tombstone_count():
@@ -514,6 +522,9 @@ class Daemon:
                         "uploading": [self.ns.describe(n) for n in pending if n.uploading][:5],
                     }
                 )
+            stopped = self._engine_stopped(len(pending), size)
+            if stopped is not None:
+                return stopped
             since = syncer.unreachable_since
             if since is not None and time.time() - since > UNREACHABLE_GRACE and not await self._server_answers():
                 return {
@@ -541,6 +552,26 @@ class Daemon:
                     f"({why}); they stay staged in {self.state_dir}"
                 }
             await trio.sleep(0.25)
+
+    def _engine_stopped(self, pending: int | None = None, size: int | None = None) -> dict | None:
+        """The flush's answer while the embedded engine is stopped (SIGSTOP): it would answer
+        nothing, and a flush (``privifs umount``) waited for two read time-outs, over two
+        minutes, to say only that the server was unreachable. None while it runs."""
+        pid = self.account.server_stopped() if self.account is not None else None
+        if pid is None:
+            return None
+        if pending is None:
+            pending = len(self.ns.pending())
+        deletes = self.syncer.tombstone_count()
+        if not pending and not deletes:
+            return {"done": True}
+        what = f"{pending} changes" + (f" ({size} bytes)" if size is not None else "")
+        what += f" and {deletes} deletes" if deletes else ""
+        return {
+            "error": f"the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and answers "
+            f"nothing; {what} stay staged in {self.state_dir} and are uploaded once it runs again "
+            f"('kill -CONT {pid}') or at the next mount"
+        }
 
     async def _server_answers(self) -> bool:
         """Whether the server answers one request now (a listing page asked for a token that
