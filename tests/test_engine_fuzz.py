@@ -312,3 +312,31 @@ def test_a_websocket_client_that_leaves_without_a_close_frame_leaves_no_socket_b
         time.sleep(0.2)
     assert len(os.listdir(fd_dir)) <= before + 2, (before, len(os.listdir(fd_dir)))
     assert httpx.get(own_engine.urls["api"] + "/health", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Sec-WebSocket-Protocol: \xff",
+        b"Sec-WebSocket-Extensions: \xe9",
+        b"Connection: Upgrade, \xe9",
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=x",
+        b"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=",
+    ],
+)
+def test_a_websocket_handshake_with_a_header_it_cannot_parse_gets_a_400(own_engine, header):
+    """An upgrade request with a non-ASCII Sec-WebSocket-Protocol, Sec-WebSocket-Extensions or
+    Connection value, or a permessage-deflate offer whose window bits are not a number (found by
+    fuzzing, helper hE), got no answer at all on each of the three hypercorn ports: the
+    connection was dropped with an ERROR and a traceback in the log (a UnicodeDecodeError in
+    wsproto's header split; a ValueError in the accept, then an AttributeError in hypercorn's
+    cleanup). Now a 400, and the port serves on."""
+    request = handshake().replace(b"\r\n\r\n", b"\r\n" + header + b"\r\n\r\n")
+    for server in ("ws", "upstream", "downstream"):
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(request)
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400"), (server, answer)
+    assert own_engine.proc.poll() is None
+    assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]
+    assert " ERROR " not in own_engine.log(), own_engine.log()[-3000:]
