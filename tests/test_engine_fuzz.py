@@ -340,3 +340,18 @@ def test_a_websocket_handshake_with_a_header_it_cannot_parse_gets_a_400(own_engi
     assert own_engine.proc.poll() is None
     assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]
     assert " ERROR " not in own_engine.log(), own_engine.log()[-3000:]
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, chunked", b"identity", b"x"])
+def test_a_transfer_coding_the_engine_does_not_take_is_a_400_on_every_port(own_engine, coding):
+    """A request with ``Transfer-Encoding: gzip, chunked`` (or ``chunked, chunked``, or any
+    coding but chunked) was answered 501 on every port (h11's hint, found by fuzzing, helper
+    hE): a server error for a client's malformed request. A 400 now, like every other request
+    the engine cannot parse."""
+    request = b"POST /?auth=x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n"
+    for server in ("api", "ws", "upstream", "downstream"):
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(request)
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400"), (server, answer)
+    assert httpx.get(own_engine.urls["api"] + "/health", timeout=5).status_code == 200

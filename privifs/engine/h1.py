@@ -96,6 +96,13 @@ def log_dropped(name: str, exc: Exception, client_faults: tuple[type[BaseExcepti
         log.error("%s: a connection failed and was dropped: %s", name, what, exc_info=exc)
 
 
+def client_error(hint: int) -> int:
+    """The status for a request h11 could not parse: its hint, except that a transfer coding
+    other than chunked (``gzip, chunked``, ``chunked, chunked``), for which h11 hints 501, is a
+    400 too: the request is the client's mistake, and the engine answers none with a 5xx."""
+    return 400 if hint >= 500 else hint
+
+
 class _Closed(Exception):
     """The client closed its side, or sent something h11 refused (answered already)."""
 
@@ -186,7 +193,7 @@ class _Connection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._refuse(exc.error_status_hint)
+                await self._refuse(client_error(exc.error_status_hint))
                 raise _Closed() from None
             if event is not h11.NEED_DATA:
                 if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):

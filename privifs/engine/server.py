@@ -52,7 +52,7 @@ from privifs.engine import (
 from privifs.engine.coalesce import CoalescingSend, PlainReads, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
-from privifs.engine.h1 import leaves, log_dropped
+from privifs.engine.h1 import client_error, leaves, log_dropped
 from privifs.engine.http import Handler, read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
@@ -142,6 +142,17 @@ class CheckedWSStream(hypercorn.protocol.ws_stream.WSStream):
 
 
 hypercorn.protocol.h11.WSStream = CheckedWSStream  # H11Protocol looks the name up per upgrade request
+
+
+class ClientErrorsH11Protocol(hypercorn.protocol.h11.H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, answering a request h11 cannot parse 400 where h11 hints
+    501 (a transfer coding other than chunked), as the API server does (``h1.client_error``)."""
+
+    async def _send_error_response(self, status_code: int) -> None:
+        await super()._send_error_response(client_error(status_code))
+
+
+hypercorn.protocol.H11Protocol = ClientErrorsH11Protocol  # ProtocolWrapper looks the name up per connection
 
 
 class ClientFaultsInOneLine(logging.Filter):
