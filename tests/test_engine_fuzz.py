@@ -355,3 +355,16 @@ def test_a_transfer_coding_the_engine_does_not_take_is_a_400_on_every_port(own_e
             answer = s.recv(4096)
         assert answer.startswith(b"HTTP/1.1 400"), (server, answer)
     assert httpx.get(own_engine.urls["api"] + "/health", timeout=5).status_code == 200
+
+
+def test_a_plain_request_with_a_body_on_the_websocket_port_gets_its_426_and_the_connection_goes_on(own_engine):
+    """The WebSocket port answered a plain HTTP request 426 without reading its body and then
+    closed the connection without saying so: a keep-alive client's next request on it got no
+    answer (found by fuzzing, helper hE). The body is read first, as on the stream ports."""
+    with socket.create_connection(("127.0.0.1", own_engine.ports["ws"]), timeout=5) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        s.sendall(b"0123456789GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.count(b"HTTP/1.1 426 ") == 2, got
