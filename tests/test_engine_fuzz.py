@@ -368,3 +368,39 @@ def test_a_plain_request_with_a_body_on_the_websocket_port_gets_its_426_and_the_
         while chunk := s.recv(65536):
             got += chunk
     assert got.count(b"HTTP/1.1 426 ") == 2, got
+
+
+def test_http2_is_not_spoken_and_its_connections_leave_no_descriptor_behind(own_engine):
+    """The ws, upstream and downstream ports (hypercorn) switched to HTTP/2 on a prior-knowledge
+    preface or an ``Upgrade: h2c``, and every HTTP/2 connection a client closed kept its socket
+    open in the engine for good (found by fuzzing, helper hE: 20 connections, 20 descriptors,
+    on the way to the engine's limit). No Privicore client speaks HTTP/2: those requests are
+    answered in HTTP/1.1 now (a 4xx, or the request served as HTTP/1.1 ignoring the upgrade)."""
+    import os
+    import time
+
+    import h2.config
+    import h2.connection
+
+    fd_dir = f"/proc/{own_engine.proc.pid}/fd"
+    before = len(os.listdir(fd_dir))
+    for server in ("ws", "upstream", "downstream"):
+        for _ in range(10):
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            headers = [(":method", "GET"), (":path", "/?auth=x"), (":scheme", "http"), (":authority", "x")]
+            client.send_headers(1, headers, end_stream=True)
+            with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+                s.sendall(client.data_to_send())
+                answer = s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 4"), (server, answer[:100])
+        upgrade = b"GET /?auth=x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(upgrade + b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 4"), (server, answer[:100])
+    deadline = time.monotonic() + 10
+    while len(os.listdir(fd_dir)) > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(os.listdir(fd_dir)) <= before + 2, (before, len(os.listdir(fd_dir)))
+    assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]

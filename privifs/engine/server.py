@@ -144,15 +144,23 @@ class CheckedWSStream(hypercorn.protocol.ws_stream.WSStream):
 hypercorn.protocol.h11.WSStream = CheckedWSStream  # H11Protocol looks the name up per upgrade request
 
 
-class ClientErrorsH11Protocol(hypercorn.protocol.h11.H11Protocol):
-    """hypercorn's HTTP/1.1 protocol, answering a request h11 cannot parse 400 where h11 hints
-    501 (a transfer coding other than chunked), as the API server does (``h1.client_error``)."""
+class PlainH11Protocol(hypercorn.protocol.h11.H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, and only that: a request h11 cannot parse is answered 400
+    where h11 hints 501 (a transfer coding other than chunked), as the API server does
+    (``h1.client_error``), and no request switches the connection to HTTP/2. No Privicore
+    client speaks HTTP/2, and every HTTP/2 connection (a prior-knowledge preface, or an
+    ``Upgrade: h2c``) kept its socket open in the engine after the client closed it: a
+    descriptor each, for good. The preface is now an HTTP/1.1 request like any other (a 4xx),
+    and an h2c upgrade is ignored, as a server may."""
 
     async def _send_error_response(self, status_code: int) -> None:
         await super()._send_error_response(client_error(status_code))
 
+    async def _check_protocol(self, event) -> None:
+        return None
 
-hypercorn.protocol.H11Protocol = ClientErrorsH11Protocol  # ProtocolWrapper looks the name up per connection
+
+hypercorn.protocol.H11Protocol = PlainH11Protocol  # ProtocolWrapper looks the name up per connection
 
 
 class ClientFaultsInOneLine(logging.Filter):
