@@ -351,3 +351,95 @@ async def test_an_upload_whose_body_stops_arriving_is_ended_and_stores_nothing(o
     assert "Traceback" not in own_engine.log()
     async with httpx.AsyncClient(timeout=10) as http:
         assert (await http.get(own_engine.urls["api"] + "/health")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Sec-WebSocket-Protocol: \xff",
+        b"Sec-WebSocket-Extensions: \xe9",
+        b"Connection: Upgrade, \xe9",
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=x",
+        b"Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=",
+    ],
+)
+def test_a_websocket_handshake_with_a_header_it_cannot_parse_gets_a_400(own_engine, header):
+    """An upgrade request with a non-ASCII Sec-WebSocket-Protocol, Sec-WebSocket-Extensions or
+    Connection value, or a permessage-deflate offer whose window bits are not a number (found by
+    fuzzing, helper hE), got no answer at all on each of the three hypercorn ports: the
+    connection was dropped with an ERROR and a traceback in the log (a UnicodeDecodeError in
+    wsproto's header split; a ValueError in the accept, then an AttributeError in hypercorn's
+    cleanup). Now a 400, and the port serves on."""
+    request = handshake().replace(b"\r\n\r\n", b"\r\n" + header + b"\r\n\r\n")
+    for server in ("ws", "upstream", "downstream"):
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(request)
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400"), (server, answer)
+    assert own_engine.proc.poll() is None
+    assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]
+    assert " ERROR " not in own_engine.log(), own_engine.log()[-3000:]
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, chunked", b"identity", b"x"])
+def test_a_transfer_coding_the_engine_does_not_take_is_a_400_on_every_port(own_engine, coding):
+    """A request with ``Transfer-Encoding: gzip, chunked`` (or ``chunked, chunked``, or any
+    coding but chunked) was answered 501 on every port (h11's hint, found by fuzzing, helper
+    hE): a server error for a client's malformed request. A 400 now, like every other request
+    the engine cannot parse."""
+    request = b"POST /?auth=x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n0\r\n\r\n"
+    for server in ("api", "ws", "upstream", "downstream"):
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(request)
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400"), (server, answer)
+    assert httpx.get(own_engine.urls["api"] + "/health", timeout=5).status_code == 200
+
+
+def test_a_plain_request_with_a_body_on_the_websocket_port_gets_its_426_and_the_connection_goes_on(own_engine):
+    """The WebSocket port answered a plain HTTP request 426 without reading its body and then
+    closed the connection without saying so: a keep-alive client's next request on it got no
+    answer (found by fuzzing, helper hE). The body is read first, as on the stream ports."""
+    with socket.create_connection(("127.0.0.1", own_engine.ports["ws"]), timeout=5) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        s.sendall(b"0123456789GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.count(b"HTTP/1.1 426 ") == 2, got
+
+
+def test_http2_is_not_spoken_and_its_connections_leave_no_descriptor_behind(own_engine):
+    """The ws, upstream and downstream ports (hypercorn) switched to HTTP/2 on a prior-knowledge
+    preface or an ``Upgrade: h2c``, and every HTTP/2 connection a client closed kept its socket
+    open in the engine for good (found by fuzzing, helper hE: 20 connections, 20 descriptors,
+    on the way to the engine's limit). No Privicore client speaks HTTP/2: those requests are
+    answered in HTTP/1.1 now (a 4xx, or the request served as HTTP/1.1 ignoring the upgrade)."""
+    import os
+    import time
+
+    import h2.config
+    import h2.connection
+
+    fd_dir = f"/proc/{own_engine.proc.pid}/fd"
+    before = len(os.listdir(fd_dir))
+    for server in ("ws", "upstream", "downstream"):
+        for _ in range(10):
+            client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            client.initiate_connection()
+            headers = [(":method", "GET"), (":path", "/?auth=x"), (":scheme", "http"), (":authority", "x")]
+            client.send_headers(1, headers, end_stream=True)
+            with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+                s.sendall(client.data_to_send())
+                answer = s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 4"), (server, answer[:100])
+        upgrade = b"GET /?auth=x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(upgrade + b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 4"), (server, answer[:100])
+    deadline = time.monotonic() + 10
+    while len(os.listdir(fd_dir)) > before + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(os.listdir(fd_dir)) <= before + 2, (before, len(os.listdir(fd_dir)))
+    assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]

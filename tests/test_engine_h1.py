@@ -62,6 +62,13 @@ async def read_until(stream, end: bytes, got: bytes = b"") -> bytes:
     return got
 
 
+async def read_more(stream, got: bytes) -> bytes:
+    with trio.fail_after(10):
+        chunk = await stream.receive_some(65536)
+    assert chunk, got
+    return got + chunk
+
+
 def post(path: str, body: bytes, *extra: bytes) -> bytes:
     head = b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
     return head + b"".join(b"\r\n" + e for e in extra) + b"\r\n\r\n" + body
@@ -215,4 +222,28 @@ async def test_a_body_that_stops_arriving_closes_the_connection_and_the_server_g
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(post("/echo", b"ok", b"Connection: close"))
         assert b"got ok" in await read_until_closed(stream)
+        stop.set()
+
+
+async def test_an_answer_before_the_body_arrived_says_the_connection_closes():
+    """A request answered before its body arrived (a 404 or 405 from the router, which reads no
+    body) closed the connection after the answer without saying so: a keep-alive client (httpx)
+    sent its next request on that connection and got "Server disconnected without sending a
+    response" (found by fuzzing, helper hE). The answer now carries ``Connection: close``; an
+    answer to a request whose body is all here (or that has none) keeps the connection."""
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/early", b"x" * 10)[:-10])  # the head; the body is yet to come
+        got = await read_until_closed(stream)
+        head = got.partition(b"\r\n\r\n")[0].lower()
+        assert got.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head, got
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /early HTTP/1.1\r\nHost: x\r\n\r\n" + post("/early", b"abc"))
+        got = b""
+        while got.count(b"/early") < 2:
+            got = await read_until(stream, b"/early", got) if b"/early" not in got else await read_more(stream, got)
+        assert got.count(b"HTTP/1.1 200 ") == 2 and b"connection: close" not in got.lower(), got
+        await stream.aclose()
         stop.set()

@@ -10,13 +10,14 @@ socket write. The WebSocket, upstream and downstream servers stay on hypercorn.
 
 What it keeps of hypercorn's behaviour: HTTP/1.1 keep-alive and pipelining, ``Expect:
 100-continue`` (the 100 goes out when the app first reads the body), a connection whose request
-body was not read is closed after the answer, ``http.disconnect`` when the client leaves
-mid-body, malformed requests answered 400 (431 for an oversized head) and closed, an idle
-connection closed after ``keep_alive_timeout`` and at shutdown (a busy one once its answer is
-out, or after ``graceful_timeout``), and one whose request body stops arriving for
-``body_timeout`` closed too (a client that sends a head and part of a body and then nothing no
-longer holds a connection, and its descriptor, for good). A failure inside one connection ends that connection only:
-one log line for a client's doing, an error with its cause otherwise.
+body was not read is closed after the answer (which says ``Connection: close``),
+``http.disconnect`` when the client leaves mid-body, malformed requests answered 400 (431 for an
+oversized head) and closed, an idle connection closed after ``keep_alive_timeout`` and at shutdown
+(a busy one once its answer is out, or after ``graceful_timeout``), and one whose request body
+stops arriving for ``body_timeout`` closed too (a client that sends a head and part of a body and
+then nothing no longer holds a connection, and its descriptor, for good). A failure inside one
+connection ends that connection only: one log line for a client's doing, an error with its cause
+otherwise.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def log_dropped(name: str, exc: Exception, client_faults: tuple[type[BaseExcepti
         log.info("%s: dropped a connection on a protocol error: %s", name, what)
     else:
         log.error("%s: a connection failed and was dropped: %s", name, what, exc_info=exc)
+
+
+def client_error(hint: int) -> int:
+    """The status for a request h11 could not parse: its hint, except that a transfer coding
+    other than chunked (``gzip, chunked``, ``chunked, chunked``), for which h11 hints 501, is a
+    400 too: the request is the client's mistake, and the engine answers none with a 5xx."""
+    return 400 if hint >= 500 else hint
 
 
 class _Closed(Exception):
@@ -186,7 +194,7 @@ class _Connection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._refuse(exc.error_status_hint)
+                await self._refuse(client_error(exc.error_status_hint))
                 raise _Closed() from None
             if event is not h11.NEED_DATA:
                 if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
@@ -369,13 +377,31 @@ class _Exchange:
         if not more:
             self.answered = True
 
+    def _body_read(self) -> bool:
+        """Whether the request's body is all read, taking what of it is here already. An answer
+        begun before the rest arrived (a 404 or 405 from the router, which reads no body) is the
+        connection's last, and says so: without ``Connection: close`` a keep-alive client sent
+        its next request on it and got "Server disconnected without sending a response"."""
+        h = self.conn.h11
+        while h.their_state is h11.SEND_BODY:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return False
+        return True
+
     async def _write(self, status: int, headers, body: bytes, more: bool) -> None:
         """The head (unless written already), ``body``, and the end unless ``more``, in one write."""
         h = self.conn.h11
         out = []
         if not self.started:
             self.started = True
-            out.append(h.send(h11.Response(status_code=status, headers=list(headers))))
+            headers = list(headers)
+            if not self._body_read():
+                headers.append((b"connection", b"close"))
+            out.append(h.send(h11.Response(status_code=status, headers=headers)))
         if body and not self.head_request:
             out.append(h.send(h11.Data(data=body)))
         if not more:

@@ -23,9 +23,14 @@ from functools import partial
 from pathlib import Path
 
 import h11
+import hypercorn.protocol.events
+import hypercorn.protocol.h11
+import hypercorn.protocol.ws_stream
 import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import trio
+import wsproto.extensions
+import wsproto.handshake
 import wsproto.utilities
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -47,7 +52,7 @@ from privifs.engine import (
 from privifs.engine.coalesce import CoalescingSend, PlainReads, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
-from privifs.engine.h1 import leaves, log_dropped
+from privifs.engine.h1 import client_error, leaves, log_dropped
 from privifs.engine.http import Handler, read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
@@ -97,6 +102,65 @@ class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.
 
 
 hypercorn.trio.run.TCPServer = ContainedTCPServer  # worker_serve looks the name up at each serve()
+
+
+def readable_handshake(headers, http_version: str) -> bool:
+    """Whether hypercorn can take this WebSocket upgrade request's headers: wsproto decodes the
+    comma lists (Connection, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions) as ASCII and
+    parses a permessage-deflate offer's window bits as integers, raising on anything else."""
+    try:
+        handshake = hypercorn.protocol.ws_stream.Handshake(headers, http_version)
+        if handshake.extensions is not None:
+            wsproto.handshake.server_extensions_handshake(
+                handshake.extensions, [wsproto.extensions.PerMessageDeflate()]
+            )
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+class CheckedWSStream(hypercorn.protocol.ws_stream.WSStream):
+    """hypercorn's WebSocket stream, except that an upgrade request whose headers it cannot parse
+    (a non-ASCII Sec-WebSocket-Protocol, ``client_max_window_bits=x``) is answered 400. It got
+    no answer: the UnicodeDecodeError (or, at the accept, the ValueError and then an
+    AttributeError in hypercorn's cleanup) dropped the connection with a traceback."""
+
+    async def handle(self, event) -> None:
+        if (
+            isinstance(event, hypercorn.protocol.events.Request)
+            and not self.closed
+            and not readable_handshake(event.headers, event.http_version)
+        ):
+            self.closed = True
+            headers = [(b"content-length", b"0"), (b"connection", b"close")]
+            await self.send(
+                hypercorn.protocol.events.Response(stream_id=self.stream_id, status_code=400, headers=headers)
+            )
+            await self.send(hypercorn.protocol.events.EndBody(stream_id=self.stream_id))
+            return
+        await super().handle(event)
+
+
+hypercorn.protocol.h11.WSStream = CheckedWSStream  # H11Protocol looks the name up per upgrade request
+
+
+class PlainH11Protocol(hypercorn.protocol.h11.H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, and only that: a request h11 cannot parse is answered 400
+    where h11 hints 501 (a transfer coding other than chunked), as the API server does
+    (``h1.client_error``), and no request switches the connection to HTTP/2. No Privicore
+    client speaks HTTP/2, and every HTTP/2 connection (a prior-knowledge preface, or an
+    ``Upgrade: h2c``) kept its socket open in the engine after the client closed it: a
+    descriptor each, for good. The preface is now an HTTP/1.1 request like any other (a 4xx),
+    and an h2c upgrade is ignored, as a server may."""
+
+    async def _send_error_response(self, status_code: int) -> None:
+        await super()._send_error_response(client_error(status_code))
+
+    async def _check_protocol(self, event) -> None:
+        return None
+
+
+hypercorn.protocol.H11Protocol = PlainH11Protocol  # ProtocolWrapper looks the name up per connection
 
 
 class ClientFaultsInOneLine(logging.Filter):
