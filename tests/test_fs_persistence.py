@@ -340,3 +340,26 @@ def test_a_damaged_key_check_is_told_from_a_wrong_key(engine, tmp_path):
         assert r.returncode == 3 and "does not decrypt this vault" in r.stderr
     finally:
         m.cleanup()
+
+
+def test_a_cache_directory_removed_while_mounted_is_made_again(engine, tmp_path):
+    """`rm -rf ~/.cache` while mounted (to free space; a cleaner) made every read of a file not
+    cached yet EIO ('No such file or directory: .../cache/...') until the next mount: the cache
+    is now made again and the file downloaded."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "kept.txt").write_text("written here")
+        m.wait_idle()
+        src = tmp_path / "new.txt"
+        src.write_text("from another application")
+        m.token("put", str(src))
+        m.refresh()
+        shutil.rmtree(m.root / "cache")
+        assert (m.dir / "new.txt").read_text() == "from another application"
+        assert "was removed while mounted: it is made again" in m.log()
+        (m.dir / "later.txt").write_text("written after")
+        m.wait_idle()
+        m.umount()
+        shutil.rmtree(m.root / "cache")
+        m.mount()
+        assert (m.dir / "later.txt").read_text() == "written after"
+        assert (m.dir / "kept.txt").read_text() == "written here"

@@ -279,6 +279,28 @@ class ContentCache:
         self.reserved = 0  # bytes of downloads in flight: counted against the limit before they land
         self._landed = trio.Event()  # set (and replaced) whenever a download's reservation ends
 
+    def _made_again(self) -> bool:
+        """Whether the cache directory was removed while mounted (``rm -rf ~/.cache`` to free
+        space, a cleaner) and is made here again: every entry is forgotten (readers keeping
+        files open are told) and diskcache's table opened afresh. Every download failed with
+        ENOENT until the next mount, so uncached files were EIO."""
+        if self.incoming.is_dir() and os.path.isdir(self.cache.directory):
+            return False
+        log.warning(
+            "the cache directory %s was removed while mounted: it is made again (cached files are downloaded again)",
+            self.dir,
+        )
+        for token in list(self._lru):
+            self._forget(token)
+        self._paths.clear()
+        self._touched.clear()
+        with suppress(*TABLE_ERRORS):
+            self.cache.close()
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.incoming.mkdir(exist_ok=True, mode=0o700)
+        self._open()
+        return True
+
     def _open(self) -> None:
         self.cache = diskcache.Cache(
             str(self.dir / "entries"),
@@ -370,6 +392,7 @@ class ContentCache:
         another caller's download); so does ``check``, whose verdict decides, before the download
         is kept, whether it is the content (IntegrityError if not: see privifs.crypto.digest)."""
         need = download_footprint(size or 0)
+        self._made_again()
         while True:
             sealed = self.open(token)
             if sealed is not None:
@@ -557,6 +580,7 @@ class ContentCache:
         gone) when it cannot be kept: larger than the cache, no room left by the downloads in
         flight or above the staging reserve, another filesystem, or the cache's table cannot be
         written (a full disk)."""
+        self._made_again()
         size = entry_footprint_at(path)
         budget = self.size_limit - self.overhead()
         if size > budget:
@@ -617,6 +641,7 @@ class ContentCache:
     def put(self, key: str, data: bytes) -> bool:
         """Keep ``data`` (small: a big file's manifest) as the entry ``key``, sealed like every
         entry; False when it cannot be kept (see :meth:`adopt`)."""
+        self._made_again()
         path = self.incoming / f"put-{secrets.token_hex(8)}"
         try:
             sealed = SealedFile.create(path, self._key)
