@@ -184,6 +184,20 @@ def test_the_embedded_engine_comes_back_on_its_ports_of_last_time(tmp_path, capl
         fourth.stop()
 
 
+@contextlib.contextmanager
+def engine_stopped(user_root):
+    """The embedded engine of the mount whose user directories are under ``user_root`` stopped
+    (SIGSTOP) for the block; yields its pid, continued afterwards (if it still runs)."""
+    pid = engine_pid(user_root / "data" / "privifs" / "engine")
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (it ends with the mount's daemon)
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_a_stopped_embedded_engine_is_named_by_status_and_the_mount_log_at_once(tmp_path):
     """An embedded engine stopped with SIGSTOP accepts connections and answers nothing: the
     mount said nothing about it for two minutes (two 60 s read time-outs), and then only that
@@ -192,20 +206,14 @@ def test_a_stopped_embedded_engine_is_named_by_status_and_the_mount_log_at_once(
     from tests.mountkit import Mount, privifs
 
     m = Mount(tmp_path / "user", None)
-    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
     with m.mounted():
-        pid = engine_pid(data_dir)
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with engine_stopped(tmp_path / "user") as pid:
             (m.dir / "while-stopped.txt").write_text("written while the engine was stopped")
             wait_until(lambda: m.status().get("engine_stopped") == pid)
             shown = privifs(m.env, "status", str(m.dir)).stdout
             assert f"ENGINE STOPPED: the embedded engine (pid {pid}) is stopped" in shown, shown
             assert f"kill -CONT {pid}" in shown
             wait_until(lambda: f"the embedded engine (pid {pid}) is stopped" in m.log())
-        finally:
-            os.kill(pid, signal.SIGCONT)
         wait_until(lambda: m.status().get("engine_stopped") is None)
         m.wait_idle(90)
         assert "while-stopped.txt" in {t.get("fileName") or t.get("name") for t in m.tokens()}
@@ -220,17 +228,10 @@ def test_umount_while_the_embedded_engine_is_stopped_says_so_and_keeps_the_chang
     from tests.mountkit import Mount
 
     m = Mount(tmp_path / "user", None)
-    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
     with m.mounted():
-        pid = engine_pid(data_dir)
-        assert pid is not None
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with engine_stopped(tmp_path / "user") as pid:
             (m.dir / "staged.txt").write_text("kept across the stop")
             r = m.umount(check=False)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # (it ends with the mount's daemon)
-                os.kill(pid, signal.SIGCONT)
         assert r.returncode == 7, (r.returncode, r.stderr)
         assert f"the embedded engine (pid {pid}) is stopped" in r.stderr and f"kill -CONT {pid}" in r.stderr
         m.mount()

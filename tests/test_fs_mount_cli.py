@@ -122,16 +122,22 @@ def test_authorization_is_renewed_while_mounted(eng, tmp_path):
         assert m.status()["last_error"] is None
 
 
+def crash(m: Mount) -> None:
+    """Write a file, let it reach the vault, then kill -9 the daemon and wait until it is gone
+    (the kernel keeps its dead mount)."""
+    (m.dir / "kept.txt").write_text("before the crash")
+    m.wait_idle()
+    pid = m.pid
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pid_alive(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_a_mount_left_dead_by_a_killed_daemon_is_shown_and_mount_cleans_it_up(engine, tmp_path):
     with Mount(tmp_path, engine.urls).mounted() as m:
-        (m.dir / "kept.txt").write_text("before the crash")
-        m.wait_idle()
-        pid = m.pid
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while pid_alive(pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        crash(m)
         assert is_mounted(m.dir)  # the kernel keeps the dead mount: ENOTCONN for everything
         r = privifs(m.env, "status", check=False)
         assert r.returncode == 8 and f"{m.dir}: dead mount" in r.stdout
@@ -407,14 +413,7 @@ def test_scripts_up_on_a_mount_left_dead_by_a_killed_daemon_mounts_it_again(engi
 
     repo = Path(__file__).resolve().parent.parent
     with Mount(tmp_path, engine.urls).mounted() as m:
-        (m.dir / "kept.txt").write_text("before the crash")
-        m.wait_idle()
-        pid = m.pid
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while pid_alive(pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        crash(m)
         r = subprocess.run(
             [str(repo / "scripts" / "up"), str(m.dir)],
             env=m.env,
