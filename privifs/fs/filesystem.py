@@ -497,6 +497,7 @@ class Filesystem:
         if node.token and is_manifest_node(node.remote_risk):  # a big file: its parts go with it
             self.sync.manifest_removed(node.token, node.remote_context or "", node.risk())
         token = node.token
+        self.sync.removing(node)
         self.ns.remove(node, delete_token=True)
         self.sync.removed(node, token)
         self.touch_parent(parent)

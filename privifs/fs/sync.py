@@ -202,6 +202,8 @@ class Syncer:
         # tokens of entries a rename here replaced → the (context, name, extension) they had then
         # (see replaced_by_rename; in memory: after a restart they are deleted unchecked)
         self._overwritten: dict[str, tuple[int, float, list[tuple[str | None, str | None, str | None]]]] = {}
+        # tokens of files removed here → the places they had then (see removed; in memory too)
+        self._removed_at: dict[str, list[tuple[str | None, str | None, str | None]]] = {}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.uploads = 0
@@ -278,6 +280,15 @@ class Syncer:
         if earlier is not None and self._nursery is not None:
             self._nursery.start_soon(self._drop_after_removal, node, *earlier)
 
+    def removing(self, node: Node) -> None:
+        """``node`` (still in the tree) is about to be removed here. Its token is deleted only if
+        the listing still shows it where this mount saw it, as for a rename over it: another
+        client's rename that reached the vault first (B removes /s, not having listed A's
+        /s → /s2) made it that client's file under another name, and B's delete took it from
+        every mount, though a rename against a delete keeps the renamed file."""
+        if node.token and not node.is_dir and node.remote_name is not None and node.token not in self._overwritten:
+            self._removed_at[node.token] = self._places(node)
+
     def replaced_by_rename(self, node: Node, renamed: Node) -> None:
         """``node`` (a file, a symlink, …) is about to be removed because ``renamed``, renamed
         here, takes its name. Its token is deleted once that rename is written back (if another
@@ -288,9 +299,14 @@ class Syncer:
         ``config``): deleted, it was lost everywhere, though neither order of the two renames
         removes it."""
         if node.token and not node.is_dir and node.remote_name is not None:
-            context, name, extension, _ = self._target(node)  # (a rename of its own not acknowledged)
-            places = [(node.remote_context, node.remote_name, node.remote_extension), (context, name, extension)]
+            places = self._places(node)
             self._overwritten[node.token] = (renamed.ino, trio.current_time() + OVERWRITE_AFTER_RENAME, places)
+
+    def _places(self, node: Node) -> list[tuple[str | None, str | None, str | None]]:
+        """Where ``node``'s token may be in the vault as this mount knows it: where it last saw
+        it, and where the node is here now (a rename of its own, not acknowledged yet)."""
+        context, name, extension, _ = self._target(node)
+        return [(node.remote_context, node.remote_name, node.remote_extension), (context, name, extension)]
 
     def _awaiting_renames(self) -> set[str]:
         """Tokens renames here replaced whose rename is not written back yet (see
@@ -322,19 +338,21 @@ class Syncer:
         where that client put it); True otherwise (also when it is gone). A failed look fails
         the delete, which the tombstone task retries."""
         entry = self._overwritten.get(token)
-        if entry is None:
+        places = entry[2] if entry is not None else self._removed_at.get(token)
+        if places is None:
             return True
         info = await find(self.tokens, token)
         if info is None or any(
             same_context(info.context, context)
             and info.file_name == name
             and (info.extension or "") == (extension or "")
-            for context, name, extension in entry[2]
+            for context, name, extension in places
         ):
             return True
         log.info(
-            "token %s, replaced here by a rename, was renamed by another client to %s/%s meanwhile; it stays",
+            "token %s, %s here, was renamed by another client to %s/%s meanwhile; it stays",
             token,
+            "replaced by a rename" if entry is not None else "removed",
             info.context,
             info.file_name,
         )
@@ -344,6 +362,7 @@ class Syncer:
     def _keep_overwritten(self, token: str) -> None:
         """A token a rename here replaced is not deleted after all: the listing shows it again."""
         self._overwritten.pop(token, None)
+        self._removed_at.pop(token, None)
         self._dropped.pop(token, None)  # a manifest: its parts stay with it
         try:
             self.index.drop_tombstone(token)
@@ -1279,6 +1298,7 @@ class Syncer:
                             return
                     self._deleted(token)
                     self._overwritten.pop(token, None)
+                    self._removed_at.pop(token, None)
                     dropped = self._dropped.pop(token, None)
                     if parts and dropped is not None:
                         self.retire_parts(dropped[0], parts)
