@@ -150,6 +150,19 @@ def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False) -> b
     return exc.transient
 
 
+Place = tuple[str | None, str | None, str | None]  # where a token is: (context, file name, extension)
+
+
+def same_place(a: Place, b: Place) -> bool:
+    """Whether two places name the same entry (no extension and an empty one are the same)."""
+    return same_context(a[0], b[0]) and a[1] == b[1] and (a[2] or "") == (b[2] or "")
+
+
+def remote_place(node: Node) -> Place:
+    """Where this mount last saw ``node``'s token."""
+    return node.remote_context, node.remote_name, node.remote_extension
+
+
 class Syncer:
     """Write-back over the tree (``ns``), the staged content (``staging``) and the read cache
     (uploaded content moves into it), talking to the vault through ``tokens`` and ``vault``."""
@@ -201,9 +214,9 @@ class Syncer:
         self._asked: dict[str, tuple[str, str, str]] = {}
         # tokens of entries a rename here replaced → the (context, name, extension) they had then
         # (see replaced_by_rename; in memory: after a restart they are deleted unchecked)
-        self._overwritten: dict[str, tuple[int, float, list[tuple[str | None, str | None, str | None]]]] = {}
+        self._overwritten: dict[str, tuple[int, float, list[Place]]] = {}
         # tokens of files removed here → the places they had then (see removed; in memory too)
-        self._removed_at: dict[str, list[tuple[str | None, str | None, str | None]]] = {}
+        self._removed_at: dict[str, list[Place]] = {}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.uploads = 0
@@ -302,11 +315,11 @@ class Syncer:
             places = self._places(node)
             self._overwritten[node.token] = (renamed.ino, trio.current_time() + OVERWRITE_AFTER_RENAME, places)
 
-    def _places(self, node: Node) -> list[tuple[str | None, str | None, str | None]]:
+    def _places(self, node: Node) -> list[Place]:
         """Where ``node``'s token may be in the vault as this mount knows it: where it last saw
         it, and where the node is here now (a rename of its own, not acknowledged yet)."""
         context, name, extension, _ = self._target(node)
-        return [(node.remote_context, node.remote_name, node.remote_extension), (context, name, extension)]
+        return [remote_place(node), (context, name, extension)]
 
     def _awaiting_renames(self) -> set[str]:
         """Tokens renames here replaced whose rename is not written back yet (see
@@ -342,12 +355,7 @@ class Syncer:
         if places is None:
             return True
         info = await find(self.tokens, token)
-        if info is None or any(
-            same_context(info.context, context)
-            and info.file_name == name
-            and (info.extension or "") == (extension or "")
-            for context, name, extension in places
-        ):
+        if info is None or any(same_place((info.context, info.file_name, info.extension), p) for p in places):
             return True
         log.info(
             "token %s, %s here, was renamed by another client to %s/%s meanwhile; it stays",
@@ -608,7 +616,7 @@ class Syncer:
         staged.freeze()
         size = staged.size
         context, name, extension, path = self._target(node)
-        replaced, seen_at = node.token, (node.remote_context, node.remote_name, node.remote_extension)
+        replaced, seen_at = node.token, remote_place(node)
         self.ns.begin_upload(node, streaming=True)
         self.index.save(node)
         self._flights[node.ino] = (staged, context, name)
@@ -895,7 +903,7 @@ class Syncer:
     async def _moved_elsewhere(
         self,
         token: str,
-        seen_at: tuple[str | None, str | None, str | None],
+        seen_at: Place,
         ours: tuple[str, str, str] | None = None,
     ) -> bool:
         """Whether ``token`` (the content being replaced) now has another place or name than
@@ -916,7 +924,7 @@ class Syncer:
             self._gone_elsewhere.add(token)
             return False  # deleted elsewhere: nothing to keep
 
-        def at(place: tuple[str | None, str | None, str | None] | None) -> bool:
+        def at(place: Place | None) -> bool:
             if place is None:
                 return False
             context, name, extension = place
@@ -1028,11 +1036,8 @@ class Syncer:
         if info is None or self.listed_started <= node.synced_at:
             return None
         listed = (info.context, info.file_name, info.extension or "")
-        remote = (node.remote_context, node.remote_name, node.remote_extension)
-        for place in (remote, self._asked.get(token), ours):
-            if place is not None and (
-                same_context(place[0], listed[0]) and place[1] == listed[1] and (place[2] or "") == listed[2]
-            ):
+        for place in (remote_place(node), self._asked.get(token), ours):
+            if place is not None and same_place(place, listed):
                 return None
         return listed
 
@@ -1041,11 +1046,7 @@ class Syncer:
         token = node.token
         context, name, extension, _ = self._target(node)
         moved = self._moved_by_another(node, token, (context, name, extension))
-        if moved is not None and (
-            not same_context(node.remote_context, context)
-            or node.remote_name != name
-            or (node.remote_extension or "") != extension
-        ):
+        if moved is not None and not same_place(remote_place(node), (context, name, extension)):
             # another client renamed or moved it after this mount last saw it, and this mount's
             # rename was made before it listed that: in each field that client changed (its
             # context, or its name and extension) its value wins, as if this rename had come
@@ -1072,12 +1073,8 @@ class Syncer:
                 name, extension = listed_name, listed_extension
             self.ns.set_remote_name(node, listed_context, listed_name, listed_extension)
         try:
-            if (
-                not same_context(node.remote_context, context)
-                or node.remote_name != name
-                or (node.remote_extension or "") != extension
-            ):
-                before = (node.remote_context, node.remote_name, node.remote_extension)
+            if not same_place(remote_place(node), (context, name, extension)):
+                before = remote_place(node)
                 if node.is_file and (node.remote_name != name or (node.remote_extension or "") != extension):
                     await self._keep_a_copy(node, token)
                 self._asked[token] = (context, name, extension)
