@@ -127,6 +127,11 @@ def crash(m: Mount) -> None:
     (the kernel keeps its dead mount)."""
     (m.dir / "kept.txt").write_text("before the crash")
     m.wait_idle()
+    kill_daemon(m)
+
+
+def kill_daemon(m: Mount) -> None:
+    """kill -9 the mount's daemon and wait until it is gone (the kernel keeps its dead mount)."""
     pid = m.pid
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
@@ -456,12 +461,7 @@ def test_a_mount_started_without_a_runtime_dir_is_seen_and_unmounted_from_a_sess
 def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "unsent.txt").write_text("staged when the daemon died")
-        pid = m.pid
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while pid_alive(pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        kill_daemon(m)
         r = m.umount(check=False)
         assert r.returncode == 7 and "1 files it had not uploaded stay staged" in r.stderr
         assert r.stderr.count("\n") == 1 and not is_mounted(m.dir)
@@ -525,12 +525,7 @@ def test_mount_right_after_a_killed_daemon_cleans_up_while_the_kernel_still_cach
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "unsent.txt").write_text("staged when the daemon died")
         os.stat(m.dir)  # the root's attributes are now cached by the kernel
-        pid = m.pid
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while pid_alive(pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        kill_daemon(m)
         os.stat(m.dir)  # still answered from the cache: the daemon is gone
         m.mount()
         assert (m.dir / "unsent.txt").read_text() == "staged when the daemon died"
