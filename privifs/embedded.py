@@ -117,12 +117,9 @@ class EmbeddedEngine:
 
     def _remember_ports(self, ports: dict[str, int]) -> None:
         path = self.data_dir / LAST_PORTS
-        tmp = path.with_name(f".{LAST_PORTS}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(ports) + "\n")
-            os.replace(tmp, path)
+            paths.write_json(path, ports)
         except OSError as exc:  # the engine runs; only its next start may take other ports
-            tmp.unlink(missing_ok=True)
             log.warning("the embedded engine's ports could not be kept in %s: %s", path, exc.strerror or exc)
 
     def _last_ports(self) -> dict[str, int] | None:

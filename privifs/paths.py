@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import sys
@@ -139,6 +140,18 @@ def pid_stopped(pid: int) -> bool:
     """Whether process ``pid`` is stopped (SIGSTOP, Ctrl-Z, a debugger): it answers nothing
     until it is continued."""
     return process_state(pid) in ("T", "t")
+
+
+def write_json(path: Path, obj: object, *, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file renamed over it, so a reader
+    sees the old content or the new, never half; no temporary file is left if that fails."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        os.replace(tmp, path)
+    except OSError:  # a full disk, or the path is a directory
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 SMALL_FILE_LIMIT = 1 << 20

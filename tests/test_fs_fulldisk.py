@@ -321,10 +321,11 @@ def test_the_index_commits_what_frees_space_when_something_else_filled_the_disk(
     """Another writer on the disk (the embedded engine, another program) took the floor staging
     keeps, down to the last byte: the index's reserve lets the commits that free space through
     (without it, the test's second case, they fail with ENOSPC and nothing can be removed)."""
-    from privifs.fs.namespace import Namespace, Reserve
+    from privifs.disk import DiskReserve
+    from privifs.fs.namespace import Namespace
 
     if not reserve:
-        monkeypatch.setattr(Reserve, "ensure", lambda self: None)
+        monkeypatch.setattr(DiskReserve, "ensure", lambda self: None)
     with small_filesystem(tmp_path / "small", "32m") as small:
         index = Index(small / "index.sqlite3")
         try:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import trio
 
+from privifs.disk import free_bytes
+
 WRITE_BUFFER = 1024 * 1024
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset multiples of this
 SPARE_BUFFERS = 8  # aligned write buffers kept for the next uploads
@@ -60,8 +62,7 @@ class BlobStore:
 
     def _check_room(self, more: int) -> None:
         """ENOSPC if writing ``more`` bytes would leave less than the floor free."""
-        st = os.statvfs(self.root)
-        free = st.f_bavail * st.f_frsize
+        free = free_bytes(self.root)
         if free - more < self.floor:
             raise OSError(
                 errno.ENOSPC,

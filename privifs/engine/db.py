@@ -10,7 +10,6 @@ on the trio thread (WAL lets them run beside the writer).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -22,41 +21,22 @@ from typing import Any, TypeVar
 
 import trio
 
+from privifs.disk import DiskReserve
+
 T = TypeVar("T")
 
 log = logging.getLogger("privifs.engine")
 
-# Disk the database can always take: a file beside it, made while the disk has room and deleted
-# when the database cannot be opened on a full disk (SQLite cannot make its WAL files there). A
-# home disk something else filled kept the embedded engine from starting, and with it every
-# mount of its vault ("the embedded engine's database cannot be opened: the disk is full"),
-# although a few MiB let it start, serve reads and take the deletes that free space.
+# Disk the database can always take (:class:`privifs.disk.DiskReserve`): SQLite cannot make its
+# WAL files on a full disk. A home disk something else filled kept the embedded engine from
+# starting, and with it every mount of its vault ("the embedded engine's database cannot be
+# opened: the disk is full"), although a few MiB let it start, serve reads and take the deletes
+# that free space.
 RESERVE_NAME = "disk.reserve"
-RESERVE_SIZE = 4 * 2**20
 
 
-def _free(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def ensure_reserve(data_dir: Path) -> None:
-    """Make the data directory's reserve if it is missing and the disk has ample room."""
-    path = data_dir / RESERVE_NAME
-    if path.exists():
-        return
-    try:
-        if _free(data_dir) < 4 * RESERVE_SIZE:
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, RESERVE_SIZE)
-        finally:
-            os.close(fd)
-    except OSError as exc:  # no room after all, or a filesystem without fallocate
-        log.debug("no disk reserve for the engine's database: %s", exc)
-        with contextlib.suppress(OSError):
-            path.unlink()
+def reserve_of(data_dir: Path) -> DiskReserve:
+    return DiskReserve(data_dir / RESERVE_NAME, "the engine's database")
 
 
 def opened_on_a_full_disk(open_db: Callable[[], T], data_dir: Path) -> T:
@@ -65,25 +45,9 @@ def opened_on_a_full_disk(open_db: Callable[[], T], data_dir: Path) -> T:
     try:
         return open_db()
     except sqlite3.Error:
-        if not _give_back_reserve(data_dir):
+        if not reserve_of(data_dir).release_if_full():
             raise
     return open_db()
-
-
-def _give_back_reserve(data_dir: Path) -> bool:
-    """Delete the reserve if the disk is full; whether it was."""
-    try:
-        if _free(data_dir) >= RESERVE_SIZE:
-            return False  # not a full disk: the reserve would not help
-        (data_dir / RESERVE_NAME).unlink()
-    except OSError:
-        return False
-    log.warning(
-        "the disk of %s is full: the engine's database used its %d MiB reserve; free space on the disk",
-        data_dir,
-        RESERVE_SIZE >> 20,
-    )
-    return True
 
 
 SCHEMA = """
@@ -290,7 +254,7 @@ class Database:
             return conn
 
         self._writer = opened_on_a_full_disk(open_writer, path.parent)
-        ensure_reserve(path.parent)
+        reserve_of(path.parent).ensure()
         self._reader = _connect(path)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine-db-writer", daemon=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import signal
 from functools import partial
@@ -58,6 +57,7 @@ from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
 from privifs.engine.wsproxy import websocket_app
 from privifs.memory import trim_memory
+from privifs.paths import write_json
 
 log = logging.getLogger("privifs.engine")
 
@@ -284,13 +284,7 @@ def _config(name: str, host: str, port: int) -> Config:
 
 def write_urls_file(path: Path, urls: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(urls, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError:  # e.g. the path is a directory: no temporary file is left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    write_json(path, urls, indent=2)
 
 
 async def run_engine(

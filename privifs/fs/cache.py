@@ -61,6 +61,7 @@ import trio
 from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import CHUNK, SealedFile, data_extents, stored_size
+from privifs.disk import free_bytes
 from privifs.errors import DiskFullError, PrivifsError, ServerUnreachable, single_error
 from privifs.fs.space import MiB, Space, open_error
 
@@ -217,12 +218,8 @@ def drop_entries_for_room(entries: Path, room: int = OPEN_ROOM) -> bool:
     free on their disk (the table's rows of the files gone are dropped when it loads); whether
     any was deleted and the disk has that room now."""
 
-    def free() -> int:
-        st = os.statvfs(entries)
-        return st.f_bavail * st.f_frsize
-
     try:
-        if free() >= room:
+        if free_bytes(entries) >= room:
             return False  # not a full disk: dropping entries would not help
         files = []
         for dirpath, _, names in os.walk(entries):
@@ -235,14 +232,14 @@ def drop_entries_for_room(entries: Path, room: int = OPEN_ROOM) -> bool:
         return False
     dropped = 0
     for _, path in sorted(files):
-        if free() >= room:
+        if free_bytes(entries) >= room:
             break
         with suppress(OSError):
             os.unlink(path)
             dropped += 1
     if dropped:
         log.warning("the cache's disk is full: dropped %d cached files to open the cache; free space on it", dropped)
-    return dropped > 0 and free() >= room
+    return dropped > 0 and free_bytes(entries) >= room
 
 
 class ContentCache:

@@ -422,19 +422,16 @@ class Daemon:
         reg = registry_path(self.mountpoint)
         try:
             paths.private_dir(reg.parent)
-            tmp = reg.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps(
-                    {
-                        "mountpoint": str(self.mountpoint),
-                        "pid": os.getpid(),
-                        "control": str(control),
-                        "state_dir": str(self.state_dir),
-                        "server": self.cfg.server_label(),
-                    }
-                )
+            paths.write_json(
+                reg,
+                {
+                    "mountpoint": str(self.mountpoint),
+                    "pid": os.getpid(),
+                    "control": str(control),
+                    "state_dir": str(self.state_dir),
+                    "server": self.cfg.server_label(),
+                },
             )
-            os.replace(tmp, reg)
         except OSError as exc:
             raise LocalStoreError(
                 f"cannot record the mount in {reg.parent} ({exc.strerror or exc}): the runtime directory "

@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import operator
-import os
 import sqlite3
 import stat
 import threading
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from privifs.disk import DiskReserve
 from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone
 from privifs.fs.names import shown_name
 from privifs.fs.space import open_error
@@ -279,53 +279,6 @@ def _is_full(exc: sqlite3.Error) -> bool:
     return "full" in str(exc)
 
 
-class Reserve:
-    """Disk the index can always take: a file of :data:`SIZE` bytes beside it, made while the disk
-    has room and deleted when the index gets ENOSPC, so the commit that frees space (an unlink,
-    a finished upload) goes through even when something else (the embedded engine on the same
-    disk, another program) took the floor staging keeps. Made again once there is room."""
-
-    SIZE = 4 * 2**20
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.given_back = False
-
-    def missing(self) -> int:
-        """Bytes staging must leave free beyond its floor: the reserve's, while it is given back
-        (else the next staged write takes the room it made for the index)."""
-        return self.SIZE if self.given_back else 0
-
-    def ensure(self) -> None:
-        if self.path.exists():
-            self.given_back = False
-            return
-        try:
-            st = os.statvfs(self.path.parent)
-            if st.f_bavail * st.f_frsize < 4 * self.SIZE:
-                return
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, self.SIZE)
-            finally:
-                os.close(fd)
-            self.given_back = False
-        except OSError as exc:  # no room after all, or a filesystem without fallocate
-            log.debug("no disk reserve for the index: %s", exc)
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-
-    def release(self) -> bool:
-        """Delete the reserve; whether there was one."""
-        try:
-            self.path.unlink()
-        except OSError:
-            return False
-        self.given_back = True
-        log.warning("the disk is full: the index used its %d MiB reserve; free space on the disk", self.SIZE >> 20)
-        return True
-
-
 class Checkpointer:
     """Checkpoints of an SQLite WAL on a thread of its own. A checkpoint copies the WAL into the
     database file and, with ``synchronous=NORMAL``, fsyncs both: 1–30 ms on this machine, one
@@ -414,7 +367,7 @@ class Index:
 
     def __init__(self, path: Path):
         self.path = path
-        self.reserve = Reserve(path.with_name(path.name + ".reserve"))
+        self.reserve = DiskReserve(path.with_name(path.name + ".reserve"), "the local index")
         try:
             self._open()
         except sqlite3.Error as exc:

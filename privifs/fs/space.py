@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from privifs.disk import free_bytes
 from privifs.errors import DiskFullError, LocalStoreError
 
 MiB = 1024 * 1024
@@ -64,7 +65,7 @@ def open_error(path: Path, what: str, exc: Exception) -> LocalStoreError:
     """The error for local state that cannot be opened: SQLite reports a full disk as a "disk
     I/O error" when it cannot create its WAL files, so the free space decides."""
     try:
-        full = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize < MiB
+        full = free_bytes(path) < MiB
     except OSError:
         full = False
     if full:

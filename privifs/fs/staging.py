@@ -202,7 +202,7 @@ class Remover:
 class Staging:
     def __init__(self, directory: Path, key: bytes, *, keep_free: Callable[[], int] = lambda: 0):
         """``keep_free``: bytes to leave free beyond the floor (the index's reserve while it is
-        given back, :class:`privifs.fs.namespace.Reserve`)."""
+        given back, :class:`privifs.disk.DiskReserve`)."""
         self.keep_free = keep_free
         self.dir = directory
         self._dir = os.fspath(directory)
