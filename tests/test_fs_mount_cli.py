@@ -489,7 +489,10 @@ def test_umount_whose_daemon_is_killed_while_it_uploads_cleans_up_and_says_what_
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(2)  # the flush is under way
+            deadline = time.monotonic() + 60  # the flush is under way (2 s were too few on a busy machine)
+            while not any(p["state"] == "uploading" for p in m.status()["pending"]):
+                assert time.monotonic() < deadline and umount.poll() is None, "umount's flush never began"
+                time.sleep(0.1)
             os.kill(pid, signal.SIGKILL)
             out, err = umount.communicate(timeout=60)
         finally:
