@@ -629,3 +629,52 @@ async def test_a_delete_of_a_file_another_client_renamed_meanwhile_leaves_the_re
         assert tree_of(b) == fresh
         for c in (a, b):
             assert await c.read_file("/s2") == data
+
+
+async def two_markers_of_d(a, b) -> tuple[str, str]:
+    """``/d`` made by two clients at once (two markers of one directory), listed by both; the
+    markers in claim order: the first is each client's token of ``/d``, the second its other
+    marker."""
+    first = await a.remote.mkdir("/d")
+    await a.remote.next_second()
+    second = await a.remote.mkdir("/d")
+    await listed(a, b)
+    for c in (a, b):
+        assert c.node("/d").token == first and c.node("/d").extra_markers == {second}
+    return first, second
+
+
+async def test_a_directorys_marker_moved_into_it_by_another_client_shows_as_on_a_fresh_mount(account, tmp_path):
+    # another client, to which the two markers of /d were two directories, moved the one that is
+    # /d's token here into /d (mv d0 d/sub there): this mount kept showing one /d holding the
+    # moved marker, which it could never place (into itself), and no /d/sub, for good (three
+    # mounts racing directory renames: one mount showed d2 where the others showed d2 and d2/d3)
+    async with two_clients(tmp_path, account) as (a, b):
+        first, second = await two_markers_of_d(a, b)
+        await a.client.tokens.update(first, context="/d", file_name="sub")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/d": "dir", "/d/sub": "dir"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert a.node("/d").token == second and a.node("/d/sub").token == first
+        assert not a.node("/d").extra_markers and not a.node("/d/sub").extra_markers
+
+
+async def test_a_directorys_other_marker_moved_elsewhere_is_not_deleted_with_it(account, tmp_path):
+    # the same with /d's other marker moved into /d: it showed as /d/sub, but /d kept it as its
+    # own other marker, so a rename of /d here deleted it (a marker left at the old place would
+    # bring the old path back) and the empty /d/sub vanished on every mount
+    async with two_clients(tmp_path, account) as (a, b):
+        first, second = await two_markers_of_d(a, b)
+        await a.client.tokens.update(second, context="/d", file_name="sub")
+        await listed(a, b)
+        assert tree_of(a) == {"/d": "dir", "/d/sub": "dir"}
+        await a.rename("/d", "/e")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/e": "dir", "/e/sub": "dir"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh

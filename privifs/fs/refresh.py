@@ -47,7 +47,7 @@ from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
-from privifs.fs.sync import Syncer, awaits_marker
+from privifs.fs.sync import Syncer, awaits_marker, listed_place, same_place
 from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
@@ -221,6 +221,8 @@ class Refresher:
         before, self._listed = self._listed, {info.token: info for info in infos}
         self.syncer.listed, self.syncer.listed_started = self._listed, started
         self._added = set()
+        with self.index.kept():
+            self._split_markers(started)
         for info in infos:
             if info.token in tombstones or info.token in deleted:
                 continue
@@ -302,6 +304,50 @@ class Refresher:
                     self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()
 
+    def _split_markers(self, started: float) -> None:
+        """A directory made by two clients at once has two markers (:meth:`_add`), one directory
+        here; another client, to which they were two directories (it had not listed both yet),
+        may move one of them away. The markers the listing shows elsewhere than the directory's
+        own token leave it: they are directories of their own now (added as any unknown token),
+        and an rmdir or rename here would delete them with it (:meth:`Namespace.retire_markers`).
+        If that moved token is the directory's own, and moved into the directory itself
+        (``mv d0 d/sub`` there), it could never be placed: this mount showed one ``/d`` and no
+        ``/d/sub``, for good. The other marker the listing still shows here becomes its token."""
+        for node in list(self.ns.nodes.values()):
+            if not (node.is_dir and node.token and node.markers and self.eligible(node, started)):
+                continue
+            info = self._listed.get(node.token)
+            if info is None:
+                continue
+            if node in self._dirs_along(split_context(info.context)):  # moved into itself
+                here = [m for m in node.extra_markers if m in self._listed and self._is_here(node, self._listed[m])]
+                if not here:
+                    continue
+                token = min(here, key=lambda m: claim_order(self._created_at(m), m))
+                self.ns.set_token(node, token)  # the old one is an unknown token now: added there
+                info = self._listed[token]
+                self.ns.follow_remote(node, info)
+                self.index.save(node)
+            away = {
+                m
+                for m in node.extra_markers
+                if m in self._listed and not same_place(listed_place(info), listed_place(self._listed[m]))
+            }
+            if away:
+                node.extra_markers = node.extra_markers - away
+                self.index.save(node)
+
+    def _is_here(self, node: Node, info: TokenInfo) -> bool:
+        """Whether ``info``'s context and name put it where ``node`` is."""
+        parts = split_context(info.context)
+        along = self._dirs_along(parts)
+        plain = listed_name(info)
+        return (
+            len(along) == len(parts) + 1
+            and along[-1].ino == node.parent
+            and node.name in (plain, conflict_name(plain, info.token))
+        )
+
     def _place_until_still(self, pairs: list[tuple[Node, TokenInfo]]) -> None:
         """Put each node where its token's context puts it, again while any moved (a directory
         that moved takes its subtree along; entries whose own tokens did not move go back)."""
@@ -338,16 +384,11 @@ class Refresher:
 
     def _place(self, node: Node, info: TokenInfo) -> bool:
         """Put ``node`` where ``info``'s context and name put it; True if it moved."""
+        if self._is_here(node, info):
+            return False
         parts = split_context(info.context)
         plain = listed_name(info)
-        along = self._dirs_along(parts)
-        if (
-            len(along) == len(parts) + 1
-            and along[-1].ino == node.parent
-            and node.name in (plain, conflict_name(plain, info.token))
-        ):
-            return False
-        if node in along:
+        if node in self._dirs_along(parts):
             return False  # it would move into itself: the listing was read in the middle of a rename
         parent = self.ns.ensure_dirs(parts, node.mtime_ns, self._appeared)
         name = plain
