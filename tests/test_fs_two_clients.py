@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
+from privifs.fs.names import conflict_name
 from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
 from privifs.fs.sync import RENAME_FETCH_LIMIT
 from tests.fskit import inprocess_fs
@@ -678,3 +679,28 @@ async def test_a_directorys_other_marker_moved_elsewhere_is_not_deleted_with_it(
         assert fresh == {"/e": "dir", "/e/sub": "dir"}
         assert tree_of(a) == fresh
         assert tree_of(b) == fresh
+
+
+async def test_entries_another_client_wrote_under_a_directorys_conflict_name_stay_there(account, tmp_path):
+    # another client showed the marker M of a directory moved onto /e2 (which had a marker of
+    # its own) as e2.conflict-M, and wrote g and h there: their tokens say /e2.conflict-M, where
+    # a fresh mount shows them (an implicit directory; M is one more marker of /e2). A merged
+    # them into /e2 at every listing and the next listing put them back: one mount showed
+    # /e2/g, the others /e2.conflict-M/g, for good (three mounts racing directory renames)
+    async with two_clients(tmp_path, account) as (a, b):
+        moved = await a.remote.mkdir("/x")
+        await a.remote.mkdir("/e2")
+        await a.remote.put("/e2/h", b"theirs")
+        await listed(a, b)
+        await a.client.tokens.update(moved, context="/", file_name="e2")
+        aside = conflict_name("e2", moved)
+        await a.remote.put(f"/{aside}/g", b"g")
+        await a.remote.put(f"/{aside}/h", b"mine")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        ours = {f"/{aside}": "dir", f"/{aside}/g": "file", f"/{aside}/h": "file"}
+        assert fresh == {"/e2": "dir", "/e2/h": "file", **ours}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert await a.read_file("/e2/h") == b"theirs" and await a.read_file(f"/{aside}/h") == b"mine"

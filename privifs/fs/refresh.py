@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -414,12 +415,15 @@ class Refresher:
     def _implicit(node: Node) -> bool:
         return node.is_dir and node.token is None and not node.explicit and not node.meta_dirty
 
-    def _merge_dirs(self, keep: Node, gone: Node) -> None:
+    def _merge_dirs(self, keep: Node, gone: Node, stays: Callable[[Node], bool] = lambda n: False) -> None:
         """Move the entries of the implicit directory ``gone`` into ``keep`` (both stand for the
         same path, so no entry's place in the vault changes); ``gone`` goes once empty. Two
-        directories of one name merge likewise; a real clash stays in ``gone``."""
+        directories of one name merge likewise; a real clash stays in ``gone``, and so does an
+        entry ``stays`` names."""
         for name, ino in list(gone.children.items()):
             child = self.ns.nodes[ino]
+            if stays(child):
+                continue
             there = self.ns.child(keep, name)
             if there is not None and child.is_dir and there.is_dir and self._implicit(there):
                 self._merge_dirs(child, there)
@@ -568,14 +572,26 @@ class Refresher:
             if holder is not None and holder.is_dir and not self._implicit(holder):
                 if not holder.token or not self.eligible(holder, started):
                     continue
-                self._merge_dirs(holder, node)
+                # entries the listing shows under the conflict name stay there (another client
+                # wrote them while it showed the directory so): merged, they went back at the
+                # next listing and came here again, showing where no fresh mount does
+                self._merge_dirs(holder, node, lambda n: n.token in self._listed and self.eligible(n, started))
+                tokens = {node.token, *node.extra_markers}
                 if node.children:
-                    continue  # entries of the same name in both: they stay apart
-                token = node.token
-                self.ns.remove(node, delete_token=False)
-                self._inval_entry(parent.ino, node.name, deleted=node.ino)
-                self.ns.release(node, self.syncer.staging)
-                self.ns.add_marker(holder, token)
+                    # entries of the same name in both, or the listing's: as on a fresh mount,
+                    # the markers are the plain name's and these entries an implicit directory
+                    node.extra_markers = set()
+                    self.ns.set_token(node, None)
+                    self.ns.set_explicit(node, False)
+                    self.ns.show_as(node, None)
+                    self.index.save(node)
+                    self._inval_inode(node.ino, attr_only=True)
+                else:
+                    self.ns.remove(node, delete_token=False)
+                    self._inval_entry(parent.ino, node.name, deleted=node.ino)
+                    self.ns.release(node, self.syncer.staging)
+                for token in tokens:
+                    self.ns.add_marker(holder, token)
                 self.index.save(holder)
                 continue
             if holder is not None and holder.is_dir:
