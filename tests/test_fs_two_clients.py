@@ -704,3 +704,37 @@ async def test_entries_another_client_wrote_under_a_directorys_conflict_name_sta
         assert tree_of(a) == fresh
         assert tree_of(b) == fresh
         assert await a.read_file("/e2/h") == b"theirs" and await a.read_file(f"/{aside}/h") == b"mine"
+
+
+async def test_a_directory_moved_onto_a_files_name_whose_conflict_name_is_taken_shows_as_on_a_fresh_mount(
+    account, tmp_path
+):
+    # another client moved the directory x (marker M) onto /d3, a file here, while the implicit
+    # directory d3.conflict-M (entries written under that name elsewhere) was there too: this
+    # mount found both names taken and left x where it was, for good, and the file kept /d3;
+    # a fresh mount shows the directory as /d3 and the file aside, as when it adds them (a mount
+    # killed and mounted again during a three-mount race showed /d3 a file and /d2/e0 the
+    # directory, the others /d3 a directory)
+    async with two_clients(tmp_path, account) as (a, b):
+        moved = await a.remote.mkdir("/x")
+        await a.remote.put("/x/in", b"in x")
+        file = await a.remote.put("/d3", b"a file")
+        aside = conflict_name("d3", moved)
+        await a.remote.put(f"/{aside}/g", b"g")
+        await listed(a, b)
+        await a.client.tokens.update(moved, context="/", file_name="d3")
+        await a.client.tokens.update((await a.remote.token("/x/in")).token, context="/d3")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        file_aside = conflict_name("d3", file)
+        assert fresh == {
+            "/d3": "dir",
+            "/d3/in": "file",
+            f"/{file_aside}": "file",
+            f"/{aside}": "dir",
+            f"/{aside}/g": "file",
+        }
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert await a.read_file(f"/{file_aside}") == b"a file"

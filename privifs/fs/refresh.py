@@ -398,6 +398,18 @@ class Refresher:
             # the listing showed entries of the moved directory before its marker: one directory
             self._merge_dirs(node, holder)
             holder = self.ns.child(parent, name)
+        if holder is not None and holder is not node and node.is_dir and not holder.is_dir and holder.token:
+            # directories keep their plain name (as in _add, and on a fresh mount): the file moves
+            # aside; the directory took its conflict name, or stayed where it was if that one
+            # was taken too (by the implicit directory of entries written under it elsewhere)
+            aside = conflict_name(name, holder.token)
+            if self.ns.child(parent, aside) is None:
+                self.ns.move(holder, parent, aside)
+                self.ns.show_as(holder, aside)
+                self.index.save(holder)
+                self._inval_entry(parent.ino, name)
+                self._inval_entry(parent.ino, aside)
+                holder = None
         if holder is not None and holder is not node:
             name = conflict_name(name, info.token)
             if self.ns.child(parent, name) not in (None, node):
