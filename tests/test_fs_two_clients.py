@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
+from privifs.fs.names import conflict_name
 from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
 from privifs.fs.sync import RENAME_FETCH_LIMIT
 from tests.fskit import inprocess_fs
@@ -629,3 +630,111 @@ async def test_a_delete_of_a_file_another_client_renamed_meanwhile_leaves_the_re
         assert tree_of(b) == fresh
         for c in (a, b):
             assert await c.read_file("/s2") == data
+
+
+async def two_markers_of_d(a, b) -> tuple[str, str]:
+    """``/d`` made by two clients at once (two markers of one directory), listed by both; the
+    markers in claim order: the first is each client's token of ``/d``, the second its other
+    marker."""
+    first = await a.remote.mkdir("/d")
+    await a.remote.next_second()
+    second = await a.remote.mkdir("/d")
+    await listed(a, b)
+    for c in (a, b):
+        assert c.node("/d").token == first and c.node("/d").extra_markers == {second}
+    return first, second
+
+
+async def test_a_directorys_marker_moved_into_it_by_another_client_shows_as_on_a_fresh_mount(account, tmp_path):
+    # another client, to which the two markers of /d were two directories, moved the one that is
+    # /d's token here into /d (mv d0 d/sub there): this mount kept showing one /d holding the
+    # moved marker, which it could never place (into itself), and no /d/sub, for good (three
+    # mounts racing directory renames: one mount showed d2 where the others showed d2 and d2/d3)
+    async with two_clients(tmp_path, account) as (a, b):
+        first, second = await two_markers_of_d(a, b)
+        await a.client.tokens.update(first, context="/d", file_name="sub")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/d": "dir", "/d/sub": "dir"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert a.node("/d").token == second and a.node("/d/sub").token == first
+        assert not a.node("/d").extra_markers and not a.node("/d/sub").extra_markers
+
+
+async def test_a_directorys_other_marker_moved_elsewhere_is_not_deleted_with_it(account, tmp_path):
+    # the same with /d's other marker moved into /d: it showed as /d/sub, but /d kept it as its
+    # own other marker, so a rename of /d here deleted it (a marker left at the old place would
+    # bring the old path back) and the empty /d/sub vanished on every mount
+    async with two_clients(tmp_path, account) as (a, b):
+        first, second = await two_markers_of_d(a, b)
+        await a.client.tokens.update(second, context="/d", file_name="sub")
+        await listed(a, b)
+        assert tree_of(a) == {"/d": "dir", "/d/sub": "dir"}
+        await a.rename("/d", "/e")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        assert fresh == {"/e": "dir", "/e/sub": "dir"}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+
+
+async def test_entries_another_client_wrote_under_a_directorys_conflict_name_stay_there(account, tmp_path):
+    # another client showed the marker M of a directory moved onto /e2 (which had a marker of
+    # its own) as e2.conflict-M, and wrote g and h there: their tokens say /e2.conflict-M, where
+    # a fresh mount shows them (an implicit directory; M is one more marker of /e2). A merged
+    # them into /e2 at every listing and the next listing put them back: one mount showed
+    # /e2/g, the others /e2.conflict-M/g, for good (three mounts racing directory renames)
+    async with two_clients(tmp_path, account) as (a, b):
+        moved = await a.remote.mkdir("/x")
+        await a.remote.mkdir("/e2")
+        await a.remote.put("/e2/h", b"theirs")
+        await listed(a, b)
+        await a.client.tokens.update(moved, context="/", file_name="e2")
+        aside = conflict_name("e2", moved)
+        await a.remote.put(f"/{aside}/g", b"g")
+        await a.remote.put(f"/{aside}/h", b"mine")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        ours = {f"/{aside}": "dir", f"/{aside}/g": "file", f"/{aside}/h": "file"}
+        assert fresh == {"/e2": "dir", "/e2/h": "file", **ours}
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert await a.read_file("/e2/h") == b"theirs" and await a.read_file(f"/{aside}/h") == b"mine"
+
+
+async def test_a_directory_moved_onto_a_files_name_whose_conflict_name_is_taken_shows_as_on_a_fresh_mount(
+    account, tmp_path
+):
+    # another client moved the directory x (marker M) onto /d3, a file here, while the implicit
+    # directory d3.conflict-M (entries written under that name elsewhere) was there too: this
+    # mount found both names taken and left x where it was, for good, and the file kept /d3;
+    # a fresh mount shows the directory as /d3 and the file aside, as when it adds them (a mount
+    # killed and mounted again during a three-mount race showed /d3 a file and /d2/e0 the
+    # directory, the others /d3 a directory)
+    async with two_clients(tmp_path, account) as (a, b):
+        moved = await a.remote.mkdir("/x")
+        await a.remote.put("/x/in", b"in x")
+        file = await a.remote.put("/d3", b"a file")
+        aside = conflict_name("d3", moved)
+        await a.remote.put(f"/{aside}/g", b"g")
+        await listed(a, b)
+        await a.client.tokens.update(moved, context="/", file_name="d3")
+        await a.client.tokens.update((await a.remote.token("/x/in")).token, context="/d3")
+        for _ in range(2):
+            await listed(a, b)
+        fresh = await fresh_tree(tmp_path, account, a.key)
+        file_aside = conflict_name("d3", file)
+        assert fresh == {
+            "/d3": "dir",
+            "/d3/in": "file",
+            f"/{file_aside}": "file",
+            f"/{aside}": "dir",
+            f"/{aside}/g": "file",
+        }
+        assert tree_of(a) == fresh
+        assert tree_of(b) == fresh
+        assert await a.read_file(f"/{file_aside}") == b"a file"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -47,7 +48,7 @@ from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
-from privifs.fs.sync import Syncer, awaits_marker
+from privifs.fs.sync import Syncer, awaits_marker, listed_place, same_place
 from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
@@ -221,6 +222,8 @@ class Refresher:
         before, self._listed = self._listed, {info.token: info for info in infos}
         self.syncer.listed, self.syncer.listed_started = self._listed, started
         self._added = set()
+        with self.index.kept():
+            self._split_markers(started)
         for info in infos:
             if info.token in tombstones or info.token in deleted:
                 continue
@@ -302,6 +305,50 @@ class Refresher:
                     self._add(info, split_context(info.context), {})
                 await self._flush_invalidations()
 
+    def _split_markers(self, started: float) -> None:
+        """A directory made by two clients at once has two markers (:meth:`_add`), one directory
+        here; another client, to which they were two directories (it had not listed both yet),
+        may move one of them away. The markers the listing shows elsewhere than the directory's
+        own token leave it: they are directories of their own now (added as any unknown token),
+        and an rmdir or rename here would delete them with it (:meth:`Namespace.retire_markers`).
+        If that moved token is the directory's own, and moved into the directory itself
+        (``mv d0 d/sub`` there), it could never be placed: this mount showed one ``/d`` and no
+        ``/d/sub``, for good. The other marker the listing still shows here becomes its token."""
+        for node in list(self.ns.nodes.values()):
+            if not (node.is_dir and node.token and node.markers and self.eligible(node, started)):
+                continue
+            info = self._listed.get(node.token)
+            if info is None:
+                continue
+            if node in self._dirs_along(split_context(info.context)):  # moved into itself
+                here = [m for m in node.extra_markers if m in self._listed and self._is_here(node, self._listed[m])]
+                if not here:
+                    continue
+                token = min(here, key=lambda m: claim_order(self._created_at(m), m))
+                self.ns.set_token(node, token)  # the old one is an unknown token now: added there
+                info = self._listed[token]
+                self.ns.follow_remote(node, info)
+                self.index.save(node)
+            away = {
+                m
+                for m in node.extra_markers
+                if m in self._listed and not same_place(listed_place(info), listed_place(self._listed[m]))
+            }
+            if away:
+                node.extra_markers = node.extra_markers - away
+                self.index.save(node)
+
+    def _is_here(self, node: Node, info: TokenInfo) -> bool:
+        """Whether ``info``'s context and name put it where ``node`` is."""
+        parts = split_context(info.context)
+        along = self._dirs_along(parts)
+        plain = listed_name(info)
+        return (
+            len(along) == len(parts) + 1
+            and along[-1].ino == node.parent
+            and node.name in (plain, conflict_name(plain, info.token))
+        )
+
     def _place_until_still(self, pairs: list[tuple[Node, TokenInfo]]) -> None:
         """Put each node where its token's context puts it, again while any moved (a directory
         that moved takes its subtree along; entries whose own tokens did not move go back)."""
@@ -338,16 +385,11 @@ class Refresher:
 
     def _place(self, node: Node, info: TokenInfo) -> bool:
         """Put ``node`` where ``info``'s context and name put it; True if it moved."""
+        if self._is_here(node, info):
+            return False
         parts = split_context(info.context)
         plain = listed_name(info)
-        along = self._dirs_along(parts)
-        if (
-            len(along) == len(parts) + 1
-            and along[-1].ino == node.parent
-            and node.name in (plain, conflict_name(plain, info.token))
-        ):
-            return False
-        if node in along:
+        if node in self._dirs_along(parts):
             return False  # it would move into itself: the listing was read in the middle of a rename
         parent = self.ns.ensure_dirs(parts, node.mtime_ns, self._appeared)
         name = plain
@@ -356,6 +398,18 @@ class Refresher:
             # the listing showed entries of the moved directory before its marker: one directory
             self._merge_dirs(node, holder)
             holder = self.ns.child(parent, name)
+        if holder is not None and holder is not node and node.is_dir and not holder.is_dir and holder.token:
+            # directories keep their plain name (as in _add, and on a fresh mount): the file moves
+            # aside; the directory took its conflict name, or stayed where it was if that one
+            # was taken too (by the implicit directory of entries written under it elsewhere)
+            aside = conflict_name(name, holder.token)
+            if self.ns.child(parent, aside) is None:
+                self.ns.move(holder, parent, aside)
+                self.ns.show_as(holder, aside)
+                self.index.save(holder)
+                self._inval_entry(parent.ino, name)
+                self._inval_entry(parent.ino, aside)
+                holder = None
         if holder is not None and holder is not node:
             name = conflict_name(name, info.token)
             if self.ns.child(parent, name) not in (None, node):
@@ -373,12 +427,15 @@ class Refresher:
     def _implicit(node: Node) -> bool:
         return node.is_dir and node.token is None and not node.explicit and not node.meta_dirty
 
-    def _merge_dirs(self, keep: Node, gone: Node) -> None:
+    def _merge_dirs(self, keep: Node, gone: Node, stays: Callable[[Node], bool] = lambda n: False) -> None:
         """Move the entries of the implicit directory ``gone`` into ``keep`` (both stand for the
         same path, so no entry's place in the vault changes); ``gone`` goes once empty. Two
-        directories of one name merge likewise; a real clash stays in ``gone``."""
+        directories of one name merge likewise; a real clash stays in ``gone``, and so does an
+        entry ``stays`` names."""
         for name, ino in list(gone.children.items()):
             child = self.ns.nodes[ino]
+            if stays(child):
+                continue
             there = self.ns.child(keep, name)
             if there is not None and child.is_dir and there.is_dir and self._implicit(there):
                 self._merge_dirs(child, there)
@@ -527,14 +584,26 @@ class Refresher:
             if holder is not None and holder.is_dir and not self._implicit(holder):
                 if not holder.token or not self.eligible(holder, started):
                     continue
-                self._merge_dirs(holder, node)
+                # entries the listing shows under the conflict name stay there (another client
+                # wrote them while it showed the directory so): merged, they went back at the
+                # next listing and came here again, showing where no fresh mount does
+                self._merge_dirs(holder, node, lambda n: n.token in self._listed and self.eligible(n, started))
+                tokens = {node.token, *node.extra_markers}
                 if node.children:
-                    continue  # entries of the same name in both: they stay apart
-                token = node.token
-                self.ns.remove(node, delete_token=False)
-                self._inval_entry(parent.ino, node.name, deleted=node.ino)
-                self.ns.release(node, self.syncer.staging)
-                self.ns.add_marker(holder, token)
+                    # entries of the same name in both, or the listing's: as on a fresh mount,
+                    # the markers are the plain name's and these entries an implicit directory
+                    node.extra_markers = set()
+                    self.ns.set_token(node, None)
+                    self.ns.set_explicit(node, False)
+                    self.ns.show_as(node, None)
+                    self.index.save(node)
+                    self._inval_inode(node.ino, attr_only=True)
+                else:
+                    self.ns.remove(node, delete_token=False)
+                    self._inval_entry(parent.ino, node.name, deleted=node.ino)
+                    self.ns.release(node, self.syncer.staging)
+                for token in tokens:
+                    self.ns.add_marker(holder, token)
                 self.index.save(holder)
                 continue
             if holder is not None and holder.is_dir:

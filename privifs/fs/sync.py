@@ -163,6 +163,11 @@ def remote_place(node: Node) -> Place:
     return node.remote_context, node.remote_name, node.remote_extension
 
 
+def listed_place(info: TokenInfo) -> Place:
+    """Where a listing (or a look-up) shows ``info``'s token."""
+    return info.context, info.file_name, info.extension
+
+
 class Syncer:
     """Write-back over the tree (``ns``), the staged content (``staging``) and the read cache
     (uploaded content moves into it), talking to the vault through ``tokens`` and ``vault``."""
@@ -355,7 +360,7 @@ class Syncer:
         if places is None:
             return True
         info = await find(self.tokens, token)
-        if info is None or any(same_place((info.context, info.file_name, info.extension), p) for p in places):
+        if info is None or any(same_place(listed_place(info), p) for p in places):
             return True
         log.info(
             "token %s, %s here, was renamed by another client to %s/%s meanwhile; it stays",
