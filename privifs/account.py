@@ -105,14 +105,22 @@ def embedded_usernames(data_dir: Path | None = None) -> list[str]:
 
     Read straight from its database, so privifs can tell a restored vault from a fresh start
     before starting the engine; an unreadable database is a reason to stop, not to start over."""
+    return list(embedded_profiles(data_dir))
+
+
+def embedded_profiles(data_dir: Path | None = None) -> dict[str, bool]:
+    """:func:`embedded_usernames`, each with whether its public key is registered (a first
+    ``init`` killed between registering the profile and its key leaves one without)."""
     db = (data_dir or paths.embedded_engine_dir()) / "engine.sqlite3"
     if not db.exists():
-        return []
+        return {}
 
     def read() -> list:
         conn = sqlite3.connect(db, timeout=10)
         try:
-            return conn.execute("SELECT username FROM profiles ORDER BY created_at").fetchall()
+            return conn.execute(
+                "SELECT username, coalesce(public_key, '') != '' FROM profiles ORDER BY created_at"
+            ).fetchall()
         finally:
             conn.close()
 
@@ -120,8 +128,8 @@ def embedded_usernames(data_dir: Path | None = None) -> list[str]:
         rows = opened_on_a_full_disk(read, db.parent)  # (SQLite makes its WAL files in the reserve's room)
     except sqlite3.OperationalError as exc:
         if "no such table" in str(exc):
-            return []
+            return {}
         raise _unreadable(db, exc) from None
     except sqlite3.Error as exc:
         raise _unreadable(db, exc) from None
-    return [r[0] for r in rows]
+    return {r[0]: bool(r[1]) for r in rows}

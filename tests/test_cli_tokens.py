@@ -204,6 +204,44 @@ def test_init_with_no_server_provisions_on_the_embedded_engine(tmp_path):
     assert not (tmp_path / "data" / "privifs" / "engine" / "urls.json").exists()
 
 
+KILLED_FIRST_INIT = """
+import os, time, httpx
+from privifs import paths
+from privifs.account import embedded_usernames
+from privifs.embedded import EmbeddedEngine
+d = paths.private_dir(paths.config_dir())
+for name, data in (("password", "pw-of-a-killed-init"), ("aes.key", os.urandom(32).hex() + "\\n")):
+    fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, data.encode())
+    os.close(fd)
+engine = EmbeddedEngine()
+urls = engine.ensure(watch=False)
+form = {"username": "killed@localhost", "password": "pw-of-a-killed-init"}
+assert httpx.post(urls["api"] + "/profile/register-profile", data=form).status_code in (200, 202)
+deadline = time.monotonic() + 30
+while "killed@localhost" not in embedded_usernames():
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+engine.stop()
+"""
+
+
+def test_init_after_a_first_init_killed_before_it_registered_the_public_key(tmp_path):
+    """A first 'privifs mount' (or init) on the embedded engine killed between registering the
+    profile and its public key (seen by a kill -9 loop): every later mount failed with 'forbidden
+    (profile.public_key_missing)', and nothing but deleting the engine's data got out of it. The
+    profile it finds without a key is finished (with the password the killed run kept)."""
+    env = isolated_env(tmp_path)
+    subprocess.run([sys.executable, "-c", KILLED_FIRST_INIT], env=env, check=True, timeout=120)
+    out = run(env, "init").stdout
+    assert "killed@localhost" in out
+    src = tmp_path / "hello.txt"
+    src.write_text("after the killed init")
+    token = run(env, "token", "put", str(src)).stdout.strip()
+    run(env, "token", "get", token, str(tmp_path / "back.txt"))
+    assert (tmp_path / "back.txt").read_text() == "after the killed init"
+
+
 def closed_pipe_run(env: dict, *args: str) -> subprocess.CompletedProcess:
     """Run privifs with stdout a pipe nobody reads any more (like '| head -1' once head exited)."""
     r, w = os.pipe()

@@ -806,3 +806,35 @@ def test_a_runtime_directory_that_is_a_file_stops_the_mount_with_one_line_naming
     assert not is_mounted(m.dir)
     m.mount()  # with a usable runtime directory, it mounts
     m.umount()
+
+
+def test_a_daemon_whose_mount_command_was_killed_before_it_was_ready_keeps_serving(engine, tmp_path):
+    # kill -9 of 'privifs mount' while the daemon it started was still getting ready (a first mount
+    # takes seconds): the daemon's "ok" then met a closed pipe, BrokenPipeError ended the mount it
+    # had just made and logged a traceback. The mount is up and registered: it serves on.
+    m = Mount(tmp_path, engine.urls)
+    r, w = os.pipe()
+    os.close(r)  # the waiting command is gone
+    cmd = [sys.executable, "-m", "privifs", "mount", str(m.dir), "--foreground", "--ready-fd", str(w)]
+    proc = subprocess.Popen(
+        cmd, env=m.env, pass_fds=(w,), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 120
+        while m.registry() is None:
+            assert proc.poll() is None, proc.communicate(timeout=30)[0].decode()
+            assert time.monotonic() < deadline, "the daemon did not mount"
+            time.sleep(0.1)
+        (m.dir / "after.txt").write_text("served")
+        assert proc.poll() is None
+        m.umount()
+        out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == 0 and "Traceback" not in out, out
+        m.mount()
+        assert (m.dir / "after.txt").read_text() == "served"
+    finally:
+        m.cleanup()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

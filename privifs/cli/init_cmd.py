@@ -23,7 +23,7 @@ from pathlib import Path
 import trio
 
 from privifs import paths
-from privifs.account import embedded_usernames
+from privifs.account import embedded_profiles
 from privifs.cli.prompt import ask_secret, env_text
 from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
@@ -101,7 +101,7 @@ class Plan:
 def _embedded_plan(args: argparse.Namespace, cfg_dir: Path, key: bytes | None) -> Plan:
     """The embedded engine: reuse the profile its data holds (a restored vault) or make one."""
     engine_dir = paths.embedded_engine_dir()
-    known = embedded_usernames(engine_dir)
+    known = embedded_profiles(engine_dir)
     stored_pw = _read_secret(cfg_dir / SECRET_NAMES["password_file"])
     wanted = os.environ.get("PRIVICORE_USERNAME")
     if known and not args.register:
@@ -121,13 +121,19 @@ def _embedded_plan(args: argparse.Namespace, cfg_dir: Path, key: bytes | None) -
                 f"no password file at {cfg_dir / 'password'}: restore it (or the whole backup "
                 f"with 'privifs restore FILE'), or move {engine_dir} away to start a new vault"
             )
+        username = wanted or next(iter(known))
+        if not known[username]:
+            # a profile without its public key: the first init that made it was killed before it
+            # registered the key (register_profile finishes that with the same password); nothing
+            # can be stored in it yet, so a key lost with that run is simply made again
+            return Plan(username, password, True, key or os.urandom(AES_KEY_SIZE), key is None)
         if key is None:
             raise KeyFileError(
                 f"the embedded engine's data in {engine_dir} already holds a vault, but there is "
                 f"no AES key at {cfg_dir / 'aes.key'}: restore the vault's key (or use "
                 f"'privifs init --key-file KEY'); a new key could not read it"
             )
-        return Plan(wanted or known[0], password, False, key, False)
+        return Plan(username, password, False, key, False)
     username = wanted or f"privifs-{secrets.token_hex(4)}@localhost"
     password = stored_pw or os.environ.get("PRIVICORE_PASSWORD") or secrets.token_urlsafe(24)
     return Plan(username, password, True, key or os.urandom(AES_KEY_SIZE), key is None)

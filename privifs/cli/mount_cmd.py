@@ -406,8 +406,12 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
         nonlocal signalled
         signalled = True
         if args.ready_fd is not None:
-            os.write(args.ready_fd, b"ok " + message.encode())
-            os.close(args.ready_fd)
+            try:
+                os.write(args.ready_fd, b"ok " + message.encode())
+            except OSError:  # the 'privifs mount' waiting for this was killed: the mount is up all the same
+                logging.getLogger("privifs.cli").info("the command that started this mount is gone; %s", message)
+            finally:
+                os.close(args.ready_fd)
         else:
             print(f"{message} (Ctrl-C unmounts)", flush=True)
 

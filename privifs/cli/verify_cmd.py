@@ -4,7 +4,9 @@
   a file the index holds whose token is gone from the vault is **missing**; tokens the index does
   not know yet (added elsewhere) are counted, not errors.
 * ``--data``: every token is downloaded and its AES-GCM tag verified (nothing is written to
-  disk); one that fails is **damaged**, one that vanished meanwhile is missing. A big file's parts
+  disk); one that fails is **damaged**, one that vanished meanwhile is missing, unless the vault
+  no longer lists it and this machine's index (read again) does not name it: a client deleted it
+  while the check ran (a mount replaced or removed its file), counted, no damage. A big file's parts
   are checked against its manifest as a read checks them (present, size, keyed digest): a part
   missing, swapped or replaced makes the file damaged, named by its path.
 * ``--repair`` (with ``--data``): a damaged token whose content this machine's cache holds (sealed,
@@ -102,6 +104,7 @@ class Report:
     checked_bytes: int = 0
     unnamed: int = 0  # parts no verified manifest names (an interrupted upload's; the sweep's)
     unnamed_bytes: int = 0
+    gone: int = 0  # tokens deleted while the check ran (a mount replaced or removed their files): no damage
 
     def line(self, kind: str, text: str) -> None:
         print(f"{kind}: {text}", flush=True)
@@ -322,6 +325,18 @@ async def verify(
     manifests: dict[str, fmt.Manifest] = {}  # the manifests that verified, by token
     named: set[str] = set()  # part tokens a verified manifest names: checked with it (tag, size, digest)
 
+    async def deleted_meanwhile(token: str) -> bool:
+        """A token that vanished after the listing was read and that no file needs: deleted by a
+        client meanwhile (a mount running here or elsewhere replaced or removed its file, or
+        retired a part no manifest names), no damage. One this machine's index still names, or
+        that the vault still lists, is missing."""
+        if await find(client.tokens, token) is not None:
+            return False
+        if local is None:
+            return True
+        now = read_index(state_dir)
+        return now is None or token not in now[0]
+
     def path_of(info: TokenInfo) -> str:
         return files[info.token].path if info.token in files else listed_path(info)
 
@@ -361,6 +376,9 @@ async def verify(
                 if not part.is_hole:
                     nursery.start_soon(one, index, part.token)
         bar.done()
+        if problems and all("missing" in why for why in problems) and await deleted_meanwhile(info.token):
+            report.gone += 1  # the file was replaced or removed meanwhile and its parts retired
+            return
         if problems:
             report.damaged.append(path)
             for why in sorted(problems, key=lambda w: int(w.split()[1])):
@@ -387,6 +405,9 @@ async def verify(
             if args.repair:
                 await try_repair(info, path)
         except NotFoundError:
+            if await deleted_meanwhile(info.token):
+                report.gone += 1
+                return
             report.missing.append(path)
             report.line("missing", f"{path}: token {info.token} vanished from the vault")
         except PrivifsError as exc:
@@ -477,6 +498,8 @@ def run(args: argparse.Namespace) -> int:
             summary.append(f"{len(report.unchecked)} could not be checked")
         if report.resized:
             summary.append(f"{len(report.resized)} state another size than their content's")
+    if report.gone:
+        summary.append(f"{report.gone} deleted while the check ran (files replaced or removed meanwhile)")
     if report.unknown:
         summary.append(f"{report.unknown} not yet in the local index (added elsewhere)")
     if report.unnamed:  # (no damage: a mount's sweep removes them)
