@@ -532,6 +532,14 @@ class Daemon:
                     f"({size} bytes) stay staged in {self.state_dir} "
                     f"and are uploaded at the next mount"
                 }
+            refusal = self.connector.link.login_refused(started)
+            if refusal is not None and (pending or deletes):
+                return {
+                    "error": f"the server refuses the login ({refusal}); {len(pending)} changes ({size} bytes)"
+                    + (f" and {deletes} deletes" if deletes else "")
+                    + f" stay staged in {self.state_dir} and are uploaded once it accepts it again "
+                    f"(the password file is read again then) or at the next mount"
+                }
             if pending and not deletes and not owed and syncer.refused_since(pending, started):
                 # retried since the flush began and refused again: waiting longer changes nothing
                 return {
