@@ -72,6 +72,8 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         assert "UNREACHABLE since" in out and "uploaded as soon as it answers" in out, out
         r = m.umount(check=False)
         assert r.returncode == 7 and "unreachable" in r.stderr and "stay staged" in r.stderr
+        # what stays staged, whole (an attempt that sent it and failed counted it as gone: 0 bytes)
+        assert "1 changes (21 bytes) stay staged" in r.stderr, r.stderr
         assert not os.path.ismount(m.dir)
         eng.start()  # same data, same ports
         m.mount()

@@ -513,6 +513,9 @@ class Daemon:
             size = sum(
                 n.size - (syncer.sent.get(n.ino, 0) if n.uploading else 0) for n in pending if n.content_dirty
             )  # bytes still to upload
+            # what stays staged if the flush gives up: all of it (an attempt that sent its bytes
+            # and failed stored none of them; counting them as sent said "15 changes (0 bytes)")
+            staged = sum(n.size for n in pending if n.content_dirty)
             if progress is not None:
                 await progress(
                     {
@@ -522,20 +525,20 @@ class Daemon:
                         "uploading": [self.ns.describe(n) for n in pending if n.uploading][:5],
                     }
                 )
-            stopped = self._engine_stopped(len(pending), size)
+            stopped = self._engine_stopped(len(pending), staged)
             if stopped is not None:
                 return stopped
             since = syncer.unreachable_since
             if since is not None and time.time() - since > UNREACHABLE_GRACE and not await self._server_answers():
                 return {
                     "error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
-                    f"({size} bytes) stay staged in {self.state_dir} "
+                    f"({staged} bytes) stay staged in {self.state_dir} "
                     f"and are uploaded at the next mount"
                 }
             refusal = self.connector.link.login_refused(started)
             if refusal is not None and (pending or deletes):
                 return {
-                    "error": f"the server refuses the login ({refusal}); {len(pending)} changes ({size} bytes)"
+                    "error": f"the server refuses the login ({refusal}); {len(pending)} changes ({staged} bytes)"
                     + (f" and {deletes} deletes" if deletes else "")
                     + f" stay staged in {self.state_dir} and are uploaded once it accepts it again "
                     f"(the password file is read again then) or at the next mount"
