@@ -49,7 +49,7 @@ def credentials(cfg: Config) -> Credentials:
             raise ConfigError(f"cannot read the OAuth token file {cfg.oauth_file}: {exc}") from None
     if not cfg.username:
         raise ConfigError(f"no username in {cfg.path}; run 'privifs init'")
-    return PasswordCredentials(cfg.username, cfg.password())
+    return PasswordCredentials(cfg.username, cfg.password(), reread=cfg.password)
 
 
 def aes_key(cfg: Config) -> bytes:

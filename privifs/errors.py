@@ -89,7 +89,7 @@ class ServerUnreachable(VaultError):
 
 
 class ServerError(VaultError):
-    """The server answered with a 5xx or 429 status."""
+    """The server answered with a 5xx, 408 or 429 status."""
 
     transient = True
 

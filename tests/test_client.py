@@ -638,6 +638,31 @@ async def test_a_status_poll_answer_cut_short_or_a_proxy_page_is_not_a_rejection
     assert not any(spoiled.values()), spoiled
 
 
+@pytest.mark.parametrize("status", [408, 429])
+async def test_a_request_timeout_or_too_many_requests_answer_is_tried_again_not_a_rejection(eng, account, status):
+    """A proxy's or load balancer's 408 Request Timeout counted as the server rejecting the
+    request: no retry, and for a mount an fsync failed at once and 'privifs umount' gave up on
+    the change as refused (seen through a fault proxy answering 408 to one connection in ten).
+    Like a 429, it is a failure of the moment, tried again."""
+    endpoints, creds = account
+    left = {"answers": 2}
+
+    def mangle(path: str, status_: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/list-data-tokens") and left["answers"]:
+            left["answers"] -= 1
+            return status, b"request timed out"
+        return status_, body
+
+    async with connect(*account) as direct:
+        token = await direct.vault(KEY).put_bytes(b"x", meta("waited.bin"))
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        with trio.fail_after(60):
+            async with connect(proxied, creds, ClientOptions(retry_attempts=3)) as client:
+                assert [i.file_name async for i in client.tokens.list(token=token)] == ["waited.bin"]
+    assert left["answers"] == 0
+
+
 async def test_an_html_error_page_is_named_by_its_title_in_one_line(eng, account):
     """A proxy's 502 page (nginx's, over several lines) went into the error as its markup, line
     breaks included: a command's "one line" error and the mount's log lines were several."""

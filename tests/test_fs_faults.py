@@ -72,12 +72,33 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         assert "UNREACHABLE since" in out and "uploaded as soon as it answers" in out, out
         r = m.umount(check=False)
         assert r.returncode == 7 and "unreachable" in r.stderr and "stay staged" in r.stderr
+        # what stays staged, whole (an attempt that sent it and failed counted it as gone: 0 bytes)
+        assert "1 changes (21 bytes) stay staged" in r.stderr, r.stderr
         assert not os.path.ismount(m.dir)
         eng.start()  # same data, same ports
         m.mount()
         m.wait_idle()
         assert (m.dir / "offline.txt").read_text() == "written while offline"
         assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+
+
+def test_umount_ends_and_keeps_the_changes_when_the_server_answers_only_errors(eng, tmp_path):
+    """A server that answers every request with 503 (a proxy whose backend is down) held
+    'privifs umount' for ever (seen: still waiting after 420 s), where an unreachable one ends it
+    within seconds: a 5xx is a failure of the moment, so the flush kept waiting for the retry."""
+    with Mount(tmp_path, eng.urls).mounted() as m:
+        eng.set_options(fail_rate=1.0)
+        (m.dir / "precious.txt").write_text("do not lose me")
+        r = privifs(m.env, "umount", str(m.dir), check=False, timeout=240)
+        assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
+        assert "keeps failing" in r.stderr and "HTTP 503" in r.stderr, r.stderr
+        assert "1 changes (14 bytes)" in r.stderr and "stay staged" in r.stderr, r.stderr
+        assert not os.path.ismount(m.dir)
+        eng.set_options(fail_rate=0)
+        m.mount()
+        m.wait_idle()
+        assert (m.dir / "precious.txt").read_text() == "do not lose me"
+        assert ("/", "precious.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
 
 
 def test_a_big_file_written_while_the_server_is_gone_reports_why_not_an_unexpected_failure(tmp_path):

@@ -9,9 +9,10 @@ already-replaced token just retries with the new one.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -21,11 +22,19 @@ from privifs.errors import AuthenticationError, AuthorizationError, PrivifsError
 
 log = logging.getLogger("privifs.client.session")
 
+# a login the server refused is not sent again within this long (every call of a mount meeting an
+# expired token would send it, and a server may lock an account that keeps sending a wrong
+# password), unless the password read again (``PasswordCredentials.reread``) changed
+LOGIN_RETRY = 30.0
+
 
 @dataclass
 class PasswordCredentials:
     username: str
     password: str
+    # reads the password again (its file): after a refused login, a password changed there is
+    # tried at once, so a mount goes on once the file holds the password changed elsewhere
+    reread: Callable[[], str] | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return f"PasswordCredentials(username={self.username!r}, password=<hidden>)"
@@ -60,6 +69,11 @@ class Session:
         # every call of this session fails with it from then on
         self.verify: Callable[[], Awaitable[None]] | None = None
         self.failed: PrivifsError | None = None
+        # the last login the server refused (until one succeeds), when the server said so, and
+        # when a call last met that refusal (trio time; ``privifs umount`` stops waiting on it)
+        self.refusal: AuthenticationError | None = None
+        self._refused_by_server = -math.inf
+        self.refused_at: float | None = None
         self.renewals = 0
         transport.auth = self
 
@@ -76,6 +90,13 @@ class Session:
                 raise self.failed
             if self.token is not None and self.token != failed_token:
                 return  # someone renewed meanwhile
+            if (
+                self.refusal is not None
+                and trio.current_time() - self._refused_by_server < LOGIN_RETRY
+                and not self._password_changed()
+            ):
+                self.refused_at = trio.current_time()
+                raise AuthenticationError(str(self.refusal), status=401)
             log.info("authorization refused; logging in again")
             await self._relogin_locked()
 
@@ -96,7 +117,25 @@ class Session:
     def on_token_change(self, fn: Callable[[str], None]) -> None:
         self._listeners.append(fn)
 
+    def _password_changed(self) -> bool:
+        """Read the password again; True (and used from now on) if it is not the one refused."""
+        creds = self.credentials
+        if not isinstance(creds, PasswordCredentials) or creds.reread is None:
+            return False
+        try:
+            password = creds.reread()
+        except PrivifsError as exc:
+            log.warning("could not read the password again: %s", exc)
+            return False
+        if password == creds.password:
+            return False
+        log.warning("the password file changed; logging in with the new password")
+        creds.password = password
+        return True
+
     def _set(self, auth: shapes.Authorization) -> None:
+        self.refusal = None
+        self.refused_at = None
         self.token = auth.token
         self.expires_at = auth.expires_at
         self.issued_at = time.time()
@@ -126,12 +165,17 @@ class Session:
                 what="authenticate",
             )
             if resp.status_code == 401:
-                raise AuthenticationError(
+                if self._password_changed():
+                    await self._login_locked(fresh=fresh)
+                    return
+                self.refusal = AuthenticationError(
                     f"the server refused username {creds.username!r} with this password "
                     f"({shapes.error_message(resp)}); check PRIVICORE_USERNAME / PRIVICORE_PASSWORD or the "
                     f"password file",
                     status=401,
                 )
+                self._refused_by_server = self.refused_at = trio.current_time()
+                raise AuthenticationError(str(self.refusal), status=401)
             self._set(shapes.authorization(shapes.json_or_text(resp)))
         else:
             if fresh or creds.expires_at is not None and creds.expires_at <= time.time() + 5:

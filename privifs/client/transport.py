@@ -271,7 +271,9 @@ class Transport:
     def error_for(resp: httpx.Response | Answer, what: str) -> Exception:
         status = resp.status_code
         detail = shapes.error_message(resp)
-        if status >= 500 or status == 429:
+        # a 408 (a proxy or load balancer that timed the request out) is no more the server's
+        # refusal than a 429 or a 5xx: the same request may well succeed on a later try
+        if status >= 500 or status in (408, 429):
             err = ServerError(f"{what}: the server failed (HTTP {status}: {detail})", status=status)
             ra = resp.headers.get("retry-after")
             err.retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None

@@ -87,6 +87,16 @@ class VaultLink:
             with trio.move_on_after(30):  # the connection may be replaced meanwhile: look again
                 return await tokens.hub.foreign_changes(settle)
 
+    def login_refused(self, since: float) -> str | None:
+        """Why the server refuses this connection's login, if a call met that refusal at or after
+        ``since`` (trio time) and no login succeeded since: every upload fails until the password
+        (its file) is right again or the account is back."""
+        session = self._tokens.transport.auth if self._tokens is not None else None
+        refusal = getattr(session, "refusal", None)
+        if refusal is None or session.refused_at is None or session.refused_at < since:
+            return None
+        return str(refusal)
+
     def _get(self) -> DataTokens:
         if self._tokens is None:
             raise ServerUnreachable(f"offline: {self.reason}")

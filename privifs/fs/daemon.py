@@ -57,6 +57,9 @@ log = logging.getLogger("privifs.fs.daemon")
 
 DRAIN_AFTER_UNMOUNT = 60.0
 UNREACHABLE_GRACE = 10.0
+# a flush stops waiting for a server that has answered write-backs only with failures of the
+# moment (5xx, 408, 429) for this long, and a probe fails too: it waited for ever before
+FAILING_GRACE = 60.0
 PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
 PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
 SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
@@ -510,6 +513,9 @@ class Daemon:
             size = sum(
                 n.size - (syncer.sent.get(n.ino, 0) if n.uploading else 0) for n in pending if n.content_dirty
             )  # bytes still to upload
+            # what stays staged if the flush gives up: all of it (an attempt that sent its bytes
+            # and failed stored none of them; counting them as sent said "15 changes (0 bytes)")
+            staged = sum(n.size for n in pending if n.content_dirty)
             if progress is not None:
                 await progress(
                     {
@@ -519,15 +525,35 @@ class Daemon:
                         "uploading": [self.ns.describe(n) for n in pending if n.uploading][:5],
                     }
                 )
-            stopped = self._engine_stopped(len(pending), size)
+            stopped = self._engine_stopped(len(pending), staged)
             if stopped is not None:
                 return stopped
             since = syncer.unreachable_since
             if since is not None and time.time() - since > UNREACHABLE_GRACE and not await self._server_answers():
                 return {
                     "error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
-                    f"({size} bytes) stay staged in {self.state_dir} "
+                    f"({staged} bytes) stay staged in {self.state_dir} "
                     f"and are uploaded at the next mount"
+                }
+            failing = syncer.failing_since
+            if (
+                failing is not None
+                and time.time() - failing > FAILING_GRACE
+                and trio.current_time() - started > UNREACHABLE_GRACE
+                and not await self._server_answers()
+            ):
+                return {
+                    "error": f"the server keeps failing ({syncer.last_error}); {len(pending)} changes "
+                    f"({staged} bytes)" + (f" and {deletes} deletes" if deletes else "") + f" stay staged in "
+                    f"{self.state_dir} and are uploaded once it works again (or at the next mount)"
+                }
+            refusal = self.connector.link.login_refused(started)
+            if refusal is not None and (pending or deletes):
+                return {
+                    "error": f"the server refuses the login ({refusal}); {len(pending)} changes ({staged} bytes)"
+                    + (f" and {deletes} deletes" if deletes else "")
+                    + f" stay staged in {self.state_dir} and are uploaded once it accepts it again "
+                    f"(the password file is read again then) or at the next mount"
                 }
             if pending and not deletes and not owed and syncer.refused_since(pending, started):
                 # retried since the flush began and refused again: waiting longer changes nothing

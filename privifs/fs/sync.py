@@ -64,6 +64,7 @@ from privifs.errors import (
     NotFoundError,
     PrivifsError,
     RequestRejected,
+    ServerError,
     ServerUnreachable,
     WriteBackFailed,
 )
@@ -227,6 +228,9 @@ class Syncer:
         self.uploads = 0
         self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
+        # since when the server answers write-backs only with failures of the moment (5xx, 408,
+        # 429: a proxy whose backend is down), until anything succeeds (see answered)
+        self.failing_since: float | None = None
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
@@ -520,6 +524,7 @@ class Syncer:
         what backed off meanwhile goes now. (Only a write-back's success ended it: while the
         first one after an outage ran, a big file's, status said UNREACHABLE and 'privifs
         umount' gave up on a server that answered.)"""
+        self.failing_since = None
         if self.unreachable_since is not None:
             self.unreachable_since = None
             self.retry_all_now()
@@ -545,6 +550,8 @@ class Syncer:
         self.last_error_at = time.time()
         if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
             self.unreachable_since = time.time()
+        if isinstance(exc, ServerError) and self.failing_since is None:
+            self.failing_since = time.time()
         log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
