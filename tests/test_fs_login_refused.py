@@ -93,3 +93,27 @@ def test_a_password_file_brought_up_to_date_lets_the_mount_go_on(tmp_path):
         assert "precious.txt" in [t["fileName"] for t in m.tokens()]
         assert "refused" not in privifs(m.env, "status", str(m.dir)).stdout.split("last error:")[0]
         m.umount()
+
+
+def test_umount_of_a_mount_that_came_back_to_a_refused_login_says_refused_not_unreachable(tmp_path):
+    """Started offline (the server gone), then the server answered but refused the login (the
+    password was changed meanwhile): umount said "the server is unreachable (offline: the
+    server refused username …)", which sent the user looking at the network."""
+    with own_engine_mount(tmp_path, ("--write-back-delay", "0")) as (eng, m):
+        m.mount()
+        m.umount()
+        change_password(eng.urls, m.username, PASSWORD, "changed-elsewhere-3")
+        eng.stop()
+        assert "OFFLINE" in m.mount().stdout
+        (m.dir / "precious.txt").write_text("do not lose me")
+        eng.start()
+        deadline = time.monotonic() + 120
+        while "refused username" not in (m.status()["connection"]["offline_reason"] or ""):
+            assert time.monotonic() < deadline, (m.status(), m.log()[-3000:])
+            m.control({"cmd": "flush", "timeout": 1})  # (asks the connector to try now)
+            time.sleep(0.5)
+        r = privifs(m.env, "umount", str(m.dir), check=False, timeout=120)
+        assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
+        assert "refuses the login" in r.stderr and "unreachable" not in r.stderr, r.stderr
+        assert "stay staged" in r.stderr and "Traceback" not in r.stderr
+        assert not is_mounted(m.dir)

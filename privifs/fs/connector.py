@@ -40,7 +40,7 @@ from privifs.client.datatokens import DataTokens, FileMeta, find
 from privifs.client.shapes import TokenInfo
 from privifs.client.transport import ClientOptions
 from privifs.crypto.keys import key_id
-from privifs.errors import PrivifsError, ServerUnreachable, VaultChanged, WrongKeyError
+from privifs.errors import AuthenticationError, PrivifsError, ServerUnreachable, VaultChanged, WrongKeyError
 from privifs.fs.tokenmeta import RESERVED_CONTEXT
 from privifs.keycheck import key_checks
 from privifs.supervise import Supervisor
@@ -64,6 +64,7 @@ class VaultLink:
         self.options = options
         self._tokens: DataTokens | None = None
         self.reason = "the vault has not been reached yet"
+        self.login_refused_offline = False  # offline because the server refused the login (it answers)
 
     @property
     def online(self) -> bool:
@@ -72,9 +73,10 @@ class VaultLink:
     def attach(self, tokens: DataTokens) -> None:
         self._tokens = tokens
 
-    def detach(self, reason: str) -> None:
+    def detach(self, reason: str, *, login_refused: bool = False) -> None:
         self._tokens = None
         self.reason = reason
+        self.login_refused_offline = login_refused
 
     async def foreign_changes(self, settle: float) -> int:
         """Another client's change, as the connected client's event channel reports it (see
@@ -264,7 +266,7 @@ class Connector:
                             f"this vault with this key on this machine"
                         ) from None
                     raise
-                self._went_offline(str(exc))
+                self._went_offline(str(exc), login_refused=isinstance(exc, AuthenticationError))
                 self.error = str(exc)
                 if first:
                     first = False
@@ -303,8 +305,8 @@ class Connector:
         self._attempted.set()
         self._attempted = trio.Event()
 
-    def _went_offline(self, reason: str) -> None:
-        self.link.detach(reason)
+    def _went_offline(self, reason: str, *, login_refused: bool = False) -> None:
+        self.link.detach(reason, login_refused=login_refused)
         if self.offline_since is None:
             self.offline_since = time.time()
 

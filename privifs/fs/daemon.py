@@ -494,10 +494,14 @@ class Daemon:
         if not await self.connector.try_now(UNREACHABLE_GRACE):
             pending = len(self.ns.pending())
             if pending or syncer.tombstone_count():
+                link = self.connector.link
+                if link.login_refused_offline:  # it answers: saying "unreachable" sent users looking at the network
+                    why, until = f"the server refuses the login ({link.reason})", "it accepts it again"
+                else:
+                    why, until = f"the server is unreachable (offline: {link.reason})", "it answers"
                 return {
-                    "error": f"the server is unreachable (offline: {self.connector.link.reason}); "
-                    f"{pending} changes stay staged in {self.state_dir} and are uploaded when "
-                    f"it answers (or at the next mount)"
+                    "error": f"{why}; {pending} changes stay staged in {self.state_dir} and are uploaded when "
+                    f"{until} (or at the next mount)"
                 }
             return {"done": True}
         started = trio.current_time()
