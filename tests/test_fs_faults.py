@@ -4,10 +4,13 @@ every failure is an errno with a log line naming the cause."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -192,3 +195,68 @@ def test_a_full_local_disk_gives_enospc_not_corruption(engine, tmp_path):
     finally:
         m.cleanup()
         subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+class Forwarder:
+    """A local port forwarding TCP to ``port`` until :meth:`close`, which drops its connections
+    and leaves the port refusing (a WebSocket server that went away)."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self.server.accept()
+                up = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            self.sockets += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # (wakes the blocked accept: close alone left it listening)
+        self.server.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def test_an_event_channel_that_cannot_be_joined_is_named_by_status_and_uploads_go_on(eng, tmp_path, capsys):
+    """Without the event WebSocket the mount uploads on (acknowledgements are polled), but the
+    vault sends downloaded data and other clients' changes over it: status said nothing of it."""
+    from privifs.cli.status_cmd import print_status
+
+    ws = Forwarder(int(eng.urls["ws"].rsplit(":", 1)[1].strip("/")))
+    m = Mount(tmp_path, dict(eng.urls, ws=f"ws://127.0.0.1:{ws.port}/"))
+    try:
+        with m.mounted():
+            assert m.status()["connection"]["events"]["connected"] is True
+            ws.close()
+            (m.dir / "f.txt").write_text("uploaded without events")
+            m.wait_idle()
+            st = m.status()
+            assert st["pending"] == [] and st["uploads_done"] >= 1 and st["last_error"] is None, st
+            events = st["connection"]["events"]
+            assert events["connected"] is False and events["down_since"] and events["down_reason"], events
+            events["down_since"] -= 60  # (status waits 30 s before naming it: a reconnect is no news)
+            print_status(st)
+            shown = capsys.readouterr().out
+            assert "EVENTS DOWN since" in shown and "event WebSocket cannot be joined" in shown, shown
+    finally:
+        ws.close()

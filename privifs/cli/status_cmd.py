@@ -26,6 +26,7 @@ from privifs.cli.mounttable import (
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
 
+EVENTS_GRACE = 30.0  # seconds the event channel may be down (a reconnect) before status names it
 ANSWER_TIMEOUT = 30.0  # longest silence of a daemon's control socket during umount's flush
 # how long status waits for a daemon's answer: a live daemon answers in milliseconds (its
 # control server runs on the FUSE loop, which never blocks); one that stays silent this long is
@@ -320,67 +321,80 @@ def run_status(args: argparse.Namespace) -> int:
     if not statuses:
         print("no privifs mounts")
     for st in statuses:
-        if "error" in st:
-            print(f"{st['mountpoint']}: {st['error']}")
-            if st.get("recover"):
-                print(f"  recover: {st['recover']}")
-            continue
-        print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
-        conn = st.get("connection") or {}
-        if st.get("engine_stopped"):
-            pid = st["engine_stopped"]
-            print(
-                f"  ENGINE STOPPED: the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) "
-                f"and answers nothing; uploads and uncached reads wait. Recover: kill -CONT {pid}   "
-                f"(or kill -9 {pid}: the mount starts it again)"
-            )
-        if conn and not conn.get("online"):
-            print(
-                f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "
-                f"are readable, writes are staged; reconnecting in the background"
-            )
-        elif st.get("unreachable_since"):
-            print(
-                f"  UNREACHABLE since {_ago(st['unreachable_since'])}: the server stopped answering; cached "
-                f"files are readable, writes are staged and uploaded as soon as it answers"
-            )
-        print(
-            f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
-            f"{st['pending_deletes']} deletes"
-        )
-        fsync_line = _fsync_line(st.get("fsync"))
-        if fsync_line:
-            print(fsync_line)
-        for p in st["pending"][:20]:
-            print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
-        if len(st["pending"]) > 20:
-            print(f"    … and {len(st['pending']) - 20} more")
-        print(
-            f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
-            f" ({st['cache']['dir']})"
-        )
-        print(f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})")
-        print(
-            f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
-            + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")
-        )
-        if st.get("parts_error"):
-            print(f"  parts sweep:  stopped: {st['parts_error']}")
-        print(
-            f"  last error:   {st['last_error'] or 'none'}"
-            + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")
-        )
-        if st.get("index_owed"):
-            print(
-                f"  index:        {st['index_owed']} changes shown but not yet recorded on disk "
-                f"({st['index_error']}); retried every few seconds"
-            )
-        if st.get("read_error"):
-            print(f"  fetch failed: {st['read_error']} at {_ago(st['read_error_at'])}")  # for a read or a write
-        for task in st.get("tasks", []):
-            if task["failures"]:
-                print(
-                    f"  task failed:  {task['name']}: {task['failures']} unexpected failures, last at "
-                    f"{_ago(task['last_error_at'])}: {task['last_error']} (restarted; see mount.log)"
-                )
+        print_status(st)
     return code
+
+
+def print_status(st: dict) -> None:
+    """One mount's status as ``privifs status`` shows it."""
+    if "error" in st:
+        print(f"{st['mountpoint']}: {st['error']}")
+        if st.get("recover"):
+            print(f"  recover: {st['recover']}")
+        return
+    print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
+    conn = st.get("connection") or {}
+    if st.get("engine_stopped"):
+        pid = st["engine_stopped"]
+        print(
+            f"  ENGINE STOPPED: the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) "
+            f"and answers nothing; uploads and uncached reads wait. Recover: kill -CONT {pid}   "
+            f"(or kill -9 {pid}: the mount starts it again)"
+        )
+    if conn and not conn.get("online"):
+        print(
+            f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "
+            f"are readable, writes are staged; reconnecting in the background"
+        )
+    elif st.get("unreachable_since"):
+        print(
+            f"  UNREACHABLE since {_ago(st['unreachable_since'])}: the server stopped answering; cached "
+            f"files are readable, writes are staged and uploaded as soon as it answers"
+        )
+    events = conn.get("events") or {}
+    if conn.get("online") and events.get("down_since") and time.time() - events["down_since"] > EVENTS_GRACE:
+        print(
+            f"  EVENTS DOWN since {_ago(events['down_since'])}: the event WebSocket cannot be joined "
+            f"({events.get('down_reason')}); uploads go on (acknowledgements are polled), but the "
+            f"vault sends downloads over it: files not in the cache fail with EIO; other clients' "
+            f"changes show at the next listing"
+        )
+    print(
+        f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
+        f"{st['pending_deletes']} deletes"
+    )
+    fsync_line = _fsync_line(st.get("fsync"))
+    if fsync_line:
+        print(fsync_line)
+    for p in st["pending"][:20]:
+        print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
+    if len(st["pending"]) > 20:
+        print(f"    … and {len(st['pending']) - 20} more")
+    print(
+        f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
+        f" ({st['cache']['dir']})"
+    )
+    print(f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})")
+    print(
+        f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
+        + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")
+    )
+    if st.get("parts_error"):
+        print(f"  parts sweep:  stopped: {st['parts_error']}")
+    print(
+        f"  last error:   {st['last_error'] or 'none'}"
+        + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")
+    )
+    if st.get("index_owed"):
+        print(
+            f"  index:        {st['index_owed']} changes shown but not yet recorded on disk "
+            f"({st['index_error']}); retried every few seconds"
+        )
+    if st.get("read_error"):
+        print(f"  fetch failed: {st['read_error']} at {_ago(st['read_error_at'])}")  # for a read or a write
+    for task in st.get("tasks", []):
+        if task["failures"]:
+            print(
+                f"  task failed:  {task['name']}: {task['failures']} unexpected failures, last at "
+                f"{_ago(task['last_error_at'])}: {task['last_error']} (restarted; see mount.log)"
+            )

@@ -100,6 +100,10 @@ class EventHub:
         self._foreign: OrderedDict[str, float] = OrderedDict()  # successful acks nobody claimed yet
         self._foreign_arrived = trio.Event()
         self.foreign_seen = 0
+        # since when (time.time()) and why the channel cannot be joined: ``privifs status`` says so
+        # (the mount works on by polling, but other clients' changes wait for the next listing)
+        self.down_since: float | None = None
+        self.down_reason: str | None = None
         session.on_token_change(lambda token: self._rejoin.set())
 
     # -- waiters -------------------------------------------------------------------------------
@@ -216,6 +220,7 @@ class EventHub:
         def joined() -> None:
             nonlocal started, delay
             delay = 0.2
+            self.down_since = self.down_reason = None
             if not started:
                 started = True
                 task_status.started()
@@ -227,6 +232,9 @@ class EventHub:
                     await self._connected_session(joined)
                 except Exception as exc:  # noqa: BLE001 - any failure means: reconnect later
                     log.debug("event channel unavailable: %r", exc)
+                    self.down_reason = (str(exc) or type(exc).__name__)[:200]
+                    if self.down_since is None:
+                        self.down_since = time.time()
                     if self.connected:
                         log.info("event channel disconnected; reconnecting")
                 finally:

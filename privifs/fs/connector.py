@@ -99,6 +99,13 @@ class VaultLink:
             return None
         return str(refusal)
 
+    def events(self) -> dict | None:
+        """The event channel's state while online (``None`` offline, or without a channel)."""
+        hub = self._tokens.hub if self._tokens is not None else None
+        if hub is None or not hub.url:
+            return None
+        return {"connected": hub.connected, "down_since": hub.down_since, "down_reason": hub.down_reason}
+
     def _get(self) -> DataTokens:
         if self._tokens is None:
             raise ServerUnreachable(f"offline: {self.reason}")
@@ -198,6 +205,7 @@ class Connector:
             "offline_since": self.offline_since,
             "offline_reason": None if self.link.online else self.link.reason,
             "connect_error": self.error,
+            "events": self.link.events(),
         }
 
     async def try_now(self, timeout: float) -> bool:
