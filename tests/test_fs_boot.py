@@ -107,6 +107,42 @@ def test_mount_t_fuse_privifs_works_and_a_plain_umount_loses_nothing(engine, tmp
         m.cleanup()
 
 
+def mount_source(path: Path) -> str | None:
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == str(path):
+                return fields[0].replace("\\054", ",")
+    return None
+
+
+def test_the_source_mount_8_is_given_names_the_mount(engine, tmp_path):
+    """'mount -t fuse.privifs SOURCE DIR' showed every privifs mount as 'privifs' in /proc/mounts,
+    whatever SOURCE was: two mounts could not be told apart by their source (findmnt -S, df,
+    xfstests' TEST_DEV/SCRATCH_DEV checks, 'umount SOURCE'). The helper is run as mount(8) runs it."""
+    m = Mount(tmp_path, engine.urls)
+    try:
+        m.mount()  # provisions the vault
+        m.umount()
+        config = m.root / "config" / "privifs" / "config.toml"
+        helper = [sys.executable, "-c", "import sys; from privifs.cli.mount_helper import main; sys.exit(main())"]
+        r = subprocess.run(
+            [*helper, "vault,one", str(m.dir), "-o", f"rw,config={config}"],
+            env=m.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert mount_source(m.dir) == "vault,one"
+        assert fstype(m.dir) == "fuse.privifs"
+        m.umount()
+        m.mount()  # privifs mount itself: the source stays 'privifs'
+        assert mount_source(m.dir) == "privifs"
+    finally:
+        m.cleanup()
+
+
 def test_helper_translates_mount_options_into_privifs_mount():
     args, fake = translate(
         [
@@ -119,6 +155,8 @@ def test_helper_translates_mount_options_into_privifs_mount():
     )
     assert args == ["--config", "/etc/p.toml", "mount", "/mnt/v", "--allow-other", "--cache-size", "1G"]
     assert not fake
+    args, _ = translate(["scratch-vault", "/mnt/v", "-o", "rw"])
+    assert args == ["mount", "/mnt/v", "--fsname", "scratch-vault"]
     args, fake = translate(["privifs", "/mnt/v", "-f", "-o", "ro,uid=1000,gid=100,umask=077,refresh_interval=5"])
     assert args == [
         "mount",

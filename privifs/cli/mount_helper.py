@@ -25,8 +25,10 @@ ready, leaving its daemon behind) and exits with its status:
 ``atime`` family, ``async``
 =====================================  ==========================================
 
-Any other option is an error (``-s``, sloppy, ignores it instead). ``-f`` (fake) checks the
-options and mounts nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
+SOURCE is the mount's source in ``/proc/mounts``, ``df`` and ``findmnt -S`` (``privifs`` unless
+another is given), so several privifs mounts can be told apart by their source. Any other option
+is an error (``-s``, sloppy, ignores it instead). ``-f`` (fake) checks the options and mounts
+nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
 after the unmount, or at the next mount) or ``privifs umount DIR`` (waits for them).
 """
 
@@ -116,6 +118,8 @@ def translate(argv: list[str]) -> tuple[list[str], bool]:
         elif not sloppy:
             raise UsageError(f"unknown mount option {option!r} (see 'pydoc privifs.cli.mount_helper')")
     head = ["--config", config] if config else []
+    if source not in ("", "none", "privifs"):  # shown as the mount's source (/proc/mounts, df, findmnt -S)
+        mount_args += ["--fsname", source]
     return [*head, "mount", mountpoint, *mount_args], fake
 
 

@@ -73,7 +73,13 @@ class MountConfig:
     server_timeout: float = 30.0  # the login's answer; then a vault mounted here before starts offline
     allow_other: bool = False
     state_dir: Path | None = None
+    fsname: str = "privifs"  # the mount's source in /proc/mounts (mount(8)'s SOURCE)
     fs: MountOptions = field(default_factory=MountOptions)
+
+
+def _fuse_option_value(value: str) -> str:
+    """``value`` escaped for libfuse's option parser (which splits on ``,`` unless escaped by ``\\``)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def vault_id(cfg: Config) -> str:
@@ -292,7 +298,10 @@ class Daemon:
             self.ns, self.staging, self.cache = ns, staging, cache
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             online = await self._connect(account, links, link, refresher, syncer)
-            options = set(pyfuse3.default_options) | {"fsname=privifs", "subtype=privifs"}
+            options = set(pyfuse3.default_options) | {
+                f"fsname={_fuse_option_value(self.mcfg.fsname)}",
+                "subtype=privifs",
+            }
             if self.mcfg.allow_other:
                 options.add("allow_other")
             if opts.read_only:
