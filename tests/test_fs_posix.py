@@ -518,3 +518,24 @@ def test_fifos_sockets_and_device_nodes_can_be_made_and_used(d):
     # that they are stored as tokens of their type is tested in-process (test_fs_api.py)
     for name in ("pipe", "sock", "dev"):
         os.unlink(d / name)
+
+
+def test_a_directory_removed_or_renamed_over_while_open_has_no_links(d):
+    """xfstests generic/035 (src/t_rename_overwrite): fstat of an open directory that a rename
+    replaced said st_nlink 2 (a file replaced the same way says 0), so did one removed by rmdir."""
+    (d / "dir1").mkdir()
+    (d / "dir2").mkdir()
+    fd = os.open(d / "dir2", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rename(d / "dir1", d / "dir2")
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+    (d / "gone").mkdir()
+    fd = os.open(d / "gone", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(d / "gone")
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)
+    assert os.stat(d / "dir2").st_nlink == 2

@@ -231,7 +231,9 @@ class Filesystem:
         special = SPECIAL_KINDS.get(node.kind)
         e.st_mode = special | (node.mode & 0o7777) if special is not None else node.st_mode()
         if node.is_dir:
-            e.st_nlink = 2 + node.subdirs  # kept by the namespace: counting was O(entries) per getattr
+            # kept by the namespace: counting was O(entries) per getattr; a removed directory (rmdir,
+            # or a rename over it) still open has none, as a removed file
+            e.st_nlink = 0 if node.unlinked else 2 + node.subdirs
             size = 4096
         else:
             e.st_nlink = 0 if node.unlinked else 1
