@@ -285,3 +285,30 @@ def test_the_systemd_user_unit_brings_the_drive_back_after_its_daemon_was_killed
         if is_mounted(drive):
             subprocess.run(["fusermount3", "-u", "-z", str(drive)], timeout=30, check=False)
         m.cleanup()
+
+
+def test_a_mount_right_after_a_plain_umount_takes_over_from_the_daemon_still_uploading(eng, tmp_path):
+    """'umount DIR; mount DIR' (xfstests' cycle mounts, a remount by hand): the daemon of the
+    unmounted drive goes on uploading for up to a minute, holding the mountpoint, and the new
+    mount failed with "another privifs is mounting at DIR right now". It now stops that daemon
+    (what it had not uploaded stays staged) and mounts; the new daemon uploads the rest."""
+    m = Mount(tmp_path, eng.urls)
+    try:
+        m.mount()
+        old = m.pid
+        data = os.urandom(2_000_000)
+        eng.set_options(stream_bytes_per_second=200_000)  # its upload takes about 10 s
+        (m.dir / "big.bin").write_bytes(data)
+        r = subprocess.run(["umount", str(m.dir)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert pid_alive(old), "the daemon had already ended: the drain this test needs did not happen"
+        r = m.mount(check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert m.pid != old and not pid_alive(old)
+        assert (m.dir / "big.bin").read_bytes() == data
+        eng.set_options(stream_bytes_per_second=0)
+        m.umount()
+        assert ("/", "big.bin") in [(t["context"], t["fileName"]) for t in m.tokens()]
+    finally:
+        eng.set_options(stream_bytes_per_second=0)
+        m.cleanup()

@@ -9,7 +9,8 @@ machine has mounted the vault before, the mount starts offline and the connector
 the background. The write-back workers, the refresher and the control socket run beside
 ``pyfuse3.main``. When the filesystem is unmounted (``privifs umount``, ``fusermount3 -u``,
 ``umount``, SIGTERM) the daemon keeps uploading what is pending for a while; anything left stays
-staged for the next mount.
+staged for the next mount. A signal in that while ends it at once, as a new mount at the same
+mountpoint asks (it waits for the daemon to end, then uploads what it left).
 
 The control socket (``control.sock`` in the state directory, mode 0600) takes one JSON line
 (``status``, ``flush``, ``refresh``, ``unmount``) and answers JSON lines; ``privifs status`` and
@@ -56,6 +57,7 @@ from privifs.supervise import Supervisor
 log = logging.getLogger("privifs.fs.daemon")
 
 DRAIN_AFTER_UNMOUNT = 60.0
+TAKEOVER_WAIT = 30.0  # how long a new mount waits for the daemon of an unmounted drive to end
 UNREACHABLE_GRACE = 10.0
 PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
 PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
@@ -158,6 +160,7 @@ class Daemon:
         self.account = None  # the open account (its embedded engine, watched), once serving
         self._unmounting = False
         self._drain = DRAIN_AFTER_UNMOUNT  # how long uploads go on after the unmount
+        self._draining: trio.CancelScope | None = None  # those uploads, once unmounted
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _lock(self):
@@ -174,26 +177,63 @@ class Daemon:
         (self.state_dir / "mountpoint").write_text(str(self.mountpoint) + "\n")
         return lock
 
-    def _claim_mountpoint(self) -> int:
+    async def _claim_mountpoint(self) -> int:
         """An exclusive lock on the mountpoint directory itself (a descriptor of the directory
         the mount will cover, held until the daemon ends): two mounts started at once on one
         mountpoint, of any user or vault, both passed the 'already a mountpoint' check before
-        either had mounted, and stacked; one umount then took both down."""
+        either had mounted, and stacked; one umount then took both down.
+
+        The daemon of a drive just unmounted here holds it while it finishes its uploads (up to
+        :data:`DRAIN_AFTER_UNMOUNT`): ``umount DIR; mount DIR`` failed with "another privifs is
+        mounting". That daemon is asked to stop (SIGTERM: what it had not uploaded stays staged,
+        and this mount uploads it) and the lock is waited for."""
         try:
             fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise ConfigError(f"mountpoint {self.mountpoint} cannot be opened: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
         except OSError:
+            pass
+        try:
+            pid = self._unmounted_predecessor()
+            if pid is not None:
+                log.info("the daemon of the drive unmounted here (pid %d) is still ending; asking it to stop", pid)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
+                with trio.move_on_after(TAKEOVER_WAIT):
+                    while True:
+                        await trio.sleep(0.1)
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            return fd
+                        except OSError:
+                            pass
+        except BaseException:
             os.close(fd)
-            raise ConfigError(f"another privifs is mounting at {self.mountpoint} right now") from None
-        return fd
+            raise
+        os.close(fd)
+        raise ConfigError(f"another privifs is mounting at {self.mountpoint} right now")
+
+    def _unmounted_predecessor(self) -> int | None:
+        """The pid of this user's daemon registered for this mountpoint that still runs while
+        the drive is no longer mounted there (it is finishing its uploads), if there is one."""
+        try:
+            entry = json.loads(registry_path(self.mountpoint).read_text())
+            pid = int(entry["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if pid == os.getpid() or not paths.pid_alive(pid) or not paths.is_mount_daemon(pid):
+            return None
+        if entry.get("mountpoint") != str(self.mountpoint) or os.path.ismount(self.mountpoint):
+            return None
+        return pid
 
     async def run(self, ready) -> None:
         if not self.mountpoint.is_dir():
             raise ConfigError(f"mountpoint {self.mountpoint} does not exist or is not a directory")
-        claim = self._claim_mountpoint()
+        claim = await self._claim_mountpoint()
         try:
             await self._run_claimed(ready)
         finally:
@@ -340,8 +380,14 @@ class Daemon:
                         pyfuse3.close(unmount=True)
                     if self._drain > 0:
                         log.info("unmounted %s; finishing pending uploads", self.mountpoint)
-                        result = await self.flush(None, self._drain)
-                        if result.get("error"):
+                        result = {}
+                        with trio.CancelScope() as self._draining:
+                            result = await self.flush(None, self._drain)
+                        if self._draining.cancelled_caught:
+                            log.info(
+                                "stopped by a signal; %d changes stay staged for the next mount", len(self.ns.pending())
+                            )
+                        elif result.get("error"):
                             log.warning("%s", result["error"])
                     else:  # 'privifs umount' has already waited for them and said what stays staged
                         log.info(
@@ -363,6 +409,9 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
+                if self._draining is not None:  # unmounted, finishing uploads: a signal ends that
+                    self._draining.cancel()
+                    continue
                 log.info("signal received: unmounting")
                 self.unmount()
 
