@@ -539,3 +539,16 @@ def test_a_directory_removed_or_renamed_over_while_open_has_no_links(d):
     finally:
         os.close(fd)
     assert os.stat(d / "dir2").st_nlink == 2
+
+
+def test_rename_whiteout_is_refused_not_ignored(d):
+    """xfstests generic/078: renameat2(RENAME_WHITEOUT) was accepted and did a plain rename, leaving
+    no whiteout (a 0:0 character device) at the old name, as if the flag were supported; an
+    unsupported rename flag is EINVAL (as RENAME_EXCHANGE is), and nothing moves."""
+    (d / "a").write_text("a")
+    (d / "b").write_text("b")
+    for new in ("b", "c"):
+        with pytest.raises(OSError) as info:
+            renameat2(str(d / "a"), str(d / new), 4)  # RENAME_WHITEOUT
+        assert info.value.errno == errno.EINVAL
+    assert sorted(os.listdir(d)) == ["a", "b"] and (d / "b").read_text() == "b"

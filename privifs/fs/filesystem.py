@@ -537,7 +537,7 @@ class Filesystem:
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int) -> None:
         self.writable_fs()
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT (it was ignored)
             raise fail(errno.EINVAL)
         old_parent = self.dir_node(old_parent_ino)
         new_parent = self.dir_node(new_parent_ino)
