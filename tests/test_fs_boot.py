@@ -182,6 +182,9 @@ def test_helper_translates_mount_options_into_privifs_mount():
 def test_helper_refuses_unknown_options_and_a_missing_configuration(tmp_path, capsys, monkeypatch):
     assert helper_main(["privifs", str(tmp_path), "-o", "frobnicate"]) == 1
     assert "unknown mount option 'frobnicate'" in capsys.readouterr().err
+    # mount -o remount,ro DIR (xfstests generic/452): said to be an unknown option
+    assert helper_main(["privifs", str(tmp_path), "-o", "remount,ro"]) == 1
+    assert f"remount is not supported: unmount {tmp_path}, then mount it again" in capsys.readouterr().err
     assert helper_main(["privifs", str(tmp_path), "-s", "-f", "-o", f"frobnicate,config={__file__}"]) == 0
     monkeypatch.setenv("PRIVIFS_CONFIG", str(tmp_path / "missing.toml"))
     assert helper_main(["privifs", str(tmp_path), "-o", "rw"]) == 32

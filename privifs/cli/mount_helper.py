@@ -27,7 +27,8 @@ ready, leaving its daemon behind) and exits with its status:
 
 SOURCE is the mount's source in ``/proc/mounts``, ``df`` and ``findmnt -S`` (``privifs`` unless
 another is given), so several privifs mounts can be told apart by their source. Any other option
-is an error (``-s``, sloppy, ignores it instead). ``-f`` (fake) checks the options and mounts
+is an error (``-s``, sloppy, ignores it instead); ``remount`` is refused, sloppy or not (unmount
+and mount again). ``-f`` (fake) checks the options and mounts
 nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
 after the unmount, or at the next mount) or ``privifs umount DIR`` (waits for them).
 """
@@ -116,6 +117,10 @@ def _translate(argv: list[str]) -> tuple[list[str], bool, bool]:
     mount_args: list[str] = []
     for option in options:
         name, eq, value = option.partition("=")
+        if name == "remount" and not eq:  # mount -o remount,ro DIR: the daemon cannot change its options
+            raise UsageError(
+                f"remount is not supported: unmount {mountpoint}, then mount it again with the new options"
+            )
         if name == "config" and eq:
             config = value
         elif name in VALUED and eq:
