@@ -67,12 +67,6 @@ def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
 
-def _forget_content(ino: int) -> None:
-    """The kernel drops the pages it caches of ``ino`` (and its attributes)."""
-    with suppress(OSError, pyfuse3.FUSEError):  # it did not know the inode
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-
-
 def _forget_attributes(ino: int) -> None:
     """The kernel drops the attributes it holds of ``ino`` (asks again at their next use)."""
     with suppress(OSError, pyfuse3.FUSEError):  # it did not know the inode
@@ -140,6 +134,7 @@ class Filesystem:
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
+        self._direct_written: set[int] = set()  # inodes written through O_DIRECT since their last open
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -592,7 +587,10 @@ class Filesystem:
         self.handles[fh.fh] = fh
         self.ns.opened(node, writable=writable)
         info = pyfuse3.FileInfo(fh=fh.fh)
-        info.keep_cache = True  # remote changes invalidate the kernel's page cache explicitly
+        # remote changes invalidate the kernel's page cache explicitly; an O_DIRECT write since
+        # the last open has the kernel drop it at this open (see write)
+        info.keep_cache = node.ino not in self._direct_written
+        self._direct_written.discard(node.ino)
         return info
 
     async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
@@ -954,13 +952,15 @@ class Filesystem:
             raise
         self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
         self.mark_content_dirty(node)
-        if fh.direct and self.kernel:
+        if fh.direct:
             # the kernel drops cached pages of the range before an O_DIRECT write, but after an
             # asynchronous one (aio, io_uring) it drops nothing, and a buffered read running
             # meanwhile cached the old bytes for good (keep_cache): a later read(2) returned them
-            # (xfstests generic/451). Dropped here, before the write is answered; from a thread,
-            # as the kernel waits for pages whose reads this loop must answer.
-            await trio.to_thread.run_sync(_forget_content, node.ino)
+            # (xfstests generic/451). The next open of the file drops them (no keep_cache). Not
+            # an invalidation from here: it waits for pages under writeback (a program's mmap
+            # writes), whose requests the kernel holds back until this write is answered (fsx -Z
+            # hung so, generic/263)
+            self._direct_written.add(node.ino)
         return n
 
     async def fsync(self, fh_id: int, datasync: bool = False) -> None:
