@@ -186,7 +186,8 @@ class Daemon:
         The daemon of a drive just unmounted here holds it while it finishes its uploads (up to
         :data:`DRAIN_AFTER_UNMOUNT`): ``umount DIR; mount DIR`` failed with "another privifs is
         mounting". That daemon is asked to stop (SIGTERM: what it had not uploaded stays staged,
-        and this mount uploads it) and the lock is waited for."""
+        and this mount uploads it) and the lock is waited for while nothing is mounted here (a
+        daemon past its uploads has left the registry, but still holds it while it ends)."""
         try:
             fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -197,19 +198,25 @@ class Daemon:
         except OSError:
             pass
         try:
-            pid = self._unmounted_predecessor()
-            if pid is not None:
-                log.info("the daemon of the drive unmounted here (pid %d) is still ending; asking it to stop", pid)
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)
-                with trio.move_on_after(TAKEOVER_WAIT):
-                    while True:
-                        await trio.sleep(0.1)
-                        try:
-                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                            return fd
-                        except OSError:
-                            pass
+            signalled = set()
+            with trio.move_on_after(TAKEOVER_WAIT):
+                # while nothing is mounted here, the holder is a daemon ending (it may have left
+                # the registry already: then it is past its uploads) or one about to mount
+                while not await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
+                    pid = self._unmounted_predecessor()
+                    if pid is not None and pid not in signalled:
+                        log.info(
+                            "the daemon of the drive unmounted here (pid %d) is still ending; asking it to stop", pid
+                        )
+                        signalled.add(pid)
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGTERM)
+                    await trio.sleep(0.1)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        return fd
+                    except OSError:
+                        pass
         except BaseException:
             os.close(fd)
             raise
