@@ -134,7 +134,7 @@ class Filesystem:
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
-        self._direct_written: set[int] = set()  # inodes written through O_DIRECT since their last open
+        self._direct_written: set[int] = set()  # inodes written through O_DIRECT (in this mount)
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -587,10 +587,11 @@ class Filesystem:
         self.handles[fh.fh] = fh
         self.ns.opened(node, writable=writable)
         info = pyfuse3.FileInfo(fh=fh.fh)
-        # remote changes invalidate the kernel's page cache explicitly; an O_DIRECT write since
-        # the last open has the kernel drop it at this open (see write)
+        # remote changes invalidate the kernel's page cache explicitly; a file written through
+        # O_DIRECT has the kernel drop it at every open (see write). Not only at the first open
+        # after such a write: the kernel drops the pages in that opener's context, after the
+        # answer, and another open answered meanwhile read them first (generic/451, now and then)
         info.keep_cache = node.ino not in self._direct_written
-        self._direct_written.discard(node.ino)
         return info
 
     async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
@@ -956,7 +957,7 @@ class Filesystem:
             # the kernel drops cached pages of the range before an O_DIRECT write, but after an
             # asynchronous one (aio, io_uring) it drops nothing, and a buffered read running
             # meanwhile cached the old bytes for good (keep_cache): a later read(2) returned them
-            # (xfstests generic/451). The next open of the file drops them (no keep_cache). Not
+            # (xfstests generic/451). Every open of the file drops them from now (no keep_cache). Not
             # an invalidation from here: it waits for pages under writeback (a program's mmap
             # writes), whose requests the kernel holds back until this write is answered (fsx -Z
             # hung so, generic/263)
