@@ -108,6 +108,8 @@ def register(sub) -> None:
         "durable on this disk, the upload follows (a lost machine loses it until then)",
     )
     p.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    # the source mount(8) was given (mount.fuse.privifs SOURCE DIR): the mount's name in /proc/mounts
+    p.add_argument("--fsname", default="privifs", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-file", type=Path, help=argparse.SUPPRESS)
     p.set_defaults(func=run_mount)
@@ -186,6 +188,7 @@ def _mount_config(args: argparse.Namespace):
         server_timeout=args.server_timeout,
         allow_other=args.allow_other,
         state_dir=args.state_dir,
+        fsname=args.fsname,
         fs=MountOptions(
             uid=args.uid,
             gid=args.gid,
@@ -339,6 +342,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out += ["--cache-dir", str(args.cache_dir.resolve())]
     if args.state_dir:
         out += ["--state-dir", str(args.state_dir.resolve())]
+    if args.fsname != "privifs":
+        out += ["--fsname", args.fsname]
     if args.read_only:
         out.append("--read-only")
     if args.allow_other:

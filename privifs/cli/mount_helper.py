@@ -25,14 +25,19 @@ ready, leaving its daemon behind) and exits with its status:
 ``atime`` family, ``async``
 =====================================  ==========================================
 
-Any other option is an error (``-s``, sloppy, ignores it instead). ``-f`` (fake) checks the
-options and mounts nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
+SOURCE is the mount's source in ``/proc/mounts``, ``df`` and ``findmnt -S`` (``privifs`` unless
+another is given), so several privifs mounts can be told apart by their source. Any other option
+is an error (``-s``, sloppy, ignores it instead); ``remount`` is refused, sloppy or not (unmount
+and mount again). ``-f`` (fake) checks the options and mounts
+nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
 after the unmount, or at the next mount) or ``privifs umount DIR`` (waits for them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import getopt
+import io
 import sys
 from pathlib import Path
 
@@ -91,6 +96,12 @@ class UsageError(Exception):
 
 def translate(argv: list[str]) -> tuple[list[str], bool]:
     """mount(8)'s helper arguments → (the ``privifs`` arguments, fake)."""
+    args, fake, _ = _translate(argv)
+    return args, fake
+
+
+def _translate(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """mount(8)'s helper arguments → (the ``privifs`` arguments, fake, verbose)."""
     try:
         opts, rest = getopt.gnu_getopt(argv, "sfnvo:t:N:")
     except getopt.GetoptError as exc:
@@ -100,11 +111,16 @@ def translate(argv: list[str]) -> tuple[list[str], bool]:
     source, mountpoint = rest
     sloppy = any(o == "-s" for o, _ in opts)
     fake = any(o == "-f" for o, _ in opts)
+    verbose = any(o == "-v" for o, _ in opts)
     options = [part for o, v in opts if o == "-o" for part in v.split(",") if part]
     config: str | None = source if source not in ("", "none", "privifs") and Path(source).is_file() else None
     mount_args: list[str] = []
     for option in options:
         name, eq, value = option.partition("=")
+        if name == "remount" and not eq:  # mount -o remount,ro DIR: the daemon cannot change its options
+            raise UsageError(
+                f"remount is not supported: unmount {mountpoint}, then mount it again with the new options"
+            )
         if name == "config" and eq:
             config = value
         elif name in VALUED and eq:
@@ -116,12 +132,14 @@ def translate(argv: list[str]) -> tuple[list[str], bool]:
         elif not sloppy:
             raise UsageError(f"unknown mount option {option!r} (see 'pydoc privifs.cli.mount_helper')")
     head = ["--config", config] if config else []
-    return [*head, "mount", mountpoint, *mount_args], fake
+    if source not in ("", "none", "privifs"):  # shown as the mount's source (/proc/mounts, df, findmnt -S)
+        mount_args += ["--fsname", source]
+    return [*head, "mount", mountpoint, *mount_args], fake, verbose
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, fake = translate(sys.argv[1:] if argv is None else argv)
+        args, fake, verbose = _translate(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:
         print(f"mount.fuse.privifs: {exc}", file=sys.stderr)
         return USAGE
@@ -142,7 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     from privifs.cli.failures import EXIT_USAGE
 
     try:
-        code = privifs_main(args)
+        # mount(8) and its helpers say nothing on success ('mounted … at DIR' only with -v): scripts
+        # and test harnesses that mount compare their output; failures go to stderr, and so does
+        # anything else privifs mount says (an OFFLINE start)
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(said):
+                code = privifs_main(args)
+        finally:
+            for line in said.getvalue().splitlines():
+                if verbose:
+                    print(line)
+                elif not (line.startswith("mounted ") and "OFFLINE" not in line):
+                    print(line, file=sys.stderr)
     except SystemExit as exc:  # the command line refused an option value (argparse's exit 2)
         code = exc.code
         if code == EXIT_USAGE:

@@ -9,7 +9,8 @@ machine has mounted the vault before, the mount starts offline and the connector
 the background. The write-back workers, the refresher and the control socket run beside
 ``pyfuse3.main``. When the filesystem is unmounted (``privifs umount``, ``fusermount3 -u``,
 ``umount``, SIGTERM) the daemon keeps uploading what is pending for a while; anything left stays
-staged for the next mount.
+staged for the next mount. A signal in that while ends it at once, as a new mount at the same
+mountpoint asks (it waits for the daemon to end, then uploads what it left).
 
 The control socket (``control.sock`` in the state directory, mode 0600) takes one JSON line
 (``status``, ``flush``, ``refresh``, ``unmount``) and answers JSON lines; ``privifs status`` and
@@ -56,6 +57,7 @@ from privifs.supervise import Supervisor
 log = logging.getLogger("privifs.fs.daemon")
 
 DRAIN_AFTER_UNMOUNT = 60.0
+TAKEOVER_WAIT = 30.0  # how long a new mount waits for the daemon of an unmounted drive to end
 UNREACHABLE_GRACE = 10.0
 # a flush stops waiting for a server that has answered write-backs only with failures of the
 # moment (5xx, 408, 429) for this long, and a probe fails too: it waited for ever before
@@ -76,7 +78,13 @@ class MountConfig:
     server_timeout: float = 30.0  # the login's answer; then a vault mounted here before starts offline
     allow_other: bool = False
     state_dir: Path | None = None
+    fsname: str = "privifs"  # the mount's source in /proc/mounts (mount(8)'s SOURCE)
     fs: MountOptions = field(default_factory=MountOptions)
+
+
+def _fuse_option_value(value: str) -> str:
+    """``value`` escaped for libfuse's option parser (which splits on ``,`` unless escaped by ``\\``)."""
+    return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
 def vault_id(cfg: Config) -> str:
@@ -155,6 +163,7 @@ class Daemon:
         self.account = None  # the open account (its embedded engine, watched), once serving
         self._unmounting = False
         self._drain = DRAIN_AFTER_UNMOUNT  # how long uploads go on after the unmount
+        self._draining: trio.CancelScope | None = None  # those uploads, once unmounted
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _lock(self):
@@ -171,26 +180,70 @@ class Daemon:
         (self.state_dir / "mountpoint").write_text(str(self.mountpoint) + "\n")
         return lock
 
-    def _claim_mountpoint(self) -> int:
+    async def _claim_mountpoint(self) -> int:
         """An exclusive lock on the mountpoint directory itself (a descriptor of the directory
         the mount will cover, held until the daemon ends): two mounts started at once on one
         mountpoint, of any user or vault, both passed the 'already a mountpoint' check before
-        either had mounted, and stacked; one umount then took both down."""
+        either had mounted, and stacked; one umount then took both down.
+
+        The daemon of a drive just unmounted here holds it while it finishes its uploads (up to
+        :data:`DRAIN_AFTER_UNMOUNT`): ``umount DIR; mount DIR`` failed with "another privifs is
+        mounting". That daemon is asked to stop (SIGTERM: what it had not uploaded stays staged,
+        and this mount uploads it) and the lock is waited for while nothing is mounted here (a
+        daemon past its uploads has left the registry, but still holds it while it ends)."""
         try:
             fd = os.open(self.mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise ConfigError(f"mountpoint {self.mountpoint} cannot be opened: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
         except OSError:
+            pass
+        try:
+            signalled = set()
+            with trio.move_on_after(TAKEOVER_WAIT):
+                # while nothing is mounted here, the holder is a daemon ending (it may have left
+                # the registry already: then it is past its uploads) or one about to mount
+                while not await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
+                    pid = self._unmounted_predecessor()
+                    if pid is not None and pid not in signalled:
+                        log.info(
+                            "the daemon of the drive unmounted here (pid %d) is still ending; asking it to stop", pid
+                        )
+                        signalled.add(pid)
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGTERM)
+                    await trio.sleep(0.1)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        return fd
+                    except OSError:
+                        pass
+        except BaseException:
             os.close(fd)
-            raise ConfigError(f"another privifs is mounting at {self.mountpoint} right now") from None
-        return fd
+            raise
+        os.close(fd)
+        raise ConfigError(f"another privifs is mounting at {self.mountpoint} right now")
+
+    def _unmounted_predecessor(self) -> int | None:
+        """The pid of this user's daemon registered for this mountpoint that still runs while
+        the drive is no longer mounted there (it is finishing its uploads), if there is one."""
+        try:
+            entry = json.loads(registry_path(self.mountpoint).read_text())
+            pid = int(entry["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if pid == os.getpid() or not paths.pid_alive(pid) or not paths.is_mount_daemon(pid):
+            return None
+        if entry.get("mountpoint") != str(self.mountpoint) or os.path.ismount(self.mountpoint):
+            return None
+        return pid
 
     async def run(self, ready) -> None:
         if not self.mountpoint.is_dir():
             raise ConfigError(f"mountpoint {self.mountpoint} does not exist or is not a directory")
-        claim = self._claim_mountpoint()
+        claim = await self._claim_mountpoint()
         try:
             await self._run_claimed(ready)
         finally:
@@ -295,7 +348,10 @@ class Daemon:
             self.ns, self.staging, self.cache = ns, staging, cache
             self.fs, self.syncer, self.refresher = fs, syncer, refresher
             online = await self._connect(account, links, link, refresher, syncer)
-            options = set(pyfuse3.default_options) | {"fsname=privifs", "subtype=privifs"}
+            options = set(pyfuse3.default_options) | {
+                f"fsname={_fuse_option_value(self.mcfg.fsname)}",
+                "subtype=privifs",
+            }
             if self.mcfg.allow_other:
                 options.add("allow_other")
             if opts.read_only:
@@ -334,8 +390,14 @@ class Daemon:
                         pyfuse3.close(unmount=True)
                     if self._drain > 0:
                         log.info("unmounted %s; finishing pending uploads", self.mountpoint)
-                        result = await self.flush(None, self._drain)
-                        if result.get("error"):
+                        result = {}
+                        with trio.CancelScope() as self._draining:
+                            result = await self.flush(None, self._drain)
+                        if self._draining.cancelled_caught:
+                            log.info(
+                                "stopped by a signal; %d changes stay staged for the next mount", len(self.ns.pending())
+                            )
+                        elif result.get("error"):
                             log.warning("%s", result["error"])
                     else:  # 'privifs umount' has already waited for them and said what stays staged
                         log.info(
@@ -357,6 +419,9 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
+                if self._draining is not None:  # unmounted, finishing uploads: a signal ends that
+                    self._draining.cancel()
+                    continue
                 log.info("signal received: unmounting")
                 self.unmount()
 

@@ -93,13 +93,14 @@ class MountOptions:
 
 
 class FileHandle:
-    __slots__ = ("fh", "node", "writable", "append", "reader", "reader_token")
+    __slots__ = ("fh", "node", "writable", "append", "direct", "reader", "reader_token")
 
-    def __init__(self, fh: int, node: Node, writable: bool, append: bool):
+    def __init__(self, fh: int, node: Node, writable: bool, append: bool, direct: bool = False):
         self.fh = fh
         self.node = node
         self.writable = writable
         self.append = append
+        self.direct = direct  # opened with O_DIRECT: its writes bypass the kernel's page cache
         self.reader: SealedFile | None = None
         self.reader_token: str | None = None
 
@@ -133,6 +134,7 @@ class Filesystem:
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
+        self._direct_written: set[int] = set()  # inodes written through O_DIRECT (in this mount)
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -231,7 +233,9 @@ class Filesystem:
         special = SPECIAL_KINDS.get(node.kind)
         e.st_mode = special | (node.mode & 0o7777) if special is not None else node.st_mode()
         if node.is_dir:
-            e.st_nlink = 2 + node.subdirs  # kept by the namespace: counting was O(entries) per getattr
+            # kept by the namespace: counting was O(entries) per getattr; a removed directory (rmdir,
+            # or a rename over it) still open has none, as a removed file
+            e.st_nlink = 0 if node.unlinked else 2 + node.subdirs
             size = 4096
         else:
             e.st_nlink = 0 if node.unlinked else 1
@@ -535,7 +539,7 @@ class Filesystem:
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int) -> None:
         self.writable_fs()
-        if flags & pyfuse3.RENAME_EXCHANGE:
+        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT (it was ignored)
             raise fail(errno.EINVAL)
         old_parent = self.dir_node(old_parent_ino)
         new_parent = self.dir_node(new_parent_ino)
@@ -578,12 +582,16 @@ class Filesystem:
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
         accmode = flags & os.O_ACCMODE
         writable = accmode in (os.O_WRONLY, os.O_RDWR)
-        fh = FileHandle(self._next_fh, node, writable, bool(flags & os.O_APPEND))
+        fh = FileHandle(self._next_fh, node, writable, bool(flags & os.O_APPEND), bool(flags & os.O_DIRECT))
         self._next_fh += 1
         self.handles[fh.fh] = fh
         self.ns.opened(node, writable=writable)
         info = pyfuse3.FileInfo(fh=fh.fh)
-        info.keep_cache = True  # remote changes invalidate the kernel's page cache explicitly
+        # remote changes invalidate the kernel's page cache explicitly; a file written through
+        # O_DIRECT has the kernel drop it at every open (see write). Not only at the first open
+        # after such a write: the kernel drops the pages in that opener's context, after the
+        # answer, and another open answered meanwhile read them first (generic/451, now and then)
+        info.keep_cache = node.ino not in self._direct_written
         return info
 
     async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
@@ -945,6 +953,15 @@ class Filesystem:
             raise
         self.ns.set_attributes(node, size=staged.size, mtime_ns=now, ctime_ns=now)
         self.mark_content_dirty(node)
+        if fh.direct:
+            # the kernel drops cached pages of the range before an O_DIRECT write, but after an
+            # asynchronous one (aio, io_uring) it drops nothing, and a buffered read running
+            # meanwhile cached the old bytes for good (keep_cache): a later read(2) returned them
+            # (xfstests generic/451). Every open of the file drops them from now (no keep_cache). Not
+            # an invalidation from here: it waits for pages under writeback (a program's mmap
+            # writes), whose requests the kernel holds back until this write is answered (fsx -Z
+            # hung so, generic/263)
+            self._direct_written.add(node.ino)
         return n
 
     async def fsync(self, fh_id: int, datasync: bool = False) -> None:
