@@ -158,14 +158,14 @@ def lose_the_server_during_an_upload(eng, m, data: bytes) -> None:
     eng.start()
 
 
-SLOW = {"stream_bytes_per_second": 150_000}  # a 1.5 MB upload takes 10 s
+SLOW = {"stream_bytes_per_second": 150_000}  # a 900 KB upload takes 6 s
 
 
 def test_umount_waits_for_the_upload_a_server_back_from_an_outage_takes(tmp_path):
     """The server came back, but the mount still counted it unreachable (only a write-back's
     success ended that, and the first one took long): 'privifs umount' said 'the server is
     unreachable', exit 7, and stopped the upload. It now asks the server once before giving up."""
-    data = os.urandom(1_500_000)
+    data = os.urandom(900_000)
     with own_engine_mount(tmp_path, ("--refresh-interval", "3600"), settings=SLOW) as (eng, m):
         m.mount()
         lose_the_server_during_an_upload(eng, m, data)
@@ -177,7 +177,7 @@ def test_umount_waits_for_the_upload_a_server_back_from_an_outage_takes(tmp_path
 def test_status_stops_saying_unreachable_once_a_listing_is_answered(tmp_path):
     """While the first upload after an outage ran (a big one, or a slow link), status said
     UNREACHABLE though the listing was answered again."""
-    data = os.urandom(1_500_000)
+    data = os.urandom(900_000)
     with own_engine_mount(tmp_path, ("--refresh-interval", "3600"), settings=SLOW) as (eng, m):
         m.mount()
         lose_the_server_during_an_upload(eng, m, data)

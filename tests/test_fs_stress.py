@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.mountkit import Mount, is_mounted
 
-SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "40"))
+SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "30"))
 PROCESSES = 4
 
 
