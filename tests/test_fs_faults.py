@@ -88,8 +88,9 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
 def test_umount_ends_and_keeps_the_changes_when_the_server_answers_only_errors(eng, tmp_path):
     """A server that answers every request with 503 (a proxy whose backend is down) held
     'privifs umount' for ever (seen: still waiting after 420 s), where an unreachable one ends it
-    within seconds: a 5xx is a failure of the moment, so the flush kept waiting for the retry."""
-    with Mount(tmp_path, eng.urls).mounted() as m:
+    within seconds: a 5xx is a failure of the moment, so the flush kept waiting for the retry.
+    It gives up after twice --server-timeout (a minute by default, 10 s here)."""
+    with Mount(tmp_path, eng.urls, mount_args=("--server-timeout", "5")).mounted() as m:
         eng.set_options(fail_rate=1.0)
         (m.dir / "precious.txt").write_text("do not lose me")
         r = privifs(m.env, "umount", str(m.dir), check=False, timeout=240)

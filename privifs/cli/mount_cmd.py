@@ -97,7 +97,8 @@ def register(sub) -> None:
         metavar="SECONDS",
         default=30.0,
         help="seconds to wait for a server that accepts connections but does not answer: then a vault "
-        "mounted here before starts offline, another fails (default 30)",
+        "mounted here before starts offline, another fails; 'privifs umount' waits twice this for a "
+        "server answering only with errors (default 30)",
     )
     p.add_argument(
         "--fsync",

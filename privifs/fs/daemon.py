@@ -60,8 +60,9 @@ DRAIN_AFTER_UNMOUNT = 60.0
 TAKEOVER_WAIT = 30.0  # how long a new mount waits for the daemon of an unmounted drive to end
 UNREACHABLE_GRACE = 10.0
 # a flush stops waiting for a server that has answered write-backs only with failures of the
-# moment (5xx, 408, 429) for this long, and a probe fails too: it waited for ever before
-FAILING_GRACE = 60.0
+# moment (5xx, 408, 429) for this many times --server-timeout (the time one answer is waited
+# for: a minute by default), and a probe fails too: it waited for ever before
+FAILING_GRACE = 2
 PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
 PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
 SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
@@ -607,7 +608,7 @@ class Daemon:
             failing = syncer.failing_since
             if (
                 failing is not None
-                and time.time() - failing > FAILING_GRACE
+                and time.time() - failing > FAILING_GRACE * self.mcfg.server_timeout
                 and trio.current_time() - started > UNREACHABLE_GRACE
                 and not await self._server_answers()
             ):
