@@ -211,6 +211,17 @@ async def fresh_tree(tmp_path, account, key: bytes) -> dict[str, str]:
         return tree_of(f)
 
 
+async def converged(tmp_path, account, expected: dict[str, str], *clients) -> None:
+    """After two listings on every client, each shows ``expected``, as a client with no local
+    state does (the first client's key reads the vault)."""
+    for _ in range(2):
+        await listed(*clients)
+    fresh = await fresh_tree(tmp_path, account, clients[0].key)
+    assert fresh == expected
+    for c in clients:
+        assert tree_of(c) == fresh
+
+
 async def files_on_a_fresh_mount(tmp_path, account, key: bytes) -> dict[str, bytes]:
     """The root's files and their content as a fresh mount of the vault reads them."""
     (tmp_path / "fresh").mkdir()
@@ -397,12 +408,13 @@ async def test_a_directory_shown_under_its_conflict_name_gives_its_marker_to_the
         resume()
         await a.wait_idle()
         await a.remote.put("/d3/h", b"h")
-        for _ in range(2):
-            await listed(a, b)
-        fresh = await fresh_tree(tmp_path, account, a.key)
-        assert fresh == {"/d3": "dir", "/d3/g": "file", "/d3/h": "file", f"/{aside}": "dir", f"/{aside}/g": "file"}
-        assert tree_of(a) == fresh
-        assert tree_of(b) == fresh
+        await converged(
+            tmp_path,
+            account,
+            {"/d3": "dir", "/d3/g": "file", "/d3/h": "file", f"/{aside}": "dir", f"/{aside}/g": "file"},
+            a,
+            b,
+        )
         assert a.node("/d3").token == marker
         assert await a.read_file("/d3/g") == b"theirs" and await a.read_file(f"/{aside}/g") == b"mine"
 
@@ -493,12 +505,7 @@ async def test_a_file_renamed_inside_a_directory_another_client_renamed_keeps_bo
             assert tree_of(b) == {"/x": "dir", "/x/a.txt": "file"}  # (B has not listed A's rename)
             await b.rename("/x", "/z")
             await b.wait_idle()
-        for _ in range(2):
-            await listed(a, b)
-        fresh = await fresh_tree(tmp_path, account, a.key)
-        assert fresh == {"/z": "dir", "/z/b.txt": "file"}
-        assert tree_of(a) == fresh
-        assert tree_of(b) == fresh
+        await converged(tmp_path, account, {"/z": "dir", "/z/b.txt": "file"}, a, b)
         assert await a.read_file("/z/b.txt") == b"content"
 
 
@@ -521,12 +528,7 @@ async def test_a_rename_over_a_file_another_client_renamed_away_meanwhile_leaves
         assert tree_of(b) == {"/config": "file", "/config.tmp": "file"}  # (B has not listed A's rename)
         await b.rename("/config.tmp", "/config")
         await b.wait_idle()
-        for _ in range(2):
-            await listed(a, b)
-        fresh = await fresh_tree(tmp_path, account, a.key)
-        assert fresh == {"/config": "file", "/config.bak": "file"}
-        assert tree_of(a) == fresh
-        assert tree_of(b) == fresh
+        await converged(tmp_path, account, {"/config": "file", "/config.bak": "file"}, a, b)
         for c in (a, b):
             assert await c.read_file("/config.bak") == old
             assert await c.read_file("/config") == b"new"
@@ -555,12 +557,7 @@ async def test_two_clients_swapping_two_files_by_renames_over_each_other_keep_a_
         await a.wait_idle()
         resume()
         await b.wait_idle()
-        for _ in range(2):
-            await listed(a, b)
-        fresh = await fresh_tree(tmp_path, account, a.key)
-        assert fresh == {"/d": "file"}, fresh
-        assert tree_of(a) == fresh
-        assert tree_of(b) == fresh
+        await converged(tmp_path, account, {"/d": "file"}, a, b)
         for c in (a, b):
             assert await c.read_file("/d") == c0
 
@@ -622,12 +619,7 @@ async def test_a_delete_of_a_file_another_client_renamed_meanwhile_leaves_the_re
         assert tree_of(b) == {"/s": "file"}  # (B has not listed A's rename)
         await b.unlink("/s")
         await b.wait_idle()
-        for _ in range(2):
-            await listed(a, b)
-        fresh = await fresh_tree(tmp_path, account, a.key)
-        assert fresh == {"/s2": "file"}
-        assert tree_of(a) == fresh
-        assert tree_of(b) == fresh
+        await converged(tmp_path, account, {"/s2": "file"}, a, b)
         for c in (a, b):
             assert await c.read_file("/s2") == data
 
@@ -653,12 +645,7 @@ async def test_a_directorys_marker_moved_into_it_by_another_client_shows_as_on_a
     async with two_clients(tmp_path, account) as (a, b):
         first, second = await two_markers_of_d(a, b)
         await a.client.tokens.update(first, context="/d", file_name="sub")
-        for _ in range(2):
-            await listed(a, b)
-        fresh = await fresh_tree(tmp_path, account, a.key)
-        assert fresh == {"/d": "dir", "/d/sub": "dir"}
-        assert tree_of(a) == fresh
-        assert tree_of(b) == fresh
+        await converged(tmp_path, account, {"/d": "dir", "/d/sub": "dir"}, a, b)
         assert a.node("/d").token == second and a.node("/d/sub").token == first
         assert not a.node("/d").extra_markers and not a.node("/d/sub").extra_markers
 
@@ -673,12 +660,7 @@ async def test_a_directorys_other_marker_moved_elsewhere_is_not_deleted_with_it(
         await listed(a, b)
         assert tree_of(a) == {"/d": "dir", "/d/sub": "dir"}
         await a.rename("/d", "/e")
-        for _ in range(2):
-            await listed(a, b)
-        fresh = await fresh_tree(tmp_path, account, a.key)
-        assert fresh == {"/e": "dir", "/e/sub": "dir"}
-        assert tree_of(a) == fresh
-        assert tree_of(b) == fresh
+        await converged(tmp_path, account, {"/e": "dir", "/e/sub": "dir"}, a, b)
 
 
 async def test_entries_another_client_wrote_under_a_directorys_conflict_name_stay_there(account, tmp_path):
