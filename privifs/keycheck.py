@@ -24,6 +24,7 @@ from privifs.errors import IntegrityError, WrongKeyError
 from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context
 
 KEYCHECK_MAGIC = b"privifs key check v1\n"
+KEYCHECK_PATH = f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"  # where the key check shows (verify names it)
 TRIED_FILES = 3  # the vault's own small files decrypted when the key check cannot tell
 
 log = logging.getLogger("privifs.keycheck")
@@ -92,7 +93,7 @@ async def check_key(vault: Vault, infos: list[TokenInfo]) -> str:
         )
     return await vault.put_bytes(
         KEYCHECK_MAGIC + secrets.token_bytes(32),
-        FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"),
+        FileMeta(KEYCHECK_NAME, "", RESERVED_CONTEXT, 0, KEYCHECK_PATH),
     )
 
 

@@ -45,8 +45,8 @@ from privifs.crypto import digest
 from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError
 from privifs.fs.names import entry_name
-from privifs.fs.tokenmeta import KEYCHECK_NAME, RESERVED_CONTEXT, same_context, split_context
-from privifs.keycheck import naming_check, prove_key
+from privifs.fs.tokenmeta import RESERVED_CONTEXT, same_context, split_context
+from privifs.keycheck import KEYCHECK_PATH, naming_check, prove_key
 from privifs.parts import format as fmt
 from privifs.parts.format import MARK
 from privifs.parts.store import PartStore, is_manifest, is_part
@@ -87,9 +87,6 @@ class LocalFile:
     token: str
     size: int
     dirty: bool
-
-
-KEYCHECK_PATH = f"{RESERVED_CONTEXT}/{KEYCHECK_NAME}"
 
 
 @dataclass

@@ -88,6 +88,15 @@ def _fuse_option_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
+def _left_staged(pending: int, size: int | None, deletes: int) -> str:
+    """What a flush that gives up leaves staged: "N changes (S bytes) and D deletes"."""
+    return (
+        f"{pending} changes"
+        + (f" ({size} bytes)" if size is not None else "")
+        + (f" and {deletes} deletes" if deletes else "")
+    )
+
+
 def vault_id(cfg: Config) -> str:
     server = "embedded" if cfg.embedded else (cfg.api or "")
     return hashlib.sha256(f"{server}|{cfg.username}".encode()).hexdigest()[:16]
@@ -228,8 +237,8 @@ class Daemon:
         raise ConfigError(f"another privifs is mounting at {self.mountpoint} right now")
 
     def _unmounted_predecessor(self) -> int | None:
-        """The pid of this user's daemon registered for this mountpoint that still runs while
-        the drive is no longer mounted there (it is finishing its uploads), if there is one."""
+        """The pid of this user's daemon registered for this mountpoint that still runs, if there
+        is one; the caller found the drive no longer mounted there (it is finishing its uploads)."""
         try:
             entry = json.loads(registry_path(self.mountpoint).read_text())
             pid = int(entry["pid"])
@@ -237,9 +246,7 @@ class Daemon:
             return None
         if pid == os.getpid() or not paths.pid_alive(pid) or not paths.is_mount_daemon(pid):
             return None
-        if entry.get("mountpoint") != str(self.mountpoint) or os.path.ismount(self.mountpoint):
-            return None
-        return pid
+        return pid if entry.get("mountpoint") == str(self.mountpoint) else None
 
     async def run(self, ready) -> None:
         if not self.mountpoint.is_dir():
@@ -613,17 +620,16 @@ class Daemon:
                 and not await self._server_answers()
             ):
                 return {
-                    "error": f"the server keeps failing ({syncer.last_error}); {len(pending)} changes "
-                    f"({staged} bytes)" + (f" and {deletes} deletes" if deletes else "") + f" stay staged in "
-                    f"{self.state_dir} and are uploaded once it works again (or at the next mount)"
+                    "error": f"the server keeps failing ({syncer.last_error}); "
+                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"uploaded once it works again (or at the next mount)"
                 }
             refusal = self.connector.link.login_refused(started)
             if refusal is not None and (pending or deletes):
                 return {
-                    "error": f"the server refuses the login ({refusal}); {len(pending)} changes ({staged} bytes)"
-                    + (f" and {deletes} deletes" if deletes else "")
-                    + f" stay staged in {self.state_dir} and are uploaded once it accepts it again "
-                    f"(the password file is read again then) or at the next mount"
+                    "error": f"the server refuses the login ({refusal}); "
+                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"uploaded once it accepts it again (the password file is read again then) or at the next mount"
                 }
             if pending and not deletes and not owed and syncer.refused_since(pending, started):
                 # retried since the flush began and refused again: waiting longer changes nothing
@@ -658,12 +664,10 @@ class Daemon:
         deletes = self.syncer.tombstone_count()
         if not pending and not deletes:
             return {"done": True}
-        what = f"{pending} changes" + (f" ({size} bytes)" if size is not None else "")
-        what += f" and {deletes} deletes" if deletes else ""
         return {
             "error": f"the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and answers "
-            f"nothing; {what} stay staged in {self.state_dir} and are uploaded once it runs again "
-            f"('kill -CONT {pid}') or at the next mount"
+            f"nothing; {_left_staged(pending, size, deletes)} stay staged in {self.state_dir} and are "
+            f"uploaded once it runs again ('kill -CONT {pid}') or at the next mount"
         }
 
     async def _server_answers(self) -> bool:

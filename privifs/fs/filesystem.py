@@ -764,10 +764,9 @@ class Filesystem:
         if manifest is None:
             return False
         sealed.close()
-        if is_manifest_node(node.remote_risk):  # marked while the download ran
-            self.cache.evict(node.token)
-            return True
         self.cache.evict(node.token)
+        if is_manifest_node(node.remote_risk):  # marked while the download ran
+            return True
         self.parts.remember(node.token, manifest)
         log.info("%s: its token is a manifest the listing did not mark yet; read through its parts", self.path(node))
         with self.index.kept():
