@@ -93,13 +93,16 @@ def test_adopting_a_new_token_asks_nothing_and_lands_where_diskcache_emptied_its
 ):
     """An uploaded file moving into the cache: a token the cache has never held needs no lookup
     (``evict`` asked the table for every new token), its directory is made only when missing,
-    also when diskcache removed it as it emptied, and a reopened cache finds every entry."""
+    also when it was removed, and a reopened cache finds every entry."""
     calls = count_lookups(cache, monkeypatch)
     for i in range(40):
         assert cache.adopt(f"t{i}", sealed_file(tmp_path / f"s{i}", b"x%d" % i))
     assert calls == []
     for i in range(40):
-        cache.evict(f"t{i}")  # diskcache removes each directory it empties
+        cache.evict(f"t{i}")
+    for d in Path(cache.cache.directory).iterdir():
+        if d.is_dir() and len(d.name) == 2:
+            d.rmdir()  # gone, as after a clean-up by hand: made again when needed
     for i in range(40):
         assert cache.adopt(f"t{i}", sealed_file(tmp_path / f"s{i}", b"y%d" % i))
     assert cache.adopt("t0", sealed_file(tmp_path / "again", b"replaced"))  # a held token is replaced
@@ -114,6 +117,41 @@ def test_adopting_a_new_token_asks_nothing_and_lands_where_diskcache_emptied_its
         f = reopened.open("t0")
         assert f.read(0, 10) == b"replaced"
         f.close()
+    finally:
+        reopened.close()
+
+
+def test_entries_live_in_256_directories_that_stay_and_older_two_level_entries_still_read(
+    cache, tmp_path, monkeypatch
+):
+    """diskcache's own layout (``xx/yy/name.val``) made a directory for nearly every small file
+    stored and removed it at eviction: an inode allocated and freed per entry, and 4 KiB each
+    the cache limit did not count. Entries now go one level deep, into at most 256 directories
+    that stay; an entry an older version stored two levels deep still opens, and leaves with
+    its directories."""
+    import diskcache
+
+    root = Path(cache.cache.directory)
+    with monkeypatch.context() as m:  # as an older version named its files
+        m.setattr(type(cache.cache.disk), "filename", diskcache.Disk.filename)
+        assert cache.adopt("old", sealed_file(tmp_path / "old", b"older layout"))
+    old_path = Path(cache._paths["old"])
+    assert old_path.parent.parent.parent == root
+    for i in range(600):
+        assert cache.adopt(f"t{i}", sealed_file(tmp_path / f"s{i}", b"%d" % i))
+    dirs = {Path(p).parent for t, p in cache._paths.items() if t != "old"}
+    assert all(d.parent == root and len(d.name) == 2 for d in dirs) and len(dirs) <= 256
+    for i in range(600):
+        cache.evict(f"t{i}")
+    assert all(d.is_dir() for d in dirs)  # nothing made again for the next entries
+    cache.close()
+    reopened = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    try:
+        f = reopened.open("old")
+        assert f.read(0, 20) == b"older layout"
+        f.close()
+        reopened.evict("old")
+        assert not old_path.parent.exists() and not old_path.parent.parent.exists()
     finally:
         reopened.close()
 

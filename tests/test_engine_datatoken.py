@@ -139,6 +139,32 @@ async def test_temporary_token_is_404_until_the_reservation_settles(eng, wire):
         assert (await wire.get(f"/data-token/retrieve-temporary-data-token/{cid}")).status_code == 200
 
 
+async def test_a_route_s_last_segment_parameter_is_routed_like_starlette_would(eng, wire, tmp_path):
+    """The temporary-token route is found by its prefix without Starlette's router (one of the
+    five requests of every upload); what Starlette would not route there is not routed there."""
+    from privifs.engine.core import Engine
+    from privifs.engine.options import EngineOptions
+    from privifs.engine.server import api_app
+
+    local = Engine(tmp_path / "routes", EngineOptions())
+    try:
+        assert ("GET", "/data-token/retrieve-temporary-data-token/") in api_app(local).tail
+    finally:
+        local.db.close()
+    await wire.provision()
+    async with wire.channel() as ch:
+        r = await wire.post("/data-token/reserve-token-space", {"context": "c"})
+        cid = command_id(r)
+        await ch.wait_for("X-DPT-CAB-ID", cid)
+        path = f"/data-token/retrieve-temporary-data-token/{cid}"
+        assert (await wire.get(path)).json()["uuid"] == cid
+        assert (await wire.get(path + "/more")).status_code == 404
+        assert (await wire.get("/data-token/retrieve-temporary-data-token/")).status_code == 404
+        assert (await wire.get("/data-token/retrieve-temporary-data-token/x%2Fy")).status_code == 404
+        assert (await wire.http.post(path)).status_code == 405  # Starlette's answer for the method
+        assert (await wire.get(f"/request-status/{cid}")).json() == "succeeded"
+
+
 async def test_unpromoted_reservation_expires_with_its_ttl(eng, wire):
     eng.set_options(ttl_unit="seconds")
     await wire.provision()

@@ -123,7 +123,29 @@ TABLE_ERRORS = (sqlite3.Error, diskcache.Timeout)
 
 
 class AdoptingDisk(diskcache.Disk):
+    """diskcache's file storage, with entries moved in by rename (:class:`AdoptFile`) and kept in
+    256 directories that stay.
+
+    diskcache names a file ``xx/yy/<rest>.val``: with 65,536 possible directories, nearly every
+    new entry made a directory and every evicted one removed its now-empty directories again, so
+    a small file stored cost a ``mkdir`` (an inode allocation, which on ext4 without a journal
+    scans past every recently freed inode: up to half a millisecond of CPU here) and an
+    ``rmdir`` later, and 4 KiB per entry the cache limit did not count. Here a file is
+    ``xx/<rest>.val`` and directories are never removed; entries of the older layout still
+    read (their names are in the table) and their directories go as before."""
+
     last_path: str | None = None  # where the last adopted file went (to undo a failed insert)
+
+    def filename(self, key=diskcache.core.UNKNOWN, value=diskcache.core.UNKNOWN):
+        name = secrets.token_hex(16)
+        filename = os.path.join(name[:2], name[2:] + ".val")
+        return filename, os.path.join(self._directory, filename)
+
+    def remove(self, file_path):
+        if file_path.count(os.sep) > 1:  # the older two-level layout
+            return super().remove(file_path)
+        with suppress(OSError):
+            os.remove(os.path.join(self._directory, file_path))
 
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if isinstance(value, AdoptFile):
