@@ -32,6 +32,10 @@ import trio
 from privifs.disk import free_bytes
 
 WRITE_BUFFER = 1024 * 1024
+# a part's blob (4 MiB + 28 bytes) in two reads: each read and send is a thread hop and a pass
+# through hypercorn (measured: 0.73-0.82 s of the engine's CPU per GiB served, 0.88-1.03 with 1 MiB)
+READ_BUFFER = 4 * 1024 * 1024
+DIRECT_READ_MIN = 1024 * 1024  # smaller blobs are read through the page cache
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset multiples of this
 SPARE_BUFFERS = 8  # aligned write buffers kept for the next uploads
 MiB = 1024 * 1024
@@ -57,6 +61,7 @@ class BlobStore:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._buffers: list[mmap.mmap] = []  # reused: fresh pages are dear
+        self._read_buffers: list[mmap.mmap] = []
         self.direct = hasattr(os, "O_DIRECT")  # cleared once the filesystem refuses it
         self.floor = room_floor(root)
 
@@ -193,8 +198,71 @@ class BlobStore:
                 buf.close()
         return blob_id, size, self.dir_of(blob_id)
 
+    def open_reader(self, blob_id: str) -> BlobReader:
+        """A blob to stream out (FileNotFoundError if there is none)."""
+        return BlobReader(self, os.open(self.path(blob_id), os.O_RDONLY | os.O_CLOEXEC))
+
     def delete(self, blob_id: str) -> None:
         try:
             self.path(blob_id).unlink()
         except FileNotFoundError:
             pass
+
+
+class BlobReader:
+    """Reads one blob in pieces of up to ``READ_BUFFER`` bytes, each a bytes of its own, on
+    worker threads. A blob of at least ``DIRECT_READ_MIN`` bytes is read with ``O_DIRECT`` into
+    a reused aligned buffer, as blobs are written: a buffered read first fills the page cache,
+    whose fresh pages are dear on a VM (1 GiB read cold: 0.45-1.7 s of system time buffered,
+    0.07 s direct), and the engine serves a big blob once (the reader keeps it in its own
+    cache). Smaller ones are read through the page cache."""
+
+    def __init__(self, store: BlobStore, fd: int):
+        self.store = store
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.pos = 0
+        self.direct = False
+        if store.direct and self.size >= DIRECT_READ_MIN:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+                self.direct = True
+            except OSError:
+                pass
+        self._buf: mmap.mmap | None = None
+
+    def read(self) -> bytes:
+        """The next piece (b"" at the end). Blocking: call it on a worker thread."""
+        want = min(READ_BUFFER, self.size - self.pos)
+        if want <= 0:
+            return b""
+        if self.direct and self.pos % DIRECT_ALIGN == 0:
+            if self._buf is None:
+                pool = self.store._read_buffers
+                self._buf = pool.pop() if pool else mmap.mmap(-1, READ_BUFFER)
+            try:
+                n = os.preadv(self.fd, [self._buf], self.pos)  # whole aligned buffer; short at the end
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                n = -1  # a device wanting larger alignment: buffered from here
+            if n >= 0:
+                n = min(n, want)
+                self.pos += n
+                return self._buf[:n]
+            self.direct = False
+        data = os.pread(self.fd, want, self.pos)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._buf is not None:
+            pool = self.store._read_buffers
+            if len(pool) < SPARE_BUFFERS:
+                pool.append(self._buf)
+            else:
+                self._buf.close()
+            self._buf = None
