@@ -182,13 +182,86 @@ def test_helper_translates_mount_options_into_privifs_mount():
 def test_helper_refuses_unknown_options_and_a_missing_configuration(tmp_path, capsys, monkeypatch):
     assert helper_main(["privifs", str(tmp_path), "-o", "frobnicate"]) == 1
     assert "unknown mount option 'frobnicate'" in capsys.readouterr().err
-    # mount -o remount,ro DIR (xfstests generic/452): said to be an unknown option
-    assert helper_main(["privifs", str(tmp_path), "-o", "remount,ro"]) == 1
-    assert f"remount is not supported: unmount {tmp_path}, then mount it again" in capsys.readouterr().err
+    # mount -o remount,ro DIR of something that is not a privifs mount
+    assert helper_main(["privifs", str(tmp_path), "-o", "remount,ro"]) == 32
+    assert f"{tmp_path} is not a privifs mount" in capsys.readouterr().err
     assert helper_main(["privifs", str(tmp_path), "-s", "-f", "-o", f"frobnicate,config={__file__}"]) == 0
     monkeypatch.setenv("PRIVIFS_CONFIG", str(tmp_path / "missing.toml"))
     assert helper_main(["privifs", str(tmp_path), "-o", "rw"]) == 32
     assert "no privifs configuration" in capsys.readouterr().err
+
+
+def test_remount_flags_keep_what_is_not_named_and_always_nosuid_nodev():
+    from privifs.cli import remount as r
+
+    rw_relatime = os.ST_RELATIME | os.ST_NOSUID | os.ST_NODEV
+    base = r.MS_REMOUNT | r.MS_NOSUID | r.MS_NODEV
+    assert r.remount_flags(rw_relatime, ["ro"]) == base | r.MS_RELATIME | r.MS_RDONLY
+    assert r.remount_flags(rw_relatime | os.ST_RDONLY | os.ST_NOEXEC, []) == (
+        base | r.MS_RELATIME | r.MS_RDONLY | r.MS_NOEXEC
+    )
+    assert r.remount_flags(rw_relatime | os.ST_RDONLY, ["rw", "noatime"]) == base | r.MS_NOATIME
+    assert r.remount_flags(0, ["suid", "dev", "exec", "ro", "rw"]) == base  # the last of ro/rw wins
+    assert translate(["privifs", "/mnt/v", "-o", "remount,ro,cache_size=1G"]) == (
+        ["remount", "/mnt/v", "ro", "cache_size=1G"],
+        False,
+    )
+
+
+def mount_flags(path: Path) -> set[str]:
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == str(path):
+                return set(fields[3].split(","))
+    return set()
+
+
+def test_mount_o_remount_switches_read_only_and_back_without_the_daemon(engine, tmp_path):
+    """'mount -o remount,ro DIR' was refused ("remount is not supported"): an administrator could
+    not make a drive read-only (xfstests generic/294, 306, 452) without unmounting it. The
+    kernel switches ro/rw, noexec and the atime flags; nosuid and nodev stay; a file open for
+    writing makes the kernel refuse (EBUSY), and a mount privifs itself made read-only cannot be
+    remounted rw."""
+    m = Mount(tmp_path, engine.urls)
+
+    def remount(options: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["mount", "-o", f"remount,{options}", str(m.dir)], env=m.env, capture_output=True, text=True, timeout=60
+        )
+
+    try:
+        with installed_helper():
+            assert mount_t(m, "rw").returncode == 0
+            pid = m.pid
+            (m.dir / "before.txt").write_text("written before")
+            with open(m.dir / "open-for-writing.txt", "w") as busy:
+                busy.write("x")
+                r = remount("ro")
+                assert r.returncode != 0 and "open for writing" in r.stderr, r.stdout + r.stderr
+            r = remount("ro")
+            assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
+            assert {"ro", "nosuid", "nodev"} <= mount_flags(m.dir)
+            with pytest.raises(OSError) as info:
+                (m.dir / "refused.txt").write_text("no")
+            assert info.value.errno == errno.EROFS
+            assert (m.dir / "before.txt").read_text() == "written before"
+            r = remount("rw,noexec,cache_size=1G")
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert "cache_size=1G" in r.stderr and "stay as they were" in r.stderr
+            flags = mount_flags(m.dir)
+            assert "rw" in flags and {"noexec", "nosuid", "nodev"} <= flags
+            (m.dir / "after.txt").write_text("written after")
+            assert m.pid == pid, "a remount is the kernel's: the same daemon serves the mount"
+            m.umount()
+            assert ("/", "after.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+            assert mount_t(m, "ro").returncode == 0
+            r = remount("rw")
+            assert r.returncode != 0 and "mounted read-only by privifs" in r.stderr, r.stdout + r.stderr
+            assert "ro" in mount_flags(m.dir)
+            m.umount()
+    finally:
+        m.cleanup()
 
 
 def test_helper_exits_with_mount_8s_usage_code_for_an_option_value_privifs_refuses(tmp_path, capsys):

@@ -27,10 +27,12 @@ ready, leaving its daemon behind) and exits with its status:
 
 SOURCE is the mount's source in ``/proc/mounts``, ``df`` and ``findmnt -S`` (``privifs`` unless
 another is given), so several privifs mounts can be told apart by their source. Any other option
-is an error (``-s``, sloppy, ignores it instead); ``remount`` is refused, sloppy or not (unmount
-and mount again). ``-f`` (fake) checks the options and mounts
-nothing. Unmount with ``umount DIR`` (pending uploads are finished by the daemon
-after the unmount, or at the next mount) or ``privifs umount DIR`` (waits for them).
+is an error (``-s``, sloppy, ignores it instead). ``-o remount,…`` changes what the kernel holds
+without the daemon: ``ro``/``rw``, ``noexec``/``exec`` and the atime flags
+(:mod:`privifs.cli.remount`); other options then stay as they were (unmount and mount again to
+change them). ``-f`` (fake) checks the options and mounts nothing. Unmount with ``umount DIR``
+(pending uploads are finished by the daemon after the unmount, or at the next mount) or
+``privifs umount DIR`` (waits for them).
 """
 
 from __future__ import annotations
@@ -115,12 +117,10 @@ def _translate(argv: list[str]) -> tuple[list[str], bool, bool]:
     options = [part for o, v in opts if o == "-o" for part in v.split(",") if part]
     config: str | None = source if source not in ("", "none", "privifs") and Path(source).is_file() else None
     mount_args: list[str] = []
+    if "remount" in options:  # mount -o remount,ro DIR: the kernel's part only (see main)
+        return ["remount", mountpoint, *(o for o in options if o != "remount")], fake, verbose
     for option in options:
         name, eq, value = option.partition("=")
-        if name == "remount" and not eq:  # mount -o remount,ro DIR: the daemon cannot change its options
-            raise UsageError(
-                f"remount is not supported: unmount {mountpoint}, then mount it again with the new options"
-            )
         if name == "config" and eq:
             config = value
         elif name in VALUED and eq:
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"mount.fuse.privifs: {exc}", file=sys.stderr)
         return USAGE
+    if args[0] == "remount":
+        return 0 if fake else _remount(args[1], args[2:])
     from privifs.config import default_config_path
 
     config = Path(args[1]) if args[0] == "--config" else default_config_path()
@@ -178,6 +180,42 @@ def main(argv: list[str] | None = None) -> int:
         if code == EXIT_USAGE:
             return USAGE
     return MOUNT_FAILED if code else 0
+
+
+def _remount(mountpoint: str, options: list[str]) -> int:
+    from privifs.cli.remount import RemountError, remount
+
+    try:
+        kept = remount(mountpoint, options, daemon_read_only=_daemon_read_only(mountpoint))
+    except RemountError as exc:
+        print(f"mount.fuse.privifs: {exc}", file=sys.stderr)
+        return MOUNT_FAILED
+    kept = [o for o in kept if o.partition("=")[0] not in IGNORED and not o.startswith(("x-", "comment"))]
+    if kept:
+        print(
+            f"mount.fuse.privifs: remounted {mountpoint}; a remount changes ro/rw, exec and atime only, "
+            f"so these stay as they were: {','.join(kept)} (unmount and mount again to change them)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _daemon_read_only(mountpoint: str) -> bool | None:
+    """Whether the daemon serving ``mountpoint`` was started read-only; None if it cannot be asked."""
+    from privifs.cli.mounttable import registered_entry
+    from privifs.fs.daemon import control_request
+
+    try:
+        entry = registered_entry(Path(mountpoint))
+        if entry is None:
+            return None
+        for answer in control_request(entry, {"cmd": "status"}, timeout=10):
+            status = answer.get("status")
+            if isinstance(status, dict) and "read_only" in status:
+                return bool(status["read_only"])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 if __name__ == "__main__":

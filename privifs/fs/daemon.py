@@ -526,6 +526,7 @@ class Daemon:
             "pending_bytes": sum(p["size"] for p in pending),
             "pending_deletes": syncer.tombstone_count(),
             "uploads_done": syncer.uploads,
+            "read_only": self.fs.opts.read_only,
             "fsync": {
                 "mode": self.fs.opts.fsync_mode,
                 "not_in_vault": len(pending),

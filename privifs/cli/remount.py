@@ -1,0 +1,130 @@
+"""``mount -o remount,…`` of a privifs mount: what the kernel can change without the daemon.
+
+A FUSE mount's read-only state and its per-mount flags (noexec, the atime family) belong to the
+kernel, which changes them with ``mount(2)``'s ``MS_REMOUNT`` and never asks the daemon; the
+daemon's own options (cache size, fsync mode, ownership, …) cannot change under a running mount.
+So a remount here:
+
+* switches ``ro``/``rw`` (``rw`` is refused for a mount whose daemon was started read-only, which
+  would go on answering every write EROFS) and sets ``noexec``/``exec`` and the atime flags;
+  flags not named keep their current value (a bare ``MS_REMOUNT`` would clear them all);
+* always keeps ``nosuid`` and ``nodev``, as every privifs mount has them (a vault's set-user-ID
+  files and device nodes do nothing here; ``suid`` and ``dev`` are ignored at mount time too);
+* leaves the daemon's options as they are, and says so on stderr for each one given (mount(8)
+  repeats an fstab line's options at every remount).
+
+A read-only remount waits for nothing: uploads of what was written before it go on in the
+background, and changes other machines make still appear. The kernel refuses it (EBUSY) while a
+file is open for writing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT = 32
+MS_NOATIME, MS_NODIRATIME = 1024, 2048
+MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
+
+# statvfs f_flag bits of the current mount (ST_*), and the MS_ flag each one is
+_CURRENT = {
+    os.ST_RDONLY: MS_RDONLY,
+    os.ST_NOEXEC: MS_NOEXEC,
+    os.ST_NOATIME: MS_NOATIME,
+    os.ST_NODIRATIME: MS_NODIRATIME,
+    os.ST_RELATIME: MS_RELATIME,
+}
+_ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
+# option -> (flags it clears, flags it sets)
+FLAG_OPTIONS: dict[str, tuple[int, int]] = {
+    "ro": (0, MS_RDONLY),
+    "rw": (MS_RDONLY, 0),
+    "noexec": (0, MS_NOEXEC),
+    "exec": (MS_NOEXEC, 0),
+    "noatime": (_ATIME, MS_NOATIME),
+    "relatime": (_ATIME, MS_RELATIME),
+    "strictatime": (_ATIME, MS_STRICTATIME),
+    "atime": (_ATIME, MS_RELATIME),  # the kernel's default
+    "norelatime": (MS_RELATIME, 0),
+    "nostrictatime": (MS_STRICTATIME, MS_RELATIME),
+    "nodiratime": (0, MS_NODIRATIME),
+    "diratime": (MS_NODIRATIME, 0),
+}
+# what the kernel shows as the mount's options (mount(8) may repeat them): nothing to change
+KERNEL_OPTIONS = {"user_id", "group_id", "default_permissions", "rootmode", "blksize", "max_read", "fd"}
+
+
+class RemountError(Exception):
+    """The remount cannot be done; the message says why and what to do."""
+
+
+def remount_flags(current: int, options: list[str]) -> int:
+    """The ``mount(2)`` flags for a remount asking ``options`` of a mount whose statvfs
+    ``f_flag`` is ``current``."""
+    flags = MS_REMOUNT | MS_NOSUID | MS_NODEV
+    for st, ms in _CURRENT.items():
+        if current & st:
+            flags |= ms
+    for option in options:
+        if option in FLAG_OPTIONS:
+            clear, set_ = FLAG_OPTIONS[option]
+            flags = (flags & ~clear) | set_
+    return flags
+
+
+def remount(mountpoint: str, options: list[str], *, daemon_read_only: bool | None) -> list[str]:
+    """Remount the privifs mount at ``mountpoint`` with ``options`` (those after ``remount``);
+    the daemon options given that a remount does not change (to be named to the user).
+    ``daemon_read_only``: whether its daemon was started read-only (None: not known)."""
+    from privifs.cli.mounttable import mount_path, privifs_mounts
+
+    real = mount_path(mountpoint)
+    if real not in privifs_mounts():
+        raise RemountError(f"{mountpoint} is not a privifs mount")
+    try:
+        current = os.statvfs(real).f_flag
+    except OSError as exc:
+        raise RemountError(f"{mountpoint}: {os.strerror(exc.errno or errno.EIO)}") from None
+    flags = remount_flags(current, options)
+    if daemon_read_only and not flags & MS_RDONLY:
+        raise RemountError(
+            f"{mountpoint} was mounted read-only by privifs (-o ro, --read-only): unmount it, then "
+            f"mount it again without ro"
+        )
+    shown = _mount_options(real)  # what the mount has already (allow_other) is no change
+    _mount(real, flags)
+    return [
+        o for o in options if o not in FLAG_OPTIONS and o not in shown and o.partition("=")[0] not in KERNEL_OPTIONS
+    ]
+
+
+def _mount_options(mountpoint: str) -> set[str]:
+    """The options /proc/mounts shows for ``mountpoint``."""
+    from privifs.cli.mounttable import _unescape
+
+    try:
+        with open("/proc/mounts") as f:
+            rows = [line.split() for line in f]
+    except OSError:
+        return set()
+    for row in rows:
+        if len(row) > 3 and _unescape(row[1]) == mountpoint:
+            return set(row[3].split(","))
+    return set()
+
+
+def _mount(target: str, flags: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(None, os.fsencode(target), None, flags, None) == 0:
+        return
+    code = ctypes.get_errno()
+    if code == errno.EBUSY:
+        raise RemountError(f"{target} is busy: a file on it is open for writing (close it, then remount read-only)")
+    if code == errno.EPERM:
+        raise RemountError(f"{target}: only root can remount")
+    raise RemountError(f"{target}: remount failed: {os.strerror(code)}")
