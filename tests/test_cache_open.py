@@ -121,9 +121,7 @@ def test_adopting_a_new_token_asks_nothing_and_lands_where_diskcache_emptied_its
         reopened.close()
 
 
-def test_entries_live_in_256_directories_that_stay_and_older_two_level_entries_still_read(
-    cache, tmp_path, monkeypatch
-):
+def test_entries_live_in_256_directories_that_stay_and_older_two_level_entries_still_read(cache, tmp_path, monkeypatch):
     """diskcache's own layout (``xx/yy/name.val``) made a directory for nearly every small file
     stored and removed it at eviction: an inode allocated and freed per entry, and 4 KiB each
     the cache limit did not count. Entries now go one level deep, into at most 256 directories
