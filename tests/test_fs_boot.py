@@ -194,14 +194,13 @@ def test_helper_refuses_unknown_options_and_a_missing_configuration(tmp_path, ca
 def test_remount_flags_keep_what_is_not_named_and_always_nosuid_nodev():
     from privifs.cli import remount as r
 
-    rw_relatime = os.ST_RELATIME | os.ST_NOSUID | os.ST_NODEV
+    shown = {"rw", "nosuid", "nodev", "relatime", "user_id=0", "group_id=0", "default_permissions"}
     base = r.MS_REMOUNT | r.MS_NOSUID | r.MS_NODEV
-    assert r.remount_flags(rw_relatime, ["ro"]) == base | r.MS_RELATIME | r.MS_RDONLY
-    assert r.remount_flags(rw_relatime | os.ST_RDONLY | os.ST_NOEXEC, []) == (
-        base | r.MS_RELATIME | r.MS_RDONLY | r.MS_NOEXEC
-    )
-    assert r.remount_flags(rw_relatime | os.ST_RDONLY, ["rw", "noatime"]) == base | r.MS_NOATIME
-    assert r.remount_flags(0, ["suid", "dev", "exec", "ro", "rw"]) == base  # the last of ro/rw wins
+    assert r.remount_flags(shown, ["ro"]) == base | r.MS_RELATIME | r.MS_RDONLY
+    assert r.remount_flags(shown - {"rw"} | {"ro", "noexec"}, []) == base | r.MS_RELATIME | r.MS_RDONLY | r.MS_NOEXEC
+    assert r.remount_flags(shown | {"ro"}, ["rw", "noatime"]) == base | r.MS_NOATIME
+    assert r.remount_flags({"rw"}, []) == base | r.MS_STRICTATIME  # no atime word shown: strictatime
+    assert r.remount_flags(shown, ["suid", "dev", "exec", "ro", "rw"]) == base | r.MS_RELATIME  # the last ro/rw wins
     assert translate(["privifs", "/mnt/v", "-o", "remount,ro,cache_size=1G"]) == (
         ["remount", "/mnt/v", "ro", "cache_size=1G"],
         False,
@@ -259,7 +258,10 @@ def test_mount_o_remount_switches_read_only_and_back_without_the_daemon(engine, 
             r = remount("rw")
             assert r.returncode != 0 and "mounted read-only by privifs" in r.stderr, r.stdout + r.stderr
             assert "ro" in mount_flags(m.dir)
-            m.umount()
+            os.kill(m.pid, 9)  # a dead mount (ENOTCONN): said so, nothing attempted
+            r = remount("rw")
+            assert r.returncode != 0 and "its daemon is gone" in r.stderr, r.stdout + r.stderr
+            assert "Traceback" not in r.stderr
     finally:
         m.cleanup()
 

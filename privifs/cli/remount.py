@@ -30,13 +30,13 @@ MS_REMOUNT = 32
 MS_NOATIME, MS_NODIRATIME = 1024, 2048
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 
-# statvfs f_flag bits of the current mount (ST_*), and the MS_ flag each one is
+# the flags /proc/mounts shows for the mount now, as mount(2) flags (no atime word: strictatime)
 _CURRENT = {
-    os.ST_RDONLY: MS_RDONLY,
-    os.ST_NOEXEC: MS_NOEXEC,
-    os.ST_NOATIME: MS_NOATIME,
-    os.ST_NODIRATIME: MS_NODIRATIME,
-    os.ST_RELATIME: MS_RELATIME,
+    "ro": MS_RDONLY,
+    "noexec": MS_NOEXEC,
+    "noatime": MS_NOATIME,
+    "nodiratime": MS_NODIRATIME,
+    "relatime": MS_RELATIME,
 }
 _ATIME = MS_NOATIME | MS_RELATIME | MS_STRICTATIME
 # option -> (flags it clears, flags it sets)
@@ -62,13 +62,15 @@ class RemountError(Exception):
     """The remount cannot be done; the message says why and what to do."""
 
 
-def remount_flags(current: int, options: list[str]) -> int:
-    """The ``mount(2)`` flags for a remount asking ``options`` of a mount whose statvfs
-    ``f_flag`` is ``current``."""
+def remount_flags(current: set[str], options: list[str]) -> int:
+    """The ``mount(2)`` flags for a remount asking ``options`` of a mount whose options in
+    /proc/mounts are ``current`` (read there, not by statvfs: a hung daemon never answers that)."""
     flags = MS_REMOUNT | MS_NOSUID | MS_NODEV
-    for st, ms in _CURRENT.items():
-        if current & st:
+    for name, ms in _CURRENT.items():
+        if name in current:
             flags |= ms
+    if not flags & (MS_NOATIME | MS_RELATIME):
+        flags |= MS_STRICTATIME
     for option in options:
         if option in FLAG_OPTIONS:
             clear, set_ = FLAG_OPTIONS[option]
@@ -80,23 +82,24 @@ def remount(mountpoint: str, options: list[str], *, daemon_read_only: bool | Non
     """Remount the privifs mount at ``mountpoint`` with ``options`` (those after ``remount``);
     the daemon options given that a remount does not change (to be named to the user).
     ``daemon_read_only``: whether its daemon was started read-only (None: not known)."""
-    from privifs.cli.mounttable import mount_path, privifs_mounts
+    from privifs.cli.mounttable import is_dead_mount, mount_path, privifs_mounts
 
     real = mount_path(mountpoint)
     if real not in privifs_mounts():
         raise RemountError(f"{mountpoint} is not a privifs mount")
-    try:
-        current = os.statvfs(real).f_flag
-    except OSError as exc:
-        raise RemountError(f"{mountpoint}: {os.strerror(exc.errno or errno.EIO)}") from None
-    flags = remount_flags(current, options)
+    if is_dead_mount(real):
+        raise RemountError(
+            f"{mountpoint}: its daemon is gone (the mount is dead): 'privifs umount {mountpoint}', then mount it again"
+        )
+    shown = _mount_options(real)
+    flags = remount_flags(shown, options)
     if daemon_read_only and not flags & MS_RDONLY:
         raise RemountError(
             f"{mountpoint} was mounted read-only by privifs (-o ro, --read-only): unmount it, then "
             f"mount it again without ro"
         )
-    shown = _mount_options(real)  # what the mount has already (allow_other) is no change
     _mount(real, flags)
+    # what the mount shows already (allow_other) is no change
     return [
         o for o in options if o not in FLAG_OPTIONS and o not in shown and o.partition("=")[0] not in KERNEL_OPTIONS
     ]
