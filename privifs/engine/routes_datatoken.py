@@ -295,6 +295,8 @@ class DataTokenApi:
         form = await read_form(request)
         temp = form.required("token", max_len=256)
         file_name = form.required("fileName", max_len=NAME_MAX)
+        if self.opts.fail_file_name and file_name == self.opts.fail_file_name:
+            return JSONResponse({"status": 500, "message": "injected failure for this file"}, status_code=500)
         extension = form.optional("extension", max_len=255) or ""
         context = form.optional("context", max_len=CONTEXT_MAX)
         size = form.integer("size", minimum=0)

@@ -632,6 +632,17 @@ class Daemon:
                     f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
                     f"uploaded once it accepts it again (the password file is read again then) or at the next mount"
                 }
+            if (
+                pending
+                and not owed
+                and trio.current_time() - started > FAILING_GRACE * self.mcfg.server_timeout
+                and syncer.failing_again(pending, started)
+            ):  # one file the server fails every time, while everything else went through
+                return {
+                    "error": f"the server keeps failing {len(pending)} changes ({syncer.last_error}); "
+                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"uploaded once the server takes them (or at the next mount)"
+                }
             if pending and not deletes and not owed and syncer.refused_since(pending, started):
                 # retried since the flush began and refused again: waiting longer changes nothing
                 return {

@@ -46,7 +46,7 @@ import json
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 
 import trio
@@ -240,6 +240,9 @@ class Syncer:
         # ino -> when (trio clock) its last write-back attempt was refused, not merely failed:
         # retrying soon brings the same answer (see refused_since; a flush stops waiting for it)
         self.refused: dict[int, float] = {}
+        # ino -> when (trio clock) its last write-back attempts failed, any failure (see
+        # failing_again: a flush stops waiting for changes the server fails every time)
+        self.failures: dict[int, deque[float]] = {}
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
         self.retire_grace = RETIRE_GRACE
@@ -486,6 +489,14 @@ class Syncer:
         failure of ours that repeats) at or after ``since`` and is not being uploaded now."""
         return all(not n.uploading and self.refused.get(n.ino, -math.inf) >= since for n in nodes)
 
+    def failing_again(self, nodes: list[Node], since: float, times: int = 2) -> bool:
+        """Whether every one of ``nodes`` failed ``times`` write-back attempts in a row at or
+        after ``since`` and is not being uploaded now (a file the server always answers 5xx
+        for, while everything else succeeds: the server is not failing, that change is)."""
+        return all(
+            not n.uploading and len(f := self.failures.get(n.ino, ())) >= times and f[-times] >= since for n in nodes
+        )
+
     def retry_all_now(self) -> None:
         for node in self.ns.pending():
             self.ns.schedule_retry(node, 0.0)
@@ -508,12 +519,14 @@ class Syncer:
                 await self._update_meta(node)
         except NodeGone:
             self.refused.pop(node.ino, None)
+            self.failures.pop(node.ino, None)
             self.ns.release(node, self.staging)  # removed while its write-back waited: nothing to send
             return
         except PrivifsError as exc:
             self._failed(node, exc)
             return
         self.refused.pop(node.ino, None)
+        self.failures.pop(node.ino, None)
         self.ns.record_success(node)
         self.answered()
         if not node.content_dirty:
@@ -533,6 +546,7 @@ class Syncer:
         """Record a failed write-back attempt and schedule the retry; ``lasting``: a failure a
         retry soon will meet again (a bug's), as a refusal by the server is."""
         attempts = self.ns.record_error(node, str(exc))
+        self.failures.setdefault(node.ino, deque(maxlen=2)).append(trio.current_time())
         if lasting or isinstance(exc, REFUSALS):
             self.refused[node.ino] = trio.current_time()
         else:
