@@ -165,6 +165,29 @@ async def test_a_route_s_last_segment_parameter_is_routed_like_starlette_would(e
         assert (await wire.get(f"/request-status/{cid}")).json() == "succeeded"
 
 
+def test_a_route_is_found_by_its_prefix_only_where_no_other_route_could_take_the_path():
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from privifs.engine.server import ExactRoutes
+
+    async def handler(request):
+        return Response()
+
+    handler.guarded = True
+    app = Starlette(
+        routes=[
+            Route("/x/all", handler),  # a literal path under /x/ goes first in Starlette's order
+            Route("/x/{id}", handler),
+            Route("/y/{id}", handler),
+            Route("/z/{n:int}", handler),  # not a plain string parameter
+            Route("/w/{a}/{b}", handler),
+        ]
+    )
+    assert {prefix for _, prefix in ExactRoutes(app).tail} == {"/y/"}
+
+
 async def test_unpromoted_reservation_expires_with_its_ttl(eng, wire):
     eng.set_options(ttl_unit="seconds")
     await wire.provision()

@@ -209,8 +209,34 @@ def test_blobs_read_back_whole_direct_or_buffered(tmp_path, monkeypatch):
             raise OSError(22, "Invalid argument")
         return real_fcntl(fd, cmd, arg)
 
-    monkeypatch.setattr(fcntl, "fcntl", no_direct)
-    read_all(BlobStore(tmp_path / "buffered"), False)
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "fcntl", no_direct)
+        refused = BlobStore(tmp_path / "buffered")
+        read_all(refused, False)
+        assert not refused.direct  # the next readers do not try again
+
+    real_preadv = os.preadv
+
+    def larger_alignment(fd, buffers, offset):  # a device that takes O_DIRECT but not 4 KiB alignment
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", larger_alignment)
+    fallback = BlobStore(tmp_path / "fallback")
+    for size in (DIRECT_READ_MIN, READ_BUFFER + 28):
+        data = os.urandom(size)
+        blob_id = fallback.new_id()
+        fallback.dir_of(blob_id).mkdir(exist_ok=True)
+        fallback.path(blob_id).write_bytes(data)
+        reader = fallback.open_reader(blob_id)
+        assert reader.direct
+        pieces = []
+        while piece := reader.read():
+            pieces.append(piece)
+        assert not reader.direct
+        reader.close()
+        assert b"".join(pieces) == data
 
 
 async def test_more_streamed_uploads_at_once_than_spare_buffers_all_succeed(tmp_path):

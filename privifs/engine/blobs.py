@@ -220,16 +220,20 @@ class BlobReader:
     def __init__(self, store: BlobStore, fd: int):
         self.store = store
         self.fd = fd
-        self.size = os.fstat(fd).st_size
+        self._buf: mmap.mmap | None = None
         self.pos = 0
         self.direct = False
+        try:
+            self.size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
         if store.direct and self.size >= DIRECT_READ_MIN:
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
                 self.direct = True
             except OSError:
-                pass
-        self._buf: mmap.mmap | None = None
+                store.direct = False  # (writes find out for themselves too)
 
     def read(self) -> bytes:
         """The next piece (b"" at the end). Blocking: call it on a worker thread."""
@@ -238,18 +242,22 @@ class BlobReader:
             return b""
         if self.direct and self.pos % DIRECT_ALIGN == 0:
             if self._buf is None:
-                pool = self.store._read_buffers
-                self._buf = pool.pop() if pool else mmap.mmap(-1, READ_BUFFER)
+                try:
+                    self._buf = self.store._read_buffers.pop()
+                except IndexError:
+                    self._buf = mmap.mmap(-1, READ_BUFFER)
             try:
                 n = os.preadv(self.fd, [self._buf], self.pos)  # whole aligned buffer; short at the end
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                n = -1  # a device wanting larger alignment: buffered from here
+                n = -1  # a device wanting larger alignment
             if n >= 0:
                 n = min(n, want)
                 self.pos += n
                 return self._buf[:n]
+        if self.direct:  # buffered from here: a read that failed so, or stopped short of the end
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             self.direct = False
         data = os.pread(self.fd, want, self.pos)
         self.pos += len(data)

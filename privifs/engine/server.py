@@ -228,8 +228,10 @@ class ExactRoutes:
     each route's regex in turn and wraps the call in two middleware layers and their send
     wrappers: ≈ 7 % of the engine's main thread when small files are stored. A guarded route
     whose only parameter is its last path segment (``/data-token/retrieve-temporary-data-token/
-    {command_id}``, one of the five requests of every upload) is found the same way by its
-    prefix, when Starlette would pick that route for such a path too."""
+    {command_id}``, one of the five requests of every upload; the request-status, device, OAuth,
+    policy and voting lookups by id) is found the same way by its prefix, unless another route
+    could match a path under that prefix (its path starts with the prefix, or it is not a plain
+    route): then Starlette decides, as for everything else. Authorization is each handler's."""
 
     def __init__(self, app: Starlette):
         self.app = app
@@ -248,17 +250,20 @@ class ExactRoutes:
                 list(route.param_convertors) == [name]
                 and last == "{" + name + "}"
                 and type(route.param_convertors[name]) is StringConvertor
-                and self._first_match(f"{prefix}/probe") is route
+                and not self._shadowed(route, prefix + "/")
             ):
                 for method in route.methods or ():
                     self.tail.setdefault((method, prefix + "/"), (name, route.endpoint))
 
-    def _first_match(self, path: str) -> Route | None:
-        """The route Starlette's router tries first that matches ``path`` (methods aside)."""
-        for route in self.app.routes:
-            if isinstance(route, Route) and route.path_regex.match(path):
-                return route
-        return None
+    def _shadowed(self, route: Route, prefix: str) -> bool:
+        """Whether a route other than ``route`` could take a path under ``prefix`` (a literal
+        path or a parameter there, a mount, or anything else that is not a plain route)."""
+        for other in self.app.routes:
+            if other is route:
+                continue
+            if not isinstance(other, Route) or other.path.startswith(prefix) or other.path_regex.match(prefix + "x"):
+                return True
+        return False
 
     @property
     def routes(self) -> list:

@@ -634,9 +634,10 @@ class Daemon:
                 }
             if (
                 pending
+                and not deletes
                 and not owed
-                and trio.current_time() - started > FAILING_GRACE * self.mcfg.server_timeout
-                and syncer.failing_again(pending, started)
+                and syncer.failing_again(pending, started, FAILING_GRACE * self.mcfg.server_timeout)
+                and await self._server_answers()
             ):  # one file the server fails every time, while everything else went through
                 return {
                     "error": f"the server keeps failing {len(pending)} changes ({syncer.last_error}); "

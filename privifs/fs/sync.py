@@ -240,9 +240,10 @@ class Syncer:
         # ino -> when (trio clock) its last write-back attempt was refused, not merely failed:
         # retrying soon brings the same answer (see refused_since; a flush stops waiting for it)
         self.refused: dict[int, float] = {}
-        # ino -> when (trio clock) its last write-back attempts failed, any failure (see
-        # failing_again: a flush stops waiting for changes the server fails every time)
-        self.failures: dict[int, deque[float]] = {}
+        # ino -> (trio clock) when its current run of failed write-back attempts began, and when
+        # its last two failed; a success ends the run (see failing_again: a flush stops waiting
+        # for changes the server fails every time)
+        self.failures: dict[int, tuple[float, deque[float]]] = {}
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
         self.retire_grace = RETIRE_GRACE
@@ -489,13 +490,16 @@ class Syncer:
         failure of ours that repeats) at or after ``since`` and is not being uploaded now."""
         return all(not n.uploading and self.refused.get(n.ino, -math.inf) >= since for n in nodes)
 
-    def failing_again(self, nodes: list[Node], since: float, times: int = 2) -> bool:
-        """Whether every one of ``nodes`` failed ``times`` write-back attempts in a row at or
-        after ``since`` and is not being uploaded now (a file the server always answers 5xx
-        for, while everything else succeeds: the server is not failing, that change is)."""
-        return all(
-            not n.uploading and len(f := self.failures.get(n.ino, ())) >= times and f[-times] >= since for n in nodes
-        )
+    def failing_again(self, nodes: list[Node], since: float, grace: float) -> bool:
+        """Whether every one of ``nodes`` has failed every write-back attempt for ``grace``
+        seconds at least, its last two at or after ``since``, and none is being written back now
+        (a file the server always answers 5xx for, while everything else goes through)."""
+        now = trio.current_time()
+        for n in nodes:
+            began, last = self.failures.get(n.ino, (now, ()))
+            if n.ino in self._busy or len(last) < 2 or last[0] < since or now - began < grace:
+                return False
+        return True
 
     def retry_all_now(self) -> None:
         for node in self.ns.pending():
@@ -546,7 +550,7 @@ class Syncer:
         """Record a failed write-back attempt and schedule the retry; ``lasting``: a failure a
         retry soon will meet again (a bug's), as a refusal by the server is."""
         attempts = self.ns.record_error(node, str(exc))
-        self.failures.setdefault(node.ino, deque(maxlen=2)).append(trio.current_time())
+        self.failures.setdefault(node.ino, (trio.current_time(), deque(maxlen=2)))[1].append(trio.current_time())
         if lasting or isinstance(exc, REFUSALS):
             self.refused[node.ino] = trio.current_time()
         else:
