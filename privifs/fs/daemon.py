@@ -578,6 +578,14 @@ class Daemon:
                     f"{until} (or at the next mount)"
                 }
             return {"done": True}
+        syncer.flushing += 1
+        try:
+            return await self._flush_wait(progress, timeout)
+        finally:
+            syncer.flushing -= 1
+
+    async def _flush_wait(self, progress, timeout: float | None) -> dict:
+        syncer = self.syncer
         started = trio.current_time()
         syncer.retry_all_now()  # each pending change gets one attempt after this at least
         deadline = None if timeout is None else started + timeout

@@ -94,6 +94,7 @@ MAX_BACKOFF = 300.0
 QUIET = 0.3  # write-back starts once the mount has had no request for this long …
 MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the mount is
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
+FLUSH_RETRY = 10.0  # while 'privifs umount' waits, retry at least this often (not after 5 minutes)
 RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
@@ -244,6 +245,7 @@ class Syncer:
         # its last two failed; a success ends the run (see failing_again: a flush stops waiting
         # for changes the server fails every time)
         self.failures: dict[int, tuple[float, deque[float]]] = {}
+        self.flushing = 0  # flushes waiting (privifs umount): failed write-backs are retried sooner
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
         self.retire_grace = RETIRE_GRACE
@@ -563,6 +565,8 @@ class Syncer:
         )
         if waits:
             delay = min(delay, FSYNC_RETRY)
+        elif self.flushing:
+            delay = min(delay, FLUSH_RETRY)
         self.ns.schedule_retry(node, trio.current_time() + delay)
         self.last_error = f"{self.ns.describe(node)}: {exc}"
         self.last_error_at = time.time()
