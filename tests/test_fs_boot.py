@@ -191,20 +191,64 @@ def test_helper_refuses_unknown_options_and_a_missing_configuration(tmp_path, ca
     assert "no privifs configuration" in capsys.readouterr().err
 
 
-def test_remount_flags_keep_what_is_not_named_and_always_nosuid_nodev():
+def test_remount_flags_are_the_options_given_and_always_nosuid_nodev():
     from privifs.cli import remount as r
 
     shown = {"rw", "nosuid", "nodev", "relatime", "user_id=0", "group_id=0", "default_permissions"}
     base = r.MS_REMOUNT | r.MS_NOSUID | r.MS_NODEV
     assert r.remount_flags(shown, ["ro"]) == base | r.MS_RELATIME | r.MS_RDONLY
-    assert r.remount_flags(shown - {"rw"} | {"ro", "noexec"}, []) == base | r.MS_RELATIME | r.MS_RDONLY | r.MS_NOEXEC
-    assert r.remount_flags(shown | {"ro"}, ["rw", "noatime"]) == base | r.MS_NOATIME
+    # ro/rw and the atime family stay when none of them is named; noexec is on only when named
+    assert r.remount_flags(shown - {"rw"} | {"ro", "noexec", "nodiratime"}, []) == (
+        base | r.MS_RELATIME | r.MS_RDONLY | r.MS_NODIRATIME
+    )
+    assert r.remount_flags(shown | {"noexec"}, ["noexec"]) == base | r.MS_RELATIME | r.MS_NOEXEC
+    # what mount(8) hands the helper for 'mount -o remount,exec DIR' of a noexec mount: its
+    # current options with noexec taken out (libmount applies 'exec' that way)
+    merged = ["rw", "nosuid", "nodev", "relatime", "remount", "user_id=0", "group_id=0", "default_permissions"]
+    assert r.remount_flags(shown | {"noexec"}, merged) == base | r.MS_RELATIME
+    assert r.remount_flags(shown - {"rw"} | {"ro"}, ["rw", "noatime"]) == base | r.MS_NOATIME
     assert r.remount_flags({"rw"}, []) == base | r.MS_STRICTATIME  # no atime word shown: strictatime
     assert r.remount_flags(shown, ["suid", "dev", "exec", "ro", "rw"]) == base | r.MS_RELATIME  # the last ro/rw wins
     assert translate(["privifs", "/mnt/v", "-o", "remount,ro,cache_size=1G"]) == (
         ["remount", "/mnt/v", "ro", "cache_size=1G"],
         False,
     )
+
+
+def test_remount_exec_undoes_noexec_and_an_unknown_option_is_refused(engine, tmp_path):
+    """'mount -o remount,exec DIR' left a noexec mount noexec: mount(8) hands the helper the
+    mount's options merged with -o, and applies 'exec' by leaving 'noexec' out, but the helper
+    kept every flag not named from the mount as it was. And an option no mount knows
+    ('remount,ro,frobnicate') was 'kept' and the remount done, where a mount refuses it.
+    The helper is run as mount(8) runs it, with the option string libmount 2.38 builds (seen
+    with LIBMOUNT_DEBUG=cxt), without installing it as /sbin/mount.fuse.privifs."""
+    m = Mount(tmp_path, engine.urls)
+    helper = Path(sys.executable).parent / "mount.fuse.privifs"
+
+    def run_helper(options: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(helper), "privifs", str(m.dir), "-o", options], env=m.env, capture_output=True, text=True, timeout=60
+        )
+
+    with m.mounted():
+        program = m.dir / "program"
+        program.write_text("#!/bin/sh\necho ran\n")
+        program.chmod(0o755)
+        r = run_helper("remount,noexec")  # as typed by hand: only noexec named
+        assert r.returncode == 0, r.stderr
+        assert {"rw", "noexec", "nosuid", "nodev"} <= mount_flags(m.dir)
+        with pytest.raises(PermissionError):
+            subprocess.run([str(program)], timeout=30)
+        # mount -o remount,exec DIR
+        r = run_helper("rw,nosuid,nodev,relatime,remount,user_id=0,group_id=0,default_permissions")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        flags = mount_flags(m.dir)
+        assert "noexec" not in flags and {"rw", "nosuid", "nodev"} <= flags
+        assert subprocess.run([str(program)], capture_output=True, text=True, timeout=30).stdout == "ran\n"
+        r = run_helper("remount,ro,frobnicate")
+        assert r.returncode == 1 and "unknown mount option 'frobnicate'" in r.stderr, r.stderr
+        assert "rw" in mount_flags(m.dir)
+        (m.dir / "still-writable.txt").write_text("yes")
 
 
 def mount_flags(path: Path) -> set[str]:

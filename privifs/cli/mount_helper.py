@@ -117,11 +117,13 @@ def _translate(argv: list[str]) -> tuple[list[str], bool, bool]:
     options = [part for o, v in opts if o == "-o" for part in v.split(",") if part]
     config: str | None = source if source not in ("", "none", "privifs") and Path(source).is_file() else None
     mount_args: list[str] = []
-    if "remount" in options:  # mount -o remount,ro DIR: the kernel's part only (see main)
-        return ["remount", mountpoint, *(o for o in options if o != "remount")], fake, verbose
+    remounting = "remount" in options  # mount -o remount,ro DIR: the kernel's part only (see main)
     for option in options:
         name, eq, value = option.partition("=")
-        if name == "config" and eq:
+        if remounting:  # an option unknown to a mount is as unknown to a remount (not 'kept')
+            if not (sloppy or _remount_knows(name, eq)):
+                raise UsageError(f"unknown mount option {option!r} (see 'pydoc privifs.cli.mount_helper')")
+        elif name == "config" and eq:
             config = value
         elif name in VALUED and eq:
             mount_args += [VALUED[name], value]
@@ -131,10 +133,25 @@ def _translate(argv: list[str]) -> tuple[list[str], bool, bool]:
             continue
         elif not sloppy:
             raise UsageError(f"unknown mount option {option!r} (see 'pydoc privifs.cli.mount_helper')")
+    if remounting:
+        return ["remount", mountpoint, *(o for o in options if o != "remount")], fake, verbose
     head = ["--config", config] if config else []
     if source not in ("", "none", "privifs"):  # shown as the mount's source (/proc/mounts, df, findmnt -S)
         mount_args += ["--fsname", source]
     return [*head, "mount", mountpoint, *mount_args], fake, verbose
+
+
+def _remount_knows(name: str, eq: str) -> bool:
+    """Whether ``name`` (``eq``: given with a value) is an option a remount may be given: one a
+    mount takes, a flag the kernel switches, or one of the kernel's own FUSE options mount(8)
+    repeats from the mount table."""
+    from privifs.cli.remount import FLAG_OPTIONS, KERNEL_OPTIONS
+
+    if eq:
+        return name in VALUED or name == "config" or name in KERNEL_OPTIONS or name.startswith(("x-", "comment"))
+    return name in ("remount", *FLAGS, *IGNORED, *FLAG_OPTIONS, "default_permissions") or name.startswith(
+        ("x-", "comment")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

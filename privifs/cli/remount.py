@@ -6,8 +6,12 @@ daemon's own options (cache size, fsync mode, ownership, …) cannot change unde
 So a remount here:
 
 * switches ``ro``/``rw`` (``rw`` is refused for a mount whose daemon was started read-only, which
-  would go on answering every write EROFS) and sets ``noexec``/``exec`` and the atime flags;
-  flags not named keep their current value (a bare ``MS_REMOUNT`` would clear them all);
+  would go on answering every write EROFS) and sets ``noexec`` and ``nodiratime`` as the options
+  say, as mount(2) does: mount(8) hands the helper the mount's whole new state (its current
+  options, or its fstab line, merged with ``-o``; an ``exec`` there is the absence of
+  ``noexec``, so keeping the current ``noexec`` when it was not named made ``mount -o
+  remount,exec DIR`` a no-op). ``ro``/``rw`` and the atime family stay as they are when none
+  of them is named (mount(8) always names ``ro`` or ``rw``; a hand-made call may not);
 * always keeps ``nosuid`` and ``nodev``, as every privifs mount has them (a vault's set-user-ID
   files and device nodes do nothing here; ``suid`` and ``dev`` are ignored at mount time too);
 * leaves the daemon's options as they are, and says so on stderr for each one given (mount(8)
@@ -64,13 +68,18 @@ class RemountError(Exception):
 
 def remount_flags(current: set[str], options: list[str]) -> int:
     """The ``mount(2)`` flags for a remount asking ``options`` of a mount whose options in
-    /proc/mounts are ``current`` (read there, not by statvfs: a hung daemon never answers that)."""
+    /proc/mounts are ``current`` (read there, not by statvfs: a hung daemon never answers that):
+    those the options name (``noexec`` absent: off); ``ro``/``rw``, and the atime family with
+    ``nodiratime``, kept from ``current`` when none of them is named."""
     flags = MS_REMOUNT | MS_NOSUID | MS_NODEV
-    for name, ms in _CURRENT.items():
-        if name in current:
-            flags |= ms
-    if not flags & (MS_NOATIME | MS_RELATIME):
-        flags |= MS_STRICTATIME
+    if not any(o in ("ro", "rw") for o in options) and "ro" in current:
+        flags |= MS_RDONLY
+    if not any(o in FLAG_OPTIONS and FLAG_OPTIONS[o][0] & _ATIME for o in options):
+        for name, ms in _CURRENT.items():
+            if name in current and ms & (_ATIME | MS_NODIRATIME):
+                flags |= ms
+        if not flags & (MS_NOATIME | MS_RELATIME):
+            flags |= MS_STRICTATIME
     for option in options:
         if option in FLAG_OPTIONS:
             clear, set_ = FLAG_OPTIONS[option]
