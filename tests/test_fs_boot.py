@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import subprocess
 import sys
@@ -245,6 +246,15 @@ def test_remount_exec_undoes_noexec_and_an_unknown_option_is_refused(engine, tmp
         flags = mount_flags(m.dir)
         assert "noexec" not in flags and {"rw", "nosuid", "nodev"} <= flags
         assert subprocess.run([str(program)], capture_output=True, text=True, timeout=30).stdout == "ran\n"
+        # a writable shared mapping keeps the file open for writing after its descriptor is closed
+        with open(m.dir / "mapped.bin", "wb") as f:
+            f.write(b"\0" * 4096)
+        fd = os.open(m.dir / "mapped.bin", os.O_RDWR)
+        mapped = mmap.mmap(fd, 4096)
+        os.close(fd)
+        r = run_helper("remount,ro")
+        mapped.close()
+        assert r.returncode == 32 and "mapped writable" in r.stderr, r.stderr
         r = run_helper("remount,ro,frobnicate")
         assert r.returncode == 1 and "unknown mount option 'frobnicate'" in r.stderr, r.stderr
         assert "rw" in mount_flags(m.dir)

@@ -6,12 +6,12 @@ daemon's own options (cache size, fsync mode, ownership, …) cannot change unde
 So a remount here:
 
 * switches ``ro``/``rw`` (``rw`` is refused for a mount whose daemon was started read-only, which
-  would go on answering every write EROFS) and sets ``noexec`` and ``nodiratime`` as the options
-  say, as mount(2) does: mount(8) hands the helper the mount's whole new state (its current
-  options, or its fstab line, merged with ``-o``; an ``exec`` there is the absence of
-  ``noexec``, so keeping the current ``noexec`` when it was not named made ``mount -o
-  remount,exec DIR`` a no-op). ``ro``/``rw`` and the atime family stay as they are when none
-  of them is named (mount(8) always names ``ro`` or ``rw``; a hand-made call may not);
+  would go on answering every write EROFS) and sets ``noexec`` as the options say, as mount(2)
+  does: mount(8) hands the helper the mount's whole new state (its current options, or its
+  fstab line, merged with ``-o``; an ``exec`` there is the absence of ``noexec``, so keeping
+  the current ``noexec`` when it was not named made ``mount -o remount,exec DIR`` a no-op).
+  ``ro``/``rw``, and the atime family with ``nodiratime``, stay as they are when none of them is
+  named (mount(8) always names ``ro`` or ``rw``; a hand-made call may not);
 * always keeps ``nosuid`` and ``nodev``, as every privifs mount has them (a vault's set-user-ID
   files and device nodes do nothing here; ``suid`` and ``dev`` are ignored at mount time too);
 * leaves the daemon's options as they are, and says so on stderr for each one given (mount(8)
@@ -19,7 +19,7 @@ So a remount here:
 
 A read-only remount waits for nothing: uploads of what was written before it go on in the
 background, and changes other machines make still appear. The kernel refuses it (EBUSY) while a
-file is open for writing.
+file is open for writing or mapped writable (an mmap outlives its file descriptor).
 """
 
 from __future__ import annotations
@@ -136,7 +136,9 @@ def _mount(target: str, flags: int) -> None:
         return
     code = ctypes.get_errno()
     if code == errno.EBUSY:
-        raise RemountError(f"{target} is busy: a file on it is open for writing (close it, then remount read-only)")
+        raise RemountError(
+            f"{target} is busy: a file on it is open for writing or mapped writable (close it, then remount read-only)"
+        )
     if code == errno.EPERM:
         raise RemountError(f"{target}: only root can remount")
     raise RemountError(f"{target}: remount failed: {os.strerror(code)}")
