@@ -261,6 +261,28 @@ def test_remount_exec_undoes_noexec_and_an_unknown_option_is_refused(engine, tmp
         (m.dir / "still-writable.txt").write_text("yes")
 
 
+def test_remount_rw_of_a_read_only_drive_is_refused_when_the_helper_has_another_home(engine, tmp_path):
+    """mount(8) runs its helper without HOME (util-linux drops it), so the helper read the
+    registry of another home than the daemon's: 'mount -o remount,rw' of a drive privifs
+    mounted read-only (started with HOME=/somewhere, as in a container or a test) was done, the
+    kernel said rw and every write failed EROFS. The daemon is now also found through /proc."""
+    m = Mount(tmp_path, engine.urls)
+    helper = Path(sys.executable).parent / "mount.fuse.privifs"
+    env = {k: v for k, v in m.env.items() if k != "HOME" and not k.startswith("XDG_")}  # another home's registry
+    env["HOME"] = str(tmp_path / "another-home")
+    with m.mounted("--read-only"):
+        assert "ro" in mount_flags(m.dir)
+        r = subprocess.run(
+            [str(helper), "privifs", str(m.dir), "-o", "rw,nosuid,nodev,relatime,remount"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 32 and "mounted read-only by privifs" in r.stderr, r.stdout + r.stderr
+        assert "ro" in mount_flags(m.dir)
+
+
 def mount_flags(path: Path) -> set[str]:
     with open("/proc/mounts") as f:
         for line in f:

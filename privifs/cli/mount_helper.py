@@ -218,21 +218,68 @@ def _remount(mountpoint: str, options: list[str]) -> int:
 
 
 def _daemon_read_only(mountpoint: str) -> bool | None:
-    """Whether the daemon serving ``mountpoint`` was started read-only; None if it cannot be asked."""
-    from privifs.cli.mounttable import registered_entry
-    from privifs.fs.daemon import control_request
+    """Whether the daemon serving ``mountpoint`` was started read-only; None if it cannot be asked.
+
+    mount(8) runs its helper without ``HOME`` (util-linux drops it from the environment), so
+    the registry the helper reads is that of the home directory /etc/passwd names: a daemon
+    started with another ``HOME`` (a container's, a test's) is not in it, and ``mount -o
+    remount,rw`` of its read-only drive was done (the kernel said rw, every write EROFS). Such a
+    daemon is then found through ``/proc``: the control sockets privifs mount daemons listen
+    on, each asked which mountpoint it serves."""
+    from privifs.cli.mounttable import mount_path, registered_entry
 
     try:
         entry = registered_entry(Path(mountpoint))
-        if entry is None:
-            return None
-        for answer in control_request(entry, {"cmd": "status"}, timeout=10):
-            status = answer.get("status")
-            if isinstance(status, dict) and "read_only" in status:
-                return bool(status["read_only"])
+    except (OSError, ValueError):
+        entry = None
+    real = mount_path(mountpoint)
+    candidates = [entry["control"]] if entry is not None else _daemon_control_sockets()
+    for control in candidates:
+        status = _daemon_status(control)
+        if status is not None and status.get("mountpoint") == real and "read_only" in status:
+            return bool(status["read_only"])
+    return None
+
+
+def _daemon_status(control: str) -> dict | None:
+    from privifs.fs.daemon import control_request
+
+    try:
+        for answer in control_request({"control": control}, {"cmd": "status"}, timeout=10):
+            status = answer.get("status") if isinstance(answer, dict) else None
+            if isinstance(status, dict):
+                return status
     except (OSError, ValueError):
         pass
     return None
+
+
+def _daemon_control_sockets() -> list[str]:
+    """The listening Unix sockets named ``*.sock`` of every ``privifs mount`` process."""
+    import os
+
+    from privifs.paths import is_mount_daemon
+
+    try:
+        with open("/proc/net/unix") as f:
+            next(f, None)
+            rows = [line.rstrip("\n").split(None, 7) for line in f]
+    except OSError:
+        return []
+    bound = {row[6]: row[7] for row in rows if len(row) == 8 and row[7].endswith(".sock")}
+    found: list[str] = []
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        if pid == os.getpid() or not is_mount_daemon(pid):
+            continue
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            path = bound.get(link.removeprefix("socket:[").removesuffix("]")) if link.startswith("socket:[") else None
+            if path and path not in found:
+                found.append(path)
+    return found
 
 
 if __name__ == "__main__":
