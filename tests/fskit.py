@@ -23,7 +23,7 @@ import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -656,13 +656,17 @@ def sealed_file(path: Path, data: bytes, key: bytes = CACHE_KEY) -> str:
     return str(path)
 
 
-def disk_usage(root: Path) -> int:
+def disk_usage(root: Path, *, directories: bool = False) -> int:
     """What the disk counts under ``root``: every file's allocated blocks, each file once (as
     ``du`` and scripts/bench count a cache directory: a file moved between two directories while
-    the walk runs is not counted twice), 0 if it does not exist."""
+    the walk runs is not counted twice), 0 if it does not exist; ``directories``: theirs too, as
+    ``du`` adds them."""
     total = 0
     seen: set[int] = set()
     for d, _, files in os.walk(root):
+        if directories:
+            with suppress(OSError):
+                total += os.lstat(d).st_blocks * 512
         for f in files:
             try:
                 st = os.lstat(os.path.join(d, f))

@@ -10,7 +10,7 @@ import pytest
 
 from privifs.fs.cache import ContentCache
 from tests.fskit import CACHE_KEY as KEY
-from tests.fskit import sealed_file
+from tests.fskit import disk_usage, sealed_file
 
 
 @pytest.fixture
@@ -152,6 +152,22 @@ def test_entries_live_in_256_directories_that_stay_and_older_two_level_entries_s
         assert not old_path.parent.exists() and not old_path.parent.parent.exists()
     finally:
         reopened.close()
+
+
+def test_the_entry_directories_count_against_the_size_limit(tmp_path):
+    """The 256 entry directories stay once made, 4 KiB each, and du counts them: the limit did
+    not, and a real mount's 16 MiB cache of 6,000 small files measured 16.5 MiB (du -s)."""
+    limit = 4 * 1024 * 1024
+    c = ContentCache(tmp_path / "cache", limit, KEY)
+    try:
+        for i in range(1500):
+            c.adopt(f"t{i}", sealed_file(tmp_path / f"s{i}", b"%d" % i))
+            if i % 100 == 99:
+                assert disk_usage(tmp_path / "cache", directories=True) <= limit, i
+        assert len(c._lru) > 100  # it held entries, within the limit
+        assert c._entry_dirs() >= 200 * 4096  # nearly all 256 made, each counted
+    finally:
+        c.close()
 
 
 def test_opening_a_known_sparse_entry_again_does_not_measure_it_again(cache, tmp_path, monkeypatch):

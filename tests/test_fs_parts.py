@@ -77,8 +77,8 @@ async def test_a_file_bigger_than_the_cache_streams_through_it_and_the_cache_dir
         await put_parts(t, data)
         # the limit counts everything in the cache directory as the disk does: the entries, the
         # downloads in flight, diskcache's database and its WAL (about 1.1 MiB of this is held
-        # back for the table; the rest holds a few parts)
-        limit = t.fs.cache.size_limit = 1536 * 1024
+        # back for the table), the 256 entry directories (1 MiB); the rest holds a few parts
+        limit = t.fs.cache.size_limit = 1536 * 1024 + 256 * 4096
         fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
         out = bytearray()
         with DiskPeak(tmp_path / "cache") as disk:
