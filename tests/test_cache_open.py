@@ -170,6 +170,24 @@ def test_the_entry_directories_count_against_the_size_limit(tmp_path):
         c.close()
 
 
+def test_a_cache_opened_with_a_smaller_limit_is_within_it_at_once(tmp_path):
+    # a mount given a smaller --cache-size than the last one kept the larger one's entries
+    # (status: '34.8 MiB of 8 MiB', du alike) until a download landed, which reads of cached
+    # files never make
+    c = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    for i in range(300):
+        assert c.adopt(f"t{i}", sealed_file(tmp_path / f"s{i}", b"%d" % i))
+    c.close()
+    limit = 3 * 1024 * 1024  # the table and the entry directories take about 2.2 MiB of it
+    c = ContentCache(tmp_path / "cache", limit, KEY)
+    try:
+        assert 0 < c.used <= limit - c.overhead()
+        assert disk_usage(tmp_path / "cache", directories=True) <= limit
+        assert c.open("t299") is not None and c.open("t0") is None  # the least recently used went
+    finally:
+        c.close()
+
+
 def test_opening_a_known_sparse_entry_again_does_not_measure_it_again(cache, tmp_path, monkeypatch):
     # a sparse entry is measured by its data extents (an lseek pair per extent: 4000 for a
     # 250 MiB file written every other chunk); a hit on an entry already counted needs none

@@ -301,6 +301,9 @@ class ContentCache:
         self.downloads = 0
         self.reserved = 0  # bytes of downloads in flight: counted against the limit before they land
         self._landed = trio.Event()  # set (and replaced) whenever a download's reservation ends
+        # within the limit from the start: a mount given a smaller --cache-size than the last one
+        # kept the entries of the larger (status: '34.8 MiB of 8 MiB') until a download landed
+        self._trim()
 
     def _made_again(self) -> bool:
         """Whether the cache directory was removed while mounted (``rm -rf ~/.cache`` to free
