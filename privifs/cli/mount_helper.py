@@ -233,7 +233,7 @@ def _daemon_read_only(mountpoint: str) -> bool | None:
     except (OSError, ValueError):
         entry = None
     real = mount_path(mountpoint)
-    candidates = [entry["control"]] if entry is not None else _daemon_control_sockets()
+    candidates = [entry["control"]] if entry is not None else _daemon_control_sockets(real)
     for control in candidates:
         status = _daemon_status(control)
         if status is not None and status.get("mountpoint") == real and "read_only" in status:
@@ -254,8 +254,10 @@ def _daemon_status(control: str) -> dict | None:
     return None
 
 
-def _daemon_control_sockets() -> list[str]:
-    """The listening Unix sockets named ``*.sock`` of every ``privifs mount`` process."""
+def _daemon_control_sockets(mountpoint: str) -> list[str]:
+    """The listening Unix sockets named ``*.sock`` of every ``privifs mount`` process, those
+    of a process given ``mountpoint`` on its command line first (each may take the control
+    request's timeout to answer)."""
     import os
 
     from privifs.paths import is_mount_daemon
@@ -267,19 +269,21 @@ def _daemon_control_sockets() -> list[str]:
     except OSError:
         return []
     bound = {row[6]: row[7] for row in rows if len(row) == 8 and row[7].endswith(".sock")}
-    found: list[str] = []
+    found: list[tuple[bool, str]] = []
     for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
         if pid == os.getpid() or not is_mount_daemon(pid):
             continue
         try:
             links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                named = os.fsencode(mountpoint) in f.read().split(b"\0")
         except OSError:
             continue
         for link in links:
             path = bound.get(link.removeprefix("socket:[").removesuffix("]")) if link.startswith("socket:[") else None
-            if path and path not in found:
-                found.append(path)
-    return found
+            if path:
+                found.append((not named, path))
+    return list(dict.fromkeys(path for _, path in sorted(found)))
 
 
 if __name__ == "__main__":
