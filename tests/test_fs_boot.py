@@ -17,9 +17,7 @@ import pytest
 from privifs.cli.mount_helper import main as helper_main
 from privifs.cli.mount_helper import translate
 from privifs.paths import pid_alive
-from tests.mountkit import Mount, is_mounted
-
-HELPER_LINK = Path("/sbin/mount.fuse.privifs")
+from tests.mountkit import HELPER_LINK, Mount, helper_link_kept, is_mounted
 
 
 @contextlib.contextmanager
@@ -29,20 +27,12 @@ def installed_helper():
     helper = Path(sys.executable).parent / "mount.fuse.privifs"
     assert helper.exists(), "the mount.fuse.privifs console script is not installed; run scripts/install"
     assert HELPER_LINK.is_symlink() or not HELPER_LINK.exists(), f"{HELPER_LINK} is not ours"
-    before = os.readlink(HELPER_LINK) if HELPER_LINK.is_symlink() else None
-    tmp = HELPER_LINK.with_name(".mount.fuse.privifs.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(helper)
-    tmp.replace(HELPER_LINK)
-    try:
+    with helper_link_kept():
+        tmp = HELPER_LINK.with_name(".mount.fuse.privifs.tmp")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(helper)
+        tmp.replace(HELPER_LINK)
         yield
-    finally:
-        if before is None:
-            HELPER_LINK.unlink(missing_ok=True)
-        else:
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(before)
-            tmp.replace(HELPER_LINK)
 
 
 def fstype(path: Path) -> str | None:

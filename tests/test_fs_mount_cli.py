@@ -17,7 +17,7 @@ import time
 import pytest
 
 from privifs.paths import pid_alive
-from tests.mountkit import Mount, is_mounted, privifs
+from tests.mountkit import Mount, helper_link_kept, is_mounted, privifs
 
 
 def test_status_shows_pending_uploads_cache_refresh_and_errors(engine, tmp_path):
@@ -395,14 +395,15 @@ def test_scripts_up_takes_a_leading_option_as_a_mount_option(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     m = Mount(tmp_path, None)
     try:
-        r = subprocess.run(
-            [str(repo / "scripts" / "up"), "--bogus-option"],
-            env=m.env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        with helper_link_kept():  # scripts/up runs scripts/install
+            r = subprocess.run(
+                [str(repo / "scripts" / "up"), "--bogus-option"],
+                env=m.env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
         assert r.returncode == 2 and "unrecognized arguments: --bogus-option" in r.stderr
         assert not (tmp_path / "--bogus-option").exists() and not (repo / "--bogus-option").exists()
         assert (tmp_path / "home" / "privifs").is_dir() and not is_mounted(tmp_path / "home" / "privifs")
@@ -417,7 +418,7 @@ def test_scripts_up_on_a_mount_left_dead_by_a_killed_daemon_mounts_it_again(engi
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    with Mount(tmp_path, engine.urls).mounted() as m:
+    with Mount(tmp_path, engine.urls).mounted() as m, helper_link_kept():  # scripts/up runs scripts/install
         crash(m)
         r = subprocess.run(
             [str(repo / "scripts" / "up"), str(m.dir)],
