@@ -146,10 +146,10 @@ def test_helper_translates_mount_options_into_privifs_mount():
             "/mnt/v",
             "-n",
             "-o",
-            "rw,_netdev,x-systemd.automount,nofail,allow_other,cache_size=1G,config=/etc/p.toml",
+            "rw,_netdev,x-systemd.automount,nofail,allow_other,noexec,cache_size=1G,config=/etc/p.toml",
         ]
     )
-    assert args == ["--config", "/etc/p.toml", "mount", "/mnt/v", "--allow-other", "--cache-size", "1G"]
+    assert args == ["--config", "/etc/p.toml", "mount", "/mnt/v", "--allow-other", "--noexec", "--cache-size", "1G"]
     assert not fake
     args, _ = translate(["scratch-vault", "/mnt/v", "-o", "rw"])
     assert args == ["mount", "/mnt/v", "--fsname", "scratch-vault"]
@@ -204,6 +204,19 @@ def test_remount_flags_are_the_options_given_and_always_nosuid_nodev():
         ["remount", "/mnt/v", "ro", "cache_size=1G"],
         False,
     )
+
+
+def test_noexec_at_mount_time_is_applied(engine, tmp_path):
+    """An fstab line's 'noexec' was ignored at mount time (programs on the drive ran), while a
+    remount applied it: 'privifs mount --noexec' (the helper's 'noexec') mounts it so."""
+    m = Mount(tmp_path, engine.urls)
+    with m.mounted("--noexec"):
+        assert {"noexec", "nosuid", "nodev"} <= mount_flags(m.dir)
+        program = m.dir / "program"
+        program.write_text("#!/bin/sh\necho ran\n")
+        program.chmod(0o755)
+        with pytest.raises(PermissionError):
+            subprocess.run([str(program)], timeout=30)
 
 
 def test_remount_exec_undoes_noexec_and_an_unknown_option_is_refused(engine, tmp_path):

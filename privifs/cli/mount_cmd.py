@@ -70,6 +70,7 @@ def register(sub) -> None:
     )
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    p.add_argument("--noexec", action="store_true", help="no program on the mount can be executed")
     p.add_argument(
         "--upload-workers",
         type=integer(1, 64),
@@ -188,6 +189,7 @@ def _mount_config(args: argparse.Namespace):
         write_back_delay=args.write_back_delay,
         server_timeout=args.server_timeout,
         allow_other=args.allow_other,
+        noexec=args.noexec,
         state_dir=args.state_dir,
         fsname=args.fsname,
         fs=MountOptions(
@@ -349,6 +351,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out.append("--read-only")
     if args.allow_other:
         out.append("--allow-other")
+    if args.noexec:
+        out.append("--noexec")
     return out
 
 

@@ -7,6 +7,7 @@ ready, leaving its daemon behind) and exits with its status:
 =====================================  ==========================================
 ``ro`` / ``rw``                        ``--read-only`` / default
 ``allow_other``                        ``--allow-other``
+``noexec``                             ``--noexec``
 ``config=FILE``                        ``--config FILE`` (or SOURCE, if it is a file)
 ``cache_size=2G``, ``cache_dir=…``,    the ``privifs mount`` option of the same name
 ``refresh_interval=…``,
@@ -20,7 +21,7 @@ ready, leaving its daemon behind) and exits with its status:
 ``x-*``, ``comment=…``, ``defaults``,
 ``auto``, ``noauto``, ``nofail``,
 ``user``, ``users``, ``nouser``,
-``exec``, ``noexec``, ``suid``,
+``exec``, ``suid``,
 ``nosuid``, ``dev``, ``nodev``,
 ``atime`` family, ``async``
 =====================================  ==========================================
@@ -28,11 +29,11 @@ ready, leaving its daemon behind) and exits with its status:
 SOURCE is the mount's source in ``/proc/mounts``, ``df`` and ``findmnt -S`` (``privifs`` unless
 another is given), so several privifs mounts can be told apart by their source. Any other option
 is an error (``-s``, sloppy, ignores it instead). ``-o remount,…`` changes what the kernel holds
-without the daemon: ``ro``/``rw``, ``noexec``/``exec`` and the atime flags
-(:mod:`privifs.cli.remount`); other options then stay as they were (unmount and mount again to
-change them). ``-f`` (fake) checks the options and mounts nothing. Unmount with ``umount DIR``
-(pending uploads are finished by the daemon after the unmount, or at the next mount) or
-``privifs umount DIR`` (waits for them).
+(the daemon goes on serving; it is asked only whether it runs read-only): ``ro``/``rw``,
+``noexec``/``exec``, ``nosymfollow`` and the atime flags (:mod:`privifs.cli.remount`); other
+options then stay as they were (unmount and mount again to change them). ``-f`` (fake) checks
+the options and mounts nothing. Unmount with ``umount DIR`` (pending uploads are finished by
+the daemon after the unmount, or at the next mount) or ``privifs umount DIR`` (waits for them).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ VALUED = {
     "umask": "--umask",
 }
 USAGE, MOUNT_FAILED = 1, 32  # mount(8)'s exit codes: incorrect invocation, mount failure
-FLAGS = {"ro": "--read-only", "allow_other": "--allow-other"}
+FLAGS = {"ro": "--read-only", "allow_other": "--allow-other", "noexec": "--noexec"}
 IGNORED = {
     "rw",
     "_netdev",
@@ -71,7 +72,6 @@ IGNORED = {
     "owner",
     "group",
     "exec",
-    "noexec",
     "suid",
     "nosuid",
     "dev",

@@ -1,4 +1,4 @@
-"""``mount -o remount,…`` of a privifs mount: what the kernel can change without the daemon.
+"""``mount -o remount,…`` of a privifs mount: what the kernel can change while the daemon serves on.
 
 A FUSE mount's read-only state and its per-mount flags (noexec, the atime family) belong to the
 kernel, which changes them with ``mount(2)``'s ``MS_REMOUNT`` and never asks the daemon; the
@@ -33,6 +33,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT = 32
 MS_NOATIME, MS_NODIRATIME = 1024, 2048
 MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
+MS_NOSYMFOLLOW = 256
 
 # the flags /proc/mounts shows for the mount now, as mount(2) flags (no atime word: strictatime)
 _CURRENT = {
@@ -57,6 +58,8 @@ FLAG_OPTIONS: dict[str, tuple[int, int]] = {
     "nostrictatime": (MS_STRICTATIME, MS_RELATIME),
     "nodiratime": (0, MS_NODIRATIME),
     "diratime": (MS_NODIRATIME, 0),
+    "nosymfollow": (0, MS_NOSYMFOLLOW),  # as noexec: on when named (mount(8) names it while set)
+    "symfollow": (MS_NOSYMFOLLOW, 0),
 }
 # what the kernel shows as the mount's options (mount(8) may repeat them): nothing to change
 KERNEL_OPTIONS = {"user_id", "group_id", "default_permissions", "rootmode", "blksize", "max_read", "fd"}

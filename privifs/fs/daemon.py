@@ -78,6 +78,7 @@ class MountConfig:
     write_back_delay: float = 1.0
     server_timeout: float = 30.0  # the login's answer; then a vault mounted here before starts offline
     allow_other: bool = False
+    noexec: bool = False
     state_dir: Path | None = None
     fsname: str = "privifs"  # the mount's source in /proc/mounts (mount(8)'s SOURCE)
     fs: MountOptions = field(default_factory=MountOptions)
@@ -362,6 +363,8 @@ class Daemon:
             }
             if self.mcfg.allow_other:
                 options.add("allow_other")
+            if self.mcfg.noexec:
+                options.add("noexec")
             if opts.read_only:
                 options.add("ro")
             pyfuse3.init(Operations(fs), str(self.mountpoint), options)
