@@ -4,7 +4,7 @@ pjdfstest pattern (write to a file whose directory is already gone), with write-
 and the engine injecting faults. The daemon never exits, no background task fails unexpectedly,
 every closed byte is there, and a fresh mount of the vault (no index, no cache) shows the same.
 
-``PRIVIFS_STRESS_SECONDS`` sets how long the processes run (default 40)."""
+``PRIVIFS_STRESS_SECONDS`` sets how long the processes run (default 20)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tests.mountkit import Mount, is_mounted
 
-SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "30"))
+SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "20"))
 PROCESSES = 4
 
 
