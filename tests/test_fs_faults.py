@@ -109,25 +109,28 @@ def test_umount_ends_when_the_server_fails_one_file_every_time_while_the_rest_go
     """One file the server answered 500 for at every attempt, while every other request
     succeeded, held 'privifs umount' for ever: the server answered (its listing did), so the
     flush never decided it was failing. It gives up once every change left failed two
-    attempts in a row since the flush began, after twice --server-timeout at the least, and
+    attempts in a row since the flush began, for twice --server-timeout at the least, and
     says so; the file stays staged and goes up once the server takes it."""
     with Mount(tmp_path, eng.urls, mount_args=("--server-timeout", "5")).mounted() as m:
-        eng.set_options(fail_file_name="poisoned.txt")
-        (m.dir / "poisoned.txt").write_text("the server fails me")
+        (m.dir / "poison").mkdir()
+        m.wait_idle()
+        eng.set_options(fail_context="/poison")  # every upload of a file in /poison fails
+        (m.dir / "poison" / "file.txt").write_text("the server fails me")
         for i in range(3):
             (m.dir / f"fine{i}.txt").write_text(f"fine {i}")
         r = privifs(m.env, "umount", str(m.dir), check=False, timeout=240)
         assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
-        assert "keeps failing 1 changes" in r.stderr and "injected failure for this file" in r.stderr, r.stderr
-        assert "poisoned.txt" in r.stderr and "stay staged" in r.stderr, r.stderr
+        assert "keeps failing 1 changes" in r.stderr and "injected failure for this context" in r.stderr, r.stderr
+        assert "/poison/file.txt" in r.stderr and "stay staged" in r.stderr, r.stderr
         assert not os.path.ismount(m.dir)
-        names = [t["fileName"] for t in m.tokens()]
-        assert {"fine0.txt", "fine1.txt", "fine2.txt"} <= set(names) and "poisoned.txt" not in names
-        eng.set_options(fail_file_name="")
+        stored = [(t["context"], t["fileName"]) for t in m.tokens()]
+        assert {("/", "fine0.txt"), ("/", "fine1.txt"), ("/", "fine2.txt")} <= set(stored)
+        assert ("/poison", "file.txt") not in stored
+        eng.set_options(fail_context="")
         m.mount()
         m.wait_idle()
-        assert (m.dir / "poisoned.txt").read_text() == "the server fails me"
-        assert "poisoned.txt" in [t["fileName"] for t in m.tokens()]
+        assert (m.dir / "poison" / "file.txt").read_text() == "the server fails me"
+        assert ("/poison", "file.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
 
 
 def test_a_big_file_written_while_the_server_is_gone_reports_why_not_an_unexpected_failure(tmp_path):

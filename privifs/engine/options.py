@@ -92,7 +92,7 @@ class EngineOptions:
     # faults
     latency_ms: float = 0.0
     fail_rate: float = 0.0
-    fail_file_name: str = ""  # configure-file-meta of a file of this name answers 500, always
+    fail_context: str = ""  # an inline exchange into a reservation of this context answers 500, always
     fail_after_rate: float = 0.0
     ack_drop_rate: float = 0.0
     ack_delay_ms: float = 0.0

@@ -278,6 +278,8 @@ class DataTokenApi:
                 f"payload exceeds the inline limit of {self.opts.inline_limit} bytes; use the upstream stream server",
             )
         row = self.owned_reservation(who.profile_id, temp)
+        if self.opts.fail_context and row["context"] == self.opts.fail_context:
+            return JSONResponse({"status": 500, "message": "injected failure for this context"}, status_code=500)
         if row["blob_id"] is not None or row["promoted_token"] is not None:
             raise invalid("temporaryTokenSpace", "data was already exchanged for this token")
         blob_id, size, blob_dir = await self.engine.blobs.write_bytes(data)
@@ -295,8 +297,6 @@ class DataTokenApi:
         form = await read_form(request)
         temp = form.required("token", max_len=256)
         file_name = form.required("fileName", max_len=NAME_MAX)
-        if self.opts.fail_file_name and file_name == self.opts.fail_file_name:
-            return JSONResponse({"status": 500, "message": "injected failure for this file"}, status_code=500)
         extension = form.optional("extension", max_len=255) or ""
         context = form.optional("context", max_len=CONTEXT_MAX)
         size = form.integer("size", minimum=0)
