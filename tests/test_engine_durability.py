@@ -194,11 +194,11 @@ def test_blobs_read_back_whole_direct_or_buffered(tmp_path, monkeypatch):
                 pieces.append(piece)
             reader.close()
             assert b"".join(pieces) == data, size
-        assert len(store._read_buffers) <= SPARE_BUFFERS
+        assert len(store.read_buffers.free) <= SPARE_BUFFERS
 
     store = BlobStore(tmp_path / "direct")
     read_all(store, True)
-    assert store._read_buffers  # the direct path was the one tested, its buffer kept for the next
+    assert store.read_buffers.free  # the direct path was the one tested, its buffer kept for the next
     with pytest.raises(FileNotFoundError):
         store.open_reader("0" * 32)
 

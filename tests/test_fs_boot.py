@@ -287,12 +287,9 @@ def test_remount_rw_of_a_read_only_drive_is_refused_when_the_helper_has_another_
 
 
 def mount_flags(path: Path) -> set[str]:
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == str(path):
-                return set(fields[3].split(","))
-    return set()
+    from privifs.cli.mounttable import mount_options
+
+    return mount_options(str(path))
 
 
 def test_mount_o_remount_switches_read_only_and_back_without_the_daemon(engine, tmp_path):

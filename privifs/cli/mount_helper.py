@@ -210,7 +210,7 @@ def _remount(mountpoint: str, options: list[str]) -> int:
     kept = [o for o in kept if o.partition("=")[0] not in IGNORED and not o.startswith(("x-", "comment"))]
     if kept:
         print(
-            f"mount.fuse.privifs: remounted {mountpoint}; a remount changes ro/rw, exec and atime only, "
+            f"mount.fuse.privifs: remounted {mountpoint}; a remount changes ro/rw, exec, nosymfollow and atime only, "
             f"so these stay as they were: {','.join(kept)} (unmount and mount again to change them)",
             file=sys.stderr,
         )

@@ -94,7 +94,7 @@ def remount(mountpoint: str, options: list[str], *, daemon_read_only: bool | Non
     """Remount the privifs mount at ``mountpoint`` with ``options`` (those after ``remount``);
     the daemon options given that a remount does not change (to be named to the user).
     ``daemon_read_only``: whether its daemon was started read-only (None: not known)."""
-    from privifs.cli.mounttable import is_dead_mount, mount_path, privifs_mounts
+    from privifs.cli.mounttable import is_dead_mount, mount_options, mount_path, privifs_mounts
 
     real = mount_path(mountpoint)
     if real not in privifs_mounts():
@@ -103,7 +103,7 @@ def remount(mountpoint: str, options: list[str], *, daemon_read_only: bool | Non
         raise RemountError(
             f"{mountpoint}: its daemon is gone (the mount is dead): 'privifs umount {mountpoint}', then mount it again"
         )
-    shown = _mount_options(real)
+    shown = mount_options(real)
     flags = remount_flags(shown, options)
     if daemon_read_only and not flags & MS_RDONLY:
         raise RemountError(
@@ -115,21 +115,6 @@ def remount(mountpoint: str, options: list[str], *, daemon_read_only: bool | Non
     return [
         o for o in options if o not in FLAG_OPTIONS and o not in shown and o.partition("=")[0] not in KERNEL_OPTIONS
     ]
-
-
-def _mount_options(mountpoint: str) -> set[str]:
-    """The options /proc/mounts shows for ``mountpoint``."""
-    from privifs.cli.mounttable import _unescape
-
-    try:
-        with open("/proc/mounts") as f:
-            rows = [line.split() for line in f]
-    except OSError:
-        return set()
-    for row in rows:
-        if len(row) > 3 and _unescape(row[1]) == mountpoint:
-            return set(row[3].split(","))
-    return set()
 
 
 def _mount(target: str, flags: int) -> None:

@@ -37,7 +37,7 @@ WRITE_BUFFER = 1024 * 1024
 READ_BUFFER = 4 * 1024 * 1024
 DIRECT_READ_MIN = 1024 * 1024  # smaller blobs are read through the page cache
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset multiples of this
-SPARE_BUFFERS = 8  # aligned write buffers kept for the next uploads
+SPARE_BUFFERS = 8  # aligned buffers of each size kept for the next transfers (BufferPool)
 MiB = 1024 * 1024
 FLOOR_MIN, FLOOR_MAX = 4 * MiB, 64 * MiB  # room_floor's bounds
 
@@ -52,6 +52,36 @@ class BlobTooLarge(Exception):
     pass
 
 
+class BufferPool:
+    """Page-aligned buffers (anonymous mmaps, as O_DIRECT needs) of one size, reused: fresh
+    pages are dear on a VM. :meth:`take` and :meth:`give` may be called from worker threads."""
+
+    def __init__(self, size: int, keep: int = SPARE_BUFFERS):
+        self.size = size
+        self.keep = keep
+        self.free: list[mmap.mmap] = []
+
+    def take(self) -> mmap.mmap:
+        try:
+            return self.free.pop()
+        except IndexError:
+            return mmap.mmap(-1, self.size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        """Keep ``buf`` for the next :meth:`take`, or close it beyond the ``keep`` spares (no view
+        on it may be left: an mmap with one cannot be closed)."""
+        if len(self.free) < self.keep:
+            self.free.append(buf)
+        else:
+            buf.close()
+
+
+def set_direct(fd: int, on: bool) -> None:
+    """Turn O_DIRECT on or off for the open descriptor ``fd`` (OSError if the filesystem refuses)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+
+
 class BlobStore:
     def __init__(self, root: Path):
         self.root = root
@@ -60,8 +90,8 @@ class BlobStore:
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self._buffers: list[mmap.mmap] = []  # reused: fresh pages are dear
-        self._read_buffers: list[mmap.mmap] = []
+        self.write_buffers = BufferPool(WRITE_BUFFER)
+        self.read_buffers = BufferPool(READ_BUFFER)
         self.direct = hasattr(os, "O_DIRECT")  # cleared once the filesystem refuses it
         self.floor = room_floor(root)
 
@@ -141,7 +171,7 @@ class BlobStore:
         fd = -1
         direct = False
         size = 0
-        buf = self._buffers.pop() if self._buffers else mmap.mmap(-1, WRITE_BUFFER)
+        buf = self.write_buffers.take()
         view = memoryview(buf)
         filled = 0
 
@@ -161,7 +191,7 @@ class BlobStore:
                         raise
                     self.direct = False
                 if done < n:  # the tail, or the rest: O_DIRECT off from here
-                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                    set_direct(fd, False)
                     direct = False
             while done < n:
                 done += os.write(fd, view[done:n])
@@ -192,10 +222,7 @@ class BlobStore:
             raise
         finally:
             view.release()  # (an mmap with a view on it cannot be closed: BufferError)
-            if len(self._buffers) < SPARE_BUFFERS:
-                self._buffers.append(buf)
-            else:
-                buf.close()
+            self.write_buffers.give(buf)
         return blob_id, size, self.dir_of(blob_id)
 
     def open_reader(self, blob_id: str) -> BlobReader:
@@ -230,7 +257,7 @@ class BlobReader:
             raise
         if store.direct and self.size >= DIRECT_READ_MIN:
             try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+                set_direct(fd, True)
                 self.direct = True
             except OSError:
                 store.direct = False  # (writes find out for themselves too)
@@ -242,10 +269,7 @@ class BlobReader:
             return b""
         if self.direct and self.pos % DIRECT_ALIGN == 0:
             if self._buf is None:
-                try:
-                    self._buf = self.store._read_buffers.pop()
-                except IndexError:
-                    self._buf = mmap.mmap(-1, READ_BUFFER)
+                self._buf = self.store.read_buffers.take()
             try:
                 n = os.preadv(self.fd, [self._buf], self.pos)  # whole aligned buffer; short at the end
             except OSError as exc:
@@ -257,7 +281,7 @@ class BlobReader:
                 self.pos += n
                 return self._buf[:n]
         if self.direct:  # buffered from here: a read that failed so, or stopped short of the end
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            set_direct(self.fd, False)
             self.direct = False
         data = os.pread(self.fd, want, self.pos)
         self.pos += len(data)
@@ -268,9 +292,5 @@ class BlobReader:
             os.close(self.fd)
             self.fd = -1
         if self._buf is not None:
-            pool = self.store._read_buffers
-            if len(pool) < SPARE_BUFFERS:
-                pool.append(self._buf)
-            else:
-                self._buf.close()
+            self.store.read_buffers.give(self._buf)
             self._buf = None
