@@ -3,6 +3,7 @@ directories, against a real engine (and the embedded engine)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import trio
 
@@ -109,6 +111,47 @@ def test_tampered_token_is_refused_by_get_and_leaves_no_file(user, tmp_path, eng
     r = run(user, "token", "get", token, str(out), check=False)
     assert r.returncode == 6 and "authentication" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".out.bin*"))
+
+
+def test_a_get_killed_midway_leaves_no_plaintext_file_behind(user, tmp_path, eng):
+    """A get killed with SIGKILL (or by the OOM killer, or a power cut) left
+    .OUT.privifs-partial beside the output for good: the plaintext it had written so far, a
+    file the user never asked for. The unfinished file has no name now (O_TMPFILE)."""
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(7_000_000))  # one token, sent by the engine in 4 MiB pieces
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    eng.set_options(stream_bytes_per_second=1_000_000)  # the first piece comes after 4 s, the rest 3 s later
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "privifs", "token", "get", token, str(dest / "out.bin")],
+            env=user,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any(str(dest) in target for target in _open_files(proc.pid)):
+                assert proc.poll() is None and time.monotonic() < deadline, "the get never opened its output"
+                time.sleep(0.05)
+            time.sleep(0.2)  # some blocks written
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+    finally:
+        eng.set_options(stream_bytes_per_second=0)
+    assert list(dest.iterdir()) == []
+    run(user, "token", "get", token, str(dest / "out.bin"))  # and the next get works
+    assert [f.name for f in dest.iterdir()] == ["out.bin"] and (dest / "out.bin").read_bytes() == src.read_bytes()
+
+
+def _open_files(pid: int) -> list[str]:
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return targets
 
 
 def test_get_never_replaces_a_device_fifo_or_socket_nor_writes_into_a_planted_partial_file(user, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -238,23 +239,41 @@ async def _find(client, token: str):
 
 class FileSink(BlockWriter):
     """Writes unverified plaintext to a private temporary file (on a worker thread while the
-    download goes on); renamed into place only after the tag verified, removed otherwise."""
+    download goes on); linked into place only after the tag verified, removed otherwise.
+
+    The temporary file has no name (``O_TMPFILE``) where the filesystem allows it, so a get
+    killed with SIGKILL leaves nothing behind; elsewhere (a FUSE mount, privifs' own included)
+    it is ``.NAME.privifs-partial`` beside the output, removed by the next get to that file."""
 
     def __init__(self, out: Path, progress: Progress, nursery: trio.Nursery):
         super().__init__(nursery)
         self.out = out
         self.tmp = partial_path(out)
+        self.unnamed = False
         self.progress = progress
         self.f = None
 
+    def _open(self) -> int:
+        # never open a file that is already there: a partial file left by a killed get (of an
+        # older privifs, or where files cannot be unnamed), or one another user put in a shared
+        # directory (a symlink, or a file they could read the plaintext from) is removed and a
+        # new private one made
+        self.tmp.unlink(missing_ok=True)
+        flags = os.O_RDWR | os.O_CLOEXEC
+        try:
+            fd = os.open(self.out.parent, flags | os.O_TMPFILE, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS):
+                raise
+        else:
+            self.unnamed = True
+            return fd
+        return os.open(self.tmp, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+
     def _restart(self) -> None:
         if self.f is None:
-            # never open a file that is already there: a partial file left by a killed get, or
-            # one another user put in a shared directory (a symlink, or a file they could read
-            # the plaintext from) is removed and a new private one made
-            self.tmp.unlink(missing_ok=True)
             try:
-                fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fd = self._open()
             except OSError as exc:
                 raise output_failed(self.out, exc, "the file") from None
             self.f = os.fdopen(fd, "wb")
@@ -279,19 +298,19 @@ class FileSink(BlockWriter):
     def written(self) -> bytes:
         """What was written since the last reset (once :meth:`finish` returned)."""
         self.f.flush()
-        fd = os.open(self.tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # (the sink's is write-only)
-        try:
-            return os.pread(fd, self.total, 0)
-        finally:
-            os.close(fd)
+        return os.pread(self.f.fileno(), self.total, 0)
 
     def commit(self) -> None:
         try:
             self.f.truncate()  # (the size, where the file ends in a hole)
             self.f.flush()
             os.fsync(self.f.fileno())
+            os.fchmod(self.f.fileno(), _replaced_mode(self.out))
+            if self.unnamed:  # given a name of its own first: a link cannot replace a file
+                self.tmp = partial_path(self.out, f".privifs-{secrets.token_hex(6)}")
+                _link_unnamed(self.f.fileno(), self.tmp)
+                self.unnamed = False  # (named now: a failure from here removes it)
             self.f.close()
-            os.chmod(self.tmp, _replaced_mode(self.out))
             os.replace(self.tmp, self.out)
         except OSError as exc:
             self.discard()
@@ -303,7 +322,19 @@ class FileSink(BlockWriter):
                 self.f.close()
             except OSError:  # the buffered rest could not be written either: the file goes anyway
                 pass
-        self.tmp.unlink(missing_ok=True)
+        if not self.unnamed:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _link_unnamed(fd: int, path: Path) -> None:
+    """Give the ``O_TMPFILE`` file open at ``fd`` the name ``path`` (linkat through
+    ``/proc/self/fd`` following the link, as open(2) describes: os.link calls link(2), which
+    would link the /proc entry itself, EXDEV, unless given a directory descriptor)."""
+    fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(str(fd), path, src_dir_fd=fds, follow_symlinks=True)
+    finally:
+        os.close(fds)
 
 
 PARTIAL = ".privifs-partial"
