@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from privifs.nodump import forbid_core_dumps
+
+    forbid_core_dumps()  # before any key or password is read
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.command not in ("engine", "mount")
