@@ -381,6 +381,23 @@ def test_a_websocket_handshake_with_a_header_it_cannot_parse_gets_a_400(own_engi
     assert " ERROR " not in own_engine.log(), own_engine.log()[-3000:]
 
 
+@pytest.mark.parametrize("key", [b"", b"!!!", b"a" * 5000, b"eHh4eHh4eHh4eHh4eHh4", b"eHh4eHh4eHh4eHh4eHh4eA"])
+def test_a_websocket_handshake_whose_key_is_not_base64_of_16_bytes_gets_a_400(own_engine, key):
+    """An upgrade request whose Sec-WebSocket-Key was empty, not base64, or base64 of other than
+    16 bytes was accepted with a 101 on the WebSocket port (helper hM); RFC 6455 (4.2.1) asks for
+    a 400, as the engine gives when the key is missing. The port serves on, and a good key still
+    gets its 101."""
+    for server in ("ws", "upstream", "downstream"):
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(handshake(Sec_WebSocket_Key=key))
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400"), (server, answer)
+    with socket.create_connection(("127.0.0.1", own_engine.ports["ws"]), timeout=5) as s:
+        s.sendall(handshake())
+        assert s.recv(4096).startswith(b"HTTP/1.1 101")
+    assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]
+
+
 @pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, chunked", b"identity", b"x"])
 def test_a_transfer_coding_the_engine_does_not_take_is_a_400_on_every_port(own_engine, coding):
     """A request with ``Transfer-Encoding: gzip, chunked`` (or ``chunked, chunked``, or any

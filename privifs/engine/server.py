@@ -14,6 +14,7 @@ require the ``X-Engine-Admin`` header holding the secret in ``<data-dir>/admin-t
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import secrets
@@ -105,12 +106,26 @@ class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.
 hypercorn.trio.run.TCPServer = ContainedTCPServer  # worker_serve looks the name up at each serve()
 
 
+def valid_key(key: bytes | None) -> bool:
+    """Whether a Sec-WebSocket-Key is what RFC 6455 (4.2.1) requires: base64 of 16 bytes."""
+    if key is None:
+        return True  # no key: hypercorn's own check answers it 400
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except ValueError:  # binascii.Error
+        return False
+
+
 def readable_handshake(headers, http_version: str) -> bool:
     """Whether hypercorn can take this WebSocket upgrade request's headers: wsproto decodes the
     comma lists (Connection, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions) as ASCII and
-    parses a permessage-deflate offer's window bits as integers, raising on anything else."""
+    parses a permessage-deflate offer's window bits as integers, raising on anything else. A
+    Sec-WebSocket-Key that is not base64 of 16 bytes (empty, ``!!!``, 5000 characters) was
+    accepted with a 101; RFC 6455 asks for a 400."""
     try:
         handshake = hypercorn.protocol.ws_stream.Handshake(headers, http_version)
+        if not valid_key(handshake.key):
+            return False
         if handshake.extensions is not None:
             wsproto.handshake.server_extensions_handshake(
                 handshake.extensions, [wsproto.extensions.PerMessageDeflate()]
