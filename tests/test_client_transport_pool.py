@@ -5,6 +5,7 @@ httpx and by the lean plain-http path (``http11.py``); the lean path's answers: 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -283,3 +284,43 @@ async def test_an_idempotent_call_a_stalled_server_takes_and_never_answers_is_se
             await transport.aclose()
         nursery.cancel_scope.cancel()
     assert server.requests == options.stall_attempts == 2
+
+
+class TricklingServer:
+    """Answers every request's head at once, then its body a byte every ``gap`` seconds, never
+    finishing it (a broken proxy, a server feeding a slow client)."""
+
+    def __init__(self, gap: float) -> None:
+        self.gap = gap
+        self.requests = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                async for _ in requests_on(stream):
+                    self.requests += 1
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    while True:
+                        await trio.sleep(self.gap)
+                        await stream.send_all(b"x")
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_an_answer_that_trickles_in_is_cut_after_the_call_timeout(lean):
+    """httpx's time-out is per read: an API answer arriving a byte at a time (each well within
+    it) held the call, and with it the refresher or a write-back worker, for as long as the
+    server trickled, on every https server (helper hM, with lean_http off: through httpx).
+    The lean plain-http path bounds the whole call; now httpx's calls are bounded alike."""
+    server = TricklingServer(gap=0.05)
+    options = ClientOptions(lean_http=lean, http_timeout=0.5, connect_timeout=0.5, retry_base=0.01, retry_max=0.01)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        transport = Transport(Endpoints(api=f"http://127.0.0.1:{port}"), options)
+        try:
+            with trio.fail_after(20), pytest.raises(ServerUnreachable, match="no answer within"):
+                await transport.call("GET", "/health", auth=False, idempotent=True)
+        finally:
+            await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert server.requests == options.stall_attempts

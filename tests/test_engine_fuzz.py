@@ -381,6 +381,23 @@ def test_a_websocket_handshake_with_a_header_it_cannot_parse_gets_a_400(own_engi
     assert " ERROR " not in own_engine.log(), own_engine.log()[-3000:]
 
 
+@pytest.mark.parametrize("key", [b"", b"!!!", b"a" * 5000, b"eHh4eHh4eHh4eHh4eHh4", b"eHh4eHh4eHh4eHh4eHh4eA"])
+def test_a_websocket_handshake_whose_key_is_not_base64_of_16_bytes_gets_a_400(own_engine, key):
+    """An upgrade request whose Sec-WebSocket-Key was empty, not base64, or base64 of other than
+    16 bytes was accepted with a 101 on the WebSocket port (helper hM); RFC 6455 (4.2.1) asks for
+    a 400, as the engine gives when the key is missing. The port serves on, and a good key still
+    gets its 101."""
+    for server in ("ws", "upstream", "downstream"):
+        with socket.create_connection(("127.0.0.1", own_engine.ports[server]), timeout=5) as s:
+            s.sendall(handshake(Sec_WebSocket_Key=key))
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400"), (server, answer)
+    with socket.create_connection(("127.0.0.1", own_engine.ports["ws"]), timeout=5) as s:
+        s.sendall(handshake())
+        assert s.recv(4096).startswith(b"HTTP/1.1 101")
+    assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]
+
+
 @pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, chunked", b"identity", b"x"])
 def test_a_transfer_coding_the_engine_does_not_take_is_a_400_on_every_port(own_engine, coding):
     """A request with ``Transfer-Encoding: gzip, chunked`` (or ``chunked, chunked``, or any
@@ -443,3 +460,68 @@ def test_http2_is_not_spoken_and_its_connections_leave_no_descriptor_behind(own_
         time.sleep(0.2)
     assert len(os.listdir(fd_dir)) <= before + 2, (before, len(os.listdir(fd_dir)))
     assert "Traceback" not in own_engine.log(), own_engine.log()[-3000:]
+
+
+def test_request_bodies_held_by_clients_that_never_finish_them_are_bounded(tmp_path):
+    """Every API connection could hold a body of up to 1 MiB while its client sent all of it but
+    the last byte (then a byte a minute): 400 such clients grew the engine by 380 MB (helper hM),
+    a few thousand would have had it killed for memory. Past ``body_budget`` the body that goes
+    over is answered 503 with Retry-After and let go; the others, and the engine, go on."""
+    engine = EngineProcess(tmp_path / "data", settings={"body_budget": 2 * 1024 * 1024}).start()
+    held: list[socket.socket] = []
+    if True:
+        try:
+            size = 1024 * 1024
+            head = (
+                b"POST /profile/authenticate HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % size
+            )
+            answers = []
+            for _ in range(4):
+                s = socket.create_connection(("127.0.0.1", engine.ports["api"]), timeout=10)
+                s.sendall(head + b"a=" + b"x" * (size - 3))  # all but the last byte
+                held.append(s)
+                s.settimeout(READ_TIMEOUT)
+                try:
+                    answers.append(s.recv(4096))
+                except TimeoutError:
+                    answers.append(b"")
+            assert answers[:2] == [b"", b""], answers  # within the budget: still waiting for their end
+            refused = [a for a in answers if a]
+            assert refused and all(a.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in a.lower() for a in refused)
+            held[0].sendall(b"x")  # a body within the budget ends and is answered as usual
+            held[0].settimeout(10)
+            assert held[0].recv(4096).startswith(b"HTTP/1.1 422")
+            assert httpx.get(engine.urls["api"] + "/health", timeout=5).status_code == 200
+            assert "Traceback" not in engine.log()
+        finally:
+            for s in held:
+                s.close()
+            engine.stop()
+            engine.kill()
+
+
+def test_a_websocket_message_far_past_what_the_proxy_reads_closes_its_connection(own_engine):
+    """hypercorn held each WebSocket message's pieces until it ended, up to 1 MiB, and past
+    that answered 1009 but kept the connection and went on adding every piece the client sent
+    after it to the message: 300 clients sending 16 pieces of 60 KB grew the engine by 480 MB,
+    and one that kept sending grew it without bound (helper hM). The proxy ignores frames past
+    MAX_FRAME anyway: a message past twice that now gets its 1009 and the connection is closed
+    (the client's further pieces go nowhere); a message within it is still answered."""
+    with socket.create_connection(("127.0.0.1", own_engine.ports["ws"]), timeout=5) as s:
+        s.sendall(handshake())
+        assert s.recv(4096).startswith(b"HTTP/1.1 101")
+        s.sendall(frame(b"a" * (200 * 1024)))
+        answer = b""
+        while True:
+            piece = s.recv(4096)  # a connection left open times out here
+            if not piece:
+                break
+            answer += piece
+    assert answer[:1] == b"\x88" and answer[2:4] == (1009).to_bytes(2, "big"), answer[:20]
+    join = '{"action": "joinChannel", "correlationId": "c1", "data": {"authorizationToken": "T-nobody"}}'
+    with socket.create_connection(("127.0.0.1", own_engine.ports["ws"]), timeout=5) as s:
+        s.sendall(handshake())
+        assert s.recv(4096).startswith(b"HTTP/1.1 101")
+        s.sendall(frame(b" " * 60_000 + join.encode()))
+        assert b'"status": 401' in s.recv(4096)

@@ -230,3 +230,44 @@ async def test_join_echoes_correlation_id(wire):
         answer = json.loads(await ws.get_message())
     assert answer["status"] == 200 and answer["correlationId"] == "abc"
     assert answer["data"]["channelId"] and answer["data"]["message"]
+
+
+def test_password_hashing_runs_on_few_threads_whatever_the_logins_in_flight(tmp_path, monkeypatch):
+    """Each scrypt takes 16 MiB and a core; on trio's default thread limiter a flood of 60
+    connections sending wrong passwords ran 40 at once (helper hM): the engine grew from 94 MB to
+    725 MB and its blob reads and writes queued behind them for threads. Now at most
+    PASSWORD_THREADS run at once, however many logins are in flight."""
+    import threading
+    import time
+
+    from privifs.engine import core
+    from privifs.engine.options import EngineOptions
+
+    lock = threading.Lock()
+    running = most = 0
+
+    def slow_scrypt(password: str, stored: str = "") -> bool:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+        return False
+
+    monkeypatch.setattr(core, "check_password", slow_scrypt)
+    monkeypatch.setattr(core, "hash_password", slow_scrypt)
+    engine = core.Engine(tmp_path / "data", EngineOptions())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(engine.check_password_async, "wrong", "stored")
+                nursery.start_soon(engine.hash_password_async, f"new-{i}")
+
+    try:
+        trio.run(main)
+    finally:
+        engine.db.close()
+    assert 1 <= most <= core.PASSWORD_THREADS

@@ -173,6 +173,8 @@ async def test_voting_and_policy_errors(wire):
         }
         for change, field in (
             ({"policyTemplateId": "tpl-nope"}, "policyTemplateId"),
+            ({"policyTemplateId": [TEMPLATE]}, "policyTemplateId"),  # unhashable: answered 500, a traceback
+            ({"policyTemplateId": {"a": 1}}, "policyTemplateId"),
             ({"applyingEventIds": ["99"]}, "applyingEventIds"),
             ({"configuration": {}}, "configuration"),
             ({"votingConfigurationId": "missing"}, "votingConfigurationId"),

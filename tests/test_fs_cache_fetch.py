@@ -1,8 +1,9 @@
 """ContentCache.fetch shares one download among concurrent readers of a token; when that shared
 download fails, every waiter retries and reports on its own, and the in-flight bookkeeping stays
 consistent however those retries overlap; downloads that would take the cache directory past its
-limit wait until those in flight land; a download that gets no data for DOWNLOAD_IDLE seconds
-fails, however long one with data trickling in takes (in-process: vault stand-ins, the stalls on
+limit wait until those in flight land; a download that gets no data (or under
+DOWNLOAD_PROGRESS bytes) for DOWNLOAD_IDLE seconds fails, however long one whose data keeps
+coming takes (in-process: vault stand-ins, the stalls on
 trio's mock clock)."""
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class TricklingVault:
     """Sends ``pieces`` 64 KiB pieces ``gap`` seconds apart, then (``stall``) nothing ever again,
     as a stalled server does while the vault client retries."""
 
-    def __init__(self, pieces: int, gap: float, stall: bool) -> None:
-        self.pieces, self.gap, self.stall = pieces, gap, stall
+    def __init__(self, pieces: int, gap: float, stall: bool, piece: int = 65536) -> None:
+        self.pieces, self.gap, self.stall, self.piece = pieces, gap, stall, piece
         self.gets = 0
 
     async def get(self, token, sink, size=None):
@@ -119,10 +120,10 @@ class TricklingVault:
         await sink.reset()
         for _ in range(self.pieces):
             await trio.sleep(self.gap)
-            await sink.write(b"t" * 65536)
+            await sink.write(b"t" * self.piece)
         if self.stall:
             await trio.sleep_forever()
-        return self.pieces * 65536
+        return self.pieces * self.piece
 
 
 def test_a_stalled_download_fails_after_the_idle_limit_and_the_immediate_retry_fails_at_once(tmp_path):
@@ -164,6 +165,27 @@ def test_a_download_that_keeps_receiving_is_never_cut_however_long_it_takes(tmp_
         assert trio.current_time() - start > 4 * DOWNLOAD_IDLE  # far longer than the idle limit
         assert sealed.size == 5 * 65536
         sealed.close()
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
+    finally:
+        cache.close()
+
+
+def test_a_download_that_trickles_a_byte_a_second_fails_after_the_idle_limit(tmp_path):
+    """A server sending one byte a second (found through a throttling proxy on the downstream
+    port, helper hM) restarted the idle wait with every byte: a 300 KB file would have taken 83
+    hours, its reader stuck in read(2). Now only DOWNLOAD_PROGRESS bytes restart it: the read
+    fails after DOWNLOAD_IDLE seconds, as for a stall."""
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    vault = TricklingVault(pieces=10**6, gap=1.0, stall=False, piece=1)
+
+    async def main() -> None:
+        start = trio.current_time()
+        with trio.fail_after(3 * DOWNLOAD_IDLE), pytest.raises(ServerUnreachable, match="sent no data"):
+            await cache.fetch("tok", vault, 10**6)
+        assert trio.current_time() - start == pytest.approx(DOWNLOAD_IDLE, abs=2)
+        assert cache._inflight == {} and cache.reserved == 0
 
     try:
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))

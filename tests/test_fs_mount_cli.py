@@ -342,6 +342,38 @@ def test_mount_log_rotates_and_the_daemon_output_follows_it(tmp_path):
     assert "line 299" in log_path.read_text()
 
 
+def test_a_file_name_with_a_line_break_cannot_write_a_line_of_its_own_into_the_mount_log(tmp_path):
+    """A token another machine named ``x\\n<timestamp> INFO privifs.fs.daemon: …`` (helper hM:
+    a foreign token whose read failed) wrote that second part into mount.log as a line of its
+    own, looking like the daemon's. Line breaks in messages are now written as ``\\n``; a
+    traceback still follows on its own lines."""
+    import logging
+
+    from privifs.cli.mount_cmd import MountLog
+
+    log_path = tmp_path / "mount.log"
+    out_fd = os.open(tmp_path / "stray", os.O_WRONLY | os.O_CREAT, 0o600)
+    handler = MountLog(log_path, fds=(out_fd,))
+    logger = logging.getLogger("test.mountlog.oneline")
+    logger.propagate = False
+    logger.addHandler(handler)
+    forged = "2026-12-05 12:00:00,000 INFO privifs.fs.daemon: mounted at /elsewhere"
+    try:
+        logger.error("%s: cannot fetch the content", "/peer/x\n" + forged + "\r")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("a bug")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        os.close(out_fd)
+    lines = log_path.read_text().splitlines()
+    assert not any(line.startswith(forged) for line in lines), lines
+    assert "/peer/x\\n" + forged + "\\r: cannot fetch the content" in lines[0]
+    assert lines[1].endswith("a bug") and lines[2] == "Traceback (most recent call last):"
+
+
 def test_umount_progress_counts_bytes():
     from privifs.cli.status_cmd import UploadProgress
 

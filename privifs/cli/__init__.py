@@ -13,7 +13,7 @@ import re
 import sys
 import textwrap
 
-from privifs.cli.failures import EXIT_USAGE, report
+from privifs.cli.failures import EXIT_USAGE, LOG_FORMAT, OneLineFormatter, report
 
 _MARKUP = re.compile(r"``([^`]*)``|:[a-z]+:`~?([^`]*)`")
 
@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.command not in ("engine", "mount")
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(OneLineFormatter(LOG_FORMAT))  # the engine's log too: paths clients sent
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO), handlers=[stderr]
     )
     for noisy in ("httpx", "httpcore", "hypercorn.error", "trio-websocket"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

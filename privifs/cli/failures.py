@@ -96,6 +96,20 @@ def _leaves(exc: BaseException):
         yield exc
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each log record on one line (a traceback, with ``--debug`` or for a bug, still follows on
+    its own lines): a line break in a message is written ``\\n``. Messages carry file names a
+    program or another machine sharing the vault chose: a token named ``x\\n2026-… INFO
+    privifs.fs.daemon: …`` wrote a line of its own into the mount log, indistinguishable from the
+    daemon's."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def cli_log_path() -> Path:
     return paths.state_dir() / "cli.log"
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from privifs import paths
-from privifs.cli.failures import ExitStatus, LocalFileError, exit_code
+from privifs.cli.failures import LOG_FORMAT, ExitStatus, LocalFileError, OneLineFormatter, exit_code
 from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
@@ -364,6 +364,7 @@ class MountLog(logging.handlers.RotatingFileHandler):
         self, path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS, fds: tuple[int, ...] = (1, 2)
     ):
         super().__init__(path, maxBytes=max_bytes, backupCount=backups)
+        self.setFormatter(OneLineFormatter(LOG_FORMAT))
         self.fds = fds
         self._follow()
 
@@ -380,7 +381,6 @@ class MountLog(logging.handlers.RotatingFileHandler):
 
 def _log_to_file(path: Path) -> None:
     handler = MountLog(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -42,7 +42,7 @@ class BlockWriter:
         self._done: trio.Event | None = None
         self._error: BaseException | None = None
         self._buf = self._next_buffer()
-        self.on_data: Callable[[], None] | None = None  # called as each piece arrives (a watchdog)
+        self.on_data: Callable[[int], None] | None = None  # called with each piece's size as it arrives (a watchdog)
 
     def _next_buffer(self) -> memoryview | None:
         """Where the block at ``_offset`` fills: its region of the target, else a block buffer
@@ -116,7 +116,7 @@ class BlockWriter:
     async def wrote(self, n: int) -> None:
         """``n`` bytes were put where :meth:`space` said."""
         if self.on_data is not None:
-            self.on_data()
+            self.on_data(n)
         self._fill += n
         while self._fill >= self.block:  # the target's blocks follow each other: the rest is in place
             rest = self._fill - self.block
@@ -126,7 +126,7 @@ class BlockWriter:
 
     async def write(self, data: bytes | memoryview) -> None:
         if self.on_data is not None:
-            self.on_data()
+            self.on_data(len(data))
         view = memoryview(data)
         while view:
             if self._buf is None:  # more than the target holds

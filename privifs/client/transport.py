@@ -5,6 +5,8 @@
   honouring ``Retry-After``, but sent at most twice when the server took the call and did not
   answer within the read time-out (a stalled server). Other calls are sent once; callers decide (a lost 202 is never
   blindly repeated: either its status is polled or the whole chain restarts).
+* A call is bounded as a whole, not only each read: an answer trickling in a byte at a time is
+  no answer (the lean path: the read time-out; httpx: twice it and the connect time-out).
 * A 401 on an authenticated call asks the session to renew once and replays the call.
 * Every other failure becomes one exception of :mod:`privifs.errors` with a message a user can
   act on.
@@ -224,15 +226,23 @@ class Transport:
                         body = body.encode("utf-8")
                     resp = await self.lean.request(method, base, path, params=params, body=body, headers=hdrs)
                 else:
-                    resp = await self.http.request(
-                        method,
-                        base + path,
-                        data=None if body is not content else data,
-                        json=json,
-                        params=params,
-                        content=body,
-                        headers=hdrs,
-                    )
+                    # httpx's time-outs are per read: an answer trickling in a byte at a time held
+                    # the call for good; the whole call is bounded (a wait for a pooled
+                    # connection, the connect, an answer as slow as one read time-out allows)
+                    limit = 2 * self.options.http_timeout + self.options.connect_timeout
+                    resp = None
+                    with trio.move_on_after(limit):
+                        resp = await self.http.request(
+                            method,
+                            base + path,
+                            data=None if body is not content else data,
+                            json=json,
+                            params=params,
+                            content=body,
+                            headers=hdrs,
+                        )
+                    if resp is None:
+                        raise HTTPFailure(f"ReadTimeout: no answer within {limit:g} s")
             except HTTPFailure as exc:
                 err: Exception = unreachable(base, str(exc))
                 stalls += str(exc).startswith("ReadTimeout")

@@ -32,6 +32,10 @@ from privifs.engine.storage import StorageDevices
 log = logging.getLogger("privifs.engine")
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+# scrypt takes 16 MiB (128 * r * n) and a core for ~50 ms: at most this many at once. On trio's
+# default thread limiter (40) a flood of wrong-password logins ran 40 at once: the engine went
+# from 94 MB to 725 MB, and the blob reads and writes waited behind them for threads
+PASSWORD_THREADS = 2
 
 
 def hash_password(password: str) -> str:
@@ -81,6 +85,7 @@ class Engine:
         self.at_start: list = []
         self._sweep_orphan_blobs()
         self.storage = StorageDevices(self.db, self.blobs, data_dir / "storage")
+        self._passwords = trio.CapacityLimiter(PASSWORD_THREADS)
 
     def spawn(self, fn, *args) -> None:
         """Run ``fn(*args)`` in the background (logged if it fails)."""
@@ -169,10 +174,10 @@ class Engine:
         return token, expires
 
     async def check_password_async(self, password: str, stored: str) -> bool:
-        return await trio.to_thread.run_sync(check_password, password, stored)
+        return await trio.to_thread.run_sync(check_password, password, stored, limiter=self._passwords)
 
     async def hash_password_async(self, password: str) -> str:
-        return await trio.to_thread.run_sync(hash_password, password)
+        return await trio.to_thread.run_sync(hash_password, password, limiter=self._passwords)
 
     # -- housekeeping ----------------------------------------------------------------------
     async def janitor(self, interval: float = 5.0) -> None:

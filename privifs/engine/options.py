@@ -89,6 +89,9 @@ class EngineOptions:
     risk_max_fields: int = 64
     risk_max_value: int = 8192
     body_timeout: float = 60.0  # an upstream or downstream request body stalled this long ends; 0: never
+    # request bytes the API's bodies still being read may hold at once (all connections); past it
+    # the body whose piece went over is answered 503 (Retry-After: 1) and its bytes let go; 0: no limit
+    body_budget: int = 64 * 1024 * 1024
     # faults
     latency_ms: float = 0.0
     fail_rate: float = 0.0

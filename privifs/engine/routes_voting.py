@@ -401,7 +401,7 @@ class VotingApi:
         who = self.engine.principal(request)
         data, name = await self.named_body(request)
         template_id = data.get("policyTemplateId")
-        if template_id not in TEMPLATES:
+        if not isinstance(template_id, str) or template_id not in TEMPLATES:  # a list: unhashable, a 500
             raise invalid("policyTemplateId", "unknown policy template")
         events = data.get("applyingEventIds")
         if isinstance(events, str):

@@ -14,6 +14,7 @@ require the ``X-Engine-Admin`` header holding the secret in ``<data-dir>/admin-t
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import secrets
@@ -56,7 +57,7 @@ from privifs.engine.h1 import client_error, leaves, log_dropped
 from privifs.engine.http import Handler, read_body
 from privifs.engine.options import EngineOptions
 from privifs.engine.streams import downstream_app, upstream_app
-from privifs.engine.wsproxy import websocket_app
+from privifs.engine.wsproxy import MAX_FRAME, websocket_app
 from privifs.memory import trim_memory
 from privifs.paths import write_json
 
@@ -105,12 +106,26 @@ class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.
 hypercorn.trio.run.TCPServer = ContainedTCPServer  # worker_serve looks the name up at each serve()
 
 
+def valid_key(key: bytes | None) -> bool:
+    """Whether a Sec-WebSocket-Key is what RFC 6455 (4.2.1) requires: base64 of 16 bytes."""
+    if key is None:
+        return True  # no key: hypercorn's own check answers it 400
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except ValueError:  # binascii.Error
+        return False
+
+
 def readable_handshake(headers, http_version: str) -> bool:
     """Whether hypercorn can take this WebSocket upgrade request's headers: wsproto decodes the
     comma lists (Connection, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions) as ASCII and
-    parses a permessage-deflate offer's window bits as integers, raising on anything else."""
+    parses a permessage-deflate offer's window bits as integers, raising on anything else. A
+    Sec-WebSocket-Key that is not base64 of 16 bytes (empty, ``!!!``, 5000 characters) was
+    accepted with a 101; RFC 6455 asks for a 400."""
     try:
         handshake = hypercorn.protocol.ws_stream.Handshake(headers, http_version)
+        if not valid_key(handshake.key):
+            return False
         if handshake.extensions is not None:
             wsproto.handshake.server_extensions_handshake(
                 handshake.extensions, [wsproto.extensions.PerMessageDeflate()]
@@ -140,6 +155,15 @@ class CheckedWSStream(hypercorn.protocol.ws_stream.WSStream):
             await self.send(hypercorn.protocol.events.EndBody(stream_id=self.stream_id))
             return
         await super().handle(event)
+
+    async def _handle_events(self) -> None:
+        await super()._handle_events()
+        if self.buffer.length > self.buffer.max_length:
+            # hypercorn answered a message past websocket_max_message_size with a close (1009)
+            # but kept its pieces and went on adding every piece the client sent after it: a
+            # client that kept sending grew the engine without bound. Let go and hang up.
+            self.buffer.clear()
+            await self.send(hypercorn.protocol.events.StreamClosed(stream_id=self.stream_id))
 
 
 hypercorn.protocol.h11.WSStream = CheckedWSStream  # H11Protocol looks the name up per upgrade request
@@ -314,7 +338,10 @@ def _config(name: str, host: str, port: int) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     config.keep_alive_max_requests = 2**31  # long-lived client connections are never cut mid-stream
-    config.websocket_max_message_size = 1024 * 1024
+    # the proxy reads JSON frames of up to MAX_FRAME characters: hypercorn holds a message's
+    # fragments until it ends, and at 1 MiB each client sending all of a message but its end held
+    # 1 MiB of the engine for as long as it liked; past this the connection closes (1009)
+    config.websocket_max_message_size = 2 * MAX_FRAME
     config.graceful_timeout = 3
     return config
 

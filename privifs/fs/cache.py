@@ -36,9 +36,11 @@ pass a :class:`Tap`, which sees each block of plaintext as it is sealed (the par
 part's plaintext in memory and computes its digest there, instead of reading the file back).
 When the disk has no room even with every entry evicted, content up to :data:`IN_MEMORY_MAX`
 is downloaded into a sealed file in memory instead, for its caller alone (a full disk keeps
-files readable). A download that receives nothing for :data:`DOWNLOAD_IDLE` seconds fails,
-whatever the client retries meanwhile: a stalled server gives the reader EIO after that long, not
-after every retry's timeout in turn (about 8 minutes before).
+files readable). A download that receives less than :data:`DOWNLOAD_PROGRESS` bytes in
+:data:`DOWNLOAD_IDLE` seconds fails, whatever the client retries meanwhile: a stalled server
+gives the reader EIO after that long, not after every retry's timeout in turn (about 8 minutes
+before), and so does a server that trickles a byte a second (any byte used to restart the wait:
+a 300 KB file took 83 hours, its reader unkillable but by SIGKILL).
 """
 
 from __future__ import annotations
@@ -75,12 +77,16 @@ TABLE_FILES = ("cache.db", "cache.db-shm", "cache.db-wal")
 ENTRY_DIRS = [f"{i:02x}" for i in range(256)]  # where entries go (AdoptingDisk.filename)
 DIRS_CHECK = 5.0  # seconds between two measures of the entry directories (256 stats)
 DOWNLOAD_IDLE = 90.0  # a download that gets no data this long fails (EIO for the read), retries or not
+DOWNLOAD_PROGRESS = 64 * 1024  # … nor this much: data restart that wait only once this much more arrived
 IN_MEMORY_MAX = 64 * MiB  # content up to this size is read through memory when the disk has no room
 STALL_MEMORY = 2.0  # … and a fetch of the same token this soon after (the kernel retrying) fails at once
 
 
 def _stall(token: str) -> ServerUnreachable:
-    return ServerUnreachable(f"the vault sent no data for token {token} for {DOWNLOAD_IDLE:.0f}s")
+    return ServerUnreachable(
+        f"the vault sent no data for token {token} for {DOWNLOAD_IDLE:.0f}s "
+        f"(none, or under {DOWNLOAD_PROGRESS // 1024} KiB: stalled or trickling)"
+    )
 
 
 def footprint(st: os.stat_result) -> int:
@@ -528,16 +534,22 @@ class ContentCache:
         limit: int | None = None,
         room: Callable[[int], None] | None = None,
     ) -> None:
-        """Download ``token`` into ``sealed``; a download that gets no data for
-        :data:`DOWNLOAD_IDLE` seconds (whatever the vault client retries meanwhile: a stalled
-        server) fails, and so does the next fetch of that token for :data:`STALL_MEMORY` seconds
-        (the kernel asks again at once when a read fails: the reader would wait twice)."""
+        """Download ``token`` into ``sealed``; a download that gets less than
+        :data:`DOWNLOAD_PROGRESS` bytes in :data:`DOWNLOAD_IDLE` seconds (whatever the vault
+        client retries meanwhile: a stalled or trickling server) fails, and so does the next
+        fetch of that token for :data:`STALL_MEMORY` seconds (the kernel asks again at once when
+        a read fails: the reader would wait twice)."""
         if trio.current_time() - self._stalled.get(token, float("-inf")) < STALL_MEMORY:
             raise _stall(token)
         with trio.CancelScope(deadline=trio.current_time() + DOWNLOAD_IDLE) as idle:
+            arrived = 0  # since the wait last restarted
 
-            def progress() -> None:
-                idle.deadline = trio.current_time() + DOWNLOAD_IDLE
+            def progress(n: int) -> None:
+                nonlocal arrived
+                arrived += n
+                if arrived >= DOWNLOAD_PROGRESS:
+                    arrived = 0
+                    idle.deadline = trio.current_time() + DOWNLOAD_IDLE
 
             with single_error():
                 async with trio.open_nursery() as nursery:
