@@ -712,6 +712,8 @@ class Syncer:
             self.sent.pop(node.ino, None)
             if node.staged is staged:
                 staged.frozen = False
+                if node.opens <= 0:  # (a failed upload: kept, closed until it is tried again)
+                    staged.sealed.park()
             elif failed:  # written again meanwhile (a copy took its place): this content is no one's
                 self.staging.remove(staged)  # (an upload that succeeds has _record_content remove it)
             if node.unlinked and staged.id not in self._superseded:
