@@ -121,6 +121,8 @@ async def test_a_big_file_cut_off_before_its_manifest_was_marked_keeps_its_name_
         assert [name for name, _ in await t.readdir("")] == ["big.bin"]
         assert await t.read_file("big.bin") == data
         assert await t.vault_names() == {"big.bin": len(data)}
+        (listed,) = await t.listing()
+        assert fmt.MARK in listed.risk  # marked now: no sweep takes its parts for unnamed ones
         await t.write_file("big.bin", b"short now")  # the adopted token is a manifest like any other
         await t.settle()
         await t.refresh()
