@@ -1,10 +1,12 @@
 """Process limits of the long-running processes (the mount daemon, the engine).
 
-The daemon keeps each staged (not yet uploaded) file open, and the engine one descriptor per
-connection. Under the usual soft limit of 1024 open files a mount holding about a thousand
-unuploaded files (an untar while the server is slow or unreachable) failed every further create
-with EIO and could no longer answer its control socket. The soft limit is raised to the hard
-one, as the hard limit exists to allow.
+The daemon keeps a descriptor per open file and per upload in flight (a staged file nothing
+uses is closed until its next use: :meth:`privifs.crypto.sealed.SealedFile.park`, so how many
+files wait for their upload is not bounded by this limit), and the engine one per connection.
+Under the usual soft limit of 1024 open files a mount holding about a thousand unuploaded files
+(an untar while the server is slow or unreachable) failed every further create with EIO and
+could no longer answer its control socket, before staged files were closed. The soft limit is
+raised to the hard one, as the hard limit exists to allow.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import os
 
 import trio
 
+from privifs.parts import format as fmt
 from tests.fskit import inprocess_fs
 
 
@@ -85,3 +86,45 @@ async def test_a_file_rewritten_while_its_upload_was_in_flight_has_no_conflict_c
         assert [name for name, _ in await t.readdir("")] == ["f.bin"]
         assert await t.read_file("f.bin") == b"the second version"
         assert await t.vault_names() == {"f.bin": len(b"the second version")}
+
+
+async def test_a_big_file_cut_off_before_its_manifest_was_marked_keeps_its_name_after_a_crash(account, tmp_path):
+    """A file stored as parts: the daemon was killed after the server made the manifest token and
+    before its risk meta marked it as one. The next start compared the staged content with the
+    token's own bytes (the manifest's, not the file's), so the token was no interrupted upload but
+    another client's version: older than the one the start then stored, it took the file's name and
+    the file's current content showed as a conflict copy (seen on a mount: a 41 MB SQLite database
+    after kill -9 cycles read its older version, and `big-delete.conflict-c5b0839f` held the commits
+    made since). The unmarked manifest is now recognised and the upload adopted."""
+    key = os.urandom(32)
+    data = os.urandom(9 * 2**20)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        made, never = trio.Event(), trio.Event()
+        tokens = t.syncer.parts.store.tokens
+        real = tokens.set_risk
+
+        async def held(token, risk):
+            if fmt.MARK in risk:  # the manifest's mark: killed before it is written
+                made.set()
+                await never.wait()
+            return await real(token, risk)
+
+        tokens.set_risk = held
+        await t.write_file("big.bin", data)
+        t.syncer.last_activity = float("-inf")
+        with trio.fail_after(60):
+            await made.wait()
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.settle()
+        await t.refresh()
+        await t.settle()
+        assert [name for name, _ in await t.readdir("")] == ["big.bin"]
+        assert await t.read_file("big.bin") == data
+        assert await t.vault_names() == {"big.bin": len(data)}
+        (listed,) = await t.listing()
+        assert fmt.MARK in listed.risk  # marked now: no sweep takes its parts for unnamed ones
+        await t.write_file("big.bin", b"short now")  # the adopted token is a manifest like any other
+        await t.settle()
+        await t.refresh()
+        assert await t.read_file("big.bin") == b"short now"
+        assert await t.vault_names() == {"big.bin": len(b"short now")}

@@ -693,6 +693,57 @@ def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(t
         m.cleanup()
 
 
+def test_more_unuploaded_files_than_open_files_allowed_are_written_kept_and_mounted_again(tmp_path):
+    """The daemon kept each staged (unuploaded) file open until its upload, so the open-files
+    limit bounded how many files could wait: an untar of some 20,000 files with uploads held
+    back (a server unreachable, or slower than the untar) under this machine's hard limit of
+    20,000 failed every further create with EIO, the control socket stopped answering, and
+    after a kill -9 the vault could not be mounted again ('cannot record the mount ... Too many
+    open files'). A staged file no open file or upload uses is now closed until its next use.
+    Here the daemon's hard limit is 256 and 400 files wait."""
+    import resource
+
+    m = Mount(tmp_path / "user", None)
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    def mount() -> None:
+        r = subprocess.run(
+            [sys.executable, "-m", "privifs", "mount", str(m.dir), "--write-back-delay", "3600"],
+            env=m.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=low_limit,
+        )
+        assert r.returncode == 0, r.stderr
+
+    def all_there() -> None:
+        for i in range(400):
+            assert (m.dir / "d" / f"f{i}").read_text() == f"pending {i}\n" * (i % 7 + 1)
+
+    try:
+        mount()
+        (m.dir / "d").mkdir()
+        for i in range(400):
+            (m.dir / "d" / f"f{i}").write_text(f"pending {i}\n" * (i % 7 + 1))
+        os.truncate(m.dir / "d" / "f0", 3)  # (a truncate by path stages without an open file)
+        (m.dir / "d" / "f0").write_text("pending 0\n")
+        pending = [p for p in m.status()["pending"] if p["kind"] == "content"]  # (the control socket answers)
+        assert len(pending) == 400
+        all_there()
+        with open(f"/proc/{m.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max open files"))
+        assert int(line.split()[3]) == 256, line
+        m.kill9()
+        mount()  # the start reattaches every staged file
+        all_there()
+        assert "unmounted" in m.umount().stdout  # (exit 0: every file uploaded)
+    finally:
+        m.cleanup()
+
+
 def test_umount_of_a_busy_mount_refuses_and_leaves_it_working(engine, tmp_path):
     """'privifs umount DIR' while a program still had a file open detached the mount lazily: the
     program's next write and its close failed with ENOTCONN and what it wrote then was lost. Like

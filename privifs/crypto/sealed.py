@@ -59,6 +59,8 @@ HEADER = 64
 _HEADER = struct.Struct("<8sBB6s16sQQ16s")
 ZERO_CHUNK = bytes(CHUNK)
 ZERO_PREFIX = bytes(PREFIX)
+PARKED = -2  # SealedFile._fd of a parked file (closed until its next use)
+_UNPARK = threading.Lock()
 
 
 def local_key(user_key: bytes) -> bytes:
@@ -175,9 +177,20 @@ class SealedFile:
     """Random-access encrypted file. One file is used by one thread at a time (the trio thread,
     or the worker that fills or uploads it); scratch buffers are per thread."""
 
-    def __init__(self, path: str | os.PathLike, fd: int, key: bytes, file_id: bytes, size: int, stamp: int = 0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fd: int,
+        key: bytes,
+        file_id: bytes,
+        size: int,
+        stamp: int = 0,
+        *,
+        writable: bool = True,
+    ):
         self.path = os.fspath(path)
-        self.fd = fd
+        self._fd = fd
+        self._writable = writable  # how :meth:`park`'s file is opened again
         self._aead = AESGCM(key)
         self.file_id = file_id
         self.size = size
@@ -242,7 +255,50 @@ class SealedFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, key, file_id, size, stamp)
+        return cls(path, fd, key, file_id, size, stamp, writable=writable)
+
+    # -- the descriptor --------------------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        """The file's descriptor, opened again by path if :meth:`park` closed it."""
+        fd = self._fd
+        if fd == PARKED:
+            fd = self._unpark()
+        return fd
+
+    @fd.setter
+    def fd(self, fd: int) -> None:
+        self._fd = fd
+
+    @property
+    def parked(self) -> bool:
+        return self._fd == PARKED
+
+    def park(self) -> None:
+        """Close the descriptor of a file no one is using now (its header written first); the
+        next use opens it again by its path. A mount keeps every staged file until its upload,
+        and one descriptor each exhausted the process's open-files limit: an untar of some
+        20,000 files while the server was unreachable (or faster than the uploads) failed every
+        further create with EIO, and the next mount could not even start. Only for a file on
+        disk whose path stays its own while parked, used by one thread at the time of the call."""
+        if self._fd < 0 or self.path == MEMORY:
+            return
+        try:
+            self.sync_header()
+        except LocalStoreError:
+            return  # (kept open: what the header lacks is written with the next write or close)
+        self._plain = None
+        fd, self._fd = self._fd, PARKED
+        os.close(fd)
+
+    def _unpark(self) -> int:
+        with _UNPARK:  # two threads using a parked file (an upload, a read) open it once
+            if self._fd == PARKED:
+                try:
+                    self._fd = os.open(self.path, os.O_RDWR if self._writable else os.O_RDONLY)
+                except OSError as exc:
+                    raise local_store_error(exc, f"opening {self.path}") from None
+            return self._fd
 
     def _header(self, size: int) -> bytes:
         return _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, bytes(6), self.file_id, size, self.stamp, bytes(16))
@@ -266,9 +322,9 @@ class SealedFile:
 
     def close(self) -> None:
         self._plain = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     # -- chunks ----------------------------------------------------------------------------
     def _aad(self, index: int, length: int) -> bytes:

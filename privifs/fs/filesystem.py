@@ -275,6 +275,14 @@ class Filesystem:
         if self.ns.release(node, self.staging):
             self.sync.wake_tombstones()
 
+    @staticmethod
+    def park_staged(node: Node) -> None:
+        """Close the descriptor of the node's staged file while no open file or upload uses it
+        (:meth:`SealedFile.park <privifs.crypto.sealed.SealedFile.park>`): a mount holds every
+        file until its upload, and the open-files limit must not bound how many."""
+        if node.staged is not None and node.opens <= 0 and not node.uploading:
+            node.staged.sealed.park()
+
     # -- lookups and attributes --------------------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
         parent = self.dir_node(parent_ino)
@@ -327,8 +335,12 @@ class Filesystem:
             if attr.st_size > MAX_FILE_SIZE:
                 raise fail(errno.EFBIG)
             staged = await self.writable_staged(node, truncate_to_zero=attr.st_size == 0)
-        with self.index.kept():  # a truncated file stays truncated: the index records it when it can
-            return self._set_attributes(node, staged, attr, fields, now)
+        try:
+            with self.index.kept():  # a truncated file stays truncated: the index records it when it can
+                return self._set_attributes(node, staged, attr, fields, now)
+        finally:
+            if staged is not None:
+                self.park_staged(node)  # (a truncate by path: no close of it follows)
 
     def _set_attributes(
         self,
@@ -1001,6 +1013,7 @@ class Filesystem:
                     self.index.save(node)
                 if node.writers == 0 and node.content_dirty:
                     self.sync.schedule_upload(node)
+        self.park_staged(node)
         self.release_node(node)
 
     # -- directories -----------------------------------------------------------------------------
@@ -1092,6 +1105,7 @@ class Filesystem:
                     self.ns.set_attributes(node, size=sealed.size)
                     if sealed.stamp > node.ctime_ns:  # written after the row was last saved
                         self.ns.set_attributes(node, mtime_ns=sealed.stamp, ctime_ns=sealed.stamp)
+                self.park_staged(node)  # (opened again by its upload, or a program's open)
                 continue
             except IntegrityError as exc:
                 why = str(exc)

@@ -83,6 +83,7 @@ from privifs.fs.tokenmeta import (
     split_context,
 )
 from privifs.fs.workqueue import WorkQueue
+from privifs.parts import format as fmt
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.parts.store import is_manifest, is_part
 from privifs.supervise import Supervisor
@@ -712,6 +713,8 @@ class Syncer:
             self.sent.pop(node.ino, None)
             if node.staged is staged:
                 staged.frozen = False
+                if node.opens <= 0:  # (a failed upload: kept, closed until it is tried again)
+                    staged.sealed.park()
             elif failed:  # written again meanwhile (a copy took its place): this content is no one's
                 self.staging.remove(staged)  # (an upload that succeeds has _record_content remove it)
             if node.unlinked and staged.id not in self._superseded:
@@ -1425,20 +1428,43 @@ class Syncer:
 
     async def _same_content(self, sealed: SealedFile, info: TokenInfo) -> bool | None:
         """Whether the token ``info`` holds the plaintext of ``sealed`` (None: it cannot be read)."""
+        same, _ = await self._holds(sealed, info)
+        return same
+
+    async def _holds(self, sealed: SealedFile, info: TokenInfo) -> tuple[bool | None, dict | None]:
+        """:meth:`_same_content`, and the risk meta that marks ``info`` as a manifest when it is one
+        (None for a token stored whole). A manifest whose mark is not written yet counts as one:
+        its upload was cut off between configure-file-meta and the risk meta write (a kill of
+        the daemon), and its own bytes are the manifest's, not the file's. Compared as a whole
+        token, it was taken for another client's version of the file: older than the one the
+        next start stored, it took the file's name, and the file's current content showed as a
+        conflict copy."""
         if info.size not in (None, sealed.size):
-            return False
+            return False, None
         want = hashlib.blake2b()
         for piece in sealed.chunks(PIECE_CHUNKS):
             want.update(piece)
         sink = _HashSink()
+        risk = None
         try:
             if is_manifest_node(_risk_text(info)):  # a big file stored as parts: its verified parts
+                risk = dict(info.risk)
                 await self.parts.store.copy(await self.parts.reader.manifest(info.token, info.risk), sink.write)
+            elif info.size is not None and info.size > PARTS_THRESHOLD:  # stored as parts, or another application's
+                sink = _HashSink(keep=fmt.PEEK)  # (the content, while it may be a manifest)
+                got = await self.vault.get(info.token, sink)  # (no size: a manifest's is not its meta's)
+                manifest = fmt.unmarked(got, info.size, sink.kept) if sink.whole else None
+                if manifest is not None:
+                    encoded = sink.kept()
+                    risk = {**(info.risk or {}), fmt.MARK: str(manifest.version)}
+                    risk.update(digest.stated(self.content_key, encoded))
+                    sink = _HashSink()
+                    await self.parts.store.copy(manifest, sink.write)
             else:
                 await self.vault.get(info.token, sink, size=info.size)
         except PrivifsError:
-            return None
-        return sink.h.digest() == want.digest()
+            return None, None
+        return sink.h.digest() == want.digest(), risk
 
     def _adopt_marker(self, node: Node, info: TokenInfo) -> bool:
         """A marker made by the last run, which stopped before recording it (its risk meta may
@@ -1463,8 +1489,8 @@ class Syncer:
         staged = node.staged
         if staged is None or info.size not in (None, staged.size):
             return False
-        manifest = is_manifest_node(_risk_text(info))
-        if not await self._same_content(staged.sealed, info) or node.staged is not staged:
+        same, manifest_risk = await self._holds(staged.sealed, info)
+        if not same or node.staged is not staged:
             return False
         log.info(
             "%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
@@ -1477,8 +1503,8 @@ class Syncer:
             info.context,
             info.file_name,
             info.extension,
-            manifest_risk=dict(info.risk) if manifest else None,
-            content_risk=None if manifest else self._digest_of(staged.sealed),
+            manifest_risk=manifest_risk,
+            content_risk=None if manifest_risk is not None else self._digest_of(staged.sealed),
         )
         self.schedule(node)
         return True
@@ -1512,16 +1538,33 @@ class Syncer:
 
 
 class _HashSink:
-    """A PlaintextSink that keeps only a digest."""
+    """A PlaintextSink that keeps only a digest, and the content itself while it is at most
+    ``keep`` bytes (:attr:`whole` says whether it was)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 0) -> None:
         self.h = hashlib.blake2b()
+        self.keep = keep
+        self._kept: list[bytes] = []
+        self._size = 0
 
     async def write(self, data: bytes | memoryview) -> None:
         self.h.update(data)
+        self._size += len(data)
+        if self._size <= self.keep:
+            self._kept.append(bytes(data))
+        elif self._kept:
+            self._kept = []
 
     async def reset(self) -> None:
         self.h = hashlib.blake2b()
+        self._kept, self._size = [], 0
+
+    @property
+    def whole(self) -> bool:
+        return self._size <= self.keep
+
+    def kept(self) -> bytes:
+        return b"".join(self._kept)
 
 
 def _risk_text(info: TokenInfo) -> str | None:
