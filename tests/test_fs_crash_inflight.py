@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
 from privifs.parts import format as fmt
@@ -88,7 +89,10 @@ async def test_a_file_rewritten_while_its_upload_was_in_flight_has_no_conflict_c
         assert await t.vault_names() == {"f.bin": len(b"the second version")}
 
 
-async def test_a_big_file_cut_off_before_its_manifest_was_marked_keeps_its_name_after_a_crash(account, tmp_path):
+@pytest.mark.parametrize("written_again", [False, True])
+async def test_a_big_file_cut_off_before_its_manifest_was_marked_keeps_its_name_after_a_crash(
+    account, tmp_path, written_again
+):
     """A file stored as parts: the daemon was killed after the server made the manifest token and
     before its risk meta marked it as one. The next start compared the staged content with the
     token's own bytes (the manifest's, not the file's), so the token was no interrupted upload but
@@ -114,6 +118,9 @@ async def test_a_big_file_cut_off_before_its_manifest_was_marked_keeps_its_name_
         t.syncer.last_activity = float("-inf")
         with trio.fail_after(60):
             await made.wait()
+        if written_again:  # (the upload's token is then an overtaken one, for the start to delete)
+            data = data[:100] + b"again" + data[105:]
+            await t.write_file("big.bin", data)
     async with inprocess_fs(tmp_path, *account, key=key) as t:
         await t.settle()
         await t.refresh()
@@ -122,7 +129,7 @@ async def test_a_big_file_cut_off_before_its_manifest_was_marked_keeps_its_name_
         assert await t.read_file("big.bin") == data
         assert await t.vault_names() == {"big.bin": len(data)}
         (listed,) = await t.listing()
-        assert fmt.MARK in listed.risk  # marked now: no sweep takes its parts for unnamed ones
+        assert fmt.MARK in listed.risk  # marked: no sweep takes its parts for unnamed ones
         await t.write_file("big.bin", b"short now")  # the adopted token is a manifest like any other
         await t.settle()
         await t.refresh()
