@@ -25,6 +25,7 @@ PART = 64 * 1024
 @pytest.fixture
 def small_parts(monkeypatch):
     monkeypatch.setattr("privifs.fs.sync.PARTS_THRESHOLD", 2 * PART)
+    monkeypatch.setattr("privifs.parts.store.THRESHOLD", 2 * PART)
     monkeypatch.setattr("privifs.fs.partwrite.PART_SIZE", PART)
 
 
@@ -153,6 +154,33 @@ async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account
         assert await t.fs.parts.sweep(infos) == 0  # too young: they may belong to a store in flight
         assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 3
         await assert_only_parts_of(t, keep)
+
+
+async def test_parts_of_a_manifest_whose_mark_is_missing_are_never_collected(account, tmp_path, small_parts):
+    """The sweep counted the parts of marked manifests only. A manifest whose mark never reached
+    the vault (its writer killed between configure-file-meta and the risk meta write, and not
+    mounted again within the hour; or another application replaced the risk meta) had its parts
+    collected by any mount's sweep an hour later, and the file read as EIO for good."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        tokens = t.syncer.parts.store.tokens
+        real = tokens.set_risk
+
+        async def unmarked(token, risk):
+            return await real(token, {k: v for k, v in risk.items() if k != fmt.MARK})
+
+        tokens.set_risk = unmarked
+        node = await big_file(t, "kept.bin")
+        await t.wait_idle()
+        tokens.set_risk = real
+        data = await read_all(t, node)
+        infos = [i async for i in t.client.tokens.list()]
+        assert [i for i in infos if fmt.MARK in i.risk] == [] and len([i for i in infos if is_part(i)]) == 3
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 0
+        assert await t.fs.parts.sweep(infos, min_age=0, interval=0) == 0  # (decided once: not fetched again)
+        _, parts = await vault_state(t)
+        assert len(parts) == 3
+        assert await PartStore(t.fs.vault).manifest(node.token) is not None
+        assert await read_all(t, node) == data and len(data) == 3 * PART
 
 
 async def test_removing_a_big_file_deletes_its_parts_after_the_grace(account, tmp_path, small_parts):

@@ -34,7 +34,7 @@ from privifs.errors import IntegrityError, NotFoundError, PrivifsError, ServerUn
 from privifs.fs.cache import DOWNLOAD_IDLE, ContentCache
 from privifs.fs.staging import StagedFile, Staging
 from privifs.parts import format as fmt
-from privifs.parts.store import COLLECT_MIN_AGE, PartStore, is_manifest, is_part
+from privifs.parts.store import COLLECT_MIN_AGE, PartStore, is_manifest, is_part, maybe_unmarked_manifest
 
 log = logging.getLogger("privifs.fs.parts")
 
@@ -182,6 +182,9 @@ class PartReader:
         # for SETTLE seconds after their manifest is stored, protected from a listing taken before it
         self.in_flight: set[str] = set()
         self.settling: dict[str, float] = {}  # part token -> when its manifest was stored (trio time)
+        # token -> the parts it names as a manifest that lost its mark (empty: not one), decided
+        # once per token (its content never changes): see _unmarked_parts
+        self._unmarked: dict[str, frozenset[str]] = {}
 
     # -- manifests and parts -------------------------------------------------------------------
     async def manifest(self, token: str, risk: dict[str, str] | None = None, *, keep: bool = False) -> fmt.Manifest:
@@ -395,7 +398,19 @@ class PartReader:
                         f" remove it with `privifs token rm {info.token}` if it is damaged for good"
                     ) from None
                 named.update(manifest.tokens())
+            elif maybe_unmarked_manifest(info):
+                named.update(await self._unmarked_parts(info))
         return named
+
+    async def _unmarked_parts(self, info: TokenInfo) -> frozenset[str]:
+        """:meth:`PartStore.unmarked_parts`, decided once per token (its content never changes)."""
+        known = self._unmarked.get(info.token)
+        if known is None:
+            known = self._unmarked[info.token] = await self.store.unmarked_parts(info)
+            if known:
+                where = f"{info.context.rstrip('/')}/{info.file_name}"
+                log.info("%s: a manifest without its mark (%s); its parts are kept", where, info.token)
+        return known
 
     # -- reads ---------------------------------------------------------------------------------
     async def read(self, token: str, offset: int, length: int) -> bytes | memoryview:

@@ -258,12 +258,30 @@ class PartStore:
         for info in infos:
             if is_manifest(info) and not is_part(info):
                 named.update((await self.manifest(info.token, info.risk)).tokens())
+            elif maybe_unmarked_manifest(info):
+                named.update(await self.unmarked_parts(info))
         now = time.time() if now is None else now
         return [
             i
             for i in infos
             if is_part(i) and i.token not in named and (i.created_at is None or now - i.created_at >= min_age)
         ]
+
+    async def unmarked_parts(self, info: TokenInfo) -> frozenset[str]:
+        """The parts ``info`` names if it is a manifest whose mark is missing (its writer was
+        killed between configure-file-meta and the risk meta write, or another application
+        replaced the risk meta), empty if it is not one. Collection counted only marked
+        manifests: an unmarked one's parts were collected after an hour and its file read as EIO
+        for good, unless its writer came back within that hour to adopt it. At most
+        :data:`~privifs.parts.format.PEEK` bytes are downloaded (a longer token is no manifest);
+        a token that does not decrypt names nothing readable."""
+        sink = _PeekSink(fmt.PEEK)
+        try:
+            size = await self.vault.get(info.token, sink)
+        except (_TooLong, IntegrityError):
+            return frozenset()
+        manifest = fmt.unmarked(size, info.size, sink.value)
+        return frozenset(manifest.tokens()) if manifest is not None else frozenset()
 
     async def collect(self, *, min_age: float = COLLECT_MIN_AGE) -> int:
         """Delete unreferenced parts; returns how many."""
@@ -277,3 +295,34 @@ class PartStore:
         if gone:
             log.info("collected %d part tokens no manifest names", len(gone))
         return len(gone)
+
+
+def maybe_unmarked_manifest(info: TokenInfo) -> bool:
+    """Whether ``info`` may be a manifest that lost its mark: a token at a file's place, not
+    marked, whose meta states a size only files stored as parts have."""
+    return not is_manifest(info) and not is_part(info) and info.size is not None and info.size > THRESHOLD
+
+
+class _TooLong(Exception):
+    """A token looked at as a possible manifest is longer than any manifest."""
+
+
+class _PeekSink:
+    """A PlaintextSink keeping up to ``limit`` bytes; past them it stops the download."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: list[bytes] = []
+        self._size = 0
+
+    async def write(self, data: bytes | memoryview) -> None:
+        self._size += len(data)
+        if self._size > self.limit:
+            raise _TooLong()
+        self._kept.append(bytes(data))
+
+    async def reset(self) -> None:
+        self._kept, self._size = [], 0
+
+    def value(self) -> bytes:
+        return b"".join(self._kept)
