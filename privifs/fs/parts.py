@@ -324,6 +324,21 @@ class PartReader:
         if self._swept_at is not None and now - self._swept_at < interval:
             return 0
         self._swept_at = now
+        wall = time.time()
+        settle = min(min_age, SETTLE)
+        self.settling = {t: at for t, at in self.settling.items() if now - at < settle}
+        old = [
+            i.token
+            for i in infos
+            if is_part(i)
+            and i.token not in self.in_flight
+            and i.token not in self.settling
+            and i.created_at is not None
+            and wall - i.created_at >= min_age
+        ]
+        if not old:  # no manifest need be read (nor a token that may be one downloaded)
+            self.sweep_error = None
+            return 0
         try:
             named = await self._named(infos)
         except IntegrityError as exc:
@@ -332,19 +347,7 @@ class PartReader:
         except NotFoundError as exc:
             return self._manifest_went(exc)
         self.sweep_error = None
-        wall = time.time()
-        settle = min(min_age, SETTLE)
-        self.settling = {t: at for t, at in self.settling.items() if now - at < settle}
-        gone = [
-            i.token
-            for i in infos
-            if is_part(i)
-            and i.token not in named
-            and i.token not in self.in_flight
-            and i.token not in self.settling
-            and i.created_at is not None
-            and wall - i.created_at >= min_age
-        ]
+        gone = [t for t in old if t not in named]
         if gone:
             try:
                 gone = await self._confirmed_unnamed(gone)
