@@ -324,3 +324,33 @@ async def test_an_answer_that_trickles_in_is_cut_after_the_call_timeout(lean):
             await transport.aclose()
         nursery.cancel_scope.cancel()
     assert server.requests == options.stall_attempts
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_a_download_that_trickles_in_fails_after_the_read_timeout(lean):
+    """A downstream server sending a byte every 50 ms never tripped the read time-out (it is
+    per read): ``privifs token get`` of a 120 KB token through a proxy trickling a byte a second
+    sat there for as long as we watched (helper hM). Now a download that brings less than
+    DOWNLOAD_PROGRESS bytes in a read time-out fails, as a transient error the fetch retries."""
+    from privifs.client import shapes
+    from privifs.client.datatokens import DataTokens
+
+    server = TricklingServer(gap=0.05)
+    options = ClientOptions(lean_http=lean, http_timeout=0.5, connect_timeout=0.5)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        transport = Transport(Endpoints(api=url, downstream=url), options)
+        tokens = DataTokens(transport, None, None, options)
+        result = shapes.RequestResult(None, 1, "auth-x")
+        got = 0
+        try:
+            with trio.fail_after(20), pytest.raises(ServerUnreachable, match="trickles"):
+                async with tokens.open_download(result) as chunks:
+                    async for chunk in chunks:
+                        got += len(chunk)
+        finally:
+            await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert 0 < got < 100

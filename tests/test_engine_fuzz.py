@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import time
 
 import httpx
 import pytest
@@ -525,3 +526,52 @@ def test_a_websocket_message_far_past_what_the_proxy_reads_closes_its_connection
         assert s.recv(4096).startswith(b"HTTP/1.1 101")
         s.sendall(frame(b" " * 60_000 + join.encode()))
         assert b'"status": 401' in s.recv(4096)
+
+
+async def test_uploads_past_max_uploads_are_refused_before_their_authorization_is_used(own_engine):
+    """Each upload holds a 1 MiB buffer and what its client sent: 200 clients with stream
+    authorizations sending part of a body and then holding it grew the engine by 290 MB (helper
+    hM), without bound as there were more. Past ``max_uploads`` an upload is answered 503 with
+    Retry-After at once, its authorization unused: it goes through once there is room."""
+    from tests.enginekit import Wire, command_id
+
+    own_engine.set_options(max_uploads=2)
+    wire = Wire(own_engine.urls)
+    streams = []
+    try:
+        await wire.provision()
+        async with wire.channel() as ch:
+            for _ in range(3):
+                r = await wire.post("/data-token/reserve-token-space", {"context": "c", "ttl": "5"})
+                await ch.wait_for("X-DPT-CAB-ID", command_id(r))
+                streams.append(
+                    (await wire.get(f"/data-token/retrieve-temporary-data-token/{command_id(r)}")).json()["stream"]
+                )
+    finally:
+        await wire.aclose()
+
+    def head(stream: str, length: int) -> bytes:
+        return f"POST /?{stream} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
+
+    def held_and_refused() -> bytes:
+        held = []
+        try:
+            for stream in streams[:2]:
+                s = socket.create_connection(("127.0.0.1", own_engine.ports["upstream"]), timeout=10)
+                s.sendall(head(stream, 1 << 20) + bytes(1000))  # part of a body, then nothing
+                held.append(s)
+            time.sleep(0.5)  # both uploads begun
+            with socket.create_connection(("127.0.0.1", own_engine.ports["upstream"]), timeout=10) as s:
+                s.sendall(head(streams[2], 10))
+                return s.recv(4096)
+        finally:
+            for s in held:
+                s.close()
+
+    refused = await trio.to_thread.run_sync(held_and_refused)
+    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in refused.lower(), refused
+    await trio.sleep(0.5)  # the held uploads broke off
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(own_engine.urls["upstream"] + "/?" + streams[2], content=b"0123456789")
+    assert r.status_code == 200, r.text
+    assert "Traceback" not in own_engine.log()

@@ -379,7 +379,11 @@ class DataTokens:
                         text = await answer.read()
                         err = self.transport.error_for(Answer(answer.status_code, answer.headers, text), "download")
                         raise ServerError(f"{err}; requesting the data again", status=answer.status_code)
-                    yield _decode_download(answer.body(), answer.headers.get("content-length"), wire_size)
+                    yield _decode_download(
+                        _progressing(answer.body(), self.options.http_timeout),
+                        answer.headers.get("content-length"),
+                        wire_size,
+                    )
             except HTTPFailure as exc:
                 raise ServerUnreachable(f"download from the downstream server failed ({exc})") from None
             return
@@ -395,7 +399,11 @@ class DataTokens:
                     err = self.transport.error_for(resp, "download")
                     # a used or expired downstream authorization: ask for the data again
                     raise ServerError(f"{err}; requesting the data again", status=resp.status_code)
-                yield _decode_download(resp.aiter_raw(), resp.headers.get("content-length"), wire_size)
+                yield _decode_download(
+                    _progressing(resp.aiter_raw(), self.options.http_timeout),
+                    resp.headers.get("content-length"),
+                    wire_size,
+                )
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"download from the downstream server failed ({failure_text(exc)})") from None
 
@@ -507,6 +515,27 @@ class DataTokens:
     async def delete(self, token: str) -> None:
         """Delete a token; deleting one that is already gone succeeds (idempotent unlink)."""
         await self._command("/data-token/delete-data", {"token": token}, "delete data", missing_ok=True)
+
+
+DOWNLOAD_PROGRESS = 64 * 1024  # a download brings at least this much per read time-out, or fails
+
+
+async def _progressing(chunks: AsyncIterator[bytes], window: float) -> AsyncIterator[bytes]:
+    """``chunks``, failing (transient: the fetch asks for the data again) once less than
+    :data:`DOWNLOAD_PROGRESS` bytes arrived in ``window`` seconds. The read time-out is per read:
+    a downstream server trickling a byte a second never tripped it, and ``privifs token get`` of
+    a 120 KB token sat there for 33 hours' worth of it."""
+    start, got = trio.current_time(), 0
+    async for chunk in chunks:
+        got += len(chunk)
+        if got >= DOWNLOAD_PROGRESS:
+            start, got = trio.current_time(), 0
+        elif trio.current_time() - start > window:
+            raise ServerUnreachable(
+                f"download from the downstream server failed (ReadTimeout: under "
+                f"{DOWNLOAD_PROGRESS // 1024} KiB in {window:g} s: the server trickles)"
+            )
+        yield chunk
 
 
 async def _decode_download(

@@ -92,6 +92,9 @@ class EngineOptions:
     # request bytes the API's bodies still being read may hold at once (all connections); past it
     # the body whose piece went over is answered 503 (Retry-After: 1) and its bytes let go; 0: no limit
     body_budget: int = 64 * 1024 * 1024
+    # uploads the upstream port takes at once (each holds a 1 MiB buffer and what its client sent);
+    # one more is answered 503 (Retry-After: 1) before its stream authorization is used; 0: no limit
+    max_uploads: int = 128
     # faults
     latency_ms: float = 0.0
     fail_rate: float = 0.0

@@ -55,13 +55,17 @@ async def _refuse(receive, send, status: int, message: str) -> None:
     await _answer(send, status, {"status": status, "message": message})
 
 
-async def _answer(send, status: int, body: dict) -> None:
+async def _answer(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": data})
@@ -163,8 +167,13 @@ def _stall_guarded(engine: Engine, what: str, app):
     return guarded
 
 
+class _Uploads:
+    count = 0  # uploads in progress on this engine's upstream port
+
+
 def _upstream_app(engine: Engine):
     db = engine.db
+    uploads = _Uploads()
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -181,40 +190,60 @@ def _upstream_app(engine: Engine):
             return await _refuse(receive, send, 404, "Record Not Found")
         if row["stream_used"] or row["blob_id"] is not None:
             return await _refuse(receive, send, 403, "stream authorization already used")
-
-        def claim(conn) -> int:
-            return conn.execute(
-                "UPDATE reservations SET stream_used = 1 WHERE stream_auth = ? AND stream_used = 0", (auth,)
-            ).rowcount
-
-        if await db.write(claim) == 0:
-            return await _refuse(receive, send, 403, "stream authorization already used")
-        request = Request(scope, receive)
-        try:
-            blob_id, size, blob_dir = await engine.blobs.receive(
-                _throttled(request.stream(), engine.opts.stream_bytes_per_second)
+        if 0 < engine.opts.max_uploads <= uploads.count:
+            # each upload holds a 1 MiB buffer and what its client sent: 200 clients sending part of
+            # a body and then holding it grew the engine by 290 MB. Answered at once, body unread
+            # (the connection closes), the authorization still unused for the retry
+            return await _answer(
+                send,
+                503,
+                {"status": 503, "message": "Service Unavailable: too many uploads in flight; try again"},
+                [(b"retry-after", b"1")],
             )
-        except ClientDisconnect:
-            log.info("upload for %s broke off; nothing stored", row["temp_token"])
-            return
-        expected = request.headers.get("content-length")
-        if expected is not None and expected.isdigit() and int(expected) != size:
-            engine.blobs.delete(blob_id)
-            return await _answer(send, 400, {"status": 400, "message": "body shorter than Content-Length"})
-
-        def attach(conn) -> int:
-            return conn.execute(
-                "UPDATE reservations SET blob_id = ?, blob_size = ? WHERE command_id = ?"
-                " AND blob_id IS NULL AND expires_at > ?",
-                (blob_id, size, row["command_id"], time.time()),
-            ).rowcount
-
-        if await db.write(attach, fsync_dirs=(blob_dir,)) == 0:
-            engine.blobs.delete(blob_id)
-            return await _answer(send, 410, {"status": 410, "message": "the reservation expired during the upload"})
-        await _answer(send, 200, {"token": row["temp_token"], "size": size})
+        uploads.count += 1
+        try:
+            await _upload(engine, scope, receive, send, row, auth)
+        finally:
+            uploads.count -= 1
 
     return app
+
+
+async def _upload(engine: Engine, scope, receive, send, row, auth: str) -> None:
+    """Store one upload's body for the reservation ``row`` whose stream authorization is ``auth``."""
+    db = engine.db
+
+    def claim(conn) -> int:
+        return conn.execute(
+            "UPDATE reservations SET stream_used = 1 WHERE stream_auth = ? AND stream_used = 0", (auth,)
+        ).rowcount
+
+    if await db.write(claim) == 0:
+        return await _refuse(receive, send, 403, "stream authorization already used")
+    request = Request(scope, receive)
+    try:
+        blob_id, size, blob_dir = await engine.blobs.receive(
+            _throttled(request.stream(), engine.opts.stream_bytes_per_second)
+        )
+    except ClientDisconnect:
+        log.info("upload for %s broke off; nothing stored", row["temp_token"])
+        return
+    expected = request.headers.get("content-length")
+    if expected is not None and expected.isdigit() and int(expected) != size:
+        engine.blobs.delete(blob_id)
+        return await _answer(send, 400, {"status": 400, "message": "body shorter than Content-Length"})
+
+    def attach(conn) -> int:
+        return conn.execute(
+            "UPDATE reservations SET blob_id = ?, blob_size = ? WHERE command_id = ?"
+            " AND blob_id IS NULL AND expires_at > ?",
+            (blob_id, size, row["command_id"], time.time()),
+        ).rowcount
+
+    if await db.write(attach, fsync_dirs=(blob_dir,)) == 0:
+        engine.blobs.delete(blob_id)
+        return await _answer(send, 410, {"status": 410, "message": "the reservation expired during the upload"})
+    await _answer(send, 200, {"token": row["temp_token"], "size": size})
 
 
 def _downstream_app(engine: Engine):
