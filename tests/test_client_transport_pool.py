@@ -265,14 +265,9 @@ class SilentServer:
                 self.requests += 1
 
 
-@pytest.mark.parametrize("lean", [True, False])
-async def test_an_idempotent_call_a_stalled_server_takes_and_never_answers_is_sent_twice_at_most(lean):
-    """Retried as often as a refused connection (six times), a call to a server that took it and
-    never answered cost six read time-outs: over six minutes for each read, fsync and umount
-    against a stopped server (found by helper hD: umount took 6 min 34 s to say what stays
-    staged). A refused connection is still retried six times."""
-    server = SilentServer()
-    options = ClientOptions(lean_http=lean, http_timeout=0.3, retry_base=0.01, retry_max=0.01)
+async def health_call_given_up(server, options: ClientOptions) -> None:
+    """A GET /health through a transport with ``options`` to ``server`` (served on a free port
+    here) ends in ServerUnreachable, "no answer within"."""
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
@@ -283,6 +278,17 @@ async def test_an_idempotent_call_a_stalled_server_takes_and_never_answers_is_se
         finally:
             await transport.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_an_idempotent_call_a_stalled_server_takes_and_never_answers_is_sent_twice_at_most(lean):
+    """Retried as often as a refused connection (six times), a call to a server that took it and
+    never answered cost six read time-outs: over six minutes for each read, fsync and umount
+    against a stopped server (found by helper hD: umount took 6 min 34 s to say what stays
+    staged). A refused connection is still retried six times."""
+    server = SilentServer()
+    options = ClientOptions(lean_http=lean, http_timeout=0.3, retry_base=0.01, retry_max=0.01)
+    await health_call_given_up(server, options)
     assert server.requests == options.stall_attempts == 2
 
 
@@ -313,16 +319,7 @@ async def test_an_answer_that_trickles_in_is_cut_after_the_call_timeout(lean):
     The lean plain-http path bounds the whole call; now httpx's calls are bounded alike."""
     server = TricklingServer(gap=0.05)
     options = ClientOptions(lean_http=lean, http_timeout=0.5, connect_timeout=0.5, retry_base=0.01, retry_max=0.01)
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        transport = Transport(Endpoints(api=f"http://127.0.0.1:{port}"), options)
-        try:
-            with trio.fail_after(20), pytest.raises(ServerUnreachable, match="no answer within"):
-                await transport.call("GET", "/health", auth=False, idempotent=True)
-        finally:
-            await transport.aclose()
-        nursery.cancel_scope.cancel()
+    await health_call_given_up(server, options)
     assert server.requests == options.stall_attempts
 
 

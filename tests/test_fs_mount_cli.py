@@ -657,8 +657,33 @@ def test_a_registry_entry_whose_pid_is_another_process_now_is_dropped_not_shown(
         other.wait()
 
 
+def mount_under_open_files_limit(m: Mount, soft: int, hard: int) -> None:
+    """Mount ``m`` (write-back held back an hour) with ``privifs mount`` started under a limit of
+    ``soft``/``hard`` open files, which its daemon inherits."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "privifs", "mount", str(m.dir), "--write-back-delay", "3600"],
+        env=m.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def daemon_open_files_limit(m: Mount) -> int:
+    with open(f"/proc/{m.pid}/limits") as f:
+        line = next(x for x in f if x.startswith("Max open files"))
+    return int(line.split()[3])
+
+
 def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(tmp_path):
-    """The daemon keeps each staged (unuploaded) file open: started under the usual soft limit
+    """The daemon kept each staged (unuploaded) file open: started under the usual soft limit
     of 1024 open files, every create past about a thousand pending files failed with EIO and
     the control socket stopped answering. The daemon and its engine raise the soft limit to the
     hard one."""
@@ -667,28 +692,14 @@ def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(t
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 4096:
         pytest.skip(f"the hard limit of open files is {hard}")
-    m = Mount(tmp_path / "user", None, mount_args=("--write-back-delay", "3600"))
-
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-
+    m = Mount(tmp_path / "user", None)
     try:
-        r = subprocess.run(
-            [sys.executable, "-m", "privifs", "mount", str(m.dir), "--write-back-delay", "3600"],
-            env=m.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            preexec_fn=low_limit,
-        )
-        assert r.returncode == 0, r.stderr
+        mount_under_open_files_limit(m, 1024, hard)
         for i in range(1200):
             (m.dir / f"f{i}").write_text(f"pending {i}\n")
         assert len(m.status()["pending"]) == 1200
         assert (m.dir / "f1199").read_text() == "pending 1199\n"
-        with open(f"/proc/{m.pid}/limits") as f:
-            line = next(x for x in f if x.startswith("Max open files"))
-        assert int(line.split()[3]) > 1024, line
+        assert daemon_open_files_limit(m) > 1024
     finally:
         m.cleanup()
 
@@ -701,30 +712,14 @@ def test_more_unuploaded_files_than_open_files_allowed_are_written_kept_and_moun
     after a kill -9 the vault could not be mounted again ('cannot record the mount ... Too many
     open files'). A staged file no open file or upload uses is now closed until its next use.
     Here the daemon's hard limit is 256 and 400 files wait."""
-    import resource
-
     m = Mount(tmp_path / "user", None)
-
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-
-    def mount() -> None:
-        r = subprocess.run(
-            [sys.executable, "-m", "privifs", "mount", str(m.dir), "--write-back-delay", "3600"],
-            env=m.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            preexec_fn=low_limit,
-        )
-        assert r.returncode == 0, r.stderr
 
     def all_there() -> None:
         for i in range(400):
             assert (m.dir / "d" / f"f{i}").read_text() == f"pending {i}\n" * (i % 7 + 1)
 
     try:
-        mount()
+        mount_under_open_files_limit(m, 256, 256)
         (m.dir / "d").mkdir()
         for i in range(400):
             (m.dir / "d" / f"f{i}").write_text(f"pending {i}\n" * (i % 7 + 1))
@@ -733,11 +728,9 @@ def test_more_unuploaded_files_than_open_files_allowed_are_written_kept_and_moun
         pending = [p for p in m.status()["pending"] if p["kind"] == "content"]  # (the control socket answers)
         assert len(pending) == 400
         all_there()
-        with open(f"/proc/{m.pid}/limits") as f:
-            line = next(x for x in f if x.startswith("Max open files"))
-        assert int(line.split()[3]) == 256, line
+        assert daemon_open_files_limit(m) == 256
         m.kill9()
-        mount()  # the start reattaches every staged file
+        mount_under_open_files_limit(m, 256, 256)  # the start reattaches every staged file
         all_there()
         assert "unmounted" in m.umount().stdout  # (exit 0: every file uploaded)
     finally:
