@@ -1138,6 +1138,22 @@ class Syncer:
                     self.ns.schedule_retry(node, trio.current_time() + YOUNG_RETRY)
                     self.schedule(node)
                     return
+                if current.get("privifs.type", node.kind) != node.kind:
+                    # listed bare, it showed as a file; its writer's risk meta says it is something
+                    # else (a directory or symlink marker): "a file" written over that would turn
+                    # a directory into an empty file on every other mount. Its place is written;
+                    # the listing shows it as what it is
+                    log.info(
+                        "%s: its writer stored it as a %s meanwhile; shown as one after the next listing",
+                        self.ns.describe(node),
+                        current.get("privifs.type"),
+                    )
+                    self.remote_changed()
+                    if not self.ns.meta_written(node, version, trio.current_time()):
+                        self.schedule(node)
+                    if not node.unlinked:
+                        self.index.save(node)
+                    return
             risk = node_risk(node, node.risk())
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
