@@ -283,3 +283,35 @@ async def test_a_directory_marker_listed_bare_and_then_moved_here_stays_a_direct
     assert (await kit.tree()) == {where.split("/")[0]: "dir", where: "dir"}
     async with kit.fresh() as other:
         assert (await other.tree()) == {where.split("/")[0]: "dir", where: "dir"}
+
+
+async def test_a_file_listed_bare_and_then_renamed_here_keeps_its_writers_mode_and_mtime(kit):
+    """A file listed between its writer's configure-file-meta and risk meta write shows the
+    defaults (mode 644, mtime of its createdAt). Renamed here once the writer's risk meta is
+    there, the rename wrote those defaults over the writer's mode and mtime on every mount (an
+    executable script lost its x bit, a build tool saw another mtime). Only what was changed
+    here goes over the writer's attributes."""
+    token = await kit.remote.put("run.sh", b"#!/bin/sh\n")
+    await kit.refresh()
+    stated = digest.stated(kit.syncer.content_key, b"#!/bin/sh\n")
+    written = {"privifs.type": "file", "privifs.mode": "755", "privifs.mtime": "1700000000123456789", **stated}
+    await kit.client.tokens.set_risk(token, written)
+    await kit.rename("run.sh", "go.sh")
+    await kit.settle()
+    risk = (await kit.remote.token("go.sh")).risk
+    assert {k: risk.get(k) for k in written} == written, risk
+    await kit.refresh()
+    attrs = await kit.lookup("go.sh")
+    assert (attrs.st_mode & 0o7777, attrs.st_mtime_ns) == (0o755, 1700000000123456789)
+
+
+async def test_a_chmod_of_a_file_listed_bare_goes_over_its_writers_mode_and_keeps_its_mtime(kit):
+    token = await kit.remote.put("f.txt", b"text")
+    await kit.refresh()
+    stated = digest.stated(kit.syncer.content_key, b"text")
+    written = {"privifs.type": "file", "privifs.mode": "644", "privifs.mtime": "1700000000123456789", **stated}
+    await kit.client.tokens.set_risk(token, written)
+    await kit.setattr("f.txt", mode=0o600)
+    await kit.settle()
+    risk = (await kit.remote.token("f.txt")).risk
+    assert {k: risk.get(k) for k in written} == {**written, "privifs.mode": "600"}, risk
