@@ -84,6 +84,7 @@ from privifs.fs.tokenmeta import (
     split_context,
 )
 from privifs.fs.workqueue import WorkQueue
+from privifs.parts import format as fmt
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.parts.store import is_manifest, is_part
 from privifs.supervise import Supervisor
@@ -1464,19 +1465,29 @@ class Syncer:
                 with self.index.kept():
                     self._forget_leftover(sid)
 
-    async def _same_content(self, sealed: SealedFile, info: TokenInfo) -> bool | None:
-        """Whether the token ``info`` holds the plaintext of ``sealed`` (None: it cannot be read)."""
+    async def _same_content(self, sealed: SealedFile, info: TokenInfo, found: dict | None = None) -> bool | None:
+        """Whether the token ``info`` holds the plaintext of ``sealed`` (None: it cannot be read).
+        A token not marked as a manifest whose content is one of ``sealed``'s size (the last run
+        stopped after the manifest was made and before its risk meta was written) is read through
+        its parts; ``found`` then gets the risk meta that marks it."""
         if info.size not in (None, sealed.size):
             return False
         want = hashlib.blake2b()
         for piece in sealed.chunks(PIECE_CHUNKS):
             want.update(piece)
-        sink = _HashSink()
+        sink = _HashSink(keep=fmt.PEEK if sealed.size > PARTS_THRESHOLD else 0)
         try:
             if is_manifest_node(_risk_text(info)):  # a big file stored as parts: its verified parts
                 await self.parts.store.copy(await self.parts.reader.manifest(info.token, info.risk), sink.write)
             else:
                 await self.vault.get(info.token, sink, size=info.size)
+                kept = sink.kept
+                manifest = None if kept is None else fmt.unmarked(len(kept), sealed.size, lambda: bytes(kept))
+                if manifest is not None:
+                    sink = _HashSink()
+                    await self.parts.store.copy(manifest, sink.write)
+                    if found is not None:
+                        found.update({fmt.MARK: str(manifest.version), **digest.stated(self.content_key, bytes(kept))})
         except PrivifsError:
             return None
         return sink.h.digest() == want.digest()
@@ -1505,7 +1516,8 @@ class Syncer:
         if staged is None or info.size not in (None, staged.size):
             return False
         manifest = is_manifest_node(_risk_text(info))
-        if not await self._same_content(staged.sealed, info) or node.staged is not staged:
+        unmarked: dict[str, str] = {}
+        if not await self._same_content(staged.sealed, info, unmarked) or node.staged is not staged:
             return False
         log.info(
             "%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
@@ -1518,8 +1530,8 @@ class Syncer:
             info.context,
             info.file_name,
             info.extension,
-            manifest_risk=dict(info.risk) if manifest else None,
-            content_risk=None if manifest else self._digest_of(staged.sealed),
+            manifest_risk=dict(info.risk) if manifest else unmarked or None,
+            content_risk=None if manifest or unmarked else self._digest_of(staged.sealed),
         )
         self.schedule(node)
         return True
@@ -1553,16 +1565,24 @@ class Syncer:
 
 
 class _HashSink:
-    """A PlaintextSink that keeps only a digest."""
+    """A PlaintextSink that keeps a digest, and the content itself while it is at most ``keep``
+    bytes (``kept``: None past that)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 0) -> None:
+        self.keep = keep
         self.h = hashlib.blake2b()
+        self.kept: bytearray | None = bytearray()
 
     async def write(self, data: bytes | memoryview) -> None:
         self.h.update(data)
+        if self.kept is not None:
+            self.kept += data
+            if len(self.kept) > self.keep:
+                self.kept = None
 
     async def reset(self) -> None:
         self.h = hashlib.blake2b()
+        self.kept = bytearray()
 
 
 def _risk_text(info: TokenInfo) -> str | None:
