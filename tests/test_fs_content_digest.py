@@ -10,6 +10,7 @@ import errno
 import hmac
 import os
 
+import pytest
 import trio
 
 from privifs.crypto import digest
@@ -250,3 +251,67 @@ async def test_a_manifest_whose_mark_is_listed_while_its_download_runs_reads_as_
         await other.close(fh)
         other.syncer.fetch_content = fetch
         assert await other.read_file("big.bin") == data
+
+
+@pytest.mark.parametrize("moved", ["itself", "with its directory"])
+async def test_a_directory_marker_listed_bare_and_then_moved_here_stays_a_directory(kit, moved):
+    """A mount that lists another mount's new directory marker between its configure-file-meta
+    and its risk meta write shows it as an empty file. Renamed here (itself, or along with the
+    directory above it) once the marker's risk meta was written, the re-listed risk meta says
+    it is a directory: the rename must not write "a file" over it. It did, with the defaults
+    the bare listing gave (mode 644, mtime of its createdAt): seen with three mounts renaming
+    and making directories at random, the mount that made the directory kept showing it (it
+    held entries) with mode 644, while every other mount and a fresh one showed an empty file
+    ``d`` and the entries under ``d.dir``."""
+    await kit.mkdir("p")
+    await kit.settle()
+    token = await kit.remote.put("p/m", b"")  # a marker whose writer has not written its risk meta yet
+    await kit.refresh()
+    assert (await kit.tree("p")) == {"p/m": b""}  # listed bare: an empty file
+    marker = {"privifs.type": "dir", "privifs.mode": "750", "privifs.mtime": "1700000000123456789"}
+    await kit.client.tokens.set_risk(token, marker)  # ... and now its writer wrote it
+    if moved == "itself":
+        await kit.rename("p/m", "p/n")
+        where = "p/n"
+    else:
+        await kit.rename("p", "q")
+        where = "q/m"
+    await kit.settle()
+    risk = (await kit.remote.token(where)).risk
+    assert {k: risk.get(k) for k in marker} == marker, risk
+    await kit.refresh()
+    assert (await kit.tree()) == {where.split("/")[0]: "dir", where: "dir"}
+    async with kit.fresh() as other:
+        assert (await other.tree()) == {where.split("/")[0]: "dir", where: "dir"}
+
+
+async def test_a_file_listed_bare_and_then_renamed_here_keeps_its_writers_mode_and_mtime(kit):
+    """A file listed between its writer's configure-file-meta and risk meta write shows the
+    defaults (mode 644, mtime of its createdAt). Renamed here once the writer's risk meta is
+    there, the rename wrote those defaults over the writer's mode and mtime on every mount (an
+    executable script lost its x bit, a build tool saw another mtime). Only what was changed
+    here goes over the writer's attributes."""
+    token = await kit.remote.put("run.sh", b"#!/bin/sh\n")
+    await kit.refresh()
+    stated = digest.stated(kit.syncer.content_key, b"#!/bin/sh\n")
+    written = {"privifs.type": "file", "privifs.mode": "755", "privifs.mtime": "1700000000123456789", **stated}
+    await kit.client.tokens.set_risk(token, written)
+    await kit.rename("run.sh", "go.sh")
+    await kit.settle()
+    risk = (await kit.remote.token("go.sh")).risk
+    assert {k: risk.get(k) for k in written} == written, risk
+    await kit.refresh()
+    attrs = await kit.lookup("go.sh")
+    assert (attrs.st_mode & 0o7777, attrs.st_mtime_ns) == (0o755, 1700000000123456789)
+
+
+async def test_a_chmod_of_a_file_listed_bare_goes_over_its_writers_mode_and_keeps_its_mtime(kit):
+    token = await kit.remote.put("f.txt", b"text")
+    await kit.refresh()
+    stated = digest.stated(kit.syncer.content_key, b"text")
+    written = {"privifs.type": "file", "privifs.mode": "644", "privifs.mtime": "1700000000123456789", **stated}
+    await kit.client.tokens.set_risk(token, written)
+    await kit.setattr("f.txt", mode=0o600)
+    await kit.settle()
+    risk = (await kit.remote.token("f.txt")).risk
+    assert {k: risk.get(k) for k in written} == {**written, "privifs.mode": "600"}, risk

@@ -135,3 +135,30 @@ async def test_a_big_file_cut_off_before_its_manifest_was_marked_keeps_its_name_
         await t.refresh()
         assert await t.read_file("big.bin") == b"short now"
         assert await t.vault_names() == {"big.bin": len(b"short now")}
+
+
+async def test_an_upload_cut_off_by_a_crash_is_recognised_after_another_client_moved_its_directory(account, tmp_path):
+    """The daemon dies after the server made the token of ``X/f.bin``, before recording it;
+    meanwhile another client, which listed that token, renames ``X`` to ``Y`` (moving the token
+    along). The next start followed the rename (the node, with no token, moved along with its
+    directory) but looked for the interrupted upload where the node was before that listing:
+    the token showed as a second file beside it, a conflict copy on every mount (seen with three
+    mounts, one killed mid-race), and the file was stored again."""
+    key = os.urandom(32)
+    data = os.urandom(70_000)
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.mkdir("X")
+        await t.settle()
+
+        async def nothing():
+            pass
+
+        await _crash_after_the_token_is_made(t, "X/f.bin", data, nothing)
+        await t.remote.move_dir("X", "Y")  # another client, which listed the token
+    async with inprocess_fs(tmp_path, *account, key=key) as t:
+        await t.settle()
+        await t.refresh()
+        await t.settle()
+        await t.refresh()
+        assert await t.tree() == {"Y": "dir", "Y/f.bin": data}
+        assert await t.vault_tree() == {"Y": "dir", "Y/f.bin": data}

@@ -298,6 +298,47 @@ async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted
         assert await store.read(await store.manifest(node.token), 0, len(data)) == b"!" + data[1:]
 
 
+async def test_a_manifest_a_crash_left_without_its_risk_meta_is_recognised_as_the_interrupted_upload(
+    account, tmp_path, small_parts
+):
+    """kill -9 of a mount between a big file's manifest's configure-file-meta and its risk meta
+    write leaves a token that is not marked as a manifest, at the file's place, stating the
+    file's size. The next start compared its content (the manifest's bytes) with the staged
+    file, found them different, and stored the file again: every mount then showed the file
+    twice, one of them as a conflict copy (seen with three mounts, one killed mid-race), and
+    the unmarked one read as a manifest only through the fallback for unmarked ones."""
+    data = os.urandom(3 * PART + 9)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, data)  # still open for writing: not uploaded
+        store = PartStore(t.fs.vault, part_size=PART)
+
+        async def source():
+            yield data
+
+        real = store.tokens.set_risk
+
+        async def cut_off(token: str, fields: dict) -> None:
+            if fmt.MARK not in fields:  # the manifest's risk meta write is what the crash cut off
+                await real(token, fields)
+
+        store.tokens.set_risk = cut_off
+        try:
+            token = await store.put(source, len(data), FileMeta("big.bin", "bin", "/", 0, "/big.bin"))
+        finally:
+            del store.tokens.set_risk
+        info = [i async for i in t.client.tokens.list() if i.token == token][0]
+        assert not info.risk and info.size == len(data)
+        assert await t.syncer.adopt_orphan(node, info)
+        assert node.token == token and fmt.MARK in node.remote_risk
+        t.fs.release(fh)
+        await t.wait_idle()
+        info = [i async for i in t.client.tokens.list() if i.token == token][0]
+        assert fmt.MARK in info.risk  # marked once the adopted node's meta is written
+        assert [i.token async for i in t.client.tokens.list() if i.file_name == "big.bin"] == [token]
+        assert await read_all(t, node) == data
+
+
 async def test_the_sweep_never_collects_the_parts_of_a_store_still_in_flight_on_this_mount(
     account, tmp_path, small_parts
 ):

@@ -237,15 +237,6 @@ class Refresher:
                 seen.add(ino)
                 changed.append((ns.nodes[ino], info))
         vanished = {n.ino: n for n in ns.nodes.values() if n.token and n.ino not in seen and self.eligible(n, started)}
-        orphans = {}
-        for n in ns.nodes.values():  # uploads (and markers) a crash may have cut off after the server made the token
-            if (
-                n.upload_started is not None
-                and (n.content_dirty or awaits_marker(n))
-                and not n.uploading
-                and not n.unlinked
-            ):
-                orphans.setdefault((self.ns.context(n), token_name(n)), []).append(n)
         with self.index.kept():
             followed = []
             for node, info in changed:
@@ -263,6 +254,18 @@ class Refresher:
             # a directory that moved took its whole subtree along: entries whose own tokens did not
             # move go back to where their context puts them (until nothing moves)
             self._place_until_still(followed)
+            # uploads (and markers) a crash may have cut off after the server made the token,
+            # looked for where the node is now that the listing was followed (another client
+            # may have moved its directory, the token along with it)
+            orphans = {}
+            for n in ns.nodes.values():
+                if (
+                    n.upload_started is not None
+                    and (n.content_dirty or awaits_marker(n))
+                    and not n.uploading
+                    and not n.unlinked
+                ):
+                    orphans.setdefault((self.ns.context(n), token_name(n)), []).append(n)
             adoptions = []
             claimed: set[str] = set()  # the last run's superseded uploads a token here may be
             # in claim order: the first token of a path takes the plain name

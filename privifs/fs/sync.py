@@ -45,6 +45,7 @@ import hmac
 import json
 import logging
 import math
+import stat
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
@@ -1133,7 +1134,7 @@ class Syncer:
                 if self.ns.retire_markers(node):  # another mkdir's marker would keep the old path
                     self.wake_tombstones()
             if node.is_file and not written_by_privifs(node.risk()):  # listed before its writer's risk meta?
-                current, young = await self._current_risk(token, node.risk())
+                current, young, info = await self._current_risk(token, node.risk())
                 if node.token != token:
                     return
                 self.ns.set_remote_risk(node, json.dumps(current, sort_keys=True) if current else None)
@@ -1141,6 +1142,24 @@ class Syncer:
                     self.ns.schedule_retry(node, trio.current_time() + YOUNG_RETRY)
                     self.schedule(node)
                     return
+                if current.get("privifs.type", node.kind) != node.kind:
+                    # listed bare, it showed as a file; its writer's risk meta says it is something
+                    # else (a directory or symlink marker): "a file" written over that would turn
+                    # a directory into an empty file on every other mount. Its place is written;
+                    # the listing shows it as what it is
+                    log.info(
+                        "%s: its writer stored it as a %s meanwhile; shown as one after the next listing",
+                        self.ns.describe(node),
+                        current.get("privifs.type"),
+                    )
+                    self.remote_changed()
+                    if not self.ns.meta_written(node, version, trio.current_time()):
+                        self.schedule(node)
+                    if not node.unlinked:
+                        self.index.save(node)
+                    return
+                if info is not None and written_by_privifs(current):
+                    self._take_writers_attributes(node, info)
             risk = node_risk(node, node.risk())
             if risk != node.risk():
                 await self.tokens.set_risk(token, risk)
@@ -1157,7 +1176,7 @@ class Syncer:
         if not node.unlinked:
             self.index.save(node)
 
-    async def _current_risk(self, token: str, base: dict[str, str]) -> tuple[dict[str, str], bool]:
+    async def _current_risk(self, token: str, base: dict[str, str]) -> tuple[dict[str, str], bool, TokenInfo | None]:
         """The risk meta ``token`` has on the server now (``base`` if it is not listed). A risk
         meta write replaces the whole field set, and the node's base (``remote_risk``) may come
         from a listing taken between another client's configure-file-meta and its risk meta
@@ -1165,12 +1184,34 @@ class Syncer:
         (tokenmeta.CARRIED: a manifest's mark, the content digest), and every mount then served
         a big file's manifest as its content. Also whether the token is young (made less than
         YOUNG_TOKEN seconds ago): its writer may still be about to write its risk meta, and a
-        write made now could land after that and drop it all the same (no compare-and-set)."""
+        write made now could land after that and drop it all the same (no compare-and-set); and
+        the token as listed (None if it is not)."""
         info = await find(self.tokens, token)
         if info is None:
-            return base, False
+            return base, False, None
         made = info.created_at  # the server's clock: an age far below 0 is skew, not youth
-        return dict(info.risk), made is not None and -YOUNG_TOKEN < time.time() - made < YOUNG_TOKEN
+        return dict(info.risk), made is not None and -YOUNG_TOKEN < time.time() - made < YOUNG_TOKEN, info
+
+    def _take_writers_attributes(self, node: Node, info: TokenInfo) -> None:
+        """``info`` is ``node``'s token re-listed with its writer's risk meta; the node was listed
+        before it (bare). The attributes for which the node still holds only what the bare
+        listing gave it (the mount's file mode, its createdAt as mtime, no owner) become the
+        writer's, so that a rename or another attribute's change made here, written over the
+        writer's risk meta, does not put those defaults in place of its mode and mtime (an
+        executable lost its x bit on every mount, a build tool saw another mtime)."""
+        writer = attributes(info)
+        values: dict[str, int | None] = {}
+        made = info.created_at
+        if made is not None and writer.mtime_ns is not None and node.mtime_ns == int(made * 1e9):
+            values.update(mtime_ns=writer.mtime_ns, ctime_ns=writer.mtime_ns, atime_ns=writer.atime_ns)
+        if writer.mode is not None and stat.S_IMODE(node.mode) == stat.S_IMODE(self.ns.file_mode):
+            values["mode"] = writer.mode
+        if node.uid is None and writer.uid is not None:
+            values["uid"] = writer.uid
+        if node.gid is None and writer.gid is not None:
+            values["gid"] = writer.gid
+        if values:
+            self.ns.set_attributes(node, **values)
 
     async def _keep_a_copy(self, node: Node, token: str) -> None:
         """Before renaming a file, have its content in the cache (small files only): if a writer
