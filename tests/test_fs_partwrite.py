@@ -272,15 +272,23 @@ async def test_what_a_new_manifest_replaces_leaves_the_cache(account, tmp_path, 
         assert t.fs.cache.holds(node.token)
 
 
+def stored_elsewhere(t, data: bytes):
+    """A PartStore of the vault (with the tests' part size) and a source of ``data`` for its
+    put: how a test stores a big file the way the mount's own upload would have."""
+    store = PartStore(t.fs.vault, part_size=PART)
+
+    async def source():
+        yield data
+
+    return store, source
+
+
 async def test_a_manifest_stored_before_a_crash_is_recognised_as_the_interrupted_upload(account, tmp_path, small_parts):
     data = os.urandom(3 * PART + 9)
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
         fh, node = t.create_node(1, "big.bin")
         await t.fs.write(fh, 0, data)  # still open for writing: not uploaded
-        store = PartStore(t.fs.vault, part_size=PART)
-
-        async def source():
-            yield data
+        store, source = stored_elsewhere(t, data)
 
         # what a crash between storing the manifest and recording it leaves in the vault
         token = await store.put(source, len(data), FileMeta("big.bin", "bin", "/", 0, "/big.bin"))
@@ -311,10 +319,7 @@ async def test_a_manifest_a_crash_left_without_its_risk_meta_is_recognised_as_th
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:
         fh, node = t.create_node(1, "big.bin")
         await t.fs.write(fh, 0, data)  # still open for writing: not uploaded
-        store = PartStore(t.fs.vault, part_size=PART)
-
-        async def source():
-            yield data
+        store, source = stored_elsewhere(t, data)
 
         real = store.tokens.set_risk
 
