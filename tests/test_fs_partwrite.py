@@ -551,15 +551,24 @@ async def test_a_retry_after_the_file_changed_stores_the_change_and_retires_the_
     finished, failed = [], []
     four_done, failed_now, go_on = trio.Event(), trio.Event(), trio.Event()
 
+    storing = 0  # parts in the server's hands now
+
     async def full_disk_once(self, upload_id, index, size, read):
+        nonlocal storing
         if index == 5 and not failed:
             failed.append(index)
             await four_done.wait()
+            while storing:  # a part the failure cut off mid-store would be the server's, unrecorded
+                await trio.sleep(0.01)
             failed_now.set()
             raise ServerError("507 Insufficient Storage: the server's disk is full")
         if failed:
             await go_on.wait()
-        part = await real(self, upload_id, index, size, read)
+        storing += 1
+        try:
+            part = await real(self, upload_id, index, size, read)
+        finally:
+            storing -= 1
         finished.append(index)
         if len(finished) >= 4:
             four_done.set()
