@@ -60,6 +60,7 @@ from typing import Protocol
 import diskcache
 import trio
 
+from privifs.client.datatokens import DOWNLOAD_PROGRESS
 from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import CHUNK, SealedFile, data_extents, stored_size
@@ -77,7 +78,8 @@ TABLE_FILES = ("cache.db", "cache.db-shm", "cache.db-wal")
 ENTRY_DIRS = [f"{i:02x}" for i in range(256)]  # where entries go (AdoptingDisk.filename)
 DIRS_CHECK = 5.0  # seconds between two measures of the entry directories (256 stats)
 DOWNLOAD_IDLE = 90.0  # a download that gets no data this long fails (EIO for the read), retries or not
-DOWNLOAD_PROGRESS = 64 * 1024  # … nor this much: data restart that wait only once this much more arrived
+# … nor DOWNLOAD_PROGRESS (the client's rule for one request): data restart that wait only once
+# that much more arrived
 IN_MEMORY_MAX = 64 * MiB  # content up to this size is read through memory when the disk has no room
 STALL_MEMORY = 2.0  # … and a fetch of the same token this soon after (the kernel retrying) fails at once
 

@@ -86,7 +86,7 @@ from privifs.fs.tokenmeta import (
 from privifs.fs.workqueue import WorkQueue
 from privifs.parts import format as fmt
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
-from privifs.parts.store import is_manifest, is_part
+from privifs.parts.store import is_manifest, is_part, maybe_unmarked_manifest
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.sync")
@@ -1491,7 +1491,7 @@ class Syncer:
             if is_manifest_node(_risk_text(info)):  # a big file stored as parts: its verified parts
                 risk = dict(info.risk)
                 await self.parts.store.copy(await self.parts.reader.manifest(info.token, info.risk), sink.write)
-            elif info.size is not None and info.size > PARTS_THRESHOLD:  # stored as parts, or another application's
+            elif maybe_unmarked_manifest(info):  # stored as parts, or another application's big file
                 sink = _HashSink(keep=fmt.PEEK)  # (the content, while it may be a manifest)
                 got = await self.vault.get(info.token, sink)  # (no size: a manifest's is not its meta's)
                 manifest = fmt.unmarked(got, info.size, sink.kept) if sink.whole else None
