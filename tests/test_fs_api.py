@@ -625,6 +625,27 @@ async def test_statfs_of_an_empty_mount_on_a_full_disk_still_has_a_size(kit, mon
     assert s.f_blocks >= 1 and s.f_bavail == 0
 
 
+# -- status ---------------------------------------------------------------------------------------
+async def test_a_status_counts_every_pending_change_and_names_the_closed_ones_first(module_account, eng, tmp_path):
+    """A status named every pending change: with 27,682 files waiting after an untar it took 3.1 s
+    to answer (2.6 MB), and ``privifs status`` gave up on the busy daemon as 'not answering'. It
+    counts them all, and names a few: one waiting for its upload before those still open."""
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True, write_back_delay=3600) as kit:
+        handles = []
+        for i in range(60):
+            fh = await kit.create_file(f"f{i}")
+            await kit.write(fh, 0, b"x" * i)
+            handles.append(fh)
+        await kit.close(handles[40])
+        report = kit.syncer.pending(shown=5)
+        assert (report.count, report.size, len(report.shown)) == (60, sum(range(60)), 5)
+        assert report.shown[0] == {"path": "/f40", "size": 40, "kind": "content", "state": "queued", "attempts": 0}
+        assert {p["state"] for p in report.shown[1:]} == {"waiting for close"}
+        for fh in handles:
+            if fh != handles[40]:
+                await kit.close(fh)
+
+
 # -- a fresh filesystem -------------------------------------------------------------------------
 async def test_a_filesystem_built_from_an_empty_local_state_shows_the_same_tree(kit):
     await kit.mkdir("docs")

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from privifs.fs.sync import PENDING_SHOWN
 from privifs.paths import pid_alive
 from tests.mountkit import Mount, helper_link_kept, is_mounted, privifs
 
@@ -697,7 +698,11 @@ def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(t
         mount_under_open_files_limit(m, 1024, hard)
         for i in range(1200):
             (m.dir / f"f{i}").write_text(f"pending {i}\n")
-        assert len(m.status()["pending"]) == 1200
+        st = m.status()
+        assert st["pending_count"] == 1200 and len(st["pending"]) == PENDING_SHOWN  # (a status names 50)
+        assert st["pending_bytes"] == sum(len(f"pending {i}\n") for i in range(1200))
+        shown = privifs(m.env, "status", str(m.dir)).stdout
+        assert "pending:      1200 changes" in shown and "… and 1180 more" in shown, shown
         assert (m.dir / "f1199").read_text() == "pending 1199\n"
         assert daemon_open_files_limit(m) > 1024
     finally:
@@ -725,8 +730,8 @@ def test_more_unuploaded_files_than_open_files_allowed_are_written_kept_and_moun
             (m.dir / "d" / f"f{i}").write_text(f"pending {i}\n" * (i % 7 + 1))
         os.truncate(m.dir / "d" / "f0", 3)  # (a truncate by path stages without an open file)
         (m.dir / "d" / "f0").write_text("pending 0\n")
-        pending = [p for p in m.status()["pending"] if p["kind"] == "content"]  # (the control socket answers)
-        assert len(pending) == 400
+        sizes = sum(len(f"pending {i}\n") * (i % 7 + 1) for i in range(400))
+        assert m.status()["pending_bytes"] == sizes  # every file waits (and the control socket answers)
         all_there()
         assert daemon_open_files_limit(m) == 256
         m.kill9()

@@ -32,6 +32,7 @@ ANSWER_TIMEOUT = 30.0  # longest silence of a daemon's control socket during umo
 # control server runs on the FUSE loop, which never blocks); one that stays silent this long is
 # shown as not answering rather than holding the command up
 STATUS_TIMEOUT = 3.0
+PENDING_LISTED = 20  # pending changes status prints by name (the daemon sends the first 50)
 
 
 def register(sub) -> None:
@@ -359,17 +360,18 @@ def print_status(st: dict) -> None:
             f"vault sends downloads over it: files not in the cache fail with EIO; other clients' "
             f"changes show at the next listing"
         )
+    count = st.get("pending_count", len(st["pending"]))  # (a daemon before it sent every change)
     print(
-        f"  pending:      {len(st['pending'])} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
+        f"  pending:      {count} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
         f"{st['pending_deletes']} deletes"
     )
     fsync_line = _fsync_line(st.get("fsync"))
     if fsync_line:
         print(fsync_line)
-    for p in st["pending"][:20]:
+    for p in st["pending"][:PENDING_LISTED]:
         print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
-    if len(st["pending"]) > 20:
-        print(f"    … and {len(st['pending']) - 20} more")
+    if count > PENDING_LISTED:
+        print(f"    … and {count - PENDING_LISTED} more")
     print(
         f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
         f" ({st['cache']['dir']})"

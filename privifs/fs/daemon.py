@@ -525,14 +525,15 @@ class Daemon:
             "mountpoint": str(self.mountpoint),
             "server": self.cfg.server_label(),
             "pid": os.getpid(),
-            "pending": pending,
-            "pending_bytes": sum(p["size"] for p in pending),
+            "pending": pending.shown,  # the first PENDING_SHOWN: failing, uploading, queued, open
+            "pending_count": pending.count,
+            "pending_bytes": pending.size,
             "pending_deletes": syncer.tombstone_count(),
             "uploads_done": syncer.uploads,
             "read_only": self.fs.opts.read_only,
             "fsync": {
                 "mode": self.fs.opts.fsync_mode,
-                "not_in_vault": len(pending),
+                "not_in_vault": pending.count,
                 "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in self.ns.pending()}),
             },
             "cache": {

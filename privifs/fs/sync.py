@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -49,6 +50,7 @@ import stat
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 
 import trio
 
@@ -117,6 +119,22 @@ YOUNG_RETRY = 2.0
 REFUSALS = (CommandRejected, RequestRejected, ForbiddenError)
 BIG_UPLOAD = 256 * 1024  # a file larger than this takes one of the ``big_uploads`` slots while uploading
 BIG_UPLOADS = 8
+PENDING_SHOWN = 50  # pending changes a status names (it counts them all)
+
+
+class PendingReport(NamedTuple):
+    """What :meth:`Syncer.pending` tells: the changes it names, and how many and how big all are."""
+
+    shown: list[dict]
+    count: int
+    size: int
+
+
+def _pending_rank(node: Node) -> int:
+    """Which pending changes a status names first: failing, then uploading, queued, still open."""
+    if node.last_error and not node.uploading:
+        return 0
+    return 1 if node.uploading else 3 if node.waiting_for_close else 2
 
 
 def awaits_marker(node: Node) -> bool:
@@ -1551,28 +1569,34 @@ class Syncer:
         return True
 
     # -- status and flushing ---------------------------------------------------------------------
-    def pending(self) -> list[dict]:
-        out = []
-        for node in self.ns.pending():
-            state = (
-                "uploading"
-                if node.uploading
-                else "waiting for close"
-                if node.waiting_for_close
-                else f"retrying: {node.last_error}"
-                if node.last_error
-                else "queued"
-            )
-            out.append(
-                {
-                    "path": self.ns.describe(node),
-                    "size": node.size if node.content_dirty else 0,
-                    "kind": "content" if node.content_dirty else "meta",
-                    "state": state,
-                    "attempts": node.attempts,
-                }
-            )
-        return out
+    def pending(self, shown: int = PENDING_SHOWN) -> PendingReport:
+        """What the vault does not have yet: how many changes and bytes, and the first ``shown``
+        of them to name (changes that failed first, then uploads under way, then the rest). Only
+        those are described: naming every one made ``privifs status`` take seconds with tens of
+        thousands of files waiting (27,682 pending: a 2.6 MB answer, 3.1 s), and the status
+        command gave up on a daemon that was only busy."""
+        nodes = self.ns.pending()
+        size = sum(n.size for n in nodes if n.content_dirty)
+        first = heapq.nsmallest(shown, nodes, key=_pending_rank)
+        return PendingReport([self._pending_entry(n) for n in first], len(nodes), size)
+
+    def _pending_entry(self, node: Node) -> dict:
+        state = (
+            "uploading"
+            if node.uploading
+            else "waiting for close"
+            if node.waiting_for_close
+            else f"retrying: {node.last_error}"
+            if node.last_error
+            else "queued"
+        )
+        return {
+            "path": self.ns.describe(node),
+            "size": node.size if node.content_dirty else 0,
+            "kind": "content" if node.content_dirty else "meta",
+            "state": state,
+            "attempts": node.attempts,
+        }
 
     def tombstone_count(self) -> int:
         return self.index.tombstone_count()
