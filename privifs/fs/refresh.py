@@ -349,8 +349,8 @@ class Refresher:
         return (
             len(along) == len(parts) + 1
             and along[-1].ino == node.parent
-            and node.name in (plain, conflict_name(plain, info.token))
-        )
+            and (node.name == plain or node.name == conflict_name(plain, info.token))
+        )  # (a conflict name only for the few not under their plain name: a listing asks for every token)
 
     def _place_until_still(self, pairs: list[tuple[Node, TokenInfo]]) -> None:
         """Put each node where its token's context puts it, again while any moved (a directory
