@@ -12,7 +12,7 @@ import trio
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
 from privifs.fs.names import conflict_name
-from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, event_gap
+from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, FULL_LISTING_SHARE, event_gap, full_gap
 from privifs.fs.sync import RENAME_FETCH_LIMIT
 from tests.fskit import inprocess_fs
 
@@ -162,6 +162,12 @@ def test_listings_for_other_clients_changes_are_spaced_by_what_the_last_one_cost
     # whatever a listing costs, listings for events take at most EVENT_LISTING_SHARE of the time
     for cost in (0.1, 0.4, 2.0, 10.0):
         assert cost / (cost + event_gap(cost)) <= EVENT_LISTING_SHARE + 1e-9
+
+
+def test_the_safety_net_listing_of_a_huge_vault_is_spaced_by_what_the_last_one_cost():
+    assert full_gap(30.0, 0.5) == 30.0  # the --refresh-interval, for any vault listed in 1.5 s or less
+    for cost in (2.0, 12.0, 60.0):  # listing every 30 s would take 6 %, 29 %, 67 % of the time
+        assert cost / (cost + full_gap(30.0, cost)) <= FULL_LISTING_SHARE + 1e-9
 
 
 async def test_an_edit_made_after_seeing_a_rename_replaces_the_renamed_version_without_a_copy(account, tmp_path):

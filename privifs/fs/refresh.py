@@ -62,6 +62,7 @@ EVENT_SETTLE = 0.25
 EVENT_FOLLOW_UPS = (0.0, 1.5)
 EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second …
 EVENT_LISTING_SHARE = 0.2  # … and listings for events take at most this share of the time (a big vault)
+FULL_LISTING_SHARE = 0.05  # the safety net's listings take at most this share of the time (a huge vault)
 UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
 
 
@@ -70,6 +71,16 @@ def event_gap(last_cost: float) -> float:
     took ``last_cost`` seconds: while another client keeps changing things (an untar), listing
     takes at most :data:`EVENT_LISTING_SHARE` of the mount's and the server's time."""
     return max(EVENT_MIN_GAP, last_cost * (1 / EVENT_LISTING_SHARE - 1))
+
+
+def full_gap(interval: float, last_cost: float) -> float:
+    """The time from one safety-net listing to the next, after one that took ``last_cost``
+    seconds: ``--refresh-interval``, or longer for a vault so big that listing it every interval
+    would take more than :data:`FULL_LISTING_SHARE` of the mount's and the server's time (a
+    listing of 30,000 tokens cost the daemon about 1.2 s of CPU under load; at ten times that,
+    every 30 s kept a core a third busy for nothing). Other clients' changes still show within
+    :func:`event_gap` through the event channel."""
+    return max(interval, last_cost * (1 / FULL_LISTING_SHARE - 1))
 
 
 def claim_order(created: float | None, token: str) -> tuple[float, str]:
@@ -128,7 +139,7 @@ class Refresher:
                 await self._refresh_logged()
                 last = trio.current_time()
                 gap = event_gap(last - now)
-                next_full = last + self.interval
+                next_full = last + full_gap(self.interval, last - now)
 
     def nudge(self, delays: tuple[float, ...] = EVENT_FOLLOW_UPS) -> None:
         """Read the listing after each of ``delays`` seconds (coalesced with what is due)."""
