@@ -4,12 +4,14 @@ half-received upload never becomes visible, and secrets never reach the log."""
 from __future__ import annotations
 
 import os
+import time
 
 import httpx
 import pytest
 import trio
 import trio.testing
 
+from privifs.engine.options import EngineOptions
 from tests.enginekit import EngineProcess, Wire, command_id
 
 
@@ -305,3 +307,38 @@ async def test_an_inline_exchange_accepted_before_kill_9_keeps_its_payload(tmp_p
             eng2.stop()
     finally:
         eng.kill()
+
+
+async def test_the_janitor_forgets_finished_commands_after_a_week_and_keeps_pending_ones(tmp_path):
+    """Every stored file left three command rows for good (90,000 after 30,000 files, most of a
+    66 MB database); and the janitor's sweep, every 5 s, read the whole reservations table (no
+    index on its expiry: 20-57 ms a sweep with 30,000 rows, holding the writer)."""
+    from privifs.engine.core import COMMAND_KEEP, Engine
+
+    engine = Engine(tmp_path / "engine", EngineOptions())
+    try:
+        now = time.time()
+        rows = [("old", 2, now - COMMAND_KEEP - 60), ("recent", 2, now - 60), ("held", 1, None)]
+
+        def add(conn):
+            for cid, status, finished in rows:
+                conn.execute(
+                    "INSERT INTO commands (id, kind, params, status, created_at, finished_at)"
+                    " VALUES (?, 'delete-data-token', '{}', ?, ?, ?)",
+                    (cid, status, now - 2 * COMMAND_KEEP, finished),
+                )
+
+        await engine.db.write(add)
+        await engine.sweep()
+        assert engine.runner.status("old") is None
+        assert engine.runner.status("recent")["status"] == 2 and engine.runner.status("held")["status"] == 1
+
+        def plans(conn):
+            ask = "EXPLAIN QUERY PLAN "
+            yield from conn.execute(ask + "SELECT rowid FROM commands WHERE finished_at <= ? LIMIT 10", (now,))
+            yield from conn.execute(ask + "SELECT * FROM reservations WHERE expires_at <= ?", (now,))
+
+        used = " ".join(str(tuple(r)) for r in engine.db.read(lambda c: list(plans(c))))
+        assert "commands_finished" in used and "reservations_expiry" in used, used
+    finally:
+        engine.db.close()

@@ -36,6 +36,10 @@ SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 # default thread limiter (40) a flood of wrong-password logins ran 40 at once: the engine went
 # from 94 MB to 725 MB, and the blob reads and writes waited behind them for threads
 PASSWORD_THREADS = 2
+# a finished command's status stays pollable this long, then goes (three rows per stored file
+# were kept for good: 90,000 after 30,000 files, most of a 66 MB database)
+COMMAND_KEEP = 7 * 86400.0
+COMMAND_SWEEP_BATCH = 5000
 
 
 def hash_password(password: str) -> str:
@@ -213,6 +217,12 @@ class Engine:
             )
             conn.execute("DELETE FROM downstream WHERE expires_at <= ? OR used = 1", (now - 60,))
             conn.execute("DELETE FROM auth_tokens WHERE expires_at <= ?", (now - 86400,))
+            # finished commands, a batch per sweep (a first sweep of a long-used vault is no long
+            # write); pending ones stay until applied, however old
+            conn.execute(
+                "DELETE FROM commands WHERE rowid IN (SELECT rowid FROM commands WHERE finished_at <= ? LIMIT ?)",
+                (now - COMMAND_KEEP, COMMAND_SWEEP_BATCH),
+            )
 
         await self.db.write(work)
         for blob_id in doomed:

@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS commands (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS commands_pending ON commands(status) WHERE status = 1;
+CREATE INDEX IF NOT EXISTS commands_finished ON commands(finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS reservations (
     command_id TEXT PRIMARY KEY,
     profile_id TEXT NOT NULL,
@@ -94,6 +95,7 @@ CREATE TABLE IF NOT EXISTS reservations (
     promoted_token TEXT,
     created_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS reservations_expiry ON reservations(expires_at);
 CREATE TABLE IF NOT EXISTS data_tokens (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     token TEXT NOT NULL UNIQUE,
