@@ -310,8 +310,8 @@ async def test_an_inline_exchange_accepted_before_kill_9_keeps_its_payload(tmp_p
 
 
 async def test_the_janitor_forgets_finished_commands_after_a_week_and_keeps_pending_ones(tmp_path):
-    """Every stored file left three command rows for good (90,000 after 30,000 files, most of a
-    66 MB database); and the janitor's sweep, every 5 s, read the whole reservations table (no
+    """Every stored file left three command rows for good (90,000 after 30,000 files, half of a
+    63 MB database); and the janitor's sweep, every 5 s, read the whole reservations table (no
     index on its expiry: 20-57 ms a sweep with 30,000 rows, holding the writer)."""
     from privifs.engine.core import COMMAND_KEEP, Engine
 

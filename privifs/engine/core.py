@@ -37,7 +37,7 @@ SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 # from 94 MB to 725 MB, and the blob reads and writes waited behind them for threads
 PASSWORD_THREADS = 2
 # a finished command's status stays pollable this long, then goes (three rows per stored file
-# were kept for good: 90,000 after 30,000 files, most of a 66 MB database)
+# were kept for good: 90,000 after 30,000 files, half of a 63 MB database)
 COMMAND_KEEP = 7 * 86400.0
 COMMAND_SWEEP_BATCH = 5000
 
