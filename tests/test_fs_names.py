@@ -83,3 +83,15 @@ def test_the_name_rules_docs_format_md_states_are_the_codes():
     assert long.endswith("~truncated") and len(long.encode()) <= 255
     assert len(long.removesuffix("~truncated").encode()) <= 243
     assert "243 bytes" in doc and "`~truncated`" in doc
+
+
+def test_the_conflict_mark_semantics_md_states_is_the_codes():
+    """docs/semantics.md names the mark "the last 8 letters or digits of its token": a token whose
+    tail has a dash (another server's ids) must not get a dash in the mark."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "semantics.md").read_text()
+    assert "the last 8 letters or digits of its token" in doc
+    assert names.conflict_name("notes.txt", "dtk-aaaa-bb-1234") == "notes.conflict-aabb1234.txt"
+    assert names.conflict_name(".bashrc", "dtk-00000000-1977cab3") == ".bashrc.conflict-1977cab3"
+    assert "`.bashrc.conflict-1977cab3`" in doc
