@@ -80,3 +80,31 @@ def test_a_big_file_whose_risk_meta_another_application_replaced_is_got_whole_no
     out = tmp_path / "back.bin"
     run(user, "token", "get", token, str(out))
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_verify_checks_a_manifest_that_lost_its_mark_through_its_parts(user, tmp_path, eng):
+    """A manifest whose risk meta another application replaced (the mark went) is read through
+    its parts by a mount, 'token get' and the sweep (docs/format.md). 'verify --data' took it for
+    a whole file: it printed "note: its meta states 8388613 bytes, its verified content has 263;
+    a mount shows the content's size once the file is opened" (a mount shows 8388613), counted
+    the file's parts as "parts of no file", and checked none of them against the manifest, so a
+    missing part went unreported (exit 0) while every read of it was EIO."""
+    src = tmp_path / "relabel.bin"
+    src.write_bytes(os.urandom(THRESHOLD + 5))
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    everything = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
+    parts = sorted((r for r in everything if r["context"] == "/.privifs/parts"), key=lambda r: r["fileName"])
+
+    async def on_the_wire(what, *args) -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            await getattr(client.tokens, what)(*args)
+
+    trio.run(on_the_wire, "set_risk", token, {"classification": "internal", "handling": "none"})
+    r = run(user, "verify", "--data", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note:" not in r.stdout and "parts of no file" not in r.stdout, r.stdout
+    trio.run(on_the_wire, "delete", parts[1]["token"])
+    r = run(user, "verify", "--data", check=False)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"/relabel.bin: part 1 (token {parts[1]['token']}) is missing" in r.stdout, r.stdout
