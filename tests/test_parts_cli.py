@@ -108,3 +108,35 @@ def test_verify_checks_a_manifest_that_lost_its_mark_through_its_parts(user, tmp
     r = run(user, "verify", "--data", check=False)
     assert r.returncode == 3, r.stdout + r.stderr
     assert f"/relabel.bin: part 1 (token {parts[1]['token']}) is missing" in r.stdout, r.stdout
+
+
+def test_verify_notes_a_manifest_whose_meta_states_another_size(user, tmp_path, eng):
+    """A manifest token whose file meta states another size than the manifest (docs/format.md:
+    it must be the whole file's) showed 223 bytes of an 8 MiB file on a mount; verify said
+    nothing of it. It is now a note (no damage: the manifest, authenticated, is what a mount and
+    'token get' read), as a whole token's other size already was."""
+    from privifs.client.datatokens import FileMeta
+    from privifs.client.vault import Vault
+    from privifs.crypto import digest
+    from privifs.crypto.keys import load_aes_key
+    from privifs.parts import format as fmt
+    from privifs.parts.store import PartStore
+
+    src = tmp_path / "whole.bin"
+    src.write_bytes(os.urandom(THRESHOLD + 5))
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    key = load_aes_key(next(tmp_path.rglob("aes.key")))
+
+    async def short_copy() -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            vault = Vault(client.tokens, key)
+            encoded = fmt.encode(await PartStore(vault).manifest(token))
+            copy = await vault.put_bytes(encoded, FileMeta("short.bin", "bin", "/", 0, "/short.bin"))
+            risk = {fmt.MARK: "1", **digest.stated(vault.derive(digest.content_key), encoded)}
+            await client.tokens.set_risk(copy, risk)
+
+    trio.run(short_copy)
+    r = run(user, "verify", "--data", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"note: /short.bin: its meta states 263 bytes, its manifest {THRESHOLD + 5}" in r.stdout, r.stdout

@@ -345,6 +345,13 @@ async def verify(
             manifests[info.token] = manifest = await store.manifest(info.token, info.risk)
             report.checked += 1
             named.update(p.token for p in manifest.parts if not p.is_hole)
+        if info.token in manifests and info.size is not None and manifests[info.token].total != info.size:
+            report.resized.append(path)
+            report.line(
+                "note",
+                f"{path}: its meta states {info.size} bytes, its manifest {manifests[info.token].total}; a mount"
+                " shows the manifest's size once the file is read",
+            )
 
     async def check_unmarked(info: TokenInfo) -> None:
         """A token at a file's place, not marked, whose meta states a size only files stored as
