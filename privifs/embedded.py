@@ -10,8 +10,9 @@ started it (``PR_SET_PDEATHSIG``), so a killed mount leaves no orphan; its data 
 crashed, was killed, or the other process that owned it stopped it), a watcher thread logs why and
 starts it again on the same ports and data directory, so the URLs the caller holds keep working.
 The ports are also kept in ``<data-dir>/ports.json`` across stops: the next start takes them
-again where they are free, so other machines (other users' configurations) that reach this
-vault through those URLs keep reaching it after this machine's unmount and mount.
+again where they are free, so other clients (other users' configurations on this machine: the
+engine listens on loopback only) that reach this vault through those URLs keep reaching it after
+this machine's unmount and mount.
 """
 
 from __future__ import annotations

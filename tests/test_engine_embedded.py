@@ -213,6 +213,9 @@ def test_a_stopped_embedded_engine_is_named_by_status_and_the_mount_log_at_once(
             shown = privifs(m.env, "status", str(m.dir)).stdout
             assert f"ENGINE STOPPED: the embedded engine (pid {pid}) is stopped" in shown, shown
             assert f"kill -CONT {pid}" in shown
+            # the header's pid is the daemon's, and says so: it read "(the embedded engine, pid N)"
+            # with the daemon's pid, two lines above the engine's own
+            assert f"(the embedded engine; daemon pid {m.status()['pid']})" in shown, shown
             wait_until(lambda: f"the embedded engine (pid {pid}) is stopped" in m.log())
         wait_until(lambda: m.status().get("engine_stopped") is None)
         m.wait_idle(90)

@@ -63,3 +63,35 @@ def test_the_conflict_name_of_a_name_cut_to_255_bytes_is_another_name():
         assert conflict == names.conflict_name(plain, "dtk-2107b030-dc6f-446b-953a-9e1ea8d88013")  # same everywhere
     assert names.conflict_name("notes.txt", "dtk-1977cab3") == "notes.conflict-1977cab3.txt"  # short names: as before
     assert names.conflict_name("README", "dtk-1977cab3") == "README.conflict-1977cab3"
+
+
+def test_the_name_rules_docs_format_md_states_are_the_codes():
+    """docs/format.md is what another application's author reads: its examples of the
+    ``extension`` field and of sanitised names must be what privifs does (the doc said only
+    "the last suffix" and "empty names become unnamed", which fit neither ``.bashrc`` nor ``..``)."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
+    for name, ext in ((".bashrc", ""), ("trailing.", ""), ("a.tar.gz", "gz"), ("..x", "x")):
+        assert names.extension_of(name) == ext
+        assert f"`{name}`" in doc
+    for raw, shown in (("", "unnamed"), (".", "unnamed."), ("..", "unnamed..")):
+        assert names.shown_name(raw, "") == shown
+        assert f"`{shown}`" in doc
+    assert names.shown_name("a\0b", "") == "ab"
+    long = names.shown_name("é" * 140, "")
+    assert long.endswith("~truncated") and len(long.encode()) <= 255
+    assert len(long.removesuffix("~truncated").encode()) <= 243
+    assert "243 bytes" in doc and "`~truncated`" in doc
+
+
+def test_the_conflict_mark_semantics_md_states_is_the_codes():
+    """docs/semantics.md names the mark "the last 8 letters or digits of its token": a token whose
+    tail has a dash (another server's ids) must not get a dash in the mark."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "semantics.md").read_text()
+    assert "the last 8 letters or digits of its token" in doc
+    assert names.conflict_name("notes.txt", "dtk-aaaa-bb-1234") == "notes.conflict-aabb1234.txt"
+    assert names.conflict_name(".bashrc", "dtk-00000000-1977cab3") == ".bashrc.conflict-1977cab3"
+    assert "`.bashrc.conflict-1977cab3`" in doc

@@ -394,3 +394,30 @@ async def test_a_write_to_a_big_file_another_client_replaced_follows_it_to_the_n
         assert got == 7, got
         assert await t.fs.read(fh, 0, len(new)) == new[: 5 * PART] + b"WRITTEN" + new[5 * PART + 7 :]
         t.fs.release(fh)
+
+
+async def test_a_manifest_whose_meta_states_another_size_shows_the_size_the_manifest_proves(account, tmp_path, caplog):
+    """docs/format.md: a manifest token's file meta ``size`` is the whole file's. An application
+    that stated another (found writing one from the docs alone: configure-file-meta with the
+    manifest's own 223 bytes) made the mount show and serve 223 bytes of an 8 MiB file, with no
+    error, while 'token get' wrote all of it. The manifest, whose total is authenticated (GCM and
+    its digest), wins at the first read, as a whole token's verified content does."""
+    from privifs.crypto import digest
+
+    data = os.urandom(4 * PART + 5)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data)
+        encoded = fmt.encode(m)
+        token = await t.fs.vault.put_bytes(encoded, FileMeta("short.bin", "bin", "/media", 0, "/media/short.bin"))
+        risk = {fmt.MARK: str(m.version), **digest.stated(t.fs.vault.derive(digest.content_key), encoded)}
+        await t.client.tokens.set_risk(token, risk)
+        await t.refresher.refresh_once()
+        node = t.node("/media/short.bin")
+        assert node.size == len(encoded) != len(data)  # what its meta states
+        fh = await t.open_node(node, os.O_RDONLY)
+        with caplog.at_level(logging.INFO, logger="privifs.fs"):
+            assert await t.fs.read(fh, 0, len(data) + 100) == data
+        assert node.size == len(data) and "showing" in caplog.text
+        await t.refresher.refresh_once()
+        assert node.size == len(data)  # a listing does not take it back
+        t.fs.release(fh)

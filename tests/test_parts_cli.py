@@ -80,3 +80,63 @@ def test_a_big_file_whose_risk_meta_another_application_replaced_is_got_whole_no
     out = tmp_path / "back.bin"
     run(user, "token", "get", token, str(out))
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_verify_checks_a_manifest_that_lost_its_mark_through_its_parts(user, tmp_path, eng):
+    """A manifest whose risk meta another application replaced (the mark went) is read through
+    its parts by a mount, 'token get' and the sweep (docs/format.md). 'verify --data' took it for
+    a whole file: it printed "note: its meta states 8388613 bytes, its verified content has 263;
+    a mount shows the content's size once the file is opened" (a mount shows 8388613), counted
+    the file's parts as "parts of no file", and checked none of them against the manifest, so a
+    missing part went unreported (exit 0) while every read of it was EIO."""
+    src = tmp_path / "relabel.bin"
+    src.write_bytes(os.urandom(THRESHOLD + 5))
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    everything = [json.loads(line) for line in run(user, "token", "ls", "--json", "--all").stdout.splitlines()]
+    parts = sorted((r for r in everything if r["context"] == "/.privifs/parts"), key=lambda r: r["fileName"])
+
+    async def on_the_wire(what, *args) -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            await getattr(client.tokens, what)(*args)
+
+    trio.run(on_the_wire, "set_risk", token, {"classification": "internal", "handling": "none"})
+    r = run(user, "verify", "--data", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note:" not in r.stdout and "parts of no file" not in r.stdout, r.stdout
+    trio.run(on_the_wire, "delete", parts[1]["token"])
+    r = run(user, "verify", "--data", check=False)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"/relabel.bin: part 1 (token {parts[1]['token']}) is missing" in r.stdout, r.stdout
+
+
+def test_verify_notes_a_manifest_whose_meta_states_another_size(user, tmp_path, eng):
+    """A manifest token whose file meta states another size than the manifest (docs/format.md:
+    it must be the whole file's) showed 223 bytes of an 8 MiB file on a mount; verify said
+    nothing of it. It is now a note (no damage: the manifest, authenticated, is what a mount and
+    'token get' read), as a whole token's other size already was."""
+    from privifs.client.datatokens import FileMeta
+    from privifs.client.vault import Vault
+    from privifs.crypto import digest
+    from privifs.crypto.keys import load_aes_key
+    from privifs.parts import format as fmt
+    from privifs.parts.store import PartStore
+
+    src = tmp_path / "whole.bin"
+    src.write_bytes(os.urandom(THRESHOLD + 5))
+    token = run(user, "token", "put", str(src)).stdout.strip()
+    key = load_aes_key(next(tmp_path.rglob("aes.key")))
+
+    async def short_copy() -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            vault = Vault(client.tokens, key)
+            encoded = fmt.encode(await PartStore(vault).manifest(token))
+            copy = await vault.put_bytes(encoded, FileMeta("short.bin", "bin", "/", 0, "/short.bin"))
+            risk = {fmt.MARK: "1", **digest.stated(vault.derive(digest.content_key), encoded)}
+            await client.tokens.set_risk(copy, risk)
+
+    trio.run(short_copy)
+    r = run(user, "verify", "--data", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"note: /short.bin: its meta states 263 bytes, its manifest {THRESHOLD + 5}" in r.stdout, r.stdout

@@ -333,7 +333,7 @@ def print_status(st: dict) -> None:
         if st.get("recover"):
             print(f"  recover: {st['recover']}")
         return
-    print(f"{st['mountpoint']}  ({st['server']}, pid {st['pid']})")
+    print(f"{st['mountpoint']}  ({st['server']}; daemon pid {st['pid']})")
     conn = st.get("connection") or {}
     if st.get("engine_stopped"):
         pid = st["engine_stopped"]

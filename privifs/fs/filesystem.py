@@ -818,7 +818,9 @@ class Filesystem:
         token = node.token
         try:
             if not self.parts.knows(token, kept=True):  # fetched now, checked against what its token states
-                await self.parts.manifest(token, node.risk(), keep=True)
+                m = await self.parts.manifest(token, node.risk(), keep=True)
+                if m.total != node.size:  # the meta stated another size: the manifest's is authenticated
+                    self._size_learned(node, token, m.total)
             return await self.parts.read(token, offset, length)
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):

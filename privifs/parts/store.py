@@ -275,13 +275,19 @@ class PartStore:
         for good, unless its writer came back within that hour to adopt it. At most
         :data:`~privifs.parts.format.PEEK` bytes are downloaded (a longer token is no manifest);
         a token that does not decrypt names nothing readable."""
+        manifest = await self.unmarked_manifest(info)
+        return frozenset(manifest.tokens()) if manifest is not None else frozenset()
+
+    async def unmarked_manifest(self, info: TokenInfo) -> fmt.Manifest | None:
+        """The manifest ``info`` holds if it is one whose mark is missing (see
+        :meth:`unmarked_parts`), else None (also for a token that does not decrypt: the caller's
+        check of it as a whole token says so)."""
         sink = _PeekSink(fmt.PEEK)
         try:
             size = await self.vault.get(info.token, sink)
         except (_TooLong, IntegrityError):
-            return frozenset()
-        manifest = fmt.unmarked(size, info.size, sink.value)
-        return frozenset(manifest.tokens()) if manifest is not None else frozenset()
+            return None
+        return fmt.unmarked(size, info.size, sink.value)
 
     async def collect(self, *, min_age: float = COLLECT_MIN_AGE) -> int:
         """Delete unreferenced parts; returns how many."""
