@@ -915,3 +915,35 @@ def test_a_daemon_whose_mount_command_was_killed_before_it_was_ready_keeps_servi
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_a_control_client_that_reads_nothing_of_a_flush_is_let_go(eng, tmp_path):
+    """A client that sent ``flush`` and read none of its progress lines (four a second, each
+    naming up to five files being uploaded) blocked the daemon's handler once the socket's buffer
+    was full: the flush, and its descriptor, stayed for as long as the client was connected. A
+    line the client takes nothing of for CONTROL_SEND_TIMEOUT ends the request and closes it."""
+    from privifs.fs.daemon import CONTROL_SEND_TIMEOUT
+
+    with Mount(tmp_path, eng.urls).mounted() as m:
+        eng.set_options(stream_bytes_per_second=1000)  # the uploads go on for minutes
+        deep = m.dir.joinpath(*(f"{i:02d}" + "d" * 198 for i in range(16)))  # progress lines of ~16 KiB
+        deep.mkdir(parents=True)
+        for i in range(5):
+            (deep / f"f{i}.bin").write_bytes(os.urandom(100_000))
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(m.registry()["control"])
+            s.sendall(b'{"cmd": "flush"}\n')
+            time.sleep(CONTROL_SEND_TIMEOUT + 15)  # reading nothing, past the buffer's fill and the limit
+            s.settimeout(60)
+            received, deadline = b"", time.monotonic() + 60  # what was buffered, then the end
+            while time.monotonic() < deadline and (piece := s.recv(1 << 20)):
+                received += piece
+        lines = received.splitlines()
+        assert not piece, "the daemon is still sending progress lines to a client that stopped reading"
+        assert lines and all("progress" in json.loads(line) for line in lines), lines[-1:]
+        assert "the client read nothing" in m.log()
+        eng.set_options(stream_bytes_per_second=0)
+        status = m.status()
+        status = status[0] if isinstance(status, list) else status
+        control = [t for t in status["tasks"] if t["name"] == "control socket"]
+        assert control and control[0]["failures"] == 0, control

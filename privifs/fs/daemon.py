@@ -65,6 +65,7 @@ UNREACHABLE_GRACE = 10.0
 FAILING_GRACE = 2
 PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
 PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
+CONTROL_SEND_TIMEOUT = 30.0  # a control client that reads nothing of an answer this long is let go
 SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
 
 
@@ -752,7 +753,15 @@ class Daemon:
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
         async def send(obj: dict) -> None:
-            await stream.send_all(json.dumps(obj).encode() + b"\n")
+            # a client that asked for a flush and read none of its progress lines blocked this
+            # handler once the socket's buffer was full: the flush (and syncer.flushing, which
+            # hurries retries, and the connection's descriptor) stayed for as long as it was
+            # connected. A line it takes nothing of for CONTROL_SEND_TIMEOUT ends the request
+            with trio.move_on_after(CONTROL_SEND_TIMEOUT) as waited:
+                await stream.send_all(json.dumps(obj).encode() + b"\n")
+            if waited.cancelled_caught:
+                log.info("control socket: the client read nothing for %gs; request ended", CONTROL_SEND_TIMEOUT)
+                raise trio.ClosedResourceError("the control client does not read")
 
         try:
             buf = b""
