@@ -40,6 +40,38 @@ def test_umount_uploads_pending_files_first(engine, tmp_path):
         assert {t["fileName"] for t in m.tokens()} >= {f"f{i}" for i in range(5)}
 
 
+def test_umount_does_not_wait_for_a_read_stalled_on_the_server_and_keeps_what_was_closed(engine, tmp_path):
+    """A program that read the first part of a big file and closed it leaves the kernel's
+    read-ahead of the next part in flight; with the server stalled, ``privifs umount`` waited
+    88 s for it (the FUSE loop ends once every request is answered, and the download's idle
+    limit is 90 s). Now the unmount abandons the reads in progress (EIO, the program is gone
+    anyway); a file closed before the unmount is uploaded as ever."""
+    from tests.enginekit import StallingProxy
+
+    with StallingProxy(engine.ports["downstream"]) as proxy:
+        m = Mount(tmp_path, {**engine.urls, "downstream": proxy.url}, mount_args=("--write-back-delay", "3600"))
+        with m.mounted():
+            data = os.urandom(10_000_000)  # three parts of 4 MiB
+            (m.dir / "big.bin").write_bytes(data)
+            m.wait_idle()
+            m.umount()
+            shutil.rmtree(m.root / "state")
+            shutil.rmtree(m.root / "cache")
+            m.mount()
+            proxy.stall_after(4 * 2**20 + 65536)  # the manifest and the first part come, then nothing
+            first = subprocess.run(
+                ["dd", f"if={m.dir / 'big.bin'}", "bs=1M", "count=4"], capture_output=True, timeout=120, check=True
+            )
+            assert first.stdout == data[: 4 * 2**20]
+            (m.dir / "closed.txt").write_text("closed before the unmount")
+            r = m.umount()
+            assert "unmounted" in r.stdout and not os.path.ismount(m.dir)
+            log = m.log()
+            assert "a read of /big.bin was abandoned: the mount is being unmounted" in log, log[-3000:]
+            assert "sent no data" not in log  # (what the read said after the 90 s it held the unmount)
+            assert "closed.txt" in {t["fileName"] for t in m.tokens()}
+
+
 def test_fusermount_unmount_loses_nothing(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "closed.txt").write_text("closed before fusermount3 -u")

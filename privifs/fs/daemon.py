@@ -455,6 +455,8 @@ class Daemon:
             self._drain = drain
         if self.mounted and not self._unmounting:
             self._unmounting = True
+            if self.fs is not None:
+                self.fs.abandon_reads()  # a read waiting for a stalled download held the FUSE loop 90 s
             pyfuse3.terminate()
 
     async def detach(self, drain: float | None = None) -> str | None:
