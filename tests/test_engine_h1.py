@@ -24,7 +24,9 @@ async def app(scope, receive, send) -> None:
             message = await receive()
             if message["type"] == "http.disconnect":
                 app.disconnected = True
-                return
+                if path == "/disconnect":
+                    return
+                break  # /echo answers anyway, as the engine's routes do (privifs.engine.http.guarded)
             body += message["body"]
             if not message["more_body"]:
                 break
@@ -246,4 +248,26 @@ async def test_an_answer_before_the_body_arrived_says_the_connection_closes():
             got = await read_until(stream, b"/early", got) if b"/early" not in got else await read_more(stream, got)
         assert got.count(b"HTTP/1.1 200 ") == 2 and b"connection: close" not in got.lower(), got
         await stream.aclose()
+        stop.set()
+
+
+async def test_a_malformed_chunk_is_answered_400_once_and_logged_in_one_line(caplog):
+    """A request body with a malformed chunk was logged as a client that disconnected, then as a
+    dropped connection with h11's LocalProtocolError (the app's own answer to the disconnect came
+    after the server's 400): now one line, saying what it was, and only the server's 400."""
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        with caplog.at_level(logging.INFO, "privifs.engine"):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n")
+            got = await read_until_closed(stream)
+        assert got == b"HTTP/1.1 400 \r\ncontent-length: 0\r\nconnection: close\r\n\r\n", got
+        lines = [r.getMessage() for r in caplog.records if r.name == "privifs.engine"]
+        assert lines == ["api: a malformed request body (a bad chunk or framing); answered 400, connection closed"], (
+            lines
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"alive", b"Connection: close"))
+        assert b"got alive" in await read_until_closed(stream)
         stop.set()

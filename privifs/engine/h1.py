@@ -104,6 +104,11 @@ def client_error(hint: int) -> int:
     return 400 if hint >= 500 else hint
 
 
+# set in a request's scope when its body turned out malformed (answered 400 by the server): the
+# app's http.disconnect is no client that left (privifs.engine.http.guarded logs nothing more)
+MALFORMED = "privifs.malformed"
+
+
 class _Closed(Exception):
     """The client closed its side, or sent something h11 refused (answered already)."""
 
@@ -176,6 +181,7 @@ class _Connection:
         self._idle_scope: trio.CancelScope | None = None
         self._eof = False
         self._idle_deadline = math.inf
+        self.refused = False  # a malformed request was answered (4xx) by the server itself
         try:
             self._client = tuple(stream.socket.getpeername()[:2])
             self._server = tuple(stream.socket.getsockname()[:2])
@@ -194,7 +200,12 @@ class _Connection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._refuse(client_error(exc.error_status_hint))
+                status = client_error(exc.error_status_hint)
+                # (not h11's message: it quotes the client's bytes, which may be a header's token)
+                part = "head" if waiting_for_request else "body (a bad chunk or framing)"
+                log.info("%s: a malformed request %s; answered %d, connection closed", self.server.name, part, status)
+                self.refused = True
+                await self._refuse(status)
                 raise _Closed() from None
             if event is not h11.NEED_DATA:
                 if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
@@ -272,6 +283,7 @@ class _Exchange:
         self.answered = False  # and the whole answer
         self.body_done = False
         self.head_request = request.method == b"HEAD"
+        self._scope: dict | None = None
 
     def scope(self) -> dict | None:
         target = self.request.target
@@ -297,7 +309,7 @@ class _Exchange:
 
     async def run(self) -> bool:
         """Serve the request; whether the connection may carry another one."""
-        scope = self.scope()
+        scope = self._scope = self.scope()
         if scope is None:
             await self.conn._refuse(400)
             return False
@@ -340,6 +352,11 @@ class _Exchange:
             event = await conn._next_event()
         except _Closed:
             self.body_done = True
+            if conn.refused:  # a malformed body (a bad chunk): answered 400 already, logged in one line;
+                # the app's own answer to the disconnect would be a second one (h11's LocalProtocolError)
+                self.answered = True
+                if self._scope is not None:
+                    self._scope[MALFORMED] = True
             return {"type": "http.disconnect"}
         if isinstance(event, h11.EndOfMessage):
             self.body_done = True
