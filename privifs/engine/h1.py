@@ -68,6 +68,7 @@ if not any(isinstance(f, AcceptFailuresOncePerMinute) for f in _accepts.filters)
     _accepts.addFilter(AcceptFailuresOncePerMinute())
 
 MAX_RECV = 256 * 1024
+SEND_PIECE = 256 * 1024  # an answer goes out in pieces; one the client takes none of in the send timeout closes it
 MAX_HEAD = 16 * 1024  # hypercorn's h11_max_incomplete_size
 CLIENT_FAULTS = (
     h11.ProtocolError,
@@ -124,11 +125,13 @@ class Server:
         keep_alive_timeout: float = 75,
         graceful_timeout: float = 3,
         body_timeout: float = 60,
+        send_timeout: Callable[[], float] = lambda: 60.0,
     ):
         self.app = app
         self.name = name
         self.keep_alive_timeout = keep_alive_timeout
         self.body_timeout = body_timeout
+        self.send_timeout = send_timeout  # (the engine's option as it is now)
         self.graceful_timeout = graceful_timeout
         self._conns: set[_Connection] = set()
         self._stopping = False
@@ -235,6 +238,23 @@ class _Connection:
             self.h11.receive_data(data)
             if not data:
                 self._eof = True
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data``; a client that takes no :data:`SEND_PIECE` of it for the send timeout
+        (it does not read: pipelined requests whose answers it never takes, each up to a listing
+        page) has its connection closed (:class:`_Closed`) instead of holding the answer for good."""
+        timeout = self.server.send_timeout()
+        if timeout <= 0:
+            return await self.stream.send_all(data)
+        view = memoryview(data)
+        for start in range(0, len(view), SEND_PIECE):
+            with trio.move_on_after(timeout) as waited:
+                await self.stream.send_all(view[start : start + SEND_PIECE])
+            if waited.cancelled_caught:
+                log.info(
+                    "%s: the client read nothing of its answer for %gs; connection closed", self.server.name, timeout
+                )
+                raise _Closed()
 
     async def _receive(self) -> bytes:
         try:
@@ -423,4 +443,4 @@ class _Exchange:
             out.append(h.send(h11.Data(data=body)))
         if not more:
             out.append(h.send(h11.EndOfMessage()))
-        await self.conn.stream.send_all(b"".join(out))
+        await self.conn.send(b"".join(out))

@@ -99,8 +99,8 @@ class EngineOptions:
     # its client takes it); one more is answered 503 (Retry-After: 1) before its authorization is
     # used; 0: no limit
     max_downloads: int = 64
-    # a write to a client of the upload, download or WebSocket ports that makes no progress this
-    # long (the client does not read) closes its connection; 0: never
+    # a write to a client (any port) that makes no progress this long (the client does not read)
+    # closes its connection; 0: never
     send_timeout: float = 60.0
     # faults
     latency_ms: float = 0.0

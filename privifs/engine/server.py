@@ -426,7 +426,7 @@ async def _supervised(
             async with trio.open_nursery() as nursery:
                 if name == "api":  # many small requests: the lean server (privifs/engine/h1.py)
                     config = _config(name, host, port)
-                    timeouts = {"keep_alive_timeout": config.keep_alive_timeout}
+                    timeouts = {"keep_alive_timeout": config.keep_alive_timeout, "send_timeout": send_timeout}
                     lean = h1.Server(app, name, graceful_timeout=config.graceful_timeout, **timeouts)
                     binds = await nursery.start(lean.serve, host, port, stop.wait)
                 else:
