@@ -184,7 +184,8 @@ class _Connection:
         self._idle_scope: trio.CancelScope | None = None
         self._eof = False
         self._idle_deadline = math.inf
-        self.refused = False  # a malformed request was answered (4xx) by the server itself
+        self.refused = False  # a request h11 could not parse was answered (4xx) by the server itself
+        self.malformed = False  # … and it was malformed (not a client that left mid-request)
         try:
             self._client = tuple(stream.socket.getpeername()[:2])
             self._server = tuple(stream.socket.getsockname()[:2])
@@ -204,9 +205,12 @@ class _Connection:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
                 status = client_error(exc.error_status_hint)
-                # (not h11's message: it quotes the client's bytes, which may be a header's token)
-                part = "head" if waiting_for_request else "body (a bad chunk or framing)"
-                log.info("%s: a malformed request %s; answered %d, connection closed", self.server.name, part, status)
+                if not self._eof:  # (at the end of the stream: a client that left mid-request)
+                    # (not h11's message: it quotes the client's bytes, which may be a header's token)
+                    part = "head" if waiting_for_request else "body (a bad chunk or framing)"
+                    name = self.server.name
+                    log.info("%s: a malformed request %s; answered %d, connection closed", name, part, status)
+                    self.malformed = True
                 self.refused = True
                 await self._refuse(status)
                 raise _Closed() from None
@@ -372,10 +376,10 @@ class _Exchange:
             event = await conn._next_event()
         except _Closed:
             self.body_done = True
-            if conn.refused:  # a malformed body (a bad chunk): answered 400 already, logged in one line;
-                # the app's own answer to the disconnect would be a second one (h11's LocalProtocolError)
+            if conn.refused:  # answered 400 already (a malformed body logged in one line): the app's
+                # own answer to the disconnect would be a second one (h11's LocalProtocolError)
                 self.answered = True
-                if self._scope is not None:
+                if conn.malformed and self._scope is not None:
                     self._scope[MALFORMED] = True
             return {"type": "http.disconnect"}
         if isinstance(event, h11.EndOfMessage):
