@@ -69,6 +69,7 @@ def test_umount_does_not_wait_for_a_read_stalled_on_the_server_and_keeps_what_wa
             log = m.log()
             assert "a read of /big.bin was abandoned: the mount is being unmounted" in log, log[-3000:]
             assert "sent no data" not in log  # (what the read said after the 90 s it held the unmount)
+            assert "ERROR" not in log, log[-3000:]  # (pyfuse3's answer to a kernel no longer waiting: INFO)
             assert "closed.txt" in {t["fileName"] for t in m.tokens()}
 
 

@@ -85,6 +85,25 @@ class MountConfig:
     fs: MountOptions = field(default_factory=MountOptions)
 
 
+class AnswersNobodyWaitsFor(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel no longer waits for an answer (``fuse_reply_*
+    failed with No such file or directory``): the request's program was interrupted, or the drive
+    was unmounted while the request ran (a read abandoned at the unmount). Nothing failed: one
+    INFO line saying so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "fuse_reply_" in text and "No such file or directory" in text:
+            op = text.split("(", 1)[0]
+            record.msg, record.args = "%s: nobody waits for its answer any more (interrupted, or unmounted)", (op,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+if not any(isinstance(f, AnswersNobodyWaitsFor) for f in logging.getLogger("pyfuse3").filters):
+    logging.getLogger("pyfuse3").addFilter(AnswersNobodyWaitsFor())
+
+
 def _fuse_option_value(value: str) -> str:
     """``value`` escaped for libfuse's option parser (which splits on ``,`` unless escaped by ``\\``)."""
     return value.replace("\\", "\\\\").replace(",", "\\,")
