@@ -1,6 +1,8 @@
 """The engine helpers the tests import by this name; they live in :mod:`privifs.devkit.engine`
 (shared with the scripts)."""
 
+import socket
+import threading
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -8,7 +10,7 @@ import trio
 
 from privifs.devkit.engine import Channel, EngineProcess, Wire, command_id
 
-__all__ = ["Channel", "EngineProcess", "Wire", "api_proxy", "command_id"]
+__all__ = ["Channel", "EngineProcess", "StallingProxy", "Wire", "api_proxy", "command_id"]
 
 
 @asynccontextmanager
@@ -46,3 +48,55 @@ async def api_proxy(api: str, mangle):
         listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
         yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         nursery.cancel_scope.cancel()
+
+
+class StallingProxy:
+    """A TCP proxy in front of one of the engine's ports (threads; a context manager) that
+    forwards everything until :meth:`stall_after` is called; from then on, once ``budget`` more
+    bytes of answers went through (over all connections), nothing more: the server seems to stall
+    mid-answer, its connections held open."""
+
+    def __init__(self, port: int):
+        self._target = port
+        self._lock = threading.Lock()
+        self._budget: int | None = None
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._socks: list = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall_after(self, budget: int) -> None:
+        with self._lock:
+            self._budget = budget
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self._target))
+            except OSError:
+                return
+            self._socks += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src, dst, answers: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if answers:
+                    with self._lock:
+                        if self._budget is not None:
+                            data = data[: self._budget]
+                            self._budget -= len(data)
+                if data:
+                    dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "StallingProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s in self._socks:
+            s.close()

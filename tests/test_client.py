@@ -560,6 +560,28 @@ async def test_streamed_retrievals_over_the_lean_path_and_over_httpx(account, le
             assert len(client.transport.lean._idle[(down.hostname, down.port)]) == 1  # one, reused
 
 
+@pytest.mark.parametrize("lean", [True, False])
+async def test_a_download_the_server_is_too_busy_for_is_tried_again_with_its_authorization(eng, account, lean):
+    """A downstream server with ``max_downloads`` in flight answers 503 with Retry-After at
+    once, the authorization unused: the retrieval waits and tries it again (each retrieval is
+    one request-data), over the lean path and over httpx."""
+    endpoints, creds = account
+    async with connect(endpoints, creds, ClientOptions(lean_http=lean)) as client:
+        vault = client.vault(KEY)
+        data = os.urandom(300_000)  # streamed, not inline
+        token = await vault.put_bytes(data, meta("busy.bin"))
+        eng.set_options(max_downloads=1, stream_bytes_per_second=200_000)  # each holds the one slot 1.5 s
+        results = []
+
+        async def one() -> None:
+            results.append(await vault.get_bytes(token))
+
+        async with trio.open_nursery() as n:
+            for _ in range(4):
+                n.start_soon(one)
+        assert results == [data] * 4
+
+
 @pytest.mark.parametrize("damage", ["cut", "cut bare string", "html"])
 async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(eng, account, damage):
     """configure-file-meta's answer cut short (``{"token":"dtk-1a2b``) or replaced by a proxy's

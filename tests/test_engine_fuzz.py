@@ -575,3 +575,95 @@ async def test_uploads_past_max_uploads_are_refused_before_their_authorization_i
         r = await http.post(own_engine.urls["upstream"] + "/?" + streams[2], content=b"0123456789")
     assert r.status_code == 200, r.text
     assert "Traceback" not in own_engine.log()
+
+
+async def download_authorizations(engine, size: int, count: int) -> list[str]:
+    """``count`` downstream authorizations for one stored blob of ``size`` random bytes."""
+    import os
+
+    from tests.enginekit import Wire
+
+    wire = Wire(engine.urls)
+    auths = []
+    try:
+        await wire.provision()
+        async with wire.channel() as ch:
+            token = await wire.store(ch, os.urandom(size), streamed=True)
+            for _ in range(count):
+                r = await wire.post("/data-token/request-data", {"token": token})
+                result = await ch.wait_for("X-DPT-CAB-REQUEST-ID", r.headers["x-dpt-cab-request-id"])
+                body = result["body"]
+                auths.append(body["body"] if isinstance(body, dict) else body)
+    finally:
+        await wire.aclose()
+    return auths
+
+
+def unread_download(port: int, auth: str) -> socket.socket:
+    """A connection that asked for a download and reads none of it (a small receive buffer)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(f"GET /?auth={auth} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return s
+
+
+async def test_downloads_past_max_downloads_are_refused_before_their_authorization_is_used(own_engine):
+    """Each download holds the piece of its blob being sent (up to 4 MiB, and the 4 MiB buffer
+    it was read into) until its client takes it: 200 clients that asked for an 8 MiB blob and read
+    nothing grew the engine by 1.6 GB, without bound as there were more. Past ``max_downloads``
+    a download is answered 503 with Retry-After at once, its authorization unused: it goes
+    through once there is room."""
+    own_engine.set_options(max_downloads=2)
+    auths = await download_authorizations(own_engine, 8 << 20, 3)
+    port = own_engine.ports["downstream"]
+
+    def held_and_refused() -> bytes:
+        held = [unread_download(port, auth) for auth in auths[:2]]
+        try:
+            for s in held:
+                assert s.recv(64).startswith(b"HTTP/1.1 200")  # both downloads begun
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(f"GET /?auth={auths[2]} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                return s.recv(4096)
+        finally:
+            for s in held:
+                s.close()
+
+    refused = await trio.to_thread.run_sync(held_and_refused)
+    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in refused.lower(), refused
+    async with httpx.AsyncClient(timeout=30) as http:
+        with trio.fail_after(30):
+            while (
+                r := await http.get(own_engine.urls["downstream"] + "/", params={"auth": auths[2]})
+            ).status_code == 503:
+                await trio.sleep(0.2)  # the held downloads are being let go
+    assert r.status_code == 200 and len(r.content) == 8 << 20, r.text[:200]
+    assert "Traceback" not in own_engine.log()
+
+
+async def test_a_download_whose_client_reads_nothing_is_closed_after_send_timeout(own_engine):
+    """hypercorn writes an answer with no time limit: a client that asked for a big blob and then
+    read nothing held its connection and the piece being sent for as long as it stayed
+    connected. A write the client takes nothing of for ``send_timeout`` closes the connection."""
+    own_engine.set_options(send_timeout=1)
+    (auth,) = await download_authorizations(own_engine, 8 << 20, 1)
+
+    def received_until_closed() -> int:
+        with unread_download(own_engine.ports["downstream"], auth) as s:
+            s.settimeout(10)
+            time.sleep(3)  # reading nothing
+            s.settimeout(60)  # then everything the engine sent, until it closed the connection
+            got = 0
+            try:
+                while piece := s.recv(1 << 20):
+                    got += len(piece)
+            except ConnectionResetError:
+                pass
+            return got
+
+    got = await trio.to_thread.run_sync(received_until_closed)
+    assert got < 8 << 20  # cut off: the rest was never sent
+    assert "read nothing of its answer for 1s; connection closed" in own_engine.log()
+    assert "Traceback" not in own_engine.log()
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(own_engine.urls["api"] + "/health")).status_code == 200

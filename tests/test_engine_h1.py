@@ -7,6 +7,7 @@ and at shutdown, a busy one once its answer is out."""
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 
@@ -14,7 +15,8 @@ from privifs.engine import h1
 
 
 async def app(scope, receive, send) -> None:
-    """/echo answers the body it read; /early answers without reading; /boom fails; /slow waits."""
+    """/echo answers the body it read; /early answers without reading; /boom fails; /slow waits;
+    /big answers 8 MiB."""
     path = scope["path"]
     if path == "/boom":
         raise RuntimeError("a bug")
@@ -24,13 +26,15 @@ async def app(scope, receive, send) -> None:
             message = await receive()
             if message["type"] == "http.disconnect":
                 app.disconnected = True
-                return
+                if path == "/disconnect":
+                    return
+                break  # /echo answers anyway, as the engine's routes do (privifs.engine.http.guarded)
             body += message["body"]
             if not message["more_body"]:
                 break
     if path == "/slow":
         await app.release.wait()
-    answer = b"got " + body if path == "/echo" else path.encode()
+    answer = b"got " + body if path == "/echo" else bytes(8 << 20) if path == "/big" else path.encode()
     await send(
         {"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(answer)).encode())]}
     )
@@ -246,4 +250,59 @@ async def test_an_answer_before_the_body_arrived_says_the_connection_closes():
             got = await read_until(stream, b"/early", got) if b"/early" not in got else await read_more(stream, got)
         assert got.count(b"HTTP/1.1 200 ") == 2 and b"connection: close" not in got.lower(), got
         await stream.aclose()
+        stop.set()
+
+
+async def test_a_malformed_chunk_is_answered_400_once_and_logged_in_one_line(caplog):
+    """A request body with a malformed chunk was logged as a client that disconnected, then as a
+    dropped connection with h11's LocalProtocolError (the app's own answer to the disconnect came
+    after the server's 400): now one line, saying what it was, and only the server's 400."""
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop)
+        with caplog.at_level(logging.INFO, "privifs.engine"):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n")
+            got = await read_until_closed(stream)
+        assert got == b"HTTP/1.1 400 \r\ncontent-length: 0\r\nconnection: close\r\n\r\n", got
+        lines = [r.getMessage() for r in caplog.records if r.name == "privifs.engine"]
+        assert lines == ["api: a malformed request body (a bad chunk or framing); answered 400, connection closed"], (
+            lines
+        )
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(post("/echo", b"alive", b"Connection: close"))
+        assert b"got alive" in await read_until_closed(stream)
+        stop.set()
+
+
+async def test_a_client_that_reads_nothing_of_its_answer_is_closed_after_the_send_timeout(caplog):
+    """The answer was written with no time limit: a client that sent requests (pipelined, each
+    answered with up to a listing page) and read nothing held each answer for as long as it
+    stayed connected. An answer the client takes no piece of for the send timeout closes it."""
+    import socket
+
+    stop = trio.Event()
+    async with trio.open_nursery() as n:
+        _, port = await started(n, stop, send_timeout=lambda: 0.5)
+
+        def received_until_closed() -> int:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+                time.sleep(2)  # reading nothing
+                got = 0
+                try:
+                    while piece := s.recv(1 << 20):  # then all that was sent, until the server closed
+                        got += len(piece)
+                except ConnectionResetError:
+                    pass
+                return got
+
+        with caplog.at_level(logging.INFO, "privifs.engine"):
+            got = await trio.to_thread.run_sync(received_until_closed)
+        assert got < 8 << 20
+        assert "api: the client read nothing of its answer for 0.5s; connection closed" in caplog.text
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert len(await read_until_closed(stream)) > 8 << 20  # a client that reads gets it all
         stop.set()

@@ -193,6 +193,44 @@ def test_a_download_that_trickles_a_byte_a_second_fails_after_the_idle_limit(tmp
         cache.close()
 
 
+class RepeatingVault:
+    """Each of the client's attempts gets the same first ``pieces`` 64 KiB pieces, then nothing
+    until the client's read time-out (60 s) and its next attempt, as from a server that stalls
+    at the same point of every answer."""
+
+    def __init__(self, pieces: int, attempts: int = 10) -> None:
+        self.pieces, self.attempts = pieces, attempts
+
+    async def get(self, token, sink, size=None):
+        for _ in range(self.attempts):
+            await sink.reset()
+            for _ in range(self.pieces):
+                await sink.write(b"r" * 65536)
+            await trio.sleep(60)  # the read time-out, then the client tries again
+        raise ServerUnreachable("no more attempts")
+
+
+def test_a_server_sending_each_retry_the_same_first_bytes_then_stalling_fails_after_the_idle_limit(tmp_path):
+    """Bytes a retry received again restarted the idle wait: a server that gave every attempt the
+    same first 300 KB and then stalled held the read for each of the client's attempts in turn
+    (seen over 3 minutes through a stalling proxy, the docs promise 90 s). Only bytes past what an
+    earlier attempt received are progress now."""
+    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    vault = RepeatingVault(pieces=5)
+
+    async def main() -> None:
+        start = trio.current_time()
+        with trio.fail_after(3 * DOWNLOAD_IDLE), pytest.raises(ServerUnreachable, match="sent no data"):
+            await cache.fetch("tok", vault, 10 * 65536)
+        assert trio.current_time() - start == pytest.approx(DOWNLOAD_IDLE, abs=2)
+        assert cache._inflight == {} and cache.reserved == 0
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
+    finally:
+        cache.close()
+
+
 def test_a_manifest_the_vault_never_sends_fails_the_read_after_the_idle_limit(tmp_path):
     """A file stored as parts needs its manifest before any part: a stalled server held that
     fetch for every retry's timeout in turn too."""

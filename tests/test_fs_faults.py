@@ -289,3 +289,25 @@ def test_an_event_channel_that_cannot_be_joined_is_named_by_status_and_uploads_g
             assert "EVENTS DOWN since" in shown and "event WebSocket cannot be joined" in shown, shown
     finally:
         ws.close()
+
+
+def test_cold_reads_past_the_engines_download_cap_all_succeed(eng, tmp_path):
+    """A downstream server with ``max_downloads`` in flight answers the next download 503 with
+    Retry-After, its authorization unused. The mount reading many files at once past that cap
+    waits its turn: every read gets its bytes, none an error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = {f"f{i}.bin": os.urandom(300_000 + i) for i in range(12)}  # each a download of its own
+    with Mount(tmp_path, eng.urls).mounted() as m:
+        for name, data in files.items():
+            (m.dir / name).write_bytes(data)
+        m.wait_idle()
+        m.umount()
+        shutil.rmtree(m.root / "state")
+        shutil.rmtree(m.root / "cache")
+        eng.set_options(max_downloads=1, stream_bytes_per_second=1_000_000)  # each holds the one slot a while
+        m.mount()
+        with ThreadPoolExecutor(len(files)) as pool:
+            got = dict(zip(files, pool.map(lambda name: (m.dir / name).read_bytes(), files), strict=True))
+        assert got == files
+        assert "Traceback" not in m.log()

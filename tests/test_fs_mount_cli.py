@@ -41,6 +41,39 @@ def test_umount_uploads_pending_files_first(engine, tmp_path):
         assert {t["fileName"] for t in m.tokens()} >= {f"f{i}" for i in range(5)}
 
 
+def test_umount_does_not_wait_for_a_read_stalled_on_the_server_and_keeps_what_was_closed(engine, tmp_path):
+    """A program that read the first part of a big file and closed it leaves the kernel's
+    read-ahead of the next part in flight; with the server stalled, ``privifs umount`` waited
+    88 s for it (the FUSE loop ends once every request is answered, and the download's idle
+    limit is 90 s). Now the unmount abandons the reads in progress (EIO, the program is gone
+    anyway); a file closed before the unmount is uploaded as ever."""
+    from tests.enginekit import StallingProxy
+
+    with StallingProxy(engine.ports["downstream"]) as proxy:
+        m = Mount(tmp_path, {**engine.urls, "downstream": proxy.url}, mount_args=("--write-back-delay", "3600"))
+        with m.mounted():
+            data = os.urandom(10_000_000)  # three parts of 4 MiB
+            (m.dir / "big.bin").write_bytes(data)
+            m.wait_idle()
+            m.umount()
+            shutil.rmtree(m.root / "state")
+            shutil.rmtree(m.root / "cache")
+            m.mount()
+            proxy.stall_after(4 * 2**20 + 65536)  # the manifest and the first part come, then nothing
+            first = subprocess.run(
+                ["dd", f"if={m.dir / 'big.bin'}", "bs=1M", "count=4"], capture_output=True, timeout=120, check=True
+            )
+            assert first.stdout == data[: 4 * 2**20]
+            (m.dir / "closed.txt").write_text("closed before the unmount")
+            r = m.umount()
+            assert "unmounted" in r.stdout and not os.path.ismount(m.dir)
+            log = m.log()
+            assert "a read of /big.bin was abandoned: the mount is being unmounted" in log, log[-3000:]
+            assert "sent no data" not in log  # (what the read said after the 90 s it held the unmount)
+            assert "ERROR" not in log, log[-3000:]  # (pyfuse3's answer to a kernel no longer waiting: INFO)
+            assert "closed.txt" in {t["fileName"] for t in m.tokens()}
+
+
 def test_fusermount_unmount_loses_nothing(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "closed.txt").write_text("closed before fusermount3 -u")
@@ -920,3 +953,35 @@ def test_a_daemon_whose_mount_command_was_killed_before_it_was_ready_keeps_servi
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_a_control_client_that_reads_nothing_of_a_flush_is_let_go(eng, tmp_path):
+    """A client that sent ``flush`` and read none of its progress lines (four a second, each
+    naming up to five files being uploaded) blocked the daemon's handler once the socket's buffer
+    was full: the flush, and its descriptor, stayed for as long as the client was connected. A
+    line the client takes nothing of for CONTROL_SEND_TIMEOUT ends the request and closes it."""
+    from privifs.fs.daemon import CONTROL_SEND_TIMEOUT
+
+    with Mount(tmp_path, eng.urls).mounted() as m:
+        eng.set_options(stream_bytes_per_second=1000)  # the uploads go on for minutes
+        deep = m.dir.joinpath(*(f"{i:02d}" + "d" * 198 for i in range(16)))  # progress lines of ~16 KiB
+        deep.mkdir(parents=True)
+        for i in range(5):
+            (deep / f"f{i}.bin").write_bytes(os.urandom(100_000))
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(m.registry()["control"])
+            s.sendall(b'{"cmd": "flush"}\n')
+            time.sleep(CONTROL_SEND_TIMEOUT + 15)  # reading nothing, past the buffer's fill and the limit
+            s.settimeout(60)
+            received, deadline = b"", time.monotonic() + 60  # what was buffered, then the end
+            while time.monotonic() < deadline and (piece := s.recv(1 << 20)):
+                received += piece
+        lines = received.splitlines()
+        assert not piece, "the daemon is still sending progress lines to a client that stopped reading"
+        assert lines and all("progress" in json.loads(line) for line in lines), lines[-1:]
+        assert "the client read nothing" in m.log()
+        eng.set_options(stream_bytes_per_second=0)
+        status = m.status()
+        status = status[0] if isinstance(status, list) else status
+        control = [t for t in status["tasks"] if t["name"] == "control socket"]
+        assert control and control[0]["failures"] == 0, control

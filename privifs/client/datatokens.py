@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -371,18 +373,44 @@ class DataTokens:
         base = self.transport.endpoints.downstream
         if not base:
             raise ProtocolError("no downstream URL is configured for streamed retrievals")
+        # a downstream server with too many downloads in flight answers 503 with Retry-After at
+        # once, the authorization unused: the server is there and says when to come back, so the
+        # same authorization is tried again for as long as a stalled answer would be waited for
+        give_up = trio.current_time() + self.options.http_timeout
+        while True:
+            async with self._download(base, result.body, wire_size) as (chunks, busy):
+                if chunks is not None:
+                    yield chunks
+                    return
+            if trio.current_time() + busy > give_up:
+                raise ServerError("download: the server has too many downloads in flight; requesting the data again")
+            log.debug("download: the server has too many downloads in flight; trying again in %.1fs", busy)
+            await trio.sleep(busy)
+
+    @asynccontextmanager
+    async def _download(self, base: str, auth: str, wire_size: int | None):
+        """One GET of the downstream authorization ``auth``: ``(chunks, None)``, or ``(None,
+        seconds)`` for a busy server's 503 with Retry-After (try again after that many seconds);
+        any other answer is a transient error."""
         lean = self.transport.lean
         if lean is not None and base.startswith("http://"):
             try:
-                async with lean.download(base.rstrip("/"), "/", params={"auth": result.body}) as answer:
+                async with lean.download(base.rstrip("/"), "/", params={"auth": auth}) as answer:
                     if answer.status_code != 200:
                         text = await answer.read()
+                        busy = _busy(answer.status_code, answer.headers)
+                        if busy is not None:
+                            yield None, busy
+                            return
                         err = self.transport.error_for(Answer(answer.status_code, answer.headers, text), "download")
                         raise ServerError(f"{err}; requesting the data again", status=answer.status_code)
-                    yield _decode_download(
-                        _progressing(answer.body(), self.options.http_timeout),
-                        answer.headers.get("content-length"),
-                        wire_size,
+                    yield (
+                        _decode_download(
+                            _progressing(answer.body(), self.options.http_timeout),
+                            answer.headers.get("content-length"),
+                            wire_size,
+                        ),
+                        None,
                     )
             except HTTPFailure as exc:
                 raise ServerUnreachable(f"download from the downstream server failed ({exc})") from None
@@ -391,18 +419,25 @@ class DataTokens:
             async with self.transport.http.stream(
                 "GET",
                 f"{base.rstrip('/')}/",
-                params={"auth": result.body},
+                params={"auth": auth},
                 timeout=httpx.Timeout(self.options.http_timeout, connect=self.options.connect_timeout),
             ) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
+                    busy = _busy(resp.status_code, resp.headers)
+                    if busy is not None:
+                        yield None, busy
+                        return
                     err = self.transport.error_for(resp, "download")
                     # a used or expired downstream authorization: ask for the data again
                     raise ServerError(f"{err}; requesting the data again", status=resp.status_code)
-                yield _decode_download(
-                    _progressing(resp.aiter_raw(), self.options.http_timeout),
-                    resp.headers.get("content-length"),
-                    wire_size,
+                yield (
+                    _decode_download(
+                        _progressing(resp.aiter_raw(), self.options.http_timeout),
+                        resp.headers.get("content-length"),
+                        wire_size,
+                    ),
+                    None,
                 )
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"download from the downstream server failed ({failure_text(exc)})") from None
@@ -515,6 +550,21 @@ class DataTokens:
     async def delete(self, token: str) -> None:
         """Delete a token; deleting one that is already gone succeeds (idempotent unlink)."""
         await self._command("/data-token/delete-data", {"token": token}, "delete data", missing_ok=True)
+
+
+def _busy(status: int, headers) -> float | None:
+    """Seconds to wait before the same download is tried again: a 503 with a ``Retry-After`` in
+    seconds (a server with too many downloads in flight; at most 10, jittered so that the clients
+    it turned away do not all come back at once), or None for any other answer."""
+    if status != 503:
+        return None
+    try:
+        seconds = float(headers.get("retry-after") or "")
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, 10.0) * (0.5 + random.random())
 
 
 DOWNLOAD_PROGRESS = 64 * 1024  # a download brings at least this much per read time-out, or fails

@@ -247,7 +247,6 @@ class BlobReader:
     def __init__(self, store: BlobStore, fd: int):
         self.store = store
         self.fd = fd
-        self._buf: mmap.mmap | None = None
         self.pos = 0
         self.direct = False
         try:
@@ -268,18 +267,23 @@ class BlobReader:
         if want <= 0:
             return b""
         if self.direct and self.pos % DIRECT_ALIGN == 0:
-            if self._buf is None:
-                self._buf = self.store.read_buffers.take()
+            # the buffer is the pool's again once its bytes are copied out: a download whose client
+            # does not read holds the copy it is sending, not a second 4 MiB for its next read
+            buf = self.store.read_buffers.take()
             try:
-                n = os.preadv(self.fd, [self._buf], self.pos)  # whole aligned buffer; short at the end
+                n = os.preadv(self.fd, [buf], self.pos)  # whole aligned buffer; short at the end
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
+                    self.store.read_buffers.give(buf)
                     raise
                 n = -1  # a device wanting larger alignment
             if n >= 0:
                 n = min(n, want)
                 self.pos += n
-                return self._buf[:n]
+                data = buf[:n]
+                self.store.read_buffers.give(buf)
+                return data
+            self.store.read_buffers.give(buf)
         if self.direct:  # buffered from here: a read that failed so, or stopped short of the end
             set_direct(self.fd, False)
             self.direct = False
@@ -291,6 +295,3 @@ class BlobReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if self._buf is not None:
-            self.store.read_buffers.give(self._buf)
-            self._buf = None

@@ -68,6 +68,7 @@ if not any(isinstance(f, AcceptFailuresOncePerMinute) for f in _accepts.filters)
     _accepts.addFilter(AcceptFailuresOncePerMinute())
 
 MAX_RECV = 256 * 1024
+SEND_PIECE = 256 * 1024  # an answer goes out in pieces; one the client takes none of in the send timeout closes it
 MAX_HEAD = 16 * 1024  # hypercorn's h11_max_incomplete_size
 CLIENT_FAULTS = (
     h11.ProtocolError,
@@ -104,6 +105,11 @@ def client_error(hint: int) -> int:
     return 400 if hint >= 500 else hint
 
 
+# set in a request's scope when its body turned out malformed (answered 400 by the server): the
+# app's http.disconnect is no client that left (privifs.engine.http.guarded logs nothing more)
+MALFORMED = "privifs.malformed"
+
+
 class _Closed(Exception):
     """The client closed its side, or sent something h11 refused (answered already)."""
 
@@ -119,11 +125,13 @@ class Server:
         keep_alive_timeout: float = 75,
         graceful_timeout: float = 3,
         body_timeout: float = 60,
+        send_timeout: Callable[[], float] = lambda: 60.0,
     ):
         self.app = app
         self.name = name
         self.keep_alive_timeout = keep_alive_timeout
         self.body_timeout = body_timeout
+        self.send_timeout = send_timeout  # (the engine's option as it is now)
         self.graceful_timeout = graceful_timeout
         self._conns: set[_Connection] = set()
         self._stopping = False
@@ -176,6 +184,8 @@ class _Connection:
         self._idle_scope: trio.CancelScope | None = None
         self._eof = False
         self._idle_deadline = math.inf
+        self.refused = False  # a request h11 could not parse was answered (4xx) by the server itself
+        self.malformed = False  # … and it was malformed (not a client that left mid-request)
         try:
             self._client = tuple(stream.socket.getpeername()[:2])
             self._server = tuple(stream.socket.getsockname()[:2])
@@ -194,7 +204,15 @@ class _Connection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._refuse(client_error(exc.error_status_hint))
+                status = client_error(exc.error_status_hint)
+                if not self._eof:  # (at the end of the stream: a client that left mid-request)
+                    # (not h11's message: it quotes the client's bytes, which may be a header's token)
+                    part = "head" if waiting_for_request else "body (a bad chunk or framing)"
+                    name = self.server.name
+                    log.info("%s: a malformed request %s; answered %d, connection closed", name, part, status)
+                    self.malformed = True
+                self.refused = True
+                await self._refuse(status)
                 raise _Closed() from None
             if event is not h11.NEED_DATA:
                 if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
@@ -224,6 +242,23 @@ class _Connection:
             self.h11.receive_data(data)
             if not data:
                 self._eof = True
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data``; a client that takes no :data:`SEND_PIECE` of it for the send timeout
+        (it does not read: pipelined requests whose answers it never takes, each up to a listing
+        page) has its connection closed (:class:`_Closed`) instead of holding the answer for good."""
+        timeout = self.server.send_timeout()
+        if timeout <= 0:
+            return await self.stream.send_all(data)
+        view = memoryview(data)
+        for start in range(0, len(view), SEND_PIECE):
+            with trio.move_on_after(timeout) as waited:
+                await self.stream.send_all(view[start : start + SEND_PIECE])
+            if waited.cancelled_caught:
+                log.info(
+                    "%s: the client read nothing of its answer for %gs; connection closed", self.server.name, timeout
+                )
+                raise _Closed()
 
     async def _receive(self) -> bytes:
         try:
@@ -272,6 +307,7 @@ class _Exchange:
         self.answered = False  # and the whole answer
         self.body_done = False
         self.head_request = request.method == b"HEAD"
+        self._scope: dict | None = None
 
     def scope(self) -> dict | None:
         target = self.request.target
@@ -297,7 +333,7 @@ class _Exchange:
 
     async def run(self) -> bool:
         """Serve the request; whether the connection may carry another one."""
-        scope = self.scope()
+        scope = self._scope = self.scope()
         if scope is None:
             await self.conn._refuse(400)
             return False
@@ -340,6 +376,11 @@ class _Exchange:
             event = await conn._next_event()
         except _Closed:
             self.body_done = True
+            if conn.refused:  # answered 400 already (a malformed body logged in one line): the app's
+                # own answer to the disconnect would be a second one (h11's LocalProtocolError)
+                self.answered = True
+                if conn.malformed and self._scope is not None:
+                    self._scope[MALFORMED] = True
             return {"type": "http.disconnect"}
         if isinstance(event, h11.EndOfMessage):
             self.body_done = True
@@ -406,4 +447,4 @@ class _Exchange:
             out.append(h.send(h11.Data(data=body)))
         if not more:
             out.append(h.send(h11.EndOfMessage()))
-        await self.conn.stream.send_all(b"".join(out))
+        await self.conn.send(b"".join(out))

@@ -369,8 +369,12 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
         except ApiError as exc:
             response = exc.response()
         except ClientDisconnect:
-            # the client left while sending its request: nobody will read an answer
-            log.info("%s %s: the client disconnected before its request was complete", request.method, request.url.path)
+            # the client left while sending its request: nobody will read an answer (or its body
+            # was malformed: the server answered 400 and logged it, see privifs.engine.h1)
+            if not request.scope.get("privifs.malformed"):
+                log.info(
+                    "%s %s: the client disconnected before its request was complete", request.method, request.url.path
+                )
             return Response(status_code=400)
         except (OSError, sqlite3.Error) as exc:
             if not disk_full(exc):

@@ -95,6 +95,13 @@ class EngineOptions:
     # uploads the upstream port takes at once (each holds a 1 MiB buffer and what its client sent);
     # one more is answered 503 (Retry-After: 1) before its stream authorization is used; 0: no limit
     max_uploads: int = 128
+    # downloads the downstream port serves at once (each holds up to a 4 MiB piece of its blob until
+    # its client takes it); one more is answered 503 (Retry-After: 1) before its authorization is
+    # used; 0: no limit
+    max_downloads: int = 64
+    # a write to a client (any port) that makes no progress this long (the client does not read)
+    # closes its connection; 0: never
+    send_timeout: float = 60.0
     # faults
     latency_ms: float = 0.0
     fail_rate: float = 0.0

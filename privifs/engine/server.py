@@ -19,6 +19,7 @@ import json
 import logging
 import secrets
 import signal
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from privifs.engine import (
     routes_utility,
     routes_voting,
 )
-from privifs.engine.coalesce import CoalescingSend, PlainReads, SteadyIdleTimer
+from privifs.engine.coalesce import CoalescingSend, PlainReads, SendTimeout, SteadyIdleTimer
 from privifs.engine.core import Engine
 from privifs.engine.features import build_engine
 from privifs.engine.h1 import client_error, leaves, log_dropped
@@ -84,7 +85,7 @@ PROTOCOL_ERRORS = (
 RESTART_DELAY, RESTART_DELAY_MAX = 0.5, 10.0
 
 
-class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, hypercorn.trio.tcp_server.TCPServer):
+class ContainedTCPServer(CoalescingSend, SteadyIdleTimer, PlainReads, SendTimeout, hypercorn.trio.tcp_server.TCPServer):
     """hypercorn's per-connection handler, except that its failure ends the connection only.
 
     Unpatched, an exception escaping one connection (e.g. h11's ``LocalProtocolError`` after a
@@ -330,9 +331,10 @@ def api_app(engine: Engine) -> ExactRoutes:
     return ExactRoutes(Starlette(routes=routes, exception_handlers={HTTPException: http_error}))
 
 
-def _config(name: str, host: str, port: int) -> Config:
+def _config(name: str, host: str, port: int, send_timeout: Callable[[], float] = lambda: 0.0) -> Config:
     config = Config()
     config.privifs_server = name  # named in ContainedTCPServer's log lines
+    config.privifs_send_timeout = send_timeout  # the option as it is now (SendTimeout)
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None  # query strings carry single-use stream tokens: never log them
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -381,7 +383,14 @@ async def run_engine(
             nursery.start_soon(trim_memory)
             async with trio.open_nursery() as servers:
                 for name in SERVERS:
-                    url = await servers.start(_supervised, name, apps[name], host, ports[name], stop)
+                    url = await servers.start(
+                        partial(_supervised, send_timeout=lambda: engine.opts.send_timeout),
+                        name,
+                        apps[name],
+                        host,
+                        ports[name],
+                        stop,
+                    )
                     engine.urls[name] = url.replace("http://", "ws://", 1) if name == "ws" else url
                 write_urls_file(data_dir / "urls.json", engine.urls)
                 if urls_file is not None:
@@ -397,7 +406,14 @@ async def run_engine(
 
 
 async def _supervised(
-    name: str, app, host: str, port: int, stop: trio.Event, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
+    name: str,
+    app,
+    host: str,
+    port: int,
+    stop: trio.Event,
+    task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED,
+    *,
+    send_timeout: Callable[[], float] = lambda: 0.0,
 ) -> None:
     """Serve ``app`` until ``stop``; if the server fails, log why and serve again on the same port.
 
@@ -410,12 +426,12 @@ async def _supervised(
             async with trio.open_nursery() as nursery:
                 if name == "api":  # many small requests: the lean server (privifs/engine/h1.py)
                     config = _config(name, host, port)
-                    timeouts = {"keep_alive_timeout": config.keep_alive_timeout}
+                    timeouts = {"keep_alive_timeout": config.keep_alive_timeout, "send_timeout": send_timeout}
                     lean = h1.Server(app, name, graceful_timeout=config.graceful_timeout, **timeouts)
                     binds = await nursery.start(lean.serve, host, port, stop.wait)
                 else:
                     binds = await nursery.start(
-                        partial(serve, app, _config(name, host, port), shutdown_trigger=stop.wait)
+                        partial(serve, app, _config(name, host, port, send_timeout), shutdown_trigger=stop.wait)
                     )
                 port = int(binds[0].rsplit(":", 1)[1])  # port 0 was given: restarts reuse the one bound
                 if not started:

@@ -171,6 +171,14 @@ class _Uploads:
     count = 0  # uploads in progress on this engine's upstream port
 
 
+class _Downloads:
+    count = 0  # downloads in progress on this engine's downstream port
+
+
+def _busy(what: str) -> dict:
+    return {"status": 503, "message": f"Service Unavailable: too many {what} in flight; try again"}
+
+
 def _upstream_app(engine: Engine):
     db = engine.db
     uploads = _Uploads()
@@ -194,12 +202,7 @@ def _upstream_app(engine: Engine):
             # each upload holds a 1 MiB buffer and what its client sent: 200 clients sending part of
             # a body and then holding it grew the engine by 290 MB. Answered at once, body unread
             # (the connection closes), the authorization still unused for the retry
-            return await _answer(
-                send,
-                503,
-                {"status": 503, "message": "Service Unavailable: too many uploads in flight; try again"},
-                [(b"retry-after", b"1")],
-            )
+            return await _answer(send, 503, _busy("uploads"), [(b"retry-after", b"1")])
         uploads.count += 1
         try:
             await _upload(engine, scope, receive, send, row, auth)
@@ -247,7 +250,7 @@ async def _upload(engine: Engine, scope, receive, send, row, auth: str) -> None:
 
 
 def _downstream_app(engine: Engine):
-    db = engine.db
+    downloads = _Downloads()
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -259,46 +262,61 @@ def _downstream_app(engine: Engine):
         auth = _auth(scope)
         if not auth:
             return await _refuse(receive, send, 401, "missing downstream authorization")
-
-        def claim(conn):
-            row = conn.execute(
-                "SELECT d.token, d.expires_at, d.used, t.blob_id, t.blob_size FROM downstream d"
-                " LEFT JOIN data_tokens t ON t.token = d.token AND t.profile_id = d.profile_id"
-                " WHERE d.auth = ?",
-                (auth,),
-            ).fetchone()
-            if row is None or row["used"] or row["expires_at"] <= time.time() or row["blob_id"] is None:
-                return None
-            conn.execute("UPDATE downstream SET used = 1 WHERE auth = ?", (auth,))
-            return row
-
-        row = await db.write(claim)
-        if row is None:
-            return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
+        if 0 < engine.opts.max_downloads <= downloads.count:
+            # each download holds a piece of its blob (up to 4 MiB) until its client takes it: 200
+            # clients that asked for a big blob and did not read grew the engine by 1.6 GB. Answered
+            # at once, the authorization still unused for the retry
+            return await _answer(send, 503, _busy("downloads"), [(b"retry-after", b"1")])
+        downloads.count += 1
         try:
-            reader = await trio.to_thread.run_sync(engine.blobs.open_reader, row["blob_id"])
-        except FileNotFoundError:
-            return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(reader.size).encode())],
-                }
-            )
-
-            async def chunks():
-                while True:
-                    chunk = await trio.to_thread.run_sync(reader.read)
-                    if not chunk:
-                        return
-                    yield chunk
-
-            async for chunk in _throttled(chunks(), engine.opts.stream_bytes_per_second):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            await _download(engine, send, auth)
         finally:
-            reader.close()
+            downloads.count -= 1
 
     return app
+
+
+async def _download(engine: Engine, send, auth: str) -> None:
+    """Serve the blob whose downstream authorization is ``auth``."""
+    db = engine.db
+
+    def claim(conn):
+        row = conn.execute(
+            "SELECT d.token, d.expires_at, d.used, t.blob_id, t.blob_size FROM downstream d"
+            " LEFT JOIN data_tokens t ON t.token = d.token AND t.profile_id = d.profile_id"
+            " WHERE d.auth = ?",
+            (auth,),
+        ).fetchone()
+        if row is None or row["used"] or row["expires_at"] <= time.time() or row["blob_id"] is None:
+            return None
+        conn.execute("UPDATE downstream SET used = 1 WHERE auth = ?", (auth,))
+        return row
+
+    row = await db.write(claim)
+    if row is None:
+        return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
+    try:
+        reader = await trio.to_thread.run_sync(engine.blobs.open_reader, row["blob_id"])
+    except FileNotFoundError:
+        return await _answer(send, 404, {"status": 404, "message": "Record Not Found"})
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(reader.size).encode())],
+            }
+        )
+
+        async def chunks():
+            while True:
+                chunk = await trio.to_thread.run_sync(reader.read)
+                if not chunk:
+                    return
+                yield chunk
+
+        async for chunk in _throttled(chunks(), engine.opts.stream_bytes_per_second):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        reader.close()

@@ -545,10 +545,18 @@ class ContentCache:
             raise _stall(token)
         with trio.CancelScope(deadline=trio.current_time() + DOWNLOAD_IDLE) as idle:
             arrived = 0  # since the wait last restarted
+            furthest = 0  # the most of the content any attempt has received
 
             def progress(n: int) -> None:
-                nonlocal arrived
-                arrived += n
+                # only bytes past what an earlier attempt received: a server that sent the same
+                # first 300 KB to each retry and then stalled restarted the wait every time, and
+                # held a read for each of the client's attempts in turn (over 3 minutes, not 90 s)
+                nonlocal arrived, furthest
+                reached = sink.total + n
+                if reached <= furthest:
+                    return
+                arrived += reached - furthest
+                furthest = reached
                 if arrived >= DOWNLOAD_PROGRESS:
                     arrived = 0
                     idle.deadline = trio.current_time() + DOWNLOAD_IDLE

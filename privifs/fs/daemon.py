@@ -65,6 +65,7 @@ UNREACHABLE_GRACE = 10.0
 FAILING_GRACE = 2
 PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
 PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
+CONTROL_SEND_TIMEOUT = 30.0  # a control client that reads nothing of an answer this long is let go
 SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
 
 
@@ -82,6 +83,25 @@ class MountConfig:
     state_dir: Path | None = None
     fsname: str = "privifs"  # the mount's source in /proc/mounts (mount(8)'s SOURCE)
     fs: MountOptions = field(default_factory=MountOptions)
+
+
+class AnswersNobodyWaitsFor(logging.Filter):
+    """pyfuse3 logs an ERROR when the kernel no longer waits for an answer (``fuse_reply_*
+    failed with No such file or directory``): the request's program was interrupted, or the drive
+    was unmounted while the request ran (a read abandoned at the unmount). Nothing failed: one
+    INFO line saying so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "fuse_reply_" in text and "No such file or directory" in text:
+            op = text.split("(", 1)[0]
+            record.msg, record.args = "%s: nobody waits for its answer any more (interrupted, or unmounted)", (op,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+if not any(isinstance(f, AnswersNobodyWaitsFor) for f in logging.getLogger("pyfuse3").filters):
+    logging.getLogger("pyfuse3").addFilter(AnswersNobodyWaitsFor())
 
 
 def _fuse_option_value(value: str) -> str:
@@ -454,6 +474,8 @@ class Daemon:
             self._drain = drain
         if self.mounted and not self._unmounting:
             self._unmounting = True
+            if self.fs is not None:
+                self.fs.abandon_reads()  # a read waiting for a stalled download held the FUSE loop 90 s
             pyfuse3.terminate()
 
     async def detach(self, drain: float | None = None) -> str | None:
@@ -753,7 +775,15 @@ class Daemon:
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
         async def send(obj: dict) -> None:
-            await stream.send_all(json.dumps(obj).encode() + b"\n")
+            # a client that asked for a flush and read none of its progress lines blocked this
+            # handler once the socket's buffer was full: the flush (and syncer.flushing, which
+            # hurries retries, and the connection's descriptor) stayed for as long as it was
+            # connected. A line it takes nothing of for CONTROL_SEND_TIMEOUT ends the request
+            with trio.move_on_after(CONTROL_SEND_TIMEOUT) as waited:
+                await stream.send_all(json.dumps(obj).encode() + b"\n")
+            if waited.cancelled_caught:
+                log.info("control socket: the client read nothing for %gs; request ended", CONTROL_SEND_TIMEOUT)
+                raise trio.ClosedResourceError("the control client does not read")
 
         try:
             buf = b""

@@ -135,6 +135,8 @@ class Filesystem:
         self.last_read_error_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
         self._direct_written: set[int] = set()  # inodes written through O_DIRECT (in this mount)
+        self._reads: set[trio.CancelScope] = set()  # the reads in progress (see abandon_reads)
+        self._reads_abandoned = False
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""
@@ -825,7 +827,7 @@ class Filesystem:
         except (IntegrityError, NotFoundError):
             if not await self._followed(node, token):
                 raise
-        return await self.read(fh_id, offset, length)  # the node's new content (or none)
+        return await self._read(fh_id, offset, length)  # the node's new content (or none)
 
     async def _fetch_following(self, node: Node) -> SealedFile | None:
         """:meth:`content`, or None when the token was missing because another client replaced
@@ -889,6 +891,28 @@ class Filesystem:
         return node.token != token
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:
+        node = self.handles[fh_id].node
+        if not self._reads_abandoned:
+            with trio.CancelScope() as scope:
+                self._reads.add(scope)
+                try:
+                    return await self._read(fh_id, offset, length)
+                finally:
+                    self._reads.discard(scope)
+        log.info("a read of %s was abandoned: the mount is being unmounted", self.path(node))
+        raise fail(errno.EIO)
+
+    def abandon_reads(self) -> None:
+        """The mount is going away (``privifs umount``, a signal): the reads in progress end with
+        EIO now, and any later one at once. A read waiting for a download from a stalled server
+        (the kernel's read-ahead of a file its program had closed) held the unmount for the
+        download's idle limit, 90 s: the FUSE loop ends only once every request is answered.
+        Writes are not touched: what was written is staged, and uploaded as before."""
+        self._reads_abandoned = True
+        for scope in self._reads:
+            scope.cancel()
+
+    async def _read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:
         fh = self.handles[fh_id]
         node = fh.node
         if node.staged is not None:
@@ -902,11 +926,11 @@ class Filesystem:
             token = node.token
             sealed = await self._fetch_following(node)
             if sealed is not None and self._unmarked_manifest(node, token, sealed):
-                return await self.read(fh_id, offset, length)  # read through its parts
+                return await self._read(fh_id, offset, length)  # read through its parts
             if sealed is None or fh.reader is not None or node.token != token or node.staged is not None:
                 if sealed is not None:  # (staged meanwhile: written here while this read waited)
                     sealed.close()
-                return await self.read(fh_id, offset, length)
+                return await self._read(fh_id, offset, length)
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:  # the token's meta did not state its content's size
                 self._size_learned(node, token, sealed.size)
