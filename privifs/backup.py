@@ -16,7 +16,10 @@ The file is a tar archive, mode 0600:
 * ``digests.bin`` (after the blobs): AES-GCM under the same key (its own nonce, in the header;
   the clear header is its associated data) of the SHA-256 of each blob file, taken as it was
   copied, so a restore finds a damaged blob instead of restoring it silently (a backup
-  without it, made before, is restored unchecked).
+  without it, made before, is restored unchecked). A blob whose tar header is damaged is
+  skipped (reading goes on to the next good header) and, in a backup whose digests are there
+  (it reached its end), reported like a damaged one; without them the backup may be cut short
+  and is refused.
 
 A backup of the embedded engine holds the engine's lock while it copies, so no engine runs and
 the database and blobs match. A restore writes nothing over an existing configuration, secret
@@ -111,6 +114,7 @@ class Summary:
     blob_bytes: int
     missing: int = 0  # data files the engine had already lost: not in the backup (the vault was damaged)
     damaged: list[str] = field(default_factory=list)  # restore: data files that do not match their digest
+    lost: list[str] = field(default_factory=list)  # restore: data files a damaged header lost (not restored)
     unchecked: bool = False  # restore: the data files could not be checked (no digests, or they are damaged)
 
 
@@ -376,7 +380,10 @@ def _lock_marker(marker: Path) -> int:
 
 def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None) -> Summary:
     try:
-        tar = tarfile.open(src)
+        # ignore_zeros: a damaged member header is skipped, block by block, to the next good
+        # one (tar reading otherwise ends there, as if the backup ended: one changed byte lost
+        # every data file after it)
+        tar = tarfile.open(src, ignore_zeros=True)
     except FileNotFoundError:
         raise BackupError(f"{src} does not exist") from None
     except tarfile.TarError:
@@ -399,6 +406,7 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
         embedded = bool(doc["server"].get("embedded"))
         blobs = doc.get("blobs", {})
         damaged: list[str] = []
+        lost: list[str] = []
         unchecked = False
         if embedded:
             if (engine_dir / "engine.sqlite3").exists():
@@ -412,17 +420,20 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                 try:
                     seen, sealed_digests = _restore_blobs(tar, engine_dir, blobs, progress, written)
                     missing = sorted(set(blobs) - set(seen))
-                    if missing:
+                    stated = opened.digests(sealed_digests) if sealed_digests is not None else None
+                    if missing and stated is None:  # cut short (or made without digests): refused
                         raise BackupError(
                             f"the backup lacks {len(missing)} of its {len(blobs)} data files "
                             f"(e.g. {missing[0]}); it is damaged"
                         )
                     # a damaged data file is restored all the same (it reads as EIO, as in the vault,
-                    # and the rest of the vault is worth having); the restore says which
-                    stated = opened.digests(sealed_digests) if sealed_digests is not None else None
+                    # and the rest of the vault is worth having); the restore says which. So is the
+                    # rest of a backup that reached its end (its digests) but lost a data file to a
+                    # damaged header: that file reads as EIO too
                     unchecked = stated is None
                     if stated is not None:
                         damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
+                        lost = missing
                     for name, value in doc.get("engine", {}).items():
                         if name in ENGINE_SECRETS:
                             if not (engine_dir / name).exists():
@@ -451,7 +462,9 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
             setattr(cfg, attr, place_secret(cfg_dir / name, secrets[name], name))
     save(cfg)
     load(cfg_path)
-    return Summary(cfg.username, embedded, len(blobs), sum(blobs.values()), damaged=damaged, unchecked=unchecked)
+    return Summary(
+        cfg.username, embedded, len(blobs), sum(blobs.values()), damaged=damaged, lost=lost, unchecked=unchecked
+    )
 
 
 def _write_private(path: Path, data: bytes) -> None:

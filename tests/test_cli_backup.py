@@ -235,6 +235,42 @@ def test_restore_of_a_backup_with_a_damaged_data_file_names_it_and_restores_the_
                 assert digest((fresh.dir / name).read_bytes()) == digest(data), name
 
 
+def test_restore_of_a_backup_with_a_damaged_member_header_restores_the_rest(vault, tmp_path):
+    """One byte changed in the tar header of one data file of the backup (not in its data) made
+    the whole restore fail: tar reading stopped at that header, so every data file after it
+    counted as missing ("the backup lacks 3 of its 4 data files"), exit 3, nothing restored, all
+    of the vault lost for one byte. The restore now reads on past a damaged header; a backup that
+    reached its end (its sealed digests are there) restores everything else, names the data file
+    it lost and exits 6, as for a damaged data file."""
+    import tarfile
+
+    _, backup = vault
+    damaged = tmp_path / "damaged-header.backup"
+    shutil.copy(backup, damaged)
+    with tarfile.open(damaged) as tar:
+        blobs = [m for m in tar.getmembers() if m.name.startswith("engine/blobs/")]
+    biggest = max(blobs, key=lambda m: m.size)  # photos/big.bin's ciphertext
+    assert len(blobs) >= 3
+    with open(damaged, "r+b") as f:  # a byte of its header's name field (its checksum no longer matches)
+        f.seek(biggest.offset + 20)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x55]))
+    fresh = Mount(tmp_path / "fresh", None)
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(damaged), check=False)
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "restored the vault" in r.stdout and "Traceback" not in r.stderr
+    assert biggest.name in r.stderr and "verify --data" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    with fresh.mounted():
+        with pytest.raises(OSError) as info:
+            (fresh.dir / "photos" / "big.bin").read_bytes()
+        assert info.value.errno == 5  # EIO, never other bytes
+        for name, data in FILES.items():
+            if name != "photos/big.bin":
+                assert digest((fresh.dir / name).read_bytes()) == digest(data), name
+        assert (fresh.dir / "emptydir").is_dir()
+
+
 def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path):
     """An empty file, random bytes or a file cut inside its first header printed tarfile's
     four-line 'file could not be opened successfully: - method gz: …' report."""

@@ -130,12 +130,17 @@ def run_restore(args: argparse.Namespace) -> int:
     )
     print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
     print("Mount it with 'privifs mount DIR'.")
-    if summary.damaged:
+    if summary.damaged or summary.lost:
+        said = []
+        if summary.damaged:
+            said.append(f"e.g. {summary.damaged[0]}: not the bytes backed up, restored as they are")
+        if summary.lost:
+            said.append(f"e.g. {summary.lost[0]}: its header in the backup is damaged, left out")
         print(
-            f"privifs: error: {len(summary.damaged)} of the backup's {summary.blobs} data files are damaged "
-            f"(e.g. {summary.damaged[0]}: not the bytes backed up); they were restored as they are, so the "
-            "files they hold fail to read (EIO) and the rest of the vault is there. 'privifs verify --data' "
-            "names those files; restore them from another backup or copy.",
+            f"privifs: error: {len(summary.damaged) + len(summary.lost)} of the backup's {summary.blobs} data "
+            f"files are damaged ({'; '.join(said)}), so the files they hold fail to read (EIO) and the rest "
+            "of the vault is there. 'privifs verify --data' names those files; restore them from another "
+            "backup or copy.",
             file=sys.stderr,
         )
         return 6
