@@ -271,6 +271,24 @@ def test_restore_of_a_backup_with_a_damaged_member_header_restores_the_rest(vaul
         assert (fresh.dir / "emptydir").is_dir()
 
 
+def test_restore_to_another_configuration_names_it_in_the_mount_it_suggests(vault, tmp_path):
+    """'privifs --config FILE restore' ended with "Mount it with 'privifs mount DIR'": that
+    command reads the default configuration, which is not there, and stopped with "... there is
+    no password file ...: restore it, or move the engine's data away to start a new vault". The
+    command it suggests now names the configuration, and works."""
+    _, backup = vault
+    fresh = Mount(tmp_path / "fresh", None)
+    cfg = tmp_path / "elsewhere" / "vault.toml"
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    r = privifs(env, "--config", str(cfg), "restore", str(backup))
+    assert f"privifs --config {cfg} mount DIR" in r.stdout, r.stdout
+    privifs(env, "--config", str(cfg), "mount", str(fresh.dir))
+    try:
+        assert_every_file(fresh)
+    finally:
+        privifs(env, "--config", str(cfg), "umount", str(fresh.dir))
+
+
 def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path):
     """An empty file, random bytes or a file cut inside its first header printed tarfile's
     four-line 'file could not be opened successfully: - method gz: …' report."""

@@ -12,6 +12,7 @@ The passphrase comes from --passphrase-file, PRIVIFS_BACKUP_PASSPHRASE, or a pro
 from __future__ import annotations
 
 import argparse
+import shlex
 import sqlite3
 import sys
 from pathlib import Path
@@ -129,7 +130,9 @@ def run_restore(args: argparse.Namespace) -> int:
         else "the server"
     )
     print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
-    print("Mount it with 'privifs mount DIR'.")
+    # a configuration of its own must be named to mount (the default one is not there)
+    named = "" if cfg_path == default_config_path() else f" --config {shlex.quote(str(cfg_path))}"
+    print(f"Mount it with 'privifs{named} mount DIR'.")
     if summary.damaged or summary.lost:
         said = []
         if summary.damaged:
