@@ -338,6 +338,7 @@ def restore_backup(
             f"privifs never overwrites a configuration or a secret"
         )
     marker = restoring_marker(cfg_path)
+    interrupted = marker.exists()  # a restore killed before: its engine data may be in place already
     made = [d for d in (marker.parent, *marker.parent.parents) if not d.exists()]  # (deepest first)
     paths.private_dir(marker.parent)
     # while the marker is there, 'privifs init' and a first 'privifs mount' make no vault here;
@@ -346,7 +347,9 @@ def restore_backup(
     fd = _lock_marker(marker)
     done = False
     try:
-        summary = _restore(src, passphrase, cfg_path, engine_dir or paths.embedded_engine_dir(), progress)
+        summary = _restore(
+            src, passphrase, cfg_path, engine_dir or paths.embedded_engine_dir(), progress, interrupted=interrupted
+        )
         done = True
         return summary
     finally:
@@ -378,7 +381,9 @@ def _lock_marker(marker: Path) -> int:
         os.close(fd)  # the restore that held it ended and removed it meanwhile: make a new one
 
 
-def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None) -> Summary:
+def _restore(
+    src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None, *, interrupted: bool
+) -> Summary:
     try:
         # ignore_zeros: a damaged member header is skipped, block by block, to the next good
         # one (tar reading otherwise ends there, as if the backup ended: one changed byte lost
@@ -409,7 +414,11 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
         lost: list[str] = []
         unchecked = False
         if embedded:
-            if (engine_dir / "engine.sqlite3").exists():
+            db = engine_dir / "engine.sqlite3"
+            # a restore of this backup killed after it put the engine's database in place (before
+            # the configuration) left that database as the backup holds it: it is run again
+            resumed = interrupted and db.exists() and _same_content(db, members["engine.sqlite3"])
+            if db.exists() and not resumed:
                 raise BackupError(
                     f"the embedded engine's data in {engine_dir} already holds a vault; move it "
                     f"away to restore this backup"
@@ -442,7 +451,8 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                     db_tmp = engine_dir / ".engine.sqlite3.restoring"
                     _write_private(db_tmp, members["engine.sqlite3"])
                 except BaseException:
-                    _take_back(engine_dir, made, written)
+                    if not resumed:  # (the database in place stays with the data files it names)
+                        _take_back(engine_dir, made, written)
                     raise
                 os.replace(db_tmp, engine_dir / "engine.sqlite3")
     paths.private_dir(cfg_dir)
@@ -465,6 +475,13 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
     return Summary(
         cfg.username, embedded, len(blobs), sum(blobs.values()), damaged=damaged, lost=lost, unchecked=unchecked
     )
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -289,6 +289,39 @@ def test_restore_to_another_configuration_names_it_in_the_mount_it_suggests(vaul
         privifs(env, "--config", str(cfg), "umount", str(fresh.dir))
 
 
+def test_a_restore_killed_after_placing_the_engine_data_is_finished_by_running_it_again(vault, tmp_path):
+    """A restore killed (or a power loss) after it put the engine's database in place but before
+    it wrote the configuration left the marker, the engine data and part of the secrets; running
+    it again, as its own message says, stopped with 'the embedded engine's data ... already holds
+    a vault; move it away', and a mount with 'there is no password file'. Running it again now
+    finishes it (the database in place is the backup's own), and the vault mounts whole."""
+    _, backup = vault
+    fresh = Mount(tmp_path / "fresh", None)
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    privifs(env, "restore", str(backup))
+    cfg = config_dir(fresh)
+    for name in ("config.toml", "password", "identity.key"):  # what the killed run had not written yet
+        (cfg / name).unlink(missing_ok=True)
+    (cfg / ".restore-in-progress").write_bytes(b"")  # the killed run's marker
+    assert (engine_dir(fresh) / "engine.sqlite3").exists()
+    r = privifs(env, "restore", str(backup), check=False)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert not (cfg / ".restore-in-progress").exists()
+    with fresh.mounted():
+        assert_every_file(fresh)
+    # a database that is not the backup's is never taken for a killed restore's
+    other = Mount(tmp_path / "other", None)
+    privifs(dict(other.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
+    with sqlite3.connect(engine_dir(other) / "engine.sqlite3") as conn:
+        conn.execute("CREATE TABLE other_vault (x)")
+    conn.close()
+    for name in ("config.toml", "password", "identity.key"):
+        (config_dir(other) / name).unlink(missing_ok=True)
+    (config_dir(other) / ".restore-in-progress").write_bytes(b"")
+    r = privifs(dict(other.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup), check=False)
+    assert r.returncode == 3 and "already holds a vault" in r.stderr, r.stderr
+
+
 def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path):
     """An empty file, random bytes or a file cut inside its first header printed tarfile's
     four-line 'file could not be opened successfully: - method gz: …' report."""
