@@ -392,3 +392,29 @@ def test_status_says_when_a_server_stops_answering_before_any_time_out(tmp_path)
         assert not st.get("no_answer_since"), st
         assert "NO ANSWER" not in privifs(m.env, "status", str(m.dir)).stdout
         m.umount()
+
+
+def test_status_says_unreachable_when_the_server_goes_away_with_nothing_to_upload(tmp_path):
+    """A server lost while mounted with nothing pending was never shown as UNREACHABLE (only a
+    failed upload said so, though README says a listing counts too): status showed 'EVENTS
+    DOWN: the event WebSocket cannot be joined (HandshakeError); uploads go on', as if only the
+    WebSocket were gone. A listing that cannot reach the server now marks it unreachable, until
+    the server answers again."""
+    with own_engine_mount(tmp_path, ("--refresh-interval", "1")) as (eng, m):
+        m.mount()
+        (m.dir / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        eng.stop()
+        deadline = time.monotonic() + 60
+        while not (st := m.status()).get("unreachable_since") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert st.get("unreachable_since"), st
+        text = privifs(m.env, "status", str(m.dir)).stdout
+        assert "UNREACHABLE since" in text and "EVENTS DOWN" not in text, text
+        assert (m.dir / "cached.txt").read_text() == "in the cache"
+        eng.start()  # same data, same ports
+        deadline = time.monotonic() + 120
+        while (st := m.status()).get("unreachable_since") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not st.get("unreachable_since"), st
+        m.umount()

@@ -359,7 +359,12 @@ def print_status(st: dict) -> None:
             f"cached files are readable, writes are staged and uploaded as soon as it answers"
         )
     events = conn.get("events") or {}
-    if conn.get("online") and events.get("down_since") and time.time() - events["down_since"] > EVENTS_GRACE:
+    if (
+        conn.get("online")
+        and not st.get("unreachable_since")  # (the whole server is gone, not just its WebSocket)
+        and events.get("down_since")
+        and time.time() - events["down_since"] > EVENTS_GRACE
+    ):
         print(
             f"  EVENTS DOWN since {_ago(events['down_since'])}: the event WebSocket cannot be joined "
             f"({events.get('down_reason')}); uploads go on (acknowledgements are polled), but the "
