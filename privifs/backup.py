@@ -16,7 +16,10 @@ The file is a tar archive, mode 0600:
 * ``digests.bin`` (after the blobs): AES-GCM under the same key (its own nonce, in the header;
   the clear header is its associated data) of the SHA-256 of each blob file, taken as it was
   copied, so a restore finds a damaged blob instead of restoring it silently (a backup
-  without it, made before, is restored unchecked).
+  without it, made before, is restored unchecked). A blob whose tar header is damaged is
+  skipped (reading goes on to the next good header) and, in a backup whose digests are there
+  (it reached its end), reported like a damaged one; without them the backup may be cut short
+  and is refused.
 
 A backup of the embedded engine holds the engine's lock while it copies, so no engine runs and
 the database and blobs match. A restore writes nothing over an existing configuration, secret
@@ -111,6 +114,7 @@ class Summary:
     blob_bytes: int
     missing: int = 0  # data files the engine had already lost: not in the backup (the vault was damaged)
     damaged: list[str] = field(default_factory=list)  # restore: data files that do not match their digest
+    lost: list[str] = field(default_factory=list)  # restore: data files a damaged header lost (not restored)
     unchecked: bool = False  # restore: the data files could not be checked (no digests, or they are damaged)
 
 
@@ -334,6 +338,7 @@ def restore_backup(
             f"privifs never overwrites a configuration or a secret"
         )
     marker = restoring_marker(cfg_path)
+    interrupted = marker.exists()  # a restore killed before: its engine data may be in place already
     made = [d for d in (marker.parent, *marker.parent.parents) if not d.exists()]  # (deepest first)
     paths.private_dir(marker.parent)
     # while the marker is there, 'privifs init' and a first 'privifs mount' make no vault here;
@@ -342,7 +347,9 @@ def restore_backup(
     fd = _lock_marker(marker)
     done = False
     try:
-        summary = _restore(src, passphrase, cfg_path, engine_dir or paths.embedded_engine_dir(), progress)
+        summary = _restore(
+            src, passphrase, cfg_path, engine_dir or paths.embedded_engine_dir(), progress, interrupted=interrupted
+        )
         done = True
         return summary
     finally:
@@ -374,9 +381,14 @@ def _lock_marker(marker: Path) -> int:
         os.close(fd)  # the restore that held it ended and removed it meanwhile: make a new one
 
 
-def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None) -> Summary:
+def _restore(
+    src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None, *, interrupted: bool
+) -> Summary:
     try:
-        tar = tarfile.open(src)
+        # ignore_zeros: a damaged member header is skipped, block by block, to the next good
+        # one (tar reading otherwise ends there, as if the backup ended: one changed byte lost
+        # every data file after it)
+        tar = tarfile.open(src, ignore_zeros=True)
     except FileNotFoundError:
         raise BackupError(f"{src} does not exist") from None
     except tarfile.TarError:
@@ -399,9 +411,14 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
         embedded = bool(doc["server"].get("embedded"))
         blobs = doc.get("blobs", {})
         damaged: list[str] = []
+        lost: list[str] = []
         unchecked = False
         if embedded:
-            if (engine_dir / "engine.sqlite3").exists():
+            db = engine_dir / "engine.sqlite3"
+            # a restore of this backup killed after it put the engine's database in place (before
+            # the configuration) left that database as the backup holds it: it is run again
+            resumed = interrupted and db.exists() and _same_content(db, members["engine.sqlite3"])
+            if db.exists() and not resumed:
                 raise BackupError(
                     f"the embedded engine's data in {engine_dir} already holds a vault; move it "
                     f"away to restore this backup"
@@ -412,17 +429,20 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                 try:
                     seen, sealed_digests = _restore_blobs(tar, engine_dir, blobs, progress, written)
                     missing = sorted(set(blobs) - set(seen))
-                    if missing:
+                    stated = opened.digests(sealed_digests) if sealed_digests is not None else None
+                    if missing and stated is None:  # cut short (or made without digests): refused
                         raise BackupError(
                             f"the backup lacks {len(missing)} of its {len(blobs)} data files "
                             f"(e.g. {missing[0]}); it is damaged"
                         )
                     # a damaged data file is restored all the same (it reads as EIO, as in the vault,
-                    # and the rest of the vault is worth having); the restore says which
-                    stated = opened.digests(sealed_digests) if sealed_digests is not None else None
+                    # and the rest of the vault is worth having); the restore says which. So is the
+                    # rest of a backup that reached its end (its digests) but lost a data file to a
+                    # damaged header: that file reads as EIO too
                     unchecked = stated is None
                     if stated is not None:
                         damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
+                        lost = missing
                     for name, value in doc.get("engine", {}).items():
                         if name in ENGINE_SECRETS:
                             if not (engine_dir / name).exists():
@@ -431,7 +451,8 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
                     db_tmp = engine_dir / ".engine.sqlite3.restoring"
                     _write_private(db_tmp, members["engine.sqlite3"])
                 except BaseException:
-                    _take_back(engine_dir, made, written)
+                    if not resumed:  # (the database in place stays with the data files it names)
+                        _take_back(engine_dir, made, written)
                     raise
                 os.replace(db_tmp, engine_dir / "engine.sqlite3")
     paths.private_dir(cfg_dir)
@@ -451,7 +472,16 @@ def _restore(src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progr
             setattr(cfg, attr, place_secret(cfg_dir / name, secrets[name], name))
     save(cfg)
     load(cfg_path)
-    return Summary(cfg.username, embedded, len(blobs), sum(blobs.values()), damaged=damaged, unchecked=unchecked)
+    return Summary(
+        cfg.username, embedded, len(blobs), sum(blobs.values()), damaged=damaged, lost=lost, unchecked=unchecked
+    )
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _write_private(path: Path, data: bytes) -> None:

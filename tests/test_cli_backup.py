@@ -235,6 +235,93 @@ def test_restore_of_a_backup_with_a_damaged_data_file_names_it_and_restores_the_
                 assert digest((fresh.dir / name).read_bytes()) == digest(data), name
 
 
+def test_restore_of_a_backup_with_a_damaged_member_header_restores_the_rest(vault, tmp_path):
+    """One byte changed in the tar header of one data file of the backup (not in its data) made
+    the whole restore fail: tar reading stopped at that header, so every data file after it
+    counted as missing ("the backup lacks 3 of its 4 data files"), exit 3, nothing restored, all
+    of the vault lost for one byte. The restore now reads on past a damaged header; a backup that
+    reached its end (its sealed digests are there) restores everything else, names the data file
+    it lost and exits 6, as for a damaged data file."""
+    import tarfile
+
+    _, backup = vault
+    damaged = tmp_path / "damaged-header.backup"
+    shutil.copy(backup, damaged)
+    with tarfile.open(damaged) as tar:
+        blobs = [m for m in tar.getmembers() if m.name.startswith("engine/blobs/")]
+    biggest = max(blobs, key=lambda m: m.size)  # photos/big.bin's ciphertext
+    assert len(blobs) >= 3
+    with open(damaged, "r+b") as f:  # a byte of its header's name field (its checksum no longer matches)
+        f.seek(biggest.offset + 20)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x55]))
+    fresh = Mount(tmp_path / "fresh", None)
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(damaged), check=False)
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "restored the vault" in r.stdout and "Traceback" not in r.stderr
+    assert biggest.name in r.stderr and "verify --data" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    with fresh.mounted():
+        with pytest.raises(OSError) as info:
+            (fresh.dir / "photos" / "big.bin").read_bytes()
+        assert info.value.errno == 5  # EIO, never other bytes
+        for name, data in FILES.items():
+            if name != "photos/big.bin":
+                assert digest((fresh.dir / name).read_bytes()) == digest(data), name
+        assert (fresh.dir / "emptydir").is_dir()
+
+
+def test_restore_to_another_configuration_names_it_in_the_mount_it_suggests(vault, tmp_path):
+    """'privifs --config FILE restore' ended with "Mount it with 'privifs mount DIR'": that
+    command reads the default configuration, which is not there, and stopped with "... there is
+    no password file ...: restore it, or move the engine's data away to start a new vault". The
+    command it suggests now names the configuration, and works."""
+    _, backup = vault
+    fresh = Mount(tmp_path / "fresh", None)
+    cfg = tmp_path / "elsewhere" / "vault.toml"
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    r = privifs(env, "--config", str(cfg), "restore", str(backup))
+    assert f"privifs --config {cfg} mount DIR" in r.stdout, r.stdout
+    privifs(env, "--config", str(cfg), "mount", str(fresh.dir))
+    try:
+        assert_every_file(fresh)
+    finally:
+        privifs(env, "--config", str(cfg), "umount", str(fresh.dir))
+
+
+def test_a_restore_killed_after_placing_the_engine_data_is_finished_by_running_it_again(vault, tmp_path):
+    """A restore killed (or a power loss) after it put the engine's database in place but before
+    it wrote the configuration left the marker, the engine data and part of the secrets; running
+    it again, as its own message says, stopped with 'the embedded engine's data ... already holds
+    a vault; move it away', and a mount with 'there is no password file'. Running it again now
+    finishes it (the database in place is the backup's own), and the vault mounts whole."""
+    _, backup = vault
+    fresh = Mount(tmp_path / "fresh", None)
+    env = dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
+    privifs(env, "restore", str(backup))
+    cfg = config_dir(fresh)
+    for name in ("config.toml", "password", "identity.key"):  # what the killed run had not written yet
+        (cfg / name).unlink(missing_ok=True)
+    (cfg / ".restore-in-progress").write_bytes(b"")  # the killed run's marker
+    assert (engine_dir(fresh) / "engine.sqlite3").exists()
+    r = privifs(env, "restore", str(backup), check=False)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert not (cfg / ".restore-in-progress").exists()
+    with fresh.mounted():
+        assert_every_file(fresh)
+    # a database that is not the backup's is never taken for a killed restore's
+    other = Mount(tmp_path / "other", None)
+    privifs(dict(other.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
+    with sqlite3.connect(engine_dir(other) / "engine.sqlite3") as conn:
+        conn.execute("CREATE TABLE other_vault (x)")
+    conn.close()
+    for name in ("config.toml", "password", "identity.key"):
+        (config_dir(other) / name).unlink(missing_ok=True)
+    (config_dir(other) / ".restore-in-progress").write_bytes(b"")
+    r = privifs(dict(other.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup), check=False)
+    assert r.returncode == 3 and "already holds a vault" in r.stderr, r.stderr
+
+
 def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path):
     """An empty file, random bytes or a file cut inside its first header printed tarfile's
     four-line 'file could not be opened successfully: - method gz: …' report."""

@@ -360,3 +360,61 @@ def test_another_vault_behind_the_same_server_and_name_takes_no_upload_and_empti
         assert "new.txt" in [t["fileName"] for t in m.tokens()]
         assert (m.dir / "new.txt").read_text() == "written while another vault answers"
         m.umount()
+
+
+def test_status_says_when_a_server_stops_answering_before_any_time_out(tmp_path):
+    """A server that stops answering without closing anything (a network cut, a hung host: here
+    SIGSTOP, so connections are accepted and never answered) was shown by 'privifs status' as all
+    well for two minutes and more ('last refresh: 150s ago, every 30s', last error none), until
+    two 60 s read time-outs of the listing ran out. Status now says, once the listing it asked
+    has waited 10 s with nothing received, that the server is not answering, and stops saying so
+    once it answers again."""
+    import signal
+
+    with own_engine_mount(tmp_path, ("--refresh-interval", "1")) as (eng, m):
+        m.mount()
+        (m.dir / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        os.kill(eng.proc.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while not (st := m.status()).get("no_answer_since") and time.monotonic() < deadline:
+                time.sleep(1)
+            assert st.get("no_answer_since"), st
+            text = privifs(m.env, "status", str(m.dir)).stdout
+            assert "NO ANSWER since" in text and "cached files are readable" in text, text
+            assert (m.dir / "cached.txt").read_text() == "in the cache"
+        finally:
+            os.kill(eng.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while (st := m.status()).get("no_answer_since") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not st.get("no_answer_since"), st
+        assert "NO ANSWER" not in privifs(m.env, "status", str(m.dir)).stdout
+        m.umount()
+
+
+def test_status_says_unreachable_when_the_server_goes_away_with_nothing_to_upload(tmp_path):
+    """A server lost while mounted with nothing pending was never shown as UNREACHABLE (only a
+    failed upload said so, though README says a listing counts too): status showed 'EVENTS
+    DOWN: the event WebSocket cannot be joined (HandshakeError); uploads go on', as if only the
+    WebSocket were gone. A listing that cannot reach the server now marks it unreachable, until
+    the server answers again."""
+    with own_engine_mount(tmp_path, ("--refresh-interval", "1")) as (eng, m):
+        m.mount()
+        (m.dir / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        eng.stop()
+        deadline = time.monotonic() + 60
+        while not (st := m.status()).get("unreachable_since") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert st.get("unreachable_since"), st
+        text = privifs(m.env, "status", str(m.dir)).stdout
+        assert "UNREACHABLE since" in text and "EVENTS DOWN" not in text, text
+        assert (m.dir / "cached.txt").read_text() == "in the cache"
+        eng.start()  # same data, same ports
+        deadline = time.monotonic() + 120
+        while (st := m.status()).get("unreachable_since") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not st.get("unreachable_since"), st
+        m.umount()

@@ -12,6 +12,7 @@ The passphrase comes from --passphrase-file, PRIVIFS_BACKUP_PASSPHRASE, or a pro
 from __future__ import annotations
 
 import argparse
+import shlex
 import sqlite3
 import sys
 from pathlib import Path
@@ -129,13 +130,20 @@ def run_restore(args: argparse.Namespace) -> int:
         else "the server"
     )
     print(f"restored the vault of {summary.username} on {where}; configuration: {cfg_path}")
-    print("Mount it with 'privifs mount DIR'.")
-    if summary.damaged:
+    # a configuration of its own must be named to mount (the default one is not there)
+    named = "" if cfg_path == default_config_path() else f" --config {shlex.quote(str(cfg_path))}"
+    print(f"Mount it with 'privifs{named} mount DIR'.")
+    if summary.damaged or summary.lost:
+        said = []
+        if summary.damaged:
+            said.append(f"e.g. {summary.damaged[0]}: not the bytes backed up, restored as they are")
+        if summary.lost:
+            said.append(f"e.g. {summary.lost[0]}: its header in the backup is damaged, left out")
         print(
-            f"privifs: error: {len(summary.damaged)} of the backup's {summary.blobs} data files are damaged "
-            f"(e.g. {summary.damaged[0]}: not the bytes backed up); they were restored as they are, so the "
-            "files they hold fail to read (EIO) and the rest of the vault is there. 'privifs verify --data' "
-            "names those files; restore them from another backup or copy.",
+            f"privifs: error: {len(summary.damaged) + len(summary.lost)} of the backup's {summary.blobs} data "
+            f"files are damaged ({'; '.join(said)}), so the files they hold fail to read (EIO) and the rest "
+            "of the vault is there. 'privifs verify --data' names those files; restore them from another "
+            "backup or copy.",
             file=sys.stderr,
         )
         return 6

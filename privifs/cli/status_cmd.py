@@ -352,8 +352,19 @@ def print_status(st: dict) -> None:
             f"  UNREACHABLE since {_ago(st['unreachable_since'])}: the server stopped answering; cached "
             f"files are readable, writes are staged and uploaded as soon as it answers"
         )
+    elif st.get("no_answer_since") and not st.get("engine_stopped"):
+        print(
+            f"  NO ANSWER since {_ago(st['no_answer_since'])}: the server has sent nothing for the listing "
+            f"asked (the network or the server may be down; its time-out says more within two minutes); "
+            f"cached files are readable, writes are staged and uploaded as soon as it answers"
+        )
     events = conn.get("events") or {}
-    if conn.get("online") and events.get("down_since") and time.time() - events["down_since"] > EVENTS_GRACE:
+    if (
+        conn.get("online")
+        and not st.get("unreachable_since")  # (the whole server is gone, not just its WebSocket)
+        and events.get("down_since")
+        and time.time() - events["down_since"] > EVENTS_GRACE
+    ):
         print(
             f"  EVENTS DOWN since {_ago(events['down_since'])}: the event WebSocket cannot be joined "
             f"({events.get('down_reason')}); uploads go on (acknowledgements are polled), but the "

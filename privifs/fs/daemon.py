@@ -580,6 +580,7 @@ class Daemon:
             "tasks": self.supervisor.report(),
             "connection": self.connector.status(),
             "unreachable_since": syncer.unreachable_since,  # connected, but the server stopped answering
+            "no_answer_since": refresher.no_answer_since(),  # the listing asked receives nothing (no time-out yet)
             # the embedded engine's pid if it is stopped (SIGSTOP): the client's time-outs tell only
             # after two minutes that the server does not answer, and not why
             "engine_stopped": self.account.server_stopped() if self.account is not None else None,

@@ -45,7 +45,7 @@ import trio
 from privifs.client.datatokens import DataTokens, find_each
 from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
-from privifs.errors import PrivifsError
+from privifs.errors import PrivifsError, ServerUnreachable
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Syncer, awaits_marker, listed_place, same_place
@@ -63,6 +63,7 @@ EVENT_FOLLOW_UPS = (0.0, 1.5)
 EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two listings a second …
 EVENT_LISTING_SHARE = 0.2  # … and listings for events take at most this share of the time (a big vault)
 FULL_LISTING_SHARE = 0.05  # the safety net's listings take at most this share of the time (a huge vault)
+NO_ANSWER_GRACE = 10.0  # a listing that received nothing for this long: status says the server does not answer
 UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
 
 
@@ -112,6 +113,7 @@ class Refresher:
         self.last_refresh: float | None = None
         self.last_error: str | None = None
         self.listings = 0
+        self.heard_at: float | None = None  # while a listing runs: when the server last sent some of it
         self._invalidations: list[tuple] = []
         self._listed: dict[str, TokenInfo] = {}  # the last listing's tokens
         self._added: set[int] = set()
@@ -165,6 +167,9 @@ class Refresher:
         except PrivifsError as exc:
             self.last_error = str(exc)
             log.warning("refreshing the listing failed: %s", exc)
+            if isinstance(exc, ServerUnreachable) and self.syncer.unreachable_since is None:
+                # a server lost with nothing to upload is unreachable too (until it answers)
+                self.syncer.unreachable_since = time.time()
         except Exception as exc:
             self.last_error = repr(exc)
             log.exception("refreshing the listing failed unexpectedly")
@@ -175,9 +180,23 @@ class Refresher:
 
     async def fetch(self) -> tuple[list[TokenInfo], float]:
         started = trio.current_time()
-        infos = [info async for info in self.tokens.list()]
+        self.heard_at = time.time()  # (each token received moves it on)
+        try:
+            infos = []
+            async for info in self.tokens.list():
+                infos.append(info)
+                self.heard_at = time.time()
+        finally:
+            self.heard_at = None
         self.listings += 1
         return infos, started
+
+    def no_answer_since(self) -> float | None:
+        """When the server last sent anything for the listing this mount is waiting for, if that
+        was over NO_ANSWER_GRACE ago: a server that stopped answering without closing anything
+        (a network cut, a hung host) is told this way long before the listing's time-outs end."""
+        heard = self.heard_at
+        return heard if heard is not None and time.time() - heard > NO_ANSWER_GRACE else None
 
     async def refresh_once(self) -> None:
         async with self._lock:  # one listing at a time: an older one never undoes a newer one
