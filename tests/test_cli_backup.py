@@ -204,6 +204,28 @@ def test_backup_and_restore_report_progress_in_bytes(original, tmp_path, monkeyp
     )
 
 
+def flip_byte(path, offset: int, mask: int) -> None:
+    """Damage ``path`` by one byte at ``offset`` (xor ``mask``)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ mask]))
+
+
+def assert_all_but_big_bin_restored(fresh: Mount) -> None:
+    """The restored vault reads photos/big.bin (whose backup copy was damaged) as EIO, never other
+    bytes, and every other file whole (and the empty directory)."""
+    with fresh.mounted():
+        with pytest.raises(OSError) as info:
+            (fresh.dir / "photos" / "big.bin").read_bytes()
+        assert info.value.errno == 5
+        for name, data in FILES.items():
+            if name != "photos/big.bin":
+                assert digest((fresh.dir / name).read_bytes()) == digest(data), name
+        assert (fresh.dir / "emptydir").is_dir()
+
+
 def test_restore_of_a_backup_with_a_damaged_data_file_names_it_and_restores_the_rest(vault, tmp_path):
     """A byte changed inside a data file of the backup (a bad disk, a bad copy) was restored
     silently (exit 0); the file it holds then failed to read with nothing said. The restore now
@@ -216,23 +238,13 @@ def test_restore_of_a_backup_with_a_damaged_data_file_names_it_and_restores_the_
     shutil.copy(backup, damaged)
     with tarfile.open(damaged) as tar:
         biggest = max((m for m in tar.getmembers() if m.name.startswith("engine/blobs/")), key=lambda m: m.size)
-    with open(damaged, "r+b") as f:  # photos/big.bin's ciphertext
-        f.seek(biggest.offset_data + biggest.size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(damaged, biggest.offset_data + biggest.size // 2, 0xFF)  # photos/big.bin's ciphertext
     fresh = Mount(tmp_path / "fresh", None)
     r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(damaged), check=False)
     assert r.returncode == 6, (r.stdout, r.stderr)
     assert "restored the vault" in r.stdout and "Traceback" not in r.stderr
     assert "1 of the backup's" in r.stderr and biggest.name in r.stderr and "verify --data" in r.stderr
-    with fresh.mounted():
-        with pytest.raises(OSError) as info:
-            (fresh.dir / "photos" / "big.bin").read_bytes()
-        assert info.value.errno == 5  # EIO, never other bytes
-        for name, data in FILES.items():
-            if name != "photos/big.bin":
-                assert digest((fresh.dir / name).read_bytes()) == digest(data), name
+    assert_all_but_big_bin_restored(fresh)
 
 
 def test_restore_of_a_backup_with_a_damaged_member_header_restores_the_rest(vault, tmp_path):
@@ -251,24 +263,13 @@ def test_restore_of_a_backup_with_a_damaged_member_header_restores_the_rest(vaul
         blobs = [m for m in tar.getmembers() if m.name.startswith("engine/blobs/")]
     biggest = max(blobs, key=lambda m: m.size)  # photos/big.bin's ciphertext
     assert len(blobs) >= 3
-    with open(damaged, "r+b") as f:  # a byte of its header's name field (its checksum no longer matches)
-        f.seek(biggest.offset + 20)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x55]))
+    flip_byte(damaged, biggest.offset + 20, 0x55)  # in its header's name field: its checksum no longer matches
     fresh = Mount(tmp_path / "fresh", None)
     r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(damaged), check=False)
     assert r.returncode == 6, (r.stdout, r.stderr)
     assert "restored the vault" in r.stdout and "Traceback" not in r.stderr
     assert biggest.name in r.stderr and "verify --data" in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    with fresh.mounted():
-        with pytest.raises(OSError) as info:
-            (fresh.dir / "photos" / "big.bin").read_bytes()
-        assert info.value.errno == 5  # EIO, never other bytes
-        for name, data in FILES.items():
-            if name != "photos/big.bin":
-                assert digest((fresh.dir / name).read_bytes()) == digest(data), name
-        assert (fresh.dir / "emptydir").is_dir()
+    assert_all_but_big_bin_restored(fresh)
 
 
 def test_restore_to_another_configuration_names_it_in_the_mount_it_suggests(vault, tmp_path):

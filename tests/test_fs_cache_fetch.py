@@ -172,18 +172,15 @@ def test_a_download_that_keeps_receiving_is_never_cut_however_long_it_takes(tmp_
         cache.close()
 
 
-def test_a_download_that_trickles_a_byte_a_second_fails_after_the_idle_limit(tmp_path):
-    """A server sending one byte a second (found through a throttling proxy on the downstream
-    port, helper hM) restarted the idle wait with every byte: a 300 KB file would have taken 83
-    hours, its reader stuck in read(2). Now only DOWNLOAD_PROGRESS bytes restart it: the read
-    fails after DOWNLOAD_IDLE seconds, as for a stall."""
+def fetch_fails_after_the_idle_limit(tmp_path, vault, size: int) -> None:
+    """A fetch of ``size`` bytes from ``vault`` fails DOWNLOAD_IDLE seconds after it began (on
+    trio's mock clock), keeping nothing in flight or reserved."""
     cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
-    vault = TricklingVault(pieces=10**6, gap=1.0, stall=False, piece=1)
 
     async def main() -> None:
         start = trio.current_time()
         with trio.fail_after(3 * DOWNLOAD_IDLE), pytest.raises(ServerUnreachable, match="sent no data"):
-            await cache.fetch("tok", vault, 10**6)
+            await cache.fetch("tok", vault, size)
         assert trio.current_time() - start == pytest.approx(DOWNLOAD_IDLE, abs=2)
         assert cache._inflight == {} and cache.reserved == 0
 
@@ -191,6 +188,14 @@ def test_a_download_that_trickles_a_byte_a_second_fails_after_the_idle_limit(tmp
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
     finally:
         cache.close()
+
+
+def test_a_download_that_trickles_a_byte_a_second_fails_after_the_idle_limit(tmp_path):
+    """A server sending one byte a second (found through a throttling proxy on the downstream
+    port, helper hM) restarted the idle wait with every byte: a 300 KB file would have taken 83
+    hours, its reader stuck in read(2). Now only DOWNLOAD_PROGRESS bytes restart it: the read
+    fails after DOWNLOAD_IDLE seconds, as for a stall."""
+    fetch_fails_after_the_idle_limit(tmp_path, TricklingVault(pieces=10**6, gap=1.0, stall=False, piece=1), 10**6)
 
 
 class RepeatingVault:
@@ -215,20 +220,7 @@ def test_a_server_sending_each_retry_the_same_first_bytes_then_stalling_fails_af
     same first 300 KB and then stalled held the read for each of the client's attempts in turn
     (seen over 3 minutes through a stalling proxy, the docs promise 90 s). Only bytes past what an
     earlier attempt received are progress now."""
-    cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
-    vault = RepeatingVault(pieces=5)
-
-    async def main() -> None:
-        start = trio.current_time()
-        with trio.fail_after(3 * DOWNLOAD_IDLE), pytest.raises(ServerUnreachable, match="sent no data"):
-            await cache.fetch("tok", vault, 10 * 65536)
-        assert trio.current_time() - start == pytest.approx(DOWNLOAD_IDLE, abs=2)
-        assert cache._inflight == {} and cache.reserved == 0
-
-    try:
-        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.2))
-    finally:
-        cache.close()
+    fetch_fails_after_the_idle_limit(tmp_path, RepeatingVault(pieces=5), 10 * 65536)
 
 
 def test_a_manifest_the_vault_never_sends_fails_the_read_after_the_idle_limit(tmp_path):
