@@ -658,3 +658,54 @@ async def big_file_stored(t):
     t.fs.release(fh)
     await t.wait_idle()
     return node, data
+
+
+async def test_a_failed_stores_parts_go_a_minute_after_its_file_is_removed(account, tmp_path, small_parts, monkeypatch):
+    """The engine's disk is full (it shares a small disk with the mount's home, say): a big
+    file's store fails after four parts, and the user removes the file to make room. Those parts
+    are named by no manifest and no other store will want them: they are retired like a
+    rewrite's stale parts, not left for half an hour and then to the hour-old sweep (seen: 31
+    parts, 124 MiB of a 300 MiB disk, kept every other upload failing with 507 meanwhile)."""
+    monkeypatch.setattr("privifs.fs.sync.RETIRE_CHECK", 0.05)
+    real = PartStore.put_part_from
+    failed: list[int] = []
+    finished: list[str] = []
+    four_done = trio.Event()
+    storing = 0  # parts in the server's hands now
+
+    async def disk_full(self, upload_id, index, size, read):
+        nonlocal storing
+        if failed or index >= 4:
+            if not failed:
+                await four_done.wait()
+                while storing:  # a part the failure cut off mid-store would be the server's, unrecorded
+                    await trio.sleep(0.01)
+                failed.append(index)
+            raise ServerError("507 Insufficient Storage: the server's disk is full")
+        storing += 1
+        try:
+            part = await real(self, upload_id, index, size, read)
+        finally:
+            storing -= 1
+        finished.append(part.token)
+        if len(finished) == 4:
+            four_done.set()
+        return part
+
+    monkeypatch.setattr(PartStore, "put_part_from", disk_full)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        t.syncer.retire_grace = 0.1
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, os.urandom(8 * PART))
+        t.fs.release(fh)
+        with trio.fail_after(30):
+            while not failed or node.uploading:
+                await trio.sleep(0.01)
+        _, parts = await vault_state(t)
+        assert sorted(i.token for i in parts) == sorted(finished)
+        t.unlink_node(1, "big.bin")
+        await t.wait_idle()
+        with trio.fail_after(20):
+            while (await vault_state(t))[1]:
+                await trio.sleep(0.05)
+        assert not t.syncer.parts.reader.in_flight

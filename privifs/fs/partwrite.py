@@ -217,8 +217,8 @@ class Unfinished:
     digest: proof enough, wherever the part came from), and kept from this mount's sweep
     meanwhile (``in_flight``, PartReader's). Another mount's sweep collects any part no manifest
     names once it is ``COLLECT_MIN_AGE`` old, so a part is offered only while younger than
-    :data:`REUSE_AGE`; then it is let go to the sweeps (so are the parts of a file replaced or
-    removed since its store failed)."""
+    :data:`REUSE_AGE`; then it is let go to the sweeps. The parts of a file removed (or whose
+    staged file a copy replaced) since its store failed are retired (:meth:`let_go_gone`)."""
 
     def __init__(self, in_flight: set[str]):
         self.in_flight = in_flight
@@ -241,6 +241,19 @@ class Unfinished:
                     self._let_go(part.token)
             if not parts:
                 del self._parts[sid]
+
+    def let_go_gone(self, exists: Callable[[str], bool]) -> list[str]:
+        """The parts offered for staged files that ``exists`` says are gone (the file removed,
+        or its content replaced by a copy while the store failed): no store will come back for
+        them and no manifest names them, so they are let go and returned, to be retired like a
+        rewrite's stale parts (left to the sweeps, they held the engine's disk for up to an hour
+        and a half: on a full disk, every other upload failed meanwhile)."""
+        out: list[str] = []
+        for sid in [s for s in self._parts if not exists(s)]:
+            for part in self._parts.pop(sid).values():
+                self._let_go(part.token)
+                out.append(part.token)
+        return out
 
     def keep(self, staged_id: str, earlier: dict[int, fmt.Part], uploaded: dict[int, fmt.Part]) -> None:
         """A store of ``staged_id`` failed: what it was offered and what it ``uploaded`` (the

@@ -842,6 +842,15 @@ class Syncer:
             await trio.sleep(min(RETIRE_CHECK, self.retire_grace))
             await self.retire_due()
             self.parts.unfinished.let_go_old()  # a failed store's parts no store came back for
+            self.retire_unfinished()
+
+    def retire_unfinished(self) -> None:
+        """The parts failed stores uploaded for files removed (or recopied) since: retired (see
+        :meth:`Unfinished.let_go_gone <privifs.fs.partwrite.Unfinished.let_go_gone>`)."""
+        gone = self.parts.unfinished.let_go_gone(lambda sid: self.staging.path(sid).exists())
+        if gone:
+            log.info("retiring %d parts of failed stores whose files are gone", len(gone))
+            self.retire_parts(fmt.PARTS_CONTEXT, gone)
 
     async def retire_due(self, now: float | None = None) -> int:
         """Delete the retired parts whose grace is over (see :meth:`retire_parts`); returns how
