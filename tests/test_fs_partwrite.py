@@ -709,3 +709,29 @@ async def test_a_failed_stores_parts_go_a_minute_after_its_file_is_removed(accou
             while (await vault_state(t))[1]:
                 await trio.sleep(0.05)
         assert not t.syncer.parts.reader.in_flight
+
+
+async def test_a_kept_part_deleted_from_the_vault_is_stored_again_by_the_next_change(account, tmp_path, small_parts):
+    """A part of a big file is deleted from the vault (by hand, by another client) while its
+    manifest stays. The next small change kept that part's token (its content did not change):
+    fsync returned 0 while the new manifest named a part the vault no longer had, and the file
+    read EIO on every other machine, and here once the cache let it go. The listing shows the
+    part gone; the store asks for it by id and uploads it again from the staged file."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        data = bytearray(os.urandom(3 * PART))
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, bytes(data))
+        await t.fs.fsync(fh)
+        old = await PartStore(t.fs.vault).manifest(node.token)
+        await t.client.tokens.delete(old.parts[2].token)  # part 2 deleted elsewhere
+        await t.refresh()
+        await t.fs.write(fh, 10, b"changed")  # part 0 changes, part 2 does not
+        data[10:17] = b"changed"
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        new = await PartStore(t.fs.vault).manifest(node.token)
+        assert new.parts[1].token == old.parts[1].token  # kept: it is still there
+        assert new.parts[2].token != old.parts[2].token
+        t.fs.cache.evict(node.token)
+        assert await read_all(t, node) == bytes(data)

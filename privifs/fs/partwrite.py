@@ -85,21 +85,29 @@ class PartWriter:
     async def _still_there(
         self,
         earlier: dict[int, fmt.Part],
+        old: fmt.Manifest | None,
         parts: list[fmt.Part | None],
         upload_id: str,
         reader: Callable[[int], Callable[[int, int], bytes]],
         stored: list[str],
+        path: str,
     ) -> None:
         """The parts this store kept from a failed attempt are asked for by id before the
         manifest names them: another mount's sweep takes a part no manifest names once it is an
-        hour old, and a retry can come late. One that is gone is uploaded again."""
-        kept = {p.token for p in earlier.values()} & {p.token for p in parts if p is not None}
+        hour old, and a retry can come late. So are those it kept from the manifest it replaces
+        that the last listing lacks (:meth:`PartReader.unlisted`): a part deleted by hand or by
+        another client while its manifest stayed (the new manifest named it, fsync returned 0,
+        and the file read EIO everywhere once this mount's cache let it go). One that is gone
+        is uploaded again from the staged file, which holds the whole content."""
+        named = {p.token for p in parts if p is not None}
+        kept = {p.token for p in earlier.values()} & named
+        kept.update(t for t in self.reader.unlisted(old.tokens() if old is not None else []) if t in named)
         if not kept:
             return
         there = {i.token for i in await find_each(self.store.tokens, sorted(kept))}
         for i, part in enumerate(parts):
             if part is not None and part.token in kept and part.token not in there:
-                log.info("a part kept from a failed store is gone from the vault; storing it again")
+                log.warning("%s: part %d, which this store kept, is gone from the vault; storing it again", path, i)
                 parts[i] = await self.store.put_part_from(upload_id, i, part.size, reader(i))
                 stored.append(parts[i].token)
                 self.reader.in_flight.add(parts[i].token)
@@ -183,7 +191,7 @@ class PartWriter:
                             nursery.start_soon(one, i)
                             continue
                         progress(parts[i].size)
-            await self._still_there(earlier, parts, upload_id, reader, stored)
+            await self._still_there(earlier, old, parts, upload_id, reader, stored, meta.path)
             manifest = fmt.Manifest(part_size, size, tuple(parts))
             token = await self.store.put_manifest(manifest, meta, risk)
             self.reader.remember(token, manifest)
