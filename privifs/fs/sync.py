@@ -192,6 +192,9 @@ class Syncer:
     ):
         self.supervisor = supervisor or Supervisor()
         self.server_restarting = server_restarting  # the embedded engine is being started again
+        # called with an upload's size when the server says its disk is full, if that disk is
+        # the cache's too (the embedded engine in the same home): the cache gives it room
+        self.server_full: Callable[[int], object] | None = None
         self.ns = ns
         self.index = ns.index
         self.staging = staging
@@ -576,6 +579,8 @@ class Syncer:
             self.unreachable_since = time.time()
         if isinstance(exc, ServerError) and self.failing_since is None:
             self.failing_since = time.time()
+        if self.server_full is not None and getattr(exc, "status", None) == 507:
+            self.server_full(node.size)
         log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
