@@ -241,6 +241,7 @@ class Syncer:
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
+        self._retired_loaded = False  # those the index records from an earlier run (_load_retired)
         self._manifest_parts: dict[str, frozenset[str]] = {}  # the vault's manifests: the parts each names
         self._gone_elsewhere: set[str] = set()  # replaced tokens _moved_elsewhere found deleted
         # ino -> when (trio clock) its last write-back attempt was refused, not merely failed:
@@ -820,6 +821,21 @@ class Syncer:
         and reuses those parts; deleting them at once broke its version (EIO everywhere)."""
         due = trio.current_time() + self.retire_grace
         self._retired.extend((due, context, part) for part in parts)
+        try:  # (recorded: a stop before the grace is over leaves them to the next start)
+            self.index.add_retired([(part, context, time.time() + self.retire_grace) for part in parts])
+        except PrivifsError as exc:
+            log.warning("retired parts are kept in memory only (%s); a stop leaves them to the sweep", exc)
+
+    def _load_retired(self) -> None:
+        """The parts an earlier run retired and did not get to delete, due as recorded."""
+        if self._retired_loaded:
+            return
+        self._retired_loaded = True
+        now, wall = trio.current_time(), time.time()
+        known = {r[2] for r in self._retired}
+        for part, context, due in self.index.retired():
+            if part not in known:
+                self._retired.append((now + max(0.0, due - wall), context, part))
 
     def manifest_removed(self, token: str, context: str, risk: dict[str, str]) -> None:
         """``token``, the manifest of a file being removed, is tombstoned: when the token
@@ -843,6 +859,7 @@ class Syncer:
             return []
 
     async def _retire_loop(self) -> None:
+        self._load_retired()
         while True:
             await trio.sleep(min(RETIRE_CHECK, self.retire_grace))
             await self.retire_due()
@@ -883,6 +900,10 @@ class Syncer:
                 else:
                     self._tombstone(part)
                     gone += 1
+        try:  # (a tombstone now records each deletion)
+            self.index.drop_retired([part for _, _, part in due])
+        except PrivifsError as exc:
+            log.warning("could not record the end of retired parts (%s); the next start retires them again", exc)
         return gone
 
     async def _named_in_the_vault(self) -> set[str]:
