@@ -140,6 +140,11 @@ async def test_a_big_file_shrunk_below_the_threshold_becomes_one_token_again(acc
         await t.wait_idle()
         manifests, _ = await vault_state(t)
         assert manifests == [] and len(await t.fs.vault.get_bytes(node.token)) == 100
+        # the replaced manifest's parts go after the grace, as a rewrite's (they were left to the
+        # hour-old sweep: seen, a 20 MiB file truncated to 1 MiB left its 5 parts, 20 MiB)
+        assert await t.syncer.retire_due(now=float("inf")) == 3
+        await t.wait_idle()
+        assert (await vault_state(t))[1] == []
 
 
 async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account, tmp_path, small_parts):

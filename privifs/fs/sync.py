@@ -659,6 +659,7 @@ class Syncer:
         size = staged.size
         context, name, extension, path = self._target(node)
         replaced, seen_at = node.token, remote_place(node)
+        replaces_manifest = replaced is not None and is_manifest_node(node.remote_risk)
         self.ns.begin_upload(node, streaming=True)
         self.index.save(node)
         self._flights[node.ino] = (staged, context, name)
@@ -675,6 +676,8 @@ class Syncer:
                     token, stale, manifest_risk = await self._store_parts(node, staged, meta)
                 else:
                     token, content_risk = await self._put_whole(node, staged, meta)
+                    if replaces_manifest:  # shrunk below the threshold: the manifest's parts retire
+                        stale = await self._parts_of(replaced, path)
                 keep = (
                     replaced is not None
                     and replaced != token
@@ -737,6 +740,15 @@ class Syncer:
             self.retire_parts(context, stale)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _parts_of(self, manifest: str, path: str) -> list[str]:
+        """The parts ``manifest`` (the one a file's new content replaces) names; none if it
+        cannot be read (they are left to the sweep)."""
+        try:
+            return (await self.parts.reader.manifest(manifest)).tokens()
+        except PrivifsError as exc:
+            log.info("%s: the parts of the manifest it replaced are left to the sweep (%s)", path, exc)
+            return []
 
     async def _drop_unconfigured(self, node: Node, tmp: object, meta: FileMeta) -> None:
         """The node's last upload failed at configure-file-meta, after its data was sent, and the
