@@ -504,3 +504,26 @@ def test_a_cache_on_a_disk_something_else_filled_drops_entries_to_open_and_the_v
             assert "dropped" in m.log()
         finally:
             m.cleanup()
+
+
+def test_the_cache_gives_room_to_an_embedded_engine_that_shares_its_disk(tmp_path):
+    """A home directory on one small disk: the cache, staging and the embedded engine's blobs
+    share it. A big file uploaded and cached, then a second one written: the engine had no room
+    for it (507), while the cache held a copy of the first file the engine already had. Every
+    retry failed the same way for as long as the mount ran (fsync: EIO after its time-out). The
+    cache now gives way to the engine, and the second file reaches the vault."""
+    with small_filesystem(tmp_path / "small", "128m") as small:
+        m = Mount(small / "user", None)
+        try:
+            m.mount()
+            first, second = os.urandom(36 * MiB), os.urandom(36 * MiB)
+            (m.dir / "first.bin").write_bytes(first)
+            m.wait_idle()
+            assert m.status()["cache"]["size"] >= 30 * MiB  # its staged copy moved into the cache
+            (m.dir / "second.bin").write_bytes(second)
+            m.wait_idle(timeout=90)
+            assert "507" in m.log()  # (the engine did run out of room)
+            assert vault_content(m, "second.bin", tmp_path / "second.out") == second
+            assert read_uncached(m.dir / "first.bin") == first
+        finally:
+            m.cleanup()

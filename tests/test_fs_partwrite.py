@@ -140,6 +140,11 @@ async def test_a_big_file_shrunk_below_the_threshold_becomes_one_token_again(acc
         await t.wait_idle()
         manifests, _ = await vault_state(t)
         assert manifests == [] and len(await t.fs.vault.get_bytes(node.token)) == 100
+        # the replaced manifest's parts go after the grace, as a rewrite's (they were left to the
+        # hour-old sweep: seen, a 20 MiB file truncated to 1 MiB left its 5 parts, 20 MiB)
+        assert await t.syncer.retire_due(now=float("inf")) == 3
+        await t.wait_idle()
+        assert (await vault_state(t))[1] == []
 
 
 async def test_parts_of_a_deleted_big_file_are_collected_once_old_enough(account, tmp_path, small_parts):
@@ -658,3 +663,108 @@ async def big_file_stored(t):
     t.fs.release(fh)
     await t.wait_idle()
     return node, data
+
+
+async def test_a_failed_stores_parts_go_a_minute_after_its_file_is_removed(account, tmp_path, small_parts, monkeypatch):
+    """The engine's disk is full (it shares a small disk with the mount's home, say): a big
+    file's store fails after four parts, and the user removes the file to make room. Those parts
+    are named by no manifest and no other store will want them: they are retired like a
+    rewrite's stale parts, not left for half an hour and then to the hour-old sweep (seen: 31
+    parts, 124 MiB of a 300 MiB disk, kept every other upload failing with 507 meanwhile)."""
+    monkeypatch.setattr("privifs.fs.sync.RETIRE_CHECK", 0.05)
+    real = PartStore.put_part_from
+    failed: list[int] = []
+    finished: list[str] = []
+    four_done = trio.Event()
+    storing = 0  # parts in the server's hands now
+
+    async def disk_full(self, upload_id, index, size, read):
+        nonlocal storing
+        if failed or index >= 4:
+            if not failed:
+                await four_done.wait()
+                while storing:  # a part the failure cut off mid-store would be the server's, unrecorded
+                    await trio.sleep(0.01)
+                failed.append(index)
+            raise ServerError("507 Insufficient Storage: the server's disk is full")
+        storing += 1
+        try:
+            part = await real(self, upload_id, index, size, read)
+        finally:
+            storing -= 1
+        finished.append(part.token)
+        if len(finished) == 4:
+            four_done.set()
+        return part
+
+    monkeypatch.setattr(PartStore, "put_part_from", disk_full)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        t.syncer.retire_grace = 0.1
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, os.urandom(8 * PART))
+        t.fs.release(fh)
+        with trio.fail_after(30):
+            while not failed or node.uploading:
+                await trio.sleep(0.01)
+        _, parts = await vault_state(t)
+        assert sorted(i.token for i in parts) == sorted(finished)
+        t.unlink_node(1, "big.bin")
+        await t.wait_idle()
+        with trio.fail_after(20):
+            while (await vault_state(t))[1]:
+                await trio.sleep(0.05)
+        assert not t.syncer.parts.reader.in_flight
+
+
+async def test_a_kept_part_deleted_from_the_vault_is_stored_again_by_the_next_change(account, tmp_path, small_parts):
+    """A part of a big file is deleted from the vault (by hand, by another client) while its
+    manifest stays. The next small change kept that part's token (its content did not change):
+    fsync returned 0 while the new manifest named a part the vault no longer had, and the file
+    read EIO on every other machine, and here once the cache let it go. The listing shows the
+    part gone; the store asks for it by id and uploads it again from the staged file."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        data = bytearray(os.urandom(3 * PART))
+        fh, node = t.create_node(1, "big.bin")
+        await t.fs.write(fh, 0, bytes(data))
+        await t.fs.fsync(fh)
+        old = await PartStore(t.fs.vault).manifest(node.token)
+        await t.client.tokens.delete(old.parts[2].token)  # part 2 deleted elsewhere
+        await t.refresh()
+        await t.fs.write(fh, 10, b"changed")  # part 0 changes, part 2 does not
+        data[10:17] = b"changed"
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        new = await PartStore(t.fs.vault).manifest(node.token)
+        assert new.parts[1].token == old.parts[1].token  # kept: it is still there
+        assert new.parts[2].token != old.parts[2].token
+        t.fs.cache.evict(node.token)
+        assert await read_all(t, node) == bytes(data)
+
+
+async def test_parts_a_rewrite_retired_are_deleted_by_the_next_start_after_a_stop(account, tmp_path, small_parts):
+    """A rewrite's stale parts wait out a minute's grace; a mount stopped before then (an
+    unmount, a kill -9) forgot them, and they held the engine's disk until some mount's hourly
+    sweep (seen: 10 small commits to a 20 MiB file, then 'privifs umount': 10 more parts of no
+    file in 'privifs verify --data'; a SQLite database retires two parts per commit). The
+    index records them; the next start deletes them once their grace is over."""
+    data = bytearray(os.urandom(4 * PART))
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        fh, node = t.create_node(1, "db.sqlite")
+        await t.fs.write(fh, 0, bytes(data))
+        await t.fs.fsync(fh)
+        old = await PartStore(t.fs.vault).manifest(node.token)
+        await t.fs.write(fh, PART + 5, b"commit")
+        await t.fs.fsync(fh)
+        t.fs.release(fh)
+        await t.wait_idle()
+        new = await PartStore(t.fs.vault).manifest(node.token)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        with trio.fail_after(10):
+            while await t.syncer.retire_due(now=float("inf")) == 0:  # (the start loads them first)
+                await trio.sleep(0.05)
+        await t.wait_idle()
+        _, parts = await vault_state(t)
+        assert sorted(i.token for i in parts) == sorted(p.token for p in new.parts)
+        assert old.parts[1].token not in {i.token for i in parts}
+        assert t.fs.index.retired() == []

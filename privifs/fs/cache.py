@@ -712,6 +712,20 @@ class ContentCache:
         except TABLE_ERRORS as exc:
             log.debug("cache row kept after its file was removed (%s)", exc)
 
+    def give_room(self, need: int) -> int:
+        """The server that shares this disk (the embedded engine) has no room for an upload of
+        ``need`` bytes: least recently used entries are evicted until that much is free above
+        the staging reserve, or none is left; returns how many went. Each entry is a copy of
+        what the vault holds. (Kept, they held the disk while every upload failed with 507 for
+        as long as the mount ran: a home directory on one small disk.)"""
+        gone = 0
+        while self._lru and self.space.above_reserve() < need:
+            self.evict(next(iter(self._lru)))
+            gone += 1
+        if gone:
+            log.warning("the server sharing the cache's disk has no room left: dropped %d cached files for it", gone)
+        return gone
+
     def put(self, key: str, data: bytes) -> bool:
         """Keep ``data`` (small: a big file's manifest) as the entry ``key``, sealed like every
         entry; False when it cannot be kept (see :meth:`adopt`)."""

@@ -363,6 +363,8 @@ class Daemon:
                 supervisor=self.supervisor,
                 server_restarting=account.server_restarting,
             )
+            if self.cfg.embedded and same_disk(self.cache_dir, paths.embedded_engine_dir()):
+                syncer.server_full = cache.give_room
             fs = Filesystem(ns, staging, cache, vault, opts, syncer)
             fs.open_staged_files()
             refresher = Refresher(
@@ -843,3 +845,11 @@ def control_request(entry: dict, request: dict, *, timeout: float | None = 30):
         f = s.makefile("rb")
         for line in f:
             yield json.loads(line)
+
+
+def same_disk(a: Path, b: Path) -> bool:
+    """Whether the directories ``a`` and ``b`` are on one filesystem (False if either is missing)."""
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False

@@ -107,6 +107,10 @@ MIGRATIONS: list[tuple[str, Step]] = [
         "a device node's device number (st_rdev; 0 for every other kind)",
         "ALTER TABLE nodes ADD COLUMN rdev INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        "parts a rewrite stopped naming, deleted once their grace is over (see Syncer.retire_parts)",
+        "CREATE TABLE retired (token TEXT PRIMARY KEY, context TEXT NOT NULL, due REAL NOT NULL)",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -731,6 +735,23 @@ class Index:
 
     def drop_superseded(self, staged_id: str) -> None:
         self._write("DELETE FROM superseded WHERE staged_id = ?", (staged_id,))
+
+    def add_retired(self, parts: list[tuple[str, str, float]]) -> None:
+        """(part token, context, when it may be deleted: seconds since the epoch), kept so that
+        a stop before then leaves the deletion to the next start, not to the hour-old sweep."""
+        with self:
+            for token, context, due in parts:
+                self._write(
+                    "INSERT OR REPLACE INTO retired (token, context, due) VALUES (?, ?, ?)", (token, context, due)
+                )
+
+    def drop_retired(self, tokens: list[str]) -> None:
+        with self:
+            for token in tokens:
+                self._write("DELETE FROM retired WHERE token = ?", (token,))
+
+    def retired(self) -> list[tuple[str, str, float]]:
+        return [(r[0], r[1], r[2]) for r in self.conn.execute("SELECT token, context, due FROM retired")]
 
     def superseded(self) -> dict[str, tuple[str, str]]:
         return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT staged_id, context, name FROM superseded")}

@@ -182,9 +182,26 @@ class PartReader:
         # for SETTLE seconds after their manifest is stored, protected from a listing taken before it
         self.in_flight: set[str] = set()
         self.settling: dict[str, float] = {}  # part token -> when its manifest was stored (trio time)
+        # (when it started, in trio time; the part tokens it showed) of the refresher's last listing
+        self.listed: tuple[float, frozenset[str]] | None = None
         # token -> the parts it names as a manifest that lost its mark (empty: not one), decided
         # once per token (its content never changes): see _unmarked_parts
         self._unmarked: dict[str, frozenset[str]] = {}
+
+    def saw_listing(self, infos: list[TokenInfo], started: float) -> None:
+        """The refresher read a whole listing (started at ``started``, trio time)."""
+        self.listed = (started, frozenset(i.token for i in infos if is_part(i)))
+
+    def unlisted(self, tokens: list[str]) -> list[str]:
+        """Those of ``tokens`` (parts) the last listing lacks though they were stored before it
+        started: deleted since (by another client, or by hand), or skipped by a listing read
+        while tokens were deleted; only a request by id tells the two apart. A part whose
+        manifest this mount stored after the listing started may be missing from it, and is
+        not counted."""
+        if self.listed is None:
+            return []
+        started, there = self.listed
+        return [t for t in tokens if t not in there and self.settling.get(t, started - 1) < started]
 
     # -- manifests and parts -------------------------------------------------------------------
     async def manifest(self, token: str, risk: dict[str, str] | None = None, *, keep: bool = False) -> fmt.Manifest:

@@ -85,21 +85,29 @@ class PartWriter:
     async def _still_there(
         self,
         earlier: dict[int, fmt.Part],
+        old: fmt.Manifest | None,
         parts: list[fmt.Part | None],
         upload_id: str,
         reader: Callable[[int], Callable[[int, int], bytes]],
         stored: list[str],
+        path: str,
     ) -> None:
         """The parts this store kept from a failed attempt are asked for by id before the
         manifest names them: another mount's sweep takes a part no manifest names once it is an
-        hour old, and a retry can come late. One that is gone is uploaded again."""
-        kept = {p.token for p in earlier.values()} & {p.token for p in parts if p is not None}
+        hour old, and a retry can come late. So are those it kept from the manifest it replaces
+        that the last listing lacks (:meth:`PartReader.unlisted`): a part deleted by hand or by
+        another client while its manifest stayed (the new manifest named it, fsync returned 0,
+        and the file read EIO everywhere once this mount's cache let it go). One that is gone
+        is uploaded again from the staged file, which holds the whole content."""
+        named = {p.token for p in parts if p is not None}
+        kept = {p.token for p in earlier.values()} & named
+        kept.update(t for t in self.reader.unlisted(old.tokens() if old is not None else []) if t in named)
         if not kept:
             return
         there = {i.token for i in await find_each(self.store.tokens, sorted(kept))}
         for i, part in enumerate(parts):
             if part is not None and part.token in kept and part.token not in there:
-                log.info("a part kept from a failed store is gone from the vault; storing it again")
+                log.warning("%s: part %d, which this store kept, is gone from the vault; storing it again", path, i)
                 parts[i] = await self.store.put_part_from(upload_id, i, part.size, reader(i))
                 stored.append(parts[i].token)
                 self.reader.in_flight.add(parts[i].token)
@@ -183,7 +191,7 @@ class PartWriter:
                             nursery.start_soon(one, i)
                             continue
                         progress(parts[i].size)
-            await self._still_there(earlier, parts, upload_id, reader, stored)
+            await self._still_there(earlier, old, parts, upload_id, reader, stored, meta.path)
             manifest = fmt.Manifest(part_size, size, tuple(parts))
             token = await self.store.put_manifest(manifest, meta, risk)
             self.reader.remember(token, manifest)
@@ -217,8 +225,8 @@ class Unfinished:
     digest: proof enough, wherever the part came from), and kept from this mount's sweep
     meanwhile (``in_flight``, PartReader's). Another mount's sweep collects any part no manifest
     names once it is ``COLLECT_MIN_AGE`` old, so a part is offered only while younger than
-    :data:`REUSE_AGE`; then it is let go to the sweeps (so are the parts of a file replaced or
-    removed since its store failed)."""
+    :data:`REUSE_AGE`; then it is let go to the sweeps. The parts of a file removed (or whose
+    staged file a copy replaced) since its store failed are retired (:meth:`let_go_gone`)."""
 
     def __init__(self, in_flight: set[str]):
         self.in_flight = in_flight
@@ -241,6 +249,19 @@ class Unfinished:
                     self._let_go(part.token)
             if not parts:
                 del self._parts[sid]
+
+    def let_go_gone(self, exists: Callable[[str], bool]) -> list[str]:
+        """The parts offered for staged files that ``exists`` says are gone (the file removed,
+        or its content replaced by a copy while the store failed): no store will come back for
+        them and no manifest names them, so they are let go and returned, to be retired like a
+        rewrite's stale parts (left to the sweeps, they held the engine's disk for up to an hour
+        and a half: on a full disk, every other upload failed meanwhile)."""
+        out: list[str] = []
+        for sid in [s for s in self._parts if not exists(s)]:
+            for part in self._parts.pop(sid).values():
+                self._let_go(part.token)
+                out.append(part.token)
+        return out
 
     def keep(self, staged_id: str, earlier: dict[int, fmt.Part], uploaded: dict[int, fmt.Part]) -> None:
         """A store of ``staged_id`` failed: what it was offered and what it ``uploaded`` (the

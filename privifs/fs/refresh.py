@@ -204,6 +204,7 @@ class Refresher:
             self.syncer.answered()
             infos = await self.complete(infos, started)
             await self.apply(infos, started)
+            self.syncer.parts.reader.saw_listing(infos, started)
         if not self.collect_parts:
             return
         try:

@@ -210,6 +210,9 @@ class Syncer:
     ):
         self.supervisor = supervisor or Supervisor()
         self.server_restarting = server_restarting  # the embedded engine is being started again
+        # called with an upload's size when the server says its disk is full, if that disk is
+        # the cache's too (the embedded engine in the same home): the cache gives it room
+        self.server_full: Callable[[int], object] | None = None
         self.ns = ns
         self.index = ns.index
         self.staging = staging
@@ -256,6 +259,7 @@ class Syncer:
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
+        self._retired_loaded = False  # those the index records from an earlier run (_load_retired)
         self._manifest_parts: dict[str, frozenset[str]] = {}  # the vault's manifests: the parts each names
         self._gone_elsewhere: set[str] = set()  # replaced tokens _moved_elsewhere found deleted
         # ino -> when (trio clock) its last write-back attempt was refused, not merely failed:
@@ -594,6 +598,8 @@ class Syncer:
             self.unreachable_since = time.time()
         if isinstance(exc, ServerError) and self.failing_since is None:
             self.failing_since = time.time()
+        if self.server_full is not None and getattr(exc, "status", None) == 507:
+            self.server_full(node.size)
         log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
@@ -671,6 +677,7 @@ class Syncer:
         size = staged.size
         context, name, extension, path = self._target(node)
         replaced, seen_at = node.token, remote_place(node)
+        replaces_manifest = replaced is not None and is_manifest_node(node.remote_risk)
         self.ns.begin_upload(node, streaming=True)
         self.index.save(node)
         self._flights[node.ino] = (staged, context, name)
@@ -687,6 +694,8 @@ class Syncer:
                     token, stale, manifest_risk = await self._store_parts(node, staged, meta)
                 else:
                     token, content_risk = await self._put_whole(node, staged, meta)
+                    if replaces_manifest:  # shrunk below the threshold: the manifest's parts retire
+                        stale = await self._parts_of(replaced, path)
                 keep = (
                     replaced is not None
                     and replaced != token
@@ -749,6 +758,15 @@ class Syncer:
             self.retire_parts(context, stale)
         if not node.unlinked:
             await self._update_meta(node)
+
+    async def _parts_of(self, manifest: str, path: str) -> list[str]:
+        """The parts ``manifest`` (the one a file's new content replaces) names; none if it
+        cannot be read (they are left to the sweep)."""
+        try:
+            return (await self.parts.reader.manifest(manifest)).tokens()
+        except PrivifsError as exc:
+            log.info("%s: the parts of the manifest it replaced are left to the sweep (%s)", path, exc)
+            return []
 
     async def _drop_unconfigured(self, node: Node, tmp: object, meta: FileMeta) -> None:
         """The node's last upload failed at configure-file-meta, after its data was sent, and the
@@ -833,6 +851,21 @@ class Syncer:
         and reuses those parts; deleting them at once broke its version (EIO everywhere)."""
         due = trio.current_time() + self.retire_grace
         self._retired.extend((due, context, part) for part in parts)
+        try:  # (recorded: a stop before the grace is over leaves them to the next start)
+            self.index.add_retired([(part, context, time.time() + self.retire_grace) for part in parts])
+        except PrivifsError as exc:
+            log.warning("retired parts are kept in memory only (%s); a stop leaves them to the sweep", exc)
+
+    def _load_retired(self) -> None:
+        """The parts an earlier run retired and did not get to delete, due as recorded."""
+        if self._retired_loaded:
+            return
+        self._retired_loaded = True
+        now, wall = trio.current_time(), time.time()
+        known = {r[2] for r in self._retired}
+        for part, context, due in self.index.retired():
+            if part not in known:
+                self._retired.append((now + max(0.0, due - wall), context, part))
 
     def manifest_removed(self, token: str, context: str, risk: dict[str, str]) -> None:
         """``token``, the manifest of a file being removed, is tombstoned: when the token
@@ -856,10 +889,20 @@ class Syncer:
             return []
 
     async def _retire_loop(self) -> None:
+        self._load_retired()
         while True:
             await trio.sleep(min(RETIRE_CHECK, self.retire_grace))
             await self.retire_due()
             self.parts.unfinished.let_go_old()  # a failed store's parts no store came back for
+            self.retire_unfinished()
+
+    def retire_unfinished(self) -> None:
+        """The parts failed stores uploaded for files removed (or recopied) since: retired (see
+        :meth:`Unfinished.let_go_gone <privifs.fs.partwrite.Unfinished.let_go_gone>`)."""
+        gone = self.parts.unfinished.let_go_gone(lambda sid: self.staging.path(sid).exists())
+        if gone:
+            log.info("retiring %d parts of failed stores whose files are gone", len(gone))
+            self.retire_parts(fmt.PARTS_CONTEXT, gone)
 
     async def retire_due(self, now: float | None = None) -> int:
         """Delete the retired parts whose grace is over (see :meth:`retire_parts`); returns how
@@ -887,6 +930,10 @@ class Syncer:
                 else:
                     self._tombstone(part)
                     gone += 1
+        try:  # (a tombstone now records each deletion)
+            self.index.drop_retired([part for _, _, part in due])
+        except PrivifsError as exc:
+            log.warning("could not record the end of retired parts (%s); the next start retires them again", exc)
         return gone
 
     async def _named_in_the_vault(self) -> set[str]:
