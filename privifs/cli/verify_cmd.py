@@ -531,7 +531,8 @@ def run(args: argparse.Namespace) -> int:
     if report.unnamed:  # (no damage: a mount's sweep removes them)
         summary.append(
             f"{report.unnamed} parts of no file ({report.unnamed_bytes / 2**20:.1f} MiB: left by interrupted or "
-            "failed uploads, or still being uploaded; a mount removes them once they are an hour old)"
+            "failed uploads, by removals and rewrites of big files the mount stopped within a minute of, "
+            "or still being uploaded; a mount removes them once they are an hour old)"
         )
     print(("verify: " if problems else "verify: ok: ") + ", ".join(summary))
     return PROBLEMS_EXIT if problems else 0
