@@ -530,9 +530,10 @@ def run(args: argparse.Namespace) -> int:
         summary.append(f"{report.unknown} not yet in the local index (added elsewhere)")
     if report.unnamed:  # (no damage: a mount's sweep removes them)
         summary.append(
-            f"{report.unnamed} parts of no file ({report.unnamed_bytes / 2**20:.1f} MiB: left by interrupted or "
-            "failed uploads, by removals and rewrites of big files the mount stopped within a minute of, "
-            "or still being uploaded; a mount removes them once they are an hour old)"
+            f"{report.unnamed} parts of no file ({report.unnamed_bytes / 2**20:.1f} MiB: of big files removed or "
+            "rewritten less than a minute before the mount stopped, which its next start removes a minute "
+            "after it; or left by interrupted or failed uploads, or still being uploaded, which a mount "
+            "removes once they are an hour old)"
         )
     print(("verify: " if problems else "verify: ok: ") + ", ".join(summary))
     return PROBLEMS_EXIT if problems else 0
