@@ -565,8 +565,14 @@ class ContentCache:
                 async with trio.open_nursery() as nursery:
                     sink = SealedSink(sealed, nursery, check if tap is None else tap, limit=limit, room=room)
                     sink.on_data = progress
-                    await vault.get(token, sink, size=size)
-                    await sink.finish()
+                    try:
+                        await vault.get(token, sink, size=size)
+                        await sink.finish()
+                    finally:
+                        # progress refers to the sink: left so, the cycle kept each download's
+                        # buffers until the garbage collector ran (a cold 1 GiB read of parts
+                        # took the daemon from 79 to 265 MiB)
+                        sink.on_data = None
                     if check is not None:
                         check.verify()
         if idle.cancelled_caught:
