@@ -558,7 +558,7 @@ class Daemon:
             "fsync": {
                 "mode": self.fs.opts.fsync_mode,
                 "not_in_vault": pending.count,
-                "fsynced_not_in_vault": len(syncer.local_fsynced & {n.ino for n in self.ns.pending()}),
+                "fsynced_not_in_vault": pending.fsynced,
             },
             "cache": {
                 "dir": str(self.cache_dir),

@@ -45,7 +45,7 @@ import trio
 from privifs.client.datatokens import DataTokens, find_each
 from privifs.client.events import EventHub
 from privifs.client.shapes import TokenInfo
-from privifs.errors import PrivifsError, ServerUnreachable
+from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Syncer, awaits_marker, listed_place, same_place
@@ -167,9 +167,7 @@ class Refresher:
         except PrivifsError as exc:
             self.last_error = str(exc)
             log.warning("refreshing the listing failed: %s", exc)
-            if isinstance(exc, ServerUnreachable) and self.syncer.unreachable_since is None:
-                # a server lost with nothing to upload is unreachable too (until it answers)
-                self.syncer.unreachable_since = time.time()
+            self.syncer.unanswered(exc)  # a server lost with nothing to upload is unreachable too
         except Exception as exc:
             self.last_error = repr(exc)
             log.exception("refreshing the listing failed unexpectedly")

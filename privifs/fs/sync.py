@@ -128,6 +128,7 @@ class PendingReport(NamedTuple):
     shown: list[dict]
     count: int
     size: int
+    fsynced: int  # of those, fsynced with --fsync local
 
 
 def _pending_rank(node: Node) -> int:
@@ -572,6 +573,12 @@ class Syncer:
             self.unreachable_since = None
             self.retry_all_now()
 
+    def unanswered(self, exc: PrivifsError) -> None:
+        """A request (a write-back, a listing) failed with ``exc``: a server that cannot be
+        reached counts as unreachable from now on, until it answers (:meth:`answered`)."""
+        if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
+            self.unreachable_since = time.time()
+
     def _failed(self, node: Node, exc: PrivifsError, *, lasting: bool = False) -> None:
         """Record a failed write-back attempt and schedule the retry; ``lasting``: a failure a
         retry soon will meet again (a bug's), as a refusal by the server is."""
@@ -594,8 +601,7 @@ class Syncer:
         self.ns.schedule_retry(node, trio.current_time() + delay)
         self.last_error = f"{self.ns.describe(node)}: {exc}"
         self.last_error_at = time.time()
-        if isinstance(exc, ServerUnreachable) and self.unreachable_since is None:
-            self.unreachable_since = time.time()
+        self.unanswered(exc)
         if isinstance(exc, ServerError) and self.failing_since is None:
             self.failing_since = time.time()
         if self.server_full is not None and getattr(exc, "status", None) == 507:
@@ -1624,8 +1630,9 @@ class Syncer:
         command gave up on a daemon that was only busy."""
         nodes = self.ns.pending()
         size = sum(n.size for n in nodes if n.content_dirty)
+        fsynced = sum(1 for n in nodes if n.ino in self.local_fsynced)
         first = heapq.nsmallest(shown, nodes, key=_pending_rank)
-        return PendingReport([self._pending_entry(n) for n in first], len(nodes), size)
+        return PendingReport([self._pending_entry(n) for n in first], len(nodes), size, fsynced)
 
     def _pending_entry(self, node: Node) -> dict:
         state = (
