@@ -16,14 +16,13 @@ that carries the head happens no later than the next event of the same answer.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import trio
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.trio import tcp_server
 
-log = logging.getLogger("privifs.engine")
+from privifs.engine.h1 import send_within
 
 _FINAL_HEAD = tuple(f"HTTP/1.1 {d}".encode() for d in "2345")
 # a held head goes out with the next write up to this size; with a larger one (a part's 4 MiB blob
@@ -146,14 +145,9 @@ class PlainReads:
         await self.protocol.handle(Closed())
 
 
-# a write goes out in pieces of this size, each of which must leave within the send timeout: a
-# client that takes less than this in the timeout does not read (a slow one that reads goes on)
-SEND_PIECE = 256 * 1024
-
-
 class SendTimeout:
     """Mixin for hypercorn's trio ``TCPServer`` (just before it in the bases): a write the client
-    takes no piece of (``SEND_PIECE``) for ``config.privifs_send_timeout()`` seconds closes the
+    takes no piece of (:data:`privifs.engine.h1.SEND_PIECE`) for ``config.privifs_send_timeout()`` seconds closes the
     connection (0: no limit).
 
     hypercorn writes with its cancellation shielded and no time limit: a client that sent a GET
@@ -166,22 +160,12 @@ class SendTimeout:
         timeout = getattr(self.config, "privifs_send_timeout", lambda: 0)()
         if not isinstance(event, RawData) or timeout <= 0:
             return await super().protocol_send(event)
-        data = memoryview(event.data)
+        name = getattr(self.config, "privifs_server", "a server")
         async with self.send_lock:
             try:
-                for start in range(0, len(data), SEND_PIECE):
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
-                        await self.stream.send_all(data[start : start + SEND_PIECE])
-                    if scope.cancelled_caught:
-                        log.info(
-                            "%s: the client read nothing of its answer for %gs; connection closed",
-                            getattr(self.config, "privifs_server", "a server"),
-                            timeout,
-                        )
-                        await self.stream.aclose()
-                        break
-                else:
+                if await send_within(self.stream, event.data, timeout, name, shield=True):
                     return
+                await self.stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         await self.protocol.handle(Closed())

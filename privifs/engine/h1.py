@@ -68,7 +68,6 @@ if not any(isinstance(f, AcceptFailuresOncePerMinute) for f in _accepts.filters)
     _accepts.addFilter(AcceptFailuresOncePerMinute())
 
 MAX_RECV = 256 * 1024
-SEND_PIECE = 256 * 1024  # an answer goes out in pieces; one the client takes none of in the send timeout closes it
 MAX_HEAD = 16 * 1024  # hypercorn's h11_max_incomplete_size
 CLIENT_FAULTS = (
     h11.ProtocolError,
@@ -103,6 +102,25 @@ def client_error(hint: int) -> int:
     other than chunked (``gzip, chunked``, ``chunked, chunked``), for which h11 hints 501, is a
     400 too: the request is the client's mistake, and the engine answers none with a 5xx."""
     return 400 if hint >= 500 else hint
+
+
+# an answer goes out in pieces of this size, each of which must leave within the send timeout: a
+# client that takes less than this in the timeout does not read (a slow one that reads goes on)
+SEND_PIECE = 256 * 1024
+
+
+async def send_within(stream: trio.abc.SendStream, data, timeout: float, name: str, *, shield: bool = False) -> bool:
+    """Write ``data`` a :data:`SEND_PIECE` at a time, each within ``timeout`` seconds; False (and
+    one log line naming the server ``name``) once the client took none of a piece that long: it
+    does not read. ``shield``: nothing but that time limit interrupts a piece (hypercorn's writes)."""
+    view = memoryview(data)
+    for start in range(0, len(view), SEND_PIECE):
+        with trio.CancelScope(shield=shield, deadline=trio.current_time() + timeout) as scope:
+            await stream.send_all(view[start : start + SEND_PIECE])
+        if scope.cancelled_caught:
+            log.info("%s: the client read nothing of its answer for %gs; connection closed", name, timeout)
+            return False
+    return True
 
 
 # set in a request's scope when its body turned out malformed (answered 400 by the server): the
@@ -250,15 +268,8 @@ class _Connection:
         timeout = self.server.send_timeout()
         if timeout <= 0:
             return await self.stream.send_all(data)
-        view = memoryview(data)
-        for start in range(0, len(view), SEND_PIECE):
-            with trio.move_on_after(timeout) as waited:
-                await self.stream.send_all(view[start : start + SEND_PIECE])
-            if waited.cancelled_caught:
-                log.info(
-                    "%s: the client read nothing of its answer for %gs; connection closed", self.server.name, timeout
-                )
-                raise _Closed()
+        if not await send_within(self.stream, data, timeout, self.server.name):
+            raise _Closed()
 
     async def _receive(self) -> bytes:
         try:

@@ -167,12 +167,10 @@ def _stall_guarded(engine: Engine, what: str, app):
     return guarded
 
 
-class _Uploads:
-    count = 0  # uploads in progress on this engine's upstream port
+class _InFlight:
+    """How many uploads (or downloads) this engine's port is serving now."""
 
-
-class _Downloads:
-    count = 0  # downloads in progress on this engine's downstream port
+    count = 0
 
 
 def _busy(what: str) -> dict:
@@ -181,7 +179,7 @@ def _busy(what: str) -> dict:
 
 def _upstream_app(engine: Engine):
     db = engine.db
-    uploads = _Uploads()
+    uploads = _InFlight()
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -250,7 +248,7 @@ async def _upload(engine: Engine, scope, receive, send, row, auth: str) -> None:
 
 
 def _downstream_app(engine: Engine):
-    downloads = _Downloads()
+    downloads = _InFlight()
 
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
