@@ -387,6 +387,12 @@ class DataTokens:
             log.debug("download: the server has too many downloads in flight; trying again in %.1fs", busy)
             await trio.sleep(busy)
 
+    def _body(self, chunks: AsyncIterator[bytes], headers, wire_size: int | None) -> AsyncIterator[bytes]:
+        """A 200 answer's body, decoded, failing if it trickles (see :func:`_progressing`)."""
+        return _decode_download(
+            _progressing(chunks, self.options.http_timeout), headers.get("content-length"), wire_size
+        )
+
     @asynccontextmanager
     async def _download(self, base: str, auth: str, wire_size: int | None):
         """One GET of the downstream authorization ``auth``: ``(chunks, None)``, or ``(None,
@@ -404,14 +410,7 @@ class DataTokens:
                             return
                         err = self.transport.error_for(Answer(answer.status_code, answer.headers, text), "download")
                         raise ServerError(f"{err}; requesting the data again", status=answer.status_code)
-                    yield (
-                        _decode_download(
-                            _progressing(answer.body(), self.options.http_timeout),
-                            answer.headers.get("content-length"),
-                            wire_size,
-                        ),
-                        None,
-                    )
+                    yield self._body(answer.body(), answer.headers, wire_size), None
             except HTTPFailure as exc:
                 raise ServerUnreachable(f"download from the downstream server failed ({exc})") from None
             return
@@ -431,14 +430,7 @@ class DataTokens:
                     err = self.transport.error_for(resp, "download")
                     # a used or expired downstream authorization: ask for the data again
                     raise ServerError(f"{err}; requesting the data again", status=resp.status_code)
-                yield (
-                    _decode_download(
-                        _progressing(resp.aiter_raw(), self.options.http_timeout),
-                        resp.headers.get("content-length"),
-                        wire_size,
-                    ),
-                    None,
-                )
+                yield self._body(resp.aiter_raw(), resp.headers, wire_size), None
         except httpx.TransportError as exc:
             raise ServerUnreachable(f"download from the downstream server failed ({failure_text(exc)})") from None
 

@@ -891,7 +891,6 @@ class Filesystem:
         return node.token != token
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:
-        node = self.handles[fh_id].node
         if not self._reads_abandoned:
             with trio.CancelScope() as scope:
                 self._reads.add(scope)
@@ -899,7 +898,7 @@ class Filesystem:
                     return await self._read(fh_id, offset, length)
                 finally:
                     self._reads.discard(scope)
-        log.info("a read of %s was abandoned: the mount is being unmounted", self.path(node))
+        log.info("a read of %s was abandoned: the mount is being unmounted", self.path(self.handles[fh_id].node))
         raise fail(errno.EIO)
 
     def abandon_reads(self) -> None:
