@@ -178,7 +178,8 @@ def test_blobs_read_back_whole_direct_or_buffered(tmp_path, monkeypatch):
     # and those on a filesystem that refuses O_DIRECT through the page cache: the same bytes
     import fcntl
 
-    from privifs.engine.blobs import DIRECT_READ_MIN, READ_BUFFER, SPARE_BUFFERS, BlobStore
+    from privifs.directio import SPARE_BUFFERS
+    from privifs.engine.blobs import DIRECT_READ_MIN, READ_BUFFER, BlobStore
 
     sizes = [0, 1, DIRECT_READ_MIN - 1, DIRECT_READ_MIN, READ_BUFFER, READ_BUFFER + 28, 2 * READ_BUFFER + 4097]
 
@@ -244,7 +245,8 @@ def test_blobs_read_back_whole_direct_or_buffered(tmp_path, monkeypatch):
 async def test_more_streamed_uploads_at_once_than_spare_buffers_all_succeed(tmp_path):
     # each upload takes an aligned buffer and gives it back when it ends; beyond the spares kept
     # the buffer is closed, which must not turn a received blob into a failed upload
-    from privifs.engine.blobs import SPARE_BUFFERS, BlobStore
+    from privifs.directio import SPARE_BUFFERS
+    from privifs.engine.blobs import BlobStore
 
     store = BlobStore(tmp_path / "blobs")
     release = trio.Event()

@@ -329,6 +329,35 @@ async def test_a_downloaded_part_is_verified_and_first_served_from_memory_withou
         t.fs.release(fh)
 
 
+async def test_a_downloaded_parts_cache_file_is_written_past_the_page_cache_and_reads_back(
+    account, tmp_path, monkeypatch
+):
+    """Its reads are served from memory first, so its cache file is written with O_DIRECT (where
+    the disk takes it): fresh page-cache pages cost a cold read more than anything else."""
+    data = os.urandom(3 * PART + 12345)
+    direct = []
+    real_open = os.open
+
+    def spy(path, flags, *args):
+        if flags & os.O_DIRECT:
+            direct.append(os.fspath(path))
+        return real_open(path, flags, *args)
+
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        await put_parts(t, data)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        monkeypatch.setattr(os, "open", spy)
+        for off in range(0, len(data), 1 << 20):
+            assert await t.fs.read(fh, off, 1 << 20) == data[off : off + (1 << 20)]
+        monkeypatch.setattr(os, "open", real_open)
+        assert len(direct) == 4 and t.fs.cache.downloads == 4  # one O_DIRECT descriptor per part's file
+        for off in (5, PART + 77, 3 * PART + 100):  # read again: from the cache files
+            assert await t.fs.read(fh, off, 4096) == data[off : off + 4096]
+        assert t.fs.cache.downloads == 4
+        t.fs.release(fh)
+
+
 async def test_a_part_downloaded_for_the_wrong_place_is_eio_before_a_byte_of_it_is_served(account, tmp_path, caplog):
     data = os.urandom(4 * PART)
     async with inprocess_fs(tmp_path, *account, key=KEY) as t:

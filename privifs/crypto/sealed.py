@@ -364,6 +364,19 @@ class SealedFile:
             dest[length:] = ZERO_CHUNK[length:]
         return length
 
+    def seal_into(self, index: int, data: bytes | memoryview, slot: memoryview) -> int:
+        """Seal ``data`` (at most CHUNK bytes) as chunk ``index`` into the first bytes of
+        ``slot``; returns how many it took (OVERHEAD + len(data))."""
+        length = len(data)
+        slot[:12] = os.urandom(12)
+        slot[12:PREFIX] = length.to_bytes(4, "little")
+        self._aead.encrypt_into(slot[:12], data, self._aad(index, length), slot[PREFIX : OVERHEAD + length])
+        return OVERHEAD + length
+
+    def header_bytes(self) -> bytes:
+        """The header as :meth:`write_header` would write it now."""
+        return self._header(self.size)
+
     def write_chunk(self, index: int, data: bytes | memoryview, header: bytes | None = None) -> None:
         """Seal ``data`` into slot ``index``; with ``header`` (chunk 0 only), write the header in
         the same ``pwrite``."""
@@ -374,10 +387,7 @@ class SealedFile:
         out = _scratch("seal", HEADER - at + OVERHEAD + length)
         if header is not None:
             out[:HEADER] = header
-        slot = out[HEADER - at :]
-        slot[:12] = os.urandom(12)
-        slot[12:PREFIX] = length.to_bytes(4, "little")
-        self._aead.encrypt_into(slot[:12], data, self._aad(index, length), slot[PREFIX:])
+        self.seal_into(index, data, out[HEADER - at :])
         try:
             n = os.pwrite(self.fd, out, at + index * SLOT)
         except OSError as exc:

@@ -19,8 +19,6 @@ written and fsynced took 1.2-2.5 s of system time buffered, 0.1-0.2 s direct).
 from __future__ import annotations
 
 import errno
-import fcntl
-import mmap
 import os
 import secrets
 import shutil
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from privifs.directio import DIRECT_ALIGN, BufferPool, set_direct
 from privifs.disk import free_bytes
 
 WRITE_BUFFER = 1024 * 1024
@@ -36,8 +35,6 @@ WRITE_BUFFER = 1024 * 1024
 # through hypercorn (measured: 0.73-0.82 s of the engine's CPU per GiB served, 0.88-1.03 with 1 MiB)
 READ_BUFFER = 4 * 1024 * 1024
 DIRECT_READ_MIN = 1024 * 1024  # smaller blobs are read through the page cache
-DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and file offset multiples of this
-SPARE_BUFFERS = 8  # aligned buffers of each size kept for the next transfers (BufferPool)
 MiB = 1024 * 1024
 FLOOR_MIN, FLOOR_MAX = 4 * MiB, 64 * MiB  # room_floor's bounds
 
@@ -50,36 +47,6 @@ def room_floor(path: Path) -> int:
 
 class BlobTooLarge(Exception):
     pass
-
-
-class BufferPool:
-    """Page-aligned buffers (anonymous mmaps, as O_DIRECT needs) of one size, reused: fresh
-    pages are dear on a VM. :meth:`take` and :meth:`give` may be called from worker threads."""
-
-    def __init__(self, size: int, keep: int = SPARE_BUFFERS):
-        self.size = size
-        self.keep = keep
-        self.free: list[mmap.mmap] = []
-
-    def take(self) -> mmap.mmap:
-        try:
-            return self.free.pop()
-        except IndexError:
-            return mmap.mmap(-1, self.size)
-
-    def give(self, buf: mmap.mmap) -> None:
-        """Keep ``buf`` for the next :meth:`take`, or close it beyond the ``keep`` spares (no view
-        on it may be left: an mmap with one cannot be closed)."""
-        if len(self.free) < self.keep:
-            self.free.append(buf)
-        else:
-            buf.close()
-
-
-def set_direct(fd: int, on: bool) -> None:
-    """Turn O_DIRECT on or off for the open descriptor ``fd`` (OSError if the filesystem refuses)."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
 
 
 class BlobStore:

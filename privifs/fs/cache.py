@@ -64,6 +64,7 @@ from privifs.client.datatokens import DOWNLOAD_PROGRESS
 from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import CHUNK, SealedFile, data_extents, stored_size
+from privifs.crypto.sealed_append import BLOCK_CHUNKS, SequentialSealer
 from privifs.disk import free_bytes
 from privifs.errors import DiskFullError, PrivifsError, ServerUnreachable, single_error
 from privifs.fs.space import MiB, Space, open_error
@@ -205,9 +206,13 @@ class SealedSink(BlockWriter):
         limit: int | None = None,
         room: Callable[[int], None] | None = None,
     ):
-        block = 16 * CHUNK  # whole chunks: each block starts a chunk
+        block = BLOCK_CHUNKS * CHUNK  # whole chunks: each block starts a chunk
         super().__init__(nursery, block=block, target=None if tap is None else tap.target(block))
         self.sealed = sealed
+        # a part (its plaintext kept in memory, where its first reads are served from) is
+        # written past the page cache where the disk allows (see privifs.crypto.sealed_append);
+        # a whole file is read from this file, through the page cache, as it is written
+        self._sealer = SequentialSealer(sealed) if self._target is not None else None
         self.tap = tap
         self.limit = limit  # the most plaintext it takes (DiskFullError past it)
         # called (on the trio thread) with the plaintext received so far before each block is
@@ -225,21 +230,36 @@ class SealedSink(BlockWriter):
             raise DiskFullError(f"the content is larger than the {self.limit // MiB} MiB readable through memory")
         view = memoryview(data)
         index = offset // CHUNK
-        for off in range(0, len(view), CHUNK):
-            self.sealed.write_chunk(index, view[off : off + CHUNK])
-            index += 1
+        if self._sealer is not None:
+            self._sealer.add(index, view)
+        else:
+            for off in range(0, len(view), CHUNK):
+                self.sealed.write_chunk(index, view[off : off + CHUNK])
+                index += 1
         if self.tap is not None:
             self.tap.block(offset, view)
 
     def _restart(self) -> None:
         self.sealed.truncate(0)
+        if self._sealer is not None:
+            self._sealer.restart()
         if self.tap is not None:
             self.tap.restart()
 
     async def finish(self) -> None:
         await super().finish()
+        if self._sealer is not None:
+            sealer, self._sealer = self._sealer, None
+            await trio.to_thread.run_sync(sealer.finish)
         self.sealed.size = self.total
         self.sealed.write_header()
+
+    def close(self) -> None:
+        """Give back what the sink holds (its sealer's buffer) when the download ends without
+        :meth:`finish`; after a finish, nothing."""
+        if self._sealer is not None:
+            self._sealer.close()
+            self._sealer = None
 
 
 OPEN_ROOM = 4 * MiB  # what the cache's table needs free to open on a full disk (its WAL files)
@@ -561,20 +581,25 @@ class ContentCache:
                     arrived = 0
                     idle.deadline = trio.current_time() + DOWNLOAD_IDLE
 
-            with single_error():
-                async with trio.open_nursery() as nursery:
-                    sink = SealedSink(sealed, nursery, check if tap is None else tap, limit=limit, room=room)
-                    sink.on_data = progress
-                    try:
-                        await vault.get(token, sink, size=size)
-                        await sink.finish()
-                    finally:
-                        # progress refers to the sink: left so, the cycle kept each download's
-                        # buffers until the garbage collector ran (a cold 1 GiB read of parts
-                        # took the daemon from 79 to 265 MiB)
-                        sink.on_data = None
-                    if check is not None:
-                        check.verify()
+            sink: SealedSink | None = None
+            try:
+                with single_error():
+                    async with trio.open_nursery() as nursery:
+                        sink = SealedSink(sealed, nursery, check if tap is None else tap, limit=limit, room=room)
+                        sink.on_data = progress
+                        try:
+                            await vault.get(token, sink, size=size)
+                            await sink.finish()
+                        finally:
+                            # progress refers to the sink: left so, the cycle kept each download's
+                            # buffers until the garbage collector ran (a cold 1 GiB read of parts
+                            # took the daemon from 79 to 265 MiB)
+                            sink.on_data = None
+                        if check is not None:
+                            check.verify()
+            finally:
+                if sink is not None:
+                    sink.close()  # once no block is being written (the nursery waited for them)
         if idle.cancelled_caught:
             self._stalled[token] = trio.current_time()
             while len(self._stalled) > 64:
