@@ -521,7 +521,8 @@ async def across_a_refresh(call: Callable[[], Awaitable], refresh: Callable[[], 
 @contextmanager
 def chunk_writes_refused(monkeypatch, from_call: int, *, later_too: bool = False):
     """Inside, :meth:`SealedFile.write_chunk` refuses its ``from_call``-th call as a disk that
-    refuses a write would (LocalStoreError), and with ``later_too`` every call after it."""
+    refuses a write would (LocalStoreError), and with ``later_too`` every call after it; long
+    writes go chunk by chunk too (not past the page cache), so each chunk is counted."""
     real = SealedFile.write_chunk
     calls = []
 
@@ -532,10 +533,13 @@ def chunk_writes_refused(monkeypatch, from_call: int, *, later_too: bool = False
         return real(self, index, data, header)
 
     monkeypatch.setattr(SealedFile, "write_chunk", refusing)
+    real_direct = SealedFile._direct
+    monkeypatch.setattr(SealedFile, "_direct", lambda self: -1)  # every chunk through write_chunk
     try:
         yield
     finally:
         monkeypatch.setattr(SealedFile, "write_chunk", real)
+        monkeypatch.setattr(SealedFile, "_direct", real_direct)
 
 
 CTX = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)

@@ -133,7 +133,8 @@ class PartWriter:
 
         def reader(i: int) -> Callable[[int, int], bytes]:
             start = i * part_size
-            return lambda offset, n: staged.sealed.read_view(start + offset, n)
+            # (what the page cache lacks, past it: see SealedFile.read_view)
+            return lambda offset, n: staged.sealed.read_view(start + offset, n, direct=True)
 
         def digest_of(i: int) -> bytes:
             """Part ``i``'s digest, read a piece at a time (on a worker thread)."""
