@@ -418,3 +418,34 @@ def test_status_says_unreachable_when_the_server_goes_away_with_nothing_to_uploa
             time.sleep(1)
         assert not st.get("unreachable_since"), st
         m.umount()
+
+
+def test_umount_gives_up_on_a_server_that_never_answers_before_systemd_would_kill_it(tmp_path):
+    """A server that accepts connections and never answers (a hung host, a network cut without a
+    reset: here SIGSTOP) held 'privifs umount' with a change pending for 2m25s, two 60 s read
+    time-outs of the upload in flight, past the 90 s systemd gives a unit to stop before it
+    kills it. Once nothing has succeeded for 20 s and one request gets no answer either, the
+    umount ends with exit 7 and the change staged; the next mount uploads it."""
+    import signal
+
+    from privifs.devkit.mount import privifs
+
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        (m.dir / "before.txt").write_text("uploaded")
+        m.wait_idle()
+        os.kill(eng.proc.pid, signal.SIGSTOP)
+        try:
+            data = os.urandom(3 * 1024 * 1024)
+            (m.dir / "pending.bin").write_bytes(data)
+            done = privifs(m.env, "umount", str(m.dir), check=False, timeout=90)  # (TimeoutExpired: the old wait)
+        finally:
+            os.kill(eng.proc.pid, signal.SIGCONT)
+        assert done.returncode == 7, done
+        assert "stay staged" in done.stderr and "did not answer" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        m.mount()
+        m.wait_idle(timeout=120)
+        assert "pending.bin" in [t["fileName"] for t in m.tokens()]
+        assert (m.dir / "pending.bin").read_bytes() == data
+        m.umount()

@@ -64,6 +64,11 @@ UNREACHABLE_GRACE = 10.0
 # for: a minute by default), and a probe fails too: it waited for ever before
 FAILING_GRACE = 2
 PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted unreachable answers again
+# a flush that has seen nothing succeed for this long asks the server once (PROBE_TIMEOUT) and
+# gives up if that fails too: a server that accepts connections and never answers (a hung host,
+# a network cut without a reset) held 'privifs umount' for 2m25s, two 60 s read time-outs of the
+# uploads in flight, past systemd's 90 s stop time-out
+SILENT_GRACE = 20.0
 PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
 CONTROL_SEND_TIMEOUT = 30.0  # a control client that reads nothing of an answer this long is let go
 SETTLE_EVERY = 5.0  # seconds between tries to commit what the index owes (Index.kept)
@@ -616,6 +621,7 @@ class Daemon:
     async def _flush_wait(self, progress, timeout: float | None) -> dict:
         syncer = self.syncer
         started = trio.current_time()
+        started_mono = time.monotonic()
         syncer.retry_all_now()  # each pending change gets one attempt after this at least
         deadline = None if timeout is None else started + timeout
         while True:
@@ -661,6 +667,14 @@ class Daemon:
                     "error": f"the server keeps failing ({syncer.last_error}); "
                     f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
                     f"uploaded once it works again (or at the next mount)"
+                }
+            silent = time.monotonic() - max(syncer.answered_at, started_mono)
+            if (pending or deletes) and silent > SILENT_GRACE and not await self._server_answers():
+                return {
+                    "error": f"nothing sent to the server has succeeded for {silent:.0f}s and it did not answer "
+                    f"a request within {PROBE_TIMEOUT:.0f}s ({syncer.last_error or 'no request came back'}); "
+                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"uploaded once it answers again (or at the next mount)"
                 }
             refusal = self.connector.link.login_refused(started)
             if refusal is not None and (pending or deletes):

@@ -256,6 +256,7 @@ class Syncer:
         # since when the server answers write-backs only with failures of the moment (5xx, 408,
         # 429: a proxy whose backend is down), until anything succeeds (see answered)
         self.failing_since: float | None = None
+        self.answered_at = time.monotonic()  # when a write-back, a listing or a probe last succeeded
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
@@ -569,6 +570,7 @@ class Syncer:
         first one after an outage ran, a big file's, status said UNREACHABLE and 'privifs
         umount' gave up on a server that answered.)"""
         self.failing_since = None
+        self.answered_at = time.monotonic()
         if self.unreachable_since is not None:
             self.unreachable_since = None
             self.retry_all_now()
