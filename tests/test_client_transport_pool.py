@@ -351,3 +351,53 @@ async def test_a_download_that_trickles_in_fails_after_the_read_timeout(lean):
             await transport.aclose()
         nursery.cancel_scope.cancel()
     assert 0 < got < 100
+
+
+class DroppingServer:
+    """Closes each connection as soon as a request arrives (a server going down), or answers
+    ``{}`` once ``up``; counts the requests."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.up = False
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            async for _ in requests_on(stream):
+                self.requests += 1
+                if not self.up:
+                    return
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                )
+
+
+@pytest.mark.parametrize("lean", [True, False])
+async def test_a_server_a_call_found_unreachable_gets_one_try_per_call_until_it_answers(lean):
+    """While the server refused connections each read of uncached data took 10-13 s to fail,
+    every call retrying six times. After one call gave up on it, the next calls try once; the
+    first answer from it brings the retries back."""
+    server = DroppingServer()
+    options = ClientOptions(lean_http=lean, retry_base=0.01, retry_max=0.01)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        transport = Transport(Endpoints(api=f"http://127.0.0.1:{port}"), options)
+        try:
+            with trio.fail_after(20):
+                with pytest.raises(ServerUnreachable):
+                    await transport.call("GET", "/health", auth=False, idempotent=True)
+                assert server.requests == options.retry_attempts
+                for _ in range(3):
+                    with pytest.raises(ServerUnreachable):
+                        await transport.call("GET", "/health", auth=False, idempotent=True)
+                assert server.requests == options.retry_attempts + 3  # one try each
+                server.up = True
+                assert (await transport.call("GET", "/health", auth=False, idempotent=True)).json() == {}
+                server.up, server.requests = False, 0
+                with pytest.raises(ServerUnreachable):
+                    await transport.call("GET", "/health", auth=False, idempotent=True)
+                assert server.requests == options.retry_attempts  # it answered since: retried again
+        finally:
+            await transport.aclose()
+        nursery.cancel_scope.cancel()

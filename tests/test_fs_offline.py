@@ -449,3 +449,39 @@ def test_umount_gives_up_on_a_server_that_never_answers_before_systemd_would_kil
         assert "pending.bin" in [t["fileName"] for t in m.tokens()]
         assert (m.dir / "pending.bin").read_bytes() == data
         m.umount()
+
+
+def test_reads_of_uncached_files_while_the_server_refuses_fail_with_eio_and_work_once_it_is_back(tmp_path):
+    """Each such read took 10-13 s to fail, every one retrying the refused connection six times;
+    the transport now tries once while a call found the server unreachable (test_client_transport_pool),
+    and a read that cannot reach it marks it UNREACHABLE for status and umount."""
+    import shutil
+
+    from privifs.devkit.mount import privifs
+
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        for name in ("a.txt", "b.txt"):
+            (m.dir / name).write_text(f"content of {name}")
+        m.wait_idle()
+        m.umount()
+        shutil.rmtree(m.root / "cache" / "privifs")  # nothing cached: reads need the server
+        m.mount()
+        assert sorted(p.name for p in m.dir.iterdir()) == ["a.txt", "b.txt"]
+        eng.stop()
+        for name in ("a.txt", "b.txt"):
+            with pytest.raises(OSError) as err:
+                (m.dir / name).read_text()
+            assert err.value.errno == errno.EIO
+        assert m.status().get("unreachable_since")
+        assert "UNREACHABLE since" in privifs(m.env, "status", str(m.dir)).stdout
+        eng.start()  # same data, same ports
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert (m.dir / "b.txt").read_text() == "content of b.txt"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the read still fails a minute after the server came back"
+                time.sleep(1)
+        m.umount()

@@ -7,6 +7,9 @@
   blindly repeated: either its status is polled or the whole chain restarts).
 * A call is bounded as a whole, not only each read: an answer trickling in a byte at a time is
   no answer (the lean path: the read time-out; httpx: twice it and the connect time-out).
+* A server known to be unreachable (a call to it failed so, after its retries, and none has been
+  answered since, for at most :data:`DOWN_MEMORY` seconds) gets one try per call, not the
+  retries: while it refuses connections each read of uncached data took 10-13 s to fail.
 * A 401 on an authenticated call asks the session to renew once and replays the call.
 * Every other failure becomes one exception of :mod:`privifs.errors` with a message a user can
   act on.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -46,6 +50,7 @@ from privifs.errors import (
 log = logging.getLogger("privifs.client")
 
 MAX_CONNECTIONS = 32
+DOWN_MEMORY = 30.0  # how long a server a call found unreachable gets one try per call (see above)
 # httpcore reads a response 64 KiB at a time by default; a download runs the whole httpx/httpcore/
 # h11 stack of Python calls (and the decryption after it) once per read, so bigger reads of what
 # the socket already holds cut the daemon's CPU per downloaded byte.
@@ -149,6 +154,9 @@ class Transport:
         self.endpoints = endpoints
         self.options = options
         self.auth: AuthProvider | None = None
+        # base URL -> when a call to it last failed unreachable after its retries (monotonic);
+        # removed by the next answer from it
+        self._down: dict[str, float] = {}
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(options.http_timeout, connect=options.connect_timeout),
             # a small pool (httpcore checks every pooled connection on each request), but every
@@ -208,6 +216,8 @@ class Transport:
                 lean = False  # let httpx name what is wrong with the URL
         attempt = stalls = 0
         replayed = False
+        down = self._down.get(base)
+        known_down = down is not None and time.monotonic() - down < DOWN_MEMORY
         while True:
             token = self.auth.current_token() if (auth and self.auth) else None
             hdrs = dict(headers or {})
@@ -254,6 +264,7 @@ class Transport:
                 err = unreachable(base, failure_text(exc))
                 stalls += isinstance(exc, httpx.ReadTimeout)
             else:
+                self._down.pop(base, None)  # it answers
                 if resp.status_code in expected:
                     return resp
                 if resp.status_code == 401 and auth and self.auth and not replayed:
@@ -266,6 +277,7 @@ class Transport:
                 and getattr(err, "transient", False)
                 and attempt + 1 < self.options.retry_attempts
                 and stalls < self.options.stall_attempts
+                and not (known_down and isinstance(err, ServerUnreachable))
             ):
                 delay = self.backoff(attempt)
                 retry_after = getattr(err, "retry_after", None)
@@ -275,6 +287,8 @@ class Transport:
                 attempt += 1
                 await trio.sleep(delay)
                 continue
+            if isinstance(err, ServerUnreachable):
+                self._down[base] = time.monotonic()
             raise err
 
     @staticmethod

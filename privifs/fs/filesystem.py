@@ -794,6 +794,7 @@ class Filesystem:
             self._read_failed(node, "integrity failure, the stored ciphertext does not verify", exc)
             return fail(errno.EIO)
         self._read_failed(node, "cannot fetch the content", exc)
+        self.sync.unanswered(exc)  # a server a read cannot reach is unreachable for status and umount too
         return fail(errno_for(exc))
 
     def _read_failed(self, node: Node, what: str, exc: Exception) -> None:
@@ -812,6 +813,7 @@ class Filesystem:
             raise fail(errno.EIO) from None
         except PrivifsError as exc:
             self._read_failed(node, "cannot fetch a part", exc)
+            self.sync.unanswered(exc)
             raise fail(errno_for(exc)) from None
 
     async def _read_parts(self, fh_id: int, node: Node, offset: int, length: int) -> bytes | memoryview:
