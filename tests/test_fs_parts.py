@@ -23,8 +23,10 @@ KEY = bytes(range(32))
 PART = 64 * 1024
 
 
-async def put_parts(t, data: bytes, name: str = "big.bin", context: str = "/media") -> tuple[str, fmt.Manifest]:
-    store = PartStore(t.fs.vault, part_size=PART)
+async def put_parts(
+    t, data: bytes, name: str = "big.bin", context: str = "/media", *, part_size: int = PART
+) -> tuple[str, fmt.Manifest]:
+    store = PartStore(t.fs.vault, part_size=part_size)
 
     async def source():
         yield data
@@ -356,6 +358,41 @@ async def test_a_downloaded_parts_cache_file_is_written_past_the_page_cache_and_
             assert await t.fs.read(fh, off, 4096) == data[off : off + 4096]
         assert t.fs.cache.downloads == 4
         t.fs.release(fh)
+
+
+async def test_parts_downloaded_at_once_that_the_cache_disk_cannot_hold_together_are_read_through_memory(
+    account, tmp_path
+):
+    """Two parts downloaded at the same time (two readers, or a read and the read-ahead) each
+    found room above the floor when it started, but the disk held only one: the second write
+    hit ENOSPC halfway and the read failed with ENOSPC (a cold read of 12 MiB files with the
+    cache on a 6 MiB tmpfs: `sha256sum: No space left on device`). It is read through memory,
+    as a part the disk has no room for from the start is."""
+    from privifs.fs.cache import download_footprint
+    from privifs.fs.space import Space
+    from tests.test_fs_fulldisk import small_filesystem
+
+    part = 2 * 1024 * 1024  # larger than the floor (1 MiB here): two need more than the disk has
+    data = os.urandom(2 * part)
+    with small_filesystem(tmp_path / "small", "24m") as small:
+        async with inprocess_fs(small, *account, key=KEY) as t:
+            _, m = await put_parts(t, data, part_size=part)
+            fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+            t.fs.parts.read_ahead = 0
+            need = download_footprint(part)
+            # room above the floor for one part and a bit
+            (small / "filler").write_bytes(bytes(Space(small).above_floor() - need - 256 * 1024))
+            got = {}
+
+            async def read(index: int) -> None:
+                got[index] = await t.fs.read(fh, index * part, part)
+
+            async with trio.open_nursery() as nursery:
+                for index in range(2):
+                    nursery.start_soon(read, index)
+            assert got == {0: data[:part], 1: data[part:]}
+            assert await t.fs.read(fh, 0, 2 * part) == data  # and again (a cache file, or memory)
+            t.fs.release(fh)
 
 
 async def test_a_part_downloaded_for_the_wrong_place_is_eio_before_a_byte_of_it_is_served(account, tmp_path, caplog):
