@@ -305,6 +305,38 @@ async def test_an_open_part_whose_cache_file_is_damaged_is_eio_once_then_fetched
         t.fs.release(fh)
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "cut"])
+async def test_an_open_parts_cache_file_with_a_chunk_zeroed_or_cut_off_is_eio_not_zeros(
+    account, tmp_path, caplog, damage
+):
+    """A part's cache file is a download's: every chunk of it is written. A slot of zeros (or
+    one past a cut-off end) is a hole in the sealed format, read as zeros, so a part whose file
+    had a chunk zeroed or its tail cut off after it was verified served zeros for it (a cached
+    12 MiB file, 64 KiB of each part's file zeroed while mounted: zeros, no error)."""
+    from privifs.crypto.sealed import CHUNK, HEADER, SLOT
+
+    part = 4 * CHUNK
+    data = os.urandom(4 * part)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data, part_size=part)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        assert await t.fs.read(fh, 2 * part, part) == data[2 * part : 3 * part]  # read to its end:
+        sealed = t.fs.parts._open[m.parts[2].token]  # from now on read from its cache file
+        with open(sealed.path, "r+b") as f:  # noqa: ASYNC230
+            if damage == "zeroed":
+                f.seek(HEADER + SLOT)
+                f.write(bytes(SLOT))  # chunk 1
+            else:
+                f.truncate(HEADER + SLOT)  # chunks 1-3 gone
+        at = 2 * part + CHUNK + 5  # in chunk 1
+        with caplog.at_level(logging.ERROR, logger="privifs.fs"), pytest.raises(pyfuse3.FUSEError) as err:
+            await t.fs.read(fh, at, 10)
+        assert err.value.errno == errno.EIO and "/media/big.bin" in caplog.text
+        assert await t.fs.read(fh, at, 3 * CHUNK) == data[at : at + 3 * CHUNK]  # downloaded again
+        t.fs.release(fh)
+
+
 async def test_a_downloaded_part_is_verified_and_first_served_from_memory_without_reading_its_file_back(
     account, tmp_path, monkeypatch
 ):

@@ -14,7 +14,8 @@ a small file costs a small chunk. A write of zeros into a hole (past the end, or
 written) leaves it a hole: ``dd if=/dev/zero``, ``posix_fallocate``'s fallback and a sparse
 file's gaps take no disk, and the parts made of them are holes in the vault too. The associated data of chunk ``i`` is
 ``file id || i (8 bytes) || n (4 bytes)``: chunks cannot be moved, swapped between files or
-shortened unnoticed. A slot that was never written (all zero) is a hole. ``size`` in the header is
+shortened unnoticed. A slot that was never written (all zero) is a hole, except in a file known
+to have every chunk written (``SealedFile.dense``: a part's cache file), where it is damage. ``size`` in the header is
 the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
 :class:`~privifs.errors.IntegrityError`.
 
@@ -231,6 +232,9 @@ class SealedFile:
         self.uncut = False
         self.wrote_chunks = 0  # chunks the last write put on disk (some, when it failed halfway)
         self._holes: bool | None = None  # whether it may have holes on disk (None: not known yet)
+        # every chunk below ``size`` was written (a download's file, never sparse): a chunk that
+        # reads as a hole (a slot of zeros, or one past a cut-off end) is damage, not zeros
+        self.dense = False
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -407,6 +411,8 @@ class SealedFile:
         end; returns the chunk's stored length (0 for a hole)."""
         length = self._slot_length(index, slot)
         if length is None:
+            if self.dense:
+                raise IntegrityError(f"chunk {index} of {self.path} is missing (zeroed or cut off)")
             length = 0
         else:
             try:

@@ -273,6 +273,7 @@ class PartReader:
             sealed = await self.cache.fetch(part.token, self.vault, part.size, tap=fresh)
         except NotFoundError:  # the file is damaged, not gone: its manifest names the part
             raise IntegrityError(f"part {index} (token {part.token}) is missing from the vault") from None
+        sealed.dense = True  # a download's file: a chunk of it that reads as a hole is damage
         key = (part.token, index, part.digest, sealed.file_id)  # this content, checked at this place
         if key not in self._verified:
             try:
