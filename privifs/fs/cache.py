@@ -253,6 +253,7 @@ class SealedSink(BlockWriter):
             sealer, self._sealer = self._sealer, None
             await trio.to_thread.run_sync(sealer.finish)
         self.sealed.size = self.total
+        self.sealed.dense = True  # every chunk written: a hole in it later is damage (see ContentCache.open)
         self.sealed.write_header()
 
     def close(self) -> None:
@@ -421,7 +422,7 @@ class ContentCache:
         path = self._paths.get(token)
         if path is not None:  # known from an earlier open: no SELECT, one open(2)
             try:
-                sealed = SealedFile.open(path, self._key)
+                sealed = self._open_entry(path)
             except PrivifsError:
                 del self._paths[token]  # gone or damaged: diskcache decides below
             else:
@@ -431,7 +432,7 @@ class ContentCache:
         if f is None:
             return None
         try:
-            sealed = SealedFile.open(f.name, self._key)
+            sealed = self._open_entry(f.name)
         except PrivifsError as exc:
             if os.path.exists(f.name):
                 log.warning("dropping an unreadable cache entry (%s)", exc)
@@ -441,6 +442,13 @@ class ContentCache:
             f.close()
         self._paths[token] = sealed.path
         self._touch_open(token, sealed)
+        return sealed
+
+    def _open_entry(self, path: str) -> SealedFile:
+        """An entry's file, opened for reading; a download's (its header says every chunk was
+        written) reads a chunk of zeros or one cut off as damage, never as zeros."""
+        sealed = SealedFile.open(path, self._key)
+        sealed.dense = sealed.header_dense
         return sealed
 
     async def fetch(
