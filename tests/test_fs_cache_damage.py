@@ -31,7 +31,7 @@ def damage_entry(path: str, damage: str) -> None:
             f.write((size - 1000).to_bytes(8, "little"))
 
 
-@pytest.mark.parametrize("damage", ["zeroed", "cut"])
+@pytest.mark.parametrize("damage", ["zeroed", "cut", "size"])
 async def test_a_downloaded_files_damaged_cache_entry_reads_as_eio_or_its_content_never_other_bytes(
     account, tmp_path, damage
 ):
