@@ -84,3 +84,36 @@ async def test_a_downloaded_file_given_holes_afterwards_reads_them_as_zeros_from
         sealed = t.fs.cache.open(token)
         assert not sealed.dense and sealed.read(0, 20 * CHUNK) == want
         sealed.close()
+
+
+def test_verify_repair_takes_a_downloaded_entry_with_a_chunk_zeroed_for_damage_not_zeros(tmp_path):
+    """`privifs verify --data --repair` stores a token again from this machine's cached copy,
+    checked by its digest where the token states one (another application's token states none):
+    a download's entry with a chunk zeroed must read as damage there too, never as zeros."""
+    from privifs.cli.verify_cmd import cached_copy
+    from privifs.crypto.sealed import SealedFile, local_key
+    from privifs.errors import IntegrityError
+    from privifs.fs.cache import ContentCache
+
+    data = os.urandom(3 * CHUNK)
+    cache = ContentCache(tmp_path / "cache", 1 << 30, local_key(KEY))
+    try:
+        f = SealedFile.create(tmp_path / "dl", local_key(KEY))
+        for i in range(3):
+            f.write_chunk(i, data[i * CHUNK : (i + 1) * CHUNK])
+        f.size, f.dense = len(data), True  # as a download finishes (SealedSink.finish)
+        f.write_header()
+        f.close()
+        assert cache.adopt("tok", str(tmp_path / "dl"))
+        entry = cache.open("tok")
+        path = entry.path
+        entry.close()
+    finally:
+        cache.close()
+    damage_entry(path, "zeroed")
+    sealed = cached_copy(tmp_path / "cache", "tok", KEY)
+    try:
+        with pytest.raises(IntegrityError):
+            list(sealed.chunks())
+    finally:
+        sealed.close()
