@@ -408,7 +408,8 @@ async def test_parts_downloaded_at_once_that_the_cache_disk_cannot_hold_together
     data = os.urandom(2 * part)
     with small_filesystem(tmp_path / "small", "24m") as small:
         async with inprocess_fs(small, *account, key=KEY) as t:
-            _, m = await put_parts(t, data, part_size=part)
+            token, _ = await put_parts(t, data, part_size=part)
+            await t.fs.parts.manifest(token)  # known: both reads go straight to their parts' room
             fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
             t.fs.parts.read_ahead = 0
             need = download_footprint(part)
