@@ -23,8 +23,10 @@ KEY = bytes(range(32))
 PART = 64 * 1024
 
 
-async def put_parts(t, data: bytes, name: str = "big.bin", context: str = "/media") -> tuple[str, fmt.Manifest]:
-    store = PartStore(t.fs.vault, part_size=PART)
+async def put_parts(
+    t, data: bytes, name: str = "big.bin", context: str = "/media", *, part_size: int = PART
+) -> tuple[str, fmt.Manifest]:
+    store = PartStore(t.fs.vault, part_size=part_size)
 
     async def source():
         yield data
@@ -303,6 +305,38 @@ async def test_an_open_part_whose_cache_file_is_damaged_is_eio_once_then_fetched
         t.fs.release(fh)
 
 
+@pytest.mark.parametrize("damage", ["zeroed", "cut"])
+async def test_an_open_parts_cache_file_with_a_chunk_zeroed_or_cut_off_is_eio_not_zeros(
+    account, tmp_path, caplog, damage
+):
+    """A part's cache file is a download's: every chunk of it is written. A slot of zeros (or
+    one past a cut-off end) is a hole in the sealed format, read as zeros, so a part whose file
+    had a chunk zeroed or its tail cut off after it was verified served zeros for it (a cached
+    12 MiB file, 64 KiB of each part's file zeroed while mounted: zeros, no error)."""
+    from privifs.crypto.sealed import CHUNK, HEADER, SLOT
+
+    part = 4 * CHUNK
+    data = os.urandom(4 * part)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        _, m = await put_parts(t, data, part_size=part)
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        t.fs.parts.read_ahead = 0
+        assert await t.fs.read(fh, 2 * part, part) == data[2 * part : 3 * part]  # read to its end:
+        sealed = t.fs.parts._open[m.parts[2].token]  # from now on read from its cache file
+        with open(sealed.path, "r+b") as f:  # noqa: ASYNC230
+            if damage == "zeroed":
+                f.seek(HEADER + SLOT)
+                f.write(bytes(SLOT))  # chunk 1
+            else:
+                f.truncate(HEADER + SLOT)  # chunks 1-3 gone
+        at = 2 * part + CHUNK + 5  # in chunk 1
+        with caplog.at_level(logging.ERROR, logger="privifs.fs"), pytest.raises(pyfuse3.FUSEError) as err:
+            await t.fs.read(fh, at, 10)
+        assert err.value.errno == errno.EIO and "/media/big.bin" in caplog.text
+        assert await t.fs.read(fh, at, 3 * CHUNK) == data[at : at + 3 * CHUNK]  # downloaded again
+        t.fs.release(fh)
+
+
 async def test_a_downloaded_part_is_verified_and_first_served_from_memory_without_reading_its_file_back(
     account, tmp_path, monkeypatch
 ):
@@ -355,6 +389,73 @@ async def test_a_downloaded_parts_cache_file_is_written_past_the_page_cache_and_
         for off in (5, PART + 77, 3 * PART + 100):  # read again: from the cache files
             assert await t.fs.read(fh, off, 4096) == data[off : off + 4096]
         assert t.fs.cache.downloads == 4
+        t.fs.release(fh)
+
+
+async def test_parts_downloaded_at_once_that_the_cache_disk_cannot_hold_together_are_read_through_memory(
+    account, tmp_path
+):
+    """Two parts downloaded at the same time (two readers, or a read and the read-ahead) each
+    found room above the floor when it started, but the disk held only one: the second write
+    hit ENOSPC halfway and the read failed with ENOSPC (a cold read of 12 MiB files with the
+    cache on a 6 MiB tmpfs: `sha256sum: No space left on device`). It is read through memory,
+    as a part the disk has no room for from the start is."""
+    from privifs.fs.cache import download_footprint
+    from privifs.fs.space import Space
+    from tests.test_fs_fulldisk import small_filesystem
+
+    part = 2 * 1024 * 1024  # larger than the floor (1 MiB here): two need more than the disk has
+    data = os.urandom(2 * part)
+    with small_filesystem(tmp_path / "small", "24m") as small:
+        async with inprocess_fs(small, *account, key=KEY) as t:
+            token, _ = await put_parts(t, data, part_size=part)
+            await t.fs.parts.manifest(token)  # known: both reads go straight to their parts' room
+            fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+            t.fs.parts.read_ahead = 0
+            need = download_footprint(part)
+            # room above the floor for one part and a bit
+            (small / "filler").write_bytes(bytes(Space(small).above_floor() - need - 256 * 1024))
+            got = {}
+
+            async def read(index: int) -> None:
+                got[index] = await t.fs.read(fh, index * part, part)
+
+            async with trio.open_nursery() as nursery:
+                for index in range(2):
+                    nursery.start_soon(read, index)
+            assert got == {0: data[:part], 1: data[part:]}
+            assert await t.fs.read(fh, 0, 2 * part) == data  # and again (a cache file, or memory)
+            t.fs.release(fh)
+
+
+async def test_parts_the_cache_cannot_keep_hold_few_unlinked_files_open(account, tmp_path):
+    """A part the cache cannot keep (larger than --cache-size, or evicted at once to keep the
+    staging reserve) is its reader's private, unlinked copy; the reader kept up to 64 of them
+    open, and their disk space counted nowhere: a cold read of a 1 GiB file with --cache-size 2M
+    left the daemon holding 64 deleted 4 MiB files, 237 MiB of a 272 MiB cache disk used while
+    `privifs status` said 0.0 MiB of 2 MiB. Few are kept now, as for parts read through memory."""
+    from privifs.fs.parts import IN_MEMORY_PARTS
+
+    def unlinked_in_cache() -> int:
+        held = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            held += target.startswith(str(tmp_path / "cache")) and target.endswith(" (deleted)")
+        return held
+
+    data = os.urandom(12 * PART)
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        await put_parts(t, data)
+        t.fs.cache.size_limit = t.fs.cache.overhead() + PART // 2  # no part's file fits
+        fh = await t.open_node(t.node("/media/big.bin"), os.O_RDONLY)
+        for off in range(0, len(data), PART // 2):
+            assert await t.fs.read(fh, off, PART // 2) == data[off : off + PART // 2]
+        assert t.fs.cache.volume() < PART and t.fs.cache.downloads >= 12  # (its manifest is kept)
+        assert unlinked_in_cache() <= IN_MEMORY_PARTS
+        assert await t.fs.read(fh, 3 * PART + 5, 100) == data[3 * PART + 5 : 3 * PART + 105]  # fetched again
         t.fs.release(fh)
 
 

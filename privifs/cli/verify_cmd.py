@@ -205,7 +205,9 @@ def cached_copy(cache_dir: Path, token: str, key: bytes) -> SealedFile | None:
         if f is None:
             return None
         try:
-            return SealedFile.open(f.name, local_key(key))
+            sealed = SealedFile.open(f.name, local_key(key))
+            sealed.dense = sealed.header_dense  # a download's: a chunk of zeros is damage (ContentCache.open)
+            return sealed
         except OSError:
             return None
         finally:

@@ -4,7 +4,7 @@ Plaintext never touches the local disk. Content is cut into 64 KiB chunks, each 
 AES-256-GCM under the *local key* (derived from the user's key, see :func:`local_key`) with a
 fresh random nonce on every write, so any chunk can be read or rewritten alone::
 
-    offset 0   header, 64 bytes: b"PVFSSEAL" | version (1) | chunk shift (1) | 6 reserved |
+    offset 0   header, 64 bytes: b"PVFSSEAL" | version (1) | chunk shift (1) | flags (1) | 5 reserved |
                file id (16) | size (8, little-endian) | stamp (8, little-endian) | 16 reserved
     offset 64 + i * (CHUNK + 32):  chunk i =
                nonce (12) | length n (4, little-endian) | ciphertext (n) | tag (16)
@@ -14,7 +14,9 @@ a small file costs a small chunk. A write of zeros into a hole (past the end, or
 written) leaves it a hole: ``dd if=/dev/zero``, ``posix_fallocate``'s fallback and a sparse
 file's gaps take no disk, and the parts made of them are holes in the vault too. The associated data of chunk ``i`` is
 ``file id || i (8 bytes) || n (4 bytes)``: chunks cannot be moved, swapped between files or
-shortened unnoticed. A slot that was never written (all zero) is a hole. ``size`` in the header is
+shortened unnoticed. A slot that was never written (all zero) is a hole, except in a file known
+to have every chunk written (``SealedFile.dense``: a part's cache file, and a download's, whose
+header has the flag ``DENSE``), where it is damage. ``size`` in the header is
 the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
 :class:`~privifs.errors.IntegrityError`.
 
@@ -57,7 +59,8 @@ PREFIX = 16  # nonce + length
 OVERHEAD = PREFIX + 16
 SLOT = CHUNK + OVERHEAD
 HEADER = 64
-_HEADER = struct.Struct("<8sBB6s16sQQ16s")
+_HEADER = struct.Struct("<8sBBB5s16sQQ16s")
+DENSE = 0x01  # header flag (byte 10): every chunk below the size is written (a download's file)
 ZERO_CHUNK = bytes(CHUNK)
 ZERO_PREFIX = bytes(PREFIX)
 PARKED = -2  # SealedFile._fd of a parked file (closed until its next use)
@@ -231,6 +234,13 @@ class SealedFile:
         self.uncut = False
         self.wrote_chunks = 0  # chunks the last write put on disk (some, when it failed halfway)
         self._holes: bool | None = None  # whether it may have holes on disk (None: not known yet)
+        # every chunk below ``size`` was written (a download's file, never sparse): a chunk that
+        # reads as a hole (a slot of zeros, or one past a cut-off end) is damage, not zeros.
+        # Written into the header as DENSE; a header read says so in ``header_dense``, which only
+        # the read cache trusts (ContentCache.open: staging copies entries as they are, and a
+        # staged file's next header rewrite clears the flag)
+        self.dense = False
+        self.header_dense = False
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -271,7 +281,7 @@ class SealedFile:
             head = os.pread(fd, HEADER, 0)
             if len(head) != HEADER:
                 raise IntegrityError(f"{path} is not a sealed file (short header)")
-            magic, version, shift, _, file_id, size, stamp, _ = _HEADER.unpack(head)
+            magic, version, shift, flags, _, file_id, size, stamp, _ = _HEADER.unpack(head)
             if magic != MAGIC:
                 raise IntegrityError(f"{path} is not a sealed file")
             check_version(path, version)
@@ -280,7 +290,9 @@ class SealedFile:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, key, file_id, size, stamp, writable=writable)
+        f = cls(path, fd, key, file_id, size, stamp, writable=writable)
+        f.header_dense = bool(flags & DENSE)
+        return f
 
     # -- the descriptor --------------------------------------------------------------------
     @property
@@ -327,7 +339,8 @@ class SealedFile:
             return self._fd
 
     def _header(self, size: int) -> bytes:
-        return _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, bytes(6), self.file_id, size, self.stamp, bytes(16))
+        flags = DENSE if self.dense else 0
+        return _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, flags, bytes(5), self.file_id, size, self.stamp, bytes(16))
 
     def write_header(self) -> None:
         try:
@@ -407,6 +420,8 @@ class SealedFile:
         end; returns the chunk's stored length (0 for a hole)."""
         length = self._slot_length(index, slot)
         if length is None:
+            if self.dense:
+                raise IntegrityError(f"chunk {index} of {self.path} is missing (zeroed or cut off)")
             length = 0
         else:
             try:

@@ -34,13 +34,14 @@ plaintext goes into a sealed file under ``incoming/`` and enters the cache (by r
 :class:`AdoptingDisk`) only after the whole blob's GCM tag verified. The caller that downloads may
 pass a :class:`Tap`, which sees each block of plaintext as it is sealed (the parts reader keeps a
 part's plaintext in memory and computes its digest there, instead of reading the file back).
-When the disk has no room even with every entry evicted, content up to :data:`IN_MEMORY_MAX`
-is downloaded into a sealed file in memory instead, for its caller alone (a full disk keeps
-files readable). A download that receives less than :data:`DOWNLOAD_PROGRESS` bytes in
-:data:`DOWNLOAD_IDLE` seconds fails, whatever the client retries meanwhile: a stalled server
-gives the reader EIO after that long, not after every retry's timeout in turn (about 8 minutes
-before), and so does a server that trickles a byte a second (any byte used to restart the wait:
-a 300 KB file took 83 hours, its reader unkillable but by SIGKILL).
+When the disk has no room even with every entry evicted (or fills while the content
+downloads), content up to :data:`IN_MEMORY_MAX` is downloaded into a sealed file in memory
+instead, for its caller alone (a full disk keeps files readable). A download that receives less
+than :data:`DOWNLOAD_PROGRESS` bytes in :data:`DOWNLOAD_IDLE` seconds fails, whatever the
+client retries meanwhile: a stalled server gives the reader EIO after that long, not after every
+retry's timeout in turn (about 8 minutes before), and so does a server that trickles a byte a
+second (any byte used to restart the wait: a 300 KB file took 83 hours, its reader unkillable
+but by SIGKILL).
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ class SealedSink(BlockWriter):
             sealer, self._sealer = self._sealer, None
             await trio.to_thread.run_sync(sealer.finish)
         self.sealed.size = self.total
+        self.sealed.dense = True  # every chunk written: a hole in it later is damage (see ContentCache.open)
         self.sealed.write_header()
 
     def close(self) -> None:
@@ -420,7 +422,7 @@ class ContentCache:
         path = self._paths.get(token)
         if path is not None:  # known from an earlier open: no SELECT, one open(2)
             try:
-                sealed = SealedFile.open(path, self._key)
+                sealed = self._open_entry(path)
             except PrivifsError:
                 del self._paths[token]  # gone or damaged: diskcache decides below
             else:
@@ -430,7 +432,7 @@ class ContentCache:
         if f is None:
             return None
         try:
-            sealed = SealedFile.open(f.name, self._key)
+            sealed = self._open_entry(f.name)
         except PrivifsError as exc:
             if os.path.exists(f.name):
                 log.warning("dropping an unreadable cache entry (%s)", exc)
@@ -440,6 +442,13 @@ class ContentCache:
             f.close()
         self._paths[token] = sealed.path
         self._touch_open(token, sealed)
+        return sealed
+
+    def _open_entry(self, path: str) -> SealedFile:
+        """An entry's file, opened for reading; a download's (its header says every chunk was
+        written) reads a chunk of zeros or one cut off as damage, never as zeros."""
+        sealed = SealedFile.open(path, self._key)
+        sealed.dense = sealed.header_dense
         return sealed
 
     async def fetch(
@@ -500,11 +509,15 @@ class ContentCache:
                 return sealed  # not kept (too large, no room): this reader keeps a private, unlinked copy
             sealed.close()
         except DiskFullError:
-            # content of no stated size that the disk cannot hold: read through memory, as
-            # content of a known size is (it filled the disk to the last byte, or read as ENOSPC)
+            # the disk could not hold the content after all: read through memory, as content
+            # the disk has no room for from the start is. The room checked before may have gone
+            # to another download that started at the same time (a read and the read-ahead, two
+            # readers: each found room for itself, the second write got ENOSPC and so did the
+            # read) or to another program; content of no stated size filled the disk to the
+            # last byte, or read as ENOSPC
             sealed.close()
             path.unlink(missing_ok=True)
-            if size is not None or tap is not None:
+            if size is not None and size > IN_MEMORY_MAX:
                 raise
             fallback = True
         except BaseException:
@@ -517,8 +530,9 @@ class ContentCache:
             self._release(held[0])
             event.set()
         if fallback:
-            if check is not None:
-                check.restart()  # it saw part of the content already
+            for seen in (check, tap):
+                if seen is not None:
+                    seen.restart()  # it saw part of the content already
             return await self._fetch_in_memory(token, vault, size, tap, check)
         opened = self.open(token)
         if opened is None:

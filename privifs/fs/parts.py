@@ -43,7 +43,7 @@ SEQUENTIAL = 512 * 1024  # bytes read back to back before reads count as sequent
 MANIFESTS_KEPT = 64
 VERIFIED_KEPT = 4096
 OPEN_PARTS = 64  # verified part files kept open between reads (random reads in a big file)
-IN_MEMORY_PARTS = 4  # … of them at most this many read through memory (no room on the disk)
+IN_MEMORY_PARTS = 4  # … of them at most this many not cache entries (read through memory, or not kept)
 FRESH_KEPT = 6  # downloaded parts whose verified plaintext stays in memory until read to their end
 SWEEP_INTERVAL = 600.0  # seconds between collections of unreferenced parts
 SETTLE = 120.0  # seconds a listing may lag behind a manifest this mount stored
@@ -273,6 +273,7 @@ class PartReader:
             sealed = await self.cache.fetch(part.token, self.vault, part.size, tap=fresh)
         except NotFoundError:  # the file is damaged, not gone: its manifest names the part
             raise IntegrityError(f"part {index} (token {part.token}) is missing from the vault") from None
+        sealed.dense = True  # a download's file: a chunk of it that reads as a hole is damage
         key = (part.token, index, part.digest, sealed.file_id)  # this content, checked at this place
         if key not in self._verified:
             try:
@@ -296,8 +297,13 @@ class PartReader:
         self._open[part.token] = sealed
         while len(self._open) > OPEN_PARTS:
             self._open.popitem(last=False)[1].close()
-        if sealed.is_in_memory:  # the disk had no room (ContentCache.fetch): keep few of those
-            for token in [t for t, f in self._open.items() if f.is_in_memory][:-IN_MEMORY_PARTS]:
+        if sealed.is_in_memory or not self.cache.holds(part.token):
+            # not a cache entry: read through memory (the disk had no room), or a private copy the
+            # cache could not keep (larger than its limit, or evicted at once for the staging
+            # reserve), unlinked, its disk space counted nowhere: keep few of those (64 held 256
+            # MiB of a small cache disk, its --cache-size 2 MiB)
+            private = [t for t, f in self._open.items() if f.is_in_memory or not self.cache.holds(t)]
+            for token in private[:-IN_MEMORY_PARTS]:
                 self._open.pop(token).close()
         return sealed
 

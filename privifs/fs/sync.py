@@ -651,7 +651,18 @@ class Syncer:
         the content too (what privifs writes): another application's meta size is a claim, so
         it decides neither the room made for the download nor how the download is read."""
         check = self.content_check(node)
-        return await self.cache.fetch(token, self.vault, node.size if check is not None else None, check=check)
+        size = node.size if check is not None else None
+        cached = self.cache.holds(token)
+        sealed = await self.cache.fetch(token, self.vault, size, check=check)
+        if cached and size is not None and sealed.size != size:
+            # the size in a cache entry's header is not authenticated: an entry that disagrees
+            # with the size its digest states is damaged (read as it said, the file lost or
+            # gained bytes, its size in the mount changing with them); downloaded again
+            log.warning("dropping a damaged cache entry (%d bytes where %d are stated)", sealed.size, size)
+            sealed.close()
+            self.cache.evict(token)
+            sealed = await self.cache.fetch(token, self.vault, size, check=check)
+        return sealed
 
     def _target(self, node: Node) -> tuple[str, str, str, str]:
         name, extension = token_naming(node)
