@@ -38,6 +38,17 @@ def takes_o_direct(directory) -> bool:
         (directory / "probe").unlink(missing_ok=True)
 
 
+def refuse_direct_open(monkeypatch) -> None:
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+
+
 def seal(path, data: bytes) -> SequentialSealer:
     """Seal ``data`` into a new file at ``path`` in blocks, as a download does."""
     sealed = SealedFile.create(path, KEY)
@@ -64,14 +75,7 @@ def test_a_file_sealed_in_order_reads_back_whole(tmp_path, size):
 
 
 def test_a_disk_that_refuses_o_direct_gets_the_same_bytes_through_the_page_cache(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_open(monkeypatch)
     data = os.urandom(2 * BLOCK_CHUNKS * CHUNK + 1234)
     sealer = seal(tmp_path / "f", data)
     assert not sealer._direct
@@ -141,17 +145,6 @@ def test_the_aligned_buffers_are_reused_not_leaked(tmp_path):
     for i in range(3 * sealed_append._buffers.keep):
         seal(tmp_path / f"f{i}", os.urandom(CHUNK + i))
     assert 1 <= len(sealed_append._buffers.free) <= sealed_append._buffers.keep
-
-
-def refuse_direct_open(monkeypatch) -> None:
-    real_open = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
 
 
 @pytest.mark.parametrize("seed", range(8))
