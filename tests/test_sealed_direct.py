@@ -11,9 +11,9 @@ import random
 import pytest
 
 from privifs.crypto import sealed_append
-from privifs.crypto.sealed import CHUNK, DIRECT_CHUNKS, SealedFile, stored_size
+from privifs.crypto.sealed import CHUNK, DIRECT_CHUNKS, HEADER, SLOT, SealedFile, stored_size
 from privifs.crypto.sealed_append import BLOCK_CHUNKS, SequentialSealer
-from privifs.errors import DiskFullError, LocalStoreError
+from privifs.errors import DiskFullError, IntegrityError, LocalStoreError
 
 KEY = bytes(range(32))
 SIZES = [
@@ -246,4 +246,105 @@ def test_a_failed_read_is_a_local_store_error(tmp_path, monkeypatch):
     with pytest.raises(LocalStoreError):
         f.read_view(0, 8 * CHUNK, direct=True)
     monkeypatch.setattr(os, "preadv", real)
+    f.close()
+
+
+def disk_full_from(monkeypatch, full_at: int) -> None:
+    """``os.pwrite`` as a disk with no block left from file offset ``full_at`` on (an overwrite
+    on a copy-on-write filesystem, a sparse file's holes): a write reaching it puts its bytes
+    before it there (a short write), one starting there is refused (ENOSPC)."""
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if offset >= full_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, memoryview(data)[: full_at - offset], offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+def chunk_states(f: SealedFile, old: bytes, new: bytes, off: int) -> list[str]:
+    """What each chunk of ``f`` reads as, after a write of ``new`` at ``off`` over ``old``
+    failed: 'old', 'new', 'zeros' (within the write's range) or what is wrong with it."""
+    out = []
+    after = bytearray(old)
+    after[off : off + len(new)] = new
+    for i in range(-(-len(old) // CHUNK)):
+        lo, hi = i * CHUNK, min(len(old), (i + 1) * CHUNK)
+        try:
+            got = f.read(lo, hi - lo)
+        except IntegrityError as exc:
+            out.append(f"unreadable ({exc})")
+            continue
+        outside = [(a, b) for a, b in ((lo, min(hi, off)), (max(lo, off + len(new)), hi)) if a < b]
+        if any(got[a - lo : b - lo] != old[a:b] for a, b in outside):
+            out.append("lost bytes outside the write")
+        elif got == old[lo:hi]:
+            out.append("old")
+        elif got == after[lo:hi]:
+            out.append("new")
+        elif all(got[a - lo : b - lo] == bytes(b - a) for a, b in [(max(lo, off), min(hi, off + len(new)))]):
+            out.append("zeros")
+        else:
+            out.append("mixed")
+    return out
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_write_the_disk_fills_halfway_leaves_every_chunk_readable(tmp_path, monkeypatch, direct):
+    # an overwrite on XFS at ENOSPC (the staged copy of a file whose upload was in flight shares
+    # its blocks): the write that filled the disk left a chunk half new and half old, which
+    # failed authentication: read(2) gave EIO there and the upload retried it for ever
+    if not direct:
+        refuse_direct_open(monkeypatch)
+    elif not takes_o_direct(tmp_path):
+        pytest.skip("this disk refuses O_DIRECT")
+    old, new = os.urandom(20 * CHUNK), os.urandom(9 * CHUNK - 7)
+    off = 3 * CHUNK + 7  # a partial chunk, then eight whole ones (a long run)
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, old, stamp=1)
+    disk_full_from(monkeypatch, (HEADER + 6 * SLOT) // 4096 * 4096 + 4096)  # inside chunk 6
+    with pytest.raises(DiskFullError):
+        f.write(off, new, stamp=2)
+    monkeypatch.undo()
+    states = chunk_states(f, old, new, off)
+    assert states[:3] == ["old"] * 3 and states[12:] == ["old"] * 8
+    assert set(states[3:12]) <= {"old", "new", "zeros"}, states
+    f.close()
+    g = SealedFile.open(tmp_path / "f", KEY)
+    assert g.size == len(old) and chunk_states(g, old, new, off) == states
+    g.close()
+
+
+def test_a_short_chunk_a_write_tore_at_enospc_keeps_its_bytes(tmp_path, monkeypatch):
+    # the file's last chunk is short (100 bytes): a write lengthening it needs new blocks, and
+    # the disk filled in the middle of its slot; the 50 bytes before the write are the file's
+    old, new = os.urandom(10 * CHUNK + 100), os.urandom(3 * CHUNK)
+    off = 10 * CHUNK + 50
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, old, stamp=1)
+    disk_full_from(monkeypatch, (HEADER + 10 * SLOT) // 4096 * 4096 + 4096)
+    with pytest.raises(DiskFullError):
+        f.write(off, new, stamp=2)
+    monkeypatch.undo()
+    assert f.size == len(old) and f.read(0, len(old) + 10) == old
+    f.write(len(old), b"more")  # (what the failed write left past the end never shows)
+    assert f.read(0, 11 * CHUNK) == old + b"more"
+    f.close()
+
+
+def test_a_first_chunk_write_the_disk_fills_halfway_leaves_the_recorded_size(tmp_path, monkeypatch):
+    # a write within chunk 0 rewrites the header (with its new size) in the same pwrite: when the
+    # disk filled after the header, the file said it was that long at the next mount
+    old = os.urandom(100)
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, old, stamp=1)
+    disk_full_from(monkeypatch, 4096)
+    with pytest.raises(DiskFullError):
+        f.write(len(old), os.urandom(10000), stamp=2)
+    monkeypatch.undo()
+    assert f.size == len(old) and f.read(0, 20000) == old
+    g = SealedFile.open(tmp_path / "f", KEY)  # (as the next mount finds it, the daemon killed)
+    assert g.size == len(old) and g.read(0, 20000) == old
+    g.close()
     f.close()

@@ -233,6 +233,7 @@ class SealedFile:
         # it still cannot be (its bytes must never show up as the file's)
         self.uncut = False
         self.wrote_chunks = 0  # chunks the last write put on disk (some, when it failed halfway)
+        self._reached = -1  # the last chunk the last write began to put on disk (see _mend)
         self._holes: bool | None = None  # whether it may have holes on disk (None: not known yet)
         # every chunk below ``size`` was written (a download's file, never sparse): a chunk that
         # reads as a hole (a slot of zeros, or one past a cut-off end) is damage, not zeros.
@@ -519,19 +520,27 @@ class SealedFile:
     def write(self, offset: int, data: bytes | memoryview, *, stamp: int | None = None) -> int:
         """Write plaintext at ``offset``. With ``stamp`` (this write's time), the header is
         rewritten too, after the chunks (with chunk 0 when that is the only chunk touched)."""
+        before: dict[int, bytes] = {}  # the stored plaintext of the partial chunks it rewrites
         try:
-            return self._write(offset, data, stamp)
+            return self._write(offset, data, stamp, before)
         except BaseException:
             self._plain = None
+            self._mend(offset >> CHUNK_SHIFT, min((offset + len(data) - 1) >> CHUNK_SHIFT, self._reached), before)
             if offset + len(data) > self.size:  # nothing may stay past the end (see _is_hole, trim)
                 try:
                     self._cut(self.size)
                 except Exception:  # noqa: BLE001 - the write's own error is the one to report
                     self.uncut = True
+            if self._header_size != self.size:  # the header went with chunk 0, then the write failed
+                try:
+                    self.write_header()  # (else the next mount took the file for that long)
+                except LocalStoreError:
+                    pass  # (rewritten by the next sync_header)
             raise
 
-    def _write(self, offset: int, data: bytes | memoryview, stamp: int | None) -> int:
+    def _write(self, offset: int, data: bytes | memoryview, stamp: int | None, before: dict[int, bytes]) -> int:
         self.wrote_chunks = 0
+        self._reached = -1
         if self.uncut:
             self.trim()
         view = memoryview(data)
@@ -560,6 +569,7 @@ class SealedFile:
                     old = self._plain[1]
                 else:
                     old = self.read_chunk(index)
+                before[index] = old
                 padded = old + bytes(within - len(old)) if len(old) < within else old
                 chunk = padded[:within] + bytes(view[:n]) + padded[within + n :]
             self._plain = None  # until the chunk is written: a failed write leaves it unknown
@@ -570,10 +580,11 @@ class SealedFile:
                     run_first = index
                 run.append(chunk)
             else:
+                self._reached = max(self._reached, index)
                 if with_chunk0:
                     size = max(self.size, end)
+                    self._header_size = size  # (from here the disk may have it: see write)
                     self.write_chunk(0, chunk, self._header(size))
-                    self._header_size = size
                     header_written = True
                 else:
                     self.write_chunk(index, chunk)
@@ -583,6 +594,7 @@ class SealedFile:
             pos += n
             view = view[n:]
             if run and (run_first + len(run) != pos >> CHUNK_SHIFT or not view or len(run) == 16):
+                self._reached = max(self._reached, run_first + len(run) - 1)
                 self._write_run(run_first, run)  # (a hole or a partial chunk follows, or the end)
                 run = []
         if pos > self.size and pos > offset:  # (a write of nothing makes no file longer)
@@ -590,6 +602,33 @@ class SealedFile:
         if stamp is not None and not header_written:
             self.write_header()
         return len(data)
+
+    def _mend(self, first: int, last: int, before: dict[int, bytes]) -> None:
+        """After a write failed: make each chunk ``first`` … ``last`` (what it reached) inside the
+        file readable again. A disk that fills in the middle of a slot (an overwrite on a copy-on-write
+        filesystem, a hole filled, a short chunk lengthened) keeps the slot's first bytes new and
+        the rest old: the chunk failed authentication, read(2) gave EIO there and the file's
+        upload failed for ever. Such a chunk gets its old plaintext back where the write had read
+        it (a partial chunk, ``before``: its bytes outside the write are the file's) and the
+        disk takes it; else (and a whole chunk, all of it the write's range, whose content a
+        failed write leaves unspecified) it becomes an empty chunk, read as zeros: 32 bytes at
+        the start of its slot, where the failed write itself took the disk."""
+        last = min(last, (self.size - 1) >> CHUNK_SHIFT)  # (past the end, the caller cuts what the write left)
+        scratch = _scratch("chunk", CHUNK)
+        for index in range(first, last + 1):
+            try:
+                self._open_into(index, memoryview(os.pread(self.fd, SLOT, HEADER + index * SLOT)), scratch)
+                continue  # readable: untouched, or all of it written
+            except IntegrityError:
+                pass
+            except (OSError, LocalStoreError):
+                return  # the disk cannot be read: nothing to tell
+            for plain in ([before[index]] if before.get(index) else []) + [b""]:
+                try:
+                    self.write_chunk(index, plain)
+                    break
+                except LocalStoreError:
+                    continue
 
     def _write_run(self, first: int, chunks: list[memoryview]) -> None:
         """Seal whole chunks ``first``, ``first + 1``, … (at most 16) into their slots: a long
