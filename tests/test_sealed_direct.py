@@ -348,3 +348,68 @@ def test_a_first_chunk_write_the_disk_fills_halfway_leaves_the_recorded_size(tmp
     assert g.size == len(old) and g.read(0, 20000) == old
     g.close()
     f.close()
+
+
+def killed_after_the_direct_write(path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` into the sealed file at ``path`` in a child process that dies
+    (as the daemon under ``kill -9``) at its first write after its first O_DIRECT one."""
+    pid = os.fork()
+    if pid == 0:  # (the child never returns into pytest)
+        try:
+            g = SealedFile.open(path, KEY, writable=True)
+            real_pwrite, direct = os.pwrite, []
+
+            def dying(fd, buf, at):
+                if fd == g._direct_fd:
+                    direct.append(at)
+                elif direct:
+                    os._exit(0)
+                return real_pwrite(fd, buf, at)
+
+            os.pwrite = dying
+            g.write(offset, data, stamp=2)
+        finally:
+            os._exit(3)  # it never wrote past the page cache, or lived on
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(
+    "size, offset",
+    [
+        (40 * CHUNK, 3 * CHUNK),  # inside the file
+        (19 * CHUNK, 3 * CHUNK),  # its last chunks (the run's last page runs past the file's end)
+        (30 * CHUNK + 5, 3 * CHUNK + 7),  # a partial chunk at each end
+    ],
+)
+def test_a_long_overwrite_cut_off_by_a_kill_leaves_no_chunk_half_written(tmp_path, size, offset):
+    # the run's last chunk went to disk in two pwrites (whole pages past the page cache, then the
+    # rest of it through it): a kill -9 of the daemon in between left it half new and half old,
+    # EIO there at the next mount and its upload failing for ever (a 1 MiB overwrite loop killed
+    # ten times: six of those mounts read EIO)
+    if not takes_o_direct(tmp_path):
+        pytest.skip("this disk refuses O_DIRECT")
+    old, new = os.urandom(size), os.urandom(16 * CHUNK)
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, old, stamp=1)
+    f.close()
+    killed_after_the_direct_write(tmp_path / "f", offset, new)
+    g = SealedFile.open(tmp_path / "f", KEY, writable=True)
+    g.trim()  # (as the next mount does)
+    assert g.size == size
+    states = chunk_states(g, old, new, offset)
+    assert set(states) <= {"old", "new"}, states
+    g.close()
+
+
+def test_a_long_write_into_a_sparse_end_leaves_the_file_as_long_as_its_chunks(tmp_path):
+    f = SealedFile.create(tmp_path / "f", KEY)
+    data = os.urandom(4 * CHUNK)
+    f.write(0, os.urandom(CHUNK))
+    f.truncate(40 * CHUNK)  # on disk the file still ends after chunk 0
+    f.write(30 * CHUNK, data)
+    assert os.path.getsize(tmp_path / "f") == stored_size(34 * CHUNK)
+    assert f.read(29 * CHUNK, 6 * CHUNK) == bytes(CHUNK) + data + bytes(CHUNK)
+    f.write(4 * CHUNK, data)  # a run that ends in the middle of the file's last page on disk
+    assert os.path.getsize(tmp_path / "f") == stored_size(34 * CHUNK)
+    f.close()

@@ -645,11 +645,22 @@ class SealedFile:
         stop = start + len(chunks) * SLOT
         lo = start - start % DIRECT_ALIGN  # whole pages from here …
         hi = stop - stop % DIRECT_ALIGN  # … to here with O_DIRECT; the page cache after it
-        out = _aligned_scratch(stop - lo)
+        # … unless the run's last chunk lies inside the size the header records: then it goes
+        # to disk whole in the one pwrite, with the rest of its last page as the file has it
+        # (a kill -9 between two pwrites left it half new and half old: EIO there at the next
+        # mount, and its upload failed for ever). Past that size a chunk a kill cut short is
+        # cut by the next mount (trim), and the file's end stays where a chunk ends
+        tail = hi < stop and (first + len(chunks) - 1) << CHUNK_SHIFT < self._header_size
+        if tail:
+            hi += DIRECT_ALIGN
+        out = _aligned_scratch(max(stop, hi) - lo)
         try:
             if start > lo:  # the page's first bytes as the file has them (the slot before, or the header)
                 head = os.preadv(self.fd, [out[: start - lo]], lo)
                 out[head : start - lo] = bytes(start - lo - head)
+            if tail:  # the last page's last bytes (the next slot's first ones), or zeros past the end
+                after = os.preadv(self.fd, [out[stop - lo : hi - lo]], stop)
+                out[stop - lo + after : hi - lo] = bytes(hi - stop - after)
             for k, chunk in enumerate(chunks):
                 at = start - lo + k * SLOT
                 self.seal_into(first + k, chunk, out[at : at + SLOT])
@@ -660,6 +671,8 @@ class SealedFile:
                     if wrote <= 0 or wrote % DIRECT_ALIGN:
                         raise DiskFullError(f"short write to {self.path}")
                     done += wrote
+                if tail and stop + after < hi:
+                    os.ftruncate(self.fd, stop + after)  # (the zeros the page took past the file's end)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
