@@ -512,8 +512,6 @@ class SealedFile:
                     self._refused_direct()  # (e.g. a larger alignment) the page cache, from here on
             slots = _scratch("slots", length)
             return slots, os.preadv(self.fd, [slots], start)
-            slots = _scratch("slots", length)
-            return slots, os.preadv(self.fd, [slots], start)
         except OSError as exc:
             raise local_store_error(exc, f"reading {self.path}") from None
 
