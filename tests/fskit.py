@@ -526,11 +526,11 @@ def chunk_writes_refused(monkeypatch, from_call: int, *, later_too: bool = False
     real = SealedFile.write_chunk
     calls = []
 
-    def refusing(self, index, data, header=None):
+    def refusing(self, index, data, header=None, **how):
         calls.append(index)
         if len(calls) == from_call or (later_too and len(calls) > from_call):
             raise LocalStoreError("the disk refused")
-        return real(self, index, data, header)
+        return real(self, index, data, header, **how)
 
     monkeypatch.setattr(SealedFile, "write_chunk", refusing)
     real_direct = SealedFile._direct

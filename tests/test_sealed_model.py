@@ -68,13 +68,13 @@ class Failing:
         self.tear = tear
         failing = self
 
-        def write_chunk(f, index, data, header=None):
+        def write_chunk(f, index, data, header=None, **how):
             failing.calls += 1
             if failing.calls == failing.at or (stay and failing.calls > failing.at):
                 if failing.tear and header is None and (index << CHUNK_SHIFT) >= f.size:
                     os.pwrite(f.fd, os.urandom(40), HEADER + index * SLOT)  # a short write's start
                 raise LocalStoreError("the disk refused")
-            return failing.real(f, index, data, header)
+            return failing.real(f, index, data, header, **how)
 
         monkeypatch.setattr(SealedFile, "write_chunk", write_chunk)
 

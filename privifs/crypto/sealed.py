@@ -42,6 +42,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -90,6 +91,12 @@ SCRATCH_MAX = 16 * SLOT + CHUNK  # what a 1 MiB read needs, unaligned
 DIRECT_CHUNKS = 4
 DIRECT_ALIGN = 4096
 _NO_DIRECT = -3  # SealedFile._direct_fd of a file whose disk refused O_DIRECT
+
+
+class RedoLog(Protocol):
+    """Records a slot before it is written in place (privifs.fs.redo.RedoRecord)."""
+
+    def rewrite(self, sealed: SealedFile, index: int, slot: memoryview, out: memoryview, offset: int) -> int: ...
 
 
 def _scratch(name: str, size: int) -> memoryview:
@@ -218,6 +225,7 @@ class SealedFile:
         # reads (-1: not opened yet; _NO_DIRECT: the disk refused it; a file in memory has none)
         self._direct_fd = _NO_DIRECT if self.path == MEMORY else -1
         self.direct_written = False  # a long run was written past the page cache (by this object)
+        self.redo: RedoLog | None = None  # where a rewrite of a slot holding data is recorded first
         self._writable = writable  # how :meth:`park`'s file is opened again
         self._aead = AESGCM(key)
         self.file_id = file_id
@@ -448,9 +456,19 @@ class SealedFile:
         """The header as :meth:`write_header` would write it now."""
         return self._header(self.size)
 
-    def write_chunk(self, index: int, data: bytes | memoryview, header: bytes | None = None) -> None:
+    def read_slot(self, index: int, slot: memoryview) -> bytes:
+        """The plaintext of ``slot``, a stored slot given as chunk ``index`` of this file
+        (IntegrityError unless it authenticates as that)."""
+        plain = _scratch("chunk", CHUNK)
+        return bytes(plain[: self._open_into(index, slot, plain)])
+
+    def write_chunk(
+        self, index: int, data: bytes | memoryview, header: bytes | None = None, *, stake: bool | None = None
+    ) -> None:
         """Seal ``data`` into slot ``index``; with ``header`` (chunk 0 only), write the header in
-        the same ``pwrite``."""
+        the same ``pwrite``. ``stake``: whether the slot may hold data now (default: it lies
+        inside the size the header on disk records); such a rewrite goes through :attr:`redo`
+        when the file has one (a staged file: see privifs.fs.redo)."""
         if self._plain is not None and self._plain[0] == index:
             self._plain = None
         length = len(data)
@@ -459,10 +477,15 @@ class SealedFile:
         if header is not None:
             out[:HEADER] = header
         self.seal_into(index, data, out[HEADER - at :])
-        try:
-            n = os.pwrite(self.fd, out, at + index * SLOT)
-        except OSError as exc:
-            raise local_store_error(exc, f"writing {self.path}") from None
+        if stake is None:
+            stake = index << CHUNK_SHIFT < self._header_size
+        if stake and self.redo is not None:
+            n = self.redo.rewrite(self, index, out[HEADER - at :], out, at + index * SLOT)
+        else:
+            try:
+                n = os.pwrite(self.fd, out, at + index * SLOT)
+            except OSError as exc:
+                raise local_store_error(exc, f"writing {self.path}") from None
         if n != len(out):
             raise DiskFullError(f"short write to {self.path}")
 
@@ -537,6 +560,7 @@ class SealedFile:
             raise
 
     def _write(self, offset: int, data: bytes | memoryview, stamp: int | None, before: dict[int, bytes]) -> int:
+        recorded = self._header_size  # the chunks below it may hold data: a rewrite of one is at stake
         self.wrote_chunks = 0
         self._reached = -1
         if self.uncut:
@@ -582,10 +606,10 @@ class SealedFile:
                 if with_chunk0:
                     size = max(self.size, end)
                     self._header_size = size  # (from here the disk may have it: see write)
-                    self.write_chunk(0, chunk, self._header(size))
+                    self.write_chunk(0, chunk, self._header(size), stake=recorded > 0)
                     header_written = True
                 else:
-                    self.write_chunk(index, chunk)
+                    self.write_chunk(index, chunk, stake=index << CHUNK_SHIFT < recorded)
                 self.wrote_chunks += 1
                 if partial:
                     self._plain = (index, chunk)

@@ -40,6 +40,7 @@ from pathlib import Path
 from privifs import paths
 from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, data_extents, local_store_error, stored_size
 from privifs.errors import DiskFullError, FormatVersionError, PrivifsError
+from privifs.fs.redo import RedoRecord
 from privifs.fs.space import MiB, Space
 
 REMOVER_WAIT = 5.0  # seconds a write that finds no room waits for staged files being deleted
@@ -51,6 +52,7 @@ class StagedFile:
     def __init__(self, staged_id: str, sealed: SealedFile, staging: Staging):
         self.id = staged_id
         self.sealed = sealed
+        sealed.redo = staging.redo  # a rewrite of a chunk holding data survives a kill -9 (privifs.fs.redo)
         self.frozen = False
         self.staging = staging
         # whether the staging directory, holding this file's name, was flushed to disk since the
@@ -210,6 +212,8 @@ class Staging:
         self._key = key
         self.space = Space(self.dir)
         self.remover = Remover()
+        self.redo = RedoRecord(self.dir)
+        self.redo.replay(self.dir, key)  # before anything reads the staged files
         self._refuse_newer_files()
         self.spares = SparePool(self.dir / ".spare", key)
 
