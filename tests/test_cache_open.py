@@ -208,3 +208,24 @@ def test_opening_a_known_sparse_entry_again_does_not_measure_it_again(cache, tmp
     for _ in range(5):
         cache.open("tok").close()
     assert measured == []
+
+
+def test_entry_files_no_row_names_are_deleted_when_the_cache_opens(tmp_path):
+    """An entry moves in by a rename and then a row of the table: a daemon killed between the two
+    left a file no limit counted and nothing removed (as large as a whole staged file)."""
+    c = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    assert c.adopt("kept", sealed_file(tmp_path / "a", b"kept content"))
+    entries = Path(c.cache.directory)
+    c.close()
+    orphan = entries / "ab" / "0123456789abcdef.val"  # where a killed adopt's rename left a file
+    orphan.write_bytes(os.urandom(1 << 20))
+    other = entries / "ab" / "notes.txt"  # not an entry file: not ours to delete
+    other.write_text("x")
+    reopened = ContentCache(tmp_path / "cache", 1 << 30, KEY)
+    try:
+        assert not orphan.exists() and other.exists()
+        f = reopened.open("kept")
+        assert f.read(0, 100) == b"kept content"
+        f.close()
+    finally:
+        reopened.close()

@@ -377,10 +377,12 @@ class ContentCache:
             raise
 
     def _load(self) -> None:
-        """The LRU order from diskcache's table (its documented columns; a read)."""
+        """The LRU order from diskcache's table (its documented columns; a read); entry files
+        no row names are deleted (:meth:`_sweep_unnamed`)."""
         rows = self.cache._sql(
             "SELECT key, size, filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL ORDER BY access_time"
         ).fetchall()
+        self._sweep_unnamed()
         for token, _, filename in rows:
             try:
                 size = entry_footprint_at(os.path.join(self.cache.directory, filename))
@@ -390,6 +392,30 @@ class ContentCache:
             else:
                 self._lru[token] = size
                 self.used += size
+
+    def _sweep_unnamed(self) -> None:
+        """Delete entry files that no row of the table names. An entry moves in by a rename and
+        then a row of the table (diskcache's ``set``): a daemon killed between the two left a
+        file no limit counted and nothing would ever remove, as large as the file (a whole
+        staged file of a GiB moves in so). Run when the cache opens, before any entry moves in."""
+        named = {row[0] for row in self.cache._sql("SELECT filename FROM Cache WHERE filename IS NOT NULL")}
+        base = self.cache.directory
+        gone = freed = 0
+        for dirpath, _, names in os.walk(base):
+            for name in names:
+                if not name.endswith(".val"):
+                    continue
+                path = os.path.join(dirpath, name)
+                if os.path.relpath(path, base) in named:
+                    continue
+                with suppress(OSError):
+                    freed += entry_footprint_at(path)
+                    os.unlink(path)
+                    gone += 1
+        if gone:
+            log.info(
+                "deleted %d cache files no entry named (%.1f MiB; left by a daemon that was killed)", gone, freed / MiB
+            )
 
     def close(self) -> None:
         self._save_access()
