@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from privifs.directio import DIRECT_ALIGN
 from privifs.errors import DiskFullError, FormatVersionError, IntegrityError, LocalStoreError
 
 MAGIC = b"PVFSSEAL"
@@ -89,7 +90,6 @@ SCRATCH_MAX = 16 * SLOT + CHUNK  # what a 1 MiB read needs, unaligned
 # page at each end goes through the page cache. Short writes (a database's pages) and the reads
 # programs make stay in the page cache, where repeating them is cheap.
 DIRECT_CHUNKS = 4
-DIRECT_ALIGN = 4096
 _NO_DIRECT = -3  # SealedFile._direct_fd of a file whose disk refused O_DIRECT
 
 
@@ -636,10 +636,9 @@ class SealedFile:
         failed write leaves unspecified) it becomes an empty chunk, read as zeros: 32 bytes at
         the start of its slot, where the failed write itself took the disk."""
         last = min(last, (self.size - 1) >> CHUNK_SHIFT)  # (past the end, the caller cuts what the write left)
-        scratch = _scratch("chunk", CHUNK)
         for index in range(first, last + 1):
             try:
-                self._open_into(index, memoryview(os.pread(self.fd, SLOT, HEADER + index * SLOT)), scratch)
+                self.read_chunk(index)
                 continue  # readable: untouched, or all of it written
             except IntegrityError:
                 pass

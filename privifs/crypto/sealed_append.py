@@ -21,7 +21,7 @@ from __future__ import annotations
 import errno
 import os
 
-from privifs.crypto.sealed import CHUNK, HEADER, SLOT, SealedFile, local_store_error
+from privifs.crypto.sealed import _NO_DIRECT, CHUNK, HEADER, SLOT, SealedFile, local_store_error
 from privifs.directio import DIRECT_ALIGN, BufferPool
 from privifs.errors import DiskFullError
 
@@ -38,9 +38,13 @@ class SequentialSealer:
         self.sealed = sealed
         self._buf = _buffers.take()
         self._view = memoryview(self._buf)
-        self._direct_fd = -1
-        self._direct = not sealed.is_in_memory and hasattr(os, "O_DIRECT")
         self.restart()
+
+    @property
+    def _direct(self) -> bool:
+        """Whether blocks go past the page cache: until the disk refused O_DIRECT (the sealed
+        file's own O_DIRECT descriptor, :meth:`SealedFile._direct`; none for a file in memory)."""
+        return self.sealed._direct_fd != _NO_DIRECT
 
     def restart(self) -> None:
         """Start again from chunk 0 (the file was truncated to nothing)."""
@@ -77,9 +81,7 @@ class SequentialSealer:
             self.close()
 
     def close(self) -> None:
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-            self._direct_fd = -1
+        self.sealed._close_direct()  # (the cache keeps the file open for reads: one descriptor, not two)
         if self._buf is not None:
             self._view.release()  # (an mmap with a view on it cannot be closed)
             _buffers.give(self._buf)
@@ -89,7 +91,7 @@ class SequentialSealer:
         """Write the buffer's first ``n`` bytes at its offset and keep what follows them."""
         if not n:
             return
-        done = self._write_direct(n) if direct and self._direct else 0
+        done = self._write_direct(n) if direct else 0
         try:
             while done < n:
                 done += os.pwrite(self.sealed.fd, self._view[done:n], self._pos + done)
@@ -103,12 +105,13 @@ class SequentialSealer:
     def _write_direct(self, n: int) -> int:
         """Write the buffer's first ``n`` bytes (a multiple of DIRECT_ALIGN) with O_DIRECT; how
         many it did (0 when the filesystem refuses O_DIRECT: from then on, none)."""
+        fd = self.sealed._direct()
+        if fd < 0:
+            return 0
         try:
-            if self._direct_fd < 0:
-                self._direct_fd = os.open(self.sealed.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             done = 0
             while done < n:
-                wrote = os.pwrite(self._direct_fd, self._view[done:n], self._pos + done)
+                wrote = os.pwrite(fd, self._view[done:n], self._pos + done)
                 if wrote <= 0:
                     raise DiskFullError(f"short write to {self.sealed.path}")
                 done += wrote
@@ -116,5 +119,5 @@ class SequentialSealer:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise local_store_error(exc, f"writing {self.sealed.path}") from None
-            self._direct = False  # the filesystem refuses O_DIRECT (or its alignment): page cache
+            self.sealed._refused_direct()  # the filesystem refuses O_DIRECT (or its alignment): page cache
             return 0
