@@ -528,6 +528,26 @@ def test_a_websocket_message_far_past_what_the_proxy_reads_closes_its_connection
         assert b'"status": 401' in s.recv(4096)
 
 
+async def refused_while_held(hold, port: int, request: bytes) -> None:
+    """``request``, sent on a new connection to ``port`` while ``hold`` (given the list to put
+    them in) keeps connections busy, is answered 503 with Retry-After 1; the held ones are closed
+    afterwards. The sockets are driven on a worker thread."""
+
+    def answer() -> bytes:
+        held: list[socket.socket] = []
+        try:
+            hold(held)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(request)
+                return s.recv(4096)
+        finally:
+            for s in held:
+                s.close()
+
+    refused = await trio.to_thread.run_sync(answer)
+    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in refused.lower(), refused
+
+
 async def test_uploads_past_max_uploads_are_refused_before_their_authorization_is_used(own_engine):
     """Each upload holds a 1 MiB buffer and what its client sent: 200 clients with stream
     authorizations sending part of a body and then holding it grew the engine by 290 MB (helper
@@ -553,23 +573,15 @@ async def test_uploads_past_max_uploads_are_refused_before_their_authorization_i
     def head(stream: str, length: int) -> bytes:
         return f"POST /?{stream} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode()
 
-    def held_and_refused() -> bytes:
-        held = []
-        try:
-            for stream in streams[:2]:
-                s = socket.create_connection(("127.0.0.1", own_engine.ports["upstream"]), timeout=10)
-                s.sendall(head(stream, 1 << 20) + bytes(1000))  # part of a body, then nothing
-                held.append(s)
-            time.sleep(0.5)  # both uploads begun
-            with socket.create_connection(("127.0.0.1", own_engine.ports["upstream"]), timeout=10) as s:
-                s.sendall(head(streams[2], 10))
-                return s.recv(4096)
-        finally:
-            for s in held:
-                s.close()
+    port = own_engine.ports["upstream"]
 
-    refused = await trio.to_thread.run_sync(held_and_refused)
-    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in refused.lower(), refused
+    def hold(held: list[socket.socket]) -> None:
+        for stream in streams[:2]:
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            held[-1].sendall(head(stream, 1 << 20) + bytes(1000))  # part of a body, then nothing
+        time.sleep(0.5)  # both uploads begun
+
+    await refused_while_held(hold, port, head(streams[2], 10))
     await trio.sleep(0.5)  # the held uploads broke off
     async with httpx.AsyncClient(timeout=10) as http:
         r = await http.post(own_engine.urls["upstream"] + "/?" + streams[2], content=b"0123456789")
@@ -617,20 +629,12 @@ async def test_downloads_past_max_downloads_are_refused_before_their_authorizati
     auths = await download_authorizations(own_engine, 8 << 20, 3)
     port = own_engine.ports["downstream"]
 
-    def held_and_refused() -> bytes:
-        held = [unread_download(port, auth) for auth in auths[:2]]
-        try:
-            for s in held:
-                assert s.recv(64).startswith(b"HTTP/1.1 200")  # both downloads begun
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                s.sendall(f"GET /?auth={auths[2]} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                return s.recv(4096)
-        finally:
-            for s in held:
-                s.close()
+    def hold(held: list[socket.socket]) -> None:
+        for auth in auths[:2]:
+            held.append(unread_download(port, auth))
+            assert held[-1].recv(64).startswith(b"HTTP/1.1 200")  # the download begun
 
-    refused = await trio.to_thread.run_sync(held_and_refused)
-    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in refused.lower(), refused
+    await refused_while_held(hold, port, f"GET /?auth={auths[2]} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     async with httpx.AsyncClient(timeout=30) as http:
         with trio.fail_after(30):
             while (
