@@ -3,7 +3,8 @@
 On the VMs privifs runs on, every fresh page-cache page is dear: 1 GiB written through the page
 cache took 1.2-5.8 s of system time here, with ``O_DIRECT`` 0.1 s (``dd``, 2026-12-05). The
 engine writes its blobs so (:mod:`privifs.engine.blobs`), and the mount the cache files of the
-parts it downloads (:mod:`privifs.crypto.sealed_append`), whose reads are served from memory.
+parts it downloads (:mod:`privifs.crypto.sealed_append`), whose reads are served from memory,
+and the long runs of writes into staged files (:meth:`privifs.crypto.sealed.SealedFile._write_run`).
 ``O_DIRECT`` wants the buffer's address, the length and the file offset to be multiples of
 :data:`DIRECT_ALIGN`; a filesystem that refuses it (EINVAL: tmpfs before Linux 6.6, some FUSE
 filesystems) is written through the page cache instead. Nothing here imports the filesystem or
