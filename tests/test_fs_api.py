@@ -48,6 +48,23 @@ async def test_a_missing_name_is_a_negative_entry_dropped_when_another_client_ma
     assert await kit.read_file("later/inside.txt") == b"a file in a directory made by the listing"
 
 
+async def test_a_node_looked_up_by_number_is_itself_of_any_kind_and_absent_once_removed(kit):
+    """How the kernel finds a file handle's node again (open_by_handle_at, an NFS export): a
+    lookup of "." in the node itself, for files too; a removed node (open or not) is absent,
+    which the kernel answers with ESTALE."""
+    await kit.mkdir("d")
+    await kit.write_file("d/f.txt", b"content")
+    for path in ("d", "d/f.txt"):
+        ino = await kit.ino(path)
+        assert (await kit.ops.lookup(ino, b".", CTX)).st_ino == ino
+    ino = await kit.ino("d/f.txt")
+    fh = await kit.open_file("d/f.txt")
+    await kit.unlink("d/f.txt")
+    assert (await kit.ops.lookup(ino, b".", CTX)).st_ino == 0  # open, but no longer in the tree
+    await kit.close(fh)
+    assert (await kit.ops.lookup(ino, b".", CTX)).st_ino == 0
+
+
 async def test_a_closed_file_waiting_for_its_upload_keeps_no_plaintext_in_memory(kit):
     # a partial write keeps its chunk's plaintext for the next one (SQLite's page writes); once
     # the writers closed the file it is dropped: an untar's thousands of staged files held it

@@ -123,3 +123,20 @@ def test_set_attributes_refuses_a_field_that_is_not_an_attribute(tree):
     assert (node.mode, node.size) == (0o600, 3)
     with pytest.raises(TypeError):
         ns.set_attributes(node, staged_id="sneaky")
+
+
+def test_an_inode_number_is_never_handed_out_again_after_a_restart(tree):
+    """A file handle (open_by_handle_at, an NFS export of the mount) names a node by its number
+    alone: a number reused after its node was removed would open another file."""
+    ns, _ = tree
+    nodes = [ns.new_node(ns.root, f"f{i}", KIND_FILE, 0o644) for i in range(3)]
+    for n in nodes:
+        ns.index.save(n)
+    last = nodes[-1]
+    ns.remove(last, delete_token=False)
+    again = _reload(ns)  # what a restart reads: the highest number's node is gone
+    fresh = again.new_node(again.root, "new", KIND_FILE, 0o644)
+    assert fresh.ino > last.ino
+    again.index.save(fresh)
+    again.remove(fresh, delete_token=False)
+    assert _reload(again).new_node(again.root, "newer", KIND_FILE, 0o644).ino > fresh.ino

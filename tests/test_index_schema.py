@@ -191,7 +191,7 @@ def test_an_index_from_before_schema_versions_is_migrated_and_keeps_its_data(tmp
         columns = [r[1] for r in index.conn.execute("PRAGMA table_info(nodes)")]
         assert columns == list(COLUMNS)
         tables = {r[0] for r in index.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {"nodes", "tombstones", "superseded", "retired"}
+        assert tables == {"nodes", "tombstones", "superseded", "retired", "counters"}
         draft.size = 11
         index.save(draft)
     finally:

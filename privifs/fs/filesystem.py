@@ -287,15 +287,26 @@ class Filesystem:
 
     # -- lookups and attributes --------------------------------------------------------------
     def lookup(self, parent_ino: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self.lookup_self(parent_ino)
         parent = self.dir_node(parent_ino)
         text = self.decode(name)
-        if text == ".":
-            node = parent
-        elif text == "..":
+        if text == "..":
             node = self.ns.nodes[parent.parent]
         else:
             node = self.ns.child(parent, text)
         if node is None:
+            return self.absent()
+        self.ns.looked_up(node)
+        return self.attrs(node)
+
+    def lookup_self(self, ino: int) -> pyfuse3.EntryAttributes:
+        """``ino`` itself, of any kind: how the kernel finds a node again from a file handle
+        (``open_by_handle_at``, an NFS export of the mount) once it has dropped the inode from its
+        cache; it never asks so for a path. A node no longer in the tree (removed, or removed
+        while open) is absent, which the kernel turns into ``ESTALE``."""
+        node = self.ns.get(ino)
+        if node is None or node.unlinked:
             return self.absent()
         self.ns.looked_up(node)
         return self.attrs(node)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from privifs.disk import DiskReserve
-from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone
+from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone, PrivifsError
 from privifs.fs.names import shown_name
 from privifs.fs.space import open_error
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, attributes, join_context
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("privifs.fs")
 
 ROOT = 1
+INO_COUNTER = "next_ino"  # the counters row: inode numbers below it may have been handed out
+INO_BLOCK = 1024  # inode numbers reserved at a time (Namespace._reserve_inos)
 CONTENT_SIZES_KEPT = 65536  # tokens whose real size Namespace.learn_size remembers
 
 # The index layout is versioned (``PRAGMA user_version``). MIGRATIONS[i] takes an index from
@@ -110,6 +112,10 @@ MIGRATIONS: list[tuple[str, Step]] = [
     (
         "parts a rewrite stopped naming, deleted once their grace is over (see Syncer.retire_parts)",
         "CREATE TABLE retired (token TEXT PRIMARY KEY, context TEXT NOT NULL, due REAL NOT NULL)",
+    ),
+    (
+        "counters that outlive the rows they number: the inode numbers handed out (see Namespace.new_node)",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -595,6 +601,11 @@ class Index:
                         fn()
                     self._committed()
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a ``with index:`` block is open (a write joins its transaction)."""
+        return self._depth > 0
+
     def after_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once the open transaction has committed (at once outside one; never if it
         rolls back): for a file change the committed index must already account for, such as
@@ -753,6 +764,14 @@ class Index:
     def retired(self) -> list[tuple[str, str, float]]:
         return [(r[0], r[1], r[2]) for r in self.conn.execute("SELECT token, context, due FROM retired")]
 
+    def counter(self, name: str) -> int:
+        """The value last set for ``name`` (0 if never)."""
+        row = self.conn.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    def set_counter(self, name: str, value: int) -> None:
+        self._write("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
+
     def superseded(self) -> dict[str, tuple[str, str]]:
         return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT staged_id, context, name FROM superseded")}
 
@@ -797,7 +816,12 @@ class Namespace:
             parent.next_seq = max(parent.next_seq, n.seq + 1)
             if n.token:
                 self.by_token[n.token] = n.ino
-        self.next_ino = max(self.nodes) + 1
+        # inode numbers are never handed out twice, across restarts too: a file handle the kernel
+        # gave out (open_by_handle_at, an NFS export of the mount) names a node by its number
+        # alone (generation 0), so a number reused after its node was removed would open another
+        # file. Numbers are reserved in blocks; the index records how far (one write per block).
+        self.next_ino = max(max(self.nodes) + 1, index.counter(INO_COUNTER))
+        self._inos_reserved = self.next_ino
 
     @property
     def root(self) -> Node:
@@ -856,11 +880,30 @@ class Namespace:
                 stack.extend(self.nodes[i] for i in n.children.values())
 
     def new_node(self, parent: Node, name: str, kind: str, mode: int, mtime_ns: int | None = None) -> Node:
+        if self.next_ino >= self._inos_reserved:
+            self._reserve_inos()
         node = Node(self.next_ino, parent.ino, name, kind, mode, mtime_ns or time.time_ns())
         self.next_ino += 1
         self.nodes[node.ino] = node
         self.attach(parent, name, node)
         return node
+
+    def _reserve_inos(self) -> None:
+        """Record the next block of inode numbers as handed out, before the first of them is:
+        with the transaction that makes the node (a failure is that transaction's, owed with it
+        if it is kept, see :meth:`Index.kept`), or on its own: if that fails (a full disk), the
+        node is made all the same and the next one tries again (its row, when it commits, keeps
+        its number from being handed out again)."""
+        upto = self.next_ino + INO_BLOCK
+        if self.index.in_transaction:
+            self.index.set_counter(INO_COUNTER, upto)
+        else:
+            try:
+                self.index.set_counter(INO_COUNTER, upto)
+            except PrivifsError as exc:
+                log.debug("inode numbers not reserved yet (%s)", exc)
+                return
+        self._inos_reserved = upto
 
     def attach(self, parent: Node, name: str, node: Node) -> None:
         node.parent = parent.ino
