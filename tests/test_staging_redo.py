@@ -5,6 +5,7 @@ part of the in-place slot (some of its pages) and dies, as the daemon under ``ki
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -110,4 +111,30 @@ def test_appends_and_new_files_write_no_record(tmp_path):
     f.write(10, b"z", 3)  # a rewrite of a chunk holding data
     assert (tmp_path / ".redo" / "record").read_bytes() != recorded
     assert staging.ids() == {f.id}  # the record is not a staged file
+    f.sealed.close()
+
+
+def test_a_long_rewrite_the_disk_refuses_as_o_direct_is_recorded_as_a_short_one(tmp_path, monkeypatch):
+    # a device that takes O_DIRECT at open and refuses the write (EINVAL): the run goes through
+    # the page cache, where a kill can cut a chunk between pages, so each rewrite is recorded
+    old = os.urandom(8 * CHUNK)
+    staged_id = staged_with(tmp_path, old)
+    f = Staging(tmp_path, KEY).open(staged_id)
+    f.sealed._direct()
+    real = os.pwrite
+    recorded: list[int] = []
+
+    def picky(fd, buf, at):
+        if fd == f.sealed._direct_fd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        if fd != f.sealed.fd and len(buf) > SLOT:  # the record: its head, then the slot
+            recorded.append(at)
+        return real(fd, buf, at)
+
+    monkeypatch.setattr(os, "pwrite", picky)
+    new = os.urandom(6 * CHUNK)
+    f.write(CHUNK, new, 2)
+    monkeypatch.setattr(os, "pwrite", real)
+    assert len(recorded) == 6 and f.sealed._direct_fd < 0
+    assert f.sealed.read(0, len(old)) == old[:CHUNK] + new + old[7 * CHUNK :]
     f.sealed.close()

@@ -698,7 +698,11 @@ class SealedFile:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._refused_direct()
-                done = start - lo  # all of the run through the page cache
+                done = -1
+            if done < 0:  # all of the run through the page cache, as a short run's (the redo record too)
+                for k, chunk in enumerate(chunks):
+                    self.write_chunk(first + k, chunk)
+                return
             while lo + done < stop:
                 done += os.pwrite(self.fd, out[done : stop - lo], lo + done)
         except OSError as exc:
