@@ -904,6 +904,14 @@ class Filesystem:
         return node.token != token
 
     async def read(self, fh_id: int, offset: int, length: int) -> bytes | memoryview:
+        fh = self.handles[fh_id]
+        node = fh.node
+        # what is here already is answered at once: nothing to wait for, so nothing to abandon
+        # (and no cancel scope: 4 µs, a tenth of a cached 4 KiB read)
+        if node.staged is not None:
+            return node.staged.sealed.read(offset, length)
+        if fh.reader is not None and node.token is not None and fh.reader_token == node.token:
+            return self._read_open(fh, node, offset, length)
         if not self._reads_abandoned:
             with trio.CancelScope() as scope:
                 self._reads.add(scope)
@@ -946,6 +954,10 @@ class Filesystem:
             fh.reader, fh.reader_token = sealed, token
             if node.size != sealed.size:  # the token's meta did not state its content's size
                 self._size_learned(node, token, sealed.size)
+        return self._read_open(fh, node, offset, length)
+
+    def _read_open(self, fh: FileHandle, node: Node, offset: int, length: int) -> bytes | memoryview:
+        """From the handle's open reader (the node's content, cached)."""
         try:
             return fh.reader.read(offset, length)
         except IntegrityError as exc:
