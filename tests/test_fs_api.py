@@ -57,12 +57,19 @@ async def test_a_node_looked_up_by_number_is_itself_of_any_kind_and_absent_once_
     for path in ("d", "d/f.txt"):
         ino = await kit.ino(path)
         assert (await kit.ops.lookup(ino, b".", CTX)).st_ino == ino
+    d = await kit.ino("d")
+    assert (await kit.ops.lookup(d, b"..", CTX)).st_ino == ROOT_INO
     ino = await kit.ino("d/f.txt")
     fh = await kit.open_file("d/f.txt")
     await kit.unlink("d/f.txt")
     assert (await kit.ops.lookup(ino, b".", CTX)).st_ino == 0  # open, but no longer in the tree
     await kit.close(fh)
     assert (await kit.ops.lookup(ino, b".", CTX)).st_ino == 0
+    dh = await kit.opendir("d")
+    await kit.rmdir("d")  # a removed directory, still open: no parent to find
+    assert (await kit.ops.lookup(d, b".", CTX)).st_ino == 0
+    assert (await kit.ops.lookup(d, b"..", CTX)).st_ino == 0
+    await kit.releasedir(dh)
 
 
 async def test_a_closed_file_waiting_for_its_upload_keeps_no_plaintext_in_memory(kit):

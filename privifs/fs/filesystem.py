@@ -291,8 +291,8 @@ class Filesystem:
             return self.lookup_self(parent_ino)
         parent = self.dir_node(parent_ino)
         text = self.decode(name)
-        if text == "..":
-            node = self.ns.nodes[parent.parent]
+        if text == "..":  # (asked only from a file handle: the parent of a directory)
+            node = None if parent.unlinked else self.ns.get(parent.parent)
         else:
             node = self.ns.child(parent, text)
         if node is None:
