@@ -7,8 +7,10 @@ tests (test_fs_posix.py and others)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import sqlite3
 import stat
 
 import pyfuse3
@@ -802,6 +804,20 @@ async def test_tokens_of_other_applications_with_out_of_range_meta_show_and_read
     with fails_with(errno.ENAMETOOLONG):
         await kit.readlink("odd/link")
     assert await kit.read_file("odd/time.txt") == b"t"
+
+
+async def test_the_roots_attributes_stay_on_this_machine_and_leave_nothing_to_write_back(kit):
+    """The mount's root has no token: a chmod or touch of it (xfstests generic/634 touches the
+    mount) was written back as a marker with an empty name, which the server refuses for good."""
+    await kit.setattr("", mode=0o700, atime_ns=1_000_000_000_000, mtime_ns=2_000_000_000_000)
+    attrs = await kit.ops.getattr(ROOT_INO, CTX)
+    assert stat.S_IMODE(attrs.st_mode) == 0o700 and attrs.st_mtime_ns == 2_000_000_000_000
+    assert not kit.fs.pending()
+    await kit.settle()
+    assert await kit.vault_tree() == {} and not kit.syncer.refused
+    with contextlib.closing(sqlite3.connect(kit.ns.index.path)) as db:  # what the next mount reads
+        row = db.execute("SELECT mode, mtime_ns, meta_dirty FROM nodes WHERE ino = ?", (ROOT_INO,)).fetchone()
+    assert row == (0o700, 2_000_000_000_000, 0)
 
 
 async def test_utimens_beyond_what_64_bit_nanoseconds_hold_is_clamped(kit):

@@ -140,3 +140,15 @@ def test_an_inode_number_is_never_handed_out_again_after_a_restart(tree):
     again.index.save(fresh)
     again.remove(fresh, delete_token=False)
     assert _reload(again).new_node(again.root, "newer", KIND_FILE, 0o644).ino > fresh.ino
+
+
+def test_a_root_change_an_older_privifs_left_to_write_back_stays_local(tree):
+    # (that privifs wrote a chmod of the root back as a marker with an empty name, which the
+    # server refuses: pending for good, and every umount reported it)
+    ns, _ = tree
+    ns.root.mode = 0o700
+    ns.root.meta_dirty = ns.root.explicit = 1
+    ns.index.save(ns.root)
+    root = _reload(ns).root
+    assert (root.mode, root.meta_dirty, root.explicit) == (0o700, 0, 0)
+    assert _reload(ns).root.meta_dirty == 0  # and so in the index

@@ -391,7 +391,13 @@ class Filesystem:
             self.ns.set_attributes(node, mtime_ns=clamp_time(attr.st_mtime_ns))
             meta = True
         # reads never update atime (noatime); only utimens sets it
-        if meta or fields.update_size:
+        if node.ino == ROOT and (meta or fields.update_size):
+            # the mount's root has no token (nothing in the vault to hold its attributes): its
+            # mode, owner and times are this machine's, kept in the index (written back, the
+            # server refused its empty name for good and every umount reported it)
+            self.ns.set_attributes(node, ctime_ns=time.time_ns())
+            self.index.save(node)
+        elif meta or fields.update_size:
             if node.is_dir:
                 self.ns.set_explicit(node, True)
             self.touch_meta(node)

@@ -799,6 +799,10 @@ class Namespace:
             root = Node(ROOT, ROOT, "", KIND_DIR, dir_mode, time.time_ns())
             self.nodes[ROOT] = root
             index.save(root)
+        elif self.nodes[ROOT].meta_dirty:  # a change of the root's attributes older privifs meant
+            root = self.nodes[ROOT]  # to write back (the server refuses it): it stays local
+            root.meta_dirty = root.explicit = 0
+            index.save(root)
         for n in sorted(loaded, key=lambda n: n.seq):
             if n.ino == ROOT:
                 continue
