@@ -14,6 +14,8 @@ import os
 import sqlite3
 import stat
 
+import trio
+
 from tests.fskit import fails_with, inprocess_fs
 
 
@@ -194,3 +196,22 @@ async def test_no_write_succeeds_while_the_index_owes_changes(kit):
     await kit.close(fh)
     assert not kit.fs.index.owed
     assert await kit.read_file("g.txt") == b"first second"
+
+
+async def test_an_upload_stands_when_a_step_after_its_commit_fails(kit, monkeypatch):
+    """Once the vault acknowledged an upload and the index recorded it, the staged file moves
+    into the read cache. That step raising (the cache's table could not be opened again after
+    ``rm -rf ~/.cache``) was taken for a failed upload: the fsync waiting for it timed out
+    after 300 s and the upload was retried. The commit stands; the step is only logged."""
+
+    def broken(token: str, path: str) -> bool:
+        raise RuntimeError("the cache is broken")
+
+    monkeypatch.setattr(kit.fs.cache, "adopt", broken)
+    fh = await kit.create_file("kept.txt")
+    await kit.write(fh, 0, b"fsynced")
+    with trio.fail_after(30):
+        await kit.fsync(fh)
+    await kit.close(fh)
+    assert await kit.vault_tree() == {"kept.txt": b"fsynced"}
+    assert committed_names(kit) == {"kept.txt"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import time
 
 import pytest
 
+from privifs.fs.cache import REOPEN_EVERY
 from tests.mountkit import Mount, privifs
 
 
@@ -363,3 +365,90 @@ def test_a_cache_directory_removed_while_mounted_is_made_again(engine, tmp_path)
         m.mount()
         assert (m.dir / "later.txt").read_text() == "written after"
         assert (m.dir / "kept.txt").read_text() == "written here"
+
+
+def vault_cache_dir(m: Mount):
+    (state,) = (m.root / "state").glob("privifs/vaults/*")
+    return m.root / "cache" / "privifs" / "vaults" / state.name
+
+
+def test_a_cache_that_cannot_be_made_again_yet_fails_no_fsync_and_no_read(engine, tmp_path):
+    """`rm -rf ~/.cache` of a big cache takes seconds, and the mount makes the cache again while
+    it runs: opening the new table then failed (the removal took its files) and that failure
+    reached the programs. Seen: an fsync loop during one `rm -rf ~/.cache` got EIO for every
+    fsync until rm ended, reads of files not cached EIO, 'OperationalError: attempt to write a
+    readonly database' / 'no such table: Cache' as unexpected failures in status, the token
+    deletion task restarted. A table that cannot be opened now (here: its file's name taken by a
+    directory) is only a cache that is not there: uploads land, reads go through memory, and the
+    cache is made once it can be."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "kept.txt").write_text("written here")
+        m.wait_idle()
+        src = tmp_path / "new.txt"
+        src.write_text("from another application")
+        m.token("put", str(src))
+        m.refresh()
+        cache = vault_cache_dir(m)
+        shutil.rmtree(m.root / "cache")
+        (cache / "entries" / "cache.db").mkdir(parents=True)
+        with open(m.dir / "synced.txt", "wb") as f:
+            f.write(b"fsynced while the cache cannot be opened")
+            f.flush()
+            os.fsync(f.fileno())
+        assert (m.dir / "new.txt").read_text() == "from another application"
+        status = privifs(m.env, "status", str(m.dir)).stdout
+        assert "UNAVAILABLE: cannot be opened again" in status, status
+        (cache / "entries" / "cache.db").rmdir()
+        time.sleep(REOPEN_EVERY)  # the table is tried again at most this often
+        src.write_text("read once the cache can be made")
+        m.token("put", str(src), "--name", "later.txt")
+        m.refresh()
+        assert (m.dir / "later.txt").read_text() == "read once the cache can be made"
+        assert (cache / "entries" / "cache.db").is_file()
+        assert "UNAVAILABLE" not in privifs(m.env, "status", str(m.dir)).stdout
+        assert "failed unexpectedly" not in m.log()
+        m.umount()
+        shutil.rmtree(m.root / "cache")
+        m.mount()
+        assert (m.dir / "synced.txt").read_bytes() == b"fsynced while the cache cannot be opened"
+
+
+def test_fsync_and_reads_work_while_rm_rf_removes_the_cache(engine, tmp_path):
+    """The race itself: the cache directory removed again and again (a long `rm -rf`, a
+    cleaner) while a program writes and fsyncs files and reads files that are not cached
+    (O_DIRECT: through the mount, not the page cache). Every call succeeds."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        names = [f"old{i}.bin" for i in range(20)]
+        for name in names:
+            (m.dir / name).write_bytes(name.encode() * 1000)
+        m.wait_idle()
+        stop = threading.Event()
+
+        def remove() -> None:
+            while not stop.is_set():
+                shutil.rmtree(m.root / "cache", ignore_errors=True)
+
+        remover = threading.Thread(target=remove)
+        remover.start()
+        failures = []
+        buf = mmap.mmap(-1, 1 << 16)
+        try:
+            for i, name in enumerate(names):
+                try:
+                    with open(m.dir / f"new{i}.bin", "wb") as f:
+                        f.write(os.urandom(30_000))
+                        f.flush()
+                        os.fsync(f.fileno())
+                    fd = os.open(m.dir / name, os.O_RDONLY | os.O_DIRECT)
+                    try:
+                        n = os.preadv(fd, [buf], 0)
+                    finally:
+                        os.close(fd)
+                    assert buf[:n] == name.encode() * 1000
+                except OSError as exc:
+                    failures.append((i, exc))
+        finally:
+            stop.set()
+            remover.join(timeout=60)
+        assert failures == []
+        assert "failed unexpectedly" not in m.log()

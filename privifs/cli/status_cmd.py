@@ -387,6 +387,8 @@ def print_status(st: dict) -> None:
         f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
         f" ({st['cache']['dir']})"
     )
+    if st["cache"].get("unavailable"):
+        print(f"    UNAVAILABLE: {st['cache']['unavailable']}; files are read through memory, not cached")
     print(f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})")
     print(
         f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"

@@ -83,6 +83,7 @@ DOWNLOAD_IDLE = 90.0  # a download that gets no data this long fails (EIO for th
 # … nor DOWNLOAD_PROGRESS (the client's rule for one request): data restart that wait only once
 # that much more arrived
 IN_MEMORY_MAX = 64 * MiB  # content up to this size is read through memory when the disk has no room
+REOPEN_EVERY = 1.0  # seconds between two tries to open a table that could not be opened again
 STALL_MEMORY = 2.0  # … and a fetch of the same token this soon after (the kernel retrying) fails at once
 
 
@@ -315,6 +316,8 @@ class ContentCache:
         self.used = 0
         self._dirs_measured: tuple[float, int] | None = None  # (when, footprint of the entry directories)
         self._dir_names: set[str] = set()  # the entry directories there when last measured
+        self._down: float | None = None  # since when (monotonic) the table could not be opened again
+        self.unavailable: str | None = None  # why not (privifs status), while it cannot
         try:
             try:
                 self._open()
@@ -339,25 +342,50 @@ class ContentCache:
         """Whether the cache directory was removed while mounted (``rm -rf ~/.cache`` to free
         space, a cleaner) and is made here again: every entry is forgotten (readers keeping
         files open are told) and diskcache's table opened afresh. Every download failed with
-        ENOENT until the next mount, so uncached files were EIO."""
-        if self.incoming.is_dir() and os.path.isdir(self.cache.directory):
+        ENOENT until the next mount, so uncached files were EIO.
+
+        A table that cannot be opened again yet (a long ``rm -rf`` takes the new files as they
+        are made; the disk refuses) leaves the cache *unavailable*: nothing is cached, reads go
+        through memory (:meth:`fetch`), an uploaded file is not kept, and the table is tried
+        again every :data:`REOPEN_EVERY` seconds. (The failure reached the programs: an fsync
+        during such an ``rm`` was EIO, as was every read of a file not cached.)"""
+        if self._down is None:
+            if self.incoming.is_dir() and os.path.isdir(self.cache.directory):
+                return False
+            log.warning(
+                "the cache directory %s was removed while mounted: it is made again "
+                "(cached files are downloaded again)",
+                self.dir,
+            )
+            for token in list(self._lru):
+                self._forget(token)
+            self._paths.clear()
+            self._touched.clear()
+            with suppress(*TABLE_ERRORS):
+                self.cache.close()
+        elif time.monotonic() - self._down < REOPEN_EVERY:
             return False
-        log.warning(
-            "the cache directory %s was removed while mounted: it is made again (cached files are downloaded again)",
-            self.dir,
-        )
-        for token in list(self._lru):
-            self._forget(token)
-        self._paths.clear()
-        self._touched.clear()
-        with suppress(*TABLE_ERRORS):
-            self.cache.close()
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.incoming.mkdir(exist_ok=True, mode=0o700)
-        self._open()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.incoming.mkdir(exist_ok=True, mode=0o700)
+            self._open(again=True)
+        except (OSError, *TABLE_ERRORS) as exc:
+            if self._down is None:
+                log.warning(
+                    "the read cache in %s cannot be opened again yet (%s): files are read through memory "
+                    "and not cached until it can",
+                    self.dir,
+                    exc,
+                )
+            self._down = time.monotonic()
+            self.unavailable = f"cannot be opened again after its directory was removed ({exc})"
+            return False
+        if self._down is not None:
+            log.info("the read cache in %s is open again", self.dir)
+            self._down = self.unavailable = None
         return True
 
-    def _open(self) -> None:
+    def _open(self, again: bool = False) -> None:
         self.cache = diskcache.Cache(
             str(self.dir / "entries"),
             eviction_policy="none",
@@ -366,23 +394,23 @@ class ContentCache:
             sqlite_wal_autocheckpoint=WAL_PAGES,
             sqlite_journal_size_limit=WAL_ROOM,
         )
-        for name in ENTRY_DIRS:  # made now, so that the limit counts them from the start (overhead)
-            with suppress(OSError):
-                os.mkdir(os.path.join(self.cache.directory, name))
         self._dirs_measured = None
         try:
-            self._load()
+            for name in ENTRY_DIRS:  # made now, so that the limit counts them from the start (overhead)
+                with suppress(OSError):
+                    os.mkdir(os.path.join(self.cache.directory, name))
+            self._load(again)
         except BaseException:
             self.cache.close()
             raise
 
-    def _load(self) -> None:
+    def _load(self, again: bool = False) -> None:
         """The LRU order from diskcache's table (its documented columns; a read); entry files
         no row names are deleted (:meth:`_sweep_unnamed`)."""
         rows = self.cache._sql(
             "SELECT key, size, filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL ORDER BY access_time"
         ).fetchall()
-        self._sweep_unnamed()
+        self._sweep_unnamed(again)
         for token, _, filename in rows:
             try:
                 size = entry_footprint_at(os.path.join(self.cache.directory, filename))
@@ -393,7 +421,7 @@ class ContentCache:
                 self._lru[token] = size
                 self.used += size
 
-    def _sweep_unnamed(self) -> None:
+    def _sweep_unnamed(self, again: bool = False) -> None:
         """Delete entry files that no row of the table names. An entry moves in by a rename and
         then a row of the table (diskcache's ``set``): a daemon killed between the two left a
         file no limit counted and nothing would ever remove, as large as the file (a whole
@@ -414,15 +442,19 @@ class ContentCache:
                     gone += 1
         if gone:
             log.info(
-                "deleted %d cache files no entry named (%.1f MiB; left by a daemon that was killed)", gone, freed / MiB
+                "deleted %d cache files no entry named (%.1f MiB; left by %s)",
+                gone,
+                freed / MiB,
+                "a removal of the cache directory" if again else "a daemon that was killed",
             )
 
     def close(self) -> None:
-        self._save_access()
-        self.cache.close()
+        if self._down is None:
+            self._save_access()
+            self.cache.close()
 
     def _save_access(self) -> None:
-        if not self._touched:
+        if not self._touched or self._down is not None:
             return
         try:
             with self.cache.transact():
@@ -454,6 +486,8 @@ class ContentCache:
             else:
                 self._touch_open(token, sealed)
                 return sealed
+        if self._down is not None:
+            return None
         f = self.cache.get(token, read=True)  # one SELECT: eviction_policy "none" writes nothing
         if f is None:
             return None
@@ -490,6 +524,8 @@ class ContentCache:
             sealed = self.open(token)
             if sealed is not None:
                 return sealed
+            if self._down is not None:
+                return await self._fetch_in_memory(token, vault, size, tap, check)
             event = self._inflight.get(token)
             if event is not None:
                 await event.wait()
@@ -520,10 +556,13 @@ class ContentCache:
         path = self.incoming / secrets.token_hex(12)
         try:
             sealed = SealedFile.create(path, self._key)
-        except BaseException:
+        except BaseException as exc:
             self._release(need)
             del self._inflight[token]
             event.set()
+            if isinstance(exc, PrivifsError) and not self.incoming.is_dir():
+                # the directory went since _made_again looked (an rm -rf running): through memory
+                return await self._fetch_in_memory(token, vault, size, tap, check)
             raise
         fallback = False
         try:
@@ -572,11 +611,12 @@ class ContentCache:
         alone (never an entry; gone when the caller closes it), so that a full disk does not
         make files unreadable. Content of no stated size (None) larger than
         :data:`IN_MEMORY_MAX` is refused as the disk was."""
-        log.info(
-            "no room in %s: reading %s bytes through memory, not cached",
-            self.dir,
-            size if size is not None else f"up to {IN_MEMORY_MAX}",
-        )
+        if self._down is None:
+            log.info(
+                "no room in %s: reading %s bytes through memory, not cached",
+                self.dir,
+                size if size is not None else f"up to {IN_MEMORY_MAX}",
+            )
         sealed = SealedFile.in_memory(self._key)
         try:
             await self._download(token, vault, size, sealed, tap, check, limit=IN_MEMORY_MAX)
@@ -723,7 +763,14 @@ class ContentCache:
         flight or above the staging reserve, another filesystem, or the cache's table cannot be
         written (a full disk)."""
         self._made_again()
-        size = entry_footprint_at(path)
+        if self._down is not None:
+            with suppress(OSError):  # (gone too, if the directory was removed)
+                os.unlink(path)
+            return False
+        try:
+            size = entry_footprint_at(path)
+        except FileNotFoundError:  # the cache directory was removed meanwhile (an rm -rf running)
+            return False
         budget = self.size_limit - self.overhead()
         if size > budget:
             os.unlink(path)
@@ -772,6 +819,8 @@ class ContentCache:
         """Drop the entry: its file first (the space comes back even if the table cannot be
         written), then its row."""
         self._forget(token)
+        if self._down is not None:
+            return
         f = self.cache.get(token, read=True)
         if f is None:
             return
@@ -832,6 +881,8 @@ class ContentCache:
     def take(self, token: str, dest: Path) -> bool:
         """Move ``token``'s cached file to ``dest`` (same filesystem) and drop the entry: the
         content leaves the cache without a copy. False if it is not cached or cannot be moved."""
+        if self._down is not None:
+            return False
         f = self.cache.get(token, read=True)
         if f is None:
             return False

@@ -570,6 +570,7 @@ class Daemon:
                 "size": cache.volume(),
                 "limit": cache.size_limit,
                 "downloads": cache.downloads,
+                "unavailable": cache.unavailable,
             },
             "staging": {"dir": str(self.staging.dir), "size": self.staging.usage()},
             "last_refresh": refresher.last_refresh,

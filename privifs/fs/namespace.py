@@ -598,7 +598,10 @@ class Index:
                     after = self._owed_after + after
                     self._owed, self._owed_after, self.owed_error = [], [], None
                     for fn in after:
-                        fn()
+                        try:
+                            fn()
+                        except Exception:  # the commit stands: one follow-up failing stops neither it nor the rest
+                            log.exception("a step after an index commit failed")
                     self._committed()
 
     @property

@@ -38,13 +38,22 @@ def reserve_of(total: int) -> int:
 
 @dataclass(frozen=True)
 class Space:
-    """The filesystem holding ``path`` (a directory that exists)."""
+    """The filesystem holding ``path`` (a directory; one removed meanwhile, e.g. the cache's by
+    ``rm -rf ~/.cache``, is measured at its nearest parent that exists)."""
 
     path: Path
 
     def _sizes(self) -> tuple[int, int]:
         """(free bytes an unprivileged writer may use, total bytes), from one ``statvfs``."""
-        st = os.statvfs(self.path)
+        path = self.path
+        while True:
+            try:
+                st = os.statvfs(path)
+                break
+            except FileNotFoundError:
+                if path.parent == path:
+                    raise
+                path = path.parent
         return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def above_floor(self) -> int:
