@@ -985,3 +985,37 @@ def test_a_control_client_that_reads_nothing_of_a_flush_is_let_go(eng, tmp_path)
         status = status[0] if isinstance(status, list) else status
         control = [t for t in status["tasks"] if t["name"] == "control socket"]
         assert control and control[0]["failures"] == 0, control
+
+
+def test_a_log_that_cannot_be_written_shows_no_traceback_and_later_says_how_many_records_went(tmp_path, capsys):
+    """On a full disk logging's default printed "--- Logging error ---" and a traceback to
+    stderr, which for the daemon (and the embedded engine) is the log file itself (helper hK).
+    A record that cannot be written is dropped and counted; the next one written says so."""
+    import contextlib
+    import logging
+
+    from privifs.cli.mount_cmd import MountLog
+
+    log_path = tmp_path / "mount.log"
+    out_fd = os.open(tmp_path / "stray", os.O_WRONLY | os.O_CREAT, 0o600)
+    handler = MountLog(log_path, fds=(out_fd,))
+    logger = logging.getLogger("test.mountlog.full")
+    logger.propagate = False
+    logger.addHandler(handler)
+    full = open("/dev/full", "w")  # every write fails with ENOSPC, as on a full disk
+    try:
+        handler.stream, kept = full, handler.stream
+        logger.warning("lost one")
+        logger.warning("lost two")
+        handler.stream = kept
+        logger.warning("written again")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        os.close(out_fd)
+        with contextlib.suppress(OSError):
+            full.close()
+    assert capsys.readouterr().err == ""
+    lines = log_path.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("written again"), lines
+    assert "2 log records before this one were lost" in lines[1]

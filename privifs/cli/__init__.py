@@ -13,7 +13,7 @@ import re
 import sys
 import textwrap
 
-from privifs.cli.failures import EXIT_USAGE, LOG_FORMAT, OneLineFormatter, report
+from privifs.cli.failures import EXIT_USAGE, LOG_FORMAT, OneLineFormatter, StderrLog, report
 
 _MARKUP = re.compile(r"``([^`]*)``|:[a-z]+:`~?([^`]*)`")
 
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = args.command not in ("engine", "mount")
-    stderr = logging.StreamHandler(sys.stderr)
+    stderr = StderrLog(sys.stderr)
     stderr.setFormatter(OneLineFormatter(LOG_FORMAT))  # the engine's log too: paths clients sent
     logging.basicConfig(
         level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO), handlers=[stderr]

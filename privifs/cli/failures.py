@@ -110,6 +110,38 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
 
 
+class DropsUnwritable(logging.Handler):
+    """A log handler mixin: a record it cannot write (the log's disk full) is dropped and
+    counted, and the next record written is followed by a line saying how many went. logging's
+    default prints a traceback to stderr instead, and the daemon's and the engine's stderr is
+    their log file itself: a full disk put "--- Logging error ---" tracebacks into it."""
+
+    lost = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.lost += 1
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lost = self.lost
+        super().emit(record)
+        if lost and self.lost == lost:  # written again
+            self.lost = 0
+            note = logging.LogRecord(
+                "privifs.log",
+                logging.WARNING,
+                __file__,
+                0,
+                "%d log records before this one were lost: the log could not be written (its disk full?)",
+                (lost,),
+                None,
+            )
+            super().emit(note)
+
+
+class StderrLog(DropsUnwritable, logging.StreamHandler):
+    """Log records to stderr (the engine's log file when it runs embedded)."""
+
+
 def cli_log_path() -> Path:
     return paths.state_dir() / "cli.log"
 

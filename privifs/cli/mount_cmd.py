@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 from privifs import paths
-from privifs.cli.failures import LOG_FORMAT, ExitStatus, LocalFileError, OneLineFormatter, exit_code
+from privifs.cli.failures import (
+    LOG_FORMAT,
+    DropsUnwritable,
+    ExitStatus,
+    LocalFileError,
+    OneLineFormatter,
+    exit_code,
+)
 from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
@@ -356,7 +363,7 @@ def _forward(args: argparse.Namespace) -> list[str]:
     return out
 
 
-class MountLog(logging.handlers.RotatingFileHandler):
+class MountLog(DropsUnwritable, logging.handlers.RotatingFileHandler):
     """The daemon's log, rotated at ``max_bytes`` (``mount.log.1`` …); ``fds`` (the daemon's
     stdout and stderr) follow the current file, so stray output is rotated with it."""
 
