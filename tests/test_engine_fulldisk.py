@@ -147,16 +147,16 @@ async def test_an_engine_whose_disk_fills_answers_507_stays_up_and_recovers(smal
         vault = client.vault(KEY)
         stored, full = await filled(vault)
         assert "disk is full" in str(full), full
-        await trio.to_thread.run_sync(fill, small / "filler")
-        for attempt in (
-            vault.put_bytes(b"small", FileMeta("s", "", "/", 0, "/s")),
-            vault.get_bytes(stored[0]),
-            client.tokens.delete(stored[1]),
-        ):
-            with pytest.raises(ServerError) as refused:
-                await attempt
-            assert refused.value.status == 507, refused.value
-        assert [t.token async for t in client.tokens.list()]  # reads still answer
+        await trio.to_thread.run_sync(fill, small / "filler")  # another program takes the last byte
+        with pytest.raises(ServerError) as refused:
+            await vault.put_bytes(b"small", FileMeta("s", "", "/", 0, "/s"))
+        assert refused.value.status == 507, refused.value
+        # reads and deletes are commands too: the database's reserve lets them through (a
+        # download and a delete were answered 507 as well: nothing read, nothing freed)
+        assert len(await vault.get_bytes(stored[0])) == 1 << 20
+        await client.tokens.delete(stored[1])
+        assert [t.token async for t in client.tokens.list()]
+        assert "used its 4 MiB reserve" in engine.log()
         room.unlink()
         token = await vault.put_bytes(b"after", FileMeta("after", "", "/", 0, "/after"))
         assert await vault.get_bytes(token) == b"after"
@@ -184,3 +184,22 @@ async def test_the_engines_own_blobs_leave_room_for_the_deletes_that_give_it_bac
         after = await vault.put_bytes(os.urandom(1 << 20), FileMeta("after", "", "/", 0, "/after"))
         assert len(await vault.get_bytes(after)) == 1 << 20
     assert "Traceback" not in engine.log()
+
+
+async def test_the_database_gives_back_its_reserve_on_a_full_disk_and_makes_it_again_later(tmp_path, monkeypatch):
+    import privifs.engine.db as engine_db
+
+    monkeypatch.setattr(engine_db, "RESERVE_CHECK", 0.0)
+    with small_filesystem(tmp_path / "small", "24m") as small:
+        db = Database(small / "engine.sqlite3")
+        try:
+            reserve = small / engine_db.RESERVE_NAME
+            assert reserve.stat().st_size == 4 << 20
+            await trio.to_thread.run_sync(fill, small / "filler")
+            await db.write(lambda conn: conn.execute("INSERT INTO kv VALUES ('a', randomblob(100000))"))
+            assert not reserve.exists()  # given back: the write had room
+            (small / "filler").unlink()
+            await db.write(lambda conn: conn.execute("INSERT INTO kv VALUES ('b', 'x')"))
+            assert reserve.stat().st_size == 4 << 20  # made again once the disk had room
+        finally:
+            db.close()

@@ -20,6 +20,7 @@ from privifs.engine.db import Database
 from privifs.errors import DiskFullError
 from privifs.fs.cache import ContentCache, footprint
 from privifs.fs.namespace import Index
+from tests.enginekit import EngineProcess
 from tests.fskit import CACHE_KEY as KEY
 from tests.fskit import sealed_file
 from tests.mountkit import Mount
@@ -527,3 +528,44 @@ def test_the_cache_gives_room_to_an_embedded_engine_that_shares_its_disk(tmp_pat
             assert read_uncached(m.dir / "first.bin") == first
         finally:
             m.cleanup()
+
+
+def test_a_disk_filled_to_the_last_byte_under_the_embedded_engine_still_reads_and_deletes(tmp_path):
+    """Everything on one disk (the embedded engine's default: a home directory) that another
+    program filled to the last byte. Files not cached were EIO (helper hK): a download is a
+    durable command in the engine's database, which answered 507 ("database or disk is full"),
+    and so was a delete, which would give room back. The engine now gives back its 4 MiB reserve
+    for its database when it is nearly full: reads and deletes go on."""
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        engine = EngineProcess(small / "engine", log_path=tmp_path / "engine.log").start()
+        m = Mount(
+            tmp_path / "user",
+            engine.urls,
+            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache")),
+        )
+        try:
+            m.mount()
+            files = {"tiny.txt": b"tiny", "mid.bin": os.urandom(300_000), "parts.bin": os.urandom(9 * MiB + 1)}
+            for name, data in files.items():
+                (m.dir / name).write_bytes(data)
+            (m.dir / "gone.bin").write_bytes(os.urandom(2 * MiB))
+            m.wait_idle()
+            m.umount()
+            for entry in (small / "cache").iterdir():  # nothing cached: every read downloads
+                subprocess.run(["rm", "-rf", str(entry)], check=True, timeout=30)
+            m.mount()
+            filler = fill_outside(small / "filler")
+            for name, data in files.items():
+                assert read_uncached(m.dir / name) == data, name
+            os.unlink(m.dir / "gone.bin")
+            m.wait_idle()
+            assert "gone.bin" not in {t["fileName"] for t in m.tokens()}
+            filler.unlink()
+            (m.dir / "after.txt").write_bytes(b"room again")
+            m.wait_idle()
+            assert "unexpectedly" not in m.log()
+            assert "Traceback" not in engine.log()
+        finally:
+            m.cleanup()
+            engine.stop()
+            engine.kill()

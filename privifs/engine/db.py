@@ -6,6 +6,13 @@ committed with one ``synchronous=FULL`` commit; a job's caller resumes only afte
 so everything the engine acknowledges is on disk. Directories that received new blob files are
 fsynced by the writer before the commit that references them. Reads use a separate connection
 on the trio thread (WAL lets them run beside the writer).
+
+On a disk something else filled to the last byte, every command failed ("database or disk is
+full", answered 507): reads too, since a download is a durable command and a claim of its
+authorization, and deletes, which would give room back. Before each batch the writer gives back
+the data directory's 4 MiB reserve when less than that is free (:data:`RESERVE_NAME`, logged
+once), so the database goes on for a while; the reserve is made again once the disk has ample
+room (checked every :data:`RESERVE_CHECK` seconds).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +41,7 @@ log = logging.getLogger("privifs.engine")
 # opened: the disk is full"), although a few MiB let it start, serve reads and take the deletes
 # that free space.
 RESERVE_NAME = "disk.reserve"
+RESERVE_CHECK = 5.0  # seconds between two tries to make a reserve given back again
 
 
 def reserve_of(data_dir: Path) -> DiskReserve:
@@ -256,7 +265,9 @@ class Database:
             return conn
 
         self._writer = opened_on_a_full_disk(open_writer, path.parent)
-        reserve_of(path.parent).ensure()
+        self._reserve = reserve_of(path.parent)
+        self._reserve.ensure()
+        self._reserve_checked = 0.0
         self._reader = _connect(path)
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine-db-writer", daemon=True)
@@ -280,7 +291,20 @@ class Database:
                 batch.append(nxt)
             self._apply(batch)
 
+    def _keep_room(self) -> None:
+        """Give the reserve back when the disk is (nearly) full; make it again once it has room."""
+        reserve = self._reserve
+        try:
+            if not reserve.given_back:
+                reserve.release_if_full()
+            elif time.monotonic() - self._reserve_checked >= RESERVE_CHECK:
+                self._reserve_checked = time.monotonic()
+                reserve.ensure()
+        except OSError as exc:  # (the reserve is a help; the commit says whether there was room)
+            log.debug("disk reserve of the engine's database: %s", exc)
+
     def _apply(self, batch: list[_Job]) -> None:
+        self._keep_room()
         conn = self._writer
         dirs: set[Path] = set()
         try:
