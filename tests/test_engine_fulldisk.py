@@ -23,7 +23,7 @@ from privifs.engine.db import Database
 from privifs.engine.hub import Hub
 from privifs.engine.options import EngineOptions
 from privifs.errors import ServerError
-from tests.enginekit import EngineProcess
+from tests.enginekit import EngineProcess, Wire, command_id
 from tests.test_fs_fulldisk import small_filesystem
 
 KEY = os.urandom(32)
@@ -203,3 +203,26 @@ async def test_the_database_gives_back_its_reserve_on_a_full_disk_and_makes_it_a
             assert reserve.stat().st_size == 4 << 20  # made again once the disk had room
         finally:
             db.close()
+
+
+async def test_an_upload_refused_at_the_floor_after_its_whole_body_came_is_answered_at_once(small_engine):
+    """A body under the engine's 1 MiB write buffer is written only once all of it has arrived;
+    refused then at the blob floor (or the disk full), the 507 waited for the rest of a body that
+    had ended: hypercorn's next message after a complete body comes only when the client leaves.
+    A mount's uploads in flight as its home disk filled got no answer for 60 s (found by helper hK)."""
+    engine, small = small_engine
+    wire = Wire(engine.urls)
+    try:
+        await wire.provision()
+        async with wire.channel() as ch:
+            r = await wire.post("/data-token/reserve-token-space", {"context": "c"})
+            cid = command_id(r)
+            await ch.wait_for("X-DPT-CAB-ID", cid)
+            stream = (await wire.get(f"/data-token/retrieve-temporary-data-token/{cid}")).json()["stream"]
+        await trio.to_thread.run_sync(fill, small / "filler")  # another program takes the last byte
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=5)) as http:
+            with trio.fail_after(8):
+                answer = await http.post(f"{engine.urls['upstream']}/?{stream}", content=os.urandom(65536))
+        assert answer.status_code == 507, answer.text
+    finally:
+        await wire.aclose()

@@ -97,24 +97,39 @@ async def _lifespan(receive, send) -> None:
 
 def _storage_guarded(what: str, app):
     """``app``, answering 507 (one log line) instead of failing when the engine's disk is full.
-    An answer already begun cannot be replaced: that connection is closed."""
+    An answer already begun cannot be replaced: that connection is closed.
+
+    The rest of the body is read first unless all of it came already: hypercorn's next message
+    after a complete body is the client leaving, so an upload refused once its whole body was in
+    (one under the 1 MiB write buffer, written only at its end; or its commit) waited for that,
+    and its client got no answer until it gave up (60 s for a mount)."""
 
     async def guarded(scope, receive, send) -> None:
-        started = False
+        started = body_complete = False
 
         async def tracking(message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def reading() -> dict:
+            nonlocal body_complete
+            message = await receive()
+            body_complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
         try:
-            await app(scope, receive, tracking)
+            await app(scope, reading, tracking)
         except (OSError, sqlite3.Error) as exc:
             if not disk_full(exc) or scope["type"] != "http":
                 raise
             log.warning("%s: the engine's disk is full (%s); answered 507", what, exc)
             if not started:
-                await _refuse(receive, send, 507, "Insufficient Storage: the server's disk is full; try again later")
+                status, message = 507, "Insufficient Storage: the server's disk is full; try again later"
+                if body_complete:
+                    await _answer(send, status, {"status": status, "message": message})
+                else:
+                    await _refuse(receive, send, status, message)
 
     return guarded
 
