@@ -538,11 +538,7 @@ def test_a_disk_filled_to_the_last_byte_under_the_embedded_engine_still_reads_an
     for its database when it is nearly full: reads and deletes go on."""
     with small_filesystem(tmp_path / "small", "64m") as small:
         engine = EngineProcess(small / "engine", log_path=tmp_path / "engine.log").start()
-        m = Mount(
-            tmp_path / "user",
-            engine.urls,
-            mount_args=("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache")),
-        )
+        m = state_and_cache_on(small, tmp_path, engine)
         try:
             m.mount()
             files = {"tiny.txt": b"tiny", "mid.bin": os.urandom(300_000), "parts.bin": os.urandom(9 * MiB + 1)}

@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -344,17 +345,24 @@ def test_a_damaged_key_check_is_told_from_a_wrong_key(engine, tmp_path):
         m.cleanup()
 
 
+def written_here_and_elsewhere(m: Mount, tmp_path) -> Path:
+    """kept.txt written through the mount and uploaded; new.txt stored by another application
+    (in the vault, not cached) and listed; returns new.txt's source file."""
+    (m.dir / "kept.txt").write_text("written here")
+    m.wait_idle()
+    src = tmp_path / "new.txt"
+    src.write_text("from another application")
+    m.token("put", str(src))
+    m.refresh()
+    return src
+
+
 def test_a_cache_directory_removed_while_mounted_is_made_again(engine, tmp_path):
     """`rm -rf ~/.cache` while mounted (to free space; a cleaner) made every read of a file not
     cached yet EIO ('No such file or directory: .../cache/...') until the next mount: the cache
     is now made again and the file downloaded."""
     with Mount(tmp_path, engine.urls).mounted() as m:
-        (m.dir / "kept.txt").write_text("written here")
-        m.wait_idle()
-        src = tmp_path / "new.txt"
-        src.write_text("from another application")
-        m.token("put", str(src))
-        m.refresh()
+        written_here_and_elsewhere(m, tmp_path)
         shutil.rmtree(m.root / "cache")
         assert (m.dir / "new.txt").read_text() == "from another application"
         assert "was removed while mounted: it is made again" in m.log()
@@ -382,12 +390,7 @@ def test_a_cache_that_cannot_be_made_again_yet_fails_no_fsync_and_no_read(engine
     directory) is only a cache that is not there: uploads land, reads go through memory, and the
     cache is made once it can be."""
     with Mount(tmp_path, engine.urls).mounted() as m:
-        (m.dir / "kept.txt").write_text("written here")
-        m.wait_idle()
-        src = tmp_path / "new.txt"
-        src.write_text("from another application")
-        m.token("put", str(src))
-        m.refresh()
+        src = written_here_and_elsewhere(m, tmp_path)
         cache = vault_cache_dir(m)
         shutil.rmtree(m.root / "cache")
         (cache / "entries" / "cache.db").mkdir(parents=True)
