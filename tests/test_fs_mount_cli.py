@@ -3,6 +3,7 @@ the cache limit, shared downloads, authorization renewal during a long mount."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -350,25 +351,33 @@ def test_bad_option_values_are_refused_with_one_line(tmp_path):
         m.cleanup()
 
 
-def test_mount_log_rotates_and_the_daemon_output_follows_it(tmp_path):
+@contextlib.contextmanager
+def mount_log(tmp_path, name: str, **options):
+    """A logger writing only to a :class:`MountLog` at ``tmp_path/mount.log`` (the daemon's stray
+    output to ``tmp_path/stray``); yields the logger and the handler, closed afterwards."""
     import logging
 
     from privifs.cli.mount_cmd import MountLog
 
-    log_path = tmp_path / "mount.log"
     out_fd = os.open(tmp_path / "stray", os.O_WRONLY | os.O_CREAT, 0o600)
-    handler = MountLog(log_path, max_bytes=4096, backups=2, fds=(out_fd,))
-    logger = logging.getLogger("test.mountlog")
+    handler = MountLog(tmp_path / "mount.log", fds=(out_fd,), **options)
+    logger = logging.getLogger(name)
     logger.propagate = False
     logger.addHandler(handler)
     try:
-        for i in range(300):
-            logger.warning("line %d %s", i, "x" * 40)
-        os.write(out_fd, b"stray output after rotation\n")
+        yield logger, handler
     finally:
         logger.removeHandler(handler)
         handler.close()
         os.close(out_fd)
+
+
+def test_mount_log_rotates_and_the_daemon_output_follows_it(tmp_path):
+    log_path = tmp_path / "mount.log"
+    with mount_log(tmp_path, "test.mountlog", max_bytes=4096, backups=2) as (logger, handler):
+        for i in range(300):
+            logger.warning("line %d %s", i, "x" * 40)
+        os.write(handler.fds[0], b"stray output after rotation\n")
     files = sorted(p.name for p in tmp_path.glob("mount.log*"))
     assert files == ["mount.log", "mount.log.1", "mount.log.2"]
     assert all(p.stat().st_size <= 4096 + 100 for p in tmp_path.glob("mount.log*"))
@@ -381,27 +390,14 @@ def test_a_file_name_with_a_line_break_cannot_write_a_line_of_its_own_into_the_m
     a foreign token whose read failed) wrote that second part into mount.log as a line of its
     own, looking like the daemon's. Line breaks in messages are now written as ``\\n``; a
     traceback still follows on its own lines."""
-    import logging
-
-    from privifs.cli.mount_cmd import MountLog
-
     log_path = tmp_path / "mount.log"
-    out_fd = os.open(tmp_path / "stray", os.O_WRONLY | os.O_CREAT, 0o600)
-    handler = MountLog(log_path, fds=(out_fd,))
-    logger = logging.getLogger("test.mountlog.oneline")
-    logger.propagate = False
-    logger.addHandler(handler)
     forged = "2026-12-05 12:00:00,000 INFO privifs.fs.daemon: mounted at /elsewhere"
-    try:
+    with mount_log(tmp_path, "test.mountlog.oneline") as (logger, _):
         logger.error("%s: cannot fetch the content", "/peer/x\n" + forged + "\r")
         try:
             raise ValueError("boom")
         except ValueError:
             logger.exception("a bug")
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
-        os.close(out_fd)
     lines = log_path.read_text().splitlines()
     assert not any(line.startswith(forged) for line in lines), lines
     assert "/peer/x\\n" + forged + "\\r: cannot fetch the content" in lines[0]
@@ -991,28 +987,16 @@ def test_a_log_that_cannot_be_written_shows_no_traceback_and_later_says_how_many
     """On a full disk logging's default printed "--- Logging error ---" and a traceback to
     stderr, which for the daemon (and the embedded engine) is the log file itself (helper hK).
     A record that cannot be written is dropped and counted; the next one written says so."""
-    import contextlib
-    import logging
-
-    from privifs.cli.mount_cmd import MountLog
-
     log_path = tmp_path / "mount.log"
-    out_fd = os.open(tmp_path / "stray", os.O_WRONLY | os.O_CREAT, 0o600)
-    handler = MountLog(log_path, fds=(out_fd,))
-    logger = logging.getLogger("test.mountlog.full")
-    logger.propagate = False
-    logger.addHandler(handler)
     full = open("/dev/full", "w")  # every write fails with ENOSPC, as on a full disk
     try:
-        handler.stream, kept = full, handler.stream
-        logger.warning("lost one")
-        logger.warning("lost two")
-        handler.stream = kept
-        logger.warning("written again")
+        with mount_log(tmp_path, "test.mountlog.full") as (logger, handler):
+            handler.stream, kept = full, handler.stream
+            logger.warning("lost one")
+            logger.warning("lost two")
+            handler.stream = kept
+            logger.warning("written again")
     finally:
-        logger.removeHandler(handler)
-        handler.close()
-        os.close(out_fd)
         with contextlib.suppress(OSError):
             full.close()
     assert capsys.readouterr().err == ""

@@ -368,7 +368,7 @@ class ContentCache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.incoming.mkdir(exist_ok=True, mode=0o700)
-            self._open(again=True)
+            self._open()
         except (OSError, *TABLE_ERRORS) as exc:
             if self._down is None:
                 log.warning(
@@ -385,7 +385,7 @@ class ContentCache:
             self._down = self.unavailable = None
         return True
 
-    def _open(self, again: bool = False) -> None:
+    def _open(self) -> None:
         self.cache = diskcache.Cache(
             str(self.dir / "entries"),
             eviction_policy="none",
@@ -399,18 +399,18 @@ class ContentCache:
             for name in ENTRY_DIRS:  # made now, so that the limit counts them from the start (overhead)
                 with suppress(OSError):
                     os.mkdir(os.path.join(self.cache.directory, name))
-            self._load(again)
+            self._load()
         except BaseException:
             self.cache.close()
             raise
 
-    def _load(self, again: bool = False) -> None:
+    def _load(self) -> None:
         """The LRU order from diskcache's table (its documented columns; a read); entry files
         no row names are deleted (:meth:`_sweep_unnamed`)."""
         rows = self.cache._sql(
             "SELECT key, size, filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL ORDER BY access_time"
         ).fetchall()
-        self._sweep_unnamed(again)
+        self._sweep_unnamed()
         for token, _, filename in rows:
             try:
                 size = entry_footprint_at(os.path.join(self.cache.directory, filename))
@@ -421,7 +421,7 @@ class ContentCache:
                 self._lru[token] = size
                 self.used += size
 
-    def _sweep_unnamed(self, again: bool = False) -> None:
+    def _sweep_unnamed(self) -> None:
         """Delete entry files that no row of the table names. An entry moves in by a rename and
         then a row of the table (diskcache's ``set``): a daemon killed between the two left a
         file no limit counted and nothing would ever remove, as large as the file (a whole
@@ -442,10 +442,10 @@ class ContentCache:
                     gone += 1
         if gone:
             log.info(
-                "deleted %d cache files no entry named (%.1f MiB; left by %s)",
+                "deleted %d cache files no entry named (%.1f MiB; left by a daemon that was killed, "
+                "or by a removal of the cache directory while mounted)",
                 gone,
                 freed / MiB,
-                "a removal of the cache directory" if again else "a daemon that was killed",
             )
 
     def close(self) -> None:
@@ -454,7 +454,7 @@ class ContentCache:
             self.cache.close()
 
     def _save_access(self) -> None:
-        if not self._touched or self._down is not None:
+        if not self._touched:
             return
         try:
             with self.cache.transact():
