@@ -94,6 +94,11 @@ class ServerError(VaultError):
     transient = True
 
 
+class VaultFull(ServerError):
+    """The server has no room for the data (HTTP 507 Insufficient Storage). Transient: room may
+    come back (the embedded engine's disk freed, the read cache giving way to it)."""
+
+
 class ProtocolError(VaultError):
     """The server answered in a shape the client does not understand."""
 
@@ -191,6 +196,11 @@ class VaultChanged(PrivifsError):
 class WriteBackFailed(PrivifsError):
     """An fsync gave up: the upload of the file's content did not complete (in time). The data
     stays staged and keeps being retried."""
+
+
+class NoRoomInVault(WriteBackFailed):
+    """An fsync failed because the vault has no room for the file (ENOSPC, as a full disk). The
+    data stays staged and keeps being retried."""
 
 
 class CommandPending(VaultError):

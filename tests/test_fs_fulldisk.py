@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from privifs.account import embedded_usernames
+from privifs.devkit.mount import privifs
 from privifs.engine.db import Database
 from privifs.errors import DiskFullError
 from privifs.fs.cache import ContentCache, footprint
@@ -561,6 +562,44 @@ def test_a_disk_filled_to_the_last_byte_under_the_embedded_engine_still_reads_an
             m.wait_idle()
             assert "unexpectedly" not in m.log()
             assert "Traceback" not in engine.log()
+        finally:
+            m.cleanup()
+            engine.stop()
+            engine.kill()
+
+
+@pytest.mark.parametrize("size", [3_000, 600_000, 9 * MiB + 1], ids=["inline", "streamed", "parts"])
+def test_fsync_on_a_full_vault_says_enospc_at_once_and_the_file_lands_once_there_is_room(tmp_path, size):
+    """The embedded engine's disk full (another program filled it; the mount's cache, on another
+    disk, has nothing to give): fsync waited its whole --fsync-timeout (300 s by default) through
+    the engine's 507 answers, then said EIO. A full vault is what ENOSPC means: fsync says so at
+    once, the file stays staged and reaches the vault once the disk has room again."""
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        engine = EngineProcess(small / "engine", log_path=tmp_path / "engine.log").start()
+        m = Mount(tmp_path / "user", engine.urls, mount_args=("--fsync-timeout", "45"))
+        try:
+            m.mount()
+            (m.dir / "before.txt").write_text("room then")
+            m.wait_idle()
+            filler = fill_outside(small / "filler")
+            data = os.urandom(size)
+            fd = os.open(m.dir / "full.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+                started = time.monotonic()
+                with pytest.raises(OSError) as info:
+                    os.fsync(fd)
+                waited = time.monotonic() - started
+            finally:
+                os.close(fd)
+            assert info.value.errno == errno.ENOSPC, info.value
+            assert waited < 30, f"fsync waited {waited:.0f} s for a vault with no room"
+            assert (m.dir / "full.bin").read_bytes() == data  # staged: nothing lost
+            assert "no room" in privifs(m.env, "status", str(m.dir)).stdout
+            filler.unlink()
+            m.wait_idle(timeout=120)
+            assert vault_content(m, "full.bin", tmp_path / "full.out") == data
+            assert "Traceback" not in m.log() and "Traceback" not in engine.log()
         finally:
             m.cleanup()
             engine.stop()

@@ -45,6 +45,7 @@ from privifs.errors import (
     RequestRejected,
     ServerError,
     ServerUnreachable,
+    VaultFull,
 )
 
 log = logging.getLogger("privifs.client")
@@ -298,7 +299,10 @@ class Transport:
         # a 408 (a proxy or load balancer that timed the request out) is no more the server's
         # refusal than a 429 or a 5xx: the same request may well succeed on a later try
         if status >= 500 or status in (408, 429):
-            err = ServerError(f"{what}: the server failed (HTTP {status}: {detail})", status=status)
+            if status == 507:  # Insufficient Storage: transient too, but an fsync says ENOSPC
+                err = VaultFull(f"{what}: the vault has no room (HTTP 507: {detail})", status=status)
+            else:
+                err = ServerError(f"{what}: the server failed (HTTP {status}: {detail})", status=status)
             ra = resp.headers.get("retry-after")
             err.retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
             return err

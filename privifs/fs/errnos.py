@@ -18,12 +18,14 @@ from privifs.errors import (
     DiskFullError,
     ForbiddenError,
     NodeGone,
+    NoRoomInVault,
     NotFoundError,
     PermissionRefused,
 )
 
 ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
     (DiskFullError, errno.ENOSPC),  # the local disk is full: the program can free space
+    (NoRoomInVault, errno.ENOSPC),  # an fsync the vault has no room for: the data stays staged
     (NodeGone, errno.ENOENT),  # the entry left the tree meanwhile
     (NotFoundError, errno.ENOENT),
     (AuthenticationError, errno.EACCES),

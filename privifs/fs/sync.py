@@ -64,11 +64,13 @@ from privifs.errors import (
     ForbiddenError,
     IntegrityError,
     NodeGone,
+    NoRoomInVault,
     NotFoundError,
     PrivifsError,
     RequestRejected,
     ServerError,
     ServerUnreachable,
+    VaultFull,
     WriteBackFailed,
 )
 from privifs.fs.cache import ContentCache
@@ -162,14 +164,19 @@ def written_by_privifs(risk: dict[str, str]) -> bool:
     return "privifs.type" in risk or any(k in risk for k in CARRIED)
 
 
-def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False) -> bool:
+def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False, room_made: bool = False) -> bool:
     """An fsync keeps waiting (up to --fsync-timeout) through failures of a server that answers
     (5xx, a command still pending): the next attempt may well succeed, and a program treats an
     fsync error as lost data. So it does while the embedded engine cannot be reached because it
     is being started again after it died (``server_restarting``). A server that cannot be
-    reached otherwise, or that refuses, fails it now."""
+    reached otherwise, or that refuses, fails it now. A vault with no room (507) fails it now
+    with ENOSPC, as a full disk does, unless the read cache just gave room to the server
+    (``room_made``: the embedded engine on the cache's disk), for which the retry may land; it
+    waited the whole time-out (300 s by default) and said EIO."""
     if isinstance(exc, ServerUnreachable):
         return server_restarting
+    if isinstance(exc, VaultFull):
+        return room_made
     return exc.transient
 
 
@@ -593,8 +600,9 @@ class Syncer:
         delay = min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
+        room_made = self.server_full is not None and isinstance(exc, VaultFull) and self.server_full(node.size) > 0
         waits = self._fsync[node.ino] and fsync_waits_through(
-            exc, isinstance(exc, ServerUnreachable) and self.server_restarting()
+            exc, isinstance(exc, ServerUnreachable) and self.server_restarting(), room_made
         )
         if waits:
             delay = min(delay, FSYNC_RETRY)
@@ -606,8 +614,6 @@ class Syncer:
         self.unanswered(exc)
         if isinstance(exc, ServerError) and self.failing_since is None:
             self.failing_since = time.time()
-        if self.server_full is not None and getattr(exc, "status", None) == 507:
-            self.server_full(node.size)
         log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
@@ -1417,7 +1423,8 @@ class Syncer:
             )
             if isinstance(exc, CommandRejected):
                 raise exc  # the server's refusal itself (a PermissionRefused answers EACCES)
-            raise WriteBackFailed(
+            failed = NoRoomInVault if isinstance(exc, VaultFull) else WriteBackFailed
+            raise failed(
                 f"{self.ns.describe(node)}: the upload did not complete ({exc}); the data "
                 "stays staged and keeps being retried"
             ) from exc
