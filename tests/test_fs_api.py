@@ -12,6 +12,7 @@ import errno
 import os
 import sqlite3
 import stat
+from types import SimpleNamespace
 
 import pyfuse3
 import trio
@@ -31,7 +32,32 @@ async def test_a_created_file_is_found_by_lookup_with_its_mode_and_size_and_read
     assert attrs.st_size == 11 and attrs.st_nlink == 1
     assert await kit.read_file("notes.txt") == b"hello world"
     with fails_with(errno.EEXIST):
-        await kit.create_file("notes.txt")
+        await kit.create_file("notes.txt", flags=os.O_RDWR | os.O_CREAT | os.O_EXCL)
+
+
+async def test_a_create_of_a_name_another_client_made_meanwhile_opens_it_unless_o_excl(kit):
+    """The kernel sends CREATE for a name its look-up did not find; when another client made it
+    in between (the listing brought it in), open(O_CREAT) without O_EXCL got EEXIST (helper hM3:
+    22 of 300 such opens in a race of two mounts). It opens the file, truncating it for O_TRUNC,
+    and refuses a mode that does not allow it."""
+    await kit.remote.put("theirs.txt", b"made elsewhere")
+    await kit.refresh()
+    fh = await kit.create_file("theirs.txt", flags=os.O_RDONLY | os.O_CREAT)
+    assert await kit.read(fh, 0, 100) == b"made elsewhere"
+    await kit.close(fh)
+    fh = await kit.create_file("theirs.txt", flags=os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    await kit.write(fh, 0, b"mine now")
+    await kit.close(fh)
+    assert await kit.read_file("theirs.txt") == b"mine now"
+    with fails_with(errno.EEXIST):
+        await kit.create_file("theirs.txt", flags=os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    await kit.mkdir("adir")
+    with fails_with(errno.EISDIR):
+        await kit.create_file("adir", flags=os.O_RDWR | os.O_CREAT)
+    await kit.setattr("theirs.txt", mode=stat.S_IFREG | 0o444)
+    other = SimpleNamespace(uid=CTX.uid + 1000, gid=CTX.gid + 1000, pid=os.getpid(), umask=0o022)
+    with fails_with(errno.EACCES):
+        await kit.ops.create(ROOT_INO, b"theirs.txt", stat.S_IFREG | 0o644, os.O_WRONLY | os.O_CREAT, other)
 
 
 async def test_a_missing_name_is_a_negative_entry_dropped_when_another_client_makes_it(kit):

@@ -504,6 +504,20 @@ class Filesystem:
         self.touch_parent(parent)
         return node
 
+    async def create_or_open(
+        self, parent_ino: int, name: bytes, mode: int, flags: int, owner: tuple[int, int] | None = None
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """``open(name, O_CREAT | flags)``: the kernel asks to create only a name its look-up did
+        not find, but another client's entry the listing brought in since may be there. Without
+        O_EXCL that file is opened, as open(2) does (it failed with EEXIST)."""
+        existing = self.ns.child(self.dir_node(parent_ino), self.decode(name))
+        if existing is None or flags & os.O_EXCL:
+            return self.create(parent_ino, name, mode, flags, owner)
+        self._may_open(existing, flags, owner)
+        info = await self.open(existing.ino, flags)
+        self.ns.looked_up(existing)
+        return info, self.attrs(existing)
+
     def create(
         self, parent_ino: int, name: bytes, mode: int, flags: int, owner: tuple[int, int] | None = None
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -512,6 +526,21 @@ class Filesystem:
         self._save_new(node)
         self.ns.looked_up(node)
         return self._open_node(node, flags), self.attrs(node)
+
+    def _may_open(self, node: Node, flags: int, owner: tuple[int, int] | None) -> None:
+        """EACCES unless the caller may open ``node`` with ``flags`` by its mode (what the kernel's
+        default_permissions checks before an open, but not for an entry it believed missing)."""
+        if owner is None or owner[0] == 0:
+            return
+        attrs = self.attrs(node)
+        shift = 6 if owner[0] == attrs.st_uid else 3 if owner[1] == attrs.st_gid else 0
+        allowed = (attrs.st_mode >> shift) & 0o7
+        accmode = flags & os.O_ACCMODE
+        wanted = (4 if accmode in (os.O_RDONLY, os.O_RDWR) else 0) | (
+            2 if accmode in (os.O_WRONLY, os.O_RDWR) or flags & os.O_TRUNC else 0
+        )
+        if wanted & ~allowed:
+            raise fail(errno.EACCES)
 
     def link(self) -> None:
         raise fail(errno.EPERM)  # no hard links

@@ -105,7 +105,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        return self.fs.create(parent_inode, name, mode, flags, (ctx.uid, ctx.gid))
+        return await self.fs.create_or_open(parent_inode, name, mode, flags, (ctx.uid, ctx.gid))
 
     @handler
     async def read(self, fh, off, size):
