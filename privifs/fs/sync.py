@@ -471,7 +471,7 @@ class Syncer:
             if node is None or node.unlinked and not node.uploading:
                 continue
             wait = node.retry_at - trio.current_time()
-            if wait > 0 and not self._fsync[ino]:
+            if wait > 0:  # (an fsync sets it to now: commit)
                 if self._waiting.get(ino, float("inf")) > node.retry_at:  # one timer per node and time
                     self._waiting[ino] = node.retry_at
                     self._nursery.start_soon(self._later, ino, node.retry_at)
