@@ -12,7 +12,14 @@ import trio
 
 from privifs.errors import CommandRejected, NotFoundError, TokenMissing, rejected_command
 from privifs.fs.names import conflict_name
-from privifs.fs.refresh import EVENT_LISTING_SHARE, EVENT_MIN_GAP, FULL_LISTING_SHARE, event_gap, full_gap
+from privifs.fs.refresh import (
+    EVENT_LISTING_SHARE,
+    EVENT_MIN_GAP,
+    FULL_LISTING_SHARE,
+    ListingCost,
+    event_gap,
+    full_gap,
+)
 from privifs.fs.sync import RENAME_FETCH_LIMIT
 from tests.fskit import inprocess_fs
 
@@ -168,6 +175,19 @@ def test_the_safety_net_listing_of_a_huge_vault_is_spaced_by_what_the_last_one_c
     assert full_gap(30.0, 0.5) == 30.0  # the --refresh-interval, for any vault listed in 1.5 s or less
     for cost in (2.0, 12.0, 60.0):  # listing every 30 s would take 6 %, 29 %, 67 % of the time
         assert cost / (cost + full_gap(30.0, cost)) <= FULL_LISTING_SHARE + 1e-9
+
+
+def test_a_stalled_or_failed_listing_does_not_space_the_next_ones_as_for_a_huge_vault():
+    """One listing the server held for 45 s made the next safety-net listing about 14 minutes
+    later (helper hM3); what listing costs is the quickest of the last few that succeeded."""
+    cost = ListingCost()
+    assert cost.seconds == 0.0
+    for seconds in (0.2, 45.0):
+        cost.listed(seconds)
+    assert cost.seconds == 0.2 and full_gap(30.0, cost.seconds) == 30.0
+    for seconds in (12.0, 12.5, 13.0):  # a vault that is really big is slow every time
+        cost.listed(seconds)
+    assert cost.seconds == 12.0 and full_gap(30.0, cost.seconds) > 30.0
 
 
 async def test_an_edit_made_after_seeing_a_rename_replaces_the_renamed_version_without_a_copy(account, tmp_path):

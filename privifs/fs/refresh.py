@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import pyfuse3
@@ -64,6 +65,7 @@ EVENT_MIN_GAP = 0.5  # while another client keeps changing things: at most two l
 EVENT_LISTING_SHARE = 0.2  # … and listings for events take at most this share of the time (a big vault)
 FULL_LISTING_SHARE = 0.05  # the safety net's listings take at most this share of the time (a huge vault)
 NO_ANSWER_GRACE = 10.0  # a listing that received nothing for this long: status says the server does not answer
+COST_MEMORY = 3  # listings that succeeded, of which the quickest says what listing costs
 UNSEEN = float("inf")  # the createdAt order of a token the listing has not shown yet: newest
 
 
@@ -82,6 +84,24 @@ def full_gap(interval: float, last_cost: float) -> float:
     every 30 s kept a core a third busy for nothing). Other clients' changes still show within
     :func:`event_gap` through the event channel."""
     return max(interval, last_cost * (1 / FULL_LISTING_SHARE - 1))
+
+
+class ListingCost:
+    """What listing the vault costs, for :func:`event_gap` and :func:`full_gap`: the least time
+    of the last :data:`COST_MEMORY` listings that succeeded. A listing that failed, or one that
+    waited on a stalled server or on retries, says nothing about the vault's size: one listing
+    held 45 s made the next safety-net listing about 14 minutes later, and a 60 s time-out about
+    19 (helpers hM3, hL3), while a vault that is really big is slow every time."""
+
+    def __init__(self) -> None:
+        self._recent: deque[float] = deque(maxlen=COST_MEMORY)
+
+    def listed(self, seconds: float) -> None:
+        self._recent.append(seconds)
+
+    @property
+    def seconds(self) -> float:
+        return min(self._recent, default=0.0)
 
 
 def claim_order(created: float | None, token: str) -> tuple[float, str]:
@@ -129,6 +149,7 @@ class Refresher:
             task_status.started()
             next_full = trio.current_time() + self.interval
             last, gap = -EVENT_MIN_GAP, EVENT_MIN_GAP
+            cost = ListingCost()
             while True:
                 due = max(min(self._due), last + gap) if self._due else next_full
                 with trio.move_on_at(min(next_full, due)):
@@ -138,10 +159,11 @@ class Refresher:
                 if now < next_full and not (self._due and now >= due):
                     continue
                 self._due = [t for t in self._due if t > now]
-                await self._refresh_logged()
+                if await self._refresh_logged():
+                    cost.listed(trio.current_time() - now)
                 last = trio.current_time()
-                gap = event_gap(last - now)
-                next_full = last + full_gap(self.interval, last - now)
+                gap = event_gap(cost.seconds)
+                next_full = last + full_gap(self.interval, cost.seconds)
 
     def nudge(self, delays: tuple[float, ...] = EVENT_FOLLOW_UPS) -> None:
         """Read the listing after each of ``delays`` seconds (coalesced with what is due)."""
@@ -160,7 +182,8 @@ class Refresher:
                 await trio.sleep(EVENT_FOLLOW_UPS[-1])
             self.nudge()
 
-    async def _refresh_logged(self) -> None:
+    async def _refresh_logged(self) -> bool:
+        """One listing merged; False if it failed (logged, and kept for status)."""
         failing = self.last_error is not None
         try:
             await self.refresh_once()
@@ -175,6 +198,8 @@ class Refresher:
             if failing:  # the server answers again: uploads that backed off (up to 5 min) go now
                 log.info("the listing works again; retrying the write-back that waits")
                 self.syncer.retry_all_now()
+            return True
+        return False
 
     async def fetch(self) -> tuple[list[TokenInfo], float]:
         started = trio.current_time()
