@@ -32,6 +32,10 @@ class Account:
         """Whether the server is the embedded engine and it is being started again after it died."""
         return self.engine is not None and self.engine.restarting()
 
+    def server_restart_failure(self) -> tuple[float, str] | None:
+        """(since when, why) the embedded engine, dead, could not be started again; None otherwise."""
+        return self.engine.restart_failure if self.engine is not None else None
+
     def server_stopped(self) -> int | None:
         """The pid of the embedded engine if it is stopped (SIGSTOP): it answers nothing."""
         return self.engine.stopped_pid() if self.engine is not None else None

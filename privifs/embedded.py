@@ -48,6 +48,9 @@ class EmbeddedEngine:
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self._restarting = False  # the watcher found the engine dead and is starting it again
+        # (since when, why) its starts have failed, until one succeeds: for privifs status, which
+        # said only that the server stopped answering (helper hL3: another program on its port)
+        self.restart_failure: tuple[float, str] | None = None
 
     def _locked_by_other(self) -> bool:
         lock = self.data_dir / "lock"
@@ -229,8 +232,11 @@ class EmbeddedEngine:
                         self.start(self._ports())
                     self.restarts += 1
                     self._restarting = False
+                    self.restart_failure = None
                 log.info("the embedded engine is back at %s", self.urls.get("api") if self.urls else "?")
                 backoff = WATCH_INTERVAL
             except Exception as exc:  # noqa: BLE001 - keep trying: the mount depends on it
                 backoff = min(max(backoff * 2, 1.0), RESTART_BACKOFF_MAX)
+                since = self.restart_failure[0] if self.restart_failure else time.time()
+                self.restart_failure = (since, f"{exc}; trying again every {RESTART_BACKOFF_MAX:.0f}s at most")
                 log.error("could not restart the embedded engine (%s); trying again in %.0fs", exc, backoff)

@@ -285,7 +285,7 @@ class Privifs(Contender):
         raise RuntimeError("privifs is not mounted")
 
     def settle(self) -> None:
-        from privifs.fs.daemon import control_request
+        from privifs.fs.registry import control_request
 
         answer = list(control_request(self._entry(), {"cmd": "flush", "timeout": WAIT}, timeout=WAIT + 30))
         if not answer[-1].get("done"):

@@ -81,7 +81,7 @@ class Mounted:
         return psutil.Process(self.entry()["pid"])
 
     def settle(self, timeout: float = 600) -> None:
-        from privifs.fs.daemon import control_request
+        from privifs.fs.registry import control_request
 
         answer = list(control_request(self.entry(), {"cmd": "flush", "timeout": timeout}, timeout=timeout + 30))
         if not answer[-1].get("done"):

@@ -157,6 +157,42 @@ def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_p
         assert (m.dir / "synced.bin").read_bytes() == data
 
 
+def test_status_says_why_a_dead_embedded_engine_cannot_be_started_again_until_it_is(tmp_path):
+    """The embedded engine died and its starts kept failing (here another process holds its
+    data directory's lock; helper hL3: another program on its port): status said only that the
+    server stopped answering. It names the engine and why, until a start succeeds."""
+    from tests.mountkit import Mount, privifs
+
+    m = Mount(tmp_path / "user", None)
+    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
+    with m.mounted():
+        lock = open(data_dir / "lock", "a+")
+        try:
+            os.kill(engine_pid(data_dir), signal.SIGKILL)
+            deadline = time.monotonic() + WAIT
+            while True:  # the dead engine's lock is free once the kernel has closed its files
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the killed engine kept its lock"
+                    time.sleep(0.01)
+            deadline = time.monotonic() + 30
+            while not (down := m.status().get("engine_restart_failed")):
+                assert time.monotonic() < deadline, "status never said the engine cannot be started again"
+                time.sleep(0.5)
+            text = privifs(m.env, "status", str(m.dir), check=False).stdout
+            assert "ENGINE DOWN since" in text and "cannot be started again" in text, text
+            assert down[1] in text
+        finally:
+            lock.close()  # its next start succeeds
+        deadline = time.monotonic() + 60
+        while m.status().get("engine_restart_failed"):
+            assert time.monotonic() < deadline, "status still says the engine is down"
+            time.sleep(0.5)
+        assert "ENGINE DOWN" not in privifs(m.env, "status", str(m.dir), check=False).stdout
+
+
 def test_the_embedded_engine_comes_back_on_its_ports_of_last_time(tmp_path, caplog):
     """Other machines reach this vault through the embedded engine's URLs: an unmount and mount
     here (a new engine process) gave it new ports, and every other machine stayed offline until

@@ -36,19 +36,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line's parser; for ``argv`` naming a known command, only that
+    command's module is loaded (see :mod:`privifs.cli.commands`)."""
+    import importlib
     from pathlib import Path
 
     import privifs
-    from privifs.cli import (
-        backup_cmd,
-        engine_cmd,
-        init_cmd,
-        mount_cmd,
-        status_cmd,
-        token_cmd,
-        verify_cmd,
-    )
+    from privifs.cli.commands import COMMANDS, named_command
 
     parser = Parser(prog="privifs", description=privifs.__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"privifs {privifs.__version__}")
@@ -60,13 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration file (default $PRIVIFS_CONFIG or ~/.config/privifs/config.toml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    init_cmd.register(sub)
-    mount_cmd.register(sub)
-    status_cmd.register(sub)
-    token_cmd.register(sub)
-    backup_cmd.register(sub)
-    engine_cmd.register(sub)
-    verify_cmd.register(sub)
+    named = named_command(argv) if argv is not None else None
+    registered: set[str] = set()
+    for command, (module, text) in COMMANDS.items():
+        if command in registered:
+            continue
+        if named is None or COMMANDS[named][0] == module:
+            importlib.import_module(f"privifs.cli.{module}").register(sub)
+            registered.update(c for c, (m, _) in COMMANDS.items() if m == module)
+        else:
+            sub.add_parser(command, help=text)  # (not this command line's: its help alone)
     return parser
 
 
@@ -74,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     from privifs.nodump import forbid_core_dumps
 
     forbid_core_dumps()  # before any key or password is read
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     quiet = args.command not in ("engine", "mount")
     stderr = StderrLog(sys.stderr)

@@ -18,20 +18,17 @@ import sys
 from pathlib import Path
 
 from privifs.backup import restore_backup, write_backup
+from privifs.cli.commands import help_of
 from privifs.cli.prompt import ask_secret
 from privifs.config import default_config_path, load
 
 
 def register(sub) -> None:
-    b = sub.add_parser(
-        "backup", help="write the key, account and embedded engine data to a protected file", description=__doc__
-    )
+    b = sub.add_parser("backup", help=help_of("backup"), description=__doc__)
     b.add_argument("file", type=Path, help="the backup file to create (never overwritten)")
     b.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
     b.set_defaults(func=run_backup)
-    r = sub.add_parser(
-        "restore", help="rebuild the configuration, key and vault from a backup on a clean home", description=__doc__
-    )
+    r = sub.add_parser("restore", help=help_of("restore"), description=__doc__)
     r.add_argument("file", type=Path, help="a file made by 'privifs backup'")
     r.add_argument("--passphrase-file", type=Path, help="read the passphrase from this file")
     r.set_defaults(func=run_restore)

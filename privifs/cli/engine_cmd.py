@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from privifs import paths
+from privifs.cli.commands import help_of
 from privifs.cli.failures import LocalFileError
 from privifs.cli.options import port
 from privifs.errors import ConfigError
@@ -20,7 +21,7 @@ from privifs.errors import ConfigError
 def register(sub) -> None:
     p = sub.add_parser(
         "engine",
-        help="run the local Privicore-compatible engine",
+        help=help_of("engine"),
         description="Run the local Privicore-compatible engine until SIGTERM or SIGINT.",
     )
     p.add_argument(

@@ -24,6 +24,7 @@ import trio
 
 from privifs import paths
 from privifs.account import embedded_profiles
+from privifs.cli.commands import help_of
 from privifs.cli.prompt import ask_secret, env_text
 from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
@@ -42,7 +43,7 @@ from privifs.errors import AuthenticationError, ConfigError, KeyFileError, Wrong
 
 
 def register(sub) -> None:
-    p = sub.add_parser("init", help="write the configuration and keys (and register a profile)", description=__doc__)
+    p = sub.add_parser("init", help=help_of("init"), description=__doc__)
     p.add_argument("--register", action="store_true", help="register a new profile on the server")
     p.add_argument("--password-file", type=Path, help="read the password from this file")
     p.add_argument(

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from privifs import paths
+from privifs.cli.commands import help_of
 from privifs.cli.failures import (
     LOG_FORMAT,
     DropsUnwritable,
@@ -44,7 +45,7 @@ _DEFAULTS: dict[str, object] = {}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("mount", help="mount the vault as a drive", description=MOUNT_DESCRIPTION)
+    p = sub.add_parser("mount", help=help_of("mount"), description=MOUNT_DESCRIPTION)
     p.add_argument("mountpoint", type=Path, help="an existing directory")
     p.add_argument("--foreground", action="store_true", help="stay attached and log to the terminal")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where the encrypted read cache lives")

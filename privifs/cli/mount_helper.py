@@ -242,7 +242,7 @@ def _daemon_read_only(mountpoint: str) -> bool | None:
 
 
 def _daemon_status(control: str) -> dict | None:
-    from privifs.fs.daemon import control_request
+    from privifs.fs.registry import control_request
 
     try:
         for answer in control_request({"control": control}, {"cmd": "status"}, timeout=10):

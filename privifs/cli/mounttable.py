@@ -105,7 +105,7 @@ def clean_dead_mount(path: str | Path) -> None:
 
 
 def registered_entry(mountpoint: Path) -> dict | None:
-    from privifs.fs.daemon import registered_mounts
+    from privifs.fs.registry import registered_mounts
 
     real = mount_path(mountpoint)
     for entry in registered_mounts():

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from privifs import paths
+from privifs.cli.commands import help_of
 from privifs.cli.failures import EXIT_DEAD_MOUNT, EXIT_STAGED, ExitStatus, LocalFileError
 from privifs.cli.mounttable import (
     clean_dead_mount,
@@ -38,7 +39,7 @@ PENDING_LISTED = 20  # pending changes status prints by name (the daemon sends t
 def register(sub) -> None:
     u = sub.add_parser(
         "umount",
-        help="upload what is pending and unmount",
+        help=help_of("umount"),
         description="Upload what is pending (progress on a terminal), then unmount. Exits with "
         "7 if changes could not be uploaded: they stay staged and are uploaded at "
         "the next mount. A mount whose daemon died is cleaned up.",
@@ -55,7 +56,7 @@ def register(sub) -> None:
 
     s = sub.add_parser(
         "status",
-        help="pending uploads, cache, last refresh and errors of mounts",
+        help=help_of("status"),
         description="Show each privifs mount: pending uploads, cache, last refresh and errors; "
         "a mount whose daemon died, is stopped or does not answer is shown with how to recover "
         "(exit code 8).",
@@ -105,7 +106,7 @@ def _bytes(n: int) -> str:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    from privifs.fs.daemon import control_request
+    from privifs.fs.registry import control_request
 
     entry = registered_entry(args.mountpoint)
     if entry is None:
@@ -277,7 +278,7 @@ def _silent_status(entry: dict, why: str) -> dict:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from privifs.fs.daemon import control_request, registered_mounts
+    from privifs.fs.registry import control_request, registered_mounts
 
     entries = registered_mounts()
     live = {e["mountpoint"] for e in entries}
@@ -341,6 +342,13 @@ def print_status(st: dict) -> None:
             f"  ENGINE STOPPED: the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) "
             f"and answers nothing; uploads and uncached reads wait. Recover: kill -CONT {pid}   "
             f"(or kill -9 {pid}: the mount starts it again)"
+        )
+    if st.get("engine_restart_failed"):
+        since, why = st["engine_restart_failed"]
+        print(
+            f"  ENGINE DOWN since {_ago(since)}: the embedded engine died and cannot be started again ({why}); "
+            f"uploads and uncached reads wait. If another program took its port, stop it; 'privifs umount' "
+            f"and 'privifs mount' start it on free ports"
         )
     if conn and not conn.get("online"):
         print(

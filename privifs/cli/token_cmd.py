@@ -24,6 +24,7 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
+from privifs.cli.commands import help_of
 from privifs.cli.failures import LocalFileError
 from privifs.cli.options import context_path, is_utf8, utf8_text
 from privifs.client.connect import connect
@@ -44,7 +45,7 @@ PROGRESS_MIN = 8 * 1024 * 1024
 
 
 def register(sub) -> None:
-    p = sub.add_parser("token", help="list, store, fetch, rename and delete data tokens directly", description=__doc__)
+    p = sub.add_parser("token", help=help_of("token"), description=__doc__)
     tsub = p.add_subparsers(dest="token_command", required=True, metavar="ACTION")
 
     def action(name: str, text: str, fn):

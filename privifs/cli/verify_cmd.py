@@ -34,6 +34,7 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
+from privifs.cli.commands import help_of
 from privifs.cli.failures import EXIT_USAGE, ExitStatus
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta, find, find_each
@@ -66,7 +67,7 @@ could not run."""
 def register(sub) -> None:
     p = sub.add_parser(
         "verify",
-        help="check the vault: local index against the listing; --data: every token's tag",
+        help=help_of("verify"),
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -156,7 +156,7 @@ class Mount:
 
     # -- control -----------------------------------------------------------------------------
     def control(self, request: dict, timeout: float = 120) -> list[dict]:
-        from privifs.fs.daemon import control_request
+        from privifs.fs.registry import control_request
 
         return list(control_request(self.registry(), request, timeout=timeout))
 

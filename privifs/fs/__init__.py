@@ -14,4 +14,5 @@ Layers, top to bottom (see docs/architecture.md):
 * :mod:`~privifs.fs.tokenmeta`   how a node is written into token file meta and risk meta
 * :mod:`~privifs.fs.names`       the name rules: token fileName/extension ↔ entry name, conflicts
 * :mod:`~privifs.fs.daemon`      mount lifecycle, control socket, status
+* :mod:`~privifs.fs.registry`    the mounts' registry and one control request (clients' side)
 """

@@ -48,6 +48,7 @@ from privifs.fs.filesystem import Filesystem, MountOptions
 from privifs.fs.namespace import Index, Namespace
 from privifs.fs.operations import Operations
 from privifs.fs.refresh import Refresher
+from privifs.fs.registry import control_socket_path, registry_path
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
 from privifs.keycheck import check_key
@@ -134,48 +135,6 @@ INDEX_NAME = "index.sqlite3"  # in the state directory: its existence means a mo
 def default_state_dir(cfg: Config) -> Path:
     """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
     return paths.state_dir() / "vaults" / vault_id(cfg)
-
-
-def registry_path(mountpoint: Path) -> Path:
-    """Where the daemon of ``mountpoint`` (an already resolved path: resolving a path inside our own
-    mount from the daemon would deadlock) registers itself."""
-    key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
-    return paths.runtime_dir() / "mounts" / f"{key}.json"
-
-
-def control_socket_path(state_dir: Path) -> Path:
-    """``control.sock`` in the state directory, or — when that path is too long for a Unix socket
-    (108 bytes) — in a private ``/tmp/privifs-<uid>`` directory."""
-    path = state_dir / "control.sock"
-    if len(os.fsencode(path)) < 100:
-        return path
-    short = Path(f"/tmp/privifs-{os.getuid()}")
-    short.mkdir(mode=0o700, exist_ok=True)
-    st = short.lstat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not short.is_dir() or short.is_symlink():
-        raise ConfigError(f"{short} is not a private directory of yours; remove it")
-    return short / f"{hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]}.sock"
-
-
-def registered_mounts() -> list[dict]:
-    out = []
-    files = sorted(f for d in paths.runtime_dirs() for f in (d / "mounts").glob("*.json"))
-    for f in files:
-        try:
-            entry = json.loads(paths.read_small(f))
-            if not (
-                isinstance(entry, dict)
-                and isinstance(entry.get("pid"), int)
-                and isinstance(entry.get("mountpoint"), str)
-                and isinstance(entry.get("control"), str)
-            ):
-                raise ValueError("not a mount's entry")
-            if not paths.pid_alive(entry["pid"]) or not paths.is_mount_daemon(entry["pid"]):
-                raise ValueError("daemon gone (its pid may be another process's now)")
-            out.append(entry)
-        except (OSError, ValueError):
-            f.unlink(missing_ok=True)
-    return out
 
 
 class Daemon:
@@ -592,6 +551,7 @@ class Daemon:
             # the embedded engine's pid if it is stopped (SIGSTOP): the client's time-outs tell only
             # after two minutes that the server does not answer, and not why
             "engine_stopped": self.account.server_stopped() if self.account is not None else None,
+            "engine_restart_failed": self.account.server_restart_failure() if self.account is not None else None,
         }
 
     async def flush(self, progress, timeout: float | None) -> dict:
@@ -849,17 +809,6 @@ class Daemon:
                 pass
         finally:
             await stream.aclose()
-
-
-def control_request(entry: dict, request: dict, *, timeout: float | None = 30):
-    """Send one request to a daemon's control socket; yields its answers (a generator)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(entry["control"])
-        s.sendall(json.dumps(request).encode() + b"\n")
-        f = s.makefile("rb")
-        for line in f:
-            yield json.loads(line)
 
 
 def same_disk(a: Path, b: Path) -> bool:
