@@ -114,6 +114,20 @@ def test_a_urls_file_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "urls.json"]
 
 
+def kill_and_take_its_lock(pid: int, lock) -> None:
+    """Kill the engine ``pid`` and hold its data directory's ``lock`` (an open file): its next
+    starts fail until the lock is closed."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + WAIT
+    while True:  # the dead engine's lock is free once the kernel has closed its files
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "the killed engine kept its lock"
+            time.sleep(0.01)
+
+
 def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_path):
     """An fsync while the embedded engine was being started again after it died failed with EIO
     (the engine's port refused connections: 'cannot reach the server') although the engine came
@@ -133,15 +147,7 @@ def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_p
         os.write(fd, data)
         lock = open(data_dir / "lock", "a+")
         try:
-            os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + WAIT
-            while True:  # the dead engine's lock is free once the kernel has closed its files
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    assert time.monotonic() < deadline, "the killed engine kept its lock"
-                    time.sleep(0.01)
+            kill_and_take_its_lock(pid, lock)
             # the engine's next start succeeds once the lock is let go, after the client's own
             # retries of a refused connection (a few seconds) are used up
             threading.Timer(10, lock.close).start()
@@ -168,15 +174,7 @@ def test_status_says_why_a_dead_embedded_engine_cannot_be_started_again_until_it
     with m.mounted():
         lock = open(data_dir / "lock", "a+")
         try:
-            os.kill(engine_pid(data_dir), signal.SIGKILL)
-            deadline = time.monotonic() + WAIT
-            while True:  # the dead engine's lock is free once the kernel has closed its files
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    assert time.monotonic() < deadline, "the killed engine kept its lock"
-                    time.sleep(0.01)
+            kill_and_take_its_lock(engine_pid(data_dir), lock)
             deadline = time.monotonic() + 30
             while not (down := m.status().get("engine_restart_failed")):
                 assert time.monotonic() < deadline, "status never said the engine cannot be started again"
