@@ -220,7 +220,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
         )
     if real in privifs_mounts():
         if registered_entry(mountpoint) is not None or not is_dead_mount(real):
-            raise ConfigError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")
+            raise LocalFileError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")
         clean_dead_mount(real)
         print(
             f"privifs: {mountpoint} was left mounted by a daemon that died; cleaned it up (its staged "

@@ -121,7 +121,7 @@ def run_umount(args: argparse.Namespace) -> int:
                     f"to unmount it anyway"
                 )
             return _unmount_dead(args.mountpoint, "its daemon had died")
-        raise ConfigError(f"{args.mountpoint} is not a privifs mount")
+        raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     if paths.pid_stopped(entry["pid"]):
         raise PrivifsError(
             f"the mount daemon for {args.mountpoint} did not answer (it is stopped: 'kill -CONT "
@@ -293,7 +293,7 @@ def run_status(args: argparse.Namespace) -> int:
     dead = dead_mounts(candidates)
     if args.mountpoint is not None:
         if not entries and not dead:
-            raise ConfigError(f"{args.mountpoint} is not a privifs mount")
+            raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     statuses = []
     silent = False
     for entry in entries:
@@ -315,7 +315,7 @@ def run_status(args: argparse.Namespace) -> int:
             silent = True
     statuses += [_dead_status(mp) for mp in dead]
     if args.mountpoint is not None and not statuses:  # its daemon unmounted it meanwhile
-        raise ConfigError(f"{args.mountpoint} is not a privifs mount")
+        raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     code = EXIT_DEAD_MOUNT if dead or silent else 0
     if args.json:
         print(json.dumps(statuses if args.mountpoint is None else statuses[0], indent=2))
