@@ -150,3 +150,47 @@ async def test_files_whose_promotion_answer_was_cut_short_are_stored_not_dropped
             assert await kit.tree() == expected
             assert await kit.vault_tree() == expected
     assert left["cuts"] == 0
+
+
+async def test_files_whose_promotion_answer_named_no_such_token_are_stored_under_the_real_one(
+    module_account, eng, tmp_path
+):
+    """configure-file-meta's answer changed on its way into other token-like text, a character
+    flipped or a proxy's 200 ``hello`` (a bare-string token), was taken for the new token. A big
+    file's manifest then named a part that does not exist: fsync returned 0, and the file read
+    EIO on every mount while its real part went unnamed (collected an hour later); a directory's
+    marker so named showed as an empty file. The answer is taken once the vault lists it."""
+    from privifs.client.transport import Endpoints
+    from privifs.parts.store import THRESHOLD
+    from tests.enginekit import api_proxy
+    from tests.fskit import inprocess_fs
+
+    endpoints, creds = module_account
+    eng.set_options(file_meta_shape="string")
+    changes = iter([lambda b: b"hello", lambda b: b[:-3] + bytes([b[-3] ^ 1]) + b[-2:]] * 6)
+    changed = []
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/configure-file-meta") and status == 200 and len(changed) % 2 == 0:
+            change = next(changes, None)
+            if change is not None:
+                changed.append(body)
+                return status, change(body)
+        if path.startswith("/data-token/configure-file-meta"):
+            changed.append(None)
+        return status, body
+
+    big = os.urandom(THRESHOLD + 1_000_003)  # three parts and a manifest
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
+            await kit.mkdir("d")
+            await kit.write_file("d/a.txt", b"one", fsync=True)
+            await kit.write_file("big.bin", big, fsync=True)
+            await kit.settle(timeout=60)
+            await kit.refresh()
+            expected = {"d": "dir", "d/a.txt": b"one", "big.bin": big}
+            assert await kit.tree() == expected
+            async with kit.fresh() as other:
+                assert await other.tree() == expected
+    assert len([b for b in changed if b is not None]) >= 4
