@@ -13,7 +13,6 @@ import base64
 import logging
 import math
 import random
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,8 +45,7 @@ from privifs.errors import (
 log = logging.getLogger("privifs.client.datatokens")
 
 DOWNLOAD_CHUNK = 1024 * 1024
-# how many configure-file-meta answers naming one token, unlisted yet, confirm it (see _configured)
-AGREEING = 3
+LISTING_LAG = 10.0  # how long a token configure-file-meta named is waited for in the listing
 RESERVE_TTLS = ("5", "60")  # what reserve-token-space asks for: first, and after an upload outlived it
 B64_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n-_")
 
@@ -268,32 +266,40 @@ class DataTokens:
         raise last
 
     async def _configured(self, tmp: shapes.TemporaryToken, meta: FileMeta) -> str:
-        """configure-file-meta until it answers with a token that is confirmed: one the vault
-        lists, or (a listing that lags behind) one it named :data:`AGREEING` times. Asking again
-        is safe (a server promotes a reservation once and names that token again), while giving
-        up may leave a token the server made but the client never learnt of. An answer changed
-        on its way (a flipped character, a proxy's ``hello`` taken for a bare-string token) looks
+        """configure-file-meta until it answers with a token the vault lists. Asking again is
+        safe (a server promotes a reservation once and names that token again), while giving up
+        may leave a token the server made but the client never learnt of. An answer changed on
+        its way (a flipped character, a proxy's ``hello`` taken for a bare-string token) looks
         like any token, and what a file names is kept: a manifest naming such a part read EIO on
         every mount while the real part went unnamed, a directory's marker became an empty file.
-        A failure that lasts carries ``tmp`` as the error's ``unconfigured``, for the caller to
-        settle (``Syncer._drop_unconfigured``)."""
-        named: Counter[str] = Counter()
-        for attempt in range(self.options.store_attempts):
+        A listing that lags behind is waited for up to :data:`LISTING_LAG` seconds (an answer is
+        never taken unlisted, not even one named several times: a middlebox changing the same
+        byte of every answer names the same wrong token each time). A failure that lasts carries
+        ``tmp`` as the error's ``unconfigured``, for the caller to settle
+        (``Syncer._drop_unconfigured``)."""
+        failures = 0
+        deadline = trio.current_time() + LISTING_LAG
+        while True:
             try:
                 token = await self.configure(tmp, meta)
-                named[token] += 1
-                if named[token] >= AGREEING or await find(self, token) is not None:
+                if await find(self, token) is not None:
                     return token
-                raise MalformedAnswer(
-                    f"configure-file-meta named token {token!r} for {meta.file_name!r}, which the vault does not list"
-                )
             except VaultError as exc:
-                if not getattr(exc, "transient", False) or attempt + 1 == self.options.store_attempts:
+                failures += 1
+                if not getattr(exc, "transient", False) or failures == self.options.store_attempts:
                     exc.unconfigured = tmp
                     raise
                 log.info("configuring %s failed (%s); asking again", meta.file_name, exc)
-                await trio.sleep(self.transport.backoff(attempt))
-        raise AssertionError("unreachable")
+                await trio.sleep(self.transport.backoff(failures - 1))
+                continue
+            unlisted = MalformedAnswer(
+                f"configure-file-meta named token {token!r} for {meta.file_name!r}, which the vault does not list"
+            )
+            if trio.current_time() >= deadline:
+                unlisted.unconfigured = tmp
+                raise unlisted
+            log.info("%s; asking again", unlisted)
+            await trio.sleep(0.25)
 
     # -- retrieve ----------------------------------------------------------------------------
     async def request(self, token: str) -> shapes.RequestResult:
