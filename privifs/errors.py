@@ -111,6 +111,16 @@ class MalformedAnswer(ProtocolError):
     transient = True
 
 
+class UnknownCommand(ProtocolError):
+    """The server does not know a command id it gave out a moment ago: the id was changed on
+    its way (or the server forgot the command). Nothing is known of the command's outcome, so
+    it is transient: the call (or the chain it belongs to) is made again. Not a
+    :class:`NotFoundError`: taken for "the token is gone", a rename whose answer's id was so
+    changed was dropped as if another client had deleted the file."""
+
+    transient = True
+
+
 class AuthenticationError(VaultError):
     """Username or password were refused."""
 

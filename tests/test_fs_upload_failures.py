@@ -194,3 +194,52 @@ async def test_files_whose_promotion_answer_named_no_such_token_are_stored_under
             async with kit.fresh() as other:
                 assert await other.tree() == expected
     assert len([b for b in changed if b is not None]) >= 4
+
+
+async def test_one_answer_changed_on_its_way_neither_fails_an_fsync_nor_undoes_a_rename(module_account, eng, tmp_path):
+    """A 202 whose command id was changed on its way ("the server does not know command …") and a
+    temporary token answer with a key so changed (``{"tmken": …}``) failed the fsync waiting on
+    them with EIO at once, though the next attempt succeeded; the changed id of a rename's
+    update was taken for "the token is gone", and the rename was dropped: the file went back to
+    its old name on every mount."""
+    from privifs.client.transport import Endpoints
+    from tests.enginekit import api_proxy
+    from tests.fskit import inprocess_fs
+
+    endpoints, creds = module_account
+    armed = {"temporary": False, "update": False}
+    seen = []
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if armed["temporary"] and path.startswith("/data-token/retrieve-temporary-data-token") and status == 200:
+            armed["temporary"] = False
+            seen.append("temporary")
+            return status, body.replace(b'"token"', b'"tmken"')
+        if armed["update"] and path.startswith("/data-token/update-data-token") and status in (200, 202):
+            armed["update"] = False
+            seen.append("update")
+            return status, body.replace(b"-", b"+", 1) if b"-" in body else b"x" + body
+        return status, body
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
+            await kit.write_file("a.txt", b"first", fsync=True)
+            armed["temporary"] = True
+            await kit.write_file("a.txt", b"second", fsync=True)  # an OSError(EIO) before
+            armed["update"] = True
+            await kit.rename("a.txt", "b.txt")
+            await kit.settle(timeout=60)
+            await kit.refresh()
+            assert await kit.tree() == {"b.txt": b"second"}
+            assert await kit.vault_tree() == {"b.txt": b"second"}
+    assert seen == ["temporary", "update"]
+
+
+def test_an_fsync_waits_through_a_few_answers_of_a_shape_it_does_not_know_not_for_ever():
+    from privifs.errors import MalformedAnswer, ProtocolError
+    from privifs.fs.sync import fsync_waits_through
+
+    odd = ProtocolError("unexpected temporary token answer: {'tmken': …}")
+    assert [fsync_waits_through(odd, odd_answers=n) for n in range(5)] == [True, True, True, False, False]
+    assert fsync_waits_through(MalformedAnswer("cut short"), odd_answers=10)  # transient: always

@@ -37,6 +37,7 @@ from privifs.errors import (
     ServerError,
     ServerUnreachable,
     TokenMissing,
+    UnknownCommand,
     VaultError,
     rejected_command,
     single_error,
@@ -95,7 +96,7 @@ class DataTokens:
         if cid is not None:
             try:
                 state = await self.commands.poll(cid)
-            except NotFoundError:
+            except UnknownCommand:
                 state = None
             if state is not None and state.pending:
                 raise CommandPending(

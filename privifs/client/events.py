@@ -32,7 +32,7 @@ from trio_websocket import open_websocket_url
 from privifs.client import shapes
 from privifs.client.session import Session
 from privifs.client.transport import ClientOptions, Transport
-from privifs.errors import CommandPending, NotFoundError, PrivifsError, VaultError, rejected_command
+from privifs.errors import CommandPending, PrivifsError, UnknownCommand, VaultError, rejected_command
 
 log = logging.getLogger("privifs.client.events")
 
@@ -348,7 +348,7 @@ class Commands:
                 what="command status",
             )
             if resp.status_code == 404:
-                raise NotFoundError(f"the server does not know command {command_id}", status=404)
+                raise UnknownCommand(f"the server does not know command {command_id}")
         state = shapes.poll_answer(shapes.json_or_text(resp))
         if state.status == 3 and state.reason in (None, "rejected"):
             state.reason = await self._reason(command_id) or state.reason
@@ -423,6 +423,8 @@ class Commands:
         """The command's final state, or None while it is in flight or the poll failed transiently."""
         try:
             state = await self.poll(command_id)
+        except UnknownCommand:
+            raise  # (transient, but for the chain: waiting longer for an id the server lacks is vain)
         except VaultError as exc:
             if not exc.transient:
                 raise

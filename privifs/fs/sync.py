@@ -67,6 +67,7 @@ from privifs.errors import (
     NoRoomInVault,
     NotFoundError,
     PrivifsError,
+    ProtocolError,
     RequestRejected,
     ServerError,
     ServerUnreachable,
@@ -100,6 +101,7 @@ MAX_BACKOFF = 300.0
 QUIET = 0.3  # write-back starts once the mount has had no request for this long …
 MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the mount is
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
+ODD_ANSWERS_WAITED = 3  # answers of a shape the client does not know an fsync waits through
 FLUSH_RETRY = 10.0  # while 'privifs umount' waits, retry at least this often (not after 5 minutes)
 RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
@@ -164,7 +166,9 @@ def written_by_privifs(risk: dict[str, str]) -> bool:
     return "privifs.type" in risk or any(k in risk for k in CARRIED)
 
 
-def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False, room_made: bool = False) -> bool:
+def fsync_waits_through(
+    exc: PrivifsError, server_restarting: bool = False, room_made: bool = False, odd_answers: int = 0
+) -> bool:
     """An fsync keeps waiting (up to --fsync-timeout) through failures of a server that answers
     (5xx, a command still pending): the next attempt may well succeed, and a program treats an
     fsync error as lost data. So it does while the embedded engine cannot be reached because it
@@ -172,11 +176,17 @@ def fsync_waits_through(exc: PrivifsError, server_restarting: bool = False, room
     reached otherwise, or that refuses, fails it now. A vault with no room (507) fails it now
     with ENOSPC, as a full disk does, unless the read cache just gave room to the server
     (``room_made``: the embedded engine on the cache's disk), for which the retry may land; it
-    waited the whole time-out (300 s by default) and said EIO."""
+    waited the whole time-out (300 s by default) and said EIO. An answer in a shape the client
+    does not know (a ProtocolError: a key changed on its way, ``{"tmken": …}``) is waited through
+    :data:`ODD_ANSWERS_WAITED` times in one fsync (``odd_answers``: how many it met already): the
+    next answer is likely whole, while a server that always answers so would hold every fsync for
+    the whole time-out. One such answer failed an fsync with EIO at once."""
     if isinstance(exc, ServerUnreachable):
         return server_restarting
     if isinstance(exc, VaultFull):
         return room_made
+    if isinstance(exc, ProtocolError) and not exc.transient:
+        return odd_answers < ODD_ANSWERS_WAITED
     return exc.transient
 
 
@@ -236,6 +246,7 @@ class Syncer:
         self._again: set[int] = set()
         self._waiting: dict[int, float] = {}  # node → when its timer (_later) schedules it again
         self._fsync: Counter[int] = Counter()
+        self._odd_answers: Counter[int] = Counter()  # ino -> ProtocolErrors its waiting fsyncs met
         self.local_fsynced: set[int] = set()  # --fsync local: durable here, uploaded even while open
         self._commits: dict[str, tuple[trio.Event, list]] = {}
         self._tomb_wake = trio.Event()
@@ -602,8 +613,13 @@ class Syncer:
             delay = max(delay, 30.0)
         room_made = self.server_full is not None and isinstance(exc, VaultFull) and self.server_full(node.size) > 0
         waits = self._fsync[node.ino] and fsync_waits_through(
-            exc, isinstance(exc, ServerUnreachable) and self.server_restarting(), room_made
+            exc,
+            isinstance(exc, ServerUnreachable) and self.server_restarting(),
+            room_made,
+            self._odd_answers[node.ino],
         )
+        if waits and isinstance(exc, ProtocolError):
+            self._odd_answers[node.ino] += 1
         if waits:
             delay = min(delay, FSYNC_RETRY)
         elif self.flushing:
@@ -1404,6 +1420,7 @@ class Syncer:
             self._fsync[node.ino] -= 1
             if not self._fsync[node.ino]:
                 del self._fsync[node.ino]
+                self._odd_answers.pop(node.ino, None)
         if scope.cancelled_caught:
             log.error(
                 "%s: fsync timed out after %.0fs waiting for the upload; the data stays staged and keeps being retried",
