@@ -200,14 +200,14 @@ async def test_one_answer_changed_on_its_way_neither_fails_an_fsync_nor_undoes_a
     """A 202 whose command id was changed on its way ("the server does not know command …") and a
     temporary token answer with a key so changed (``{"tmken": …}``) failed the fsync waiting on
     them with EIO at once, though the next attempt succeeded; the changed id of a rename's
-    update was taken for "the token is gone", and the rename was dropped: the file went back to
-    its old name on every mount."""
+    update, or its answer's status changed to 404, was taken for "the token is gone", and the
+    rename was dropped: the file went back to its old name on every mount."""
     from privifs.client.transport import Endpoints
     from tests.enginekit import api_proxy
     from tests.fskit import inprocess_fs
 
     endpoints, creds = module_account
-    armed = {"temporary": False, "update": False}
+    armed = {"temporary": False, "update": False, "404": False}
     seen = []
 
     def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
@@ -219,6 +219,10 @@ async def test_one_answer_changed_on_its_way_neither_fails_an_fsync_nor_undoes_a
             armed["update"] = False
             seen.append("update")
             return status, body.replace(b"-", b"+", 1) if b"-" in body else b"x" + body
+        if armed["404"] and path.startswith("/data-token/update-data-token"):
+            armed["404"] = False
+            seen.append("404")
+            return 404, b'{"message": "not found"}'
         return status, body
 
     async with api_proxy(endpoints.api, mangle) as url:
@@ -230,10 +234,13 @@ async def test_one_answer_changed_on_its_way_neither_fails_an_fsync_nor_undoes_a
             armed["update"] = True
             await kit.rename("a.txt", "b.txt")
             await kit.settle(timeout=60)
+            armed["404"] = True
+            await kit.rename("b.txt", "c.txt")
+            await kit.settle(timeout=60)
             await kit.refresh()
-            assert await kit.tree() == {"b.txt": b"second"}
-            assert await kit.vault_tree() == {"b.txt": b"second"}
-    assert seen == ["temporary", "update"]
+            assert await kit.tree() == {"c.txt": b"second"}
+            assert await kit.vault_tree() == {"c.txt": b"second"}
+    assert seen == ["temporary", "update", "404"]
 
 
 def test_an_fsync_waits_through_a_few_answers_of_a_shape_it_does_not_know_not_for_ever():

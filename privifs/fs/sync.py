@@ -63,6 +63,7 @@ from privifs.errors import (
     CommandRejected,
     ForbiddenError,
     IntegrityError,
+    MalformedAnswer,
     NodeGone,
     NoRoomInVault,
     NotFoundError,
@@ -1272,9 +1273,13 @@ class Syncer:
                 if node.token != token:
                     return
                 self.ns.set_remote_risk(node, json.dumps(risk, sort_keys=True))
-        except NotFoundError:  # also a rejected command's TokenMissing (errors.REFUSAL_REASONS)
+        except NotFoundError as exc:  # also a rejected command's TokenMissing (errors.REFUSAL_REASONS)
             if node.token != token:
                 raise
+            if await find(self.tokens, token) is not None:
+                # the vault still lists it: an answer changed on its way (a 404 status), not a
+                # deletion by another client; dropped as one, the rename or chmod was lost
+                raise MalformedAnswer(f"the server said token {token} is gone, yet lists it ({exc})") from exc
             self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
         if not self.ns.meta_written(node, version, trio.current_time()):
