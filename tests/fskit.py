@@ -252,8 +252,10 @@ class InProcessFs:
         mode: int | None = None,
         atime_ns: int | None = None,
         mtime_ns: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> pyfuse3.EntryAttributes:
-        """truncate / chmod / utimens of ``path`` (or of the file open as ``fh``)."""
+        """truncate / chmod / chown / utimens of ``path`` (or of the file open as ``fh``)."""
         ino = await self.ino(path) if path is not None else self._open[fh]
         attr = pyfuse3.EntryAttributes()
         if size is not None:
@@ -264,11 +266,17 @@ class InProcessFs:
             attr.st_atime_ns = atime_ns
         if mtime_ns is not None:
             attr.st_mtime_ns = mtime_ns
+        if uid is not None:
+            attr.st_uid = uid
+        if gid is not None:
+            attr.st_gid = gid
         fields = setattr_fields(
             update_size=size is not None,
             update_mode=mode is not None,
             update_atime=atime_ns is not None,
             update_mtime=mtime_ns is not None,
+            update_uid=uid is not None,
+            update_gid=gid is not None,
         )
         return await self.ops.setattr(ino, attr, fields, fh, CTX)
 

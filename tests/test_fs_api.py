@@ -60,6 +60,34 @@ async def test_a_create_of_a_name_another_client_made_meanwhile_opens_it_unless_
         await kit.ops.create(ROOT_INO, b"theirs.txt", stat.S_IFREG | 0o644, os.O_WRONLY | os.O_CREAT, other)
 
 
+async def test_a_create_of_a_name_another_client_made_counts_the_callers_supplementary_groups(kit):
+    """The mode check of that open (the kernel's default_permissions makes none for a name it
+    believed missing) counted the caller's uid and primary group only: a caller in the file's
+    group by a supplementary group got EACCES where the kernel would have let it write."""
+    await kit.remote.put("shared.txt", b"made elsewhere")
+    await kit.refresh()
+    await kit.setattr("shared.txt", mode=stat.S_IFREG | 0o660, uid=4100, gid=4242)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+    @contextlib.asynccontextmanager
+    async def caller(uid: int, groups: list[int]):
+        # a real process: the check reads its groups from /proc/PID/status, as the FUSE
+        # context gives only a caller's uid, gid and pid
+        proc = await trio.lowlevel.open_process(["sleep", "30"], user=uid, group=uid, extra_groups=groups)
+        try:
+            yield SimpleNamespace(uid=uid, gid=uid, pid=proc.pid, umask=0o022)
+        finally:
+            proc.kill()
+            await proc.wait()
+
+    async with caller(4101, [4242]) as member:
+        info, _ = await kit.ops.create(ROOT_INO, b"shared.txt", stat.S_IFREG | 0o644, flags, member)
+        await kit.ops.release(info.fh)
+    async with caller(4102, [4243]) as outsider:
+        with fails_with(errno.EACCES):
+            await kit.ops.create(ROOT_INO, b"shared.txt", stat.S_IFREG | 0o644, flags, outsider)
+
+
 async def test_a_missing_name_is_a_negative_entry_dropped_when_another_client_makes_it(kit):
     """The kernel may remember that a name is missing (SQLite looks for its -wal at every commit,
     git for .gitignore everywhere); a file or directory another client makes under that name must

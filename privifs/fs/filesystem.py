@@ -31,6 +31,7 @@ from privifs.client.datatokens import find
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NodeGone, NotFoundError, PrivifsError
 from privifs.fs.cache import ContentCache
+from privifs.fs.caller import Caller
 from privifs.fs.errnos import errno_for
 from privifs.fs.localsync import flush_index, fsync_locally
 from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX, blank
@@ -505,15 +506,16 @@ class Filesystem:
         return node
 
     async def create_or_open(
-        self, parent_ino: int, name: bytes, mode: int, flags: int, owner: tuple[int, int] | None = None
+        self, parent_ino: int, name: bytes, mode: int, flags: int, caller: Caller | None = None
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         """``open(name, O_CREAT | flags)``: the kernel asks to create only a name its look-up did
         not find, but another client's entry the listing brought in since may be there. Without
         O_EXCL that file is opened, as open(2) does (it failed with EEXIST)."""
         existing = self.ns.child(self.dir_node(parent_ino), self.decode(name))
+        owner = None if caller is None else (caller.uid, caller.gid)
         if existing is None or flags & os.O_EXCL:
             return self.create(parent_ino, name, mode, flags, owner)
-        self._may_open(existing, flags, owner)
+        self._may_open(existing, flags, caller)
         info = await self.open(existing.ino, flags)
         self.ns.looked_up(existing)
         return info, self.attrs(existing)
@@ -527,13 +529,14 @@ class Filesystem:
         self.ns.looked_up(node)
         return self._open_node(node, flags), self.attrs(node)
 
-    def _may_open(self, node: Node, flags: int, owner: tuple[int, int] | None) -> None:
+    def _may_open(self, node: Node, flags: int, caller: Caller | None) -> None:
         """EACCES unless the caller may open ``node`` with ``flags`` by its mode (what the kernel's
-        default_permissions checks before an open, but not for an entry it believed missing)."""
-        if owner is None or owner[0] == 0:
+        default_permissions checks before an open, but not for an entry it believed missing),
+        its supplementary groups counted as the kernel counts them."""
+        if caller is None or caller.uid == 0:
             return
         attrs = self.attrs(node)
-        shift = 6 if owner[0] == attrs.st_uid else 3 if owner[1] == attrs.st_gid else 0
+        shift = caller.class_of(attrs.st_uid, attrs.st_gid)
         allowed = (attrs.st_mode >> shift) & 0o7
         accmode = flags & os.O_ACCMODE
         wanted = (4 if accmode in (os.O_RDONLY, os.O_RDWR) else 0) | (

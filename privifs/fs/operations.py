@@ -11,6 +11,7 @@ import logging
 import pyfuse3
 
 from privifs.errors import PrivifsError
+from privifs.fs.caller import Caller
 from privifs.fs.errnos import errno_for
 from privifs.fs.filesystem import Filesystem
 
@@ -105,7 +106,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        return await self.fs.create_or_open(parent_inode, name, mode, flags, (ctx.uid, ctx.gid))
+        return await self.fs.create_or_open(parent_inode, name, mode, flags, Caller(ctx.uid, ctx.gid, ctx.pid))
 
     @handler
     async def read(self, fh, off, size):
