@@ -171,7 +171,7 @@ class Daemon:
             other = (
                 (self.state_dir / "mountpoint").read_text().strip() if (self.state_dir / "mountpoint").exists() else "?"
             )
-            raise ConfigError(f"this vault is already mounted (at {other}); unmount it first") from None
+            raise LocalStoreError(f"this vault is already mounted (at {other}); unmount it first") from None
         (self.state_dir / "mountpoint").write_text(str(self.mountpoint) + "\n")
         return lock
 
@@ -219,7 +219,7 @@ class Daemon:
             os.close(fd)
             raise
         os.close(fd)
-        raise ConfigError(f"another privifs is mounting at {self.mountpoint} right now")
+        raise LocalStoreError(f"another privifs is mounting at {self.mountpoint} right now")
 
     def _unmounted_predecessor(self) -> int | None:
         """The pid of this user's daemon registered for this mountpoint that still runs, if there
@@ -244,7 +244,7 @@ class Daemon:
 
     async def _run_claimed(self, ready) -> None:
         if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
-            raise ConfigError(f"{self.mountpoint} is already a mountpoint")
+            raise LocalStoreError(f"{self.mountpoint} is already a mountpoint")
         self._check_local_dirs_outside_the_mount()
         made = paths.missing_dirs(self.state_dir), paths.missing_dirs(self.cache_dir)
         first = not (self.state_dir / INDEX_NAME).exists()
