@@ -768,3 +768,43 @@ async def test_parts_a_rewrite_retired_are_deleted_by_the_next_start_after_a_sto
         assert sorted(i.token for i in parts) == sorted(p.token for p in new.parts)
         assert old.parts[1].token not in {i.token for i in parts}
         assert t.fs.index.retired() == []
+
+
+async def test_a_conflict_copys_manifest_whose_download_answered_404_on_its_way_still_keeps_its_parts(
+    account, tmp_path, small_parts
+):
+    """A rewrite retires the parts its old manifest named unless another manifest names them (a
+    conflict copy). When that copy's download answered 404 on its way (a proxy), the copy was
+    taken for deleted, named nothing, and its parts were deleted: the copy read EIO on every
+    mount. A 404 for a manifest the vault still lists makes the retirement wait for its next
+    round."""
+    from privifs.client.transport import Endpoints
+    from tests.enginekit import api_proxy
+
+    endpoints, creds = account
+    armed = {"404": 0}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if armed["404"] and path.startswith("/data-token/request-data"):
+            armed["404"] -= 1
+            return 404, b'{"message": "not found"}'
+        return status, body
+
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with inprocess_fs(tmp_path, proxied, creds, key=KEY) as t:
+            fh, node = t.create_node(1, "db.sqlite")
+            await t.fs.write(fh, 0, os.urandom(8 * PART))
+            await t.fs.fsync(fh)
+            first = await t.client.tokens.list(token=node.token).__anext__()
+            plain = await t.fs.vault.get_bytes(node.token)  # the first manifest: a copy of it names its parts
+            copy = await t.fs.vault.put_bytes(plain, FileMeta("copy.bin", "bin", "/other", 8 * PART, "/other/copy.bin"))
+            await t.client.tokens.set_risk(copy, dict(first.risk))
+            await t.fs.write(fh, 5 * PART + 100, b"commit")
+            await t.fs.fsync(fh)
+            t.fs.release(fh)
+            await t.wait_idle()
+            armed["404"] = 4  # every download of both listings' manifests (the file's own and the copy)
+            assert await t.syncer.retire_due(now=float("inf")) == 0
+            armed["404"] = 0
+            assert await t.syncer.retire_due(now=float("inf")) == 0  # the copy names the replaced part

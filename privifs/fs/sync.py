@@ -1002,7 +1002,13 @@ class Syncer:
                 if parts is None:  # a token's content never changes: each manifest is read once
                     try:
                         parts = frozenset(await self._parts_named(info))
-                    except NotFoundError:
+                    except NotFoundError as exc:
+                        if await find(self.tokens, info.token) is not None:
+                            # still listed: a download answered 404 on its way, not a deletion;
+                            # taken for one, the parts it names (a conflict copy's) were deleted
+                            raise MalformedAnswer(
+                                f"manifest {info.token} is listed, but its download said: {exc}"
+                            ) from exc
                         continue  # deleted since the listing: it names nothing
                     except IntegrityError as exc:
                         # not a manifest (another application's token with the mark), or its
