@@ -14,10 +14,12 @@ __all__ = ["Channel", "EngineProcess", "StallingProxy", "Wire", "api_proxy", "co
 
 
 @asynccontextmanager
-async def api_proxy(api: str, mangle):
+async def api_proxy(api: str, mangle, answer=None):
     """A plain HTTP proxy in front of the engine's API, one request per connection, whose
     ``mangle(path, status, body)`` may change what the client gets back: a server behind a
-    broken proxy, or one whose answer is cut short."""
+    broken proxy, or one whose answer is cut short. ``answer(path)``, when it returns
+    ``(status, body)``, answers the request itself without passing it on (a middlebox that
+    answers for a server it did not reach)."""
     import httpx
 
     async def serve(stream) -> None:
@@ -36,12 +38,17 @@ async def api_proxy(api: str, mangle):
             while len(body) < length:
                 body += await stream.receive_some(65536)
             keep = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length", "connection")}
-            async with httpx.AsyncClient(timeout=30) as http:
-                resp = await http.request(method, api + path, content=body, headers=keep)
-            status, answer = mangle(path, resp.status_code, resp.content)
-            out = [f"HTTP/1.1 {status} X", f"Content-Length: {len(answer)}", "Connection: close"]
+            own = answer(path) if answer is not None else None
+            if own is not None:
+                status, reply = own
+                resp = httpx.Response(status)
+            else:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    resp = await http.request(method, api + path, content=body, headers=keep)
+                status, reply = mangle(path, resp.status_code, resp.content)
+            out = [f"HTTP/1.1 {status} X", f"Content-Length: {len(reply)}", "Connection: close"]
             out += [f"{k}: {v}" for k, v in resp.headers.items() if k.lower().startswith("x-dpt")]
-            await stream.send_all("\r\n".join(out).encode() + b"\r\n\r\n" + answer)
+            await stream.send_all("\r\n".join(out).encode() + b"\r\n\r\n" + reply)
             await stream.aclose()
 
     async with trio.open_nursery() as nursery:

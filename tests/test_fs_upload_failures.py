@@ -250,3 +250,34 @@ def test_an_fsync_waits_through_a_few_answers_of_a_shape_it_does_not_know_not_fo
     odd = ProtocolError("unexpected temporary token answer: {'tmken': …}")
     assert [fsync_waits_through(odd, odd_answers=n) for n in range(5)] == [True, True, True, False, False]
     assert fsync_waits_through(MalformedAnswer("cut short"), odd_answers=10)  # transient: always
+
+
+async def test_a_removal_whose_delete_answered_404_on_its_way_still_deletes_the_token(module_account, eng, tmp_path):
+    """A delete answered 404 ("already gone") counted as done; a 404 the server never sent (a
+    middlebox answering for it) left the removed file's token in the vault, and the file came
+    back on every mount."""
+    from privifs.client.transport import Endpoints
+    from tests.enginekit import api_proxy
+    from tests.fskit import inprocess_fs
+
+    endpoints, creds = module_account
+    armed = {"404": 0}
+
+    def answer(path: str) -> tuple[int, bytes] | None:
+        if armed["404"] and path.startswith("/data-token/delete-data"):
+            armed["404"] -= 1
+            return 404, b'{"message": "not found"}'
+        return None
+
+    async with api_proxy(endpoints.api, lambda path, status, body: (status, body), answer) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
+            await kit.write_file("kept.txt", b"kept", fsync=True)
+            await kit.write_file("gone.txt", b"removed here", fsync=True)
+            armed["404"] = 1
+            await kit.unlink("gone.txt")
+            await kit.settle(timeout=60)
+            await kit.refresh()
+            assert armed["404"] == 0
+            assert await kit.vault_tree() == {"kept.txt": b"kept"}
+            assert await kit.tree() == {"kept.txt": b"kept"}
