@@ -36,7 +36,6 @@ from privifs.errors import (
     RequestRejected,
     ServerError,
     ServerUnreachable,
-    TokenMissing,
     UnknownCommand,
     VaultError,
     rejected_command,
@@ -540,7 +539,7 @@ class DataTokens:
         try:
             resp = await self.transport.call("POST", path, data=form, idempotent=True, expected=(202, 200), what=what)
             await self.commands.wait(shapes.command_id(resp), what=what)
-        except (NotFoundError, TokenMissing) as exc:
+        except NotFoundError as exc:  # (a rejected command's TokenMissing too)
             if not missing_ok:
                 raise
             if await find(self, form["token"]) is not None:
