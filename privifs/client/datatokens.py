@@ -217,8 +217,15 @@ class DataTokens:
         last: Exception | None = None
         for attempt in range(self.options.store_attempts):
             # reserve, retrieve and configure retry on their own (idempotent); a failure that
-            # reaches here from them is final for this attempt chain
-            tmp = await self.reserve(meta.context)
+            # reaches here from them is final for this attempt chain, but for a reservation whose
+            # command id the server does not know (changed on its way): a new one is asked for
+            try:
+                tmp = await self.reserve(meta.context)
+            except UnknownCommand as exc:
+                last = exc
+                log.info("reserving token space for %s: %s; asking again", meta.file_name, exc)
+                await trio.sleep(self.transport.backoff(attempt))
+                continue
             try:
                 can_stream = shapes.upstream_url(tmp, self.transport.endpoints.upstream) is not None
                 if inline or not can_stream:

@@ -52,6 +52,7 @@ log = logging.getLogger("privifs.client")
 
 MAX_CONNECTIONS = 32
 DOWN_MEMORY = 30.0  # how long a server a call found unreachable gets one try per call (see above)
+PATH_SAFE = "/:@!$&'()*+,;=-._~%"  # what stays as it is in a call's path (RFC 3986 pchar, "/" and escapes)
 # httpcore reads a response 64 KiB at a time by default; a download runs the whole httpx/httpcore/
 # h11 stack of Python calls (and the decryption after it) once per read, so bigger reads of what
 # the socket already holds cut the daemon's CPU per downloaded byte.
@@ -208,6 +209,9 @@ class Transport:
         ``http11.Answer`` (the attributes of an httpx response callers read) for a plain-http
         server."""
         base = (base or self.endpoints.api).rstrip("/")
+        # an id or token in the path is the server's text, maybe changed on its way: one with a
+        # character a URL cannot hold (a '\ufffd') failed in the HTTP library, a bug's traceback
+        path = quote(path, safe=PATH_SAFE)
         what = what or f"{method} {path}"
         lean = self.lean is not None and base.startswith("http://") and (data is None or isinstance(data, dict))
         if lean:
