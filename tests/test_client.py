@@ -280,6 +280,29 @@ async def test_a_command_id_changed_into_a_character_no_url_can_hold_is_asked_fo
     assert len(changed) == 1
 
 
+@pytest.mark.parametrize("stream_shape", ["auth", "url"])
+async def test_a_stream_authorization_changed_on_its_way_restarts_the_store(eng, account, stream_shape):
+    """A temporary token whose stream authorization arrived changed (a character no URL can
+    hold) failed the upload inside h11 (a traceback); one the upstream does not know (404) failed
+    the store for good, the data sent nowhere. Both start over from a new reservation."""
+    endpoints, creds = account
+    changes = [b"\\ufffd", b"x"]  # (JSON text: U+FFFD, then a plain wrong character)
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/retrieve-temporary-data-token") and status == 200 and changes:
+            return status, body.replace(b"auth=", b"auth=" + changes.pop(0), 1)
+        return status, body
+
+    eng.set_options(stream_shape=stream_shape)
+    data = os.urandom(300_000)  # streamed upstream, not inline
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with connect(proxied, creds) as client:
+            token = await client.vault(KEY).put_bytes(data, meta("streamed.bin"))
+            assert await client.vault(KEY).get_bytes(token) == data
+    assert changes == []
+
+
 async def test_dropped_acks_and_websocket_disconnects_during_waits(eng, account):
     async with connect(*account, ClientOptions(request_timeout=1.5)) as client:
         vault = client.vault(KEY)

@@ -244,6 +244,13 @@ class DataTokens:
                 else:
                     try:
                         await self.upload(tmp, body, wire_size)
+                    except NotFoundError as exc:
+                        # the upstream does not know the authorization (expired, or changed on
+                        # its way): nothing was stored, so a new reservation is safe
+                        last = exc
+                        log.info("storing %s: %s; restarting from a new reservation", meta.file_name, exc)
+                        await trio.sleep(self.transport.backoff(attempt))
+                        continue
                     except RequestRejected as exc:
                         if exc.status != 410 or self.ttl == RESERVE_TTLS[-1]:
                             raise

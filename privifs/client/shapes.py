@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -32,6 +33,10 @@ def json_or_text(resp: httpx.Response) -> Any:
     except (ValueError, RecursionError):  # not JSON, or nested past the parser's limit: text
         return raw
 
+
+# what stays as it is in a stream URL the server gave, and in an authorization put into one's query
+URL_SAFE = ":/?#[]@!$&'()*+,;=-._~%"
+AUTH_SAFE = "%=+/-._~!$'()*,;:@"
 
 # what an id or token sent as bare text (the reference's shape 4) can be: one word, no spaces,
 # quotes, brackets or braces; an HTML page or a JSON body cut short is none
@@ -160,10 +165,12 @@ def temporary_token(body: Any) -> TemporaryToken:
 
 
 def upstream_url(tmp: TemporaryToken, upstream_base: str | None) -> str | None:
+    """Where the upload goes: the server's text, escaped where a URL cannot hold it (an
+    authorization changed on its way into a U+FFFD failed the upload inside h11)."""
     if tmp.stream_url:
-        return tmp.stream_url
+        return quote(tmp.stream_url, safe=URL_SAFE)
     if tmp.stream_auth and upstream_base:
-        return f"{upstream_base.rstrip('/')}/?auth={tmp.stream_auth}"
+        return f"{upstream_base.rstrip('/')}/?auth={quote(tmp.stream_auth, safe=AUTH_SAFE)}"
     return None
 
 
