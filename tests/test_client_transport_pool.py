@@ -165,6 +165,18 @@ async def test_lean_path_refuses_a_header_value_with_a_line_break():
         await transport.aclose()
 
 
+async def test_lean_path_refuses_a_header_value_no_request_can_carry_without_a_traceback():
+    # a value the server sent (an authorization token) changed on its way into a U+FFFD failed
+    # inside h11 with a UnicodeEncodeError, a bug's traceback; it is a failed request now
+    transport = Transport(Endpoints(api="http://127.0.0.1:9"), ClientOptions(retry_attempts=1))
+    try:
+        with pytest.raises(ServerUnreachable) as info:
+            await transport.call("GET", "/x", auth=False, headers={"X-DPT-AUTHORIZATION": "tok\ufffden"})
+        assert "cannot carry" in str(info.value)
+    finally:
+        await transport.aclose()
+
+
 async def test_lean_upload_sends_each_piece_of_a_reused_buffer_and_reads_an_early_refusal():
     # the upstream upload's pieces are views of one buffer refilled between pieces (Vault.put_from):
     # each must be on the wire before the next is made; a server that refuses after the head and

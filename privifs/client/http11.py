@@ -354,6 +354,8 @@ class LeanHTTP:
             request = h11.Request(method=method, target=target, headers=fields)
         except h11.LocalProtocolError as exc:  # a header value h11 refuses (a line break, …)
             raise HTTPFailure(f"LocalProtocolError: {exc}") from None
+        except UnicodeEncodeError as exc:  # a value the server sent, changed on its way (U+FFFD)
+            raise HTTPFailure(f"a request cannot carry {exc.object[exc.start : exc.end]!r}") from None
         return (origin.host, origin.port), request
 
     async def request(
