@@ -283,14 +283,16 @@ async def test_a_command_id_changed_into_a_character_no_url_can_hold_is_asked_fo
 @pytest.mark.parametrize("stream_shape", ["auth", "url"])
 async def test_a_stream_authorization_changed_on_its_way_restarts_the_store(eng, account, stream_shape):
     """A temporary token whose stream authorization arrived changed (a character no URL can
-    hold) failed the upload inside h11 (a traceback); one the upstream does not know (404) failed
-    the store for good, the data sent nowhere. Both start over from a new reservation."""
+    hold) failed the upload inside h11 (a traceback); one the upstream does not know (404), or
+    none at all (its key changed), failed the store, the data sent nowhere. Each starts over
+    from a new reservation."""
     endpoints, creds = account
-    changes = [b"\\ufffd", b"x"]  # (JSON text: U+FFFD, then a plain wrong character)
+    # (JSON text: a U+FFFD in it, a plain wrong character in it, its key changed: none given)
+    changes = [(b"auth=", b"auth=\\ufffd"), (b"auth=", b"auth=x"), (b'"stream"', b'"strean"')]
 
     def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
         if path.startswith("/data-token/retrieve-temporary-data-token") and status == 200 and changes:
-            return status, body.replace(b"auth=", b"auth=" + changes.pop(0), 1)
+            return status, body.replace(*changes.pop(0), 1)
         return status, body
 
     eng.set_options(stream_shape=stream_shape)
@@ -340,6 +342,29 @@ async def test_websocket_unavailable_falls_back_to_polling(eng, account):
         token = await vault.put_bytes(b"polled", meta())
         await client.tokens.update(token, file_name="p")
         assert client.commands.polls > 0
+
+
+async def test_a_success_status_changed_on_its_way_is_asked_for_again_not_taken_for_a_rejection(eng, account):
+    """A poll answer ``succaeded`` (a character changed on its way) was taken for a rejection:
+    the store failed (an fsync's EIO, the change held back 30 s). A word no server is known to
+    send for a failure is asked for again."""
+    endpoints, creds = account
+    changed = []
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/request-status/") and b"succeeded" in body and not changed:
+            changed.append(path)
+            return status, body.replace(b"succeeded", b"succaeded")
+        return status, body
+
+    eng.set_options(status_shape="string")
+    async with api_proxy(endpoints.api, mangle) as url:
+        no_ws = Endpoints(api=url, ws="ws://127.0.0.1:9", upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with connect(no_ws, creds, ClientOptions(connect_timeout=1)) as client:
+            token = await client.vault(KEY).put_bytes(b"polled", meta("polled.txt"))
+    async with connect(*account) as client:  # (a download's data comes over the WebSocket)
+        assert await client.vault(KEY).get_bytes(token) == b"polled"
+    assert len(changed) == 1
 
 
 async def test_rejected_command_carries_the_reason(eng, account):

@@ -230,7 +230,9 @@ class DataTokens:
                 can_stream = shapes.upstream_url(tmp, self.transport.endpoints.upstream) is not None
                 if inline or not can_stream:
                     if not isinstance(body, bytes):
-                        raise ProtocolError(
+                        # (transient: a temporary token answer whose "stream" was changed on its
+                        # way; a server that never gives one fails after store_attempts)
+                        raise MalformedAnswer(
                             "the server gave no upstream stream authorization for a payload too large to send inline"
                         )
                     try:

@@ -316,6 +316,10 @@ class EventHub:
             nursery.cancel_scope.cancel()
 
 
+# the failure words a server is known to send (reference 2.3: "rejected"; 3 on the socket)
+FAILURE_WORDS = frozenset({"rejected", "3", "failed", "failure", "error"})
+
+
 class Commands:
     """Waiting for asynchronous commands and reading their status."""
 
@@ -375,6 +379,11 @@ class Commands:
             state = await self._wait(command_id, waiter, timeout if timeout is not None else self.options.ack_timeout)
         finally:
             self.hub.unregister(waiter)
+        if state.status == 3 and state.reason is not None and state.reason.strip().lower() not in FAILURE_WORDS:
+            # a word no server is known to send for a failure (``succaeded``: a status changed on
+            # its way) is asked for again before it is taken for a rejection, which failed an
+            # fsync and held the change back for 30 s
+            state = await self._poll_settled(command_id) or state
         if state.status == 3:
             raise rejected_command(
                 f"{what} was rejected by the server: {state.reason or 'no reason given'}",
