@@ -38,6 +38,27 @@ LAST_PORTS = "ports.json"  # in the data directory: the ports of the engine's la
 RESTART_BACKOFF_MAX = 30.0
 
 
+def flock_holder(path: Path) -> int | None:
+    """The pid of a process holding a flock on ``path`` (from ``/proc/locks``), if any."""
+    try:
+        st = path.stat()
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "->" in fields:  # a waiter, not a holder
+            continue
+        try:
+            kind, pid = fields[1], int(fields[4])
+            major, minor, inode = (int(n, 16) if i < 2 else int(n) for i, n in enumerate(fields[5].split(":")))
+        except (IndexError, ValueError):
+            continue
+        if kind == "FLOCK" and (major, minor, inode) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+            return pid
+    return None
+
+
 class EmbeddedEngine:
     def __init__(self, data_dir: Path | None = None):
         self.data_dir = data_dir or paths.embedded_engine_dir()
@@ -84,11 +105,25 @@ class EmbeddedEngine:
         with ``watch``, a dead engine is started again on the same ports until :meth:`stop`."""
         with self._lock:
             urls = self.running_urls()
+            if urls is None and self._locked_by_other():
+                raise EngineStartFailed(self._silent_holder())
             self.urls = urls if urls is not None else self.start()
         if watch and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="embedded-engine-watch", daemon=True)
             self._watcher.start()
         return dict(self.urls)
+
+    def _silent_holder(self) -> str:
+        """What to tell of an engine that holds this data directory and does not answer (a start
+        then failed with "another engine is already using …", which hid why)."""
+        pid = flock_holder(self.data_dir / "lock")
+        if pid is not None and paths.pid_stopped(pid):
+            return (
+                f"the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and answers nothing: "
+                f"'kill -CONT {pid}' lets it go on"
+            )
+        who = f" (pid {pid})" if pid is not None else ""
+        return f"the embedded engine{who} holds {self.data_dir} but does not answer"
 
     def _ports(self) -> dict[str, int]:
         if not self.urls:

@@ -68,6 +68,29 @@ def test_an_engine_owned_by_another_process_is_taken_over_when_it_stops(tmp_path
     assert user.proc.poll() is not None
 
 
+def test_an_engine_that_holds_its_data_but_is_stopped_is_named_with_how_to_go_on(tmp_path):
+    """'privifs verify' (any command reaching the vault) while the embedded engine another
+    process started was stopped (SIGSTOP): it waited for it, tried to start a second one, and
+    said "another engine is already using DIR", which hid why."""
+    from privifs.engine_process import EngineStartFailed
+
+    owner, user = EmbeddedEngine(tmp_path / "engine"), EmbeddedEngine(tmp_path / "engine")
+    try:
+        urls = owner.ensure(watch=False)
+        pid = owner.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(EngineStartFailed) as caught:
+                user.ensure(watch=False)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert f"(pid {pid}) is stopped" in str(caught.value) and f"kill -CONT {pid}" in str(caught.value)
+        assert user.ensure(watch=False) == urls
+    finally:
+        owner.stop()
+        user.stop()
+
+
 def engine_pid(data_dir) -> int | None:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
