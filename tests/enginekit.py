@@ -14,12 +14,13 @@ __all__ = ["Channel", "EngineProcess", "StallingProxy", "Wire", "api_proxy", "co
 
 
 @asynccontextmanager
-async def api_proxy(api: str, mangle, answer=None):
+async def api_proxy(api: str, mangle, answer=None, rewrite=None):
     """A plain HTTP proxy in front of the engine's API, one request per connection, whose
     ``mangle(path, status, body)`` may change what the client gets back: a server behind a
     broken proxy, or one whose answer is cut short. ``answer(path)``, when it returns
     ``(status, body)``, answers the request itself without passing it on (a middlebox that
-    answers for a server it did not reach)."""
+    answers for a server it did not reach). ``rewrite(path)`` changes the path it passes on (a
+    server that ignores a query parameter)."""
     import httpx
 
     async def serve(stream) -> None:
@@ -44,7 +45,8 @@ async def api_proxy(api: str, mangle, answer=None):
                 resp = httpx.Response(status)
             else:
                 async with httpx.AsyncClient(timeout=30) as http:
-                    resp = await http.request(method, api + path, content=body, headers=keep)
+                    sent = rewrite(path) if rewrite is not None else path
+                    resp = await http.request(method, api + sent, content=body, headers=keep)
                 status, reply = mangle(path, resp.status_code, resp.content)
             out = [f"HTTP/1.1 {status} X", f"Content-Length: {len(reply)}", "Connection: close"]
             out += [f"{k}: {v}" for k, v in resp.headers.items() if k.lower().startswith("x-dpt")]

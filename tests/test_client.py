@@ -280,6 +280,33 @@ async def test_a_command_id_changed_into_a_character_no_url_can_hold_is_asked_fo
     assert len(changed) == 1
 
 
+async def test_a_server_that_ignores_the_token_filter_does_not_have_each_store_read_the_whole_listing(
+    eng, account
+):
+    """Each store asks the listing for the token configure-file-meta named (filters[token]); a
+    server that ignores that filter would have every store read every page of the vault. Once it
+    lists other tokens first, the tokens are taken as named."""
+    import re
+
+    endpoints, creds = account
+    listings = []
+
+    def rewrite(path: str) -> str:
+        if path.startswith("/data-token/list-data-tokens"):
+            listings.append(path)
+            return re.sub(r"&?filters%5Btoken%5D=[^&]*", "", path)
+        return path
+
+    async with api_proxy(endpoints.api, lambda path, status, body: (status, body), rewrite=rewrite) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with connect(proxied, creds) as client:
+            tokens = [await client.vault(KEY).put_bytes(b"%d" % i, meta(f"f{i}.txt")) for i in range(8)]
+            assert client.tokens.token_filter_ignored
+    assert len(listings) <= 2  # the first store's (its token listed first), the second's (another first)
+    async with connect(*account) as client:
+        assert [await client.vault(KEY).get_bytes(t) for t in tokens] == [b"%d" % i for i in range(8)]
+
+
 @pytest.mark.parametrize("stream_shape", ["auth", "url"])
 async def test_a_stream_authorization_changed_on_its_way_restarts_the_store(eng, account, stream_shape):
     """A temporary token whose stream authorization arrived changed (a character no URL can

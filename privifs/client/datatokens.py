@@ -14,7 +14,7 @@ import logging
 import math
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,6 +85,7 @@ class DataTokens:
         # server counting it in seconds, as the guides say, and a slow link); then the largest
         # the API allows, 60, unless the server refuses that (RESERVE_TTLS, reference 5.4)
         self.ttl = RESERVE_TTLS[0]
+        self.token_filter_ignored = False  # the server lists other tokens for filters[token]
 
     # -- store ---------------------------------------------------------------------------------
     async def reserve(self, context: str) -> shapes.TemporaryToken:
@@ -298,7 +299,7 @@ class DataTokens:
         while True:
             try:
                 token = await self.configure(tmp, meta)
-                if await find(self, token) is not None:
+                if await self._listed(token):
                     return token
             except VaultError as exc:
                 failures += 1
@@ -316,6 +317,23 @@ class DataTokens:
                 raise unlisted
             log.info("%s; asking again", unlisted)
             await trio.sleep(0.25)
+
+    async def _listed(self, token: str) -> bool:
+        """Whether the vault lists ``token``, asked for by id (``filters[token]``). A server that
+        ignores the filter (it lists other tokens first) would have every store read the whole
+        listing: from then on a token is taken as named, unconfirmed (as before the check)."""
+        if self.token_filter_ignored:
+            return True
+        async with aclosing(self.list(token=token)) as infos:
+            async for info in infos:
+                if info.token != token:
+                    self.token_filter_ignored = True
+                    log.warning(
+                        "the server ignores filters[token] in listings; the tokens configure-file-meta names "
+                        "are taken without asking the listing"
+                    )
+                return True
+        return False
 
     # -- retrieve ----------------------------------------------------------------------------
     async def request(self, token: str) -> shapes.RequestResult:
