@@ -280,9 +280,7 @@ async def test_a_command_id_changed_into_a_character_no_url_can_hold_is_asked_fo
     assert len(changed) == 1
 
 
-async def test_a_server_that_ignores_the_token_filter_does_not_have_each_store_read_the_whole_listing(
-    eng, account
-):
+async def test_a_server_that_ignores_the_token_filter_does_not_have_each_store_read_the_whole_listing(eng, account):
     """Each store asks the listing for the token configure-file-meta named (filters[token]); a
     server that ignores that filter would have every store read every page of the vault. Once it
     lists other tokens first, the tokens are taken as named."""
