@@ -13,6 +13,7 @@ import base64
 import logging
 import math
 import random
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -320,20 +321,35 @@ class DataTokens:
 
     async def _listed(self, token: str) -> bool:
         """Whether the vault lists ``token``, asked for by id (``filters[token]``). A server that
-        ignores the filter (it lists other tokens first) would have every store read the whole
-        listing: from then on a token is taken as named, unconfirmed (as before the check)."""
+        ignores the filter would have every store read the whole listing: once two asks for a
+        token no vault has list something, a token is taken as named, unconfirmed (as before the
+        check). One answer naming another token is not that: one flipped byte in it turned the
+        check off for good, and a manifest then named a part that does not exist."""
         if self.token_filter_ignored:
             return True
         async with aclosing(self.list(token=token)) as infos:
             async for info in infos:
-                if info.token != token:
+                if info.token == token:
+                    return True
+                if await self._ignores_token_filter():
                     self.token_filter_ignored = True
                     log.warning(
                         "the server ignores filters[token] in listings; the tokens configure-file-meta names "
                         "are taken without asking the listing"
                     )
-                return True
+                    return True
+                return False  # (an answer changed on its way: asked again)
         return False
+
+    async def _ignores_token_filter(self) -> bool:
+        """Whether the server lists tokens when asked for one no vault has (twice)."""
+        for _ in range(2):
+            async with aclosing(self.list(token=f"privifs-no-such-token-{secrets.token_hex(8)}")) as infos:
+                async for _info in infos:
+                    break
+                else:
+                    return False
+        return True
 
     # -- retrieve ----------------------------------------------------------------------------
     async def request(self, token: str) -> shapes.RequestResult:
