@@ -341,6 +341,36 @@ async def test_one_lookup_answer_naming_another_token_does_not_turn_the_check_of
         assert [await client.vault(KEY).get_bytes(t) for t in (first, second)] == [b"first", b"second"]
 
 
+@pytest.mark.parametrize("size", [3000, 300_000])  # inline exchange, streamed upload
+async def test_a_temporary_token_changed_on_its_way_restarts_the_store(eng, account, size):
+    """A temporary token answer whose token arrived changed (``tmq-`` for ``tmp-``): the exchange
+    of a small file, or the configure-file-meta of a streamed one, answered 404 and the store
+    failed (an fsync's EIO, helper hQ F3). The server does not know that reservation: the store
+    starts over from a new one."""
+    endpoints, creds = account
+    changed = []
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/retrieve-temporary-data-token") and status == 200 and not changed:
+            changed.append(body)
+            at = body.index(b'"token"')
+            quote = body.index(b'"', at + 8) + 1
+            return status, body[:quote] + b"x" + body[quote + 1 :]
+        return status, body
+
+    data = os.urandom(size)
+    async with api_proxy(endpoints.api, mangle) as url:
+        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+        async with connect(proxied, creds) as client:
+            token = await client.vault(KEY).put_bytes(data, meta("changed-tmp.bin"))
+    async with connect(*account) as client:
+        assert await client.vault(KEY).get_bytes(token) == data
+        assert [i.file_name async for i in client.tokens.list() if i.file_name == "changed-tmp.bin"] == [
+            "changed-tmp.bin"
+        ]
+    assert len(changed) == 1
+
+
 @pytest.mark.parametrize("stream_shape", ["auth", "url"])
 async def test_a_stream_authorization_changed_on_its_way_restarts_the_store(eng, account, stream_shape):
     """A temporary token whose stream authorization arrived changed (a character no URL can

@@ -248,13 +248,6 @@ class DataTokens:
                 else:
                     try:
                         await self.upload(tmp, body, wire_size)
-                    except NotFoundError as exc:
-                        # the upstream does not know the authorization (expired, or changed on
-                        # its way): nothing was stored, so a new reservation is safe
-                        last = exc
-                        log.info("storing %s: %s; restarting from a new reservation", meta.file_name, exc)
-                        await trio.sleep(self.transport.backoff(attempt))
-                        continue
                     except RequestRejected as exc:
                         if exc.status != 410 or self.ttl == RESERVE_TTLS[-1]:
                             raise
@@ -272,14 +265,23 @@ class DataTokens:
                 raise
             except VaultError as exc:
                 # the exchange or upload (sent once: not idempotent) failed: start over from a new
-                # reservation; the old one expires unpromoted on the server
-                if not exc.transient:
+                # reservation; the old one expires unpromoted on the server. So when the server
+                # does not know the temporary token or stream authorization (404: expired, or
+                # changed on its way): nothing was stored
+                if not exc.transient and not isinstance(exc, NotFoundError):
                     raise
                 last = exc
                 log.info("storing %s failed (%s); restarting from a new reservation", meta.file_name, exc)
                 await trio.sleep(self.transport.backoff(attempt))
                 continue
-            return await self._configured(tmp, meta)
+            try:
+                return await self._configured(tmp, meta)
+            except NotFoundError as exc:
+                if getattr(exc, "unconfigured", None) is not None:
+                    raise
+                last = exc  # twice unknown: the reservation made nothing (see _configured)
+                log.info("storing %s: %s; restarting from a new reservation", meta.file_name, exc)
+                await trio.sleep(self.transport.backoff(attempt))
         assert last is not None
         raise last
 
@@ -295,7 +297,7 @@ class DataTokens:
         byte of every answer names the same wrong token each time). A failure that lasts carries
         ``tmp`` as the error's ``unconfigured``, for the caller to settle
         (``Syncer._drop_unconfigured``)."""
-        failures = 0
+        failures = unknown = 0
         deadline = trio.current_time() + LISTING_LAG
         while True:
             try:
@@ -304,7 +306,14 @@ class DataTokens:
                     return token
             except VaultError as exc:
                 failures += 1
-                if not getattr(exc, "transient", False) or failures == self.options.store_attempts:
+                if isinstance(exc, NotFoundError) and not isinstance(exc, CommandRejected):
+                    # the server does not know the temporary token (expired, or changed on its
+                    # way): asked once more (a 404 changed on its way after it made the token),
+                    # then, said twice, nothing was made and the caller starts over
+                    unknown += 1
+                    if unknown == 2:
+                        raise
+                elif not getattr(exc, "transient", False) or failures == self.options.store_attempts:
                     exc.unconfigured = tmp
                     raise
                 log.info("configuring %s failed (%s); asking again", meta.file_name, exc)
