@@ -29,6 +29,46 @@ async def test_a_file_replaced_by_another_client_before_its_first_read_reads_the
     await kit.close(fh)
 
 
+async def test_a_file_replaced_by_shorter_content_during_a_read_is_eio_once_not_zeros(kit: InProcessFs):
+    """Replaced elsewhere by shorter content (50,000 bytes, then 1,000) while the kernel held the
+    old size for the read: the new 1,000 bytes were returned and the kernel filled the rest up to
+    50,000 with zeros no version ever had (helper hQ: 6 reads in 10 on two mounts). That read is
+    EIO; the next one, with the size the listing brought, reads the new content."""
+    await kit.write_file("doc.txt", os.urandom(50_000))
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/doc.txt").token)  # as on another mount: never read here
+    fh = await kit.open_file("doc.txt", os.O_RDONLY)
+    await kit.remote.rewrite("doc.txt", b"short now" * 100)
+    got = await read_while_refreshing(kit, fh)
+    assert isinstance(got, pyfuse3.FUSEError) and got.errno == errno.EIO, got
+    assert await kit.read(fh, 0, 1 << 20) == b"short now" * 100
+    await kit.close(fh)
+
+
+async def test_a_read_past_the_end_page_of_content_the_listing_shortened_is_eio_not_zeros(kit: InProcessFs):
+    """The listing moved the node to another client's shorter content before the kernel dropped
+    the old size it held: the kernel asks for pages up to that old size, and a short answer is
+    filled with zeros up to it (helper hQ, after the read-side check above). A read past the page
+    holding the end is EIO; one within it, or through O_DIRECT (which may ask past the end), is
+    served."""
+    from privifs.fs.filesystem import PAGE
+
+    await kit.write_file("doc.txt", os.urandom(50_000))
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/doc.txt").token)
+    await kit.remote.rewrite("doc.txt", b"short" * 180)
+    await kit.refresh()  # the node shows 900 bytes now; the kernel would still hold 50,000
+    kit.fs.page_cache_reads = True  # as mounted: the kernel asks for pages, up to the size it holds
+    fh = await kit.open_file("doc.txt", os.O_RDONLY)
+    with fails_with(errno.EIO):
+        await kit.read(fh, 0, 13 * PAGE)  # what a kernel holding 50,000 bytes asks for
+    assert await kit.read(fh, 0, PAGE) == b"short" * 180
+    await kit.close(fh)
+    direct = await kit.open_file("doc.txt", os.O_RDONLY | os.O_DIRECT)
+    assert await kit.read(direct, 0, 1 << 20) == b"short" * 180
+    await kit.close(direct)
+
+
 async def test_a_file_deleted_by_another_client_before_its_first_read_fails_without_a_wait_for_ever(kit: InProcessFs):
     await kit.write_file("gone.txt", b"content")
     await kit.settle()

@@ -355,7 +355,7 @@ class Daemon:
                 options.add("ro")
             pyfuse3.init(Operations(fs), str(self.mountpoint), options)
             self.mounted = self._was_mounted = True
-            refresher.invalidate = fs.kernel = True
+            refresher.invalidate = fs.kernel = fs.page_cache_reads = True
             closed = False
             try:
                 async with trio.open_nursery() as nursery:

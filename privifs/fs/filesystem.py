@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import mmap
 import os
 import stat
 import time
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from privifs.client.vault import Vault
 
 log = logging.getLogger("privifs.fs")
+PAGE = mmap.PAGESIZE  # the kernel's page: reads through its page cache never pass the one holding the end
 
 BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read or write is a FUSE request
 # the largest file (EFBIG past it, as ext4 past 16 TiB): a sparse file's manifest lists every 4 MiB
@@ -135,6 +137,9 @@ class Filesystem:
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
+        # reads come through the kernel's page cache (mounted): none asks past the page holding
+        # the end of the size the kernel holds (in-process tests ask for any length)
+        self.page_cache_reads = False
         self._direct_written: set[int] = set()  # inodes written through O_DIRECT (in this mount)
         self._reads: set[trio.CancelScope] = set()  # the reads in progress (see abandon_reads)
         self._reads_abandoned = False
@@ -949,15 +954,45 @@ class Filesystem:
         if node.staged is not None:
             return node.staged.sealed.read(offset, length)
         if fh.reader is not None and node.token is not None and fh.reader_token == node.token:
-            return self._read_open(fh, node, offset, length)
+            data = self._read_open(fh, node, offset, length)
+            if len(data) < length:  # (near the end only: the check is not on every read's way)
+                self._check_kernel_size(fh, node, offset, length)
+            return data
         if not self._reads_abandoned:
             with trio.CancelScope() as scope:
                 self._reads.add(scope)
                 try:
-                    return await self._read(fh_id, offset, length)
+                    data = await self._read(fh_id, offset, length)
                 finally:
                     self._reads.discard(scope)
+            if len(data) < length:
+                self._check_kernel_size(fh, node, offset, length)
+            return data
         log.info("a read of %s was abandoned: the mount is being unmounted", self.path(self.handles[fh_id].node))
+        raise fail(errno.EIO)
+
+    def _check_kernel_size(self, fh: FileHandle, node: Node, offset: int, length: int) -> None:
+        """EIO for a short read past the page that holds the file's end: the kernel asked for it
+        because it still holds a larger size (another client replaced the file with shorter
+        content, and the listing changed the node before the kernel's attributes were dropped),
+        and it would fill the rest up to that size with zeros no version ever had (helper hQ: 1
+        read in 10 on two mounts, new content then zeros). Reads through the page cache never
+        reach past that page otherwise; O_DIRECT ones do, and are left alone."""
+        if (
+            not self.page_cache_reads
+            or fh.direct
+            or node.staged is not None
+            or offset + length <= -(-node.size // PAGE) * PAGE
+        ):
+            return
+        log.info(
+            "%s: the kernel read as if the file were larger than its %d bytes (replaced elsewhere with shorter "
+            "content); EIO rather than zeros, read it again",
+            self.path(node),
+            node.size,
+        )
+        if self.kernel:
+            _forget_attributes(node.ino)  # (attributes only: no page lock, see _size_learned)
         raise fail(errno.EIO)
 
     def abandon_reads(self) -> None:
@@ -981,8 +1016,19 @@ class Filesystem:
             return await self._parts(node, self._read_parts(fh_id, node, offset, length))
         if fh.reader is None or fh.reader_token != node.token:
             fh.close_reader()
-            token = node.token
+            token, believed = node.token, node.size
             sealed = await self._fetch_following(node)
+            if sealed is None and node.size < believed and not fh.direct:
+                # replaced by shorter content while the kernel still holds the old size for this
+                # read: it would fill the rest up to that size with zeros no version ever had
+                log.info(
+                    "%s: replaced by another client with shorter content during this read (%d bytes, was %d); "
+                    "EIO, read it again",
+                    self.path(node),
+                    node.size,
+                    believed,
+                )
+                raise fail(errno.EIO)
             if sealed is not None and self._unmarked_manifest(node, token, sealed):
                 return await self._read(fh_id, offset, length)  # read through its parts
             if sealed is None or fh.reader is not None or node.token != token or node.staged is not None:
