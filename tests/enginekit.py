@@ -10,7 +10,7 @@ import trio
 
 from privifs.devkit.engine import Channel, EngineProcess, Wire, command_id
 
-__all__ = ["Channel", "EngineProcess", "StallingProxy", "Wire", "api_proxy", "command_id"]
+__all__ = ["Channel", "EngineProcess", "StallingProxy", "Wire", "api_proxy", "command_id", "proxied_api"]
 
 
 @asynccontextmanager
@@ -57,6 +57,15 @@ async def api_proxy(api: str, mangle, answer=None, rewrite=None):
         listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
         yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
         nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def proxied_api(endpoints, mangle=None, answer=None, rewrite=None):
+    """``endpoints`` with the API behind :func:`api_proxy` (the other servers as they are)."""
+    import dataclasses
+
+    async with api_proxy(endpoints.api, mangle or (lambda path, status, body: (status, body)), answer, rewrite) as url:
+        yield dataclasses.replace(endpoints, api=url)
 
 
 class StallingProxy:

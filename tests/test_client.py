@@ -29,7 +29,7 @@ from privifs.errors import (
     NotFoundError,
     ServerUnreachable,
 )
-from tests.enginekit import Wire, api_proxy
+from tests.enginekit import Wire, api_proxy, proxied_api
 
 
 def meta(name: str = "f.bin", context: str = "/t") -> FileMeta:
@@ -247,8 +247,7 @@ async def test_a_stored_token_is_the_one_the_server_made_though_its_answer_was_c
                 return status, b'{"items": [], "meta": {"count": 0, "page": 1, "perPage": 500}}'
         return status, body
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with connect(proxied, creds) as client:
             token = await client.vault(KEY).put_bytes(b"right", meta("changed.txt"))
     async with connect(*account) as client:
@@ -272,8 +271,7 @@ async def test_a_command_id_changed_into_a_character_no_url_can_hold_is_asked_fo
         return status, body
 
     eng.set_options(command_id_shape="string")
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with connect(proxied, creds) as client:
             token = await client.vault(KEY).put_bytes(b"stored", meta("escaped.txt"))
             assert await client.vault(KEY).get_bytes(token) == b"stored"
@@ -295,8 +293,7 @@ async def test_a_server_that_ignores_the_token_filter_does_not_have_each_store_r
             return re.sub(r"&?filters%5Btoken%5D=[^&]*", "", path)
         return path
 
-    async with api_proxy(endpoints.api, lambda path, status, body: (status, body), rewrite=rewrite) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, None, rewrite=rewrite) as proxied:
         async with connect(proxied, creds) as client:
             tokens = [await client.vault(KEY).put_bytes(b"%d" % i, meta(f"f{i}.txt")) for i in range(8)]
             assert client.tokens.token_filter_ignored
@@ -330,8 +327,7 @@ async def test_one_lookup_answer_naming_another_token_does_not_turn_the_check_of
                 return status, b"hello"
         return status, body
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with connect(proxied, creds) as client:
             first = await client.vault(KEY).put_bytes(b"first", meta("first.txt"))
             second = await client.vault(KEY).put_bytes(b"second", meta("second.txt"))
@@ -359,8 +355,7 @@ async def test_a_temporary_token_changed_on_its_way_restarts_the_store(eng, acco
         return status, body
 
     data = os.urandom(size)
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with connect(proxied, creds) as client:
             token = await client.vault(KEY).put_bytes(data, meta("changed-tmp.bin"))
     async with connect(*account) as client:
@@ -388,8 +383,7 @@ async def test_a_stream_authorization_changed_on_its_way_restarts_the_store(eng,
 
     eng.set_options(stream_shape=stream_shape)
     data = os.urandom(300_000)  # streamed upstream, not inline
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with connect(proxied, creds) as client:
             token = await client.vault(KEY).put_bytes(data, meta("streamed.bin"))
             assert await client.vault(KEY).get_bytes(token) == data
@@ -798,8 +792,7 @@ async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(en
                 return status, body[: max(2, len(body) // 2)]
         return status, body
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         with trio.fail_after(60):
             async with connect(proxied, creds, ClientOptions(retry_attempts=3)) as client:
                 vault = client.vault(KEY)
@@ -844,8 +837,7 @@ async def test_a_status_poll_answer_cut_short_or_a_proxy_page_is_not_a_rejection
 
     async with connect(*account) as direct:
         token = await direct.vault(KEY).put_bytes(b"x", meta())
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         with trio.fail_after(60):
             async with connect(proxied, creds) as client:
                 await client.tokens.update(token, file_name="renamed.bin")
@@ -870,8 +862,7 @@ async def test_a_request_timeout_or_too_many_requests_answer_is_tried_again_not_
 
     async with connect(*account) as direct:
         token = await direct.vault(KEY).put_bytes(b"x", meta("waited.bin"))
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         with trio.fail_after(60):
             async with connect(proxied, creds, ClientOptions(retry_attempts=3)) as client:
                 assert [i.file_name async for i in client.tokens.list(token=token)] == ["waited.bin"]
@@ -890,8 +881,7 @@ async def test_an_html_error_page_is_named_by_its_title_in_one_line(eng, account
     def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
         return (502, page) if path.startswith("/data-token/list-data-tokens") else (status, body)
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         with trio.fail_after(60):
             async with connect(proxied, creds, ClientOptions(retry_attempts=1)) as client:
                 with pytest.raises(ServerError) as caught:
@@ -929,8 +919,7 @@ async def test_token_commands_find_a_token_through_an_answer_cut_short(eng, acco
             return 200, b"<html><body>502 Bad Gateway</body></html>"
         return status, body
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         with trio.fail_after(60):
             async with connect(proxied, creds) as client:
                 assert (await _find(client, token)).file_name == "found.bin"

@@ -778,8 +778,7 @@ async def test_a_conflict_copys_manifest_whose_download_answered_404_on_its_way_
     taken for deleted, named nothing, and its parts were deleted: the copy read EIO on every
     mount. A 404 for a manifest the vault still lists makes the retirement wait for its next
     round."""
-    from privifs.client.transport import Endpoints
-    from tests.enginekit import api_proxy
+    from tests.enginekit import proxied_api
 
     endpoints, creds = account
     armed = {"404": 0}
@@ -790,8 +789,7 @@ async def test_a_conflict_copys_manifest_whose_download_answered_404_on_its_way_
             return 404, b'{"message": "not found"}'
         return status, body
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with inprocess_fs(tmp_path, proxied, creds, key=KEY) as t:
             fh, node = t.create_node(1, "db.sqlite")
             await t.fs.write(fh, 0, os.urandom(8 * PART))

@@ -123,8 +123,7 @@ async def test_files_whose_promotion_answer_was_cut_short_are_stored_not_dropped
     "not found", the write-back took that for a deletion by another client and dropped the
     change. Files just written and closed vanished from the mount (a directory showed as an empty
     file), though the vault held them. The answer is asked for again."""
-    from privifs.client.transport import Endpoints
-    from tests.enginekit import api_proxy
+    from tests.enginekit import proxied_api
     from tests.fskit import inprocess_fs
 
     endpoints, creds = module_account
@@ -137,8 +136,7 @@ async def test_files_whose_promotion_answer_was_cut_short_are_stored_not_dropped
             return status, body[: len(body) // 2]
         return status, body
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
             await kit.mkdir("d")
             await kit.write_file("a.txt", b"one")
@@ -160,9 +158,8 @@ async def test_files_whose_promotion_answer_named_no_such_token_are_stored_under
     file's manifest then named a part that does not exist: fsync returned 0, and the file read
     EIO on every mount while its real part went unnamed (collected an hour later); a directory's
     marker so named showed as an empty file. The answer is taken once the vault lists it."""
-    from privifs.client.transport import Endpoints
     from privifs.parts.store import THRESHOLD
-    from tests.enginekit import api_proxy
+    from tests.enginekit import proxied_api
     from tests.fskit import inprocess_fs
 
     endpoints, creds = module_account
@@ -181,8 +178,7 @@ async def test_files_whose_promotion_answer_named_no_such_token_are_stored_under
         return status, body
 
     big = os.urandom(THRESHOLD + 1_000_003)  # three parts and a manifest
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
             await kit.mkdir("d")
             await kit.write_file("d/a.txt", b"one", fsync=True)
@@ -202,8 +198,7 @@ async def test_one_answer_changed_on_its_way_neither_fails_an_fsync_nor_undoes_a
     them with EIO at once, though the next attempt succeeded; the changed id of a rename's
     update, or its answer's status changed to 404, was taken for "the token is gone", and the
     rename was dropped: the file went back to its old name on every mount."""
-    from privifs.client.transport import Endpoints
-    from tests.enginekit import api_proxy
+    from tests.enginekit import proxied_api
     from tests.fskit import inprocess_fs
 
     endpoints, creds = module_account
@@ -225,8 +220,7 @@ async def test_one_answer_changed_on_its_way_neither_fails_an_fsync_nor_undoes_a
             return 404, b'{"message": "not found"}'
         return status, body
 
-    async with api_proxy(endpoints.api, mangle) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, mangle) as proxied:
         async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
             await kit.write_file("a.txt", b"first", fsync=True)
             armed["temporary"] = True
@@ -256,8 +250,7 @@ async def test_a_removal_whose_delete_answered_404_on_its_way_still_deletes_the_
     """A delete answered 404 ("already gone") counted as done; a 404 the server never sent (a
     middlebox answering for it) left the removed file's token in the vault, and the file came
     back on every mount."""
-    from privifs.client.transport import Endpoints
-    from tests.enginekit import api_proxy
+    from tests.enginekit import proxied_api
     from tests.fskit import inprocess_fs
 
     endpoints, creds = module_account
@@ -269,8 +262,7 @@ async def test_a_removal_whose_delete_answered_404_on_its_way_still_deletes_the_
             return 404, b'{"message": "not found"}'
         return None
 
-    async with api_proxy(endpoints.api, lambda path, status, body: (status, body), answer) as url:
-        proxied = Endpoints(api=url, ws=endpoints.ws, upstream=endpoints.upstream, downstream=endpoints.downstream)
+    async with proxied_api(endpoints, None, answer) as proxied:
         async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
             await kit.write_file("kept.txt", b"kept", fsync=True)
             await kit.write_file("gone.txt", b"removed here", fsync=True)
