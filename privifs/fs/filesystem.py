@@ -304,6 +304,7 @@ class Filesystem:
         if node is None:
             return self.absent()
         self.ns.looked_up(node)
+        node.shrunk_remotely = False  # the kernel holds the size it gets now
         return self.attrs(node)
 
     def lookup_self(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -337,7 +338,9 @@ class Filesystem:
                 self.release_node(node)
 
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
-        return self.attrs(self.node(ino))
+        node = self.node(ino)
+        node.shrunk_remotely = False  # the kernel holds the size it gets now
+        return self.attrs(node)
 
     async def setattr(
         self, ino: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None
@@ -976,10 +979,14 @@ class Filesystem:
         because it still holds a larger size (another client replaced the file with shorter
         content, and the listing changed the node before the kernel's attributes were dropped),
         and it would fill the rest up to that size with zeros no version ever had (helper hQ: 1
-        read in 10 on two mounts, new content then zeros). Reads through the page cache never
-        reach past that page otherwise; O_DIRECT ones do, and are left alone."""
+        read in 10 on two mounts, new content then zeros). Only for a node the listing shortened
+        since the kernel last asked for its attributes (``shrunk_remotely``): reads through the
+        page cache never reach past that page otherwise, but O_DIRECT ones do, also on a
+        descriptor that turned it on with fcntl, which the daemon never hears of (helper hR:
+        ``dd iflag=direct < file`` read EIO)."""
         if (
             not self.page_cache_reads
+            or not node.shrunk_remotely
             or fh.direct
             or node.staged is not None
             or offset + length <= -(-node.size // PAGE) * PAGE

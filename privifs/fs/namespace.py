@@ -182,6 +182,7 @@ class Node:
         "meta_version",
         "subdirs",
         "following",
+        "shrunk_remotely",
     )
 
     def __init__(self, ino: int, parent: int, name: str, kind: str, mode: int, mtime_ns: int):
@@ -221,6 +222,9 @@ class Node:
         # a read or a first write here found the token gone (another client replaced the file):
         # the listing may move the node on although it is open for writing, as nothing is staged
         self.following = False
+        # the listing made it shorter (another client's content) since the kernel last asked for
+        # its attributes: the kernel may still hold the larger size (Filesystem._check_kernel_size)
+        self.shrunk_remotely = False
 
     @property
     def extra_markers(self) -> set[str]:
@@ -1238,6 +1242,8 @@ class Namespace:
         node.rdev = a.rdev
         size = self.listed_size(info)
         if size is not None and not node.is_dir:
+            if size < node.size:
+                node.shrunk_remotely = True
             node.size = size
         node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension
         node.remote_risk = risk_json(info)
