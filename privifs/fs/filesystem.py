@@ -304,7 +304,7 @@ class Filesystem:
         if node is None:
             return self.absent()
         self.ns.looked_up(node)
-        node.shrunk_remotely = False  # the kernel holds the size it gets now
+        self.ns.attributes_given(node)
         return self.attrs(node)
 
     def lookup_self(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -339,7 +339,7 @@ class Filesystem:
 
     def getattr(self, ino: int) -> pyfuse3.EntryAttributes:
         node = self.node(ino)
-        node.shrunk_remotely = False  # the kernel holds the size it gets now
+        self.ns.attributes_given(node)
         return self.attrs(node)
 
     async def setattr(
@@ -966,11 +966,11 @@ class Filesystem:
                 self._reads.add(scope)
                 try:
                     data = await self._read(fh_id, offset, length)
+                    if len(data) < length:
+                        self._check_kernel_size(fh, node, offset, length)
+                    return data
                 finally:
                     self._reads.discard(scope)
-            if len(data) < length:
-                self._check_kernel_size(fh, node, offset, length)
-            return data
         log.info("a read of %s was abandoned: the mount is being unmounted", self.path(self.handles[fh_id].node))
         raise fail(errno.EIO)
 

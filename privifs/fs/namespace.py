@@ -1248,6 +1248,10 @@ class Namespace:
         node.remote_context, node.remote_name, node.remote_extension = info.context, info.file_name, info.extension
         node.remote_risk = risk_json(info)
 
+    def attributes_given(self, node: Node) -> None:
+        """The kernel gets the node's attributes now (a lookup, a getattr): it holds its size."""
+        node.shrunk_remotely = False
+
     def set_following(self, node: Node, following: bool) -> None:
         """Whether a read or first write waits for the listing to move the node on to another
         client's version (the refresher may then update it though it is open for writing)."""
