@@ -336,29 +336,33 @@ class DataTokens:
         check off for good, and a manifest then named a part that does not exist."""
         if self.token_filter_ignored:
             return True
-        async with aclosing(self.list(token=token)) as infos:
-            async for info in infos:
-                if info.token == token:
-                    return True
-                if await self._ignores_token_filter():
-                    self.token_filter_ignored = True
-                    log.warning(
-                        "the server ignores filters[token] in listings; the tokens configure-file-meta names "
-                        "are taken without asking the listing"
-                    )
-                    return True
-                return False  # (an answer changed on its way: asked again)
-        return False
+        first = await self._first_listed(token)
+        if first is None:
+            return False
+        if first.token == token:
+            return True
+        if await self._ignores_token_filter():
+            self.token_filter_ignored = True
+            log.warning(
+                "the server ignores filters[token] in listings; the tokens configure-file-meta names "
+                "are taken without asking the listing"
+            )
+            return True
+        return False  # (an answer changed on its way: asked again)
 
     async def _ignores_token_filter(self) -> bool:
         """Whether the server lists tokens when asked for one no vault has (twice)."""
         for _ in range(2):
-            async with aclosing(self.list(token=f"privifs-no-such-token-{secrets.token_hex(8)}")) as infos:
-                async for _info in infos:
-                    break
-                else:
-                    return False
+            if await self._first_listed(f"privifs-no-such-token-{secrets.token_hex(8)}") is None:
+                return False
         return True
+
+    async def _first_listed(self, token: str) -> shapes.TokenInfo | None:
+        """The first token a listing asked for ``token`` by id shows (only its first page read)."""
+        async with aclosing(self.list(token=token)) as infos:
+            async for info in infos:
+                return info
+        return None
 
     # -- retrieve ----------------------------------------------------------------------------
     async def request(self, token: str) -> shapes.RequestResult:
@@ -601,8 +605,7 @@ class DataTokens:
         except NotFoundError as exc:  # (a rejected command's TokenMissing too)
             if not missing_ok:
                 raise
-            if await find(self, form["token"]) is not None:
-                raise MalformedAnswer(f"{what}: the server said token {form['token']} is gone, yet lists it") from exc
+            await confirm_gone(self, form["token"], exc, what)
 
     async def update(
         self, token: str, *, file_name: str | None = None, extension: str | None = None, context: str | None = None
@@ -711,6 +714,16 @@ async def find(tokens: Lister, token: str) -> shapes.TokenInfo | None:
     return found[0] if found else None
 
 
+async def confirm_gone(tokens: Lister, token: str, exc: PrivifsError, what: str) -> None:
+    """After ``exc``, a 404 for ``token``: returns when the vault no longer lists the token;
+    raises :class:`~privifs.errors.MalformedAnswer` (transient: asked again) when it still does,
+    for then the 404 was changed on its way or sent by a middlebox, not the server's word. Taken
+    for "gone", such a 404 dropped a rename, left a removed file's token, or retired a part a
+    conflict copy still named."""
+    if await find(tokens, token) is not None:
+        raise MalformedAnswer(f"{what}: the server said token {token} is gone, yet the vault lists it ({exc})") from exc
+
+
 async def find_each(tokens: Lister, wanted: list[str], in_flight: int = 8) -> list[shapes.TokenInfo]:
     """Those of ``wanted`` the vault has, each asked for by id (``in_flight`` at a time), in the
     order asked. The listing is read page by page, and a deletion while it is read makes a page
@@ -731,4 +744,4 @@ async def find_each(tokens: Lister, wanted: list[str], in_flight: int = 8) -> li
     return [found[t] for t in wanted if t in found]
 
 
-__all__ = ["DataTokens", "FileMeta", "PrivifsError", "find", "find_each"]
+__all__ = ["DataTokens", "FileMeta", "PrivifsError", "confirm_gone", "find", "find_each"]

@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import trio
 
-from privifs.client.datatokens import DataTokens, FileMeta, find
+from privifs.client.datatokens import DataTokens, FileMeta, confirm_gone, find
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto import digest
@@ -63,7 +63,6 @@ from privifs.errors import (
     CommandRejected,
     ForbiddenError,
     IntegrityError,
-    MalformedAnswer,
     NodeGone,
     NoRoomInVault,
     NotFoundError,
@@ -1003,12 +1002,9 @@ class Syncer:
                     try:
                         parts = frozenset(await self._parts_named(info))
                     except NotFoundError as exc:
-                        if await find(self.tokens, info.token) is not None:
-                            # still listed: a download answered 404 on its way, not a deletion;
-                            # taken for one, the parts it names (a conflict copy's) were deleted
-                            raise MalformedAnswer(
-                                f"manifest {info.token} is listed, but its download said: {exc}"
-                            ) from exc
+                        # (still listed: a 404 changed on its way; taken for a deletion, the parts
+                        # it names, a conflict copy's, were deleted)
+                        await confirm_gone(self.tokens, info.token, exc, "download of a manifest")
                         continue  # deleted since the listing: it names nothing
                     except IntegrityError as exc:
                         # not a manifest (another application's token with the mark), or its
@@ -1282,10 +1278,9 @@ class Syncer:
         except NotFoundError as exc:  # also a rejected command's TokenMissing (errors.REFUSAL_REASONS)
             if node.token != token:
                 raise
-            if await find(self.tokens, token) is not None:
-                # the vault still lists it: an answer changed on its way (a 404 status), not a
-                # deletion by another client; dropped as one, the rename or chmod was lost
-                raise MalformedAnswer(f"the server said token {token} is gone, yet lists it ({exc})") from exc
+            # (still listed: a 404 changed on its way; taken for a deletion by another client,
+            # the rename or chmod was lost)
+            await confirm_gone(self.tokens, token, exc, "meta update")
             self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
         if not self.ns.meta_written(node, version, trio.current_time()):
