@@ -21,6 +21,14 @@ from tests.enginekit import EngineProcess
 from tests.mountkit import Mount, is_mounted, privifs
 
 
+def fsync_file(path) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def own_engine_mount(tmp_path, mount_args: tuple[str, ...] = (), settings: dict | None = None):
     """An engine of the test's own (stopped and started again: the server gone and back, same
@@ -58,6 +66,9 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         assert info.value.errno == errno.EIO
         (m.dir / "docs" / "offline.txt").write_text("written while offline")
         assert (m.dir / "docs" / "offline.txt").read_text() == "written while offline"
+        with pytest.raises(OSError) as info:  # the vault cannot have it: fsync says so (one more attempt first)
+            fsync_file(m.dir / "docs" / "offline.txt")
+        assert info.value.errno == errno.EIO
         st = m.status()
         assert st["connection"]["online"] is False and st["connection"]["offline_since"]
         assert "OFFLINE" in privifs(m.env, "status", str(m.dir)).stdout
@@ -66,7 +77,13 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         assert "unreachable" in answer["error"] and "1 changes stay staged" in answer["error"], answer
 
         eng.start()  # same data, same ports
-        m.wait_online(timeout=120)  # the connector keeps trying on its own (backoff up to 60 s)
+        # an fsync right away does not wait for the connector's next try (backoff up to 60 s): it
+        # makes one, and commits (it failed at once with 'offline: …')
+        (m.dir / "docs" / "back.txt").write_text("fsynced as the server came back")
+        fsync_file(m.dir / "docs" / "back.txt")
+        assert m.status()["connection"]["online"] is True
+        assert ("/docs", "back.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
+        m.wait_online(timeout=120)
         m.wait_idle(timeout=120)
         assert ("/docs", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
         assert (m.dir / "remote.txt").read_text() == "only in the vault"

@@ -309,6 +309,7 @@ class Daemon:
         """Start the connector (see :mod:`privifs.fs.connector`) and wait for its first attempt: True
         online, False started offline; raises why the mount cannot start."""
         self.connector = Connector(account, link, refresher, syncer, self.state_dir, check_key, self.supervisor)
+        syncer.reconnect = self.connector.try_now
         return await links.start(self.connector.run)
 
     async def _serve(self, account, links: trio.Nursery, ready) -> None:

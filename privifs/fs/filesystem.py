@@ -1126,6 +1126,9 @@ class Filesystem:
             return
         node.staged.sealed.sync_header()
         self.index.save(node)
+        await self.sync.reach_vault()
+        if node.staged is None or not node.content_dirty or node.unlinked:
+            return  # uploaded, or removed, meanwhile
         await self.sync.commit(node, self.opts.fsync_timeout)
 
     async def fsyncdir(self, fh_id: int) -> None:

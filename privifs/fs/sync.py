@@ -49,7 +49,7 @@ import math
 import stat
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple
 
 import trio
@@ -103,6 +103,7 @@ MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the 
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
 ODD_ANSWERS_WAITED = 3  # answers of a shape the client does not know an fsync waits through
 FLUSH_RETRY = 10.0  # while 'privifs umount' waits, retry at least this often (not after 5 minutes)
+RECONNECT_GRACE = 10.0  # offline, an fsync waits this long at most for one more attempt to reach the vault
 RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
@@ -231,6 +232,9 @@ class Syncer:
         # called with an upload's size when the server says its disk is full, if that disk is
         # the cache's too (the embedded engine in the same home): the cache gives it room
         self.server_full: Callable[[int], object] | None = None
+        # offline: try to reach the vault now and wait (at most the time given) for that attempt;
+        # True once online (the connector's ``try_now``; None in-process, where there is no connector)
+        self.reconnect: Callable[[float], Awaitable[bool]] | None = None
         self.ns = ns
         self.index = ns.index
         self.staging = staging
@@ -1410,6 +1414,14 @@ class Syncer:
         return False
 
     # -- fsync -----------------------------------------------------------------------------------
+    async def reach_vault(self) -> None:
+        """Offline, before an fsync fails: one attempt to reach the vault now, waited for at most
+        :data:`RECONNECT_GRACE`. The connector retries with backoff (up to a minute), so an fsync
+        made just after the server came back, or while a reconnection was running (a mount that
+        started offline behind a stalled answer), failed at once with ``offline: …`` (hQ F4)."""
+        if self.reconnect is not None:
+            await self.reconnect(RECONNECT_GRACE)
+
     async def commit(self, node: Node, timeout: float) -> None:
         """Wait until the node's current staged content is committed in the vault."""
         staged = node.staged
