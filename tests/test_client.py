@@ -14,7 +14,7 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from privifs.client.connect import connect
-from privifs.client.datatokens import FileMeta
+from privifs.client.datatokens import FileMeta, find
 from privifs.client.oauth import authorize, register_app
 from privifs.client.provision import new_identity, register_profile
 from privifs.client.session import PasswordCredentials
@@ -461,6 +461,37 @@ async def test_rejected_command_carries_the_reason(eng, account):
             await client.tokens.delete(token)
         assert info.value.reason == "policy.rejected"
         assert "policy.rejected" in str(info.value)
+        assert await vault.get_bytes(token) == b"keep me"
+
+
+async def test_an_ack_whose_status_key_changed_on_its_way_is_asked_about_not_taken_for_a_success(eng, account):
+    """An acknowledgement frame without a status key (``command_stxtus``: changed on its way) was
+    taken for a success: a delete the server rejected counted as done, and the vault kept the
+    token (the removed file came back on every mount). The command's status is polled instead."""
+    async with connect(*account) as client:
+        vault = client.vault(KEY)
+        token = await vault.put_bytes(b"keep me", meta())
+        hub = client.tokens.hub
+        assert hub.connected
+        dispatch, changed = hub._dispatch, []
+
+        def strip_status(data: dict) -> None:  # what a middlebox changing one byte of the frame does
+            if data.get("type") == "X-DPT-CAB-ID" and "command_status" in data:
+                data = {("command_stxtus" if k == "command_status" else k): v for k, v in data.items()}
+                changed.append(data["id"])
+            dispatch(data)
+
+        hub._dispatch = strip_status
+        polls = client.commands.polls
+        eng.set_options(reject="delete-data")
+        with pytest.raises(CommandRejected) as info:
+            await client.tokens.delete(token)
+        assert info.value.reason == "policy.rejected"
+        eng.set_options(reject="")
+        await client.tokens.update(token, file_name="renamed.txt")  # a success is a success
+        assert changed and client.commands.polls > polls
+        hub._dispatch = dispatch
+        assert (await find(client.tokens, token)).file_name == "renamed.txt"
         assert await vault.get_bytes(token) == b"keep me"
 
 

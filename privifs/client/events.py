@@ -409,6 +409,8 @@ class Commands:
             with trio.move_on_after(window):
                 # one wait, no tasks: the hub interrupts its waiters when the channel changes
                 while (data := await waiter.next_or_change()) is not None:
+                    if not shapes.ws_says_status(data):
+                        break  # an ack that does not say how the command ended: the poll below does
                     state = shapes.ws_status(data)
                     if not state.pending:
                         return state

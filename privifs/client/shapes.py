@@ -132,9 +132,21 @@ def poll_answer(body: Any) -> CommandState:
     raise ProtocolError(f"unexpected command status answer: {str(body)[:100]}")
 
 
+STATUS_KEYS = ("command_status", "commandStatus")
+
+
 def ws_status(data: dict) -> CommandState:
+    """A frame's status; one without a status key counts as a success (a download's frame, whose
+    data is verified anyway). A command's wait asks the server instead (:func:`ws_says_status`)."""
     value = data.get("command_status", data.get("commandStatus", 2))
     return status_value(value, data.get("body"))
+
+
+def ws_says_status(data: dict) -> bool:
+    """Whether an acknowledgement frame carries its command's status. One that does not (its key
+    changed on its way: ``command_stxtus``) was taken for a success: a rejected delete or rename
+    then counted as done, and the vault kept the token where the mount had moved or removed it."""
+    return any(k in data for k in STATUS_KEYS)
 
 
 @dataclass
