@@ -12,6 +12,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 import trio
@@ -23,16 +24,20 @@ from privifs.engine.http import DRAIN_LIMIT, disk_full
 log = logging.getLogger("privifs.engine.streams")
 
 
-async def _throttled(chunks, rate: float):
-    """Pass chunks through no faster than ``rate`` bytes per second (0: as fast as they come)."""
-    start = trio.current_time()
-    sent = 0
+async def _throttled(chunks, rate_now: Callable[[], float]):
+    """Pass chunks through no faster than ``rate_now()`` bytes per second (0: as fast as they
+    come). A change of the option applies within half a second to streams under way too: a test
+    that slowed the streams down and then lifts the limit does not wait for the slow ones (a
+    100 KB upload begun at 1,000 B/s went on at that rate for 100 s, and its unmount waited)."""
+    start, sent, rate = trio.current_time(), 0, rate_now()
     async for chunk in chunks:
-        if rate > 0:
-            sent += len(chunk)
-            ahead = sent / rate - (trio.current_time() - start)
-            if ahead > 0:
-                await trio.sleep(ahead)
+        if rate_now() != rate:
+            start, sent, rate = trio.current_time(), 0, rate_now()
+        sent += len(chunk)
+        while rate > 0 and (ahead := sent / rate - (trio.current_time() - start)) > 0:
+            await trio.sleep(min(ahead, 0.5))
+            if rate_now() != rate:  # paced from here at the new rate
+                start, sent, rate = trio.current_time(), len(chunk), rate_now()
         yield chunk
 
 
@@ -239,7 +244,7 @@ async def _upload(engine: Engine, scope, receive, send, row, auth: str) -> None:
     request = Request(scope, receive)
     try:
         blob_id, size, blob_dir = await engine.blobs.receive(
-            _throttled(request.stream(), engine.opts.stream_bytes_per_second)
+            _throttled(request.stream(), lambda: engine.opts.stream_bytes_per_second)
         )
     except ClientDisconnect:
         log.info("upload for %s broke off; nothing stored", row["temp_token"])
@@ -328,7 +333,7 @@ async def _download(engine: Engine, send, auth: str) -> None:
                     return
                 yield chunk
 
-        async for chunk in _throttled(chunks(), engine.opts.stream_bytes_per_second):
+        async for chunk in _throttled(chunks(), lambda: engine.opts.stream_bytes_per_second):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
     finally:
