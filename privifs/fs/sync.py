@@ -493,7 +493,10 @@ class Syncer:
                 continue
             self._busy.add(ino)
             try:
-                await self._yield_to_foreground(ino)
+                if not await self._yield_to_foreground(ino):
+                    self._again.discard(ino)
+                    self._queue.put_back(ino)
+                    continue  # (the urgent node next)
                 if self.ns.get(ino) is node and not node.unlinked:  # it may have gone meanwhile
                     await self.reconcile(node)
             except Exception as exc:  # noqa: BLE001 - write-back must outlive any bug or local failure
@@ -505,19 +508,26 @@ class Syncer:
                 self._again.discard(ino)
                 self.schedule(node)
 
-    async def _yield_to_foreground(self, ino: int | None = None) -> None:
+    async def _yield_to_foreground(self, ino: int | None = None) -> bool:
         """Background work waits while the mount is busy (requests arriving), so a burst of
         work (untar, git, a build) runs at local speed; it never waits longer than MAX_DEFER
-        and never when an fsync asks for this node."""
+        and never when an fsync asks for this node. A worker deferring node ``ino`` gives way
+        (returns False: the caller puts the node back) when an fsync waits on another node that
+        no worker holds: with every worker deferring a file closed before, an fsync waited up to
+        MAX_DEFER while the mount stayed busy (hT: 25-29 s against 0.13 s quiet, and an fsync a
+        second during a ``cp -r`` took 29 s each)."""
         start = trio.current_time()
         while not (ino is not None and self._fsync[ino]) and trio.current_time() - start < MAX_DEFER:
             if ino is not None and self._gone(ino):
-                return  # removed meanwhile (a journal SQLite deletes at each commit): nothing to wait for
+                return True  # removed meanwhile (a journal SQLite deletes at each commit): nothing to wait for
             quiet_for = trio.current_time() - self.last_activity
             if quiet_for >= QUIET:
-                return
+                return True
             with trio.move_on_after(QUIET - quiet_for):
                 await self._fsync_asked.wait()
+            if ino is not None and not self._fsync[ino] and self._queue.urgent_waiting:
+                return False
+        return True
 
     def _gone(self, ino: int) -> bool:
         """Whether nothing of the node is to be written back any more (it left the tree, and no

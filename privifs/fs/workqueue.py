@@ -43,6 +43,19 @@ class WorkQueue:
         self._urgent.append(ino)
         self._nonempty.set()
 
+    def put_back(self, ino: int) -> None:
+        """Return ``ino``, taken from the ordinary lane and not worked on, to the front of that
+        lane (a worker that gave way to an fsync's node keeps the file's turn)."""
+        if ino not in self._queued:
+            self._queued.add(ino)
+            self._ordinary.appendleft(ino)
+            self._nonempty.set()
+
+    @property
+    def urgent_waiting(self) -> bool:
+        """Whether a node an fsync waits on is queued (entries of the urgent lane are never stale)."""
+        return bool(self._urgent)
+
     async def get(self) -> int:
         """The next inode: the urgent lane first, then the ordinary one."""
         while True:
