@@ -976,17 +976,21 @@ class Syncer:
         except PrivifsError as exc:
             log.info("retired parts wait for the next round: %s", exc)
             return 0
-        for context, parts in by_context.items():
-            done = set(parts)
-            self._retired = [r for r in self._retired if not (r[1] == context and r[2] in done)]
-            for part in parts:
-                if part in named:
-                    log.info("a part a rewrite stopped naming is kept: another manifest names it")
-                else:
-                    self._tombstone(part)
-                    gone += 1
+        handled: set[tuple[str, str]] = set()
+        try:
+            for context, parts in by_context.items():
+                for part in parts:
+                    if part in named:
+                        log.info("a part a rewrite stopped naming is kept: another manifest names it")
+                    else:
+                        self._tombstone(part)
+                        gone += 1
+                    handled.add((context, part))
+        except PrivifsError as exc:  # the index cannot record a deletion (a full disk): it failed the task as a bug
+            log.warning("retired parts wait for the next round: a deletion cannot be recorded (%s)", exc)
+        self._retired = [r for r in self._retired if (r[1], r[2]) not in handled]
         try:  # (a tombstone now records each deletion)
-            self.index.drop_retired([part for _, _, part in due])
+            self.index.drop_retired([part for _, part in handled])
         except PrivifsError as exc:
             log.warning("could not record the end of retired parts (%s); the next start retires them again", exc)
         return gone
