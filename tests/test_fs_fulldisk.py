@@ -128,7 +128,9 @@ def test_full_disk_writes_get_enospc_reads_of_cached_staged_and_uncached_files_w
             assert info.value.errno == errno.ENOSPC
             assert os.statvfs(m.dir).f_bavail * os.statvfs(m.dir).f_frsize < 2 * MiB  # statfs says so
             assert read_uncached(m.dir / "cached.bin") == cached  # still, after more failed writes
-            assert m.status()["pending"]  # the daemon answers
+            assert m.status()["pending"]  # the daemon answers, and says the disk was full
+            shown = privifs(m.env, "status", str(m.dir)).stdout  # (mount.log, on that disk, loses lines)
+            assert "disk full:" in shown and "write" in shown and "MiB free on its disk" in shown, shown
             # not cached and no room to download it: read through memory (it gave ENOSPC before),
             # without emptying the cache first for a download that would not fit anyway
             cached_before = m.status()["cache"]["size"]

@@ -397,7 +397,16 @@ def print_status(st: dict) -> None:
     )
     if st["cache"].get("unavailable"):
         print(f"    UNAVAILABLE: {st['cache']['unavailable']}; files are read through memory, not cached")
-    print(f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})")
+    free = st["staging"].get("free")
+    print(
+        f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})"
+        + (f"; {free / 2**20:.0f} MiB free on its disk" if free is not None else "")
+    )
+    if st.get("disk_full"):
+        print(
+            f"  disk full:    {st['disk_full']} at {_ago(st['disk_full_at'])} (ENOSPC: the disk of the "
+            "staging, cache or state directory had no room)"
+        )
     print(
         f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
         + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")

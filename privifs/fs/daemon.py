@@ -544,7 +544,9 @@ class Daemon:
                 "downloads": cache.downloads,
                 "unavailable": cache.unavailable,
             },
-            "staging": {"dir": str(self.staging.dir), "size": self.staging.usage()},
+            "staging": {"dir": str(self.staging.dir), "size": self.staging.usage(), "free": self.staging.free()},
+            "disk_full": self.fs.last_disk_full,  # the last request the local disk had no room for
+            "disk_full_at": self.fs.last_disk_full_at,
             "last_refresh": refresher.last_refresh,
             "refresh_interval": refresher.interval,
             "refresh_error": refresher.last_error,

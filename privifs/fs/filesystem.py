@@ -136,6 +136,10 @@ class Filesystem:
         # the last read that failed (path and cause) and when, for `privifs status`
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
+        # the last request the local disk had no room for (ENOSPC, EDQUOT) and when: on a full
+        # disk mount.log loses its lines too, and status said 'last error: none'
+        self.last_disk_full: str | None = None
+        self.last_disk_full_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
         # reads come through the kernel's page cache (mounted): none asks past the page holding
         # the end of the size the kernel holds (in-process tests ask for any length)
@@ -143,6 +147,10 @@ class Filesystem:
         self._direct_written: set[int] = set()  # inodes written through O_DIRECT (in this mount)
         self._reads: set[trio.CancelScope] = set()  # the reads in progress (see abandon_reads)
         self._reads_abandoned = False
+
+    def note_disk_full(self, request: str, exc: BaseException) -> None:
+        """A request failed because the local disk (staging, cache, index) has no room."""
+        self.last_disk_full, self.last_disk_full_at = f"{request}: {exc}", time.time()
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""

@@ -1,6 +1,7 @@
 """The pyfuse3 handlers: each translates its arguments, calls one method of
 :class:`~privifs.fs.filesystem.Filesystem`, and turns errors into errnos (logging the cause) by
-their type, through :func:`~privifs.fs.errnos.errno_for`. Nothing else happens here."""
+their type, through :func:`~privifs.fs.errnos.errno_for`, noting a full local disk for
+`privifs status`. Nothing else happens here."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import logging
 
 import pyfuse3
 
-from privifs.errors import PrivifsError
+from privifs.errors import DiskFullError, PrivifsError
 from privifs.fs.caller import Caller
-from privifs.fs.errnos import errno_for
+from privifs.fs.errnos import OS_ERRNOS, errno_for
 from privifs.fs.filesystem import Filesystem
 
 log = logging.getLogger("privifs.fs")
@@ -26,11 +27,10 @@ def handler(fn):
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except PrivifsError as exc:
+        except (PrivifsError, OSError) as exc:
             log.error("%s failed: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno_for(exc)) from None
-        except OSError as exc:
-            log.error("%s failed: %s", fn.__name__, exc)
+            if isinstance(exc, DiskFullError) or isinstance(exc, OSError) and exc.errno in OS_ERRNOS:
+                self.fs.note_disk_full(fn.__name__, exc)  # for `privifs status`
             raise pyfuse3.FUSEError(errno_for(exc)) from None
         except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)

@@ -322,3 +322,11 @@ class Staging:
 
     def usage(self) -> int:
         return sum(p.stat().st_blocks * 512 for p in self.dir.iterdir() if p.is_file())
+
+    def free(self) -> int | None:
+        """Bytes free on the staging directory's disk for this user (None if it cannot be told)."""
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
