@@ -234,6 +234,35 @@ async def test_an_fsync_does_not_wait_for_workers_deferring_other_files_to_a_bus
         t.fs.release(fh)
 
 
+async def test_files_that_gave_way_to_fsyncs_still_go_within_max_defer_of_a_busy_mount(account, tmp_path, monkeypatch):
+    """A worker that gives way to an fsync's node puts its file back; the file's deferral keeps
+    counting from when it began, so a program fsyncing every moment (a database) on a busy mount
+    does not hold the files closed before it back for good."""
+    monkeypatch.setattr("privifs.fs.sync.QUIET", 60.0)
+    monkeypatch.setattr("privifs.fs.sync.MAX_DEFER", 2.0)
+    async with inprocess_fs(tmp_path, *account, workers=1) as t:
+        fh, closed = t.create_node(1, "closed")
+        await t.fs.write(fh, 0, b"closed before")
+        t.fs.release(fh)
+        t.fs.note_activity()
+        t.syncer.ns.schedule_retry(closed, 0.0)
+        t.syncer.schedule(closed)
+        with trio.fail_after(10):
+            while closed.ino not in t.syncer._busy:
+                await trio.sleep(0.01)
+        with trio.fail_after(20):
+            i = 0
+            while closed.token is None:  # an fsync every 0.2 s, each making the worker give way
+                fh, f = t.create_node(1, f"db-{i}")
+                await t.fs.write(fh, 0, b"commit")
+                await t.fs.fsync(fh)
+                t.fs.release(fh)
+                t.fs.note_activity()
+                i += 1
+                await trio.sleep(0.2)
+        assert i < 40  # about MAX_DEFER's 2 s of fsyncs, not until the mount is quiet
+
+
 async def test_every_index_commit_names_only_staged_files_that_exist(kit):
     """An uploaded staged file was moved into the cache inside the transaction that recorded its
     token, before the commit: a kill -9 in between left an index naming a staged file that was

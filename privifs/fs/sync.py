@@ -247,6 +247,9 @@ class Syncer:
         self.write_back_delay = write_back_delay
         self._queue = WorkQueue()
         self._busy: set[int] = set()
+        # when a worker began deferring a node it gave way with (to an fsync's node): MAX_DEFER
+        # counts from then, so frequent fsyncs elsewhere cannot hold a closed file back for good
+        self._deferred_since: dict[int, float] = {}
         self._again: set[int] = set()
         self._waiting: dict[int, float] = {}  # node → when its timer (_later) schedules it again
         self._fsync: Counter[int] = Counter()
@@ -484,6 +487,7 @@ class Syncer:
             ino = await self._queue.get()
             node = self.ns.get(ino)
             if node is None or node.unlinked and not node.uploading:
+                self._deferred_since.pop(ino, None)
                 continue
             wait = node.retry_at - trio.current_time()
             if wait > 0:  # (an fsync sets it to now: commit)
@@ -516,7 +520,9 @@ class Syncer:
         no worker holds: with every worker deferring a file closed before, an fsync waited up to
         MAX_DEFER while the mount stayed busy (hT: 25-29 s against 0.13 s quiet, and an fsync a
         second during a ``cp -r`` took 29 s each)."""
-        start = trio.current_time()
+        start = self._deferred_since.pop(ino, None) if ino is not None else None
+        if start is None:
+            start = trio.current_time()
         while not (ino is not None and self._fsync[ino]) and trio.current_time() - start < MAX_DEFER:
             if ino is not None and self._gone(ino):
                 return True  # removed meanwhile (a journal SQLite deletes at each commit): nothing to wait for
@@ -526,6 +532,7 @@ class Syncer:
             with trio.move_on_after(QUIET - quiet_for):
                 await self._fsync_asked.wait()
             if ino is not None and not self._fsync[ino] and self._queue.urgent_waiting:
+                self._deferred_since[ino] = start
                 return False
         return True
 
