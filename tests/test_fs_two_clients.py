@@ -746,3 +746,59 @@ async def test_a_directory_moved_onto_a_files_name_whose_conflict_name_is_taken_
         assert tree_of(a) == fresh
         assert tree_of(b) == fresh
         assert await a.read_file(f"/{file_aside}") == b"a file"
+
+
+async def mode_on_a_fresh_mount(tmp_path, account, key: bytes, path: str) -> int:
+    (tmp_path / "fresh-mode").mkdir(parents=True)
+    async with inprocess_fs(tmp_path / "fresh-mode", *account, key=key) as f:
+        await f.refresher.refresh_once()
+        return f.node(path).mode
+
+
+async def test_an_rmdir_of_a_directory_another_client_renamed_meanwhile_leaves_the_renamed_directory(account, tmp_path):
+    # hU D2: A renames /d → /d2 and its rename reaches the vault; B, which has not listed that
+    # yet, removes /d. B's delete took the marker, which by then was A's /d2: the renamed
+    # directory vanished everywhere (with entries it lost its mode and times), though a rename
+    # against a delete keeps the renamed entry. Files had this check; directories' markers not.
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/d", 0o700)
+        await listed(a, b)
+        await a.rename("/d", "/d2")
+        await a.wait_idle()
+        assert tree_of(b) == {"/d": "dir"}  # (B has not listed A's rename)
+        await b.rmdir("/d")
+        await b.wait_idle()
+        await converged(tmp_path, account, {"/d2": "dir"}, a, b)
+        assert a.node("/d2").mode == b.node("/d2").mode == 0o700
+
+
+async def test_a_directory_whose_marker_another_client_deleted_shows_the_mode_a_fresh_mount_shows(account, tmp_path):
+    # hU D1: the marker of /d (mode 750) deleted elsewhere while /d holds a file: every mount
+    # that knew the marker kept 750, a fresh mount (the directory known from its entry only)
+    # shows the mount's directory mode
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/d", 0o750)
+        await a.write_file("/d/f", b"kept")
+        await listed(a, b)
+        assert b.node("/d").mode == 0o750
+        await a.client.tokens.delete(a.node("/d").token)
+        await converged(tmp_path, account, {"/d": "dir", "/d/f": "file"}, a, b)
+        fresh = await mode_on_a_fresh_mount(tmp_path, account, a.key, "/d")
+        assert a.node("/d").mode == b.node("/d").mode == fresh
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+async def test_two_mkdirs_of_one_name_show_the_first_claims_mode_everywhere(account, tmp_path, first):
+    # hU D3: A made /d (then chmod 700) while B made /d: each mount kept its own marker's mode
+    # for good; a fresh mount shows the first claim's (claim order: createdAt, then token)
+    async with two_clients(tmp_path, account) as (a, b):
+        early, late = (a, b) if first == "a" else (b, a)
+        await early.mkdir("/d", 0o700)
+        await early.wait_idle()
+        await early.remote.next_second()
+        await late.mkdir("/d", 0o755)
+        await late.wait_idle()
+        await converged(tmp_path, account, {"/d": "dir"}, a, b)
+        fresh = await mode_on_a_fresh_mount(tmp_path, account, a.key, "/d")
+        assert fresh == 0o700
+        assert a.node("/d").mode == b.node("/d").mode == fresh

@@ -1105,6 +1105,14 @@ class Namespace:
         node.extra_markers = set()
         return had
 
+    def make_implicit(self, node: Node) -> None:
+        """The directory ``node`` lost its marker (deleted elsewhere) but holds entries: it stays,
+        known from them only, with the mode and owner a mount with no state gives such a
+        directory (it kept the marker's, which no other mount showed, for good: hU D1)."""
+        self.set_token(node, None)
+        self.set_explicit(node, False)
+        node.mode, node.uid, node.gid = self.dir_mode, None, None
+
     def set_explicit(self, node: Node, explicit: bool) -> None:
         """Whether the directory ``node`` must exist on its own (a marker token) even when empty."""
         node.explicit = 1 if explicit else 0

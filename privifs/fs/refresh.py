@@ -533,8 +533,22 @@ class Refresher:
             return
         if holder is not None and a.kind == KIND_DIR and holder.is_dir:
             # a second marker of a directory that exists (two mkdirs raced): one directory, whose
-            # rmdir here deletes this marker too (or the directory would come back)
-            self.ns.add_marker(holder, info.token)
+            # rmdir here deletes this marker too (or the directory would come back). Its mode,
+            # owner and times are the first claim's, as on a fresh mount: each mount kept its own
+            # marker's for good (one showed 700 where the others showed 755: hU D3)
+            own = holder.token
+            if (
+                own in self._listed
+                and not holder.meta_dirty
+                and not holder.uploading
+                and claim_order(info.created_at, info.token) < claim_order(self._created_at(own), own)
+            ):
+                self.ns.set_token(holder, info.token)
+                self.ns.follow_remote(holder, info)
+                self.ns.add_marker(holder, own)
+                self._inval_inode(holder.ino, attr_only=True)
+            else:
+                self.ns.add_marker(holder, info.token)
             self.index.save(holder)
             return
         if holder is not None:
@@ -597,9 +611,9 @@ class Refresher:
     def _vanish(self, node: Node) -> None:
         """The node's token is gone from the vault (deleted elsewhere)."""
         if node.is_dir and node.children:
-            self.ns.set_token(node, None)
-            self.ns.set_explicit(node, False)
+            self.ns.make_implicit(node)
             self.index.save(node)
+            self._inval_inode(node.ino, attr_only=True)
             return
         parent = self.ns.nodes.get(node.parent)
         self.ns.remove(node, delete_token=False)

@@ -364,9 +364,15 @@ class Syncer:
         the listing still shows it where this mount saw it, as for a rename over it: another
         client's rename that reached the vault first (B removes /s, not having listed A's
         /s → /s2) made it that client's file under another name, and B's delete took it from
-        every mount, though a rename against a delete keeps the renamed file."""
-        if node.token and not node.is_dir and node.remote_name is not None and node.token not in self._overwritten:
-            self._removed_at[node.token] = self._places(node)
+        every mount, though a rename against a delete keeps the renamed file. So for a
+        directory's markers: an ``rmdir`` (``rm -rf``) racing another client's ``mv`` of it took
+        the renamed directory's marker, and the renamed directory vanished everywhere (or, with
+        entries, lost its mode and times: hU D2)."""
+        if node.token and node.remote_name is not None and node.token not in self._overwritten:
+            places = self._places(node)
+            self._removed_at[node.token] = places
+            for marker in node.extra_markers if node.is_dir else ():  # listed at the same place
+                self._removed_at[marker] = places
 
     def replaced_by_rename(self, node: Node, renamed: Node) -> None:
         """``node`` (a file, a symlink, …) is about to be removed because ``renamed``, renamed
