@@ -42,6 +42,39 @@ def test_umount_uploads_pending_files_first(engine, tmp_path):
         assert {t["fileName"] for t in m.tokens()} >= {f"f{i}" for i in range(5)}
 
 
+def test_umount_waits_for_fusermount3_still_in_the_kernel_instead_of_killing_it(engine, tmp_path):
+    """The kernel ends the FUSE connection before it frees the file's cached pages, in the same
+    umount2 call: after a read of 20 GB the daemon wound down while fusermount3 was still in the
+    kernel, cancelled the wait for it, and trio killed it 5 s later with a RuntimeWarning in the
+    log (hS F1). Here a fusermount3 that stays 6 s after unmounting, ignoring SIGTERM, stands in
+    for that kernel."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    finished = tmp_path / "fusermount3-finished"
+    real = shutil.which("fusermount3")
+    (bindir / "fusermount3").write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = "-u" ] || exec {real} "$@"\n'
+        f'{real} "$@"; rc=$?\n'
+        "trap '' TERM\n"
+        "sleep 6\n"
+        f"touch {finished}\n"
+        "exit $rc\n"
+    )
+    (bindir / "fusermount3").chmod(0o755)
+    m = Mount(tmp_path, engine.urls)
+    m.env["PATH"] = f"{bindir}:{m.env.get('PATH', os.environ['PATH'])}"
+    with m.mounted():
+        (m.dir / "f").write_text("x")
+        r = m.umount()
+        assert "unmounted" in r.stdout and not os.path.ismount(m.dir)
+        deadline = time.monotonic() + 30
+        while not finished.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert finished.exists(), "fusermount3 was killed"
+        assert "ignored SIGTERM" not in m.log() and "RuntimeWarning" not in m.log()
+
+
 def test_umount_does_not_wait_for_a_read_stalled_on_the_server_and_keeps_what_was_closed(engine, tmp_path):
     """A program that read the first part of a big file and closed it leaves the kernel's
     read-ahead of the next part in flight; with the server stalled, ``privifs umount`` waited
