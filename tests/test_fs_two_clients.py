@@ -628,6 +628,17 @@ async def test_a_directory_rename_leaves_alone_an_entry_the_listing_shows_anothe
         assert tree_of(b) == fresh
 
 
+async def renamed_there_then_removed_here(a, b, old: str, new: str, kind: str, remove) -> None:
+    """Both list ``old``; ``a`` renames it to ``new`` and writes that back; ``b``, which has not
+    listed the rename, removes ``old`` (``remove``: its unlink or rmdir) and writes that back."""
+    await listed(a, b)
+    await a.rename(old, new)
+    await a.wait_idle()
+    assert tree_of(b) == {old: kind}  # (B has not listed A's rename)
+    await remove(old)
+    await b.wait_idle()
+
+
 @pytest.mark.parametrize("size", [5, RENAME_FETCH_LIMIT + 1])
 async def test_a_delete_of_a_file_another_client_renamed_meanwhile_leaves_the_renamed_file(account, tmp_path, size):
     # A renames /s → /s2 and its rename reaches the vault; B, which has not listed that yet,
@@ -639,12 +650,7 @@ async def test_a_delete_of_a_file_another_client_renamed_meanwhile_leaves_the_re
     data = os.urandom(size)
     async with two_clients(tmp_path, account) as (a, b):
         await a.write_file("/s", data)
-        await listed(a, b)
-        await a.rename("/s", "/s2")
-        await a.wait_idle()
-        assert tree_of(b) == {"/s": "file"}  # (B has not listed A's rename)
-        await b.unlink("/s")
-        await b.wait_idle()
+        await renamed_there_then_removed_here(a, b, "/s", "/s2", "file", b.unlink)
         await converged(tmp_path, account, {"/s2": "file"}, a, b)
         for c in (a, b):
             assert await c.read_file("/s2") == data
@@ -762,12 +768,7 @@ async def test_an_rmdir_of_a_directory_another_client_renamed_meanwhile_leaves_t
     # against a delete keeps the renamed entry. Files had this check; directories' markers not.
     async with two_clients(tmp_path, account) as (a, b):
         await a.mkdir("/d", 0o700)
-        await listed(a, b)
-        await a.rename("/d", "/d2")
-        await a.wait_idle()
-        assert tree_of(b) == {"/d": "dir"}  # (B has not listed A's rename)
-        await b.rmdir("/d")
-        await b.wait_idle()
+        await renamed_there_then_removed_here(a, b, "/d", "/d2", "dir", b.rmdir)
         await converged(tmp_path, account, {"/d2": "dir"}, a, b)
         assert a.node("/d2").mode == b.node("/d2").mode == 0o700
 
