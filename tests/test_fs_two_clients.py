@@ -703,6 +703,7 @@ async def test_entries_another_client_wrote_under_a_directorys_conflict_name_sta
     # /e2/g, the others /e2.conflict-M/g, for good (three mounts racing directory renames)
     async with two_clients(tmp_path, account) as (a, b):
         moved = await a.remote.mkdir("/x")
+        await a.remote.chmod("/x", 0o750)
         await a.remote.mkdir("/e2")
         await a.remote.put("/e2/h", b"theirs")
         await listed(a, b)
@@ -718,6 +719,10 @@ async def test_entries_another_client_wrote_under_a_directorys_conflict_name_sta
         assert tree_of(a) == fresh
         assert tree_of(b) == fresh
         assert await a.read_file("/e2/h") == b"theirs" and await a.read_file(f"/{aside}/h") == b"mine"
+        # the implicit directory has the mode a fresh mount gives it, not the moved marker's (a
+        # mount that had shown the marker there kept 750 for good: a three-mount race)
+        mode = await mode_on_a_fresh_mount(tmp_path, account, a.key, f"/{aside}")
+        assert a.node(f"/{aside}").mode == b.node(f"/{aside}").mode == mode
 
 
 async def test_a_directory_moved_onto_a_files_name_whose_conflict_name_is_taken_shows_as_on_a_fresh_mount(

@@ -1088,8 +1088,7 @@ class Namespace:
         """The directory ``to`` becomes the one the marker ``info`` of ``node`` (and its other
         markers) stands for; ``node`` stays as an implicit directory (entries only)."""
         extra, node.extra_markers = node.extra_markers, set()
-        self.set_token(node, None)
-        self.set_explicit(node, False)
+        self.make_implicit(node)
         self.set_token(to, info.token)
         self.follow_remote(to, info)
         self.set_explicit(to, True)

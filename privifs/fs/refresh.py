@@ -664,8 +664,7 @@ class Refresher:
                     # entries of the same name in both, or the listing's: as on a fresh mount,
                     # the markers are the plain name's and these entries an implicit directory
                     node.extra_markers = set()
-                    self.ns.set_token(node, None)
-                    self.ns.set_explicit(node, False)
+                    self.ns.make_implicit(node)
                     self.ns.show_as(node, None)
                     self.index.save(node)
                     self._inval_inode(node.ino, attr_only=True)
