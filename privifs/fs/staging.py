@@ -39,6 +39,7 @@ from pathlib import Path
 
 from privifs import paths
 from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, data_extents, local_store_error, stored_size
+from privifs.disk import free_bytes
 from privifs.errors import DiskFullError, FormatVersionError, PrivifsError
 from privifs.fs.redo import RedoRecord
 from privifs.fs.space import MiB, Space
@@ -326,7 +327,6 @@ class Staging:
     def free(self) -> int | None:
         """Bytes free on the staging directory's disk for this user (None if it cannot be told)."""
         try:
-            st = os.statvfs(self.dir)
+            return free_bytes(self.dir)
         except OSError:
             return None
-        return st.f_bavail * st.f_frsize
