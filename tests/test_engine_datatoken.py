@@ -192,9 +192,12 @@ async def test_unpromoted_reservation_expires_with_its_ttl(eng, wire):
     eng.set_options(ttl_unit="seconds")
     await wire.provision()
     async with wire.channel() as ch:
-        r = await wire.post("/data-token/reserve-token-space", {"context": "c", "ttl": "1"})
+        # 3 s: the store below must reach the engine before the reservation expires, on a
+        # loaded machine too (with 1 s it sometimes did not, and nothing was stored to expire)
+        r = await wire.post("/data-token/reserve-token-space", {"context": "c", "ttl": "3"})
         cid = command_id(r)
         await ch.wait_for("X-DPT-CAB-ID", cid)
+        reserved = trio.current_time()  # the reservation exists by now: it expires before +3 s
         temp = (await wire.get(f"/data-token/retrieve-temporary-data-token/{cid}")).json()["token"]
         payload = os.urandom(64)
         r = await wire.post(
@@ -203,7 +206,7 @@ async def test_unpromoted_reservation_expires_with_its_ttl(eng, wire):
         )
         await ch.wait_for("X-DPT-CAB-ID", command_id(r))
         assert payload in blob_files(eng).values()
-        await trio.sleep(1.3)
+        await trio.sleep_until(reserved + 3.3)
         assert (await wire.get(f"/data-token/retrieve-temporary-data-token/{cid}")).status_code == 404
         r = await wire.post(
             "/data-token/configure-file-meta", {"token": temp, "fileName": "a", "context": "c", "size": "36"}
