@@ -1005,7 +1005,11 @@ def test_a_control_client_that_reads_nothing_of_a_flush_is_let_go(eng, tmp_path)
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(m.registry()["control"])
             s.sendall(b'{"cmd": "flush"}\n')
-            time.sleep(limit + 15)  # reading nothing, past the buffer's fill and the limit
+            # reading nothing, past the buffer's fill and the limit, until the daemon says it let go
+            deadline = time.monotonic() + limit + 60
+            while f"the client read nothing for {limit:g}s" not in m.log():
+                assert time.monotonic() < deadline, m.log()[-2000:]
+                time.sleep(0.5)
             s.settimeout(60)
             received, deadline = b"", time.monotonic() + 60  # what was buffered, then the end
             while time.monotonic() < deadline and (piece := s.recv(1 << 20)):
