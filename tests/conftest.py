@@ -8,6 +8,14 @@ from tests.enginekit import EngineProcess, Wire
 from tests.fskit import kit, module_account  # noqa: F401 - fixtures of the in-process fs tests, shared here
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked slow (7 s or more on the 2-core machine; most wait for a real time-out)
+    run first, each in its file's order: scripts/test hands the workers one test at a time, so
+    the longest start at once and the run does not end on one worker still in a 40 s test while
+    the others are idle."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def engine(tmp_path_factory):
     proc = EngineProcess(tmp_path_factory.mktemp("engine") / "data").start()

@@ -409,6 +409,7 @@ def test_restore_of_a_backup_with_a_damaged_header_says_so_in_one_line(tmp_path)
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
 
 
+@pytest.mark.slow
 def test_backup_warns_of_changes_not_uploaded_and_of_data_the_vault_already_lost(tmp_path):
     """A mount killed before its uploads: the changes are staged on this machine only, and a
     backup of the vault does not hold them (it said nothing, exit 0). A blob gone from the

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import trio
 
 from privifs.client.connect import connect
@@ -469,6 +470,7 @@ def test_get_onto_a_full_disk_names_the_file_and_what_to_do(user, tmp_path):
         assert (small / "got.bin").read_bytes() == data
 
 
+@pytest.mark.slow
 def test_get_into_a_directory_writes_only_inside_it_whatever_the_token_is_named(user, tmp_path):
     """A token's fileName is what any client of the vault (or the server) says: 'token get TOKEN
     DIR' wrote a token named '../x' beside DIR and one named '/abs/x' at that absolute path."""
@@ -492,6 +494,7 @@ def test_get_into_a_directory_writes_only_inside_it_whatever_the_token_is_named(
     assert sorted(p.name for p in into.iterdir()) == sorted(expected.values())
 
 
+@pytest.mark.slow
 def test_get_of_a_symlink_token_makes_the_link_and_of_a_fifo_or_directory_writes_nothing(user, tmp_path, eng):
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
@@ -546,6 +549,7 @@ def _rename_as_another_application(env: dict, token: str, **fields: str) -> None
         assert status == "succeeded", status
 
 
+@pytest.mark.slow
 def test_get_into_a_directory_writes_the_name_the_mount_shows_however_long(user, tmp_path):
     """'token get TOKEN DIR' of a file named with 239 to 255 bytes (names the mount makes and
     shows) failed with "File name too long": the partial file beside it, '.NAME.privifs-partial',
@@ -596,6 +600,7 @@ def test_get_of_a_symlink_token_named_with_up_to_255_bytes_makes_the_link(user, 
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
 
 
+@pytest.mark.slow
 def test_put_and_mv_refuse_a_context_the_mount_cannot_show_as_given(user, tmp_path):
     """'token put F --context ../..' stored a token the mount showed under 'unnamed..' and
     'privifs verify' reported as 'not yet in the local index' for ever; '--context /.privifs'

@@ -8,6 +8,8 @@ import secrets
 import subprocess
 import sys
 
+import pytest
+
 from tests.mountkit import Mount, privifs
 
 
@@ -17,6 +19,7 @@ def blob_of(engine, wire_size: int):
     return found[0]
 
 
+@pytest.mark.slow
 def test_verify_finds_a_tampered_blob_and_a_deleted_token_and_repairs_from_the_cache(engine, tmp_path):
     m = Mount(tmp_path, engine.urls)
     try:
@@ -133,6 +136,7 @@ def blob_of_token(engine, token: str):
     return engine.data_dir / "blobs" / blob_id[:2] / blob_id
 
 
+@pytest.mark.slow
 def test_a_swapped_or_missing_part_names_its_file_though_every_tag_verifies(engine, tmp_path):
     """Each part's GCM tag proves only that the vault's key wrote it: a part replaced by another
     part of the vault, or deleted, is found by checking the parts against their manifest (size,
@@ -175,6 +179,7 @@ def test_a_swapped_or_missing_part_names_its_file_though_every_tag_verifies(engi
         m.cleanup()
 
 
+@pytest.mark.slow
 def test_a_damaged_manifest_is_repaired_from_the_cached_whole_content_and_reads_back(engine, tmp_path):
     """The manifest token's privifs.digest states the manifest's encoding, and the cache keeps the
     file's whole content under that token: the copy was refused as 'damaged too' against the
@@ -227,6 +232,7 @@ with open_account(load()) as account:
 """
 
 
+@pytest.mark.slow
 def test_verify_data_counts_the_parts_no_file_names(engine, tmp_path):
     """Parts a killed or failed upload left (no manifest names them) were invisible: a count of
     the vault's part tokens did not match its files and nothing said why. verify --data names

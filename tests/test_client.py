@@ -182,6 +182,7 @@ async def test_a_server_that_never_answers_is_named_with_the_cause(account):
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole-through-httpx", "streamed-through-lean-http"])
+@pytest.mark.slow
 async def test_an_upstream_that_stops_answering_fails_the_store_instead_of_holding_it(account, streamed):
     """An upstream server that takes the connection and then never reads or answers held a
     streamed store (and the mount's write-back of that file) for good: the upload had no read or
@@ -207,6 +208,7 @@ async def test_an_upstream_that_stops_answering_fails_the_store_instead_of_holdi
     assert "upstream" in str(caught.value) and "within 5 s" in str(caught.value), caught.value  # a write or the answer
 
 
+@pytest.mark.slow
 async def test_5xx_answers_are_retried_and_nothing_half_done_is_reported(eng, account):
     async with connect(*account) as client:
         vault = client.vault(KEY)
@@ -390,6 +392,7 @@ async def test_a_stream_authorization_changed_on_its_way_restarts_the_store(eng,
     assert changes == []
 
 
+@pytest.mark.slow
 async def test_dropped_acks_and_websocket_disconnects_during_waits(eng, account):
     async with connect(*account, ClientOptions(request_timeout=1.5)) as client:
         vault = client.vault(KEY)
@@ -505,6 +508,7 @@ async def test_command_in_flight_at_the_deadline_is_pending_not_failed(eng, acco
         assert (await client.commands.wait(info.value.command_id, timeout=15)).status == 2
 
 
+@pytest.mark.slow
 async def test_short_token_lifetime_is_renewed_during_a_long_run(eng, account):
     eng.set_options(token_ttl=2)
     async with connect(*account, ClientOptions(reauthorize_ttl=2)) as client:
@@ -779,6 +783,7 @@ async def test_streamed_retrievals_over_the_lean_path_and_over_httpx(account, le
 
 
 @pytest.mark.parametrize("lean", [True, False])
+@pytest.mark.slow
 async def test_a_download_the_server_is_too_busy_for_is_tried_again_with_its_authorization(eng, account, lean):
     """A downstream server with ``max_downloads`` in flight answers 503 with Retry-After at
     once, the authorization unused: the retrieval waits and tries it again (each retrieval is
@@ -835,6 +840,7 @@ async def test_an_answer_cut_short_or_a_proxy_page_is_never_taken_for_a_token(en
     assert not any(spoiled.values()), spoiled  # every damaged answer was met
 
 
+@pytest.mark.slow
 async def test_an_upload_slower_than_a_reservation_of_5_seconds_gets_a_longer_one(eng, account):
     """With the guides' unit (ttl in seconds, ``ttl_unit=seconds``) a reservation of 5 lasted 5
     seconds: any upload that took longer (3 MB on a 3 Mbit/s link) ended with HTTP 410 "the

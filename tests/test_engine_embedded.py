@@ -104,6 +104,7 @@ def engine_pid(data_dir) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_mount_restarts_its_dead_embedded_engine_and_keeps_uploading(tmp_path):
     from tests.mountkit import Mount
 
@@ -151,6 +152,7 @@ def kill_and_take_its_lock(pid: int, lock) -> None:
             time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_path):
     """An fsync while the embedded engine was being started again after it died failed with EIO
     (the engine's port refused connections: 'cannot reach the server') although the engine came
@@ -186,6 +188,7 @@ def test_fsync_waits_while_the_mount_starts_its_dead_embedded_engine_again(tmp_p
         assert (m.dir / "synced.bin").read_bytes() == data
 
 
+@pytest.mark.slow
 def test_status_says_why_a_dead_embedded_engine_cannot_be_started_again_until_it_is(tmp_path):
     """The embedded engine died and its starts kept failing (here another process holds its
     data directory's lock; helper hL3: another program on its port): status said only that the
@@ -284,6 +287,7 @@ def test_a_stopped_embedded_engine_is_named_by_status_and_the_mount_log_at_once(
         assert "ENGINE STOPPED" not in privifs(m.env, "status", str(m.dir)).stdout
 
 
+@pytest.mark.slow
 def test_umount_while_the_embedded_engine_is_stopped_says_so_and_keeps_the_changes(tmp_path):
     """`privifs umount` while the embedded engine was stopped (SIGSTOP) waited 2m42s (two 60 s
     read time-outs and a probe) to say only that the server was unreachable. It now says at once

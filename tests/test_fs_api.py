@@ -15,6 +15,7 @@ import stat
 from types import SimpleNamespace
 
 import pyfuse3
+import pytest
 import trio
 
 from privifs.fs.names import VAULT_PATH_MAX
@@ -751,6 +752,7 @@ async def test_a_filesystem_built_from_an_empty_local_state_shows_the_same_tree(
             ), path
 
 
+@pytest.mark.slow
 async def test_an_fsync_goes_ahead_of_a_backlog_of_closed_files(module_account, eng, tmp_path):
     """After a `git clone` onto the mount thousands of closed files wait for upload; an fsync
     must not wait behind them (it took 48 s before it got a lane of its own)."""

@@ -107,6 +107,7 @@ def mount_source(path: Path) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_the_source_mount_8_is_given_names_the_mount_and_the_helper_is_silent(engine, tmp_path):
     """'mount -t fuse.privifs SOURCE DIR' showed every privifs mount as 'privifs' in /proc/mounts,
     whatever SOURCE was: two mounts could not be told apart by their source (findmnt -S, df,
@@ -441,6 +442,7 @@ def test_the_systemd_user_unit_brings_the_drive_back_after_its_daemon_was_killed
         m.cleanup()
 
 
+@pytest.mark.slow
 def test_a_mount_right_after_a_plain_umount_takes_over_from_the_daemon_still_uploading(eng, tmp_path):
     """'umount DIR; mount DIR' (xfstests' cycle mounts, a remount by hand): the daemon of the
     unmounted drive goes on uploading for up to a minute, holding the mountpoint, and the new

@@ -190,6 +190,7 @@ def fetch_fails_after_the_idle_limit(tmp_path, vault, size: int) -> None:
         cache.close()
 
 
+@pytest.mark.slow
 def test_a_download_that_trickles_a_byte_a_second_fails_after_the_idle_limit(tmp_path):
     """A server sending one byte a second (found through a throttling proxy on the downstream
     port, helper hM) restarted the idle wait with every byte: a 300 KB file would have taken 83

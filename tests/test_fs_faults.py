@@ -20,6 +20,7 @@ from tests.test_fs_offline import own_engine_mount
 from tests.test_fs_persistence import manifest
 
 
+@pytest.mark.slow
 def test_a_failing_engine_loses_nothing(eng, tmp_path):
     with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         eng.set_options(fail_rate=0.15, fail_after_rate=0.05, ack_drop_rate=0.3, seed=42)
@@ -47,6 +48,7 @@ def test_a_failing_engine_loses_nothing(eng, tmp_path):
         assert len(paths) == len(set(paths)), "a failure left a duplicate token"
 
 
+@pytest.mark.slow
 def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait(tmp_path):
     with own_engine_mount(tmp_path) as (eng, m):
         m.mount()
@@ -85,6 +87,7 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
 
 
+@pytest.mark.slow
 def test_umount_ends_and_keeps_the_changes_when_the_server_answers_only_errors(eng, tmp_path):
     """A server that answers every request with 503 (a proxy whose backend is down) held
     'privifs umount' for ever (seen: still waiting after 420 s), where an unreachable one ends it
@@ -105,6 +108,7 @@ def test_umount_ends_and_keeps_the_changes_when_the_server_answers_only_errors(e
         assert ("/", "precious.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
 
 
+@pytest.mark.slow
 def test_umount_ends_when_the_server_fails_one_file_every_time_while_the_rest_go_through(eng, tmp_path):
     """One file the server answered 500 for at every attempt, while every other request
     succeeded, held 'privifs umount' for ever: the server answered (its listing did), so the
@@ -133,6 +137,7 @@ def test_umount_ends_when_the_server_fails_one_file_every_time_while_the_rest_go
         assert ("/poison", "file.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
 
 
+@pytest.mark.slow
 def test_a_big_file_written_while_the_server_is_gone_reports_why_not_an_unexpected_failure(tmp_path):
     """The parts of a big file in flight when the server went away all fail at once: the upload
     said "unexpected failure: ExceptionGroup(...)" (a traceback in the log, the group in
@@ -291,6 +296,7 @@ def test_an_event_channel_that_cannot_be_joined_is_named_by_status_and_uploads_g
         ws.close()
 
 
+@pytest.mark.slow
 def test_cold_reads_past_the_engines_download_cap_all_succeed(eng, tmp_path):
     """A downstream server with ``max_downloads`` in flight answers the next download 503 with
     Retry-After, its authorization unused. The mount reading many files at once past that cap

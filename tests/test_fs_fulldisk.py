@@ -92,6 +92,7 @@ def vault_content(m: Mount, name: str, out: Path) -> bytes:
     return out.read_bytes()
 
 
+@pytest.mark.slow
 def test_full_disk_writes_get_enospc_reads_of_cached_staged_and_uncached_files_work(engine, tmp_path):
     with small_filesystem(tmp_path / "small", "64m") as small:
         m = Mount(
@@ -160,6 +161,7 @@ def state_and_cache_on(small: Path, tmp_path: Path, engine) -> Mount:
     )
 
 
+@pytest.mark.slow
 def test_the_cache_evicts_before_the_disk_fills_and_keeps_room_for_staging(engine, tmp_path):
     with small_filesystem(tmp_path / "small", "64m") as small:
         m = state_and_cache_on(small, tmp_path, engine)
@@ -264,6 +266,7 @@ def test_local_state_that_cannot_open_on_a_full_disk_says_the_disk_is_full(tmp_p
             assert f"the {what} in" in str(info.value) and "the disk is full" in str(info.value)
 
 
+@pytest.mark.slow
 def test_an_entry_whose_creation_failed_on_a_full_disk_is_not_left_behind(engine, tmp_path):
     """A create, mkdir or symlink that got ENOSPC because the index could not commit made
     nothing: the entry stayed in the tree before (visible, pending for good, gone after a
@@ -373,6 +376,7 @@ def test_the_index_opens_on_a_disk_something_else_filled_by_giving_back_its_rese
         assert not (small / "index.sqlite3.reserve").exists()
 
 
+@pytest.mark.slow
 def test_another_apps_tokens_claiming_no_size_evict_keep_the_staging_reserve_and_read_through_memory(engine, tmp_path):
     """Another application's tokens whose meta claims 0 bytes: a download of no stated size
     reserved no room, so the cache evicted nothing for it and filled the staging reserve, and
@@ -454,6 +458,7 @@ def test_another_apps_token_the_cache_disk_fills_under_is_read_through_memory(en
             m.cleanup()
 
 
+@pytest.mark.slow
 def test_a_vault_whose_embedded_engine_shares_a_disk_something_else_filled_mounts_again(tmp_path):
     """Everything of an embedded engine's vault on one disk (a home directory) that another
     program then filled: `privifs mount` refused ("the embedded engine's database ... cannot be
@@ -484,6 +489,7 @@ def test_a_vault_whose_embedded_engine_shares_a_disk_something_else_filled_mount
             m.cleanup()
 
 
+@pytest.mark.slow
 def test_a_cache_on_a_disk_something_else_filled_drops_entries_to_open_and_the_vault_mounts(engine, tmp_path):
     """A read cache on a disk of its own (``--cache-dir``) that another program filled: the
     mount was refused ("the read cache ... cannot be opened: the disk is full"), although the
@@ -510,6 +516,7 @@ def test_a_cache_on_a_disk_something_else_filled_drops_entries_to_open_and_the_v
             m.cleanup()
 
 
+@pytest.mark.slow
 def test_the_cache_gives_room_to_an_embedded_engine_that_shares_its_disk(tmp_path):
     """A home directory on one small disk: the cache, staging and the embedded engine's blobs
     share it. A big file uploaded and cached, then a second one written: the engine had no room
@@ -533,6 +540,7 @@ def test_the_cache_gives_room_to_an_embedded_engine_that_shares_its_disk(tmp_pat
             m.cleanup()
 
 
+@pytest.mark.slow
 def test_a_disk_filled_to_the_last_byte_under_the_embedded_engine_still_reads_and_deletes(tmp_path):
     """Everything on one disk (the embedded engine's default: a home directory) that another
     program filled to the last byte. Files not cached were EIO (helper hK): a download is a
@@ -571,6 +579,7 @@ def test_a_disk_filled_to_the_last_byte_under_the_embedded_engine_still_reads_an
 
 
 @pytest.mark.parametrize("size", [3_000, 600_000, 9 * MiB + 1], ids=["inline", "streamed", "parts"])
+@pytest.mark.slow
 def test_fsync_on_a_full_vault_says_enospc_at_once_and_the_file_lands_once_there_is_room(tmp_path, size):
     """The embedded engine's disk full (another program filled it; the mount's cache, on another
     disk, has nothing to give): fsync waited its whole --fsync-timeout (300 s by default) through

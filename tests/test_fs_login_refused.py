@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import trio
 
 from tests.enginekit import Wire, command_id
@@ -50,6 +51,7 @@ def wait_for_refusal(m, path: str | None = None) -> dict:
         time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_umount_ends_and_keeps_the_changes_when_the_server_refuses_the_login(tmp_path):
     """It waited for ever: a refused login is no refusal of the change itself, so the flush
     waited for an upload that could not happen (seen: 'privifs umount' still running after 180 s)."""
@@ -78,6 +80,7 @@ def test_umount_ends_and_keeps_the_changes_when_the_server_refuses_the_login(tmp
         m.umount()
 
 
+@pytest.mark.slow
 def test_a_password_file_brought_up_to_date_lets_the_mount_go_on(tmp_path):
     """The mount read the password once, at its start: after the password was changed elsewhere
     and written into the password file, it kept logging in with the old one until remounted."""
@@ -95,6 +98,7 @@ def test_a_password_file_brought_up_to_date_lets_the_mount_go_on(tmp_path):
         m.umount()
 
 
+@pytest.mark.slow
 def test_umount_of_a_mount_that_came_back_to_a_refused_login_says_refused_not_unreachable(tmp_path):
     """Started offline (the server gone), then the server answered but refused the login (the
     password was changed meanwhile): umount said "the server is unreachable (offline: the

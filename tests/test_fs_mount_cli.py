@@ -42,6 +42,7 @@ def test_umount_uploads_pending_files_first(engine, tmp_path):
         assert {t["fileName"] for t in m.tokens()} >= {f"f{i}" for i in range(5)}
 
 
+@pytest.mark.slow
 def test_umount_waits_for_fusermount3_still_in_the_kernel_instead_of_killing_it(engine, tmp_path):
     """The kernel ends the FUSE connection before it frees the file's cached pages, in the same
     umount2 call: after a read of 20 GB the daemon wound down while fusermount3 was still in the
@@ -75,6 +76,7 @@ def test_umount_waits_for_fusermount3_still_in_the_kernel_instead_of_killing_it(
         assert "ignored SIGTERM" not in m.log() and "RuntimeWarning" not in m.log()
 
 
+@pytest.mark.slow
 def test_umount_does_not_wait_for_a_read_stalled_on_the_server_and_keeps_what_was_closed(engine, tmp_path):
     """A program that read the first part of a big file and closed it leaves the kernel's
     read-ahead of the next part in flight; with the server stalled, ``privifs umount`` waited
@@ -179,6 +181,7 @@ def test_concurrent_readers_of_an_uncached_file_share_one_download(engine, tmp_p
         assert m.status()["cache"]["downloads"] == 1
 
 
+@pytest.mark.slow
 def test_authorization_is_renewed_while_mounted(eng, tmp_path):
     eng.set_options(token_ttl=3)
     with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
@@ -749,6 +752,7 @@ def daemon_open_files_limit(m: Mount) -> int:
     return int(line.split()[3])
 
 
+@pytest.mark.slow
 def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(tmp_path):
     """The daemon kept each staged (unuploaded) file open: started under the usual soft limit
     of 1024 open files, every create past about a thousand pending files failed with EIO and
@@ -775,6 +779,7 @@ def test_a_thousand_unuploaded_files_fit_under_a_soft_limit_of_1024_open_files(t
         m.cleanup()
 
 
+@pytest.mark.slow
 def test_more_unuploaded_files_than_open_files_allowed_are_written_kept_and_mounted_again(tmp_path):
     """The daemon kept each staged (unuploaded) file open until its upload, so the open-files
     limit bounded how many files could wait: an untar of some 20,000 files with uploads held
@@ -988,6 +993,7 @@ def test_a_daemon_whose_mount_command_was_killed_before_it_was_ready_keeps_servi
             proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_control_client_that_reads_nothing_of_a_flush_is_let_go(eng, tmp_path):
     """A client that sent ``flush`` and read none of its progress lines (four a second, each
     naming up to five files being uploaded) blocked the daemon's handler once the socket's buffer

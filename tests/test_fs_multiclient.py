@@ -210,6 +210,7 @@ def seeded(c: Clients, label: str, fname: str, data: bytes) -> str:
     return d
 
 
+@pytest.mark.slow
 def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_everywhere(clients, tmp_path):
     c = clients
     rounds = []
@@ -238,6 +239,7 @@ def test_same_name_creates_end_with_one_plain_name_and_the_same_conflict_names_e
     c.remount_b_and_compare(rounds)
 
 
+@pytest.mark.slow
 def test_edit_against_edit_keeps_both_versions(clients):
     c = clients
     for r in range(ROUNDS):
@@ -248,6 +250,7 @@ def test_edit_against_edit_keeps_both_versions(clients):
         assert f"{d}/e.txt" in tree
 
 
+@pytest.mark.slow
 def test_edit_against_delete_keeps_the_edit(clients):
     c = clients
     for r in range(ROUNDS):
@@ -267,6 +270,7 @@ def test_edit_against_delete_keeps_the_edit(clients):
         ), "the deleted version came back"
 
 
+@pytest.mark.slow
 def test_edit_against_rename_loses_neither_the_edit_nor_a_renamed_version(clients):
     c = clients
     for r in range(ROUNDS):
@@ -284,6 +288,7 @@ def test_edit_against_rename_loses_neither_the_edit_nor_a_renamed_version(client
             assert mine[f"{d}/e2.txt"][-1] == digest(original) and mine[f"{d}/e.txt"][-1] == digest(db)
 
 
+@pytest.mark.slow
 def test_directory_rename_against_a_create_inside_converges_to_the_vault(clients):
     c = clients
     rounds = []
@@ -303,6 +308,7 @@ def test_directory_rename_against_a_create_inside_converges_to_the_vault(clients
     c.remount_b_and_compare(rounds)
 
 
+@pytest.mark.slow
 def test_delete_against_rename_converges(clients):
     c = clients
     for r in range(ROUNDS):
@@ -314,6 +320,7 @@ def test_delete_against_rename_converges(clients):
         assert mine in ([], [f"{d}/g.txt"]), mine
 
 
+@pytest.mark.slow
 def test_same_name_mkdirs_end_as_one_directory_holding_both_files(clients):
     c = clients
     for r in range(ROUNDS):

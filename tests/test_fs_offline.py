@@ -44,6 +44,7 @@ def own_engine_mount(tmp_path, mount_args: tuple[str, ...] = (), settings: dict 
         eng.stop()
 
 
+@pytest.mark.slow
 def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
     with own_engine_mount(tmp_path) as (eng, m):
         m.mount()
@@ -91,6 +92,7 @@ def test_offline_start_serves_the_cache_stages_writes_and_catches_up(tmp_path):
         m.umount()
 
 
+@pytest.mark.slow
 def test_offline_a_write_to_a_cached_big_file_is_staged_and_uploaded_once_back(tmp_path):
     """A big file (parts and a manifest) this mount uploaded stays whole in its cache: offline it
     reads from there, and a write to it (here a rewrite in place and a truncate) is staged from
@@ -125,6 +127,7 @@ def test_offline_a_write_to_a_cached_big_file_is_staged_and_uploaded_once_back(t
             cold.cleanup()
 
 
+@pytest.mark.slow
 def test_offline_a_big_file_read_before_on_this_machine_reads_from_its_cached_parts(tmp_path):
     """A big file another machine wrote, read here (its parts cached), failed with EIO after an
     offline start: its manifest was only ever kept in memory, so it was fetched again. A
@@ -178,6 +181,7 @@ def lose_the_server_during_an_upload(eng, m, data: bytes) -> None:
 SLOW = {"stream_bytes_per_second": 150_000}  # a 900 KB upload takes 6 s
 
 
+@pytest.mark.slow
 def test_umount_waits_for_the_upload_a_server_back_from_an_outage_takes(tmp_path):
     """The server came back, but the mount still counted it unreachable (only a write-back's
     success ended that, and the first one took long): 'privifs umount' said 'the server is
@@ -191,6 +195,7 @@ def test_umount_waits_for_the_upload_a_server_back_from_an_outage_takes(tmp_path
         assert [t["size"] for t in m.tokens() if t["fileName"] == "slow.bin"] == [len(data)]
 
 
+@pytest.mark.slow
 def test_status_stops_saying_unreachable_once_a_listing_is_answered(tmp_path):
     """While the first upload after an outage ran (a big one, or a slow link), status said
     UNREACHABLE though the listing was answered again."""
@@ -284,6 +289,7 @@ def test_offline_start_is_allowed_only_for_the_key_checked_before(tmp_path):
     assert key.hex() not in (tmp_path / "vault-checked").read_text()
 
 
+@pytest.mark.slow
 def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_path):
     """A server that accepted connections and never answered held 'privifs mount' of a vault
     mounted here before until 'the mount did not become ready within 180s' (the login's read
@@ -335,6 +341,7 @@ def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answe
         eng.stop()
 
 
+@pytest.mark.slow
 def test_another_vault_behind_the_same_server_and_name_takes_no_upload_and_empties_no_tree(tmp_path):
     """The server's data replaced while mounted (another engine on its ports, the same user name
     and password registered there): the mount logged in again there, took that vault's listing
@@ -379,6 +386,7 @@ def test_another_vault_behind_the_same_server_and_name_takes_no_upload_and_empti
         m.umount()
 
 
+@pytest.mark.slow
 def test_status_says_when_a_server_stops_answering_before_any_time_out(tmp_path):
     """A server that stops answering without closing anything (a network cut, a hung host: here
     SIGSTOP, so connections are accepted and never answered) was shown by 'privifs status' as all
@@ -411,6 +419,7 @@ def test_status_says_when_a_server_stops_answering_before_any_time_out(tmp_path)
         m.umount()
 
 
+@pytest.mark.slow
 def test_status_says_unreachable_when_the_server_goes_away_with_nothing_to_upload(tmp_path):
     """A server lost while mounted with nothing pending was never shown as UNREACHABLE (only a
     failed upload said so, though README says a listing counts too): status showed 'EVENTS
@@ -437,6 +446,7 @@ def test_status_says_unreachable_when_the_server_goes_away_with_nothing_to_uploa
         m.umount()
 
 
+@pytest.mark.slow
 def test_umount_gives_up_on_a_server_that_never_answers_before_systemd_would_kill_it(tmp_path):
     """A server that accepts connections and never answers (a hung host, a network cut without a
     reset: here SIGSTOP) held 'privifs umount' with a change pending for 2m25s, two 60 s read
@@ -468,6 +478,7 @@ def test_umount_gives_up_on_a_server_that_never_answers_before_systemd_would_kil
         m.umount()
 
 
+@pytest.mark.slow
 def test_reads_of_uncached_files_while_the_server_refuses_fail_with_eio_and_work_once_it_is_back(tmp_path):
     """Each such read took 10-13 s to fail, every one retrying the refused connection six times;
     the transport now tries once while a call found the server unreachable (test_client_transport_pool),

@@ -133,6 +133,7 @@ def test_a_close_returns_without_the_daemon_and_what_it_closed_survives_kill_9(e
         assert (m.dir / "first").read_bytes() == b"1"
 
 
+@pytest.mark.slow
 def test_kill_9_during_an_upload_neither_duplicates_nor_loses(eng, tmp_path):
     with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         eng.set_options(stream_bytes_per_second=8 * 1024 * 1024)  # the 32 MiB upload takes about 4 s
@@ -172,6 +173,7 @@ def test_changes_by_a_second_client_appear(engine, tmp_path):
         assert not (m.dir / "archive" / "2026" / "moved.txt").exists()
 
 
+@pytest.mark.slow
 def test_two_mounts_of_one_vault_see_each_others_changes(engine, tmp_path):
     a = Mount(tmp_path / "a", engine.urls)
     b = Mount(tmp_path / "b", engine.urls, username=a.username, register=False, key_file=a.key_file)
@@ -265,6 +267,7 @@ def test_plaintext_never_touches_cache_staging_or_logs(engine, tmp_path):
     assert privifs(m.env, "status", check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_failed_first_mount_leaves_no_state_and_a_later_failure_keeps_the_earlier_state(engine, tmp_path):
     """A first mount refused for a wrong key left its vault's state directory (index, staging,
     lock, mount.log) and cache directory behind, as if the vault had been mounted here; a

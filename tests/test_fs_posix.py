@@ -609,6 +609,7 @@ int main(int argc, char **argv)
 """
 
 
+@pytest.mark.slow
 def test_buffered_reads_never_keep_what_an_async_direct_write_replaced(d, tmp_path):
     """xfstests generic/451 (aio-dio-cycle-write): asynchronous O_DIRECT writes of a whole file,
     two patterns in turn, while other processes open it read-write and read it through the page

@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.mountkit import Mount, is_mounted
 
 SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "20"))
@@ -171,6 +173,7 @@ def snapshot(root: Path) -> tuple[dict[str, str], set[str]]:
     return files, dirs
 
 
+@pytest.mark.slow
 def test_many_processes_racing_with_faults_never_end_the_mount_and_lose_nothing(eng, tmp_path):
     m = Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0.2", "--upload-workers", "4"))
     with m.mounted():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import trio
 
 from privifs.client.datatokens import DataTokens
@@ -101,6 +102,7 @@ async def test_a_token_the_server_made_despite_answering_an_error_is_not_left_as
     assert len(set(calls)) >= 2  # the first token was made, and replaced
 
 
+@pytest.mark.slow
 async def test_write_back_that_backed_off_goes_as_soon_as_the_listing_works_again(kit, eng):
     """After an outage the retries had backed off to minutes (up to 5), so a mount whose server
     came back took that long to upload; a listing that works again retries them at once."""

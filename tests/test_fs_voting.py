@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import trio
 
 from privifs.client import governance as gov
@@ -67,6 +68,7 @@ def test_upload_held_by_a_vote_completes_when_approved(eng, tmp_path):
         assert m.status()["last_error"] is None or "report.txt" not in (m.status()["last_error"] or "")
 
 
+@pytest.mark.slow
 def test_upload_rejected_by_a_vote_is_reported_and_kept(eng, tmp_path):
     with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "0")).mounted() as m:
         device, policy = admin(eng, m, hold_reservations)

@@ -37,6 +37,7 @@ def run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
     with Mount(tmp_path / "big", engine.urls).mounted() as m:
         block = os.urandom(MiB)
@@ -63,6 +64,7 @@ def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
         assert peak_in < 200 * MiB and peak_out < 200 * MiB
 
 
+@pytest.mark.slow
 def test_ten_thousand_small_files_created_listed_and_read_back(engine, tmp_path):
     # uploads are held back (long write-back delay) so this measures the filesystem itself;
     # uploading many small files is covered by the other tests and the benchmarks
@@ -114,6 +116,7 @@ def test_git_repository_commit_clone_fsck(mnt):
 
 
 @pytest.mark.parametrize("journal", ["wal", "delete"])
+@pytest.mark.slow
 def test_sqlite_in_wal_and_rollback_modes_survives_remount(engine, tmp_path, journal):
     with Mount(tmp_path / journal, engine.urls).mounted() as m:
         db = m.dir / f"data-{journal}.sqlite"
