@@ -35,6 +35,7 @@ import trio
 from privifs import __version__
 from privifs.client import shapes
 from privifs.client.http11 import Answer, HTTPFailure, LeanHTTP, encode_json
+from privifs.client.tls import shared_tls_context
 from privifs.client.urls import complete
 from privifs.errors import (
     AuthorizationError,
@@ -167,6 +168,7 @@ class Transport:
             # at 16 in flight, against none at 4)
             limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS),
             follow_redirects=False,
+            verify=shared_tls_context(),
         )
         # plain-http API calls (the embedded engine; loopback) take the lean path (http11.py)
         self.lean: LeanHTTP | None = (

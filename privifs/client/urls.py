@@ -20,6 +20,7 @@ import httpx
 import trio
 from trio_websocket import HandshakeError, open_websocket_url
 
+from privifs.client.tls import shared_tls_context
 from privifs.errors import ConfigError
 
 log = logging.getLogger("privifs.client")
@@ -124,7 +125,7 @@ async def validate_urls(urls: dict[str, str | None]) -> dict[str, str]:
         async def check(coro) -> None:
             found.append(await coro)
 
-        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT) as http:
+        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT, verify=shared_tls_context()) as http:
             async with trio.open_nursery() as nursery:
                 for name in ("api", "upstream", "downstream"):
                     nursery.start_soon(check, _reachable_http(http, name, full[name]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,7 +22,20 @@ import trio
 from trio_websocket import open_websocket_url
 
 from privifs import engine_process
+from privifs.client.tls import shared_tls_context
 from privifs.crypto.keys import generate_identity
+
+_admin: tuple[int, httpx.Client] | None = None
+
+
+def _admin_http() -> httpx.Client:
+    """The client this process's admin calls share (a forked child makes its own): one made per
+    call, as ``httpx.post`` does, took 40 ms of CPU for its TLS context, twice per test that
+    uses the session engine (its options are reset after each)."""
+    global _admin
+    if _admin is None or _admin[0] != os.getpid():
+        _admin = (os.getpid(), httpx.Client(timeout=10, verify=shared_tls_context()))
+    return _admin[1]
 
 
 class EngineProcess(engine_process.EngineProcess):
@@ -62,11 +76,8 @@ class EngineProcess(engine_process.EngineProcess):
         return (self.data_dir / "admin-token").read_text().strip()
 
     def set_options(self, **values: Any) -> dict:
-        r = httpx.post(
-            self.urls["api"] + "/_engine/options",
-            json=values,
-            headers={"X-Engine-Admin": self.admin_secret},
-            timeout=10,
+        r = _admin_http().post(
+            self.urls["api"] + "/_engine/options", json=values, headers={"X-Engine-Admin": self.admin_secret}
         )
         r.raise_for_status()
         return r.json()
@@ -79,9 +90,7 @@ class EngineProcess(engine_process.EngineProcess):
         self.set_options(**values)
 
     def admin(self, action: str) -> dict:
-        r = httpx.post(
-            self.urls["api"] + f"/_engine/{action}", headers={"X-Engine-Admin": self.admin_secret}, timeout=10
-        )
+        r = _admin_http().post(self.urls["api"] + f"/_engine/{action}", headers={"X-Engine-Admin": self.admin_secret})
         r.raise_for_status()
         return r.json()
 
@@ -145,7 +154,7 @@ class Wire:
 
     def __init__(self, urls: dict[str, str]):
         self.urls = urls
-        self.http = httpx.AsyncClient(base_url=urls["api"], timeout=30)
+        self.http = httpx.AsyncClient(base_url=urls["api"], timeout=30, verify=shared_tls_context())
         self.token: str | None = None
 
     async def aclose(self) -> None:
@@ -225,7 +234,7 @@ class Wire:
         if streamed:
             stream = body["stream"]
             url = stream if stream.startswith("http") else f"{self.urls['upstream']}/?{stream}"
-            async with httpx.AsyncClient(timeout=60) as up:
+            async with httpx.AsyncClient(timeout=60, verify=shared_tls_context()) as up:
                 r = await up.post(url, content=payload, headers={"Content-Type": "application/octet-stream"})
             assert r.status_code == 200, r.text
         else:
@@ -262,7 +271,7 @@ class Wire:
         if otype == 0:
             return base64.b64decode(body)
         await ch.wait_for("STREAM-READY", rid)
-        async with httpx.AsyncClient(timeout=60) as down:
+        async with httpx.AsyncClient(timeout=60, verify=shared_tls_context()) as down:
             r = await down.get(f"{self.urls['downstream']}/", params={"auth": body})
         assert r.status_code == 200, r.text
         return r.content
