@@ -150,7 +150,8 @@ class Channel:
 
 
 class Wire:
-    """Raw Privicore wire access for tests (httpx + trio-websocket), no privifs client code."""
+    """Raw Privicore wire access for tests (httpx + trio-websocket), no privifs client code (only
+    its process-wide TLS context, client/tls.py)."""
 
     def __init__(self, urls: dict[str, str]):
         self.urls = urls
