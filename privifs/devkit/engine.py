@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,11 +60,18 @@ class EngineProcess(engine_process.EngineProcess):
 
     def start(self) -> EngineProcess:
         """Start it (again, on the same ports once it has run); RuntimeError with its log's end if
-        it cannot."""
-        try:
-            return super().start()
-        except engine_process.EngineStartFailed as exc:
-            raise RuntimeError(f"{exc}: {exc.log_tail}") from None
+        it cannot. A restart on a port another socket holds for the moment (a connection of another
+        test took it as its own port while this engine was down: "Address already in use", once
+        in a CI run) is tried again for up to 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return super().start()
+            except engine_process.EngineStartFailed as exc:
+                if "Address already in use" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise RuntimeError(f"{exc}: {exc.log_tail}") from None
 
     def blob_files(self, size: int) -> list[Path]:
         """The engine's data files of ``size`` bytes (a test finds its blob by a size no other
