@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from privifs import paths
+from privifs.client.tls import shared_tls_context
 from privifs.engine_process import SERVERS, EngineProcess, EngineStartFailed
 
 log = logging.getLogger("privifs.embedded")
@@ -91,7 +92,7 @@ class EmbeddedEngine:
         while self._locked_by_other():
             try:
                 urls = json.loads(urls_file.read_text())
-                if httpx.get(urls["api"] + "/health", timeout=3).status_code == 200:
+                if httpx.get(urls["api"] + "/health", timeout=3, verify=shared_tls_context()).status_code == 200:
                     return urls
             except (OSError, ValueError, KeyError, httpx.HTTPError):
                 pass
