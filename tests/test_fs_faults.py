@@ -92,7 +92,8 @@ def test_umount_ends_and_keeps_the_changes_when_the_server_answers_only_errors(e
     """A server that answers every request with 503 (a proxy whose backend is down) held
     'privifs umount' for ever (seen: still waiting after 420 s), where an unreachable one ends it
     within seconds: a 5xx is a failure of the moment, so the flush kept waiting for the retry.
-    It gives up after twice --server-timeout (a minute by default, 10 s here)."""
+    It gives up twice --server-timeout after the first failed upload, which the client reports
+    after its own retries (docs/semantics.md; about 20 s here, with --server-timeout 5)."""
     with Mount(tmp_path, eng.urls, mount_args=("--server-timeout", "5")).mounted() as m:
         eng.set_options(fail_rate=1.0)
         (m.dir / "precious.txt").write_text("do not lose me")

@@ -138,7 +138,7 @@ STATUS_KEYS = ("command_status", "commandStatus")
 def ws_status(data: dict) -> CommandState:
     """A frame's status; one without a status key counts as a success (a download's frame, whose
     data is verified anyway). A command's wait asks the server instead (:func:`ws_says_status`)."""
-    value = data.get("command_status", data.get("commandStatus", 2))
+    value = next((data[k] for k in STATUS_KEYS if k in data), 2)
     return status_value(value, data.get("body"))
 
 

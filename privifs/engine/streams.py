@@ -31,13 +31,13 @@ async def _throttled(chunks, rate_now: Callable[[], float]):
     100 KB upload begun at 1,000 B/s went on at that rate for 100 s, and its unmount waited)."""
     start, sent, rate = trio.current_time(), 0, rate_now()
     async for chunk in chunks:
-        if rate_now() != rate:
-            start, sent, rate = trio.current_time(), 0, rate_now()
+        if (now := rate_now()) != rate:
+            start, sent, rate = trio.current_time(), 0, now
         sent += len(chunk)
         while rate > 0 and (ahead := sent / rate - (trio.current_time() - start)) > 0:
             await trio.sleep(min(ahead, 0.5))
-            if rate_now() != rate:  # paced from here at the new rate
-                start, sent, rate = trio.current_time(), len(chunk), rate_now()
+            if (now := rate_now()) != rate:  # paced from here at the new rate
+                start, sent, rate = trio.current_time(), len(chunk), now
         yield chunk
 
 
