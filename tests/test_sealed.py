@@ -10,6 +10,7 @@ import pytest
 
 from privifs.crypto.sealed import CHUNK, EDGE_SLOTS, HEADER, OVERHEAD, SLOT, SealedFile, local_key
 from privifs.errors import IntegrityError, LocalStoreError
+from privifs.zeros import all_zero
 from tests.fskit import chunk_writes_refused
 
 KEY = local_key(bytes(32))
@@ -152,6 +153,39 @@ def test_written_chunks_are_found_without_reading_the_holes(tmp_path):
     os.pwrite(f.fd, bytes(SLOT), HEADER + 5000 * SLOT)
     assert f.written_chunks() == [(0, 1), (1000, 1002), (200_000, 200_001)]
     assert f.read(200_000 * CHUNK - 1, 3) == b"\0z\0"
+
+
+def test_a_read_of_a_gap_on_disk_is_answered_without_reading_it(tmp_path, monkeypatch):
+    """A sparse file's gap reads as zeros from one lseek, not by reading zeros into the page
+    cache; the data on each side of it, and a range across its edge, read as written. Where the
+    filesystem's holes are not trusted, the gap is read (and still reads as zeros)."""
+    f = SealedFile.create(tmp_path / "f", KEY)
+    f.write(0, b"head")
+    f.write(300 * CHUNK + 7, b"tail")
+    reads = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: reads.append(at) or real_preadv(fd, bufs, at))
+    assert f.read(10 * CHUNK, 2 * CHUNK) == bytes(2 * CHUNK)
+    assert f.read(298 * CHUNK + 5, 3) == bytes(3)
+    assert reads == []  # (the slot before the data's shares a disk block with it: that one is read)
+    assert f.read(0, 6) == b"head\0\0"
+    assert f.read(300 * CHUNK - 2, 13) == bytes(9) + b"tail"
+    assert len(reads) == 2
+    f.sync_header()
+    g = SealedFile.open(tmp_path / "f", KEY)
+    monkeypatch.setattr("privifs.crypto.sealed._seek_data_reliable", lambda dev: False)
+    assert g.read(10 * CHUNK, 2 * CHUNK) == bytes(2 * CHUNK)
+    assert len(reads) == 3
+
+
+def test_all_zero_tells_zeros_from_data_anywhere_in_any_length():
+    assert all_zero(b"") and all_zero(bytes(1)) and all_zero(bytearray(5 * 65536 + 3))
+    for n in (1, 65536, 65537, 4 * 1024 * 1024):
+        for at in {0, n // 2, n - 1}:
+            data = bytearray(n)
+            data[at] = 1
+            assert not all_zero(data) and not all_zero(memoryview(data))
+    assert all_zero(memoryview(bytes(200_000))[3:150_000])
 
 
 def test_zeros_written_into_holes_leave_them_holes_and_zeros_over_data_are_written(tmp_path):

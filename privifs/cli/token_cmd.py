@@ -38,7 +38,8 @@ from privifs.fs.names import NAME_MAX, shown_name
 from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CONTEXT, attributes, split_context
 from privifs.keycheck import verify_key
 from privifs.parts import format as fmt
-from privifs.parts.store import THRESHOLD, PartStore, is_manifest, is_zeros
+from privifs.parts.store import THRESHOLD, PartStore, is_manifest
+from privifs.zeros import all_zero
 
 PIECE = 1024 * 1024
 PROGRESS_MIN = 8 * 1024 * 1024
@@ -285,7 +286,7 @@ class FileSink(BlockWriter):
 
     def _write_block(self, offset: int, data: bytes) -> None:
         try:
-            if is_zeros(data):  # a hole (a sparse file's, or any block of zeros): skipped, not written
+            if all_zero(data):  # a hole (a sparse file's, or any block of zeros): skipped, not written
                 self.f.seek(len(data), os.SEEK_CUR)
             else:
                 self.f.write(data)

@@ -27,6 +27,7 @@ from privifs.crypto import digest
 from privifs.errors import IntegrityError, VaultError, single_error
 from privifs.fs.tokenmeta import split_context
 from privifs.parts import format as fmt
+from privifs.zeros import all_zero
 
 log = logging.getLogger("privifs.parts")
 
@@ -37,12 +38,6 @@ IN_FLIGHT = 4
 COLLECT_MIN_AGE = 3600.0  # a part younger than this may belong to a store still uploading
 
 Source = Callable[[], AsyncIterator[bytes]]
-
-
-def is_zeros(data: bytes | memoryview) -> bool:
-    """Whether ``data`` (not empty) is all zero bytes; most data is refused by its first or last
-    byte, without a copy."""
-    return not data[0] and not data[-1] and not bytes(data).lstrip(b"\0")
 
 
 BIG_MANIFEST = 20_000  # parts (an 80 GiB file): coded on a worker thread, not the event loop
@@ -119,7 +114,7 @@ class PartStore:
 
         async def one(index: int, data: bytes) -> None:
             try:  # a part of zeros is a hole: nothing to upload (a sparse file's gap)
-                parts[index] = fmt.hole(len(data)) if is_zeros(data) else await self.put_part(upload_id, index, data)
+                parts[index] = fmt.hole(len(data)) if all_zero(data) else await self.put_part(upload_id, index, data)
             finally:
                 limit.release()
 
