@@ -337,9 +337,14 @@ def test_malformed_control_requests_get_an_error_answer_not_a_failed_task(engine
     """A control request that was JSON but not an object ([1], "x", null), or a flush with a
     timeout that is not a number, was answered 'internal error: AttributeError …' and counted as
     an unexpected failure: 'privifs status' then showed 'task failed: control socket'; so was
-    JSON nested past the parser's limit (a RecursionError)."""
+    JSON nested past the parser's limit (a RecursionError). An integer too large for a float as
+    a flush's timeout was an internal error too, and as an unmount's drain it unmounted and then
+    ended the daemon with an internal error, without the drain (helper hX)."""
     with Mount(tmp_path, engine.urls).mounted() as m:
+        huge = b"1" + b"0" * 400
         flushes = (b'{"cmd": "flush", "timeout": "abc"}', b'{"cmd": "flush", "timeout": true}')
+        flushes += (b'{"cmd": "flush", "timeout": ' + huge + b"}", b'{"cmd": "flush", "timeout": -1}')
+        flushes += (b'{"cmd": "unmount", "drain": ' + huge + b"}", b'{"cmd": "unmount", "drain": "x"}')
         for raw in (b"[1]", b'"x"', b"null", *flushes, b"[" * 60_000, b'{"cmd": "status", "x": ' + b"[" * 60_000):
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(30)
@@ -351,6 +356,7 @@ def test_malformed_control_requests_get_an_error_answer_not_a_failed_task(engine
         status = status[0] if isinstance(status, list) else status
         control = [t for t in status["tasks"] if t["name"] == "control socket"]
         assert control and control[0]["failures"] == 0, control
+        assert is_mounted(m.dir)
         assert m.control({"cmd": "flush", "timeout": 30})[-1] == {"done": True}
 
 

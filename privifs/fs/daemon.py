@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -800,9 +801,10 @@ class Daemon:
             if not isinstance(request, dict):
                 await send({"error": "bad request: expected a JSON object"})
                 return
-            timeout = request.get("timeout")
-            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
-                await send({"error": "bad request: timeout must be a number of seconds"})
+            try:
+                timeout, drain = (request_seconds(request, key) for key in ("timeout", "drain"))
+            except ValueError as exc:
+                await send({"error": f"bad request: {exc}"})
                 return
             cmd = request.get("cmd")
             if cmd == "status":
@@ -814,8 +816,7 @@ class Daemon:
                 await self.refresher.refresh_once()
                 await send({"done": True})
             elif cmd == "unmount":
-                drain = request.get("drain")
-                busy = await self.detach(drain if isinstance(drain, (int, float)) and drain >= 0 else None)
+                busy = await self.detach(drain)
                 await send({"error": busy, "busy": True} if busy else {"done": True})
             else:
                 await send({"error": f"unknown command {cmd!r}"})
@@ -830,6 +831,25 @@ class Daemon:
                 pass
         finally:
             await stream.aclose()
+
+
+def request_seconds(request: dict, key: str) -> float | None:
+    """A control request's number of seconds under ``key`` (None if absent): a finite number of
+    at least 0, or ValueError. An integer too large for a float (``"drain": 10**400``) reached
+    the clock's arithmetic: an internal error, and after an unmount the daemon ended without
+    the drain it was asked for."""
+    value = request.get(key)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError
+        seconds = float(value)
+    except (TypeError, OverflowError):
+        raise ValueError(f"{key} must be a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{key} must be a finite number of seconds, at least 0")
+    return seconds
 
 
 def same_disk(a: Path, b: Path) -> bool:
