@@ -37,3 +37,26 @@ def test_the_embedded_engine_and_the_tests_engine_are_started_by_the_same_code(t
         embedded.stop()
     assert embedded.proc.poll() is not None
     assert issubclass(DevEngine, EngineProcess)
+
+
+@pytest.mark.parametrize(
+    "name, junk",
+    [
+        ("admin-token", b""),
+        ("admin-token", b"\xff\xfe junk"),
+        ("cab-identity.key", b"12ab"),
+        ("cab-identity.key", b"zz" * 32),
+    ],
+)
+def test_an_engine_whose_secret_file_is_damaged_refuses_to_start_and_says_which(tmp_path, name, junk):
+    """A junk identity key ended the engine's start with 'internal error: ValueError … (please
+    report it)', and an empty admin token let any local process that sent no token set the
+    engine's fault options (helper hX). Either is refused now, naming the file, which is kept."""
+    data = tmp_path / "data"
+    EngineProcess(data, log_path=tmp_path / "first.log").start().stop()
+    (data / name).write_bytes(junk)
+    with pytest.raises(EngineStartFailed) as exc:
+        EngineProcess(data, log_path=tmp_path / "second.log").start()
+    assert "is damaged" in str(exc.value) and name in str(exc.value), exc.value
+    assert "internal error" not in exc.value.log_tail
+    assert (data / name).read_bytes() == junk

@@ -28,8 +28,18 @@ from privifs.engine.http import Principal, forbidden, token_hash, unauthorized
 from privifs.engine.hub import Hub
 from privifs.engine.options import EngineOptions
 from privifs.engine.storage import StorageDevices
+from privifs.errors import ConfigError
 
 log = logging.getLogger("privifs.engine")
+
+
+def _is_identity_hex(text: str) -> bool:
+    """Whether ``text`` is an identity's private key as the engine writes it (64 hex digits)."""
+    try:
+        return len(bytes.fromhex(text)) == 32
+    except ValueError:
+        return False
+
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 # scrypt takes 16 MiB (128 * r * n) and a core for ~50 ms: at most this many at once. On trio's
@@ -78,8 +88,12 @@ class Engine:
         self.blobs = BlobStore(data_dir)
         self.hub = Hub(opts)
         self.runner = CommandRunner(self.db, self.hub, opts)
-        self.admin_secret = self._secret_file("admin-token", lambda: secrets.token_urlsafe(32).encode())
-        cab_private = self._secret_file("cab-identity.key", lambda: generate_identity()[0].hex().encode())
+        self.admin_secret = self._secret_file(
+            "admin-token", lambda: secrets.token_urlsafe(32).encode(), lambda text: len(text) >= 16
+        )
+        cab_private = self._secret_file(
+            "cab-identity.key", lambda: generate_identity()[0].hex().encode(), _is_identity_hex
+        )
         self.cab_public_key = identity_public_key(bytes.fromhex(cab_private))
         self.urls: dict[str, str] = {}
         self.nursery: trio.Nursery | None = None
@@ -103,11 +117,26 @@ class Engine:
         if self.nursery is not None:
             self.nursery.start_soon(guarded)
 
-    def _secret_file(self, name: str, make) -> str:
+    def _secret_file(self, name: str, make, valid) -> str:
+        """The secret in the data directory's file ``name``, made by ``make()`` if there is none.
+        One that is damaged is refused, not replaced (a secret file is never overwritten): a
+        junk identity key ended the engine's start with an internal error, and an empty admin
+        token opened the admin routes to any local process that sent no token (helper hX)."""
         path = self.data_dir / name
         if not path.exists():
             write_secret_file(path, make())
-        return path.read_text().strip()
+        try:
+            text = path.read_bytes().decode("ascii").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the engine's {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            text = ""
+        if not valid(text):
+            raise ConfigError(
+                f"the engine's {path} is damaged; restore it from a backup, or move it away and "
+                "start the engine again to have a new one made"
+            )
+        return text
 
     def _sweep_orphan_blobs(self) -> None:
         """Remove blob files no row references (left by a crash between rename and commit). An
