@@ -1,4 +1,5 @@
-"""Free space on a local disk, and the small reserves that let a database commit on a full one.
+"""Free space on a local disk, the small reserves that let a database commit on a full one, and
+databases only their owner reads.
 
 A :class:`DiskReserve` is a file of :data:`DiskReserve.SIZE` bytes beside a database, made while
 the disk has room and deleted when the database meets a full disk, so the commit that frees space
@@ -22,6 +23,21 @@ def free_bytes(path: Path | str) -> int:
     """Bytes an unprivileged writer may still use on ``path``'s filesystem (one ``statvfs``)."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def private_database(path: Path) -> None:
+    """Make the SQLite database ``path`` (and the WAL and shared-memory files SQLite makes with
+    the database's mode) readable by its owner only, before SQLite opens it: they were made
+    0644 by the umask, in a 0700 directory, where every other file of a vault is 0600."""
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            fd = os.open(name, os.O_RDWR | (os.O_CREAT if name == path else 0), 0o600)
+        except OSError:  # missing, or no room for it: SQLite's own open says what is wrong
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
 
 class DiskReserve:

@@ -458,3 +458,41 @@ def test_fsync_and_reads_work_while_rm_rf_removes_the_cache(engine, tmp_path):
             remover.join(timeout=60)
         assert failures == []
         assert "failed unexpectedly" not in m.log()
+
+
+def test_changes_staged_under_a_deleted_index_come_back_in_lost_and_found(engine, tmp_path):
+    """Deleting the local index (the obvious remedy once it was reported damaged) deleted every
+    staged file no upload had taken yet, without a word, and the damage was logged as a full
+    disk, its reserve deleted (helper hX). The refusal says what to do now; once it is done,
+    each staged file comes back as a file of /lost+found, with its content, and is uploaded;
+    the uploaded tree is read again."""
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "uploaded.txt").write_text("in the vault")
+        m.wait_idle()
+        (m.dir / "d").mkdir()
+        staged = {f"d/f{i}": os.urandom(i * 70_000 + 1) for i in range(3)}
+        for name, data in staged.items():
+            (m.dir / name).write_bytes(data)
+        m.kill9()
+        index = next((m.root / "state").rglob("index.sqlite3"))
+        for wal in index.parent.glob("index.sqlite3-*"):
+            wal.unlink()  # (its copy of the first page would stand in for the damaged one)
+        index.write_bytes(b"junk" * 2048)  # damaged: refused, with what to do (not taken for a full disk)
+        r = m.mount(check=False)
+        assert r.returncode != 0 and "cannot be opened" in r.stderr and "/lost+found" in r.stderr, r.stderr
+        assert "is full" not in m.log() and index.with_name("index.sqlite3.reserve").exists()
+        for damaged in index.parent.glob("index.sqlite3*"):
+            if not damaged.name.endswith(".reserve"):
+                damaged.unlink()  # as the message says
+        r = m.mount(check=False)
+        assert r.returncode == 0, m.log()[-3000:]
+        found = sorted((m.dir / "lost+found").iterdir())
+        assert sorted(p.read_bytes() for p in found) == sorted(staged.values())
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in found)
+        assert (m.dir / "uploaded.txt").read_text() == "in the vault"
+        assert found[0].name in m.log() and "no entry of the local index names" in m.log()
+        m.wait_idle()
+        assert {t["fileName"] for t in m.tokens() if t["context"] == "/lost+found"} == {p.name for p in found}
+        m.umount()
+        m.mount()  # nothing found again: the next start removes nothing and adds nothing
+        assert sorted((m.dir / "lost+found").iterdir()) == found

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from privifs.disk import DiskReserve
+from privifs.disk import DiskReserve, private_database
 
 T = TypeVar("T")
 
@@ -241,6 +241,7 @@ def _set_all(events: list[trio.Event]) -> None:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    private_database(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")

@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections import OrderedDict
@@ -303,7 +304,12 @@ class ContentCache:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.incoming = directory / "incoming"
         for leftover in self.incoming.glob("*") if self.incoming.exists() else ():
-            leftover.unlink(missing_ok=True)
+            # (a download's file; anything else, such as a directory, is not ours either: the
+            # mount refused to start with "Is a directory")
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         self.incoming.mkdir(exist_ok=True, mode=0o700)
         self.size_limit = size_limit
         self.space = Space(directory)

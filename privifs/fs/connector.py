@@ -141,9 +141,11 @@ def marker_path(state_dir: Path) -> Path:
 
 
 def _marker(state_dir: Path) -> list[str]:
+    """The marker's words; none if it is missing or unreadable (a marker that is not text, as
+    damage leaves it, made the mount fail with a UnicodeDecodeError: it only saves a check)."""
     try:
         return marker_path(state_dir).read_text().split()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return []
 
 

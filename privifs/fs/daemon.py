@@ -260,7 +260,10 @@ class Daemon:
             raise LocalStoreError(f"{self.mountpoint} is already a mountpoint")
         self._check_local_dirs_outside_the_mount()
         made = paths.missing_dirs(self.state_dir), paths.missing_dirs(self.cache_dir)
-        first = not (self.state_dir / INDEX_NAME).exists()
+        # a first mount here: no index, and nothing staged (with the index deleted, the staged
+        # files are changes no upload took yet, which the mount shows in /lost+found: a start
+        # that failed then must not take them back with what a first mount made)
+        first = not (self.state_dir / INDEX_NAME).exists() and not holds_files(self.state_dir / "staging")
         lock = self._lock()
         try:
             with open_account(self.cfg) as account, single_error():
@@ -850,6 +853,15 @@ def request_seconds(request: dict, key: str) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{key} must be a finite number of seconds, at least 0")
     return seconds
+
+
+def holds_files(directory: Path) -> bool:
+    """Whether ``directory`` holds a file (not counting its subdirectories; False if it does not exist)."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(e.is_file(follow_symlinks=False) for e in entries)
+    except OSError:
+        return False
 
 
 def same_disk(a: Path, b: Path) -> bool:

@@ -15,6 +15,7 @@ handler re-reads the node (it may have been renamed, unlinked or replaced meanwh
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import mmap
@@ -36,7 +37,7 @@ from privifs.fs.caller import Caller
 from privifs.fs.errnos import errno_for
 from privifs.fs.localsync import flush_index, fsync_locally
 from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX, blank
-from privifs.fs.namespace import ROOT, Index, Namespace, Node
+from privifs.fs.namespace import RECOVER_COUNTER, ROOT, Index, Namespace, Node
 from privifs.fs.parts import is_manifest_node
 from privifs.fs.staging import StagedFile, Staging
 from privifs.fs.sync import Syncer
@@ -1280,8 +1281,69 @@ class Filesystem:
             )
             self.ns.clear_staged(node, content_clean=True)
             self.index.save(node)
-        for orphan in self.staging.ids() - referenced:
+        orphans = self.staging.ids() - referenced
+        if self.index.counter(RECOVER_COUNTER) and not self.opts.read_only:
+            self._recover_staged(orphans)
+            return
+        for orphan in orphans:
             self.staging.remove(orphan)
+
+    def _recover_staged(self, orphans: set[str]) -> None:
+        """The index was made anew (the old one deleted, or moved away after its damage was
+        reported), so no entry names the files staged under it: they hold changes no upload had
+        taken yet. Each that holds data shows as a new file in ``/lost+found`` (mode 0600, named
+        by when it was last written and its id; its name and mode were the old index's) and is
+        uploaded like any new file; an empty one (a spare made ahead) or one that cannot be read
+        is removed. Deleting the index deleted them all without a word (helper hX). All in one
+        transaction with the clearing of :data:`RECOVER_COUNTER`: a stop halfway does it again."""
+        found: list[tuple[Node, int]] = []
+        with self.index:
+            for staged_id in sorted(orphans):
+                try:
+                    staged = self.staging.open(staged_id)
+                    staged.sealed.trim()
+                except PrivifsError as exc:
+                    log.warning("a staged file no entry names cannot be read (%s); removed", exc)
+                    self.staging.remove(staged_id)
+                    continue
+                sealed = staged.sealed
+                if not sealed.size:
+                    self.staging.remove(staged)
+                    continue
+                folder = self._lost_and_found()
+                written = time.strftime("%Y%m%d-%H%M%S", time.localtime(sealed.stamp / 1e9))
+                node = self.ns.new_node(folder, f"{written}-{staged_id[:12]}", KIND_FILE, 0o600)
+                self.own(node, folder, None)
+                self.ns.set_staged(node, staged)
+                self.ns.content_changed(node)
+                self.ns.set_attributes(node, size=sealed.size, mtime_ns=sealed.stamp, ctime_ns=sealed.stamp)
+                self.index.save(node)
+                self.park_staged(node)
+                found.append((node, sealed.size))
+            self.index.set_counter(RECOVER_COUNTER, 0)
+        for node, size in found:
+            log.warning(
+                "%s: %d bytes staged on this machine that no entry of the local index names (it was "
+                "made anew): kept here, and uploaded; its name and mode were the old index's",
+                self.path(node),
+                size,
+            )
+
+    def _lost_and_found(self) -> Node:
+        """``/lost+found``, made (0700) if there is none; a file of that name makes it
+        ``/lost+found.1`` (or the next number free)."""
+        root = self.ns.nodes[ROOT]
+        for name in itertools.chain(["lost+found"], (f"lost+found.{n}" for n in itertools.count(1))):
+            node = self.ns.child(root, name)
+            if node is None:
+                node = self.ns.new_node(root, name, KIND_DIR, 0o700)
+                self.own(node, root, None)
+                self.ns.set_explicit(node, True)
+                self.index.save(node)
+                return node
+            if node.is_dir:
+                return node
+        raise AssertionError("unreachable")
 
     def pending(self) -> list[Node]:
         """What write-back still has to do (:meth:`Namespace.pending

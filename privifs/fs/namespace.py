@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from privifs.disk import DiskReserve
+from privifs.disk import DiskReserve, private_database
 from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, NodeGone, PrivifsError
 from privifs.fs.names import shown_name
 from privifs.fs.space import open_error
@@ -48,6 +48,9 @@ log = logging.getLogger("privifs.fs")
 
 ROOT = 1
 INO_COUNTER = "next_ino"  # the counters row: inode numbers below it may have been handed out
+# the counters row set while an index made anew has not yet taken in the staged files it found
+# (Filesystem.open_staged_files): they are the changes of the index it replaced
+RECOVER_COUNTER = "recover_staged"
 INO_BLOCK = 1024  # inode numbers reserved at a time (Namespace._reserve_inos)
 CONTENT_SIZES_KEPT = 65536  # tokens whose real size Namespace.learn_size remembers
 
@@ -375,6 +378,11 @@ class Index:
     on many of them; what is on disk is the same either way."""
 
     SAVED_ROWS = 20_000
+    # what to do about an index that cannot be opened (damaged): it can be made again
+    REMEDY = (
+        "move {path} (and its -wal and -shm files) away and mount again: the tree is read from the vault "
+        "again, and changes not yet uploaded come back in /lost+found"
+    )
     CHECKPOINT_EVERY = 300  # commits between checkpoints on the checkpointer's thread (about as
     # often as SQLite would, at 1,000 WAL pages: more often costs CPU, each fsyncs twice)
     CATCH_UP_EVERY = 1_500  # commits between checkpoints of the writer itself: bounds the WAL
@@ -385,12 +393,14 @@ class Index:
         try:
             self._open()
         except sqlite3.Error as exc:
-            if not self.reserve.release():  # a full disk: SQLite could not make its WAL files
-                raise open_error(path.parent, "the local index", exc) from None
+            # a full disk (SQLite could not make its WAL files): the reserve makes room. A damaged
+            # index on a disk with room was logged as a full disk, and its reserve deleted (hX)
+            if not self.reserve.release_if_full():
+                raise open_error(path.parent, "the local index", exc, self.REMEDY.format(path=path)) from None
             try:
                 self._open()
             except sqlite3.Error as again:
-                raise open_error(path.parent, "the local index", again) from None
+                raise open_error(path.parent, "the local index", again, self.REMEDY.format(path=path)) from None
         self.checkpointer = Checkpointer(path)
         self.reserve.ensure()
         self._commits = 0
@@ -453,6 +463,8 @@ class Index:
                         f"{number - 1}"
                     ) from None
                 raise
+        if version == 0:  # made now: what staging holds was staged under an index that is gone
+            self.conn.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, 1)", (RECOVER_COUNTER,))
 
     def close(self) -> None:
         if self._soon or self._owed:
@@ -472,6 +484,7 @@ class Index:
             self.checkpointer.ask()
 
     def _open(self) -> None:
+        private_database(self.path)
         self.conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             self.conn.row_factory = sqlite3.Row

@@ -70,9 +70,10 @@ class Space:
         return floor_of(self._sizes()[1])
 
 
-def open_error(path: Path, what: str, exc: Exception) -> LocalStoreError:
+def open_error(path: Path, what: str, exc: Exception, remedy: str = "") -> LocalStoreError:
     """The error for local state that cannot be opened: SQLite reports a full disk as a "disk
-    I/O error" when it cannot create its WAL files, so the free space decides."""
+    I/O error" when it cannot create its WAL files, so the free space decides. ``remedy``: what
+    to do about a damaged one (appended after a semicolon)."""
     try:
         full = free_bytes(path) < MiB
     except OSError:
@@ -81,4 +82,4 @@ def open_error(path: Path, what: str, exc: Exception) -> LocalStoreError:
         return DiskFullError(
             f"{what} in {path} cannot be opened: the disk is full; free some space on it and mount again"
         )
-    return LocalStoreError(f"{what} in {path} cannot be opened: {exc}")
+    return LocalStoreError(f"{what} in {path} cannot be opened: {exc}" + (f"; {remedy}" if remedy else ""))
