@@ -857,6 +857,24 @@ def test_a_cache_or_state_directory_inside_the_mountpoint_is_refused_not_a_hang(
         m.cleanup()
 
 
+def test_a_mountpoint_inside_the_state_or_cache_directory_is_refused_not_a_hang(engine, tmp_path):
+    """Mounted over its own staging directory, the vault's first write there hung the writer
+    and the daemon for good (helper hY); the other direction was already refused (above)."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "f").write_bytes(b"kept")
+    state = next((m.root / "state").glob("privifs/vaults/*"))
+    cache = next((m.root / "cache").glob("privifs/vaults/*"))
+    try:
+        for inside in (state / "staging", cache / "incoming", state):
+            r = privifs(m.env, "mount", str(inside), check=False)
+            assert r.returncode == 3 and "is inside the" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert not is_mounted(inside)
+        with m.mounted():
+            assert (m.dir / "f").read_bytes() == b"kept"
+    finally:
+        m.cleanup()
+
+
 _OTHER_FS = """
 import stat, sys, pyfuse3, trio
 class Ops(pyfuse3.Operations):

@@ -280,7 +280,10 @@ class Daemon:
     def _check_local_dirs_outside_the_mount(self) -> None:
         """The daemon's own files (index and staging, cache, the embedded engine's data) must not
         lie under the mountpoint: once mounted, every access to them would be a request to this
-        very daemon, which waits for itself, and the first read hangs the mount for good."""
+        very daemon, which waits for itself, and the first read hangs the mount for good. Nor
+        may the mountpoint lie inside them: mounted over the staging directory, the first write
+        there hung the writer and the daemon for good (helper hY), and a mount over the cache
+        or the engine's data hides their files from the daemon that uses them."""
         dirs = [("state directory", self.state_dir), ("cache directory", self.cache_dir)]
         if self.cfg.embedded:
             dirs.append(("embedded engine's data directory", paths.embedded_engine_dir()))
@@ -289,6 +292,11 @@ class Daemon:
             if real == self.mountpoint or self.mountpoint in real.parents:
                 raise ConfigError(
                     f"the {what} {d} is inside the mountpoint {self.mountpoint}; choose a directory outside it"
+                )
+            if real in self.mountpoint.parents:
+                raise ConfigError(
+                    f"the mountpoint {self.mountpoint} is inside the {what} {d}, which privifs itself uses; "
+                    "choose a mountpoint outside it"
                 )
 
     def _forget_first_mount(self, made_state: list[Path], made_cache: list[Path]) -> None:
