@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from privifs.fs.cache import REOPEN_EVERY
-from tests.mountkit import Mount, privifs
+from tests.mountkit import Mount, is_mounted, privifs
 from tests.test_cli_verify import blob_of_token
 
 
@@ -496,3 +496,56 @@ def test_changes_staged_under_a_deleted_index_come_back_in_lost_and_found(engine
         m.umount()
         m.mount()  # nothing found again: the next start removes nothing and adds nothing
         assert sorted((m.dir / "lost+found").iterdir()) == found
+
+
+def _staged_files(m: Mount) -> list[Path]:
+    return [p for p in (m.root / "state").glob("privifs/vaults/*/staging/*") if p.is_file()]
+
+
+def test_umount_names_damaged_staged_content_not_a_failing_server(engine, tmp_path):
+    """A staged file whose chunk no longer authenticates can never be uploaded: umount said
+    'the server keeps failing 1 changes … uploaded once the server takes them' after a minute
+    (helper hX). It says what is wrong as soon as the retry met the damage again."""
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "f.bin").write_bytes(os.urandom(300_000))
+        (staged,) = _staged_files(m)
+        with open(staged, "r+b") as f:
+            f.seek(70_000)
+            byte = f.read(1)
+            f.seek(70_000)
+            f.write(bytes([byte[0] ^ 1]))
+        r = m.umount("--timeout", "240", check=False)
+        assert r.returncode == 7 and "cannot be uploaded" in r.stderr and "authentication" in r.stderr, r.stderr
+        assert "server" not in r.stderr and not is_mounted(m.dir)
+        m.mount()
+        with pytest.raises(OSError) as exc:
+            (m.dir / "f.bin").read_bytes()
+        assert exc.value.errno == errno.EIO
+        (m.dir / "f.bin").write_bytes(b"written again")  # the remedy it names
+        m.umount()
+        m.mount()
+        assert (m.dir / "f.bin").read_bytes() == b"written again"
+
+
+def test_umount_ends_when_the_local_index_cannot_record_what_is_done(engine, tmp_path):
+    """With a page of the index zeroed, uploads could not be recorded: 'privifs umount' blamed
+    the server, or (when the index owed what it could not commit) waited for good without a
+    --timeout (helper hX). It says the local index is why, and the changes stay staged."""
+    with Mount(
+        tmp_path, engine.urls, mount_args=("--write-back-delay", "3600", "--server-timeout", "5")
+    ).mounted() as m:
+        for i in range(3):
+            (m.dir / f"f{i}").write_bytes(os.urandom(5000))
+        m.kill9()
+        index = next((m.root / "state").glob("privifs/vaults/*/index.sqlite3"))
+        db = sqlite3.connect(index)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+        db.close()
+        with open(index, "r+b") as f:
+            f.seek(2 * page)
+            f.write(bytes(page))
+        m.mount()
+        r = m.umount(check=False)
+        assert r.returncode == 7 and "the local index" in r.stderr and "server" not in r.stderr, r.stderr
+        assert _staged_files(m)

@@ -676,6 +676,19 @@ class Daemon:
                     f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
                     f"uploaded once it accepts it again (the password file is read again then) or at the next mount"
                 }
+            if not deletes and not owed and syncer.all_failed_locally(pending, started):
+                return {
+                    "error": f"{len(pending)} changes cannot be uploaded, and trying again does not help "
+                    f"({syncer.last_error}); they stay staged in {self.state_dir}. A file whose content is "
+                    "damaged reads EIO there: write it again, or remove it; for the local index, see the mount's log"
+                }
+            if owed and trio.current_time() - started > FAILING_GRACE * self.mcfg.server_timeout:
+                # the index cannot record what was done (damaged, or its disk full): it may stay so
+                return {
+                    "error": f"the local index cannot record the last changes ({self.ns.index.owed_error}); "
+                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    "uploaded once it can (free space on its disk; if it is damaged, see the mount's log)"
+                }
             if (
                 pending
                 and not deletes

@@ -63,6 +63,7 @@ from privifs.errors import (
     CommandRejected,
     ForbiddenError,
     IntegrityError,
+    LocalStoreError,
     NodeGone,
     NoRoomInVault,
     NotFoundError,
@@ -296,6 +297,10 @@ class Syncer:
         # its last two failed; a success ends the run (see failing_again: a flush stops waiting
         # for changes the server fails every time)
         self.failures: dict[int, tuple[float, deque[float]]] = {}
+        # inos whose last write-back attempt failed on content that does not authenticate (a
+        # damaged staged chunk) or on local state (the index, the disk), not on the server's
+        # answer; a retry soon meets the same (see all_failed_locally)
+        self.failed_locally: set[int] = set()
         self.flushing = 0  # flushes waiting (privifs umount): failed write-backs are retried sooner
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
@@ -574,6 +579,16 @@ class Syncer:
                 return False
         return True
 
+    def all_failed_locally(self, nodes: list[Node], since: float) -> bool:
+        """Whether every one of ``nodes`` failed its last write-back attempt, made at or after
+        ``since`` (trio clock), on damaged content or local state (:attr:`failed_locally`), and
+        none is being written back now."""
+        for n in nodes:
+            last = self.failures.get(n.ino, (0.0, ()))[1]
+            if n.ino not in self.failed_locally or n.ino in self._busy or not last or last[-1] < since:
+                return False
+        return bool(nodes)
+
     def retry_all_now(self) -> None:
         for node in self.ns.pending():
             self.ns.schedule_retry(node, 0.0)
@@ -597,6 +612,7 @@ class Syncer:
         except NodeGone:
             self.refused.pop(node.ino, None)
             self.failures.pop(node.ino, None)
+            self.failed_locally.discard(node.ino)
             self.ns.release(node, self.staging)  # removed while its write-back waited: nothing to send
             return
         except PrivifsError as exc:
@@ -604,6 +620,7 @@ class Syncer:
             return
         self.refused.pop(node.ino, None)
         self.failures.pop(node.ino, None)
+        self.failed_locally.discard(node.ino)
         self.ns.record_success(node)
         self.answered()
         if not node.content_dirty:
@@ -630,6 +647,10 @@ class Syncer:
         """Record a failed write-back attempt and schedule the retry; ``lasting``: a failure a
         retry soon will meet again (a bug's), as a refusal by the server is."""
         attempts = self.ns.record_error(node, str(exc))
+        if isinstance(exc, (IntegrityError, LocalStoreError)):
+            self.failed_locally.add(node.ino)
+        else:
+            self.failed_locally.discard(node.ino)
         self.failures.setdefault(node.ino, (trio.current_time(), deque(maxlen=2)))[1].append(trio.current_time())
         if lasting or isinstance(exc, REFUSALS):
             self.refused[node.ino] = trio.current_time()
