@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import privifs
 from privifs.cli import build_parser
 from privifs.cli.commands import COMMANDS, named_command
 
@@ -41,3 +43,39 @@ def test_every_command_is_in_the_table_and_the_whole_parser_still_knows_them_all
         own = next(a for a in build_parser([command])._actions if a.dest == "command").choices[command]
         assert len(own._actions) > 1, f"{command}: only its help was registered"
     assert named_command(["--bogus"]) is None and named_command(["nonsense"]) is None
+
+
+@pytest.mark.parametrize("argv, says", [(["status"], "no privifs mounts"), (["--version"], "privifs 0.")])
+def test_a_privifs_directory_in_the_working_directory_does_not_break_the_command_line(argv, says, tmp_path):
+    """``python -m privifs status`` run in a directory holding an empty ``privifs/`` failed with an
+    AttributeError: that directory is imported as a namespace package ``privifs`` (no docstring,
+    no ``__version__``) while the commands come from the package installed in editable mode
+    (setuptools' finder, which comes after the path's). Here that finder is stood in for."""
+    package = Path(privifs.__file__).resolve().parent
+    code = (
+        "import os, runpy, sys\n"
+        "from importlib.machinery import PathFinder\n"
+        f"REAL = {str(package)!r}\n"
+        "class Editable:\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name.rpartition('.')[0] == 'privifs':\n"
+        "            return PathFinder.find_spec(name, path=[REAL])\n"
+        "        return None\n"
+        "sys.path = [''] + [p for p in sys.path[1:] if os.path.realpath(p) != os.path.dirname(REAL)]\n"
+        "sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, Editable)  # before an installed one\n"
+        "import privifs\n"
+        "assert privifs.__file__ is None, privifs.__file__  # the empty directory's namespace package\n"
+        f"sys.argv = ['privifs', *{argv!r}]\n"
+        "runpy.run_module('privifs', run_name='__main__', alter_sys=True)\n"
+    )
+    (tmp_path / "privifs").mkdir()
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(tmp_path)},
+    )
+    assert r.returncode == 0 and says in r.stdout and "Traceback" not in r.stderr, (r.stdout, r.stderr)

@@ -42,11 +42,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     import importlib
     from pathlib import Path
 
-    import privifs
+    from privifs.about import summary, version
     from privifs.cli.commands import COMMANDS, named_command
 
-    parser = Parser(prog="privifs", description=privifs.__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"privifs {privifs.__version__}")
+    parser = Parser(prog="privifs", description=summary())
+    parser.add_argument("--version", action="version", version=f"privifs {version()}")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     parser.add_argument(
         "--config",

@@ -32,7 +32,7 @@ import httpcore
 import httpx
 import trio
 
-from privifs import __version__
+from privifs.about import version
 from privifs.client import shapes
 from privifs.client.http11 import Answer, HTTPFailure, LeanHTTP, encode_json
 from privifs.client.tls import shared_tls_context
@@ -176,7 +176,7 @@ class Transport:
                 timeout=options.http_timeout,
                 connect_timeout=options.connect_timeout,
                 max_connections=MAX_CONNECTIONS,
-                user_agent=f"privifs/{__version__}",
+                user_agent=f"privifs/{version()}",
             )
             if options.lean_http
             else None
