@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import privifs
-from privifs.cli import build_parser
+from privifs.cli import build_parser, main
 from privifs.cli.commands import COMMANDS, named_command
+from privifs.cli.failures import EXIT_UNREACHABLE
 
 
 @pytest.mark.parametrize("argv", [["status"], ["umount", "/nowhere"], ["--config", "/x.toml", "status"]])
@@ -79,3 +82,44 @@ def test_a_privifs_directory_in_the_working_directory_does_not_break_the_command
         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(tmp_path)},
     )
     assert r.returncode == 0 and says in r.stdout and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+
+
+def _parsers(parser, name="privifs"):
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_argument_has_help_and_the_help_says_what_the_commands_do():
+    """A new user's reading of --help: the mountpoint of status and umount (and the token of
+    token get/rm/mv/stat) had no help text; 'token ls --all' said it adds the key check, and it
+    lists big files' parts too; 'token rm' did not say that a manifest's parts go with it."""
+    parsers = dict(_parsers(build_parser()))
+    for name, parser in parsers.items():
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):  # (its commands have theirs)
+                assert action.help, f"{name}: {action.dest} has no help"
+    ls_all = next(a for a in parsers["privifs token ls"]._actions if a.dest == "all")
+    assert "key check" in ls_all.help and "parts" in ls_all.help
+    assert "its parts too" in parsers["privifs token rm"].format_help()
+
+
+def test_verify_help_names_the_exit_code_of_an_unreachable_server(tmp_path, capsys, monkeypatch):
+    """'verify --help' listed 0, 3 and 1; a server that cannot be reached exits 5."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    key, password = tmp_path / "aes.key", tmp_path / "password"
+    key.write_text(os.urandom(32).hex() + "\n")
+    password.write_text("pw\n")
+    key.chmod(0o600)
+    password.chmod(0o600)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[server]\nembedded = false\napi = "http://127.0.0.1:9"\n[account]\nusername = "u"\n'
+        f'password_file = "{password}"\n[keys]\naes_key_file = "{key}"\n'
+    )
+    assert main(["--config", str(cfg), "verify"]) == EXIT_UNREACHABLE
+    assert "cannot reach" in capsys.readouterr().err
+    verify_help = dict(_parsers(build_parser(["verify"])))["privifs verify"].format_help()
+    assert f"{EXIT_UNREACHABLE} the server cannot be reached" in " ".join(verify_help.split())

@@ -44,7 +44,7 @@ def register(sub) -> None:
         "7 if changes could not be uploaded: they stay staged and are uploaded at "
         "the next mount. A mount whose daemon died is cleaned up.",
     )
-    u.add_argument("mountpoint", type=Path)
+    u.add_argument("mountpoint", type=Path, help="the directory the drive is mounted at")
     u.add_argument(
         "--timeout",
         type=seconds(0, inclusive=False),
@@ -61,7 +61,9 @@ def register(sub) -> None:
         "a mount whose daemon died, is stopped or does not answer is shown with how to recover "
         "(exit code 8).",
     )
-    s.add_argument("mountpoint", type=Path, nargs="?")
+    s.add_argument(
+        "mountpoint", type=Path, nargs="?", help="the directory a drive is mounted at (default: every mount of yours)"
+    )
     s.add_argument("--json", action="store_true", help="print the status as JSON")
     s.set_defaults(func=run_status)
 

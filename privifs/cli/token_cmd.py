@@ -56,7 +56,11 @@ def register(sub) -> None:
 
     ls = action("ls", "list every token: size, date, context/name", _ls)
     ls.add_argument("--json", action="store_true", help="one JSON object per line")
-    ls.add_argument("--all", action="store_true", help="also privifs' own tokens (the key check in /.privifs)")
+    ls.add_argument(
+        "--all",
+        action="store_true",
+        help="also privifs' own tokens in /.privifs: the key check and the parts of big files",
+    )
     put = action("put", "encrypt and store a file; prints the permanent token", _put)
     put.add_argument("file", type=Path, help="a regular file")
     put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
@@ -67,16 +71,16 @@ def register(sub) -> None:
         " becomes that link",
         _get,
     )
-    get.add_argument("token", type=utf8_text)
+    get.add_argument("token", type=utf8_text, help="the token, as 'privifs token ls' prints it")
     get.add_argument("out", type=Path, help="the file to write, or a directory to write it into under its name")
-    rm = action("rm", "delete a token", _rm)
-    rm.add_argument("token", type=utf8_text)
+    rm = action("rm", "delete a token (a big file's manifest: its parts too)", _rm)
+    rm.add_argument("token", type=utf8_text, help="the token, as 'privifs token ls' prints it")
     mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
-    mv.add_argument("token", type=utf8_text)
+    mv.add_argument("token", type=utf8_text, help="the token, as 'privifs token ls' prints it")
     mv.add_argument("--name", type=utf8_text, required=True, help="the new file name")
     mv.add_argument("--context", type=context_path, help="the new context (directory)")
     st = action("stat", "show a token's meta as JSON", _stat)
-    st.add_argument("token", type=utf8_text)
+    st.add_argument("token", type=utf8_text, help="the token, as 'privifs token ls' prints it")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,8 +60,9 @@ AES-GCM tag verified, and every part of a big file against its manifest (a file 
 big file missing a part, is reported damaged). With --repair: a damaged token whose
 content this machine's cache holds is stored again and the damaged one deleted.
 
-Exit status: 0 nothing wrong (or all repaired), 3 damaged or missing files remain, 1 the check
-could not run."""
+Exit status: 0 nothing wrong (or all repaired), 3 damaged or missing files remain (or the
+configuration or key is missing or wrong), 5 the server cannot be reached, 1 the check could not
+run otherwise."""
 
 
 def register(sub) -> None:
