@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from privifs import paths
 from privifs.config import SECRET_NAMES, Config, load, place_secret, restoring_marker, save
-from privifs.errors import ConfigError, output_failed
+from privifs.errors import ConfigError, LocalStoreError, output_failed
 
 FORMAT = 1
 HEADER = "privifs-backup.json"
@@ -64,6 +64,12 @@ COPY_BLOCK = 1024 * 1024
 
 class BackupError(ConfigError):
     """A backup cannot be made or restored (wrong passphrase, damaged file, engine running)."""
+
+
+class BackupFileError(LocalStoreError):
+    """The backup file named cannot be used as asked: missing, unreadable, already there, or in a
+    directory that does not exist (exit 4, a local file, as for 'token put' and 'token get'; as a
+    BackupError, a ConfigError, these exited 3)."""
 
 
 def _derive(passphrase: str, kdf: dict) -> bytes:
@@ -184,16 +190,21 @@ def _engine_snapshot(data_dir: Path, doc: dict) -> tuple[bytes, list[tuple[Path,
 Progress = Callable[[int, int], None]
 
 
+def check_backup_target(out: Path) -> None:
+    """A backup is written only to a new file in an existing directory."""
+    if out.exists():
+        raise BackupFileError(f"{out} already exists; choose another name (a backup is never overwritten)")
+    if not out.parent.is_dir():
+        raise BackupFileError(f"the directory {out.parent} does not exist")
+
+
 def write_backup(
     cfg: Config, out: Path, passphrase: str, *, engine_dir: Path | None = None, progress: Progress | None = None
 ) -> Summary:
     """Write a backup of ``cfg``'s account (and embedded engine) to ``out`` (which must not exist);
     ``progress(done, total)`` follows the bytes of data copied."""
     check_passphrase(passphrase)
-    if out.exists():
-        raise BackupError(f"{out} already exists; choose another name (a backup is never overwritten)")
-    if not out.parent.is_dir():
-        raise BackupError(f"the directory {out.parent} does not exist")
+    check_backup_target(out)
     doc = _account_doc(cfg)
     engine_dir = engine_dir or paths.embedded_engine_dir()
     header = {
@@ -248,7 +259,7 @@ def write_backup(
                 os.fsync(f.fileno())
             os.link(tmp, out)
         except FileExistsError:
-            raise BackupError(f"{out} appeared meanwhile; choose another name") from None
+            raise BackupFileError(f"{out} appeared meanwhile; choose another name") from None
         except OSError as exc:
             if exc.filename is not None and exc.filename not in (str(tmp), tmp):  # reading a blob: names it
                 raise
@@ -390,11 +401,11 @@ def _restore(
         # every data file after it)
         tar = tarfile.open(src, ignore_zeros=True)
     except FileNotFoundError:
-        raise BackupError(f"{src} does not exist") from None
+        raise BackupFileError(f"{src} does not exist") from None
     except tarfile.TarError:
         raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
     except OSError as exc:
-        raise BackupError(f"cannot read the backup {src}: {exc.strerror or exc}") from None
+        raise BackupFileError(f"cannot read the backup {src}: {exc.strerror or exc}") from None
     with tar:
         opened = _open_secrets(tar, passphrase)
         members = opened.members

@@ -285,3 +285,50 @@ def test_a_command_without_a_runtime_dir_also_looks_in_the_login_sessions(tmp_pa
     assert paths.runtime_dirs() == [tmp_path / "state" / "privifs" / "run", session / str(os.getuid()) / "privifs"]
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))  # a login shell: its own, then the state's
     assert paths.runtime_dirs() == [tmp_path / "xdg" / "privifs", tmp_path / "state" / "privifs" / "run"]
+
+
+def test_a_backup_file_that_is_missing_or_in_a_missing_directory_is_a_local_file_error(
+    tmp_path, capsys, state, monkeypatch
+):
+    """A missing output directory or backup file exited 3 (BackupError is a ConfigError) where
+    token put/get exit 4 for their files; now 4 as well (a backup's target before its passphrase is asked)."""
+    monkeypatch.setenv("PRIVIFS_BACKUP_PASSPHRASE", "correct horse battery staple")
+    key, password = tmp_path / "aes.key", tmp_path / "password"
+    key.write_text(os.urandom(32).hex() + "\n")
+    password.write_text("pw\n")
+    key.chmod(0o600)
+    password.chmod(0o600)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[server]\nembedded = false\napi = "http://127.0.0.1:9"\n[account]\nusername = "u"\n'
+        f'password_file = "{password}"\n[keys]\naes_key_file = "{key}"\n'
+    )
+    (tmp_path / "there.backup").write_text("")
+    for target, says in (("nowhere/x.backup", "does not exist"), ("there.backup", "already exists")):
+        assert main(["--config", str(cfg), "backup", str(tmp_path / target)]) == 4, target
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    new = tmp_path / "new" / "config.toml"
+    assert main(["--config", str(new), "restore", str(tmp_path / "missing.backup")]) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.backup does not exist" in err, err
+    assert not new.exists()
+
+
+def test_init_against_a_server_that_cannot_be_reached_exits_5(tmp_path, capsys, state, monkeypatch):
+    """It exited 3 (a configuration error) where every other command exits 5 for an unreachable
+    server, as the README's table says; and it wrote nothing."""
+    for name, url in (
+        ("API", "http://127.0.0.1:9"),
+        ("UPSTREAM", "http://127.0.0.1:9"),
+        ("DOWNSTREAM", "http://127.0.0.1:9"),
+    ):
+        monkeypatch.setenv(f"PRIVICORE_{name}_URL", url)
+    monkeypatch.setenv("PRIVICORE_WS_URL", "ws://127.0.0.1:9")
+    monkeypatch.setenv("PRIVICORE_USERNAME", "u@example.com")
+    monkeypatch.setenv("PRIVICORE_PASSWORD", "correct-horse-battery")
+    cfg = tmp_path / "cfg" / "config.toml"
+    assert main(["--config", str(cfg), "init"]) == 5
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot reach the Privicore server" in err and "PRIVICORE_API_URL" in err, err
+    assert not cfg.exists() and not (cfg.parent / "aes.key").exists()

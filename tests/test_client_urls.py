@@ -16,7 +16,7 @@ from privifs.client.provision import new_identity, register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
 from privifs.client.urls import complete, validate_urls
-from privifs.errors import ConfigError
+from privifs.errors import ConfigError, ServerUnreachable
 from tests.enginekit import EngineProcess
 
 KEY = bytes(range(32))
@@ -70,6 +70,10 @@ async def test_validate_urls_accepts_a_running_engine_and_names_what_does_not_an
     assert f"nothing answers at the upstream URL {dead} (PRIVICORE_UPSTREAM_URL)" in text, text
     assert "no WebSocket server answers" in text and "PRIVICORE_WS_URL" in text, text
     assert "PRIVICORE_API_URL" not in text and "PRIVICORE_DOWNSTREAM_URL" not in text
+    # nothing answering at all is a server that cannot be reached (exit 5), not a configuration error
+    with pytest.raises(ServerUnreachable) as err:
+        await validate_urls({**eng.urls, "upstream": dead, "ws": dead.replace("http", "ws", 1)})
+    assert f"PRIVICORE_UPSTREAM_URL={dead}" in str(err.value) and "PRIVICORE_API_URL" not in str(err.value)
 
 
 async def test_a_full_upstream_url_from_the_server_is_used_without_a_configured_one(eng, account):

@@ -17,7 +17,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from privifs.backup import restore_backup, write_backup
+from privifs.backup import check_backup_target, restore_backup, write_backup
 from privifs.cli.commands import help_of
 from privifs.cli.prompt import ask_secret
 from privifs.config import default_config_path, load
@@ -68,6 +68,7 @@ class TerminalProgress:
 
 def run_backup(args: argparse.Namespace) -> int:
     cfg = load(args.config)
+    check_backup_target(args.file)  # before the passphrase is asked for twice
     secret = passphrase(args, confirm=True)
     with TerminalProgress("backing up the vault's data") as progress:
         summary = write_backup(cfg, args.file, secret, progress=progress)

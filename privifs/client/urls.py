@@ -21,7 +21,7 @@ import trio
 from trio_websocket import HandshakeError, open_websocket_url
 
 from privifs.client.tls import shared_tls_context
-from privifs.errors import ConfigError
+from privifs.errors import ConfigError, ServerUnreachable
 
 log = logging.getLogger("privifs.client")
 
@@ -91,46 +91,68 @@ def scheme_problems(urls: dict[str, str | None]) -> list[str]:
     return problems
 
 
-async def _reachable_http(http: httpx.AsyncClient, name: str, url: str) -> str | None:
+# (what is wrong; if only that nothing could be reached: SETTING=url, and why) or None
+Problem = tuple[str, tuple[str, str] | None] | None
+
+
+async def _reachable_http(http: httpx.AsyncClient, name: str, url: str) -> Problem:
     try:
         await http.get(url.rstrip("/") + ("/health" if name == "api" else "/"))
     except httpx.InvalidURL as exc:
-        return f"{SETTING[name]}={url!r} is not a valid URL ({exc})"
+        return f"{SETTING[name]}={url!r} is not a valid URL ({exc})", None
     except httpx.HTTPError as exc:
-        return f"nothing answers at the {name} URL {url} ({SETTING[name]}): {type(exc).__name__}: {exc}"
+        why = f"{type(exc).__name__}: {exc}"
+        unreachable = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.NetworkError))
+        return f"nothing answers at the {name} URL {url} ({SETTING[name]}): {why}", (
+            (f"{SETTING[name]}={url}", why) if unreachable else None
+        )
     return None  # any HTTP answer will do: the stream servers answer bare requests with 4xx
 
 
-async def _reachable_ws(url: str) -> str | None:
+async def _reachable_ws(url: str) -> Problem:
     try:
         with trio.fail_after(CHECK_TIMEOUT):
             async with open_websocket_url(url):
                 pass
-    except HandshakeError as exc:
+    except HandshakeError as exc:  # nothing to connect to, or something answered but not as a WebSocket server
         cause = exc.__cause__ or exc
-        return f"no WebSocket server answers at {url} ({SETTING['ws']}): {type(cause).__name__}: {cause}"
+        why = f"{type(cause).__name__}: {cause}"
+        unreachable = isinstance(cause, OSError)
+        return f"no WebSocket server answers at {url} ({SETTING['ws']}): {why}", (
+            (f"{SETTING['ws']}={url}", why) if unreachable else None
+        )
     except (OSError, trio.TooSlowError) as exc:
-        return f"no WebSocket server answers at {url} ({SETTING['ws']}): {type(exc).__name__}: {exc}"
+        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"no WebSocket server answers at {url} ({SETTING['ws']}): {why}", (f"{SETTING['ws']}={url}", why)
     return None
 
 
 async def validate_urls(urls: dict[str, str | None]) -> dict[str, str]:
     """Complete ``urls`` (see :func:`complete`) and check each: right scheme, a host, something
-    answering. Returns the four URLs; raises :class:`ConfigError` naming every problem."""
+    answering. Returns the four URLs; raises :class:`ConfigError` naming every problem, or
+    :class:`ServerUnreachable` (exit 5, as every other command) when the only problem is that
+    nothing can be reached at some of them (init exited 3 for a server that was down)."""
     full = complete(urls)
     problems = scheme_problems(full)
     if not problems:
-        found: list[str | None] = []
+        found: dict[str, Problem] = {}
 
-        async def check(coro) -> None:
-            found.append(await coro)
+        async def check(name: str, coro) -> None:
+            found[name] = await coro
 
         async with httpx.AsyncClient(timeout=CHECK_TIMEOUT, verify=shared_tls_context()) as http:
             async with trio.open_nursery() as nursery:
                 for name in ("api", "upstream", "downstream"):
-                    nursery.start_soon(check, _reachable_http(http, name, full[name]))
-                nursery.start_soon(check, _reachable_ws(full["ws"]))
-        problems = [p for p in found if p]
+                    nursery.start_soon(check, name, _reachable_http(http, name, full[name]))
+                nursery.start_soon(check, "ws", _reachable_ws(full["ws"]))
+        failed = [p for p in (found.get(name) for name in SCHEMES) if p]
+        problems = [text for text, _ in failed]
+        unreachable = [where for _, where in failed if where is not None]
+        if failed and len(unreachable) == len(failed):
+            raise ServerUnreachable(
+                f"cannot reach the Privicore server: nothing answers at {', '.join(w for w, _ in unreachable)} "
+                f"({unreachable[0][1]}); check the URLs and that the server is running"
+            )
     if problems:
         raise ConfigError("the server URLs do not work:\n  " + "\n  ".join(problems))
     return {name: str(full[name]) for name in SCHEMES}
