@@ -625,3 +625,21 @@ def test_put_and_mv_refuse_a_context_the_mount_cannot_show_as_given(user, tmp_pa
     run(user, "token", "mv", token, "--name", "g.txt", "--context", "//archive//2024")
     st = json.loads(run(user, "token", "stat", token).stdout)
     assert (st["fileName"], st["context"]) == ("g.txt", "/archive/2024")
+
+
+def test_mv_refuses_a_name_a_directory_cannot_hold_and_get_says_why_it_cannot_write(user, tmp_path):
+    """'token mv T --name ""' went to the server and exited 1; '--name a/b' was accepted and made
+    a listing entry 'dir/a/b' that reads as a path. Both are refused before anything is sent,
+    as usage errors (2). 'token get T /proc/version' said only 'No such file or directory'."""
+    src = tmp_path / "a.txt"
+    src.write_text("stays named a.txt")
+    token = run(user, "token", "put", str(src), "--context", "/docs").stdout.strip()
+    for name, says in (("", "empty"), (" ", "empty"), ("a/b", "'/'"), (".", "'.'"), ("..", "'..'")):
+        r = run(user, "token", "mv", token, "--name", name, check=False)
+        assert r.returncode == 2, (name, r.returncode, r.stderr)
+        assert r.stderr.count("\n") == 1 and "--name" in r.stderr and says in r.stderr, (name, r.stderr)
+    st = json.loads(run(user, "token", "stat", token).stdout)
+    assert (st["fileName"], st["context"]) == ("a.txt", "/docs")
+    r = run(user, "token", "get", token, "/proc/version", check=False)
+    assert r.returncode == 4 and r.stderr.count("\n") == 1, r.stderr
+    assert "No such file or directory" not in r.stderr and "/proc" in r.stderr and "proc" in r.stderr, r.stderr

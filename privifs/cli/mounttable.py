@@ -40,6 +40,16 @@ def mount_options(mountpoint: str) -> set[str]:
     return set()
 
 
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem ``path`` is on (``proc``, ``ext4`` …), from the mount table."""
+    real = os.path.realpath(path)
+    best = None
+    for mp, kind in _mount_table():
+        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) >= len(best[0])):
+            best = (mp, kind)
+    return best[1] if best else None
+
+
 def privifs_mounts() -> list[str]:
     """Mountpoints of every privifs FUSE mount the kernel knows (live or dead)."""
     return [mp for mp, kind in _mount_table() if kind == "fuse.privifs"]

@@ -26,7 +26,7 @@ from privifs import paths
 from privifs.account import open_account
 from privifs.cli.commands import help_of
 from privifs.cli.failures import LocalFileError
-from privifs.cli.options import context_path, is_utf8, utf8_text
+from privifs.cli.options import context_path, file_name, is_utf8, utf8_text
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
 from privifs.client.shapes import TokenInfo
@@ -77,7 +77,7 @@ def register(sub) -> None:
     rm.add_argument("token", type=utf8_text, help="the token, as 'privifs token ls' prints it")
     mv = action("mv", "rename a token or move it to another context (meta only)", _mv)
     mv.add_argument("token", type=utf8_text, help="the token, as 'privifs token ls' prints it")
-    mv.add_argument("--name", type=utf8_text, required=True, help="the new file name")
+    mv.add_argument("--name", type=file_name, required=True, help="the new file name (no '/')")
     mv.add_argument("--context", type=context_path, help="the new context (directory)")
     st = action("stat", "show a token's meta as JSON", _stat)
     st.add_argument("token", type=utf8_text, help="the token, as 'privifs token ls' prints it")
@@ -281,6 +281,17 @@ class FileSink(BlockWriter):
             try:
                 fd = self._open()
             except OSError as exc:
+                if exc.errno == errno.ENOENT and self.out.parent.is_dir():
+                    # the directory is there, but takes no new file (/proc, where 'token get T
+                    # /proc/version' said only "No such file or directory")
+                    from privifs.cli.mounttable import filesystem_type
+
+                    kind = filesystem_type(self.out.parent)
+                    raise LocalFileError(
+                        f"cannot write {self.out}: no new file can be made in {self.out.parent}"
+                        + (f" (a {kind} filesystem)" if kind else "")
+                        + "; name a file on a disk"
+                    ) from None
                 raise output_failed(self.out, exc, "the file") from None
             self.f = os.fdopen(fd, "wb")
         else:
