@@ -896,7 +896,8 @@ finally:
 
 def test_umount_leaves_alone_a_live_mount_it_did_not_start_and_other_filesystems(tmp_path):
     """``privifs umount`` of a mountpoint missing from this user's registry detached whatever FUSE
-    mount was there, lazily when busy: another HOME's live privifs mount, or an sshfs."""
+    mount was there, lazily when busy: another HOME's live privifs mount, or an sshfs. And
+    ``privifs status`` of that live mount says what umount says (it said "not a privifs mount")."""
     a, b = Mount(tmp_path / "a", None), Mount(tmp_path / "b", None)
     other_dir = tmp_path / "other"
     other_dir.mkdir()
@@ -910,6 +911,8 @@ def test_umount_leaves_alone_a_live_mount_it_did_not_start_and_other_filesystems
         r = privifs(b.env, "umount", str(a.dir), check=False)
         assert r.returncode == 3 and "did not start" in r.stderr and "Traceback" not in r.stderr, r
         assert is_mounted(a.dir) and a.status()
+        r = privifs(b.env, "status", str(a.dir), check=False)  # it said "not a privifs mount"
+        assert r.returncode == 3 and "did not start" in r.stderr and r.stderr.count("\n") == 1, r
         r = privifs(b.env, "umount", str(other_dir), check=False)
         assert r.returncode == 4 and "not a privifs mount" in r.stderr, r  # (README: a local directory)
         assert is_mounted(other_dir) and other.poll() is None

@@ -117,10 +117,9 @@ def run_umount(args: argparse.Namespace) -> int:
         # none of privifs's business; both were detached, lazily when busy
         if mount_path(args.mountpoint) in privifs_mounts():
             if not is_dead_mount(args.mountpoint):
-                raise ConfigError(
-                    f"{args.mountpoint} is served by a privifs daemon this user did not start (another "
-                    f"user or HOME): run 'privifs umount' there, or 'fusermount3 -u {args.mountpoint}' "
-                    f"to unmount it anyway"
+                raise _foreign(
+                    args.mountpoint,
+                    f"run 'privifs umount' there, or 'fusermount3 -u {args.mountpoint}' to unmount it anyway",
                 )
             return _unmount_dead(args.mountpoint, "its daemon had died")
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
@@ -177,6 +176,14 @@ def run_umount(args: argparse.Namespace) -> int:
         )
     print(f"unmounted {args.mountpoint}")
     return 0
+
+
+def _foreign(mountpoint: Path, what_to_do: str) -> ConfigError:
+    """The error for a live privifs mount this user's registry does not hold (``status`` said it
+    was "not a privifs mount" while ``umount`` said this)."""
+    return ConfigError(
+        f"{mountpoint} is served by a privifs daemon this user did not start (another user or HOME): {what_to_do}"
+    )
 
 
 def _no_answer(mountpoint: str, pid: int, exc: OSError) -> PrivifsError:
@@ -295,6 +302,8 @@ def run_status(args: argparse.Namespace) -> int:
     dead = dead_mounts(candidates)
     if args.mountpoint is not None:
         if not entries and not dead:
+            if candidates:  # a live privifs mount, but not one of this user's daemons
+                raise _foreign(args.mountpoint, f"run 'privifs status {shlex.quote(str(args.mountpoint))}' there")
             raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     statuses = []
     silent = False
