@@ -1078,3 +1078,26 @@ def test_a_log_that_cannot_be_written_shows_no_traceback_and_later_says_how_many
     lines = log_path.read_text().splitlines()
     assert len(lines) == 2 and lines[0].endswith("written again"), lines
     assert "2 log records before this one were lost" in lines[1]
+
+
+def test_status_after_the_systems_umount_says_unmounted_and_what_the_daemon_still_uploads(eng, tmp_path):
+    """After umount(8) (or fusermount3 -u) with uploads pending the daemon goes on uploading them,
+    and 'privifs status' showed the drive as if it were still mounted."""
+    with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "pending.bin").write_bytes(os.urandom(100_000))
+        pid = m.pid
+        eng.set_options(fail_rate=1.0)  # nothing can be uploaded: the daemon keeps trying
+        try:
+            subprocess.run(["umount", str(m.dir)], check=True, timeout=60)
+            assert not is_mounted(m.dir) and pid_alive(pid)
+            r = privifs(m.env, "status", str(m.dir))
+            assert "UNMOUNTED" in r.stdout and "finishing 1 pending changes in the background" in r.stdout, r.stdout
+            assert m.status()["unmounted"] is True
+            assert f"{m.dir}  (" in privifs(m.env, "status").stdout  # and in the list of every mount
+        finally:
+            eng.set_options(fail_rate=0.0)
+        deadline = time.monotonic() + 120
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, "the daemon did not finish after umount"
+            time.sleep(0.1)
+        assert "pending.bin" in {t["fileName"] for t in m.tokens()}

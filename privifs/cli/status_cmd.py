@@ -291,7 +291,8 @@ def run_status(args: argparse.Namespace) -> int:
 
     entries = registered_mounts()
     live = {e["mountpoint"] for e in entries}
-    candidates = [mp for mp in privifs_mounts() if mp not in live]
+    kernel = privifs_mounts()
+    candidates = [mp for mp in kernel if mp not in live]
     if args.mountpoint is not None:
         wanted = mount_path(args.mountpoint)
         entries = [e for e in entries if e["mountpoint"] == wanted]
@@ -314,7 +315,13 @@ def run_status(args: argparse.Namespace) -> int:
             continue
         try:
             answers = list(control_request(entry, {"cmd": "status"}, timeout=STATUS_TIMEOUT))
-            statuses.append(answers[0]["status"])
+            st = answers[0]["status"]
+            # unmounted by umount(8) or fusermount3 -u: the daemon goes on until what is pending
+            # is uploaded (it showed as mounted meanwhile); it registers once mounted (and the
+            # table was read after the registry), so a registered mountpoint not in it was unmounted
+            if entry["mountpoint"] not in kernel:
+                st = {**st, "unmounted": True}
+            statuses.append(st)
         except (OSError, IndexError, KeyError, ValueError) as exc:
             if not paths.pid_alive(entry["pid"]):  # it died meanwhile
                 if is_dead_mount(entry["mountpoint"]):
@@ -346,6 +353,18 @@ def print_status(st: dict) -> None:
             print(f"  recover: {st['recover']}")
         return
     print(f"{st['mountpoint']}  ({st['server']}; daemon pid {st['pid']})")
+    if st.get("unmounted"):
+        count = st.get("pending_count", len(st["pending"]))
+        print(
+            f"  UNMOUNTED: {st['mountpoint']} is no longer mounted (umount or fusermount3 -u); the daemon is "
+            + (
+                f"finishing {count} pending changes"
+                + (f" and {st['pending_deletes']} deletes" if st["pending_deletes"] else "")
+                + " in the background, then exits (what it cannot upload stays staged for the next mount)"
+                if count or st["pending_deletes"]
+                else "ending"
+            )
+        )
     conn = st.get("connection") or {}
     if st.get("engine_stopped"):
         pid = st["engine_stopped"]
