@@ -1101,3 +1101,47 @@ def test_status_after_the_systems_umount_says_unmounted_and_what_the_daemon_stil
             assert time.monotonic() < deadline, "the daemon did not finish after umount"
             time.sleep(0.1)
         assert "pending.bin" in {t["fileName"] for t in m.tokens()}
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"),
+    reason="stands in for a user without access to /dev/fuse with a mount namespace (root, unshare, setpriv)",
+)
+@pytest.mark.parametrize(
+    "device, says",
+    [
+        (None, "cannot open /dev/fuse: permission denied"),
+        ("/dev/null", "the mount was refused (fuse: "),  # opens, but the kernel will not mount it
+    ],
+)
+def test_a_user_without_access_to_dev_fuse_is_told_so_in_one_line(engine, tmp_path, device, says):
+    """A user who may not open /dev/fuse got "the mount failed (RuntimeError: fuse_session_mount
+    failed)", filed in cli.log as an internal error. Here /dev/fuse is, in a mount namespace of the
+    command's own, a file of another user's that nobody may open, and the command runs without the
+    capabilities that let root open it all the same; or /dev/null, which libfuse opens and the
+    kernel refuses to mount: the reason libfuse gave (on the daemon's stderr, its log) is said."""
+    m = Mount(tmp_path, engine.urls)
+    if device is None:
+        device = tmp_path / "no-fuse-device"
+        device.touch()
+        os.chown(device, 65534, 65534)
+        device.chmod(0)
+    script = (
+        f"mount --bind {device} /dev/fuse && exec setpriv --bounding-set=-dac_override,-dac_read_search "
+        f"{sys.executable} -m privifs mount {m.dir}"
+    )
+    try:
+        r = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+            env=m.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+        assert "RuntimeError" not in r.stderr and "internal error" not in r.stderr
+        assert not is_mounted(m.dir) and m.registry() is None
+        assert not list((tmp_path / "state").glob("privifs/cli.log*")), "filed as an internal error"
+    finally:
+        m.cleanup()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import logging.handlers
 import os
@@ -395,6 +396,13 @@ def _log_to_file(path: Path) -> None:
     root.addHandler(handler)
 
 
+def _size(path: Path | None) -> int:
+    try:
+        return os.stat(path).st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
 def _tell_parent(args: argparse.Namespace, text: str) -> None:
     """Why the mount failed, for the 'privifs mount' that started this daemon (if one did)."""
     if args.ready_fd is None:
@@ -403,6 +411,61 @@ def _tell_parent(args: argparse.Namespace, text: str) -> None:
         os.write(args.ready_fd, b"error " + text.encode())
     except OSError:
         pass
+
+
+FUSE_DEVICE = "/dev/fuse"
+
+
+def _fuse_device_error(exc: OSError) -> LocalFileError:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return LocalFileError(
+            f"cannot open {FUSE_DEVICE}: permission denied; mounting needs read and write access to it (usually "
+            f"'crw-rw-rw-'; an administrator can run 'chmod 666 {FUSE_DEVICE}' or give you a group that has it)"
+        )
+    if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
+        return LocalFileError(
+            f"cannot open {FUSE_DEVICE}: there is no FUSE device (load the kernel module: 'modprobe fuse'; "
+            f"in a container, pass the device in, e.g. 'docker run --device {FUSE_DEVICE}')"
+        )
+    return LocalFileError(f"cannot open {FUSE_DEVICE}: {exc.strerror or exc}")
+
+
+def check_fuse_device() -> None:
+    """The FUSE device can be opened, as fusermount3 opens it (with the user's own rights): a user
+    without access to it got "the mount failed (RuntimeError: fuse_session_mount failed)", filed in
+    cli.log as an internal error, after the daemon had logged in to the server."""
+    try:
+        os.close(os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        raise _fuse_device_error(exc) from None
+
+
+def _fuse_refusal(exc: BaseException, log_file: Path | None, log_start: int) -> LocalFileError | None:
+    """The error for pyfuse3's "fuse_session_mount failed" (libfuse or fusermount3 refused the
+    mount: a mountpoint not yours, allow_other not allowed in /etc/fuse.conf …), with the reason
+    they wrote to stderr, which is the log file (from ``log_start`` on); None for anything else."""
+
+    def leaves(e: BaseException):
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                yield from leaves(inner)
+        else:
+            yield e
+
+    if not any(isinstance(e, RuntimeError) and "fuse_session_mount" in str(e) for e in leaves(exc)):
+        return None
+    reason = None
+    if log_file is not None:
+        try:
+            with open(log_file, "rb") as f:
+                f.seek(log_start)
+                lines = f.read(1 << 20).decode(errors="replace").splitlines()
+            said = [line.strip() for line in lines if line.startswith(("fuse:", "fusermount"))]
+            reason = said[-1] if said else None
+        except OSError:
+            pass
+    where = f" ({reason})" if reason else (f"; see {log_file}" if log_file else " (the reason is above)")
+    return LocalFileError(f"the mount was refused{where}")
 
 
 def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
@@ -414,6 +477,12 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
 
     if args.log_file is not None:
         _log_to_file(args.log_file)
+    log_start = _size(args.log_file)
+    try:
+        check_fuse_device()  # before logging in to the server, and said in one line
+    except LocalFileError as exc:
+        _tell_parent(args, f"{exit_code(exc)} {exc}")
+        raise
     bound_allocator()
     raise_open_files_limit()
     cfg = load(cfg_path)
@@ -443,6 +512,11 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
             if isinstance(exc, PrivifsError)
             else (first_privifs_error(exc) if isinstance(exc, BaseExceptionGroup) else None)
         )
+        refused = _fuse_refusal(exc, args.log_file, log_start) if inner is None else None
+        if refused is not None:
+            if not signalled:
+                _tell_parent(args, f"{exit_code(refused)} {refused}")
+            raise refused from None
         if inner is None and not isinstance(exc, KeyboardInterrupt):
             logging.getLogger("privifs.cli").exception("the mount daemon failed")  # the traceback, in its log
         if not signalled:
