@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -1145,3 +1146,44 @@ def test_a_user_without_access_to_dev_fuse_is_told_so_in_one_line(engine, tmp_pa
         assert not list((tmp_path / "state").glob("privifs/cli.log*")), "filed as an internal error"
     finally:
         m.cleanup()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_ctrl_c_during_mount_stops_the_daemon_being_started_and_mounts_nothing(eng, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) during 'privifs mount' printed
+    "privifs: interrupted" and exited 130, but the daemon, in a session of its own, went on and the
+    drive mounted anyway. Here the server takes the daemon's login and does not answer (so it is
+    caught starting); the daemon must be gone when the command has ended, and stay unmounted once
+    the server answers again."""
+    from tests.enginekit import StallingProxy
+
+    with StallingProxy(eng.ports["api"]) as proxy:
+        m = Mount(tmp_path, eng.urls)
+        proxy.stall_after(0)
+        m.env["PRIVICORE_API_URL"] = proxy.url
+        config = tmp_path / "config" / "privifs" / "config.toml"
+        config.write_text(config.read_text().replace(eng.urls["api"], proxy.url))
+        cmd = [sys.executable, "-m", "privifs", "mount", str(m.dir), "--server-timeout", "120"]
+        mount = subprocess.Popen(cmd, env=m.env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not (daemons := _children(mount.pid)) or len(proxy._socks) < 2:  # (the login's connection)
+                assert time.monotonic() < deadline and mount.poll() is None, mount.stderr.read()
+                time.sleep(0.1)
+            os.killpg(mount.pid, signal.SIGINT)  # as the terminal's Ctrl-C does
+            err = mount.communicate(timeout=90)[1]
+            assert mount.returncode == 130 and err == "privifs: interrupted\n", (mount.returncode, err)
+            assert not any(pid_alive(p) for p in daemons), "the daemon goes on after the command ended"
+            proxy.stall_after(None)  # the server answers again: nothing may mount now
+            time.sleep(2)
+            assert not is_mounted(m.dir) and m.registry() is None
+        finally:
+            if mount.poll() is None:
+                mount.kill()
+            m.cleanup()

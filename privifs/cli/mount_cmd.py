@@ -17,6 +17,7 @@ from pathlib import Path
 from privifs import paths
 from privifs.cli.commands import help_of
 from privifs.cli.failures import (
+    EXIT_INTERRUPTED,
     LOG_FORMAT,
     DropsUnwritable,
     ExitStatus,
@@ -30,6 +31,7 @@ from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
 
 READY_TIMEOUT = 180.0
+STOP_GRACE = 20.0  # seconds a daemon stopped by Ctrl-C is given before SIGTERM, and after it
 LOG_MAX_BYTES = 10 * 1024 * 1024
 MOUNT_DESCRIPTION = """Mount the vault at MOUNTPOINT and return once the drive is ready, leaving a daemon
 serving it (--foreground stays attached and logs to the terminal; otherwise it logs to mount.log
@@ -281,6 +283,15 @@ def run_mount(args: argparse.Namespace) -> int:
             cwd=paths.CHILD_CWD,
         )
     os.close(w)
+    try:
+        return _await_daemon(args, proc, r, log_path, made)
+    except KeyboardInterrupt:
+        _stop_daemon(proc, args.mountpoint, log_path, made)
+        raise
+
+
+def _await_daemon(args: argparse.Namespace, proc: subprocess.Popen, r: int, log_path: Path, made: list[Path]) -> int:
+    """Wait for the daemon started at ``proc`` to say on the ready pipe ``r`` that it mounted."""
     message = b""
     deadline = time.monotonic() + READY_TIMEOUT
     with os.fdopen(r, "rb") as pipe:
@@ -295,6 +306,9 @@ def run_mount(args: argparse.Namespace) -> int:
                 break
     text = message.decode(errors="replace").strip()
     if text.startswith("ok "):
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # mounted: a Ctrl-C now would not undo it, nor be said
         print(text[3:])
         return 0
     if not text:
@@ -311,6 +325,42 @@ def run_mount(args: argparse.Namespace) -> int:
             _forget_log(proc, log_path, made)
         raise ExitStatus(message_text, int(code)) if code.isdigit() else PrivifsError(text[6:])
     raise PrivifsError(f"the mount daemon failed; see {log_path}")
+
+
+def _stop_daemon(proc: subprocess.Popen, mountpoint: Path, log_path: Path, made: list[Path]) -> None:
+    """Ctrl-C while the daemon was starting: it runs in a session of its own (so that closing the
+    terminal leaves a mount up), so the interrupt did not reach it, and the drive mounted after
+    'privifs mount' had said "interrupted". It is sent SIGINT now, which stops it at every stage:
+    before it serves the mount (it logs out, stops the embedded engine it started, and a first
+    mount takes back what it made) and once mounted (it unmounts). SIGTERM follows if it has not
+    ended after STOP_GRACE seconds (a drain of changes staged before is then left for the next
+    mount). A daemon that still does not end is said to go on in the background."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+    try:
+        proc.send_signal(signal.SIGINT)
+        for sig, grace in ((signal.SIGTERM, STOP_GRACE), (None, STOP_GRACE)):
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                if sig is not None:
+                    proc.send_signal(sig)
+        if proc.poll() is None:
+            raise ExitStatus(
+                f"interrupted, but the mount daemon (pid {proc.pid}) did not stop within {2 * STOP_GRACE:.0f}s: "
+                f"it goes on in the background ('privifs status {mountpoint}'; 'privifs umount {mountpoint}' "
+                f"once it is mounted, or 'kill {proc.pid}'; see {log_path})",
+                EXIT_INTERRUPTED,
+            )
+        real = mount_path(mountpoint)
+        if real in privifs_mounts() and is_dead_mount(real):  # killed by the SIGTERM while mounted
+            clean_dead_mount(real)
+        if made:
+            _forget_log(proc, log_path, made)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _forget_log(proc: subprocess.Popen, log_path: Path, made: list[Path]) -> None:
