@@ -332,3 +332,20 @@ def test_init_against_a_server_that_cannot_be_reached_exits_5(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot reach the Privicore server" in err and "PRIVICORE_API_URL" in err, err
     assert not cfg.exists() and not (cfg.parent / "aes.key").exists()
+
+
+def test_status_of_a_daemon_that_answers_with_an_error_says_so_not_that_it_hangs(monkeypatch, capsys):
+    """A daemon whose status request failed (its staging directory removed) answers with an
+    error; 'privifs status' took that for no answer: "not answering … busy or hung", kill -9."""
+    import argparse
+
+    import privifs.fs.registry as registry
+    from privifs.cli import status_cmd
+
+    entry = {"pid": os.getpid(), "mountpoint": "/nowhere/mnt", "control": "/nowhere/control.sock"}
+    monkeypatch.setattr(registry, "registered_mounts", lambda: [entry])
+    monkeypatch.setattr(registry, "control_request", lambda e, request, timeout=None: iter([{"error": "it broke"}]))
+    code = status_cmd.run_status(argparse.Namespace(mountpoint=None, json=False))
+    out = capsys.readouterr().out
+    assert code == 1 and "could not tell its status: it broke" in out, out
+    assert "not answering" not in out and "kill -9" not in out

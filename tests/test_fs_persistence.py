@@ -549,3 +549,23 @@ def test_umount_ends_when_the_local_index_cannot_record_what_is_done(engine, tmp
         r = m.umount(check=False)
         assert r.returncode == 7 and "the local index" in r.stderr and "server" not in r.stderr, r.stderr
         assert _staged_files(m)
+
+
+def test_a_staging_directory_removed_while_mounted_is_made_again_and_status_still_answers(engine, tmp_path):
+    """With the staging directory removed while mounted, every create was EIO until a remount,
+    and 'privifs status' called the daemon "not answering … busy or hung" with kill -9 as the
+    remedy: it had answered, with the error of its staging usage (helper hX)."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "before.txt").write_text("uploaded")
+        m.wait_idle()
+        staging = next((m.root / "state").glob("privifs/vaults/*/staging"))
+        shutil.rmtree(staging)
+        r = privifs(m.env, "status", str(m.dir), check=False)
+        assert r.returncode == 0 and "not answering" not in r.stdout + r.stderr, (r.stdout, r.stderr)
+        (m.dir / "after.txt").write_text("staged again")
+        assert staging.is_dir()
+        m.wait_idle()
+        assert (m.dir / "before.txt").read_text() == "uploaded"
+        m.umount()
+        m.mount()
+        assert (m.dir / "after.txt").read_text() == "staged again"

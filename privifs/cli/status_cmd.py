@@ -286,6 +286,19 @@ def _silent_status(entry: dict, why: str) -> dict:
     }
 
 
+def _failed_status(entry: dict, error: str) -> dict:
+    """A mount whose daemon answered the status request with an error (its staging directory
+    removed, say): it was shown as "not answering … busy or hung", with kill -9 as the remedy."""
+    pid, mountpoint = entry["pid"], entry["mountpoint"]
+    return {
+        "mountpoint": mountpoint,
+        "dead": False,
+        "pid": pid,
+        "error": f"the daemon (pid {pid}) runs but could not tell its status: {error}",
+        "recover": "see its mount.log (in the vault's state directory) for the cause; the mount goes on",
+    }
+
+
 def run_status(args: argparse.Namespace) -> int:
     from privifs.fs.registry import control_request, registered_mounts
 
@@ -307,7 +320,7 @@ def run_status(args: argparse.Namespace) -> int:
                 raise _foreign(args.mountpoint, f"run 'privifs status {shlex.quote(str(args.mountpoint))}' there")
             raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     statuses = []
-    silent = False
+    silent = failed = False
     for entry in entries:
         if paths.pid_stopped(entry["pid"]):  # its socket would take the request and never answer
             statuses.append(_silent_status(entry, "stopped"))
@@ -315,6 +328,10 @@ def run_status(args: argparse.Namespace) -> int:
             continue
         try:
             answers = list(control_request(entry, {"cmd": "status"}, timeout=STATUS_TIMEOUT))
+            if answers and "error" in answers[0]:  # it answered, so it is neither stopped nor hung
+                statuses.append(_failed_status(entry, str(answers[0]["error"])))
+                failed = True
+                continue
             st = answers[0]["status"]
             # unmounted by umount(8) or fusermount3 -u: the daemon goes on until what is pending
             # is uploaded (it showed as mounted meanwhile); it registers once mounted (and the
@@ -334,7 +351,7 @@ def run_status(args: argparse.Namespace) -> int:
     statuses += [_dead_status(mp) for mp in dead]
     if args.mountpoint is not None and not statuses:  # its daemon unmounted it meanwhile
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
-    code = EXIT_DEAD_MOUNT if dead or silent else 0
+    code = EXIT_DEAD_MOUNT if dead or silent else 1 if failed else 0
     if args.json:
         print(json.dumps(statuses if args.mountpoint is None else statuses[0], indent=2))
         return code

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import queue
 import secrets
@@ -40,9 +41,11 @@ from pathlib import Path
 from privifs import paths
 from privifs.crypto.sealed import CHUNK, SLOT, SealedFile, data_extents, local_store_error, stored_size
 from privifs.disk import free_bytes
-from privifs.errors import DiskFullError, FormatVersionError, PrivifsError
+from privifs.errors import DiskFullError, FormatVersionError, LocalStoreError, PrivifsError
 from privifs.fs.redo import RedoRecord
 from privifs.fs.space import MiB, Space
+
+log = logging.getLogger("privifs.fs.staging")
 
 REMOVER_WAIT = 5.0  # seconds a write that finds no room waits for staged files being deleted
 
@@ -266,6 +269,16 @@ class Staging:
             else:
                 spare.path = path
                 return StagedFile(staged_id, spare, self)
+        try:
+            return StagedFile(staged_id, SealedFile.create(path, self._key), self)
+        except LocalStoreError:
+            if self.dir.is_dir():
+                raise
+        # removed while mounted (by hand, a cleaner): every create failed with EIO until a
+        # remount (helper hX). What was staged in it is lost; new files can be staged again.
+        log.error("the staging directory %s was removed while mounted; made again", self.dir)
+        for d in (self.dir, self.redo.dir, self.spares.dir):
+            paths.private_dir(d)
         return StagedFile(staged_id, SealedFile.create(path, self._key), self)
 
     def open(self, staged_id: str) -> StagedFile:
@@ -322,7 +335,14 @@ class Staging:
         return {p.name for p in self.dir.iterdir() if p.is_file()} - self.remover.pending()
 
     def usage(self) -> int:
-        return sum(p.stat().st_blocks * 512 for p in self.dir.iterdir() if p.is_file())
+        """Disk the staged files take (0 while the directory is missing: status still answers)."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError):
+            for p in self.dir.iterdir():
+                with contextlib.suppress(FileNotFoundError):  # (removed meanwhile)
+                    if p.is_file():
+                        total += p.stat().st_blocks * 512
+        return total
 
     def free(self) -> int | None:
         """Bytes free on the staging directory's disk for this user (None if it cannot be told)."""
