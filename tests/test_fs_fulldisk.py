@@ -615,3 +615,44 @@ def test_fsync_on_a_full_vault_says_enospc_at_once_and_the_file_lands_once_there
             m.cleanup()
             engine.stop()
             engine.kill()
+
+
+@pytest.mark.slow
+def test_umount_ends_saying_why_when_the_index_cannot_record_the_uploads(engine, tmp_path):
+    """The index's disk full beyond its reserve while files wait to be uploaded: each upload the
+    vault took is owed to the index, and 'privifs umount' (no --timeout) waited for good
+    (helper hX saw it with a damaged index). It ends after twice --server-timeout, saying the
+    local index is why; the files stay staged and are in the vault once there is room."""
+    with small_filesystem(tmp_path / "small", "40m") as small:
+        m = Mount(
+            tmp_path / "user",
+            engine.urls,
+            mount_args=(
+                *("--state-dir", str(small / "state"), "--cache-dir", str(small / "cache")),
+                *("--write-back-delay", "3600", "--server-timeout", "5"),
+            ),
+        )
+        try:
+            m.mount()
+            for i in range(3):
+                (m.dir / f"f{i}").write_bytes(os.urandom(20_000))
+            fillers = [fill_outside(small / "filler")]
+            for i in range(400):  # until the index has given back its reserve and owes a commit
+                try:
+                    (m.dir / f"x{i}").write_bytes(b"")
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    if not (small / "state" / "index.sqlite3.reserve").exists():
+                        break
+                    fillers.append(fill_outside(small / f"filler{i}"))
+            assert not (small / "state" / "index.sqlite3.reserve").exists()
+            r = m.umount(check=False)
+            # (the index owes commits, or the uploads' own saves fail: either way it says why)
+            assert r.returncode == 7 and "the local index" in r.stderr and "server" not in r.stderr, r.stderr
+            for filler in fillers:
+                filler.unlink()
+            m.mount()
+            m.wait_idle()
+            assert {f"f{i}" for i in range(3)} <= {t["fileName"] for t in m.tokens() if t["context"] == "/"}
+        finally:
+            m.cleanup()
