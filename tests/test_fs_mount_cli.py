@@ -1187,3 +1187,26 @@ def test_ctrl_c_during_mount_stops_the_daemon_being_started_and_mounts_nothing(e
             if mount.poll() is None:
                 mount.kill()
             m.cleanup()
+
+
+@pytest.mark.slow
+def test_a_control_socket_or_registry_entry_removed_while_mounted_is_made_again(engine, tmp_path):
+    """Removed while mounted (a /tmp cleaner, a logout removing the runtime directory, by hand),
+    the control socket made 'privifs status' call a healthy daemon "not answering … kill -9",
+    and the registry entry made it "not a privifs mount" (helper hX). Both come back."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        control = Path(m.registry()["control"])
+        entries = list((m.root / "run").glob("privifs/mounts/*.json"))
+        assert control.exists() and len(entries) == 1
+        control.unlink()
+        entries[0].unlink()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (control.exists() and entries[0].exists()):
+            time.sleep(0.5)
+        assert control.exists() and entries[0].exists()
+        (m.dir / "f").write_text("after")
+        r = privifs(m.env, "status", str(m.dir), check=False)
+        assert r.returncode == 0 and str(m.dir) in r.stdout, (r.stdout, r.stderr)
+        assert "unmounted" in m.umount().stdout
+        m.mount()
+        assert (m.dir / "f").read_text() == "after"

@@ -60,6 +60,7 @@ log = logging.getLogger("privifs.fs.daemon")
 
 DRAIN_AFTER_UNMOUNT = 60.0
 TAKEOVER_WAIT = 30.0  # how long a new mount waits for the daemon of an unmounted drive to end
+CONTROL_CHECK = 10.0  # seconds between checks that the control socket and registry entry are still there
 UNREACHABLE_GRACE = 10.0
 # a flush stops waiting for a server that has answered write-backs only with failures of the
 # moment (5xx, 408, 429) for this many times --server-timeout (the time one answer is waited
@@ -780,8 +781,36 @@ class Daemon:
 
     # -- control socket ----------------------------------------------------------------------------
     async def _control_server(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the control socket, and keep it and the mount's registry entry where 'privifs
+        status' and 'privifs umount' look: either removed while mounted (a cleaner of /tmp or of
+        the runtime directory, a logout that removes /run/user/UID, by hand) made a healthy
+        daemon "not answering … kill -9", or its mount "not a privifs mount" (helper hX). Each is
+        made again within :data:`CONTROL_CHECK` seconds; a socket replaced keeps serving, unnamed."""
         path = control_socket_path(self.state_dir)
-        path.unlink(missing_ok=True)
+        made = None
+        try:
+            async with trio.open_nursery() as nursery:
+                made = await self._control_listener(path, nursery)
+                task_status.started(path)
+                while True:
+                    await trio.sleep(CONTROL_CHECK)
+                    if _file_id(path) != made:
+                        log.warning("the control socket %s was removed while mounted; made again", path)
+                        made = await self._control_listener(path, nursery)
+                    if self.mounted and not self._registered():
+                        log.warning("the mount's entry in the runtime directory was removed; made again")
+                        try:
+                            self._register(path)
+                        except LocalStoreError as exc:
+                            log.warning("%s", exc)
+        finally:
+            if _file_id(path) == made:
+                path.unlink(missing_ok=True)
+
+    async def _control_listener(self, path: Path, nursery: trio.Nursery) -> tuple[int, int] | None:
+        """Bind the control socket at ``path`` (0600) and serve it in ``nursery``; its file's identity."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -789,12 +818,15 @@ class Daemon:
         finally:
             os.umask(old)
         sock.listen(16)
-        listener = trio.SocketListener(sock)
-        task_status.started(path)
+        nursery.start_soon(trio.serve_listeners, self._control_client, [trio.SocketListener(sock)])
+        return _file_id(path)
+
+    def _registered(self) -> bool:
+        """Whether the runtime directory's entry for this mount names this daemon."""
         try:
-            await trio.serve_listeners(self._control_client, [listener])
-        finally:
-            path.unlink(missing_ok=True)
+            return json.loads(registry_path(self.mountpoint).read_text()).get("pid") == os.getpid()
+        except (OSError, ValueError, AttributeError):
+            return False
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
         async def send(obj: dict) -> None:
@@ -855,6 +887,15 @@ class Daemon:
                 pass
         finally:
             await stream.aclose()
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The device and inode of ``path`` (None if there is none)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def request_seconds(request: dict, key: str) -> float | None:
