@@ -671,3 +671,30 @@ async def test_a_download_whose_client_reads_nothing_is_closed_after_send_timeou
     assert "Traceback" not in own_engine.log()
     async with httpx.AsyncClient(timeout=10) as http:
         assert (await http.get(own_engine.urls["api"] + "/health")).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_refused_request_whose_body_trickles_is_answered_and_closed_within_the_drain_time(own_engine):
+    """A refused upload (a bogus stream authorization) whose body came a byte at a time, never
+    stalling long enough for ``body_timeout``, was read for as long as it came: each such
+    connection held a descriptor and counted against no limit (helper hX). The refusal is sent
+    after DRAIN_TIME seconds of reading at most, and the connection closed."""
+    from privifs.engine.http import DRAIN_TIME
+
+    with socket.create_connection(("127.0.0.1", own_engine.ports["upstream"]), timeout=60) as s:
+        s.sendall(b"POST /?auth=nope HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        s.settimeout(0.5)
+        start, got, closed = time.monotonic(), b"", False
+        while not closed and time.monotonic() - start < DRAIN_TIME + 30:
+            try:
+                s.sendall(b"x")
+                piece = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # (closed while a byte was on its way)
+                closed = True
+                break
+            closed = not piece
+            got += piece
+    assert b" 404 " in got.split(b"\r\n", 1)[0] and closed, got
+    assert time.monotonic() - start < DRAIN_TIME + 15

@@ -193,23 +193,32 @@ class Form:
 
 
 DRAIN_LIMIT = 16 * 1024 * 1024
+DRAIN_TIME = 10.0  # seconds an unread body is read for at most
+
+
+async def drain_body(receive) -> None:
+    """Read and discard what is left of a request body, so an early answer reaches a client
+    that is still sending and the connection can be reused; past :data:`DRAIN_LIMIT` bytes or
+    :data:`DRAIN_TIME` seconds the connection is closed after the answer instead. A body
+    trickled a byte at a time (with a bogus upload authorization) was read for as long as it
+    came, each holding a connection no limit counted (helper hX)."""
+    total = 0
+    with trio.move_on_after(DRAIN_TIME):
+        while total <= DRAIN_LIMIT:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            total += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 async def drain(request: Request, *, partly_read: bool = False) -> None:
-    """Read and discard an unread request body (up to a limit), so an early answer reaches a
-    client that is still sending and the connection can be reused; beyond the limit the
-    connection is closed."""
+    """:func:`drain_body` of an API request's body, once, unless it has none."""
     if not partly_read and (getattr(request.state, "body_started", False) or request.method in ("GET", "HEAD")):
         return
     request.state.body_started = True
-    total = 0
-    while total <= DRAIN_LIMIT:
-        message = await request.receive()
-        if message["type"] != "http.request":
-            return
-        total += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
+    await drain_body(request.receive)
 
 
 class BodiesHeld:

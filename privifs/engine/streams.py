@@ -19,7 +19,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 
 from privifs.engine.core import Engine
-from privifs.engine.http import DRAIN_LIMIT, disk_full
+from privifs.engine.http import disk_full, drain_body
 
 log = logging.getLogger("privifs.engine.streams")
 
@@ -41,22 +41,9 @@ async def _throttled(chunks, rate_now: Callable[[], float]):
         yield chunk
 
 
-async def _drain(receive) -> None:
-    """Read and drop what is left of the request body (up to a limit) before an early answer, so
-    the answer reaches a client that is still sending; past the limit the connection is closed."""
-    total = 0
-    while total <= DRAIN_LIMIT:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        total += len(message.get("body", b""))
-        if not message.get("more_body", False):
-            return
-
-
 async def _refuse(receive, send, status: int, message: str) -> None:
     """An error answer given before the body was read."""
-    await _drain(receive)
+    await drain_body(receive)
     await _answer(send, status, {"status": status, "message": message})
 
 

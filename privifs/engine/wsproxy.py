@@ -16,9 +16,9 @@ import trio
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from privifs.engine.core import Engine
-from privifs.engine.http import ApiError, strict_json
+from privifs.engine.http import ApiError, drain_body, strict_json
 from privifs.engine.hub import CLOSE
-from privifs.engine.streams import _drain, _lifespan
+from privifs.engine.streams import _lifespan
 
 log = logging.getLogger("privifs.engine.ws")
 
@@ -75,7 +75,7 @@ def websocket_app(engine: Engine):
         if scope["type"] == "lifespan":
             return await _lifespan(receive, send)
         if scope["type"] == "http":
-            await _drain(receive)  # unread, the connection closed after the 426 without saying so
+            await drain_body(receive)  # unread, the connection closed after the 426 without saying so
             body = b'{"status":426,"message":"this is the WebSocket proxy; connect with WebSocket"}'
             await send(
                 {
