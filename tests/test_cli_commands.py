@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import privifs
 from privifs.cli import build_parser, main
 from privifs.cli.commands import COMMANDS, named_command
 from privifs.cli.failures import EXIT_UNREACHABLE
+from tests.test_cli_failures import unreachable_server_config
 
 
 @pytest.mark.parametrize("argv", [["status"], ["umount", "/nowhere"], ["--config", "/x.toml", "status"]])
@@ -109,16 +109,7 @@ def test_every_argument_has_help_and_the_help_says_what_the_commands_do():
 def test_verify_help_names_the_exit_code_of_an_unreachable_server(tmp_path, capsys, monkeypatch):
     """'verify --help' listed 0, 3 and 1; a server that cannot be reached exits 5."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    key, password = tmp_path / "aes.key", tmp_path / "password"
-    key.write_text(os.urandom(32).hex() + "\n")
-    password.write_text("pw\n")
-    key.chmod(0o600)
-    password.chmod(0o600)
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        '[server]\nembedded = false\napi = "http://127.0.0.1:9"\n[account]\nusername = "u"\n'
-        f'password_file = "{password}"\n[keys]\naes_key_file = "{key}"\n'
-    )
+    cfg = unreachable_server_config(tmp_path)
     assert main(["--config", str(cfg), "verify"]) == EXIT_UNREACHABLE
     assert "cannot reach" in capsys.readouterr().err
     verify_help = dict(_parsers(build_parser(["verify"])))["privifs verify"].format_help()

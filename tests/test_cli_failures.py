@@ -293,16 +293,7 @@ def test_a_backup_file_that_is_missing_or_in_a_missing_directory_is_a_local_file
     """A missing output directory or backup file exited 3 (BackupError is a ConfigError) where
     token put/get exit 4 for their files; now 4 as well (a backup's target before its passphrase is asked)."""
     monkeypatch.setenv("PRIVIFS_BACKUP_PASSPHRASE", "correct horse battery staple")
-    key, password = tmp_path / "aes.key", tmp_path / "password"
-    key.write_text(os.urandom(32).hex() + "\n")
-    password.write_text("pw\n")
-    key.chmod(0o600)
-    password.chmod(0o600)
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        '[server]\nembedded = false\napi = "http://127.0.0.1:9"\n[account]\nusername = "u"\n'
-        f'password_file = "{password}"\n[keys]\naes_key_file = "{key}"\n'
-    )
+    cfg = unreachable_server_config(tmp_path)
     (tmp_path / "there.backup").write_text("")
     for target, says in (("nowhere/x.backup", "does not exist"), ("there.backup", "already exists")):
         assert main(["--config", str(cfg), "backup", str(tmp_path / target)]) == 4, target
@@ -349,3 +340,19 @@ def test_status_of_a_daemon_that_answers_with_an_error_says_so_not_that_it_hangs
     out = capsys.readouterr().out
     assert code == 1 and "could not tell its status: it broke" in out, out
     assert "not answering" not in out and "kill -9" not in out
+
+
+def unreachable_server_config(tmp_path: Path) -> Path:
+    """A configuration whose server cannot be reached (nothing listens on port 9), with its key
+    and password files."""
+    key, password = tmp_path / "aes.key", tmp_path / "password"
+    key.write_text(os.urandom(32).hex() + "\n")
+    password.write_text("pw\n")
+    key.chmod(0o600)
+    password.chmod(0o600)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        '[server]\nembedded = false\napi = "http://127.0.0.1:9"\n[account]\nusername = "u"\n'
+        f'password_file = "{password}"\n[keys]\naes_key_file = "{key}"\n'
+    )
+    return cfg

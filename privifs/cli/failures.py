@@ -88,10 +88,11 @@ def os_error_message(exc: OSError) -> str:
     return f"{what}: {' -> '.join(map(str, names))}" if names else what
 
 
-def _leaves(exc: BaseException):
+def leaves(exc: BaseException):
+    """The exceptions inside ``exc``, exception groups opened."""
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            yield from _leaves(inner)
+            yield from leaves(inner)
     else:
         yield exc
 
@@ -179,25 +180,25 @@ def _silence_stdout() -> None:
 
 def report(exc: BaseException, debug: bool) -> int:
     """Print one line for ``exc`` (the traceback too with ``--debug``) and return the exit code."""
-    leaves = list(_leaves(exc))
-    if any(isinstance(e, BrokenPipeError) for e in leaves):
+    found = list(leaves(exc))
+    if any(isinstance(e, BrokenPipeError) for e in found):
         _silence_stdout()
         return EXIT_PIPE
-    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+    if any(isinstance(e, KeyboardInterrupt) for e in found):
         print("privifs: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     if debug:
         traceback.print_exception(exc)
-    known = next((e for e in leaves if isinstance(e, PrivifsError)), None)
+    known = next((e for e in found if isinstance(e, PrivifsError)), None)
     if known is not None:
         print(f"privifs: error: {known}", file=sys.stderr)
         return exit_code(known)
-    oserr = next((e for e in leaves if isinstance(e, OSError)), None)
+    oserr = next((e for e in found if isinstance(e, OSError)), None)
     if oserr is not None:
         print(f"privifs: error: {os_error_message(oserr)}", file=sys.stderr)
         return EXIT_LOCAL
     where = _log_bug(exc)
-    first = leaves[0] if leaves else exc
+    first = found[0] if found else exc
     print(
         f"privifs: internal error: {type(first).__name__}: {first}; "
         + (f"the details are in {where} (please report it)" if where else "run again with --debug for details"),

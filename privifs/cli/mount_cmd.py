@@ -24,6 +24,7 @@ from privifs.cli.failures import (
     LocalFileError,
     OneLineFormatter,
     exit_code,
+    leaves,
 )
 from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
@@ -494,13 +495,6 @@ def _fuse_refusal(exc: BaseException, log_file: Path | None, log_start: int) -> 
     """The error for pyfuse3's "fuse_session_mount failed" (libfuse or fusermount3 refused the
     mount: a mountpoint not yours, allow_other not allowed in /etc/fuse.conf …), with the reason
     they wrote to stderr, which is the log file (from ``log_start`` on); None for anything else."""
-
-    def leaves(e: BaseException):
-        if isinstance(e, BaseExceptionGroup):
-            for inner in e.exceptions:
-                yield from leaves(inner)
-        else:
-            yield e
 
     if not any(isinstance(e, RuntimeError) and "fuse_session_mount" in str(e) for e in leaves(exc)):
         return None
