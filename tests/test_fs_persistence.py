@@ -569,3 +569,24 @@ def test_a_staging_directory_removed_while_mounted_is_made_again_and_status_stil
         m.umount()
         m.mount()
         assert (m.dir / "after.txt").read_text() == "staged again"
+
+
+def test_a_staged_file_whose_header_size_was_edited_is_served_and_uploaded_whole(engine, tmp_path):
+    """An edited size in a staged file's header was served and uploaded as the file's: cut
+    short, or with zeros added (helper hX). The header no longer authenticates; the file's size
+    is taken from its last chunk, and what was written is what is read and uploaded."""
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        data = os.urandom(150_000)
+        (m.dir / "f.bin").write_bytes(data)
+        m.kill9()
+        (staged,) = _staged_files(m)
+        with open(staged, "r+b") as f:
+            f.seek(32)
+            f.write((100_000).to_bytes(8, "little"))
+        m.mount()
+        assert (m.dir / "f.bin").read_bytes() == data
+        assert "did not authenticate" in m.log()
+        m.wait_idle()
+        token = next(t["token"] for t in m.tokens() if t["fileName"] == "f.bin")
+        m.token("get", token, str(tmp_path / "out"))
+        assert (tmp_path / "out").read_bytes() == data

@@ -264,3 +264,29 @@ def test_a_write_of_nothing_past_the_end_makes_the_file_no_longer(tmp_path):
     f = SealedFile.create(tmp_path / "f", KEY)
     f.write(0, b"abc")
     assert f.write(100, b"") == 0 and f.size == 3
+
+
+def test_a_header_whose_size_or_time_changed_on_disk_does_not_authenticate(tmp_path):
+    """The size in a staged file's header was not authenticated: one edited on the disk was
+    served and uploaded, cut short or with zeros added (helper hX). A header that does not
+    authenticate is refused; a staged file's (``recover``) takes its size from its last chunk.
+    A header written before the MAC (16 zero bytes) still opens."""
+    f = SealedFile.create(tmp_path / "f", KEY)
+    data = os.urandom(3 * CHUNK + 100)
+    f.write(0, data, stamp=5)
+    f.close()
+    raw = (tmp_path / "f").read_bytes()
+    for offset, value in ((32, 100_000), (32, len(data) + 1), (40, 6)):  # the size, twice; the stamp
+        edited = bytearray(raw)
+        edited[offset : offset + 8] = value.to_bytes(8, "little")
+        (tmp_path / "g").write_bytes(bytes(edited))
+        with pytest.raises(IntegrityError):
+            SealedFile.open(tmp_path / "g", KEY)
+        g = SealedFile.open(tmp_path / "g", KEY, writable=True, recover=True)
+        assert g.size == len(data) and g.read(0, len(data) + 10) == data
+        g.close()
+        assert SealedFile.open(tmp_path / "g", KEY).size == len(data)  # its header was written again
+    legacy = bytearray(raw)
+    legacy[48:64] = bytes(16)
+    (tmp_path / "h").write_bytes(bytes(legacy))
+    assert SealedFile.open(tmp_path / "h", KEY).read(0, len(data)) == data

@@ -5,7 +5,7 @@ AES-256-GCM under the *local key* (derived from the user's key, see :func:`local
 fresh random nonce on every write, so any chunk can be read or rewritten alone::
 
     offset 0   header, 64 bytes: b"PVFSSEAL" | version (1) | chunk shift (1) | flags (1) | 5 reserved |
-               file id (16) | size (8, little-endian) | stamp (8, little-endian) | 16 reserved
+               file id (16) | size (8, little-endian) | stamp (8, little-endian) | header MAC (16)
     offset 64 + i * (CHUNK + 32):  chunk i =
                nonce (12) | length n (4, little-endian) | ciphertext (n) | tag (16)
 
@@ -19,6 +19,15 @@ to have every chunk written (``SealedFile.dense``: a part's cache file, and a do
 header has the flag ``DENSE``), where it is damage. ``size`` in the header is
 the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
 :class:`~privifs.errors.IntegrityError`.
+
+The header MAC is the first 16 bytes of HMAC-SHA256(header key, the header's first 48 bytes),
+the header key being HMAC-SHA256(local key, ``privifs sealed header v1``): a header whose size,
+stamp, flags or file id changed on the disk does not authenticate (an edited size was served
+and uploaded: cut short, or zeros added). Files written before it carry 16 zero bytes there (the
+field was reserved), which reads as a header without a MAC, so it needs no new version (nor do
+older readers mind it); their next header write adds one. A staged file whose header does not
+authenticate is opened with the size its last chunk states (:meth:`SealedFile.open`'s
+``recover``), not lost.
 
 ``stamp`` is the time (ns since the epoch) of the last write made with one (0: none): a write
 given a stamp rewrites the header with its new size and that stamp as part of the write (in the
@@ -36,6 +45,9 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
+import hmac
+import logging
 import mmap
 import os
 import struct
@@ -53,6 +65,8 @@ from privifs.directio import DIRECT_ALIGN
 from privifs.errors import DiskFullError, FormatVersionError, IntegrityError, LocalStoreError
 from privifs.zeros import all_zero
 
+log = logging.getLogger("privifs.crypto.sealed")
+
 MAGIC = b"PVFSSEAL"
 VERSION = 2
 READABLE = frozenset({2})
@@ -68,6 +82,16 @@ ZERO_CHUNK = bytes(CHUNK)
 ZERO_PREFIX = bytes(PREFIX)
 PARKED = -2  # SealedFile._fd of a parked file (closed until its next use)
 _UNPARK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _header_key(key: bytes) -> bytes:
+    return hmac.digest(key, b"privifs sealed header v1", hashlib.sha256)
+
+
+def _header_mac(key: bytes, head: bytes) -> bytes:
+    """The MAC of a header's first 48 bytes under the local key ``key``."""
+    return hmac.digest(_header_key(key), head[:48], hashlib.sha256)[:16]
 
 
 def local_key(user_key: bytes) -> bytes:
@@ -223,6 +247,7 @@ class SealedFile:
         self.redo: RedoLog | None = None  # where a rewrite of a slot holding data is recorded first
         self._writable = writable  # how :meth:`park`'s file is opened again
         self._aead = AESGCM(key)
+        self._key = key
         self.file_id = file_id
         self.size = size
         self.stamp = stamp
@@ -277,27 +302,63 @@ class SealedFile:
         return self.path == MEMORY
 
     @classmethod
-    def open(cls, path: str | os.PathLike, key: bytes, *, writable: bool = False) -> SealedFile:
+    def open(cls, path: str | os.PathLike, key: bytes, *, writable: bool = False, recover: bool = False) -> SealedFile:
+        """Open a sealed file. ``recover`` (a staged file, opened writable): a header that does
+        not authenticate is rewritten with the size the last chunk on disk states and the file's
+        modification time as its stamp, logged, rather than refused (only its file id, which
+        every chunk authenticates, is taken from it)."""
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
             raise local_store_error(exc, f"opening {path}") from None
+        damaged = False
         try:
             head = os.pread(fd, HEADER, 0)
             if len(head) != HEADER:
                 raise IntegrityError(f"{path} is not a sealed file (short header)")
-            magic, version, shift, flags, _, file_id, size, stamp, _ = _HEADER.unpack(head)
+            magic, version, shift, flags, _, file_id, size, stamp, mac = _HEADER.unpack(head)
             if magic != MAGIC:
                 raise IntegrityError(f"{path} is not a sealed file")
             check_version(path, version)
             if shift != CHUNK_SHIFT:
                 raise IntegrityError(f"{path} has an unsupported chunk size (shift {shift})")
+            # (16 zero bytes: a header written before it had a MAC)
+            if mac != bytes(16) and not hmac.compare_digest(mac, _header_mac(key, head)):
+                if not (recover and writable):
+                    raise IntegrityError(f"the header of {path} does not authenticate (its size or time changed)")
+                damaged = True
         except BaseException:
             os.close(fd)
             raise
-        f = cls(path, fd, key, file_id, size, stamp, writable=writable)
-        f.header_dense = bool(flags & DENSE)
+        f = cls(path, fd, key, file_id, 0 if damaged else size, stamp, writable=writable)
+        f.header_dense = bool(flags & DENSE) and not damaged
+        if damaged:
+            f._recover_header()
         return f
+
+    def _recover_header(self) -> None:
+        """Take the size from the last slot on disk that holds a chunk which authenticates (a
+        hole after it, from a truncate that grew the file, is not known and is dropped), the
+        stamp from the file's modification time, and write the header again."""
+        st = os.fstat(self._fd)
+        last = (st.st_size - HEADER - 1) // SLOT
+        size = 0
+        while last >= 0:
+            slot = memoryview(os.pread(self._fd, SLOT, HEADER + last * SLOT))
+            try:
+                length = self._open_into(last, slot, _scratch("chunk", CHUNK))
+            except IntegrityError:
+                length = 0  # damaged as well: what lies before it is looked at
+            if length:
+                size = (last << CHUNK_SHIFT) + length
+                break
+            last -= 1
+        if size == 0 and st.st_size > HEADER:
+            self.close()
+            raise IntegrityError(f"the header of {self.path} does not authenticate, and no chunk of it does either")
+        self.size, self.stamp = size, st.st_mtime_ns
+        self.write_header()
+        log.warning("the header of %s did not authenticate; its size is taken from its last chunk: %d", self.path, size)
 
     # -- the descriptor --------------------------------------------------------------------
     @property
@@ -345,7 +406,8 @@ class SealedFile:
 
     def _header(self, size: int) -> bytes:
         flags = DENSE if self.dense else 0
-        return _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, flags, bytes(5), self.file_id, size, self.stamp, bytes(16))
+        head = _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, flags, bytes(5), self.file_id, size, self.stamp, bytes(16))
+        return head[:48] + _header_mac(self._key, head)
 
     def write_header(self) -> None:
         try:

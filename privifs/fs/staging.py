@@ -282,7 +282,8 @@ class Staging:
         return StagedFile(staged_id, SealedFile.create(path, self._key), self)
 
     def open(self, staged_id: str) -> StagedFile:
-        return StagedFile(staged_id, SealedFile.open(self.path(staged_id), self._key, writable=True), self)
+        sealed = SealedFile.open(self.path(staged_id), self._key, writable=True, recover=True)
+        return StagedFile(staged_id, sealed, self)
 
     def open_read(self, staged_id: str) -> SealedFile:
         """A staged file opened for reading only."""
