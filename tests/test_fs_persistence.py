@@ -590,3 +590,35 @@ def test_a_staged_file_whose_header_size_was_edited_is_served_and_uploaded_whole
         token = next(t["token"] for t in m.tokens() if t["fileName"] == "f.bin")
         m.token("get", token, str(tmp_path / "out"))
         assert (tmp_path / "out").read_bytes() == data
+
+
+def test_cache_entries_or_staged_files_swapped_on_disk_are_never_served_or_uploaded_as_each_other(engine, tmp_path):
+    """Two cache entries' files swapped served each file's content as the other's, and a
+    staged file copied over another's name was uploaded as that file (helper hX: D1, D2). Each
+    is bound to its place: the entries are misses, fetched again, and the copied staged file is
+    damage (its file shows its last upload), never another file's bytes."""
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        one, two = os.urandom(1000), os.urandom(1000)
+        (m.dir / "s1").write_bytes(one)
+        (m.dir / "s2").write_bytes(two)
+        m.umount()  # uploaded: their staged files became their cache entries
+        entries = sorted((m.root / "cache").rglob("*.val"), key=lambda p: p.stat().st_mtime_ns)
+        assert len(entries) == 2
+        a, b = (p.read_bytes() for p in entries)
+        entries[0].write_bytes(b)
+        entries[1].write_bytes(a)
+        m.mount()
+        assert (m.dir / "s1").read_bytes() == one and (m.dir / "s2").read_bytes() == two
+        (m.dir / "s1").write_bytes(b"v2 of s1, staged")
+        (m.dir / "s2").write_bytes(b"v2 of s2, staged, longer")
+        m.kill9()
+        s1, s2 = sorted(_staged_files(m), key=lambda p: p.stat().st_size)  # (told apart by their sizes)
+        s2.write_bytes(s1.read_bytes())  # s1's staged file copied over s2's
+        m.mount()
+        assert (m.dir / "s1").read_bytes() == b"v2 of s1, staged"
+        assert (m.dir / "s2").read_bytes() == two  # its last upload; never s1's bytes
+        assert "is not the file this place holds" in m.log()
+        m.wait_idle()
+        m.umount()
+        m.mount()
+        assert (m.dir / "s2").read_bytes() == two

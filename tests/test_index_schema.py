@@ -295,7 +295,7 @@ def test_staging_refuses_to_start_over_a_newer_staged_file_and_keeps_it(tmp_path
 def test_a_cache_entry_of_a_newer_format_is_a_miss(tmp_path):
     cache = ContentCache(tmp_path / "cache", 1 << 30, KEY)
     try:
-        assert cache.adopt("tok", str(future_sealed(tmp_path / "entry")))
+        assert cache.adopt("tok", str(future_sealed(tmp_path / "entry")), bound_to="tok")  # (as a download)
         assert cache.open("tok") is None
         assert cache.volume() == 0
     finally:

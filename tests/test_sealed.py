@@ -279,14 +279,38 @@ def test_a_header_whose_size_or_time_changed_on_disk_does_not_authenticate(tmp_p
     for offset, value in ((32, 100_000), (32, len(data) + 1), (40, 6)):  # the size, twice; the stamp
         edited = bytearray(raw)
         edited[offset : offset + 8] = value.to_bytes(8, "little")
-        (tmp_path / "g").write_bytes(bytes(edited))
+        (tmp_path / "f").write_bytes(bytes(edited))
         with pytest.raises(IntegrityError):
-            SealedFile.open(tmp_path / "g", KEY)
-        g = SealedFile.open(tmp_path / "g", KEY, writable=True, recover=True)
+            SealedFile.open(tmp_path / "f", KEY)
+        g = SealedFile.open(tmp_path / "f", KEY, writable=True, recover=True)
         assert g.size == len(data) and g.read(0, len(data) + 10) == data
         g.close()
-        assert SealedFile.open(tmp_path / "g", KEY).size == len(data)  # its header was written again
+        assert SealedFile.open(tmp_path / "f", KEY).size == len(data)  # its header was written again
     legacy = bytearray(raw)
     legacy[48:64] = bytes(16)
-    (tmp_path / "h").write_bytes(bytes(legacy))
-    assert SealedFile.open(tmp_path / "h", KEY).read(0, len(data)) == data
+    (tmp_path / "f").write_bytes(bytes(legacy))
+    assert SealedFile.open(tmp_path / "f", KEY).read(0, len(data)) == data
+
+
+def test_a_sealed_file_copied_or_moved_to_another_place_is_refused_there(tmp_path):
+    """A staged file copied over another's name, or a cache entry's file swapped with another's,
+    was served and uploaded as that file's (helper hX). Each file is bound to its place (its
+    name, or the place given, such as a cache entry's token), and refused elsewhere, even with
+    ``recover``; moved on purpose (``move_to``), it is bound to its new place."""
+    a = SealedFile.create(tmp_path / "a", KEY)
+    a.write(0, b"content of a", stamp=1)
+    a.close()
+    b = SealedFile.create(tmp_path / "b", KEY, place="token-b")
+    b.write(0, b"content of b", stamp=1)
+    b.close()
+    assert SealedFile.open(tmp_path / "b", KEY, place="token-b").read(0, 100) == b"content of b"
+    (tmp_path / "c").write_bytes((tmp_path / "a").read_bytes())
+    with pytest.raises(IntegrityError):
+        SealedFile.open(tmp_path / "c", KEY, writable=True, recover=True)
+    with pytest.raises(IntegrityError):
+        SealedFile.open(tmp_path / "b", KEY, place="token-a")
+    os.rename(tmp_path / "a", tmp_path / "d")
+    d = SealedFile.open(tmp_path / "d", KEY, writable=True, place="a")
+    d.move_to(tmp_path / "d")
+    d.close()
+    assert SealedFile.open(tmp_path / "d", KEY).read(0, 100) == b"content of a"

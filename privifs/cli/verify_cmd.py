@@ -207,7 +207,7 @@ def cached_copy(cache_dir: Path, token: str, key: bytes) -> SealedFile | None:
         if f is None:
             return None
         try:
-            sealed = SealedFile.open(f.name, local_key(key))
+            sealed = SealedFile.open(f.name, local_key(key), place=token)
             sealed.dense = sealed.header_dense  # a download's: a chunk of zeros is damage (ContentCache.open)
             return sealed
         except OSError:

@@ -20,14 +20,16 @@ header has the flag ``DENSE``), where it is damage. ``size`` in the header is
 the logical size; plaintext beyond it is kept zero. A chunk that fails authentication raises
 :class:`~privifs.errors.IntegrityError`.
 
-The header MAC is the first 16 bytes of HMAC-SHA256(header key, the header's first 48 bytes),
-the header key being HMAC-SHA256(local key, ``privifs sealed header v1``): a header whose size,
-stamp, flags or file id changed on the disk does not authenticate (an edited size was served
-and uploaded: cut short, or zeros added). Files written before it carry 16 zero bytes there (the
-field was reserved), which reads as a header without a MAC, so it needs no new version (nor do
-older readers mind it); their next header write adds one. A staged file whose header does not
-authenticate is opened with the size its last chunk states (:meth:`SealedFile.open`'s
-``recover``), not lost.
+The header's last 16 bytes are two MACs under the header key, HMAC-SHA256(local key,
+``privifs sealed header v1``), each the first 8 bytes of an HMAC-SHA256: of ``header\0`` and the
+header's first 48 bytes (a size, stamp, flags or file id changed on the disk: an edited size was
+served and uploaded, cut short or with zeros added), and of ``place\0``, the file id and the
+file's *place* (a staged file's id, a cache entry's token: a file of another place copied or
+moved there was served and uploaded as this one's). Files written before them carry 16 zero
+bytes there (the field was reserved), which reads as a header without MACs, so they need no new
+version (nor do older readers mind them); their next header write adds them. A staged file
+whose header's own MAC fails (its place's holds) is opened with the size its last chunk states
+(:meth:`SealedFile.open`'s ``recover``), not lost.
 
 ``stamp`` is the time (ns since the epoch) of the last write made with one (0: none): a write
 given a stamp rewrites the header with its new size and that stamp as part of the write (in the
@@ -90,8 +92,14 @@ def _header_key(key: bytes) -> bytes:
 
 
 def _header_mac(key: bytes, head: bytes) -> bytes:
-    """The MAC of a header's first 48 bytes under the local key ``key``."""
-    return hmac.digest(_header_key(key), head[:48], hashlib.sha256)[:16]
+    """The header's own MAC (bytes 48-55): of its first 48 bytes, under the local key ``key``."""
+    return hmac.digest(_header_key(key), b"header\0" + head[:48], hashlib.sha256)[:8]
+
+
+def _place_mac(key: bytes, file_id: bytes, place: str) -> bytes:
+    """The MAC binding a file to its place (bytes 56-63): of its file id and ``place`` (a
+    staged file's id, a cache entry's token), under the local key ``key``."""
+    return hmac.digest(_header_key(key), b"place\0" + file_id + place.encode(), hashlib.sha256)[:8]
 
 
 def local_key(user_key: bytes) -> bytes:
@@ -237,8 +245,11 @@ class SealedFile:
         stamp: int = 0,
         *,
         writable: bool = True,
+        place: str | None = None,
     ):
         self.path = os.fspath(path)
+        # what the header binds the file to (see _place_mac): its name, unless given
+        self.place = place if place is not None else os.path.basename(self.path)
         self._fd = fd
         # a second descriptor of the same file, with O_DIRECT, for long writes and an upload's
         # reads (-1: not opened yet; _NO_DIRECT: the disk refused it; a file in memory has none)
@@ -274,12 +285,13 @@ class SealedFile:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, key: bytes) -> SealedFile:
+    def create(cls, path: str | os.PathLike, key: bytes, *, place: str | None = None) -> SealedFile:
+        """A new empty sealed file at ``path``, bound to ``place`` (default: its name)."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise local_store_error(exc, f"creating {path}") from None
-        f = cls(path, fd, key, uuid.uuid4().bytes, 0)
+        f = cls(path, fd, key, uuid.uuid4().bytes, 0, place=place)
         try:
             f.write_header()
         except BaseException:
@@ -293,7 +305,7 @@ class SealedFile:
         """A sealed file in memory (a memfd, never on a disk): for content that has no room on
         the local disk. Gone when closed."""
         fd = os.memfd_create("privifs-sealed", os.MFD_CLOEXEC)
-        f = cls(MEMORY, fd, key, uuid.uuid4().bytes, 0)
+        f = cls(MEMORY, fd, key, uuid.uuid4().bytes, 0, place=MEMORY)
         f.write_header()
         return f
 
@@ -302,11 +314,20 @@ class SealedFile:
         return self.path == MEMORY
 
     @classmethod
-    def open(cls, path: str | os.PathLike, key: bytes, *, writable: bool = False, recover: bool = False) -> SealedFile:
-        """Open a sealed file. ``recover`` (a staged file, opened writable): a header that does
-        not authenticate is rewritten with the size the last chunk on disk states and the file's
-        modification time as its stamp, logged, rather than refused (only its file id, which
-        every chunk authenticates, is taken from it)."""
+    def open(
+        cls,
+        path: str | os.PathLike,
+        key: bytes,
+        *,
+        writable: bool = False,
+        recover: bool = False,
+        place: str | None = None,
+    ) -> SealedFile:
+        """Open a sealed file bound to ``place`` (default: its name); one bound elsewhere (a
+        file of another place copied or moved here) is refused with IntegrityError. ``recover``
+        (a staged file, opened writable): a header whose size, stamp or flags do not
+        authenticate is rewritten with the size the last chunk on disk states and the file's
+        modification time as its stamp, logged, rather than refused."""
         try:
             fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         except OSError as exc:
@@ -322,15 +343,18 @@ class SealedFile:
             check_version(path, version)
             if shift != CHUNK_SHIFT:
                 raise IntegrityError(f"{path} has an unsupported chunk size (shift {shift})")
-            # (16 zero bytes: a header written before it had a MAC)
-            if mac != bytes(16) and not hmac.compare_digest(mac, _header_mac(key, head)):
-                if not (recover and writable):
-                    raise IntegrityError(f"the header of {path} does not authenticate (its size or time changed)")
-                damaged = True
+            where = place if place is not None else os.path.basename(os.fspath(path))
+            if mac != bytes(16):  # (16 zero bytes: a header written before it had MACs)
+                if not hmac.compare_digest(mac[8:], _place_mac(key, file_id, where)):
+                    raise IntegrityError(f"{path} is not the file this place holds (another one copied or moved here)")
+                if not hmac.compare_digest(mac[:8], _header_mac(key, head)):
+                    if not (recover and writable):
+                        raise IntegrityError(f"the header of {path} does not authenticate (its size or time changed)")
+                    damaged = True
         except BaseException:
             os.close(fd)
             raise
-        f = cls(path, fd, key, file_id, 0 if damaged else size, stamp, writable=writable)
+        f = cls(path, fd, key, file_id, 0 if damaged else size, stamp, writable=writable, place=place)
         f.header_dense = bool(flags & DENSE) and not damaged
         if damaged:
             f._recover_header()
@@ -407,7 +431,14 @@ class SealedFile:
     def _header(self, size: int) -> bytes:
         flags = DENSE if self.dense else 0
         head = _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, flags, bytes(5), self.file_id, size, self.stamp, bytes(16))
-        return head[:48] + _header_mac(self._key, head)
+        return head[:48] + _header_mac(self._key, head) + _place_mac(self._key, self.file_id, self.place)
+
+    def move_to(self, path: str | os.PathLike, place: str | None = None) -> None:
+        """The file was renamed to ``path``: bind it to ``place`` there (default: its new name),
+        its header written again."""
+        self.path = os.fspath(path)
+        self.place = place if place is not None else os.path.basename(self.path)
+        self.write_header()
 
     def write_header(self) -> None:
         try:

@@ -486,7 +486,7 @@ class ContentCache:
         path = self._paths.get(token)
         if path is not None:  # known from an earlier open: no SELECT, one open(2)
             try:
-                sealed = self._open_entry(path)
+                sealed = self._open_entry(path, token)
             except PrivifsError:
                 del self._paths[token]  # gone or damaged: diskcache decides below
             else:
@@ -498,7 +498,7 @@ class ContentCache:
         if f is None:
             return None
         try:
-            sealed = self._open_entry(f.name)
+            sealed = self._open_entry(f.name, token)
         except PrivifsError as exc:
             if os.path.exists(f.name):
                 log.warning("dropping an unreadable cache entry (%s)", exc)
@@ -510,10 +510,11 @@ class ContentCache:
         self._touch_open(token, sealed)
         return sealed
 
-    def _open_entry(self, path: str) -> SealedFile:
-        """An entry's file, opened for reading; a download's (its header says every chunk was
-        written) reads a chunk of zeros or one cut off as damage, never as zeros."""
-        sealed = SealedFile.open(path, self._key)
+    def _open_entry(self, path: str, token: str) -> SealedFile:
+        """``token``'s entry's file, opened for reading (bound to the token: another entry's file
+        in its place is refused); a download's (its header says every chunk was written) reads
+        a chunk of zeros or one cut off as damage, never as zeros."""
+        sealed = SealedFile.open(path, self._key, place=token)
         sealed.dense = sealed.header_dense
         return sealed
 
@@ -561,7 +562,7 @@ class ContentCache:
 
         path = self.incoming / secrets.token_hex(12)
         try:
-            sealed = SealedFile.create(path, self._key)
+            sealed = SealedFile.create(path, self._key, place=token)
         except BaseException as exc:
             self._release(need)
             del self._inflight[token]
@@ -576,7 +577,7 @@ class ContentCache:
             await self._download(token, vault, size, sealed, tap, check, room=room if size is None else None)
             self._release(held[0])  # from here the file counts as an entry (no await in between)
             held[0] = 0
-            if not self.adopt(token, str(path)):
+            if not self.adopt(token, str(path), bound_to=token):
                 return sealed  # not kept (too large, no room): this reader keeps a private, unlinked copy
             sealed.close()
         except DiskFullError:
@@ -762,17 +763,32 @@ class ContentCache:
         while self._lru and (self.used > budget or self.space.above_reserve() < 0):
             self.evict(next(iter(self._lru)))
 
-    def adopt(self, token: str, path: str) -> bool:
+    def adopt(self, token: str, path: str, bound_to: str | None = None) -> bool:
         """Move a sealed file holding ``token``'s content into the cache, evicting least recently
         used entries first so that it lands within the size limit. False (the file is then
         gone) when it cannot be kept: larger than the cache, no room left by the downloads in
         flight or above the staging reserve, another filesystem, or the cache's table cannot be
-        written (a full disk)."""
+        written (a full disk). ``bound_to``: the place the file is bound to (see
+        SealedFile.open; default: its name, as a staged file is); unless that is ``token``
+        already (a download's), the file is bound to the token first."""
         self._made_again()
         if self._down is not None:
             with suppress(OSError):  # (gone too, if the directory was removed)
                 os.unlink(path)
             return False
+        if (bound_to if bound_to is not None else os.path.basename(path)) != token:
+            try:
+                sealed = SealedFile.open(path, self._key, writable=True, place=bound_to)  # (None: its name)
+                try:
+                    sealed.dense = sealed.header_dense  # (its flags kept as they are)
+                    sealed.move_to(path, token)
+                finally:
+                    sealed.close()
+            except PrivifsError as exc:
+                log.debug("not caching %s (%s)", path, exc)
+                with suppress(OSError):
+                    os.unlink(path)
+                return False
         try:
             size = entry_footprint_at(path)
         except FileNotFoundError:  # the cache directory was removed meanwhile (an rm -rf running)
@@ -858,7 +874,7 @@ class ContentCache:
         self._made_again()
         path = self.incoming / f"put-{secrets.token_hex(8)}"
         try:
-            sealed = SealedFile.create(path, self._key)
+            sealed = SealedFile.create(path, self._key, place=key)
             try:
                 sealed.write(0, data, stamp=0)
             finally:
@@ -868,7 +884,7 @@ class ContentCache:
             with suppress(OSError):
                 os.unlink(path)
             return False
-        return self.adopt(key, str(path))
+        return self.adopt(key, str(path), bound_to=key)
 
     def get(self, key: str) -> bytes | None:
         """The bytes of the entry ``key`` (one :meth:`put` made), or None."""

@@ -511,7 +511,7 @@ class PartReader:
         if not self.cache.take(token, staging.path(staged_id)):  # moved, not copied
             return None
         try:
-            staged = staging.open(staged_id)
+            staged = staging.open(staged_id, bound_to=token)
         except PrivifsError:
             staging.path(staged_id).unlink(missing_ok=True)
             return None

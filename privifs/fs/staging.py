@@ -256,10 +256,11 @@ class Staging:
         return self.dir / staged_id
 
     def create(self) -> StagedFile:
-        staged_id = secrets.token_hex(12)
-        path = f"{self._dir}/{staged_id}"  # a string: pathlib's joins cost more than the rename
         spare = self.spares.take()
         if spare is not None:
+            # (named by the id it is staged under: its header binds it to that name)
+            staged_id = os.path.basename(spare.path)
+            path = f"{self._dir}/{staged_id}"  # a string: pathlib's joins cost more than the rename
             try:
                 os.rename(spare.path, path)
             except OSError:
@@ -269,6 +270,8 @@ class Staging:
             else:
                 spare.path = path
                 return StagedFile(staged_id, spare, self)
+        staged_id = secrets.token_hex(12)
+        path = f"{self._dir}/{staged_id}"
         try:
             return StagedFile(staged_id, SealedFile.create(path, self._key), self)
         except LocalStoreError:
@@ -281,8 +284,17 @@ class Staging:
             paths.private_dir(d)
         return StagedFile(staged_id, SealedFile.create(path, self._key), self)
 
-    def open(self, staged_id: str) -> StagedFile:
-        sealed = SealedFile.open(self.path(staged_id), self._key, writable=True, recover=True)
+    def open(self, staged_id: str, *, bound_to: str | None = None) -> StagedFile:
+        """The staged file ``staged_id``; ``bound_to``: the place a file just moved here was bound
+        to (a cache entry's token, see SealedFile.open), which then binds it to its new place."""
+        path = self.path(staged_id)
+        sealed = SealedFile.open(path, self._key, writable=True, recover=True, place=bound_to)
+        if bound_to is not None:
+            try:
+                sealed.move_to(path)
+            except BaseException:
+                sealed.close()
+                raise
         return StagedFile(staged_id, sealed, self)
 
     def open_read(self, staged_id: str) -> SealedFile:
@@ -318,7 +330,11 @@ class Staging:
         except OSError as exc:
             dest.unlink(missing_ok=True)
             raise local_store_error(exc, "staging a file for writing") from None
-        return self.open(new_id)
+        try:  # bound to the source's place as copied: bound to its own now
+            return self.open(new_id, bound_to=source.place)
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
 
     def remove(self, staged: StagedFile | str, *, soon: bool = False) -> None:
         """Delete a staged file; ``soon``: on the remover's thread (see :class:`Remover`), unless

@@ -1207,7 +1207,7 @@ class Syncer:
 
     def _adopt(self, token: str, staged: StagedFile) -> bool:
         try:
-            return self.cache.adopt(token, staged.path)
+            return self.cache.adopt(token, staged.path, bound_to=staged.id)
         except OSError as exc:  # e.g. the cache on another filesystem
             log.debug("not caching uploaded content: %s", exc)
             return False
