@@ -681,7 +681,8 @@ class Daemon:
                 return {
                     "error": f"{len(pending)} changes cannot be uploaded, and trying again does not help "
                     f"({syncer.last_error}); they stay staged in {self.state_dir}. A file whose content is "
-                    "damaged reads EIO there: write it again, or remove it; for the local index, see the mount's log"
+                    "damaged reads EIO there: write it again, or remove it; a damaged local index is "
+                    "refused with what to do at the next mount"
                 }
             if owed and trio.current_time() - started > FAILING_GRACE * self.mcfg.server_timeout:
                 # the index cannot record what was done (damaged, or its disk full): it may stay so

@@ -1282,8 +1282,15 @@ class Filesystem:
             self.ns.clear_staged(node, content_clean=True)
             self.index.save(node)
         orphans = self.staging.ids() - referenced
-        if self.index.counter(RECOVER_COUNTER) and not self.opts.read_only:
-            self._recover_staged(orphans)
+        if self.index.counter(RECOVER_COUNTER):
+            if not self.opts.read_only:
+                self._recover_staged(orphans)
+            elif orphans:  # kept for the next writable mount, which shows them (helper hZ: they were deleted)
+                log.warning(
+                    "%d staged files no entry of the local index names (it was made anew) are kept for the "
+                    "next mount that is not read-only, which shows them in /lost+found",
+                    len(orphans),
+                )
             return
         for orphan in orphans:
             self.staging.remove(orphan)

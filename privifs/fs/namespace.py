@@ -492,10 +492,19 @@ class Index:
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
             self.conn.execute(f"PRAGMA journal_size_limit={16 * 2**20}")  # a WAL starting over shrinks
+            self._check()
             self._migrate()
         except BaseException:
             self.conn.close()
             raise
+
+    def _check(self) -> None:
+        """Refuse an index whose pages are damaged (``PRAGMA quick_check``): a page zeroed on the
+        disk opened, and a read of it later ended the mount with "internal error: DatabaseError"
+        or failed a task for good (helper hZ); it is refused now with what to do (REMEDY)."""
+        found = self.conn.execute("PRAGMA quick_check(1)").fetchone()
+        if found is None or found[0] != "ok":
+            raise sqlite3.DatabaseError(f"it is damaged ({found[0] if found else 'no answer'})")
 
     def _catch_up(self) -> None:
         """Checkpoint the rest of the WAL here, so the next commit starts it over (see
