@@ -250,6 +250,7 @@ class SealedFile:
         self.path = os.fspath(path)
         # what the header binds the file to (see _place_mac): its name, unless given
         self.place = place if place is not None else os.path.basename(self.path)
+        self._place_tag: bytes | None = None  # its MAC, made at the first header write
         self._fd = fd
         # a second descriptor of the same file, with O_DIRECT, for long writes and an upload's
         # reads (-1: not opened yet; _NO_DIRECT: the disk refused it; a file in memory has none)
@@ -431,13 +432,16 @@ class SealedFile:
     def _header(self, size: int) -> bytes:
         flags = DENSE if self.dense else 0
         head = _HEADER.pack(MAGIC, VERSION, CHUNK_SHIFT, flags, bytes(5), self.file_id, size, self.stamp, bytes(16))
-        return head[:48] + _header_mac(self._key, head) + _place_mac(self._key, self.file_id, self.place)
+        if self._place_tag is None:  # (once per place: a header is written at every write)
+            self._place_tag = _place_mac(self._key, self.file_id, self.place)
+        return head[:48] + _header_mac(self._key, head) + self._place_tag
 
     def move_to(self, path: str | os.PathLike, place: str | None = None) -> None:
         """The file was renamed to ``path``: bind it to ``place`` there (default: its new name),
         its header written again."""
         self.path = os.fspath(path)
         self.place = place if place is not None else os.path.basename(self.path)
+        self._place_tag = None
         self.write_header()
 
     def write_header(self) -> None:
