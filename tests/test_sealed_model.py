@@ -124,10 +124,11 @@ def run(tmp_path, seed, monkeypatch, cut_fails=False):
                 _copy_range(f.fd, fd, st)
             finally:
                 os.close(fd)
-            uncut = getattr(f, "uncut", False)
+            uncut, place = getattr(f, "uncut", False), f.place
             f.close()
             path = new_path
-            f = SealedFile.open(path, KEY, writable=True)
+            f = SealedFile.open(path, KEY, writable=True, place=place)  # bound to the source's place
+            f.move_to(path)  # then to its own (as Staging.from_sealed does)
             f.uncut = uncut  # (as Staging.clone does)
         elif op < 0.84:
             off = pick_offset(rng, size)
