@@ -545,7 +545,7 @@ def test_an_index_with_a_page_zeroed_is_refused_with_what_to_do(engine, tmp_path
         page, pages = (db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count"))
         db.close()
         intact = index.read_bytes()
-        for number in range(1, pages):
+        for number in sorted({1, 3, 4, 7, pages - 1}):  # (each a different failure before: hZ)
             with open(index, "r+b") as f:
                 f.seek(number * page)
                 f.write(bytes(page))
