@@ -28,16 +28,21 @@ def free_bytes(path: Path | str) -> int:
 def private_database(path: Path) -> None:
     """Make the SQLite database ``path`` (and the WAL and shared-memory files SQLite makes with
     the database's mode) readable by its owner only, before SQLite opens it: they were made
-    0644 by the umask, in a 0700 directory, where every other file of a vault is 0600."""
+    0644 by the umask, in a 0700 directory, where every other file of a vault is 0600. A new
+    database is made 0600; an existing one is only chmod-ed, never opened: closing any
+    descriptor of a file drops every POSIX lock the process holds on it, so opening the engine's
+    database beside its open connection let another process take itself for its last user,
+    fold the WAL in and delete it, and the engine's later commits went to a deleted file a
+    ``kill -9`` lost (helper hB)."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:  # no room for it, or no such directory: SQLite's own open says what is wrong
+        return
     for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        try:
-            fd = os.open(name, os.O_RDWR | (os.O_CREAT if name == path else 0), 0o600)
-        except OSError:  # missing, or no room for it: SQLite's own open says what is wrong
-            continue
-        try:
-            os.fchmod(fd, 0o600)
-        finally:
-            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.chmod(name, 0o600)
 
 
 class DiskReserve:

@@ -5,6 +5,7 @@ over a directory's only entry are namespace logic, tested in-process in test_fs_
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -14,6 +15,7 @@ import shutil
 import signal
 import sqlite3
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -627,3 +629,37 @@ def test_cache_entries_or_staged_files_swapped_on_disk_are_never_served_or_uploa
         m.umount()
         m.mount()
         assert (m.dir / "s2").read_bytes() == two
+
+
+def test_a_token_command_beside_a_mount_leaves_the_embedded_engines_wal_and_a_kill_loses_nothing(tmp_path):
+    """Making the engine's database 0600 opened and closed its file beside the engine's own
+    connection, which dropped the engine's POSIX locks on it: 'privifs token ls' (or verify)
+    then took itself for the database's last user, folded the WAL in and deleted it, the engine
+    went on committing into the deleted file, and a kill -9 of daemon and engine lost every
+    file uploaded since (helper hB: 20 of 40)."""
+    m = Mount(tmp_path, None)
+    try:
+        m.mount()
+        engine_dir = m.root / "data" / "privifs" / "engine"
+        for i in range(5):
+            (m.dir / f"a{i}").write_bytes(os.urandom(1000 + i))
+        m.wait_idle()
+        assert (engine_dir / "engine.sqlite3-wal").exists()
+        m.token("ls")
+        assert (engine_dir / "engine.sqlite3-wal").exists()
+        for i in range(5):
+            (m.dir / f"b{i}").write_bytes(os.urandom(2000 + i))
+        m.wait_idle()
+        expected = {p.name: p.read_bytes() for p in m.dir.iterdir()}
+        engines = subprocess.run(
+            ["pgrep", "-f", f"engine --data-dir {engine_dir}"], capture_output=True, text=True, timeout=30
+        ).stdout.split()
+        assert engines
+        m.kill9()
+        for pid in engines:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        m.mount()
+        assert {p.name: p.read_bytes() for p in m.dir.iterdir()} == expected
+    finally:
+        m.cleanup()

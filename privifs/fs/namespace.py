@@ -453,6 +453,10 @@ class Index:
                     for statement in _statements(step):
                         self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number}")
+                if version == 0 and number == latest:  # made now: what staging holds was staged
+                    # under an index that is gone (in this transaction: a stop right after it
+                    # would otherwise leave a new index that deletes them)
+                    self.conn.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, 1)", (RECOVER_COUNTER,))
                 self.conn.execute("COMMIT")
             except BaseException as exc:
                 self.conn.execute("ROLLBACK")
@@ -463,8 +467,6 @@ class Index:
                         f"{number - 1}"
                     ) from None
                 raise
-        if version == 0:  # made now: what staging holds was staged under an index that is gone
-            self.conn.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, 1)", (RECOVER_COUNTER,))
 
     def close(self) -> None:
         if self._soon or self._owed:
