@@ -624,7 +624,7 @@ def test_cache_entries_or_staged_files_swapped_on_disk_are_never_served_or_uploa
         m.mount()
         assert (m.dir / "s1").read_bytes() == b"v2 of s1, staged"
         assert (m.dir / "s2").read_bytes() == two  # its last upload; never s1's bytes
-        assert "is not the file this place holds" in m.log()
+        assert "is bound to another place" in m.log()
         m.wait_idle()
         m.umount()
         m.mount()

@@ -347,7 +347,10 @@ class SealedFile:
             where = place if place is not None else os.path.basename(os.fspath(path))
             if mac != bytes(16):  # (16 zero bytes: a header written before it had MACs)
                 if not hmac.compare_digest(mac[8:], _place_mac(key, file_id, where)):
-                    raise IntegrityError(f"{path} is not the file this place holds (another one copied or moved here)")
+                    raise IntegrityError(
+                        f"{path} is bound to another place (a file copied or moved here, by hand or by an "
+                        "older privifs)"
+                    )
                 if not hmac.compare_digest(mac[:8], _header_mac(key, head)):
                     if not (recover and writable):
                         raise IntegrityError(f"the header of {path} does not authenticate (its size or time changed)")
