@@ -238,10 +238,10 @@ class Daemon:
     def _unmounted_predecessor(self) -> int | None:
         """The pid of this user's daemon registered for this mountpoint that still runs, if there
         is one; the caller found the drive no longer mounted there (it is finishing its uploads)."""
+        entry = self._registry_entry()
         try:
-            entry = json.loads(registry_path(self.mountpoint).read_text())
             pid = int(entry["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # (None: no entry)
             return None
         if pid == os.getpid() or not paths.pid_alive(pid) or not paths.is_mount_daemon(pid):
             return None
@@ -822,12 +822,18 @@ class Daemon:
         nursery.start_soon(trio.serve_listeners, self._control_client, [trio.SocketListener(sock)])
         return _file_id(path)
 
+    def _registry_entry(self) -> dict | None:
+        """This mountpoint's entry in the runtime directory (None: missing or unreadable)."""
+        try:
+            entry = json.loads(registry_path(self.mountpoint).read_text())
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry, dict) else None
+
     def _registered(self) -> bool:
         """Whether the runtime directory's entry for this mount names this daemon."""
-        try:
-            return json.loads(registry_path(self.mountpoint).read_text()).get("pid") == os.getpid()
-        except (OSError, ValueError, AttributeError):
-            return False
+        entry = self._registry_entry()
+        return entry is not None and entry.get("pid") == os.getpid()
 
     async def _control_client(self, stream: trio.SocketStream) -> None:
         async def send(obj: dict) -> None:

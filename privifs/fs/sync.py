@@ -1200,14 +1200,21 @@ class Syncer:
         self._finish_commit(staged, None)
 
     def _to_cache(self, token: str, staged: StagedFile) -> None:
-        """An uploaded staged file becomes ``token``'s cache entry (or goes, if it cannot)."""
+        """An uploaded staged file becomes ``token``'s cache entry (or goes, if it cannot),
+        bound to the token while it is still open here (the cache would open it again for that)."""
+        try:
+            staged.sealed.move_to(staged.path, token)
+        except PrivifsError as exc:
+            log.debug("not caching uploaded content: %s", exc)
+            self.staging.remove(staged)
+            return
         staged.sealed.close()
         if not self._adopt(token, staged):
             self.staging.remove(staged)
 
     def _adopt(self, token: str, staged: StagedFile) -> bool:
         try:
-            return self.cache.adopt(token, staged.path, bound_to=staged.id)
+            return self.cache.adopt(token, staged.path, bound_to=token)
         except OSError as exc:  # e.g. the cache on another filesystem
             log.debug("not caching uploaded content: %s", exc)
             return False
