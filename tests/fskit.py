@@ -280,6 +280,19 @@ class InProcessFs:
         )
         return await self.ops.setattr(ino, attr, fields, fh, CTX)
 
+    # extended attributes (a filesystem built with ``xattrs=True``, as a mount with --xattrs)
+    async def setxattr(self, path: str, name: bytes, value: bytes) -> None:
+        await self.ops.setxattr(await self.ino(path), name, value, CTX)
+
+    async def getxattr(self, path: str, name: bytes) -> bytes:
+        return await self.ops.getxattr(await self.ino(path), name, CTX)
+
+    async def listxattr(self, path: str) -> list[bytes]:
+        return list(await self.ops.listxattr(await self.ino(path), CTX))
+
+    async def removexattr(self, path: str, name: bytes) -> None:
+        await self.ops.removexattr(await self.ino(path), name, CTX)
+
     async def readdir(
         self, path: str, start: int = 0, limit: int | None = None, *, dots: bool = False
     ) -> list[tuple[str, int]]:
@@ -399,11 +412,11 @@ class InProcessFs:
         return Remote(self.client, self.key)
 
     @asynccontextmanager
-    async def fresh(self):
+    async def fresh(self, *, xattrs: bool = False):
         """Another filesystem of this vault built from an empty local state."""
         state = self.state / f"fresh-{secrets.token_hex(4)}"
         state.mkdir()
-        async with inprocess_fs(state, self.endpoints, self.credentials, key=self.key) as other:
+        async with inprocess_fs(state, self.endpoints, self.credentials, key=self.key, xattrs=xattrs) as other:
             yield other
 
 
@@ -575,10 +588,11 @@ async def inprocess_fs(
     big_uploads: int = 8,
     write_back_delay: float = 0.0,
     empty_vault: bool = False,
+    xattrs: bool = False,
 ):
     """A mounted-but-kernel-less filesystem over a fresh state directory; yields InProcessFs.
     ``empty_vault``: first delete every token the profile has (a profile shared by the tests of
-    a module: see :func:`module_account`)."""
+    a module: see :func:`module_account`); ``xattrs``: as a mount with ``--xattrs``."""
     key = key or secrets.token_bytes(32)
     supervisor = Supervisor()
     async with connect(endpoints, credentials, supervisor=supervisor) as client:
@@ -601,7 +615,7 @@ async def inprocess_fs(
                 write_back_delay=write_back_delay,
                 supervisor=supervisor,
             )
-            fs = Filesystem(ns, staging, cache, vault, MountOptions(), syncer)
+            fs = Filesystem(ns, staging, cache, vault, MountOptions(xattrs=xattrs), syncer)
             fs.open_staged_files()
             refresher = Refresher(ns, client.tokens, syncer, 3600, invalidate=False)
             await refresher.refresh_once()

@@ -84,6 +84,12 @@ def register(sub) -> None:
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     p.add_argument("--noexec", action="store_true", help="no program on the mount can be executed")
     p.add_argument(
+        "--xattrs",
+        action="store_true",
+        help="store extended attributes (user.*, trusted.*, security.*), encrypted; off by default, as "
+        "with them the kernel asks the mount before every write (small writes take 40-60%% longer)",
+    )
+    p.add_argument(
         "--upload-workers",
         type=integer(1, 64),
         metavar="N",
@@ -211,6 +217,7 @@ def _mount_config(args: argparse.Namespace):
             read_only=args.read_only,
             fsync_timeout=args.fsync_timeout,
             fsync_mode=args.fsync_mode,
+            xattrs=args.xattrs,
         ),
     )
 
@@ -413,6 +420,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out.append("--allow-other")
     if args.noexec:
         out.append("--noexec")
+    if args.xattrs:
+        out.append("--xattrs")
     return out
 
 

@@ -550,6 +550,7 @@ class Daemon:
             "pending_deletes": syncer.tombstone_count(),
             "uploads_done": syncer.uploads,
             "read_only": self.fs.opts.read_only,
+            "xattrs": self.fs.opts.xattrs,
             "fsync": {
                 "mode": self.fs.opts.fsync_mode,
                 "not_in_vault": pending.count,

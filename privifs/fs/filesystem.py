@@ -32,6 +32,7 @@ import trio
 from privifs.client.datatokens import find
 from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NodeGone, NotFoundError, PrivifsError
+from privifs.fs import xattrs
 from privifs.fs.cache import ContentCache
 from privifs.fs.caller import Caller
 from privifs.fs.errnos import errno_for
@@ -86,6 +87,9 @@ class MountOptions:
     attr_timeout: float = 5.0
     fsync_timeout: float = 300.0
     fsync_mode: str = "vault"  # "local": fsync returns once durable on the local disk (fs/localsync.py)
+    # extended attributes answered (privifs.fs.xattrs); off, each xattr request answers ENOSYS, and
+    # the kernel then answers EOPNOTSUPP itself and stops asking (before every write(2) among others)
+    xattrs: bool = False
 
     @property
     def file_mode(self) -> int:
@@ -130,6 +134,7 @@ class Filesystem:
         self.parts = sync.parts.reader  # content of files stored as parts (shared with the write-back)
         self.opts = opts
         self.sync = sync
+        self.xattrs = xattrs.Sealer(vault.derive(xattrs.xattr_key))
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, int | tuple[int, list[tuple[int, int]]]] = {}  # the inode until the first readdir
         self._next_fh = 1
@@ -409,17 +414,74 @@ class Filesystem:
             self.ns.set_attributes(node, mtime_ns=clamp_time(attr.st_mtime_ns))
             meta = True
         # reads never update atime (noatime); only utimens sets it
-        if node.ino == ROOT and (meta or fields.update_size):
+        if meta or fields.update_size:
+            self.attributes_changed(node)
+        return self.attrs(node)
+
+    def attributes_changed(self, node: Node) -> None:
+        """Attributes of ``node`` (mode, owner, times, size, extended attributes) were set here."""
+        if node.ino == ROOT:
             # the mount's root has no token (nothing in the vault to hold its attributes): its
             # mode, owner and times are this machine's, kept in the index (written back, the
             # server refused its empty name for good and every umount reported it)
             self.ns.set_attributes(node, ctime_ns=time.time_ns())
             self.index.save(node)
-        elif meta or fields.update_size:
-            if node.is_dir:
-                self.ns.set_explicit(node, True)
-            self.touch_meta(node)
-        return self.attrs(node)
+            return
+        if node.is_dir:
+            self.ns.set_explicit(node, True)
+        self.touch_meta(node)
+
+    # -- extended attributes (privifs.fs.xattrs) ----------------------------------------------
+    def xattr_node(self, ino: int) -> Node:
+        """The node an xattr request is about; ENOSYS unless the mount stores extended attributes
+        (``--xattrs``). A node keeps those others stored either way: they are in its meta."""
+        if not self.opts.xattrs:
+            raise fail(errno.ENOSYS)
+        return self.node(ino)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.xattr_node(ino)
+        # (the kernel asks for security.capability before each write(2): a node with no
+        # attributes answers without opening anything)
+        value = self._xattrs(node).get(name) if node.xattrs else None
+        if value is None:
+            raise fail(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.xattr_node(ino)
+        return sorted(self._xattrs(node)) if node.xattrs else []
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        node = self.xattr_node(ino)
+        self.writable_fs()
+        if not xattrs.stored(name):
+            raise fail(errno.EOPNOTSUPP)  # system.* (POSIX ACLs, not enforced here) or no namespace
+        attrs = self._xattrs(node)
+        attrs[name] = bytes(value)
+        if not xattrs.fits(attrs):
+            raise fail(errno.ENOSPC)
+        self._store_xattrs(node, attrs)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        node = self.xattr_node(ino)
+        self.writable_fs()
+        attrs = self._xattrs(node)
+        if attrs.pop(name, None) is None:
+            raise fail(errno.ENODATA)
+        self._store_xattrs(node, attrs)
+
+    def _xattrs(self, node: Node) -> xattrs.Attrs:
+        try:
+            return self.xattrs.open(node.xattrs)
+        except IntegrityError as exc:
+            log.error("%s: extended attributes refused: %s", self.ns.path(node), exc)
+            raise fail(errno.EIO) from None
+
+    def _store_xattrs(self, node: Node, attrs: xattrs.Attrs) -> None:
+        self.ns.set_attributes(node, xattrs=self.xattrs.seal(attrs))
+        with self.index.kept():
+            self.attributes_changed(node)
 
     def readlink(self, ino: int) -> bytes:
         node = self.node(ino)

@@ -120,6 +120,10 @@ MIGRATIONS: list[tuple[str, Step]] = [
         "counters that outlive the rows they number: the inode numbers handed out (see Namespace.new_node)",
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     ),
+    (
+        "an entry's extended attributes, sealed (privifs.fs.xattrs; NULL: none)",
+        "ALTER TABLE nodes ADD COLUMN xattrs TEXT",
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -151,6 +155,7 @@ COLUMNS = (
     "atime_ns",
     "markers",
     "rdev",
+    "xattrs",
 )
 
 
@@ -197,6 +202,7 @@ class Node:
         self.size = 0
         self.target = None
         self.rdev = 0
+        self.xattrs: str | None = None  # sealed (privifs.fs.xattrs)
         self.token = self.remote_context = self.remote_name = self.remote_extension = None
         self.remote_risk: str | None = None
         self.shown_as = self.staged_id = None
@@ -1089,7 +1095,7 @@ class Namespace:
             node.writers -= 1
 
     # attributes and local changes
-    ATTRIBUTES = ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size", "target", "rdev")
+    ATTRIBUTES = ("mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size", "target", "rdev", "xattrs")
 
     def set_attributes(self, node: Node, **values) -> None:
         """Set POSIX attributes (any of :attr:`ATTRIBUTES`); marks nothing dirty by itself."""
@@ -1271,6 +1277,7 @@ class Namespace:
         if node.is_symlink:
             node.target = a.target
         node.rdev = a.rdev
+        node.xattrs = a.xattrs
         size = self.listed_size(info)
         if size is not None and not node.is_dir:
             if size < node.size:

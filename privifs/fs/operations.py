@@ -141,5 +141,21 @@ class Operations(pyfuse3.Operations):
         await self.fs.fsyncdir(fh)
 
     @handler
+    async def getxattr(self, inode, name, ctx):
+        return self.fs.getxattr(inode, name)
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        return self.fs.listxattr(inode)
+
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        self.fs.setxattr(inode, name, value)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        self.fs.removexattr(inode, name)
+
+    @handler
     async def statfs(self, ctx):
         return self.fs.statfs()

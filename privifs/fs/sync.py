@@ -157,7 +157,16 @@ def awaits_marker(node: Node) -> bool:
 def node_risk(node: Node, base: dict[str, str]) -> dict[str, str]:
     """The risk meta that stores ``node``'s attributes over ``base`` (what the token has)."""
     return risk_fields(
-        base, node.kind, node.mode, node.mtime_ns, node.target, node.uid, node.gid, node.atime_ns, node.rdev
+        base,
+        node.kind,
+        node.mode,
+        node.mtime_ns,
+        node.target,
+        node.uid,
+        node.gid,
+        node.atime_ns,
+        node.rdev,
+        node.xattrs,
     )
 
 
@@ -1371,7 +1380,7 @@ class Syncer:
         writer's risk meta, does not put those defaults in place of its mode and mtime (an
         executable lost its x bit on every mount, a build tool saw another mtime)."""
         writer = attributes(info)
-        values: dict[str, int | None] = {}
+        values: dict[str, int | str | None] = {}
         made = info.created_at
         if made is not None and writer.mtime_ns is not None and node.mtime_ns == int(made * 1e9):
             values.update(mtime_ns=writer.mtime_ns, ctime_ns=writer.mtime_ns, atime_ns=writer.atime_ns)
@@ -1381,6 +1390,8 @@ class Syncer:
             values["uid"] = writer.uid
         if node.gid is None and writer.gid is not None:
             values["gid"] = writer.gid
+        if node.xattrs is None and writer.xattrs is not None:
+            values["xattrs"] = writer.xattrs
         if values:
             self.ns.set_attributes(node, **values)
 

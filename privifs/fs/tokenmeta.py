@@ -12,7 +12,8 @@
   ``privifs.mtime`` (nanoseconds), ``privifs.atime`` (nanoseconds, from creation or utimens;
   absent in older tokens, the access time reads as mtime), ``privifs.target`` (symlink target),
   ``privifs.uid`` and ``privifs.gid`` (only when not the mount's owner and group: after a chown,
-  or made by another user of an ``--allow-other`` mount). Fields other applications set are kept.
+  or made by another user of an ``--allow-other`` mount), ``privifs.xattrs`` (the entry's extended
+  attributes, sealed: :mod:`privifs.fs.xattrs`). Fields other applications set are kept.
 * A FIFO, a socket or a device node (``mknod``, ``mkfifo``, ``bind``) is an empty token like a
   marker with its type; what passes through it stays in the kernel of the machine that opened it
   (a mount is ``nodev``: a device node in the vault opens no device anywhere).
@@ -25,11 +26,13 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from dataclasses import dataclass
 
 from privifs.client.shapes import TokenInfo
 from privifs.crypto import digest
+from privifs.fs import xattrs
 from privifs.fs.names import (
     display_name,
 )
@@ -68,6 +71,8 @@ def same_context(a: str | None, b: str | None) -> bool:
 
 
 TIME_MIN, TIME_MAX = -(2**63), 2**63 - 1  # nanoseconds: what st_*time_ns and an index column hold
+# a sealed xattrs field as privifs writes it (another application's junk reads as no attributes)
+_BASE64 = re.compile(rf"[A-Za-z0-9+/]{{4,{xattrs.RISK_VALUE_MAX}}}={{0,2}}")
 ID_MAX = 2**32 - 2  # the largest uid_t / gid_t ((uid_t)-1 means "no owner change")
 
 
@@ -88,6 +93,7 @@ class Attributes:
     gid: int | None
     atime_ns: int | None = None
     rdev: int = 0  # a device node's device number (os.makedev); 0 for every other kind
+    xattrs: str | None = None  # the sealed extended attributes, as privifs.fs.xattrs stores them
 
 
 def parse_rdev(text: str | None) -> int:
@@ -128,7 +134,9 @@ def attributes(info: TokenInfo) -> Attributes:
         kind = KIND_FILE
     rdev = parse_rdev(risk.get("privifs.rdev")) if kind in DEVICE_KINDS else 0
     uid, gid = num("privifs.uid", low=0, high=ID_MAX), num("privifs.gid", low=0, high=ID_MAX)
-    return Attributes(kind, mode, mtime, target, uid, gid, num("privifs.atime"), rdev)
+    sealed = risk.get(xattrs.FIELD)
+    sealed = sealed if isinstance(sealed, str) and _BASE64.fullmatch(sealed) else None
+    return Attributes(kind, mode, mtime, target, uid, gid, num("privifs.atime"), rdev, sealed)
 
 
 def risk_fields(
@@ -141,6 +149,7 @@ def risk_fields(
     gid: int | None,
     atime_ns: int | None = None,
     rdev: int = 0,
+    sealed_xattrs: str | None = None,
 ) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
@@ -160,4 +169,6 @@ def risk_fields(
         fields["privifs.uid"] = str(uid)
     if gid is not None:
         fields["privifs.gid"] = str(gid)
+    if sealed_xattrs:
+        fields[xattrs.FIELD] = sealed_xattrs
     return fields

@@ -1,0 +1,214 @@
+"""Extended attributes (``--xattrs``): what a program sets is read back, listed and removed, kept
+sealed in the index and the vault, carried through renames, attribute changes and rewrites, and
+shown by every client of the vault; what a mount does not store is refused with the errno Linux
+gives. In-process (tests/fskit.py) against the real engine; the kernel's part (XATTR_CREATE and
+XATTR_REPLACE, its namespace checks, the answer of a mount without ``--xattrs``) is tested on a
+real mount at the end."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import sqlite3
+
+import pytest
+
+from privifs.crypto import wire
+from privifs.errors import IntegrityError
+from privifs.fs import xattrs
+from privifs.fs.tokenmeta import attributes
+from tests.fskit import fails_with, inprocess_fs
+from tests.mountkit import Mount
+
+SECRET = b"the-value-nobody-else-reads"
+
+
+@pytest.fixture
+async def xkit(module_account, eng, tmp_path):
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True, xattrs=True) as k:
+        yield k
+
+
+# -- the sealed form ------------------------------------------------------------------------------
+def test_the_sealed_form_round_trips_and_its_largest_fits_one_risk_meta_value():
+    sealer = xattrs.Sealer(bytes(32))
+    attrs = {b"user.a": b"", b"user.b": bytes(range(256)), b"security.selinux": b"system_u:object_r:x\0"}
+    assert sealer.open(sealer.seal(attrs)) == attrs
+    assert sealer.seal({}) is None and sealer.open(None) == {}
+    biggest = {b"user.x": bytes(xattrs.TOTAL_MAX - xattrs.ENTRY_OVERHEAD - 6)}
+    assert xattrs.fits(biggest) and not xattrs.fits({**biggest, b"user.y": b""})
+    assert len(sealer.seal(biggest)) <= xattrs.RISK_VALUE_MAX
+
+
+def test_sealed_attributes_that_do_not_open_are_refused_not_read():
+    sealer = xattrs.Sealer(bytes(32))
+    sealed = sealer.seal({b"user.a": b"1"})
+    with pytest.raises(IntegrityError):
+        xattrs.Sealer(bytes([1]) * 32).open(sealed)  # another key
+    raw = bytearray(base64.b64decode(sealed))
+    raw[-1] ^= 1
+    with pytest.raises(IntegrityError):
+        sealer.open(base64.b64encode(raw).decode())
+    cut = wire.seal(bytes(32), xattrs.encode({b"user.a": b"12345"})[:-2])  # authentic, but cut short
+    with pytest.raises(IntegrityError):
+        sealer.open(base64.b64encode(cut).decode())
+    with pytest.raises(IntegrityError):
+        sealer.open("not base64!")
+
+
+# -- a program's view -----------------------------------------------------------------------------
+async def test_attributes_are_set_listed_read_replaced_and_removed(xkit):
+    await xkit.write_file("f.txt", b"content")
+    await xkit.mkdir("d")
+    before = (await xkit.lookup("f.txt")).st_ctime_ns
+    assert await xkit.listxattr("f.txt") == []
+    with fails_with(errno.ENODATA):
+        await xkit.getxattr("f.txt", b"user.a")
+    await xkit.setxattr("f.txt", b"user.a", b"1")
+    await xkit.setxattr("f.txt", b"user.b", SECRET)
+    await xkit.setxattr("f.txt", b"trusted.t", b"")
+    await xkit.setxattr("d", b"user.dir", b"yes")
+    assert (await xkit.lookup("f.txt")).st_ctime_ns > before
+    assert await xkit.listxattr("f.txt") == [b"trusted.t", b"user.a", b"user.b"]
+    assert await xkit.getxattr("f.txt", b"user.b") == SECRET
+    assert await xkit.getxattr("f.txt", b"trusted.t") == b""
+    await xkit.setxattr("f.txt", b"user.a", b"replaced")
+    assert await xkit.getxattr("f.txt", b"user.a") == b"replaced"
+    await xkit.removexattr("f.txt", b"user.a")
+    with fails_with(errno.ENODATA):
+        await xkit.removexattr("f.txt", b"user.a")
+    assert await xkit.listxattr("f.txt") == [b"trusted.t", b"user.b"]
+    assert await xkit.getxattr("d", b"user.dir") == b"yes"
+    assert await xkit.read_file("f.txt") == b"content"
+
+
+async def test_names_a_mount_does_not_store_and_attributes_past_the_limit_are_refused(xkit):
+    await xkit.write_file("f", b"")
+    for name in (b"system.posix_acl_access", b"nonamespace", b"user.", b"os2.x"):
+        with fails_with(errno.EOPNOTSUPP):
+            await xkit.setxattr("f", name, b"v")
+    with fails_with(errno.ENOSPC):
+        await xkit.setxattr("f", b"user.big", bytes(xattrs.TOTAL_MAX))
+    half = xattrs.TOTAL_MAX // 2
+    await xkit.setxattr("f", b"user.one", bytes(half))
+    with fails_with(errno.ENOSPC):
+        await xkit.setxattr("f", b"user.two", bytes(half))
+    assert await xkit.listxattr("f") == [b"user.one"]  # the refused change left nothing behind
+    xkit.fs.opts.read_only = True
+    try:
+        with fails_with(errno.EROFS):
+            await xkit.setxattr("f", b"user.x", b"")
+        with fails_with(errno.EROFS):
+            await xkit.removexattr("f", b"user.one")
+    finally:
+        xkit.fs.opts.read_only = False
+
+
+async def test_a_filesystem_without_xattrs_answers_enosys_so_the_kernel_says_eopnotsupp(kit):
+    await kit.write_file("f", b"")
+    for call in (
+        kit.getxattr("f", b"user.a"),
+        kit.listxattr("f"),
+        kit.setxattr("f", b"user.a", b""),
+        kit.removexattr("f", b"user.a"),
+    ):
+        with fails_with(errno.ENOSYS):
+            await call
+
+
+# -- what is stored, and who sees it --------------------------------------------------------------
+async def test_attributes_reach_the_vault_sealed_and_a_fresh_client_reads_them(xkit):
+    await xkit.mkdir("docs")
+    await xkit.write_file("docs/a.txt", b"A")
+    await xkit.setxattr("docs/a.txt", b"user.secret", SECRET)
+    await xkit.setxattr("docs", b"user.d", b"dir value")
+    await xkit.symlink("link", "docs/a.txt")
+    await xkit.setxattr("link", b"trusted.l", b"on a symlink")
+    await xkit.settle()
+    infos = {i.file_name: i for i in await xkit.listing()}
+    field = infos["a.txt"].risk[xattrs.FIELD]
+    assert SECRET not in base64.b64decode(field) and b"user.secret" not in base64.b64decode(field)
+    assert attributes(infos["a.txt"]).xattrs == field
+    index = sqlite3.connect(xkit.state / "index.sqlite3")
+    try:
+        rows = index.execute("SELECT name, xattrs FROM nodes WHERE xattrs IS NOT NULL").fetchall()
+    finally:
+        index.close()
+    assert sorted(name for name, _ in rows) == ["a.txt", "docs", "link"]
+    assert all(SECRET not in base64.b64decode(sealed) for _, sealed in rows)
+    async with xkit.fresh(xattrs=True) as other:
+        assert await other.getxattr("docs/a.txt", b"user.secret") == SECRET
+        assert await other.getxattr("docs", b"user.d") == b"dir value"
+        assert await other.getxattr("link", b"trusted.l") == b"on a symlink"
+
+
+async def test_attributes_follow_renames_chmods_and_rewrites_even_through_a_mount_without_xattrs(xkit):
+    await xkit.write_file("a.txt", b"first")
+    await xkit.setxattr("a.txt", b"user.keep", b"kept")
+    await xkit.settle()
+    async with xkit.fresh() as plain:  # a mount without --xattrs carries what it cannot show
+        await plain.rename("a.txt", "b.txt")
+        await plain.setattr("b.txt", mode=0o600)
+        await plain.write_file("b.txt", b"second version")
+        await plain.settle()
+    await xkit.refresh()
+    assert await xkit.read_file("b.txt") == b"second version"
+    assert await xkit.getxattr("b.txt", b"user.keep") == b"kept"
+    await xkit.setxattr("b.txt", b"user.new", b"after")
+    await xkit.settle()
+    async with xkit.fresh(xattrs=True) as other:
+        assert await other.listxattr("b.txt") == [b"user.keep", b"user.new"]
+        assert (await other.lookup("b.txt")).st_mode & 0o777 == 0o600
+
+
+async def test_a_change_made_by_another_client_is_seen_after_a_refresh(xkit):
+    await xkit.write_file("f", b"x")
+    await xkit.settle()
+    async with xkit.fresh(xattrs=True) as other:
+        await other.setxattr("f", b"user.from", b"elsewhere")
+        await other.settle()
+    await xkit.refresh()
+    assert await xkit.getxattr("f", b"user.from") == b"elsewhere"
+
+
+async def test_attributes_sealed_under_another_key_are_eio_and_junk_reads_as_none(xkit):
+    other_key = xattrs.Sealer(xattrs.xattr_key(os.urandom(32)))
+    await xkit.remote.put("forged", b"1", xattrs=other_key.seal({b"user.a": b"forged"}))
+    await xkit.remote.put("junk", b"2", xattrs="not base64 at all!")
+    await xkit.refresh()
+    with fails_with(errno.EIO):
+        await xkit.getxattr("forged", b"user.a")
+    with fails_with(errno.EIO):
+        await xkit.listxattr("forged")
+    assert await xkit.listxattr("junk") == []
+    assert await xkit.read_file("forged") == b"1"  # the content is not touched
+
+
+# -- through the kernel ---------------------------------------------------------------------------
+def test_a_mount_with_xattrs_answers_the_kernels_calls_and_one_without_says_eopnotsupp(engine, tmp_path):
+    with Mount(tmp_path / "x", engine.urls, mount_args=("--xattrs",)).mounted() as m:
+        f = m.dir / "f"
+        f.write_bytes(b"data")
+        os.setxattr(f, "user.a", b"1")
+        with pytest.raises(FileExistsError):
+            os.setxattr(f, "user.a", b"2", os.XATTR_CREATE)
+        with pytest.raises(OSError) as refused:
+            os.setxattr(f, "user.b", b"2", os.XATTR_REPLACE)
+        assert refused.value.errno == errno.ENODATA
+        os.setxattr(f, "user.a", b"2", os.XATTR_REPLACE)
+        assert os.getxattr(f, "user.a") == b"2" and os.listxattr(f) == ["user.a"]
+        (m.dir / "l").symlink_to("f")
+        with pytest.raises(PermissionError):  # the kernel's rule: user.* only on files and directories
+            os.setxattr(m.dir / "l", "user.a", b"1", follow_symlinks=False)
+        with f.open("ab") as out:  # writes go on (the kernel asks for security.capability first)
+            out.write(b"more")
+        assert f.read_bytes() == b"datamore" and m.status()["xattrs"] is True
+        m.wait_idle(timeout=60)
+        m.umount()
+        m.mount_args = ()
+        m.mount()
+        with pytest.raises(OSError) as unsupported:
+            os.getxattr(f, "user.a")
+        assert unsupported.value.errno == errno.EOPNOTSUPP
+        assert f.read_bytes() == b"datamore"
