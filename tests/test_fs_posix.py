@@ -645,7 +645,7 @@ def test_buffered_reads_never_keep_what_an_async_direct_write_replaced(d, tmp_pa
         readers.append(pid)
     try:
         r = subprocess.run(
-            [str(tmp_path / "dio_cycle"), str(path), str(size), "4000"], capture_output=True, text=True, timeout=600
+            [str(tmp_path / "dio_cycle"), str(path), str(size), "3000"], capture_output=True, text=True, timeout=600
         )
     finally:
         for pid in readers:

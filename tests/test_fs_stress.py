@@ -21,7 +21,7 @@ import pytest
 
 from tests.mountkit import Mount, is_mounted
 
-SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "20"))
+SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "15"))
 PROCESSES = 4
 
 
