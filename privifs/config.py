@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,24 @@ def check_config_path(path: Path) -> Path:
     return path
 
 
+def check_not_shared(path: Path) -> None:
+    """Refuse a configuration ``path`` that every local user may replace: the file, or its
+    directory (where the key and password files live), writable by all users (a directory with
+    the sticky bit, like /tmp, is not: others cannot replace what is in it). Such a user could
+    point the configuration at a server and a key of their own and read what is stored next;
+    ssh refuses its files in that case too."""
+    for p in (path.parent, path):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # missing: reported by whoever reads it
+        if st.st_mode & stat.S_IWOTH and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            raise ConfigError(
+                f"{p} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): another user could "
+                f"replace the configuration or the keys beside it; run 'chmod o-w {p}'"
+            )
+
+
 def default_config_path() -> Path:
     env = os.environ.get("PRIVIFS_CONFIG")
     return Path(env) if env else paths.config_dir() / "config.toml"
@@ -112,6 +131,7 @@ class Config:
 
 def load(path: Path | None = None) -> Config:
     path = path or default_config_path()
+    check_not_shared(path)
     try:
         raw = tomllib.loads(paths.read_small(path).decode())
     except FileNotFoundError:
@@ -185,6 +205,7 @@ def save(cfg: Config) -> None:
                 lines.append(f"{k} = {_toml_value(v)}")
     check_config_path(cfg.path)
     paths.private_dir(cfg.path.parent)
+    check_not_shared(cfg.path)
     tmp = cfg.path.with_name(f".{cfg.path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -271,6 +271,41 @@ def test_a_configuration_named_like_a_secret_beside_it_is_refused_before_anythin
     assert not (tmp_path / "xdg_data_home").exists()
 
 
+@pytest.mark.timeout(120)
+def test_a_configuration_every_user_may_replace_is_refused_with_the_chmod_to_run(tmp_path, capsys, state, monkeypatch):
+    """A configuration directory of mode 0777 was used as any other (helper hY): another local
+    user could put a configuration and a key of their own there, and read what is stored next.
+    Such a directory or file is refused by every command and by init, naming the chmod; a
+    directory with the sticky bit (like /tmp) and a group-writable one (umask 002) are not."""
+    for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    cfg_dir = tmp_path / "cfg"
+    cfg_dir.mkdir()
+    cfg = cfg_dir / "config.toml"
+    cfg.write_text('[server]\nembedded = false\napi = "http://127.0.0.1:9"\n')
+    for mode, target, refused in (
+        (0o777, cfg_dir, True),
+        (0o755, cfg_dir, False),
+        (0o1777, cfg_dir, False),
+        (0o775, cfg_dir, False),
+        (0o666, cfg, True),
+    ):
+        cfg_dir.chmod(0o700)
+        cfg.chmod(0o600)
+        target.chmod(mode)
+        code = main(["--config", str(cfg), "token", "ls"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        if refused:
+            assert code == 3 and "writable by every user" in err and f"chmod o-w {target}" in err, err
+        else:
+            assert "writable by every user" not in err, (mode, err)
+    cfg_dir.chmod(0o777)
+    assert main(["--config", str(cfg_dir / "new.toml"), "init"]) == 3
+    assert "writable by every user" in capsys.readouterr().err
+    assert not (cfg_dir / "new.toml").exists() and not (cfg_dir / "aes.key").exists()
+
+
 def test_a_command_without_a_runtime_dir_also_looks_in_the_login_sessions(tmp_path, monkeypatch):
     """A mount started in a login shell registers in /run/user/UID/privifs; 'privifs umount' run
     from cron or a boot script (no XDG_RUNTIME_DIR) looked only in the state directory and

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "hypercorn.error", "trio-websocket"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        from privifs.config import check_config_path, default_config_path
+        from privifs.config import check_config_path, check_not_shared, default_config_path
 
-        check_config_path(args.config or default_config_path())
+        check_not_shared(check_config_path(args.config or default_config_path()))
         code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
