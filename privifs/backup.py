@@ -36,6 +36,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -337,17 +338,51 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> _Opened:
     return _Opened(header, header_bytes, key, members)
 
 
+def check_restore(src: Path, cfg_path: Path) -> None:
+    """What a restore can tell before its passphrase is asked for: no configuration is in the
+    way, and ``src`` opens as a backup (it said "does not exist" only after the passphrase)."""
+    _check_no_config(cfg_path)
+    with _open_backup(src):
+        pass
+
+
+def _check_no_config(cfg_path: Path) -> None:
+    if cfg_path.exists():
+        raise BackupError(
+            f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
+            f"privifs never overwrites a configuration or a secret"
+        )
+
+
+def _open_backup(src: Path) -> tarfile.TarFile:
+    try:
+        mode: int | None = os.stat(src).st_mode
+    except OSError:
+        mode = None  # said by the open below
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise BackupFileError(f"{src} is not a regular file, so not a backup")  # (a FIFO blocked the open)
+    try:
+        # ignore_zeros: a damaged member header is skipped, block by block, to the next good
+        # one (tar reading otherwise ends there, as if the backup ended: one changed byte lost
+        # every data file after it)
+        return tarfile.open(src, ignore_zeros=True)
+    except FileNotFoundError:
+        raise BackupFileError(f"{src} does not exist") from None
+    except IsADirectoryError:
+        raise BackupFileError(f"{src} is a directory, not a backup file") from None
+    except tarfile.TarError:
+        raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
+    except OSError as exc:
+        raise BackupFileError(f"cannot read the backup {src}: {exc.strerror or exc}") from None
+
+
 def restore_backup(
     src: Path, passphrase: str, cfg_path: Path, *, engine_dir: Path | None = None, progress: Progress | None = None
 ) -> Summary:
     """Rebuild the configuration, secrets and (embedded) engine data of a backup onto a machine
     that has none of them; a wrong passphrase, a damaged file or anything already in place stops
     it before it writes anything."""
-    if cfg_path.exists():
-        raise BackupError(
-            f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
-            f"privifs never overwrites a configuration or a secret"
-        )
+    _check_no_config(cfg_path)
     marker = restoring_marker(cfg_path)
     interrupted = marker.exists()  # a restore killed before: its engine data may be in place already
     made = [d for d in (marker.parent, *marker.parent.parents) if not d.exists()]  # (deepest first)
@@ -395,18 +430,7 @@ def _lock_marker(marker: Path) -> int:
 def _restore(
     src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None, *, interrupted: bool
 ) -> Summary:
-    try:
-        # ignore_zeros: a damaged member header is skipped, block by block, to the next good
-        # one (tar reading otherwise ends there, as if the backup ended: one changed byte lost
-        # every data file after it)
-        tar = tarfile.open(src, ignore_zeros=True)
-    except FileNotFoundError:
-        raise BackupFileError(f"{src} does not exist") from None
-    except tarfile.TarError:
-        raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
-    except OSError as exc:
-        raise BackupFileError(f"cannot read the backup {src}: {exc.strerror or exc}") from None
-    with tar:
+    with _open_backup(src) as tar:
         opened = _open_secrets(tar, passphrase)
         members = opened.members
         doc = json.loads(members["account.json"])

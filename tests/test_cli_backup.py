@@ -336,6 +336,12 @@ def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path)
         assert r.stderr.count("\n") == 1 and "not a privifs backup" in r.stderr, (name, r.stderr)
     r = privifs(env, "restore", str(tmp_path), check=False)  # a directory
     assert r.returncode in (3, 4) and r.stderr.count("\n") == 1 and "directory" in r.stderr, r.stderr
+    # said before any passphrase is asked for (none is at hand here): the restore asked for it
+    # first, and a FIFO named as the backup blocked the command
+    os.mkfifo(tmp_path / "fifo.backup")
+    for name, says in (("missing.backup", "does not exist"), ("fifo.backup", "not a regular file")):
+        r = privifs(fresh.env, "restore", str(tmp_path / name), check=False, timeout=30)
+        assert r.returncode == 4 and r.stderr.count("\n") == 1 and says in r.stderr, (name, r.stderr)
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
 
 

@@ -17,7 +17,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from privifs.backup import check_backup_target, restore_backup, write_backup
+from privifs.backup import check_backup_target, check_restore, restore_backup, write_backup
 from privifs.cli.commands import help_of
 from privifs.cli.prompt import ask_secret
 from privifs.config import default_config_path, load
@@ -119,6 +119,7 @@ def staged_changes(index: Path) -> int:
 
 def run_restore(args: argparse.Namespace) -> int:
     cfg_path = args.config or default_config_path()
+    check_restore(args.file, cfg_path)  # before the passphrase is asked for
     secret = passphrase(args, confirm=False)
     with TerminalProgress("restoring the vault's data") as progress:
         summary = restore_backup(args.file, secret, cfg_path, progress=progress)
