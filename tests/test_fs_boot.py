@@ -147,10 +147,20 @@ def test_helper_translates_mount_options_into_privifs_mount():
             "/mnt/v",
             "-n",
             "-o",
-            "rw,_netdev,x-systemd.automount,nofail,allow_other,noexec,cache_size=1G,config=/etc/p.toml",
+            "rw,_netdev,x-systemd.automount,nofail,allow_other,noexec,xattrs,cache_size=1G,config=/etc/p.toml",
         ]
     )
-    assert args == ["--config", "/etc/p.toml", "mount", "/mnt/v", "--allow-other", "--noexec", "--cache-size", "1G"]
+    assert args == [
+        "--config",
+        "/etc/p.toml",
+        "mount",
+        "/mnt/v",
+        "--allow-other",
+        "--noexec",
+        "--xattrs",
+        "--cache-size",
+        "1G",
+    ]
     assert not fake
     args, _ = translate(["scratch-vault", "/mnt/v", "-o", "rw"])
     assert args == ["mount", "/mnt/v", "--fsname", "scratch-vault"]
