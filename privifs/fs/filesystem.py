@@ -135,6 +135,7 @@ class Filesystem:
         self.opts = opts
         self.sync = sync
         self.xattrs = xattrs.Sealer(vault.derive(xattrs.xattr_key))
+        self._xattrs_refused: dict[int, str | None] = {}  # inode -> the sealed value last refused
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, int | tuple[int, list[tuple[int, int]]]] = {}  # the inode until the first readdir
         self._next_fh = 1
@@ -475,7 +476,9 @@ class Filesystem:
         try:
             return self.xattrs.open(node.xattrs)
         except IntegrityError as exc:
-            log.error("%s: extended attributes refused: %s", self.ns.path(node), exc)
+            if self._xattrs_refused.get(node.ino) != node.xattrs:  # logged once (asked before every write)
+                self._xattrs_refused[node.ino] = node.xattrs
+                log.error("%s: extended attributes refused (EIO): %s", self.ns.path(node), exc)
             raise fail(errno.EIO) from None
 
     def _store_xattrs(self, node: Node, attrs: xattrs.Attrs) -> None:
