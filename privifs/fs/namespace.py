@@ -28,6 +28,7 @@ import logging
 import operator
 import sqlite3
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -277,6 +278,16 @@ class Node:
         n = cls(row["ino"], row["parent"], row["name"], row["kind"], row["mode"], row["mtime_ns"])
         for c in COLUMNS:
             setattr(n, c, row[c])
+        # one string for what many nodes hold alike (a mount keeps every node: 1,416 -> 1,196
+        # bytes a node, tracemalloc of 30,000 loaded): kinds, extensions, a directory's context,
+        # and the listed name that is the entry's name
+        n.kind = sys.intern(n.kind)
+        if n.remote_extension is not None:
+            n.remote_extension = sys.intern(n.remote_extension)
+        if n.remote_context is not None:
+            n.remote_context = sys.intern(n.remote_context)
+        if n.remote_name == n.name:
+            n.remote_name = n.name
         return n
 
 
