@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,8 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
         err = capsys.readouterr().err
         assert code == 3, (cfg, code, err)
         assert err.count("\n") == 1 and says in err and "internal error" not in err, (cfg, err)
+    with tarfile.open(tmp_path / "x.backup", "w"):  # a tar (restore says a missing backup first)
+        pass
     code = main(["restore", str(tmp_path / "x.backup"), "--passphrase-file", str(fifo)])
     err = capsys.readouterr().err
     assert code == 3 and "not a regular file" in err, err
