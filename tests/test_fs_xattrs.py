@@ -11,9 +11,11 @@ import base64
 import errno
 import os
 import sqlite3
+from dataclasses import replace
 
 import pytest
 
+from privifs.client.shapes import TokenInfo
 from privifs.crypto import wire
 from privifs.errors import IntegrityError
 from privifs.fs import xattrs
@@ -188,6 +190,23 @@ async def test_attributes_sealed_under_another_key_are_eio_and_junk_reads_as_non
     assert await xkit.read_file("forged") == b"1"  # the content is not touched
 
 
+@pytest.mark.parametrize("junk", ["abcde", "A===", "AAAAA=", "not base64 at all!", "===="])
+def test_a_field_that_is_not_base64_reads_as_no_attributes(junk):
+    info = TokenInfo(
+        token="dtk-x",
+        context="/",
+        file_name="f",
+        extension="",
+        size=1,
+        path=None,
+        created_at=None,
+        risk={xattrs.FIELD: junk},
+    )
+    assert attributes(info).xattrs is None
+    sealed = xattrs.Sealer(bytes(32)).seal({b"user.a": b"1"})
+    assert attributes(replace(info, risk={xattrs.FIELD: sealed})).xattrs == sealed
+
+
 # -- through the kernel ---------------------------------------------------------------------------
 def test_a_mount_with_xattrs_answers_the_kernels_calls_and_one_without_says_eopnotsupp(engine, tmp_path):
     with Mount(tmp_path / "x", engine.urls, mount_args=("--xattrs",)).mounted() as m:
@@ -215,3 +234,19 @@ def test_a_mount_with_xattrs_answers_the_kernels_calls_and_one_without_says_eopn
             os.getxattr(f, "user.a")
         assert unsupported.value.errno == errno.EOPNOTSUPP
         assert f.read_bytes() == b"datamore"
+
+
+def test_trusted_names_are_listed_only_to_callers_with_cap_sys_admin(engine, tmp_path):
+    """As ext4 and tmpfs: the kernel refuses others' getxattr of a trusted.* name (ENODATA), so
+    listing it to them made 'rsync -X' exit 23 and 'getfattr -d -m-' print an error."""
+    from tests.test_fs_posix import as_user
+
+    with Mount(tmp_path / "x", engine.urls, mount_args=("--xattrs",)).mounted("--allow-other") as m:
+        f = m.dir / "f"
+        f.write_bytes(b"data")
+        f.chmod(0o644)
+        m.dir.chmod(0o755)
+        for name in ("trusted.t", "user.u", "security.s"):
+            os.setxattr(f, name, b"1")
+        assert sorted(os.listxattr(f)) == ["security.s", "trusted.t", "user.u"]
+        assert sorted(as_user(m.dir, lambda: os.listxattr("f"))) == ["security.s", "user.u"]

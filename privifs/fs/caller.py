@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+CAP_SYS_ADMIN = 21
+
 
 @dataclass(frozen=True)
 class Caller:
@@ -27,6 +29,20 @@ class Caller:
         except OSError:
             pass
         return frozenset()
+
+    def may_read_trusted(self) -> bool:
+        """Whether the caller holds CAP_SYS_ADMIN (``CapEff:`` of ``/proc/PID/status``), which the
+        kernel asks of whoever reads a ``trusted.*`` attribute and ext4 of whoever lists one; when
+        the status cannot be read, only uid 0 is taken for it."""
+        if self.pid > 0:
+            try:
+                with open(f"/proc/{self.pid}/status", encoding="ascii", errors="replace") as f:
+                    for line in f:
+                        if line.startswith("CapEff:"):
+                            return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+            except (OSError, ValueError, IndexError):
+                pass
+        return self.uid == 0
 
     def class_of(self, uid: int, gid: int) -> int:
         """The shift of the permission bits that apply to this caller for a file owned by

@@ -72,7 +72,10 @@ def same_context(a: str | None, b: str | None) -> bool:
 
 TIME_MIN, TIME_MAX = -(2**63), 2**63 - 1  # nanoseconds: what st_*time_ns and an index column hold
 # a sealed xattrs field as privifs writes it (another application's junk reads as no attributes)
-_BASE64 = re.compile(rf"[A-Za-z0-9+/]{{4,{xattrs.RISK_VALUE_MAX}}}={{0,2}}")
+_BASE64 = re.compile(
+    rf"(?:[A-Za-z0-9+/]{{4}}){{0,{xattrs.RISK_VALUE_MAX // 4 - 1}}}"
+    r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{2}==)"
+)
 ID_MAX = 2**32 - 2  # the largest uid_t / gid_t ((uid_t)-1 means "no owner change")
 
 
