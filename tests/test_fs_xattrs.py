@@ -43,6 +43,17 @@ def test_the_sealed_form_round_trips_and_its_largest_fits_one_risk_meta_value():
     assert len(sealer.seal(biggest)) <= xattrs.RISK_VALUE_MAX
 
 
+def test_an_opened_set_is_kept_and_each_caller_gets_a_dict_of_its_own():
+    sealer = xattrs.Sealer(bytes(32))
+    sealed = sealer.seal({b"user.a": b"1"})
+    first = sealer.open(sealed)
+    first[b"user.b"] = b"2"  # (setxattr changes what it was given before sealing it anew)
+    assert sealer.open(sealed) == {b"user.a": b"1"}
+    for i in range(xattrs.OPENED_KEPT + 1):
+        sealer.open(sealer.seal({b"user.n": str(i).encode()}))
+    assert sealer.open(sealed) == {b"user.a": b"1"} and len(sealer._opened) <= xattrs.OPENED_KEPT
+
+
 def test_sealed_attributes_that_do_not_open_are_refused_not_read():
     sealer = xattrs.Sealer(bytes(32))
     sealed = sealer.seal({b"user.a": b"1"})

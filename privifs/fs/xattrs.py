@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import OrderedDict
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -35,6 +36,7 @@ RISK_VALUE_MAX = 8192  # characters in one risk-meta value (docs/engine.md)
 # the largest plaintext whose sealed base64 fits RISK_VALUE_MAX: 4 * ceil((n + 28) / 3) <= 8192
 TOTAL_MAX = RISK_VALUE_MAX // 4 * 3 - wire.OVERHEAD
 ENTRY_OVERHEAD = 5  # the length bytes of one attribute
+OPENED_KEPT = 64  # sealed sets kept opened (the kernel asks for security.capability before each write)
 
 Attrs = dict[bytes, bytes]
 
@@ -87,17 +89,28 @@ class Sealer:
 
     def __init__(self, key: bytes):
         self.key = key
+        # the last sets opened, by their sealed form: opening one of 190 attributes took 0.2 ms,
+        # asked before every write(2) (20,000 pwrites of 100 bytes: 10-15 s against 3.7-5.2 s)
+        self._opened: OrderedDict[str, Attrs] = OrderedDict()
 
     def open(self, stored: str | None) -> Attrs:
-        """The attributes ``stored`` (a node's ``xattrs``) holds; :class:`IntegrityError` when it
-        does not open (altered, or sealed under another key)."""
+        """The attributes ``stored`` (a node's ``xattrs``) holds (a dict of the caller's own);
+        :class:`IntegrityError` when it does not open (altered, or sealed under another key)."""
         if not stored:
             return {}
-        try:
-            sealed = base64.b64decode(stored, validate=True)
-        except (binascii.Error, ValueError):
-            raise IntegrityError("the extended attributes' field is not base64") from None
-        return decode(wire.open_sealed(self.key, sealed))
+        attrs = self._opened.get(stored)
+        if attrs is None:
+            try:
+                sealed = base64.b64decode(stored, validate=True)
+            except (binascii.Error, ValueError):
+                raise IntegrityError("the extended attributes' field is not base64") from None
+            attrs = decode(wire.open_sealed(self.key, sealed))
+            self._opened[stored] = attrs
+            if len(self._opened) > OPENED_KEPT:
+                self._opened.popitem(last=False)
+        else:
+            self._opened.move_to_end(stored)
+        return dict(attrs)
 
     def seal(self, attrs: Attrs) -> str | None:
         """What a node's ``xattrs`` holds for ``attrs`` (None: no attributes; see :func:`fits`)."""
