@@ -59,3 +59,22 @@ def test_a_listed_size_that_is_negative_or_past_64_bits_is_no_size():
         assert TokenInfo.from_item({**base, "size": junk}).size is None, junk
     assert TokenInfo.from_item({**base, "size": 2**63 - 1}).size == 2**63 - 1
     assert TokenInfo.from_item({**base, "size": "14"}).size == 14
+
+
+def test_fields_a_later_privifs_writes_are_kept_and_our_own_are_written_afresh():
+    """An older privifs dropped every privifs field it did not know on a chmod or rename (the
+    extended attributes a later mount set were lost, helper hA): only the fields risk_fields
+    writes are replaced now."""
+    base = {
+        "privifs.future": "kept",
+        "other.app": "kept",
+        "privifs.digest": "d" * 64,
+        "privifs.mode": "777",
+        "privifs.target": "stale",
+        "privifs.xattrs": "stale",
+        "privifs.uid": "5",
+    }
+    risk = tokenmeta.risk_fields(base, tokenmeta.KIND_FILE, 0o640, 7, None, None, None)
+    assert risk["privifs.future"] == "kept" and risk["other.app"] == "kept" and risk["privifs.digest"] == "d" * 64
+    assert risk["privifs.mode"] == "640" and risk["privifs.mtime"] == "7"
+    assert not {"privifs.target", "privifs.xattrs", "privifs.uid"} & set(risk)

@@ -449,9 +449,14 @@ class Filesystem:
             raise fail(errno.ENODATA)
         return value
 
-    def listxattr(self, ino: int) -> list[bytes]:
+    def listxattr(self, ino: int, caller: Caller) -> list[bytes]:
         node = self.xattr_node(ino)
-        return sorted(self._xattrs(node)) if node.xattrs else []
+        names = sorted(self._xattrs(node)) if node.xattrs else []
+        if any(n.startswith(b"trusted.") for n in names) and not caller.may_read_trusted():
+            # as ext4 and tmpfs list them: only to CAP_SYS_ADMIN (the kernel refuses the others'
+            # getxattr of them with ENODATA, so 'rsync -X' and 'getfattr -d -m-' failed on them)
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         node = self.xattr_node(ino)

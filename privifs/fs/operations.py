@@ -146,12 +146,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def listxattr(self, inode, ctx):
-        names = self.fs.listxattr(inode)
-        if any(n.startswith(b"trusted.") for n in names) and not Caller(ctx.uid, ctx.gid, ctx.pid).may_read_trusted():
-            # as ext4 and tmpfs list them: only to CAP_SYS_ADMIN (the kernel refuses the others'
-            # getxattr of them with ENODATA, so 'rsync -X' and 'getfattr -d -m-' failed on them)
-            names = [n for n in names if not n.startswith(b"trusted.")]
-        return names
+        return self.fs.listxattr(inode, Caller(ctx.uid, ctx.gid, ctx.pid))
 
     @handler
     async def setxattr(self, inode, name, value, ctx):

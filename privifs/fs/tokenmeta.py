@@ -44,6 +44,22 @@ OFFICIAL_RISK = {"classification": "confidential", "label": "privifs", "handling
 # a manifest stays a manifest, a content digest stays (docs/format.md); a content upload starts
 # from the risk meta of its content alone
 CARRIED = frozenset({"privifs.parts", digest.FIELD})
+# the fields risk_fields writes from a node's attributes (present or left out); any other field is
+# kept as the token has it: other applications', CARRIED, and those of a later privifs (an older
+# one dropped every privifs field it did not know: a chmod there lost the extended attributes)
+WRITTEN = frozenset(
+    {
+        "privifs.type",
+        "privifs.mode",
+        "privifs.mtime",
+        "privifs.atime",
+        "privifs.target",
+        "privifs.rdev",
+        "privifs.uid",
+        "privifs.gid",
+        xattrs.FIELD,
+    }
+)
 
 KIND_FILE, KIND_DIR, KIND_SYMLINK = "file", "dir", "symlink"
 KIND_FIFO, KIND_SOCKET, KIND_CHARDEV, KIND_BLOCKDEV = "fifo", "socket", "chardev", "blockdev"
@@ -156,7 +172,7 @@ def risk_fields(
 ) -> dict[str, str]:
     """The risk meta to send: what the token had (other applications' fields kept), the three
     official fields, and our attributes."""
-    fields = {k: v for k, v in base.items() if not k.startswith("privifs.") or k in CARRIED}
+    fields = {k: v for k, v in base.items() if k not in WRITTEN}
     for k, v in OFFICIAL_RISK.items():
         fields.setdefault(k, v)
     fields["privifs.type"] = kind
