@@ -13,7 +13,8 @@
   absent in older tokens, the access time reads as mtime), ``privifs.target`` (symlink target),
   ``privifs.uid`` and ``privifs.gid`` (only when not the mount's owner and group: after a chown,
   or made by another user of an ``--allow-other`` mount), ``privifs.xattrs`` (the entry's extended
-  attributes, sealed: :mod:`privifs.fs.xattrs`). Fields other applications set are kept.
+  attributes, sealed: :mod:`privifs.fs.xattrs`). Any other field is kept (:data:`WRITTEN`):
+  other applications', and a later privifs's.
 * A FIFO, a socket or a device node (``mknod``, ``mkfifo``, ``bind``) is an empty token like a
   marker with its type; what passes through it stays in the kernel of the machine that opened it
   (a mount is ``nodev``: a device node in the vault opens no device anywhere).
