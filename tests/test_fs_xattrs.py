@@ -21,7 +21,7 @@ from privifs.errors import IntegrityError
 from privifs.fs import xattrs
 from privifs.fs.tokenmeta import attributes
 from tests.fskit import fails_with, inprocess_fs
-from tests.mountkit import Mount
+from tests.mountkit import Mount, privifs
 
 SECRET = b"the-value-nobody-else-reads"
 
@@ -237,6 +237,7 @@ def test_a_mount_with_xattrs_answers_the_kernels_calls_and_one_without_says_eopn
         with f.open("ab") as out:  # writes go on (the kernel asks for security.capability first)
             out.write(b"more")
         assert f.read_bytes() == b"datamore" and m.status()["xattrs"] is True
+        assert "xattrs:       stored" in privifs(m.env, "status", str(m.dir)).stdout
         m.wait_idle(timeout=60)
         m.umount()
         m.mount_args = ()

@@ -434,6 +434,8 @@ def print_status(st: dict) -> None:
     fsync_line = _fsync_line(st.get("fsync"))
     if fsync_line:
         print(fsync_line)
+    if "xattrs" in st:  # (a daemon before --xattrs does not say)
+        print("  xattrs:       " + ("stored (--xattrs)" if st["xattrs"] else "off (EOPNOTSUPP; --xattrs stores them)"))
     for p in st["pending"][:PENDING_LISTED]:
         print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
     if count > PENDING_LISTED:
