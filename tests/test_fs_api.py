@@ -313,6 +313,47 @@ async def test_versions_this_mount_replaced_or_removed_leave_the_cache(kit):
     assert await kit.vault_tree() == {}
 
 
+async def test_rename_exchange_swaps_two_files_and_the_vault_and_a_fresh_client_follow(kit):
+    """renameat2(RENAME_EXCHANGE) was EINVAL: an atomic swap (util-linux's exch, flatpak's
+    deployments) could not be made on the drive."""
+    await kit.mkdir("d")
+    await kit.write_file("a", b"content of a")
+    await kit.write_file("d/b", b"content of b")
+    await kit.settle()
+    tokens = {i.file_name: i.token for i in await kit.listing()}
+    a_ino, b_ino = await kit.ino("a"), await kit.ino("d/b")
+    await kit.rename("a", "d/b", pyfuse3.RENAME_EXCHANGE)
+    assert await kit.tree() == {"a": b"content of b", "d": "dir", "d/b": b"content of a"}
+    assert (await kit.ino("a"), await kit.ino("d/b")) == (b_ino, a_ino)  # the inodes moved, not the bytes
+    await kit.settle()
+    listed = {(i.context, i.file_name): i.token for i in await kit.listing()}
+    assert listed[("/", "a")] == tokens["b"] and listed[("/d", "b")] == tokens["a"]  # no upload: two renames
+    async with kit.fresh() as other:
+        assert await other.tree() == {"a": b"content of b", "d": "dir", "d/b": b"content of a"}
+
+
+async def test_rename_exchange_swaps_a_directory_with_a_file_and_moves_its_subtree(kit):
+    await kit.mkdir("dir")
+    await kit.mkdir("dir/sub")
+    await kit.write_file("dir/sub/deep", b"deep")
+    await kit.mkdir("other")
+    await kit.write_file("other/file", b"file")
+    await kit.settle()
+    await kit.rename("dir", "other/file", pyfuse3.RENAME_EXCHANGE)
+    expected = {
+        "dir": b"file",
+        "other": "dir",
+        "other/file": "dir",
+        "other/file/sub": "dir",
+        "other/file/sub/deep": b"deep",
+    }
+    assert await kit.tree() == expected
+    await kit.settle()
+    assert await kit.vault_tree() == expected
+    async with kit.fresh() as other:
+        assert await other.tree() == expected
+
+
 async def test_rename_refuses_what_posix_refuses(kit):
     await kit.mkdir("full")
     await kit.write_file("full/f", b"x")
@@ -332,7 +373,15 @@ async def test_rename_refuses_what_posix_refuses(kit):
     with fails_with(errno.EEXIST):
         await kit.rename("file", "full/f", pyfuse3.RENAME_NOREPLACE)
     with fails_with(errno.EINVAL):
-        await kit.rename("file", "full/f", pyfuse3.RENAME_EXCHANGE)
+        await kit.rename("file", "full/f", pyfuse3.RENAME_EXCHANGE | pyfuse3.RENAME_NOREPLACE)
+    with fails_with(errno.ENOENT):  # RENAME_EXCHANGE needs both
+        await kit.rename("file", "missing", pyfuse3.RENAME_EXCHANGE)
+    with fails_with(errno.EINVAL):  # a directory into its own subtree, either way round
+        await kit.rename("full", "full/f", pyfuse3.RENAME_EXCHANGE)
+    with fails_with(errno.EINVAL):
+        await kit.rename("full/f", "full", pyfuse3.RENAME_EXCHANGE)
+    with fails_with(errno.EINVAL):
+        await kit.rename("file", "x", 4)  # RENAME_WHITEOUT
     await kit.rename("file", "file")  # onto itself: nothing happens
     await kit.rename("d", "empty")  # a directory over an empty one
     await kit.rename("file", "fresh", pyfuse3.RENAME_NOREPLACE)

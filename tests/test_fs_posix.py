@@ -220,9 +220,22 @@ def test_rename_files_with_posix_overwrite(d):
     assert errno_of(renameat2, str(d / "c"), str(d / "b"), RENAME_NOREPLACE) == errno.EEXIST
     renameat2(str(d / "c"), str(d / "new"), RENAME_NOREPLACE)
     assert (d / "new").read_bytes() == b"C"
-    assert errno_of(renameat2, str(d / "new"), str(d / "b"), RENAME_EXCHANGE) == errno.EINVAL
     os.rename(d / "new", d / "new")  # same entry: nothing happens
     assert (d / "new").read_bytes() == b"C"
+
+
+def test_rename_exchange_swaps_two_entries_through_the_kernel(d):
+    """renameat2(RENAME_EXCHANGE) was EINVAL. The kernel swaps its dentries: open descriptors
+    and later lookups see each entry under the other's name."""
+    (d / "x").write_bytes(b"X")
+    (d / "ydir").mkdir()
+    (d / "ydir" / "inside").write_bytes(b"I")
+    with open(d / "x", "rb") as held:
+        renameat2(str(d / "x"), str(d / "ydir"), RENAME_EXCHANGE)
+        assert (d / "ydir").read_bytes() == b"X" and held.read() == b"X"
+    assert (d / "x" / "inside").read_bytes() == b"I" and (d / "x").is_dir()
+    assert errno_of(renameat2, str(d / "x"), str(d / "missing"), RENAME_EXCHANGE) == errno.ENOENT
+    assert errno_of(renameat2, str(d / "x"), str(d / "x" / "inside"), RENAME_EXCHANGE) == errno.EINVAL
 
 
 def test_rename_directories(d):
@@ -546,7 +559,7 @@ def test_a_directory_removed_or_renamed_over_while_open_has_no_links(d):
 def test_rename_whiteout_is_refused_not_ignored(d):
     """xfstests generic/078: renameat2(RENAME_WHITEOUT) was accepted and did a plain rename, leaving
     no whiteout (a 0:0 character device) at the old name, as if the flag were supported; an
-    unsupported rename flag is EINVAL (as RENAME_EXCHANGE is), and nothing moves."""
+    unsupported rename flag is EINVAL, and nothing moves."""
     (d / "a").write_text("a")
     (d / "b").write_text("b")
     for new in ("b", "c"):

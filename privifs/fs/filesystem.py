@@ -689,7 +689,9 @@ class Filesystem:
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int) -> None:
         self.writable_fs()
-        if flags & ~pyfuse3.RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT (it was ignored)
+        if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE) or flags == (
+            pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
+        ):  # RENAME_WHITEOUT (it was ignored), or both
             raise fail(errno.EINVAL)
         old_parent = self.dir_node(old_parent_ino)
         new_parent = self.dir_node(new_parent_ino)
@@ -698,6 +700,8 @@ class Filesystem:
             raise fail(errno.ENOENT)
         text = self.valid_name(new_parent, new_name)
         target = self.ns.child(new_parent, text)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            return self._exchange(node, target, new_parent)
         if target is node:
             return
         if node.is_dir and self.ns.is_ancestor(node, new_parent):
@@ -727,6 +731,41 @@ class Filesystem:
                         self.touch_meta(d)
             self.touch_meta(node)
             self.keep_empty_dir(old_parent)
+
+    def _exchange(self, node: Node, other: Node | None, other_parent: Node) -> None:
+        """``renameat2(RENAME_EXCHANGE)``: ``node`` and ``other`` (an entry of ``other_parent``)
+        trade places, of any types, atomically here; in the vault, as two renames (each token's
+        meta written, a directory's subtree with it), after which every client shows the swap."""
+        if other is None:
+            raise fail(errno.ENOENT)
+        if other is node:
+            return
+        parent = self.ns.get(node.parent)
+        if parent is None:
+            raise fail(errno.ENOENT)
+        if (
+            node.is_dir
+            and self.ns.is_ancestor(node, other_parent)
+            or other.is_dir
+            and self.ns.is_ancestor(other, parent)
+        ):
+            raise fail(errno.EINVAL)  # into its own subtree
+        here, there = node.name, other.name
+        self.fits_the_vault(other_parent, there, self.deepest_below(node) if node.is_dir else 0)
+        self.fits_the_vault(parent, here, self.deepest_below(other) if other.is_dir else 0)
+        with self.index.kept():
+            self.ns.exchange(node, other)
+            for moved in (node, other):
+                self.sync.superseded_under(moved)
+                if moved.is_dir:
+                    self.ns.set_explicit(moved, True)
+                    for d in self.ns.descendants(moved):
+                        if d is not moved and (d.token or d.explicit):
+                            self.touch_meta(d)
+                self.touch_meta(moved)
+            self.touch_parent(parent)
+            if other_parent is not parent:
+                self.touch_parent(other_parent)
 
     # -- file content ----------------------------------------------------------------------------
     def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:

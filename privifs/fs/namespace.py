@@ -1025,6 +1025,17 @@ class Namespace:
         self.detach(node)
         self.attach(parent, name, node)
 
+    def exchange(self, a: Node, b: Node) -> None:
+        """Put ``a`` where ``b`` is and ``b`` where ``a`` was (RENAME_EXCHANGE)."""
+        a_parent, a_name = self.get(a.parent), a.name
+        b_parent, b_name = self.get(b.parent), b.name
+        if a_parent is None or b_parent is None:
+            raise NodeGone(f"{a.name} or {b.name} left the tree")
+        self.detach(a)
+        self.detach(b)
+        self.attach(b_parent, b_name, a)
+        self.attach(a_parent, a_name, b)
+
     def show_as(self, node: Node, name: str | None) -> None:
         """Record the name the entry shows under because its token says so (None: chosen here)."""
         node.shown_as = name
