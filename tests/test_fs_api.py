@@ -332,6 +332,23 @@ async def test_rename_exchange_swaps_two_files_and_the_vault_and_a_fresh_client_
         assert await other.tree() == {"a": b"content of b", "d": "dir", "d/b": b"content of a"}
 
 
+async def test_a_swap_seen_halfway_by_another_client_ends_under_the_plain_names(kit):
+    """Another client's RENAME_EXCHANGE reaches the vault as two renames; a listing between them
+    shows two tokens at one name (one as a conflict copy) and none at the other. The listing
+    after the second shows both under their plain names, not the copy for good."""
+    await kit.write_file("a", b"content of a")
+    await kit.write_file("b", b"content of b")
+    await kit.settle()
+    a_token, b_token = kit.node("a").token, kit.node("b").token
+    await kit.client.tokens.update(a_token, file_name="b", extension="", context="/")  # the first half
+    await kit.refresh()
+    halfway = await kit.tree()
+    assert "a" not in halfway and sorted(halfway.values()) == [b"content of a", b"content of b"]
+    await kit.client.tokens.update(b_token, file_name="a", extension="", context="/")  # the second half
+    await kit.refresh()
+    assert await kit.tree() == {"a": b"content of b", "b": b"content of a"}
+
+
 async def test_rename_exchange_swaps_a_directory_with_a_file_and_moves_its_subtree(kit):
     await kit.mkdir("dir")
     await kit.mkdir("dir/sub")
