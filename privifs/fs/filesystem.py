@@ -721,16 +721,21 @@ class Filesystem:
                 self.sync.replaced_by_rename(target, node)
                 self._remove(target)
             self.ns.move(node, new_parent, text)
-            self.sync.superseded_under(node)
+            self._moved(node)
             self.touch_parent(old_parent)
             self.touch_parent(new_parent)
-            if node.is_dir:
-                self.ns.set_explicit(node, True)
-                for d in self.ns.descendants(node):
-                    if d is not node and (d.token or d.explicit):
-                        self.touch_meta(d)
-            self.touch_meta(node)
             self.keep_empty_dir(old_parent)
+
+    def _moved(self, node: Node) -> None:
+        """``node`` took another place in the tree: its token's meta, and that of every token
+        below it, must say so (a rename is a meta update, never an upload)."""
+        self.sync.superseded_under(node)
+        if node.is_dir:
+            self.ns.set_explicit(node, True)
+            for d in self.ns.descendants(node):
+                if d is not node and (d.token or d.explicit):
+                    self.touch_meta(d)
+        self.touch_meta(node)
 
     def _exchange(self, node: Node, other: Node | None, other_parent: Node) -> None:
         """``renameat2(RENAME_EXCHANGE)``: ``node`` and ``other`` (an entry of ``other_parent``)
@@ -755,14 +760,8 @@ class Filesystem:
         self.fits_the_vault(parent, here, self.deepest_below(other) if other.is_dir else 0)
         with self.index.kept():
             self.ns.exchange(node, other)
-            for moved in (node, other):
-                self.sync.superseded_under(moved)
-                if moved.is_dir:
-                    self.ns.set_explicit(moved, True)
-                    for d in self.ns.descendants(moved):
-                        if d is not moved and (d.token or d.explicit):
-                            self.touch_meta(d)
-                self.touch_meta(moved)
+            self._moved(node)
+            self._moved(other)
             self.touch_parent(parent)
             if other_parent is not parent:
                 self.touch_parent(other_parent)
