@@ -461,6 +461,8 @@ class Filesystem:
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         node = self.xattr_node(ino)
         self.writable_fs()
+        if name in xattrs.NAMESPACES:
+            raise fail(errno.EINVAL)  # a namespace without a name (as ext4 answers)
         if not xattrs.stored(name):
             raise fail(errno.EOPNOTSUPP)  # system.* (POSIX ACLs, not enforced here) or no namespace
         attrs = self._xattrs(node)
