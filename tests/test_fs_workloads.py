@@ -38,13 +38,16 @@ def run(cmd: list[str], cwd, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
+def test_half_a_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
+    """512 MiB in and out (from the vault, the cache emptied) with the daemon's resident memory
+    under 200 MiB throughout: the content streams. (1 GiB before 2026-12-06: 37 s of the suite's
+    2-core time for the same proof; scripts/bench copies 1 GiB.)"""
     with Mount(tmp_path / "big", engine.urls).mounted() as m:
         block = os.urandom(MiB)
         want = hashlib.sha256()
         with PeakRss(m.pid) as rss_in:
             with open(m.dir / "big.bin", "wb") as f:
-                for i in range(1024):
+                for i in range(512):
                     chunk = block[i % 7 :] + block[: i % 7]
                     f.write(chunk)
                     want.update(chunk)
@@ -58,7 +61,7 @@ def test_one_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_path):
                 while chunk := f.read(MiB):
                     got.update(chunk)
         assert got.digest() == want.digest()
-        assert (m.dir / "big.bin").stat().st_size == 1024 * MiB
+        assert (m.dir / "big.bin").stat().st_size == 512 * MiB
         peak_in, peak_out = rss_in.peak["process"], rss_out.peak["process"]
         print(f"daemon peak RSS: copy in {peak_in / MiB:.1f} MiB, copy out {peak_out / MiB:.1f} MiB")
         assert peak_in < 200 * MiB and peak_out < 200 * MiB
