@@ -96,18 +96,12 @@ def file_name(text: str) -> str:
     """A token's new file name (``token mv --name``): one entry of a directory, as the mount
     shows it. An empty name went to the server (refused there, exit 1); one with a '/' was
     stored, and its listing entry ('/docs/a/b') read as a path."""
-    from privifs.fs.names import NAME_MAX
+    from privifs.fs.names import NAME_MAX, entry_problem
 
     utf8_text(text)
-    if not text.strip():
-        raise argparse.ArgumentTypeError("a file name cannot be empty (or blanks only)")
-    if "/" in text or "\0" in text:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not one file name: it holds a {'/' if '/' in text else 'NUL'!r} "
-            "(a name in a directory; --context gives the directory)"
-        )
-    if text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"{text!r} cannot name a file")
+    problem = entry_problem(text)  # (the mount's rule for an entry's name)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     if len(text.encode()) > NAME_MAX:
         raise argparse.ArgumentTypeError(f"the name has {len(text.encode())} bytes; a file name has at most {NAME_MAX}")
     return text

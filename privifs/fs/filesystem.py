@@ -37,7 +37,7 @@ from privifs.fs.cache import ContentCache
 from privifs.fs.caller import Caller
 from privifs.fs.errnos import errno_for
 from privifs.fs.localsync import flush_index, fsync_locally
-from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX, blank
+from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX, entry_problem
 from privifs.fs.namespace import RECOVER_COUNTER, ROOT, Index, Namespace, Node
 from privifs.fs.parts import is_manifest_node
 from privifs.fs.staging import StagedFile, Staging
@@ -192,7 +192,7 @@ class Filesystem:
     def valid_name(self, parent: Node, name: bytes) -> str:
         """A name an entry of ``parent`` may take (EINVAL, or EPERM for the reserved root name)."""
         text = self.decode(name)
-        if text in (".", "..") or "/" in text or "\0" in text or blank(text):
+        if entry_problem(text) is not None:
             raise fail(errno.EINVAL)
         if parent.ino == ROOT and text == RESERVED_ROOT_NAME:
             raise fail(errno.EPERM)

@@ -54,6 +54,22 @@ def blank(name: str) -> bool:
     return not name.strip()
 
 
+def entry_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one entry of a directory, or None if it can: blank (see
+    :func:`blank`), ``.`` or ``..``, or holding a ``/`` or a NUL. (Its length, at most
+    :data:`NAME_MAX` bytes, is the caller's to check: the mount answers ENAMETOOLONG for it.)"""
+    if blank(name):
+        return "a file name cannot be empty (or blanks only)"
+    if "/" in name or "\0" in name:
+        return (
+            f"{name!r} is not one file name: it holds a {'/' if '/' in name else 'NUL'!r} "
+            "(a name in a directory; the directory is given apart)"
+        )
+    if name in (".", ".."):
+        return f"{name!r} cannot name a file"
+    return None
+
+
 def display_name(raw: str) -> str:
     """A name as it can appear in a directory: no slash or NUL, not ``.``/``..``/empty, ≤ 255 bytes."""
     name = raw.replace("/", "\u2215").replace("\0", "")
