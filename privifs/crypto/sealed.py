@@ -102,6 +102,11 @@ def _place_mac(key: bytes, file_id: bytes, place: str) -> bytes:
     return hmac.digest(_header_key(key), b"place\0" + file_id + place.encode(), hashlib.sha256)[:8]
 
 
+def _place_of(path: str, place: str | None) -> str:
+    """The place a sealed file at ``path`` is bound to: ``place``, or by default its name."""
+    return place if place is not None else os.path.basename(path)
+
+
 def local_key(user_key: bytes) -> bytes:
     """The key for local at-rest data, derived from the user's AES key (HKDF-SHA256)."""
     return HKDF(
@@ -248,9 +253,8 @@ class SealedFile:
         place: str | None = None,
     ):
         self.path = os.fspath(path)
-        # what the header binds the file to (see _place_mac): its name, unless given
-        self.place = place if place is not None else os.path.basename(self.path)
-        self._place_tag: bytes | None = None  # its MAC, made at the first header write
+        self.place = _place_of(self.path, place)  # what the header binds the file to (see _place_mac)
+        self._place_tag: bytes | None = None  # its MAC, made at the first header write (or by open)
         self._fd = fd
         # a second descriptor of the same file, with O_DIRECT, for long writes and an upload's
         # reads (-1: not opened yet; _NO_DIRECT: the disk refused it; a file in memory has none)
@@ -344,9 +348,9 @@ class SealedFile:
             check_version(path, version)
             if shift != CHUNK_SHIFT:
                 raise IntegrityError(f"{path} has an unsupported chunk size (shift {shift})")
-            where = place if place is not None else os.path.basename(os.fspath(path))
+            tag = _place_mac(key, file_id, _place_of(os.fspath(path), place))
             if mac != bytes(16):  # (16 zero bytes: a header written before it had MACs)
-                if not hmac.compare_digest(mac[8:], _place_mac(key, file_id, where)):
+                if not hmac.compare_digest(mac[8:], tag):
                     raise IntegrityError(
                         f"{path} is bound to another place (a file copied or moved here, by hand or by an "
                         "older privifs)"
@@ -359,6 +363,7 @@ class SealedFile:
             os.close(fd)
             raise
         f = cls(path, fd, key, file_id, 0 if damaged else size, stamp, writable=writable, place=place)
+        f._place_tag = tag  # (its next header write needs it: made once)
         f.header_dense = bool(flags & DENSE) and not damaged
         if damaged:
             f._recover_header()
@@ -443,7 +448,7 @@ class SealedFile:
         """The file was renamed to ``path``: bind it to ``place`` there (default: its new name),
         its header written again."""
         self.path = os.fspath(path)
-        self.place = place if place is not None else os.path.basename(self.path)
+        self.place = _place_of(self.path, place)
         self._place_tag = None
         self.write_header()
 
