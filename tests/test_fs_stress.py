@@ -21,7 +21,7 @@ import pytest
 
 from tests.mountkit import Mount, is_mounted
 
-SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "15"))
+SECONDS = float(os.environ.get("PRIVIFS_STRESS_SECONDS", "10"))
 PROCESSES = 4
 
 

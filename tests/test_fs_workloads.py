@@ -68,29 +68,30 @@ def test_half_a_gib_copied_in_and_out_with_bounded_daemon_memory(engine, tmp_pat
 
 
 @pytest.mark.slow
-def test_ten_thousand_small_files_created_listed_and_read_back(engine, tmp_path):
+def test_five_thousand_small_files_created_listed_and_read_back(engine, tmp_path):
     # uploads are held back (long write-back delay) so this measures the filesystem itself;
-    # uploading many small files is covered by the other tests and the benchmarks
+    # uploading many small files is covered by the other tests and the benchmarks (5,000 files,
+    # as scripts/bench makes; 10,000 before 2026-12-06: 31 s of the 2-core suite)
     mnt = Mount(tmp_path / "many", engine.urls, mount_args=("--write-back-delay", "3600"))
     try:
         mnt.mount()
-        _ten_thousand(mnt)
+        _five_thousand(mnt)
         assert mnt.status()["pending"]  # still staged, and readable
     finally:
         mnt.kill9()
 
 
-def _ten_thousand(mnt):
+def _five_thousand(mnt):
     root = mnt.dir / "many"
     root.mkdir()
-    for d in range(100):
+    for d in range(50):
         sub = root / f"d{d:03d}"
         sub.mkdir()
         for i in range(100):
             (sub / f"f{i:03d}.txt").write_bytes(f"{d}/{i}".encode() * 3)
     out = run(["ls", "-lR", str(root)], cwd=mnt.root).stdout
-    assert sum(1 for line in out.splitlines() if line.startswith("-rw")) == 10_000
-    for d in range(0, 100, 1):
+    assert sum(1 for line in out.splitlines() if line.startswith("-rw")) == 5_000
+    for d in range(50):
         sub = root / f"d{d:03d}"
         for i in range(100):
             assert (sub / f"f{i:03d}.txt").read_bytes() == f"{d}/{i}".encode() * 3
