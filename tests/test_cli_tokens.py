@@ -471,9 +471,10 @@ def test_get_onto_a_full_disk_names_the_file_and_what_to_do(user, tmp_path):
 
 
 @pytest.mark.slow
-def test_get_into_a_directory_writes_only_inside_it_whatever_the_token_is_named(user, tmp_path):
+def test_get_into_a_directory_writes_only_inside_it_whatever_the_token_is_named(user, tmp_path, eng):
     """A token's fileName is what any client of the vault (or the server) says: 'token get TOKEN
-    DIR' wrote a token named '../x' beside DIR and one named '/abs/x' at that absolute path."""
+    DIR' wrote a token named '../x' beside DIR and one named '/abs/x' at that absolute path.
+    ('token put --name' refuses such names; another application named these.)"""
     src = tmp_path / "payload"
     src.write_bytes(b"not yours to place")
     outside = tmp_path / "outside.txt"
@@ -485,9 +486,17 @@ def test_get_into_a_directory_writes_only_inside_it_whatever_the_token_is_named(
         "..": "unnamed..",
         ".": "unnamed.",
     }
+    tokens = {name: run(user, "token", "put", str(src), "--context", "/evil").stdout.strip() for name in expected}
+
+    async def rename() -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], "correct-horse-battery")
+        async with connect(Endpoints.from_dict(eng.urls), credentials) as client:
+            for name, token in tokens.items():
+                await client.tokens.update(token, file_name=name)
+
+    trio.run(rename)
     for name, shown in expected.items():
-        token = run(user, "token", "put", str(src), "--name", name, "--context", "/evil").stdout.strip()
-        r = run(user, "token", "get", token, str(into), check=False)
+        r = run(user, "token", "get", tokens[name], str(into), check=False)
         assert r.returncode == 0, (name, r.stderr)
         assert (into / shown).read_bytes() == src.read_bytes(), name
     assert not outside.exists() and not (tmp_path / "into" / "outside.txt").exists()
@@ -627,19 +636,22 @@ def test_put_and_mv_refuse_a_context_the_mount_cannot_show_as_given(user, tmp_pa
     assert (st["fileName"], st["context"]) == ("g.txt", "/archive/2024")
 
 
-def test_mv_refuses_a_name_a_directory_cannot_hold_and_get_says_why_it_cannot_write(user, tmp_path):
+def test_mv_and_put_refuse_a_name_a_directory_cannot_hold_and_get_says_why_it_cannot_write(user, tmp_path):
     """'token mv T --name ""' went to the server and exited 1; '--name a/b' was accepted and made
-    a listing entry 'dir/a/b' that reads as a path. Both are refused before anything is sent,
-    as usage errors (2). 'token get T /proc/version' said only 'No such file or directory'."""
+    a listing entry 'dir/a/b' that reads as a path ('token put --name a/b' too). Both are refused
+    before anything is sent, as usage errors (2). 'token get T /proc/version' said only 'No such
+    file or directory'."""
     src = tmp_path / "a.txt"
     src.write_text("stays named a.txt")
     token = run(user, "token", "put", str(src), "--context", "/docs").stdout.strip()
     for name, says in (("", "empty"), (" ", "empty"), ("a/b", "'/'"), (".", "'.'"), ("..", "'..'")):
-        r = run(user, "token", "mv", token, "--name", name, check=False)
-        assert r.returncode == 2, (name, r.returncode, r.stderr)
-        assert r.stderr.count("\n") == 1 and "--name" in r.stderr and says in r.stderr, (name, r.stderr)
+        for command in (("mv", token), ("put", str(src))):
+            r = run(user, "token", *command, "--name", name, check=False)
+            assert r.returncode == 2, (command, name, r.returncode, r.stderr)
+            assert r.stderr.count("\n") == 1 and "--name" in r.stderr and says in r.stderr, (name, r.stderr)
     st = json.loads(run(user, "token", "stat", token).stdout)
     assert (st["fileName"], st["context"]) == ("a.txt", "/docs")
+    assert len(run(user, "token", "ls").stdout.splitlines()) == 1  # (no put stored anything)
     r = run(user, "token", "get", token, "/proc/version", check=False)
     assert r.returncode == 4 and r.stderr.count("\n") == 1, r.stderr
     assert "No such file or directory" not in r.stderr and "/proc" in r.stderr and "proc" in r.stderr, r.stderr

@@ -63,7 +63,7 @@ def register(sub) -> None:
     )
     put = action("put", "encrypt and store a file; prints the permanent token", _put)
     put.add_argument("file", type=Path, help="a regular file")
-    put.add_argument("--name", type=utf8_text, help="file name to record (default: the file's name)")
+    put.add_argument("--name", type=file_name, help="file name to record, no '/' (default: the file's name)")
     put.add_argument("--context", type=context_path, default="/", help="context (directory) to record (default /)")
     get = action(
         "get",
