@@ -445,7 +445,7 @@ def test_backup_warns_of_changes_not_uploaded_and_of_data_the_vault_already_lost
                 break
             time.sleep(0.2)
         assert r.returncode == 0, r.stderr
-        assert "1 changes made in the mount are not in the vault yet" in r.stderr, r.stderr
+        assert "1 change made in the mount is not in the vault yet" in r.stderr, r.stderr
         assert "1 data files of the vault were already missing" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(tmp_path / "staged.backup"))

@@ -76,9 +76,9 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         out = privifs(m.env, "status", str(m.dir)).stdout
         assert "UNREACHABLE since" in out and "uploaded as soon as it answers" in out, out
         r = m.umount(check=False)
-        assert r.returncode == 7 and "unreachable" in r.stderr and "stay staged" in r.stderr
+        assert r.returncode == 7 and "unreachable" in r.stderr and "staged in" in r.stderr
         # what stays staged, whole (an attempt that sent it and failed counted it as gone: 0 bytes)
-        assert "1 changes (21 bytes) stay staged" in r.stderr, r.stderr
+        assert "1 change (21 bytes) stays staged" in r.stderr, r.stderr
         assert not os.path.ismount(m.dir)
         eng.start()  # same data, same ports
         m.mount()
@@ -100,7 +100,7 @@ def test_umount_ends_and_keeps_the_changes_when_the_server_answers_only_errors(e
         r = privifs(m.env, "umount", str(m.dir), check=False, timeout=240)
         assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
         assert "keeps failing" in r.stderr and "HTTP 503" in r.stderr, r.stderr
-        assert "1 changes (14 bytes)" in r.stderr and "stay staged" in r.stderr, r.stderr
+        assert "1 change (14 bytes)" in r.stderr and "stays staged" in r.stderr, r.stderr
         assert not os.path.ismount(m.dir)
         eng.set_options(fail_rate=0)
         m.mount()
@@ -125,8 +125,8 @@ def test_umount_ends_when_the_server_fails_one_file_every_time_while_the_rest_go
             (m.dir / f"fine{i}.txt").write_text(f"fine {i}")
         r = privifs(m.env, "umount", str(m.dir), check=False, timeout=240)
         assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
-        assert "keeps failing 1 changes" in r.stderr and "injected failure for this context" in r.stderr, r.stderr
-        assert "/poison/file.txt" in r.stderr and "stay staged" in r.stderr, r.stderr
+        assert "keeps failing 1 change " in r.stderr and "injected failure for this context" in r.stderr, r.stderr
+        assert "/poison/file.txt" in r.stderr and "stays staged" in r.stderr, r.stderr
         assert not os.path.ismount(m.dir)
         stored = [(t["context"], t["fileName"]) for t in m.tokens()]
         assert {("/", "fine0.txt"), ("/", "fine1.txt"), ("/", "fine2.txt")} <= set(stored)

@@ -67,7 +67,7 @@ def test_umount_ends_and_keeps_the_changes_when_the_server_refuses_the_login(tmp
         assert "refused username" in privifs(m.env, "status", str(m.dir)).stdout, st
         r = privifs(m.env, "umount", str(m.dir), check=False, timeout=120)
         assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
-        assert "refuses the login" in r.stderr and "stay staged" in r.stderr, r.stderr
+        assert "refuses the login" in r.stderr and "staged in" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
         assert not is_mounted(m.dir)
 
@@ -119,5 +119,5 @@ def test_umount_of_a_mount_that_came_back_to_a_refused_login_says_refused_not_un
         r = privifs(m.env, "umount", str(m.dir), check=False, timeout=120)
         assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)
         assert "refuses the login" in r.stderr and "unreachable" not in r.stderr, r.stderr
-        assert "stay staged" in r.stderr and "Traceback" not in r.stderr
+        assert "staged in" in r.stderr and "Traceback" not in r.stderr
         assert not is_mounted(m.dir)

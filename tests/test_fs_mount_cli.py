@@ -28,7 +28,7 @@ def test_status_shows_pending_uploads_cache_refresh_and_errors(engine, tmp_path)
         (m.dir / "waiting.bin").write_bytes(b"x" * 12345)
         out = privifs(m.env, "status", str(m.dir)).stdout
         assert str(m.dir) in out
-        assert "1 changes" in out and "/waiting.bin  12345 bytes  content  queued" in out
+        assert "1 change," in out and "/waiting.bin  12345 bytes  content  queued" in out
         assert "of 64 MiB" in out and "last refresh:" in out and "last error:   none" in out
         everything = privifs(m.env, "status").stdout
         assert str(m.dir) in everything
@@ -267,7 +267,7 @@ def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
             if umount.poll() is None:
                 umount.kill()
         assert umount.returncode == 7, (out, err)
-        assert "stay staged" in err and err.count("\n") == 1 and "Traceback" not in err
+        assert "staged in" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_umount_ends_when_the_server_refuses_every_retry_and_the_change_stays_staged(eng, tmp_path):
@@ -284,7 +284,7 @@ def test_umount_ends_when_the_server_refuses_every_retry_and_the_change_stays_st
         finally:
             eng.set_options(reject="")
         assert r.returncode == 7, (r.stdout, r.stderr)
-        assert "refused 1 changes" in r.stderr and "stay staged" in r.stderr and "Traceback" not in r.stderr
+        assert "refused 1 change " in r.stderr and "kept staged" in r.stderr and "Traceback" not in r.stderr
         assert not is_mounted(m.dir)
         m.mount()
         m.wait_idle()
@@ -307,7 +307,7 @@ def test_umount_timeout_bounds_the_whole_command_while_the_server_keeps_failing(
         finally:
             eng.set_options(fail_rate=0.0)
         assert r.returncode == 7, (r.stdout, r.stderr)
-        assert "stay staged" in r.stderr and "None" not in r.stderr and "Traceback" not in r.stderr
+        assert "staged in" in r.stderr and "None" not in r.stderr and "Traceback" not in r.stderr
         assert took < 20, f"umount --timeout 2 took {took:.0f}s"
         assert not is_mounted(m.dir)
         m.mount()
@@ -457,7 +457,7 @@ def test_umount_progress_counts_bytes():
     )
     assert (
         p.line({"pending": 1, "bytes": 2**30, "deletes": 1})
-        == "uploading: 2.0 GiB of 3.0 GiB (66%), 1 changes and 1 deletes left"
+        == "uploading: 2.0 GiB of 3.0 GiB (66%), 1 change and 1 delete left"
     )
 
 
@@ -569,7 +569,7 @@ def test_umount_of_a_dead_mount_cleans_it_up_and_says_what_stays_staged(engine, 
         (m.dir / "unsent.txt").write_text("staged when the daemon died")
         kill_daemon(m)
         r = m.umount(check=False)
-        assert r.returncode == 7 and "1 files it had not uploaded stay staged" in r.stderr
+        assert r.returncode == 7 and "1 file it had not uploaded stays staged" in r.stderr
         assert r.stderr.count("\n") == 1 and not is_mounted(m.dir)
         m.mount()
         assert (m.dir / "unsent.txt").read_text() == "staged when the daemon died"
@@ -604,7 +604,7 @@ def test_umount_whose_daemon_is_killed_while_it_uploads_cleans_up_and_says_what_
         finally:
             eng.set_options(stream_bytes_per_second=0)
         assert umount.returncode == 7, (out, err)
-        assert "its daemon died while it uploaded" in err and "1 files it had not uploaded stay staged" in err, err
+        assert "its daemon died while it uploaded" in err and "1 file it had not uploaded stays staged" in err, err
         assert err.count("\n") == 1 and not is_mounted(m.dir)
         m.mount()
         assert (m.dir / "slow.bin").read_bytes() == content
@@ -1092,7 +1092,7 @@ def test_status_after_the_systems_umount_says_unmounted_and_what_the_daemon_stil
             subprocess.run(["umount", str(m.dir)], check=True, timeout=60)
             assert not is_mounted(m.dir) and pid_alive(pid)
             r = privifs(m.env, "status", str(m.dir))
-            assert "UNMOUNTED" in r.stdout and "finishing 1 pending changes in the background" in r.stdout, r.stdout
+            assert "UNMOUNTED" in r.stdout and "finishing 1 pending change in the background" in r.stdout, r.stdout
             assert m.status()["unmounted"] is True
             assert f"{m.dir}  (" in privifs(m.env, "status").stdout  # and in the list of every mount
         finally:

@@ -21,6 +21,7 @@ from privifs.backup import check_backup_target, check_restore, restore_backup, w
 from privifs.cli.commands import help_of
 from privifs.cli.prompt import ask_secret
 from privifs.config import default_config_path, load
+from privifs.words import count, verb
 
 
 def register(sub) -> None:
@@ -92,8 +93,9 @@ def run_backup(args: argparse.Namespace) -> int:
     waiting = staged_changes(state / "index.sqlite3")
     if waiting:
         print(
-            f"privifs: warning: {waiting} changes made in the mount are not in the vault yet (staged in "
-            f"{state}; the last mount ended before uploading them), so this backup does not hold them. "
+            f"privifs: warning: {count(waiting, 'change')} made in the mount {verb(waiting, 'is', 'are')} "
+            f"not in the vault yet (staged in {state}; the last mount ended before uploading "
+            f"{verb(waiting, 'it', 'them')}), so this backup does not hold {verb(waiting, 'it', 'them')}. "
             "Mount and unmount ('privifs umount' waits for the uploads), then back up again.",
             file=sys.stderr,
         )

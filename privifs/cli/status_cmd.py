@@ -26,6 +26,7 @@ from privifs.cli.mounttable import (
 )
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
+from privifs.words import count, verb
 
 EVENTS_GRACE = 30.0  # seconds the event channel may be down (a reconnect) before status names it
 ANSWER_TIMEOUT = 30.0  # longest silence of a daemon's control socket during umount's flush
@@ -82,8 +83,8 @@ class UploadProgress:
         done = self.total - p["bytes"]
         return (
             f"uploading: {_bytes(done)} of {_bytes(self.total)} "
-            f"({100 * done // self.total if self.total else 100}%), {p['pending']} changes and "
-            f"{p['deletes']} deletes left"
+            f"({100 * done // self.total if self.total else 100}%), {count(p['pending'], 'change')} and "
+            f"{count(p['deletes'], 'delete')} left"
         )
 
     def update(self, p: dict) -> None:
@@ -213,8 +214,8 @@ def _unmount_dead(mountpoint: str, why: str | None) -> int:
     left = staged_left(mountpoint)
     if left is not None:
         raise ExitStatus(
-            f"unmounted {mountpoint} ({why}); {left[0]} files it had not uploaded stay "
-            f"staged in {left[1]} and are uploaded at the next mount",
+            f"unmounted {mountpoint} ({why}); {count(left[0], 'file')} it had not uploaded "
+            f"{verb(left[0], 'stays', 'stay')} staged in {left[1]}, to be uploaded at the next mount",
             EXIT_STAGED,
         )
     print(f"unmounted {mountpoint} ({why})")
@@ -234,8 +235,9 @@ def _fsync_line(fsync: dict | None) -> str | None:
     if fsync["mode"] != "local":
         return "  fsync:        vault (returns once the change is in the vault)"
     return (
-        f"  fsync:        LOCAL (returns once the change is on this disk): {fsync['not_in_vault']} changes "
-        f"not in the vault yet ({fsync['fsynced_not_in_vault']} of them fsynced); losing this machine "
+        f"  fsync:        LOCAL (returns once the change is on this disk): "
+        f"{count(fsync['not_in_vault'], 'change')} not in the vault yet "
+        f"({fsync['fsynced_not_in_vault']} of them fsynced); losing this machine "
         f"loses them, other clients do not see them yet"
     )
 
@@ -371,14 +373,14 @@ def print_status(st: dict) -> None:
         return
     print(f"{st['mountpoint']}  ({st['server']}; daemon pid {st['pid']})")
     if st.get("unmounted"):
-        count = st.get("pending_count", len(st["pending"]))
+        changes = st.get("pending_count", len(st["pending"]))
         print(
             f"  UNMOUNTED: {st['mountpoint']} is no longer mounted (umount or fusermount3 -u); the daemon is "
             + (
-                f"finishing {count} pending changes"
-                + (f" and {st['pending_deletes']} deletes" if st["pending_deletes"] else "")
+                f"finishing {count(changes, 'pending change')}"
+                + (f" and {count(st['pending_deletes'], 'delete')}" if st["pending_deletes"] else "")
                 + " in the background, then exits (what it cannot upload stays staged for the next mount)"
-                if count or st["pending_deletes"]
+                if changes or st["pending_deletes"]
                 else "ending"
             )
         )
@@ -426,10 +428,10 @@ def print_status(st: dict) -> None:
             f"vault sends downloads over it: files not in the cache fail with EIO; other clients' "
             f"changes show at the next listing"
         )
-    count = st.get("pending_count", len(st["pending"]))  # (a daemon before it sent every change)
+    changes = st.get("pending_count", len(st["pending"]))  # (a daemon before it sent every change)
     print(
-        f"  pending:      {count} changes, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
-        f"{st['pending_deletes']} deletes"
+        f"  pending:      {count(changes, 'change')}, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
+        f"{count(st['pending_deletes'], 'delete')}"
     )
     fsync_line = _fsync_line(st.get("fsync"))
     if fsync_line:
@@ -438,8 +440,8 @@ def print_status(st: dict) -> None:
         print("  xattrs:       " + ("stored (--xattrs)" if st["xattrs"] else "off (EOPNOTSUPP; --xattrs stores them)"))
     for p in st["pending"][:PENDING_LISTED]:
         print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
-    if count > PENDING_LISTED:
-        print(f"    … and {count - PENDING_LISTED} more")
+    if changes > PENDING_LISTED:
+        print(f"    … and {changes - PENDING_LISTED} more")
     print(
         f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
         f" ({st['cache']['dir']})"
@@ -468,7 +470,7 @@ def print_status(st: dict) -> None:
     )
     if st.get("index_owed"):
         print(
-            f"  index:        {st['index_owed']} changes shown but not yet recorded on disk "
+            f"  index:        {count(st['index_owed'], 'change')} shown but not yet recorded on disk "
             f"({st['index_error']}); retried every few seconds"
         )
     if st.get("read_error"):

@@ -55,6 +55,7 @@ from privifs.fs.sync import Syncer
 from privifs.keycheck import check_key
 from privifs.memory import trim_memory
 from privifs.supervise import Supervisor
+from privifs.words import count, verb
 
 log = logging.getLogger("privifs.fs.daemon")
 
@@ -130,11 +131,12 @@ def _fuse_option_value(value: str) -> str:
 
 
 def _left_staged(pending: int, size: int | None, deletes: int) -> str:
-    """What a flush that gives up leaves staged: "N changes (S bytes) and D deletes"."""
+    """What a flush that gives up leaves staged: "N changes (S bytes) and D deletes stay staged"."""
     return (
-        f"{pending} changes"
+        count(pending, "change")
         + (f" ({size} bytes)" if size is not None else "")
-        + (f" and {deletes} deletes" if deletes else "")
+        + (f" and {count(deletes, 'delete')}" if deletes else "")
+        + f" {verb(pending + deletes, 'stays', 'stay')} staged"
     )
 
 
@@ -418,15 +420,16 @@ class Daemon:
                             result = await self.flush(None, self._drain)
                         if self._draining.cancelled_caught:
                             log.info(
-                                "stopped by a signal; %d changes stay staged for the next mount", len(self.ns.pending())
+                                "stopped by a signal; %s for the next mount",
+                                _left_staged(len(self.ns.pending()), None, 0),
                             )
                         elif result.get("error"):
                             log.warning("%s", result["error"])
                     else:  # 'privifs umount' has already waited for them and said what stays staged
                         log.info(
-                            "unmounted %s; %d changes stay staged for the next mount",
+                            "unmounted %s; %s for the next mount",
                             self.mountpoint,
-                            len(self.ns.pending()),
+                            _left_staged(len(self.ns.pending()), None, 0),
                         )
                     nursery.cancel_scope.cancel()
             finally:
@@ -603,7 +606,7 @@ class Daemon:
                 else:
                     why, until = f"the server is unreachable (offline: {link.reason})", "it answers"
                 return {
-                    "error": f"{why}; {pending} changes stay staged in {self.state_dir} and are uploaded when "
+                    "error": f"{why}; {_left_staged(pending, None, 0)} in {self.state_dir}, to be uploaded when "
                     f"{until} (or at the next mount)"
                 }
             return {"done": True}
@@ -647,9 +650,9 @@ class Daemon:
             since = syncer.unreachable_since
             if since is not None and time.time() - since > UNREACHABLE_GRACE and not await self._server_answers():
                 return {
-                    "error": f"the server is unreachable ({syncer.last_error}); {len(pending)} changes "
-                    f"({staged} bytes) stay staged in {self.state_dir} "
-                    f"and are uploaded at the next mount"
+                    "error": f"the server is unreachable ({syncer.last_error}); "
+                    f"{_left_staged(len(pending), staged, 0)} in {self.state_dir}, "
+                    f"to be uploaded at the next mount"
                 }
             failing = syncer.failing_since
             if (
@@ -660,7 +663,7 @@ class Daemon:
             ):
                 return {
                     "error": f"the server keeps failing ({syncer.last_error}); "
-                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
                     f"uploaded once it works again (or at the next mount)"
                 }
             silent = time.monotonic() - max(syncer.answered_at, started_mono)
@@ -668,20 +671,20 @@ class Daemon:
                 return {
                     "error": f"nothing sent to the server has succeeded for {silent:.0f}s and it did not answer "
                     f"a request within {PROBE_TIMEOUT:.0f}s ({syncer.last_error or 'no request came back'}); "
-                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
                     f"uploaded once it answers again (or at the next mount)"
                 }
             refusal = self.connector.link.login_refused(started)
             if refusal is not None and (pending or deletes):
                 return {
                     "error": f"the server refuses the login ({refusal}); "
-                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
                     f"uploaded once it accepts it again (the password file is read again then) or at the next mount"
                 }
             if not deletes and not owed and syncer.all_failed_locally(pending, started):
                 return {
-                    "error": f"{len(pending)} changes cannot be uploaded, and trying again does not help "
-                    f"({syncer.last_error}); they stay staged in {self.state_dir}. A file whose content is "
+                    "error": f"{count(len(pending), 'change')} cannot be uploaded, and trying again does not help "
+                    f"({syncer.last_error}); kept staged in {self.state_dir}. A file whose content is "
                     "damaged reads EIO there: write it again, or remove it; a damaged local index is "
                     "refused with what to do at the next mount"
                 }
@@ -689,7 +692,7 @@ class Daemon:
                 # the index cannot record what was done (damaged, or its disk full): it may stay so
                 return {
                     "error": f"the local index cannot record the last changes ({self.ns.index.owed_error}); "
-                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
+                    f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
                     "uploaded once it can (free space on its disk; if it is damaged, see the mount's log)"
                 }
             if (
@@ -700,15 +703,15 @@ class Daemon:
                 and await self._server_answers()
             ):  # one file the server fails every time, while everything else went through
                 return {
-                    "error": f"the server keeps failing {len(pending)} changes ({syncer.last_error}); "
-                    f"{_left_staged(len(pending), staged, deletes)} stay staged in {self.state_dir} and are "
-                    f"uploaded once the server takes them (or at the next mount)"
+                    "error": f"the server keeps failing {count(len(pending), 'change')} ({syncer.last_error}); "
+                    f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
+                    f"uploaded once the server takes uploads again (or at the next mount)"
                 }
             if pending and not deletes and not owed and syncer.refused_since(pending, started):
                 # retried since the flush began and refused again: waiting longer changes nothing
                 return {
-                    "error": f"the server refused {len(pending)} changes ({syncer.last_error}); they stay "
-                    f"staged in {self.state_dir} and are tried again at the next mount"
+                    "error": f"the server refused {count(len(pending), 'change')} ({syncer.last_error}); kept "
+                    f"staged in {self.state_dir}, to be tried again at the next mount"
                 }
             if deadline is not None and trio.current_time() > deadline:
                 uploading = sum(1 for n in pending if n.uploading)
@@ -720,8 +723,8 @@ class Daemon:
                 if owed:
                     why += f"; the local index cannot record the last changes: {self.ns.index.owed_error}"
                 return {
-                    "error": f"{len(pending)} changes still pending after {timeout:.0f}s "
-                    f"({why}); they stay staged in {self.state_dir}"
+                    "error": f"{count(len(pending), 'change')} still pending after {timeout:.0f}s "
+                    f"({why}); kept staged in {self.state_dir}"
                 }
             await trio.sleep(0.25)
 
@@ -739,7 +742,7 @@ class Daemon:
             return {"done": True}
         return {
             "error": f"the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and answers "
-            f"nothing; {_left_staged(pending, size, deletes)} stay staged in {self.state_dir} and are "
+            f"nothing; {_left_staged(pending, size, deletes)} in {self.state_dir}, to be "
             f"uploaded once it runs again ('kill -CONT {pid}') or at the next mount"
         }
 
