@@ -122,7 +122,7 @@ def test_fusermount_unmount_loses_nothing(engine, tmp_path):
         while pid_alive(pid):
             assert time.monotonic() < deadline, "the daemon did not finish after fusermount3 -u"
             time.sleep(0.1)
-        assert "closed.txt" in {t["fileName"] for t in m.tokens()}
+        assert "closed.txt" in {t["fileName"] for t in m.tokens()}, m.log()[-3000:]
         m.mount()
         assert (m.dir / "closed.txt").read_text() == "closed before fusermount3 -u"
 
