@@ -156,6 +156,28 @@ async def test_fsync_returns_once_the_content_is_in_the_vault(kit):
     await kit.close(fh)
 
 
+async def test_fsync_of_a_rewritten_file_returns_once_its_old_version_is_gone_from_the_vault(kit):
+    """fsync returned between the new version's upload and the old one's delete: a crash then
+    left both at the file's place, and a client without this one's index (a fresh machine, or
+    this one with its index lost) showed the old content under the name and the fsynced one as
+    a conflict copy, for good (helper hE). Here the server takes a second to delete."""
+    await kit.write_file("db", b"old version", fsync=True)
+    delete = kit.syncer.tokens.delete
+
+    async def slowly(token: str) -> None:
+        await trio.sleep(1)
+        await delete(token)
+
+    kit.syncer.tokens.delete = slowly
+    fh = await kit.open_file("db", os.O_RDWR)
+    await kit.write(fh, 0, b"new version, fsynced")
+    await kit.ops.fsync(fh, True)  # fdatasync, as SQLite's
+    assert await kit.vault_tree() == {"db": b"new version, fsynced"}
+    async with kit.fresh() as other:
+        assert await other.tree() == {"db": b"new version, fsynced"}
+    await kit.close(fh)
+
+
 async def test_writing_into_an_uploaded_file_keeps_the_bytes_around_the_write(kit):
     await kit.write_file("f.txt", b"hello world")
     await kit.settle()

@@ -11,9 +11,11 @@ import base64
 import errno
 import os
 import sqlite3
+import stat
 from dataclasses import replace
 
 import pytest
+import trio
 
 from privifs.client.shapes import TokenInfo
 from privifs.crypto import wire
@@ -156,6 +158,31 @@ async def test_attributes_reach_the_vault_sealed_and_a_fresh_client_reads_them(x
         assert await other.getxattr("docs/a.txt", b"user.secret") == SECRET
         assert await other.getxattr("docs", b"user.d") == b"dir value"
         assert await other.getxattr("link", b"trusted.l") == b"on a symlink"
+
+
+async def test_fsync_returns_once_changed_attributes_are_in_the_vault(module_account, eng, tmp_path):
+    """fsync(2) of a file whose content was uploaded but whose mode, times or extended attributes
+    changed since returned at once: the change was only on this machine, and a crash with the
+    local index lost took it (helper hE, 3 of 3). It returns once the token's meta holds them,
+    here from a server that takes a second to write a token's meta."""
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True, xattrs=True) as k:
+        await k.write_file("db", b"content", fsync=True)
+        fh = await k.open_file("db", os.O_RDWR)
+        set_risk = k.syncer.tokens.set_risk
+
+        async def slowly(*args, **kwargs):
+            await trio.sleep(1)
+            await set_risk(*args, **kwargs)
+
+        k.syncer.tokens.set_risk = slowly
+        await k.setattr(fh=fh, mode=stat.S_IFREG | 0o600, mtime_ns=1_500_000_000 * 10**9)
+        await k.setxattr("db", b"user.kept", b"through fsync")
+        await k.fsync(fh)
+        async with k.fresh(xattrs=True) as other:
+            attrs = await other.lookup("db")
+            assert stat.S_IMODE(attrs.st_mode) == 0o600 and attrs.st_mtime_ns == 1_500_000_000 * 10**9
+            assert await other.getxattr("db", b"user.kept") == b"through fsync"
+        await k.close(fh)
 
 
 async def test_attributes_follow_renames_chmods_and_rewrites_even_through_a_mount_without_xattrs(xkit):

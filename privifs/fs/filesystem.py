@@ -1236,19 +1236,28 @@ class Filesystem:
         return n
 
     async def fsync(self, fh_id: int, datasync: bool = False) -> None:
-        fh = self.handles[fh_id]
-        node = fh.node
-        if node.staged is None or not node.content_dirty or node.unlinked:
+        """The file's content, and unless ``datasync`` its attributes (mode, owner, times,
+        extended attributes), are committed in the vault; with ``--fsync local`` on the local
+        disk, the upload following."""
+        node = self.handles[fh_id].node
+        content = node.staged is not None and bool(node.content_dirty)
+        if node.unlinked or not content and (datasync or not node.meta_dirty):
             return
         if self.opts.fsync_mode == "local":
-            await fsync_locally(self, node, datasync)
+            if content:
+                await fsync_locally(self, node, datasync)
+            else:
+                self.index.save(node)
+                await flush_index(self.index)
             return
-        node.staged.sealed.sync_header()
-        self.index.save(node)
+        if content:
+            node.staged.sealed.sync_header()
+            self.index.save(node)
         await self.sync.reach_vault()
-        if node.staged is None or not node.content_dirty or node.unlinked:
-            return  # uploaded, or removed, meanwhile
-        await self.sync.commit(node, self.opts.fsync_timeout)
+        if node.staged is not None and node.content_dirty and not node.unlinked:  # (else uploaded or gone)
+            await self.sync.commit(node, self.opts.fsync_timeout)
+        if node.meta_dirty and not datasync and not node.unlinked:
+            await self.sync.commit_meta(node, self.opts.fsync_timeout)
 
     async def fsyncdir(self, fh_id: int) -> None:
         """The directory's changes (entries made, renamed, removed) as the index records them are

@@ -266,6 +266,10 @@ class Syncer:
         self._odd_answers: Counter[int] = Counter()  # ino -> ProtocolErrors its waiting fsyncs met
         self.local_fsynced: set[int] = set()  # --fsync local: durable here, uploaded even while open
         self._commits: dict[str, tuple[trio.Event, list]] = {}
+        # fsyncs of a node whose attributes changed (not its content): the event of its next
+        # write-back attempt and what it met, and the meta version last written while one waits
+        self._meta_commits: dict[int, tuple[trio.Event, list]] = {}
+        self._meta_done: dict[int, int] = {}
         self._tomb_wake = trio.Event()
         self._fsync_asked = trio.Event()  # set (and replaced) when an fsync asks: wakes deferred work
         self._nursery: trio.Nursery | None = None
@@ -623,6 +627,7 @@ class Syncer:
             self.failures.pop(node.ino, None)
             self.failed_locally.discard(node.ino)
             self.ns.release(node, self.staging)  # removed while its write-back waited: nothing to send
+            self._meta_attempted(node.ino, None)
             return
         except PrivifsError as exc:
             self._failed(node, exc)
@@ -631,6 +636,7 @@ class Syncer:
         self.failures.pop(node.ino, None)
         self.failed_locally.discard(node.ino)
         self.ns.record_success(node)
+        self._meta_attempted(node.ino, None)
         self.answered()
         if not node.content_dirty:
             self.local_fsynced.discard(node.ino)
@@ -690,6 +696,8 @@ class Syncer:
         log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
+        if not waits:
+            self._meta_attempted(node.ino, exc)
         self.schedule(node)
 
     async def _plaintext(self, staged: StagedFile, ino: int, h: hmac.HMAC | None = None) -> AsyncIterator[bytes]:
@@ -813,6 +821,7 @@ class Syncer:
                     keep_old=keep,
                     manifest_risk=manifest_risk,
                     content_risk=content_risk,
+                    finish=False,
                 )
         except PrivifsError as exc:
             failed = True
@@ -850,10 +859,16 @@ class Syncer:
         self.uploads += 1
         if manifest_risk is not None and not node.unlinked:  # (a removed file's manifest is being deleted)
             self.stored_manifests.add(token)
-        if replaced is not None and replaced != token and not keep:
-            await self._delete_now(replaced)
-            self.stored_manifests.discard(replaced)
-            self.retire_parts(context, stale)
+        try:
+            if replaced is not None and replaced != token and not keep:
+                # before an fsync returns: a crash between the two left both versions at the
+                # file's place, where the older keeps the plain name (claim order) on a mount
+                # without this one's index, and the fsynced content showed as a conflict copy
+                await self._delete_now(replaced)
+                self.stored_manifests.discard(replaced)
+                self.retire_parts(context, stale)
+        finally:
+            self._finish_commit(staged, None)
         if not node.unlinked:
             await self._update_meta(node)
 
@@ -1165,11 +1180,13 @@ class Syncer:
         keep_old: bool = False,
         manifest_risk: dict | None = None,
         content_risk: dict | None = None,
+        finish: bool = True,
     ) -> None:
         """The vault acknowledged ``token`` with ``staged``'s content: switch the node to it (the
         token it replaces is deleted unless ``keep_old``). ``manifest_risk`` (a file stored as
         parts) or ``content_risk`` (one stored whole: its digest) is the risk meta that states
-        the content, kept by every later meta update."""
+        the content, kept by every later meta update. ``finish``: an fsync waiting for this
+        content returns (else the caller ends it)."""
         with self.index.kept():
             if staged.id in self._superseded:
                 self._superseded.discard(staged.id)
@@ -1206,7 +1223,8 @@ class Syncer:
             else:
                 self.index.after_commit(lambda: self.staging.remove(staged))
             self.index.save(node)
-        self._finish_commit(staged, None)
+        if finish:
+            self._finish_commit(staged, None)
 
     def _to_cache(self, token: str, staged: StagedFile) -> None:
         """An uploaded staged file becomes ``token``'s cache entry (or goes, if it cannot),
@@ -1330,8 +1348,7 @@ class Syncer:
                         current.get("privifs.type"),
                     )
                     self.remote_changed()
-                    if not self.ns.meta_written(node, version, trio.current_time()):
-                        self.schedule(node)
+                    self._meta_written(node, version)
                     if not node.unlinked:
                         self.index.save(node)
                     return
@@ -1351,10 +1368,16 @@ class Syncer:
             await confirm_gone(self.tokens, token, exc, "meta update")
             self._token_gone(node, renamed=node.remote_name != name or not same_context(node.remote_context, context))
             return
-        if not self.ns.meta_written(node, version, trio.current_time()):
-            self.schedule(node)
+        self._meta_written(node, version)
         if not node.unlinked:
             self.index.save(node)
+
+    def _meta_written(self, node: Node, version: int) -> None:
+        """The token's meta was written from ``node`` as it was at ``version``."""
+        if node.ino in self._meta_commits or self._fsync[node.ino]:
+            self._meta_done[node.ino] = max(version, self._meta_done.get(node.ino, version))
+        if not self.ns.meta_written(node, version, trio.current_time()):
+            self.schedule(node)
 
     async def _current_risk(self, token: str, base: dict[str, str]) -> tuple[dict[str, str], bool, TokenInfo | None]:
         """The risk meta ``token`` has on the server now (``base`` if it is not listed). A risk
@@ -1529,6 +1552,62 @@ class Syncer:
                 f"{self.ns.describe(node)}: the upload did not complete ({exc}); the data "
                 "stays staged and keeps being retried"
             ) from exc
+
+    async def commit_meta(self, node: Node, timeout: float) -> None:
+        """Wait until the attributes ``node`` has now (mode, owner, times, extended attributes,
+        its name) are written to its token's meta in the vault: what fsync(2) of a file whose
+        content is committed but whose attributes changed waits for."""
+        version = node.meta_version
+        ino = node.ino
+        self._fsync[ino] += 1
+        self._fsync_asked.set()
+        self._fsync_asked = trio.Event()
+        error: Exception | None = None
+        try:
+            with trio.move_on_after(timeout) as scope:
+                self.ns.schedule_retry(node, 0.0)
+                self.schedule(node)
+                while node.meta_dirty and self._meta_done.get(ino, -1) < version and not node.unlinked:
+                    event, met = self._meta_commits.setdefault(ino, (trio.Event(), []))
+                    await event.wait()
+                    if met and met[0] is not None:
+                        error = met[0]
+                        break
+        finally:
+            self._fsync[ino] -= 1
+            if not self._fsync[ino]:
+                del self._fsync[ino]
+                self._odd_answers.pop(ino, None)
+                self._meta_done.pop(ino, None)
+        if scope.cancelled_caught:
+            log.error(
+                "%s: fsync timed out after %.0fs waiting for its attributes to reach the vault; they keep "
+                "being retried",
+                self.ns.describe(node),
+                timeout,
+            )
+            raise WriteBackFailed(
+                f"{self.ns.describe(node)}: its attributes did not reach the vault within {timeout:.0f}s; "
+                "they keep being retried"
+            )
+        if error is not None:
+            log.error(
+                "%s: fsync failed, its attributes did not reach the vault (%s); they keep being retried",
+                self.ns.describe(node),
+                error,
+            )
+            if isinstance(error, CommandRejected):
+                raise error
+            raise WriteBackFailed(
+                f"{self.ns.describe(node)}: its attributes did not reach the vault ({error}); they keep being retried"
+            ) from error
+
+    def _meta_attempted(self, ino: int, error: Exception | None) -> None:
+        """A write-back attempt of ``ino`` ended (``error``: one an fsync does not wait through)."""
+        entry = self._meta_commits.pop(ino, None)
+        if entry is not None:
+            entry[1].append(error)
+            entry[0].set()
 
     def _finish_commit(self, staged: StagedFile, error: Exception | None) -> None:
         entry = self._commits.pop(staged.id, None)
