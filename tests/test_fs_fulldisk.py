@@ -143,6 +143,7 @@ def test_full_disk_writes_get_enospc_reads_of_cached_staged_and_uncached_files_w
             (m.dir / "more.txt").unlink(missing_ok=True)  # its creation may have failed already
             after = os.urandom(2 * MiB)
             (m.dir / "after.bin").write_bytes(after)
+            assert "disk full:" not in privifs(m.env, "status", str(m.dir)).stdout  # a write succeeded since
             m.wait_idle()
             assert "unexpectedly" not in m.log()
             for name, data in (("cached.bin", cached), ("staged.bin", staged), ("after.bin", after)):

@@ -156,7 +156,8 @@ class Filesystem:
         self._reads_abandoned = False
 
     def note_disk_full(self, request: str, exc: BaseException) -> None:
-        """A request failed because the local disk (staging, cache, index) has no room."""
+        """A request failed because the local disk (staging, cache, index) has no room; said by
+        ``privifs status`` until a write succeeds again."""
         self.last_disk_full, self.last_disk_full_at = f"{request}: {exc}", time.time()
 
     def note_activity(self) -> None:
@@ -1233,6 +1234,8 @@ class Filesystem:
             # writes), whose requests the kernel holds back until this write is answered (fsx -Z
             # hung so, generic/263)
             self._direct_written.add(node.ino)
+        if self.last_disk_full is not None:  # there is room again (hE: still said a minute after)
+            self.last_disk_full = self.last_disk_full_at = None
         return n
 
     async def fsync(self, fh_id: int, datasync: bool = False) -> None:
