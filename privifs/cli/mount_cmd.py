@@ -235,7 +235,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
         clean_dead_mount(real)
         print(
             f"privifs: {mountpoint} was left mounted by a daemon that died; cleaned it up (its staged "
-            f"changes are uploaded by this mount)",
+            f"changes are kept, and uploaded once the vault is mounted)",
             file=sys.stderr,
         )
     elif is_dead_mount(real):
