@@ -24,6 +24,7 @@ import trio
 
 from privifs.client.connect import connect
 from privifs.client.datatokens import FileMeta
+from privifs.fs.names import conflict_name
 from tests.mountkit import Mount
 from tests.test_fs_persistence import manifest  # type, mode, mtime, size, checksum
 
@@ -357,3 +358,31 @@ async def test_another_clients_commands_are_foreign_changes_and_our_own_are_not(
             await change()
             with trio.fail_after(5):
                 assert await one.hub.foreign_changes(0.25) >= 1
+
+
+def test_markers_moved_in_after_the_entries_below_them_leave_no_empty_directory_on_a_fresh_mount(engine, tmp_path):
+    """hF F2: in claim order a file /q/E, then /q/E/x0, /q/E/sub/y, then two directory markers
+    made elsewhere and moved in: /q/E/sub, then /q/E. A mount with no state adds tokens in claim
+    order: x0 and y went into an implicit E.dir (the file held E); the marker of E/sub took over
+    E.dir/sub and was not placed again once E's marker made E a directory: every fresh mount
+    showed an empty E.dir/sub that no running mount did."""
+    a = Mount(tmp_path / "a", engine.urls, mount_args=DEFAULTS)
+    with a.mounted():
+        src = tmp_path / "src"
+        src.mkdir()
+        made = {}
+        for name, context in (("E", "/q"), ("x0", "/q/E"), ("y", "/q/E/sub")):
+            (src / name).write_text(name)
+            made[name] = a.token("put", str(src / name), "--context", context).stdout.strip()
+            time.sleep(1.1)  # (createdAt has whole seconds: the claim order)
+        for name in ("S", "M"):
+            (a.dir / "q.tmp" / name).mkdir(parents=True)
+            a.wait_idle()
+            time.sleep(1.1)
+        markers = {t["fileName"]: t["token"] for t in a.tokens() if t["context"] == "/q.tmp"}
+        a.token("mv", markers["S"], "--name", "sub", "--context", "/q/E")
+        a.token("mv", markers["M"], "--name", "E", "--context", "/q")
+    f = Mount(tmp_path / "f", engine.urls, username=a.username, register=False, key_file=a.key_file)
+    with f.mounted():
+        shown = sorted(str(p.relative_to(f.dir / "q")) for p in (f.dir / "q").rglob("*"))
+    assert shown == sorted(["E", conflict_name("E", made["E"]), "E/sub", "E/sub/y", "E/x0"]), shown

@@ -25,12 +25,12 @@ from tests.fskit import inprocess_fs
 
 
 @asynccontextmanager
-async def two_clients(tmp_path, account):
+async def two_clients(tmp_path, account, *, xattrs: bool = False):
     key = secrets.token_bytes(32)
     (tmp_path / "a").mkdir(parents=True)
     (tmp_path / "b").mkdir(parents=True)
-    async with inprocess_fs(tmp_path / "a", *account, key=key) as a:
-        async with inprocess_fs(tmp_path / "b", *account, key=key) as b:
+    async with inprocess_fs(tmp_path / "a", *account, key=key, xattrs=xattrs) as a:
+        async with inprocess_fs(tmp_path / "b", *account, key=key, xattrs=xattrs) as b:
             yield a, b
 
 
@@ -791,6 +791,45 @@ async def test_a_directory_whose_marker_another_client_deleted_shows_the_mode_a_
         await converged(tmp_path, account, {"/d": "dir", "/d/f": "file"}, a, b)
         fresh = await mode_on_a_fresh_mount(tmp_path, account, a.key, "/d")
         assert a.node("/d").mode == b.node("/d").mode == fresh
+
+
+async def test_a_directory_whose_marker_another_client_deleted_loses_its_extended_attributes(account, tmp_path):
+    # hF F3: the directory known from its entry only kept the marker's extended attributes on
+    # every mount that knew the marker; a fresh mount shows none (they lived in the marker)
+    async with two_clients(tmp_path, account, xattrs=True) as (a, b):
+        await a.mkdir("/d")
+        await a.setxattr("/d", b"user.k", b"the marker's")
+        await a.write_file("/d/f", b"kept")
+        await listed(a, b)
+        assert await b.getxattr("/d", b"user.k") == b"the marker's"
+        await a.client.tokens.delete(a.node("/d").token)
+        await converged(tmp_path, account, {"/d": "dir", "/d/f": "file"}, a, b)
+        assert await a.listxattr("/d") == await b.listxattr("/d") == []
+
+
+async def test_a_directory_known_from_its_entries_once_its_marker_went_merges_into_the_name_dir_directory(
+    account, tmp_path
+):
+    # hF F1: /t/X a directory (marker), a file /t/X made after it elsewhere, then y in the
+    # directory and a directory /t/X.dir holding z; X's marker deleted elsewhere. The file
+    # claimed X before y did, so the directory shows as X.dir, where a fresh mount also finds the
+    # real X.dir: one directory holding y and z. The mounts kept X the directory (the file aside)
+    # and X.dir apart, for good
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/t")
+        await a.mkdir("/t/X")
+        await a.wait_idle()
+        await a.remote.next_second()
+        await a.remote.put("/t/X", b"the file")
+        await listed(a, b)
+        await a.remote.next_second()
+        await a.write_file("/t/X/y", b"y")
+        await a.mkdir("/t/X.dir")
+        await a.write_file("/t/X.dir/z", b"z")
+        await listed(a, b)
+        await a.client.tokens.delete(a.node("/t/X").token)
+        expected = {"/t": "dir", "/t/X": "file", "/t/X.dir": "dir", "/t/X.dir/y": "file", "/t/X.dir/z": "file"}
+        await converged(tmp_path, account, expected, a, b)
 
 
 @pytest.mark.parametrize("first", ["a", "b"])

@@ -1163,6 +1163,7 @@ class Namespace:
         self.set_token(node, None)
         self.set_explicit(node, False)
         node.mode, node.uid, node.gid = self.dir_mode, None, None
+        node.xattrs = None  # they were the marker's (helper hF: kept on every mount that knew it)
 
     def set_explicit(self, node: Node, explicit: bool) -> None:
         """Whether the directory ``node`` must exist on its own (a marker token) even when empty."""

@@ -528,6 +528,7 @@ class Refresher:
             self.ns.follow_remote(holder, info)
             self.ns.set_explicit(holder, True)
             self.ns.show_as(holder, name)
+            self._added.add(holder.ino)  # placed again with the entries added before it (helper hF)
             self.index.save(holder)
             self._inval_inode(holder.ino, attr_only=True)
             return
@@ -765,11 +766,19 @@ class Refresher:
             aside = self.ns.child(parent, f"{plain}.dir")
             if holder is not None and self._implicit(holder):
                 claim = self._subtree_claim(holder, started)
-                if claim is not None and first < claim and aside is None:
+                if claim is None or not first < claim:  # (the directory claimed it first)
+                    pass
+                elif aside is None:
                     self.ns.move(holder, parent, f"{plain}.dir")
                     self.index.save(holder)
                     self._inval_entry(parent.ino, plain)
                     self._inval_entry(parent.ino, f"{plain}.dir")
+                elif aside.is_dir:
+                    # a directory of that name exists: a fresh mount puts the implicit directory's
+                    # entries into it (Namespace.ensure_dirs), so this one merges them there too
+                    # (helper hF: running mounts kept the two apart, and the file aside, for good)
+                    self._merge_dirs(aside, holder)
+                    self._inval_entry(parent.ino, plain)
             elif holder in claimants and aside is not None and self._implicit(aside):
                 claim = self._subtree_claim(aside, started)
                 moved = conflict_name(plain, holder.token)
