@@ -78,6 +78,11 @@ def _forget_attributes(ino: int) -> None:
         pyfuse3.invalidate_inode(ino, attr_only=True)
 
 
+# what a read that does not verify says (helper hF: "the stored ciphertext" blamed the vault
+# for bytes a proxy had changed on their way)
+UNVERIFIED = "the ciphertext does not verify (changed in the vault, on its way here or in the local cache)"
+
+
 @dataclass
 class MountOptions:
     uid: int = os.getuid()
@@ -968,7 +973,7 @@ class Filesystem:
     def _fetch_failed(self, node: Node, exc: PrivifsError) -> pyfuse3.FUSEError:
         """Log why the node's content could not be fetched; the error to answer with."""
         if isinstance(exc, IntegrityError):
-            self._read_failed(node, "integrity failure, the stored ciphertext does not verify", exc)
+            self._read_failed(node, f"integrity failure: {UNVERIFIED}", exc)
             return fail(errno.EIO)
         self._read_failed(node, "cannot fetch the content", exc)
         self.sync.unanswered(exc)  # a server a read cannot reach is unreachable for status and umount too
@@ -986,7 +991,7 @@ class Filesystem:
         try:
             return await work
         except IntegrityError as exc:
-            self._read_failed(node, "integrity failure in a part, the stored ciphertext does not verify", exc)
+            self._read_failed(node, f"integrity failure in a part: {UNVERIFIED}", exc)
             raise fail(errno.EIO) from None
         except PrivifsError as exc:
             self._read_failed(node, "cannot fetch a part", exc)
