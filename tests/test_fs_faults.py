@@ -110,6 +110,26 @@ def test_umount_ends_and_keeps_the_changes_when_the_server_answers_only_errors(e
 
 
 @pytest.mark.slow
+def test_status_says_when_write_back_has_succeeded_since_its_last_error(eng, tmp_path):
+    """The last error stayed in 'privifs status' as if current long after everything had
+    drained (helper hF: 7 minutes). It still shows, with its time, and says that write-back
+    has succeeded since."""
+    with Mount(tmp_path, eng.urls).mounted() as m:
+        (m.dir / "poison").mkdir()
+        m.wait_idle()
+        eng.set_options(fail_context="/poison")  # every upload of a file in /poison fails
+        (m.dir / "poison" / "file.txt").write_text("the server fails me a while")
+        deadline = time.monotonic() + 60
+        while "injected failure" not in (shown := privifs(m.env, "status", str(m.dir)).stdout):
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.5)
+        assert "succeeded since" not in shown, shown
+        eng.set_options(fail_context="")
+        m.wait_idle()
+        shown = privifs(m.env, "status", str(m.dir)).stdout
+        assert "injected failure" in shown and "; write-back has succeeded since" in shown, shown
+
+
 def test_umount_ends_when_the_server_fails_one_file_every_time_while_the_rest_go_through(eng, tmp_path):
     """One file the server answered 500 for at every attempt, while every other request
     succeeded, held 'privifs umount' for ever: the server answered (its listing did), so the

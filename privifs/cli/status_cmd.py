@@ -464,9 +464,15 @@ def print_status(st: dict) -> None:
     )
     if st.get("parts_error"):
         print(f"  parts sweep:  stopped: {st['parts_error']}")
+    since = st.get("last_success_at")  # (a daemon before it does not say)
     print(
         f"  last error:   {st['last_error'] or 'none'}"
         + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")
+        + (
+            "; write-back has succeeded since"
+            if st["last_error"] and since and st["last_error_at"] and since > st["last_error_at"]
+            else ""
+        )
     )
     if st.get("index_owed"):
         print(

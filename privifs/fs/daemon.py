@@ -576,6 +576,7 @@ class Daemon:
             "listings": refresher.listings,
             "last_error": syncer.last_error,
             "last_error_at": syncer.last_error_at,
+            "last_success_at": syncer.last_success_at,
             "read_error": self.fs.last_read_error,
             "index_owed": self.ns.index.owed,
             "index_error": self.ns.index.owed_error,

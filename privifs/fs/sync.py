@@ -289,6 +289,7 @@ class Syncer:
         self._removed_at: dict[str, list[Place]] = {}
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self.last_success_at: float | None = None  # (wall time) of the last write-back that succeeded
         self.uploads = 0
         self.sent: dict[int, int] = {}  # plaintext bytes handed to the upload in flight, by inode
         self.unreachable_since: float | None = None
@@ -636,6 +637,7 @@ class Syncer:
         self.failures.pop(node.ino, None)
         self.failed_locally.discard(node.ino)
         self.ns.record_success(node)
+        self.last_success_at = time.time()
         self._meta_attempted(node.ino, None)
         self.answered()
         if not node.content_dirty:
@@ -1643,6 +1645,7 @@ class Syncer:
                             log.warning("deleting token %s failed: %s", token, exc)
                             return
                     self._deleted(token)
+                    self.last_success_at = time.time()
                     self._overwritten.pop(token, None)
                     self._removed_at.pop(token, None)
                     dropped = self._dropped.pop(token, None)
