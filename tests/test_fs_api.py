@@ -178,6 +178,27 @@ async def test_fsync_of_a_rewritten_file_returns_once_its_old_version_is_gone_fr
     await kit.close(fh)
 
 
+async def test_fsync_of_a_file_renamed_over_another_returns_once_the_replaced_one_is_gone(kit):
+    """A save by rename (write f.tmp, fsync it, rename it over f, fsync f): f's fsync returned
+    once the rename was in the vault, while f's old token waited for the background's delete; a
+    crash then left both at f, and a client without this index showed the old content as f
+    and the saved one as a conflict copy (helper hG). Here the server takes a second to delete."""
+    await kit.write_file("f", b"old version", fsync=True)
+    await kit.write_file("f.tmp", b"saved version", fsync=True)
+    delete = kit.syncer.tokens.delete
+
+    async def slowly(token: str) -> None:
+        await trio.sleep(1)
+        await delete(token)
+
+    kit.syncer.tokens.delete = slowly
+    await kit.rename("f.tmp", "f")
+    fh = await kit.open_file("f", os.O_RDONLY)
+    await kit.fsync(fh)
+    assert await kit.vault_tree() == {"f": b"saved version"}
+    await kit.close(fh)
+
+
 async def test_writing_into_an_uploaded_file_keeps_the_bytes_around_the_write(kit):
     await kit.write_file("f.txt", b"hello world")
     await kit.settle()

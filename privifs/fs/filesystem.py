@@ -1249,7 +1249,7 @@ class Filesystem:
         disk, the upload following."""
         node = self.handles[fh_id].node
         content = node.staged is not None and bool(node.content_dirty)
-        if node.unlinked or not content and (datasync or not node.meta_dirty):
+        if node.unlinked or not content and (datasync or not node.meta_dirty and not self.sync.replaces(node)):
             return
         if self.opts.fsync_mode == "local":
             if content:
@@ -1264,8 +1264,10 @@ class Filesystem:
         await self.sync.reach_vault()
         if node.staged is not None and node.content_dirty and not node.unlinked:  # (else uploaded or gone)
             await self.sync.commit(node, self.opts.fsync_timeout)
-        if node.meta_dirty and not datasync and not node.unlinked:
-            await self.sync.commit_meta(node, self.opts.fsync_timeout)
+        if not datasync and not node.unlinked:  # its attributes and name, and the entry its name replaced
+            if node.meta_dirty:
+                await self.sync.commit_meta(node, self.opts.fsync_timeout)
+            await self.sync.delete_replaced(node)
 
     async def fsyncdir(self, fh_id: int) -> None:
         """The directory's changes (entries made, renamed, removed) as the index records them are

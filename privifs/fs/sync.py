@@ -1633,24 +1633,8 @@ class Syncer:
                 async def delete(token: str) -> None:
                     nonlocal failed
                     async with limiter:
-                        try:
-                            if not await self._still_where_seen(token):
-                                return
-                            parts = await self._parts_of_dropped(token)
-                            await self.tokens.delete(token)
-                        except Exception as exc:  # noqa: BLE001 - retried; never fatal
+                        if not await self._delete_tombstone(token):
                             failed = True
-                            self.last_error = f"deleting token {token}: {exc}"
-                            self.last_error_at = time.time()
-                            log.warning("deleting token %s failed: %s", token, exc)
-                            return
-                    self._deleted(token)
-                    self.last_success_at = time.time()
-                    self._overwritten.pop(token, None)
-                    self._removed_at.pop(token, None)
-                    dropped = self._dropped.pop(token, None)
-                    if parts and dropped is not None:
-                        self.retire_parts(dropped[0], parts)
 
                 async with trio.open_nursery() as n:
                     for token in tokens:
@@ -1666,6 +1650,45 @@ class Syncer:
             wait = min(MAX_BACKOFF, 2**failures) if failed else 30
             with trio.move_on_after(min(wait, 0.1) if held else wait):  # held: look again soon
                 await self._tomb_wake.wait()
+
+    async def _delete_tombstone(self, token: str) -> bool:
+        """Delete the tombstoned ``token`` if the listing still shows it where this mount saw it;
+        False if the delete failed (retried by the tombstone loop)."""
+        try:
+            if not await self._still_where_seen(token):
+                return True
+            parts = await self._parts_of_dropped(token)
+            await self.tokens.delete(token)
+        except Exception as exc:  # noqa: BLE001 - retried; never fatal
+            self.last_error = f"deleting token {token}: {exc}"
+            self.last_error_at = time.time()
+            log.warning("deleting token %s failed: %s", token, exc)
+            return False
+        self._deleted(token)
+        self.last_success_at = time.time()
+        self._overwritten.pop(token, None)
+        self._removed_at.pop(token, None)
+        dropped = self._dropped.pop(token, None)
+        if parts and dropped is not None:
+            self.retire_parts(dropped[0], parts)
+        return True
+
+    def replaces(self, node: Node) -> bool:
+        """Whether a token ``node``'s renames replaced is still to be deleted."""
+        return any(ino == node.ino for ino, _, _ in self._overwritten.values())
+
+    async def delete_replaced(self, node: Node) -> None:
+        """Delete now the tokens ``node``'s renames replaced (``mv new old`` over a file), once
+        those renames are in the vault: fsync of the renamed file returns after it. Left to the
+        tombstone loop (which waits for a quiet moment), a crash in between left both tokens at
+        the name, and a client without this index showed the replaced content there (helper hG)."""
+        if node.meta_dirty or node.content_dirty or node.uploading or node.unlinked:
+            return  # (a rename not written back: the loop deletes them after it)
+        tombstones = set(self.index.tombstones())
+        held = self._held_for_uploads() | set(self.ns.held)
+        for token, (ino, _, _) in list(self._overwritten.items()):
+            if ino == node.ino and token in tombstones and token not in held:
+                await self._delete_tombstone(token)
 
     # -- crash recovery --------------------------------------------------------------------------
     def superseded(self, node: Node) -> None:
