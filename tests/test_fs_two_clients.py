@@ -832,6 +832,57 @@ async def test_a_directory_known_from_its_entries_once_its_marker_went_merges_in
         await converged(tmp_path, account, expected, a, b)
 
 
+async def test_a_file_named_name_dir_stays_when_entries_arrive_under_a_name_a_file_holds(account, tmp_path):
+    # hH H1: files /z/X and /z/X.dir, then another client's token in /z/X: the directory it
+    # needs shows as X.dir.dir. The directory X.dir took the file X.dir's place among its
+    # parent's entries: that file showed nowhere, not even on a fresh mount, and an edit of it
+    # stayed pending for good ('privifs umount' never returned)
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/z")
+        await a.write_file("/z/X", b"the file X")
+        await a.write_file("/z/X.dir", b"the file X.dir")
+        await listed(a, b)
+        await a.remote.next_second()  # (claiming after the file X.dir, the directory is X.dir.dir)
+        await a.remote.put("/z/X/y", b"an entry")
+        expected = {"/z": "dir", "/z/X": "file", "/z/X.dir": "file", "/z/X.dir.dir": "dir", "/z/X.dir.dir/y": "file"}
+        await converged(tmp_path, account, expected, a, b)
+        assert await b.read_file("/z/X.dir") == b"the file X.dir"
+        assert not a.ns.pending() and not b.ns.pending()
+
+
+async def test_a_directory_merging_into_name_dir_puts_a_file_of_a_name_both_hold_under_its_conflict_name(
+    account, tmp_path
+):
+    # hH H2: as hF F1 (X's marker gone, the file X claimed first, so the directory merges into
+    # the directory X.dir), but X.dir holds a y as well: a fresh mount shows both in X.dir, the
+    # later claim under its conflict name; the mounts kept X the directory (with y) for good
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.mkdir("/t")
+        await a.mkdir("/t/X")
+        await a.wait_idle()
+        await a.remote.next_second()
+        await a.remote.put("/t/X", b"the file")
+        await listed(a, b)
+        await a.remote.next_second()
+        await a.write_file("/t/X/y", b"first y")
+        await a.mkdir("/t/X.dir")
+        await a.wait_idle()
+        await a.remote.next_second()
+        await a.write_file("/t/X.dir/y", b"second y")
+        await listed(a, b)
+        later = a.node("/t/X.dir/y").token
+        await a.client.tokens.delete(a.node("/t/X").token)
+        expected = {
+            "/t": "dir",
+            "/t/X": "file",
+            "/t/X.dir": "dir",
+            "/t/X.dir/y": "file",
+            f"/t/X.dir/{conflict_name('y', later)}": "file",
+        }
+        await converged(tmp_path, account, expected, a, b)
+        assert await b.read_file("/t/X.dir/y") == b"first y"
+
+
 @pytest.mark.parametrize("first", ["a", "b"])
 async def test_two_mkdirs_of_one_name_show_the_first_claims_mode_everywhere(account, tmp_path, first):
     # hU D3: A made /d (then chmod 700) while B made /d: each mount kept its own marker's mode

@@ -990,19 +990,17 @@ class Namespace:
 
     def ensure_dirs(self, parts: list[str], mtime_ns: int, made: Callable[[Node], None] = lambda n: None) -> Node:
         """The directory at ``parts``, creating implicit directories on the way (and saving them;
-        ``made`` sees each). A non-directory in the way keeps its name; the directory gets a
-        conflict name instead."""
+        ``made`` sees each). A non-directory in the way keeps its name; the directory is
+        ``NAME.dir`` instead (``NAME.dir.dir`` when a file holds that name too, and so on)."""
         node = self.root
         for part in parts:
             child = self.child(node, part)
-            if child is None or not child.is_dir:
-                if child is not None:
-                    alt = f"{part}.dir"
-                    existing = self.child(node, alt)
-                    if existing is not None and existing.is_dir:
-                        node = existing
-                        continue
-                    part = alt
+            while child is not None and not child.is_dir:
+                # (helper hH: a directory NAME.dir made where a file held that name took the
+                # file's place among the children: the file was hidden for good)
+                part = f"{part}.dir"
+                child = self.child(node, part)
+            if child is None:
                 child = self.new_node(node, part, KIND_DIR, self.dir_mode, mtime_ns)
                 self.index.save(child)
                 made(child)

@@ -432,9 +432,10 @@ class Refresher:
         node, out = self.ns.root, [self.ns.root]
         for part in parts:
             child = self.ns.child(node, part)
-            if child is not None and not child.is_dir:
-                child = self.ns.child(node, f"{part}.dir")
-            if child is None or not child.is_dir:
+            while child is not None and not child.is_dir:
+                part = f"{part}.dir"
+                child = self.ns.child(node, part)
+            if child is None:
                 break
             node = child
             out.append(node)
@@ -484,27 +485,38 @@ class Refresher:
     def _implicit(node: Node) -> bool:
         return node.is_dir and node.token is None and not node.explicit and not node.meta_dirty
 
-    def _merge_dirs(self, keep: Node, gone: Node, stays: Callable[[Node], bool] = lambda n: False) -> None:
+    def _merge_dirs(
+        self, keep: Node, gone: Node, stays: Callable[[Node], bool] = lambda n: False, *, clashes: bool = False
+    ) -> None:
         """Move the entries of the implicit directory ``gone`` into ``keep`` (both stand for the
         same path, so no entry's place in the vault changes); ``gone`` goes once empty. Two
         directories of one name merge likewise; a real clash stays in ``gone``, and so does an
-        entry ``stays`` names."""
+        entry ``stays`` names. ``clashes``: a file of a name ``keep`` holds goes there under its
+        conflict name (the names' claim order is settled after), as on a fresh mount."""
         for name, ino in list(gone.children.items()):
             child = self.ns.nodes[ino]
             if stays(child):
                 continue
             there = self.ns.child(keep, name)
             if there is not None and child.is_dir and there.is_dir and self._implicit(there):
-                self._merge_dirs(child, there)
+                self._merge_dirs(child, there, clashes=clashes)
                 there = self.ns.child(keep, name)
             elif there is not None and child.is_dir and there.is_dir and self._implicit(child):
-                self._merge_dirs(there, child)
+                self._merge_dirs(there, child, clashes=clashes)
                 continue
             if there is None:
                 self.ns.move(child, keep, name)
                 self.index.save(child)
                 self._inval_entry(gone.ino, name)
                 self._inval_entry(keep.ino, name)
+            elif clashes and not child.is_dir and not there.is_dir and child.token:
+                moved = conflict_name(name, child.token)
+                if self.ns.child(keep, moved) is None:
+                    self.ns.move(child, keep, moved)
+                    self.ns.show_as(child, moved)
+                    self.index.save(child)
+                    self._inval_entry(gone.ino, name)
+                    self._inval_entry(keep.ino, moved)
         if not gone.children:
             self._drop_empty_implicit(gone, upwards=False)
 
@@ -777,7 +789,9 @@ class Refresher:
                     # a directory of that name exists: a fresh mount puts the implicit directory's
                     # entries into it (Namespace.ensure_dirs), so this one merges them there too
                     # (helper hF: running mounts kept the two apart, and the file aside, for good)
-                    self._merge_dirs(aside, holder)
+                    # (helper hH: a file of a name both held stayed here, and with it the implicit
+                    # directory at the plain name, the file X aside, for good)
+                    self._merge_dirs(aside, holder, clashes=True)
                     self._inval_entry(parent.ino, plain)
             elif holder in claimants and aside is not None and self._implicit(aside):
                 claim = self._subtree_claim(aside, started)
