@@ -156,12 +156,8 @@ async def test_fsync_returns_once_the_content_is_in_the_vault(kit):
     await kit.close(fh)
 
 
-async def test_fsync_of_a_rewritten_file_returns_once_its_old_version_is_gone_from_the_vault(kit):
-    """fsync returned between the new version's upload and the old one's delete: a crash then
-    left both at the file's place, and a client without this one's index (a fresh machine, or
-    this one with its index lost) showed the old content under the name and the fsynced one as
-    a conflict copy, for good (helper hE). Here the server takes a second to delete."""
-    await kit.write_file("db", b"old version", fsync=True)
+def slow_deletes(kit) -> None:
+    """The server takes a second for each delete from now on."""
     delete = kit.syncer.tokens.delete
 
     async def slowly(token: str) -> None:
@@ -169,6 +165,15 @@ async def test_fsync_of_a_rewritten_file_returns_once_its_old_version_is_gone_fr
         await delete(token)
 
     kit.syncer.tokens.delete = slowly
+
+
+async def test_fsync_of_a_rewritten_file_returns_once_its_old_version_is_gone_from_the_vault(kit):
+    """fsync returned between the new version's upload and the old one's delete: a crash then
+    left both at the file's place, and a client without this one's index (a fresh machine, or
+    this one with its index lost) showed the old content under the name and the fsynced one as
+    a conflict copy, for good (helper hE). Here the server takes a second to delete."""
+    await kit.write_file("db", b"old version", fsync=True)
+    slow_deletes(kit)
     fh = await kit.open_file("db", os.O_RDWR)
     await kit.write(fh, 0, b"new version, fsynced")
     await kit.ops.fsync(fh, True)  # fdatasync, as SQLite's
@@ -185,13 +190,7 @@ async def test_fsync_of_a_file_renamed_over_another_returns_once_the_replaced_on
     and the saved one as a conflict copy (helper hG). Here the server takes a second to delete."""
     await kit.write_file("f", b"old version", fsync=True)
     await kit.write_file("f.tmp", b"saved version", fsync=True)
-    delete = kit.syncer.tokens.delete
-
-    async def slowly(token: str) -> None:
-        await trio.sleep(1)
-        await delete(token)
-
-    kit.syncer.tokens.delete = slowly
+    slow_deletes(kit)
     await kit.rename("f.tmp", "f")
     fh = await kit.open_file("f", os.O_RDONLY)
     await kit.fsync(fh)

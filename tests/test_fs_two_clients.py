@@ -807,14 +807,16 @@ async def test_a_directory_whose_marker_another_client_deleted_loses_its_extende
         assert await a.listxattr("/d") == await b.listxattr("/d") == []
 
 
+@pytest.mark.parametrize("clash", [False, True])
 async def test_a_directory_known_from_its_entries_once_its_marker_went_merges_into_the_name_dir_directory(
-    account, tmp_path
+    account, tmp_path, clash
 ):
     # hF F1: /t/X a directory (marker), a file /t/X made after it elsewhere, then y in the
-    # directory and a directory /t/X.dir holding z; X's marker deleted elsewhere. The file
-    # claimed X before y did, so the directory shows as X.dir, where a fresh mount also finds the
-    # real X.dir: one directory holding y and z. The mounts kept X the directory (the file aside)
-    # and X.dir apart, for good
+    # directory and a directory /t/X.dir holding z (hH H2: holding a y too); X's marker deleted
+    # elsewhere. The file claimed X before y did, so the directory shows as X.dir, where a fresh
+    # mount also finds the real X.dir: one directory holding both's entries (the later y under
+    # its conflict name). The mounts kept X the directory (the file aside) and X.dir apart, for
+    # good; with the clash, after the first fix, X the directory holding the y
     async with two_clients(tmp_path, account) as (a, b):
         await a.mkdir("/t")
         await a.mkdir("/t/X")
@@ -823,13 +825,18 @@ async def test_a_directory_known_from_its_entries_once_its_marker_went_merges_in
         await a.remote.put("/t/X", b"the file")
         await listed(a, b)
         await a.remote.next_second()
-        await a.write_file("/t/X/y", b"y")
+        await a.write_file("/t/X/y", b"first y")
         await a.mkdir("/t/X.dir")
-        await a.write_file("/t/X.dir/z", b"z")
+        await a.wait_idle()
+        await a.remote.next_second()
+        await a.write_file(f"/t/X.dir/{'y' if clash else 'z'}", b"second")
         await listed(a, b)
+        later = a.node(f"/t/X.dir/{'y' if clash else 'z'}").token
         await a.client.tokens.delete(a.node("/t/X").token)
-        expected = {"/t": "dir", "/t/X": "file", "/t/X.dir": "dir", "/t/X.dir/y": "file", "/t/X.dir/z": "file"}
+        second = f"/t/X.dir/{conflict_name('y', later)}" if clash else "/t/X.dir/z"
+        expected = {"/t": "dir", "/t/X": "file", "/t/X.dir": "dir", "/t/X.dir/y": "file", second: "file"}
         await converged(tmp_path, account, expected, a, b)
+        assert await b.read_file("/t/X.dir/y") == b"first y" and await b.read_file(second) == b"second"
 
 
 async def test_a_file_named_name_dir_stays_when_entries_arrive_under_a_name_a_file_holds(account, tmp_path):
@@ -848,39 +855,6 @@ async def test_a_file_named_name_dir_stays_when_entries_arrive_under_a_name_a_fi
         await converged(tmp_path, account, expected, a, b)
         assert await b.read_file("/z/X.dir") == b"the file X.dir"
         assert not a.ns.pending() and not b.ns.pending()
-
-
-async def test_a_directory_merging_into_name_dir_puts_a_file_of_a_name_both_hold_under_its_conflict_name(
-    account, tmp_path
-):
-    # hH H2: as hF F1 (X's marker gone, the file X claimed first, so the directory merges into
-    # the directory X.dir), but X.dir holds a y as well: a fresh mount shows both in X.dir, the
-    # later claim under its conflict name; the mounts kept X the directory (with y) for good
-    async with two_clients(tmp_path, account) as (a, b):
-        await a.mkdir("/t")
-        await a.mkdir("/t/X")
-        await a.wait_idle()
-        await a.remote.next_second()
-        await a.remote.put("/t/X", b"the file")
-        await listed(a, b)
-        await a.remote.next_second()
-        await a.write_file("/t/X/y", b"first y")
-        await a.mkdir("/t/X.dir")
-        await a.wait_idle()
-        await a.remote.next_second()
-        await a.write_file("/t/X.dir/y", b"second y")
-        await listed(a, b)
-        later = a.node("/t/X.dir/y").token
-        await a.client.tokens.delete(a.node("/t/X").token)
-        expected = {
-            "/t": "dir",
-            "/t/X": "file",
-            "/t/X.dir": "dir",
-            "/t/X.dir/y": "file",
-            f"/t/X.dir/{conflict_name('y', later)}": "file",
-        }
-        await converged(tmp_path, account, expected, a, b)
-        assert await b.read_file("/t/X.dir/y") == b"first y"
 
 
 @pytest.mark.parametrize("first", ["a", "b"])

@@ -462,22 +462,14 @@ class Refresher:
             # was taken too (by the implicit directory of entries written under it elsewhere)
             aside = conflict_name(name, holder.token)
             if self.ns.child(parent, aside) is None:
-                self.ns.move(holder, parent, aside)
-                self.ns.show_as(holder, aside)
-                self.index.save(holder)
-                self._inval_entry(parent.ino, name)
-                self._inval_entry(parent.ino, aside)
+                self._show_as(holder, parent, aside)
                 holder = None
         if holder is not None and holder is not node:
             name = conflict_name(name, info.token)
             if self.ns.child(parent, name) not in (None, node):
                 return False
-        old_parent, old_name = node.parent, node.name
-        self.ns.move(node, parent, name)
-        self.ns.show_as(node, name)
-        self.index.save(node)
-        self._inval_entry(old_parent, old_name)
-        self._inval_entry(parent.ino, name)
+        old_parent = node.parent
+        self._show_as(node, parent, name)
         self._drop_empty_implicit(self.ns.nodes.get(old_parent))
         return True
 
@@ -512,13 +504,18 @@ class Refresher:
             elif clashes and not child.is_dir and not there.is_dir and child.token:
                 moved = conflict_name(name, child.token)
                 if self.ns.child(keep, moved) is None:
-                    self.ns.move(child, keep, moved)
-                    self.ns.show_as(child, moved)
-                    self.index.save(child)
-                    self._inval_entry(gone.ino, name)
-                    self._inval_entry(keep.ino, moved)
+                    self._show_as(child, keep, moved)
         if not gone.children:
             self._drop_empty_implicit(gone, upwards=False)
+
+    def _show_as(self, node: Node, parent: Node, name: str) -> None:
+        """Show ``node`` as ``name`` in ``parent`` (where the listing puts it, or a conflict name)."""
+        before, old = node.parent, node.name
+        self.ns.move(node, parent, name)
+        self.ns.show_as(node, name)
+        self.index.save(node)
+        self._inval_entry(before, old)
+        self._inval_entry(parent.ino, name)
 
     def _add(self, info: TokenInfo, parts: list[str], vanished: dict[int, Node]) -> None:
         a = attributes(info)
