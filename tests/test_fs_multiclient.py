@@ -374,11 +374,11 @@ def test_markers_moved_in_after_the_entries_below_them_leave_no_empty_directory_
         for name, context in (("E", "/q"), ("x0", "/q/E"), ("y", "/q/E/sub")):
             (src / name).write_text(name)
             made[name] = a.token("put", str(src / name), "--context", context).stdout.strip()
-            time.sleep(1.1)  # (createdAt has whole seconds: the claim order)
+            next_second()
         for name in ("S", "M"):
             (a.dir / "q.tmp" / name).mkdir(parents=True)
             a.wait_idle()
-            time.sleep(1.1)
+            next_second()
         markers = {t["fileName"]: t["token"] for t in a.tokens() if t["context"] == "/q.tmp"}
         a.token("mv", markers["S"], "--name", "sub", "--context", "/q/E")
         a.token("mv", markers["M"], "--name", "E", "--context", "/q")
@@ -386,3 +386,9 @@ def test_markers_moved_in_after_the_entries_below_them_leave_no_empty_directory_
     with f.mounted():
         shown = sorted(str(p.relative_to(f.dir / "q")) for p in (f.dir / "q").rglob("*"))
     assert shown == sorted(["E", conflict_name("E", made["E"]), "E/sub", "E/sub/y", "E/x0"]), shown
+
+
+def next_second() -> None:
+    """Until the next whole second: a token stored from now on claims after those stored before
+    (createdAt has whole seconds; the engine runs on this machine's clock)."""
+    time.sleep(1.02 - time.time() % 1)
