@@ -198,6 +198,23 @@ async def test_fsync_of_a_file_renamed_over_another_returns_once_the_replaced_on
     await kit.close(fh)
 
 
+async def test_a_save_by_rename_is_in_the_vault_at_fsync_while_files_closed_before_wait_to_upload(
+    module_account, eng, tmp_path
+):
+    """As above, beside a file closed before the rename and not uploaded yet (a busy mount, or
+    here the write-back delay): the replaced token was held back for it, as a removal is, and
+    f's fsync returned with both versions at f (helper hG's script with a busy writer)."""
+    async with inprocess_fs(tmp_path, *module_account, empty_vault=True, write_back_delay=3600) as k:
+        await k.write_file("f", b"old version", fsync=True)
+        await k.write_file("f.tmp", b"saved version", fsync=True)
+        await k.write_file("other", b"closed, waiting for the write-back delay")
+        await k.rename("f.tmp", "f")
+        fh = await k.open_file("f", os.O_RDONLY)
+        await k.fsync(fh)
+        assert await k.vault_tree() == {"f": b"saved version"}
+        await k.close(fh)
+
+
 async def test_writing_into_an_uploaded_file_keeps_the_bytes_around_the_write(kit):
     await kit.write_file("f.txt", b"hello world")
     await kit.settle()

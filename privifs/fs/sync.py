@@ -1685,9 +1685,11 @@ class Syncer:
         if node.meta_dirty or node.content_dirty or node.uploading or node.unlinked:
             return  # (a rename not written back: the loop deletes them after it)
         tombstones = set(self.index.tombstones())
-        held = self._held_for_uploads() | set(self.ns.held)
         for token, (ino, _, _) in list(self._overwritten.items()):
-            if ino == node.ino and token in tombstones and token not in held:
+            # (not held back for files closed before the rename, as a removal is: the rename,
+            # in the vault already, did not wait for them either; helper hG's save beside a busy
+            # writer returned with the replaced token there)
+            if ino == node.ino and token in tombstones and token not in self.ns.held:
                 await self._delete_tombstone(token)
 
     # -- crash recovery --------------------------------------------------------------------------
