@@ -988,20 +988,27 @@ class Namespace:
         self.set_token(node, None)
         self.nodes.pop(node.ino, None)
 
+    def dir_step(self, parent: Node, part: str) -> tuple[str, Node | None]:
+        """The name the directory ``part`` of a path takes in ``parent`` (``part``, or
+        ``part.dir`` while a non-directory holds the name, ``part.dir.dir`` while one holds that
+        too, ...) and the directory there, if any."""
+        child = self.child(parent, part)
+        while child is not None and not child.is_dir:
+            # (helper hH: a directory NAME.dir made where a file held that name took the file's
+            # place among the children: the file was hidden for good)
+            part = f"{part}.dir"
+            child = self.child(parent, part)
+        return part, child
+
     def ensure_dirs(self, parts: list[str], mtime_ns: int, made: Callable[[Node], None] = lambda n: None) -> Node:
         """The directory at ``parts``, creating implicit directories on the way (and saving them;
         ``made`` sees each). A non-directory in the way keeps its name; the directory is
         ``NAME.dir`` instead (``NAME.dir.dir`` when a file holds that name too, and so on)."""
         node = self.root
         for part in parts:
-            child = self.child(node, part)
-            while child is not None and not child.is_dir:
-                # (helper hH: a directory NAME.dir made where a file held that name took the
-                # file's place among the children: the file was hidden for good)
-                part = f"{part}.dir"
-                child = self.child(node, part)
+            name, child = self.dir_step(node, part)
             if child is None:
-                child = self.new_node(node, part, KIND_DIR, self.dir_mode, mtime_ns)
+                child = self.new_node(node, name, KIND_DIR, self.dir_mode, mtime_ns)
                 self.index.save(child)
                 made(child)
             node = child

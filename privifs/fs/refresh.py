@@ -431,10 +431,7 @@ class Refresher:
         walks it: a non-directory in the way means its ``.dir`` sibling), from the root on."""
         node, out = self.ns.root, [self.ns.root]
         for part in parts:
-            child = self.ns.child(node, part)
-            while child is not None and not child.is_dir:
-                part = f"{part}.dir"
-                child = self.ns.child(node, part)
+            child = self.ns.dir_step(node, part)[1]
             if child is None:
                 break
             node = child
