@@ -136,7 +136,7 @@ def _left_staged(pending: int, size: int | None, deletes: int) -> str:
         count(pending, "change")
         + (f" ({size} bytes)" if size is not None else "")
         + (f" and {count(deletes, 'delete')}" if deletes else "")
-        + f" {verb(pending + deletes, 'stays', 'stay')} staged"
+        + f" {'stay' if deletes else verb(pending, 'stays', 'stay')} staged"  # (changes and deletes: plural)
     )
 
 
