@@ -1123,6 +1123,7 @@ class Syncer:
         except PrivifsError as exc:
             log.warning("could not record the deletion of %s: %s", token, exc)
         self.recently_deleted[token] = trio.current_time()
+        self._overwritten.pop(token, None)  # (a rename's replaced token: nothing left to delete)
         self.cache.evict(token)
 
     async def _moved_elsewhere(
@@ -1666,7 +1667,6 @@ class Syncer:
             return False
         self._deleted(token)
         self.last_success_at = time.time()
-        self._overwritten.pop(token, None)
         self._removed_at.pop(token, None)
         dropped = self._dropped.pop(token, None)
         if parts and dropped is not None:
