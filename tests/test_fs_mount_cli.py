@@ -4,6 +4,7 @@ the cache limit, shared downloads, authorization renewal during a long mount."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -125,6 +126,32 @@ def test_fusermount_unmount_loses_nothing(engine, tmp_path):
         assert "closed.txt" in {t["fileName"] for t in m.tokens()}, m.log()[-3000:]
         m.mount()
         assert (m.dir / "closed.txt").read_text() == "closed before fusermount3 -u"
+
+
+def test_a_file_closed_just_before_the_unmount_is_uploaded_though_its_release_never_came(engine, tmp_path):
+    """close(2) does not wait for the daemon (the kernel sends RELEASE in the background), and an
+    unmount drops the requests the daemon has not read yet: a file closed just before
+    ``fusermount3 -u`` stayed "open for writing" in the daemon, which then exited without
+    uploading it (once in a loaded CI run). The daemon is stopped here while the RELEASE waits."""
+    with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
+        (m.dir / "warm").write_text("the kernel learns that privifs has no FLUSH")
+        f = open(m.dir / "closed.txt", "w")
+        f.write("closed before the unmount")
+        f.flush()
+        pid = m.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            f.close()  # no FLUSH: returns at once, its RELEASE queued for the stopped daemon
+            # umount(2) itself needs nothing of the daemon (umount(8) would stat the mount first)
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.umount2(str(m.dir).encode(), 0) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 90
+        while pid_alive(pid):
+            assert time.monotonic() < deadline, "the daemon did not finish after the unmount"
+            time.sleep(0.1)
+        assert "closed.txt" in {t["fileName"] for t in m.tokens()}, m.log()[-3000:]
 
 
 def test_read_only_mount_refuses_changes(engine, tmp_path):

@@ -413,6 +413,9 @@ class Daemon:
                         self.mounted = False
                         closed = True
                         pyfuse3.close(unmount=True)
+                    left = fs.release_left()
+                    if left:
+                        log.info("%s the kernel had not released at the unmount: closed now", count(left, "file"))
                     if self._drain > 0:
                         log.info("unmounted %s; finishing pending uploads", self.mountpoint)
                         result = {}

@@ -1298,6 +1298,17 @@ class Filesystem:
         self.park_staged(node)
         self.release_node(node)
 
+    def release_left(self) -> int:
+        """The FUSE connection has ended: release every handle the kernel had not released.
+        close(2) does not wait for the daemon (RELEASE comes in the background), and an unmount
+        drops the requests the daemon has not read yet, so a file closed just before it stayed
+        open for writing here and was not uploaded. Returns how many handles were left."""
+        left = list(self.handles)
+        for fh_id in left:
+            self.release(fh_id)
+        self.dir_handles.clear()
+        return len(left)
+
     # -- directories -----------------------------------------------------------------------------
     def opendir(self, ino: int) -> int:
         """A handle on the directory; its entries are taken at the first readdir, not here: SQLite
