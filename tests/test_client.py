@@ -26,6 +26,7 @@ from privifs.errors import (
     CommandRejected,
     ConflictError,
     IntegrityError,
+    MalformedAnswer,
     NotFoundError,
     ServerUnreachable,
 )
@@ -961,6 +962,44 @@ async def test_token_commands_find_a_token_through_an_answer_cut_short(eng, acco
             async with connect(proxied, creds) as client:
                 assert (await _find(client, token)).file_name == "found.bin"
     assert left["cuts"] == 0
+
+
+@pytest.mark.parametrize(
+    "bogus",
+    [
+        b'{"status":500,"message":"Internal Server Error"}',  # a gateway's error, sent with 200
+        b"{}",
+        b'{"items":"x"}',
+        b'{"items":[{"no":"token"}]}',
+        b'{"items":[],"meta":{"count":8,"page":2,"perPage":3}}',  # empty, though 8 are stated
+    ],
+)
+async def test_a_listing_page_that_is_not_one_is_asked_for_again_not_taken_for_the_end(eng, account, bogus):
+    """A page answered ``200`` with JSON that is no listing was read as an empty page: the
+    listing ended there, and the part collector deleted the parts of big files whose manifests
+    were on the pages after it (helper hI: their files read EIO for good). Such a page is asked
+    for again; one that stays so fails the listing."""
+    endpoints, creds = account
+    eng.set_options(per_page_max=3)
+    async with connect(*account) as direct:
+        vault = direct.vault(KEY)
+        stored = {await vault.put_bytes(b"x", meta(f"f{i}.bin")) for i in range(8)}
+    left = {"bogus": 2}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/list-data-tokens") and "page=2&" in path and left["bogus"]:
+            left["bogus"] -= 1
+            return 200, bogus
+        return status, body
+
+    async with proxied_api(endpoints, mangle) as proxied:
+        with trio.fail_after(60):
+            async with connect(proxied, creds) as client:
+                assert {i.token async for i in client.tokens.list()} == stored
+                assert left["bogus"] == 0
+                left["bogus"] = 100
+                with pytest.raises(MalformedAnswer):
+                    [i async for i in client.tokens.list()]
 
 
 async def test_a_listing_whose_count_is_the_page_size_is_read_to_the_end(eng, account):

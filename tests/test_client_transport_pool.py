@@ -149,6 +149,8 @@ async def test_lean_path_turns_malformed_answers_into_unreachable_errors_and_goe
                 with pytest.raises(ServerUnreachable) as info:
                     await transport.call("GET", path, auth=False, idempotent=False)
                 assert "ProtocolError" in str(info.value), info.value
+                # an answer came: "cannot reach" sent the user to check a server that answered
+                assert "answered, but not in valid HTTP or cut short" in str(info.value), info.value
             assert (await transport.call("GET", "/d", auth=False)).json() == {"a": 1}
         finally:
             await transport.aclose()

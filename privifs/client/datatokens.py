@@ -570,6 +570,14 @@ class DataTokens:
                 )
                 try:
                     items, count, stated = shapes.listing_page(shapes.json_or_text(resp))
+                    last = not items or (stated is not None and len(items) < stated)
+                    if last and count is not None and count != len(items) and seen + len(items) < count:
+                        # a last page short of the total the server states (a count of the page's
+                        # own items equals them): cut short on its way, not the end
+                        raise MalformedAnswer(
+                            f"list data tokens: page {page} ends the listing with {seen + len(items)} tokens,"
+                            f" but the server states {count}"
+                        )
                     break
                 except MalformedAnswer as exc:  # a page cut short or a proxy's page: ask for it again
                     if attempt + 1 == self.transport.options.retry_attempts:

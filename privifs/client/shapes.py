@@ -325,22 +325,29 @@ def listing(body: Any) -> tuple[list[dict], int | None]:
 
 def listing_page(body: Any) -> tuple[list[dict], int | None, int | None]:
     """A listing page: (items, its meta's count, its meta's perPage), each None when not stated.
-    The count may be the total or the page's items (undocumented which)."""
+    The count may be the total or the page's items (undocumented which). An answer that is not
+    a listing (no list of items, an item without a token: a gateway's ``200 {"status": 500}``)
+    is :class:`~privifs.errors.MalformedAnswer`, never an empty page: read as one, it ended the
+    listing early, and the part collector deleted the parts of files whose manifests were on
+    the pages after it (helper hI)."""
     if isinstance(body, list):
-        return body, None, None
-    if isinstance(body, dict):
-        items = body.get("items", body.get("data", []))
+        items, meta = body, {}
+    elif isinstance(body, dict):
+        items = body["items"] if "items" in body else body.get("data")
         meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
-        count = meta.get("count", meta.get("total"))
-        per_page = meta.get("perPage")
-        return (
-            (items if isinstance(items, list) else []),
-            (count if isinstance(count, int) and not isinstance(count, bool) else None),
-            (per_page if isinstance(per_page, int) and not isinstance(per_page, bool) and per_page > 0 else None),
-        )
-    if body is None or isinstance(body, str):  # empty, cut short, an HTML page: not JSON at all
+    elif body is None or isinstance(body, str):  # empty, cut short, an HTML page: not JSON at all
         raise MalformedAnswer(f"list data tokens: the server's answer cannot be read ({str(body)[:60]!r})")
-    raise ProtocolError("unexpected listing answer")
+    else:
+        raise MalformedAnswer(f"list data tokens: the server's answer is not a listing ({str(body)[:60]!r})")
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("token"), str) for i in items):
+        raise MalformedAnswer(f"list data tokens: the server's answer is not a listing ({str(body)[:80]!r})")
+    count = meta.get("count", meta.get("total"))
+    per_page = meta.get("perPage")
+    return (
+        items,
+        (count if isinstance(count, int) and not isinstance(count, bool) else None),
+        (per_page if isinstance(per_page, int) and not isinstance(per_page, bool) and per_page > 0 else None),
+    )
 
 
 @dataclass

@@ -139,8 +139,18 @@ class ClientOptions:
     lean_http: bool = True  # plain-http API calls through http11.LeanHTTP instead of httpx
 
 
+_NO_ANSWER = ("without answering", "without sending a response")  # (ours, httpx's): no answer came
+
+
 def unreachable(base: str, why: str) -> ServerUnreachable:
-    """A call that got no answer from the server at ``base`` (``why``: the failure, in short)."""
+    """A call that got no answer from the server at ``base`` (``why``: the failure, in short).
+    An answer that is not HTTP (garbage, a length twice over) is told apart: "cannot reach"
+    sent the user to check a server that did answer (helper hI)."""
+    if why.startswith("RemoteProtocolError") and not any(s in why for s in _NO_ANSWER):
+        return ServerUnreachable(
+            f"the Privicore server at {base} answered, but not in valid HTTP or cut short ({why}); if this lasts,"
+            " check what stands between it and this machine (a proxy, a load balancer)"
+        )
     return ServerUnreachable(
         f"cannot reach the Privicore server at {base} ({why}); check the server URL and that the server is running"
     )
