@@ -103,6 +103,32 @@ async def test_a_file_replaced_while_its_new_version_showed_as_a_conflict_copy_r
     assert await kit.read_file("doc.txt") == b"new content, longer"
 
 
+async def test_a_file_rewritten_twice_between_listings_keeps_its_inode_and_no_copy_takes_its_name(kit: InProcessFs):
+    """Another client rewrote a file twice (T1 → T2 → T3, each old token deleted after its new
+    one): a listing between T2's upload and T1's delete showed T2 as a conflict copy; the next
+    listing shows only T3. The file's node took T3, and then the copy's node, its token gone,
+    took T3 from it as its heir: the file showed under a new inode, and descriptors open on it
+    read ENOENT though nobody deleted it (helper hJ: every run of a 2 MiB file fsynced 10-20
+    times a second on another mount)."""
+    await kit.write_file("doc.txt", b"first")
+    await kit.settle()
+    ino = kit.node("/doc.txt").ino
+    t1 = (await kit.remote.token("doc.txt")).token
+    await kit.remote.next_second()  # (claim order: T1 keeps the plain name)
+    t2 = await kit.remote.put("doc.txt", b"second")  # T1 not deleted yet
+    await kit.refresh()
+    assert len(kit.ns.root.children) == 2, sorted(kit.ns.root.children)
+    fh = await kit.open_file("doc.txt", os.O_RDONLY)
+    await kit.remote.put("doc.txt", b"third, longer")  # T3
+    await kit.remote.client.tokens.delete(t1)
+    await kit.remote.client.tokens.delete(t2)
+    await kit.refresh()
+    assert sorted(kit.ns.root.children) == ["doc.txt"]
+    assert kit.node("/doc.txt").ino == ino
+    assert await kit.read(fh, 0, 1 << 20) == b"third, longer"
+    await kit.close(fh)
+
+
 async def test_a_write_to_a_file_another_client_replaced_before_it_was_staged_here_follows_too(kit: InProcessFs):
     """The first write to a file (or an append, or a truncate to a size other than 0) stages its
     current content; when another client had replaced it before this mount's listing showed that,

@@ -137,6 +137,7 @@ class Refresher:
         self._invalidations: list[tuple] = []
         self._listed: dict[str, TokenInfo] = {}  # the last listing's tokens
         self._added: set[int] = set()
+        self._took_new_token: set[int] = set()  # files that took a new token at their place, this listing
         self._lock = trio.Lock()
         self._due: list[float] = []
         self._wake = trio.Event()
@@ -276,6 +277,7 @@ class Refresher:
         before, self._listed = self._listed, {info.token: info for info in infos}
         self.syncer.listed, self.syncer.listed_started = self._listed, started
         self._added = set()
+        self._took_new_token = set()
         with self.index.kept():
             self._split_markers(started)
         for info in infos:
@@ -522,6 +524,7 @@ class Refresher:
         if holder is not None and holder.ino in vanished and (holder.is_dir == (a.kind == KIND_DIR)):
             # the entry lost its token and this one claims its place: its content was replaced
             del vanished[holder.ino]
+            self._took_new_token.add(holder.ino)
             self.ns.set_token(holder, info.token)
             self.ns.follow_remote(holder, info)
             self.ns.show_as(holder, name)
@@ -595,6 +598,9 @@ class Refresher:
             n
             for n in (self.ns.nodes[i] for i in parent.children.values())
             if n is not node
+            # (not the file that took a new token at its place in this listing: a copy shown for
+            # T2 of a rewrite T1 → T2 → T3 then took T3 from it, helper hJ)
+            and n.ino not in self._took_new_token
             and n.is_file
             and n.token in self._listed
             and n.remote_name is not None
