@@ -129,6 +129,53 @@ async def test_a_file_rewritten_twice_between_listings_keeps_its_inode_and_no_co
     await kit.close(fh)
 
 
+async def test_a_read_follows_two_replacements_while_the_kernel_holds_an_invalidation(kit: InProcessFs, monkeypatch):
+    """A read that follows another client's replacement holds the kernel's lock on the pages it
+    reads, and the refresher's invalidation of that file's pages waits for that lock. The
+    refresher waited for its invalidations, so when the version the read moved on to was
+    replaced too before it was fetched, no listing came to move it on again: the read gave up
+    after 10 s with EIO, and the mount applied no listing meanwhile (helper hJ: 10 of 21 opens
+    of a file another mount kept rewriting). Here the kernel's wait is a fake that lasts until
+    the read returns."""
+    import threading
+
+    await kit.write_file("doc.txt", b"first")
+    await kit.settle()
+    kit.fs.cache.evict(kit.node("/doc.txt").token)  # as on another mount: never read here
+    ino = kit.node("/doc.txt").ino
+    fh = await kit.open_file("doc.txt", os.O_RDONLY)
+    await kit.remote.rewrite("doc.txt", b"second")
+    read_done = threading.Event()
+
+    def invalidate_inode(inode: int, attr_only: bool = False) -> None:  # (no kernel here)
+        if inode == ino and not attr_only:
+            read_done.wait(30)  # the page lock the pending read holds
+
+    monkeypatch.setattr(pyfuse3, "invalidate_inode", invalidate_inode)
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda *args, **kwargs: None)
+    fetch = kit.refresher.fetch
+    rewrites = [b"third, longer"]
+
+    async def fetch_then_rewrite():  # the listing shows "second"; it is replaced before it is read
+        got = await fetch()
+        if rewrites:
+            await kit.remote.rewrite("doc.txt", rewrites.pop())
+        return got
+
+    monkeypatch.setattr(kit.refresher, "fetch", fetch_then_rewrite)
+    kit.refresher.invalidate = True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(kit.refresher.run)
+        try:
+            with trio.fail_after(8):  # (the read gives up after FOLLOW_WAIT, 10 s)
+                got = await kit.read(fh, 0, 1 << 20)
+        finally:
+            read_done.set()
+        nursery.cancel_scope.cancel()
+    assert got == b"third, longer"
+    await kit.close(fh)
+
+
 async def test_a_write_to_a_file_another_client_replaced_before_it_was_staged_here_follows_too(kit: InProcessFs):
     """The first write to a file (or an append, or a truncate to a size other than 0) stages its
     current content; when another client had replaced it before this mount's listing showed that,

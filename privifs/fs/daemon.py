@@ -885,6 +885,7 @@ class Daemon:
                 await send(result)
             elif cmd == "refresh":
                 await self.refresher.refresh_once()
+                await self.refresher.told_kernel()
                 await send({"done": True})
             elif cmd == "unmount":
                 busy = await self.detach(drain)

@@ -135,6 +135,11 @@ class Refresher:
         self.listings = 0
         self.heard_at: float | None = None  # while a listing runs: when the server last sent some of it
         self._invalidations: list[tuple] = []
+        # batches of invalidations for the kernel, made in order by _tell_kernel: (batch, done)
+        self._kernel_todo: list[tuple[list[tuple], trio.Event]] = []
+        self._kernel_wake = trio.Event()
+        self._kernel_last = trio.Event()  # set once the last batch queued was made
+        self._kernel_last.set()
         self._listed: dict[str, TokenInfo] = {}  # the last listing's tokens
         self._added: set[int] = set()
         self._took_new_token: set[int] = set()  # files that took a new token at their place, this listing
@@ -147,6 +152,7 @@ class Refresher:
         async with trio.open_nursery() as nursery:
             if self.events is not None:
                 nursery.start_soon(self._watch_events)
+            nursery.start_soon(self._tell_kernel)
             task_status.started()
             next_full = trio.current_time() + self.interval
             last, gap = -EVENT_MIN_GAP, EVENT_MIN_GAP
@@ -352,7 +358,7 @@ class Refresher:
             self._settle_names(started)
         self.last_refresh = time.time()
         self.last_error = None
-        await self._flush_invalidations()
+        self._flush_invalidations()
         self.syncer.leftovers_settled(claimed)
         for node, info, superseded in adoptions:
             if superseded:
@@ -362,7 +368,7 @@ class Refresher:
             if node is None or not await self.syncer.adopt_orphan(node, info):
                 with self.index.kept():
                     self._add(info, split_context(info.context), {})
-                await self._flush_invalidations()
+                self._flush_invalidations()
 
     def _split_markers(self, started: float) -> None:
         """A directory made by two clients at once has two markers (:meth:`_add`), one directory
@@ -863,19 +869,43 @@ class Refresher:
     def _inval_inode(self, ino: int, attr_only: bool) -> None:
         self._invalidations.append(("inode", ino, attr_only))
 
-    async def _flush_invalidations(self) -> None:
+    def _flush_invalidations(self) -> None:
+        """Queue the invalidations gathered so far for :meth:`_tell_kernel`, without waiting for
+        the kernel: an inode's may wait there for a page a read holds, and that read may be
+        waiting for the refresher to follow another client's replacement (``_moved_on``). The
+        refresher then applied no listing at all until the read gave up, 10 s later, with EIO
+        (helper hJ: 10 of 21 opens of a file another mount kept rewriting)."""
         todo, self._invalidations = self._invalidations, []
         if not todo or not self.invalidate:
             return
+        self._kernel_last = trio.Event()
+        self._kernel_todo.append((todo, self._kernel_last))
+        self._kernel_wake.set()
 
-        def run() -> None:
-            for item in todo:
-                try:
-                    if item[0] == "entry":
-                        pyfuse3.invalidate_entry(item[1], item[2], deleted=item[3])
-                    else:
-                        pyfuse3.invalidate_inode(item[1], attr_only=item[2])
-                except (OSError, pyfuse3.FUSEError):
-                    pass  # the kernel did not know the entry: nothing to invalidate
+    async def told_kernel(self) -> None:
+        """Until the kernel has been told every invalidation queued so far (a ``refresh`` asked
+        for over the control socket answers after it: what it showed is what programs see)."""
+        await self._kernel_last.wait()
 
-        await trio.to_thread.run_sync(run)
+    async def _tell_kernel(self) -> None:
+        """Make the queued invalidations, batch after batch in order, on a thread (one may wait
+        in the kernel)."""
+        while True:
+            await self._kernel_wake.wait()
+            self._kernel_wake = trio.Event()
+            batches, self._kernel_todo = self._kernel_todo, []
+            await trio.to_thread.run_sync(_invalidate, [item for batch, _ in batches for item in batch])
+            for _, done in batches:
+                done.set()
+
+
+def _invalidate(items: list[tuple]) -> None:
+    """Tell the kernel to drop what it holds of these entries and inodes (a worker thread)."""
+    for item in items:
+        try:
+            if item[0] == "entry":
+                pyfuse3.invalidate_entry(item[1], item[2], deleted=item[3])
+            else:
+                pyfuse3.invalidate_inode(item[1], attr_only=item[2])
+        except (OSError, pyfuse3.FUSEError):
+            pass  # the kernel did not know the entry: nothing to invalidate
