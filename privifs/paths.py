@@ -124,10 +124,27 @@ def pid_alive(pid: int) -> bool:
     return process_state(pid) not in (None, "Z", "X")
 
 
-def is_mount_daemon(pid: int) -> bool:
-    """Whether process ``pid`` is a ``privifs mount`` (a daemon, background or foreground). A
+def process_started(pid: int) -> str | None:
+    """When process ``pid`` started, as ``BOOT_ID:TICKS`` (the boot's id and the start time in
+    clock ticks since boot): the same pid of another process, also after a reboot, differs."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ticks = f.read().rsplit(b")", 1)[1].split()[19].decode("ascii")
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{ticks}"
+
+
+def is_mount_daemon(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` is a ``privifs mount`` (a daemon, background or foreground) and,
+    with ``started`` (:func:`process_started` when it registered), the one that registered. A
     mount's registry entry outlives a crash, and after a reboot (a runtime directory on disk)
-    its pid may belong to any other process, which status must not tell the user to kill."""
+    its pid may belong to any other process, which status must not tell the user to kill: also
+    another drive's daemon (helper hK: "kill -9" of a healthy mount's daemon was suggested)."""
+    if started is not None and process_started(pid) != started:
+        return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             args = f.read().split(b"\0")

@@ -731,14 +731,19 @@ def test_the_daemon_and_its_engine_run_from_the_root_and_import_nothing_from_the
         m.cleanup()
 
 
-def test_a_registry_entry_whose_pid_is_another_process_now_is_dropped_not_shown(tmp_path):
+@pytest.mark.parametrize("other_is", ["any process", "another drive's daemon"])
+def test_a_registry_entry_whose_pid_is_another_process_now_is_dropped_not_shown(tmp_path, other_is):
     """A mount's registry entry outlives a crashed daemon, and (with no XDG_RUNTIME_DIR) a reboot:
     once its pid belonged to another process, 'privifs status' showed that mount as hung or
-    stopped and told the user to 'kill -9' the unrelated process."""
+    stopped and told the user to 'kill -9' the unrelated process; also when that process was the
+    daemon of another drive, healthy (helper hK): the entry says when its daemon started."""
     m = Mount(tmp_path / "user", None)
     mounts = m.root / "run" / "privifs" / "mounts"
     mounts.mkdir(parents=True, exist_ok=True)
-    other = subprocess.Popen(["sleep", "300"])
+    if other_is == "any process":
+        other = subprocess.Popen(["sleep", "300"])
+    else:  # what the registry takes for a mount daemon: 'privifs' and 'mount' on its command line
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "privifs", "mount"])
     try:
         os.kill(other.pid, signal.SIGSTOP)  # stopped, as a job suspended with Ctrl-Z
         stale = mounts / "stale.json"
@@ -747,6 +752,7 @@ def test_a_registry_entry_whose_pid_is_another_process_now_is_dropped_not_shown(
                 {
                     "mountpoint": str(m.dir),
                     "pid": other.pid,
+                    "started": "a boot before:12345",
                     "control": str(tmp_path / "gone.sock"),
                     "state_dir": str(tmp_path),
                     "server": "the embedded engine",

@@ -49,7 +49,7 @@ from privifs.fs.filesystem import Filesystem, MountOptions
 from privifs.fs.namespace import Index, Namespace
 from privifs.fs.operations import Operations
 from privifs.fs.refresh import Refresher
-from privifs.fs.registry import control_socket_path, registry_path
+from privifs.fs.registry import control_socket_path, registered_daemon_runs, registry_path
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
 from privifs.keycheck import check_key
@@ -241,13 +241,9 @@ class Daemon:
         """The pid of this user's daemon registered for this mountpoint that still runs, if there
         is one; the caller found the drive no longer mounted there (it is finishing its uploads)."""
         entry = self._registry_entry()
-        try:
-            pid = int(entry["pid"])
-        except (ValueError, KeyError, TypeError):  # (None: no entry)
+        if entry is None or entry.get("pid") == os.getpid() or not registered_daemon_runs(entry):
             return None
-        if pid == os.getpid() or not paths.pid_alive(pid) or not paths.is_mount_daemon(pid):
-            return None
-        return pid if entry.get("mountpoint") == str(self.mountpoint) else None
+        return entry["pid"] if entry.get("mountpoint") == str(self.mountpoint) else None
 
     async def run(self, ready) -> None:
         if not self.mountpoint.is_dir():
@@ -531,6 +527,7 @@ class Daemon:
                 {
                     "mountpoint": str(self.mountpoint),
                     "pid": os.getpid(),
+                    "started": paths.process_started(os.getpid()),
                     "control": str(control),
                     "state_dir": str(self.state_dir),
                     "server": self.cfg.server_label(),

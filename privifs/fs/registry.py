@@ -35,6 +35,17 @@ def control_socket_path(state_dir: Path) -> Path:
     return short / f"{hashlib.sha256(str(state_dir).encode()).hexdigest()[:16]}.sock"
 
 
+def registered_daemon_runs(entry: dict) -> bool:
+    """Whether the daemon that wrote the registry ``entry`` still runs: its pid is a live mount
+    daemon's which (when the entry says when it started) started then."""
+    pid, started = entry.get("pid"), entry.get("started")
+    return (
+        isinstance(pid, int)
+        and paths.pid_alive(pid)
+        and paths.is_mount_daemon(pid, started if isinstance(started, str) else None)
+    )
+
+
 def registered_mounts() -> list[dict]:
     out = []
     files = sorted(f for d in paths.runtime_dirs() for f in (d / "mounts").glob("*.json"))
@@ -48,7 +59,7 @@ def registered_mounts() -> list[dict]:
                 and isinstance(entry.get("control"), str)
             ):
                 raise ValueError("not a mount's entry")
-            if not paths.pid_alive(entry["pid"]) or not paths.is_mount_daemon(entry["pid"]):
+            if not registered_daemon_runs(entry):
                 raise ValueError("daemon gone (its pid may be another process's now)")
             out.append(entry)
         except (OSError, ValueError):
