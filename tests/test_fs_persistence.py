@@ -491,6 +491,13 @@ def test_changes_staged_under_a_deleted_index_come_back_in_lost_and_found(engine
         m.umount()
         r = m.mount(check=False)
         assert r.returncode == 0, m.log()[-3000:]
+        # said where the user looks, not only in the log (helper hK)
+        said = f"3 files staged here that it no longer names are in {m.dir}/lost+found"
+        assert said in r.stdout + r.stderr, r.stdout + r.stderr
+        assert (
+            f"3 files staged here that the local index (made anew at the start) no longer named, in {m.dir}/lost+found"
+            in (privifs(m.env, "status", str(m.dir)).stdout)
+        )
         found = sorted((m.dir / "lost+found").iterdir())
         assert sorted(p.read_bytes() for p in found) == sorted(staged.values())
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in found)

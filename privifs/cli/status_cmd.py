@@ -453,6 +453,12 @@ def print_status(st: dict) -> None:
         f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})"
         + (f"; {free / 2**20:.0f} MiB free on its disk" if free is not None else "")
     )
+    if st.get("recovered"):
+        n, folder = st["recovered"]
+        print(
+            f"  lost+found:   {count(n, 'file')} staged here that the local index (made anew at the start) no "
+            f"longer named, in {st['mountpoint'].rstrip('/')}{folder}: move them where they belong"
+        )
     if st.get("disk_full"):
         print(
             f"  disk full:    {st['disk_full']} at {_ago(st['disk_full_at'])} (ENOSPC: the disk of the "

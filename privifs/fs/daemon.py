@@ -393,6 +393,7 @@ class Daemon:
                     self.supervisor.start_soon(nursery, "index settling", self._keep_index_settling)
                     ready(
                         f"mounted {self.cfg.server_label()} at {self.mountpoint}"
+                        + self._recovered_said()
                         + (
                             ""
                             if online
@@ -460,6 +461,17 @@ class Daemon:
             await trio.to_thread.run_sync(bdi.write_text, "1024\n")
         except OSError as exc:
             log.debug("read-ahead left at the kernel default: %s", exc)
+
+    def _recovered_said(self) -> str:
+        """What the mount says of files it put in /lost+found at the start (helper hK: only its
+        log said so, and the files had gone from where the user wrote them)."""
+        if self.fs is None or self.fs.recovered is None:
+            return ""
+        n, folder = self.fs.recovered
+        return (
+            f"; the local index was made anew: {count(n, 'file')} staged here that it no longer names "
+            f"{verb(n, 'is', 'are')} in {self.mountpoint}{folder} (their names were the old index's)"
+        )
 
     def unmount(self, drain: float | None = None) -> None:
         """End the FUSE loop; then pending uploads go on for ``drain`` seconds (60 by default; 0
@@ -567,6 +579,7 @@ class Daemon:
                 "unavailable": cache.unavailable,
             },
             "staging": {"dir": str(self.staging.dir), "size": self.staging.usage(), "free": self.staging.free()},
+            "recovered": self.fs.recovered,  # (files, folder): put in /lost+found at the start
             "disk_full": self.fs.last_disk_full,  # the last request the local disk had no room for
             "disk_full_at": self.fs.last_disk_full_at,
             "last_refresh": refresher.last_refresh,

@@ -151,6 +151,9 @@ class Filesystem:
         # the last request the local disk had no room for (ENOSPC, EDQUOT) and when: on a full
         # disk mount.log loses its lines too, and status said 'last error: none'
         self.last_disk_full: str | None = None
+        # files staged here that the index made anew no longer named, put in /lost+found at the
+        # start: (how many, that folder's path), for `privifs mount` and `privifs status` to say
+        self.recovered: tuple[int, str] | None = None
         self.last_disk_full_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
         # reads come through the kernel's page cache (mounted): none asks past the page holding
@@ -1468,6 +1471,8 @@ class Filesystem:
                 self.park_staged(node)
                 found.append((node, sealed.size))
             self.index.set_counter(RECOVER_COUNTER, 0)
+        if found:
+            self.recovered = (len(found), self.path(self.ns.nodes[found[0][0].parent]))
         for node, size in found:
             log.warning(
                 "%s: %d bytes staged on this machine that no entry of the local index names (it was "
