@@ -297,3 +297,35 @@ async def test_a_token_deleted_while_verify_runs_is_no_damage(account, tmp_path)
         report = await verify(args, client, vault, key, tmp_path / "state", tmp_path / "cache")
     assert report.missing == [] and report.damaged == [], report
     assert report.gone == 2 and report.checked == 1
+
+
+@pytest.mark.parametrize("when", ["before the check", "while --data runs"])
+async def test_a_file_another_client_replaced_is_not_reported_missing(kit, when):
+    """verify beside another client rewriting a file (a new token at its place, the old one
+    deleted): this machine's index still named the old token until its mount's next listing,
+    and verify reported the file missing, exit 3 (helper hJ, 2 of 2 beside fsx on another
+    mount). A newer token at the file's place is another client's version: counted, no damage."""
+    import argparse
+
+    from privifs.cli.verify_cmd import verify
+
+    await kit.write_file("doc.txt", b"mine")
+    await kit.settle()
+    client = kit.client
+    if when == "before the check":
+        await kit.remote.rewrite("doc.txt", b"theirs")
+    else:
+        listing = client.tokens.list
+
+        async def listed_then_replaced(**filters):
+            async for info in listing(**filters):
+                yield info
+            if not filters:  # verify's listing was read: another client rewrites the file now
+                client.tokens.list = listing
+                await kit.remote.rewrite("doc.txt", b"theirs")
+
+        client.tokens.list = listed_then_replaced
+    args = argparse.Namespace(data=when != "before the check", repair=False)
+    report = await verify(args, client, client.vault(kit.key), kit.key, kit.state, kit.state / "no-cache")
+    assert report.missing == [] and report.damaged == [], report
+    assert report.replaced + report.gone == 1, report

@@ -104,6 +104,7 @@ class Report:
     unnamed: int = 0  # parts no verified manifest names (an interrupted upload's; the sweep's)
     unnamed_bytes: int = 0
     gone: int = 0  # tokens deleted while the check ran (a mount replaced or removed their files): no damage
+    replaced: int = 0  # files of the local index another client replaced (a newer token at their place)
 
     def line(self, kind: str, text: str) -> None:
         print(f"{kind}: {text}", flush=True)
@@ -299,8 +300,13 @@ async def verify(
         for info in await find_each(client.tokens, [t for t in files if t not in listed and t not in tombstones]):
             infos.append(info)
             listed[info.token] = info
+        # where tokens this index does not know are: another client's new version of a file
+        elsewhere = {listed_path(i) for t, i in listed.items() if t not in files and not is_part(i)}
         for token, f in sorted(files.items(), key=lambda kv: kv[1].path):
             if token not in listed and token not in tombstones:
+                if f.path in elsewhere:  # replaced by another client; the mount here follows at its next listing
+                    report.replaced += 1
+                    continue
                 report.missing.append(f.path)
                 report.line(
                     "missing",
@@ -329,14 +335,21 @@ async def verify(
     async def deleted_meanwhile(token: str) -> bool:
         """A token that vanished after the listing was read and that no file needs: deleted by a
         client meanwhile (a mount running here or elsewhere replaced or removed its file, or
-        retired a part no manifest names), no damage. One this machine's index still names, or
-        that the vault still lists, is missing."""
+        retired a part no manifest names), no damage. One this machine's index still names (but
+        for a file another client replaced), or that the vault still lists, is missing."""
         if await find(client.tokens, token) is not None:
             return False
         if local is None:
             return True
         now = read_index(state_dir)
-        return now is None or token not in now[0]
+        if now is None or token not in now[0]:
+            return True
+        # named here still: another client may have replaced the file (a newer token at its place,
+        # which the mount here follows at its next listing; helper hJ: reported missing)
+        path = now[0][token].path
+        context = path.rpartition("/")[0] or "/"
+        there = [i async for i in client.tokens.list(context=context)]
+        return any(listed_path(i) == path and i.token not in now[0] for i in there)
 
     def path_of(info: TokenInfo) -> str:
         return files[info.token].path if info.token in files else listed_path(info)
@@ -530,6 +543,11 @@ def run(args: argparse.Namespace) -> int:
             summary.append(f"{len(report.resized)} state another size than their content's")
     if report.gone:
         summary.append(f"{report.gone} deleted while the check ran (files replaced or removed meanwhile)")
+    if report.replaced:
+        summary.append(
+            f"{report.replaced} replaced by another client (a newer token at their place; the mount here shows it "
+            "at its next listing)"
+        )
     if report.unknown:
         summary.append(f"{report.unknown} not yet in the local index (added elsewhere)")
     if report.unnamed:  # (no damage: a mount's sweep removes them)
