@@ -114,3 +114,14 @@ def test_verify_help_names_the_exit_code_of_an_unreachable_server(tmp_path, caps
     assert "cannot reach" in capsys.readouterr().err
     verify_help = dict(_parsers(build_parser(["verify"])))["privifs verify"].format_help()
     assert f"{EXIT_UNREACHABLE} the server cannot be reached" in " ".join(verify_help.split())
+
+
+@pytest.mark.parametrize("argv", [["mount", "--config", "CFG", "DIR"], ["token", "ls", "--config", "CFG"]])
+def test_config_may_follow_the_command(argv, tmp_path):
+    """'privifs mount --config FILE DIR' (the README names the option and then the command)
+    failed with "unrecognized arguments: --config DIR", naming the mountpoint as the file."""
+    cfg = tmp_path / "my.toml"
+    argv = [str(cfg) if a == "CFG" else str(tmp_path) if a == "DIR" else a for a in argv]
+    assert build_parser(argv).parse_args(argv).config == cfg
+    before = ["--config", str(cfg), *(a for a in argv if a not in ("--config", str(cfg)))]
+    assert build_parser(before).parse_args(before).config == cfg  # (before the command, as ever)

@@ -65,7 +65,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             registered.update(c for c, (m, _) in COMMANDS.items() if m == module)
         else:
             sub.add_parser(command, help=text)  # (not this command line's: its help alone)
+    _config_after_the_command(sub, Path)
     return parser
+
+
+def _config_after_the_command(sub: argparse._SubParsersAction, path_type) -> None:
+    """``--config FILE`` after the command too (``privifs mount --config FILE DIR``: the order
+    in which the README names them), in every command and subcommand; the one given before the
+    command counts when none is given after it (helper hK: "unrecognized arguments: --config
+    DIR", naming the mountpoint as the file)."""
+    for command in sub.choices.values():
+        if not any("--config" in a.option_strings for a in command._actions):
+            command.add_argument("--config", type=path_type, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _config_after_the_command(action, path_type)
 
 
 def main(argv: list[str] | None = None) -> int:
