@@ -311,15 +311,22 @@ class _Opened:
         return doc if isinstance(doc, dict) else None
 
 
-def _open_secrets(tar: tarfile.TarFile, passphrase: str) -> _Opened:
+def _open_secrets(tar: tarfile.TarFile, passphrase: str, src: Path) -> _Opened:
     try:
         header_bytes = tar.extractfile(HEADER).read()
         sealed = tar.extractfile(SECRETS).read()
         header = json.loads(header_bytes)
+    except tarfile.ReadError as exc:
+        if "unexpected end of data" in str(exc):  # (tarfile reads every member's header first)
+            raise BackupError(
+                f"{src} is cut short (it ends in the middle of its data): a copy that did not finish, or a "
+                "full disk when it was written; use a complete backup"
+            ) from None
+        raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
     except (KeyError, AttributeError, ValueError, tarfile.TarError):
-        raise BackupError("this is not a privifs backup (or it is damaged)") from None
+        raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
     if not isinstance(header, dict):
-        raise BackupError("this is not a privifs backup (or it is damaged)")
+        raise BackupError(f"{src} is not a privifs backup (or it is damaged)")
     if header.get("format") != FORMAT:
         raise BackupError(f"this backup has format {header.get('format')!r}; this privifs reads format {FORMAT}")
     try:
@@ -431,7 +438,7 @@ def _restore(
     src: Path, passphrase: str, cfg_path: Path, engine_dir: Path, progress: Progress | None, *, interrupted: bool
 ) -> Summary:
     with _open_backup(src) as tar:
-        opened = _open_secrets(tar, passphrase)
+        opened = _open_secrets(tar, passphrase, src)
         members = opened.members
         doc = json.loads(members["account.json"])
         cfg_dir = cfg_path.parent

@@ -508,6 +508,12 @@ def test_a_restore_of_a_truncated_backup_fails_and_leaves_nothing_behind(vault, 
     r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(cut), check=False)
     assert r.returncode == 3 and "lacks 1 of its" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
+    # cut in the middle of a data file: "this is not a privifs backup", naming no file (helper hK)
+    with open(backup, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(blobs[-1].offset_data + blobs[-1].size // 2))
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(cut), check=False)
+    assert r.returncode == 3 and f"{cut} is cut short" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
     r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
     with fresh.mounted():
         assert_every_file(fresh)
