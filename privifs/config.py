@@ -115,11 +115,14 @@ class Config:
         if self.password_file is None:
             raise ConfigError(f"no password file is configured in {self.path}; run 'privifs init'")
         try:
-            return paths.read_small(self.password_file, private=True).decode().rstrip("\n")
+            password = paths.read_small(self.password_file, private=True).decode().rstrip("\n")
         except OSError as exc:
             raise ConfigError(f"cannot read the password file {self.password_file}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"the password file {self.password_file} is not UTF-8 text") from None
+        if not password:  # (the server's answer said "HTTP 422: password must not be empty", naming no file)
+            raise ConfigError(f"the password file {self.password_file} is empty; write the account's password in it")
+        return password
 
     def server_label(self) -> str:
         return "the embedded engine" if self.embedded else (self.api or "?")

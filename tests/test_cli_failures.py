@@ -105,6 +105,8 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
 
     (tmp_path / "latin1").write_bytes(b"\xe9t\xe9\n")
     (tmp_path / "latin1").chmod(0o600)
+    (tmp_path / "empty").write_bytes(b"\n")  # (the server said "HTTP 422", naming no file: helper hK)
+    (tmp_path / "empty").chmod(0o600)
     cases = [
         (config("latin1.toml", b"\xff\xfe[server]\n"), "not UTF-8"),
         (config("number.toml", "server = 5\n"), "[server] section"),
@@ -114,6 +116,7 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
         (config("zerokey.toml", account(key_file=Path("/dev/zero"))), "not a regular file"),
         (config("fifopw.toml", account(password_file=fifo)), "not a regular file"),
         (config("latin1pw.toml", account(password_file=tmp_path / "latin1")), "not UTF-8"),
+        (config("emptypw.toml", account(password_file=tmp_path / "empty")), "is empty"),
         # a value of the wrong type was used as it came: "false" (a string) meant the embedded engine
         (config("strbool.toml", account().replace("embedded = false", 'embedded = "false"')), "true or false"),
         (config("numkey.toml", account().replace(f'aes_key_file = "{key}"', "aes_key_file = 5")), "text in quotes"),
