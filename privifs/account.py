@@ -77,10 +77,20 @@ def open_account(cfg: Config):
     if cfg.embedded:
         data_dir = paths.embedded_engine_dir()
         if cfg.username not in embedded_usernames(data_dir):
+            elsewhere = cfg.path is not None and paths.config_dir() not in Path(cfg.path).absolute().parents
             raise ConfigError(
                 f"the embedded engine's data in {data_dir} does not hold this vault (profile "
-                f"{cfg.username}): restore it ('privifs restore FILE') or copy it back; privifs "
-                f"does not start an empty vault in its place"
+                f"{cfg.username}): "
+                + (
+                    # mount(8) runs its helper without HOME: an fstab line's config= of another home
+                    # (helper hK) was told to restore a vault that was there all along
+                    f"{cfg.path} is not in this home's configuration ({paths.config_dir()}); if it was made "
+                    f"with another HOME, its vault is in that home's data: mount it with that HOME (mount(8), "
+                    f"so an fstab line, runs privifs with the home /etc/passwd names). Otherwise restore it "
+                    if elsewhere
+                    else "restore it "
+                )
+                + "('privifs restore FILE') or copy it back; privifs does not start an empty vault in its place"
             )
         engine = EmbeddedEngine(data_dir)
         urls = engine.ensure()

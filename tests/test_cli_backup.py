@@ -169,7 +169,14 @@ def test_a_configuration_without_its_embedded_engine_data_is_refused(original, t
     r = copy.mount(check=False)
     assert r.returncode == 3 and "does not hold this vault" in r.stderr and r.stderr.count("\n") == 1
     r = privifs(copy.env, "token", "ls", check=False)
-    assert r.returncode == 3 and "does not hold this vault" in r.stderr
+    assert r.returncode == 3 and "does not hold this vault" in r.stderr and "HOME" not in r.stderr
+    assert not (engine_dir(copy) / "engine.sqlite3").exists()
+    # the configuration of another home (an fstab line's config=, mount(8) running without HOME):
+    # told to restore a vault that is there all along (helper hK); now told about the home
+    theirs = config_dir(original) / "config.toml"
+    r = privifs(copy.env, "--config", str(theirs), "token", "ls", check=False)
+    assert r.returncode == 3 and f"{theirs} is not in this home's configuration" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "mount it with that HOME" in r.stderr
     assert not (engine_dir(copy) / "engine.sqlite3").exists()
 
 
