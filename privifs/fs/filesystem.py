@@ -151,10 +151,10 @@ class Filesystem:
         # the last request the local disk had no room for (ENOSPC, EDQUOT) and when: on a full
         # disk mount.log loses its lines too, and status said 'last error: none'
         self.last_disk_full: str | None = None
+        self.last_disk_full_at: float | None = None
         # files staged here that the index made anew no longer named, put in /lost+found at the
         # start: (how many, that folder's path), for `privifs mount` and `privifs status` to say
         self.recovered: tuple[int, str] | None = None
-        self.last_disk_full_at: float | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
         # reads come through the kernel's page cache (mounted): none asks past the page holding
         # the end of the size the kernel holds (in-process tests ask for any length)
