@@ -894,9 +894,11 @@ class Refresher:
             await self._kernel_wake.wait()
             self._kernel_wake = trio.Event()
             batches, self._kernel_todo = self._kernel_todo, []
-            await trio.to_thread.run_sync(_invalidate, [item for batch, _ in batches for item in batch])
-            for _, done in batches:
-                done.set()
+            try:
+                await trio.to_thread.run_sync(_invalidate, [item for batch, _ in batches for item in batch])
+            finally:  # (also when it failed: a refresh asked over the control socket waits for them)
+                for _, done in batches:
+                    done.set()
 
 
 def _invalidate(items: list[tuple]) -> None:
@@ -909,3 +911,5 @@ def _invalidate(items: list[tuple]) -> None:
                 pyfuse3.invalidate_inode(item[1], attr_only=item[2])
         except (OSError, pyfuse3.FUSEError):
             pass  # the kernel did not know the entry: nothing to invalidate
+        except Exception:  # one invalidation's failure must not keep the others from the kernel
+            log.exception("invalidating %s in the kernel failed", item[:2])
