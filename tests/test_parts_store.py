@@ -155,3 +155,35 @@ async def test_the_manifest_mark_in_risk_meta_is_the_manifest_version_as_documen
         _, holed = await stored(client, os.urandom(PART) + bytes(PART) + b"tail", "holed.bin")
         marks = {i.token: i.risk.get(fmt.MARK) async for i in client.tokens.list()}
         assert (marks[whole], marks[holed]) == ("1", "2")
+
+
+@pytest.mark.parametrize("empty", [b'{"items":[]}', b"[]", b'{"data":[]}', b'{"items":[],"meta":{"count":0}}'])
+async def test_collect_deletes_nothing_after_a_listing_whose_end_cannot_be_told(eng, account, empty):
+    """A proxy answered a listing page with a well-formed empty page: the listing ended there,
+    twice (the confirming listing too), and the parts of a file whose manifest was on the pages
+    after it were collected: the file read EIO for good (helper hL, 6 of 6 after helper hI's
+    non-listing pages were refused). A listing that ends at an empty page no stated total vouches
+    for collects nothing."""
+    from tests.enginekit import proxied_api
+
+    endpoints, creds = account
+    eng.set_options(per_page_max=2)  # pages of two: [part, part], [manifest, orphan]
+    data = os.urandom(2 * PART)
+    async with connect(*account) as direct:
+        store, token = await stored(direct, data)
+        orphan = await store.put_part("c7a5ed0000000000", 0, b"x" * 100)
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if path.startswith("/data-token/list-data-tokens") and "page=2&" in path:
+            return 200, empty
+        return status, body
+
+    async with proxied_api(endpoints, mangle) as proxied, connect(proxied, creds) as client:
+        assert await PartStore(client.vault(KEY), part_size=PART).collect(min_age=0) == 0
+    async with connect(*account) as direct:
+        left = {i.token async for i in direct.tokens.list()}
+        store = PartStore(direct.vault(KEY), part_size=PART)
+        m = await store.manifest(token)
+        assert {p.token for p in m.parts} <= left and orphan.token in left
+        assert await store.collect(min_age=0) == 1  # honest: the orphan only
+        assert await store.read(m, 0, 2 * PART) == data

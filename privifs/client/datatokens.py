@@ -542,7 +542,12 @@ class DataTokens:
 
     # -- listing and meta -------------------------------------------------------------------------
     async def list(
-        self, *, context: str | None = None, token: str | None = None, per_page: int = 500
+        self,
+        *,
+        context: str | None = None,
+        token: str | None = None,
+        per_page: int = 500,
+        ending: dict | None = None,
     ) -> AsyncIterator[shapes.TokenInfo]:
         """Every token of the profile (or of one context, or just ``token``), page by page: until
         an empty page, a page shorter than the page size the server states, or the count the
@@ -553,7 +558,10 @@ class DataTokens:
         showed. ``meta.count`` may be the total or the page's own items (undocumented): a count
         equal to the page's items is no total (taken for one, a listing of full pages ended
         after the first). A page that repeats the previous one (a server ignoring ``page``)
-        ends it."""
+        ends it. ``ending``, when given, gets ``whole``: whether the listing provably reached
+        its end (the total the server states, or a last page that holds tokens and is shorter
+        than a full one) rather than at an empty page no total vouches for, which is also what a
+        middlebox's well-formed empty page looks like (:func:`whole_listing`)."""
         page = 1
         seen = 0
         longest = 0
@@ -588,15 +596,20 @@ class DataTokens:
             tokens = [info.token for info in infos]
             if tokens and tokens == previous:
                 log.warning("the server answered page %d of the listing with page %d again; ending it", page, page - 1)
+                if ending is not None:
+                    ending["whole"] = False  # (what lies past the first page is not known)
                 return
             previous = tokens
             for info in infos:
                 yield info
             seen += len(items)
             longest = max(longest, len(items))
+            total = count is not None and count != len(items)  # (a page's own size is no total)
+            if ending is not None:  # (when this page ends it: a page that holds tokens, or the total)
+                ending["whole"] = bool(items) or page == 1 or (total and seen >= count)
             if not items or (stated is not None and len(items) < stated):  # shorter than the server's page
                 return
-            if count is not None and count != len(items):  # a total (a page's own size is none)
+            if total:
                 if seen >= count:
                     return
             elif len(items) < longest:  # shorter than a full page: the last one
@@ -713,6 +726,17 @@ class Lister(Protocol):
     """What lists tokens: :class:`DataTokens`, or what stands in for it (the mount's VaultLink)."""
 
     def list(self, **filters) -> AsyncIterator[shapes.TokenInfo]: ...
+
+
+async def whole_listing(tokens: Lister) -> list[shapes.TokenInfo] | None:
+    """Every token, or None when the listing's end cannot be told from its pages (it ended at an
+    empty page no stated total vouches for). What deletes tokens because a listing lacks others
+    (the part collector) acts only on one that is whole: a proxy's well-formed empty page
+    (``{"items": []}``) ended listings early, and the parts of files whose manifests came after
+    it were collected (helper hL: 6 of 6, the files EIO for good)."""
+    ending: dict = {}
+    infos = [i async for i in tokens.list(ending=ending)]
+    return infos if ending.get("whole") else None
 
 
 async def find(tokens: Lister, token: str) -> shapes.TokenInfo | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from privifs.client.datatokens import whole_listing
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto.sealed import SealedFile
@@ -401,8 +402,12 @@ class PartReader:
         deletion elsewhere while a listing is read makes a page start one token later, and the
         manifest skipped so had its parts collected: a stored file lost for good (found under
         a rename/write/unlink workload). Read only when there is something to collect; a
-        manifest both listings skip is left, which takes deletions under both reads."""
-        infos = [i async for i in self.store.tokens.list()]
+        manifest both listings skip is left, which takes deletions under both reads. Nothing is
+        collected when the second listing's end cannot be told (:func:`whole_listing`)."""
+        infos = await whole_listing(self.store.tokens)
+        if infos is None:
+            log.info("collecting unreferenced parts: the listing's end cannot be told for sure; nothing collected")
+            return []
         named = await self._named(infos)
         listed = {i.token for i in infos}
         return [t for t in gone if t in listed and t not in named]

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from privifs.client.datatokens import DataTokens, FileMeta
+from privifs.client.datatokens import DataTokens, FileMeta, whole_listing
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Reader, Vault
 from privifs.crypto import digest
@@ -289,7 +289,8 @@ class PartStore:
         infos = [i async for i in self.tokens.list()]
         gone = await self.unreferenced(infos, min_age=min_age)
         if gone:  # a manifest the listing skipped (a deletion while it was read) names them?
-            again = {i.token for i in await self.unreferenced([i async for i in self.tokens.list()], min_age=min_age)}
+            whole = await whole_listing(self.tokens)  # (None: its end cannot be told: nothing goes)
+            again = {i.token for i in await self.unreferenced(whole or [], min_age=min_age)}
             gone = [i for i in gone if i.token in again]
         for info in gone:
             await self.tokens.delete(info.token)
