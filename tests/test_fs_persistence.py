@@ -500,6 +500,9 @@ def test_changes_staged_under_a_deleted_index_come_back_in_lost_and_found(engine
         )
         found = sorted((m.dir / "lost+found").iterdir())
         assert sorted(p.read_bytes() for p in found) == sorted(staged.values())
+        found[0].rename(m.dir / "moved-out")  # status counts what is still there
+        assert "2 files staged here" in privifs(m.env, "status", str(m.dir)).stdout
+        (m.dir / "moved-out").rename(found[0])
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in found)
         assert (m.dir / "uploaded.txt").read_text() == "in the vault"
         assert found[0].name in m.log() and "no entry of the local index names" in m.log()

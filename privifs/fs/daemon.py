@@ -465,9 +465,10 @@ class Daemon:
     def _recovered_said(self) -> str:
         """What the mount says of files it put in /lost+found at the start (helper hK: only its
         log said so, and the files had gone from where the user wrote them)."""
-        if self.fs is None or self.fs.recovered is None:
+        recovered = None if self.fs is None else self.fs.recovered()
+        if recovered is None:
             return ""
-        n, folder = self.fs.recovered
+        n, folder = recovered
         return (
             f"; the local index was made anew: {count(n, 'file')} staged here that it no longer names "
             f"{verb(n, 'is', 'are')} in {self.mountpoint}{folder} (their names were the old index's)"
@@ -579,7 +580,7 @@ class Daemon:
                 "unavailable": cache.unavailable,
             },
             "staging": {"dir": str(self.staging.dir), "size": self.staging.usage(), "free": self.staging.free()},
-            "recovered": self.fs.recovered,  # (files, folder): put in /lost+found at the start
+            "recovered": self.fs.recovered(),  # (files, folder): put in /lost+found at the start, still there
             "disk_full": self.fs.last_disk_full,  # the last request the local disk had no room for
             "disk_full_at": self.fs.last_disk_full_at,
             "last_refresh": refresher.last_refresh,

@@ -153,8 +153,8 @@ class Filesystem:
         self.last_disk_full: str | None = None
         self.last_disk_full_at: float | None = None
         # files staged here that the index made anew no longer named, put in /lost+found at the
-        # start: (how many, that folder's path), for `privifs mount` and `privifs status` to say
-        self.recovered: tuple[int, str] | None = None
+        # start (their nodes and that folder's), for `privifs mount` and `privifs status` to say
+        self._recovered: tuple[list[Node], Node] | None = None
         self.kernel = False  # mounted: the kernel is told of attributes that changed under it
         # reads come through the kernel's page cache (mounted): none asks past the page holding
         # the end of the size the kernel holds (in-process tests ask for any length)
@@ -1472,7 +1472,7 @@ class Filesystem:
                 found.append((node, sealed.size))
             self.index.set_counter(RECOVER_COUNTER, 0)
         if found:
-            self.recovered = (len(found), self.path(self.ns.nodes[found[0][0].parent]))
+            self._recovered = ([node for node, _ in found], self.ns.nodes[found[0][0].parent])
         for node, size in found:
             log.warning(
                 "%s: %d bytes staged on this machine that no entry of the local index names (it was "
@@ -1480,6 +1480,15 @@ class Filesystem:
                 self.path(node),
                 size,
             )
+
+    def recovered(self) -> tuple[int, str] | None:
+        """How many of the files put in /lost+found at the start are still there, and that
+        folder's path; None when none are (moved away or removed: status stops saying so)."""
+        if self._recovered is None:
+            return None
+        nodes, folder = self._recovered
+        left = sum(1 for n in nodes if not n.unlinked and n.parent == folder.ino)
+        return (left, self.path(folder)) if left and not folder.unlinked else None
 
     def _lost_and_found(self) -> Node:
         """``/lost+found``, made (0700) if there is none; a file of that name makes it
