@@ -88,6 +88,11 @@ class ServerUnreachable(VaultError):
     transient = True
 
 
+class MalformedHTTP(ServerUnreachable):
+    """The server (or what stands between) answered, but not in valid HTTP, or cut the answer
+    short: handled as unreachable (retried, the server counted down), said as what it is."""
+
+
 class ServerError(VaultError):
     """The server answered with a 5xx, 408 or 429 status."""
 

@@ -319,6 +319,52 @@ def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_pa
         m.umount()
 
 
+@pytest.mark.slow
+def test_an_offline_start_says_a_server_answering_garbage_is_not_one_that_cannot_be_reached(tmp_path):
+    """The mount line said "OFFLINE: the server cannot be reached (…)" for a server (or a proxy)
+    that answered, but not in HTTP: the user checked a server that was running (helper hL)."""
+    import threading
+
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        (m.dir / "cached.txt").write_text("in the cache")
+        m.wait_idle()
+        m.umount()
+        eng.stop()
+        with socket.socket() as garbage:  # the API port answers every request with two lengths
+            garbage.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            garbage.bind(("127.0.0.1", eng.ports["api"]))
+            garbage.listen(64)
+            stop = threading.Event()
+
+            def serve() -> None:
+                garbage.settimeout(0.2)
+                while not stop.is_set():
+                    try:
+                        conn, _ = garbage.accept()
+                    except OSError:
+                        continue
+                    with conn:
+                        conn.settimeout(5)
+                        try:
+                            conn.recv(65536)
+                            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello")
+                        except OSError:
+                            pass
+
+            server = threading.Thread(target=serve, daemon=True)
+            server.start()
+            try:
+                r = m.mount()  # (the client's retries end before the default --server-timeout)
+                assert "OFFLINE: the server gives no usable answer" in r.stdout, r.stdout
+                assert "not in valid HTTP" in r.stdout, r.stdout
+                assert (m.dir / "cached.txt").read_text() == "in the cache"
+                m.umount()
+            finally:
+                stop.set()
+                server.join(10)
+
+
 def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answers(tmp_path):
     """A first mount against a server that accepted connections and never answered failed only
     after 180 s ('the mount did not become ready'), the login's read time-outs retried; it now

@@ -42,6 +42,7 @@ from privifs.errors import (
     ConfigError,
     ConflictError,
     ForbiddenError,
+    MalformedHTTP,
     NotFoundError,
     RequestRejected,
     ServerError,
@@ -147,7 +148,7 @@ def unreachable(base: str, why: str) -> ServerUnreachable:
     An answer that is not HTTP (garbage, a length twice over) is told apart: "cannot reach"
     sent the user to check a server that did answer (helper hI)."""
     if why.startswith("RemoteProtocolError") and not any(s in why for s in _NO_ANSWER):
-        return ServerUnreachable(
+        return MalformedHTTP(
             f"the Privicore server at {base} answered, but not in valid HTTP or cut short ({why}); if this lasts,"
             " check what stands between it and this machine (a proxy, a load balancer)"
         )

@@ -40,7 +40,14 @@ from privifs.client.datatokens import DataTokens, FileMeta, find
 from privifs.client.shapes import TokenInfo
 from privifs.client.transport import ClientOptions
 from privifs.crypto.keys import key_id
-from privifs.errors import AuthenticationError, PrivifsError, ServerUnreachable, VaultChanged, WrongKeyError
+from privifs.errors import (
+    AuthenticationError,
+    MalformedHTTP,
+    PrivifsError,
+    ServerUnreachable,
+    VaultChanged,
+    WrongKeyError,
+)
 from privifs.fs.tokenmeta import RESERVED_CONTEXT
 from privifs.keycheck import key_checks
 from privifs.supervise import Supervisor
@@ -194,6 +201,7 @@ class Connector:
         self.check_key = check_key
         self.offline_since: float | None = None
         self.error: str | None = None
+        self.reached = False  # the last failure came with an answer (a 5xx, a malformed one): not "cannot be reached"
         self.attempts = 0
         self._wake = trio.Event()
         self._attempted = trio.Event()
@@ -278,6 +286,7 @@ class Connector:
                     raise
                 self._went_offline(str(exc), login_refused=isinstance(exc, AuthenticationError))
                 self.error = str(exc)
+                self.reached = not isinstance(exc, ServerUnreachable) or isinstance(exc, MalformedHTTP)
                 if first:
                     first = False
                     log.warning(

@@ -398,8 +398,10 @@ class Daemon:
                             ""
                             if online
                             else (
-                                f" OFFLINE: the server cannot be reached ({self.connector.error}); cached files are "
-                                "readable and writes are staged until it answers"
+                                " OFFLINE: the server "
+                                + ("gives no usable answer" if self.connector.reached else "cannot be reached")
+                                + f" ({self.connector.error}); cached files are readable and writes are staged "
+                                "until it answers"
                             )
                         )
                     )
