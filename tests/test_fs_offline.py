@@ -289,6 +289,16 @@ def test_offline_start_is_allowed_only_for_the_key_checked_before(tmp_path):
     assert key.hex() not in (tmp_path / "vault-checked").read_text()
 
 
+def cache_a_file_then_stop(eng, m) -> None:
+    """Mount ``m`` once (so its vault may start offline), store cached.txt, unmount, and stop the
+    engine, whose API port the test then takes over."""
+    m.mount()
+    (m.dir / "cached.txt").write_text("in the cache")
+    m.wait_idle()
+    m.umount()
+    eng.stop()
+
+
 @pytest.mark.slow
 def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_path):
     """A server that accepted connections and never answered held 'privifs mount' of a vault
@@ -296,11 +306,7 @@ def test_a_server_that_accepts_but_never_answers_starts_the_mount_offline(tmp_pa
     timeout of 60 s, retried), though the vault may start offline; now it starts OFFLINE after
     --server-timeout and catches up once the server answers."""
     with own_engine_mount(tmp_path) as (eng, m):
-        m.mount()
-        (m.dir / "cached.txt").write_text("in the cache")
-        m.wait_idle()
-        m.umount()
-        eng.stop()
+        cache_a_file_then_stop(eng, m)
         with socket.socket() as silent:  # the API port accepts connections, nobody answers
             silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             silent.bind(("127.0.0.1", eng.ports["api"]))
@@ -326,11 +332,7 @@ def test_an_offline_start_says_a_server_answering_garbage_is_not_one_that_cannot
     import threading
 
     with own_engine_mount(tmp_path) as (eng, m):
-        m.mount()
-        (m.dir / "cached.txt").write_text("in the cache")
-        m.wait_idle()
-        m.umount()
-        eng.stop()
+        cache_a_file_then_stop(eng, m)
         with socket.socket() as garbage:  # the API port answers every request with two lengths
             garbage.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             garbage.bind(("127.0.0.1", eng.ports["api"]))
