@@ -992,9 +992,10 @@ async def test_a_listing_page_that_is_not_one_is_asked_for_again_not_taken_for_t
             return 200, bogus
         return status, body
 
+    quick = ClientOptions(retry_base=0.01, retry_max=0.05)  # (the page is asked for again at once)
     async with proxied_api(endpoints, mangle) as proxied:
         with trio.fail_after(60):
-            async with connect(proxied, creds) as client:
+            async with connect(proxied, creds, quick) as client:
                 assert {i.token async for i in client.tokens.list()} == stored
                 assert left["bogus"] == 0
                 left["bogus"] = 100
