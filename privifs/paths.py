@@ -72,14 +72,20 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def _stat_field(pid: int, index: int) -> str | None:
+    """Field ``index`` of ``/proc/PID/stat`` counted from the state (0; after the command name,
+    which may hold spaces and parentheses), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[index].decode("ascii", "replace")
+    except (OSError, IndexError):
+        return None
+
+
 def process_state(pid: int) -> str | None:
     """The kernel's state letter of process ``pid`` (``R``, ``S``, ``D``, ``T`` stopped, ``t``
     stopped by a debugger, ``Z`` zombie, …), or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode("ascii", "replace")
-    except (OSError, IndexError):
-        return None
+    return _stat_field(pid, 0)
 
 
 # where a privifs child process (a mount's daemon, an engine) runs: it must not keep the user's
@@ -127,14 +133,13 @@ def pid_alive(pid: int) -> bool:
 def process_started(pid: int) -> str | None:
     """When process ``pid`` started, as ``BOOT_ID:TICKS`` (the boot's id and the start time in
     clock ticks since boot): the same pid of another process, also after a reboot, differs."""
+    ticks = _stat_field(pid, 19)  # starttime
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            ticks = f.read().rsplit(b")", 1)[1].split()[19].decode("ascii")
-    except (OSError, IndexError):
+    except OSError:
         return None
-    return f"{boot}:{ticks}"
+    return None if ticks is None else f"{boot}:{ticks}"
 
 
 def is_mount_daemon(pid: int, started: str | None = None) -> bool:
