@@ -578,8 +578,9 @@ class DataTokens:
                 )
                 try:
                     items, count, stated = shapes.listing_page(shapes.json_or_text(resp))
-                    last = not items or (stated is not None and len(items) < stated)
-                    if last and count is not None and count != len(items) and seen + len(items) < count:
+                    total = count is not None and count != len(items)  # (a page's own size is no total)
+                    last = not items or (stated is not None and len(items) < stated)  # shorter than the server's page
+                    if last and total and seen + len(items) < count:
                         # a last page short of the total the server states (a count of the page's
                         # own items equals them): cut short on its way, not the end
                         raise MalformedAnswer(
@@ -604,10 +605,9 @@ class DataTokens:
                 yield info
             seen += len(items)
             longest = max(longest, len(items))
-            total = count is not None and count != len(items)  # (a page's own size is no total)
             if ending is not None:  # (when this page ends it: a page that holds tokens, or the total)
                 ending["whole"] = bool(items) or page == 1 or (total and seen >= count)
-            if not items or (stated is not None and len(items) < stated):  # shorter than the server's page
+            if last:
                 return
             if total:
                 if seen >= count:
