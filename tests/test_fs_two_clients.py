@@ -872,3 +872,47 @@ async def test_two_mkdirs_of_one_name_show_the_first_claims_mode_everywhere(acco
         fresh = await mode_on_a_fresh_mount(tmp_path, account, a.key, "/d")
         assert fresh == 0o700
         assert a.node("/d").mode == b.node("/d").mode == fresh
+
+
+async def files_shown(c) -> dict[str, bytes]:
+    """The root's files on client ``c`` and their content."""
+    return {n: await c.read_file(f"/{n}") for n in sorted(c.ns.root.children)}
+
+
+@pytest.mark.parametrize("save", ["rewrite", "rename over"])
+async def test_a_save_under_a_name_that_has_conflict_copies_stays_under_that_name(account, tmp_path, save):
+    # hN F1: /f.txt had a conflict copy (another client stored a version at the same time); a
+    # save of /f.txt replaced the version holding the plain name with a token newer than the
+    # copy, which then came first in the claim order: within a listing the saved content moved
+    # to a conflict name on every mount and the older version was back under /f.txt (a
+    # program's fsynced save read back as the one before it; after a power cut, SQLite's WAL of
+    # an earlier round and a database "malformed"). The copies the saving mount shows are now
+    # named so in the vault before the save is stored: the saved version is alone at its path.
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.write_file("/f.txt", b"v1 from a")
+        await a.wait_idle()
+        await a.remote.next_second()  # (each version made in a second of its own: claim order)
+        await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
+        await listed(a, b)
+        before = await files_shown(a)
+        assert len(before) == 2 and before == await files_shown(b)
+        (copy,) = (n for n in before if n != "f.txt")
+        for i, (c, other) in enumerate([(a, b), (b, a), (a, b)]):
+            content = f"save {i}".encode()
+            await a.remote.next_second()
+            if save == "rewrite":
+                await c.write_file("/f.txt", content, fsync=True)
+            else:
+                await c.write_file("/f.tmp", content)
+                await c.rename("/f.tmp", "/f.txt")
+            await c.wait_idle()
+            await listed(c, other)
+            await listed(c, other)
+            for seen in (c, other):
+                shown = await files_shown(seen)
+                assert shown["f.txt"] == content, (i, save, shown)
+                assert copy in shown and shown[copy] == before[copy]
+        expected = {"/f.txt": "file", f"/{copy}": "file"}
+        await converged(tmp_path, account, expected, a, b)
+        (tmp_path / "again").mkdir()
+        assert (await files_on_a_fresh_mount(tmp_path / "again", account, a.key))["f.txt"] == b"save 2"

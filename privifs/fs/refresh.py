@@ -818,15 +818,15 @@ class Refresher:
         self._settle_dirs(started)
         self._settle_files_and_implicit_dirs(started)
         claims: dict[tuple[int, str], list[Node]] = {}
+        every: dict[tuple[int, str], list[Node]] = {}  # with the entries changed here (for contested)
         for node in self.ns.nodes.values():
-            if (
-                node.token
-                and not node.is_dir
-                and node.remote_name is not None
-                and (self.eligible(node, started) or node.ino in self._added and not node.unlinked)
-            ):
-                plain = shown_name(node.remote_name, node.remote_extension)
-                claims.setdefault((node.parent, plain), []).append(node)
+            if node.token and not node.is_dir and node.remote_name is not None:
+                key = (node.parent, shown_name(node.remote_name, node.remote_extension))
+                if not node.unlinked:
+                    every.setdefault(key, []).append(node)
+                if self.eligible(node, started) or node.ino in self._added and not node.unlinked:
+                    claims.setdefault(key, []).append(node)
+        self.ns.contested = {key: [n.ino for n in nodes] for key, nodes in every.items() if len(nodes) > 1}
         for (parent_ino, plain), nodes in claims.items():
             parent = self.ns.nodes.get(parent_ino)
             if parent is None:

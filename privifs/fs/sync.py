@@ -76,7 +76,7 @@ from privifs.errors import (
     WriteBackFailed,
 )
 from privifs.fs.cache import ContentCache
-from privifs.fs.names import token_naming
+from privifs.fs.names import shown_name, token_naming
 from privifs.fs.namespace import Namespace, Node, risk_json
 from privifs.fs.parts import PartReader, is_manifest_node
 from privifs.fs.partwrite import PartWriter
@@ -779,7 +779,50 @@ class Syncer:
         """The node's content now lives in ``token``, named as the server has it."""
         self.ns.mark_uploaded(node, token, context, name, extension, trio.current_time())
 
+    async def _alone_at(self, node: Node) -> None:
+        """The conflict copies this mount shows of the name ``node`` is about to be stored under
+        are named so in the vault first (their tokens renamed to the conflict names they show
+        under: "renaming one makes the new name its own"), so the version stored next is alone at
+        its path. Left claiming it, a copy made before it came first in the claim order: within
+        a listing the save moved to a conflict name on every mount and the version before it was
+        back under the name (hN F1: a program's fsynced save read back as the previous one; after
+        a power cut, SQLite's database "malformed"). A copy with changes of its own being written
+        back, or renamed here, is left to that; another application's token (no risk meta of
+        privifs) is not renamed by privifs on its own."""
+        for ino in self.ns.contested.get((node.parent, node.name), ()):
+            copy = self.ns.nodes.get(ino)
+            if (
+                copy is None
+                or copy is node
+                or copy.unlinked
+                or copy.parent != node.parent
+                or copy.name == node.name
+                or copy.shown_as != copy.name
+                or not copy.token
+                or copy.ino in self._busy
+                or copy.content_dirty
+                or copy.meta_dirty
+                or not written_by_privifs(copy.risk())  # (another application's: its order stands)
+                or shown_name(copy.remote_name, copy.remote_extension) != node.name
+            ):
+                continue
+            log.info(
+                "%s: stored under the conflict name it shows, as the file it is a copy of is saved here",
+                self.ns.describe(copy),
+            )
+            self._busy.add(copy.ino)
+            try:
+                self.ns.show_as(copy, None)  # (its name is its own from now: token_naming)
+                self.ns.meta_changed(copy)
+                self.index.save(copy)
+                await self._update_meta(copy)
+            finally:
+                self._busy.discard(copy.ino)
+                if copy.meta_dirty and not copy.unlinked:
+                    self.schedule(copy)
+
     async def _upload(self, node: Node) -> None:
+        await self._alone_at(node)
         staged = node.staged
         staged.freeze()
         size = staged.size
@@ -1310,6 +1353,7 @@ class Syncer:
             self.ns.set_remote_name(node, listed_context, listed_name, listed_extension)
         try:
             if not same_place(remote_place(node), (context, name, extension)):
+                await self._alone_at(node)
                 before = remote_place(node)
                 if node.is_file and (node.remote_name != name or (node.remote_extension or "") != extension):
                     await self._keep_a_copy(node, token)
