@@ -916,3 +916,29 @@ async def test_a_save_under_a_name_that_has_conflict_copies_stays_under_that_nam
         await converged(tmp_path, account, expected, a, b)
         (tmp_path / "again").mkdir()
         assert (await files_on_a_fresh_mount(tmp_path / "again", account, a.key))["f.txt"] == b"save 2"
+
+
+@pytest.mark.parametrize("listed_first", [False, True])
+async def test_a_rename_whose_token_another_client_deleted_before_a_listing_showed_it_renamed_keeps_the_file(
+    account, tmp_path, listed_first
+):
+    # hM F1: A renames /f → /g while B removes /f. B checked that the token was still where it
+    # saw it, then deleted it; the server applied A's acknowledged rename in between, and the
+    # delete took the renamed file: /g was gone everywhere, without a word (10 of 19 races). A
+    # now stores its cached content again under /g when the token goes before any listing of
+    # A's showed it renamed; after one has, a delete is taken as meant (listed_first).
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.write_file("/f", b"the content")
+        await listed(a, b)
+        token = a.node("/f").token
+        await a.rename("/f", "/g")
+        await a.wait_idle()
+        if listed_first:
+            await listed(a)
+        await b.client.tokens.delete(token)  # (B's check saw the token at /f)
+        if listed_first:
+            await converged(tmp_path, account, {}, a, b)
+        else:
+            await converged(tmp_path, account, {"/g": "file"}, a, b)
+            for c in (a, b):
+                assert await c.read_file("/g") == b"the content"

@@ -281,7 +281,7 @@ class Refresher:
         changed: list[tuple[Node, TokenInfo]] = []
         unknown: list[TokenInfo] = []
         before, self._listed = self._listed, {info.token: info for info in infos}
-        self.syncer.listed, self.syncer.listed_started = self._listed, started
+        self.syncer.listing_taken(self._listed, started)
         self._added = set()
         self._took_new_token = set()
         with self.index.kept():

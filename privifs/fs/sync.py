@@ -277,6 +277,8 @@ class Syncer:
         self.recently_deleted: dict[str, float] = {}
         # tokens this mount renamed: when, and the (context, name, extension) they had before
         self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
+        # those of them a listing taken after the rename has shown renamed (see rescue_renamed)
+        self.renames_listed: set[str] = set()
         # the refresher's last listing (token → info) and when it started (trio time)
         self.listed: dict[str, TokenInfo] = {}
         self.listed_started = float("-inf")
@@ -1480,13 +1482,26 @@ class Syncer:
             return
         sealed.close()
 
+    def listing_taken(self, listed: dict[str, TokenInfo], started: float) -> None:
+        """The refresher's listing ``listed``, started at ``started`` (trio time): the tokens
+        renamed here before it that it shows renamed are recorded (see :meth:`rescue_renamed`)."""
+        self.listed, self.listed_started = listed, started
+        for token, (at, *before) in self.renamed.items():
+            info = listed.get(token)
+            if at < started and info is not None and not same_place(listed_place(info), tuple(before)):
+                self.renames_listed.add(token)
+
     def rescue_renamed(self, node: Node, infos: list[TokenInfo]) -> bool:
-        """The listing no longer shows ``node``'s token. If this mount renamed it a moment ago
-        and the listing shows another token at the name it had before — a writer elsewhere
+        """The listing no longer shows ``node``'s token, which this mount renamed a moment ago.
+        The renamed entry keeps its version (its content, from the cache, is stored again under
+        the new name) when the token went before any listing showed it renamed: another client
+        deleted it where it saw it before the rename (its check of the token's place and its
+        delete are two requests, and the server may apply a rename it acknowledged later: helper
+        hM, 10 of 19 races of ``mv`` against ``rm`` lost the file everywhere, without a word);
+        and when the listing shows another token at the name it had before (a writer elsewhere
         replaced the content without seeing the rename and deleted the version it replaced,
-        which by then was ours under the new name — the renamed entry keeps that version: its
-        content (from the cache) is stored again under the new name. True if it was; False: the
-        entry follows the vault (it was deleted, or its content is not at hand)."""
+        which by then was ours under the new name). True if it was kept; False: the entry follows
+        the vault (it was deleted after a listing showed the rename, or its content is not at hand)."""
         entry = self.renamed.get(node.token or "")
         if entry is None or trio.current_time() - entry[0] > RENAME_RESCUE_WINDOW or not node.is_file:
             return False
@@ -1498,15 +1513,24 @@ class Syncer:
             and (i.extension or "") == (extension or "")
             for i in infos
         )
-        if not replaced:
+        unlisted = node.token not in self.renames_listed
+        if not replaced and not unlisted:
             return False
         del self.renamed[node.token]
-        log.info(
-            "%s: another client replaced its content at the old name %s without seeing this rename, "
-            "and deleted the renamed version; it is kept here",
-            self.ns.describe(node),
-            name,
-        )
+        if replaced:
+            log.info(
+                "%s: another client replaced its content at the old name %s without seeing this rename, "
+                "and deleted the renamed version; it is kept here",
+                self.ns.describe(node),
+                name,
+            )
+        else:
+            log.info(
+                "%s: another client deleted it at its old name %s before this rename reached the vault; "
+                "it is kept here",
+                self.ns.describe(node),
+                name,
+            )
         return self._token_gone(node, renamed=True)
 
     def _token_gone(self, node: Node, *, renamed: bool) -> bool:
@@ -1692,6 +1716,7 @@ class Syncer:
             for token, entry in list(self.renamed.items()):
                 if now - entry[0] > RENAME_RESCUE_WINDOW:
                     del self.renamed[token]
+                    self.renames_listed.discard(token)
             wait = min(MAX_BACKOFF, 2**failures) if failed else 30
             with trio.move_on_after(min(wait, 0.1) if held else wait):  # held: look again soon
                 await self._tomb_wake.wait()
