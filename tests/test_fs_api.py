@@ -156,6 +156,20 @@ async def test_fsync_returns_once_the_content_is_in_the_vault(kit):
     await kit.close(fh)
 
 
+async def test_fsync_returns_once_the_index_records_the_commit_on_disk(kit):
+    """A power cut after fsync returned rolled the index back to before the commit (the index
+    was flushed only by directory fsyncs and --fsync local): the next mount did not know the
+    token it had made, nor the deletes it owed, and showed the version in flight at the cut as
+    a conflict copy and a SQLite journal deleted before as the plain file (helper hN F2). Its
+    WAL is flushed before fsync returns."""
+    fh = await kit.create_file("db")
+    await kit.write(fh, 0, b"page one")
+    await kit.ops.fsync(fh, True)
+    index = kit.fs.index
+    assert index.flushed_writes >= index.writes > 0
+    await kit.close(fh)
+
+
 def slow_deletes(kit) -> None:
     """The server takes a second for each delete from now on."""
     delete = kit.syncer.tokens.delete

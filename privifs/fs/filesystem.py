@@ -1271,6 +1271,15 @@ class Filesystem:
             if node.meta_dirty:
                 await self.sync.commit_meta(node, self.opts.fsync_timeout)
             await self.sync.delete_replaced(node)
+        # what the index records of it (its new token, the version and entries it replaced, the
+        # deletes owed) then survives a power loss too: rolled back to an older state, it did not
+        # know its newest token and deletes, and a journal SQLite had deleted came back as the
+        # plain file and was rolled into a newer database (helper hN F2). The content is in the
+        # vault whatever the local disk says: a flush it refuses is logged, not the fsync's error
+        try:
+            await flush_index(self.index)
+        except PrivifsError as exc:
+            log.warning("%s: in the vault; the index cannot be flushed to disk (%s)", self.ns.describe(node), exc)
 
     async def fsyncdir(self, fh_id: int) -> None:
         """The directory's changes (entries made, renamed, removed) as the index records them are
