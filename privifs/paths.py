@@ -166,10 +166,15 @@ def pid_stopped(pid: int) -> bool:
 
 def write_json(path: Path, obj: object, *, indent: int | None = None) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file renamed over it, so a reader
-    sees the old content or the new, never half; no temporary file is left if that fails."""
+    sees the old content or the new, never half; no temporary file is left if that fails. The
+    content is flushed before the rename: after a power cut the rename alone was on disk, and
+    ``path`` was an empty file (helper hN: an engine's --urls-file, which it then refused)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=indent) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:  # a full disk, or the path is a directory
         tmp.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ failure, the traceback of an unexpected error in the CLI log (never on the termi
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -245,6 +246,23 @@ def test_the_engine_never_overwrites_a_file_that_is_not_its_urls_file(tmp_path, 
     previous.write_text('{"api": "http://127.0.0.1:1", "ws": "ws://127.0.0.1:2"}\n')
     check_urls_file(previous)  # a URLs file from the last start: replaced
     check_urls_file(tmp_path / "new.json")  # a new file: written
+    (tmp_path / "empty.json").touch()
+    check_urls_file(tmp_path / "empty.json")  # empty (a power cut after an older engine wrote it): written
+
+
+def test_a_json_state_file_is_flushed_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """A power cut after an engine wrote its --urls-file left the rename on disk and not the
+    content: an empty file, which the next start refused (helper hN). The content is flushed
+    before the rename."""
+    from privifs import paths
+
+    order: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1])
+    paths.write_json(tmp_path / "urls.json", {"api": "http://127.0.0.1:1"})
+    assert order == ["fsync", "replace"]
+    assert json.loads((tmp_path / "urls.json").read_text()) == {"api": "http://127.0.0.1:1"}
 
 
 @pytest.mark.timeout(120)

@@ -72,6 +72,8 @@ def check_urls_file(path: Path) -> None:
     except OSError as exc:
         raise LocalFileError(f"cannot write the URLs file {path}: {exc.strerror}") from None
     urls = None
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        return  # nothing to lose (what an engine before 2026-12-07 left after a power cut)
     if stat.S_ISREG(st.st_mode) and st.st_size <= 65536:
         try:
             urls = json.loads(path.read_bytes())
