@@ -162,11 +162,13 @@ async def test_fsync_returns_once_the_index_records_the_commit_on_disk(kit):
     token it had made, nor the deletes it owed, and showed the version in flight at the cut as
     a conflict copy and a SQLite journal deleted before as the plain file (helper hN F2). Its
     WAL is flushed before fsync returns."""
+    index = kit.fs.index
     fh = await kit.create_file("db")
+    ino = kit.fs.handles[fh].node.ino
+    assert not index.row_flushed(ino, datasync=True)  # (which also starts tracking the rows' writes)
     await kit.write(fh, 0, b"page one")
     await kit.ops.fsync(fh, True)
-    index = kit.fs.index
-    assert index.flushed_writes >= index.writes > 0
+    assert index.row_flushed(ino, datasync=True)  # its new token and clean state (later writes may follow)
     await kit.close(fh)
 
 
