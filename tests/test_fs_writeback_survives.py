@@ -5,6 +5,7 @@ Driven in-process (tests/fskit.py) against the real engine, so each interleaving
 from __future__ import annotations
 
 import os
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -160,19 +161,27 @@ async def test_supervised_start_up_failure_propagates_and_cancellation_ends_the_
     assert sup.tasks["serving"].failures == 0
 
 
+@asynccontextmanager
+async def fsync_in_background(t, fh: int):
+    """An fsync of ``fh`` runs while the block does; the block gets the list it appends "ok" to
+    once it returned (the block's end waits for it)."""
+    result: list[str] = []
+
+    async def fsync() -> None:
+        await t.fs.fsync(fh)
+        result.append("ok")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(fsync)
+        yield result
+
+
 async def test_fsync_waits_through_server_errors_instead_of_failing(eng, account, tmp_path):
     async with inprocess_fs(tmp_path, *account) as t:
         fh, f = t.create_node(1, "db.sqlite")
         await t.fs.write(fh, 0, b"page" * 1000)
         eng.set_options(fail_rate=1.0)  # every request answers 5xx for now
-        result = []
-
-        async def fsync():
-            await t.fs.fsync(fh)
-            result.append("ok")
-
-        async with trio.open_nursery() as n:
-            n.start_soon(fsync)
+        async with fsync_in_background(t, fh) as result:
             with trio.fail_after(30):
                 while f.attempts < 1:
                     await trio.sleep(0.05)
@@ -449,14 +458,7 @@ async def test_fsync_waits_for_a_server_that_stops_answering_for_a_few_seconds(t
             fh, f = t.create_node(1, "db")
             await t.fs.write(fh, 0, b"page" * 1000)
             await trio.to_thread.run_sync(engine.stop)
-            result = []
-
-            async def fsync():
-                await t.fs.fsync(fh)
-                result.append("ok")
-
-            async with trio.open_nursery() as n:
-                n.start_soon(fsync)
+            async with fsync_in_background(t, fh) as result:
                 await trio.sleep(7)  # longer than the client's own retries
                 assert result == []  # still waiting, not failed
                 await trio.to_thread.run_sync(engine.start)
