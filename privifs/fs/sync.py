@@ -1529,6 +1529,7 @@ class Syncer:
         if not replaced and not unlisted:
             return False
         del self.renamed[node.token]
+        self.renames_listed.discard(node.token)
         if replaced:
             log.info(
                 "%s: another client replaced its content at the old name %s without seeing this rename, "
