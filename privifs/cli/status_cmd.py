@@ -462,7 +462,8 @@ def print_status(st: dict) -> None:
     if st.get("disk_full"):
         print(
             f"  disk full:    {st['disk_full']} at {_ago(st['disk_full_at'])} (ENOSPC: the disk of the "
-            "staging, cache or state directory had no room)"
+            "staging, cache or state directory had no room; the last such request, shown until a write "
+            "succeeds: see the free space above)"
         )
     print(
         f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
