@@ -840,10 +840,10 @@ class Namespace:
         # token -> its content's size, from a verified download of a token whose meta states no
         # content digest (another application's): that meta's size is only a claim (see learn_size)
         self.content_sizes: dict[str, int] = {}
-        # (parent ino, plain name) -> the nodes claiming it in claim order, for the names more
-        # than one token claims: written by the refresher at each listing, read by the write-back
-        # (a save under the plain name first names the conflict copies so in the vault)
-        self.contested: dict[tuple[int, str], list[int]] = {}
+        # (parent ino, plain name) -> the nodes whose token claims that name while they show under
+        # another (their conflict name): written by the refresher at each listing, read by the
+        # write-back (a save under the plain name first names these copies so in the vault)
+        self.aside: dict[tuple[int, str], list[int]] = {}
         loaded = index.load()
         for n in loaded:
             self.nodes[n.ino] = n

@@ -147,6 +147,7 @@ class Refresher:
         self._due: list[float] = []
         self._wake = trio.Event()
         syncer.remote_changed = lambda: self.nudge((0.0,))
+        syncer.look_soon = lambda delay: self.nudge((delay,))
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -818,15 +819,15 @@ class Refresher:
         self._settle_dirs(started)
         self._settle_files_and_implicit_dirs(started)
         claims: dict[tuple[int, str], list[Node]] = {}
-        every: dict[tuple[int, str], list[Node]] = {}  # with the entries changed here (for contested)
+        aside: dict[tuple[int, str], list[int]] = {}  # (with the entries changed here: Namespace.aside)
         for node in self.ns.nodes.values():
             if node.token and not node.is_dir and node.remote_name is not None:
                 key = (node.parent, shown_name(node.remote_name, node.remote_extension))
-                if not node.unlinked:
-                    every.setdefault(key, []).append(node)
+                if not node.unlinked and node.name != key[1]:
+                    aside.setdefault(key, []).append(node.ino)
                 if self.eligible(node, started) or node.ino in self._added and not node.unlinked:
                     claims.setdefault(key, []).append(node)
-        self.ns.contested = {key: [n.ino for n in nodes] for key, nodes in every.items() if len(nodes) > 1}
+        self.ns.aside = aside
         for (parent_ino, plain), nodes in claims.items():
             parent = self.ns.nodes.get(parent_ino)
             if parent is None:
@@ -851,6 +852,8 @@ class Refresher:
                 self.index.save(n)
                 self._inval_entry(parent.ino, olds[n.ino])
                 self._inval_entry(parent.ino, name)
+                if name != plain:
+                    aside.setdefault((parent_ino, plain), []).append(n.ino)
 
     # -- kernel invalidation --------------------------------------------------------------------
     def _created_at(self, token: str | None) -> float | None:

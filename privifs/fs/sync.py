@@ -110,6 +110,7 @@ FLUSH_RETRY = 10.0  # while 'privifs umount' waits, retry at least this often (n
 SERVER_BACK_GRACE = 20.0
 RECONNECT_GRACE = 10.0  # offline, an fsync waits this long at most for one more attempt to reach the vault
 RENAME_FETCH_LIMIT = 4 * 2**20  # a file renamed here is fetched into the cache first up to this size
+RENAME_SEEN_AFTER = 1.0  # a listing this long after a rename is written back shows it applied
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
 RETIRE_CHECK = 10.0  # how often the retired parts are looked at
@@ -306,6 +307,7 @@ class Syncer:
         self.answered_at = time.monotonic()  # when a write-back, a listing or a probe last succeeded
         self.answered_once = False  # (a mount that started offline has not heard from its server)
         self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
+        self.look_soon: Callable[[float], None] = lambda delay: None  # … after ``delay`` seconds
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
@@ -802,8 +804,19 @@ class Syncer:
         back under the name (hN F1: a program's fsynced save read back as the previous one; after
         a power cut, SQLite's database "malformed"). A copy with changes of its own being written
         back, or renamed here, is left to that; another application's token (no risk meta of
-        privifs) is not renamed by privifs on its own."""
-        for ino in self.ns.contested.get((node.parent, node.name), ()):
+        privifs) is not renamed by privifs on its own. A conflict copy that is itself saved is
+        stored under the name it shows: at its token's name it was a copy again, under the
+        conflict name of its new token (a file renamed under the program editing it), and a
+        copy another mount named so meanwhile was a copy of a copy (helper hP)."""
+        if (
+            node.shown_as is not None
+            and node.shown_as == node.name
+            and node.remote_name is not None
+            and node.name != shown_name(node.remote_name, node.remote_extension)
+            and written_by_privifs(node.risk())
+        ):
+            self.ns.show_as(node, None)
+        for ino in self.ns.aside.get((node.parent, node.name), ()):
             copy = self.ns.nodes.get(ino)
             if (
                 copy is None
@@ -1387,6 +1400,10 @@ class Syncer:
                 self.ns.set_remote_name(node, context, name, extension)
                 if node.is_file:
                     self.renamed[token] = (trio.current_time(), *before)
+                    # a listing that shows it renamed tells a delete made after it from one that
+                    # raced it (rescue_renamed): soon, so a file another client removes on
+                    # purpose once it saw the rename does not come back (helper hP: 2 of 3)
+                    self.look_soon(RENAME_SEEN_AFTER)
                 if self.ns.retire_markers(node):  # another mkdir's marker would keep the old path
                     self.wake_tombstones()
             if node.is_file and not written_by_privifs(node.risk()):  # listed before its writer's risk meta?
