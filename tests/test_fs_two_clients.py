@@ -976,3 +976,23 @@ async def test_a_conflict_copy_edited_while_another_mount_saves_the_plain_file_k
         await converged(tmp_path, account, {"/f.txt": "file", f"/{copy}": "file"}, a, b)
         for c in (a, b):
             assert await files_shown(c) == {"f.txt": b"saved on a", copy: b"the copy edited on b"}
+
+
+async def test_a_file_removed_here_leaves_its_conflict_copies_under_their_names(account, tmp_path):
+    # hP P0: a conflict copy took the plain name once the file holding it was removed: SQLite
+    # deletes its -wal at the last close, and a WAL a power cut had left in the vault as a copy
+    # came back as the -wal, whose old frames SQLite then read (87 committed rows lost). The
+    # copies the removing mount shows are stored under their conflict names.
+    async with two_clients(tmp_path, account) as (a, b):
+        await a.write_file("/f.txt", b"v1 from a")
+        await a.wait_idle()
+        await a.remote.next_second()
+        await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
+        await listed(a, b)
+        shown = await files_shown(a)
+        (copy,) = (n for n in shown if n != "f.txt")
+        await a.unlink("/f.txt")
+        await a.wait_idle()
+        await converged(tmp_path, account, {f"/{copy}": "file"}, a, b)
+        for c in (a, b):
+            assert await files_shown(c) == {copy: shown[copy]}

@@ -679,6 +679,7 @@ class Filesystem:
             raise fail(errno.EISDIR)
         with self.index.kept():
             self._remove(node)
+            self.sync.holder_removed(parent.ino, node.name)
             self.keep_empty_dir(parent)
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:

@@ -816,37 +816,65 @@ class Syncer:
             and written_by_privifs(node.risk())
         ):
             self.ns.show_as(node, None)
-        for ino in self.ns.aside.get((node.parent, node.name), ()):
-            copy = self.ns.nodes.get(ino)
-            if (
-                copy is None
-                or copy is node
-                or copy.unlinked
-                or copy.parent != node.parent
-                or copy.name == node.name
-                or copy.shown_as != copy.name
-                or not copy.token
-                or copy.ino in self._busy
-                or copy.content_dirty
-                or copy.meta_dirty
-                or not written_by_privifs(copy.risk())  # (another application's: its order stands)
-                or shown_name(copy.remote_name, copy.remote_extension) != node.name
-            ):
-                continue
+        for copy in self._copies_aside(node.parent, node.name, but=node):
             log.info(
                 "%s: stored under the conflict name it shows, as the file it is a copy of is saved here",
                 self.ns.describe(copy),
             )
             self._busy.add(copy.ino)
             try:
-                self.ns.show_as(copy, None)  # (its name is its own from now: token_naming)
-                self.ns.meta_changed(copy)
-                self.index.save(copy)
+                self._own_name(copy)
                 await self._update_meta(copy)
             finally:
                 self._busy.discard(copy.ino)
                 if copy.meta_dirty and not copy.unlinked:
                     self.schedule(copy)
+
+    def _copies_aside(self, parent: int, name: str, *, but: Node | None = None) -> list[Node]:
+        """The conflict copies this mount shows of ``name`` in the directory ``parent`` (their
+        tokens claim that name) that privifs may name so in the vault now: privifs' own tokens,
+        with no change of their own being written back, nor renamed here."""
+        copies = []
+        for ino in self.ns.aside.get((parent, name), ()):
+            copy = self.ns.nodes.get(ino)
+            if (
+                copy is None
+                or copy is but
+                or copy.unlinked
+                or copy.parent != parent
+                or copy.name == name
+                or copy.shown_as != copy.name
+                or not copy.token
+                or copy.ino in self._busy
+                or copy.content_dirty
+                or copy.meta_dirty
+                or not written_by_privifs(copy.risk())  # (another application's: its order stands)
+                or shown_name(copy.remote_name, copy.remote_extension) != name
+            ):
+                continue
+            copies.append(copy)
+        return copies
+
+    def _own_name(self, copy: Node) -> None:
+        """``copy``'s token is to be renamed to the name it shows (its own from now: token_naming)."""
+        self.ns.show_as(copy, None)
+        self.ns.meta_changed(copy)
+        self.index.save(copy)
+
+    def holder_removed(self, parent: int, name: str) -> None:
+        """The file holding ``name`` in ``parent`` was removed here: the conflict copies shown
+        aside of it are named so in the vault (their meta is written back like a rename's), so that
+        none takes the name after it. A copy that did was the
+        version before on every mount: a SQLite WAL left in the vault by an upload a power cut
+        interrupted came back as the -wal once SQLite deleted it, and SQLite read its old frames
+        (helper hP). Seen from the mount that removed the file, the copy just keeps its name."""
+        for copy in self._copies_aside(parent, name):
+            log.info(
+                "%s: stored under the conflict name it shows, as the file it is a copy of is removed",
+                self.ns.describe(copy),
+            )
+            self._own_name(copy)
+            self.schedule(copy)
 
     async def _upload(self, node: Node) -> None:
         await self._alone_at(node)
