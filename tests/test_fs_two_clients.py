@@ -879,6 +879,20 @@ async def files_shown(c) -> dict[str, bytes]:
     return {n: await c.read_file(f"/{n}") for n in sorted(c.ns.root.children)}
 
 
+async def with_a_conflict_copy(a, b) -> tuple[dict[str, bytes], str]:
+    """/f.txt made on ``a`` and another client's version at the same path a second later, both
+    listed on ``a`` and ``b``: the files both show (the same) and the conflict copy's name."""
+    await a.write_file("/f.txt", b"v1 from a")
+    await a.wait_idle()
+    await a.remote.next_second()  # (each version made in a second of its own: claim order)
+    await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
+    await listed(a, b)
+    shown = await files_shown(a)
+    assert len(shown) == 2 and shown == await files_shown(b)
+    (copy,) = (n for n in shown if n != "f.txt")
+    return shown, copy
+
+
 @pytest.mark.parametrize("save", ["rewrite", "rename over", "rename over, listed before written back"])
 async def test_a_save_under_a_name_that_has_conflict_copies_stays_under_that_name(account, tmp_path, save):
     # hN F1: /f.txt had a conflict copy (another client stored a version at the same time); a
@@ -889,14 +903,7 @@ async def test_a_save_under_a_name_that_has_conflict_copies_stays_under_that_nam
     # an earlier round and a database "malformed"). The copies the saving mount shows are now
     # named so in the vault before the save is stored: the saved version is alone at its path.
     async with two_clients(tmp_path, account) as (a, b):
-        await a.write_file("/f.txt", b"v1 from a")
-        await a.wait_idle()
-        await a.remote.next_second()  # (each version made in a second of its own: claim order)
-        await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
-        await listed(a, b)
-        before = await files_shown(a)
-        assert len(before) == 2 and before == await files_shown(b)
-        (copy,) = (n for n in before if n != "f.txt")
+        before, copy = await with_a_conflict_copy(a, b)
         for i, (c, other) in enumerate([(a, b), (b, a), (a, b)]):
             content = f"save {i}".encode()
             await a.remote.next_second()
@@ -961,12 +968,7 @@ async def test_a_conflict_copy_edited_while_another_mount_saves_the_plain_file_k
     # a copy (f.conflict-X.conflict-Y.txt) and B's name showed the old content. A conflict copy
     # saved in place is stored under the name it shows.
     async with two_clients(tmp_path, account) as (a, b):
-        await a.write_file("/f.txt", b"v1 from a")
-        await a.wait_idle()
-        await a.remote.next_second()
-        await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
-        await listed(a, b)
-        (copy,) = (n for n in await files_shown(a) if n != "f.txt")
+        _, copy = await with_a_conflict_copy(a, b)
         resume = b.hold_write_back()
         await b.write_file(f"/{copy}", b"the copy edited on b")
         await a.remote.next_second()
@@ -984,13 +986,7 @@ async def test_a_file_removed_here_leaves_its_conflict_copies_under_their_names(
     # came back as the -wal, whose old frames SQLite then read (87 committed rows lost). The
     # copies the removing mount shows are stored under their conflict names.
     async with two_clients(tmp_path, account) as (a, b):
-        await a.write_file("/f.txt", b"v1 from a")
-        await a.wait_idle()
-        await a.remote.next_second()
-        await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
-        await listed(a, b)
-        shown = await files_shown(a)
-        (copy,) = (n for n in shown if n != "f.txt")
+        shown, copy = await with_a_conflict_copy(a, b)
         await a.unlink("/f.txt")
         await a.wait_idle()
         await converged(tmp_path, account, {f"/{copy}": "file"}, a, b)
