@@ -1584,8 +1584,8 @@ class Syncer:
             )
         else:
             log.info(
-                "%s: another client deleted it at its old name %s before this rename reached the vault; "
-                "it is kept here",
+                "%s: another client deleted it before a listing here showed it renamed from %s (taken for "
+                "a delete that raced the rename); it is kept here",
                 self.ns.describe(node),
                 name,
             )
