@@ -146,7 +146,6 @@ class Refresher:
         self._lock = trio.Lock()
         self._due: list[float] = []
         self._wake = trio.Event()
-        syncer.remote_changed = lambda: self.nudge((0.0,))
         syncer.look_soon = lambda delay: self.nudge((delay,))
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:

@@ -182,6 +182,19 @@ def written_by_privifs(risk: dict[str, str]) -> bool:
     return "privifs.type" in risk or any(k in risk for k in CARRIED)
 
 
+def shown_aside(node: Node) -> bool:
+    """Whether ``node`` shows under another name than the one its token claims because the
+    listing put it there (a conflict copy: not renamed here since), and its token is privifs'
+    own (another application's keeps the claim order: privifs does not rename it on its own)."""
+    return (
+        node.shown_as is not None
+        and node.shown_as == node.name
+        and node.remote_name is not None
+        and node.name != shown_name(node.remote_name, node.remote_extension)
+        and written_by_privifs(node.risk())
+    )
+
+
 def fsync_waits_through(
     exc: PrivifsError, server_restarting: bool = False, room_made: bool = False, odd_answers: int = 0
 ) -> bool:
@@ -306,8 +319,8 @@ class Syncer:
         self.failing_since: float | None = None
         self.answered_at = time.monotonic()  # when a write-back, a listing or a probe last succeeded
         self.answered_once = False  # (a mount that started offline has not heard from its server)
-        self.remote_changed: Callable[[], None] = lambda: None  # the refresher should look soon
-        self.look_soon: Callable[[float], None] = lambda delay: None  # … after ``delay`` seconds
+        # the refresher should look after ``delay`` seconds (set by the refresher)
+        self.look_soon: Callable[[float], None] = lambda delay: None
         self.parts = PartWriter(PartReader(cache, vault))  # big files: only changed parts are uploaded
         self.stored_manifests: set[str] = set()  # manifest tokens this mount stored (and not replaced)
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
@@ -653,6 +666,10 @@ class Syncer:
         if not node.content_dirty:
             self.local_fsynced.discard(node.ino)
 
+    def remote_changed(self) -> None:
+        """Another client changed the vault meanwhile: the refresher should look now."""
+        self.look_soon(0.0)
+
     def answered(self) -> None:
         """The server answered (a write-back, a listing, a probe): it is reachable again, and
         what backed off meanwhile goes now. (Only a write-back's success ended it: while the
@@ -808,13 +825,7 @@ class Syncer:
         stored under the name it shows: at its token's name it was a copy again, under the
         conflict name of its new token (a file renamed under the program editing it), and a
         copy another mount named so meanwhile was a copy of a copy (helper hP)."""
-        if (
-            node.shown_as is not None
-            and node.shown_as == node.name
-            and node.remote_name is not None
-            and node.name != shown_name(node.remote_name, node.remote_extension)
-            and written_by_privifs(node.risk())
-        ):
+        if shown_aside(node):
             self.ns.show_as(node, None)
         for copy in self._copies_aside(node.parent, node.name, but=node):
             log.info(
@@ -838,21 +849,18 @@ class Syncer:
         for ino in self.ns.aside.get((parent, name), ()):
             copy = self.ns.nodes.get(ino)
             if (
-                copy is None
-                or copy is but
-                or copy.unlinked
-                or copy.parent != parent
-                or copy.name == name
-                or copy.shown_as != copy.name
-                or not copy.token
-                or copy.ino in self._busy
-                or copy.content_dirty
-                or copy.meta_dirty
-                or not written_by_privifs(copy.risk())  # (another application's: its order stands)
-                or shown_name(copy.remote_name, copy.remote_extension) != name
+                copy is not None
+                and copy is not but
+                and not copy.unlinked
+                and copy.parent == parent
+                and copy.token
+                and copy.ino not in self._busy
+                and not copy.content_dirty
+                and not copy.meta_dirty
+                and shown_aside(copy)
+                and shown_name(copy.remote_name, copy.remote_extension) == name
             ):
-                continue
-            copies.append(copy)
+                copies.append(copy)
         return copies
 
     def _own_name(self, copy: Node) -> None:
