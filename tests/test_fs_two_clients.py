@@ -879,13 +879,18 @@ async def files_shown(c) -> dict[str, bytes]:
     return {n: await c.read_file(f"/{n}") for n in sorted(c.ns.root.children)}
 
 
-async def with_a_conflict_copy(a, b) -> tuple[dict[str, bytes], str]:
-    """/f.txt made on ``a`` and another client's version at the same path a second later, both
-    listed on ``a`` and ``b``: the files both show (the same) and the conflict copy's name."""
+async def with_a_conflict_copy(a, b, *, made_on_b: bool = False) -> tuple[dict[str, bytes], str]:
+    """/f.txt made on ``a`` and another client's version at the same path a second later (or
+    ``b``'s, written there before it listed), both listed on ``a`` and ``b``: the files both
+    show (the same) and the conflict copy's name."""
     await a.write_file("/f.txt", b"v1 from a")
     await a.wait_idle()
     await a.remote.next_second()  # (each version made in a second of its own: claim order)
-    await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
+    if made_on_b:
+        await b.write_file("/f.txt", b"from b")
+        await b.wait_idle()
+    else:
+        await a.remote.put("/f.txt", b"from another client", type="file", mode="644")
     await listed(a, b)
     shown = await files_shown(a)
     assert len(shown) == 2 and shown == await files_shown(b)
@@ -962,17 +967,28 @@ async def test_a_rename_whose_token_another_client_deleted_before_a_listing_show
                 assert await c.read_file("/g") == b"the content"
 
 
-async def test_a_conflict_copy_edited_while_another_mount_saves_the_plain_file_keeps_its_name(account, tmp_path):
+@pytest.mark.parametrize("first", ["the edit", "the save", "the save, listed here"])
+async def test_a_conflict_copy_edited_while_another_mount_saves_the_plain_file_keeps_its_name(account, tmp_path, first):
     # hP P4: B edited /f.conflict-X.txt while A saved /f.txt, which stored A's copy of it under
     # that conflict name first; B's edit, stored at the token's plain name, was then a copy of
     # a copy (f.conflict-X.conflict-Y.txt) and B's name showed the old content. A conflict copy
-    # saved in place is stored under the name it shows.
+    # saved in place is stored under the name it shows. hQ Q1: the same when A's save reached
+    # the vault before B's edit and B listed in between (5 of 5): the listing showed the copy's
+    # token at the conflict name B already showed it under, and B did not take that place as
+    # the token's, so its save took A's rename for another client's and kept the old content.
     async with two_clients(tmp_path, account) as (a, b):
-        _, copy = await with_a_conflict_copy(a, b)
-        resume = b.hold_write_back()
-        await b.write_file(f"/{copy}", b"the copy edited on b")
+        _, copy = await with_a_conflict_copy(a, b, made_on_b=first == "the save, listed here")
+        resume = b.hold_write_back() if first == "the edit" else lambda: None
+        if first == "the edit":
+            await b.write_file(f"/{copy}", b"the copy edited on b")
         await a.remote.next_second()
         await a.write_file("/f.txt", b"saved on a", fsync=True)
+        await a.wait_idle()
+        if first != "the edit":
+            if first == "the save, listed here":
+                await b.refresher.refresh_once()  # (it showed the copy under the plain name: hP P5)
+                assert await files_shown(b) == {"f.txt": b"saved on a", copy: b"from b"}
+            await b.write_file(f"/{copy}", b"the copy edited on b", fsync=True)
         resume()
         await b.wait_idle()
         await converged(tmp_path, account, {"/f.txt": "file", f"/{copy}": "file"}, a, b)

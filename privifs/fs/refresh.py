@@ -426,6 +426,7 @@ class Refresher:
         moved = self._place(node, info)
         if (
             not moved
+            and same_place((node.remote_context, node.remote_name, node.remote_extension), listed_place(info))
             and node.remote_risk == risk_json(info)
             and (self.ns.listed_size(info) in (None, node.size) or node.is_dir)
         ):
