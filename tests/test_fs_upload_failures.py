@@ -275,3 +275,39 @@ async def test_a_removal_whose_delete_answered_404_on_its_way_still_deletes_the_
             assert armed["404"] == 0
             assert await kit.vault_tree() == {"kept.txt": b"kept"}
             assert await kit.tree() == {"kept.txt": b"kept"}
+
+
+async def test_a_save_whose_look_at_the_old_version_failed_deletes_it_once_the_look_succeeds(
+    module_account, eng, tmp_path
+):
+    """A save looks whether the version it replaces was renamed by another client before it
+    deletes it. When that look failed (a 503), the old version was kept for good: older, it held
+    the plain name on every other mount and, after a restart, on this one too; the fsynced save
+    was a conflict copy there (helper hS F1, 2 of 2). It is now deleted once a look tells."""
+    from privifs.client.datatokens import find
+    from privifs.client.transport import ClientOptions
+    from tests.enginekit import proxied_api
+    from tests.fskit import inprocess_fs
+
+    endpoints, creds = module_account
+    failing: dict[str, int] = {}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        for token in failing:
+            if f"filters%5Btoken%5D={token}" in path and failing[token] > 0:
+                failing[token] -= 1
+                return 503, b'{"status": 503, "message": "injected"}'
+        return status, body
+
+    async with proxied_api(endpoints, mangle) as proxied:
+        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
+            await kit.write_file("f.txt", b"the old version", fsync=True)
+            old = kit.node("/f.txt").token
+            failing[old] = ClientOptions.retry_attempts  # the save's look, with its retries
+            await kit.write_file("f.txt", b"the save", fsync=True)
+            with trio.fail_after(30):
+                while failing[old] or await find(kit.client.tokens, old) is not None:
+                    await trio.sleep(0.2)
+            await kit.settle(timeout=30)
+            async with kit.fresh() as other:
+                assert await other.tree() == {"f.txt": b"the save"}

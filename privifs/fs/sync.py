@@ -460,7 +460,8 @@ class Syncer:
             self._keep_overwritten(token)
 
     async def _still_where_seen(self, token: str) -> bool:
-        """For a tombstoned token a rename here replaced: False if the listing shows it
+        """For a tombstoned token a rename here replaced, a removal here removed, or a save
+        here replaced whose place could not be looked at then: False if the listing shows it
         elsewhere than where this mount saw it (another client renamed it: it stays, and shows
         where that client put it); True otherwise (also when it is gone). A failed look fails
         the delete, which the tombstone task retries."""
@@ -474,7 +475,7 @@ class Syncer:
         log.info(
             "token %s, %s here, was renamed by another client to %s/%s meanwhile; it stays",
             token,
-            "replaced by a rename" if entry is not None else "removed",
+            "replaced by a rename" if entry is not None else "replaced or removed",
             info.context,
             info.file_name,
         )
@@ -910,11 +911,12 @@ class Syncer:
                     token, content_risk = await self._put_whole(node, staged, meta)
                     if replaces_manifest:  # shrunk below the threshold: the manifest's parts retire
                         stale = await self._parts_of(replaced, path)
-                keep = (
+                moved = (
                     replaced is not None
                     and replaced != token
                     and await self._moved_elsewhere(replaced, seen_at, (context, name, extension))
                 )
+                keep = moved is True
                 if replaced is not None and replaced in self._gone_elsewhere:
                     self._gone_elsewhere.discard(replaced)
                     if manifest_risk is not None:
@@ -968,7 +970,15 @@ class Syncer:
         if manifest_risk is not None and not node.unlinked:  # (a removed file's manifest is being deleted)
             self.stored_manifests.add(token)
         try:
-            if replaced is not None and replaced != token and not keep:
+            if replaced is not None and replaced != token and moved is None:
+                # whether another client renamed it could not be told: deleted once the listing
+                # shows it still where this mount saw it (or here), retried by the tombstone task
+                # until it can tell (kept for good, it held the plain name on every other mount
+                # and on this one after a restart: the fsynced content was a conflict copy, helper
+                # hS F1); its parts the new manifest does not name are left to the sweep
+                self._removed_at[replaced] = [seen_at, (context, name, extension)]
+                await self._delete_tombstone(replaced)
+            elif replaced is not None and replaced != token and not keep:
                 # before an fsync returns: a crash between the two left both versions at the
                 # file's place, where the older keeps the plain name (claim order) on a mount
                 # without this one's index, and the fsynced content showed as a conflict copy
@@ -1237,21 +1247,20 @@ class Syncer:
         token: str,
         seen_at: Place,
         ours: tuple[str, str, str] | None = None,
-    ) -> bool:
+    ) -> bool | None:
         """Whether ``token`` (the content being replaced) now has another place or name than
         ``seen_at`` (context, fileName, extension as this mount last saw it) and than ``ours``
         (where this mount puts the file now): then another client renamed it meanwhile and it
-        must not be deleted. When that cannot be told, it is kept too (it shows as a conflict
-        copy: nothing is lost). At ``ours`` it is this mount's own rename, whose update landed
-        though its answer was lost (a 502 after the work, a dropped acknowledgement) or though
-        the mount was killed before recording it: taken for another client's, it left the old
-        content beside the new as a conflict copy (found by kill -9 cycles against a faulty
-        engine)."""
+        must not be deleted. None when that cannot be told now (the look-up failed). At
+        ``ours`` it is this mount's own rename, whose update landed though its answer was lost
+        (a 502 after the work, a dropped acknowledgement) or though the mount was killed before
+        recording it: taken for another client's, it left the old content beside the new as a
+        conflict copy (found by kill -9 cycles against a faulty engine)."""
         try:
             info = await find(self.tokens, token)
         except PrivifsError as exc:
-            log.warning("cannot tell whether token %s was renamed elsewhere (%s); keeping it", token, exc)
-            return True
+            log.warning("cannot tell yet whether token %s was renamed elsewhere (%s); looked at again", token, exc)
+            return None
         if info is None:
             self._gone_elsewhere.add(token)
             return False  # deleted elsewhere: nothing to keep
