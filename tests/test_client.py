@@ -1015,3 +1015,42 @@ async def test_a_listing_whose_count_is_the_page_size_is_read_to_the_end(eng, ac
         assert {i.token async for i in client.tokens.list(context="/t")} == stored
         stored.add(await vault.put_bytes(b"x", meta("f8.bin")))  # 9: pages of 3, the last one full
         assert {i.token async for i in client.tokens.list()} == stored
+
+
+async def test_the_event_channel_tries_again_after_a_server_that_accepted_and_never_answered():
+    """trio-websocket's connect timeout does not end a connection whose server accepted it and
+    never answered the handshake: the channel stayed down for good after one such stall, never
+    trying again, and reads of uncached files failed with EIO for minutes (helper hS F2). Each
+    attempt now ends within the connect and join timeouts, and the next one follows."""
+    import dataclasses
+    import socket
+
+    from privifs.client.events import EventHub
+
+    class NoSession:
+        def on_token_change(self, fn) -> None:
+            pass
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    async def accept_and_say_nothing() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            accepted.append(listener.accept()[0])
+
+    options = dataclasses.replace(ClientOptions(), connect_timeout=0.5, join_timeout=0.5)
+    hub = EventHub(f"ws://127.0.0.1:{listener.getsockname()[1]}/", NoSession(), options)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                listener.setblocking(False)
+                nursery.start_soon(accept_and_say_nothing)
+                await nursery.start(hub.run)  # started: known to be unavailable
+                while len(accepted) < 3:
+                    await trio.sleep(0.1)
+                assert "handshake" in hub.down_reason, hub.down_reason
+                nursery.cancel_scope.cancel()
+    finally:
+        for s in [listener, *accepted]:
+            s.close()

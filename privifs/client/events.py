@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -41,6 +42,17 @@ EARLY_MAX = 10000
 
 class JoinRefused(Exception):
     pass
+
+
+class ChannelTimeout(Exception):
+    """The WebSocket server accepted the connection but did not answer the handshake or join."""
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The first exception inside nested exception groups (what the channel's nursery raised)."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class Waiter:
@@ -232,7 +244,8 @@ class EventHub:
                     await self._connected_session(joined)
                 except Exception as exc:  # noqa: BLE001 - any failure means: reconnect later
                     log.debug("event channel unavailable: %r", exc)
-                    self.down_reason = (str(exc) or type(exc).__name__)[:200]
+                    cause = _first_cause(exc)  # (not "Exceptions from Trio nursery": helper hS F5)
+                    self.down_reason = (str(cause) or type(cause).__name__)[:200]
                     if self.down_since is None:
                         self.down_since = time.time()
                     if self.connected:
@@ -250,6 +263,18 @@ class EventHub:
             delay = min(delay * 2, 10.0)
 
     async def _connected_session(self, joined) -> None:
+        # trio-websocket's own connect_timeout does not end a connection whose server accepted
+        # it and never answers the handshake (its reader task keeps the connection's nursery
+        # open): the channel stayed down for good, with no new attempt, after one such stall
+        # (helper hS F2: reads of uncached files failed with EIO for minutes). Our deadline
+        # covers the handshake and the join and is lifted once joined.
+        limit = self.options.connect_timeout + self.options.join_timeout
+        with trio.CancelScope(deadline=trio.current_time() + limit) as opening:
+            await self._session(joined, opening)
+        if opening.cancelled_caught:
+            raise ChannelTimeout(f"no answer to the WebSocket handshake and join within {limit:g} s")
+
+    async def _session(self, joined, opening: trio.CancelScope) -> None:
         async with open_websocket_url(
             self.url, connect_timeout=self.options.connect_timeout, disconnect_timeout=2, message_queue_size=4096
         ) as ws:
@@ -259,6 +284,7 @@ class EventHub:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader, ws, nursery)
                 await self._join(ws, recv)
+                opening.deadline = math.inf
                 self.connected = True
                 self.generation += 1
                 self._signal_change()
