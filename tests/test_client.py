@@ -1054,3 +1054,30 @@ async def test_the_event_channel_tries_again_after_a_server_that_accepted_and_ne
     finally:
         for s in [listener, *accepted]:
             s.close()
+
+
+async def test_the_event_channel_is_opened_again_when_its_server_stops_answering(eng, account):
+    """A joined channel whose server (or a proxy on the way) stops answering, the connection
+    held open, stayed silent for good: command acknowledgements and every request-data result,
+    which only the channel carries, never came, and reads of uncached data failed with EIO. The
+    channel is pinged ("use WebSocket ping frames and reconnect on close", the reference) and
+    opened again when a pong does not come."""
+    import dataclasses
+
+    from tests.enginekit import StallingProxy
+
+    endpoints, creds = account
+    options = dataclasses.replace(ClientOptions(), ping_interval=0.3, ping_timeout=0.5)
+    with StallingProxy(eng.ports["ws"]) as proxy:
+        proxied = dataclasses.replace(endpoints, ws=proxy.url.replace("http://", "ws://") + "/")
+        async with connect(proxied, creds, options) as client:
+            hub = client.hub
+            with trio.fail_after(10):
+                while not hub.connected:
+                    await trio.sleep(0.05)
+                await trio.sleep(1.0)  # pings answered: still the first session
+                assert hub.connected and hub.generation == 1
+                proxy.stall_after(0)
+                while hub.connected:
+                    await trio.sleep(0.05)
+            assert "ping" in (hub.down_reason or ""), hub.down_reason

@@ -45,7 +45,7 @@ class JoinRefused(Exception):
 
 
 class ChannelTimeout(Exception):
-    """The WebSocket server accepted the connection but did not answer the handshake or join."""
+    """The WebSocket server did not answer the handshake, the join or a ping in time."""
 
 
 def _first_cause(exc: BaseException) -> BaseException:
@@ -285,6 +285,7 @@ class EventHub:
                 nursery.start_soon(self._reader, ws, nursery)
                 await self._join(ws, recv)
                 opening.deadline = math.inf
+                nursery.start_soon(self._keep_alive, ws)
                 self.connected = True
                 self.generation += 1
                 self._signal_change()
@@ -295,6 +296,16 @@ class EventHub:
                     await self._join(ws, recv)
                     self.generation += 1
                     self._signal_change()
+
+    async def _keep_alive(self, ws) -> None:
+        """Ping the joined channel; a pong that does not come ends the session (reconnected)."""
+        while True:
+            await trio.sleep(self.options.ping_interval)
+            with trio.move_on_after(self.options.ping_timeout) as waited:
+                await ws.ping()
+            if waited.cancelled_caught:
+                log.info("the event channel did not answer a ping within %g s; reconnecting", self.options.ping_timeout)
+                raise ChannelTimeout(f"no answer to a ping within {self.options.ping_timeout:g} s")
 
     async def _join(self, ws, answers: trio.MemoryReceiveChannel) -> None:
         token = self.session.current_token()

@@ -128,6 +128,12 @@ class ClientOptions:
     request_timeout: float = 8.0  # waiting for a request-data result before re-issuing it
     request_attempts: int = 4
     join_timeout: float = 10.0
+    # the event channel is pinged this often once joined, and given up (then opened again) when
+    # the pong does not come within ping_timeout: a connection the server or a proxy stopped
+    # answering (the reference: "use WebSocket ping frames and reconnect on close") otherwise
+    # left the channel silent for good, and every read of uncached data waits on it
+    ping_interval: float = 20.0
+    ping_timeout: float = 10.0
     # the server's first answer (the login): a server that accepts connections but never
     # answers is given up on after this, instead of after every retry of a 60 s read time-out
     login_timeout: float = 30.0
