@@ -311,3 +311,36 @@ async def test_a_save_whose_look_at_the_old_version_failed_deletes_it_once_the_l
             await kit.settle(timeout=30)
             async with kit.fresh() as other:
                 assert await other.tree() == {"f.txt": b"the save"}
+
+
+async def test_a_directory_whose_marker_was_made_though_its_store_failed_leaves_no_empty_file(
+    module_account, eng, tmp_path
+):
+    """A directory's marker whose store failed after configure-file-meta had made it (the look
+    that confirms the token failed) was made again by the retry, and the first one stayed: an
+    empty file ``d.conflict-…`` on every mount (helper hS F3). It is settled as a file's upload
+    is: asked for again and deleted before the retry."""
+    from tests.enginekit import proxied_api
+    from tests.fskit import inprocess_fs
+
+    endpoints, creds = module_account
+    failing = {"lookups": 0}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if failing["lookups"] > 0 and "filters%5Btoken%5D=dtk" in path:
+            failing["lookups"] -= 1
+            return 503, b'{"status": 503, "message": "injected"}'
+        return status, body
+
+    async with proxied_api(endpoints, mangle) as proxied:
+        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
+            options = kit.client.tokens.options
+            options.retry_attempts = options.store_attempts = 1  # (one look per store)
+            failing["lookups"] = 1  # the first store's look
+            await kit.mkdir("d")
+            await kit.settle(timeout=30)
+            assert failing["lookups"] == 0
+            await kit.refresh()
+            assert await kit.vault_tree() == {"d": "dir"}
+            async with kit.fresh() as other:
+                assert await other.tree() == {"d": "dir"}

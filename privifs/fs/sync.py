@@ -1368,8 +1368,20 @@ class Syncer:
         context, name, extension, path = self._target(node)
         self.ns.begin_upload(node, streaming=False)
         self.index.save(node)
+        meta = FileMeta(name, extension, context, 0, path)
         with self._claiming(context, name):
-            token = await self.vault.put_bytes(b"", FileMeta(name, extension, context, 0, path))
+            # a marker whose store failed at configure-file-meta may have been made all the same:
+            # settled as a file's upload is (helper hS F3: the retry's marker was made, the first
+            # one adopted, and the other showed as an empty file on every mount)
+            earlier = self._unconfigured.pop(node.ino, None)
+            if earlier is not None:
+                await self._drop_unconfigured(node, *earlier)
+            try:
+                token = await self.vault.put_bytes(b"", meta)
+            except PrivifsError as exc:
+                if getattr(exc, "unconfigured", None) is not None:
+                    self._unconfigured[node.ino] = (exc.unconfigured, meta)
+                raise
             with self.index.kept():
                 if node.unlinked:
                     self._tombstone(token)
@@ -1956,7 +1968,9 @@ class Syncer:
         if info.size not in (None, 0) or (info.risk and attributes(info).kind != node.kind):
             return False
         log.info(
-            "%s: found the marker interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
+            "%s: found the marker an interrupted store made (%s: a stop, or an answer lost); recording it",
+            self.ns.describe(node),
+            info.token,
         )
         with self.index.kept():
             self._recorded(node, info.token, info.context, info.file_name, info.extension)
@@ -1977,7 +1991,9 @@ class Syncer:
         if not same or node.staged is not staged:
             return False
         log.info(
-            "%s: found the upload interrupted by the last stop (%s); recording it", self.ns.describe(node), info.token
+            "%s: found the upload an interrupted store made (%s: a stop, or an answer lost); recording it",
+            self.ns.describe(node),
+            info.token,
         )
         staged.freeze()
         self._record_content(
