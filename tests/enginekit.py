@@ -10,7 +10,16 @@ import trio
 
 from privifs.devkit.engine import Channel, EngineProcess, Wire, command_id
 
-__all__ = ["Channel", "EngineProcess", "StallingProxy", "Wire", "api_proxy", "command_id", "proxied_api"]
+__all__ = [
+    "Channel",
+    "CuttingProxy",
+    "EngineProcess",
+    "StallingProxy",
+    "Wire",
+    "api_proxy",
+    "command_id",
+    "proxied_api",
+]
 
 
 @asynccontextmanager
@@ -118,3 +127,36 @@ class StallingProxy:
     def __exit__(self, *exc) -> None:
         for s in self._socks:
             s.close()
+
+
+class CuttingProxy(StallingProxy):
+    """A TCP proxy in front of one of the engine's ports whose first ``cuts`` connections carry
+    only ``keep`` bytes of the answer, then are closed: a download broken mid-answer."""
+
+    def __init__(self, port: int, cuts: int, keep: int = 1000):
+        self.left, self.keep = cuts, keep
+        self.cut = 0
+        super().__init__(port)
+
+    def _pipe(self, src, dst, answers: bool) -> None:
+        if not answers:
+            return super()._pipe(src, dst, answers)
+        with self._lock:
+            cutting = self.left > 0
+            self.left -= cutting
+        if not cutting:
+            return super()._pipe(src, dst, answers)
+        sent = 0
+        try:
+            while sent < self.keep and (data := src.recv(self.keep - sent)):
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        with self._lock:
+            self.cut += 1
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -1081,3 +1081,25 @@ async def test_the_event_channel_is_opened_again_when_its_server_stops_answering
                 while hub.connected:
                     await trio.sleep(0.05)
             assert "ping" in (hub.down_reason or ""), hub.down_reason
+
+
+async def test_a_download_that_keeps_breaking_is_asked_for_again_while_the_server_answers(eng, account):
+    """A retrieval whose download broke mid-answer was asked for again three times, then failed:
+    on a flaky link a 4 MiB part's four downloads all broke now and then, and a cp of a cold file
+    died on EIO though the server answered every request (helper hS F4). It is asked for again
+    for ``fetch_budget`` seconds."""
+    import dataclasses
+
+    from tests.enginekit import CuttingProxy
+
+    endpoints, creds = account
+    data = os.urandom(300_000)  # past the inline limit: from the downstream server
+    async with connect(*account) as client:
+        token = await client.vault(KEY).put_bytes(data, meta("flaky.bin"))
+    options = dataclasses.replace(ClientOptions(), retry_base=0.01)
+    with CuttingProxy(eng.ports["downstream"], cuts=options.request_attempts + 2) as proxy:
+        proxied = dataclasses.replace(endpoints, downstream=proxy.url)
+        async with connect(proxied, creds, options) as client:
+            with trio.fail_after(options.fetch_budget):
+                assert await client.vault(KEY).get_bytes(token) == data
+        assert proxy.cut == options.request_attempts + 2

@@ -522,9 +522,12 @@ class DataTokens:
         self, token: str, consume: Callable[[AsyncIterator[bytes]], Awaitable[None]], wire_size: int | None = None
     ) -> None:
         """Retrieve ``token`` and hand its wire bytes to ``consume``; retries from request-data when
-        the download breaks (``consume`` then starts over with a fresh iterator)."""
-        last: Exception | None = None
-        for attempt in range(self.options.request_attempts):
+        the download breaks (``consume`` then starts over with a fresh iterator), at least
+        ``request_attempts`` times and for ``fetch_budget`` seconds: each retry's request-data
+        was answered, so the server is there (one that is not fails the request at once)."""
+        deadline = trio.current_time() + self.options.fetch_budget
+        attempt = 0
+        while True:
             result = await self.request(token)  # retries on its own; its failures are final here
             try:
                 async with self.open_download(result, wire_size) as chunks:
@@ -532,13 +535,11 @@ class DataTokens:
                 return
             except VaultError as exc:
                 # the download broke or its single-use authorization was refused: ask again
-                if not exc.transient:
+                attempt += 1
+                if not exc.transient or attempt >= self.options.request_attempts and trio.current_time() >= deadline:
                     raise
-                last = exc
                 log.info("retrieving %s failed (%s); asking again", token, exc)
-                await trio.sleep(self.transport.backoff(attempt))
-        assert last is not None
-        raise last
+                await trio.sleep(self.transport.backoff(attempt - 1))
 
     # -- listing and meta -------------------------------------------------------------------------
     async def list(

@@ -127,6 +127,10 @@ class ClientOptions:
     ack_timeout: float = 90.0  # writes may be held by voting for up to a minute
     request_timeout: float = 8.0  # waiting for a request-data result before re-issuing it
     request_attempts: int = 4
+    # a retrieval whose download breaks (the server answering its request-data each time) is
+    # asked again for at least this long, not only request_attempts times: on a flaky link a
+    # 4 MiB part's four downloads all broke now and then, and a cp died on EIO (helper hS F4)
+    fetch_budget: float = 30.0
     join_timeout: float = 10.0
     # the event channel is pinged this often once joined, and given up (then opened again) when
     # the pong does not come within ping_timeout: a connection the server or a proxy stopped
