@@ -977,6 +977,7 @@ class Syncer:
                 # and on this one after a restart: the fsynced content was a conflict copy, helper
                 # hS F1); its parts the new manifest does not name are left to the sweep
                 self._removed_at[replaced] = [seen_at, (context, name, extension)]
+                self.stored_manifests.discard(replaced)
                 await self._delete_tombstone(replaced)
             elif replaced is not None and replaced != token and not keep:
                 # before an fsync returns: a crash between the two left both versions at the
