@@ -1008,3 +1008,33 @@ async def test_a_file_removed_here_leaves_its_conflict_copies_under_their_names(
         await converged(tmp_path, account, {f"/{copy}": "file"}, a, b)
         for c in (a, b):
             assert await files_shown(c) == {copy: shown[copy]}
+
+
+@pytest.mark.parametrize("change", ["removed", "replaced by a rename"])
+@pytest.mark.parametrize("listed_first", [True, False])
+async def test_a_conflict_copy_changed_on_one_mount_after_another_saved_the_file_stays_changed(
+    account, tmp_path, change, listed_first
+):
+    # hT T1: B's save of /f.txt names its conflict copy so in the vault (_alone_at); that was
+    # kept for a rename's rescue, and A's removal of the copy (or its editor-style save over
+    # it) within a minute had B store the old copy again: the copy back (5 of 5), an edit a
+    # copy of a copy. T2: A, not having listed since, took its copy's token at the conflict
+    # name A showed it under for another client's rename and kept it.
+    async with two_clients(tmp_path, account) as (a, b):
+        _, copy = await with_a_conflict_copy(a, b)
+        await a.remote.next_second()
+        await b.write_file("/f.txt", b"saved on b", fsync=True)
+        await b.wait_idle()
+        if listed_first:
+            await a.refresher.refresh_once()
+        if change == "removed":
+            await a.unlink(f"/{copy}")
+            expected = {"f.txt": b"saved on b"}
+        else:
+            await a.write_file("/copy.tmp", b"the copy edited on a", fsync=True)
+            await a.rename("/copy.tmp", f"/{copy}")
+            expected = {"f.txt": b"saved on b", copy: b"the copy edited on a"}
+        await a.wait_idle()
+        await converged(tmp_path, account, {f"/{n}": "file" for n in expected}, a, b)
+        for c in (a, b):
+            assert await files_shown(c) == expected

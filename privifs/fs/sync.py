@@ -76,7 +76,7 @@ from privifs.errors import (
     WriteBackFailed,
 )
 from privifs.fs.cache import ContentCache
-from privifs.fs.names import shown_name, token_naming
+from privifs.fs.names import conflict_name, extension_of, shown_name, token_naming
 from privifs.fs.namespace import Namespace, Node, risk_json
 from privifs.fs.parts import PartReader, is_manifest_node
 from privifs.fs.partwrite import PartWriter
@@ -226,6 +226,21 @@ Place = tuple[str | None, str | None, str | None]  # where a token is: (context,
 def same_place(a: Place, b: Place) -> bool:
     """Whether two places name the same entry (no extension and an empty one are the same)."""
     return same_context(a[0], b[0]) and a[1] == b[1] and (a[2] or "") == (b[2] or "")
+
+
+def names_its_conflict_copy(node: Node, token: str, place: Place) -> bool:
+    """Whether writing ``place`` back only names ``node``'s token in the vault as the conflict
+    copy every mount shows it as (the conflict name of the name it claimed, in the same
+    directory: :meth:`Syncer._alone_at`, :meth:`Syncer.holder_removed`), not a rename other
+    mounts have not seen. Kept for a rescue like a rename, it was stored again when another
+    mount removed or replaced the copy within a minute (helper hT T1: a removed copy back, 5 of
+    5; an edit of it a copy of a copy)."""
+    context, name, extension = place
+    return (
+        node.remote_name is not None
+        and same_context(node.remote_context, context)
+        and shown_name(name, extension) == conflict_name(shown_name(node.remote_name, node.remote_extension), token)
+    )
 
 
 def remote_place(node: Node) -> Place:
@@ -431,9 +446,15 @@ class Syncer:
 
     def _places(self, node: Node) -> list[Place]:
         """Where ``node``'s token may be in the vault as this mount knows it: where it last saw
-        it, and where the node is here now (a rename of its own, not acknowledged yet)."""
+        it, where the node is here now (a rename of its own, not acknowledged yet), and for a
+        conflict copy the conflict name it shows under, which another mount's save or removal
+        of the file it is a copy of names it (:meth:`_alone_at`): taken for another client's
+        rename, a removal or a rename over the copy here was undone (helper hT T2)."""
         context, name, extension, _ = self._target(node)
-        return [remote_place(node), (context, name, extension)]
+        places = [remote_place(node), (context, name, extension)]
+        if node.shown_as is not None and node.remote_context is not None:
+            places.append((node.remote_context, node.shown_as, extension_of(node.shown_as)))
+        return places
 
     def _awaiting_renames(self) -> set[str]:
         """Tokens renames here replaced whose rename is not written back yet (see
@@ -1440,7 +1461,12 @@ class Syncer:
             if not same_place(remote_place(node), (context, name, extension)):
                 await self._alone_at(node)
                 before = remote_place(node)
-                if node.is_file and (node.remote_name != name or (node.remote_extension or "") != extension):
+                naming_a_copy = names_its_conflict_copy(node, token, (context, name, extension))
+                if (
+                    node.is_file
+                    and not naming_a_copy
+                    and (node.remote_name != name or (node.remote_extension or "") != extension)
+                ):
                     await self._keep_a_copy(node, token)
                 self._asked[token] = (context, name, extension)
                 # only the fields this mount changed: another client's rename of the file or move
@@ -1456,7 +1482,7 @@ class Syncer:
                 if node.token != token:
                     return
                 self.ns.set_remote_name(node, context, name, extension)
-                if node.is_file:
+                if node.is_file and not naming_a_copy:  # (every mount shows a copy so: no rename to rescue)
                     self.renamed[token] = (trio.current_time(), *before)
                     # a listing that shows it renamed tells a delete made after it from one that
                     # raced it (rescue_renamed): soon, so a file another client removes on
