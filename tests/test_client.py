@@ -5,6 +5,7 @@ knows nothing but the key file and the wire format."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import uuid
 from functools import partial
@@ -1103,3 +1104,21 @@ async def test_a_download_that_keeps_breaking_is_asked_for_again_while_the_serve
             with trio.fail_after(options.fetch_budget):
                 assert await client.vault(KEY).get_bytes(token) == data
         assert proxy.cut == options.request_attempts + 2
+
+
+async def test_a_download_server_that_refuses_connections_fails_a_read_without_waiting_the_budget(eng, account):
+    """The fetch budget is for downloads that break once the download server answered: one that
+    refuses connections had each read of an uncached file wait the whole budget before EIO
+    (helper hU: about 64 s a read). It fails after ``request_attempts`` asks, as before."""
+    import dataclasses
+
+    endpoints, creds = account
+    async with connect(*account) as client:
+        token = await client.vault(KEY).put_bytes(os.urandom(300_000), meta("refused.bin"))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        refusing = dataclasses.replace(endpoints, downstream=f"http://127.0.0.1:{closed.getsockname()[1]}")
+        options = dataclasses.replace(ClientOptions(), retry_base=0.01, fetch_budget=600)
+        async with connect(refusing, creds, options) as client:
+            with trio.fail_after(60), pytest.raises(ServerUnreachable):
+                await client.vault(KEY).get_bytes(token)

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from privifs.client.datatokens import DataTokens
-from privifs.errors import ServerError
+from privifs.errors import PrivifsError, ServerError
 
 
 async def wait_for(predicate, timeout: float = 20) -> None:
@@ -344,3 +344,46 @@ async def test_a_directory_whose_marker_was_made_though_its_store_failed_leaves_
             assert await kit.vault_tree() == {"d": "dir"}
             async with kit.fresh() as other:
                 assert await other.tree() == {"d": "dir"}
+
+
+async def test_a_token_the_write_back_is_deleting_is_not_adopted_as_an_interrupted_upload(
+    module_account, eng, tmp_path
+):
+    """A store that failed after configure-file-meta made its token is settled by the next
+    upload's start (the token asked for again and tombstoned); the listing meanwhile took the
+    same token for an interrupted upload and recorded it as the file's (helper hU N1: 6 ms
+    apart). The file's token was then being deleted, and the upload in flight made one no one
+    settled, which held the name over the next fsynced save on every mount."""
+    from privifs.client.datatokens import find
+    from tests.enginekit import proxied_api
+    from tests.fskit import inprocess_fs
+
+    endpoints, creds = module_account
+    failing = {"lookups": 0}
+
+    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
+        if failing["lookups"] > 0 and "filters%5Btoken%5D=dtk" in path:
+            failing["lookups"] -= 1
+            return 503, b'{"status": 503, "message": "injected"}'
+        return status, body
+
+    async with proxied_api(endpoints, mangle) as proxied:
+        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
+            options = kit.client.tokens.options
+            options.retry_attempts = options.store_attempts = 1  # (one look per store)
+            resume = kit.hold_write_back()
+            await kit.write_file("f.txt", b"the content")
+            node = kit.node("/f.txt")
+            failing["lookups"] = 1  # the store's confirming look
+            with pytest.raises(PrivifsError):
+                await kit.syncer._upload(node)
+            tmp, meta = kit.syncer._unconfigured.pop(node.ino)
+            await kit.syncer._drop_unconfigured(node, tmp, meta)  # what the next upload does first
+            (info,) = [i async for i in kit.client.tokens.list() if i.file_name == "f.txt"]
+            assert info.token in set(kit.syncer.index.tombstones())
+            assert not await kit.syncer.adopt_orphan(node, info)
+            resume()
+            await kit.settle(timeout=30)
+            assert await find(kit.client.tokens, info.token) is None
+            async with kit.fresh() as other:
+                assert await other.tree() == {"f.txt": b"the content"}

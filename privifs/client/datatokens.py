@@ -523,20 +523,29 @@ class DataTokens:
     ) -> None:
         """Retrieve ``token`` and hand its wire bytes to ``consume``; retries from request-data when
         the download breaks (``consume`` then starts over with a fresh iterator), at least
-        ``request_attempts`` times and for ``fetch_budget`` seconds: each retry's request-data
-        was answered, so the server is there (one that is not fails the request at once)."""
+        ``request_attempts`` times and, while the download server answers, for ``fetch_budget``
+        seconds: each retry's request-data was answered too, so the server is there (one that
+        is not fails the request at once)."""
         deadline = trio.current_time() + self.options.fetch_budget
         attempt = 0
         while True:
             result = await self.request(token)  # retries on its own; its failures are final here
+            answered = False
             try:
                 async with self.open_download(result, wire_size) as chunks:
+                    answered = True
                     await consume(chunks)
                 return
             except VaultError as exc:
-                # the download broke or its single-use authorization was refused: ask again
+                # the download broke or its single-use authorization was refused: ask again;
+                # for the budget only once the download server answered (one refusing
+                # connections failed each read after the whole budget: helper hU N2)
                 attempt += 1
-                if not exc.transient or attempt >= self.options.request_attempts and trio.current_time() >= deadline:
+                if (
+                    not exc.transient
+                    or attempt >= self.options.request_attempts
+                    and (not answered or trio.current_time() >= deadline)
+                ):
                     raise
                 log.info("retrieving %s failed (%s); asking again", token, exc)
                 await trio.sleep(self.transport.backoff(attempt - 1))

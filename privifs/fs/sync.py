@@ -2015,7 +2015,11 @@ class Syncer:
         if staged is None or info.size not in (None, staged.size):
             return False
         same, manifest_risk = await self._holds(staged.sealed, info)
-        if not same or node.staged is not staged:
+        if not same or node.staged is not staged or node.uploading or info.token in set(self.index.tombstones()):
+            # (an upload started meanwhile settles that store itself: its start tombstoned the
+            # token, which adopted anyway was the file's token while being deleted, and the
+            # upload in flight made one no one settled, older than the next save: it held the
+            # plain name on every mount, helper hU N1)
             return False
         log.info(
             "%s: found the upload an interrupted store made (%s: a stop, or an answer lost); recording it",
