@@ -7,6 +7,7 @@ with its fault injection (tests/fskit.py)."""
 from __future__ import annotations
 
 import os
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -313,17 +314,15 @@ async def test_a_save_whose_look_at_the_old_version_failed_deletes_it_once_the_l
                 assert await other.tree() == {"f.txt": b"the save"}
 
 
-async def test_a_directory_whose_marker_was_made_though_its_store_failed_leaves_no_empty_file(
-    module_account, eng, tmp_path
-):
-    """A directory's marker whose store failed after configure-file-meta had made it (the look
-    that confirms the token failed) was made again by the retry, and the first one stayed: an
-    empty file ``d.conflict-…`` on every mount (helper hS F3). It is settled as a file's upload
-    is: asked for again and deleted before the retry."""
+@asynccontextmanager
+async def failing_looks(account, tmp_path):
+    """An in-process mount on an emptied vault whose stores make one confirming look each (no
+    retries), behind a proxy answering 503 to the next ``failing["lookups"]`` looks of a token
+    by id (``filters[token]``); yields the mount and ``failing``."""
     from tests.enginekit import proxied_api
     from tests.fskit import inprocess_fs
 
-    endpoints, creds = module_account
+    endpoints, creds = account
     failing = {"lookups": 0}
 
     def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
@@ -335,15 +334,26 @@ async def test_a_directory_whose_marker_was_made_though_its_store_failed_leaves_
     async with proxied_api(endpoints, mangle) as proxied:
         async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
             options = kit.client.tokens.options
-            options.retry_attempts = options.store_attempts = 1  # (one look per store)
-            failing["lookups"] = 1  # the first store's look
-            await kit.mkdir("d")
-            await kit.settle(timeout=30)
-            assert failing["lookups"] == 0
-            await kit.refresh()
-            assert await kit.vault_tree() == {"d": "dir"}
-            async with kit.fresh() as other:
-                assert await other.tree() == {"d": "dir"}
+            options.retry_attempts = options.store_attempts = 1
+            yield kit, failing
+
+
+async def test_a_directory_whose_marker_was_made_though_its_store_failed_leaves_no_empty_file(
+    module_account, eng, tmp_path
+):
+    """A directory's marker whose store failed after configure-file-meta had made it (the look
+    that confirms the token failed) was made again by the retry, and the first one stayed: an
+    empty file ``d.conflict-…`` on every mount (helper hS F3). It is settled as a file's upload
+    is: asked for again and deleted before the retry."""
+    async with failing_looks(module_account, tmp_path) as (kit, failing):
+        failing["lookups"] = 1  # the first store's look
+        await kit.mkdir("d")
+        await kit.settle(timeout=30)
+        assert failing["lookups"] == 0
+        await kit.refresh()
+        assert await kit.vault_tree() == {"d": "dir"}
+        async with kit.fresh() as other:
+            assert await other.tree() == {"d": "dir"}
 
 
 async def test_a_token_the_write_back_is_deleting_is_not_adopted_as_an_interrupted_upload(
@@ -355,35 +365,21 @@ async def test_a_token_the_write_back_is_deleting_is_not_adopted_as_an_interrupt
     apart). The file's token was then being deleted, and the upload in flight made one no one
     settled, which held the name over the next fsynced save on every mount."""
     from privifs.client.datatokens import find
-    from tests.enginekit import proxied_api
-    from tests.fskit import inprocess_fs
 
-    endpoints, creds = module_account
-    failing = {"lookups": 0}
-
-    def mangle(path: str, status: int, body: bytes) -> tuple[int, bytes]:
-        if failing["lookups"] > 0 and "filters%5Btoken%5D=dtk" in path:
-            failing["lookups"] -= 1
-            return 503, b'{"status": 503, "message": "injected"}'
-        return status, body
-
-    async with proxied_api(endpoints, mangle) as proxied:
-        async with inprocess_fs(tmp_path, proxied, creds, empty_vault=True) as kit:
-            options = kit.client.tokens.options
-            options.retry_attempts = options.store_attempts = 1  # (one look per store)
-            resume = kit.hold_write_back()
-            await kit.write_file("f.txt", b"the content")
-            node = kit.node("/f.txt")
-            failing["lookups"] = 1  # the store's confirming look
-            with pytest.raises(PrivifsError):
-                await kit.syncer._upload(node)
-            tmp, meta = kit.syncer._unconfigured.pop(node.ino)
-            await kit.syncer._drop_unconfigured(node, tmp, meta)  # what the next upload does first
-            (info,) = [i async for i in kit.client.tokens.list() if i.file_name == "f.txt"]
-            assert info.token in set(kit.syncer.index.tombstones())
-            assert not await kit.syncer.adopt_orphan(node, info)
-            resume()
-            await kit.settle(timeout=30)
-            assert await find(kit.client.tokens, info.token) is None
-            async with kit.fresh() as other:
-                assert await other.tree() == {"f.txt": b"the content"}
+    async with failing_looks(module_account, tmp_path) as (kit, failing):
+        resume = kit.hold_write_back()
+        await kit.write_file("f.txt", b"the content")
+        node = kit.node("/f.txt")
+        failing["lookups"] = 1  # the store's confirming look
+        with pytest.raises(PrivifsError):
+            await kit.syncer._upload(node)
+        tmp, meta = kit.syncer._unconfigured.pop(node.ino)
+        await kit.syncer._drop_unconfigured(node, tmp, meta)  # what the next upload does first
+        (info,) = [i async for i in kit.client.tokens.list() if i.file_name == "f.txt"]
+        assert info.token in set(kit.syncer.index.tombstones())
+        assert not await kit.syncer.adopt_orphan(node, info)
+        resume()
+        await kit.settle(timeout=30)
+        assert await find(kit.client.tokens, info.token) is None
+        async with kit.fresh() as other:
+            assert await other.tree() == {"f.txt": b"the content"}
