@@ -452,8 +452,8 @@ class Syncer:
         rename, a removal or a rename over the copy here was undone (helper hT T2)."""
         context, name, extension, _ = self._target(node)
         places = [remote_place(node), (context, name, extension)]
-        if node.shown_as is not None and node.remote_context is not None:
-            places.append((node.remote_context, node.shown_as, extension_of(node.shown_as)))
+        if shown_aside(node):
+            places.append((node.remote_context, node.name, extension_of(node.name)))
         return places
 
     def _awaiting_renames(self) -> set[str]:
@@ -921,9 +921,7 @@ class Syncer:
         try:
             with self._claiming(context, name):
                 meta = FileMeta(name, extension, context, size, path)
-                earlier = self._unconfigured.pop(node.ino, None)
-                if earlier is not None:
-                    await self._drop_unconfigured(node, *earlier)
+                await self._settle_last_store(node)
                 stale: list[str] = []
                 manifest_risk = content_risk = None
                 if size > PARTS_THRESHOLD:
@@ -956,8 +954,7 @@ class Syncer:
                 )
         except PrivifsError as exc:
             failed = True
-            if getattr(exc, "unconfigured", None) is not None:
-                self._unconfigured[node.ino] = (exc.unconfigured, FileMeta(name, extension, context, size, path))
+            self._remember_unsettled(node, exc, FileMeta(name, extension, context, size, path))
             if getattr(exc, "made", None) is not None:
                 # a manifest made but not marked: deleted, or it stays at the file's place and,
                 # older than the retry's, takes the plain name there on every mount
@@ -1020,6 +1017,19 @@ class Syncer:
         except PrivifsError as exc:
             log.info("%s: the parts of the manifest it replaced are left to the sweep (%s)", path, exc)
             return []
+
+    async def _settle_last_store(self, node: Node) -> None:
+        """Before a store of ``node`` (content or marker): the token its last failed store may
+        have made all the same is asked for and deleted (:meth:`_drop_unconfigured`)."""
+        earlier = self._unconfigured.pop(node.ino, None)
+        if earlier is not None:
+            await self._drop_unconfigured(node, *earlier)
+
+    def _remember_unsettled(self, node: Node, exc: PrivifsError, meta: FileMeta) -> None:
+        """A store of ``node`` under ``meta`` failed at configure-file-meta, after the server may
+        have made its token: settled by the next store's start or the node's removal."""
+        if getattr(exc, "unconfigured", None) is not None:
+            self._unconfigured[node.ino] = (exc.unconfigured, meta)
 
     async def _drop_unconfigured(self, node: Node, tmp: object, meta: FileMeta) -> None:
         """The node's last upload failed at configure-file-meta, after its data was sent, and the
@@ -1392,17 +1402,13 @@ class Syncer:
         self.index.save(node)
         meta = FileMeta(name, extension, context, 0, path)
         with self._claiming(context, name):
-            # a marker whose store failed at configure-file-meta may have been made all the same:
             # settled as a file's upload is (helper hS F3: the retry's marker was made, the first
             # one adopted, and the other showed as an empty file on every mount)
-            earlier = self._unconfigured.pop(node.ino, None)
-            if earlier is not None:
-                await self._drop_unconfigured(node, *earlier)
+            await self._settle_last_store(node)
             try:
                 token = await self.vault.put_bytes(b"", meta)
             except PrivifsError as exc:
-                if getattr(exc, "unconfigured", None) is not None:
-                    self._unconfigured[node.ino] = (exc.unconfigured, meta)
+                self._remember_unsettled(node, exc, meta)
                 raise
             with self.index.kept():
                 if node.unlinked:
@@ -2015,7 +2021,7 @@ class Syncer:
         if staged is None or info.size not in (None, staged.size):
             return False
         same, manifest_risk = await self._holds(staged.sealed, info)
-        if not same or node.staged is not staged or node.uploading or info.token in set(self.index.tombstones()):
+        if not same or node.staged is not staged or node.uploading or info.token in self.index.tombstones():
             # (an upload started meanwhile settles that store itself: its start tombstoned the
             # token, which adopted anyway was the file's token while being deleted, and the
             # upload in flight made one no one settled, older than the next save: it held the
