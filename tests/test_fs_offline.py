@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 
@@ -560,4 +561,36 @@ def test_reads_of_uncached_files_while_the_server_refuses_fail_with_eio_and_work
             except OSError:
                 assert time.monotonic() < deadline, "the read still fails a minute after the server came back"
                 time.sleep(1)
+        m.umount()
+
+
+@pytest.mark.slow
+def test_an_fsync_in_the_mounts_first_seconds_waits_through_a_server_restart(tmp_path):
+    """The listing made while mounting counts as the server's answer: an fsync right after the
+    mount waits while the server restarts, as one later does (helper hW: EIO after 4-6 s, 7 of 7,
+    until the first upload or periodic listing had answered)."""
+    with own_engine_mount(tmp_path, ("--refresh-interval", "3600")) as (eng, m):
+        m.mount()
+        fd = os.open(m.dir / "db", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"page" * 1000)
+            eng.stop()
+            outcome: list[str] = []
+
+            def fsync() -> None:
+                try:
+                    os.fsync(fd)
+                    outcome.append("ok")
+                except OSError as exc:
+                    outcome.append(os.strerror(exc.errno))
+
+            t = threading.Thread(target=fsync)
+            t.start()
+            t.join(7)  # longer than the client's own retries
+            assert outcome == []  # still waiting, not failed
+            eng.start()
+            t.join(60)
+            assert outcome == ["ok"]
+        finally:
+            os.close(fd)
         m.umount()

@@ -350,6 +350,9 @@ class Connector:
         remember_vault_checked(self.state_dir, self.account.key, keycheck)
         self.syncer.unreachable_since = None
         self.syncer.retry_all_now()
+        # the listing was an answer: an fsync in the mount's first seconds waits through a restart
+        # of the server as a later one does (it failed with EIO after the client's own retries)
+        self.syncer.answered()
 
     async def _same_vault(self, tokens: DataTokens, infos: list[TokenInfo] | None = None) -> None:
         """VaultChanged unless the vault this machine checked (its key-check token, recorded by
