@@ -66,12 +66,14 @@ def check_config_path(path: Path) -> Path:
 
 
 def check_not_shared(path: Path) -> None:
-    """Refuse a configuration ``path`` that every local user may replace: the file, or its
-    directory (where the key and password files live), writable by all users (a directory with
-    the sticky bit, like /tmp, is not: others cannot replace what is in it). Such a user could
-    point the configuration at a server and a key of their own and read what is stored next;
-    ssh refuses its files in that case too."""
-    for p in (path.parent, path):
+    """Refuse a configuration ``path`` that another local user may replace: the file, its
+    directory (where the key and password files live) or any directory above them writable by
+    all users (a directory with the sticky bit, like /tmp, is not: others cannot replace what is
+    in it), or the file or its directory owned by another user than the caller and root. Such a
+    user could point the configuration at a server and a key of their own and read what is
+    stored next; ssh refuses its files in those cases too."""
+    path = path.absolute()
+    for p in (path, *path.parents):
         try:
             st = os.stat(p)
         except OSError:
@@ -80,6 +82,12 @@ def check_not_shared(path: Path) -> None:
             raise ConfigError(
                 f"{p} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): another user could "
                 f"replace the configuration or the keys beside it; run 'chmod o-w {p}'"
+            )
+        if p in (path, path.parent) and st.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(
+                f"{p} belongs to another user (uid {st.st_uid}): that user could replace the "
+                f"configuration or the keys beside it; use a configuration of your own, or make it "
+                f"yours ('chown -R {os.geteuid()} {path.parent}')"
             )
 
 

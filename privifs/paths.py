@@ -67,8 +67,18 @@ def embedded_engine_dir() -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 and return it."""
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Create ``path`` with mode 0700 and return it; missing parents are made 0700 as well (as
+    the XDG base directory spec asks: made with the umask's mode, ``~/.config`` and
+    ``~/.local/state`` were 0777 under umask 000, where another user could put a configuration
+    of their own in place of this one)."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+    except FileNotFoundError:
+        private_dir(path.parent)
+        path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 

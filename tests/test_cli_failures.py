@@ -415,3 +415,85 @@ def unreachable_server_config(tmp_path: Path) -> Path:
         f'password_file = "{password}"\n[keys]\naes_key_file = "{key}"\n'
     )
     return cfg
+
+
+def test_a_configuration_another_user_owns_or_under_a_directory_all_may_write_is_refused(
+    tmp_path, capsys, state, monkeypatch
+):
+    """Only the mode of the configuration and of its directory was looked at (helper hW): a
+    configuration directory another user owns, or one under a directory every user may write
+    (where that user can put a directory of their own in its place), was used without a word."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_RUNTIME_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    shared = tmp_path / "shared"
+    cfg_dir = shared / "privifs"
+    cfg_dir.mkdir(parents=True, mode=0o700)
+    cfg = cfg_dir / "config.toml"
+    cfg.write_text('[server]\nembedded = false\napi = "http://127.0.0.1:9"\n')
+    cfg.chmod(0o600)
+
+    def refusal() -> str:
+        code = main(["--config", str(cfg), "token", "ls"])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        return err if code == 3 else ""
+
+    assert "belongs to another user" not in refusal() and "writable by every user" not in refusal()
+    shared.chmod(0o777)
+    assert f"{shared} is writable by every user" in refusal()
+    shared.chmod(0o1777)  # sticky, like /tmp: others cannot replace what is in it
+    assert "writable by every user" not in refusal()
+    shared.chmod(0o755)
+    for target in (cfg_dir, cfg):
+        os.chown(target, 65534, 65534)
+        assert f"{target} belongs to another user (uid 65534)" in refusal()
+        os.chown(target, 0, 0)
+
+
+def test_directories_privifs_makes_are_private_whatever_the_umask(tmp_path):
+    """Under umask 000, ``~/.config`` and ``~/.local/state/privifs`` were made 0777 on the way
+    to the 0700 directory asked for (helper hW)."""
+    from privifs.paths import private_dir
+
+    old = os.umask(0)
+    try:
+        leaf = private_dir(tmp_path / "home" / ".config" / "privifs")
+        assert private_dir(leaf) == leaf  # there already: fine
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "home", tmp_path / "home" / ".config", leaf):
+        assert (d.stat().st_mode & 0o777) == 0o700, d
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError):
+        private_dir(tmp_path / "file")
+
+
+def test_two_first_inits_at_once_make_one_vault(tmp_path):
+    """Two set-ups at once on a new home (two first mounts at a first boot, an init beside a
+    mount) each found no profile in the embedded engine and registered their own: both drives
+    mounted, on two vaults, and the configuration named one (helper hW: 4 of 30 rounds). One
+    set-up at a time: the second finds the configuration the first made."""
+    import subprocess
+    import sys
+
+    from privifs.account import embedded_profiles
+    from tests.mountkit import isolated_env
+
+    env = isolated_env(tmp_path)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "privifs", "init"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 3], results
+    assert any("already exists" in err for code, err in results if code == 3), results
+    assert len(embedded_profiles(tmp_path / "data" / "privifs" / "engine")) == 1

@@ -188,9 +188,12 @@ def _ensure_config(args: argparse.Namespace) -> Path:
         )
     from privifs.cli import init_cmd
 
-    print("no configuration yet: setting up the embedded engine's vault", file=sys.stderr)
-    init_args = argparse.Namespace(config=cfg_path, register=False, password_file=None, key_file=None, force=False)
-    init_cmd.run(init_args)
+    with init_cmd.setup_lock(cfg_path):
+        if cfg_path.exists():  # another first mount (or an init) made it meanwhile: that vault
+            return cfg_path
+        print("no configuration yet: setting up the embedded engine's vault", file=sys.stderr)
+        init_args = argparse.Namespace(config=cfg_path, register=False, password_file=None, key_file=None, force=False)
+        init_cmd.set_up(init_args)
     return cfg_path
 
 

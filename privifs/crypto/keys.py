@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from privifs.errors import KeyFileError
-from privifs.paths import read_small
+from privifs.paths import private_dir, read_small
 
 AES_KEY_SIZE = 32
 SIGNED_KEY_TAG = bytes([0x31, 0x42, 0x05, 0x00])
@@ -24,7 +24,7 @@ SIGNED_KEY_HEX_LEN = 200
 
 def write_secret_file(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 atomically (fails if it already exists)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

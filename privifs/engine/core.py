@@ -20,6 +20,7 @@ from pathlib import Path
 import trio
 from starlette.requests import Request
 
+from privifs import paths
 from privifs.crypto.keys import generate_identity, identity_public_key, write_secret_file
 from privifs.engine.blobs import BlobStore
 from privifs.engine.commands import CommandRunner
@@ -76,7 +77,7 @@ class EngineBusy(Exception):
 class Engine:
     def __init__(self, data_dir: Path, opts: EngineOptions):
         self.data_dir = data_dir
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.private_dir(data_dir)
         self._lock = open(data_dir / "lock", "a+")
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

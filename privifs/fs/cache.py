@@ -62,6 +62,7 @@ from typing import Protocol
 import diskcache
 import trio
 
+from privifs import paths
 from privifs.client.datatokens import DOWNLOAD_PROGRESS
 from privifs.client.sinks import BlockWriter
 from privifs.client.vault import Vault
@@ -301,7 +302,7 @@ def drop_entries_for_room(entries: Path, room: int = OPEN_ROOM) -> bool:
 class ContentCache:
     def __init__(self, directory: Path, size_limit: int, key: bytes):
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.private_dir(self.dir)
         self.incoming = directory / "incoming"
         for leftover in self.incoming.glob("*") if self.incoming.exists() else ():
             # (a download's file; anything else, such as a directory, is not ours either: the
@@ -372,7 +373,7 @@ class ContentCache:
         elif time.monotonic() - self._down < REOPEN_EVERY:
             return False
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            paths.private_dir(self.dir)
             self.incoming.mkdir(exist_ok=True, mode=0o700)
             self._open()
         except (OSError, *TABLE_ERRORS) as exc:
