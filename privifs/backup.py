@@ -16,7 +16,9 @@ The file is a tar archive, mode 0600:
 * ``digests.bin`` (after the blobs): AES-GCM under the same key (its own nonce, in the header;
   the clear header is its associated data) of the SHA-256 of each blob file, taken as it was
   copied, so a restore finds a damaged blob instead of restoring it silently (a backup
-  without it, made before, is restored unchecked). A blob whose tar header is damaged is
+  without it, made before, is restored unchecked; one whose header names the digests' nonce
+  and that lacks them was cut short and is refused; damaged ones are restored with exit 6, as
+  a damaged blob). A blob whose tar header is damaged is
   skipped (reading goes on to the next good header) and, in a backup whose digests are there
   (it reached its end), reported like a damaged one; without them the backup may be cut short
   and is refused.
@@ -123,6 +125,7 @@ class Summary:
     damaged: list[str] = field(default_factory=list)  # restore: data files that do not match their digest
     lost: list[str] = field(default_factory=list)  # restore: data files a damaged header lost (not restored)
     unchecked: bool = False  # restore: the data files could not be checked (no digests, or they are damaged)
+    digests_damaged: bool = False  # restore: the backup's digests are there and damaged
 
 
 def _tar_bytes(members: dict[str, bytes]) -> bytes:
@@ -454,7 +457,7 @@ def _restore(
         blobs = doc.get("blobs", {})
         damaged: list[str] = []
         lost: list[str] = []
-        unchecked = False
+        unchecked = digests_damaged = False
         if embedded:
             db = engine_dir / "engine.sqlite3"
             # a restore of this backup killed after it put the engine's database in place (before
@@ -477,11 +480,19 @@ def _restore(
                             f"the backup lacks {len(missing)} of its {len(blobs)} data files "
                             f"(e.g. {missing[0]}); it is damaged"
                         )
+                    if sealed_digests is None and "digests_nonce" in opened.header.get("cipher", {}):
+                        # its header says it has them: a copy stopped after its last data file
+                        # (within its last few hundred bytes) was restored as a whole one
+                        raise BackupError(
+                            "the backup ends before its digests of the data files (the last thing "
+                            "it holds): it was cut short; it is damaged"
+                        )
                     # a damaged data file is restored all the same (it reads as EIO, as in the vault,
                     # and the rest of the vault is worth having); the restore says which. So is the
                     # rest of a backup that reached its end (its digests) but lost a data file to a
                     # damaged header: that file reads as EIO too
                     unchecked = stated is None
+                    digests_damaged = sealed_digests is not None and stated is None
                     if stated is not None:
                         damaged = sorted(arc for arc, sha in seen.items() if stated.get(arc) != sha)
                         lost = missing
@@ -515,7 +526,14 @@ def _restore(
     save(cfg)
     load(cfg_path)
     return Summary(
-        cfg.username, embedded, len(blobs), sum(blobs.values()), damaged=damaged, lost=lost, unchecked=unchecked
+        cfg.username,
+        embedded,
+        len(blobs),
+        sum(blobs.values()),
+        damaged=damaged,
+        lost=lost,
+        unchecked=unchecked,
+        digests_damaged=digests_damaged,
     )
 
 

@@ -521,7 +521,37 @@ def test_a_restore_of_a_truncated_backup_fails_and_leaves_nothing_behind(vault, 
     r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(cut), check=False)
     assert r.returncode == 3 and f"{cut} is cut short" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
+    # cut after the last data file, within the digests' tar header: restored with exit 0 and a
+    # warning that nothing could be checked (helper hW), though the header says it has digests
+    with tarfile.open(backup) as tar:
+        digests = tar.getmember("digests.bin")
+    with open(backup, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(digests.offset + 100))
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(cut), check=False)
+    assert r.returncode == 3 and "cut short" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "fresh" / "config").exists() and not (tmp_path / "fresh" / "data").exists()
     r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(backup))
+    with fresh.mounted():
+        assert_every_file(fresh)
+
+
+def test_restore_of_a_backup_whose_digests_are_damaged_says_nothing_could_be_checked(vault, tmp_path):
+    """One byte changed in the backup's digests (and one in a data file) was restored with exit
+    0 and a warning (helper hW): damage that the restore cannot rule out is exit 6, as for a
+    damaged data file it finds; the vault is restored all the same."""
+    import tarfile
+
+    _, backup = vault
+    damaged = tmp_path / "damaged-digests.backup"
+    shutil.copy(backup, damaged)
+    with tarfile.open(damaged) as tar:
+        digests = tar.getmember("digests.bin")
+    flip_byte(damaged, digests.offset_data + digests.size // 2, 0xFF)
+    fresh = Mount(tmp_path / "fresh", None)
+    r = privifs(dict(fresh.env, PRIVIFS_BACKUP_PASSPHRASE=PASS), "restore", str(damaged), check=False)
+    assert r.returncode == 6, (r.stdout, r.stderr)
+    assert "restored the vault" in r.stdout and "Traceback" not in r.stderr
+    assert "digests" in r.stderr and "damaged" in r.stderr and "verify --data" in r.stderr
     with fresh.mounted():
         assert_every_file(fresh)
 

@@ -148,6 +148,14 @@ def run_restore(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 6
+    if summary.digests_damaged and summary.embedded and summary.blobs:
+        print(
+            "privifs: error: the backup's digests of its data files are damaged, so they could not "
+            "be checked: the vault is restored, and a damaged data file among them would fail to read "
+            "(EIO). 'privifs verify --data' checks the restored vault and names such files.",
+            file=sys.stderr,
+        )
+        return 6
     if summary.unchecked and summary.embedded and summary.blobs:
         print(
             "privifs: warning: the backup's data files could not be checked (it holds no digests of "
