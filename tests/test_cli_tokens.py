@@ -207,6 +207,12 @@ def test_get_never_overwrites_privifs_own_secrets_and_keeps_a_replaced_files_mod
         assert r.returncode == 4 and "never overwrites" in r.stderr and r.stderr.count("\n") == 1, r.stderr
         assert (cfg_dir / name).read_bytes() == before
         assert stat.S_IMODE((cfg_dir / name).stat().st_mode) == 0o600
+    # a secret this account has not made (OAuth tokens) is not written either: the file, 0644
+    # beside the configuration, was then taken for that secret (helper hW)
+    assert not (cfg_dir / "oauth.json").exists()
+    r = run(user, "token", "get", token, str(cfg_dir / "oauth.json"), check=False)
+    assert r.returncode == 4 and "never overwrites" in r.stderr, r.stderr
+    assert not (cfg_dir / "oauth.json").exists()
     assert run(user, "token", "ls").returncode == 0  # the account still works
     private = tmp_path / "private.txt"
     private.write_bytes(b"old")

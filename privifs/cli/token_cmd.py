@@ -392,15 +392,19 @@ def own_file(out: Path, cfg) -> str | None:
     for attr, name in SECRET_NAMES.items():
         named.append((getattr(cfg, attr, None), f"privifs' {name} secret"))
         named.append((cfg.path.parent / name, f"privifs' {name} secret"))
+    where = Path(os.path.realpath(out.parent)) / out.name
     for path, what in named:
         if path is None:
             continue
+        # by place as well: a secret this account has not made yet (an identity key, OAuth
+        # tokens) was written there, mode 0644, and a later init took it for that secret
+        if where == Path(os.path.realpath(path.parent)) / path.name:
+            return what
         try:
             if os.path.samefile(out, path):
                 return what
         except OSError:  # one of them does not exist: nothing to overwrite
             continue
-    where = Path(os.path.realpath(out.parent)) / out.name
     for base, what in (
         (paths.embedded_engine_dir(), "in the embedded engine's data"),
         (paths.state_dir(), "in privifs' state (the index and staged changes)"),
