@@ -171,6 +171,23 @@ def test_read_only_mount_refuses_changes(engine, tmp_path):
             assert info.value.errno == errno.EROFS
 
 
+def test_a_mountpoint_that_is_not_empty_is_refused_unless_nonempty_is_given(engine, tmp_path):
+    """Mounted over, a directory's files were hidden without a word until the unmount (helper
+    hW: a drive mounted at ~/photos by mistake looks as if the photos were gone)."""
+    m = Mount(tmp_path, engine.urls)
+    try:
+        (m.dir / "photo.jpg").write_bytes(b"jpeg")
+        r = m.mount(check=False)
+        assert r.returncode == 4 and "is not empty" in r.stderr and "--nonempty" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and not is_mounted(m.dir)
+        m.mount("--nonempty")
+        assert not (m.dir / "photo.jpg").exists()
+        m.umount()
+        assert (m.dir / "photo.jpg").read_bytes() == b"jpeg"
+    finally:
+        m.cleanup()
+
+
 def test_cache_limit_evicts_least_recently_used_and_rereads_from_the_vault(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--cache-size", "1M")).mounted() as m:
         datas = {f"f{i}": os.urandom(400_000) for i in range(6)}

@@ -84,6 +84,11 @@ def register(sub) -> None:
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
     p.add_argument("--noexec", action="store_true", help="no program on the mount can be executed")
     p.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount over a directory that is not empty (what is in it is hidden until the unmount)",
+    )
+    p.add_argument(
         "--xattrs",
         action="store_true",
         help="store extended attributes (user.*, trusted.*, security.*), encrypted; off by default, as "
@@ -225,8 +230,9 @@ def _mount_config(args: argparse.Namespace):
     )
 
 
-def _check_mountpoint(mountpoint: Path) -> None:
-    """A usable, unmounted directory; a mount left dead by a killed daemon is cleaned up first."""
+def _check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
+    """A usable, unmounted directory, empty unless ``nonempty``; a mount left dead by a killed
+    daemon is cleaned up first."""
     real = mount_path(mountpoint)
     if not is_utf8(real):  # the mountpoint is recorded in text files (the vault's marker, the mount registry)
         raise ConfigError(
@@ -248,11 +254,26 @@ def _check_mountpoint(mountpoint: Path) -> None:
         )
     if not mountpoint.is_dir():
         raise LocalFileError(f"mountpoint {mountpoint} does not exist or is not a directory")
+    if not nonempty and _holds_entries(mountpoint):
+        # mounted over, its files were hidden without a word until the unmount (helper hW: a
+        # mount at ~/photos by mistake looks like the photos are gone)
+        raise LocalFileError(
+            f"mountpoint {mountpoint} is not empty: the drive would hide what is in it until it is "
+            f"unmounted; mount on an empty directory, or add --nonempty (fstab: nonempty) to mount over it"
+        )
+
+
+def _holds_entries(directory: Path) -> bool:
+    try:
+        with os.scandir(directory) as entries:
+            return next(entries, None) is not None
+    except OSError:  # not readable by this user: the mount itself tells
+        return False
 
 
 def run_mount(args: argparse.Namespace) -> int:
     try:
-        _check_mountpoint(args.mountpoint)
+        _check_mountpoint(args.mountpoint, args.nonempty)
     except PrivifsError as exc:
         # the daemon started by 'privifs mount' checks again (another mount may have come first
         # meanwhile): its parent waits for the answer on the ready pipe, not for its exit status
@@ -423,6 +444,8 @@ def _forward(args: argparse.Namespace) -> list[str]:
         out.append("--allow-other")
     if args.noexec:
         out.append("--noexec")
+    if args.nonempty:
+        out.append("--nonempty")
     if args.xattrs:
         out.append("--xattrs")
     return out

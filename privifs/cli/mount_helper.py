@@ -9,6 +9,7 @@ ready, leaving its daemon behind) and exits with its status:
 ``allow_other``                        ``--allow-other``
 ``noexec``                             ``--noexec``
 ``xattrs``                             ``--xattrs``
+``nonempty``                           ``--nonempty``
 ``config=FILE``                        ``--config FILE`` (or SOURCE, if it is a file)
 ``cache_size=2G``, ``cache_dir=…``,    the ``privifs mount`` option of the same name
 ``refresh_interval=…``,
@@ -59,7 +60,13 @@ VALUED = {
     "umask": "--umask",
 }
 USAGE, MOUNT_FAILED = 1, 32  # mount(8)'s exit codes: incorrect invocation, mount failure
-FLAGS = {"ro": "--read-only", "allow_other": "--allow-other", "noexec": "--noexec", "xattrs": "--xattrs"}
+FLAGS = {
+    "ro": "--read-only",
+    "allow_other": "--allow-other",
+    "noexec": "--noexec",
+    "xattrs": "--xattrs",
+    "nonempty": "--nonempty",
+}
 IGNORED = {
     "rw",
     "_netdev",
