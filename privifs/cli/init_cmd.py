@@ -160,7 +160,7 @@ def setup_lock(cfg_path: Path) -> Iterator[None]:
     embedded engine and registered one of their own; both mounted, each on its own vault, and the
     configuration named only one of them, so what was written to the other drive was gone after
     a remount (helper hW: 4 of 30; in 3 more both failed)."""
-    fd = os.open(paths.private_dir(cfg_path.parent) / ".setup.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(paths.private_dir(cfg_path.parent), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # (no file left)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
