@@ -129,6 +129,41 @@ class StallingProxy:
             s.close()
 
 
+class EndlessProxy(StallingProxy):
+    """A TCP proxy in front of the engine's downstream port whose answers claim a body of
+    ``claimed`` bytes and, after the real one, go on with junk for as long as the client reads
+    (``limit`` bytes at most): a Content-Length that lies, a server that does not stop. ``extra``
+    counts the junk bytes the client took."""
+
+    def __init__(self, port: int, claimed: int = 10**10, limit: int = 256 << 20):
+        self.claimed, self.limit, self.extra = claimed, limit, 0
+        super().__init__(port)
+
+    def _pipe(self, src, dst, answers: bool) -> None:
+        if not answers:
+            return super()._pipe(src, dst, answers)
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head and (data := src.recv(65536)):
+                head += data
+            head, _, body = head.partition(b"\r\n\r\n")
+            lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"content-length:")]
+            dst.sendall(b"\r\n".join([*lines, b"Content-Length: %d" % self.claimed]) + b"\r\n\r\n" + body)
+            src.settimeout(0.5)
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except TimeoutError:
+                pass
+            junk = b"\xa5" * 65536
+            while self.extra < self.limit:
+                dst.sendall(junk)
+                with self._lock:
+                    self.extra += len(junk)
+        except OSError:
+            pass
+
+
 class CuttingProxy(StallingProxy):
     """A TCP proxy in front of one of the engine's ports whose first ``cuts`` connections carry
     only ``keep`` bytes of the answer, then are closed: a download broken mid-answer."""

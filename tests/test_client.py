@@ -1122,3 +1122,26 @@ async def test_a_download_server_that_refuses_connections_fails_a_read_without_w
         async with connect(refusing, creds, options) as client:
             with trio.fail_after(60), pytest.raises(ServerUnreachable):
                 await client.vault(KEY).get_bytes(token)
+
+
+async def test_a_download_longer_than_its_token_is_refused_before_the_server_stops(eng, account):
+    """A downstream answer that claimed more than the token holds and did not stop was read to
+    the end before the tag check failed: into the content cache, far past its limit, until the
+    disk was full (helper hY: 8 GB in 30 s for a 100 KB file). A retrieval of known size stops
+    as soon as more arrives."""
+    import dataclasses
+
+    from tests.enginekit import EndlessProxy
+
+    endpoints, creds = account
+    data = os.urandom(300_000)  # past the inline limit: from the downstream server
+    async with connect(*account) as client:
+        token = await client.vault(KEY).put_bytes(data, meta("endless.bin"))
+    with EndlessProxy(eng.ports["downstream"]) as proxy:
+        proxied = dataclasses.replace(endpoints, downstream=proxy.url)
+        async with connect(proxied, creds) as client:
+            from privifs.client.vault import BytesSink
+
+            with trio.fail_after(60), pytest.raises(IntegrityError, match="more than"):
+                await client.vault(KEY).get(token, BytesSink(), size=len(data))
+        assert proxy.extra < 8 << 20, proxy.extra  # not the 256 MiB it had to offer

@@ -30,6 +30,7 @@ from privifs.client.transport import ClientOptions, Transport, failure_text
 from privifs.errors import (
     CommandPending,
     CommandRejected,
+    IntegrityError,
     MalformedAnswer,
     NotFoundError,
     PrivifsError,
@@ -534,7 +535,7 @@ class DataTokens:
             try:
                 async with self.open_download(result, wire_size) as chunks:
                     answered = True
-                    await consume(chunks)
+                    await consume(chunks if wire_size is None else _at_most(chunks, wire_size, token))
                 return
             except VaultError as exc:
                 # the download broke or its single-use authorization was refused: ask again;
@@ -673,6 +674,21 @@ def _busy(status: int, headers) -> float | None:
 
 
 DOWNLOAD_PROGRESS = 64 * 1024  # a download brings at least this much per read time-out, or fails
+
+
+async def _at_most(chunks: AsyncIterator[bytes], wire_size: int, token: str) -> AsyncIterator[bytes]:
+    """``chunks``, failing as soon as they hold more than the token's ``wire_size`` bytes. A
+    server that did not stop (a Content-Length that lies, a chunked body or a stream URL that
+    goes on) was read to the end before the tag check failed: into the content cache, far past
+    its limit, until the disk was full (helper hY: 8 GB in 30 s for a 100 KB file)."""
+    got = 0
+    async for chunk in chunks:
+        got += len(chunk)
+        if got > wire_size:
+            raise IntegrityError(
+                f"the server sent more than the {wire_size} bytes token {token} holds; the content is refused"
+            )
+        yield chunk
 
 
 async def _progressing(chunks: AsyncIterator[bytes], window: float) -> AsyncIterator[bytes]:

@@ -170,7 +170,11 @@ async def get_checked(vault, token: str, sink, check, *, size: int | None) -> No
     """Retrieve ``token`` through ``vault`` (a :class:`privifs.client.vault.Vault`) into ``sink``;
     with ``check`` (a :class:`privifs.crypto.digest.ContentCheck`; None: the token states no
     digest) every piece is shown to it, and IntegrityError unless the content is the one its
-    token states."""
-    await vault.get(token, sink if check is None else CheckedSink(sink, check), size=size)
+    token states. ``size`` (the meta's) bounds the download only with ``check``: another
+    application's meta size is a claim, and content larger than it is still that content."""
+    if check is None:
+        await vault.get(token, sink, size=None)
+        return
+    await vault.get(token, CheckedSink(sink, check), size=size)
     if check is not None:
         check.verify()
