@@ -21,10 +21,9 @@ from typing import Protocol
 
 import httpx
 import trio
-from trio_websocket import open_websocket_url
 
 from privifs.client import shapes
-from privifs.client.events import Commands, EventHub
+from privifs.client.events import Commands, EventHub, websocket
 from privifs.client.http11 import Answer, HTTPFailure
 from privifs.client.transport import ClientOptions, Transport, failure_text
 from privifs.errors import (
@@ -391,6 +390,7 @@ class DataTokens:
                     self.hub.claim(resp.headers["x-dpt-cab-id"])  # its ack is ours, not a change
                 rids.append(rid)
                 waiter = self.hub.register("X-DPT-CAB-REQUEST-ID", rid, waiter)
+                generation = self.hub.generation
                 window = self.options.request_timeout * (attempt + 1) if self.hub.connected else 3.0
                 with trio.move_on_after(window):
                     while True:
@@ -408,6 +408,9 @@ class DataTokens:
                         result.request_id = data.get("id") if data.get("id") in rids else rid
                         return result
                 log.info("request-data result for %s did not arrive; asking again", token)
+                # on a new channel: the joined one may answer pings and deliver nothing (helper hY F2)
+                if self.hub.reopen(generation, f"request-data result within {window:g} s"):
+                    await self.hub.wait_joined(self.options.connect_timeout + self.options.join_timeout)
         finally:
             if waiter is not None:
                 self.hub.unregister(waiter)
@@ -441,7 +444,7 @@ class DataTokens:
             finally:
                 self.hub.unregister(waiter)
         if isinstance(stream_url, str) and stream_url.startswith(("ws://", "wss://")):
-            async with open_websocket_url(stream_url) as ws:
+            async with websocket(stream_url) as ws:
 
                 async def frames() -> AsyncIterator[bytes]:
                     from trio_websocket import ConnectionClosed

@@ -25,7 +25,8 @@ import math
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 
 import trio
 from trio_websocket import open_websocket_url
@@ -38,10 +39,33 @@ from privifs.errors import CommandPending, PrivifsError, UnknownCommand, VaultEr
 log = logging.getLogger("privifs.client.events")
 
 EARLY_MAX = 10000
+# events nobody waits for (yet) are kept a while for a waiter that registers late: at most this
+# many per (type, id), and this many bytes in all (frames as received), the oldest dropped first
+# (held without a bound, 300,000 events on one id took a daemon from 65 to 616 MB: helper hY F3)
+EARLY_PER_KEY = 8
+EARLY_BYTES = 32 << 20
 
 
 class JoinRefused(Exception):
     pass
+
+
+@asynccontextmanager
+async def websocket(url: str, **options) -> AsyncIterator:
+    """``open_websocket_url``, whose TCP connection is closed when the block ends.
+    trio-websocket's client waits for the server to close it after a close frame or a frame that
+    breaks the protocol, and leaves it open on leaving its context: each such frame left a
+    connection the server kept joined (and pushed every event into) until the garbage collector
+    found it (helper hY F4)."""
+    async with open_websocket_url(url, **options) as ws:
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(1, shield=True):
+                await ws.aclose()  # the close handshake, if the connection is still open
+            stream = getattr(ws, "_stream", None)  # (no public name for it)
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
 
 
 class ChannelTimeout(Exception):
@@ -104,7 +128,10 @@ class EventHub:
         self.generation = 0
         self.changed = trio.Event()
         self._waiters: dict[tuple[str, str], list[Waiter]] = {}
-        self._early: OrderedDict[tuple[str, str], list[tuple[float, dict]]] = OrderedDict()
+        self._early: OrderedDict[tuple[str, str], list[tuple[float, dict, int]]] = OrderedDict()
+        self._early_bytes = 0
+        self._session_scope: trio.CancelScope | None = None
+        self.reopened = 0  # joined channels ended because they delivered no events (reopen)
         self._ws = None
         self._join_answer: trio.MemorySendChannel | None = None
         self._rejoin = trio.Event()
@@ -128,7 +155,8 @@ class EventHub:
         w.keys.append(key)
         self._waiters.setdefault(key, []).append(w)
         now = time.monotonic()
-        for ts, data in self._early.pop(key, []):
+        for ts, data, size in self._early.pop(key, []):
+            self._early_bytes -= size
             if now - ts <= self.options.early_event_ttl:
                 w.push(data)
         return w
@@ -192,7 +220,8 @@ class EventHub:
             self._foreign.popitem(last=False)
         self._foreign_arrived.set()
 
-    def _dispatch(self, data: dict) -> None:
+    def _dispatch(self, data: dict, size: int = 0) -> None:
+        """Hand an event (``size``: its frame's length) to its waiters, or keep it a while."""
         type_ = data.get("type")
         if not isinstance(type_, str):
             return
@@ -207,15 +236,26 @@ class EventHub:
                 for w in waiters:
                     w.push(data)
             else:
-                self._early.setdefault(key, []).append((time.monotonic(), data))
-                self._early.move_to_end(key)
+                self._keep_early(key, data, size)
         now = time.monotonic()
         while self._early:
             key, items = next(iter(self._early.items()))
-            if len(self._early) > EARLY_MAX or now - items[-1][0] > self.options.early_event_ttl:
-                self._early.popitem(last=False)
+            if (
+                len(self._early) > EARLY_MAX
+                or self._early_bytes > EARLY_BYTES
+                or now - items[-1][0] > self.options.early_event_ttl
+            ):
+                self._early_bytes -= sum(size for _, _, size in self._early.pop(key))
             else:
                 break
+
+    def _keep_early(self, key: tuple[str, str], data: dict, size: int) -> None:
+        items = self._early.setdefault(key, [])
+        items.append((time.monotonic(), data, size))
+        self._early_bytes += size
+        if len(items) > EARLY_PER_KEY:
+            self._early_bytes -= items.pop(0)[2]
+        self._early.move_to_end(key)
 
     def _signal_change(self) -> None:
         self.changed.set()
@@ -225,6 +265,26 @@ class EventHub:
                 w.interrupt()
 
     # -- connection ------------------------------------------------------------------------------
+    def reopen(self, generation: int, reason: str) -> bool:
+        """End the joined channel of ``generation``, if it is still the current one, so that
+        :meth:`run` opens and joins a new one: a channel that answers pings but delivers no
+        events (a server whose consumer died behind a live socket, a subscription it lost) was
+        kept for good, and every read of uncached data failed with EIO after its request-data
+        results did not come (helper hY F2). Returns whether it was ended."""
+        if self._session_scope is None or not self.connected or generation != self.generation:
+            return False
+        log.warning("the event channel delivered no %s; opening it again", reason)
+        self.reopened += 1
+        self._session_scope.cancel()
+        return True
+
+    async def wait_joined(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the channel is joined; whether it is."""
+        with trio.move_on_after(timeout):
+            while not self.connected:
+                await self.changed.wait()
+        return self.connected
+
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the channel joined for ever; ``started`` once joined or known to be unavailable."""
         started = False
@@ -269,13 +329,20 @@ class EventHub:
         # (helper hS F2: reads of uncached files failed with EIO for minutes). Our deadline
         # covers the handshake and the join and is lifted once joined.
         limit = self.options.connect_timeout + self.options.join_timeout
-        with trio.CancelScope(deadline=trio.current_time() + limit) as opening:
-            await self._session(joined, opening)
+        with trio.CancelScope() as session:
+            self._session_scope = session
+            try:
+                with trio.CancelScope(deadline=trio.current_time() + limit) as opening:
+                    await self._session(joined, opening)
+            finally:
+                self._session_scope = None
         if opening.cancelled_caught:
             raise ChannelTimeout(f"no answer to the WebSocket handshake and join within {limit:g} s")
+        if session.cancelled_caught:
+            raise ChannelTimeout("joined, it delivered no events: opened again")
 
     async def _session(self, joined, opening: trio.CancelScope) -> None:
-        async with open_websocket_url(
+        async with websocket(
             self.url, connect_timeout=self.options.connect_timeout, disconnect_timeout=2, message_queue_size=4096
         ) as ws:
             self._ws = ws
@@ -348,7 +415,7 @@ class EventHub:
                             pass
                     continue
                 if isinstance(data, dict):
-                    self._dispatch(data)
+                    self._dispatch(data, len(text))
         finally:
             nursery.cancel_scope.cancel()
 
