@@ -53,7 +53,7 @@ def bare_text(body: str, what: str) -> str:
     t = body.strip()
     s = t.strip('"').strip()
     if t.startswith('"') != t.endswith('"') or t == '"' or not _BARE.fullmatch(s):  # '"dtk-1a2b': cut short
-        raise MalformedAnswer(f"{what}: the server's answer cannot be read ({body[:60]!r})")
+        raise MalformedAnswer(f"{what}: the server's answer cannot be read ({ascii(body[:60])})")
     return s
 
 
@@ -336,7 +336,7 @@ def listing_page(body: Any) -> tuple[list[dict], int | None, int | None]:
         items = body["items"] if "items" in body else body.get("data")
         meta = body.get("meta") if isinstance(body.get("meta"), dict) else {}
     elif body is None or isinstance(body, str):  # empty, cut short, an HTML page: not JSON at all
-        raise MalformedAnswer(f"list data tokens: the server's answer cannot be read ({str(body)[:60]!r})")
+        raise MalformedAnswer(f"list data tokens: the server's answer cannot be read ({ascii(str(body)[:60])})")
     else:
         raise MalformedAnswer(f"list data tokens: the server's answer is not a listing ({str(body)[:60]!r})")
     if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("token"), str) for i in items):
