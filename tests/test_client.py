@@ -1166,9 +1166,17 @@ async def test_a_joined_channel_that_delivers_no_results_is_opened_again(account
                 dispatch(event, size)
 
         hub._dispatch = deaf
+        call, asked = client.tokens.transport.call, []
+
+        async def counting(method, path, *args, **kwargs):
+            asked.append(path)
+            return await call(method, path, *args, **kwargs)
+
+        client.tokens.transport.call = counting
         with trio.fail_after(30):
             assert await client.vault(KEY).get_bytes(token) == data
         assert hub.reopened == 1 and hub.generation > silent
+        assert asked.count("/data-token/request-data") == 2  # asked again once joined anew
 
 
 async def test_events_nobody_waits_for_are_kept_within_a_bound():

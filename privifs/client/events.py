@@ -275,6 +275,8 @@ class EventHub:
             return False
         log.warning("the event channel delivered no %s; opening it again", reason)
         self.reopened += 1
+        self.connected = False  # (wait_joined waits for the next one, not this one's end)
+        self._signal_change()
         self._session_scope.cancel()
         return True
 
