@@ -216,6 +216,7 @@ def _mount_config(args: argparse.Namespace):
         server_timeout=args.server_timeout,
         allow_other=args.allow_other,
         noexec=args.noexec,
+        nonempty=args.nonempty,
         state_dir=args.state_dir,
         fsname=args.fsname,
         fs=MountOptions(
@@ -230,9 +231,9 @@ def _mount_config(args: argparse.Namespace):
     )
 
 
-def _check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
-    """A usable, unmounted directory, empty unless ``nonempty``; a mount left dead by a killed
-    daemon is cleaned up first."""
+def _check_mountpoint(mountpoint: Path) -> None:
+    """A usable, unmounted directory; a mount left dead by a killed daemon is cleaned up first
+    (whether it is empty the daemon tells, after it checked its own directories are not in it)."""
     real = mount_path(mountpoint)
     if not is_utf8(real):  # the mountpoint is recorded in text files (the vault's marker, the mount registry)
         raise ConfigError(
@@ -254,26 +255,11 @@ def _check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
         )
     if not mountpoint.is_dir():
         raise LocalFileError(f"mountpoint {mountpoint} does not exist or is not a directory")
-    if not nonempty and _holds_entries(mountpoint):
-        # mounted over, its files were hidden without a word until the unmount (helper hW: a
-        # mount at ~/photos by mistake looks like the photos are gone)
-        raise LocalFileError(
-            f"mountpoint {mountpoint} is not empty: the drive would hide what is in it until it is "
-            f"unmounted; mount on an empty directory, or add --nonempty (fstab: nonempty) to mount over it"
-        )
-
-
-def _holds_entries(directory: Path) -> bool:
-    try:
-        with os.scandir(directory) as entries:
-            return next(entries, None) is not None
-    except OSError:  # not readable by this user: the mount itself tells
-        return False
 
 
 def run_mount(args: argparse.Namespace) -> int:
     try:
-        _check_mountpoint(args.mountpoint, args.nonempty)
+        _check_mountpoint(args.mountpoint)
     except PrivifsError as exc:
         # the daemon started by 'privifs mount' checks again (another mount may have come first
         # meanwhile): its parent waits for the answer on the ready pipe, not for its exit status

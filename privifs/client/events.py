@@ -61,10 +61,8 @@ async def websocket(url: str, **options) -> AsyncIterator:
         try:
             yield ws
         finally:
-            with trio.move_on_after(1, shield=True):
-                await ws.aclose()  # the close handshake, if the connection is still open
             stream = getattr(ws, "_stream", None)  # (no public name for it)
-            if stream is not None:
+            if ws.closed is not None and stream is not None:  # (open: closed politely on leaving)
                 await trio.aclose_forcefully(stream)
 
 

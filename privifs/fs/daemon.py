@@ -101,6 +101,7 @@ class MountConfig:
     server_timeout: float = 30.0  # the login's answer; then a vault mounted here before starts offline
     allow_other: bool = False
     noexec: bool = False
+    nonempty: bool = False  # mount over a directory that is not empty
     state_dir: Path | None = None
     fsname: str = "privifs"  # the mount's source in /proc/mounts (mount(8)'s SOURCE)
     fs: MountOptions = field(default_factory=MountOptions)
@@ -258,6 +259,7 @@ class Daemon:
         if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
             raise LocalStoreError(f"{self.mountpoint} is already a mountpoint")
         self._check_local_dirs_outside_the_mount()
+        self._check_mountpoint_empty()
         made = paths.missing_dirs(self.state_dir), paths.missing_dirs(self.cache_dir)
         # a first mount here: no index, and nothing staged (with the index deleted, the staged
         # files are changes no upload took yet, which the mount shows in /lost+found: a start
@@ -297,6 +299,24 @@ class Daemon:
                     f"the mountpoint {self.mountpoint} is inside the {what} {d}, which privifs itself uses; "
                     "choose a mountpoint outside it"
                 )
+
+    def _check_mountpoint_empty(self) -> None:
+        """Mounted over, a directory's files were hidden without a word until the unmount
+        (helper hW: a drive mounted at ~/photos by mistake looks as if the photos were gone);
+        ``--nonempty`` asks for it."""
+        if self.mcfg.nonempty:
+            return
+        try:
+            with os.scandir(self.mountpoint) as entries:
+                empty = next(entries, None) is None
+        except OSError:  # not readable by this user: the mount itself tells
+            return
+        if not empty:
+            raise LocalStoreError(
+                f"mountpoint {self.mountpoint} is not empty: the drive would hide what is in it until "
+                f"it is unmounted; mount on an empty directory, or add --nonempty (fstab: nonempty) to "
+                f"mount over it"
+            )
 
     def _forget_first_mount(self, made_state: list[Path], made_cache: list[Path]) -> None:
         """Take back what a first mount of this vault here (no index before it) made before it
