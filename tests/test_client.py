@@ -1200,21 +1200,14 @@ async def test_events_nobody_waits_for_are_kept_within_a_bound():
     assert w.events and hub._early_bytes <= events.EARLY_BYTES - (1 << 20)
 
 
-async def test_a_websocket_broken_by_its_server_is_closed_not_left_to_the_garbage_collector():
-    """A frame that breaks the protocol (here an unknown opcode) ended the channel, but
-    trio-websocket's client waits for the server to close the TCP connection: the server kept
-    the old channel joined until the garbage collector closed it (helper hY F4: 6 sockets
-    left after 30 such frames)."""
+def websocket_server(after_handshake) -> tuple[socket.socket, str]:
+    """A WebSocket server (a thread) that accepts one connection, answers its handshake and then
+    hands the socket to ``after_handshake``; returns its listener (to close) and its URL."""
     import base64
     import hashlib
     import threading
 
-    from trio_websocket import ConnectionClosed
-
-    from privifs.client.events import websocket
-
     listener = socket.create_server(("127.0.0.1", 0))
-    ended = threading.Event()
 
     def serve() -> None:
         conn, _ = listener.accept()
@@ -1229,24 +1222,70 @@ async def test_a_websocket_broken_by_its_server_is_closed_not_left_to_the_garbag
         accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
         conn.sendall(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + b"\x83\x00"  # opcode 3: reserved
+            b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
-        conn.settimeout(10)
         try:
-            while conn.recv(4096):  # the client's close frame, then EOF once it closes
-                pass
-            ended.set()
+            after_handshake(conn)
         except OSError:
             pass
         conn.close()
 
     threading.Thread(target=serve, daemon=True).start()
+    return listener, f"ws://127.0.0.1:{listener.getsockname()[1]}/"
+
+
+async def test_a_websocket_broken_by_its_server_is_closed_not_left_to_the_garbage_collector():
+    """A frame that breaks the protocol (here an unknown opcode) ended the channel, but
+    trio-websocket's client waits for the server to close the TCP connection: the server kept
+    the old channel joined until the garbage collector closed it (helper hY F4: 6 sockets
+    left after 30 such frames)."""
+    import threading
+
+    from trio_websocket import ConnectionClosed
+
+    from privifs.client.events import websocket
+
+    ended = threading.Event()
+
+    def break_it(conn: socket.socket) -> None:
+        conn.sendall(b"\x83\x00")  # opcode 3: reserved
+        conn.settimeout(10)
+        while conn.recv(4096):  # the client's close frame, then EOF once it closes
+            pass
+        ended.set()
+
+    listener, url = websocket_server(break_it)
     try:
         with trio.fail_after(10):
-            async with websocket(f"ws://127.0.0.1:{listener.getsockname()[1]}/") as ws:
+            async with websocket(url) as ws:
                 with pytest.raises(ConnectionClosed):
                     await ws.get_message()
         await trio.to_thread.run_sync(ended.wait, 5)
         assert ended.is_set()
+    finally:
+        listener.close()
+
+
+async def test_a_stream_url_that_does_not_stop_fails_the_read_at_once(account):
+    """A request-data result's stream URL whose server kept sending was read past the token's
+    size (now refused as soon as it is), and then the refused download waited trio-websocket's
+    default minute for a close handshake that server never answered (helper hZ: a cat of a
+    100 KB file ran into its time-out)."""
+    from privifs.client import shapes
+    from privifs.client.datatokens import _at_most
+
+    def endless(conn: socket.socket) -> None:
+        frame = b"\x82\x7e\x10\x00" + b"\xa5" * 4096  # binary, 4,096 bytes
+        for _ in range(100_000):
+            conn.sendall(frame)
+
+    listener, url = websocket_server(endless)
+    try:
+        async with connect(*account) as client:
+            result = shapes.RequestResult(shapes.CommandState(2), output_type=1, body="auth", stream_url=url)
+            with trio.fail_after(15), pytest.raises(IntegrityError, match="more than"):
+                async with client.tokens.open_download(result, 100_028) as chunks:
+                    async for _ in _at_most(chunks, 100_028, "dtk-endless"):
+                        pass
     finally:
         listener.close()

@@ -444,7 +444,9 @@ class DataTokens:
             finally:
                 self.hub.unregister(waiter)
         if isinstance(stream_url, str) and stream_url.startswith(("ws://", "wss://")):
-            async with websocket(stream_url) as ws:
+            # (its close handshake bounded: a stream server that never answered it held a refused
+            # download, and the read, for trio-websocket's default minute)
+            async with websocket(stream_url, connect_timeout=self.options.connect_timeout, disconnect_timeout=2) as ws:
 
                 async def frames() -> AsyncIterator[bytes]:
                     from trio_websocket import ConnectionClosed
