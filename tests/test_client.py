@@ -1269,23 +1269,26 @@ async def test_a_websocket_broken_by_its_server_is_closed_not_left_to_the_garbag
 async def test_a_stream_url_that_does_not_stop_fails_the_read_at_once(account):
     """A request-data result's stream URL whose server kept sending was read past the token's
     size (now refused as soon as it is), and then the refused download waited trio-websocket's
-    default minute for a close handshake that server never answered (helper hZ: a cat of a
-    100 KB file ran into its time-out)."""
+    default minute for a close handshake that server never answered, reading on at full speed
+    meanwhile (helper hZ N1: each read attempt 60 s, 26 GB over loopback)."""
     from privifs.client import shapes
     from privifs.client.datatokens import _at_most
 
     def endless(conn: socket.socket) -> None:
-        frame = b"\x82\x7e\x10\x00" + b"\xa5" * 4096  # binary, 4,096 bytes
-        for _ in range(100_000):
+        frame = b"\x82\x7f" + (1 << 20).to_bytes(8, "big") + b"\xa5" * (1 << 20)  # binary, 1 MiB
+        conn.settimeout(60)
+        for _ in range(1_000_000):  # until the client closes the connection (or for minutes)
             conn.sendall(frame)
 
     listener, url = websocket_server(endless)
     try:
         async with connect(*account) as client:
             result = shapes.RequestResult(shapes.CommandState(2), output_type=1, body="auth", stream_url=url)
-            with trio.fail_after(15), pytest.raises(IntegrityError, match="more than"):
+            started = trio.current_time()
+            with trio.move_on_after(30), pytest.raises(IntegrityError, match="more than"):
                 async with client.tokens.open_download(result, 100_028) as chunks:
                     async for _ in _at_most(chunks, 100_028, "dtk-endless"):
                         pass
+            assert trio.current_time() - started < 10
     finally:
         listener.close()
