@@ -86,8 +86,8 @@ def check_not_shared(path: Path) -> None:
         if p in (path, path.parent) and st.st_uid not in (os.geteuid(), 0):
             raise ConfigError(
                 f"{p} belongs to another user (uid {st.st_uid}): that user could replace the "
-                f"configuration or the keys beside it; use a configuration of your own, or make it "
-                f"yours ('chown -R {os.geteuid()} {path.parent}')"
+                f"configuration or the keys beside it; run privifs as that user, or use a "
+                f"configuration of your own"
             )
 
 

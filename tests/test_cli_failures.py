@@ -449,6 +449,8 @@ def test_a_configuration_another_user_owns_or_under_a_directory_all_may_write_is
     for target in (cfg_dir, cfg):
         os.chown(target, 65534, 65534)
         assert f"{target} belongs to another user (uid 65534)" in refusal()
+        main(["--config", str(cfg), "status"])  # reads no configuration: not refused (helper hZ N3)
+        assert "belongs to another user" not in capsys.readouterr().err
         os.chown(target, 0, 0)
 
 

@@ -82,6 +82,11 @@ def _config_after_the_command(sub: argparse._SubParsersAction, path_type) -> Non
                 _config_after_the_command(action, path_type)
 
 
+# commands that do not read the configuration (they ask a mount's daemon, or run a server): one
+# another user owns does not concern them (status and umount of a running mount were refused)
+NO_CONFIGURATION = frozenset({"status", "umount", "engine"})
+
+
 def main(argv: list[str] | None = None) -> int:
     from privifs.nodump import forbid_core_dumps
 
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from privifs.config import check_config_path, check_not_shared, default_config_path
 
-        check_not_shared(check_config_path(args.config or default_config_path()))
+        if args.command not in NO_CONFIGURATION:
+            check_not_shared(check_config_path(args.config or default_config_path()))
         code = int(args.func(args) or 0)
         sys.stdout.flush()
         return code
