@@ -1151,21 +1151,28 @@ async def test_a_joined_channel_that_delivers_no_results_is_opened_again(account
     """A channel that answers pings but delivers no events (a server whose consumer died behind
     a live socket) was kept for good: every read of uncached data asked four times, then failed
     with EIO (helper hY F2: 160 s for a cat). When a request-data result does not come, the
-    channel is opened again and the next request is answered there."""
+    channel is opened again and the request asked again there; so are the requests of other
+    reads waiting at the same time, once it is joined (helper hZ N2: asked while it was opened
+    again, their results went to no channel, and with a slow reconnect their asks ran out)."""
     import dataclasses
 
-    data = os.urandom(300_000)
+    blobs = [os.urandom(300_000) for _ in range(4)]
     options = dataclasses.replace(ClientOptions(), request_timeout=0.5)
     async with connect(*account, options) as client:
-        token = await client.vault(KEY).put_bytes(data, meta("silent.bin"))
+        tokens = [await client.vault(KEY).put_bytes(b, meta(f"silent{i}.bin")) for i, b in enumerate(blobs)]
         hub = client.tokens.hub
-        silent, dispatch = hub.generation, hub._dispatch
+        silent, dispatch, session = hub.generation, hub._dispatch, hub._connected_session
 
         def deaf(event: dict, size: int = 0) -> None:  # the subscription lost while joined
             if hub.generation != silent or event.get("type") != "X-DPT-CAB-REQUEST-ID":
                 dispatch(event, size)
 
-        hub._dispatch = deaf
+        async def slow_to_reopen(joined) -> None:
+            if hub.reopened:
+                await trio.sleep(2)
+            await session(joined)
+
+        hub._dispatch, hub._connected_session = deaf, slow_to_reopen
         call, asked = client.tokens.transport.call, []
 
         async def counting(method, path, *args, **kwargs):
@@ -1173,10 +1180,18 @@ async def test_a_joined_channel_that_delivers_no_results_is_opened_again(account
             return await call(method, path, *args, **kwargs)
 
         client.tokens.transport.call = counting
+        got: dict[int, bytes] = {}
+
+        async def read(i: int) -> None:
+            got[i] = await client.vault(KEY).get_bytes(tokens[i])
+
         with trio.fail_after(30):
-            assert await client.vault(KEY).get_bytes(token) == data
+            async with trio.open_nursery() as nursery:
+                for i in range(len(tokens)):
+                    nursery.start_soon(read, i)
+        assert [got[i] for i in range(len(tokens))] == blobs
         assert hub.reopened == 1 and hub.generation > silent
-        assert asked.count("/data-token/request-data") == 2  # asked again once joined anew
+        assert asked.count("/data-token/request-data") == 2 * len(tokens)  # asked again once joined anew
 
 
 async def test_events_nobody_waits_for_are_kept_within_a_bound():

@@ -372,6 +372,7 @@ class DataTokens:
         rids: list[str] = []
         try:
             for attempt in range(self.options.request_attempts):
+                await self.hub.after_reopen()  # (a result pushed while it is opened again is lost)
                 resp = await self.transport.call(
                     "POST",
                     "/data-token/request-data",
@@ -409,8 +410,7 @@ class DataTokens:
                         return result
                 log.info("request-data result for %s did not arrive; asking again", token)
                 # on a new channel: the joined one may answer pings and deliver nothing (helper hY F2)
-                if self.hub.reopen(generation, f"request-data result within {window:g} s"):
-                    await self.hub.wait_joined(self.options.connect_timeout + self.options.join_timeout)
+                self.hub.reopen(generation, f"request-data result within {window:g} s")
         finally:
             if waiter is not None:
                 self.hub.unregister(waiter)
