@@ -82,6 +82,21 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def not_empty(mountpoint: Path) -> str | None:
+    """Why ``mountpoint`` is refused for holding entries (a mount would hide them until the
+    unmount), or None: empty, or not readable by this user (the mount itself tells then)."""
+    try:
+        with os.scandir(mountpoint) as entries:
+            if next(entries, None) is None:
+                return None
+    except OSError:
+        return None
+    return (
+        f"mountpoint {mountpoint} is not empty: the drive would hide what is in it until it is "
+        f"unmounted; mount on an empty directory, or add --nonempty (fstab: nonempty) to mount over it"
+    )
+
+
 def _stat_field(pid: int, index: int) -> str | None:
     """Field ``index`` of ``/proc/PID/stat`` counted from the state (0; after the command name,
     which may hold spaces and parentheses), or None if there is no such process."""

@@ -499,3 +499,17 @@ def test_two_first_inits_at_once_make_one_vault(tmp_path):
     assert codes == [0, 3], results
     assert any("already exists" in err for code, err in results if code == 3), results
     assert len(embedded_profiles(tmp_path / "data" / "privifs" / "engine")) == 1
+
+
+def test_a_first_mount_over_a_directory_that_is_not_empty_makes_no_vault(tmp_path):
+    """Refused for its mountpoint, a first mount had set up a vault first (helper hZ N4)."""
+    from tests.mountkit import isolated_env, privifs
+
+    env = isolated_env(tmp_path)
+    mnt = tmp_path / "photos"
+    mnt.mkdir()
+    (mnt / "holiday.jpg").write_bytes(b"jpeg")
+    r = privifs(env, "mount", str(mnt), check=False)
+    assert r.returncode == 4 and "is not empty" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "config" / "privifs" / "config.toml").exists()
+    assert not (tmp_path / "data" / "privifs" / "engine").exists()

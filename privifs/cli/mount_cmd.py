@@ -265,6 +265,12 @@ def run_mount(args: argparse.Namespace) -> int:
         # meanwhile): its parent waits for the answer on the ready pipe, not for its exit status
         _tell_parent(args, f"{exit_code(exc)} {exc}")
         raise
+    if not args.nonempty and not (args.config or default_config_path()).exists():
+        # a first mount: refused before it sets up a vault (the daemon checks again, after its
+        # own directories, which may be in a mountpoint it was given)
+        refusal = paths.not_empty(args.mountpoint)
+        if refusal:
+            raise LocalFileError(refusal)
     cfg_path = _ensure_config(args)
     cfg = load(cfg_path)
     config_defaults(args, cfg.mount, cfg_path)

@@ -304,19 +304,9 @@ class Daemon:
         """Mounted over, a directory's files were hidden without a word until the unmount
         (helper hW: a drive mounted at ~/photos by mistake looks as if the photos were gone);
         ``--nonempty`` asks for it."""
-        if self.mcfg.nonempty:
-            return
-        try:
-            with os.scandir(self.mountpoint) as entries:
-                empty = next(entries, None) is None
-        except OSError:  # not readable by this user: the mount itself tells
-            return
-        if not empty:
-            raise LocalStoreError(
-                f"mountpoint {self.mountpoint} is not empty: the drive would hide what is in it until "
-                f"it is unmounted; mount on an empty directory, or add --nonempty (fstab: nonempty) to "
-                f"mount over it"
-            )
+        refusal = None if self.mcfg.nonempty else paths.not_empty(self.mountpoint)
+        if refusal:
+            raise LocalStoreError(refusal)
 
     def _forget_first_mount(self, made_state: list[Path], made_cache: list[Path]) -> None:
         """Take back what a first mount of this vault here (no index before it) made before it
