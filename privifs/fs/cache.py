@@ -861,12 +861,17 @@ class ContentCache:
         the staging reserve, or none is left; returns how many went. Each entry is a copy of
         what the vault holds. (Kept, they held the disk while every upload failed with 507 for
         as long as the mount ran: a home directory on one small disk.)"""
+        return self.evict_until(lambda: self.space.above_reserve() >= need, "the server sharing the cache's disk")
+
+    def evict_until(self, enough: Callable[[], bool], who: str) -> int:
+        """Least recently used entries are evicted until ``enough()`` or none is left (each is a
+        copy of what the vault holds); returns how many went. ``who`` needed the room."""
         gone = 0
-        while self._lru and self.space.above_reserve() < need:
+        while self._lru and not enough():
             self.evict(next(iter(self._lru)))
             gone += 1
         if gone:
-            log.warning("the server sharing the cache's disk has no room left: dropped %d cached files for it", gone)
+            log.warning("%s had no room left: dropped %d cached files for it", who, gone)
         return gone
 
     def put(self, key: str, data: bytes) -> bool:

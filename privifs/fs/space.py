@@ -8,8 +8,9 @@ Two margins are kept on each filesystem that holds privifs state, both scaled to
   unlink, a finished upload) that free space again;
 * the **staging reserve** (the floor plus 10 % of the filesystem, at most 1 GiB more): the read
   cache never fills the disk past it, evicting least-recently-used entries first, so new writes
-  always find room. Staging does not evict the cache: a write that fills the disk leaves what is
-  cached readable.
+  always find room. When another program took the disk's free space, a staged write that finds
+  no room has the cache drop entries on the same disk while the vault can be reached
+  (:attr:`privifs.fs.staging.Staging.make_room`); offline the cache is kept.
 
 Nothing here caches a figure: each question is one ``statvfs``.
 """
