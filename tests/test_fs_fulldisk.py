@@ -155,6 +155,19 @@ def test_full_disk_writes_get_enospc_reads_of_cached_staged_and_uncached_files_w
             m.cleanup()
 
 
+def put_in_the_vault(m: Mount, tmp_path: Path, count: int, size: int) -> dict[str, bytes]:
+    """``count`` files of ``size`` random bytes stored in the vault as another client would
+    (``token put``), the mount refreshed to show them; their contents by name."""
+    contents = {}
+    for i in range(count):
+        src = tmp_path / f"remote{i}.bin"
+        contents[src.name] = os.urandom(size)
+        src.write_bytes(contents[src.name])
+        m.token("put", str(src), "--name", src.name)
+    m.refresh()
+    return contents
+
+
 def state_and_cache_on(small: Path, tmp_path: Path, engine) -> Mount:
     """A mount (not mounted yet) whose state and cache live on ``small``, the cache limit above it."""
     return Mount(
@@ -170,13 +183,7 @@ def test_the_cache_evicts_before_the_disk_fills_and_keeps_room_for_staging(engin
         m = state_and_cache_on(small, tmp_path, engine)
         try:
             m.mount()
-            contents = {}
-            for i in range(8):  # 8 x 10 MiB through the vault: more than the whole disk
-                src = tmp_path / f"remote{i}.bin"
-                contents[src.name] = os.urandom(10 * MiB)
-                src.write_bytes(contents[src.name])
-                m.token("put", str(src), "--name", src.name)
-            m.refresh()
+            contents = put_in_the_vault(m, tmp_path, 8, 10 * MiB)  # more than the whole disk
             for name, data in contents.items():
                 assert read_uncached(m.dir / name) == data, name
                 st = os.statvfs(small)
@@ -204,13 +211,7 @@ def test_a_write_on_a_disk_another_program_filled_gets_the_room_the_cache_holds(
         m = state_and_cache_on(small, tmp_path, engine)
         try:
             m.mount()
-            contents = {}
-            for i in range(3):
-                src = tmp_path / f"remote{i}.bin"
-                contents[src.name] = os.urandom(8 * MiB)
-                src.write_bytes(contents[src.name])
-                m.token("put", str(src), "--name", src.name)
-            m.refresh()
+            contents = put_in_the_vault(m, tmp_path, 3, 8 * MiB)
             for name, data in contents.items():
                 assert read_uncached(m.dir / name) == data, name  # cached now
             assert m.status()["cache"]["size"] >= 20 * MiB
