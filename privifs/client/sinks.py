@@ -176,5 +176,4 @@ async def get_checked(vault, token: str, sink, check, *, size: int | None) -> No
         await vault.get(token, sink, size=None)
         return
     await vault.get(token, CheckedSink(sink, check), size=size)
-    if check is not None:
-        check.verify()
+    check.verify()

@@ -236,13 +236,13 @@ class Staging:
     def ensure_room(self, need: int) -> None:
         """Make sure ``need`` more bytes can be staged while the floor stays free, or raise
         DiskFullError."""
-        if need <= 0 or self.space.above_floor() - self.keep_free() >= need:
+        if need <= 0 or self._has_room(need):
             return
         if self.remover.pending():
             # files removed a moment ago free their space on the remover's thread: a write
             # right after an unlink got ENOSPC while it was still deleting them
             self.remover.drain(REMOVER_WAIT)
-            if self.space.above_floor() - self.keep_free() >= need:
+            if self._has_room(need):
                 return
         if self._room_made(need):
             return
@@ -252,12 +252,16 @@ class Staging:
             f"{floor / MiB:.0f} MiB free for its index); delete files or free space on it"
         )
 
+    def _has_room(self, need: int) -> bool:
+        """Whether ``need`` more bytes can be staged with the floor (and ``keep_free``) left free."""
+        return self.space.above_floor() - self.keep_free() >= need
+
     def _room_made(self, need: int) -> bool:
-        """Whether :attr:`make_room` made room for ``need`` more bytes above the floor."""
+        """Whether :attr:`make_room` made room for ``need`` more bytes."""
         if self.make_room is None:
             return False
-        self.make_room(lambda: self.space.above_floor() - self.keep_free() >= need)
-        return self.space.above_floor() - self.keep_free() >= need
+        self.make_room(lambda: self._has_room(need))
+        return self._has_room(need)
 
     def writable(self) -> int:
         """Bytes of content that can still be written: free space above the floor, less the
