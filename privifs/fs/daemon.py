@@ -46,6 +46,7 @@ from privifs.errors import ConfigError, LocalStoreError, PrivifsError, single_er
 from privifs.fs.cache import ContentCache
 from privifs.fs.connector import Connector, VaultLink
 from privifs.fs.filesystem import Filesystem, MountOptions
+from privifs.fs.fuse_wait import serve_requests
 from privifs.fs.namespace import Index, Namespace
 from privifs.fs.operations import Operations
 from privifs.fs.refresh import Refresher
@@ -422,7 +423,7 @@ class Daemon:
                     )
                     log.info("mounted at %s", self.mountpoint)
                     try:
-                        await pyfuse3.main(min_tasks=4, max_tasks=64)
+                        await serve_requests()
                     finally:
                         self.mounted = False
                         closed = True
