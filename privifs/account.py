@@ -5,6 +5,7 @@ which profiles an embedded engine's data already holds."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from privifs import paths
 from privifs.client.session import Credentials, OAuthCredentials, PasswordCredentials
-from privifs.client.transport import Endpoints
+from privifs.client.transport import ClientOptions, Endpoints
 from privifs.config import Config
 from privifs.crypto.keys import key_id, load_aes_key
 from privifs.embedded import EmbeddedEngine
@@ -39,6 +40,11 @@ class Account:
     def server_stopped(self) -> int | None:
         """The pid of the embedded engine if it is stopped (SIGSTOP): it answers nothing."""
         return self.engine.stopped_pid() if self.engine is not None else None
+
+    def client_options(self, **settings) -> ClientOptions:
+        """Client options for this account's server: connections to an embedded engine are
+        checked to reach a program of this user before anything is sent (client/peers.py)."""
+        return ClientOptions(server_uid=os.geteuid() if self.engine is not None else None, **settings)
 
     def __repr__(self) -> str:
         return f"Account({self.endpoints.api!r}, <credentials and key hidden>)"

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     with open_account(cfg) as account:
 
         async def main() -> int:
-            async with connect(account.endpoints, account.credentials) as client:
+            async with connect(account.endpoints, account.credentials, account.client_options()) as client:
                 vault = client.vault(account.key)
                 await verify_key(client, vault)
                 args.parts = PartStore(vault)

@@ -524,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
     with open_account(cfg) as account:
 
         async def main() -> Report:
-            async with connect(account.endpoints, account.credentials) as client:
+            async with connect(account.endpoints, account.credentials, account.client_options()) as client:
                 return await verify(args, client, client.vault(account.key), account.key, state_dir, cache_dir)
 
         report = trio.run(main)

@@ -446,7 +446,9 @@ class DataTokens:
         if isinstance(stream_url, str) and stream_url.startswith(("ws://", "wss://")):
             # (its close handshake bounded: a stream server that never answered it held a refused
             # download, and the read, for trio-websocket's default minute)
-            async with websocket(stream_url, connect_timeout=self.options.connect_timeout, disconnect_timeout=2) as ws:
+            async with websocket(
+                stream_url, self.options.server_uid, connect_timeout=self.options.connect_timeout, disconnect_timeout=2
+            ) as ws:
 
                 async def frames() -> AsyncIterator[bytes]:
                     from trio_websocket import ConnectionClosed

@@ -32,6 +32,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from privifs.client import shapes
+from privifs.client.peers import check_server_end
 from privifs.client.session import Session
 from privifs.client.transport import ClientOptions, Transport
 from privifs.errors import CommandPending, PrivifsError, UnknownCommand, VaultError, rejected_command
@@ -51,7 +52,7 @@ class JoinRefused(Exception):
 
 
 @asynccontextmanager
-async def websocket(url: str, **options) -> AsyncIterator:
+async def websocket(url: str, server_uid: int | None = None, **options) -> AsyncIterator:
     """``open_websocket_url``, whose TCP connection is closed when the block ends.
     trio-websocket's client waits for the server to close it after a close frame or a frame that
     breaks the protocol, and leaves it open on leaving its context: each such frame left a
@@ -59,11 +60,23 @@ async def websocket(url: str, **options) -> AsyncIterator:
     found it (helper hY F4)."""
     async with open_websocket_url(url, **options) as ws:
         try:
+            _check_server_end(ws, server_uid)
             yield ws
         finally:
             stream = getattr(ws, "_stream", None)  # (no public name for it)
             if ws.closed is not None and stream is not None:  # (open: closed politely on leaving)
                 await trio.aclose_forcefully(stream)
+
+
+def _check_server_end(ws, server_uid: int | None) -> None:
+    """Refuse a channel whose loopback server is not this user's program (client/peers.py) before
+    the caller sends its token over it."""
+    if server_uid is None:
+        return
+    local, remote = ws.local, ws.remote
+    if isinstance(local, str) or isinstance(remote, str):  # (a Unix socket: not a port to take)
+        return
+    check_server_end((str(local.address), local.port), (str(remote.address), remote.port), server_uid)
 
 
 class ChannelTimeout(Exception):
@@ -347,7 +360,11 @@ class EventHub:
 
     async def _session(self, joined, opening: trio.CancelScope) -> None:
         async with websocket(
-            self.url, connect_timeout=self.options.connect_timeout, disconnect_timeout=2, message_queue_size=4096
+            self.url,
+            self.options.server_uid,
+            connect_timeout=self.options.connect_timeout,
+            disconnect_timeout=2,
+            message_queue_size=4096,
         ) as ws:
             self._ws = ws
             send, recv = trio.open_memory_channel(10)

@@ -37,6 +37,8 @@ from urllib.parse import urlencode, urlsplit
 import h11
 import trio
 
+from privifs.client.peers import ForeignServer, check_socket
+
 KEEPALIVE = 5.0  # seconds an idle connection is kept (httpx's default)
 MAX_HEAD = 64 * 1024
 RECEIVE = 64 * 1024
@@ -304,8 +306,17 @@ def _keeps_alive(headers: Headers) -> bool:
 class LeanHTTP:
     """Plain-http calls with whole bodies (see the module docstring)."""
 
-    def __init__(self, *, timeout: float, connect_timeout: float, max_connections: int, user_agent: str):
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        max_connections: int,
+        user_agent: str,
+        server_uid: int | None = None,
+    ):
         self.timeout = timeout
+        self.server_uid = server_uid  # a loopback server's end must be this user's (peers.py)
         self.connect_timeout = connect_timeout
         self._slots = trio.Semaphore(max_connections)
         self._upload_slots = trio.Semaphore(max_connections)  # uploads: connections of their own
@@ -420,6 +431,11 @@ class LeanHTTP:
         except trio.TooSlowError:
             raise HTTPFailure(f"ConnectTimeout: no connection within {self.connect_timeout:g} s") from None
         except OSError as exc:
+            raise HTTPFailure(f"ConnectError: {exc}") from None
+        try:
+            check_socket(stream.socket, self.server_uid)
+        except (ForeignServer, OSError) as exc:
+            await trio.aclose_forcefully(stream)
             raise HTTPFailure(f"ConnectError: {exc}") from None
         self.opened += 1
         return _Connection(stream)

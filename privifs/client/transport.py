@@ -148,6 +148,11 @@ class ClientOptions:
     renew_margin: float = 60.0
     reauthorize_ttl: int = 86400
     lean_http: bool = True  # plain-http API calls through http11.LeanHTTP instead of httpx
+    # the user that must own the server's end of every loopback connection (the embedded engine
+    # this process runs: after it died, another user's program on its ports was sent the token
+    # and the password, helper hAD F1); None: not checked. Plain-http calls then always take
+    # the lean path, which checks it (client/peers.py).
+    server_uid: int | None = None
 
 
 _NO_ANSWER = ("without answering", "without sending a response")  # (ours, httpx's): no answer came
@@ -198,8 +203,9 @@ class Transport:
                 connect_timeout=options.connect_timeout,
                 max_connections=MAX_CONNECTIONS,
                 user_agent=f"privifs/{version()}",
+                server_uid=options.server_uid,
             )
-            if options.lean_http
+            if options.lean_http or options.server_uid is not None
             else None
         )
 
@@ -242,6 +248,8 @@ class Transport:
                 self.lean.origin(base)
             except ValueError:
                 lean = False  # let httpx name what is wrong with the URL
+        if not lean and self.options.server_uid is not None and base.startswith("http://"):
+            raise ConfigError(f"{what}: a call to {base} that cannot be checked to reach this user's engine")
         attempt = stalls = 0
         replayed = False
         down = self._down.get(base)

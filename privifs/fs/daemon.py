@@ -38,7 +38,6 @@ import trio
 
 from privifs import paths
 from privifs.account import open_account
-from privifs.client.transport import ClientOptions
 from privifs.client.vault import Vault
 from privifs.config import Config
 from privifs.crypto.sealed import local_key
@@ -337,7 +336,7 @@ class Daemon:
     async def _serve(self, account, links: trio.Nursery, ready) -> None:
         self.account = account
         key = account.key
-        link = VaultLink(ClientOptions(login_timeout=self.mcfg.server_timeout))
+        link = VaultLink(account.client_options(login_timeout=self.mcfg.server_timeout))
         vault = Vault(link, key)
         local = local_key(key)
         opts = self.mcfg.fs
