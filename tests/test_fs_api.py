@@ -259,6 +259,36 @@ async def test_o_trunc_and_o_append(kit):
     assert await kit.vault_tree() == {"log": b""}
 
 
+async def test_a_truncating_open_by_a_caller_other_than_root_clears_setuid_and_setgid(kit):
+    """As ext4 (the kernel's truncate) does: privifs truncates inside open, and the kernel then
+    sends no setattr that would clear them (helper hAD F3: a 6777 file stayed 6777 after
+    ``: > file`` by its owner or another user). Root keeps them; setgid stays on a file that is
+    not group-executable (mandatory locking's mark)."""
+    user = SimpleNamespace(uid=4100, gid=4100, pid=0, umask=0o022)
+    for mode, by, expected in (
+        (0o6777, user, 0o0777),
+        (0o6757, user, 0o0757),
+        (0o4700, user, 0o0700),
+        (0o2745, user, 0o2745),
+        (0o6777, CTX, 0o6777) if CTX.uid == 0 else (0o0777, CTX, 0o0777),
+    ):
+        await kit.write_file("tool", b"#!/bin/sh\n")
+        await kit.setattr("tool", mode=stat.S_IFREG | mode, uid=4100, gid=4100)
+        info = await kit.ops.open(await kit.ino("tool"), os.O_WRONLY | os.O_TRUNC, by)
+        await kit.ops.release(info.fh)
+        assert stat.S_IMODE((await kit.lookup("tool")).st_mode) == expected, (oct(mode), by.uid)
+    # the same through open(O_CREAT | O_TRUNC) of an existing name, the shell's ": > tool"
+    await kit.setattr("tool", mode=stat.S_IFREG | 0o6777)
+    info, attrs = await kit.ops.create(
+        ROOT_INO, b"tool", stat.S_IFREG | 0o644, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, user
+    )
+    await kit.ops.release(info.fh)
+    assert stat.S_IMODE((await kit.lookup("tool")).st_mode) == 0o0777
+    await kit.settle()
+    async with kit.fresh() as other:  # what the vault holds
+        assert stat.S_IMODE((await other.lookup("tool")).st_mode) == 0o0777
+
+
 async def test_a_read_only_handle_cannot_write(kit):
     await kit.write_file("r", b"data")
     fh = await kit.open_file("r", os.O_RDONLY)

@@ -614,7 +614,7 @@ class Filesystem:
         if existing is None or flags & os.O_EXCL:
             return self.create(parent_ino, name, mode, flags, owner)
         self._may_open(existing, flags, caller)
-        info = await self.open(existing.ino, flags)
+        info = await self.open(existing.ino, flags, caller)
         self.ns.looked_up(existing)
         return info, self.attrs(existing)
 
@@ -794,7 +794,7 @@ class Filesystem:
         info.keep_cache = node.ino not in self._direct_written
         return info
 
-    async def open(self, ino: int, flags: int) -> pyfuse3.FileInfo:
+    async def open(self, ino: int, flags: int, caller: Caller | None = None) -> pyfuse3.FileInfo:
         node = self.node(ino)
         if node.is_dir:
             raise fail(errno.EISDIR)
@@ -812,11 +812,23 @@ class Filesystem:
                 # also when empty: the header carries the new time (a release leaves the index's
                 # commit for later, and a restart takes the time from the header)
                 staged.sealed.truncate(0, stamp=now)
-                self.ns.set_attributes(node, size=0, mtime_ns=now, ctime_ns=now)
+                self.ns.set_attributes(
+                    node, size=0, mtime_ns=now, ctime_ns=now, **self._privileges_dropped(node, caller)
+                )
                 self.mark_content_dirty(node)
         elif accmode != os.O_WRONLY and self._size_unverified(node):
             await self._learn_size(node, fatal=accmode == os.O_RDONLY)
         return self._open_node(node, flags)
+
+    @staticmethod
+    def _privileges_dropped(node: Node, caller: Caller | None) -> dict[str, int]:
+        """A truncating open by a caller other than root clears set-user-ID, and set-group-ID on
+        a group-executable file, as the kernel's truncate does; it skips that for an open the
+        file system truncates itself (helper hAD F3: a setuid file stayed setuid)."""
+        if caller is None or caller.uid == 0:
+            return {}
+        drop = stat.S_ISUID | (stat.S_ISGID if node.mode & stat.S_IXGRP else 0)
+        return {"mode": node.mode & ~drop} if node.mode & drop else {}
 
     def _size_unverified(self, node: Node) -> bool:
         """Whether the node's size is only what its token's meta claims: a file stored whole

@@ -102,7 +102,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def open(self, inode, flags, ctx):
-        return await self.fs.open(inode, flags)
+        return await self.fs.open(inode, flags, Caller(ctx.uid, ctx.gid, ctx.pid))
 
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
