@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,23 +71,18 @@ def check_not_shared(path: Path) -> None:
     in it), or the file or its directory owned by another user than the caller and root. Such a
     user could point the configuration at a server and a key of their own and read what is
     stored next; ssh refuses its files in those cases too."""
-    path = path.absolute()
-    for p in (path, *path.parents):
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue  # missing: reported by whoever reads it
-        if st.st_mode & stat.S_IWOTH and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
-            raise ConfigError(
-                f"{p} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}): another user could "
-                f"replace the configuration or the keys beside it; run 'chmod o-w {p}'"
-            )
-        if p in (path, path.parent) and st.st_uid not in (os.geteuid(), 0):
-            raise ConfigError(
-                f"{p} belongs to another user (uid {st.st_uid}): that user could replace the "
-                f"configuration or the keys beside it; run privifs as that user, or use a "
-                f"configuration of your own"
-            )
+    shared = paths.shared_with_others(path)
+    if shared is None:
+        return
+    p, why = shared
+    raise ConfigError(
+        f"{p} {why}: another user could replace the configuration or the keys beside it; "
+        + (
+            f"run 'chmod o-w {p}'"
+            if "writable" in why
+            else "run privifs as that user, or use a configuration of your own"
+        )
+    )
 
 
 def default_config_path() -> Path:

@@ -82,6 +82,25 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def shared_with_others(path: Path) -> tuple[Path, str] | None:
+    """Whether another local user may replace ``path`` or what is in it: (the place, why), or
+    None. Refused: ``path`` or any directory above it writable by every user (a directory with
+    the sticky bit, like /tmp, is not: others cannot replace what is in it), ``path`` or its
+    directory owned by a user other than the caller and root. Missing places are not judged
+    (privifs makes them, 0700)."""
+    path = path.absolute()
+    for p in (path, *path.parents):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if st.st_mode & stat.S_IWOTH and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            return p, f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o})"
+        if p in (path, path.parent) and st.st_uid not in (os.geteuid(), 0):
+            return p, f"belongs to another user (uid {st.st_uid})"
+    return None
+
+
 def not_empty(mountpoint: Path) -> str | None:
     """Why ``mountpoint`` is refused for holding entries (a mount would hide them until the
     unmount), or None: empty, or not readable by this user (the mount itself tells then)."""

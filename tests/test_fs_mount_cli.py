@@ -908,6 +908,35 @@ def test_a_cache_or_state_directory_inside_the_mountpoint_is_refused_not_a_hang(
         m.cleanup()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making another user's directory needs root")
+def test_a_cache_directory_another_user_may_change_is_refused_and_nothing_is_deleted(tmp_path):
+    """Another user made the cache directory (in /tmp, say) and put an ``incoming`` link in it to
+    a directory of the victim's: the mount deleted the victim's files there (helper hAD F2). A
+    directory any user may write is refused the same way."""
+    m = Mount(tmp_path, None)
+    victim = tmp_path / "Documents"
+    victim.mkdir()
+    (victim / "thesis.txt").write_bytes(b"years of work")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    (theirs / "incoming").symlink_to(victim)
+    os.chown(theirs, 65534, 65534)
+    everyone = tmp_path / "everyone"
+    everyone.mkdir()
+    everyone.chmod(0o777)
+    try:
+        for cache, why in ((theirs, "belongs to another user (uid 65534)"), (everyone, "writable by every user")):
+            r = m.mount("--cache-dir", str(cache), check=False)
+            errors = [line for line in r.stderr.splitlines() if "error" in line]
+            assert r.returncode == 3 and len(errors) == 1, (cache, r.returncode, r.stderr)
+            assert why in errors[0] and "--cache-dir" in errors[0] and "Traceback" not in r.stderr
+            assert not is_mounted(m.dir)
+        assert (victim / "thesis.txt").read_bytes() == b"years of work"
+        assert os.listdir(everyone) == []
+    finally:
+        m.cleanup()
+
+
 def test_a_mountpoint_inside_the_state_or_cache_directory_is_refused_not_a_hang(engine, tmp_path):
     """Mounted over its own staging directory, the vault's first write there hung the writer
     and the daemon for good (helper hY); the other direction was already refused (above)."""

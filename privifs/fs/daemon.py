@@ -259,6 +259,7 @@ class Daemon:
         if await trio.to_thread.run_sync(os.path.ismount, self.mountpoint):
             raise LocalStoreError(f"{self.mountpoint} is already a mountpoint")
         self._check_local_dirs_outside_the_mount()
+        self._check_local_dirs_private()
         self._check_mountpoint_empty()
         made = paths.missing_dirs(self.state_dir), paths.missing_dirs(self.cache_dir)
         # a first mount here: no index, and nothing staged (with the index deleted, the staged
@@ -278,6 +279,26 @@ class Daemon:
         finally:
             lock.close()
 
+    def _local_dirs(self) -> list[tuple[str, Path]]:
+        dirs = [("state directory", self.state_dir), ("cache directory", self.cache_dir)]
+        if self.cfg.embedded:
+            dirs.append(("embedded engine's data directory", paths.embedded_engine_dir()))
+        return dirs
+
+    def _check_local_dirs_private(self) -> None:
+        """The daemon's own directories must not be another user's to change: in a cache
+        directory another user had made, a link they put there made the mount delete (and then
+        download into) a directory of the victim's (helper hAD F2)."""
+        for what, d in self._local_dirs():
+            shared = paths.shared_with_others(d)
+            if shared is not None:
+                place, why = shared
+                raise ConfigError(
+                    f"the {what} {d} cannot be used: {place} {why}, so another user could change what "
+                    "privifs keeps there; choose a directory of your own"
+                    + (" (--cache-dir)" if what.startswith("cache") else "")
+                )
+
     def _check_local_dirs_outside_the_mount(self) -> None:
         """The daemon's own files (index and staging, cache, the embedded engine's data) must not
         lie under the mountpoint: once mounted, every access to them would be a request to this
@@ -285,10 +306,7 @@ class Daemon:
         may the mountpoint lie inside them: mounted over the staging directory, the first write
         there hung the writer and the daemon for good (helper hY), and a mount over the cache
         or the engine's data hides their files from the daemon that uses them."""
-        dirs = [("state directory", self.state_dir), ("cache directory", self.cache_dir)]
-        if self.cfg.embedded:
-            dirs.append(("embedded engine's data directory", paths.embedded_engine_dir()))
-        for what, d in dirs:
+        for what, d in self._local_dirs():
             real = Path(os.path.abspath(d)).resolve()
             if real == self.mountpoint or self.mountpoint in real.parents:
                 raise ConfigError(
