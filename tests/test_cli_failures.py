@@ -513,3 +513,24 @@ def test_a_first_mount_over_a_directory_that_is_not_empty_makes_no_vault(tmp_pat
     assert r.returncode == 4 and "is not empty" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "config" / "privifs" / "config.toml").exists()
     assert not (tmp_path / "data" / "privifs" / "engine").exists()
+
+
+@pytest.mark.parametrize("no_link", [errno.EPERM, errno.EOPNOTSUPP])
+def test_secret_files_are_written_on_a_file_system_without_hard_links(tmp_path, monkeypatch, no_link):
+    """init published each secret with link(2), which a file system without hard links (vfat,
+    exFAT, a privifs mount) refuses: init failed with "Operation not permitted" (helper hAD F6).
+    The file is then created in place: 0600, whole, nothing left beside it, never overwritten."""
+    from privifs.crypto.keys import generate_aes_key_file, load_aes_key, write_secret_file
+
+    def no_hard_links(src, dst, **kw):
+        raise OSError(no_link, os.strerror(no_link))
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    key = generate_aes_key_file(tmp_path / "conf" / "aes.key")
+    assert load_aes_key(tmp_path / "conf" / "aes.key") == key
+    assert (tmp_path / "conf" / "aes.key").stat().st_mode & 0o777 == 0o600
+    write_secret_file(tmp_path / "conf" / "password", b"secret\n")
+    with pytest.raises(FileExistsError):
+        write_secret_file(tmp_path / "conf" / "password", b"other\n")
+    assert (tmp_path / "conf" / "password").read_bytes() == b"secret\n"
+    assert sorted(p.name for p in (tmp_path / "conf").iterdir()) == ["aes.key", "password"]

@@ -7,6 +7,7 @@ bytes, sent as 200 lowercase hex characters (reference section 6.2).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -22,18 +23,39 @@ SIGNED_KEY_TAG = bytes([0x31, 0x42, 0x05, 0x00])
 SIGNED_KEY_HEX_LEN = 200
 
 
-def write_secret_file(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 atomically (fails if it already exists)."""
-    private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` 0600 (failing if it exists) and write ``data`` to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_secret_file(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 atomically (fails if it already exists): written beside it
+    and linked in place. On a file system without hard links (vfat, exFAT, some FUSE file
+    systems, a privifs mount: helper hAD F6, init failed there) it is created in place instead,
+    still never over an existing file; a partial one left by a crash is refused when read."""
+    private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _write_new(tmp, data)
     try:
         os.link(tmp, path)
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        try:
+            _write_new(path, data)
+        except FileExistsError:
+            raise
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     finally:
         os.unlink(tmp)
 
