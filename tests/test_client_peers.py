@@ -89,6 +89,8 @@ def test_a_loopback_socket_of_another_user_is_told_apart_from_ours() -> None:
                     break
                 time.sleep(0.05)
             assert owner == (uid if uid is not None else os.geteuid())
+            # the fallback where netlink cannot be used reads the same from /proc/net/tcp
+            assert peers._listed_owner(conn.getsockname(), conn.getpeername()) == owner
             if uid is None:
                 peers.check_socket(conn, os.geteuid())
             else:
