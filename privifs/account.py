@@ -104,8 +104,11 @@ def open_account(cfg: Config):
         if not cfg.api:
             raise ConfigError(f"no server URL in {cfg.path}; run 'privifs init'")
         urls = cfg.endpoints()
+    account = Account(Endpoints.from_dict(urls), creds, key, engine)
+    if engine is not None:
+        engine.on_moved = account.endpoints.move_to
     try:
-        yield Account(Endpoints.from_dict(urls), creds, key, engine)
+        yield account
     finally:
         if engine is not None:
             engine.stop()

@@ -8,7 +8,9 @@ started it (``PR_SET_PDEATHSIG``), so a killed mount leaves no orphan; its data 
 
 :meth:`EmbeddedEngine.ensure` also watches the engine it hands out: when that engine dies (it
 crashed, was killed, or the other process that owned it stopped it), a watcher thread logs why and
-starts it again on the same ports and data directory, so the URLs the caller holds keep working.
+starts it again on the same ports and data directory, so the URLs the caller holds keep working;
+where another program took one of those ports meanwhile, on new ports, which it tells the caller
+(``on_moved``).
 The ports are also kept in ``<data-dir>/ports.json`` across stops: the next start takes them
 again where they are free, so other clients (other users' configurations on this machine: the
 engine listens on loopback only) that reach this vault through those URLs keep reaching it after
@@ -21,9 +23,11 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -37,6 +41,17 @@ log = logging.getLogger("privifs.embedded")
 WATCH_INTERVAL = 0.5
 LAST_PORTS = "ports.json"  # in the data directory: the ports of the engine's last run
 RESTART_BACKOFF_MAX = 30.0
+
+
+def _port_free(port: int) -> bool:
+    """Whether a loopback TCP port can be bound (the engine's own sockets are closed by then)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def flock_holder(path: Path) -> int | None:
@@ -73,6 +88,8 @@ class EmbeddedEngine:
         # (since when, why) its starts have failed, until one succeeds: for privifs status, which
         # said only that the server stopped answering (helper hL3: another program on its port)
         self.restart_failure: tuple[float, str] | None = None
+        # told the new URLs when a restart had to take new ports (their holders follow them)
+        self.on_moved: Callable[[dict[str, str]], None] | None = None
 
     def _locked_by_other(self) -> bool:
         lock = self.data_dir / "lock"
@@ -226,6 +243,26 @@ class EmbeddedEngine:
             return ""
         return lines[-1][:300] if lines else ""
 
+    def _start_again(self) -> None:
+        """Start the dead engine on its ports, or, where another program took one of them while
+        it was down, on new ones, which the URLs handed out then follow (:attr:`on_moved`):
+        another user's program could otherwise hold the vault offline for as long as it liked
+        (helper hAD F1; the clients send it nothing, client/peers.py)."""
+        ports = self._ports()
+        taken = [port for port in ports.values() if port and not _port_free(port)]
+        if not taken or not self.urls:
+            self.start(ports)
+            return
+        log.warning(
+            "the embedded engine's port%s %s %s taken by another program; starting it on new ports",
+            "s" if len(taken) > 1 else "",
+            ", ".join(map(str, taken)),
+            "are" if len(taken) > 1 else "is",
+        )
+        self.urls = self._start(None)
+        if self.on_moved is not None:
+            self.on_moved(dict(self.urls))
+
     def _watch(self) -> None:
         """The watcher thread: restart a dead engine on the same ports. It must not end before
         :meth:`stop` (an engine it started gets SIGTERM when its starting thread ends)."""
@@ -265,7 +302,7 @@ class EmbeddedEngine:
                     if running is not None and running == self.urls:
                         self.process = None
                     else:
-                        self.start(self._ports())
+                        self._start_again()
                     self.restarts += 1
                     self._restarting = False
                     self.restart_failure = None

@@ -306,3 +306,82 @@ def test_umount_while_the_embedded_engine_is_stopped_says_so_and_keeps_the_chang
         m.wait_idle(90)
         assert "staged.txt" in {t.get("fileName") or t.get("name") for t in m.tokens()}
         assert (m.dir / "staged.txt").read_text() == "kept across the stop"
+
+
+# Run as another user: binds 127.0.0.1:PORT as soon as it is free, keeps every byte sent to it,
+# and prints them (hex) once its standard input closes.
+SQUATTER = r"""
+import select, socket, sys, time
+port = int(sys.argv[1])
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as the engine: past TIME_WAIT)
+deadline = time.monotonic() + 20
+while True:
+    try:
+        listener.bind(("127.0.0.1", port))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            print("never bound", flush=True)
+            sys.exit(1)
+        time.sleep(0.001)
+listener.listen()
+print("bound", flush=True)
+received, conns = b"", []
+while True:
+    ready, _, _ = select.select([sys.stdin, listener] + conns, [], [], 60)
+    if sys.stdin in ready or not ready:
+        break
+    for r in ready:
+        if r is listener:
+            conns.append(listener.accept()[0])
+        elif chunk := r.recv(65536):
+            received += chunk
+        else:
+            conns.remove(r)
+print(received.hex(), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a program as another user needs root")
+def test_a_mount_whose_dead_engine_had_its_port_taken_moves_it_to_new_ports_and_sends_the_taker_nothing(
+    tmp_path,
+):
+    """Another user's program bound the embedded engine's port while it was down: the watcher
+    started it on the same ports for ever (failing), the mount stayed offline, and it sent the
+    program its token, then its password (helper hAD F1). Now the engine takes new ports, the
+    mount follows them, and the program gets no byte."""
+    import subprocess
+
+    from tests.mountkit import Mount
+
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else None
+    if python is None:
+        pytest.skip("no Python another user can run")
+    m = Mount(tmp_path / "user", None)
+    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
+    with m.mounted():
+        (m.dir / "before.txt").write_text("written before")
+        m.wait_idle(60)
+        urls = json.loads((data_dir / "urls.json").read_text())
+        api_port = int(urls["api"].rsplit(":", 1)[1])
+        squatter = subprocess.Popen(
+            [python, "-c", SQUATTER, str(api_port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            user=65534,
+        )
+        try:
+            os.kill(engine_pid(data_dir), signal.SIGKILL)
+            assert squatter.stdout.readline().strip() == b"bound"
+            (m.dir / "after.txt").write_text("written after the engine died")
+            m.wait_idle(90)
+            moved = json.loads((data_dir / "urls.json").read_text())
+            assert moved["api"] != urls["api"] and healthy(moved["api"])
+            assert "taken by another program; starting it on new ports" in m.log()
+            assert "after.txt" in {t.get("fileName") for t in m.tokens()}
+            assert (m.dir / "after.txt").read_text() == "written after the engine died"
+        finally:
+            out, _ = squatter.communicate(timeout=30)
+        assert out.strip() == b"", "the program on the engine's old port was sent something"

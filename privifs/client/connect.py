@@ -57,7 +57,7 @@ async def connect(
                 f"the Privicore server at {endpoints.api} did not answer within {options.login_timeout:g}s "
                 f"(it accepts connections but answers nothing); check that the server is running and answering"
             )
-        hub = EventHub(endpoints.ws, session, options)
+        hub = EventHub(endpoints.ws, session, options, endpoints)
         commands = Commands(transport, hub, options)
         session.await_command = lambda cid: commands.wait(cid, what="reauthorize")
         client = Client(

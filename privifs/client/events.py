@@ -34,7 +34,7 @@ from trio_websocket import open_websocket_url
 from privifs.client import shapes
 from privifs.client.peers import check_server_end
 from privifs.client.session import Session
-from privifs.client.transport import ClientOptions, Transport
+from privifs.client.transport import ClientOptions, Endpoints, Transport
 from privifs.errors import CommandPending, PrivifsError, UnknownCommand, VaultError, rejected_command
 
 log = logging.getLogger("privifs.client.events")
@@ -131,8 +131,9 @@ class Waiter:
 
 
 class EventHub:
-    def __init__(self, url: str | None, session: Session, options: ClientOptions):
-        self.url = url
+    def __init__(self, url: str | None, session: Session, options: ClientOptions, endpoints: Endpoints | None = None):
+        self._url = url
+        self._endpoints = endpoints  # followed when given (their ws URL may move)
         self.session = session
         self.options = options
         self.connected = False
@@ -157,7 +158,13 @@ class EventHub:
         self.down_reason: str | None = None
         session.on_token_change(lambda token: self._rejoin.set())
 
+    @property
+    def url(self) -> str | None:
+        """The channel's URL: the endpoints' when the hub follows them (see ``Endpoints.move_to``)."""
+        return self._endpoints.ws if self._endpoints is not None else self._url
+
     # -- waiters -------------------------------------------------------------------------------
+
     def register(self, type_: str, id_: str, waiter: Waiter | None = None) -> Waiter:
         """Wait for events of ``(type_, id_)``; pass ``waiter`` to add a key to an existing waiter."""
         key = (type_, id_)

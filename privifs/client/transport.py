@@ -112,6 +112,13 @@ class Endpoints:
         full = complete(d)
         return cls(api=full["api"] or "", ws=full["ws"], upstream=full["upstream"], downstream=full["downstream"])
 
+    def move_to(self, d: dict) -> None:
+        """Take other URLs in place (the embedded engine started again on new ports): every
+        client holding these endpoints reads them at its next call or connection. Safe to call
+        from another thread (each field is one assignment)."""
+        moved = Endpoints.from_dict(d)
+        self.api, self.ws, self.upstream, self.downstream = moved.api, moved.ws, moved.upstream, moved.downstream
+
 
 @dataclass
 class ClientOptions:
