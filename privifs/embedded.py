@@ -298,9 +298,19 @@ class EmbeddedEngine:
                         self.urls.get("api") if self.urls else "new ports",
                         self.data_dir / "engine.log",
                     )
-                    running = self.running_urls()  # another mount may have restarted it already
-                    if running is not None and running == self.urls:
+                    # another mount may have started it again already, maybe on other ports (its
+                    # were taken): that engine is adopted, URLs and all (helper hAE: a mount
+                    # whose URLs differed tried to start a second one and said ENGINE DOWN)
+                    running = self.running_urls()
+                    if running is not None:
                         self.process = None
+                        if running != self.urls:
+                            log.info(
+                                "the embedded engine runs again at %s, started by another process", running.get("api")
+                            )
+                            self.urls = running
+                            if self.on_moved is not None:
+                                self.on_moved(dict(running))
                     else:
                         self._start_again()
                     self.restarts += 1

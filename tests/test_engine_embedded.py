@@ -385,3 +385,32 @@ def test_a_mount_whose_dead_engine_had_its_port_taken_moves_it_to_new_ports_and_
         finally:
             out, _ = squatter.communicate(timeout=30)
         assert out.strip() == b"", "the program on the engine's old port was sent something"
+
+
+def test_a_watcher_adopts_the_engine_another_process_started_again_on_new_ports(tmp_path):
+    """A process's engine died while another process held the data directory (a slow start),
+    and that other process then started the engine on new ports (its old API port was taken).
+    The watcher found it running at other URLs than its own and tried to start a second one on
+    the locked data directory, failing for good (helper hAE: ENGINE DOWN in status while the
+    engine ran). It adopts the running engine and its URLs."""
+    user = EmbeddedEngine(tmp_path / "engine")
+    moved: list[dict] = []
+    user.on_moved = moved.append
+    other = EmbeddedEngine(tmp_path / "engine")
+    squat = socket.socket()
+    squat.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        urls = user.ensure()
+        with open(tmp_path / "engine" / "lock", "a+") as lock:
+            kill_and_take_its_lock(user.proc.pid, lock)
+            squat.bind(("127.0.0.1", int(urls["api"].rsplit(":", 1)[1])))
+            squat.listen()
+            wait_until(lambda: user.restart_failure is not None)  # its start fails meanwhile
+        new = other.ensure(watch=False)  # on new ports: the old API port is taken
+        assert new["api"] != urls["api"] and healthy(new["api"])
+        wait_until(lambda: user.urls == new and user.restart_failure is None)
+        assert moved == [new] and user.proc is None  # adopted, not started twice
+    finally:
+        squat.close()
+        other.stop()
+        user.stop()
