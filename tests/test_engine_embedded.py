@@ -387,6 +387,7 @@ def test_a_mount_whose_dead_engine_had_its_port_taken_moves_it_to_new_ports_and_
         assert out.strip() == b"", "the program on the engine's old port was sent something"
 
 
+@pytest.mark.slow
 def test_a_watcher_adopts_the_engine_another_process_started_again_on_new_ports(tmp_path):
     """A process's engine died while another process held the data directory (a slow start),
     and that other process then started the engine on new ports (its old API port was taken).
@@ -406,9 +407,14 @@ def test_a_watcher_adopts_the_engine_another_process_started_again_on_new_ports(
             squat.bind(("127.0.0.1", int(urls["api"].rsplit(":", 1)[1])))
             squat.listen()
             wait_until(lambda: user.restart_failure is not None)  # its start fails meanwhile
-        new = other.ensure(watch=False)  # on new ports: the old API port is taken
+            user._lock.acquire()  # (its next attempt waits until the other process started it)
+        try:
+            new = other.ensure(watch=False)  # on new ports: the old API port is taken
+        finally:
+            user._lock.release()
         assert new["api"] != urls["api"] and healthy(new["api"])
-        wait_until(lambda: user.urls == new and user.restart_failure is None)
+        # (its next attempt comes after its back-off, which its failed starts made longer)
+        wait_until(lambda: user.urls == new and user.restart_failure is None, timeout=90)
         assert moved == [new] and user.proc is None  # adopted, not started twice
     finally:
         squat.close()
