@@ -104,8 +104,10 @@ def engine_pid(data_dir) -> int | None:
     return None
 
 
-@pytest.mark.slow
-def test_a_mount_restarts_its_dead_embedded_engine_and_keeps_uploading(tmp_path):
+@contextlib.contextmanager
+def mounted_with_a_stored_file(tmp_path):
+    """A mount on its embedded engine with ``before.txt`` in the vault: (mount, the engine's data
+    directory, its URLs)."""
     from tests.mountkit import Mount
 
     m = Mount(tmp_path / "user", None)
@@ -113,7 +115,12 @@ def test_a_mount_restarts_its_dead_embedded_engine_and_keeps_uploading(tmp_path)
     with m.mounted():
         (m.dir / "before.txt").write_text("written before")
         m.wait_idle(60)
-        urls = json.loads((data_dir / "urls.json").read_text())
+        yield m, data_dir, json.loads((data_dir / "urls.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_mount_restarts_its_dead_embedded_engine_and_keeps_uploading(tmp_path):
+    with mounted_with_a_stored_file(tmp_path) as (m, data_dir, urls):
         pid = engine_pid(data_dir)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -354,17 +361,10 @@ def test_a_mount_whose_dead_engine_had_its_port_taken_moves_it_to_new_ports_and_
     mount follows them, and the program gets no byte."""
     import subprocess
 
-    from tests.mountkit import Mount
-
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else None
     if python is None:
         pytest.skip("no Python another user can run")
-    m = Mount(tmp_path / "user", None)
-    data_dir = tmp_path / "user" / "data" / "privifs" / "engine"
-    with m.mounted():
-        (m.dir / "before.txt").write_text("written before")
-        m.wait_idle(60)
-        urls = json.loads((data_dir / "urls.json").read_text())
+    with mounted_with_a_stored_file(tmp_path) as (m, data_dir, urls):
         api_port = int(urls["api"].rsplit(":", 1)[1])
         squatter = subprocess.Popen(
             [python, "-c", SQUATTER, str(api_port)],
