@@ -27,13 +27,18 @@ NO_HARD_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV)
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    """Create ``path`` 0600 (failing if it exists) and write ``data`` to disk."""
+    """Create ``path`` 0600 (failing if it exists) and write ``data`` to disk; a file it made and
+    could not fill is removed again."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def write_secret_file(path: Path, data: bytes) -> None:
@@ -49,13 +54,7 @@ def write_secret_file(path: Path, data: bytes) -> None:
     except OSError as exc:
         if exc.errno not in NO_HARD_LINKS:
             raise
-        try:
-            _write_new(path, data)
-        except FileExistsError:
-            raise
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        _write_new(path, data)
     finally:
         os.unlink(tmp)
 
