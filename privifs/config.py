@@ -74,12 +74,11 @@ def check_not_shared(path: Path) -> None:
     shared = paths.shared_with_others(path)
     if shared is None:
         return
-    p, why = shared
     raise ConfigError(
-        f"{p} {why}: another user could replace the configuration or the keys beside it; "
+        f"{shared.place} {shared.why}: another user could replace the configuration or the keys beside it; "
         + (
-            f"run 'chmod o-w {p}'"
-            if "writable" in why
+            f"run 'chmod o-w {shared.place}'"
+            if shared.writable
             else "run privifs as that user, or use a configuration of your own"
         )
     )

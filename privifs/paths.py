@@ -15,6 +15,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import platformdirs
 
@@ -82,12 +83,21 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def shared_with_others(path: Path) -> tuple[Path, str] | None:
-    """Whether another local user may replace ``path`` or what is in it: (the place, why), or
-    None. Refused: ``path`` or any directory above it writable by every user (a directory with
-    the sticky bit, like /tmp, is not: others cannot replace what is in it), ``path`` or its
-    directory owned by a user other than the caller and root. Missing places are not judged
-    (privifs makes them, 0700)."""
+class Shared(NamedTuple):
+    """Why another local user may replace a path: the ``place`` (it or a directory above it) and
+    ``why``; ``writable``: by every user (else it belongs to another user)."""
+
+    place: Path
+    why: str
+    writable: bool
+
+
+def shared_with_others(path: Path) -> Shared | None:
+    """Whether another local user may replace ``path`` or what is in it, or None. Refused:
+    ``path`` or any directory above it writable by every user (a directory with the sticky bit,
+    like /tmp, is not: others cannot replace what is in it), ``path`` or its directory owned by a
+    user other than the caller and root. Missing places are not judged (privifs makes them,
+    0700)."""
     path = path.absolute()
     for p in (path, *path.parents):
         try:
@@ -95,9 +105,9 @@ def shared_with_others(path: Path) -> tuple[Path, str] | None:
         except OSError:
             continue
         if st.st_mode & stat.S_IWOTH and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
-            return p, f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o})"
+            return Shared(p, f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o})", True)
         if p in (path, path.parent) and st.st_uid not in (os.geteuid(), 0):
-            return p, f"belongs to another user (uid {st.st_uid})"
+            return Shared(p, f"belongs to another user (uid {st.st_uid})", False)
     return None
 
 

@@ -292,9 +292,8 @@ class Daemon:
         for what, d in self._local_dirs():
             shared = paths.shared_with_others(d)
             if shared is not None:
-                place, why = shared
                 raise ConfigError(
-                    f"the {what} {d} cannot be used: {place} {why}, so another user could change what "
+                    f"the {what} {d} cannot be used: {shared.place} {shared.why}, so another user could change what "
                     "privifs keeps there; choose a directory of your own"
                     + (" (--cache-dir)" if what.startswith("cache") else "")
                 )
