@@ -259,9 +259,13 @@ class EmbeddedEngine:
             ", ".join(map(str, taken)),
             "are" if len(taken) > 1 else "is",
         )
-        self.urls = self._start(None)
+        self._move_to(self._start(None))
+
+    def _move_to(self, urls: dict[str, str]) -> None:
+        """The engine now answers at ``urls``: hand them out, and tell the caller (:attr:`on_moved`)."""
+        self.urls = urls
         if self.on_moved is not None:
-            self.on_moved(dict(self.urls))
+            self.on_moved(dict(urls))
 
     def _watch(self) -> None:
         """The watcher thread: restart a dead engine on the same ports. It must not end before
@@ -308,9 +312,7 @@ class EmbeddedEngine:
                             log.info(
                                 "the embedded engine runs again at %s, started by another process", running.get("api")
                             )
-                            self.urls = running
-                            if self.on_moved is not None:
-                                self.on_moved(dict(running))
+                            self._move_to(running)
                     else:
                         self._start_again()
                     self.restarts += 1
