@@ -890,6 +890,30 @@ def test_umount_of_a_busy_mount_refuses_and_leaves_it_working(engine, tmp_path):
         assert (m.dir / "open.txt").read_bytes() == b"before\nafter\n"
 
 
+def test_umount_while_programs_hold_files_open_says_busy_before_uploading(eng, tmp_path):
+    """While programs kept writing, 'privifs umount' uploaded for minutes and said nothing, then
+    learnt the mount was busy (helper hAE F2). It now asks first and names what is open; what is
+    pending keeps uploading, and nothing is lost."""
+    with Mount(tmp_path, eng.urls).mounted() as m:
+        eng.set_options(stream_bytes_per_second=20_000)  # the pending file takes minutes to upload
+        (m.dir / "slow.bin").write_bytes(os.urandom(2 << 20))
+        (m.dir / "sub").mkdir()
+        fd = os.open(m.dir / "sub" / "open.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, b"still writing\n")
+            r = privifs(m.env, "umount", str(m.dir), "--timeout", "600", check=False, timeout=60)
+            assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
+            assert f"programs have 1 file open in it ('{m.dir}/sub/open.txt';" in r.stderr, r.stderr
+            assert is_mounted(m.dir) and m.status()["pending_count"] >= 1
+        finally:
+            os.close(fd)
+        eng.set_options(stream_bytes_per_second=0)
+        assert "unmounted" in m.umount().stdout
+        m.mount()
+        assert (m.dir / "sub" / "open.txt").read_bytes() == b"still writing\n"
+        assert len((m.dir / "slow.bin").read_bytes()) == 2 << 20
+
+
 def test_a_cache_or_state_directory_inside_the_mountpoint_is_refused_not_a_hang(tmp_path):
     """A cache (or index and staging) under the mountpoint would be reached through the mount
     itself: the daemon waited for its own FUSE request and the first read hung for good."""

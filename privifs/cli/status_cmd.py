@@ -129,6 +129,7 @@ def run_umount(args: argparse.Namespace) -> int:
             f"the mount daemon for {args.mountpoint} did not answer (it is stopped: 'kill -CONT "
             f"{entry['pid']}' lets it go on); 'fusermount3 -u {args.mountpoint}' unmounts it anyway"
         )
+    _refuse_if_open(entry, args.mountpoint)
     progress = UploadProgress()
     result: dict = {}
     try:
@@ -177,6 +178,30 @@ def run_umount(args: argparse.Namespace) -> int:
         )
     print(f"unmounted {args.mountpoint}")
     return 0
+
+
+OPEN_LISTED = 3  # files umount names when programs hold some open
+
+
+def _refuse_if_open(entry: dict, mountpoint: Path) -> None:
+    """Refuse at once (exit 4, it stays mounted) when programs hold files open in the mount: the
+    kernel would refuse the unmount after the upload, which went on for minutes while they wrote.
+    A daemon that cannot say (older, or not answering) is left to the upload and the unmount."""
+    from privifs.fs.registry import control_request
+
+    try:
+        answers = list(control_request(entry, {"cmd": "open"}, timeout=ANSWER_TIMEOUT))
+    except OSError:
+        return
+    held = answers[-1].get("open") if answers else None
+    if not held:
+        return
+    shown = [f"{mountpoint}{p}".rstrip("/") if p.startswith("/") else p for p in held[:OPEN_LISTED]]
+    named = ", ".join(f"'{p}'" for p in shown) + (", …" if len(held) > OPEN_LISTED else "")
+    raise LocalFileError(
+        f"{mountpoint} is busy: programs have {count(len(held), 'file')} open in it ({named}; 'fuser -vm "
+        f"{mountpoint}' lists them): close them and try again; it stays mounted, and uploads what is pending"
+    )
 
 
 def _foreign(mountpoint: Path, what_to_do: str) -> ConfigError:
