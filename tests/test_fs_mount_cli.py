@@ -892,21 +892,25 @@ def test_umount_of_a_busy_mount_refuses_and_leaves_it_working(engine, tmp_path):
 
 def test_umount_while_programs_hold_files_open_says_busy_before_uploading(eng, tmp_path):
     """While programs kept writing, 'privifs umount' uploaded for minutes and said nothing, then
-    learnt the mount was busy (helper hAE F2). It now asks first and names what is open; what is
-    pending keeps uploading, and nothing is lost."""
+    learnt the mount was busy (helper hAE F2). It now looks first and names the programs and what
+    they hold; what is pending keeps uploading, and nothing is lost."""
     with Mount(tmp_path, eng.urls).mounted() as m:
         eng.set_options(stream_bytes_per_second=20_000)  # the pending file takes minutes to upload
         (m.dir / "slow.bin").write_bytes(os.urandom(2 << 20))
         (m.dir / "sub").mkdir()
         fd = os.open(m.dir / "sub" / "open.txt", os.O_WRONLY | os.O_CREAT, 0o644)
+        inside = subprocess.Popen(["sleep", "120"], cwd=m.dir / "sub")
         try:
             os.write(fd, b"still writing\n")
             r = privifs(m.env, "umount", str(m.dir), "--timeout", "600", check=False, timeout=60)
             assert r.returncode == 4, (r.returncode, r.stdout, r.stderr)
-            assert f"programs have 1 file open in it ('{m.dir}/sub/open.txt';" in r.stderr, r.stderr
+            assert f"(pid {os.getpid()}) has open '{m.dir}/sub/open.txt';" in r.stderr, r.stderr
+            assert f"sleep (pid {inside.pid}) works in '{m.dir}/sub' ('fuser -vm" in r.stderr, r.stderr
             assert is_mounted(m.dir) and m.status()["pending_count"] >= 1
         finally:
             os.close(fd)
+            inside.kill()
+            inside.wait(10)
         eng.set_options(stream_bytes_per_second=0)
         assert "unmounted" in m.umount().stdout
         m.mount()

@@ -15,7 +15,7 @@ from pathlib import Path
 from privifs.cli.failures import LocalFileError
 
 
-def _unescape(field: str) -> str:
+def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
@@ -29,13 +29,13 @@ def _mount_rows() -> list[list[str]]:
 
 def _mount_table() -> list[tuple[str, str]]:
     """(mountpoint, filesystem type) of every mount the kernel knows."""
-    return [(_unescape(r[1]), r[2]) for r in _mount_rows() if len(r) > 2]
+    return [(unescape(r[1]), r[2]) for r in _mount_rows() if len(r) > 2]
 
 
 def mount_options(mountpoint: str) -> set[str]:
     """The options /proc/mounts shows for the mount at ``mountpoint`` (as the table spells it)."""
     for row in _mount_rows():
-        if len(row) > 3 and _unescape(row[1]) == mountpoint:
+        if len(row) > 3 and unescape(row[1]) == mountpoint:
             return set(row[3].split(","))
     return set()
 

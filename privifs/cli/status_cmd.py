@@ -129,7 +129,7 @@ def run_umount(args: argparse.Namespace) -> int:
             f"the mount daemon for {args.mountpoint} did not answer (it is stopped: 'kill -CONT "
             f"{entry['pid']}' lets it go on); 'fusermount3 -u {args.mountpoint}' unmounts it anyway"
         )
-    _refuse_if_open(entry, args.mountpoint)
+    _refuse_if_held(args.mountpoint)
     progress = UploadProgress()
     result: dict = {}
     try:
@@ -180,28 +180,23 @@ def run_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-OPEN_LISTED = 3  # files umount names when programs hold some open
+HOLDERS_LISTED = 3  # how many of the programs keeping a mount busy umount names
 
 
-def _refuse_if_open(entry: dict, mountpoint: Path) -> None:
-    """Refuse at once (exit 4, it stays mounted) when programs hold files open in the mount: the
-    kernel would refuse the unmount after the upload, which went on for minutes while they wrote.
-    A daemon that cannot say (older, or not answering) is left to the upload and the unmount."""
-    from privifs.fs.registry import control_request
+def _refuse_if_held(mountpoint: Path) -> None:
+    """Refuse at once (exit 4, it stays mounted) when programs keep the mount busy: the kernel
+    refuses the unmount anyway, and it did so only after the upload, which went on for minutes
+    while they wrote (helper hAE F2). What only the kernel still holds (a read-ahead in flight
+    after its program closed the file) is no reason to refuse: those are not counted."""
+    from privifs.cli.holders import holders
 
-    try:
-        answers = list(control_request(entry, {"cmd": "open"}, timeout=ANSWER_TIMEOUT))
-    except OSError:
-        return
-    held = answers[-1].get("open") if answers else None
-    if not held:
-        return
-    shown = [f"{mountpoint}{p}".rstrip("/") if p.startswith("/") else p for p in held[:OPEN_LISTED]]
-    named = ", ".join(f"'{p}'" for p in shown) + (", …" if len(held) > OPEN_LISTED else "")
-    raise LocalFileError(
-        f"{mountpoint} is busy: programs have {count(len(held), 'file')} open in it ({named}; 'fuser -vm "
-        f"{mountpoint}' lists them): close them and try again; it stays mounted, and uploads what is pending"
-    )
+    held = holders(mount_path(mountpoint))
+    if held:
+        named = "; ".join(map(str, held[:HOLDERS_LISTED])) + ("; …" if len(held) > HOLDERS_LISTED else "")
+        raise LocalFileError(
+            f"{mountpoint} is busy: {named} ('fuser -vm {mountpoint}' lists them): close them and try "
+            "again; it stays mounted, and uploads what is pending"
+        )
 
 
 def _foreign(mountpoint: Path, what_to_do: str) -> ConfigError:

@@ -75,7 +75,6 @@ PROBE_TIMEOUT = 10.0  # a flush's one request asking whether a server counted un
 SILENT_GRACE = 20.0
 PROBE_TOKEN = "dtk-00000000-0000-0000-0000-000000000000"  # asked for by id: no such token
 CONTROL_SEND_TIMEOUT = 30.0  # a control client that reads nothing of an answer this long is let go
-RELEASE_GRACE = 2.0  # seconds umount waits for the kernel to release the files programs just closed
 
 
 def control_send_timeout() -> float:
@@ -520,20 +519,6 @@ class Daemon:
                 self.fs.abandon_reads()  # a read waiting for a stalled download held the FUSE loop 90 s
             pyfuse3.terminate()
 
-    async def open_files(self, grace: float = RELEASE_GRACE) -> list[str]:
-        """What programs hold open in the mount, asked by ``privifs umount`` before it uploads:
-        the unmount would be refused anyway, and while programs write, the upload before it went
-        on for minutes with the user told nothing (helper hAE F2). A file closed just before is
-        not counted: the kernel sends its RELEASE after close(2) returns, so this waits up to
-        ``grace`` seconds for the handles to go."""
-        if self.fs is None:
-            return []
-        for _ in range(int(grace / 0.05)):
-            if not self.fs.open_paths():
-                break
-            await trio.sleep(0.05)  # (a RELEASE has no event to wait on)
-        return self.fs.open_paths()
-
     async def detach(self, drain: float | None = None) -> str | None:
         """Unmount as umount(8) does, then end the FUSE loop as :meth:`unmount` does: None when
         done, or why not when the mountpoint is busy (a program has a file, or its working
@@ -947,8 +932,6 @@ class Daemon:
                 await self.refresher.refresh_once()
                 await self.refresher.told_kernel()
                 await send({"done": True})
-            elif cmd == "open":
-                await send({"open": await self.open_files()})
             elif cmd == "unmount":
                 busy = await self.detach(drain)
                 await send({"error": busy, "busy": True} if busy else {"done": True})

@@ -1323,16 +1323,6 @@ class Filesystem:
         self.park_staged(node)
         self.release_node(node)
 
-    def open_paths(self) -> list[str]:
-        """The paths of the files and directories programs hold open in the mount now (a handle
-        the kernel has not released), each once, in the order they were opened."""
-        nodes = [fh.node for fh in self.handles.values()]
-        for handle in self.dir_handles.values():
-            node = self.ns.get(handle if isinstance(handle, int) else handle[0])
-            if node is not None:
-                nodes.append(node)
-        return list(dict.fromkeys(self.path(node) for node in nodes))
-
     def release_left(self) -> int:
         """The FUSE connection has ended: release every handle the kernel had not released.
         close(2) does not wait for the daemon (RELEASE comes in the background), and an unmount
