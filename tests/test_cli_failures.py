@@ -534,3 +534,17 @@ def test_secret_files_are_written_on_a_file_system_without_hard_links(tmp_path, 
         write_secret_file(tmp_path / "conf" / "password", b"other\n")
     assert (tmp_path / "conf" / "password").read_bytes() == b"secret\n"
     assert sorted(p.name for p in (tmp_path / "conf").iterdir()) == ["aes.key", "password"]
+
+
+def test_a_live_mount_of_another_user_is_named_with_what_its_owner_or_root_can_do(monkeypatch):
+    """'privifs umount' of another user's live mount said 'fusermount3 -u DIR' unmounts it
+    anyway, which works only for the user who mounted it (helper hAD F7)."""
+    from privifs.cli import status_cmd
+
+    monkeypatch.setattr(status_cmd, "mount_options", lambda mp: {"rw", f"user_id={os.getuid() + 4242}"})
+    err = str(status_cmd._foreign(Path("/media/their drive"), "umount"))
+    assert f"daemon another user (uid {os.getuid() + 4242}) started: that user runs 'privifs umount " in err
+    assert "'/media/their drive'', or root 'umount '/media/their drive'' to unmount it anyway" in err
+    assert "fusermount3" not in err
+    err = str(status_cmd._foreign(Path("/media/their drive"), "status"))
+    assert err.endswith("that user runs 'privifs status '/media/their drive''"), err

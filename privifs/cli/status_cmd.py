@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -18,6 +19,7 @@ from privifs.cli.mounttable import (
     dead_mounts,
     is_dead_mount,
     is_fuse_mount,
+    mount_options,
     mount_path,
     my_mountpoints,
     privifs_mounts,
@@ -118,10 +120,7 @@ def run_umount(args: argparse.Namespace) -> int:
         # none of privifs's business; both were detached, lazily when busy
         if mount_path(args.mountpoint) in privifs_mounts():
             if not is_dead_mount(args.mountpoint):
-                raise _foreign(
-                    args.mountpoint,
-                    f"run 'privifs umount' there, or 'fusermount3 -u {args.mountpoint}' to unmount it anyway",
-                )
+                raise _foreign(args.mountpoint, "umount")
             return _unmount_dead(args.mountpoint, "its daemon had died")
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     if paths.pid_stopped(entry["pid"]):
@@ -199,12 +198,23 @@ def _refuse_if_held(mountpoint: Path) -> None:
         )
 
 
-def _foreign(mountpoint: Path, what_to_do: str) -> ConfigError:
+def _foreign(mountpoint: Path, command: str) -> ConfigError:
     """The error for a live privifs mount this user's registry does not hold (``status`` said it
-    was "not a privifs mount" while ``umount`` said this)."""
-    return ConfigError(
-        f"{mountpoint} is served by a privifs daemon this user did not start (another user or HOME): {what_to_do}"
-    )
+    was "not a privifs mount" while ``umount`` said this), with what its owner, or root, can do:
+    ``fusermount3 -u`` works only for the user who mounted it (helper hAD F7)."""
+    there = f"'privifs {command} {shlex.quote(str(mountpoint))}'"
+    owner = next((o.split("=", 1)[1] for o in mount_options(mount_path(mountpoint)) if o.startswith("user_id=")), None)
+    if owner is not None and owner != str(os.getuid()):
+        who = f"another user (uid {owner})"
+        how = f"that user runs {there}" + (
+            f", or root 'umount {shlex.quote(str(mountpoint))}' to unmount it anyway" if command == "umount" else ""
+        )
+    else:
+        who = "this user with another HOME"
+        how = f"run {there} with that HOME" + (
+            f", or 'fusermount3 -u {shlex.quote(str(mountpoint))}' to unmount it anyway" if command == "umount" else ""
+        )
+    return ConfigError(f"{mountpoint} is served by a privifs daemon {who} started: {how}")
 
 
 def _no_answer(mountpoint: str, pid: int, exc: OSError) -> PrivifsError:
@@ -339,7 +349,7 @@ def run_status(args: argparse.Namespace) -> int:
     if args.mountpoint is not None:
         if not entries and not dead:
             if candidates:  # a live privifs mount, but not one of this user's daemons
-                raise _foreign(args.mountpoint, f"run 'privifs status {shlex.quote(str(args.mountpoint))}' there")
+                raise _foreign(args.mountpoint, "status")
             raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     statuses = []
     silent = failed = False
