@@ -817,6 +817,11 @@ async def test_retired_parts_whose_deletion_cannot_be_recorded_wait_for_the_next
     kit.syncer.retire_parts(fmt.PARTS_CONTEXT, ["part-a", "part-b"])
     add_tombstone = kit.syncer.index.add_tombstone
 
+    async def listed_as_parts():  # (the vault's listing: no manifest names them; both are parts)
+        return set(), {"part-a", "part-b"}
+
+    monkeypatch.setattr(kit.syncer, "_named_in_the_vault", listed_as_parts)
+
     def full(token: str) -> None:
         raise DiskFullError("no space left on the device holding the index")
 
@@ -826,3 +831,56 @@ async def test_retired_parts_whose_deletion_cannot_be_recorded_wait_for_the_next
     monkeypatch.setattr(kit.syncer.index, "add_tombstone", add_tombstone)
     assert await kit.syncer.retire_due(now=float("inf")) == 2
     assert kit.syncer._retired == [] and {"part-a", "part-b"} <= set(kit.syncer.index.tombstones())
+
+
+async def forged_manifest_naming(t, victim, name: str) -> str:
+    """Another application with the key stores a valid manifest at ``name`` whose one part is
+    the ordinary file ``victim``'s token: its file reads as ``victim``'s bytes."""
+    data = await read_all(t, victim)
+    part = fmt.Part(victim.token, len(data), fmt.part_digest(fmt.part_key(KEY), 0, data))
+    forged = await PartStore(t.fs.vault).put_manifest(
+        fmt.Manifest(len(data), len(data), (part,)), FileMeta(name, "bin", "/", 0, f"/{name}")
+    )
+    await t.refresher.refresh_once()
+    assert await read_all(t, t.node(f"/{name}")) == data
+    return forged
+
+
+async def test_removing_a_file_whose_manifest_names_an_ordinary_file_keeps_that_file(account, tmp_path, small_parts):
+    """A manifest can name any token: one another application wrote, naming an ordinary file as
+    its part, had that file deleted from the vault a minute after its own file was removed
+    (helper hAG F1). Only parts privifs stored are retired with a manifest."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        await t.write_file("/precious.txt", b"years of work")
+        await t.wait_idle()
+        victim = t.node("/precious.txt")
+        await forged_manifest_naming(t, victim, "alias.bin")
+        t.unlink_node(1, "alias.bin")
+        await t.wait_idle()
+        assert await t.syncer.retire_due(now=float("inf")) == 0
+        await t.wait_idle()
+        assert victim.token in {i.token async for i in t.client.tokens.list()}
+        assert await read_all(t, victim) == b"years of work"
+
+
+async def test_token_rm_of_a_manifest_deletes_only_its_own_parts_no_other_manifest_names(
+    account, tmp_path, small_parts
+):
+    """``privifs token rm`` of a manifest deleted every token it named at once: an ordinary file
+    a forged one named (helper hAG F1), and the parts a copy of the manifest still named."""
+    async with inprocess_fs(tmp_path, *account, key=KEY) as t:
+        await t.write_file("/precious.txt", b"years of work")
+        big = await big_file(t, "big.bin")
+        await t.wait_idle()
+        victim = t.node("/precious.txt")
+        store = PartStore(t.fs.vault)
+        forged = await forged_manifest_naming(t, victim, "alias.bin")
+        await store.delete(forged, await store.manifest(forged))
+        assert victim.token in {i.token async for i in t.client.tokens.list()}
+        m = await store.manifest(big.token)
+        copy = await store.put_manifest(m, FileMeta("copy.bin", "bin", "/", 0, "/copy.bin"))
+        await store.delete(big.token, m)
+        _, parts = await vault_state(t)
+        assert {p.token for p in m.parts} == {i.token for i in parts}  # the copy still names them
+        await store.delete(copy, m)
+        assert await vault_state(t) == ([], [])

@@ -1180,7 +1180,7 @@ class Syncer:
         if not by_context:
             return 0
         try:
-            named = await self._named_in_the_vault()
+            named, parts_listed = await self._named_in_the_vault()
         except PrivifsError as exc:
             log.info("retired parts wait for the next round: %s", exc)
             return 0
@@ -1190,6 +1190,11 @@ class Syncer:
                 for part in parts:
                     if part in named:
                         log.info("a part a rewrite stopped naming is kept: another manifest names it")
+                    elif part not in parts_listed:
+                        # a manifest can name any token: another application's naming an
+                        # ordinary file had that file deleted with it (helper hAG F1); a part
+                        # already gone needs nothing, and one the listings missed is collected
+                        log.info("token %s a manifest named is not a part privifs stored; not deleted", part)
                     else:
                         self._tombstone(part)
                         gone += 1
@@ -1203,9 +1208,10 @@ class Syncer:
             log.warning("could not record the end of retired parts (%s); the next start retires them again", exc)
         return gone
 
-    async def _named_in_the_vault(self) -> set[str]:
+    async def _named_in_the_vault(self) -> tuple[set[str], set[str]]:
         """The parts named by the vault's manifests that are not going away (not deleted or being
-        deleted by this mount), wherever they are, from two listings read one after the other.
+        deleted by this mount), wherever they are, from two listings read one after the other;
+        and the tokens those listings show as parts privifs stored (:func:`is_part`).
         This mount's own live manifests count too: when two clients rewrote one big file at
         once, the writer whose version became the conflict copy and that then rewrote the plain
         one (the other's version) retired parts its own conflict copy still named; skipped as
@@ -1215,11 +1221,15 @@ class Syncer:
         while it is read makes a page start one token later, so a manifest can be missing from
         one, and the parts it names were deleted under its file."""
         named: set[str] = set()
+        parts_listed: set[str] = set()
         going = self.index.tombstones()
         listed: dict[str, frozenset[str]] = {}
         for _ in range(2):
             async for info in self.tokens.list():
-                if not is_manifest(info) or is_part(info) or info.token in going or info.token in listed:
+                if is_part(info):
+                    parts_listed.add(info.token)
+                    continue
+                if not is_manifest(info) or info.token in going or info.token in listed:
                     continue
                 if info.token in self.recently_deleted:  # deleted here; a listing may still show it
                     continue
@@ -1241,7 +1251,7 @@ class Syncer:
                 listed[info.token] = parts
                 named.update(parts)
         self._manifest_parts = listed  # those still in the vault
-        return named
+        return named, parts_listed
 
     async def _parts_named(self, info: TokenInfo) -> list[str]:
         """The part tokens the manifest ``info`` names. One that decodes but is not the manifest

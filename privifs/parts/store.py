@@ -24,7 +24,7 @@ from privifs.client.datatokens import DataTokens, FileMeta, whole_listing
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Reader, Vault
 from privifs.crypto import digest
-from privifs.errors import IntegrityError, VaultError, single_error
+from privifs.errors import IntegrityError, PrivifsError, VaultError, single_error
 from privifs.fs.tokenmeta import split_context
 from privifs.parts import format as fmt
 from privifs.zeros import all_zero
@@ -238,10 +238,22 @@ class PartStore:
 
     # -- delete and collect --------------------------------------------------------------------
     async def delete(self, token: str, manifest: fmt.Manifest | None) -> None:
-        """Delete a manifest token, then its parts (a part left behind is collected later)."""
+        """Delete a manifest token, then the parts it names that are privifs's parts and that no
+        other manifest names (a part left behind is collected later). A manifest can name any
+        token: one another application wrote naming an ordinary file deleted that file (helper
+        hAG F1), and a copy of a manifest lost its parts with the original."""
         await self.tokens.delete(token)
-        for part in manifest.tokens() if manifest else ():
-            await self.tokens.delete(part)
+        mine = set(manifest.tokens()) if manifest else set()
+        if not mine:
+            return
+        infos = [i async for i in self.tokens.list()]
+        try:
+            going = await self.unreferenced(infos, min_age=0)
+        except PrivifsError:
+            return  # a manifest that cannot be read protects what it may name: left to collection
+        for info in going:
+            if info.token in mine:
+                await self.tokens.delete(info.token)
 
     async def unreferenced(
         self, infos: list[TokenInfo], *, min_age: float = COLLECT_MIN_AGE, now: float | None = None
