@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shutil
 
 import pyfuse3
 import pytest
@@ -79,6 +80,35 @@ def test_the_kernel_serves_the_whole_content_of_a_token_stating_a_smaller_size_a
         assert checked.returncode == 0, checked.stdout + checked.stderr  # a claim is no damage, but it is said
         assert "note: /short.txt: its meta states 3 bytes, its verified content has 14" in checked.stdout
         assert "0 damaged, 2 state another size than their content's" in checked.stdout
+
+
+@pytest.mark.parametrize("stated", [0, 5, 500])
+def test_an_append_by_a_write_only_open_and_seek_end_keeps_another_apps_content(engine, tmp_path, stated):
+    """Opened for writing only, a token whose meta states another size kept the claim: seek to
+    the end then write, an append, wrote over the content (or past a run of zeros), and that
+    went to the vault (helper hAG F2)."""
+    m = Mount(tmp_path / "m", engine.urls)
+    with m.mounted():
+
+        async def store() -> None:
+            credentials = PasswordCredentials(m.username, "correct-horse-battery")
+            async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
+                await Remote(client, load_aes_key(m.key_file)).put_stating("log.txt", CONTENT, stated)
+
+        trio.run(store)
+        m.refresh()
+        fd = os.open(m.dir / "log.txt", os.O_WRONLY)
+        try:
+            assert os.lseek(fd, 0, os.SEEK_END) == len(CONTENT)
+            os.write(fd, b"; appended")
+        finally:
+            os.close(fd)
+        assert (m.dir / "log.txt").read_bytes() == CONTENT + b"; appended"
+        m.wait_idle()
+        m.umount()
+        shutil.rmtree(m.root / "cache")
+        m.mount()
+        assert (m.dir / "log.txt").read_bytes() == CONTENT + b"; appended"
 
 
 async def test_a_file_written_here_while_its_open_downloads_keeps_the_size_written(kit):

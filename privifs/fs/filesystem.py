@@ -816,7 +816,9 @@ class Filesystem:
                     node, size=0, mtime_ns=now, ctime_ns=now, **self._privileges_dropped(node, caller)
                 )
                 self.mark_content_dirty(node)
-        elif accmode != os.O_WRONLY and self._size_unverified(node):
+        elif self._size_unverified(node):
+            # also for writing only: lseek(SEEK_END) then write, an append, took the claimed size
+            # and wrote over another application's content (helper hAG F2)
             await self._learn_size(node, fatal=accmode == os.O_RDONLY)
         return self._open_node(node, flags)
 
@@ -850,7 +852,8 @@ class Filesystem:
         open (``fatal``) fails it (its errno, logged as a read's): the first read would meet it
         again, and the kernel, which holds only the claimed size, never asks for a file claimed
         empty (it read as empty, with no error, when the cache's disk could not hold it). One
-        opened for writing too is still opened (it may be truncated, which needs no download)."""
+        opened for writing is still opened (it may be truncated, which needs no download; a
+        write needs the content and meets the failure then)."""
         token = node.token
         try:
             sealed = await self._fetch_following(node)
