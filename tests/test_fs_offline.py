@@ -390,6 +390,37 @@ def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answe
         eng.stop()
 
 
+def test_a_key_check_another_application_deleted_does_not_lock_machines_out_of_their_vault(engine, tmp_path):
+    """Another application deleted the vault's key-check token, and the next privifs command made
+    a new one: every machine that had mounted the vault refused to mount it again, 'another
+    vault than this mount's', until its vault-checked file was removed by hand (helper hAG F3).
+    The vault's files this mount knows show it is the same vault; another vault is still refused
+    (test_another_vault_behind_the_same_server_and_name_takes_no_upload_and_empties_no_tree)."""
+    from privifs.fs.tokenmeta import RESERVED_CONTEXT
+    from privifs.keycheck import key_checks
+
+    m = Mount(tmp_path / "m", engine.urls)
+    with m.mounted():
+        (m.dir / "kept.txt").write_text("in the vault all along")
+        m.wait_idle()
+
+    async def delete_the_key_check() -> None:
+        credentials = PasswordCredentials(m.username, "correct-horse-battery")
+        async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
+            checks = key_checks([i async for i in client.tokens.list(context=RESERVED_CONTEXT)])
+            assert len(checks) == 1
+            await client.tokens.delete(checks[0].token)
+
+    trio.run(delete_the_key_check)
+    assert "kept.txt" in {t["fileName"] for t in m.tokens()}  # (this command makes a new key check)
+    with m.mounted():
+        assert (m.dir / "kept.txt").read_text() == "in the vault all along"
+        (m.dir / "new.txt").write_text("uploaded as ever")
+        m.wait_idle()
+        assert "is gone (deleted by another application?), but the vault still holds 1 of the files" in m.log()
+    assert {"kept.txt", "new.txt"} <= {t["fileName"] for t in m.tokens()}
+
+
 @pytest.mark.slow
 def test_another_vault_behind_the_same_server_and_name_takes_no_upload_and_empties_no_tree(tmp_path):
     """The server's data replaced while mounted (another engine on its ports, the same user name

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from privifs.client.connect import connect
-from privifs.client.datatokens import DataTokens, FileMeta, find
+from privifs.client.datatokens import DataTokens, FileMeta, find, find_each
 from privifs.client.shapes import TokenInfo
 from privifs.client.transport import ClientOptions
 from privifs.crypto.keys import key_id
@@ -51,6 +51,7 @@ from privifs.errors import (
 from privifs.fs.tokenmeta import RESERVED_CONTEXT
 from privifs.keycheck import key_checks
 from privifs.supervise import Supervisor
+from privifs.words import count
 
 if TYPE_CHECKING:
     from privifs.account import Account
@@ -62,6 +63,7 @@ log = logging.getLogger("privifs.fs.connector")
 MARKER = "vault-checked"
 FIRST_RETRY = 1.0
 MAX_RETRY = 60.0
+KNOWN_ASKED = 5  # files this mount knows asked for by id when its key check is gone (no listing at hand)
 
 
 class VaultLink:
@@ -362,17 +364,44 @@ class Connector:
         recorded = checked_vault(self.state_dir, self.account.key)
         if recorded is None:
             return
+        whole = infos
         if infos is None:
             infos = [i async for i in tokens.list(context=RESERVED_CONTEXT)]
         checks = [i.token for i in key_checks(infos)]
         if recorded in checks or await find(tokens, recorded) is not None:  # (a listing may skip a token)
             return
+        known = len(self.refresher.ns.by_token)
+        held = await self._known_files_held(tokens, whole)
+        if held:
+            # the key check alone was deleted (another application's clean-up): the vault's files
+            # this mount knows, named by ids the server made, are still there. Refused, every
+            # machine that had mounted the vault was locked out of it (helper hAG F3)
+            log.warning(
+                "the vault's key check %s, recorded when this machine last checked it, is gone (deleted by "
+                "another application?), but the vault still holds %d of the files this mount knows: the same "
+                "vault; its key check is now %s",
+                recorded,
+                held,
+                ", ".join(checks) or "made anew",
+            )
+            return
+        files = f"it holds none of the {count(known, 'file')} this mount knows" if known else "no file to compare"
         raise VaultChanged(
             f"the server at {self.account.endpoints.api} answers with another vault than this mount's: the key "
-            f"check {recorded} it was checked with is gone (the vault has {', '.join(checks) or 'none'}); nothing "
-            f"is uploaded to it or taken from its listing. If that vault is the one to use from now on, unmount "
-            f"and remove {marker_path(self.state_dir)}; what is staged here is then uploaded to it"
+            f"check {recorded} it was checked with is gone (the vault has {', '.join(checks) or 'none'}), and "
+            f"{files}; nothing is uploaded to it or taken from its listing. If that vault is the one to use from "
+            f"now on, unmount and remove {marker_path(self.state_dir)}; what is staged here is then uploaded to it"
         )
+
+    async def _known_files_held(self, tokens: DataTokens, infos: list[TokenInfo] | None) -> int:
+        """How many of the files this mount knows the vault holds: those the whole listing
+        (``infos``) shows, or without it, of :data:`KNOWN_ASKED` asked for by id. A token id is
+        the server's, never reused: another vault holds none of them, so one is proof enough."""
+        known = list(self.refresher.ns.by_token)
+        if infos is not None:
+            listed = {i.token for i in infos}
+            return sum(t in listed for t in known)
+        return len(await find_each(tokens, known[:KNOWN_ASKED]))
 
     async def _still_the_vault(self, tokens: DataTokens) -> None:
         """After a new login while connected (the server forgot the session: restarted, or
