@@ -661,3 +661,27 @@ def test_mv_and_put_refuse_a_name_a_directory_cannot_hold_and_get_says_why_it_ca
     r = run(user, "token", "get", token, "/proc/version", check=False)
     assert r.returncode == 4 and r.stderr.count("\n") == 1, r.stderr
     assert "No such file or directory" not in r.stderr and "/proc" in r.stderr and "proc" in r.stderr, r.stderr
+
+
+def test_token_ls_shows_a_name_with_terminal_escapes_and_line_breaks_escaped(user, tmp_path):
+    """Another application's token name was printed byte for byte: an escape sequence in it
+    changed the terminal's title and colours, a line break split its row (helper hAG L1)."""
+    src = tmp_path / "x.txt"
+    src.write_bytes(b"x")
+
+    async def store() -> None:
+        from privifs.client.datatokens import FileMeta
+        from privifs.client.vault import Vault
+        from privifs.crypto.keys import load_aes_key
+
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], user["PRIVICORE_PASSWORD"])
+        urls = {k: user[f"PRIVICORE_{k.upper()}_URL"] for k in ("api", "ws", "upstream", "downstream")}
+        async with connect(Endpoints.from_dict(urls), credentials) as client:
+            key = load_aes_key(tmp_path / "config" / "privifs" / "aes.key")
+            name = "evil\x1b]0;TITLE\x07\x1b[31mred\nsecond\u202eline"
+            await Vault(client.tokens, key).put_bytes(b"x", FileMeta(name, "", "/odd", 1, "/odd/" + name))
+
+    trio.run(store)
+    rows = [line for line in run(user, "token", "ls").stdout.splitlines() if "/odd/" in line]
+    assert len(rows) == 1 and "\x1b" not in rows[0] and "\x07" not in rows[0], rows
+    assert rows[0].endswith("/odd/evil\\x1b]0;TITLE\\x07\\x1b[31mred\\nsecond\\u202eline"), rows

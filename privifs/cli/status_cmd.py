@@ -28,7 +28,7 @@ from privifs.cli.mounttable import (
 )
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
-from privifs.words import count, verb
+from privifs.words import count, printable, verb
 
 EVENTS_GRACE = 30.0  # seconds the event channel may be down (a reconnect) before status names it
 ANSWER_TIMEOUT = 30.0  # longest silence of a daemon's control socket during umount's flush
@@ -469,7 +469,7 @@ def print_status(st: dict) -> None:
     if "xattrs" in st:  # (a daemon before --xattrs does not say)
         print("  xattrs:       " + ("stored (--xattrs)" if st["xattrs"] else "off (EOPNOTSUPP; --xattrs stores them)"))
     for p in st["pending"][:PENDING_LISTED]:
-        print(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
+        print(f"    {printable(p['path'])}  {p['size']} bytes  {p['kind']}  {p['state']}")
     if changes > PENDING_LISTED:
         print(f"    … and {changes - PENDING_LISTED} more")
     print(

@@ -39,6 +39,7 @@ from privifs.fs.tokenmeta import KIND_DIR, KIND_FILE, KIND_SYMLINK, RESERVED_CON
 from privifs.keycheck import verify_key
 from privifs.parts import format as fmt
 from privifs.parts.store import THRESHOLD, PartStore, is_manifest
+from privifs.words import printable
 from privifs.zeros import all_zero
 
 PIECE = 1024 * 1024
@@ -161,7 +162,7 @@ async def _ls(args, client, vault) -> int:
         else:
             created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at)) if info.created_at else "-"
             size = "-" if info.size is None else str(info.size)
-            print(f"{info.token}  {size:>12}  {created}  {info.context.rstrip('/')}/{info.file_name}")
+            print(f"{info.token}  {size:>12}  {created}  {printable(info.context.rstrip('/') + '/' + info.file_name)}")
     return 0
 
 

@@ -51,6 +51,7 @@ from privifs.keycheck import KEYCHECK_PATH, naming_check, prove_key
 from privifs.parts import format as fmt
 from privifs.parts.format import MARK
 from privifs.parts.store import PartStore, is_manifest, is_part, maybe_unmarked_manifest
+from privifs.words import printable
 
 PROBLEMS_EXIT = 3
 PARALLEL = 4
@@ -107,7 +108,7 @@ class Report:
     replaced: int = 0  # files of the local index another client replaced (a newer token at their place)
 
     def line(self, kind: str, text: str) -> None:
-        print(f"{kind}: {text}", flush=True)
+        print(f"{kind}: {printable(text)}", flush=True)
 
 
 def read_index(state_dir: Path) -> tuple[dict[str, LocalFile], set[str], set[str]] | None:
