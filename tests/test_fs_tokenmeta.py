@@ -53,6 +53,16 @@ def test_numbers_from_other_applications_past_64_bits_or_negative_ids_read_as_ab
     assert (a.mtime_ns, a.atime_ns, a.uid, a.gid) == (2**63 - 1, -(2**63), 0, 2**32 - 2)
 
 
+def test_a_mode_outside_what_a_mode_holds_reads_as_absent_not_as_every_bit_set():
+    """A ``privifs.mode`` of -1 or 77777777 from another application showed as 07777
+    (``-rwsrwsrwt``: set-user-ID and set-group-ID set) where the docs say such a number reads as
+    absent (helper hAG L4); 4755 stays 4755."""
+    for junk in ("-1", "77777777", "10000", "999", "rw-"):
+        assert tokenmeta.attributes(_info({"privifs.mode": junk})).mode is None, junk
+    assert tokenmeta.attributes(_info({"privifs.mode": "4755"})).mode == 0o4755
+    assert tokenmeta.attributes(_info({"privifs.mode": "0"})).mode == 0
+
+
 def test_a_listed_size_that_is_negative_or_past_64_bits_is_no_size():
     base = {"token": "dtk-1", "context": "/", "fileName": "f"}
     for junk in (-1, 2**63, 10**30, "1e9", float("inf"), float("nan"), [1]):

@@ -142,9 +142,7 @@ def attributes(info: TokenInfo) -> Attributes:
             return None
         return value if low <= value <= high else None
 
-    mode = num("privifs.mode", 8)
-    if mode is not None:
-        mode &= 0o7777
+    mode = num("privifs.mode", 8, low=0, high=0o7777)  # (-1 read as 07777: set-user-ID and all)
     mtime = num("privifs.mtime")
     if mtime is None and info.created_at is not None:
         created = int(info.created_at * 1e9)
