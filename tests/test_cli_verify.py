@@ -329,3 +329,34 @@ async def test_a_file_another_client_replaced_is_not_reported_missing(kit, when)
     report = await verify(args, client, client.vault(kit.key), kit.key, kit.state, kit.state / "no-cache")
     assert report.missing == [] and report.damaged == [], report
     assert report.replaced + report.gone == 1, report
+
+
+def test_verify_names_other_applications_tokens_in_the_reserved_context(user, tmp_path):
+    """Another application's token put in /.privifs (or under it, not named as a part) is shown by
+    no mount; nothing said so (helper hAG L2). verify names each, and the key check and parts are
+    not among them."""
+    import trio
+
+    from privifs.client.connect import connect
+    from privifs.client.datatokens import FileMeta
+    from privifs.client.session import PasswordCredentials
+    from privifs.client.transport import Endpoints
+    from privifs.client.vault import Vault
+    from privifs.crypto.keys import load_aes_key
+
+    async def store() -> None:
+        credentials = PasswordCredentials(user["PRIVICORE_USERNAME"], user["PRIVICORE_PASSWORD"])
+        urls = {k: user[f"PRIVICORE_{k.upper()}_URL"] for k in ("api", "ws", "upstream", "downstream")}
+        async with connect(Endpoints.from_dict(urls), credentials) as client:
+            vault = Vault(client.tokens, load_aes_key(tmp_path / "config" / "privifs" / "aes.key"))
+            for context, name in (("/.privifs", "c8.txt"), ("/.privifs/parts", "c9.txt")):
+                await vault.put_bytes(b"theirs", FileMeta(name, "txt", context, 6, f"{context}/{name}"))
+
+    privifs(user, "token", "ls")  # (makes the key check)
+    trio.run(store)
+    r = privifs(user, "verify", check=False)
+    notes = [line for line in r.stdout.splitlines() if "which privifs keeps for its own tokens" in line]
+    assert len(notes) == 2, r.stdout
+    assert notes[0].startswith("note: /.privifs/c8.txt (token dtk-")
+    assert notes[1].startswith("note: /.privifs/parts/c9.txt (token dtk-")
+    assert "2 in /.privifs, which mounts do not show" in r.stdout and r.returncode == 0, (r.returncode, r.stdout)

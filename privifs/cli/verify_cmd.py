@@ -47,7 +47,7 @@ from privifs.crypto.sealed import SealedFile, local_key
 from privifs.errors import IntegrityError, NotFoundError, PrivifsError
 from privifs.fs.names import entry_name
 from privifs.fs.tokenmeta import RESERVED_CONTEXT, same_context, split_context
-from privifs.keycheck import KEYCHECK_PATH, naming_check, prove_key
+from privifs.keycheck import KEYCHECK_PATH, key_checks, naming_check, prove_key
 from privifs.parts import format as fmt
 from privifs.parts.format import MARK
 from privifs.parts.store import PartStore, is_manifest, is_part, maybe_unmarked_manifest
@@ -106,6 +106,7 @@ class Report:
     unnamed_bytes: int = 0
     gone: int = 0  # tokens deleted while the check ran (a mount replaced or removed their files): no damage
     replaced: int = 0  # files of the local index another client replaced (a newer token at their place)
+    reserved: int = 0  # other applications' tokens in privifs's reserved context, which mounts do not show
 
     def line(self, kind: str, text: str) -> None:
         print(f"{kind}: {printable(text)}", flush=True)
@@ -233,6 +234,20 @@ async def check_keycheck(vault: Vault, infos: list[TokenInfo], report: Report) -
         )
 
 
+def note_reserved(infos: list[TokenInfo], report: Report) -> None:
+    """Name the tokens in privifs's reserved context that are neither a key check nor a part:
+    another application's, put there, vanished from every mount without a word (helper hAG L2)."""
+    top = split_context(RESERVED_CONTEXT)
+    for info in infos:
+        if split_context(info.context)[: len(top)] == top and not is_part(info) and not key_checks([info]):
+            report.reserved += 1
+            report.line(
+                "note",
+                f"{listed_path(info)} (token {info.token}) is in {RESERVED_CONTEXT}, which privifs keeps for its own "
+                "tokens: no mount shows it ('privifs token get' reads it, 'privifs token mv' moves it out)",
+            )
+
+
 async def repair(
     client, vault: Vault, info: TokenInfo, local: LocalFile | None, cache_dir: Path, key: bytes, path: str
 ) -> str:
@@ -288,6 +303,7 @@ async def verify(
     report = Report()
     infos = [info async for info in client.tokens.list()]
     await check_keycheck(vault, infos, report)
+    note_reserved(infos, report)
     listed = {i.token: i for i in infos}
     local = read_index(state_dir)
     files: dict[str, LocalFile] = {}
@@ -551,6 +567,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if report.unknown:
         summary.append(f"{report.unknown} not yet in the local index (added elsewhere)")
+    if report.reserved:
+        summary.append(f"{report.reserved} in {RESERVED_CONTEXT}, which mounts do not show")
     if report.unnamed:  # (no damage: a mount's sweep removes them)
         summary.append(
             f"{report.unnamed} parts of no file ({report.unnamed_bytes / 2**20:.1f} MiB: of big files removed or "
