@@ -191,7 +191,8 @@ def _refuse_if_held(mountpoint: Path) -> None:
 
     held = holders(mount_path(mountpoint))
     if held:
-        named = "; ".join(map(str, held[:HOLDERS_LISTED])) + ("; …" if len(held) > HOLDERS_LISTED else "")
+        named = "; ".join(printable(str(h)) for h in held[:HOLDERS_LISTED])
+        named += "; …" if len(held) > HOLDERS_LISTED else ""
         raise LocalFileError(
             f"{mountpoint} is busy: {named} ('fuser -vm {mountpoint}' lists them): close them and try "
             "again; it stays mounted, and uploads what is pending"
