@@ -872,6 +872,20 @@ async def test_statfs_reports_free_space_and_the_name_limit(kit):
     assert 0 < s.f_bavail <= s.f_blocks and s.f_bsize > 0
 
 
+async def test_statfs_counts_the_files_sizes_as_used_summed_at_most_once_a_second(kit, monkeypatch):
+    """The sum over every node ran at each statfs (O(nodes): 100,000 and more in a big vault)."""
+    monkeypatch.setattr("privifs.fs.filesystem.USED_EVERY", 0.0)
+    before = await kit.statfs()
+    await kit.write_file("counted.bin", b"x" * (1 << 20))
+    after = await kit.statfs()
+    used = ((after.f_blocks - after.f_bfree) - (before.f_blocks - before.f_bfree)) * after.f_frsize
+    assert used == 1 << 20
+    monkeypatch.setattr("privifs.fs.filesystem.USED_EVERY", 3600.0)
+    await kit.write_file("later.bin", b"x" * (1 << 20))
+    again = await kit.statfs()
+    assert again.f_blocks - again.f_bfree == after.f_blocks - after.f_bfree  # (not summed again within the hour)
+
+
 async def test_statfs_of_an_empty_mount_on_a_full_disk_still_has_a_size(kit, monkeypatch):
     """No files and no room: a total of 0 blocks made df print '-' instead of 100 % used."""
     monkeypatch.setattr(kit.fs.staging, "writable", lambda: 0)

@@ -18,6 +18,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import stat
@@ -63,6 +64,7 @@ BLOCK = 1024 * 1024  # st_blksize: programs size their I/O by it, and each read 
 # the largest file (EFBIG past it, as ext4 past 16 TiB): a sparse file's manifest lists every 4 MiB
 # part, a hole included, so a 4 TiB file's is 37 MiB, uploaded at each write-back
 MAX_FILE_SIZE = 1 << 42
+USED_EVERY = 1.0  # seconds statfs reuses its sum of every file's size (see Filesystem._files_size)
 FOLLOW_WAIT = 10.0  # seconds a read waits for the listing to show a big file another client replaced
 RESERVED_ROOT_NAME = RESERVED_CONTEXT.strip("/")
 DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets of "." and ".."; an entry's is its seq + 2
@@ -145,6 +147,7 @@ class Filesystem:
         self.dir_handles: dict[int, int | tuple[int, list[tuple[int, int]]]] = {}  # the inode until the first readdir
         self._next_fh = 1
         self._own_ids = (os.getuid(), os.getgid())  # the daemon's own user and group
+        self._used: tuple[float, int] = (-math.inf, 0)  # (when, bytes): statfs's sum of every file's size
         # the last read that failed (path and cause) and when, for `privifs status`
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
@@ -1391,7 +1394,7 @@ class Filesystem:
         s.f_bsize = st.f_bsize
         s.f_frsize = st.f_frsize
         avail = self.staging.writable() // max(1, st.f_frsize)
-        used = sum(n.size for n in self.ns.nodes.values() if n.is_file) // max(1, st.f_frsize)
+        used = self._files_size() // max(1, st.f_frsize)
         s.f_blocks = max(used + avail, 1)  # (0 made df show '-' for a full disk and no files)
         s.f_bfree = avail
         s.f_bavail = avail
@@ -1400,6 +1403,17 @@ class Filesystem:
         s.f_favail = st.f_favail
         s.f_namemax = NAME_MAX
         return s
+
+    def _files_size(self) -> int:
+        """Every file's size, summed at most every :data:`USED_EVERY` seconds: a sum over every
+        node (100,000 and more in a big vault) at each statfs made a program that asks often
+        (a file manager, a backup tool checking room before each file) cost the loop that each time."""
+        now = time.monotonic()
+        when, used = self._used
+        if now - when >= USED_EVERY:
+            used = sum(n.size for n in self.ns.nodes.values() if n.is_file)
+            self._used = (now, used)
+        return used
 
     # -- startup -----------------------------------------------------------------------------------
     def open_staged_files(self) -> None:
