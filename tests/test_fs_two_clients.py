@@ -177,6 +177,18 @@ def test_the_safety_net_listing_of_a_huge_vault_is_spaced_by_what_the_last_one_c
         assert cost / (cost + full_gap(30.0, cost)) <= FULL_LISTING_SHARE + 1e-9
 
 
+def test_status_says_how_often_a_huge_vault_is_really_listed_not_the_interval_asked_for():
+    """On a vault of 120,000 tokens status said 'every 30s' while the safety-net listing ran
+    about every 230 s (helper hAF F2)."""
+    from privifs.cli.status_cmd import _refresh_every
+
+    assert _refresh_every({"refresh_interval": 30.0, "refresh_every": 30.0, "listing_seconds": 0.4}) == "every 30s"
+    assert _refresh_every({"refresh_interval": 30.0}) == "every 30s"  # (a daemon before this says no more)
+    every = full_gap(30.0, 12.0)
+    line = _refresh_every({"refresh_interval": 30.0, "refresh_every": every, "listing_seconds": 12.0})
+    assert line.startswith(f"every {every:.0f}s (listing this vault takes 12.0s; --refresh-interval 30s;"), line
+
+
 def test_a_stalled_or_failed_listing_does_not_space_the_next_ones_as_for_a_huge_vault():
     """One listing the server held for 45 s made the next safety-net listing about 14 minutes
     later (helper hM3); what listing costs is the quickest of the last few that succeeded."""

@@ -259,6 +259,18 @@ def _ago(ts: float | None) -> str:
     return f"{time.strftime('%H:%M:%S', time.localtime(ts))} ({time.time() - ts:.0f}s ago)"
 
 
+def _refresh_every(st: dict) -> str:
+    """How often the whole vault is listed: --refresh-interval, or longer in a vault so big that
+    listing it takes a good share of that (status said "every 30s" where it was every 230s)."""
+    every, interval = st.get("refresh_every", st["refresh_interval"]), st["refresh_interval"]
+    if every <= interval:
+        return f"every {interval:g}s"
+    return (
+        f"every {every:.0f}s (listing this vault takes {st['listing_seconds']:.1f}s; --refresh-interval "
+        f"{interval:g}s; other clients' changes come through the event channel meanwhile)"
+    )
+
+
 def _fsync_line(fsync: dict | None) -> str | None:
     """What fsync means on this mount; with ``--fsync local``, how much is only on this machine."""
     if not fsync:
@@ -497,7 +509,7 @@ def print_status(st: dict) -> None:
             "succeeds: see the free space above)"
         )
     print(
-        f"  last refresh: {_ago(st['last_refresh'])}, every {st['refresh_interval']:g}s"
+        f"  last refresh: {_ago(st['last_refresh'])}, {_refresh_every(st)}"
         + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")
     )
     if st.get("parts_error"):

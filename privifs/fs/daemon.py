@@ -619,6 +619,8 @@ class Daemon:
             "disk_full_at": self.fs.last_disk_full_at,
             "last_refresh": refresher.last_refresh,
             "refresh_interval": refresher.interval,
+            "refresh_every": refresher.full_every,  # longer in a big vault (refresh.full_gap)
+            "listing_seconds": refresher.listing_seconds,
             "refresh_error": refresher.last_error,
             "parts_error": syncer.parts.reader.sweep_error,
             "listings": refresher.listings,

@@ -127,6 +127,8 @@ class Refresher:
         self.tokens = tokens
         self.syncer = syncer
         self.interval = interval
+        self.full_every = interval  # the safety-net listing's gap in effect (see full_gap)
+        self.listing_seconds: float | None = None  # what listing the vault takes (ListingCost)
         self.invalidate = invalidate
         self.events = events
         self.collect_parts = collect_parts  # False on a read-only mount: it deletes nothing
@@ -170,7 +172,8 @@ class Refresher:
                     cost.listed(trio.current_time() - now)
                 last = trio.current_time()
                 gap = event_gap(cost.seconds)
-                next_full = last + full_gap(self.interval, cost.seconds)
+                self.full_every, self.listing_seconds = full_gap(self.interval, cost.seconds), cost.seconds
+                next_full = last + self.full_every
 
     def nudge(self, delays: tuple[float, ...] = EVENT_FOLLOW_UPS) -> None:
         """Read the listing after each of ``delays`` seconds (coalesced with what is due)."""
