@@ -144,6 +144,32 @@ async def test_a_file_written_here_while_its_open_downloads_keeps_the_size_writt
     assert await kit.read_file(path) == b"x" * 100
 
 
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_APPEND])
+async def test_an_open_for_writing_that_cannot_learn_the_real_size_fails_rather_than_write_over_it(kit, flags):
+    """The vault unreachable at the open (here: the open's download fails once): an open for
+    writing went on with the claimed size, and a write at the end the kernel computed from it,
+    once the vault answered, wrote over the content (helper hAH F1). The open fails now; the next
+    one, with the vault back, shows the content's size."""
+    path = f"claims-offline-{flags}.txt"
+    await kit.remote.put_stating(path, CONTENT, 0)
+    await kit.refresh()
+    fetch = kit.fs._fetch_following
+
+    async def unreachable(node):
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    kit.fs._fetch_following = unreachable
+    try:
+        with pytest.raises(pyfuse3.FUSEError) as caught:
+            await kit.open_file(path, flags)
+        assert caught.value.errno == errno.EIO
+    finally:
+        kit.fs._fetch_following = fetch
+    fh = await kit.open_file(path, flags)
+    assert (await kit.ops.getattr(await kit.ino(path))).st_size == len(CONTENT)
+    await kit.close(fh)
+
+
 async def test_a_token_claiming_no_bytes_whose_content_does_not_verify_fails_its_open(kit):
     """Another application's token claiming 0 bytes whose content fails authentication (written
     with another key, tampered): the open's download failed silently, the file kept its claimed

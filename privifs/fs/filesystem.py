@@ -820,9 +820,11 @@ class Filesystem:
                 )
                 self.mark_content_dirty(node)
         elif self._size_unverified(node):
-            # also for writing only: lseek(SEEK_END) then write, an append, took the claimed size
-            # and wrote over another application's content (helper hAG F2)
-            await self._learn_size(node, fatal=accmode == os.O_RDONLY)
+            # also for writing: lseek(SEEK_END) then write, an append, took the claimed size and
+            # wrote over another application's content (helper hAG F2); and an open for writing
+            # whose download failed (the vault unreachable) fails too: the kernel kept the claim,
+            # and the write, once the vault answered, wrote over the content as well (hAH F1)
+            await self._learn_size(node)
         return self._open_node(node, flags)
 
     @staticmethod
@@ -847,23 +849,18 @@ class Filesystem:
             and self.sync.content_check(node) is None
         )
 
-    async def _learn_size(self, node: Node, *, fatal: bool) -> None:
-        """Opened for reading, a file of unverified size is downloaded (as its first read would
+    async def _learn_size(self, node: Node) -> None:
+        """Opened, a file of unverified size is downloaded (as its first read or write would
         do: content stored whole is verified whole before a byte of it is served) and shows its
-        content's size before the first read, so that programs that read ``st_size`` bytes or
-        map the file see all of it; a file stated empty is read at all. A failure of a read-only
-        open (``fatal``) fails it (its errno, logged as a read's): the first read would meet it
-        again, and the kernel, which holds only the claimed size, never asks for a file claimed
-        empty (it read as empty, with no error, when the cache's disk could not hold it). One
-        opened for writing is still opened (it may be truncated, which needs no download; a
-        write needs the content and meets the failure then)."""
+        content's size at once, so that programs that read ``st_size`` bytes, map the file or
+        append after a seek to its end see all of it; a file stated empty is read at all. A
+        failure fails the open (its errno, logged as a read's): the kernel holds only the
+        claimed size, and never asks for a file claimed empty (it read as empty, with no error,
+        when the cache's disk could not hold it), and a write opened under the claim wrote over
+        the content once the vault answered. An open that truncates needs no download and does
+        not come here."""
         token = node.token
-        try:
-            sealed = await self._fetch_following(node)
-        except pyfuse3.FUSEError:
-            if fatal:
-                raise
-            return
+        sealed = await self._fetch_following(node)
         if sealed is None or self._unmarked_manifest(node, token, sealed):
             return
         try:
