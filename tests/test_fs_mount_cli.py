@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -916,6 +917,75 @@ def test_umount_while_programs_hold_files_open_says_busy_before_uploading(eng, t
         m.mount()
         assert (m.dir / "sub" / "open.txt").read_bytes() == b"still writing\n"
         assert len((m.dir / "slow.bin").read_bytes()) == 2 << 20
+
+
+def test_umount_looks_again_while_it_uploads_and_stops_at_a_program_that_began_writing(eng, tmp_path):
+    """A program writing one file after another holds one only now and then: the look before the
+    upload missed it, and umount uploaded what it kept writing for minutes (helper hAH F2). It
+    looks again every second while it uploads."""
+    with Mount(tmp_path, eng.urls).mounted() as m:
+        eng.set_options(stream_bytes_per_second=20_000)  # the pending file takes minutes to upload
+        (m.dir / "slow.bin").write_bytes(os.urandom(2 << 20))
+        umount = subprocess.Popen(
+            [sys.executable, "-m", "privifs", "umount", str(m.dir), "--timeout", "600"],
+            env=m.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        stop = threading.Event()
+
+        def writer() -> None:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                with open(m.dir / f"log-{i}.txt", "w") as f:
+                    f.write("a line\n")
+                    time.sleep(0.05)
+
+        time.sleep(2)  # (umount's first look is over: nothing held then)
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            out, err = umount.communicate(timeout=60)
+        finally:
+            stop.set()
+            thread.join(10)
+            umount.kill()
+        assert umount.returncode == 4 and f"(pid {os.getpid()}) has open '{m.dir}/log-" in err, (out, err)
+        eng.set_options(stream_bytes_per_second=0)
+        assert "unmounted" in m.umount().stdout
+
+
+def test_a_program_in_the_directory_under_the_mountpoint_does_not_keep_the_mount_busy(engine, tmp_path):
+    """A shell that was in the directory before the drive was mounted there is not in the mount
+    (the kernel unmounts): umount called it busy, for as long as that shell lived (helper hAH F3)."""
+    m = Mount(tmp_path, engine.urls)
+    below = subprocess.Popen(["sleep", "120"], cwd=m.dir)
+    try:
+        m.mount()
+        (m.dir / "f.txt").write_text("kept")
+        assert "unmounted" in m.umount().stdout and not is_mounted(m.dir)
+        m.mount()
+        assert (m.dir / "f.txt").read_text() == "kept"
+        m.umount()
+    finally:
+        below.kill()
+        below.wait(10)
+        m.cleanup()
+
+
+def test_umount_of_a_mount_with_another_mounted_inside_says_so_at_once(engine, tmp_path):
+    """A tmpfs mounted inside the drive keeps it busy: umount uploaded first, then blamed a
+    program and named none (helper hAH F5)."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        (m.dir / "inner").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(m.dir / "inner")], check=True, timeout=30)
+        try:
+            r = m.umount(check=False)
+            assert r.returncode == 4 and f"busy: {m.dir}/inner is mounted inside it: unmount that first" in r.stderr
+        finally:
+            subprocess.run(["umount", str(m.dir / "inner")], check=True, timeout=30)
 
 
 def test_a_cache_or_state_directory_inside_the_mountpoint_is_refused_not_a_hang(tmp_path):

@@ -134,9 +134,15 @@ def run_umount(args: argparse.Namespace) -> int:
     try:
         # a flushing daemon answers every 0.25 s (progress) and its first try to reach an
         # offline vault takes 10 s at most: a silence of ANSWER_TIMEOUT is a daemon that hangs
+        looked = time.monotonic()
         for answer in control_request(entry, {"cmd": "flush", "timeout": args.timeout}, timeout=ANSWER_TIMEOUT):
             if "progress" in answer:
                 progress.update(answer["progress"])
+                if time.monotonic() - looked >= HOLDERS_EVERY:
+                    # a program writing one file after another holds one only now and then: the
+                    # first look missed it, and the upload followed what it wrote for minutes (hAH F2)
+                    _refuse_if_held(args.mountpoint)
+                    looked = time.monotonic()
             else:
                 result = answer
     except OSError as exc:
@@ -180,16 +186,25 @@ def run_umount(args: argparse.Namespace) -> int:
 
 
 HOLDERS_LISTED = 3  # how many of the programs keeping a mount busy umount names
+HOLDERS_EVERY = 1.0  # seconds between umount's looks for them while it uploads
 
 
 def _refuse_if_held(mountpoint: Path) -> None:
-    """Refuse at once (exit 4, it stays mounted) when programs keep the mount busy: the kernel
-    refuses the unmount anyway, and it did so only after the upload, which went on for minutes
-    while they wrote (helper hAE F2). What only the kernel still holds (a read-ahead in flight
-    after its program closed the file) is no reason to refuse: those are not counted."""
-    from privifs.cli.holders import holders
+    """Refuse at once (exit 4, it stays mounted) when programs keep the mount busy, or a mount
+    inside it does: the kernel refuses the unmount anyway, and it did so only after the upload,
+    which went on for minutes while they wrote (helper hAE F2). What only the kernel still holds
+    (a read-ahead in flight after its program closed the file) is no reason to refuse."""
+    from privifs.cli.holders import holders, mounts_inside
 
-    held = holders(mount_path(mountpoint))
+    where = mount_path(mountpoint)
+    inside = mounts_inside(where)
+    if inside:
+        raise LocalFileError(
+            f"{mountpoint} is busy: {printable(inside[0])} is mounted inside it"
+            + (f" (and {count(len(inside) - 1, 'other mount')})" if len(inside) > 1 else "")
+            + ": unmount that first; it stays mounted, and uploads what is pending"
+        )
+    held = holders(where)
     if held:
         named = "; ".join(printable(str(h)) for h in held[:HOLDERS_LISTED])
         named += "; …" if len(held) > HOLDERS_LISTED else ""
