@@ -390,28 +390,47 @@ def test_a_vault_never_mounted_here_fails_soon_against_a_server_that_never_answe
         eng.stop()
 
 
+def delete_the_key_check(m, urls: dict) -> None:
+    """Another application deletes the vault's key-check token (and no other)."""
+    from privifs.fs.tokenmeta import RESERVED_CONTEXT
+    from privifs.keycheck import key_checks
+
+    async def delete() -> None:
+        credentials = PasswordCredentials(m.username, "correct-horse-battery")
+        async with connect(Endpoints.from_dict(urls), credentials) as client:
+            checks = key_checks([i async for i in client.tokens.list(context=RESERVED_CONTEXT)])
+            assert len(checks) == 1
+            await client.tokens.delete(checks[0].token)
+
+    trio.run(delete)
+
+
+def test_an_empty_vault_whose_key_check_was_deleted_is_mounted_by_a_machine_with_nothing_staged(engine, tmp_path):
+    """A mount that knows no file of its vault and has nothing to upload has nothing to lose: it
+    was refused as 'another vault' (helper hAH F6)."""
+    m = Mount(tmp_path / "m", engine.urls)
+    with m.mounted():
+        pass
+    delete_the_key_check(m, engine.urls)
+    assert m.tokens() == []  # (this command makes a new key check)
+    with m.mounted():
+        (m.dir / "first.txt").write_text("the vault's first file")
+        m.wait_idle()
+        assert "but this mount knows no file: the same vault; its key check is now dtk-" in m.log()
+    assert [t["fileName"] for t in m.tokens()] == ["first.txt"]
+
+
 def test_a_key_check_another_application_deleted_does_not_lock_machines_out_of_their_vault(engine, tmp_path):
     """Another application deleted the vault's key-check token, and the next privifs command made
     a new one: every machine that had mounted the vault refused to mount it again, 'another
     vault than this mount's', until its vault-checked file was removed by hand (helper hAG F3).
     The vault's files this mount knows show it is the same vault; another vault is still refused
     (test_another_vault_behind_the_same_server_and_name_takes_no_upload_and_empties_no_tree)."""
-    from privifs.fs.tokenmeta import RESERVED_CONTEXT
-    from privifs.keycheck import key_checks
-
     m = Mount(tmp_path / "m", engine.urls)
     with m.mounted():
         (m.dir / "kept.txt").write_text("in the vault all along")
         m.wait_idle()
-
-    async def delete_the_key_check() -> None:
-        credentials = PasswordCredentials(m.username, "correct-horse-battery")
-        async with connect(Endpoints.from_dict(engine.urls), credentials) as client:
-            checks = key_checks([i async for i in client.tokens.list(context=RESERVED_CONTEXT)])
-            assert len(checks) == 1
-            await client.tokens.delete(checks[0].token)
-
-    trio.run(delete_the_key_check)
+    delete_the_key_check(m, engine.urls)
     assert "kept.txt" in {t["fileName"] for t in m.tokens()}  # (this command makes a new key check)
     with m.mounted():
         assert (m.dir / "kept.txt").read_text() == "in the vault all along"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -49,7 +50,7 @@ from privifs.errors import (
     WrongKeyError,
 )
 from privifs.fs.tokenmeta import RESERVED_CONTEXT
-from privifs.keycheck import key_checks
+from privifs.keycheck import key_checks, naming_check
 from privifs.supervise import Supervisor
 from privifs.words import count
 
@@ -372,20 +373,27 @@ class Connector:
             return
         known = len(self.refresher.ns.by_token)
         held = await self._known_files_held(tokens, whole)
-        if held:
+        if held or (not known and self._nothing_staged()):
             # the key check alone was deleted (another application's clean-up): the vault's files
-            # this mount knows, named by ids the server made, are still there. Refused, every
-            # machine that had mounted the vault was locked out of it (helper hAG F3)
+            # this mount knows, named by ids the server made, are still there, or it knows none
+            # and has nothing to upload (nothing to lose). Refused, every machine that had
+            # mounted the vault was locked out of it (helpers hAG F3, hAH F6)
+            now = naming_check(infos)
             log.warning(
                 "the vault's key check %s, recorded when this machine last checked it, is gone (deleted by "
-                "another application?), but the vault still holds %d of the files this mount knows: the same "
-                "vault; its key check is now %s",
+                "another application?), but %s: the same vault; its key check is now %s",
                 recorded,
-                held,
-                ", ".join(checks) or "made anew",
+                f"the vault still holds {held} of the files this mount knows" if held else "this mount knows no file",
+                now.token if now is not None else "made anew",
             )
+            if now is not None:  # (else the key check made at this connection is recorded)
+                remember_vault_checked(self.state_dir, self.account.key, now.token)
             return
-        files = f"it holds none of the {count(known, 'file')} this mount knows" if known else "no file to compare"
+        files = (
+            f"it holds none of the {count(known, 'file')} this mount knows"
+            if known
+            else "this mount knows no file to look for and has changes staged"
+        )
         raise VaultChanged(
             f"the server at {self.account.endpoints.api} answers with another vault than this mount's: the key "
             f"check {recorded} it was checked with is gone (the vault has {', '.join(checks) or 'none'}), and "
@@ -401,7 +409,11 @@ class Connector:
         if infos is not None:
             listed = {i.token for i in infos}
             return sum(t in listed for t in known)
-        return len(await find_each(tokens, known[:KNOWN_ASKED]))
+        # spread over the tree: the first ones are the oldest, which one rm -r may take together
+        return len(await find_each(tokens, random.sample(known, min(KNOWN_ASKED, len(known)))))
+
+    def _nothing_staged(self) -> bool:
+        return self.syncer.pending().count == 0 and not self.syncer.tombstone_count()
 
     async def _still_the_vault(self, tokens: DataTokens) -> None:
         """After a new login while connected (the server forgot the session: restarted, or
