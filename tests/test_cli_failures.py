@@ -548,3 +548,14 @@ def test_a_live_mount_of_another_user_is_named_with_what_its_owner_or_root_can_d
     assert "fusermount3" not in err
     err = str(status_cmd._foreign(Path("/media/their drive"), "status"))
     assert err.endswith("that user runs 'privifs status '/media/their drive''"), err
+
+
+def test_status_prints_another_applications_names_in_its_errors_escaped(capsys):
+    """'fetch failed' and 'last error' lines printed a token name with an escape sequence raw
+    (helper hAH F7): every line of status is escaped now."""
+    from privifs.cli.status_cmd import print_status
+
+    print_status({"mountpoint": "/m", "error": "fetch failed: /esc/bad\x1b]0;TITLE\x07\x1b[32mgreen.txt"})
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert out == "/m: fetch failed: /esc/bad\\x1b]0;TITLE\\x07\\x1b[32mgreen.txt\n"

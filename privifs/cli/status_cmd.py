@@ -422,17 +422,23 @@ def run_status(args: argparse.Namespace) -> int:
     return code
 
 
+def _say(text: str) -> None:
+    """One line of status, made safe for the terminal: paths, errors and names in it may be
+    another application's (a token name with an escape sequence, helper hAH F7)."""
+    print(printable(text))
+
+
 def print_status(st: dict) -> None:
     """One mount's status as ``privifs status`` shows it."""
     if "error" in st:
-        print(f"{st['mountpoint']}: {st['error']}")
+        _say(f"{st['mountpoint']}: {st['error']}")
         if st.get("recover"):
-            print(f"  recover: {st['recover']}")
+            _say(f"  recover: {st['recover']}")
         return
-    print(f"{st['mountpoint']}  ({st['server']}; daemon pid {st['pid']})")
+    _say(f"{st['mountpoint']}  ({st['server']}; daemon pid {st['pid']})")
     if st.get("unmounted"):
         changes = st.get("pending_count", len(st["pending"]))
-        print(
+        _say(
             f"  UNMOUNTED: {st['mountpoint']} is no longer mounted (umount or fusermount3 -u); the daemon is "
             + (
                 f"finishing {count(changes, 'pending change')}"
@@ -445,30 +451,30 @@ def print_status(st: dict) -> None:
     conn = st.get("connection") or {}
     if st.get("engine_stopped"):
         pid = st["engine_stopped"]
-        print(
+        _say(
             f"  ENGINE STOPPED: the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) "
             f"and answers nothing; uploads and uncached reads wait. Recover: kill -CONT {pid}   "
             f"(or kill -9 {pid}: the mount starts it again)"
         )
     if st.get("engine_restart_failed"):
         since, why = st["engine_restart_failed"]
-        print(
+        _say(
             f"  ENGINE DOWN since {_ago(since)}: the embedded engine died and cannot be started again ({why}); "
             f"uploads and uncached reads wait. If another program took its port, stop it; 'privifs umount' "
             f"and 'privifs mount' start it on free ports"
         )
     if conn and not conn.get("online"):
-        print(
+        _say(
             f"  OFFLINE since {_ago(conn.get('offline_since'))}: {conn.get('offline_reason')}; cached files "
             f"are readable, writes are staged; reconnecting in the background"
         )
     elif st.get("unreachable_since"):
-        print(
+        _say(
             f"  UNREACHABLE since {_ago(st['unreachable_since'])}: the server stopped answering; cached "
             f"files are readable, writes are staged and uploaded as soon as it answers"
         )
     elif st.get("no_answer_since") and not st.get("engine_stopped"):
-        print(
+        _say(
             f"  NO ANSWER since {_ago(st['no_answer_since'])}: the server has sent nothing for the listing "
             f"asked (the network or the server may be down; its time-out says more within two minutes); "
             f"cached files are readable, writes are staged and uploaded as soon as it answers"
@@ -480,57 +486,57 @@ def print_status(st: dict) -> None:
         and events.get("down_since")
         and time.time() - events["down_since"] > EVENTS_GRACE
     ):
-        print(
+        _say(
             f"  EVENTS DOWN since {_ago(events['down_since'])}: the event WebSocket cannot be joined "
             f"({events.get('down_reason')}); uploads go on (acknowledgements are polled), but the "
             f"vault sends downloads over it: files not in the cache fail with EIO; other clients' "
             f"changes show at the next listing"
         )
     changes = st.get("pending_count", len(st["pending"]))  # (a daemon before it sent every change)
-    print(
+    _say(
         f"  pending:      {count(changes, 'change')}, {st['pending_bytes'] / 2**20:.1f} MiB to upload, "
         f"{count(st['pending_deletes'], 'delete')}"
     )
     fsync_line = _fsync_line(st.get("fsync"))
     if fsync_line:
-        print(fsync_line)
+        _say(fsync_line)
     if "xattrs" in st:  # (a daemon before --xattrs does not say)
-        print("  xattrs:       " + ("stored (--xattrs)" if st["xattrs"] else "off (EOPNOTSUPP; --xattrs stores them)"))
+        _say("  xattrs:       " + ("stored (--xattrs)" if st["xattrs"] else "off (EOPNOTSUPP; --xattrs stores them)"))
     for p in st["pending"][:PENDING_LISTED]:
-        print(f"    {printable(p['path'])}  {p['size']} bytes  {p['kind']}  {p['state']}")
+        _say(f"    {p['path']}  {p['size']} bytes  {p['kind']}  {p['state']}")
     if changes > PENDING_LISTED:
-        print(f"    … and {changes - PENDING_LISTED} more")
-    print(
+        _say(f"    … and {changes - PENDING_LISTED} more")
+    _say(
         f"  cache:        {st['cache']['size'] / 2**20:.1f} MiB of {st['cache']['limit'] / 2**20:.0f} MiB"
         f" ({st['cache']['dir']})"
     )
     if st["cache"].get("unavailable"):
-        print(f"    UNAVAILABLE: {st['cache']['unavailable']}; files are read through memory, not cached")
+        _say(f"    UNAVAILABLE: {st['cache']['unavailable']}; files are read through memory, not cached")
     free = st["staging"].get("free")
-    print(
+    _say(
         f"  staging:      {st['staging']['size'] / 2**20:.1f} MiB ({st['staging']['dir']})"
         + (f"; {free / 2**20:.0f} MiB free on its disk" if free is not None else "")
     )
     if st.get("recovered"):
         n, folder = st["recovered"]
-        print(
+        _say(
             f"  lost+found:   {count(n, 'file')} staged here that the local index (made anew at the start) no "
             f"longer named, in {st['mountpoint'].rstrip('/')}{folder}: move them where they belong"
         )
     if st.get("disk_full"):
-        print(
+        _say(
             f"  disk full:    {st['disk_full']} at {_ago(st['disk_full_at'])} (ENOSPC: the disk of the "
             "staging, cache or state directory had no room; the last such request, shown until a write "
             "succeeds: see the free space above)"
         )
-    print(
+    _say(
         f"  last refresh: {_ago(st['last_refresh'])}, {_refresh_every(st)}"
         + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")
     )
     if st.get("parts_error"):
-        print(f"  parts sweep:  stopped: {st['parts_error']}")
+        _say(f"  parts sweep:  stopped: {st['parts_error']}")
     since = st.get("last_success_at")  # (a daemon before it does not say)
-    print(
+    _say(
         f"  last error:   {st['last_error'] or 'none'}"
         + (f" at {_ago(st['last_error_at'])}" if st["last_error"] else "")
         + (
@@ -540,15 +546,15 @@ def print_status(st: dict) -> None:
         )
     )
     if st.get("index_owed"):
-        print(
+        _say(
             f"  index:        {count(st['index_owed'], 'change')} shown but not yet recorded on disk "
             f"({st['index_error']}); retried every few seconds"
         )
     if st.get("read_error"):
-        print(f"  fetch failed: {st['read_error']} at {_ago(st['read_error_at'])}")  # for a read or a write
+        _say(f"  fetch failed: {st['read_error']} at {_ago(st['read_error_at'])}")  # for a read or a write
     for task in st.get("tasks", []):
         if task["failures"]:
-            print(
+            _say(
                 f"  task failed:  {task['name']}: {task['failures']} unexpected failures, last at "
                 f"{_ago(task['last_error_at'])}: {task['last_error']} (restarted; see mount.log)"
             )
