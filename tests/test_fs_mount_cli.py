@@ -486,10 +486,13 @@ def test_a_file_name_with_a_line_break_cannot_write_a_line_of_its_own_into_the_m
             raise ValueError("boom")
         except ValueError:
             logger.exception("a bug")
+        logger.error("%s: integrity failure", "/esc/bad\x1b]0;TITLE\x07\x1b[32mgreen.txt")
     lines = log_path.read_text().splitlines()
     assert not any(line.startswith(forged) for line in lines), lines
     assert "/peer/x\\n" + forged + "\\r: cannot fetch the content" in lines[0]
     assert lines[1].endswith("a bug") and lines[2] == "Traceback (most recent call last):"
+    # nor can a name's escape sequences act on a terminal showing the log (helper hAH F7)
+    assert "\x1b" not in log_path.read_text() and "/esc/bad\\x1b]0;TITLE\\x07\\x1b[32mgreen.txt" in lines[-1]
 
 
 def test_umount_progress_counts_bytes():

@@ -41,6 +41,7 @@ from privifs.errors import (
     ServerUnreachable,
     WrongKeyError,
 )
+from privifs.words import printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -105,10 +106,11 @@ class OneLineFormatter(logging.Formatter):
     its own lines): a line break in a message is written ``\\n``. Messages carry file names a
     program or another machine sharing the vault chose: a token named ``x\\n2026-… INFO
     privifs.fs.daemon: …`` wrote a line of its own into the mount log, indistinguishable from the
-    daemon's."""
+    daemon's. Every other character that is not printable is escaped too (``\\x1b``)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+        # and escape sequences, which 'tail -f' and 'less -R' of the log would act on (hAH F7)
+        return printable(super().formatMessage(record))
 
 
 class DropsUnwritable(logging.Handler):
