@@ -991,6 +991,25 @@ def test_umount_of_a_mount_with_another_mounted_inside_says_so_at_once(engine, t
             subprocess.run(["umount", str(m.dir / "inner")], check=True, timeout=30)
 
 
+def test_umount_of_a_drive_also_bound_elsewhere_refuses_rather_than_leave_that_place_dead(engine, tmp_path):
+    """With a bind copy of the drive elsewhere (what `docker -v ~/drive:/data` makes) the kernel let
+    the drive go, the daemon ended, and the copy answered ENOTCONN: what was written there next
+    was lost (helper hAH F4)."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    with Mount(tmp_path / "m", engine.urls).mounted() as m:
+        subprocess.run(["mount", "--bind", str(m.dir), str(copy)], check=True, timeout=30)
+        try:
+            r = m.umount(check=False)
+            assert r.returncode == 4 and f"is also mounted at {copy} (a bind mount" in r.stderr, r.stderr
+            (copy / "through-the-copy.txt").write_text("kept")
+        finally:
+            subprocess.run(["umount", str(copy)], check=True, timeout=30)
+        assert "unmounted" in m.umount().stdout
+        m.mount()
+        assert (m.dir / "through-the-copy.txt").read_text() == "kept"
+
+
 def test_a_cache_or_state_directory_inside_the_mountpoint_is_refused_not_a_hang(tmp_path):
     """A cache (or index and staging) under the mountpoint would be reached through the mount
     itself: the daemon waited for its own FUSE request and the first read hung for good."""

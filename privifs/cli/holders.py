@@ -52,6 +52,15 @@ def mounts_inside(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[st
     return [mp for _, _, mp in _mountinfo(proc) if mp.startswith(prefix)]
 
 
+def bound_elsewhere(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[str]:
+    """The other places the same mount shows (``mount --bind``, a container's volume): unmounted
+    here, it goes on there, and its daemon, which ends, leaves those dead (ENOTCONN)."""
+    top = str(mountpoint).rstrip("/") or "/"
+    rows = _mountinfo(proc)
+    devs = [dev for _, dev, mp in rows if mp == top]
+    return [mp for _, dev, mp in rows if devs and dev == devs[-1] and mp != top]
+
+
 @dataclass(frozen=True)
 class _Mount:
     id: str  # the kernel's mount id (fdinfo's mnt_id)

@@ -194,9 +194,17 @@ def _refuse_if_held(mountpoint: Path) -> None:
     inside it does: the kernel refuses the unmount anyway, and it did so only after the upload,
     which went on for minutes while they wrote (helper hAE F2). What only the kernel still holds
     (a read-ahead in flight after its program closed the file) is no reason to refuse."""
-    from privifs.cli.holders import holders, mounts_inside
+    from privifs.cli.holders import bound_elsewhere, holders, mounts_inside
 
     where = mount_path(mountpoint)
+    elsewhere = bound_elsewhere(where)
+    if elsewhere:
+        raise LocalFileError(
+            f"{mountpoint} is also mounted at {printable(elsewhere[0])}"
+            + (f" and {count(len(elsewhere) - 1, 'other place')}" if len(elsewhere) > 1 else "")
+            + " (a bind mount, a container's volume): unmount it there first, or it would be left without its "
+            "daemon ('Transport endpoint is not connected'); it stays mounted, and uploads what is pending"
+        )
     inside = mounts_inside(where)
     if inside:
         raise LocalFileError(
