@@ -290,17 +290,22 @@ def test_status_into_a_closed_pipe_ends_quietly(engine, tmp_path):
         assert proc.returncode == 141 and proc.stderr == ""
 
 
+def umount_started(m: Mount, *args: str) -> subprocess.Popen:
+    """``privifs umount`` of ``m`` running in the background, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "privifs", "umount", str(m.dir), *args],
+        env=m.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_umount_exits_non_zero_when_changes_stay_staged(eng, tmp_path):
     with Mount(tmp_path, eng.urls, mount_args=("--write-back-delay", "3600")).mounted() as m:
         (m.dir / "stuck.bin").write_bytes(os.urandom(200_000))
         eng.set_options(fail_rate=1.0)  # every request fails: nothing can be uploaded
-        umount = subprocess.Popen(
-            [sys.executable, "-m", "privifs", "umount", str(m.dir), "--timeout", "2"],
-            env=m.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        umount = umount_started(m, "--timeout", "2")
         try:
             deadline = time.monotonic() + 120
             while is_mounted(m.dir):  # the flush gave up, then the unmount went ahead
@@ -929,13 +934,7 @@ def test_umount_looks_again_while_it_uploads_and_stops_at_a_program_that_began_w
     with Mount(tmp_path, eng.urls).mounted() as m:
         eng.set_options(stream_bytes_per_second=20_000)  # the pending file takes minutes to upload
         (m.dir / "slow.bin").write_bytes(os.urandom(2 << 20))
-        umount = subprocess.Popen(
-            [sys.executable, "-m", "privifs", "umount", str(m.dir), "--timeout", "600"],
-            env=m.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        umount = umount_started(m, "--timeout", "600")
         stop = threading.Event()
 
         def writer() -> None:

@@ -200,17 +200,15 @@ def _refuse_if_held(mountpoint: Path) -> None:
     elsewhere = bound_elsewhere(where)
     if elsewhere:
         raise LocalFileError(
-            f"{mountpoint} is also mounted at {printable(elsewhere[0])}"
-            + (f" and {count(len(elsewhere) - 1, 'other place')}" if len(elsewhere) > 1 else "")
-            + " (a bind mount, a container's volume): unmount it there first, or it would be left without its "
-            "daemon ('Transport endpoint is not connected'); it stays mounted, and uploads what is pending"
+            f"{mountpoint} is also mounted at {_first_of(elsewhere, 'other place')} (a bind mount, a container's "
+            "volume): unmount it there first, or it would be left without its daemon ('Transport endpoint is "
+            "not connected'); it stays mounted, and uploads what is pending"
         )
     inside = mounts_inside(where)
     if inside:
         raise LocalFileError(
-            f"{mountpoint} is busy: {printable(inside[0])} is mounted inside it"
-            + (f" (and {count(len(inside) - 1, 'other mount')})" if len(inside) > 1 else "")
-            + ": unmount that first; it stays mounted, and uploads what is pending"
+            f"{mountpoint} is busy: {_first_of(inside, 'other mount')} is mounted inside it: unmount that "
+            "first; it stays mounted, and uploads what is pending"
         )
     held = holders(where)
     if held:
@@ -220,6 +218,11 @@ def _refuse_if_held(mountpoint: Path) -> None:
             f"{mountpoint} is busy: {named} ('fuser -vm {mountpoint}' lists them): close them and try "
             "again; it stays mounted, and uploads what is pending"
         )
+
+
+def _first_of(places: list[str], others: str) -> str:
+    """The first of ``places``, and how many ``others`` there are besides."""
+    return printable(places[0]) + (f" (and {count(len(places) - 1, others)})" if len(places) > 1 else "")
 
 
 def _foreign(mountpoint: Path, command: str) -> ConfigError:
