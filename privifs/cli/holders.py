@@ -40,25 +40,66 @@ def holders(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[Holder]:
             continue
         for how, path in _held(proc / str(pid), mount):
             if path == top or path.startswith(prefix):
-                found.append(Holder(pid, _program(proc / str(pid)), how, path.removesuffix(" (deleted)")))
+                found.append(Holder(pid, program(pid, proc), how, path.removesuffix(" (deleted)")))
                 break
     return found
 
 
 def mounts_inside(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[str]:
-    """The mounts under ``mountpoint`` (a tmpfs, another drive mounted in it): each keeps it busy."""
-    top = str(mountpoint).rstrip("/") or "/"
-    prefix = top if top == "/" else top + "/"
-    return [mp for _, _, mp in _mountinfo(proc) if mp.startswith(prefix)]
+    """The mounts on the drive at ``mountpoint`` (a tmpfs, another drive mounted in it): each
+    keeps it busy. One the drive was mounted over (``--nonempty`` on a directory holding a
+    mount) is under it, not on it, and does not (helper hAI N3)."""
+    rows = _mountinfo(proc)
+    top = _top(rows, mountpoint)
+    if top is None:
+        return []
+    on: set[str] = {top.id}
+    inside = []
+    for row in rows:  # (a mount is listed after the one it is on)
+        if row.parent in on:
+            on.add(row.id)
+            inside.append(row.mountpoint)
+    return inside
 
 
 def bound_elsewhere(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[str]:
     """The other places the same mount shows (``mount --bind``, a container's volume): unmounted
-    here, it goes on there, and its daemon, which ends, leaves those dead (ENOTCONN)."""
-    top = str(mountpoint).rstrip("/") or "/"
+    here, it goes on there, and its daemon, which ends, leaves those dead (ENOTCONN). Copies the
+    kernel made because the parent mount is shared (another mount of the parent's ``shared:N``
+    peer group received it, at the same place) go with it and are not counted (helper hAI N2)."""
     rows = _mountinfo(proc)
-    devs = [dev for _, dev, mp in rows if mp == top]
-    return [mp for _, dev, mp in rows if devs and dev == devs[-1] and mp != top]
+    top = _top(rows, mountpoint)
+    if top is None:
+        return []
+    by_id = {r.id: r for r in rows}
+
+    def received(r: _Row) -> bool:  # propagated from our parent to a peer of it, at the same place
+        ours, theirs = by_id.get(top.parent), by_id.get(r.parent)
+        return (
+            ours is not None
+            and theirs is not None
+            and theirs.id != ours.id
+            and bool(ours.peers & theirs.peers)
+            and _below(top.mountpoint, ours.mountpoint) == _below(r.mountpoint, theirs.mountpoint)
+        )
+
+    return [r.mountpoint for r in rows if r.dev == top.dev and r.id != top.id and not received(r)]
+
+
+def _below(path: str, parent: str) -> str:
+    """``path`` relative to its parent mount's mountpoint ``parent``."""
+    return path[len(parent.rstrip("/")) :]
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One line of /proc's mountinfo."""
+
+    id: str  # the kernel's mount id (fdinfo's mnt_id)
+    parent: str
+    dev: str  # "major:minor"
+    mountpoint: str
+    peers: frozenset[str]  # its "shared:N" peer groups
 
 
 @dataclass(frozen=True)
@@ -67,31 +108,37 @@ class _Mount:
     dev: tuple[int, int]  # its device (major, minor), as /proc/PID/maps names a mapped file's
 
 
-def _mountinfo(proc: Path) -> list[tuple[str, str, str]]:
-    """(mount id, "major:minor", mountpoint) of each line of /proc's mountinfo."""
+def _mountinfo(proc: Path) -> list[_Row]:
     rows = []
     try:
         with open(proc / "self" / "mountinfo") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 4:
-                    rows.append((fields[0], fields[2], unescape(fields[4])))
+                if len(fields) > 6:
+                    optional = fields[6 : fields.index("-")] if "-" in fields else []
+                    peers = frozenset(o for o in optional if o.startswith("shared:"))
+                    rows.append(_Row(fields[0], fields[1], fields[2], unescape(fields[4]), peers))
     except OSError:
         pass
     return rows
 
 
-def _mount(mountpoint: str, proc: Path) -> _Mount | None:
+def _top(rows: list[_Row], mountpoint: str | Path) -> _Row | None:
     """The mount on top at ``mountpoint`` (the last one mountinfo lists there), or None."""
-    found = None
-    for mount_id, dev, mp in _mountinfo(proc):
-        if mp == mountpoint:
-            major, _, minor = dev.partition(":")
-            try:
-                found = _Mount(mount_id, (int(major), int(minor)))
-            except ValueError:
-                found = None
-    return found
+    top = str(mountpoint).rstrip("/") or "/"
+    return next((r for r in reversed(rows) if r.mountpoint == top), None)
+
+
+def _mount(mountpoint: str, proc: Path) -> _Mount | None:
+    """The mount on top at ``mountpoint``, with its device as numbers, or None."""
+    top = _top(_mountinfo(proc), mountpoint)
+    if top is None:
+        return None
+    major, _, minor = top.dev.partition(":")
+    try:
+        return _Mount(top.id, (int(major), int(minor)))
+    except ValueError:
+        return None
 
 
 def _held(process: Path, mount: _Mount | None):
@@ -123,7 +170,7 @@ def _held(process: Path, mount: _Mount | None):
             for line in f:
                 fields = line.rstrip("\n").split(None, 5)
                 if len(fields) == 6 and fields[5].startswith("/") and (mount is None or _dev(fields[3]) == mount.dev):
-                    yield "maps", fields[5]
+                    yield "maps", unescape(fields[5])
     except OSError:
         pass
 
@@ -161,8 +208,22 @@ def _fd_mount_id(fdinfo: Path) -> str | None:
     return None
 
 
-def _program(process: Path) -> str:
+def process_of(tid: int, proc: Path = Path("/proc")) -> int:
+    """The process a thread ``tid`` belongs to (FUSE names the thread that made a request); the
+    id itself when it cannot be read."""
     try:
-        return (process / "comm").read_text().strip() or "a program"
+        with open(proc / str(tid) / "status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return tid
+
+
+def program(pid: int, proc: Path = Path("/proc")) -> str:
+    """The name of process ``pid`` (its ``comm``), or "a program" when it is gone or hidden."""
+    try:
+        return (proc / str(pid) / "comm").read_text().strip() or "a program"
     except OSError:
         return "a program"

@@ -138,6 +138,7 @@ def run_umount(args: argparse.Namespace) -> int:
         for answer in control_request(entry, {"cmd": "flush", "timeout": args.timeout}, timeout=ANSWER_TIMEOUT):
             if "progress" in answer:
                 progress.update(answer["progress"])
+                _refuse_if_writing(args.mountpoint, answer["progress"].get("writer"))
                 if time.monotonic() - looked >= HOLDERS_EVERY:
                     # a program writing one file after another holds one only now and then: the
                     # first look missed it, and the upload followed what it wrote for minutes (hAH F2)
@@ -216,6 +217,21 @@ def _refuse_if_held(mountpoint: Path) -> None:
         named += "; …" if len(held) > HOLDERS_LISTED else ""
         raise LocalFileError(
             f"{mountpoint} is busy: {named} ('fuser -vm {mountpoint}' lists them): close them and try "
+            "again; it stays mounted, and uploads what is pending"
+        )
+
+
+def _refuse_if_writing(mountpoint: Path, writer: dict | None) -> None:
+    """Stop at a program that opened a file for writing since the upload began (the daemon says
+    which): a loop writing one file after another kept the upload going for minutes, holding a
+    file only now and then, so the looks in /proc missed it (helper hAI N1)."""
+    if writer:
+        from privifs.cli.holders import process_of, program
+
+        pid = process_of(writer["pid"])
+        raise LocalFileError(
+            f"{mountpoint} is busy: {printable(program(pid))} (pid {pid}) began writing "
+            f"'{printable(str(mountpoint).rstrip('/') + writer['path'])}' while it uploaded: stop it and try "
             "again; it stays mounted, and uploads what is pending"
         )
 

@@ -687,12 +687,17 @@ class Daemon:
             # and failed stored none of them; counting them as sent said "15 changes (0 bytes)")
             staged = sum(n.size for n in pending if n.content_dirty)
             if progress is not None:
+                # a program that began writing since: umount stops there (it keeps the upload
+                # going while it writes, and /proc shows it holding a file only now and then)
+                writer = self.fs.last_writer
+                began = {"writer": {"pid": writer[1], "path": writer[2]}} if writer and writer[0] >= started else {}
                 await progress(
                     {
                         "pending": len(pending),
                         "bytes": size,
                         "deletes": deletes,
                         "uploading": [self.ns.describe(n) for n in pending if n.uploading][:5],
+                        **began,
                     }
                 )
             stopped = self._engine_stopped(len(pending), staged)

@@ -148,6 +148,9 @@ class Filesystem:
         self._next_fh = 1
         self._own_ids = (os.getuid(), os.getgid())  # the daemon's own user and group
         self._used: tuple[float, int] = (-math.inf, 0)  # (when, bytes): statfs's sum of every file's size
+        # the last open for writing (trio time, the caller's pid, the path): umount stops its
+        # upload at a program that began writing during it (see Daemon._flush_wait)
+        self.last_writer: tuple[float, int, str] | None = None
         # the last read that failed (path and cause) and when, for `privifs status`
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
@@ -615,7 +618,9 @@ class Filesystem:
         existing = self.ns.child(self.dir_node(parent_ino), self.decode(name))
         owner = None if caller is None else (caller.uid, caller.gid)
         if existing is None or flags & os.O_EXCL:
-            return self.create(parent_ino, name, mode, flags, owner)
+            made = self.create(parent_ino, name, mode, flags, owner)
+            self._writer(caller, self.ns.nodes[made[1].st_ino])
+            return made
         self._may_open(existing, flags, caller)
         info = await self.open(existing.ino, flags, caller)
         self.ns.looked_up(existing)
@@ -806,6 +811,7 @@ class Filesystem:
         accmode = flags & os.O_ACCMODE
         if accmode in (os.O_WRONLY, os.O_RDWR):
             self.writable_fs()
+            self._writer(caller, node)
         if flags & os.O_TRUNC and accmode in (os.O_WRONLY, os.O_RDWR):
             staged = await self.writable_staged(node, truncate_to_zero=True)
             now = time.time_ns()
@@ -826,6 +832,10 @@ class Filesystem:
             # and the write, once the vault answered, wrote over the content as well (hAH F1)
             await self._learn_size(node)
         return self._open_node(node, flags)
+
+    def _writer(self, caller: Caller | None, node: Node) -> None:
+        if caller is not None:
+            self.last_writer = (trio.current_time(), caller.pid, self.path(node))
 
     @staticmethod
     def _privileges_dropped(node: Node, caller: Caller | None) -> dict[str, int]:
