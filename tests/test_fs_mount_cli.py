@@ -927,24 +927,34 @@ def test_umount_while_programs_hold_files_open_says_busy_before_uploading(eng, t
         assert len((m.dir / "slow.bin").read_bytes()) == 2 << 20
 
 
+@contextlib.contextmanager
+def umount_uploading_slowly(eng, m: Mount):
+    """``privifs umount`` of ``m`` started while a file of 2 MiB takes minutes to upload; yields
+    it once its first look for busy programs is over (nothing held then)."""
+    eng.set_options(stream_bytes_per_second=20_000)
+    (m.dir / "slow.bin").write_bytes(os.urandom(2 << 20))
+    umount = umount_started(m, "--timeout", "600")
+    try:
+        time.sleep(2)
+        yield umount
+    finally:
+        umount.kill()
+        eng.set_options(stream_bytes_per_second=0)
+
+
 def test_umount_looks_again_while_it_uploads_and_stops_at_a_program_that_came_in(eng, tmp_path):
     """A program that came into the drive after umount's first look (here: its working directory)
     kept it busy: umount uploaded for minutes and only then heard so. It looks again every second
     while it uploads (helper hAH F2)."""
     with Mount(tmp_path, eng.urls).mounted() as m:
-        eng.set_options(stream_bytes_per_second=20_000)  # the pending file takes minutes to upload
-        (m.dir / "slow.bin").write_bytes(os.urandom(2 << 20))
-        umount = umount_started(m, "--timeout", "600")
-        time.sleep(2)  # (umount's first look is over: nothing held then)
-        came = subprocess.Popen(["sleep", "120"], cwd=m.dir)
-        try:
-            out, err = umount.communicate(timeout=60)
-        finally:
-            came.kill()
-            came.wait(10)
-            umount.kill()
+        with umount_uploading_slowly(eng, m) as umount:
+            came = subprocess.Popen(["sleep", "120"], cwd=m.dir)
+            try:
+                out, err = umount.communicate(timeout=60)
+            finally:
+                came.kill()
+                came.wait(10)
         assert umount.returncode == 4 and f"sleep (pid {came.pid}) works in '{m.dir}'" in err, (out, err)
-        eng.set_options(stream_bytes_per_second=0)
         assert "unmounted" in m.umount().stdout
 
 
@@ -953,9 +963,6 @@ def test_umount_stops_at_a_program_that_began_writing_one_file_after_another_whi
     every second missed it in 3 of 5 runs, and umount uploaded what it wrote for minutes (helper
     hAI N1). The daemon says which program opened a file for writing since the upload began."""
     with Mount(tmp_path, eng.urls).mounted() as m:
-        eng.set_options(stream_bytes_per_second=20_000)  # the pending file takes minutes to upload
-        (m.dir / "slow.bin").write_bytes(os.urandom(2 << 20))
-        umount = umount_started(m, "--timeout", "600")
         stop = threading.Event()
 
         def writer() -> None:
@@ -964,17 +971,15 @@ def test_umount_stops_at_a_program_that_began_writing_one_file_after_another_whi
                     return
                 (m.dir / f"log-{i}.txt").write_text("a line\n")  # (open for a moment only)
 
-        time.sleep(2)  # (umount's first look is over: nothing held then)
-        thread = threading.Thread(target=writer)
-        thread.start()
-        try:
-            out, err = umount.communicate(timeout=60)
-        finally:
-            stop.set()
-            thread.join(10)
-            umount.kill()
+        with umount_uploading_slowly(eng, m) as umount:
+            thread = threading.Thread(target=writer)
+            thread.start()
+            try:
+                out, err = umount.communicate(timeout=60)
+            finally:
+                stop.set()
+                thread.join(10)
         assert umount.returncode == 4 and f"(pid {os.getpid()}) began writing '{m.dir}/log-" in err, (out, err)
-        eng.set_options(stream_bytes_per_second=0)
         assert "unmounted" in m.umount().stdout
 
 
