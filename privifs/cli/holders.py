@@ -1,8 +1,9 @@
 """Which programs keep a mount busy, as ``fuser -vm`` finds them: open files, working and root
 directories and mapped files on the mount, read from ``/proc`` (the links' text, and the mount
 id or device of what they lead to, so that a mount that does not answer is never touched and
-what is under the mountpoint is not taken for what is on it); and the mounts inside it.
-Another user's processes are seen only by root."""
+what is under the mountpoint is not taken for what is on it); and, from one read of the mount
+table, the mounts inside it and the other places it shows (:func:`busy`). Another user's
+processes are seen only by root."""
 
 from __future__ import annotations
 
@@ -24,35 +25,47 @@ class Holder:
         return f"{self.program} (pid {self.pid}) {self.how} '{self.path}'"
 
 
-def holders(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[Holder]:
-    """Every other process holding something under ``mountpoint`` (an absolute path as the mount
-    table spells it), one entry each: what it holds first."""
-    top = str(mountpoint).rstrip("/") or "/"
-    prefix = top if top == "/" else top + "/"
-    mount = _mount(top, proc)
-    found = []
+@dataclass(frozen=True)
+class Busy:
+    """What keeps a mount from being unmounted as ``privifs umount`` should (empty lists: nothing)."""
+
+    elsewhere: list[str]  # other places it shows (see bound_elsewhere)
+    inside: list[str]  # mounts on it (see mounts_inside)
+    held: list[Holder]  # programs holding something on it; looked for only when the others are empty
+
+
+def busy(mountpoint: str | Path, proc: Path = Path("/proc")) -> Busy:
+    """What keeps the drive at ``mountpoint`` (an absolute path as the mount table spells it)
+    busy, from one read of the mount table."""
+    rows = _mountinfo(proc)
+    top = _top(rows, mountpoint)
+    if top is None:
+        return Busy([], [], _holders(str(mountpoint), None, proc))
+    elsewhere, inside = bound_elsewhere(rows, top), mounts_inside(rows, top)
+    return Busy(elsewhere, inside, [] if elsewhere or inside else _holders(top.mountpoint, top, proc))
+
+
+def _holders(top: str, mount: _Row | None, proc: Path) -> list[Holder]:
+    """Every other process holding something on the drive at ``top``, one entry each: what it
+    holds first."""
     try:
         pids = sorted(int(e.name) for e in os.scandir(proc) if e.name.isdigit())
     except OSError:
         return []
+    found = []
     for pid in pids:
         if pid == os.getpid():
             continue
-        for how, path in _held(proc / str(pid), mount):
-            if path == top or path.startswith(prefix):
-                found.append(Holder(pid, program(pid, proc), how, path.removesuffix(" (deleted)")))
-                break
+        for how, path in _held(proc / str(pid), top, mount):
+            found.append(Holder(pid, program(pid, proc), how, path.removesuffix(" (deleted)")))
+            break
     return found
 
 
-def mounts_inside(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[str]:
-    """The mounts on the drive at ``mountpoint`` (a tmpfs, another drive mounted in it): each
-    keeps it busy. One the drive was mounted over (``--nonempty`` on a directory holding a
-    mount) is under it, not on it, and does not (helper hAI N3)."""
-    rows = _mountinfo(proc)
-    top = _top(rows, mountpoint)
-    if top is None:
-        return []
+def mounts_inside(rows: list[_Row], top: _Row) -> list[str]:
+    """The mounts on the drive ``top`` (a tmpfs, another drive mounted in it): each keeps it busy.
+    One the drive was mounted over (``--nonempty`` on a directory holding a mount) is under it,
+    not on it, and does not (helper hAI N3)."""
     on: set[str] = {top.id}
     inside = []
     for row in rows:  # (a mount is listed after the one it is on)
@@ -62,15 +75,12 @@ def mounts_inside(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[st
     return inside
 
 
-def bound_elsewhere(mountpoint: str | Path, proc: Path = Path("/proc")) -> list[str]:
-    """The other places the same mount shows (``mount --bind``, a container's volume): unmounted
-    here, it goes on there, and its daemon, which ends, leaves those dead (ENOTCONN). Copies the
-    kernel made because the parent mount is shared (another mount of the parent's ``shared:N``
-    peer group received it, at the same place) go with it and are not counted (helper hAI N2)."""
-    rows = _mountinfo(proc)
-    top = _top(rows, mountpoint)
-    if top is None:
-        return []
+def bound_elsewhere(rows: list[_Row], top: _Row) -> list[str]:
+    """The other places the drive ``top`` shows (``mount --bind``, a container's volume):
+    unmounted here, it goes on there, and its daemon, which ends, leaves those dead (ENOTCONN).
+    Copies the kernel made because the parent mount is shared (another mount of the parent's
+    ``shared:N`` peer group received it, at the same place) go with it and are not counted
+    (helper hAI N2)."""
     by_id = {r.id: r for r in rows}
 
     def received(r: _Row) -> bool:  # propagated from our parent to a peer of it, at the same place
@@ -97,15 +107,9 @@ class _Row:
 
     id: str  # the kernel's mount id (fdinfo's mnt_id)
     parent: str
-    dev: str  # "major:minor"
+    dev: str  # "major:minor", decimal
     mountpoint: str
     peers: frozenset[str]  # its "shared:N" peer groups
-
-
-@dataclass(frozen=True)
-class _Mount:
-    id: str  # the kernel's mount id (fdinfo's mnt_id)
-    dev: tuple[int, int]  # its device (major, minor), as /proc/PID/maps names a mapped file's
 
 
 def _mountinfo(proc: Path) -> list[_Row]:
@@ -129,31 +133,25 @@ def _top(rows: list[_Row], mountpoint: str | Path) -> _Row | None:
     return next((r for r in reversed(rows) if r.mountpoint == top), None)
 
 
-def _mount(mountpoint: str, proc: Path) -> _Mount | None:
-    """The mount on top at ``mountpoint``, with its device as numbers, or None."""
-    top = _top(_mountinfo(proc), mountpoint)
-    if top is None:
-        return None
-    major, _, minor = top.dev.partition(":")
-    try:
-        return _Mount(top.id, (int(major), int(minor)))
-    except ValueError:
-        return None
+def _held(process: Path, top: str, mount: _Row | None):
+    """(how, path) of what ``process`` holds on the drive ``mount`` at ``top``: its working and
+    root directories, open files and mapped files; nothing of a process that ended or that this
+    user may not look at. A path under ``top`` is then checked to be on that mount (its mount id,
+    or a mapped file's device): the directory under the mountpoint, which the mount daemon keeps
+    open (and locked) and where a shell that was there before the mount still is, is not; the
+    kernel does not count those."""
+    prefix = top if top == "/" else top.rstrip("/") + "/"
 
+    def under(path: str) -> bool:
+        return path == top or path.startswith(prefix)
 
-def _held(process: Path, mount: _Mount | None):
-    """(how, path) of what ``process`` holds on ``mount``: its working and root directories,
-    open files and mapped files; nothing of a process that ended or that this user may not look
-    at. What is on another mount at the same path is left out: the directory under the
-    mountpoint, which the mount daemon keeps open (and locked) and where a shell that was there
-    before the mount still is; the kernel does not count those."""
     for link, how in (("cwd", "works in"), ("root", "has its root in")):
         try:
             path = os.readlink(process / link)
-            if mount is None or _link_mount_id(process / link) in (mount.id, None):
-                yield how, path
         except OSError:
-            pass
+            continue
+        if under(path) and (mount is None or _link_mount_id(process / link) in (mount.id, None)):
+            yield how, path
     try:
         fds = os.listdir(process / "fd")
     except OSError:
@@ -161,25 +159,28 @@ def _held(process: Path, mount: _Mount | None):
     for fd in fds:
         try:
             path = os.readlink(process / "fd" / fd)
-            if mount is None or _fd_mount_id(process / "fdinfo" / fd) in (mount.id, None):
-                yield "has open", path
         except OSError:
-            pass
+            continue
+        if under(path) and (mount is None or _fd_mount_id(process / "fdinfo" / fd) in (mount.id, None)):
+            yield "has open", path
+    dev = None if mount is None else _dev(mount.dev, 10)
     try:
         with open(process / "maps", errors="replace") as f:
             for line in f:
                 fields = line.rstrip("\n").split(None, 5)
-                if len(fields) == 6 and fields[5].startswith("/") and (mount is None or _dev(fields[3]) == mount.dev):
-                    yield "maps", unescape(fields[5])
+                if len(fields) == 6 and fields[5].startswith("/") and (dev is None or _dev(fields[3], 16) == dev):
+                    path = unescape(fields[5])
+                    if under(path):
+                        yield "maps", path
     except OSError:
         pass
 
 
-def _dev(field: str) -> tuple[int, int] | None:
-    """A maps line's device, ``major:minor`` in hex."""
+def _dev(field: str, base: int) -> tuple[int, int] | None:
+    """A device ``major:minor`` as numbers (mountinfo writes them in decimal, maps in hex)."""
     major, _, minor = field.partition(":")
     try:
-        return int(major, 16), int(minor, 16)
+        return int(major, base), int(minor, base)
     except ValueError:
         return None
 

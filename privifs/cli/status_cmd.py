@@ -195,24 +195,22 @@ def _refuse_if_held(mountpoint: Path) -> None:
     inside it does: the kernel refuses the unmount anyway, and it did so only after the upload,
     which went on for minutes while they wrote (helper hAE F2). What only the kernel still holds
     (a read-ahead in flight after its program closed the file) is no reason to refuse."""
-    from privifs.cli.holders import bound_elsewhere, holders, mounts_inside
+    from privifs.cli.holders import busy
 
-    where = mount_path(mountpoint)
-    elsewhere = bound_elsewhere(where)
-    if elsewhere:
+    found = busy(mount_path(mountpoint))
+    if found.elsewhere:
         raise LocalFileError(
-            f"{mountpoint} is also mounted at {_first_of(elsewhere, 'other place')} (a bind mount, a container's "
-            "volume): unmount it there first, or it would be left without its daemon ('Transport endpoint is "
-            "not connected'); it stays mounted, and uploads what is pending"
+            f"{mountpoint} is also mounted at {_first_of(found.elsewhere, 'other place')} (a bind mount, a "
+            "container's volume): unmount it there first, or it would be left without its daemon ('Transport "
+            "endpoint is not connected'); it stays mounted, and uploads what is pending"
         )
-    inside = mounts_inside(where)
-    if inside:
+    if found.inside:
         raise LocalFileError(
-            f"{mountpoint} is busy: {_first_of(inside, 'other mount')} is mounted inside it: unmount that "
+            f"{mountpoint} is busy: {_first_of(found.inside, 'other mount')} is mounted inside it: unmount that "
             "first; it stays mounted, and uploads what is pending"
         )
-    held = holders(where)
-    if held:
+    if found.held:
+        held = found.held
         named = "; ".join(printable(str(h)) for h in held[:HOLDERS_LISTED])
         named += "; …" if len(held) > HOLDERS_LISTED else ""
         raise LocalFileError(
