@@ -690,7 +690,11 @@ class Daemon:
                 # a program that began writing since: umount stops there (it keeps the upload
                 # going while it writes, and /proc shows it holding a file only now and then)
                 writer = self.fs.last_writer
-                began = {"writer": {"pid": writer[1], "path": writer[2]}} if writer and writer[0] >= started else {}
+                began = (
+                    {"writer": {"pid": writer[1], "path": self.ns.describe(writer[2])}}
+                    if writer and writer[0] >= started
+                    else {}
+                )
                 await progress(
                     {
                         "pending": len(pending),

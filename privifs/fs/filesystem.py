@@ -148,9 +148,9 @@ class Filesystem:
         self._next_fh = 1
         self._own_ids = (os.getuid(), os.getgid())  # the daemon's own user and group
         self._used: tuple[float, int] = (-math.inf, 0)  # (when, bytes): statfs's sum of every file's size
-        # the last open for writing (trio time, the caller's pid, the path): umount stops its
+        # the last open for writing (trio time, the caller's pid, the node): umount stops its
         # upload at a program that began writing during it (see Daemon._flush_wait)
-        self.last_writer: tuple[float, int, str] | None = None
+        self.last_writer: tuple[float, int, Node] | None = None
         # the last read that failed (path and cause) and when, for `privifs status`
         self.last_read_error: str | None = None
         self.last_read_error_at: float | None = None
@@ -835,7 +835,7 @@ class Filesystem:
 
     def _writer(self, caller: Caller | None, node: Node) -> None:
         if caller is not None:
-            self.last_writer = (trio.current_time(), caller.pid, self.path(node))
+            self.last_writer = (trio.current_time(), caller.pid, node)  # (its path only if asked)
 
     @staticmethod
     def _privileges_dropped(node: Node, caller: Caller | None) -> dict[str, int]:
