@@ -10,14 +10,18 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import platformdirs
+
+if TYPE_CHECKING:
+    from privifs.config import Config
 
 APP = "privifs"
 
@@ -36,6 +40,22 @@ def state_dir() -> Path:
 
 def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP))
+
+
+def vault_id(embedded: bool, api: str | None, username: str) -> str:
+    """The name of a vault's directories: one per server and account."""
+    server = "embedded" if embedded else (api or "")
+    return hashlib.sha256(f"{server}|{username}".encode()).hexdigest()[:16]
+
+
+def vault_state_dir(cfg: Config) -> Path:
+    """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
+    return state_dir() / "vaults" / vault_id(cfg.embedded, cfg.api, cfg.username)
+
+
+def vault_cache_dir(cfg: Config) -> Path:
+    """Where a vault's encrypted read cache lives unless --cache-dir says."""
+    return cache_dir() / "vaults" / vault_id(cfg.embedded, cfg.api, cfg.username)
 
 
 def runtime_dir() -> Path:

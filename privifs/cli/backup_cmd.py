@@ -17,6 +17,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from privifs import paths
 from privifs.backup import check_backup_target, check_restore, restore_backup, write_backup
 from privifs.cli.commands import help_of
 from privifs.cli.prompt import ask_secret
@@ -87,9 +88,8 @@ def run_backup(args: argparse.Namespace) -> int:
             "'privifs verify --data' names them ('--repair' restores those still in this machine's cache).",
             file=sys.stderr,
         )
-    from privifs.fs.daemon import default_state_dir
 
-    state = default_state_dir(cfg)
+    state = paths.vault_state_dir(cfg)
     waiting = staged_changes(state / "index.sqlite3")
     if waiting:
         print(

@@ -276,9 +276,7 @@ def run_mount(args: argparse.Namespace) -> int:
     config_defaults(args, cfg.mount, cfg_path)
     if args.foreground:
         return _run_daemon(args, cfg_path)
-    from privifs.fs.daemon import default_state_dir
-
-    state = (args.state_dir or default_state_dir(cfg)).absolute()
+    state = (args.state_dir or paths.vault_state_dir(cfg)).absolute()
     made = paths.missing_dirs(state)
     paths.private_dir(state)
     log_path = state / "mount.log"

@@ -533,11 +533,10 @@ async def verify(
 def run(args: argparse.Namespace) -> int:
     if args.repair and not args.data:  # a bad command line: exit 2, like the parser's own errors
         raise ExitStatus("--repair needs --data (damage is found by downloading every token)", EXIT_USAGE)
-    from privifs.fs.daemon import default_state_dir, vault_id
 
     cfg = load(args.config)
-    state_dir = args.state_dir or default_state_dir(cfg)
-    cache_dir = args.cache_dir or (paths.cache_dir() / "vaults" / vault_id(cfg))
+    state_dir = args.state_dir or paths.vault_state_dir(cfg)
+    cache_dir = args.cache_dir or paths.vault_cache_dir(cfg)
     with open_account(cfg) as account:
 
         async def main() -> Report:

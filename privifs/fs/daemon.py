@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -141,17 +140,7 @@ def _left_staged(pending: int, size: int | None, deletes: int) -> str:
     )
 
 
-def vault_id(cfg: Config) -> str:
-    server = "embedded" if cfg.embedded else (cfg.api or "")
-    return hashlib.sha256(f"{server}|{cfg.username}".encode()).hexdigest()[:16]
-
-
 INDEX_NAME = "index.sqlite3"  # in the state directory: its existence means a mount has started here
-
-
-def default_state_dir(cfg: Config) -> Path:
-    """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
-    return paths.state_dir() / "vaults" / vault_id(cfg)
 
 
 class Daemon:
@@ -159,8 +148,8 @@ class Daemon:
         self.cfg = cfg
         self.mcfg = mcfg
         self.mountpoint = mcfg.mountpoint.resolve()
-        self.state_dir = mcfg.state_dir or default_state_dir(cfg)
-        self.cache_dir = mcfg.cache_dir or (paths.cache_dir() / "vaults" / vault_id(cfg))
+        self.state_dir = mcfg.state_dir or paths.vault_state_dir(cfg)
+        self.cache_dir = mcfg.cache_dir or paths.vault_cache_dir(cfg)
         # the parts of the mount, built in _serve; status and flush read these, not through fs
         self.ns: Namespace | None = None
         self.staging: Staging | None = None
