@@ -49,7 +49,7 @@ from privifs.client.shapes import TokenInfo
 from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
-from privifs.fs.sync import Syncer, awaits_marker, listed_place, same_place
+from privifs.fs.sync import Seen, Syncer, awaits_marker, listed_place, same_place, seen
 from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
@@ -142,7 +142,8 @@ class Refresher:
         self._kernel_wake = trio.Event()
         self._kernel_last = trio.Event()  # set once the last batch queued was made
         self._kernel_last.set()
-        self._listed: dict[str, TokenInfo] = {}  # the last listing's tokens
+        self._listed: dict[str, TokenInfo] = {}  # the listing being merged (apply)
+        self._seen: dict[str, Seen] = {}  # where the last listing showed each token
         self._added: set[int] = set()
         self._took_new_token: set[int] = set()  # files that took a new token at their place, this listing
         self._lock = trio.Lock()
@@ -277,14 +278,24 @@ class Refresher:
         )
 
     async def apply(self, infos: list[TokenInfo], started: float) -> None:
+        """Merge the listing ``infos`` (read from ``started``, trio time) into the tree. Of it the
+        whole infos are kept while merging, and only where each token was (:class:`Seen`) until
+        the next listing."""
+        before, self._seen = self._seen, {info.token: seen(info) for info in infos}
+        self._listed = {info.token: info for info in infos}
+        self.syncer.listing_taken(self._seen, started)
+        try:
+            await self._merge(infos, started, before)
+        finally:
+            self._listed = {}
+
+    async def _merge(self, infos: list[TokenInfo], started: float, before: dict[str, Seen]) -> None:
         ns = self.ns
         tombstones = self.index.tombstones()
         deleted = self.syncer.recently_deleted
-        seen: set[int] = set()
+        present: set[int] = set()  # nodes whose token the listing shows
         changed: list[tuple[Node, TokenInfo]] = []
         unknown: list[TokenInfo] = []
-        before, self._listed = self._listed, {info.token: info for info in infos}
-        self.syncer.listing_taken(self._listed, started)
         self._added = set()
         self._took_new_token = set()
         with self.index.kept():
@@ -299,9 +310,11 @@ class Refresher:
             if ino is None:
                 unknown.append(info)
             else:
-                seen.add(ino)
+                present.add(ino)
                 changed.append((ns.nodes[ino], info))
-        vanished = {n.ino: n for n in ns.nodes.values() if n.token and n.ino not in seen and self.eligible(n, started)}
+        vanished = {
+            n.ino: n for n in ns.nodes.values() if n.token and n.ino not in present and self.eligible(n, started)
+        }
         with self.index.kept():
             followed = []
             for node, info in changed:
@@ -592,7 +605,7 @@ class Refresher:
         self.index.save(node)
         self._inval_entry(parent.ino, name)
 
-    def _replaced(self, node: Node, before: dict[str, TokenInfo], started: float) -> bool:
+    def _replaced(self, node: Node, before: dict[str, Seen], started: float) -> bool:
         """The file ``node``'s token is gone, and a newer token at its place that an earlier
         listing showed as a conflict copy is left: another client replaced the content (a new
         token, then the old one deleted) and a listing came between the two. As when no listing

@@ -248,7 +248,22 @@ def remote_place(node: Node) -> Place:
     return node.remote_context, node.remote_name, node.remote_extension
 
 
-def listed_place(info: TokenInfo) -> Place:
+class Seen(NamedTuple):
+    """What a mount keeps of a listed token until the next listing: where it was and when it
+    was made. Not the whole :class:`TokenInfo` (its risk meta, path and size): a mount holds one
+    per token of the vault, and the whole ones took 702 bytes a token of a 111,602-token vault."""
+
+    context: str
+    file_name: str
+    extension: str
+    created_at: float | None
+
+
+def seen(info: TokenInfo) -> Seen:
+    return Seen(info.context, info.file_name, info.extension, info.created_at)
+
+
+def listed_place(info: TokenInfo | Seen) -> Place:
     """Where a listing (or a look-up) shows ``info``'s token."""
     return info.context, info.file_name, info.extension
 
@@ -313,8 +328,8 @@ class Syncer:
         self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
         # those of them a listing taken after the rename has shown renamed (see rescue_renamed)
         self.renames_listed: set[str] = set()
-        # the refresher's last listing (token → info) and when it started (trio time)
-        self.listed: dict[str, TokenInfo] = {}
+        # the refresher's last listing (token → where it was) and when it started (trio time)
+        self.listed: dict[str, Seen] = {}
         self.listed_started = float("-inf")
         # token → the place (context, name, extension) this mount last asked the vault to give it
         self._asked: dict[str, tuple[str, str, str]] = {}
@@ -1611,7 +1626,7 @@ class Syncer:
             return
         sealed.close()
 
-    def listing_taken(self, listed: dict[str, TokenInfo], started: float) -> None:
+    def listing_taken(self, listed: dict[str, Seen], started: float) -> None:
         """The refresher's listing ``listed``, started at ``started`` (trio time): the tokens
         renamed here before it that it shows renamed are recorded (see :meth:`rescue_renamed`)."""
         self.listed, self.listed_started = listed, started
