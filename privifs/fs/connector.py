@@ -336,8 +336,7 @@ class Connector:
         """Key check and listing merge on a fresh connection, then the link goes live and the
         write-back starts over. Once the vault answered, ``bounded`` (the first attempt's time
         limit) no longer applies: the merge is never cut off."""
-        started = trio.current_time()
-        infos = [info async for info in client.tokens.list()]
+        infos, started = await self.refresher.fetch(client.tokens)
         await self._same_vault(client.tokens, infos)
         keycheck = await self.check_key(client.vault(self.account.key), infos)
         if bounded is not None:

@@ -212,12 +212,13 @@ class Refresher:
             return True
         return False
 
-    async def fetch(self) -> tuple[list[TokenInfo], float]:
+    async def fetch(self, tokens: DataTokens | None = None) -> tuple[list[TokenInfo], float]:
+        """The whole listing (through ``tokens``, default the refresher's) and when it started."""
         started = trio.current_time()
         self.heard_at = time.time()  # (each token received moves it on)
         try:
             infos = []
-            async for info in self.tokens.list():
+            async for info in (tokens or self.tokens).list():
                 infos.append(info)
                 self.heard_at = time.time()
         finally:
@@ -263,7 +264,11 @@ class Refresher:
             return infos
         found = await find_each(tokens or self.tokens, missing)
         if found:
-            log.info("the listing skipped %d tokens that exist (changes elsewhere while it was read)", len(found))
+            log.info(
+                "the listing skipped %d tokens that exist (tokens deleted while it was read, here or elsewhere, "
+                "moved them to an earlier page); asked for each",
+                len(found),
+            )
         return [*infos, *found]
 
     # -- merging ---------------------------------------------------------------------------------
