@@ -16,12 +16,9 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import platformdirs
-
-if TYPE_CHECKING:
-    from privifs.config import Config
 
 APP = "privifs"
 
@@ -42,18 +39,26 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP))
 
 
-def vault_id(embedded: bool, api: str | None, username: str) -> str:
+class Vault(Protocol):
+    """What names a vault's directories (a :class:`privifs.config.Config`)."""
+
+    embedded: bool
+    api: str | None
+    username: str | None
+
+
+def vault_id(embedded: bool, api: str | None, username: str | None) -> str:
     """The name of a vault's directories: one per server and account."""
     server = "embedded" if embedded else (api or "")
     return hashlib.sha256(f"{server}|{username}".encode()).hexdigest()[:16]
 
 
-def vault_state_dir(cfg: Config) -> Path:
+def vault_state_dir(cfg: Vault) -> Path:
     """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
     return state_dir() / "vaults" / vault_id(cfg.embedded, cfg.api, cfg.username)
 
 
-def vault_cache_dir(cfg: Config) -> Path:
+def vault_cache_dir(cfg: Vault) -> Path:
     """Where a vault's encrypted read cache lives unless --cache-dir says."""
     return cache_dir() / "vaults" / vault_id(cfg.embedded, cfg.api, cfg.username)
 
