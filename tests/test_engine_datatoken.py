@@ -274,6 +274,28 @@ async def test_listing_pages_in_a_stable_order_with_filters(wire):
         assert (await wire.get("/data-token/list-data-tokens", params=bad)).status_code == 422
 
 
+async def test_listing_pages_read_across_a_delete_or_a_store_show_what_page_numbers_show(wire):
+    """Pages read while nothing changes continue from the page before (no recount, no skipping
+    of earlier pages: engine.pages); a delete or a store between two pages shifts them as page
+    numbers do, whatever was remembered of the pages before."""
+
+    async def page(n: int) -> tuple[int, list[str]]:
+        body = (await wire.get("/data-token/list-data-tokens", params={"page": n, "perPage": 3})).json()
+        return body["meta"]["count"], [i["token"] for i in body["items"]]
+
+    await wire.provision()
+    async with wire.channel() as ch:
+        t = [await wire.store(ch, f"p{i}".encode(), file_name=f"f{i}.txt") for i in range(7)]
+        assert [await page(n) for n in (1, 2, 3)] == [(7, t[0:3]), (7, t[3:6]), (7, t[6:7])]
+        assert [await page(n) for n in (1, 2)] == [(7, t[0:3]), (7, t[3:6])]
+        r = await wire.post("/data-token/delete-data", {"token": t[1]})
+        assert (await ch.wait_for("X-DPT-CAB-ID", command_id(r)))["command_status"] == 2
+        assert await page(3) == (6, [])  # t[6] moved to page 2 (it was listed after t[5] before)
+        assert [await page(n) for n in (1, 2, 3)] == [(6, [t[0], *t[2:4]]), (6, t[4:7]), (6, [])]
+        t.append(await wire.store(ch, b"new", file_name="f7.txt"))
+        assert await page(3) == (7, [t[7]])
+
+
 async def test_update_changes_name_and_context(wire):
     await wire.provision()
     async with wire.channel() as ch:

@@ -34,6 +34,7 @@ from privifs.engine.http import (
     read_form,
 )
 from privifs.engine.options import EngineOptions
+from privifs.engine.pages import PageMemo
 from privifs.engine.storage import StorageDevices
 
 LIST_FILTERS = {
@@ -207,6 +208,7 @@ class DataTokenApi:
         self.engine = engine
         self.opts = engine.opts
         self.db = engine.db
+        self.pages = PageMemo()
 
     def owned_reservation(self, profile_id: str, temp_token: str) -> sqlite3.Row:
         row = self.db.read(
@@ -375,15 +377,7 @@ class DataTokenApi:
                 args.append(value)
         cond = " AND ".join(where)
 
-        def read(conn: sqlite3.Connection):
-            total = conn.execute(f"SELECT COUNT(*) FROM data_tokens WHERE {cond}", args).fetchone()[0]
-            rows = conn.execute(
-                f"SELECT * FROM data_tokens WHERE {cond} ORDER BY seq LIMIT ? OFFSET ?",
-                (*args, per_page, (page - 1) * per_page),
-            ).fetchall()
-            return total, rows
-
-        total, rows = self.db.read(read)
+        total, rows = self.db.read(lambda conn: self.pages.read(conn, cond, args, page, per_page))
         count = len(rows) if self.opts.listing_count == "page" else total
         return JSONResponse(
             {"items": [item(r) for r in rows], "meta": {"count": count, "page": page, "perPage": per_page}}
