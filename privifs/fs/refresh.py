@@ -50,7 +50,7 @@ from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Seen, Syncer, awaits_marker, listed_place, same_place, seen
-from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, split_context
+from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, listed_kind, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
 
@@ -325,7 +325,7 @@ class Refresher:
             for node, info in changed:
                 if not self.eligible(node, started):
                     continue
-                if attributes(info).kind != node.kind and not node.children:
+                if listed_kind(info) != node.kind and not node.children:
                     # listed before its risk meta said what it is (a directory or symlink marker
                     # between configure-file-meta and its risk meta): shown again as what it is
                     self._vanish(node)
@@ -801,12 +801,11 @@ class Refresher:
             parent = self.ns.nodes.get(parent_ino)
             if parent is None or parent.children is None:
                 continue
-            first = min(claim_order(self._created_at(n.token), n.token) for n in claimants)
             holder = self.ns.child(parent, plain)
             aside = self.ns.child(parent, f"{plain}.dir")
             if holder is not None and self._implicit(holder):
                 claim = self._subtree_claim(holder, started)
-                if claim is None or not first < claim:  # (the directory claimed it first)
+                if claim is None or not self._first_claim(claimants) < claim:  # (the directory claimed it first)
                     pass
                 elif aside is None:
                     self.ns.move(holder, parent, f"{plain}.dir")
@@ -824,7 +823,7 @@ class Refresher:
             elif holder in claimants and aside is not None and self._implicit(aside):
                 claim = self._subtree_claim(aside, started)
                 moved = conflict_name(plain, holder.token)
-                if claim is not None and claim < first and self.ns.child(parent, moved) is None:
+                if claim is not None and claim < self._first_claim(claimants) and self.ns.child(parent, moved) is None:
                     self.ns.move(holder, parent, moved)
                     self.ns.show_as(holder, moved)
                     self.index.save(holder)
@@ -832,6 +831,10 @@ class Refresher:
                     self.index.save(aside)
                     for name in (plain, moved, f"{plain}.dir"):
                         self._inval_entry(parent.ino, name)
+
+    def _first_claim(self, nodes: list[Node]) -> tuple[float, str]:
+        """The earliest claim order of ``nodes`` (:func:`claim_order`)."""
+        return min(claim_order(self._created_at(n.token), n.token) for n in nodes)
 
     def _settle_names(self, started: float) -> None:
         """Tokens claiming one path (files and symlinks) show under the names their claim order
@@ -853,6 +856,8 @@ class Refresher:
             parent = self.ns.nodes.get(parent_ino)
             if parent is None:
                 continue
+            if len(nodes) == 1 and nodes[0].name == plain:
+                continue  # (nearly every file: one token for its path, shown under it)
             nodes.sort(key=lambda n: claim_order(self._created_at(n.token), n.token))
             holder = self.ns.child(parent, plain)
             if holder is not None and holder not in nodes:

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -76,7 +77,14 @@ DEVICE_KINDS = frozenset({KIND_CHARDEV, KIND_BLOCKDEV})  # carry a device number
 
 def split_context(context: str) -> list[str]:
     """Path components of a context, leniently (no leading slash, doubled slashes, ``.``)."""
-    return [display_name(p) for p in context.split("/") if p not in ("", ".")]
+    return list(_context_parts(context))
+
+
+@functools.lru_cache(maxsize=8192)
+def _context_parts(context: str) -> tuple[str, ...]:
+    # (a vault has few contexts, one per directory, and a merge of the listing splits each
+    # token's: 0.7 of 3.5 s merging a 111,602-token listing, in 300 directories)
+    return tuple(display_name(p) for p in context.split("/") if p not in ("", "."))
 
 
 def join_context(parts: list[str]) -> str:
@@ -84,7 +92,7 @@ def join_context(parts: list[str]) -> str:
 
 
 def same_context(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and split_context(a) == split_context(b)
+    return a is not None and b is not None and _context_parts(a) == _context_parts(b)
 
 
 TIME_MIN, TIME_MAX = -(2**63), 2**63 - 1  # nanoseconds: what st_*time_ns and an index column hold
@@ -126,11 +134,18 @@ def parse_rdev(text: str | None) -> int:
     return os.makedev(major, minor) if 0 <= major < 1 << 12 and 0 <= minor < 1 << 20 else 0
 
 
+def listed_kind(info: TokenInfo) -> str:
+    """What a listed token is (the kind of its :func:`attributes`, alone: a merge of the listing
+    asks it of every token)."""
+    kind = info.risk.get("privifs.type", KIND_FILE)
+    if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK, *SPECIAL_KINDS):
+        return KIND_FILE
+    return KIND_FILE if kind == KIND_SYMLINK and not info.risk.get("privifs.target") else kind
+
+
 def attributes(info: TokenInfo) -> Attributes:
     risk = info.risk
-    kind = risk.get("privifs.type", KIND_FILE)
-    if kind not in (KIND_FILE, KIND_DIR, KIND_SYMLINK, *SPECIAL_KINDS):
-        kind = KIND_FILE
+    kind = listed_kind(info)
 
     def num(name: str, base: int = 10, low: int = TIME_MIN, high: int = TIME_MAX) -> int | None:
         """The field's integer, or None when it is absent, not an integer, or outside what the
@@ -148,8 +163,6 @@ def attributes(info: TokenInfo) -> Attributes:
         created = int(info.created_at * 1e9)
         mtime = created if TIME_MIN <= created <= TIME_MAX else None
     target = risk.get("privifs.target") if kind == KIND_SYMLINK else None
-    if kind == KIND_SYMLINK and not target:
-        kind = KIND_FILE
     rdev = parse_rdev(risk.get("privifs.rdev")) if kind in DEVICE_KINDS else 0
     uid, gid = num("privifs.uid", low=0, high=ID_MAX), num("privifs.gid", low=0, high=ID_MAX)
     sealed = risk.get(xattrs.FIELD)
