@@ -29,6 +29,21 @@ def ns(tmp_path: Path):
     index.close()
 
 
+def test_every_column_of_a_node_is_read_back_as_it_was_saved(ns: Namespace) -> None:
+    node = ns.new_node(ns.root, "a.txt", KIND_FILE, 0o644)
+    values = {
+        c: (f"{c}-value" if isinstance(getattr(node, c), str) or getattr(node, c) is None else 1000 + i)
+        for i, c in enumerate(COLUMNS)
+        if c not in ("ino", "parent", "kind")
+    }
+    for c, v in values.items():
+        setattr(node, c, v)
+    ns.index.save(node)
+    again = {n.ino: n for n in ns.index.load()}[node.ino]
+    assert again.row() == node.row()
+    assert {c: getattr(again, c) for c in values} == values
+
+
 def test_saving_an_unchanged_node_writes_nothing(ns: Namespace) -> None:
     node = ns.new_node(ns.root, "a", KIND_FILE, 0o644)
     ns.index.save(node)

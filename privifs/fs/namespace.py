@@ -277,10 +277,17 @@ class Node:
         return _row(self)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Node:
-        n = cls(row["ino"], row["parent"], row["name"], row["kind"], row["mode"], row["mtime_ns"])
-        for c in COLUMNS:
-            setattr(n, c, row[c])
+    def from_row(cls, row: tuple) -> Node:
+        """The node an index row (the :data:`COLUMNS`, in order) describes."""
+        n = cls(row[0], row[1], row[2], row[3], row[4], row[7])
+        # one statement, not a setattr per column: loading 112,154 nodes 1.2-1.5 -> 0.6-0.7 s
+        # (the order is COLUMNS'; test_index_saves reads every column back)
+        (
+            n.ino, n.parent, n.name, n.kind, n.mode, n.uid, n.gid, n.mtime_ns, n.ctime_ns, n.size, n.target,
+            n.token, n.remote_context, n.remote_name, n.remote_extension, n.remote_risk, n.shown_as, n.staged_id,
+            n.content_dirty, n.meta_dirty, n.explicit, n.seq, n.upload_started, n.atime_ns, n.markers, n.rdev,
+            n.xattrs,
+        ) = row  # fmt: skip
         # one object for what many nodes hold alike (a mount keeps every node: 1,416 -> 1,196
         # bytes a node, tracemalloc of 30,000 loaded; 999 -> 900 of 111,880): kinds, extensions,
         # a directory's context, the listed and shown names that are the entry's name, modes,
@@ -779,7 +786,9 @@ class Index:
         self._write("DELETE FROM nodes WHERE ino = ?", (ino,))
 
     def load(self) -> list[Node]:
-        return [Node.from_row(r) for r in self.conn.execute(self._select)]
+        rows = self.conn.cursor()
+        rows.row_factory = None  # (tuples: Node.from_row)
+        return [Node.from_row(r) for r in rows.execute(self._select)]
 
     def add_tombstone(self, token: str) -> None:
         self._write("INSERT OR IGNORE INTO tombstones (token, since) VALUES (?, ?)", (token, time.time()))
