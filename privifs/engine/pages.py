@@ -17,6 +17,7 @@ import sqlite3
 from collections import OrderedDict
 
 KEEP = 64  # listings (profile and filters, page size) remembered at once
+ENDS = 16  # pages' last rows remembered per listing (readers of one listing at different pages)
 
 
 class PageMemo:
@@ -51,7 +52,10 @@ class PageMemo:
                 (*args, per_page, (page - 1) * per_page),
             ).fetchall()
         if rows:
+            ends.pop(page, None)
             ends[page] = rows[-1]["seq"]
+            while len(ends) > ENDS:  # (perPage=1 over a big vault: bounded all the same)
+                del ends[next(iter(ends))]
         self._memo[key] = (version, total, ends)
         self._memo.move_to_end(key)
         while len(self._memo) > KEEP:

@@ -280,7 +280,7 @@ class Node:
     def from_row(cls, row: tuple) -> Node:
         """The node an index row (the :data:`COLUMNS`, in order) describes."""
         n = cls(row[0], row[1], row[2], row[3], row[4], row[7])
-        # one statement, not a setattr per column: loading 112,154 nodes 1.2-1.5 -> 0.6-0.7 s
+        # one statement, not a setattr per column: loading 112,154 nodes 1.2-1.5 -> 0.6-0.8 s
         # (the order is COLUMNS'; test_index_saves reads every column back)
         (
             n.ino, n.parent, n.name, n.kind, n.mode, n.uid, n.gid, n.mtime_ns, n.ctime_ns, n.size, n.target,
