@@ -1478,3 +1478,30 @@ def test_a_control_socket_or_registry_entry_removed_while_mounted_is_made_again(
         assert "unmounted" in m.umount().stdout
         m.mount()
         assert (m.dir / "f").read_text() == "after"
+
+
+def test_a_program_polling_the_tree_does_not_hold_a_closed_file_from_the_vault(engine, tmp_path):
+    """Lookups, getattrs and listings only look: write-back waited for a quiet moment (or for 30 s)
+    while `ls -lR` or `find` polled the mount, and so did every other machine (helper hAJ)."""
+    with Mount(tmp_path, engine.urls).mounted() as m:
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                for root, _, files in os.walk(m.dir):
+                    for f in files:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.stat(os.path.join(root, f))
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            (m.dir / "polled.txt").write_text("uploaded while polled")
+            deadline = time.monotonic() + 15  # (the write-back held it for 30 s)
+            while m.status()["pending_count"]:
+                assert time.monotonic() < deadline, m.status()["pending"]
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            poller.join(timeout=30)
+        assert "polled.txt" in [t["fileName"] for t in m.tokens()]

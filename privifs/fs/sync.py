@@ -390,7 +390,8 @@ class Syncer:
         self.leftover: dict[str, tuple[str, str]] = self.index.superseded()
 
     def note_activity(self) -> None:
-        """A FUSE request arrived: background write-back yields while requests keep coming."""
+        """A FUSE request that does something arrived (not one that only looks at the tree:
+        operations.LOOKS): background write-back yields while such requests keep coming."""
         self.last_activity = trio.current_time()
 
     # -- scheduling ----------------------------------------------------------------------------
