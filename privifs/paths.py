@@ -47,20 +47,20 @@ class Vault(Protocol):
     username: str | None
 
 
-def vault_id(embedded: bool, api: str | None, username: str | None) -> str:
+def vault_id(cfg: Vault) -> str:
     """The name of a vault's directories: one per server and account."""
-    server = "embedded" if embedded else (api or "")
-    return hashlib.sha256(f"{server}|{username}".encode()).hexdigest()[:16]
+    server = "embedded" if cfg.embedded else (cfg.api or "")
+    return hashlib.sha256(f"{server}|{cfg.username}".encode()).hexdigest()[:16]
 
 
 def vault_state_dir(cfg: Vault) -> Path:
     """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
-    return state_dir() / "vaults" / vault_id(cfg.embedded, cfg.api, cfg.username)
+    return state_dir() / "vaults" / vault_id(cfg)
 
 
 def vault_cache_dir(cfg: Vault) -> Path:
     """Where a vault's encrypted read cache lives unless --cache-dir says."""
-    return cache_dir() / "vaults" / vault_id(cfg.embedded, cfg.api, cfg.username)
+    return cache_dir() / "vaults" / vault_id(cfg)
 
 
 def runtime_dir() -> Path:
