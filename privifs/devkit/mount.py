@@ -109,8 +109,11 @@ class Mount:
 
     def registry(self) -> dict | None:
         for f in (self.root / "run" / "privifs" / "mounts").glob("*.json"):
-            entry = json.loads(f.read_text())
-            if entry["mountpoint"] == str(self.dir):
+            try:  # a daemon that is exiting removes its entry between the glob and the read
+                entry = json.loads(f.read_text())
+            except (FileNotFoundError, ValueError):
+                continue
+            if entry.get("mountpoint") == str(self.dir):
                 return entry
         return None
 
