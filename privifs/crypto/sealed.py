@@ -87,19 +87,29 @@ _UNPARK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=8)
-def _header_key(key: bytes) -> bytes:
-    return hmac.digest(key, b"privifs sealed header v1", hashlib.sha256)
+@functools.lru_cache(maxsize=8)
+def _header_hmac(key: bytes) -> hmac.HMAC:
+    """An HMAC keyed for headers under the local key ``key``, copied for each MAC: deriving the
+    key and keying the HMAC again cost two thirds of a header's check (a cached small file's
+    open checks two MACs)."""
+    return hmac.new(hmac.digest(key, b"privifs sealed header v1", hashlib.sha256), digestmod=hashlib.sha256)
+
+
+def _mac8(key: bytes, message: bytes) -> bytes:
+    h = _header_hmac(key).copy()
+    h.update(message)
+    return h.digest()[:8]
 
 
 def _header_mac(key: bytes, head: bytes) -> bytes:
     """The header's own MAC (bytes 48-55): of its first 48 bytes, under the local key ``key``."""
-    return hmac.digest(_header_key(key), b"header\0" + head[:48], hashlib.sha256)[:8]
+    return _mac8(key, b"header\0" + head[:48])
 
 
 def _place_mac(key: bytes, file_id: bytes, place: str) -> bytes:
     """The MAC binding a file to its place (bytes 56-63): of its file id and ``place`` (a
     staged file's id, a cache entry's token), under the local key ``key``."""
-    return hmac.digest(_header_key(key), b"place\0" + file_id + place.encode(), hashlib.sha256)[:8]
+    return _mac8(key, b"place\0" + file_id + place.encode())
 
 
 def _place_of(path: str, place: str | None) -> str:
