@@ -259,6 +259,30 @@ async def test_o_trunc_and_o_append(kit):
     assert await kit.vault_tree() == {"log": b""}
 
 
+async def _vault_shows(kit, expected: dict[str, object], timeout: float = 10) -> None:
+    """Until the vault holds ``expected``, by the write-back alone (no retry forced)."""
+    with trio.fail_after(timeout):
+        while await kit.vault_tree() != expected:
+            await trio.sleep(0.05)
+
+
+async def test_a_file_made_or_truncated_by_an_open_for_reading_reaches_the_vault(kit):
+    """open(O_RDONLY | O_CREAT) makes a file (flock(1), lock files) and open(O_RDONLY | O_TRUNC)
+    truncates one on Linux; neither handle writes, and both files stayed pending until the
+    unmount (helper hAL F1, F2)."""
+    await kit.write_file("full.txt", b"1\n2\n3\n")
+    await kit.settle()
+    kit.syncer.last_activity = float("-inf")
+    fh = await kit.create_file("by_flock.lock", flags=os.O_RDONLY | os.O_CREAT)
+    await kit.close(fh)
+    await _vault_shows(kit, {"full.txt": b"1\n2\n3\n", "by_flock.lock": b""})
+    fh = await kit.open_file("full.txt", os.O_RDONLY | os.O_TRUNC)
+    assert (await kit.lookup("full.txt")).st_size == 0
+    assert await kit.read(fh, 0, 100) == b""
+    await kit.close(fh)
+    await _vault_shows(kit, {"full.txt": b"", "by_flock.lock": b""})
+
+
 async def test_a_truncating_open_by_a_caller_other_than_root_clears_setuid_and_setgid(kit):
     """As ext4 (the kernel's truncate) does: privifs truncates inside open, and the kernel then
     sends no setattr that would clear them (helper hAD F3: a 6777 file stayed 6777 after

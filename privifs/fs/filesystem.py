@@ -633,7 +633,10 @@ class Filesystem:
         node = self._new_file(parent, name, mode, owner)
         self._save_new(node)
         self.ns.looked_up(node)
-        return self._open_node(node, flags), self.attrs(node)
+        info = self._open_node(node, flags)
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            self._changed_by_reader(node)
+        return info, self.attrs(node)
 
     def _may_open(self, node: Node, flags: int, caller: Caller | None) -> None:
         """EACCES unless the caller may open ``node`` with ``flags`` by its mode (what the kernel's
@@ -809,10 +812,11 @@ class Filesystem:
         if not node.is_file:
             raise fail(errno.EINVAL)
         accmode = flags & os.O_ACCMODE
-        if accmode in (os.O_WRONLY, os.O_RDWR):
+        writable = accmode in (os.O_WRONLY, os.O_RDWR)
+        if writable or flags & os.O_TRUNC:
             self.writable_fs()
             self._writer(caller, node)
-        if flags & os.O_TRUNC and accmode in (os.O_WRONLY, os.O_RDWR):
+        if flags & os.O_TRUNC:  # also O_RDONLY | O_TRUNC, which Linux truncates (the kernel checked write permission)
             staged = await self.writable_staged(node, truncate_to_zero=True)
             now = time.time_ns()
             with self.index.kept():  # truncated is truncated: the index records it when it can
@@ -831,7 +835,18 @@ class Filesystem:
             # whose download failed (the vault unreachable) fails too: the kernel kept the claim,
             # and the write, once the vault answered, wrote over the content as well (hAH F1)
             await self._learn_size(node)
-        return self._open_node(node, flags)
+        info = self._open_node(node, flags)
+        if not writable and flags & os.O_TRUNC:
+            self._changed_by_reader(node)
+        return info
+
+    def _changed_by_reader(self, node: Node) -> None:
+        """A handle opened for reading that changed the file (made it: ``open(O_RDONLY |
+        O_CREAT)``, as flock(1) and lock files do; truncated it: ``O_RDONLY | O_TRUNC``) has no
+        write to upload at its release: the upload is scheduled here, as a ``mknod`` does. Such
+        files stayed pending until the unmount (helper hAL F1, F2)."""
+        if node.content_dirty and node.writers == 0:
+            self.sync.schedule_upload(node)
 
     def _writer(self, caller: Caller | None, node: Node) -> None:
         if caller is not None:
