@@ -55,7 +55,7 @@ def credentials(cfg: Config) -> Credentials:
         try:
             data = json.loads(paths.read_small(cfg.oauth_file))
             return OAuthCredentials(data["accessToken"], data["refreshToken"], data.get("expiresAt"))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise ConfigError(f"cannot read the OAuth token file {cfg.oauth_file}: {exc}") from None
     if not cfg.username:
         raise ConfigError(f"no username in {cfg.path}; run 'privifs init'")

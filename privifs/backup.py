@@ -309,7 +309,7 @@ class _Opened:
         try:
             nonce = bytes.fromhex(self.header["cipher"]["digests_nonce"])
             doc = json.loads(AESGCM(self.key).decrypt(nonce, sealed, self.header_bytes))
-        except (InvalidTag, KeyError, TypeError, ValueError, AttributeError):
+        except (InvalidTag, KeyError, TypeError, ValueError, AttributeError, RecursionError):
             return None
         return doc if isinstance(doc, dict) else None
 
@@ -326,7 +326,7 @@ def _open_secrets(tar: tarfile.TarFile, passphrase: str, src: Path) -> _Opened:
                 "full disk when it was written; use a complete backup"
             ) from None
         raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
-    except (KeyError, AttributeError, ValueError, tarfile.TarError):
+    except (KeyError, AttributeError, ValueError, RecursionError, tarfile.TarError):
         raise BackupError(f"{src} is not a privifs backup (or it is damaged)") from None
     if not isinstance(header, dict):
         raise BackupError(f"{src} is not a privifs backup (or it is damaged)")

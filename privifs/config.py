@@ -148,6 +148,8 @@ def load(path: Path | None = None) -> Config:
         raise ConfigError(f"cannot read the configuration {path}: it is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cannot read the configuration {path}: {exc}") from None
+    except RecursionError:  # ([[[…]]] nested past the parser's limit: exit 70, 'internal error')
+        raise ConfigError(f"cannot read the configuration {path}: it nests arrays or tables too deeply") from None
     for section in ("server", "account", "keys", "mount"):
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"cannot read the configuration {path}: '{section}' must be a [{section}] section")

@@ -5,15 +5,18 @@ copied vault without its configuration, which must be reused, never replaced by 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import sqlite3
 import stat
 import subprocess
+import tarfile
 import time
 
 import pytest
 
+from privifs.backup import HEADER, SECRETS
 from tests.mountkit import Mount, privifs
 
 PASS = "correct horse battery staple"
@@ -341,6 +344,14 @@ def test_restore_of_something_that_is_not_a_backup_says_so_in_one_line(tmp_path)
         r = privifs(env, "restore", str(path), check=False)
         assert r.returncode == 3, (name, r.stderr)
         assert r.stderr.count("\n") == 1 and "not a privifs backup" in r.stderr, (name, r.stderr)
+    deep = tmp_path / "deep.backup"  # a header nested past the parser's limit (helper hAM F2: exit 70)
+    with tarfile.open(deep, "w") as tar:
+        for member, data in ((HEADER, b"[" * 100_000 + b"]" * 100_000), (SECRETS, bytes(64))):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    r = privifs(env, "restore", str(deep), check=False)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "not a privifs backup" in r.stderr, r.stderr
     r = privifs(env, "restore", str(tmp_path), check=False)  # a directory
     assert r.returncode in (3, 4) and r.stderr.count("\n") == 1 and "directory" in r.stderr, r.stderr
     # said before any passphrase is asked for (none is at hand here): the restore asked for it

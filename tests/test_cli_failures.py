@@ -121,6 +121,8 @@ def test_a_broken_configuration_or_secret_file_is_one_clear_line(tmp_path, capsy
         # a value of the wrong type was used as it came: "false" (a string) meant the embedded engine
         (config("strbool.toml", account().replace("embedded = false", 'embedded = "false"')), "true or false"),
         (config("numkey.toml", account().replace(f'aes_key_file = "{key}"', "aes_key_file = 5")), "text in quotes"),
+        # nested past the parser's limit: a RecursionError, exit 70 'internal error' (helper hAM F2)
+        (config("deep.toml", "[mount]\nx = " + "[" * 500 + "]" * 500 + "\n"), "too deeply"),
     ]
     for cfg, says in cases:
         code = main(["--config", cfg, "token", "ls"])

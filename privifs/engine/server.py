@@ -225,7 +225,7 @@ def admin_routes(engine: Engine) -> list[Route]:
                 if not isinstance(values, dict):
                     raise ValueError("expected a JSON object")
                 engine.opts.update(values)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, RecursionError) as exc:
                 return JSONResponse({"status": 422, "message": str(exc)}, status_code=422)
         return JSONResponse(engine.opts.as_dict())
 
