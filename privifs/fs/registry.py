@@ -62,7 +62,7 @@ def registered_mounts() -> list[dict]:
             if not registered_daemon_runs(entry):
                 raise ValueError("daemon gone (its pid may be another process's now)")
             out.append(entry)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             f.unlink(missing_ok=True)
     return out
 
