@@ -428,6 +428,26 @@ def test_init_never_overwrites_an_existing_key_or_password(user, tmp_path):
     assert (cfg_dir / "aes.key").read_bytes() == key and (cfg_dir / "password").read_bytes() == password
 
 
+def test_init_force_without_the_server_settings_keeps_the_server_the_configuration_names(user, tmp_path):
+    """``init --force`` run to repair a configuration, without the PRIVICORE_* settings, made a
+    new vault on the embedded engine: the next mount showed an empty drive (helper hAM F3)."""
+    cfg = tmp_path / "config" / "privifs" / "config.toml"
+    note = tmp_path / "note.txt"
+    note.write_text("on the server")
+    token = run(user, "token", "put", str(note)).stdout.strip()
+    bare = {k: v for k, v in user.items() if not k.startswith("PRIVICORE_")}
+    r = run(bare, "init", "--force")
+    assert "keeping the server" in r.stdout and user["PRIVICORE_API_URL"] in cfg.read_text()
+    assert "embedded = false" in cfg.read_text() and user["PRIVICORE_USERNAME"] in cfg.read_text()
+    assert token in run(bare, "token", "ls").stdout
+    cfg.write_text(cfg.read_text() + "garbage [\n")  # damaged: which server it meant is not known
+    r = run(bare, "init", "--force", check=False)
+    assert r.returncode == 3 and "separate server" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert cfg.read_text().endswith("garbage [\n")
+    run(user, "init", "--force")  # given the server again: repaired
+    assert token in run(bare, "token", "ls").stdout
+
+
 def test_user_mistakes_get_one_line_and_a_distinct_exit_code(user, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import re
 import secrets
 import sys
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from privifs.client.provision import register_profile
 from privifs.client.session import PasswordCredentials
 from privifs.client.transport import Endpoints
 from privifs.client.urls import validate_urls
-from privifs.config import SECRET_NAMES, Config, default_config_path, place_secret, restoring_marker, save
+from privifs.config import SECRET_NAMES, Config, default_config_path, load, place_secret, restoring_marker, save
 from privifs.crypto.keys import (
     AES_KEY_SIZE,
     generate_identity,
@@ -143,6 +144,29 @@ def _embedded_plan(args: argparse.Namespace, cfg_dir: Path, key: bytes | None) -
     return Plan(username, password, True, key or os.urandom(AES_KEY_SIZE), key is None)
 
 
+def _replaced_server(cfg_path: Path) -> Config | None:
+    """The separate server the configuration ``init --force`` replaces names (None: the
+    embedded engine). ``init --force`` run to repair it without the ``PRIVICORE_*`` settings
+    made a new vault on the embedded engine instead: the next mount showed an empty drive, and
+    what the old vault had staged stayed behind (helper hAM F3). One that cannot be read but
+    says ``embedded = false`` or names an ``api`` is refused: which server it meant is unknown."""
+    try:
+        old = load(cfg_path)
+    except ConfigError as exc:
+        try:
+            text = paths.read_small(cfg_path).decode(errors="replace")
+        except OSError:
+            return None
+        if re.search(r"^\s*(embedded\s*=\s*false|api\s*=)", text, re.MULTILINE):
+            raise ConfigError(
+                f"{exc}; it was set up for a separate server: run 'privifs init --force' with that server's "
+                f"PRIVICORE_API_URL (and PRIVICORE_USERNAME), or move {cfg_path} away to make a vault on the "
+                "embedded engine instead"
+            ) from None
+        return None
+    return None if old.embedded or not old.api else old
+
+
 SETTINGS = (
     "PRIVICORE_API_URL",
     "PRIVICORE_WS_URL",
@@ -202,15 +226,24 @@ def set_up(args: argparse.Namespace) -> int:
         key = given
     cfg = Config(path=cfg_path)
     api = os.environ.get("PRIVICORE_API_URL")
+    kept = _replaced_server(cfg_path) if not api and cfg_path.exists() else None
     if api:
         cfg.embedded = False
         cfg.api = api.rstrip("/")
         cfg.ws = os.environ.get("PRIVICORE_WS_URL")
         cfg.upstream = os.environ.get("PRIVICORE_UPSTREAM_URL")
         cfg.downstream = os.environ.get("PRIVICORE_DOWNSTREAM_URL")
+    elif kept is not None:  # the server the replaced configuration names, and its account
+        cfg.embedded = False
+        cfg.api, cfg.ws, cfg.upstream, cfg.downstream = kept.api, kept.ws, kept.upstream, kept.downstream
+        print(f"keeping the server of {cfg_path}: {kept.server_label()} (set PRIVICORE_API_URL to use another)")
+    if not cfg.embedded:
+        stored = None
+        if kept is not None and args.password_file is None and not os.environ.get("PRIVICORE_PASSWORD"):
+            stored = _read_secret(cfg_dir / SECRET_NAMES["password_file"])
         plan = Plan(
-            _username(),
-            _password(args, confirm=args.register),
+            os.environ.get("PRIVICORE_USERNAME") or (kept.username if kept is not None else None) or _username(),
+            stored or _password(args, confirm=args.register),
             args.register,
             key or os.urandom(AES_KEY_SIZE),
             key is None,
