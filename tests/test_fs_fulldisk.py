@@ -578,6 +578,36 @@ def test_the_cache_gives_room_to_an_embedded_engine_that_shares_its_disk(tmp_pat
 
 
 @pytest.mark.slow
+def test_files_written_until_the_disk_is_full_still_drain_to_the_embedded_engine_on_it(tmp_path):
+    """A home directory on one small disk, filled through the mount alone: staging stopped at its
+    own floor (1 MiB), below the 4 MiB the engine leaves free, and from then on the engine refused
+    every upload (507) and nothing drained until files were deleted (helper hAM F1: 1,027
+    changes pending for 10 minutes). Staging now stops where the engine still takes uploads."""
+    with small_filesystem(tmp_path / "small", "64m") as small:
+        m = Mount(small / "user", None)
+        try:
+            m.mount()
+            (m.dir / "a").mkdir()
+            written: dict[str, bytes] = {}
+            for i in range(5000):
+                data = os.urandom(40_000)
+                try:
+                    (m.dir / "a" / f"f{i:05d}").write_bytes(data)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC, exc
+                    break
+                written[f"f{i:05d}"] = data
+            else:
+                pytest.fail("the disk never filled")
+            m.wait_idle(timeout=120)
+            assert set(written) <= {t["fileName"] for t in m.tokens() if t["context"] == "/a"}
+            for name in list(written)[:: max(1, len(written) // 5)]:
+                assert read_uncached(m.dir / "a" / name) == written[name], name
+        finally:
+            m.cleanup()
+
+
+@pytest.mark.slow
 def test_a_disk_filled_to_the_last_byte_under_the_embedded_engine_still_reads_and_deletes(tmp_path):
     """Everything on one disk (the embedded engine's default: a home directory) that another
     program filled to the last byte. Files not cached were EIO (helper hK): a download is a

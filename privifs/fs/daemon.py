@@ -49,6 +49,7 @@ from privifs.fs.namespace import Index, Namespace
 from privifs.fs.operations import Operations
 from privifs.fs.refresh import Refresher
 from privifs.fs.registry import control_socket_path, registered_daemon_runs, registry_path
+from privifs.fs.space import MiB, Space, engine_headroom
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
 from privifs.keycheck import check_key
@@ -349,7 +350,10 @@ class Daemon:
         index = Index(self.state_dir / INDEX_NAME)
         try:
             ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
-            staging = Staging(self.state_dir / "staging", local, keep_free=index.reserve.missing)
+            staging_dir = self.state_dir / "staging"
+            paths.private_dir(staging_dir)
+            headroom = self._engine_headroom(staging_dir)
+            staging = Staging(staging_dir, local, keep_free=lambda: index.reserve.missing() + headroom)
             try:
                 cache = ContentCache(self.cache_dir, self.mcfg.cache_size, local)
             except OSError as exc:  # --cache-dir names a file, or a place that cannot hold one
@@ -464,6 +468,27 @@ class Daemon:
                 cache.close()
         finally:
             index.close()
+
+    def _engine_headroom(self, staging_dir: Path) -> int:
+        """What staged writes leave free beyond their floor for the embedded engine's uploads on
+        the same disk (:func:`privifs.fs.space.engine_headroom`); 0 for a separate server."""
+        if not self.cfg.embedded:
+            return 0
+        from privifs.engine.blobs import room_floor
+        from privifs.parts.store import THRESHOLD
+
+        engine_dir = paths.embedded_engine_dir()
+        try:
+            floor = room_floor(engine_dir)
+        except OSError:
+            return 0
+        headroom = engine_headroom(staging_dir, engine_dir, floor, THRESHOLD + MiB)
+        if headroom:
+            log.info(
+                "staged writes leave %.0f MiB free for the embedded engine on the same disk to take uploads",
+                (headroom + Space(staging_dir).floor()) / MiB,
+            )
+        return headroom
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -37,6 +37,22 @@ def reserve_of(total: int) -> int:
     return floor_of(total) + int(min(RESERVE_MAX, total * RESERVE_FRACTION))
 
 
+def engine_headroom(staging_dir: Path, engine_dir: Path, engine_floor: int, largest_blob: int) -> int:
+    """What staged writes leave free beyond their own floor when the embedded engine keeps its
+    blobs on the same filesystem: the engine refuses a blob that would leave less than
+    ``engine_floor`` free (HTTP 507), so staging must stop above that floor with room for two
+    of the largest blobs an upload sends, or the drain can never start. Staging stopped at its
+    own floor (1 MiB on a small disk, below the engine's 4), every upload got 507 and nothing
+    drained until files were deleted (helper hAM F1: 1,027 changes pending for 10 minutes). 0
+    when the engine's data is on another filesystem."""
+    try:
+        if os.stat(staging_dir).st_dev != os.stat(engine_dir).st_dev:
+            return 0
+    except OSError:
+        return 0
+    return max(0, engine_floor + 2 * largest_blob - Space(staging_dir).floor())
+
+
 @dataclass(frozen=True)
 class Space:
     """The filesystem holding ``path`` (a directory; one removed meanwhile, e.g. the cache's by
