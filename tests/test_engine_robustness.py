@@ -172,3 +172,25 @@ async def test_a_json_string_with_a_lone_surrogate_or_an_empty_list_gets_a_422(e
     )
     assert r.status_code < 500, r.text[:200]
     assert "Traceback" not in eng.log()
+
+
+async def test_an_engine_out_of_file_descriptors_answers_503_with_retry_after_and_no_traceback(caplog):
+    """A flood of connections used up the engine's descriptors: an upload whose blob file could
+    not be opened (EMFILE) was dropped with a traceback in the log (helper hAM F4). It is an
+    overload like the others: 503, Retry-After (the client retries), one log line."""
+    import errno
+
+    from starlette.requests import Request
+
+    from privifs.engine.http import guarded
+
+    async def handler(request: Request):
+        raise OSError(errno.EMFILE, "Too many open files", "/data/tmp/blob")
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/data-token/exchange", "headers": [], "query_string": b""}
+    response = await guarded(EngineOptions(), handler)(Request(scope, receive))
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "no file descriptor left" in caplog.text and "Traceback" not in caplog.text

@@ -67,6 +67,22 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
 
 
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` is the engine (or the system) out of file descriptors: a flood of
+    connections. Not a bug either: answered 503 with one log line (helper hAM F4: an upload's
+    blob file could not be opened, and the connection was dropped with a traceback)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def no_descriptors(what: str, exc: BaseException) -> JSONResponse:
+    log.warning("%s: the engine has no file descriptor left (%s); answered 503", what, exc)
+    return JSONResponse(
+        {"status": 503, "message": "Service Unavailable: too many open files on the server; try again"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
 def insufficient_storage(what: str, exc: BaseException) -> JSONResponse:
     log.warning("%s: the engine's disk is full (%s); answered 507", what, exc)
     return JSONResponse(
@@ -386,9 +402,12 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
                 )
             return Response(status_code=400)
         except (OSError, sqlite3.Error) as exc:
-            if not disk_full(exc):
+            if disk_full(exc):
+                response = insufficient_storage(f"{request.method} {request.url.path}", exc)
+            elif out_of_descriptors(exc):
+                response = no_descriptors(f"{request.method} {request.url.path}", exc)
+            else:
                 raise
-            response = insufficient_storage(f"{request.method} {request.url.path}", exc)
         # hypercorn closes a connection whose request body was not read before the answer, and a
         # client reusing it then sees "disconnected without a response": always read it
         await drain(request)
