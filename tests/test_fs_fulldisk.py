@@ -570,7 +570,9 @@ def test_the_cache_gives_room_to_an_embedded_engine_that_shares_its_disk(tmp_pat
             assert m.status()["cache"]["size"] >= 30 * MiB  # its staged copy moved into the cache
             (m.dir / "second.bin").write_bytes(second)
             m.wait_idle(timeout=90)
-            assert "507" in m.log()  # (the engine did run out of room)
+            # the cache made room: for the engine's upload (507), or since staging leaves the
+            # engine room (hAM F1) already for the write
+            assert "507" in m.log() or "dropped" in m.log()
             assert vault_content(m, "second.bin", tmp_path / "second.out") == second
             assert read_uncached(m.dir / "first.bin") == first
         finally:
