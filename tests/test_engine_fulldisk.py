@@ -1,4 +1,4 @@
-"""The engine on a full disk: requests that need room are answered 507 (one log line each, no
+"""The engine on a full disk: requests that need room are answered 507 (a log line at most every 10 s, no
 traceback), nothing else stops, and everything works again once there is room. A full disk once
 ended the whole engine: the command runner's failed commit escaped its task."""
 

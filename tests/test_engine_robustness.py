@@ -194,3 +194,27 @@ async def test_an_engine_out_of_file_descriptors_answers_503_with_retry_after_an
     response = await guarded(EngineOptions(), handler)(Request(scope, receive))
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "no file descriptor left" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_overload_warnings_come_at_most_every_few_seconds_saying_how_many_they_stand_for(caplog, monkeypatch):
+    """Every request on a full disk logged its own warning: about 2,000 lines a minute from a
+    mount retrying its uploads, eating the space as it was freed (helper hAM F1)."""
+    import logging
+
+    from privifs.engine.http import Overloads
+
+    clock = [100.0]
+    monkeypatch.setattr("privifs.engine.http.time.monotonic", lambda: clock[0])
+    o = Overloads()
+    with caplog.at_level(logging.WARNING, logger="privifs.engine"):
+        for _ in range(50):
+            o.warn("disk", "%s: the engine's disk is full; answered 507", "POST /x")
+        o.warn("descriptors", "no file descriptor left")  # another kind: its own line
+        clock[0] += Overloads.EVERY
+        o.warn("disk", "%s: the engine's disk is full; answered 507", "POST /y")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "POST /x: the engine's disk is full; answered 507",
+        "no file descriptor left",
+        "POST /y: the engine's disk is full; answered 507 (and 49 more like it in the last 10 s)",
+    ]

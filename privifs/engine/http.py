@@ -67,6 +67,34 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
 
 
+class Overloads:
+    """The warnings of one kind of overload (a full disk, no descriptor left), at most one every
+    :attr:`EVERY` seconds, the next saying how many it stood for: every request on a full disk
+    logged one, about 2,000 lines a minute from a mount retrying its uploads, which ate the space
+    as it was freed (helper hAM F1)."""
+
+    EVERY = 10.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def warn(self, kind: str, text: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.EVERY) < self.EVERY:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        quiet = self._quiet.pop(kind, 0)
+        if quiet:
+            text += " (and %d more like it in the last %.0f s)"
+            args = (*args, quiet, self.EVERY)
+        log.warning(text, *args)
+
+
+overloads = Overloads()
+
+
 def out_of_descriptors(exc: BaseException) -> bool:
     """Whether ``exc`` is the engine (or the system) out of file descriptors: a flood of
     connections. Not a bug either: answered 503 with one log line (helper hAM F4: an upload's
@@ -75,7 +103,7 @@ def out_of_descriptors(exc: BaseException) -> bool:
 
 
 def no_descriptors(what: str, exc: BaseException) -> JSONResponse:
-    log.warning("%s: the engine has no file descriptor left (%s); answered 503", what, exc)
+    overloads.warn("descriptors", "%s: the engine has no file descriptor left (%s); answered 503", what, exc)
     return JSONResponse(
         {"status": 503, "message": "Service Unavailable: too many open files on the server; try again"},
         status_code=503,
@@ -84,7 +112,7 @@ def no_descriptors(what: str, exc: BaseException) -> JSONResponse:
 
 
 def insufficient_storage(what: str, exc: BaseException) -> JSONResponse:
-    log.warning("%s: the engine's disk is full (%s); answered 507", what, exc)
+    overloads.warn("disk", "%s: the engine's disk is full (%s); answered 507", what, exc)
     return JSONResponse(
         {"status": 507, "message": "Insufficient Storage: the server's disk is full; try again later"},
         status_code=507,

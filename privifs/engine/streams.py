@@ -19,7 +19,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 
 from privifs.engine.core import Engine
-from privifs.engine.http import disk_full, drain_body, out_of_descriptors
+from privifs.engine.http import disk_full, drain_body, out_of_descriptors, overloads
 
 log = logging.getLogger("privifs.engine.streams")
 
@@ -117,10 +117,12 @@ def _storage_guarded(what: str, app):
             if not (full or out_of_descriptors(exc)) or scope["type"] != "http":
                 raise
             if full:
-                log.warning("%s: the engine's disk is full (%s); answered 507", what, exc)
+                overloads.warn("disk", "%s: the engine's disk is full (%s); answered 507", what, exc)
                 status, message = 507, "Insufficient Storage: the server's disk is full; try again later"
             else:
-                log.warning("%s: the engine has no file descriptor left (%s); answered 503", what, exc)
+                overloads.warn(
+                    "descriptors", "%s: the engine has no file descriptor left (%s); answered 503", what, exc
+                )
                 status, message = 503, "Service Unavailable: too many open files on the server; try again"
             if not started:
                 if body_complete:
