@@ -40,9 +40,11 @@ the daemon after the unmount, or at the next mount) or ``privifs umount DIR`` (w
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import getopt
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -210,12 +212,18 @@ def main(argv: list[str] | None = None) -> int:
 def _remount(mountpoint: str, options: list[str]) -> int:
     from privifs.cli.remount import RemountError, remount
 
+    status = _running_status(mountpoint)
+    read_only = bool(status["read_only"]) if status is not None and "read_only" in status else None
     try:
-        kept = remount(mountpoint, options, daemon_read_only=_daemon_read_only(mountpoint))
+        kept = remount(mountpoint, options, daemon_read_only=read_only)
     except RemountError as exc:
         print(f"mount.fuse.privifs: {exc}", file=sys.stderr)
         return MOUNT_FAILED
-    kept = [o for o in kept if o.partition("=")[0] not in IGNORED and not o.startswith(("x-", "comment"))]
+    kept = [
+        o
+        for o in kept
+        if o.partition("=")[0] not in IGNORED and not o.startswith(("x-", "comment")) and not _as_running(o, status)
+    ]
     if kept:
         print(
             f"mount.fuse.privifs: remounted {mountpoint}; a remount changes ro/rw, exec, nosymfollow and atime only, "
@@ -225,8 +233,36 @@ def _remount(mountpoint: str, options: list[str]) -> int:
     return 0
 
 
-def _daemon_read_only(mountpoint: str) -> bool | None:
-    """Whether the daemon serving ``mountpoint`` was started read-only; None if it cannot be asked.
+def _as_running(option: str, status: dict | None) -> bool:
+    """Whether the daemon already runs with ``option`` as given: nothing for a remount to say it
+    leaves as it was. mount(8) repeats an fstab line's options at every remount (README's line:
+    ``cache_size=2G,config=…``), and each was named as "staying as it was" (helper hAN F1:
+    xfstests' generic/294 and 452 failed on that line)."""
+    from privifs.cli.options import parse_size
+
+    if status is None:
+        return False
+    name, eq, value = option.partition("=")
+    try:
+        if name == "config" and eq:
+            return isinstance(status.get("config"), str) and os.path.realpath(value) == os.path.realpath(
+                status["config"]
+            )
+        if name == "cache_size" and eq:
+            return parse_size(value) == status["cache"]["limit"]
+        if name == "fsync" and eq:
+            return value == status["fsync"]["mode"]
+        if name == "refresh_interval" and eq:
+            return float(value) == status["refresh_interval"]
+        if name == "xattrs" and not eq:
+            return status.get("xattrs") is True
+    except (ValueError, KeyError, TypeError, argparse.ArgumentTypeError):
+        return False
+    return False
+
+
+def _running_status(mountpoint: str) -> dict | None:
+    """The status of the daemon serving ``mountpoint``; None if it cannot be asked.
 
     mount(8) runs its helper without ``HOME`` (util-linux drops it from the environment), so
     the registry the helper reads is that of the home directory /etc/passwd names: a daemon
@@ -244,8 +280,8 @@ def _daemon_read_only(mountpoint: str) -> bool | None:
     candidates = [entry["control"]] if entry is not None else _daemon_control_sockets(real)
     for control in candidates:
         status = _daemon_status(control)
-        if status is not None and status.get("mountpoint") == real and "read_only" in status:
-            return bool(status["read_only"])
+        if status is not None and status.get("mountpoint") == real:
+            return status
     return None
 
 

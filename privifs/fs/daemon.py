@@ -614,6 +614,7 @@ class Daemon:
             "pending_deletes": syncer.tombstone_count(),
             "uploads_done": syncer.uploads,
             "read_only": self.fs.opts.read_only,
+            "config": str(self.cfg.path),
             "xattrs": self.fs.opts.xattrs,
             "fsync": {
                 "mode": self.fs.opts.fsync_mode,
