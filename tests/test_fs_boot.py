@@ -334,7 +334,8 @@ def test_mount_o_remount_switches_read_only_and_back_without_the_daemon(engine, 
             assert (m.dir / "before.txt").read_text() == "written before"
             # the options it runs with, as mount(8) repeats an fstab line's: nothing to name (hAN F1)
             config = m.root / "config" / "privifs" / "config.toml"
-            r = remount(f"ro,config={config},cache_size={m.status()['cache']['limit']}")
+            limit = m.status()["cache"]["limit"]
+            r = remount(f"ro,config={config},cache_size={limit},write_back_delay=1,umask=022,fsync=vault")
             assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
             r = remount("rw,noexec,cache_size=1G")
             assert r.returncode == 0, r.stdout + r.stderr

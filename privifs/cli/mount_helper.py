@@ -238,12 +238,28 @@ def _as_running(option: str, status: dict | None) -> bool:
     leaves as it was. mount(8) repeats an fstab line's options at every remount (README's line:
     ``cache_size=2G,config=…``), and each was named as "staying as it was" (helper hAN F1:
     xfstests' generic/294 and 452 failed on that line)."""
-    from privifs.cli.options import parse_size
+    from privifs.cli.options import parse_octal, parse_size
 
     if status is None:
         return False
     name, eq, value = option.partition("=")
+    settings = status.get("settings") if isinstance(status.get("settings"), dict) else {}
+    parsers = {
+        "upload_workers": int,
+        "write_back_delay": float,
+        "server_timeout": float,
+        "fsync_timeout": float,
+        "uid": int,
+        "gid": int,
+        "umask": parse_octal,
+    }
     try:
+        if name in parsers and eq and name in settings:
+            return parsers[name](value) == settings[name]
+        if name == "cache_dir" and eq and isinstance(settings.get("cache_dir"), str):
+            return os.path.realpath(value) == os.path.realpath(settings["cache_dir"])
+        if name == "nonempty" and not eq:
+            return settings.get("nonempty") is True
         if name == "config" and eq:
             return isinstance(status.get("config"), str) and os.path.realpath(value) == os.path.realpath(
                 status["config"]

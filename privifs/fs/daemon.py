@@ -615,6 +615,18 @@ class Daemon:
             "uploads_done": syncer.uploads,
             "read_only": self.fs.opts.read_only,
             "config": str(self.cfg.path),
+            # what the daemon runs with, by the mount helper's option names (a remount compares them)
+            "settings": {
+                "cache_dir": str(self.cache_dir),
+                "upload_workers": self.mcfg.upload_workers,
+                "write_back_delay": self.mcfg.write_back_delay,
+                "server_timeout": self.mcfg.server_timeout,
+                "fsync_timeout": self.fs.opts.fsync_timeout,
+                "uid": self.fs.opts.uid,
+                "gid": self.fs.opts.gid,
+                "umask": self.fs.opts.umask,
+                "nonempty": self.mcfg.nonempty,
+            },
             "xattrs": self.fs.opts.xattrs,
             "fsync": {
                 "mode": self.fs.opts.fsync_mode,
