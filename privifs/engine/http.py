@@ -60,7 +60,7 @@ SQLITE_FULL = 13  # sqlite3.Error.sqlite_errorcode of "database or disk is full"
 
 def disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` is the engine's disk (or quota) running full: a blob write, or SQLite's
-    "database or disk is full". Not a bug: answered 507 with one log line, and the engine goes
+    "database or disk is full". Not a bug: answered 507 (:func:`overload`), and the engine goes
     on (it works again once there is room)."""
     if isinstance(exc, OSError):
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -97,26 +97,32 @@ overloads = Overloads()
 
 def out_of_descriptors(exc: BaseException) -> bool:
     """Whether ``exc`` is the engine (or the system) out of file descriptors: a flood of
-    connections. Not a bug either: answered 503 with one log line (helper hAM F4: an upload's
-    blob file could not be opened, and the connection was dropped with a traceback)."""
+    connections. Not a bug either: answered 503 (helper hAM F4: an upload's blob file could not
+    be opened, and the connection was dropped with a traceback)."""
     return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
 
 
-def no_descriptors(what: str, exc: BaseException) -> JSONResponse:
-    overloads.warn("descriptors", "%s: the engine has no file descriptor left (%s); answered 503", what, exc)
-    return JSONResponse(
-        {"status": 503, "message": "Service Unavailable: too many open files on the server; try again"},
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
+# status -> (kind of overload, what the log says, the answer's message)
+_OVERLOADS = {
+    507: ("disk", "the engine's disk is full", "Insufficient Storage: the server's disk is full; try again later"),
+    503: (
+        "descriptors",
+        "the engine has no file descriptor left",
+        "Service Unavailable: too many open files on the server; try again",
+    ),
+}
 
 
-def insufficient_storage(what: str, exc: BaseException) -> JSONResponse:
-    overloads.warn("disk", "%s: the engine's disk is full (%s); answered 507", what, exc)
-    return JSONResponse(
-        {"status": 507, "message": "Insufficient Storage: the server's disk is full; try again later"},
-        status_code=507,
-    )
+def overload(what: str, exc: BaseException) -> tuple[int, str] | None:
+    """The answer (status, message) to a request ``what`` that failed with ``exc`` for an
+    overload: 507 for a full disk (:func:`disk_full`), 503 for no file descriptor left
+    (:func:`out_of_descriptors`), warned of through :data:`overloads`; None for anything else."""
+    status = 507 if disk_full(exc) else 503 if out_of_descriptors(exc) else None
+    if status is None:
+        return None
+    kind, said, message = _OVERLOADS[status]
+    overloads.warn(kind, "%s: %s (%s); answered %d", what, said, exc, status)
+    return status, message
 
 
 def _finite(text: str) -> float:
@@ -430,12 +436,15 @@ def guarded(opts: EngineOptions, handler: Handler) -> Handler:
                 )
             return Response(status_code=400)
         except (OSError, sqlite3.Error) as exc:
-            if disk_full(exc):
-                response = insufficient_storage(f"{request.method} {request.url.path}", exc)
-            elif out_of_descriptors(exc):
-                response = no_descriptors(f"{request.method} {request.url.path}", exc)
-            else:
+            answer = overload(f"{request.method} {request.url.path}", exc)
+            if answer is None:
                 raise
+            status, message = answer
+            response = JSONResponse(
+                {"status": status, "message": message},
+                status_code=status,
+                headers={"Retry-After": "1"} if status == 503 else None,
+            )
         # hypercorn closes a connection whose request body was not read before the answer, and a
         # client reusing it then sees "disconnected without a response": always read it
         await drain(request)

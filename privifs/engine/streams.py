@@ -19,7 +19,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 
 from privifs.engine.core import Engine
-from privifs.engine.http import disk_full, drain_body, out_of_descriptors, overloads
+from privifs.engine.http import drain_body, overload
 
 log = logging.getLogger("privifs.engine.streams")
 
@@ -113,17 +113,10 @@ def _storage_guarded(what: str, app):
         try:
             await app(scope, reading, tracking)
         except (OSError, sqlite3.Error) as exc:
-            full = disk_full(exc)
-            if not (full or out_of_descriptors(exc)) or scope["type"] != "http":
+            answer = overload(what, exc) if scope["type"] == "http" else None
+            if answer is None:
                 raise
-            if full:
-                overloads.warn("disk", "%s: the engine's disk is full (%s); answered 507", what, exc)
-                status, message = 507, "Insufficient Storage: the server's disk is full; try again later"
-            else:
-                overloads.warn(
-                    "descriptors", "%s: the engine has no file descriptor left (%s); answered 503", what, exc
-                )
-                status, message = 503, "Service Unavailable: too many open files on the server; try again"
+            status, message = answer
             if not started:
                 if body_complete:
                     await _answer(send, status, {"status": status, "message": message})
