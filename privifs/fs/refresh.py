@@ -50,7 +50,7 @@ from privifs.errors import PrivifsError
 from privifs.fs.names import conflict_name, listed_name, shown_name, token_name
 from privifs.fs.namespace import ROOT, Namespace, Node, risk_json
 from privifs.fs.sync import Seen, Syncer, awaits_marker, listed_place, same_place, seen
-from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, listed_kind, split_context
+from privifs.fs.tokenmeta import KIND_DIR, RESERVED_CONTEXT, attributes, listed_kind, same_context, split_context
 
 log = logging.getLogger("privifs.fs.refresh")
 
@@ -149,7 +149,7 @@ class Refresher:
         self._seen: dict[str, Seen] = {}  # where the last listing showed each token
         self._added: set[int] = set()
         self._took_new_token: set[int] = set()  # files that took a new token at their place, this listing
-        self._holding: dict[str, float] = {}  # token -> since when its file is held at its name (_held_for_save)
+        self._holding: dict[str, float] = {}  # token -> since when its file is held at its name (_not_held_for_saves)
         self._lock = trio.Lock()
         self._due: list[float] = []
         self._wake = trio.Event()
@@ -432,7 +432,7 @@ class Refresher:
         return (
             node.name == before
             and listed_name(info) == conflict_name(before, info.token)
-            and split_context(info.context) == split_context(node.remote_context or "")
+            and same_context(info.context, node.remote_context or "")
         )
 
     def _split_markers(self, started: float) -> None:
