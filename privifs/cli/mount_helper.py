@@ -234,17 +234,26 @@ def _remount(mountpoint: str, options: list[str]) -> int:
 
 
 def _as_running(option: str, status: dict | None) -> bool:
-    """Whether the daemon already runs with ``option`` as given: nothing for a remount to say it
-    leaves as it was. mount(8) repeats an fstab line's options at every remount (README's line:
-    ``cache_size=2G,config=…``), and each was named as "staying as it was" (helper hAN F1:
-    xfstests' generic/294 and 452 failed on that line)."""
+    """Whether the daemon already runs with ``option`` as given (its status's ``settings``, by
+    option name): nothing for a remount to say it leaves as it was. mount(8) repeats an fstab
+    line's options at every remount (README's line: ``cache_size=2G,config=…``), and each was
+    named as "staying as it was" (helper hAN F1: xfstests' generic/294 and 452 failed on that
+    line). A value is compared as the mount reads it, the daemon's read the same way."""
     from privifs.cli.options import parse_octal, parse_size
 
-    if status is None:
-        return False
+    settings = status.get("settings") if status is not None else None
     name, eq, value = option.partition("=")
-    settings = status.get("settings") if isinstance(status.get("settings"), dict) else {}
-    parsers = {
+    if not isinstance(settings, dict) or name not in settings:
+        return False
+    running = settings[name]
+    if not eq:
+        return name in FLAGS and running is True
+    read = {
+        "config": os.path.realpath,
+        "cache_dir": os.path.realpath,
+        "cache_size": parse_size,
+        "fsync": str,
+        "refresh_interval": float,
         "upload_workers": int,
         "write_back_delay": float,
         "server_timeout": float,
@@ -252,29 +261,11 @@ def _as_running(option: str, status: dict | None) -> bool:
         "uid": int,
         "gid": int,
         "umask": parse_octal,
-    }
+    }.get(name)
     try:
-        if name in parsers and eq and name in settings:
-            return parsers[name](value) == settings[name]
-        if name == "cache_dir" and eq and isinstance(settings.get("cache_dir"), str):
-            return os.path.realpath(value) == os.path.realpath(settings["cache_dir"])
-        if name == "nonempty" and not eq:
-            return settings.get("nonempty") is True
-        if name == "config" and eq:
-            return isinstance(status.get("config"), str) and os.path.realpath(value) == os.path.realpath(
-                status["config"]
-            )
-        if name == "cache_size" and eq:
-            return parse_size(value) == status["cache"]["limit"]
-        if name == "fsync" and eq:
-            return value == status["fsync"]["mode"]
-        if name == "refresh_interval" and eq:
-            return float(value) == status["refresh_interval"]
-        if name == "xattrs" and not eq:
-            return status.get("xattrs") is True
-    except (ValueError, KeyError, TypeError, argparse.ArgumentTypeError):
+        return read is not None and read(value) == read(str(running))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
         return False
-    return False
 
 
 def _running_status(mountpoint: str) -> dict | None:
