@@ -49,7 +49,7 @@ from privifs.fs.namespace import Index, Namespace
 from privifs.fs.operations import Operations
 from privifs.fs.refresh import Refresher
 from privifs.fs.registry import control_socket_path, registered_daemon_runs, registry_path
-from privifs.fs.space import MiB, Space, engine_headroom
+from privifs.fs.space import MiB, engine_headroom
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
 from privifs.keycheck import check_key
@@ -482,11 +482,12 @@ class Daemon:
             floor = room_floor(engine_dir)
         except OSError:
             return 0
-        headroom = engine_headroom(staging_dir, engine_dir, floor, THRESHOLD + MiB)
-        if headroom:
+        largest = THRESHOLD + MiB
+        headroom = engine_headroom(staging_dir, engine_dir, floor, largest)
+        if headroom:  # (then staging's own floor plus the headroom is the engine's floor and two blobs)
             log.info(
                 "staged writes leave %.0f MiB free for the embedded engine on the same disk to take uploads",
-                (headroom + Space(staging_dir).floor()) / MiB,
+                (floor + 2 * largest) / MiB,
             )
         return headroom
 
