@@ -201,16 +201,17 @@ def test_overload_warnings_come_at_most_every_few_seconds_saying_how_many_they_s
     mount retrying its uploads, eating the space as it was freed (helper hAM F1)."""
     import logging
 
-    from privifs.engine.http import Overloads
+    from privifs.engine.http import log
+    from privifs.ratelog import RateLimitedWarnings
 
     clock = [100.0]
-    monkeypatch.setattr("privifs.engine.http.time.monotonic", lambda: clock[0])
-    o = Overloads()
+    monkeypatch.setattr("privifs.ratelog.time.monotonic", lambda: clock[0])
+    o = RateLimitedWarnings(log)
     with caplog.at_level(logging.WARNING, logger="privifs.engine"):
         for _ in range(50):
             o.warn("disk", "%s: the engine's disk is full; answered 507", "POST /x")
         o.warn("descriptors", "no file descriptor left")  # another kind: its own line
-        clock[0] += Overloads.EVERY
+        clock[0] += o.every
         o.warn("disk", "%s: the engine's disk is full; answered 507", "POST /y")
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [

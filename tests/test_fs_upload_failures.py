@@ -383,3 +383,36 @@ async def test_a_token_the_write_back_is_deleting_is_not_adopted_as_an_interrupt
         assert await find(kit.client.tokens, info.token) is None
         async with kit.fresh() as other:
             assert await other.tree() == {"f.txt": b"the content"}
+
+
+@pytest.mark.slow
+async def test_uploads_failing_alike_are_logged_once_every_few_seconds_with_a_count(kit, eng, caplog):
+    """A server failing every upload the same way (a full disk) logged one warning per file and
+    attempt: on the full disk it failed for, the log took the space as it was freed. Such
+    warnings come once per interval now, the next saying how many more it stood for."""
+    import logging
+
+    warnings = kit.fs.sync.retry_warnings
+    warnings.every = 120.0  # longer than the first attempts of all four take
+    eng.set_options(fail_rate=1.0)
+    nodes = []
+
+    def retry_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="privifs.fs.sync"):
+        for i in range(4):
+            fh, node = kit.create_node(1, f"f{i}.bin")
+            await kit.fs.write(fh, 0, b"x" * 1000)
+            kit.fs.release(fh)
+            nodes.append(node)
+        await wait_for(lambda: all(n.attempts >= 1 for n in nodes), timeout=90)
+        first = retry_lines()
+        assert len(first) == 1 and "injected failure" in first[0], first
+        warnings.every = 0.0  # the next failure is logged, with the count of those not logged
+        await wait_for(lambda: len(retry_lines()) > 1, timeout=60)
+        assert "more like it" in retry_lines()[1], retry_lines()
+        eng.set_options(fail_rate=0.0)
+        kit.fs.sync.retry_all_now()
+        await kit.settle(timeout=60)
+    assert set((await kit.vault_tree()).keys()) == {f"f{i}.bin" for i in range(4)}

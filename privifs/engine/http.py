@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from privifs.engine.options import EngineOptions
+from privifs.ratelog import RateLimitedWarnings
 
 log = logging.getLogger("privifs.engine")
 
@@ -67,32 +68,7 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
 
 
-class Overloads:
-    """The warnings of one kind of overload (a full disk, no descriptor left), at most one every
-    :attr:`EVERY` seconds, the next saying how many it stood for: every request on a full disk
-    logged one, about 2,000 lines a minute from a mount retrying its uploads, which ate the space
-    as it was freed (helper hAM F1)."""
-
-    EVERY = 10.0
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def warn(self, kind: str, text: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.EVERY) < self.EVERY:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        quiet = self._quiet.pop(kind, 0)
-        if quiet:
-            text += " (and %d more like it in the last %.0f s)"
-            args = (*args, quiet, self.EVERY)
-        log.warning(text, *args)
-
-
-overloads = Overloads()
+overloads = RateLimitedWarnings(log)  # a full disk, no descriptor left
 
 
 def out_of_descriptors(exc: BaseException) -> bool:

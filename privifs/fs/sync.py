@@ -93,6 +93,7 @@ from privifs.fs.workqueue import WorkQueue
 from privifs.parts import format as fmt
 from privifs.parts.store import THRESHOLD as PARTS_THRESHOLD
 from privifs.parts.store import is_manifest, is_part, maybe_unmarked_manifest
+from privifs.ratelog import RateLimitedWarnings
 from privifs.supervise import Supervisor
 
 log = logging.getLogger("privifs.fs.sync")
@@ -369,6 +370,7 @@ class Syncer:
         # answer; a retry soon meets the same (see all_failed_locally)
         self.failed_locally: set[int] = set()
         self.flushing = 0  # flushes waiting (privifs umount): failed write-backs are retried sooner
+        self.retry_warnings = RateLimitedWarnings(log)  # failed write-backs, by exception and text
         # removed files' manifests -> their context and risk meta (manifest_removed)
         self._dropped: dict[str, tuple[str, dict[str, str]]] = {}
         self.retire_grace = RETIRE_GRACE
@@ -766,7 +768,14 @@ class Syncer:
         self.unanswered(exc)
         if isinstance(exc, ServerError) and self.failing_since is None:
             self.failing_since = time.time()
-        log.warning("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
+        # an fsync's retries are logged each (they are few and bounded); every other kind of
+        # failure once per 10 s, saying for how many more (a full server failed every pending
+        # upload alike: a line each filled the log on the disk that lacked room)
+        line = ("%s: %s; retrying in %.0fs (attempt %d)", self.ns.describe(node), exc, delay, node.attempts)
+        if waits:
+            log.warning(*line)
+        else:
+            self.retry_warnings.warn((type(exc), str(exc)), *line)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
         if not waits:
