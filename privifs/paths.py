@@ -121,9 +121,13 @@ def shared_with_others(path: Path) -> Shared | None:
     """Whether another local user may replace ``path`` or what is in it, or None. Refused:
     ``path`` or any directory above it writable by every user (a directory with the sticky bit,
     like /tmp, is not: others cannot replace what is in it), ``path`` or its directory owned by a
-    user other than the caller and root. Missing places are not judged (privifs makes them,
-    0700)."""
+    user other than the caller and root; so is the deepest directory above ``path`` that exists
+    when its own directory does not: privifs would make the rest in it (root running with a
+    user's HOME before that user set privifs up made a vault of root's there, with
+    ``~/.config`` and the rest root's own, and locked the user out of it: helper hAO F2).
+    Missing places are not judged otherwise (privifs makes them, 0700)."""
     path = path.absolute()
+    found = False  # an existing place below was judged already
     for p in (path, *path.parents):
         try:
             st = os.stat(p)
@@ -131,8 +135,9 @@ def shared_with_others(path: Path) -> Shared | None:
             continue
         if st.st_mode & stat.S_IWOTH and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
             return Shared(p, f"is writable by every user (mode {stat.S_IMODE(st.st_mode):o})", True)
-        if p in (path, path.parent) and st.st_uid not in (os.geteuid(), 0):
+        if (p in (path, path.parent) or not found) and st.st_uid not in (os.geteuid(), 0):
             return Shared(p, f"belongs to another user (uid {st.st_uid})", False)
+        found = True
     return None
 
 

@@ -456,6 +456,34 @@ def test_a_configuration_another_user_owns_or_under_a_directory_all_may_write_is
         os.chown(target, 0, 0)
 
 
+def test_root_setting_up_privifs_in_a_home_another_user_owns_is_refused_and_makes_nothing_there(
+    tmp_path, capsys, monkeypatch
+):
+    """Root running ``privifs init`` (or a first ``mount``) with a user's HOME, before that user
+    set privifs up (``sudo -E``): the check of who owns the configuration looked only at places
+    that existed, so root made a vault of its own there, ``~/.config`` and the rest root's, and
+    every later command of the user failed with "Permission denied" (helper hAO F2)."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a directory to another user needs root")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    os.chown(home, 65534, 65534)
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME", "PRIVIFS_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    for argv in (["init"], ["mount", str(tmp_path / "mnt")]):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 3 and f"{home} belongs to another user (uid 65534)" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert list(home.iterdir()) == [], "something was made in the other user's home"
+    own = tmp_path / "own"  # and root's own home, where nothing exists yet, is not refused
+    own.mkdir()
+    from privifs.paths import shared_with_others
+
+    assert shared_with_others(own / ".config" / "privifs" / "config.toml") is None
+
+
 def test_directories_privifs_makes_are_private_whatever_the_umask(tmp_path):
     """Under umask 000, ``~/.config`` and ``~/.local/state/privifs`` were made 0777 on the way
     to the 0700 directory asked for (helper hW)."""
