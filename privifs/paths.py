@@ -53,6 +53,9 @@ def vault_id(cfg: Vault) -> str:
     return hashlib.sha256(f"{server}|{cfg.username}".encode()).hexdigest()[:16]
 
 
+INDEX_NAME = "index.sqlite3"  # in a vault's state directory: its existence means a mount has started there
+
+
 def vault_state_dir(cfg: Vault) -> Path:
     """Where a vault's index, staging, control socket and mount log live unless --state-dir says."""
     return state_dir() / "vaults" / vault_id(cfg)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import socket
@@ -80,9 +81,18 @@ def test_unreachable_server_cached_reads_work_uncached_fail_with_eio_writes_wait
         # what stays staged, whole (an attempt that sent it and failed counted it as gone: 0 bytes)
         assert "1 change (21 bytes) stays staged" in r.stderr, r.stderr
         assert not os.path.ismount(m.dir)
+        # status still shows what waits (it said "no privifs mounts": helper hAO F4)
+        out = privifs(m.env, "status").stdout
+        assert f"{m.dir}: not mounted; 1 change of its last mount is not in the vault yet" in out, out
+        waiting = json.loads(privifs(m.env, "status", "--json").stdout)
+        assert [(w["mountpoint"], w["pending_count"], w["waiting"]) for w in waiting] == [(str(m.dir), 1, True)]
+        assert "not mounted; 1 change" in privifs(m.env, "status", str(m.dir)).stdout
         eng.start()  # same data, same ports
         m.mount()
         m.wait_idle()
+        m.umount()
+        assert privifs(m.env, "status").stdout.strip() == "no privifs mounts"
+        m.mount()
         assert (m.dir / "offline.txt").read_text() == "written while offline"
         assert ("/", "offline.txt") in [(t["context"], t["fileName"]) for t in m.tokens()]
 

@@ -143,6 +143,73 @@ def my_mountpoints() -> set[str]:
     return {mp for mp, _ in _vault_markers()}
 
 
+def _in_use(state: Path) -> bool:
+    """Whether a daemon holds the vault whose state directory is ``state`` (its lock)."""
+    import fcntl
+
+    try:
+        fd = os.open(state / "lock", os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no daemon made one
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _changes_waiting(state: Path) -> tuple[int, int] | None:
+    """(changes, deletes) the index in ``state`` records as not in the vault yet; None if it
+    cannot be read (newer, damaged, or gone)."""
+    import sqlite3
+
+    from privifs.paths import INDEX_NAME
+
+    index = state / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        conn = sqlite3.connect(f"{index.as_uri()}?mode=ro", uri=True, timeout=1)
+        try:
+            changes = conn.execute("SELECT COUNT(*) FROM nodes WHERE content_dirty OR meta_dirty").fetchone()[0]
+            deletes = conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return int(changes), int(deletes)
+
+
+def waiting_vaults() -> list[dict]:
+    """This user's vaults that no daemon holds and whose last mount left changes the vault does
+    not have (an unmount that gave up on the server, a crash, a reboot): they are uploaded at the
+    vault's next mount. ``privifs status`` showed "no privifs mounts" for them (helper hAO F4)."""
+    out = []
+    for mp, state in _vault_markers():
+        if _in_use(state):
+            continue
+        waiting = _changes_waiting(state)
+        if waiting is None:
+            left = staged_left(mp)
+            waiting = (left[0], 0) if left is not None and left[1] == state else None
+        if waiting is not None and any(waiting):
+            out.append(
+                {
+                    "mountpoint": mp,
+                    "mounted": False,
+                    "waiting": True,
+                    "state_dir": str(state),
+                    "pending_count": waiting[0],
+                    "pending_deletes": waiting[1],
+                }
+            )
+    return out
+
+
 def staged_left(mountpoint: str | Path) -> tuple[int, Path] | None:
     """How many files the last daemon of ``mountpoint`` left staged (not uploaded), and where;
     None if its state directory is not the default one or holds nothing staged."""

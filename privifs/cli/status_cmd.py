@@ -25,6 +25,7 @@ from privifs.cli.mounttable import (
     privifs_mounts,
     registered_entry,
     staged_left,
+    waiting_vaults,
 )
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
@@ -400,7 +401,7 @@ def run_status(args: argparse.Namespace) -> int:
         candidates = [mp for mp in candidates if mp in mine]
     dead = dead_mounts(candidates)
     if args.mountpoint is not None:
-        if not entries and not dead:
+        if not entries and not dead and not any(w["mountpoint"] == wanted for w in waiting_vaults()):
             if candidates:  # a live privifs mount, but not one of this user's daemons
                 raise _foreign(args.mountpoint, "status")
             raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
@@ -434,6 +435,12 @@ def run_status(args: argparse.Namespace) -> int:
             statuses.append(_silent_status(entry, why))
             silent = True
     statuses += [_dead_status(mp) for mp in dead]
+    shown = {st["mountpoint"] for st in statuses}
+    statuses += [
+        w
+        for w in waiting_vaults()
+        if w["mountpoint"] not in shown and (args.mountpoint is None or w["mountpoint"] == mount_path(args.mountpoint))
+    ]
     if args.mountpoint is not None and not statuses:  # its daemon unmounted it meanwhile
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     code = EXIT_DEAD_MOUNT if dead or silent else 1 if failed else 0
@@ -455,6 +462,17 @@ def _say(text: str) -> None:
 
 def print_status(st: dict) -> None:
     """One mount's status as ``privifs status`` shows it."""
+    if st.get("waiting"):  # a vault not mounted, its last mount's changes not in the vault
+        changes, deletes = st["pending_count"], st["pending_deletes"]
+        what = [count(n, word) for n, word in ((changes, "change"), (deletes, "delete")) if n]
+        _say(
+            f"{st['mountpoint']}: not mounted; "
+            + " and ".join(what)
+            + f" of its last mount {verb(changes + deletes, 'is', 'are')} not in the vault yet, kept staged in "
+            f"{st['state_dir']}; they are uploaded when the vault is mounted again"
+        )
+        _say(f"  recover: privifs mount {shlex.quote(st['mountpoint'])}")
+        return
     if "error" in st:
         _say(f"{st['mountpoint']}: {st['error']}")
         if st.get("recover"):

@@ -141,9 +141,6 @@ def _left_staged(pending: int, size: int | None, deletes: int) -> str:
     )
 
 
-INDEX_NAME = "index.sqlite3"  # in the state directory: its existence means a mount has started here
-
-
 class Daemon:
     def __init__(self, cfg: Config, mcfg: MountConfig):
         self.cfg = cfg
@@ -255,7 +252,7 @@ class Daemon:
         # a first mount here: no index, and nothing staged (with the index deleted, the staged
         # files are changes no upload took yet, which the mount shows in /lost+found: a start
         # that failed then must not take them back with what a first mount made)
-        first = not (self.state_dir / INDEX_NAME).exists() and not holds_files(self.state_dir / "staging")
+        first = not (self.state_dir / paths.INDEX_NAME).exists() and not holds_files(self.state_dir / "staging")
         lock = self._lock()
         try:
             with open_account(self.cfg) as account, single_error():
@@ -321,7 +318,7 @@ class Daemon:
         mount: the index, staging, marker and lock, the cache directory if this run made it, and
         the directories this run made once they are empty (a log file kept in one keeps it).
         Runs under the vault's lock; an index that existed before is never touched."""
-        index_files = [INDEX_NAME + suffix for suffix in ("", "-wal", "-shm", "-journal", ".reserve")]
+        index_files = [paths.INDEX_NAME + suffix for suffix in ("", "-wal", "-shm", "-journal", ".reserve")]
         for name in (*index_files, "mountpoint"):
             (self.state_dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.state_dir / "staging", ignore_errors=True)
@@ -347,7 +344,7 @@ class Daemon:
         vault = Vault(link, key)
         local = local_key(key)
         opts = self.mcfg.fs
-        index = Index(self.state_dir / INDEX_NAME)
+        index = Index(self.state_dir / paths.INDEX_NAME)
         try:
             ns = Namespace(index, dir_mode=opts.dir_mode, file_mode=opts.file_mode)
             staging_dir = self.state_dir / "staging"
