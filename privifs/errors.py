@@ -43,6 +43,16 @@ class DiskFullError(LocalStoreError):
     """The local disk (staging, cache or index) has no room left."""
 
 
+class ProcessLimitError(LocalStoreError):
+    """A limit of this process or system was reached on the local disk: no file descriptor left
+    (EMFILE, ENFILE), a file past the largest size allowed (EFBIG). The program is answered with
+    that ``errno``, which says what to do (close files, raise ``ulimit -n``), not EIO."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.errno = code
+
+
 def output_failed(path: str | os.PathLike, exc: OSError, what: str, *, elsewhere: bool = True) -> LocalStoreError:
     """The error for writing ``what`` (``"the backup"``, ``"the file"``) to ``path`` failing
     with ``exc``: it names the file, which a write error itself does not, and for a full disk

@@ -169,6 +169,18 @@ def _stat_field(pid: int, index: int) -> str | None:
         return None
 
 
+def open_files(pid: int) -> tuple[int, int] | None:
+    """How many descriptors process ``pid`` has open and its soft limit of them (``ulimit -n``);
+    None if that cannot be read (another user's process, or no such process)."""
+    try:
+        used = len(os.listdir(f"/proc/{pid}/fd"))
+        with open(f"/proc/{pid}/limits") as f:
+            row = next(line for line in f if line.startswith("Max open files"))
+        return used, int(row.split()[3])
+    except (OSError, StopIteration, IndexError, ValueError):  # ("unlimited": not a number)
+        return None
+
+
 def process_state(pid: int) -> str | None:
     """The kernel's state letter of process ``pid`` (``R``, ``S``, ``D``, ``T`` stopped, ``t``
     stopped by a debugger, ``Z`` zombie, …), or None if there is no such process."""

@@ -7,6 +7,7 @@ about 2,000 lines a minute from the engine, as many again from a mount retrying 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Hashable
 
@@ -34,3 +35,38 @@ class RateLimitedWarnings:
             args = (*args, quiet, self.every)
         self.logger.warning(text, *args)
         return True
+
+
+class AcceptFailuresOncePerMinute(logging.Filter):
+    """trio's listeners log every failed accept with its traceback and try again ten times a
+    second: a flood of connections that used up the file descriptors (EMFILE) wrote ten
+    tracebacks a second, 800 KB of log a minute (the engine's ports; the mount's control socket
+    when its files used them up: helper hAO F5). One line a minute instead, with how many."""
+
+    EVERY = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = -math.inf
+        self._skipped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.EVERY:
+            self._skipped += 1
+            return False
+        self._last = now
+        cause = record.exc_info[1] if record.exc_info else None
+        record.msg = "cannot accept connections: %s (%d more failed accepts since the last such line)"
+        record.args = (cause if cause is not None else record.getMessage(), self._skipped)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._skipped = 0
+        return True
+
+
+def quiet_failed_accepts() -> None:
+    """Put :class:`AcceptFailuresOncePerMinute` on trio's listener log (once per process)."""
+    accepts = logging.getLogger("trio.serve_listeners")
+    if not any(isinstance(f, AcceptFailuresOncePerMinute) for f in accepts.filters):
+        accepts.addFilter(AcceptFailuresOncePerMinute())

@@ -190,14 +190,15 @@ def test_failed_accepts_are_one_line_a_minute_not_a_traceback_each(caplog, monke
     import errno
     import logging
 
-    from privifs.engine.h1 import AcceptFailuresOncePerMinute
+    import privifs.engine.h1  # noqa: F401 - puts the filter in place
+    from privifs.ratelog import AcceptFailuresOncePerMinute
 
     accepts = logging.getLogger("trio.serve_listeners")
     assert any(isinstance(f, AcceptFailuresOncePerMinute) for f in accepts.filters)  # the engine's, in place
     fresh = AcceptFailuresOncePerMinute()  # (one whose minute starts with this test)
     monkeypatch.setattr(accepts, "filters", [fresh])
     clock = [1000.0]
-    monkeypatch.setattr("privifs.engine.h1.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("privifs.ratelog.time.monotonic", lambda: clock[0])
     caplog.set_level(logging.INFO, logger="trio.serve_listeners")
     emfile = OSError(errno.EMFILE, "Too many open files")
     for i in range(601):  # a minute of trio's retries, ten a second

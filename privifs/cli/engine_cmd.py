@@ -109,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     from privifs.engine.core import EngineBusy
-    from privifs.limits import raise_open_files_limit
+    from privifs.limits import raise_limits
     from privifs.memory import bound_allocator
 
     bound_allocator()
-    raise_open_files_limit()
+    raise_limits()
     try:
         trio.run(lambda: run_engine(data_dir, args.host, ports, opts, args.urls_file, announce=announce))
     except (OSError, EngineBusy, ExceptionGroup) as exc:

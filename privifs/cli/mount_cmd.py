@@ -541,7 +541,7 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
     import trio
 
     from privifs.fs.daemon import Daemon
-    from privifs.limits import raise_open_files_limit
+    from privifs.limits import raise_limits
     from privifs.memory import bound_allocator
 
     if args.log_file is not None:
@@ -553,7 +553,7 @@ def _run_daemon(args: argparse.Namespace, cfg_path: Path) -> int:
         _tell_parent(args, f"{exit_code(exc)} {exc}")
         raise
     bound_allocator()
-    raise_open_files_limit()
+    raise_limits()
     cfg = load(cfg_path)
     daemon = Daemon(cfg, _mount_config(args))
     signalled = False

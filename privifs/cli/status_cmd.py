@@ -356,6 +356,18 @@ def _silent_status(entry: dict, why: str) -> dict:
     debugger), or hung. Every access to the mount waits meanwhile."""
     pid, mountpoint = entry["pid"], entry["mountpoint"]
     stopped = paths.pid_stopped(pid)
+    files = None if stopped else paths.open_files(pid)
+    if files is not None and files[0] >= files[1] - 2:  # it cannot take the status request's connection
+        return {
+            "mountpoint": mountpoint,
+            "dead": False,
+            "stopped": False,
+            "pid": pid,
+            "error": f"daemon not answering: it has {files[0]} files open, its limit (ulimit -n {files[1]}; pid "
+            f"{pid}); programs on the mount get 'Too many open files' until some are closed",
+            "recover": "close files programs hold open on the mount (it answers again then, nothing is lost), "
+            "or unmount and mount it again from a shell with a higher 'ulimit -n'",
+        }
     return {
         "mountpoint": mountpoint,
         "dead": False,
@@ -572,6 +584,8 @@ def print_status(st: dict) -> None:
             "staging, cache or state directory had no room; the last such request, shown until a write "
             "succeeds: see the free space above)"
         )
+    if st.get("local_error"):
+        _say(f"  local error:  {st['local_error']} at {_ago(st['local_error_at'])}")
     _say(
         f"  last refresh: {_ago(st['last_refresh'])}, {_refresh_every(st)}"
         + (f"; failed: {st['refresh_error']}" if st["refresh_error"] else "")

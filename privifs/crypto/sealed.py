@@ -64,7 +64,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from privifs.directio import DIRECT_ALIGN
-from privifs.errors import DiskFullError, FormatVersionError, IntegrityError, LocalStoreError
+from privifs.errors import DiskFullError, FormatVersionError, IntegrityError, LocalStoreError, ProcessLimitError
 from privifs.zeros import all_zero
 
 log = logging.getLogger("privifs.crypto.sealed")
@@ -170,10 +170,20 @@ def _aligned_scratch(size: int) -> memoryview:
     return memoryview(buf)[:size]
 
 
+# what a user can do about a limit of the daemon reached on the local disk
+PROCESS_LIMITS = {
+    errno.EMFILE: "the mount's open-file limit: close files, or mount again with a higher 'ulimit -n'",
+    errno.ENFILE: "the system's open-file limit: close files, or raise fs.file-max",
+    errno.EFBIG: "the mount's file size limit: mount again with a higher 'ulimit -f'",
+}
+
+
 def local_store_error(exc: OSError, what: str) -> Exception:
     """The error of this hierarchy for a failed local-disk operation (ENOSPC → DiskFullError)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(f"no space left for {what}")
+    if exc.errno in PROCESS_LIMITS:
+        return ProcessLimitError(f"{what}: {exc.strerror} ({PROCESS_LIMITS[exc.errno]})", exc.errno)
     return LocalStoreError(f"{what}: {exc.strerror}")
 
 

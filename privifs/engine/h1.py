@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from functools import partial
 from urllib.parse import unquote
@@ -33,39 +32,12 @@ import h11
 import trio
 from starlette.requests import ClientDisconnect
 
+from privifs.ratelog import quiet_failed_accepts
+
 log = logging.getLogger("privifs.engine")
 
 
-class AcceptFailuresOncePerMinute(logging.Filter):
-    """trio's listeners log every failed accept with its traceback and try again ten times a
-    second: a flood of connections that used up the file descriptors (EMFILE) wrote ten
-    tracebacks a second, 800 KB of log a minute. One line a minute instead, with how many."""
-
-    EVERY = 60.0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._last = -math.inf
-        self._skipped = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self._last < self.EVERY:
-            self._skipped += 1
-            return False
-        self._last = now
-        cause = record.exc_info[1] if record.exc_info else None
-        record.msg = "cannot accept connections: %s (%d more failed accepts since the last such line)"
-        record.args = (cause if cause is not None else record.getMessage(), self._skipped)
-        record.exc_info, record.exc_text = None, None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        self._skipped = 0
-        return True
-
-
-_accepts = logging.getLogger("trio.serve_listeners")
-if not any(isinstance(f, AcceptFailuresOncePerMinute) for f in _accepts.filters):
-    _accepts.addFilter(AcceptFailuresOncePerMinute())
+quiet_failed_accepts()
 
 MAX_RECV = 256 * 1024
 MAX_HEAD = 16 * 1024  # hypercorn's h11_max_incomplete_size

@@ -54,6 +54,7 @@ from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
 from privifs.keycheck import check_key
 from privifs.memory import trim_memory
+from privifs.ratelog import quiet_failed_accepts
 from privifs.supervise import Supervisor
 from privifs.words import count, verb
 
@@ -646,6 +647,8 @@ class Daemon:
             "recovered": self.fs.recovered(),  # (files, folder): put in /lost+found at the start, still there
             "disk_full": self.fs.last_disk_full,  # the last request the local disk had no room for
             "disk_full_at": self.fs.last_disk_full_at,
+            "local_error": self.fs.last_local_error,  # the last request local state failed otherwise
+            "local_error_at": self.fs.last_local_error_at,
             "last_refresh": refresher.last_refresh,
             "refresh_interval": refresher.interval,
             "refresh_every": refresher.full_every,  # longer in a big vault (refresh.full_gap)
@@ -912,6 +915,7 @@ class Daemon:
         finally:
             os.umask(old)
         sock.listen(16)
+        quiet_failed_accepts()  # out of descriptors: a line a minute, not a traceback every 0.1 s
         nursery.start_soon(trio.serve_listeners, self._control_client, [trio.SocketListener(sock)])
         return _file_id(path)
 

@@ -21,6 +21,7 @@ from privifs.errors import (
     NoRoomInVault,
     NotFoundError,
     PermissionRefused,
+    ProcessLimitError,
 )
 
 ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
@@ -37,10 +38,14 @@ ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
 
 # local OS errors keep these errnos (the disk or quota is full); any other becomes EIO
 OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# and these (a limit of the daemon reached: no descriptor left, a file past the size allowed)
+LIMIT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.EFBIG)
 
 
 def errno_for(exc: BaseException) -> int:
     """The errno to answer with for ``exc``."""
     if isinstance(exc, OSError):
-        return exc.errno if exc.errno in OS_ERRNOS else errno.EIO
+        return exc.errno if exc.errno in OS_ERRNOS or exc.errno in LIMIT_ERRNOS else errno.EIO
+    if isinstance(exc, ProcessLimitError):
+        return exc.errno
     return next((code for kind, code in ERRNOS if isinstance(exc, kind)), errno.EIO)

@@ -158,6 +158,8 @@ class Filesystem:
         # disk mount.log loses its lines too, and status said 'last error: none'
         self.last_disk_full: str | None = None
         self.last_disk_full_at: float | None = None
+        self.last_local_error: str | None = None  # the last request local state failed otherwise
+        self.last_local_error_at: float | None = None
         # files staged here that the index made anew no longer named, put in /lost+found at the
         # start (their nodes and that folder's), for `privifs mount` and `privifs status` to say
         self._recovered: tuple[list[Node], Node] | None = None
@@ -173,6 +175,12 @@ class Filesystem:
         """A request failed because the local disk (staging, cache, index) has no room; said by
         ``privifs status`` until a write succeeds again."""
         self.last_disk_full, self.last_disk_full_at = f"{request}: {exc}", time.time()
+
+    def note_local_failure(self, request: str, exc: BaseException) -> None:
+        """A request failed on local state for another reason than a full disk (no descriptor
+        left, a file size limit, a damaged staged file); said by ``privifs status``, whose last
+        error was only the write-back's (helper hAO F6)."""
+        self.last_local_error, self.last_local_error_at = f"{request}: {exc}", time.time()
 
     def note_activity(self) -> None:
         """A FUSE request arrived: background write-back yields while requests keep coming."""

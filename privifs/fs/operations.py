@@ -11,7 +11,7 @@ import logging
 
 import pyfuse3
 
-from privifs.errors import DiskFullError, PrivifsError
+from privifs.errors import DiskFullError, LocalStoreError, PrivifsError
 from privifs.fs.caller import Caller
 from privifs.fs.errnos import OS_ERRNOS, errno_for
 from privifs.fs.filesystem import Filesystem
@@ -43,6 +43,8 @@ def handler(fn):
             log.error("%s failed: %s", fn.__name__, exc)
             if isinstance(exc, DiskFullError) or isinstance(exc, OSError) and exc.errno in OS_ERRNOS:
                 self.fs.note_disk_full(fn.__name__, exc)  # for `privifs status`
+            elif isinstance(exc, (LocalStoreError, OSError)):
+                self.fs.note_local_failure(fn.__name__, exc)  # (out of descriptors, a file size limit, …)
             raise pyfuse3.FUSEError(errno_for(exc)) from None
         except Exception:
             log.exception("%s failed unexpectedly", fn.__name__)
