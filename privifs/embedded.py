@@ -166,7 +166,13 @@ class EmbeddedEngine:
         return self._start(ports)
 
     def _start(self, ports: dict[str, int] | None) -> dict[str, str]:
-        self.process = EngineProcess(self.data_dir, ports=ports, die_with_parent=True, what="the embedded engine")
+        self.process = EngineProcess(
+            self.data_dir,
+            ports=ports,
+            settings={"owner_registers_only": "true"},  # other local users see its ports (helper hAO F3)
+            die_with_parent=True,
+            what="the embedded engine",
+        )
         urls = dict(self.process.start().urls)
         if self._last_ports() != self.process.ports:
             self._remember_ports(self.process.ports)

@@ -16,6 +16,7 @@ import pytest
 import trio
 from trio_websocket import DisconnectionTimeout
 
+from privifs import sockowner
 from privifs.client import peers
 from privifs.client.events import websocket
 from privifs.client.transport import ClientOptions, Endpoints, Transport
@@ -84,13 +85,13 @@ def test_a_loopback_socket_of_another_user_is_told_apart_from_ours() -> None:
         server = Recorder(uid)
         with socket.create_connection(("127.0.0.1", server.port)) as conn:
             for _ in range(100):  # until the listener accepted it
-                owner = peers.server_end_owner(conn.getsockname(), conn.getpeername())
+                owner = sockowner.server_end_owner(conn.getsockname(), conn.getpeername())
                 if owner is not None:
                     break
                 time.sleep(0.05)
             assert owner == (uid if uid is not None else os.geteuid())
             # the fallback where netlink cannot be used reads the same from /proc/net/tcp
-            assert peers._listed_owner(conn.getsockname(), conn.getpeername()) == owner
+            assert sockowner._listed_owner(conn.getsockname(), conn.getpeername()) == owner
             if uid is None:
                 peers.check_socket(conn, os.geteuid())
             else:
@@ -147,3 +148,46 @@ def test_the_event_channel_is_refused_on_another_users_port_before_the_join() ->
     with contextlib.suppress(DisconnectionTimeout):  # (it does not answer the close)
         trio.run(main, None)  # unchecked, the same server is taken (so this test can fail)
     assert b"Sec-WebSocket-Key" in thief.received()
+
+
+# another local user registering a profile on an engine (a plain form POST, as any client sends)
+REGISTER = r"""
+import sys, urllib.error, urllib.parse, urllib.request
+body = urllib.parse.urlencode({"username": sys.argv[2], "password": "correct-horse-battery"}).encode()
+try:
+    with urllib.request.urlopen(sys.argv[1] + "/profile/register-profile", body, timeout=20) as r:
+        print(r.status)
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+"""
+
+
+def register(api: str, username: str, uid: int | None = None) -> str:
+    """What another local user's (``uid``) or this user's registration of ``username`` got."""
+    run = subprocess.run([PYTHON, "-c", REGISTER, api, username], capture_output=True, text=True, user=uid, timeout=60)
+    return run.stdout + run.stderr
+
+
+def test_the_embedded_engine_registers_profiles_for_its_own_user_only(tmp_path) -> None:
+    """Every local user sees the embedded engine's loopback ports: another user registered a
+    profile there and stored 64 MiB in the owner's home (helper hAO F3). With
+    ``owner_registers_only`` (the embedded engine's setting) that is refused; the owner (and
+    root) still register."""
+    from privifs.embedded import EmbeddedEngine
+    from tests.enginekit import EngineProcess
+
+    embedded = EmbeddedEngine(tmp_path / "engine")
+    api = embedded.start()["api"]
+    try:
+        theirs = register(api, "intruder@example.com", NOBODY)
+        assert theirs.startswith("403") and "registration_closed" in theirs, theirs
+        assert register(api, "owner@example.com").startswith("202")
+        assert "refused a profile registration from user 65534" in embedded.process.log()
+    finally:
+        embedded.stop()
+    open_engine = EngineProcess(tmp_path / "open").start()  # a separate server's default: open
+    try:
+        theirs = register(open_engine.urls["api"], "someone@example.com", NOBODY)
+        assert theirs.startswith("202"), theirs
+    finally:
+        open_engine.stop()

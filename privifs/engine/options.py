@@ -102,6 +102,11 @@ class EngineOptions:
     # a write to a client (any port) that makes no progress this long (the client does not read)
     # closes its connection; 0: never
     send_timeout: float = 60.0
+    # register-profile only from programs of the engine's own user (or root) on this machine: the
+    # embedded engine's loopback ports are seen by every local user, who could register a profile
+    # of their own and store data in the engine owner's home (helper hAO F3). Using a profile
+    # that exists (another user's configuration given its account, a tunnel) is not affected.
+    owner_registers_only: bool = False
     # faults
     latency_ms: float = 0.0
     fail_rate: float = 0.0

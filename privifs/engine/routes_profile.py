@@ -3,6 +3,8 @@ password change, and the signed Curve25519 public keys (the profile's and the en
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 import sqlite3
 import time
@@ -19,9 +21,12 @@ from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
 from privifs.engine.http import ApiError, command_accepted, guarded, invalid, iso, not_found, read_form, unauthorized
 from privifs.engine.hub import Hub
+from privifs.sockowner import is_loopback, server_end_owner
 
 MIN_PASSWORD = 8
 DUMMY_HASH = "scrypt$" + "00" * 16 + "$" + "00" * 32
+
+log = logging.getLogger("privifs.engine")
 
 
 def _new_password(form, name: str) -> str:
@@ -43,6 +48,21 @@ def _public_key(form) -> str:
 
 
 # -- command appliers: run by the command runner inside its transaction; the collaborators before
+def _check_registrant(request: Request) -> None:
+    """403 unless the request came from a program of this engine's user (or root) on this
+    machine (``owner_registers_only``): the owner of its connection's other end, as the kernel
+    tells it (:mod:`privifs.sockowner`)."""
+    client, server = request.scope.get("client"), request.scope.get("server")
+    owner = None
+    if client and server and is_loopback(client[0]):
+        owner = server_end_owner((server[0], server[1]), (client[0], client[1]))
+    if owner in (os.geteuid(), 0):
+        return
+    who = "a program whose user cannot be told" if owner is None else f"user {owner}"
+    log.warning("refused a profile registration from %s: only this engine's owner registers profiles", who)
+    raise ApiError(403, "profile.registration_closed: only the engine's owner registers profiles on this engine")
+
+
 # ``conn`` are bound where they are registered (privifs/engine/features.py) --------------------
 def apply_register(conn, params, profile_id, cid) -> Outcome:
     conn.execute("UPDATE profiles SET active = 1 WHERE id = ?", (params["profile_id"],))
@@ -80,6 +100,8 @@ class ProfileApi:
         self.db = engine.db
 
     async def register_profile(self, request: Request) -> Response:
+        if self.opts.owner_registers_only:
+            _check_registrant(request)
         form = await read_form(request)
         username = form.required("username", max_len=254).strip()
         password = _new_password(form, "password")
