@@ -167,8 +167,9 @@ def load(path: Path | None = None) -> Config:
         return typed(section, where, key, str) or None
 
     def p(section: dict, where: str, key: str) -> Path | None:
+        """A file the configuration names: a relative path is relative to its directory."""
         value = text(section, where, key)
-        return Path(value).expanduser() if value else None
+        return path.parent / Path(value).expanduser() if value else None
 
     return Config(
         path=path,
@@ -195,11 +196,29 @@ def _toml_value(v: object) -> str:
     return json.dumps(str(v), ensure_ascii=False)
 
 
+def _beside(cfg: Config, file: Path | None) -> Path | str | None:
+    """How the configuration names ``file``: a file in its own directory (the secrets privifs
+    keeps there) by its name alone, read back relative to that directory; so a home moved or
+    copied elsewhere (``usermod -m``, a new machine) keeps working with its own secrets, where
+    the paths written out named the old home's (helper hAO F7)."""
+    if file is None or os.path.abspath(file.parent) != os.path.abspath(cfg.path.parent):
+        return file
+    return file.name
+
+
 def save(cfg: Config) -> None:
     sections = {
         "server": cfg.server_section(),
-        "account": {"username": cfg.username, "password_file": cfg.password_file, "oauth_file": cfg.oauth_file},
-        "keys": {"aes_key_file": cfg.aes_key_file, "identity_key_file": cfg.identity_key_file, "key_id": cfg.key_id},
+        "account": {
+            "username": cfg.username,
+            "password_file": _beside(cfg, cfg.password_file),
+            "oauth_file": _beside(cfg, cfg.oauth_file),
+        },
+        "keys": {
+            "aes_key_file": _beside(cfg, cfg.aes_key_file),
+            "identity_key_file": _beside(cfg, cfg.identity_key_file),
+            "key_id": cfg.key_id,
+        },
         "mount": cfg.mount,
     }
     lines = ["# privifs configuration (secrets live in the files it points at, never here)"]

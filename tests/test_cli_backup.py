@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -574,7 +575,13 @@ def test_backup_refuses_a_key_that_is_not_the_vaults_and_writes_no_useless_backu
     the vault, found out only when it is needed. /dev/zero there read for ever (memory filling).
     The backup now checks the key as every command does (format, mode, fingerprint)."""
     env = dict(original.env, PRIVIFS_BACKUP_PASSPHRASE=PASS)
-    text = (config_dir(original) / "config.toml").read_text()
+    # (the secrets beside the configuration are named relative to it: named in full here, so a
+    # copy elsewhere finds them)
+    text = re.sub(
+        r'_file = "([^"/]+)"',
+        lambda m: f'_file = "{config_dir(original) / m.group(1)}"',
+        (config_dir(original) / "config.toml").read_text(),
+    )
     real_key = str(config_dir(original) / "aes.key")
     other = tmp_path / "other.key"
     other.write_text(os.urandom(32).hex() + "\n")

@@ -396,6 +396,25 @@ def test_a_name_that_is_not_utf8_is_refused_in_one_line(user, tmp_path):
         assert r.returncode == 2 and "not valid UTF-8" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+def test_a_home_moved_or_copied_elsewhere_uses_its_own_secrets(user, tmp_path):
+    """The configuration named its secrets by their full paths under the home it was made in: a
+    home moved elsewhere (``usermod -m``, another machine) failed with "AES key file … does not
+    exist", and a copy used the old home's key and password while that home was there (helper
+    hAO F7). Secrets beside the configuration are named relative to it now."""
+    cfg_dir = tmp_path / "config" / "privifs"
+    text = (cfg_dir / "config.toml").read_text()
+    assert 'aes_key_file = "aes.key"' in text and 'password_file = "password"' in text, text
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(tmp_path / "config", moved / "config")  # a copy, the old home still there
+    (cfg_dir / "aes.key").write_text(os.urandom(32).hex() + "\n")  # the old home's key changes
+    env = isolated_env(moved, **{k: v for k, v in user.items() if k.startswith("PRIVICORE_")})
+    assert run(env, "token", "ls").returncode == 0  # its own key: the vault's
+    assert "not the key" in run(user, "token", "ls", check=False).stderr  # (the old one reads the new)
+    shutil.rmtree(cfg_dir)  # and moved: the old home gone
+    assert run(env, "token", "ls").returncode == 0
+
+
 def test_init_copies_the_key_file_so_removing_it_breaks_nothing(user, tmp_path):
     key = tmp_path / "usb" / "vault.key"
     key.parent.mkdir()
@@ -405,7 +424,7 @@ def test_init_copies_the_key_file_so_removing_it_breaks_nothing(user, tmp_path):
     run(env, "init", "--key-file", str(key))
     copied = other / "config" / "privifs" / "aes.key"
     assert copied.read_text() == key.read_text() and stat.S_IMODE(copied.stat().st_mode) == 0o600
-    assert f'aes_key_file = "{copied}"' in (other / "config" / "privifs" / "config.toml").read_text()
+    assert 'aes_key_file = "aes.key"' in (other / "config" / "privifs" / "config.toml").read_text()  # beside it
     shutil.rmtree(key.parent)  # the USB stick is gone
     run(env, "token", "ls")
     copied.unlink()

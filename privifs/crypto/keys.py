@@ -73,7 +73,7 @@ def load_aes_key(path: Path) -> bytes:
         text = read_small(path, private=True).decode("ascii").strip()
     except FileNotFoundError:
         raise KeyFileError(
-            f"AES key file {path} does not exist; restore it (or run 'privifs init "
+            f"AES key file {path} does not exist; restore it (or run 'privifs init --force "
             f"--key-file YOUR_KEY', or point aes_key_file in the config at it)"
         ) from None
     except OSError as exc:
