@@ -1505,3 +1505,19 @@ def test_a_program_polling_the_tree_does_not_hold_a_closed_file_from_the_vault(e
             stop.set()
             poller.join(timeout=30)
         assert "polled.txt" in [t["fileName"] for t in m.tokens()]
+
+
+def test_a_clean_umount_leaves_no_unmount_failure_in_the_mount_log(engine, tmp_path):
+    """After 'privifs umount' (fusermount3 -u) the daemon unmounted again on its way out, which
+    libfuse logged as "fuse: failed to unmount …: Invalid argument" (hAQ F2: 3 of 13 unmounts)."""
+    m = Mount(tmp_path, engine.urls)
+    try:
+        for i in range(4):
+            m.mount()
+            (m.dir / f"f{i}.txt").write_text("x")
+            m.umount()
+            assert not is_mounted(m.dir)
+        assert "failed to unmount" not in m.log(), m.log()
+        assert m.log().count("unmounted ") >= 4
+    finally:
+        m.cleanup()

@@ -132,6 +132,15 @@ def _fuse_option_value(value: str) -> str:
     return value.replace("\\", "\\\\").replace(",", "\\,")
 
 
+def _still_mounted(mountpoint: Path) -> bool:
+    """Whether the kernel still has a privifs mount at ``mountpoint``: one that ``privifs
+    umount`` (fusermount3 -u) or umount(8) took down already is not unmounted again, which
+    libfuse reported in the mount log as "fuse: failed to unmount …: Invalid argument" (hAQ F2)."""
+    from privifs.cli.mounttable import privifs_mounts
+
+    return str(mountpoint) in privifs_mounts()  # (resolved at the start, as the table spells it)
+
+
 def _left_staged(pending: int, size: int | None, deletes: int) -> str:
     """What a flush that gives up leaves staged: "N changes (S bytes) and D deletes stay staged"."""
     return (
@@ -434,7 +443,7 @@ class Daemon:
                     finally:
                         self.mounted = False
                         closed = True
-                        pyfuse3.close(unmount=True)
+                        pyfuse3.close(unmount=_still_mounted(self.mountpoint))
                     left = fs.release_left()
                     if left:
                         log.info("%s the kernel had not released at the unmount: closed now", count(left, "file"))
@@ -460,7 +469,7 @@ class Daemon:
             finally:
                 if not closed:
                     self.mounted = False
-                    pyfuse3.close(unmount=True)
+                    pyfuse3.close(unmount=_still_mounted(self.mountpoint))
                 with contextlib.suppress(OSError):  # (a runtime directory that could not hold it)
                     registry_path(self.mountpoint).unlink(missing_ok=True)
                 cache.close()
