@@ -359,8 +359,10 @@ def check_restore(src: Path, cfg_path: Path) -> None:
 def _check_no_config(cfg_path: Path) -> None:
     if cfg_path.exists():
         raise BackupError(
-            f"{cfg_path} already exists: restore onto a clean home (or use --config NEW_FILE); "
-            f"privifs never overwrites a configuration or a secret"
+            f"{cfg_path} already exists: restore onto a clean home (HOME=/a/new/home privifs restore …; "
+            f"a backup of a separate server's vault may also go to another configuration with --config "
+            f"NEW_FILE, one of the embedded engine needs a home whose engine holds no vault); privifs never "
+            f"overwrites a configuration or a secret"
         )
 
 

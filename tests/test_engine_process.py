@@ -60,3 +60,27 @@ def test_an_engine_whose_secret_file_is_damaged_refuses_to_start_and_says_which(
     assert "is damaged" in str(exc.value) and name in str(exc.value), exc.value
     assert "internal error" not in exc.value.log_tail
     assert (data / name).read_bytes() == junk
+
+
+def test_an_engine_whose_port_is_taken_names_the_port_and_leaves_no_new_data_directory(tmp_path):
+    """The engine said "could not start: [Errno 98] Address already in use", naming neither the port nor
+    the server, and the new data directory it had made stayed behind (hAO F9)."""
+    import socket
+    import subprocess
+    import sys
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    data = tmp_path / "new" / "engine"
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "privifs", "engine", "--data-dir", str(data), "--ws-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        taken.close()
+    assert r.returncode == 1 and f"the ws server cannot listen on 127.0.0.1 port {port}" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "new").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -105,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     }
     data_dir = args.data_dir or paths.embedded_engine_dir()
 
+    served = []  # a line announced: the engine served
+
     def announce(line: str) -> None:
+        served.append(line)
         print(line, flush=True)
 
     from privifs.engine.core import EngineBusy
@@ -114,12 +118,16 @@ def run(args: argparse.Namespace) -> int:
 
     bound_allocator()
     raise_limits()
+    made = paths.missing_dirs(data_dir)  # what a start that fails takes back (hAO F9: it stayed)
     try:
         trio.run(lambda: run_engine(data_dir, args.host, ports, opts, args.urls_file, announce=announce))
     except (OSError, EngineBusy, ExceptionGroup) as exc:
         causes = leaves(exc)
         if not all(isinstance(e, (OSError, EngineBusy)) for e in causes):
             raise
+        if made and not served:  # a new data directory, nothing ever stored in it
+            shutil.rmtree(data_dir, ignore_errors=True)
+            paths.remove_made(made)
         print(f"privifs: error: the engine could not start: {causes[0]}", file=sys.stderr)
         return 1
     return 0

@@ -439,6 +439,12 @@ async def _supervised(
                     task_status.started(binds[0])
             return  # stop was set: a clean shutdown
         except Exception as exc:
+            if not started and not stop.is_set():
+                bind = next((e for e in leaves(exc) if isinstance(e, OSError)), None)
+                if bind is not None:  # (it said "Permission denied" without a port: hAO F9)
+                    raise OSError(
+                        bind.errno, f"the {name} server cannot listen on {host} port {port}: {bind.strerror or bind}"
+                    ) from None
             if not started or stop.is_set():
                 raise
             if trio.current_time() - began > 60:
