@@ -412,8 +412,9 @@ def run_status(args: argparse.Namespace) -> int:
         mine = my_mountpoints()
         candidates = [mp for mp in candidates if mp in mine]
     dead = dead_mounts(candidates)
+    waiting = [w for w in waiting_vaults() if args.mountpoint is None or w["mountpoint"] == wanted]
     if args.mountpoint is not None:
-        if not entries and not dead and not any(w["mountpoint"] == wanted for w in waiting_vaults()):
+        if not entries and not dead and not waiting:
             if candidates:  # a live privifs mount, but not one of this user's daemons
                 raise _foreign(args.mountpoint, "status")
             raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
@@ -448,11 +449,7 @@ def run_status(args: argparse.Namespace) -> int:
             silent = True
     statuses += [_dead_status(mp) for mp in dead]
     shown = {st["mountpoint"] for st in statuses}
-    statuses += [
-        w
-        for w in waiting_vaults()
-        if w["mountpoint"] not in shown and (args.mountpoint is None or w["mountpoint"] == mount_path(args.mountpoint))
-    ]
+    statuses += [w for w in waiting if w["mountpoint"] not in shown]
     if args.mountpoint is not None and not statuses:  # its daemon unmounted it meanwhile
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     code = EXIT_DEAD_MOUNT if dead or silent else 1 if failed else 0
