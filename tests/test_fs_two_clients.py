@@ -357,7 +357,9 @@ async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a
     # A rewrites the third part of a big file, B (not seeing it) the first: each new manifest
     # reuses the old manifest's other parts. Each writer deleted the old parts its own manifest
     # no longer named, which the other's manifest still named: a closed version gave EIO. Now
-    # they are deleted after a grace, and not when another client's manifest names them
+    # they are deleted after a grace, and not when another client's manifest names them (and
+    # the writer that finds the old manifest gone stores the parts it kept from it again: see
+    # test_a_version_based_on_a_manifest_another_client_replaced_keeps_none_of_its_parts)
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
         data = await big_file_both_see(a, b, 10 * mib)
@@ -366,8 +368,8 @@ async def test_two_clients_rewriting_different_parts_of_one_big_file_both_keep_a
         await edit(b, 5, b"B" * 1000)
         await a.wait_idle()
         await b.wait_idle()
-        for c in (a, b):
-            assert await c.syncer.retire_due(now=float("inf")) == 0  # the other's manifest names it
+        retired = [await c.syncer.retire_due(now=float("inf")) for c in (a, b)]
+        assert sum(retired) >= 1  # the old third part, which neither manifest names now
         for _ in range(2):
             await listed(a, b)
         want = {data[:5] + b"B" * 1000 + data[1005:], data[: 8 * mib + 5] + b"A" * 1000 + data[8 * mib + 1005 :]}
@@ -399,6 +401,73 @@ async def test_a_version_stored_after_the_other_client_deleted_the_parts_it_kept
         files = await files_on_a_fresh_mount(tmp_path, account, a.key)
         assert len(files) == 2, sorted(files)  # the file and its conflict copy
         assert set(files.values()) == want
+
+
+async def test_a_version_based_on_a_manifest_another_client_replaced_keeps_none_of_its_parts(account, tmp_path):
+    # B edits the first part of a big file and keeps it open; A rewrites the whole file, which
+    # retires every part of the manifest both had (deleted a minute later unless a manifest
+    # A's listing shows then names them). B's manifest, stored when it closed, named the old
+    # parts it had not changed: made between A's listing and A's deletions, it lost them
+    # (helper hAP F1: fsync returned 0, then EIO on every mount). A version whose base is gone
+    # now stores those parts again, so A's retirement cannot take what it names
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = await big_file_both_see(a, b, 10 * mib)
+        base = b.node("/big").token
+        old_parts = set((await b.syncer.parts.reader.manifest(base)).tokens())
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)  # B holds the file open
+        rewritten = os.urandom(10 * mib)
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 0, rewritten)
+        a.fs.release(fa)
+        await a.wait_idle()
+        b.fs.release(fb)
+        await b.wait_idle()
+        mine = b.node("/big").token
+        assert mine != base
+        assert not set((await b.syncer.parts.reader.manifest(mine)).tokens()) & old_parts
+        assert await a.syncer.retire_due(now=float("inf")) == len(old_parts)  # none is named now
+        for _ in range(2):
+            await listed(a, b)
+        files = await files_on_a_fresh_mount(tmp_path, account, a.key)
+        assert len(files) == 2, sorted(files)  # the file and its conflict copy
+        assert set(files.values()) == {data[:5] + b"B" * 1000 + data[1005:], rewritten}
+
+
+async def test_a_manifest_left_without_its_mark_keeps_the_parts_it_names_from_another_clients_retirement(
+    account, tmp_path
+):
+    # a writer killed between its manifest's configure-file-meta and its risk meta leaves a
+    # manifest without its mark; down longer than another client's retirement grace, that
+    # client deleted the parts it named, and its file read EIO on every mount for good
+    # (helper hAP F2). The retirement reads such a token as the sweep does
+    from privifs.client.datatokens import FileMeta
+    from privifs.parts import format as fmt
+
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        await big_file_both_see(a, b, 10 * mib)
+        old = await b.syncer.parts.reader.manifest(b.node("/big").token)
+        store = b.syncer.parts.store
+        real = store.tokens.set_risk
+
+        async def cut_off(token: str, fields: dict) -> None:
+            if fmt.MARK not in fields:  # the manifest's risk meta write is what the kill cut off
+                await real(token, fields)
+
+        store.tokens.set_risk = cut_off
+        try:
+            unmarked = await store.put_manifest(old, FileMeta("big", "", "/", 0, "/big"))
+        finally:
+            del store.tokens.set_risk
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 0, os.urandom(10 * mib))  # every part of the old version retired
+        a.fs.release(fa)
+        await a.wait_idle()
+        assert await a.syncer.retire_due(now=float("inf")) == 0  # the unmarked manifest names them
+        gone = {t for t in old.tokens()} - {i.token async for i in a.client.tokens.list()}
+        assert not gone and unmarked in {i.token async for i in a.client.tokens.list()}
 
 
 async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_its_parts_is_stored_whole(

@@ -186,7 +186,7 @@ class PartReader:
         # (when it started, in trio time; the part tokens it showed) of the refresher's last listing
         self.listed: tuple[float, frozenset[str]] | None = None
         # token -> the parts it names as a manifest that lost its mark (empty: not one), decided
-        # once per token (its content never changes): see _unmarked_parts
+        # once per token (its content never changes): see unmarked_parts
         self._unmarked: dict[str, frozenset[str]] = {}
 
     def saw_listing(self, infos: list[TokenInfo], started: float) -> None:
@@ -430,10 +430,10 @@ class PartReader:
                     ) from None
                 named.update(manifest.tokens())
             elif maybe_unmarked_manifest(info):
-                named.update(await self._unmarked_parts(info))
+                named.update(await self.unmarked_parts(info))
         return named
 
-    async def _unmarked_parts(self, info: TokenInfo) -> frozenset[str]:
+    async def unmarked_parts(self, info: TokenInfo) -> frozenset[str]:
         """:meth:`PartStore.unmarked_parts`, decided once per token (its content never changes)."""
         known = self._unmarked.get(info.token)
         if known is None:

@@ -86,6 +86,7 @@ class PartWriter:
         self,
         earlier: dict[int, fmt.Part],
         old: fmt.Manifest | None,
+        old_token: str | None,
         parts: list[fmt.Part | None],
         upload_id: str,
         reader: Callable[[int], Callable[[int, int], bytes]],
@@ -98,20 +99,50 @@ class PartWriter:
         that the last listing lacks (:meth:`PartReader.unlisted`): a part deleted by hand or by
         another client while its manifest stayed (the new manifest named it, fsync returned 0,
         and the file read EIO everywhere once this mount's cache let it go). One that is gone
-        is uploaded again from the staged file, which holds the whole content."""
+        is uploaded again from the staged file, which holds the whole content.
+
+        And the manifest it replaces is asked for: once another client replaced or removed it,
+        that client retires its parts, deleting them a minute later unless a manifest its
+        listing then shows names them. A manifest made between that listing and those
+        deletions lost them (helper hAP F1: fsync returned 0, the file read EIO everywhere, 9 of
+        90 files aimed at that moment), so every part kept from a manifest that is gone is
+        uploaded again. One that is still there when asked cannot have its parts retired for a
+        minute, and the new manifest is made within moments of the question."""
         named = {p.token for p in parts if p is not None}
         kept = {p.token for p in earlier.values()} & named
         kept.update(t for t in self.reader.unlisted(old.tokens() if old is not None else []) if t in named)
-        if not kept:
+        from_old = {t for t in old.tokens() if t in named} if old is not None and old_token else set()
+        if not kept and not from_old:
             return
-        there = {i.token for i in await find_each(self.store.tokens, sorted(kept))}
-        for i, part in enumerate(parts):
-            if part is not None and part.token in kept and part.token not in there:
-                log.warning("%s: part %d, which this store kept, is gone from the vault; storing it again", path, i)
-                parts[i] = await self.store.put_part_from(upload_id, i, part.size, reader(i))
-                stored.append(parts[i].token)
-                self.reader.in_flight.add(parts[i].token)
-                self.parts_uploaded += 1
+        asked = kept | ({old_token} if from_old else set())
+        there = {i.token for i in await find_each(self.store.tokens, sorted(asked))}
+        if from_old and old_token not in there:
+            log.info(
+                "%s: the version this store replaces was replaced or removed by another client, which retires "
+                "its parts; the %d parts kept from it are stored again",
+                path,
+                len(from_old),
+            )
+            kept |= from_old
+            there -= from_old
+        room = trio.CapacityLimiter(self.in_flight)
+
+        async def again(i: int, size: int) -> None:
+            async with room:
+                parts[i] = part = await self.store.put_part_from(upload_id, i, size, reader(i))
+            stored.append(part.token)
+            self.reader.in_flight.add(part.token)
+            self.parts_uploaded += 1
+
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                for i, part in enumerate(parts):
+                    if part is not None and part.token in kept and part.token not in there:
+                        if part.token not in from_old or old_token in there:
+                            log.warning(
+                                "%s: part %d, which this store kept, is gone from the vault; storing it again", path, i
+                            )
+                        nursery.start_soon(again, i, part.size)
 
     async def store_staged(
         self,
@@ -192,7 +223,7 @@ class PartWriter:
                             nursery.start_soon(one, i)
                             continue
                         progress(parts[i].size)
-            await self._still_there(earlier, old, parts, upload_id, reader, stored, meta.path)
+            await self._still_there(earlier, old, old_token, parts, upload_id, reader, stored, meta.path)
             manifest = fmt.Manifest(part_size, size, tuple(parts))
             token = await self.store.put_manifest(manifest, meta, risk)
             self.reader.remember(token, manifest)

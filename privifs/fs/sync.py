@@ -1254,14 +1254,22 @@ class Syncer:
                 if is_part(info):
                     parts_listed.add(info.token)
                     continue
-                if not is_manifest(info) or info.token in going or info.token in listed:
+                marked = is_manifest(info)
+                if not marked and not maybe_unmarked_manifest(info) or info.token in going or info.token in listed:
                     continue
                 if info.token in self.recently_deleted:  # deleted here; a listing may still show it
                     continue
                 parts = self._manifest_parts.get(info.token)
                 if parts is None:  # a token's content never changes: each manifest is read once
                     try:
-                        parts = frozenset(await self._parts_named(info))
+                        # a manifest whose writer was killed before its mark was written names
+                        # its parts as much: they were deleted, and its file (shown under the
+                        # plain name) read EIO on every mount for good (helper hAP F2)
+                        parts = (
+                            frozenset(await self._parts_named(info))
+                            if marked
+                            else await self.parts.reader.unmarked_parts(info)
+                        )
                     except NotFoundError as exc:
                         # (still listed: a 404 changed on its way; taken for a deletion, the parts
                         # it names, a conflict copy's, were deleted)
