@@ -393,7 +393,7 @@ async def test_uploads_failing_alike_are_logged_once_every_few_seconds_with_a_co
     import logging
 
     warnings = kit.fs.sync.retry_warnings
-    warnings.every = 120.0  # longer than the first attempts of all four take
+    warnings.every = 120.0  # longer than the first attempts of all three take
     eng.set_options(fail_rate=1.0)
     nodes = []
 
@@ -401,7 +401,7 @@ async def test_uploads_failing_alike_are_logged_once_every_few_seconds_with_a_co
         return [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
 
     with caplog.at_level(logging.WARNING, logger="privifs.fs.sync"):
-        for i in range(4):
+        for i in range(3):
             fh, node = kit.create_node(1, f"f{i}.bin")
             await kit.fs.write(fh, 0, b"x" * 1000)
             kit.fs.release(fh)
@@ -415,4 +415,4 @@ async def test_uploads_failing_alike_are_logged_once_every_few_seconds_with_a_co
         eng.set_options(fail_rate=0.0)
         kit.fs.sync.retry_all_now()
         await kit.settle(timeout=60)
-    assert set((await kit.vault_tree()).keys()) == {f"f{i}.bin" for i in range(4)}
+    assert set((await kit.vault_tree()).keys()) == {f"f{i}.bin" for i in range(3)}
