@@ -16,7 +16,7 @@ from privifs.errors import IntegrityError, ServerError
 from privifs.fs.partwrite import Unfinished
 from privifs.parts import format as fmt
 from privifs.parts.store import PartStore, is_part
-from tests.fskit import inprocess_fs
+from tests.fskit import inprocess_fs, manifest_marks_cut_off
 
 KEY = bytes(range(32))
 PART = 64 * 1024
@@ -325,18 +325,8 @@ async def test_a_manifest_a_crash_left_without_its_risk_meta_is_recognised_as_th
         fh, node = t.create_node(1, "big.bin")
         await t.fs.write(fh, 0, data)  # still open for writing: not uploaded
         store, source = stored_elsewhere(t, data)
-
-        real = store.tokens.set_risk
-
-        async def cut_off(token: str, fields: dict) -> None:
-            if fmt.MARK not in fields:  # the manifest's risk meta write is what the crash cut off
-                await real(token, fields)
-
-        store.tokens.set_risk = cut_off
-        try:
+        with manifest_marks_cut_off(store):  # the manifest's risk meta write is what the crash cut off
             token = await store.put(source, len(data), FileMeta("big.bin", "bin", "/", 0, "/big.bin"))
-        finally:
-            del store.tokens.set_risk
         info = [i async for i in t.client.tokens.list() if i.token == token][0]
         assert not info.risk and info.size == len(data)
         assert await t.syncer.adopt_orphan(node, info)

@@ -21,7 +21,7 @@ from privifs.fs.refresh import (
     full_gap,
 )
 from privifs.fs.sync import RENAME_FETCH_LIMIT, RENAME_SEEN_AFTER
-from tests.fskit import inprocess_fs
+from tests.fskit import inprocess_fs, manifest_marks_cut_off
 
 
 @asynccontextmanager
@@ -443,24 +443,13 @@ async def test_a_manifest_left_without_its_mark_keeps_the_parts_it_names_from_an
     # client deleted the parts it named, and its file read EIO on every mount for good
     # (helper hAP F2). The retirement reads such a token as the sweep does
     from privifs.client.datatokens import FileMeta
-    from privifs.parts import format as fmt
 
     mib = 1 << 20
     async with two_clients(tmp_path, account) as (a, b):
         await big_file_both_see(a, b, 10 * mib)
         old = await b.syncer.parts.reader.manifest(b.node("/big").token)
-        store = b.syncer.parts.store
-        real = store.tokens.set_risk
-
-        async def cut_off(token: str, fields: dict) -> None:
-            if fmt.MARK not in fields:  # the manifest's risk meta write is what the kill cut off
-                await real(token, fields)
-
-        store.tokens.set_risk = cut_off
-        try:
-            unmarked = await store.put_manifest(old, FileMeta("big", "", "/", 0, "/big"))
-        finally:
-            del store.tokens.set_risk
+        with manifest_marks_cut_off(b.syncer.parts.store):  # the risk meta write the kill cut off
+            unmarked = await b.syncer.parts.store.put_manifest(old, FileMeta("big", "", "/", 0, "/big"))
         fa = await a.open_node(a.node("/big"))
         await a.fs.write(fa, 0, os.urandom(10 * mib))  # every part of the old version retired
         a.fs.release(fa)
