@@ -169,7 +169,7 @@ def load(path: Path | None = None) -> Config:
     def p(section: dict, where: str, key: str) -> Path | None:
         """A file the configuration names: a relative path is relative to its directory."""
         value = text(section, where, key)
-        return path.parent / Path(value).expanduser() if value else None
+        return path.absolute().parent / Path(value).expanduser() if value else None
 
     return Config(
         path=path,
