@@ -19,7 +19,6 @@ this machine's unmount and mount.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -92,16 +91,7 @@ class EmbeddedEngine:
         self.on_moved: Callable[[dict[str, str]], None] | None = None
 
     def _locked_by_other(self) -> bool:
-        lock = self.data_dir / "lock"
-        if not lock.exists():
-            return False
-        with open(lock, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-            return False
+        return paths.lock_held(self.data_dir / "lock")
 
     def running_urls(self) -> dict[str, str] | None:
         urls_file = self.data_dir / "urls.json"

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -167,6 +168,24 @@ def _stat_field(pid: int, index: int) -> str | None:
             return f.read().rsplit(b")", 1)[1].split()[index].decode("ascii", "replace")
     except (OSError, IndexError):
         return None
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether another process holds the ``flock`` on the file ``lock`` (a daemon its vault's,
+    an engine its data directory's); False when there is no such file."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (and the shared lock taken, if it was, with it)
+    return False
 
 
 def open_files(pid: int) -> tuple[int, int] | None:

@@ -21,20 +21,19 @@ class RateLimitedWarnings:
         self._last: dict[Hashable, float] = {}
         self._quiet: dict[Hashable, int] = {}
 
-    def warn(self, kind: Hashable, text: str, *args: object) -> bool:
+    def warn(self, kind: Hashable, text: str, *args: object) -> None:
         """Log ``text % args`` unless a warning of ``kind`` was logged less than :attr:`every`
-        seconds ago; returns whether it was logged."""
+        seconds ago."""
         now = time.monotonic()
         if now - self._last.get(kind, -self.every) < self.every:
             self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return False
+            return
         self._last[kind] = now
         quiet = self._quiet.pop(kind, 0)
         if quiet:
             text += " (and %d more like it in the last %.0f s)"
             args = (*args, quiet, self.every)
         self.logger.warning(text, *args)
-        return True
 
 
 class AcceptFailuresOncePerMinute(logging.Filter):

@@ -110,10 +110,3 @@ def is_loopback(ip: str) -> bool:
         return _ip(ip).is_loopback
     except ValueError:
         return False
-
-
-def peer_owner(sock: socket.socket) -> int | None:
-    """The uid owning the other end of the loopback connection ``sock`` (a trio or a standard
-    socket), or None if the kernel knows none."""
-    local, remote = sock.getsockname(), sock.getpeername()
-    return server_end_owner((local[0], local[1]), (remote[0], remote[1]))

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sqlite3
 import sys
 from pathlib import Path
 
 from privifs import paths
 from privifs.backup import check_backup_target, check_restore, restore_backup, write_backup
 from privifs.cli.commands import help_of
+from privifs.cli.mounttable import changes_waiting
 from privifs.cli.prompt import ask_secret
 from privifs.config import default_config_path, load
 from privifs.words import count, verb
@@ -90,7 +90,7 @@ def run_backup(args: argparse.Namespace) -> int:
         )
 
     state = paths.vault_state_dir(cfg)
-    waiting = staged_changes(state / "index.sqlite3")
+    waiting = sum(changes_waiting(state) or ())
     if waiting:
         print(
             f"privifs: warning: {count(waiting, 'change')} made in the mount {verb(waiting, 'is', 'are')} "
@@ -100,23 +100,6 @@ def run_backup(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def staged_changes(index: Path) -> int:
-    """How many changes a mount's index records as not uploaded yet (files, attributes, deletes);
-    0 when there is no index or it cannot be read."""
-    if not index.exists():
-        return 0
-    try:
-        conn = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
-        try:
-            nodes = conn.execute("SELECT COUNT(*) FROM nodes WHERE content_dirty OR meta_dirty").fetchone()[0]
-            deletes = conn.execute("SELECT COUNT(*) FROM tombstones").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
-    return nodes + deletes
 
 
 def run_restore(args: argparse.Namespace) -> int:

@@ -143,28 +143,9 @@ def my_mountpoints() -> set[str]:
     return {mp for mp, _ in _vault_markers()}
 
 
-def _in_use(state: Path) -> bool:
-    """Whether a daemon holds the vault whose state directory is ``state`` (its lock)."""
-    import fcntl
-
-    try:
-        fd = os.open(state / "lock", os.O_RDONLY)
-    except OSError:
-        return False  # no lock file: no daemon made one
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def _changes_waiting(state: Path) -> tuple[int, int] | None:
-    """(changes, deletes) the index in ``state`` records as not in the vault yet; None if it
-    cannot be read (newer, damaged, or gone)."""
+def changes_waiting(state: Path) -> tuple[int, int] | None:
+    """(changes, deletes) the index in the vault state directory ``state`` records as not in
+    the vault yet; None if it cannot be read (newer, damaged, or gone)."""
     import sqlite3
 
     from privifs.paths import INDEX_NAME
@@ -188,15 +169,16 @@ def waiting_vaults() -> list[dict]:
     """This user's vaults that no daemon holds and whose last mount left changes the vault does
     not have (an unmount that gave up on the server, a crash, a reboot): they are uploaded at the
     vault's next mount. ``privifs status`` showed "no privifs mounts" for them (helper hAO F4)."""
+    from privifs import paths
+
     out = []
     for mp, state in _vault_markers():
-        if _in_use(state):
+        if paths.lock_held(state / "lock"):
             continue
-        waiting = _changes_waiting(state)
-        if waiting is None:
-            left = staged_left(mp)
-            waiting = (left[0], 0) if left is not None and left[1] == state else None
-        if waiting is not None and any(waiting):
+        waiting = changes_waiting(state)
+        if waiting is None:  # (the index cannot be read: what is staged still tells)
+            waiting = (_staged_files(state), 0)
+        if any(waiting):
             out.append(
                 {
                     "mountpoint": mp,
@@ -215,12 +197,15 @@ def staged_left(mountpoint: str | Path) -> tuple[int, Path] | None:
     None if its state directory is not the default one or holds nothing staged."""
     real = mount_path(mountpoint)
     for mp, state in _vault_markers():
-        if mp != real:
-            continue
-        try:
-            staged = [f for f in (state / "staging").iterdir() if f.is_file()]
-        except OSError:
-            continue
+        staged = _staged_files(state) if mp == real else 0
         if staged:
-            return len(staged), state
+            return staged, state
     return None
+
+
+def _staged_files(state: Path) -> int:
+    """How many staged files the vault state directory ``state`` holds."""
+    try:
+        return sum(1 for f in (state / "staging").iterdir() if f.is_file())
+    except OSError:
+        return 0

@@ -116,33 +116,41 @@ class PartWriter:
             return
         asked = kept | ({old_token} if from_old else set())
         there = {i.token for i in await find_each(self.store.tokens, sorted(asked))}
-        if from_old and old_token not in there:
+        retiring = from_old if from_old and old_token not in there else set()
+        if retiring:
             log.info(
                 "%s: the version this store replaces was replaced or removed by another client, which retires "
                 "its parts; the %d parts kept from it are stored again",
                 path,
-                len(from_old),
+                len(retiring),
             )
-            kept |= from_old
-            there -= from_old
+        again = (kept - there) | retiring
         room = trio.CapacityLimiter(self.in_flight)
 
-        async def again(i: int, size: int) -> None:
+        async def store_again(i: int, size: int) -> None:
             async with room:
-                parts[i] = part = await self.store.put_part_from(upload_id, i, size, reader(i))
-            stored.append(part.token)
-            self.reader.in_flight.add(part.token)
-            self.parts_uploaded += 1
+                parts[i] = await self._put_part(upload_id, i, size, reader(i), stored)
 
         with single_error():
             async with trio.open_nursery() as nursery:
                 for i, part in enumerate(parts):
-                    if part is not None and part.token in kept and part.token not in there:
-                        if part.token not in from_old or old_token in there:
+                    if part is not None and part.token in again:
+                        if part.token not in retiring:
                             log.warning(
                                 "%s: part %d, which this store kept, is gone from the vault; storing it again", path, i
                             )
-                        nursery.start_soon(again, i, part.size)
+                        nursery.start_soon(store_again, i, part.size)
+
+    async def _put_part(
+        self, upload_id: str, i: int, size: int, read: Callable[[int, int], bytes], stored: list[str]
+    ) -> fmt.Part:
+        """Upload part ``i`` (``size`` bytes, read through ``read``) and note its token as this
+        store's (``stored``) and in flight (kept from this mount's sweep)."""
+        part = await self.store.put_part_from(upload_id, i, size, read)
+        stored.append(part.token)
+        self.reader.in_flight.add(part.token)
+        self.parts_uploaded += 1
+        return part
 
     async def store_staged(
         self,
@@ -194,10 +202,7 @@ class PartWriter:
                         progress(length)
                         return
                 # streamed: read, digested and encrypted a piece at a time while it uploads
-                parts[i] = await self.store.put_part_from(upload_id, i, length, reader(i))
-                stored.append(parts[i].token)
-                self.reader.in_flight.add(parts[i].token)
-                self.parts_uploaded += 1
+                parts[i] = await self._put_part(upload_id, i, length, reader(i), stored)
                 progress(length)
             finally:
                 room.release()
