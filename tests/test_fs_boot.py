@@ -298,7 +298,7 @@ def test_remount_rw_of_a_read_only_drive_is_refused_when_the_helper_has_another_
 
 
 def mount_flags(path: Path) -> set[str]:
-    from privifs.cli.mounttable import mount_options
+    from privifs.kernelmounts import mount_options
 
     return mount_options(str(path))
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from privifs.cli.mounttable import unescape
+from privifs.kernelmounts import unescape
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ from privifs.cli.failures import (
     exit_code,
     leaves,
 )
-from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, mount_path, privifs_mounts, registered_entry
+from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, registered_entry
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
+from privifs.kernelmounts import mount_path, privifs_mounts
 
 READY_TIMEOUT = 180.0
 STOP_GRACE = 20.0  # seconds a daemon stopped by Ctrl-C is given before SIGTERM, and after it

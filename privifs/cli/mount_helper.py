@@ -277,7 +277,8 @@ def _running_status(mountpoint: str) -> dict | None:
     remount,rw`` of its read-only drive was done (the kernel said rw, every write EROFS). Such a
     daemon is then found through ``/proc``: the control sockets privifs mount daemons listen
     on, each asked which mountpoint it serves."""
-    from privifs.cli.mounttable import mount_path, registered_entry
+    from privifs.cli.mounttable import registered_entry
+    from privifs.kernelmounts import mount_path
 
     try:
         entry = registered_entry(Path(mountpoint))

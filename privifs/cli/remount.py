@@ -94,7 +94,8 @@ def remount(mountpoint: str, options: list[str], *, daemon_read_only: bool | Non
     """Remount the privifs mount at ``mountpoint`` with ``options`` (those after ``remount``);
     the daemon options given that a remount does not change (to be named to the user).
     ``daemon_read_only``: whether its daemon was started read-only (None: not known)."""
-    from privifs.cli.mounttable import is_dead_mount, mount_options, mount_path, privifs_mounts
+    from privifs.cli.mounttable import is_dead_mount
+    from privifs.kernelmounts import mount_options, mount_path, privifs_mounts
 
     real = mount_path(mountpoint)
     if real not in privifs_mounts():

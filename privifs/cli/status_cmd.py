@@ -18,17 +18,14 @@ from privifs.cli.mounttable import (
     clean_dead_mount,
     dead_mounts,
     is_dead_mount,
-    is_fuse_mount,
-    mount_options,
-    mount_path,
     my_mountpoints,
-    privifs_mounts,
     registered_entry,
     staged_left,
     waiting_vaults,
 )
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
+from privifs.kernelmounts import is_fuse_mount, mount_options, mount_path, privifs_mounts
 from privifs.words import count, printable, verb
 
 EVENTS_GRACE = 30.0  # seconds the event channel may be down (a reconnect) before status names it

@@ -285,7 +285,7 @@ class FileSink(BlockWriter):
                 if exc.errno == errno.ENOENT and self.out.parent.is_dir():
                     # the directory is there, but takes no new file (/proc, where 'token get T
                     # /proc/version' said only "No such file or directory")
-                    from privifs.cli.mounttable import filesystem_type
+                    from privifs.kernelmounts import filesystem_type
 
                     kind = filesystem_type(self.out.parent)
                     raise LocalFileError(

@@ -52,6 +52,7 @@ from privifs.fs.registry import control_socket_path, registered_daemon_runs, reg
 from privifs.fs.space import MiB, engine_headroom
 from privifs.fs.staging import Staging
 from privifs.fs.sync import Syncer
+from privifs.kernelmounts import privifs_mounts
 from privifs.keycheck import check_key
 from privifs.memory import trim_memory
 from privifs.ratelog import quiet_failed_accepts
@@ -136,8 +137,6 @@ def _still_mounted(mountpoint: Path) -> bool:
     """Whether the kernel still has a privifs mount at ``mountpoint``: one that ``privifs
     umount`` (fusermount3 -u) or umount(8) took down already is not unmounted again, which
     libfuse reported in the mount log as "fuse: failed to unmount …: Invalid argument" (hAQ F2)."""
-    from privifs.cli.mounttable import privifs_mounts
-
     return str(mountpoint) in privifs_mounts()  # (resolved at the start, as the table spells it)
 
 
