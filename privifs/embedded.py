@@ -53,27 +53,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def flock_holder(path: Path) -> int | None:
-    """The pid of a process holding a flock on ``path`` (from ``/proc/locks``), if any."""
-    try:
-        st = path.stat()
-        lines = Path("/proc/locks").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if "->" in fields:  # a waiter, not a holder
-            continue
-        try:
-            kind, pid = fields[1], int(fields[4])
-            major, minor, inode = (int(n, 16) if i < 2 else int(n) for i, n in enumerate(fields[5].split(":")))
-        except (IndexError, ValueError):
-            continue
-        if kind == "FLOCK" and (major, minor, inode) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
-            return pid
-    return None
-
-
 class EmbeddedEngine:
     def __init__(self, data_dir: Path | None = None):
         self.data_dir = data_dir or paths.embedded_engine_dir()
@@ -124,7 +103,7 @@ class EmbeddedEngine:
     def _silent_holder(self) -> str:
         """What to tell of an engine that holds this data directory and does not answer (a start
         then failed with "another engine is already using …", which hid why)."""
-        pid = flock_holder(self.data_dir / "lock")
+        pid = paths.flock_holder(self.data_dir / "lock")
         if pid is not None and paths.pid_stopped(pid):
             return (
                 f"the embedded engine (pid {pid}) is stopped (SIGSTOP, Ctrl-Z or a debugger) and answers nothing: "

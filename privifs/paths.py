@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -168,6 +169,44 @@ def _stat_field(pid: int, index: int) -> str | None:
             return f.read().rsplit(b")", 1)[1].split()[index].decode("ascii", "replace")
     except (OSError, IndexError):
         return None
+
+
+def flock_holder(path: Path) -> int | None:
+    """The pid of a process holding a flock on ``path`` (from ``/proc/locks``), if any."""
+    try:
+        st = path.stat()
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if "->" in fields:  # a waiter, not a holder
+            continue
+        try:
+            kind, pid = fields[1], int(fields[4])
+            major, minor, inode = (int(n, 16) if i < 2 else int(n) for i, n in enumerate(fields[5].split(":")))
+        except (IndexError, ValueError):
+            continue
+        if kind == "FLOCK" and (major, minor, inode) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+            return pid
+    return None
+
+
+def lock_exclusively(f, grace: float = 0.5) -> bool:
+    """Take the exclusive ``flock`` on the open file ``f`` (its descriptor, or an object with
+    ``fileno``) unless another process holds it: False then. A holder gone within ``grace``
+    seconds does not count: :func:`lock_held`'s probe holds a shared lock for an instant
+    (``privifs status`` probes every vault), and a mount or engine starting in that instant was
+    refused as "already mounted" / "already using" (hAT F6)."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 def lock_held(lock: Path) -> bool:

@@ -84,3 +84,57 @@ def test_an_engine_whose_port_is_taken_names_the_port_and_leaves_no_new_data_dir
     assert r.returncode == 1 and f"the ws server cannot listen on 127.0.0.1 port {port}" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_start_that_loses_the_race_for_a_new_data_directory_leaves_the_winners_data(tmp_path, monkeypatch, capsys):
+    """Two starts on one new data directory at the same moment: the one that found it missing
+    and then failed ("another engine is already using …") removed the whole directory of the
+    engine that made it first and was serving (hAT F1)."""
+    import argparse
+
+    from privifs import paths
+    from privifs.cli import engine_cmd
+
+    data = tmp_path / "new" / "engine"
+    looked = paths.missing_dirs(data)  # the loser looked before the winner made the directory
+    winner = EngineProcess(data, log_path=tmp_path / "winner.log").start()
+    try:
+        monkeypatch.setattr(paths, "missing_dirs", lambda p: list(looked))
+        monkeypatch.setattr("privifs.memory.bound_allocator", lambda: None)
+        monkeypatch.setattr("privifs.limits.raise_limits", lambda: None)
+        ports = dict(api_port=0, ws_port=0, upstream_port=0, downstream_port=0)
+        args = argparse.Namespace(settings=[], urls_file=None, data_dir=data, host="127.0.0.1", **ports)
+        assert engine_cmd.run(args) == 1
+        assert "another engine is already using" in capsys.readouterr().err
+        assert (data / "engine.sqlite3").exists() and (data / "lock").exists() and winner.running()
+    finally:
+        assert winner.stop() == 0
+    assert (data / "engine.sqlite3").exists()
+
+
+def test_an_engine_starting_while_status_probes_its_lock_starts_and_a_held_lock_still_refuses(tmp_path):
+    """``privifs status`` probes every vault's and engine's lock with a shared lock held for an
+    instant; a mount or engine taking its lock in that instant was refused as "already using"
+    (hAT F6). A probe's lock is waited out; a lock that stays held still refuses."""
+    import fcntl
+    import threading
+
+    from privifs.engine.core import Engine, EngineBusy
+    from privifs.engine.options import EngineOptions
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    probe = open(data / "lock", "a+")
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as paths.lock_held does
+    threading.Timer(0.1, probe.close).start()
+    engine = Engine(data, EngineOptions())
+    engine.db.close()
+    engine._lock.close()
+
+    holder = open(data / "lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(EngineBusy, match="another engine is already using"):
+            Engine(data, EngineOptions())
+    finally:
+        holder.close()

@@ -87,6 +87,16 @@ def check_urls_file(path: Path) -> None:
         )
 
 
+def _take_back(data_dir: Path, made: list[Path]) -> None:
+    """Remove the data directory a start that failed made (its database, identity key and admin
+    token, nothing ever served), only while this process still holds the engine's lock on it: an
+    engine started on the same new directory at the same moment, which made it first or took it
+    since, keeps it (hAT F1: the start that lost the race removed the running engine's data)."""
+    if paths.flock_holder(data_dir / "lock") == os.getpid():
+        shutil.rmtree(data_dir, ignore_errors=True)
+    paths.remove_made(made)  # (the empty directories only)
+
+
 def run(args: argparse.Namespace) -> int:
     from privifs.engine.options import EngineOptions, parse_settings
     from privifs.engine.server import leaves, run_engine
@@ -125,9 +135,8 @@ def run(args: argparse.Namespace) -> int:
         causes = leaves(exc)
         if not all(isinstance(e, (OSError, EngineBusy)) for e in causes):
             raise
-        if made and not served:  # a new data directory, nothing ever stored in it
-            shutil.rmtree(data_dir, ignore_errors=True)
-            paths.remove_made(made)
+        if made and not served and not any(isinstance(e, EngineBusy) for e in causes):
+            _take_back(data_dir, made)
         print(f"privifs: error: the engine could not start: {causes[0]}", file=sys.stderr)
         return 1
     return 0

@@ -7,7 +7,6 @@ to a :class:`~privifs.engine.http.Principal`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -79,11 +78,9 @@ class Engine:
         self.data_dir = data_dir
         paths.private_dir(data_dir)
         self._lock = open(data_dir / "lock", "a+")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not paths.lock_exclusively(self._lock):
             self._lock.close()
-            raise EngineBusy(f"another engine is already using {data_dir}") from None
+            raise EngineBusy(f"another engine is already using {data_dir}")
         self.opts = opts
         self.db = Database(data_dir / "engine.sqlite3")
         self.blobs = BlobStore(data_dir)

@@ -177,14 +177,12 @@ class Daemon:
     def _lock(self):
         paths.private_dir(self.state_dir)
         lock = open(self.state_dir / "lock", "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not paths.lock_exclusively(lock):
             lock.close()
             other = (
                 (self.state_dir / "mountpoint").read_text().strip() if (self.state_dir / "mountpoint").exists() else "?"
             )
-            raise LocalStoreError(f"this vault is already mounted (at {other}); unmount it first") from None
+            raise LocalStoreError(f"this vault is already mounted (at {other}); unmount it first")
         (self.state_dir / "mountpoint").write_text(str(self.mountpoint) + "\n")
         return lock
 
