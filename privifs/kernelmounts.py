@@ -15,7 +15,7 @@ def unescape(field: str) -> str:
 
 def _mount_rows() -> list[list[str]]:
     try:
-        with open("/proc/mounts") as f:
+        with open("/proc/mounts", errors="surrogateescape") as f:
             return [line.split() for line in f]
     except OSError:
         return []

@@ -175,7 +175,7 @@ def flock_holder(path: Path) -> int | None:
     """The pid of a process holding a flock on ``path`` (from ``/proc/locks``), if any."""
     try:
         st = path.stat()
-        lines = Path("/proc/locks").read_text().splitlines()
+        lines = Path("/proc/locks").read_text(errors="replace").splitlines()
     except OSError:
         return None
     for line in lines:
@@ -232,7 +232,7 @@ def open_files(pid: int) -> tuple[int, int] | None:
     None if that cannot be read (another user's process, or no such process)."""
     try:
         used = len(os.listdir(f"/proc/{pid}/fd"))
-        with open(f"/proc/{pid}/limits") as f:
+        with open(f"/proc/{pid}/limits", errors="replace") as f:
             row = next(line for line in f if line.startswith("Max open files"))
         return used, int(row.split()[3])
     except (OSError, StopIteration, IndexError, ValueError):  # ("unlimited": not a number)

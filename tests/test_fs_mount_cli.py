@@ -1521,3 +1521,24 @@ def test_a_clean_umount_leaves_no_unmount_failure_in_the_mount_log(engine, tmp_p
         assert m.log().count("unmounted ") >= 3
     finally:
         m.cleanup()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mounts a tmpfs")
+def test_a_mount_anywhere_whose_path_is_not_utf8_breaks_no_command_and_no_unmount(engine, tmp_path):
+    """The kernel writes a mount's path in /proc/mounts as its bytes; one mount of any user at a
+    path that is not UTF-8 made status, mount and umount end in "internal error" for everyone,
+    and the daemon's end of an unmount raise before its last uploads (hAT F3)."""
+    odd = os.fsencode(tmp_path) + b"/odd-\xe9"
+    os.mkdir(odd)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", odd], check=True, timeout=30)
+    try:
+        m = Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600"))
+        m.mount()
+        (m.dir / "kept.txt").write_text("uploaded at the unmount")
+        shown = privifs(m.env, "status")
+        assert str(m.dir) in shown.stdout and "internal error" not in shown.stderr
+        assert "unmounted" in m.umount().stdout and not os.path.ismount(m.dir)
+        assert "kept.txt" in {t["fileName"] for t in m.tokens()}
+        assert "Traceback" not in m.log() and "UnicodeDecodeError" not in m.log()
+    finally:
+        subprocess.run(["umount", "-l", odd], timeout=30)

@@ -115,7 +115,7 @@ class _Row:
 def _mountinfo(proc: Path) -> list[_Row]:
     rows = []
     try:
-        with open(proc / "self" / "mountinfo") as f:
+        with open(proc / "self" / "mountinfo", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 6:
@@ -200,7 +200,7 @@ def _link_mount_id(link: Path) -> str | None:
 
 def _fd_mount_id(fdinfo: Path) -> str | None:
     try:
-        with open(fdinfo) as f:
+        with open(fdinfo, errors="surrogateescape") as f:
             for line in f:
                 if line.startswith("mnt_id:"):
                     return line.split()[1]
@@ -213,7 +213,7 @@ def process_of(tid: int, proc: Path = Path("/proc")) -> int:
     """The process a thread ``tid`` belongs to (FUSE names the thread that made a request); the
     id itself when it cannot be read."""
     try:
-        with open(proc / str(tid) / "status") as f:
+        with open(proc / str(tid) / "status", errors="replace") as f:
             for line in f:
                 if line.startswith("Tgid:"):
                     return int(line.split()[1])
@@ -225,6 +225,6 @@ def process_of(tid: int, proc: Path = Path("/proc")) -> int:
 def program(pid: int, proc: Path = Path("/proc")) -> str:
     """The name of process ``pid`` (its ``comm``), or "a program" when it is gone or hidden."""
     try:
-        return (proc / str(pid) / "comm").read_text().strip() or "a program"
+        return (proc / str(pid) / "comm").read_text(errors="replace").strip() or "a program"
     except OSError:
         return "a program"

@@ -315,7 +315,7 @@ def _daemon_control_sockets(mountpoint: str) -> list[str]:
     from privifs.paths import is_mount_daemon
 
     try:
-        with open("/proc/net/unix") as f:
+        with open("/proc/net/unix", errors="surrogateescape") as f:
             next(f, None)
             rows = [line.rstrip("\n").split(None, 7) for line in f]
     except OSError:

@@ -220,7 +220,7 @@ def _seek_data_reliable(dev: int) -> bool:
     /proc/self/mountinfo; a device it does not list, such as memfd's, is)."""
     want = f"{os.major(dev)}:{os.minor(dev)}"
     try:
-        with open("/proc/self/mountinfo") as f:
+        with open("/proc/self/mountinfo", errors="surrogateescape") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 2 and fields[2] == want and "-" in fields:

@@ -57,7 +57,7 @@ def privifs(
 
 
 def is_mounted(path: Path) -> bool:
-    with open("/proc/mounts") as f:
+    with open("/proc/mounts", errors="surrogateescape") as f:
         return any(line.split()[1] == str(path) for line in f)
 
 
