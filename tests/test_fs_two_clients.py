@@ -435,6 +435,44 @@ async def test_a_version_based_on_a_manifest_another_client_replaced_keeps_none_
         assert set(files.values()) == {data[:5] + b"B" * 1000 + data[1005:], rewritten}
 
 
+async def test_a_retry_of_a_version_whose_base_another_client_replaced_uploads_each_part_once(
+    account, tmp_path, monkeypatch
+):
+    # as above, and B's store fails once at its manifest (a full engine disk): the retry took
+    # the replaced manifest's parts again before the failed attempt's copies of them, found
+    # that manifest gone and uploaded every part again, each retry (hAT F5)
+    from privifs.errors import ServerError
+    from privifs.parts.store import PartStore
+
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        data = await big_file_both_see(a, b, 10 * mib)
+        old_parts = set((await b.syncer.parts.reader.manifest(b.node("/big").token)).tokens())
+        fb = await b.open_node(b.node("/big"))
+        await b.fs.write(fb, 5, b"B" * 1000)
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 0, os.urandom(10 * mib))
+        a.fs.release(fa)
+        await a.wait_idle()
+        real, failed = PartStore.put_manifest, []
+
+        async def full_disk_once(self, *args, **kwargs):
+            if self is b.syncer.parts.store and not failed:
+                failed.append(True)
+                raise ServerError("507 Insufficient Storage: the server's disk is full")
+            return await real(self, *args, **kwargs)
+
+        monkeypatch.setattr(PartStore, "put_manifest", full_disk_once)
+        uploaded = b.syncer.parts.parts_uploaded
+        b.fs.release(fb)
+        await b.wait_idle()
+        assert failed and b.syncer.parts.parts_uploaded - uploaded == len(old_parts)
+        mine = set((await b.syncer.parts.reader.manifest(b.node("/big").token)).tokens())
+        assert not mine & old_parts
+        files = await files_on_a_fresh_mount(tmp_path, account, a.key)
+        assert data[:5] + b"B" * 1000 + data[1005:] in files.values(), sorted(files)
+
+
 async def test_a_manifest_left_without_its_mark_keeps_the_parts_it_names_from_another_clients_retirement(
     account, tmp_path
 ):

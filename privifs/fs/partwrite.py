@@ -61,6 +61,14 @@ def written_parts(staged: StagedFile, part_size: int) -> set[int]:
     return out
 
 
+def _same_part(copy: fmt.Part | None, part: fmt.Part) -> fmt.Part:
+    """``copy`` (a failed store's upload of part ``i``) when it holds what ``part`` holds (the
+    digest is keyed with the part's index and covers its content), else ``part``."""
+    if copy is None or part.is_hole or copy.size != part.size:
+        return part
+    return copy if hmac.compare_digest(copy.digest, part.digest) else part
+
+
 class PartWriter:
     def __init__(self, reader: PartReader, *, part_size: int | None = None, in_flight: int = IN_FLIGHT):
         self.reader = reader
@@ -116,6 +124,13 @@ class PartWriter:
             return
         asked = kept | ({old_token} if from_old else set())
         there = {i.token for i in await find_each(self.store.tokens, sorted(asked))}
+        gone = kept - there
+        if gone and from_old and old_token in there:
+            await self._store_again(gone, parts, upload_id, reader, stored, path)
+            gone = set()
+            # asked again: those uploads may have taken longer than the minute the answer gave
+            # (hAT F2)
+            there = {i.token for i in await find_each(self.store.tokens, [old_token])}
         retiring = from_old if from_old and old_token not in there else set()
         if retiring:
             log.info(
@@ -124,7 +139,20 @@ class PartWriter:
                 path,
                 len(retiring),
             )
-        again = (kept - there) | retiring
+        await self._store_again(gone | retiring, parts, upload_id, reader, stored, path, retiring)
+
+    async def _store_again(
+        self,
+        again: set[str],
+        parts: list[fmt.Part | None],
+        upload_id: str,
+        reader: Callable[[int], Callable[[int, int], bytes]],
+        stored: list[str],
+        path: str,
+        retiring: set[str] = frozenset(),
+    ) -> None:
+        """Upload again, from the staged file, the parts of ``parts`` whose tokens are in ``again``
+        (``in_flight`` at a time); those not in ``retiring`` are gone from the vault: said so."""
         room = trio.CapacityLimiter(self.in_flight)
 
         async def store_again(i: int, size: int) -> None:
@@ -192,7 +220,8 @@ class PartWriter:
             length = min(part_size, size - i * part_size)
             try:
                 before = old.parts[i] if old is not None and i < len(old.parts) else None
-                bases = [p for p in (before, earlier.get(i)) if p is not None and not p.is_hole and p.size == length]
+                # (a failed attempt's copy first: see _same_part)
+                bases = [p for p in (earlier.get(i), before) if p is not None and not p.is_hole and p.size == length]
                 if bases:
                     digest = await trio.to_thread.run_sync(digest_of, i)
                     same = next((p for p in bases if hmac.compare_digest(p.digest, digest)), None)
@@ -215,7 +244,11 @@ class PartWriter:
                         if i % 4096 == 4095:
                             await trio.lowlevel.checkpoint()  # (holes and kept parts cost no await: let the rest run)
                         if old is not None and changes.unchanged(staged.id, old_token, part_size, i):
-                            parts[i] = old.parts[i]  # not written since it was copied from the old manifest
+                            # not written since it was copied from the old manifest; a failed
+                            # attempt's copy of it is taken first: a retry after the old manifest
+                            # went kept none of its parts and uploaded them all again, each time
+                            # (hAT F5)
+                            parts[i] = _same_part(earlier.get(i), old.parts[i])
                             if parts[i].is_hole:
                                 self.holes += 1
                             else:

@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import trio
 
-from privifs.client.datatokens import DataTokens, FileMeta, confirm_gone, find
+from privifs.client.datatokens import DataTokens, FileMeta, confirm_gone, find, find_each
 from privifs.client.shapes import TokenInfo
 from privifs.client.vault import Vault
 from privifs.crypto import digest
@@ -1118,7 +1118,9 @@ class Syncer:
         lets the file go), so every kept part is checked, and if one is gone the whole file is
         stored again from staging (every part uploaded) and the broken manifest deleted."""
         manifest = await self.parts.reader.manifest(token)
-        missing = [t for t in manifest.tokens() if await find(self.tokens, t) is None]
+        named = list(dict.fromkeys(manifest.tokens()))
+        there = {i.token for i in await find_each(self.tokens, named)}
+        missing = [t for t in named if t not in there]
         if not missing:
             return token
         log.warning(
