@@ -13,27 +13,44 @@ from collections.abc import Hashable
 
 
 class RateLimitedWarnings:
-    """Warnings to ``logger``, one per :attr:`every` seconds per kind; the others are counted."""
+    """Warnings to ``logger``, one per :attr:`every` seconds per kind; the others are counted.
+
+    A kind's count is said by its next line, or, once its :attr:`every` seconds are over, by the
+    next warning of any kind (a burst that stopped is not left unsaid while others go on); a
+    kind quiet for that long is forgotten, so the kinds kept are those of the last few seconds."""
 
     def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
         self.logger = logger
         self.every = every
-        self._last: dict[Hashable, float] = {}
-        self._quiet: dict[Hashable, int] = {}
+        self._last: dict[Hashable, float] = {}  # kind → when its last line was logged
+        self._quiet: dict[Hashable, tuple[int, str]] = {}  # kind → (lines not logged, the last of them)
 
     def warn(self, kind: Hashable, text: str, *args: object) -> None:
         """Log ``text % args`` unless a warning of ``kind`` was logged less than :attr:`every`
         seconds ago."""
         now = time.monotonic()
-        if now - self._last.get(kind, -self.every) < self.every:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+        self._say_ended(now, kind)
+        if now - self._last.get(kind, -math.inf) < self.every:
+            quiet, _ = self._quiet.get(kind, (0, ""))
+            self._quiet[kind] = (quiet + 1, text % args if args else text)
             return
         self._last[kind] = now
-        quiet = self._quiet.pop(kind, 0)
+        quiet, _ = self._quiet.pop(kind, (0, ""))
         if quiet:
             text += " (and %d more like it in the last %.0f s)"
             args = (*args, quiet, self.every)
         self.logger.warning(text, *args)
+
+    def _say_ended(self, now: float, but: Hashable) -> None:
+        """The counts of the kinds whose period is over (``but`` says its own), and those kinds
+        forgotten."""
+        for kind, at in list(self._last.items()):
+            if kind == but or now - at < self.every:
+                continue
+            del self._last[kind]
+            quiet, last = self._quiet.pop(kind, (0, ""))
+            if quiet:
+                self.logger.warning("%d more like this in the last %.0f s, the last: %s", quiet, self.every, last)
 
 
 class AcceptFailuresOncePerMinute(logging.Filter):

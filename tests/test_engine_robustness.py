@@ -219,3 +219,32 @@ def test_overload_warnings_come_at_most_every_few_seconds_saying_how_many_they_s
         "no file descriptor left",
         "POST /y: the engine's disk is full; answered 507 (and 49 more like it in the last 10 s)",
     ]
+
+
+def test_warnings_naming_different_ids_are_one_kind_and_a_bursts_count_is_said_once_it_ends(caplog, monkeypatch):
+    """Write-back failures that named their command or token were each a kind of their own: none
+    was rate-limited and every kind was kept for good; a burst's count waited for a next line
+    of its own kind that might never come (hAT F4)."""
+    import logging
+
+    from privifs.fs.sync import _alike, log
+    from privifs.ratelog import RateLimitedWarnings
+
+    clock = [100.0]
+    monkeypatch.setattr("privifs.ratelog.time.monotonic", lambda: clock[0])
+    w = RateLimitedWarnings(log)
+    with caplog.at_level(logging.WARNING, logger="privifs.fs"):
+        for i in range(1000):
+            text = f"command 3f2a{i:04x}-77 is still in flight after 30s"
+            w.warn((TimeoutError, _alike(text)), "/f%d: %s", i, text)
+        clock[0] += w.every
+        w.warn("other", "another failure")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert lines[0] == "/f0: command 3f2a0000-77 is still in flight after 30s"
+    assert (
+        lines[1]
+        == "999 more like this in the last 10 s, the last: /f999: command 3f2a03e7-77 is still in flight after 30s"
+    )
+    assert lines[2] == "another failure"
+    assert len(w._last) == 1

@@ -46,6 +46,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import stat
 import time
 from collections import Counter, deque
@@ -267,6 +268,16 @@ def seen(info: TokenInfo) -> Seen:
 def listed_place(info: TokenInfo | Seen) -> Place:
     """Where a listing (or a look-up) shows ``info``'s token."""
     return info.context, info.file_name, info.extension
+
+
+def _alike(text: str) -> str:
+    """A failure's words with the ids and numbers in them masked: failures that differ only in the
+    command, token or count they name are one kind of warning (hAT F4: each was its own, and
+    none was rate-limited)."""
+    return _IDS.sub("#", text)
+
+
+_IDS = re.compile(r"[0-9a-fA-F][0-9a-fA-F-]{5,}|\d+")
 
 
 class Syncer:
@@ -775,7 +786,7 @@ class Syncer:
         if waits:
             log.warning(*line)
         else:
-            self.retry_warnings.warn((type(exc), str(exc)), *line)
+            self.retry_warnings.warn((type(exc), _alike(str(exc))), *line)
         if node.staged is not None and not waits:
             self._finish_commit(node.staged, exc)
         if not waits:
