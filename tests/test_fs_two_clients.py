@@ -497,6 +497,39 @@ async def test_a_manifest_left_without_its_mark_keeps_the_parts_it_names_from_an
         assert not gone and unmarked in {i.token async for i in a.client.tokens.list()}
 
 
+async def test_a_listed_manifest_whose_download_answers_404_holds_back_the_retirement_only_a_few_rounds(
+    account, tmp_path, monkeypatch
+):
+    # a token the server lists but whose download answers 404 (a blob a server lost, a
+    # middlebox) looks like a 404 changed on its way: the retirement waited for the next round,
+    # every round, and no retired part was ever deleted (hAT F9)
+    from privifs.client.datatokens import FileMeta
+    from privifs.errors import NotFoundError
+    from privifs.fs.sync import LOST_MANIFEST_TRIES
+
+    mib = 1 << 20
+    async with two_clients(tmp_path, account) as (a, b):
+        await big_file_both_see(a, b, 10 * mib)
+        old = await b.syncer.parts.reader.manifest(b.node("/big").token)
+        with manifest_marks_cut_off(b.syncer.parts.store):
+            lost = await b.syncer.parts.store.put_manifest(old, FileMeta("big", "", "/", 0, "/big"))
+        peek = a.syncer.parts.reader.unmarked_parts
+
+        async def answers_404(info):
+            if info.token == lost:
+                raise NotFoundError(f"HTTP 404 for the content of {lost}")
+            return await peek(info)
+
+        monkeypatch.setattr(a.syncer.parts.reader, "unmarked_parts", answers_404)
+        fa = await a.open_node(a.node("/big"))
+        await a.fs.write(fa, 0, os.urandom(10 * mib))  # every part of the old version retired
+        a.fs.release(fa)
+        await a.wait_idle()
+        rounds = [await a.syncer.retire_due(now=float("inf")) for _ in range(LOST_MANIFEST_TRIES)]
+        assert rounds == [0] * (LOST_MANIFEST_TRIES - 1) + [len(set(old.tokens()))], rounds
+        assert lost in {i.token async for i in a.client.tokens.list()}
+
+
 async def test_an_edit_stored_after_the_other_client_removed_the_big_file_and_its_parts_is_stored_whole(
     account, tmp_path
 ):

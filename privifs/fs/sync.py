@@ -65,6 +65,7 @@ from privifs.errors import (
     ForbiddenError,
     IntegrityError,
     LocalStoreError,
+    MalformedAnswer,
     NodeGone,
     NoRoomInVault,
     NotFoundError,
@@ -116,6 +117,7 @@ RENAME_SEEN_AFTER = 1.0  # a listing this long after a rename is written back sh
 RENAME_RESCUE_WINDOW = 60.0  # how long after a rename a replaced-and-deleted token is kept here
 RETIRE_GRACE = 60.0  # a part a rewrite stopped naming is deleted this long after (see retire_parts)
 RETIRE_CHECK = 10.0  # how often the retired parts are looked at
+LOST_MANIFEST_TRIES = 6  # rounds a listed manifest's content may answer 404 before it keeps no part
 # a removed entry's token is deleted only once the files closed here before the removal are in the
 # vault, so another client never lists neither (git gc: a new pack, then the old ones deleted),
 # waiting this long at most (an upload that keeps failing does not hold deletions back for good)
@@ -368,6 +370,7 @@ class Syncer:
         self._retired: list[tuple[float, str, str]] = []  # (due, context, part) see retire_parts
         self._retired_loaded = False  # those the index records from an earlier run (_load_retired)
         self._manifest_parts: dict[str, frozenset[str]] = {}  # the vault's manifests: the parts each names
+        self._lost_manifests: dict[str, int] = {}  # listed manifests whose download answered 404: how often
         self._gone_elsewhere: set[str] = set()  # replaced tokens _moved_elsewhere found deleted
         # ino -> when (trio clock) its last write-back attempt was refused, not merely failed:
         # retrying soon brings the same answer (see refused_since; a flush stops waiting for it)
@@ -1246,6 +1249,22 @@ class Syncer:
             log.warning("could not record the end of retired parts (%s); the next start retires them again", exc)
         return gone
 
+    async def _lost_for_good(self, token: str, exc: NotFoundError) -> bool:
+        """After a 404 for manifest ``token``'s content: False when the vault no longer lists it
+        (deleted since the listing); MalformedAnswer (the retirement waits for its next round)
+        while it is still listed, as a 404 changed on its way would be; True once that happened
+        :data:`LOST_MANIFEST_TRIES` times: a token whose blob the server lost (a damaged engine, a
+        blob removed by hand) held back every retirement for good and the vault's space leaked
+        (hAT F9); a manifest that cannot be read keeps no part, as a damaged one."""
+        try:
+            await confirm_gone(self.tokens, token, exc, "download of a manifest")
+            return False
+        except MalformedAnswer:
+            self._lost_manifests[token] = self._lost_manifests.get(token, 0) + 1
+            if self._lost_manifests[token] < LOST_MANIFEST_TRIES:
+                raise
+            return True
+
     async def _named_in_the_vault(self) -> tuple[set[str], set[str]]:
         """The parts named by the vault's manifests that are not going away (not deleted or being
         deleted by this mount), wherever they are, from two listings read one after the other;
@@ -1286,8 +1305,14 @@ class Syncer:
                     except NotFoundError as exc:
                         # (still listed: a 404 changed on its way; taken for a deletion, the parts
                         # it names, a conflict copy's, were deleted)
-                        await confirm_gone(self.tokens, info.token, exc, "download of a manifest")
-                        continue  # deleted since the listing: it names nothing
+                        if not await self._lost_for_good(info.token, exc):
+                            continue  # deleted since the listing: it names nothing
+                        log.warning(
+                            "manifest %s is listed but its content answered 404 %d times; it keeps no part",
+                            info.token,
+                            LOST_MANIFEST_TRIES,
+                        )
+                        parts = frozenset()  # (remembered: not downloaded again)
                     except IntegrityError as exc:
                         # not a manifest (another application's token with the mark), or its
                         # ciphertext is damaged: it names no part it could be read for; waiting
