@@ -174,7 +174,9 @@ def _aligned_scratch(size: int) -> memoryview:
 PROCESS_LIMITS = {
     errno.EMFILE: "the mount's open-file limit: close files, or mount again with a higher 'ulimit -n'",
     errno.ENFILE: "the system's open-file limit: close files, or raise fs.file-max",
-    errno.EFBIG: "the mount's file size limit: mount again with a higher 'ulimit -f'",
+    # (the daemon raises its soft limit to the hard one: what is left is a hard limit, a
+    # service's LimitFSIZE=, or the largest file the staging disk's filesystem holds)
+    errno.EFBIG: "the largest file the mount may write (its hard 'ulimit -f', or the staging disk's filesystem)",
 }
 
 

@@ -19,7 +19,17 @@ from starlette.routing import Route
 from privifs.crypto.keys import verify_signed_public_key
 from privifs.engine.commands import Outcome, Rejected
 from privifs.engine.core import Engine
-from privifs.engine.http import ApiError, command_accepted, guarded, invalid, iso, not_found, read_form, unauthorized
+from privifs.engine.http import (
+    ApiError,
+    command_accepted,
+    guarded,
+    invalid,
+    iso,
+    not_found,
+    overloads,
+    read_form,
+    unauthorized,
+)
 from privifs.engine.hub import Hub
 from privifs.sockowner import is_loopback, server_end_owner
 
@@ -59,7 +69,12 @@ def _check_registrant(request: Request) -> None:
     if owner in (os.geteuid(), 0):
         return
     who = "a program whose user cannot be told" if owner is None else f"user {owner}"
-    log.warning("refused a profile registration from %s: only this engine's owner registers profiles", who)
+    # (one line per 10 s and kind: a local user looping over the route filled the owner's log)
+    overloads.warn(
+        ("registration refused", owner),
+        "refused a profile registration from %s: only this engine's owner registers profiles",
+        who,
+    )
     raise ApiError(403, "profile.registration_closed: only the engine's owner registers profiles on this engine")
 
 
