@@ -445,8 +445,11 @@ def run_status(args: argparse.Namespace) -> int:
             statuses.append(_silent_status(entry, why))
             silent = True
     statuses += [_dead_status(mp) for mp in dead]
-    shown = {st["mountpoint"] for st in statuses}
-    statuses += [w for w in waiting if w["mountpoint"] not in shown]
+    # a vault shown already (a dead mount's vault waits too) is not shown twice; one mounted at the
+    # same place now is another vault, whose waiting changes stay shown (hAT F8)
+    shown = {st.get("state_dir") or st["mountpoint"] for st in statuses}
+    dead_at = {st["mountpoint"] for st in statuses if "state_dir" not in st}
+    statuses += [w for w in waiting if w["state_dir"] not in shown and w["mountpoint"] not in dead_at]
     if args.mountpoint is not None and not statuses:  # its daemon unmounted it meanwhile
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
     code = EXIT_DEAD_MOUNT if dead or silent else 1 if failed else 0
