@@ -218,6 +218,12 @@ class VaultChanged(PrivifsError):
     its listing."""
 
 
+class CallerKilled(PrivifsError):
+    """The program waiting for a request (an fsync waiting for its upload) was killed: the wait
+    ends, for the kernel holds a killed process in that request until it is answered; what it
+    waited for goes on in the background."""
+
+
 class WriteBackFailed(PrivifsError):
     """An fsync gave up: the upload of the file's content did not complete (in time). The data
     stays staged and keeps being retried."""

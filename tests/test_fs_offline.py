@@ -577,6 +577,45 @@ def test_umount_gives_up_on_a_server_that_never_answers_before_systemd_would_kil
         m.umount()
 
 
+def test_a_program_killed_in_an_fsync_waiting_for_a_hung_server_ends_at_once_and_its_data_still_goes(tmp_path):
+    """pyfuse3 answers no FUSE interrupt, and the kernel keeps a program in a request the daemon
+    has read until it is answered: killed (SIGKILL, or Ctrl-C of a program that does not catch
+    it) in an fsync waiting for a hung server, it stayed in D state until the fsync gave up,
+    about two minutes (helper hAS F1). The wait ends once the program is killed; the upload
+    goes on and reaches the vault when the server answers."""
+    import signal
+    import subprocess
+    import sys
+
+    with own_engine_mount(tmp_path) as (eng, m):
+        m.mount()
+        m.wait_idle()
+        os.kill(eng.proc.pid, signal.SIGSTOP)
+        try:
+            target = m.dir / "saved.txt"
+            writer = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import os; fd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT, 0o644); "
+                    "os.write(fd, b'fsynced while the server hung'); print('fsync', flush=True); os.fsync(fd)",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert writer.stdout.readline() == "fsync\n"
+            time.sleep(1)  # (in the fsync's wait)
+            assert writer.poll() is None
+            writer.kill()
+            writer.wait(timeout=15)  # (it took 110 s)
+        finally:
+            os.kill(eng.proc.pid, signal.SIGCONT)
+        m.wait_idle(timeout=120)
+        assert "saved.txt" in [t["fileName"] for t in m.tokens()]
+        assert target.read_text() == "fsynced while the server hung"
+        assert "Traceback" not in m.log()
+
+
 @pytest.mark.slow
 def test_reads_of_uncached_files_while_the_server_refuses_fail_with_eio_and_work_once_it_is_back(tmp_path):
     """Each such read took 10-13 s to fail, every one retrying the refused connection six times;

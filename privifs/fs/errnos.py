@@ -14,6 +14,7 @@ import errno
 from privifs.errors import (
     AuthenticationError,
     AuthorizationError,
+    CallerKilled,
     ConflictError,
     DiskFullError,
     ForbiddenError,
@@ -34,6 +35,7 @@ ERRNOS: tuple[tuple[type[BaseException], int], ...] = (
     (ForbiddenError, errno.EACCES),
     (PermissionRefused, errno.EACCES),  # a command rejected as not allowed for this profile
     (ConflictError, errno.EEXIST),
+    (CallerKilled, errno.EINTR),  # (the program is being killed: it never sees it)
 )
 
 # local OS errors keep these errnos (the disk or quota is full); any other becomes EIO

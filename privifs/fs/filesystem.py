@@ -35,7 +35,7 @@ from privifs.crypto.sealed import SealedFile
 from privifs.errors import IntegrityError, NodeGone, NotFoundError, PrivifsError
 from privifs.fs import xattrs
 from privifs.fs.cache import ContentCache
-from privifs.fs.caller import Caller
+from privifs.fs.caller import Caller, unless_killed
 from privifs.fs.errnos import errno_for
 from privifs.fs.localsync import flush_index, fsync_locally
 from privifs.fs.names import NAME_MAX, VAULT_PATH_MAX, entry_problem
@@ -108,11 +108,12 @@ class MountOptions:
 
 
 class FileHandle:
-    __slots__ = ("fh", "node", "writable", "append", "direct", "reader", "reader_token")
+    __slots__ = ("fh", "node", "writable", "append", "direct", "reader", "reader_token", "opener")
 
-    def __init__(self, fh: int, node: Node, writable: bool, append: bool, direct: bool = False):
+    def __init__(self, fh: int, node: Node, writable: bool, append: bool, direct: bool = False, opener: int = 0):
         self.fh = fh
         self.node = node
+        self.opener = opener  # the thread that opened it (0: not known): an fsync's likely caller
         self.writable = writable
         self.append = append
         self.direct = direct  # opened with O_DIRECT: its writes bypass the kernel's page cache
@@ -626,7 +627,7 @@ class Filesystem:
         existing = self.ns.child(self.dir_node(parent_ino), self.decode(name))
         owner = None if caller is None else (caller.uid, caller.gid)
         if existing is None or flags & os.O_EXCL:
-            made = self.create(parent_ino, name, mode, flags, owner)
+            made = self.create(parent_ino, name, mode, flags, owner, 0 if caller is None else caller.pid)
             self._writer(caller, self.ns.nodes[made[1].st_ino])
             return made
         self._may_open(existing, flags, caller)
@@ -635,13 +636,13 @@ class Filesystem:
         return info, self.attrs(existing)
 
     def create(
-        self, parent_ino: int, name: bytes, mode: int, flags: int, owner: tuple[int, int] | None = None
+        self, parent_ino: int, name: bytes, mode: int, flags: int, owner: tuple[int, int] | None = None, opener: int = 0
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self.dir_node(parent_ino)
         node = self._new_file(parent, name, mode, owner)
         self._save_new(node)
         self.ns.looked_up(node)
-        info = self._open_node(node, flags)
+        info = self._open_node(node, flags, opener)
         if flags & os.O_ACCMODE == os.O_RDONLY:
             self._changed_by_reader(node)
         return info, self.attrs(node)
@@ -798,10 +799,10 @@ class Filesystem:
                 self.touch_parent(other_parent)
 
     # -- file content ----------------------------------------------------------------------------
-    def _open_node(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+    def _open_node(self, node: Node, flags: int, opener: int = 0) -> pyfuse3.FileInfo:
         accmode = flags & os.O_ACCMODE
         writable = accmode in (os.O_WRONLY, os.O_RDWR)
-        fh = FileHandle(self._next_fh, node, writable, bool(flags & os.O_APPEND), bool(flags & os.O_DIRECT))
+        fh = FileHandle(self._next_fh, node, writable, bool(flags & os.O_APPEND), bool(flags & os.O_DIRECT), opener)
         self._next_fh += 1
         self.handles[fh.fh] = fh
         self.ns.opened(node, writable=writable)
@@ -843,7 +844,7 @@ class Filesystem:
             # whose download failed (the vault unreachable) fails too: the kernel kept the claim,
             # and the write, once the vault answered, wrote over the content as well (hAH F1)
             await self._learn_size(node)
-        info = self._open_node(node, flags)
+        info = self._open_node(node, flags, 0 if caller is None else caller.pid)
         if not writable and flags & os.O_TRUNC:
             self._changed_by_reader(node)
         return info
@@ -1299,7 +1300,8 @@ class Filesystem:
         """The file's content, and unless ``datasync`` its attributes (mode, owner, times,
         extended attributes), are committed in the vault; with ``--fsync local`` on the local
         disk, the upload following."""
-        node = self.handles[fh_id].node
+        handle = self.handles[fh_id]
+        node = handle.node
         content = node.staged is not None and bool(node.content_dirty)
         if node.unlinked or not content and (datasync or not node.meta_dirty and not self.sync.replaces(node)):
             return
@@ -1313,12 +1315,13 @@ class Filesystem:
         if content:
             node.staged.sealed.sync_header()
             self.index.save(node)
-        await self.sync.reach_vault()
-        if node.staged is not None and node.content_dirty and not node.unlinked:  # (else uploaded or gone)
-            await self.sync.commit(node, self.opts.fsync_timeout)
-        if not datasync and not node.unlinked:  # its attributes and name, and the entry its name replaced
-            if node.meta_dirty:
+        async with unless_killed(handle.opener, self.ns.describe(node)):
+            await self.sync.reach_vault()
+            if node.staged is not None and node.content_dirty and not node.unlinked:  # (else uploaded or gone)
+                await self.sync.commit(node, self.opts.fsync_timeout)
+            if not datasync and not node.unlinked and node.meta_dirty:  # its attributes and name
                 await self.sync.commit_meta(node, self.opts.fsync_timeout)
+        if not datasync and not node.unlinked:  # and the entry its name replaced
             await self.sync.delete_replaced(node)
         # what the index records of it (its new token, the version and entries it replaced, the
         # deletes owed) then survives a power loss too: rolled back to an older state, it did not
