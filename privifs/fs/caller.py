@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
-from privifs.errors import CallerKilled
+from privifs.errors import CallerKilled, single_error
 
 log = logging.getLogger("privifs.fs")
 
@@ -91,7 +91,7 @@ async def unless_killed(tid: int, what: str) -> AsyncIterator[None]:
     if tid <= 0:
         yield
         return
-    with trio.CancelScope() as scope:
+    with trio.CancelScope() as scope, single_error():  # (the block's own errors, as they are)
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
