@@ -762,7 +762,7 @@ class Daemon:
                 return {
                     "error": f"the server keeps failing ({syncer.last_error}); "
                     f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
-                    f"uploaded once it works again (or at the next mount)"
+                    f"uploaded at the next mount (the daemon ends with the unmount)"
                 }
             silent = time.monotonic() - max(syncer.answered_at, started_mono)
             if (pending or deletes) and silent > SILENT_GRACE and not await self._server_answers():
@@ -770,14 +770,14 @@ class Daemon:
                     "error": f"nothing sent to the server has succeeded for {silent:.0f}s and it did not answer "
                     f"a request within {PROBE_TIMEOUT:.0f}s ({syncer.last_error or 'no request came back'}); "
                     f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
-                    f"uploaded once it answers again (or at the next mount)"
+                    f"uploaded at the next mount (the daemon ends with the unmount)"
                 }
             refusal = self.connector.link.login_refused(started)
             if refusal is not None and (pending or deletes):
                 return {
                     "error": f"the server refuses the login ({refusal}); "
                     f"{_left_staged(len(pending), staged, deletes)} in {self.state_dir}, to be "
-                    f"uploaded once it accepts it again (the password file is read again then) or at the next mount"
+                    f"uploaded at the next mount (the daemon ends with the unmount)"
                 }
             if not deletes and not owed and syncer.all_failed_locally(pending, started):
                 return {
