@@ -27,7 +27,9 @@ from tests.mountkit import Mount, helper_link_kept, is_mounted, privifs
 
 def test_status_shows_pending_uploads_cache_refresh_and_errors(engine, tmp_path):
     with Mount(tmp_path, engine.urls, mount_args=("--write-back-delay", "3600", "--cache-size", "64M")).mounted() as m:
-        assert m.status()["listings"] == 1  # the one read before the mount was ready (was 0)
+        # the one read before the mount was ready counts (it was 0); under load another may follow
+        # (the safety net's, or one an event from the setup asked for)
+        assert m.status()["listings"] >= 1
         (m.dir / "waiting.bin").write_bytes(b"x" * 12345)
         out = privifs(m.env, "status", str(m.dir)).stdout
         assert str(m.dir) in out
