@@ -725,3 +725,24 @@ def test_umount_ends_saying_why_when_the_index_cannot_record_the_uploads(engine,
             assert {f"f{i}" for i in range(3)} <= {t["fileName"] for t in m.tokens() if t["context"] == "/"}
         finally:
             m.cleanup()
+
+
+async def test_an_upload_the_vault_had_no_room_for_is_tried_again_within_30_s_however_long_it_failed(kit):
+    """The embedded engine's disk full for a few minutes: each 507 doubled the upload's backoff up
+    to five minutes, so once the disk had room again (a file deleted, a filler removed) the file
+    stayed staged for up to five more minutes (helper hAX F1: 90 s after the disk was freed,
+    after four minutes full). A full vault is asked again at least every 30 s."""
+    import trio
+
+    from privifs.errors import VaultFull
+
+    resume = kit.hold_write_back()
+    try:
+        await kit.write_file("/full.bin", b"x" * 1000)
+        node = kit.node("/full.bin")
+        for _ in range(10):  # ten refusals in a row: the plain backoff would be 300 s by now
+            kit.syncer._failed(node, VaultFull("upstream upload: the vault has no room (HTTP 507)"))
+        assert node.attempts == 10
+        assert node.retry_at - trio.current_time() <= 30.0
+    finally:
+        resume()

@@ -106,6 +106,7 @@ QUIET = 0.3  # write-back starts once the mount has had no request for this long
 MAX_DEFER = 30.0  # … or once a change has waited this long, however busy the mount is
 FSYNC_RETRY = 2.0  # while an fsync waits through a flaky server, retry at least this often
 ODD_ANSWERS_WAITED = 3  # answers of a shape the client does not know an fsync waits through
+VAULT_FULL_RETRY = 30.0  # a vault whose disk is full is asked again at least this often (hAX F1)
 FLUSH_RETRY = 10.0  # while 'privifs umount' waits, retry at least this often (not after 5 minutes)
 # an fsync waits through a server that stops answering (connections refused, no answer) until
 # this long after its last answer: a server or engine restarting takes a few seconds (helper hN:
@@ -763,6 +764,12 @@ class Syncer:
         delay = min(MAX_BACKOFF, 0.5 * 2 ** min(attempts, 12))
         if isinstance(exc, CommandRejected):
             delay = max(delay, 30.0)
+        if isinstance(exc, VaultFull):
+            # room comes back all at once (a file deleted, a filler removed), and nothing here
+            # tells when: waiting out the whole backoff left an upload staged for up to five
+            # minutes after the engine's disk had room again (helper hAX F1); asking a full
+            # engine again costs a few refused requests per pending file
+            delay = min(delay, VAULT_FULL_RETRY)
         room_made = self.server_full is not None and isinstance(exc, VaultFull) and self.server_full(node.size) > 0
         waits = self._fsync[node.ino] and fsync_waits_through(
             exc,
