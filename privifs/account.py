@@ -75,8 +75,9 @@ def aes_key(cfg: Config) -> bytes:
 
 
 @contextmanager
-def open_account(cfg: Config):
-    """Yield an :class:`Account`; an embedded engine started for it stops afterwards."""
+def open_account(cfg: Config, *, command: bool = False):
+    """Yield an :class:`Account`; an embedded engine started for it stops afterwards. ``command``:
+    for a command that ends soon, which leaves restarting a mount's engine to the mount."""
     key = aes_key(cfg)
     creds = credentials(cfg)
     engine = None
@@ -98,7 +99,7 @@ def open_account(cfg: Config):
                 )
                 + "('privifs restore FILE') or copy it back; privifs does not start an empty vault in its place"
             )
-        engine = EmbeddedEngine(data_dir)
+        engine = EmbeddedEngine(data_dir, defer_to_starter=command)
         urls = engine.ensure()
     else:
         if not cfg.api:

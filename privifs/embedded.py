@@ -10,7 +10,8 @@ started it (``PR_SET_PDEATHSIG``), so a killed mount leaves no orphan; its data 
 crashed, was killed, or the other process that owned it stopped it), a watcher thread logs why and
 starts it again on the same ports and data directory, so the URLs the caller holds keep working;
 where another program took one of those ports meanwhile, on new ports, which it tells the caller
-(``on_moved``).
+(``on_moved``). A command that ends soon (``defer_to_starter``) leaves that restart to the engine's
+starter for :data:`DEFER_TO_STARTER` seconds and follows the engine it starts.
 The ports are also kept in ``<data-dir>/ports.json`` across stops: the next start takes them
 again where they are free, so other clients (other users' configurations on this machine: the
 engine listens on loopback only) that reach this vault through those URLs keep reaching it after
@@ -40,6 +41,10 @@ log = logging.getLogger("privifs.embedded")
 WATCH_INTERVAL = 0.5
 LAST_PORTS = "ports.json"  # in the data directory: the ports of the engine's last run
 RESTART_BACKOFF_MAX = 30.0
+# a short-lived command leaves an engine another process started (a mount's) this long to that
+# process's watcher before it starts it again: whoever wins the race owns the new engine, and a
+# command that won took it down when it ended, the mount's server gone for seconds (helper hAW F1)
+DEFER_TO_STARTER = 5.0
 
 
 def _port_free(port: int) -> bool:
@@ -54,8 +59,10 @@ def _port_free(port: int) -> bool:
 
 
 class EmbeddedEngine:
-    def __init__(self, data_dir: Path | None = None):
+    def __init__(self, data_dir: Path | None = None, *, defer_to_starter: bool = False):
+        """``defer_to_starter``: for a command that ends soon, not a mount (:data:`DEFER_TO_STARTER`)."""
         self.data_dir = data_dir or paths.embedded_engine_dir()
+        self.restart_grace = DEFER_TO_STARTER if defer_to_starter else 0.0
         self.process: EngineProcess | None = None  # the engine this object started, if any
         self.urls: dict[str, str] | None = None
         self.restarts = 0
@@ -242,14 +249,29 @@ class EmbeddedEngine:
         if self.on_moved is not None:
             self.on_moved(dict(urls))
 
+    def _follow_restarted(self, running: dict[str, str] | None) -> None:
+        """Another process started the engine this one used again, now answering at ``running``:
+        hand those URLs out if it had to take new ports."""
+        if running is not None and running != self.urls:
+            log.info("the embedded engine runs again at %s, started by another process", running.get("api"))
+            self._move_to(running)
+
     def _watch(self) -> None:
         """The watcher thread: restart a dead engine on the same ports. It must not end before
         :meth:`stop` (an engine it started gets SIGTERM when its starting thread ends)."""
         backoff = WATCH_INTERVAL
         stopped: int | None = None  # the pid of the engine last seen stopped (logged once)
+        adopted_dead_since: float | None = None  # when another process's engine was found gone
         while not self._stopping.wait(backoff):
             try:
                 why = self._death()
+                if why is not None and self.proc is None and self.restart_grace:
+                    adopted_dead_since = adopted_dead_since or time.monotonic()
+                    if time.monotonic() - adopted_dead_since < self.restart_grace:
+                        continue  # (restarting() says so meanwhile: clients ride the gap out)
+                if why is None and adopted_dead_since is not None:
+                    adopted_dead_since = None
+                    self._follow_restarted(self.running_urls())
                 if why is None:
                     backoff = WATCH_INTERVAL
                     now = self.stopped_pid()
@@ -267,6 +289,7 @@ class EmbeddedEngine:
                         stopped = now
                     continue
                 stopped = None
+                adopted_dead_since = None
                 self._restarting = True
                 with self._lock:
                     if self._stopping.is_set():
@@ -283,11 +306,7 @@ class EmbeddedEngine:
                     running = self.running_urls()
                     if running is not None:
                         self.process = None
-                        if running != self.urls:
-                            log.info(
-                                "the embedded engine runs again at %s, started by another process", running.get("api")
-                            )
-                            self._move_to(running)
+                        self._follow_restarted(running)
                     else:
                         self._start_again()
                     self.restarts += 1

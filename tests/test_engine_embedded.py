@@ -68,6 +68,51 @@ def test_an_engine_owned_by_another_process_is_taken_over_when_it_stops(tmp_path
     assert user.proc.poll() is not None
 
 
+def test_a_command_leaves_restarting_a_mounts_engine_to_the_mount_and_follows_it(tmp_path):
+    """A command beside a mount (privifs verify, token) watched the mount's engine too, and when
+    it died both started it again: a command that won the race owned the new engine and took it
+    down when it ended, the mount without a server for about 4 s (helper hAW F1). The command
+    leaves the restart to the engine's starter for DEFER_TO_STARTER seconds, then follows the
+    engine that starter started; it starts one itself only when nobody did."""
+    from privifs.embedded import DEFER_TO_STARTER
+
+    mount = EmbeddedEngine(tmp_path / "engine")
+    command = EmbeddedEngine(tmp_path / "engine", defer_to_starter=True)
+    try:
+        urls = mount.ensure(watch=False)  # (its watcher is held back below)
+        assert command.ensure() == urls and command.proc is None
+        os.kill(mount.proc.pid, signal.SIGKILL)
+        wait_until(lambda: command.restarting())
+        time.sleep(DEFER_TO_STARTER / 2)
+        assert command.proc is None and command.restarts == 0 and not healthy(urls["api"])
+        assert mount.ensure() == urls  # the mount starts it again (as its watcher would) …
+        wait_until(lambda: healthy(urls["api"]) and not command.restarting())
+        time.sleep(DEFER_TO_STARTER)
+        assert command.proc is None and mount.proc.poll() is None  # … and owns it: the command never started one
+        command.stop()  # the command ends: the mount's engine runs on
+        time.sleep(1)
+        assert healthy(urls["api"])
+        mount.stop()  # nobody else restarts it now: the command left
+        wait_until(lambda: not healthy(urls["api"]))
+    finally:
+        command.stop()
+        mount.stop()
+
+
+def test_a_command_starts_a_dead_engine_again_when_nobody_else_does(tmp_path):
+    owner = EmbeddedEngine(tmp_path / "engine")
+    command = EmbeddedEngine(tmp_path / "engine", defer_to_starter=True)
+    try:
+        urls = owner.ensure(watch=False)
+        assert command.ensure() == urls
+        owner.stop()  # e.g. the other command that started it ended
+        wait_until(lambda: command.restarts == 1 and healthy(urls["api"]))
+        assert command.proc is not None and command.proc.poll() is None
+    finally:
+        owner.stop()
+        command.stop()
+
+
 def test_an_engine_that_holds_its_data_but_is_stopped_is_named_with_how_to_go_on(tmp_path):
     """'privifs verify' (any command reaching the vault) while the embedded engine another
     process started was stopped (SIGSTOP): it waited for it, tried to start a second one, and

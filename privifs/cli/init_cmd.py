@@ -275,7 +275,7 @@ def set_up(args: argparse.Namespace) -> int:
     engine = None
     try:
         if cfg.embedded:
-            engine = EmbeddedEngine()
+            engine = EmbeddedEngine(defer_to_starter=True)  # (a mount beside it restarts its engine)
             urls = engine.ensure()
         else:
             urls = trio.run(validate_urls, cfg.endpoints())  # scheme and reachability of all four

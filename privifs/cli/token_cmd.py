@@ -87,7 +87,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     args.cfg = cfg
-    with open_account(cfg) as account:
+    with open_account(cfg, command=True) as account:
 
         async def main() -> int:
             async with connect(account.endpoints, account.credentials, account.client_options()) as client:

@@ -537,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     state_dir = args.state_dir or paths.vault_state_dir(cfg)
     cache_dir = args.cache_dir or paths.vault_cache_dir(cfg)
-    with open_account(cfg) as account:
+    with open_account(cfg, command=True) as account:
 
         async def main() -> Report:
             async with connect(account.endpoints, account.credentials, account.client_options()) as client:
