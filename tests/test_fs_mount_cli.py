@@ -275,6 +275,64 @@ def test_a_mount_left_dead_by_a_killed_daemon_is_shown_and_mount_cleans_it_up(en
         assert privifs(m.env, "status", str(m.dir)).returncode == 0
 
 
+def threads_waiting_in_the_kernel(pid: int) -> list[str]:
+    """The threads of process ``pid`` in uninterruptible sleep (state D), by name."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, IndexError):
+            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
+                out.append((task / "comm").read_text().strip())
+    return out
+
+
+@pytest.mark.slow
+def test_a_mount_whose_killed_daemon_cannot_end_is_shown_and_mount_ends_it_and_mounts_again(eng, tmp_path):
+    """A kill -9 while the daemon's invalidation thread waited in the kernel for a page lock that
+    a read of the same mount held (the read waiting for the daemon's answer): that thread never
+    ended, so neither did the process nor the mount's connection; every access to the mount hung
+    for good, status said "no privifs mounts" and mount said "already mounted" (helper hAV F4)."""
+    x = Mount(tmp_path / "x", eng.urls)
+    y = Mount(tmp_path / "y", eng.urls, username=x.username, register=False, key_file=x.key_file)
+    reader = None
+    try:
+        x.mount()
+        y.mount()
+        (y.dir / "f").write_bytes(os.urandom(2 << 20))
+        y.wait_idle()
+        x.refresh()
+        eng.set_options(stream_bytes_per_second=20_000)  # x's read of f waits for its download
+        # (another process: a file of the wedged mount open here would hang every subprocess
+        # started meanwhile, in the FLUSH of the child's close_range before its exec)
+        reader = subprocess.Popen(["cat", str(x.dir / "f")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(2)
+        (y.dir / "f").write_bytes(b"short")  # x's listing follows it: it drops f's cached pages
+        y.wait_idle()
+        pid = x.pid
+        deadline = time.monotonic() + 30
+        while not threads_waiting_in_the_kernel(pid):
+            assert time.monotonic() < deadline, "the daemon's invalidation never waited in the kernel"
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1)
+        assert pid_alive(pid) or threads_waiting_in_the_kernel(pid)  # (a zombie with a thread left)
+        r = privifs(x.env, "status", check=False)
+        assert r.returncode == 8 and f"{x.dir}: dead mount" in r.stdout and "hangs" in r.stdout
+        r = x.mount()
+        assert "cleaned it up" in r.stderr and "Traceback" not in r.stderr
+        assert reader.wait(30) != 0  # the wedged read failed when the connection ended
+        eng.set_options(stream_bytes_per_second=0)
+        x.refresh()
+        assert (x.dir / "f").read_bytes() == b"short"
+    finally:
+        eng.set_options(stream_bytes_per_second=0)
+        for m in (x, y):
+            if is_mounted(m.dir) and m.registry() is None:
+                subprocess.run(["umount", "-f", str(m.dir)], capture_output=True, timeout=30)
+            m.cleanup()
+        if reader is not None and reader.poll() is None:
+            reader.kill()
+
+
 def test_status_into_a_closed_pipe_ends_quietly(engine, tmp_path):
     with Mount(tmp_path, engine.urls).mounted() as m:
         r, w = os.pipe()

@@ -14,6 +14,8 @@ from pathlib import Path
 from privifs.cli.failures import LocalFileError
 from privifs.kernelmounts import mount_path
 
+MNT_FORCE = 1  # umount2(2)
+
 
 def dead_mounts(candidates: list[str], timeout: float = 3.0) -> list[str]:
     """Those of ``candidates`` that are FUSE mounts whose daemon is gone (ENOTCONN). Each probe
@@ -51,6 +53,55 @@ def clean_dead_mount(path: str | Path) -> None:
         except (OSError, subprocess.TimeoutExpired):
             continue
     raise LocalFileError(f"{path} is a dead mount and could not be unmounted; run 'umount -l {path}' as root")
+
+
+def wedged_daemon(mountpoint: str) -> tuple[int, Path] | None:
+    """The pid and vault state directory of the killed daemon that still holds the mount at
+    ``mountpoint`` (as the kernel's table spells it), if it is one of this user's vaults: its main
+    thread is gone (a zombie) but another of its threads waits in the kernel for ever, on a page
+    lock a read holds, and that read waits for the daemon's answer (a kill -9 while the daemon told
+    the kernel to drop a file's cached pages, helper hAV F4). The process never ends, so the kernel
+    never ends the mount's connection, and every access to the mount hangs instead of failing with
+    ENOTCONN. Told by the vault's lock, which the zombie still holds; the mount is never looked into."""
+    from privifs import paths
+
+    for mp, state in _vault_markers():
+        if mp != mountpoint:
+            continue
+        pid = paths.flock_holder(state / "lock")
+        if pid is not None and paths.process_state(pid) == "Z":
+            return pid, state
+    return None
+
+
+def _abort_connection(mountpoint: str) -> bool:
+    """End the FUSE connection of the mount at ``mountpoint`` as a forced unmount does (FUSE's
+    ``umount_begin`` aborts it: every request waiting fails). Needs root (CAP_SYS_ADMIN); False
+    when it could not be done."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), MNT_FORCE) == 0:
+        return True
+    return ctypes.get_errno() == errno.EBUSY  # aborted; files stay open in it until their reads fail
+
+
+def unwedge(mountpoint: str, wedged: tuple[int, Path], timeout: float = 10.0) -> None:
+    """Abort the connection of the mount a killed daemon wedged (:func:`wedged_daemon`), so its
+    last thread ends and lets go of the vault: the mount is then an ordinary dead one (ENOTCONN)
+    for :func:`clean_dead_mount`."""
+    from privifs import paths
+
+    pid, state = wedged
+    if not _abort_connection(mountpoint):
+        raise LocalFileError(
+            f"{mountpoint} hangs: its daemon (pid {pid}) was killed while the kernel held one of its threads, "
+            f"which keeps the mount's connection open; run 'umount -f {mountpoint}' as root (it ends the "
+            f"connection), then 'privifs mount {mountpoint}'"
+        )
+    deadline = time.monotonic() + timeout
+    while paths.flock_holder(state / "lock") == pid and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def registered_entry(mountpoint: Path) -> dict | None:

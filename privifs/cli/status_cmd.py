@@ -21,7 +21,9 @@ from privifs.cli.mounttable import (
     my_mountpoints,
     registered_entry,
     staged_left,
+    unwedge,
     waiting_vaults,
+    wedged_daemon,
 )
 from privifs.cli.options import seconds
 from privifs.errors import ConfigError, PrivifsError
@@ -116,8 +118,12 @@ def run_umount(args: argparse.Namespace) -> int:
         # only a privifs mount whose daemon is gone is detached here: an unregistered live one
         # is another user's (or another HOME's), and another filesystem (sshfs, rclone …) is
         # none of privifs's business; both were detached, lazily when busy
-        if mount_path(args.mountpoint) in privifs_mounts():
-            if not is_dead_mount(args.mountpoint):
+        real = mount_path(args.mountpoint)
+        if real in privifs_mounts():
+            wedged = wedged_daemon(real)
+            if wedged is not None:
+                unwedge(real, wedged)
+            elif not is_dead_mount(args.mountpoint):
                 raise _foreign(args.mountpoint, "umount")
             return _unmount_dead(args.mountpoint, "its daemon had died")
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")
@@ -329,12 +335,18 @@ def _remount(mountpoint: str) -> str:
     return f"privifs umount {quoted} && privifs mount {quoted}   (or just: privifs mount {quoted})"
 
 
-def _dead_status(mountpoint: str) -> dict:
+def _dead_status(mountpoint: str, *, hangs: bool = False) -> dict:
     return {
         "mountpoint": mountpoint,
         "dead": True,
-        "error": "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
-        "not connected'); changes it had not uploaded stay staged",
+        "error": (
+            "dead mount: its daemon was killed while the kernel held one of its threads, which keeps the "
+            "connection open (every access to the mount hangs); 'privifs mount' ends it as root (else "
+            f"'umount -f {shlex.quote(mountpoint)}' as root); changes it had not uploaded stay staged"
+            if hangs
+            else "dead mount: its daemon crashed or was killed (reads fail with 'Transport endpoint is "
+            "not connected'); changes it had not uploaded stay staged"
+        ),
         "recover": _remount(mountpoint),
     }
 
@@ -408,7 +420,9 @@ def run_status(args: argparse.Namespace) -> int:
     else:  # every dead mount of this user's vaults (not other users')
         mine = my_mountpoints()
         candidates = [mp for mp in candidates if mp in mine]
-    dead = dead_mounts(candidates)
+    # (a mount its killed daemon wedged is told by the vault's lock: a probe of it would hang)
+    wedged = [mp for mp in candidates if wedged_daemon(mp) is not None]
+    dead = dead_mounts([mp for mp in candidates if mp not in wedged]) + wedged
     waiting = [w for w in waiting_vaults() if args.mountpoint is None or w["mountpoint"] == wanted]
     if args.mountpoint is not None:
         if not entries and not dead and not waiting:
@@ -444,7 +458,7 @@ def run_status(args: argparse.Namespace) -> int:
             why = f"no answer within {STATUS_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else str(exc)
             statuses.append(_silent_status(entry, why))
             silent = True
-    statuses += [_dead_status(mp) for mp in dead]
+    statuses += [_dead_status(mp, hangs=mp in wedged) for mp in dead]
     # a vault shown already (a dead mount's vault waits too) is not shown twice; one mounted at the
     # same place now is another vault, whose waiting changes stay shown (hAT F8)
     shown = {st.get("state_dir") or st["mountpoint"] for st in statuses}
