@@ -404,3 +404,35 @@ async def test_a_file_another_mount_is_saving_stays_under_its_name_until_the_sav
     monkeypatch.setattr(refresh, "SAVE_HOLD", 0.0)
     await kit.refresh()
     assert await kit.tree() == {conflict("f.txt", new): b"saved elsewhere", aside: b"before"}
+
+
+async def test_a_file_removed_while_its_save_names_the_conflict_copies_aside_is_not_uploaded(kit):
+    """A save first renames the conflict copies shown at its name (Syncer._alone_at: a request
+    per copy); a file removed meanwhile has no staged content any more. The write-back went on to
+    the upload and failed with an AttributeError on ``None.freeze()`` (logged with a traceback as an
+    unexpected write-back failure; helper hAV F1)."""
+    await kit.remote.put("f.txt", b"one", type="file", mode="644")
+    second = await kit.remote.put("f.txt", b"two", type="file", mode="644")
+    await kit.refresh()
+    tree = await kit.tree()
+    assert len(tree) == 2, tree
+    real = kit.syncer._update_meta
+    removed = False
+
+    async def update_meta(node):
+        nonlocal removed
+        if not removed:  # the program removes the file while its save renames the copies
+            removed = True
+            await kit.unlink("f.txt")
+        await real(node)
+
+    kit.syncer._update_meta = update_meta
+    await kit.write_file("f.txt", b"mine")
+    await kit.settle()
+    assert removed
+    assert kit.supervisor.failing() == [], [h.as_dict() for h in kit.supervisor.failing()]
+    await kit.refresh()
+    assert "f.txt" not in await kit.tree()
+    async with kit.fresh() as other:
+        assert await other.tree() == await kit.tree()
+    del second

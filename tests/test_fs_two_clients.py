@@ -1179,3 +1179,31 @@ async def test_a_conflict_copy_changed_on_one_mount_after_another_saved_the_file
         await converged(tmp_path, account, {f"/{n}": "file" for n in expected}, a, b)
         for c in (a, b):
             assert await files_shown(c) == expected
+
+
+async def test_a_file_deleted_after_its_rename_was_listed_stays_deleted_when_an_older_copy_holds_its_old_name(
+    account, tmp_path
+):
+    """A shows ``f`` and a conflict copy of it, renames ``f`` to ``g`` (the copy takes the plain
+    name ``f``); B, having listed the rename, deletes ``g``. A took the copy at ``f`` for a writer's
+    replacement that missed its rename and stored ``g`` again: a file deleted on purpose came back
+    on every mount (helper hAV F2; also after an ``rm -rf`` of the directory, as the copy is deleted
+    after ``g``)."""
+    async with two_clients(tmp_path, account) as (a, b):
+        for c, data in ((a, b"A's f"), (b, b"B's f")):
+            fh, _ = c.create_node(1, "f")
+            await c.fs.write(fh, 0, data)
+            c.fs.release(fh)
+            await c.wait_idle()
+            await a.remote.next_second()
+        await listed(a, b)
+        assert len(a.ns.root.children) == 2, sorted(a.ns.root.children)  # f and its conflict copy
+        a.fs.rename(1, b"f", 1, b"g", 0)
+        await listed(a, b)
+        await listed(a, b)
+        assert sorted(b.ns.root.children) == ["f", "g"], sorted(b.ns.root.children)
+        b.fs.unlink(1, b"g")
+        for _ in range(3):
+            await listed(a, b)
+        for who, c in (("A", a), ("B", b)):
+            assert sorted(c.ns.root.children) == ["f"], f"{who} shows {sorted(c.ns.root.children)}"

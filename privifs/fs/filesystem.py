@@ -752,6 +752,7 @@ class Filesystem:
             if target is not None:
                 self.sync.replaced_by_rename(target, node)
                 self._remove(target)
+            self.sync.renaming(node, old_parent.ino)
             self.ns.move(node, new_parent, text)
             self._moved(node)
             self.touch_parent(old_parent)

@@ -343,6 +343,10 @@ class Syncer:
         self.renamed: dict[str, tuple[float, str | None, str | None, str | None]] = {}
         # those of them a listing taken after the rename has shown renamed (see rescue_renamed)
         self.renames_listed: set[str] = set()
+        # token → (when, the tokens of the conflict copies this mount showed of the name it had
+        # when a program renamed it here): at its old name those are no replacement made by a
+        # writer that missed the rename (see rescue_renamed)
+        self.copies_at_rename: dict[str, tuple[float, set[str]]] = {}
         # the refresher's last listing (token → where it was) and when it started (trio time)
         self.listed: dict[str, Seen] = {}
         self.listed_started = float("-inf")
@@ -954,6 +958,10 @@ class Syncer:
 
     async def _upload(self, node: Node) -> None:
         await self._alone_at(node)
+        if node.unlinked or node.staged is None:
+            # removed while the copies were renamed (requests: the program went on), which let go
+            # of its staged content: nothing to send (hAV F1: None.freeze(), a write-back failure)
+            raise NodeGone(f"{self.ns.describe(node)} was removed")
         staged = node.staged
         staged.freeze()
         size = staged.size
@@ -1698,6 +1706,20 @@ class Syncer:
             if at < started and info is not None and not same_place(listed_place(info), tuple(before)):
                 self.renames_listed.add(token)
 
+    def renaming(self, node: Node, parent: int) -> None:
+        """A program renames the file ``node`` (in the directory ``parent``) here: the tokens of
+        the conflict copies this mount shows of its name are remembered (see rescue_renamed)."""
+        if not node.token or node.is_dir or node.remote_name is None:
+            return
+        copies = {
+            c.token
+            for ino in self.ns.aside.get((parent, shown_name(node.remote_name, node.remote_extension)), ())
+            if (c := self.ns.nodes.get(ino)) is not None and c.token and c is not node
+        }
+        if copies:
+            _, before = self.copies_at_rename.get(node.token, (0.0, set()))
+            self.copies_at_rename[node.token] = (trio.current_time(), before | copies)
+
     def rescue_renamed(self, node: Node, infos: list[TokenInfo]) -> bool:
         """The listing no longer shows ``node``'s token, which this mount renamed a moment ago.
         The renamed entry keeps its version (its content, from the cache, is stored again under
@@ -1713,8 +1735,10 @@ class Syncer:
         if entry is None or trio.current_time() - entry[0] > RENAME_RESCUE_WINDOW or not node.is_file:
             return False
         _, context, name, extension = entry
+        known = self.copies_at_rename.get(node.token or "", (0.0, set()))[1]
         replaced = any(
             i.token != node.token
+            and i.token not in known  # a copy shown here before the rename took the name: no rewrite (hAV F2)
             and i.file_name == name
             and same_context(i.context, context or "/")
             and (i.extension or "") == (extension or "")
@@ -1925,6 +1949,9 @@ class Syncer:
                 if now - entry[0] > RENAME_RESCUE_WINDOW:
                     del self.renamed[token]
                     self.renames_listed.discard(token)
+            for token, (at, _) in list(self.copies_at_rename.items()):
+                if now - at > 2 * RENAME_RESCUE_WINDOW and token not in self.renamed:
+                    del self.copies_at_rename[token]
             wait = min(MAX_BACKOFF, 2**failures) if failed else 30
             with trio.move_on_after(min(wait, 0.1) if held else wait):  # held: look again soon
                 await self._tomb_wake.wait()
