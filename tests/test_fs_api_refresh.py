@@ -412,7 +412,7 @@ async def test_a_file_removed_while_its_save_names_the_conflict_copies_aside_is_
     the upload and failed with an AttributeError on ``None.freeze()`` (logged with a traceback as an
     unexpected write-back failure; helper hAV F1)."""
     await kit.remote.put("f.txt", b"one", type="file", mode="644")
-    second = await kit.remote.put("f.txt", b"two", type="file", mode="644")
+    await kit.remote.put("f.txt", b"two", type="file", mode="644")
     await kit.refresh()
     tree = await kit.tree()
     assert len(tree) == 2, tree
@@ -435,4 +435,3 @@ async def test_a_file_removed_while_its_save_names_the_conflict_copies_aside_is_
     assert "f.txt" not in await kit.tree()
     async with kit.fresh() as other:
         assert await other.tree() == await kit.tree()
-    del second
