@@ -54,12 +54,16 @@ def test_a_killed_embedded_engine_is_started_again_on_the_same_ports(tmp_path, c
     assert engine.restarts == 1 and not healthy(urls["api"])
 
 
-def test_an_engine_owned_by_another_process_is_taken_over_when_it_stops(tmp_path):
-    owner, user = EmbeddedEngine(tmp_path / "engine"), EmbeddedEngine(tmp_path / "engine")
+@pytest.mark.parametrize("command", [False, True], ids=["a mount", "a command"])
+def test_an_engine_owned_by_another_process_is_taken_over_when_it_stops(tmp_path, command):
+    """The process that started the engine ended (a mount unmounted, a command done): a mount, or a
+    command that leaves the restart to the starter for a while first, starts it again."""
+    owner = EmbeddedEngine(tmp_path / "engine")
+    user = EmbeddedEngine(tmp_path / "engine", defer_to_starter=command)
     try:
         urls = owner.ensure(watch=False)
         assert user.ensure() == urls and user.proc is None  # reused, not started twice
-        owner.stop()  # e.g. the mount that started it was unmounted
+        owner.stop()
         wait_until(lambda: user.restarts == 1 and healthy(urls["api"]))
         assert user.proc is not None and user.proc.poll() is None
     finally:
@@ -97,20 +101,6 @@ def test_a_command_leaves_restarting_a_mounts_engine_to_the_mount_and_follows_it
     finally:
         command.stop()
         mount.stop()
-
-
-def test_a_command_starts_a_dead_engine_again_when_nobody_else_does(tmp_path):
-    owner = EmbeddedEngine(tmp_path / "engine")
-    command = EmbeddedEngine(tmp_path / "engine", defer_to_starter=True)
-    try:
-        urls = owner.ensure(watch=False)
-        assert command.ensure() == urls
-        owner.stop()  # e.g. the other command that started it ended
-        wait_until(lambda: command.restarts == 1 and healthy(urls["api"]))
-        assert command.proc is not None and command.proc.poll() is None
-    finally:
-        owner.stop()
-        command.stop()
 
 
 def test_an_engine_that_holds_its_data_but_is_stopped_is_named_with_how_to_go_on(tmp_path):
