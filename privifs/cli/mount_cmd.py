@@ -26,7 +26,7 @@ from privifs.cli.failures import (
     exit_code,
     leaves,
 )
-from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, registered_entry, unwedge, wedged_daemon
+from privifs.cli.mounttable import clean_dead_mount, is_dead_mount, registered_entry, served_by_none
 from privifs.cli.options import integer, is_utf8, parse_octal, parse_size, seconds
 from privifs.config import default_config_path, load
 from privifs.errors import ConfigError, PrivifsError
@@ -241,12 +241,7 @@ def _check_mountpoint(mountpoint: Path) -> None:
             f"the mountpoint {os.fsencode(real)!r} is not valid UTF-8; mount on a directory whose path is"
         )
     if real in privifs_mounts():
-        if registered_entry(mountpoint) is not None:
-            raise LocalFileError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")
-        wedged = wedged_daemon(real)
-        if wedged is not None:
-            unwedge(real, wedged)
-        elif not is_dead_mount(real):
+        if registered_entry(mountpoint) is not None or not served_by_none(real):
             raise LocalFileError(f"{mountpoint} is already mounted (see 'privifs status {mountpoint}')")
         clean_dead_mount(real)
         print(

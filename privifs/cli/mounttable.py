@@ -104,6 +104,17 @@ def unwedge(mountpoint: str, wedged: tuple[int, Path], timeout: float = 10.0) ->
         time.sleep(0.05)
 
 
+def served_by_none(mountpoint: str) -> bool:
+    """Whether no daemon serves the privifs mount at ``mountpoint`` (as the kernel's table spells
+    it), so that it is to be detached: dead (ENOTCONN), or wedged by a killed daemon
+    (:func:`wedged_daemon`), whose connection is ended here first (:func:`unwedge`)."""
+    wedged = wedged_daemon(mountpoint)
+    if wedged is None:
+        return is_dead_mount(mountpoint)
+    unwedge(mountpoint, wedged)
+    return True
+
+
 def registered_entry(mountpoint: Path) -> dict | None:
     from privifs.fs.registry import registered_mounts
 

@@ -20,8 +20,8 @@ from privifs.cli.mounttable import (
     is_dead_mount,
     my_mountpoints,
     registered_entry,
+    served_by_none,
     staged_left,
-    unwedge,
     waiting_vaults,
     wedged_daemon,
 )
@@ -120,10 +120,7 @@ def run_umount(args: argparse.Namespace) -> int:
         # none of privifs's business; both were detached, lazily when busy
         real = mount_path(args.mountpoint)
         if real in privifs_mounts():
-            wedged = wedged_daemon(real)
-            if wedged is not None:
-                unwedge(real, wedged)
-            elif not is_dead_mount(args.mountpoint):
+            if not served_by_none(real):
                 raise _foreign(args.mountpoint, "umount")
             return _unmount_dead(args.mountpoint, "its daemon had died")
         raise LocalFileError(f"{args.mountpoint} is not a privifs mount")

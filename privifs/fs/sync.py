@@ -698,8 +698,7 @@ class Syncer:
                 if node.waiting_for_close and not self._fsync[node.ino] and node.ino not in self.local_fsynced:
                     return  # uploaded on the last close
                 async with self._big if node.size > BIG_UPLOAD else contextlib.nullcontext():
-                    if node.unlinked or node.staged is None:  # removed while it waited for a slot
-                        raise NodeGone(f"{self.ns.describe(node)} was removed")
+                    self._still_there(node)  # (removed while it waited for a slot?)
                     await self._upload(node)
             elif awaits_marker(node):
                 await self._marker(node)
@@ -956,12 +955,17 @@ class Syncer:
             self._own_name(copy)
             self.schedule(copy)
 
+    def _still_there(self, node: Node) -> None:
+        """NodeGone if the file ``node`` was removed meanwhile, which let go of its staged content:
+        nothing to send."""
+        if node.unlinked or node.staged is None:
+            raise NodeGone(f"{self.ns.describe(node)} was removed")
+
     async def _upload(self, node: Node) -> None:
         await self._alone_at(node)
-        if node.unlinked or node.staged is None:
-            # removed while the copies were renamed (requests: the program went on), which let go
-            # of its staged content: nothing to send (hAV F1: None.freeze(), a write-back failure)
-            raise NodeGone(f"{self.ns.describe(node)} was removed")
+        # (removed while the copies were renamed? requests: the program went on; hAV F1:
+        # None.freeze(), a write-back failure)
+        self._still_there(node)
         staged = node.staged
         staged.freeze()
         size = staged.size
